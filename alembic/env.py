@@ -1,0 +1,65 @@
+"""Alembic environment for pyembed: online (a connection passed in or a DSN) and offline (--sql)."""
+
+from __future__ import annotations
+
+from alembic import context
+from sqlalchemy import create_engine, pool
+from sqlalchemy.engine import Connection
+
+from pyembed.install import (
+    INSTALL_LOCK_ID,
+    SCHEMA,
+    VERSION_TABLE,
+    head_revision,
+    raw_text,
+    replaceable_sql,
+    sqlalchemy_url,
+)
+
+config = context.config
+
+
+def _migrate() -> None:
+    with context.begin_transaction():
+        # One installer at a time: a second concurrent run waits, then finds the schema at head.
+        context.execute(raw_text(f"SELECT pg_advisory_xact_lock({INSTALL_LOCK_ID})"))
+        context.execute(raw_text(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}"))
+        context.run_migrations()
+        if context.get_revision_argument() in ("head", "heads", head_revision()):
+            # Replaceable objects (functions, triggers, views, grants, built-in models).
+            context.execute(raw_text(replaceable_sql()))
+
+
+def run_offline() -> None:
+    """Print the SQL script a DBA can review and apply with psql."""
+    context.configure(
+        url="postgresql+psycopg://",
+        literal_binds=True,
+        dialect_opts={"paramstyle": "named"},
+        version_table=VERSION_TABLE,
+        version_table_schema=SCHEMA,
+    )
+    _migrate()
+
+
+def _run_on(connection: Connection) -> None:
+    context.configure(connection=connection, version_table=VERSION_TABLE,
+                      version_table_schema=SCHEMA)
+    _migrate()
+
+
+def run_online() -> None:
+    connection = config.attributes.get("connection")
+    if connection is not None:
+        _run_on(connection)
+        return
+    engine = create_engine(sqlalchemy_url(config.get_main_option("sqlalchemy.url")),
+                           poolclass=pool.NullPool)
+    with engine.begin() as conn:
+        _run_on(conn)
+
+
+if context.is_offline_mode():
+    run_offline()
+else:
+    run_online()

@@ -1,0 +1,1 @@
+"""pyembed: the embedding model as an enforced part of the schema."""

@@ -1,0 +1,260 @@
+"""Texts in, checked vectors out: validation, batching, retries, response checks, cache."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
+from .errors import ConfigError, InvalidInput, InvalidVector, ModelMismatch, ProviderError, \
+    RateLimited
+from .models import InputType, ModelSpec
+from .providers import Provider, TransientProviderError, Vectors, provider_for
+
+DEFAULT_MAX_BATCH_TOKENS = 100_000
+"""Estimated tokens per request; under every supported service's per-request limit."""
+
+_LAST_WORD = re.compile(r"\s+\S*$")
+
+
+class EmbeddingCache(Protocol):
+    """Where embeddings are remembered, keyed by (stripped text, model key, input type).
+
+    The embedder passes InputType.DOCUMENT for models without input types, so queries and
+    documents share entries there.
+    """
+
+    def get_many(self, texts: list[str], spec: ModelSpec,
+                 input_type: InputType) -> dict[int, npt.NDArray[np.float32]]:
+        """The cached vectors among `texts`, by index into `texts`."""
+        ...
+
+    def put_many(self, texts: list[str], vectors: npt.NDArray[np.float32], spec: ModelSpec,
+                 input_type: InputType) -> None:
+        """Remember `vectors[i]` as the embedding of `texts[i]`."""
+        ...
+
+
+def estimate_tokens(text: str) -> int:
+    """A cheap token estimate for any model: the larger of 1.3 per whitespace-separated
+    word and 1 per 4 characters, rounded up. It leans high for English prose."""
+    return max((len(text.split()) * 13 + 9) // 10, (len(text) + 3) // 4)
+
+
+def truncate_to_tokens(text: str, limit: int) -> str:
+    """The longest prefix of `text`, ending at a word where possible, whose
+    `estimate_tokens` is at most `limit`."""
+    if estimate_tokens(text) <= limit:
+        return text
+    max_words = limit * 10 // 13
+    words = text.split(maxsplit=max_words)
+    cut = text if len(words) <= max_words else text[:_end_of_words(text, max_words)]
+    if len(cut) > limit * 4:
+        cut = cut[:limit * 4]
+        if not text[len(cut)].isspace():
+            match = _LAST_WORD.search(cut)
+            if match and match.start() > 0:
+                cut = cut[:match.start()]
+    return cut.rstrip()
+
+
+def _end_of_words(text: str, count: int) -> int:
+    """The index just past the `count`-th whitespace-separated word of `text`."""
+    end = 0
+    for _ in range(count):
+        while text[end].isspace():
+            end += 1
+        while end < len(text) and not text[end].isspace():
+            end += 1
+    return end
+
+
+def plan_batches(token_counts: Sequence[int], max_batch: int,
+                 max_batch_tokens: int) -> list[range]:
+    """Consecutive index ranges covering every item in order, each of at most `max_batch`
+    items and `max_batch_tokens` tokens (an item alone over the token budget goes alone)."""
+    batches: list[range] = []
+    start, tokens = 0, 0
+    for index, count in enumerate(token_counts):
+        if index > start and (index - start >= max_batch or tokens + count > max_batch_tokens):
+            batches.append(range(start, index))
+            start, tokens = index, 0
+        tokens += count
+    if start < len(token_counts):
+        batches.append(range(start, len(token_counts)))
+    return batches
+
+
+class Embedder:
+    """Embeds texts with one model: validates every text before any call, batches by count
+    and estimated tokens, retries transient failures (honouring Retry-After up to
+    `max_retry_after` seconds), checks and L2-normalises what comes back, and consults
+    `cache` so that only texts it lacks are sent, each once.
+    """
+
+    def __init__(self, spec: ModelSpec, provider: Provider | None = None, *,
+                 cache: EmbeddingCache | None = None, max_retries: int = 6,
+                 max_retry_after: float = 60.0, truncate: bool = False,
+                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        if provider is None:
+            provider = provider_for(spec)
+        elif provider.spec.key != spec.key:
+            raise ModelMismatch(f"the provider embeds with {provider.spec.key}, "
+                                f"but the embedder is for {spec.key}")
+        if max_retries < 0:
+            raise ConfigError(f"max_retries must be 0 or more, got {max_retries}")
+        if max_batch_tokens < spec.max_tokens:
+            raise ConfigError(f"max_batch_tokens ({max_batch_tokens}) is below the model's "
+                              f"{spec.max_tokens}-token limit per text")
+        self.spec = spec
+        self.provider = provider
+        self.cache = cache
+        self.max_retries = max_retries
+        self.max_retry_after = max_retry_after
+        self.truncate = truncate
+        self.max_batch_tokens = max_batch_tokens
+        self._sleep = sleep
+        self._backoff = wait_exponential_jitter(initial=0.5, max=30.0, jitter=0.5)
+
+    def embed(self, texts: Sequence[str],
+              input_type: InputType = InputType.DOCUMENT) -> npt.NDArray[np.float32]:
+        """float32 vectors of shape (len(texts), dimensions), in input order.
+
+        Raises InvalidInput (before any call) for an empty, whitespace-only or NUL-containing
+        text, or one over the model's token limit unless `truncate`; RateLimited when the
+        service asks to wait longer than `max_retry_after`; ProviderError when it keeps
+        failing or answers wrongly.
+        """
+        prepared = [self._prepare(index, text) for index, text in enumerate(texts)]
+        if not self.spec.input_types:
+            input_type = InputType.DOCUMENT
+        out = np.empty((len(prepared), self.spec.dimensions), dtype=np.float32)
+        if not prepared:
+            return out
+        hits = self.cache.get_many(prepared, self.spec, input_type) if self.cache else {}
+        for index, vector in hits.items():
+            out[index] = self._checked_hit(index, vector)
+        slot: dict[str, int] = {}
+        for index, text in enumerate(prepared):
+            if index not in hits:
+                slot.setdefault(text, len(slot))
+        vectors = self._embed_unique(list(slot), input_type)
+        for index, text in enumerate(prepared):
+            if index not in hits:
+                out[index] = vectors[slot[text]]
+        return out
+
+    def embed_query(self, text: str) -> npt.NDArray[np.float32]:
+        """The 1-d query vector for `text`."""
+        return self.embed([text], InputType.QUERY)[0]
+
+    def _prepare(self, index: int, text: str) -> str:
+        if not isinstance(text, str):
+            raise InvalidInput(f"text {index} is {type(text).__name__}, not a string")
+        if "\x00" in text:
+            raise InvalidInput(f"text {index} contains a NUL character")
+        text = text.strip()
+        if not text:
+            raise InvalidInput(f"text {index} is empty or only whitespace")
+        tokens = estimate_tokens(text)
+        if tokens > self.spec.max_tokens:
+            if not self.truncate:
+                raise InvalidInput(
+                    f"text {index} is about {tokens} tokens, over the {self.spec.max_tokens}-"
+                    f"token limit of {self.spec.key}: shorten it or embed with truncate=True"
+                )
+            text = truncate_to_tokens(text, self.spec.max_tokens)
+        return text
+
+    def _checked_hit(self, index: int, vector: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        vector = np.asarray(vector, dtype=np.float32)
+        if vector.shape != (self.spec.dimensions,):
+            raise InvalidVector(f"the cache returned shape {vector.shape} for text {index}, "
+                                f"expected ({self.spec.dimensions},) for {self.spec.key}")
+        return vector
+
+    def _embed_unique(self, texts: list[str],
+                      input_type: InputType) -> npt.NDArray[np.float32]:
+        """Vectors for distinct texts; whatever was embedded is cached even if a later
+        batch fails."""
+        done: list[npt.NDArray[np.float32]] = []
+        tokens = [estimate_tokens(text) for text in texts]
+        try:
+            for batch in plan_batches(tokens, self.spec.max_batch, self.max_batch_tokens):
+                done.append(self._embed_batch(texts[batch.start:batch.stop], input_type))
+        finally:
+            if self.cache is not None and done:
+                vectors = np.concatenate(done)
+                self.cache.put_many(texts[:len(vectors)], vectors, self.spec, input_type)
+        if not done:
+            return np.empty((0, self.spec.dimensions), dtype=np.float32)
+        return np.concatenate(done)
+
+    def _embed_batch(self, texts: list[str], input_type: InputType) -> npt.NDArray[np.float32]:
+        retrying = Retrying(
+            stop=stop_after_attempt(self.max_retries + 1),
+            wait=self._wait,
+            retry=retry_if_exception_type(TransientProviderError),
+            sleep=self._sleep,
+            reraise=True,
+        )
+        try:
+            raw = retrying(self._call_once, texts, input_type)
+        except TransientProviderError as exc:
+            raise ProviderError(f"{self.spec.key}: gave up after {self.max_retries + 1} "
+                                f"attempts; last error: {exc}") from exc
+        return self._checked(raw, len(texts))
+
+    def _call_once(self, texts: list[str], input_type: InputType) -> Vectors:
+        try:
+            return self.provider.embed_batch(texts, input_type)
+        except TransientProviderError as exc:
+            if exc.retry_after is not None and exc.retry_after > self.max_retry_after:
+                raise RateLimited(
+                    f"{self.spec.key}: the service asks to wait {exc.retry_after:g} s, more "
+                    f"than max_retry_after ({self.max_retry_after:g} s); try again later "
+                    f"({exc})"
+                ) from exc
+            raise
+
+    def _wait(self, state: RetryCallState) -> float:
+        error = state.outcome.exception() if state.outcome else None
+        if isinstance(error, TransientProviderError) and error.retry_after is not None:
+            return error.retry_after
+        return self._backoff(state)
+
+    def _checked(self, raw: Vectors, count: int) -> npt.NDArray[np.float32]:
+        key = self.spec.key
+        try:
+            vectors = np.asarray(raw, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ProviderError(f"{key}: the service returned vectors of unequal lengths "
+                                f"or non-numbers") from None
+        got = vectors.shape[0] if vectors.ndim else 0
+        if vectors.ndim != 2 or got != count:
+            raise ProviderError(f"{key}: the service returned {got} vectors for {count} texts")
+        if vectors.shape[1] != self.spec.dimensions:
+            raise ProviderError(
+                f"{key}: the service returned {vectors.shape[1]}-dimension vectors, expected "
+                f"{self.spec.dimensions}; the model behind this key may have changed"
+            )
+        if not np.isfinite(vectors).all():
+            raise ProviderError(f"{key}: the service returned a vector with NaN or infinity")
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        if not ((norms > 0) & np.isfinite(norms)).all():
+            raise ProviderError(f"{key}: the service returned a zero or out-of-range vector")
+        if self.spec.normalized:
+            vectors = vectors / norms
+        return vectors.astype(np.float32)

@@ -1,0 +1,146 @@
+"""Bring a database to the current schema: Alembic revisions, then the replaceable sql/ files."""
+
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+
+from .config import resource_dir
+from .db import resolve_dsn
+from .models import BUILTIN, ModelSpec
+
+SCHEMA = "pyembed"
+VERSION_TABLE = "alembic_version"
+INSTALL_LOCK_ID = 0x70796D62  # "pymb": serialises concurrent installs
+SQL_FILE = re.compile(r"^(\d{3})-[a-z0-9-]+\.sql$")
+
+
+def sqlalchemy_url(dsn: str | None = None) -> str:
+    """A SQLAlchemy URL (psycopg 3 driver) for a libpq DSN or URL; default: the owner DSN."""
+    dsn = dsn or resolve_dsn(owner=True)
+    if "://" not in dsn:  # key=value DSN: hand it to psycopg as is
+        return "postgresql+psycopg:///?" + _kv_to_query(dsn)
+    return re.sub(r"^postgres(ql)?(\+\w+)?://", "postgresql+psycopg://", dsn)
+
+
+def _kv_to_query(dsn: str) -> str:
+    from urllib.parse import urlencode
+
+    from psycopg.conninfo import conninfo_to_dict
+
+    return urlencode({k: str(v) for k, v in conninfo_to_dict(dsn).items()})
+
+
+def sql_files() -> list[Path]:
+    """The replaceable-object files in the order they are applied."""
+    files = sorted(p for p in resource_dir("sql").iterdir() if p.suffix == ".sql")
+    bad = [p.name for p in files if not SQL_FILE.match(p.name)]
+    if bad:
+        raise RuntimeError(f"sql/ files must be named NNN-name.sql: {bad}")
+    return files
+
+
+def raw_text(sql: str) -> sa.TextClause:
+    """Raw SQL as a TextClause that SQLAlchemy will not scan for :bind parameters."""
+    return sa.text(sql.replace(":", r"\:"))
+
+
+def run_sql(sql: str) -> None:
+    """Execute raw SQL inside a revision, online or offline."""
+    from alembic import op
+
+    op.execute(raw_text(sql))
+
+
+def _model_row(spec: ModelSpec) -> str:
+    def lit(v: object) -> str:
+        if v is None:
+            return "NULL"
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return repr(v)
+        return "'" + str(v).replace("'", "''") + "'"
+
+    values = (spec.key, spec.provider, spec.model_id, spec.version, spec.dimensions,
+              spec.distance, spec.normalized, spec.input_types, spec.max_batch, spec.max_tokens,
+              spec.request_dimensions, spec.price_per_mtok, spec.description)
+    return "(" + ", ".join(lit(v) for v in values) + ")"
+
+
+def replaceable_sql() -> str:
+    """Every sql/ file in order, then the built-in model registry: safe to run any number of times."""
+    parts = ["SET LOCAL check_function_bodies = off;"]
+    parts += [f"-- {p.name}\n{p.read_text()}" for p in sql_files()]
+    parts.append(
+        "INSERT INTO pyembed.models (model_key, provider, model_id, model_version, dimensions, "
+        "distance, normalized, input_types, max_batch, max_tokens, request_dimensions, "
+        "price_per_mtok, description) VALUES\n  "
+        + ",\n  ".join(_model_row(s) for s in BUILTIN)
+        + "\nON CONFLICT (model_key) DO NOTHING;"
+    )
+    return "\n".join(parts)
+
+
+def alembic_config(dsn: str | None = None, output_buffer: io.StringIO | None = None) -> Config:
+    cfg = Config(output_buffer=output_buffer)
+    cfg.set_main_option("script_location", str(resource_dir("alembic")))
+    if dsn:
+        cfg.set_main_option("sqlalchemy.url", sqlalchemy_url(dsn).replace("%", "%%"))
+    return cfg
+
+
+def head_revision() -> str:
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None
+    return head
+
+
+def install(dsn: str | None = None) -> str:
+    """Bring the database to head (idempotent, safe to run concurrently); returns the revision."""
+    engine = sa.create_engine(sqlalchemy_url(dsn), poolclass=sa.pool.NullPool)
+    try:
+        with engine.begin() as conn:
+            cfg = alembic_config()
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+        return current_revision(dsn) or ""
+    finally:
+        engine.dispose()
+
+
+def downgrade(dsn: str | None, revision: str = "base") -> None:
+    engine = sa.create_engine(sqlalchemy_url(dsn), poolclass=sa.pool.NullPool)
+    try:
+        with engine.begin() as conn:
+            cfg = alembic_config()
+            cfg.attributes["connection"] = conn
+            command.downgrade(cfg, revision)
+    finally:
+        engine.dispose()
+
+
+def current_revision(dsn: str | None = None) -> str | None:
+    engine = sa.create_engine(sqlalchemy_url(dsn), poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            ctx = MigrationContext.configure(
+                conn, opts={"version_table": VERSION_TABLE, "version_table_schema": SCHEMA})
+            return ctx.get_current_revision()
+    finally:
+        engine.dispose()
+
+
+def offline_sql() -> str:
+    """The upgrade-to-head script a DBA can review and apply with psql (no database needed)."""
+    out = io.StringIO()
+    cfg = alembic_config(output_buffer=out)
+    command.upgrade(cfg, "head", sql=True)
+    return out.getvalue()

@@ -1,0 +1,238 @@
+"""The embedded default: a private PostgreSQL cluster in $PYEMBED_HOME (default ./.pyembed)."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import pwd
+import secrets
+import shutil
+import socket
+import subprocess
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+from .config import home as default_home
+from .config import package_dir
+from .errors import ConfigError, DatabaseNotReady
+
+DATABASE = "pyembed"
+OWNER = "pyembed"
+APP_USER = "pyembed_user"
+APP_GROUP = "pyembed_app"
+SERVER_SETTINGS = {
+    "listen_addresses": "'127.0.0.1'",
+    "max_connections": "60",
+    "shared_buffers": "'256MB'",
+    "maintenance_work_mem": "'512MB'",
+    "max_parallel_maintenance_workers": "1",
+    "log_min_messages": "warning",
+}
+
+
+@dataclass
+class ClusterState:
+    port: int
+    bindir: str
+    os_user: str | None
+    owner_password: str
+    app_password: str
+
+
+def find_bindir() -> str:
+    """The PostgreSQL server binaries: $PYEMBED_PG_BINDIR, pg_config, or the newest under /usr/lib."""
+    explicit = os.environ.get("PYEMBED_PG_BINDIR")
+    candidates = [explicit] if explicit else []
+    pg_config = shutil.which("pg_config")
+    if pg_config and not explicit:
+        out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True)
+        candidates.append(out.stdout.strip())
+    candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin"),
+                         key=lambda p: int(Path(p).parent.name) if Path(p).parent.name.isdigit() else 0,
+                         reverse=True)
+    for c in candidates:
+        if c and (Path(c) / "initdb").exists() and (Path(c) / "pg_ctl").exists():
+            return c
+    raise ConfigError("PostgreSQL server binaries not found: run docker/install-host.sh "
+                      "or set PYEMBED_PG_BINDIR")
+
+
+def _free_port(start: int = 54330) -> int:
+    for port in range(start, start + 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    raise ConfigError("no free loopback port for the local cluster")
+
+
+class LocalCluster:
+    """A PostgreSQL cluster owned by this project folder, with an owner and an application role."""
+
+    def __init__(self, home: Path | None = None) -> None:
+        self.home = home or default_home()
+        self.data = self.home / "data"
+        self.state_file = self.home / "cluster.json"
+        self.log_file = self.home / "postgres.log"
+        self.pylib = self.home / "pylib"
+
+    # -- state ---------------------------------------------------------------------------
+    @property
+    def initialised(self) -> bool:
+        return self.state_file.exists() and (self.data / "PG_VERSION").exists()
+
+    def state(self) -> ClusterState:
+        if not self.initialised:
+            raise DatabaseNotReady(f"no local cluster in {self.home}: run `pyembed db init`, "
+                                   "or set PYEMBED_DSN to use your own database")
+        return ClusterState(**json.loads(self.state_file.read_text()))
+
+    @property
+    def socket_dir(self) -> Path:
+        run = self.home / "run"
+        if len(str(run)) > 80:  # Unix socket paths are limited to ~107 bytes
+            import hashlib
+
+            digest = hashlib.sha256(str(self.home).encode()).hexdigest()[:12]
+            run = Path("/tmp") / f"pyembed-{digest}"
+        return run
+
+    def dsn(self, *, owner: bool = False) -> str:
+        st = self.state()
+        user, pw = (OWNER, st.owner_password) if owner else (APP_USER, st.app_password)
+        return f"postgresql://{user}:{quote(pw)}@127.0.0.1:{st.port}/{DATABASE}"
+
+    # -- commands ------------------------------------------------------------------------
+    def _as_server_user(self, args: list[str], st: ClusterState | None = None,
+                        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        os_user = st.os_user if st else self._os_user()
+        full_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8",
+                    **(env or {})}
+        cmd = args
+        if os_user:
+            cmd = ["runuser", "-u", os_user, "--", "env", *[f"{k}={v}" for k, v in full_env.items()],
+                   *args]
+        return subprocess.run(cmd, capture_output=True, text=True, env=full_env, cwd="/")
+
+    @staticmethod
+    def _os_user() -> str | None:
+        """PostgreSQL refuses to run as root: as root, run it as the `postgres` OS user."""
+        if os.geteuid() != 0:
+            return None
+        name = os.environ.get("PYEMBED_PG_OS_USER", "postgres")
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            raise ConfigError(f"running as root needs an unprivileged OS user {name!r} for "
+                              "PostgreSQL: run docker/install-host.sh or set PYEMBED_PG_OS_USER") from None
+        return name
+
+    def _chown(self, path: Path, os_user: str | None) -> None:
+        if os_user:
+            pw = pwd.getpwnam(os_user)
+            os.chown(path, pw.pw_uid, pw.pw_gid)
+
+    def init(self) -> bool:
+        """Create the cluster (once); returns False when it already existed."""
+        if self.initialised:
+            return False
+        bindir = find_bindir()
+        os_user = self._os_user()
+        self.home.mkdir(parents=True, exist_ok=True)
+        if self.data.exists():
+            shutil.rmtree(self.data)  # a half-made cluster from an interrupted init
+        for d in (self.data, self.socket_dir):
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._chown(d, os_user)
+        self.log_file.touch()
+        self._chown(self.log_file, os_user)
+        check = self._as_server_user(["test", "-w", str(self.data)])
+        if check.returncode != 0:
+            raise ConfigError(f"the OS user {os_user} cannot reach {self.data}: make its parent "
+                              "folders traversable (chmod o+x) or set PYEMBED_HOME elsewhere")
+        st = ClusterState(port=_free_port(), bindir=bindir, os_user=os_user,
+                          owner_password=secrets.token_urlsafe(24),
+                          app_password=secrets.token_urlsafe(24))
+        pwfile = self.home / ".pwfile"
+        pwfile.write_text(st.owner_password + "\n")
+        self._chown(pwfile, os_user)
+        try:
+            out = self._as_server_user(
+                [f"{bindir}/initdb", "-D", str(self.data), "-U", OWNER, f"--pwfile={pwfile}",
+                 "--auth=scram-sha-256", "-E", "UTF8", "--locale=C.UTF-8"], st)
+        finally:
+            pwfile.unlink()
+        if out.returncode != 0:
+            raise ConfigError(f"initdb failed: {out.stderr.strip() or out.stdout.strip()}")
+        settings = {**SERVER_SETTINGS, "port": str(st.port),
+                    "unix_socket_directories": f"'{self.socket_dir}'"}
+        with open(self.data / "postgresql.auto.conf", "a") as f:
+            f.writelines(f"{k} = {v}\n" for k, v in settings.items())
+        self.state_file.write_text(json.dumps(asdict(st)))
+        self.state_file.chmod(0o600)
+        self.start()
+        self._create_roles(st)
+        return True
+
+    def _create_roles(self, st: ClusterState) -> None:
+        import psycopg
+        from psycopg import sql
+
+        admin = f"postgresql://{OWNER}:{quote(st.owner_password)}@127.0.0.1:{st.port}/postgres"
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(
+                sql.Identifier(DATABASE), sql.Identifier(OWNER)))
+            conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(APP_GROUP)))
+            conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {} IN ROLE {}").format(
+                sql.Identifier(APP_USER), sql.Literal(st.app_password), sql.Identifier(APP_GROUP)))
+
+    def running(self) -> bool:
+        if not self.initialised:
+            return False
+        st = self.state()
+        out = self._as_server_user([f"{st.bindir}/pg_ctl", "status", "-D", str(self.data)], st)
+        return out.returncode == 0
+
+    def start(self) -> bool:
+        """Start the server if it is not running; returns False when it already was."""
+        st = self.state()
+        if self.running():
+            return False
+        self.socket_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._chown(self.socket_dir, st.os_user)
+        # PL/Python imports the same pyembed code as this process.
+        self.pylib.mkdir(exist_ok=True)
+        link = self.pylib / "pyembed"
+        if not link.is_symlink() or link.resolve() != package_dir():
+            link.unlink(missing_ok=True)
+            link.symlink_to(package_dir(), target_is_directory=True)
+        env = {"PYTHONPATH": str(self.pylib), "OMP_NUM_THREADS": "1"}
+        out = self._as_server_user(
+            [f"{st.bindir}/pg_ctl", "start", "-w", "-t", "60", "-D", str(self.data),
+             "-l", str(self.log_file)], st, env)
+        if out.returncode != 0:
+            tail = self.log_file.read_text()[-2000:] if self.log_file.exists() else ""
+            raise ConfigError(f"the local cluster did not start: {out.stderr.strip()}\n{tail}")
+        return True
+
+    def stop(self) -> bool:
+        """Stop the server; returns False when it was not running."""
+        if not self.running():
+            return False
+        st = self.state()
+        out = self._as_server_user(
+            [f"{st.bindir}/pg_ctl", "stop", "-w", "-m", "fast", "-D", str(self.data)], st)
+        if out.returncode != 0:
+            raise ConfigError(f"pg_ctl stop failed: {out.stderr.strip()}")
+        return True
+
+    def status(self) -> dict[str, object]:
+        if not self.initialised:
+            return {"home": str(self.home), "initialised": False, "running": False}
+        st = self.state()
+        return {"home": str(self.home), "initialised": True, "running": self.running(),
+                "port": st.port, "socket_dir": str(self.socket_dir), "data": str(self.data)}

@@ -1,0 +1,139 @@
+"""The model registry: every model pyembed knows, as data, keyed by its model key."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from .errors import InvalidInput, UnknownModel
+
+
+class InputType(StrEnum):
+    """What a text is embedded as: models that distinguish them embed queries differently."""
+
+    DOCUMENT = "document"
+    QUERY = "query"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One embedding model. Two specs are compatible only if their keys are identical."""
+
+    provider: str
+    model_id: str
+    version: str
+    dimensions: int
+    max_batch: int = 128
+    max_tokens: int = 8192
+    input_types: bool = False
+    normalized: bool = True
+    distance: str = "cosine"
+    request_dimensions: int | None = None
+    price_per_mtok: float | None = None
+    mteb: float | None = None
+    api_key_env: str | None = None
+    description: str = ""
+    params: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for part in (self.provider, self.model_id, self.version):
+            if not part or any(c in part for c in "/@: \t\n\x00"):
+                raise InvalidInput(f"bad model key part {part!r}: no '/', '@', ':' or blanks")
+        if not 1 <= self.dimensions <= 16000:
+            raise InvalidInput(f"dimensions must be 1..16000, got {self.dimensions}")
+        if self.distance not in ("cosine", "dot", "l2"):
+            raise InvalidInput(f"distance must be cosine, dot or l2, got {self.distance!r}")
+
+    @property
+    def key(self) -> str:
+        """provider/model_id@version:dimensions, e.g. openai/text-embedding-3-large@1:1024."""
+        return f"{self.provider}/{self.model_id}@{self.version}:{self.dimensions}"
+
+
+def _voyage(model_id: str, dims: int, price: float, mteb: float | None, note: str) -> ModelSpec:
+    return ModelSpec("voyage", model_id, "1", dims, max_batch=128, max_tokens=32000,
+                     input_types=True, price_per_mtok=price, mteb=mteb,
+                     api_key_env="VOYAGE_API_KEY", description=note)
+
+
+def _openai(model_id: str, dims: int, price: float, mteb: float | None, *,
+            request: int | None = None, version: str = "1") -> ModelSpec:
+    return ModelSpec("openai", model_id, version, dims, max_batch=2048, max_tokens=8191,
+                     request_dimensions=request, price_per_mtok=price, mteb=mteb,
+                     api_key_env="OPENAI_API_KEY",
+                     description=f"OpenAI {model_id}" + (f" at {request} dims" if request else ""))
+
+
+def _cohere(model_id: str, mteb: float | None, note: str) -> ModelSpec:
+    return ModelSpec("cohere", model_id, "3", 1024, max_batch=96, max_tokens=512,
+                     input_types=True, price_per_mtok=0.10, mteb=mteb,
+                     api_key_env="COHERE_API_KEY", description=note)
+
+
+def _fake(model_id: str, version: str, dims: int) -> ModelSpec:
+    return ModelSpec("fake", model_id, version, dims, max_batch=64, max_tokens=2048,
+                     input_types=True, price_per_mtok=0.0,
+                     description="deterministic hashed bag-of-words model, for tests")
+
+
+LOCAL_DEFAULT = ModelSpec(
+    "local", "all-minilm-l6-v2-int8", "1", 384, max_batch=64, max_tokens=256,
+    price_per_mtok=0.0, mteb=56.3,
+    description="all-MiniLM-L6-v2, int8 ONNX, runs on the CPU with no network (default)",
+)
+
+BUILTIN: tuple[ModelSpec, ...] = (
+    LOCAL_DEFAULT,
+    _voyage("voyage-3", 1024, 0.06, None, "Voyage general-purpose retrieval"),
+    _voyage("voyage-3-lite", 512, 0.02, None, "Voyage, cheaper and faster"),
+    _voyage("voyage-code-3", 1024, 0.18, None, "Voyage, code retrieval"),
+    _voyage("voyage-finance-2", 1024, 0.12, None, "Voyage, finance retrieval"),
+    _openai("text-embedding-3-small", 1536, 0.02, 62.3),
+    _openai("text-embedding-3-large", 3072, 0.13, 64.6),
+    _openai("text-embedding-3-large", 1024, 0.13, None, request=1024),
+    _openai("text-embedding-3-large", 256, 0.13, None, request=256),
+    _openai("text-embedding-ada-002", 1536, 0.10, 61.0, version="2"),
+    _cohere("embed-english-v3.0", 64.5, "Cohere English"),
+    _cohere("embed-multilingual-v3.0", 64.0, "Cohere, 100+ languages"),
+    _fake("fake-hash", "1", 1024),
+    _fake("fake-hash", "2", 1024),
+    _fake("fake-hash", "1", 384),
+)
+
+
+class Registry:
+    """Models by key: the built-in ones plus any the user registers."""
+
+    def __init__(self, specs: Iterable[ModelSpec] = BUILTIN) -> None:
+        self._specs: dict[str, ModelSpec] = {}
+        for spec in specs:
+            self.register(spec)
+
+    def register(self, spec: ModelSpec) -> ModelSpec:
+        old = self._specs.get(spec.key)
+        if old is not None and old != spec:
+            raise InvalidInput(f"model key {spec.key} is already registered with other settings")
+        self._specs[spec.key] = spec
+        return spec
+
+    def get(self, key: str) -> ModelSpec:
+        try:
+            return self._specs[key]
+        except KeyError:
+            raise UnknownModel(
+                f"unknown model key {key!r}; `pyembed models` lists the known keys"
+            ) from None
+
+    def __iter__(self) -> Iterable[ModelSpec]:  # type: ignore[override]
+        return iter(self._specs.values())
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._specs
+
+    def all(self) -> list[ModelSpec]:
+        return list(self._specs.values())
+
+
+registry = Registry()

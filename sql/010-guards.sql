@@ -1,0 +1,116 @@
+-- Guards: the triggers that make the model key an enforced part of the schema.
+-- SQLSTATEs (class PE): PE001 model mismatch, PE002 unknown corpus, PE003 invalid vector,
+-- PE004 model key change outside a migration, PE005 invalid input, PE006 unknown model,
+-- PE007 migration step refused.
+
+-- Rows of a vector write that break a rule: model key (PE001) or the vector itself (PE003).
+CREATE OR REPLACE FUNCTION pyembed._guard_vectors() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  bad record;
+BEGIN
+  SELECT n.chunk_id, n.model_key AS got, c.name, c.model_key AS active, c.target_model_key AS target
+    INTO bad
+    FROM new_rows n JOIN pyembed.corpora c ON c.corpus_id = n.corpus_id
+   WHERE n.model_key <> c.model_key AND n.model_key IS DISTINCT FROM c.target_model_key
+   LIMIT 1;
+  IF FOUND THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE001',
+      MESSAGE = format('model key mismatch: corpus %s is pinned to %s, but the vector for chunk %s '
+                       'was made by %s', bad.name, bad.active, bad.chunk_id, bad.got),
+      DETAIL = CASE WHEN bad.target IS NULL THEN 'no model migration is in progress'
+                    ELSE format('the migration target is %s', bad.target) END,
+      HINT = 'embed with the corpus''s model, or change models with `pyembed migrate`';
+  END IF;
+
+  SELECT n.chunk_id, n.model_key, m.dimensions, m.normalized,
+         vector_dims(n.embedding) AS dims, vector_norm(n.embedding) AS norm
+    INTO bad
+    FROM new_rows n JOIN pyembed.models m ON m.model_key = n.model_key
+   WHERE vector_dims(n.embedding) <> m.dimensions
+      OR vector_norm(n.embedding) = 0
+      OR vector_norm(n.embedding) = 'Infinity'
+      OR (m.normalized AND abs(vector_norm(n.embedding) - 1) > 1e-3)
+   LIMIT 1;
+  IF FOUND THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE003',
+      MESSAGE = CASE
+        WHEN bad.dims <> bad.dimensions THEN
+          format('wrong dimensions: %s has %s dimensions, the vector for chunk %s has %s',
+                 bad.model_key, bad.dimensions, bad.chunk_id, bad.dims)
+        WHEN bad.norm = 0 THEN format('zero vector for chunk %s', bad.chunk_id)
+        WHEN bad.norm = 'Infinity' THEN format('non-finite vector for chunk %s', bad.chunk_id)
+        ELSE format('vector for chunk %s is not unit-normalised (norm %s) but %s is a normalised '
+                    'model', bad.chunk_id, round(bad.norm::numeric, 6), bad.model_key) END,
+      HINT = 'pyembed normalises vectors for you when you write through its Python API';
+  END IF;
+  RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER vectors_guard_insert
+  AFTER INSERT ON pyembed.vectors REFERENCING NEW TABLE AS new_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION pyembed._guard_vectors();
+CREATE OR REPLACE TRIGGER vectors_guard_update
+  AFTER UPDATE ON pyembed.vectors REFERENCING NEW TABLE AS new_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION pyembed._guard_vectors();
+
+-- A corpus's model key changes only inside the migration functions (PE004).
+CREATE OR REPLACE FUNCTION pyembed._guard_corpus_key() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+  IF (NEW.model_key, NEW.target_model_key) IS DISTINCT FROM (OLD.model_key, OLD.target_model_key)
+     AND current_setting('pyembed.in_migration', true) IS DISTINCT FROM 'on' THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE004',
+      MESSAGE = format('the model key of corpus %s is %s and can only change through a migration '
+                       '(refused: %s)', OLD.name, OLD.model_key,
+                       coalesce(NULLIF(NEW.model_key, OLD.model_key), NEW.target_model_key)),
+      HINT = 'use `pyembed migrate start CORPUS --to MODEL_KEY`';
+  END IF;
+  RETURN NEW;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER corpora_guard_model_key
+  BEFORE UPDATE ON pyembed.corpora
+  FOR EACH ROW EXECUTE FUNCTION pyembed._guard_corpus_key();
+
+-- A registered model never changes what its vectors mean (PE004).
+CREATE OR REPLACE FUNCTION pyembed._guard_model() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+  IF (NEW.model_key, NEW.distance, NEW.normalized, NEW.request_dimensions, NEW.input_types)
+     IS DISTINCT FROM
+     (OLD.model_key, OLD.distance, OLD.normalized, OLD.request_dimensions, OLD.input_types) THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE004',
+      MESSAGE = format('model %s is registered and its vector space cannot change; '
+                       'register a new model version instead', OLD.model_key);
+  END IF;
+  RETURN NEW;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER models_guard_immutable
+  BEFORE UPDATE ON pyembed.models
+  FOR EACH ROW EXECUTE FUNCTION pyembed._guard_model();
+
+-- Chunks carry the sha256 of their text, computed here so it cannot disagree with the text.
+CREATE OR REPLACE FUNCTION pyembed._chunk_hash() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+  NEW.content_hash := sha256(convert_to(NEW.content, 'UTF8'));
+  RETURN NEW;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER chunks_hash
+  BEFORE INSERT OR UPDATE OF content ON pyembed.chunks
+  FOR EACH ROW EXECUTE FUNCTION pyembed._chunk_hash();

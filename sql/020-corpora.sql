@@ -1,0 +1,145 @@
+-- Corpora and models: created and dropped through these functions only.
+
+-- The indexed expression, operator class and distance operator for a model's vectors.
+-- pgvector indexes vector up to 2,000 dimensions and halfvec up to 4,000; beyond that, exact scan.
+CREATE OR REPLACE FUNCTION pyembed._index_spec(dims integer, distance text,
+  OUT expr text, OUT opclass text, OUT op text, OUT castto text)
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+  SELECT format('(embedding::%s(%s))', t, dims),
+         t || CASE distance WHEN 'cosine' THEN '_cosine_ops' WHEN 'dot' THEN '_ip_ops' ELSE '_l2_ops' END,
+         CASE distance WHEN 'cosine' THEN '<=>' WHEN 'dot' THEN '<#>' ELSE '<->' END,
+         format('%s(%s)', t, dims)
+    FROM (SELECT CASE WHEN dims <= 2000 THEN 'vector' ELSE 'halfvec' END AS t) s
+$$;
+
+CREATE OR REPLACE FUNCTION pyembed._index_name(corpus_id integer, model_key text) RETURNS text
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT format('vectors_hnsw_c%s_%s', corpus_id, left(md5(model_key), 10)) $$;
+
+-- The HNSW index that serves one corpus and one model key (a partial index on pyembed.vectors).
+CREATE OR REPLACE FUNCTION pyembed._create_vector_index(p_corpus_id integer, p_model_key text)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  m pyembed.models;
+  s record;
+  idx text := pyembed._index_name(p_corpus_id, p_model_key);
+BEGIN
+  SELECT * INTO STRICT m FROM pyembed.models WHERE model_key = p_model_key;
+  IF m.dimensions > 4000 THEN
+    RETURN NULL;  -- too wide for HNSW: searches scan exactly
+  END IF;
+  s := pyembed._index_spec(m.dimensions, m.distance);
+  EXECUTE format('CREATE INDEX IF NOT EXISTS %I ON pyembed.vectors USING hnsw (%s %s) '
+                 'WITH (m = 16, ef_construction = 64) WHERE corpus_id = %s AND model_key = %L',
+                 idx, s.expr, s.opclass, p_corpus_id, p_model_key);
+  RETURN idx;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION pyembed._check_corpus_name(name text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+  IF name IS NULL OR name !~ '^[a-z0-9][a-z0-9_-]{0,62}$' THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = format('invalid corpus name %s: use 1-63 lowercase letters, digits, _ or -, '
+                       'starting with a letter or digit', coalesce(quote_literal(left(name, 80)), 'NULL'));
+  END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION pyembed.create_corpus(
+  name text, model_key text, description text DEFAULT '',
+  chunk_tokens integer DEFAULT 200, chunk_overlap integer DEFAULT 40)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  new_id integer;
+BEGIN
+  PERFORM pyembed._check_corpus_name(create_corpus.name);
+  IF NOT EXISTS (SELECT FROM pyembed.models m WHERE m.model_key = create_corpus.model_key) THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE006',
+      MESSAGE = format('unknown model key %s', coalesce(quote_literal(create_corpus.model_key), 'NULL')),
+      HINT = '`pyembed models` lists the registered keys';
+  END IF;
+  IF EXISTS (SELECT FROM pyembed.corpora c WHERE c.name = create_corpus.name) THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = format('corpus %s already exists', create_corpus.name);
+  END IF;
+  INSERT INTO pyembed.corpora (name, model_key, description, chunk_tokens, chunk_overlap)
+  VALUES (create_corpus.name, create_corpus.model_key, coalesce(create_corpus.description, ''),
+          create_corpus.chunk_tokens, create_corpus.chunk_overlap)
+  RETURNING corpus_id INTO new_id;
+  PERFORM pyembed._create_vector_index(new_id, create_corpus.model_key);
+  RETURN new_id;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION pyembed.drop_corpus(name text) RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  c pyembed.corpora;
+  idx record;
+BEGIN
+  SELECT * INTO c FROM pyembed.corpora WHERE corpora.name = drop_corpus.name;
+  IF NOT FOUND THEN
+    RETURN false;
+  END IF;
+  FOR idx IN SELECT i.relname FROM pg_catalog.pg_class i
+              WHERE i.relnamespace = 'pyembed'::regnamespace AND i.relkind = 'i'
+                AND i.relname LIKE format('vectors\_hnsw\_c%s\_%%', c.corpus_id) LOOP
+    EXECUTE format('DROP INDEX pyembed.%I', idx.relname);
+  END LOOP;
+  DELETE FROM pyembed.corpora WHERE corpus_id = c.corpus_id;
+  RETURN true;
+END
+$$;
+
+-- Register a model of your own; a key already registered must come with the same settings.
+CREATE OR REPLACE FUNCTION pyembed.register_model(
+  provider text, model_id text, model_version text, dimensions integer,
+  distance text DEFAULT 'cosine', normalized boolean DEFAULT true,
+  input_types boolean DEFAULT false, max_batch integer DEFAULT 128,
+  max_tokens integer DEFAULT 8192, request_dimensions integer DEFAULT NULL,
+  price_per_mtok numeric DEFAULT NULL, description text DEFAULT '')
+RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  key text;
+  old pyembed.models;
+BEGIN
+  IF concat(provider, model_id, model_version) ~ '[/@:[:space:]]' OR provider = ''
+     OR model_id = '' OR model_version = '' THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = 'provider, model id and version must be non-empty, without "/", "@", ":" or blanks';
+  END IF;
+  key := provider || '/' || model_id || '@' || model_version || ':' || dimensions;
+  SELECT * INTO old FROM pyembed.models m WHERE m.model_key = key;
+  IF FOUND THEN
+    IF (old.distance, old.normalized, old.input_types, old.request_dimensions)
+       IS DISTINCT FROM (distance, normalized, input_types, request_dimensions) THEN
+      RAISE EXCEPTION USING ERRCODE = 'PE005',
+        MESSAGE = format('model %s is already registered with other settings', key);
+    END IF;
+    RETURN key;
+  END IF;
+  INSERT INTO pyembed.models (model_key, provider, model_id, model_version, dimensions, distance,
+    normalized, input_types, max_batch, max_tokens, request_dimensions, price_per_mtok, description)
+  VALUES (key, provider, model_id, model_version, dimensions, distance, normalized, input_types,
+    max_batch, max_tokens, request_dimensions, price_per_mtok, coalesce(description, ''));
+  RETURN key;
+END
+$$;

@@ -1,0 +1,25 @@
+-- Privileges, granted on purpose: the application role never reads vectors directly.
+REVOKE ALL ON ALL TABLES IN SCHEMA pyembed FROM PUBLIC;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA pyembed FROM PUBLIC;
+GRANT USAGE ON SCHEMA pyembed TO pyembed_app;
+GRANT USAGE ON ALL SEQUENCES IN SCHEMA pyembed TO pyembed_app;
+
+GRANT SELECT ON pyembed.models, pyembed.corpora, pyembed.migrations, pyembed.migration_events
+  TO pyembed_app;
+GRANT SELECT, INSERT, UPDATE, DELETE ON pyembed.documents, pyembed.chunks, pyembed.queue,
+  pyembed.queue_failed, pyembed.embedding_cache, pyembed.cache_stats, pyembed.eval_queries
+  TO pyembed_app;
+GRANT SELECT, INSERT ON pyembed.query_log TO pyembed_app;
+-- Vectors: write (guarded by triggers), see which chunks have one, never read the embedding.
+GRANT SELECT (corpus_id, chunk_id, model_key, content_hash, created_at) ON pyembed.vectors
+  TO pyembed_app;
+GRANT INSERT, DELETE, UPDATE (embedding, content_hash, created_at) ON pyembed.vectors
+  TO pyembed_app;
+
+GRANT EXECUTE ON FUNCTION
+  pyembed.search(text, vector, text, integer, jsonb),
+  pyembed.create_corpus(text, text, text, integer, integer),
+  pyembed.drop_corpus(text),
+  pyembed.register_model(text, text, text, integer, text, boolean, boolean, integer, integer,
+                         integer, numeric, text)
+  TO pyembed_app;
