@@ -17,8 +17,14 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from .errors import ConfigError, InvalidInput, InvalidVector, ModelMismatch, ProviderError, \
-    RateLimited
+from .errors import (
+    ConfigError,
+    InvalidInput,
+    InvalidVector,
+    ModelMismatch,
+    ProviderError,
+    RateLimited,
+)
 from .models import InputType, ModelSpec
 from .providers import Provider, TransientProviderError, Vectors, provider_for
 
@@ -158,7 +164,7 @@ class Embedder:
 
     def embed_query(self, text: str) -> npt.NDArray[np.float32]:
         """The 1-d query vector for `text`."""
-        return self.embed([text], InputType.QUERY)[0]
+        return self.embed([text], InputType.QUERY).reshape(self.spec.dimensions)
 
     def _prepare(self, index: int, text: str) -> str:
         if not isinstance(text, str):

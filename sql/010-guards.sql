@@ -25,23 +25,17 @@ BEGIN
       HINT = 'embed with the corpus''s model, or change models with `pyembed migrate`';
   END IF;
 
-  SELECT n.chunk_id, n.model_key, m.dimensions, m.normalized,
-         vector_dims(n.embedding) AS dims, vector_norm(n.embedding) AS norm
+  -- (dimensions are checked per row by the vectors_dims_match_model constraint)
+  SELECT n.chunk_id, n.model_key, m.normalized, vector_norm(n.embedding) AS norm
     INTO bad
     FROM new_rows n JOIN pyembed.models m ON m.model_key = n.model_key
-   WHERE vector_dims(n.embedding) <> m.dimensions
-      OR vector_norm(n.embedding) = 0
-      OR vector_norm(n.embedding) = 'Infinity'
+   WHERE vector_norm(n.embedding) = 0
       OR (m.normalized AND abs(vector_norm(n.embedding) - 1) > 1e-3)
    LIMIT 1;
   IF FOUND THEN
     RAISE EXCEPTION USING ERRCODE = 'PE003',
       MESSAGE = CASE
-        WHEN bad.dims <> bad.dimensions THEN
-          format('wrong dimensions: %s has %s dimensions, the vector for chunk %s has %s',
-                 bad.model_key, bad.dimensions, bad.chunk_id, bad.dims)
         WHEN bad.norm = 0 THEN format('zero vector for chunk %s', bad.chunk_id)
-        WHEN bad.norm = 'Infinity' THEN format('non-finite vector for chunk %s', bad.chunk_id)
         ELSE format('vector for chunk %s is not unit-normalised (norm %s) but %s is a normalised '
                     'model', bad.chunk_id, round(bad.norm::numeric, 6), bad.model_key) END,
       HINT = 'pyembed normalises vectors for you when you write through its Python API';

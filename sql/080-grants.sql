@@ -20,6 +20,7 @@ GRANT EXECUTE ON FUNCTION
   pyembed.search(text, vector, text, integer, jsonb),
   pyembed.create_corpus(text, text, text, integer, integer),
   pyembed.drop_corpus(text),
+  pyembed._dims_match(vector, text),
   pyembed.register_model(text, text, text, integer, text, boolean, boolean, integer, integer,
                          integer, numeric, text)
   TO pyembed_app;

@@ -89,6 +89,22 @@ CREATE TABLE pyembed.chunks (
   FOREIGN KEY (corpus_id, document_id) REFERENCES pyembed.documents ON DELETE CASCADE
 );
 
+-- Checked per row before any index sees the vector (an HNSW expression index would otherwise
+-- fail first with a bare "expected N dimensions"). The key ends with its dimensions.
+CREATE FUNCTION pyembed._dims_match(embedding vector, model_key text) RETURNS boolean
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, public, pg_temp
+AS $$
+BEGIN
+  IF vector_dims(embedding) = split_part(model_key, ':', -1)::integer THEN
+    RETURN true;
+  END IF;
+  RAISE EXCEPTION USING ERRCODE = 'PE003',
+    MESSAGE = format('wrong dimensions: %s has %s dimensions, the vector has %s',
+                     model_key, split_part(model_key, ':', -1), vector_dims(embedding));
+END
+$$;
+
 CREATE TABLE pyembed.vectors (
   corpus_id    integer NOT NULL,
   chunk_id     bigint NOT NULL,
@@ -97,7 +113,8 @@ CREATE TABLE pyembed.vectors (
   content_hash bytea,
   created_at   timestamptz NOT NULL DEFAULT now(),
   PRIMARY KEY (corpus_id, chunk_id, model_key),
-  FOREIGN KEY (corpus_id, chunk_id) REFERENCES pyembed.chunks ON DELETE CASCADE
+  FOREIGN KEY (corpus_id, chunk_id) REFERENCES pyembed.chunks ON DELETE CASCADE,
+  CONSTRAINT vectors_dims_match_model CHECK (pyembed._dims_match(embedding, model_key))
 );
 
 CREATE TABLE pyembed.embedding_cache (

@@ -56,11 +56,12 @@ class MiniLM:
             mask[row, :n] = encoding.attention_mask
             types[row, :n] = encoding.type_ids
         feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
-        hidden = self._session.run(
+        hidden: npt.NDArray[np.float32] = self._session.run(
             ["last_hidden_state"], {k: v for k, v in feeds.items() if k in self._input_names}
         )[0]
         weights = mask[:, :, None].astype(np.float32)
-        pooled = (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
+        summed: npt.NDArray[np.float32] = (hidden * weights).sum(axis=1)
+        pooled: npt.NDArray[np.float32] = summed / np.maximum(weights.sum(axis=1), 1e-9)
         pooled /= np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
         return pooled.astype(np.float32)
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import voyageai
 import voyageai.error
+from voyageai.client import Client
 
 from ..models import InputType, ModelSpec
 from .base import Provider, Vectors, parse_retry_after
@@ -19,8 +19,8 @@ class VoyageProvider(Provider):
     def __init__(self, spec: ModelSpec, *, api_key: str | None = None,
                  base_url: str | None = None, timeout: float = 30.0) -> None:
         super().__init__(spec, api_key=api_key, base_url=base_url, timeout=timeout)
-        self._client = voyageai.Client(api_key=self.api_key, max_retries=0,
-                                       timeout=self.timeout, base_url=self.base_url)
+        self._client = Client(api_key=self.api_key, max_retries=0, timeout=self.timeout,
+                              base_url=self.base_url)
 
     def embed_batch(self, texts: list[str], input_type: InputType) -> Vectors:
         """One request to the embeddings endpoint; the service must not truncate silently."""

@@ -1,0 +1,188 @@
+"""Guarded storage and search: documents, chunks and vectors through psycopg 3 and pgvector."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import psycopg
+from pgvector import Vector
+from psycopg.rows import dict_row
+
+from .db import translated
+from .errors import InvalidInput, InvalidVector, UnknownCorpus
+
+
+@dataclass(frozen=True)
+class CorpusInfo:
+    corpus_id: int
+    name: str
+    model_key: str
+    dimensions: int
+    target_model_key: str | None
+    migration_step: str
+    traffic_share: int
+    chunk_tokens: int
+    chunk_overlap: int
+    description: str
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result: which document and chunk, how close, and which model served it."""
+
+    document_id: str
+    chunk_id: int
+    chunk_index: int
+    content: str
+    metadata: dict[str, Any]
+    score: float
+    model_key: str
+
+
+@dataclass
+class ChunkRow:
+    """A chunk to store with its vector (already made by the model named at write time)."""
+
+    document_id: str
+    chunk_index: int
+    content: str
+    embedding: np.ndarray
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def check_text(text: str, what: str = "text") -> str:
+    """Reject text that cannot be stored: empty, whitespace-only or containing NUL."""
+    if not isinstance(text, str):
+        raise InvalidInput(f"{what} must be a string, got {type(text).__name__}")
+    if "\x00" in text:
+        raise InvalidInput(f"{what} contains a NUL byte (\\x00), which PostgreSQL cannot store")
+    if not text.strip():
+        raise InvalidInput(f"{what} is empty or only whitespace")
+    return text
+
+
+def as_unit_vectors(vectors: np.ndarray | Sequence[Sequence[float]], dims: int,
+                    normalize: bool = True) -> np.ndarray:
+    """float32 rows checked for shape, NaN/Inf and zero; unit-normalised when asked."""
+    arr = np.asarray(vectors, dtype=np.float64)
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.ndim != 2 or arr.shape[1] != dims:
+        raise InvalidVector(f"wrong dimensions: expected {dims}, got {arr.shape[-1] if arr.ndim else 0}")
+    if not np.isfinite(arr).all():
+        raise InvalidVector("vector contains NaN or Inf")
+    norms = np.linalg.norm(arr, axis=1)
+    if (norms == 0).any():
+        raise InvalidVector(f"zero vector at row {int(np.argmin(norms))}")
+    if normalize:
+        arr = arr / norms[:, None]
+    return arr.astype(np.float32)
+
+
+def corpus_info(conn: psycopg.Connection[Any], name: str) -> CorpusInfo:
+    row = conn.execute(
+        """SELECT c.corpus_id, c.name, c.model_key, m.dimensions, c.target_model_key,
+                  c.migration_step, c.traffic_share, c.chunk_tokens, c.chunk_overlap, c.description
+             FROM pyembed.corpora c JOIN pyembed.models m USING (model_key)
+            WHERE c.name = %s""", (name,)).fetchone()
+    if row is None:
+        raise UnknownCorpus(f"unknown corpus {name!r}: `pyembed corpus list` shows the corpora")
+    return CorpusInfo(*row)
+
+
+def list_corpora(conn: psycopg.Connection[Any]) -> list[CorpusInfo]:
+    rows = conn.execute(
+        """SELECT c.corpus_id, c.name, c.model_key, m.dimensions, c.target_model_key,
+                  c.migration_step, c.traffic_share, c.chunk_tokens, c.chunk_overlap, c.description
+             FROM pyembed.corpora c JOIN pyembed.models m USING (model_key)
+            ORDER BY c.name""").fetchall()
+    return [CorpusInfo(*r) for r in rows]
+
+
+def create_corpus(conn: psycopg.Connection[Any], name: str, model_key: str, description: str = "",
+                  chunk_tokens: int = 200, chunk_overlap: int = 40) -> CorpusInfo:
+    with translated(), conn.transaction():
+        conn.execute("SELECT pyembed.create_corpus(%s, %s, %s, %s, %s)",
+                     (name, model_key, description, chunk_tokens, chunk_overlap))
+    return corpus_info(conn, name)
+
+
+def drop_corpus(conn: psycopg.Connection[Any], name: str) -> bool:
+    with translated(), conn.transaction():
+        row = conn.execute("SELECT pyembed.drop_corpus(%s)", (name,)).fetchone()
+    return bool(row and row[0])
+
+
+def sha256(text: str) -> bytes:
+    return hashlib.sha256(text.encode("utf-8")).digest()
+
+
+def write_chunks(conn: psycopg.Connection[Any], corpus: CorpusInfo, rows: Sequence[ChunkRow],
+                 model_key: str, *, normalized: bool = True) -> list[int]:
+    """Store chunks and their vectors in one transaction (binary COPY); returns the chunk ids.
+
+    The database checks the model key, dimensions and norms; a refused write stores nothing.
+    """
+    if not rows:
+        return []
+    for r in rows:
+        check_text(r.content, f"chunk {r.document_id}#{r.chunk_index}")
+    vectors = as_unit_vectors(np.stack([np.asarray(r.embedding) for r in rows]),
+                              len(rows[0].embedding), normalize=normalized)
+    docs: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        docs.setdefault(r.document_id, r.metadata)
+    with translated(), conn.transaction(), conn.cursor() as cur:
+        cur.executemany(
+            """INSERT INTO pyembed.documents (corpus_id, document_id, content_hash, metadata)
+               VALUES (%s, %s, %s, %s)
+               ON CONFLICT (corpus_id, document_id) DO UPDATE
+                 SET content_hash = EXCLUDED.content_hash, metadata = EXCLUDED.metadata,
+                     updated_at = now()""",
+            [(corpus.corpus_id, d, sha256(json.dumps(m, sort_keys=True) + d), json.dumps(m))
+             for d, m in docs.items()])
+        ids: list[int] = []
+        for r in rows:
+            cur.execute(
+                """INSERT INTO pyembed.chunks (corpus_id, document_id, chunk_index, content, metadata)
+                   VALUES (%s, %s, %s, %s, %s)
+                   ON CONFLICT (corpus_id, document_id, chunk_index) DO UPDATE
+                     SET content = EXCLUDED.content, metadata = EXCLUDED.metadata
+                   RETURNING chunk_id""",
+                (corpus.corpus_id, r.document_id, r.chunk_index, r.content, json.dumps(r.metadata)))
+            ids.append(cur.fetchone()[0])  # type: ignore[index]
+        copy_vectors(cur, corpus.corpus_id, ids, model_key, vectors,
+                     [sha256(r.content) for r in rows])
+    return ids
+
+
+def copy_vectors(cur: psycopg.Cursor[Any], corpus_id: int, chunk_ids: Sequence[int],
+                 model_key: str, vectors: np.ndarray, content_hashes: Sequence[bytes | None]) -> None:
+    """Replace the vectors of these chunks for this model key, by binary COPY (guarded)."""
+    cur.execute("DELETE FROM pyembed.vectors WHERE corpus_id = %s AND model_key = %s "
+                "AND chunk_id = ANY(%s)", (corpus_id, model_key, list(chunk_ids)))
+    with cur.copy("COPY pyembed.vectors (corpus_id, chunk_id, model_key, embedding, content_hash) "
+                  "FROM STDIN WITH (FORMAT BINARY)") as copy:
+        copy.set_types(["int4", "int8", "text", "vector", "bytea"])
+        for cid, vec, h in zip(chunk_ids, vectors, content_hashes, strict=True):
+            copy.write_row((corpus_id, cid, model_key, Vector(vec), h))
+
+
+def search(conn: psycopg.Connection[Any], corpus: str, query: np.ndarray | Sequence[float],
+           model_key: str, k: int = 10, filter: Mapping[str, Any] | None = None) -> list[Hit]:
+    """Guarded vector search: the database refuses a query made by another model (PE001)."""
+    vec = np.asarray(query, dtype=np.float32)
+    if vec.ndim != 1 or not np.isfinite(vec).all():
+        raise InvalidVector("the query vector must be one row of finite numbers")
+    with translated(), conn.cursor(row_factory=dict_row) as cur:
+        cur.execute("SELECT * FROM pyembed.search(%s, %s, %s, %s, %s)",
+                    (corpus, Vector(vec), model_key, k,
+                     json.dumps(dict(filter)) if filter is not None else None))
+        return [Hit(**row) for row in cur.fetchall()]
+
+

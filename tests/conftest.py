@@ -1,0 +1,115 @@
+"""A real PostgreSQL for every database test: a local cluster in .pyembed-test/ of the repo.
+
+Each test gets a fresh database cloned from a template that `pyembed install` brought to
+head, plus connections as the owner and as the non-superuser application role.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from pyembed import install
+from pyembed.db import connect
+from pyembed.localdb import APP_USER, OWNER, LocalCluster
+
+REPO = Path(__file__).resolve().parent.parent
+TEMPLATE = "pyembed_template"
+
+
+@dataclass
+class Database:
+    name: str
+    owner_dsn: str
+    app_dsn: str
+
+
+def _dsn(cluster: LocalCluster, dbname: str, *, owner: bool) -> str:
+    base = cluster.dsn(owner=owner)
+    return base.rsplit("/", 1)[0] + "/" + dbname
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[LocalCluster]:
+    home = Path(os.environ.get("PYEMBED_TEST_HOME", REPO / ".pyembed-test"))
+    c = LocalCluster(home)
+    c.init()
+    c.start()
+    yield c
+
+
+def _admin(cluster: LocalCluster) -> psycopg.Connection[Any]:
+    return psycopg.connect(_dsn(cluster, "postgres", owner=True), autocommit=True)
+
+
+def create_database(cluster: LocalCluster, name: str, template: str | None = None) -> Database:
+    with _admin(cluster) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        q = sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(name), sql.Identifier(OWNER))
+        if template:
+            q += sql.SQL(" TEMPLATE {}").format(sql.Identifier(template))
+        conn.execute(q)
+    return Database(name, _dsn(cluster, name, owner=True), _dsn(cluster, name, owner=False))
+
+
+def drop_database(cluster: LocalCluster, name: str) -> None:
+    with _admin(cluster) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture(scope="session")
+def template_db(cluster: LocalCluster) -> Database:
+    db = create_database(cluster, TEMPLATE)
+    install.install(db.owner_dsn)
+    return db
+
+
+@pytest.fixture
+def empty_db(cluster: LocalCluster) -> Iterator[Database]:
+    """A database with nothing installed."""
+    db = create_database(cluster, f"t_{uuid.uuid4().hex[:12]}")
+    yield db
+    drop_database(cluster, db.name)
+
+
+@pytest.fixture
+def db(cluster: LocalCluster, template_db: Database) -> Iterator[Database]:
+    """A fresh database at head."""
+    db = create_database(cluster, f"t_{uuid.uuid4().hex[:12]}", template=template_db.name)
+    yield db
+    drop_database(cluster, db.name)
+
+
+@pytest.fixture
+def owner(db: Database) -> Iterator[psycopg.Connection[Any]]:
+    with connect(db.owner_dsn, autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture
+def app(db: Database) -> Iterator[psycopg.Connection[Any]]:
+    with connect(db.app_dsn, autocommit=True) as conn:
+        yield conn
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    try:
+        c = LocalCluster(Path(os.environ.get("PYEMBED_TEST_HOME", REPO / ".pyembed-test")))
+        c.init()
+        c.start()
+        with psycopg.connect(_dsn(c, "postgres", owner=True)) as conn:
+            server = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
+            exts = conn.execute("SELECT string_agg(name || ' ' || default_version, ', ') "
+                                "FROM pg_available_extensions WHERE name IN "
+                                "('vector', 'plpython3u')").fetchone()[0]  # type: ignore[index]
+        return [f"pyembed: PostgreSQL {server}; {exts}; app role {APP_USER}"]
+    except Exception as exc:  # the header must never break the run
+        return [f"pyembed: test cluster not reachable yet ({exc})"]

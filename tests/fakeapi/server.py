@@ -1,0 +1,385 @@
+"""One threaded HTTP server on 127.0.0.1 that answers like the Voyage, OpenAI, Cohere and
+Anthropic APIs, so the real SDKs can be tested without a network.
+
+Each service lives under its own prefix (see `FakeAPI.base_url`), behind which the paths
+are the real ones: /voyage/v1/embeddings, /openai/v1/embeddings, /cohere/v2/embed,
+/anthropic/v1/messages. Every request is recorded, then answered by the next scripted
+`Behaviour` (or normally once the script is used up).
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import json
+import threading
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from pyembed.embedder import estimate_tokens
+from pyembed.models import registry
+from pyembed.providers.fake import fake_vectors
+
+Service = Literal["voyage", "openai", "cohere", "anthropic"]
+Kind = Literal["ok", "status", "hang", "short", "wrongdims"]
+
+_ROUTES: dict[str, Service] = {
+    "/voyage/v1/embeddings": "voyage",
+    "/openai/v1/embeddings": "openai",
+    "/cohere/v2/embed": "cohere",
+    "/anthropic/v1/messages": "anthropic",
+}
+_ANTHROPIC_ERRORS = {400: "invalid_request_error", 401: "authentication_error",
+                     403: "permission_error", 404: "not_found_error", 413: "request_too_large",
+                     429: "rate_limit_error", 529: "overloaded_error"}
+
+
+@dataclass(frozen=True)
+class Behaviour:
+    """How the server answers one request.
+
+    ok: a normal answer. status: an error with that HTTP status (and a Retry-After header
+    if `retry_after` is set). hang: no answer until the server's `hang_seconds` pass, then
+    the connection closes. short: one vector too few (Anthropic: an answer cut off, and a
+    stream that stops before message_stop). wrongdims: vectors of half the dimensions.
+    """
+
+    kind: Kind = "ok"
+    status: int = 200
+    retry_after: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Behaviour:
+        """"ok", "hang", "short", "wrongdims", "<status>" or "<status>:retry-after=<value>",
+        e.g. "429:retry-after=2"."""
+        if text in ("ok", "hang", "short", "wrongdims"):
+            return cls(kind=text)  # type: ignore[arg-type]
+        status, _, option = text.partition(":")
+        name, _, value = option.partition("=")
+        if not status.isdigit() or not 400 <= int(status) <= 599 or (option and (
+                name != "retry-after" or not value)):
+            raise ValueError(f"unknown behaviour {text!r}")
+        return cls(kind="status", status=int(status), retry_after=value or None)
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """One request as the server received it."""
+
+    service: Service
+    path: str
+    headers: dict[str, str]
+    body: Any
+    behaviour: Behaviour
+
+
+def server_vectors(service: str, model: str, texts: Sequence[str],
+                   dimensions: int) -> npt.NDArray[np.float32]:
+    """The vectors the server returns for `texts` (deterministic, unit length)."""
+    return fake_vectors(texts, space=f"{service}/{model}", dimensions=dimensions)
+
+
+class _BadRequest(Exception):
+    pass
+
+
+class FakeAPI:
+    """The server: start it (or use it as a context manager), point clients at
+    `base_url(service)` or export `env()`, `script` behaviours, read `requests`."""
+
+    def __init__(self, *, hang_seconds: float = 10.0,
+                 reply_text: str = "This is a fake answer from the test server.") -> None:
+        self.hang_seconds = hang_seconds
+        self.reply_text = reply_text
+        """What the fake Claude answers to every message."""
+        self._lock = threading.Lock()
+        self._script: collections.deque[Behaviour] = collections.deque()
+        self._requests: list[Recorded] = []
+        self._stopping = threading.Event()
+        self._httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        """http://127.0.0.1:<port>"""
+        if self._httpd is None:
+            raise RuntimeError("the fake API server is not running")
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def base_url(self, service: Service) -> str:
+        """The base URL to give `service`'s SDK (or pyembed's PYEMBED_*_BASE_URL)."""
+        suffix = "/v1" if service in ("voyage", "openai") else ""
+        return f"{self.url}/{service}{suffix}"
+
+    def env(self) -> dict[str, str]:
+        """Environment variables that point pyembed's providers and the Anthropic SDK here."""
+        return {
+            "PYEMBED_VOYAGE_BASE_URL": self.base_url("voyage"),
+            "PYEMBED_OPENAI_BASE_URL": self.base_url("openai"),
+            "PYEMBED_COHERE_BASE_URL": self.base_url("cohere"),
+            "ANTHROPIC_BASE_URL": self.base_url("anthropic"),
+        }
+
+    def script(self, *behaviours: str | Behaviour) -> None:
+        """Queue behaviours for the next requests, in order (strings as `Behaviour.parse`)."""
+        parsed = [b if isinstance(b, Behaviour) else Behaviour.parse(b) for b in behaviours]
+        with self._lock:
+            self._script.extend(parsed)
+
+    @property
+    def pending(self) -> int:
+        """Scripted behaviours not used yet."""
+        with self._lock:
+            return len(self._script)
+
+    @property
+    def requests(self) -> list[Recorded]:
+        """Every request received since the last reset, in arrival order."""
+        with self._lock:
+            return list(self._requests)
+
+    def requests_to(self, service: Service) -> list[Recorded]:
+        """The requests received by one service."""
+        return [r for r in self.requests if r.service == service]
+
+    def reset(self) -> None:
+        """Forget the script and the request log."""
+        with self._lock:
+            self._script.clear()
+            self._requests.clear()
+
+    def start(self) -> FakeAPI:
+        """Listen on a free port of 127.0.0.1, in a background thread."""
+        self._stopping.clear()
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever,
+                                        name="fake-api", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop listening and release hanging requests."""
+        self._stopping.set()
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def __enter__(self) -> FakeAPI:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    def _record(self, service: Service, path: str, headers: dict[str, str],
+                body: Any) -> Behaviour:
+        with self._lock:
+            behaviour = self._script.popleft() if self._script else Behaviour()
+            self._requests.append(Recorded(service, path, headers, body, behaviour))
+        return behaviour
+
+
+def _handler_for(api: FakeAPI) -> type[BaseHTTPRequestHandler]:
+    class Handler(_Handler):
+        fake = api
+
+    return Handler
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    fake: FakeAPI
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Keep test output clean."""
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length)
+        path = self.path.split("?", 1)[0]
+        service = _ROUTES.get(path)
+        if service is None:
+            self._json(404, {"error": f"no route {path}"})
+            return
+        try:
+            body: Any = json.loads(raw or b"null")
+        except ValueError:
+            body = raw.decode("utf-8", "replace")
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        behaviour = self.fake._record(service, path, headers, body)
+        try:
+            self._answer(service, headers, body, behaviour)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+
+    def _answer(self, service: Service, headers: dict[str, str], body: Any,
+                behaviour: Behaviour) -> None:
+        if behaviour.kind == "hang":
+            self.fake._stopping.wait(self.fake.hang_seconds)
+            self.close_connection = True
+            return
+        key = _api_key(service, headers)
+        if not key:
+            self._error(service, 401, "no API key given")
+            return
+        if behaviour.kind == "status":
+            message = (f"Incorrect API key provided: {key}" if behaviour.status == 401
+                       else f"fake failure with HTTP {behaviour.status}")
+            self._error(service, behaviour.status, message, behaviour.retry_after)
+            return
+        try:
+            if service == "anthropic":
+                self._messages(body, behaviour)
+            else:
+                self._json(200, _embeddings(service, body, behaviour))
+        except _BadRequest as exc:
+            self._error(service, 400, str(exc))
+
+    def _json(self, status: int, payload: object,
+              extra_headers: dict[str, str] | None = None) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in (extra_headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _error(self, service: Service, status: int, message: str,
+               retry_after: str | None = None) -> None:
+        payload: object
+        if service == "voyage":
+            payload = {"detail": message}
+        elif service == "openai":
+            payload = {"error": {"message": message, "type": "invalid_request_error"
+                                 if status < 500 else "server_error", "param": None,
+                                 "code": None}}
+        elif service == "cohere":
+            payload = {"message": message}
+        else:
+            payload = {"type": "error", "error": {
+                "type": _ANTHROPIC_ERRORS.get(status, "api_error"), "message": message}}
+        self._json(status, payload, {"Retry-After": retry_after} if retry_after else None)
+
+    def _messages(self, body: Any, behaviour: Behaviour) -> None:
+        if not isinstance(body, dict) or not isinstance(body.get("max_tokens"), int):
+            raise _BadRequest("max_tokens: Field required")
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise _BadRequest("messages: at least one message is required")
+        words = self.fake.reply_text.split(" ")
+        cut = behaviour.kind == "short"
+        if cut:
+            words = words[:max(1, len(words) // 2)]
+        message = {
+            "id": f"msg_{uuid.uuid4().hex[:24]}", "type": "message", "role": "assistant",
+            "model": body.get("model", "claude"), "content": [], "stop_reason": None,
+            "stop_sequence": None,
+            "usage": {"input_tokens": estimate_tokens(json.dumps(messages)),
+                      "output_tokens": len(words)},
+        }
+        if not body.get("stream"):
+            message["content"] = [{"type": "text", "text": " ".join(words)}]
+            message["stop_reason"] = "max_tokens" if cut else "end_turn"
+            self._json(200, message)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        for event in _stream_events(message, words, cut):
+            self.wfile.write(f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode())
+            self.wfile.flush()
+
+
+def _stream_events(message: dict[str, Any], words: list[str],
+                   cut: bool) -> Iterator[dict[str, Any]]:
+    start_usage = dict(message["usage"], output_tokens=1)
+    yield {"type": "message_start", "message": dict(message, usage=start_usage)}
+    yield {"type": "content_block_start", "index": 0,
+           "content_block": {"type": "text", "text": ""}}
+    yield {"type": "ping"}
+    for i, word in enumerate(words):
+        yield {"type": "content_block_delta", "index": 0,
+               "delta": {"type": "text_delta", "text": word if i == 0 else " " + word}}
+    if cut:
+        return
+    yield {"type": "content_block_stop", "index": 0}
+    yield {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+           "usage": {"output_tokens": len(words)}}
+    yield {"type": "message_stop"}
+
+
+def _api_key(service: Service, headers: dict[str, str]) -> str:
+    if service == "anthropic":
+        return headers.get("x-api-key", "")
+    scheme, _, key = headers.get("authorization", "").partition(" ")
+    return key.strip() if scheme.lower() == "bearer" else ""
+
+
+def _dimensions(service: Service, model: str, requested: object) -> int:
+    if requested is not None:
+        if not isinstance(requested, int) or requested < 1:
+            raise _BadRequest(f"invalid output dimension {requested!r}")
+        return requested
+    for spec in registry.all():
+        if (spec.provider, spec.model_id) == (service, model) and spec.request_dimensions is None:
+            return spec.dimensions
+    raise _BadRequest(f"model {model!r} not found")
+
+
+def _embeddings(service: Service, body: Any, behaviour: Behaviour) -> dict[str, Any]:
+    if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+        raise _BadRequest("model: Field required")
+    model = body["model"]
+    texts = body.get("texts") if service == "cohere" else body.get("input")
+    if isinstance(texts, str) and service == "openai":
+        texts = [texts]
+    if not isinstance(texts, list) or not texts or not all(
+            isinstance(t, str) and t for t in texts):
+        raise _BadRequest("input must be a non-empty list of non-empty strings")
+    requested = body.get("dimensions" if service == "openai" else "output_dimension")
+    dimensions = _dimensions(service, model, requested)
+    if service == "voyage" and body.get("input_type") not in (None, "query", "document"):
+        raise _BadRequest(f"input_type {body.get('input_type')!r} is not query or document")
+    if service == "cohere":
+        if body.get("input_type") not in ("search_document", "search_query", "classification",
+                                          "clustering"):
+            raise _BadRequest(f"invalid input_type {body.get('input_type')!r}")
+        if "float" not in (body.get("embedding_types") or ["float"]):
+            raise _BadRequest("this fake serves float embeddings only")
+    if behaviour.kind == "wrongdims":
+        dimensions //= 2
+    vectors = server_vectors(service, model, texts, dimensions)
+    if behaviour.kind == "short":
+        vectors = vectors[:-1]
+    tokens = sum(estimate_tokens(t) for t in texts)
+    if service == "cohere":
+        return {"id": str(uuid.uuid4()), "response_type": "embeddings_by_type",
+                "embeddings": {"float": vectors.tolist()}, "texts": texts,
+                "meta": {"api_version": {"version": "2"},
+                         "billed_units": {"input_tokens": tokens}}}
+    as_base64 = body.get("encoding_format") == "base64"
+    data = [{"object": "embedding", "index": i,
+             "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode()
+             if as_base64 else v.tolist()}
+            for i, v in enumerate(vectors)]
+    usage = ({"total_tokens": tokens} if service == "voyage"
+             else {"prompt_tokens": tokens, "total_tokens": tokens})
+    return {"object": "list", "data": data, "model": model, "usage": usage}

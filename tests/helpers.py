@@ -1,0 +1,26 @@
+"""Small helpers shared by the database tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import psycopg
+
+from pyembed.store import ChunkRow
+
+
+def unit(dims: int, seed: int) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal(dims).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+def rows(n: int, dims: int, prefix: str = "doc", seed: int = 0) -> list[ChunkRow]:
+    return [ChunkRow(f"{prefix}{i}", 0, f"text of {prefix}{i}", unit(dims, seed + i),
+                     {"n": i, "parity": "even" if i % 2 == 0 else "odd"}) for i in range(n)]
+
+
+def count(conn: psycopg.Connection[Any], table: str) -> int:
+    row = conn.execute(f"SELECT count(*) FROM pyembed.{table}").fetchone()  # test-only, fixed names
+    assert row is not None
+    return int(row[0])

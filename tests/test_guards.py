@@ -1,0 +1,208 @@
+"""Invariants 1-4 at the SQL level: every refused write or search names the keys and stores nothing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import psycopg
+import pytest
+from pgvector import Vector
+
+from pyembed import store
+from pyembed.errors import InvalidInput, InvalidVector, ModelMismatch, UnknownCorpus
+from tests.helpers import count, rows, unit
+
+KEY_A = "fake/fake-hash@1:1024"
+KEY_B = "fake/fake-hash@2:1024"  # same width, different model: the "2 AM" mistake
+
+
+@pytest.fixture
+def corpus(app: psycopg.Connection[Any]) -> store.CorpusInfo:
+    return store.create_corpus(app, "docs", KEY_A)
+
+
+def _insert_raw(conn: psycopg.Connection[Any], corpus_id: int, key: str, vec: str) -> None:
+    conn.execute("INSERT INTO pyembed.documents (corpus_id, document_id, content_hash) "
+                 "VALUES (%s, 'raw', '\\x00') ON CONFLICT DO NOTHING", (corpus_id,))
+    chunk = conn.execute("INSERT INTO pyembed.chunks (corpus_id, document_id, chunk_index, content) "
+                         "VALUES (%s, 'raw', 0, 'raw text') ON CONFLICT (corpus_id, document_id, "
+                         "chunk_index) DO UPDATE SET content = 'raw text' RETURNING chunk_id",
+                         (corpus_id,)).fetchone()
+    assert chunk is not None
+    conn.execute("INSERT INTO pyembed.vectors (corpus_id, chunk_id, model_key, embedding) "
+                 "VALUES (%s, %s, %s, %s::vector)", (corpus_id, chunk[0], key, vec))
+
+
+def test_two_am_same_width_other_model_is_refused_for_write_and_search(
+        app: psycopg.Connection[Any], corpus: store.CorpusInfo) -> None:
+    with pytest.raises(ModelMismatch) as err:
+        store.write_chunks(app, corpus, rows(3, 1024), KEY_B)
+    assert KEY_A in str(err.value) and KEY_B in str(err.value)
+    assert count(app, "chunks") == 0 and count(app, "documents") == 0
+    assert app.execute("SELECT count(*) FROM pyembed.vectors").fetchone() == (0,)
+
+    with pytest.raises(ModelMismatch) as err:
+        store.search(app, "docs", unit(1024, 0), KEY_B)
+    assert KEY_A in str(err.value) and KEY_B in str(err.value)
+
+    ids = store.write_chunks(app, corpus, rows(3, 1024), KEY_A)
+    assert len(ids) == 3
+    hits = store.search(app, "docs", rows(3, 1024)[1].embedding, KEY_A, k=2)
+    assert hits[0].document_id == "doc1" and hits[0].model_key == KEY_A
+    assert hits[0].score == pytest.approx(1.0, abs=1e-5)
+
+
+def test_raw_sql_insert_with_other_key_raises_pe001(app: psycopg.Connection[Any],
+                                                    corpus: store.CorpusInfo) -> None:
+    vec = str(list(map(float, unit(1024, 1))))
+    with pytest.raises(psycopg.Error) as err, app.transaction():
+        _insert_raw(app, corpus.corpus_id, KEY_B, vec)
+    assert err.value.sqlstate == "PE001"
+    assert KEY_A in str(err.value) and KEY_B in str(err.value)
+    assert app.execute("SELECT count(*) FROM pyembed.vectors").fetchone() == (0,)
+
+
+@pytest.mark.parametrize(("vec", "sqlstate", "words"), [
+    ("[" + ",".join(["0.5"] * 4) + "]", "PE003", "wrong dimensions"),
+    ("[" + ",".join(["0"] * 1024) + "]", "PE003", "zero vector"),
+    ("[" + ",".join(["1"] * 1024) + "]", "PE003", "not unit-normalised"),
+    # pgvector itself refuses NaN and Inf (data_exception) before any trigger runs.
+    ("[" + ",".join(["NaN"] * 1024) + "]", "22000", "NaN not allowed"),
+    ("[" + ",".join(["Infinity"] * 1024) + "]", "22000", "infinite value not allowed"),
+    ("[" + ",".join(["3e38"] * 1024) + "]", "PE003", "not unit-normalised"),
+])
+def test_bad_vectors_are_refused_and_nothing_is_stored(
+        app: psycopg.Connection[Any], corpus: store.CorpusInfo, vec: str, sqlstate: str,
+        words: str) -> None:
+    with pytest.raises(psycopg.Error) as err, app.transaction():
+        _insert_raw(app, corpus.corpus_id, KEY_A, vec)
+    assert err.value.sqlstate == sqlstate, str(err.value)
+    assert words in str(err.value)
+    assert app.execute("SELECT count(*) FROM pyembed.vectors").fetchone() == (0,)
+    assert count(app, "chunks") == 0
+
+
+def test_python_api_rejects_bad_vectors_before_the_database(
+        app: psycopg.Connection[Any], corpus: store.CorpusInfo) -> None:
+    bad = rows(2, 1024)
+    bad[1].embedding = np.full(1024, np.nan, dtype=np.float32)
+    with pytest.raises(InvalidVector, match="NaN or Inf"):
+        store.write_chunks(app, corpus, bad, KEY_A)
+    zero = rows(1, 1024)
+    zero[0].embedding = np.zeros(1024, dtype=np.float32)
+    with pytest.raises(InvalidVector, match="zero vector"):
+        store.write_chunks(app, corpus, zero, KEY_A)
+    with pytest.raises(InvalidVector, match="wrong dimensions"):
+        store.write_chunks(app, corpus, rows(1, 384), KEY_A, normalized=True)
+    with pytest.raises(InvalidInput, match="NUL"):
+        store.write_chunks(app, corpus, [store.ChunkRow("d", 0, "a\x00b", unit(1024, 3))], KEY_A)
+    with pytest.raises(InvalidInput, match="empty"):
+        store.write_chunks(app, corpus, [store.ChunkRow("d", 0, "  \n", unit(1024, 3))], KEY_A)
+    assert count(app, "chunks") == 0
+
+
+def test_search_rejects_wrong_dims_zero_unknown_corpus_and_bad_k(
+        app: psycopg.Connection[Any], corpus: store.CorpusInfo) -> None:
+    with pytest.raises(InvalidVector, match="wrong dimensions"):
+        store.search(app, "docs", unit(384, 0), KEY_A)
+    with pytest.raises(InvalidVector, match="zero query vector"):
+        store.search(app, "docs", np.zeros(1024), KEY_A)
+    with pytest.raises(UnknownCorpus, match="unknown corpus 'nope'"):
+        store.search(app, "nope", unit(1024, 0), KEY_A)
+    with pytest.raises(InvalidInput, match="k must be"):
+        store.search(app, "docs", unit(1024, 0), KEY_A, k=0)
+
+
+def test_app_role_cannot_read_vectors_or_change_the_model_key(
+        app: psycopg.Connection[Any], owner: psycopg.Connection[Any],
+        corpus: store.CorpusInfo) -> None:
+    store.write_chunks(app, corpus, rows(2, 1024), KEY_A)
+    for query in ("SELECT embedding FROM pyembed.vectors",
+                  "SELECT * FROM pyembed.vectors",
+                  "SELECT embedding <=> embedding FROM pyembed.vectors"):
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            app.execute(query)
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        app.execute("UPDATE pyembed.corpora SET model_key = %s", (KEY_B,))
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        app.execute("UPDATE pyembed.vectors SET model_key = %s", (KEY_B,))
+    # Even the owner cannot change the key outside the migration functions.
+    with pytest.raises(psycopg.Error) as err:
+        owner.execute("UPDATE pyembed.corpora SET model_key = %s", (KEY_B,))
+    assert err.value.sqlstate == "PE004" and KEY_A in str(err.value) and KEY_B in str(err.value)
+    with pytest.raises(psycopg.Error) as err:
+        owner.execute("UPDATE pyembed.corpora SET target_model_key = %s", (KEY_B,))
+    assert err.value.sqlstate == "PE004"
+    # ... nor move stored vectors to another key.
+    with pytest.raises(psycopg.Error) as err:
+        owner.execute("UPDATE pyembed.vectors SET model_key = %s", (KEY_B,))
+    assert err.value.sqlstate == "PE001"
+    assert owner.execute("SELECT DISTINCT model_key FROM pyembed.vectors").fetchall() == [(KEY_A,)]
+
+
+def test_registered_model_cannot_change_its_space(owner: psycopg.Connection[Any]) -> None:
+    with pytest.raises(psycopg.Error) as err:
+        owner.execute("UPDATE pyembed.models SET normalized = false WHERE model_key = %s", (KEY_A,))
+    assert err.value.sqlstate == "PE004"
+
+
+@pytest.mark.parametrize("name", [
+    "x'; DROP TABLE pyembed.models; --", 'a"b', "a;b", "a.b", "public.docs", "Docs", "",
+    "a" * 64, "-lead", "tab\tname", "nul\x00name",
+])
+def test_hostile_corpus_names_are_rejected(app: psycopg.Connection[Any], name: str) -> None:
+    if "\x00" in name:  # libpq cannot even send it
+        with pytest.raises((InvalidInput, psycopg.DataError, ValueError)):
+            store.create_corpus(app, name, KEY_A)
+    else:
+        with pytest.raises(InvalidInput, match="invalid corpus name"):
+            store.create_corpus(app, name, KEY_A)
+    assert count(app, "corpora") == 0
+    assert app.execute("SELECT count(*) FROM pyembed.models").fetchone()[0] > 0  # type: ignore[index]
+
+
+def test_longest_valid_name_and_search_on_it(app: psycopg.Connection[Any]) -> None:
+    name = "a" + "_-9" * 20 + "zz"
+    info = store.create_corpus(app, name, KEY_A)
+    store.write_chunks(app, info, rows(2, 1024), KEY_A)
+    assert len(store.search(app, name, unit(1024, 0), KEY_A, k=5)) == 2
+    assert store.drop_corpus(app, name)
+    with pytest.raises(UnknownCorpus):
+        store.search(app, name, unit(1024, 0), KEY_A)
+
+
+def test_metadata_filter_returns_k_results_with_iterative_scan(
+        app: psycopg.Connection[Any]) -> None:
+    info = store.create_corpus(app, "filtered", "fake/fake-hash@1:384")
+    data = rows(400, 384)
+    store.write_chunks(app, info, data, info.model_key)
+    hits = store.search(app, "filtered", data[0].embedding, info.model_key, k=10,
+                        filter={"parity": "odd"})
+    assert len(hits) == 10
+    assert all(h.metadata["parity"] == "odd" for h in hits)
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+
+
+def test_search_can_use_the_partial_hnsw_index(owner: psycopg.Connection[Any],
+                                              app: psycopg.Connection[Any]) -> None:
+    """The dynamic query matches the corpus's partial index predicate and expression.
+
+    On 300 rows a sequential scan is cheaper, so it is disabled here; the benchmark
+    (tests/benchmarks/bench_guarded_search.py) shows the index chosen on its own at 100k rows.
+    """
+    info = store.create_corpus(app, "indexed", "fake/fake-hash@1:384")
+    store.write_chunks(app, info, rows(300, 384), info.model_key)
+    owner.execute("ANALYZE pyembed.vectors")
+    owner.execute("SET enable_seqscan = off")
+    owner.execute("LOAD 'auto_explain'")
+    owner.execute("SET auto_explain.log_min_duration = 0")
+    owner.execute("SET auto_explain.log_nested_statements = on")
+    owner.execute("SET client_min_messages = log")
+    owner.execute("SET auto_explain.log_level = notice")
+    notices: list[str] = []
+    owner.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
+    owner.execute("SELECT * FROM pyembed.search('indexed', %s, %s, 5)",
+                  (Vector(unit(384, 1)), info.model_key)).fetchall()
+    plans = "\n".join(notices)
+    assert f"Index Scan using vectors_hnsw_c{info.corpus_id}_" in plans
