@@ -19,6 +19,10 @@ class DatabaseNotReady(PyembedError):
     """The local cluster is not initialised or not running, or the schema is missing."""
 
 
+class InstallError(PyembedError):
+    """Bringing the schema to head failed (the transaction was rolled back)."""
+
+
 class ModelMismatch(PyembedError):
     """A vector or query was made by a model other than the corpus's pinned one."""
 

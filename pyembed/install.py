@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -14,6 +15,7 @@ from alembic.script import ScriptDirectory
 
 from .config import resource_dir
 from .db import resolve_dsn
+from .errors import InstallError
 from .models import BUILTIN, ModelSpec
 
 SCHEMA = "pyembed"
@@ -103,28 +105,30 @@ def head_revision() -> str:
     return head
 
 
-def install(dsn: str | None = None) -> str:
-    """Bring the database to head (idempotent, safe to run concurrently); returns the revision."""
-    engine = sa.create_engine(sqlalchemy_url(dsn), poolclass=sa.pool.NullPool)
+def _run(dsn: str | None, step: Callable[[Config], None]) -> None:
+    """Run an Alembic command in one transaction; a failure rolls back and names the cause."""
+    engine = sa.create_engine(sqlalchemy_url(dsn), poolclass=sa.pool.NullPool,
+                              hide_parameters=True)
     try:
         with engine.begin() as conn:
             cfg = alembic_config()
             cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "head")
-        return current_revision(dsn) or ""
+            step(cfg)
+    except sa.exc.DBAPIError as exc:
+        orig = exc.orig
+        raise InstallError(f"install failed, nothing was changed: {orig}".strip()) from orig
     finally:
         engine.dispose()
+
+
+def install(dsn: str | None = None) -> str:
+    """Bring the database to head (idempotent, safe to run concurrently); returns the revision."""
+    _run(dsn, lambda cfg: command.upgrade(cfg, "head"))
+    return current_revision(dsn) or ""
 
 
 def downgrade(dsn: str | None, revision: str = "base") -> None:
-    engine = sa.create_engine(sqlalchemy_url(dsn), poolclass=sa.pool.NullPool)
-    try:
-        with engine.begin() as conn:
-            cfg = alembic_config()
-            cfg.attributes["connection"] = conn
-            command.downgrade(cfg, revision)
-    finally:
-        engine.dispose()
+    _run(dsn, lambda cfg: command.downgrade(cfg, revision))
 
 
 def current_revision(dsn: str | None = None) -> str | None:

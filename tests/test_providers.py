@@ -1,0 +1,276 @@
+"""The Voyage, OpenAI and Cohere providers, through their real SDKs, against the fake API
+server: answers, retries, timeouts, bad answers and errors. Also the fake Anthropic API."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import anthropic
+import numpy as np
+import pytest
+
+from pyembed.embedder import Embedder
+from pyembed.errors import MissingAPIKey, ProviderError, RateLimited
+from pyembed.models import LOCAL_DEFAULT, InputType, ModelSpec, registry
+from pyembed.providers import TransientProviderError, provider_for
+from tests.fakeapi import FakeAPI, server_vectors
+
+VOYAGE = registry.get("voyage/voyage-3-lite@1:512")
+OPENAI = registry.get("openai/text-embedding-3-large@1:256")
+COHERE = registry.get("cohere/embed-english-v3.0@3:1024")
+SPECS = pytest.mark.parametrize("spec", [VOYAGE, OPENAI, COHERE],
+                                ids=lambda s: s.provider)
+KEYS = {"VOYAGE_API_KEY": "pa-voyage-secret-123", "OPENAI_API_KEY": "sk-openai-secret-456",
+        "COHERE_API_KEY": "co-cohere-secret-789"}
+
+
+@pytest.fixture(autouse=True)
+def api_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in KEYS.items():
+        monkeypatch.setenv(name, value)
+
+
+def make_embedder(spec: ModelSpec, sleeps: list[float], *, timeout: float = 5.0,
+                  **options: float) -> Embedder:
+    return Embedder(spec, provider_for(spec, timeout=timeout), sleep=sleeps.append,
+                    **options)  # type: ignore[arg-type]
+
+
+def expected(spec: ModelSpec, texts: list[str]) -> np.ndarray:
+    return server_vectors(spec.provider, spec.model_id, texts, spec.dimensions)
+
+
+@SPECS
+def test_embeds_through_the_sdk(spec: ModelSpec, fake_api: FakeAPI) -> None:
+    sleeps: list[float] = []
+    texts = ["the cat sat on the mat", " dogs chase cats ", "the cat sat on the mat"]
+
+    vectors = make_embedder(spec, sleeps).embed(texts)
+
+    assert vectors.dtype == np.float32 and vectors.shape == (3, spec.dimensions)
+    unique = ["the cat sat on the mat", "dogs chase cats"]
+    np.testing.assert_allclose(vectors, expected(spec, unique)[[0, 1, 0]], atol=1e-6)
+    [request] = fake_api.requests
+    assert request.headers["authorization"] == f"Bearer {KEYS[spec.api_key_env or '']}"
+    body = request.body
+    assert body["model"] == spec.model_id
+    assert body.get("texts", body.get("input")) == unique
+    if spec is VOYAGE:
+        assert body["input_type"] == "document" and body["truncation"] is False
+    if spec is COHERE:
+        assert body["input_type"] == "search_document" and body["embedding_types"] == ["float"]
+    if spec is OPENAI:
+        assert body["dimensions"] == 256 and body["encoding_format"] == "float"
+        assert "input_type" not in body
+    assert sleeps == []
+
+
+def test_openai_omits_dimensions_when_the_spec_does_not_request_them(fake_api: FakeAPI) -> None:
+    spec = registry.get("openai/text-embedding-3-small@1:1536")
+    make_embedder(spec, []).embed(["hello"])
+    assert "dimensions" not in fake_api.requests[0].body
+
+
+@pytest.mark.parametrize(("spec", "sent"), [(VOYAGE, "query"), (COHERE, "search_query")],
+                         ids=["voyage", "cohere"])
+def test_query_input_type(spec: ModelSpec, sent: str, fake_api: FakeAPI) -> None:
+    vector = make_embedder(spec, []).embed_query("what do cats sit on?")
+    assert vector.shape == (spec.dimensions,)
+    assert fake_api.requests[0].body["input_type"] == sent
+
+
+@SPECS
+def test_429_waits_as_long_as_retry_after_says(spec: ModelSpec, fake_api: FakeAPI) -> None:
+    fake_api.script("429:retry-after=2", "ok")
+    sleeps: list[float] = []
+
+    vectors = make_embedder(spec, sleeps).embed(["alpha", "beta"])
+
+    assert sleeps == [2.0]
+    assert len(fake_api.requests) == 2
+    np.testing.assert_allclose(vectors, expected(spec, ["alpha", "beta"]), atol=1e-6)
+
+
+@SPECS
+def test_500_is_retried_with_backoff(spec: ModelSpec, fake_api: FakeAPI) -> None:
+    fake_api.script("500", "ok")
+    sleeps: list[float] = []
+
+    make_embedder(spec, sleeps).embed(["alpha"])
+
+    assert len(fake_api.requests) == 2
+    assert len(sleeps) == 1 and 0.5 <= sleeps[0] <= 1.0
+
+
+@SPECS
+def test_gives_up_after_max_retries_naming_the_status(spec: ModelSpec,
+                                                      fake_api: FakeAPI) -> None:
+    fake_api.script("503", "503", "503")
+    sleeps: list[float] = []
+
+    with pytest.raises(ProviderError, match="gave up after 3 attempts.*HTTP 503") as info:
+        make_embedder(spec, sleeps, max_retries=2).embed(["alpha"])
+
+    assert not isinstance(info.value, TransientProviderError)
+    assert len(fake_api.requests) == 3 and len(sleeps) == 2
+
+
+@SPECS
+def test_hang_past_the_timeout_is_retried(spec: ModelSpec, fake_api: FakeAPI) -> None:
+    fake_api.script("hang", "ok")
+    started = time.monotonic()
+
+    vectors = make_embedder(spec, [], timeout=0.5).embed(["alpha"])
+
+    assert time.monotonic() - started < 3.0
+    assert len(fake_api.requests) == 2
+    np.testing.assert_allclose(vectors, expected(spec, ["alpha"]), atol=1e-6)
+
+
+@SPECS
+def test_hanging_service_fails_in_bounded_time(spec: ModelSpec, fake_api: FakeAPI) -> None:
+    fake_api.script("hang", "hang")
+    started = time.monotonic()
+
+    with pytest.raises(ProviderError, match="gave up after 2 attempts.*no response"):
+        make_embedder(spec, [], timeout=0.5, max_retries=1).embed(["alpha"])
+
+    assert time.monotonic() - started < 4.0
+    assert len(fake_api.requests) == 2
+
+
+@SPECS
+def test_one_vector_too_few_is_an_error(spec: ModelSpec, fake_api: FakeAPI) -> None:
+    fake_api.script("short")
+    with pytest.raises(ProviderError, match="returned 1 vectors for 2 texts"):
+        make_embedder(spec, []).embed(["alpha", "beta"])
+    assert len(fake_api.requests) == 1
+
+
+@SPECS
+def test_wrong_dimensions_are_an_error(spec: ModelSpec, fake_api: FakeAPI) -> None:
+    fake_api.script("wrongdims")
+    with pytest.raises(ProviderError, match=f"{spec.dimensions // 2}-dimension vectors, "
+                                            f"expected {spec.dimensions}"):
+        make_embedder(spec, []).embed(["alpha"])
+
+
+@SPECS
+@pytest.mark.parametrize("status", [400, 401, 403])
+def test_client_errors_are_not_retried_and_hide_the_key(spec: ModelSpec, status: int,
+                                                         fake_api: FakeAPI) -> None:
+    fake_api.script(str(status))
+    sleeps: list[float] = []
+
+    with pytest.raises(ProviderError, match=f"HTTP {status}") as info:
+        make_embedder(spec, sleeps).embed(["alpha"])
+
+    message = str(info.value)
+    assert KEYS[spec.api_key_env or ""] not in message
+    assert not isinstance(info.value, TransientProviderError)
+    assert len(fake_api.requests) == 1 and sleeps == []
+    if status == 401:  # the service echoes the key; we pass on what it said without it
+        assert "Incorrect API key provided: <api key>" in message
+
+
+@SPECS
+def test_missing_key_names_the_variable(spec: ModelSpec, monkeypatch: pytest.MonkeyPatch,
+                                        fake_api: FakeAPI) -> None:
+    monkeypatch.delenv(spec.api_key_env or "")
+    with pytest.raises(MissingAPIKey) as info:
+        provider_for(spec)
+    assert str(info.value) == (f"{spec.api_key_env} is not set: export it, or use the "
+                               f"local model {LOCAL_DEFAULT.key}")
+    assert fake_api.requests == []
+
+
+@SPECS
+def test_retry_after_beyond_the_cap_fails_without_sleeping(spec: ModelSpec,
+                                                           fake_api: FakeAPI) -> None:
+    fake_api.script("429:retry-after=120")
+    sleeps: list[float] = []
+
+    with pytest.raises(RateLimited, match="wait 120 s, more than max_retry_after"):
+        make_embedder(spec, sleeps, max_retry_after=60.0).embed(["alpha"])
+
+    assert sleeps == [] and len(fake_api.requests) == 1
+
+
+@SPECS
+@pytest.mark.parametrize("status", [408, 409, 429, 502, 503])
+def test_transient_statuses_carry_status_and_retry_after(spec: ModelSpec, status: int,
+                                                         fake_api: FakeAPI) -> None:
+    fake_api.script(f"{status}:retry-after=3")
+    with pytest.raises(TransientProviderError) as info:
+        provider_for(spec).embed_batch(["alpha"], InputType.DOCUMENT)
+    assert (info.value.status, info.value.retry_after) == (status, 3.0)
+
+
+@SPECS
+def test_connection_refused_is_transient(spec: ModelSpec) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    provider = provider_for(spec, base_url=f"http://127.0.0.1:{port}/v1", timeout=2.0)
+    with pytest.raises(TransientProviderError) as info:
+        provider.embed_batch(["alpha"], InputType.DOCUMENT)
+    assert info.value.status is None
+
+
+@SPECS
+def test_explicit_base_url_wins_over_the_environment(spec: ModelSpec, fake_api: FakeAPI,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    service = spec.provider
+    monkeypatch.setenv(f"PYEMBED_{service.upper()}_BASE_URL", "http://127.0.0.1:9/nowhere")
+    provider = provider_for(spec, base_url=fake_api.base_url(service))  # type: ignore[arg-type]
+    assert len(provider.embed_batch(["alpha"], InputType.DOCUMENT)) == 1
+
+
+def test_anthropic_message(fake_api: FakeAPI) -> None:
+    fake_api.reply_text = "Cats sit on mats."
+    client = anthropic.Anthropic(api_key="sk-ant-test", max_retries=0, timeout=5.0)
+
+    message = client.messages.create(model="claude-test", max_tokens=100, system="Be brief.",
+                                     messages=[{"role": "user", "content": "Where do cats sit?"}])
+
+    assert [block.type for block in message.content] == ["text"]
+    assert message.content[0].text == "Cats sit on mats."  # type: ignore[union-attr]
+    assert message.stop_reason == "end_turn" and message.usage.output_tokens == 4
+    [request] = fake_api.requests_to("anthropic")
+    assert request.headers["x-api-key"] == "sk-ant-test"
+    assert request.body["system"] == "Be brief."
+
+
+def test_anthropic_stream(fake_api: FakeAPI) -> None:
+    fake_api.reply_text = "Cats sit on mats."
+    client = anthropic.Anthropic(api_key="sk-ant-test", max_retries=0, timeout=5.0)
+
+    with client.messages.stream(model="claude-test", max_tokens=100,
+                                messages=[{"role": "user", "content": "Where?"}]) as stream:
+        chunks = list(stream.text_stream)
+        final = stream.get_final_message()
+
+    assert chunks == ["Cats", " sit", " on", " mats."]
+    assert final.content[0].text == "Cats sit on mats."  # type: ignore[union-attr]
+    assert final.stop_reason == "end_turn"
+
+    events = client.messages.create(model="claude-test", max_tokens=100, stream=True,
+                                    messages=[{"role": "user", "content": "Where?"}])
+    kinds = [event.type for event in events]
+    assert kinds[:2] == ["message_start", "content_block_start"]
+    assert kinds[-3:] == ["content_block_stop", "message_delta", "message_stop"]
+    assert kinds.count("content_block_delta") == 4
+
+
+def test_anthropic_errors(fake_api: FakeAPI) -> None:
+    fake_api.script("429:retry-after=7", "529")
+    client = anthropic.Anthropic(api_key="sk-ant-test", max_retries=0, timeout=5.0)
+    messages: list[anthropic.types.MessageParam] = [{"role": "user", "content": "Hi"}]
+
+    with pytest.raises(anthropic.RateLimitError) as limited:
+        client.messages.create(model="claude-test", max_tokens=10, messages=messages)
+    assert limited.value.response.headers["retry-after"] == "7"
+    with pytest.raises(anthropic.APIStatusError) as overloaded:
+        client.messages.create(model="claude-test", max_tokens=10, messages=messages)
+    assert overloaded.value.status_code == 529
