@@ -14,7 +14,8 @@ from tenacity import (
     Retrying,
     retry_if_exception_type,
     stop_after_attempt,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
 )
 
 from .errors import (
@@ -132,7 +133,7 @@ class Embedder:
         self.truncate = truncate
         self.max_batch_tokens = max_batch_tokens
         self._sleep = sleep
-        self._backoff = wait_exponential_jitter(initial=0.5, max=30.0, jitter=0.5)
+        self._backoff = wait_exponential(multiplier=0.5, max=30.0) + wait_random(0, 0.5)
 
     def embed(self, texts: Sequence[str],
               input_type: InputType = InputType.DOCUMENT) -> npt.NDArray[np.float32]:

@@ -327,8 +327,8 @@ def _stream_events(message: dict[str, Any], words: list[str],
 
 
 def _api_key(service: Service, headers: dict[str, str]) -> str:
-    if service == "anthropic":
-        return headers.get("x-api-key", "")
+    if service == "anthropic" and "x-api-key" in headers:
+        return headers["x-api-key"]
     scheme, _, key = headers.get("authorization", "").partition(" ")
     return key.strip() if scheme.lower() == "bearer" else ""
 
