@@ -63,7 +63,7 @@ BEGIN
     '  FROM (SELECT v.chunk_id, %3$s %4$s $1::%6$s AS distance '
     '          FROM pyembed.vectors v %7$s '
     '         WHERE v.corpus_id = %1$s AND v.model_key = %2$L %8$s '
-    '         ORDER BY %3$s %4$s $1::%6$s LIMIT $2) hit '
+    '         ORDER BY %3$s %4$s $1::%6$s LIMIT %9$s) hit '
     '  JOIN pyembed.chunks ch ON ch.corpus_id = %1$s AND ch.chunk_id = hit.chunk_id '
     ' ORDER BY hit.distance',
     t.corpus_id, t.model_key, replace(s.expr, 'embedding', 'v.embedding'), s.op,
@@ -71,7 +71,8 @@ BEGIN
     s.castto,
     CASE WHEN filter IS NULL THEN '' ELSE
       'JOIN pyembed.chunks f ON f.corpus_id = v.corpus_id AND f.chunk_id = v.chunk_id' END,
-    CASE WHEN filter IS NULL THEN '' ELSE 'AND f.metadata @> $3' END)
-  USING query_embedding, k, filter;
+    CASE WHEN filter IS NULL THEN '' ELSE 'AND f.metadata @> $2' END,
+    k)  -- a literal LIMIT: with a parameter the planner would guess 10% of rows and skip the index
+  USING query_embedding, filter;
 END
 $$;

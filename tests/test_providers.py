@@ -238,7 +238,7 @@ def test_anthropic_message(fake_api: FakeAPI) -> None:
     assert message.content[0].text == "Cats sit on mats."  # type: ignore[union-attr]
     assert message.stop_reason == "end_turn" and message.usage.output_tokens == 4
     [request] = fake_api.requests_to("anthropic")
-    assert "sk-ant-test" in (request.headers.get("x-api-key"), request.headers["authorization"])
+    assert "sk-ant-test" in request.headers.get("x-api-key", request.headers["authorization"])
     assert request.body["system"] == "Be brief."
 
 

@@ -98,7 +98,8 @@ class FakeAPI:
                  reply_text: str = "This is a fake answer from the test server.") -> None:
         self.hang_seconds = hang_seconds
         self.reply_text = reply_text
-        """What the fake Claude answers to every message."""
+        """What the fake Claude answers to every message (restored by `reset`)."""
+        self._default_reply = reply_text
         self._lock = threading.Lock()
         self._script: collections.deque[Behaviour] = collections.deque()
         self._requests: list[Recorded] = []
@@ -151,10 +152,11 @@ class FakeAPI:
         return [r for r in self.requests if r.service == service]
 
     def reset(self) -> None:
-        """Forget the script and the request log."""
+        """Forget the script and the request log, and restore the default reply."""
         with self._lock:
             self._script.clear()
             self._requests.clear()
+            self.reply_text = self._default_reply
 
     def start(self) -> FakeAPI:
         """Listen on a free port of 127.0.0.1, in a background thread."""
