@@ -90,7 +90,7 @@ if [ ! -f "$venv/.stamp" ] || [ "$(cat "$venv/.stamp")" != "$stamp_src" ]; then
   say "installing pyembed and its packages for $pybin (PL/Python)"
   $SUDO "$pybin" -m venv "$venv"
   $SUDO "$venv/bin/pip" install -q --disable-pip-version-check --upgrade pip >/dev/null
-  $SUDO "$venv/bin/pip" install -q --disable-pip-version-check "$repo"
+  $SUDO "$venv/bin/pip" install -q --disable-pip-version-check "$repo" 2>&1 | { grep -v "^WARNING: Location" || true; }
   echo "$stamp_src" | $SUDO tee "$venv/.stamp" >/dev/null
 fi
 sitedir=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')

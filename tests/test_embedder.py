@@ -3,6 +3,8 @@ checks, normalisation and the cache protocol, with the fake provider and small s
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import math
 from collections.abc import Callable, Sequence
 
@@ -33,7 +35,8 @@ from pyembed.providers import Provider, TransientProviderError, Vectors, provide
 from pyembed.providers.fake import FakeProvider, fake_vectors
 
 FAKE = registry.get("fake/fake-hash@1:1024")
-SMALL = ModelSpec("fake", "fake-hash", "1", 384, max_batch=8, max_tokens=100)
+SMALL16 = ModelSpec("fake", "tiny", "1", 16)
+SMALL = ModelSpec("fake", "fake-hash", "1", 384, max_batch=8, max_tokens=100, input_types=True)
 
 
 def fake(spec: ModelSpec = FAKE) -> FakeProvider:
@@ -81,7 +84,7 @@ class Stub(Provider):
         return answer(texts)
 
 
-def _unit(texts: list[str]) -> Vectors:
+def _unit(texts: list[str]) -> npt.NDArray[np.float32]:
     return fake_vectors(texts, space="stub", dimensions=SMALL.dimensions)
 
 
@@ -141,7 +144,7 @@ def test_empty_input_makes_no_call() -> None:
 
 
 def test_provider_for_another_model_is_refused() -> None:
-    with pytest.raises(ModelMismatch, match="fake/fake-hash@2:1024.*fake/fake-hash@1:1024"):
+    with pytest.raises(ModelMismatch, match=r"fake/fake-hash@2:1024.*fake/fake-hash@1:1024"):
         Embedder(FAKE, fake(registry.get("fake/fake-hash@2:1024")))
 
 
@@ -191,7 +194,7 @@ def test_plan_batches_properties(counts: list[int], max_batch: int, budget: int)
         tokens = sum(counts[i] for i in batch)
         assert 1 <= len(batch) <= max_batch
         assert tokens <= budget or len(batch) == 1
-    for batch, following in zip(batches, batches[1:], strict=False):  # greedy: as full as allowed
+    for batch, following in itertools.pairwise(batches):  # greedy: each batch is full
         tokens = sum(counts[i] for i in batch)
         assert len(batch) == max_batch or tokens + counts[following.start] > budget
 
@@ -303,7 +306,7 @@ def test_vectors_are_kept_as_is_when_the_model_is_not_normalised() -> None:
 def test_normalisation_gives_unit_vectors_in_the_same_direction(
         raw: npt.NDArray[np.float64]) -> None:
     norms = np.linalg.norm(raw, axis=1)
-    if (norms < 1e-6).any():
+    if (norms == 0).any():
         with pytest.raises(ProviderError):
             Embedder(SMALL16, Stub(SMALL16, lambda texts: raw)).embed(["a", "b", "c"])
         return
@@ -311,9 +314,6 @@ def test_normalisation_gives_unit_vectors_in_the_same_direction(
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
     cosines = (vectors.astype(np.float64) * raw).sum(axis=1) / norms
     np.testing.assert_allclose(cosines, 1.0, rtol=1e-5)
-
-
-SMALL16 = ModelSpec("fake", "tiny", "1", 16)
 
 
 # -- input types ---------------------------------------------------------------------------
@@ -423,9 +423,7 @@ def test_cache_key_properties(text: str, pad: tuple[str, str], key: str,
 
 
 def test_cache_key_is_the_documented_sha256() -> None:
-    import hashlib
-
-    expected = hashlib.sha256("hi\x00fake/fake-hash@1:1024\x00query".encode()).digest()
+    expected = hashlib.sha256(b"hi\x00fake/fake-hash@1:1024\x00query").digest()
     assert cache_key("  hi\n", FAKE.key, InputType.QUERY) == expected
 
 

@@ -32,9 +32,9 @@ def api_keys(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def make_embedder(spec: ModelSpec, sleeps: list[float], *, timeout: float = 5.0,
-                  **options: float) -> Embedder:
+                  max_retries: int = 6, max_retry_after: float = 60.0) -> Embedder:
     return Embedder(spec, provider_for(spec, timeout=timeout), sleep=sleeps.append,
-                    **options)  # type: ignore[arg-type]
+                    max_retries=max_retries, max_retry_after=max_retry_after)
 
 
 def expected(spec: ModelSpec, texts: list[str]) -> np.ndarray:
@@ -109,7 +109,7 @@ def test_gives_up_after_max_retries_naming_the_status(spec: ModelSpec,
     fake_api.script("503", "503", "503")
     sleeps: list[float] = []
 
-    with pytest.raises(ProviderError, match="gave up after 3 attempts.*HTTP 503") as info:
+    with pytest.raises(ProviderError, match=r"gave up after 3 attempts.*HTTP 503") as info:
         make_embedder(spec, sleeps, max_retries=2).embed(["alpha"])
 
     assert not isinstance(info.value, TransientProviderError)
@@ -133,7 +133,7 @@ def test_hanging_service_fails_in_bounded_time(spec: ModelSpec, fake_api: FakeAP
     fake_api.script("hang", "hang")
     started = time.monotonic()
 
-    with pytest.raises(ProviderError, match="gave up after 2 attempts.*no response"):
+    with pytest.raises(ProviderError, match=r"gave up after 2 attempts.*no response"):
         make_embedder(spec, [], timeout=0.5, max_retries=1).embed(["alpha"])
 
     assert time.monotonic() - started < 4.0

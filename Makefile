@@ -1,0 +1,27 @@
+# The two commands of the README: `make demo` runs the tour, `make test` runs every test.
+# Both install what they need first (PostgreSQL, pgvector, plpython3u, Python packages).
+VENV ?= .venv
+PYTHON ?= python3
+
+.PHONY: setup demo test lint bench
+
+setup:
+	bash docker/install-host.sh
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	@$(VENV)/bin/python -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+	  || { echo "pyembed needs Python 3.11 or newer"; exit 1; }
+	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 | grep -v "^WARNING: Location" || true
+	@$(VENV)/bin/python -c 'import pyembed.cli' || { echo "pyembed did not install"; exit 1; }
+
+demo: setup
+	$(VENV)/bin/pyembed demo
+
+lint: setup
+	$(VENV)/bin/ruff check pyembed tests alembic
+	$(VENV)/bin/mypy
+
+test: setup lint
+	$(VENV)/bin/pytest -q
+
+bench: setup
+	$(VENV)/bin/python tests/benchmarks/bench_guarded_search.py
