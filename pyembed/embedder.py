@@ -87,6 +87,17 @@ def _end_of_words(text: str, count: int) -> int:
     return end
 
 
+def _clean(index: int, text: str) -> str:
+    if not isinstance(text, str):
+        raise InvalidInput(f"text {index} is {type(text).__name__}, not a string")
+    if "\x00" in text:
+        raise InvalidInput(f"text {index} contains a NUL character")
+    text = text.strip()
+    if not text:
+        raise InvalidInput(f"text {index} is empty or only whitespace")
+    return text
+
+
 def plan_batches(token_counts: Sequence[int], max_batch: int,
                  max_batch_tokens: int) -> list[range]:
     """Consecutive index ranges covering every item in order, each of at most `max_batch`
@@ -144,7 +155,7 @@ class Embedder:
         service asks to wait longer than `max_retry_after`; ProviderError when it keeps
         failing or answers wrongly.
         """
-        prepared = [self._prepare(index, text) for index, text in enumerate(texts)]
+        prepared = self._prepare(texts)
         if not self.spec.input_types:
             input_type = InputType.DOCUMENT
         out = np.empty((len(prepared), self.spec.dimensions), dtype=np.float32)
@@ -167,23 +178,26 @@ class Embedder:
         """The 1-d query vector for `text`."""
         return self.embed([text], InputType.QUERY).reshape(self.spec.dimensions)
 
-    def _prepare(self, index: int, text: str) -> str:
-        if not isinstance(text, str):
-            raise InvalidInput(f"text {index} is {type(text).__name__}, not a string")
-        if "\x00" in text:
-            raise InvalidInput(f"text {index} contains a NUL character")
-        text = text.strip()
-        if not text:
-            raise InvalidInput(f"text {index} is empty or only whitespace")
-        tokens = estimate_tokens(text)
-        if tokens > self.spec.max_tokens:
+    def _prepare(self, texts: Sequence[str]) -> list[str]:
+        """The texts stripped, checked against the token limit and, if `truncate`, cut."""
+        stripped = [_clean(index, text) for index, text in enumerate(texts)]
+        if not stripped:
+            return stripped
+        exact = self.provider.count_tokens(stripped)
+        counts = exact or [estimate_tokens(text) for text in stripped]
+        limit = self.spec.max_tokens
+        for index, count in enumerate(counts):
+            if count <= limit:
+                continue
             if not self.truncate:
                 raise InvalidInput(
-                    f"text {index} is about {tokens} tokens, over the {self.spec.max_tokens}-"
-                    f"token limit of {self.spec.key}: shorten it or embed with truncate=True"
+                    f"text {index} is {'' if exact else 'about '}{count} tokens, over the "
+                    f"{limit}-token limit of {self.spec.key}: shorten it or embed with "
+                    f"truncate=True"
                 )
-            text = truncate_to_tokens(text, self.spec.max_tokens)
-        return text
+            if not self.provider.truncates_input:
+                stripped[index] = truncate_to_tokens(stripped[index], limit)
+        return stripped
 
     def _checked_hit(self, index: int, vector: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         vector = np.asarray(vector, dtype=np.float32)

@@ -131,6 +131,16 @@ def test_truncate_embeds_a_prefix_within_the_limit() -> None:
                                                         dimensions=384)[0])
 
 
+def test_exact_counts_from_the_provider_replace_the_estimate() -> None:
+    class Counting(Stub):
+        def count_tokens(self, texts: list[str]) -> list[int]:
+            return [len(text) for text in texts]
+
+    with pytest.raises(InvalidInput, match="text 0 is 150 tokens, over the 100-token"):
+        Embedder(SMALL, Counting(SMALL)).embed(["x" * 150])
+    assert Embedder(SMALL, Counting(SMALL)).embed(["x" * 100]).shape == (1, 384)
+
+
 def test_texts_are_sent_stripped() -> None:
     provider = fake()
     Embedder(FAKE, provider).embed(["  padded\n"])

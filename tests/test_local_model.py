@@ -47,11 +47,15 @@ def test_query_and_document_vectors_are_the_same(embedder: Embedder) -> None:
     np.testing.assert_array_equal(embedder.embed_query("where do cats sleep"), document)
 
 
-def test_long_texts_need_truncate() -> None:
-    text = "word " * 300
-    with pytest.raises(InvalidInput, match="over the 256-token limit"):
+def test_long_texts_are_counted_exactly_and_need_truncate() -> None:
+    text = "word " * 300  # 300 tokens plus [CLS] and [SEP]
+    with pytest.raises(InvalidInput, match="text 0 is 302 tokens, over the 256-token limit"):
         Embedder(LOCAL_DEFAULT).embed([text])
-    assert Embedder(LOCAL_DEFAULT, truncate=True).embed([text]).shape == (1, 384)
+    assert Embedder(LOCAL_DEFAULT).embed(["word " * 254]).shape == (1, 384)
+
+    truncated = Embedder(LOCAL_DEFAULT, truncate=True).embed([text])[0]
+    np.testing.assert_allclose(truncated, Embedder(LOCAL_DEFAULT).embed(["word " * 254])[0],
+                               atol=1e-6)
 
 
 def test_model_is_loaded_once_and_shared_between_threads() -> None:

@@ -48,6 +48,8 @@ class Provider(ABC):
     """The provider part of the model key this class serves, e.g. "voyage"."""
     base_url_env: ClassVar[str | None] = None
     """Environment variable that overrides the service's base URL, e.g. for a proxy."""
+    truncates_input: ClassVar[bool] = False
+    """Whether the model itself cuts texts to `spec.max_tokens` tokens, exactly."""
 
     def __init__(self, spec: ModelSpec, *, api_key: str | None = None,
                  base_url: str | None = None, timeout: float = 30.0) -> None:
@@ -77,6 +79,11 @@ class Provider(ABC):
     def embed_batch(self, texts: list[str], input_type: InputType) -> Vectors:
         """Vectors for one batch of texts, in order; `input_type` matters only to models
         whose spec has `input_types`."""
+
+    def count_tokens(self, texts: list[str]) -> list[int] | None:
+        """Exact token counts in the model's own tokenizer, or None if this provider can
+        only have them estimated."""
+        return None
 
     def failure(self, status: int | None, detail: str, *,
                 retry_after: float | None = None) -> ProviderError:

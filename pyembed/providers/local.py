@@ -23,6 +23,7 @@ from .base import Provider
 THREADS_ENV = "PYEMBED_LOCAL_THREADS"
 MODEL_ID = "all-minilm-l6-v2-int8"
 DIMENSIONS = 384
+MAX_TOKENS = 256
 
 
 class MiniLM:
@@ -41,7 +42,15 @@ class MiniLM:
                           / "minilm-tokenizer.json").read_text(encoding="utf-8")
         self._tokenizer = Tokenizer.from_str(tokenizer_json)
         self._tokenizer.no_padding()
+        self._tokenizer.enable_truncation(MAX_TOKENS)
+        self._counter = Tokenizer.from_str(tokenizer_json)
+        self._counter.no_padding()
+        self._counter.no_truncation()
         self._input_names = {i.name for i in self._session.get_inputs()}
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        """Tokens per text, [CLS] and [SEP] included, before truncation."""
+        return [len(encoding.ids) for encoding in self._counter.encode_batch(texts)]
 
     def embed(self, texts: list[str]) -> npt.NDArray[np.float32]:
         """Unit vectors (n, 384) for `texts`; texts over 256 tokens are truncated."""
@@ -95,13 +104,19 @@ class LocalProvider(Provider):
     """The `local` provider: MiniLM in this process; no key, no network."""
 
     name = "local"
+    truncates_input = True
 
     def __init__(self, spec: ModelSpec, *, api_key: str | None = None,
                  base_url: str | None = None, timeout: float = 30.0) -> None:
         super().__init__(spec, api_key=api_key, base_url=base_url, timeout=timeout)
-        if (spec.model_id, spec.dimensions) != (MODEL_ID, DIMENSIONS):
-            raise ConfigError(f"the local provider runs only {MODEL_ID} ({DIMENSIONS} dims), "
-                              f"not {spec.key}")
+        if (spec.model_id, spec.dimensions, spec.max_tokens) != (MODEL_ID, DIMENSIONS,
+                                                                 MAX_TOKENS):
+            raise ConfigError(f"the local provider runs only {MODEL_ID} ({DIMENSIONS} dims, "
+                              f"{MAX_TOKENS} tokens), not {spec.key}")
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        """Exact counts from MiniLM's tokenizer."""
+        return shared_model().count_tokens(texts)
 
     def embed_batch(self, texts: list[str], input_type: InputType) -> npt.NDArray[np.float32]:
         """Vectors from the shared MiniLM; the model does not distinguish input types."""

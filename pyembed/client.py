@@ -1,0 +1,128 @@
+"""The Python API: connect, create a corpus, add documents, search them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import psycopg
+
+from . import store
+from .cache import PostgresCache
+from .chunking import chunk_text
+from .db import connect as db_connect
+from .embedder import Embedder
+from .models import LOCAL_DEFAULT, InputType, registry
+from .store import ChunkRow, CorpusInfo, Hit
+
+
+@dataclass(frozen=True)
+class Document:
+    """A document to add: its id, its text, and metadata that search filters can match."""
+
+    id: str
+    text: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AddReport:
+    documents: int
+    chunks: int
+
+
+class Client:
+    """A connection to a pyembed database with an embedder per model key (sharing the cache)."""
+
+    def __init__(self, conn: psycopg.Connection[Any], *, use_cache: bool = True) -> None:
+        self.conn = conn
+        self._cache = PostgresCache(conn) if use_cache else None
+        self._embedders: dict[str, Embedder] = {}
+
+    def embedder(self, model_key: str) -> Embedder:
+        if model_key not in self._embedders:
+            self._embedders[model_key] = Embedder(registry.get(model_key), cache=self._cache)
+        return self._embedders[model_key]
+
+    def create_corpus(self, name: str, model_key: str = LOCAL_DEFAULT.key, description: str = "",
+                      chunk_tokens: int = 200, chunk_overlap: int = 40) -> Corpus:
+        store.create_corpus(self.conn, name, model_key, description, chunk_tokens, chunk_overlap)
+        return self.corpus(name)
+
+    def corpus(self, name: str) -> Corpus:
+        return Corpus(self, store.corpus_info(self.conn, name))
+
+    def corpora(self) -> list[CorpusInfo]:
+        return store.list_corpora(self.conn)
+
+    def drop_corpus(self, name: str) -> bool:
+        return store.drop_corpus(self.conn, name)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Corpus:
+    """One corpus, pinned to its model key."""
+
+    def __init__(self, client: Client, info: CorpusInfo) -> None:
+        self.client = client
+        self.info = info
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def model_key(self) -> str:
+        return self.info.model_key
+
+    def add(self, documents: Iterable[Document | tuple[str, str] | Mapping[str, Any]]) -> AddReport:
+        """Chunk, embed (with the corpus's own model) and store documents, replacing old versions."""
+        docs = [_as_document(d) for d in documents]
+        rows: list[ChunkRow] = []
+        for d in docs:
+            store.check_text(d.text, f"document {d.id!r}")
+            for i, chunk in enumerate(chunk_text(d.text, self.info.chunk_tokens,
+                                                 self.info.chunk_overlap)):
+                rows.append(ChunkRow(d.id, i, chunk, np.empty(0), d.metadata))
+        vectors = self.client.embedder(self.model_key).embed([r.content for r in rows],
+                                                             InputType.DOCUMENT)
+        for r, v in zip(rows, vectors, strict=True):
+            r.embedding = v
+        store.write_chunks(self.client.conn, self.info, rows, self.model_key)
+        return AddReport(len(docs), len(rows))
+
+    def search(self, query: str | Sequence[float] | np.ndarray, k: int = 10,
+               filter: Mapping[str, Any] | None = None, model_key: str | None = None) -> list[Hit]:
+        """Nearest chunks. Text is embedded with the corpus's model; a vector must say its key."""
+        if isinstance(query, str):
+            store.check_text(query, "query")
+            key = self.model_key
+            vector = self.client.embedder(key).embed_query(query)
+        else:
+            if model_key is None:
+                raise TypeError("a query vector needs model_key=... (the model that made it)")
+            key, vector = model_key, np.asarray(query, dtype=np.float32)
+        return store.search(self.client.conn, self.name, vector, key, k, filter)
+
+
+def _as_document(d: Document | tuple[str, str] | Mapping[str, Any]) -> Document:
+    if isinstance(d, Document):
+        return d
+    if isinstance(d, tuple):
+        return Document(str(d[0]), d[1])
+    return Document(str(d["id"]), d["text"], dict(d.get("metadata") or {}))
+
+
+def connect(dsn: str | None = None, *, use_cache: bool = True) -> Client:
+    """A client for the database at `dsn` ($PYEMBED_DSN, else the local cluster)."""
+    return Client(db_connect(dsn, autocommit=True), use_cache=use_cache)
