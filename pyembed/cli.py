@@ -89,7 +89,10 @@ def install_cmd(
 @app.command("models")
 def models_cmd() -> None:
     """List the known embedding models and their keys.  Example: pyembed models"""
-    table = Table("model key", "dims", "batch", "max tokens", "MTEB", "$ / 1M tokens", "about")
+    table = Table()
+    table.add_column("model key", overflow="fold")  # never elided: users copy it
+    for title in ("dims", "batch", "max tokens", "MTEB", "$ / 1M tokens", "about"):
+        table.add_column(title)
     for m in registry.all():
         table.add_row(m.key, str(m.dimensions), str(m.max_batch), str(m.max_tokens),
                       f"{m.mteb:.1f}" if m.mteb is not None else "-",

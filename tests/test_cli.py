@@ -1,0 +1,112 @@
+"""The command line as a user runs it: a subprocess, real databases, one-line errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, Database
+
+
+def pyembed(*args: str, env: dict[str, str] | None = None,
+            timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("PYEMBED_")}
+    full.update(env or {})
+    return subprocess.run([sys.executable, "-m", "pyembed", *args], capture_output=True,
+                          text=True, env=full, timeout=timeout, cwd=REPO)
+
+
+def db_env(db: Database) -> dict[str, str]:
+    return {"PYEMBED_DSN": db.app_dsn, "PYEMBED_OWNER_DSN": db.owner_dsn}
+
+
+@pytest.fixture
+def home() -> Iterator[Path]:
+    path = REPO / ".pyembed-test" / f"cli-{uuid.uuid4().hex[:8]}"
+    yield path
+    pyembed("db", "stop", env={"PYEMBED_HOME": str(path)})
+    subprocess.run(["rm", "-rf", str(path)], check=False)
+
+
+def test_db_lifecycle_in_a_project_folder(home: Path) -> None:
+    env = {"PYEMBED_HOME": str(home)}
+    status = pyembed("db", "status", env=env)
+    assert "initialised: False" in status.stdout
+    assert pyembed("db", "url", env=env).returncode == 1
+
+    init = pyembed("db", "init", env=env)
+    assert init.returncode == 0, init.stderr
+    assert "created" in init.stdout
+    assert "already exists" in pyembed("db", "init", env=env).stdout
+    status = pyembed("db", "status", env=env).stdout
+    assert "running: True" in status and "port:" in status
+    url = pyembed("db", "url", env=env).stdout.strip()
+    assert url.startswith("postgresql://pyembed_user:") and "@127.0.0.1:" in url
+    owner_url = pyembed("db", "url", "--owner", env=env).stdout.strip()
+    assert owner_url.startswith("postgresql://pyembed:")
+
+    installed = pyembed("install", env=env)
+    assert installed.returncode == 0, installed.stderr
+    made = pyembed("corpus", "create", "notes", "--model", "fake/fake-hash@1:384", env=env)
+    assert made.returncode == 0, made.stderr
+    assert "notes" in pyembed("corpus", "list", env=env).stdout
+    # The app role is not a superuser.
+    check = subprocess.run(["psql", url, "-Atc", "SELECT rolsuper FROM pg_roles "
+                            "WHERE rolname = current_user"], capture_output=True, text=True)
+    assert check.stdout.strip() == "f"
+
+    assert pyembed("db", "stop", env=env).stdout.strip() == "stopped"
+    assert "running: False" in pyembed("db", "status", env=env).stdout
+    down = pyembed("corpus", "list", env=env)
+    assert down.returncode == 1
+    assert down.stderr.startswith("error: cannot reach the database")
+    assert pyembed("db", "start", env=env).stdout.strip() == "started"
+    assert "notes" in pyembed("corpus", "list", env=env).stdout
+
+
+def test_errors_are_one_line_and_non_zero(db: Database) -> None:
+    for args, words in [
+        (("corpus", "show", "nope"), "unknown corpus 'nope'"),
+        (("corpus", "create", "Bad.Name"), "invalid corpus name"),
+        (("corpus", "create", "ok", "--model", "acme/none@1:3"), "unknown model key"),
+        (("corpus", "create"), "Missing argument"),
+    ]:
+        out = pyembed(*args, env=db_env(db))
+        assert out.returncode != 0, args
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], out.stderr
+
+
+def test_install_sql_prints_a_reviewable_script() -> None:
+    out = pyembed("install", "--sql")
+    assert out.returncode == 0, out.stderr
+    assert "CREATE TABLE pyembed.vectors" in out.stdout
+    assert "pg_advisory_xact_lock" in out.stdout
+    assert "COMMIT;" in out.stdout
+
+
+def test_models_lists_keys_with_dimensions() -> None:
+    out = pyembed("models", env={"COLUMNS": "250"})
+    assert out.returncode == 0
+    for key, dims in (("voyage/voyage-3@1:1024", 1024), ("openai/text-embedding-3-large@1:1024", 1024),
+                      ("openai/text-embedding-3-large@1:3072", 3072),
+                      ("cohere/embed-english-v3.0@3:1024", 1024),
+                      ("local/all-minilm-l6-v2-int8@1:384", 384)):
+        line = next(line for line in out.stdout.splitlines() if f" {key} " in line)
+        assert f" {dims} " in line
+
+
+def test_demo_runs_the_tour_and_shows_the_guard(db: Database) -> None:
+    out = pyembed("demo", env={**db_env(db), "COLUMNS": "200"})
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    first_hit = next(i for i, line in enumerate(lines) if "query:" in line) + 1
+    assert "error-e4012" in lines[first_hit]
+    assert "refused by the database: model key mismatch" in out.stdout
+    assert "local/all-minilm-l6-v2-int8@1:384" in out.stdout and "fake/fake-hash@1:384" in out.stdout

@@ -1,0 +1,262 @@
+"""The schema as a whole: upgrade equals install, online equals offline, sql/ is replaceable,
+installs are safe to run concurrently, and privileges are granted on purpose."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from pyembed import install, store
+from pyembed.config import resource_dir
+from pyembed.db import connect
+from pyembed.errors import PyembedError
+from pyembed.localdb import APP_GROUP, LocalCluster, find_bindir
+from tests.conftest import Database, create_database, drop_database
+from tests.helpers import rows
+
+KEY = "fake/fake-hash@1:384"
+
+# Every function in schema pyembed and whether the application role may EXECUTE it.
+# A new function must be added here on purpose: the default is no access.
+APP_EXECUTE: dict[str, bool] = {
+    "_check_corpus_name(text)": False,
+    "_chunk_hash()": False,
+    "_create_vector_index(integer, text)": False,
+    "_dims_match(vector, text)": True,  # called by the vectors_dims_match_model CHECK constraint
+    "_guard_corpus_key()": False,
+    "_guard_model()": False,
+    "_guard_vectors()": False,
+    "_index_name(integer, text)": False,
+    "_index_spec(integer, text)": False,
+    "_search_target(text, text)": False,
+    "create_corpus(text, text, text, integer, integer)": True,
+    "drop_corpus(text)": True,
+    "register_model(text, text, text, integer, text, boolean, boolean, integer, integer, "
+    "integer, numeric, text)": True,
+    "search(text, vector, text, integer, jsonb)": True,
+}
+
+# Functions named by their argument types, with `vector` unqualified (pgvector lives in public).
+FUNCTIONS_SQL = """
+SELECT p.proname || '(' || oidvectortypes(p.proargtypes) || ')' AS signature, p.oid
+  FROM pg_catalog.pg_proc p
+ WHERE p.pronamespace = 'pyembed'::regnamespace
+ ORDER BY 1
+"""
+
+
+def _pg_tool(name: str) -> str:
+    """A client program of the server's own version (pg_dump refuses older servers' peers)."""
+    path = Path(find_bindir()) / name
+    return str(path) if path.exists() else shutil.which(name) or name
+
+
+def schema_dump(dsn: str) -> str:
+    """`pg_dump --schema-only --schema=pyembed`, without comments, SET lines and blank lines."""
+    out = subprocess.run([_pg_tool("pg_dump"), "--schema-only", "--schema=pyembed", "-d", dsn],
+                         capture_output=True, text=True, check=True).stdout
+    skip = ("--", "SET ", "SELECT pg_catalog.set_config(", "\\restrict ", "\\unrestrict ")
+    return "\n".join(line for line in out.splitlines()
+                     if line.strip() and not line.startswith(skip))
+
+
+def _assert_same(actual: str, expected: str) -> None:
+    if actual != expected:
+        import difflib
+
+        diff = "\n".join(difflib.unified_diff(expected.splitlines(), actual.splitlines(),
+                                              "fresh install", "this database", lineterm=""))
+        pytest.fail(f"schema differs from a fresh install:\n{diff[:6000]}")
+
+
+@pytest.fixture(scope="module")
+def fresh_dump(cluster: LocalCluster) -> Iterator[str]:
+    """The schema dump of a database brought to head by one online install."""
+    db = create_database(cluster, f"t_fresh_{uuid.uuid4().hex[:8]}")
+    try:
+        install.install(db.owner_dsn)
+        yield schema_dump(db.owner_dsn)
+    finally:
+        drop_database(cluster, db.name)
+
+
+def _version_rows(dsn: str) -> list[str]:
+    with psycopg.connect(dsn) as conn:
+        return [r[0] for r in conn.execute("SELECT version_num FROM pyembed.alembic_version")]
+
+
+# -- upgrade, downgrade, upgrade ----------------------------------------------------------------
+
+def test_downgrade_to_base_leaves_only_the_version_table_and_upgrade_equals_install(
+        empty_db: Database, fresh_dump: str) -> None:
+    assert install.install(empty_db.owner_dsn) == install.head_revision()
+    with connect(empty_db.app_dsn, autocommit=True) as app:  # with data: a corpus and its index
+        corpus = store.create_corpus(app, "docs", KEY)
+        store.write_chunks(app, corpus, rows(3, 384), KEY)
+
+    install.downgrade(empty_db.owner_dsn, "base")
+
+    assert install.current_revision(empty_db.owner_dsn) is None
+    with psycopg.connect(empty_db.owner_dsn) as conn:
+        relations = conn.execute("SELECT relname, relkind::text FROM pg_catalog.pg_class "
+                                 "WHERE relnamespace = 'pyembed'::regnamespace "
+                                 "ORDER BY 1").fetchall()
+        functions = conn.execute("SELECT proname FROM pg_catalog.pg_proc "
+                                 "WHERE pronamespace = 'pyembed'::regnamespace").fetchall()
+        types = conn.execute("SELECT typname FROM pg_catalog.pg_type "
+                             "WHERE typnamespace = 'pyembed'::regnamespace ORDER BY 1").fetchall()
+        versions = conn.execute("SELECT count(*) FROM pyembed.alembic_version").fetchone()
+    assert relations == [("alembic_version", "r"), ("alembic_version_pkc", "i")]
+    assert functions == []
+    assert types == [("_alembic_version",), ("alembic_version",)]
+    assert versions == (0,)
+
+    assert install.install(empty_db.owner_dsn) == install.head_revision()
+    _assert_same(schema_dump(empty_db.owner_dsn), fresh_dump)
+    assert _version_rows(empty_db.owner_dsn) == [install.head_revision()]
+
+
+# -- offline (--sql) ----------------------------------------------------------------------------
+
+def test_offline_script_applied_with_psql_equals_online_install(
+        empty_db: Database, fresh_dump: str, tmp_path: Path) -> None:
+    script = install.offline_sql()
+    path = tmp_path / "pyembed-upgrade.sql"
+    path.write_text(script)
+
+    out = subprocess.run([_pg_tool("psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1",
+                          "-d", empty_db.owner_dsn, "-f", str(path)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+    _assert_same(schema_dump(empty_db.owner_dsn), fresh_dump)
+    assert _version_rows(empty_db.owner_dsn) == [install.head_revision()]
+    assert install.current_revision(empty_db.owner_dsn) == install.head_revision()
+
+
+def test_offline_script_is_the_source_sql_verbatim_under_the_install_lock() -> None:
+    script = install.offline_sql()
+    # SQL text reaches the script unchanged: no %% doubling, no \: escapes, nothing dropped.
+    for f in install.sql_files():
+        assert f.read_text() in script, f"{f.name} is not in the offline script verbatim"
+    assert script.count("%%") == install.replaceable_sql().count("%%")
+    assert "\\:" not in script
+
+    lock = f"SELECT pg_advisory_xact_lock({install.INSTALL_LOCK_ID});"
+    statements = [s.strip() for s in script.split("\n\n") if s.strip() and not s.startswith("--")]
+    assert statements[:2] == ["BEGIN;", lock], statements[:3]
+    assert statements[-1] == "COMMIT;"
+    assert script.count("COMMIT;") == 1  # one transaction: a failure leaves nothing behind
+
+
+# -- sql/: replaceable objects --------------------------------------------------------------------
+
+def test_sql_files_are_named_and_ordered() -> None:
+    files = install.sql_files()
+    names = [f.name for f in files]
+    assert names, "no sql/ files"
+    assert all(re.fullmatch(r"\d{3}-[a-z0-9]+(-[a-z0-9]+)*\.sql", n) for n in names), names
+    numbers = [int(n[:3]) for n in names]
+    assert numbers == sorted(numbers) and len(set(numbers)) == len(numbers), names
+    # Nothing in sql/ is silently skipped (a "040_x.SQL" would never be applied).
+    on_disk = sorted(p.name for p in resource_dir("sql").iterdir() if not p.name.startswith("."))
+    assert on_disk == names
+
+
+def test_replaceable_sql_and_install_are_idempotent(db: Database) -> None:
+    before = schema_dump(db.owner_dsn)
+    with psycopg.connect(db.owner_dsn) as conn, conn.transaction():
+        conn.execute(install.replaceable_sql())
+    _assert_same(schema_dump(db.owner_dsn), before)
+
+    assert install.install(db.owner_dsn) == install.head_revision()
+    _assert_same(schema_dump(db.owner_dsn), before)
+    assert _version_rows(db.owner_dsn) == [install.head_revision()]
+
+
+# -- concurrency and failures ---------------------------------------------------------------------
+
+def test_concurrent_installs_both_succeed(empty_db: Database) -> None:
+    # Hold the install lock so that both installers are provably waiting at the same time.
+    with psycopg.connect(empty_db.owner_dsn, autocommit=True) as holder, \
+            ThreadPoolExecutor(max_workers=2) as pool:
+        holder.execute("SELECT pg_advisory_lock(%s)", (install.INSTALL_LOCK_ID,))
+        futures = [pool.submit(install.install, empty_db.owner_dsn) for _ in range(2)]
+        deadline = time.monotonic() + 20
+        waiting = 0
+        while waiting < 2 and time.monotonic() < deadline and not any(f.done() for f in futures):
+            row = holder.execute(
+                "SELECT count(*) FROM pg_catalog.pg_locks WHERE locktype = 'advisory' "
+                "AND NOT granted AND database = (SELECT oid FROM pg_catalog.pg_database "
+                "WHERE datname = current_database()) AND objid::bigint = %s",
+                (install.INSTALL_LOCK_ID,)).fetchone()
+            waiting = row[0] if row else 0
+        holder.execute("SELECT pg_advisory_unlock(%s)", (install.INSTALL_LOCK_ID,))
+        results = [f.result(timeout=60) for f in futures]
+    assert waiting == 2, "the two installers never waited on the install lock together"
+    assert results == [install.head_revision()] * 2
+    assert _version_rows(empty_db.owner_dsn) == [install.head_revision()]
+
+
+@pytest.mark.parametrize("case", ["unreachable", "not_owner"])
+def test_failed_install_is_one_clear_line(case: str, empty_db: Database) -> None:
+    with socket.socket() as closed:  # bound, never listening: connections are refused
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        dsn = (f"postgresql://pyembed:x@127.0.0.1:{port}/pyembed?connect_timeout=5"
+               if case == "unreachable" else empty_db.app_dsn)
+        with pytest.raises(PyembedError) as err:
+            install.install(dsn)
+    message = str(err.value)
+    assert len(message.splitlines()) == 1 and "\t" not in message, repr(message)
+    assert not re.search(r"\b(SELECT|CREATE|ALTER|INSERT|pg_advisory)\b|\[SQL", message), message
+    if case == "unreachable":
+        assert str(port) in message, message
+    else:
+        assert "permission denied" in message, message
+        with psycopg.connect(empty_db.owner_dsn) as conn:
+            schema = conn.execute("SELECT to_regnamespace('pyembed')").fetchone()
+        assert schema == (None,), "a refused install left a pyembed schema behind"
+
+
+# -- privileges ---------------------------------------------------------------------------------
+
+def test_execute_privileges_are_granted_on_purpose(app: psycopg.Connection[Any]) -> None:
+    with app.transaction():
+        app.execute("SET LOCAL search_path = pg_catalog, public")
+        functions = app.execute(FUNCTIONS_SQL).fetchall()
+        granted = {
+            sig: app.execute("SELECT has_function_privilege(%s, %s::oid, 'EXECUTE'), "
+                             "has_function_privilege(%s::oid, 'EXECUTE')",
+                             (APP_GROUP, oid, oid)).fetchone()
+            for sig, oid in functions}
+        public = app.execute(
+            "SELECT p.oid::regprocedure::text FROM pg_catalog.pg_proc p, "
+            "LATERAL aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a "
+            "WHERE p.pronamespace = 'pyembed'::regnamespace AND a.grantee = 0 "
+            "AND a.privilege_type = 'EXECUTE'").fetchall()
+    # The group role and the login role that applications use (a member of it) agree.
+    assert {sig: g[0] for sig, g in granted.items() if g} == APP_EXECUTE
+    assert {sig: g[1] for sig, g in granted.items() if g} == APP_EXECUTE
+    assert public == [], f"PUBLIC may execute: {public}"
+
+
+@pytest.mark.parametrize("call", [
+    "SELECT pyembed._create_vector_index(1, 'fake/fake-hash@1:384')",
+    "SELECT * FROM pyembed._search_target('docs', 'fake/fake-hash@1:384')",
+])
+def test_app_cannot_call_internal_functions(app: psycopg.Connection[Any], call: str) -> None:
+    store.create_corpus(app, "docs", KEY)
+    with pytest.raises(psycopg.errors.InsufficientPrivilege, match="permission denied"):
+        app.execute(call)
