@@ -6,7 +6,7 @@ from alembic import context
 from sqlalchemy import create_engine, pool
 from sqlalchemy.engine import Connection
 
-from pyembed.install import (
+from pyembed.schema import (
     INSTALL_LOCK_ID,
     SCHEMA,
     VERSION_TABLE,

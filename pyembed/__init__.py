@@ -1,1 +1,50 @@
-"""pyembed: the embedding model as an enforced part of the schema."""
+"""pyembed: the embedding model as an enforced part of the PostgreSQL schema."""
+
+from .client import AddReport, Client, Corpus, Document, connect
+from .errors import (
+    ConfigError,
+    DatabaseNotReady,
+    InstallError,
+    InvalidInput,
+    InvalidVector,
+    MigrationError,
+    MissingAPIKey,
+    ModelKeyLocked,
+    ModelMismatch,
+    ProviderError,
+    PyembedError,
+    RateLimited,
+    UnknownCorpus,
+    UnknownModel,
+)
+from .schema import install
+from .models import LOCAL_DEFAULT, InputType, ModelSpec, registry
+from .store import Hit
+
+__all__ = [
+    "LOCAL_DEFAULT",
+    "AddReport",
+    "Client",
+    "ConfigError",
+    "Corpus",
+    "DatabaseNotReady",
+    "Document",
+    "Hit",
+    "InputType",
+    "InstallError",
+    "InvalidInput",
+    "InvalidVector",
+    "MigrationError",
+    "MissingAPIKey",
+    "ModelKeyLocked",
+    "ModelMismatch",
+    "ModelSpec",
+    "ProviderError",
+    "PyembedError",
+    "RateLimited",
+    "UnknownCorpus",
+    "UnknownModel",
+    "connect",
+    "install",
+    "registry",
+]

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import install as installer
+from . import schema
 from . import store
 from .config import DSN_ENV
 from .db import connect
@@ -81,9 +81,9 @@ def install_cmd(
     Example: pyembed install --dsn postgresql://owner@db/app   |   pyembed install --sql > pyembed.sql
     """
     if sql:
-        sys.stdout.write(installer.offline_sql())
+        sys.stdout.write(schema.offline_sql())
         return
-    console.print(f"pyembed schema at revision {installer.install(dsn)}")
+    console.print(f"pyembed schema at revision {schema.install(dsn)}")
 
 
 @app.command("models")

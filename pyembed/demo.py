@@ -7,7 +7,7 @@ import time
 
 from rich.console import Console
 
-from . import install
+from . import schema
 from .client import Document, connect
 from .config import DSN_ENV, package_dir
 from .errors import ModelMismatch
@@ -34,7 +34,7 @@ def run(console: Console) -> None:
         console.print(f"{'created' if made else 'using'} {cluster.home} "
                       f"(port {cluster.state().port}); `pyembed db stop` stops it")
     console.rule("2. the pyembed schema")
-    console.print(f"schema at revision {install.install()}")
+    console.print(f"schema at revision {schema.install()}")
 
     with connect() as client:
         console.rule("3. a corpus pinned to the local model")

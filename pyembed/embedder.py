@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -33,6 +34,7 @@ DEFAULT_MAX_BATCH_TOKENS = 100_000
 """Estimated tokens per request; under every supported service's per-request limit."""
 
 _LAST_WORD = re.compile(r"\s+\S*$")
+_log = logging.getLogger(__name__)
 
 
 class EmbeddingCache(Protocol):
@@ -156,6 +158,11 @@ class Embedder:
         failing or answers wrongly.
         """
         prepared = self._prepare(texts)
+        try:
+            input_type = InputType(input_type)
+        except ValueError:
+            raise InvalidInput(f"input type must be one of {[t.value for t in InputType]}, "
+                               f"not {input_type!r}") from None
         if not self.spec.input_types:
             input_type = InputType.DOCUMENT
         out = np.empty((len(prepared), self.spec.dimensions), dtype=np.float32)
@@ -229,6 +236,7 @@ class Embedder:
             wait=self._wait,
             retry=retry_if_exception_type(TransientProviderError),
             sleep=self._sleep,
+            before_sleep=self._log_retry,
             reraise=True,
         )
         try:
@@ -249,6 +257,12 @@ class Embedder:
                     f"({exc})"
                 ) from exc
             raise
+
+    def _log_retry(self, state: RetryCallState) -> None:
+        _log.info("%s: attempt %d of %d failed (%s); retrying in %.1f s", self.spec.key,
+                  state.attempt_number, self.max_retries + 1,
+                  state.outcome.exception() if state.outcome else None,
+                  state.upcoming_sleep)
 
     def _wait(self, state: RetryCallState) -> float:
         error = state.outcome.exception() if state.outcome else None

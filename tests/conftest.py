@@ -17,7 +17,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from pyembed import install
+from pyembed import schema
 from pyembed.db import connect
 from pyembed.localdb import APP_USER, OWNER, LocalCluster
 
@@ -68,7 +68,7 @@ def drop_database(cluster: LocalCluster, name: str) -> None:
 @pytest.fixture(scope="session")
 def template_db(cluster: LocalCluster) -> Database:
     db = create_database(cluster, TEMPLATE)
-    install.install(db.owner_dsn)
+    schema.install(db.owner_dsn)
     return db
 
 

@@ -338,6 +338,11 @@ def test_input_type_reaches_models_that_have_them() -> None:
     assert [kind for _, kind in stub.calls] == [InputType.DOCUMENT, InputType.QUERY]
 
 
+def test_unknown_input_type_is_invalid_input() -> None:
+    with pytest.raises(InvalidInput, match="input type must be one of"):
+        Embedder(FAKE, fake()).embed(["a"], "passage")  # type: ignore[arg-type]
+
+
 def test_models_without_input_types_embed_queries_as_documents() -> None:
     spec = ModelSpec("fake", "plain", "1", 384, input_types=False)
     stub, cache = Stub(spec), DictCache()

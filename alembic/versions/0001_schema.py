@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pyembed.install import run_sql
+from pyembed.schema import run_sql
 
 revision: str = "0001"
 down_revision: str | Sequence[str] | None = None

@@ -88,7 +88,8 @@ class Provider(ABC):
     def failure(self, status: int | None, detail: str, *,
                 retry_after: float | None = None) -> ProviderError:
         """The error to raise for a failed request: transient for 408/409/429/5xx and for
-        no response at all (status None), permanent otherwise. Never contains the API key."""
+        no response at all (status None), permanent otherwise. Never contains the API key;
+        raise it `from None` when the SDK's exception might (some services echo the key)."""
         where = f"{self.name} ({self.spec.model_id})"
         what = f"HTTP {status}" if status is not None else "no response"
         message = self._scrub(f"{where}: {what}: {detail.strip() or 'no detail given'}")

@@ -45,7 +45,7 @@ class CohereProvider(Provider):
             )
         except cohere.core.api_error.ApiError as exc:
             raise self.failure(exc.status_code, _detail(exc.body),
-                               retry_after=parse_retry_after(exc.headers)) from exc
+                               retry_after=parse_retry_after(exc.headers)) from None
         except httpx.TimeoutException as exc:
             raise self.failure(None, f"timed out after {self.timeout} s") from exc
         except httpx.TransportError as exc:

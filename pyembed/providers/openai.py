@@ -41,9 +41,9 @@ class OpenAIProvider(Provider):
             )
         except openai.APIStatusError as exc:
             raise self.failure(exc.status_code, _detail(exc),
-                               retry_after=parse_retry_after(exc.response.headers)) from exc
+                               retry_after=parse_retry_after(exc.response.headers)) from None
         except openai.APIConnectionError as exc:  # includes APITimeoutError
             raise self.failure(None, exc.message) from exc
         except openai.OpenAIError as exc:
-            raise self.bad_response(str(exc)) from exc
+            raise self.bad_response(str(exc)) from None
         return [item.embedding for item in sorted(response.data, key=lambda item: item.index)]

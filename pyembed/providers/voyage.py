@@ -35,5 +35,5 @@ class VoyageProvider(Provider):
         except voyageai.error.VoyageError as exc:
             headers = dict(exc.headers) if exc.headers else None
             raise self.failure(exc.http_status, str(exc.user_message),
-                               retry_after=parse_retry_after(headers)) from exc
+                               retry_after=parse_retry_after(headers)) from None
         return result.embeddings
