@@ -24,6 +24,8 @@ db_app = typer.Typer(no_args_is_help=True, help="The embedded local PostgreSQL c
 corpus_app = typer.Typer(no_args_is_help=True, help="Create, list, show and drop corpora.")
 app.add_typer(db_app, name="db")
 app.add_typer(corpus_app, name="corpus")
+cache_app = typer.Typer(no_args_is_help=True, help="The embedding cache in PostgreSQL.")
+app.add_typer(cache_app, name="cache")
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
 
@@ -150,6 +152,34 @@ def corpus_drop(name: str,
     with connect(dsn, autocommit=True) as conn:
         dropped = store.drop_corpus(conn, name)
     console.print(f"dropped {name}" if dropped else f"no corpus {name}")
+
+
+@cache_app.command("stats")
+def cache_stats(days: int = 30, dsn: DsnOption = None) -> None:
+    """Hits, misses and hit rate per day and model.  Example: pyembed cache stats --days 7"""
+    from . import cache
+
+    with connect(dsn, autocommit=True) as conn:
+        rows = cache.stats(conn, days)
+    table = Table("day", "model key", "hits", "misses", "hit rate", "entries")
+    for r in rows:
+        rate = f"{r.hit_rate:.0%}" if r.hit_rate is not None else "-"
+        table.add_row(str(r.day), r.model_key, str(r.hits), str(r.misses), rate, str(r.entries))
+    console.print(table if rows else "no cache lookups recorded yet")
+
+
+@cache_app.command("purge")
+def cache_purge(
+    model: Annotated[str | None, typer.Option("--model", help="only this model key")] = None,
+    expired: Annotated[bool, typer.Option("--expired", help="only expired entries")] = False,
+    dsn: DsnOption = None,
+) -> None:
+    """Delete cache entries.  Example: pyembed cache purge --model openai/text-embedding-3-small@1:1536"""
+    from . import cache
+
+    with connect(dsn, autocommit=True) as conn:
+        n = cache.purge(conn, model, expired)
+    console.print(f"deleted {n} cache entries")
 
 
 @app.command("demo")

@@ -110,3 +110,14 @@ def test_demo_runs_the_tour_and_shows_the_guard(db: Database) -> None:
     assert "error-e4012" in lines[first_hit]
     assert "refused by the database: model key mismatch" in out.stdout
     assert "local/all-minilm-l6-v2-int8@1:384" in out.stdout and "fake/fake-hash@1:384" in out.stdout
+
+
+def test_cache_stats_and_purge(db: Database) -> None:
+    env = db_env(db)
+    assert "no cache lookups" in pyembed("cache", "stats", env=env).stdout
+    assert pyembed("demo", env=env).returncode == 0
+    stats = pyembed("cache", "stats", env={**env, "COLUMNS": "200"}).stdout
+    assert "local/all-minilm-l6-v2-int8@1:384" in stats and "%" in stats
+    purged = pyembed("cache", "purge", "--model", "local/all-minilm-l6-v2-int8@1:384", env=env)
+    assert purged.returncode == 0
+    assert purged.stdout.strip() == "deleted 11 cache entries"  # 10 documents + 1 query

@@ -1,0 +1,75 @@
+"""The PostgreSQL embedding cache behind the embedder: keys, counts, TTL, purge."""
+
+from __future__ import annotations
+
+import math
+import time
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+import psycopg
+
+from pyembed import cache
+from pyembed.cache import PostgresCache
+from pyembed.embedder import Embedder
+from pyembed.models import InputType, registry
+from pyembed.providers.fake import FakeProvider
+
+SPEC = registry.get("fake/fake-hash@1:384")
+OTHER_VERSION = registry.get("fake/fake-hash@2:1024")
+
+
+def embedder(conn: psycopg.Connection[Any], spec: Any = SPEC, **kw: Any) -> Embedder:
+    return Embedder(spec, FakeProvider(spec), cache=PostgresCache(conn, **kw))
+
+
+def test_half_cached_batch_calls_the_provider_only_for_misses(app: psycopg.Connection[Any]) -> None:
+    texts = [f"document number {i}" for i in range(1000)]
+    e = embedder(app)
+    first = e.embed(texts[:500])
+    assert e.provider.calls == math.ceil(500 / SPEC.max_batch)  # type: ignore[attr-defined]
+    e2 = embedder(app)
+    both = e2.embed(texts)
+    assert e2.provider.calls == math.ceil(500 / SPEC.max_batch)  # type: ignore[attr-defined]
+    assert sum(len(b) for b in e2.provider.batches) == 500  # type: ignore[attr-defined]
+    np.testing.assert_allclose(both[:500], first, atol=1e-6)
+    stats = {r.model_key: r for r in cache.stats(app)}[SPEC.key]
+    assert (stats.hits, stats.misses, stats.entries) == (500, 1000, 1000)
+    assert stats.hit_rate == 500 / 1500
+
+
+def test_whitespace_does_not_matter_but_model_and_input_type_do(
+        app: psycopg.Connection[Any]) -> None:
+    e = embedder(app)
+    e.embed(["  the same text \n"], InputType.QUERY)
+    again = embedder(app)
+    again.embed(["the same text"], InputType.QUERY)
+    assert again.provider.calls == 0  # type: ignore[attr-defined]
+    doc = embedder(app)
+    doc.embed(["the same text"], InputType.DOCUMENT)  # another input type: a miss
+    assert doc.provider.calls == 1  # type: ignore[attr-defined]
+    other = embedder(app, OTHER_VERSION)  # another model key: a miss, and its own vector
+    vec = other.embed(["the same text"], InputType.QUERY)
+    assert other.provider.calls == 1  # type: ignore[attr-defined]
+    assert vec.shape == (1, 1024)
+
+
+def test_expired_entries_miss_and_purge_removes_them(app: psycopg.Connection[Any]) -> None:
+    embedder(app, ttl=timedelta(seconds=0.2)).embed(["short lived"])
+    time.sleep(0.3)
+    e = embedder(app)
+    e.embed(["short lived"])
+    assert e.provider.calls == 1  # type: ignore[attr-defined]
+    embedder(app, ttl=timedelta(seconds=0.01)).embed(["gone soon"])
+    time.sleep(0.05)
+    assert cache.purge(app, expired_only=True) == 1
+    assert cache.purge(app, model_key=OTHER_VERSION.key) == 0
+    assert cache.purge(app, model_key=SPEC.key) == 1
+
+
+def test_cache_hit_returns_the_stored_vector_not_a_new_one(app: psycopg.Connection[Any]) -> None:
+    e = embedder(app)
+    v1 = e.embed_query("a question")
+    v2 = embedder(app).embed_query("a question")
+    assert v1.dtype == np.float32 and np.array_equal(v1, v2)
