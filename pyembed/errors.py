@@ -68,19 +68,25 @@ class MigrationError(PyembedError):
 class MissingAPIKey(PyembedError):
     """The provider's API key environment variable is not set."""
 
+    sqlstate = "PE008"
+
 
 class ProviderError(PyembedError):
     """The embedding or generation service failed after retries, or answered wrongly."""
+
+    sqlstate = "PE009"
 
 
 class RateLimited(ProviderError):
     """The service asked us to wait longer than we are willing to."""
 
+    sqlstate = "PE010"
+
 
 _BY_SQLSTATE: dict[str, type[PyembedError]] = {
     cls.sqlstate: cls
     for cls in (ModelMismatch, UnknownCorpus, InvalidVector, ModelKeyLocked, InvalidInput,
-                UnknownModel, MigrationError)
+                UnknownModel, MigrationError, MissingAPIKey, ProviderError, RateLimited)
     if cls.sqlstate
 }
 

@@ -52,24 +52,28 @@ class ModelSpec:
         return f"{self.provider}/{self.model_id}@{self.version}:{self.dimensions}"
 
 
+API_KEY_ENV = {"voyage": "VOYAGE_API_KEY", "openai": "OPENAI_API_KEY", "cohere": "COHERE_API_KEY"}
+"""The environment variable (or pyembed.secrets name) holding each provider's API key."""
+
+
 def _voyage(model_id: str, dims: int, price: float, mteb: float | None, note: str) -> ModelSpec:
     return ModelSpec("voyage", model_id, "1", dims, max_batch=128, max_tokens=32000,
                      input_types=True, price_per_mtok=price, mteb=mteb,
-                     api_key_env="VOYAGE_API_KEY", description=note)
+                     api_key_env=API_KEY_ENV["voyage"], description=note)
 
 
 def _openai(model_id: str, dims: int, price: float, mteb: float | None, *,
             request: int | None = None, version: str = "1") -> ModelSpec:
     return ModelSpec("openai", model_id, version, dims, max_batch=2048, max_tokens=8191,
                      request_dimensions=request, price_per_mtok=price, mteb=mteb,
-                     api_key_env="OPENAI_API_KEY",
+                     api_key_env=API_KEY_ENV["openai"],
                      description=f"OpenAI {model_id}" + (f" at {request} dims" if request else ""))
 
 
 def _cohere(model_id: str, mteb: float | None, note: str) -> ModelSpec:
     return ModelSpec("cohere", model_id, "3", 1024, max_batch=96, max_tokens=512,
                      input_types=True, price_per_mtok=0.10, mteb=mteb,
-                     api_key_env="COHERE_API_KEY", description=note)
+                     api_key_env=API_KEY_ENV["cohere"], description=note)
 
 
 def _fake(model_id: str, version: str, dims: int) -> ModelSpec:

@@ -22,5 +22,10 @@ GRANT EXECUTE ON FUNCTION
   pyembed.drop_corpus(text),
   pyembed._dims_match(vector, text),
   pyembed.register_model(text, text, text, integer, text, boolean, boolean, integer, integer,
-                         integer, numeric, text)
+                         integer, numeric, text),
+  pyembed.embed(text, text, text),
+  pyembed.embed_batch(text[], text, text),
+  pyembed.search_text(text, text, integer, jsonb),
+  pyembed.add_document(text, text, text, jsonb)
   TO pyembed_app;
+-- pyembed.secrets and pyembed.set_secret stay the owner's: REVOKE above, no GRANT.

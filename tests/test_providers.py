@@ -15,7 +15,7 @@ from pyembed.embedder import Embedder
 from pyembed.errors import MissingAPIKey, ProviderError, RateLimited
 from pyembed.models import LOCAL_DEFAULT, InputType, ModelSpec, registry
 from pyembed.providers import TransientProviderError, provider_for
-from tests.fakeapi import FakeAPI, server_vectors
+from tests.fakeapi import Behaviour, FakeAPI, server_vectors
 
 VOYAGE = registry.get("voyage/voyage-3-lite@1:512")
 OPENAI = registry.get("openai/text-embedding-3-large@1:256")
@@ -83,7 +83,7 @@ def test_query_input_type(spec: ModelSpec, sent: str, fake_api: FakeAPI) -> None
 
 @SPECS
 def test_429_waits_as_long_as_retry_after_says(spec: ModelSpec, fake_api: FakeAPI) -> None:
-    fake_api.script("429:retry-after=2", "ok")
+    fake_api.script(["429:retry-after=2", "ok"])
     sleeps: list[float] = []
 
     vectors = make_embedder(spec, sleeps).embed(["alpha", "beta"])
@@ -275,3 +275,11 @@ def test_anthropic_errors(fake_api: FakeAPI) -> None:
     with pytest.raises(anthropic.APIStatusError) as overloaded:
         client.messages.create(model="claude-test", max_tokens=10, messages=messages)
     assert overloaded.value.status_code == 529
+
+
+def test_fake_api_script_syntax() -> None:
+    assert Behaviour.parse("429:retry-after=2") == Behaviour("status", 429, "2")
+    assert Behaviour.parse("hang") == Behaviour("hang")
+    for bad in ("teapot", "200", "429:wait=1", "500:retry-after="):
+        with pytest.raises(ValueError, match="unknown behaviour"):
+            Behaviour.parse(bad)

@@ -14,7 +14,7 @@ import collections
 import json
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
@@ -129,9 +129,12 @@ class FakeAPI:
             "ANTHROPIC_BASE_URL": self.base_url("anthropic"),
         }
 
-    def script(self, *behaviours: str | Behaviour) -> None:
-        """Queue behaviours for the next requests, in order (strings as `Behaviour.parse`)."""
-        parsed = [b if isinstance(b, Behaviour) else Behaviour.parse(b) for b in behaviours]
+    def script(self, *behaviours: str | Behaviour | Iterable[str | Behaviour]) -> None:
+        """Queue behaviours for the next requests, in order: `script("500", "ok")` or
+        `script(["429:retry-after=1", "ok"])`; strings are read by `Behaviour.parse`."""
+        flat = [item for b in behaviours
+                for item in ([b] if isinstance(b, str | Behaviour) else b)]
+        parsed = [b if isinstance(b, Behaviour) else Behaviour.parse(b) for b in flat]
         with self._lock:
             self._script.extend(parsed)
 

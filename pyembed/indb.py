@@ -1,0 +1,224 @@
+"""What the PL/Python functions run inside PostgreSQL: each SQL wrapper calls one function here.
+
+`plpy` and `GD` are PL/Python's module and per-session dictionary; embedders (and the local
+model) are built once per backend and kept in GD.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+
+from .chunking import chunk_text
+from .errors import InvalidInput, MissingAPIKey, PyembedError, UnknownCorpus, UnknownModel
+from .models import API_KEY_ENV, InputType, ModelSpec
+from .routing import serving_key
+
+T = TypeVar("T")
+
+LOOKUP = """
+WITH hits AS (
+  SELECT cache_key, embedding FROM pyembed.embedding_cache
+   WHERE cache_key = ANY($1) AND (expires_at IS NULL OR expires_at > now())
+), counted AS (
+  INSERT INTO pyembed.cache_stats AS s (day, model_key, hits, misses)
+  SELECT current_date, $2, count(*), $3 - count(*) FROM hits
+  ON CONFLICT (day, model_key) DO UPDATE
+    SET hits = s.hits + EXCLUDED.hits, misses = s.misses + EXCLUDED.misses
+)
+SELECT cache_key, embedding::real[] AS embedding FROM hits
+"""
+
+STORE = """
+INSERT INTO pyembed.embedding_cache (cache_key, model_key, input_type, embedding)
+SELECT k, $2, $3, e::vector FROM unnest($1::bytea[], $4::text[]) AS t(k, e)
+ON CONFLICT (cache_key) DO NOTHING
+"""
+
+MODEL = """SELECT provider, model_id, model_version, dimensions, max_batch, max_tokens,
+  input_types, normalized, distance, request_dimensions, price_per_mtok::float8 AS price
+  FROM pyembed.models WHERE model_key = $1"""
+
+
+def _plan(plpy: Any, GD: dict[str, Any], sql: str, types: list[str]) -> Any:
+    plans = GD.setdefault("pyembed.plans", {})
+    if sql not in plans:
+        plans[sql] = plpy.prepare(sql, types)
+    return plans[sql]
+
+
+def vector_text(vec: npt.NDArray[np.float32]) -> str:
+    return "[" + ",".join(map(repr, vec.astype(float).tolist())) + "]"
+
+
+class PlpyCache:
+    """The embedding cache through SPI: the same table and keys as pyembed.cache."""
+
+    def __init__(self, plpy: Any, GD: dict[str, Any]) -> None:
+        self.plpy, self.GD = plpy, GD
+
+    def get_many(self, texts: list[str], spec: ModelSpec,
+                 input_type: InputType) -> dict[int, npt.NDArray[np.float32]]:
+        from .cachekey import cache_key
+
+        keys = [cache_key(t, spec.key, input_type) for t in texts]
+        plan = _plan(self.plpy, self.GD, LOOKUP, ["bytea[]", "text", "integer"])
+        found = {bytes(r["cache_key"]): np.asarray(r["embedding"], dtype=np.float32)
+                 for r in self.plpy.execute(plan, [keys, spec.key, len(set(keys))])}
+        return {i: found[k] for i, k in enumerate(keys) if k in found}
+
+    def put_many(self, texts: list[str], vectors: npt.NDArray[np.float32], spec: ModelSpec,
+                 input_type: InputType) -> None:
+        from .cachekey import cache_key
+
+        plan = _plan(self.plpy, self.GD, STORE, ["bytea[]", "text", "text", "text[]"])
+        self.plpy.execute(plan, [[cache_key(t, spec.key, input_type) for t in texts], spec.key,
+                                 str(input_type), [vector_text(v) for v in vectors]])
+
+
+def _setting(plpy: Any, name: str, default: float) -> float:
+    row = plpy.execute(f"SELECT current_setting('pyembed.{name}', true) AS v")[0]["v"]
+    try:
+        return float(row) if row else default
+    except ValueError:
+        raise InvalidInput(f"pyembed.{name} must be a number, got {row!r}") from None
+
+
+def _secret(plpy: Any, GD: dict[str, Any], name: str) -> str | None:
+    """An API key from pyembed.secrets (owner-only), else the server's environment."""
+    plan = _plan(plpy, GD, "SELECT value FROM pyembed.secrets WHERE name = $1", ["text"])
+    rows = plpy.execute(plan, [name])
+    return rows[0]["value"] if rows else os.environ.get(name)
+
+
+def model_spec(plpy: Any, GD: dict[str, Any], key: str) -> ModelSpec:
+    rows = plpy.execute(_plan(plpy, GD, MODEL, ["text"]), [key])
+    if not rows:
+        raise UnknownModel(f"unknown model key {key!r}: SELECT model_key FROM pyembed.models "
+                           "lists the registered keys")
+    r = rows[0]
+    return ModelSpec(r["provider"], r["model_id"], r["model_version"], r["dimensions"],
+                     max_batch=r["max_batch"], max_tokens=r["max_tokens"],
+                     input_types=r["input_types"], normalized=r["normalized"],
+                     distance=r["distance"], request_dimensions=r["request_dimensions"],
+                     price_per_mtok=r["price"], api_key_env=API_KEY_ENV.get(r["provider"]))
+
+
+def embedder(plpy: Any, GD: dict[str, Any], key: str) -> Any:
+    """The backend's embedder for a model key, rebuilt when its API key or timeouts change."""
+    from .embedder import Embedder
+    from .providers import provider_for
+
+    spec = model_spec(plpy, GD, key)
+    timeout = _setting(plpy, "http_timeout", 10.0)
+    retries = int(_setting(plpy, "http_retries", 2))
+    api_key = _secret(plpy, GD, spec.api_key_env) if spec.api_key_env else None
+    if spec.api_key_env and not api_key:
+        raise MissingAPIKey(f"{spec.api_key_env} is not set for the database: as the owner, run "
+                            f"SELECT pyembed.set_secret('{spec.api_key_env}', '...')")
+    fingerprint = (spec, timeout, retries, hash(api_key))
+    cached = GD.setdefault("pyembed.embedders", {}).get(key)
+    if cached is not None and cached[0] == fingerprint:
+        return cached[1]
+    emb = Embedder(spec, provider_for(spec, api_key=api_key, timeout=timeout),
+                   cache=PlpyCache(plpy, GD), max_retries=retries, max_retry_after=timeout)
+    GD["pyembed.embedders"][key] = (fingerprint, emb)
+    return emb
+
+
+def call(plpy: Any, fn: Callable[..., T], GD: dict[str, Any], *args: Any) -> T:
+    """Run `fn(plpy, GD, *args)`; pyembed errors become SQL errors with their own SQLSTATE."""
+    try:
+        return fn(plpy, GD, *args)
+    except PyembedError as exc:
+        plpy.error(str(exc), sqlstate=exc.sqlstate or "PE009")
+        raise  # plpy.error raises; this line only satisfies the type checker
+
+
+def _input_type(value: str | None) -> InputType:
+    try:
+        return InputType(value or "document")
+    except ValueError:
+        raise InvalidInput(f"input_type must be 'document' or 'query', not {value!r}") from None
+
+
+def embed(plpy: Any, GD: dict[str, Any], text: str | None, model_key: str | None,
+          input_type: str | None) -> str:
+    if text is None or model_key is None:
+        raise InvalidInput("embed() needs a text and a model key (got NULL)")
+    emb = embedder(plpy, GD, model_key)
+    return vector_text(emb.embed([text], _input_type(input_type))[0])
+
+
+def embed_batch(plpy: Any, GD: dict[str, Any], texts: list[str | None] | None,
+                model_key: str | None, input_type: str | None) -> list[str]:
+    if texts is None or model_key is None or any(t is None for t in texts):
+        raise InvalidInput("embed_batch() needs texts (no NULLs) and a model key")
+    emb = embedder(plpy, GD, model_key)
+    return [vector_text(v) for v in emb.embed([t for t in texts if t is not None],
+                                              _input_type(input_type))]
+
+
+CORPUS = """SELECT corpus_id, model_key, target_model_key, migration_step, traffic_share,
+  chunk_tokens, chunk_overlap FROM pyembed.corpora WHERE name = $1"""
+
+
+def _corpus(plpy: Any, GD: dict[str, Any], name: str | None) -> dict[str, Any]:
+    rows = plpy.execute(_plan(plpy, GD, CORPUS, ["text"]), [name])
+    if not rows:
+        raise UnknownCorpus(f"unknown corpus {name!r}")
+    return dict(rows[0])
+
+
+def search_text(plpy: Any, GD: dict[str, Any], corpus: str | None, query: str | None,
+                k: int | None, filter: str | None) -> list[dict[str, Any]]:
+    if query is None:
+        raise InvalidInput("search_text() needs a query text (got NULL)")
+    c = _corpus(plpy, GD, corpus)
+    shifting = c["migration_step"] == "shifting"
+    key = serving_key(query, c["model_key"], c["target_model_key"] if shifting else None,
+                      c["traffic_share"])
+    vec = embedder(plpy, GD, key).embed_query(query)
+    plan = _plan(plpy, GD, "SELECT * FROM pyembed.search($1, $2::vector, $3, $4, $5::jsonb)",
+                 ["text", "text", "text", "integer", "text"])
+    return list(plpy.execute(plan, [corpus, vector_text(vec), key, k, filter]))
+
+
+def add_document(plpy: Any, GD: dict[str, Any], corpus: str | None, document_id: str | None,
+                 content: str | None, metadata: str | None) -> int:
+    """Store a document and its chunks; the chunk triggers queue them for the worker."""
+    from .store import check_text
+
+    if not document_id:
+        raise InvalidInput("add_document() needs a document id")
+    check_text(content or "", f"document {document_id!r}")
+    meta = json.loads(metadata) if metadata else {}
+    if not isinstance(meta, dict):
+        raise InvalidInput("metadata must be a JSON object")
+    c = _corpus(plpy, GD, corpus)
+    chunks = chunk_text(content or "", c["chunk_tokens"], c["chunk_overlap"])
+    meta_text = json.dumps(meta)
+    plpy.execute(_plan(plpy, GD, """
+        INSERT INTO pyembed.documents (corpus_id, document_id, content_hash, metadata)
+        VALUES ($1, $2, sha256(convert_to($3, 'UTF8')), $4::jsonb)
+        ON CONFLICT (corpus_id, document_id) DO UPDATE
+          SET content_hash = EXCLUDED.content_hash, metadata = EXCLUDED.metadata,
+              updated_at = now()""", ["integer", "text", "text", "text"]),
+        [c["corpus_id"], document_id, content, meta_text])
+    upsert = _plan(plpy, GD, """
+        INSERT INTO pyembed.chunks (corpus_id, document_id, chunk_index, content, metadata)
+        VALUES ($1, $2, $3, $4, $5::jsonb)
+        ON CONFLICT (corpus_id, document_id, chunk_index) DO UPDATE
+          SET content = EXCLUDED.content, metadata = EXCLUDED.metadata""",
+        ["integer", "text", "integer", "text", "text"])
+    for i, chunk in enumerate(chunks):
+        plpy.execute(upsert, [c["corpus_id"], document_id, i, chunk, meta_text])
+    plpy.execute(_plan(plpy, GD, """DELETE FROM pyembed.chunks
+        WHERE corpus_id = $1 AND document_id = $2 AND chunk_index >= $3""",
+        ["integer", "text", "integer"]), [c["corpus_id"], document_id, len(chunks)])
+    return len(chunks)
