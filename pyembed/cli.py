@@ -182,6 +182,42 @@ def cache_purge(
     console.print(f"deleted {n} cache entries")
 
 
+@app.command("worker")
+def worker_cmd(
+    batch_size: Annotated[int, typer.Option("--batch-size", help="chunks per claim")] = 64,
+    max_attempts: Annotated[int, typer.Option(help="attempts before a chunk is failed")] = 5,
+    forever: Annotated[bool, typer.Option("--forever", help="keep polling when empty")] = False,
+    dsn: DsnOption = None,
+) -> None:
+    """Embed queued chunks (SKIP LOCKED batches; run several for more throughput).
+
+    Example: pyembed worker --batch-size 128     (stops when the queue is empty; SIGTERM stops it)
+    """
+    from rich.progress import Progress
+
+    from .worker import Worker
+
+    worker = Worker(dsn, batch_size=batch_size, max_attempts=max_attempts)
+    try:
+        with Progress(console=console, transient=True) as bar:
+            task = bar.add_task("embedding", total=worker.pending() or None)
+
+            def show(stats: Any, pending: int) -> None:
+                done = stats.embedded + stats.failed + stats.stale
+                bar.update(task, completed=done, total=done + pending,
+                           description=f"embedding ({stats.rate:.0f} texts/s, "
+                                       f"{stats.failed} failed)")
+
+            stats = worker.run(drain=not forever, progress=show)
+    finally:
+        worker.close()
+    console.print(f"embedded {stats.embedded}, failed {stats.failed}, waiting to retry "
+                  f"{stats.retried}, stale {stats.stale} in {stats.seconds:.1f} s "
+                  f"({stats.rate:.1f} texts/s)")
+    if stats.all_failed:
+        raise PyembedError(f"every item failed; last error: {stats.errors[-1]}")
+
+
 @app.command("demo")
 def demo_cmd() -> None:
     """Run the tour on the embedded default: local cluster, local model, search, the 2 AM guard.

@@ -185,6 +185,10 @@ class Embedder:
         """The 1-d query vector for `text`."""
         return self.embed([text], InputType.QUERY).reshape(self.spec.dimensions)
 
+    def check(self, texts: Sequence[str]) -> None:
+        """Raise InvalidInput for a text that `embed` would refuse, without any call."""
+        self._prepare(texts)
+
     def _prepare(self, texts: Sequence[str]) -> list[str]:
         """The texts stripped, checked against the token limit and, if `truncate`, cut."""
         stripped = [_clean(index, text) for index, text in enumerate(texts)]

@@ -16,7 +16,7 @@ import numpy.typing as npt
 
 from .chunking import chunk_text
 from .errors import InvalidInput, MissingAPIKey, PyembedError, UnknownCorpus, UnknownModel
-from .models import API_KEY_ENV, InputType, ModelSpec
+from .models import MODEL_COLUMNS, InputType, ModelSpec, spec_from_row
 from .routing import serving_key
 
 T = TypeVar("T")
@@ -40,9 +40,7 @@ SELECT k, $2, $3, e::vector FROM unnest($1::bytea[], $4::text[]) AS t(k, e)
 ON CONFLICT (cache_key) DO NOTHING
 """
 
-MODEL = """SELECT provider, model_id, model_version, dimensions, max_batch, max_tokens,
-  input_types, normalized, distance, request_dimensions, price_per_mtok::float8 AS price
-  FROM pyembed.models WHERE model_key = $1"""
+MODEL = f"SELECT {MODEL_COLUMNS} FROM pyembed.models WHERE model_key = $1"
 
 
 def _plan(plpy: Any, GD: dict[str, Any], sql: str, types: list[str]) -> Any:
@@ -101,12 +99,7 @@ def model_spec(plpy: Any, GD: dict[str, Any], key: str) -> ModelSpec:
     if not rows:
         raise UnknownModel(f"unknown model key {key!r}: SELECT model_key FROM pyembed.models "
                            "lists the registered keys")
-    r = rows[0]
-    return ModelSpec(r["provider"], r["model_id"], r["model_version"], r["dimensions"],
-                     max_batch=r["max_batch"], max_tokens=r["max_tokens"],
-                     input_types=r["input_types"], normalized=r["normalized"],
-                     distance=r["distance"], request_dimensions=r["request_dimensions"],
-                     price_per_mtok=r["price"], api_key_env=API_KEY_ENV.get(r["provider"]))
+    return spec_from_row(rows[0])
 
 
 def embedder(plpy: Any, GD: dict[str, Any], key: str) -> Any:

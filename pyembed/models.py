@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -105,6 +105,20 @@ BUILTIN: tuple[ModelSpec, ...] = (
     _fake("fake-hash", "2", 1024),
     _fake("fake-hash", "1", 384),
 )
+
+
+MODEL_COLUMNS = ("provider, model_id, model_version, dimensions, max_batch, max_tokens, input_types, "
+                 "normalized, distance, request_dimensions, price_per_mtok::float8 AS price")
+"""The columns of pyembed.models that `spec_from_row` reads."""
+
+
+def spec_from_row(r: Mapping[str, Any]) -> ModelSpec:
+    """A ModelSpec from a pyembed.models row selected with MODEL_COLUMNS."""
+    return ModelSpec(r["provider"], r["model_id"], r["model_version"], r["dimensions"],
+                     max_batch=r["max_batch"], max_tokens=r["max_tokens"],
+                     input_types=r["input_types"], normalized=r["normalized"],
+                     distance=r["distance"], request_dimensions=r["request_dimensions"],
+                     price_per_mtok=r["price"], api_key_env=API_KEY_ENV.get(r["provider"]))
 
 
 class Registry:

@@ -14,7 +14,8 @@ from pgvector import Vector
 from psycopg.rows import dict_row
 
 from .db import translated
-from .errors import InvalidInput, InvalidVector, UnknownCorpus
+from .errors import InvalidInput, InvalidVector, UnknownCorpus, UnknownModel
+from .models import MODEL_COLUMNS, ModelSpec, spec_from_row
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,16 @@ def as_unit_vectors(vectors: np.ndarray | Sequence[Sequence[float]], dims: int,
     if normalize:
         arr = arr / norms[:, None]
     return arr.astype(np.float32)
+
+
+def model_spec(conn: psycopg.Connection[Any], key: str) -> ModelSpec:
+    """The registered model with this key, as the database knows it."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(f"SELECT {MODEL_COLUMNS} FROM pyembed.models WHERE model_key = %s",
+                          (key,)).fetchone()
+    if row is None:
+        raise UnknownModel(f"unknown model key {key!r}: `pyembed models` lists the known keys")
+    return spec_from_row(row)
 
 
 def corpus_info(conn: psycopg.Connection[Any], name: str) -> CorpusInfo:

@@ -43,3 +43,6 @@ $$;
 CREATE OR REPLACE TRIGGER vectors_written_dequeue
   AFTER INSERT ON pyembed.vectors REFERENCING NEW TABLE AS new_rows
   FOR EACH STATEMENT EXECUTE FUNCTION pyembed._dequeue_written();
+CREATE OR REPLACE TRIGGER vectors_written_dequeue_update
+  AFTER UPDATE ON pyembed.vectors REFERENCING NEW TABLE AS new_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION pyembed._dequeue_written();

@@ -3,26 +3,28 @@ installs are safe to run concurrently, and privileges are granted on purpose."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import socket
 import subprocess
+import sys
+import threading
 import time
 import uuid
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 
-from pyembed import install, store
+from pyembed import schema, store
 from pyembed.config import resource_dir
 from pyembed.db import connect
 from pyembed.errors import PyembedError
 from pyembed.localdb import APP_GROUP, LocalCluster, find_bindir
-from tests.conftest import Database, create_database, drop_database
+from tests.conftest import REPO, Database, create_database, drop_database
 from tests.helpers import rows
 
 KEY = "fake/fake-hash@1:384"
@@ -33,18 +35,25 @@ APP_EXECUTE: dict[str, bool] = {
     "_check_corpus_name(text)": False,
     "_chunk_hash()": False,
     "_create_vector_index(integer, text)": False,
+    "_dequeue_written()": False,
     "_dims_match(vector, text)": True,  # called by the vectors_dims_match_model CHECK constraint
+    "_enqueue_chunk()": False,
     "_guard_corpus_key()": False,
     "_guard_model()": False,
     "_guard_vectors()": False,
     "_index_name(integer, text)": False,
     "_index_spec(integer, text)": False,
     "_search_target(text, text)": False,
+    "add_document(text, text, text, jsonb)": True,
     "create_corpus(text, text, text, integer, integer)": True,
     "drop_corpus(text)": True,
+    "embed(text, text, text)": True,
+    "embed_batch(text[], text, text)": True,
     "register_model(text, text, text, integer, text, boolean, boolean, integer, integer, "
     "integer, numeric, text)": True,
     "search(text, vector, text, integer, jsonb)": True,
+    "search_text(text, text, integer, jsonb)": True,
+    "set_secret(text, text)": False,  # API keys are the owner's
 }
 
 # Functions named by their argument types, with `vector` unqualified (pgvector lives in public).
@@ -85,7 +94,7 @@ def fresh_dump(cluster: LocalCluster) -> Iterator[str]:
     """The schema dump of a database brought to head by one online install."""
     db = create_database(cluster, f"t_fresh_{uuid.uuid4().hex[:8]}")
     try:
-        install.install(db.owner_dsn)
+        schema.install(db.owner_dsn)
         yield schema_dump(db.owner_dsn)
     finally:
         drop_database(cluster, db.name)
@@ -100,14 +109,14 @@ def _version_rows(dsn: str) -> list[str]:
 
 def test_downgrade_to_base_leaves_only_the_version_table_and_upgrade_equals_install(
         empty_db: Database, fresh_dump: str) -> None:
-    assert install.install(empty_db.owner_dsn) == install.head_revision()
+    assert schema.install(empty_db.owner_dsn) == schema.head_revision()
     with connect(empty_db.app_dsn, autocommit=True) as app:  # with data: a corpus and its index
         corpus = store.create_corpus(app, "docs", KEY)
         store.write_chunks(app, corpus, rows(3, 384), KEY)
 
-    install.downgrade(empty_db.owner_dsn, "base")
+    schema.downgrade(empty_db.owner_dsn, "base")
 
-    assert install.current_revision(empty_db.owner_dsn) is None
+    assert schema.current_revision(empty_db.owner_dsn) is None
     with psycopg.connect(empty_db.owner_dsn) as conn:
         relations = conn.execute("SELECT relname, relkind::text FROM pg_catalog.pg_class "
                                  "WHERE relnamespace = 'pyembed'::regnamespace "
@@ -122,16 +131,16 @@ def test_downgrade_to_base_leaves_only_the_version_table_and_upgrade_equals_inst
     assert types == [("_alembic_version",), ("alembic_version",)]
     assert versions == (0,)
 
-    assert install.install(empty_db.owner_dsn) == install.head_revision()
+    assert schema.install(empty_db.owner_dsn) == schema.head_revision()
     _assert_same(schema_dump(empty_db.owner_dsn), fresh_dump)
-    assert _version_rows(empty_db.owner_dsn) == [install.head_revision()]
+    assert _version_rows(empty_db.owner_dsn) == [schema.head_revision()]
 
 
 # -- offline (--sql) ----------------------------------------------------------------------------
 
 def test_offline_script_applied_with_psql_equals_online_install(
         empty_db: Database, fresh_dump: str, tmp_path: Path) -> None:
-    script = install.offline_sql()
+    script = schema.offline_sql()
     path = tmp_path / "pyembed-upgrade.sql"
     path.write_text(script)
 
@@ -141,19 +150,19 @@ def test_offline_script_applied_with_psql_equals_online_install(
     assert out.returncode == 0, out.stderr
 
     _assert_same(schema_dump(empty_db.owner_dsn), fresh_dump)
-    assert _version_rows(empty_db.owner_dsn) == [install.head_revision()]
-    assert install.current_revision(empty_db.owner_dsn) == install.head_revision()
+    assert _version_rows(empty_db.owner_dsn) == [schema.head_revision()]
+    assert schema.current_revision(empty_db.owner_dsn) == schema.head_revision()
 
 
 def test_offline_script_is_the_source_sql_verbatim_under_the_install_lock() -> None:
-    script = install.offline_sql()
+    script = schema.offline_sql()
     # SQL text reaches the script unchanged: no %% doubling, no \: escapes, nothing dropped.
-    for f in install.sql_files():
+    for f in schema.sql_files():
         assert f.read_text() in script, f"{f.name} is not in the offline script verbatim"
-    assert script.count("%%") == install.replaceable_sql().count("%%")
+    assert script.count("%%") == schema.replaceable_sql().count("%%")
     assert "\\:" not in script
 
-    lock = f"SELECT pg_advisory_xact_lock({install.INSTALL_LOCK_ID});"
+    lock = f"SELECT pg_advisory_xact_lock({schema.INSTALL_LOCK_ID});"
     statements = [s.strip() for s in script.split("\n\n") if s.strip() and not s.startswith("--")]
     assert statements[:2] == ["BEGIN;", lock], statements[:3]
     assert statements[-1] == "COMMIT;"
@@ -163,7 +172,7 @@ def test_offline_script_is_the_source_sql_verbatim_under_the_install_lock() -> N
 # -- sql/: replaceable objects --------------------------------------------------------------------
 
 def test_sql_files_are_named_and_ordered() -> None:
-    files = install.sql_files()
+    files = schema.sql_files()
     names = [f.name for f in files]
     assert names, "no sql/ files"
     assert all(re.fullmatch(r"\d{3}-[a-z0-9]+(-[a-z0-9]+)*\.sql", n) for n in names), names
@@ -177,36 +186,91 @@ def test_sql_files_are_named_and_ordered() -> None:
 def test_replaceable_sql_and_install_are_idempotent(db: Database) -> None:
     before = schema_dump(db.owner_dsn)
     with psycopg.connect(db.owner_dsn) as conn, conn.transaction():
-        conn.execute(install.replaceable_sql())
+        conn.execute(schema.replaceable_sql())
     _assert_same(schema_dump(db.owner_dsn), before)
 
-    assert install.install(db.owner_dsn) == install.head_revision()
+    assert schema.install(db.owner_dsn) == schema.head_revision()
     _assert_same(schema_dump(db.owner_dsn), before)
-    assert _version_rows(db.owner_dsn) == [install.head_revision()]
+    assert _version_rows(db.owner_dsn) == [schema.head_revision()]
 
 
 # -- concurrency and failures ---------------------------------------------------------------------
 
-def test_concurrent_installs_both_succeed(empty_db: Database) -> None:
-    # Hold the install lock so that both installers are provably waiting at the same time.
-    with psycopg.connect(empty_db.owner_dsn, autocommit=True) as holder, \
-            ThreadPoolExecutor(max_workers=2) as pool:
-        holder.execute("SELECT pg_advisory_lock(%s)", (install.INSTALL_LOCK_ID,))
-        futures = [pool.submit(install.install, empty_db.owner_dsn) for _ in range(2)]
+class _ThreadInstaller(threading.Thread):
+    def __init__(self, dsn: str) -> None:
+        super().__init__(daemon=True)  # a deadlocked installer must not hang the test run
+        self.dsn = dsn
+        self.outcome: str | BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.outcome = schema.install(self.dsn)
+        except BaseException as exc:
+            self.outcome = exc
+
+
+Installers = tuple[Callable[[], bool], Callable[[float], list[str]]]
+
+
+def _start_installers(how: str, dsn: str) -> Installers:
+    """Two installers started in threads or processes: (both still running?, their outcomes)."""
+    if how == "threads":
+        threads = [_ThreadInstaller(dsn) for _ in range(2)]
+        for t in threads:
+            t.start()
+
+        def thread_outcomes(deadline: float) -> list[str]:
+            for t in threads:
+                t.join(max(0.0, deadline - time.monotonic()))
+            return ["still running (stuck)" if t.is_alive() else
+                    t.outcome if isinstance(t.outcome, str) else repr(t.outcome) for t in threads]
+        return lambda: all(t.is_alive() for t in threads), thread_outcomes
+
+    env = {**os.environ, "PYEMBED_OWNER_DSN": dsn}
+    procs = [subprocess.Popen([sys.executable, "-c",
+                               "from pyembed import schema; print(schema.install())"],
+                              env=env, cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+
+    def process_outcomes(deadline: float) -> list[str]:
+        outs = []
+        for p in procs:
+            try:
+                out, _ = p.communicate(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                out, _ = p.communicate()
+            outs.append(out.strip() if p.returncode == 0 else f"exit {p.returncode}: {out}")
+        return outs
+    return lambda: all(p.poll() is None for p in procs), process_outcomes
+
+
+@pytest.mark.parametrize("how", ["threads", "processes"])
+def test_concurrent_installs_both_succeed(how: str, empty_db: Database) -> None:
+    lock_id = schema.INSTALL_LOCK_ID
+    with psycopg.connect(empty_db.owner_dsn, autocommit=True) as holder:
+        # Hold the install lock so that both installers provably wait at the same time.
+        holder.execute("SELECT pg_advisory_lock(%s)", (lock_id,))
+        running, outcomes = _start_installers(how, empty_db.owner_dsn)
         deadline = time.monotonic() + 20
         waiting = 0
-        while waiting < 2 and time.monotonic() < deadline and not any(f.done() for f in futures):
+        while waiting < 2 and running() and time.monotonic() < deadline:
             row = holder.execute(
                 "SELECT count(*) FROM pg_catalog.pg_locks WHERE locktype = 'advisory' "
-                "AND NOT granted AND database = (SELECT oid FROM pg_catalog.pg_database "
-                "WHERE datname = current_database()) AND objid::bigint = %s",
-                (install.INSTALL_LOCK_ID,)).fetchone()
+                "AND NOT granted AND objid::bigint = %s AND database = "
+                "(SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database())",
+                (lock_id,)).fetchone()
             waiting = row[0] if row else 0
-        holder.execute("SELECT pg_advisory_unlock(%s)", (install.INSTALL_LOCK_ID,))
-        results = [f.result(timeout=60) for f in futures]
-    assert waiting == 2, "the two installers never waited on the install lock together"
-    assert results == [install.head_revision()] * 2
-    assert _version_rows(empty_db.owner_dsn) == [install.head_revision()]
+        holder.execute("SELECT pg_advisory_unlock(%s)", (lock_id,))
+        # An install takes well under a second; a stuck one is a deadlock, not slowness.
+        results = outcomes(time.monotonic() + 15)
+        sessions = holder.execute(
+            "SELECT state, wait_event_type, wait_event, left(query, 60) "
+            "FROM pg_catalog.pg_stat_activity WHERE datname = current_database() "
+            "AND pid <> pg_backend_pid()").fetchall()
+    assert waiting == 2, f"the installers never waited on the install lock together: {results}"
+    assert results == [schema.head_revision()] * 2, f"{results}; sessions: {sessions}"
+    assert _version_rows(empty_db.owner_dsn) == [schema.head_revision()]
 
 
 @pytest.mark.parametrize("case", ["unreachable", "not_owner"])
@@ -217,7 +281,7 @@ def test_failed_install_is_one_clear_line(case: str, empty_db: Database) -> None
         dsn = (f"postgresql://pyembed:x@127.0.0.1:{port}/pyembed?connect_timeout=5"
                if case == "unreachable" else empty_db.app_dsn)
         with pytest.raises(PyembedError) as err:
-            install.install(dsn)
+            schema.install(dsn)
     message = str(err.value)
     assert len(message.splitlines()) == 1 and "\t" not in message, repr(message)
     assert not re.search(r"\b(SELECT|CREATE|ALTER|INSERT|pg_advisory)\b|\[SQL", message), message
@@ -226,8 +290,8 @@ def test_failed_install_is_one_clear_line(case: str, empty_db: Database) -> None
     else:
         assert "permission denied" in message, message
         with psycopg.connect(empty_db.owner_dsn) as conn:
-            schema = conn.execute("SELECT to_regnamespace('pyembed')").fetchone()
-        assert schema == (None,), "a refused install left a pyembed schema behind"
+            namespace = conn.execute("SELECT to_regnamespace('pyembed')").fetchone()
+        assert namespace == (None,), "a refused install left a pyembed schema behind"
 
 
 # -- privileges ---------------------------------------------------------------------------------

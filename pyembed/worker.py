@@ -1,0 +1,320 @@
+"""`pyembed worker`: embeds queued chunks in batches claimed with SKIP LOCKED.
+
+A batch is leased (attempts + 1, hidden until the lease ends) in a short transaction, embedded
+with no transaction open, then written and dequeued in one transaction. A worker killed
+mid-batch loses nothing: the lease runs out and the batch is claimed again, and what was
+already embedded comes back from the cache instead of the provider. A write whose chunk text
+changed meanwhile is discarded (the new text is queued already).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import psycopg
+
+from .cache import PostgresCache
+from .db import connect
+from .embedder import Embedder
+from .errors import InvalidInput, ProviderError, PyembedError
+from .models import InputType, ModelSpec
+from .store import model_spec
+
+_log = logging.getLogger(__name__)
+
+CLAIM = """
+WITH picked AS (
+  SELECT corpus_id, chunk_id, model_key FROM pyembed.queue
+   WHERE not_before <= now() AND attempts < %(max_attempts)s
+   ORDER BY not_before, enqueued_at
+   LIMIT %(limit)s FOR UPDATE SKIP LOCKED
+)
+UPDATE pyembed.queue q
+   SET attempts = q.attempts + 1, not_before = now() + make_interval(secs => %(lease)s)
+  FROM picked p
+ WHERE q.corpus_id = p.corpus_id AND q.chunk_id = p.chunk_id AND q.model_key = p.model_key
+RETURNING q.corpus_id, q.chunk_id, q.model_key, q.content_hash, q.attempts,
+  (SELECT ch.content FROM pyembed.chunks ch
+    WHERE ch.corpus_id = q.corpus_id AND ch.chunk_id = q.chunk_id)
+"""
+
+# Items that used up their attempts without a recorded verdict (e.g. the worker died each time).
+EXPIRE = """
+WITH gone AS (
+  DELETE FROM pyembed.queue q USING (
+    SELECT corpus_id, chunk_id, model_key FROM pyembed.queue
+     WHERE attempts >= %(max_attempts)s AND not_before <= now()
+     FOR UPDATE SKIP LOCKED) p
+   WHERE q.corpus_id = p.corpus_id AND q.chunk_id = p.chunk_id AND q.model_key = p.model_key
+  RETURNING q.*)
+INSERT INTO pyembed.queue_failed (corpus_id, chunk_id, model_key, content_hash, attempts, reason)
+SELECT corpus_id, chunk_id, model_key, content_hash, attempts,
+       coalesce(last_error, 'no result after ' || attempts || ' attempts (worker stopped or timed out)')
+  FROM gone
+ON CONFLICT (corpus_id, chunk_id, model_key) DO UPDATE
+  SET reason = EXCLUDED.reason, attempts = EXCLUDED.attempts, failed_at = now()
+"""
+
+# Replace, not upsert: the application role may write vectors but never read them back, and
+# ON CONFLICT DO UPDATE would need to read the existing row.
+UNWRITE = """
+DELETE FROM pyembed.vectors v
+ USING unnest(%(corpus_ids)s::int[], %(chunk_ids)s::bigint[]) AS t(corpus_id, chunk_id)
+ WHERE v.corpus_id = t.corpus_id AND v.chunk_id = t.chunk_id AND v.model_key = %(model)s
+"""
+
+WRITE = """
+INSERT INTO pyembed.vectors (corpus_id, chunk_id, model_key, embedding, content_hash)
+SELECT t.corpus_id, t.chunk_id, %(model)s, t.embedding, t.content_hash
+  FROM unnest(%(corpus_ids)s::int[], %(chunk_ids)s::bigint[], %(vectors)s::vector[],
+              %(hashes)s::bytea[]) AS t(corpus_id, chunk_id, embedding, content_hash)
+  JOIN pyembed.chunks ch ON ch.corpus_id = t.corpus_id AND ch.chunk_id = t.chunk_id
+                        AND ch.content_hash = t.content_hash
+"""
+
+FAIL = """
+WITH gone AS (
+  DELETE FROM pyembed.queue
+   WHERE corpus_id = %(corpus_id)s AND chunk_id = %(chunk_id)s AND model_key = %(model)s
+     AND content_hash = %(hash)s
+  RETURNING *)
+INSERT INTO pyembed.queue_failed (corpus_id, chunk_id, model_key, content_hash, attempts, reason)
+SELECT corpus_id, chunk_id, model_key, content_hash, attempts, %(reason)s FROM gone
+ON CONFLICT (corpus_id, chunk_id, model_key) DO UPDATE
+  SET reason = EXCLUDED.reason, attempts = EXCLUDED.attempts, failed_at = now()
+"""
+
+RETRY = """
+UPDATE pyembed.queue SET last_error = %(reason)s,
+       not_before = now() + make_interval(secs => %(delay)s)
+ WHERE corpus_id = %(corpus_id)s AND chunk_id = %(chunk_id)s AND model_key = %(model)s
+   AND content_hash = %(hash)s
+"""
+
+
+@dataclass
+class Item:
+    corpus_id: int
+    chunk_id: int
+    model_key: str
+    content_hash: bytes
+    attempts: int
+    content: str | None
+
+
+@dataclass
+class WorkerStats:
+    embedded: int = 0
+    failed: int = 0
+    retried: int = 0
+    stale: int = 0
+    batches: int = 0
+    seconds: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def all_failed(self) -> bool:
+        return self.embedded == 0 and (self.failed > 0 or self.retried > 0)
+
+    @property
+    def rate(self) -> float:
+        return self.embedded / self.seconds if self.seconds else 0.0
+
+
+class Worker:
+    """Drains pyembed.queue; several workers may run at once."""
+
+    def __init__(self, dsn: str | None = None, *, batch_size: int = 64, max_attempts: int = 5,
+                 lease_seconds: float = 300.0, retry_base: float = 2.0, retry_max: float = 300.0,
+                 embedder_for: Callable[[ModelSpec, PostgresCache], Embedder] | None = None
+                 ) -> None:
+        if batch_size < 1 or max_attempts < 1 or lease_seconds <= 0:
+            raise InvalidInput("batch size, max attempts and lease must be positive")
+        self.dsn = dsn
+        self.batch_size = batch_size
+        self.max_attempts = max_attempts
+        self.lease_seconds = lease_seconds
+        self.retry_base = retry_base
+        self.retry_max = retry_max
+        self._embedder_for = embedder_for or (lambda spec, cache: Embedder(spec, cache=cache))
+        self._embedders: dict[str, Embedder] = {}
+        self.stop_requested = threading.Event()
+        self._conn: psycopg.Connection[Any] | None = None
+        self._cache_conn: psycopg.Connection[Any] | None = None
+
+    # -- connections -----------------------------------------------------------------------
+    @property
+    def conn(self) -> psycopg.Connection[Any]:
+        if self._conn is None or self._conn.closed:
+            self._conn = connect(self.dsn)
+        return self._conn
+
+    def _embedder(self, key: str) -> Embedder:
+        if key not in self._embedders:
+            if self._cache_conn is None or self._cache_conn.closed:
+                # Its own autocommit connection: what was embedded survives a failed batch.
+                self._cache_conn = connect(self.dsn, autocommit=True)
+            spec = model_spec(self.conn, key)
+            self.conn.rollback()
+            self._embedders[key] = self._embedder_for(spec, PostgresCache(self._cache_conn))
+        return self._embedders[key]
+
+    def close(self) -> None:
+        for c in (self._conn, self._cache_conn):
+            if c is not None:
+                c.close()
+
+    # -- one batch -------------------------------------------------------------------------
+    def pending(self) -> int:
+        with self.conn.transaction():
+            row = self.conn.execute("SELECT count(*) FROM pyembed.queue").fetchone()
+        return int(row[0]) if row else 0
+
+    def claim(self) -> list[Item]:
+        with self.conn.transaction():
+            self.conn.execute(EXPIRE, {"max_attempts": self.max_attempts})
+            rows = self.conn.execute(CLAIM, {"limit": self.batch_size, "lease": self.lease_seconds,
+                                             "max_attempts": self.max_attempts}).fetchall()
+        return [Item(*r) for r in rows]
+
+    def run_once(self, stats: WorkerStats | None = None) -> WorkerStats:
+        """Claim, embed and write one batch; returns the counts (added to `stats` if given)."""
+        stats = stats or WorkerStats()
+        items = self.claim()
+        if not items:
+            return stats
+        stats.batches += 1
+        groups: dict[str, list[Item]] = defaultdict(list)
+        for item in items:
+            groups[item.model_key].append(item)
+        for key, group in groups.items():
+            self._process(key, group, stats)
+        return stats
+
+    def _process(self, key: str, items: list[Item], stats: WorkerStats) -> None:
+        try:
+            embedder = self._embedder(key)
+        except PyembedError as exc:  # unknown model, missing API key: nobody can embed these
+            self._retry_all(items, str(exc), stats)
+            return
+        good: list[Item] = []
+        for item in items:
+            if item.content is None:  # chunk deleted meanwhile
+                stats.stale += 1
+                continue
+            try:
+                embedder.check([item.content])
+                good.append(item)
+            except InvalidInput as exc:
+                self._fail(item, f"invalid text: {exc}", stats)
+        if not good:
+            return
+        try:
+            vectors = embedder.embed([i.content or "" for i in good], InputType.DOCUMENT)
+        except ProviderError as exc:
+            if len(good) > 1 and not _transient(exc):
+                # One bad input can sink a whole request: embed one by one to find it.
+                for item in good:
+                    self._process(key, [item], stats)
+                return
+            self._retry_all(good, str(exc), stats)
+            return
+        self._write(key, good, vectors, stats)
+
+    def _write(self, key: str, items: list[Item], vectors: np.ndarray, stats: WorkerStats) -> None:
+        from pgvector import Vector
+
+        params = {"model": key, "corpus_ids": [i.corpus_id for i in items],
+                  "chunk_ids": [i.chunk_id for i in items], "vectors": [Vector(v) for v in vectors],
+                  "hashes": [i.content_hash for i in items]}
+        with self.conn.transaction():
+            self.conn.execute(UNWRITE, params)
+            written = self.conn.execute(WRITE, params).rowcount
+        stats.embedded += written
+        stats.stale += len(items) - written
+
+    def _fail(self, item: Item, reason: str, stats: WorkerStats) -> None:
+        with self.conn.transaction():
+            self.conn.execute(FAIL, {"corpus_id": item.corpus_id, "chunk_id": item.chunk_id,
+                                     "model": item.model_key, "hash": item.content_hash,
+                                     "reason": reason[:2000]})
+        stats.failed += 1
+        stats.errors.append(reason)
+
+    def _retry_all(self, items: list[Item], reason: str, stats: WorkerStats) -> None:
+        for item in items:
+            if item.attempts >= self.max_attempts:
+                self._fail(item, f"gave up after {item.attempts} attempts: {reason}", stats)
+                continue
+            delay = min(self.retry_base * 2 ** (item.attempts - 1), self.retry_max)
+            with self.conn.transaction():
+                self.conn.execute(RETRY, {"corpus_id": item.corpus_id, "chunk_id": item.chunk_id,
+                                          "model": item.model_key, "hash": item.content_hash,
+                                          "reason": reason[:2000], "delay": delay})
+            stats.retried += 1
+        stats.errors.append(reason)
+
+    # -- the loop --------------------------------------------------------------------------
+    def run(self, *, drain: bool = True, poll_interval: float = 1.0, drain_wait: float = 60.0,
+            progress: Callable[[WorkerStats, int], None] | None = None) -> WorkerStats:
+        """Work until stopped, or with `drain` until nothing is claimable within `drain_wait`
+        seconds (retries in backoff are waited for; other workers' leases are not).
+        SIGTERM and SIGINT finish the current batch, then stop."""
+        stats = WorkerStats()
+        start = time.perf_counter()
+        with _stop_on_signals(self.stop_requested):
+            while not self.stop_requested.is_set():
+                before = (stats.embedded, stats.failed, stats.retried, stats.stale)
+                self.run_once(stats)
+                stats.seconds = time.perf_counter() - start
+                if progress:
+                    progress(stats, self.pending())
+                if (stats.embedded, stats.failed, stats.retried, stats.stale) == before:
+                    if drain and self._nothing_due(drain_wait):
+                        break
+                    self.stop_requested.wait(poll_interval)
+        stats.seconds = time.perf_counter() - start
+        return stats
+
+    def _nothing_due(self, within: float) -> bool:
+        with self.conn.transaction():
+            row = self.conn.execute(
+                "SELECT count(*) FROM pyembed.queue WHERE attempts < %s "
+                "AND not_before <= now() + make_interval(secs => %s)",
+                (self.max_attempts, within)).fetchone()
+        return not row or row[0] == 0
+
+
+def _transient(exc: ProviderError) -> bool:
+    from .providers import TransientProviderError
+
+    return isinstance(exc.__cause__, TransientProviderError)
+
+
+@contextmanager
+def _stop_on_signals(event: threading.Event) -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def handler(signum: int, frame: object) -> None:
+        _log.info("signal %d: finishing the current batch, then stopping", signum)
+        event.set()
+
+    for s in previous:
+        signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
