@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 from .embedder import estimate_tokens
 
@@ -37,3 +38,22 @@ def chunk_text(text: str, max_tokens: int = 200, overlap_tokens: int = 40) -> li
             kept += estimate_tokens(words[back])
         start = back
     return chunks
+
+
+def fit_chunks(chunks: list[str], max_tokens: int,
+               count: Callable[[list[str]], list[int] | None]) -> list[str]:
+    """Split, at word boundaries, every chunk that the model's own tokenizer (`count`, which
+    may answer None when it has none) finds over `max_tokens`; the estimate can run short."""
+    counts = count(chunks)
+    if counts is None:
+        return chunks
+    out: list[str] = []
+    for chunk, n in zip(chunks, counts, strict=True):
+        words = _WORD.findall(chunk)
+        if n <= max_tokens or len(words) < 2:
+            out.append(chunk)
+            continue
+        half = len(words) // 2
+        out += fit_chunks(["".join(words[:half]).strip(), "".join(words[half:]).strip()],
+                          max_tokens, count)
+    return out

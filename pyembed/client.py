@@ -11,7 +11,7 @@ import psycopg
 
 from . import store
 from .cache import PostgresCache
-from .chunking import chunk_text
+from .chunking import chunk_text, fit_chunks
 from .db import connect as db_connect
 from .embedder import Embedder
 from .models import LOCAL_DEFAULT, InputType, registry
@@ -88,14 +88,14 @@ class Corpus:
     def add(self, documents: Iterable[Document | tuple[str, str] | Mapping[str, Any]]) -> AddReport:
         """Chunk, embed (with the corpus's own model) and store documents, replacing old versions."""
         docs = [_as_document(d) for d in documents]
+        embedder = self.client.embedder(self.model_key)
         rows: list[ChunkRow] = []
         for d in docs:
             store.check_text(d.text, f"document {d.id!r}")
-            for i, chunk in enumerate(chunk_text(d.text, self.info.chunk_tokens,
-                                                 self.info.chunk_overlap)):
-                rows.append(ChunkRow(d.id, i, chunk, np.empty(0), d.metadata))
-        vectors = self.client.embedder(self.model_key).embed([r.content for r in rows],
-                                                             InputType.DOCUMENT)
+            chunks = fit_chunks(chunk_text(d.text, self.info.chunk_tokens, self.info.chunk_overlap),
+                                embedder.spec.max_tokens, embedder.provider.count_tokens)
+            rows += [ChunkRow(d.id, i, c, np.empty(0), d.metadata) for i, c in enumerate(chunks)]
+        vectors = embedder.embed([r.content for r in rows], InputType.DOCUMENT)
         for r, v in zip(rows, vectors, strict=True):
             r.embedding = v
         store.write_chunks(self.client.conn, self.info, rows, self.model_key)

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from .chunking import chunk_text
+from .chunking import chunk_text, fit_chunks
 from .errors import InvalidInput, MissingAPIKey, PyembedError, UnknownCorpus, UnknownModel
 from .models import MODEL_COLUMNS, InputType, ModelSpec, spec_from_row
 from .routing import serving_key
@@ -182,6 +182,19 @@ def search_text(plpy: Any, GD: dict[str, Any], corpus: str | None, query: str | 
     return list(plpy.execute(plan, [corpus, vector_text(vec), key, k, filter]))
 
 
+def _token_counter(GD: dict[str, Any], spec: ModelSpec) -> Callable[[list[str]], list[int] | None]:
+    """The model's own token counter (no API key needed to count), kept per backend."""
+    from .providers import provider_for
+
+    counters = GD.setdefault("pyembed.counters", {})
+    if spec.key not in counters:
+        try:
+            counters[spec.key] = provider_for(spec, api_key="unused").count_tokens
+        except PyembedError:
+            counters[spec.key] = lambda texts: None
+    return counters[spec.key]  # type: ignore[no-any-return]
+
+
 def add_document(plpy: Any, GD: dict[str, Any], corpus: str | None, document_id: str | None,
                  content: str | None, metadata: str | None) -> int:
     """Store a document and its chunks; the chunk triggers queue them for the worker."""
@@ -194,7 +207,9 @@ def add_document(plpy: Any, GD: dict[str, Any], corpus: str | None, document_id:
     if not isinstance(meta, dict):
         raise InvalidInput("metadata must be a JSON object")
     c = _corpus(plpy, GD, corpus)
-    chunks = chunk_text(content or "", c["chunk_tokens"], c["chunk_overlap"])
+    spec = model_spec(plpy, GD, c["model_key"])
+    chunks = fit_chunks(chunk_text(content or "", c["chunk_tokens"], c["chunk_overlap"]),
+                        spec.max_tokens, _token_counter(GD, spec))
     meta_text = json.dumps(meta)
     plpy.execute(_plan(plpy, GD, """
         INSERT INTO pyembed.documents (corpus_id, document_id, content_hash, metadata)

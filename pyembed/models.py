@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -144,7 +144,7 @@ class Registry:
                 f"unknown model key {key!r}; `pyembed models` lists the known keys"
             ) from None
 
-    def __iter__(self) -> Iterable[ModelSpec]:  # type: ignore[override]
+    def __iter__(self) -> Iterator[ModelSpec]:
         return iter(self._specs.values())
 
     def __contains__(self, key: object) -> bool:

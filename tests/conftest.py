@@ -21,6 +21,8 @@ from pyembed import schema
 from pyembed.db import connect
 from pyembed.localdb import APP_USER, OWNER, LocalCluster
 
+pytest_plugins = ["tests.fakeapi.fixtures"]
+
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATE = "pyembed_template"
 

@@ -1,0 +1,369 @@
+"""Benchmark of the guard's cost (a script, not a test): bulk load, HNSW build and search
+through pyembed's guarded path next to plain pgvector, on the same vectors and server.
+
+    .venv/bin/python tests/benchmarks/bench_guarded_search.py --n 20000   # a quick look
+    .venv/bin/python tests/benchmarks/bench_guarded_search.py             # 100,000 vectors
+    .venv/bin/python tests/benchmarks/bench_guarded_search.py --dsn postgresql://owner@host/db
+
+Data: N random unit 384-d float32 vectors around 1,000 Gaussian centres (so that
+neighbours are meaningful and HNSW recall is not trivially 1), and 200 queries from the
+same distribution; fixed seed.
+
+Load: both tables are loaded without an HNSW index, by binary COPY from Python.
+Guarded: `pyembed.store.copy_vectors` into pyembed.vectors as the application role, with
+the guard trigger, the per-row dimensions CHECK, the foreign key to chunks and the work
+queue's dequeue trigger (documents and chunks are loaded first, untimed). Plain: a table
+bench_plain(id bigint primary key, embedding vector(384)) loaded as pgvector-python shows.
+Then the same HNSW index (m=16, ef_construction=64, cosine) is built on each.
+
+Search: per query, `pyembed.search(corpus, vector, key, 10)` on an application-role
+connection and `ORDER BY embedding <=> q LIMIT 10` on an owner connection, interleaved
+(alternating which goes first), 3 rounds after an untimed warm-up; connections never
+prepare statements (prepare_threshold=None). Recall@10 is against exact numpy search.
+
+Without --dsn the benchmark runs in a fresh database of a local cluster in
+<repo>/.pyembed-bench (created on first use, stopped at the end if this run started it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import psycopg
+from pgvector import Vector
+from psycopg import sql
+
+REPO = Path(__file__).resolve().parents[2]
+KEY = "fake/fake-hash@1:384"
+DIMS = 384
+CHUNKS_PER_DOCUMENT = 10
+K = 10
+
+F32 = npt.NDArray[np.float32]
+
+
+@dataclass
+class Target:
+    owner_dsn: str
+    app_dsn: str | None  # None: the owner connection switches to the pyembed_app role
+    description: str
+    fresh: bool  # a throwaway database: no need to clean up inside it
+
+
+def clustered_unit_vectors(rng: np.random.Generator, centres: F32, n: int,
+                           noise: float) -> F32:
+    """n unit vectors, each a random centre plus isotropic noise of norm about `noise`."""
+    picks = rng.integers(0, len(centres), size=n)
+    out = np.empty((n, DIMS), dtype=np.float32)
+    for start in range(0, n, 20_000):  # bounded memory for large n
+        stop = min(start + 20_000, n)
+        block = centres[picks[start:stop]] + rng.standard_normal(
+            (stop - start, DIMS), dtype=np.float32) * np.float32(noise / np.sqrt(DIMS))
+        out[start:stop] = block / np.linalg.norm(block, axis=1, keepdims=True)
+    return out
+
+
+def exact_top_k(vectors: F32, queries: F32, k: int) -> list[set[int]]:
+    scores = queries @ vectors.T  # unit vectors: cosine similarity
+    top = np.argpartition(-scores, k, axis=1)[:, :k]
+    return [set(map(int, row)) for row in top]
+
+
+def percentiles(samples: list[float]) -> tuple[float, float, float]:
+    p50, p95, p99 = np.percentile(np.asarray(samples) * 1000.0, [50, 95, 99])
+    return float(p50), float(p95), float(p99)
+
+
+def _scalar(conn: psycopg.Connection[Any], query: str, params: tuple[Any, ...] = ()) -> Any:
+    row = conn.execute(query, params).fetchone()
+    assert row is not None
+    return row[0]
+
+
+@contextmanager
+def local_database(keep: bool) -> Iterator[Target]:
+    """A fresh database in the benchmark cluster, installed to head; dropped afterwards."""
+    from pyembed.localdb import LocalCluster
+    from pyembed.schema import install
+
+    cluster = LocalCluster(REPO / ".pyembed-bench")
+    cluster.init()
+    started = cluster.start()
+    name = f"bench_{uuid.uuid4().hex[:8]}"
+    admin_dsn = cluster.dsn(owner=True)
+
+    def in_db(dsn: str) -> str:
+        return dsn.rsplit("/", 1)[0] + "/" + name
+
+    with psycopg.connect(admin_dsn, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        install(in_db(admin_dsn))
+        yield Target(in_db(admin_dsn), in_db(cluster.dsn(owner=False)),
+                     f"fresh database {name} in {cluster.home}", fresh=True)
+    finally:
+        if not keep:
+            with psycopg.connect(admin_dsn, autocommit=True) as admin:
+                admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
+                              .format(sql.Identifier(name)))
+        if started and not keep:
+            cluster.stop()
+
+
+@contextmanager
+def given_database(owner_dsn: str, app_dsn: str | None) -> Iterator[Target]:
+    from pyembed.schema import install
+
+    install(owner_dsn)
+    yield Target(owner_dsn, app_dsn, "the database given by --dsn", fresh=False)
+
+
+def connect(dsn: str, *, as_app_role: bool = False) -> psycopg.Connection[Any]:
+    from pyembed.db import connect as pyembed_connect
+
+    conn = pyembed_connect(dsn, autocommit=True, prepare_threshold=None)
+    if as_app_role:
+        conn.execute("SET ROLE pyembed_app")
+    return conn
+
+
+def print_environment(owner: psycopg.Connection[Any]) -> None:
+    owner.execute("SELECT '[1]'::vector")  # loads pgvector, which defines hnsw.ef_search
+    settings = ", ".join(
+        f"{name}={_scalar(owner, 'SELECT current_setting(%s)', (name,))}"
+        for name in ("shared_buffers", "maintenance_work_mem", "max_parallel_maintenance_workers",
+                     "hnsw.ef_search", "synchronous_commit"))
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    server = _scalar(owner, "SHOW server_version")
+    pgvector = _scalar(owner, "SELECT extversion FROM pg_extension WHERE extname = 'vector'")
+    print(f"PostgreSQL {server}; pgvector {pgvector}; CPUs {os.cpu_count()} (usable {affinity}); "
+          f"Python {platform.python_version()}, numpy {np.__version__}, "
+          f"psycopg {psycopg.__version__}")
+    print(f"server settings: {settings}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dsn", help="owner DSN of a database to use (default: a fresh database "
+                                      "in the local benchmark cluster)")
+    parser.add_argument("--app-dsn", help="application-role DSN for the guarded search (with "
+                                          "--dsn; default: the owner connection with SET ROLE "
+                                          "pyembed_app)")
+    parser.add_argument("--n", type=int, default=100_000, help="vectors (default 100,000)")
+    parser.add_argument("--queries", type=int, default=200, help="queries (default 200)")
+    parser.add_argument("--rounds", type=int, default=3, help="timed search rounds (default 3)")
+    parser.add_argument("--centres", type=int, default=1000, help="Gaussian centres (1,000)")
+    parser.add_argument("--noise", type=float, default=1.0,
+                        help="noise norm around a unit centre (default 1.0)")
+    parser.add_argument("--seed", type=int, default=20261125)
+    parser.add_argument("--keep", action="store_true", help="keep the database and its tables")
+    args = parser.parse_args()
+
+    rng = np.random.default_rng(args.seed)
+    centres = rng.standard_normal((args.centres, DIMS), dtype=np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    vectors = clustered_unit_vectors(rng, centres, args.n, args.noise)
+    queries = clustered_unit_vectors(rng, centres, args.queries, args.noise)
+    truth = exact_top_k(vectors, queries, K)
+
+    target = (given_database(args.dsn, args.app_dsn) if args.dsn
+              else local_database(args.keep))
+    with target as t:
+        run(t, args, vectors, queries, truth)
+
+
+def run(t: Target, args: argparse.Namespace, vectors: F32, queries: F32,
+        truth: list[set[int]]) -> None:
+    from pyembed import store
+
+    n = len(vectors)
+    owner = connect(t.owner_dsn)
+    app = connect(t.app_dsn) if t.app_dsn else connect(t.owner_dsn, as_app_role=True)
+    corpus_name = f"bench-{uuid.uuid4().hex[:8]}"
+    # Qualified: the owner's "$user" schema may be pyembed itself (an owner role named pyembed).
+    plain = sql.Identifier("public", "bench_plain")
+    try:
+        print_environment(owner)
+        print(f"database: {t.description}; application role: "
+              f"{_scalar(app, 'SELECT current_user')}")
+        print(f"data: {n:,} unit {DIMS}-d float32 vectors around {args.centres:,} centres "
+              f"(noise norm {args.noise}), {len(queries)} queries, seed {args.seed}; "
+              f"model key {KEY}")
+        print()
+
+        # -- guarded: corpus, documents and chunks (untimed), index dropped before the load --
+        corpus = store.create_corpus(app, corpus_name, KEY)
+        index_names = [r[0] for r in owner.execute(
+            "SELECT relname FROM pg_class WHERE relnamespace = 'pyembed'::regnamespace "
+            "AND relkind = 'i' AND relname LIKE %s",
+            (f"vectors\\_hnsw\\_c{corpus.corpus_id}\\_%",))]
+        for name in index_names:
+            owner.execute(sql.SQL("DROP INDEX pyembed.{}").format(sql.Identifier(name)))
+        documents = (n + CHUNKS_PER_DOCUMENT - 1) // CHUNKS_PER_DOCUMENT
+        contents = [f"chunk {i} of the benchmark corpus" for i in range(n)]
+        started = time.perf_counter()
+        with app.transaction(), app.cursor() as cur:
+            with cur.copy("COPY pyembed.documents (corpus_id, document_id, content_hash) "
+                          "FROM STDIN WITH (FORMAT BINARY)") as copy:
+                copy.set_types(["int4", "text", "bytea"])
+                for d in range(documents):
+                    copy.write_row((corpus.corpus_id, f"d{d}", store.sha256(f"d{d}")))
+            with cur.copy("COPY pyembed.chunks (corpus_id, document_id, chunk_index, content) "
+                          "FROM STDIN WITH (FORMAT BINARY)") as copy:
+                copy.set_types(["int4", "text", "int4", "text"])
+                for i, text in enumerate(contents):
+                    copy.write_row((corpus.corpus_id, f"d{i // CHUNKS_PER_DOCUMENT}",
+                                    i % CHUNKS_PER_DOCUMENT, text))
+        chunk_of = np.empty(n, dtype=np.int64)
+        for chunk_id, document_id, chunk_index in app.execute(
+                "SELECT chunk_id, document_id, chunk_index FROM pyembed.chunks "
+                "WHERE corpus_id = %s", (corpus.corpus_id,)):
+            chunk_of[int(document_id[1:]) * CHUNKS_PER_DOCUMENT + chunk_index] = chunk_id
+        row_of_chunk = {int(c): i for i, c in enumerate(chunk_of)}
+        queued = _scalar(app, "SELECT count(*) FROM pyembed.queue WHERE corpus_id = %s",
+                         (corpus.corpus_id,))
+        print(f"setup (untimed): {documents:,} documents and {n:,} chunks by COPY in "
+              f"{time.perf_counter() - started:.1f} s; {queued:,} chunks queued for embedding; "
+              f"dropped index {', '.join(index_names) or '(none)'}")
+        hashes = [store.sha256(text) for text in contents]
+
+        # -- loads, both without an HNSW index --
+        _checkpoint(owner)
+        started = time.perf_counter()
+        with app.transaction(), app.cursor() as cur:
+            store.copy_vectors(cur, corpus.corpus_id, [int(c) for c in chunk_of], KEY,
+                               vectors, hashes)
+        guarded_load = time.perf_counter() - started
+        still_queued = _scalar(app, "SELECT count(*) FROM pyembed.queue WHERE corpus_id = %s",
+                               (corpus.corpus_id,))
+
+        owner.execute(sql.SQL("CREATE TABLE {} (id bigint PRIMARY KEY, embedding vector({}))")
+                      .format(plain, sql.Literal(DIMS)))
+        _checkpoint(owner)
+        started = time.perf_counter()
+        with owner.transaction(), owner.cursor() as cur, cur.copy(
+                sql.SQL("COPY {} (id, embedding) FROM STDIN WITH (FORMAT BINARY)")
+                .format(plain)) as copy:
+            copy.set_types(["int8", "vector"])
+            for i, vec in enumerate(vectors):
+                copy.write_row((i, vec))
+        plain_load = time.perf_counter() - started
+
+        print("\nbulk load (binary COPY, no HNSW index, one transaction):")
+        print(f"  guarded  store.copy_vectors -> pyembed.vectors: {n / guarded_load:9,.0f} rows/s "
+              f"({guarded_load:.2f} s; queue left for the corpus: {still_queued})")
+        print(f"  plain    pgvector COPY      -> bench_plain:     {n / plain_load:9,.0f} rows/s "
+              f"({plain_load:.2f} s)")
+        print(f"  ratio guarded/plain rows/s: {plain_load / guarded_load:.2f}")
+
+        # -- HNSW builds (m=16, ef_construction=64, cosine) --
+        started = time.perf_counter()
+        index = _scalar(owner, "SELECT pyembed._create_vector_index(%s, %s)",
+                        (corpus.corpus_id, KEY))
+        guarded_build = time.perf_counter() - started
+        started = time.perf_counter()
+        owner.execute(sql.SQL("CREATE INDEX bench_plain_hnsw ON {} USING hnsw "
+                              "(embedding vector_cosine_ops) WITH (m = 16, ef_construction = 64)")
+                      .format(plain))
+        plain_build = time.perf_counter() - started
+        owner.execute("ANALYZE pyembed.vectors")
+        owner.execute(sql.SQL("ANALYZE {}").format(plain))
+        guarded_size = _scalar(owner, "SELECT pg_relation_size(%s::regclass)",
+                               (f"pyembed.{index}",))
+        plain_size = _scalar(owner,
+                             "SELECT pg_relation_size('public.bench_plain_hnsw'::regclass)")
+        print("\nHNSW build (m=16, ef_construction=64, cosine):")
+        print(f"  guarded  {index}: {guarded_build:7.1f} s, {guarded_size / 2**20:6.1f} MiB "
+              "(partial index on corpus and model key, expression embedding::vector(384))")
+        print(f"  plain    bench_plain_hnsw:          {plain_build:7.1f} s, "
+              f"{plain_size / 2**20:6.1f} MiB")
+        print(f"  ratio guarded/plain build time: {guarded_build / plain_build:.2f}")
+
+        # -- plans: both must use their HNSW index --
+        q0 = Vector(queries[0])
+        guarded_plan = [r[0] for r in owner.execute(
+            sql.SQL("EXPLAIN (COSTS OFF) SELECT v.chunk_id FROM pyembed.vectors v "
+                    "WHERE v.corpus_id = {} AND v.model_key = {} "
+                    "ORDER BY (v.embedding::vector(384)) <=> %s::vector(384) LIMIT 10")
+            .format(sql.Literal(corpus.corpus_id), sql.Literal(KEY)), (q0,))]
+        plain_plan = [r[0] for r in owner.execute(
+            sql.SQL("EXPLAIN (COSTS OFF) SELECT id FROM {} ORDER BY embedding <=> %s LIMIT 10")
+            .format(plain), (q0,))]
+        print(f"\nplans: guarded inner query: {_index_line(guarded_plan)}; "
+              f"plain: {_index_line(plain_plan)}")
+
+        # -- search, interleaved --
+        guarded_sql = "SELECT chunk_id FROM pyembed.search(%s, %s, %s, 10)"
+        plain_sql = sql.SQL("SELECT id FROM {} ORDER BY embedding <=> %s LIMIT 10").format(plain)
+
+        def guarded(q: Vector) -> list[int]:
+            return [row_of_chunk[r[0]] for r in app.execute(guarded_sql, (corpus_name, q, KEY))]
+
+        def plain_search(q: Vector) -> list[int]:
+            return [int(r[0]) for r in owner.execute(plain_sql, (q,))]
+
+        qvecs = [Vector(q) for q in queries]
+        for q in qvecs[:20]:  # warm-up, untimed
+            guarded(q)
+            plain_search(q)
+        times: dict[str, list[float]] = {"guarded": [], "plain": []}
+        recall: dict[str, list[float]] = {"guarded": [], "plain": []}
+        runs = (("guarded", guarded), ("plain", plain_search))
+        for rnd in range(args.rounds):
+            for i, q in enumerate(qvecs):
+                order = runs if (i + rnd) % 2 == 0 else runs[::-1]
+                for label, fn in order:
+                    started = time.perf_counter()
+                    ids = fn(q)
+                    times[label].append(time.perf_counter() - started)
+                    recall[label].append(len(truth[i] & set(ids)) / K)
+        print(f"\nsearch, k={K}, {len(qvecs)} queries x {args.rounds} rounds, interleaved "
+              f"(after a {min(20, len(qvecs))}-query warm-up), ms:")
+        p50s = {}
+        for label, _ in runs:
+            p50, p95, p99 = percentiles(times[label])
+            p50s[label] = p50
+            what = ("pyembed.search(...) as the app role" if label == "guarded"
+                    else "ORDER BY embedding <=> q LIMIT 10 as the owner")
+            print(f"  {label:<8} p50 {p50:6.2f}  p95 {p95:6.2f}  p99 {p99:6.2f}   "
+                  f"recall@10 {np.mean(recall[label]):.4f}   ({what})")
+        print(f"  ratio of p50s guarded/plain: {p50s['guarded'] / p50s['plain']:.2f}")
+    finally:
+        if not args.keep and not t.fresh:
+            try:
+                store.drop_corpus(app, corpus_name)
+                owner.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(plain))
+            except psycopg.Error as exc:
+                print(f"cleanup failed: {exc}")
+        app.close()
+        owner.close()
+
+
+def _checkpoint(owner: psycopg.Connection[Any]) -> None:
+    """Start each load from a clean checkpoint when the role may ask for one."""
+    try:
+        owner.execute("CHECKPOINT")
+    except psycopg.errors.InsufficientPrivilege:
+        pass
+
+
+def _index_line(plan: list[str]) -> str:
+    for line in plan:
+        if "Index Scan" in line:
+            return line.strip().lstrip("-> ").strip()
+    return "NO INDEX SCAN: " + " / ".join(line.strip() for line in plan)
+
+
+if __name__ == "__main__":
+    main()
