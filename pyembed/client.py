@@ -14,7 +14,7 @@ from .cache import PostgresCache
 from .chunking import chunk_text, fit_chunks
 from .db import connect as db_connect
 from .embedder import Embedder
-from .models import LOCAL_DEFAULT, InputType, registry
+from .models import LOCAL_DEFAULT, InputType
 from .store import ChunkRow, CorpusInfo, Hit
 
 
@@ -29,7 +29,12 @@ class Document:
 
 @dataclass(frozen=True)
 class AddReport:
-    documents: int
+    """What `Corpus.add` did: documents added, updated (text or metadata changed) and skipped
+    (unchanged), and the chunks embedded."""
+
+    added: int
+    updated: int
+    skipped: int
     chunks: int
 
 
@@ -39,12 +44,15 @@ class Client:
     def __init__(self, conn: psycopg.Connection[Any], *, use_cache: bool = True) -> None:
         self.conn = conn
         self._cache = PostgresCache(conn) if use_cache else None
-        self._embedders: dict[str, Embedder] = {}
+        self._embedders: dict[tuple[str, bool], Embedder] = {}
 
-    def embedder(self, model_key: str) -> Embedder:
-        if model_key not in self._embedders:
-            self._embedders[model_key] = Embedder(registry.get(model_key), cache=self._cache)
-        return self._embedders[model_key]
+    def embedder(self, model_key: str, *, truncate: bool = False) -> Embedder:
+        """The embedder for a model key (built once, sharing this client's cache)."""
+        if (model_key, truncate) not in self._embedders:
+            spec = store.model_spec(self.conn, model_key)
+            self._embedders[model_key, truncate] = Embedder(spec, cache=self._cache,
+                                                            truncate=truncate)
+        return self._embedders[model_key, truncate]
 
     def create_corpus(self, name: str, model_key: str = LOCAL_DEFAULT.key, description: str = "",
                       chunk_tokens: int = 200, chunk_overlap: int = 40) -> Corpus:
@@ -85,21 +93,35 @@ class Corpus:
     def model_key(self) -> str:
         return self.info.model_key
 
-    def add(self, documents: Iterable[Document | tuple[str, str] | Mapping[str, Any]]) -> AddReport:
-        """Chunk, embed (with the corpus's own model) and store documents, replacing old versions."""
-        docs = [_as_document(d) for d in documents]
-        embedder = self.client.embedder(self.model_key)
-        rows: list[ChunkRow] = []
-        for d in docs:
+    def add(self, documents: Iterable[Document | tuple[str, str] | Mapping[str, Any]], *,
+            truncate: bool = False) -> AddReport:
+        """Chunk, embed (with the corpus's own model) and store documents; unchanged ones
+        (same text and metadata) are skipped, changed ones replaced.
+
+        With `truncate`, each document stays one chunk up to `chunk_tokens` and its embedding
+        reads only the model's first `max_tokens` tokens; otherwise chunks are split to fit.
+        """
+        docs = {d.id: d for d in map(_as_document, documents)}
+        for d in docs.values():
             store.check_text(d.text, f"document {d.id!r}")
-            chunks = fit_chunks(chunk_text(d.text, self.info.chunk_tokens, self.info.chunk_overlap),
-                                embedder.spec.max_tokens, embedder.provider.count_tokens)
+        hashes = {i: store.document_hash(d.text, d.metadata) for i, d in docs.items()}
+        old = store.document_hashes(self.client.conn, self.info.corpus_id, list(docs))
+        todo = [d for i, d in docs.items() if old.get(i) != hashes[i]]
+        embedder = self.client.embedder(self.model_key, truncate=truncate)
+        rows: list[ChunkRow] = []
+        for d in todo:
+            chunks = chunk_text(d.text, self.info.chunk_tokens, self.info.chunk_overlap)
+            if not truncate:
+                chunks = fit_chunks(chunks, embedder.spec.max_tokens, embedder.provider.count_tokens)
             rows += [ChunkRow(d.id, i, c, np.empty(0), d.metadata) for i, c in enumerate(chunks)]
-        vectors = embedder.embed([r.content for r in rows], InputType.DOCUMENT)
-        for r, v in zip(rows, vectors, strict=True):
-            r.embedding = v
-        store.write_chunks(self.client.conn, self.info, rows, self.model_key)
-        return AddReport(len(docs), len(rows))
+        if rows:
+            vectors = embedder.embed([r.content for r in rows], InputType.DOCUMENT)
+            for r, v in zip(rows, vectors, strict=True):
+                r.embedding = v
+            store.write_chunks(self.client.conn, self.info, rows, self.model_key,
+                               doc_hashes={d.id: hashes[d.id] for d in todo})
+        updated = sum(1 for d in todo if d.id in old)
+        return AddReport(len(todo) - updated, updated, len(docs) - len(todo), len(rows))
 
     def search(self, query: str | Sequence[float] | np.ndarray, k: int = 10,
                filter: Mapping[str, Any] | None = None, model_key: str | None = None) -> list[Hit]:

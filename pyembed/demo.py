@@ -43,7 +43,7 @@ def run(console: Console) -> None:
         console.print(f"corpus [bold]demo[/bold] is pinned to [bold]{corpus.model_key}[/bold]")
         t0 = time.perf_counter()
         report = corpus.add(sample_documents())
-        console.print(f"embedded and stored {report.documents} documents "
+        console.print(f"embedded and stored {report.added + report.updated} documents "
                       f"({report.chunks} chunks) in {time.perf_counter() - t0:.1f} s")
 
         console.rule("4. search")

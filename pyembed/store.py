@@ -133,9 +133,24 @@ def sha256(text: str) -> bytes:
     return hashlib.sha256(text.encode("utf-8")).digest()
 
 
+def document_hash(text: str, metadata: Mapping[str, Any]) -> bytes:
+    """What makes a document unchanged: its text and its metadata."""
+    return sha256(text + "\x00" + json.dumps(metadata, sort_keys=True, default=str))
+
+
+def document_hashes(conn: psycopg.Connection[Any], corpus_id: int,
+                    document_ids: Sequence[str]) -> dict[str, bytes]:
+    rows = conn.execute("SELECT document_id, content_hash FROM pyembed.documents "
+                        "WHERE corpus_id = %s AND document_id = ANY(%s)",
+                        (corpus_id, list(document_ids))).fetchall()
+    return {d: bytes(h) for d, h in rows}
+
+
 def write_chunks(conn: psycopg.Connection[Any], corpus: CorpusInfo, rows: Sequence[ChunkRow],
-                 model_key: str, *, normalized: bool = True) -> list[int]:
-    """Store chunks and their vectors in one transaction (binary COPY); returns the chunk ids.
+                 model_key: str, *, normalized: bool = True,
+                 doc_hashes: Mapping[str, bytes] | None = None) -> list[int]:
+    """Store documents (all their chunks, replacing older versions) and the chunks' vectors in
+    one transaction, vectors by binary COPY; returns the chunk ids.
 
     The database checks the model key, dimensions and norms; a refused write stores nothing.
     """
@@ -145,9 +160,13 @@ def write_chunks(conn: psycopg.Connection[Any], corpus: CorpusInfo, rows: Sequen
         check_text(r.content, f"chunk {r.document_id}#{r.chunk_index}")
     vectors = as_unit_vectors(np.stack([np.asarray(r.embedding) for r in rows]),
                               len(rows[0].embedding), normalize=normalized)
-    docs: dict[str, dict[str, Any]] = {}
+    docs: dict[str, list[ChunkRow]] = {}
     for r in rows:
-        docs.setdefault(r.document_id, r.metadata)
+        docs.setdefault(r.document_id, []).append(r)
+    hashes = dict(doc_hashes or {})
+    for d, chunks in docs.items():
+        hashes.setdefault(d, document_hash("\x00".join(c.content for c in chunks),
+                                           chunks[0].metadata))
     with translated(), conn.transaction(), conn.cursor() as cur:
         cur.executemany(
             """INSERT INTO pyembed.documents (corpus_id, document_id, content_hash, metadata)
@@ -155,18 +174,25 @@ def write_chunks(conn: psycopg.Connection[Any], corpus: CorpusInfo, rows: Sequen
                ON CONFLICT (corpus_id, document_id) DO UPDATE
                  SET content_hash = EXCLUDED.content_hash, metadata = EXCLUDED.metadata,
                      updated_at = now()""",
-            [(corpus.corpus_id, d, sha256(json.dumps(m, sort_keys=True) + d), json.dumps(m))
-             for d, m in docs.items()])
+            [(corpus.corpus_id, d, hashes[d], json.dumps(c[0].metadata, default=str))
+             for d, c in docs.items()])
+        cur.execute(
+            """DELETE FROM pyembed.chunks c USING unnest(%s::text[], %s::int[]) AS t(d, n)
+                WHERE c.corpus_id = %s AND c.document_id = t.d AND c.chunk_index >= t.n""",
+            (list(docs), [len(c) for c in docs.values()], corpus.corpus_id))
+        cur.executemany(
+            """INSERT INTO pyembed.chunks (corpus_id, document_id, chunk_index, content, metadata)
+               VALUES (%s, %s, %s, %s, %s)
+               ON CONFLICT (corpus_id, document_id, chunk_index) DO UPDATE
+                 SET content = EXCLUDED.content, metadata = EXCLUDED.metadata
+               RETURNING chunk_id""",
+            [(corpus.corpus_id, r.document_id, r.chunk_index, r.content,
+              json.dumps(r.metadata, default=str)) for r in rows], returning=True)
         ids: list[int] = []
-        for r in rows:
-            cur.execute(
-                """INSERT INTO pyembed.chunks (corpus_id, document_id, chunk_index, content, metadata)
-                   VALUES (%s, %s, %s, %s, %s)
-                   ON CONFLICT (corpus_id, document_id, chunk_index) DO UPDATE
-                     SET content = EXCLUDED.content, metadata = EXCLUDED.metadata
-                   RETURNING chunk_id""",
-                (corpus.corpus_id, r.document_id, r.chunk_index, r.content, json.dumps(r.metadata)))
+        while True:
             ids.append(cur.fetchone()[0])  # type: ignore[index]
+            if not cur.nextset():
+                break
         copy_vectors(cur, corpus.corpus_id, ids, model_key, vectors,
                      [sha256(r.content) for r in rows])
     return ids

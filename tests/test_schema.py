@@ -3,6 +3,7 @@ installs are safe to run concurrently, and privileges are granted on purpose."""
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import shutil
@@ -18,7 +19,9 @@ from typing import Any
 
 import psycopg
 import pytest
+from alembic.script import ScriptDirectory
 
+from alembic import command
 from pyembed import schema, store
 from pyembed.config import resource_dir
 from pyembed.db import connect
@@ -56,13 +59,18 @@ APP_EXECUTE: dict[str, bool] = {
     "set_secret(text, text)": False,  # API keys are the owner's
 }
 
-# Functions named by their argument types, with `vector` unqualified (pgvector lives in public).
-FUNCTIONS_SQL = """
-SELECT p.proname || '(' || oidvectortypes(p.proargtypes) || ')' AS signature, p.oid
+# Functions named by their argument types, with `vector` unqualified (pgvector lives in public);
+# EXECUTE for the group role, and for the login role the application connects as.
+PRIVILEGES_SQL = """
+SELECT p.proname || '(' || oidvectortypes(p.proargtypes) || ')',
+       has_function_privilege(%s, p.oid, 'EXECUTE'), has_function_privilege(p.oid, 'EXECUTE')
   FROM pg_catalog.pg_proc p
  WHERE p.pronamespace = 'pyembed'::regnamespace
- ORDER BY 1
 """
+
+# Every revision below head, oldest first: each is a downgrade target.
+REVISIONS = [r.revision for r in
+             reversed(list(ScriptDirectory.from_config(schema.alembic_config()).walk_revisions()))]
 
 
 def _pg_tool(name: str) -> str:
@@ -82,8 +90,6 @@ def schema_dump(dsn: str) -> str:
 
 def _assert_same(actual: str, expected: str) -> None:
     if actual != expected:
-        import difflib
-
         diff = "\n".join(difflib.unified_diff(expected.splitlines(), actual.splitlines(),
                                               "fresh install", "this database", lineterm=""))
         pytest.fail(f"schema differs from a fresh install:\n{diff[:6000]}")
@@ -132,6 +138,24 @@ def test_downgrade_to_base_leaves_only_the_version_table_and_upgrade_equals_inst
     assert versions == (0,)
 
     assert schema.install(empty_db.owner_dsn) == schema.head_revision()
+    _assert_same(schema_dump(empty_db.owner_dsn), fresh_dump)
+    assert _version_rows(empty_db.owner_dsn) == [schema.head_revision()]
+
+
+@pytest.mark.parametrize("revision", REVISIONS[:-1])
+def test_downgrade_to_each_revision_and_back_equals_install(
+        revision: str, empty_db: Database, fresh_dump: str) -> None:
+    schema.install(empty_db.owner_dsn)
+    schema.downgrade(empty_db.owner_dsn, revision)
+    assert schema.current_revision(empty_db.owner_dsn) == revision
+    assert schema.install(empty_db.owner_dsn) == schema.head_revision()
+    _assert_same(schema_dump(empty_db.owner_dsn), fresh_dump)
+
+
+def test_step_by_step_upgrade_equals_install(empty_db: Database, fresh_dump: str) -> None:
+    for revision in REVISIONS:
+        command.upgrade(schema.alembic_config(empty_db.owner_dsn), revision)
+        assert schema.current_revision(empty_db.owner_dsn) == revision
     _assert_same(schema_dump(empty_db.owner_dsn), fresh_dump)
     assert _version_rows(empty_db.owner_dsn) == [schema.head_revision()]
 
@@ -299,20 +323,14 @@ def test_failed_install_is_one_clear_line(case: str, empty_db: Database) -> None
 def test_execute_privileges_are_granted_on_purpose(app: psycopg.Connection[Any]) -> None:
     with app.transaction():
         app.execute("SET LOCAL search_path = pg_catalog, public")
-        functions = app.execute(FUNCTIONS_SQL).fetchall()
-        granted = {
-            sig: app.execute("SELECT has_function_privilege(%s, %s::oid, 'EXECUTE'), "
-                             "has_function_privilege(%s::oid, 'EXECUTE')",
-                             (APP_GROUP, oid, oid)).fetchone()
-            for sig, oid in functions}
+        granted = app.execute(PRIVILEGES_SQL, (APP_GROUP,)).fetchall()
         public = app.execute(
             "SELECT p.oid::regprocedure::text FROM pg_catalog.pg_proc p, "
             "LATERAL aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a "
             "WHERE p.pronamespace = 'pyembed'::regnamespace AND a.grantee = 0 "
             "AND a.privilege_type = 'EXECUTE'").fetchall()
-    # The group role and the login role that applications use (a member of it) agree.
-    assert {sig: g[0] for sig, g in granted.items() if g} == APP_EXECUTE
-    assert {sig: g[1] for sig, g in granted.items() if g} == APP_EXECUTE
+    assert {sig: group for sig, group, _ in granted} == APP_EXECUTE
+    assert {sig: login for sig, _, login in granted} == APP_EXECUTE
     assert public == [], f"PUBLIC may execute: {public}"
 
 

@@ -164,8 +164,8 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=200, help="queries (default 200)")
     parser.add_argument("--rounds", type=int, default=3, help="timed search rounds (default 3)")
     parser.add_argument("--centres", type=int, default=1000, help="Gaussian centres (1,000)")
-    parser.add_argument("--noise", type=float, default=1.0,
-                        help="noise norm around a unit centre (default 1.0)")
+    parser.add_argument("--noise", type=float, default=1.5,
+                        help="noise norm around a unit centre (default 1.5)")
     parser.add_argument("--seed", type=int, default=20261125)
     parser.add_argument("--keep", action="store_true", help="keep the database and its tables")
     args = parser.parse_args()

@@ -1,0 +1,63 @@
+"""The Python API on a real database: add, skip unchanged, replace changed, search, guard."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import psycopg
+import pytest
+
+import pyembed
+from tests.conftest import Database
+from tests.helpers import count
+
+KEY = "fake/fake-hash@1:384"
+
+
+@pytest.fixture
+def client(db: Database) -> Any:
+    with pyembed.connect(db.app_dsn) as c:
+        yield c
+
+
+def test_add_skips_unchanged_and_replaces_changed_documents(client: Any,
+                                                            app: psycopg.Connection[Any]) -> None:
+    docs = client.create_corpus("notes", KEY, chunk_tokens=20, chunk_overlap=5)
+    long_text = " ".join(f"word{i}" for i in range(60))
+    report = docs.add([("a", "alpha beta gamma"), ("b", long_text)])
+    assert (report.added, report.updated, report.skipped) == (2, 0, 0)
+    assert report.chunks > 3
+    assert docs.add([("a", "alpha beta gamma"), ("b", long_text)]) == pyembed.AddReport(0, 0, 2, 0)
+    report = docs.add([pyembed.Document("b", "now short"), ("a", "alpha beta gamma")])
+    assert (report.added, report.updated, report.skipped, report.chunks) == (0, 1, 1, 1)
+    assert count(app, "chunks") == 2  # b's extra chunks are gone, with their vectors
+    assert app.execute("SELECT count(*) FROM pyembed.vectors").fetchone() == (2,)
+    assert count(app, "queue") == 0  # written vectors dequeue their chunks
+    report = docs.add([pyembed.Document("a", "alpha beta gamma", {"lang": "en"})])
+    assert report.updated == 1  # metadata changed
+
+
+def test_search_by_text_and_by_vector_with_its_key(client: Any) -> None:
+    docs = client.create_corpus("kb", KEY)
+    docs.add([("e4012", "error E4012 quota exceeded"), ("sso", "single sign on with SAML")])
+    assert docs.search("what is E4012", k=1)[0].document_id == "e4012"
+    vec = client.embedder(KEY).embed_query("SAML sign on")
+    assert docs.search(vec, model_key=KEY, k=1)[0].document_id == "sso"
+    other = client.embedder("fake/fake-hash@1:1024").embed_query("SAML")
+    with pytest.raises(pyembed.ModelMismatch):
+        docs.search(other, model_key="fake/fake-hash@1:1024")
+    with pytest.raises(TypeError, match="model_key"):
+        docs.search(np.ones(384))
+    with pytest.raises(pyembed.InvalidInput):
+        docs.search("   ")
+
+
+def test_bad_documents_store_nothing(client: Any, app: psycopg.Connection[Any]) -> None:
+    docs = client.create_corpus("bad", KEY)
+    for bad in ("", "  ", "nul\x00byte"):
+        with pytest.raises(pyembed.InvalidInput):
+            docs.add([("ok", "fine text"), ("bad", bad)])
+    assert count(app, "documents") == 0
+    with pytest.raises(pyembed.UnknownCorpus):
+        client.corpus("missing")
