@@ -14,6 +14,7 @@ from .cache import PostgresCache
 from .chunking import chunk_text, fit_chunks
 from .db import connect as db_connect
 from .embedder import Embedder
+from .errors import InvalidInput
 from .models import LOCAL_DEFAULT, InputType
 from .store import ChunkRow, CorpusInfo, Hit
 
@@ -124,17 +125,25 @@ class Corpus:
         return AddReport(len(todo) - updated, updated, len(docs) - len(todo), len(rows))
 
     def search(self, query: str | Sequence[float] | np.ndarray, k: int = 10,
-               filter: Mapping[str, Any] | None = None, model_key: str | None = None) -> list[Hit]:
-        """Nearest chunks. Text is embedded with the corpus's model; a vector must say its key."""
+               filter: Mapping[str, Any] | None = None, model_key: str | None = None, *,
+               mode: str = "vector") -> list[Hit]:
+        """Nearest chunks. Text is embedded with the corpus's model; a vector must say its key.
+        mode: 'vector', 'keyword' (BM25, text only) or 'hybrid' (text only)."""
         if isinstance(query, str):
             store.check_text(query, "query")
+            if mode == "keyword":
+                return store.search(self.client.conn, self.name, None, None, k, filter,
+                                    mode=mode, text=query)
             key = self.model_key
             vector = self.client.embedder(key).embed_query(query)
-        else:
-            if model_key is None:
-                raise TypeError("a query vector needs model_key=... (the model that made it)")
-            key, vector = model_key, np.asarray(query, dtype=np.float32)
-        return store.search(self.client.conn, self.name, vector, key, k, filter)
+            return store.search(self.client.conn, self.name, vector, key, k, filter,
+                                mode=mode, text=query)
+        if model_key is None:
+            raise TypeError("a query vector needs model_key=... (the model that made it)")
+        if mode != "vector":
+            raise InvalidInput(f"{mode} search needs the query text, not a vector")
+        return store.search(self.client.conn, self.name, np.asarray(query, dtype=np.float32),
+                            model_key, k, filter)
 
 
 def _as_document(d: Document | tuple[str, str] | Mapping[str, Any]) -> Document:

@@ -168,18 +168,30 @@ def _corpus(plpy: Any, GD: dict[str, Any], name: str | None) -> dict[str, Any]:
     return dict(rows[0])
 
 
+SEARCHES = {
+    "vector": ("SELECT * FROM pyembed.search($1, $3::vector, $4, $5, $6::jsonb)",
+               ["text", "text", "text", "text", "integer", "text"]),
+    "keyword": ("SELECT * FROM pyembed.search_keyword($1, $2, $5, $6::jsonb)",
+                ["text", "text", "text", "text", "integer", "text"]),
+    "hybrid": ("SELECT * FROM pyembed.search_hybrid($1, $2, $3::vector, $4, $5, $6::jsonb)",
+               ["text", "text", "text", "text", "integer", "text"]),
+}
+
+
 def search_text(plpy: Any, GD: dict[str, Any], corpus: str | None, query: str | None,
-                k: int | None, filter: str | None) -> list[dict[str, Any]]:
+                k: int | None, filter: str | None, mode: str | None) -> list[dict[str, Any]]:
     if query is None:
         raise InvalidInput("search_text() needs a query text (got NULL)")
+    if mode not in SEARCHES:
+        raise InvalidInput(f"mode must be one of {', '.join(SEARCHES)}, not {mode!r}")
     c = _corpus(plpy, GD, corpus)
-    shifting = c["migration_step"] == "shifting"
-    key = serving_key(query, c["model_key"], c["target_model_key"] if shifting else None,
+    key = serving_key(query, c["model_key"],
+                      c["target_model_key"] if c["migration_step"] == "shifting" else None,
                       c["traffic_share"])
-    vec = embedder(plpy, GD, key).embed_query(query)
-    plan = _plan(plpy, GD, "SELECT * FROM pyembed.search($1, $2::vector, $3, $4, $5::jsonb)",
-                 ["text", "text", "text", "integer", "text"])
-    return list(plpy.execute(plan, [corpus, vector_text(vec), key, k, filter]))
+    vec = None if mode == "keyword" else vector_text(embedder(plpy, GD, key).embed_query(query))
+    sql, types = SEARCHES[mode]
+    plan = _plan(plpy, GD, sql, types)  # same six typed parameters; each uses what it needs
+    return list(plpy.execute(plan, [corpus, query, vec, key, k, filter]))
 
 
 def _token_counter(GD: dict[str, Any], spec: ModelSpec) -> Callable[[list[str]], list[int] | None]:

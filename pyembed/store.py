@@ -210,16 +210,32 @@ def copy_vectors(cur: psycopg.Cursor[Any], corpus_id: int, chunk_ids: Sequence[i
             copy.write_row((corpus_id, cid, model_key, Vector(vec), h))
 
 
-def search(conn: psycopg.Connection[Any], corpus: str, query: np.ndarray | Sequence[float],
-           model_key: str, k: int = 10, filter: Mapping[str, Any] | None = None) -> list[Hit]:
-    """Guarded vector search: the database refuses a query made by another model (PE001)."""
-    vec = np.asarray(query, dtype=np.float32)
-    if vec.ndim != 1 or not np.isfinite(vec).all():
-        raise InvalidVector("the query vector must be one row of finite numbers")
+SEARCH_MODES = ("vector", "keyword", "hybrid")
+
+
+def search(conn: psycopg.Connection[Any], corpus: str, query: np.ndarray | Sequence[float] | None,
+           model_key: str | None, k: int = 10, filter: Mapping[str, Any] | None = None, *,
+           mode: str = "vector", text: str | None = None) -> list[Hit]:
+    """Guarded search: 'vector' (the database refuses a query vector made by another model,
+    PE001), 'keyword' (BM25 on `text`) or 'hybrid' (both, fused by reciprocal rank)."""
+    if mode not in SEARCH_MODES:
+        raise InvalidInput(f"mode must be one of {', '.join(SEARCH_MODES)}, not {mode!r}")
+    vec = None
+    if mode != "keyword":
+        vec = np.asarray(query, dtype=np.float32)
+        if vec.ndim != 1 or not np.isfinite(vec).all():
+            raise InvalidVector("the query vector must be one row of finite numbers")
+    if mode != "vector" and not (text and text.strip()):
+        raise InvalidInput(f"{mode} search needs the query text")
+    flt = json.dumps(dict(filter)) if filter is not None else None
+    sql, params = {
+        "vector": ("SELECT * FROM pyembed.search(%s, %s, %s, %s, %s)",
+                   (corpus, Vector(vec) if vec is not None else None, model_key, k, flt)),
+        "keyword": ("SELECT * FROM pyembed.search_keyword(%s, %s, %s, %s)",
+                    (corpus, text, k, flt)),
+        "hybrid": ("SELECT * FROM pyembed.search_hybrid(%s, %s, %s, %s, %s, %s)",
+                   (corpus, text, Vector(vec) if vec is not None else None, model_key, k, flt)),
+    }[mode]
     with translated(), conn.cursor(row_factory=dict_row) as cur:
-        cur.execute("SELECT * FROM pyembed.search(%s, %s, %s, %s, %s)",
-                    (corpus, Vector(vec), model_key, k,
-                     json.dumps(dict(filter)) if filter is not None else None))
+        cur.execute(sql, params)
         return [Hit(**row) for row in cur.fetchall()]
-
-

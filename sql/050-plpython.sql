@@ -23,15 +23,16 @@ return indb.call(plpy, indb.embed_batch, GD, inputs, model_key, input_type)
 $$;
 
 -- Search by text: the query is embedded with the corpus's own model, so no mismatch is possible.
+-- mode: 'vector' (default), 'keyword' (BM25) or 'hybrid' (both, fused by reciprocal rank).
 CREATE OR REPLACE FUNCTION pyembed.search_text(corpus text, query text, k integer DEFAULT 10,
-                                               filter jsonb DEFAULT NULL)
+                                               filter jsonb DEFAULT NULL, mode text DEFAULT 'vector')
 RETURNS TABLE (document_id text, chunk_id bigint, chunk_index integer, content text,
                metadata jsonb, score double precision, model_key text)
 LANGUAGE plpython3u VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 from pyembed import indb
-return indb.call(plpy, indb.search_text, GD, corpus, query, k, filter)
+return indb.call(plpy, indb.search_text, GD, corpus, query, k, filter, mode)
 $$;
 
 -- Store a document: chunked here, embedded later by `pyembed worker` (the chunks are queued).

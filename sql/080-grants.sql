@@ -25,7 +25,9 @@ GRANT EXECUTE ON FUNCTION
                          integer, numeric, text),
   pyembed.embed(text, text, text),
   pyembed.embed_batch(text[], text, text),
-  pyembed.search_text(text, text, integer, jsonb),
+  pyembed.search_text(text, text, integer, jsonb, text),
+  pyembed.search_keyword(text, text, integer, jsonb),
+  pyembed.search_hybrid(text, text, vector, text, integer, jsonb, integer, integer),
   pyembed.add_document(text, text, text, jsonb)
   TO pyembed_app;
 -- pyembed.secrets and pyembed.set_secret stay the owner's: REVOKE above, no GRANT.

@@ -37,6 +37,7 @@ KEY = "fake/fake-hash@1:384"
 APP_EXECUTE: dict[str, bool] = {
     "_check_corpus_name(text)": False,
     "_chunk_hash()": False,
+    "_count_postings()": False,
     "_create_vector_index(integer, text)": False,
     "_dequeue_written()": False,
     "_dims_match(vector, text)": True,  # called by the vectors_dims_match_model CHECK constraint
@@ -44,6 +45,7 @@ APP_EXECUTE: dict[str, bool] = {
     "_guard_corpus_key()": False,
     "_guard_model()": False,
     "_guard_vectors()": False,
+    "_index_chunks()": False,
     "_index_name(integer, text)": False,
     "_index_spec(integer, text)": False,
     "_search_target(text, text)": False,
@@ -55,7 +57,9 @@ APP_EXECUTE: dict[str, bool] = {
     "register_model(text, text, text, integer, text, boolean, boolean, integer, integer, "
     "integer, numeric, text)": True,
     "search(text, vector, text, integer, jsonb)": True,
-    "search_text(text, text, integer, jsonb)": True,
+    "search_hybrid(text, text, vector, text, integer, jsonb, integer, integer)": True,
+    "search_keyword(text, text, integer, jsonb)": True,
+    "search_text(text, text, integer, jsonb, text)": True,
     "set_secret(text, text)": False,  # API keys are the owner's
 }
 
@@ -69,8 +73,8 @@ SELECT p.proname || '(' || oidvectortypes(p.proargtypes) || ')',
 """
 
 # Every revision below head, oldest first: each is a downgrade target.
-REVISIONS = [r.revision for r in
-             reversed(list(ScriptDirectory.from_config(schema.alembic_config()).walk_revisions()))]
+REVISIONS = [r.revision for r in reversed(list(
+    ScriptDirectory.from_config(schema.alembic_config()).walk_revisions()))]
 
 
 def _pg_tool(name: str) -> str:

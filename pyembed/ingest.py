@@ -1,0 +1,429 @@
+"""Files in: text, Markdown, JSON Lines and CSV files (or folders of them) read as
+documents and added to a corpus in batches, bad records reported and skipped."""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from .client import Corpus, Document
+from .errors import InvalidInput
+
+TEXT_SUFFIXES = frozenset({".txt", ".md", ".markdown"})
+"""One document per file."""
+JSONL_SUFFIXES = frozenset({".jsonl", ".ndjson"})
+"""One JSON object per line."""
+CSV_SUFFIXES = frozenset({".csv"})
+"""A header row, then one document per record."""
+SUFFIXES = TEXT_SUFFIXES | JSONL_SUFFIXES | CSV_SUFFIXES
+
+_HEADING = re.compile(r"^ {0,3}#{1,6}[ \t]+(.+?)(?:[ \t]+#+)?[ \t]*$")
+_FENCE = re.compile(r"^ {0,3}(```|~~~)")
+_BLOCK = 1 << 20
+
+
+@dataclass(frozen=True)
+class FileProblem:
+    """Why a file, or one line of it (`line`, 1-based), was not loaded."""
+
+    path: Path
+    line: int | None
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.path}:{self.line}" if self.line is not None else str(self.path)
+        return f"{where}: {self.message}"
+
+
+class IngestError(InvalidInput):
+    """A file or record that cannot be read as a document (raised by `read_documents`
+    when it is not given a list to collect problems in)."""
+
+    def __init__(self, problem: FileProblem) -> None:
+        super().__init__(str(problem))
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class IngestReport:
+    """What `ingest` did: documents added, updated and skipped (unchanged); `failed`
+    records that were read but not loaded (bad lines, documents the corpus refused);
+    every problem, with its file and line; chunks embedded; and the throughput."""
+
+    added: int
+    updated: int
+    skipped: int
+    failed: int
+    problems: list[FileProblem]
+    chunks: int
+    seconds: float
+    texts_per_second: float
+
+    @property
+    def processed(self) -> int:
+        """Records handled: added, updated, skipped or failed."""
+        return self.added + self.updated + self.skipped + self.failed
+
+
+@dataclass(frozen=True)
+class _Record:
+    document: Document
+    path: Path
+    line: int | None
+
+
+@dataclass
+class _Reader:
+    """Reads documents from files, collecting problems and rejecting ids seen before."""
+
+    text_field: str = "text"
+    id_field: str = "id"
+    problems: list[FileProblem] | None = None
+    bad_records: int = 0
+    seen: dict[str, tuple[Path, int | None]] = field(default_factory=dict)
+
+    def problem(self, path: Path, line: int | None, message: str, *, record: bool) -> None:
+        found = FileProblem(path, line, message)
+        if self.problems is None:
+            raise IngestError(found)
+        self.problems.append(found)
+        self.bad_records += record
+
+    def read(self, path: Path) -> Iterator[_Record]:
+        """The records of a file, or of every supported file under a folder (sorted,
+        hidden entries skipped)."""
+        if path.is_dir():
+            for file in _walk(path):
+                yield from self.read_file(file, file.relative_to(path).with_suffix(""))
+        elif not path.exists():
+            self.problem(path, None, "no such file or folder", record=False)
+        else:
+            yield from self.read_file(path, Path(path.stem))
+
+    def read_file(self, path: Path, stem: Path) -> Iterator[_Record]:
+        suffix = path.suffix.lower()
+        if suffix not in SUFFIXES:
+            self.problem(path, None, f"unsupported file type {suffix or '(none)'!r}: expected "
+                         f"one of {', '.join(sorted(SUFFIXES))}", record=False)
+            return
+        try:
+            bad = _utf8_problem(path)
+        except OSError as exc:
+            self.problem(path, None, f"cannot read: {exc.strerror or exc}", record=False)
+            return
+        if bad is not None:
+            self.problem(path, bad[0], bad[1], record=False)
+            return
+        records = (self._text(path, stem) if suffix in TEXT_SUFFIXES
+                   else self._jsonl(path) if suffix in JSONL_SUFFIXES else self._csv(path))
+        try:
+            for record in records:
+                first = self.seen.setdefault(record.document.id, (record.path, record.line))
+                if first != (record.path, record.line):
+                    where = f"{first[0]}:{first[1]}" if first[1] is not None else str(first[0])
+                    self.problem(path, record.line,
+                                 f"duplicate id {record.document.id!r} (first in {where})",
+                                 record=True)
+                    continue
+                yield record
+        except OSError as exc:
+            self.problem(path, None, f"cannot read: {exc.strerror or exc}", record=False)
+
+    def _checked(self, path: Path, line: int | None, doc_id: str, text: str,
+                 metadata: dict[str, Any]) -> _Record | None:
+        what = (f"id {doc_id!r}: " if doc_id else "")
+        if "\x00" in text:
+            self.problem(path, line, f"{what}text contains a NUL byte", record=True)
+        elif "\x00" in doc_id:
+            self.problem(path, line, "id contains a NUL byte", record=True)
+        elif not text.strip():
+            self.problem(path, line, f"{what}text is empty", record=True)
+        else:
+            return _Record(Document(doc_id, text, metadata), path, line)
+        return None
+
+    def _text(self, path: Path, stem: Path) -> Iterator[_Record]:
+        text = path.read_text(encoding="utf-8-sig")
+        metadata: dict[str, Any] = {"source": path.name if stem.parent == Path(".")
+                                    else stem.with_suffix(path.suffix).as_posix()}
+        title = markdown_title(text)
+        if title:
+            metadata["title"] = title
+        if not text.strip():
+            self.problem(path, None, "empty file", record=True)
+            return
+        record = self._checked(path, None, stem.as_posix(), text, metadata)
+        if record is not None:
+            yield record
+
+    def _jsonl(self, path: Path) -> Iterator[_Record]:
+        with path.open(encoding="utf-8-sig") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except ValueError as exc:
+                    self.problem(path, number, f"invalid JSON: {exc}", record=True)
+                    continue
+                if not isinstance(obj, dict):
+                    self.problem(path, number, f"expected a JSON object, got "
+                                 f"{type(obj).__name__}", record=True)
+                    continue
+                record = self._object(path, number, obj)
+                if record is not None:
+                    yield record
+
+    def _object(self, path: Path, line: int, obj: dict[str, Any]) -> _Record | None:
+        id_key = self.id_field if self.id_field in obj else "_id" if "_id" in obj else None
+        if id_key is None:
+            self.problem(path, line, f"no {self.id_field!r} (or '_id') field", record=True)
+            return None
+        doc_id = obj[id_key]
+        if isinstance(doc_id, bool) or not isinstance(doc_id, str | int) or doc_id == "":
+            self.problem(path, line, f"{id_key!r} must be a non-empty string or an integer, "
+                         f"got {json.dumps(doc_id)[:40]}", record=True)
+            return None
+        doc_id = str(doc_id)
+        text = obj.get(self.text_field)
+        if not isinstance(text, str):
+            self.problem(path, line, f"id {doc_id!r}: " + (
+                f"no {self.text_field!r} field" if text is None
+                else f"{self.text_field!r} must be a string"), record=True)
+            return None
+        metadata: dict[str, Any] = {}
+        nested = obj.get("metadata")
+        if isinstance(nested, dict):
+            metadata.update(nested)
+        metadata.update({k: v for k, v in obj.items()
+                         if k not in (id_key, self.text_field, "metadata")
+                         or (k == "metadata" and not isinstance(v, dict))})
+        title = obj.get("title")
+        if isinstance(title, str) and title.strip() and text.strip():
+            text = f"{title.strip()}\n\n{text}"  # BEIR: the title is part of the passage
+        return self._checked(path, line, doc_id, text, metadata)
+
+    def _csv(self, path: Path) -> Iterator[_Record]:
+        with path.open(encoding="utf-8-sig", newline="") as f:
+            reader = csv.reader(f)
+            try:
+                header = next(reader, None)
+            except csv.Error as exc:
+                self.problem(path, 1, f"unreadable header row: {exc}", record=False)
+                return
+            if header is None:
+                self.problem(path, None, "empty file (expected a header row)", record=False)
+                return
+            header = [h.strip() for h in header]
+            missing = [c for c in (self.id_field, self.text_field) if c not in header]
+            if missing:
+                self.problem(path, 1, f"no {' or '.join(map(repr, missing))} column in the "
+                             f"header row (columns: {', '.join(header)})", record=False)
+                return
+            id_at, text_at = header.index(self.id_field), header.index(self.text_field)
+            line = reader.line_num + 1
+            while True:
+                try:
+                    row = next(reader)
+                except StopIteration:
+                    return
+                except csv.Error as exc:
+                    self.problem(path, line, f"unreadable CSV record: {exc}", record=True)
+                    line = reader.line_num + 1
+                    continue
+                start, line = line, reader.line_num + 1
+                if not any(cell.strip() for cell in row):
+                    continue
+                if len(row) != len(header):
+                    self.problem(path, start, f"{len(row)} fields where the header has "
+                                 f"{len(header)}", record=True)
+                    continue
+                doc_id = row[id_at].strip()
+                if not doc_id:
+                    self.problem(path, start, f"empty {self.id_field!r}", record=True)
+                    continue
+                metadata = {h: v for i, (h, v) in enumerate(zip(header, row, strict=True))
+                            if i not in (id_at, text_at)}
+                record = self._checked(path, start, doc_id, row[text_at], metadata)
+                if record is not None:
+                    yield record
+
+
+def read_documents(path: Path, *, text_field: str = "text", id_field: str = "id",
+                   problems: list[FileProblem] | None = None) -> Iterator[Document]:
+    """The documents in a file, or in the supported files under a folder (recursively).
+
+    `.txt`/`.md`: one document per file, id the path (relative to the folder) without its
+    suffix, the first Markdown heading as metadata "title". `.jsonl`: one JSON object per
+    line, id from `id_field` (or BEIR's `_id`), text from `text_field` (a "title" is put
+    before it), other keys as metadata. `.csv`: a header row naming `id_field` and
+    `text_field` columns, other columns as metadata. Files are UTF-8 (a BOM is fine).
+
+    A bad record (invalid JSON, missing or empty id or text, NUL byte, id already read) or
+    file (missing, unsupported, not UTF-8) is appended to `problems` and skipped; without
+    a `problems` list it raises IngestError.
+    """
+    reader = _Reader(text_field, id_field, problems)
+    for record in reader.read(Path(path)):
+        yield record.document
+
+
+def ingest(corpus: Corpus, paths: Path | str | Iterable[Path | str], *, batch_size: int = 64,
+           truncate: bool = False, progress: bool = True, console: Console | None = None,
+           text_field: str = "text", id_field: str = "id") -> IngestReport:
+    """Add the documents of files and folders (see `read_documents`) to `corpus` in
+    batches of `batch_size`, skipping unchanged ones; bad records are reported in
+    `problems` and the rest still load.
+
+    A batch the corpus refuses (InvalidInput) is retried one document at a time, so only
+    the refused documents fail. Any other error (the embedding service failing, the
+    database going away) stops the run; batches added before it stay, and running again
+    skips them. `progress` shows a progress bar with texts/s on `console`.
+    """
+    if batch_size < 1:
+        raise InvalidInput(f"batch_size must be at least 1, got {batch_size}")
+    if isinstance(paths, str | Path):
+        paths = [paths]
+    roots = [Path(p) for p in paths]
+    problems: list[FileProblem] = []
+    reader = _Reader(text_field, id_field, problems)
+    totals = {"added": 0, "updated": 0, "skipped": 0, "failed": 0, "chunks": 0}
+    start = time.perf_counter()
+
+    columns = (TextColumn("[progress.description]{task.description}"), BarColumn(),
+               MofNCompleteColumn(), TextColumn("{task.fields[rate]:>8.1f} texts/s"),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, disable=not progress, transient=True) as bar:
+        task = bar.add_task("ingesting", total=sum(_estimate(p) for p in roots) or None,
+                            rate=0.0)
+
+        def advance(n: int) -> None:
+            done = sum(totals[k] for k in ("added", "updated", "skipped", "failed"))
+            elapsed = time.perf_counter() - start
+            bar.update(task, advance=n, rate=done / elapsed if elapsed > 0 else 0.0)
+
+        batch: list[_Record] = []
+        for root in roots:
+            for record in reader.read(root):
+                batch.append(record)
+                if len(batch) >= batch_size:
+                    _add(corpus, batch, truncate, totals, problems, advance)
+                    batch = []
+        if batch:
+            _add(corpus, batch, truncate, totals, problems, advance)
+        totals["failed"] += reader.bad_records
+        processed = sum(totals[k] for k in ("added", "updated", "skipped", "failed"))
+        bar.update(task, total=processed, completed=processed)
+
+    seconds = time.perf_counter() - start
+    processed = sum(totals[k] for k in ("added", "updated", "skipped", "failed"))
+    problems.sort(key=lambda p: (str(p.path), p.line or 0))
+    return IngestReport(totals["added"], totals["updated"], totals["skipped"], totals["failed"],
+                        problems, totals["chunks"], round(seconds, 3),
+                        processed / seconds if seconds > 0 else 0.0)
+
+
+def _add(corpus: Corpus, batch: list[_Record], truncate: bool, totals: dict[str, int],
+         problems: list[FileProblem], advance: Callable[[int], None]) -> None:
+    """Add one batch; if the corpus refuses it, add its documents one by one."""
+    try:
+        report = corpus.add([r.document for r in batch], truncate=truncate)
+    except InvalidInput:
+        if len(batch) == 1:
+            raise
+        for record in batch:
+            try:
+                _add(corpus, [record], truncate, totals, problems, advance)
+            except InvalidInput as exc:
+                problems.append(FileProblem(record.path, record.line,
+                                            f"id {record.document.id!r}: {exc}"))
+                totals["failed"] += 1
+                advance(1)
+        return
+    totals["added"] += report.added
+    totals["updated"] += report.updated
+    totals["skipped"] += report.skipped
+    totals["chunks"] += report.chunks
+    advance(len(batch))
+
+
+def markdown_title(text: str) -> str | None:
+    """The text of the first ATX heading (`# Title`) outside fenced code, if any."""
+    fenced = False
+    for line in text.splitlines():
+        if _FENCE.match(line):
+            fenced = not fenced
+        elif not fenced and (m := _HEADING.match(line)):
+            return m.group(1).strip() or None
+    return None
+
+
+def _walk(root: Path) -> Iterator[Path]:
+    """Supported files under `root`, sorted, skipping hidden files and folders."""
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if not name.startswith(".") and Path(name).suffix.lower() in SUFFIXES:
+                yield Path(folder) / name
+
+
+def _utf8_problem(path: Path) -> tuple[int, str] | None:
+    """(line, message) for the first byte that is not UTF-8, or None if the file is."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line, offset = 1, 0
+    with path.open("rb") as f:
+        while block := f.read(_BLOCK):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as exc:
+                at = exc.start
+                line += block[:max(at, 0)].count(b"\n")
+                return line, (f"not UTF-8: byte 0x{block[at]:02x} at offset {offset + at} "
+                              "(convert the file to UTF-8)")
+            line += block.count(b"\n")
+            offset += len(block)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            return line, "not UTF-8: the file ends in the middle of a character"
+    return None
+
+
+def _estimate(path: Path) -> int:
+    """A quick count of the records under `path`, for the progress bar."""
+    files = _walk(path) if path.is_dir() else [path] if path.is_file() else []
+    total = 0
+    for file in files:
+        suffix = file.suffix.lower()
+        if suffix in TEXT_SUFFIXES:
+            total += 1
+            continue
+        try:
+            with file.open("rb") as f:
+                lines = sum(1 for raw in f if raw.strip())
+        except OSError:
+            continue
+        total += max(lines - (suffix in CSV_SUFFIXES), 0) if suffix in SUFFIXES else 0
+    return total
+
+
+__all__ = ["SUFFIXES", "FileProblem", "IngestError", "IngestReport", "ingest",
+           "markdown_title", "read_documents"]

@@ -1,0 +1,279 @@
+"""Answers with Claude from a corpus's passages (retrieval-augmented generation), with
+numbered citations, a latency breakdown and a row in pyembed.query_log."""
+
+from __future__ import annotations
+
+import html
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import anthropic
+import psycopg
+
+from .client import Corpus
+from .errors import InvalidInput, ProviderError, RateLimited
+from .store import Hit, check_text
+
+log = logging.getLogger(__name__)
+
+MODEL_ENV = "PYEMBED_CLAUDE_MODEL"
+"""Environment variable naming the Claude model `answer` uses by default."""
+API_KEY_ENV = "ANTHROPIC_API_KEY"
+DEFAULT_MODEL = "claude-sonnet-5-5"
+"""The Claude model `answer` uses when given none and $PYEMBED_CLAUDE_MODEL is not set."""
+DEFAULT_MAX_RETRIES = 2
+"""Retries of the Anthropic SDK for transient failures (429, 5xx, lost connections)."""
+
+INSUFFICIENT = "The documents do not contain enough information to answer this."
+"""The sentence Claude is told to answer with when the passages do not hold the answer (and
+the answer pyembed gives itself when nothing was retrieved)."""
+NO_API_KEY_NOTE = (f"{API_KEY_ENV} is not set: showing the retrieved passages instead of a "
+                   "generated answer.")
+
+SYSTEM_PROMPT = f"""\
+You answer questions using only the documents in the user's message, inside <documents>.
+Each document has an index attribute. Support every statement with the index of the
+document it comes from, in square brackets, like [1] or [2][3]. Do not use any knowledge
+beyond these documents, and do not cite documents that do not support the statement.
+If the documents do not contain enough information to answer the question, reply with
+exactly this sentence and nothing else:
+{INSUFFICIENT}"""
+
+_CITATION = re.compile(r"\[(\d+(?:\s*,\s*\d+)*)\]")
+
+
+@dataclass(frozen=True)
+class Source:
+    """A retrieved passage with the number it is cited by ([1] is `number` 1)."""
+
+    number: int
+    hit: Hit
+
+    @property
+    def document_id(self) -> str:
+        return self.hit.document_id
+
+    @property
+    def content(self) -> str:
+        return self.hit.content
+
+    @property
+    def score(self) -> float:
+        return self.hit.score
+
+
+@dataclass
+class Answer:
+    """The outcome of `answer`.
+
+    `text` is None when nothing was generated (no API key: see `note`). `insufficient` is
+    true when nothing was retrieved or Claude said the passages do not answer the question.
+    `timings` holds embed_ms, search_ms, generate_ms and total_ms (0 for a step not taken).
+    """
+
+    question: str
+    text: str | None
+    sources: list[Source]
+    model_key: str
+    generation_model: str | None
+    cited: list[int] = field(default_factory=list)
+    insufficient: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
+    usage: dict[str, int] | None = None
+    generated: bool = False
+    note: str | None = None
+    stop_reason: str | None = None
+
+    @property
+    def cited_sources(self) -> list[Source]:
+        """The sources the text cites, in number order."""
+        wanted = set(self.cited)
+        return [s for s in self.sources if s.number in wanted]
+
+
+def build_prompt(question: str, sources: Sequence[Source]) -> str:
+    """The user message: the numbered passages inside <documents>, then the question."""
+    parts = ["<documents>"]
+    for s in sources:
+        attrs = f'index="{s.number}" id="{html.escape(s.document_id, quote=True)}"'
+        title = s.hit.metadata.get("title")
+        if isinstance(title, str) and title.strip():
+            attrs += f' title="{html.escape(title.strip(), quote=True)}"'
+        # A passage must not be able to close its own tag and pose as another document.
+        body = s.content.replace("</document", "&lt;/document")
+        parts.append(f"<document {attrs}>\n{body}\n</document>")
+    parts.append("</documents>")
+    parts.append(f"\nQuestion: {question}")
+    return "\n".join(parts)
+
+
+def citations(text: str, count: int) -> list[int]:
+    """The source numbers 1..count cited in `text` as [n] or [n, m], sorted, each once."""
+    found = {int(n) for group in _CITATION.findall(text) for n in group.split(",")}
+    return sorted(n for n in found if 1 <= n <= count)
+
+
+def is_insufficient(text: str) -> bool:
+    """Whether a generated answer is the INSUFFICIENT sentence (give or take case, spacing
+    and a final full stop)."""
+    def norm(s: str) -> str:
+        return " ".join(s.lower().split()).rstrip(".")
+
+    return norm(INSUFFICIENT) in norm(text)
+
+
+def answer(corpus: Corpus, question: str, *, k: int = 5, model: str | None = None,
+           max_tokens: int = 1024, min_score: float | None = None,
+           on_text: Callable[[str], None] | None = None,
+           client: anthropic.Anthropic | None = None, timeout: float = 60.0,
+           max_retries: int = DEFAULT_MAX_RETRIES) -> Answer:
+    """Answer `question` from the `k` passages of `corpus` nearest to it (those scoring at
+    least `min_score`), citing them as [1], [2], ... with Claude `model` (default:
+    $PYEMBED_CLAUDE_MODEL, else DEFAULT_MODEL).
+
+    Claude is called through `client`, else a client built from $ANTHROPIC_API_KEY (and
+    $ANTHROPIC_BASE_URL); with neither, the passages are returned without a generated
+    answer (`generated` false, `note` says why). `on_text` receives the answer as it
+    streams. Nothing retrieved means no call and an `insufficient` answer. The query is
+    recorded in pyembed.query_log (a failure to record it is logged, never raised).
+
+    Raises InvalidInput for an empty question or a bad k/max_tokens, RateLimited when
+    Claude keeps refusing for rate limits, ProviderError for any other failed call.
+    """
+    check_text(question, "question")
+    if k < 1:
+        raise InvalidInput(f"k must be at least 1, got {k}")
+    if max_tokens < 1:
+        raise InvalidInput(f"max_tokens must be at least 1, got {max_tokens}")
+    model = model or os.environ.get(MODEL_ENV) or DEFAULT_MODEL
+    start = time.perf_counter()
+
+    key = corpus.model_key
+    vector = corpus.client.embedder(key).embed_query(question)
+    embedded = time.perf_counter()
+    hits = corpus.search(vector, k=k, model_key=key)
+    if min_score is not None:
+        hits = [h for h in hits if h.score >= min_score]
+    searched = time.perf_counter()
+    sources = [Source(i, h) for i, h in enumerate(hits, start=1)]
+    result = Answer(question, None, sources, key, None)
+
+    if not sources:
+        result.text, result.insufficient = INSUFFICIENT, True
+    else:
+        if client is None:
+            api_key = os.environ.get(API_KEY_ENV, "").strip()
+            if api_key:
+                client = anthropic.Anthropic(api_key=api_key, timeout=timeout,
+                                             max_retries=max_retries)
+        if client is None:
+            result.note = NO_API_KEY_NOTE
+        else:
+            _generate(client, result, build_prompt(question, sources), model=model,
+                      max_tokens=max_tokens, on_text=on_text, timeout=timeout)
+    done = time.perf_counter()
+    result.timings = {"embed_ms": _ms(start, embedded), "search_ms": _ms(embedded, searched),
+                      "generate_ms": _ms(searched, done) if result.generated else 0.0,
+                      "total_ms": _ms(start, done)}
+    log_query(corpus, "ask", k, result.timings, generated=result.generated)
+    return result
+
+
+def _generate(client: anthropic.Anthropic, result: Answer, prompt: str, *, model: str,
+              max_tokens: int, on_text: Callable[[str], None] | None, timeout: float) -> None:
+    """Fill `result` with Claude's answer to `prompt`."""
+    messages: list[anthropic.types.MessageParam] = [{"role": "user", "content": prompt}]
+    try:
+        if on_text is None:
+            message = client.messages.create(model=model, max_tokens=max_tokens,
+                                             system=SYSTEM_PROMPT, messages=messages,
+                                             timeout=timeout)
+            text = "".join(b.text for b in message.content if b.type == "text")
+        else:
+            pieces: list[str] = []
+            with client.messages.stream(model=model, max_tokens=max_tokens,
+                                        system=SYSTEM_PROMPT, messages=messages,
+                                        timeout=timeout) as stream:
+                for piece in stream.text_stream:
+                    pieces.append(piece)
+                    on_text(piece)
+                message = stream.get_final_message()
+            text = "".join(pieces)
+            if message.stop_reason is None:
+                raise ProviderError(f"claude ({model}): the answer stream ended before "
+                                    "the message was complete")
+    except anthropic.AnthropicError as exc:
+        raise _provider_error(exc, model, client) from None
+    result.text = text
+    result.generated = True
+    result.generation_model = message.model or model
+    result.stop_reason = message.stop_reason
+    result.cited = citations(text, len(result.sources))
+    result.insufficient = is_insufficient(text)
+    result.usage = {"input_tokens": message.usage.input_tokens,
+                    "output_tokens": message.usage.output_tokens}
+
+
+def _provider_error(exc: anthropic.AnthropicError, model: str,
+                    client: anthropic.Anthropic) -> ProviderError:
+    """One line naming the model and what went wrong, with any credential scrubbed out."""
+    where = f"claude ({model})"
+    if isinstance(exc, anthropic.APIStatusError):
+        detail = _detail(exc)
+        if exc.status_code == 401:
+            detail += f" (check {API_KEY_ENV})"
+        message = f"{where}: HTTP {exc.status_code}: {detail}"
+    elif isinstance(exc, anthropic.APITimeoutError):
+        message = f"{where}: no response: timed out"
+    elif isinstance(exc, anthropic.APIConnectionError):
+        message = f"{where}: no response: {exc.message}"
+    else:
+        message = f"{where}: {exc}"
+    for secret in (client.api_key, client.auth_token, os.environ.get(API_KEY_ENV)):
+        if secret and secret.strip():
+            message = message.replace(secret.strip(), "<api key>")
+    message = " ".join(message.split())
+    if isinstance(exc, anthropic.RateLimitError):
+        return RateLimited(message)
+    return ProviderError(message)
+
+
+def _detail(exc: anthropic.APIStatusError) -> str:
+    body = exc.body
+    if isinstance(body, dict):
+        error = body.get("error", body)
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return str(error["message"]) or "no detail given"
+    return exc.message or "no detail given"
+
+
+def log_query(corpus: Corpus, kind: str, k: int, timings: dict[str, float], *,
+              generated: bool = False, cache_hit: bool | None = None) -> bool:
+    """Record one query in pyembed.query_log; False (and a warning) if that failed."""
+    conn = corpus.client.conn
+    try:
+        with conn.transaction():
+            conn.execute(
+                """INSERT INTO pyembed.query_log (corpus_id, model_key, kind, k, cache_hit,
+                                                  embed_ms, search_ms, generate_ms, total_ms)
+                   VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)""",
+                (corpus.info.corpus_id, corpus.model_key, kind, k, cache_hit,
+                 timings.get("embed_ms"), timings.get("search_ms"),
+                 timings.get("generate_ms") if generated else None, timings.get("total_ms")))
+    except psycopg.Error as exc:
+        log.warning("could not record the query in pyembed.query_log: %s",
+                    str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+        return False
+    return True
+
+
+def _ms(a: float, b: float) -> float:
+    return round(max(b - a, 0.0) * 1000.0, 3)
+
+
+__all__ = ["DEFAULT_MODEL", "INSUFFICIENT", "NO_API_KEY_NOTE", "SYSTEM_PROMPT", "Answer",
+           "Source", "answer", "build_prompt", "citations", "is_insufficient", "log_query"]
