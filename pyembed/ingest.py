@@ -27,13 +27,16 @@ from rich.progress import (
 from .client import Corpus, Document
 from .errors import InvalidInput
 
-TEXT_SUFFIXES = frozenset({".txt", ".md", ".markdown"})
-"""One document per file."""
+MARKDOWN_SUFFIXES = frozenset({".md", ".markdown"})
+TEXT_SUFFIXES = frozenset({".txt"}) | MARKDOWN_SUFFIXES
+"""One document per file (Markdown: its first heading is the "title")."""
 JSONL_SUFFIXES = frozenset({".jsonl", ".ndjson"})
 """One JSON object per line."""
 CSV_SUFFIXES = frozenset({".csv"})
 """A header row, then one document per record."""
 SUFFIXES = TEXT_SUFFIXES | JSONL_SUFFIXES | CSV_SUFFIXES
+MAX_ID_LENGTH = 512
+"""The longest document id pyembed.documents accepts."""
 
 _HEADING = re.compile(r"^ {0,3}#{1,6}[ \t]+(.+?)(?:[ \t]+#+)?[ \t]*$")
 _FENCE = re.compile(r"^ {0,3}(```|~~~)")
@@ -112,13 +115,15 @@ class _Reader:
         hidden entries skipped)."""
         if path.is_dir():
             for file in _walk(path):
-                yield from self.read_file(file, file.relative_to(path).with_suffix(""))
+                yield from self.read_file(file, file.relative_to(path))
         elif not path.exists():
             self.problem(path, None, "no such file or folder", record=False)
         else:
-            yield from self.read_file(path, Path(path.stem))
+            yield from self.read_file(path, Path(path.name))
 
-    def read_file(self, path: Path, stem: Path) -> Iterator[_Record]:
+    def read_file(self, path: Path, name: Path) -> Iterator[_Record]:
+        """The records of one file; `name` is its path relative to the folder read (text
+        files take their id from it)."""
         suffix = path.suffix.lower()
         if suffix not in SUFFIXES:
             self.problem(path, None, f"unsupported file type {suffix or '(none)'!r}: expected "
@@ -132,17 +137,18 @@ class _Reader:
         if bad is not None:
             self.problem(path, bad[0], bad[1], record=False)
             return
-        records = (self._text(path, stem) if suffix in TEXT_SUFFIXES
+        records = (self._text(path, name) if suffix in TEXT_SUFFIXES
                    else self._jsonl(path) if suffix in JSONL_SUFFIXES else self._csv(path))
         try:
             for record in records:
-                first = self.seen.setdefault(record.document.id, (record.path, record.line))
-                if first != (record.path, record.line):
+                first = self.seen.get(record.document.id)
+                if first is not None:
                     where = f"{first[0]}:{first[1]}" if first[1] is not None else str(first[0])
                     self.problem(path, record.line,
                                  f"duplicate id {record.document.id!r} (first in {where})",
                                  record=True)
                     continue
+                self.seen[record.document.id] = (record.path, record.line)
                 yield record
         except OSError as exc:
             self.problem(path, None, f"cannot read: {exc.strerror or exc}", record=False)
@@ -154,31 +160,35 @@ class _Reader:
             self.problem(path, line, f"{what}text contains a NUL byte", record=True)
         elif "\x00" in doc_id:
             self.problem(path, line, "id contains a NUL byte", record=True)
+        elif len(doc_id) > MAX_ID_LENGTH:
+            self.problem(path, line, f"id is {len(doc_id)} characters long, over the "
+                         f"{MAX_ID_LENGTH}-character limit", record=True)
         elif not text.strip():
             self.problem(path, line, f"{what}text is empty", record=True)
         else:
             return _Record(Document(doc_id, text, metadata), path, line)
         return None
 
-    def _text(self, path: Path, stem: Path) -> Iterator[_Record]:
+    def _text(self, path: Path, name: Path) -> Iterator[_Record]:
         text = path.read_text(encoding="utf-8-sig")
-        metadata: dict[str, Any] = {"source": path.name if stem.parent == Path(".")
-                                    else stem.with_suffix(path.suffix).as_posix()}
-        title = markdown_title(text)
+        metadata: dict[str, Any] = {"source": name.as_posix()}
+        title = markdown_title(text) if path.suffix.lower() in MARKDOWN_SUFFIXES else None
         if title:
             metadata["title"] = title
         if not text.strip():
             self.problem(path, None, "empty file", record=True)
             return
-        record = self._checked(path, None, stem.as_posix(), text, metadata)
+        record = self._checked(path, None, name.with_suffix("").as_posix(), text, metadata)
         if record is not None:
             yield record
 
     def _jsonl(self, path: Path) -> Iterator[_Record]:
+        empty = True
         with path.open(encoding="utf-8-sig") as f:
             for number, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
+                empty = False
                 try:
                     obj = json.loads(line)
                 except ValueError as exc:
@@ -191,6 +201,8 @@ class _Reader:
                 record = self._object(path, number, obj)
                 if record is not None:
                     yield record
+        if empty:
+            self.problem(path, None, "empty file", record=False)
 
     def _object(self, path: Path, line: int, obj: dict[str, Any]) -> _Record | None:
         id_key = self.id_field if self.id_field in obj else "_id" if "_id" in obj else None
@@ -209,13 +221,12 @@ class _Reader:
                 f"no {self.text_field!r} field" if text is None
                 else f"{self.text_field!r} must be a string"), record=True)
             return None
-        metadata: dict[str, Any] = {}
         nested = obj.get("metadata")
-        if isinstance(nested, dict):
-            metadata.update(nested)
-        metadata.update({k: v for k, v in obj.items()
-                         if k not in (id_key, self.text_field, "metadata")
-                         or (k == "metadata" and not isinstance(v, dict))})
+        metadata: dict[str, Any] = dict(nested) if isinstance(nested, dict) else {}
+        for key, value in obj.items():
+            if key not in (id_key, self.text_field) and not (
+                    key == "metadata" and isinstance(value, dict)):
+                metadata[key] = value
         title = obj.get("title")
         if isinstance(title, str) and title.strip() and text.strip():
             text = f"{title.strip()}\n\n{text}"  # BEIR: the title is part of the passage
@@ -239,19 +250,23 @@ class _Reader:
                              f"header row (columns: {', '.join(header)})", record=False)
                 return
             id_at, text_at = header.index(self.id_field), header.index(self.text_field)
-            line = reader.line_num + 1
+            line, empty = reader.line_num + 1, True
             while True:
                 try:
                     row = next(reader)
                 except StopIteration:
+                    if empty:
+                        self.problem(path, None, "no records after the header row",
+                                     record=False)
                     return
                 except csv.Error as exc:
                     self.problem(path, line, f"unreadable CSV record: {exc}", record=True)
-                    line = reader.line_num + 1
+                    line, empty = reader.line_num + 1, False
                     continue
                 start, line = line, reader.line_num + 1
                 if not any(cell.strip() for cell in row):
                     continue
+                empty = False
                 if len(row) != len(header):
                     self.problem(path, start, f"{len(row)} fields where the header has "
                                  f"{len(header)}", record=True)
@@ -272,10 +287,11 @@ def read_documents(path: Path, *, text_field: str = "text", id_field: str = "id"
     """The documents in a file, or in the supported files under a folder (recursively).
 
     `.txt`/`.md`: one document per file, id the path (relative to the folder) without its
-    suffix, the first Markdown heading as metadata "title". `.jsonl`: one JSON object per
-    line, id from `id_field` (or BEIR's `_id`), text from `text_field` (a "title" is put
-    before it), other keys as metadata. `.csv`: a header row naming `id_field` and
-    `text_field` columns, other columns as metadata. Files are UTF-8 (a BOM is fine).
+    suffix, metadata "source" (that path) and, for Markdown, "title" (the first heading).
+    `.jsonl`: one JSON object per line, id from `id_field` (or BEIR's `_id`), text from
+    `text_field` (a "title" is put before it), other keys as metadata. `.csv`: a header row
+    naming `id_field` and `text_field` columns, other columns as metadata. Files are UTF-8
+    (a BOM is fine).
 
     A bad record (invalid JSON, missing or empty id or text, NUL byte, id already read) or
     file (missing, unsupported, not UTF-8) is appended to `problems` and skipped; without
@@ -312,8 +328,8 @@ def ingest(corpus: Corpus, paths: Path | str | Iterable[Path | str], *, batch_si
                MofNCompleteColumn(), TextColumn("{task.fields[rate]:>8.1f} texts/s"),
                TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, disable=not progress, transient=True) as bar:
-        task = bar.add_task("ingesting", total=sum(_estimate(p) for p in roots) or None,
-                            rate=0.0)
+        estimate = sum(_estimate(p) for p in roots) if progress else 0
+        task = bar.add_task("ingesting", total=estimate or None, rate=0.0)
 
         def advance(n: int) -> None:
             done = sum(totals[k] for k in ("added", "updated", "skipped", "failed"))
@@ -346,17 +362,16 @@ def _add(corpus: Corpus, batch: list[_Record], truncate: bool, totals: dict[str,
     """Add one batch; if the corpus refuses it, add its documents one by one."""
     try:
         report = corpus.add([r.document for r in batch], truncate=truncate)
-    except InvalidInput:
-        if len(batch) == 1:
-            raise
-        for record in batch:
-            try:
+    except InvalidInput as exc:
+        if len(batch) > 1:
+            for record in batch:
                 _add(corpus, [record], truncate, totals, problems, advance)
-            except InvalidInput as exc:
-                problems.append(FileProblem(record.path, record.line,
-                                            f"id {record.document.id!r}: {exc}"))
-                totals["failed"] += 1
-                advance(1)
+        else:
+            record = batch[0]
+            problems.append(FileProblem(record.path, record.line,
+                                        f"id {record.document.id!r}: {exc}"))
+            totals["failed"] += 1
+            advance(1)
         return
     totals["added"] += report.added
     totals["updated"] += report.updated
@@ -394,9 +409,10 @@ def _utf8_problem(path: Path) -> tuple[int, str] | None:
             try:
                 decoder.decode(block)
             except UnicodeDecodeError as exc:
-                at = exc.start
-                line += block[:max(at, 0)].count(b"\n")
-                return line, (f"not UTF-8: byte 0x{block[at]:02x} at offset {offset + at} "
+                data, at = exc.object, exc.start  # data: bytes held over + this block
+                line += data[:at].count(b"\n")
+                return line, (f"not UTF-8: byte 0x{data[at]:02x} at offset "
+                              f"{offset - (len(data) - len(block)) + at} "
                               "(convert the file to UTF-8)")
             line += block.count(b"\n")
             offset += len(block)

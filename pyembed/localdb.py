@@ -186,6 +186,9 @@ class LocalCluster:
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(
                 sql.Identifier(DATABASE), sql.Identifier(OWNER)))
+            # The owner is named like the schema: keep "$user" from putting its objects there.
+            conn.execute(sql.SQL("ALTER ROLE {} SET search_path = public").format(
+                sql.Identifier(OWNER)))
             conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(APP_GROUP)))
             conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {} IN ROLE {}").format(
                 sql.Identifier(APP_USER), sql.Literal(st.app_password), sql.Identifier(APP_GROUP)))

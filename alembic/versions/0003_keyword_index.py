@@ -50,6 +50,10 @@ CREATE TABLE pyembed.keyword_stats (
 
 def downgrade() -> None:
     run_sql("""
+-- The sql/ objects built on these tables go with them (their triggers too).
+DROP FUNCTION IF EXISTS pyembed.search_hybrid(text, text, vector, text, integer, jsonb, integer,
+  integer), pyembed.search_keyword(text, text, integer, jsonb), pyembed._index_chunks(),
+  pyembed._count_postings() CASCADE;
 DROP TABLE pyembed.keyword_stats, pyembed.lexeme_stats, pyembed.postings;
 ALTER TABLE pyembed.corpora DROP COLUMN text_config;
 """)

@@ -98,8 +98,9 @@ def local_database(keep: bool) -> Iterator[Target]:
     from pyembed.schema import install
 
     cluster = LocalCluster(REPO / ".pyembed-bench")
-    cluster.init()
-    started = cluster.start()
+    was_running = cluster.running()
+    cluster.init()  # (a first init also starts the server)
+    cluster.start()
     name = f"bench_{uuid.uuid4().hex[:8]}"
     admin_dsn = cluster.dsn(owner=True)
 
@@ -117,7 +118,7 @@ def local_database(keep: bool) -> Iterator[Target]:
             with psycopg.connect(admin_dsn, autocommit=True) as admin:
                 admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
                               .format(sql.Identifier(name)))
-        if started and not keep:
+        if not was_running and not keep:
             cluster.stop()
 
 

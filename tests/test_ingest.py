@@ -1,0 +1,290 @@
+"""Files in: each format read into a real database, bad records reported and skipped."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from rich.console import Console
+
+import pyembed
+from pyembed.client import Client, Corpus
+from pyembed.ingest import (
+    FileProblem,
+    IngestError,
+    IngestReport,
+    ingest,
+    markdown_title,
+    read_documents,
+)
+from tests.conftest import Database
+from tests.helpers import count
+
+KEY = "fake/fake-hash@1:384"
+
+
+@pytest.fixture
+def client(db: Database) -> Iterator[Client]:
+    with pyembed.connect(db.app_dsn) as c:
+        yield c
+
+
+@pytest.fixture
+def corpus(client: Client) -> Corpus:
+    return client.create_corpus("files", KEY)
+
+
+def _write(path: Path, text: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _jsonl(*objects: Any) -> str:
+    return "".join((o if isinstance(o, str) else json.dumps(o)) + "\n" for o in objects)
+
+
+def _documents(conn: psycopg.Connection[Any]) -> dict[str, dict[str, Any]]:
+    rows = conn.execute("SELECT document_id, metadata FROM pyembed.documents").fetchall()
+    return dict(rows)
+
+
+def _where(report: IngestReport) -> list[tuple[str, int | None]]:
+    return [(p.path.name, p.line) for p in report.problems]
+
+
+def test_text_and_markdown_files(tmp_path: Path, corpus: Corpus,
+                                 app: psycopg.Connection[Any]) -> None:
+    notes = _write(tmp_path / "notes.txt", "Plain notes about backups.\n")
+    guide = _write(tmp_path / "guide.md", "```sh\n# not a title\n```\n\n## Setting up SSO\n\n"
+                   "Single sign-on works with SAML.\n")
+
+    report = ingest(corpus, [notes, guide], progress=False)
+
+    assert (report.added, report.updated, report.skipped, report.failed) == (2, 0, 0, 0)
+    assert report.problems == [] and report.chunks == 2
+    assert _documents(app) == {"notes": {"source": "notes.txt"},
+                               "guide": {"source": "guide.md", "title": "Setting up SSO"}}
+    assert corpus.search("SAML single sign-on", k=1)[0].document_id == "guide"
+
+
+def test_jsonl_with_metadata_and_beir_fields(tmp_path: Path, corpus: Corpus,
+                                             app: psycopg.Connection[Any]) -> None:
+    path = _write(tmp_path / "docs.jsonl", "\ufeff" + _jsonl(
+        {"id": "a", "text": "alpha text", "lang": "en", "tags": ["x"]},
+        {"_id": "4983", "title": "Microstructural development", "text": "Alterations of the "
+         "architecture of cerebral white matter", "metadata": {"year": 2001}},
+        {"id": 7, "text": "an integer id"},
+    ))
+
+    report = ingest(corpus, path, progress=False)
+
+    assert (report.added, report.failed, report.problems) == (3, 0, [])
+    assert _documents(app) == {"a": {"lang": "en", "tags": ["x"]},
+                               "4983": {"title": "Microstructural development", "year": 2001},
+                               "7": {}}
+    [hit] = corpus.search("microstructural", k=1)
+    assert hit.document_id == "4983"
+    assert hit.content.startswith("Microstructural development\n\nAlterations")
+
+
+def test_csv_with_metadata_columns_and_custom_fields(tmp_path: Path, corpus: Corpus,
+                                                     app: psycopg.Connection[Any]) -> None:
+    path = _write(tmp_path / "faq.csv", 'key,body,team\nr1,"Refunds take ten days,\n'
+                  'to the original card",billing\n\nr2,Quota resets monthly,compute\n')
+
+    report = ingest(corpus, path, progress=False, id_field="key", text_field="body")
+
+    assert (report.added, report.problems) == (2, [])
+    assert _documents(app) == {"r1": {"team": "billing"}, "r2": {"team": "compute"}}
+    assert corpus.search("refunds original card", k=1)[0].content == (
+        "Refunds take ten days,\nto the original card")
+
+
+def test_bad_lines_are_reported_with_line_numbers_and_the_rest_loads(
+        tmp_path: Path, corpus: Corpus, app: psycopg.Connection[Any]) -> None:
+    path = _write(tmp_path / "mixed.jsonl", _jsonl(
+        {"id": "ok1", "text": "first good line"},
+        "{not json",
+        {"text": "no id here"},
+        {"id": "no-text"},
+        {"id": "blank", "text": "   "},
+        {"id": "nul", "text": "nul \u0000 byte"},
+        {"id": "ok1", "text": "the same id again"},
+        "",
+        ["a", "list"],
+        {"id": "x" * 513, "text": "id too long"},
+        {"id": True, "text": "a boolean id"},
+        {"id": "ok2", "text": "second good line"},
+    ))
+
+    report = ingest(corpus, path, progress=False)
+
+    assert report.added == 2 and report.failed == 9
+    assert _where(report) == [("mixed.jsonl", n) for n in (2, 3, 4, 5, 6, 7, 9, 10, 11)]
+    messages = [p.message for p in report.problems]
+    assert messages[0].startswith("invalid JSON")
+    assert "no 'id' (or '_id') field" in messages[1]
+    assert "'no-text'" in messages[2] and "no 'text' field" in messages[2]
+    assert "text is empty" in messages[3] and "NUL byte" in messages[4]
+    assert "duplicate id 'ok1'" in messages[5] and "mixed.jsonl:1" in messages[5]
+    assert "expected a JSON object" in messages[6] and "512-character limit" in messages[7]
+    assert str(report.problems[0]).startswith(f"{path}:2: invalid JSON")
+    assert sorted(_documents(app)) == ["ok1", "ok2"]
+    assert corpus.search("first good line", k=1)[0].content == "first good line"
+
+
+def test_documents_the_corpus_refuses_are_isolated(tmp_path: Path, corpus: Corpus,
+                                                   app: psycopg.Connection[Any]) -> None:
+    huge = "x" * 9000  # one "word" over the fake model's 2,048-token limit: cannot be chunked
+    lines = [{"id": f"d{i}", "text": f"document number {i}"} for i in range(5)]
+    lines.insert(2, {"id": "huge", "text": huge})
+    path = _write(tmp_path / "batch.jsonl", _jsonl(*lines))
+
+    report = ingest(corpus, path, batch_size=4, progress=False)
+
+    assert (report.added, report.failed) == (5, 1)
+    [problem] = report.problems
+    assert (problem.path, problem.line) == (path, 3)
+    assert "'huge'" in problem.message and "token limit" in problem.message
+    assert "huge" not in _documents(app) and count(app, "documents") == 5
+
+    report = ingest(corpus, path, batch_size=4, progress=False, truncate=True)
+    assert (report.added, report.skipped, report.failed) == (1, 5, 0)
+
+
+def test_reingest_skips_unchanged_and_updates_changed_files(tmp_path: Path, corpus: Corpus,
+                                                            app: psycopg.Connection[Any]) -> None:
+    _write(tmp_path / "a.md", "# A\n\nfirst version")
+    _write(tmp_path / "b.txt", "stays the same")
+    assert ingest(corpus, tmp_path, progress=False).added == 2
+
+    again = ingest(corpus, tmp_path, progress=False)
+    assert (again.added, again.updated, again.skipped, again.chunks) == (0, 0, 2, 0)
+
+    _write(tmp_path / "a.md", "# A, renamed\n\nsecond version")
+    changed = ingest(corpus, tmp_path, progress=False)
+    assert (changed.added, changed.updated, changed.skipped, changed.chunks) == (0, 1, 1, 1)
+    assert _documents(app)["a"]["title"] == "A, renamed"
+    assert corpus.search("second version", k=1)[0].content == "# A, renamed\n\nsecond version"
+    assert count(app, "chunks") == 2
+
+
+def test_a_directory_is_walked_recursively(tmp_path: Path, corpus: Corpus,
+                                           app: psycopg.Connection[Any]) -> None:
+    root = tmp_path / "kb"
+    _write(root / "index.md", "# Home\n\nwelcome")
+    _write(root / "guides" / "setup.md", "# Setup\n\ninstall it")
+    _write(root / "guides" / "deep" / "faq.txt", "questions and answers")
+    _write(root / "data" / "rows.jsonl", _jsonl({"id": "row1", "text": "a row"}))
+    _write(root / "data" / "table.csv", "id,text\nc1,a csv row\n")
+    _write(root / "logo.png", b"\x89PNG\r\n\x1a\n\x00\x00")  # not a supported type: ignored
+    _write(root / ".git" / "notes.md", "hidden folders are skipped")
+
+    report = ingest(corpus, root, progress=False)
+
+    assert report.problems == [] and report.added == 5
+    docs = _documents(app)
+    assert sorted(docs) == ["c1", "guides/deep/faq", "guides/setup", "index", "row1"]
+    assert docs["guides/setup"] == {"source": "guides/setup.md", "title": "Setup"}
+    assert [d.id for d in read_documents(root)] == [  # a folder's files, then its folders
+        "index", "row1", "c1", "guides/setup", "guides/deep/faq"]
+
+
+def test_a_file_that_is_not_utf8_is_one_problem(tmp_path: Path, corpus: Corpus) -> None:
+    _write(tmp_path / "good.txt", "fine")
+    latin = _write(tmp_path / "latin1.jsonl",
+                   '{"id": "a", "text": "ok"}\n{"id": "b", "text": "caf\u00e9"}\n'
+                   .encode("latin-1"))
+
+    report = ingest(corpus, tmp_path, progress=False)
+
+    assert report.added == 1 and report.failed == 0
+    [problem] = report.problems
+    assert (problem.path, problem.line) == (latin, 2)
+    assert problem.message.startswith("not UTF-8: byte 0xe9")
+
+
+def test_empty_files_missing_columns_and_unsupported_paths(tmp_path: Path,
+                                                           corpus: Corpus) -> None:
+    paths = [
+        _write(tmp_path / "empty.txt", ""),
+        _write(tmp_path / "blank.md", "\n  \n"),
+        _write(tmp_path / "empty.jsonl", "\n"),
+        _write(tmp_path / "empty.csv", ""),
+        _write(tmp_path / "header-only.csv", "id,text\n"),
+        _write(tmp_path / "no-text.csv", "id,body\n1,hello\n"),
+        _write(tmp_path / "ragged.csv", "id,text\n1,one\n2,two,extra\n3\n4,,\n5,five\n"),
+        _write(tmp_path / "notes.docx", "binary"),
+        tmp_path / "missing.md",
+    ]
+
+    report = ingest(corpus, paths, progress=False)
+
+    assert report.added == 2  # ragged.csv rows 1 and 5
+    by_name = {p.path.name: p for p in report.problems if p.path.name != "ragged.csv"}
+    assert by_name["empty.txt"].message == "empty file"
+    assert by_name["blank.md"].message == "empty file"
+    assert by_name["empty.jsonl"].message == "empty file"
+    assert by_name["empty.csv"].message.startswith("empty file")
+    assert by_name["header-only.csv"].message == "no records after the header row"
+    assert by_name["no-text.csv"].line == 1
+    assert by_name["no-text.csv"].message == ("no 'text' column in the header row "
+                                              "(columns: id, body)")
+    assert "unsupported file type '.docx'" in by_name["notes.docx"].message
+    assert by_name["missing.md"].message == "no such file or folder"
+    ragged = [(p.line, p.message) for p in report.problems if p.path.name == "ragged.csv"]
+    assert ragged == [(3, "3 fields where the header has 2"),
+                      (4, "1 fields where the header has 2"),
+                      (5, "3 fields where the header has 2")]
+    assert report.failed == 2 + 3  # the empty text files and ragged.csv's rows
+
+
+def test_read_documents_raises_without_a_problem_list(tmp_path: Path) -> None:
+    path = _write(tmp_path / "x.jsonl", _jsonl({"id": "a", "text": "fine"}, "{bad"))
+    docs = read_documents(path)
+    assert next(docs).id == "a"
+    with pytest.raises(IngestError) as raised:
+        next(docs)
+    assert isinstance(raised.value, pyembed.InvalidInput)
+    assert raised.value.problem == FileProblem(path, 2, raised.value.problem.message)
+
+    problems: list[FileProblem] = []
+    assert [d.id for d in read_documents(path, problems=problems)] == ["a"]
+    assert [p.line for p in problems] == [2]
+
+
+def test_duplicate_ids_across_files_are_reported(tmp_path: Path, corpus: Corpus) -> None:
+    _write(tmp_path / "one" / "readme.md", "# One")
+    _write(tmp_path / "two.jsonl", _jsonl({"id": "readme", "text": "also readme"}))
+    report = ingest(corpus, [tmp_path / "one", tmp_path / "two.jsonl"], progress=False)
+    assert report.added == 1
+    [problem] = report.problems
+    assert problem.line == 1 and "duplicate id 'readme'" in problem.message
+
+
+def test_progress_bar_and_throughput(tmp_path: Path, corpus: Corpus) -> None:
+    path = _write(tmp_path / "many.jsonl",
+                  _jsonl(*({"id": str(i), "text": f"text {i}"} for i in range(30))))
+    console = Console(record=True, force_terminal=True, width=120)
+
+    report = ingest(corpus, path, batch_size=8, console=console)
+
+    assert report.processed == 30 and report.seconds > 0
+    assert report.texts_per_second == pytest.approx(30 / report.seconds, rel=0.01)
+    assert "texts/s" in console.export_text()
+    with pytest.raises(pyembed.InvalidInput):
+        ingest(corpus, path, batch_size=0)
+
+
+def test_markdown_title() -> None:
+    assert markdown_title("intro\n# Title #\ntext") == "Title"
+    assert markdown_title("~~~\n# code\n~~~\n### Third level") == "Third level"
+    assert markdown_title("#hashtag, not a heading") is None

@@ -1,0 +1,231 @@
+"""Answers with Claude: a real database, and the real Anthropic SDK talking to the fake API."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+import pyembed
+from pyembed import rag
+from pyembed.client import Client, Corpus
+from tests.conftest import Database
+from tests.fakeapi.server import FakeAPI
+
+KEY = "fake/fake-hash@1:384"
+SECRET = "sk-ant-test-5ecret-never-printed"
+DOCS = [
+    ("e4012", "Error E4012 means the project used its monthly quota of compute hours."),
+    ("sso", "Single sign-on works with SAML identity providers such as Okta."),
+    ("refunds", "Refunds are paid back to the original card within ten days."),
+]
+
+
+@pytest.fixture
+def client(db: Database) -> Iterator[Client]:
+    with pyembed.connect(db.app_dsn) as c:
+        yield c
+
+
+@pytest.fixture
+def kb(client: Client) -> Corpus:
+    corpus = client.create_corpus("kb", KEY)
+    corpus.add(DOCS)
+    return corpus
+
+
+@pytest.fixture
+def claude(fake_api: FakeAPI, monkeypatch: pytest.MonkeyPatch) -> FakeAPI:
+    """The fake API with ANTHROPIC_API_KEY set (ANTHROPIC_BASE_URL points at it)."""
+    monkeypatch.setenv("ANTHROPIC_API_KEY", SECRET)
+    monkeypatch.delenv("PYEMBED_CLAUDE_MODEL", raising=False)
+    return fake_api
+
+
+def _log_rows(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
+    return conn.execute("SELECT corpus_id, model_key, kind, k, embed_ms, search_ms, "
+                        "generate_ms, total_ms FROM pyembed.query_log").fetchall()
+
+
+def test_answer_cites_numbered_sources_given_in_the_prompt(kb: Corpus, claude: FakeAPI) -> None:
+    claude.reply_text = "E4012 means the monthly compute quota is used up [1]."
+
+    result = rag.answer(kb, "What does error E4012 mean?", k=2)
+
+    assert result.generated and result.text == claude.reply_text
+    assert result.cited == [1] and not result.insufficient
+    assert [s.number for s in result.sources] == [1, 2]
+    assert result.sources[0].document_id == "e4012"
+    assert [s.document_id for s in result.cited_sources] == ["e4012"]
+    assert result.model_key == KEY and result.generation_model == rag.DEFAULT_MODEL
+    assert result.usage is not None and result.usage["output_tokens"] > 0
+    assert result.stop_reason == "end_turn" and result.note is None
+
+    [request] = claude.requests_to("anthropic")
+    body = request.body
+    assert body["model"] == rag.DEFAULT_MODEL and body["max_tokens"] == 1024
+    assert rag.INSUFFICIENT in body["system"] and "[1]" in body["system"]
+    prompt = body["messages"][0]["content"]
+    assert prompt.startswith("<documents>\n")
+    for source in result.sources:
+        opening = f'<document index="{source.number}" id="{source.document_id}">'
+        assert f"{opening}\n{source.content}\n</document>" in prompt
+    assert prompt.index("</documents>") < prompt.index("What does error E4012 mean?")
+    [left_out] = {d for d, _ in DOCS} - {s.document_id for s in result.sources}
+    assert f'id="{left_out}"' not in prompt  # only the k retrieved passages go to Claude
+
+
+def test_streaming_calls_on_text_with_the_whole_answer(kb: Corpus, claude: FakeAPI,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    claude.reply_text = "Use SAML with Okta [1]. Nothing else applies [7]."
+    monkeypatch.setenv("PYEMBED_CLAUDE_MODEL", "claude-from-env")
+    pieces: list[str] = []
+
+    result = rag.answer(kb, "Which single sign-on is supported?", k=1, on_text=pieces.append)
+
+    assert len(pieces) > 1 and "".join(pieces) == result.text == claude.reply_text
+    assert result.cited == [1]  # [7] names no source
+    [request] = claude.requests_to("anthropic")
+    assert request.body["stream"] is True and request.body["model"] == "claude-from-env"
+    assert result.generation_model == "claude-from-env"
+
+
+def test_a_transient_error_is_retried(kb: Corpus, claude: FakeAPI) -> None:
+    claude.script("500", "ok")
+    result = rag.answer(kb, "What does error E4012 mean?")
+    assert result.generated
+    assert len(claude.requests_to("anthropic")) == 2
+
+
+@pytest.mark.parametrize(("script", "error", "expected"), [
+    (["500", "500", "500"], pyembed.ProviderError, "HTTP 500: fake failure with HTTP 500"),
+    (["401"], pyembed.ProviderError, "HTTP 401: Incorrect API key provided"),
+    (["429:retry-after=0"], pyembed.RateLimited, "HTTP 429"),
+])
+def test_api_errors_are_one_line_without_the_key(kb: Corpus, claude: FakeAPI, script: list[str],
+                                                  error: type[Exception], expected: str) -> None:
+    claude.script(script)
+    retries = 0 if script[0].startswith("429") else rag.DEFAULT_MAX_RETRIES
+    with pytest.raises(error) as raised:
+        rag.answer(kb, "What does error E4012 mean?", max_retries=retries)
+    message = str(raised.value)
+    assert expected in message and message.startswith(f"claude ({rag.DEFAULT_MODEL}): ")
+    assert "\n" not in message and SECRET not in message
+    assert raised.value.__cause__ is None and raised.value.__suppress_context__
+    assert len(claude.requests_to("anthropic")) == len(script)
+    if "401" in script:
+        assert "<api key>" in message and "ANTHROPIC_API_KEY" in message
+
+
+def test_no_answer_in_time_is_a_provider_error(kb: Corpus, claude: FakeAPI) -> None:
+    claude.script("hang")
+    with pytest.raises(pyembed.ProviderError, match="no response: timed out"):
+        rag.answer(kb, "What does error E4012 mean?", timeout=0.5, max_retries=0)
+
+
+def test_a_stream_cut_short_is_a_provider_error(kb: Corpus, claude: FakeAPI) -> None:
+    claude.script("short")
+    pieces: list[str] = []
+    with pytest.raises(pyembed.ProviderError, match="stream ended"):
+        rag.answer(kb, "What does error E4012 mean?", on_text=pieces.append)
+    assert pieces  # what arrived was shown
+
+
+def test_without_an_api_key_the_passages_are_returned(kb: Corpus, fake_api: FakeAPI,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    result = rag.answer(kb, "What does error E4012 mean?", k=2)
+    assert not result.generated and result.text is None
+    assert result.note == rag.NO_API_KEY_NOTE and "ANTHROPIC_API_KEY is not set" in result.note
+    assert [s.document_id for s in result.sources][:1] == ["e4012"]
+    assert result.generation_model is None and not result.insufficient
+    assert fake_api.requests_to("anthropic") == []
+
+
+def test_nothing_retrieved_is_insufficient_without_a_call(client: Client, kb: Corpus,
+                                                          claude: FakeAPI) -> None:
+    empty = client.create_corpus("empty", KEY)
+    for corpus, min_score in ((empty, None), (kb, 1.01)):
+        result = rag.answer(corpus, "What does error E4012 mean?", min_score=min_score)
+        assert result.insufficient and result.text == rag.INSUFFICIENT
+        assert result.sources == [] and not result.generated
+    assert claude.requests_to("anthropic") == []
+
+
+def test_min_score_keeps_only_close_passages(kb: Corpus, claude: FakeAPI) -> None:
+    every = rag.answer(kb, "What does error E4012 mean?", k=3)
+    close = rag.answer(kb, "What does error E4012 mean?", k=3,
+                       min_score=every.sources[0].score - 1e-6)
+    assert [s.document_id for s in close.sources] == ["e4012"]
+
+
+def test_keyword_and_hybrid_modes_and_filters(client: Client, claude: FakeAPI) -> None:
+    kb = client.create_corpus("tagged", KEY)
+    kb.add([pyembed.Document(d, text, {"team": "billing" if d == "refunds" else "ops"})
+            for d, text in DOCS])
+    keyword = rag.answer(kb, "refunds original card", mode="keyword", k=1)
+    assert [s.document_id for s in keyword.sources] == ["refunds"]
+    assert keyword.timings["embed_ms"] == 0  # BM25 needs no query embedding
+    hybrid = rag.answer(kb, "refunds original card", mode="hybrid", k=3)
+    assert hybrid.sources[0].document_id == "refunds" and hybrid.timings["embed_ms"] > 0
+    only_ops = rag.answer(kb, "refunds original card", k=3, filter={"team": "ops"})
+    assert {s.document_id for s in only_ops.sources} == {"e4012", "sso"}
+    with pytest.raises(pyembed.InvalidInput, match="mode must be"):
+        rag.answer(kb, "refunds", mode="semantic")
+    assert len(claude.requests_to("anthropic")) == 3
+
+
+def test_claude_saying_the_documents_are_insufficient(kb: Corpus, claude: FakeAPI) -> None:
+    claude.reply_text = rag.INSUFFICIENT
+    result = rag.answer(kb, "Who won the 1998 world cup?")
+    assert result.generated and result.insufficient and result.cited == []
+
+
+def test_timings_and_the_query_log(kb: Corpus, claude: FakeAPI,
+                                   app: psycopg.Connection[Any]) -> None:
+    result = rag.answer(kb, "What does error E4012 mean?", k=2)
+    timings = result.timings
+    assert set(timings) == {"embed_ms", "search_ms", "generate_ms", "total_ms"}
+    assert all(v >= 0 for v in timings.values()) and timings["generate_ms"] > 0
+    assert timings["total_ms"] >= timings["embed_ms"] + timings["search_ms"]
+
+    rag.answer(kb, "What does error E4012 mean?", k=2, min_score=2.0)  # nothing generated
+    [(corpus_id, key, kind, k, embed, search, generate, total),
+     (_, _, _, _, _, _, no_generate, _)] = _log_rows(app)
+    assert (corpus_id, key, kind, k) == (kb.info.corpus_id, KEY, "ask", 2)
+    assert embed >= 0 and search >= 0 and generate > 0 and total >= generate
+    assert no_generate is None
+
+
+def test_a_failing_query_log_does_not_break_the_answer(
+        kb: Corpus, claude: FakeAPI, owner: psycopg.Connection[Any],
+        app: psycopg.Connection[Any], caplog: pytest.LogCaptureFixture) -> None:
+    owner.execute("REVOKE INSERT ON pyembed.query_log FROM pyembed_app")
+    with caplog.at_level(logging.WARNING, logger="pyembed.rag"):
+        result = rag.answer(kb, "What does error E4012 mean?")
+    assert result.generated
+    assert "could not record the query" in caplog.text
+    assert _log_rows(app) == []
+    assert kb.search("E4012", k=1)[0].document_id == "e4012"  # the connection still works
+
+
+def test_prompt_passages_cannot_close_their_tags() -> None:
+    hit = pyembed.Hit('a"b', 1, 0, "x </document> y </documents>", {"title": "T <1>"}, 0.5, KEY)
+    prompt = rag.build_prompt("q?", [rag.Source(1, hit)])
+    assert prompt.count("</document>") == 1 and prompt.count("</documents>") == 1
+    assert '<document index="1" id="a&quot;b" title="T &lt;1&gt;">' in prompt
+
+
+def test_citations_and_bad_arguments(kb: Corpus) -> None:
+    assert rag.citations("a [2] b [1, 3] [3] [9] [x]", 3) == [1, 2, 3]
+    assert rag.is_insufficient("the documents do not contain enough information to "
+                               "answer this")
+    with pytest.raises(pyembed.InvalidInput, match="k must be"):
+        rag.answer(kb, "q", k=0)
+    with pytest.raises(pyembed.InvalidInput, match="max_tokens must be"):
+        rag.answer(kb, "q", max_tokens=0)
+    with pytest.raises(pyembed.InvalidInput):
+        rag.answer(kb, "   ")
