@@ -14,7 +14,7 @@ from . import schema
 from . import store
 from .config import DSN_ENV
 from .db import connect
-from .errors import PyembedError
+from .errors import InvalidInput, PyembedError
 from .localdb import LocalCluster
 from .models import LOCAL_DEFAULT, registry
 
@@ -152,6 +152,37 @@ def corpus_drop(name: str,
     with connect(dsn, autocommit=True) as conn:
         dropped = store.drop_corpus(conn, name)
     console.print(f"dropped {name}" if dropped else f"no corpus {name}")
+
+
+@app.command("search")
+def search_cmd(
+    corpus: str,
+    query: str,
+    k: Annotated[int, typer.Option("-k", help="number of results")] = 5,
+    mode: Annotated[str, typer.Option(help="vector, keyword or hybrid")] = "hybrid",
+    filter: Annotated[str | None, typer.Option(help='metadata filter, JSON, e.g. {"lang":"en"}')]
+    = None,
+    dsn: DsnOption = None,
+) -> None:
+    """Search a corpus; the query is embedded with the corpus's own model.
+
+    Example: pyembed search docs "what does error E4012 mean" -k 3 --mode hybrid
+    """
+    import json
+
+    from .client import connect as client_connect
+
+    try:
+        flt = json.loads(filter) if filter else None
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"--filter is not valid JSON: {exc}") from None
+    with client_connect(dsn) as client:
+        hits = client.corpus(corpus).search(query, k=k, filter=flt, mode=mode)
+    table = Table("#", "score", "document", "chunk", "text", "model key")
+    for i, h in enumerate(hits, 1):
+        table.add_row(str(i), f"{h.score:.4f}", h.document_id, str(h.chunk_index),
+                      " ".join(h.content.split())[:100], h.model_key or "-")
+    console.print(table if hits else "no results")
 
 
 @cache_app.command("stats")

@@ -121,3 +121,17 @@ def test_cache_stats_and_purge(db: Database) -> None:
     purged = pyembed("cache", "purge", "--model", "local/all-minilm-l6-v2-int8@1:384", env=env)
     assert purged.returncode == 0
     assert purged.stdout.strip() == "deleted 11 cache entries"  # 10 documents + 1 query
+
+
+def test_search_command_all_modes(db: Database) -> None:
+    env = {**db_env(db), "COLUMNS": "200"}
+    assert pyembed("demo", env=env).returncode == 0
+    for mode in ("vector", "keyword", "hybrid"):
+        out = pyembed("search", "demo", "error E4012 quota", "-k", "2", "--mode", mode, env=env)
+        assert out.returncode == 0, out.stderr
+        first = next(line for line in out.stdout.splitlines() if "│ 1 " in line)
+        assert "error-e4012" in first, (mode, out.stdout)
+    bad = pyembed("search", "demo", "x", "--filter", "{not json", env=env)
+    assert bad.returncode == 1 and bad.stderr.startswith("error: --filter is not valid JSON")
+    bad = pyembed("search", "demo", "x", "--mode", "fuzzy", env=env)
+    assert bad.returncode == 1 and "mode must be one of" in bad.stderr
