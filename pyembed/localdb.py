@@ -59,14 +59,19 @@ def find_bindir() -> str:
                       "or set PYEMBED_PG_BINDIR")
 
 
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
 def _free_port(start: int = 54330) -> int:
     for port in range(start, start + 200):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-                return port
-            except OSError:
-                continue
+        if _port_free(port):
+            return port
     raise ConfigError("no free loopback port for the local cluster")
 
 
@@ -205,6 +210,12 @@ class LocalCluster:
         st = self.state()
         if self.running():
             return False
+        if not _port_free(st.port):
+            # Another server took the port while this one was stopped: move to a free one.
+            st.port = _free_port(st.port + 1)
+            with open(self.data / "postgresql.auto.conf", "a") as f:
+                f.write(f"port = {st.port}\n")
+            self.state_file.write_text(json.dumps(asdict(st)))
         self.socket_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._chown(self.socket_dir, st.os_user)
         # PL/Python imports the same pyembed code as this process.

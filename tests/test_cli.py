@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import uuid
@@ -66,8 +67,15 @@ def test_db_lifecycle_in_a_project_folder(home: Path) -> None:
     down = pyembed("corpus", "list", env=env)
     assert down.returncode == 1
     assert down.stderr.startswith("error: cannot reach the database")
-    assert pyembed("db", "start", env=env).stdout.strip() == "started"
-    assert "notes" in pyembed("corpus", "list", env=env).stdout
+    # Another server takes the port while the cluster is stopped: start moves to a free one.
+    old_port = int(url.rsplit(":", 1)[1].split("/")[0])
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", old_port))
+        squatter.listen()
+        assert pyembed("db", "start", env=env).stdout.strip() == "started"
+        new_url = pyembed("db", "url", env=env).stdout.strip()
+        assert f":{old_port}/" not in new_url
+        assert "notes" in pyembed("corpus", "list", env=env).stdout
 
 
 def test_errors_are_one_line_and_non_zero(db: Database) -> None:
