@@ -70,6 +70,7 @@ def test_db_lifecycle_in_a_project_folder(home: Path) -> None:
     # Another server takes the port while the cluster is stopped: start moves to a free one.
     old_port = int(url.rsplit(":", 1)[1].split("/")[0])
     with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         squatter.bind(("127.0.0.1", old_port))
         squatter.listen()
         assert pyembed("db", "start", env=env).stdout.strip() == "started"
