@@ -144,3 +144,11 @@ def test_search_command_all_modes(db: Database) -> None:
     assert bad.returncode == 1 and bad.stderr.startswith("error: --filter is not valid JSON")
     bad = pyembed("search", "demo", "x", "--mode", "fuzzy", env=env)
     assert bad.returncode == 1 and "mode must be one of" in bad.stderr
+
+
+def test_alembic_cli_offline_script_equals_pyembed_install_sql() -> None:
+    alembic = Path(sys.executable).parent / "alembic"
+    out = subprocess.run([str(alembic), "upgrade", "head", "--sql"], capture_output=True,
+                         text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == pyembed("install", "--sql").stdout
