@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Annotated, Any
 
 import psycopg
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import schema
@@ -183,6 +185,113 @@ def search_cmd(
         table.add_row(str(i), f"{h.score:.4f}", h.document_id, str(h.chunk_index),
                       " ".join(h.content.split())[:100], h.model_key or "-")
     console.print(table if hits else "no results")
+
+
+@app.command("ingest")
+def ingest_cmd(
+    corpus: Annotated[str, typer.Argument(help="the corpus to add to")],
+    paths: Annotated[list[Path], typer.Argument(
+        help="files or folders: .txt/.md (one document each), .jsonl, .csv")],
+    batch_size: Annotated[int, typer.Option("--batch-size", help="documents per batch")] = 64,
+    truncate: Annotated[bool, typer.Option(
+        "--truncate", help="keep each document one chunk, embedding only its start")] = False,
+    text_field: Annotated[str, typer.Option(
+        "--text-field", help="JSONL key / CSV column holding the text")] = "text",
+    id_field: Annotated[str, typer.Option(
+        "--id-field", help="JSONL key / CSV column holding the id")] = "id",
+    strict: Annotated[bool, typer.Option(
+        "--strict", help="exit non-zero if any file or record was skipped")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+    dsn: DsnOption = None,
+) -> None:
+    """Add documents from files and folders to a corpus; unchanged ones are skipped, bad
+    lines are reported with their line numbers and the rest still loads.
+
+    Example: pyembed ingest docs ./handbook faq.csv beir/scifact/corpus.jsonl
+    """
+    from .client import connect as connect_client
+    from .ingest import ingest
+
+    with connect_client(dsn) as client:
+        target = client.corpus(corpus)
+        report = ingest(target, paths, batch_size=batch_size, truncate=truncate,
+                        progress=not quiet, console=err_console, text_field=text_field,
+                        id_field=id_field)
+    shown = 20
+    for problem in report.problems[:shown]:
+        err_console.print(f"[yellow]skipped[/yellow] {escape(str(problem))}", highlight=False)
+    if len(report.problems) > shown:
+        err_console.print(f"[yellow]... and {len(report.problems) - shown} more problems"
+                          "[/yellow]")
+    console.print(f"{target.name} ({target.model_key}): added {report.added}, updated "
+                  f"{report.updated}, unchanged {report.skipped}, failed {report.failed}; "
+                  f"{report.chunks} chunks embedded in {report.seconds:.1f} s "
+                  f"({report.texts_per_second:.1f} texts/s)", highlight=False)
+    if report.problems and (strict or report.processed == report.failed):
+        raise PyembedError(f"{len(report.problems)} problem(s) while ingesting"
+                           + ("; nothing was loaded" if report.processed == report.failed
+                              else ""))
+
+
+@app.command("ask")
+def ask_cmd(
+    corpus: Annotated[str, typer.Argument(help="the corpus to answer from")],
+    question: Annotated[str, typer.Argument(help="the question")],
+    k: Annotated[int, typer.Option("-k", "--k", help="passages to retrieve")] = 5,
+    model: Annotated[str | None, typer.Option(
+        "--model", envvar="PYEMBED_CLAUDE_MODEL", help="Claude model id")] = None,
+    mode: Annotated[str, typer.Option(
+        "--mode", help="retrieval: vector, keyword (BM25) or hybrid")] = "hybrid",
+    min_score: Annotated[float | None, typer.Option(
+        "--min-score", help="drop passages scoring below this")] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="answer length cap")] = 1024,
+    stream: Annotated[bool, typer.Option(help="print the answer as it arrives")] = True,
+    dsn: DsnOption = None,
+) -> None:
+    """Answer a question from a corpus with Claude, citing passages as [1], [2], ...
+    Without ANTHROPIC_API_KEY it shows the retrieved passages instead.
+
+    Example: pyembed ask docs "What does error E4012 mean?" -k 3
+    """
+    from .client import connect as connect_client
+    from .rag import answer
+
+    def show(piece: str) -> None:
+        console.print(piece, end="", markup=False, highlight=False, soft_wrap=True)
+
+    with connect_client(dsn) as client:
+        result = answer(client.corpus(corpus), question, k=k, model=model,
+                        max_tokens=max_tokens, min_score=min_score, mode=mode,
+                        on_text=show if stream else None)
+    if result.generated and stream:
+        console.print()
+    elif result.text is not None:
+        console.print(result.text, markup=False, highlight=False, soft_wrap=True)
+    if result.stop_reason == "max_tokens":
+        err_console.print("[yellow]note:[/yellow] the answer was cut at --max-tokens")
+    if result.note:
+        err_console.print(f"[yellow]note:[/yellow] {escape(result.note)}")
+
+    if result.sources:
+        table = Table("#", "score", "document", "passage" if result.generated else "text",
+                      title="sources" + (" (* cited)" if result.generated else ""),
+                      title_justify="left")
+        for s in result.sources:
+            text = " ".join(s.content.split())
+            if result.generated and len(text) > 120:
+                text = text[:117] + "..."
+            cited = "*" if s.number in result.cited else ""
+            table.add_row(f"[{s.number}]{cited}", f"{s.score:.3f}", escape(s.document_id),
+                          escape(text))
+        console.print(table)
+    t = result.timings
+    generation = (f", generate {t['generate_ms']:.0f} ms with {result.generation_model}"
+                  if result.generated else "")
+    tokens = (f"; tokens in {result.usage['input_tokens']}, out {result.usage['output_tokens']}"
+              if result.usage else "")
+    console.print(f"model key {result.model_key}; embed {t['embed_ms']:.0f} ms, search "
+                  f"{t['search_ms']:.0f} ms{generation}; total {t['total_ms']:.0f} ms{tokens}",
+                  highlight=False, markup=False)
 
 
 @cache_app.command("stats")

@@ -105,6 +105,8 @@ class Corpus:
         docs = {d.id: d for d in map(_as_document, documents)}
         for d in docs.values():
             store.check_text(d.text, f"document {d.id!r}")
+            if not 1 <= len(d.id) <= 512:
+                raise InvalidInput(f"document id must be 1..512 characters, got {len(d.id)}")
         hashes = {i: store.document_hash(d.text, d.metadata) for i, d in docs.items()}
         old = store.document_hashes(self.client.conn, self.info.corpus_id, list(docs))
         todo = [d for i, d in docs.items() if old.get(i) != hashes[i]]

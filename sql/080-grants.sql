@@ -30,4 +30,5 @@ GRANT EXECUTE ON FUNCTION
   pyembed.search_hybrid(text, text, vector, text, integer, jsonb, integer, integer),
   pyembed.add_document(text, text, text, jsonb)
   TO pyembed_app;
+-- Model migrations are the DBA's: granted to nobody, run as the owner.
 -- pyembed.secrets and pyembed.set_secret stay the owner's: REVOKE above, no GRANT.

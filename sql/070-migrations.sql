@@ -1,0 +1,237 @@
+-- Model migration without downtime: start -> backfill -> validate -> shift 10/50/100 -> complete,
+-- with rollback (instant: traffic and writes return to the old key) at any step before complete.
+-- Only these functions may change a corpus's model keys (pyembed.in_migration, PE004 otherwise).
+
+CREATE OR REPLACE FUNCTION pyembed._migration(corpus text, OUT c pyembed.corpora,
+                                              OUT m pyembed.migrations)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+  SELECT * INTO c FROM pyembed.corpora WHERE name = corpus FOR UPDATE;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE002',
+      MESSAGE = format('unknown corpus %s', coalesce(quote_literal(left(corpus, 80)), 'NULL'));
+  END IF;
+  SELECT * INTO m FROM pyembed.migrations
+   WHERE corpus_id = c.corpus_id AND state NOT IN ('completed', 'rolled_back', 'cleaned');
+END
+$$;
+
+CREATE OR REPLACE FUNCTION pyembed._migration_step(m pyembed.migrations, step text,
+                                                   detail jsonb DEFAULT '{}')
+RETURNS void
+LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+  INSERT INTO pyembed.migration_events (migration_id, step, detail) VALUES (m.migration_id, step, detail)
+$$;
+
+CREATE OR REPLACE FUNCTION pyembed._need(m pyembed.migrations, corpus text, allowed text[],
+                                         action text)
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+  IF m.migration_id IS NULL THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE007',
+      MESSAGE = format('corpus %s has no migration in progress: cannot %s', corpus, action),
+      HINT = 'pyembed migrate start CORPUS --to MODEL_KEY';
+  END IF;
+  IF NOT m.state = ANY(allowed) THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE007',
+      MESSAGE = format('cannot %s corpus %s: its migration to %s is at step %s (needs %s)',
+                       action, corpus, m.to_key, m.state, array_to_string(allowed, ' or '));
+  END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION pyembed.migration_start(corpus text, to_key text) RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  r record;
+  new_id bigint;
+  queued bigint;
+BEGIN
+  r := pyembed._migration(corpus);
+  IF (r.m).migration_id IS NOT NULL THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE007',
+      MESSAGE = format('corpus %s already has a migration in progress (%s -> %s, step %s): '
+                       'one at a time', corpus, (r.m).from_key, (r.m).to_key, (r.m).state),
+      HINT = 'finish it (pyembed migrate complete) or roll it back (pyembed migrate rollback)';
+  END IF;
+  IF NOT EXISTS (SELECT FROM pyembed.models WHERE model_key = to_key) THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE006', MESSAGE = format('unknown model key %L', to_key);
+  END IF;
+  IF to_key = (r.c).model_key THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE007',
+      MESSAGE = format('corpus %s is already on %s', corpus, to_key);
+  END IF;
+  PERFORM set_config('pyembed.in_migration', 'on', true);
+  UPDATE pyembed.corpora SET target_model_key = to_key, migration_step = 'started',
+         traffic_share = 0 WHERE corpus_id = (r.c).corpus_id;
+  PERFORM set_config('pyembed.in_migration', 'off', true);
+  INSERT INTO pyembed.migrations (corpus_id, from_key, to_key, state)
+  VALUES ((r.c).corpus_id, (r.c).model_key, to_key, 'started') RETURNING migration_id INTO new_id;
+  -- Vectors of an earlier, rolled-back attempt at this key are stale: start clean.
+  DELETE FROM pyembed.vectors WHERE corpus_id = (r.c).corpus_id AND model_key = to_key;
+  INSERT INTO pyembed.migration_events (migration_id, step, detail)
+  VALUES (new_id, 'start', jsonb_build_object('from', (r.c).model_key, 'to', to_key));
+  RETURN new_id;
+END
+$$;
+
+-- Called by the backfill when every chunk has a vector for the target key: builds the shadow
+-- HNSW index (building after loading is several times faster than inserting into one).
+CREATE OR REPLACE FUNCTION pyembed.migration_backfilled(corpus text) RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  r record;
+  missing bigint;
+BEGIN
+  r := pyembed._migration(corpus);
+  PERFORM pyembed._need(r.m, corpus, ARRAY['started', 'backfilled'], 'mark backfilled');
+  SELECT count(*) INTO missing FROM pyembed.chunks ch
+   WHERE ch.corpus_id = (r.c).corpus_id
+     AND NOT EXISTS (SELECT FROM pyembed.vectors v WHERE v.corpus_id = ch.corpus_id
+                       AND v.chunk_id = ch.chunk_id AND v.model_key = (r.m).to_key);
+  IF missing > 0 THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE007',
+      MESSAGE = format('corpus %s: %s chunks still have no %s vector', corpus, missing,
+                       (r.m).to_key),
+      HINT = 'run pyembed migrate backfill again';
+  END IF;
+  PERFORM pyembed._create_vector_index((r.c).corpus_id, (r.m).to_key);
+  UPDATE pyembed.migrations SET state = 'backfilled' WHERE migration_id = (r.m).migration_id;
+  UPDATE pyembed.corpora SET migration_step = 'backfilled' WHERE corpus_id = (r.c).corpus_id;
+  PERFORM pyembed._migration_step(r.m, 'backfilled');
+  RETURN (r.m).migration_id;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION pyembed.migration_validated(corpus text, report jsonb, passed boolean)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  r record;
+BEGIN
+  r := pyembed._migration(corpus);
+  PERFORM pyembed._need(r.m, corpus, ARRAY['backfilled', 'validated', 'shifting'], 'validate');
+  UPDATE pyembed.migrations SET validation = report,
+         state = CASE WHEN passed AND state = 'backfilled' THEN 'validated' ELSE state END
+   WHERE migration_id = (r.m).migration_id;
+  IF passed AND (r.m).state = 'backfilled' THEN
+    UPDATE pyembed.corpora SET migration_step = 'validated' WHERE corpus_id = (r.c).corpus_id;
+  END IF;
+  PERFORM pyembed._migration_step(r.m, CASE WHEN passed THEN 'validated' ELSE 'validation failed' END,
+                                  report);
+  RETURN (r.m).migration_id;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION pyembed.migration_shift(corpus text, share integer) RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  r record;
+BEGIN
+  r := pyembed._migration(corpus);
+  PERFORM pyembed._need(r.m, corpus, ARRAY['validated', 'shifting'], 'shift traffic on');
+  IF share IS NULL OR share < 1 OR share > 100 THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE005', MESSAGE = format('share must be 1..100, got %s', share);
+  END IF;
+  UPDATE pyembed.migrations SET state = 'shifting' WHERE migration_id = (r.m).migration_id;
+  UPDATE pyembed.corpora SET migration_step = 'shifting', traffic_share = share
+   WHERE corpus_id = (r.c).corpus_id;
+  PERFORM pyembed._migration_step(r.m, 'shift', jsonb_build_object('share', share));
+  RETURN (r.m).migration_id;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION pyembed.migration_complete(corpus text) RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  r record;
+BEGIN
+  r := pyembed._migration(corpus);
+  PERFORM pyembed._need(r.m, corpus, ARRAY['shifting'], 'complete');
+  IF (r.c).traffic_share < 100 THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE007',
+      MESSAGE = format('corpus %s serves only %s%% of searches from %s: shift 100 first',
+                       corpus, (r.c).traffic_share, (r.m).to_key);
+  END IF;
+  PERFORM set_config('pyembed.in_migration', 'on', true);
+  UPDATE pyembed.corpora SET model_key = (r.m).to_key, target_model_key = NULL,
+         migration_step = 'none', traffic_share = 0 WHERE corpus_id = (r.c).corpus_id;
+  PERFORM set_config('pyembed.in_migration', 'off', true);
+  -- Chunks queued for the old key are no longer needed.
+  DELETE FROM pyembed.queue WHERE corpus_id = (r.c).corpus_id AND model_key = (r.m).from_key;
+  UPDATE pyembed.migrations SET state = 'completed', finished_at = now()
+   WHERE migration_id = (r.m).migration_id;
+  PERFORM pyembed._migration_step(r.m, 'complete');
+  RETURN (r.m).migration_id;
+END
+$$;
+
+-- Instant: searches and writes return to the old key; the shadow vectors stay until cleanup.
+CREATE OR REPLACE FUNCTION pyembed.migration_rollback(corpus text) RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  r record;
+BEGIN
+  r := pyembed._migration(corpus);
+  PERFORM pyembed._need(r.m, corpus, ARRAY['started', 'backfilled', 'validated', 'shifting'],
+                        'roll back');
+  PERFORM set_config('pyembed.in_migration', 'on', true);
+  UPDATE pyembed.corpora SET target_model_key = NULL, migration_step = 'none', traffic_share = 0
+   WHERE corpus_id = (r.c).corpus_id;
+  PERFORM set_config('pyembed.in_migration', 'off', true);
+  DELETE FROM pyembed.queue WHERE corpus_id = (r.c).corpus_id AND model_key = (r.m).to_key;
+  UPDATE pyembed.migrations SET state = 'rolled_back', finished_at = now()
+   WHERE migration_id = (r.m).migration_id;
+  PERFORM pyembed._migration_step(r.m, 'rollback');
+  RETURN (r.m).migration_id;
+END
+$$;
+
+-- Remove vectors and indexes of every key the corpus no longer serves.
+CREATE OR REPLACE FUNCTION pyembed.migration_cleanup(corpus text) RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  r record;
+  removed bigint;
+  idx record;
+BEGIN
+  r := pyembed._migration(corpus);
+  IF (r.m).migration_id IS NOT NULL THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE007',
+      MESSAGE = format('corpus %s has a migration in progress (step %s): complete or roll it '
+                       'back before cleanup', corpus, (r.m).state);
+  END IF;
+  DELETE FROM pyembed.vectors WHERE corpus_id = (r.c).corpus_id AND model_key <> (r.c).model_key;
+  GET DIAGNOSTICS removed = ROW_COUNT;
+  FOR idx IN SELECT i.relname FROM pg_catalog.pg_class i
+              WHERE i.relnamespace = 'pyembed'::regnamespace AND i.relkind = 'i'
+                AND i.relname LIKE format('vectors\_hnsw\_c%s\_%%', (r.c).corpus_id)
+                AND i.relname <> pyembed._index_name((r.c).corpus_id, (r.c).model_key) LOOP
+    EXECUTE format('DROP INDEX pyembed.%I', idx.relname);
+  END LOOP;
+  UPDATE pyembed.migrations SET state = 'cleaned'
+   WHERE corpus_id = (r.c).corpus_id AND state IN ('completed', 'rolled_back');
+  RETURN removed;
+END
+$$;
