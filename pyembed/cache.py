@@ -11,21 +11,13 @@ import numpy.typing as npt
 import psycopg
 from pgvector import Vector
 
-from .cachekey import cache_key
+from .cachekey import COUNT_SQL, HitCounter, cache_key
 from .models import InputType, ModelSpec
 
-LOOKUP = """
-WITH hits AS (
-  SELECT cache_key, embedding FROM pyembed.embedding_cache
-   WHERE cache_key = ANY(%(keys)s) AND (expires_at IS NULL OR expires_at > now())
-), counted AS (
-  INSERT INTO pyembed.cache_stats AS s (day, model_key, hits, misses)
-  SELECT current_date, %(model)s, count(*), %(n)s - count(*) FROM hits
-  ON CONFLICT (day, model_key) DO UPDATE
-    SET hits = s.hits + EXCLUDED.hits, misses = s.misses + EXCLUDED.misses
-)
-SELECT cache_key, embedding FROM hits
-"""
+LOOKUP = """SELECT cache_key, embedding FROM pyembed.embedding_cache
+ WHERE cache_key = ANY(%(keys)s) AND (expires_at IS NULL OR expires_at > now())"""
+
+COUNT = COUNT_SQL.format(models="%(models)s", hits="%(hits)s", misses="%(misses)s")
 
 STORE = """
 INSERT INTO pyembed.embedding_cache (cache_key, model_key, input_type, embedding, expires_at)
@@ -52,20 +44,35 @@ class CacheStatsRow:
 
 
 class PostgresCache:
-    """EmbeddingCache backed by pyembed.embedding_cache; hits and misses counted per day."""
+    """EmbeddingCache backed by pyembed.embedding_cache; hits and misses counted per day
+    (written with each store, every 100 lookups or 10 s, and on `flush`)."""
 
     def __init__(self, conn: psycopg.Connection[Any], ttl: timedelta | None = None) -> None:
         self.conn = conn
         self.ttl = ttl
+        self.counter = HitCounter()
 
     def get_many(self, texts: list[str], spec: ModelSpec,
                  input_type: InputType) -> dict[int, npt.NDArray[np.float32]]:
         keys = [cache_key(t, spec.key, input_type) for t in texts]
-        rows = self.conn.execute(LOOKUP, {"keys": keys, "model": spec.key,
-                                          "n": len(set(keys))}).fetchall()
+        rows = self.conn.execute(LOOKUP, {"keys": keys}).fetchall()
         found = {bytes(k): np.asarray(v.to_numpy() if isinstance(v, Vector) else v,
                                       dtype=np.float32) for k, v in rows}
+        self.counter.add(spec.key, len(found), len(set(keys)) - len(found))
+        if self.counter.due():
+            self.flush()
         return {i: found[k] for i, k in enumerate(keys) if k in found}
+
+    def flush(self) -> None:
+        """Write the counted hits and misses (kept for later in a read-only transaction)."""
+        if not self.counter.counts or self.conn.closed:
+            return
+        models, hits, misses = self.counter.take()
+        row = self.conn.execute("SELECT current_setting('transaction_read_only')").fetchone()
+        if row and row[0] == "on":
+            self.counter.put_back(models, hits, misses)
+            return
+        self.conn.execute(COUNT, {"models": models, "hits": hits, "misses": misses})
 
     def put_many(self, texts: list[str], vectors: npt.NDArray[np.float32], spec: ModelSpec,
                  input_type: InputType) -> None:
@@ -76,10 +83,12 @@ class PostgresCache:
         self.conn.execute(STORE, {"keys": list(entries), "vectors": list(entries.values()),
                                   "model": spec.key, "input_type": str(input_type),
                                   "ttl": self.ttl.total_seconds() if self.ttl else None})
+        self.flush()
 
 
 def stats(conn: psycopg.Connection[Any], days: int = 30) -> list[CacheStatsRow]:
-    """Hits, misses and current entries per day and model over the last `days` days."""
+    """Hits, misses and current entries per day and model over the last `days` days (as far
+    as running clients have written their counts)."""
     rows = conn.execute(
         """SELECT s.day, s.model_key, s.hits, s.misses,
                   (SELECT count(*) FROM pyembed.embedding_cache c WHERE c.model_key = s.model_key)

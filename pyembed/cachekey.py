@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 
 
 def cache_key(text: str, model_key: str, input_type: str) -> bytes:
@@ -14,3 +15,41 @@ def cache_key(text: str, model_key: str, input_type: str) -> bytes:
     """
     payload = "\x00".join((text.strip(), model_key, str(input_type)))
     return hashlib.sha256(payload.encode("utf-8")).digest()
+
+
+class HitCounter:
+    """Cache hits and misses per model, counted in memory and written now and then: a write
+    on every lookup would serialise lookups on one row and fail on read-only replicas."""
+
+    def __init__(self, every: int = 100, seconds: float = 10.0) -> None:
+        self.every, self.seconds = every, seconds
+        self.counts: dict[str, list[int]] = {}
+        self._since = time.monotonic()
+
+    def add(self, model_key: str, hits: int, misses: int) -> None:
+        c = self.counts.setdefault(model_key, [0, 0])
+        c[0] += hits
+        c[1] += misses
+
+    def due(self) -> bool:
+        total = sum(h + m for h, m in self.counts.values())
+        return total >= self.every or (total > 0 and
+                                       time.monotonic() - self._since >= self.seconds)
+
+    def take(self) -> tuple[list[str], list[int], list[int]]:
+        """(models, hits, misses) to write, and a fresh start."""
+        items = sorted(self.counts.items())
+        self.counts, self._since = {}, time.monotonic()
+        return [k for k, _ in items], [c[0] for _, c in items], [c[1] for _, c in items]
+
+    def put_back(self, models: list[str], hits: list[int], misses: list[int]) -> None:
+        for k, h, m in zip(models, hits, misses, strict=True):
+            self.add(k, h, m)
+
+
+COUNT_SQL = """INSERT INTO pyembed.cache_stats AS s (day, model_key, hits, misses)
+SELECT current_date, m, h, x FROM unnest({models}::text[], {hits}::bigint[], {misses}::bigint[])
+  AS t(m, h, x)
+ON CONFLICT (day, model_key) DO UPDATE
+  SET hits = s.hits + EXCLUDED.hits, misses = s.misses + EXCLUDED.misses"""
+"""Adds counted hits and misses; {models}/{hits}/{misses} are filled with placeholders."""

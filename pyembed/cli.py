@@ -386,6 +386,8 @@ def main(argv: list[str] | None = None) -> Any:
         fail(_one_line(exc))
     except psycopg.OperationalError as exc:
         fail(f"cannot reach the database: {_one_line(exc)}")
+    except psycopg.Error as exc:
+        fail(_one_line(exc))
     except (typer.Abort, KeyboardInterrupt):
         fail("aborted")
     except Exception as exc:

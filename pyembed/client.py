@@ -70,6 +70,8 @@ class Client:
         return store.drop_corpus(self.conn, name)
 
     def close(self) -> None:
+        if self._cache is not None:
+            self._cache.flush()
         self.conn.close()
 
     def __enter__(self) -> Client:

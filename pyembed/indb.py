@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import numpy as np
 import numpy.typing as npt
 
+from .cachekey import COUNT_SQL, HitCounter
 from .chunking import chunk_text, fit_chunks
 from .errors import InvalidInput, MissingAPIKey, PyembedError, UnknownCorpus, UnknownModel
 from .models import MODEL_COLUMNS, InputType, ModelSpec, spec_from_row
@@ -21,18 +22,10 @@ from .routing import serving_key
 
 T = TypeVar("T")
 
-LOOKUP = """
-WITH hits AS (
-  SELECT cache_key, embedding FROM pyembed.embedding_cache
-   WHERE cache_key = ANY($1) AND (expires_at IS NULL OR expires_at > now())
-), counted AS (
-  INSERT INTO pyembed.cache_stats AS s (day, model_key, hits, misses)
-  SELECT current_date, $2, count(*), $3 - count(*) FROM hits
-  ON CONFLICT (day, model_key) DO UPDATE
-    SET hits = s.hits + EXCLUDED.hits, misses = s.misses + EXCLUDED.misses
-)
-SELECT cache_key, embedding::real[] AS embedding FROM hits
-"""
+LOOKUP = """SELECT cache_key, embedding::real[] AS embedding FROM pyembed.embedding_cache
+ WHERE cache_key = ANY($1) AND (expires_at IS NULL OR expires_at > now())"""
+
+COUNT = COUNT_SQL.format(models="$1", hits="$2", misses="$3")
 
 STORE = """
 INSERT INTO pyembed.embedding_cache (cache_key, model_key, input_type, embedding)
@@ -55,28 +48,47 @@ def vector_text(vec: npt.NDArray[np.float32]) -> str:
 
 
 class PlpyCache:
-    """The embedding cache through SPI: the same table and keys as pyembed.cache."""
+    """The embedding cache through SPI: the same table and keys as pyembed.cache; hits and
+    misses are counted per backend and written with stores or every 100 lookups/10 s, never
+    in a read-only transaction (so embed() works on a replica)."""
 
     def __init__(self, plpy: Any, GD: dict[str, Any]) -> None:
         self.plpy, self.GD = plpy, GD
+        self.counter: HitCounter = GD.setdefault("pyembed.hits", HitCounter())
+
+    def _read_only(self) -> bool:
+        row = self.plpy.execute("SELECT current_setting('transaction_read_only') AS v")[0]
+        return bool(row["v"] == "on")
+
+    def flush(self) -> None:
+        if not self.counter.counts or self._read_only():
+            return
+        plan = _plan(self.plpy, self.GD, COUNT, ["text[]", "bigint[]", "bigint[]"])
+        self.plpy.execute(plan, list(self.counter.take()))
 
     def get_many(self, texts: list[str], spec: ModelSpec,
                  input_type: InputType) -> dict[int, npt.NDArray[np.float32]]:
         from .cachekey import cache_key
 
         keys = [cache_key(t, spec.key, input_type) for t in texts]
-        plan = _plan(self.plpy, self.GD, LOOKUP, ["bytea[]", "text", "integer"])
+        plan = _plan(self.plpy, self.GD, LOOKUP, ["bytea[]"])
         found = {bytes(r["cache_key"]): np.asarray(r["embedding"], dtype=np.float32)
-                 for r in self.plpy.execute(plan, [keys, spec.key, len(set(keys))])}
+                 for r in self.plpy.execute(plan, [keys])}
+        self.counter.add(spec.key, len(found), len(set(keys)) - len(found))
+        if self.counter.due():
+            self.flush()
         return {i: found[k] for i, k in enumerate(keys) if k in found}
 
     def put_many(self, texts: list[str], vectors: npt.NDArray[np.float32], spec: ModelSpec,
                  input_type: InputType) -> None:
         from .cachekey import cache_key
 
+        if self._read_only():
+            return  # a replica or read-only transaction: use the cache, don't fill it
         plan = _plan(self.plpy, self.GD, STORE, ["bytea[]", "text", "text", "text[]"])
         self.plpy.execute(plan, [[cache_key(t, spec.key, input_type) for t in texts], spec.key,
                                  str(input_type), [vector_text(v) for v in vectors]])
+        self.flush()
 
 
 def _setting(plpy: Any, name: str, default: float) -> float:
@@ -114,11 +126,14 @@ def embedder(plpy: Any, GD: dict[str, Any], key: str) -> Any:
     if spec.api_key_env and not api_key:
         raise MissingAPIKey(f"{spec.api_key_env} is not set for the database: as the owner, run "
                             f"SELECT pyembed.set_secret('{spec.api_key_env}', '...')")
-    fingerprint = (spec, timeout, retries, hash(api_key))
+    # A proxy or gateway for the provider: owner-only like the key (a session setting would
+    # let any role send the owner's key elsewhere).
+    base_url = _secret(plpy, GD, f"PYEMBED_{spec.provider.upper()}_BASE_URL")
+    fingerprint = (spec, timeout, retries, hash(api_key), base_url)
     cached = GD.setdefault("pyembed.embedders", {}).get(key)
     if cached is not None and cached[0] == fingerprint:
         return cached[1]
-    emb = Embedder(spec, provider_for(spec, api_key=api_key, timeout=timeout),
+    emb = Embedder(spec, provider_for(spec, api_key=api_key, base_url=base_url, timeout=timeout),
                    cache=PlpyCache(plpy, GD), max_retries=retries, max_retry_after=timeout)
     GD["pyembed.embedders"][key] = (fingerprint, emb)
     return emb
@@ -210,7 +225,7 @@ def _token_counter(GD: dict[str, Any], spec: ModelSpec) -> Callable[[list[str]],
 def add_document(plpy: Any, GD: dict[str, Any], corpus: str | None, document_id: str | None,
                  content: str | None, metadata: str | None) -> int:
     """Store a document and its chunks; the chunk triggers queue them for the worker."""
-    from .store import check_text
+    from .store import check_text, document_hash
 
     if not document_id:
         raise InvalidInput("add_document() needs a document id")
@@ -225,11 +240,11 @@ def add_document(plpy: Any, GD: dict[str, Any], corpus: str | None, document_id:
     meta_text = json.dumps(meta)
     plpy.execute(_plan(plpy, GD, """
         INSERT INTO pyembed.documents (corpus_id, document_id, content_hash, metadata)
-        VALUES ($1, $2, sha256(convert_to($3, 'UTF8')), $4::jsonb)
+        VALUES ($1, $2, $3, $4::jsonb)
         ON CONFLICT (corpus_id, document_id) DO UPDATE
           SET content_hash = EXCLUDED.content_hash, metadata = EXCLUDED.metadata,
-              updated_at = now()""", ["integer", "text", "text", "text"]),
-        [c["corpus_id"], document_id, content, meta_text])
+              updated_at = now()""", ["integer", "text", "bytea", "text"]),
+        [c["corpus_id"], document_id, document_hash(content or "", meta), meta_text])
     upsert = _plan(plpy, GD, """
         INSERT INTO pyembed.chunks (corpus_id, document_id, chunk_index, content, metadata)
         VALUES ($1, $2, $3, $4, $5::jsonb)

@@ -25,7 +25,7 @@ import psycopg
 from .cache import PostgresCache
 from .db import connect
 from .embedder import Embedder
-from .errors import InvalidInput, ProviderError, PyembedError
+from .errors import ConfigError, InvalidInput, MissingAPIKey, ProviderError, UnknownModel
 from .models import InputType, ModelSpec
 from .store import model_spec
 
@@ -41,10 +41,17 @@ WITH picked AS (
 UPDATE pyembed.queue q
    SET attempts = q.attempts + 1, not_before = now() + make_interval(secs => %(lease)s)
   FROM picked p
+  LEFT JOIN pyembed.chunks ch ON ch.corpus_id = p.corpus_id AND ch.chunk_id = p.chunk_id
  WHERE q.corpus_id = p.corpus_id AND q.chunk_id = p.chunk_id AND q.model_key = p.model_key
-RETURNING q.corpus_id, q.chunk_id, q.model_key, q.content_hash, q.attempts,
-  (SELECT ch.content FROM pyembed.chunks ch
-    WHERE ch.corpus_id = q.corpus_id AND ch.chunk_id = q.chunk_id)
+RETURNING q.corpus_id, q.chunk_id, q.model_key, coalesce(ch.content_hash, q.content_hash),
+  q.attempts, ch.content
+"""
+# (the text and its hash come from the same row version: a vector is never stored under the
+# hash of a text it was not made from)
+
+RELEASE = """
+UPDATE pyembed.queue SET attempts = greatest(attempts - 1, 0), not_before = now()
+ WHERE corpus_id = %(corpus_id)s AND chunk_id = %(chunk_id)s AND model_key = %(model)s
 """
 
 # Items that used up their attempts without a recorded verdict (e.g. the worker died each time).
@@ -66,9 +73,13 @@ ON CONFLICT (corpus_id, chunk_id, model_key) DO UPDATE
 
 # Replace, not upsert: the application role may write vectors but never read them back, and
 # ON CONFLICT DO UPDATE would need to read the existing row.
+# Only the vectors about to be replaced: a stale result must never remove a newer vector.
 UNWRITE = """
 DELETE FROM pyembed.vectors v
- USING unnest(%(corpus_ids)s::int[], %(chunk_ids)s::bigint[]) AS t(corpus_id, chunk_id)
+ USING unnest(%(corpus_ids)s::int[], %(chunk_ids)s::bigint[], %(hashes)s::bytea[])
+         AS t(corpus_id, chunk_id, content_hash)
+  JOIN pyembed.chunks ch ON ch.corpus_id = t.corpus_id AND ch.chunk_id = t.chunk_id
+                        AND ch.content_hash = t.content_hash
  WHERE v.corpus_id = t.corpus_id AND v.chunk_id = t.chunk_id AND v.model_key = %(model)s
 """
 
@@ -155,20 +166,28 @@ class Worker:
     @property
     def conn(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed:
-            self._conn = connect(self.dsn)
+            self._conn = connect(self.dsn, application_name="pyembed worker")
         return self._conn
 
     def _embedder(self, key: str) -> Embedder:
         if key not in self._embedders:
             if self._cache_conn is None or self._cache_conn.closed:
                 # Its own autocommit connection: what was embedded survives a failed batch.
-                self._cache_conn = connect(self.dsn, autocommit=True)
+                self._cache_conn = connect(self.dsn, autocommit=True,
+                                           application_name="pyembed worker cache")
             spec = model_spec(self.conn, key)
             self.conn.rollback()
             self._embedders[key] = self._embedder_for(spec, PostgresCache(self._cache_conn))
         return self._embedders[key]
 
     def close(self) -> None:
+        for embedder in self._embedders.values():
+            if isinstance(embedder.cache, PostgresCache):
+                try:
+                    embedder.cache.flush()
+                except psycopg.Error:
+                    pass  # counts only: the connection may be gone
+        self._embedders.clear()
         for c in (self._conn, self._cache_conn):
             if c is not None:
                 c.close()
@@ -203,9 +222,11 @@ class Worker:
     def _process(self, key: str, items: list[Item], stats: WorkerStats) -> None:
         try:
             embedder = self._embedder(key)
-        except PyembedError as exc:  # unknown model, missing API key: nobody can embed these
-            self._retry_all(items, str(exc), stats)
-            return
+        except (MissingAPIKey, UnknownModel, ConfigError):
+            # Nothing in this batch can be embedded until someone fixes the setup: give the
+            # items back untouched and stop with the error.
+            self._release(items)
+            raise
         good: list[Item] = []
         for item in items:
             if item.content is None:  # chunk deleted meanwhile
@@ -226,14 +247,14 @@ class Worker:
                 for item in good:
                     self._process(key, [item], stats)
                 return
-            self._retry_all(good, str(exc), stats)
+            self._retry_all(good, str(exc), stats, _retry_after(exc))
             return
         self._write(key, good, vectors, stats)
 
     def _write(self, key: str, items: list[Item], vectors: np.ndarray, stats: WorkerStats) -> None:
         from pgvector import Vector
 
-        params = {"model": key, "corpus_ids": [i.corpus_id for i in items],
+        params: dict[str, Any] = {"model": key, "corpus_ids": [i.corpus_id for i in items],
                   "chunk_ids": [i.chunk_id for i in items], "vectors": [Vector(v) for v in vectors],
                   "hashes": [i.content_hash for i in items]}
         with self.conn.transaction():
@@ -241,6 +262,12 @@ class Worker:
             written = self.conn.execute(WRITE, params).rowcount
         stats.embedded += written
         stats.stale += len(items) - written
+
+    def _release(self, items: list[Item]) -> None:
+        with self.conn.transaction():
+            self.conn.cursor().executemany(RELEASE, [
+                {"corpus_id": i.corpus_id, "chunk_id": i.chunk_id, "model": i.model_key}
+                for i in items])
 
     def _fail(self, item: Item, reason: str, stats: WorkerStats) -> None:
         with self.conn.transaction():
@@ -250,12 +277,14 @@ class Worker:
         stats.failed += 1
         stats.errors.append(reason)
 
-    def _retry_all(self, items: list[Item], reason: str, stats: WorkerStats) -> None:
+    def _retry_all(self, items: list[Item], reason: str, stats: WorkerStats,
+                   retry_after: float | None = None) -> None:
         for item in items:
             if item.attempts >= self.max_attempts:
                 self._fail(item, f"gave up after {item.attempts} attempts: {reason}", stats)
                 continue
-            delay = min(self.retry_base * 2 ** (item.attempts - 1), self.retry_max)
+            delay = max(min(self.retry_base * 2 ** (item.attempts - 1), self.retry_max),
+                        retry_after or 0.0)
             with self.conn.transaction():
                 self.conn.execute(RETRY, {"corpus_id": item.corpus_id, "chunk_id": item.chunk_id,
                                           "model": item.model_key, "hash": item.content_hash,
@@ -272,9 +301,21 @@ class Worker:
         stats = WorkerStats()
         start = time.perf_counter()
         with _stop_on_signals(self.stop_requested):
+            lost = 0
             while not self.stop_requested.is_set():
                 before = (stats.embedded, stats.failed, stats.retried, stats.stale)
-                self.run_once(stats)
+                try:
+                    self.run_once(stats)
+                    lost = 0
+                except psycopg.OperationalError as exc:
+                    # The server went away: nothing is lost (leases run out), so reconnect.
+                    lost += 1
+                    if drain and lost > 3:
+                        raise
+                    _log.warning("database connection lost (%s); reconnecting", exc)
+                    self.close()
+                    self.stop_requested.wait(min(poll_interval * 2 ** lost, 30.0))
+                    continue
                 stats.seconds = time.perf_counter() - start
                 if progress:
                     progress(stats, self.pending())
@@ -298,6 +339,11 @@ def _transient(exc: ProviderError) -> bool:
     from .providers import TransientProviderError
 
     return isinstance(exc.__cause__, TransientProviderError)
+
+
+def _retry_after(exc: ProviderError) -> float | None:
+    """The wait the service asked for, if the failure carried one."""
+    return getattr(exc.__cause__, "retry_after", None)
 
 
 @contextmanager
