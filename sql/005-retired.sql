@@ -1,3 +1,4 @@
 -- Signatures that changed: CREATE OR REPLACE cannot replace a function whose arguments changed,
 -- so the old one is dropped here, before the files that create the new one.
 DROP FUNCTION IF EXISTS pyembed.search_text(text, text, integer, jsonb);
+DROP FUNCTION IF EXISTS pyembed._search_target(text, text);

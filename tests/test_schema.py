@@ -332,7 +332,7 @@ def test_execute_privileges_are_granted_on_purpose(app: psycopg.Connection[Any])
 
 @pytest.mark.parametrize("call", [
     "SELECT pyembed._create_vector_index(1, 'fake/fake-hash@1:384')",
-    "SELECT * FROM pyembed._search_target('docs', 'fake/fake-hash@1:384')",
+    "SELECT * FROM pyembed._index_spec(384, 'cosine')",
 ])
 def test_app_cannot_call_internal_functions(app: psycopg.Connection[Any], call: str) -> None:
     store.create_corpus(app, "docs", KEY)

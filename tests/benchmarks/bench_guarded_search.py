@@ -131,9 +131,13 @@ def given_database(owner_dsn: str, app_dsn: str | None) -> Iterator[Target]:
 
 
 def connect(dsn: str, *, as_app_role: bool = False) -> psycopg.Connection[Any]:
+    """A connection that plans every statement afresh; plain queries get the same ef_search
+    (100) as pyembed.search sets for itself, so both run at the same recall."""
     from pyembed.db import connect as pyembed_connect
 
     conn = pyembed_connect(dsn, autocommit=True, prepare_threshold=None)
+    conn.execute("SELECT '[1]'::vector")  # loads pgvector, which defines hnsw.ef_search
+    conn.execute("SET hnsw.ef_search = 100")
     if as_app_role:
         conn.execute("SET ROLE pyembed_app")
     return conn
