@@ -16,7 +16,7 @@ from . import schema
 from . import store
 from .config import DSN_ENV
 from .db import connect
-from .errors import InvalidInput, PyembedError
+from .errors import InvalidInput, MigrationError, PyembedError
 from .localdb import LocalCluster
 from .models import LOCAL_DEFAULT, registry
 
@@ -26,11 +26,19 @@ db_app = typer.Typer(no_args_is_help=True, help="The embedded local PostgreSQL c
 corpus_app = typer.Typer(no_args_is_help=True, help="Create, list, show and drop corpora.")
 app.add_typer(db_app, name="db")
 app.add_typer(corpus_app, name="corpus")
+migrate_app = typer.Typer(no_args_is_help=True, help=(
+    "Change a corpus's model without downtime: plan, start, backfill, validate, shift, "
+    "complete (or rollback), cleanup. Runs as the owner (PYEMBED_OWNER_DSN)."))
+app.add_typer(migrate_app, name="migrate")
+eval_app = typer.Typer(no_args_is_help=True, help="Evaluation queries used to validate migrations.")
+app.add_typer(eval_app, name="eval")
 cache_app = typer.Typer(no_args_is_help=True, help="The embedding cache in PostgreSQL.")
 app.add_typer(cache_app, name="cache")
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
 
+OwnerDsnOption = Annotated[str | None, typer.Option(
+    "--dsn", envvar="PYEMBED_OWNER_DSN", help="owner DSN; default: the local cluster's owner")]
 DsnOption = Annotated[str | None, typer.Option("--dsn", envvar=DSN_ENV,
                                                help="libpq DSN; default: the local cluster")]
 
@@ -180,7 +188,8 @@ def search_cmd(
         raise InvalidInput(f"--filter is not valid JSON: {exc}") from None
     with client_connect(dsn) as client:
         hits = client.corpus(corpus).search(query, k=k, filter=flt, mode=mode)
-    table = Table("#", "score", "document", "chunk", "text", "model key")
+    table = Table("#", "score", "document", "chunk", "text")
+    table.add_column("model key", overflow="fold")
     for i, h in enumerate(hits, 1):
         table.add_row(str(i), f"{h.score:.4f}", h.document_id, str(h.chunk_index),
                       " ".join(h.content.split())[:100], h.model_key or "-")
@@ -356,6 +365,212 @@ def worker_cmd(
                   f"({stats.rate:.1f} texts/s)")
     if stats.all_failed:
         raise PyembedError(f"every item failed; last error: {stats.errors[-1]}")
+
+
+def _owner_client(dsn: str | None) -> Any:
+    from .client import connect as client_connect
+    from .db import resolve_dsn
+
+    return client_connect(dsn or resolve_dsn(owner=True))
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB" if n < 2**30 else f"{n / 2**30:,.2f} GiB"
+
+
+@migrate_app.command("plan")
+def migrate_plan(corpus: str, to: Annotated[str, typer.Option("--to", help="target model key")],
+                 dsn: OwnerDsnOption = None) -> None:
+    """What moving CORPUS to another model costs: calls, hours, dollars, storage.
+
+    Example: pyembed migrate plan docs --to voyage/voyage-3@1:1024
+    """
+    from . import migration
+
+    with _owner_client(dsn) as client:
+        p = migration.plan(client, corpus, to)
+    table = Table("", "value", title=f"{p.corpus}: {p.from_key} -> {p.to_key}")
+    for k, v in [("documents", f"{p.documents:,}"), ("chunks", f"{p.chunks:,}"),
+                 ("estimated tokens", f"{p.tokens:,}"), ("API calls", f"{p.api_calls:,}"),
+                 ("time at the provider's rate", f"{p.hours:.2f} h"),
+                 ("cost", f"${p.cost_usd:,.2f}" if p.cost_usd is not None else "unknown"),
+                 ("storage now (raw / with HNSW)",
+                  f"{_mb(p.storage_before[0])} / {_mb(p.storage_before[1])}"),
+                 ("during the migration (both keys)",
+                  f"{_mb(p.storage_after[0])} / {_mb(p.storage_after[1])}")]:
+        table.add_row(k, v)
+    console.print(table)
+
+
+@app.command("plan-storage")
+def plan_storage(vectors: Annotated[int, typer.Option("--vectors", help="number of vectors")]
+                 = 1_000_000) -> None:
+    """Storage by dimensions: float32 raw, halfvec raw, and with an HNSW index.
+
+    Example: pyembed plan-storage --vectors 2000000
+    """
+    from .migration import storage_bytes
+
+    table = Table("dimensions", "float32 raw", "halfvec raw", "float32 + HNSW",
+                  title=f"{vectors:,} vectors (HNSW m=16)")
+    for dims in (256, 384, 512, 768, 1024, 1536, 3072):
+        raw, hnsw = storage_bytes(vectors, dims)
+        table.add_row(str(dims), _mb(raw), _mb(vectors * (2 * dims + 8)), _mb(hnsw))
+    console.print(table)
+
+
+@migrate_app.command("start")
+def migrate_start(corpus: str, to: Annotated[str, typer.Option("--to", help="target model key")],
+                  dsn: OwnerDsnOption = None) -> None:
+    """Pin a target key: new and changed chunks are embedded for both keys from now on.
+
+    Example: pyembed migrate start docs --to voyage/voyage-3@1:1024
+    """
+    from . import migration
+
+    with _owner_client(dsn) as client:
+        mid = migration.start(client, corpus, to)
+    console.print(f"migration {mid} started: {corpus} -> {to}; next: pyembed migrate backfill "
+                  f"{corpus}")
+
+
+@migrate_app.command("backfill")
+def migrate_backfill(
+    corpus: str,
+    rate: Annotated[float | None, typer.Option(help="at most this many texts per second")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size")] = None,
+    dsn: OwnerDsnOption = None,
+) -> None:
+    """Embed every chunk for the target key (resumes where a crash left off), then build the
+    shadow index.  Example: pyembed migrate backfill docs --rate 50
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from . import migration
+
+    with _owner_client(dsn) as client, Progress(
+            "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+            TimeRemainingColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("backfill", total=None)
+        report = migration.backfill(client, corpus, rate=rate, batch_size=batch_size,
+                                    progress=lambda done, total: bar.update(
+                                        task, completed=done, total=total))
+    console.print(f"backfilled {report.embedded} chunks in {report.seconds:.1f} s "
+                  f"({report.rate:.1f} texts/s); shadow index built; next: pyembed migrate "
+                  f"validate {corpus}")
+
+
+@migrate_app.command("validate")
+def migrate_validate(
+    corpus: str,
+    max_drop: Annotated[float, typer.Option(help="largest nDCG/recall drop allowed")] = 0.02,
+    dsn: OwnerDsnOption = None,
+) -> None:
+    """Compare old and new keys on the corpus's evaluation queries; refuse below the gate.
+
+    Example: pyembed migrate validate docs --max-drop 0.01
+    """
+    from . import migration
+
+    with _owner_client(dsn) as client:
+        v = migration.validate(client, corpus, max_drop=max_drop)
+    table = Table("model key", "Recall@10", "nDCG@10", "ms / query",
+                  title=f"{corpus}: {v.queries} evaluation queries; top-10 overlap "
+                        f"{v.overlap:.0%}")
+    for side in (v.old, v.new):
+        table.add_row(side.model_key, f"{side.recall:.4f}", f"{side.ndcg:.4f}",
+                      f"{side.ms_per_query:.1f}")
+    console.print(table)
+    if not v.passed:
+        raise MigrationError(f"validation failed: the new key is more than {max_drop} below the "
+                             "old one; promotion refused (roll back, or validate with a looser "
+                             "--max-drop)")
+    console.print(f"validated; next: pyembed migrate shift {corpus} 10")
+
+
+@migrate_app.command("shift")
+def migrate_shift(corpus: str, share: int, dsn: OwnerDsnOption = None) -> None:
+    """Serve SHARE percent of searches (stable by query) from the new key.
+
+    Example: pyembed migrate shift docs 10     (then 50, then 100)
+    """
+    from . import migration
+
+    with _owner_client(dsn) as client:
+        migration.shift(client, corpus, share)
+    console.print(f"{corpus}: {share}% of searches now use the new key")
+
+
+@migrate_app.command("complete")
+def migrate_complete(corpus: str, dsn: OwnerDsnOption = None) -> None:
+    """Promote the new key (after shift 100); old vectors stay until cleanup.
+
+    Example: pyembed migrate complete docs
+    """
+    from . import migration
+
+    with _owner_client(dsn) as client:
+        migration.complete(client, corpus)
+    console.print(f"{corpus} is now pinned to its new key; pyembed migrate cleanup {corpus} "
+                  "frees the old vectors")
+
+
+@migrate_app.command("rollback")
+def migrate_rollback(corpus: str, dsn: OwnerDsnOption = None) -> None:
+    """Return every search and write to the old key, at once.  Example: pyembed migrate rollback docs"""
+    from . import migration
+
+    with _owner_client(dsn) as client:
+        migration.rollback(client, corpus)
+    console.print(f"{corpus}: rolled back; all searches use the old key")
+
+
+@migrate_app.command("cleanup")
+def migrate_cleanup(corpus: str, dsn: OwnerDsnOption = None) -> None:
+    """Delete vectors and indexes of keys the corpus no longer serves.
+
+    Example: pyembed migrate cleanup docs
+    """
+    from . import migration
+
+    with _owner_client(dsn) as client:
+        n = migration.cleanup(client, corpus)
+    console.print(f"{corpus}: removed {n} vectors of old keys")
+
+
+@migrate_app.command("status")
+def migrate_status(corpus: str, dsn: OwnerDsnOption = None) -> None:
+    """Step, shadow-index coverage, errors and traffic share.  Example: pyembed migrate status docs"""
+    from . import migration
+
+    with _owner_client(dsn) as client:
+        st = migration.status(client, corpus)
+    cov = f"{st.coverage:.1%}" if st.coverage is not None else "-"
+    console.print(f"{st.corpus}: {st.model_key}" + (
+        f" -> {st.target_model_key}, step {st.step}, traffic {st.traffic_share}%, "
+        f"coverage {cov} ({st.target_vectors}/{st.chunks}), queued {st.queued}, "
+        f"failed {st.failed}" if st.target_model_key else ", no migration in progress"))
+    for at, step, detail in st.events[:10]:
+        console.print(f"  {at}  {step}  {detail if detail else ''}", highlight=False)
+
+
+@eval_app.command("add")
+def eval_add(
+    corpus: str, query_id: str, query: str,
+    relevant: Annotated[list[str], typer.Option("--relevant", help="a relevant document id "
+                                                                   "(repeat the option)")],
+    dsn: DsnOption = None,
+) -> None:
+    """Store an evaluation query and the documents that answer it.
+
+    Example: pyembed eval add docs q1 "what is E4012?" --relevant error-e4012
+    """
+    from . import migration
+    from .client import connect as client_connect
+
+    with client_connect(dsn) as client:
+        migration.add_eval_query(client, corpus, query_id, query, relevant)
+    console.print(f"stored evaluation query {query_id} for {corpus}")
 
 
 @app.command("demo")

@@ -16,6 +16,7 @@ from .db import connect as db_connect
 from .embedder import Embedder
 from .errors import InvalidInput
 from .models import LOCAL_DEFAULT, InputType
+from .routing import serving_key
 from .store import ChunkRow, CorpusInfo, Hit
 
 
@@ -96,6 +97,15 @@ class Corpus:
     def model_key(self) -> str:
         return self.info.model_key
 
+    def serving_key(self, query: str) -> str:
+        """The model key that serves this query now: during a migration's traffic shift, the
+        target key for a stable share of queries (by hash), else the active key."""
+        self.info = store.corpus_info(self.client.conn, self.name)
+        shifting = self.info.migration_step == "shifting"
+        return serving_key(query, self.info.model_key,
+                           self.info.target_model_key if shifting else None,
+                           self.info.traffic_share)
+
     def add(self, documents: Iterable[Document | tuple[str, str] | Mapping[str, Any]], *,
             truncate: bool = False) -> AddReport:
         """Chunk, embed (with the corpus's own model) and store documents; unchanged ones
@@ -104,6 +114,7 @@ class Corpus:
         With `truncate`, each document stays one chunk up to `chunk_tokens` and its embedding
         reads only the model's first `max_tokens` tokens; otherwise chunks are split to fit.
         """
+        self.info = store.corpus_info(self.client.conn, self.name)  # a migration may have begun
         docs = {d.id: d for d in map(_as_document, documents)}
         for d in docs.values():
             store.check_text(d.text, f"document {d.id!r}")
@@ -120,11 +131,15 @@ class Corpus:
                 chunks = fit_chunks(chunks, embedder.spec.max_tokens, embedder.provider.count_tokens)
             rows += [ChunkRow(d.id, i, c, np.empty(0), d.metadata) for i, c in enumerate(chunks)]
         if rows:
-            vectors = embedder.embed([r.content for r in rows], InputType.DOCUMENT)
+            texts = [r.content for r in rows]
+            vectors = embedder.embed(texts, InputType.DOCUMENT)
             for r, v in zip(rows, vectors, strict=True):
                 r.embedding = v
+            target = self.info.target_model_key
+            also = ({target: self.client.embedder(target, truncate=True).embed(texts)}
+                    if target else None)
             store.write_chunks(self.client.conn, self.info, rows, self.model_key,
-                               doc_hashes={d.id: hashes[d.id] for d in todo})
+                               doc_hashes={d.id: hashes[d.id] for d in todo}, also=also)
         updated = sum(1 for d in todo if d.id in old)
         return AddReport(len(todo) - updated, updated, len(docs) - len(todo), len(rows))
 
@@ -138,7 +153,7 @@ class Corpus:
             if mode == "keyword":
                 return store.search(self.client.conn, self.name, None, None, k, filter,
                                     mode=mode, text=query)
-            key = self.model_key
+            key = self.serving_key(query)
             vector = self.client.embedder(key).embed_query(query)
             return store.search(self.client.conn, self.name, vector, key, k, filter,
                                 mode=mode, text=query)

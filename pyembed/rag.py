@@ -161,7 +161,7 @@ def answer(corpus: Corpus, question: str, *, k: int = 5, model: str | None = Non
     model = model or os.environ.get(MODEL_ENV) or DEFAULT_MODEL
     start = time.perf_counter()
 
-    key = corpus.model_key
+    key = corpus.serving_key(question)  # the active key, or the target during a traffic shift
     vector = None if mode == "keyword" else corpus.client.embedder(key).embed_query(question)
     embedded = time.perf_counter()
     if vector is not None and mode == "vector":
@@ -193,7 +193,7 @@ def answer(corpus: Corpus, question: str, *, k: int = 5, model: str | None = Non
                       "search_ms": _ms(embedded, searched),
                       "generate_ms": _ms(searched, done) if result.generated else 0.0,
                       "total_ms": _ms(start, done)}
-    log_query(corpus, "ask", k, result.timings, generated=result.generated)
+    log_query(corpus, "ask", k, result.timings, generated=result.generated, model_key=key)
     return result
 
 
@@ -266,7 +266,8 @@ def _detail(exc: anthropic.APIStatusError) -> str:
 
 
 def log_query(corpus: Corpus, kind: str, k: int, timings: dict[str, float], *,
-              generated: bool = False, cache_hit: bool | None = None) -> bool:
+              generated: bool = False, cache_hit: bool | None = None,
+              model_key: str | None = None) -> bool:
     """Record one query in pyembed.query_log; False (and a warning) if that failed."""
     conn = corpus.client.conn
     try:
@@ -275,7 +276,7 @@ def log_query(corpus: Corpus, kind: str, k: int, timings: dict[str, float], *,
                 """INSERT INTO pyembed.query_log (corpus_id, model_key, kind, k, cache_hit,
                                                   embed_ms, search_ms, generate_ms, total_ms)
                    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)""",
-                (corpus.info.corpus_id, corpus.model_key, kind, k, cache_hit,
+                (corpus.info.corpus_id, model_key or corpus.model_key, kind, k, cache_hit,
                  timings.get("embed_ms"), timings.get("search_ms"),
                  timings.get("generate_ms") if generated else None, timings.get("total_ms")))
     except psycopg.Error as exc:

@@ -148,9 +148,11 @@ def document_hashes(conn: psycopg.Connection[Any], corpus_id: int,
 
 def write_chunks(conn: psycopg.Connection[Any], corpus: CorpusInfo, rows: Sequence[ChunkRow],
                  model_key: str, *, normalized: bool = True,
-                 doc_hashes: Mapping[str, bytes] | None = None) -> list[int]:
+                 doc_hashes: Mapping[str, bytes] | None = None,
+                 also: Mapping[str, np.ndarray] | None = None) -> list[int]:
     """Store documents (all their chunks, replacing older versions) and the chunks' vectors in
-    one transaction, vectors by binary COPY; returns the chunk ids.
+    one transaction, vectors by binary COPY; returns the chunk ids. `also` holds the same
+    chunks' vectors for other keys (a migration's target key: dual write).
 
     The database checks the model key, dimensions and norms; a refused write stores nothing.
     """
@@ -193,8 +195,11 @@ def write_chunks(conn: psycopg.Connection[Any], corpus: CorpusInfo, rows: Sequen
             ids.append(cur.fetchone()[0])  # type: ignore[index]
             if not cur.nextset():
                 break
-        copy_vectors(cur, corpus.corpus_id, ids, model_key, vectors,
-                     [sha256(r.content) for r in rows])
+        hashes_ = [sha256(r.content) for r in rows]
+        copy_vectors(cur, corpus.corpus_id, ids, model_key, vectors, hashes_)
+        for key, extra in (also or {}).items():
+            copy_vectors(cur, corpus.corpus_id, ids, key,
+                         as_unit_vectors(extra, extra.shape[1], normalize=normalized), hashes_)
     return ids
 
 
