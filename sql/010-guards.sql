@@ -11,36 +11,44 @@ AS $$
 DECLARE
   bad record;
 BEGIN
-  SELECT n.chunk_id, n.model_key AS got, c.name, c.model_key AS active, c.target_model_key AS target
+  -- One pass over the written rows finds the first that breaks any rule; the dimensions are
+  -- checked per row, earlier, by the vectors_dims_match_model constraint.
+  SELECT n.chunk_id, n.corpus_id, n.model_key AS got, c.name, c.model_key AS active,
+         c.target_model_key AS target, ch.chunk_id IS NULL AS orphan,
+         n.model_key <> c.model_key AND n.model_key IS DISTINCT FROM c.target_model_key
+           AS mismatch,
+         vector_norm(n.embedding) AS norm
     INTO bad
-    FROM new_rows n JOIN pyembed.corpora c ON c.corpus_id = n.corpus_id
-   WHERE n.model_key <> c.model_key AND n.model_key IS DISTINCT FROM c.target_model_key
+    FROM new_rows n
+    JOIN pyembed.corpora c ON c.corpus_id = n.corpus_id
+    JOIN pyembed.models m ON m.model_key = n.model_key
+    LEFT JOIN pyembed.chunks ch ON ch.corpus_id = n.corpus_id AND ch.chunk_id = n.chunk_id
+   WHERE (n.model_key <> c.model_key AND n.model_key IS DISTINCT FROM c.target_model_key)
+      OR ch.chunk_id IS NULL
+      OR vector_norm(n.embedding) = 0
+      OR (m.normalized AND abs(vector_norm(n.embedding) - 1) > 1e-3)
+   ORDER BY 8 DESC, 7 DESC
    LIMIT 1;
-  IF FOUND THEN
+  IF NOT FOUND THEN
+    RETURN NULL;
+  ELSIF bad.mismatch THEN
     RAISE EXCEPTION USING ERRCODE = 'PE001',
       MESSAGE = format('model key mismatch: corpus %s is pinned to %s, but the vector for chunk %s '
                        'was made by %s', bad.name, bad.active, bad.chunk_id, bad.got),
       DETAIL = CASE WHEN bad.target IS NULL THEN 'no model migration is in progress'
                     ELSE format('the migration target is %s', bad.target) END,
       HINT = 'embed with the corpus''s model, or change models with `pyembed migrate`';
-  END IF;
-
-  -- (dimensions are checked per row by the vectors_dims_match_model constraint)
-  SELECT n.chunk_id, n.model_key, m.normalized, vector_norm(n.embedding) AS norm
-    INTO bad
-    FROM new_rows n JOIN pyembed.models m ON m.model_key = n.model_key
-   WHERE vector_norm(n.embedding) = 0
-      OR (m.normalized AND abs(vector_norm(n.embedding) - 1) > 1e-3)
-   LIMIT 1;
-  IF FOUND THEN
+  ELSIF bad.orphan THEN
+    RAISE EXCEPTION USING ERRCODE = '23503',
+      MESSAGE = format('no chunk %s in corpus %s: vectors belong to stored chunks',
+                       bad.chunk_id, bad.name);
+  ELSE
     RAISE EXCEPTION USING ERRCODE = 'PE003',
-      MESSAGE = CASE
-        WHEN bad.norm = 0 THEN format('zero vector for chunk %s', bad.chunk_id)
+      MESSAGE = CASE WHEN bad.norm = 0 THEN format('zero vector for chunk %s', bad.chunk_id)
         ELSE format('vector for chunk %s is not unit-normalised (norm %s) but %s is a normalised '
-                    'model', bad.chunk_id, round(bad.norm::numeric, 6), bad.model_key) END,
+                    'model', bad.chunk_id, round(bad.norm::numeric, 6), bad.got) END,
       HINT = 'pyembed normalises vectors for you when you write through its Python API';
   END IF;
-  RETURN NULL;
 END
 $$;
 
@@ -108,3 +116,19 @@ $$;
 CREATE OR REPLACE TRIGGER chunks_hash
   BEFORE INSERT OR UPDATE OF content ON pyembed.chunks
   FOR EACH ROW EXECUTE FUNCTION pyembed._chunk_hash();
+
+-- Deleting chunks deletes their vectors (one statement, instead of a row-level foreign key).
+CREATE OR REPLACE FUNCTION pyembed._drop_chunk_vectors() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+  DELETE FROM pyembed.vectors v USING old_rows o
+   WHERE v.corpus_id = o.corpus_id AND v.chunk_id = o.chunk_id;
+  RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER chunks_drop_vectors
+  AFTER DELETE ON pyembed.chunks REFERENCING OLD TABLE AS old_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION pyembed._drop_chunk_vectors();
