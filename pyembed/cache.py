@@ -51,6 +51,8 @@ class PostgresCache:
         self.conn = conn
         self.ttl = ttl
         self.counter = HitCounter()
+        self.last_lookup: tuple[int, int] = (0, 0)
+        """(hits, misses) of the latest lookup."""
 
     def get_many(self, texts: list[str], spec: ModelSpec,
                  input_type: InputType) -> dict[int, npt.NDArray[np.float32]]:
@@ -58,7 +60,8 @@ class PostgresCache:
         rows = self.conn.execute(LOOKUP, {"keys": keys}).fetchall()
         found = {bytes(k): np.asarray(v.to_numpy() if isinstance(v, Vector) else v,
                                       dtype=np.float32) for k, v in rows}
-        self.counter.add(spec.key, len(found), len(set(keys)) - len(found))
+        self.last_lookup = (len(found), len(set(keys)) - len(found))
+        self.counter.add(spec.key, *self.last_lookup)
         if self.counter.due():
             self.flush()
         return {i: found[k] for i, k in enumerate(keys) if k in found}

@@ -573,6 +573,47 @@ def eval_add(
     console.print(f"stored evaluation query {query_id} for {corpus}")
 
 
+@app.command("status")
+def status_cmd(dsn: DsnOption = None) -> None:
+    """Health at a glance: coverage, queue, throughput, cache, latency, with alerts.
+
+    Example: pyembed status       (exits 1 when something is alerting)
+    """
+    from . import health
+
+    with connect(dsn, autocommit=True) as conn:
+        findings = health.report(conn)
+    style = {"ok": "green", "warn": "yellow", "alert": "bold red"}
+    table = Table("area", "subject", "value", "", "note")
+    for f in findings:
+        table.add_row(f.area, f.subject, f.value, f"[{style[f.level]}]{f.level}[/]", f.note)
+    console.print(table if findings else "nothing to report yet: no corpus")
+    alerts = [f for f in findings if f.level == "alert"]
+    if alerts:
+        raise PyembedError(f"{len(alerts)} alert(s): " + "; ".join(
+            f"{f.area} {f.subject}: {f.note}" for f in alerts[:3]))
+
+
+metrics_app = typer.Typer(no_args_is_help=True, help="Prometheus metrics.")
+app.add_typer(metrics_app, name="metrics")
+
+
+@metrics_app.command("serve")
+def metrics_serve(
+    port: Annotated[int, typer.Option(help="port to listen on")] = 9187,
+    address: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
+    dsn: DsnOption = None,
+) -> None:
+    """Serve /metrics for Prometheus (figures read from the database at each scrape).
+
+    Example: pyembed metrics serve --port 9187
+    """
+    from .metrics import serve
+
+    console.print(f"serving http://{address}:{port}/metrics (Ctrl-C stops)")
+    serve(dsn, port=port, address=address)
+
+
 @app.command("demo")
 def demo_cmd() -> None:
     """Run the tour on the embedded default: local cluster, local model, search, the 2 AM guard.

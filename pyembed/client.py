@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +20,8 @@ from .errors import InvalidInput
 from .models import LOCAL_DEFAULT, InputType
 from .routing import serving_key
 from .store import ChunkRow, CorpusInfo, Hit
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -43,16 +47,18 @@ class AddReport:
 class Client:
     """A connection to a pyembed database with an embedder per model key (sharing the cache)."""
 
-    def __init__(self, conn: psycopg.Connection[Any], *, use_cache: bool = True) -> None:
+    def __init__(self, conn: psycopg.Connection[Any], *, use_cache: bool = True,
+                 log_queries: bool = True) -> None:
         self.conn = conn
-        self._cache = PostgresCache(conn) if use_cache else None
+        self.cache = PostgresCache(conn) if use_cache else None
+        self.log_queries = log_queries
         self._embedders: dict[tuple[str, bool], Embedder] = {}
 
     def embedder(self, model_key: str, *, truncate: bool = False) -> Embedder:
         """The embedder for a model key (built once, sharing this client's cache)."""
         if (model_key, truncate) not in self._embedders:
             spec = store.model_spec(self.conn, model_key)
-            self._embedders[model_key, truncate] = Embedder(spec, cache=self._cache,
+            self._embedders[model_key, truncate] = Embedder(spec, cache=self.cache,
                                                             truncate=truncate)
         return self._embedders[model_key, truncate]
 
@@ -71,8 +77,8 @@ class Client:
         return store.drop_corpus(self.conn, name)
 
     def close(self) -> None:
-        if self._cache is not None:
-            self._cache.flush()
+        if self.cache is not None:
+            self.cache.flush()
         self.conn.close()
 
     def __enter__(self) -> Client:
@@ -147,22 +153,60 @@ class Corpus:
                filter: Mapping[str, Any] | None = None, model_key: str | None = None, *,
                mode: str = "vector") -> list[Hit]:
         """Nearest chunks. Text is embedded with the corpus's model; a vector must say its key.
-        mode: 'vector', 'keyword' (BM25, text only) or 'hybrid' (text only)."""
+        mode: 'vector', 'keyword' (BM25, text only) or 'hybrid' (text only). Each search is
+        recorded in pyembed.query_log (phase timings) unless the client has log_queries off."""
+        started = time.perf_counter()
+        cache_hit: bool | None = None
         if isinstance(query, str):
             store.check_text(query, "query")
-            if mode == "keyword":
-                return store.search(self.client.conn, self.name, None, None, k, filter,
-                                    mode=mode, text=query)
-            key = self.serving_key(query)
-            vector = self.client.embedder(key).embed_query(query)
-            return store.search(self.client.conn, self.name, vector, key, k, filter,
-                                mode=mode, text=query)
-        if model_key is None:
-            raise TypeError("a query vector needs model_key=... (the model that made it)")
-        if mode != "vector":
-            raise InvalidInput(f"{mode} search needs the query text, not a vector")
-        return store.search(self.client.conn, self.name, np.asarray(query, dtype=np.float32),
-                            model_key, k, filter)
+            key: str | None = None if mode == "keyword" else self.serving_key(query)
+            vector = None
+            if key is not None:
+                vector = self.client.embedder(key).embed_query(query)
+                cache = self.client.cache
+                cache_hit = cache.last_lookup == (1, 0) if cache is not None else None
+            text: str | None = query
+        else:
+            if model_key is None:
+                raise TypeError("a query vector needs model_key=... (the model that made it)")
+            if mode != "vector":
+                raise InvalidInput(f"{mode} search needs the query text, not a vector")
+            key, vector, text = model_key, np.asarray(query, dtype=np.float32), None
+        embedded = time.perf_counter()
+        hits = store.search(self.client.conn, self.name, vector, key, k, filter, mode=mode,
+                            text=text)
+        done = time.perf_counter()
+        if self.client.log_queries:
+            self.log_query(mode, k, {"embed_ms": _ms(started, embedded) if text else None,
+                                     "search_ms": _ms(embedded, done),
+                                     "total_ms": _ms(started, done)},
+                           cache_hit=cache_hit, model_key=key)
+        return hits
+
+    def log_query(self, kind: str, k: int, timings: Mapping[str, float | None], *,
+                  generated: bool = False, cache_hit: bool | None = None,
+                  model_key: str | None = None) -> bool:
+        """Record one query in pyembed.query_log; False (and a warning) if that failed (for
+        example in a read-only transaction): a search never fails for its log line."""
+        conn = self.client.conn
+        try:
+            with conn.transaction():
+                conn.execute(
+                    """INSERT INTO pyembed.query_log (corpus_id, model_key, kind, k, cache_hit,
+                                                      embed_ms, search_ms, generate_ms, total_ms)
+                       VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)""",
+                    (self.info.corpus_id, model_key or "-", kind, k, cache_hit,
+                     timings.get("embed_ms"), timings.get("search_ms"),
+                     timings.get("generate_ms") if generated else None, timings.get("total_ms")))
+        except psycopg.Error as exc:
+            _log.warning("could not record the query in pyembed.query_log: %s",
+                         " ".join(str(exc).split()) or type(exc).__name__)
+            return False
+        return True
+
+
+def _ms(a: float, b: float) -> float:
+    return round(max(b - a, 0.0) * 1000.0, 3)
 
 
 def _as_document(d: Document | tuple[str, str] | Mapping[str, Any]) -> Document:
@@ -173,6 +217,8 @@ def _as_document(d: Document | tuple[str, str] | Mapping[str, Any]) -> Document:
     return Document(str(d["id"]), d["text"], dict(d.get("metadata") or {}))
 
 
-def connect(dsn: str | None = None, *, use_cache: bool = True) -> Client:
+def connect(dsn: str | None = None, *, use_cache: bool = True, log_queries: bool = True
+            ) -> Client:
     """A client for the database at `dsn` ($PYEMBED_DSN, else the local cluster)."""
-    return Client(db_connect(dsn, autocommit=True), use_cache=use_cache)
+    return Client(db_connect(dsn, autocommit=True), use_cache=use_cache,
+                  log_queries=log_queries)

@@ -13,10 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anthropic
-import psycopg
 
 from . import store
-from .client import Corpus
+from .client import Corpus, _ms
 from .errors import InvalidInput, ProviderError, RateLimited
 from .store import Hit, check_text
 
@@ -164,11 +163,8 @@ def answer(corpus: Corpus, question: str, *, k: int = 5, model: str | None = Non
     key = corpus.serving_key(question)  # the active key, or the target during a traffic shift
     vector = None if mode == "keyword" else corpus.client.embedder(key).embed_query(question)
     embedded = time.perf_counter()
-    if vector is not None and mode == "vector":
-        hits = corpus.search(vector, k=k, filter=filter, model_key=key)
-    else:
-        hits = store.search(corpus.client.conn, corpus.name, vector,
-                            None if vector is None else key, k, filter, mode=mode, text=question)
+    hits = store.search(corpus.client.conn, corpus.name, vector,
+                        None if vector is None else key, k, filter, mode=mode, text=question)
     if min_score is not None:
         hits = [h for h in hits if h.score >= min_score]
     searched = time.perf_counter()
@@ -193,7 +189,7 @@ def answer(corpus: Corpus, question: str, *, k: int = 5, model: str | None = Non
                       "search_ms": _ms(embedded, searched),
                       "generate_ms": _ms(searched, done) if result.generated else 0.0,
                       "total_ms": _ms(start, done)}
-    log_query(corpus, "ask", k, result.timings, generated=result.generated, model_key=key)
+    corpus.log_query("ask", k, result.timings, generated=result.generated, model_key=key)
     return result
 
 
@@ -265,30 +261,5 @@ def _detail(exc: anthropic.APIStatusError) -> str:
     return exc.message or "no detail given"
 
 
-def log_query(corpus: Corpus, kind: str, k: int, timings: dict[str, float], *,
-              generated: bool = False, cache_hit: bool | None = None,
-              model_key: str | None = None) -> bool:
-    """Record one query in pyembed.query_log; False (and a warning) if that failed."""
-    conn = corpus.client.conn
-    try:
-        with conn.transaction():
-            conn.execute(
-                """INSERT INTO pyembed.query_log (corpus_id, model_key, kind, k, cache_hit,
-                                                  embed_ms, search_ms, generate_ms, total_ms)
-                   VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)""",
-                (corpus.info.corpus_id, model_key or corpus.model_key, kind, k, cache_hit,
-                 timings.get("embed_ms"), timings.get("search_ms"),
-                 timings.get("generate_ms") if generated else None, timings.get("total_ms")))
-    except psycopg.Error as exc:
-        log.warning("could not record the query in pyembed.query_log: %s",
-                    str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
-        return False
-    return True
-
-
-def _ms(a: float, b: float) -> float:
-    return round(max(b - a, 0.0) * 1000.0, 3)
-
-
 __all__ = ["DEFAULT_MODEL", "INSUFFICIENT", "NO_API_KEY_NOTE", "SYSTEM_PROMPT", "Answer",
-           "Source", "answer", "build_prompt", "citations", "is_insufficient", "log_query"]
+           "Source", "answer", "build_prompt", "citations", "is_insufficient"]

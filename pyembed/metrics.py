@@ -1,0 +1,109 @@
+"""Prometheus metrics: the health figures, read from the database at each scrape."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector, CollectorRegistry
+from psycopg.rows import dict_row
+
+from .db import connect
+
+
+class PyembedCollector(Collector):
+    """Collects from the pyembed health views over one connection (re-opened if it drops)."""
+
+    def __init__(self, dsn: str | None) -> None:
+        self.dsn = dsn
+        self._conn: psycopg.Connection[Any] | None = None
+        self._lock = threading.Lock()
+
+    def _rows(self, sql: str) -> list[dict[str, Any]]:
+        if self._conn is None or self._conn.closed:
+            self._conn = connect(self.dsn, autocommit=True, application_name="pyembed metrics")
+        with self._conn.cursor(row_factory=dict_row) as cur:
+            return cur.execute(sql).fetchall()
+
+    def collect(self) -> Iterator[Any]:
+        with self._lock:
+            try:
+                yield from self._collect()
+            except psycopg.OperationalError:
+                self._conn = None
+                up = GaugeMetricFamily("pyembed_up", "1 if the database answered the scrape")
+                up.add_metric([], 0)
+                yield up
+
+    def _collect(self) -> Iterator[Any]:
+        cov = self._rows("SELECT * FROM pyembed.coverage")
+        labels = ["corpus", "model_key", "role"]
+        chunks = GaugeMetricFamily("pyembed_chunks", "Chunks stored", labels=["corpus"])
+        vectors = GaugeMetricFamily("pyembed_vectors", "Chunks with a vector for the key",
+                                    labels=labels)
+        ratio = GaugeMetricFamily("pyembed_coverage_ratio", "vectors / chunks", labels=labels)
+        queued = GaugeMetricFamily("pyembed_queue_depth", "Chunks waiting to be embedded",
+                                   labels=labels)
+        failed = GaugeMetricFamily("pyembed_queue_failed", "Chunks that failed embedding",
+                                   labels=labels)
+        seen: set[str] = set()
+        for r in cov:
+            key = [r["corpus"], r["model_key"], r["role"]]
+            if r["corpus"] not in seen:
+                chunks.add_metric([r["corpus"]], r["chunks"])
+                seen.add(r["corpus"])
+            vectors.add_metric(key, r["vectors"])
+            ratio.add_metric(key, r["vectors"] / r["chunks"] if r["chunks"] else 1.0)
+            queued.add_metric(key, r["queued"])
+            failed.add_metric(key, r["failed"])
+        yield from (chunks, vectors, ratio, queued, failed)
+
+        rate = GaugeMetricFamily("pyembed_embeddings_per_second",
+                                 "Vectors written per second over a window",
+                                 labels=["model_key", "window"])
+        for r in self._rows("SELECT * FROM pyembed.throughput"):
+            for window, col in (("5m", "per_s_5m"), ("1h", "per_s_1h"), ("24h", "per_s_24h")):
+                rate.add_metric([r["model_key"], window], float(r[col]))
+        yield rate
+
+        hits = CounterMetricFamily("pyembed_cache_hits", "Cache hits (last 7 days)",
+                                   labels=["model_key"])
+        misses = CounterMetricFamily("pyembed_cache_misses", "Cache misses (last 7 days)",
+                                     labels=["model_key"])
+        entries = GaugeMetricFamily("pyembed_cache_entries", "Cached embeddings",
+                                    labels=["model_key"])
+        for r in self._rows("SELECT * FROM pyembed.cache_health"):
+            hits.add_metric([r["model_key"]], float(r["hits_7d"] or 0))
+            misses.add_metric([r["model_key"]], float(r["misses_7d"] or 0))
+            entries.add_metric([r["model_key"]], r["entries"])
+        yield from (hits, misses, entries)
+
+        lat = GaugeMetricFamily("pyembed_latency_seconds", "Query latency over the last hour",
+                                labels=["kind", "phase", "quantile"])
+        for r in self._rows("SELECT * FROM pyembed.latency"):
+            lat.add_metric([r["kind"], r["phase"], "0.5"], r["p50_ms"] / 1000)
+            lat.add_metric([r["kind"], r["phase"], "0.95"], r["p95_ms"] / 1000)
+        yield lat
+        up = GaugeMetricFamily("pyembed_up", "1 if the database answered the scrape")
+        up.add_metric([], 1)
+        yield up
+
+
+def registry(dsn: str | None) -> CollectorRegistry:
+    reg = CollectorRegistry()
+    reg.register(PyembedCollector(dsn))
+    return reg
+
+
+def serve(dsn: str | None, *, port: int, address: str = "127.0.0.1") -> None:
+    """Serve /metrics until interrupted."""
+    from prometheus_client import start_http_server
+
+    server, thread = start_http_server(port, addr=address, registry=registry(dsn))
+    try:
+        thread.join()
+    except KeyboardInterrupt:
+        server.shutdown()

@@ -1,0 +1,54 @@
+-- Health views for `pyembed status` and `pyembed metrics serve`. Thresholds, from the design's
+-- operating targets: coverage below 99.9% alerts; embedding throughput in the last 5 minutes
+-- below half the 24-hour baseline while work is queued alerts; a cache hit rate of 40-80% is
+-- healthy, below 20% or above 95% warns; latency p95 over its phase's target alerts.
+
+CREATE OR REPLACE VIEW pyembed.coverage AS
+SELECT c.name AS corpus, k.model_key, k.role,
+       (SELECT count(*) FROM pyembed.chunks ch WHERE ch.corpus_id = c.corpus_id) AS chunks,
+       (SELECT count(*) FROM pyembed.vectors v
+         WHERE v.corpus_id = c.corpus_id AND v.model_key = k.model_key) AS vectors,
+       (SELECT count(*) FROM pyembed.queue q
+         WHERE q.corpus_id = c.corpus_id AND q.model_key = k.model_key) AS queued,
+       (SELECT count(*) FROM pyembed.queue_failed f
+         WHERE f.corpus_id = c.corpus_id AND f.model_key = k.model_key) AS failed
+  FROM pyembed.corpora c,
+       LATERAL (VALUES (c.model_key, 'active'), (c.target_model_key, 'target')) AS k(model_key, role)
+ WHERE k.model_key IS NOT NULL;
+
+CREATE OR REPLACE VIEW pyembed.throughput AS
+SELECT v.model_key,
+       count(*) FILTER (WHERE v.created_at > now() - interval '5 minutes') / 300.0 AS per_s_5m,
+       count(*) FILTER (WHERE v.created_at > now() - interval '1 hour') / 3600.0 AS per_s_1h,
+       count(*) / 86400.0 AS per_s_24h,
+       (SELECT count(*) FROM pyembed.queue q WHERE q.model_key = v.model_key) AS queued
+  FROM pyembed.vectors v
+ WHERE v.created_at > now() - interval '24 hours'
+ GROUP BY v.model_key;
+
+CREATE OR REPLACE VIEW pyembed.cache_health AS
+SELECT s.model_key,
+       sum(s.hits) FILTER (WHERE s.day = current_date) AS hits_today,
+       sum(s.misses) FILTER (WHERE s.day = current_date) AS misses_today,
+       sum(s.hits) AS hits_7d, sum(s.misses) AS misses_7d,
+       sum(s.hits)::float8 / nullif(sum(s.hits) + sum(s.misses), 0) AS hit_rate_7d,
+       (SELECT count(*) FROM pyembed.embedding_cache e WHERE e.model_key = s.model_key) AS entries
+  FROM pyembed.cache_stats s
+ WHERE s.day > current_date - 7
+ GROUP BY s.model_key;
+
+CREATE OR REPLACE VIEW pyembed.latency AS
+SELECT l.kind, p.phase, count(*) AS queries,
+       percentile_cont(0.5) WITHIN GROUP (ORDER BY p.ms) AS p50_ms,
+       percentile_cont(0.95) WITHIN GROUP (ORDER BY p.ms) AS p95_ms,
+       max(t.target_ms) AS target_p95_ms
+  FROM pyembed.query_log l,
+       LATERAL (VALUES
+         (CASE WHEN l.cache_hit THEN 'embed (cache hit)' WHEN NOT l.cache_hit
+               THEN 'embed (cache miss)' ELSE 'embed' END, l.embed_ms),
+         ('search', l.search_ms), ('generation', l.generate_ms), ('total', l.total_ms)) AS p(phase, ms)
+  JOIN (VALUES ('embed (cache hit)', 5.0), ('embed (cache miss)', 500.0), ('embed', 500.0),
+               ('search', 50.0), ('generation', 5000.0), ('total', 6000.0)) AS t(phase, target_ms)
+    ON t.phase = p.phase
+ WHERE l.at > now() - interval '1 hour' AND p.ms IS NOT NULL
+ GROUP BY l.kind, p.phase;

@@ -1,0 +1,88 @@
+"""Health views, `pyembed status` alerts and the Prometheus endpoint on a real database."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from typing import Any
+
+import psycopg
+from prometheus_client import generate_latest
+
+import pyembed
+from pyembed import health
+from pyembed.metrics import registry
+from tests.conftest import REPO, Database
+from tests.test_cli import pyembed as run_cli
+
+FAKE = "fake/fake-hash@1:384"
+
+
+def test_coverage_queue_cache_and_latency_findings(db: Database,
+                                                   app: psycopg.Connection[Any]) -> None:
+    with pyembed.connect(db.app_dsn) as client:
+        kb = client.create_corpus("kb", FAKE)
+        kb.add([("a", "alpha text"), ("b", "beta text")])
+        for _ in range(3):
+            kb.search("alpha", k=1)  # first a miss, then hits
+        kb.search("alpha", k=1, mode="hybrid")
+    app.execute("SELECT pyembed.add_document('kb', 'c', 'gamma text waiting for the worker')")
+    found = {(f.area, f.subject): f for f in health.report(app)}
+    cov = found["coverage", f"kb [active] {FAKE}"]
+    assert cov.level == "alert" and cov.number == 2 / 3
+    assert found["queue", f"kb [active] {FAKE}"].value == "1 queued, 0 failed"
+    cache = found["cache", FAKE]
+    assert cache.number == 3 / 6 and cache.level == "ok"  # 2 docs + 1 query missed, 3 hits
+    lat = {s: f for (a, s), f in found.items() if a == "latency"}
+    assert {"vector: search", "vector: total", "hybrid: search"} <= set(lat)
+    assert lat["vector: embed (cache hit)"].level in ("ok", "alert")
+
+
+def test_status_command_exits_non_zero_on_alerts(db: Database,
+                                                 app: psycopg.Connection[Any]) -> None:
+    env = {"PYEMBED_DSN": db.app_dsn, "COLUMNS": "200"}
+    app.execute("SELECT pyembed.create_corpus('kb', %s)", (FAKE,))
+    quiet = run_cli("status", env=env)
+    assert quiet.returncode == 0, quiet.stderr
+    app.execute("SELECT pyembed.add_document('kb', 'c', 'gamma text')")
+    out = run_cli("status", env=env)
+    assert out.returncode == 1
+    assert "coverage" in out.stdout and "alert" in out.stdout
+    assert out.stderr.strip().startswith("error: 1 alert(s): coverage kb")
+
+
+def test_prometheus_names_and_labels(db: Database) -> None:
+    with pyembed.connect(db.app_dsn) as client:
+        client.create_corpus("kb", FAKE).add([("a", "alpha")])
+    text = generate_latest(registry(db.app_dsn)).decode()
+    assert f'pyembed_coverage_ratio{{corpus="kb",model_key="{FAKE}",role="active"}} 1.0' in text
+    assert 'pyembed_chunks{corpus="kb"} 1.0' in text
+    assert "pyembed_cache_misses_total" in text  # counters end in _total
+    assert "pyembed_up 1.0" in text
+
+
+def test_metrics_serve_answers_http(db: Database) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "pyembed", "metrics", "serve", "--port",
+                             str(port), "--dsn", db.app_dsn], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
+                                              timeout=5).read().decode()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        assert "pyembed_up 1.0" in body
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
