@@ -17,8 +17,8 @@ from .errors import (
     UnknownCorpus,
     UnknownModel,
 )
-from .schema import install
 from .models import LOCAL_DEFAULT, InputType, ModelSpec, registry
+from .schema import install
 from .store import Hit
 
 __all__ = [

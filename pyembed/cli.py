@@ -12,8 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import schema
-from . import store
+from . import schema, store
 from .config import DSN_ENV
 from .db import connect
 from .errors import InvalidInput, MigrationError, PyembedError

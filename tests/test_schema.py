@@ -19,9 +19,9 @@ from typing import Any
 
 import psycopg
 import pytest
+from alembic import command
 from alembic.script import ScriptDirectory
 
-from alembic import command
 from pyembed import schema, store
 from pyembed.config import resource_dir
 from pyembed.db import connect

@@ -1,0 +1,763 @@
+"""The benchmark suite (a script, not a test): one command, one run, the same data, pyembed side
+by side with what users would pick instead.
+
+    .venv/bin/python tests/benchmarks/bench_suite.py                # 100,000 rows, < 10 min
+    .venv/bin/python tests/benchmarks/bench_suite.py --rows 20000   # a quick look
+    .venv/bin/python tests/benchmarks/bench_suite.py --mode-1m      # 1,000,000 rows (long)
+
+Sections (environment first; medians of --reps repetitions with their range):
+  1. ingest of precomputed 384-d unit vectors: pyembed (store.write_chunks: documents, chunks
+     and vectors; store.copy_vectors: vectors only, into existing chunks) vs plain pgvector
+     binary COPY into (id, content, embedding vector(384)) vs langchain-postgres
+     (PGVectorStore.add_embeddings, the class this version recommends, and the deprecated
+     PGVector.add_embeddings), with no HNSW index during any load; then the HNSW builds.
+  2. guarded search (pyembed.search, app role) vs plain pgvector on the same HNSW index
+     parameters at equal ef_search (100): p50/p99 and recall@10 against exact numpy search.
+  3. cache-hit query embedding: client.embedder(key).embed_query(text) with the PostgresCache,
+     and SELECT pyembed.embed(text, key) (round trip, and per call inside the server).
+  4. worker throughput with the fake model on queued chunks (pyembed.worker.Worker).
+--mode-1m: 1,000,000 rows, sections 1 and 2 only (langchain on the first --langchain-rows).
+
+Data: unit vectors around Gaussian centres (neighbours are meaningful, HNSW recall is not
+trivially 1), 10 chunks per document with short texts; fixed seed. Runs in a fresh database
+of a local cluster in <repo>/.pyembed-bench-suite (dropped at the end; the cluster is stopped
+only if this run started it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
+import psycopg
+from pgvector import Vector
+from psycopg import sql
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from pyembed import store  # noqa: E402
+from pyembed.store import ChunkRow, CorpusInfo  # noqa: E402
+from tests.benchmarks.common import (  # noqa: E402
+    DIMS,
+    F32,
+    FAKE_KEY,
+    PACKAGES,
+    Spread,
+    Target,
+    app_connection,
+    checkpoint,
+    clustered_unit_vectors,
+    connect,
+    exact_top_k,
+    index_line,
+    local_database,
+    percentiles_ms,
+    print_environment,
+    recall_at_k,
+    scalar,
+    unit_centres,
+)
+
+FOLDER = ".pyembed-bench-suite"
+KEY = FAKE_KEY
+CHUNKS_PER_DOCUMENT = 10
+K = 10
+PLAIN = sql.Identifier("public", "bench_plain")
+LANGCHAIN_TABLE = "bench_langchain"
+SUITE_PACKAGES = (*PACKAGES, "langchain-postgres", "langchain-core", "asyncpg")
+
+INCLUDES = {
+    "pyembed write_chunks": "documents upsert + chunks upsert (content hash, keyword postings, "
+                            "work-queue triggers) + vectors by binary COPY (model-key/norm "
+                            "guard, dims check, FK, dequeue trigger)",
+    "pyembed copy_vectors": "vectors only, by binary COPY into existing chunks (guard, dims "
+                            "check, FK, dequeue of the queued chunks)",
+    "plain pgvector COPY": "binary COPY of (id bigint PK, content text, embedding vector(384))",
+    "langchain PGVectorStore": "add_embeddings: one INSERT ... ON CONFLICT per row, each in its "
+                               "own transaction (uuid PK, content, vector, json metadata)",
+    "langchain PGVector (deprecated)": "add_embeddings: one multi-row INSERT ... ON CONFLICT "
+                                       "per batch (varchar PK, collection FK, jsonb metadata "
+                                       "with GIN index)",
+}
+
+
+# -- data ----------------------------------------------------------------------------------------
+
+@dataclass
+class Data:
+    vectors: F32
+    queries: F32
+    truth: list[set[int]]
+    texts: list[str]
+    document_ids: list[str]
+    chunk_indexes: list[int]
+
+    @property
+    def n(self) -> int:
+        return len(self.vectors)
+
+
+WORDS = ("invoice", "region", "backup", "account", "billing", "export", "latency", "replica",
+         "schema", "index", "quota", "token", "refund", "webhook", "cluster", "retention")
+
+
+def make_data(args: argparse.Namespace) -> Data:
+    rng = np.random.default_rng(args.seed)
+    centres = unit_centres(rng, args.centres)
+    vectors = clustered_unit_vectors(rng, centres, args.rows, args.noise)
+    queries = clustered_unit_vectors(rng, centres, args.queries, args.noise)
+    truth = exact_top_k(vectors, queries, K)
+    texts = [f"chunk {i}: a short note about {WORDS[i % 16]} {WORDS[(i // 16) % 16]} and "
+             f"{WORDS[(i * 7) % 16]} for customer {i // CHUNKS_PER_DOCUMENT}"
+             for i in range(args.rows)]
+    return Data(vectors, queries, truth, texts,
+                [f"d{i // CHUNKS_PER_DOCUMENT}" for i in range(args.rows)],
+                [i % CHUNKS_PER_DOCUMENT for i in range(args.rows)])
+
+
+def batches(n: int, size: int) -> list[range]:
+    """Row ranges of about `size` rows that never split a document."""
+    size = max(CHUNKS_PER_DOCUMENT, size - size % CHUNKS_PER_DOCUMENT)
+    return [range(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+# -- a cursor that times each statement kind (where write_chunks spends its time) ----------------
+
+PHASES: dict[str, float] = defaultdict(float)
+_LABEL = re.compile(r"^\s*(INSERT INTO|DELETE FROM|COPY|SELECT|UPDATE)\s+([\w.]+)", re.I)
+
+
+def _label(query: Any) -> str:
+    text = query if isinstance(query, str) else str(query)
+    m = _LABEL.match(text)
+    return f"{m.group(1).upper()} {m.group(2)}" if m else text.strip()[:40]
+
+
+class TimingCursor(psycopg.Cursor[Any]):
+    """Adds the wall time of each execute/executemany/copy to PHASES, by statement kind."""
+
+    def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return super().execute(query, params, **kwargs)
+        finally:
+            PHASES[_label(query)] += time.perf_counter() - started
+
+    def executemany(self, query: Any, params_seq: Any, **kwargs: Any) -> None:
+        started = time.perf_counter()
+        try:
+            super().executemany(query, params_seq, **kwargs)
+        finally:
+            PHASES[_label(query) + " (executemany)"] += time.perf_counter() - started
+
+    @contextmanager
+    def copy(self, statement: Any, params: Any = None, **kwargs: Any) -> Iterator[Any]:
+        started = time.perf_counter()
+        try:
+            with super().copy(statement, params, **kwargs) as copy:
+                yield copy
+        finally:
+            PHASES[_label(statement) + " (rows written from Python)"] += (
+                time.perf_counter() - started)
+
+
+# -- section 1: ingest ---------------------------------------------------------------------------
+
+@dataclass
+class IngestResults:
+    seconds: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    rows: dict[str, int] = field(default_factory=dict)
+    phases: list[dict[str, float]] = field(default_factory=list)
+    corpus: CorpusInfo | None = None
+    chunk_ids: list[int] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def rate(self, label: str) -> Spread:
+        return Spread.of([self.rows[label] / s for s in self.seconds[label]])
+
+
+def drop_corpus_index(owner: psycopg.Connection[Any], corpus_id: int) -> list[str]:
+    names = [r[0] for r in owner.execute(
+        "SELECT relname FROM pg_class WHERE relnamespace = 'pyembed'::regnamespace "
+        "AND relkind = 'i' AND relname LIKE %s", (f"vectors\\_hnsw\\_c{corpus_id}\\_%",))]
+    for name in names:
+        owner.execute(sql.SQL("DROP INDEX pyembed.{}").format(sql.Identifier(name)))
+    return names
+
+
+def vacuum(owner: psycopg.Connection[Any], *tables: str) -> None:
+    for t in tables:
+        owner.execute(sql.SQL("VACUUM (ANALYZE) {}").format(sql.Identifier(*t.split("."))))
+
+
+PYEMBED_TABLES = ("pyembed.documents", "pyembed.chunks", "pyembed.vectors", "pyembed.queue",
+                  "pyembed.postings")
+
+
+def run_write_chunks(t: Target, owner: psycopg.Connection[Any], data: Data,
+                     parts: list[range], res: IngestResults, rep: int) -> None:
+    """One timed pyembed.store.write_chunks load into a new corpus (its HNSW index dropped)."""
+    label = "pyembed write_chunks"
+    assert t.app_dsn is not None
+    app = connect(t.app_dsn, ef_search=None)
+    app.cursor_factory = TimingCursor
+    try:
+        if res.corpus is not None:  # the previous repetition's corpus: dropped, untimed
+            store.drop_corpus(app, res.corpus.name)
+            vacuum(owner, *PYEMBED_TABLES)
+        corpus = store.create_corpus(app, f"suite-{rep}-{uuid.uuid4().hex[:6]}", KEY)
+        dropped = drop_corpus_index(owner, corpus.corpus_id)
+        if rep == 0:
+            res.notes.append(f"pyembed: dropped {', '.join(dropped) or '(no index)'} before each "
+                             "load, rebuilt after with pyembed._create_vector_index")
+        rows = [[ChunkRow(data.document_ids[i], data.chunk_indexes[i], data.texts[i],
+                          data.vectors[i]) for i in part] for part in parts]
+        checkpoint(owner)
+        PHASES.clear()
+        ids: list[int] = []
+        started = time.perf_counter()
+        for batch in rows:
+            ids += store.write_chunks(app, corpus, batch, KEY)
+        elapsed = time.perf_counter() - started
+        res.phases.append({**PHASES, "total": elapsed})
+        res.seconds[label].append(elapsed)
+        res.rows[label] = data.n
+        res.corpus, res.chunk_ids = corpus, ids
+    finally:
+        app.close()
+
+
+def run_copy_vectors(t: Target, owner: psycopg.Connection[Any], data: Data,
+                     parts: list[range], res: IngestResults) -> None:
+    """The vectors-only path: the corpus's vectors removed and its chunks queued again
+    (untimed), then store.copy_vectors batch by batch."""
+    label = "pyembed copy_vectors"
+    assert res.corpus is not None and t.app_dsn is not None
+    corpus_id = res.corpus.corpus_id
+    owner.execute("DELETE FROM pyembed.vectors WHERE corpus_id = %s", (corpus_id,))
+    owner.execute("INSERT INTO pyembed.queue (corpus_id, chunk_id, model_key, content_hash) "
+                  "SELECT corpus_id, chunk_id, %s, content_hash FROM pyembed.chunks "
+                  "WHERE corpus_id = %s ON CONFLICT DO NOTHING", (KEY, corpus_id))
+    vacuum(owner, "pyembed.vectors", "pyembed.queue")
+    hashes = [store.sha256(text) for text in data.texts]
+    app = connect(t.app_dsn, ef_search=None)
+    try:
+        checkpoint(owner)
+        started = time.perf_counter()
+        for part in parts:
+            with app.transaction(), app.cursor() as cur:
+                store.copy_vectors(cur, corpus_id, res.chunk_ids[part.start:part.stop], KEY,
+                                   data.vectors[part.start:part.stop],
+                                   hashes[part.start:part.stop])
+        res.seconds[label].append(time.perf_counter() - started)
+        res.rows[label] = data.n
+        left = scalar(owner, "SELECT count(*) FROM pyembed.queue WHERE corpus_id = %s",
+                      (corpus_id,))
+        if left:
+            res.notes.append(f"copy_vectors left {left} chunks queued (expected 0)")
+    finally:
+        app.close()
+
+
+def run_plain(owner: psycopg.Connection[Any], data: Data, parts: list[range],
+              res: IngestResults) -> None:
+    label = "plain pgvector COPY"
+    owner.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(PLAIN))
+    owner.execute(sql.SQL("CREATE TABLE {} (id bigint PRIMARY KEY, content text NOT NULL, "
+                          "embedding vector({}) NOT NULL)").format(PLAIN, sql.Literal(DIMS)))
+    checkpoint(owner)
+    started = time.perf_counter()
+    for part in parts:
+        with owner.transaction(), owner.cursor() as cur, cur.copy(
+                sql.SQL("COPY {} (id, content, embedding) FROM STDIN WITH (FORMAT BINARY)")
+                .format(PLAIN)) as copy:
+            copy.set_types(["int8", "text", "vector"])
+            for i in part:
+                copy.write_row((i, data.texts[i], data.vectors[i]))
+    res.seconds[label].append(time.perf_counter() - started)
+    res.rows[label] = data.n
+
+
+def fake_embeddings(texts: Sequence[str], vectors: F32) -> Any:
+    """A langchain Embeddings that returns the given vectors (never calls a network)."""
+    from langchain_core.embeddings import Embeddings
+
+    by_text = {t: i for i, t in enumerate(texts)}
+
+    class GivenEmbeddings(Embeddings):
+        def embed_documents(self, texts: list[str]) -> list[list[float]]:
+            return [vectors[by_text[t]].tolist() for t in texts]
+
+        def embed_query(self, text: str) -> list[float]:
+            return vectors[by_text.get(text, 0)].tolist()
+
+    return GivenEmbeddings()
+
+
+def sqlalchemy_url(dsn: str) -> str:
+    parts = urlsplit(dsn)
+    return urlunsplit(("postgresql+psycopg", *parts[1:]))
+
+
+def langchain_inputs(data: Data, rows: int, parts: list[range]
+                     ) -> list[tuple[list[str], list[list[float]], list[dict[str, Any]],
+                                     list[str]]]:
+    """(texts, embeddings, metadatas, ids) per batch, prepared untimed in the API's own types."""
+    out = []
+    for part in parts:
+        stop = min(part.stop, rows)
+        if part.start >= stop:
+            break
+        r = range(part.start, stop)
+        out.append(([data.texts[i] for i in r], data.vectors[r.start:r.stop].tolist(),
+                    [{"document_id": data.document_ids[i], "chunk_index": data.chunk_indexes[i]}
+                     for i in r],
+                    [str(uuid.UUID(int=i + 1)) for i in r]))
+    return out
+
+
+def run_langchain_store(dsn: str, owner: psycopg.Connection[Any], data: Data,
+                        parts: list[range], rows: int, res: IngestResults) -> None:
+    """langchain-postgres PGVectorStore (the recommended class), precomputed embeddings."""
+    from langchain_postgres import PGEngine, PGVectorStore
+
+    label = "langchain PGVectorStore"
+    fake = fake_embeddings(data.texts, data.vectors)
+    inputs = langchain_inputs(data, rows, parts)
+    engine = PGEngine.from_connection_string(url=sqlalchemy_url(dsn))
+    try:
+        engine.init_vectorstore_table(LANGCHAIN_TABLE, DIMS, overwrite_existing=True)
+        vs = PGVectorStore.create_sync(engine, embedding_service=fake, table_name=LANGCHAIN_TABLE)
+        checkpoint(owner)
+        started = time.perf_counter()
+        for texts, embeddings, metadatas, ids in inputs:
+            vs.add_embeddings(texts, embeddings, metadatas, ids)
+        res.seconds[label].append(time.perf_counter() - started)
+        res.rows[label] = sum(len(b[0]) for b in inputs)
+        count = scalar(owner, sql.SQL("SELECT count(*) FROM {}").format(
+            sql.Identifier("public", LANGCHAIN_TABLE)))
+        assert count == res.rows[label], (count, res.rows[label])
+    finally:
+        engine._run_as_sync(engine.close())
+        owner.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(
+            sql.Identifier("public", LANGCHAIN_TABLE)))
+
+
+def run_langchain_legacy(dsn: str, owner: psycopg.Connection[Any], data: Data,
+                         parts: list[range], rows: int, res: IngestResults) -> None:
+    """langchain-postgres PGVector (deprecated since 0.0.14, still widely used)."""
+    import warnings
+
+    from langchain_postgres import PGVector
+    from sqlalchemy import create_engine
+
+    label = "langchain PGVector (deprecated)"
+    fake = fake_embeddings(data.texts, data.vectors)
+    # 5 bind parameters per row: a batch must stay under PostgreSQL's 65,535.
+    inputs = langchain_inputs(data, rows, [range(s, min(s + 10_000, rows))
+                                           for s in range(0, rows, 10_000)])
+    engine = create_engine(sqlalchemy_url(dsn))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        vs = PGVector(fake, connection=engine, collection_name=f"bench-{uuid.uuid4().hex[:6]}",
+                      embedding_length=DIMS, use_jsonb=True, pre_delete_collection=True)
+    try:
+        checkpoint(owner)
+        started = time.perf_counter()
+        for texts, embeddings, metadatas, ids in inputs:
+            vs.add_embeddings(texts, embeddings, metadatas, ids)
+        res.seconds[label].append(time.perf_counter() - started)
+        res.rows[label] = sum(len(b[0]) for b in inputs)
+    finally:
+        vs.delete_collection()
+        engine.dispose()
+        owner.execute("DROP TABLE IF EXISTS public.langchain_pg_embedding, "
+                      "public.langchain_pg_collection")
+
+
+def ingest(t: Target, owner: psycopg.Connection[Any], data: Data,
+           args: argparse.Namespace) -> IngestResults:
+    res = IngestResults()
+    parts = batches(data.n, args.batch)
+    lc_rows = min(args.langchain_rows or data.n, data.n)
+    steps: list[tuple[str, int, Callable[[int], None]]] = [
+        ("pyembed write_chunks", args.reps,
+         lambda rep: run_write_chunks(t, owner, data, parts, res, rep)),
+        ("pyembed copy_vectors", args.reps,
+         lambda rep: run_copy_vectors(t, owner, data, parts, res)),
+        ("plain pgvector COPY", args.reps, lambda rep: run_plain(owner, data, parts, res)),
+    ]
+    if not args.no_langchain:
+        steps += [
+            ("langchain PGVectorStore", args.langchain_reps,
+             lambda rep: run_langchain_store(t.owner_dsn, owner, data, parts, lc_rows, res)),
+            ("langchain PGVector (deprecated)", args.langchain_reps,
+             lambda rep: run_langchain_legacy(t.owner_dsn, owner, data, parts, lc_rows,
+                                              res)),
+        ]
+    print(f"\n1. ingest of {data.n:,} precomputed {DIMS}-d unit vectors "
+          f"({data.n // CHUNKS_PER_DOCUMENT:,} documents x {CHUNKS_PER_DOCUMENT} chunks), "
+          f"batches of {len(parts[0]):,} rows (one transaction each), no HNSW index during "
+          f"any load, a CHECKPOINT before each; inputs prepared untimed in each API's own types",
+          flush=True)
+    # Repetitions interleave the paths (copy_vectors needs the chunks of write_chunks first).
+    for rep in range(max(args.reps, args.langchain_reps)):
+        for label, reps, fn in steps:
+            if rep < reps:
+                started = time.perf_counter()
+                fn(rep)
+                print(f"   [run {rep + 1}] {label}: {time.perf_counter() - started:.1f} s",
+                      flush=True)
+    return res
+
+
+def report_ingest(res: IngestResults, data: Data) -> dict[str, float]:
+    print()
+    width = max(len(k) for k in res.seconds)
+    for label in res.seconds:
+        rate = res.rate(label)
+        rows = res.rows[label]
+        suffix = "" if rows == data.n else f" (first {rows:,} rows)"
+        print(f"   {label:<{width}}  {rate.format()} rows/s{suffix}")
+        print(f"   {'':<{width}}    includes: {INCLUDES[label]}")
+    for note in res.notes:
+        print(f"   note: {note}")
+    med = {label: res.rate(label).median for label in res.seconds}
+    plain = med["plain pgvector COPY"]
+    ratios: dict[str, float] = {}
+    print("   ratios of median rows/s:")
+    for label in ("pyembed write_chunks", "pyembed copy_vectors"):
+        ratios[f"{label} / plain"] = med[label] / plain
+        print(f"     {label} / plain pgvector COPY: {med[label] / plain:6.2f}   (target >= 0.8)")
+    for lc in ("langchain PGVectorStore", "langchain PGVector (deprecated)"):
+        if lc in med:
+            ratios[f"write_chunks / {lc}"] = med["pyembed write_chunks"] / med[lc]
+            print(f"     pyembed write_chunks / {lc}: "
+                  f"{med['pyembed write_chunks'] / med[lc]:6.2f}   (target >= 3)")
+    # Where write_chunks spends its time (median over repetitions, by statement kind).
+    keys = sorted({k for p in res.phases for k in p if k != "total"},
+                  key=lambda k: -float(np.median([p.get(k, 0.0) for p in res.phases])))
+    total = float(np.median([p["total"] for p in res.phases]))
+    print(f"   where write_chunks spends its {total:.1f} s (median per statement kind, wall time "
+          "from Python, client and server work together):")
+    accounted = 0.0
+    for k in keys:
+        s = float(np.median([p.get(k, 0.0) for p in res.phases]))
+        accounted += s
+        print(f"     {s:6.2f} s {100 * s / total:5.1f}%  {k}")
+    rest = total - accounted
+    print(f"     {rest:6.2f} s {100 * rest / total:5.1f}%  Python outside statements "
+          "(checks, normalising, hashes, JSON, row objects)")
+    return ratios
+
+
+def build_indexes(owner: psycopg.Connection[Any], res: IngestResults,
+                  args: argparse.Namespace) -> None:
+    assert res.corpus is not None
+    if args.maintenance_work_mem:
+        owner.execute(sql.SQL("SET maintenance_work_mem = {}").format(
+            sql.Literal(args.maintenance_work_mem)))
+    mwm = scalar(owner, "SHOW maintenance_work_mem")
+    started = time.perf_counter()
+    index = scalar(owner, "SELECT pyembed._create_vector_index(%s, %s)",
+                   (res.corpus.corpus_id, KEY))
+    pyembed_build = time.perf_counter() - started
+    started = time.perf_counter()
+    owner.execute(sql.SQL("CREATE INDEX bench_plain_hnsw ON {} USING hnsw "
+                          "(embedding vector_cosine_ops) WITH (m = 16, ef_construction = 64)")
+                  .format(PLAIN))
+    plain_build = time.perf_counter() - started
+    owner.execute("ANALYZE pyembed.vectors")
+    owner.execute(sql.SQL("ANALYZE {}").format(PLAIN))
+    size_p = scalar(owner, "SELECT pg_relation_size(%s::regclass)", (f"pyembed.{index}",))
+    size_q = scalar(owner, "SELECT pg_relation_size('public.bench_plain_hnsw'::regclass)")
+    print(f"\n   HNSW build after the load (m=16, ef_construction=64, cosine; "
+          f"maintenance_work_mem {mwm}; one run each):")
+    print(f"     pyembed  {index}: {pyembed_build:7.1f} s, {size_p / 2**20:6.1f} MiB "
+          "(partial index on corpus and key, expression embedding::vector(384))")
+    print(f"     plain    bench_plain_hnsw: {' ' * max(0, len(index) - 16)}{plain_build:7.1f} s, "
+          f"{size_q / 2**20:6.1f} MiB")
+    print(f"     ratio of build times pyembed/plain: {pyembed_build / plain_build:.2f}")
+
+
+# -- section 2: search ---------------------------------------------------------------------------
+
+def search(t: Target, owner: psycopg.Connection[Any], data: Data, res: IngestResults,
+           args: argparse.Namespace) -> float:
+    assert res.corpus is not None
+    corpus = res.corpus
+    app = app_connection(t)  # prepare_threshold=None, ef_search 100 (pyembed.search sets it too)
+    plain_conn = connect(t.owner_dsn)
+    try:
+        row_of_chunk = {c: i for i, c in enumerate(res.chunk_ids)}
+        q0 = Vector(data.queries[0])
+        guarded_plan = [r[0] for r in owner.execute(
+            sql.SQL("EXPLAIN (COSTS OFF) SELECT v.chunk_id FROM pyembed.vectors v "
+                    "WHERE v.corpus_id = {} AND v.model_key = {} "
+                    "ORDER BY (v.embedding::vector(384)) <=> %s::vector(384) LIMIT 10")
+            .format(sql.Literal(corpus.corpus_id), sql.Literal(KEY)), (q0,))]
+        plain_plan = [r[0] for r in owner.execute(
+            sql.SQL("EXPLAIN (COSTS OFF) SELECT id FROM {} ORDER BY embedding <=> %s LIMIT 10")
+            .format(PLAIN), (q0,))]
+        guarded_sql = "SELECT chunk_id FROM pyembed.search(%s, %s, %s, 10)"
+        plain_sql = sql.SQL("SELECT id FROM {} ORDER BY embedding <=> %s LIMIT 10").format(PLAIN)
+
+        def guarded(q: Vector) -> list[int]:
+            return [row_of_chunk[r[0]] for r in app.execute(guarded_sql, (corpus.name, q, KEY))]
+
+        def plain(q: Vector) -> list[int]:
+            return [int(r[0]) for r in plain_conn.execute(plain_sql, (q,))]
+
+        qvecs = [Vector(q) for q in data.queries]
+        for q in qvecs[:20]:  # warm-up, untimed
+            guarded(q)
+            plain(q)
+        times: dict[str, list[float]] = {"pyembed": [], "plain": []}
+        recall: dict[str, list[float]] = {"pyembed": [], "plain": []}
+        round_p50: dict[str, list[float]] = {"pyembed": [], "plain": []}
+        runs = (("pyembed", guarded), ("plain", plain))
+        for rnd in range(args.rounds):
+            this_round: dict[str, list[float]] = {"pyembed": [], "plain": []}
+            for i, q in enumerate(qvecs):
+                order = runs if (i + rnd) % 2 == 0 else runs[::-1]
+                for label, fn in order:
+                    started = time.perf_counter()
+                    ids = fn(q)
+                    elapsed = time.perf_counter() - started
+                    times[label].append(elapsed)
+                    this_round[label].append(elapsed)
+                    if rnd == 0:
+                        recall[label].append(recall_at_k(data.truth[i], ids, K))
+            for label in this_round:
+                round_p50[label].append(percentiles_ms(this_round[label], (50,))[0])
+        print(f"\n2. search, k={K}, {len(qvecs)} queries x {args.rounds} rounds, interleaved "
+              "(alternating which goes first), after a 20-query warm-up; hnsw.ef_search 100 on "
+              "both; prepare_threshold=None; recall@10 against exact numpy search")
+        print(f"   plans: pyembed inner query: {index_line(guarded_plan)}")
+        print(f"          plain:               {index_line(plain_plan)}")
+        p50s: dict[str, float] = {}
+        for label, _ in runs:
+            p50, p95, p99 = percentiles_ms(times[label])
+            p50s[label] = p50
+            what = ("pyembed.search(corpus, q, key, 10) as the app role" if label == "pyembed"
+                    else "ORDER BY embedding <=> q LIMIT 10 on the plain table")
+            spread = Spread.of(round_p50[label])
+            print(f"   {label:<8} p50 {p50:6.2f} ms  p95 {p95:6.2f}  p99 {p99:6.2f}  "
+                  f"recall@10 {np.mean(recall[label]):.4f}  (p50 per round: "
+                  f"{spread.low:.2f}-{spread.high:.2f})  {what}")
+        ratio = p50s["pyembed"] / p50s["plain"]
+        print(f"   ratio of p50s pyembed/plain: {ratio:.2f}   (target <= 1.2)")
+        return ratio
+    finally:
+        app.close()
+        plain_conn.close()
+
+
+# -- section 3: cache-hit query embedding --------------------------------------------------------
+
+EMBED_TIMER = """
+CREATE FUNCTION pg_temp.embed_ms(n integer, txt text, model text) RETURNS float8
+LANGUAGE plpgsql AS $$
+DECLARE
+  started timestamptz;
+  done bigint;
+BEGIN
+  started := clock_timestamp();
+  SELECT count(pyembed.embed(txt, model, 'query')) INTO done FROM generate_series(1, n);
+  RETURN extract(epoch FROM clock_timestamp() - started) * 1000 / done;
+END
+$$
+"""
+
+
+def cache_hits(t: Target, args: argparse.Namespace) -> float:
+    import pyembed
+
+    assert t.app_dsn is not None
+    text = "how do I rotate the backup keys of a customer account?"
+    print(f"\n3. query embedding on a cache hit ({KEY}, PostgresCache; {args.cache_calls:,} "
+          f"calls per round, {args.reps} rounds, after a warm-up)")
+    p50s: list[float] = []
+    p99s: list[float] = []
+    with pyembed.connect(t.app_dsn) as client:  # a plain client (psycopg's default prepare)
+        embedder = client.embedder(KEY)
+        embedder.embed_query(text)  # the miss that stores the entry
+        for _ in range(50):
+            embedder.embed_query(text)
+        for _ in range(args.reps):
+            samples = []
+            for _ in range(args.cache_calls):
+                started = time.perf_counter()
+                embedder.embed_query(text)
+                samples.append(time.perf_counter() - started)
+            p50, p99 = percentiles_ms(samples, (50, 99))
+            p50s.append(p50)
+            p99s.append(p99)
+        misses = []
+        for i in range(200):
+            started = time.perf_counter()
+            embedder.embed_query(f"a query never asked before, number {i} {uuid.uuid4().hex}")
+            misses.append(time.perf_counter() - started)
+    p50 = Spread.of(p50s)
+    print(f"   embed_query from Python, hit:  p50 {p50.format('.3f')} ms, "
+          f"p99 {Spread.of(p99s).format('.3f')} ms   (target p50 < 2 ms)")
+    m50, m99 = percentiles_ms(misses, (50, 99))
+    print(f"   embed_query from Python, miss (fake model computes, entry stored): p50 "
+          f"{m50:.3f} ms, p99 {m99:.3f} ms (200 distinct texts)")
+
+    app = connect(t.app_dsn, ef_search=None)
+    try:
+        query = "SELECT pyembed.embed(%s, %s, 'query')"
+        for _ in range(50):  # loads PL/Python and pyembed in this backend, stores the entry
+            app.execute(query, (text, KEY)).fetchone()
+        rt50: list[float] = []
+        rt99: list[float] = []
+        for _ in range(args.reps):
+            samples = []
+            for _ in range(args.cache_calls):
+                started = time.perf_counter()
+                app.execute(query, (text, KEY)).fetchone()
+                samples.append(time.perf_counter() - started)
+            a, b = percentiles_ms(samples, (50, 99))
+            rt50.append(a)
+            rt99.append(b)
+        app.execute(EMBED_TIMER)
+        inside = [float(scalar(app, "SELECT pg_temp.embed_ms(%s, %s, %s)", (1000, text, KEY)))
+                  for _ in range(args.reps)]
+    finally:
+        app.close()
+    print(f"   SELECT pyembed.embed(text, key, 'query') round trip, hit: p50 "
+          f"{Spread.of(rt50).format('.3f')} ms, p99 {Spread.of(rt99).format('.3f')} ms")
+    print(f"   pyembed.embed per call inside the server (1,000 calls in one statement), hit: "
+          f"{Spread.of(inside).format('.3f')} ms")
+    return p50.median
+
+
+# -- section 4: worker ---------------------------------------------------------------------------
+
+def queue_chunks(app: psycopg.Connection[Any], name: str, n: int) -> int:
+    corpus = store.create_corpus(app, name, KEY)
+    documents = (n + CHUNKS_PER_DOCUMENT - 1) // CHUNKS_PER_DOCUMENT
+    with app.transaction():
+        app.execute("INSERT INTO pyembed.documents (corpus_id, document_id, content_hash) "
+                    "SELECT %s, 'd' || i, '\\x00' FROM generate_series(0, %s) i",
+                    (corpus.corpus_id, documents - 1))
+        app.execute(
+            "INSERT INTO pyembed.chunks (corpus_id, document_id, chunk_index, content) "
+            "SELECT %s, 'd' || (i / %s), i %% %s, format('%%s chunk %%s: a short support note "
+            "about invoices, regions %%s and backups %%s of the customer account', %s::text, "
+            "i, i %% 17, i %% 29) FROM generate_series(0, %s) i",
+            (corpus.corpus_id, CHUNKS_PER_DOCUMENT, CHUNKS_PER_DOCUMENT, name, n - 1))
+    return corpus.corpus_id
+
+
+def worker(t: Target, owner: psycopg.Connection[Any], args: argparse.Namespace) -> None:
+    from pyembed.worker import Worker
+
+    assert t.app_dsn is not None
+    print(f"\n4. worker throughput, fake model {KEY}, {args.worker_chunks:,} queued chunks "
+          f"(distinct texts, empty cache), batch size {args.worker_batch}, {args.reps} runs "
+          "each; a new corpus per run")
+    app = connect(t.app_dsn, ef_search=None)
+    try:
+        for with_index in (True, False):
+            rates = []
+            for rep in range(args.reps):
+                name = f"worker-{'i' if with_index else 'n'}{rep}-{uuid.uuid4().hex[:6]}"
+                corpus_id = queue_chunks(app, name, args.worker_chunks)
+                if not with_index:
+                    drop_corpus_index(owner, corpus_id)
+                queued = scalar(owner, "SELECT count(*) FROM pyembed.queue")
+                w = Worker(t.app_dsn, batch_size=args.worker_batch)
+                try:
+                    stats = w.run(drain=True, poll_interval=0.05, drain_wait=1.0)
+                finally:
+                    w.close()
+                if stats.embedded != args.worker_chunks or queued != args.worker_chunks:
+                    print(f"   run {rep + 1}: embedded {stats.embedded}, queued {queued}, "
+                          f"expected {args.worker_chunks}!")
+                rates.append(stats.rate)
+                store.drop_corpus(app, name)
+            what = ("corpus with its HNSW index (as create_corpus makes it)" if with_index
+                    else "HNSW index dropped (the worker's own cost: claim, cache, write)")
+            print(f"   {Spread.of(rates).format(',.0f')} texts/s  {what}")
+    finally:
+        app.close()
+
+
+# -- main ----------------------------------------------------------------------------------------
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=100_000, help="rows to ingest (100,000)")
+    parser.add_argument("--mode-1m", action="store_true",
+                        help="1,000,000 rows, one repetition, ingest + index build + search only")
+    parser.add_argument("--reps", type=int, default=3, help="repetitions (default 3)")
+    parser.add_argument("--langchain-reps", type=int, default=1,
+                        help="repetitions of the langchain loads (default 1: ~1 ms per row)")
+    parser.add_argument("--langchain-rows", type=int, default=None,
+                        help="rows for the langchain loads (default: all; 100,000 in 1M mode)")
+    parser.add_argument("--no-langchain", action="store_true", help="skip the langchain loads")
+    parser.add_argument("--batch", type=int, default=10_000, help="rows per load batch (10,000)")
+    parser.add_argument("--queries", type=int, default=200, help="search queries (200)")
+    parser.add_argument("--rounds", type=int, default=3, help="timed search rounds (3)")
+    parser.add_argument("--centres", type=int, default=1000, help="Gaussian centres (1,000)")
+    parser.add_argument("--noise", type=float, default=1.5, help="noise norm (1.5)")
+    parser.add_argument("--cache-calls", type=int, default=2000, help="cache-hit calls (2,000)")
+    parser.add_argument("--worker-chunks", type=int, default=5000, help="queued chunks (5,000)")
+    parser.add_argument("--worker-batch", type=int, default=64, help="worker batch size (64)")
+    parser.add_argument("--maintenance-work-mem", default=None,
+                        help="for the HNSW builds (default: the server's; 4GB in 1M mode)")
+    parser.add_argument("--seed", type=int, default=20261125)
+    parser.add_argument("--keep", action="store_true", help="keep the database")
+    args = parser.parse_args()
+    if args.mode_1m:
+        args.rows = 1_000_000
+        args.reps = 1
+        args.langchain_rows = args.langchain_rows or 100_000
+        args.maintenance_work_mem = args.maintenance_work_mem or "4GB"
+    args.langchain_reps = min(args.langchain_reps, args.reps)
+
+    started = time.perf_counter()
+    data = make_data(args)
+    prep = time.perf_counter() - started
+    with local_database(FOLDER, prefix="suite", keep=args.keep) as target:
+        owner = connect(target.owner_dsn)
+        try:
+            print(f"pyembed benchmark suite: {' '.join(sys.argv[1:]) or '(defaults)'}")
+            print_environment(owner, SUITE_PACKAGES)
+            print(f"database: {target.description} (cluster "
+                  f"{'started by this run' if target.started_cluster else 'already running'})")
+            print(f"data: {data.n:,} unit {DIMS}-d float32 vectors around {args.centres:,} "
+                  f"centres (noise norm {args.noise}), {len(data.queries)} queries, seed "
+                  f"{args.seed}; model key {KEY}; generated with exact top-{K} in {prep:.1f} s")
+            res = ingest(target, owner, data, args)
+            ratios = report_ingest(res, data)
+            build_indexes(owner, res, args)
+            ratios["search p50 pyembed / plain"] = search(target, owner, data, res, args)
+            if not args.mode_1m:
+                ratios["cache-hit embed_query p50 ms"] = cache_hits(target, args)
+                worker(target, owner, args)
+            print("\nsummary (targets: ingest >= 0.8 x plain COPY and >= 3 x langchain; "
+                  "search p50 <= 1.2 x plain; cache-hit p50 < 2 ms):")
+            for name, value in ratios.items():
+                print(f"   {name}: {value:.2f}")
+        finally:
+            owner.close()
+    print(f"total {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
