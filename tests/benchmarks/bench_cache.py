@@ -86,7 +86,8 @@ def main() -> None:
             print(f"10,000 texts, 5,000 cached: {provider.calls} provider calls (expected "
                   f"ceil(5,000 / {spec.max_batch}) = {expected}), "
                   f"{sum(len(b) for b in provider.batches)} texts sent, "
-                  f"{counting.statements} cache statements (1 lookup, 1 store; then the hit counts: a read-only check and 1 write), "
+                  f"{counting.statements} cache statements (1 lookup, 1 store; the hit "
+                  "counts: a read-only check and 1 write), "
                   f"{seconds:.2f} s")
     finally:
         with psycopg.connect(admin, autocommit=True) as a:
