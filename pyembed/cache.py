@@ -14,17 +14,20 @@ from pgvector import Vector
 from .cachekey import COUNT_SQL, HitCounter, cache_key
 from .models import InputType, ModelSpec
 
+# Entries are the tenant's own (row-level security also says so for application roles).
 LOOKUP = """SELECT cache_key, embedding FROM pyembed.embedding_cache
- WHERE cache_key = ANY(%(keys)s) AND (expires_at IS NULL OR expires_at > now())"""
+ WHERE tenant_id = coalesce(pyembed.current_tenant(), 0) AND cache_key = ANY(%(keys)s)
+   AND (expires_at IS NULL OR expires_at > now())"""
 
 COUNT = COUNT_SQL.format(models="%(models)s", hits="%(hits)s", misses="%(misses)s")
 
 STORE = """
-INSERT INTO pyembed.embedding_cache (cache_key, model_key, input_type, embedding, expires_at)
-SELECT k, %(model)s, %(input_type)s, e, CASE WHEN %(ttl)s::float8 IS NULL THEN NULL
+INSERT INTO pyembed.embedding_cache (tenant_id, cache_key, model_key, input_type, embedding,
+                                     expires_at)
+SELECT coalesce(pyembed.current_tenant(), 0), k, %(model)s, %(input_type)s, e, CASE WHEN %(ttl)s::float8 IS NULL THEN NULL
                                          ELSE now() + make_interval(secs => %(ttl)s) END
   FROM unnest(%(keys)s::bytea[], %(vectors)s::vector[]) AS t(k, e)
-ON CONFLICT (cache_key) DO UPDATE SET embedding = EXCLUDED.embedding,
+ON CONFLICT (tenant_id, cache_key) DO UPDATE SET embedding = EXCLUDED.embedding,
   expires_at = EXCLUDED.expires_at, created_at = now()
 """
 

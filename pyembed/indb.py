@@ -22,15 +22,19 @@ from .routing import serving_key
 
 T = TypeVar("T")
 
+# These run as the functions' owner, which row-level security does not restrict: every query
+# names the caller's tenant itself.
 LOOKUP = """SELECT cache_key, embedding::real[] AS embedding FROM pyembed.embedding_cache
- WHERE cache_key = ANY($1) AND (expires_at IS NULL OR expires_at > now())"""
+ WHERE tenant_id = coalesce(pyembed.current_tenant(), 0) AND cache_key = ANY($1)
+   AND (expires_at IS NULL OR expires_at > now())"""
 
 COUNT = COUNT_SQL.format(models="$1", hits="$2", misses="$3")
 
 STORE = """
-INSERT INTO pyembed.embedding_cache (cache_key, model_key, input_type, embedding)
-SELECT k, $2, $3, e::vector FROM unnest($1::bytea[], $4::text[]) AS t(k, e)
-ON CONFLICT (cache_key) DO NOTHING
+INSERT INTO pyembed.embedding_cache (tenant_id, cache_key, model_key, input_type, embedding)
+SELECT coalesce(pyembed.current_tenant(), 0), k, $2, $3, e::vector
+  FROM unnest($1::bytea[], $4::text[]) AS t(k, e)
+ON CONFLICT (tenant_id, cache_key) DO NOTHING
 """
 
 MODEL = f"SELECT {MODEL_COLUMNS} FROM pyembed.models WHERE model_key = $1"
@@ -173,7 +177,8 @@ def embed_batch(plpy: Any, GD: dict[str, Any], texts: list[str | None] | None,
 
 
 CORPUS = """SELECT corpus_id, model_key, target_model_key, migration_step, traffic_share,
-  chunk_tokens, chunk_overlap FROM pyembed.corpora WHERE name = $1"""
+  chunk_tokens, chunk_overlap FROM pyembed.corpora
+  WHERE name = $1 AND tenant_id IS NOT DISTINCT FROM pyembed.current_tenant()"""
 
 
 def _corpus(plpy: Any, GD: dict[str, Any], name: str | None) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import psycopg
 from pgvector import Vector
+from psycopg import sql
 from psycopg.rows import dict_row
 
 from .db import translated
@@ -95,23 +96,22 @@ def model_spec(conn: psycopg.Connection[Any], key: str) -> ModelSpec:
     return spec_from_row(row)
 
 
+CORPORA = """SELECT c.corpus_id, c.name, c.model_key, m.dimensions, c.target_model_key,
+       c.migration_step, c.traffic_share, c.chunk_tokens, c.chunk_overlap, c.description
+  FROM pyembed.corpora c JOIN pyembed.models m USING (model_key)
+ WHERE c.tenant_id IS NOT DISTINCT FROM pyembed.current_tenant()"""
+"""The session's tenant's corpora (stated here too: a superuser is not bound by row security)."""
+
+
 def corpus_info(conn: psycopg.Connection[Any], name: str) -> CorpusInfo:
-    row = conn.execute(
-        """SELECT c.corpus_id, c.name, c.model_key, m.dimensions, c.target_model_key,
-                  c.migration_step, c.traffic_share, c.chunk_tokens, c.chunk_overlap, c.description
-             FROM pyembed.corpora c JOIN pyembed.models m USING (model_key)
-            WHERE c.name = %s""", (name,)).fetchone()
+    row = conn.execute(CORPORA + " AND c.name = %s", (name,)).fetchone()
     if row is None:
         raise UnknownCorpus(f"unknown corpus {name!r}: `pyembed corpus list` shows the corpora")
     return CorpusInfo(*row)
 
 
 def list_corpora(conn: psycopg.Connection[Any]) -> list[CorpusInfo]:
-    rows = conn.execute(
-        """SELECT c.corpus_id, c.name, c.model_key, m.dimensions, c.target_model_key,
-                  c.migration_step, c.traffic_share, c.chunk_tokens, c.chunk_overlap, c.description
-             FROM pyembed.corpora c JOIN pyembed.models m USING (model_key)
-            ORDER BY c.name""").fetchall()
+    rows = conn.execute(CORPORA + " ORDER BY c.name").fetchall()
     return [CorpusInfo(*r) for r in rows]
 
 
@@ -204,15 +204,29 @@ def write_chunks(conn: psycopg.Connection[Any], corpus: CorpusInfo, rows: Sequen
 
 
 def copy_vectors(cur: psycopg.Cursor[Any], corpus_id: int, chunk_ids: Sequence[int],
-                 model_key: str, vectors: np.ndarray, content_hashes: Sequence[bytes | None]) -> None:
-    """Replace the vectors of these chunks for this model key, by binary COPY (guarded)."""
-    cur.execute("DELETE FROM pyembed.vectors WHERE corpus_id = %s AND model_key = %s "
-                "AND chunk_id = ANY(%s)", (corpus_id, model_key, list(chunk_ids)))
-    with cur.copy("COPY pyembed.vectors (corpus_id, chunk_id, model_key, embedding, content_hash) "
-                  "FROM STDIN WITH (FORMAT BINARY)") as copy:
+                 model_key: str, vectors: np.ndarray,
+                 content_hashes: Sequence[bytes | None]) -> int:
+    """Replace the vectors of these chunks for this model key: binary COPY into the session's
+    staging table, then pyembed.load_vectors() (guarded; tenant-checked). Returns rows."""
+    cur.execute(sql.SQL(
+        "CREATE TEMP TABLE IF NOT EXISTS pyembed_vectors_in (corpus_id integer, chunk_id bigint, "
+        "model_key text, embedding {}.vector, content_hash bytea) ON COMMIT DELETE ROWS"
+    ).format(sql.Identifier(_vector_schema(cur))))
+    with cur.copy("COPY pg_temp.pyembed_vectors_in (corpus_id, chunk_id, model_key, embedding, "
+                  "content_hash) FROM STDIN WITH (FORMAT BINARY)") as copy:
         copy.set_types(["int4", "int8", "text", "vector", "bytea"])
         for cid, vec, h in zip(chunk_ids, vectors, content_hashes, strict=True):
             copy.write_row((corpus_id, cid, model_key, Vector(vec), h))
+    row = cur.execute("SELECT pyembed.load_vectors()").fetchone()
+    return int(row[0]) if row else 0
+
+
+def _vector_schema(cur: psycopg.Cursor[Any]) -> str:
+    row = cur.execute("SELECT extnamespace::regnamespace::text FROM pg_catalog.pg_extension "
+                      "WHERE extname = 'vector'").fetchone()
+    if row is None:
+        raise InvalidInput("the vector extension is not installed: run `pyembed install`")
+    return str(row[0]).strip('"')
 
 
 SEARCH_MODES = ("vector", "keyword", "hybrid")

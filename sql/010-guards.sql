@@ -132,3 +132,32 @@ $$;
 CREATE OR REPLACE TRIGGER chunks_drop_vectors
   AFTER DELETE ON pyembed.chunks REFERENCING OLD TABLE AS old_rows
   FOR EACH STATEMENT EXECUTE FUNCTION pyembed._drop_chunk_vectors();
+
+-- Bulk vector loads. PostgreSQL refuses COPY into a table with row-level security, so a
+-- client COPYs into its session's temporary staging table (pyembed_vectors_in) and this
+-- function moves the rows, after checking that they belong to the caller's tenant's corpora;
+-- the guard triggers above then check keys, norms and chunks as for any write.
+CREATE OR REPLACE FUNCTION pyembed.load_vectors() RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  n bigint;
+  foreign_corpus integer;
+BEGIN
+  SELECT s.corpus_id INTO foreign_corpus FROM pg_temp.pyembed_vectors_in s
+   WHERE s.corpus_id <> ALL (pyembed.visible_corpora()) LIMIT 1;
+  IF FOUND THEN
+    DELETE FROM pg_temp.pyembed_vectors_in;
+    RAISE EXCEPTION USING ERRCODE = 'PE002',
+      MESSAGE = format('unknown corpus id %s', foreign_corpus);
+  END IF;
+  DELETE FROM pyembed.vectors v USING pg_temp.pyembed_vectors_in s
+   WHERE v.corpus_id = s.corpus_id AND v.chunk_id = s.chunk_id AND v.model_key = s.model_key;
+  INSERT INTO pyembed.vectors (corpus_id, chunk_id, model_key, embedding, content_hash)
+  SELECT corpus_id, chunk_id, model_key, embedding, content_hash FROM pg_temp.pyembed_vectors_in;
+  GET DIAGNOSTICS n = ROW_COUNT;
+  DELETE FROM pg_temp.pyembed_vectors_in;
+  RETURN n;
+END
+$$;

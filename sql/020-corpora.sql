@@ -71,13 +71,15 @@ BEGIN
       MESSAGE = format('unknown model key %s', coalesce(quote_literal(create_corpus.model_key), 'NULL')),
       HINT = '`pyembed models` lists the registered keys';
   END IF;
-  IF EXISTS (SELECT FROM pyembed.corpora c WHERE c.name = create_corpus.name) THEN
+  IF EXISTS (SELECT FROM pyembed.corpora c WHERE c.name = create_corpus.name
+               AND c.tenant_id IS NOT DISTINCT FROM pyembed.current_tenant()) THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
       MESSAGE = format('corpus %s already exists', create_corpus.name);
   END IF;
-  INSERT INTO pyembed.corpora (name, model_key, description, chunk_tokens, chunk_overlap)
+  INSERT INTO pyembed.corpora (name, model_key, description, chunk_tokens, chunk_overlap,
+                               tenant_id)
   VALUES (create_corpus.name, create_corpus.model_key, coalesce(create_corpus.description, ''),
-          create_corpus.chunk_tokens, create_corpus.chunk_overlap)
+          create_corpus.chunk_tokens, create_corpus.chunk_overlap, pyembed.current_tenant())
   RETURNING corpus_id INTO new_id;
   PERFORM pyembed._create_vector_index(new_id, create_corpus.model_key);
   RETURN new_id;
@@ -92,7 +94,8 @@ DECLARE
   c pyembed.corpora;
   idx record;
 BEGIN
-  SELECT * INTO c FROM pyembed.corpora WHERE corpora.name = drop_corpus.name;
+  SELECT * INTO c FROM pyembed.corpora WHERE corpora.name = drop_corpus.name
+     AND corpora.tenant_id IS NOT DISTINCT FROM pyembed.current_tenant();
   IF NOT FOUND THEN
     RETURN false;
   END IF;

@@ -2,6 +2,8 @@
 -- One lookup (corpus + model), checks, then one dynamic query whose corpus id, key, dimensions
 -- and LIMIT are literals, so that the planner matches the corpus's partial HNSW index
 -- expression and predicate (with a parameter LIMIT it would guess 10% of rows and skip it).
+-- The corpus is looked up among the caller's tenant's only (this function runs as its owner,
+-- which row-level security does not restrict), so another tenant's corpus is "unknown".
 -- ef_search 100 keeps recall within a hair of exact search (SciFact: see the benchmark).
 
 CREATE OR REPLACE FUNCTION pyembed.search(
@@ -23,7 +25,7 @@ BEGIN
          co.migration_step, m.dimensions, m.distance
     INTO c
     FROM pyembed.corpora co LEFT JOIN pyembed.models m ON m.model_key = query_model_key
-   WHERE co.name = corpus;
+   WHERE co.name = corpus AND co.tenant_id IS NOT DISTINCT FROM pyembed.current_tenant();
   IF NOT FOUND THEN
     RAISE EXCEPTION USING ERRCODE = 'PE002',
       MESSAGE = format('unknown corpus %s', coalesce(quote_literal(left(corpus, 80)), 'NULL')),

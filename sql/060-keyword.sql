@@ -95,7 +95,8 @@ AS $$
 DECLARE
   c pyembed.corpora;
 BEGIN
-  SELECT * INTO c FROM pyembed.corpora WHERE name = corpus;
+  SELECT * INTO c FROM pyembed.corpora
+   WHERE name = corpus AND tenant_id IS NOT DISTINCT FROM pyembed.current_tenant();
   IF NOT FOUND THEN
     RAISE EXCEPTION USING ERRCODE = 'PE002',
       MESSAGE = format('unknown corpus %s', coalesce(quote_literal(left(corpus, 80)), 'NULL'));

@@ -8,7 +8,8 @@ LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-  SELECT * INTO c FROM pyembed.corpora WHERE name = corpus FOR UPDATE;
+  SELECT * INTO c FROM pyembed.corpora
+   WHERE name = corpus AND tenant_id IS NOT DISTINCT FROM pyembed.current_tenant() FOR UPDATE;
   IF NOT FOUND THEN
     RAISE EXCEPTION USING ERRCODE = 'PE002',
       MESSAGE = format('unknown corpus %s', coalesce(quote_literal(left(corpus, 80)), 'NULL'));

@@ -1,9 +1,9 @@
--- Health views for `pyembed status` and `pyembed metrics serve`. Thresholds, from the design's
+-- Health views (security_invoker: each role sees its own tenant's rows) for `pyembed status` and `pyembed metrics serve`. Thresholds, from the design's
 -- operating targets: coverage below 99.9% alerts; embedding throughput in the last 5 minutes
 -- below half the 24-hour baseline while work is queued alerts; a cache hit rate of 40-80% is
 -- healthy, below 20% or above 95% warns; latency p95 over its phase's target alerts.
 
-CREATE OR REPLACE VIEW pyembed.coverage AS
+CREATE OR REPLACE VIEW pyembed.coverage WITH (security_invoker = true) AS
 SELECT c.name AS corpus, k.model_key, k.role,
        (SELECT count(*) FROM pyembed.chunks ch WHERE ch.corpus_id = c.corpus_id) AS chunks,
        (SELECT count(*) FROM pyembed.vectors v
@@ -16,7 +16,7 @@ SELECT c.name AS corpus, k.model_key, k.role,
        LATERAL (VALUES (c.model_key, 'active'), (c.target_model_key, 'target')) AS k(model_key, role)
  WHERE k.model_key IS NOT NULL;
 
-CREATE OR REPLACE VIEW pyembed.throughput AS
+CREATE OR REPLACE VIEW pyembed.throughput WITH (security_invoker = true) AS
 SELECT v.model_key,
        count(*) FILTER (WHERE v.created_at > now() - interval '5 minutes') / 300.0 AS per_s_5m,
        count(*) FILTER (WHERE v.created_at > now() - interval '1 hour') / 3600.0 AS per_s_1h,
@@ -26,7 +26,7 @@ SELECT v.model_key,
  WHERE v.created_at > now() - interval '24 hours'
  GROUP BY v.model_key;
 
-CREATE OR REPLACE VIEW pyembed.cache_health AS
+CREATE OR REPLACE VIEW pyembed.cache_health WITH (security_invoker = true) AS
 SELECT s.model_key,
        sum(s.hits) FILTER (WHERE s.day = current_date) AS hits_today,
        sum(s.misses) FILTER (WHERE s.day = current_date) AS misses_today,
@@ -37,7 +37,7 @@ SELECT s.model_key,
  WHERE s.day > current_date - 7
  GROUP BY s.model_key;
 
-CREATE OR REPLACE VIEW pyembed.latency AS
+CREATE OR REPLACE VIEW pyembed.latency WITH (security_invoker = true) AS
 SELECT l.kind, p.phase, count(*) AS queries,
        percentile_cont(0.5) WITHIN GROUP (ORDER BY p.ms) AS p50_ms,
        percentile_cont(0.95) WITHIN GROUP (ORDER BY p.ms) AS p95_ms,

@@ -1,7 +1,9 @@
 -- Privileges, granted on purpose: the application role never reads vectors directly.
 REVOKE ALL ON ALL TABLES IN SCHEMA pyembed FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA pyembed FROM PUBLIC;
-GRANT USAGE ON SCHEMA pyembed TO pyembed_app;
+GRANT USAGE ON SCHEMA pyembed TO pyembed_app, pyembed_owner;
+-- The tables' owner role runs the foreign-key checks and is bound by the tenant policies.
+GRANT EXECUTE ON FUNCTION pyembed.current_tenant(), pyembed.visible_corpora() TO pyembed_owner;
 GRANT USAGE ON ALL SEQUENCES IN SCHEMA pyembed TO pyembed_app;
 
 GRANT SELECT ON pyembed.models, pyembed.corpora, pyembed.migrations, pyembed.migration_events
@@ -10,6 +12,7 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON pyembed.documents, pyembed.chunks, pyemb
   pyembed.queue_failed, pyembed.embedding_cache, pyembed.cache_stats, pyembed.eval_queries
   TO pyembed_app;
 GRANT SELECT, INSERT ON pyembed.query_log TO pyembed_app;
+GRANT SELECT, INSERT, UPDATE ON pyembed.usage TO pyembed_app;
 GRANT SELECT ON pyembed.coverage, pyembed.throughput, pyembed.cache_health, pyembed.latency
   TO pyembed_app;
 -- Vectors: write (guarded by triggers), see which chunks have one, never read the embedding.
@@ -23,6 +26,9 @@ GRANT EXECUTE ON FUNCTION
   pyembed.create_corpus(text, text, text, integer, integer),
   pyembed.drop_corpus(text),
   pyembed._dims_match(vector, text),
+  pyembed.current_tenant(),
+  pyembed.visible_corpora(),
+  pyembed.load_vectors(),
   pyembed.register_model(text, text, text, integer, text, boolean, boolean, integer, integer,
                          integer, numeric, text),
   pyembed.embed(text, text, text),

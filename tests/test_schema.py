@@ -38,6 +38,9 @@ KEY = "fake/fake-hash@1:384"
 # migrations, secrets) it may not. tests/golden/functions.txt lists them all.
 APP_EXECUTE = {
     "_dims_match(vector, text)",  # called by the vectors_dims_match_model CHECK constraint
+    "current_tenant()",  # called by the row-level security policies
+    "visible_corpora()",
+    "load_vectors()",  # bulk loads: COPY into the session's staging table, then this
     "add_document(text, text, text, jsonb)",
     "create_corpus(text, text, text, integer, integer)",
     "drop_corpus(text)",

@@ -252,6 +252,23 @@ def package_versions(names: Iterable[str] = PACKAGES) -> str:
     return ", ".join(found)
 
 
+def code_version() -> str:
+    """The repository's commit, and the files changed since (a run measures the working tree)."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True)
+        return out.stdout.strip() if out.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD")
+    if not commit:
+        return "(not a git checkout)"
+    changed = [line[3:] for line in git("status", "--porcelain").splitlines() if line]
+    if not changed:
+        return f"git {commit}, clean"
+    return f"git {commit} + {len(changed)} changed files ({', '.join(changed)})"
+
+
 def environment_lines(owner: psycopg.Connection[Any],
                       packages: Iterable[str] = PACKAGES) -> list[str]:
     """PostgreSQL and pgvector versions, server settings, CPUs, memory, Python, packages."""
@@ -279,6 +296,7 @@ def environment_lines(owner: psycopg.Connection[Any],
     except OSError:
         pass
     return [
+        f"code: {code_version()}",
         f"PostgreSQL {server}; pgvector {pgvector}; plpython3u {plpython}",
         f"server settings: {settings}",
         f"CPUs {os.cpu_count()} (usable {affinity}), {cpu}{memory}; "
