@@ -144,18 +144,19 @@ AS $$
 DECLARE
   n bigint;
   foreign_corpus integer;
+  visible integer[] := pyembed.visible_corpora();
 BEGIN
   SELECT s.corpus_id INTO foreign_corpus FROM pg_temp.pyembed_vectors_in s
-   WHERE s.corpus_id <> ALL (pyembed.visible_corpora()) LIMIT 1;
+   WHERE s.corpus_id <> ALL (visible) LIMIT 1;
   IF FOUND THEN
     DELETE FROM pg_temp.pyembed_vectors_in;
     RAISE EXCEPTION USING ERRCODE = 'PE002',
       MESSAGE = format('unknown corpus id %s', foreign_corpus);
   END IF;
-  DELETE FROM pyembed.vectors v USING pg_temp.pyembed_vectors_in s
-   WHERE v.corpus_id = s.corpus_id AND v.chunk_id = s.chunk_id AND v.model_key = s.model_key;
   INSERT INTO pyembed.vectors (corpus_id, chunk_id, model_key, embedding, content_hash)
-  SELECT corpus_id, chunk_id, model_key, embedding, content_hash FROM pg_temp.pyembed_vectors_in;
+  SELECT corpus_id, chunk_id, model_key, embedding, content_hash FROM pg_temp.pyembed_vectors_in
+  ON CONFLICT (corpus_id, chunk_id, model_key) DO UPDATE
+    SET embedding = EXCLUDED.embedding, content_hash = EXCLUDED.content_hash, created_at = now();
   GET DIAGNOSTICS n = ROW_COUNT;
   DELETE FROM pg_temp.pyembed_vectors_in;
   RETURN n;
