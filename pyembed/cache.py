@@ -24,8 +24,8 @@ COUNT = COUNT_SQL.format(models="%(models)s", hits="%(hits)s", misses="%(misses)
 STORE = """
 INSERT INTO pyembed.embedding_cache (tenant_id, cache_key, model_key, input_type, embedding,
                                      expires_at)
-SELECT coalesce(pyembed.current_tenant(), 0), k, %(model)s, %(input_type)s, e, CASE WHEN %(ttl)s::float8 IS NULL THEN NULL
-                                         ELSE now() + make_interval(secs => %(ttl)s) END
+SELECT coalesce(pyembed.current_tenant(), 0), k, %(model)s, %(input_type)s, e,
+       CASE WHEN %(ttl)s::float8 IS NULL THEN NULL ELSE now() + make_interval(secs => %(ttl)s) END
   FROM unnest(%(keys)s::bytea[], %(vectors)s::vector[]) AS t(k, e)
 ON CONFLICT (tenant_id, cache_key) DO UPDATE SET embedding = EXCLUDED.embedding,
   expires_at = EXCLUDED.expires_at, created_at = now()

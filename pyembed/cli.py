@@ -613,6 +613,59 @@ def metrics_serve(
     serve(dsn, port=port, address=address)
 
 
+tenant_app = typer.Typer(no_args_is_help=True, help="Tenants: isolated corpora, limits, members.")
+app.add_typer(tenant_app, name="tenant")
+
+
+@tenant_app.command("create")
+def tenant_create(
+    name: str,
+    rpm: Annotated[int | None, typer.Option("--rpm", help="provider requests per minute")] = None,
+    tpm: Annotated[int | None, typer.Option("--tpm", help="tokens per minute")] = None,
+    dsn: OwnerDsnOption = None,
+) -> None:
+    """Create a tenant (as the owner).  Example: pyembed tenant create acme --rpm 300 --tpm 100000"""
+    from .db import resolve_dsn
+    from .tenants import create_tenant
+
+    with connect(dsn or resolve_dsn(owner=True), autocommit=True) as conn:
+        create_tenant(conn, name, requests_per_minute=rpm, tokens_per_minute=tpm)
+    console.print(f"created tenant {name}")
+
+
+@tenant_app.command("add-member")
+def tenant_add_member(
+    tenant: str, role: str,
+    password: Annotated[str | None, typer.Option(help="create ROLE as a login in pyembed_app")]
+    = None,
+    dsn: OwnerDsnOption = None,
+) -> None:
+    """Let a login role act for a tenant.  Example: pyembed tenant add-member acme acme_app"""
+    from .db import resolve_dsn
+    from .tenants import add_member
+
+    with connect(dsn or resolve_dsn(owner=True), autocommit=True) as conn:
+        add_member(conn, tenant, role, create_login=password)
+    console.print(f"{role} now acts for tenant {tenant}")
+
+
+@app.command("usage")
+def usage_cmd(days: int = 30, dsn: DsnOption = None) -> None:
+    """Provider calls, tokens and estimated cost per tenant, corpus and model key.
+
+    Example: pyembed usage --days 7
+    """
+    from .tenants import usage
+
+    with connect(dsn, autocommit=True) as conn:
+        rows = usage(conn, days)
+    table = Table("tenant", "corpus", "model key", "calls", "tokens", "est. cost")
+    for r in rows:
+        table.add_row(r.tenant, r.corpus, r.model_key, f"{r.requests:,}", f"{r.tokens:,}",
+                      f"${r.cost_usd:,.4f}")
+    console.print(table if rows else "no provider calls recorded")
+
+
 @app.command("demo")
 def demo_cmd() -> None:
     """Run the tour on the embedded default: local cluster, local model, search, the 2 AM guard.

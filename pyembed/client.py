@@ -17,9 +17,10 @@ from .chunking import chunk_text, fit_chunks
 from .db import connect as db_connect
 from .embedder import Embedder
 from .errors import InvalidInput
-from .models import LOCAL_DEFAULT, InputType
+from .models import LOCAL_DEFAULT, InputType, ModelSpec
 from .routing import serving_key
 from .store import ChunkRow, CorpusInfo, Hit
+from .tenants import meter
 
 _log = logging.getLogger(__name__)
 
@@ -52,6 +53,8 @@ class Client:
         self.conn = conn
         self.cache = PostgresCache(conn) if use_cache else None
         self.log_queries = log_queries
+        self.current_corpus_id: int | None = None
+        """The corpus that provider calls are accounted to (set by Corpus around its calls)."""
         self._embedders: dict[tuple[str, bool], Embedder] = {}
 
     def embedder(self, model_key: str, *, truncate: bool = False) -> Embedder:
@@ -59,8 +62,12 @@ class Client:
         if (model_key, truncate) not in self._embedders:
             spec = store.model_spec(self.conn, model_key)
             self._embedders[model_key, truncate] = Embedder(spec, cache=self.cache,
-                                                            truncate=truncate)
+                                                            truncate=truncate, meter=self._meter)
         return self._embedders[model_key, truncate]
+
+    def _meter(self, spec: ModelSpec, tokens: int) -> None:
+        """Reserve a provider call for this session's tenant (refused over its limits)."""
+        meter(self.conn, self.current_corpus_id)(spec, tokens)
 
     def create_corpus(self, name: str, model_key: str = LOCAL_DEFAULT.key, description: str = "",
                       chunk_tokens: int = 200, chunk_overlap: int = 40) -> Corpus:
@@ -107,6 +114,7 @@ class Corpus:
         """The model key that serves this query now: during a migration's traffic shift, the
         target key for a stable share of queries (by hash), else the active key."""
         self.info = store.corpus_info(self.client.conn, self.name)
+        self.client.current_corpus_id = self.info.corpus_id
         shifting = self.info.migration_step == "shifting"
         return serving_key(query, self.info.model_key,
                            self.info.target_model_key if shifting else None,
@@ -121,6 +129,7 @@ class Corpus:
         reads only the model's first `max_tokens` tokens; otherwise chunks are split to fit.
         """
         self.info = store.corpus_info(self.client.conn, self.name)  # a migration may have begun
+        self.client.current_corpus_id = self.info.corpus_id
         docs = {d.id: d for d in map(_as_document, documents)}
         for d in docs.values():
             store.check_text(d.text, f"document {d.id!r}")

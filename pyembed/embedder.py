@@ -127,7 +127,8 @@ class Embedder:
                  cache: EmbeddingCache | None = None, max_retries: int = 6,
                  max_retry_after: float = 60.0, truncate: bool = False,
                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep,
+                 meter: Callable[[ModelSpec, int], None] | None = None) -> None:
         if provider is None:
             provider = provider_for(spec)
         elif provider.spec.key != spec.key:
@@ -146,6 +147,9 @@ class Embedder:
         self.truncate = truncate
         self.max_batch_tokens = max_batch_tokens
         self._sleep = sleep
+        self.meter = meter
+        """Called with the model and the estimated tokens before every provider call: it
+        records usage and may refuse the call (RateLimited), which is not retried."""
         self._backoff = wait_exponential(multiplier=0.5, max=30.0) + wait_random(0, 0.5)
 
     def embed(self, texts: Sequence[str],
@@ -251,6 +255,8 @@ class Embedder:
         return self._checked(raw, len(texts))
 
     def _call_once(self, texts: list[str], input_type: InputType) -> Vectors:
+        if self.meter is not None:
+            self.meter(self.spec, sum(estimate_tokens(t) for t in texts))
         try:
             return self.provider.embed_batch(texts, input_type)
         except TransientProviderError as exc:

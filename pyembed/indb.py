@@ -137,8 +137,14 @@ def embedder(plpy: Any, GD: dict[str, Any], key: str) -> Any:
     cached = GD.setdefault("pyembed.embedders", {}).get(key)
     if cached is not None and cached[0] == fingerprint:
         return cached[1]
+    def meter(spec: ModelSpec, tokens: int) -> None:
+        plan = _plan(plpy, GD, "SELECT pyembed.reserve_usage($1, $2, 1, $3)",
+                     ["text", "integer", "bigint"])
+        plpy.execute(plan, [spec.key, GD.get("pyembed.corpus_id"), tokens])
+
     emb = Embedder(spec, provider_for(spec, api_key=api_key, base_url=base_url, timeout=timeout),
-                   cache=PlpyCache(plpy, GD), max_retries=retries, max_retry_after=timeout)
+                   cache=PlpyCache(plpy, GD), max_retries=retries, max_retry_after=timeout,
+                   meter=meter)
     GD["pyembed.embedders"][key] = (fingerprint, emb)
     return emb
 
@@ -163,6 +169,7 @@ def embed(plpy: Any, GD: dict[str, Any], text: str | None, model_key: str | None
           input_type: str | None) -> str:
     if text is None or model_key is None:
         raise InvalidInput("embed() needs a text and a model key (got NULL)")
+    GD["pyembed.corpus_id"] = None  # accounted to no corpus
     emb = embedder(plpy, GD, model_key)
     return vector_text(emb.embed([text], _input_type(input_type))[0])
 
@@ -171,6 +178,7 @@ def embed_batch(plpy: Any, GD: dict[str, Any], texts: list[str | None] | None,
                 model_key: str | None, input_type: str | None) -> list[str]:
     if texts is None or model_key is None or any(t is None for t in texts):
         raise InvalidInput("embed_batch() needs texts (no NULLs) and a model key")
+    GD["pyembed.corpus_id"] = None
     emb = embedder(plpy, GD, model_key)
     return [vector_text(v) for v in emb.embed([t for t in texts if t is not None],
                                               _input_type(input_type))]
@@ -205,6 +213,7 @@ def search_text(plpy: Any, GD: dict[str, Any], corpus: str | None, query: str | 
     if mode not in SEARCHES:
         raise InvalidInput(f"mode must be one of {', '.join(SEARCHES)}, not {mode!r}")
     c = _corpus(plpy, GD, corpus)
+    GD["pyembed.corpus_id"] = c["corpus_id"]
     key = serving_key(query, c["model_key"],
                       c["target_model_key"] if c["migration_step"] == "shifting" else None,
                       c["traffic_share"])

@@ -25,9 +25,17 @@ import psycopg
 from .cache import PostgresCache
 from .db import connect
 from .embedder import Embedder
-from .errors import ConfigError, InvalidInput, MissingAPIKey, ProviderError, UnknownModel
+from .errors import (
+    ConfigError,
+    InvalidInput,
+    MissingAPIKey,
+    ProviderError,
+    RateLimited,
+    UnknownModel,
+)
 from .models import InputType, ModelSpec
 from .store import model_spec
+from .tenants import meter
 
 _log = logging.getLogger(__name__)
 
@@ -156,7 +164,9 @@ class Worker:
         self.lease_seconds = lease_seconds
         self.retry_base = retry_base
         self.retry_max = retry_max
-        self._embedder_for = embedder_for or (lambda spec, cache: Embedder(spec, cache=cache))
+        self._embedder_for = embedder_for or (lambda spec, cache: Embedder(
+            spec, cache=cache, meter=self._meter))
+        self._corpus_id: int | None = None
         self._embedders: dict[str, Embedder] = {}
         self.stop_requested = threading.Event()
         self._conn: psycopg.Connection[Any] | None = None
@@ -219,7 +229,13 @@ class Worker:
             self._process(key, group, stats)
         return stats
 
+    def _meter(self, spec: ModelSpec, tokens: int) -> None:
+        """Account each provider call to the tenant and corpus (refused over the limits)."""
+        if self._cache_conn is not None:
+            meter(self._cache_conn, self._corpus_id)(spec, tokens)
+
     def _process(self, key: str, items: list[Item], stats: WorkerStats) -> None:
+        self._corpus_id = items[0].corpus_id if items else None
         try:
             embedder = self._embedder(key)
         except (MissingAPIKey, UnknownModel, ConfigError):
@@ -241,6 +257,10 @@ class Worker:
             return
         try:
             vectors = embedder.embed([i.content or "" for i in good], InputType.DOCUMENT)
+        except RateLimited as exc:
+            # The tenant's own limit (or the service's long Retry-After): wait, don't split.
+            self._retry_all(good, str(exc), stats, _retry_after(exc) or 60.0)
+            return
         except ProviderError as exc:
             if len(good) > 1 and not _transient(exc):
                 # One bad input can sink a whole request: embed one by one to find it.

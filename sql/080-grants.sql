@@ -29,6 +29,7 @@ GRANT EXECUTE ON FUNCTION
   pyembed.current_tenant(),
   pyembed.visible_corpora(),
   pyembed.load_vectors(),
+  pyembed.reserve_usage(text, integer, integer, bigint),
   pyembed.register_model(text, text, text, integer, text, boolean, boolean, integer, integer,
                          integer, numeric, text),
   pyembed.embed(text, text, text),

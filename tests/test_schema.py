@@ -41,6 +41,7 @@ APP_EXECUTE = {
     "current_tenant()",  # called by the row-level security policies
     "visible_corpora()",
     "load_vectors()",  # bulk loads: COPY into the session's staging table, then this
+    "reserve_usage(text, integer, integer, bigint)",  # accounting and rate limits
     "add_document(text, text, text, jsonb)",
     "create_corpus(text, text, text, integer, integer)",
     "drop_corpus(text)",

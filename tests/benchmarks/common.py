@@ -252,6 +252,15 @@ def package_versions(names: Iterable[str] = PACKAGES) -> str:
     return ", ".join(found)
 
 
+def load_average() -> str:
+    """The machine's load now (other work on a shared machine skews every figure)."""
+    try:
+        one, five, fifteen = os.getloadavg()
+    except OSError:
+        return "load average unknown"
+    return f"load average {one:.2f}, {five:.2f}, {fifteen:.2f} (1, 5, 15 min)"
+
+
 def code_version() -> str:
     """The repository's commit, and the files changed since (a run measures the working tree)."""
     import subprocess
@@ -300,7 +309,7 @@ def environment_lines(owner: psycopg.Connection[Any],
         f"PostgreSQL {server}; pgvector {pgvector}; plpython3u {plpython}",
         f"server settings: {settings}",
         f"CPUs {os.cpu_count()} (usable {affinity}), {cpu}{memory}; "
-        f"{platform.system()} {platform.release()}",
+        f"{platform.system()} {platform.release()}; {load_average()}",
         f"Python {platform.python_version()} ({sys.executable})",
         f"packages: {package_versions(packages)}",
     ]

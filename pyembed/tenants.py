@@ -1,0 +1,87 @@
+"""Tenants: who owns which corpora, their rate limits, and what they used.
+
+Isolation itself is in the database (row-level security, forced; revision 0005): a session
+acts for the tenant its login role belongs to. Creating tenants and members is the owner's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from .db import translated
+from .errors import InvalidInput
+from .models import ModelSpec
+
+
+def create_tenant(conn: psycopg.Connection[Any], name: str, *,
+                  requests_per_minute: int | None = None,
+                  tokens_per_minute: int | None = None) -> int:
+    """A new tenant (owner only); limits None mean unlimited."""
+    with translated():
+        try:
+            row = conn.execute(
+                "INSERT INTO pyembed.tenants (name, requests_per_minute, tokens_per_minute) "
+                "VALUES (%s, %s, %s) RETURNING tenant_id",
+                (name, requests_per_minute, tokens_per_minute)).fetchone()
+        except psycopg.errors.CheckViolation:
+            raise InvalidInput(f"invalid tenant name {name!r}, or a limit below 1") from None
+        except psycopg.errors.UniqueViolation:
+            raise InvalidInput(f"tenant {name!r} already exists") from None
+    assert row is not None
+    return int(row[0])
+
+
+def add_member(conn: psycopg.Connection[Any], tenant: str, role: str, *,
+               create_login: str | None = None) -> None:
+    """Let the login role `role` act for `tenant` (owner only). With `create_login` (a
+    password), the role is created as a member of pyembed_app first."""
+    with translated(), conn.transaction():
+        if create_login is not None:
+            conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {} IN ROLE pyembed_app").format(
+                sql.Identifier(role), sql.Literal(create_login)))
+        cur = conn.execute(
+            "INSERT INTO pyembed.tenant_members (role_name, tenant_id) "
+            "SELECT %s, tenant_id FROM pyembed.tenants WHERE name = %s "
+            "ON CONFLICT (role_name) DO UPDATE SET tenant_id = EXCLUDED.tenant_id",
+            (role, tenant))
+        if cur.rowcount == 0:
+            raise InvalidInput(f"unknown tenant {tenant!r}")
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    tenant: str
+    corpus: str
+    model_key: str
+    requests: int
+    tokens: int
+    cost_usd: float
+
+
+def usage(conn: psycopg.Connection[Any], days: int = 30) -> list[UsageRow]:
+    """Provider calls, tokens and estimated cost per tenant, corpus and model key (the
+    session's own tenant for an application role; every tenant for a superuser)."""
+    rows = conn.execute(
+        """SELECT coalesce(t.name, '-'), coalesce(c.name, '-'), u.model_key,
+                  sum(u.requests), sum(u.tokens), sum(u.cost_usd)::float8
+             FROM pyembed.usage u
+             LEFT JOIN pyembed.tenants t ON t.tenant_id = u.tenant_id
+             LEFT JOIN pyembed.corpora c ON c.corpus_id = u.corpus_id
+            WHERE u.minute > now() - make_interval(days => %s)
+            GROUP BY 1, 2, 3 ORDER BY 1, 2, 3""", (days,)).fetchall()
+    return [UsageRow(str(a), str(b), str(k), int(r), int(t), float(c))
+            for a, b, k, r, t, c in rows]
+
+
+def meter(conn: psycopg.Connection[Any], corpus_id: int | None = None) -> Any:
+    """An Embedder meter that reserves each provider call in pyembed.usage (and is refused,
+    RateLimited, over the tenant's limits)."""
+    def reserve(spec: ModelSpec, tokens: int) -> None:
+        with translated():
+            conn.execute("SELECT pyembed.reserve_usage(%s, %s, 1, %s)",
+                         (spec.key, corpus_id, tokens))
+    return reserve

@@ -1,0 +1,44 @@
+-- Tenant accounting and rate limits. Every provider call is reserved here first, in the
+-- caller's tenant: requests, tokens and estimated cost per tenant, corpus and model key and
+-- minute; a tenant over its requests or tokens per minute is refused (PE010) before the call.
+
+CREATE OR REPLACE FUNCTION pyembed.reserve_usage(p_model_key text, p_corpus_id integer,
+                                                 p_requests integer, p_tokens bigint)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  t pyembed.tenants;
+  tid integer := coalesce(pyembed.current_tenant(), 0);
+  bucket timestamptz := date_trunc('minute', now());
+  used record;
+  price numeric := (SELECT m.price_per_mtok FROM pyembed.models m
+                     WHERE m.model_key = p_model_key);
+BEGIN
+  IF tid <> 0 THEN
+    SELECT * INTO t FROM pyembed.tenants WHERE tenant_id = tid FOR UPDATE;  -- one at a time
+    IF t.requests_per_minute IS NOT NULL OR t.tokens_per_minute IS NOT NULL THEN
+      SELECT coalesce(sum(u.requests), 0) AS requests, coalesce(sum(u.tokens), 0) AS tokens
+        INTO used FROM pyembed.usage u WHERE u.tenant_id = tid AND u.minute = bucket;
+      IF used.requests + p_requests > t.requests_per_minute
+         OR used.tokens + p_tokens > t.tokens_per_minute THEN
+        RAISE EXCEPTION USING ERRCODE = 'PE010',
+          MESSAGE = format('tenant %s is over its rate limit (%s requests and %s tokens per '
+                           'minute; used %s and %s this minute, asked for %s and %s); retry in '
+                           '%s s', t.name, coalesce(t.requests_per_minute::text, 'unlimited'),
+                           coalesce(t.tokens_per_minute::text, 'unlimited'), used.requests,
+                           used.tokens, p_requests, p_tokens,
+                           ceil(extract(epoch FROM bucket + interval '1 minute' - now())));
+      END IF;
+    END IF;
+  END IF;
+  INSERT INTO pyembed.usage AS u (tenant_id, corpus_id, model_key, minute, requests, tokens,
+                                  cost_usd)
+  VALUES (tid, coalesce(p_corpus_id, 0), p_model_key, bucket, p_requests, p_tokens,
+          coalesce(price, 0) * p_tokens / 1e6)
+  ON CONFLICT (tenant_id, corpus_id, model_key, minute) DO UPDATE
+    SET requests = u.requests + EXCLUDED.requests, tokens = u.tokens + EXCLUDED.tokens,
+        cost_usd = u.cost_usd + EXCLUDED.cost_usd;
+END
+$$;
