@@ -65,14 +65,7 @@ class UsageRow:
 def usage(conn: psycopg.Connection[Any], days: int = 30) -> list[UsageRow]:
     """Provider calls, tokens and estimated cost per tenant, corpus and model key (the
     session's own tenant for an application role; every tenant for a superuser)."""
-    rows = conn.execute(
-        """SELECT coalesce(t.name, '-'), coalesce(c.name, '-'), u.model_key,
-                  sum(u.requests), sum(u.tokens), sum(u.cost_usd)::float8
-             FROM pyembed.usage u
-             LEFT JOIN pyembed.tenants t ON t.tenant_id = u.tenant_id
-             LEFT JOIN pyembed.corpora c ON c.corpus_id = u.corpus_id
-            WHERE u.minute > now() - make_interval(days => %s)
-            GROUP BY 1, 2, 3 ORDER BY 1, 2, 3""", (days,)).fetchall()
+    rows = conn.execute("SELECT * FROM pyembed.usage_report(%s)", (days,)).fetchall()
     return [UsageRow(str(a), str(b), str(k), int(r), int(t), float(c))
             for a, b, k, r, t, c in rows]
 

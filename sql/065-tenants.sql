@@ -42,3 +42,23 @@ BEGIN
         cost_usd = u.cost_usd + EXCLUDED.cost_usd;
 END
 $$;
+
+-- Usage per tenant, corpus and model key: the caller's tenant's, or every tenant's for a
+-- superuser (who is not acting for one).
+CREATE OR REPLACE FUNCTION pyembed.usage_report(days integer DEFAULT 30)
+RETURNS TABLE (tenant text, corpus text, model_key text, requests bigint, tokens bigint,
+               cost_usd double precision)
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+  SELECT coalesce(t.name, '-'), coalesce(c.name, '-'), u.model_key, sum(u.requests)::bigint,
+         sum(u.tokens)::bigint, sum(u.cost_usd)::float8
+    FROM pyembed.usage u
+    LEFT JOIN pyembed.tenants t ON t.tenant_id = u.tenant_id
+    LEFT JOIN pyembed.corpora c ON c.corpus_id = u.corpus_id
+   WHERE u.minute > now() - make_interval(days => days)
+     AND (u.tenant_id = coalesce(pyembed.current_tenant(), 0)
+          OR (pyembed.current_tenant() IS NULL
+              AND (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = session_user)))
+   GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
+$$;

@@ -30,6 +30,7 @@ GRANT EXECUTE ON FUNCTION
   pyembed.visible_corpora(),
   pyembed.load_vectors(),
   pyembed.reserve_usage(text, integer, integer, bigint),
+  pyembed.usage_report(integer),
   pyembed.register_model(text, text, text, integer, text, boolean, boolean, integer, integer,
                          integer, numeric, text),
   pyembed.embed(text, text, text),

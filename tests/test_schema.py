@@ -42,6 +42,7 @@ APP_EXECUTE = {
     "visible_corpora()",
     "load_vectors()",  # bulk loads: COPY into the session's staging table, then this
     "reserve_usage(text, integer, integer, bigint)",  # accounting and rate limits
+    "usage_report(integer)",
     "add_document(text, text, text, jsonb)",
     "create_corpus(text, text, text, integer, integer)",
     "drop_corpus(text)",

@@ -259,27 +259,27 @@ def run_write_chunks(t: Target, owner: psycopg.Connection[Any], data: Data,
 def complete_corpus(app: psycopg.Connection[Any], corpus: CorpusInfo, data: Data,
                     start: int) -> list[int]:
     """Rows start.. of the corpus (whole documents), loaded untimed: documents and chunks by
-    COPY, vectors by store.copy_vectors; returns their chunk ids in row order."""
+    INSERT ... SELECT FROM unnest, vectors by store.copy_vectors; returns their chunk ids in
+    row order."""
     rows = range(start, data.n)
     documents: dict[str, list[int]] = {}
     for i in rows:
         documents.setdefault(data.document_ids[i], []).append(i)
+    # One statement per table (its statement-level triggers fire once), as the app role.
     with app.transaction(), app.cursor() as cur:
-        with cur.copy("COPY pyembed.documents (corpus_id, document_id, content_hash) "
-                      "FROM STDIN WITH (FORMAT BINARY)") as copy:
-            copy.set_types(["int4", "text", "bytea"])
-            for d, members in documents.items():
-                copy.write_row((corpus.corpus_id, d, store.document_hash(
-                    "\x00".join(data.texts[i] for i in members), {})))
-        with cur.copy("COPY pyembed.chunks (corpus_id, document_id, chunk_index, content) "
-                      "FROM STDIN WITH (FORMAT BINARY)") as copy:
-            copy.set_types(["int4", "text", "int4", "text"])
-            for i in rows:
-                copy.write_row((corpus.corpus_id, data.document_ids[i], data.chunk_indexes[i],
-                                data.texts[i]))
-        where = {(d, n): c for c, d, n in cur.execute(
-            "SELECT chunk_id, document_id, chunk_index FROM pyembed.chunks "
-            "WHERE corpus_id = %s AND document_id = ANY(%s)", (corpus.corpus_id, list(documents)))}
+        cur.execute(
+            "INSERT INTO pyembed.documents (corpus_id, document_id, content_hash) "
+            "SELECT %s, d, h FROM unnest(%s::text[], %s::bytea[]) AS t(d, h)",
+            (corpus.corpus_id, list(documents),
+             [store.document_hash("\x00".join(data.texts[i] for i in members), {})
+              for members in documents.values()]))
+        cur.execute(
+            "INSERT INTO pyembed.chunks (corpus_id, document_id, chunk_index, content) "
+            "SELECT %s, d, n, c FROM unnest(%s::text[], %s::int[], %s::text[]) AS t(d, n, c) "
+            "RETURNING chunk_id, document_id, chunk_index",
+            (corpus.corpus_id, [data.document_ids[i] for i in rows],
+             [data.chunk_indexes[i] for i in rows], [data.texts[i] for i in rows]))
+        where = {(d, n): c for c, d, n in cur.fetchall()}
         ids = [where[data.document_ids[i], data.chunk_indexes[i]] for i in rows]
         store.copy_vectors(cur, corpus.corpus_id, ids, KEY, data.vectors[start:],
                            [store.sha256(data.texts[i]) for i in rows])

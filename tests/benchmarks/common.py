@@ -267,7 +267,7 @@ def code_version() -> str:
 
     def git(*args: str) -> str:
         out = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True)
-        return out.stdout.strip() if out.returncode == 0 else ""
+        return out.stdout.rstrip() if out.returncode == 0 else ""
 
     commit = git("rev-parse", "--short", "HEAD")
     if not commit:

@@ -1,0 +1,138 @@
+"""Tenant isolation by forced row-level security, per-tenant cache, accounting and limits."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+import pyembed
+from pyembed import tenants
+from tests.conftest import Database
+from tests.helpers import count
+
+A_KEY = "fake/fake-hash@1:384"
+B_KEY = "fake/fake-hash@2:1024"
+
+
+@pytest.fixture
+def two(db: Database, owner: psycopg.Connection[Any]) -> Iterator[dict[str, str]]:
+    """Tenants a and b, each with its own login role; yields their DSNs."""
+    suffix = uuid.uuid4().hex[:6]
+    dsns: dict[str, str] = {}
+    for name in ("a", "b"):
+        role = f"t{name}_{suffix}"
+        tenants.create_tenant(owner, name, requests_per_minute=None)
+        tenants.add_member(owner, name, role, create_login="pw")
+        dsns[name] = db.app_dsn.replace("pyembed_user:", f"{role}:").split("@")[0].rsplit(
+            ":", 1)[0] + ":pw@" + db.app_dsn.split("@", 1)[1]
+    yield dsns
+    for name in ("a", "b"):
+        owner.execute(sql.SQL("DROP OWNED BY {} CASCADE").format(
+            sql.Identifier(f"t{name}_{suffix}")))
+        owner.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(f"t{name}_{suffix}")))
+
+
+def fill(dsn: str, key: str, n: int, corpus: str = "docs") -> Any:
+    client = pyembed.connect(dsn)
+    c = client.create_corpus(corpus, key)
+    c.add([pyembed.Document(f"{corpus}-{i}", f"shared words about topic {i % 7} item {i}",
+                            {"n": i}) for i in range(n)])
+    return client
+
+
+def test_each_tenant_sees_only_its_own_rows(two: dict[str, str],
+                                            owner: psycopg.Connection[Any]) -> None:
+    a = fill(two["a"], A_KEY, 30)
+    b = fill(two["b"], B_KEY, 40)  # same corpus name, another model key: no interference
+    b.create_corpus("secret", B_KEY).add([("s", "shared words about topic 1")])
+    assert [c.model_key for c in a.corpora()] == [A_KEY]
+    assert {c.name for c in b.corpora()} == {"docs", "secret"}
+    for table, expected in (("corpora", 1), ("documents", 30), ("chunks", 30),
+                            ("embedding_cache", 30), ("cache_stats", 1)):
+        assert count(a.conn, table) == expected, table
+    assert a.conn.execute("SELECT count(*) FROM pyembed.vectors").fetchone() == (30,)
+    with pytest.raises(pyembed.UnknownCorpus):
+        a.corpus("secret")
+    with pytest.raises(psycopg.Error) as err:  # even by name, straight to the SQL function
+        a.conn.execute("SELECT * FROM pyembed.search_keyword('secret', 'shared', 5)")
+    assert err.value.sqlstate == "PE002"
+
+    # The owner role of the tables is bound by the policies too (FORCE ROW LEVEL SECURITY).
+    with owner.transaction():
+        owner.execute("SET LOCAL pyembed.act_as_tenant = 'a'")
+        owner.execute("SET LOCAL ROLE pyembed_owner")
+        assert owner.execute("SELECT count(*) FROM pyembed.documents").fetchone() == (30,)
+        assert owner.execute("SELECT count(DISTINCT model_key) FROM pyembed.vectors"
+                             ).fetchone() == (1,)
+    a.close()
+    b.close()
+
+
+def test_searches_near_the_other_tenants_vectors_return_the_same(two: dict[str, str]) -> None:
+    a = fill(two["a"], A_KEY, 25)
+    docs = a.corpus("docs")
+    query = "shared words about topic 3"
+    before = [(h.document_id, round(h.score, 6)) for h in docs.search(query, k=50)]
+    before_f = [h.document_id for h in docs.search(query, k=50, filter={"n": 3})]
+    # b stores many vectors right next to a's query, in a corpus of the same name and width.
+    b = pyembed.connect(two["b"])
+    near = b.create_corpus("docs", A_KEY)
+    near.add([pyembed.Document(f"b{i}", query, {"n": 3}) for i in range(60)])
+    after = [(h.document_id, round(h.score, 6)) for h in docs.search(query, k=50)]
+    assert after == before and len(before) == 25
+    assert [h.document_id for h in docs.search(query, k=50, filter={"n": 3})] == before_f
+    for mode in ("keyword", "hybrid"):
+        assert all(h.document_id.startswith("docs-") for h in docs.search(query, k=50, mode=mode))
+    a.close()
+    b.close()
+
+
+def test_cache_entries_are_not_shared(two: dict[str, str]) -> None:
+    a, b = pyembed.connect(two["a"]), pyembed.connect(two["b"])
+    a.embedder(A_KEY).embed_query("the same text")
+    assert a.cache is not None and b.cache is not None
+    b.embedder(A_KEY).embed_query("the same text")
+    assert b.cache.last_lookup == (0, 1)  # a miss: a's entry is invisible to b
+    a.embedder(A_KEY).embed_query("the same text")
+    assert a.cache.last_lookup == (1, 0)
+    assert count(a.conn, "embedding_cache") == count(b.conn, "embedding_cache") == 1
+    a.close()
+    b.close()
+
+
+def test_rate_limit_refuses_a_burst_and_stores_nothing(
+        db: Database, owner: psycopg.Connection[Any]) -> None:
+    role = f"tl_{uuid.uuid4().hex[:6]}"
+    tenants.create_tenant(owner, "limited", requests_per_minute=2)
+    tenants.add_member(owner, "limited", role, create_login="pw")
+    dsn = db.app_dsn.replace("pyembed_user:", f"{role}:").split("@")[0].rsplit(":", 1)[0] + \
+        ":pw@" + db.app_dsn.split("@", 1)[1]
+    try:
+        with pyembed.connect(dsn) as c:
+            kb = c.create_corpus("kb", A_KEY)
+            kb.add([("a", "first text")])
+            kb.add([("b", "second text")])
+            with pytest.raises(pyembed.RateLimited, match="tenant limited is over its rate limit"):
+                kb.add([("c", "third text")])
+            assert count(c.conn, "documents") == 2 and count(c.conn, "chunks") == 2
+            rows = tenants.usage(c.conn)
+            assert [(r.tenant, r.corpus, r.model_key, r.requests) for r in rows] == [
+                ("limited", "kb", A_KEY, 2)]
+    finally:
+        owner.execute(sql.SQL("DROP OWNED BY {} CASCADE").format(sql.Identifier(role)))
+        owner.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def test_app_role_cannot_manage_or_impersonate_tenants(app: psycopg.Connection[Any]) -> None:
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        app.execute("SELECT * FROM pyembed.tenants")
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        app.execute("INSERT INTO pyembed.tenant_members VALUES ('x', 1)")
+    # The setting is honoured for superusers only: for anyone else it changes nothing.
+    app.execute("SET pyembed.act_as_tenant = 'a'")
+    assert app.execute("SELECT pyembed.current_tenant()").fetchone() == (None,)
