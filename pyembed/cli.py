@@ -666,6 +666,32 @@ def usage_cmd(days: int = 30, dsn: DsnOption = None) -> None:
     console.print(table if rows else "no provider calls recorded")
 
 
+@eval_app.command("compare")
+def eval_compare(
+    corpus: str,
+    model_keys: Annotated[list[str], typer.Argument(help="candidate model keys")],
+    sample: Annotated[int, typer.Option(help="chunks to embed per candidate")] = 2000,
+    dsn: DsnOption = None,
+) -> None:
+    """Benchmark candidate models on your corpus and evaluation queries, side by side.
+
+    Example: pyembed eval compare docs local/all-minilm-l6-v2-int8@1:384 voyage/voyage-3@1:1024
+    """
+    from .client import connect as client_connect
+    from .compare import compare
+
+    with client_connect(dsn) as client:
+        chunks, queries, rows = compare(client, corpus, model_keys, sample=sample)
+    table = Table("model key", "Recall@10", "nDCG@10", "ms / query", "texts / s",
+                  "storage (full, HNSW)", "cost (full)",
+                  title=f"{corpus}: {queries} evaluation queries over {chunks} sampled chunks")
+    for r in sorted(rows, key=lambda r: -r.ndcg):
+        table.add_row(r.model_key, f"{r.recall:.4f}", f"{r.ndcg:.4f}", f"{r.ms_per_query:.1f}",
+                      f"{r.texts_per_second:,.0f}", _mb(r.storage_bytes),
+                      f"${r.cost_usd:,.2f}" if r.cost_usd is not None else "-")
+    console.print(table)
+
+
 @app.command("demo")
 def demo_cmd() -> None:
     """Run the tour on the embedded default: local cluster, local model, search, the 2 AM guard.

@@ -1,0 +1,79 @@
+"""Model choice on your own data: candidates side by side on a sample of the corpus and its
+evaluation queries (exact search, so the index does not blur the comparison)."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .client import Client
+from .embedder import estimate_tokens
+from .errors import InvalidInput
+from .migration import metrics, storage_bytes
+from .models import InputType
+from .store import model_spec
+
+
+@dataclass(frozen=True)
+class Candidate:
+    model_key: str
+    recall: float
+    ndcg: float
+    ms_per_query: float
+    texts_per_second: float
+    storage_bytes: int
+    cost_usd: float | None
+
+
+def compare(client: Client, corpus: str, model_keys: Sequence[str], *, sample: int = 2000,
+            k: int = 10, seed: int = 0) -> tuple[int, int, list[Candidate]]:
+    """(sampled chunks, evaluation queries, one row per candidate). The sample holds every
+    chunk of the documents the evaluation queries name, then random others up to `sample`."""
+    if not model_keys:
+        raise InvalidInput("name at least one model key to compare")
+    info = client.corpus(corpus).info
+    evals = [(q, list(rel)) for q, rel in client.conn.execute(
+        "SELECT query, relevant FROM pyembed.eval_queries WHERE corpus_id = %s ORDER BY query_id",
+        (info.corpus_id,))]
+    if not evals:
+        raise InvalidInput(f"corpus {corpus} has no evaluation queries: `pyembed eval add` first")
+    relevant = sorted({d for _, rel in evals for d in rel})
+    rows = client.conn.execute(
+        "SELECT document_id, content FROM pyembed.chunks WHERE corpus_id = %s "
+        "AND document_id = ANY(%s)", (info.corpus_id, relevant)).fetchall()
+    others = client.conn.execute(
+        "SELECT document_id, content FROM pyembed.chunks WHERE corpus_id = %s "
+        "AND NOT document_id = ANY(%s) ORDER BY chunk_id", (info.corpus_id, relevant)).fetchall()
+    random.Random(seed).shuffle(others)
+    rows += others[:max(sample - len(rows), 0)]
+    total = client.conn.execute("SELECT count(*), coalesce(sum(length(content)), 0) FROM "
+                                "pyembed.chunks WHERE corpus_id = %s",
+                                (info.corpus_id,)).fetchone()
+    assert total is not None
+    n_chunks = int(total[0])
+    tokens_per_chunk = np.mean([estimate_tokens(c) for _, c in rows]) if rows else 0.0
+    doc_ids = [d for d, _ in rows]
+    out = []
+    for key in model_keys:
+        spec = model_spec(client.conn, key)
+        embedder = client.embedder(key, truncate=True)
+        started = time.perf_counter()
+        docs = embedder.embed([c for _, c in rows], InputType.DOCUMENT)
+        embed_s = time.perf_counter() - started
+        started = time.perf_counter()
+        queries = embedder.embed([q for q, _ in evals], InputType.QUERY)
+        query_s = time.perf_counter() - started
+        scores = queries @ docs.T
+        per_query = [metrics([doc_ids[i] for i in np.argsort(-s, kind="stable")[:k * 3]],
+                             set(rel), k) for s, (_, rel) in zip(scores, evals, strict=True)]
+        cost = (n_chunks * tokens_per_chunk / 1e6 * spec.price_per_mtok
+                if spec.price_per_mtok is not None else None)
+        out.append(Candidate(key, float(np.mean([p[0] for p in per_query])),
+                             float(np.mean([p[1] for p in per_query])),
+                             1000 * query_s / len(evals), len(rows) / embed_s if embed_s else 0.0,
+                             storage_bytes(n_chunks, spec.dimensions)[1], cost))
+    return len(rows), len(evals), out
