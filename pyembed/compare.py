@@ -55,7 +55,7 @@ def compare(client: Client, corpus: str, model_keys: Sequence[str], *, sample: i
                                 (info.corpus_id,)).fetchone()
     assert total is not None
     n_chunks = int(total[0])
-    tokens_per_chunk = np.mean([estimate_tokens(c) for _, c in rows]) if rows else 0.0
+    tokens_per_chunk = float(np.mean([estimate_tokens(c) for _, c in rows])) if rows else 0.0
     doc_ids = [d for d, _ in rows]
     out = []
     for key in model_keys:
