@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,12 +121,14 @@ class Corpus:
                            self.info.traffic_share)
 
     def add(self, documents: Iterable[Document | tuple[str, str] | Mapping[str, Any]], *,
-            truncate: bool = False) -> AddReport:
+            truncate: bool = False,
+            translate: Callable[[str], str] | None = None) -> AddReport:
         """Chunk, embed (with the corpus's own model) and store documents; unchanged ones
         (same text and metadata) are skipped, changed ones replaced.
 
         With `truncate`, each document stays one chunk up to `chunk_tokens` and its embedding
         reads only the model's first `max_tokens` tokens; otherwise chunks are split to fit.
+        With `translate`, each chunk is embedded as `translate(chunk)` and stored as written.
         """
         self.info = store.corpus_info(self.client.conn, self.name)  # a migration may have begun
         self.client.current_corpus_id = self.info.corpus_id
@@ -146,7 +148,7 @@ class Corpus:
                 chunks = fit_chunks(chunks, embedder.spec.max_tokens, embedder.provider.count_tokens)
             rows += [ChunkRow(d.id, i, c, np.empty(0), d.metadata) for i, c in enumerate(chunks)]
         if rows:
-            texts = [r.content for r in rows]
+            texts = [translate(r.content) if translate else r.content for r in rows]
             vectors = embedder.embed(texts, InputType.DOCUMENT)
             for r, v in zip(rows, vectors, strict=True):
                 r.embedding = v
@@ -160,7 +162,8 @@ class Corpus:
 
     def search(self, query: str | Sequence[float] | np.ndarray, k: int = 10,
                filter: Mapping[str, Any] | None = None, model_key: str | None = None, *,
-               mode: str = "vector") -> list[Hit]:
+               mode: str = "vector", translate: Callable[[str], str] | None = None
+               ) -> list[Hit]:
         """Nearest chunks. Text is embedded with the corpus's model; a vector must say its key.
         mode: 'vector', 'keyword' (BM25, text only) or 'hybrid' (text only). Each search is
         recorded in pyembed.query_log (phase timings) unless the client has log_queries off."""
@@ -171,7 +174,8 @@ class Corpus:
             key: str | None = None if mode == "keyword" else self.serving_key(query)
             vector = None
             if key is not None:
-                vector = self.client.embedder(key).embed_query(query)
+                vector = self.client.embedder(key).embed_query(
+                    translate(query) if translate else query)
                 cache = self.client.cache
                 cache_hit = cache.last_lookup == (1, 0) if cache is not None else None
             text: str | None = query
