@@ -16,7 +16,7 @@ from .cache import PostgresCache
 from .chunking import chunk_text, fit_chunks
 from .db import connect as db_connect
 from .embedder import Embedder
-from .errors import InvalidInput
+from .errors import InvalidInput, ModelMismatch
 from .models import LOCAL_DEFAULT, InputType, ModelSpec
 from .routing import serving_key
 from .store import ChunkRow, CorpusInfo, Hit
@@ -149,14 +149,24 @@ class Corpus:
             rows += [ChunkRow(d.id, i, c, np.empty(0), d.metadata) for i, c in enumerate(chunks)]
         if rows:
             texts = [translate(r.content) if translate else r.content for r in rows]
-            vectors = embedder.embed(texts, InputType.DOCUMENT)
-            for r, v in zip(rows, vectors, strict=True):
-                r.embedding = v
-            target = self.info.target_model_key
-            also = ({target: self.client.embedder(target, truncate=True).embed(texts)}
-                    if target else None)
-            store.write_chunks(self.client.conn, self.info, rows, self.model_key,
-                               doc_hashes={d.id: hashes[d.id] for d in todo}, also=also)
+            for attempt in (1, 2):
+                # The keys served are read, then embedded for: a migration step committed in
+                # between (complete, rollback) makes the write fail; read the keys again, and
+                # embed (from the cache, mostly) for the keys now served.
+                active = self.client.embedder(self.model_key, truncate=truncate)
+                for r, v in zip(rows, active.embed(texts, InputType.DOCUMENT), strict=True):
+                    r.embedding = v
+                target = self.info.target_model_key
+                also = ({target: self.client.embedder(target, truncate=True).embed(texts)}
+                        if target else None)
+                try:
+                    store.write_chunks(self.client.conn, self.info, rows, self.model_key,
+                                       doc_hashes={d.id: hashes[d.id] for d in todo}, also=also)
+                    break
+                except ModelMismatch:
+                    if attempt == 2:
+                        raise
+                    self.info = store.corpus_info(self.client.conn, self.name)
         updated = sum(1 for d in todo if d.id in old)
         return AddReport(len(todo) - updated, updated, len(docs) - len(todo), len(rows))
 
@@ -169,25 +179,31 @@ class Corpus:
         recorded in pyembed.query_log (phase timings) unless the client has log_queries off."""
         started = time.perf_counter()
         cache_hit: bool | None = None
+        text: str | None = None
         if isinstance(query, str):
-            store.check_text(query, "query")
+            text = store.check_text(query, "query")
             key: str | None = None if mode == "keyword" else self.serving_key(query)
             vector = None
             if key is not None:
-                vector = self.client.embedder(key).embed_query(
-                    translate(query) if translate else query)
+                vector = self.client.embedder(key).embed_query(translate(text) if translate
+                                                               else text)
                 cache = self.client.cache
                 cache_hit = cache.last_lookup == (1, 0) if cache is not None else None
-            text: str | None = query
         else:
             if model_key is None:
                 raise TypeError("a query vector needs model_key=... (the model that made it)")
             if mode != "vector":
                 raise InvalidInput(f"{mode} search needs the query text, not a vector")
-            key, vector, text = model_key, np.asarray(query, dtype=np.float32), None
+            key, vector = model_key, np.asarray(query, dtype=np.float32)
         embedded = time.perf_counter()
-        hits = store.search(self.client.conn, self.name, vector, key, k, filter, mode=mode,
-                            text=text)
+        try:
+            hits = store.search(self.client.conn, self.name, vector, key, k, filter, mode=mode,
+                                text=text)
+        except ModelMismatch:
+            if text is None or key is None or key == self.info.model_key:
+                raise
+            # Routed to a migration's target that a rollback just retired: route again.
+            return self.search(text, k, filter, mode=mode, translate=translate)
         done = time.perf_counter()
         if self.client.log_queries:
             self.log_query(mode, k, {"embed_ms": _ms(started, embedded) if text else None,

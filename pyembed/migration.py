@@ -214,6 +214,10 @@ def validate(client: Client, corpus: str, *, k: int = 10, max_drop: float = 0.02
     info = client.corpus(corpus).info
     if info.target_model_key is None:
         raise MigrationError(f"corpus {corpus} has no migration in progress")
+    if info.migration_step not in ("backfilled", "validated", "shifting"):
+        raise MigrationError(f"cannot validate corpus {corpus}: its migration is at step "
+                             f"{info.migration_step} (needs backfilled): run pyembed migrate "
+                             "backfill first")
     evals = [(q, list(rel)) for q, rel in client.conn.execute(
         "SELECT query, relevant FROM pyembed.eval_queries WHERE corpus_id = %s ORDER BY query_id",
         (info.corpus_id,))]
@@ -246,8 +250,22 @@ def rollback(client: Client, corpus: str) -> int:
 
 
 def cleanup(client: Client, corpus: str) -> int:
-    """Delete the vectors and indexes of keys the corpus no longer serves; returns rows removed."""
-    return int(_call(client, "migration_cleanup", corpus))
+    """Delete the vectors and indexes of keys the corpus no longer serves; returns rows removed.
+    Indexes are dropped CONCURRENTLY, so searches never queue behind the drop."""
+    from psycopg import sql
+
+    removed = int(_call(client, "migration_cleanup", corpus))
+    info = client.corpus(corpus).info
+    stale = client.conn.execute(
+        """SELECT i.relname FROM pg_catalog.pg_class i
+            WHERE i.relnamespace = 'pyembed'::regnamespace AND i.relkind = 'i'
+              AND i.relname LIKE %s AND i.relname <> pyembed._index_name(%s, %s)""",
+        (f"vectors\\_hnsw\\_c{info.corpus_id}\\_%", info.corpus_id,
+         info.model_key)).fetchall()
+    for (name,) in stale:
+        client.conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}.{}").format(
+            sql.Identifier("pyembed"), sql.Identifier(name)))
+    return removed
 
 
 @dataclass(frozen=True)

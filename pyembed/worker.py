@@ -29,6 +29,7 @@ from .errors import (
     ConfigError,
     InvalidInput,
     MissingAPIKey,
+    ModelMismatch,
     ProviderError,
     RateLimited,
     UnknownModel,
@@ -277,9 +278,16 @@ class Worker:
         params: dict[str, Any] = {"model": key, "corpus_ids": [i.corpus_id for i in items],
                   "chunk_ids": [i.chunk_id for i in items], "vectors": [Vector(v) for v in vectors],
                   "hashes": [i.content_hash for i in items]}
-        with self.conn.transaction():
-            self.conn.execute(UNWRITE, params)
-            written = self.conn.execute(WRITE, params).rowcount
+        try:
+            with self.conn.transaction():
+                self.conn.execute(UNWRITE, params)
+                written = self.conn.execute(WRITE, params).rowcount
+        except psycopg.Error as exc:
+            if exc.sqlstate != ModelMismatch.sqlstate:
+                raise
+            # The key stopped being served while we embedded (a migration was rolled back or
+            # completed): these results are stale, and the queue holds what is needed now.
+            written = 0
         stats.embedded += written
         stats.stale += len(items) - written
 

@@ -125,12 +125,17 @@ DECLARE
 BEGIN
   r := pyembed._migration(corpus);
   PERFORM pyembed._need(r.m, corpus, ARRAY['backfilled', 'validated', 'shifting'], 'validate');
+  -- Passing opens the gate (backfilled -> validated); failing closes it again, and takes back
+  -- any traffic already shifted.
   UPDATE pyembed.migrations SET validation = report,
-         state = CASE WHEN passed AND state = 'backfilled' THEN 'validated' ELSE state END
+         state = CASE WHEN passed AND state = 'backfilled' THEN 'validated'
+                      WHEN NOT passed THEN 'backfilled' ELSE state END
    WHERE migration_id = (r.m).migration_id;
-  IF passed AND (r.m).state = 'backfilled' THEN
-    UPDATE pyembed.corpora SET migration_step = 'validated' WHERE corpus_id = (r.c).corpus_id;
-  END IF;
+  UPDATE pyembed.corpora
+     SET migration_step = CASE WHEN passed AND migration_step = 'backfilled' THEN 'validated'
+                               WHEN NOT passed THEN 'backfilled' ELSE migration_step END,
+         traffic_share = CASE WHEN passed THEN traffic_share ELSE 0 END
+   WHERE corpus_id = (r.c).corpus_id;
   PERFORM pyembed._migration_step(r.m, CASE WHEN passed THEN 'validated' ELSE 'validation failed' END,
                                   report);
   RETURN (r.m).migration_id;
@@ -207,7 +212,7 @@ BEGIN
 END
 $$;
 
--- Remove vectors and indexes of every key the corpus no longer serves.
+-- Remove the vectors of every key the corpus no longer serves.
 CREATE OR REPLACE FUNCTION pyembed.migration_cleanup(corpus text) RETURNS bigint
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -215,7 +220,6 @@ AS $$
 DECLARE
   r record;
   removed bigint;
-  idx record;
 BEGIN
   r := pyembed._migration(corpus);
   IF (r.m).migration_id IS NOT NULL THEN
@@ -225,12 +229,8 @@ BEGIN
   END IF;
   DELETE FROM pyembed.vectors WHERE corpus_id = (r.c).corpus_id AND model_key <> (r.c).model_key;
   GET DIAGNOSTICS removed = ROW_COUNT;
-  FOR idx IN SELECT i.relname FROM pg_catalog.pg_class i
-              WHERE i.relnamespace = 'pyembed'::regnamespace AND i.relkind = 'i'
-                AND i.relname LIKE format('vectors\_hnsw\_c%s\_%%', (r.c).corpus_id)
-                AND i.relname <> pyembed._index_name((r.c).corpus_id, (r.c).model_key) LOOP
-    EXECUTE format('DROP INDEX pyembed.%I', idx.relname);
-  END LOOP;
+  -- The old keys' indexes are dropped by the caller with DROP INDEX CONCURRENTLY (which cannot
+  -- run in a function): a plain DROP would queue every search behind any open reader.
   UPDATE pyembed.migrations SET state = 'cleaned'
    WHERE corpus_id = (r.c).corpus_id AND state IN ('completed', 'rolled_back');
   RETURN removed;

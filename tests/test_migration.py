@@ -7,9 +7,8 @@ dimensions, unrelated hash spaces), so every dimension check passes and only the
 tells the vectors apart. Because the fake model is deterministic, each stored vector can be
 recomputed from its chunk's text in its key's space and compared.
 
-Tests marked xfail(strict=True) pin down defects reported to the maintainers (races of a
-step with searches, writes and the worker; the validation gate; cleanup's locks): each
-fails today for the stated reason, and its marker must go when the defect is fixed.
+Several tests race a step with searches, writes and the worker, or check the validation gate
+and cleanup's locks.
 """
 
 from __future__ import annotations
@@ -440,9 +439,6 @@ def test_one_migration_per_corpus_and_steps_in_order(db: Database) -> None:
         assert migration.start(owner, CORPUS, OTHER) > first
 
 
-@pytest.mark.xfail(strict=True, reason="reported: validate() before backfill runs the old "
-                   "side's queries, then fails with a model key mismatch (PE001) instead of "
-                   "refusing the step (PE007)")
 def test_validate_before_backfill_is_refused_as_a_step(db: Database) -> None:
     with clients(db, n=20) as (_app, owner, _texts):
         migration.start(owner, CORPUS, NEW)
@@ -621,9 +617,6 @@ def test_rollback_right_after_start_drops_the_target_from_writes_and_queue(
         assert_search_answers(app, texts, {OLD}, range(0, 30, 7))
 
 
-@pytest.mark.xfail(strict=True, reason="reported: a text search routed to the target key "
-                   "just before a rollback reaches pyembed.search after it and is refused "
-                   "(PE001); Corpus.search does not re-route and retry")
 def test_search_routed_to_the_target_just_before_a_rollback_still_answers(
         db: Database) -> None:
     """Corpus.search reads the routing (shift 50 -> target), embeds, then searches: a rollback
@@ -900,9 +893,6 @@ def test_the_cross_key_check_catches_a_mislabelled_vector(db: Database) -> None:
             assert_no_vector_crosses_keys(owner.conn)
 
 
-@pytest.mark.xfail(strict=True, reason="reported: the worker's write of a target-key batch "
-                   "leased before a rollback is refused (PE001) and the error escapes "
-                   "Worker.run: `pyembed worker` dies")
 def test_worker_with_a_target_key_batch_in_flight_survives_a_rollback(db: Database) -> None:
     with clients(db, n=10) as (app, owner, _texts):
         migration.start(owner, CORPUS, NEW)
@@ -926,9 +916,6 @@ def test_worker_with_a_target_key_batch_in_flight_survives_a_rollback(db: Databa
         assert one(owner.conn, "SELECT count(*) FROM pyembed.queue") == 0
 
 
-@pytest.mark.xfail(strict=True, reason="reported: a failed validation after a passed one "
-                   "leaves the step at 'validated', so shift goes ahead against the latest "
-                   "report")
 def test_a_failed_revalidation_closes_the_gate_again(db: Database) -> None:
     with clients(db) as (app, owner, _texts):
         register(app.conn, WORSE)
@@ -941,9 +928,6 @@ def test_a_failed_revalidation_closes_the_gate_again(db: Database) -> None:
             migration.shift(owner, CORPUS, 10)
 
 
-@pytest.mark.xfail(strict=True, reason="reported: cleanup drops the old HNSW index with a plain "
-                   "DROP INDEX (ACCESS EXCLUSIVE on pyembed.vectors): while it waits for any "
-                   "open reader (pg_dump, a long report), every search of every corpus waits")
 def test_cleanup_never_blocks_searches(db: Database) -> None:
     with clients(db, n=30) as (app, owner, texts):
         to_shift(owner, 100)
@@ -972,9 +956,6 @@ def test_cleanup_never_blocks_searches(db: Database) -> None:
             cleaner.join(30)
 
 
-@pytest.mark.xfail(strict=True, reason="reported: Corpus.add reads the keys, embeds, then "
-                   "writes; a `complete` committed in between makes its write of the old key "
-                   "fail (PE001) instead of landing under the keys now served")
 def test_a_write_racing_complete_still_lands(db: Database) -> None:
     with clients(db, n=20) as (app, owner, _texts):
         to_shift(owner, 100)
