@@ -138,7 +138,7 @@ def app_connection(target: Target, **kwargs: Any) -> psycopg.Connection[Any]:
     return connect(target.owner_dsn, as_app_role=True, **kwargs)
 
 
-def scalar(conn: psycopg.Connection[Any], query: str | sql.Composable,
+def scalar(conn: psycopg.Connection[Any], query: str | sql.SQL | sql.Composed,
            params: Sequence[Any] | None = None) -> Any:
     row = conn.execute(query, params).fetchone()
     assert row is not None
