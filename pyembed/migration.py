@@ -71,8 +71,16 @@ def plan(client: Client, corpus: str, to_key: str) -> Plan:
     rpm = REQUESTS_PER_MINUTE.get(new.provider)
     tpm = TOKENS_PER_MINUTE.get(new.provider)
     minutes = max(calls / rpm if rpm else 0, tokens / tpm if tpm else 0)
-    if new.provider == "local":
-        minutes = chunks / 20 / 60  # ~20 texts/s measured for the int8 MiniLM on this hardware
+    if new.provider in ("local", "fake") and chunks:
+        # No service limit: the rate is this machine's; time a sample (no cache).
+        from .embedder import Embedder
+
+        sample = [r[0] for r in client.conn.execute(
+            "SELECT content FROM pyembed.chunks WHERE corpus_id = %s LIMIT 32",
+            (info.corpus_id,))]
+        t0 = time.perf_counter()
+        Embedder(new, truncate=True).embed(sample, InputType.DOCUMENT)
+        minutes = chunks / (len(sample) / max(time.perf_counter() - t0, 1e-6)) / 60
     cost = tokens / 1e6 * new.price_per_mtok if new.price_per_mtok is not None else None
     return Plan(corpus, old.key, new.key, int(documents), chunks, tokens, calls, minutes / 60, cost,
                 storage_bytes(chunks, old.dimensions),
@@ -127,25 +135,54 @@ def backfill(client: Client, corpus: str, *, batch_size: int | None = None,
         "(SELECT FROM pyembed.vectors v WHERE v.corpus_id = ch.corpus_id "
         "AND v.chunk_id = ch.chunk_id AND v.model_key = %(k)s)",
         {"c": info.corpus_id, "k": key}).fetchone()[0]  # type: ignore[index]
+    locked = client.conn.execute("SELECT pg_try_advisory_lock(hashtext('pyembed backfill'), %s)",
+                                 (info.corpus_id,)).fetchone()
+    if not locked or not locked[0]:
+        raise MigrationError(f"a backfill of corpus {corpus} is already running")
     started = time.perf_counter()
     done, after = 0, 0
-    while True:
-        rows = client.conn.execute(MISSING, {"corpus_id": info.corpus_id, "after": after,
-                                             "key": key, "limit": size}).fetchall()
-        if not rows:
-            break
-        vectors = embedder.embed([r[1] for r in rows], InputType.DOCUMENT)
-        _write(client, info.corpus_id, key, rows, vectors)
-        done += len(rows)
-        after = rows[-1][0]
-        if progress:
-            progress(done, total)
-        if rate:
-            ahead = done / rate - (time.perf_counter() - started)
-            if ahead > 0:
-                time.sleep(ahead)
-    _call(client, "migration_backfilled", corpus)
+    try:
+        while True:
+            rows = client.conn.execute(MISSING, {"corpus_id": info.corpus_id, "after": after,
+                                                 "key": key, "limit": size}).fetchall()
+            if not rows:
+                break
+            vectors = embedder.embed([r[1] for r in rows], InputType.DOCUMENT)
+            _write(client, info.corpus_id, key, rows, vectors)
+            done += len(rows)
+            after = rows[-1][0]
+            if progress:
+                progress(done, total)
+            if rate:
+                ahead = done / rate - (time.perf_counter() - started)
+                if ahead > 0:
+                    time.sleep(ahead)
+        _build_index(client, info.corpus_id, key)
+        _call(client, "migration_backfilled", corpus)
+    finally:
+        client.conn.execute("SELECT pg_advisory_unlock(hashtext('pyembed backfill'), %s)",
+                            (info.corpus_id,))
     return BackfillReport(done, time.perf_counter() - started, 0)
+
+
+def _build_index(client: Client, corpus_id: int, key: str) -> None:
+    """Build the shadow index CONCURRENTLY (writes to other corpora go on); an invalid one
+    left by an interrupted build is dropped and built again."""
+    from psycopg import sql
+
+    name = client.conn.execute("SELECT pyembed._index_name(%s, %s)", (corpus_id, key)).fetchone()
+    assert name is not None
+    valid = client.conn.execute(
+        "SELECT i.indisvalid FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class c "
+        "ON c.oid = i.indexrelid WHERE c.relnamespace = 'pyembed'::regnamespace "
+        "AND c.relname = %s", (name[0],)).fetchone()
+    if valid is not None and not valid[0]:
+        client.conn.execute(sql.SQL("DROP INDEX CONCURRENTLY {}.{}").format(
+            sql.Identifier("pyembed"), sql.Identifier(name[0])))
+    ddl = client.conn.execute("SELECT pyembed._vector_index_sql(%s, %s, true)",
+                              (corpus_id, key)).fetchone()
+    if ddl is not None and ddl[0]:
+        client.conn.execute(ddl[0])
 
 
 def _write(client: Client, corpus_id: int, key: str, rows: Sequence[Any],
@@ -254,7 +291,7 @@ def cleanup(client: Client, corpus: str) -> int:
     Indexes are dropped CONCURRENTLY, so searches never queue behind the drop."""
     from psycopg import sql
 
-    removed = int(_call(client, "migration_cleanup", corpus))
+    removed = int(_call(client, "migration_cleanup", corpus, True))
     info = client.corpus(corpus).info
     stale = client.conn.execute(
         """SELECT i.relname FROM pg_catalog.pg_class i

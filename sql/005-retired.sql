@@ -2,3 +2,4 @@
 -- so the old one is dropped here, before the files that create the new one.
 DROP FUNCTION IF EXISTS pyembed.search_text(text, text, integer, jsonb);
 DROP FUNCTION IF EXISTS pyembed._search_target(text, text);
+DROP FUNCTION IF EXISTS pyembed.migration_cleanup(text);

@@ -19,26 +19,45 @@ LANGUAGE sql IMMUTABLE
 SET search_path = pg_catalog, pg_temp
 AS $$ SELECT format('vectors_hnsw_c%s_%s', corpus_id, left(md5(model_key), 10)) $$;
 
--- The HNSW index that serves one corpus and one model key (a partial index on pyembed.vectors).
+-- The statement that builds the HNSW index serving one corpus and one model key (a partial
+-- index on pyembed.vectors), or NULL when the model is too wide for HNSW (exact scans then).
+-- CONCURRENTLY (online) cannot run inside a function: clients run that variant themselves.
+CREATE OR REPLACE FUNCTION pyembed._vector_index_sql(p_corpus_id integer, p_model_key text,
+                                                     online boolean DEFAULT false)
+RETURNS text
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  m pyembed.models;
+  s record;
+BEGIN
+  SELECT * INTO STRICT m FROM pyembed.models WHERE model_key = p_model_key;
+  IF m.dimensions > 4000 THEN
+    RETURN NULL;
+  END IF;
+  s := pyembed._index_spec(m.dimensions, m.distance);
+  RETURN format('CREATE INDEX %s IF NOT EXISTS %I ON pyembed.vectors USING hnsw (%s %s) '
+                'WITH (m = 16, ef_construction = 64) WHERE corpus_id = %s AND model_key = %L',
+                CASE WHEN online THEN 'CONCURRENTLY' ELSE '' END,
+                pyembed._index_name(p_corpus_id, p_model_key), s.expr, s.opclass, p_corpus_id,
+                p_model_key);
+END
+$$;
+
 CREATE OR REPLACE FUNCTION pyembed._create_vector_index(p_corpus_id integer, p_model_key text)
 RETURNS text
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-  m pyembed.models;
-  s record;
-  idx text := pyembed._index_name(p_corpus_id, p_model_key);
+  ddl text := pyembed._vector_index_sql(p_corpus_id, p_model_key);
 BEGIN
-  SELECT * INTO STRICT m FROM pyembed.models WHERE model_key = p_model_key;
-  IF m.dimensions > 4000 THEN
-    RETURN NULL;  -- too wide for HNSW: searches scan exactly
+  IF ddl IS NULL THEN
+    RETURN NULL;
   END IF;
-  s := pyembed._index_spec(m.dimensions, m.distance);
-  EXECUTE format('CREATE INDEX IF NOT EXISTS %I ON pyembed.vectors USING hnsw (%s %s) '
-                 'WITH (m = 16, ef_construction = 64) WHERE corpus_id = %s AND model_key = %L',
-                 idx, s.expr, s.opclass, p_corpus_id, p_model_key);
-  RETURN idx;
+  EXECUTE ddl;
+  RETURN pyembed._index_name(p_corpus_id, p_model_key);
 END
 $$;
 

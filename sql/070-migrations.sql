@@ -107,6 +107,7 @@ BEGIN
                        (r.m).to_key),
       HINT = 'run pyembed migrate backfill again';
   END IF;
+  -- `pyembed migrate backfill` has built it CONCURRENTLY already; a SQL caller gets it here.
   PERFORM pyembed._create_vector_index((r.c).corpus_id, (r.m).to_key);
   UPDATE pyembed.migrations SET state = 'backfilled' WHERE migration_id = (r.m).migration_id;
   UPDATE pyembed.corpora SET migration_step = 'backfilled' WHERE corpus_id = (r.c).corpus_id;
@@ -212,14 +213,19 @@ BEGIN
 END
 $$;
 
--- Remove the vectors of every key the corpus no longer serves.
-CREATE OR REPLACE FUNCTION pyembed.migration_cleanup(corpus text) RETURNS bigint
+-- Remove the vectors of every key the corpus no longer serves, and (unless the caller will drop
+-- them CONCURRENTLY itself, as `pyembed migrate cleanup` does) their indexes, waiting at most
+-- 5 s for the lock so that searches never queue long behind the drop.
+CREATE OR REPLACE FUNCTION pyembed.migration_cleanup(corpus text,
+                                                     keep_indexes boolean DEFAULT false)
+RETURNS bigint
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
   r record;
   removed bigint;
+  idx record;
 BEGIN
   r := pyembed._migration(corpus);
   IF (r.m).migration_id IS NOT NULL THEN
@@ -229,8 +235,15 @@ BEGIN
   END IF;
   DELETE FROM pyembed.vectors WHERE corpus_id = (r.c).corpus_id AND model_key <> (r.c).model_key;
   GET DIAGNOSTICS removed = ROW_COUNT;
-  -- The old keys' indexes are dropped by the caller with DROP INDEX CONCURRENTLY (which cannot
-  -- run in a function): a plain DROP would queue every search behind any open reader.
+  IF NOT keep_indexes THEN
+    PERFORM set_config('lock_timeout', '5s', true);
+    FOR idx IN SELECT i.relname FROM pg_catalog.pg_class i
+                WHERE i.relnamespace = 'pyembed'::regnamespace AND i.relkind = 'i'
+                  AND i.relname LIKE format('vectors\_hnsw\_c%s\_%%', (r.c).corpus_id)
+                  AND i.relname <> pyembed._index_name((r.c).corpus_id, (r.c).model_key) LOOP
+      EXECUTE format('DROP INDEX pyembed.%I', idx.relname);
+    END LOOP;
+  END IF;
   UPDATE pyembed.migrations SET state = 'cleaned'
    WHERE corpus_id = (r.c).corpus_id AND state IN ('completed', 'rolled_back');
   RETURN removed;
