@@ -182,19 +182,19 @@ def write_chunks(conn: psycopg.Connection[Any], corpus: CorpusInfo, rows: Sequen
             """DELETE FROM pyembed.chunks c USING unnest(%s::text[], %s::int[]) AS t(d, n)
                 WHERE c.corpus_id = %s AND c.document_id = t.d AND c.chunk_index >= t.n""",
             (list(docs), [len(c) for c in docs.values()], corpus.corpus_id))
-        cur.executemany(
+        # One statement for all chunks: the statement-level triggers (queue, keyword index)
+        # then run once per batch, not once per chunk.
+        cur.execute(
             """INSERT INTO pyembed.chunks (corpus_id, document_id, chunk_index, content, metadata)
-               VALUES (%s, %s, %s, %s, %s)
+               SELECT %s, d, i, c, m::jsonb
+                 FROM unnest(%s::text[], %s::int[], %s::text[], %s::text[]) AS t(d, i, c, m)
                ON CONFLICT (corpus_id, document_id, chunk_index) DO UPDATE
                  SET content = EXCLUDED.content, metadata = EXCLUDED.metadata
-               RETURNING chunk_id""",
-            [(corpus.corpus_id, r.document_id, r.chunk_index, r.content,
-              json.dumps(r.metadata, default=str)) for r in rows], returning=True)
-        ids: list[int] = []
-        while True:
-            ids.append(cur.fetchone()[0])  # type: ignore[index]
-            if not cur.nextset():
-                break
+               RETURNING document_id, chunk_index, chunk_id""",
+            (corpus.corpus_id, [r.document_id for r in rows], [r.chunk_index for r in rows],
+             [r.content for r in rows], [json.dumps(r.metadata, default=str) for r in rows]))
+        by_position = {(d, i): c for d, i, c in cur.fetchall()}
+        ids = [by_position[r.document_id, r.chunk_index] for r in rows]
         hashes_ = [sha256(r.content) for r in rows]
         copy_vectors(cur, corpus.corpus_id, ids, model_key, vectors, hashes_)
         for key, extra in (also or {}).items():

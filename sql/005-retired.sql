@@ -3,3 +3,4 @@
 DROP FUNCTION IF EXISTS pyembed.search_text(text, text, integer, jsonb);
 DROP FUNCTION IF EXISTS pyembed._search_target(text, text);
 DROP FUNCTION IF EXISTS pyembed.migration_cleanup(text);
+DROP FUNCTION IF EXISTS pyembed._enqueue_chunk() CASCADE;  -- now a statement trigger

@@ -2,31 +2,48 @@
 -- serves (the active key, and the migration target during a migration). Triggers never call the
 -- network; `pyembed worker` embeds. A fresh vector for the same text dequeues it.
 
-CREATE OR REPLACE FUNCTION pyembed._enqueue_chunk() RETURNS trigger
+-- A statement at a time (transition tables): a bulk insert queues its chunks in one pass.
+CREATE OR REPLACE FUNCTION pyembed._enqueue_chunks() RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-  INSERT INTO pyembed.queue (corpus_id, chunk_id, model_key, content_hash)
-  SELECT NEW.corpus_id, NEW.chunk_id, k.key, NEW.content_hash
-    FROM pyembed.corpora c,
-         LATERAL unnest(ARRAY[c.model_key, c.target_model_key]) AS k(key)
-   WHERE c.corpus_id = NEW.corpus_id AND k.key IS NOT NULL
-  ON CONFLICT (corpus_id, chunk_id, model_key) DO UPDATE
-    SET content_hash = EXCLUDED.content_hash, attempts = 0, last_error = NULL,
-        not_before = now(), enqueued_at = now();
-  DELETE FROM pyembed.queue_failed WHERE corpus_id = NEW.corpus_id AND chunk_id = NEW.chunk_id;
+  IF TG_OP = 'INSERT' THEN
+    INSERT INTO pyembed.queue (corpus_id, chunk_id, model_key, content_hash)
+    SELECT n.corpus_id, n.chunk_id, k.key, n.content_hash
+      FROM new_rows n JOIN pyembed.corpora c ON c.corpus_id = n.corpus_id,
+           LATERAL unnest(ARRAY[c.model_key, c.target_model_key]) AS k(key)
+     WHERE k.key IS NOT NULL
+    ON CONFLICT (corpus_id, chunk_id, model_key) DO UPDATE
+      SET content_hash = EXCLUDED.content_hash, attempts = 0, last_error = NULL,
+          not_before = now(), enqueued_at = now();
+  ELSE
+    INSERT INTO pyembed.queue (corpus_id, chunk_id, model_key, content_hash)
+    SELECT n.corpus_id, n.chunk_id, k.key, n.content_hash
+      FROM new_rows n
+      JOIN old_rows o ON o.corpus_id = n.corpus_id AND o.chunk_id = n.chunk_id
+                     AND o.content_hash IS DISTINCT FROM n.content_hash
+      JOIN pyembed.corpora c ON c.corpus_id = n.corpus_id,
+           LATERAL unnest(ARRAY[c.model_key, c.target_model_key]) AS k(key)
+     WHERE k.key IS NOT NULL
+    ON CONFLICT (corpus_id, chunk_id, model_key) DO UPDATE
+      SET content_hash = EXCLUDED.content_hash, attempts = 0, last_error = NULL,
+          not_before = now(), enqueued_at = now();
+    DELETE FROM pyembed.queue_failed f USING new_rows n, old_rows o
+     WHERE o.corpus_id = n.corpus_id AND o.chunk_id = n.chunk_id
+       AND o.content_hash IS DISTINCT FROM n.content_hash
+       AND f.corpus_id = n.corpus_id AND f.chunk_id = n.chunk_id;
+  END IF;
   RETURN NULL;
 END
 $$;
 
-CREATE OR REPLACE TRIGGER chunks_enqueue_insert
-  AFTER INSERT ON pyembed.chunks
-  FOR EACH ROW EXECUTE FUNCTION pyembed._enqueue_chunk();
-CREATE OR REPLACE TRIGGER chunks_enqueue_update
-  AFTER UPDATE OF content ON pyembed.chunks
-  FOR EACH ROW WHEN (OLD.content_hash IS DISTINCT FROM NEW.content_hash)
-  EXECUTE FUNCTION pyembed._enqueue_chunk();
+CREATE OR REPLACE TRIGGER chunks_queue_insert
+  AFTER INSERT ON pyembed.chunks REFERENCING NEW TABLE AS new_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION pyembed._enqueue_chunks();
+CREATE OR REPLACE TRIGGER chunks_queue_update
+  AFTER UPDATE ON pyembed.chunks REFERENCING NEW TABLE AS new_rows OLD TABLE AS old_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION pyembed._enqueue_chunks();
 
 CREATE OR REPLACE FUNCTION pyembed._dequeue_written() RETURNS trigger
 LANGUAGE plpgsql
