@@ -18,6 +18,11 @@ Sections (environment first; medians of --reps repetitions with their range):
   4. worker throughput with the fake model on queued chunks (pyembed.worker.Worker).
 --mode-1m: 1,000,000 rows, sections 1 and 2 only (langchain on the first --langchain-rows).
 
+Needs langchain-postgres, which pins pgvector<0.4 (pyembed uses the newer pgvector-python):
+    .venv/bin/pip install --no-deps langchain-postgres==0.0.19 asyncpg psycopg-pool
+    .venv/bin/pip install 'sqlalchemy[asyncio]'
+(or run with --no-langchain).
+
 Data: unit vectors around Gaussian centres (neighbours are meaningful, HNSW recall is not
 trivially 1), 10 chunks per document with short texts; fixed seed. Runs in a fresh database
 of a local cluster in <repo>/.pyembed-bench-suite (dropped at the end; the cluster is stopped
