@@ -170,14 +170,14 @@ def write_chunks(conn: psycopg.Connection[Any], corpus: CorpusInfo, rows: Sequen
         hashes.setdefault(d, document_hash("\x00".join(c.content for c in chunks),
                                            chunks[0].metadata))
     with translated(), conn.transaction(), conn.cursor() as cur:
-        cur.executemany(
+        cur.execute(
             """INSERT INTO pyembed.documents (corpus_id, document_id, content_hash, metadata)
-               VALUES (%s, %s, %s, %s)
+               SELECT %s, d, h, m::jsonb FROM unnest(%s::text[], %s::bytea[], %s::text[]) AS t(d, h, m)
                ON CONFLICT (corpus_id, document_id) DO UPDATE
                  SET content_hash = EXCLUDED.content_hash, metadata = EXCLUDED.metadata,
                      updated_at = now()""",
-            [(corpus.corpus_id, d, hashes[d], json.dumps(c[0].metadata, default=str))
-             for d, c in docs.items()])
+            (corpus.corpus_id, list(docs), [hashes[d] for d in docs],
+             [json.dumps(c[0].metadata, default=str) for c in docs.values()]))
         cur.execute(
             """DELETE FROM pyembed.chunks c USING unnest(%s::text[], %s::int[]) AS t(d, n)
                 WHERE c.corpus_id = %s AND c.document_id = t.d AND c.chunk_index >= t.n""",
