@@ -24,4 +24,4 @@ test: setup lint
 	$(VENV)/bin/pytest -q
 
 bench: setup
-	$(VENV)/bin/python tests/benchmarks/bench_guarded_search.py
+	$(VENV)/bin/python tests/benchmarks/bench_suite.py --no-langchain

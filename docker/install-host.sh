@@ -89,7 +89,7 @@ stamp_src=$(cat "$repo/pyproject.toml" $(find "$repo/pyembed" -type f -name '*.p
 if [ ! -f "$venv/.stamp" ] || [ "$(cat "$venv/.stamp")" != "$stamp_src" ]; then
   say "installing pyembed and its packages for $pybin (PL/Python)"
   $SUDO "$pybin" -m venv "$venv"
-  $SUDO "$venv/bin/pip" install -q --disable-pip-version-check --upgrade pip >/dev/null
+  $SUDO "$venv/bin/pip" install -q --disable-pip-version-check --upgrade pip >/dev/null 2>&1
   $SUDO "$venv/bin/pip" install -q --disable-pip-version-check "$repo" 2>&1 | { grep -v "^WARNING: Location" || true; }
   echo "$stamp_src" | $SUDO tee "$venv/.stamp" >/dev/null
 fi
