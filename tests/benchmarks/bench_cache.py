@@ -10,14 +10,9 @@ from __future__ import annotations
 import math
 import statistics
 import time
-import uuid
-from pathlib import Path
 from typing import Any
 
 import psycopg
-from psycopg import sql
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 class CountingConnection:
@@ -39,22 +34,13 @@ def main() -> None:
     from pyembed.cache import PostgresCache
     from pyembed.db import connect
     from pyembed.embedder import Embedder
-    from pyembed.localdb import LocalCluster
     from pyembed.models import registry
     from pyembed.providers.fake import FakeProvider
-    from pyembed.schema import install
+    from tests.benchmarks.common import local_database
 
-    cluster = LocalCluster(REPO / ".pyembed-bench-cache")
-    cluster.init()
-    started = cluster.start()
-    name = f"bench_{uuid.uuid4().hex[:8]}"
-    admin = cluster.dsn(owner=True)
-    with psycopg.connect(admin, autocommit=True) as a:
-        a.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    dsn = admin.rsplit("/", 1)[0] + "/" + name
-    try:
-        install(dsn)
-        app_dsn = cluster.dsn().rsplit("/", 1)[0] + "/" + name
+    with local_database(".pyembed-bench-cache") as target:
+        app_dsn = target.app_dsn
+        assert app_dsn is not None
         spec = registry.get("fake/fake-hash@1:384")
         local = registry.get("local/all-minilm-l6-v2-int8@1:384")
         with connect(app_dsn, autocommit=True) as conn:
@@ -89,12 +75,6 @@ def main() -> None:
                   f"{counting.statements} cache statements (1 lookup, 1 store; the hit "
                   "counts: a read-only check and 1 write), "
                   f"{seconds:.2f} s")
-    finally:
-        with psycopg.connect(admin, autocommit=True) as a:
-            a.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                sql.Identifier(name)))
-        if started:
-            cluster.stop()
 
 
 if __name__ == "__main__":

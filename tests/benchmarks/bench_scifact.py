@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 from pgvector import Vector
 
-from tests.benchmarks.bench_guarded_search import connect, local_database, print_environment
 from tests.benchmarks.bench_local_model import (
     PUBLISHED_NDCG10,
     evaluate,
@@ -28,6 +27,7 @@ from tests.benchmarks.bench_local_model import (
     load_qrels,
     load_queries,
 )
+from tests.benchmarks.common import connect, local_database, print_environment
 
 REPO = Path(__file__).resolve().parents[2]
 K = 10
@@ -66,7 +66,7 @@ def main() -> None:
     doc_ids, texts = load_corpus(args.data / "corpus.jsonl", args.limit)
     queries = load_queries(args.data / "queries.jsonl")
     qrels = load_qrels(args.data / "qrels" / "test.tsv", set(doc_ids))
-    with local_database(args.keep) as target:
+    with local_database(".pyembed-bench", keep=args.keep) as target:
         owner = connect(target.owner_dsn)
         print_environment(owner)
         print(f"{len(doc_ids)} documents, {len(qrels)} test queries with a relevant document")
