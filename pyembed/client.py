@@ -15,6 +15,7 @@ from . import store
 from .cache import PostgresCache
 from .chunking import chunk_text, fit_chunks
 from .db import connect as db_connect
+from .db import translated
 from .embedder import Embedder
 from .errors import InvalidInput, ModelMismatch
 from .models import LOCAL_DEFAULT, InputType, ModelSpec
@@ -68,6 +69,19 @@ class Client:
     def _meter(self, spec: ModelSpec, tokens: int) -> None:
         """Reserve a provider call for this session's tenant (refused over its limits)."""
         meter(self.conn, self.current_corpus_id)(spec, tokens)
+
+    def register_model(self, spec: ModelSpec) -> str:
+        """Register a model of your own (its provider must be one pyembed knows); returns its
+        key. Registering the same key again with other settings is refused."""
+        with translated():
+            row = self.conn.execute(
+                "SELECT pyembed.register_model(%s, %s, %s, %s::int, %s, %s, %s, %s::int, %s::int, "
+                "%s::int, %s::numeric, %s)",
+                (spec.provider, spec.model_id, spec.version, spec.dimensions, spec.distance,
+                 spec.normalized, spec.input_types, spec.max_batch, spec.max_tokens,
+                 spec.request_dimensions, spec.price_per_mtok, spec.description)).fetchone()
+        assert row is not None
+        return str(row[0])
 
     def create_corpus(self, name: str, model_key: str = LOCAL_DEFAULT.key, description: str = "",
                       chunk_tokens: int = 200, chunk_overlap: int = 40) -> Corpus:

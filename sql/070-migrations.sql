@@ -249,3 +249,27 @@ BEGIN
   RETURN removed;
 END
 $$;
+
+-- The backfill for SQL-only users: queue every chunk that has no vector for the target key;
+-- `pyembed worker` embeds them, then SELECT pyembed.migration_backfilled(corpus).
+CREATE OR REPLACE FUNCTION pyembed.migration_enqueue_backfill(corpus text) RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  r record;
+  queued bigint;
+BEGIN
+  r := pyembed._migration(corpus);
+  PERFORM pyembed._need(r.m, corpus, ARRAY['started'], 'queue the backfill of');
+  INSERT INTO pyembed.queue (corpus_id, chunk_id, model_key, content_hash)
+  SELECT ch.corpus_id, ch.chunk_id, (r.m).to_key, ch.content_hash FROM pyembed.chunks ch
+   WHERE ch.corpus_id = (r.c).corpus_id
+     AND NOT EXISTS (SELECT FROM pyembed.vectors v WHERE v.corpus_id = ch.corpus_id
+                       AND v.chunk_id = ch.chunk_id AND v.model_key = (r.m).to_key)
+  ON CONFLICT (corpus_id, chunk_id, model_key) DO NOTHING;
+  GET DIAGNOSTICS queued = ROW_COUNT;
+  PERFORM pyembed._migration_step(r.m, 'backfill queued', jsonb_build_object('chunks', queued));
+  RETURN queued;
+END
+$$;

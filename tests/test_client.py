@@ -61,3 +61,15 @@ def test_bad_documents_store_nothing(client: Any, app: psycopg.Connection[Any]) 
     assert count(app, "documents") == 0
     with pytest.raises(pyembed.UnknownCorpus):
         client.corpus("missing")
+
+
+def test_register_a_model_of_your_own(client: Any) -> None:
+    spec = pyembed.ModelSpec("openai", "my-finetune", "3", 768, price_per_mtok=0.05,
+                             api_key_env="OPENAI_API_KEY")
+    assert client.register_model(spec) == "openai/my-finetune@3:768"
+    assert client.register_model(spec) == spec.key  # idempotent
+    corpus = client.create_corpus("custom", spec.key)
+    assert corpus.model_key == spec.key
+    with pytest.raises(pyembed.InvalidInput, match="other settings"):
+        client.register_model(pyembed.ModelSpec("openai", "my-finetune", "3", 768,
+                                                distance="dot"))

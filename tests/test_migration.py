@@ -971,3 +971,24 @@ def test_a_write_racing_complete_still_lands(db: Database) -> None:
         app.corpus(CORPUS).add([Document("racer", "item888 written while completing")])
         assert vector_counts(owner.conn)[NEW] == 21
         assert_no_vector_crosses_keys(owner.conn)
+
+
+def test_sql_only_backfill_through_the_queue_and_the_worker(db: Database) -> None:
+    from pyembed.worker import Worker
+
+    with pyembed.connect(db.app_dsn) as app:
+        app.create_corpus("sqlonly", OLD).add([pyembed.Document(f"d{i}", f"text number {i}")
+                                               for i in range(12)])
+    with psycopg.connect(db.owner_dsn, autocommit=True) as owner:
+        owner.execute("SELECT pyembed.migration_start('sqlonly', %s)", (NEW,))
+        assert owner.execute("SELECT pyembed.migration_enqueue_backfill('sqlonly')"
+                             ).fetchone() == (12,)
+        worker = Worker(db.app_dsn)
+        try:
+            assert worker.run(drain=True, poll_interval=0.05, drain_wait=1).embedded == 12
+        finally:
+            worker.close()
+        owner.execute("SELECT pyembed.migration_backfilled('sqlonly')")
+        step = owner.execute("SELECT migration_step FROM pyembed.corpora WHERE name = 'sqlonly'"
+                             ).fetchone()
+        assert step == ("backfilled",)

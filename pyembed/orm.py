@@ -1,0 +1,96 @@
+"""SQLAlchemy 2 mappings of pyembed's tables, for applications that map them in their own models.
+
+Read them with the application role like any table (row-level security keeps each tenant to
+its own rows); write vectors through pyembed (the guards check every write), and search
+through `search()` below, which calls the guarded SQL function: the application role cannot
+read `pyembed.vectors` itself.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import BYTEA, JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from .models import ModelSpec
+
+SCHEMA = "pyembed"
+
+
+class ModelKey(sa.types.TypeDecorator[str]):
+    """A model key column (`provider/model_id@version:dims`); accepts a ModelSpec too."""
+
+    impl = sa.Text
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: sa.Dialect) -> str | None:
+        return value.key if isinstance(value, ModelSpec) else value
+
+
+class Base(DeclarativeBase):
+    metadata = sa.MetaData(schema=SCHEMA)
+
+
+class Model(Base):
+    __tablename__ = "models"
+    model_key: Mapped[str] = mapped_column(ModelKey, primary_key=True)
+    provider: Mapped[str]
+    model_id: Mapped[str]
+    model_version: Mapped[str]
+    dimensions: Mapped[int]
+    distance: Mapped[str]
+    normalized: Mapped[bool]
+
+
+class Corpus(Base):
+    __tablename__ = "corpora"
+    corpus_id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str]
+    model_key: Mapped[str] = mapped_column(ModelKey, sa.ForeignKey(f"{SCHEMA}.models.model_key"))
+    target_model_key: Mapped[str | None] = mapped_column(ModelKey)
+    migration_step: Mapped[str]
+    traffic_share: Mapped[int]
+    description: Mapped[str]
+
+
+class Document(Base):
+    __tablename__ = "documents"
+    corpus_id: Mapped[int] = mapped_column(sa.ForeignKey(f"{SCHEMA}.corpora.corpus_id"),
+                                           primary_key=True)
+    document_id: Mapped[str] = mapped_column(primary_key=True)
+    content_hash: Mapped[bytes] = mapped_column(BYTEA)
+    title: Mapped[str | None]
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSONB)
+    updated_at: Mapped[datetime]
+
+
+class Chunk(Base):
+    __tablename__ = "chunks"
+    corpus_id: Mapped[int] = mapped_column(primary_key=True)
+    chunk_id: Mapped[int] = mapped_column(primary_key=True)
+    document_id: Mapped[str]
+    chunk_index: Mapped[int]
+    content: Mapped[str]
+    content_hash: Mapped[bytes] = mapped_column(BYTEA)
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSONB)
+
+
+def search(corpus: str, query_embedding: Any, model_key: str | ModelSpec, k: int = 10,
+           filter: dict[str, Any] | None = None) -> sa.Select[Any]:
+    """A SELECT over pyembed.search(...): the guarded search, usable in any SQLAlchemy query
+    (document_id, chunk_id, chunk_index, content, metadata, score, model_key)."""
+    from pgvector.sqlalchemy import Vector
+
+    key = model_key.key if isinstance(model_key, ModelSpec) else model_key
+    fn = sa.func.pyembed.search(
+        sa.literal(corpus), sa.bindparam("q", [float(x) for x in query_embedding], type_=Vector()),
+        sa.literal(key), sa.literal(k),
+        sa.cast(sa.literal(json.dumps(filter)), JSONB) if filter is not None else sa.null())
+    cols = fn.table_valued("document_id", "chunk_id", "chunk_index", "content",
+                           sa.column("metadata", JSONB), sa.column("score", sa.Float),
+                           "model_key")
+    return sa.select(cols)

@@ -1,0 +1,40 @@
+"""The SQLAlchemy mappings, as an application maps them, with the application role."""
+
+from __future__ import annotations
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+import pyembed
+from pyembed import orm
+from pyembed.schema import sqlalchemy_url
+from tests.conftest import Database
+
+KEY = "fake/fake-hash@1:384"
+
+
+def test_map_read_and_search_through_sqlalchemy(db: Database) -> None:
+    with pyembed.connect(db.app_dsn) as client:
+        kb = client.create_corpus("kb", KEY)
+        kb.add([pyembed.Document("e4012", "error E4012 quota exceeded", {"team": "ops"}),
+                pyembed.Document("sso", "single sign on with SAML")])
+        vec = client.embedder(KEY).embed_query("quota exceeded")
+    engine = sa.create_engine(sqlalchemy_url(db.app_dsn))
+    try:
+        with Session(engine) as session:
+            corpus = session.scalars(sa.select(orm.Corpus).where(orm.Corpus.name == "kb")).one()
+            assert corpus.model_key == KEY
+            docs = session.scalars(sa.select(orm.Document).order_by(orm.Document.document_id))
+            assert [(d.document_id, d.metadata_) for d in docs] == [
+                ("e4012", {"team": "ops"}), ("sso", {})]
+            assert session.scalar(sa.select(sa.func.count()).select_from(orm.Chunk)) == 2
+            rows = session.execute(orm.search("kb", vec, pyembed.registry.get(KEY), k=1)).all()
+            assert rows[0].document_id == "e4012" and rows[0].model_key == KEY
+            only_sso = session.execute(orm.search("kb", vec, KEY, k=5, filter={"team": "ops"}))
+            assert [r.document_id for r in only_sso] == ["e4012"]
+            with pytest.raises(sa.exc.DBAPIError) as err:
+                session.execute(orm.search("kb", vec, "fake/fake-hash@2:1024", k=1)).all()
+            assert err.value.orig is not None and err.value.orig.sqlstate == "PE001"
+    finally:
+        engine.dispose()
