@@ -293,12 +293,8 @@ def cleanup(client: Client, corpus: str) -> int:
 
     removed = int(_call(client, "migration_cleanup", corpus, True))
     info = client.corpus(corpus).info
-    stale = client.conn.execute(
-        """SELECT i.relname FROM pg_catalog.pg_class i
-            WHERE i.relnamespace = 'pyembed'::regnamespace AND i.relkind = 'i'
-              AND i.relname LIKE %s AND i.relname <> pyembed._index_name(%s, %s)""",
-        (f"vectors\\_hnsw\\_c{info.corpus_id}\\_%", info.corpus_id,
-         info.model_key)).fetchall()
+    stale = client.conn.execute("SELECT pyembed._vector_indexes(%s, %s)",
+                                (info.corpus_id, info.model_key)).fetchall()
     for (name,) in stale:
         client.conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}.{}").format(
             sql.Identifier("pyembed"), sql.Identifier(name)))

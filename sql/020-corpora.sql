@@ -19,6 +19,19 @@ LANGUAGE sql IMMUTABLE
 SET search_path = pg_catalog, pg_temp
 AS $$ SELECT format('vectors_hnsw_c%s_%s', corpus_id, left(md5(model_key), 10)) $$;
 
+-- A corpus's HNSW indexes, all of them or all but the one serving `keep_key`.
+CREATE OR REPLACE FUNCTION pyembed._vector_indexes(p_corpus_id integer,
+                                                   keep_key text DEFAULT NULL)
+RETURNS SETOF text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+  SELECT i.relname::text FROM pg_catalog.pg_class i
+   WHERE i.relnamespace = 'pyembed'::regnamespace AND i.relkind = 'i'
+     AND i.relname LIKE format('vectors\_hnsw\_c%s\_%%', p_corpus_id)
+     AND (keep_key IS NULL OR i.relname <> pyembed._index_name(p_corpus_id, keep_key))
+$$;
+
 -- The statement that builds the HNSW index serving one corpus and one model key (a partial
 -- index on pyembed.vectors), or NULL when the model is too wide for HNSW (exact scans then).
 -- CONCURRENTLY (online) cannot run inside a function: clients run that variant themselves.
@@ -111,17 +124,15 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
   c pyembed.corpora;
-  idx record;
+  idx text;
 BEGIN
   SELECT * INTO c FROM pyembed.corpora WHERE corpora.name = drop_corpus.name
      AND corpora.tenant_id IS NOT DISTINCT FROM pyembed.current_tenant();
   IF NOT FOUND THEN
     RETURN false;
   END IF;
-  FOR idx IN SELECT i.relname FROM pg_catalog.pg_class i
-              WHERE i.relnamespace = 'pyembed'::regnamespace AND i.relkind = 'i'
-                AND i.relname LIKE format('vectors\_hnsw\_c%s\_%%', c.corpus_id) LOOP
-    EXECUTE format('DROP INDEX pyembed.%I', idx.relname);
+  FOR idx IN SELECT pyembed._vector_indexes(c.corpus_id) LOOP
+    EXECUTE format('DROP INDEX pyembed.%I', idx);
   END LOOP;
   DELETE FROM pyembed.corpora WHERE corpus_id = c.corpus_id;
   RETURN true;

@@ -225,7 +225,7 @@ AS $$
 DECLARE
   r record;
   removed bigint;
-  idx record;
+  idx text;
 BEGIN
   r := pyembed._migration(corpus);
   IF (r.m).migration_id IS NOT NULL THEN
@@ -237,11 +237,8 @@ BEGIN
   GET DIAGNOSTICS removed = ROW_COUNT;
   IF NOT keep_indexes THEN
     PERFORM set_config('lock_timeout', '5s', true);
-    FOR idx IN SELECT i.relname FROM pg_catalog.pg_class i
-                WHERE i.relnamespace = 'pyembed'::regnamespace AND i.relkind = 'i'
-                  AND i.relname LIKE format('vectors\_hnsw\_c%s\_%%', (r.c).corpus_id)
-                  AND i.relname <> pyembed._index_name((r.c).corpus_id, (r.c).model_key) LOOP
-      EXECUTE format('DROP INDEX pyembed.%I', idx.relname);
+    FOR idx IN SELECT pyembed._vector_indexes((r.c).corpus_id, (r.c).model_key) LOOP
+      EXECUTE format('DROP INDEX pyembed.%I', idx);
     END LOOP;
   END IF;
   UPDATE pyembed.migrations SET state = 'cleaned'
