@@ -28,15 +28,8 @@ Without --dsn the benchmark runs in a fresh database of a local cluster in
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -44,118 +37,26 @@ import psycopg
 from pgvector import Vector
 from psycopg import sql
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.benchmarks.common import (
+    Target,
+    checkpoint,
+    clustered_unit_vectors,
+    connect,
+    exact_top_k,
+    given_database,
+    index_line,
+    local_database,
+    percentiles,
+    print_environment,
+    scalar,
+)
+
 KEY = "fake/fake-hash@1:384"
 DIMS = 384
 CHUNKS_PER_DOCUMENT = 10
 K = 10
 
 F32 = npt.NDArray[np.float32]
-
-
-@dataclass
-class Target:
-    owner_dsn: str
-    app_dsn: str | None  # None: the owner connection switches to the pyembed_app role
-    description: str
-    fresh: bool  # a throwaway database: no need to clean up inside it
-
-
-def clustered_unit_vectors(rng: np.random.Generator, centres: F32, n: int,
-                           noise: float) -> F32:
-    """n unit vectors, each a random centre plus isotropic noise of norm about `noise`."""
-    picks = rng.integers(0, len(centres), size=n)
-    out = np.empty((n, DIMS), dtype=np.float32)
-    for start in range(0, n, 20_000):  # bounded memory for large n
-        stop = min(start + 20_000, n)
-        block = centres[picks[start:stop]] + rng.standard_normal(
-            (stop - start, DIMS), dtype=np.float32) * np.float32(noise / np.sqrt(DIMS))
-        out[start:stop] = block / np.linalg.norm(block, axis=1, keepdims=True)
-    return out
-
-
-def exact_top_k(vectors: F32, queries: F32, k: int) -> list[set[int]]:
-    scores = queries @ vectors.T  # unit vectors: cosine similarity
-    top = np.argpartition(-scores, k, axis=1)[:, :k]
-    return [set(map(int, row)) for row in top]
-
-
-def percentiles(samples: list[float]) -> tuple[float, float, float]:
-    p50, p95, p99 = np.percentile(np.asarray(samples) * 1000.0, [50, 95, 99])
-    return float(p50), float(p95), float(p99)
-
-
-def _scalar(conn: psycopg.Connection[Any], query: str, params: tuple[Any, ...] = ()) -> Any:
-    row = conn.execute(query, params).fetchone()
-    assert row is not None
-    return row[0]
-
-
-@contextmanager
-def local_database(keep: bool) -> Iterator[Target]:
-    """A fresh database in the benchmark cluster, installed to head; dropped afterwards."""
-    from pyembed.localdb import LocalCluster
-    from pyembed.schema import install
-
-    cluster = LocalCluster(REPO / ".pyembed-bench")
-    was_running = cluster.running()
-    cluster.init()  # (a first init also starts the server)
-    cluster.start()
-    name = f"bench_{uuid.uuid4().hex[:8]}"
-    admin_dsn = cluster.dsn(owner=True)
-
-    def in_db(dsn: str) -> str:
-        return dsn.rsplit("/", 1)[0] + "/" + name
-
-    with psycopg.connect(admin_dsn, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        install(in_db(admin_dsn))
-        yield Target(in_db(admin_dsn), in_db(cluster.dsn(owner=False)),
-                     f"fresh database {name} in {cluster.home}", fresh=True)
-    finally:
-        if not keep:
-            with psycopg.connect(admin_dsn, autocommit=True) as admin:
-                admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
-                              .format(sql.Identifier(name)))
-        if not was_running and not keep:
-            cluster.stop()
-
-
-@contextmanager
-def given_database(owner_dsn: str, app_dsn: str | None) -> Iterator[Target]:
-    from pyembed.schema import install
-
-    install(owner_dsn)
-    yield Target(owner_dsn, app_dsn, "the database given by --dsn", fresh=False)
-
-
-def connect(dsn: str, *, as_app_role: bool = False) -> psycopg.Connection[Any]:
-    """A connection that plans every statement afresh; plain queries get the same ef_search
-    (100) as pyembed.search sets for itself, so both run at the same recall."""
-    from pyembed.db import connect as pyembed_connect
-
-    conn = pyembed_connect(dsn, autocommit=True, prepare_threshold=None)
-    conn.execute("SELECT '[1]'::vector")  # loads pgvector, which defines hnsw.ef_search
-    conn.execute("SET hnsw.ef_search = 100")
-    if as_app_role:
-        conn.execute("SET ROLE pyembed_app")
-    return conn
-
-
-def print_environment(owner: psycopg.Connection[Any]) -> None:
-    owner.execute("SELECT '[1]'::vector")  # loads pgvector, which defines hnsw.ef_search
-    settings = ", ".join(
-        f"{name}={_scalar(owner, 'SELECT current_setting(%s)', (name,))}"
-        for name in ("shared_buffers", "maintenance_work_mem", "max_parallel_maintenance_workers",
-                     "hnsw.ef_search", "synchronous_commit"))
-    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-    server = _scalar(owner, "SHOW server_version")
-    pgvector = _scalar(owner, "SELECT extversion FROM pg_extension WHERE extname = 'vector'")
-    print(f"PostgreSQL {server}; pgvector {pgvector}; CPUs {os.cpu_count()} (usable {affinity}); "
-          f"Python {platform.python_version()}, numpy {np.__version__}, "
-          f"psycopg {psycopg.__version__}")
-    print(f"server settings: {settings}")
 
 
 def main() -> None:
@@ -183,7 +84,7 @@ def main() -> None:
     truth = exact_top_k(vectors, queries, K)
 
     target = (given_database(args.dsn, args.app_dsn) if args.dsn
-              else local_database(args.keep))
+              else local_database(".pyembed-bench", keep=args.keep))
     with target as t:
         run(t, args, vectors, queries, truth)
 
@@ -201,7 +102,7 @@ def run(t: Target, args: argparse.Namespace, vectors: F32, queries: F32,
     try:
         print_environment(owner)
         print(f"database: {t.description}; application role: "
-              f"{_scalar(app, 'SELECT current_user')}")
+              f"{scalar(app, 'SELECT current_user')}")
         print(f"data: {n:,} unit {DIMS}-d float32 vectors around {args.centres:,} centres "
               f"(noise norm {args.noise}), {len(queries)} queries, seed {args.seed}; "
               f"model key {KEY}")
@@ -209,34 +110,30 @@ def run(t: Target, args: argparse.Namespace, vectors: F32, queries: F32,
 
         # -- guarded: corpus, documents and chunks (untimed), index dropped before the load --
         corpus = store.create_corpus(app, corpus_name, KEY)
-        index_names = [r[0] for r in owner.execute(
-            "SELECT relname FROM pg_class WHERE relnamespace = 'pyembed'::regnamespace "
-            "AND relkind = 'i' AND relname LIKE %s",
-            (f"vectors\\_hnsw\\_c{corpus.corpus_id}\\_%",))]
+        index_names = [r[0] for r in owner.execute("SELECT pyembed._vector_indexes(%s)",
+                                                   (corpus.corpus_id,))]
         for name in index_names:
             owner.execute(sql.SQL("DROP INDEX pyembed.{}").format(sql.Identifier(name)))
         documents = (n + CHUNKS_PER_DOCUMENT - 1) // CHUNKS_PER_DOCUMENT
         contents = [f"chunk {i} of the benchmark corpus" for i in range(n)]
         started = time.perf_counter()
-        with app.transaction(), app.cursor() as cur:
-            with cur.copy("COPY pyembed.documents (corpus_id, document_id, content_hash) "
-                          "FROM STDIN WITH (FORMAT BINARY)") as copy:
-                copy.set_types(["int4", "text", "bytea"])
-                for d in range(documents):
-                    copy.write_row((corpus.corpus_id, f"d{d}", store.sha256(f"d{d}")))
-            with cur.copy("COPY pyembed.chunks (corpus_id, document_id, chunk_index, content) "
-                          "FROM STDIN WITH (FORMAT BINARY)") as copy:
-                copy.set_types(["int4", "text", "int4", "text"])
-                for i, text in enumerate(contents):
-                    copy.write_row((corpus.corpus_id, f"d{i // CHUNKS_PER_DOCUMENT}",
-                                    i % CHUNKS_PER_DOCUMENT, text))
+        # Row-level security (tenants) refuses COPY into these tables: one INSERT each.
+        with app.transaction():
+            app.execute("INSERT INTO pyembed.documents (corpus_id, document_id, content_hash) "
+                        "SELECT %s, d, sha256(convert_to(d, 'UTF8')) FROM unnest(%s::text[]) d",
+                        (corpus.corpus_id, [f"d{d}" for d in range(documents)]))
+            app.execute("INSERT INTO pyembed.chunks (corpus_id, document_id, chunk_index, content) "
+                        "SELECT %s, d, i, c FROM unnest(%s::text[], %s::int[], %s::text[]) "
+                        "AS t(d, i, c)",
+                        (corpus.corpus_id, [f"d{i // CHUNKS_PER_DOCUMENT}" for i in range(n)],
+                         [i % CHUNKS_PER_DOCUMENT for i in range(n)], contents))
         chunk_of = np.empty(n, dtype=np.int64)
         for chunk_id, document_id, chunk_index in app.execute(
                 "SELECT chunk_id, document_id, chunk_index FROM pyembed.chunks "
                 "WHERE corpus_id = %s", (corpus.corpus_id,)):
             chunk_of[int(document_id[1:]) * CHUNKS_PER_DOCUMENT + chunk_index] = chunk_id
         row_of_chunk = {int(c): i for i, c in enumerate(chunk_of)}
-        queued = _scalar(app, "SELECT count(*) FROM pyembed.queue WHERE corpus_id = %s",
+        queued = scalar(app, "SELECT count(*) FROM pyembed.queue WHERE corpus_id = %s",
                          (corpus.corpus_id,))
         print(f"setup (untimed): {documents:,} documents and {n:,} chunks by COPY in "
               f"{time.perf_counter() - started:.1f} s; {queued:,} chunks queued for embedding; "
@@ -244,18 +141,18 @@ def run(t: Target, args: argparse.Namespace, vectors: F32, queries: F32,
         hashes = [store.sha256(text) for text in contents]
 
         # -- loads, both without an HNSW index --
-        _checkpoint(owner)
+        checkpoint(owner)
         started = time.perf_counter()
         with app.transaction(), app.cursor() as cur:
             store.copy_vectors(cur, corpus.corpus_id, [int(c) for c in chunk_of], KEY,
                                vectors, hashes)
         guarded_load = time.perf_counter() - started
-        still_queued = _scalar(app, "SELECT count(*) FROM pyembed.queue WHERE corpus_id = %s",
+        still_queued = scalar(app, "SELECT count(*) FROM pyembed.queue WHERE corpus_id = %s",
                                (corpus.corpus_id,))
 
         owner.execute(sql.SQL("CREATE TABLE {} (id bigint PRIMARY KEY, embedding vector({}))")
                       .format(plain, sql.Literal(DIMS)))
-        _checkpoint(owner)
+        checkpoint(owner)
         started = time.perf_counter()
         with owner.transaction(), owner.cursor() as cur, cur.copy(
                 sql.SQL("COPY {} (id, embedding) FROM STDIN WITH (FORMAT BINARY)")
@@ -274,7 +171,7 @@ def run(t: Target, args: argparse.Namespace, vectors: F32, queries: F32,
 
         # -- HNSW builds (m=16, ef_construction=64, cosine) --
         started = time.perf_counter()
-        index = _scalar(owner, "SELECT pyembed._create_vector_index(%s, %s)",
+        index = scalar(owner, "SELECT pyembed._create_vector_index(%s, %s)",
                         (corpus.corpus_id, KEY))
         guarded_build = time.perf_counter() - started
         started = time.perf_counter()
@@ -284,9 +181,9 @@ def run(t: Target, args: argparse.Namespace, vectors: F32, queries: F32,
         plain_build = time.perf_counter() - started
         owner.execute("ANALYZE pyembed.vectors")
         owner.execute(sql.SQL("ANALYZE {}").format(plain))
-        guarded_size = _scalar(owner, "SELECT pg_relation_size(%s::regclass)",
+        guarded_size = scalar(owner, "SELECT pg_relation_size(%s::regclass)",
                                (f"pyembed.{index}",))
-        plain_size = _scalar(owner,
+        plain_size = scalar(owner,
                              "SELECT pg_relation_size('public.bench_plain_hnsw'::regclass)")
         print("\nHNSW build (m=16, ef_construction=64, cosine):")
         print(f"  guarded  {index}: {guarded_build:7.1f} s, {guarded_size / 2**20:6.1f} MiB "
@@ -305,8 +202,8 @@ def run(t: Target, args: argparse.Namespace, vectors: F32, queries: F32,
         plain_plan = [r[0] for r in owner.execute(
             sql.SQL("EXPLAIN (COSTS OFF) SELECT id FROM {} ORDER BY embedding <=> %s LIMIT 10")
             .format(plain), (q0,))]
-        print(f"\nplans: guarded inner query: {_index_line(guarded_plan)}; "
-              f"plain: {_index_line(plain_plan)}")
+        print(f"\nplans: guarded inner query: {index_line(guarded_plan)}; "
+              f"plain: {index_line(plain_plan)}")
 
         # -- search, interleaved --
         guarded_sql = "SELECT chunk_id FROM pyembed.search(%s, %s, %s, 10)"
@@ -353,21 +250,6 @@ def run(t: Target, args: argparse.Namespace, vectors: F32, queries: F32,
                 print(f"cleanup failed: {exc}")
         app.close()
         owner.close()
-
-
-def _checkpoint(owner: psycopg.Connection[Any]) -> None:
-    """Start each load from a clean checkpoint when the role may ask for one."""
-    try:
-        owner.execute("CHECKPOINT")
-    except psycopg.errors.InsufficientPrivilege:
-        pass
-
-
-def _index_line(plan: list[str]) -> str:
-    for line in plan:
-        if "Index Scan" in line:
-            return line.strip().lstrip("-> ").strip()
-    return "NO INDEX SCAN: " + " / ".join(line.strip() for line in plan)
 
 
 if __name__ == "__main__":
