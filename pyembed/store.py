@@ -151,8 +151,9 @@ def write_chunks(conn: psycopg.Connection[Any], corpus: CorpusInfo, rows: Sequen
                  doc_hashes: Mapping[str, bytes] | None = None,
                  also: Mapping[str, np.ndarray] | None = None) -> list[int]:
     """Store documents (all their chunks, replacing older versions) and the chunks' vectors in
-    one transaction, vectors by binary COPY; returns the chunk ids. `also` holds the same
-    chunks' vectors for other keys (a migration's target key: dual write).
+    one transaction, vectors by binary COPY into the corpus's partition; returns the chunk
+    ids. `also` holds the same chunks' vectors for other keys (a migration's target key: dual
+    write).
 
     The database checks the model key, dimensions and norms; a refused write stores nothing.
     """
@@ -190,43 +191,63 @@ def write_chunks(conn: psycopg.Connection[Any], corpus: CorpusInfo, rows: Sequen
                  FROM unnest(%s::text[], %s::int[], %s::text[], %s::text[]) AS t(d, i, c, m)
                ON CONFLICT (corpus_id, document_id, chunk_index) DO UPDATE
                  SET content = EXCLUDED.content, metadata = EXCLUDED.metadata
-               RETURNING document_id, chunk_index, chunk_id""",
+               RETURNING document_id, chunk_index, chunk_id, xmax = 0 AS inserted""",
             (corpus.corpus_id, [r.document_id for r in rows], [r.chunk_index for r in rows],
              [r.content for r in rows], [json.dumps(r.metadata, default=str) for r in rows]))
-        by_position = {(d, i): c for d, i, c in cur.fetchall()}
+        written = cur.fetchall()
+        by_position = {(d, i): c for d, i, c, _ in written}
         ids = [by_position[r.document_id, r.chunk_index] for r in rows]
         hashes_ = [sha256(r.content) for r in rows]
-        copy_vectors(cur, corpus.corpus_id, ids, model_key, vectors, hashes_)
+        # Chunks that are all new have no vectors to replace.
+        replace = not all(inserted for *_, inserted in written)
+        copy_vectors(cur, corpus.corpus_id, ids, model_key, vectors, hashes_, replace=replace)
         for key, extra in (also or {}).items():
             copy_vectors(cur, corpus.corpus_id, ids, key,
-                         as_unit_vectors(extra, extra.shape[1], normalize=normalized), hashes_)
+                         as_unit_vectors(extra, extra.shape[1], normalize=normalized), hashes_,
+                         replace=replace)
     return ids
 
 
+def vector_partition(corpus_id: int) -> sql.Identifier:
+    """The corpus's partition of pyembed.vectors (pyembed._vector_partition_name in SQL)."""
+    return sql.Identifier("pyembed", f"vectors_c{int(corpus_id)}")
+
+
+# Bytes a written vector row takes beyond its floats in the statement triggers' transition
+# table, which PostgreSQL keeps in work_mem and spills to disk beyond it.
+_ROW_OVERHEAD = 200
+
+
 def copy_vectors(cur: psycopg.Cursor[Any], corpus_id: int, chunk_ids: Sequence[int],
-                 model_key: str, vectors: np.ndarray,
-                 content_hashes: Sequence[bytes | None]) -> int:
-    """Replace the vectors of these chunks for this model key: binary COPY into the session's
-    staging table, then pyembed.load_vectors() (guarded; tenant-checked). Returns rows."""
-    cur.execute(sql.SQL(
-        "CREATE TEMP TABLE IF NOT EXISTS pyembed_vectors_in (corpus_id integer, chunk_id bigint, "
-        "model_key text, embedding {}.vector, content_hash bytea) ON COMMIT DELETE ROWS"
-    ).format(sql.Identifier(_vector_schema(cur))))
-    with cur.copy("COPY pg_temp.pyembed_vectors_in (corpus_id, chunk_id, model_key, embedding, "
-                  "content_hash) FROM STDIN WITH (FORMAT BINARY)") as copy:
+                 model_key: str, vectors: np.ndarray, content_hashes: Sequence[bytes | None],
+                 *, replace: bool = True) -> int:
+    """Write these chunks' vectors for this model key by binary COPY into the corpus's
+    partition of pyembed.vectors, where the database checks key, dimensions, norm, tenant and
+    chunks. With `replace`, vectors the chunks already have for the key are deleted first
+    (COPY cannot update). Run inside the caller's transaction; returns rows written."""
+    if not len(chunk_ids):
+        return 0
+    if replace:
+        # One index range probe first: a batch of new chunks has nothing to replace.
+        ids = list(chunk_ids)
+        cur.execute("WITH old AS (SELECT FROM pyembed.vectors WHERE corpus_id = %(c)s "
+                    "AND model_key = %(k)s AND chunk_id BETWEEN %(lo)s AND %(hi)s LIMIT 1) "
+                    "DELETE FROM pyembed.vectors WHERE EXISTS (SELECT FROM old) "
+                    "AND corpus_id = %(c)s AND model_key = %(k)s AND chunk_id = ANY(%(ids)s::bigint[])",
+                    {"c": corpus_id, "k": model_key, "lo": min(ids), "hi": max(ids), "ids": ids})
+    needed_kb = len(chunk_ids) * (4 * int(vectors.shape[1]) + _ROW_OVERHEAD) // 1024
+    row = cur.execute("SELECT current_setting('work_mem'), set_config('work_mem', "
+                      "greatest(pg_size_bytes(current_setting('work_mem')) / 1024, %s) || 'kB', "
+                      "true)", (needed_kb,)).fetchone()
+    with cur.copy(sql.SQL("COPY {} (corpus_id, chunk_id, model_key, embedding, content_hash) "
+                          "FROM STDIN WITH (FORMAT BINARY)").format(vector_partition(corpus_id))
+                  ) as copy:
         copy.set_types(["int4", "int8", "text", "vector", "bytea"])
         for cid, vec, h in zip(chunk_ids, vectors, content_hashes, strict=True):
             copy.write_row((corpus_id, cid, model_key, Vector(vec), h))
-    row = cur.execute("SELECT pyembed.load_vectors()").fetchone()
-    return int(row[0]) if row else 0
-
-
-def _vector_schema(cur: psycopg.Cursor[Any]) -> str:
-    row = cur.execute("SELECT extnamespace::regnamespace::text FROM pg_catalog.pg_extension "
-                      "WHERE extname = 'vector'").fetchone()
-    if row is None:
-        raise InvalidInput("the vector extension is not installed: run `pyembed install`")
-    return str(row[0]).strip('"')
+    if row is not None:
+        cur.execute("SELECT set_config('work_mem', %s, true)", (row[0],))
+    return len(chunk_ids)
 
 
 SEARCH_MODES = ("vector", "keyword", "hybrid")

@@ -83,21 +83,21 @@ ON CONFLICT (corpus_id, chunk_id, model_key) DO UPDATE
 # Replace, not upsert: the application role may write vectors but never read them back, and
 # ON CONFLICT DO UPDATE would need to read the existing row.
 # Only the vectors about to be replaced: a stale result must never remove a newer vector.
+# One corpus per statement: the planner then reads only that corpus's partition.
 UNWRITE = """
 DELETE FROM pyembed.vectors v
- USING unnest(%(corpus_ids)s::int[], %(chunk_ids)s::bigint[], %(hashes)s::bytea[])
-         AS t(corpus_id, chunk_id, content_hash)
-  JOIN pyembed.chunks ch ON ch.corpus_id = t.corpus_id AND ch.chunk_id = t.chunk_id
+ USING unnest(%(chunk_ids)s::bigint[], %(hashes)s::bytea[]) AS t(chunk_id, content_hash)
+  JOIN pyembed.chunks ch ON ch.corpus_id = %(corpus_id)s AND ch.chunk_id = t.chunk_id
                         AND ch.content_hash = t.content_hash
- WHERE v.corpus_id = t.corpus_id AND v.chunk_id = t.chunk_id AND v.model_key = %(model)s
+ WHERE v.corpus_id = %(corpus_id)s AND v.chunk_id = t.chunk_id AND v.model_key = %(model)s
 """
 
 WRITE = """
 INSERT INTO pyembed.vectors (corpus_id, chunk_id, model_key, embedding, content_hash)
-SELECT t.corpus_id, t.chunk_id, %(model)s, t.embedding, t.content_hash
-  FROM unnest(%(corpus_ids)s::int[], %(chunk_ids)s::bigint[], %(vectors)s::vector[],
-              %(hashes)s::bytea[]) AS t(corpus_id, chunk_id, embedding, content_hash)
-  JOIN pyembed.chunks ch ON ch.corpus_id = t.corpus_id AND ch.chunk_id = t.chunk_id
+SELECT %(corpus_id)s, t.chunk_id, %(model)s, t.embedding, t.content_hash
+  FROM unnest(%(chunk_ids)s::bigint[], %(vectors)s::vector[], %(hashes)s::bytea[])
+         AS t(chunk_id, embedding, content_hash)
+  JOIN pyembed.chunks ch ON ch.corpus_id = %(corpus_id)s AND ch.chunk_id = t.chunk_id
                         AND ch.content_hash = t.content_hash
 """
 
@@ -275,13 +275,20 @@ class Worker:
     def _write(self, key: str, items: list[Item], vectors: np.ndarray, stats: WorkerStats) -> None:
         from pgvector import Vector
 
-        params: dict[str, Any] = {"model": key, "corpus_ids": [i.corpus_id for i in items],
-                  "chunk_ids": [i.chunk_id for i in items], "vectors": [Vector(v) for v in vectors],
-                  "hashes": [i.content_hash for i in items]}
+        by_corpus: dict[int, list[int]] = {}
+        for n, item in enumerate(items):
+            by_corpus.setdefault(item.corpus_id, []).append(n)
+        written = 0
         try:
             with self.conn.transaction():
-                self.conn.execute(UNWRITE, params)
-                written = self.conn.execute(WRITE, params).rowcount
+                for corpus_id, rows in by_corpus.items():
+                    params: dict[str, Any] = {
+                        "model": key, "corpus_id": corpus_id,
+                        "chunk_ids": [items[n].chunk_id for n in rows],
+                        "vectors": [Vector(vectors[n]) for n in rows],
+                        "hashes": [items[n].content_hash for n in rows]}
+                    self.conn.execute(UNWRITE, params)
+                    written += self.conn.execute(WRITE, params).rowcount
         except psycopg.Error as exc:
             if exc.sqlstate != ModelMismatch.sqlstate:
                 raise

@@ -4,3 +4,8 @@ DROP FUNCTION IF EXISTS pyembed.search_text(text, text, integer, jsonb);
 DROP FUNCTION IF EXISTS pyembed._search_target(text, text);
 DROP FUNCTION IF EXISTS pyembed.migration_cleanup(text);
 DROP FUNCTION IF EXISTS pyembed._enqueue_chunk() CASCADE;  -- now a statement trigger
+-- Vectors partitioned by corpus (revision 0006): the per-partition guard and statement
+-- triggers replace these, and bulk loads COPY into the partition instead of a staging table.
+DROP FUNCTION IF EXISTS pyembed._guard_vectors() CASCADE;
+DROP FUNCTION IF EXISTS pyembed._dequeue_written() CASCADE;
+DROP FUNCTION IF EXISTS pyembed.load_vectors();

@@ -3,61 +3,145 @@
 -- PE004 model key change outside a migration, PE005 invalid input, PE006 unknown model,
 -- PE007 migration step refused.
 
--- Rows of a vector write that break a rule: model key (PE001) or the vector itself (PE003).
-CREATE OR REPLACE FUNCTION pyembed._guard_vectors() RETURNS trigger
-LANGUAGE plpgsql
+-- Vectors are partitioned by corpus (pyembed.vectors_c<corpus_id>, made by
+-- pyembed._vector_partition in 020-corpora.sql). Reads, updates and deletes go through the
+-- parent, which row-level security restricts to the caller's tenant; bulk loads COPY into the
+-- corpus's partition (PostgreSQL refuses COPY into a table with row-level security), where the
+-- application role may only INSERT. Every write, through either, is checked:
+--   row by row, by the partition's CHECK constraint: the model key is one the corpus accepts
+--     (PE001), and the vector has that model's dimensions and is not zero, and unit length
+--     for a normalised model (PE003). The constraint compares with literals of the corpus's
+--     current keys; a row that fails them goes to pyembed._vector_check, which raises the
+--     error naming both keys (or accepts the row, should the literals lag behind the keys);
+--   once per statement, by the triggers below: the partition belongs to the caller's tenant
+--     (PE002), every vector's chunk exists (23503), and queued work the vectors satisfy is
+--     dequeued.
+
+-- The slow path of the per-partition CHECK constraint: raises the error for a refused vector.
+CREATE OR REPLACE FUNCTION pyembed._vector_check(p_corpus_id integer, p_chunk_id bigint,
+                                                 p_model_key text, p_embedding vector)
+RETURNS boolean
+LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-  bad record;
+  c pyembed.corpora;
+  m pyembed.models;
+  norm float8 := vector_norm(p_embedding);
 BEGIN
-  -- One pass over the written rows finds the first that breaks any rule; the dimensions are
-  -- checked per row, earlier, by the vectors_dims_match_model constraint.
-  SELECT n.chunk_id, n.corpus_id, n.model_key AS got, c.name, c.model_key AS active,
-         c.target_model_key AS target, ch.chunk_id IS NULL AS orphan,
-         n.model_key <> c.model_key AND n.model_key IS DISTINCT FROM c.target_model_key
-           AS mismatch,
-         vector_norm(n.embedding) AS norm
-    INTO bad
-    FROM new_rows n
-    JOIN pyembed.corpora c ON c.corpus_id = n.corpus_id
-    JOIN pyembed.models m ON m.model_key = n.model_key
-    LEFT JOIN pyembed.chunks ch ON ch.corpus_id = n.corpus_id AND ch.chunk_id = n.chunk_id
-   WHERE (n.model_key <> c.model_key AND n.model_key IS DISTINCT FROM c.target_model_key)
-      OR ch.chunk_id IS NULL
-      OR vector_norm(n.embedding) = 0
-      OR (m.normalized AND abs(vector_norm(n.embedding) - 1) > 1e-3)
-   ORDER BY 8 DESC, 7 DESC
-   LIMIT 1;
+  SELECT * INTO c FROM pyembed.corpora WHERE corpus_id = p_corpus_id
+     AND (corpus_id = ANY (pyembed.visible_corpora())
+          OR (SELECT rolsuper OR rolbypassrls FROM pg_catalog.pg_roles
+               WHERE rolname = session_user));
   IF NOT FOUND THEN
-    RETURN NULL;
-  ELSIF bad.mismatch THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE002', MESSAGE = format('unknown corpus id %s', p_corpus_id);
+  END IF;
+  IF p_model_key IS DISTINCT FROM c.model_key AND p_model_key IS DISTINCT FROM c.target_model_key THEN
     RAISE EXCEPTION USING ERRCODE = 'PE001',
       MESSAGE = format('model key mismatch: corpus %s is pinned to %s, but the vector for chunk %s '
-                       'was made by %s', bad.name, bad.active, bad.chunk_id, bad.got),
-      DETAIL = CASE WHEN bad.target IS NULL THEN 'no model migration is in progress'
-                    ELSE format('the migration target is %s', bad.target) END,
+                       'was made by %s', c.name, c.model_key, p_chunk_id, p_model_key),
+      DETAIL = CASE WHEN c.target_model_key IS NULL THEN 'no model migration is in progress'
+                    ELSE format('the migration target is %s', c.target_model_key) END,
       HINT = 'embed with the corpus''s model, or change models with `pyembed migrate`';
-  ELSIF bad.orphan THEN
-    RAISE EXCEPTION USING ERRCODE = '23503',
-      MESSAGE = format('no chunk %s in corpus %s: vectors belong to stored chunks',
-                       bad.chunk_id, bad.name);
-  ELSE
+  END IF;
+  SELECT * INTO STRICT m FROM pyembed.models WHERE model_key = p_model_key;
+  IF vector_dims(p_embedding) <> m.dimensions THEN
     RAISE EXCEPTION USING ERRCODE = 'PE003',
-      MESSAGE = CASE WHEN bad.norm = 0 THEN format('zero vector for chunk %s', bad.chunk_id)
-        ELSE format('vector for chunk %s is not unit-normalised (norm %s) but %s is a normalised '
-                    'model', bad.chunk_id, round(bad.norm::numeric, 6), bad.got) END,
+      MESSAGE = format('wrong dimensions: %s has %s dimensions, the vector has %s',
+                       p_model_key, m.dimensions, vector_dims(p_embedding));
+  ELSIF norm = 0 THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE003', MESSAGE = format('zero vector for chunk %s', p_chunk_id);
+  ELSIF m.normalized AND abs(norm - 1) > 1e-3 THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE003',
+      MESSAGE = format('vector for chunk %s is not unit-normalised (norm %s) but %s is a normalised '
+                       'model', p_chunk_id, round(norm::numeric, 6), p_model_key),
       HINT = 'pyembed normalises vectors for you when you write through its Python API';
   END IF;
+  RETURN true;
 END
 $$;
 
-CREATE OR REPLACE TRIGGER vectors_guard_insert
+-- The per-partition CHECK expression for a corpus's current keys (see above).
+CREATE OR REPLACE FUNCTION pyembed._vector_guard_expr(p_corpus_id integer) RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+  SELECT string_agg(format('(model_key = %L AND vector_dims(embedding) = %s AND %s)', m.model_key,
+                           m.dimensions, CASE WHEN m.normalized
+                             THEN 'abs(vector_norm(embedding) - 1::double precision) <= 0.001::double precision'
+                             ELSE 'vector_norm(embedding) > 0::double precision' END),
+                    ' OR ' ORDER BY m.model_key)
+         || ' OR pyembed._vector_check(corpus_id, chunk_id, model_key, embedding)'
+    FROM pyembed.corpora c JOIN pyembed.models m ON m.model_key IN (c.model_key, c.target_model_key)
+   WHERE c.corpus_id = p_corpus_id
+$$;
+
+-- A direct write into a partition is the caller's tenant's (through the parent, row-level
+-- security checks it). Superusers and BYPASSRLS roles pass, as they pass row-level security.
+CREATE OR REPLACE FUNCTION pyembed._vectors_tenant() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+  IF NOT (TG_ARGV[0]::integer = ANY (pyembed.visible_corpora()))
+     AND NOT (SELECT rolsuper OR rolbypassrls FROM pg_catalog.pg_roles WHERE rolname = current_user) THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE002', MESSAGE = format('unknown corpus id %s', TG_ARGV[0]);
+  END IF;
+  RETURN NULL;
+END
+$$;
+
+-- After a write: every vector's chunk exists, and queued work for the same key and text is
+-- done. A batch's chunk ids usually form a range that the corpus holds in full; then one count
+-- proves every chunk there, and only a batch with gaps is checked chunk by chunk. Index probes
+-- only: statistics of a table that a load is filling lag behind it, and a plan that scans the
+-- queue or the chunks once per statement would make the load quadratic.
+CREATE OR REPLACE FUNCTION pyembed._vectors_written() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+SET enable_seqscan = off
+SET enable_hashjoin = off
+SET enable_mergejoin = off
+AS $$
+DECLARE
+  r record;
+  gaps boolean := false;
+  queued boolean := false;
+BEGIN
+  FOR r IN SELECT corpus_id, min(chunk_id) AS lo, max(chunk_id) AS hi
+             FROM new_rows GROUP BY corpus_id LOOP
+    gaps := gaps OR (SELECT count(*) FROM pyembed.chunks ch WHERE ch.corpus_id = r.corpus_id
+                        AND ch.chunk_id BETWEEN r.lo AND r.hi) < r.hi - r.lo + 1;
+    queued := queued OR EXISTS (SELECT FROM pyembed.queue q WHERE q.corpus_id = r.corpus_id
+                                   AND q.chunk_id BETWEEN r.lo AND r.hi);
+  END LOOP;
+  IF gaps THEN
+    SELECT n.chunk_id, n.corpus_id INTO r FROM new_rows n
+     WHERE NOT EXISTS (SELECT FROM pyembed.chunks ch
+                        WHERE ch.corpus_id = n.corpus_id AND ch.chunk_id = n.chunk_id)
+     LIMIT 1;
+    IF FOUND THEN
+      RAISE EXCEPTION USING ERRCODE = '23503',
+        MESSAGE = format('no chunk %s in corpus %s: vectors belong to stored chunks', r.chunk_id,
+                         coalesce((SELECT c.name FROM pyembed.corpora c
+                                    WHERE c.corpus_id = r.corpus_id), r.corpus_id::text));
+    END IF;
+  END IF;
+  IF queued THEN
+    DELETE FROM pyembed.queue q USING new_rows n
+     WHERE q.corpus_id = n.corpus_id AND q.chunk_id = n.chunk_id AND q.model_key = n.model_key
+       AND q.content_hash = n.content_hash;
+  END IF;
+  RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER vectors_written_insert
   AFTER INSERT ON pyembed.vectors REFERENCING NEW TABLE AS new_rows
-  FOR EACH STATEMENT EXECUTE FUNCTION pyembed._guard_vectors();
-CREATE OR REPLACE TRIGGER vectors_guard_update
+  FOR EACH STATEMENT EXECUTE FUNCTION pyembed._vectors_written();
+CREATE OR REPLACE TRIGGER vectors_written_update
   AFTER UPDATE ON pyembed.vectors REFERENCING NEW TABLE AS new_rows
-  FOR EACH STATEMENT EXECUTE FUNCTION pyembed._guard_vectors();
+  FOR EACH STATEMENT EXECUTE FUNCTION pyembed._vectors_written();
 
 -- A corpus's model key changes only inside the migration functions (PE004).
 CREATE OR REPLACE FUNCTION pyembed._guard_corpus_key() RETURNS trigger
@@ -117,14 +201,19 @@ CREATE OR REPLACE TRIGGER chunks_hash
   BEFORE INSERT OR UPDATE OF content ON pyembed.chunks
   FOR EACH ROW EXECUTE FUNCTION pyembed._chunk_hash();
 
--- Deleting chunks deletes their vectors (one statement, instead of a row-level foreign key).
+-- Deleting chunks deletes their vectors (one statement per corpus, instead of a row-level
+-- foreign key; a dropped corpus has dropped its partition already).
 CREATE OR REPLACE FUNCTION pyembed._drop_chunk_vectors() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+  c integer;
 BEGIN
-  DELETE FROM pyembed.vectors v USING old_rows o
-   WHERE v.corpus_id = o.corpus_id AND v.chunk_id = o.chunk_id;
+  FOR c IN SELECT DISTINCT o.corpus_id FROM old_rows o LOOP
+    DELETE FROM pyembed.vectors v USING old_rows o
+     WHERE v.corpus_id = c AND o.corpus_id = c AND v.chunk_id = o.chunk_id;
+  END LOOP;
   RETURN NULL;
 END
 $$;
@@ -132,33 +221,3 @@ $$;
 CREATE OR REPLACE TRIGGER chunks_drop_vectors
   AFTER DELETE ON pyembed.chunks REFERENCING OLD TABLE AS old_rows
   FOR EACH STATEMENT EXECUTE FUNCTION pyembed._drop_chunk_vectors();
-
--- Bulk vector loads. PostgreSQL refuses COPY into a table with row-level security, so a
--- client COPYs into its session's temporary staging table (pyembed_vectors_in) and this
--- function moves the rows, after checking that they belong to the caller's tenant's corpora;
--- the guard triggers above then check keys, norms and chunks as for any write.
-CREATE OR REPLACE FUNCTION pyembed.load_vectors() RETURNS bigint
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-  n bigint;
-  foreign_corpus integer;
-  visible integer[] := pyembed.visible_corpora();
-BEGIN
-  SELECT s.corpus_id INTO foreign_corpus FROM pg_temp.pyembed_vectors_in s
-   WHERE s.corpus_id <> ALL (visible) LIMIT 1;
-  IF FOUND THEN
-    DELETE FROM pg_temp.pyembed_vectors_in;
-    RAISE EXCEPTION USING ERRCODE = 'PE002',
-      MESSAGE = format('unknown corpus id %s', foreign_corpus);
-  END IF;
-  INSERT INTO pyembed.vectors (corpus_id, chunk_id, model_key, embedding, content_hash)
-  SELECT corpus_id, chunk_id, model_key, embedding, content_hash FROM pg_temp.pyembed_vectors_in
-  ON CONFLICT (corpus_id, chunk_id, model_key) DO UPDATE
-    SET embedding = EXCLUDED.embedding, content_hash = EXCLUDED.content_hash, created_at = now();
-  GET DIAGNOSTICS n = ROW_COUNT;
-  DELETE FROM pg_temp.pyembed_vectors_in;
-  RETURN n;
-END
-$$;

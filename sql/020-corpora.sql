@@ -33,8 +33,8 @@ AS $$
 $$;
 
 -- The statement that builds the HNSW index serving one corpus and one model key (a partial
--- index on pyembed.vectors), or NULL when the model is too wide for HNSW (exact scans then).
--- CONCURRENTLY (online) cannot run inside a function: clients run that variant themselves.
+-- index on the corpus's partition), or NULL when the model is too wide for HNSW (exact scans
+-- then). CONCURRENTLY (online) cannot run inside a function: clients run that variant themselves.
 CREATE OR REPLACE FUNCTION pyembed._vector_index_sql(p_corpus_id integer, p_model_key text,
                                                      online boolean DEFAULT false)
 RETURNS text
@@ -50,13 +50,101 @@ BEGIN
     RETURN NULL;
   END IF;
   s := pyembed._index_spec(m.dimensions, m.distance);
-  RETURN format('CREATE INDEX %s IF NOT EXISTS %I ON pyembed.vectors USING hnsw (%s %s) '
-                'WITH (m = 16, ef_construction = 64) WHERE corpus_id = %s AND model_key = %L',
+  RETURN format('CREATE INDEX %s IF NOT EXISTS %I ON pyembed.%I USING hnsw (%s %s) '
+                'WITH (m = 16, ef_construction = 64) WHERE model_key = %L',
                 CASE WHEN online THEN 'CONCURRENTLY' ELSE '' END,
-                pyembed._index_name(p_corpus_id, p_model_key), s.expr, s.opclass, p_corpus_id,
-                p_model_key);
+                pyembed._index_name(p_corpus_id, p_model_key),
+                pyembed._vector_partition_name(p_corpus_id), s.expr, s.opclass, p_model_key);
 END
 $$;
+
+-- A corpus's partition of pyembed.vectors (see 010-guards.sql).
+CREATE OR REPLACE FUNCTION pyembed._vector_partition_name(p_corpus_id integer) RETURNS text
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT 'vectors_c' || p_corpus_id $$;
+
+-- Make a corpus's partition, or bring an existing one up to date: owner, privileges, triggers,
+-- and the CHECK constraint for the corpus's current keys. The table is made on its own and then
+-- attached, which locks the parent SHARE UPDATE EXCLUSIVE (searches and writes go on) where
+-- CREATE TABLE ... PARTITION OF would lock it ACCESS EXCLUSIVE. Replacing the constraint locks
+-- the partition ACCESS EXCLUSIVE for the rest of the transaction; waiting more than 5 s for
+-- that (a long load into the corpus) fails the caller rather than queueing searches behind it.
+-- The new constraint is NOT VALID: rows of a key the corpus no longer serves stay until
+-- cleanup, and pg_dump restores such constraints after the data.
+CREATE OR REPLACE FUNCTION pyembed._vector_partition(p_corpus_id integer) RETURNS text
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  part text := pyembed._vector_partition_name(p_corpus_id);
+  expr text := pyembed._vector_guard_expr(p_corpus_id);
+  guard text := format('%s_guard_%s', part, left(md5(expr), 8));
+  old text;
+  caller_timeout text := current_setting('lock_timeout');
+BEGIN
+  IF to_regclass(format('pyembed.%I', part)) IS NULL THEN
+    EXECUTE format('CREATE TABLE pyembed.%I (LIKE pyembed.vectors INCLUDING DEFAULTS)', part);
+    EXECUTE format('ALTER TABLE pyembed.%I OWNER TO pyembed_owner', part);
+    EXECUTE format('ALTER TABLE pyembed.vectors ATTACH PARTITION pyembed.%I FOR VALUES IN (%s)',
+                   part, p_corpus_id);
+  END IF;
+  EXECUTE format('REVOKE ALL ON pyembed.%I FROM PUBLIC, pyembed_app', part);
+  EXECUTE format('GRANT INSERT ON pyembed.%I TO pyembed_app', part);
+  EXECUTE format('CREATE OR REPLACE TRIGGER vectors_tenant BEFORE INSERT ON pyembed.%I '
+                 'FOR EACH STATEMENT EXECUTE FUNCTION pyembed._vectors_tenant(%L)', part, p_corpus_id);
+  EXECUTE format('CREATE OR REPLACE TRIGGER vectors_written AFTER INSERT ON pyembed.%I '
+                 'REFERENCING NEW TABLE AS new_rows '
+                 'FOR EACH STATEMENT EXECUTE FUNCTION pyembed._vectors_written()', part);
+  IF NOT EXISTS (SELECT FROM pg_catalog.pg_constraint
+                  WHERE conrelid = format('pyembed.%I', part)::regclass AND conname = guard) THEN
+    PERFORM set_config('lock_timeout', '5s', true);
+    FOR old IN SELECT conname FROM pg_catalog.pg_constraint
+                WHERE conrelid = format('pyembed.%I', part)::regclass AND contype = 'c' LOOP
+      EXECUTE format('ALTER TABLE pyembed.%I DROP CONSTRAINT %I', part, old);
+    END LOOP;
+    EXECUTE format('ALTER TABLE pyembed.%I ADD CONSTRAINT %I CHECK (%s) NOT VALID',
+                   part, guard, expr);
+    PERFORM set_config('lock_timeout', caller_timeout, true);
+  END IF;
+  RETURN part;
+END
+$$;
+
+-- The table a SQL client COPYs a corpus's vectors into (its partition of pyembed.vectors).
+CREATE OR REPLACE FUNCTION pyembed.vector_table(corpus text) RETURNS text
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  id integer := (SELECT c.corpus_id FROM pyembed.corpora c WHERE c.name = corpus
+                    AND c.tenant_id IS NOT DISTINCT FROM pyembed.current_tenant());
+BEGIN
+  IF id IS NULL THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE002',
+      MESSAGE = format('unknown corpus %s', coalesce(quote_literal(left(corpus, 80)), 'NULL')),
+      HINT = '`pyembed corpus list` shows the corpora';
+  END IF;
+  RETURN format('pyembed.%I', pyembed._vector_partition_name(id));
+END
+$$;
+
+-- A corpus's keys change only in a migration step: its partition's constraint follows.
+CREATE OR REPLACE FUNCTION pyembed._corpus_keys_changed() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+  PERFORM pyembed._vector_partition(NEW.corpus_id);
+  RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER corpora_keys_changed
+  AFTER UPDATE OF model_key, target_model_key ON pyembed.corpora
+  FOR EACH ROW WHEN ((NEW.model_key, NEW.target_model_key)
+                     IS DISTINCT FROM (OLD.model_key, OLD.target_model_key))
+  EXECUTE FUNCTION pyembed._corpus_keys_changed();
 
 CREATE OR REPLACE FUNCTION pyembed._create_vector_index(p_corpus_id integer, p_model_key text)
 RETURNS text
@@ -113,6 +201,7 @@ BEGIN
   VALUES (create_corpus.name, create_corpus.model_key, coalesce(create_corpus.description, ''),
           create_corpus.chunk_tokens, create_corpus.chunk_overlap, pyembed.current_tenant())
   RETURNING corpus_id INTO new_id;
+  PERFORM pyembed._vector_partition(new_id);
   PERFORM pyembed._create_vector_index(new_id, create_corpus.model_key);
   RETURN new_id;
 END
@@ -121,19 +210,20 @@ $$;
 CREATE OR REPLACE FUNCTION pyembed.drop_corpus(name text) RETURNS boolean
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+SET lock_timeout = '5s'
 AS $$
 DECLARE
   c pyembed.corpora;
-  idx text;
 BEGIN
   SELECT * INTO c FROM pyembed.corpora WHERE corpora.name = drop_corpus.name
      AND corpora.tenant_id IS NOT DISTINCT FROM pyembed.current_tenant();
   IF NOT FOUND THEN
     RETURN false;
   END IF;
-  FOR idx IN SELECT pyembed._vector_indexes(c.corpus_id) LOOP
-    EXECUTE format('DROP INDEX pyembed.%I', idx);
-  END LOOP;
+  -- The vectors and their indexes in one step. Dropping a partition locks pyembed.vectors
+  -- briefly; waiting more than 5 s for that (lock_timeout above) fails instead of queueing
+  -- every search behind it.
+  EXECUTE format('DROP TABLE IF EXISTS pyembed.%I', pyembed._vector_partition_name(c.corpus_id));
   DELETE FROM pyembed.corpora WHERE corpus_id = c.corpus_id;
   RETURN true;
 END

@@ -45,21 +45,4 @@ CREATE OR REPLACE TRIGGER chunks_queue_update
   AFTER UPDATE ON pyembed.chunks REFERENCING NEW TABLE AS new_rows OLD TABLE AS old_rows
   FOR EACH STATEMENT EXECUTE FUNCTION pyembed._enqueue_chunks();
 
-CREATE OR REPLACE FUNCTION pyembed._dequeue_written() RETURNS trigger
-LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-  DELETE FROM pyembed.queue q USING new_rows n
-   WHERE q.corpus_id = n.corpus_id AND q.chunk_id = n.chunk_id AND q.model_key = n.model_key
-     AND q.content_hash = n.content_hash;
-  RETURN NULL;
-END
-$$;
-
-CREATE OR REPLACE TRIGGER vectors_written_dequeue
-  AFTER INSERT ON pyembed.vectors REFERENCING NEW TABLE AS new_rows
-  FOR EACH STATEMENT EXECUTE FUNCTION pyembed._dequeue_written();
-CREATE OR REPLACE TRIGGER vectors_written_dequeue_update
-  AFTER UPDATE ON pyembed.vectors REFERENCING NEW TABLE AS new_rows
-  FOR EACH STATEMENT EXECUTE FUNCTION pyembed._dequeue_written();
+-- Vector writes dequeue what they satisfy: pyembed._vectors_written in 010-guards.sql.

@@ -15,7 +15,8 @@ GRANT SELECT, INSERT ON pyembed.query_log TO pyembed_app;
 GRANT SELECT, INSERT, UPDATE ON pyembed.usage TO pyembed_app;
 GRANT SELECT ON pyembed.coverage, pyembed.throughput, pyembed.cache_health, pyembed.latency
   TO pyembed_app;
--- Vectors: write (guarded by triggers), see which chunks have one, never read the embedding.
+-- Vectors: write (guarded), see which chunks have one, never read the embedding. Each corpus's
+-- partition grants INSERT alone, for COPY (pyembed._vector_partition).
 GRANT SELECT (corpus_id, chunk_id, model_key, content_hash, created_at) ON pyembed.vectors
   TO pyembed_app;
 GRANT INSERT, DELETE, UPDATE (embedding, content_hash, created_at) ON pyembed.vectors
@@ -25,10 +26,10 @@ GRANT EXECUTE ON FUNCTION
   pyembed.search(text, vector, text, integer, jsonb),
   pyembed.create_corpus(text, text, text, integer, integer),
   pyembed.drop_corpus(text),
-  pyembed._dims_match(vector, text),
+  pyembed._vector_check(integer, bigint, text, vector),
   pyembed.current_tenant(),
   pyembed.visible_corpora(),
-  pyembed.load_vectors(),
+  pyembed.vector_table(text),
   pyembed.reserve_usage(text, integer, integer, bigint),
   pyembed.usage_report(integer),
   pyembed.register_model(text, text, text, integer, text, boolean, boolean, integer, integer,

@@ -10,6 +10,7 @@ import pytest
 from pgvector import Vector
 
 from pyembed import store
+from pyembed.db import translated
 from pyembed.errors import InvalidInput, InvalidVector, ModelMismatch, UnknownCorpus
 from tests.helpers import count, rows, unit
 
@@ -207,3 +208,107 @@ def test_search_can_use_the_partial_hnsw_index(owner: psycopg.Connection[Any],
                   (Vector(unit(384, 1)), info.model_key)).fetchall()
     plans = "\n".join(notices)
     assert f"Index Scan using vectors_hnsw_c{info.corpus_id}_" in plans, plans[-3000:]
+
+
+# -- bulk loads: binary COPY into the corpus's partition ----------------------------------------
+
+def _chunk_ids(app: psycopg.Connection[Any], corpus: store.CorpusInfo, n: int) -> list[int]:
+    """n stored chunks of `corpus` without vectors (queued for its key); their text is
+    "chunk 1", "chunk 2", ..."""
+    with app.transaction():
+        app.execute("INSERT INTO pyembed.documents (corpus_id, document_id, content_hash) "
+                    "SELECT %s, 'd' || i, '\\x00' FROM generate_series(1, %s) i",
+                    (corpus.corpus_id, n))
+        return [r[0] for r in app.execute(
+            "INSERT INTO pyembed.chunks (corpus_id, document_id, chunk_index, content) "
+            "SELECT %s, 'd' || i, 0, 'chunk ' || i FROM generate_series(1, %s) i "
+            "RETURNING chunk_id", (corpus.corpus_id, n))]
+
+
+def _copy(app: psycopg.Connection[Any], corpus_id: int, ids: list[int], key: str,
+          vectors: np.ndarray) -> None:
+    """The vectors of the chunks made by _chunk_ids, with the hashes of their texts."""
+    hashes = [store.sha256(f"chunk {i + 1}") for i in range(len(ids))]
+    with translated(), app.transaction(), app.cursor() as cur:
+        store.copy_vectors(cur, corpus_id, ids, key, vectors, hashes)
+
+
+def test_copy_into_the_partition_is_guarded_row_by_row(
+        app: psycopg.Connection[Any], corpus: store.CorpusInfo) -> None:
+    ids = _chunk_ids(app, corpus, 3)
+    good = np.stack([unit(1024, i) for i in range(3)])
+    assert app.execute("SELECT pyembed.vector_table('docs')").fetchone() == (
+        f"pyembed.vectors_c{corpus.corpus_id}",)
+    with pytest.raises(ModelMismatch) as err:
+        _copy(app, corpus.corpus_id, ids, KEY_B, good)
+    assert KEY_A in str(err.value) and KEY_B in str(err.value) and "corpus docs" in str(err.value)
+    for bad, words in ((np.stack([unit(1024, 0), unit(1024, 1), 2 * unit(1024, 2)]),
+                        "not unit-normalised"),
+                       (np.vstack([good[:2], np.zeros((1, 1024))]), "zero vector"),
+                       (np.stack([unit(512, i) for i in range(3)]), "wrong dimensions")):
+        with pytest.raises(InvalidVector, match=words):
+            _copy(app, corpus.corpus_id, ids, KEY_A, bad.astype(np.float32))
+    with pytest.raises(psycopg.errors.ForeignKeyViolation, match="no chunk"):
+        _copy(app, corpus.corpus_id, [*ids[:2], ids[2] + 1000], KEY_A, good)
+    assert app.execute("SELECT count(*) FROM pyembed.vectors").fetchone() == (0,)
+    assert count(app, "queue") == 3
+
+    _copy(app, corpus.corpus_id, ids, KEY_A, good)
+    assert app.execute("SELECT count(*) FROM pyembed.vectors").fetchone() == (3,)
+    assert count(app, "queue") == 0  # the load did the queued work
+    _copy(app, corpus.corpus_id, ids, KEY_A, good[::-1].copy())  # replaces, one per chunk and key
+    assert app.execute("SELECT count(*) FROM pyembed.vectors").fetchone() == (3,)
+    hits = store.search(app, "docs", good[2], KEY_A, k=1)
+    assert hits[0].chunk_id == ids[0]
+
+
+def test_app_role_may_only_copy_into_a_partition(
+        app: psycopg.Connection[Any], corpus: store.CorpusInfo) -> None:
+    store.write_chunks(app, corpus, rows(2, 1024), KEY_A)
+    part = f"pyembed.vectors_c{corpus.corpus_id}"
+    for query in (f"SELECT chunk_id FROM {part}", f"DELETE FROM {part}",
+                  f"UPDATE {part} SET created_at = now()", f"TRUNCATE {part}"):
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            app.execute(query)
+    with pytest.raises(UnknownCorpus), translated():
+        app.execute("SELECT pyembed.vector_table('nope')")
+
+
+def test_a_dropped_corpus_takes_its_partition_and_indexes(
+        app: psycopg.Connection[Any], owner: psycopg.Connection[Any],
+        corpus: store.CorpusInfo) -> None:
+    store.write_chunks(app, corpus, rows(2, 1024), KEY_A)
+    part = f"pyembed.vectors_c{corpus.corpus_id}"
+    assert owner.execute("SELECT count(*) FROM pg_indexes WHERE schemaname = 'pyembed' "
+                         "AND tablename = %s AND indexname LIKE 'vectors_hnsw_%%'",
+                         (part.split(".")[1],)).fetchone() == (1,)
+    assert store.drop_corpus(app, "docs")
+    assert owner.execute("SELECT to_regclass(%s)", (part,)).fetchone() == (None,)
+    assert owner.execute("SELECT count(*) FROM pyembed.vectors").fetchone() == (0,)
+
+
+def test_the_partition_guard_follows_the_corpus_keys_through_a_migration(
+        app: psycopg.Connection[Any], owner: psycopg.Connection[Any],
+        corpus: store.CorpusInfo) -> None:
+    ids = _chunk_ids(app, corpus, 2)
+    vecs = np.stack([unit(1024, i) for i in range(2)])
+
+    def guard() -> str:
+        row = owner.execute("SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = "
+                            "%s::regclass AND contype = 'c'",
+                            (f"pyembed.vectors_c{corpus.corpus_id}",)).fetchone()
+        assert row is not None
+        return str(row[0])
+
+    assert KEY_A in guard() and KEY_B not in guard()
+    owner.execute("SELECT pyembed.migration_start('docs', %s)", (KEY_B,))
+    assert KEY_A in guard() and KEY_B in guard()
+    _copy(app, corpus.corpus_id, ids, KEY_B, vecs)  # the target key, during the migration
+    owner.execute("SELECT pyembed.migration_rollback('docs')")
+    assert KEY_B not in guard()
+    with pytest.raises(ModelMismatch, match=f"pinned to {KEY_A}"):
+        _copy(app, corpus.corpus_id, ids, KEY_B, vecs)
+    # The CHECK's literals are a fast path only: a row they miss goes to _vector_check, which
+    # accepts what the corpus accepts.
+    assert owner.execute("SELECT pyembed._vector_check(%s, %s, %s, %s)",
+                         (corpus.corpus_id, ids[0], KEY_A, Vector(vecs[0]))).fetchone() == (True,)

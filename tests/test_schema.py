@@ -37,10 +37,10 @@ KEY = "fake/fake-hash@1:384"
 # What the application role may execute; every other pyembed function (triggers, internals,
 # migrations, secrets) it may not. tests/golden/functions.txt lists them all.
 APP_EXECUTE = {
-    "_dims_match(vector, text)",  # called by the vectors_dims_match_model CHECK constraint
+    "_vector_check(integer, bigint, text, vector)",  # called by the partitions' guard CHECK
     "current_tenant()",  # called by the row-level security policies
     "visible_corpora()",
-    "load_vectors()",  # bulk loads: COPY into the session's staging table, then this
+    "vector_table(text)",  # the partition a SQL client COPYs a corpus's vectors into
     "reserve_usage(text, integer, integer, bigint)",  # accounting and rate limits
     "usage_report(integer)",
     "add_document(text, text, text, jsonb)",
@@ -147,6 +147,39 @@ def test_downgrade_to_each_revision_and_back_equals_install(
     assert schema.current_revision(empty_db.owner_dsn) == revision
     assert schema.install(empty_db.owner_dsn) == schema.head_revision()
     _assert_same(schema_dump(empty_db.owner_dsn), fresh_dump)
+
+
+def test_vectors_and_indexes_survive_the_partitioning_revision_both_ways(
+        empty_db: Database) -> None:
+    """0006 moves the vectors into per-corpus partitions and their HNSW indexes with them;
+    its downgrade moves them back into one table."""
+    schema.install(empty_db.owner_dsn)
+    with connect(empty_db.app_dsn, autocommit=True) as app:
+        for name in ("docs", "more"):
+            corpus = store.create_corpus(app, name, KEY)
+            store.write_chunks(app, corpus, rows(5, 384, prefix=name), KEY)
+    query = ("SELECT (SELECT count(*) FROM pyembed.vectors), "
+             "(SELECT array_agg(tablename || ':' || indexname ORDER BY 1) FROM pg_indexes "
+             "WHERE schemaname = 'pyembed' AND indexname LIKE 'vectors_hnsw_%%')")
+    with psycopg.connect(empty_db.owner_dsn) as conn:
+        count, indexes = conn.execute(query).fetchone()  # type: ignore[misc]
+    assert count == 10 and [i.split(":")[0] for i in indexes] == ["vectors_c1", "vectors_c2"]
+
+    schema.downgrade(empty_db.owner_dsn, "0005")
+    with psycopg.connect(empty_db.owner_dsn) as conn:
+        assert conn.execute("SELECT relkind::text FROM pg_class "
+                            "WHERE oid = 'pyembed.vectors'::regclass").fetchone() == ("r",)
+        count, old = conn.execute(query).fetchone()  # type: ignore[misc]
+    assert count == 10 and [i.split(":")[0] for i in old] == ["vectors", "vectors"]
+    assert [i.split(":")[1] for i in old] == [i.split(":")[1] for i in indexes]
+
+    schema.install(empty_db.owner_dsn)
+    with psycopg.connect(empty_db.owner_dsn) as conn:
+        assert conn.execute(query).fetchone() == (10, indexes)
+    with connect(empty_db.app_dsn, autocommit=True) as app:
+        hits = store.search(app, "more", rows(5, 384, prefix="more")[3].embedding, KEY, k=1)
+        assert hits[0].document_id == "more3"
+        store.write_chunks(app, store.corpus_info(app, "docs"), rows(1, 384, prefix="new"), KEY)
 
 
 def test_step_by_step_upgrade_equals_install(empty_db: Database, fresh_dump: str) -> None:

@@ -6,14 +6,16 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import psycopg
 import pytest
 from psycopg import sql
 
 import pyembed
-from pyembed import tenants
+from pyembed import store, tenants
+from pyembed.db import translated
 from tests.conftest import Database
-from tests.helpers import count
+from tests.helpers import count, unit
 
 A_KEY = "fake/fake-hash@1:384"
 B_KEY = "fake/fake-hash@2:1024"
@@ -88,6 +90,24 @@ def test_searches_near_the_other_tenants_vectors_return_the_same(two: dict[str, 
     assert [h.document_id for h in docs.search(query, k=50, filter={"n": 3})] == before_f
     for mode in ("keyword", "hybrid"):
         assert all(h.document_id.startswith("docs-") for h in docs.search(query, k=50, mode=mode))
+    a.close()
+    b.close()
+
+
+def test_a_tenant_cannot_copy_into_another_tenants_partition(two: dict[str, str]) -> None:
+    a = fill(two["a"], A_KEY, 2)
+    b = fill(two["b"], A_KEY, 2)
+    b_id = store.corpus_info(b.conn, "docs").corpus_id
+    b_chunks = [r[0] for r in b.conn.execute("SELECT chunk_id FROM pyembed.chunks")]
+    # Every tenant's login role is in pyembed_app, which may INSERT into every partition: the
+    # partition's statement trigger refuses another tenant's before a row is written.
+    with pytest.raises(pyembed.UnknownCorpus, match=f"unknown corpus id {b_id}"), translated(), \
+            a.conn.transaction(), a.conn.cursor() as cur:
+        store.copy_vectors(cur, b_id, b_chunks, A_KEY, np.stack([unit(384, 1), unit(384, 2)]),
+                           [None, None], replace=False)
+    assert a.conn.execute("SELECT pyembed.vector_table('docs')").fetchone() != (
+        f"pyembed.vectors_c{b_id}",)
+    assert b.conn.execute("SELECT count(*) FROM pyembed.vectors").fetchone() == (2,)
     a.close()
     b.close()
 
