@@ -186,7 +186,7 @@ def embed_batch(plpy: Any, GD: dict[str, Any], texts: list[str | None] | None,
 
 CORPUS = """SELECT corpus_id, model_key, target_model_key, migration_step, traffic_share,
   chunk_tokens, chunk_overlap FROM pyembed.corpora
-  WHERE name = $1 AND tenant_id IS NOT DISTINCT FROM pyembed.current_tenant()"""
+  WHERE name = $1 AND coalesce(tenant_id, 0) = coalesce((SELECT pyembed.current_tenant()), 0)"""
 
 
 def _corpus(plpy: Any, GD: dict[str, Any], name: str | None) -> dict[str, Any]:

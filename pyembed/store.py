@@ -99,7 +99,7 @@ def model_spec(conn: psycopg.Connection[Any], key: str) -> ModelSpec:
 CORPORA = """SELECT c.corpus_id, c.name, c.model_key, m.dimensions, c.target_model_key,
        c.migration_step, c.traffic_share, c.chunk_tokens, c.chunk_overlap, c.description
   FROM pyembed.corpora c JOIN pyembed.models m USING (model_key)
- WHERE c.tenant_id IS NOT DISTINCT FROM pyembed.current_tenant()"""
+ WHERE coalesce(c.tenant_id, 0) = coalesce((SELECT pyembed.current_tenant()), 0)"""
 """The session's tenant's corpora (stated here too: a superuser is not bound by row security)."""
 
 

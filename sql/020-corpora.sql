@@ -118,7 +118,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
   id integer := (SELECT c.corpus_id FROM pyembed.corpora c WHERE c.name = corpus
-                    AND c.tenant_id IS NOT DISTINCT FROM pyembed.current_tenant());
+                   AND coalesce(c.tenant_id, 0) = coalesce((SELECT pyembed.current_tenant()), 0));
 BEGIN
   IF id IS NULL THEN
     RAISE EXCEPTION USING ERRCODE = 'PE002',
@@ -192,7 +192,7 @@ BEGIN
       HINT = '`pyembed models` lists the registered keys';
   END IF;
   IF EXISTS (SELECT FROM pyembed.corpora c WHERE c.name = create_corpus.name
-               AND c.tenant_id IS NOT DISTINCT FROM pyembed.current_tenant()) THEN
+               AND coalesce(c.tenant_id, 0) = coalesce((SELECT pyembed.current_tenant()), 0)) THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
       MESSAGE = format('corpus %s already exists', create_corpus.name);
   END IF;
@@ -216,7 +216,7 @@ DECLARE
   c pyembed.corpora;
 BEGIN
   SELECT * INTO c FROM pyembed.corpora WHERE corpora.name = drop_corpus.name
-     AND corpora.tenant_id IS NOT DISTINCT FROM pyembed.current_tenant();
+     AND coalesce(corpora.tenant_id, 0) = coalesce((SELECT pyembed.current_tenant()), 0);
   IF NOT FOUND THEN
     RETURN false;
   END IF;

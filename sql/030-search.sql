@@ -25,7 +25,8 @@ BEGIN
          co.migration_step, m.dimensions, m.distance
     INTO c
     FROM pyembed.corpora co LEFT JOIN pyembed.models m ON m.model_key = query_model_key
-   WHERE co.name = corpus AND co.tenant_id IS NOT DISTINCT FROM pyembed.current_tenant();
+   WHERE co.name = corpus
+     AND coalesce(co.tenant_id, 0) = coalesce((SELECT pyembed.current_tenant()), 0);
   IF NOT FOUND THEN
     RAISE EXCEPTION USING ERRCODE = 'PE002',
       MESSAGE = format('unknown corpus %s', coalesce(quote_literal(left(corpus, 80)), 'NULL')),

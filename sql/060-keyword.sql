@@ -96,7 +96,8 @@ DECLARE
   c pyembed.corpora;
 BEGIN
   SELECT * INTO c FROM pyembed.corpora
-   WHERE name = corpus AND tenant_id IS NOT DISTINCT FROM pyembed.current_tenant();
+   WHERE name = corpus
+     AND coalesce(tenant_id, 0) = coalesce((SELECT pyembed.current_tenant()), 0);
   IF NOT FOUND THEN
     RAISE EXCEPTION USING ERRCODE = 'PE002',
       MESSAGE = format('unknown corpus %s', coalesce(quote_literal(left(corpus, 80)), 'NULL'));

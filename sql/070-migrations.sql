@@ -9,7 +9,8 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
   SELECT * INTO c FROM pyembed.corpora
-   WHERE name = corpus AND tenant_id IS NOT DISTINCT FROM pyembed.current_tenant() FOR UPDATE;
+   WHERE name = corpus AND coalesce(tenant_id, 0) = coalesce((SELECT pyembed.current_tenant()), 0)
+     FOR UPDATE;
   IF NOT FOUND THEN
     RAISE EXCEPTION USING ERRCODE = 'PE002',
       MESSAGE = format('unknown corpus %s', coalesce(quote_literal(left(corpus, 80)), 'NULL'));

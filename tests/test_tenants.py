@@ -112,6 +112,25 @@ def test_a_tenant_cannot_copy_into_another_tenants_partition(two: dict[str, str]
     b.close()
 
 
+def test_tenant_checks_run_once_per_statement_whatever_the_number_of_corpora(
+        owner: psycopg.Connection[Any], app: psycopg.Connection[Any]) -> None:
+    for i in range(50):
+        store.create_corpus(app, f"c{i}", A_KEY)
+    with owner.transaction():
+        owner.execute("SET LOCAL track_functions = 'all'")
+        owner.execute("SET LOCAL ROLE pyembed_user")
+        for query in ("SELECT count(*) FROM pyembed.chunks", "SELECT count(*) FROM pyembed.corpora",
+                      "SELECT pyembed.visible_corpora()",
+                      "SELECT * FROM pyembed.search_keyword('c7', 'words', 5)"):
+            owner.execute(query).fetchall()
+        owner.execute("RESET ROLE")
+        calls = dict(owner.execute("SELECT funcname, calls FROM pg_stat_xact_user_functions "
+                                   "WHERE schemaname = 'pyembed'").fetchall())
+    # At most a few calls per statement, not one per corpus row.
+    assert calls["current_tenant"] <= 8, calls
+    assert calls["visible_corpora"] <= 4, calls
+
+
 def test_cache_entries_are_not_shared(two: dict[str, str]) -> None:
     a, b = pyembed.connect(two["a"]), pyembed.connect(two["b"])
     a.embedder(A_KEY).embed_query("the same text")
