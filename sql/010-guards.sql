@@ -92,46 +92,41 @@ END
 $$;
 
 -- After a write: every vector's chunk exists, and queued work for the same key and text is
--- done. A batch's chunk ids usually form a range that the corpus holds in full; then one count
--- proves every chunk there, and only a batch with gaps is checked chunk by chunk. Index probes
--- only: statistics of a table that a load is filling lag behind it, and a plan that scans the
--- queue or the chunks once per statement would make the load quadratic.
+-- done. One corpus and key at a time, the written chunk ids as an array: `= ANY(ids)` reads an
+-- index or hashes the array, linear either way, where a join with the transition table could
+-- be planned as a nested loop over a table whose statistics lag behind a load (quadratic).
 CREATE OR REPLACE FUNCTION pyembed._vectors_written() RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
-SET enable_seqscan = off
-SET enable_hashjoin = off
-SET enable_mergejoin = off
 AS $$
 DECLARE
   r record;
-  gaps boolean := false;
-  queued boolean := false;
+  missing bigint;
 BEGIN
-  FOR r IN SELECT corpus_id, min(chunk_id) AS lo, max(chunk_id) AS hi
-             FROM new_rows GROUP BY corpus_id LOOP
-    gaps := gaps OR (SELECT count(*) FROM pyembed.chunks ch WHERE ch.corpus_id = r.corpus_id
-                        AND ch.chunk_id BETWEEN r.lo AND r.hi) < r.hi - r.lo + 1;
-    queued := queued OR EXISTS (SELECT FROM pyembed.queue q WHERE q.corpus_id = r.corpus_id
-                                   AND q.chunk_id BETWEEN r.lo AND r.hi);
-  END LOOP;
-  IF gaps THEN
-    SELECT n.chunk_id, n.corpus_id INTO r FROM new_rows n
-     WHERE NOT EXISTS (SELECT FROM pyembed.chunks ch
-                        WHERE ch.corpus_id = n.corpus_id AND ch.chunk_id = n.chunk_id)
-     LIMIT 1;
-    IF FOUND THEN
+  FOR r IN SELECT corpus_id, model_key, array_agg(chunk_id) AS ids, min(chunk_id) AS lo,
+                  max(chunk_id) AS hi
+             FROM new_rows GROUP BY corpus_id, model_key LOOP
+    -- A statement writes a chunk's vector for a key at most once (primary key).
+    IF (SELECT count(*) FROM pyembed.chunks ch
+         WHERE ch.corpus_id = r.corpus_id AND ch.chunk_id = ANY (r.ids)) < cardinality(r.ids) THEN
+      SELECT t.id INTO missing FROM unnest(r.ids) AS t(id)
+       WHERE NOT EXISTS (SELECT FROM pyembed.chunks ch
+                          WHERE ch.corpus_id = r.corpus_id AND ch.chunk_id = t.id)
+       LIMIT 1;
       RAISE EXCEPTION USING ERRCODE = '23503',
-        MESSAGE = format('no chunk %s in corpus %s: vectors belong to stored chunks', r.chunk_id,
+        MESSAGE = format('no chunk %s in corpus %s: vectors belong to stored chunks', missing,
                          coalesce((SELECT c.name FROM pyembed.corpora c
                                     WHERE c.corpus_id = r.corpus_id), r.corpus_id::text));
     END IF;
-  END IF;
-  IF queued THEN
-    DELETE FROM pyembed.queue q USING new_rows n
-     WHERE q.corpus_id = n.corpus_id AND q.chunk_id = n.chunk_id AND q.model_key = n.model_key
-       AND q.content_hash = n.content_hash;
-  END IF;
+    IF EXISTS (SELECT FROM pyembed.queue q WHERE q.corpus_id = r.corpus_id
+                  AND q.chunk_id BETWEEN r.lo AND r.hi) THEN
+      DELETE FROM pyembed.queue q
+       WHERE q.corpus_id = r.corpus_id AND q.model_key = r.model_key AND q.chunk_id = ANY (r.ids)
+         AND q.content_hash = (SELECT v.content_hash FROM pyembed.vectors v
+                                WHERE v.corpus_id = r.corpus_id AND v.chunk_id = q.chunk_id
+                                  AND v.model_key = r.model_key);
+    END IF;
+  END LOOP;
   RETURN NULL;
 END
 $$;
