@@ -176,13 +176,17 @@ def write_chunks(conn: psycopg.Connection[Any], corpus: CorpusInfo, rows: Sequen
                SELECT %s, d, h, m::jsonb FROM unnest(%s::text[], %s::bytea[], %s::text[]) AS t(d, h, m)
                ON CONFLICT (corpus_id, document_id) DO UPDATE
                  SET content_hash = EXCLUDED.content_hash, metadata = EXCLUDED.metadata,
-                     updated_at = now()""",
+                     updated_at = now()
+               RETURNING document_id, xmax = 0 AS inserted""",
             (corpus.corpus_id, list(docs), [hashes[d] for d in docs],
              [json.dumps(c[0].metadata, default=str) for c in docs.values()]))
-        cur.execute(
-            """DELETE FROM pyembed.chunks c USING unnest(%s::text[], %s::int[]) AS t(d, n)
-                WHERE c.corpus_id = %s AND c.document_id = t.d AND c.chunk_index >= t.n""",
-            (list(docs), [len(c) for c in docs.values()], corpus.corpus_id))
+        # A stored document that now has fewer chunks loses the rest (new ones have none).
+        replaced = [d for d, inserted in cur.fetchall() if not inserted]
+        if replaced:
+            cur.execute(
+                """DELETE FROM pyembed.chunks c USING unnest(%s::text[], %s::int[]) AS t(d, n)
+                    WHERE c.corpus_id = %s AND c.document_id = t.d AND c.chunk_index >= t.n""",
+                (replaced, [len(docs[d]) for d in replaced], corpus.corpus_id))
         # One statement for all chunks: the statement-level triggers (queue, keyword index)
         # then run once per batch, not once per chunk.
         cur.execute(

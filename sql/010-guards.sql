@@ -203,11 +203,10 @@ LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-  c integer;
+  r record;
 BEGIN
-  FOR c IN SELECT DISTINCT o.corpus_id FROM old_rows o LOOP
-    DELETE FROM pyembed.vectors v USING old_rows o
-     WHERE v.corpus_id = c AND o.corpus_id = c AND v.chunk_id = o.chunk_id;
+  FOR r IN SELECT corpus_id, array_agg(chunk_id) AS ids FROM old_rows GROUP BY corpus_id LOOP
+    DELETE FROM pyembed.vectors v WHERE v.corpus_id = r.corpus_id AND v.chunk_id = ANY (r.ids);
   END LOOP;
   RETURN NULL;
 END

@@ -4,9 +4,11 @@
 -- transition tables its trigger event has.)
 
 -- SECURITY DEFINER: the application role writes chunks but has no access to the index tables.
+-- work_mem: a batch's postings (~13 a chunk) are sorted by chunk in memory, not on disk.
 CREATE OR REPLACE FUNCTION pyembed._index_chunks() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+SET work_mem = '64MB'
 AS $$
 BEGIN
   IF TG_OP = 'INSERT' THEN
@@ -45,6 +47,26 @@ CREATE OR REPLACE TRIGGER chunks_keyword_insert
 CREATE OR REPLACE TRIGGER chunks_keyword_update
   AFTER UPDATE ON pyembed.chunks REFERENCING NEW TABLE AS new_rows OLD TABLE AS old_rows
   FOR EACH STATEMENT EXECUTE FUNCTION pyembed._index_chunks();
+
+-- Deleting chunks deletes their postings (one statement per corpus, instead of a row-level
+-- foreign key); the chunk ids as an array read the postings_chunk index, whatever the plan.
+CREATE OR REPLACE FUNCTION pyembed._unindex_chunks() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  r record;
+BEGIN
+  FOR r IN SELECT corpus_id, array_agg(chunk_id) AS ids FROM old_rows GROUP BY corpus_id LOOP
+    DELETE FROM pyembed.postings p WHERE p.corpus_id = r.corpus_id AND p.chunk_id = ANY (r.ids);
+  END LOOP;
+  RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER chunks_keyword_delete
+  AFTER DELETE ON pyembed.chunks REFERENCING OLD TABLE AS old_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION pyembed._unindex_chunks();
 
 -- Document frequencies and corpus totals follow the postings, a statement at a time.
 CREATE OR REPLACE FUNCTION pyembed._count_postings() RETURNS trigger

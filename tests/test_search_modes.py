@@ -70,6 +70,10 @@ def test_bm25_matches_a_from_scratch_computation_after_updates_and_deletes(
                                     WHERE p.corpus_id = l.corpus_id AND p.lexeme = l.lexeme))
              FROM pyembed.lexeme_stats l""").fetchone()
     assert consistent == (True,)
+    orphans = owner.execute("SELECT count(*) FROM pyembed.postings p WHERE NOT EXISTS (SELECT "
+                            "FROM pyembed.chunks ch WHERE ch.corpus_id = p.corpus_id AND "
+                            "ch.chunk_id = p.chunk_id)").fetchone()
+    assert orphans == (0,)  # deleted and replaced chunks took their postings
 
 
 def test_keyword_finds_an_exact_error_code_and_hybrid_keeps_it_first(client: Any) -> None:

@@ -147,8 +147,10 @@ _LABEL = re.compile(r"^\s*(INSERT INTO|DELETE FROM|COPY|SELECT|UPDATE)\s+([\w.]+
 
 def _label(query: Any, conn: psycopg.Connection[Any]) -> str:
     text = query.as_string(conn) if isinstance(query, sql.Composable) else str(query)
-    m = _LABEL.match(text)
-    return f"{m.group(1).upper()} {m.group(2)}" if m else text.strip()[:40]
+    m = _LABEL.match(text.replace('"', ""))
+    if not m:
+        return text.strip()[:40]
+    return f"{m.group(1).upper()} {re.sub(r'_c[0-9]+$', '_c<corpus>', m.group(2))}"
 
 
 class TimingCursor(psycopg.Cursor[Any]):
