@@ -95,9 +95,11 @@ $$;
 -- done. One corpus and key at a time, the written chunk ids as an array: `= ANY(ids)` reads an
 -- index or hashes the array, linear either way, where a join with the transition table could
 -- be planned as a nested loop over a table whose statistics lag behind a load (quadratic).
+-- Custom plans: PostgreSQL hashes `= ANY(array)` only when it plans with the array's value.
 CREATE OR REPLACE FUNCTION pyembed._vectors_written() RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
+SET plan_cache_mode = force_custom_plan
 AS $$
 DECLARE
   r record;
@@ -197,10 +199,11 @@ CREATE OR REPLACE TRIGGER chunks_hash
   FOR EACH ROW EXECUTE FUNCTION pyembed._chunk_hash();
 
 -- Deleting chunks deletes their vectors (one statement per corpus, instead of a row-level
--- foreign key; a dropped corpus has dropped its partition already).
+-- foreign key; a dropped corpus has dropped its partition already), planned as above.
 CREATE OR REPLACE FUNCTION pyembed._drop_chunk_vectors() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+SET plan_cache_mode = force_custom_plan
 AS $$
 DECLARE
   r record;

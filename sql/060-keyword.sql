@@ -49,10 +49,11 @@ CREATE OR REPLACE TRIGGER chunks_keyword_update
   FOR EACH STATEMENT EXECUTE FUNCTION pyembed._index_chunks();
 
 -- Deleting chunks deletes their postings (one statement per corpus, instead of a row-level
--- foreign key); the chunk ids as an array read the postings_chunk index, whatever the plan.
+-- foreign key), planned as pyembed._vectors_written is (010-guards.sql).
 CREATE OR REPLACE FUNCTION pyembed._unindex_chunks() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+SET plan_cache_mode = force_custom_plan
 AS $$
 DECLARE
   r record;
