@@ -92,14 +92,15 @@ END
 $$;
 
 -- After a write: every vector's chunk exists, and queued work for the same key and text is
--- done. One corpus and key at a time, the written chunk ids as an array: `= ANY(ids)` reads an
--- index or hashes the array, linear either way, where a join with the transition table could
--- be planned as a nested loop over a table whose statistics lag behind a load (quadratic).
--- Custom plans: PostgreSQL hashes `= ANY(array)` only when it plans with the array's value.
+-- done. One corpus and key at a time, the written chunk ids as an array probe the chunk and
+-- queue indexes: the cost follows the batch, not the corpus. (A join with the transition table
+-- was planned as a nested loop over the queue, quadratic; `= ANY(ids)` on a sequential scan
+-- reads the whole corpus for every batch; and a generic plan searches the array row by row.)
 CREATE OR REPLACE FUNCTION pyembed._vectors_written() RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 SET plan_cache_mode = force_custom_plan
+SET enable_seqscan = off
 AS $$
 DECLARE
   r record;
@@ -204,6 +205,7 @@ CREATE OR REPLACE FUNCTION pyembed._drop_chunk_vectors() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET plan_cache_mode = force_custom_plan
+SET enable_seqscan = off
 AS $$
 DECLARE
   r record;

@@ -54,6 +54,7 @@ CREATE OR REPLACE FUNCTION pyembed._unindex_chunks() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET plan_cache_mode = force_custom_plan
+SET enable_seqscan = off
 AS $$
 DECLARE
   r record;
