@@ -222,34 +222,6 @@ def vector_partition(corpus_id: int) -> sql.Identifier:
 _ROW_OVERHEAD = 200
 
 
-_COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(8)  # signature, flags, header extension
-_COPY_TRAILER = b"\xff\xff"
-
-
-def binary_copy_rows(corpus_id: int, chunk_ids: Sequence[int], model_key: str,
-                     vectors: np.ndarray, content_hashes: Sequence[bytes | None]) -> bytes:
-    """A whole binary COPY stream of (corpus_id, chunk_id, model_key, embedding, content_hash)
-    rows with 32-byte hashes, encoded by numpy at once: the same bytes as psycopg's write_row
-    with pgvector's dumper, at a tenth of the client's time (the row-by-row Python encoding
-    was the slower half of a bulk load)."""
-    n, dims = vectors.shape
-    key = model_key.encode()
-    row = np.dtype([("fields", ">i2"), ("corpus_len", ">i4"), ("corpus", ">i4"),
-                    ("chunk_len", ">i4"), ("chunk", ">i8"), ("key_len", ">i4"),
-                    ("key", f"S{len(key)}"), ("vec_len", ">i4"), ("dims", ">u2"),
-                    ("unused", ">u2"), ("vec", ">f4", (dims,)), ("hash_len", ">i4"),
-                    ("hash", "S32")])
-    rows = np.empty(n, dtype=row)
-    rows["fields"] = 5
-    rows["corpus_len"], rows["corpus"] = 4, corpus_id
-    rows["chunk_len"], rows["chunk"] = 8, np.asarray(chunk_ids, dtype=np.int64)
-    rows["key_len"], rows["key"] = len(key), key
-    rows["vec_len"], rows["dims"], rows["unused"] = 4 + 4 * dims, dims, 0
-    rows["vec"] = vectors
-    rows["hash_len"], rows["hash"] = 32, np.array(content_hashes, dtype="S32")
-    return _COPY_HEADER + rows.tobytes() + _COPY_TRAILER
-
-
 def copy_vectors(cur: psycopg.Cursor[Any], corpus_id: int, chunk_ids: Sequence[int],
                  model_key: str, vectors: np.ndarray, content_hashes: Sequence[bytes | None],
                  *, replace: bool = True) -> int:
@@ -274,13 +246,9 @@ def copy_vectors(cur: psycopg.Cursor[Any], corpus_id: int, chunk_ids: Sequence[i
     with cur.copy(sql.SQL("COPY {} (corpus_id, chunk_id, model_key, embedding, content_hash) "
                           "FROM STDIN WITH (FORMAT BINARY)").format(vector_partition(corpus_id))
                   ) as copy:
-        if all(h is not None and len(h) == 32 for h in content_hashes):
-            copy.write(binary_copy_rows(corpus_id, chunk_ids, model_key, vectors,
-                                        content_hashes))
-        else:
-            copy.set_types(["int4", "int8", "text", "vector", "bytea"])
-            for cid, vec, h in zip(chunk_ids, vectors, content_hashes, strict=True):
-                copy.write_row((corpus_id, cid, model_key, Vector(vec), h))
+        copy.set_types(["int4", "int8", "text", "vector", "bytea"])
+        for cid, vec, h in zip(chunk_ids, vectors, content_hashes, strict=True):
+            copy.write_row((corpus_id, cid, model_key, Vector(vec), h))
     if row is not None:
         cur.execute("SELECT set_config('work_mem', %s, true)", (row[0],))
     return len(chunk_ids)

@@ -312,23 +312,3 @@ def test_the_partition_guard_follows_the_corpus_keys_through_a_migration(
     # accepts what the corpus accepts.
     assert owner.execute("SELECT pyembed._vector_check(%s, %s, %s, %s)",
                          (corpus.corpus_id, ids[0], KEY_A, Vector(vecs[0]))).fetchone() == (True,)
-
-
-@pytest.mark.parametrize("dims", [1, 3, 384, 3072])
-def test_the_numpy_copy_encoder_writes_what_it_was_given(app: psycopg.Connection[Any],
-                                                         dims: int) -> None:
-    """store.binary_copy_rows (used by copy_vectors) against the server's own decoder."""
-    rng = np.random.default_rng(dims)
-    vectors = rng.standard_normal((5, dims)).astype(np.float32)
-    ids = [1, 2**40, 3, 2**63 - 1, 0]
-    hashes = [bytes([i]) * 31 + b"\x00" for i in range(5)]  # a trailing NUL survives
-    with app.transaction(), app.cursor() as cur:
-        cur.execute("CREATE TEMP TABLE copied (corpus_id integer, chunk_id bigint, model_key text, "
-                    "embedding vector, content_hash bytea) ON COMMIT DROP")
-        with cur.copy("COPY copied FROM STDIN WITH (FORMAT BINARY)") as copy:
-            copy.write(store.binary_copy_rows(42, ids, "x/é@1:9", vectors, hashes))
-        got = cur.execute("SELECT corpus_id, chunk_id, model_key, embedding, content_hash "
-                          "FROM copied").fetchall()
-    assert [(c, i, k, bytes(h)) for c, i, k, _, h in got] == [
-        (42, i, "x/é@1:9", h) for i, h in zip(ids, hashes, strict=True)]
-    assert np.array_equal(np.stack([np.asarray(r[3].to_numpy()) for r in got]), vectors)
