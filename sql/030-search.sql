@@ -16,7 +16,7 @@ RETURNS TABLE (document_id text, chunk_id bigint, chunk_index integer, content t
                metadata jsonb, score double precision, model_key text)
 LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
-SET hnsw.iterative_scan = 'relaxed_order'
+SET hnsw.iterative_scan = 'off'
 SET hnsw.ef_search = 100
 AS $$
 DECLARE
@@ -54,6 +54,12 @@ BEGIN
   END IF;
   IF vector_norm(query_embedding) = 0 THEN
     RAISE EXCEPTION USING ERRCODE = 'PE003', MESSAGE = 'zero query vector';
+  END IF;
+  -- A filter may reject most of the nearest chunks: the index scan then goes on past
+  -- ef_search until it has k (an unfiltered search is ~7% faster without it). The setting is
+  -- the function's own (SET above), so this lasts until it returns.
+  IF filter IS NOT NULL THEN
+    PERFORM set_config('hnsw.iterative_scan', 'relaxed_order', true);
   END IF;
   -- Must match pyembed._index_spec, which built the index.
   t := CASE WHEN c.dimensions <= 2000 THEN 'vector' ELSE 'halfvec' END;
