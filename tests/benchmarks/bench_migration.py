@@ -198,10 +198,9 @@ def timed(steps: list[tuple[str, float, str]], name: str, fn: Callable[[], T],
 
 
 def sizes(owner: psycopg.Connection[Any]) -> str:
-    row = owner.execute(
-        """SELECT pg_table_size('pyembed.vectors'),
-                  (SELECT coalesce(sum(pg_relation_size(indexrelid)), 0) FROM pg_index
-                    WHERE indrelid = 'pyembed.vectors'::regclass)""").fetchone()
+    row = owner.execute(  # over the corpora's partitions
+        """SELECT coalesce(sum(pg_table_size(relid)), 0), coalesce(sum(pg_indexes_size(relid)), 0)
+             FROM pg_partition_tree('pyembed.vectors') WHERE isleaf""").fetchone()
     assert row is not None
     return f"vectors table {row[0] / 2**20:.1f} MiB, its indexes {row[1] / 2**20:.1f} MiB"
 
