@@ -76,11 +76,14 @@ BEGIN
     CASE WHEN filter IS NULL THEN '' ELSE 'AND f.metadata @> $2' END,
     k)
   INTO ids, distances USING query_embedding, filter;
+  -- `= ANY (ids)`: k index probes into chunks, whatever the statistics say (joined with the
+  -- array alone, the kept plan was a hash join over all the corpus's chunks: 1.5x slower at 5k).
   RETURN QUERY
   SELECT ch.document_id, ch.chunk_id, ch.chunk_index, ch.content, ch.metadata,
          CASE c.distance WHEN 'cosine' THEN 1 - h.distance ELSE -h.distance END, query_model_key
-    FROM unnest(ids, distances) AS h(chunk_id, distance)
-    JOIN pyembed.chunks ch ON ch.corpus_id = c.corpus_id AND ch.chunk_id = h.chunk_id
+    FROM pyembed.chunks ch
+    JOIN unnest(ids, distances) AS h(chunk_id, distance) ON h.chunk_id = ch.chunk_id
+   WHERE ch.corpus_id = c.corpus_id AND ch.chunk_id = ANY (ids)
    ORDER BY h.distance, h.chunk_id;
 END
 $$;
