@@ -83,13 +83,17 @@ ON CONFLICT (corpus_id, chunk_id, model_key) DO UPDATE
 # Replace, not upsert: the application role may write vectors but never read them back, and
 # ON CONFLICT DO UPDATE would need to read the existing row.
 # Only the vectors about to be replaced: a stale result must never remove a newer vector.
-# One corpus per statement: the planner then reads only that corpus's partition.
+# One corpus per statement: the planner then reads only that corpus's partition; and
+# `chunk_id = ANY (ids)` keeps the chunks and vectors read to index probes, whatever their
+# statistics.
 UNWRITE = """
 DELETE FROM pyembed.vectors v
  USING unnest(%(chunk_ids)s::bigint[], %(hashes)s::bytea[]) AS t(chunk_id, content_hash)
   JOIN pyembed.chunks ch ON ch.corpus_id = %(corpus_id)s AND ch.chunk_id = t.chunk_id
                         AND ch.content_hash = t.content_hash
+                        AND ch.chunk_id = ANY (%(chunk_ids)s::bigint[])
  WHERE v.corpus_id = %(corpus_id)s AND v.chunk_id = t.chunk_id AND v.model_key = %(model)s
+   AND v.chunk_id = ANY (%(chunk_ids)s::bigint[])
 """
 
 WRITE = """
@@ -99,6 +103,7 @@ SELECT %(corpus_id)s, t.chunk_id, %(model)s, t.embedding, t.content_hash
          AS t(chunk_id, embedding, content_hash)
   JOIN pyembed.chunks ch ON ch.corpus_id = %(corpus_id)s AND ch.chunk_id = t.chunk_id
                         AND ch.content_hash = t.content_hash
+                        AND ch.chunk_id = ANY (%(chunk_ids)s::bigint[])
 """
 
 FAIL = """
