@@ -18,6 +18,8 @@
 --     dequeued.
 
 -- The slow path of the per-partition CHECK constraint: raises the error for a refused vector.
+-- Callable by the application role (a CHECK runs as the writer), so it answers only for the
+-- caller's tenant's corpora; running as its owner, it can tell superusers only by session_user.
 CREATE OR REPLACE FUNCTION pyembed._vector_check(p_corpus_id integer, p_chunk_id bigint,
                                                  p_model_key text, p_embedding vector)
 RETURNS boolean
@@ -66,10 +68,11 @@ CREATE OR REPLACE FUNCTION pyembed._vector_guard_expr(p_corpus_id integer) RETUR
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
-  SELECT string_agg(format('(model_key = %L AND vector_dims(embedding) = %s AND %s)', m.model_key,
-                           m.dimensions, CASE WHEN m.normalized
-                             THEN 'abs(vector_norm(embedding) - 1::double precision) <= 0.001::double precision'
-                             ELSE 'vector_norm(embedding) > 0::double precision' END),
+  SELECT string_agg(format('(model_key = %L AND vector_dims(embedding) = %s AND %s)',
+                           m.model_key, m.dimensions,
+                           CASE WHEN m.normalized
+                             THEN 'abs(vector_norm(embedding) - 1::float8) <= 0.001::float8'
+                             ELSE 'vector_norm(embedding) > 0::float8' END),
                     ' OR ' ORDER BY m.model_key)
          || ' OR pyembed._vector_check(corpus_id, chunk_id, model_key, embedding)'
     FROM pyembed.corpora c JOIN pyembed.models m ON m.model_key IN (c.model_key, c.target_model_key)
