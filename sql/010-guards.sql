@@ -95,8 +95,8 @@ END
 $$;
 
 -- After a write: every vector's chunk exists, and queued work for the same key and text is
--- done. One corpus and key at a time, the written chunk ids as an array probe the chunk and
--- queue indexes: the cost follows the batch, not the corpus. (A join with the transition table
+-- done. One corpus and key at a time, the written chunk ids (and their texts' hashes) as
+-- arrays probe the chunk and queue indexes: the cost follows the batch, not the corpus. (A join with the transition table
 -- was planned as a nested loop over the queue, quadratic; `= ANY(ids)` on a sequential scan
 -- reads the whole corpus for every batch; and a generic plan searches the array row by row.)
 CREATE OR REPLACE FUNCTION pyembed._vectors_written() RETURNS trigger
@@ -109,8 +109,8 @@ DECLARE
   r record;
   missing bigint;
 BEGIN
-  FOR r IN SELECT corpus_id, model_key, array_agg(chunk_id) AS ids, min(chunk_id) AS lo,
-                  max(chunk_id) AS hi
+  FOR r IN SELECT corpus_id, model_key, array_agg(chunk_id) AS ids,
+                  array_agg(content_hash) AS hashes, min(chunk_id) AS lo, max(chunk_id) AS hi
              FROM new_rows GROUP BY corpus_id, model_key LOOP
     -- A statement writes a chunk's vector for a key at most once (primary key).
     IF (SELECT count(*) FROM pyembed.chunks ch
@@ -126,11 +126,9 @@ BEGIN
     END IF;
     IF EXISTS (SELECT FROM pyembed.queue q WHERE q.corpus_id = r.corpus_id
                   AND q.chunk_id BETWEEN r.lo AND r.hi) THEN
-      DELETE FROM pyembed.queue q
-       WHERE q.corpus_id = r.corpus_id AND q.model_key = r.model_key AND q.chunk_id = ANY (r.ids)
-         AND q.content_hash = (SELECT v.content_hash FROM pyembed.vectors v
-                                WHERE v.corpus_id = r.corpus_id AND v.chunk_id = q.chunk_id
-                                  AND v.model_key = r.model_key);
+      DELETE FROM pyembed.queue q USING unnest(r.ids, r.hashes) AS w(chunk_id, content_hash)
+       WHERE q.corpus_id = r.corpus_id AND q.model_key = r.model_key
+         AND q.chunk_id = w.chunk_id AND q.content_hash = w.content_hash;
     END IF;
   END LOOP;
   RETURN NULL;

@@ -262,6 +262,19 @@ def test_copy_into_the_partition_is_guarded_row_by_row(
     assert hits[0].chunk_id == ids[0]
 
 
+def test_a_vector_of_another_text_leaves_the_chunk_queued(
+        app: psycopg.Connection[Any], corpus: store.CorpusInfo) -> None:
+    ids = _chunk_ids(app, corpus, 3)
+    vectors = np.stack([unit(1024, i) for i in range(3)])
+    stale = [store.sha256("chunk 1"), store.sha256("an older text"), None]
+    with translated(), app.transaction(), app.cursor() as cur:
+        store.copy_vectors(cur, corpus.corpus_id, ids, KEY_A, vectors, stale)
+    assert app.execute("SELECT count(*) FROM pyembed.vectors").fetchone() == (3,)
+    queued = [r[0] for r in app.execute(
+        "SELECT chunk_id FROM pyembed.queue WHERE model_key = %s ORDER BY chunk_id", (KEY_A,))]
+    assert queued == ids[1:]  # only the vector made from the queued text did its work
+
+
 def test_app_role_may_only_copy_into_a_partition(
         app: psycopg.Connection[Any], corpus: store.CorpusInfo) -> None:
     store.write_chunks(app, corpus, rows(2, 1024), KEY_A)
