@@ -96,9 +96,10 @@ $$;
 
 -- After a write: every vector's chunk exists, and queued work for the same key and text is
 -- done. One corpus and key at a time, the written chunk ids (and their texts' hashes) as
--- arrays probe the chunk and queue indexes: the cost follows the batch, not the corpus. (A join with the transition table
--- was planned as a nested loop over the queue, quadratic; `= ANY(ids)` on a sequential scan
--- reads the whole corpus for every batch; and a generic plan searches the array row by row.)
+-- arrays probe the chunk and queue indexes: the cost follows the batch, not the corpus. (A
+-- join with the transition table was planned as a nested loop over the queue, quadratic;
+-- `= ANY(ids)` on a sequential scan reads the whole corpus for every batch; and a generic
+-- plan searches the array row by row.)
 CREATE OR REPLACE FUNCTION pyembed._vectors_written() RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
