@@ -9,3 +9,6 @@ DROP FUNCTION IF EXISTS pyembed._enqueue_chunk() CASCADE;  -- now a statement tr
 DROP FUNCTION IF EXISTS pyembed._guard_vectors() CASCADE;
 DROP FUNCTION IF EXISTS pyembed._dequeue_written() CASCADE;
 DROP FUNCTION IF EXISTS pyembed.load_vectors();
+-- One statement trigger deletes a deleted chunk's vectors and postings (pyembed._chunks_deleted).
+DROP FUNCTION IF EXISTS pyembed._drop_chunk_vectors() CASCADE;
+DROP FUNCTION IF EXISTS pyembed._unindex_chunks() CASCADE;

@@ -201,9 +201,10 @@ CREATE OR REPLACE TRIGGER chunks_hash
   BEFORE INSERT OR UPDATE OF content ON pyembed.chunks
   FOR EACH ROW EXECUTE FUNCTION pyembed._chunk_hash();
 
--- Deleting chunks deletes their vectors (one statement per corpus, instead of a row-level
--- foreign key; a dropped corpus has dropped its partition already), planned as above.
-CREATE OR REPLACE FUNCTION pyembed._drop_chunk_vectors() RETURNS trigger
+-- Deleting chunks deletes their vectors and keyword postings (one statement per corpus,
+-- instead of row-level foreign keys; a dropped corpus has dropped its partition already),
+-- planned as above.
+CREATE OR REPLACE FUNCTION pyembed._chunks_deleted() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET plan_cache_mode = force_custom_plan
@@ -214,11 +215,12 @@ DECLARE
 BEGIN
   FOR r IN SELECT corpus_id, array_agg(chunk_id) AS ids FROM old_rows GROUP BY corpus_id LOOP
     DELETE FROM pyembed.vectors v WHERE v.corpus_id = r.corpus_id AND v.chunk_id = ANY (r.ids);
+    DELETE FROM pyembed.postings p WHERE p.corpus_id = r.corpus_id AND p.chunk_id = ANY (r.ids);
   END LOOP;
   RETURN NULL;
 END
 $$;
 
-CREATE OR REPLACE TRIGGER chunks_drop_vectors
+CREATE OR REPLACE TRIGGER chunks_deleted
   AFTER DELETE ON pyembed.chunks REFERENCING OLD TABLE AS old_rows
-  FOR EACH STATEMENT EXECUTE FUNCTION pyembed._drop_chunk_vectors();
+  FOR EACH STATEMENT EXECUTE FUNCTION pyembed._chunks_deleted();

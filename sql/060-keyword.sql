@@ -48,27 +48,7 @@ CREATE OR REPLACE TRIGGER chunks_keyword_update
   AFTER UPDATE ON pyembed.chunks REFERENCING NEW TABLE AS new_rows OLD TABLE AS old_rows
   FOR EACH STATEMENT EXECUTE FUNCTION pyembed._index_chunks();
 
--- Deleting chunks deletes their postings (one statement per corpus, instead of a row-level
--- foreign key), planned as pyembed._vectors_written is (010-guards.sql).
-CREATE OR REPLACE FUNCTION pyembed._unindex_chunks() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-SET plan_cache_mode = force_custom_plan
-SET enable_seqscan = off
-AS $$
-DECLARE
-  r record;
-BEGIN
-  FOR r IN SELECT corpus_id, array_agg(chunk_id) AS ids FROM old_rows GROUP BY corpus_id LOOP
-    DELETE FROM pyembed.postings p WHERE p.corpus_id = r.corpus_id AND p.chunk_id = ANY (r.ids);
-  END LOOP;
-  RETURN NULL;
-END
-$$;
-
-CREATE OR REPLACE TRIGGER chunks_keyword_delete
-  AFTER DELETE ON pyembed.chunks REFERENCING OLD TABLE AS old_rows
-  FOR EACH STATEMENT EXECUTE FUNCTION pyembed._unindex_chunks();
+-- Deleting chunks deletes their postings: pyembed._chunks_deleted in 010-guards.sql.
 
 -- Document frequencies and corpus totals follow the postings, a statement at a time.
 CREATE OR REPLACE FUNCTION pyembed._count_postings() RETURNS trigger

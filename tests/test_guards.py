@@ -8,6 +8,7 @@ import numpy as np
 import psycopg
 import pytest
 from pgvector import Vector
+from psycopg import sql
 
 from pyembed import store
 from pyembed.db import translated
@@ -273,6 +274,21 @@ def test_a_vector_of_another_text_leaves_the_chunk_queued(
     queued = [r[0] for r in app.execute(
         "SELECT chunk_id FROM pyembed.queue WHERE model_key = %s ORDER BY chunk_id", (KEY_A,))]
     assert queued == ids[1:]  # only the vector made from the queued text did its work
+
+
+def test_deleted_chunks_take_their_vectors_and_postings(
+        owner: psycopg.Connection[Any], app: psycopg.Connection[Any],
+        corpus: store.CorpusInfo) -> None:
+    other = store.create_corpus(app, "other", KEY_A)
+    store.write_chunks(app, corpus, rows(4, 1024), KEY_A)
+    store.write_chunks(app, other, rows(2, 1024), KEY_A)
+    app.execute("DELETE FROM pyembed.chunks WHERE corpus_id = %s AND document_id IN "
+                "('doc1', 'doc2')", (corpus.corpus_id,))
+    for table in ("vectors", "postings"):
+        left = owner.execute(sql.SQL(
+            "SELECT corpus_id, count(DISTINCT chunk_id) FROM {} GROUP BY 1 ORDER BY 1").format(
+            sql.Identifier("pyembed", table))).fetchall()
+        assert left == [(corpus.corpus_id, 2), (other.corpus_id, 2)], table
 
 
 def test_app_role_may_only_copy_into_a_partition(

@@ -35,7 +35,7 @@ ALTER TABLE pyembed.vectors ADD CONSTRAINT vectors_dims_match_model
 
 def downgrade() -> None:
     run_sql("""
-DROP FUNCTION IF EXISTS pyembed._drop_chunk_vectors() CASCADE;
+DROP FUNCTION IF EXISTS pyembed._drop_chunk_vectors(), pyembed._chunks_deleted() CASCADE;
 DELETE FROM pyembed.vectors v WHERE NOT EXISTS (
   SELECT FROM pyembed.chunks ch WHERE ch.corpus_id = v.corpus_id AND ch.chunk_id = v.chunk_id);
 ALTER TABLE pyembed.vectors ADD CONSTRAINT vectors_corpus_id_chunk_id_fkey

@@ -8,7 +8,7 @@ Postings are written only by the chunks' keyword-index trigger, from chunks writ
 statement, so the foreign key from postings to chunks checked nothing the trigger does not
 guarantee; its per-row check (one query and one row lock per posting, ~13 postings per chunk)
 took about a third of a bulk chunk write. A statement trigger on chunks deletes their postings
-instead (sql/060-keyword.sql), as it does their vectors since 0004.
+instead (now pyembed._chunks_deleted in sql/010-guards.sql, which deletes their vectors too).
 """
 
 from __future__ import annotations
