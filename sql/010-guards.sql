@@ -95,11 +95,12 @@ END
 $$;
 
 -- After a write: every vector's chunk exists, and queued work for the same key and text is
--- done. One corpus and key at a time, the written chunk ids (and their texts' hashes) as
--- arrays probe the chunk and queue indexes: the cost follows the batch, not the corpus. (A
--- join with the transition table was planned as a nested loop over the queue, quadratic;
--- `= ANY(ids)` on a sequential scan reads the whole corpus for every batch; and a generic
--- plan searches the array row by row.)
+-- done. One corpus and key at a time, and only over the written chunk ids' range: the cost
+-- follows the batch, not the corpus. Consecutive ids (a bulk load's) are checked by counting
+-- the chunks in their range, one index range scan; others by probing the chunk index with the
+-- ids as an array. (A join with the transition table was planned as a nested loop over the
+-- queue, quadratic; `= ANY(ids)` on a sequential scan reads the whole corpus for every batch;
+-- and a generic plan searches the array row by row.)
 CREATE OR REPLACE FUNCTION pyembed._vectors_written() RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -108,14 +109,22 @@ SET enable_seqscan = off
 AS $$
 DECLARE
   r record;
+  found_chunks bigint;
   missing bigint;
 BEGIN
-  FOR r IN SELECT corpus_id, model_key, array_agg(chunk_id) AS ids,
+  FOR r IN SELECT corpus_id, model_key, array_agg(chunk_id) AS ids, count(*) AS n,
                   array_agg(content_hash) AS hashes, min(chunk_id) AS lo, max(chunk_id) AS hi
              FROM new_rows GROUP BY corpus_id, model_key LOOP
-    -- A statement writes a chunk's vector for a key at most once (primary key).
-    IF (SELECT count(*) FROM pyembed.chunks ch
-         WHERE ch.corpus_id = r.corpus_id AND ch.chunk_id = ANY (r.ids)) < cardinality(r.ids) THEN
+    -- A statement writes a chunk's vector for a key at most once (primary key), so n ids
+    -- spanning n values are every id of their range.
+    IF r.hi - r.lo + 1 = r.n THEN
+      found_chunks := (SELECT count(*) FROM pyembed.chunks ch
+                        WHERE ch.corpus_id = r.corpus_id AND ch.chunk_id BETWEEN r.lo AND r.hi);
+    ELSE
+      found_chunks := (SELECT count(*) FROM pyembed.chunks ch
+                        WHERE ch.corpus_id = r.corpus_id AND ch.chunk_id = ANY (r.ids));
+    END IF;
+    IF found_chunks < r.n THEN
       SELECT t.id INTO missing FROM unnest(r.ids) AS t(id)
        WHERE NOT EXISTS (SELECT FROM pyembed.chunks ch
                           WHERE ch.corpus_id = r.corpus_id AND ch.chunk_id = t.id)
@@ -129,6 +138,7 @@ BEGIN
                   AND q.chunk_id BETWEEN r.lo AND r.hi) THEN
       DELETE FROM pyembed.queue q USING unnest(r.ids, r.hashes) AS w(chunk_id, content_hash)
        WHERE q.corpus_id = r.corpus_id AND q.model_key = r.model_key
+         AND q.chunk_id BETWEEN r.lo AND r.hi
          AND q.chunk_id = w.chunk_id AND q.content_hash = w.content_hash;
     END IF;
   END LOOP;

@@ -263,6 +263,19 @@ def test_copy_into_the_partition_is_guarded_row_by_row(
     assert hits[0].chunk_id == ids[0]
 
 
+def test_a_missing_chunk_among_consecutive_ids_is_named(
+        app: psycopg.Connection[Any], corpus: store.CorpusInfo) -> None:
+    ids = _chunk_ids(app, corpus, 4)
+    app.execute("DELETE FROM pyembed.chunks WHERE chunk_id = %s", (ids[1],))
+    vectors = np.stack([unit(1024, i) for i in range(3)])
+    # Consecutive ids are checked by counting their range: a gap inside it, or past its end.
+    for batch, missing in (([ids[0], ids[1], ids[2]], ids[1]),
+                           ([ids[2], ids[3], ids[3] + 1], ids[3] + 1)):
+        with pytest.raises(psycopg.errors.ForeignKeyViolation, match=f"no chunk {missing} "):
+            _copy(app, corpus.corpus_id, batch, KEY_A, vectors)
+    assert app.execute("SELECT count(*) FROM pyembed.vectors").fetchone() == (0,)
+
+
 def test_a_vector_of_another_text_leaves_the_chunk_queued(
         app: psycopg.Connection[Any], corpus: store.CorpusInfo) -> None:
     ids = _chunk_ids(app, corpus, 3)
