@@ -10,7 +10,8 @@ Sections (environment first; medians of --reps repetitions with their range):
      and vectors; store.copy_vectors: vectors only, into existing chunks) vs plain pgvector
      binary COPY into (id, content, embedding vector(384)) vs langchain-postgres
      (PGVectorStore.add_embeddings, the class this version recommends, and the deprecated
-     PGVector.add_embeddings), with no HNSW index during any load; then the HNSW builds.
+     PGVector.add_embeddings), with no HNSW index during any load; copy_vectors taken
+     apart (with nothing queued; as the owner with triggers off); then the HNSW builds.
   2. guarded search (pyembed.search, app role) vs plain pgvector on the same HNSW index
      parameters at equal ef_search (100): p50/p99 and recall@10 against exact numpy search.
   3. cache-hit query embedding: client.embedder(key).embed_query(text) with the PostgresCache,
@@ -83,14 +84,22 @@ K = 10
 PLAIN = sql.Identifier("public", "bench_plain")
 LANGCHAIN_TABLE = "bench_langchain"
 SUITE_PACKAGES = (*PACKAGES, "langchain-postgres", "langchain-core", "asyncpg")
+COPY_QUEUED = "pyembed copy_vectors"
+COPY_UNQUEUED = "copy_vectors, nothing queued"  # the two that take copy_vectors apart
+COPY_CHECK_ONLY = "partition COPY, CHECK only"
 
 INCLUDES = {
     "pyembed write_chunks": "documents upsert + chunks upsert (content hash, keyword postings, "
                             "work-queue triggers) + vectors by binary COPY into the corpus's "
                             "partition (per-row key/dims/norm CHECK; per statement: tenant, "
                             "chunks exist, dequeue)",
-    "pyembed copy_vectors": "vectors only, by binary COPY into the corpus's partition, for "
+    COPY_QUEUED: "vectors only, by binary COPY into the corpus's partition, for "
                             "stored chunks waiting in the queue (the same checks; dequeues them)",
+    COPY_UNQUEUED: "copy_vectors with the queue empty: the same checks, nothing to dequeue "
+                   "(to take copy_vectors apart)",
+    COPY_CHECK_ONLY: "store.copy_vectors as the owner with triggers off (session_replication_"
+                     "role replica): the partition's per-row CHECK, no statement checks "
+                     "(PostgreSQL still fills the triggers' transition table)",
     "plain pgvector COPY": "binary COPY of (id bigint PK, content text, embedding vector(384))",
     "langchain PGVectorStore": "add_embeddings: one INSERT ... ON CONFLICT per row, each in its "
                                "own transaction (uuid PK, content, vector, json metadata)",
@@ -261,6 +270,7 @@ def run_write_chunks(t: Target, owner: psycopg.Connection[Any], data: Data,
             app.cursor_factory = psycopg.Cursor
             ids += complete_corpus(app, corpus, data, len(ids))
         res.corpus, res.chunk_ids = corpus, ids
+        vacuum(owner, *PYEMBED_TABLES)  # untimed: no autovacuum of this load during the next
     finally:
         app.close()
 
@@ -296,24 +306,30 @@ def complete_corpus(app: psycopg.Connection[Any], corpus: CorpusInfo, data: Data
 
 
 def run_copy_vectors(t: Target, owner: psycopg.Connection[Any], data: Data,
-                     parts: list[range], res: IngestResults) -> None:
-    """The vectors-only path: the corpus's vectors removed and its chunks queued again
-    (untimed), then store.copy_vectors batch by batch."""
-    label = "pyembed copy_vectors"
+                     parts: list[range], res: IngestResults, label: str = COPY_QUEUED) -> None:
+    """The vectors-only path: the corpus's vectors removed and (COPY_QUEUED) its chunks queued
+    again, untimed, then store.copy_vectors batch by batch. COPY_UNQUEUED and COPY_CHECK_ONLY
+    take it apart: with nothing to dequeue, and as the owner with triggers off
+    (session_replication_role replica: the partition's CHECK runs, and PostgreSQL still fills
+    the triggers' transition table)."""
     assert res.corpus is not None and t.app_dsn is not None
     corpus_id = res.corpus.corpus_id
     owner.execute("DELETE FROM pyembed.vectors WHERE corpus_id = %s", (corpus_id,))
-    owner.execute("INSERT INTO pyembed.queue (corpus_id, chunk_id, model_key, content_hash) "
-                  "SELECT corpus_id, chunk_id, %s, content_hash FROM pyembed.chunks "
-                  "WHERE corpus_id = %s ON CONFLICT DO NOTHING", (KEY, corpus_id))
+    owner.execute("DELETE FROM pyembed.queue WHERE corpus_id = %s", (corpus_id,))
+    if label == COPY_QUEUED:
+        owner.execute("INSERT INTO pyembed.queue (corpus_id, chunk_id, model_key, content_hash) "
+                      "SELECT corpus_id, chunk_id, %s, content_hash FROM pyembed.chunks "
+                      "WHERE corpus_id = %s", (KEY, corpus_id))
     vacuum(owner, "pyembed.vectors", "pyembed.queue")
     hashes = [store.sha256(text) for text in data.texts]
-    app = connect(t.app_dsn, ef_search=None)
+    conn = owner if label == COPY_CHECK_ONLY else connect(t.app_dsn, ef_search=None)
     try:
         checkpoint(owner)
         started = time.perf_counter()
         for part in parts:
-            with app.transaction(), app.cursor() as cur:
+            with conn.transaction(), conn.cursor() as cur:
+                if label == COPY_CHECK_ONLY:
+                    cur.execute("SET LOCAL session_replication_role = replica")
                 store.copy_vectors(cur, corpus_id, res.chunk_ids[part.start:part.stop], KEY,
                                    data.vectors[part.start:part.stop],
                                    hashes[part.start:part.stop])
@@ -321,9 +337,10 @@ def run_copy_vectors(t: Target, owner: psycopg.Connection[Any], data: Data,
         left = scalar(owner, "SELECT count(*) FROM pyembed.queue WHERE corpus_id = %s",
                       (corpus_id,))
         if left:
-            res.notes.append(f"copy_vectors left {left} chunks queued (expected 0)")
+            res.notes.append(f"{label} left {left} chunks queued (expected 0)")
     finally:
-        app.close()
+        if conn is not owner:
+            conn.close()
 
 
 def run_plain(owner: psycopg.Connection[Any], data: Data, parts: list[range],
@@ -454,32 +471,40 @@ def ingest(t: Target, owner: psycopg.Connection[Any], data: Data,
     res = IngestResults()
     parts = batches(data.n, args.batch)
     lc_rows = min(args.langchain_rows or data.n, data.n)
-    steps: list[tuple[str, int, Callable[[int], None]]] = [
-        ("pyembed write_chunks", args.reps,
-         lambda rep: run_write_chunks(t, owner, data, parts, res, rep, args.budget)),
-        ("pyembed copy_vectors", args.reps,
-         lambda rep: run_copy_vectors(t, owner, data, parts, res)),
+    Step = tuple[str, int, Callable[[int], None]]
+    first: Step = ("pyembed write_chunks", args.reps,
+                   lambda rep: run_write_chunks(t, owner, data, parts, res, rep, args.budget))
+    copies: list[Step] = [
+        (COPY_QUEUED, args.reps, lambda rep: run_copy_vectors(t, owner, data, parts, res)),
+        (COPY_UNQUEUED, args.reps,
+         lambda rep: run_copy_vectors(t, owner, data, parts, res, COPY_UNQUEUED)),
         ("plain pgvector COPY", args.reps, lambda rep: run_plain(owner, data, parts, res)),
     ]
-    if not args.no_langchain:
-        steps += [
-            ("langchain PGVectorStore", args.langchain_reps,
-             lambda rep: run_langchain_store(t.owner_dsn, owner, data, parts, lc_rows, res,
-                                             args.budget)),
-            ("langchain PGVector (deprecated)", args.langchain_reps,
-             lambda rep: run_langchain_legacy(t.owner_dsn, owner, data, parts, lc_rows,
-                                              res, args.budget)),
-        ]
+    if scalar(owner, "SELECT rolsuper FROM pg_roles WHERE rolname = current_user"):
+        copies.insert(2, (COPY_CHECK_ONLY, args.reps, lambda rep: run_copy_vectors(
+            t, owner, data, parts, res, COPY_CHECK_ONLY)))
+    else:
+        res.notes.append(f"{COPY_CHECK_ONLY}: skipped (needs a superuser owner)")
+    langchain: list[Step] = [] if args.no_langchain else [
+        ("langchain PGVectorStore", args.langchain_reps,
+         lambda rep: run_langchain_store(t.owner_dsn, owner, data, parts, lc_rows, res,
+                                         args.budget)),
+        ("langchain PGVector (deprecated)", args.langchain_reps,
+         lambda rep: run_langchain_legacy(t.owner_dsn, owner, data, parts, lc_rows, res,
+                                          args.budget)),
+    ]
     print(f"\n1. ingest of {data.n:,} precomputed {DIMS}-d unit vectors "
           f"({data.n // CHUNKS_PER_DOCUMENT:,} documents x {CHUNKS_PER_DOCUMENT} chunks), "
           f"batches of {len(parts[0]):,} rows (one transaction each), no HNSW index during "
           f"any load, a CHECKPOINT before each; inputs prepared untimed in each API's own types",
           flush=True)
-    # Repetitions interleave the paths (copy_vectors reuses the latest write_chunks corpus).
-    # A path whose run takes over --slow-seconds is not repeated (the time limit of a run).
+    # Repetitions interleave the paths. write_chunks comes first (the COPY paths reuse its
+    # latest corpus); the COPY paths after it take turns in each place, and the langchain
+    # loads come last. A path whose run takes over --slow-seconds is not repeated.
     slow: set[str] = set()
     for rep in range(max(args.reps, args.langchain_reps)):
-        for label, reps, fn in steps:
+        turn = rep % len(copies)
+        for label, reps, fn in [first, *copies[turn:], *copies[:turn], *langchain]:
             if rep < reps and label not in slow:
                 started = time.perf_counter()
                 fn(rep)
@@ -492,7 +517,7 @@ def ingest(t: Target, owner: psycopg.Connection[Any], data: Data,
     return res
 
 
-def report_ingest(res: IngestResults, data: Data) -> dict[str, float]:
+def report_ingest(res: IngestResults, data: Data, batch: int) -> dict[str, float]:
     print()
     width = max(len(k) for k in res.runs)
     for label in res.runs:
@@ -507,7 +532,7 @@ def report_ingest(res: IngestResults, data: Data) -> dict[str, float]:
     plain = med["plain pgvector COPY"]
     ratios: dict[str, float] = {}
     print("   ratios of median rows/s:")
-    for label in ("pyembed write_chunks", "pyembed copy_vectors"):
+    for label in ("pyembed write_chunks", COPY_QUEUED):
         ratios[f"{label} / plain"] = med[label] / plain
         print(f"     {label} / plain pgvector COPY: {med[label] / plain:6.2f}   (target >= 0.8)")
     for lc in ("langchain PGVectorStore", "langchain PGVector (deprecated)"):
@@ -515,6 +540,20 @@ def report_ingest(res: IngestResults, data: Data) -> dict[str, float]:
             ratios[f"write_chunks / {lc}"] = med["pyembed write_chunks"] / med[lc]
             print(f"     pyembed write_chunks / {lc}: "
                   f"{med['pyembed write_chunks'] / med[lc]:6.2f}   (target >= 3)")
+    # Where copy_vectors spends its time: each step adds one kind of work to the one before.
+    layers = [(label, what) for label, what in (
+        ("plain pgvector COPY", "plain pgvector COPY"),
+        (COPY_CHECK_ONLY, "+ pyembed's row, its per-row CHECK and the transition table"),
+        (COPY_UNQUEUED, "+ the statement triggers' checks: tenant, every chunk exists"),
+        (COPY_QUEUED, "+ dequeue of the chunks' queued work"))
+        if label in med]
+    print(f"   where copy_vectors spends its time (median ms per batch of {batch:,.0f} rows):")
+    before = None
+    for label, what in layers:
+        ms = 1000 * batch / med[label]
+        added = "" if before is None else f"  ({ms - before:+6.1f})"
+        print(f"     {ms:7.1f}{added}  {what}")
+        before = ms
     # Where write_chunks spends its time (median over repetitions, by statement kind).
     keys = sorted({k for p in res.phases for k in p if k != "total"},
                   key=lambda k: -float(np.median([p.get(k, 0.0) for p in res.phases])))
@@ -851,7 +890,7 @@ def main() -> None:
                   f"centres (noise norm {args.noise}), {len(data.queries)} queries, seed "
                   f"{args.seed}; model key {KEY}; generated with exact top-{K} in {prep:.1f} s")
             res = ingest(target, owner, data, args)
-            ratios = report_ingest(res, data)
+            ratios = report_ingest(res, data, len(batches(data.n, args.batch)[0]))
             build_indexes(owner, res, args)
             ratios.update(search(target, owner, data, res, args))
             if not args.mode_1m:
