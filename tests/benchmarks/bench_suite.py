@@ -307,14 +307,16 @@ def complete_corpus(app: psycopg.Connection[Any], corpus: CorpusInfo, data: Data
 
 def run_copy_vectors(t: Target, owner: psycopg.Connection[Any], data: Data,
                      parts: list[range], res: IngestResults, label: str = COPY_QUEUED) -> None:
-    """The vectors-only path: the corpus's vectors removed and (COPY_QUEUED) its chunks queued
+    """The vectors-only path: the corpus's vectors truncated and (COPY_QUEUED) its chunks queued
     again, untimed, then store.copy_vectors batch by batch. COPY_UNQUEUED and COPY_CHECK_ONLY
     take it apart: with nothing to dequeue, and as the owner with triggers off
     (session_replication_role replica: the partition's CHECK runs, and PostgreSQL still fills
     the triggers' transition table)."""
     assert res.corpus is not None and t.app_dsn is not None
     corpus_id = res.corpus.corpus_id
-    owner.execute("DELETE FROM pyembed.vectors WHERE corpus_id = %s", (corpus_id,))
+    # Emptied as plain's table is made, a new file: refilling a deleted load's pages would read
+    # them back and log each whole (over 1 GiB at 1M rows, more than shared_buffers).
+    owner.execute(sql.SQL("TRUNCATE {}").format(store.vector_partition(corpus_id)))
     owner.execute("DELETE FROM pyembed.queue WHERE corpus_id = %s", (corpus_id,))
     if label == COPY_QUEUED:
         owner.execute("INSERT INTO pyembed.queue (corpus_id, chunk_id, model_key, content_hash) "
