@@ -84,8 +84,9 @@ K = 10
 PLAIN = sql.Identifier("public", "bench_plain")
 LANGCHAIN_TABLE = "bench_langchain"
 SUITE_PACKAGES = (*PACKAGES, "langchain-postgres", "langchain-core", "asyncpg")
+# store.copy_vectors, and the two paths that take it apart (see run_copy_vectors).
 COPY_QUEUED = "pyembed copy_vectors"
-COPY_UNQUEUED = "copy_vectors, nothing queued"  # the two that take copy_vectors apart
+COPY_UNQUEUED = "copy_vectors, nothing queued"
 COPY_CHECK_ONLY = "partition COPY, CHECK only"
 
 INCLUDES = {
@@ -93,8 +94,8 @@ INCLUDES = {
                             "work-queue triggers) + vectors by binary COPY into the corpus's "
                             "partition (per-row key/dims/norm CHECK; per statement: tenant, "
                             "chunks exist, dequeue)",
-    COPY_QUEUED: "vectors only, by binary COPY into the corpus's partition, for "
-                            "stored chunks waiting in the queue (the same checks; dequeues them)",
+    COPY_QUEUED: "vectors only, by binary COPY into the corpus's partition, for stored chunks "
+                 "waiting in the queue (the same checks; dequeues them)",
     COPY_UNQUEUED: "copy_vectors with the queue empty: the same checks, nothing to dequeue "
                    "(to take copy_vectors apart)",
     COPY_CHECK_ONLY: "store.copy_vectors as the owner with triggers off (session_replication_"
@@ -314,8 +315,8 @@ def run_copy_vectors(t: Target, owner: psycopg.Connection[Any], data: Data,
     the triggers' transition table)."""
     assert res.corpus is not None and t.app_dsn is not None
     corpus_id = res.corpus.corpus_id
-    # Emptied as plain's table is made, a new file: refilling a deleted load's pages would read
-    # them back and log each whole (over 1 GiB at 1M rows, more than shared_buffers).
+    # Emptied as plain's table is made, into a new file: refilling the pages of a deleted load
+    # (1.6 GB at 1M rows, more than shared_buffers) reads each back and logs it whole.
     owner.execute(sql.SQL("TRUNCATE {}").format(store.vector_partition(corpus_id)))
     owner.execute("DELETE FROM pyembed.queue WHERE corpus_id = %s", (corpus_id,))
     if label == COPY_QUEUED:
@@ -543,18 +544,18 @@ def report_ingest(res: IngestResults, data: Data, batch: int) -> dict[str, float
             print(f"     pyembed write_chunks / {lc}: "
                   f"{med['pyembed write_chunks'] / med[lc]:6.2f}   (target >= 3)")
     # Where copy_vectors spends its time: each step adds one kind of work to the one before.
-    layers = [(label, what) for label, what in (
-        ("plain pgvector COPY", "plain pgvector COPY"),
-        (COPY_CHECK_ONLY, "+ pyembed's row, its per-row CHECK and the transition table"),
-        (COPY_UNQUEUED, "+ the statement triggers' checks: tenant, every chunk exists"),
-        (COPY_QUEUED, "+ dequeue of the chunks' queued work"))
-        if label in med]
-    print(f"   where copy_vectors spends its time (median ms per batch of {batch:,.0f} rows):")
-    before = None
-    for label, what in layers:
-        ms = 1000 * batch / med[label]
-        added = "" if before is None else f"  ({ms - before:+6.1f})"
-        print(f"     {ms:7.1f}{added}  {what}")
+    # (A layer left out leaves the next one without a difference.)
+    print(f"   where copy_vectors spends its time (median ms per batch of {batch:,} rows):")
+    before: float | None = None
+    for label, what in (
+            ("plain pgvector COPY", "plain pgvector COPY"),
+            (COPY_CHECK_ONLY, "+ pyembed's row, its per-row CHECK and the transition table"),
+            (COPY_UNQUEUED, "+ the statement triggers' checks: tenant, every chunk exists"),
+            (COPY_QUEUED, "+ dequeue of the chunks' queued work")):
+        ms = 1000 * batch / med[label] if label in med else None
+        if ms is not None:
+            added = "" if before is None else f"  ({ms - before:+6.1f})"
+            print(f"     {ms:7.1f}{added}  {what}")
         before = ms
     # Where write_chunks spends its time (median over repetitions, by statement kind).
     keys = sorted({k for p in res.phases for k in p if k != "total"},
