@@ -17,6 +17,7 @@ from psycopg.rows import dict_row
 from .db import translated
 from .errors import InvalidInput, InvalidVector, UnknownCorpus, UnknownModel
 from .models import MODEL_COLUMNS, ModelSpec, spec_from_row
+from .vector_copy import COLUMNS, copy_data
 
 
 @dataclass(frozen=True)
@@ -231,6 +232,8 @@ def copy_vectors(cur: psycopg.Cursor[Any], corpus_id: int, chunk_ids: Sequence[i
     (COPY cannot update). Run inside the caller's transaction; returns rows written."""
     if not len(chunk_ids):
         return 0
+    data = copy_data(corpus_id, chunk_ids, model_key, vectors, content_hashes,
+                     encoding=cur.connection.info.encoding)
     # A batch of chunks without vectors for the key has nothing to replace: one index probe
     # tells (planning the DELETE's `= ANY(ids)` alone costs ~2 us an id).
     if replace and cur.execute(
@@ -239,16 +242,15 @@ def copy_vectors(cur: psycopg.Cursor[Any], corpus_id: int, chunk_ids: Sequence[i
             (corpus_id, model_key, min(chunk_ids), max(chunk_ids))).fetchone() == (True,):
         cur.execute("DELETE FROM pyembed.vectors WHERE corpus_id = %s AND model_key = %s "
                     "AND chunk_id = ANY(%s::bigint[])", (corpus_id, model_key, list(chunk_ids)))
-    needed_kb = len(chunk_ids) * (4 * int(vectors.shape[1]) + _ROW_OVERHEAD) // 1024
+    needed_kb = len(chunk_ids) * (4 * int(np.shape(vectors)[1]) + _ROW_OVERHEAD) // 1024
     row = cur.execute("SELECT current_setting('work_mem'), set_config('work_mem', "
                       "greatest(pg_size_bytes(current_setting('work_mem')) / 1024, %s) || 'kB', "
                       "true)", (needed_kb,)).fetchone()
-    with cur.copy(sql.SQL("COPY {} (corpus_id, chunk_id, model_key, embedding, content_hash) "
-                          "FROM STDIN WITH (FORMAT BINARY)").format(vector_partition(corpus_id))
+    with cur.copy(sql.SQL("COPY {} ({}) FROM STDIN WITH (FORMAT BINARY)").format(
+            vector_partition(corpus_id), sql.SQL(", ").join(map(sql.Identifier, COLUMNS)))
                   ) as copy:
-        copy.set_types(["int4", "int8", "text", "vector", "bytea"])
-        for cid, vec, h in zip(chunk_ids, vectors, content_hashes, strict=True):
-            copy.write_row((corpus_id, cid, model_key, Vector(vec), h))
+        for block in data:
+            copy.write(block)
     if row is not None:
         cur.execute("SELECT set_config('work_mem', %s, true)", (row[0],))
     return len(chunk_ids)

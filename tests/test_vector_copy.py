@@ -1,0 +1,91 @@
+"""store.copy_vectors's COPY data (pyembed.vector_copy): the server's own binary COPY output of
+the stored rows, byte for byte; NULL and mixed hashes; bad inputs refused before any write."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import psycopg
+import pytest
+from psycopg import sql
+
+from pyembed import store
+from pyembed.db import translated
+from pyembed.errors import InvalidInput, InvalidVector
+from pyembed.vector_copy import COLUMNS, copy_data
+from tests.helpers import count, unit
+
+KEY = "fake/fake-hash@1:1024"
+
+
+@pytest.fixture
+def corpus(app: psycopg.Connection[Any]) -> store.CorpusInfo:
+    return store.create_corpus(app, "docs", KEY)
+
+
+def _chunks(app: psycopg.Connection[Any], corpus: store.CorpusInfo, n: int) -> list[int]:
+    with app.transaction():
+        app.execute("INSERT INTO pyembed.documents (corpus_id, document_id, content_hash) "
+                    "VALUES (%s, 'd', '\\x00')", (corpus.corpus_id,))
+        return [r[0] for r in app.execute(
+            "INSERT INTO pyembed.chunks (corpus_id, document_id, chunk_index, content) "
+            "SELECT %s, 'd', i, 'chunk ' || i FROM generate_series(0, %s - 1) i "
+            "RETURNING chunk_id", (corpus.corpus_id, n))]
+
+
+def _stored(owner: psycopg.Connection[Any], corpus_id: int) -> bytes:
+    """The partition's rows as the server writes them in binary COPY, in chunk order (read as
+    the owner: the application role may only INSERT into a partition)."""
+    query = sql.SQL("COPY (SELECT {} FROM {} ORDER BY chunk_id) TO STDOUT WITH (FORMAT BINARY)"
+                    ).format(sql.SQL(", ").join(map(sql.Identifier, COLUMNS)),
+                             store.vector_partition(corpus_id))
+    with owner.cursor() as cur, cur.copy(query) as copy:
+        return b"".join(bytes(block) for block in copy)
+
+
+def test_the_copy_data_is_what_the_server_writes_for_the_stored_rows(
+        owner: psycopg.Connection[Any], app: psycopg.Connection[Any],
+        corpus: store.CorpusInfo) -> None:
+    ids = _chunks(app, corpus, 5)
+    vectors = np.stack([unit(1024, i) for i in range(5)])
+    hashes = [store.sha256(f"chunk {i}") for i in range(5)]
+    with translated(), app.transaction(), app.cursor() as cur:
+        assert store.copy_vectors(cur, corpus.corpus_id, ids, KEY, vectors, hashes) == 5
+    assert count(app, "queue") == 0  # the hashes matched the queued texts
+    # Blocks of 2 rows (three blocks and the signature and trailer) make the same bytes.
+    data = b"".join(copy_data(corpus.corpus_id, ids, KEY, vectors, hashes, block_rows=2))
+    assert data == _stored(owner, corpus.corpus_id)
+
+
+def test_rows_without_a_hash_and_float64_vectors_are_stored_as_given(
+        owner: psycopg.Connection[Any], app: psycopg.Connection[Any],
+        corpus: store.CorpusInfo) -> None:
+    ids = _chunks(app, corpus, 4)
+    vectors = np.stack([unit(1024, 10 + i) for i in range(4)]).astype(np.float64)
+    hashes = [None, store.sha256("chunk 1"), None, b"short"]
+    with translated(), app.transaction(), app.cursor() as cur:
+        store.copy_vectors(cur, corpus.corpus_id, ids, KEY, vectors, hashes)
+    stored = {r[0]: r[1:] for r in owner.execute(
+        "SELECT chunk_id, embedding, content_hash FROM pyembed.vectors")}
+    assert sorted(stored) == ids
+    for chunk_id, vector, content_hash in zip(ids, vectors, hashes, strict=True):
+        np.testing.assert_array_equal(stored[chunk_id][0].to_numpy(), vector.astype(np.float32))
+        assert stored[chunk_id][1] == content_hash
+    assert count(app, "queue") == 3  # only chunk 1's vector was made from its queued text
+
+
+@pytest.mark.parametrize(("vectors", "hashes", "error", "words"), [
+    (np.ones((3, 1024), np.float32), [None] * 2, InvalidInput, "3 chunk ids, 3 vectors and 2"),
+    (np.ones(1024, np.float32), [None] * 3, InvalidVector, "2-D"),
+    (np.ones((3, 16_001), np.float32), [None] * 3, InvalidVector, "at most 16,000"),
+])
+def test_inputs_that_do_not_make_rows_are_refused_before_the_copy(
+        app: psycopg.Connection[Any], corpus: store.CorpusInfo, vectors: np.ndarray,
+        hashes: list[bytes | None], error: type[Exception], words: str) -> None:
+    ids = _chunks(app, corpus, 3)
+    with app.transaction(), app.cursor() as cur:
+        with pytest.raises(error, match=words):
+            store.copy_vectors(cur, corpus.corpus_id, ids, KEY, vectors, hashes)
+        # Nothing reached the server: the transaction goes on.
+        assert cur.execute("SELECT count(*) FROM pyembed.vectors").fetchone() == (0,)
