@@ -201,9 +201,13 @@ class IngestResults:
     corpus: CorpusInfo | None = None
     chunk_ids: list[int] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # This process's CPU seconds per row (the client's share), for the COPY paths.
+    cpu: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
 
-    def add(self, label: str, rows: int, seconds: float) -> None:
+    def add(self, label: str, rows: int, seconds: float, cpu: float | None = None) -> None:
         self.runs[label].append((rows, seconds))
+        if cpu is not None:
+            self.cpu[label].append(cpu / rows)
 
     def rate(self, label: str) -> Spread:
         return Spread.of([rows / seconds for rows, seconds in self.runs[label]])
@@ -328,7 +332,7 @@ def run_copy_vectors(t: Target, owner: psycopg.Connection[Any], data: Data,
     conn = owner if label == COPY_CHECK_ONLY else connect(t.app_dsn, ef_search=None)
     try:
         checkpoint(owner)
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         for part in parts:
             with conn.transaction(), conn.cursor() as cur:
                 if label == COPY_CHECK_ONLY:
@@ -336,7 +340,7 @@ def run_copy_vectors(t: Target, owner: psycopg.Connection[Any], data: Data,
                 store.copy_vectors(cur, corpus_id, res.chunk_ids[part.start:part.stop], KEY,
                                    data.vectors[part.start:part.stop],
                                    hashes[part.start:part.stop])
-        res.add(label, data.n, time.perf_counter() - started)
+        res.add(label, data.n, time.perf_counter() - started, time.process_time() - cpu)
         left = scalar(owner, "SELECT count(*) FROM pyembed.queue WHERE corpus_id = %s",
                       (corpus_id,))
         if left:
@@ -353,7 +357,7 @@ def run_plain(owner: psycopg.Connection[Any], data: Data, parts: list[range],
     owner.execute(sql.SQL("CREATE TABLE {} (id bigint PRIMARY KEY, content text NOT NULL, "
                           "embedding vector({}) NOT NULL)").format(PLAIN, sql.Literal(DIMS)))
     checkpoint(owner)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     for part in parts:
         with owner.transaction(), owner.cursor() as cur, cur.copy(
                 sql.SQL("COPY {} (id, content, embedding) FROM STDIN WITH (FORMAT BINARY)")
@@ -361,7 +365,7 @@ def run_plain(owner: psycopg.Connection[Any], data: Data, parts: list[range],
             copy.set_types(["int8", "text", "vector"])
             for i in part:
                 copy.write_row((i, data.texts[i], data.vectors[i]))
-    res.add(label, data.n, time.perf_counter() - started)
+    res.add(label, data.n, time.perf_counter() - started, time.process_time() - cpu)
 
 
 def fake_embeddings(texts: Sequence[str], vectors: F32) -> Any:
@@ -545,7 +549,8 @@ def report_ingest(res: IngestResults, data: Data, batch: int) -> dict[str, float
                   f"{med['pyembed write_chunks'] / med[lc]:6.2f}   (target >= 3)")
     # Where copy_vectors spends its time: each step adds one kind of work to the one before.
     # (A layer left out leaves the next one without a difference.)
-    print(f"   where copy_vectors spends its time (median ms per batch of {batch:,} rows):")
+    print(f"   where copy_vectors spends its time (median ms per batch of {batch:,} rows; "
+          "in brackets, what each layer adds; then the client's CPU ms, Python's share):")
     before: float | None = None
     for label, what in (
             ("plain pgvector COPY", "plain pgvector COPY"),
@@ -554,8 +559,9 @@ def report_ingest(res: IngestResults, data: Data, batch: int) -> dict[str, float
             (COPY_QUEUED, "+ dequeue of the chunks' queued work")):
         ms = 1000 * batch / med[label] if label in med else None
         if ms is not None:
-            added = "" if before is None else f"  ({ms - before:+6.1f})"
-            print(f"     {ms:7.1f}{added}  {what}")
+            added = "          " if before is None else f"  ({ms - before:+6.1f})"
+            client = 1000 * batch * float(np.median(res.cpu[label]))
+            print(f"     {ms:7.1f}{added}  {client:5.1f}  {what}")
         before = ms
     # Where write_chunks spends its time (median over repetitions, by statement kind).
     keys = sorted({k for p in res.phases for k in p if k != "total"},
