@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import psycopg
 
-from pyembed.store import ChunkRow
+from pyembed.store import ChunkRow, CorpusInfo
 
 
 def unit(dims: int, seed: int) -> np.ndarray:
@@ -24,3 +24,16 @@ def count(conn: psycopg.Connection[Any], table: str) -> int:
     row = conn.execute(f"SELECT count(*) FROM pyembed.{table}").fetchone()  # test-only, fixed names
     assert row is not None
     return int(row[0])
+
+
+def stored_chunks(app: psycopg.Connection[Any], corpus: CorpusInfo, n: int) -> list[int]:
+    """n stored chunks of `corpus` without vectors (queued for its key); their text is
+    "chunk 1", "chunk 2", ..."""
+    with app.transaction():
+        app.execute("INSERT INTO pyembed.documents (corpus_id, document_id, content_hash) "
+                    "SELECT %s, 'd' || i, '\\x00' FROM generate_series(1, %s) i",
+                    (corpus.corpus_id, n))
+        return [r[0] for r in app.execute(
+            "INSERT INTO pyembed.chunks (corpus_id, document_id, chunk_index, content) "
+            "SELECT %s, 'd' || i, 0, 'chunk ' || i FROM generate_series(1, %s) i "
+            "RETURNING chunk_id", (corpus.corpus_id, n))]

@@ -13,7 +13,7 @@ from psycopg import sql
 from pyembed import store
 from pyembed.db import translated
 from pyembed.errors import InvalidInput, InvalidVector, ModelMismatch, UnknownCorpus
-from tests.helpers import count, rows, unit
+from tests.helpers import count, rows, stored_chunks, unit
 
 KEY_A = "fake/fake-hash@1:1024"
 KEY_B = "fake/fake-hash@2:1024"  # same width, different model: the "2 AM" mistake
@@ -213,22 +213,9 @@ def test_search_can_use_the_partial_hnsw_index(owner: psycopg.Connection[Any],
 
 # -- bulk loads: binary COPY into the corpus's partition ----------------------------------------
 
-def _chunk_ids(app: psycopg.Connection[Any], corpus: store.CorpusInfo, n: int) -> list[int]:
-    """n stored chunks of `corpus` without vectors (queued for its key); their text is
-    "chunk 1", "chunk 2", ..."""
-    with app.transaction():
-        app.execute("INSERT INTO pyembed.documents (corpus_id, document_id, content_hash) "
-                    "SELECT %s, 'd' || i, '\\x00' FROM generate_series(1, %s) i",
-                    (corpus.corpus_id, n))
-        return [r[0] for r in app.execute(
-            "INSERT INTO pyembed.chunks (corpus_id, document_id, chunk_index, content) "
-            "SELECT %s, 'd' || i, 0, 'chunk ' || i FROM generate_series(1, %s) i "
-            "RETURNING chunk_id", (corpus.corpus_id, n))]
-
-
 def _copy(app: psycopg.Connection[Any], corpus_id: int, ids: list[int], key: str,
           vectors: np.ndarray) -> None:
-    """The vectors of the chunks made by _chunk_ids, with the hashes of their texts."""
+    """The vectors of the chunks made by stored_chunks, with the hashes of their texts."""
     hashes = [store.sha256(f"chunk {i + 1}") for i in range(len(ids))]
     with translated(), app.transaction(), app.cursor() as cur:
         store.copy_vectors(cur, corpus_id, ids, key, vectors, hashes)
@@ -236,7 +223,7 @@ def _copy(app: psycopg.Connection[Any], corpus_id: int, ids: list[int], key: str
 
 def test_copy_into_the_partition_is_guarded_row_by_row(
         app: psycopg.Connection[Any], corpus: store.CorpusInfo) -> None:
-    ids = _chunk_ids(app, corpus, 3)
+    ids = stored_chunks(app, corpus, 3)
     good = np.stack([unit(1024, i) for i in range(3)])
     assert app.execute("SELECT pyembed.vector_table('docs')").fetchone() == (
         f"pyembed.vectors_c{corpus.corpus_id}",)
@@ -265,7 +252,7 @@ def test_copy_into_the_partition_is_guarded_row_by_row(
 
 def test_a_missing_chunk_among_consecutive_ids_is_named(
         app: psycopg.Connection[Any], corpus: store.CorpusInfo) -> None:
-    ids = _chunk_ids(app, corpus, 4)
+    ids = stored_chunks(app, corpus, 4)
     app.execute("DELETE FROM pyembed.chunks WHERE chunk_id = %s", (ids[1],))
     vectors = np.stack([unit(1024, i) for i in range(3)])
     # Consecutive ids are checked by counting their range: a gap inside it, or past its end.
@@ -278,7 +265,7 @@ def test_a_missing_chunk_among_consecutive_ids_is_named(
 
 def test_a_vector_of_another_text_leaves_the_chunk_queued(
         app: psycopg.Connection[Any], corpus: store.CorpusInfo) -> None:
-    ids = _chunk_ids(app, corpus, 3)
+    ids = stored_chunks(app, corpus, 3)
     vectors = np.stack([unit(1024, i) for i in range(3)])
     stale = [store.sha256("chunk 1"), store.sha256("an older text"), None]
     with translated(), app.transaction(), app.cursor() as cur:
@@ -332,7 +319,7 @@ def test_a_dropped_corpus_takes_its_partition_and_indexes(
 def test_the_partition_guard_follows_the_corpus_keys_through_a_migration(
         app: psycopg.Connection[Any], owner: psycopg.Connection[Any],
         corpus: store.CorpusInfo) -> None:
-    ids = _chunk_ids(app, corpus, 2)
+    ids = stored_chunks(app, corpus, 2)
     vecs = np.stack([unit(1024, i) for i in range(2)])
 
     def guard() -> str:

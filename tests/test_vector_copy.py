@@ -14,7 +14,7 @@ from pyembed import store
 from pyembed.db import translated
 from pyembed.errors import InvalidInput, InvalidVector
 from pyembed.vector_copy import COLUMNS, copy_data
-from tests.helpers import count, unit
+from tests.helpers import count, stored_chunks, unit
 
 KEY = "fake/fake-hash@1:1024"
 
@@ -22,16 +22,6 @@ KEY = "fake/fake-hash@1:1024"
 @pytest.fixture
 def corpus(app: psycopg.Connection[Any]) -> store.CorpusInfo:
     return store.create_corpus(app, "docs", KEY)
-
-
-def _chunks(app: psycopg.Connection[Any], corpus: store.CorpusInfo, n: int) -> list[int]:
-    with app.transaction():
-        app.execute("INSERT INTO pyembed.documents (corpus_id, document_id, content_hash) "
-                    "VALUES (%s, 'd', '\\x00')", (corpus.corpus_id,))
-        return [r[0] for r in app.execute(
-            "INSERT INTO pyembed.chunks (corpus_id, document_id, chunk_index, content) "
-            "SELECT %s, 'd', i, 'chunk ' || i FROM generate_series(0, %s - 1) i "
-            "RETURNING chunk_id", (corpus.corpus_id, n))]
 
 
 def _stored(owner: psycopg.Connection[Any], corpus_id: int) -> bytes:
@@ -47,9 +37,9 @@ def _stored(owner: psycopg.Connection[Any], corpus_id: int) -> bytes:
 def test_the_copy_data_is_what_the_server_writes_for_the_stored_rows(
         owner: psycopg.Connection[Any], app: psycopg.Connection[Any],
         corpus: store.CorpusInfo) -> None:
-    ids = _chunks(app, corpus, 5)
+    ids = stored_chunks(app, corpus, 5)
     vectors = np.stack([unit(1024, i) for i in range(5)])
-    hashes = [store.sha256(f"chunk {i}") for i in range(5)]
+    hashes = [store.sha256(f"chunk {i + 1}") for i in range(5)]
     with translated(), app.transaction(), app.cursor() as cur:
         assert store.copy_vectors(cur, corpus.corpus_id, ids, KEY, vectors, hashes) == 5
     assert count(app, "queue") == 0  # the hashes matched the queued texts
@@ -61,9 +51,9 @@ def test_the_copy_data_is_what_the_server_writes_for_the_stored_rows(
 def test_rows_without_a_hash_and_float64_vectors_are_stored_as_given(
         owner: psycopg.Connection[Any], app: psycopg.Connection[Any],
         corpus: store.CorpusInfo) -> None:
-    ids = _chunks(app, corpus, 4)
+    ids = stored_chunks(app, corpus, 4)
     vectors = np.stack([unit(1024, 10 + i) for i in range(4)]).astype(np.float64)
-    hashes = [None, store.sha256("chunk 1"), None, b"short"]
+    hashes = [None, store.sha256("chunk 2"), None, b"short"]
     with translated(), app.transaction(), app.cursor() as cur:
         store.copy_vectors(cur, corpus.corpus_id, ids, KEY, vectors, hashes)
     stored = {r[0]: r[1:] for r in owner.execute(
@@ -72,7 +62,7 @@ def test_rows_without_a_hash_and_float64_vectors_are_stored_as_given(
     for chunk_id, vector, content_hash in zip(ids, vectors, hashes, strict=True):
         np.testing.assert_array_equal(stored[chunk_id][0].to_numpy(), vector.astype(np.float32))
         assert stored[chunk_id][1] == content_hash
-    assert count(app, "queue") == 3  # only chunk 1's vector was made from its queued text
+    assert count(app, "queue") == 3  # only chunk 2's vector was made from its queued text
 
 
 @pytest.mark.parametrize(("vectors", "hashes", "error", "words"), [
@@ -83,7 +73,7 @@ def test_rows_without_a_hash_and_float64_vectors_are_stored_as_given(
 def test_inputs_that_do_not_make_rows_are_refused_before_the_copy(
         app: psycopg.Connection[Any], corpus: store.CorpusInfo, vectors: np.ndarray,
         hashes: list[bytes | None], error: type[Exception], words: str) -> None:
-    ids = _chunks(app, corpus, 3)
+    ids = stored_chunks(app, corpus, 3)
     with app.transaction(), app.cursor() as cur:
         with pytest.raises(error, match=words):
             store.copy_vectors(cur, corpus.corpus_id, ids, KEY, vectors, hashes)
