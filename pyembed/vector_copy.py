@@ -23,7 +23,7 @@ MAX_DIMS = 16_000  # pgvector's limit for the vector type
 BLOCK_ROWS = 1_000  # ~1.6 MB of 384-d rows: memory stays flat, whatever the batch size
 
 
-def _row_type(key_bytes: int, dims: int, hash_bytes: int | None) -> np.dtype:
+def _row_type(key_bytes: int, dims: int, hash_bytes: int) -> np.dtype:
     """One tuple: its field count, then each field's byte length and bytes (none for NULL)."""
     fields: list[tuple[str, str] | tuple[str, str, tuple[int]]] = [
         ("fields", ">i2"),
@@ -66,7 +66,7 @@ def _blocks(corpus_id: int, ids: np.ndarray, key: bytes, vectors: np.ndarray,
     yield SIGNATURE
     for width in np.unique(widths).tolist():
         rows = np.flatnonzero(widths == width)
-        row_type = _row_type(len(key), dims, width if width > 0 else None)
+        row_type = _row_type(len(key), dims, max(width, 0))
         for start in range(0, len(rows), block_rows):
             part = rows[start:start + block_rows]
             block = np.empty(len(part), dtype=row_type)
