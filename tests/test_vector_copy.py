@@ -79,3 +79,24 @@ def test_inputs_that_do_not_make_rows_are_refused_before_the_copy(
             store.copy_vectors(cur, corpus.corpus_id, ids, KEY, vectors, hashes)
         # Nothing reached the server: the transaction goes on.
         assert cur.execute("SELECT count(*) FROM pyembed.vectors").fetchone() == (0,)
+
+
+@pytest.mark.parametrize("dims", [384, 1024])
+def test_a_batch_is_checked_without_writing_it_to_a_temporary_file(
+        owner: psycopg.Connection[Any], app: psycopg.Connection[Any], dims: int) -> None:
+    # The statement triggers read the written rows from a transition table, which PostgreSQL
+    # writes to a temporary file once it outgrows work_mem (log_temp_files reports each file).
+    key = f"fake/fake-hash@1:{dims}"
+    corpus = store.create_corpus(app, f"docs{dims}", key)
+    ids = stored_chunks(app, corpus, 3000)
+    vectors = np.stack([unit(dims, i) for i in range(3000)])
+    notices: list[str] = []
+    owner.add_notice_handler(lambda diag: notices.append(diag.message_primary or ""))
+    owner.execute("SET log_temp_files = 0")
+    owner.execute("SET client_min_messages = log")
+    owner.execute("SET work_mem = '64kB'")
+    with translated(), owner.transaction(), owner.cursor() as cur:
+        store.copy_vectors(cur, corpus.corpus_id, ids, key, vectors, [None] * 3000)
+        assert cur.execute("SHOW work_mem").fetchone() == ("64kB",)  # restored after the COPY
+    assert count(owner, "vectors") == 3000
+    assert not [n for n in notices if n.startswith("temporary file")]
