@@ -1,0 +1,130 @@
+"""Bulk loads of precomputed vectors for stored chunks: `store.copy_vectors` batch by batch,
+each batch its own transaction, over several connections at once.
+
+One COPY keeps one server process busy; the checks pyembed adds (key, dimensions and norm row
+by row; tenant, chunks and the queue per batch) are server work, while the client's share is
+small (~13 ms of CPU per 5,000 384-d rows). So a second connection nearly doubles the rows a
+second on a machine with a core to spare: `tests/benchmarks/bench_suite.py` measures it beside
+a plain pgvector COPY.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+
+from . import store
+from .db import connect, translated
+from .errors import InvalidInput, InvalidVector
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    rows: int
+    batches: int
+    seconds: float
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows / self.seconds if self.seconds > 0 else 0.0
+
+
+def load_vectors(corpus: str, chunk_ids: Sequence[int], model_key: str, vectors: np.ndarray,
+                 content_hashes: Sequence[bytes | None], *, dsn: str | None = None,
+                 batch_rows: int = 5_000, connections: int = 2,
+                 progress: bool = False) -> LoadReport:
+    """Write these stored chunks' vectors, made by `model_key`, into `corpus`.
+
+    `content_hashes[i]` is `store.sha256` of the text chunk i's vector was made from: a vector
+    whose hash matches the chunk's queued text takes it off the queue (None: it does not).
+    Vectors are checked (dimensions, NaN/Inf, zero) and, for a normalised model, unit-normalised
+    here; the database checks them again, and the key, tenant and chunks.
+
+    Batches of `batch_rows` rows are each one transaction, on `connections` connections opened
+    from `dsn` ($PYEMBED_DSN, else the local cluster) as the same role. Each batch is written
+    whole or not at all, but the load is not one transaction: when a batch is refused, no new
+    batch starts, and its error is raised with a note saying how many rows the other batches
+    wrote. Loading again is safe: a chunk's vector for the key is replaced, not doubled.
+    """
+    n = len(chunk_ids)
+    if not len(content_hashes) == len(vectors) == n:
+        raise InvalidInput(f"{n} chunk ids, {len(vectors)} vectors and {len(content_hashes)} "
+                           "content hashes: give one of each per chunk")
+    if batch_rows < 1 or connections < 1:
+        raise InvalidInput(f"batch_rows and connections must be at least 1, got {batch_rows} "
+                           f"and {connections}")
+    with connect(dsn, autocommit=True) as conn, translated():
+        info = store.corpus_info(conn, corpus)
+        spec = store.model_spec(conn, model_key)
+    if np.ndim(vectors) != 2 or np.shape(vectors)[1] != spec.dimensions:
+        raise InvalidVector(f"wrong dimensions: {model_key} has {spec.dimensions} dimensions, the "
+                            f"vectors have shape {np.shape(vectors)}")
+    started = time.perf_counter()
+    starts = list(range(0, n, batch_rows))
+    if not starts:
+        return LoadReport(0, 0, 0.0)
+    pending = iter(starts)
+    lock = threading.Lock()
+    stop = threading.Event()  # a batch failed, or the caller interrupted: start no new batch
+    written = 0
+    failed: dict[int, Exception] = {}
+
+    def run(bar: Progress, task: TaskID) -> None:
+        nonlocal written
+        with connect(dsn, autocommit=True) as conn:
+            while not stop.is_set():
+                with lock:
+                    start = next(pending, None)
+                if start is None:
+                    return
+                end = min(start + batch_rows, n)
+                try:
+                    rows = store.as_unit_vectors(vectors[start:end], spec.dimensions,
+                                                 normalize=spec.normalized)
+                    with translated(), conn.transaction(), conn.cursor() as cur:
+                        store.copy_vectors(cur, info.corpus_id, chunk_ids[start:end], model_key,
+                                           rows, content_hashes[start:end])
+                except Exception as exc:
+                    stop.set()
+                    with lock:
+                        failed[start] = exc
+                    return
+                with lock:
+                    written += end - start
+                bar.update(task, advance=end - start)
+
+    columns = (TextColumn("[progress.description]{task.description}"), BarColumn(),
+               MofNCompleteColumn(), TimeElapsedColumn())
+    workers = min(connections, len(starts))
+    with Progress(*columns, disable=not progress, transient=True) as bar, \
+            ThreadPoolExecutor(workers) as pool:
+        task = bar.add_task(f"loading vectors into {info.name}", total=n)
+        futures = [pool.submit(run, bar, task) for _ in range(workers)]
+        try:
+            for future in futures:
+                future.result()
+        except BaseException:  # Ctrl-C: the batches under way finish (or roll back) alone
+            stop.set()
+            raise
+    if failed:
+        first = min(failed)
+        exc = failed[first]
+        exc.add_note(f"load_vectors: the batch of chunk ids {chunk_ids[first]}.."
+                     f"{chunk_ids[min(first + batch_rows, n) - 1]} wrote nothing; "
+                     f"{written:,} of {n:,} rows were written in other batches, and no batch "
+                     "started after it. Loading again is safe: vectors are replaced, not doubled.")
+        raise exc
+    return LoadReport(n, len(starts), time.perf_counter() - started)
