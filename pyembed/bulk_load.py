@@ -33,6 +33,8 @@ from .errors import InvalidInput, InvalidVector
 
 @dataclass(frozen=True)
 class LoadReport:
+    """What a load wrote: rows, in how many batches (transactions), in how long."""
+
     rows: int
     batches: int
     seconds: float
@@ -124,7 +126,7 @@ def load_vectors(corpus: str, chunk_ids: Sequence[int], model_key: str, vectors:
         exc = failed[first]
         exc.add_note(f"load_vectors: the batch of chunk ids {chunk_ids[first]}.."
                      f"{chunk_ids[min(first + batch_rows, n) - 1]} wrote nothing; "
-                     f"{written:,} of {n:,} rows were written in other batches, and no batch "
-                     "started after it. Loading again is safe: vectors are replaced, not doubled.")
+                     f"{written:,} of {n:,} rows were written in other batches, and no new batch "
+                     "started once it failed. Loading again is safe: vectors are replaced, not doubled.")
         raise exc
     return LoadReport(n, len(starts), time.perf_counter() - started)

@@ -11,7 +11,8 @@ Sections (environment first; medians of --reps repetitions with their range):
      binary COPY into (id, content, embedding vector(384)) vs langchain-postgres
      (PGVectorStore.add_embeddings, the class this version recommends, and the deprecated
      PGVector.add_embeddings), with no HNSW index during any load; copy_vectors taken
-     apart (with nothing queued; as the owner with triggers off); then the HNSW builds.
+     apart (with nothing queued; as the owner with triggers off); bulk_load.load_vectors and
+     plain COPY over 2 connections; then the HNSW builds.
   2. guarded search (pyembed.search, app role) vs plain pgvector on the same HNSW index
      parameters at equal ef_search (100): p50/p99 and recall@10 against exact numpy search.
   3. cache-hit query embedding: client.embedder(key).embed_query(text) with the PostgresCache,
