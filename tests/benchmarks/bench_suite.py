@@ -70,6 +70,8 @@ from tests.benchmarks.common import (  # noqa: E402
     checkpoint,
     clustered_unit_vectors,
     connect,
+    cpu_stolen,
+    cpu_times,
     exact_top_k,
     load_average,
     local_database,
@@ -942,7 +944,7 @@ def main() -> None:
     args.langchain_reps = min(args.langchain_reps, args.reps)
     args.budget = args.budget or None
 
-    started = time.perf_counter()
+    started, cpu_at_start = time.perf_counter(), cpu_times()
     data = make_data(args)
     prep = time.perf_counter() - started
     with local_database(FOLDER, prefix="suite", keep=args.keep) as target:
@@ -968,7 +970,8 @@ def main() -> None:
                 print(f"   {name}: {value:.2f}")
         finally:
             owner.close()
-    print(f"total {time.perf_counter() - started:.0f} s; at the end: {load_average()}")
+    print(f"total {time.perf_counter() - started:.0f} s; {cpu_stolen(cpu_at_start)}; at the end: "
+          f"{load_average()}")
 
 
 if __name__ == "__main__":

@@ -261,6 +261,27 @@ def load_average() -> str:
     return f"load average {one:.2f}, {five:.2f}, {fifteen:.2f} (1, 5, 15 min)"
 
 
+def cpu_times() -> list[int] | None:
+    """The machine's CPU time counters from /proc/stat (user, nice, system, idle, iowait, irq,
+    softirq, steal), or None where there is none."""
+    try:
+        with open("/proc/stat") as f:
+            return [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+
+
+def cpu_stolen(since: list[int] | None) -> str:
+    """The share of CPU time the hypervisor gave to other machines since `since` (cpu_times):
+    on a shared host it slows every path, and unevenly."""
+    now = cpu_times()
+    if since is None or now is None or len(now) < 8:
+        return "CPU time stolen by the host unknown"
+    spent = [b - a for a, b in zip(since, now, strict=True)]
+    return (f"CPU time stolen by the host {100 * spent[7] / sum(spent):.0f}%"
+            if sum(spent) else "CPU time stolen by the host unknown")
+
+
 def code_version() -> str:
     """The repository's commit, and the files changed since (a run measures the working tree)."""
     import subprocess
