@@ -222,7 +222,7 @@ def vector_partition(corpus_id: int) -> sql.Identifier:
 _ROW_OVERHEAD = 200
 
 
-def transition_table_kb(rows: int, dims: int) -> int:
+def _transition_table_kb(rows: int, dims: int) -> int:
     """work_mem (kB) that keeps the statement triggers' transition table of `rows` vector rows
     in memory; beyond work_mem PostgreSQL writes it to a temporary file, the whole load over
     again. Each row is allocated in a chunk rounded up to a power of two (up to 8 kB), so a
@@ -251,7 +251,7 @@ def copy_vectors(cur: psycopg.Cursor[Any], corpus_id: int, chunk_ids: Sequence[i
             (corpus_id, model_key, min(chunk_ids), max(chunk_ids))).fetchone() == (True,):
         cur.execute("DELETE FROM pyembed.vectors WHERE corpus_id = %s AND model_key = %s "
                     "AND chunk_id = ANY(%s::bigint[])", (corpus_id, model_key, list(chunk_ids)))
-    needed_kb = transition_table_kb(len(chunk_ids), int(np.shape(vectors)[1]))
+    needed_kb = _transition_table_kb(len(chunk_ids), int(np.shape(vectors)[1]))
     row = cur.execute("SELECT current_setting('work_mem'), set_config('work_mem', "
                       "greatest(pg_size_bytes(current_setting('work_mem')) / 1024, %s) || 'kB', "
                       "true)", (needed_kb,)).fetchone()

@@ -1,5 +1,6 @@
 """store.copy_vectors's COPY data (pyembed.vector_copy): the server's own binary COPY output of
-the stored rows, byte for byte; NULL and mixed hashes; bad inputs refused before any write."""
+the stored rows, byte for byte; NULL and mixed hashes; bad inputs refused before any write; a
+batch's transition table kept in memory."""
 
 from __future__ import annotations
 
@@ -95,6 +96,10 @@ def test_a_batch_is_checked_without_writing_it_to_a_temporary_file(
     owner.execute("SET log_temp_files = 0")
     owner.execute("SET client_min_messages = log")
     owner.execute("SET work_mem = '64kB'")
+    owner.execute("SELECT count(*) FROM (SELECT g FROM generate_series(1, 20000) g "
+                  "ORDER BY g DESC OFFSET 0) s")  # a sort that spills: the files are reported
+    assert [n for n in notices if n.startswith("temporary file")]
+    notices.clear()
     with translated(), owner.transaction(), owner.cursor() as cur:
         store.copy_vectors(cur, corpus.corpus_id, ids, key, vectors, [None] * 3000)
         assert cur.execute("SHOW work_mem").fetchone() == ("64kB",)  # restored after the COPY
