@@ -28,7 +28,7 @@ Needs langchain-postgres, which pins pgvector<0.4 (pyembed uses the newer pgvect
 Data: unit vectors around Gaussian centres (neighbours are meaningful, HNSW recall is not
 trivially 1), 10 chunks per document with short texts; fixed seed. Runs in a fresh database
 of a local cluster in <repo>/.pyembed-bench-suite (dropped at the end; the cluster is stopped
-only if this run started it).
+only if this run started it and no other client is connected).
 """
 
 from __future__ import annotations

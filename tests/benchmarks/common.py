@@ -67,7 +67,8 @@ def local_database(folder: str | Path, *, prefix: str = "bench", keep: bool = Fa
                    install: bool = True) -> Iterator[Target]:
     """A fresh database, installed to head, in the local cluster under `folder` (relative to
     the repository unless absolute; created on first use). The database is dropped afterwards
-    and the cluster stopped if this call started it (neither with `keep`)."""
+    and the cluster stopped if this call started it and no other client is connected (neither
+    with `keep`)."""
     from pyembed.localdb import OWNER, LocalCluster
     from pyembed.schema import install as install_schema
 
@@ -90,7 +91,7 @@ def local_database(folder: str | Path, *, prefix: str = "bench", keep: bool = Fa
     finally:
         if not keep:
             drop_database(admin_dsn, name)
-            if not was_running:
+            if not was_running and not others_connected(admin_dsn):
                 cluster.stop()
 
 
@@ -98,6 +99,15 @@ def drop_database(admin_dsn: str, name: str) -> None:
     with psycopg.connect(in_database(admin_dsn, "postgres"), autocommit=True) as admin:
         admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
                       .format(sql.Identifier(name)))
+
+
+def others_connected(admin_dsn: str) -> bool:
+    """Whether another client is connected to the cluster: a run started after this one's
+    start, whose work stopping the cluster would kill."""
+    with psycopg.connect(in_database(admin_dsn, "postgres"), autocommit=True) as admin:
+        row = admin.execute("SELECT EXISTS (SELECT FROM pg_stat_activity WHERE backend_type = "
+                            "'client backend' AND pid <> pg_backend_pid())").fetchone()
+    return bool(row and row[0])
 
 
 @contextmanager
