@@ -113,8 +113,8 @@ INCLUDES = {
                      "(PostgreSQL still fills the triggers' transition table)",
     LOAD_PARALLEL: f"bulk_load.load_vectors: copy_vectors's load (chunks queued), its batches "
                    f"shared by {CONNECTIONS} connections (threads), each batch one transaction",
-    PLAIN_COPY: "binary COPY of (id bigint PK, content text, embedding vector(384)), rows written "
-           "as pgvector-python's README does (copy.write_row)",
+    PLAIN_COPY: "binary COPY of (id bigint PK, content text, embedding vector(384)), rows "
+                "written as pgvector-python's README does (copy.write_row)",
     PLAIN_PARALLEL: f"the same, its batches shared by {CONNECTIONS} connections (threads)",
     "langchain PGVectorStore": "add_embeddings: one INSERT ... ON CONFLICT per row, each in its "
                                "own transaction (uuid PK, content, vector, json metadata)",
@@ -351,13 +351,14 @@ def run_copy_vectors(t: Target, owner: psycopg.Connection[Any], data: Data,
         if label == LOAD_PARALLEL:
             load_vectors(res.corpus.name, res.chunk_ids, KEY, data.vectors, hashes,
                          dsn=t.app_dsn, batch_rows=len(parts[0]), connections=CONNECTIONS)
-        for part in parts if label != LOAD_PARALLEL else []:
-            with conn.transaction(), conn.cursor() as cur:
-                if label == COPY_CHECK_ONLY:
-                    cur.execute("SET LOCAL session_replication_role = replica")
-                store.copy_vectors(cur, corpus_id, res.chunk_ids[part.start:part.stop], KEY,
-                                   data.vectors[part.start:part.stop],
-                                   hashes[part.start:part.stop])
+        else:
+            for part in parts:
+                with conn.transaction(), conn.cursor() as cur:
+                    if label == COPY_CHECK_ONLY:
+                        cur.execute("SET LOCAL session_replication_role = replica")
+                    store.copy_vectors(cur, corpus_id, res.chunk_ids[part.start:part.stop], KEY,
+                                       data.vectors[part.start:part.stop],
+                                       hashes[part.start:part.stop])
         res.add(label, data.n, time.perf_counter() - started, time.process_time() - cpu)
         left = scalar(owner, "SELECT count(*) FROM pyembed.queue WHERE corpus_id = %s",
                       (corpus_id,))
