@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import psycopg
 
-from pyembed.store import ChunkRow, CorpusInfo
+from pyembed.store import ChunkRow, CorpusInfo, sha256
 
 
 def unit(dims: int, seed: int) -> np.ndarray:
@@ -37,3 +37,8 @@ def stored_chunks(app: psycopg.Connection[Any], corpus: CorpusInfo, n: int) -> l
             "INSERT INTO pyembed.chunks (corpus_id, document_id, chunk_index, content) "
             "SELECT %s, 'd' || i, 0, 'chunk ' || i FROM generate_series(1, %s) i "
             "RETURNING chunk_id", (corpus.corpus_id, n))]
+
+
+def chunk_hashes(n: int) -> list[bytes | None]:
+    """The content hashes of the texts of the first n chunks stored_chunks makes."""
+    return [sha256(f"chunk {i + 1}") for i in range(n)]

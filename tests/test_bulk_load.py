@@ -13,7 +13,7 @@ from pyembed import store
 from pyembed.bulk_load import load_vectors
 from pyembed.errors import InvalidInput, InvalidVector, ModelMismatch, UnknownCorpus
 from tests.conftest import Database
-from tests.helpers import count, stored_chunks, unit
+from tests.helpers import chunk_hashes, count, stored_chunks, unit
 
 KEY = "fake/fake-hash@1:384"
 OTHER = "local/all-minilm-l6-v2-int8@1:384"  # same width, another model
@@ -28,7 +28,7 @@ def chunks(app: psycopg.Connection[Any]) -> list[int]:
 
 def _inputs() -> tuple[np.ndarray, list[bytes | None]]:
     vectors = np.stack([3 * unit(384, i) for i in range(N)])  # not unit length: normalised
-    return vectors, [store.sha256(f"chunk {i + 1}") for i in range(N)]
+    return vectors, chunk_hashes(N)
 
 
 def _stored(owner: psycopg.Connection[Any]) -> dict[int, np.ndarray]:

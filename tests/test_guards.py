@@ -13,7 +13,7 @@ from psycopg import sql
 from pyembed import store
 from pyembed.db import translated
 from pyembed.errors import InvalidInput, InvalidVector, ModelMismatch, UnknownCorpus
-from tests.helpers import count, rows, stored_chunks, unit
+from tests.helpers import chunk_hashes, count, rows, stored_chunks, unit
 
 KEY_A = "fake/fake-hash@1:1024"
 KEY_B = "fake/fake-hash@2:1024"  # same width, different model: the "2 AM" mistake
@@ -216,7 +216,7 @@ def test_search_can_use_the_partial_hnsw_index(owner: psycopg.Connection[Any],
 def _copy(app: psycopg.Connection[Any], corpus_id: int, ids: list[int], key: str,
           vectors: np.ndarray) -> None:
     """The vectors of the chunks made by stored_chunks, with the hashes of their texts."""
-    hashes = [store.sha256(f"chunk {i + 1}") for i in range(len(ids))]
+    hashes = chunk_hashes(len(ids))
     with translated(), app.transaction(), app.cursor() as cur:
         store.copy_vectors(cur, corpus_id, ids, key, vectors, hashes)
 

@@ -15,7 +15,7 @@ from pyembed import store
 from pyembed.db import translated
 from pyembed.errors import InvalidInput, InvalidVector
 from pyembed.vector_copy import COLUMNS, copy_data
-from tests.helpers import count, stored_chunks, unit
+from tests.helpers import chunk_hashes, count, stored_chunks, unit
 
 KEY = "fake/fake-hash@1:1024"
 
@@ -40,7 +40,7 @@ def test_the_copy_data_is_what_the_server_writes_for_the_stored_rows(
         corpus: store.CorpusInfo) -> None:
     ids = stored_chunks(app, corpus, 5)
     vectors = np.stack([unit(1024, i) for i in range(5)])
-    hashes = [store.sha256(f"chunk {i + 1}") for i in range(5)]
+    hashes = chunk_hashes(5)
     with translated(), app.transaction(), app.cursor() as cur:
         assert store.copy_vectors(cur, corpus.corpus_id, ids, KEY, vectors, hashes) == 5
     assert count(app, "queue") == 0  # the hashes matched the queued texts
