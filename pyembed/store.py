@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -190,16 +191,20 @@ def write_chunks(conn: psycopg.Connection[Any], corpus: CorpusInfo, rows: Sequen
                 (replaced, [len(docs[d]) for d in replaced], corpus.corpus_id))
         # One statement for all chunks: the statement-level triggers (queue, keyword index)
         # then run once per batch, not once per chunk.
-        cur.execute(
-            """INSERT INTO pyembed.chunks (corpus_id, document_id, chunk_index, content, metadata)
-               SELECT %s, d, i, c, m::jsonb
-                 FROM unnest(%s::text[], %s::int[], %s::text[], %s::text[]) AS t(d, i, c, m)
-               ON CONFLICT (corpus_id, document_id, chunk_index) DO UPDATE
-                 SET content = EXCLUDED.content, metadata = EXCLUDED.metadata
-               RETURNING document_id, chunk_index, chunk_id, xmax = 0 AS inserted""",
-            (corpus.corpus_id, [r.document_id for r in rows], [r.chunk_index for r in rows],
-             [r.content for r in rows], [json.dumps(r.metadata, default=str) for r in rows]))
-        written = cur.fetchall()
+        metadata = [json.dumps(r.metadata, default=str) for r in rows]
+        with _transition_tables_in_memory(cur, [
+                len(r.content.encode()) + len(r.document_id) + len(m) + _ROW_OVERHEAD
+                for r, m in zip(rows, metadata, strict=True)]):
+            cur.execute(
+                """INSERT INTO pyembed.chunks (corpus_id, document_id, chunk_index, content, metadata)
+                   SELECT %s, d, i, c, m::jsonb
+                     FROM unnest(%s::text[], %s::int[], %s::text[], %s::text[]) AS t(d, i, c, m)
+                   ON CONFLICT (corpus_id, document_id, chunk_index) DO UPDATE
+                     SET content = EXCLUDED.content, metadata = EXCLUDED.metadata
+                   RETURNING document_id, chunk_index, chunk_id, xmax = 0 AS inserted""",
+                (corpus.corpus_id, [r.document_id for r in rows], [r.chunk_index for r in rows],
+                 [r.content for r in rows], metadata))
+            written = cur.fetchall()
         by_position = {(d, i): c for d, i, c, _ in written}
         ids = [by_position[r.document_id, r.chunk_index] for r in rows]
         hashes_ = [sha256(r.content) for r in rows]
@@ -218,18 +223,29 @@ def vector_partition(corpus_id: int) -> sql.Identifier:
     return sql.Identifier("pyembed", f"vectors_c{int(corpus_id)}")
 
 
-# Bytes a written vector row takes beyond its floats (tuple header, ids, key, hash, timestamp).
+# Bytes a written row takes beyond its values (tuple header, ids, key, hash, timestamps).
 _ROW_OVERHEAD = 200
+# The most work_mem a write raises it to: a batch whose rows need more spills to disk instead.
+_WORK_MEM_CAP_KB = 1 << 20
 
 
-def _transition_table_kb(rows: int, dims: int) -> int:
-    """work_mem (kB) that keeps the statement triggers' transition table of `rows` vector rows
-    in memory; beyond work_mem PostgreSQL writes it to a temporary file, the whole load over
-    again. Each row is allocated in a chunk rounded up to a power of two (up to 8 kB), so a
-    384-d row of ~1,650 bytes takes 2 kB; plus the chunk's header and the row's pointer."""
-    row = 4 * dims + _ROW_OVERHEAD
-    chunk = 1 << (row - 1).bit_length() if row <= 8192 else row
-    return rows * (chunk + 64) // 1024 + 1024
+@contextmanager
+def _transition_tables_in_memory(cur: psycopg.Cursor[Any], row_bytes: Iterable[int]
+                                 ) -> Iterator[None]:
+    """work_mem raised, for the statement run inside, so that its statement triggers'
+    transition tables hold rows of these sizes in memory, and restored after it. Beyond
+    work_mem PostgreSQL writes a transition table to a temporary file, the whole write over
+    again. Each row is kept whole (TOAST comes later) in a chunk rounded up to a power of two
+    (up to 8 kB), so a 384-d vector row of ~1,650 bytes takes 2 kB; plus the chunk's header
+    and the row's pointer."""
+    needed = sum((1 << (b - 1).bit_length() if b <= 8192 else b) + 64 for b in row_bytes)
+    kb = min(needed // 1024 + 1024, _WORK_MEM_CAP_KB)
+    row = cur.execute("SELECT current_setting('work_mem'), set_config('work_mem', "
+                      "greatest(pg_size_bytes(current_setting('work_mem')) / 1024, %s) || 'kB', "
+                      "true)", (kb,)).fetchone()
+    yield
+    if row is not None:
+        cur.execute("SELECT set_config('work_mem', %s, true)", (row[0],))
 
 
 def copy_vectors(cur: psycopg.Cursor[Any], corpus_id: int, chunk_ids: Sequence[int],
@@ -251,17 +267,13 @@ def copy_vectors(cur: psycopg.Cursor[Any], corpus_id: int, chunk_ids: Sequence[i
             (corpus_id, model_key, min(chunk_ids), max(chunk_ids))).fetchone() == (True,):
         cur.execute("DELETE FROM pyembed.vectors WHERE corpus_id = %s AND model_key = %s "
                     "AND chunk_id = ANY(%s::bigint[])", (corpus_id, model_key, list(chunk_ids)))
-    needed_kb = _transition_table_kb(len(chunk_ids), int(np.shape(vectors)[1]))
-    row = cur.execute("SELECT current_setting('work_mem'), set_config('work_mem', "
-                      "greatest(pg_size_bytes(current_setting('work_mem')) / 1024, %s) || 'kB', "
-                      "true)", (needed_kb,)).fetchone()
-    with cur.copy(sql.SQL("COPY {} ({}) FROM STDIN WITH (FORMAT BINARY)").format(
-            vector_partition(corpus_id), sql.SQL(", ").join(map(sql.Identifier, COLUMNS)))
-                  ) as copy:
+    row_bytes = 4 * int(np.shape(vectors)[1]) + _ROW_OVERHEAD
+    with _transition_tables_in_memory(cur, [row_bytes] * len(chunk_ids)), cur.copy(
+            sql.SQL("COPY {} ({}) FROM STDIN WITH (FORMAT BINARY)").format(
+                vector_partition(corpus_id), sql.SQL(", ").join(map(sql.Identifier, COLUMNS)))
+            ) as copy:
         for block in data:
             copy.write(block)
-    if row is not None:
-        cur.execute("SELECT set_config('work_mem', %s, true)", (row[0],))
     return len(chunk_ids)
 
 

@@ -1,6 +1,6 @@
 """store.copy_vectors's COPY data (pyembed.vector_copy): the server's own binary COPY output of
-the stored rows, byte for byte; NULL and mixed hashes; bad inputs refused before any write; a
-batch's transition table kept in memory."""
+the stored rows, byte for byte; NULL and mixed hashes; bad inputs refused before any write; the
+transition tables of a batch of vectors, and of ~1 kB chunks (store.write_chunks), kept in memory."""
 
 from __future__ import annotations
 
@@ -82,26 +82,47 @@ def test_inputs_that_do_not_make_rows_are_refused_before_the_copy(
         assert cur.execute("SELECT count(*) FROM pyembed.vectors").fetchone() == (0,)
 
 
-@pytest.mark.parametrize("dims", [384, 1024])
-def test_a_batch_is_checked_without_writing_it_to_a_temporary_file(
-        owner: psycopg.Connection[Any], app: psycopg.Connection[Any], dims: int) -> None:
-    # The statement triggers read the written rows from a transition table, which PostgreSQL
-    # writes to a temporary file once it outgrows work_mem (log_temp_files reports each file).
-    key = f"fake/fake-hash@1:{dims}"
-    corpus = store.create_corpus(app, f"docs{dims}", key)
-    ids = stored_chunks(app, corpus, 3000)
-    vectors = np.stack([unit(dims, i) for i in range(3000)])
+def server_messages(owner: psycopg.Connection[Any]) -> list[str]:
+    """The server's messages to this session from now on, at work_mem 64kB, with a report of
+    each temporary file written (log_temp_files; a sort that spills shows that they arrive)."""
     notices: list[str] = []
     owner.add_notice_handler(lambda diag: notices.append(diag.message_primary or ""))
     owner.execute("SET log_temp_files = 0")
     owner.execute("SET client_min_messages = log")
     owner.execute("SET work_mem = '64kB'")
     owner.execute("SELECT count(*) FROM (SELECT g FROM generate_series(1, 20000) g "
-                  "ORDER BY g DESC OFFSET 0) s")  # a sort that spills: the files are reported
+                  "ORDER BY g DESC OFFSET 0) s")
     assert [n for n in notices if n.startswith("temporary file")]
     notices.clear()
+    return notices
+
+
+# The statement triggers read the written rows from transition tables, which PostgreSQL writes
+# to a temporary file once they outgrow work_mem: the whole write over again.
+@pytest.mark.parametrize("dims", [384, 1024])
+def test_a_batch_is_checked_without_writing_it_to_a_temporary_file(
+        owner: psycopg.Connection[Any], app: psycopg.Connection[Any], dims: int) -> None:
+    key = f"fake/fake-hash@1:{dims}"
+    corpus = store.create_corpus(app, f"docs{dims}", key)
+    ids = stored_chunks(app, corpus, 3000)
+    vectors = np.stack([unit(dims, i) for i in range(3000)])
+    notices = server_messages(owner)
     with translated(), owner.transaction(), owner.cursor() as cur:
         store.copy_vectors(cur, corpus.corpus_id, ids, key, vectors, [None] * 3000)
         assert cur.execute("SHOW work_mem").fetchone() == ("64kB",)  # restored after the COPY
     assert count(owner, "vectors") == 3000
+    assert not [n for n in notices if n.startswith("temporary file")]
+
+
+def test_chunks_of_a_kilobyte_are_written_without_a_temporary_file(
+        owner: psycopg.Connection[Any], app: psycopg.Connection[Any]) -> None:
+    corpus = store.create_corpus(app, "long", "fake/fake-hash@1:384")
+    notices = server_messages(owner)
+    for version in ("first", "second"):  # inserted, then updated (old and new rows)
+        text = f"{version} text of chunk {{}}: " + "word " * 200  # ~1 kB
+        rows = [store.ChunkRow(f"d{i // 10}", i % 10, text.format(i), unit(384, i))
+                for i in range(1000)]
+        store.write_chunks(owner, corpus, rows, "fake/fake-hash@1:384")
+    assert owner.execute("SHOW work_mem").fetchone() == ("64kB",)
+    assert count(owner, "chunks") == count(owner, "vectors") == 1000
     assert not [n for n in notices if n.startswith("temporary file")]
