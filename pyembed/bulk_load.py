@@ -57,9 +57,9 @@ def load_vectors(corpus: str, chunk_ids: Sequence[int], model_key: str, vectors:
 
     Batches of `batch_rows` rows are each one transaction, on `connections` connections opened
     from `dsn` ($PYEMBED_DSN, else the local cluster) as the same role. Each batch is written
-    whole or not at all, but the load is not one transaction: when a batch is refused, no new
-    batch starts, and its error is raised with a note saying how many rows the other batches
-    wrote. Loading again is safe: a chunk's vector for the key is replaced, not doubled.
+    whole or not at all, but the load is not one transaction: when a batch is refused (or a
+    connection does not open), no new batch starts, and its error is raised with a note saying
+    how many rows the other batches wrote. Loading again is safe: a chunk's vector for the key is replaced, not doubled.
     """
     n = len(chunk_ids)
     if not len(content_hashes) == len(vectors) == n:
@@ -82,11 +82,21 @@ def load_vectors(corpus: str, chunk_ids: Sequence[int], model_key: str, vectors:
     lock = threading.Lock()
     stop = threading.Event()  # a batch failed, or the caller interrupted: start no new batch
     written = 0
-    failed: dict[int, Exception] = {}
+    failed: dict[int, Exception] = {}  # by the failed batch's first row; -1: a connection
+
+    def fail(start: int, exc: Exception) -> None:
+        stop.set()
+        with lock:
+            failed[start] = exc
 
     def run(bar: Progress, task: TaskID) -> None:
         nonlocal written
-        with connect(dsn, autocommit=True) as conn:
+        try:
+            conn = connect(dsn, autocommit=True)
+        except Exception as exc:
+            fail(-1, exc)
+            return
+        with conn:
             while not stop.is_set():
                 with lock:
                     start = next(pending, None)
@@ -100,9 +110,7 @@ def load_vectors(corpus: str, chunk_ids: Sequence[int], model_key: str, vectors:
                         store.copy_vectors(cur, info.corpus_id, chunk_ids[start:end], model_key,
                                            rows, content_hashes[start:end])
                 except Exception as exc:
-                    stop.set()
-                    with lock:
-                        failed[start] = exc
+                    fail(start, exc)
                     return
                 with lock:
                     written += end - start
@@ -124,9 +132,11 @@ def load_vectors(corpus: str, chunk_ids: Sequence[int], model_key: str, vectors:
     if failed:
         first = min(failed)
         exc = failed[first]
-        exc.add_note(f"load_vectors: the batch of chunk ids {chunk_ids[first]}.."
-                     f"{chunk_ids[min(first + batch_rows, n) - 1]} wrote nothing; "
-                     f"{written:,} of {n:,} rows were written in other batches, and no new batch "
-                     "started once it failed. Loading again is safe: vectors are replaced, not doubled.")
+        what = ("a connection did not open" if first < 0 else
+                f"the batch of chunk ids {chunk_ids[first]}.."
+                f"{chunk_ids[min(first + batch_rows, n) - 1]} wrote nothing")
+        exc.add_note(f"load_vectors: {what}; {written:,} of {n:,} rows were written in other "
+                     "batches, and no new batch started once it failed. Loading again is safe: "
+                     "vectors are replaced, not doubled.")
         raise exc
     return LoadReport(n, len(starts), time.perf_counter() - started)

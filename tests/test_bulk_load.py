@@ -3,11 +3,15 @@ batch stops the load with a note on what was written, and loading again finishes
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import psycopg
 import pytest
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 from pyembed import store
 from pyembed.bulk_load import load_vectors
@@ -85,6 +89,32 @@ def test_what_the_database_refuses_stops_the_load_with_its_own_error(
         load_vectors("docs", missing, KEY, vectors, hashes, dsn=db.app_dsn, batch_rows=100,
                      connections=1)
     assert count(owner, "vectors") == 200  # the two batches before it
+
+
+@pytest.fixture
+def one_connection(db: Database, owner: psycopg.Connection[Any]) -> Iterator[str]:
+    """The DSN of an application login role allowed one connection at a time."""
+    name, password = f"one_{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    owner.execute(sql.SQL("CREATE ROLE {} LOGIN CONNECTION LIMIT 1 PASSWORD {} IN ROLE "
+                          "pyembed_app").format(sql.Identifier(name), sql.Literal(password)))
+    try:
+        yield make_conninfo(db.app_dsn, user=name, password=password)
+    finally:
+        owner.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                      "WHERE usename = %s", (name,))
+        owner.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))
+
+
+def test_a_connection_that_does_not_open_stops_the_load_with_a_note(
+        owner: psycopg.Connection[Any], chunks: list[int], one_connection: str) -> None:
+    vectors, hashes = _inputs()
+    with pytest.raises(psycopg.OperationalError, match="too many connections") as err:
+        load_vectors("docs", chunks, KEY, vectors, hashes, dsn=one_connection, batch_rows=1,
+                     connections=2)
+    stored = count(owner, "vectors")
+    assert stored < N  # the connection that opened started no batch after the failure
+    assert (f"a connection did not open; {stored:,} of {N:,} rows were written"
+            in "\n".join(err.value.__notes__))
 
 
 @pytest.mark.parametrize(("corpus", "vectors", "hashes", "batch_rows", "error", "words"), [
