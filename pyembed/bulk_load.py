@@ -59,7 +59,8 @@ def load_vectors(corpus: str, chunk_ids: Sequence[int], model_key: str, vectors:
     from `dsn` ($PYEMBED_DSN, else the local cluster) as the same role. Each batch is written
     whole or not at all, but the load is not one transaction: when a batch is refused (or a
     connection does not open), no new batch starts, and its error is raised with a note saying
-    how many rows the other batches wrote. Loading again is safe: a chunk's vector for the key is replaced, not doubled.
+    how many rows the other batches wrote. Loading again is safe: a chunk's vector for the key
+    is replaced, not doubled.
     """
     n = len(chunk_ids)
     if not len(content_hashes) == len(vectors) == n:
