@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import psycopg
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 from pyembed.store import ChunkRow, CorpusInfo, sha256
 
@@ -42,3 +47,19 @@ def stored_chunks(app: psycopg.Connection[Any], corpus: CorpusInfo, n: int) -> l
 def chunk_hashes(n: int) -> list[bytes | None]:
     """The content hashes of the texts of the first n chunks stored_chunks makes."""
     return [sha256(f"chunk {i + 1}") for i in range(n)]
+
+
+@contextmanager
+def login_role(owner: psycopg.Connection[Any], dsn: str, prefix: str,
+               options: sql.Composable | None = None) -> Iterator[str]:
+    """`dsn` for a new login role (`options`: more CREATE ROLE options), which is dropped
+    afterwards, its sessions ended first."""
+    name, password = f"{prefix}_{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    owner.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {} {}").format(
+        sql.Identifier(name), sql.Literal(password), options or sql.SQL("")))
+    try:
+        yield make_conninfo(dsn, user=name, password=password)
+    finally:
+        owner.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                      "WHERE usename = %s", (name,))
+        owner.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))

@@ -3,7 +3,6 @@ batch stops the load with a note on what was written, and loading again finishes
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,13 +10,12 @@ import numpy as np
 import psycopg
 import pytest
 from psycopg import sql
-from psycopg.conninfo import make_conninfo
 
 from pyembed import store
 from pyembed.bulk_load import load_vectors
 from pyembed.errors import InvalidInput, InvalidVector, ModelMismatch, UnknownCorpus
 from tests.conftest import Database
-from tests.helpers import chunk_hashes, count, stored_chunks, unit
+from tests.helpers import chunk_hashes, count, login_role, stored_chunks, unit
 
 KEY = "fake/fake-hash@1:384"
 OTHER = "local/all-minilm-l6-v2-int8@1:384"  # same width, another model
@@ -94,15 +92,9 @@ def test_what_the_database_refuses_stops_the_load_with_its_own_error(
 @pytest.fixture
 def one_connection(db: Database, owner: psycopg.Connection[Any]) -> Iterator[str]:
     """The DSN of an application login role allowed one connection at a time."""
-    name, password = f"one_{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
-    owner.execute(sql.SQL("CREATE ROLE {} LOGIN CONNECTION LIMIT 1 PASSWORD {} IN ROLE "
-                          "pyembed_app").format(sql.Identifier(name), sql.Literal(password)))
-    try:
-        yield make_conninfo(db.app_dsn, user=name, password=password)
-    finally:
-        owner.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                      "WHERE usename = %s", (name,))
-        owner.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))
+    options = sql.SQL("CONNECTION LIMIT 1 IN ROLE {}").format(sql.Identifier("pyembed_app"))
+    with login_role(owner, db.app_dsn, "one", options) as dsn:
+        yield dsn
 
 
 def test_a_connection_that_does_not_open_stops_the_load_with_a_note(

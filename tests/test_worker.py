@@ -15,7 +15,6 @@ import sys
 import textwrap
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,6 @@ import psycopg
 import pytest
 from pgvector import Vector
 from psycopg import sql
-from psycopg.conninfo import make_conninfo
 
 from pyembed.cache import PostgresCache
 from pyembed.db import connect
@@ -39,6 +37,7 @@ from pyembed.store import sha256
 from pyembed.worker import Worker, WorkerStats
 from tests.conftest import REPO, Database
 from tests.fakeapi import FakeAPI, server_vectors
+from tests.helpers import login_role
 
 FAKE = "fake/fake-hash@1:384"
 LOCAL = "local/all-minilm-l6-v2-int8@1:384"
@@ -585,15 +584,8 @@ def test_sigterm_finishes_the_batch_and_exits_zero(
 @pytest.fixture
 def stranger(db: Database, owner: psycopg.Connection[Any]) -> Iterator[str]:
     """The DSN of a login role that is not a member of pyembed_app."""
-    name, password = f"stranger_{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
-    owner.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
-        sql.Identifier(name), sql.Literal(password)))
-    try:
-        yield make_conninfo(db.app_dsn, user=name, password=password)
-    finally:
-        owner.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                      "WHERE usename = %s", (name,))
-        owner.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))
+    with login_role(owner, db.app_dsn, "stranger") as dsn:
+        yield dsn
 
 
 def test_a_role_without_grants_cannot_use_the_queue_or_embed(
