@@ -352,7 +352,9 @@ def run_copy_vectors(t: Target, owner: psycopg.Connection[Any], data: Data,
                       "WHERE corpus_id = %s", (KEY, corpus_id))
     vacuum(owner, "pyembed.vectors", "pyembed.queue")
     hashes: list[bytes | None] = [store.sha256(text) for text in data.texts]
-    conn = owner if label == COPY_CHECK_ONLY else connect(t.app_dsn, ef_search=None)
+    # The batch loop's connection; load_vectors opens its own.
+    conn = (owner if label in (COPY_CHECK_ONLY, LOAD_PARALLEL)
+            else connect(t.app_dsn, ef_search=None))
     try:
         checkpoint(owner)
         started, cpu = time.perf_counter(), time.process_time()
