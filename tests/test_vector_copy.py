@@ -82,6 +82,10 @@ def test_inputs_that_do_not_make_rows_are_refused_before_the_copy(
         assert cur.execute("SELECT count(*) FROM pyembed.vectors").fetchone() == (0,)
 
 
+def temporary_files(notices: list[str]) -> list[str]:
+    return [n for n in notices if n.startswith("temporary file")]
+
+
 def server_messages(owner: psycopg.Connection[Any]) -> list[str]:
     """The server's messages to this session from now on, at work_mem 64kB, with a report of
     each temporary file written (log_temp_files; a sort that spills shows that they arrive)."""
@@ -92,7 +96,7 @@ def server_messages(owner: psycopg.Connection[Any]) -> list[str]:
     owner.execute("SET work_mem = '64kB'")
     owner.execute("SELECT count(*) FROM (SELECT g FROM generate_series(1, 20000) g "
                   "ORDER BY g DESC OFFSET 0) s")
-    assert [n for n in notices if n.startswith("temporary file")]
+    assert temporary_files(notices)
     notices.clear()
     return notices
 
@@ -111,7 +115,7 @@ def test_a_batch_is_checked_without_writing_it_to_a_temporary_file(
         store.copy_vectors(cur, corpus.corpus_id, ids, key, vectors, [None] * 3000)
         assert cur.execute("SHOW work_mem").fetchone() == ("64kB",)  # restored after the COPY
     assert count(owner, "vectors") == 3000
-    assert not [n for n in notices if n.startswith("temporary file")]
+    assert temporary_files(notices) == []
 
 
 def test_chunks_of_a_kilobyte_are_written_without_a_temporary_file(
@@ -125,4 +129,4 @@ def test_chunks_of_a_kilobyte_are_written_without_a_temporary_file(
         store.write_chunks(owner, corpus, rows, "fake/fake-hash@1:384")
     assert owner.execute("SHOW work_mem").fetchone() == ("64kB",)
     assert count(owner, "chunks") == count(owner, "vectors") == 1000
-    assert not [n for n in notices if n.startswith("temporary file")]
+    assert temporary_files(notices) == []
