@@ -72,20 +72,31 @@ def check_text(text: str, what: str = "text") -> str:
 
 def as_unit_vectors(vectors: np.ndarray | Sequence[Sequence[float]], dims: int,
                     normalize: bool = True) -> np.ndarray:
-    """float32 rows checked for shape, NaN/Inf and zero; unit-normalised when asked."""
-    arr = np.asarray(vectors, dtype=np.float64)
+    """float32 rows checked for shape, NaN/Inf and zero; unit-normalised when asked. float32
+    rows already unit to within 1e-5 (what their float32 sums of squares can tell; the database
+    allows 1e-3) are returned as they are, not copied: the check then costs ~2 ms per 5,000
+    384-d rows, where scaling them in float64 cost ~30."""
+    arr = np.asarray(vectors)
+    if arr.dtype != np.float32:
+        arr = arr.astype(np.float64)
     if arr.ndim == 1:
         arr = arr[None, :]
     if arr.ndim != 2 or arr.shape[1] != dims:
         raise InvalidVector(f"wrong dimensions: expected {dims}, got {arr.shape[-1] if arr.ndim else 0}")
-    if not np.isfinite(arr).all():
+    squares = np.einsum("ij,ij->i", arr, arr).astype(np.float64)
+    # NaN and Inf make their row's sum NaN or Inf; a float32 sum may also overflow or lose
+    # precision: such rows are summed again in float64.
+    again = ~((squares > 1e-20) & (squares < 1e20))
+    if again.any():
+        squares[again] = np.einsum("ij,ij->i", arr[again], arr[again], dtype=np.float64)
+    if not np.isfinite(squares).all():
         raise InvalidVector("vector contains NaN or Inf")
-    norms = np.linalg.norm(arr, axis=1)
-    if (norms == 0).any():
-        raise InvalidVector(f"zero vector at row {int(np.argmin(norms))}")
-    if normalize:
+    if (squares == 0).any():
+        raise InvalidVector(f"zero vector at row {int(np.argmin(squares))}")
+    norms = np.sqrt(squares)
+    if normalize and (np.abs(norms - 1) > 1e-5).any():
         arr = arr / norms[:, None]
-    return arr.astype(np.float32)
+    return arr.astype(np.float32, copy=False)
 
 
 def model_spec(conn: psycopg.Connection[Any], key: str) -> ModelSpec:

@@ -104,6 +104,27 @@ def test_python_api_rejects_bad_vectors_before_the_database(
     assert count(app, "chunks") == 0
 
 
+def test_vectors_are_checked_and_scaled_in_float32_unless_its_sums_fail() -> None:
+    rng = np.random.default_rng(7)
+    raw = rng.standard_normal((50, 384)).astype(np.float32)
+    unit_rows = raw / np.linalg.norm(raw, axis=1, keepdims=True)
+    # Already unit: returned as they are, not copied.
+    assert np.shares_memory(store.as_unit_vectors(unit_rows, 384), unit_rows)
+    # Rows whose float32 sums of squares underflow (1e-25) or overflow (1e30) are summed again
+    # in float64, and scaled like any other row; float64 input comes back as float32.
+    for rows_ in (raw, np.full((3, 384), 1e-25, np.float32), np.full((3, 384), 1e30, np.float32),
+                  raw.astype(np.float64) * 7):
+        out = store.as_unit_vectors(rows_, 384)
+        assert out.dtype == np.float32
+        norms = np.linalg.norm(out.astype(np.float64), axis=1)
+        assert np.abs(norms - 1).max() < 1e-6
+    assert store.as_unit_vectors([[3.0, 4.0]], 2, normalize=False).tolist() == [[3.0, 4.0]]
+    for bad, words in ((np.full((2, 384), np.inf, np.float32), "NaN or Inf"),
+                       (np.vstack([unit_rows[:2], np.zeros((1, 384))]), "zero vector at row 2")):
+        with pytest.raises(InvalidVector, match=words):
+            store.as_unit_vectors(bad, 384)
+
+
 def test_search_rejects_wrong_dims_zero_unknown_corpus_and_bad_k(
         app: psycopg.Connection[Any], corpus: store.CorpusInfo) -> None:
     with pytest.raises(InvalidVector, match="wrong dimensions"):
