@@ -286,12 +286,15 @@ def test_a_missing_chunk_among_consecutive_ids_is_named(
 
 def test_a_vector_of_another_text_leaves_the_chunk_queued(
         app: psycopg.Connection[Any], corpus: store.CorpusInfo) -> None:
-    ids = stored_chunks(app, corpus, 3)
-    vectors = np.stack([unit(1024, i) for i in range(3)])
-    stale = [store.sha256("chunk 1"), store.sha256("an older text"), None]
+    ids = stored_chunks(app, corpus, 5)
+    vectors = np.stack([unit(1024, i) for i in range(5)])
+    # Chunks 4 and 5 each carry the other's text hash: a hash queued in the batch is not enough,
+    # it must be its own chunk's.
+    stale = [store.sha256("chunk 1"), store.sha256("an older text"), None,
+             store.sha256("chunk 5"), store.sha256("chunk 4")]
     with translated(), app.transaction(), app.cursor() as cur:
         store.copy_vectors(cur, corpus.corpus_id, ids, KEY_A, vectors, stale)
-    assert app.execute("SELECT count(*) FROM pyembed.vectors").fetchone() == (3,)
+    assert app.execute("SELECT count(*) FROM pyembed.vectors").fetchone() == (5,)
     queued = [r[0] for r in app.execute(
         "SELECT chunk_id FROM pyembed.queue WHERE model_key = %s ORDER BY chunk_id", (KEY_A,))]
     assert queued == ids[1:]  # only the vector made from the queued text did its work
