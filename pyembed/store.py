@@ -270,14 +270,13 @@ def copy_vectors(cur: psycopg.Cursor[Any], corpus_id: int, chunk_ids: Sequence[i
         return 0
     data = copy_data(corpus_id, chunk_ids, model_key, vectors, content_hashes,
                      encoding=cur.connection.info.encoding)
-    # A batch of chunks without vectors for the key has nothing to replace: one index probe
-    # tells (planning the DELETE's `= ANY(ids)` alone costs ~2 us an id).
-    if replace and cur.execute(
-            "SELECT EXISTS (SELECT FROM pyembed.vectors WHERE corpus_id = %s AND model_key = %s "
-            "AND chunk_id BETWEEN %s AND %s)",
-            (corpus_id, model_key, min(chunk_ids), max(chunk_ids))).fetchone() == (True,):
-        cur.execute("DELETE FROM pyembed.vectors WHERE corpus_id = %s AND model_key = %s "
-                    "AND chunk_id = ANY(%s::bigint[])", (corpus_id, model_key, list(chunk_ids)))
+    if replace:
+        lo, hi = min(chunk_ids), max(chunk_ids)
+        # n ids spanning n values are the whole range (a repeated id fails the COPY on the
+        # primary key, and rolls the DELETE back with it).
+        ids = None if hi - lo + 1 == len(chunk_ids) else list(chunk_ids)
+        cur.execute("SELECT pyembed._clear_vectors(%s, %s, %s, %s, %s::bigint[])",
+                    (corpus_id, model_key, lo, hi, ids))
     row_bytes = 4 * int(np.shape(vectors)[1]) + _ROW_OVERHEAD
     with _transition_tables_in_memory(cur, [row_bytes] * len(chunk_ids)), cur.copy(
             sql.SQL("COPY {} ({}) FROM STDIN WITH (FORMAT BINARY)").format(

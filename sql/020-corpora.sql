@@ -129,6 +129,34 @@ BEGIN
 END
 $$;
 
+-- Delete a corpus's vectors for a key of these chunk ids (NULL: every id lo..hi), which
+-- store.copy_vectors then writes again (COPY cannot update); returns how many. As the caller
+-- (row-level security applies), by index range scans: as statements of the client's, planned
+-- with the statistics of a partition that has since grown or emptied, both the check and the
+-- DELETE were seen to read the whole partition, every batch of a load.
+CREATE OR REPLACE FUNCTION pyembed._clear_vectors(p_corpus_id integer, p_model_key text,
+                                                  lo bigint, hi bigint, ids bigint[])
+RETURNS bigint
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+SET plan_cache_mode = force_custom_plan
+SET enable_seqscan = off
+AS $$
+DECLARE
+  n bigint;
+BEGIN
+  -- Most batches have nothing to replace; planning `= ANY(ids)` alone costs ~2 us an id.
+  IF NOT EXISTS (SELECT FROM pyembed.vectors WHERE corpus_id = p_corpus_id
+                    AND model_key = p_model_key AND chunk_id BETWEEN lo AND hi) THEN
+    RETURN 0;
+  END IF;
+  DELETE FROM pyembed.vectors WHERE corpus_id = p_corpus_id AND model_key = p_model_key
+     AND chunk_id BETWEEN lo AND hi AND (ids IS NULL OR chunk_id = ANY (ids));
+  GET DIAGNOSTICS n = ROW_COUNT;
+  RETURN n;
+END
+$$;
+
 -- A corpus's keys change only in a migration step: its partition's constraint follows.
 CREATE OR REPLACE FUNCTION pyembed._corpus_keys_changed() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER

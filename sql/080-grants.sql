@@ -30,6 +30,7 @@ GRANT EXECUTE ON FUNCTION
   pyembed.current_tenant(),
   pyembed.visible_corpora(),
   pyembed.vector_table(text),
+  pyembed._clear_vectors(integer, text, bigint, bigint, bigint[]),
   pyembed.reserve_usage(text, integer, integer, bigint),
   pyembed.usage_report(integer),
   pyembed.register_model(text, text, text, integer, text, boolean, boolean, integer, integer,

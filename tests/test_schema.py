@@ -41,6 +41,7 @@ APP_EXECUTE = {
     "current_tenant()",  # called by the row-level security policies
     "visible_corpora()",
     "vector_table(text)",  # the partition a SQL client COPYs a corpus's vectors into
+    "_clear_vectors(integer, text, bigint, bigint, bigint[])",  # before store.copy_vectors's COPY
     "reserve_usage(text, integer, integer, bigint)",  # accounting and rate limits
     "usage_report(integer)",
     "add_document(text, text, text, jsonb)",

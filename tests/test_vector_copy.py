@@ -130,3 +130,29 @@ def test_chunks_of_a_kilobyte_are_written_without_a_temporary_file(
     assert owner.execute("SHOW work_mem").fetchone() == ("64kB",)
     assert count(owner, "chunks") == count(owner, "vectors") == 1000
     assert temporary_files(notices) == []
+
+
+def test_a_batch_reads_only_its_own_range_of_the_partition(
+        owner: psycopg.Connection[Any], app: psycopg.Connection[Any],
+        corpus: store.CorpusInfo) -> None:
+    """Before its COPY, copy_vectors deletes the vectors it replaces. Asked by statements of its
+    own, with statistics of a fuller partition (analyzed, then emptied), the planner read the
+    whole partition: each batch of a load read those before it."""
+    ids = stored_chunks(app, corpus, 400)
+    vectors = np.stack([unit(1024, i) for i in range(400)])
+    partition = store.vector_partition(corpus.corpus_id)
+    with translated(), app.transaction(), app.cursor() as cur:
+        store.copy_vectors(cur, corpus.corpus_id, ids, KEY, vectors, chunk_hashes(400))
+    owner.execute(sql.SQL("ANALYZE {}").format(partition))
+    owner.execute(sql.SQL("TRUNCATE {}").format(partition))
+    scans = (sql.SQL("SELECT seq_scan FROM pg_stat_xact_user_tables WHERE relid = {}::regclass")
+             .format(sql.Literal(partition.as_string(app))))
+    # New rows, then replaced: a range of ids, and every other id (the odd ones are kept).
+    for batch in (slice(0, 100), slice(100, 200), slice(200, 400), slice(200, 400),
+                  slice(0, 400, 2)):
+        with translated(), app.transaction(), app.cursor() as cur:
+            before = cur.execute(scans).fetchone()  # (counts not yet flushed included)
+            store.copy_vectors(cur, corpus.corpus_id, ids[batch], KEY, vectors[batch],
+                               chunk_hashes(400)[batch])
+            assert cur.execute(scans).fetchone() == before
+    assert count(owner, "vectors") == 400
