@@ -132,7 +132,7 @@ $$;
 -- Delete a corpus's vectors for a key of these chunk ids (NULL: every id lo..hi), which
 -- store.copy_vectors then writes again (COPY cannot update); returns how many. As the caller
 -- (row-level security applies), by index range scans: as statements of the client's, planned
--- with the statistics of a partition that has since grown or emptied, both the check and the
+-- with the statistics of a fuller partition (analyzed, then emptied), both the check and the
 -- DELETE were seen to read the whole partition, every batch of a load.
 CREATE OR REPLACE FUNCTION pyembed._clear_vectors(p_corpus_id integer, p_model_key text,
                                                   lo bigint, hi bigint, ids bigint[])
