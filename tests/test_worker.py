@@ -176,9 +176,12 @@ def fake_api(api_server: FakeAPI, monkeypatch: pytest.MonkeyPatch) -> Iterator[F
     api_server.reset()
 
 
-def sdk_embedder(sleeps: list[float], *, timeout: float = 2.0, max_retries: int = 3
+def sdk_embedder(sleeps: list[float], *, timeout: float = 30.0, max_retries: int = 3
                  ) -> EmbedderFor:
-    """The real SDK provider with small retry settings; sleeps are recorded, not slept."""
+    """The real SDK provider with small retry settings; sleeps are recorded, not slept. The
+    timeout is the provider's default unless a test times out on purpose: with 2 s, the storm
+    test twice saw one request more than scripted on a loaded host, most likely a reply held
+    up past the timeout and the batch sent again."""
     def build(spec: ModelSpec, cache: PostgresCache) -> Embedder:
         return Embedder(spec, provider_for(spec, timeout=timeout), cache=cache,
                         max_retries=max_retries, sleep=sleeps.append)
