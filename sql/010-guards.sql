@@ -100,9 +100,9 @@ $$;
 -- the chunks in their range, one index range scan; others by probing the chunk index with the
 -- ids as an array. Queued work is done when a vector has its chunk id and text hash: the pair
 -- as one bytea, looked up in the batch's pairs (a hashed `= ANY`), ~5 ms less per 5,000 rows
--- than a join with unnest(ids, hashes). (A join with the transition table was planned as a nested loop over the queue,
--- quadratic; `= ANY(ids)` on a sequential scan reads the whole corpus for every batch; and a
--- generic plan searches the array row by row.)
+-- than a join with unnest(ids, hashes). (A join with the transition table was planned as a
+-- nested loop over the queue, quadratic; `= ANY(ids)` on a sequential scan reads the whole
+-- corpus for every batch; and a generic plan searches the array row by row.)
 CREATE OR REPLACE FUNCTION pyembed._vectors_written() RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp

@@ -140,9 +140,10 @@ def test_a_batch_reads_only_its_own_range_of_the_partition(
     whole partition: each batch of a load read those before it."""
     ids = stored_chunks(app, corpus, 400)
     vectors = np.stack([unit(1024, i) for i in range(400)])
+    hashes = chunk_hashes(400)
     partition = store.vector_partition(corpus.corpus_id)
     with translated(), app.transaction(), app.cursor() as cur:
-        store.copy_vectors(cur, corpus.corpus_id, ids, KEY, vectors, chunk_hashes(400))
+        store.copy_vectors(cur, corpus.corpus_id, ids, KEY, vectors, hashes)
     owner.execute(sql.SQL("ANALYZE {}").format(partition))
     owner.execute(sql.SQL("TRUNCATE {}").format(partition))
     scans = (sql.SQL("SELECT seq_scan FROM pg_stat_xact_user_tables WHERE relid = {}::regclass")
@@ -153,6 +154,6 @@ def test_a_batch_reads_only_its_own_range_of_the_partition(
         with translated(), app.transaction(), app.cursor() as cur:
             before = cur.execute(scans).fetchone()  # (counts not yet flushed included)
             store.copy_vectors(cur, corpus.corpus_id, ids[batch], KEY, vectors[batch],
-                               chunk_hashes(400)[batch])
+                               hashes[batch])
             assert cur.execute(scans).fetchone() == before
     assert count(owner, "vectors") == 400
