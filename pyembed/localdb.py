@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import pwd
 import secrets
@@ -30,6 +31,19 @@ SERVER_SETTINGS = {
     "max_parallel_maintenance_workers": "1",
     "log_min_messages": "warning",
 }
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PortMove:
+    """The recorded port was held by another program, so the cluster listens elsewhere now."""
+
+    old: int
+    new: int
+
+    def __str__(self) -> str:
+        return (f"port {self.old} is taken by another program; the local cluster moved to "
+                f"{self.new}: DSNs handed out before must be renewed (pyembed db url)")
 
 
 @dataclass
@@ -60,7 +74,11 @@ def find_bindir() -> str:
 
 
 def _port_free(port: int) -> bool:
+    """Whether the server could listen on 127.0.0.1:port: only a listener holds it."""
     with socket.socket() as s:
+        # PostgreSQL binds with SO_REUSEADDR too, so the closing sockets of its own earlier
+        # connections (TIME_WAIT, FIN_WAIT) do not keep it from the port.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
             return True
@@ -84,6 +102,7 @@ class LocalCluster:
         self.state_file = self.home / "cluster.json"
         self.log_file = self.home / "postgres.log"
         self.pylib = self.home / "pylib"
+        self.port_move: PortMove | None = None  # set by start() when the port had to change
 
     # -- state ---------------------------------------------------------------------------
     @property
@@ -210,12 +229,12 @@ class LocalCluster:
         st = self.state()
         if self.running():
             return False
+        self.port_move = None
         if not _port_free(st.port):
-            # Another server took the port while this one was stopped: move to a free one.
-            st.port = _free_port(st.port + 1)
-            with open(self.data / "postgresql.auto.conf", "a") as f:
-                f.write(f"port = {st.port}\n")
-            self.state_file.write_text(json.dumps(asdict(st)))
+            # Another program listens there (this cluster does not run): move to a free port.
+            self.port_move = PortMove(st.port, _free_port(st.port + 1))
+            self._set_port(st, self.port_move.new)
+            _log.warning("%s", self.port_move)
         self.socket_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._chown(self.socket_dir, st.os_user)
         # PL/Python imports the same pyembed code as this process.
@@ -232,6 +251,14 @@ class LocalCluster:
             tail = self.log_file.read_text()[-2000:] if self.log_file.exists() else ""
             raise ConfigError(f"the local cluster did not start: {out.stderr.strip()}\n{tail}")
         return True
+
+    def _set_port(self, st: ClusterState, port: int) -> None:
+        conf = self.data / "postgresql.auto.conf"
+        kept = [line for line in conf.read_text().splitlines(keepends=True)
+                if line.split("=", 1)[0].strip() != "port"]
+        conf.write_text("".join(kept) + f"port = {port}\n")  # in place: keeps its owner
+        st.port = port
+        self.state_file.write_text(json.dumps(asdict(st)))
 
     def stop(self) -> bool:
         """Stop the server; returns False when it was not running."""

@@ -1,0 +1,146 @@
+"""The local cluster keeps its port across restarts, and says so when it must move.
+
+A private cluster in /tmp (the `postgres` OS user must reach it), shared by these tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from pyembed.localdb import LocalCluster
+from tests.conftest import REPO
+
+LISTEN = 0x0A  # the TCP state number in /proc/net/tcp
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalCluster]:
+    home = Path(tempfile.mkdtemp(prefix="pyembed-port-", dir="/tmp"))
+    home.chmod(0o755)  # the server's OS user must traverse it
+    c = LocalCluster(home)
+    c.init()
+    yield c
+    c.stop()
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def closing_sockets(port: int) -> int:
+    """TCP sockets on 127.0.0.1:port that are not listening (TIME_WAIT, FIN_WAIT, ...)."""
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], int(line.split()[3], 16)
+        if local == f"0100007F:{port:04X}" and state != LISTEN:
+            count += 1
+    return count
+
+
+def wait_for(check: Callable[[], bool], what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def answers(c: LocalCluster) -> bool:
+    with psycopg.connect(c.dsn(), connect_timeout=5) as conn:
+        row = conn.execute("SELECT 1").fetchone()
+    return row == (1,)
+
+
+def connected(c: LocalCluster) -> psycopg.Connection[Any]:
+    conn = psycopg.connect(c.dsn(), autocommit=True)
+    conn.execute("SELECT 1")
+    return conn
+
+
+@contextmanager
+def listening(port: int) -> Iterator[None]:
+    """Another program listening on 127.0.0.1:port."""
+    with socket.socket() as s:
+        # The cluster's closing connections must not keep this program off the port either.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+        s.listen()
+        yield
+
+
+def test_stop_then_start_keeps_the_port_while_old_connections_close(cluster: LocalCluster) -> None:
+    cluster.start()
+    port = cluster.state().port
+    conn = connected(cluster)
+    try:
+        # The server closes this open connection first: its end lingers on the port.
+        assert cluster.stop()
+        assert closing_sockets(port) > 0
+        assert cluster.start()
+    finally:
+        conn.close()
+    assert cluster.state().port == port and cluster.port_move is None
+    assert answers(cluster)
+
+
+def test_start_after_kill_9_keeps_the_port(cluster: LocalCluster) -> None:
+    cluster.start()
+    port = cluster.state().port
+    pid = int((cluster.data / "postmaster.pid").read_text().split()[0])
+    conn = connected(cluster)
+    try:
+        os.kill(pid, signal.SIGKILL)
+        # The backend of this connection exits once it notices, leaving its end on the port;
+        # pg_ctl sees the server until the OS has reaped the killed process.
+        wait_for(lambda: closing_sockets(port) > 0, "the orphaned backend to close")
+        wait_for(lambda: not cluster.running(), "the killed postmaster to be reaped")
+        assert (cluster.data / "postmaster.pid").exists()  # stale: the server replaces it
+        assert cluster.start()
+    finally:
+        conn.close()
+    assert cluster.state().port == port and cluster.port_move is None
+    assert answers(cluster)
+
+
+def test_a_listener_on_the_port_moves_the_cluster_and_says_so(
+        cluster: LocalCluster, caplog: pytest.LogCaptureFixture) -> None:
+    cluster.start()
+    old_dsn = cluster.dsn()
+    old = cluster.state().port
+    cluster.stop()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYEMBED_")}
+    env["PYEMBED_HOME"] = str(cluster.home)
+    with listening(old):
+        out = subprocess.run([sys.executable, "-m", "pyembed", "db", "start"], capture_output=True,
+                             text=True, env=env, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "started"
+    new = cluster.state().port
+    assert new != old
+    assert (f"port {old} is taken by another program; the local cluster moved to {new}: "
+            "DSNs handed out before must be renewed (pyembed db url)") in out.stderr.splitlines()
+    assert cluster.dsn() == old_dsn.replace(f":{old}/", f":{new}/")
+    assert answers(cluster)
+
+    # The library says so too, and the configuration keeps one port line.
+    cluster.stop()
+    with listening(new), caplog.at_level(logging.WARNING, "pyembed.localdb"):
+        assert cluster.start()
+    assert cluster.port_move is not None and cluster.port_move.old == new
+    assert cluster.state().port == cluster.port_move.new != new
+    assert caplog.messages == [str(cluster.port_move)]
+    conf = (cluster.data / "postgresql.auto.conf").read_text().splitlines()
+    assert [line for line in conf if line.startswith("port")] == [f"port = {cluster.port_move.new}"]
+    assert answers(cluster)
