@@ -12,12 +12,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import schema, store
+from . import models, schema, store
 from .config import DSN_ENV
 from .db import connect
 from .errors import InvalidInput, MigrationError, PyembedError
 from .localdb import LocalCluster
-from .models import LOCAL_DEFAULT, registry
+from .models import BUILTIN, LOCAL_DEFAULT
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="The embedding model as an enforced part of your PostgreSQL schema.")
@@ -98,15 +98,26 @@ def install_cmd(
 
 
 @app.command("models")
-def models_cmd() -> None:
-    """List the known embedding models and their keys.  Example: pyembed models"""
+def models_cmd(dsn: DsnOption = None) -> None:
+    """List the models the database knows (pyembed.models), built-in and registered.
+
+    Example: pyembed models --dsn postgresql://app@db/app
+    """
+    if dsn is None and not LocalCluster().initialised:
+        # No database to ask yet: show what `pyembed install` will seed, and say so.
+        err_console.print("no database (no --dsn, $PYEMBED_DSN or local cluster): the built-in "
+                          "models `pyembed install` adds; registered ones show once connected")
+        specs = sorted(BUILTIN, key=lambda s: s.key)
+    else:
+        with connect(dsn, autocommit=True) as conn:
+            specs = models.registered(conn)
     table = Table()
-    table.add_column("model key", overflow="fold")  # never elided: users copy it
-    for title in ("dims", "batch", "max tokens", "MTEB", "$ / 1M tokens", "about"):
-        table.add_column(title)
-    for m in registry.all():
-        table.add_row(m.key, str(m.dimensions), str(m.max_batch), str(m.max_tokens),
-                      f"{m.mteb:.1f}" if m.mteb is not None else "-",
+    for title in ("model key", "dims", "distance", "input types", "batch", "max tokens",
+                  "$ / 1M tokens", "about"):
+        table.add_column(title, overflow="fold")  # never elided: users copy keys
+    for m in specs:
+        table.add_row(m.key, str(m.dimensions), m.distance, "yes" if m.input_types else "no",
+                      str(m.max_batch), str(m.max_tokens),
                       f"{m.price_per_mtok:.2f}" if m.price_per_mtok is not None else "-",
                       m.description)
     console.print(table)

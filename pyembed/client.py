@@ -11,11 +11,10 @@ from typing import Any
 import numpy as np
 import psycopg
 
-from . import store
+from . import models, store
 from .cache import PostgresCache
 from .chunking import chunk_text, fit_chunks
 from .db import connect as db_connect
-from .db import translated
 from .embedder import Embedder
 from .errors import InvalidInput, ModelMismatch
 from .models import LOCAL_DEFAULT, InputType, ModelSpec
@@ -70,18 +69,16 @@ class Client:
         """Reserve a provider call for this session's tenant (refused over its limits)."""
         meter(self.conn, self.current_corpus_id)(spec, tokens)
 
+    def models(self) -> list[ModelSpec]:
+        """The models this database knows (pyembed.models): the built-in ones the schema seeds
+        and every one registered, from SQL or Python."""
+        return models.registered(self.conn)
+
     def register_model(self, spec: ModelSpec) -> str:
-        """Register a model of your own (its provider must be one pyembed knows); returns its
-        key. Registering the same key again with other settings is refused."""
-        with translated():
-            row = self.conn.execute(
-                "SELECT pyembed.register_model(%s, %s, %s, %s::int, %s, %s, %s, %s::int, %s::int, "
-                "%s::int, %s::numeric, %s)",
-                (spec.provider, spec.model_id, spec.version, spec.dimensions, spec.distance,
-                 spec.normalized, spec.input_types, spec.max_batch, spec.max_tokens,
-                 spec.request_dimensions, spec.price_per_mtok, spec.description)).fetchone()
-        assert row is not None
-        return str(row[0])
+        """Register a model of your own (its provider must be one pyembed knows) in the
+        database, for every client, `pyembed models` and SQL; returns its key. Registering the
+        same key again with other settings is refused."""
+        return models.register(self.conn, spec)
 
     def create_corpus(self, name: str, model_key: str = LOCAL_DEFAULT.key, description: str = "",
                       chunk_tokens: int = 200, chunk_overlap: int = 40) -> Corpus:

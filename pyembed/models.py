@@ -1,4 +1,5 @@
-"""The model registry: every model pyembed knows, as data, keyed by its model key."""
+"""Model specs and the model registry, which is the database's pyembed.models table; the
+built-in models here are the rows the schema seeds into it."""
 
 from __future__ import annotations
 
@@ -7,7 +8,11 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from .errors import InvalidInput, UnknownModel
+import psycopg
+from psycopg.rows import dict_row
+
+from .db import translated
+from .errors import DatabaseNotReady, InvalidInput, UnknownModel
 
 
 class InputType(StrEnum):
@@ -108,7 +113,8 @@ BUILTIN: tuple[ModelSpec, ...] = (
 
 
 MODEL_COLUMNS = ("provider, model_id, model_version, dimensions, max_batch, max_tokens, input_types, "
-                 "normalized, distance, request_dimensions, price_per_mtok::float8 AS price")
+                 "normalized, distance, request_dimensions, price_per_mtok::float8 AS price, "
+                 "description")
 """The columns of pyembed.models that `spec_from_row` reads."""
 
 
@@ -118,31 +124,52 @@ def spec_from_row(r: Mapping[str, Any]) -> ModelSpec:
                      max_batch=r["max_batch"], max_tokens=r["max_tokens"],
                      input_types=r["input_types"], normalized=r["normalized"],
                      distance=r["distance"], request_dimensions=r["request_dimensions"],
-                     price_per_mtok=r["price"], api_key_env=API_KEY_ENV.get(r["provider"]))
+                     price_per_mtok=r["price"], api_key_env=API_KEY_ENV.get(r["provider"]),
+                     description=r["description"])
 
 
-class Registry:
-    """Models by key: the built-in ones plus any the user registers."""
+def registered(conn: psycopg.Connection[Any]) -> list[ModelSpec]:
+    """Every model in the database's registry (pyembed.models), by key."""
+    try:
+        with conn.cursor(row_factory=dict_row) as cur:
+            rows = cur.execute(f"SELECT {MODEL_COLUMNS} FROM pyembed.models "
+                               "ORDER BY model_key").fetchall()
+    except (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName):
+        raise DatabaseNotReady("this database has no pyembed schema: run `pyembed install`"
+                               ) from None
+    return [spec_from_row(r) for r in rows]
 
-    def __init__(self, specs: Iterable[ModelSpec] = BUILTIN) -> None:
-        self._specs: dict[str, ModelSpec] = {}
-        for spec in specs:
-            self.register(spec)
 
-    def register(self, spec: ModelSpec) -> ModelSpec:
-        old = self._specs.get(spec.key)
-        if old is not None and old != spec:
-            raise InvalidInput(f"model key {spec.key} is already registered with other settings")
-        self._specs[spec.key] = spec
-        return spec
+def register(conn: psycopg.Connection[Any], spec: ModelSpec) -> str:
+    """Add a model to the database's registry through SQL's pyembed.register_model (so its
+    checks apply); returns its key. The same key again with other settings is refused."""
+    with translated():
+        row = conn.execute(
+            "SELECT pyembed.register_model(%s, %s, %s, %s::int, %s, %s, %s, %s::int, %s::int, "
+            "%s::int, %s::numeric, %s)",
+            (spec.provider, spec.model_id, spec.version, spec.dimensions, spec.distance,
+             spec.normalized, spec.input_types, spec.max_batch, spec.max_tokens,
+             spec.request_dimensions, spec.price_per_mtok, spec.description)).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+class SeedModels:
+    """The built-in models by key, read-only: the rows the schema seeds into pyembed.models.
+
+    Not a registry (nothing can be added): a database's models are `registered(conn)`. This
+    serves code that runs without a database, such as provider tests and the fake API server.
+    """
+
+    def __init__(self, specs: Iterable[ModelSpec]) -> None:
+        self._specs = {s.key: s for s in specs}
 
     def get(self, key: str) -> ModelSpec:
         try:
             return self._specs[key]
         except KeyError:
-            raise UnknownModel(
-                f"unknown model key {key!r}; `pyembed models` lists the known keys"
-            ) from None
+            raise UnknownModel(f"{key!r} is not a built-in model; `pyembed models` lists a "
+                               "database's models") from None
 
     def __iter__(self) -> Iterator[ModelSpec]:
         return iter(self._specs.values())
@@ -154,4 +181,5 @@ class Registry:
         return list(self._specs.values())
 
 
-registry = Registry()
+registry = SeedModels(BUILTIN)
+"""The built-in models (the old name of this lookup, kept for its callers)."""

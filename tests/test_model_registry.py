@@ -1,0 +1,109 @@
+"""One model registry, the pyembed.models table: a model registered from SQL or Python shows in
+`client.models()`, `pyembed models` and PL/Python; the built-in models are seeded by the schema."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+import pyembed
+from pyembed.models import BUILTIN, ModelSpec
+from tests.conftest import Database
+from tests.test_cli import db_env
+from tests.test_cli import pyembed as run_cli
+
+WIDE = {"COLUMNS": "250"}
+
+
+@pytest.fixture
+def client(db: Database) -> Iterator[pyembed.Client]:
+    with pyembed.connect(db.app_dsn) as c:
+        yield c
+
+
+def settings(spec: ModelSpec) -> tuple[Any, ...]:
+    """What the table stores of a spec (it has no MTEB score)."""
+    return (spec.key, spec.distance, spec.normalized, spec.input_types, spec.max_batch,
+            spec.max_tokens, spec.request_dimensions, spec.price_per_mtok, spec.description)
+
+
+def listed_line(out: str, key: str) -> str:
+    """The line of a `pyembed models` table (printed wide) that holds this key, whole."""
+    lines = [line for line in out.splitlines() if f" {key} " in line]
+    assert len(lines) == 1, f"{key} not listed once by `pyembed models`:\n{out}"
+    return lines[0]
+
+
+def test_builtin_models_are_in_a_fresh_database(client: pyembed.Client,
+                                                app: psycopg.Connection[Any]) -> None:
+    in_sql = {r[0] for r in app.execute("SELECT model_key FROM pyembed.models")}
+    assert in_sql == {s.key for s in BUILTIN}
+    by_key = {s.key: s for s in client.models()}
+    assert [settings(by_key[s.key]) for s in BUILTIN] == [settings(s) for s in BUILTIN]
+
+
+def test_a_model_registered_from_sql_shows_in_python_and_the_cli(
+        db: Database, client: pyembed.Client, app: psycopg.Connection[Any]) -> None:
+    row = app.execute("SELECT pyembed.register_model('fake', 'made-in-sql', '1', 48, "
+                      "input_types => true, max_batch => 16, description => 'from SQL')").fetchone()
+    assert row == ("fake/made-in-sql@1:48",)
+    expected = ModelSpec("fake", "made-in-sql", "1", 48, max_batch=16, input_types=True,
+                         description="from SQL")
+    assert expected in client.models()
+    assert client.embedder(expected.key).spec == expected
+    out = run_cli("models", env={**db_env(db), **WIDE})
+    assert out.returncode == 0, out.stderr
+    line = listed_line(out.stdout, expected.key)
+    assert " 48 " in line and " 16 " in line and "from SQL" in line
+
+
+def test_a_model_registered_from_python_shows_in_sql_plpython_and_the_cli(
+        db: Database, client: pyembed.Client, app: psycopg.Connection[Any]) -> None:
+    spec = ModelSpec("fake", "made-in-python", "2", 40, max_batch=8, max_tokens=300,
+                     distance="dot", price_per_mtok=0.25, description="from Python")
+    assert client.register_model(spec) == spec.key
+    out = run_cli("models", env={**db_env(db), **WIDE})
+    assert out.returncode == 0, out.stderr
+    line = listed_line(out.stdout, spec.key)
+    assert " 40 " in line and " dot " in line and " 0.25 " in line and "from Python" in line
+    row = app.execute("SELECT dimensions, distance, max_batch, max_tokens, price_per_mtok, "
+                      "description FROM pyembed.models WHERE model_key = %s",
+                      (spec.key,)).fetchone()
+    assert row is not None and row[:4] == (40, "dot", 8, 300) and row[5] == "from Python"
+    assert float(row[4]) == 0.25
+    dims = app.execute("SELECT vector_dims(pyembed.embed('hello', %s))", (spec.key,)).fetchone()
+    assert dims == (40,)  # PL/Python resolves the key from the same table
+    assert spec in client.models()
+
+
+def test_the_cli_folds_long_keys_instead_of_eliding_them(db: Database,
+                                                         client: pyembed.Client) -> None:
+    spec = ModelSpec("fake", "a-model-id-long-enough-to-need-folding-in-a-narrow-terminal", "1",
+                     64, description="a description long enough to wrap in a narrow terminal")
+    client.register_model(spec)
+    out = run_cli("models", env={**db_env(db), "COLUMNS": "100"})
+    assert out.returncode == 0, out.stderr
+    assert "…" not in out.stdout
+    # Folded, the key's cells read top to bottom give the key back whole.
+    cells = [line.split("│")[1].strip() for line in out.stdout.splitlines() if "│" in line]
+    first = next(i for i, cell in enumerate(cells) if cell.startswith("fake/a-"))
+    folded = ""
+    for cell in cells[first:]:
+        folded += cell
+        if len(folded) >= len(spec.key):
+            break
+    assert folded == spec.key
+
+
+def test_the_cli_names_a_database_without_the_schema(empty_db: Database) -> None:
+    out = run_cli("models", env=db_env(empty_db))
+    assert out.returncode == 1
+    assert "pyembed install" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_no_second_registry_in_memory() -> None:
+    assert not hasattr(pyembed.models, "Registry")
+    assert not hasattr(pyembed.registry, "register")
