@@ -46,10 +46,3 @@ class HitCounter:
         for k, h, m in zip(models, hits, misses, strict=True):
             self.add(k, h, m)
 
-
-COUNT_SQL = """INSERT INTO pyembed.cache_stats AS s (tenant_id, day, model_key, hits, misses)
-SELECT coalesce(pyembed.current_tenant(), 0), current_date, m, h, x
-  FROM unnest({models}::text[], {hits}::bigint[], {misses}::bigint[]) AS t(m, h, x)
-ON CONFLICT (tenant_id, day, model_key) DO UPDATE
-  SET hits = s.hits + EXCLUDED.hits, misses = s.misses + EXCLUDED.misses"""
-"""Adds counted hits and misses; {models}/{hits}/{misses} are filled with placeholders."""

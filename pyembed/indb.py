@@ -11,31 +11,15 @@ import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import numpy as np
-import numpy.typing as npt
-
-from .cachekey import COUNT_SQL, HitCounter
+from .cache import PostgresCache
+from .cachekey import HitCounter
 from .chunking import chunk_text, fit_chunks
-from .errors import InvalidInput, MissingAPIKey, PyembedError, UnknownCorpus, UnknownModel
+from .errors import InvalidInput, MissingAPIKey, PyembedError, UnknownModel
 from .models import MODEL_COLUMNS, InputType, ModelSpec, spec_from_row
 from .routing import serving_key
+from .sqlexec import PlpyExecutor, vector_text
 
 T = TypeVar("T")
-
-# These run as the functions' owner, which row-level security does not restrict: every query
-# names the caller's tenant itself.
-LOOKUP = """SELECT cache_key, embedding::real[] AS embedding FROM pyembed.embedding_cache
- WHERE tenant_id = coalesce(pyembed.current_tenant(), 0) AND cache_key = ANY($1)
-   AND (expires_at IS NULL OR expires_at > now())"""
-
-COUNT = COUNT_SQL.format(models="$1", hits="$2", misses="$3")
-
-STORE = """
-INSERT INTO pyembed.embedding_cache (tenant_id, cache_key, model_key, input_type, embedding)
-SELECT coalesce(pyembed.current_tenant(), 0), k, $2, $3, e::vector
-  FROM unnest($1::bytea[], $4::text[]) AS t(k, e)
-ON CONFLICT (tenant_id, cache_key) DO NOTHING
-"""
 
 MODEL = f"SELECT {MODEL_COLUMNS} FROM pyembed.models WHERE model_key = $1"
 
@@ -47,52 +31,9 @@ def _plan(plpy: Any, GD: dict[str, Any], sql: str, types: list[str]) -> Any:
     return plans[sql]
 
 
-def vector_text(vec: npt.NDArray[np.float32]) -> str:
-    return "[" + ",".join(map(repr, vec.astype(float).tolist())) + "]"
-
-
-class PlpyCache:
-    """The embedding cache through SPI: the same table and keys as pyembed.cache; hits and
-    misses are counted per backend and written with stores or every 100 lookups/10 s, never
-    in a read-only transaction (so embed() works on a replica)."""
-
-    def __init__(self, plpy: Any, GD: dict[str, Any]) -> None:
-        self.plpy, self.GD = plpy, GD
-        self.counter: HitCounter = GD.setdefault("pyembed.hits", HitCounter())
-
-    def _read_only(self) -> bool:
-        row = self.plpy.execute("SELECT current_setting('transaction_read_only') AS v")[0]
-        return bool(row["v"] == "on")
-
-    def flush(self) -> None:
-        if not self.counter.counts or self._read_only():
-            return
-        plan = _plan(self.plpy, self.GD, COUNT, ["text[]", "bigint[]", "bigint[]"])
-        self.plpy.execute(plan, list(self.counter.take()))
-
-    def get_many(self, texts: list[str], spec: ModelSpec,
-                 input_type: InputType) -> dict[int, npt.NDArray[np.float32]]:
-        from .cachekey import cache_key
-
-        keys = [cache_key(t, spec.key, input_type) for t in texts]
-        plan = _plan(self.plpy, self.GD, LOOKUP, ["bytea[]"])
-        found = {bytes(r["cache_key"]): np.asarray(r["embedding"], dtype=np.float32)
-                 for r in self.plpy.execute(plan, [keys])}
-        self.counter.add(spec.key, len(found), len(set(keys)) - len(found))
-        if self.counter.due():
-            self.flush()
-        return {i: found[k] for i, k in enumerate(keys) if k in found}
-
-    def put_many(self, texts: list[str], vectors: npt.NDArray[np.float32], spec: ModelSpec,
-                 input_type: InputType) -> None:
-        from .cachekey import cache_key
-
-        if self._read_only():
-            return  # a replica or read-only transaction: use the cache, don't fill it
-        plan = _plan(self.plpy, self.GD, STORE, ["bytea[]", "text", "text", "text[]"])
-        self.plpy.execute(plan, [[cache_key(t, spec.key, input_type) for t in texts], spec.key,
-                                 str(input_type), [vector_text(v) for v in vectors]])
-        self.flush()
+def _cache(plpy: Any, GD: dict[str, Any]) -> PostgresCache:
+    """The package's cache through SPI; hits and misses counted per backend."""
+    return PostgresCache(PlpyExecutor(plpy, GD), counter=GD.setdefault("pyembed.hits", HitCounter()))
 
 
 def _setting(plpy: Any, name: str, default: float) -> float:
@@ -143,7 +84,7 @@ def embedder(plpy: Any, GD: dict[str, Any], key: str) -> Any:
         plpy.execute(plan, [spec.key, GD.get("pyembed.corpus_id"), tokens])
 
     emb = Embedder(spec, provider_for(spec, api_key=api_key, base_url=base_url, timeout=timeout),
-                   cache=PlpyCache(plpy, GD), max_retries=retries, max_retry_after=timeout,
+                   cache=_cache(plpy, GD), max_retries=retries, max_retry_after=timeout,
                    meter=meter)
     GD["pyembed.embedders"][key] = (fingerprint, emb)
     return emb
@@ -185,15 +126,11 @@ def embed_batch(plpy: Any, GD: dict[str, Any], texts: list[str | None] | None,
 
 
 CORPUS = """SELECT corpus_id, model_key, target_model_key, migration_step, traffic_share,
-  chunk_tokens, chunk_overlap FROM pyembed.corpora
-  WHERE name = $1 AND coalesce(tenant_id, 0) = coalesce((SELECT pyembed.current_tenant()), 0)"""
+  chunk_tokens, chunk_overlap FROM pyembed.lookup_corpus($1)"""
 
 
 def _corpus(plpy: Any, GD: dict[str, Any], name: str | None) -> dict[str, Any]:
-    rows = plpy.execute(_plan(plpy, GD, CORPUS, ["text"]), [name])
-    if not rows:
-        raise UnknownCorpus(f"unknown corpus {name!r}")
-    return dict(rows[0])
+    return dict(plpy.execute(_plan(plpy, GD, CORPUS, ["text"]), [name])[0])
 
 
 SEARCHES = {

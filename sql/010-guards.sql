@@ -17,6 +17,16 @@
 --     (PE002), every vector's chunk exists (23503), and queued work the vectors satisfy is
 --     dequeued.
 
+-- Whether a vector's norm is one its model can store and search with finite scores: unit length
+-- for a normalised model; otherwise within 1e-10..1e10, so that dot products and squared
+-- distances, which pgvector sums in single precision, neither overflow nor vanish.
+CREATE OR REPLACE FUNCTION pyembed._norm_ok(norm float8, normalized boolean) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+  SELECT CASE WHEN normalized THEN abs(norm - 1) <= 1e-3 ELSE norm BETWEEN 1e-10 AND 1e10 END
+$$;
+
 -- The slow path of the per-partition CHECK constraint: raises the error for a refused vector.
 -- Callable by the application role (a CHECK runs as the writer), so it answers only for the
 -- caller's tenant's corpora; running as its owner, it can tell superusers only by session_user.
@@ -53,6 +63,10 @@ BEGIN
                        p_model_key, m.dimensions, vector_dims(p_embedding));
   ELSIF norm = 0 THEN
     RAISE EXCEPTION USING ERRCODE = 'PE003', MESSAGE = format('zero vector for chunk %s', p_chunk_id);
+  ELSIF NOT m.normalized AND NOT pyembed._norm_ok(norm, false) THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE003',
+      MESSAGE = format('vector for chunk %s has norm %s, outside 1e-10..1e10: its scores would '
+                       'overflow or vanish', p_chunk_id, norm);
   ELSIF m.normalized AND abs(norm - 1) > 1e-3 THEN
     RAISE EXCEPTION USING ERRCODE = 'PE003',
       MESSAGE = format('vector for chunk %s is not unit-normalised (norm %s) but %s is a normalised '
@@ -72,7 +86,7 @@ AS $$
                            m.model_key, m.dimensions,
                            CASE WHEN m.normalized
                              THEN 'abs(vector_norm(embedding) - 1::float8) <= 0.001::float8'
-                             ELSE 'vector_norm(embedding) > 0::float8' END),
+                             ELSE 'vector_norm(embedding) BETWEEN 1e-10::float8 AND 1e10::float8' END),
                     ' OR ' ORDER BY m.model_key)
          || ' OR pyembed._vector_check(corpus_id, chunk_id, model_key, embedding)'
     FROM pyembed.corpora c JOIN pyembed.models m ON m.model_key IN (c.model_key, c.target_model_key)
@@ -156,19 +170,25 @@ CREATE OR REPLACE TRIGGER vectors_written_update
   AFTER UPDATE ON pyembed.vectors REFERENCING NEW TABLE AS new_rows
   FOR EACH STATEMENT EXECUTE FUNCTION pyembed._vectors_written();
 
--- A corpus's model key changes only inside the migration functions (PE004).
+-- A corpus's model key changes only inside the migration functions (PE004): the trigger reads
+-- the call stack, which no session setting can forge (a flag could be set by any session).
 CREATE OR REPLACE FUNCTION pyembed._guard_corpus_key() RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+  stack text;
 BEGIN
-  IF (NEW.model_key, NEW.target_model_key) IS DISTINCT FROM (OLD.model_key, OLD.target_model_key)
-     AND current_setting('pyembed.in_migration', true) IS DISTINCT FROM 'on' THEN
-    RAISE EXCEPTION USING ERRCODE = 'PE004',
-      MESSAGE = format('the model key of corpus %s is %s and can only change through a migration '
-                       '(refused: %s)', OLD.name, OLD.model_key,
-                       coalesce(NULLIF(NEW.model_key, OLD.model_key), NEW.target_model_key)),
-      HINT = 'use `pyembed migrate start CORPUS --to MODEL_KEY`';
+  IF (NEW.model_key, NEW.target_model_key) IS DISTINCT FROM (OLD.model_key, OLD.target_model_key) THEN
+    GET DIAGNOSTICS stack = PG_CONTEXT;
+    IF stack !~ ('\nSQL statement "UPDATE pyembed\.corpora [^"]*"\n'
+                 'PL/pgSQL function pyembed\.migration_(start|complete|rollback)\([a-z,]*\) ') THEN
+      RAISE EXCEPTION USING ERRCODE = 'PE004',
+        MESSAGE = format('the model key of corpus %s is %s and can only change through a '
+                         'migration (refused: %s)', OLD.name, OLD.model_key,
+                         coalesce(NULLIF(NEW.model_key, OLD.model_key), NEW.target_model_key)),
+        HINT = 'use `pyembed migrate start CORPUS --to MODEL_KEY`';
+    END IF;
   END IF;
   RETURN NEW;
 END

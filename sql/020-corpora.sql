@@ -116,16 +116,9 @@ CREATE OR REPLACE FUNCTION pyembed.vector_table(corpus text) RETURNS text
 LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
-DECLARE
-  id integer := (SELECT c.corpus_id FROM pyembed.corpora c WHERE c.name = corpus
-                   AND coalesce(c.tenant_id, 0) = coalesce((SELECT pyembed.current_tenant()), 0));
 BEGIN
-  IF id IS NULL THEN
-    RAISE EXCEPTION USING ERRCODE = 'PE002',
-      MESSAGE = format('unknown corpus %s', coalesce(quote_literal(left(corpus, 80)), 'NULL')),
-      HINT = '`pyembed corpus list` shows the corpora';
-  END IF;
-  RETURN format('pyembed.%I', pyembed._vector_partition_name(id));
+  RETURN format('pyembed.%I',
+                pyembed._vector_partition_name((pyembed.lookup_corpus(corpus)).corpus_id));
 END
 $$;
 

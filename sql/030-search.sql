@@ -26,16 +26,9 @@ DECLARE
   distances float8[];
 BEGIN
   SELECT co.corpus_id, co.name, co.model_key AS active, co.target_model_key AS target,
-         co.migration_step, m.dimensions, m.distance
+         co.migration_step, m.dimensions, m.distance, m.normalized
     INTO c
-    FROM pyembed.corpora co LEFT JOIN pyembed.models m ON m.model_key = query_model_key
-   WHERE co.name = corpus
-     AND coalesce(co.tenant_id, 0) = coalesce((SELECT pyembed.current_tenant()), 0);
-  IF NOT FOUND THEN
-    RAISE EXCEPTION USING ERRCODE = 'PE002',
-      MESSAGE = format('unknown corpus %s', coalesce(quote_literal(left(corpus, 80)), 'NULL')),
-      HINT = '`pyembed corpus list` shows the corpora';
-  END IF;
+    FROM pyembed.lookup_corpus(corpus) co LEFT JOIN pyembed.models m ON m.model_key = query_model_key;
   IF query_model_key IS DISTINCT FROM c.active
      AND NOT (query_model_key = c.target
               AND c.migration_step IN ('backfilled', 'validated', 'shifting')) THEN
@@ -47,6 +40,14 @@ BEGIN
   IF k IS NULL OR k < 1 OR k > 1000 THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005', MESSAGE = format('k must be 1..1000, got %s', k);
   END IF;
+  IF query_embedding IS NULL THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE005', MESSAGE = 'no query vector (NULL)',
+      HINT = 'pyembed.search_text embeds a query text for you';
+  END IF;
+  IF filter IS NOT NULL AND jsonb_typeof(filter) <> 'object' THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = format('a metadata filter is a JSON object, not %s', jsonb_typeof(filter));
+  END IF;
   IF vector_dims(query_embedding) <> c.dimensions THEN
     RAISE EXCEPTION USING ERRCODE = 'PE003',
       MESSAGE = format('wrong dimensions: %s has %s dimensions, the query vector has %s',
@@ -54,6 +55,17 @@ BEGIN
   END IF;
   IF vector_norm(query_embedding) = 0 THEN
     RAISE EXCEPTION USING ERRCODE = 'PE003', MESSAGE = 'zero query vector';
+  END IF;
+  -- pgvector sums distances in single precision: a cosine or normalised model's query is scaled
+  -- to unit length here (its norm is taken in double precision), which changes no ranking and
+  -- keeps huge or tiny components from giving NaN or wrong scores; other queries must be in
+  -- the range stored vectors are (pyembed._norm_ok).
+  IF c.distance = 'cosine' OR c.normalized THEN
+    query_embedding := l2_normalize(query_embedding);
+  ELSIF NOT pyembed._norm_ok(vector_norm(query_embedding), false) THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE003',
+      MESSAGE = format('query vector norm %s is outside 1e-10..1e10: its scores would overflow '
+                       'or vanish', vector_norm(query_embedding));
   END IF;
   -- A filter may reject most of the nearest chunks: the index scan then goes on past
   -- ef_search until it has k (an unfiltered search is ~7% faster without it). The setting is

@@ -46,3 +46,39 @@ CREATE OR REPLACE TRIGGER chunks_queue_update
   FOR EACH STATEMENT EXECUTE FUNCTION pyembed._enqueue_chunks();
 
 -- Vector writes dequeue what they satisfy: pyembed._vectors_written in 010-guards.sql.
+
+-- A queued job carries a key its corpus accepts (the active key or the migration target), or
+-- PE001: the worker would otherwise pay another model's provider for work it cannot store.
+-- Checked once per statement, against the corpora the statement's rows name.
+CREATE OR REPLACE FUNCTION pyembed._queue_keys_accepted() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  bad record;
+BEGIN
+  SELECT n.chunk_id, n.model_key, c.name, c.model_key AS active, c.target_model_key AS target
+    INTO bad
+    FROM (SELECT corpus_id, model_key, min(chunk_id) AS chunk_id FROM new_rows
+           GROUP BY corpus_id, model_key) n
+    LEFT JOIN pyembed.corpora c ON c.corpus_id = n.corpus_id
+   WHERE n.model_key IS DISTINCT FROM c.model_key AND n.model_key IS DISTINCT FROM c.target_model_key
+   LIMIT 1;
+  IF FOUND THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE001',
+      MESSAGE = format('model key mismatch: corpus %s is pinned to %s, but chunk %s was queued '
+                       'for %s', coalesce(bad.name, 'unknown'), coalesce(bad.active, 'nothing'),
+                       bad.chunk_id, bad.model_key),
+      DETAIL = CASE WHEN bad.target IS NULL THEN 'no model migration is in progress'
+                    ELSE format('the migration target is %s', bad.target) END;
+  END IF;
+  RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER queue_keys_accepted_insert
+  AFTER INSERT ON pyembed.queue REFERENCING NEW TABLE AS new_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION pyembed._queue_keys_accepted();
+CREATE OR REPLACE TRIGGER queue_keys_accepted_update
+  AFTER UPDATE ON pyembed.queue REFERENCING NEW TABLE AS new_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION pyembed._queue_keys_accepted();

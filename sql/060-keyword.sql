@@ -99,18 +99,16 @@ AS $$
 DECLARE
   c pyembed.corpora;
 BEGIN
-  SELECT * INTO c FROM pyembed.corpora
-   WHERE name = corpus
-     AND coalesce(tenant_id, 0) = coalesce((SELECT pyembed.current_tenant()), 0);
-  IF NOT FOUND THEN
-    RAISE EXCEPTION USING ERRCODE = 'PE002',
-      MESSAGE = format('unknown corpus %s', coalesce(quote_literal(left(corpus, 80)), 'NULL'));
-  END IF;
+  c := pyembed.lookup_corpus(corpus);
   IF k IS NULL OR k < 1 OR k > 1000 THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005', MESSAGE = format('k must be 1..1000, got %s', k);
   END IF;
   IF query IS NULL OR query !~ '\S' THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005', MESSAGE = 'the query is empty';
+  END IF;
+  IF filter IS NOT NULL AND jsonb_typeof(filter) <> 'object' THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = format('a metadata filter is a JSON object, not %s', jsonb_typeof(filter));
   END IF;
   RETURN QUERY
   WITH st AS (

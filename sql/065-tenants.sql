@@ -1,7 +1,9 @@
 -- Tenant accounting and rate limits. Every provider call is reserved here first, in the
--- caller's tenant: requests, tokens and estimated cost per tenant, corpus and model key and
--- minute; a tenant over its requests or tokens per minute is refused (PE010) before the call.
-
+-- caller's tenant: requests, tokens and estimated cost per tenant, corpus, model key and minute;
+-- a tenant over its requests or tokens per minute is refused (PE010) before the call. Each
+-- reservation is a row of its own and no row is locked: a call that waits on its provider
+-- holds nothing another call needs (the limit counts committed calls, so calls in flight at the
+-- same moment may each pass it once).
 CREATE OR REPLACE FUNCTION pyembed.reserve_usage(p_model_key text, p_corpus_id integer,
                                                  p_requests integer, p_tokens bigint)
 RETURNS void
@@ -13,11 +15,19 @@ DECLARE
   tid integer := coalesce(pyembed.current_tenant(), 0);
   bucket timestamptz := date_trunc('minute', now());
   used record;
-  price numeric := (SELECT m.price_per_mtok FROM pyembed.models m
-                     WHERE m.model_key = p_model_key);
+  price numeric;
 BEGIN
+  IF p_requests IS NULL OR p_tokens IS NULL OR p_requests < 0 OR p_tokens < 0 THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = format('usage is counted in requests and tokens of 0 or more, not %s and %s',
+                       coalesce(p_requests::text, 'NULL'), coalesce(p_tokens::text, 'NULL'));
+  END IF;
+  price := (SELECT m.price_per_mtok FROM pyembed.models m WHERE m.model_key = p_model_key);
+  IF p_corpus_id IS NOT NULL AND NOT (p_corpus_id = ANY (pyembed.visible_corpora())) THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE002', MESSAGE = format('unknown corpus id %s', p_corpus_id);
+  END IF;
   IF tid <> 0 THEN
-    SELECT * INTO t FROM pyembed.tenants WHERE tenant_id = tid FOR UPDATE;  -- one at a time
+    SELECT * INTO t FROM pyembed.tenants WHERE tenant_id = tid;
     IF t.requests_per_minute IS NOT NULL OR t.tokens_per_minute IS NOT NULL THEN
       SELECT coalesce(sum(u.requests), 0) AS requests, coalesce(sum(u.tokens), 0) AS tokens
         INTO used FROM pyembed.usage u WHERE u.tenant_id = tid AND u.minute = bucket;
@@ -33,13 +43,9 @@ BEGIN
       END IF;
     END IF;
   END IF;
-  INSERT INTO pyembed.usage AS u (tenant_id, corpus_id, model_key, minute, requests, tokens,
-                                  cost_usd)
+  INSERT INTO pyembed.usage (tenant_id, corpus_id, model_key, minute, requests, tokens, cost_usd)
   VALUES (tid, coalesce(p_corpus_id, 0), p_model_key, bucket, p_requests, p_tokens,
-          coalesce(price, 0) * p_tokens / 1e6)
-  ON CONFLICT (tenant_id, corpus_id, model_key, minute) DO UPDATE
-    SET requests = u.requests + EXCLUDED.requests, tokens = u.tokens + EXCLUDED.tokens,
-        cost_usd = u.cost_usd + EXCLUDED.cost_usd;
+          coalesce(price, 0) * p_tokens / 1e6);
 END
 $$;
 

@@ -1,6 +1,6 @@
 -- Model migration without downtime: start -> backfill -> validate -> shift 10/50/100 -> complete,
 -- with rollback (instant: traffic and writes return to the old key) at any step before complete.
--- Only these functions may change a corpus's model keys (pyembed.in_migration, PE004 otherwise).
+-- Only these functions may change a corpus's model keys (PE004 otherwise: see pyembed._guard_corpus_key).
 
 CREATE OR REPLACE FUNCTION pyembed._migration(corpus text, OUT c pyembed.corpora,
                                               OUT m pyembed.migrations)
@@ -9,12 +9,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
   SELECT * INTO c FROM pyembed.corpora
-   WHERE name = corpus AND coalesce(tenant_id, 0) = coalesce((SELECT pyembed.current_tenant()), 0)
-     FOR UPDATE;
-  IF NOT FOUND THEN
-    RAISE EXCEPTION USING ERRCODE = 'PE002',
-      MESSAGE = format('unknown corpus %s', coalesce(quote_literal(left(corpus, 80)), 'NULL'));
-  END IF;
+   WHERE corpus_id = (pyembed.lookup_corpus(corpus)).corpus_id FOR UPDATE;
   SELECT * INTO m FROM pyembed.migrations
    WHERE corpus_id = c.corpus_id AND state NOT IN ('completed', 'rolled_back', 'cleaned');
 END
@@ -72,10 +67,8 @@ BEGIN
     RAISE EXCEPTION USING ERRCODE = 'PE007',
       MESSAGE = format('corpus %s is already on %s', corpus, to_key);
   END IF;
-  PERFORM set_config('pyembed.in_migration', 'on', true);
   UPDATE pyembed.corpora SET target_model_key = to_key, migration_step = 'started',
          traffic_share = 0 WHERE corpus_id = (r.c).corpus_id;
-  PERFORM set_config('pyembed.in_migration', 'off', true);
   INSERT INTO pyembed.migrations (corpus_id, from_key, to_key, state)
   VALUES ((r.c).corpus_id, (r.c).model_key, to_key, 'started') RETURNING migration_id INTO new_id;
   -- Vectors of an earlier, rolled-back attempt at this key are stale: start clean.
@@ -178,10 +171,8 @@ BEGIN
       MESSAGE = format('corpus %s serves only %s%% of searches from %s: shift 100 first',
                        corpus, (r.c).traffic_share, (r.m).to_key);
   END IF;
-  PERFORM set_config('pyembed.in_migration', 'on', true);
   UPDATE pyembed.corpora SET model_key = (r.m).to_key, target_model_key = NULL,
          migration_step = 'none', traffic_share = 0 WHERE corpus_id = (r.c).corpus_id;
-  PERFORM set_config('pyembed.in_migration', 'off', true);
   -- Chunks queued for the old key are no longer needed.
   DELETE FROM pyembed.queue WHERE corpus_id = (r.c).corpus_id AND model_key = (r.m).from_key;
   UPDATE pyembed.migrations SET state = 'completed', finished_at = now()
@@ -202,10 +193,8 @@ BEGIN
   r := pyembed._migration(corpus);
   PERFORM pyembed._need(r.m, corpus, ARRAY['started', 'backfilled', 'validated', 'shifting'],
                         'roll back');
-  PERFORM set_config('pyembed.in_migration', 'on', true);
   UPDATE pyembed.corpora SET target_model_key = NULL, migration_step = 'none', traffic_share = 0
    WHERE corpus_id = (r.c).corpus_id;
-  PERFORM set_config('pyembed.in_migration', 'off', true);
   DELETE FROM pyembed.queue WHERE corpus_id = (r.c).corpus_id AND model_key = (r.m).to_key;
   UPDATE pyembed.migrations SET state = 'rolled_back', finished_at = now()
    WHERE migration_id = (r.m).migration_id;

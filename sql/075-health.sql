@@ -11,9 +11,17 @@ SELECT c.name AS corpus, k.model_key, k.role,
        (SELECT count(*) FROM pyembed.queue q
          WHERE q.corpus_id = c.corpus_id AND q.model_key = k.model_key) AS queued,
        (SELECT count(*) FROM pyembed.queue_failed f
-         WHERE f.corpus_id = c.corpus_id AND f.model_key = k.model_key) AS failed
+         WHERE f.corpus_id = c.corpus_id AND f.model_key = k.model_key) AS failed,
+       l.leased, l.first_lease_end, l.last_lease_end
   FROM pyembed.corpora c,
-       LATERAL (VALUES (c.model_key, 'active'), (c.target_model_key, 'target')) AS k(model_key, role)
+       LATERAL (VALUES (c.model_key, 'active'), (c.target_model_key, 'target')) AS k(model_key, role),
+       -- Claimed and not yet done: hidden from other workers until the lease ends (a job
+       -- waiting out a retry delay has its error recorded).
+       LATERAL (SELECT count(*) AS leased, min(q.not_before) AS first_lease_end,
+                       max(q.not_before) AS last_lease_end
+                  FROM pyembed.queue q
+                 WHERE q.corpus_id = c.corpus_id AND q.model_key = k.model_key
+                   AND q.not_before > now() AND q.last_error IS NULL) AS l
  WHERE k.model_key IS NOT NULL;
 
 CREATE OR REPLACE VIEW pyembed.throughput WITH (security_invoker = true) AS
@@ -32,9 +40,8 @@ SELECT s.model_key,
        sum(s.misses) FILTER (WHERE s.day = current_date) AS misses_today,
        sum(s.hits) AS hits_7d, sum(s.misses) AS misses_7d,
        sum(s.hits)::float8 / nullif(sum(s.hits) + sum(s.misses), 0) AS hit_rate_7d,
-       (SELECT count(*) FROM pyembed.embedding_cache e WHERE e.model_key = s.model_key) AS entries
-  FROM pyembed.cache_stats s
- WHERE s.day > current_date - 7
+       max(s.entries) AS entries
+  FROM pyembed.cache_report(7) s
  GROUP BY s.model_key;
 
 CREATE OR REPLACE VIEW pyembed.latency WITH (security_invoker = true) AS

@@ -4,15 +4,24 @@ REVOKE ALL ON ALL FUNCTIONS IN SCHEMA pyembed FROM PUBLIC;
 GRANT USAGE ON SCHEMA pyembed TO pyembed_app, pyembed_owner;
 -- The tables' owner role runs the foreign-key checks and is bound by the tenant policies.
 GRANT EXECUTE ON FUNCTION pyembed.current_tenant(), pyembed.visible_corpora() TO pyembed_owner;
-GRANT USAGE ON ALL SEQUENCES IN SCHEMA pyembed TO pyembed_app;
+-- Sequences of the tables the application role inserts into itself.
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA pyembed FROM pyembed_app;
+GRANT USAGE ON SEQUENCE pyembed.chunks_chunk_id_seq, pyembed.query_log_query_log_id_seq
+  TO pyembed_app;
 
+-- Each grant is what a documented operation of the application role needs; row-level security
+-- keeps it to its tenant's rows. The cache, its counts and usage are ledgers it must not write
+-- (nor read: the cache holds vectors) other than through their functions: no privilege at all.
+-- tests/golden/privileges.txt records the result.
 GRANT SELECT ON pyembed.models, pyembed.corpora, pyembed.migrations, pyembed.migration_events
   TO pyembed_app;
-GRANT SELECT, INSERT, UPDATE, DELETE ON pyembed.documents, pyembed.chunks, pyembed.queue,
-  pyembed.queue_failed, pyembed.embedding_cache, pyembed.cache_stats, pyembed.eval_queries
+GRANT SELECT, INSERT, UPDATE, DELETE ON pyembed.documents, pyembed.chunks, pyembed.eval_queries
   TO pyembed_app;
+-- Chunk writes queue their work as the writer; the worker claims (UPDATE), dequeues and moves
+-- failed jobs aside. A queued key is checked by pyembed._queue_keys_accepted (PE001).
+GRANT SELECT, INSERT, UPDATE, DELETE ON pyembed.queue, pyembed.queue_failed TO pyembed_app;
 GRANT SELECT, INSERT ON pyembed.query_log TO pyembed_app;
-GRANT SELECT, INSERT, UPDATE ON pyembed.usage TO pyembed_app;
+REVOKE ALL ON pyembed.embedding_cache, pyembed.cache_stats, pyembed.usage FROM pyembed_app;
 GRANT SELECT ON pyembed.coverage, pyembed.throughput, pyembed.cache_health, pyembed.latency
   TO pyembed_app;
 -- Vectors: write (guarded), see which chunks have one, never read the embedding. Each corpus's
@@ -29,7 +38,13 @@ GRANT EXECUTE ON FUNCTION
   pyembed._vector_check(integer, bigint, text, vector),
   pyembed.current_tenant(),
   pyembed.visible_corpora(),
+  pyembed.lookup_corpus(text),
   pyembed.vector_table(text),
+  pyembed.cache_get(bytea[]),
+  pyembed.cache_put(bytea[], text, text, vector[], float8),
+  pyembed.cache_count(text[], bigint[], bigint[]),
+  pyembed.cache_report(integer),
+  pyembed.cache_purge(text, boolean),
   pyembed._clear_vectors(integer, text, bigint, bigint, bigint[]),
   pyembed.reserve_usage(text, integer, integer, bigint),
   pyembed.usage_report(integer),

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import difflib
+import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import psycopg
+import pytest
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
@@ -63,3 +67,23 @@ def login_role(owner: psycopg.Connection[Any], dsn: str, prefix: str,
         owner.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                       "WHERE usename = %s", (name,))
         owner.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))
+
+
+GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
+UPDATE_GOLDEN_ENV = "PYEMBED_UPDATE_GOLDEN"
+
+
+def assert_matches_golden(name: str, lines: list[str], test: str) -> None:
+    """`lines` equal tests/golden/`name` (rewritten instead with PYEMBED_UPDATE_GOLDEN=1)."""
+    path = GOLDEN_DIR / name
+    text = "\n".join(lines) + "\n"
+    if os.environ.get(UPDATE_GOLDEN_ENV) == "1":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    golden = path.read_text() if path.exists() else ""
+    if golden != text:
+        diff = "".join(difflib.unified_diff(golden.splitlines(keepends=True),
+                                            text.splitlines(keepends=True),
+                                            f"{name} (expected)", "database (actual)"))
+        pytest.fail(f"{name} changed:\n{diff}\nIf the change is intended, review it and run: "
+                    f"{UPDATE_GOLDEN_ENV}=1 .venv/bin/pytest {test}", pytrace=False)

@@ -9,8 +9,6 @@ a test-only device, not something an application can do.
 
 from __future__ import annotations
 
-import difflib
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,14 +30,13 @@ from pyembed.providers.fake import fake_vectors
 from pyembed.worker import Worker, WorkerStats
 from tests.conftest import Database
 from tests.fakeapi import FakeAPI, server_vectors
+from tests.helpers import assert_matches_golden
 
 LOCAL = LOCAL_DEFAULT.key
 FAKE = "fake/fake-hash@1:384"
 FAKE_WIDE = "fake/fake-hash@1:1024"
 VOYAGE = "voyage/voyage-3@1:1024"
 SECRET = "sk-test-SECRET123"
-GOLDEN = Path(__file__).resolve().parent / "golden" / "functions.txt"
-UPDATE_GOLDEN_ENV = "PYEMBED_UPDATE_GOLDEN"
 SAMPLE = Path(__file__).resolve().parent.parent / "pyembed" / "data" / "sample"
 
 SQLQuery = str | sql.SQL | sql.Composed
@@ -67,17 +64,18 @@ def sql_error(conn: psycopg.Connection[Any], query: SQLQuery,
 
 
 def cache_state(conn: psycopg.Connection[Any]) -> tuple[int, int, int]:
-    """(cache entries, hits, misses) over every model."""
-    row = conn.execute("SELECT (SELECT count(*) FROM pyembed.embedding_cache), "
-                       "coalesce(sum(hits), 0)::int, coalesce(sum(misses), 0)::int "
-                       "FROM pyembed.cache_stats").fetchone()
+    """(cache entries, hits, misses) over every model, the connection's tenant's."""
+    row = conn.execute("SELECT coalesce(sum(entries), 0)::int, coalesce(sum(hits), 0)::int, "
+                       "coalesce(sum(misses), 0)::int FROM (SELECT model_key, max(entries) AS "
+                       "entries, sum(hits) AS hits, sum(misses) AS misses "
+                       "FROM pyembed.cache_report(1) GROUP BY model_key) r").fetchone()
     assert row is not None
     return int(row[0]), int(row[1]), int(row[2])
 
 
 def cached(conn: psycopg.Connection[Any], text: str, model_key: str, input_type: str) -> bool:
-    return bool(one(conn, "SELECT EXISTS (SELECT FROM pyembed.embedding_cache "
-                          "WHERE cache_key = %s)", (cache_key(text, model_key, input_type),)))
+    return bool(one(conn, "SELECT EXISTS (SELECT FROM pyembed.cache_get(ARRAY[%s]))",
+                    (cache_key(text, model_key, input_type),)))
 
 
 def drain(db: Database) -> WorkerStats:
@@ -414,15 +412,4 @@ def test_function_inventory_matches_the_golden_file(owner: psycopg.Connection[An
     assert next(line for line in lines if line.startswith("pyembed.set_secret(")).endswith(
         "app no | public no")
 
-    text = "\n".join(lines) + "\n"
-    if os.environ.get(UPDATE_GOLDEN_ENV) == "1":
-        GOLDEN.parent.mkdir(parents=True, exist_ok=True)
-        GOLDEN.write_text(text)
-    golden = GOLDEN.read_text() if GOLDEN.exists() else ""
-    if golden != text:
-        diff = "".join(difflib.unified_diff(golden.splitlines(keepends=True),
-                                            text.splitlines(keepends=True),
-                                            str(GOLDEN.name) + " (expected)", "database (actual)"))
-        pytest.fail(f"the functions in schema pyembed changed:\n{diff}\nIf the change is "
-                    f"intended, review it and run: {UPDATE_GOLDEN_ENV}=1 .venv/bin/pytest "
-                    f"tests/test_indb.py -k golden", pytrace=False)
+    assert_matches_golden("functions.txt", lines, "tests/test_indb.py -k golden")

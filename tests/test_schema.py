@@ -40,7 +40,13 @@ APP_EXECUTE = {
     "_vector_check(integer, bigint, text, vector)",  # called by the partitions' guard CHECK
     "current_tenant()",  # called by the row-level security policies
     "visible_corpora()",
-    "vector_table(text)",  # the partition a SQL client COPYs a corpus's vectors into
+    "lookup_corpus(text)",  # the one lookup of a corpus by name (PE002)
+    "vector_table(text)",
+    "cache_get(bytea[])",  # the embedding cache: through these functions only
+    "cache_put(bytea[], text, text, vector[], double precision)",
+    "cache_count(text[], bigint[], bigint[])",
+    "cache_report(integer)",
+    "cache_purge(text, boolean)",  # the partition a SQL client COPYs a corpus's vectors into
     "_clear_vectors(integer, text, bigint, bigint, bigint[])",  # before store.copy_vectors's COPY
     "reserve_usage(text, integer, integer, bigint)",  # accounting and rate limits
     "usage_report(integer)",

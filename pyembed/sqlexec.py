@@ -1,0 +1,75 @@
+"""One way to run pyembed's SQL from the package and from inside PostgreSQL.
+
+The same statement text (PostgreSQL's own `$1` placeholders, every parameter cast) runs through
+a psycopg connection or through PL/Python's `plpy`, so code that reads or writes the database
+(the cache, search dispatch) is written once for both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+import psycopg
+from pgvector import Vector
+
+
+class Executor(Protocol):
+    def rows(self, sql: str, params: Sequence[Any], types: Sequence[str]) -> list[tuple[Any, ...]]:
+        """Run `sql` with `params` (of PostgreSQL `types`, for plpy); the rows it returns."""
+
+    def vectors(self, vectors: Sequence[npt.NDArray[np.float32]]) -> list[Any]:
+        """`vectors` as a parameter the statement casts with `::vector[]`."""
+
+    def vector(self, value: Any) -> npt.NDArray[np.float32]:
+        """A `vector` the statement returned, as float32."""
+
+
+def vector_text(vec: npt.NDArray[np.float32]) -> str:
+    """pgvector's text form; repr keeps every float32 exactly."""
+    return "[" + ",".join(map(repr, np.asarray(vec, dtype=float).tolist())) + "]"
+
+
+class PsycopgExecutor:
+    """Statements on a psycopg connection (vector types registered), as its own statements."""
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self.conn = conn
+
+    def rows(self, sql: str, params: Sequence[Any], types: Sequence[str] = ()) -> list[tuple[Any, ...]]:
+        with psycopg.RawCursor(self.conn) as cur:
+            cur.execute(sql, list(params))
+            return cur.fetchall() if cur.description else []
+
+    def vectors(self, vectors: Sequence[npt.NDArray[np.float32]]) -> list[Any]:
+        return [Vector(v) for v in vectors]
+
+    def vector(self, value: Any) -> npt.NDArray[np.float32]:
+        return np.asarray(value.to_numpy() if isinstance(value, Vector) else value, dtype=np.float32)
+
+
+class PlpyExecutor:
+    """Statements through PL/Python's SPI, prepared once per backend (plans kept in GD)."""
+
+    def __init__(self, plpy: Any, GD: dict[str, Any]) -> None:
+        self.plpy, self.GD = plpy, GD
+
+    def rows(self, sql: str, params: Sequence[Any], types: Sequence[str]) -> list[tuple[Any, ...]]:
+        plans = self.GD.setdefault("pyembed.plans", {})
+        if sql not in plans:
+            plans[sql] = self.plpy.prepare(sql, list(types))
+        result = self.plpy.execute(plans[sql], list(params))
+        columns = result.colnames() if result.nrows() else []
+        return [tuple(r[c] for c in columns) for r in result]
+
+    def vectors(self, vectors: Sequence[npt.NDArray[np.float32]]) -> list[Any]:
+        return [vector_text(v) for v in vectors]
+
+    def vector(self, value: Any) -> npt.NDArray[np.float32]:
+        return np.array(str(value)[1:-1].split(","), dtype=np.float32)
+
+
+def executor(db: psycopg.Connection[Any] | Executor) -> Executor:
+    return PsycopgExecutor(db) if isinstance(db, psycopg.Connection) else db

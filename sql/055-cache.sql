@@ -1,0 +1,142 @@
+-- The embedding cache and its hit counts: read and written only through these functions (the
+-- application role has no privilege on the tables, which would otherwise be a second, unguarded
+-- vector table). Entries are the caller's tenant's; an entry is checked as a stored vector is.
+-- No write waits for another session: a key stored twice at once keeps both rows (lookups take
+-- the newest, the next store of the key removes the others), and counts are rows of their own.
+
+CREATE OR REPLACE FUNCTION pyembed.cache_get(keys bytea[])
+RETURNS TABLE (cache_key bytea, embedding vector)
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+  RETURN QUERY
+  SELECT DISTINCT ON (e.cache_key) e.cache_key, e.embedding FROM pyembed.embedding_cache e
+   WHERE e.tenant_id = coalesce(pyembed.current_tenant(), 0) AND e.cache_key = ANY (keys)
+     AND (e.expires_at IS NULL OR e.expires_at > now())
+   ORDER BY e.cache_key, e.created_at DESC;
+END
+$$;
+
+-- Stores (or renews) entries; in a read-only transaction (a replica) it stores nothing.
+CREATE OR REPLACE FUNCTION pyembed.cache_put(keys bytea[], p_model_key text, p_input_type text,
+                                             embeddings vector[], ttl_seconds float8 DEFAULT NULL)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  tid integer := coalesce(pyembed.current_tenant(), 0);
+  m pyembed.models;
+  bad record;
+  stored integer;
+BEGIN
+  IF current_setting('transaction_read_only') = 'on' THEN
+    RETURN 0;
+  END IF;
+  IF cardinality(keys) IS DISTINCT FROM cardinality(embeddings) THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = format('cache_put needs one vector per key (%s keys, %s vectors)',
+                       cardinality(keys), cardinality(embeddings));
+  END IF;
+  IF p_input_type IS NULL OR p_input_type NOT IN ('document', 'query') THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = format('input type must be document or query, not %s',
+                       coalesce(quote_literal(p_input_type), 'NULL'));
+  END IF;
+  SELECT * INTO m FROM pyembed.models WHERE model_key = p_model_key;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE006',
+      MESSAGE = format('unknown model key %s', coalesce(quote_literal(p_model_key), 'NULL'));
+  END IF;
+  SELECT t.i, t.k, t.e INTO bad FROM unnest(keys, embeddings) WITH ORDINALITY AS t(k, e, i)
+   WHERE t.k IS NULL OR length(t.k) <> 32 OR t.e IS NULL OR vector_dims(t.e) <> m.dimensions
+      OR NOT pyembed._norm_ok(vector_norm(t.e), m.normalized)
+   LIMIT 1;
+  IF FOUND THEN
+    RAISE EXCEPTION USING ERRCODE = CASE WHEN bad.k IS NULL OR length(bad.k) <> 32 THEN 'PE005'
+                                         ELSE 'PE003' END,
+      MESSAGE = format('cache entry %s refused: %s', bad.i, CASE
+        WHEN bad.k IS NULL OR length(bad.k) <> 32 THEN 'a cache key is a 32-byte sha256'
+        WHEN bad.e IS NULL THEN 'no vector'
+        WHEN vector_dims(bad.e) <> m.dimensions THEN format(
+          '%s has %s dimensions, the vector has %s', m.model_key, m.dimensions, vector_dims(bad.e))
+        ELSE format('norm %s is out of range for %s', vector_norm(bad.e), m.model_key) END);
+  END IF;
+  -- Older rows of these keys (expired, or stored at the same time by another session), unless
+  -- another session holds them.
+  DELETE FROM pyembed.embedding_cache e
+   WHERE e.ctid = ANY (ARRAY(SELECT o.ctid FROM pyembed.embedding_cache o
+                              WHERE o.tenant_id = tid AND o.cache_key = ANY (keys)
+                                FOR UPDATE SKIP LOCKED));
+  INSERT INTO pyembed.embedding_cache (tenant_id, cache_key, model_key, input_type, embedding,
+                                       expires_at)
+  SELECT DISTINCT ON (t.k) tid, t.k, m.model_key, p_input_type, t.e,
+         now() + make_interval(secs => ttl_seconds)
+    FROM unnest(keys, embeddings) AS t(k, e);
+  GET DIAGNOSTICS stored = ROW_COUNT;
+  RETURN stored;
+END
+$$;
+
+-- Hit and miss counts: each call adds rows of its own (summed by readers), so counting never
+-- waits for another session. False in a read-only transaction, which writes nothing: the
+-- caller keeps its counts for later.
+CREATE OR REPLACE FUNCTION pyembed.cache_count(models text[], hits bigint[], misses bigint[])
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+  IF current_setting('transaction_read_only') = 'on' THEN
+    RETURN false;
+  END IF;
+  IF EXISTS (SELECT FROM unnest(hits, misses) AS t(h, x) WHERE t.h < 0 OR t.x < 0) THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE005', MESSAGE = 'cache hit and miss counts cannot be negative';
+  END IF;
+  INSERT INTO pyembed.cache_stats (tenant_id, day, model_key, hits, misses)
+  SELECT coalesce(pyembed.current_tenant(), 0), current_date, t.m, t.h, t.x
+    FROM unnest(models, hits, misses) AS t(m, h, x)
+   WHERE t.m IS NOT NULL AND (t.h > 0 OR t.x > 0);
+  RETURN true;
+END
+$$;
+
+-- Hits, misses and current entries per day and model, the caller's tenant's.
+CREATE OR REPLACE FUNCTION pyembed.cache_report(days integer DEFAULT 30)
+RETURNS TABLE (day date, model_key text, hits bigint, misses bigint, entries bigint)
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  tid integer := coalesce(pyembed.current_tenant(), 0);
+BEGIN
+  RETURN QUERY
+  SELECT s.day, s.model_key, sum(s.hits)::bigint, sum(s.misses)::bigint,
+         (SELECT count(DISTINCT e.cache_key) FROM pyembed.embedding_cache e
+           WHERE e.tenant_id = tid AND e.model_key = s.model_key)
+    FROM pyembed.cache_stats s
+   WHERE s.tenant_id = tid AND s.day > current_date - days
+   GROUP BY s.day, s.model_key
+   ORDER BY s.day DESC, s.model_key;
+END
+$$;
+
+-- Deletes the caller's tenant's entries (of one model, or only expired ones); returns how many.
+CREATE OR REPLACE FUNCTION pyembed.cache_purge(p_model_key text DEFAULT NULL,
+                                               expired_only boolean DEFAULT false)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  gone bigint;
+BEGIN
+  DELETE FROM pyembed.embedding_cache e
+   WHERE e.tenant_id = coalesce(pyembed.current_tenant(), 0)
+     AND (p_model_key IS NULL OR e.model_key = p_model_key)
+     AND (NOT expired_only OR e.expires_at <= now());
+  GET DIAGNOSTICS gone = ROW_COUNT;
+  RETURN gone;
+END
+$$;
