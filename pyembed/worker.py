@@ -4,7 +4,10 @@ A batch is leased (attempts + 1, hidden until the lease ends) in a short transac
 with no transaction open, then written and dequeued in one transaction. A worker killed
 mid-batch loses nothing: the lease runs out and the batch is claimed again, and what was
 already embedded comes back from the cache instead of the provider. A write whose chunk text
-changed meanwhile is discarded (the new text is queued already).
+changed meanwhile is discarded (the new text is queued already); a job for a key its corpus
+does not accept is moved to pyembed.queue_failed with the reason, before any provider call
+when the claim can tell. Each corpus's texts are embedded in calls of their own, so that each
+corpus is billed for its own.
 """
 
 from __future__ import annotations
@@ -42,21 +45,32 @@ _log = logging.getLogger(__name__)
 
 CLAIM = """
 WITH picked AS (
-  SELECT corpus_id, chunk_id, model_key FROM pyembed.queue
-   WHERE not_before <= now() AND attempts < %(max_attempts)s
-   ORDER BY not_before, enqueued_at
-   LIMIT %(limit)s FOR UPDATE SKIP LOCKED
-)
-UPDATE pyembed.queue q
-   SET attempts = q.attempts + 1, not_before = now() + make_interval(secs => %(lease)s)
-  FROM picked p
-  LEFT JOIN pyembed.chunks ch ON ch.corpus_id = p.corpus_id AND ch.chunk_id = p.chunk_id
- WHERE q.corpus_id = p.corpus_id AND q.chunk_id = p.chunk_id AND q.model_key = p.model_key
-RETURNING q.corpus_id, q.chunk_id, q.model_key, coalesce(ch.content_hash, q.content_hash),
-  q.attempts, ch.content
+  SELECT q.corpus_id, q.chunk_id, q.model_key, q.content_hash, q.attempts,
+         c.corpus_id IS NULL OR q.model_key IN (c.model_key, c.target_model_key) IS TRUE
+           AS accepted,
+         c.name, c.model_key AS active, c.target_model_key AS target
+    FROM pyembed.queue q LEFT JOIN pyembed.corpora c ON c.corpus_id = q.corpus_id
+   WHERE q.not_before <= now() AND q.attempts < %(max_attempts)s
+   ORDER BY q.not_before, q.enqueued_at
+   LIMIT %(limit)s FOR UPDATE OF q SKIP LOCKED
+), claimed AS (
+  UPDATE pyembed.queue q
+     SET attempts = q.attempts + 1, not_before = now() + make_interval(secs => %(lease)s)
+    FROM picked p
+    LEFT JOIN pyembed.chunks ch ON ch.corpus_id = p.corpus_id AND ch.chunk_id = p.chunk_id
+   WHERE q.corpus_id = p.corpus_id AND q.chunk_id = p.chunk_id AND q.model_key = p.model_key
+     AND p.accepted
+  RETURNING q.corpus_id, q.chunk_id, q.model_key,
+            coalesce(ch.content_hash, q.content_hash) AS content_hash, q.attempts, ch.content)
+SELECT corpus_id, chunk_id, model_key, content_hash, attempts, content,
+       NULL::text AS name, NULL::text AS active, NULL::text AS target FROM claimed
+UNION ALL
+SELECT corpus_id, chunk_id, model_key, content_hash, attempts, NULL, name, active, target
+  FROM picked WHERE NOT accepted
 """
 # (the text and its hash come from the same row version: a vector is never stored under the
-# hash of a text it was not made from)
+# hash of a text it was not made from; the rows not accepted stay locked, unleased, for the
+# claim's transaction to fail them)
 
 RELEASE = """
 UPDATE pyembed.queue SET attempts = greatest(attempts - 1, 0), not_before = now()
@@ -106,11 +120,13 @@ SELECT %(corpus_id)s, t.chunk_id, %(model)s, t.embedding, t.content_hash
                         AND ch.chunk_id = ANY (%(chunk_ids)s::bigint[])
 """
 
+# Only the job as claimed: not one re-queued with a new text, nor one another worker claimed
+# after this worker's lease ran out.
 FAIL = """
 WITH gone AS (
   DELETE FROM pyembed.queue
    WHERE corpus_id = %(corpus_id)s AND chunk_id = %(chunk_id)s AND model_key = %(model)s
-     AND content_hash = %(hash)s
+     AND content_hash = %(hash)s AND attempts = %(attempts)s
   RETURNING *)
 INSERT INTO pyembed.queue_failed (corpus_id, chunk_id, model_key, content_hash, attempts, reason)
 SELECT corpus_id, chunk_id, model_key, content_hash, attempts, %(reason)s FROM gone
@@ -214,24 +230,33 @@ class Worker:
             row = self.conn.execute("SELECT count(*) FROM pyembed.queue").fetchone()
         return int(row[0]) if row else 0
 
-    def claim(self) -> list[Item]:
+    def claim(self, stats: WorkerStats | None = None) -> list[Item]:
+        """Lease a batch; jobs for a key their corpus does not accept are failed instead."""
+        stats = stats or WorkerStats()
         with self.conn.transaction():
             self.conn.execute(EXPIRE, {"max_attempts": self.max_attempts})
             rows = self.conn.execute(CLAIM, {"limit": self.batch_size, "lease": self.lease_seconds,
                                              "max_attempts": self.max_attempts}).fetchall()
-        return [Item(*r) for r in rows]
+            items = []
+            for *fields, corpus, active, target in rows:
+                item = Item(*fields)
+                if active is None:
+                    items.append(item)
+                else:
+                    self._fail(item, _refusal(item.model_key, corpus, active, target), stats)
+        return items
 
     def run_once(self, stats: WorkerStats | None = None) -> WorkerStats:
         """Claim, embed and write one batch; returns the counts (added to `stats` if given)."""
         stats = stats or WorkerStats()
-        items = self.claim()
+        items = self.claim(stats)
         if not items:
             return stats
         stats.batches += 1
-        groups: dict[str, list[Item]] = defaultdict(list)
+        groups: dict[tuple[str, int], list[Item]] = defaultdict(list)
         for item in items:
-            groups[item.model_key].append(item)
-        for key, group in groups.items():
+            groups[item.model_key, item.corpus_id].append(item)
+        for (key, _), group in groups.items():
             self._process(key, group, stats)
         return stats
 
@@ -241,6 +266,7 @@ class Worker:
             meter(self._cache_conn, self._corpus_id)(spec, tokens)
 
     def _process(self, key: str, items: list[Item], stats: WorkerStats) -> None:
+        """Embed and store one corpus's jobs for one key (its provider calls billed to it)."""
         self._corpus_id = items[0].corpus_id if items else None
         try:
             embedder = self._embedder(key)
@@ -280,28 +306,35 @@ class Worker:
     def _write(self, key: str, items: list[Item], vectors: np.ndarray, stats: WorkerStats) -> None:
         from pgvector import Vector
 
-        by_corpus: dict[int, list[int]] = {}
-        for n, item in enumerate(items):
-            by_corpus.setdefault(item.corpus_id, []).append(n)
-        written = 0
+        corpus_id = items[0].corpus_id
+        params: dict[str, Any] = {
+            "model": key, "corpus_id": corpus_id, "chunk_ids": [i.chunk_id for i in items],
+            "vectors": [Vector(v) for v in vectors], "hashes": [i.content_hash for i in items]}
         try:
             with self.conn.transaction():
-                for corpus_id, rows in by_corpus.items():
-                    params: dict[str, Any] = {
-                        "model": key, "corpus_id": corpus_id,
-                        "chunk_ids": [items[n].chunk_id for n in rows],
-                        "vectors": [Vector(vectors[n]) for n in rows],
-                        "hashes": [items[n].content_hash for n in rows]}
-                    self.conn.execute(UNWRITE, params)
-                    written += self.conn.execute(WRITE, params).rowcount
+                self.conn.execute(UNWRITE, params)
+                written = self.conn.execute(WRITE, params).rowcount
         except psycopg.Error as exc:
             if exc.sqlstate != ModelMismatch.sqlstate:
                 raise
-            # The key stopped being served while we embedded (a migration was rolled back or
-            # completed): these results are stale, and the queue holds what is needed now.
-            written = 0
+            self._refused(key, corpus_id, items, stats)
+            return
         stats.embedded += written
-        stats.stale += len(items) - written
+        stats.stale += len(items) - written  # their text changed: the new one is queued
+
+    def _refused(self, key: str, corpus_id: int, items: list[Item], stats: WorkerStats) -> None:
+        """The corpus stopped accepting the key while the batch was embedded: its jobs can never
+        be stored (those a migration step withdrew are gone from the queue already)."""
+        with self.conn.transaction():
+            row = self.conn.execute("SELECT name, model_key, target_model_key "
+                                    "FROM pyembed.corpora WHERE corpus_id = %s",
+                                    (corpus_id,)).fetchone()
+        if row is None or key in (row[1], row[2]):
+            stats.stale += len(items)  # the corpus is gone, or takes the key again
+            return
+        reason = _refusal(key, *row)
+        for item in items:
+            self._fail(item, reason, stats)
 
     def _release(self, items: list[Item]) -> None:
         with self.conn.transaction():
@@ -310,10 +343,16 @@ class Worker:
                 for i in items])
 
     def _fail(self, item: Item, reason: str, stats: WorkerStats) -> None:
+        """Move the job to pyembed.queue_failed; one re-queued or re-claimed meanwhile is
+        counted stale and left alone."""
         with self.conn.transaction():
-            self.conn.execute(FAIL, {"corpus_id": item.corpus_id, "chunk_id": item.chunk_id,
-                                     "model": item.model_key, "hash": item.content_hash,
-                                     "reason": reason[:2000]})
+            moved = self.conn.execute(FAIL, {
+                "corpus_id": item.corpus_id, "chunk_id": item.chunk_id, "model": item.model_key,
+                "hash": item.content_hash, "attempts": item.attempts,
+                "reason": reason[:2000]}).rowcount
+        if not moved:
+            stats.stale += 1
+            return
         stats.failed += 1
         stats.errors.append(reason)
 
@@ -373,6 +412,11 @@ class Worker:
                 "AND not_before <= now() + make_interval(secs => %s)",
                 (self.max_attempts, within)).fetchone()
         return not row or row[0] == 0
+
+
+def _refusal(key: str, corpus: str, active: str, target: str | None) -> str:
+    also = f", migration target {target}" if target else ""
+    return f"model key {key} is not accepted by corpus {corpus} (active key {active}{also})"
 
 
 def _transient(exc: ProviderError) -> bool:

@@ -28,7 +28,7 @@ from psycopg import sql
 
 from pyembed.cache import PostgresCache
 from pyembed.db import connect
-from pyembed.embedder import Embedder
+from pyembed.embedder import Embedder, estimate_tokens
 from pyembed.errors import ProviderError
 from pyembed.models import InputType, ModelSpec
 from pyembed.providers import provider_for
@@ -440,11 +440,100 @@ def test_a_stale_write_never_removes_a_newer_vector(
     assert has_vector == 1 or queued == 1, "the chunk has no vector and is not queued: lost"
 
 
+# -- jobs that can never be stored ------------------------------------------------------------
+FAKE_1024 = "fake/fake-hash@1:1024"
+
+
+def test_a_job_for_a_key_its_corpus_does_not_accept_is_failed_before_any_call(
+        db: Database, app: psycopg.Connection[Any], owner: psycopg.Connection[Any]) -> None:
+    make_corpus(app, "keyed", FAKE)
+    texts = texts_for(3, "keyed")
+    add_docs(app, "keyed", texts)
+    victim = chunk_id_of(app, texts[0])
+    # As the owner, past the trigger that refuses such a row at INSERT (if it is installed).
+    with owner.transaction():
+        owner.execute("ALTER TABLE pyembed.queue DISABLE TRIGGER USER")
+        owner.execute("INSERT INTO pyembed.queue (corpus_id, chunk_id, model_key, content_hash) "
+                      "SELECT corpus_id, chunk_id, %s, content_hash FROM pyembed.chunks "
+                      "WHERE chunk_id = %s", (FAKE_1024, victim))
+        owner.execute("ALTER TABLE pyembed.queue ENABLE TRIGGER USER")
+
+    providers: list[RecordingProvider] = []
+    worker = Worker(db.app_dsn, batch_size=64, embedder_for=fake_embedder(providers))
+    try:
+        stats = run(worker)
+    finally:
+        worker.close()
+    assert (stats.embedded, stats.failed, stats.stale) == (3, 1, 0)
+    assert [p.spec.key for p in providers] == [FAKE]  # no provider for the refused key
+    assert count(app, "queue") == 0 and fresh_vectors(app) == 3
+    failed = app.execute("SELECT chunk_id, model_key, attempts, reason "
+                         "FROM pyembed.queue_failed").fetchall()
+    assert failed == [(victim, FAKE_1024, 0, f"model key {FAKE_1024} is not accepted by corpus "
+                                             f"keyed (active key {FAKE})")]
+
+
+def test_a_key_withdrawn_mid_batch_fails_its_jobs_and_spares_the_other_corpus(
+        db: Database, app: psycopg.Connection[Any], owner: psycopg.Connection[Any]) -> None:
+    make_corpus(app, "left", FAKE)
+    make_corpus(app, "right", FAKE)
+    add_docs(app, "left", texts_for(3, "left"))
+    add_docs(app, "right", texts_for(3, "right"))
+
+    def withdraw_the_key(provider: RecordingProvider, batch: list[str]) -> None:
+        # The owner re-pins `left` while its batch is being embedded, past the guard (the
+        # migration steps would also dequeue its jobs).
+        if provider.calls == 1:
+            with connect(db.owner_dsn) as other, other.transaction():
+                other.execute("ALTER TABLE pyembed.corpora "
+                              "DISABLE TRIGGER corpora_guard_model_key")
+                other.execute("UPDATE pyembed.corpora SET model_key = %s WHERE name = 'left'",
+                              (FAKE_1024,))
+                other.execute("ALTER TABLE pyembed.corpora "
+                              "ENABLE TRIGGER corpora_guard_model_key")
+
+    providers: list[RecordingProvider] = []
+    worker = Worker(db.app_dsn, batch_size=64,
+                    embedder_for=fake_embedder(providers, withdraw_the_key))
+    try:
+        stats = worker.run_once()
+    finally:
+        worker.close()
+    assert stats.batches == 1 and (stats.embedded, stats.failed) == (3, 3)
+    written = owner.execute("SELECT c.name, count(*) FROM pyembed.vectors v "
+                            "JOIN pyembed.corpora c USING (corpus_id) GROUP BY 1").fetchall()
+    assert written == [("right", 3)]
+    assert count(app, "queue") == 0
+    reasons = [r[0] for r in app.execute("SELECT reason FROM pyembed.queue_failed")]
+    assert reasons == [f"model key {FAKE} is not accepted by corpus left "
+                       f"(active key {FAKE_1024})"] * 3
+
+
+# -- usage -----------------------------------------------------------------------------------
+def test_a_batch_spanning_two_corpora_bills_each_its_share(
+        db: Database, app: psycopg.Connection[Any], owner: psycopg.Connection[Any]) -> None:
+    texts = {"alpha": texts_for(3, "alpha"), "beta": texts_for(2, "beta")}
+    for name, corpus_texts in texts.items():
+        make_corpus(app, name, FAKE)
+        add_docs(app, name, corpus_texts)
+    worker = Worker(db.app_dsn, batch_size=64)  # the default embedder, metered
+    try:
+        stats = worker.run_once()
+    finally:
+        worker.close()
+    assert stats.batches == 1 and stats.embedded == 5
+    billed = dict((name, (int(r), int(t))) for name, r, t in owner.execute(
+        "SELECT c.name, sum(u.requests), sum(u.tokens) FROM pyembed.usage u "
+        "JOIN pyembed.corpora c USING (corpus_id) GROUP BY 1"))
+    assert billed == {name: (1, sum(estimate_tokens(t) for t in corpus_texts))
+                      for name, corpus_texts in texts.items()}
+
+
 # -- crashes ---------------------------------------------------------------------------------
 KILLED_WORKER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from pyembed.embedder import Embedder
+    from pyembed.embedder import Embedder, estimate_tokens
     from pyembed.providers.fake import FakeProvider
     from pyembed.worker import Worker
 
