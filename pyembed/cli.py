@@ -345,10 +345,18 @@ def cache_purge(
 def worker_cmd(
     batch_size: Annotated[int, typer.Option("--batch-size", help="chunks per claim")] = 64,
     max_attempts: Annotated[int, typer.Option(help="attempts before a chunk is failed")] = 5,
+    lease: Annotated[float, typer.Option(
+        "--lease", envvar="PYEMBED_WORKER_LEASE", min=1.0,
+        help="seconds a claimed batch stays hidden from other workers, renewed while it is in "
+             "flight: a dead worker's batch is taken over when its lease ends")] = 30.0,
     forever: Annotated[bool, typer.Option("--forever", help="keep polling when empty")] = False,
     dsn: DsnOption = None,
 ) -> None:
     """Embed queued chunks (SKIP LOCKED batches; run several for more throughput).
+
+    Stops when nothing is left to claim (other workers' leases and retries due within a minute
+    are waited for); exits 3 when chunks are left leased by another worker (or a dead one) or
+    waiting to retry, naming when they come free.
 
     Example: pyembed worker --batch-size 128     (stops when the queue is empty; SIGTERM stops it)
     """
@@ -356,7 +364,7 @@ def worker_cmd(
 
     from .worker import Worker
 
-    worker = Worker(dsn, batch_size=batch_size, max_attempts=max_attempts)
+    worker = Worker(dsn, batch_size=batch_size, max_attempts=max_attempts, lease_seconds=lease)
     try:
         with Progress(console=console, transient=True) as bar:
             task = bar.add_task("embedding", total=worker.pending() or None)
@@ -375,6 +383,19 @@ def worker_cmd(
                   f"({stats.rate:.1f} texts/s)")
     if stats.all_failed:
         raise PyembedError(f"every item failed; last error: {stats.errors[-1]}")
+    def clock(moment: Any) -> str:
+        return f"{moment.astimezone():%H:%M:%S}" if moment else "?"  # the local time
+
+    left = []
+    if stats.leased:
+        left.append(f"{stats.leased} chunks are leased by another worker (or a dead one) until "
+                    f"{clock(stats.leased_until)}; they were not embedded")
+    if stats.waiting:
+        left.append(f"{stats.waiting} chunks wait to be retried after an error until "
+                    f"{clock(stats.waiting_until)}")
+    if left:
+        err_console.print(f"[red]error:[/red] {escape('; '.join(left))}", highlight=False)
+        raise SystemExit(3)  # not 1: nothing failed, but the queue is not done
 
 
 def _owner_client(dsn: str | None) -> Any:

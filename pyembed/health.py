@@ -4,6 +4,7 @@ and latency, each with the alert it raises (from the health views in sql/075-hea
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Literal
 
 import psycopg
@@ -42,11 +43,24 @@ def coverage(conn: psycopg.Connection[Any]) -> list[Finding]:
         level: Level = "ok" if ratio >= COVERAGE_ALERT or r["role"] == "target" else "alert"
         out.append(Finding("coverage", subject, f"{ratio:.2%} ({r['vectors']}/{r['chunks']})",
                            level, "below 99.9%" if level == "alert" else "", ratio))
-        q_level: Level = "alert" if r["failed"] else "ok"
-        out.append(Finding("queue", subject, f"{r['queued']} queued, {r['failed']} failed",
-                           q_level, "failed items: see pyembed.queue_failed" if r["failed"]
-                           else "", float(r["queued"])))
+        out.append(_queue(subject, r))
     return out
+
+
+def _queue(subject: str, r: dict[str, Any]) -> Finding:
+    value = f"{r['queued']} queued, {r['failed']} failed"
+    notes = ["failed items: see pyembed.queue_failed"] if r["failed"] else []
+    if r["leased"]:
+        # Workers hold these: a dead worker's until its lease ends.
+        value += f", {r['leased']} leased"
+        first, last = _clock(r["first_lease_end"]), _clock(r["last_lease_end"])
+        notes.append(f"leases end {first}" + (f" to {last}" if last != first else ""))
+    return Finding("queue", subject, value, "alert" if r["failed"] else "ok", "; ".join(notes),
+                   float(r["queued"]))
+
+
+def _clock(moment: datetime) -> str:
+    return f"{moment.astimezone():%H:%M:%S}"  # the local time
 
 
 def throughput(conn: psycopg.Connection[Any]) -> list[Finding]:

@@ -1,8 +1,9 @@
 """`pyembed worker`: embeds queued chunks in batches claimed with SKIP LOCKED.
 
 A batch is leased (attempts + 1, hidden until the lease ends) in a short transaction, embedded
-with no transaction open, then written and dequeued in one transaction. A worker killed
-mid-batch loses nothing: the lease runs out and the batch is claimed again, and what was
+with no transaction open, then written and dequeued in one transaction. Leases are short and
+renewed from a thread of their own while the batch is in flight, so a worker killed mid-batch
+strands nothing for long: its lease runs out and the batch is claimed again, and what was
 already embedded comes back from the cache instead of the provider. A write whose chunk text
 changed meanwhile is discarded (the new text is queued already); a job for a key its corpus
 does not accept is moved to pyembed.queue_failed with the reason, before any provider call
@@ -20,6 +21,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -71,6 +73,23 @@ SELECT corpus_id, chunk_id, model_key, content_hash, attempts, NULL, name, activ
 # (the text and its hash come from the same row version: a vector is never stored under the
 # hash of a text it was not made from; the rows not accepted stay locked, unleased, for the
 # claim's transaction to fail them)
+
+# Only this worker's lease (the attempts it claimed) of jobs their corpus still accepts (the
+# queue refuses any other UPDATE); rows another session holds are skipped, so a renewal never
+# waits, and the next one catches them.
+RENEW = """
+UPDATE pyembed.queue q
+   SET not_before = greatest(q.not_before, now() + make_interval(secs => %(lease)s))
+  FROM (SELECT q2.corpus_id, q2.chunk_id, q2.model_key
+          FROM unnest(%(corpus_ids)s::integer[], %(chunk_ids)s::bigint[], %(keys)s::text[],
+                      %(attempts)s::integer[]) AS t(corpus_id, chunk_id, model_key, attempts)
+          JOIN pyembed.queue q2 ON q2.corpus_id = t.corpus_id AND q2.chunk_id = t.chunk_id
+                               AND q2.model_key = t.model_key AND q2.attempts = t.attempts
+          JOIN pyembed.corpora c ON c.corpus_id = q2.corpus_id
+                                AND q2.model_key IN (c.model_key, c.target_model_key)
+         FOR UPDATE OF q2 SKIP LOCKED) p
+ WHERE q.corpus_id = p.corpus_id AND q.chunk_id = p.chunk_id AND q.model_key = p.model_key
+"""
 
 RELEASE = """
 UPDATE pyembed.queue SET attempts = greatest(attempts - 1, 0), not_before = now()
@@ -134,12 +153,26 @@ ON CONFLICT (corpus_id, chunk_id, model_key) DO UPDATE
   SET reason = EXCLUDED.reason, attempts = EXCLUDED.attempts, failed_at = now()
 """
 
+# What a drain leaves behind: jobs held by other workers' leases (or dead workers'), and jobs
+# waiting out a retry delay after an error.
+NOT_DUE = """
+SELECT count(*) FILTER (WHERE last_error IS NULL),
+       max(not_before) FILTER (WHERE last_error IS NULL),
+       count(*) FILTER (WHERE last_error IS NOT NULL),
+       max(not_before) FILTER (WHERE last_error IS NOT NULL)
+  FROM pyembed.queue WHERE not_before > now()
+"""
+
 RETRY = """
 UPDATE pyembed.queue SET last_error = %(reason)s,
        not_before = now() + make_interval(secs => %(delay)s)
  WHERE corpus_id = %(corpus_id)s AND chunk_id = %(chunk_id)s AND model_key = %(model)s
    AND content_hash = %(hash)s
 """
+
+
+DEFAULT_LEASE = 30.0
+"""Seconds a claimed batch stays hidden from other workers; renewed while it is in flight."""
 
 
 @dataclass
@@ -151,6 +184,10 @@ class Item:
     attempts: int
     content: str | None
 
+    @property
+    def job(self) -> tuple[int, int, str]:
+        return self.corpus_id, self.chunk_id, self.model_key
+
 
 @dataclass
 class WorkerStats:
@@ -161,6 +198,12 @@ class WorkerStats:
     batches: int = 0
     seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
+    leased: int = 0
+    """At the end of a drain: jobs leased by other workers (or dead ones), not embedded."""
+    leased_until: datetime | None = None
+    waiting: int = 0
+    """At the end of a drain: jobs waiting out a retry delay past the drain's wait."""
+    waiting_until: datetime | None = None
 
     @property
     def all_failed(self) -> bool:
@@ -171,11 +214,81 @@ class WorkerStats:
         return self.embedded / self.seconds if self.seconds else 0.0
 
 
+class Leases:
+    """Renews the leases of the jobs in flight every third of the lease, from a thread and
+    connection of its own: the embedding call runs with no transaction open, and may outlast
+    any lease short enough to free a dead worker's batch soon."""
+
+    def __init__(self, dsn: str | None, seconds: float) -> None:
+        self.dsn = dsn
+        self.seconds = seconds
+        self._held: dict[tuple[int, int, str], int] = {}
+        self._lock = threading.Lock()  # held while renewing: a dropped job is never renewed
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._conn: psycopg.Connection[Any] | None = None
+
+    def hold(self, items: list[Item]) -> None:
+        with self._lock:
+            self._held.update((i.job, i.attempts) for i in items)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="pyembed lease renewal",
+                                            daemon=True)
+            self._thread.start()
+
+    def drop(self, items: list[Item]) -> None:
+        """Stop renewing these jobs (before their outcome is written, which may set their
+        not_before itself)."""
+        with self._lock:
+            for item in items:
+                self._held.pop(item.job, None)
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(timeout=10)
+            self._thread, self._stop = None, threading.Event()
+        with self._lock:
+            self._held.clear()
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def _run(self) -> None:
+        stop = self._stop
+        while not stop.wait(self.seconds / 3):
+            try:
+                self._renew()
+            except psycopg.Error as exc:
+                _log.warning("could not renew the leases of the batch in flight (%s)", exc)
+                with self._lock:
+                    if self._conn is not None:
+                        self._conn.close()
+                        self._conn = None
+
+    def _renew(self) -> None:
+        if not self._held:
+            return
+        if self._conn is None or self._conn.closed:
+            conn = connect(self.dsn, autocommit=True, application_name="pyembed worker leases")
+            with self._lock:
+                self._conn = conn
+        with self._lock:
+            if not self._held or self._conn is None:
+                return
+            jobs = list(self._held.items())
+            self._conn.execute(RENEW, {
+                "lease": self.seconds, "corpus_ids": [j[0] for j, _ in jobs],
+                "chunk_ids": [j[1] for j, _ in jobs], "keys": [j[2] for j, _ in jobs],
+                "attempts": [a for _, a in jobs]})
+
+
 class Worker:
     """Drains pyembed.queue; several workers may run at once."""
 
     def __init__(self, dsn: str | None = None, *, batch_size: int = 64, max_attempts: int = 5,
-                 lease_seconds: float = 300.0, retry_base: float = 2.0, retry_max: float = 300.0,
+                 lease_seconds: float = DEFAULT_LEASE, retry_base: float = 2.0,
+                 retry_max: float = 300.0,
                  embedder_for: Callable[[ModelSpec, PostgresCache], Embedder] | None = None
                  ) -> None:
         if batch_size < 1 or max_attempts < 1 or lease_seconds <= 0:
@@ -193,6 +306,7 @@ class Worker:
         self.stop_requested = threading.Event()
         self._conn: psycopg.Connection[Any] | None = None
         self._cache_conn: psycopg.Connection[Any] | None = None
+        self._leases = Leases(dsn, lease_seconds)
 
     # -- connections -----------------------------------------------------------------------
     @property
@@ -213,6 +327,7 @@ class Worker:
         return self._embedders[key]
 
     def close(self) -> None:
+        self._leases.close()
         for embedder in self._embedders.values():
             if isinstance(embedder.cache, PostgresCache):
                 try:
@@ -256,8 +371,12 @@ class Worker:
         groups: dict[tuple[str, int], list[Item]] = defaultdict(list)
         for item in items:
             groups[item.model_key, item.corpus_id].append(item)
-        for (key, _), group in groups.items():
-            self._process(key, group, stats)
+        self._leases.hold(items)
+        try:
+            for (key, _), group in groups.items():
+                self._process(key, group, stats)
+        finally:
+            self._leases.drop(items)
         return stats
 
     def _meter(self, spec: ModelSpec, tokens: int) -> None:
@@ -310,6 +429,7 @@ class Worker:
         params: dict[str, Any] = {
             "model": key, "corpus_id": corpus_id, "chunk_ids": [i.chunk_id for i in items],
             "vectors": [Vector(v) for v in vectors], "hashes": [i.content_hash for i in items]}
+        self._leases.drop(items)
         try:
             with self.conn.transaction():
                 self.conn.execute(UNWRITE, params)
@@ -337,6 +457,7 @@ class Worker:
             self._fail(item, reason, stats)
 
     def _release(self, items: list[Item]) -> None:
+        self._leases.drop(items)
         with self.conn.transaction():
             self.conn.cursor().executemany(RELEASE, [
                 {"corpus_id": i.corpus_id, "chunk_id": i.chunk_id, "model": i.model_key}
@@ -345,6 +466,7 @@ class Worker:
     def _fail(self, item: Item, reason: str, stats: WorkerStats) -> None:
         """Move the job to pyembed.queue_failed; one re-queued or re-claimed meanwhile is
         counted stale and left alone."""
+        self._leases.drop([item])
         with self.conn.transaction():
             moved = self.conn.execute(FAIL, {
                 "corpus_id": item.corpus_id, "chunk_id": item.chunk_id, "model": item.model_key,
@@ -358,6 +480,7 @@ class Worker:
 
     def _retry_all(self, items: list[Item], reason: str, stats: WorkerStats,
                    retry_after: float | None = None) -> None:
+        self._leases.drop(items)
         for item in items:
             if item.attempts >= self.max_attempts:
                 self._fail(item, f"gave up after {item.attempts} attempts: {reason}", stats)
@@ -375,7 +498,8 @@ class Worker:
     def run(self, *, drain: bool = True, poll_interval: float = 1.0, drain_wait: float = 60.0,
             progress: Callable[[WorkerStats, int], None] | None = None) -> WorkerStats:
         """Work until stopped, or with `drain` until nothing is claimable within `drain_wait`
-        seconds (retries in backoff are waited for; other workers' leases are not).
+        seconds (retries in backoff and other workers' leases that end by then are waited
+        for; what is left then is counted in `leased` and `waiting`).
         SIGTERM and SIGINT finish the current batch, then stop."""
         stats = WorkerStats()
         start = time.perf_counter()
@@ -400,6 +524,7 @@ class Worker:
                     progress(stats, self.pending())
                 if (stats.embedded, stats.failed, stats.retried, stats.stale) == before:
                     if drain and self._nothing_due(drain_wait):
+                        self._count_left(stats)
                         break
                     self.stop_requested.wait(poll_interval)
         stats.seconds = time.perf_counter() - start
@@ -412,6 +537,12 @@ class Worker:
                 "AND not_before <= now() + make_interval(secs => %s)",
                 (self.max_attempts, within)).fetchone()
         return not row or row[0] == 0
+
+    def _count_left(self, stats: WorkerStats) -> None:
+        with self.conn.transaction():
+            row = self.conn.execute(NOT_DUE).fetchone()
+        if row:
+            stats.leased, stats.leased_until, stats.waiting, stats.waiting_until = row
 
 
 def _refusal(key: str, corpus: str, active: str, target: str | None) -> str:

@@ -1,0 +1,244 @@
+"""Worker leases on a real PostgreSQL: short leases renewed while a batch is in flight, a dead
+worker's batch taken over, leases a drain could not wait for reported (and shown by `pyembed
+status`), and several `pyembed worker` processes sharing one queue while one is killed.
+
+The CLI runs as real processes; SLOW_CLI is `pyembed` with the fake provider slowed down and
+logging each text it is asked for (with the process id), so that a kill lands mid-batch.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import psycopg
+
+from pyembed import health
+from pyembed.cache import PostgresCache
+from pyembed.embedder import Embedder
+from pyembed.models import InputType, ModelSpec
+from pyembed.providers import TransientProviderError
+from pyembed.worker import Worker, WorkerStats
+from tests.conftest import REPO, Database
+from tests.test_worker import (
+    FAKE,
+    RecordingProvider,
+    add_docs,
+    clean_env,
+    cli,
+    count,
+    fake_embedder,
+    fresh_vectors,
+    make_corpus,
+    one,
+    texts_for,
+    wait_for,
+)
+
+SLOW_CLI = textwrap.dedent("""
+    import os, sys, time
+    from pathlib import Path
+    from pyembed.providers.fake import FakeProvider
+
+    log, pause = Path(os.environ["TEST_PROVIDER_LOG"]), float(os.environ["TEST_PROVIDER_PAUSE"])
+    real = FakeProvider.embed_batch
+
+    def embed_batch(self, texts, input_type):
+        with log.open("a") as f:
+            f.write("".join(f"{os.getpid()}\\t{t}\\n" for t in texts))
+        time.sleep(pause)
+        return real(self, texts, input_type)
+
+    FakeProvider.embed_batch = embed_batch
+    from pyembed.cli import main
+    main(sys.argv[1:])
+""")
+
+
+def provider_log(log: Path) -> list[tuple[int, str]]:
+    """(process id, text) for each text the slowed provider was asked for."""
+    if not log.exists():
+        return []
+    return [(int(pid), text) for pid, text in
+            (line.split("\t", 1) for line in log.read_text().splitlines())]
+
+
+@contextmanager
+def slow_workers(tmp_path: Path, dsn: str, n: int, *args: str, pause: float,
+                 env: dict[str, str] | None = None) -> Iterator[list[subprocess.Popen[str]]]:
+    """n `pyembed worker` processes with the slowed provider; killed if still running."""
+    script = tmp_path / "slow_cli.py"
+    script.write_text(SLOW_CLI)
+    full = clean_env() | {"PYEMBED_DSN": dsn, "TEST_PROVIDER_LOG": str(tmp_path / "calls.log"),
+                          "TEST_PROVIDER_PAUSE": str(pause)} | (env or {})
+    procs = [subprocess.Popen([sys.executable, str(script), "worker", *args], env=full, cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(n)]
+    try:
+        yield procs
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()
+
+
+def kill_mid_batch(proc: subprocess.Popen[str], log: Path) -> list[str]:
+    """SIGKILL `proc` while its provider call is in flight; the texts of that call."""
+    wait_for(lambda: any(pid == proc.pid for pid, _ in provider_log(log))
+             or proc.poll() is not None, 30, "a batch in flight")
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait(timeout=10) == -signal.SIGKILL
+    return [t for pid, t in provider_log(log) if pid == proc.pid]
+
+
+def clock(moment: datetime) -> str:
+    """HH:MM:SS in local time, as the CLI prints it."""
+    return moment.astimezone().strftime("%H:%M:%S")
+
+
+# -- a dead worker's batch -------------------------------------------------------------------
+def test_a_dead_workers_batch_is_taken_over_when_its_short_lease_ends(
+        db: Database, app: psycopg.Connection[Any], tmp_path: Path) -> None:
+    make_corpus(app, "dead", FAKE)
+    texts = texts_for(30, "dead")
+    add_docs(app, "dead", texts)
+    lease = {"PYEMBED_WORKER_LEASE": "2"}
+    with slow_workers(tmp_path, db.app_dsn, 1, "--batch-size", "10", pause=60,
+                      env=lease) as (dead,):
+        killed = kill_mid_batch(dead, tmp_path / "calls.log")
+    assert len(killed) == 10
+    leased = one(app, "SELECT count(*) FROM pyembed.queue WHERE attempts = 1 AND "
+                      "not_before BETWEEN now() AND now() + interval '2.5 s'")
+    assert leased == 10, "the lease did not come from PYEMBED_WORKER_LEASE"
+
+    start = time.monotonic()
+    result = cli("worker", "--batch-size", "10", env={"PYEMBED_DSN": db.app_dsn} | lease)
+    assert result.returncode == 0, result.stderr
+    assert "embedded 30" in result.stdout
+    assert time.monotonic() - start < 20
+    assert count(app, "queue") == 0 and count(app, "queue_failed") == 0
+    assert fresh_vectors(app) == 30
+    assert Worker(db.app_dsn).lease_seconds <= 30  # short by default
+
+
+def test_chunks_leased_past_the_drain_are_reported_and_shown_by_status(
+        db: Database, app: psycopg.Connection[Any], tmp_path: Path) -> None:
+    make_corpus(app, "stuck", FAKE)
+    add_docs(app, "stuck", texts_for(30, "stuck"))
+    with slow_workers(tmp_path, db.app_dsn, 1, "--batch-size", "10", "--lease", "120",
+                      pause=60) as (dead,):
+        kill_mid_batch(dead, tmp_path / "calls.log")
+    until = clock(one(app, "SELECT max(not_before) FROM pyembed.queue"))
+
+    result = cli("worker", "--batch-size", "10", env={"PYEMBED_DSN": db.app_dsn})
+    assert result.returncode == 3, (result.stdout, result.stderr)
+    assert "embedded 20" in result.stdout
+    assert result.stderr.strip().splitlines() == [
+        f"error: 10 chunks are leased by another worker (or a dead one) until {until}; they "
+        f"were not embedded"]
+    assert count(app, "queue") == 10 and fresh_vectors(app) == 20
+
+    found = {(f.area, f.subject): f for f in health.report(app)}
+    queue = found["queue", f"stuck [active] {FAKE}"]
+    assert queue.value == "10 queued, 0 failed, 10 leased"
+    assert queue.note == f"leases end {until}"
+    status = cli("status", env={"PYEMBED_DSN": db.app_dsn, "COLUMNS": "200"})
+    assert "10 leased" in status.stdout and f"leases end {until}" in status.stdout
+
+
+# -- renewal ---------------------------------------------------------------------------------
+def test_a_lease_is_renewed_while_its_batch_is_in_flight_and_only_then(
+        db: Database, app: psycopg.Connection[Any]) -> None:
+    make_corpus(app, "slow", FAKE)
+    add_docs(app, "slow", texts_for(5, "slow"))
+    providers: list[RecordingProvider] = []
+
+    def slow(provider: RecordingProvider, batch: list[str]) -> None:
+        time.sleep(2.0)
+
+    worker = Worker(db.app_dsn, lease_seconds=0.6, embedder_for=fake_embedder(providers, slow))
+    other_providers: list[RecordingProvider] = []
+    other = Worker(db.app_dsn, lease_seconds=0.6, embedder_for=fake_embedder(other_providers))
+    result: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: result.update(stats=worker.run_once()))
+    thread.start()
+    try:
+        wait_for(lambda: bool(providers) and providers[0].calls == 1, 10, "the slow call")
+        tries = []
+        while thread.is_alive():
+            tries.append(other.run_once().batches)
+            time.sleep(0.1)
+        assert len(tries) > 5 and not any(tries), "another worker took a batch in flight"
+    finally:
+        thread.join(timeout=10)
+        other.close()
+        worker.close()
+    stats: WorkerStats = result["stats"]
+    assert stats.embedded == 5 and not other_providers
+    assert count(app, "queue") == 0
+
+    # A batch given back for a retry is no longer renewed: it is due when its delay ends.
+    add_docs(app, "slow", texts_for(5, "retry"), prefix="retry")
+
+    class Unavailable(RecordingProvider):
+        def embed_batch(self, texts: list[str],
+                        input_type: InputType) -> npt.NDArray[np.float32]:
+            raise TransientProviderError("fake (fake-hash): HTTP 503: try later", status=503)
+
+    def unavailable(spec: ModelSpec, cache: PostgresCache) -> Embedder:
+        return Embedder(spec, Unavailable(spec), cache=cache, max_retries=0)
+
+    failing = Worker(db.app_dsn, lease_seconds=0.6, retry_base=0.05, embedder_for=unavailable)
+    try:
+        assert failing.run_once().retried == 5
+        time.sleep(0.8)
+        assert one(app, "SELECT count(*) FROM pyembed.queue WHERE not_before <= now()") == 5
+    finally:
+        failing.close()
+
+
+# -- several workers -------------------------------------------------------------------------
+def test_three_workers_share_a_queue_and_one_is_killed_mid_batch(
+        db: Database, app: psycopg.Connection[Any], owner: psycopg.Connection[Any],
+        tmp_path: Path) -> None:
+    make_corpus(app, "shared", FAKE)
+    texts = texts_for(36, "shared")
+    add_docs(app, "shared", texts)
+    log = tmp_path / "calls.log"
+    start = time.monotonic()
+    # Each call outlasts the lease: only its renewal keeps the batch from the other workers.
+    with slow_workers(tmp_path, db.app_dsn, 3, "--batch-size", "6", "--lease", "2",
+                      pause=3.0) as procs:
+        victim, *survivors = procs
+        killed = kill_mid_batch(victim, log)
+        outputs = [proc.communicate(timeout=60) for proc in survivors]
+    assert [p.returncode for p in survivors] == [0, 0], [err for _, err in outputs]
+    embedded = [int(out.split("embedded ", 1)[1].split(",", 1)[0]) for out, _ in outputs]
+    assert sum(embedded) == 36 and len(killed) == 6
+    assert time.monotonic() - start < 30
+
+    per_chunk = owner.execute("SELECT chunk_id, count(*) FROM pyembed.vectors "
+                              "WHERE model_key = %s GROUP BY chunk_id", (FAKE,)).fetchall()
+    assert len(per_chunk) == 36 and {n for _, n in per_chunk} == {1}
+    assert fresh_vectors(app) == 36
+    assert count(app, "queue") == 0 and count(app, "queue_failed") == 0
+    calls = Counter(text for _, text in provider_log(log))
+    assert set(calls) == set(texts)
+    # Only the killed batch went to the provider twice (it died before reaching the cache).
+    assert {t for t, n in calls.items() if n > 1} <= set(killed)
+    assert max(calls.values()) <= 2
