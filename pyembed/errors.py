@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from typing import ClassVar
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 
 class PyembedError(Exception):
@@ -95,3 +98,48 @@ def from_sqlstate(sqlstate: str | None, message: str) -> PyembedError | None:
     """The pyembed error for a database error's SQLSTATE, or None if it is not one of ours."""
     cls = _BY_SQLSTATE.get(sqlstate or "")
     return cls(message) if cls else None
+
+
+_URL = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*)://(?:[^\s/?#@'\"<>()]*@)?([^\s/?#'\"<>()]+)"
+                  r"[^\s'\"<>()]*")
+_QUERY = re.compile(r"\?[\w.~%-]+=[^\s'\"<>()]*")
+_TOKEN = re.compile(r"\b(Bearer|Basic)\s+[\w.~+/=-]{8,}", re.IGNORECASE)
+_KEY = re.compile(r"\b(?:sk|pa|al)-[\w-]{8,}")
+_SHORTEST_SECRET = 4
+"""Shorter literal secrets are not searched for: they would match ordinary words."""
+
+
+def redact(message: str, *, secrets: Iterable[str | None] = (),
+           base_url: str | None = None) -> str:
+    """`message` fit to show any role: each of `secrets` (API keys) and the user info, path and
+    query of `base_url` removed wherever they appear, every URL cut to scheme://host[:port],
+    query strings, bearer or basic credentials and key-shaped tokens replaced."""
+    for secret in secrets:
+        if secret and len(secret) >= _SHORTEST_SECRET:
+            message = message.replace(secret, "<api key>")
+    if base_url:
+        message = _without_url_parts(message, base_url)
+    message = _URL.sub(r"\1://\2", message)
+    message = _QUERY.sub("?<redacted>", message)
+    message = _TOKEN.sub(r"\1 <api key>", message)
+    return _KEY.sub("<api key>", message)
+
+
+def _without_url_parts(message: str, url: str) -> str:
+    try:
+        parts = urlsplit(url)
+        userinfo = parts.netloc.rpartition("@")[0]
+        literals = [userinfo, parts.username, parts.password, parts.query,
+                    *(value for _, value in parse_qsl(parts.query))]
+    except ValueError:
+        return message
+    path = parts.path.rstrip("/")
+    for shown in {path, unquote(path)} if path else ():
+        # The SDKs append their endpoint (and sometimes put the query) after the path.
+        message = re.sub(re.escape(shown) + r"[^\s'\"<>()]*", "<redacted>", message)
+    # A service may echo them percent-decoded.
+    decoded = [unquote(literal) for literal in literals if literal]
+    for literal in sorted({*filter(None, literals), *decoded}, key=len, reverse=True):
+        if len(literal) >= _SHORTEST_SECRET:
+            message = message.replace(literal, "<redacted>")
+    return message

@@ -1,20 +1,30 @@
 """The Voyage, OpenAI and Cohere providers, through their real SDKs, against the fake API
-server: answers, retries, timeouts, bad answers and errors. Also the fake Anthropic API."""
+server: answers, retries, timeouts, bad answers and errors, and errors that keep a secret
+base URL and the key to themselves (also as the application role, in the database). Also
+the fake Anthropic API."""
 
 from __future__ import annotations
 
+import base64
 import socket
 import time
 import traceback
+from collections.abc import Iterator
+from typing import Any
 
 import anthropic
 import numpy as np
+import psycopg
 import pytest
+from psycopg import sql
 
+from pyembed.db import connect
 from pyembed.embedder import Embedder
-from pyembed.errors import MissingAPIKey, ProviderError, RateLimited
+from pyembed.errors import MissingAPIKey, ProviderError, RateLimited, redact
+from pyembed.localdb import APP_USER
 from pyembed.models import LOCAL_DEFAULT, InputType, ModelSpec, registry
 from pyembed.providers import TransientProviderError, provider_for
+from tests.conftest import Database
 from tests.fakeapi import Behaviour, FakeAPI, server_vectors
 
 VOYAGE = registry.get("voyage/voyage-3-lite@1:512")
@@ -283,3 +293,161 @@ def test_fake_api_script_syntax() -> None:
     for bad in ("teapot", "200", "429:wait=1", "500:retry-after="):
         with pytest.raises(ValueError, match="unknown behaviour"):
             Behaviour.parse(bad)
+    assert Behaviour.parse("indexes=1,1,0,3") == Behaviour("indexes", indexes=(1, 1, 0, 3))
+    for bad in ("indexes=", "indexes=1,,2", "indexes=-1"):
+        with pytest.raises(ValueError, match="unknown behaviour"):
+            Behaviour.parse(bad)
+
+
+# -- secrets stay secret in errors -----------------------------------------------------------
+GATEWAY_USER, GATEWAY_PASSWORD = "gw-user-7d1f", "gw-pass-9c4e"
+SECRET_SEGMENT = "route-token-5e2a"
+QUERY_SECRET = "query-secret-8b3c"
+
+
+def secret_base_url(root: str, service: str, *, userinfo: bool) -> str:
+    """A gateway base URL for `service` under `root` (http://host:port) with a secret path
+    segment, a query string and, if `userinfo`, a user name and password."""
+    scheme, _, host = root.partition("://")
+    credentials = f"{GATEWAY_USER}:{GATEWAY_PASSWORD}@" if userinfo else ""
+    suffix = "/v1" if service in ("voyage", "openai") else ""
+    return f"{scheme}://{credentials}{host}/{SECRET_SEGMENT}/{service}{suffix}?sig={QUERY_SECRET}"
+
+
+def secrets_of(spec: ModelSpec) -> list[str]:
+    """Every secret a message must not show: the gateway's, and the key, as sent or echoed."""
+    basic = base64.b64encode(f"{GATEWAY_USER}:{GATEWAY_PASSWORD}".encode()).decode()
+    return [GATEWAY_USER, GATEWAY_PASSWORD, SECRET_SEGMENT, QUERY_SECRET, "sig=", basic,
+            KEYS[spec.api_key_env or ""]]
+
+
+def assert_redacted(error: BaseException, spec: ModelSpec) -> str:
+    message = str(error)
+    shown = "".join(traceback.format_exception(error))
+    for secret in secrets_of(spec):
+        assert secret not in message, f"{secret!r} in {message!r}"
+        assert secret not in shown, f"{secret!r} in the traceback:\n{shown}"
+    assert f"{spec.provider} ({spec.model_id})" in message
+    return message
+
+
+@SPECS
+@pytest.mark.parametrize("status", [500, 401, 400])
+@pytest.mark.parametrize("userinfo", [True, False], ids=["userinfo", "no-userinfo"])
+def test_errors_hide_the_base_url_and_the_key(spec: ModelSpec, status: int, userinfo: bool,
+                                               fake_api: FakeAPI) -> None:
+    base_url = secret_base_url(fake_api.url, spec.provider, userinfo=userinfo)
+    fake_api.script(str(status))
+    embedder = Embedder(spec, provider_for(spec, base_url=base_url, timeout=5.0),
+                        max_retries=0, sleep=lambda _: None)
+
+    with pytest.raises(ProviderError) as info:
+        embedder.embed(["alpha"])
+
+    [request] = fake_api.requests
+    assert SECRET_SEGMENT in request.target and QUERY_SECRET in request.target
+    message = assert_redacted(info.value, spec)
+    assert f"HTTP {status}" in message
+    if status == 401 and not userinfo:  # the service echoed the key, and only that is hidden
+        assert "Incorrect API key provided: <api key>" in message
+
+
+@SPECS
+@pytest.mark.parametrize("userinfo", [True, False], ids=["userinfo", "no-userinfo"])
+def test_connection_failures_hide_the_base_url(spec: ModelSpec, userinfo: bool) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    base_url = secret_base_url(f"http://127.0.0.1:{port}", spec.provider, userinfo=userinfo)
+    provider = provider_for(spec, base_url=base_url, timeout=2.0)
+
+    with pytest.raises(TransientProviderError) as info:
+        provider.embed_batch(["alpha"], InputType.DOCUMENT)
+
+    message = assert_redacted(info.value, spec)
+    assert "no response" in message and info.value.status is None
+
+
+@pytest.mark.parametrize(("message", "shown"), [
+    ("see https://u:p@gw.internal:8443/a/b?key=abc#frag for more",
+     "see https://gw.internal:8443 for more"),
+    ("POST http://127.0.0.1:9/x/y failed", "POST http://127.0.0.1:9 failed"),
+    ("Authorization: Bearer abc.def-123", "Authorization: Bearer <api key>"),
+    ("header Basic dXNlcjpwdw== refused", "header Basic <api key> refused"),
+    ("bad key sk-proj-AbCdEf123456 and pa-XyZ9876543210", "bad key <api key> and <api key>"),
+    ("url: /v1/embeddings?api_key=abc123&x=1 (Caused by X)",
+     "url: /v1/embeddings?<redacted> (Caused by X)"),
+    ("nothing secret here: voyage (voyage-3): HTTP 400", "nothing secret here: voyage "
+     "(voyage-3): HTTP 400"),
+])
+def test_redact_reduces_urls_and_removes_tokens(message: str, shown: str) -> None:
+    assert redact(message) == shown
+
+
+def test_redact_removes_the_configured_secrets_wherever_they_appear() -> None:
+    base_url = "https://gw-user:gw-pass@gw.internal/tenant-secret/voyage/v1?sig=xyz123"
+    message = ("url: /tenant-secret/voyage/v1?sig=xyz123/embeddings, user gw-user:gw-pass, "
+               "key co-my-key-42 echoed")
+    shown = redact(message, secrets=["co-my-key-42", None], base_url=base_url)
+    for secret in ("tenant-secret", "xyz123", "gw-user", "gw-pass", "co-my-key-42"):
+        assert secret not in shown
+    assert shown.endswith("echoed") and shown.startswith("url: ")
+
+
+# -- the same in the database, as the application role --------------------------------------
+VOYAGE_IN_DB = "voyage/voyage-3@1:1024"
+
+
+@pytest.fixture
+def app_with_secret_gateway(db: Database, fake_api: FakeAPI
+                            ) -> Iterator[tuple[psycopg.Connection[Any], str]]:
+    """The owner stores the Voyage key and a secret gateway base URL (both owner-only), then
+    the session switches to the application role; yields it and the base URL's root."""
+    with connect(db.owner_dsn, autocommit=True) as conn:
+        conn.execute("SELECT pyembed.set_secret('VOYAGE_API_KEY', %s)",
+                     (KEYS["VOYAGE_API_KEY"],))
+        conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(APP_USER)))
+        conn.execute("SET pyembed.http_retries = 0")
+        yield conn, fake_api.url
+
+
+def set_gateway(db: Database, root: str) -> None:
+    with connect(db.owner_dsn, autocommit=True) as owner:
+        owner.execute("SELECT pyembed.set_secret('PYEMBED_VOYAGE_BASE_URL', %s)",
+                      (secret_base_url(root, "voyage", userinfo=True),))
+
+
+@pytest.mark.parametrize("status", [500, 401, 400])
+def test_in_database_errors_hide_the_owners_base_url(
+        db: Database, app_with_secret_gateway: tuple[psycopg.Connection[Any], str],
+        fake_api: FakeAPI, status: int) -> None:
+    conn, root = app_with_secret_gateway
+    set_gateway(db, root)
+    fake_api.script(str(status))
+    with pytest.raises(psycopg.Error) as info:
+        conn.execute("SELECT pyembed.embed('alpha', %s)", (VOYAGE_IN_DB,))
+    assert info.value.sqlstate == "PE009", str(info.value)
+    [request] = fake_api.requests
+    assert SECRET_SEGMENT in request.target
+    shown = " ".join(filter(None, (str(info.value), info.value.diag.context,
+                                   info.value.diag.message_detail)))
+    for secret in secrets_of(registry.get(VOYAGE_IN_DB)):
+        assert secret not in shown, f"{secret!r} in {shown!r}"
+    assert "voyage (voyage-3)" in shown and f"HTTP {status}" in shown
+
+
+def test_in_database_connection_failure_hides_the_owners_base_url(
+        db: Database, app_with_secret_gateway: tuple[psycopg.Connection[Any], str]) -> None:
+    conn, _ = app_with_secret_gateway
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    set_gateway(db, f"http://127.0.0.1:{port}")
+    with pytest.raises(psycopg.Error) as info:
+        conn.execute("SELECT pyembed.embed('alpha', %s)", (VOYAGE_IN_DB,))
+    assert info.value.sqlstate == "PE009", str(info.value)
+    shown = " ".join(filter(None, (str(info.value), info.value.diag.context,
+                                   info.value.diag.message_detail)))
+    for secret in secrets_of(registry.get(VOYAGE_IN_DB)):
+        assert secret not in shown, f"{secret!r} in {shown!r}"
+    assert "voyage (voyage-3)" in shown and "no response" in shown

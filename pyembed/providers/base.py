@@ -6,13 +6,13 @@ import email.utils
 import os
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
-from typing import ClassVar, TypeAlias
+from collections.abc import Iterable, Mapping, Sequence
+from typing import ClassVar, TypeAlias, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
-from ..errors import ConfigError, MissingAPIKey, ProviderError
+from ..errors import ConfigError, MissingAPIKey, ProviderError, redact
 from ..models import LOCAL_DEFAULT, InputType, ModelSpec
 
 Vectors: TypeAlias = Sequence[Sequence[float]] | npt.NDArray[np.floating]
@@ -20,6 +20,8 @@ Vectors: TypeAlias = Sequence[Sequence[float]] | npt.NDArray[np.floating]
 
 TRANSIENT_STATUSES = frozenset({408, 409, 429})
 """HTTP statuses worth retrying, besides every 5xx."""
+
+T = TypeVar("T")
 
 
 class TransientProviderError(ProviderError):
@@ -40,8 +42,10 @@ class Provider(ABC):
     """One embedding backend for one model; subclasses declare `name` and `embed_batch`.
 
     Batching, validation, retries and response checks belong to `pyembed.embedder.Embedder`;
-    a provider sends one batch and translates the service's failures into
-    `TransientProviderError` (worth retrying) or `ProviderError` (not).
+    a provider sends one batch, puts the answer in input order (refusing one whose indexes
+    are not 0..N-1 once each, see `in_input_order`) and translates the service's failures
+    into `TransientProviderError` (worth retrying) or `ProviderError` (not), through
+    `failure` and `bad_response`, whose messages are redacted for any role to see.
     """
 
     name: ClassVar[str]
@@ -88,8 +92,8 @@ class Provider(ABC):
     def failure(self, status: int | None, detail: str, *,
                 retry_after: float | None = None) -> ProviderError:
         """The error to raise for a failed request: transient for 408/409/429/5xx and for
-        no response at all (status None), permanent otherwise. Never contains the API key;
-        raise it `from None` when the SDK's exception might (some services echo the key)."""
+        no response at all (status None), permanent otherwise. Its message is redacted (see
+        `pyembed.errors.redact`); raise it `from None`, since the SDK's exception is not."""
         where = f"{self.name} ({self.spec.model_id})"
         what = f"HTTP {status}" if status is not None else "no response"
         message = self._scrub(f"{where}: {what}: {detail.strip() or 'no detail given'}")
@@ -101,10 +105,27 @@ class Provider(ABC):
         """The error to raise when the service answered, but not with usable embeddings."""
         return ProviderError(self._scrub(f"{self.name} ({self.spec.model_id}): {detail}"))
 
+    def in_input_order(self, indexed: Iterable[tuple[object, T]], count: int) -> list[T]:
+        """The items of an answer to `count` texts, each given with the index of its text,
+        in input order; `bad_response` unless the indexes are exactly 0..count-1, once each."""
+        items = list(indexed)
+        if len(items) != count:
+            raise self.bad_response(f"the service returned {len(items)} vectors for "
+                                    f"{count} texts")
+        ordered: dict[int, T] = {}
+        for index, item in items:
+            if not isinstance(index, int) or isinstance(index, bool):
+                raise self.bad_response(f"the service returned an index {index!r}, not a "
+                                        f"whole number")
+            if not 0 <= index < count:
+                raise self.bad_response(f"the service returned index {index} for {count} texts")
+            if index in ordered:
+                raise self.bad_response(f"the service returned index {index} twice")
+            ordered[index] = item
+        return [ordered[index] for index in range(count)]
+
     def _scrub(self, message: str) -> str:
-        if self.api_key:
-            message = message.replace(self.api_key, "<api key>")
-        return message
+        return redact(message, secrets=[self.api_key], base_url=self.base_url)
 
 
 def parse_retry_after(headers: Mapping[str, str] | None) -> float | None:

@@ -46,11 +46,12 @@ class CohereProvider(Provider):
         except cohere.core.api_error.ApiError as exc:
             raise self.failure(exc.status_code, _detail(exc.body),
                                retry_after=parse_retry_after(exc.headers)) from None
-        except httpx.TimeoutException as exc:
-            raise self.failure(None, f"timed out after {self.timeout} s") from exc
+        except httpx.TimeoutException:
+            raise self.failure(None, f"timed out after {self.timeout} s") from None
         except httpx.TransportError as exc:
-            raise self.failure(None, f"connection failed: {exc}") from exc
+            raise self.failure(None, f"connection failed: {exc}") from None
         vectors = response.embeddings.float_
         if vectors is None:
             raise self.bad_response("the response has no float embeddings")
-        return vectors
+        # The v2 answer has no indexes: its embeddings are in input order.
+        return self.in_input_order(enumerate(vectors), len(texts))

@@ -43,7 +43,8 @@ class OpenAIProvider(Provider):
             raise self.failure(exc.status_code, _detail(exc),
                                retry_after=parse_retry_after(exc.response.headers)) from None
         except openai.APIConnectionError as exc:  # includes APITimeoutError
-            raise self.failure(None, exc.message) from exc
+            raise self.failure(None, exc.message) from None
         except openai.OpenAIError as exc:
             raise self.bad_response(str(exc)) from None
-        return [item.embedding for item in sorted(response.data, key=lambda item: item.index)]
+        return self.in_input_order(((item.index, item.embedding) for item in response.data),
+                                   len(texts))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import voyageai.error
-from voyageai.client import Client
+from typing import Any
 
-from ..models import InputType, ModelSpec
+import voyageai.error
+from voyageai.api_resources import Embedding
+
+from ..models import InputType
 from .base import Provider, Vectors, parse_retry_after
 
 
@@ -16,24 +18,25 @@ class VoyageProvider(Provider):
     name = "voyage"
     base_url_env = "PYEMBED_VOYAGE_BASE_URL"
 
-    def __init__(self, spec: ModelSpec, *, api_key: str | None = None,
-                 base_url: str | None = None, timeout: float = 30.0) -> None:
-        super().__init__(spec, api_key=api_key, base_url=base_url, timeout=timeout)
-        self._client = Client(api_key=self.api_key, max_retries=0, timeout=self.timeout,
-                              base_url=self.base_url)
-
     def embed_batch(self, texts: list[str], input_type: InputType) -> Vectors:
         """One request to the embeddings endpoint; the service must not truncate silently."""
         try:
-            result = self._client.embed(
-                texts, model=self.spec.model_id,
+            # The SDK's resource, not its Client: the Client's answer drops each index.
+            response = Embedding.create(  # type: ignore[no-untyped-call]
+                input=texts, model=self.spec.model_id,
                 input_type=input_type.value if self.spec.input_types else None,
-                truncation=False,
+                truncation=False, api_key=self.api_key, base_url=self.base_url,
+                request_timeout=self.timeout,
             )
         except (voyageai.error.Timeout, voyageai.error.APIConnectionError) as exc:
-            raise self.failure(None, str(exc.user_message)) from exc
+            raise self.failure(None, str(exc.user_message)) from None
         except voyageai.error.VoyageError as exc:
             headers = dict(exc.headers) if exc.headers else None
             raise self.failure(exc.http_status, str(exc.user_message),
                                retry_after=parse_retry_after(headers)) from None
-        return result.embeddings
+        data = response.get("data")
+        if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
+            raise self.bad_response("the answer has no list of embeddings")
+        pairs: list[tuple[object, Any]] = [(item.get("index"), item.get("embedding"))
+                                           for item in data]
+        return self.in_input_order(pairs, len(texts))

@@ -3,15 +3,20 @@ Anthropic APIs, so the real SDKs can be tested without a network.
 
 Each service lives under its own prefix (see `FakeAPI.base_url`), behind which the paths
 are the real ones: /voyage/v1/embeddings, /openai/v1/embeddings, /cohere/v2/embed,
-/anthropic/v1/messages. Every request is recorded, then answered by the next scripted
-`Behaviour` (or normally once the script is used up).
+/anthropic/v1/messages. A gateway's path before the prefix (a base URL such as
+http://user:pw@127.0.0.1:<port>/gateway-token/voyage/v1?sig=...) reaches the same service.
+Every request is recorded, then answered by the next scripted `Behaviour` (or normally once
+the script is used up). Error messages echo what a careless gateway would: the key given and
+the request's URL.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import collections
 import json
+import re
 import threading
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
@@ -28,7 +33,7 @@ from pyembed.models import registry
 from pyembed.providers.fake import fake_vectors
 
 Service = Literal["voyage", "openai", "cohere", "anthropic"]
-Kind = Literal["ok", "status", "hang", "short", "wrongdims"]
+Kind = Literal["ok", "status", "hang", "short", "wrongdims", "indexes"]
 
 _ROUTES: dict[str, Service] = {
     "/voyage/v1/embeddings": "voyage",
@@ -49,18 +54,27 @@ class Behaviour:
     if `retry_after` is set). hang: no answer until the server's `hang_seconds` pass, then
     the connection closes. short: one vector too few (Anthropic: an answer cut off, and a
     stream that stops before message_stop). wrongdims: vectors of half the dimensions.
+    indexes: one embedding per listed index, labelled with it and carrying the vector of the
+    text at that index modulo the number of texts (Cohere's answer has no indexes: it gets
+    those vectors in that order).
     """
 
     kind: Kind = "ok"
     status: int = 200
     retry_after: str | None = None
+    indexes: tuple[int, ...] = ()
 
     @classmethod
     def parse(cls, text: str) -> Behaviour:
-        """"ok", "hang", "short", "wrongdims", "<status>" or "<status>:retry-after=<value>",
-        e.g. "429:retry-after=2"."""
+        """"ok", "hang", "short", "wrongdims", "<status>", "<status>:retry-after=<value>"
+        or "indexes=<i>,<j>,...", e.g. "429:retry-after=2" or "indexes=1,1,0,3"."""
         if text in ("ok", "hang", "short", "wrongdims"):
             return cls(kind=text)  # type: ignore[arg-type]
+        if text.startswith("indexes="):
+            listed = text.removeprefix("indexes=").split(",")
+            if not all(item.isdigit() for item in listed):
+                raise ValueError(f"unknown behaviour {text!r}")
+            return cls(kind="indexes", indexes=tuple(int(item) for item in listed))
         status, _, option = text.partition(":")
         name, _, value = option.partition("=")
         if not status.isdigit() or not 400 <= int(status) <= 599 or (option and (
@@ -71,13 +85,15 @@ class Behaviour:
 
 @dataclass(frozen=True)
 class Recorded:
-    """One request as the server received it."""
+    """One request as the server received it: `path` is the service's own route, `target`
+    what the request line asked for (a gateway prefix and query string included)."""
 
     service: Service
     path: str
     headers: dict[str, str]
     body: Any
     behaviour: Behaviour
+    target: str = ""
 
 
 def server_vectors(service: str, model: str, texts: Sequence[str],
@@ -189,11 +205,12 @@ class FakeAPI:
                  tb: TracebackType | None) -> None:
         self.stop()
 
-    def _record(self, service: Service, path: str, headers: dict[str, str],
+    def _record(self, service: Service, target: str, headers: dict[str, str],
                 body: Any) -> Behaviour:
         with self._lock:
             behaviour = self._script.popleft() if self._script else Behaviour()
-            self._requests.append(Recorded(service, path, headers, body, behaviour))
+            path = next(route for route, name in _ROUTES.items() if name == service)
+            self._requests.append(Recorded(service, path, headers, body, behaviour, target))
         return behaviour
 
 
@@ -214,17 +231,16 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length)
-        path = self.path.split("?", 1)[0]
-        service = _ROUTES.get(path)
+        service = _route(self.path)
         if service is None:
-            self._json(404, {"error": f"no route {path}"})
+            self._json(404, {"error": f"no route {self.path}"})
             return
         try:
             body: Any = json.loads(raw or b"null")
         except ValueError:
             body = raw.decode("utf-8", "replace")
         headers = {k.lower(): v for k, v in self.headers.items()}
-        behaviour = self.fake._record(service, path, headers, body)
+        behaviour = self.fake._record(service, self.path, headers, body)
         try:
             self._answer(service, headers, body, behaviour)
         except (BrokenPipeError, ConnectionResetError):
@@ -241,8 +257,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(service, 401, "no API key given")
             return
         if behaviour.kind == "status":
-            message = (f"Incorrect API key provided: {key}" if behaviour.status == 401
-                       else f"fake failure with HTTP {behaviour.status}")
+            message = (f"Incorrect API key provided: {key}; request: POST {self.path}"
+                       if behaviour.status == 401 else
+                       f"fake failure with HTTP {behaviour.status}; request: POST "
+                       f"http://{headers.get('host', '')}{self.path}")
             self._error(service, behaviour.status, message, behaviour.retry_after)
             return
         try:
@@ -331,10 +349,29 @@ def _stream_events(message: dict[str, Any], words: list[str],
     yield {"type": "message_stop"}
 
 
+def _route(target: str) -> Service | None:
+    """The service a request line's target is for: one of `_ROUTES`, after any gateway path,
+    with query strings removed wherever they are (the SDKs append their endpoint to a base
+    URL's query string, not to its path)."""
+    path = re.sub(r"\?[^/]*", "", target) + "/"
+    for route, service in _ROUTES.items():
+        prefix, _, endpoint = route.rpartition("/")
+        if f"{prefix}/" in path and target.endswith(endpoint):
+            return service
+    return None
+
+
 def _api_key(service: Service, headers: dict[str, str]) -> str:
+    """The key a request carries: a bearer token, Anthropic's x-api-key, or "user:password"
+    from Basic credentials (what the SDKs send for a base URL with user info)."""
     if service == "anthropic" and "x-api-key" in headers:
         return headers["x-api-key"]
     scheme, _, key = headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "basic":
+        try:
+            return base64.b64decode(key.strip(), validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            return ""
     return key.strip() if scheme.lower() == "bearer" else ""
 
 
@@ -372,8 +409,12 @@ def _embeddings(service: Service, body: Any, behaviour: Behaviour) -> dict[str, 
     if behaviour.kind == "wrongdims":
         dimensions //= 2
     vectors = server_vectors(service, model, texts, dimensions)
+    indexes = list(range(len(texts)))
     if behaviour.kind == "short":
-        vectors = vectors[:-1]
+        vectors, indexes = vectors[:-1], indexes[:-1]
+    if behaviour.kind == "indexes":
+        indexes = list(behaviour.indexes)
+        vectors = vectors[[i % len(texts) for i in indexes]]
     tokens = sum(estimate_tokens(t) for t in texts)
     if service == "cohere":
         return {"id": str(uuid.uuid4()), "response_type": "embeddings_by_type",
@@ -384,7 +425,7 @@ def _embeddings(service: Service, body: Any, behaviour: Behaviour) -> dict[str, 
     data = [{"object": "embedding", "index": i,
              "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode()
              if as_base64 else v.tolist()}
-            for i, v in enumerate(vectors)]
+            for i, v in zip(indexes, vectors, strict=True)]
     usage = ({"total_tokens": tokens} if service == "voyage"
              else {"prompt_tokens": tokens, "total_tokens": tokens})
     return {"object": "list", "data": data, "model": model, "usage": usage}
