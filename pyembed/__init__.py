@@ -19,7 +19,7 @@ from .errors import (
 )
 from .models import LOCAL_DEFAULT, InputType, ModelSpec, registry
 from .schema import install
-from .store import Hit
+from .search import Hit
 
 __all__ = [
     "LOCAL_DEFAULT",

@@ -1,4 +1,4 @@
-"""Bulk loads of precomputed vectors for stored chunks: `store.copy_vectors` batch by batch,
+"""Bulk loads of precomputed vectors for stored chunks: `vectors.copy_vectors` batch by batch,
 each batch its own transaction, over several connections at once.
 
 One COPY keeps one server process busy; the checks pyembed adds (key, dimensions and norm row
@@ -26,9 +26,10 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from . import store
+from .corpora import corpus_info, model_spec
 from .db import connect, translated
 from .errors import InvalidInput, InvalidVector
+from .vectors import as_unit_vectors, copy_vectors
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ def load_vectors(corpus: str, chunk_ids: Sequence[int], model_key: str, vectors:
                  progress: bool = False) -> LoadReport:
     """Write these stored chunks' vectors, made by `model_key`, into `corpus`.
 
-    `content_hashes[i]` is `store.sha256` of the text chunk i's vector was made from: a vector
+    `content_hashes[i]` is `sha256` of the text chunk i's vector was made from: a vector
     whose hash matches the chunk's queued text takes it off the queue (None: it does not).
     Vectors are checked (dimensions, NaN/Inf, zero) and, for a normalised model, unit-normalised
     here; the database checks them again, and the key, tenant and chunks.
@@ -70,8 +71,8 @@ def load_vectors(corpus: str, chunk_ids: Sequence[int], model_key: str, vectors:
         raise InvalidInput(f"batch_rows and connections must be at least 1, got {batch_rows} "
                            f"and {connections}")
     with connect(dsn, autocommit=True) as conn, translated():
-        info = store.corpus_info(conn, corpus)
-        spec = store.model_spec(conn, model_key)
+        info = corpus_info(conn, corpus)
+        spec = model_spec(conn, model_key)
     if np.ndim(vectors) != 2 or np.shape(vectors)[1] != spec.dimensions:
         raise InvalidVector(f"wrong dimensions: {model_key} has {spec.dimensions} dimensions, the "
                             f"vectors have shape {np.shape(vectors)}")
@@ -105,11 +106,11 @@ def load_vectors(corpus: str, chunk_ids: Sequence[int], model_key: str, vectors:
                     return
                 end = min(start + batch_rows, n)
                 try:
-                    rows = store.as_unit_vectors(vectors[start:end], spec.dimensions,
-                                                 normalize=spec.normalized)
+                    rows = as_unit_vectors(vectors[start:end], spec.dimensions,
+                                           normalize=spec.normalized)
                     with translated(), conn.transaction(), conn.cursor() as cur:
-                        store.copy_vectors(cur, info.corpus_id, chunk_ids[start:end], model_key,
-                                           rows, content_hashes[start:end])
+                        copy_vectors(cur, info.corpus_id, chunk_ids[start:end], model_key, rows,
+                                     content_hashes[start:end])
                 except Exception as exc:
                     fail(start, exc)
                     return

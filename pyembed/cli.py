@@ -12,8 +12,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import models, schema, store
+from . import models, schema
 from .config import DSN_ENV
+from .corpora import corpus_info, create_corpus, drop_corpus, list_corpora
 from .db import connect
 from .errors import InvalidInput, MigrationError, PyembedError
 from .localdb import LocalCluster
@@ -135,7 +136,7 @@ def corpus_create(
     Example: pyembed corpus create docs --model voyage/voyage-3@1:1024
     """
     with connect(dsn, autocommit=True) as conn:
-        info = store.create_corpus(conn, name, model, description)
+        info = create_corpus(conn, name, model, description)
     console.print(f"created corpus {info.name} pinned to {info.model_key}")
 
 
@@ -143,7 +144,7 @@ def corpus_create(
 def corpus_list(dsn: DsnOption = None) -> None:
     """List corpora with their model keys.  Example: pyembed corpus list"""
     with connect(dsn, autocommit=True) as conn:
-        rows = store.list_corpora(conn)
+        rows = list_corpora(conn)
     table = Table("corpus", "model key", "dims", "migration", "description")
     for r in rows:
         table.add_row(r.name, r.model_key, str(r.dimensions),
@@ -157,7 +158,7 @@ def corpus_list(dsn: DsnOption = None) -> None:
 def corpus_show(name: str, dsn: DsnOption = None) -> None:
     """Show one corpus.  Example: pyembed corpus show docs"""
     with connect(dsn, autocommit=True) as conn:
-        info = store.corpus_info(conn, name)
+        info = corpus_info(conn, name)
     for k, v in info.__dict__.items():
         console.print(f"{k}: {v}")
 
@@ -170,7 +171,7 @@ def corpus_drop(name: str,
     if not yes:
         typer.confirm(f"drop corpus {name} and all its documents and vectors?", abort=True)
     with connect(dsn, autocommit=True) as conn:
-        dropped = store.drop_corpus(conn, name)
+        dropped = drop_corpus(conn, name)
     console.print(f"dropped {name}" if dropped else f"no corpus {name}")
 
 

@@ -11,16 +11,28 @@ from typing import Any
 import numpy as np
 import psycopg
 
-from . import models, store
+from . import models
 from .cache import PostgresCache
 from .chunking import chunk_text, fit_chunks
+from .corpora import (
+    ChunkRow,
+    CorpusInfo,
+    corpus_info,
+    create_corpus,
+    document_hashes,
+    drop_corpus,
+    list_corpora,
+    model_spec,
+    write_chunks,
+)
 from .db import connect as db_connect
 from .embedder import Embedder
 from .errors import InvalidInput, ModelMismatch
 from .models import LOCAL_DEFAULT, InputType, ModelSpec
-from .routing import serving_key
-from .store import ChunkRow, CorpusInfo, Hit
+from .search import Hit, Route, as_hits, route, search, search_text
+from .sqlexec import PsycopgExecutor
 from .tenants import meter
+from .text import check_text, document_hash
 
 _log = logging.getLogger(__name__)
 
@@ -32,6 +44,17 @@ class Document:
     id: str
     text: str
     metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Retrieval:
+    """What a search found: the hits, the model key that served them (None for keyword
+    search), whether the query's embedding came from the cache, and phase timings in ms."""
+
+    hits: list[Hit]
+    model_key: str | None
+    cache_hit: bool | None
+    timings: dict[str, float | None]
 
 
 @dataclass(frozen=True)
@@ -60,7 +83,7 @@ class Client:
     def embedder(self, model_key: str, *, truncate: bool = False) -> Embedder:
         """The embedder for a model key (built once, sharing this client's cache)."""
         if (model_key, truncate) not in self._embedders:
-            spec = store.model_spec(self.conn, model_key)
+            spec = model_spec(self.conn, model_key)
             self._embedders[model_key, truncate] = Embedder(spec, cache=self.cache,
                                                             truncate=truncate, meter=self._meter)
         return self._embedders[model_key, truncate]
@@ -82,17 +105,17 @@ class Client:
 
     def create_corpus(self, name: str, model_key: str = LOCAL_DEFAULT.key, description: str = "",
                       chunk_tokens: int = 200, chunk_overlap: int = 40) -> Corpus:
-        store.create_corpus(self.conn, name, model_key, description, chunk_tokens, chunk_overlap)
+        create_corpus(self.conn, name, model_key, description, chunk_tokens, chunk_overlap)
         return self.corpus(name)
 
     def corpus(self, name: str) -> Corpus:
-        return Corpus(self, store.corpus_info(self.conn, name))
+        return Corpus(self, corpus_info(self.conn, name))
 
     def corpora(self) -> list[CorpusInfo]:
-        return store.list_corpora(self.conn)
+        return list_corpora(self.conn)
 
     def drop_corpus(self, name: str) -> bool:
-        return store.drop_corpus(self.conn, name)
+        return drop_corpus(self.conn, name)
 
     def close(self) -> None:
         if self.cache is not None:
@@ -124,12 +147,7 @@ class Corpus:
     def serving_key(self, query: str) -> str:
         """The model key that serves this query now: during a migration's traffic shift, the
         target key for a stable share of queries (by hash), else the active key."""
-        self.info = store.corpus_info(self.client.conn, self.name)
-        self.client.current_corpus_id = self.info.corpus_id
-        shifting = self.info.migration_step == "shifting"
-        return serving_key(query, self.info.model_key,
-                           self.info.target_model_key if shifting else None,
-                           self.info.traffic_share)
+        return route(PsycopgExecutor(self.client.conn), self.name, query).key
 
     def add(self, documents: Iterable[Document | tuple[str, str] | Mapping[str, Any]], *,
             truncate: bool = False,
@@ -141,15 +159,15 @@ class Corpus:
         reads only the model's first `max_tokens` tokens; otherwise chunks are split to fit.
         With `translate`, each chunk is embedded as `translate(chunk)` and stored as written.
         """
-        self.info = store.corpus_info(self.client.conn, self.name)  # a migration may have begun
+        self.info = corpus_info(self.client.conn, self.name)  # a migration may have begun
         self.client.current_corpus_id = self.info.corpus_id
         docs = {d.id: d for d in map(_as_document, documents)}
         for d in docs.values():
-            store.check_text(d.text, f"document {d.id!r}")
+            check_text(d.text, f"document {d.id!r}")
             if not 1 <= len(d.id) <= 512:
                 raise InvalidInput(f"document id must be 1..512 characters, got {len(d.id)}")
-        hashes = {i: store.document_hash(d.text, d.metadata) for i, d in docs.items()}
-        old = store.document_hashes(self.client.conn, self.info.corpus_id, list(docs))
+        hashes = {i: document_hash(d.text, d.metadata) for i, d in docs.items()}
+        old = document_hashes(self.client.conn, self.info.corpus_id, list(docs))
         todo = [d for i, d in docs.items() if old.get(i) != hashes[i]]
         embedder = self.client.embedder(self.model_key, truncate=truncate)
         rows: list[ChunkRow] = []
@@ -171,13 +189,13 @@ class Corpus:
                 also = ({target: self.client.embedder(target, truncate=True).embed(texts)}
                         if target else None)
                 try:
-                    store.write_chunks(self.client.conn, self.info, rows, self.model_key,
-                                       doc_hashes={d.id: hashes[d.id] for d in todo}, also=also)
+                    write_chunks(self.client.conn, self.info, rows, self.model_key,
+                                       texts={d.id: d.text for d in todo}, also=also)
                     break
                 except ModelMismatch:
                     if attempt == 2:
                         raise
-                    self.info = store.corpus_info(self.client.conn, self.name)
+                    self.info = corpus_info(self.client.conn, self.name)
         updated = sum(1 for d in todo if d.id in old)
         return AddReport(len(todo) - updated, updated, len(docs) - len(todo), len(rows))
 
@@ -188,40 +206,49 @@ class Corpus:
         """Nearest chunks. Text is embedded with the corpus's model; a vector must say its key.
         mode: 'vector', 'keyword' (BM25, text only) or 'hybrid' (text only). Each search is
         recorded in pyembed.query_log (phase timings) unless the client has log_queries off."""
+        found = self.retrieve(query, k, filter, model_key, mode=mode, translate=translate)
+        if self.client.log_queries:
+            self.log_query(mode, k, found.timings, cache_hit=found.cache_hit,
+                           model_key=found.model_key)
+        return found.hits
+
+    def retrieve(self, query: str | Sequence[float] | np.ndarray, k: int = 10,
+                 filter: Mapping[str, Any] | None = None, model_key: str | None = None, *,
+                 mode: str = "vector", translate: Callable[[str], str] | None = None
+                 ) -> Retrieval:
+        """`search` without the query log: the hits, the key that served them and timings."""
         started = time.perf_counter()
-        cache_hit: bool | None = None
-        text: str | None = None
-        if isinstance(query, str):
-            text = store.check_text(query, "query")
-            key: str | None = None if mode == "keyword" else self.serving_key(query)
-            vector = None
-            if key is not None:
-                vector = self.client.embedder(key).embed_query(translate(text) if translate
-                                                               else text)
-                cache = self.client.cache
-                cache_hit = cache.last_lookup == (1, 0) if cache is not None else None
-        else:
+        if not isinstance(query, str):
             if model_key is None:
                 raise TypeError("a query vector needs model_key=... (the model that made it)")
             if mode != "vector":
                 raise InvalidInput(f"{mode} search needs the query text, not a vector")
-            key, vector = model_key, np.asarray(query, dtype=np.float32)
-        embedded = time.perf_counter()
-        try:
-            hits = store.search(self.client.conn, self.name, vector, key, k, filter, mode=mode,
-                                text=text)
-        except ModelMismatch:
-            if text is None or key is None or key == self.info.model_key:
-                raise
-            # Routed to a migration's target that a rollback just retired: route again.
-            return self.search(text, k, filter, mode=mode, translate=translate)
+            found = search(self.client.conn, self.name, np.asarray(query, dtype=np.float32),
+                           model_key, k, filter)
+            done = time.perf_counter()
+            return Retrieval(found, model_key, None, {"embed_ms": None,
+                                                     "search_ms": _ms(started, done),
+                                                     "total_ms": _ms(started, done)})
+        check_text(query, "query")
+        embedded: list[float] = []
+        cache_hit: list[bool | None] = [None]
+
+        def embed_query(where: Route, text: str) -> np.ndarray:
+            self.client.current_corpus_id = where.corpus_id  # the provider call is billed to it
+            vector = self.client.embedder(where.key).embed_query(translate(text) if translate
+                                                                 else text)
+            cache = self.client.cache
+            cache_hit[0] = cache.last_lookup == (1, 0) if cache is not None else None
+            embedded.append(time.perf_counter())
+            return vector
+
+        rows, where = search_text(PsycopgExecutor(self.client.conn), self.name, query, k, filter,
+                                  mode, embed_query)
         done = time.perf_counter()
-        if self.client.log_queries:
-            self.log_query(mode, k, {"embed_ms": _ms(started, embedded) if text else None,
-                                     "search_ms": _ms(embedded, done),
-                                     "total_ms": _ms(started, done)},
-                           cache_hit=cache_hit, model_key=key)
-        return hits
+        split = embedded[-1] if embedded else started
+        return Retrieval(as_hits(rows), None if mode == "keyword" else where.key, cache_hit[0],
+                         {"embed_ms": _ms(started, split) if embedded else None,
+                          "search_ms": _ms(split, done), "total_ms": _ms(started, done)})
 
     def log_query(self, kind: str, k: int, timings: Mapping[str, float | None], *,
                   generated: bool = False, cache_hit: bool | None = None,

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from .client import Client
+from .corpora import model_spec
 from .embedder import estimate_tokens
 from .errors import InvalidInput
 from .migration import metrics, storage_bytes
 from .models import InputType
-from .store import model_spec
 
 
 @dataclass(frozen=True)

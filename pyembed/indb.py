@@ -11,12 +11,12 @@ import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from . import search
 from .cache import PostgresCache
 from .cachekey import HitCounter
 from .chunking import chunk_text, fit_chunks
 from .errors import InvalidInput, MissingAPIKey, PyembedError, UnknownModel
 from .models import MODEL_COLUMNS, InputType, ModelSpec, spec_from_row
-from .routing import serving_key
 from .sqlexec import PlpyExecutor, vector_text
 
 T = TypeVar("T")
@@ -133,31 +133,18 @@ def _corpus(plpy: Any, GD: dict[str, Any], name: str | None) -> dict[str, Any]:
     return dict(plpy.execute(_plan(plpy, GD, CORPUS, ["text"]), [name])[0])
 
 
-SEARCHES = {
-    "vector": ("SELECT * FROM pyembed.search($1, $3::vector, $4, $5, $6::jsonb)",
-               ["text", "text", "text", "text", "integer", "text"]),
-    "keyword": ("SELECT * FROM pyembed.search_keyword($1, $2, $5, $6::jsonb)",
-                ["text", "text", "text", "text", "integer", "text"]),
-    "hybrid": ("SELECT * FROM pyembed.search_hybrid($1, $2, $3::vector, $4, $5, $6::jsonb)",
-               ["text", "text", "text", "text", "integer", "text"]),
-}
-
-
 def search_text(plpy: Any, GD: dict[str, Any], corpus: str | None, query: str | None,
-                k: int | None, filter: str | None, mode: str | None) -> list[dict[str, Any]]:
+                k: int | None, filter: str | None, mode: str | None) -> list[tuple[Any, ...]]:
     if query is None:
         raise InvalidInput("search_text() needs a query text (got NULL)")
-    if mode not in SEARCHES:
-        raise InvalidInput(f"mode must be one of {', '.join(SEARCHES)}, not {mode!r}")
-    c = _corpus(plpy, GD, corpus)
-    GD["pyembed.corpus_id"] = c["corpus_id"]
-    key = serving_key(query, c["model_key"],
-                      c["target_model_key"] if c["migration_step"] == "shifting" else None,
-                      c["traffic_share"])
-    vec = None if mode == "keyword" else vector_text(embedder(plpy, GD, key).embed_query(query))
-    sql, types = SEARCHES[mode]
-    plan = _plan(plpy, GD, sql, types)  # same six typed parameters; each uses what it needs
-    return list(plpy.execute(plan, [corpus, query, vec, key, k, filter]))
+
+    def embed_query(where: search.Route, text: str) -> Any:
+        GD["pyembed.corpus_id"] = where.corpus_id  # the provider call is accounted to it
+        return embedder(plpy, GD, where.key).embed_query(text)
+
+    rows, _ = search.search_text(PlpyExecutor(plpy, GD), corpus, query, k, filter, mode,
+                                 embed_query)
+    return rows
 
 
 def _token_counter(GD: dict[str, Any], spec: ModelSpec) -> Callable[[list[str]], list[int] | None]:
@@ -176,7 +163,7 @@ def _token_counter(GD: dict[str, Any], spec: ModelSpec) -> Callable[[list[str]],
 def add_document(plpy: Any, GD: dict[str, Any], corpus: str | None, document_id: str | None,
                  content: str | None, metadata: str | None) -> int:
     """Store a document and its chunks; the chunk triggers queue them for the worker."""
-    from .store import check_text, document_hash
+    from .text import check_text, document_hash
 
     if not document_id:
         raise InvalidInput("add_document() needs a document id")

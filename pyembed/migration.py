@@ -16,14 +16,14 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-from pgvector import Vector
 
 from .client import Client
+from .corpora import model_spec
 from .db import translated
 from .embedder import estimate_tokens
 from .errors import InvalidInput, MigrationError
 from .models import InputType, ModelSpec
-from .store import model_spec
+from .vectors import copy_vectors
 
 # Typical published limits of each provider's first paid tier, for the time estimate only.
 REQUESTS_PER_MINUTE = {"voyage": 300, "openai": 3000, "cohere": 2000}
@@ -188,16 +188,9 @@ def _build_index(client: Client, corpus_id: int, key: str) -> None:
 def _write(client: Client, corpus_id: int, key: str, rows: Sequence[Any],
            vectors: np.ndarray) -> None:
     # Only rows whose text is unchanged are written; a changed chunk is queued for both keys.
-    with translated(), client.conn.transaction():
-        client.conn.execute(
-            """INSERT INTO pyembed.vectors (corpus_id, chunk_id, model_key, embedding, content_hash)
-               SELECT %(c)s, t.chunk_id, %(k)s, t.e, t.h
-                 FROM unnest(%(ids)s::bigint[], %(vs)s::vector[], %(hs)s::bytea[]) AS t(chunk_id, e, h)
-                 JOIN pyembed.chunks ch ON ch.corpus_id = %(c)s AND ch.chunk_id = t.chunk_id
-                                       AND ch.content_hash = t.h
-               ON CONFLICT DO NOTHING""",
-            {"c": corpus_id, "k": key, "ids": [r[0] for r in rows],
-             "vs": [Vector(v) for v in vectors], "hs": [r[2] for r in rows]})
+    with translated(), client.conn.transaction(), client.conn.cursor() as cur:
+        copy_vectors(cur, corpus_id, [r[0] for r in rows], key, vectors, [r[2] for r in rows],
+                     only_current=True)
 
 
 @dataclass(frozen=True)
@@ -231,7 +224,7 @@ def metrics(ranked: Sequence[str], relevant: set[str], k: int = 10) -> tuple[flo
 
 def _side(client: Client, corpus: str, spec: ModelSpec, evals: list[tuple[str, list[str]]],
           k: int) -> tuple[Side, list[list[str]]]:
-    from .store import search
+    from .search import search
 
     embedder = client.embedder(spec.key)
     started = time.perf_counter()

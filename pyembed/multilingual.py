@@ -20,7 +20,7 @@ from typing import Any
 
 from .client import AddReport, Client, Document
 from .errors import InvalidInput, UnknownCorpus
-from .store import Hit
+from .search import Hit
 
 
 @functools.lru_cache(maxsize=8)

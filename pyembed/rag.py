@@ -14,10 +14,10 @@ from typing import Any
 
 import anthropic
 
-from . import store
 from .client import Corpus, _ms
 from .errors import InvalidInput, ProviderError, RateLimited
-from .store import Hit, check_text
+from .search import MODES, Hit
+from .text import check_text
 
 log = logging.getLogger(__name__)
 
@@ -155,16 +155,14 @@ def answer(corpus: Corpus, question: str, *, k: int = 5, model: str | None = Non
         raise InvalidInput(f"k must be at least 1, got {k}")
     if max_tokens < 1:
         raise InvalidInput(f"max_tokens must be at least 1, got {max_tokens}")
-    if mode not in store.SEARCH_MODES:
-        raise InvalidInput(f"mode must be one of {', '.join(store.SEARCH_MODES)}, not {mode!r}")
+    if mode not in MODES:
+        raise InvalidInput(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     model = model or os.environ.get(MODEL_ENV) or DEFAULT_MODEL
     start = time.perf_counter()
 
-    key = corpus.serving_key(question)  # the active key, or the target during a traffic shift
-    vector = None if mode == "keyword" else corpus.client.embedder(key).embed_query(question)
-    embedded = time.perf_counter()
-    hits = store.search(corpus.client.conn, corpus.name, vector,
-                        None if vector is None else key, k, filter, mode=mode, text=question)
+    found = corpus.retrieve(question, k, filter, mode=mode)
+    key = found.model_key or corpus.model_key
+    hits = found.hits
     if min_score is not None:
         hits = [h for h in hits if h.score >= min_score]
     searched = time.perf_counter()
@@ -185,8 +183,8 @@ def answer(corpus: Corpus, question: str, *, k: int = 5, model: str | None = Non
             _generate(client, result, build_prompt(question, sources), model=model,
                       max_tokens=max_tokens, on_text=on_text, timeout=timeout)
     done = time.perf_counter()
-    result.timings = {"embed_ms": _ms(start, embedded) if vector is not None else 0.0,
-                      "search_ms": _ms(embedded, searched),
+    result.timings = {"embed_ms": found.timings["embed_ms"] or 0.0,
+                      "search_ms": found.timings["search_ms"] or 0.0,
                       "generate_ms": _ms(searched, done) if result.generated else 0.0,
                       "total_ms": _ms(start, done)}
     corpus.log_query("ask", k, result.timings, generated=result.generated, model_key=key)

@@ -15,10 +15,14 @@ import numpy.typing as npt
 import psycopg
 from pgvector import Vector
 
+from .db import translated
+from .errors import from_sqlstate
+
 
 class Executor(Protocol):
     def rows(self, sql: str, params: Sequence[Any], types: Sequence[str]) -> list[tuple[Any, ...]]:
-        """Run `sql` with `params` (of PostgreSQL `types`, for plpy); the rows it returns."""
+        """Run `sql` with `params` (of PostgreSQL `types`, for plpy); the rows it returns.
+        A database error with a pyembed SQLSTATE is raised as its pyembed error."""
 
     def vectors(self, vectors: Sequence[npt.NDArray[np.float32]]) -> list[Any]:
         """`vectors` as a parameter the statement casts with `::vector[]`."""
@@ -39,7 +43,7 @@ class PsycopgExecutor:
         self.conn = conn
 
     def rows(self, sql: str, params: Sequence[Any], types: Sequence[str] = ()) -> list[tuple[Any, ...]]:
-        with psycopg.RawCursor(self.conn) as cur:
+        with translated(), psycopg.RawCursor(self.conn) as cur:
             cur.execute(sql, list(params))
             return cur.fetchall() if cur.description else []
 
@@ -60,7 +64,14 @@ class PlpyExecutor:
         plans = self.GD.setdefault("pyembed.plans", {})
         if sql not in plans:
             plans[sql] = self.plpy.prepare(sql, list(types))
-        result = self.plpy.execute(plans[sql], list(params))
+        try:  # each plpy.execute runs in a subtransaction of its own: its error can be caught
+            result = self.plpy.execute(plans[sql], list(params))
+        except self.plpy.SPIError as exc:
+            mapped = from_sqlstate(getattr(exc, "sqlstate", None), str(exc.args[0] if exc.args
+                                                                        else exc))
+            if mapped is None:
+                raise
+            raise mapped from None
         columns = result.colnames() if result.nrows() else []
         return [tuple(r[c] for c in columns) for r in result]
 

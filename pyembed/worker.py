@@ -28,6 +28,7 @@ import numpy as np
 import psycopg
 
 from .cache import PostgresCache
+from .corpora import model_spec
 from .db import connect
 from .embedder import Embedder
 from .errors import (
@@ -40,8 +41,8 @@ from .errors import (
     UnknownModel,
 )
 from .models import InputType, ModelSpec
-from .store import model_spec
 from .tenants import meter
+from .vectors import copy_vectors
 
 _log = logging.getLogger(__name__)
 
@@ -111,32 +112,6 @@ SELECT corpus_id, chunk_id, model_key, content_hash, attempts,
   FROM gone
 ON CONFLICT (corpus_id, chunk_id, model_key) DO UPDATE
   SET reason = EXCLUDED.reason, attempts = EXCLUDED.attempts, failed_at = now()
-"""
-
-# Replace, not upsert: the application role may write vectors but never read them back, and
-# ON CONFLICT DO UPDATE would need to read the existing row.
-# Only the vectors about to be replaced: a stale result must never remove a newer vector.
-# One corpus per statement: the planner then reads only that corpus's partition; and
-# `chunk_id = ANY (ids)` keeps the chunks and vectors read to index probes, whatever their
-# statistics.
-UNWRITE = """
-DELETE FROM pyembed.vectors v
- USING unnest(%(chunk_ids)s::bigint[], %(hashes)s::bytea[]) AS t(chunk_id, content_hash)
-  JOIN pyembed.chunks ch ON ch.corpus_id = %(corpus_id)s AND ch.chunk_id = t.chunk_id
-                        AND ch.content_hash = t.content_hash
-                        AND ch.chunk_id = ANY (%(chunk_ids)s::bigint[])
- WHERE v.corpus_id = %(corpus_id)s AND v.chunk_id = t.chunk_id AND v.model_key = %(model)s
-   AND v.chunk_id = ANY (%(chunk_ids)s::bigint[])
-"""
-
-WRITE = """
-INSERT INTO pyembed.vectors (corpus_id, chunk_id, model_key, embedding, content_hash)
-SELECT %(corpus_id)s, t.chunk_id, %(model)s, t.embedding, t.content_hash
-  FROM unnest(%(chunk_ids)s::bigint[], %(vectors)s::vector[], %(hashes)s::bytea[])
-         AS t(chunk_id, embedding, content_hash)
-  JOIN pyembed.chunks ch ON ch.corpus_id = %(corpus_id)s AND ch.chunk_id = t.chunk_id
-                        AND ch.content_hash = t.content_hash
-                        AND ch.chunk_id = ANY (%(chunk_ids)s::bigint[])
 """
 
 # Only the job as claimed: not one re-queued with a new text, nor one another worker claimed
@@ -423,24 +398,19 @@ class Worker:
         self._write(key, good, vectors, stats)
 
     def _write(self, key: str, items: list[Item], vectors: np.ndarray, stats: WorkerStats) -> None:
-        from pgvector import Vector
-
         corpus_id = items[0].corpus_id
-        params: dict[str, Any] = {
-            "model": key, "corpus_id": corpus_id, "chunk_ids": [i.chunk_id for i in items],
-            "vectors": [Vector(v) for v in vectors], "hashes": [i.content_hash for i in items]}
         self._leases.drop(items)
         try:
-            with self.conn.transaction():
-                self.conn.execute(UNWRITE, params)
-                written = self.conn.execute(WRITE, params).rowcount
+            with self.conn.transaction(), self.conn.cursor() as cur:
+                written = copy_vectors(cur, corpus_id, [i.chunk_id for i in items], key, vectors,
+                                       [i.content_hash for i in items], only_current=True)
         except psycopg.Error as exc:
             if exc.sqlstate != ModelMismatch.sqlstate:
                 raise
             self._refused(key, corpus_id, items, stats)
             return
-        stats.embedded += written
-        stats.stale += len(items) - written  # their text changed: the new one is queued
+        stats.embedded += len(written)
+        stats.stale += len(items) - len(written)  # their text changed: the new one is queued
 
     def _refused(self, key: str, corpus_id: int, items: list[Item], stats: WorkerStats) -> None:
         """The corpus stopped accepting the key while the batch was embedded: its jobs can never

@@ -49,7 +49,8 @@ CREATE OR REPLACE TRIGGER chunks_queue_update
 
 -- A queued job carries a key its corpus accepts (the active key or the migration target), or
 -- PE001: the worker would otherwise pay another model's provider for work it cannot store.
--- Checked once per statement, against the corpora the statement's rows name.
+-- Checked once per statement, for the rows it inserts or whose corpus or key it changes (a
+-- claim, renewal or retry of a job whose key a migration step withdrew changes neither).
 CREATE OR REPLACE FUNCTION pyembed._queue_keys_accepted() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -57,13 +58,21 @@ AS $$
 DECLARE
   bad record;
 BEGIN
-  SELECT n.chunk_id, n.model_key, c.name, c.model_key AS active, c.target_model_key AS target
-    INTO bad
-    FROM (SELECT corpus_id, model_key, min(chunk_id) AS chunk_id FROM new_rows
-           GROUP BY corpus_id, model_key) n
-    LEFT JOIN pyembed.corpora c ON c.corpus_id = n.corpus_id
-   WHERE n.model_key IS DISTINCT FROM c.model_key AND n.model_key IS DISTINCT FROM c.target_model_key
-   LIMIT 1;
+  IF TG_OP = 'INSERT' THEN
+    SELECT n.chunk_id, n.model_key, c.name, c.model_key AS active, c.target_model_key AS target
+      INTO bad
+      FROM new_rows n LEFT JOIN pyembed.corpora c ON c.corpus_id = n.corpus_id
+     WHERE n.model_key IS DISTINCT FROM c.model_key AND n.model_key IS DISTINCT FROM c.target_model_key
+     LIMIT 1;
+  ELSE
+    SELECT n.chunk_id, n.model_key, c.name, c.model_key AS active, c.target_model_key AS target
+      INTO bad
+      FROM new_rows n LEFT JOIN pyembed.corpora c ON c.corpus_id = n.corpus_id
+     WHERE n.model_key IS DISTINCT FROM c.model_key AND n.model_key IS DISTINCT FROM c.target_model_key
+       AND NOT EXISTS (SELECT FROM old_rows o WHERE o.corpus_id = n.corpus_id
+                          AND o.chunk_id = n.chunk_id AND o.model_key = n.model_key)
+     LIMIT 1;
+  END IF;
   IF FOUND THEN
     RAISE EXCEPTION USING ERRCODE = 'PE001',
       MESSAGE = format('model key mismatch: corpus %s is pinned to %s, but chunk %s was queued '
@@ -80,5 +89,5 @@ CREATE OR REPLACE TRIGGER queue_keys_accepted_insert
   AFTER INSERT ON pyembed.queue REFERENCING NEW TABLE AS new_rows
   FOR EACH STATEMENT EXECUTE FUNCTION pyembed._queue_keys_accepted();
 CREATE OR REPLACE TRIGGER queue_keys_accepted_update
-  AFTER UPDATE ON pyembed.queue REFERENCING NEW TABLE AS new_rows
+  AFTER UPDATE ON pyembed.queue REFERENCING NEW TABLE AS new_rows OLD TABLE AS old_rows
   FOR EACH STATEMENT EXECUTE FUNCTION pyembed._queue_keys_accepted();

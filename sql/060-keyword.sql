@@ -50,12 +50,23 @@ CREATE OR REPLACE TRIGGER chunks_keyword_update
 
 -- Deleting chunks deletes their postings: pyembed._chunks_deleted in 010-guards.sql.
 
--- Document frequencies and corpus totals follow the postings, a statement at a time.
+-- Document frequencies and corpus totals follow the postings, a statement at a time. Writers
+-- of one corpus take its counters in one order: first a lock on the corpus (transaction-long,
+-- as the corpus's totals row is held anyway), then its lexemes; two transactions that each
+-- write several statements of chunks would otherwise lock lexemes in crossing orders and
+-- deadlock.
 CREATE OR REPLACE FUNCTION pyembed._count_postings() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
+  IF TG_OP = 'INSERT' THEN
+    PERFORM pg_advisory_xact_lock(1887005555, corpus_id)  -- 'pyks'
+       FROM (SELECT DISTINCT corpus_id FROM new_rows ORDER BY 1) c;
+  ELSE
+    PERFORM pg_advisory_xact_lock(1887005555, corpus_id)
+       FROM (SELECT DISTINCT corpus_id FROM old_rows ORDER BY 1) c;
+  END IF;
   IF TG_OP = 'INSERT' THEN
     INSERT INTO pyembed.lexeme_stats AS s (corpus_id, lexeme, df)
     SELECT corpus_id, lexeme, count(*) FROM new_rows

@@ -16,7 +16,8 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from pyembed.store import ChunkRow, CorpusInfo, sha256
+from pyembed.corpora import ChunkRow, CorpusInfo
+from pyembed.text import sha256
 
 
 def unit(dims: int, seed: int) -> np.ndarray:

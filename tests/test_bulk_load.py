@@ -11,8 +11,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from pyembed import store
 from pyembed.bulk_load import load_vectors
+from pyembed.corpora import create_corpus
 from pyembed.errors import InvalidInput, InvalidVector, ModelMismatch, UnknownCorpus
 from tests.conftest import Database
 from tests.helpers import chunk_hashes, count, login_role, stored_chunks, unit
@@ -24,7 +24,7 @@ N = 300
 
 @pytest.fixture
 def chunks(app: psycopg.Connection[Any]) -> list[int]:
-    corpus = store.create_corpus(app, "docs", KEY)
+    corpus = create_corpus(app, "docs", KEY)
     return stored_chunks(app, corpus, N)
 
 

@@ -10,9 +10,12 @@ import pytest
 from pgvector import Vector
 from psycopg import sql
 
-from pyembed import store
+from pyembed.corpora import ChunkRow, CorpusInfo, create_corpus, drop_corpus, write_chunks
 from pyembed.db import translated
 from pyembed.errors import InvalidInput, InvalidVector, ModelMismatch, UnknownCorpus
+from pyembed.search import search
+from pyembed.text import sha256
+from pyembed.vectors import as_unit_vectors, copy_vectors
 from tests.helpers import chunk_hashes, count, rows, stored_chunks, unit
 
 KEY_A = "fake/fake-hash@1:1024"
@@ -20,8 +23,8 @@ KEY_B = "fake/fake-hash@2:1024"  # same width, different model: the "2 AM" mista
 
 
 @pytest.fixture
-def corpus(app: psycopg.Connection[Any]) -> store.CorpusInfo:
-    return store.create_corpus(app, "docs", KEY_A)
+def corpus(app: psycopg.Connection[Any]) -> CorpusInfo:
+    return create_corpus(app, "docs", KEY_A)
 
 
 def _insert_raw(conn: psycopg.Connection[Any], corpus_id: int, key: str, vec: str) -> None:
@@ -37,26 +40,26 @@ def _insert_raw(conn: psycopg.Connection[Any], corpus_id: int, key: str, vec: st
 
 
 def test_two_am_same_width_other_model_is_refused_for_write_and_search(
-        app: psycopg.Connection[Any], corpus: store.CorpusInfo) -> None:
+        app: psycopg.Connection[Any], corpus: CorpusInfo) -> None:
     with pytest.raises(ModelMismatch) as err:
-        store.write_chunks(app, corpus, rows(3, 1024), KEY_B)
+        write_chunks(app, corpus, rows(3, 1024), KEY_B)
     assert KEY_A in str(err.value) and KEY_B in str(err.value)
     assert count(app, "chunks") == 0 and count(app, "documents") == 0
     assert app.execute("SELECT count(*) FROM pyembed.vectors").fetchone() == (0,)
 
     with pytest.raises(ModelMismatch) as err:
-        store.search(app, "docs", unit(1024, 0), KEY_B)
+        search(app, "docs", unit(1024, 0), KEY_B)
     assert KEY_A in str(err.value) and KEY_B in str(err.value)
 
-    ids = store.write_chunks(app, corpus, rows(3, 1024), KEY_A)
+    ids = write_chunks(app, corpus, rows(3, 1024), KEY_A)
     assert len(ids) == 3
-    hits = store.search(app, "docs", rows(3, 1024)[1].embedding, KEY_A, k=2)
+    hits = search(app, "docs", rows(3, 1024)[1].embedding, KEY_A, k=2)
     assert hits[0].document_id == "doc1" and hits[0].model_key == KEY_A
     assert hits[0].score == pytest.approx(1.0, abs=1e-5)
 
 
 def test_raw_sql_insert_with_other_key_raises_pe001(app: psycopg.Connection[Any],
-                                                    corpus: store.CorpusInfo) -> None:
+                                                    corpus: CorpusInfo) -> None:
     vec = str(list(map(float, unit(1024, 1))))
     with pytest.raises(psycopg.Error) as err, app.transaction():
         _insert_raw(app, corpus.corpus_id, KEY_B, vec)
@@ -75,7 +78,7 @@ def test_raw_sql_insert_with_other_key_raises_pe001(app: psycopg.Connection[Any]
     ("[" + ",".join(["3e38"] * 1024) + "]", "PE003", "not unit-normalised"),
 ])
 def test_bad_vectors_are_refused_and_nothing_is_stored(
-        app: psycopg.Connection[Any], corpus: store.CorpusInfo, vec: str, sqlstate: str,
+        app: psycopg.Connection[Any], corpus: CorpusInfo, vec: str, sqlstate: str,
         words: str) -> None:
     with pytest.raises(psycopg.Error) as err, app.transaction():
         _insert_raw(app, corpus.corpus_id, KEY_A, vec)
@@ -86,21 +89,21 @@ def test_bad_vectors_are_refused_and_nothing_is_stored(
 
 
 def test_python_api_rejects_bad_vectors_before_the_database(
-        app: psycopg.Connection[Any], corpus: store.CorpusInfo) -> None:
+        app: psycopg.Connection[Any], corpus: CorpusInfo) -> None:
     bad = rows(2, 1024)
     bad[1].embedding = np.full(1024, np.nan, dtype=np.float32)
     with pytest.raises(InvalidVector, match="NaN or Inf"):
-        store.write_chunks(app, corpus, bad, KEY_A)
+        write_chunks(app, corpus, bad, KEY_A)
     zero = rows(1, 1024)
     zero[0].embedding = np.zeros(1024, dtype=np.float32)
     with pytest.raises(InvalidVector, match="zero vector"):
-        store.write_chunks(app, corpus, zero, KEY_A)
+        write_chunks(app, corpus, zero, KEY_A)
     with pytest.raises(InvalidVector, match="wrong dimensions"):
-        store.write_chunks(app, corpus, rows(1, 384), KEY_A, normalized=True)
+        write_chunks(app, corpus, rows(1, 384), KEY_A, normalized=True)
     with pytest.raises(InvalidInput, match="NUL"):
-        store.write_chunks(app, corpus, [store.ChunkRow("d", 0, "a\x00b", unit(1024, 3))], KEY_A)
+        write_chunks(app, corpus, [ChunkRow("d", 0, "a\x00b", unit(1024, 3))], KEY_A)
     with pytest.raises(InvalidInput, match="empty"):
-        store.write_chunks(app, corpus, [store.ChunkRow("d", 0, "  \n", unit(1024, 3))], KEY_A)
+        write_chunks(app, corpus, [ChunkRow("d", 0, "  \n", unit(1024, 3))], KEY_A)
     assert count(app, "chunks") == 0
 
 
@@ -109,38 +112,38 @@ def test_vectors_are_checked_and_scaled_in_float32_unless_its_sums_fail() -> Non
     raw = rng.standard_normal((50, 384)).astype(np.float32)
     unit_rows = raw / np.linalg.norm(raw, axis=1, keepdims=True)
     # Already unit: returned as they are, not copied.
-    assert np.shares_memory(store.as_unit_vectors(unit_rows, 384), unit_rows)
+    assert np.shares_memory(as_unit_vectors(unit_rows, 384), unit_rows)
     # Rows whose float32 sums of squares underflow (1e-25) or overflow (1e30) are summed again
     # in float64, and scaled like any other row; float64 input comes back as float32.
     for rows_ in (raw, np.full((3, 384), 1e-25, np.float32), np.full((3, 384), 1e30, np.float32),
                   raw.astype(np.float64) * 7):
-        out = store.as_unit_vectors(rows_, 384)
+        out = as_unit_vectors(rows_, 384)
         assert out.dtype == np.float32
         norms = np.linalg.norm(out.astype(np.float64), axis=1)
         assert np.abs(norms - 1).max() < 1e-6
-    assert store.as_unit_vectors([[3.0, 4.0]], 2, normalize=False).tolist() == [[3.0, 4.0]]
+    assert as_unit_vectors([[3.0, 4.0]], 2, normalize=False).tolist() == [[3.0, 4.0]]
     for bad, words in ((np.full((2, 384), np.inf, np.float32), "NaN or Inf"),
                        (np.vstack([unit_rows[:2], np.zeros((1, 384))]), "zero vector at row 2")):
         with pytest.raises(InvalidVector, match=words):
-            store.as_unit_vectors(bad, 384)
+            as_unit_vectors(bad, 384)
 
 
 def test_search_rejects_wrong_dims_zero_unknown_corpus_and_bad_k(
-        app: psycopg.Connection[Any], corpus: store.CorpusInfo) -> None:
+        app: psycopg.Connection[Any], corpus: CorpusInfo) -> None:
     with pytest.raises(InvalidVector, match="wrong dimensions"):
-        store.search(app, "docs", unit(384, 0), KEY_A)
+        search(app, "docs", unit(384, 0), KEY_A)
     with pytest.raises(InvalidVector, match="zero query vector"):
-        store.search(app, "docs", np.zeros(1024), KEY_A)
+        search(app, "docs", np.zeros(1024), KEY_A)
     with pytest.raises(UnknownCorpus, match="unknown corpus 'nope'"):
-        store.search(app, "nope", unit(1024, 0), KEY_A)
+        search(app, "nope", unit(1024, 0), KEY_A)
     with pytest.raises(InvalidInput, match="k must be"):
-        store.search(app, "docs", unit(1024, 0), KEY_A, k=0)
+        search(app, "docs", unit(1024, 0), KEY_A, k=0)
 
 
 def test_app_role_cannot_read_vectors_or_change_the_model_key(
         app: psycopg.Connection[Any], owner: psycopg.Connection[Any],
-        corpus: store.CorpusInfo) -> None:
-    store.write_chunks(app, corpus, rows(2, 1024), KEY_A)
+        corpus: CorpusInfo) -> None:
+    write_chunks(app, corpus, rows(2, 1024), KEY_A)
     for query in ("SELECT embedding FROM pyembed.vectors",
                   "SELECT * FROM pyembed.vectors",
                   "SELECT embedding <=> embedding FROM pyembed.vectors"):
@@ -177,30 +180,30 @@ def test_registered_model_cannot_change_its_space(owner: psycopg.Connection[Any]
 def test_hostile_corpus_names_are_rejected(app: psycopg.Connection[Any], name: str) -> None:
     if "\x00" in name:  # libpq cannot even send it
         with pytest.raises((InvalidInput, psycopg.DataError, ValueError)):
-            store.create_corpus(app, name, KEY_A)
+            create_corpus(app, name, KEY_A)
     else:
         with pytest.raises(InvalidInput, match="invalid corpus name"):
-            store.create_corpus(app, name, KEY_A)
+            create_corpus(app, name, KEY_A)
     assert count(app, "corpora") == 0
     assert app.execute("SELECT count(*) FROM pyembed.models").fetchone()[0] > 0  # type: ignore[index]
 
 
 def test_longest_valid_name_and_search_on_it(app: psycopg.Connection[Any]) -> None:
     name = "a" + "_-9" * 20 + "zz"
-    info = store.create_corpus(app, name, KEY_A)
-    store.write_chunks(app, info, rows(2, 1024), KEY_A)
-    assert len(store.search(app, name, unit(1024, 0), KEY_A, k=5)) == 2
-    assert store.drop_corpus(app, name)
+    info = create_corpus(app, name, KEY_A)
+    write_chunks(app, info, rows(2, 1024), KEY_A)
+    assert len(search(app, name, unit(1024, 0), KEY_A, k=5)) == 2
+    assert drop_corpus(app, name)
     with pytest.raises(UnknownCorpus):
-        store.search(app, name, unit(1024, 0), KEY_A)
+        search(app, name, unit(1024, 0), KEY_A)
 
 
 def test_metadata_filter_returns_k_results_with_iterative_scan(
         app: psycopg.Connection[Any]) -> None:
-    info = store.create_corpus(app, "filtered", "fake/fake-hash@1:384")
+    info = create_corpus(app, "filtered", "fake/fake-hash@1:384")
     data = rows(400, 384)
-    store.write_chunks(app, info, data, info.model_key)
-    hits = store.search(app, "filtered", data[0].embedding, info.model_key, k=10,
+    write_chunks(app, info, data, info.model_key)
+    hits = search(app, "filtered", data[0].embedding, info.model_key, k=10,
                         filter={"parity": "odd"})
     assert len(hits) == 10
     assert all(h.metadata["parity"] == "odd" for h in hits)
@@ -215,8 +218,8 @@ def test_search_can_use_the_partial_hnsw_index(owner: psycopg.Connection[Any],
     the only way to order, and a predicate or expression mismatch would fail the test.
     The benchmark (tests/benchmarks/bench_guarded_search.py) shows it chosen at 100k rows.
     """
-    info = store.create_corpus(app, "indexed", "fake/fake-hash@1:384")
-    store.write_chunks(app, info, rows(300, 384), info.model_key)
+    info = create_corpus(app, "indexed", "fake/fake-hash@1:384")
+    write_chunks(app, info, rows(300, 384), info.model_key)
     owner.execute("ANALYZE pyembed.vectors")
     owner.execute("SET enable_sort = off")
     owner.execute("LOAD 'auto_explain'")
@@ -239,11 +242,11 @@ def _copy(app: psycopg.Connection[Any], corpus_id: int, ids: list[int], key: str
     """The vectors of the chunks made by stored_chunks, with the hashes of their texts."""
     hashes = chunk_hashes(len(ids))
     with translated(), app.transaction(), app.cursor() as cur:
-        store.copy_vectors(cur, corpus_id, ids, key, vectors, hashes)
+        copy_vectors(cur, corpus_id, ids, key, vectors, hashes)
 
 
 def test_copy_into_the_partition_is_guarded_row_by_row(
-        app: psycopg.Connection[Any], corpus: store.CorpusInfo) -> None:
+        app: psycopg.Connection[Any], corpus: CorpusInfo) -> None:
     ids = stored_chunks(app, corpus, 3)
     good = np.stack([unit(1024, i) for i in range(3)])
     assert app.execute("SELECT pyembed.vector_table('docs')").fetchone() == (
@@ -267,12 +270,12 @@ def test_copy_into_the_partition_is_guarded_row_by_row(
     assert count(app, "queue") == 0  # the load did the queued work
     _copy(app, corpus.corpus_id, ids, KEY_A, good[::-1].copy())  # replaces, one per chunk and key
     assert app.execute("SELECT count(*) FROM pyembed.vectors").fetchone() == (3,)
-    hits = store.search(app, "docs", good[2], KEY_A, k=1)
+    hits = search(app, "docs", good[2], KEY_A, k=1)
     assert hits[0].chunk_id == ids[0]
 
 
 def test_a_missing_chunk_among_consecutive_ids_is_named(
-        app: psycopg.Connection[Any], corpus: store.CorpusInfo) -> None:
+        app: psycopg.Connection[Any], corpus: CorpusInfo) -> None:
     ids = stored_chunks(app, corpus, 4)
     app.execute("DELETE FROM pyembed.chunks WHERE chunk_id = %s", (ids[1],))
     vectors = np.stack([unit(1024, i) for i in range(3)])
@@ -285,15 +288,15 @@ def test_a_missing_chunk_among_consecutive_ids_is_named(
 
 
 def test_a_vector_of_another_text_leaves_the_chunk_queued(
-        app: psycopg.Connection[Any], corpus: store.CorpusInfo) -> None:
+        app: psycopg.Connection[Any], corpus: CorpusInfo) -> None:
     ids = stored_chunks(app, corpus, 5)
     vectors = np.stack([unit(1024, i) for i in range(5)])
     # Chunks 4 and 5 each carry the other's text hash: a hash queued in the batch is not enough,
     # it must be its own chunk's.
-    stale = [store.sha256("chunk 1"), store.sha256("an older text"), None,
-             store.sha256("chunk 5"), store.sha256("chunk 4")]
+    stale = [sha256("chunk 1"), sha256("an older text"), None,
+             sha256("chunk 5"), sha256("chunk 4")]
     with translated(), app.transaction(), app.cursor() as cur:
-        store.copy_vectors(cur, corpus.corpus_id, ids, KEY_A, vectors, stale)
+        copy_vectors(cur, corpus.corpus_id, ids, KEY_A, vectors, stale)
     assert app.execute("SELECT count(*) FROM pyembed.vectors").fetchone() == (5,)
     queued = [r[0] for r in app.execute(
         "SELECT chunk_id FROM pyembed.queue WHERE model_key = %s ORDER BY chunk_id", (KEY_A,))]
@@ -302,10 +305,10 @@ def test_a_vector_of_another_text_leaves_the_chunk_queued(
 
 def test_deleted_chunks_take_their_vectors_and_postings(
         owner: psycopg.Connection[Any], app: psycopg.Connection[Any],
-        corpus: store.CorpusInfo) -> None:
-    other = store.create_corpus(app, "other", KEY_A)
-    store.write_chunks(app, corpus, rows(4, 1024), KEY_A)
-    store.write_chunks(app, other, rows(2, 1024), KEY_A)
+        corpus: CorpusInfo) -> None:
+    other = create_corpus(app, "other", KEY_A)
+    write_chunks(app, corpus, rows(4, 1024), KEY_A)
+    write_chunks(app, other, rows(2, 1024), KEY_A)
     app.execute("DELETE FROM pyembed.chunks WHERE corpus_id = %s AND document_id IN "
                 "('doc1', 'doc2')", (corpus.corpus_id,))
     for table in ("vectors", "postings"):
@@ -316,8 +319,8 @@ def test_deleted_chunks_take_their_vectors_and_postings(
 
 
 def test_app_role_may_only_copy_into_a_partition(
-        app: psycopg.Connection[Any], corpus: store.CorpusInfo) -> None:
-    store.write_chunks(app, corpus, rows(2, 1024), KEY_A)
+        app: psycopg.Connection[Any], corpus: CorpusInfo) -> None:
+    write_chunks(app, corpus, rows(2, 1024), KEY_A)
     part = f"pyembed.vectors_c{corpus.corpus_id}"
     for query in (f"SELECT chunk_id FROM {part}", f"DELETE FROM {part}",
                   f"UPDATE {part} SET created_at = now()", f"TRUNCATE {part}"):
@@ -329,20 +332,20 @@ def test_app_role_may_only_copy_into_a_partition(
 
 def test_a_dropped_corpus_takes_its_partition_and_indexes(
         app: psycopg.Connection[Any], owner: psycopg.Connection[Any],
-        corpus: store.CorpusInfo) -> None:
-    store.write_chunks(app, corpus, rows(2, 1024), KEY_A)
+        corpus: CorpusInfo) -> None:
+    write_chunks(app, corpus, rows(2, 1024), KEY_A)
     part = f"pyembed.vectors_c{corpus.corpus_id}"
     assert owner.execute("SELECT count(*) FROM pg_indexes WHERE schemaname = 'pyembed' "
                          "AND tablename = %s AND indexname LIKE 'vectors_hnsw_%%'",
                          (part.split(".")[1],)).fetchone() == (1,)
-    assert store.drop_corpus(app, "docs")
+    assert drop_corpus(app, "docs")
     assert owner.execute("SELECT to_regclass(%s)", (part,)).fetchone() == (None,)
     assert owner.execute("SELECT count(*) FROM pyembed.vectors").fetchone() == (0,)
 
 
 def test_the_partition_guard_follows_the_corpus_keys_through_a_migration(
         app: psycopg.Connection[Any], owner: psycopg.Connection[Any],
-        corpus: store.CorpusInfo) -> None:
+        corpus: CorpusInfo) -> None:
     ids = stored_chunks(app, corpus, 2)
     vecs = np.stack([unit(1024, i) for i in range(2)])
 

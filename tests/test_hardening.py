@@ -15,8 +15,9 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
-from pyembed import store, tenants
+from pyembed import tenants
 from pyembed.cachekey import cache_key
+from pyembed.corpora import ChunkRow, CorpusInfo, corpus_info, write_chunks
 from pyembed.db import connect
 from tests.conftest import Database
 from tests.helpers import login_role, stored_chunks, unit
@@ -37,10 +38,10 @@ def vec(values: Any) -> str:
 
 
 @pytest.fixture
-def docs(owner: psycopg.Connection[Any], app: psycopg.Connection[Any]) -> store.CorpusInfo:
+def docs(owner: psycopg.Connection[Any], app: psycopg.Connection[Any]) -> CorpusInfo:
     owner.execute("SELECT pyembed.register_model('fake', 'fake-hash', '2', 384)")
     app.execute("SELECT pyembed.create_corpus('docs', %s)", (KEY,))
-    return store.corpus_info(app, "docs")
+    return corpus_info(app, "docs")
 
 
 # -- the cache, usage and statistics: ledgers written only through their functions -----------
@@ -97,7 +98,7 @@ def requests(owner: psycopg.Connection[Any]) -> int:
 
 def test_usage_cannot_be_falsified_through_its_function(app: psycopg.Connection[Any],
                                                         owner: psycopg.Connection[Any],
-                                                        docs: store.CorpusInfo) -> None:
+                                                        docs: CorpusInfo) -> None:
     reserve = "SELECT pyembed.reserve_usage(%s, %s, %s, %s)"
     assert error(app, reserve, (KEY, docs.corpus_id, -100, 0)).sqlstate == "PE005"
     assert error(app, reserve, (KEY, docs.corpus_id, 0, -10**9)).sqlstate == "PE005"
@@ -110,7 +111,7 @@ def test_usage_cannot_be_falsified_through_its_function(app: psycopg.Connection[
 # -- the queue ------------------------------------------------------------------------------
 
 def test_the_queue_refuses_a_key_the_corpus_would(app: psycopg.Connection[Any],
-                                                  docs: store.CorpusInfo) -> None:
+                                                  docs: CorpusInfo) -> None:
     (chunk,) = stored_chunks(app, docs, 1)
     insert = ("INSERT INTO pyembed.queue (corpus_id, chunk_id, model_key, content_hash) "
               "VALUES (%s, %s, %s, '\\x00') ON CONFLICT DO NOTHING")
@@ -124,9 +125,9 @@ def test_the_queue_refuses_a_key_the_corpus_would(app: psycopg.Connection[Any],
 # -- search input ----------------------------------------------------------------------------
 
 @pytest.fixture
-def searchable(app: psycopg.Connection[Any], docs: store.CorpusInfo) -> np.ndarray:
+def searchable(app: psycopg.Connection[Any], docs: CorpusInfo) -> np.ndarray:
     vectors = np.stack([unit(384, i) for i in range(20)])
-    store.write_chunks(app, docs, [store.ChunkRow(f"d{i}", 0, f"text {i}", vectors[i], {"n": i})
+    write_chunks(app, docs, [ChunkRow(f"d{i}", 0, f"text {i}", vectors[i], {"n": i})
                                    for i in range(20)], KEY)
     return vectors
 
@@ -158,7 +159,7 @@ def test_a_model_that_keeps_lengths_refuses_vectors_whose_scores_overflow_or_van
         owner: psycopg.Connection[Any], app: psycopg.Connection[Any]) -> None:
     owner.execute("SELECT pyembed.register_model('fake', 'fake-raw', '1', 4, 'dot', false)")
     app.execute("SELECT pyembed.create_corpus('raw', %s)", (RAW,))
-    raw = store.corpus_info(app, "raw")
+    raw = corpus_info(app, "raw")
     (chunk,) = stored_chunks(app, raw, 1)
     insert = ("INSERT INTO pyembed.vectors (corpus_id, chunk_id, model_key, embedding) "
               "VALUES (%s, %s, %s, %s::vector)")

@@ -34,13 +34,13 @@ from pgvector.psycopg import register_vector
 import pyembed
 from pyembed import migration
 from pyembed.client import Client, Document
+from pyembed.corpora import model_spec
 from pyembed.embedder import Embedder
 from pyembed.errors import InvalidInput, MigrationError, ModelMismatch
 from pyembed.models import InputType
 from pyembed.providers.fake import FakeProvider, fake_vectors
-from pyembed.routing import bucket
-from pyembed.store import model_spec
-from pyembed.store import search as store_search
+from pyembed.search import bucket
+from pyembed.search import search as store_search
 from pyembed.worker import Worker
 from tests.conftest import REPO, Database
 

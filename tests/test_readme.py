@@ -11,7 +11,7 @@ import pytest
 from pgvector import Vector
 
 import pyembed
-from pyembed import store
+from pyembed.corpora import ChunkRow, corpus_info, write_chunks
 from tests.conftest import REPO, Database
 from tests.helpers import unit
 
@@ -37,8 +37,8 @@ def test_sql_example_behaves_as_documented(app: psycopg.Connection[Any]) -> None
     statements = [s.strip() for s in sql.split(";") if s.strip()]
     assert len(statements) == 3
     app.execute(statements[0])
-    info = store.corpus_info(app, "docs")
-    store.write_chunks(app, info, [store.ChunkRow("d", 0, "text", unit(1024, 1))], info.model_key)
+    info = corpus_info(app, "docs")
+    write_chunks(app, info, [ChunkRow("d", 0, "text", unit(1024, 1))], info.model_key)
     ok, bad = statements[1:3]
     assert app.execute(ok.replace("$1::vector", "%s"), (Vector(unit(1024, 1)),)).fetchall()
     with pytest.raises(psycopg.Error) as err:

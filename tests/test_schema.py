@@ -22,11 +22,13 @@ import pytest
 from alembic import command
 from alembic.script import ScriptDirectory
 
-from pyembed import schema, store
+from pyembed import schema
 from pyembed.config import resource_dir
+from pyembed.corpora import corpus_info, create_corpus, write_chunks
 from pyembed.db import connect
 from pyembed.errors import PyembedError
 from pyembed.localdb import APP_GROUP, LocalCluster, find_bindir
+from pyembed.search import search
 from tests.conftest import REPO, Database, create_database, drop_database
 from tests.helpers import rows
 
@@ -47,7 +49,7 @@ APP_EXECUTE = {
     "cache_count(text[], bigint[], bigint[])",
     "cache_report(integer)",
     "cache_purge(text, boolean)",  # the partition a SQL client COPYs a corpus's vectors into
-    "_clear_vectors(integer, text, bigint, bigint, bigint[])",  # before store.copy_vectors's COPY
+    "_clear_vectors(integer, text, bigint, bigint, bigint[])",  # before vectors.copy_vectors's COPY
     "reserve_usage(text, integer, integer, bigint)",  # accounting and rate limits
     "usage_report(integer)",
     "add_document(text, text, text, jsonb)",
@@ -121,8 +123,8 @@ def test_downgrade_to_base_leaves_only_the_version_table_and_upgrade_equals_inst
         empty_db: Database, fresh_dump: str) -> None:
     assert schema.install(empty_db.owner_dsn) == schema.head_revision()
     with connect(empty_db.app_dsn, autocommit=True) as app:  # with data: a corpus and its index
-        corpus = store.create_corpus(app, "docs", KEY)
-        store.write_chunks(app, corpus, rows(3, 384), KEY)
+        corpus = create_corpus(app, "docs", KEY)
+        write_chunks(app, corpus, rows(3, 384), KEY)
 
     schema.downgrade(empty_db.owner_dsn, "base")
 
@@ -163,8 +165,8 @@ def test_vectors_and_indexes_survive_the_partitioning_revision_both_ways(
     schema.install(empty_db.owner_dsn)
     with connect(empty_db.app_dsn, autocommit=True) as app:
         for name in ("docs", "more"):
-            corpus = store.create_corpus(app, name, KEY)
-            store.write_chunks(app, corpus, rows(5, 384, prefix=name), KEY)
+            corpus = create_corpus(app, name, KEY)
+            write_chunks(app, corpus, rows(5, 384, prefix=name), KEY)
     query = ("SELECT (SELECT count(*) FROM pyembed.vectors), "
              "(SELECT array_agg(tablename || ':' || indexname ORDER BY 1) FROM pg_indexes "
              "WHERE schemaname = 'pyembed' AND indexname LIKE 'vectors_hnsw_%%')")
@@ -184,9 +186,9 @@ def test_vectors_and_indexes_survive_the_partitioning_revision_both_ways(
     with psycopg.connect(empty_db.owner_dsn) as conn:
         assert conn.execute(query).fetchone() == (10, indexes)
     with connect(empty_db.app_dsn, autocommit=True) as app:
-        hits = store.search(app, "more", rows(5, 384, prefix="more")[3].embedding, KEY, k=1)
+        hits = search(app, "more", rows(5, 384, prefix="more")[3].embedding, KEY, k=1)
         assert hits[0].document_id == "more3"
-        store.write_chunks(app, store.corpus_info(app, "docs"), rows(1, 384, prefix="new"), KEY)
+        write_chunks(app, corpus_info(app, "docs"), rows(1, 384, prefix="new"), KEY)
 
 
 def test_step_by_step_upgrade_equals_install(empty_db: Database, fresh_dump: str) -> None:
@@ -380,6 +382,6 @@ def test_execute_privileges_are_granted_on_purpose(app: psycopg.Connection[Any])
     "SELECT * FROM pyembed._index_spec(384, 'cosine')",
 ])
 def test_app_cannot_call_internal_functions(app: psycopg.Connection[Any], call: str) -> None:
-    store.create_corpus(app, "docs", KEY)
+    create_corpus(app, "docs", KEY)
     with pytest.raises(psycopg.errors.InsufficientPrivilege, match="permission denied"):
         app.execute(call)

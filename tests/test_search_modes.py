@@ -105,7 +105,7 @@ def test_keyword_and_hybrid_respect_filters_and_the_guard(client: Any) -> None:
     assert [h.document_id for h in hits] == ["a"]
     vec = client.embedder("fake/fake-hash@2:1024").embed_query("error")
     with pytest.raises(pyembed.ModelMismatch):
-        pyembed.store.search(client.conn, "filtered", vec, "fake/fake-hash@2:1024",
+        pyembed.search.search(client.conn, "filtered", vec, "fake/fake-hash@2:1024",
                              mode="hybrid", text="error")
     with pytest.raises(pyembed.InvalidInput):
         kb.search("error", mode="fuzzy")

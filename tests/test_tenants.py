@@ -12,8 +12,10 @@ import pytest
 from psycopg import sql
 
 import pyembed
-from pyembed import store, tenants
+from pyembed import tenants
+from pyembed.corpora import corpus_info, create_corpus
 from pyembed.db import translated
+from pyembed.vectors import copy_vectors
 from tests.conftest import Database
 from tests.helpers import count, unit
 
@@ -103,13 +105,13 @@ def test_searches_near_the_other_tenants_vectors_return_the_same(two: dict[str, 
 def test_a_tenant_cannot_copy_into_another_tenants_partition(two: dict[str, str]) -> None:
     a = fill(two["a"], A_KEY, 2)
     b = fill(two["b"], A_KEY, 2)
-    b_id = store.corpus_info(b.conn, "docs").corpus_id
+    b_id = corpus_info(b.conn, "docs").corpus_id
     b_chunks = [r[0] for r in b.conn.execute("SELECT chunk_id FROM pyembed.chunks")]
     # Every tenant's login role is in pyembed_app, which may INSERT into every partition: the
     # partition's statement trigger refuses another tenant's before a row is written.
     with pytest.raises(pyembed.UnknownCorpus, match=f"unknown corpus id {b_id}"), translated(), \
             a.conn.transaction(), a.conn.cursor() as cur:
-        store.copy_vectors(cur, b_id, b_chunks, A_KEY, np.stack([unit(384, 1), unit(384, 2)]),
+        copy_vectors(cur, b_id, b_chunks, A_KEY, np.stack([unit(384, 1), unit(384, 2)]),
                            [None, None], replace=False)
     assert a.conn.execute("SELECT pyembed.vector_table('docs')").fetchone() != (
         f"pyembed.vectors_c{b_id}",)
@@ -121,7 +123,7 @@ def test_a_tenant_cannot_copy_into_another_tenants_partition(two: dict[str, str]
 def test_tenant_checks_run_once_per_statement_whatever_the_number_of_corpora(
         owner: psycopg.Connection[Any], app: psycopg.Connection[Any]) -> None:
     for i in range(50):
-        store.create_corpus(app, f"c{i}", A_KEY)
+        create_corpus(app, f"c{i}", A_KEY)
     with owner.transaction():
         owner.execute("SET LOCAL track_functions = 'all'")
         owner.execute("SET LOCAL ROLE pyembed_user")

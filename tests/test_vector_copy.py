@@ -1,6 +1,6 @@
-"""store.copy_vectors's COPY data (pyembed.vector_copy): the server's own binary COPY output of
+"""copy_vectors's COPY data (pyembed.vector_copy): the server's own binary COPY output of
 the stored rows, byte for byte; NULL and mixed hashes; bad inputs refused before any write; the
-transition tables of a batch of vectors, and of ~1 kB chunks (store.write_chunks), kept in memory."""
+transition tables of a batch of vectors, and of ~1 kB chunks (write_chunks), kept in memory."""
 
 from __future__ import annotations
 
@@ -11,18 +11,19 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from pyembed import store
+from pyembed.corpora import ChunkRow, CorpusInfo, create_corpus, write_chunks
 from pyembed.db import translated
 from pyembed.errors import InvalidInput, InvalidVector
-from pyembed.vector_copy import COLUMNS, copy_data
+from pyembed.text import sha256
+from pyembed.vectors import COLUMNS, copy_data, copy_vectors, vector_partition
 from tests.helpers import chunk_hashes, count, stored_chunks, unit
 
 KEY = "fake/fake-hash@1:1024"
 
 
 @pytest.fixture
-def corpus(app: psycopg.Connection[Any]) -> store.CorpusInfo:
-    return store.create_corpus(app, "docs", KEY)
+def corpus(app: psycopg.Connection[Any]) -> CorpusInfo:
+    return create_corpus(app, "docs", KEY)
 
 
 def _stored(owner: psycopg.Connection[Any], corpus_id: int) -> bytes:
@@ -30,19 +31,19 @@ def _stored(owner: psycopg.Connection[Any], corpus_id: int) -> bytes:
     the owner: the application role may only INSERT into a partition)."""
     query = sql.SQL("COPY (SELECT {} FROM {} ORDER BY chunk_id) TO STDOUT WITH (FORMAT BINARY)"
                     ).format(sql.SQL(", ").join(map(sql.Identifier, COLUMNS)),
-                             store.vector_partition(corpus_id))
+                             vector_partition(corpus_id))
     with owner.cursor() as cur, cur.copy(query) as copy:
         return b"".join(bytes(block) for block in copy)
 
 
 def test_the_copy_data_is_what_the_server_writes_for_the_stored_rows(
         owner: psycopg.Connection[Any], app: psycopg.Connection[Any],
-        corpus: store.CorpusInfo) -> None:
+        corpus: CorpusInfo) -> None:
     ids = stored_chunks(app, corpus, 5)
     vectors = np.stack([unit(1024, i) for i in range(5)])
     hashes = chunk_hashes(5)
     with translated(), app.transaction(), app.cursor() as cur:
-        assert store.copy_vectors(cur, corpus.corpus_id, ids, KEY, vectors, hashes) == 5
+        assert copy_vectors(cur, corpus.corpus_id, ids, KEY, vectors, hashes) == ids
     assert count(app, "queue") == 0  # the hashes matched the queued texts
     # Blocks of 2 rows (three blocks and the signature and trailer) make the same bytes.
     data = b"".join(copy_data(corpus.corpus_id, ids, KEY, vectors, hashes, block_rows=2))
@@ -51,12 +52,12 @@ def test_the_copy_data_is_what_the_server_writes_for_the_stored_rows(
 
 def test_rows_without_a_hash_and_float64_vectors_are_stored_as_given(
         owner: psycopg.Connection[Any], app: psycopg.Connection[Any],
-        corpus: store.CorpusInfo) -> None:
+        corpus: CorpusInfo) -> None:
     ids = stored_chunks(app, corpus, 4)
     vectors = np.stack([unit(1024, 10 + i) for i in range(4)]).astype(np.float64)
-    hashes = [None, store.sha256("chunk 2"), None, b"short"]
+    hashes = [None, sha256("chunk 2"), None, b"short"]
     with translated(), app.transaction(), app.cursor() as cur:
-        store.copy_vectors(cur, corpus.corpus_id, ids, KEY, vectors, hashes)
+        copy_vectors(cur, corpus.corpus_id, ids, KEY, vectors, hashes)
     stored = {r[0]: r[1:] for r in owner.execute(
         "SELECT chunk_id, embedding, content_hash FROM pyembed.vectors")}
     assert sorted(stored) == ids
@@ -72,12 +73,12 @@ def test_rows_without_a_hash_and_float64_vectors_are_stored_as_given(
     (np.ones((3, 16_001), np.float32), [None] * 3, InvalidVector, "at most 16,000"),
 ])
 def test_inputs_that_do_not_make_rows_are_refused_before_the_copy(
-        app: psycopg.Connection[Any], corpus: store.CorpusInfo, vectors: np.ndarray,
+        app: psycopg.Connection[Any], corpus: CorpusInfo, vectors: np.ndarray,
         hashes: list[bytes | None], error: type[Exception], words: str) -> None:
     ids = stored_chunks(app, corpus, 3)
     with app.transaction(), app.cursor() as cur:
         with pytest.raises(error, match=words):
-            store.copy_vectors(cur, corpus.corpus_id, ids, KEY, vectors, hashes)
+            copy_vectors(cur, corpus.corpus_id, ids, KEY, vectors, hashes)
         # Nothing reached the server: the transaction goes on.
         assert cur.execute("SELECT count(*) FROM pyembed.vectors").fetchone() == (0,)
 
@@ -107,12 +108,12 @@ def server_messages(owner: psycopg.Connection[Any]) -> list[str]:
 def test_a_batch_is_checked_without_writing_it_to_a_temporary_file(
         owner: psycopg.Connection[Any], app: psycopg.Connection[Any], dims: int) -> None:
     key = f"fake/fake-hash@1:{dims}"
-    corpus = store.create_corpus(app, f"docs{dims}", key)
+    corpus = create_corpus(app, f"docs{dims}", key)
     ids = stored_chunks(app, corpus, 3000)
     vectors = np.stack([unit(dims, i) for i in range(3000)])
     notices = server_messages(owner)
     with translated(), owner.transaction(), owner.cursor() as cur:
-        store.copy_vectors(cur, corpus.corpus_id, ids, key, vectors, [None] * 3000)
+        copy_vectors(cur, corpus.corpus_id, ids, key, vectors, [None] * 3000)
         assert cur.execute("SHOW work_mem").fetchone() == ("64kB",)  # restored after the COPY
     assert count(owner, "vectors") == 3000
     assert temporary_files(notices) == []
@@ -120,13 +121,13 @@ def test_a_batch_is_checked_without_writing_it_to_a_temporary_file(
 
 def test_chunks_of_a_kilobyte_are_written_without_a_temporary_file(
         owner: psycopg.Connection[Any], app: psycopg.Connection[Any]) -> None:
-    corpus = store.create_corpus(app, "long", "fake/fake-hash@1:384")
+    corpus = create_corpus(app, "long", "fake/fake-hash@1:384")
     notices = server_messages(owner)
     for version in ("first", "second"):  # inserted, then updated (old and new rows)
         text = f"{version} text of chunk {{}}: " + "word " * 200  # ~1 kB
-        rows = [store.ChunkRow(f"d{i // 10}", i % 10, text.format(i), unit(384, i))
+        rows = [ChunkRow(f"d{i // 10}", i % 10, text.format(i), unit(384, i))
                 for i in range(1000)]
-        store.write_chunks(owner, corpus, rows, "fake/fake-hash@1:384")
+        write_chunks(owner, corpus, rows, "fake/fake-hash@1:384")
     assert owner.execute("SHOW work_mem").fetchone() == ("64kB",)
     assert count(owner, "chunks") == count(owner, "vectors") == 1000
     assert temporary_files(notices) == []
@@ -134,16 +135,16 @@ def test_chunks_of_a_kilobyte_are_written_without_a_temporary_file(
 
 def test_a_batch_reads_only_its_own_range_of_the_partition(
         owner: psycopg.Connection[Any], app: psycopg.Connection[Any],
-        corpus: store.CorpusInfo) -> None:
+        corpus: CorpusInfo) -> None:
     """Before its COPY, copy_vectors deletes the vectors it replaces. Asked by statements of its
     own, with statistics of a fuller partition (analyzed, then emptied), the planner read the
     whole partition: each batch of a load read those before it."""
     ids = stored_chunks(app, corpus, 400)
     vectors = np.stack([unit(1024, i) for i in range(400)])
     hashes = chunk_hashes(400)
-    partition = store.vector_partition(corpus.corpus_id)
+    partition = vector_partition(corpus.corpus_id)
     with translated(), app.transaction(), app.cursor() as cur:
-        store.copy_vectors(cur, corpus.corpus_id, ids, KEY, vectors, hashes)
+        copy_vectors(cur, corpus.corpus_id, ids, KEY, vectors, hashes)
     owner.execute(sql.SQL("ANALYZE {}").format(partition))
     owner.execute(sql.SQL("TRUNCATE {}").format(partition))
     scans = (sql.SQL("SELECT seq_scan FROM pg_stat_xact_user_tables WHERE relid = {}::regclass")
@@ -153,7 +154,7 @@ def test_a_batch_reads_only_its_own_range_of_the_partition(
                   slice(0, 400, 2)):
         with translated(), app.transaction(), app.cursor() as cur:
             before = cur.execute(scans).fetchone()  # (counts not yet flushed included)
-            store.copy_vectors(cur, corpus.corpus_id, ids[batch], KEY, vectors[batch],
+            copy_vectors(cur, corpus.corpus_id, ids[batch], KEY, vectors[batch],
                                hashes[batch])
             assert cur.execute(scans).fetchone() == before
     assert count(owner, "vectors") == 400

@@ -33,7 +33,7 @@ from pyembed.errors import ProviderError
 from pyembed.models import InputType, ModelSpec
 from pyembed.providers import provider_for
 from pyembed.providers.fake import FakeProvider, fake_vectors
-from pyembed.store import sha256
+from pyembed.text import sha256
 from pyembed.worker import Worker, WorkerStats
 from tests.conftest import REPO, Database
 from tests.fakeapi import FakeAPI, server_vectors

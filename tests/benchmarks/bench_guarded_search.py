@@ -10,7 +10,7 @@ neighbours are meaningful and HNSW recall is not trivially 1), and 200 queries f
 same distribution; fixed seed.
 
 Load: both tables are loaded without an HNSW index, by binary COPY from Python.
-Guarded: `pyembed.store.copy_vectors` into pyembed.vectors as the application role, with
+Guarded: `pyembed.vectors.copy_vectors` into pyembed.vectors as the application role, with
 the guard trigger, the per-row dimensions CHECK, the foreign key to chunks and the work
 queue's dequeue trigger (documents and chunks are loaded first, untimed). Plain: a table
 bench_plain(id bigint primary key, embedding vector(384)) loaded as pgvector-python shows.
@@ -91,7 +91,9 @@ def main() -> None:
 
 def run(t: Target, args: argparse.Namespace, vectors: F32, queries: F32,
         truth: list[set[int]]) -> None:
-    from pyembed import store
+    from pyembed.corpora import create_corpus, drop_corpus
+    from pyembed.text import sha256
+    from pyembed.vectors import copy_vectors
 
     n = len(vectors)
     owner = connect(t.owner_dsn)
@@ -109,7 +111,7 @@ def run(t: Target, args: argparse.Namespace, vectors: F32, queries: F32,
         print()
 
         # -- guarded: corpus, documents and chunks (untimed), index dropped before the load --
-        corpus = store.create_corpus(app, corpus_name, KEY)
+        corpus = create_corpus(app, corpus_name, KEY)
         index_names = [r[0] for r in owner.execute("SELECT pyembed._vector_indexes(%s)",
                                                    (corpus.corpus_id,))]
         for name in index_names:
@@ -138,13 +140,13 @@ def run(t: Target, args: argparse.Namespace, vectors: F32, queries: F32,
         print(f"setup (untimed): {documents:,} documents and {n:,} chunks by COPY in "
               f"{time.perf_counter() - started:.1f} s; {queued:,} chunks queued for embedding; "
               f"dropped index {', '.join(index_names) or '(none)'}")
-        hashes = [store.sha256(text) for text in contents]
+        hashes = [sha256(text) for text in contents]
 
         # -- loads, both without an HNSW index --
         checkpoint(owner)
         started = time.perf_counter()
         with app.transaction(), app.cursor() as cur:
-            store.copy_vectors(cur, corpus.corpus_id, [int(c) for c in chunk_of], KEY,
+            copy_vectors(cur, corpus.corpus_id, [int(c) for c in chunk_of], KEY,
                                vectors, hashes)
         guarded_load = time.perf_counter() - started
         still_queued = scalar(app, "SELECT count(*) FROM pyembed.queue WHERE corpus_id = %s",
@@ -163,7 +165,7 @@ def run(t: Target, args: argparse.Namespace, vectors: F32, queries: F32,
         plain_load = time.perf_counter() - started
 
         print("\nbulk load (binary COPY, no HNSW index, one transaction):")
-        print(f"  guarded  store.copy_vectors -> pyembed.vectors: {n / guarded_load:9,.0f} rows/s "
+        print(f"  guarded  copy_vectors -> pyembed.vectors: {n / guarded_load:9,.0f} rows/s "
               f"({guarded_load:.2f} s; queue left for the corpus: {still_queued})")
         print(f"  plain    pgvector COPY      -> bench_plain:     {n / plain_load:9,.0f} rows/s "
               f"({plain_load:.2f} s)")
@@ -244,7 +246,7 @@ def run(t: Target, args: argparse.Namespace, vectors: F32, queries: F32,
     finally:
         if not args.keep and not t.fresh:
             try:
-                store.drop_corpus(app, corpus_name)
+                drop_corpus(app, corpus_name)
                 owner.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(plain))
             except psycopg.Error as exc:
                 print(f"cleanup failed: {exc}")

@@ -61,7 +61,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import pyembed
-    from pyembed import store
+    from pyembed.search import search
 
     doc_ids, texts = load_corpus(args.data / "corpus.jsonl", args.limit)
     queries = load_queries(args.data / "queries.jsonl")
@@ -98,7 +98,7 @@ def main() -> None:
             for qid, vec in zip(qids, qvecs, strict=True):
                 for mode in rankings:
                     t0 = time.perf_counter()
-                    hits = store.search(client.conn, "scifact", vec, corpus.model_key, K,
+                    hits = search(client.conn, "scifact", vec, corpus.model_key, K,
                                         mode=mode, text=queries[qid])
                     times[mode].append(time.perf_counter() - t0)
                     rankings[mode][qid] = [h.document_id for h in hits]

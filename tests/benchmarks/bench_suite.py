@@ -7,8 +7,8 @@ by side with what users would pick instead.
 
 Sections (environment first; medians of --reps repetitions with their range; ingest
 ratios taken within each repetition, then their median):
-  1. ingest of precomputed 384-d unit vectors: pyembed (store.write_chunks: documents, chunks
-     and vectors; store.copy_vectors: vectors only, into existing chunks) vs plain pgvector
+  1. ingest of precomputed 384-d unit vectors: pyembed (write_chunks: documents, chunks
+     and vectors; copy_vectors: vectors only, into existing chunks) vs plain pgvector
      binary COPY into (id, content, embedding vector(384)) vs langchain-postgres
      (PGVectorStore.add_embeddings, the class this version recommends, and the deprecated
      PGVector.add_embeddings), with no HNSW index during any load; copy_vectors taken
@@ -57,9 +57,10 @@ from psycopg import sql
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from pyembed import store  # noqa: E402
 from pyembed.bulk_load import load_vectors  # noqa: E402
-from pyembed.store import ChunkRow, CorpusInfo  # noqa: E402
+from pyembed.corpora import ChunkRow, CorpusInfo, create_corpus, drop_corpus, write_chunks  # noqa: E402
+from pyembed.text import document_hash, sha256  # noqa: E402
+from pyembed.vectors import copy_vectors, vector_partition  # noqa: E402
 from tests.benchmarks.common import (  # noqa: E402
     DIMS,
     F32,
@@ -90,7 +91,7 @@ K = 10
 PLAIN = sql.Identifier("public", "bench_plain")
 LANGCHAIN_TABLE = "bench_langchain"
 SUITE_PACKAGES = (*PACKAGES, "langchain-postgres", "langchain-core", "asyncpg")
-# store.copy_vectors, and the two paths that take it apart (see run_copy_vectors).
+# copy_vectors, and the two paths that take it apart (see run_copy_vectors).
 COPY_QUEUED = "pyembed copy_vectors"
 COPY_UNQUEUED = "copy_vectors, nothing queued"
 COPY_CHECK_ONLY = "partition COPY, CHECK only"
@@ -109,7 +110,7 @@ INCLUDES = {
                  "waiting in the queue (the same checks; dequeues them)",
     COPY_UNQUEUED: "copy_vectors with the queue empty: the same checks, nothing to dequeue "
                    "(to take copy_vectors apart)",
-    COPY_CHECK_ONLY: "store.copy_vectors as the owner with triggers off (session_replication_"
+    COPY_CHECK_ONLY: "copy_vectors as the owner with triggers off (session_replication_"
                      "role replica): the partition's per-row CHECK, no statement checks "
                      "(PostgreSQL still fills the triggers' transition table)",
     LOAD_PARALLEL: f"bulk_load.load_vectors: copy_vectors's load (chunks queued), its batches "
@@ -264,18 +265,18 @@ PYEMBED_TABLES = ("pyembed.documents", "pyembed.chunks", "pyembed.vectors", "pye
 def run_write_chunks(t: Target, owner: psycopg.Connection[Any], data: Data,
                      parts: list[range], res: IngestResults, rep: int,
                      budget: float | None) -> None:
-    """One timed pyembed.store.write_chunks load into a new corpus (its HNSW index dropped).
+    """One timed pyembed.corpora.write_chunks load into a new corpus (its HNSW index dropped).
     Past the time budget no further batch starts, and the rest of the corpus is loaded
-    untimed by a faster path (COPY of documents and chunks, then store.copy_vectors)."""
+    untimed by a faster path (COPY of documents and chunks, then copy_vectors)."""
     label = "pyembed write_chunks"
     assert t.app_dsn is not None
     app = connect(t.app_dsn, ef_search=None)
     app.cursor_factory = TimingCursor
     try:
         if res.corpus is not None:  # the previous repetition's corpus: dropped, untimed
-            store.drop_corpus(app, res.corpus.name)
+            drop_corpus(app, res.corpus.name)
             vacuum(owner, *PYEMBED_TABLES)
-        corpus = store.create_corpus(app, f"suite-{rep}-{uuid.uuid4().hex[:6]}", KEY)
+        corpus = create_corpus(app, f"suite-{rep}-{uuid.uuid4().hex[:6]}", KEY)
         dropped = drop_corpus_index(owner, corpus.corpus_id)
         if rep == 0:
             res.notes.append(f"pyembed: dropped {', '.join(dropped) or '(no index)'} before each "
@@ -289,7 +290,7 @@ def run_write_chunks(t: Target, owner: psycopg.Connection[Any], data: Data,
         for batch in rows:
             if not within_budget(started, budget):
                 break
-            ids += store.write_chunks(app, corpus, batch, KEY)
+            ids += write_chunks(app, corpus, batch, KEY)
         elapsed = time.perf_counter() - started
         res.phases.append({**PHASES, "total": elapsed})
         res.add(label, len(ids), elapsed)
@@ -305,7 +306,7 @@ def run_write_chunks(t: Target, owner: psycopg.Connection[Any], data: Data,
 def complete_corpus(app: psycopg.Connection[Any], corpus: CorpusInfo, data: Data,
                     start: int) -> list[int]:
     """Rows start.. of the corpus (whole documents), loaded untimed: documents and chunks by
-    INSERT ... SELECT FROM unnest, vectors by store.copy_vectors; returns their chunk ids in
+    INSERT ... SELECT FROM unnest, vectors by copy_vectors; returns their chunk ids in
     row order."""
     rows = range(start, data.n)
     documents: dict[str, list[int]] = {}
@@ -317,7 +318,7 @@ def complete_corpus(app: psycopg.Connection[Any], corpus: CorpusInfo, data: Data
             "INSERT INTO pyembed.documents (corpus_id, document_id, content_hash) "
             "SELECT %s, d, h FROM unnest(%s::text[], %s::bytea[]) AS t(d, h)",
             (corpus.corpus_id, list(documents),
-             [store.document_hash("\x00".join(data.texts[i] for i in members), {})
+             [document_hash("\x00".join(data.texts[i] for i in members), {})
               for members in documents.values()]))
         cur.execute(
             "INSERT INTO pyembed.chunks (corpus_id, document_id, chunk_index, content) "
@@ -327,15 +328,15 @@ def complete_corpus(app: psycopg.Connection[Any], corpus: CorpusInfo, data: Data
              [data.chunk_indexes[i] for i in rows], [data.texts[i] for i in rows]))
         where = {(d, n): c for c, d, n in cur.fetchall()}
         ids = [where[data.document_ids[i], data.chunk_indexes[i]] for i in rows]
-        store.copy_vectors(cur, corpus.corpus_id, ids, KEY, data.vectors[start:],
-                           [store.sha256(data.texts[i]) for i in rows])
+        copy_vectors(cur, corpus.corpus_id, ids, KEY, data.vectors[start:],
+                           [sha256(data.texts[i]) for i in rows])
     return ids
 
 
 def run_copy_vectors(t: Target, owner: psycopg.Connection[Any], data: Data,
                      parts: list[range], res: IngestResults, label: str = COPY_QUEUED) -> None:
     """The vectors-only path: the corpus's vectors truncated and (COPY_QUEUED, LOAD_PARALLEL)
-    its chunks queued again, untimed, then store.copy_vectors batch by batch (LOAD_PARALLEL:
+    its chunks queued again, untimed, then copy_vectors batch by batch (LOAD_PARALLEL:
     bulk_load.load_vectors, the same batches over CONNECTIONS connections). COPY_UNQUEUED and
     COPY_CHECK_ONLY take it apart: with nothing to dequeue, and as the owner with triggers off
     (session_replication_role replica: the partition's CHECK runs, and PostgreSQL still fills
@@ -344,14 +345,14 @@ def run_copy_vectors(t: Target, owner: psycopg.Connection[Any], data: Data,
     corpus_id = res.corpus.corpus_id
     # Emptied as plain's table is made, into a new file: refilling the pages of a deleted load
     # (1.6 GB at 1M rows, more than shared_buffers) reads each back and logs it whole.
-    owner.execute(sql.SQL("TRUNCATE {}").format(store.vector_partition(corpus_id)))
+    owner.execute(sql.SQL("TRUNCATE {}").format(vector_partition(corpus_id)))
     owner.execute("DELETE FROM pyembed.queue WHERE corpus_id = %s", (corpus_id,))
     if label in (COPY_QUEUED, LOAD_PARALLEL):
         owner.execute("INSERT INTO pyembed.queue (corpus_id, chunk_id, model_key, content_hash) "
                       "SELECT corpus_id, chunk_id, %s, content_hash FROM pyembed.chunks "
                       "WHERE corpus_id = %s", (KEY, corpus_id))
     vacuum(owner, "pyembed.vectors", "pyembed.queue")
-    hashes: list[bytes | None] = [store.sha256(text) for text in data.texts]
+    hashes: list[bytes | None] = [sha256(text) for text in data.texts]
     # The batch loop's connection; load_vectors opens its own.
     conn = (owner if label in (COPY_CHECK_ONLY, LOAD_PARALLEL)
             else connect(t.app_dsn, ef_search=None))
@@ -366,7 +367,7 @@ def run_copy_vectors(t: Target, owner: psycopg.Connection[Any], data: Data,
                 with conn.transaction(), conn.cursor() as cur:
                     if label == COPY_CHECK_ONLY:
                         cur.execute("SET LOCAL session_replication_role = replica")
-                    store.copy_vectors(cur, corpus_id, res.chunk_ids[part.start:part.stop], KEY,
+                    copy_vectors(cur, corpus_id, res.chunk_ids[part.start:part.stop], KEY,
                                        data.vectors[part.start:part.stop],
                                        hashes[part.start:part.stop])
         res.add(label, data.n, time.perf_counter() - started, time.process_time() - cpu)
@@ -719,7 +720,7 @@ def search(t: Target, owner: psycopg.Connection[Any], data: Data, res: IngestRes
             "(v.embedding::vector(384)) <=> %(q)s::vector(384) AS distance FROM {} v "
             "WHERE v.model_key = {} ORDER BY 2 LIMIT 10) hit JOIN pyembed.chunks ch "
             "ON ch.corpus_id = {} AND ch.chunk_id = hit.chunk_id ORDER BY hit.distance"
-        ).format(store.vector_partition(corpus.corpus_id), sql.Literal(KEY),
+        ).format(vector_partition(corpus.corpus_id), sql.Literal(KEY),
                  sql.Literal(corpus.corpus_id))
         plain_sql = sql.SQL("SELECT id, content, 1 - (embedding <=> %(q)s) FROM {} "
                             "ORDER BY embedding <=> %(q)s LIMIT 10").format(PLAIN)
@@ -871,7 +872,7 @@ def cache_hits(t: Target, args: argparse.Namespace) -> float:
 # -- section 4: worker ---------------------------------------------------------------------------
 
 def queue_chunks(app: psycopg.Connection[Any], name: str, n: int) -> int:
-    corpus = store.create_corpus(app, name, KEY)
+    corpus = create_corpus(app, name, KEY)
     documents = (n + CHUNKS_PER_DOCUMENT - 1) // CHUNKS_PER_DOCUMENT
     with app.transaction():
         app.execute("INSERT INTO pyembed.documents (corpus_id, document_id, content_hash) "
@@ -912,7 +913,7 @@ def worker(t: Target, owner: psycopg.Connection[Any], args: argparse.Namespace) 
                     print(f"   run {rep + 1}: embedded {stats.embedded}, queued {queued}, "
                           f"expected {args.worker_chunks}!")
                 rates.append(stats.rate)
-                store.drop_corpus(app, name)
+                drop_corpus(app, name)
             what = ("corpus with its HNSW index (as create_corpus makes it)" if with_index
                     else "HNSW index dropped (the worker's own cost: claim, cache, write)")
             print(f"   {Spread.of(rates).format(',.0f')} texts/s  {what}")

@@ -1,0 +1,166 @@
+"""The corpus catalogue and document storage: corpora by name (through the database's one
+lookup, pyembed.lookup_corpus), registered models, and documents with their chunks."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import psycopg
+from psycopg.rows import dict_row
+
+from .db import translated
+from .errors import UnknownModel
+from .models import MODEL_COLUMNS, ModelSpec, spec_from_row
+from .text import check_text, document_hash, sha256
+from .vectors import ROW_OVERHEAD, as_unit_vectors, copy_vectors, transition_tables_in_memory
+
+
+@dataclass(frozen=True)
+class CorpusInfo:
+    corpus_id: int
+    name: str
+    model_key: str
+    dimensions: int
+    target_model_key: str | None
+    migration_step: str
+    traffic_share: int
+    chunk_tokens: int
+    chunk_overlap: int
+    description: str
+
+
+@dataclass
+class ChunkRow:
+    """A chunk to store with its vector (already made by the model named at write time)."""
+
+    document_id: str
+    chunk_index: int
+    content: str
+    embedding: np.ndarray
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+_INFO = """c.corpus_id, c.name, c.model_key, m.dimensions, c.target_model_key, c.migration_step,
+       c.traffic_share, c.chunk_tokens, c.chunk_overlap, c.description"""
+
+
+def model_spec(conn: psycopg.Connection[Any], key: str) -> ModelSpec:
+    """The registered model with this key, as the database knows it."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(f"SELECT {MODEL_COLUMNS} FROM pyembed.models WHERE model_key = %s",
+                          (key,)).fetchone()
+    if row is None:
+        raise UnknownModel(f"unknown model key {key!r}: `pyembed models` lists the known keys")
+    return spec_from_row(row)
+
+
+def corpus_info(conn: psycopg.Connection[Any], name: str) -> CorpusInfo:
+    """The caller's tenant's corpus `name` (UnknownCorpus, PE002, otherwise)."""
+    with translated():
+        row = conn.execute(f"SELECT {_INFO} FROM pyembed.lookup_corpus(%s) c "
+                           "JOIN pyembed.models m USING (model_key)", (name,)).fetchone()
+    assert row is not None  # lookup_corpus raises instead
+    return CorpusInfo(*row)
+
+
+def list_corpora(conn: psycopg.Connection[Any]) -> list[CorpusInfo]:
+    """The session's tenant's corpora (stated here too: a superuser is not bound by row security)."""
+    rows = conn.execute(f"SELECT {_INFO} FROM pyembed.corpora c JOIN pyembed.models m "
+                        "USING (model_key) WHERE coalesce(c.tenant_id, 0) = "
+                        "coalesce((SELECT pyembed.current_tenant()), 0) ORDER BY c.name").fetchall()
+    return [CorpusInfo(*r) for r in rows]
+
+
+def create_corpus(conn: psycopg.Connection[Any], name: str, model_key: str, description: str = "",
+                  chunk_tokens: int = 200, chunk_overlap: int = 40) -> CorpusInfo:
+    with translated(), conn.transaction():
+        conn.execute("SELECT pyembed.create_corpus(%s, %s, %s, %s, %s)",
+                     (name, model_key, description, chunk_tokens, chunk_overlap))
+    return corpus_info(conn, name)
+
+
+def drop_corpus(conn: psycopg.Connection[Any], name: str) -> bool:
+    with translated(), conn.transaction():
+        row = conn.execute("SELECT pyembed.drop_corpus(%s)", (name,)).fetchone()
+    return bool(row and row[0])
+
+
+def document_hashes(conn: psycopg.Connection[Any], corpus_id: int,
+                    document_ids: Sequence[str]) -> dict[str, bytes]:
+    rows = conn.execute("SELECT document_id, content_hash FROM pyembed.documents "
+                        "WHERE corpus_id = %s AND document_id = ANY(%s)",
+                        (corpus_id, list(document_ids))).fetchall()
+    return {d: bytes(h) for d, h in rows}
+
+
+def write_chunks(conn: psycopg.Connection[Any], corpus: CorpusInfo, rows: Sequence[ChunkRow],
+                 model_key: str, *, normalized: bool = True,
+                 texts: Mapping[str, str] | None = None,
+                 also: Mapping[str, np.ndarray] | None = None) -> list[int]:
+    """Store documents (all their chunks, replacing older versions) and the chunks' vectors in
+    one transaction; returns the chunk ids. `texts` holds each document's whole text, which
+    with its metadata says whether it is unchanged (text.document_hash); a document missing
+    there is taken to be its chunks' texts joined. `also` holds the same chunks' vectors for
+    other keys (a migration's target key: dual write).
+
+    The database checks the model key, dimensions and norms; a refused write stores nothing.
+    """
+    if not rows:
+        return []
+    for r in rows:
+        check_text(r.content, f"chunk {r.document_id}#{r.chunk_index}")
+    vectors = as_unit_vectors(np.stack([np.asarray(r.embedding) for r in rows]),
+                              len(rows[0].embedding), normalize=normalized)
+    docs: dict[str, list[ChunkRow]] = {}
+    for r in rows:
+        docs.setdefault(r.document_id, []).append(r)
+    hashes = {d: document_hash((texts or {}).get(d) or "".join(c.content for c in chunks),
+                               chunks[0].metadata) for d, chunks in docs.items()}
+    with translated(), conn.transaction(), conn.cursor() as cur:
+        cur.execute(
+            """INSERT INTO pyembed.documents (corpus_id, document_id, content_hash, metadata)
+               SELECT %s, d, h, m::jsonb FROM unnest(%s::text[], %s::bytea[], %s::text[]) AS t(d, h, m)
+               ON CONFLICT (corpus_id, document_id) DO UPDATE
+                 SET content_hash = EXCLUDED.content_hash, metadata = EXCLUDED.metadata,
+                     updated_at = now()
+               RETURNING document_id, xmax = 0 AS inserted""",
+            (corpus.corpus_id, list(docs), [hashes[d] for d in docs],
+             [json.dumps(c[0].metadata, default=str) for c in docs.values()]))
+        # A stored document that now has fewer chunks loses the rest (new ones have none).
+        replaced = [d for d, inserted in cur.fetchall() if not inserted]
+        if replaced:
+            cur.execute(
+                """DELETE FROM pyembed.chunks c USING unnest(%s::text[], %s::int[]) AS t(d, n)
+                    WHERE c.corpus_id = %s AND c.document_id = t.d AND c.chunk_index >= t.n""",
+                (replaced, [len(docs[d]) for d in replaced], corpus.corpus_id))
+        # One statement for all chunks: the statement-level triggers (queue, keyword index)
+        # then run once per batch, not once per chunk.
+        metadata = [json.dumps(r.metadata, default=str) for r in rows]
+        with transition_tables_in_memory(cur, [
+                len(r.content.encode()) + len(r.document_id) + len(m) + ROW_OVERHEAD
+                for r, m in zip(rows, metadata, strict=True)]):
+            cur.execute(
+                """INSERT INTO pyembed.chunks (corpus_id, document_id, chunk_index, content, metadata)
+                   SELECT %s, d, i, c, m::jsonb
+                     FROM unnest(%s::text[], %s::int[], %s::text[], %s::text[]) AS t(d, i, c, m)
+                   ON CONFLICT (corpus_id, document_id, chunk_index) DO UPDATE
+                     SET content = EXCLUDED.content, metadata = EXCLUDED.metadata
+                   RETURNING document_id, chunk_index, chunk_id, xmax = 0 AS inserted""",
+                (corpus.corpus_id, [r.document_id for r in rows], [r.chunk_index for r in rows],
+                 [r.content for r in rows], metadata))
+            written = cur.fetchall()
+        by_position = {(d, i): c for d, i, c, _ in written}
+        ids = [by_position[r.document_id, r.chunk_index] for r in rows]
+        chunk_hashes = [sha256(r.content) for r in rows]
+        # Chunks that are all new have no vectors to replace.
+        replace = not all(inserted for *_, inserted in written)
+        copy_vectors(cur, corpus.corpus_id, ids, model_key, vectors, chunk_hashes, replace=replace)
+        for key, extra in (also or {}).items():
+            copy_vectors(cur, corpus.corpus_id, ids, key,
+                         as_unit_vectors(extra, extra.shape[1], normalize=normalized),
+                         chunk_hashes, replace=replace)
+    return ids

@@ -1,0 +1,132 @@
+"""Guarded search, written once for the package and the PL/Python functions: which model key
+serves a query (a migration's stable traffic share), the dispatch to the SQL search functions,
+and a bounded re-route when a rollback retires the key a query was routed to."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import psycopg
+from pgvector import Vector
+
+from .errors import InvalidInput, InvalidVector, ModelMismatch
+from .sqlexec import Executor, executor
+
+MODES = ("vector", "keyword", "hybrid")
+
+# One statement per mode, and which of (corpus, query text, query vector, its key, k, filter)
+# it takes, in order.
+_SEARCHES = {
+    "vector": ("SELECT * FROM pyembed.search($1::text, $2::vector, $3::text, $4::integer, "
+               "$5::jsonb)", (0, 2, 3, 4, 5)),
+    "keyword": ("SELECT * FROM pyembed.search_keyword($1::text, $2::text, $3::integer, "
+                "$4::jsonb)", (0, 1, 4, 5)),
+    "hybrid": ("SELECT * FROM pyembed.search_hybrid($1::text, $2::text, $3::vector, $4::text, "
+               "$5::integer, $6::jsonb)", (0, 1, 2, 3, 4, 5)),
+}
+_TYPES = ("text", "text", "text", "text", "integer", "text")
+_ROUTE = """SELECT corpus_id, model_key,
+  CASE WHEN migration_step = 'shifting' THEN target_model_key END, traffic_share
+  FROM pyembed.lookup_corpus($1::text)"""
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result: which document and chunk, how close, and which model served it."""
+
+    document_id: str
+    chunk_id: int
+    chunk_index: int
+    content: str
+    metadata: dict[str, Any]
+    score: float
+    model_key: str
+
+
+def bucket(query: str) -> int:
+    """0..99 from the sha256 of the stripped query: the same query always lands the same way."""
+    return int.from_bytes(hashlib.sha256(query.strip().encode()).digest()[:8], "big") % 100
+
+
+def serving_key(query: str, active: str, target: str | None, share: int) -> str:
+    """The target key for `share` percent of queries (by hash), else the active key."""
+    if target is None or share <= 0:
+        return active
+    return target if bucket(query) < share else active
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a query goes: its corpus, the corpus's active key, and the key that serves it."""
+
+    corpus_id: int
+    active: str
+    key: str
+
+
+def route(db: Executor, corpus: str | None, query: str) -> Route:
+    """The corpus `query` searches (PE002 if the caller's tenant has none of that name) and the
+    key that serves it now."""
+    corpus_id, active, target, share = db.rows(_ROUTE, [corpus], ["text"])[0]
+    return Route(corpus_id, active, serving_key(query, active, target, share))
+
+
+def run(db: Executor, corpus: str | None, mode: str | None, text: str | None, vector: Any,
+        model_key: str | None, k: int | None, filter: Mapping[str, Any] | str | None
+        ) -> list[tuple[Any, ...]]:
+    """The rows of one guarded search (`vector` as db.vectors makes it)."""
+    if mode not in MODES:
+        raise InvalidInput(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    flt = filter if isinstance(filter, str) or filter is None else json.dumps(dict(filter))
+    sql, take = _SEARCHES[mode]
+    params = (corpus, text, vector, model_key, k, flt)
+    return db.rows(sql, [params[i] for i in take], [_TYPES[i] for i in take])
+
+
+def search_text(db: Executor, corpus: str | None, query: str, k: int | None,
+                filter: Mapping[str, Any] | str | None, mode: str | None,
+                embed_query: Callable[[Route, str], np.ndarray]
+                ) -> tuple[list[tuple[Any, ...]], Route]:
+    """Search by text: the query is embedded by `embed_query(route, query)` with the key that
+    serves it (the corpus's model, or its migration target for a share of queries), so no
+    mismatch is possible; (rows, the route taken). A query routed to a target that a rollback
+    retires meanwhile is routed again, once."""
+    if mode not in MODES:
+        raise InvalidInput(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    for attempt in (1, 2):
+        where = route(db, corpus, query)
+        if mode == "keyword":
+            return run(db, corpus, mode, query, None, None, k, filter), where
+        vector = db.vectors([embed_query(where, query)])[0]
+        try:
+            return run(db, corpus, mode, query, vector, where.key, k, filter), where
+        except ModelMismatch:
+            if attempt == 2 or where.key == where.active:
+                raise
+    raise AssertionError("unreachable")
+
+
+def search(conn: psycopg.Connection[Any], corpus: str, query: np.ndarray | Sequence[float] | None,
+           model_key: str | None, k: int = 10, filter: Mapping[str, Any] | None = None, *,
+           mode: str = "vector", text: str | None = None) -> list[Hit]:
+    """Guarded search with a vector you made: 'vector' (the database refuses a query vector
+    made by another model, PE001), 'keyword' (BM25 on `text`) or 'hybrid' (both, fused)."""
+    vec = None
+    if mode != "keyword":
+        vec = np.asarray(query, dtype=np.float32)
+        if vec.ndim != 1 or not np.isfinite(vec).all():
+            raise InvalidVector("the query vector must be one row of finite numbers")
+    if mode != "vector" and not (text and text.strip()):
+        raise InvalidInput(f"{mode} search needs the query text")
+    rows = run(executor(conn), corpus, mode, text, None if vec is None else Vector(vec),
+               model_key, k, filter)
+    return as_hits(rows)
+
+
+def as_hits(rows: Sequence[Sequence[Any]]) -> list[Hit]:
+    return [Hit(*r) for r in rows]
