@@ -6,27 +6,37 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from .client import Client
 from .corpora import model_spec
 from .embedder import estimate_tokens
 from .errors import InvalidInput
-from .migration import metrics, storage_bytes
+from .evaluation import KeyScore, Ranker, eval_queries, evaluate
+from .migration import storage_bytes
 from .models import InputType
 
 
 @dataclass(frozen=True)
-class Candidate:
-    model_key: str
-    recall: float
-    ndcg: float
-    ms_per_query: float
+class Candidate(KeyScore):
+    """A candidate key's score on the sample, with its throughput and its storage and cost on
+    the whole corpus."""
+
     texts_per_second: float
     storage_bytes: int
     cost_usd: float | None
+
+
+def _exact(doc_ids: Sequence[str], docs: npt.NDArray[np.float32]) -> Ranker:
+    """Exact search over the sample: chunks by inner product with the query, best first."""
+    def rank(queries: npt.NDArray[np.float32], hits: int) -> list[list[str]]:
+        return [[doc_ids[i] for i in np.argsort(-s, kind="stable")[:hits]]
+                for s in queries @ docs.T]
+
+    return rank
 
 
 def compare(client: Client, corpus: str, model_keys: Sequence[str], *, sample: int = 2000,
@@ -36,12 +46,10 @@ def compare(client: Client, corpus: str, model_keys: Sequence[str], *, sample: i
     if not model_keys:
         raise InvalidInput("name at least one model key to compare")
     info = client.corpus(corpus).info
-    evals = [(q, list(rel)) for q, rel in client.conn.execute(
-        "SELECT query, relevant FROM pyembed.eval_queries WHERE corpus_id = %s ORDER BY query_id",
-        (info.corpus_id,))]
+    evals = eval_queries(client.conn, info.corpus_id)
     if not evals:
         raise InvalidInput(f"corpus {corpus} has no evaluation queries: `pyembed eval add` first")
-    relevant = sorted({d for _, rel in evals for d in rel})
+    relevant = sorted({d for e in evals for d in e.relevant})
     rows = client.conn.execute(
         "SELECT document_id, content FROM pyembed.chunks WHERE corpus_id = %s "
         "AND document_id = ANY(%s)", (info.corpus_id, relevant)).fetchall()
@@ -64,16 +72,11 @@ def compare(client: Client, corpus: str, model_keys: Sequence[str], *, sample: i
         started = time.perf_counter()
         docs = embedder.embed([c for _, c in rows], InputType.DOCUMENT)
         embed_s = time.perf_counter() - started
-        started = time.perf_counter()
-        queries = embedder.embed([q for q, _ in evals], InputType.QUERY)
-        query_s = time.perf_counter() - started
-        scores = queries @ docs.T
-        per_query = [metrics([doc_ids[i] for i in np.argsort(-s, kind="stable")[:k * 3]],
-                             set(rel), k) for s, (_, rel) in zip(scores, evals, strict=True)]
+        score, _ = evaluate(embedder, evals, _exact(doc_ids, docs), k)
         cost = (n_chunks * tokens_per_chunk / 1e6 * spec.price_per_mtok
                 if spec.price_per_mtok is not None else None)
-        out.append(Candidate(key, float(np.mean([p[0] for p in per_query])),
-                             float(np.mean([p[1] for p in per_query])),
-                             1000 * query_s / len(evals), len(rows) / embed_s if embed_s else 0.0,
-                             storage_bytes(n_chunks, spec.dimensions)[1], cost))
+        out.append(Candidate(**asdict(score),
+                             texts_per_second=len(rows) / embed_s if embed_s else 0.0,
+                             storage_bytes=storage_bytes(n_chunks, spec.dimensions)[1],
+                             cost_usd=cost))
     return len(rows), len(evals), out

@@ -16,13 +16,15 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from .client import Client
 from .corpora import model_spec
 from .db import translated
 from .embedder import estimate_tokens
-from .errors import InvalidInput, MigrationError
-from .models import InputType, ModelSpec
+from .errors import MigrationError
+from .evaluation import EvalQuery, KeyScore, eval_queries, evaluate, overlap
+from .models import InputType
 from .vectors import copy_vectors
 
 # Typical published limits of each provider's first paid tier, for the time estimate only.
@@ -194,18 +196,10 @@ def _write(client: Client, corpus_id: int, key: str, rows: Sequence[Any],
 
 
 @dataclass(frozen=True)
-class Side:
-    model_key: str
-    recall: float
-    ndcg: float
-    ms_per_query: float
-
-
-@dataclass(frozen=True)
 class Validation:
     queries: int
-    old: Side
-    new: Side
+    old: KeyScore
+    new: KeyScore
     overlap: float
     max_drop: float
     passed: bool
@@ -214,28 +208,16 @@ class Validation:
         return asdict(self)
 
 
-def metrics(ranked: Sequence[str], relevant: set[str], k: int = 10) -> tuple[float, float]:
-    """Recall@k and nDCG@k (binary relevance) of a document ranking."""
-    top = list(dict.fromkeys(ranked))[:k]
-    dcg = sum(1 / math.log2(i + 2) for i, d in enumerate(top) if d in relevant)
-    idcg = sum(1 / math.log2(i + 2) for i in range(min(len(relevant), k)))
-    return sum(1 for d in top if d in relevant) / len(relevant), dcg / idcg if idcg else 0.0
-
-
-def _side(client: Client, corpus: str, spec: ModelSpec, evals: list[tuple[str, list[str]]],
-          k: int) -> tuple[Side, list[list[str]]]:
+def _score(client: Client, corpus: str, key: str, evals: list[EvalQuery],
+           k: int) -> tuple[KeyScore, list[list[str]]]:
+    """Score `key` on `evals` with the search that serves the corpus."""
     from .search import search
 
-    embedder = client.embedder(spec.key)
-    started = time.perf_counter()
-    vectors = embedder.embed([q for q, _ in evals], InputType.QUERY)
-    rankings = [[h.document_id for h in search(client.conn, corpus, v, spec.key, k * 3)]
+    def rank(vectors: npt.NDArray[np.float32], hits: int) -> list[list[str]]:
+        return [[h.document_id for h in search(client.conn, corpus, v, key, hits)]
                 for v in vectors]
-    seconds = time.perf_counter() - started
-    scores = [metrics(r, set(rel), k) for r, (_, rel) in zip(rankings, evals, strict=True)]
-    return Side(spec.key, float(np.mean([s[0] for s in scores])),
-                float(np.mean([s[1] for s in scores])),
-                1000 * seconds / len(evals)), rankings
+
+    return evaluate(client.embedder(key), evals, rank, k)
 
 
 def validate(client: Client, corpus: str, *, k: int = 10, max_drop: float = 0.02) -> Validation:
@@ -248,18 +230,14 @@ def validate(client: Client, corpus: str, *, k: int = 10, max_drop: float = 0.02
         raise MigrationError(f"cannot validate corpus {corpus}: its migration is at step "
                              f"{info.migration_step} (needs backfilled): run pyembed migrate "
                              "backfill first")
-    evals = [(q, list(rel)) for q, rel in client.conn.execute(
-        "SELECT query, relevant FROM pyembed.eval_queries WHERE corpus_id = %s ORDER BY query_id",
-        (info.corpus_id,))]
+    evals = eval_queries(client.conn, info.corpus_id)
     if not evals:
         raise MigrationError(f"corpus {corpus} has no evaluation queries: add some with "
                              "`pyembed eval add` first")
-    old, old_rank = _side(client, corpus, model_spec(client.conn, info.model_key), evals, k)
-    new, new_rank = _side(client, corpus, model_spec(client.conn, info.target_model_key), evals, k)
-    overlap = float(np.mean([len(set(list(dict.fromkeys(a))[:k]) & set(list(dict.fromkeys(b))[:k]))
-                             / k for a, b in zip(old_rank, new_rank, strict=True)]))
+    old, old_rank = _score(client, corpus, info.model_key, evals, k)
+    new, new_rank = _score(client, corpus, info.target_model_key, evals, k)
     passed = new.ndcg >= old.ndcg - max_drop and new.recall >= old.recall - max_drop
-    result = Validation(len(evals), old, new, overlap, max_drop, passed)
+    result = Validation(len(evals), old, new, overlap(old_rank, new_rank, k), max_drop, passed)
     _call(client, "migration_validated", corpus, json.dumps(result.as_json()), passed)
     return result
 
@@ -330,16 +308,3 @@ def status(client: Client, corpus: str) -> Status:
     return Status(corpus, info.model_key, key, info.migration_step, info.traffic_share,
                   int(one[0]), int(one[1]), int(one[2]), int(one[3]),
                   [(a, s, d) for a, s, d in events])
-
-
-def add_eval_query(client: Client, corpus: str, query_id: str, query: str,
-                   relevant: Sequence[str]) -> None:
-    """Store an evaluation query with the ids of the documents that answer it."""
-    if not relevant:
-        raise InvalidInput("an evaluation query needs at least one relevant document id")
-    info = client.corpus(corpus).info
-    client.conn.execute(
-        """INSERT INTO pyembed.eval_queries (corpus_id, query_id, query, relevant)
-           VALUES (%s, %s, %s, %s) ON CONFLICT (corpus_id, query_id) DO UPDATE
-           SET query = EXCLUDED.query, relevant = EXCLUDED.relevant""",
-        (info.corpus_id, query_id, query, list(relevant)))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pyembed
-from pyembed import migration
+from pyembed import evaluation
 from pyembed.compare import compare
 from pyembed.demo import sample_documents
 from tests.conftest import Database
@@ -29,7 +29,7 @@ def test_the_semantic_model_wins_on_paraphrases(db: Database) -> None:
         kb = client.create_corpus("kb", FAKE)
         kb.add(sample_documents())
         for qid, q, doc in PARAPHRASES:
-            migration.add_eval_query(client, "kb", qid, q, [doc])
+            evaluation.add_eval_query(client, "kb", qid, q, [doc])
         chunks, queries, rows = compare(client, "kb", [FAKE, MINILM])
     assert (chunks, queries) == (10, 5)
     by_key: dict[str, Any] = {r.model_key: r for r in rows}
@@ -44,7 +44,7 @@ def test_compare_command_prints_the_table(db: Database) -> None:
     with pyembed.connect(db.app_dsn) as client:
         client.create_corpus("kb", FAKE).add(sample_documents())
         for qid, q, doc in PARAPHRASES:
-            migration.add_eval_query(client, "kb", qid, q, [doc])
+            evaluation.add_eval_query(client, "kb", qid, q, [doc])
     out = run_cli("eval", "compare", "kb", FAKE, MINILM,
                   env={"PYEMBED_DSN": db.app_dsn, "COLUMNS": "200"})
     assert out.returncode == 0, out.stderr

@@ -32,7 +32,7 @@ from pgvector import Vector
 from pgvector.psycopg import register_vector
 
 import pyembed
-from pyembed import migration
+from pyembed import evaluation, migration
 from pyembed.client import Client, Document
 from pyembed.corpora import model_spec
 from pyembed.embedder import Embedder
@@ -109,7 +109,7 @@ def clients(db: Database, n: int = N_DOCS) -> Iterator[tuple[Client, Client, lis
         report = corpus.add([Document(doc_id(i), t) for i, t in enumerate(texts)])
         assert report.chunks == n
         for i in range(0, n, 5):
-            migration.add_eval_query(app, CORPUS, f"q{i}", eval_query(texts[i]), [doc_id(i)])
+            evaluation.add_eval_query(app, CORPUS, f"q{i}", eval_query(texts[i]), [doc_id(i)])
         yield app, owner, texts
     finally:
         app.close()
@@ -862,9 +862,9 @@ def test_cli_plan_status_steps_and_one_line_errors(db: Database) -> None:
 def test_eval_queries_need_a_relevant_document(db: Database) -> None:
     with clients(db, n=5) as (app, _owner, _texts):
         with pytest.raises(InvalidInput):
-            migration.add_eval_query(app, CORPUS, "empty", "a query", [])
-        migration.add_eval_query(app, CORPUS, "q0", "first wording", [doc_id(0)])
-        migration.add_eval_query(app, CORPUS, "q0", "second wording", [doc_id(1)])
+            evaluation.add_eval_query(app, CORPUS, "empty", "a query", [])
+        evaluation.add_eval_query(app, CORPUS, "q0", "first wording", [doc_id(0)])
+        evaluation.add_eval_query(app, CORPUS, "q0", "second wording", [doc_id(1)])
         assert app.conn.execute("SELECT query, relevant FROM pyembed.eval_queries "
                                 "WHERE query_id = 'q0'").fetchone() == ("second wording",
                                                                        [doc_id(1)])
@@ -874,7 +874,7 @@ def test_storage_estimate_matches_the_formula() -> None:
     raw, with_index = migration.storage_bytes(1000, 1024)
     assert raw == 1000 * (4 * 1024 + 8)
     assert with_index > raw
-    assert migration.metrics(["a", "b", "a", "c"], {"a", "c"}, k=10) == pytest.approx(
+    assert evaluation.metrics(["a", "b", "a", "c"], {"a", "c"}, k=10) == pytest.approx(
         (1.0, (1 + 1 / np.log2(4)) / (1 + 1 / np.log2(3))))
 
 

@@ -1,0 +1,104 @@
+"""Retrieval quality on a corpus's own evaluation queries: storing and reading them, the
+metrics (Recall@k, nDCG@k, top-k overlap) and the scoring of one model key, shared by the
+migration gate (`migration.validate`) and model choice (`compare`)."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from .errors import InvalidInput
+from .models import InputType
+
+if TYPE_CHECKING:
+    import psycopg
+
+    from .client import Client
+    from .embedder import Embedder
+
+HITS_PER_DOCUMENT = 3
+"""Chunk hits fetched per document a ranking should hold: a document can match with several
+chunks, so k * 3 hits leave k distinct documents in all but odd cases."""
+
+Ranker = Callable[[npt.NDArray[np.float32], int], list[list[str]]]
+"""(query vectors, hits to fetch) -> for each query, document ids best first."""
+
+
+@dataclass(frozen=True)
+class EvalQuery:
+    """An evaluation query and the ids of the documents that answer it."""
+
+    query: str
+    relevant: frozenset[str]
+
+
+@dataclass(frozen=True)
+class KeyScore:
+    """How one model key retrieves on a set of evaluation queries: mean Recall@k and nDCG@k,
+    and the milliseconds per query to embed it and rank."""
+
+    model_key: str
+    recall: float
+    ndcg: float
+    ms_per_query: float
+
+
+def add_eval_query(client: Client, corpus: str, query_id: str, query: str,
+                   relevant: Sequence[str]) -> None:
+    """Store an evaluation query with the ids of the documents that answer it (replacing the
+    one stored under the same id)."""
+    if not relevant:
+        raise InvalidInput("an evaluation query needs at least one relevant document id")
+    info = client.corpus(corpus).info
+    client.conn.execute(
+        """INSERT INTO pyembed.eval_queries (corpus_id, query_id, query, relevant)
+           VALUES (%s, %s, %s, %s) ON CONFLICT (corpus_id, query_id) DO UPDATE
+           SET query = EXCLUDED.query, relevant = EXCLUDED.relevant""",
+        (info.corpus_id, query_id, query, list(relevant)))
+
+
+def eval_queries(conn: psycopg.Connection[Any], corpus_id: int) -> list[EvalQuery]:
+    """A corpus's evaluation queries, in query id order (empty when it has none)."""
+    rows = conn.execute("SELECT query, relevant FROM pyembed.eval_queries WHERE corpus_id = %s "
+                        "ORDER BY query_id", (corpus_id,))
+    return [EvalQuery(q, frozenset(rel)) for q, rel in rows]
+
+
+def top_k(ranked: Sequence[str], k: int) -> list[str]:
+    """The first `k` distinct ids of a ranking (a document ranked again counts once)."""
+    return list(dict.fromkeys(ranked))[:k]
+
+
+def metrics(ranked: Sequence[str], relevant: set[str] | frozenset[str],
+            k: int = 10) -> tuple[float, float]:
+    """Recall@k and nDCG@k (binary relevance) of a document ranking; `relevant` is not empty."""
+    top = top_k(ranked, k)
+    dcg = sum(1 / math.log2(i + 2) for i, d in enumerate(top) if d in relevant)
+    idcg = sum(1 / math.log2(i + 2) for i in range(min(len(relevant), k)))
+    return sum(1 for d in top if d in relevant) / len(relevant), dcg / idcg if idcg else 0.0
+
+
+def overlap(a: Sequence[Sequence[str]], b: Sequence[Sequence[str]], k: int = 10) -> float:
+    """Mean share of the top-k documents that two rankings of each query have in common."""
+    return float(np.mean([len(set(top_k(x, k)) & set(top_k(y, k))) / k
+                          for x, y in zip(a, b, strict=True)]))
+
+
+def evaluate(embedder: Embedder, evals: Sequence[EvalQuery], rank: Ranker,
+             k: int = 10) -> tuple[KeyScore, list[list[str]]]:
+    """Score the embedder's model key on `evals` (not empty): each query is embedded and
+    ranked by `rank`, asked for k * HITS_PER_DOCUMENT hits; (the score, the rankings)."""
+    started = time.perf_counter()
+    vectors = embedder.embed([e.query for e in evals], InputType.QUERY)
+    rankings = rank(vectors, k * HITS_PER_DOCUMENT)
+    seconds = time.perf_counter() - started
+    scores = [metrics(r, e.relevant, k) for r, e in zip(rankings, evals, strict=True)]
+    return KeyScore(embedder.spec.key, float(np.mean([s[0] for s in scores])),
+                    float(np.mean([s[1] for s in scores])),
+                    1000 * seconds / len(evals)), rankings
