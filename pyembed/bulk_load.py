@@ -3,8 +3,8 @@ each batch its own transaction, over several connections at once.
 
 One COPY keeps one server process busy; the checks pyembed adds (key, dimensions and norm row
 by row; tenant, chunks and the queue per batch) are server work, while the client's share is
-small (~15 ms of CPU per 5,000 384-d rows). So a second connection nearly doubles the rows a
-second on a machine with a core to spare: `tests/benchmarks/bench_suite.py` measures it beside
+small. So a second connection nearly doubles the rows a second on a machine with a core to
+spare: `tests/benchmarks/bench_suite.py` measures it beside
 a plain pgvector COPY.
 """
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from .embedder import estimate_tokens
+from .text import estimate_tokens
 
 _WORD = re.compile(r"\S+\s*")
 

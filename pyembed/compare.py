@@ -13,11 +13,11 @@ import numpy.typing as npt
 
 from .client import Client
 from .corpora import model_spec
-from .embedder import estimate_tokens
 from .errors import InvalidInput
 from .evaluation import KeyScore, Ranker, eval_queries, evaluate
 from .migration import storage_bytes
 from .models import InputType
+from .text import estimate_tokens
 
 
 @dataclass(frozen=True)

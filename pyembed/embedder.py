@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
@@ -29,11 +28,11 @@ from .errors import (
 )
 from .models import InputType, ModelSpec
 from .providers import Provider, TransientProviderError, Vectors, provider_for
+from .text import check_text, estimate_tokens, truncate_to_tokens
 
 DEFAULT_MAX_BATCH_TOKENS = 100_000
 """Estimated tokens per request; under every supported service's per-request limit."""
 
-_LAST_WORD = re.compile(r"\s+\S*$")
 _log = logging.getLogger(__name__)
 
 
@@ -53,51 +52,6 @@ class EmbeddingCache(Protocol):
                  input_type: InputType) -> None:
         """Remember `vectors[i]` as the embedding of `texts[i]`."""
         ...
-
-
-def estimate_tokens(text: str) -> int:
-    """A cheap token estimate for any model: the larger of 1.3 per whitespace-separated
-    word and 1 per 4 characters, rounded up. It leans high for English prose."""
-    return max((len(text.split()) * 13 + 9) // 10, (len(text) + 3) // 4)
-
-
-def truncate_to_tokens(text: str, limit: int) -> str:
-    """The longest prefix of `text`, ending at a word where possible, whose
-    `estimate_tokens` is at most `limit`."""
-    if estimate_tokens(text) <= limit:
-        return text
-    max_words = limit * 10 // 13
-    words = text.split(maxsplit=max_words)
-    cut = text if len(words) <= max_words else text[:_end_of_words(text, max_words)]
-    if len(cut) > limit * 4:
-        cut = cut[:limit * 4]
-        if not text[len(cut)].isspace():
-            match = _LAST_WORD.search(cut)
-            if match and match.start() > 0:
-                cut = cut[:match.start()]
-    return cut.rstrip()
-
-
-def _end_of_words(text: str, count: int) -> int:
-    """The index just past the `count`-th whitespace-separated word of `text`."""
-    end = 0
-    for _ in range(count):
-        while text[end].isspace():
-            end += 1
-        while end < len(text) and not text[end].isspace():
-            end += 1
-    return end
-
-
-def _clean(index: int, text: str) -> str:
-    if not isinstance(text, str):
-        raise InvalidInput(f"text {index} is {type(text).__name__}, not a string")
-    if "\x00" in text:
-        raise InvalidInput(f"text {index} contains a NUL character")
-    text = text.strip()
-    if not text:
-        raise InvalidInput(f"text {index} is empty or only whitespace")
-    return text
 
 
 def plan_batches(token_counts: Sequence[int], max_batch: int,
@@ -195,7 +149,7 @@ class Embedder:
 
     def _prepare(self, texts: Sequence[str]) -> list[str]:
         """The texts stripped, checked against the token limit and, if `truncate`, cut."""
-        stripped = [_clean(index, text) for index, text in enumerate(texts)]
+        stripped = [check_text(text, f"text {index}").strip() for index, text in enumerate(texts)]
         if not stripped:
             return stripped
         exact = self.provider.count_tokens(stripped)
@@ -297,9 +251,15 @@ class Embedder:
             )
         if not np.isfinite(vectors).all():
             raise ProviderError(f"{key}: the service returned a vector with NaN or infinity")
-        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-        if not ((norms > 0) & np.isfinite(norms)).all():
-            raise ProviderError(f"{key}: the service returned a zero or out-of-range vector")
+        # Scaled by the largest component first: squares of tiny components lose precision
+        # (or vanish) even in float64.
+        scale = np.abs(vectors).max(axis=1, keepdims=True)
+        if not (scale > 0).all():
+            raise ProviderError(f"{key}: the service returned a zero vector")
         if self.spec.normalized:
-            vectors = vectors / norms
-        return vectors.astype(np.float32)
+            vectors = vectors / scale
+            vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+        out = vectors.astype(np.float32)
+        if not (np.isfinite(out).all() and (np.abs(out).max(axis=1) > 0).all()):
+            raise ProviderError(f"{key}: the service returned a vector out of float32's range")
+        return out

@@ -21,10 +21,10 @@ import numpy.typing as npt
 from .client import Client
 from .corpora import model_spec
 from .db import translated
-from .embedder import estimate_tokens
 from .errors import MigrationError
 from .evaluation import EvalQuery, KeyScore, eval_queries, evaluate, overlap
 from .models import InputType
+from .text import estimate_tokens
 from .vectors import copy_vectors
 
 # Typical published limits of each provider's first paid tier, for the time estimate only.

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
 from .errors import InvalidInput
+
+_LAST_WORD = re.compile(r"\s+\S*$")
 
 
 def check_text(text: object, what: str = "text") -> str:
@@ -30,3 +33,37 @@ def sha256(text: str) -> bytes:
 def document_hash(text: str, metadata: Mapping[str, Any]) -> bytes:
     """What makes a document unchanged, on every ingest path: its text and its metadata."""
     return sha256(text + "\x00" + json.dumps(metadata, sort_keys=True, default=str))
+
+
+def estimate_tokens(text: str) -> int:
+    """A cheap token estimate for any model: the larger of 1.3 per whitespace-separated
+    word and 1 per 4 characters, rounded up. It leans high for English prose."""
+    return max((len(text.split()) * 13 + 9) // 10, (len(text) + 3) // 4)
+
+
+def truncate_to_tokens(text: str, limit: int) -> str:
+    """The longest prefix of `text`, ending at a word where possible, whose
+    `estimate_tokens` is at most `limit`."""
+    if estimate_tokens(text) <= limit:
+        return text
+    max_words = limit * 10 // 13
+    words = text.split(maxsplit=max_words)
+    cut = text if len(words) <= max_words else text[:_end_of_words(text, max_words)]
+    if len(cut) > limit * 4:
+        cut = cut[:limit * 4]
+        if not text[len(cut)].isspace():
+            match = _LAST_WORD.search(cut)
+            if match and match.start() > 0:
+                cut = cut[:match.start()]
+    return cut.rstrip()
+
+
+def _end_of_words(text: str, count: int) -> int:
+    """The index just past the `count`-th whitespace-separated word of `text`."""
+    end = 0
+    for _ in range(count):
+        while text[end].isspace():
+            end += 1
+        while end < len(text) and not text[end].isspace():
+            end += 1
+    return end

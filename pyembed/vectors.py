@@ -149,11 +149,13 @@ def transition_tables_in_memory(cur: psycopg.Cursor[Any], row_bytes: Iterable[in
 
 
 # The chunks among (id, text hash) pairs whose text is still the one hashed (the pair as one
-# bytea in a hashed `= ANY`, as pyembed._vectors_written dequeues).
+# bytea in a hashed `= ANY`, as pyembed._dequeue_written does), kept from being deleted until
+# the vectors are written (a concurrent delete would fail the write's chunk check).
 _STILL_CURRENT = """
 SELECT ch.chunk_id FROM pyembed.chunks ch
  WHERE ch.corpus_id = %(corpus_id)s AND ch.chunk_id = ANY (%(ids)s::bigint[])
    AND int8send(ch.chunk_id) || ch.content_hash = ANY (%(pairs)s::bytea[])
+   FOR KEY SHARE
 """
 
 

@@ -108,15 +108,12 @@ BEGIN
 END
 $$;
 
--- After a write: every vector's chunk exists, and queued work for the same key and text is
--- done. One corpus and key at a time, and only over the written chunk ids' range: the cost
--- follows the batch, not the corpus. Consecutive ids (a bulk load's) are checked by counting
--- the chunks in their range, one index range scan; others by probing the chunk index with the
--- ids as an array. Queued work is done when a vector has its chunk id and text hash: the pair
--- as one bytea, looked up in the batch's pairs (a hashed `= ANY`), ~5 ms less per 5,000 rows
--- than a join with unnest(ids, hashes). (A join with the transition table was planned as a
--- nested loop over the queue, quadratic; `= ANY(ids)` on a sequential scan reads the whole
--- corpus for every batch; and a generic plan searches the array row by row.)
+-- After a write: every vector's chunk exists, and the queued work it does is dequeued
+-- (pyembed._dequeue_written, 040-queue.sql). One corpus and key at a time, and only over the
+-- written chunk ids' range: the cost follows the batch, not the corpus. Consecutive ids (a bulk
+-- load's) are checked by counting the chunks in their range, one index range scan; others by
+-- probing the chunk index with the ids as an array (`= ANY(ids)` on a sequential scan would
+-- read the whole corpus for every batch; a generic plan searches the array row by row).
 CREATE OR REPLACE FUNCTION pyembed._vectors_written() RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -151,13 +148,7 @@ BEGIN
                          coalesce((SELECT c.name FROM pyembed.corpora c
                                     WHERE c.corpus_id = r.corpus_id), r.corpus_id::text));
     END IF;
-    IF EXISTS (SELECT FROM pyembed.queue q WHERE q.corpus_id = r.corpus_id
-                  AND q.chunk_id BETWEEN r.lo AND r.hi) THEN
-      DELETE FROM pyembed.queue q
-       WHERE q.corpus_id = r.corpus_id AND q.model_key = r.model_key
-         AND q.chunk_id BETWEEN r.lo AND r.hi
-         AND int8send(q.chunk_id) || q.content_hash = ANY (r.done);
-    END IF;
+    PERFORM pyembed._dequeue_written(r.corpus_id, r.model_key, r.lo, r.hi, r.done);
   END LOOP;
   RETURN NULL;
 END
@@ -219,41 +210,4 @@ CREATE OR REPLACE TRIGGER models_guard_immutable
   BEFORE UPDATE ON pyembed.models
   FOR EACH ROW EXECUTE FUNCTION pyembed._guard_model();
 
--- Chunks carry the sha256 of their text, computed here so it cannot disagree with the text.
-CREATE OR REPLACE FUNCTION pyembed._chunk_hash() RETURNS trigger
-LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-  NEW.content_hash := sha256(convert_to(NEW.content, 'UTF8'));
-  RETURN NEW;
-END
-$$;
 
-CREATE OR REPLACE TRIGGER chunks_hash
-  BEFORE INSERT OR UPDATE OF content ON pyembed.chunks
-  FOR EACH ROW EXECUTE FUNCTION pyembed._chunk_hash();
-
--- Deleting chunks deletes their vectors and keyword postings (one statement per corpus,
--- instead of row-level foreign keys; a dropped corpus has dropped its partition already),
--- planned as above.
-CREATE OR REPLACE FUNCTION pyembed._chunks_deleted() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-SET plan_cache_mode = force_custom_plan
-SET enable_seqscan = off
-AS $$
-DECLARE
-  r record;
-BEGIN
-  FOR r IN SELECT corpus_id, array_agg(chunk_id) AS ids FROM old_rows GROUP BY corpus_id LOOP
-    DELETE FROM pyembed.vectors v WHERE v.corpus_id = r.corpus_id AND v.chunk_id = ANY (r.ids);
-    DELETE FROM pyembed.postings p WHERE p.corpus_id = r.corpus_id AND p.chunk_id = ANY (r.ids);
-  END LOOP;
-  RETURN NULL;
-END
-$$;
-
-CREATE OR REPLACE TRIGGER chunks_deleted
-  AFTER DELETE ON pyembed.chunks REFERENCING OLD TABLE AS old_rows
-  FOR EACH STATEMENT EXECUTE FUNCTION pyembed._chunks_deleted();

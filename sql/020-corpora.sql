@@ -138,7 +138,7 @@ AS $$
 DECLARE
   n bigint;
 BEGIN
-  -- Most batches have nothing to replace; planning `= ANY(ids)` alone costs ~2 us an id.
+  -- Most batches have nothing to replace, and planning `= ANY(ids)` costs per id.
   IF NOT EXISTS (SELECT FROM pyembed.vectors WHERE corpus_id = p_corpus_id
                     AND model_key = p_model_key AND chunk_id BETWEEN lo AND hi) THEN
     RETURN 0;

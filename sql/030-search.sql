@@ -3,11 +3,11 @@
 -- key, dimensions and LIMIT are literals, so that the planner matches the partial HNSW index
 -- expression and predicate (with a parameter LIMIT it would guess 10% of rows and skip it).
 -- It returns the nearest chunk ids; the texts come from a static query, whose plan PL/pgSQL
--- keeps (planning the join in the dynamic query cost ~0.3 ms a search), and which puts the
+-- keeps (planning the join in the dynamic query would cost every search), and which puts the
 -- hits in order (an iterative index scan in relaxed order may return them slightly out of it).
 -- The corpus is looked up among the caller's tenant's only (this function runs as its owner,
 -- which row-level security does not restrict), so another tenant's corpus is "unknown".
--- ef_search 100 keeps recall within a hair of exact search (SciFact: see the benchmark).
+-- ef_search 100 keeps recall close to exact search (the benchmark suite measures it).
 
 CREATE OR REPLACE FUNCTION pyembed.search(
   corpus text, query_embedding vector, query_model_key text,
@@ -68,7 +68,7 @@ BEGIN
                        'or vanish', vector_norm(query_embedding));
   END IF;
   -- A filter may reject most of the nearest chunks: the index scan then goes on past
-  -- ef_search until it has k (an unfiltered search is ~7% faster without it). The setting is
+  -- ef_search until it has k (an unfiltered search is faster without it). The setting is
   -- the function's own (SET above), so this lasts until it returns.
   IF filter IS NOT NULL THEN
     PERFORM set_config('hnsw.iterative_scan', 'relaxed_order', true);
@@ -89,7 +89,7 @@ BEGIN
     k)
   INTO ids, distances USING query_embedding, filter;
   -- `= ANY (ids)`: k index probes into chunks, whatever the statistics say (joined with the
-  -- array alone, the kept plan was a hash join over all the corpus's chunks: 1.5x slower at 5k).
+  -- array alone, the kept plan was a hash join over all the corpus's chunks).
   RETURN QUERY
   SELECT ch.document_id, ch.chunk_id, ch.chunk_index, ch.content, ch.metadata,
          CASE c.distance WHEN 'cosine' THEN 1 - h.distance ELSE -h.distance END, query_model_key

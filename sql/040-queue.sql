@@ -45,7 +45,34 @@ CREATE OR REPLACE TRIGGER chunks_queue_update
   AFTER UPDATE ON pyembed.chunks REFERENCING NEW TABLE AS new_rows OLD TABLE AS old_rows
   FOR EACH STATEMENT EXECUTE FUNCTION pyembed._enqueue_chunks();
 
--- Vector writes dequeue what they satisfy: pyembed._vectors_written in 010-guards.sql.
+-- Vector writes dequeue what they satisfy (called by pyembed._vectors_written, 010-guards.sql,
+-- for each corpus and key a statement writes): queued work is done when a vector has its chunk
+-- id and text hash, the pair as one bytea looked up in the written pairs (a hashed `= ANY`,
+-- cheaper than a join with unnest(ids, hashes); a join with the transition table was planned
+-- as a nested loop over the queue, quadratic).
+CREATE OR REPLACE FUNCTION pyembed._dequeue_written(p_corpus_id integer, p_model_key text,
+                                                    lo bigint, hi bigint, done bytea[])
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+SET plan_cache_mode = force_custom_plan
+SET enable_seqscan = off
+AS $$
+BEGIN
+  IF EXISTS (SELECT FROM pyembed.queue q WHERE q.corpus_id = p_corpus_id
+                AND q.chunk_id BETWEEN lo AND hi) THEN
+    -- A job another transaction holds (a writer re-queuing its chunk) is left queued rather
+    -- than waited for: waiting could deadlock with that writer; embedding it again is cheap.
+    DELETE FROM pyembed.queue q
+     WHERE q.ctid = ANY (ARRAY(
+             SELECT d.ctid FROM pyembed.queue d
+              WHERE d.corpus_id = p_corpus_id AND d.model_key = p_model_key
+                AND d.chunk_id BETWEEN lo AND hi
+                AND int8send(d.chunk_id) || d.content_hash = ANY (done)
+                FOR UPDATE SKIP LOCKED));
+  END IF;
+END
+$$;
 
 -- A queued job carries a key its corpus accepts (the active key or the migration target), or
 -- PE001: the worker would otherwise pay another model's provider for work it cannot store.

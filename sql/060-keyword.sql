@@ -50,43 +50,65 @@ CREATE OR REPLACE TRIGGER chunks_keyword_update
 
 -- Deleting chunks deletes their postings: pyembed._chunks_deleted in 010-guards.sql.
 
--- Document frequencies and corpus totals follow the postings, a statement at a time. Writers
--- of one corpus take its counters in one order: first a lock on the corpus (transaction-long,
--- as the corpus's totals row is held anyway), then its lexemes; two transactions that each
--- write several statements of chunks would otherwise lock lexemes in crossing orders and
--- deadlock.
+-- Document frequencies and corpus totals follow the postings. Each statement that writes
+-- postings records its counts in keyword_pending, a row of its own (no lock anyone else needs);
+-- pyembed._apply_keyword_counts folds a transaction's counts into the counters when it commits,
+-- in one statement sorted by corpus and lexeme, so that writers hold counter rows only while
+-- committing and always take them in the same order (no deadlock). Until then, a transaction's
+-- own searches score its new chunks with the counts committed before it.
 CREATE OR REPLACE FUNCTION pyembed._count_postings() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
   IF TG_OP = 'INSERT' THEN
-    PERFORM pg_advisory_xact_lock(1887005555, corpus_id)  -- 'pyks'
-       FROM (SELECT DISTINCT corpus_id FROM new_rows ORDER BY 1) c;
+    INSERT INTO pyembed.keyword_pending (corpus_id, lexemes, dfs, chunks, total_len)
+    SELECT l.corpus_id, l.lexemes, l.dfs, t.chunks, t.total_len
+      FROM (SELECT corpus_id, array_agg(lexeme ORDER BY lexeme) AS lexemes,
+                   array_agg(n ORDER BY lexeme) AS dfs
+              FROM (SELECT corpus_id, lexeme, count(*)::integer AS n FROM new_rows
+                     GROUP BY corpus_id, lexeme) d GROUP BY corpus_id) l
+      JOIN (SELECT corpus_id, count(DISTINCT chunk_id) AS chunks, sum(tf) AS total_len
+              FROM new_rows GROUP BY corpus_id) t USING (corpus_id);
   ELSE
-    PERFORM pg_advisory_xact_lock(1887005555, corpus_id)
-       FROM (SELECT DISTINCT corpus_id FROM old_rows ORDER BY 1) c;
+    INSERT INTO pyembed.keyword_pending (corpus_id, lexemes, dfs, chunks, total_len)
+    SELECT l.corpus_id, l.lexemes, l.dfs, -t.chunks, -t.total_len
+      FROM (SELECT corpus_id, array_agg(lexeme ORDER BY lexeme) AS lexemes,
+                   array_agg(-n ORDER BY lexeme) AS dfs
+              FROM (SELECT corpus_id, lexeme, count(*)::integer AS n FROM old_rows
+                     GROUP BY corpus_id, lexeme) d GROUP BY corpus_id) l
+      JOIN (SELECT corpus_id, count(DISTINCT chunk_id) AS chunks, sum(tf) AS total_len
+              FROM old_rows GROUP BY corpus_id) t USING (corpus_id);
   END IF;
-  IF TG_OP = 'INSERT' THEN
+  RETURN NULL;
+END
+$$;
+
+-- At commit (a deferred constraint trigger, once per pending row: the first folds them all).
+-- Counts of a corpus dropped meanwhile are let go.
+CREATE OR REPLACE FUNCTION pyembed._apply_keyword_counts() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+  WITH mine AS (
+    DELETE FROM pyembed.keyword_pending p
+     WHERE p.xact = pg_current_xact_id()
+       AND EXISTS (SELECT FROM pyembed.corpora c WHERE c.corpus_id = p.corpus_id)
+    RETURNING p.corpus_id, p.lexemes, p.dfs, p.chunks, p.total_len
+  ), lexemes AS (
     INSERT INTO pyembed.lexeme_stats AS s (corpus_id, lexeme, df)
-    SELECT corpus_id, lexeme, count(*) FROM new_rows
-     GROUP BY corpus_id, lexeme ORDER BY corpus_id, lexeme
-    ON CONFLICT (corpus_id, lexeme) DO UPDATE SET df = s.df + EXCLUDED.df;
-    INSERT INTO pyembed.keyword_stats AS s (corpus_id, chunks, total_len)
-    SELECT corpus_id, count(DISTINCT chunk_id), sum(tf) FROM new_rows GROUP BY corpus_id
-    ON CONFLICT (corpus_id) DO UPDATE
-      SET chunks = s.chunks + EXCLUDED.chunks, total_len = s.total_len + EXCLUDED.total_len;
-  ELSE
-    UPDATE pyembed.lexeme_stats s SET df = s.df - d.n
-      FROM (SELECT corpus_id, lexeme, count(*) AS n FROM old_rows GROUP BY 1, 2
-             ORDER BY 1, 2) d
-     WHERE s.corpus_id = d.corpus_id AND s.lexeme = d.lexeme;
-    UPDATE pyembed.keyword_stats s SET chunks = s.chunks - d.chunks,
-           total_len = s.total_len - d.total_len
-      FROM (SELECT corpus_id, count(DISTINCT chunk_id) AS chunks, sum(tf) AS total_len
-              FROM old_rows GROUP BY corpus_id) d
-     WHERE s.corpus_id = d.corpus_id;
-  END IF;
+    SELECT m.corpus_id, u.lexeme, sum(u.df)
+      FROM mine m, unnest(m.lexemes, m.dfs) AS u(lexeme, df)
+     GROUP BY m.corpus_id, u.lexeme ORDER BY m.corpus_id, u.lexeme
+    ON CONFLICT (corpus_id, lexeme) DO UPDATE SET df = s.df + EXCLUDED.df
+  )
+  INSERT INTO pyembed.keyword_stats AS s (corpus_id, chunks, total_len)
+  SELECT m.corpus_id, sum(m.chunks), sum(m.total_len) FROM mine m
+   GROUP BY m.corpus_id ORDER BY m.corpus_id
+  ON CONFLICT (corpus_id) DO UPDATE
+    SET chunks = s.chunks + EXCLUDED.chunks, total_len = s.total_len + EXCLUDED.total_len;
+  DELETE FROM pyembed.keyword_pending p WHERE p.xact = pg_current_xact_id();
   RETURN NULL;
 END
 $$;
@@ -99,7 +121,7 @@ CREATE OR REPLACE TRIGGER postings_count_delete
   FOR EACH STATEMENT EXECUTE FUNCTION pyembed._count_postings();
 
 -- BM25 over chunks. Each query lexeme reads its postings in its own sub-query (OFFSET 0 keeps
--- the planner from flattening it): 14 ms instead of 665 ms on SciFact's long queries.
+-- the planner from flattening it, which made long queries many times slower).
 CREATE OR REPLACE FUNCTION pyembed.search_keyword(corpus text, query text, k integer DEFAULT 10,
                                                   filter jsonb DEFAULT NULL)
 RETURNS TABLE (document_id text, chunk_id bigint, chunk_index integer, content text,

@@ -46,6 +46,7 @@ GRANT EXECUTE ON FUNCTION
   pyembed.cache_report(integer),
   pyembed.cache_purge(text, boolean),
   pyembed._clear_vectors(integer, text, bigint, bigint, bigint[]),
+  pyembed._dequeue_written(integer, text, bigint, bigint, bytea[]),
   pyembed.reserve_usage(text, integer, integer, bigint),
   pyembed.usage_report(integer),
   pyembed.register_model(text, text, text, integer, text, boolean, boolean, integer, integer,

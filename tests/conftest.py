@@ -17,6 +17,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
+import pyembed
 from pyembed import schema
 from pyembed.db import connect
 from pyembed.localdb import APP_USER, OWNER, LocalCluster
@@ -94,6 +95,13 @@ def db(cluster: LocalCluster, template_db: Database) -> Iterator[Database]:
 def owner(db: Database) -> Iterator[psycopg.Connection[Any]]:
     with connect(db.owner_dsn, autocommit=True) as conn:
         yield conn
+
+
+@pytest.fixture
+def client(db: Database) -> Iterator[pyembed.Client]:
+    """A pyembed client as the application role."""
+    with pyembed.connect(db.app_dsn) as c:
+        yield c
 
 
 @pytest.fixture

@@ -9,16 +9,9 @@ import psycopg
 import pytest
 
 import pyembed
-from tests.conftest import Database
 from tests.helpers import count
 
 KEY = "fake/fake-hash@1:384"
-
-
-@pytest.fixture
-def client(db: Database) -> Any:
-    with pyembed.connect(db.app_dsn) as c:
-        yield c
 
 
 def test_add_skips_unchanged_and_replaces_changed_documents(client: Any,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +20,9 @@ from pyembed.ingest import (
     markdown_title,
     read_documents,
 )
-from tests.conftest import Database
 from tests.helpers import count
 
 KEY = "fake/fake-hash@1:384"
-
-
-@pytest.fixture
-def client(db: Database) -> Iterator[Client]:
-    with pyembed.connect(db.app_dsn) as c:
-        yield c
 
 
 @pytest.fixture

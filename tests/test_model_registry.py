@@ -3,11 +3,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
-import pytest
 
 import pyembed
 from pyembed.models import BUILTIN, ModelSpec
@@ -16,12 +14,6 @@ from tests.test_cli import db_env
 from tests.test_cli import pyembed as run_cli
 
 WIDE = {"COLUMNS": "250"}
-
-
-@pytest.fixture
-def client(db: Database) -> Iterator[pyembed.Client]:
-    with pyembed.connect(db.app_dsn) as c:
-        yield c
 
 
 def settings(spec: ModelSpec) -> tuple[Any, ...]:

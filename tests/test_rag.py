@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -12,7 +11,6 @@ import pytest
 import pyembed
 from pyembed import rag
 from pyembed.client import Client, Corpus
-from tests.conftest import Database
 from tests.fakeapi.server import FakeAPI
 
 KEY = "fake/fake-hash@1:384"
@@ -22,12 +20,6 @@ DOCS = [
     ("sso", "Single sign-on works with SAML identity providers such as Okta."),
     ("refunds", "Refunds are paid back to the original card within ten days."),
 ]
-
-
-@pytest.fixture
-def client(db: Database) -> Iterator[Client]:
-    with pyembed.connect(db.app_dsn) as c:
-        yield c
 
 
 @pytest.fixture

@@ -50,6 +50,7 @@ APP_EXECUTE = {
     "cache_report(integer)",
     "cache_purge(text, boolean)",  # the partition a SQL client COPYs a corpus's vectors into
     "_clear_vectors(integer, text, bigint, bigint, bigint[])",  # before vectors.copy_vectors's COPY
+    "_dequeue_written(integer, text, bigint, bigint, bytea[])",  # by the vector write trigger
     "reserve_usage(text, integer, integer, bigint)",  # accounting and rate limits
     "usage_report(integer)",
     "add_document(text, text, text, jsonb)",

@@ -11,15 +11,8 @@ import pytest
 
 import pyembed
 from pyembed.demo import sample_documents
-from tests.conftest import Database
 
 FAKE = "fake/fake-hash@1:384"
-
-
-@pytest.fixture
-def client(db: Database) -> Any:
-    with pyembed.connect(db.app_dsn) as c:
-        yield c
 
 
 def bm25_from_scratch(owner: psycopg.Connection[Any], corpus_id: int,

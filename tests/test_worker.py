@@ -28,12 +28,12 @@ from psycopg import sql
 
 from pyembed.cache import PostgresCache
 from pyembed.db import connect
-from pyembed.embedder import Embedder, estimate_tokens
+from pyembed.embedder import Embedder
 from pyembed.errors import ProviderError
 from pyembed.models import InputType, ModelSpec
 from pyembed.providers import provider_for
 from pyembed.providers.fake import FakeProvider, fake_vectors
-from pyembed.text import sha256
+from pyembed.text import estimate_tokens, sha256
 from pyembed.worker import Worker, WorkerStats
 from tests.conftest import REPO, Database
 from tests.fakeapi import FakeAPI, server_vectors
@@ -533,7 +533,8 @@ def test_a_batch_spanning_two_corpora_bills_each_its_share(
 KILLED_WORKER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from pyembed.embedder import Embedder, estimate_tokens
+    from pyembed.embedder import Embedder
+    from pyembed.text import estimate_tokens
     from pyembed.providers.fake import FakeProvider
     from pyembed.worker import Worker
 

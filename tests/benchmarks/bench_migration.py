@@ -231,7 +231,7 @@ def main() -> None:
 
 def run(t: Target, args: argparse.Namespace, data: Data) -> None:
     import pyembed
-    from pyembed import migration
+    from pyembed import evaluation, migration
     from pyembed.client import Document
 
     owner = pyembed.connect(t.owner_dsn)
@@ -249,7 +249,7 @@ def run(t: Target, args: argparse.Namespace, data: Data) -> None:
         corpus.add([Document(d, text) for d, text in data.documents[i:i + 500]], truncate=False)
     app.create_corpus(SIDE, OLD)
     for qid, text, relevant in data.evals:
-        migration.add_eval_query(app, CORPUS, qid, text, relevant)
+        evaluation.add_eval_query(app, CORPUS, qid, text, relevant)
     stored = owner.conn.execute("SELECT count(*) FROM pyembed.chunks WHERE corpus_id = "
                                 "(SELECT corpus_id FROM pyembed.corpora WHERE name = %s)",
                                 (CORPUS,)).fetchone()

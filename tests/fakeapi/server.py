@@ -28,9 +28,9 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from pyembed.embedder import estimate_tokens
 from pyembed.models import registry
 from pyembed.providers.fake import fake_vectors
+from pyembed.text import estimate_tokens
 
 Service = Literal["voyage", "openai", "cohere", "anthropic"]
 Kind = Literal["ok", "status", "hang", "short", "wrongdims", "indexes"]

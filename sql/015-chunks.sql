@@ -1,0 +1,40 @@
+-- Chunks: their text hash, and what deleting them deletes.
+
+-- Chunks carry the sha256 of their text, computed here so it cannot disagree with the text.
+CREATE OR REPLACE FUNCTION pyembed._chunk_hash() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+  NEW.content_hash := sha256(convert_to(NEW.content, 'UTF8'));
+  RETURN NEW;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER chunks_hash
+  BEFORE INSERT OR UPDATE OF content ON pyembed.chunks
+  FOR EACH ROW EXECUTE FUNCTION pyembed._chunk_hash();
+
+-- Deleting chunks deletes their vectors and keyword postings (one statement per corpus,
+-- instead of row-level foreign keys; a dropped corpus has dropped its partition already),
+-- planned as pyembed._vectors_written is (010-guards.sql).
+CREATE OR REPLACE FUNCTION pyembed._chunks_deleted() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+SET plan_cache_mode = force_custom_plan
+SET enable_seqscan = off
+AS $$
+DECLARE
+  r record;
+BEGIN
+  FOR r IN SELECT corpus_id, array_agg(chunk_id) AS ids FROM old_rows GROUP BY corpus_id LOOP
+    DELETE FROM pyembed.vectors v WHERE v.corpus_id = r.corpus_id AND v.chunk_id = ANY (r.ids);
+    DELETE FROM pyembed.postings p WHERE p.corpus_id = r.corpus_id AND p.chunk_id = ANY (r.ids);
+  END LOOP;
+  RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER chunks_deleted
+  AFTER DELETE ON pyembed.chunks REFERENCING OLD TABLE AS old_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION pyembed._chunks_deleted();
