@@ -1,8 +1,16 @@
-"""The `pyembed` command line: one clear line and a non-zero exit on every error."""
+"""The `pyembed` command line: one clear line and a non-zero exit on every error.
+
+Every command that talks to a database connects through `_connect` (a psycopg connection)
+or `_client` (a pyembed Client); both resolve the DSN in `_dsn`. Top-level commands come
+first, then each group's commands together, in the order `pyembed --help` lists them.
+"""
 
 from __future__ import annotations
 
+import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,11 +20,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import models, schema
+from . import cache, evaluation, health, migration, models, schema, tenants
+from .client import Client
+from .client import connect as connect_client
 from .config import DSN_ENV
 from .corpora import corpus_info, create_corpus, drop_corpus, list_corpora
-from .db import connect
-from .errors import InvalidInput, MigrationError, PyembedError
+from .db import connect, resolve_dsn, translated
+from .errors import DatabaseNotReady, InvalidInput, MigrationError, PyembedError
 from .localdb import LocalCluster
 from .models import BUILTIN, LOCAL_DEFAULT
 
@@ -24,16 +34,20 @@ app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="The embedding model as an enforced part of your PostgreSQL schema.")
 db_app = typer.Typer(no_args_is_help=True, help="The embedded local PostgreSQL cluster.")
 corpus_app = typer.Typer(no_args_is_help=True, help="Create, list, show and drop corpora.")
-app.add_typer(db_app, name="db")
-app.add_typer(corpus_app, name="corpus")
 migrate_app = typer.Typer(no_args_is_help=True, help=(
     "Change a corpus's model without downtime: plan, start, backfill, validate, shift, "
     "complete (or rollback), cleanup. Runs as the owner (PYEMBED_OWNER_DSN)."))
-app.add_typer(migrate_app, name="migrate")
 eval_app = typer.Typer(no_args_is_help=True, help="Evaluation queries used to validate migrations.")
-app.add_typer(eval_app, name="eval")
 cache_app = typer.Typer(no_args_is_help=True, help="The embedding cache in PostgreSQL.")
+metrics_app = typer.Typer(no_args_is_help=True, help="Prometheus metrics.")
+tenant_app = typer.Typer(no_args_is_help=True, help="Tenants: isolated corpora, limits, members.")
+app.add_typer(db_app, name="db")
+app.add_typer(corpus_app, name="corpus")
+app.add_typer(migrate_app, name="migrate")
+app.add_typer(eval_app, name="eval")
 app.add_typer(cache_app, name="cache")
+app.add_typer(metrics_app, name="metrics")
+app.add_typer(tenant_app, name="tenant")
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
 
@@ -41,46 +55,58 @@ OwnerDsnOption = Annotated[str | None, typer.Option(
     "--dsn", envvar="PYEMBED_OWNER_DSN", help="owner DSN; default: the local cluster's owner")]
 DsnOption = Annotated[str | None, typer.Option("--dsn", envvar=DSN_ENV,
                                                help="libpq DSN; default: the local cluster")]
+TargetKeyOption = Annotated[str, typer.Option("--to", help="target model key")]
 
 
-@db_app.command("init")
-def db_init() -> None:
-    """Create and start the local cluster in $PYEMBED_HOME (default ./.pyembed).
+# -- connections ---------------------------------------------------------------------------
 
-    Example: pyembed db init
-    """
-    c = LocalCluster()
-    made = c.init()
-    console.print(f"{'created' if made else 'already exists'}: {c.home} (port {c.state().port})")
+def _dsn(dsn: str | None, *, owner: bool = False) -> str:
+    """The command's database: --dsn (which reads $PYEMBED_DSN, or $PYEMBED_OWNER_DSN for the
+    owner), else the environment, else the local cluster (DatabaseNotReady if there is none)."""
+    return dsn or resolve_dsn(owner=owner)
 
 
-@db_app.command("start")
-def db_start() -> None:
-    """Start the local cluster.  Example: pyembed db start"""
-    c = LocalCluster()
-    console.print("started" if c.start() else "already running")
+@contextmanager
+def _pyembed_errors(conn: psycopg.Connection[Any]) -> Iterator[None]:
+    """Database errors with a pyembed SQLSTATE as pyembed errors, and a database without the
+    pyembed schema as DatabaseNotReady: `main` prints either as one line."""
+    try:
+        with translated():
+            yield
+    except (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName):
+        if _schema_missing(conn):
+            raise DatabaseNotReady("this database has no pyembed schema: run `pyembed install`"
+                                   ) from None
+        raise
 
 
-@db_app.command("stop")
-def db_stop() -> None:
-    """Stop the local cluster.  Example: pyembed db stop"""
-    c = LocalCluster()
-    console.print("stopped" if c.stop() else "not running")
+def _schema_missing(conn: psycopg.Connection[Any]) -> bool:
+    try:
+        row = conn.execute("SELECT to_regnamespace('pyembed') IS NULL").fetchone()
+    except psycopg.Error:
+        return False  # cannot tell: the original error is the better message
+    return bool(row and row[0])
 
 
-@db_app.command("status")
-def db_status() -> None:
-    """Show whether the local cluster exists and runs.  Example: pyembed db status"""
-    for k, v in LocalCluster().status().items():
-        console.print(f"{k}: {v}")
+@contextmanager
+def _connect(dsn: str | None, *, owner: bool = False) -> Iterator[psycopg.Connection[Any]]:
+    """An autocommit psycopg connection (pgvector registered) to the command's database."""
+    with connect(_dsn(dsn, owner=owner), autocommit=True) as conn, _pyembed_errors(conn):
+        yield conn
 
 
-@db_app.command("url")
-def db_url(owner: Annotated[bool, typer.Option(help="the owner's DSN instead of the app role's")]
-           = False) -> None:
-    """Print the DSN of the local cluster.  Example: psql "$(pyembed db url)" """
-    print(LocalCluster().dsn(owner=owner))
+@contextmanager
+def _client(dsn: str | None, *, owner: bool = False) -> Iterator[Client]:
+    """A pyembed Client on the command's database."""
+    with connect_client(_dsn(dsn, owner=owner)) as client, _pyembed_errors(client.conn):
+        yield client
 
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB" if n < 2**30 else f"{n / 2**30:,.2f} GiB"
+
+
+# -- top-level commands --------------------------------------------------------------------
 
 @app.command("install")
 def install_cmd(
@@ -95,7 +121,7 @@ def install_cmd(
     if sql:
         sys.stdout.write(schema.offline_sql())
         return
-    console.print(f"pyembed schema at revision {schema.install(dsn)}")
+    console.print(f"pyembed schema at revision {schema.install(_dsn(dsn, owner=True))}")
 
 
 @app.command("models")
@@ -110,7 +136,7 @@ def models_cmd(dsn: DsnOption = None) -> None:
                           "models `pyembed install` adds; registered ones show once connected")
         specs = sorted(BUILTIN, key=lambda s: s.key)
     else:
-        with connect(dsn, autocommit=True) as conn:
+        with _connect(dsn) as conn:
             specs = models.registered(conn)
     table = Table()
     for title in ("model key", "dims", "distance", "input types", "batch", "max tokens",
@@ -122,57 +148,6 @@ def models_cmd(dsn: DsnOption = None) -> None:
                       f"{m.price_per_mtok:.2f}" if m.price_per_mtok is not None else "-",
                       m.description)
     console.print(table)
-
-
-@corpus_app.command("create")
-def corpus_create(
-    name: str,
-    model: Annotated[str, typer.Option("--model", help="model key")] = LOCAL_DEFAULT.key,
-    description: str = "",
-    dsn: DsnOption = None,
-) -> None:
-    """Create a corpus pinned to one model key.
-
-    Example: pyembed corpus create docs --model voyage/voyage-3@1:1024
-    """
-    with connect(dsn, autocommit=True) as conn:
-        info = create_corpus(conn, name, model, description)
-    console.print(f"created corpus {info.name} pinned to {info.model_key}")
-
-
-@corpus_app.command("list")
-def corpus_list(dsn: DsnOption = None) -> None:
-    """List corpora with their model keys.  Example: pyembed corpus list"""
-    with connect(dsn, autocommit=True) as conn:
-        rows = list_corpora(conn)
-    table = Table("corpus", "model key", "dims", "migration", "description")
-    for r in rows:
-        table.add_row(r.name, r.model_key, str(r.dimensions),
-                      r.migration_step if r.target_model_key is None
-                      else f"{r.migration_step} -> {r.target_model_key} ({r.traffic_share}%)",
-                      r.description)
-    console.print(table)
-
-
-@corpus_app.command("show")
-def corpus_show(name: str, dsn: DsnOption = None) -> None:
-    """Show one corpus.  Example: pyembed corpus show docs"""
-    with connect(dsn, autocommit=True) as conn:
-        info = corpus_info(conn, name)
-    for k, v in info.__dict__.items():
-        console.print(f"{k}: {v}")
-
-
-@corpus_app.command("drop")
-def corpus_drop(name: str,
-                yes: Annotated[bool, typer.Option("--yes", help="do not ask")] = False,
-                dsn: DsnOption = None) -> None:
-    """Drop a corpus with its documents and vectors.  Example: pyembed corpus drop docs --yes"""
-    if not yes:
-        typer.confirm(f"drop corpus {name} and all its documents and vectors?", abort=True)
-    with connect(dsn, autocommit=True) as conn:
-        dropped = drop_corpus(conn, name)
-    console.print(f"dropped {name}" if dropped else f"no corpus {name}")
 
 
 @app.command("search")
@@ -189,15 +164,11 @@ def search_cmd(
 
     Example: pyembed search docs "what does error E4012 mean" -k 3 --mode hybrid
     """
-    import json
-
-    from .client import connect as client_connect
-
     try:
         flt = json.loads(filter) if filter else None
     except json.JSONDecodeError as exc:
         raise InvalidInput(f"--filter is not valid JSON: {exc}") from None
-    with client_connect(dsn) as client:
+    with _client(dsn) as client:
         hits = client.corpus(corpus).search(query, k=k, filter=flt, mode=mode)
     table = Table("#", "score", "document", "chunk", "text")
     table.add_column("model key", overflow="fold")
@@ -229,10 +200,9 @@ def ingest_cmd(
 
     Example: pyembed ingest docs ./handbook faq.csv beir/scifact/corpus.jsonl
     """
-    from .client import connect as connect_client
     from .ingest import ingest
 
-    with connect_client(dsn) as client:
+    with _client(dsn) as client:
         target = client.corpus(corpus)
         report = ingest(target, paths, batch_size=batch_size, truncate=truncate,
                         progress=not quiet, console=err_console, text_field=text_field,
@@ -273,13 +243,12 @@ def ask_cmd(
 
     Example: pyembed ask docs "What does error E4012 mean?" -k 3
     """
-    from .client import connect as connect_client
     from .rag import answer
 
     def show(piece: str) -> None:
         console.print(piece, end="", markup=False, highlight=False, soft_wrap=True)
 
-    with connect_client(dsn) as client:
+    with _client(dsn) as client:
         result = answer(client.corpus(corpus), question, k=k, model=model,
                         max_tokens=max_tokens, min_score=min_score, mode=mode,
                         on_text=show if stream else None)
@@ -314,34 +283,6 @@ def ask_cmd(
                   highlight=False, markup=False)
 
 
-@cache_app.command("stats")
-def cache_stats(days: int = 30, dsn: DsnOption = None) -> None:
-    """Hits, misses and hit rate per day and model.  Example: pyembed cache stats --days 7"""
-    from . import cache
-
-    with connect(dsn, autocommit=True) as conn:
-        rows = cache.stats(conn, days)
-    table = Table("day", "model key", "hits", "misses", "hit rate", "entries")
-    for r in rows:
-        rate = f"{r.hit_rate:.0%}" if r.hit_rate is not None else "-"
-        table.add_row(str(r.day), r.model_key, str(r.hits), str(r.misses), rate, str(r.entries))
-    console.print(table if rows else "no cache lookups recorded yet")
-
-
-@cache_app.command("purge")
-def cache_purge(
-    model: Annotated[str | None, typer.Option("--model", help="only this model key")] = None,
-    expired: Annotated[bool, typer.Option("--expired", help="only expired entries")] = False,
-    dsn: DsnOption = None,
-) -> None:
-    """Delete cache entries.  Example: pyembed cache purge --model openai/text-embedding-3-small@1:1536"""
-    from . import cache
-
-    with connect(dsn, autocommit=True) as conn:
-        n = cache.purge(conn, model, expired)
-    console.print(f"deleted {n} cache entries")
-
-
 @app.command("worker")
 def worker_cmd(
     batch_size: Annotated[int, typer.Option("--batch-size", help="chunks per claim")] = 64,
@@ -365,7 +306,7 @@ def worker_cmd(
 
     from .worker import Worker
 
-    worker = Worker(dsn, batch_size=batch_size, max_attempts=max_attempts, lease_seconds=lease)
+    worker = Worker(_dsn(dsn), batch_size=batch_size, max_attempts=max_attempts, lease_seconds=lease)
     try:
         with Progress(console=console, transient=True) as bar:
             task = bar.add_task("embedding", total=worker.pending() or None)
@@ -384,6 +325,7 @@ def worker_cmd(
                   f"({stats.rate:.1f} texts/s)")
     if stats.all_failed:
         raise PyembedError(f"every item failed; last error: {stats.errors[-1]}")
+
     def clock(moment: Any) -> str:
         return f"{moment.astimezone():%H:%M:%S}" if moment else "?"  # the local time
 
@@ -399,27 +341,169 @@ def worker_cmd(
         raise SystemExit(3)  # not 1: nothing failed, but the queue is not done
 
 
-def _owner_client(dsn: str | None) -> Any:
-    from .client import connect as client_connect
-    from .db import resolve_dsn
+@app.command("plan-storage")
+def plan_storage(vectors: Annotated[int, typer.Option("--vectors", help="number of vectors")]
+                 = 1_000_000) -> None:
+    """Storage by dimensions: float32 raw, halfvec raw, and with an HNSW index.
 
-    return client_connect(dsn or resolve_dsn(owner=True))
+    Example: pyembed plan-storage --vectors 2000000
+    """
+    table = Table("dimensions", "float32 raw", "halfvec raw", "float32 + HNSW",
+                  title=f"{vectors:,} vectors (HNSW m=16)")
+    for dims in (256, 384, 512, 768, 1024, 1536, 3072):
+        raw, hnsw = migration.storage_bytes(vectors, dims)
+        table.add_row(str(dims), _mb(raw), _mb(vectors * (2 * dims + 8)), _mb(hnsw))
+    console.print(table)
 
 
-def _mb(n: int) -> str:
-    return f"{n / 2**20:,.1f} MiB" if n < 2**30 else f"{n / 2**30:,.2f} GiB"
+@app.command("status")
+def status_cmd(dsn: DsnOption = None) -> None:
+    """Health at a glance: coverage, queue, throughput, cache, latency, with alerts.
 
+    Example: pyembed status       (exits 1 when something is alerting)
+    """
+    with _connect(dsn) as conn:
+        findings = health.report(conn)
+    style = {"ok": "green", "warn": "yellow", "alert": "bold red"}
+    table = Table("area", "subject", "value", "", "note")
+    for f in findings:
+        table.add_row(f.area, f.subject, f.value, f"[{style[f.level]}]{f.level}[/]", f.note)
+    console.print(table if findings else "nothing to report yet: no corpus")
+    alerts = [f for f in findings if f.level == "alert"]
+    if alerts:
+        raise PyembedError(f"{len(alerts)} alert(s): " + "; ".join(
+            f"{f.area} {f.subject}: {f.note}" for f in alerts[:3]))
+
+
+@app.command("usage")
+def usage_cmd(days: int = 30, dsn: DsnOption = None) -> None:
+    """Provider calls, tokens and estimated cost per tenant, corpus and model key.
+
+    Example: pyembed usage --days 7
+    """
+    with _connect(dsn) as conn:
+        rows = tenants.usage(conn, days)
+    table = Table("tenant", "corpus", "model key", "calls", "tokens", "est. cost")
+    for r in rows:
+        table.add_row(r.tenant, r.corpus, r.model_key, f"{r.requests:,}", f"{r.tokens:,}",
+                      f"${r.cost_usd:,.4f}")
+    console.print(table if rows else "no provider calls recorded")
+
+
+@app.command("demo")
+def demo_cmd() -> None:
+    """Run the tour on the embedded default: local cluster, local model, search, the 2 AM guard.
+
+    Example: pyembed demo
+    """
+    from .demo import run
+
+    run(console)
+
+
+# -- pyembed db ----------------------------------------------------------------------------
+
+@db_app.command("init")
+def db_init() -> None:
+    """Create and start the local cluster in $PYEMBED_HOME (default ./.pyembed).
+
+    Example: pyembed db init
+    """
+    c = LocalCluster()
+    made = c.init()
+    console.print(f"{'created' if made else 'already exists'}: {c.home} (port {c.state().port})")
+
+
+@db_app.command("start")
+def db_start() -> None:
+    """Start the local cluster.  Example: pyembed db start"""
+    c = LocalCluster()
+    console.print("started" if c.start() else "already running")
+
+
+@db_app.command("stop")
+def db_stop() -> None:
+    """Stop the local cluster.  Example: pyembed db stop"""
+    c = LocalCluster()
+    console.print("stopped" if c.stop() else "not running")
+
+
+@db_app.command("status")
+def db_status() -> None:
+    """Show whether the local cluster exists and runs.  Example: pyembed db status"""
+    for k, v in LocalCluster().status().items():
+        console.print(f"{k}: {v}")
+
+
+@db_app.command("url")
+def db_url(owner: Annotated[bool, typer.Option(help="the owner's DSN instead of the app role's")]
+           = False) -> None:
+    """Print the DSN of the local cluster.  Example: psql "$(pyembed db url)" """
+    print(LocalCluster().dsn(owner=owner))
+
+
+# -- pyembed corpus ------------------------------------------------------------------------
+
+@corpus_app.command("create")
+def corpus_create(
+    name: str,
+    model: Annotated[str, typer.Option("--model", help="model key")] = LOCAL_DEFAULT.key,
+    description: str = "",
+    dsn: DsnOption = None,
+) -> None:
+    """Create a corpus pinned to one model key.
+
+    Example: pyembed corpus create docs --model voyage/voyage-3@1:1024
+    """
+    with _connect(dsn) as conn:
+        info = create_corpus(conn, name, model, description)
+    console.print(f"created corpus {info.name} pinned to {info.model_key}")
+
+
+@corpus_app.command("list")
+def corpus_list(dsn: DsnOption = None) -> None:
+    """List corpora with their model keys.  Example: pyembed corpus list"""
+    with _connect(dsn) as conn:
+        rows = list_corpora(conn)
+    table = Table("corpus", "model key", "dims", "migration", "description")
+    for r in rows:
+        table.add_row(r.name, r.model_key, str(r.dimensions),
+                      r.migration_step if r.target_model_key is None
+                      else f"{r.migration_step} -> {r.target_model_key} ({r.traffic_share}%)",
+                      r.description)
+    console.print(table)
+
+
+@corpus_app.command("show")
+def corpus_show(name: str, dsn: DsnOption = None) -> None:
+    """Show one corpus.  Example: pyembed corpus show docs"""
+    with _connect(dsn) as conn:
+        info = corpus_info(conn, name)
+    for k, v in info.__dict__.items():
+        console.print(f"{k}: {v}")
+
+
+@corpus_app.command("drop")
+def corpus_drop(name: str,
+                yes: Annotated[bool, typer.Option("--yes", help="do not ask")] = False,
+                dsn: DsnOption = None) -> None:
+    """Drop a corpus with its documents and vectors.  Example: pyembed corpus drop docs --yes"""
+    if not yes:
+        typer.confirm(f"drop corpus {name} and all its documents and vectors?", abort=True)
+    with _connect(dsn) as conn:
+        dropped = drop_corpus(conn, name)
+    console.print(f"dropped {name}" if dropped else f"no corpus {name}")
+
+
+# -- pyembed migrate (as the owner) --------------------------------------------------------
 
 @migrate_app.command("plan")
-def migrate_plan(corpus: str, to: Annotated[str, typer.Option("--to", help="target model key")],
-                 dsn: OwnerDsnOption = None) -> None:
+def migrate_plan(corpus: str, to: TargetKeyOption, dsn: OwnerDsnOption = None) -> None:
     """What moving CORPUS to another model costs: calls, hours, dollars, storage.
 
     Example: pyembed migrate plan docs --to voyage/voyage-3@1:1024
     """
-    from . import migration
-
-    with _owner_client(dsn) as client:
+    with _client(dsn, owner=True) as client:
         p = migration.plan(client, corpus, to)
     table = Table("", "value", title=f"{p.corpus}: {p.from_key} -> {p.to_key}")
     for k, v in [("documents", f"{p.documents:,}"), ("chunks", f"{p.chunks:,}"),
@@ -434,33 +518,13 @@ def migrate_plan(corpus: str, to: Annotated[str, typer.Option("--to", help="targ
     console.print(table)
 
 
-@app.command("plan-storage")
-def plan_storage(vectors: Annotated[int, typer.Option("--vectors", help="number of vectors")]
-                 = 1_000_000) -> None:
-    """Storage by dimensions: float32 raw, halfvec raw, and with an HNSW index.
-
-    Example: pyembed plan-storage --vectors 2000000
-    """
-    from .migration import storage_bytes
-
-    table = Table("dimensions", "float32 raw", "halfvec raw", "float32 + HNSW",
-                  title=f"{vectors:,} vectors (HNSW m=16)")
-    for dims in (256, 384, 512, 768, 1024, 1536, 3072):
-        raw, hnsw = storage_bytes(vectors, dims)
-        table.add_row(str(dims), _mb(raw), _mb(vectors * (2 * dims + 8)), _mb(hnsw))
-    console.print(table)
-
-
 @migrate_app.command("start")
-def migrate_start(corpus: str, to: Annotated[str, typer.Option("--to", help="target model key")],
-                  dsn: OwnerDsnOption = None) -> None:
+def migrate_start(corpus: str, to: TargetKeyOption, dsn: OwnerDsnOption = None) -> None:
     """Pin a target key: new and changed chunks are embedded for both keys from now on.
 
     Example: pyembed migrate start docs --to voyage/voyage-3@1:1024
     """
-    from . import migration
-
-    with _owner_client(dsn) as client:
+    with _client(dsn, owner=True) as client:
         mid = migration.start(client, corpus, to)
     console.print(f"migration {mid} started: {corpus} -> {to}; next: pyembed migrate backfill "
                   f"{corpus}")
@@ -478,9 +542,7 @@ def migrate_backfill(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-    from . import migration
-
-    with _owner_client(dsn) as client, Progress(
+    with _client(dsn, owner=True) as client, Progress(
             "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
             TimeRemainingColumn(), console=console, transient=True) as bar:
         task = bar.add_task("backfill", total=None)
@@ -502,9 +564,7 @@ def migrate_validate(
 
     Example: pyembed migrate validate docs --max-drop 0.01
     """
-    from . import migration
-
-    with _owner_client(dsn) as client:
+    with _client(dsn, owner=True) as client:
         v = migration.validate(client, corpus, max_drop=max_drop)
     table = Table("model key", "Recall@10", "nDCG@10", "ms / query",
                   title=f"{corpus}: {v.queries} evaluation queries; top-10 overlap "
@@ -526,9 +586,7 @@ def migrate_shift(corpus: str, share: int, dsn: OwnerDsnOption = None) -> None:
 
     Example: pyembed migrate shift docs 10     (then 50, then 100)
     """
-    from . import migration
-
-    with _owner_client(dsn) as client:
+    with _client(dsn, owner=True) as client:
         migration.shift(client, corpus, share)
     console.print(f"{corpus}: {share}% of searches now use the new key")
 
@@ -539,9 +597,7 @@ def migrate_complete(corpus: str, dsn: OwnerDsnOption = None) -> None:
 
     Example: pyembed migrate complete docs
     """
-    from . import migration
-
-    with _owner_client(dsn) as client:
+    with _client(dsn, owner=True) as client:
         migration.complete(client, corpus)
     console.print(f"{corpus} is now pinned to its new key; pyembed migrate cleanup {corpus} "
                   "frees the old vectors")
@@ -550,9 +606,7 @@ def migrate_complete(corpus: str, dsn: OwnerDsnOption = None) -> None:
 @migrate_app.command("rollback")
 def migrate_rollback(corpus: str, dsn: OwnerDsnOption = None) -> None:
     """Return every search and write to the old key, at once.  Example: pyembed migrate rollback docs"""
-    from . import migration
-
-    with _owner_client(dsn) as client:
+    with _client(dsn, owner=True) as client:
         migration.rollback(client, corpus)
     console.print(f"{corpus}: rolled back; all searches use the old key")
 
@@ -563,9 +617,7 @@ def migrate_cleanup(corpus: str, dsn: OwnerDsnOption = None) -> None:
 
     Example: pyembed migrate cleanup docs
     """
-    from . import migration
-
-    with _owner_client(dsn) as client:
+    with _client(dsn, owner=True) as client:
         n = migration.cleanup(client, corpus)
     console.print(f"{corpus}: removed {n} vectors of old keys")
 
@@ -573,9 +625,7 @@ def migrate_cleanup(corpus: str, dsn: OwnerDsnOption = None) -> None:
 @migrate_app.command("status")
 def migrate_status(corpus: str, dsn: OwnerDsnOption = None) -> None:
     """Step, shadow-index coverage, errors and traffic share.  Example: pyembed migrate status docs"""
-    from . import migration
-
-    with _owner_client(dsn) as client:
+    with _client(dsn, owner=True) as client:
         st = migration.status(client, corpus)
     cov = f"{st.coverage:.1%}" if st.coverage is not None else "-"
     console.print(f"{st.corpus}: {st.model_key}" + (
@@ -585,6 +635,8 @@ def migrate_status(corpus: str, dsn: OwnerDsnOption = None) -> None:
     for at, step, detail in st.events[:10]:
         console.print(f"  {at}  {step}  {detail if detail else ''}", highlight=False)
 
+
+# -- pyembed eval --------------------------------------------------------------------------
 
 @eval_app.command("add")
 def eval_add(
@@ -597,106 +649,9 @@ def eval_add(
 
     Example: pyembed eval add docs q1 "what is E4012?" --relevant error-e4012
     """
-    from . import migration
-    from .client import connect as client_connect
-
-    with client_connect(dsn) as client:
-        migration.add_eval_query(client, corpus, query_id, query, relevant)
+    with _client(dsn) as client:
+        evaluation.add_eval_query(client, corpus, query_id, query, relevant)
     console.print(f"stored evaluation query {query_id} for {corpus}")
-
-
-@app.command("status")
-def status_cmd(dsn: DsnOption = None) -> None:
-    """Health at a glance: coverage, queue, throughput, cache, latency, with alerts.
-
-    Example: pyembed status       (exits 1 when something is alerting)
-    """
-    from . import health
-
-    with connect(dsn, autocommit=True) as conn:
-        findings = health.report(conn)
-    style = {"ok": "green", "warn": "yellow", "alert": "bold red"}
-    table = Table("area", "subject", "value", "", "note")
-    for f in findings:
-        table.add_row(f.area, f.subject, f.value, f"[{style[f.level]}]{f.level}[/]", f.note)
-    console.print(table if findings else "nothing to report yet: no corpus")
-    alerts = [f for f in findings if f.level == "alert"]
-    if alerts:
-        raise PyembedError(f"{len(alerts)} alert(s): " + "; ".join(
-            f"{f.area} {f.subject}: {f.note}" for f in alerts[:3]))
-
-
-metrics_app = typer.Typer(no_args_is_help=True, help="Prometheus metrics.")
-app.add_typer(metrics_app, name="metrics")
-
-
-@metrics_app.command("serve")
-def metrics_serve(
-    port: Annotated[int, typer.Option(help="port to listen on")] = 9187,
-    address: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
-    dsn: DsnOption = None,
-) -> None:
-    """Serve /metrics for Prometheus (figures read from the database at each scrape).
-
-    Example: pyembed metrics serve --port 9187
-    """
-    from .metrics import serve
-
-    console.print(f"serving http://{address}:{port}/metrics (Ctrl-C stops)")
-    serve(dsn, port=port, address=address)
-
-
-tenant_app = typer.Typer(no_args_is_help=True, help="Tenants: isolated corpora, limits, members.")
-app.add_typer(tenant_app, name="tenant")
-
-
-@tenant_app.command("create")
-def tenant_create(
-    name: str,
-    rpm: Annotated[int | None, typer.Option("--rpm", help="provider requests per minute")] = None,
-    tpm: Annotated[int | None, typer.Option("--tpm", help="tokens per minute")] = None,
-    dsn: OwnerDsnOption = None,
-) -> None:
-    """Create a tenant (as the owner).  Example: pyembed tenant create acme --rpm 300 --tpm 100000"""
-    from .db import resolve_dsn
-    from .tenants import create_tenant
-
-    with connect(dsn or resolve_dsn(owner=True), autocommit=True) as conn:
-        create_tenant(conn, name, requests_per_minute=rpm, tokens_per_minute=tpm)
-    console.print(f"created tenant {name}")
-
-
-@tenant_app.command("add-member")
-def tenant_add_member(
-    tenant: str, role: str,
-    password: Annotated[str | None, typer.Option(help="create ROLE as a login in pyembed_app")]
-    = None,
-    dsn: OwnerDsnOption = None,
-) -> None:
-    """Let a login role act for a tenant.  Example: pyembed tenant add-member acme acme_app"""
-    from .db import resolve_dsn
-    from .tenants import add_member
-
-    with connect(dsn or resolve_dsn(owner=True), autocommit=True) as conn:
-        add_member(conn, tenant, role, create_login=password)
-    console.print(f"{role} now acts for tenant {tenant}")
-
-
-@app.command("usage")
-def usage_cmd(days: int = 30, dsn: DsnOption = None) -> None:
-    """Provider calls, tokens and estimated cost per tenant, corpus and model key.
-
-    Example: pyembed usage --days 7
-    """
-    from .tenants import usage
-
-    with connect(dsn, autocommit=True) as conn:
-        rows = usage(conn, days)
-    table = Table("tenant", "corpus", "model key", "calls", "tokens", "est. cost")
-    for r in rows:
-        table.add_row(r.tenant, r.corpus, r.model_key, f"{r.requests:,}", f"{r.tokens:,}",
-                      f"${r.cost_usd:,.4f}")
-    console.print(table if rows else "no provider calls recorded")
 
 
 @eval_app.command("compare")
@@ -710,10 +665,9 @@ def eval_compare(
 
     Example: pyembed eval compare docs local/all-minilm-l6-v2-int8@1:384 voyage/voyage-3@1:1024
     """
-    from .client import connect as client_connect
     from .compare import compare
 
-    with client_connect(dsn) as client:
+    with _client(dsn) as client:
         chunks, queries, rows = compare(client, corpus, model_keys, sample=sample)
     table = Table("model key", "Recall@10", "nDCG@10", "ms / query", "texts / s",
                   "storage (full, HNSW)", "cost (full)",
@@ -725,16 +679,80 @@ def eval_compare(
     console.print(table)
 
 
-@app.command("demo")
-def demo_cmd() -> None:
-    """Run the tour on the embedded default: local cluster, local model, search, the 2 AM guard.
+# -- pyembed cache -------------------------------------------------------------------------
 
-    Example: pyembed demo
+@cache_app.command("stats")
+def cache_stats(days: int = 30, dsn: DsnOption = None) -> None:
+    """Hits, misses and hit rate per day and model.  Example: pyembed cache stats --days 7"""
+    with _connect(dsn) as conn:
+        rows = cache.stats(conn, days)
+    table = Table("day", "model key", "hits", "misses", "hit rate", "entries")
+    for r in rows:
+        rate = f"{r.hit_rate:.0%}" if r.hit_rate is not None else "-"
+        table.add_row(str(r.day), r.model_key, str(r.hits), str(r.misses), rate, str(r.entries))
+    console.print(table if rows else "no cache lookups recorded yet")
+
+
+@cache_app.command("purge")
+def cache_purge(
+    model: Annotated[str | None, typer.Option("--model", help="only this model key")] = None,
+    expired: Annotated[bool, typer.Option("--expired", help="only expired entries")] = False,
+    dsn: DsnOption = None,
+) -> None:
+    """Delete cache entries.  Example: pyembed cache purge --model openai/text-embedding-3-small@1:1536"""
+    with _connect(dsn) as conn:
+        n = cache.purge(conn, model, expired)
+    console.print(f"deleted {n} cache entries")
+
+
+# -- pyembed metrics -----------------------------------------------------------------------
+
+@metrics_app.command("serve")
+def metrics_serve(
+    port: Annotated[int, typer.Option(help="port to listen on")] = 9187,
+    address: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
+    dsn: DsnOption = None,
+) -> None:
+    """Serve /metrics for Prometheus (figures read from the database at each scrape).
+
+    Example: pyembed metrics serve --port 9187
     """
-    from .demo import run
+    from .metrics import serve
 
-    run(console)
+    target = _dsn(dsn)
+    console.print(f"serving http://{address}:{port}/metrics (Ctrl-C stops)")
+    serve(target, port=port, address=address)
 
+
+# -- pyembed tenant ------------------------------------------------------------------------
+
+@tenant_app.command("create")
+def tenant_create(
+    name: str,
+    rpm: Annotated[int | None, typer.Option("--rpm", help="provider requests per minute")] = None,
+    tpm: Annotated[int | None, typer.Option("--tpm", help="tokens per minute")] = None,
+    dsn: OwnerDsnOption = None,
+) -> None:
+    """Create a tenant (as the owner).  Example: pyembed tenant create acme --rpm 300 --tpm 100000"""
+    with _connect(dsn, owner=True) as conn:
+        tenants.create_tenant(conn, name, requests_per_minute=rpm, tokens_per_minute=tpm)
+    console.print(f"created tenant {name}")
+
+
+@tenant_app.command("add-member")
+def tenant_add_member(
+    tenant: str, role: str,
+    password: Annotated[str | None, typer.Option(help="create ROLE as a login in pyembed_app")]
+    = None,
+    dsn: OwnerDsnOption = None,
+) -> None:
+    """Let a login role act for a tenant.  Example: pyembed tenant add-member acme acme_app"""
+    with _connect(dsn, owner=True) as conn:
+        tenants.add_member(conn, tenant, role, create_login=password)
+    console.print(f"{role} now acts for tenant {tenant}")
+
+
+# -- entry point ---------------------------------------------------------------------------
 
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()

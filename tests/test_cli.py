@@ -92,6 +92,17 @@ def test_errors_are_one_line_and_non_zero(db: Database) -> None:
         assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], out.stderr
 
 
+def test_a_database_without_the_schema_says_run_install(empty_db: Database) -> None:
+    # One line whichever way the command connects: app or owner, connection or client.
+    for args in (("corpus", "list"), ("cache", "stats"), ("models",), ("status",),
+                 ("search", "docs", "a query"), ("migrate", "status", "docs"),
+                 ("tenant", "create", "acme")):
+        out = pyembed(*args, env=db_env(empty_db))
+        assert out.returncode == 1, (args, out.stdout)
+        assert out.stderr.strip() == ("error: this database has no pyembed schema: run "
+                                      "`pyembed install`"), (args, out.stderr)
+
+
 def test_install_sql_prints_a_reviewable_script() -> None:
     out = pyembed("install", "--sql")
     assert out.returncode == 0, out.stderr
