@@ -38,7 +38,7 @@ def connect(dsn: str | None = None, *, owner: bool = False, **kwargs: Any) -> ps
 def translate(exc: psycopg.Error) -> Exception:
     """Our error class for a database error raised by pyembed's SQL, else the error itself."""
     diag = exc.diag
-    message = (diag.message_primary or str(exc)).removeprefix("plpy.Error: ")
+    message = diag.message_primary or str(exc)
     if diag.message_hint:
         message += f" (hint: {diag.message_hint})"
     return errors.from_sqlstate(exc.sqlstate, message) or exc

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -15,7 +16,7 @@ from . import search
 from .cache import PostgresCache
 from .cachekey import HitCounter
 from .chunking import chunk_text, fit_chunks
-from .errors import InvalidInput, MissingAPIKey, PyembedError, UnknownModel
+from .errors import InvalidInput, MissingAPIKey, PyembedError, UnknownModel, redact
 from .models import MODEL_COLUMNS, InputType, ModelSpec, spec_from_row
 from .sqlexec import PlpyExecutor, vector_text
 
@@ -91,12 +92,70 @@ def embedder(plpy: Any, GD: dict[str, Any], key: str) -> Any:
 
 
 def call(plpy: Any, fn: Callable[..., T], GD: dict[str, Any], *args: Any) -> T:
-    """Run `fn(plpy, GD, *args)`; pyembed errors become SQL errors with their own SQLSTATE."""
+    """Run `fn(plpy, GD, *args)`; any error leaves as one plpy.Error with the message, SQLSTATE,
+    DETAIL and HINT a PostgreSQL error would have (see sql_error). The SQL wrapper of each
+    function takes away the "plpy.Error: " that PL/Python puts before the message."""
     try:
         return fn(plpy, GD, *args)
-    except PyembedError as exc:
-        plpy.error(str(exc), sqlstate=exc.sqlstate or "PE009")
-        raise  # plpy.error raises; this line only satisfies the type checker
+    except Exception as exc:
+        message, fields = sql_error(plpy, exc, f"pyembed.{fn.__name__}")
+    plpy.error(message, **fields)
+    raise AssertionError("plpy.error returned")
+
+
+SPI_FIELDS = ("detail", "hint", "query", "position", "schema_name", "table_name", "column_name",
+              "datatype_name", "constraint_name")
+"""The order of a plpy.SPIError's `spidata`, after its packed SQLSTATE."""
+ERROR_FIELDS = ("sqlstate", "detail", "hint", "schema_name", "table_name", "column_name",
+                "datatype_name", "constraint_name")
+"""What plpy.error takes besides the message (and a plpy.Error carries)."""
+
+
+def unpack_sqlstate(code: int) -> str:
+    """PostgreSQL's packed error code (six bits a character, first character lowest) as its five
+    characters."""
+    return "".join(chr(((code >> (6 * i)) & 0x3F) + ord("0")) for i in range(5))
+
+
+def _spi_fields(exc: Any) -> dict[str, Any]:
+    """SQLSTATE, DETAIL, HINT and the named objects of an error from a statement run through SPI
+    (plpy.SPIError: a spiexceptions class has `sqlstate`, a code PL/Python has no class for,
+    such as pyembed's, is only in `spidata`)."""
+    spidata = getattr(exc, "spidata", None)
+    if not spidata:
+        return {"sqlstate": getattr(exc, "sqlstate", None)}
+    fields = dict(zip(SPI_FIELDS, spidata[1:], strict=False))
+    return {"sqlstate": unpack_sqlstate(spidata[0]),
+            **{k: v for k, v in fields.items() if k in ERROR_FIELDS}}
+
+
+def sql_error(plpy: Any, exc: Exception, where: str) -> tuple[str, dict[str, Any]]:
+    """The message and the plpy.error fields of the SQL error `exc` becomes.
+
+    A database error from a statement the function ran keeps its own SQLSTATE, DETAIL and HINT;
+    a pyembed error its SQLSTATE (PE009 where it has none), with the DETAIL and HINT of the
+    database error it was made from, if any. Anything else is a bug: XX000 (internal_error),
+    the exception's class and text, and its traceback in the server log only."""
+    if isinstance(exc, plpy.SPIError):
+        message, fields = str(exc.args[0]) if exc.args else str(exc), _spi_fields(exc)
+    elif isinstance(exc, plpy.Error):
+        message = str(exc.args[0]) if exc.args else str(exc)
+        fields = {k: getattr(exc, k, None) for k in ERROR_FIELDS}
+    elif isinstance(exc, PyembedError):
+        sqlstate = exc.sqlstate or "PE009"
+        origin = exc.__cause__ or exc.__context__
+        fields = _spi_fields(origin) if isinstance(origin, plpy.SPIError) else {}
+        if fields.get("sqlstate") != sqlstate:  # not the database error it stands for
+            fields = {}
+        message, fields["sqlstate"] = str(exc), sqlstate
+    else:
+        plpy.log(f"pyembed: internal error in {where}:\n" + "".join(
+            traceback.format_exception(type(exc), exc, exc.__traceback__)))
+        message = f"internal error in {where}: {type(exc).__name__}: {redact(str(exc))}"
+        fields = {"sqlstate": "XX000",
+                  "hint": "a bug in pyembed: the server log has the Python traceback"}
+    fields["sqlstate"] = fields.get("sqlstate") or "XX000"
+    return message, {k: v for k, v in fields.items() if v is not None}
 
 
 def _input_type(value: str | None) -> InputType:

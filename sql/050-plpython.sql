@@ -1,49 +1,173 @@
--- Embedding from SQL: thin PL/Python wrappers; the logic is in pyembed.indb (typed, tested).
+-- Embedding from SQL: thin wrappers; the logic is in pyembed.indb (typed, tested).
 -- Network calls are bounded by pyembed.http_timeout (seconds, default 10) per request and
 -- pyembed.http_retries (default 2): PL/Python cannot be cancelled while Python runs.
+--
+-- Each function is PL/pgSQL around a PL/Python body, pyembed._<name>, so that its errors read
+-- like PostgreSQL's own. PL/Python reports every Python exception as "<class>: message" with
+-- the traceback as CONTEXT, even one raised by plpy.error. pyembed.indb.call makes every error
+-- a plpy.Error with the SQLSTATE, DETAIL and HINT it should have (a database error's own,
+-- PE001.. for pyembed's, XX000 for a bug); the wrapper raises it again without "plpy.Error: "
+-- and without the traceback (the schema, table and constraint names are not carried). It
+-- catches query_canceled too (a statement timeout inside the function), which WHEN OTHERS
+-- leaves out. RAISE would send an empty DETAIL or HINT as an empty line: hence four RAISEs.
+-- The bodies are SECURITY INVOKER: they run as their wrapper, which has the security mode.
 
-CREATE OR REPLACE FUNCTION pyembed.embed(input text, model_key text,
-                                         input_type text DEFAULT 'document')
+CREATE OR REPLACE FUNCTION pyembed._embed(input text, model_key text, input_type text)
 RETURNS vector
-LANGUAGE plpython3u VOLATILE SECURITY DEFINER
+LANGUAGE plpython3u VOLATILE SECURITY INVOKER
 SET search_path = pg_catalog, pg_temp
 AS $$
 from pyembed import indb
 return indb.call(plpy, indb.embed, GD, input, model_key, input_type)
 $$;
 
-CREATE OR REPLACE FUNCTION pyembed.embed_batch(inputs text[], model_key text,
-                                               input_type text DEFAULT 'document')
+CREATE OR REPLACE FUNCTION pyembed.embed(input text, model_key text,
+                                         input_type text DEFAULT 'document')
+RETURNS vector
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  e_state text; e_message text; e_detail text; e_hint text;
+BEGIN
+  RETURN pyembed._embed(input, model_key, input_type);
+EXCEPTION WHEN OTHERS OR query_canceled THEN
+  GET STACKED DIAGNOSTICS e_state = RETURNED_SQLSTATE, e_message = MESSAGE_TEXT,
+                          e_detail = PG_EXCEPTION_DETAIL, e_hint = PG_EXCEPTION_HINT;
+  e_message := CASE WHEN starts_with(e_message, 'plpy.Error: ') THEN substr(e_message, 13)
+                    ELSE e_message END;
+  IF e_detail = '' AND e_hint = '' THEN
+    RAISE EXCEPTION USING ERRCODE = e_state, MESSAGE = e_message;
+  ELSIF e_hint = '' THEN
+    RAISE EXCEPTION USING ERRCODE = e_state, MESSAGE = e_message, DETAIL = e_detail;
+  ELSIF e_detail = '' THEN
+    RAISE EXCEPTION USING ERRCODE = e_state, MESSAGE = e_message, HINT = e_hint;
+  ELSE
+    RAISE EXCEPTION USING ERRCODE = e_state, MESSAGE = e_message, DETAIL = e_detail,
+                          HINT = e_hint;
+  END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION pyembed._embed_batch(inputs text[], model_key text, input_type text)
 RETURNS vector[]
-LANGUAGE plpython3u VOLATILE SECURITY DEFINER
+LANGUAGE plpython3u VOLATILE SECURITY INVOKER
 SET search_path = pg_catalog, pg_temp
 AS $$
 from pyembed import indb
 return indb.call(plpy, indb.embed_batch, GD, inputs, model_key, input_type)
 $$;
 
+CREATE OR REPLACE FUNCTION pyembed.embed_batch(inputs text[], model_key text,
+                                               input_type text DEFAULT 'document')
+RETURNS vector[]
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  e_state text; e_message text; e_detail text; e_hint text;
+BEGIN
+  RETURN pyembed._embed_batch(inputs, model_key, input_type);
+EXCEPTION WHEN OTHERS OR query_canceled THEN
+  GET STACKED DIAGNOSTICS e_state = RETURNED_SQLSTATE, e_message = MESSAGE_TEXT,
+                          e_detail = PG_EXCEPTION_DETAIL, e_hint = PG_EXCEPTION_HINT;
+  e_message := CASE WHEN starts_with(e_message, 'plpy.Error: ') THEN substr(e_message, 13)
+                    ELSE e_message END;
+  IF e_detail = '' AND e_hint = '' THEN
+    RAISE EXCEPTION USING ERRCODE = e_state, MESSAGE = e_message;
+  ELSIF e_hint = '' THEN
+    RAISE EXCEPTION USING ERRCODE = e_state, MESSAGE = e_message, DETAIL = e_detail;
+  ELSIF e_detail = '' THEN
+    RAISE EXCEPTION USING ERRCODE = e_state, MESSAGE = e_message, HINT = e_hint;
+  ELSE
+    RAISE EXCEPTION USING ERRCODE = e_state, MESSAGE = e_message, DETAIL = e_detail,
+                          HINT = e_hint;
+  END IF;
+END
+$$;
+
 -- Search by text: the query is embedded with the corpus's own model, so no mismatch is possible.
 -- mode: 'vector' (default), 'keyword' (BM25) or 'hybrid' (both, fused by reciprocal rank).
-CREATE OR REPLACE FUNCTION pyembed.search_text(corpus text, query text, k integer DEFAULT 10,
-                                               filter jsonb DEFAULT NULL, mode text DEFAULT 'vector')
+CREATE OR REPLACE FUNCTION pyembed._search_text(corpus text, query text, k integer,
+                                                filter jsonb, mode text)
 RETURNS TABLE (document_id text, chunk_id bigint, chunk_index integer, content text,
                metadata jsonb, score double precision, model_key text)
-LANGUAGE plpython3u VOLATILE SECURITY DEFINER
+LANGUAGE plpython3u VOLATILE SECURITY INVOKER
 SET search_path = pg_catalog, pg_temp
 AS $$
 from pyembed import indb
 return indb.call(plpy, indb.search_text, GD, corpus, query, k, filter, mode)
 $$;
 
+CREATE OR REPLACE FUNCTION pyembed.search_text(corpus text, query text, k integer DEFAULT 10,
+                                               filter jsonb DEFAULT NULL, mode text DEFAULT 'vector')
+RETURNS TABLE (document_id text, chunk_id bigint, chunk_index integer, content text,
+               metadata jsonb, score double precision, model_key text)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  e_state text; e_message text; e_detail text; e_hint text;
+BEGIN
+  RETURN QUERY SELECT * FROM pyembed._search_text(corpus, query, k, filter, mode);
+EXCEPTION WHEN OTHERS OR query_canceled THEN
+  GET STACKED DIAGNOSTICS e_state = RETURNED_SQLSTATE, e_message = MESSAGE_TEXT,
+                          e_detail = PG_EXCEPTION_DETAIL, e_hint = PG_EXCEPTION_HINT;
+  e_message := CASE WHEN starts_with(e_message, 'plpy.Error: ') THEN substr(e_message, 13)
+                    ELSE e_message END;
+  IF e_detail = '' AND e_hint = '' THEN
+    RAISE EXCEPTION USING ERRCODE = e_state, MESSAGE = e_message;
+  ELSIF e_hint = '' THEN
+    RAISE EXCEPTION USING ERRCODE = e_state, MESSAGE = e_message, DETAIL = e_detail;
+  ELSIF e_detail = '' THEN
+    RAISE EXCEPTION USING ERRCODE = e_state, MESSAGE = e_message, HINT = e_hint;
+  ELSE
+    RAISE EXCEPTION USING ERRCODE = e_state, MESSAGE = e_message, DETAIL = e_detail,
+                          HINT = e_hint;
+  END IF;
+END
+$$;
+
 -- Store a document: chunked here, embedded later by `pyembed worker` (the chunks are queued).
-CREATE OR REPLACE FUNCTION pyembed.add_document(corpus text, document_id text, content text,
-                                                metadata jsonb DEFAULT '{}')
+-- It runs as the caller (row-level security keeps it to its tenant), so the caller executes
+-- the body too.
+CREATE OR REPLACE FUNCTION pyembed._add_document(corpus text, document_id text, content text,
+                                                 metadata jsonb)
 RETURNS integer
 LANGUAGE plpython3u VOLATILE SECURITY INVOKER
 SET search_path = pg_catalog, pg_temp
 AS $$
 from pyembed import indb
 return indb.call(plpy, indb.add_document, GD, corpus, document_id, content, metadata)
+$$;
+GRANT EXECUTE ON FUNCTION pyembed._add_document(text, text, text, jsonb) TO pyembed_app;
+
+CREATE OR REPLACE FUNCTION pyembed.add_document(corpus text, document_id text, content text,
+                                                metadata jsonb DEFAULT '{}')
+RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  e_state text; e_message text; e_detail text; e_hint text;
+BEGIN
+  RETURN pyembed._add_document(corpus, document_id, content, metadata);
+EXCEPTION WHEN OTHERS OR query_canceled THEN
+  GET STACKED DIAGNOSTICS e_state = RETURNED_SQLSTATE, e_message = MESSAGE_TEXT,
+                          e_detail = PG_EXCEPTION_DETAIL, e_hint = PG_EXCEPTION_HINT;
+  e_message := CASE WHEN starts_with(e_message, 'plpy.Error: ') THEN substr(e_message, 13)
+                    ELSE e_message END;
+  IF e_detail = '' AND e_hint = '' THEN
+    RAISE EXCEPTION USING ERRCODE = e_state, MESSAGE = e_message;
+  ELSIF e_hint = '' THEN
+    RAISE EXCEPTION USING ERRCODE = e_state, MESSAGE = e_message, DETAIL = e_detail;
+  ELSIF e_detail = '' THEN
+    RAISE EXCEPTION USING ERRCODE = e_state, MESSAGE = e_message, HINT = e_hint;
+  ELSE
+    RAISE EXCEPTION USING ERRCODE = e_state, MESSAGE = e_message, DETAIL = e_detail,
+                          HINT = e_hint;
+  END IF;
+END
 $$;
 
 -- API keys for the functions above; only the owner can set or read them.

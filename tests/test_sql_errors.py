@@ -1,0 +1,276 @@
+"""Errors from the PL/Python functions (pyembed.embed, embed_batch, search_text, add_document)
+read like PostgreSQL's own: the message without a Python class or traceback, the SQLSTATE of
+the error (PE001..PE010 for pyembed's, the database's own code for an error from a statement
+the function ran), and its DETAIL and HINT. Called as the application role unless stated.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import psycopg
+import pytest
+
+from pyembed import indb
+from pyembed.db import connect, translate
+from pyembed.errors import ConfigError, InvalidInput, UnknownCorpus
+from tests.conftest import Database
+
+FAKE = "fake/fake-hash@1:384"
+NO_SUCH_CORPUS_HINT = "`pyembed corpus list` shows the corpora"
+PYTHON_LABELS = ("plpy.", "spiexceptions.", "Traceback", "PL/Python")
+
+
+def sql_error(conn: psycopg.Connection[Any], query: str, params: tuple[Any, ...] = ()
+              ) -> psycopg.Error:
+    with pytest.raises(psycopg.Error) as err:
+        conn.execute(query, params)
+    return err.value
+
+
+def assert_reads_like_postgres(err: psycopg.Error, sqlstate: str, message: str, *,
+                               detail: str | None = None, hint: str | None = None) -> None:
+    """`err` has `sqlstate`, a message that starts with `message` and no Python in it, and
+    DETAIL and HINT that start with `detail` and `hint` (absent where those are None)."""
+    diag = err.diag
+    primary = diag.message_primary or ""
+    assert err.sqlstate == sqlstate, (err.sqlstate, primary)
+    assert primary.startswith(message), primary
+    for label in PYTHON_LABELS:
+        assert label not in primary, primary
+        assert label not in (diag.message_detail or ""), diag.message_detail
+    assert "Traceback" not in (diag.context or ""), diag.context
+    if detail is None:
+        assert diag.message_detail is None, diag.message_detail
+    else:
+        assert (diag.message_detail or "").startswith(detail), diag.message_detail
+    if hint is None:
+        assert diag.message_hint is None, diag.message_hint
+    else:
+        assert (diag.message_hint or "").startswith(hint), diag.message_hint
+
+
+@pytest.fixture
+def docs(app: psycopg.Connection[Any]) -> str:
+    app.execute("SELECT pyembed.create_corpus('docs', %s)", (FAKE,))
+    app.execute("SELECT pyembed.add_document('docs', 'd1', 'PostgreSQL keeps the vectors.')")
+    return "docs"
+
+
+@pytest.fixture
+def cache_refuses_new_entries(owner: psycopg.Connection[Any]) -> None:
+    """Any new cache entry violates a check constraint: an error of the database's own, raised
+    inside the in-database functions when they store an embedding (a test-only device)."""
+    owner.execute("ALTER TABLE pyembed.embedding_cache ADD CONSTRAINT sqlerr_no_entries "
+                  "CHECK (false) NOT VALID")
+
+
+# -- pyembed's own errors, raised in Python or by the SQL the functions run ------------------
+
+@pytest.mark.parametrize(("query", "params", "sqlstate", "message", "hint"), [
+    ("SELECT pyembed.embed('', %s)", (FAKE,), "PE005", "text 0 is empty or only whitespace",
+     None),
+    ("SELECT pyembed.embed('a text', 'nobody/none@1:3')", (), "PE006",
+     "unknown model key 'nobody/none@1:3'", None),
+    ("SELECT pyembed.embed('a text', %s, 'question')", (FAKE,), "PE005",
+     "input_type must be 'document' or 'query'", None),
+    ("SELECT pyembed.embed_batch(ARRAY['a', NULL], %s)", (FAKE,), "PE005",
+     "embed_batch() needs texts (no NULLs) and a model key", None),
+    ("SELECT pyembed.embed_batch(ARRAY['a'], 'nobody/none@1:3')", (), "PE006",
+     "unknown model key 'nobody/none@1:3'", None),
+    ("SELECT * FROM pyembed.search_text('nope', 'a query')", (), "PE002",
+     "unknown corpus 'nope'", NO_SUCH_CORPUS_HINT),
+    ("SELECT * FROM pyembed.search_text('docs', 'a query', 0)", (), "PE005",
+     "k must be 1..1000, got 0", None),
+    ("SELECT * FROM pyembed.search_text('docs', 'a query', 5, '[1]')", (), "PE005",
+     "a metadata filter is a JSON object, not array", None),
+    ("SELECT * FROM pyembed.search_text('docs', 'a query', 5, NULL, 'fuzzy')", (), "PE005",
+     "mode must be one of vector, keyword, hybrid, not 'fuzzy'", None),
+    ("SELECT * FROM pyembed.search_text('docs', NULL)", (), "PE005",
+     "search_text() needs a query text (got NULL)", None),
+    ("SELECT pyembed.add_document('nope', 'd2', 'some text')", (), "PE002",
+     "unknown corpus 'nope'", NO_SUCH_CORPUS_HINT),
+    ("SELECT pyembed.add_document('docs', '', 'some text')", (), "PE005",
+     "add_document() needs a document id", None),
+    ("SELECT pyembed.add_document('docs', 'd2', 'some text', '[1]')", (), "PE005",
+     "metadata must be a JSON object", None),
+    ("SELECT pyembed.add_document('docs', 'd2', '   ')", (), "PE005",
+     "document 'd2' is empty or only whitespace", None),
+])
+def test_a_pyembed_error_keeps_its_sqlstate_and_hint_without_python(
+        app: psycopg.Connection[Any], docs: str, query: str, params: tuple[Any, ...],
+        sqlstate: str, message: str, hint: str | None) -> None:
+    assert_reads_like_postgres(sql_error(app, query, params), sqlstate, message, hint=hint)
+
+
+def test_the_python_api_reads_the_same_error_without_a_prefix_to_strip(
+        app: psycopg.Connection[Any]) -> None:
+    err = sql_error(app, "SELECT * FROM pyembed.search_text('nope', 'a query')")
+    assert str(translate(err)) == f"unknown corpus 'nope' (hint: {NO_SUCH_CORPUS_HINT})"
+
+
+# -- the database's own errors from statements the functions run -----------------------------
+
+@pytest.mark.parametrize("query", [
+    "SELECT pyembed.embed('a text to store', %s)",
+    "SELECT pyembed.embed_batch(ARRAY['one text', 'another'], %s)",
+    "SELECT * FROM pyembed.search_text('docs', 'a query to embed')",
+])
+def test_a_check_violation_keeps_its_sqlstate_and_detail(
+        app: psycopg.Connection[Any], docs: str, cache_refuses_new_entries: None,
+        query: str) -> None:
+    err = sql_error(app, query, (FAKE,) if "%s" in query else ())
+    assert_reads_like_postgres(err, "23514", 'new row for relation "embedding_cache" violates '
+                               'check constraint "sqlerr_no_entries"',
+                               detail="Failing row contains")
+
+
+def test_add_document_reports_a_check_violation(app: psycopg.Connection[Any],
+                                                docs: str) -> None:
+    err = sql_error(app, "SELECT pyembed.add_document('docs', %s, 'some text')", ("x" * 600,))
+    # No "Failing row contains": PostgreSQL shows no row of a table under row-level security.
+    assert_reads_like_postgres(err, "23514", 'new row for relation "documents" violates check '
+                               'constraint "documents_document_id_check"')
+
+
+def test_add_document_reports_a_lock_timeout(db: Database, app: psycopg.Connection[Any],
+                                             docs: str) -> None:
+    with connect(db.owner_dsn) as holder:
+        holder.execute("SELECT FROM pyembed.documents WHERE document_id = 'd1' FOR UPDATE")
+        app.execute("SET lock_timeout = '200ms'")
+        err = sql_error(app, "SELECT pyembed.add_document('docs', 'd1', 'new text')")
+        holder.rollback()
+    assert_reads_like_postgres(err, "55P03", "canceling statement due to lock timeout")
+
+
+def test_add_document_reports_a_deadlock_with_its_detail_and_hint(db: Database,
+                                                                 docs: str) -> None:
+    add = "SELECT pyembed.add_document('docs', %s, 'some text')"
+    errors: list[psycopg.Error] = []
+    with connect(db.app_dsn) as first, connect(db.app_dsn) as second:
+        first.execute(add, ("a",))
+        second.execute(add, ("b",))
+
+        def cross(conn: psycopg.Connection[Any], document_id: str) -> None:
+            try:
+                conn.execute(add, (document_id,))
+            except psycopg.Error as exc:
+                errors.append(exc)
+            finally:
+                conn.rollback()
+
+        waiting = threading.Thread(target=cross, args=(first, "b"))
+        waiting.start()
+        try:
+            cross(second, "a")
+        finally:
+            waiting.join(30)
+    assert len(errors) == 1, errors
+    assert_reads_like_postgres(errors[0], "40P01", "deadlock detected",
+                               detail="Process ", hint="See server log for query details.")
+
+
+# -- statements and bugs, provoked by the owner replacing a function in its own backend -------
+
+def replace_embed(owner: psycopg.Connection[Any], body: str) -> None:
+    """pyembed.indb.embed replaced in the owner's backend (a superuser's DO block)."""
+    code = f"import pyembed.indb as indb\ndef embed(plpy, GD, *args):\n    {body}\nindb.embed = embed"
+    owner.execute(f"DO $py${code}$py$ LANGUAGE plpython3u")
+
+
+def test_a_statement_timeout_inside_the_function_keeps_its_sqlstate(
+        owner: psycopg.Connection[Any]) -> None:
+    replace_embed(owner, "plpy.execute('SELECT pg_sleep(5)')")
+    owner.execute("SET statement_timeout = '200ms'")
+    err = sql_error(owner, "SELECT pyembed.embed('a text', %s)", (FAKE,))
+    assert_reads_like_postgres(err, "57014", "canceling statement due to statement timeout")
+
+
+def test_a_bug_is_an_internal_error_without_its_traceback(owner: psycopg.Connection[Any]) -> None:
+    replace_embed(owner, "raise TypeError(\"unsupported operand type(s) for +: 'int' and 'str'\")")
+    err = sql_error(owner, "SELECT pyembed.embed('a text', %s)", (FAKE,))
+    assert_reads_like_postgres(err, "XX000", "internal error in pyembed.embed: TypeError: "
+                               "unsupported operand type(s) for +: 'int' and 'str'",
+                               hint="a bug in pyembed")
+
+
+# -- indb.sql_error, with stand-ins for PL/Python's exception classes ------------------------
+
+class FakePlpy:
+    """PL/Python's plpy as far as indb.sql_error uses it."""
+
+    class Error(Exception):
+        sqlstate = detail = hint = None
+
+    class SPIError(Exception):
+        spidata: tuple[Any, ...] | None = None
+
+    def __init__(self) -> None:
+        self.logged: list[str] = []
+
+    def log(self, message: str) -> None:
+        self.logged.append(message)
+
+
+def pack_sqlstate(code: str) -> int:
+    """PostgreSQL's MAKE_SQLSTATE."""
+    return sum(((ord(ch) - ord("0")) & 0x3F) << (6 * i) for i, ch in enumerate(code))
+
+
+def spi_error(plpy: FakePlpy, message: str, sqlstate: str, detail: str | None = None,
+              hint: str | None = None) -> Exception:
+    exc = plpy.SPIError(message)
+    exc.spidata = (pack_sqlstate(sqlstate), detail, hint, None, 0, "pyembed", "documents", None,
+                   None, "documents_document_id_check")
+    return exc
+
+
+@pytest.mark.parametrize("code", ["PE002", "23514", "55P03", "40P01", "XX000", "57014"])
+def test_a_packed_sqlstate_unpacks(code: str) -> None:
+    assert indb.unpack_sqlstate(pack_sqlstate(code)) == code
+
+
+def test_sql_error_keeps_what_the_database_error_said() -> None:
+    plpy = FakePlpy()
+    exc = spi_error(plpy, "deadlock detected", "40P01", "Process 1 waits", "See server log")
+    assert indb.sql_error(plpy, exc, "pyembed.add_document") == ("deadlock detected", {
+        "sqlstate": "40P01", "detail": "Process 1 waits", "hint": "See server log",
+        "schema_name": "pyembed", "table_name": "documents",
+        "constraint_name": "documents_document_id_check"})
+
+
+def test_sql_error_gives_a_pyembed_error_the_hint_of_the_error_it_stands_for() -> None:
+    plpy = FakePlpy()
+    try:  # as sqlexec.PlpyExecutor maps a database error with a pyembed SQLSTATE
+        try:
+            raise spi_error(plpy, "unknown corpus 'nope'", "PE002", hint=NO_SUCH_CORPUS_HINT)
+        except plpy.SPIError:
+            raise UnknownCorpus("unknown corpus 'nope'") from None
+    except UnknownCorpus as exc:
+        message, fields = indb.sql_error(plpy, exc, "pyembed.search_text")
+    assert message == "unknown corpus 'nope'"
+    assert fields["sqlstate"] == "PE002" and fields["hint"] == NO_SUCH_CORPUS_HINT
+    # Raised while another database error was being handled: none of that error's fields.
+    try:
+        try:
+            raise spi_error(plpy, "deadlock detected", "40P01", "Process 1 waits")
+        except plpy.SPIError:
+            raise InvalidInput("bad input") from None
+    except InvalidInput as exc:
+        assert indb.sql_error(plpy, exc, "pyembed.embed") == ("bad input", {"sqlstate": "PE005"})
+    assert indb.sql_error(plpy, ConfigError("no provider"), "pyembed.embed") == (
+        "no provider", {"sqlstate": "PE009"})
+
+
+def test_sql_error_reports_a_bug_without_its_traceback_or_secrets() -> None:
+    plpy = FakePlpy()
+    try:
+        raise KeyError("Bearer sk-live-0123456789abcdef")
+    except KeyError as exc:
+        message, fields = indb.sql_error(plpy, exc, "pyembed.embed")
+    assert message.startswith("internal error in pyembed.embed: KeyError: ")
+    assert "0123456789abcdef" not in message and "Traceback" not in message
+    assert fields == {"sqlstate": "XX000",
+                      "hint": "a bug in pyembed: the server log has the Python traceback"}
+    assert "Traceback (most recent call last)" in plpy.logged[0]
