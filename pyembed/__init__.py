@@ -14,6 +14,7 @@ from .errors import (
     ProviderError,
     PyembedError,
     RateLimited,
+    ReadOnlyReplica,
     UnknownCorpus,
     UnknownModel,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "ProviderError",
     "PyembedError",
     "RateLimited",
+    "ReadOnlyReplica",
     "UnknownCorpus",
     "UnknownModel",
     "connect",

@@ -41,6 +41,10 @@ eval_app = typer.Typer(no_args_is_help=True, help="Evaluation queries used to va
 cache_app = typer.Typer(no_args_is_help=True, help="The embedding cache in PostgreSQL.")
 metrics_app = typer.Typer(no_args_is_help=True, help="Prometheus metrics.")
 tenant_app = typer.Typer(no_args_is_help=True, help="Tenants: isolated corpora, limits, members.")
+replica_app = typer.Typer(no_args_is_help=True, help=(
+    "Streaming replicas of the local cluster on loopback, to serve searches "
+    "(PYEMBED_READ_DSN): made with PostgreSQL's pg_basebackup -R."))
+db_app.add_typer(replica_app, name="replica")
 app.add_typer(db_app, name="db")
 app.add_typer(corpus_app, name="corpus")
 app.add_typer(migrate_app, name="migrate")
@@ -440,6 +444,41 @@ def db_url(owner: Annotated[bool, typer.Option(help="the owner's DSN instead of 
            = False) -> None:
     """Print the DSN of the local cluster.  Example: psql "$(pyembed db url)" """
     print(LocalCluster().dsn(owner=owner))
+
+
+@replica_app.command("add")
+def replica_add(name: str) -> None:
+    """Make a hot standby of the local cluster and start it; prints its read DSN.
+
+    Example: export PYEMBED_READ_DSN="$(pyembed db replica add r1)"
+    """
+    replica = LocalCluster().add_replica(name)
+    err_console.print(f"replica {name} streams from the local cluster on port "
+                      f"{replica.state().port}")
+    print(replica.dsn())
+
+
+@replica_app.command("list")
+def replica_list() -> None:
+    """The local cluster's replicas, with how far each is behind.  Example: pyembed db replica list"""
+    cluster = LocalCluster()
+    table = Table("replica", "port", "running", "WAL behind", "last replay")
+    for name in cluster.replicas():
+        replica = cluster.replica(name)
+        lag: dict[str, object] = {}
+        if replica.running() and cluster.running():
+            lag = cluster.replica_lag(name)
+        seconds = lag.get("seconds_since_replay")
+        table.add_row(name, str(replica.state().port), "yes" if replica.running() else "no",
+                      f"{lag['bytes_behind']:,} bytes" if lag else "-",
+                      f"{seconds:.1f} s ago" if isinstance(seconds, float) else "-")
+    console.print(table if cluster.replicas() else "no replicas: pyembed db replica add NAME")
+
+
+@replica_app.command("remove")
+def replica_remove(name: str) -> None:
+    """Stop a replica and delete its copy.  Example: pyembed db replica remove r1"""
+    console.print("removed" if LocalCluster().remove_replica(name) else f"no replica {name}")
 
 
 # -- pyembed corpus ------------------------------------------------------------------------

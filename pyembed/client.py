@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ import psycopg
 from . import models
 from .cache import PostgresCache
 from .chunking import chunk_text, fit_chunks
+from .config import READ_DSN_ENV
 from .corpora import (
     ChunkRow,
     CorpusInfo,
@@ -27,7 +29,13 @@ from .corpora import (
 )
 from .db import connect as db_connect
 from .embedder import Embedder
-from .errors import InvalidInput, ModelMismatch
+from .errors import (
+    DatabaseNotReady,
+    InvalidInput,
+    ModelMismatch,
+    ReadOnlyReplica,
+    UnknownCorpus,
+)
 from .models import LOCAL_DEFAULT, InputType, ModelSpec
 from .search import Hit, Route, as_hits, route, search, search_text
 from .sqlexec import PsycopgExecutor
@@ -72,8 +80,13 @@ class Client:
     """A connection to a pyembed database with an embedder per model key (sharing the cache)."""
 
     def __init__(self, conn: psycopg.Connection[Any], *, use_cache: bool = True,
-                 log_queries: bool = True) -> None:
+                 log_queries: bool = True, read_conn: psycopg.Connection[Any] | None = None,
+                 max_replica_wait: float = 5.0) -> None:
         self.conn = conn
+        self.read_conn = read_conn or conn
+        """Where searches run: a replica's connection, or `conn` (the primary)."""
+        self.max_replica_wait = max_replica_wait
+        self._written_lsn: str | None = None
         self.cache = PostgresCache(conn) if use_cache else None
         self.log_queries = log_queries
         self.current_corpus_id: int | None = None
@@ -106,6 +119,7 @@ class Client:
     def create_corpus(self, name: str, model_key: str = LOCAL_DEFAULT.key, description: str = "",
                       chunk_tokens: int = 200, chunk_overlap: int = 40) -> Corpus:
         create_corpus(self.conn, name, model_key, description, chunk_tokens, chunk_overlap)
+        self.wrote()
         return self.corpus(name)
 
     def corpus(self, name: str) -> Corpus:
@@ -116,6 +130,34 @@ class Client:
 
     def drop_corpus(self, name: str) -> bool:
         return drop_corpus(self.conn, name)
+
+    def wrote(self) -> None:
+        """Note that this client has written: its next search on a replica waits until the
+        replica has replayed it (read your own writes)."""
+        if self.read_conn is not self.conn:
+            row = self.conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+            self._written_lsn = row[0] if row else None
+
+    def reader(self) -> psycopg.Connection[Any]:
+        """The connection searches run on, once it has what this client wrote (a replica that
+        has not replayed it within `max_replica_wait` seconds is ReadOnlyReplica)."""
+        if self.read_conn is self.conn or self._written_lsn is None:
+            return self.read_conn
+        deadline = time.monotonic() + self.max_replica_wait
+        while True:
+            row = self.read_conn.execute(
+                "SELECT coalesce(pg_last_wal_replay_lsn() >= %s::pg_lsn, true), "
+                "pg_wal_lsn_diff(%s::pg_lsn, pg_last_wal_replay_lsn())",
+                (self._written_lsn, self._written_lsn)).fetchone()
+            if row is None or row[0]:
+                self._written_lsn = None
+                return self.read_conn
+            if time.monotonic() >= deadline:
+                raise ReadOnlyReplica(
+                    f"the read replica has not replayed this client's last write after "
+                    f"{self.max_replica_wait:g} s ({int(row[1] or 0):,} bytes of WAL behind): "
+                    f"search the primary, or retry when the replica has caught up")
+            time.sleep(0.02)
 
     def close(self) -> None:
         if self.cache is not None:
@@ -191,6 +233,7 @@ class Corpus:
                 try:
                     write_chunks(self.client.conn, self.info, rows, self.model_key,
                                        texts={d.id: d.text for d in todo}, also=also)
+                    self.client.wrote()
                     break
                 except ModelMismatch:
                     if attempt == 2:
@@ -217,13 +260,26 @@ class Corpus:
                  mode: str = "vector", translate: Callable[[str], str] | None = None
                  ) -> Retrieval:
         """`search` without the query log: the hits, the key that served them and timings."""
+        try:
+            return self._retrieve(query, k, filter, model_key, mode=mode, translate=translate)
+        except UnknownCorpus:
+            if self.client.read_conn is self.client.conn:
+                raise
+            corpus_info(self.client.conn, self.name)  # UnknownCorpus if the primary has none
+            raise ReadOnlyReplica(f"corpus {self.name!r} is not on the read replica yet (it "
+                                  f"lags behind the primary): search the primary, or retry "
+                                  f"when the replica has caught up") from None
+
+    def _retrieve(self, query: str | Sequence[float] | np.ndarray, k: int,
+                  filter: Mapping[str, Any] | None, model_key: str | None, *, mode: str,
+                  translate: Callable[[str], str] | None) -> Retrieval:
         started = time.perf_counter()
         if not isinstance(query, str):
             if model_key is None:
                 raise TypeError("a query vector needs model_key=... (the model that made it)")
             if mode != "vector":
                 raise InvalidInput(f"{mode} search needs the query text, not a vector")
-            found = search(self.client.conn, self.name, np.asarray(query, dtype=np.float32),
+            found = search(self.client.reader(), self.name, np.asarray(query, dtype=np.float32),
                            model_key, k, filter)
             done = time.perf_counter()
             return Retrieval(found, model_key, None, {"embed_ms": None,
@@ -243,7 +299,8 @@ class Corpus:
             return vector
 
         rows, where = search_text(PsycopgExecutor(self.client.conn), self.name, query, k, filter,
-                                  mode, embed_query)
+                                  mode, embed_query,
+                                  read=PsycopgExecutor(self.client.reader()))
         done = time.perf_counter()
         split = embedded[-1] if embedded else started
         return Retrieval(as_hits(rows), None if mode == "keyword" else where.key, cache_hit[0],
@@ -284,8 +341,21 @@ def _as_document(d: Document | tuple[str, str] | Mapping[str, Any]) -> Document:
     return Document(str(d["id"]), d["text"], dict(d.get("metadata") or {}))
 
 
-def connect(dsn: str | None = None, *, use_cache: bool = True, log_queries: bool = True
-            ) -> Client:
-    """A client for the database at `dsn` ($PYEMBED_DSN, else the local cluster)."""
-    return Client(db_connect(dsn, autocommit=True), use_cache=use_cache,
-                  log_queries=log_queries)
+def connect(dsn: str | None = None, *, read_dsn: str | None = None, use_cache: bool = True,
+            log_queries: bool = True) -> Client:
+    """A client for the database at `dsn` ($PYEMBED_DSN, else the local cluster). Searches run
+    on `read_dsn` ($PYEMBED_READ_DSN) when given: a replica, or a libpq multi-host DSN such as
+    `host=a,b target_session_attrs=prefer-standby load_balance_hosts=random`; everything
+    that writes (documents, usage, the cache, the query log) goes to `dsn`."""
+    read_dsn = read_dsn or os.environ.get(READ_DSN_ENV) or None
+    conn = db_connect(dsn, autocommit=True)
+    try:
+        read_conn = db_connect(read_dsn, autocommit=True) if read_dsn else None
+    except psycopg.OperationalError as exc:
+        conn.close()
+        raise DatabaseNotReady("no server of the read DSN answered (every replica down?): "
+                               + " ".join(str(exc).split())[:300]) from None
+    except BaseException:
+        conn.close()
+        raise
+    return Client(conn, read_conn=read_conn, use_cache=use_cache, log_queries=log_queries)

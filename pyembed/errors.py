@@ -86,10 +86,18 @@ class RateLimited(ProviderError):
     sqlstate = "PE010"
 
 
+class ReadOnlyReplica(PyembedError):
+    """A call that must write (to account a provider call) was made on a read-only replica or
+    in a read-only transaction; or the replica has not yet replayed what this client wrote."""
+
+    sqlstate = "PE011"
+
+
 _BY_SQLSTATE: dict[str, type[PyembedError]] = {
     cls.sqlstate: cls
     for cls in (ModelMismatch, UnknownCorpus, InvalidVector, ModelKeyLocked, InvalidInput,
-                UnknownModel, MigrationError, MissingAPIKey, ProviderError, RateLimited)
+                UnknownModel, MigrationError, MissingAPIKey, ProviderError, RateLimited,
+                ReadOnlyReplica)
     if cls.sqlstate
 }
 

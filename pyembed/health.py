@@ -108,6 +108,32 @@ def latency(conn: psycopg.Connection[Any]) -> list[Finding]:
     return out
 
 
+REPLICA_WARN_BYTES = 64 << 20
+"""WAL a replica may be behind before it is a warning."""
+
+
+def replicas(conn: psycopg.Connection[Any]) -> list[Finding]:
+    """Each streaming replica of this server and how far behind it is (the lag needs a role
+    with pg_monitor; without it the replica is listed without figures)."""
+    out = []
+    for r in conn.execute(
+            "SELECT application_name, state, "
+            "pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::bigint, "
+            "extract(epoch FROM replay_lag)::float8 FROM pg_catalog.pg_stat_replication "
+            "ORDER BY application_name").fetchall():
+        name, state, behind, lag = r
+        if behind is None:
+            out.append(Finding("replica", name or "?", state or "connected", "ok",
+                               "lag needs a role with pg_monitor"))
+            continue
+        level: Level = "warn" if state != "streaming" or behind > REPLICA_WARN_BYTES else "ok"
+        out.append(Finding("replica", name or "?",
+                           f"{behind:,} bytes behind" + (f", replay lag {lag:.2f} s" if lag else ""),
+                           level, "" if level == "ok" else f"{state}; over 64 MB behind"
+                           if behind > REPLICA_WARN_BYTES else f"{state}", float(behind)))
+    return out
+
+
 def report(conn: psycopg.Connection[Any]) -> list[Finding]:
     """Every finding, area by area."""
-    return coverage(conn) + throughput(conn) + cache(conn) + latency(conn)
+    return coverage(conn) + throughput(conn) + cache(conn) + latency(conn) + replicas(conn)

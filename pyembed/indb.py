@@ -18,7 +18,7 @@ from .cachekey import HitCounter
 from .chunking import chunk_text, fit_chunks
 from .errors import InvalidInput, MissingAPIKey, PyembedError, UnknownModel, redact
 from .models import MODEL_COLUMNS, InputType, ModelSpec, spec_from_row
-from .sqlexec import PlpyExecutor, vector_text
+from .sqlexec import PlpyExecutor, unpack_sqlstate, vector_text
 
 T = TypeVar("T")
 
@@ -109,12 +109,6 @@ SPI_FIELDS = ("detail", "hint", "query", "position", "schema_name", "table_name"
 ERROR_FIELDS = ("sqlstate", "detail", "hint", "schema_name", "table_name", "column_name",
                 "datatype_name", "constraint_name")
 """What plpy.error takes besides the message (and a plpy.Error carries)."""
-
-
-def unpack_sqlstate(code: int) -> str:
-    """PostgreSQL's packed error code (six bits a character, first character lowest) as its five
-    characters."""
-    return "".join(chr(((code >> (6 * i)) & 0x3F) + ord("0")) for i in range(5))
 
 
 def _spi_fields(exc: Any) -> dict[str, Any]:

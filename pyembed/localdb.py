@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import pwd
+import re
 import secrets
 import shutil
 import socket
@@ -17,9 +18,10 @@ from urllib.parse import quote
 
 from .config import home as default_home
 from .config import package_dir
-from .errors import ConfigError, DatabaseNotReady
+from .errors import ConfigError, DatabaseNotReady, InvalidInput
 
 DATABASE = "pyembed"
+REPLICA_NAME = re.compile(r"[a-z0-9_-]{1,40}")
 OWNER = "pyembed"
 APP_USER = "pyembed_user"
 APP_GROUP = "pyembed_app"
@@ -253,12 +255,91 @@ class LocalCluster:
         return True
 
     def _set_port(self, st: ClusterState, port: int) -> None:
-        conf = self.data / "postgresql.auto.conf"
-        kept = [line for line in conf.read_text().splitlines(keepends=True)
-                if line.split("=", 1)[0].strip() != "port"]
-        conf.write_text("".join(kept) + f"port = {port}\n")  # in place: keeps its owner
+        self._set_conf({"port": str(port)})
         st.port = port
         self.state_file.write_text(json.dumps(asdict(st)))
+
+    def _set_conf(self, settings: dict[str, str]) -> None:
+        """These settings in postgresql.auto.conf, each on one line of its own."""
+        conf = self.data / "postgresql.auto.conf"
+        kept = [line for line in conf.read_text().splitlines(keepends=True)
+                if line.split("=", 1)[0].strip() not in settings]
+        conf.write_text("".join(kept) + "".join(f"{k} = {v}\n" for k, v in settings.items()))
+
+    # -- streaming replicas on loopback -------------------------------------------------------
+    def replica(self, name: str) -> LocalCluster:
+        """The local replica `name` (made by add_replica), a cluster of its own."""
+        if not REPLICA_NAME.fullmatch(name):
+            raise InvalidInput(f"a replica name is 1-40 of a-z 0-9 _ -, not {name!r}")
+        return LocalCluster(self.home / "replicas" / name)
+
+    def replicas(self) -> list[str]:
+        folder = self.home / "replicas"
+        return sorted(p.name for p in folder.iterdir() if (p / "cluster.json").exists()) \
+            if folder.is_dir() else []
+
+    def add_replica(self, name: str) -> LocalCluster:
+        """A hot standby of this cluster, streaming from it on loopback (pg_basebackup -R), on
+        a port of its own; started."""
+        replica = self.replica(name)
+        if replica.initialised:
+            raise ConfigError(f"replica {name} exists already ({replica.home})")
+        st = self.state()
+        if not self.running():
+            raise DatabaseNotReady("the local cluster is not running: `pyembed db start` first")
+        replica.home.mkdir(parents=True, exist_ok=True)
+        if replica.data.exists():
+            shutil.rmtree(replica.data)  # a half-made copy from an interrupted add
+        for d in (replica.data, replica.socket_dir):
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._chown(d, st.os_user)
+        replica.log_file.touch()
+        self._chown(replica.log_file, st.os_user)
+        out = self._as_server_user(
+            [f"{st.bindir}/pg_basebackup", "-D", str(replica.data), "-R", "-X", "stream",
+             "-c", "fast", "-h", "127.0.0.1", "-p", str(st.port), "-U", OWNER, "-w"], st,
+            {"PGPASSWORD": st.owner_password, "PGAPPNAME": name})
+        if out.returncode != 0:
+            raise ConfigError(f"pg_basebackup failed: {out.stderr.strip() or out.stdout.strip()}")
+        rst = ClusterState(**{**asdict(st), "port": _free_port(st.port + 1)})
+        replica._set_conf({"port": str(rst.port),
+                           "unix_socket_directories": f"'{replica.socket_dir}'"})
+        replica.state_file.write_text(json.dumps(asdict(rst)))
+        replica.state_file.chmod(0o600)
+        replica.start()
+        import psycopg
+        from psycopg import sql
+
+        # `pyembed status` shows each replica's lag (pg_stat_replication's figures need it).
+        with psycopg.connect(self.dsn(owner=True), autocommit=True) as conn:
+            conn.execute(sql.SQL("GRANT pg_monitor TO {}").format(sql.Identifier(APP_GROUP)))
+        return replica
+
+    def remove_replica(self, name: str) -> bool:
+        """Stop the replica and delete its copy; False when there was none."""
+        replica = self.replica(name)
+        if not replica.initialised:
+            return False
+        replica.stop()
+        shutil.rmtree(replica.home)
+        return True
+
+    def replica_lag(self, name: str) -> dict[str, object]:
+        """How far the replica is behind this cluster: WAL bytes not yet replayed, and seconds
+        since the last transaction it replayed (None when it has replayed none)."""
+        import psycopg
+
+        replica = self.replica(name)
+        with psycopg.connect(self.dsn(owner=True), autocommit=True) as primary, \
+                psycopg.connect(replica.dsn(owner=True), autocommit=True) as standby:
+            lsn = primary.execute("SELECT pg_current_wal_lsn()").fetchone()
+            row = standby.execute(
+                "SELECT pg_wal_lsn_diff(%s, pg_last_wal_replay_lsn())::bigint, "
+                "extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8",
+                (lsn[0] if lsn else None,)).fetchone()
+        assert row is not None
+        return {"replica": name, "port": replica.state().port, "bytes_behind": max(row[0] or 0, 0),
+                "seconds_since_replay": row[1]}
 
     def stop(self) -> bool:
         """Stop the server; returns False when it was not running."""

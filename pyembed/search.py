@@ -90,21 +90,23 @@ def run(db: Executor, corpus: str | None, mode: str | None, text: str | None, ve
 
 def search_text(db: Executor, corpus: str | None, query: str, k: int | None,
                 filter: Mapping[str, Any] | str | None, mode: str | None,
-                embed_query: Callable[[Route, str], np.ndarray]
-                ) -> tuple[list[tuple[Any, ...]], Route]:
+                embed_query: Callable[[Route, str], np.ndarray], *,
+                read: Executor | None = None) -> tuple[list[tuple[Any, ...]], Route]:
     """Search by text: the query is embedded by `embed_query(route, query)` with the key that
     serves it (the corpus's model, or its migration target for a share of queries), so no
-    mismatch is possible; (rows, the route taken). A query routed to a target that a rollback
-    retires meanwhile is routed again, once."""
+    mismatch is possible; (rows, the route taken). The route is read from `db`, the search
+    runs on `read` (a replica) if given. A query routed to a target that a rollback retires
+    meanwhile is routed again, once."""
+    read = read or db
     if mode not in MODES:
         raise InvalidInput(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     for attempt in (1, 2):
         where = route(db, corpus, query)
         if mode == "keyword":
-            return run(db, corpus, mode, query, None, None, k, filter), where
-        vector = db.vectors([embed_query(where, query)])[0]
+            return run(read, corpus, mode, query, None, None, k, filter), where
+        vector = read.vectors([embed_query(where, query)])[0]
         try:
-            return run(db, corpus, mode, query, vector, where.key, k, filter), where
+            return run(read, corpus, mode, query, vector, where.key, k, filter), where
         except ModelMismatch:
             if attempt == 2 or where.key == where.active:
                 raise

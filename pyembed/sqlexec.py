@@ -31,6 +31,12 @@ class Executor(Protocol):
         """A `vector` the statement returned, as float32."""
 
 
+def unpack_sqlstate(code: int) -> str:
+    """PostgreSQL's packed error code (six bits a character, first character lowest) as its five
+    characters."""
+    return "".join(chr(((code >> (6 * i)) & 0x3F) + ord("0")) for i in range(5))
+
+
 def vector_text(vec: npt.NDArray[np.float32]) -> str:
     """pgvector's text form; repr keeps every float32 exactly."""
     return "[" + ",".join(map(repr, np.asarray(vec, dtype=float).tolist())) + "]"
@@ -67,8 +73,9 @@ class PlpyExecutor:
         try:  # each plpy.execute runs in a subtransaction of its own: its error can be caught
             result = self.plpy.execute(plans[sql], list(params))
         except self.plpy.SPIError as exc:
-            mapped = from_sqlstate(getattr(exc, "sqlstate", None), str(exc.args[0] if exc.args
-                                                                        else exc))
+            spidata = getattr(exc, "spidata", None)  # where a code without a class (ours) is
+            sqlstate = unpack_sqlstate(spidata[0]) if spidata else getattr(exc, "sqlstate", None)
+            mapped = from_sqlstate(sqlstate, str(exc.args[0] if exc.args else exc))
             if mapped is None:
                 raise
             raise mapped from None

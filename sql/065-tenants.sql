@@ -17,6 +17,12 @@ DECLARE
   used record;
   price numeric;
 BEGIN
+  IF current_setting('transaction_read_only') = 'on' THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE011',
+      MESSAGE = 'a provider call cannot be accounted in a read-only transaction (a replica)',
+      HINT = 'embed on the primary (SELECT pyembed.embed(query, model_key, ''query'')) and search '
+             'here with pyembed.search(corpus, vector, model_key, k); cached queries need no call';
+  END IF;
   IF p_requests IS NULL OR p_tokens IS NULL OR p_requests < 0 OR p_tokens < 0 THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
       MESSAGE = format('usage is counted in requests and tokens of 0 or more, not %s and %s',

@@ -54,6 +54,7 @@ APP_EXECUTE = {
     "reserve_usage(text, integer, integer, bigint)",  # accounting and rate limits
     "usage_report(integer)",
     "add_document(text, text, text, jsonb)",
+    "_add_document(text, text, text, jsonb)",  # add_document's body: it runs as the caller
     "create_corpus(text, text, text, integer, integer)",
     "drop_corpus(text)",
     "embed(text, text, text)",

@@ -1,0 +1,173 @@
+"""Searches served by a hot standby of the test cluster (made here with pg_basebackup -R): the
+read path writes nothing there, the guard holds there, accounting stays on the primary, and a
+replica that lags gives a clear answer instead of a silent empty result."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+import pyembed
+from pyembed.localdb import LocalCluster
+from tests.conftest import Database, _dsn
+
+KEY = "fake/fake-hash@1:384"
+OTHER = "fake/fake-hash@2:384"
+DOCS = [(f"d{i}", f"error E40{i:02d} means the quota number {i} is used up") for i in range(30)]
+
+
+@pytest.fixture(scope="module")
+def standby(cluster: LocalCluster) -> Iterator[LocalCluster]:
+    name = f"t{uuid.uuid4().hex[:6]}"
+    replica = cluster.add_replica(name)
+    yield replica
+    cluster.remove_replica(name)
+
+
+@pytest.fixture
+def read_dsn(standby: LocalCluster, db: Database) -> str:
+    wait_for(standby, db, "the database")
+    return _dsn(standby, db.name, owner=False)
+
+
+def wait_for(standby: LocalCluster, db: Database, query: str) -> None:
+    """Until the standby has replayed what the primary committed before this call."""
+    with psycopg.connect(db.owner_dsn, autocommit=True) as primary:
+        lsn = primary.execute("SELECT pg_current_wal_lsn()").fetchone()
+    with psycopg.connect(_dsn(standby, "postgres", owner=True), autocommit=True) as conn:
+        for _ in range(500):
+            row = conn.execute("SELECT pg_last_wal_replay_lsn() >= %s", lsn).fetchone()
+            if row and row[0]:
+                return
+            conn.execute("SELECT pg_sleep(0.01)")
+    raise AssertionError(f"the standby did not replay {query}")
+
+
+def requests(owner: psycopg.Connection[Any]) -> int:
+    row = owner.execute("SELECT coalesce(sum(requests), 0)::int FROM pyembed.usage").fetchone()
+    return int(row[0]) if row else 0
+
+
+def test_every_search_mode_on_the_standby_returns_what_the_primary_returns(
+        db: Database, read_dsn: str, owner: psycopg.Connection[Any]) -> None:
+    with pyembed.connect(db.app_dsn) as primary, \
+            pyembed.connect(db.app_dsn, read_dsn=read_dsn) as split:
+        split.create_corpus("docs", KEY).add(DOCS)  # the split client waits for its own writes
+        docs, on_primary = split.corpus("docs"), primary.corpus("docs")
+        assert split.read_conn.execute("SELECT pg_is_in_recovery()").fetchone() == (True,)
+        for mode in ("vector", "keyword", "hybrid"):
+            got = [(h.document_id, round(h.score, 5)) for h in docs.search("E4007 quota", mode=mode)]
+            want = [(h.document_id, round(h.score, 5))
+                    for h in on_primary.search("E4007 quota", mode=mode)]
+            assert got == want and got, mode
+        vector = split.embedder(KEY).embed_query("E4007 quota")
+        assert docs.search(vector, model_key=KEY)[0].document_id == \
+            on_primary.search(vector, model_key=KEY)[0].document_id
+        # The guard holds on the standby: another model's key is refused there too.
+        with pytest.raises(pyembed.ModelMismatch):
+            docs.search(vector, model_key=OTHER)
+        # Accounting stayed on the primary: the queries' embeddings were reserved there.
+        assert requests(owner) > 0
+
+
+def test_sql_on_the_standby_searches_and_refuses_only_what_would_write(
+        db: Database, standby: LocalCluster, read_dsn: str) -> None:
+    with pyembed.connect(db.app_dsn) as client:
+        client.create_corpus("docs", KEY).add(DOCS)
+        client.conn.execute("SELECT pyembed.embed('cached query', %s, 'query')", (KEY,))
+    wait_for(standby, db, "the corpus")
+    with psycopg.connect(read_dsn, autocommit=True) as conn:
+        vec = conn.execute("SELECT pyembed.embed('cached query', %s, 'query')", (KEY,)).fetchone()
+        assert vec is not None  # a cache hit needs no provider call and no write
+        hits = conn.execute("SELECT document_id FROM pyembed.search('docs', %s, %s, 3)",
+                            (vec[0], KEY)).fetchall()
+        assert len(hits) == 3
+        assert conn.execute("SELECT count(*) FROM pyembed.search_text('docs', 'cached query', 3)"
+                            ).fetchone() == (3,)
+        assert conn.execute("SELECT count(*) FROM pyembed.search_keyword('docs', 'E4007', 3)"
+                            ).fetchone() == (1,)
+        with pytest.raises(psycopg.Error) as err:
+            conn.execute("SELECT * FROM pyembed.search('docs', %s, %s, 3)", (vec[0], OTHER))
+        assert err.value.sqlstate == "PE001"
+        with pytest.raises(psycopg.Error) as err:  # a miss would have to account a call
+            conn.execute("SELECT * FROM pyembed.search_text('docs', 'never asked before', 3)")
+        assert err.value.sqlstate == "PE011"
+        assert "embed on the primary" in (err.value.diag.message_hint or "")
+
+
+def test_a_corpus_too_new_for_a_lagging_replica_is_a_clear_error(
+        db: Database, standby: LocalCluster, read_dsn: str) -> None:
+    with psycopg.connect(_dsn(standby, db.name, owner=True), autocommit=True) as replay:
+        replay.execute("SELECT pg_wal_replay_pause()")
+        try:
+            with pyembed.connect(db.app_dsn) as writer:  # another client: no read-your-writes
+                writer.create_corpus("fresh", KEY).add(DOCS[:3])
+            with pyembed.connect(db.app_dsn, read_dsn=read_dsn) as reader:
+                with pytest.raises(pyembed.ReadOnlyReplica, match="not on the read replica yet"):
+                    reader.corpus("fresh").search("quota")
+                reader.max_replica_wait = 0.3
+                reader.corpus("fresh").add([("late", "a document the replica has not seen")])
+                with pytest.raises(pyembed.ReadOnlyReplica, match="has not replayed"):
+                    reader.corpus("fresh").search("quota")
+        finally:
+            replay.execute("SELECT pg_wal_replay_resume()")
+
+
+def test_a_multi_host_read_dsn_skips_a_stopped_standby(db: Database, standby: LocalCluster,
+                                                       cluster: LocalCluster) -> None:
+    with pyembed.connect(db.app_dsn) as client:
+        client.create_corpus("docs", KEY).add(DOCS)
+    wait_for(standby, db, "the corpus")
+    app = psycopg.conninfo.conninfo_to_dict(db.app_dsn)
+    multi = psycopg.conninfo.make_conninfo(
+        host="127.0.0.1,127.0.0.1", port=f"{standby.state().port},{cluster.state().port}",
+        dbname=db.name, user=app["user"], password=app["password"],
+        target_session_attrs="prefer-standby")
+    with pyembed.connect(db.app_dsn, read_dsn=multi) as client:
+        assert client.read_conn.execute("SELECT pg_is_in_recovery()").fetchone() == (True,)
+        assert client.corpus("docs").search("quota", k=2)
+    standby.stop()
+    try:
+        with pyembed.connect(db.app_dsn, read_dsn=multi) as client:  # libpq moves on
+            assert client.read_conn.execute("SELECT pg_is_in_recovery()").fetchone() == (False,)
+            assert client.corpus("docs").search("quota", k=2)
+        dead = psycopg.conninfo.make_conninfo(multi, host="127.0.0.1",
+                                              port=str(standby.state().port))
+        with pytest.raises(pyembed.DatabaseNotReady, match="no server of the read DSN"):
+            pyembed.connect(db.app_dsn, read_dsn=dead)
+    finally:
+        standby.start()
+
+
+def test_the_cli_makes_lists_and_removes_a_replica_and_status_shows_its_lag(
+        cluster: LocalCluster, db: Database) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYEMBED_HOME": str(cluster.home), "PYEMBED_DSN": db.app_dsn,
+           "COLUMNS": "200"}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "pyembed", *args], capture_output=True,
+                              text=True, env=env, timeout=120)
+
+    name = f"c{uuid.uuid4().hex[:6]}"
+    made = cli("db", "replica", "add", name)
+    assert made.returncode == 0, made.stderr
+    try:
+        read_dsn = made.stdout.strip()
+        with psycopg.connect(read_dsn) as conn:
+            assert conn.execute("SELECT pg_is_in_recovery()").fetchone() == (True,)
+        listed = cli("db", "replica", "list")
+        assert name in listed.stdout and "bytes" in listed.stdout, listed.stdout
+        status = cli("status")
+        assert "replica" in status.stdout and "bytes behind" in status.stdout, status.stdout
+    finally:
+        removed = cli("db", "replica", "remove", name)
+    assert removed.returncode == 0 and "removed" in removed.stdout
+    assert name not in cli("db", "replica", "list").stdout
