@@ -32,7 +32,7 @@ from pgvector import Vector
 from pgvector.psycopg import register_vector
 
 import pyembed
-from pyembed import evaluation, migration
+from pyembed import evaluation, migration, rag
 from pyembed.client import Client, Document
 from pyembed.corpora import model_spec
 from pyembed.embedder import Embedder
@@ -636,6 +636,26 @@ def test_search_routed_to_the_target_just_before_a_rollback_still_answers(
         embedder.embed_query = embed_then_rollback  # type: ignore[method-assign]
         hits = corpus.search(query, k=3)
         assert hits and {h.model_key for h in hits} == {OLD}
+
+
+def test_ask_routed_to_the_target_just_before_a_rollback_still_answers(db: Database) -> None:
+    """rag.answer retrieves as Corpus.search does: the same bounded re-route after a rollback."""
+    with clients(db, n=40) as (app, owner, texts):
+        to_shift(owner, 50)
+        corpus = app.corpus(CORPUS)
+        query = next(t for t in texts if corpus.serving_key(t) == NEW)
+        embedder = app.embedder(NEW)
+        real = embedder.embed_query
+
+        def embed_then_rollback(text: str) -> F32:
+            vector = real(text)
+            migration.rollback(owner, CORPUS)
+            return vector
+
+        embedder.embed_query = embed_then_rollback  # type: ignore[method-assign]
+        answer = rag.answer(corpus, query, k=3)
+        assert answer.sources and answer.model_key == OLD
+        assert {s.hit.model_key for s in answer.sources} == {OLD}
 
 
 # -- routing -----------------------------------------------------------------------------------
