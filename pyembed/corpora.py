@@ -10,11 +10,11 @@ from typing import Any
 
 import numpy as np
 import psycopg
-from psycopg.rows import dict_row
 
 from .db import translated
 from .errors import UnknownModel
-from .models import MODEL_COLUMNS, ModelSpec, spec_from_row
+from .models import MODEL_COLUMNS, MODEL_FIELDS, ModelSpec, spec_from_row
+from .sqlexec import Executor, executor
 from .text import check_text, document_hash, sha256
 from .vectors import ROW_OVERHEAD, as_unit_vectors, copy_vectors, transition_tables_in_memory
 
@@ -48,14 +48,13 @@ _INFO = """c.corpus_id, c.name, c.model_key, m.dimensions, c.target_model_key, c
        c.traffic_share, c.chunk_tokens, c.chunk_overlap, c.description"""
 
 
-def model_spec(conn: psycopg.Connection[Any], key: str) -> ModelSpec:
+def model_spec(db: psycopg.Connection[Any] | Executor, key: str) -> ModelSpec:
     """The registered model with this key, as the database knows it."""
-    with conn.cursor(row_factory=dict_row) as cur:
-        row = cur.execute(f"SELECT {MODEL_COLUMNS} FROM pyembed.models WHERE model_key = %s",
-                          (key,)).fetchone()
-    if row is None:
+    rows = executor(db).rows(f"SELECT {MODEL_COLUMNS} FROM pyembed.models WHERE model_key = $1",
+                             [key], ["text"])
+    if not rows:
         raise UnknownModel(f"unknown model key {key!r}: `pyembed models` lists the known keys")
-    return spec_from_row(row)
+    return spec_from_row(dict(zip(MODEL_FIELDS, rows[0], strict=True)))
 
 
 def corpus_info(conn: psycopg.Connection[Any], name: str) -> CorpusInfo:

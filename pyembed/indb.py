@@ -12,25 +12,16 @@ import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from . import search
+from . import search, tenants
 from .cache import PostgresCache
 from .cachekey import HitCounter
 from .chunking import chunk_text, fit_chunks
-from .errors import InvalidInput, MissingAPIKey, PyembedError, UnknownModel, redact
-from .models import MODEL_COLUMNS, InputType, ModelSpec, spec_from_row
+from .corpora import model_spec
+from .errors import InvalidInput, MissingAPIKey, PyembedError, redact
+from .models import InputType, ModelSpec
 from .sqlexec import PlpyExecutor, unpack_sqlstate, vector_text
 
 T = TypeVar("T")
-
-MODEL = f"SELECT {MODEL_COLUMNS} FROM pyembed.models WHERE model_key = $1"
-
-
-def _plan(plpy: Any, GD: dict[str, Any], sql: str, types: list[str]) -> Any:
-    plans = GD.setdefault("pyembed.plans", {})
-    if sql not in plans:
-        plans[sql] = plpy.prepare(sql, types)
-    return plans[sql]
-
 
 def _cache(plpy: Any, GD: dict[str, Any]) -> PostgresCache:
     """The package's cache through SPI; hits and misses counted per backend."""
@@ -45,19 +36,10 @@ def _setting(plpy: Any, name: str, default: float) -> float:
         raise InvalidInput(f"pyembed.{name} must be a number, got {row!r}") from None
 
 
-def _secret(plpy: Any, GD: dict[str, Any], name: str) -> str | None:
+def _secret(db: PlpyExecutor, name: str) -> str | None:
     """An API key from pyembed.secrets (owner-only), else the server's environment."""
-    plan = _plan(plpy, GD, "SELECT value FROM pyembed.secrets WHERE name = $1", ["text"])
-    rows = plpy.execute(plan, [name])
-    return rows[0]["value"] if rows else os.environ.get(name)
-
-
-def model_spec(plpy: Any, GD: dict[str, Any], key: str) -> ModelSpec:
-    rows = plpy.execute(_plan(plpy, GD, MODEL, ["text"]), [key])
-    if not rows:
-        raise UnknownModel(f"unknown model key {key!r}: SELECT model_key FROM pyembed.models "
-                           "lists the registered keys")
-    return spec_from_row(rows[0])
+    rows = db.rows("SELECT value FROM pyembed.secrets WHERE name = $1", [name], ["text"])
+    return rows[0][0] if rows else os.environ.get(name)
 
 
 def embedder(plpy: Any, GD: dict[str, Any], key: str) -> Any:
@@ -65,24 +47,23 @@ def embedder(plpy: Any, GD: dict[str, Any], key: str) -> Any:
     from .embedder import Embedder
     from .providers import provider_for
 
-    spec = model_spec(plpy, GD, key)
+    db = PlpyExecutor(plpy, GD)
+    spec = model_spec(db, key)
     timeout = _setting(plpy, "http_timeout", 10.0)
     retries = int(_setting(plpy, "http_retries", 2))
-    api_key = _secret(plpy, GD, spec.api_key_env) if spec.api_key_env else None
+    api_key = _secret(db, spec.api_key_env) if spec.api_key_env else None
     if spec.api_key_env and not api_key:
         raise MissingAPIKey(f"{spec.api_key_env} is not set for the database: as the owner, run "
                             f"SELECT pyembed.set_secret('{spec.api_key_env}', '...')")
     # A proxy or gateway for the provider: owner-only like the key (a session setting would
     # let any role send the owner's key elsewhere).
-    base_url = _secret(plpy, GD, f"PYEMBED_{spec.provider.upper()}_BASE_URL")
+    base_url = _secret(db, f"PYEMBED_{spec.provider.upper()}_BASE_URL")
     fingerprint = (spec, timeout, retries, hash(api_key), base_url)
     cached = GD.setdefault("pyembed.embedders", {}).get(key)
     if cached is not None and cached[0] == fingerprint:
         return cached[1]
-    def meter(spec: ModelSpec, tokens: int) -> None:
-        plan = _plan(plpy, GD, "SELECT pyembed.reserve_usage($1, $2, 1, $3)",
-                     ["text", "integer", "bigint"])
-        plpy.execute(plan, [spec.key, GD.get("pyembed.corpus_id"), tokens])
+    def meter(spec: ModelSpec, tokens: int) -> None:  # to the corpus of the current call
+        tenants.meter(db, GD.get("pyembed.corpus_id"))(spec, tokens)
 
     emb = Embedder(spec, provider_for(spec, api_key=api_key, base_url=base_url, timeout=timeout),
                    cache=_cache(plpy, GD), max_retries=retries, max_retry_after=timeout,
@@ -178,14 +159,6 @@ def embed_batch(plpy: Any, GD: dict[str, Any], texts: list[str | None] | None,
                                               _input_type(input_type))]
 
 
-CORPUS = """SELECT corpus_id, model_key, target_model_key, migration_step, traffic_share,
-  chunk_tokens, chunk_overlap FROM pyembed.lookup_corpus($1)"""
-
-
-def _corpus(plpy: Any, GD: dict[str, Any], name: str | None) -> dict[str, Any]:
-    return dict(plpy.execute(_plan(plpy, GD, CORPUS, ["text"]), [name])[0])
-
-
 def search_text(plpy: Any, GD: dict[str, Any], corpus: str | None, query: str | None,
                 k: int | None, filter: str | None, mode: str | None) -> list[tuple[Any, ...]]:
     if query is None:
@@ -224,27 +197,28 @@ def add_document(plpy: Any, GD: dict[str, Any], corpus: str | None, document_id:
     meta = json.loads(metadata) if metadata else {}
     if not isinstance(meta, dict):
         raise InvalidInput("metadata must be a JSON object")
-    c = _corpus(plpy, GD, corpus)
-    spec = model_spec(plpy, GD, c["model_key"])
-    chunks = fit_chunks(chunk_text(content or "", c["chunk_tokens"], c["chunk_overlap"]),
-                        spec.max_tokens, _token_counter(GD, spec))
+    db = PlpyExecutor(plpy, GD)
+    ((corpus_id, model_key, chunk_tokens, chunk_overlap),) = db.rows(
+        "SELECT corpus_id, model_key, chunk_tokens, chunk_overlap FROM pyembed.lookup_corpus($1)",
+        [corpus], ["text"])
+    spec = model_spec(db, model_key)
+    chunks = fit_chunks(chunk_text(content or "", chunk_tokens, chunk_overlap), spec.max_tokens,
+                        _token_counter(GD, spec))
     meta_text = json.dumps(meta)
-    plpy.execute(_plan(plpy, GD, """
-        INSERT INTO pyembed.documents (corpus_id, document_id, content_hash, metadata)
-        VALUES ($1, $2, $3, $4::jsonb)
-        ON CONFLICT (corpus_id, document_id) DO UPDATE
-          SET content_hash = EXCLUDED.content_hash, metadata = EXCLUDED.metadata,
-              updated_at = now()""", ["integer", "text", "bytea", "text"]),
-        [c["corpus_id"], document_id, document_hash(content or "", meta), meta_text])
-    upsert = _plan(plpy, GD, """
-        INSERT INTO pyembed.chunks (corpus_id, document_id, chunk_index, content, metadata)
-        VALUES ($1, $2, $3, $4, $5::jsonb)
-        ON CONFLICT (corpus_id, document_id, chunk_index) DO UPDATE
-          SET content = EXCLUDED.content, metadata = EXCLUDED.metadata""",
-        ["integer", "text", "integer", "text", "text"])
-    for i, chunk in enumerate(chunks):
-        plpy.execute(upsert, [c["corpus_id"], document_id, i, chunk, meta_text])
-    plpy.execute(_plan(plpy, GD, """DELETE FROM pyembed.chunks
-        WHERE corpus_id = $1 AND document_id = $2 AND chunk_index >= $3""",
-        ["integer", "text", "integer"]), [c["corpus_id"], document_id, len(chunks)])
+    db.rows("""INSERT INTO pyembed.documents (corpus_id, document_id, content_hash, metadata)
+               VALUES ($1, $2, $3, $4::jsonb)
+               ON CONFLICT (corpus_id, document_id) DO UPDATE
+                 SET content_hash = EXCLUDED.content_hash, metadata = EXCLUDED.metadata,
+                     updated_at = now()""",
+            [corpus_id, document_id, document_hash(content or "", meta), meta_text],
+            ["integer", "text", "bytea", "text"])
+    # One statement for all chunks: the statement triggers (queue, keyword index) run once.
+    db.rows("""INSERT INTO pyembed.chunks (corpus_id, document_id, chunk_index, content, metadata)
+               SELECT $1, $2, i - 1, c, $4::jsonb FROM unnest($3::text[]) WITH ORDINALITY AS t(c, i)
+               ON CONFLICT (corpus_id, document_id, chunk_index) DO UPDATE
+                 SET content = EXCLUDED.content, metadata = EXCLUDED.metadata""",
+            [corpus_id, document_id, chunks, meta_text], ["integer", "text", "text[]", "text"])
+    db.rows("""DELETE FROM pyembed.chunks
+                WHERE corpus_id = $1 AND document_id = $2 AND chunk_index >= $3""",
+            [corpus_id, document_id, len(chunks)], ["integer", "text", "integer"])
     return len(chunks)

@@ -116,6 +116,8 @@ MODEL_COLUMNS = ("provider, model_id, model_version, dimensions, max_batch, max_
                  "normalized, distance, request_dimensions, price_per_mtok::float8 AS price, "
                  "description")
 """The columns of pyembed.models that `spec_from_row` reads."""
+MODEL_FIELDS = tuple(c.rsplit(" AS ", 1)[-1].strip() for c in MODEL_COLUMNS.split(","))
+"""Their names, in order (a row as a tuple: dict(zip(MODEL_FIELDS, row)))."""
 
 
 def spec_from_row(r: Mapping[str, Any]) -> ModelSpec:

@@ -79,7 +79,7 @@ class PlpyExecutor:
             if mapped is None:
                 raise
             raise mapped from None
-        columns = result.colnames() if result.nrows() else []
+        columns = result.colnames() if len(result) else []  # len: rows returned, not affected
         return [tuple(r[c] for c in columns) for r in result]
 
     def vectors(self, vectors: Sequence[npt.NDArray[np.float32]]) -> list[Any]:

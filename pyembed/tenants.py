@@ -6,6 +6,7 @@ acts for the tenant its login role belongs to. Creating tenants and members is t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,7 @@ from psycopg import sql
 from .db import translated
 from .errors import InvalidInput
 from .models import ModelSpec
+from .sqlexec import Executor, executor
 
 
 def create_tenant(conn: psycopg.Connection[Any], name: str, *,
@@ -70,11 +72,13 @@ def usage(conn: psycopg.Connection[Any], days: int = 30) -> list[UsageRow]:
             for a, b, k, r, t, c in rows]
 
 
-def meter(conn: psycopg.Connection[Any], corpus_id: int | None = None) -> Any:
+def meter(db: psycopg.Connection[Any] | Executor,
+          corpus_id: int | None = None) -> Callable[[ModelSpec, int], None]:
     """An Embedder meter that reserves each provider call in pyembed.usage (and is refused,
     RateLimited, over the tenant's limits)."""
+    run = executor(db)
+
     def reserve(spec: ModelSpec, tokens: int) -> None:
-        with translated():
-            conn.execute("SELECT pyembed.reserve_usage(%s, %s, 1, %s)",
-                         (spec.key, corpus_id, tokens))
+        run.rows("SELECT pyembed.reserve_usage($1::text, $2::integer, 1, $3::bigint)",
+                 [spec.key, corpus_id, tokens], ["text", "integer", "bigint"])
     return reserve
