@@ -171,3 +171,97 @@ def test_the_cli_makes_lists_and_removes_a_replica_and_status_shows_its_lag(
         removed = cli("db", "replica", "remove", name)
     assert removed.returncode == 0 and "removed" in removed.stdout
     assert name not in cli("db", "replica", "list").stdout
+
+
+def as_role(dsn: str, role: str, password: str) -> str:
+    """The same DSN logging in as another role."""
+    return psycopg.conninfo.make_conninfo(dsn, user=role, password=password)
+
+
+def test_the_search_command_with_a_read_dsn_finds_what_it_finds_on_the_primary(
+        db: Database, standby: LocalCluster, read_dsn: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    with pyembed.connect(db.app_dsn) as client:
+        client.create_corpus("docs", KEY).add(DOCS)
+    wait_for(standby, db, "the corpus")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYEMBED_")}
+    env.update({"PYEMBED_DSN": db.app_dsn, "COLUMNS": "200"})
+
+    def search(mode: str, read: str | None) -> list[str]:
+        out = subprocess.run(
+            [sys.executable, "-m", "pyembed", "search", "docs", "E4007 quota", "-k", "5",
+             "--mode", mode], capture_output=True, text=True, timeout=120,
+            env={**env, "PYEMBED_READ_DSN": read} if read else env)
+        assert out.returncode == 0, out.stderr
+        rows = [[c.strip() for c in line.split("│")] for line in out.stdout.splitlines()]
+        return [r[3] for r in rows if len(r) > 3 and r[1].isdigit()]  # the document column
+
+    for mode in ("vector", "keyword", "hybrid"):
+        on_primary = search(mode, None)
+        assert on_primary and search(mode, read_dsn) == on_primary, mode
+    # The command reads PYEMBED_READ_DSN: a read DSN that cannot connect is its error.
+    nowhere = psycopg.conninfo.make_conninfo(read_dsn, dbname="no_such_database")
+    bad = subprocess.run([sys.executable, "-m", "pyembed", "search", "docs", "quota"],
+                         capture_output=True, text=True, timeout=120,
+                         env={**env, "PYEMBED_READ_DSN": nowhere})
+    assert bad.returncode == 1 and "no server of the read DSN" in bad.stderr, bad.stderr
+
+
+def test_the_orm_guarded_select_runs_on_the_standby_and_refuses_another_key_there(
+        db: Database, standby: LocalCluster, read_dsn: str) -> None:
+    import sqlalchemy as sa
+    from sqlalchemy.orm import Session
+
+    from pyembed import orm
+    from pyembed.schema import sqlalchemy_url
+
+    with pyembed.connect(db.app_dsn) as client:
+        client.create_corpus("kb", KEY).add(DOCS)
+        vec = client.embedder(KEY).embed_query("quota number 7")
+        want = [h.document_id for h in client.corpus("kb").search(vec, k=3, model_key=KEY)]
+    wait_for(standby, db, "the corpus")
+    engine = sa.create_engine(sqlalchemy_url(read_dsn))
+    try:
+        with Session(engine) as session:
+            assert session.scalar(sa.select(sa.func.pg_is_in_recovery())) is True
+            rows = session.execute(orm.search("kb", vec, KEY, k=3)).all()
+            assert [r.document_id for r in rows] == want and rows[0].model_key == KEY
+            with pytest.raises(sa.exc.DBAPIError) as err:
+                session.execute(orm.search("kb", vec, OTHER, k=3)).all()
+            assert isinstance(err.value.orig, psycopg.Error)
+            assert err.value.orig.sqlstate == "PE001"
+    finally:
+        engine.dispose()
+
+
+def test_a_tenants_rate_limit_holds_when_its_searches_run_on_the_standby(
+        db: Database, standby: LocalCluster, read_dsn: str,
+        owner: psycopg.Connection[Any]) -> None:
+    from psycopg import sql
+
+    from pyembed import tenants
+
+    role = f"tr_{uuid.uuid4().hex[:6]}"
+    tenants.create_tenant(owner, "limited", requests_per_minute=3)
+    tenants.add_member(owner, "limited", role, create_login="pw")
+    wait_for(standby, db, "the tenant's login role")
+    try:
+        with pyembed.connect(as_role(db.app_dsn, role, "pw"),
+                             read_dsn=as_role(read_dsn, role, "pw")) as client:
+            assert client.read_conn.execute("SELECT pg_is_in_recovery()").fetchone() == (True,)
+            kb = client.create_corpus("kb", KEY)
+            kb.add(DOCS[:5])  # one provider call: request 1
+            assert kb.search("first question")  # a cache miss: request 2
+            assert kb.search("first question")  # a cache hit: no request
+            assert kb.search("second question")  # request 3
+            with pytest.raises(pyembed.RateLimited, match="tenant limited is over its rate limit"):
+                kb.search("third question")
+            assert [(r.tenant, r.corpus, r.model_key, r.requests)
+                    for r in tenants.usage(client.conn)] == [("limited", "kb", KEY, 3)]
+        assert requests(owner) == 3  # pyembed.usage on the primary, read by the owner
+    finally:
+        owner.execute(sql.SQL("DROP OWNED BY {} CASCADE").format(sql.Identifier(role)))
+        owner.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
