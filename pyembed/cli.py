@@ -462,16 +462,16 @@ def replica_add(name: str) -> None:
 def replica_list() -> None:
     """The local cluster's replicas, with how far each is behind.  Example: pyembed db replica list"""
     cluster = LocalCluster()
-    table = Table("replica", "port", "running", "WAL behind", "last replay")
+    table = Table("replica", "port", "running", "WAL behind", "time behind")
     for name in cluster.replicas():
         replica = cluster.replica(name)
         lag: dict[str, object] = {}
         if replica.running() and cluster.running():
             lag = cluster.replica_lag(name)
-        seconds = lag.get("seconds_since_replay")
+        seconds = lag.get("seconds_behind")
         table.add_row(name, str(replica.state().port), "yes" if replica.running() else "no",
                       f"{lag['bytes_behind']:,} bytes" if lag else "-",
-                      f"{seconds:.1f} s ago" if isinstance(seconds, float) else "-")
+                      f"{seconds:.1f} s" if isinstance(seconds, float) else "-")
     console.print(table if cluster.replicas() else "no replicas: pyembed db replica add NAME")
 
 

@@ -325,8 +325,9 @@ class LocalCluster:
         return True
 
     def replica_lag(self, name: str) -> dict[str, object]:
-        """How far the replica is behind this cluster: WAL bytes not yet replayed, and seconds
-        since the last transaction it replayed (None when it has replayed none)."""
+        """How far the replica is behind this cluster: WAL bytes not yet replayed, and for how
+        long (0 when it has replayed everything: time since its last replayed transaction
+        would grow while the primary is idle)."""
         import psycopg
 
         replica = self.replica(name)
@@ -338,8 +339,9 @@ class LocalCluster:
                 "extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8",
                 (lsn[0] if lsn else None,)).fetchone()
         assert row is not None
-        return {"replica": name, "port": replica.state().port, "bytes_behind": max(row[0] or 0, 0),
-                "seconds_since_replay": row[1]}
+        behind = max(row[0] or 0, 0)
+        return {"replica": name, "port": replica.state().port, "bytes_behind": behind,
+                "seconds_behind": (row[1] or 0.0) if behind else 0.0}
 
     def stop(self) -> bool:
         """Stop the server; returns False when it was not running."""

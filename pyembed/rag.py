@@ -15,7 +15,7 @@ from typing import Any
 import anthropic
 
 from .client import Corpus, _ms
-from .errors import InvalidInput, ProviderError, RateLimited
+from .errors import InvalidInput, ProviderError, RateLimited, redact
 from .search import MODES, Hit
 from .text import check_text
 
@@ -241,10 +241,9 @@ def _provider_error(exc: anthropic.AnthropicError, model: str,
         message = f"{where}: no response: {exc.message}"
     else:
         message = f"{where}: {exc}"
-    for secret in (client.api_key, client.auth_token, os.environ.get(API_KEY_ENV)):
-        if secret and secret.strip():
-            message = message.replace(secret.strip(), "<api key>")
-    message = " ".join(message.split())
+    message = " ".join(redact(message, secrets=(client.api_key, client.auth_token,
+                                                os.environ.get(API_KEY_ENV)),
+                              base_url=str(client.base_url)).split())
     if isinstance(exc, anthropic.RateLimitError):
         return RateLimited(message)
     return ProviderError(message)

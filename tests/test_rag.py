@@ -221,3 +221,19 @@ def test_citations_and_bad_arguments(kb: Corpus) -> None:
         rag.answer(kb, "q", max_tokens=0)
     with pytest.raises(pyembed.InvalidInput):
         rag.answer(kb, "   ")
+
+
+def test_claude_errors_hide_a_gateway_base_url(kb: Corpus, claude: FakeAPI,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Claude path redacts like every embedding provider: no user, path or query."""
+    scheme, _, host = claude.url.partition("://")
+    monkeypatch.setenv("ANTHROPIC_BASE_URL",
+                       f"{scheme}://gw-user-1a:gw-pass-2b@{host}/route-token-3c/anthropic"
+                       f"?sig=query-secret-4d")
+    claude.script("500")
+    with pytest.raises(pyembed.ProviderError) as raised:
+        rag.answer(kb, "What does error E4012 mean?", max_retries=0)
+    message = str(raised.value)
+    assert "HTTP 500" in message
+    for secret in ("gw-user-1a", "gw-pass-2b", "route-token-3c", "query-secret-4d", SECRET):
+        assert secret not in message, message

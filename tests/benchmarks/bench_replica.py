@@ -30,7 +30,7 @@ the folder are removed at the end, also after an error):
     like the first load's, unless --load-with-index; chunks INSERTed untimed, then the standby
     waited for), then their vectors loaded through `load_vectors` on the primary while
     `LocalCluster.replica_lag` is sampled every --sample seconds (bytes of WAL the standby has
-    not replayed, and seconds since the last transaction it replayed; beside it
+    not replayed, and for how long (0 once it has replayed all); beside it
     pg_stat_replication's replay_lag, the primary's view). Printed: max and p50 of each over
     the load, the load's rows/s, the WAL it wrote, and how long the standby took to replay
     the rest after the load's last commit.
@@ -270,7 +270,7 @@ def lag_under_load(cluster: LocalCluster, owner: psycopg.Connection[Any], app_ds
                 except BaseException as exc:  # reported after the load
                     sampler_errors.append(exc)
                     return
-                behind, since = lag["bytes_behind"], lag["seconds_since_replay"]
+                behind, since = lag["bytes_behind"], lag["seconds_behind"]
                 assert isinstance(behind, int) and (since is None or isinstance(since, float))
                 samples.append((t, behind, since, row[0] if row else None))
                 stop.wait(max(0.0, args.sample - (time.perf_counter() - began - t)))
@@ -310,7 +310,7 @@ def lag_under_load(cluster: LocalCluster, owner: psycopg.Connection[Any], app_ds
         print(f"   bytes behind (LocalCluster.replica_lag): max {max(behind) / 2**20:,.1f} MiB, "
               f"p50 {statistics.median(behind) / 2**20:,.1f} MiB")
         if since:
-            print(f"   seconds since the last replayed transaction (replica_lag): max "
+            print(f"   seconds behind (replica_lag): max "
                   f"{max(since):.2f} s, p50 {statistics.median(since):.2f} s")
         if replay_lag:
             print(f"   pg_stat_replication replay_lag (primary's view): max "
