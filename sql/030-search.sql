@@ -8,6 +8,9 @@
 -- The corpus is looked up among the caller's tenant's only (this function runs as its owner,
 -- which row-level security does not restrict), so another tenant's corpus is "unknown".
 -- ef_search 100 keeps recall close to exact search (the benchmark suite measures it).
+-- enable_seqscan off: vectors of 1,024 dimensions and more are stored out of line, which makes
+-- a sequential scan of the partition look cheap to the planner, and it chose one over the
+-- index (seconds instead of milliseconds; docs/scale-out.md).
 
 CREATE OR REPLACE FUNCTION pyembed.search(
   corpus text, query_embedding vector, query_model_key text,
@@ -18,6 +21,7 @@ LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET hnsw.iterative_scan = 'off'
 SET hnsw.ef_search = 100
+SET enable_seqscan = off
 AS $$
 DECLARE
   c record;
