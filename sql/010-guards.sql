@@ -1,7 +1,7 @@
 -- Guards: the triggers that make the model key an enforced part of the schema.
 -- SQLSTATEs (class PE): PE001 model mismatch, PE002 unknown corpus, PE003 invalid vector,
 -- PE004 model key change outside a migration, PE005 invalid input, PE006 unknown model,
--- PE007 migration step refused.
+-- PE007 migration step refused (PE008-PE010 come from the providers, PE011 from a replica).
 
 -- Vectors are partitioned by corpus (pyembed.vectors_c<corpus_id>, made by
 -- pyembed._vector_partition in 020-corpora.sql). Reads, updates and deletes go through the
@@ -9,13 +9,13 @@
 -- corpus's partition (PostgreSQL refuses COPY into a table with row-level security), where the
 -- application role may only INSERT. Every write, through either, is checked:
 --   row by row, by the partition's CHECK constraint: the model key is one the corpus accepts
---     (PE001), and the vector has that model's dimensions and is not zero, and unit length
---     for a normalised model (PE003). The constraint compares with literals of the corpus's
+--     (PE001), and the vector has that model's dimensions and a norm its scores can use:
+--     unit length for a normalised model, 1e-10..1e10 for others (PE003). The constraint compares with literals of the corpus's
 --     current keys; a row that fails them goes to pyembed._vector_check, which raises the
 --     error naming both keys (or accepts the row, should the literals lag behind the keys);
 --   once per statement, by the triggers below: the partition belongs to the caller's tenant
 --     (PE002), every vector's chunk exists (23503), and queued work the vectors satisfy is
---     dequeued.
+--     dequeued (pyembed._dequeue_written, 040-queue.sql).
 
 -- Whether a vector's norm is one its model can store and search with finite scores: unit length
 -- for a normalised model; otherwise within 1e-10..1e10, so that dot products and squared
