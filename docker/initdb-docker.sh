@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Runs once, after 10-pyembed-roles.sql, when the container's cluster is created:
+# the application role's password and the replication role from the environment (env_file),
+# so that no password is written in compose.yaml.
+set -euo pipefail
+if [ -n "${PYEMBED_APP_PASSWORD:-}" ]; then
+  psql -v ON_ERROR_STOP=1 -U "$POSTGRES_USER" -d postgres -v pw="$PYEMBED_APP_PASSWORD" \
+    <<< "ALTER ROLE pyembed_user PASSWORD :'pw';"
+fi
+if [ -n "${PYEMBED_REPLICATION_PASSWORD:-}" ]; then
+  psql -v ON_ERROR_STOP=1 -U "$POSTGRES_USER" -d postgres -v pw="$PYEMBED_REPLICATION_PASSWORD" \
+    <<< "CREATE ROLE replicator WITH REPLICATION LOGIN PASSWORD :'pw';"
+  echo "host replication replicator all scram-sha-256" >> "$PGDATA/pg_hba.conf"
+fi

@@ -1,0 +1,349 @@
+"""The compose stack in docker/ and its Grafana dashboard, checked without Docker.
+
+Docker is not available on these machines: nothing here builds an image or starts a container.
+What is checked: compose.yaml parses and validates against the Compose Specification's JSON
+schema (docker/schema/compose-spec.json, vendored; validated offline with fastjsonschema),
+its references (services, env files, mounted files, Dockerfiles and their COPY sources) exist,
+no password is written in it, the commands its pyembed services run work here (through the
+image's entrypoint script), the metrics healthcheck passes against `pyembed metrics serve`, and
+every metric the dashboard queries is exported by `pyembed metrics serve`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import fastjsonschema
+import pytest
+import yaml
+
+import pyembed
+from tests.conftest import REPO, Database
+
+DOCKER = REPO / "docker"
+COMPOSE_TEXT = (DOCKER / "compose.yaml").read_text()
+COMPOSE: dict[str, Any] = yaml.safe_load(COMPOSE_TEXT)
+SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
+DASHBOARD: dict[str, Any] = json.loads((DOCKER / "grafana" / "pyembed.json").read_text())
+VENV_BIN = Path(sys.executable).parent
+FAKE = "fake/fake-hash@1:384"
+PYEMBED_SERVICES = ("install", "worker", "metrics")
+
+
+def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This environment without PYEMBED_* and with the venv's `pyembed` first on PATH."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYEMBED_")}
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.update(extra or {})
+    return env
+
+
+def _run(argv: list[str], extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, env=_env(extra), cwd=REPO,
+                          timeout=120)
+
+
+# -- compose.yaml --------------------------------------------------------------------------
+
+def test_compose_validates_against_the_compose_spec_schema() -> None:
+    schema = json.loads((DOCKER / "schema" / "compose-spec.json").read_text())
+    validate = fastjsonschema.compile(schema)
+    validate(COMPOSE)
+    # fastjsonschema knows draft-07, not 2020-12's unevaluatedProperties, which is how the
+    # schema closes a service: check the keys of every service against its definitions here.
+    defs = schema["$defs"]
+    allowed = set(defs["service"].get("properties", {}))
+    for part in defs["service"]["allOf"]:
+        allowed |= set(defs[part["$ref"].rsplit("/", 1)[1]].get("properties", {}))
+    for name, service in SERVICES.items():
+        unknown = {k for k in service if k not in allowed and not k.startswith("x-")}
+        assert not unknown, f"service {name}: keys not in the Compose spec: {unknown}"
+    with pytest.raises(fastjsonschema.JsonSchemaValueException):
+        validate({"services": {"w": {"image": "x", "depends_on": {"db": {"condition": "up"}}}}})
+
+
+def test_every_service_has_an_image_or_a_build_and_its_references_exist() -> None:
+    assert {"db", "install", "worker", "metrics", "replica", "prometheus", "grafana"} <= set(SERVICES)
+    for name, service in SERVICES.items():
+        assert "image" in service or "build" in service, name
+        if "build" in service:
+            build = service["build"]
+            context = (DOCKER / build["context"]).resolve()
+            assert context == REPO, name  # the Dockerfiles COPY repository paths
+            assert (context / build["dockerfile"]).is_file(), name
+        for dep in service.get("depends_on", {}):
+            assert dep in SERVICES, f"{name} depends on undefined service {dep}"
+            assert set(SERVICES[dep].get("profiles", [])) <= set(service.get("profiles", [])), (
+                f"{name} depends on {dep}, which is not started in all of {name}'s profiles")
+        for volume in service.get("volumes", []):
+            source = volume.split(":", 1)[0]
+            if source.startswith("."):
+                assert (DOCKER / source).exists(), f"{name}: {source} does not exist"
+            else:
+                assert source in COMPOSE["volumes"], f"{name}: undeclared volume {source}"
+
+
+def test_the_stack_is_wired_as_documented() -> None:
+    worker, metrics, install = SERVICES["worker"], SERVICES["metrics"], SERVICES["install"]
+    assert worker["restart"] == "on-failure" and worker["stop_signal"] == "SIGTERM"
+    assert worker["stop_grace_period"] and worker["init"] is True  # signals reach pyembed
+    assert "--forever" in worker["command"]  # a drained queue is not an exit
+    assert install["command"] == ["pyembed", "install"] and install["restart"] == "no"
+    for service in (worker, metrics):
+        assert service["depends_on"]["db"]["condition"] == "service_healthy"
+        assert service["depends_on"]["install"]["condition"] == "service_completed_successfully"
+    assert install["depends_on"]["db"]["condition"] == "service_healthy"
+    assert metrics["command"][:5] == ["pyembed", "metrics", "serve", "--port", "9187"]
+    assert "0.0.0.0" in metrics["command"]  # reachable from prometheus, not just loopback
+    for name in ("db", "metrics", "replica"):
+        assert SERVICES[name]["healthcheck"]["test"][0] == "CMD", name
+    assert "9187/metrics" in " ".join(metrics["healthcheck"]["test"])
+    assert SERVICES["replica"]["profiles"] == ["replica"]
+    assert SERVICES["replica"]["entrypoint"] == ["pyembed-replica-entrypoint"]
+    assert "pg_basebackup" in (DOCKER / "replica-entrypoint.sh").read_text()
+    assert " -R " in (DOCKER / "replica-entrypoint.sh").read_text()
+    assert SERVICES["prometheus"]["profiles"] == SERVICES["grafana"]["profiles"] == ["monitoring"]
+    assert "metrics:9187" in (DOCKER / "prometheus.yml").read_text()
+    prom = yaml.safe_load((DOCKER / "prometheus.yml").read_text())
+    assert prom["scrape_configs"][0]["static_configs"][0]["targets"] == ["metrics:9187"]
+    for sub in ("datasources/prometheus.yaml", "dashboards/pyembed.yaml"):
+        assert yaml.safe_load((DOCKER / "grafana" / "provisioning" / sub).read_text())
+
+
+def test_env_files_and_secrets_exist_or_are_documented() -> None:
+    readme = (REPO / "README.md").read_text()
+    example = (DOCKER / "env.example").read_text()
+    defined = dict(line.split("=", 1) for line in example.splitlines()
+                   if line and not line.startswith("#"))
+    for name, service in SERVICES.items():
+        for env_file in service.get("env_file", []):
+            path = env_file if isinstance(env_file, str) else env_file["path"]
+            if (DOCKER / path).exists() and path != "pyembed.env":
+                continue
+            # the real env file holds passwords: git-ignored, made from env.example as documented
+            assert path == "pyembed.env", f"{name}: env file {path} is neither shipped nor documented"
+            assert f"cp docker/env.example docker/{path}" in readme
+            assert path in (DOCKER / ".gitignore").read_text().split()
+        for secret in service.get("secrets", []):
+            source = secret if isinstance(secret, str) else secret["source"]
+            assert source in COMPOSE.get("secrets", {}), f"{name}: undefined secret {source}"
+    for secret in COMPOSE.get("secrets", {}).values():
+        assert (DOCKER / secret["file"]).exists() or secret["file"] in readme
+    for var in ("POSTGRES_PASSWORD", "PYEMBED_APP_PASSWORD", "PYEMBED_REPLICATION_PASSWORD",
+                "PYEMBED_OWNER_DSN", "PYEMBED_DSN", "GF_SECURITY_ADMIN_PASSWORD"):
+        assert var in defined, var
+    assert "@db:5432/pyembed" in defined["PYEMBED_DSN"]
+
+
+def _literal(value: str) -> bool:
+    return not re.fullmatch(r"\$\{[A-Za-z_][A-Za-z0-9_]*(:?[-?][^}]*)?\}|/run/secrets/\S+", value)
+
+
+def test_no_password_is_written_in_compose_yaml() -> None:
+    assert not re.search(r"://[^/\s:@]+:[^@\s]+@", COMPOSE_TEXT), "a DSN with a password"
+    for m in re.finditer(r"(\w*(?:PASSWORD|SECRET|TOKEN|API_KEY|_DSN)\w*)\s*[:=]\s*\"?([^\s\"#]+)",
+                         COMPOSE_TEXT):
+        assert m.group(1).endswith("_FILE") or not _literal(m.group(2)), m.group(0)
+    sensitive = re.compile(r"PASSWORD|SECRET|TOKEN|API_KEY|DSN")
+    for name, service in SERVICES.items():
+        env = service.get("environment", {})
+        if isinstance(env, list):
+            env = dict([*e.split("=", 1), ""][:2] for e in env)
+        for key, value in env.items():
+            if sensitive.search(key) and not key.endswith("_FILE"):
+                assert value in (None, "") or not _literal(str(value)), f"{name}: {key}"
+    assert not _literal("${PYEMBED_DSN}") and _literal("hunter2")  # the check itself
+
+
+# -- Dockerfiles and scripts ---------------------------------------------------------------
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "pyembed.Dockerfile"])
+def test_dockerfile_copy_sources_exist(dockerfile: str) -> None:
+    text = (DOCKER / dockerfile).read_text().replace("\\\n", " ")
+    copies = [shlex.split(line)[1:] for line in text.splitlines() if line.startswith("COPY ")]
+    assert copies
+    for words in copies:
+        assert not any(w.startswith("--from") for w in words)
+        for source in (w for w in words[:-1] if not w.startswith("--")):
+            assert (REPO / source).exists(), f"{dockerfile}: COPY {source} does not exist"
+    assert re.search(r"^FROM \S+", text, re.M)
+
+
+def test_shell_scripts_are_executable_and_parse() -> None:
+    for script in ("pyembed-entrypoint.sh", "replica-entrypoint.sh", "initdb-docker.sh"):
+        path = DOCKER / script
+        assert os.access(path, os.X_OK), script
+        shell = "sh" if path.read_text().startswith("#!/bin/sh") else "bash"
+        assert _run([shell, "-n", str(path)]).returncode == 0, script
+
+
+def test_pyembed_image_entrypoint_and_cmd() -> None:
+    text = (DOCKER / "pyembed.Dockerfile").read_text()
+    assert 'ENTRYPOINT ["pyembed-entrypoint"]' in text
+    assert "COPY docker/pyembed-entrypoint.sh /usr/local/bin/pyembed-entrypoint" in text
+    assert "pip install --no-cache-dir /src/pyembed" in text
+    assert "pyembed-replica-entrypoint" in (DOCKER / "Dockerfile").read_text()
+
+
+def test_worker_help_runs_here() -> None:
+    out = _run([sys.executable, "-m", "pyembed", "worker", "--help"])
+    assert out.returncode == 0, out.stderr
+    assert "--forever" in out.stdout
+
+
+@pytest.mark.parametrize("service", PYEMBED_SERVICES)
+def test_service_command_runs_here_through_the_entrypoint(service: str) -> None:
+    """The exact command of the service, with --help appended, through the image's
+    entrypoint script, with `pyembed` the one this repository's venv installed."""
+    command = SERVICES[service]["command"]
+    assert command[0] == "pyembed"
+    out = _run(["sh", str(DOCKER / "pyembed-entrypoint.sh"), *command, "--help"])
+    assert out.returncode == 0, out.stderr
+    assert "Usage:" in out.stdout and "--dsn" in out.stdout
+
+
+def test_entrypoint_reads_dsns_from_secret_files(tmp_path: Path) -> None:
+    secret = tmp_path / "app_dsn"
+    secret.write_text("postgresql://app:s3cret@db/pyembed\n")
+    out = _run(["sh", str(DOCKER / "pyembed-entrypoint.sh"), "sh", "-c",
+                'printf "%s|%s" "$PYEMBED_DSN" "${PYEMBED_DSN_FILE:-unset}"'],
+               {"PYEMBED_DSN_FILE": str(secret)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "postgresql://app:s3cret@db/pyembed|unset"
+    out = _run(["sh", str(DOCKER / "pyembed-entrypoint.sh"), "true"],
+               {"PYEMBED_OWNER_DSN_FILE": str(tmp_path / "missing")})
+    assert out.returncode == 1 and "PYEMBED_OWNER_DSN_FILE" in out.stderr
+
+
+# -- the dashboard against `pyembed metrics serve` -----------------------------------------
+
+PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and",
+                "or", "unless", "offset", "inf", "nan"}
+
+
+def metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression selects (functions, keywords, label matchers,
+    grouping labels, durations, strings and numbers removed)."""
+    expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    expr = re.sub(r"\{[^}]*\}", " ", expr)
+    expr = re.sub(r"\[[^\]]*\]", " ", expr)
+    expr = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", expr)
+    names = set()
+    for m in re.finditer(r"(?<![\w$.])([a-zA-Z_:][a-zA-Z0-9_:]*)(\s*\()?", expr):
+        if not m.group(2) and m.group(1).lower() not in PROMQL_WORDS:
+            names.add(m.group(1))
+    return names
+
+
+def dashboard_queries() -> Iterator[tuple[str, str]]:
+    for panel in DASHBOARD["panels"]:
+        for target in panel.get("targets", []):
+            yield panel["title"], target["expr"]
+    for var in DASHBOARD["templating"]["list"]:
+        if var["type"] == "query":
+            m = re.fullmatch(r"label_values\((\w+),\s*(\w+)\)", var["definition"])
+            assert m, var["definition"]
+            yield f"variable {var['name']}", f"{m.group(1)}{{{m.group(2)}!=\"\"}}"
+
+
+def test_metric_name_extraction() -> None:
+    assert metric_names('sum by (corpus) (rate(a_total{x="y{z}"}[5m])) / ignoring(w) b > 0') == {
+        "a_total", "b"}
+    assert metric_names("histogram_quantile(0.95, sum by (le) (c_bucket))") == {"c_bucket"}
+
+
+def test_dashboard_is_a_grafana_dashboard() -> None:
+    assert DASHBOARD["uid"] == "pyembed" and DASHBOARD["panels"]
+    ids = [p["id"] for p in DASHBOARD["panels"]]
+    assert len(ids) == len(set(ids))
+    titles = " ".join(p["title"] for p in DASHBOARD["panels"]).lower()
+    for wanted in ("coverage", "queue depth", "24 h baseline", "cache hit rate", "p50", "p95"):
+        assert wanted in titles, wanted
+    for panel in DASHBOARD["panels"]:
+        assert panel["type"] == "text" or panel["targets"], panel["title"]
+
+
+def _exported(body: str) -> dict[str, list[set[str]]]:
+    """Metric name -> the label sets of its samples, from the text exposition format."""
+    found: dict[str, list[set[str]]] = {}
+    for line in body.splitlines():
+        m = re.match(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(\{([^}]*)\})? ", line)
+        if m:
+            labels = set(re.findall(r'(\w+)="', m.group(3) or ""))
+            found.setdefault(m.group(1), []).append(labels)
+    return found
+
+
+@pytest.fixture
+def metrics_body(db: Database) -> str:
+    """/metrics of `pyembed metrics serve` on a database with a corpus, vectors, searches
+    (latency, cache hits) and a queued chunk, so that every family has samples."""
+    with pyembed.connect(db.app_dsn) as client:
+        kb = client.create_corpus("kb", FAKE)
+        kb.add([("a", "alpha text"), ("b", "beta text")])
+        for _ in range(2):
+            kb.search("alpha", k=1)
+        kb.search("alpha", k=1, mode="hybrid")
+        client.conn.execute("SELECT pyembed.add_document('kb', 'c', 'gamma text waiting')")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [str(VENV_BIN / "pyembed"), *SERVICES["metrics"]["command"][1:]]
+    command[command.index("--port") + 1] = str(port)
+    command[command.index("--address") + 1] = "127.0.0.1"  # 0.0.0.0 in the container
+    proc = subprocess.Popen(command, cwd=REPO, env=_env({"PYEMBED_DSN": db.app_dsn}),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
+                                              timeout=5).read().decode()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.2)
+        # the compose healthcheck's own command passes against it
+        check = list(SERVICES["metrics"]["healthcheck"]["test"][1:])
+        check[0] = sys.executable
+        check[-1] = check[-1].replace("9187", str(port))
+        assert subprocess.run(check, timeout=30).returncode == 0
+        return body
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_every_dashboard_metric_is_exported(metrics_body: str) -> None:
+    exported = _exported(metrics_body)
+    assert "pyembed_up" in exported and "pyembed_up 1.0" in metrics_body
+    queried: dict[str, str] = {}
+    for title, expr in dashboard_queries():
+        names = metric_names(expr)
+        assert names, f"{title}: no metric in {expr}"
+        for name in names:
+            queried.setdefault(name, title)
+            base = re.sub(r"_(bucket|sum|count)$", "", name)
+            assert name in exported or f"{base}_bucket" in exported or base in exported, (
+                f"panel {title!r} queries {name}, which pyembed metrics serve does not export")
+        # the labels a query matches or groups by are labels of the metrics it selects
+        used = set(re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", " ".join(re.findall(r"\{([^}]*)\}", expr))))
+        for group in re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", expr):
+            used |= {g.strip() for g in group.split(",") if g.strip()}
+        have = set().union(*(labels for n in names for labels in exported.get(n, [])))
+        assert used <= have, f"{title}: labels {used - have} are not on {names}"
+    assert set(queried) >= {"pyembed_coverage_ratio", "pyembed_queue_depth",
+                            "pyembed_embeddings_per_second", "pyembed_cache_hits_total",
+                            "pyembed_cache_misses_total", "pyembed_latency_seconds"}
