@@ -26,6 +26,7 @@ from .client import connect as connect_client
 from .config import DSN_ENV
 from .corpora import corpus_info, create_corpus, drop_corpus, list_corpora
 from .db import connect, resolve_dsn, translated
+from .doctor import doctor_cmd
 from .errors import DatabaseNotReady, InvalidInput, MigrationError, PyembedError
 from .localdb import LocalCluster
 from .models import BUILTIN, LOCAL_DEFAULT
@@ -377,6 +378,9 @@ def status_cmd(dsn: DsnOption = None) -> None:
     if alerts:
         raise PyembedError(f"{len(alerts)} alert(s): " + "; ".join(
             f"{f.area} {f.subject}: {f.note}" for f in alerts[:3]))
+
+
+app.command("doctor")(doctor_cmd)
 
 
 @app.command("usage")

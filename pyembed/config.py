@@ -9,12 +9,20 @@ DSN_ENV = "PYEMBED_DSN"
 OWNER_DSN_ENV = "PYEMBED_OWNER_DSN"
 READ_DSN_ENV = "PYEMBED_READ_DSN"
 HOME_ENV = "PYEMBED_HOME"
+SERVER_ROOT_ENV = "PYEMBED_SERVER_ROOT"
 
 
 def home() -> Path:
     """The project folder of the embedded default: $PYEMBED_HOME, else ./.pyembed."""
     value = os.environ.get(HOME_ENV)
     return Path(value).expanduser().resolve() if value else Path.cwd().resolve() / ".pyembed"
+
+
+def server_root() -> Path:
+    """Where a local cluster's data goes when the server's OS user cannot traverse
+    $PYEMBED_HOME (a home folder of mode 0700, root's home): $PYEMBED_SERVER_ROOT, else
+    /var/lib/pyembed, one private folder per project under it."""
+    return Path(os.environ.get(SERVER_ROOT_ENV) or "/var/lib/pyembed")
 
 
 def package_dir() -> Path:

@@ -1,8 +1,17 @@
-"""The embedded default: a private PostgreSQL cluster in $PYEMBED_HOME (default ./.pyembed)."""
+"""The embedded default: a private PostgreSQL cluster in $PYEMBED_HOME (default ./.pyembed).
+
+$PYEMBED_HOME holds cluster.json (port, passwords, where the data lives). The data directory,
+the server log, the socket folder and PL/Python's copy of pyembed live in $PYEMBED_HOME too,
+unless the server's OS user (`postgres`, when pyembed runs as root) cannot traverse it (a home
+folder of mode 0700, root's home): then they go to a private folder of that user under
+/var/lib/pyembed (config.server_root), named by a hash of $PYEMBED_HOME, and cluster.json
+records it. The user's own folders keep their permissions.
+"""
 
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -17,7 +26,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from .config import home as default_home
-from .config import package_dir
+from .config import package_dir, server_root
 from .errors import ConfigError, DatabaseNotReady, InvalidInput
 
 DATABASE = "pyembed"
@@ -55,6 +64,8 @@ class ClusterState:
     os_user: str | None
     owner_password: str
     app_password: str
+    server_dir: str | None = None
+    """The server's own folder when it is not $PYEMBED_HOME (the OS user cannot reach that)."""
 
 
 def find_bindir() -> str:
@@ -100,11 +111,47 @@ class LocalCluster:
 
     def __init__(self, home: Path | None = None) -> None:
         self.home = home or default_home()
-        self.data = self.home / "data"
         self.state_file = self.home / "cluster.json"
-        self.log_file = self.home / "postgres.log"
-        self.pylib = self.home / "pylib"
         self.port_move: PortMove | None = None  # set by start() when the port had to change
+        self._use(self._recorded_server_dir() or self.home)
+
+    def _use(self, place: Path) -> None:
+        """Keep the server's files (data, log, socket, pylib) in `place`."""
+        self.server_dir = place
+        self.data = place / "data"
+        self.log_file = place / "postgres.log"
+        self.pylib = place / "pylib"
+
+    @property
+    def relocated(self) -> bool:
+        return self.server_dir != self.home
+
+    def _recorded_server_dir(self) -> Path | None:
+        try:
+            value = json.loads(self.state_file.read_text()).get("server_dir")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return Path(value) if value else None
+
+    def _private_place(self) -> Path:
+        """This project's folder under the server root (one per $PYEMBED_HOME)."""
+        return server_root() / hashlib.sha256(str(self.home).encode()).hexdigest()[:16]
+
+    def _choose_place(self, os_user: str | None) -> Path:
+        """$PYEMBED_HOME if the server's OS user can traverse it, else a private folder of
+        that user under the server root (made here: root only ever runs the server as
+        another user)."""
+        if not os_user or self._as_server_user(["test", "-x", str(self.home)]).returncode == 0:
+            return self.home
+        root = server_root()
+        root.mkdir(mode=0o711, parents=True, exist_ok=True)
+        if root.stat().st_uid == 0:
+            root.chmod(0o711)  # others may pass through, not list the projects
+        place = self._private_place()
+        place.mkdir(mode=0o700, exist_ok=True)
+        place.chmod(0o700)
+        self._chown(place, os_user)
+        return place
 
     # -- state ---------------------------------------------------------------------------
     @property
@@ -119,7 +166,7 @@ class LocalCluster:
 
     @property
     def socket_dir(self) -> Path:
-        run = self.home / "run"
+        run = self.server_dir / "run"
         if len(str(run)) > 80:  # Unix socket paths are limited to ~107 bytes
             import hashlib
 
@@ -169,6 +216,7 @@ class LocalCluster:
         bindir = find_bindir()
         os_user = self._os_user()
         self.home.mkdir(parents=True, exist_ok=True)
+        self._use(self._choose_place(os_user))
         if self.data.exists():
             shutil.rmtree(self.data)  # a half-made cluster from an interrupted init
         for d in (self.data, self.socket_dir):
@@ -182,8 +230,9 @@ class LocalCluster:
                               "folders traversable (chmod o+x) or set PYEMBED_HOME elsewhere")
         st = ClusterState(port=_free_port(), bindir=bindir, os_user=os_user,
                           owner_password=secrets.token_urlsafe(24),
-                          app_password=secrets.token_urlsafe(24))
-        pwfile = self.home / ".pwfile"
+                          app_password=secrets.token_urlsafe(24),
+                          server_dir=str(self.server_dir) if self.relocated else None)
+        pwfile = self.server_dir / ".pwfile"
         pwfile.write_text(st.owner_password + "\n")
         self._chown(pwfile, os_user)
         try:
@@ -239,12 +288,7 @@ class LocalCluster:
             _log.warning("%s", self.port_move)
         self.socket_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._chown(self.socket_dir, st.os_user)
-        # PL/Python imports the same pyembed code as this process.
-        self.pylib.mkdir(exist_ok=True)
-        link = self.pylib / "pyembed"
-        if not link.is_symlink() or link.resolve() != package_dir():
-            link.unlink(missing_ok=True)
-            link.symlink_to(package_dir(), target_is_directory=True)
+        self._link_package(st)
         env = {"PYTHONPATH": str(self.pylib), "OMP_NUM_THREADS": "1"}
         out = self._as_server_user(
             [f"{st.bindir}/pg_ctl", "start", "-w", "-t", "60", "-D", str(self.data),
@@ -253,6 +297,28 @@ class LocalCluster:
             tail = self.log_file.read_text()[-2000:] if self.log_file.exists() else ""
             raise ConfigError(f"the local cluster did not start: {out.stderr.strip()}\n{tail}")
         return True
+
+    def _link_package(self, st: ClusterState) -> None:
+        """PL/Python imports the same pyembed code as this process: a link to it, or, when
+        the server's OS user cannot read the package's folder, a copy made at each start."""
+        self.pylib.mkdir(exist_ok=True)
+        link = self.pylib / "pyembed"
+        source = package_dir()
+        if not st.os_user or self._as_server_user(
+                ["test", "-r", str(source / "__init__.py")], st).returncode == 0:
+            if not link.is_symlink() or link.resolve() != source:
+                if link.is_dir() and not link.is_symlink():
+                    shutil.rmtree(link)
+                link.unlink(missing_ok=True)
+                link.symlink_to(source, target_is_directory=True)
+            return
+        if link.is_symlink() or link.is_file():
+            link.unlink()
+        elif link.exists():
+            shutil.rmtree(link)
+        shutil.copytree(source, link, ignore=shutil.ignore_patterns("__pycache__"))
+        for path in (link, *link.rglob("*")):
+            self._chown(path, st.os_user)
 
     def _set_port(self, st: ClusterState, port: int) -> None:
         self._set_conf({"port": str(port)})
@@ -288,6 +354,7 @@ class LocalCluster:
         if not self.running():
             raise DatabaseNotReady("the local cluster is not running: `pyembed db start` first")
         replica.home.mkdir(parents=True, exist_ok=True)
+        replica._use(replica._choose_place(st.os_user))
         if replica.data.exists():
             shutil.rmtree(replica.data)  # a half-made copy from an interrupted add
         for d in (replica.data, replica.socket_dir):
@@ -301,7 +368,9 @@ class LocalCluster:
             {"PGPASSWORD": st.owner_password, "PGAPPNAME": name})
         if out.returncode != 0:
             raise ConfigError(f"pg_basebackup failed: {out.stderr.strip() or out.stdout.strip()}")
-        rst = ClusterState(**{**asdict(st), "port": _free_port(st.port + 1)})
+        rst = ClusterState(**{**asdict(st), "port": _free_port(st.port + 1),
+                              "server_dir": str(replica.server_dir) if replica.relocated
+                              else None})
         replica._set_conf({"port": str(rst.port),
                            "unix_socket_directories": f"'{replica.socket_dir}'"})
         replica.state_file.write_text(json.dumps(asdict(rst)))
@@ -321,6 +390,8 @@ class LocalCluster:
         if not replica.initialised:
             return False
         replica.stop()
+        if replica.relocated:
+            shutil.rmtree(replica.server_dir)
         shutil.rmtree(replica.home)
         return True
 
@@ -359,4 +430,5 @@ class LocalCluster:
             return {"home": str(self.home), "initialised": False, "running": False}
         st = self.state()
         return {"home": str(self.home), "initialised": True, "running": self.running(),
-                "port": st.port, "socket_dir": str(self.socket_dir), "data": str(self.data)}
+                "port": st.port, "socket_dir": str(self.socket_dir), "data": str(self.data),
+                "log": str(self.log_file)}

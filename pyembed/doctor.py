@@ -1,0 +1,260 @@
+"""`pyembed doctor`: the things a user gets wrong first, one line per check with the fix.
+
+Each check returns a Check (name, ok/warn/fail, detail, fix). The server check comes first:
+when it fails, the others are reported as skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Annotated, Any, Literal
+
+import psycopg
+import typer
+
+from . import health, schema
+from .config import DSN_ENV, OWNER_DSN_ENV
+from .db import resolve_dsn
+from .models import API_KEY_ENV
+
+Status = Literal["ok", "warn", "fail", "skip"]
+
+EXTENSIONS = ("vector", "plpython3u")
+WORKER_STALE_MINUTES = 10
+"""Queued work older than this, with nothing written in the last 5 minutes: no worker runs."""
+PROBE_KEY = "fake/fake-hash@1:384"
+"""A built-in model that needs no network: embedding with it runs pyembed inside PL/Python."""
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: Status
+    detail: str
+    fix: str = ""
+
+    def line(self) -> str:
+        label = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL", "skip": "skip"}[self.status]
+        text = f"{label} {self.name}: {self.detail}"
+        if self.fix and self.status in ("warn", "fail"):
+            text += f" — fix: {self.fix}"
+        return text
+
+
+Conn = psycopg.Connection[Any]
+
+
+def client_version() -> str:
+    try:
+        return metadata.version("pyembed")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def check_server(dsn: str) -> tuple[Check, Conn | None]:
+    try:
+        conn = psycopg.connect(dsn, autocommit=True, connect_timeout=5)
+    except psycopg.Error as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return Check("server reachable", "fail", first,
+                     "start the server (`pyembed db start` for the local cluster) or check "
+                     "--dsn / PYEMBED_DSN"), None
+    row = conn.execute("SHOW server_version").fetchone()
+    version = str(row[0]).split()[0] if row else "?"
+    where = f"{conn.info.host}:{conn.info.port}"
+    return Check("server reachable", "ok", f"PostgreSQL {version} at {where}"), conn
+
+
+def check_schema(conn: Conn, owner_dsn: str | None = None) -> Check:
+    """The application role cannot read pyembed.alembic_version: read it as the owner
+    (PYEMBED_OWNER_DSN, or the local cluster's owner) when that DSN is known."""
+    name = "schema at head"
+    head = schema.head_revision()
+    if owner_dsn:
+        try:
+            with psycopg.connect(owner_dsn, autocommit=True, connect_timeout=5) as owner:
+                return check_schema(owner)
+        except psycopg.OperationalError:
+            pass  # the owner cannot log in from here: try with the command's role
+    try:
+        if conn.execute("SELECT to_regclass('pyembed.alembic_version')").fetchone() in (None, (None,)):
+            return Check(name, "fail", f"no pyembed schema, head is {head}", "pyembed install")
+        row = conn.execute("SELECT version_num FROM pyembed.alembic_version").fetchone()
+    except psycopg.Error as exc:
+        return Check(name, "warn", f"cannot read the schema revision ({_first(exc)})",
+                     "set PYEMBED_OWNER_DSN (the owner may read it), or pass its DSN as --dsn")
+    current = row[0] if row else None
+    if current == head:
+        return Check(name, "ok", f"at {head}")
+    return Check(name, "fail", f"at {current or 'nothing'}, head is {head}", "pyembed install")
+
+
+def check_extensions(conn: Conn) -> Check:
+    name = "extensions vector and plpython3u"
+    rows = dict(conn.execute("SELECT extname, extversion FROM pg_catalog.pg_extension "
+                             "WHERE extname = ANY(%s)", (list(EXTENSIONS),)).fetchall())
+    missing = [e for e in EXTENSIONS if e not in rows]
+    found = ", ".join(f"{e} {rows[e]}" for e in EXTENSIONS if e in rows)
+    if not missing:
+        return Check(name, "ok", found)
+    available = {r[0] for r in conn.execute(
+        "SELECT name FROM pg_catalog.pg_available_extensions WHERE name = ANY(%s)",
+        (missing,)).fetchall()}
+    absent = [e for e in missing if e not in available]
+    fix = ("install the server packages (docker/install-host.sh: postgresql-NN-pgvector, "
+           "postgresql-plpython3-NN), then pyembed install" if absent else "pyembed install")
+    detail = f"missing {', '.join(missing)}" + (f" (have {found})" if found else "")
+    if absent:
+        detail += f"; not available on the server: {', '.join(absent)}"
+    return Check(name, "fail", detail, fix)
+
+
+def check_plpython(conn: Conn) -> Check:
+    """Embed a word with the fake model: that runs `from pyembed import indb` in PL/Python.
+    No SQL function reports the server-side pyembed version yet, so only the import is checked;
+    the probe's cache and usage rows are rolled back."""
+    name = "PL/Python imports pyembed"
+    try:
+        with conn.transaction(force_rollback=True):
+            conn.execute("SELECT pyembed.embed('doctor', %s, 'query')", (PROBE_KEY,))
+    except psycopg.Error as exc:
+        return Check(name, "fail", _first(exc),
+                     "make pyembed importable by the server's Python (the local cluster links "
+                     "it in $PYEMBED_HOME/pylib at `pyembed db start`; elsewhere install it "
+                     "for the server's python3), then pyembed install")
+    return Check(name, "ok", f"yes (client pyembed {client_version()}; the server's version "
+                             "is not reported by any SQL function)")
+
+
+def check_api_keys(conn: Conn) -> Check:
+    name = "API keys for the corpora's providers"
+    rows = conn.execute(
+        "SELECT DISTINCT m.provider FROM pyembed.corpora c JOIN pyembed.models m "
+        "ON m.model_key IN (c.model_key, c.target_model_key) ORDER BY 1").fetchall()
+    providers = [r[0] for r in rows]
+    needed = {p: API_KEY_ENV[p] for p in providers if p in API_KEY_ENV}
+    if not needed:
+        return Check(name, "ok", "no corpus needs one" if not providers
+                     else f"none needed ({', '.join(providers)})")
+    missing = sorted(env for env in needed.values() if not os.environ.get(env, "").strip())
+    if not missing:
+        return Check(name, "ok", ", ".join(f"{v} set" for v in sorted(needed.values())))
+    return Check(name, "warn", f"{', '.join(missing)} not set (needed by "
+                 f"{', '.join(p for p, v in needed.items() if v in missing)} corpora)",
+                 f"export {missing[0]}=... for client-side embedding (and "
+                 f"SELECT pyembed.set_secret('{missing[0]}', '...') as the owner for "
+                 "in-database embedding)")
+
+
+def check_worker(conn: Conn) -> Check:
+    name = "worker alive"
+    row = conn.execute(
+        "SELECT count(*), "
+        "count(*) FILTER (WHERE not_before > now() AND last_error IS NULL), "
+        "extract(epoch FROM now() - min(enqueued_at))::float8 FROM pyembed.queue").fetchone()
+    assert row is not None
+    queued, leased, age = int(row[0]), int(row[1]), float(row[2] or 0.0)
+    if not queued:
+        return Check(name, "ok", "nothing queued")
+    if leased:
+        return Check(name, "ok", f"{queued} queued, {leased} leased by a worker")
+    written = conn.execute("SELECT coalesce(sum(per_s_5m), 0) * 300 "
+                           "FROM pyembed.throughput").fetchone()
+    recent = round(float(written[0])) if written else 0
+    detail = f"{queued} queued, the oldest {_ago(age)} ago"
+    if age > WORKER_STALE_MINUTES * 60 and not recent:
+        return Check(name, "warn", detail + ", nothing written in the last 5 minutes",
+                     "run `pyembed worker` (it embeds what SQL queued)")
+    return Check(name, "ok", detail + (f", {recent} vectors written in 5 minutes"
+                                       if recent else ""))
+
+
+def check_replicas(conn: Conn) -> Check:
+    name = "replicas' lag"
+    findings = health.replicas(conn)
+    if not findings:
+        return Check(name, "ok", "no streaming replicas")
+    detail = "; ".join(f"{f.subject} {f.value}" + (f" ({f.note})" if f.note else "")
+                       for f in findings)
+    if any(f.level != "ok" for f in findings):
+        return Check(name, "warn", detail, "check the standby's log and its network; "
+                     "`pyembed db replica list` shows the local ones")
+    return Check(name, "ok", detail)
+
+
+CHECKS: list[tuple[str, Callable[[Conn], Check]]] = [
+    ("schema at head", check_schema),
+    ("extensions vector and plpython3u", check_extensions),
+    ("PL/Python imports pyembed", check_plpython),
+    ("API keys for the corpora's providers", check_api_keys),
+    ("worker alive", check_worker),
+    ("replicas' lag", check_replicas),
+]
+
+
+def owner_dsn_for(dsn: str) -> str | None:
+    """The owner's DSN for the same database: $PYEMBED_OWNER_DSN, or the local cluster's
+    owner when `dsn` is the local cluster's."""
+    if os.environ.get(OWNER_DSN_ENV):
+        return os.environ[OWNER_DSN_ENV]
+    from .localdb import LocalCluster
+
+    local = LocalCluster()
+    try:
+        return local.dsn(owner=True) if local.initialised and local.dsn() == dsn else None
+    except Exception:  # an unreadable cluster.json: no owner DSN
+        return None
+
+
+def run(dsn: str, owner_dsn: str | None = None) -> list[Check]:
+    """Every check, in order; after an unreachable server the rest are skipped."""
+    owner_dsn = owner_dsn or owner_dsn_for(dsn)
+    first, conn = check_server(dsn)
+    results = [first]
+    if conn is None:
+        return results + [Check(name, "skip", "the server is not reachable")
+                          for name, _ in CHECKS]
+    with conn:
+        for name, check in CHECKS:
+            try:
+                results.append(check_schema(conn, owner_dsn) if check is check_schema
+                               else check(conn))
+            except psycopg.Error as exc:
+                fix = "pyembed install" if isinstance(
+                    exc, psycopg.errors.UndefinedTable | psycopg.errors.UndefinedFunction
+                    | psycopg.errors.InvalidSchemaName) else ""
+                results.append(Check(name, "fail", _first(exc), fix))
+    return results
+
+
+def _first(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def _ago(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def doctor_cmd(dsn: Annotated[str | None, typer.Option(
+        "--dsn", envvar=DSN_ENV, help="libpq DSN; default: the local cluster")] = None) -> None:
+    """Check what goes wrong first, one line each with the fix; exit 1 on a failure.
+
+    Example: pyembed doctor
+    """
+    checks = run(dsn or resolve_dsn())
+    for c in checks:
+        print(c.line(), flush=True)
+    if any(c.status == "fail" for c in checks):
+        sys.exit(1)
+
+
+__all__ = ["CHECKS", "Check", "client_version", "doctor_cmd", "run"]

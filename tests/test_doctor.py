@@ -1,0 +1,89 @@
+"""`pyembed doctor` as a user runs it: one line per check, the fix on each failure, exit 1."""
+
+from __future__ import annotations
+
+import socket
+
+import psycopg
+
+from pyembed import doctor, schema
+from tests.conftest import Database
+from tests.test_cli import pyembed
+
+NAMES = ["server reachable"] + [name for name, _ in doctor.CHECKS]
+
+
+def _lines(out: str) -> dict[str, str]:
+    found = {}
+    for line in out.splitlines():
+        for name in NAMES:
+            if line[5:].startswith(name + ":"):
+                found[name] = line
+    return found
+
+
+def _doctor(db: Database, **env: str) -> tuple[int, dict[str, str], str]:
+    out = pyembed("doctor", env={"PYEMBED_DSN": db.app_dsn, "PYEMBED_OWNER_DSN": db.owner_dsn,
+                                 **env})
+    return out.returncode, _lines(out.stdout), out.stdout + out.stderr
+
+
+def test_healthy_database_every_check_ok(db: Database) -> None:
+    code, lines, text = _doctor(db)
+    assert code == 0, text
+    assert list(lines) == NAMES, text
+    assert len(text.strip().splitlines()) == len(NAMES), text
+    for line in lines.values():
+        assert line.startswith("ok   "), line
+    assert "PostgreSQL " in lines["server reachable"] and "127.0.0.1:" in lines["server reachable"]
+    assert lines["schema at head"].endswith(f"at {schema.head_revision()}")
+    assert "vector " in lines["extensions vector and plpython3u"]
+    assert "plpython3u " in lines["extensions vector and plpython3u"]
+
+
+def test_schema_behind_fails_with_the_fix(db: Database) -> None:
+    schema.downgrade(db.owner_dsn, "0008")
+    code, lines, text = _doctor(db)
+    assert code == 1, text
+    assert lines["schema at head"] == (f"FAIL schema at head: at 0008, head is "
+                                       f"{schema.head_revision()} — fix: pyembed install")
+
+
+def test_server_unreachable_skips_the_rest() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again when the block ends
+    out = pyembed("doctor", "--dsn", f"postgresql://x:y@127.0.0.1:{port}/pyembed")
+    assert out.returncode == 1, out.stdout
+    lines = _lines(out.stdout)
+    assert lines["server reachable"].startswith("FAIL server reachable: ")
+    assert "fix: " in lines["server reachable"]
+    for name in NAMES[1:]:
+        assert lines[name] == f"skip {name}: the server is not reachable"
+
+
+def test_missing_api_key_is_a_warning(db: Database) -> None:
+    with psycopg.connect(db.app_dsn, autocommit=True) as conn:
+        conn.execute("SELECT pyembed.create_corpus('docs', 'voyage/voyage-3@1:1024')")
+    code, lines, text = _doctor(db)
+    assert code == 0, text  # a warning, not a failure
+    line = lines["API keys for the corpora's providers"]
+    assert line.startswith("WARN ") and "VOYAGE_API_KEY not set" in line and "fix: export" in line
+    code, lines, text = _doctor(db, VOYAGE_API_KEY="pa-test")
+    assert lines["API keys for the corpora's providers"].startswith("ok   "), text
+
+
+def test_old_queued_work_without_a_worker(db: Database) -> None:
+    with psycopg.connect(db.app_dsn, autocommit=True) as conn:
+        conn.execute("SELECT pyembed.create_corpus('docs', 'fake/fake-hash@1:384')")
+        conn.execute("SELECT pyembed.add_document('docs', 'a', 'some text to embed later')")
+    code, lines, _ = _doctor(db)
+    assert lines["worker alive"].startswith("ok   ") and "queued" in lines["worker alive"]
+    with psycopg.connect(db.owner_dsn, autocommit=True) as conn:
+        conn.execute("UPDATE pyembed.queue SET enqueued_at = now() - interval '1 hour', "
+                     "not_before = now() - interval '1 hour'")
+    code, lines, text = _doctor(db)
+    assert code == 0, text
+    line = lines["worker alive"]
+    assert line.startswith("WARN worker alive: "), text
+    assert "nothing written in the last 5 minutes" in line and "fix: run `pyembed worker`" in line
