@@ -121,10 +121,12 @@ def check_plpython(conn: Conn) -> Check:
     try:
         with conn.transaction(force_rollback=True):
             conn.execute("SELECT pyembed.embed('doctor', %s, 'query')", (PROBE_KEY,))
+    except (psycopg.errors.UndefinedFunction, psycopg.errors.InvalidSchemaName) as exc:
+        return Check(name, "fail", _first(exc), "pyembed install")
     except psycopg.Error as exc:
         return Check(name, "fail", _first(exc),
                      "make pyembed importable by the server's Python (the local cluster links "
-                     "it in $PYEMBED_HOME/pylib at `pyembed db start`; elsewhere install it "
+                     "it into its pylib folder at `pyembed db start`; elsewhere install it "
                      "for the server's python3), then pyembed install")
     return Check(name, "ok", f"yes (client pyembed {client_version()}; the server's version "
                              "is not reported by any SQL function)")

@@ -87,3 +87,11 @@ def test_old_queued_work_without_a_worker(db: Database) -> None:
     line = lines["worker alive"]
     assert line.startswith("WARN worker alive: "), text
     assert "nothing written in the last 5 minutes" in line and "fix: run `pyembed worker`" in line
+
+
+def test_a_database_without_the_schema_says_install(empty_db: Database) -> None:
+    code, lines, text = _doctor(empty_db)
+    assert code == 1, text
+    assert lines["server reachable"].startswith("ok   ")
+    for name in NAMES[1:5]:
+        assert lines[name].startswith("FAIL ") and lines[name].endswith("— fix: pyembed install"), text
