@@ -1,5 +1,7 @@
 """pyembed: the embedding model as an enforced part of the PostgreSQL schema."""
 
+__version__ = "0.1.0"
+
 from .client import AddReport, Client, Corpus, Document, connect
 from .errors import (
     ConfigError,
@@ -46,6 +48,7 @@ __all__ = [
     "ReadOnlyReplica",
     "UnknownCorpus",
     "UnknownModel",
+    "__version__",
     "connect",
     "install",
     "registry",

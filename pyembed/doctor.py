@@ -10,11 +10,12 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import metadata
 from typing import Annotated, Any, Literal
 
 import psycopg
 import typer
+
+import pyembed
 
 from . import health, schema
 from .config import DSN_ENV, OWNER_DSN_ENV
@@ -46,13 +47,6 @@ class Check:
 
 
 Conn = psycopg.Connection[Any]
-
-
-def client_version() -> str:
-    try:
-        return metadata.version("pyembed")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def check_server(dsn: str) -> tuple[Check, Conn | None]:
@@ -114,13 +108,14 @@ def check_extensions(conn: Conn) -> Check:
 
 
 def check_plpython(conn: Conn) -> Check:
-    """Embed a word with the fake model: that runs `from pyembed import indb` in PL/Python.
-    No SQL function reports the server-side pyembed version yet, so only the import is checked;
-    the probe's cache and usage rows are rolled back."""
+    """Embed a word with the fake model (that runs `from pyembed import indb` in PL/Python) and
+    compare the server's pyembed version with this one; the probe's cache and usage rows are
+    rolled back."""
     name = "PL/Python imports pyembed"
     try:
         with conn.transaction(force_rollback=True):
             conn.execute("SELECT pyembed.embed('doctor', %s, 'query')", (PROBE_KEY,))
+            row = conn.execute("SELECT pyembed.version()").fetchone()
     except (psycopg.errors.UndefinedFunction, psycopg.errors.InvalidSchemaName) as exc:
         return Check(name, "fail", _first(exc), "pyembed install")
     except psycopg.Error as exc:
@@ -128,8 +123,13 @@ def check_plpython(conn: Conn) -> Check:
                      "make pyembed importable by the server's Python (the local cluster links "
                      "it into its pylib folder at `pyembed db start`; elsewhere install it "
                      "for the server's python3), then pyembed install")
-    return Check(name, "ok", f"yes (client pyembed {client_version()}; the server's version "
-                             "is not reported by any SQL function)")
+    server = row[0] if row else "?"
+    if server != pyembed.__version__:
+        return Check(name, "fail", f"the server runs pyembed {server}, this client "
+                                   f"{pyembed.__version__}",
+                     "install the same pyembed for the server's python3 "
+                     "(docker/install-host.sh), then restart the server")
+    return Check(name, "ok", f"yes, pyembed {server} on both sides")
 
 
 def check_api_keys(conn: Conn) -> Check:
@@ -259,4 +259,4 @@ def doctor_cmd(dsn: Annotated[str | None, typer.Option(
         sys.exit(1)
 
 
-__all__ = ["CHECKS", "Check", "client_version", "doctor_cmd", "run"]
+__all__ = ["CHECKS", "Check", "doctor_cmd", "run"]

@@ -178,3 +178,12 @@ AS $$
   INSERT INTO pyembed.secrets (name, value) VALUES (name, value)
   ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value, updated_at = now()
 $$;
+
+-- The pyembed the server's PL/Python imports (`pyembed doctor` compares it with the client's).
+CREATE OR REPLACE FUNCTION pyembed.version() RETURNS text
+LANGUAGE plpython3u STABLE SECURITY INVOKER
+SET search_path = pg_catalog, pg_temp
+AS $$
+import pyembed
+return pyembed.__version__
+$$;

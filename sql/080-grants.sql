@@ -39,6 +39,7 @@ GRANT EXECUTE ON FUNCTION
   pyembed.current_tenant(),
   pyembed.visible_corpora(),
   pyembed.lookup_corpus(text),
+  pyembed.version(),
   pyembed.vector_table(text),
   pyembed.cache_get(bytea[]),
   pyembed.cache_put(bytea[], text, text, vector[], float8),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 
 import psycopg
+import pytest
 
 from pyembed import doctor, schema
 from tests.conftest import Database
@@ -95,3 +96,14 @@ def test_a_database_without_the_schema_says_install(empty_db: Database) -> None:
     assert lines["server reachable"].startswith("ok   ")
     for name in NAMES[1:5]:
         assert lines[name].startswith("FAIL ") and lines[name].endswith("— fix: pyembed install"), text
+
+
+def test_a_server_running_another_pyembed_fails_the_plpython_check(
+        db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pyembed
+
+    with psycopg.connect(db.app_dsn, autocommit=True) as conn:
+        assert doctor.check_plpython(conn).status == "ok"
+        monkeypatch.setattr(pyembed, "__version__", "9.9.9")
+        check = doctor.check_plpython(conn)
+    assert check.status == "fail" and "9.9.9" in check.detail

@@ -43,6 +43,7 @@ APP_EXECUTE = {
     "current_tenant()",  # called by the row-level security policies
     "visible_corpora()",
     "lookup_corpus(text)",  # the one lookup of a corpus by name (PE002)
+    "version()",  # the server's pyembed, for `pyembed doctor`
     "vector_table(text)",
     "cache_get(bytea[])",  # the embedding cache: through these functions only
     "cache_put(bytea[], text, text, vector[], double precision)",
