@@ -7,6 +7,7 @@ first, then each group's commands together, in the order `pyembed --help` lists 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from collections.abc import Iterator
@@ -61,6 +62,8 @@ OwnerDsnOption = Annotated[str | None, typer.Option(
 DsnOption = Annotated[str | None, typer.Option("--dsn", envvar=DSN_ENV,
                                                help="libpq DSN; default: the local cluster")]
 TargetKeyOption = Annotated[str, typer.Option("--to", help="target model key")]
+JsonOption = Annotated[bool, typer.Option(
+    "--json", help="print one JSON document instead of a table (README: Command line)")]
 
 
 # -- connections ---------------------------------------------------------------------------
@@ -111,6 +114,25 @@ def _mb(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB" if n < 2**30 else f"{n / 2**30:,.2f} GiB"
 
 
+# -- output --------------------------------------------------------------------------------
+
+def _print_json(data: Any) -> None:
+    """Write `data` as one line of JSON on stdout: the only place --json output is written
+    (a command prints one such document; `search --json` one per hit, JSON Lines)."""
+    print(json.dumps(data, default=str), flush=True)
+
+
+def _table(*titles: str, numbers: tuple[str, ...] = (), **options: Any) -> Table:
+    """A table whose every column folds a long cell onto more lines, at any width and in a
+    pipe: never elided, because users copy model keys and ids out of them. Columns named in
+    `numbers` stay unwrapped while the others can give way (a number split over two lines
+    misreads)."""
+    table = Table(**options)
+    for title in titles:
+        table.add_column(title, overflow="fold", no_wrap=title in numbers)
+    return table
+
+
 # -- top-level commands --------------------------------------------------------------------
 
 @app.command("install")
@@ -130,7 +152,7 @@ def install_cmd(
 
 
 @app.command("models")
-def models_cmd(dsn: DsnOption = None) -> None:
+def models_cmd(dsn: DsnOption = None, as_json: JsonOption = False) -> None:
     """List the models the database knows (pyembed.models), built-in and registered.
 
     Example: pyembed models --dsn postgresql://app@db/app
@@ -143,15 +165,22 @@ def models_cmd(dsn: DsnOption = None) -> None:
     else:
         with _connect(dsn) as conn:
             specs = models.registered(conn)
-    table = Table()
-    for title in ("model key", "dims", "distance", "input types", "batch", "max tokens",
-                  "$ / 1M tokens", "about"):
-        table.add_column(title, overflow="fold")  # never elided: users copy keys
+    if as_json:
+        _print_json({"models": [
+            {"model_key": m.key, "provider": m.provider, "model_id": m.model_id,
+             "version": m.version, "dimensions": m.dimensions, "distance": m.distance,
+             "normalized": m.normalized, "input_types": m.input_types,
+             "max_batch": m.max_batch, "max_tokens": m.max_tokens,
+             "request_dimensions": m.request_dimensions, "price_per_mtok": m.price_per_mtok,
+             "description": m.description} for m in specs]})
+        return
+    table = _table("model key", "dims", "distance", "input types", "batch", "max tokens",
+                   "$ / 1M tokens", "about")
     for m in specs:
         table.add_row(m.key, str(m.dimensions), m.distance, "yes" if m.input_types else "no",
                       str(m.max_batch), str(m.max_tokens),
                       f"{m.price_per_mtok:.2f}" if m.price_per_mtok is not None else "-",
-                      m.description)
+                      escape(m.description))
     console.print(table)
 
 
@@ -164,6 +193,8 @@ def search_cmd(
     filter: Annotated[str | None, typer.Option(help='metadata filter, JSON, e.g. {"lang":"en"}')]
     = None,
     dsn: DsnOption = None,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="print JSON Lines: one object per hit, best first")] = False,
 ) -> None:
     """Search a corpus; the query is embedded with the corpus's own model.
 
@@ -175,11 +206,18 @@ def search_cmd(
         raise InvalidInput(f"--filter is not valid JSON: {exc}") from None
     with _client(dsn) as client:
         hits = client.corpus(corpus).search(query, k=k, filter=flt, mode=mode)
-    table = Table("#", "score", "document", "chunk", "text")
-    table.add_column("model key", overflow="fold")
+    if as_json:
+        for rank, h in enumerate(hits, 1):
+            _print_json({"rank": rank, "document_id": h.document_id, "chunk_id": h.chunk_id,
+                         "chunk_index": h.chunk_index, "score": h.score,
+                         "model_key": h.model_key, "content": h.content,
+                         "metadata": h.metadata})
+        return
+    table = _table("#", "score", "document", "chunk", "text", "model key",
+                   numbers=("#", "score", "chunk"))
     for i, h in enumerate(hits, 1):
-        table.add_row(str(i), f"{h.score:.4f}", h.document_id, str(h.chunk_index),
-                      " ".join(h.content.split())[:100], h.model_key or "-")
+        table.add_row(str(i), f"{h.score:.4f}", escape(h.document_id), str(h.chunk_index),
+                      escape(" ".join(h.content.split())[:100]), h.model_key or "-")
     console.print(table if hits else "no results")
 
 
@@ -242,6 +280,9 @@ def ask_cmd(
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="answer length cap")] = 1024,
     stream: Annotated[bool, typer.Option(help="print the answer as it arrives")] = True,
     dsn: DsnOption = None,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="print one JSON object (answer, citations, sources, timings); "
+                       "implies --no-stream")] = False,
 ) -> None:
     """Answer a question from a corpus with Claude, citing passages as [1], [2], ...
     Without ANTHROPIC_API_KEY it shows the retrieved passages instead.
@@ -256,7 +297,23 @@ def ask_cmd(
     with _client(dsn) as client:
         result = answer(client.corpus(corpus), question, k=k, model=model,
                         max_tokens=max_tokens, min_score=min_score, mode=mode,
-                        on_text=show if stream else None)
+                        on_text=show if stream and not as_json else None)
+    if as_json:
+        by_number = {s.number: s for s in result.sources}
+        _print_json({
+            "question": result.question, "answer": result.text,
+            "generated": result.generated, "insufficient": result.insufficient,
+            "note": result.note, "stop_reason": result.stop_reason,
+            "citations": [{"number": n, "document_id": by_number[n].document_id}
+                          for n in result.cited if n in by_number],
+            "sources": [{"number": s.number, "document_id": s.document_id,
+                         "chunk_id": s.hit.chunk_id, "chunk_index": s.hit.chunk_index,
+                         "score": s.score, "cited": s.number in result.cited,
+                         "content": s.content, "metadata": s.hit.metadata}
+                        for s in result.sources],
+            "model_key": result.model_key, "generation_model": result.generation_model,
+            "timings": result.timings, "usage": result.usage})
+        return
     if result.generated and stream:
         console.print()
     elif result.text is not None:
@@ -267,9 +324,9 @@ def ask_cmd(
         err_console.print(f"[yellow]note:[/yellow] {escape(result.note)}")
 
     if result.sources:
-        table = Table("#", "score", "document", "passage" if result.generated else "text",
-                      title="sources" + (" (* cited)" if result.generated else ""),
-                      title_justify="left")
+        table = _table("#", "score", "document", "passage" if result.generated else "text",
+                       title="sources" + (" (* cited)" if result.generated else ""),
+                       title_justify="left")
         for s in result.sources:
             text = " ".join(s.content.split())
             if result.generated and len(text) > 120:
@@ -348,33 +405,46 @@ def worker_cmd(
 
 @app.command("plan-storage")
 def plan_storage(vectors: Annotated[int, typer.Option("--vectors", help="number of vectors")]
-                 = 1_000_000) -> None:
+                 = 1_000_000, as_json: JsonOption = False) -> None:
     """Storage by dimensions: float32 raw, halfvec raw, and with an HNSW index.
 
     Example: pyembed plan-storage --vectors 2000000
     """
-    table = Table("dimensions", "float32 raw", "halfvec raw", "float32 + HNSW",
-                  title=f"{vectors:,} vectors (HNSW m=16)")
+    rows = []
     for dims in (256, 384, 512, 768, 1024, 1536, 3072):
         raw, hnsw = migration.storage_bytes(vectors, dims)
-        table.add_row(str(dims), _mb(raw), _mb(vectors * (2 * dims + 8)), _mb(hnsw))
+        rows.append({"dimensions": dims, "float32_bytes": raw,
+                     "halfvec_bytes": vectors * (2 * dims + 8), "float32_hnsw_bytes": hnsw})
+    if as_json:
+        _print_json({"vectors": vectors, "hnsw_m": 16, "sizes": rows})
+        return
+    table = _table("dimensions", "float32 raw", "halfvec raw", "float32 + HNSW",
+                   title=f"{vectors:,} vectors (HNSW m=16)")
+    for r in rows:
+        table.add_row(str(r["dimensions"]), _mb(r["float32_bytes"]), _mb(r["halfvec_bytes"]),
+                      _mb(r["float32_hnsw_bytes"]))
     console.print(table)
 
 
 @app.command("status")
-def status_cmd(dsn: DsnOption = None) -> None:
+def status_cmd(dsn: DsnOption = None, as_json: JsonOption = False) -> None:
     """Health at a glance: coverage, queue, throughput, cache, latency, with alerts.
 
-    Example: pyembed status       (exits 1 when something is alerting)
+    Example: pyembed status       (exits 1 when something is alerting, --json too)
     """
     with _connect(dsn) as conn:
         findings = health.report(conn)
-    style = {"ok": "green", "warn": "yellow", "alert": "bold red"}
-    table = Table("area", "subject", "value", "", "note")
-    for f in findings:
-        table.add_row(f.area, f.subject, f.value, f"[{style[f.level]}]{f.level}[/]", f.note)
-    console.print(table if findings else "nothing to report yet: no corpus")
     alerts = [f for f in findings if f.level == "alert"]
+    if as_json:
+        _print_json({"findings": [dataclasses.asdict(f) for f in findings],
+                     "alerts": len(alerts)})
+    else:
+        style = {"ok": "green", "warn": "yellow", "alert": "bold red"}
+        table = _table("area", "subject", "value", "", "note", numbers=("",))
+        for f in findings:
+            table.add_row(escape(f.area), escape(f.subject), escape(f.value),
+                          f"[{style[f.level]}]{f.level}[/]", escape(f.note))
+        console.print(table if findings else "nothing to report yet: no corpus")
     if alerts:
         raise PyembedError(f"{len(alerts)} alert(s): " + "; ".join(
             f"{f.area} {f.subject}: {f.note}" for f in alerts[:3]))
@@ -384,17 +454,21 @@ app.command("doctor")(doctor_cmd)
 
 
 @app.command("usage")
-def usage_cmd(days: int = 30, dsn: DsnOption = None) -> None:
+def usage_cmd(days: int = 30, dsn: DsnOption = None, as_json: JsonOption = False) -> None:
     """Provider calls, tokens and estimated cost per tenant, corpus and model key.
 
     Example: pyembed usage --days 7
     """
     with _connect(dsn) as conn:
         rows = tenants.usage(conn, days)
-    table = Table("tenant", "corpus", "model key", "calls", "tokens", "est. cost")
+    if as_json:
+        _print_json({"days": days, "usage": [dataclasses.asdict(r) for r in rows]})
+        return
+    table = _table("tenant", "corpus", "model key", "calls", "tokens", "est. cost",
+                   numbers=("calls", "tokens", "est. cost"))
     for r in rows:
-        table.add_row(r.tenant, r.corpus, r.model_key, f"{r.requests:,}", f"{r.tokens:,}",
-                      f"${r.cost_usd:,.4f}")
+        table.add_row(escape(r.tenant), r.corpus, r.model_key, f"{r.requests:,}",
+                      f"{r.tokens:,}", f"${r.cost_usd:,.4f}")
     console.print(table if rows else "no provider calls recorded")
 
 
@@ -437,10 +511,14 @@ def db_stop() -> None:
 
 
 @db_app.command("status")
-def db_status() -> None:
+def db_status(as_json: JsonOption = False) -> None:
     """Show whether the local cluster exists and runs.  Example: pyembed db status"""
-    for k, v in LocalCluster().status().items():
-        console.print(f"{k}: {v}")
+    status = LocalCluster().status()
+    if as_json:
+        _print_json(status)
+        return
+    for k, v in status.items():
+        console.print(f"{k}: {v}", markup=False, highlight=False, soft_wrap=True)
 
 
 @db_app.command("url")
@@ -466,7 +544,7 @@ def replica_add(name: str) -> None:
 def replica_list() -> None:
     """The local cluster's replicas, with how far each is behind.  Example: pyembed db replica list"""
     cluster = LocalCluster()
-    table = Table("replica", "port", "running", "WAL behind", "time behind")
+    table = _table("replica", "port", "running", "WAL behind", "time behind")
     for name in cluster.replicas():
         replica = cluster.replica(name)
         lag: dict[str, object] = {}
@@ -504,26 +582,33 @@ def corpus_create(
 
 
 @corpus_app.command("list")
-def corpus_list(dsn: DsnOption = None) -> None:
+def corpus_list(dsn: DsnOption = None, as_json: JsonOption = False) -> None:
     """List corpora with their model keys.  Example: pyembed corpus list"""
     with _connect(dsn) as conn:
         rows = list_corpora(conn)
-    table = Table("corpus", "model key", "dims", "migration", "description")
+    if as_json:
+        _print_json({"corpora": [dataclasses.asdict(r) for r in rows]})
+        return
+    table = _table("corpus", "model key", "dims", "migration", "description",
+                   numbers=("dims",))
     for r in rows:
         table.add_row(r.name, r.model_key, str(r.dimensions),
                       r.migration_step if r.target_model_key is None
                       else f"{r.migration_step} -> {r.target_model_key} ({r.traffic_share}%)",
-                      r.description)
+                      escape(r.description))
     console.print(table)
 
 
 @corpus_app.command("show")
-def corpus_show(name: str, dsn: DsnOption = None) -> None:
+def corpus_show(name: str, dsn: DsnOption = None, as_json: JsonOption = False) -> None:
     """Show one corpus.  Example: pyembed corpus show docs"""
     with _connect(dsn) as conn:
         info = corpus_info(conn, name)
-    for k, v in info.__dict__.items():
-        console.print(f"{k}: {v}")
+    if as_json:
+        _print_json(dataclasses.asdict(info))
+        return
+    for k, v in dataclasses.asdict(info).items():
+        console.print(f"{k}: {v}", markup=False, highlight=False, soft_wrap=True)
 
 
 @corpus_app.command("drop")
@@ -541,14 +626,24 @@ def corpus_drop(name: str,
 # -- pyembed migrate (as the owner) --------------------------------------------------------
 
 @migrate_app.command("plan")
-def migrate_plan(corpus: str, to: TargetKeyOption, dsn: OwnerDsnOption = None) -> None:
+def migrate_plan(corpus: str, to: TargetKeyOption, dsn: OwnerDsnOption = None,
+                 as_json: JsonOption = False) -> None:
     """What moving CORPUS to another model costs: calls, hours, dollars, storage.
 
     Example: pyembed migrate plan docs --to voyage/voyage-3@1:1024
     """
     with _client(dsn, owner=True) as client:
         p = migration.plan(client, corpus, to)
-    table = Table("", "value", title=f"{p.corpus}: {p.from_key} -> {p.to_key}")
+    if as_json:
+        _print_json({"corpus": p.corpus, "from_key": p.from_key, "to_key": p.to_key,
+                     "documents": p.documents, "chunks": p.chunks, "tokens": p.tokens,
+                     "api_calls": p.api_calls, "hours": p.hours, "cost_usd": p.cost_usd,
+                     "storage_before": {"raw_bytes": p.storage_before[0],
+                                        "hnsw_bytes": p.storage_before[1]},
+                     "storage_during": {"raw_bytes": p.storage_after[0],
+                                        "hnsw_bytes": p.storage_after[1]}})
+        return
+    table = _table("", "value", title=f"{p.corpus}: {p.from_key} -> {p.to_key}")
     for k, v in [("documents", f"{p.documents:,}"), ("chunks", f"{p.chunks:,}"),
                  ("estimated tokens", f"{p.tokens:,}"), ("API calls", f"{p.api_calls:,}"),
                  ("time at the provider's rate", f"{p.hours:.2f} h"),
@@ -609,9 +704,10 @@ def migrate_validate(
     """
     with _client(dsn, owner=True) as client:
         v = migration.validate(client, corpus, max_drop=max_drop)
-    table = Table("model key", "Recall@10", "nDCG@10", "ms / query",
-                  title=f"{corpus}: {v.queries} evaluation queries; top-10 overlap "
-                        f"{v.overlap:.0%}")
+    table = _table("model key", "Recall@10", "nDCG@10", "ms / query",
+                   numbers=("Recall@10", "nDCG@10", "ms / query"),
+                   title=f"{corpus}: {v.queries} evaluation queries; top-10 overlap "
+                         f"{v.overlap:.0%}")
     for side in (v.old, v.new):
         table.add_row(side.model_key, f"{side.recall:.4f}", f"{side.ndcg:.4f}",
                       f"{side.ms_per_query:.1f}")
@@ -666,10 +762,19 @@ def migrate_cleanup(corpus: str, dsn: OwnerDsnOption = None) -> None:
 
 
 @migrate_app.command("status")
-def migrate_status(corpus: str, dsn: OwnerDsnOption = None) -> None:
+def migrate_status(corpus: str, dsn: OwnerDsnOption = None, as_json: JsonOption = False) -> None:
     """Step, shadow-index coverage, errors and traffic share.  Example: pyembed migrate status docs"""
     with _client(dsn, owner=True) as client:
         st = migration.status(client, corpus)
+    if as_json:
+        _print_json({"corpus": st.corpus, "model_key": st.model_key,
+                     "target_model_key": st.target_model_key, "step": st.step,
+                     "traffic_share": st.traffic_share, "coverage": st.coverage,
+                     "chunks": st.chunks, "target_vectors": st.target_vectors,
+                     "queued": st.queued, "failed": st.failed,
+                     "events": [{"at": at, "step": step, "detail": detail}
+                                for at, step, detail in st.events]})
+        return
     cov = f"{st.coverage:.1%}" if st.coverage is not None else "-"
     console.print(f"{st.corpus}: {st.model_key}" + (
         f" -> {st.target_model_key}, step {st.step}, traffic {st.traffic_share}%, "
@@ -703,6 +808,7 @@ def eval_compare(
     model_keys: Annotated[list[str], typer.Argument(help="candidate model keys")],
     sample: Annotated[int, typer.Option(help="chunks to embed per candidate")] = 2000,
     dsn: DsnOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Benchmark candidate models on your corpus and evaluation queries, side by side.
 
@@ -712,10 +818,16 @@ def eval_compare(
 
     with _client(dsn) as client:
         chunks, queries, rows = compare(client, corpus, model_keys, sample=sample)
-    table = Table("model key", "Recall@10", "nDCG@10", "ms / query", "texts / s",
-                  "storage (full, HNSW)", "cost (full)",
-                  title=f"{corpus}: {queries} evaluation queries over {chunks} sampled chunks")
-    for r in sorted(rows, key=lambda r: -r.ndcg):
+    rows = sorted(rows, key=lambda r: -r.ndcg)
+    if as_json:
+        _print_json({"corpus": corpus, "queries": queries, "sampled_chunks": chunks,
+                     "candidates": [dataclasses.asdict(r) for r in rows]})
+        return
+    table = _table("model key", "Recall@10", "nDCG@10", "ms / query", "texts / s",
+                   "storage (full, HNSW)", "cost (full)",
+                   numbers=("Recall@10", "nDCG@10"),
+                   title=f"{corpus}: {queries} evaluation queries over {chunks} sampled chunks")
+    for r in rows:
         table.add_row(r.model_key, f"{r.recall:.4f}", f"{r.ndcg:.4f}", f"{r.ms_per_query:.1f}",
                       f"{r.texts_per_second:,.0f}", _mb(r.storage_bytes),
                       f"${r.cost_usd:,.2f}" if r.cost_usd is not None else "-")
@@ -725,11 +837,17 @@ def eval_compare(
 # -- pyembed cache -------------------------------------------------------------------------
 
 @cache_app.command("stats")
-def cache_stats(days: int = 30, dsn: DsnOption = None) -> None:
+def cache_stats(days: int = 30, dsn: DsnOption = None, as_json: JsonOption = False) -> None:
     """Hits, misses and hit rate per day and model.  Example: pyembed cache stats --days 7"""
     with _connect(dsn) as conn:
         rows = cache.stats(conn, days)
-    table = Table("day", "model key", "hits", "misses", "hit rate", "entries")
+    if as_json:
+        _print_json({"days": days, "stats": [
+            {"day": r.day.isoformat(), "model_key": r.model_key, "hits": r.hits,
+             "misses": r.misses, "hit_rate": r.hit_rate, "entries": r.entries} for r in rows]})
+        return
+    table = _table("day", "model key", "hits", "misses", "hit rate", "entries",
+                   numbers=("day", "hits", "misses", "hit rate", "entries"))
     for r in rows:
         rate = f"{r.hit_rate:.0%}" if r.hit_rate is not None else "-"
         table.add_row(str(r.day), r.model_key, str(r.hits), str(r.misses), rate, str(r.entries))
