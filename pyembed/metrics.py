@@ -81,6 +81,18 @@ class PyembedCollector(Collector):
             entries.add_metric([r["model_key"]], r["entries"])
         yield from (hits, misses, entries)
 
+        labels = ["tenant", "corpus", "model_key"]
+        calls = GaugeMetricFamily("pyembed_provider_calls_30d",
+                                  "Provider calls reserved over the last 30 days", labels=labels)
+        cost = GaugeMetricFamily("pyembed_cost_usd_30d",
+                                 "Estimated provider cost over the last 30 days (USD)",
+                                 labels=labels)
+        for r in self._rows("SELECT * FROM pyembed.usage_report(30)"):
+            key = [r["tenant"], r["corpus"], r["model_key"]]
+            calls.add_metric(key, r["requests"])
+            cost.add_metric(key, r["cost_usd"] or 0.0)
+        yield from (calls, cost)
+
         lat = GaugeMetricFamily("pyembed_latency_seconds", "Query latency over the last hour",
                                 labels=["kind", "phase", "quantile"])
         for r in self._rows("SELECT * FROM pyembed.latency"):
