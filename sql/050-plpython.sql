@@ -9,8 +9,33 @@
 -- PE001.. for pyembed's, XX000 for a bug); the wrapper raises it again without "plpy.Error: "
 -- and without the traceback (the schema, table and constraint names are not carried). It
 -- catches query_canceled too (a statement timeout inside the function), which WHEN OTHERS
--- leaves out. RAISE would send an empty DETAIL or HINT as an empty line: hence four RAISEs.
+-- leaves out; pyembed._raise_again raises it (an empty DETAIL or HINT would show as an empty
+-- line).
 -- The bodies are SECURITY INVOKER: they run as their wrapper, which has the security mode.
+
+-- The wrappers' error, raised again: without "plpy.Error: ", with DETAIL and HINT only when
+-- they have text.
+CREATE OR REPLACE FUNCTION pyembed._raise_again(e_state text, e_message text, e_detail text,
+                                               e_hint text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+  e_message := CASE WHEN starts_with(e_message, 'plpy.Error: ') THEN substr(e_message, 13)
+                    ELSE e_message END;
+  IF e_detail = '' AND e_hint = '' THEN
+    RAISE EXCEPTION USING ERRCODE = e_state, MESSAGE = e_message;
+  ELSIF e_hint = '' THEN
+    RAISE EXCEPTION USING ERRCODE = e_state, MESSAGE = e_message, DETAIL = e_detail;
+  ELSIF e_detail = '' THEN
+    RAISE EXCEPTION USING ERRCODE = e_state, MESSAGE = e_message, HINT = e_hint;
+  ELSE
+    RAISE EXCEPTION USING ERRCODE = e_state, MESSAGE = e_message, DETAIL = e_detail,
+                          HINT = e_hint;
+  END IF;
+END
+$$;
 
 CREATE OR REPLACE FUNCTION pyembed._embed(input text, model_key text, input_type text)
 RETURNS vector
@@ -34,18 +59,7 @@ BEGIN
 EXCEPTION WHEN OTHERS OR query_canceled THEN
   GET STACKED DIAGNOSTICS e_state = RETURNED_SQLSTATE, e_message = MESSAGE_TEXT,
                           e_detail = PG_EXCEPTION_DETAIL, e_hint = PG_EXCEPTION_HINT;
-  e_message := CASE WHEN starts_with(e_message, 'plpy.Error: ') THEN substr(e_message, 13)
-                    ELSE e_message END;
-  IF e_detail = '' AND e_hint = '' THEN
-    RAISE EXCEPTION USING ERRCODE = e_state, MESSAGE = e_message;
-  ELSIF e_hint = '' THEN
-    RAISE EXCEPTION USING ERRCODE = e_state, MESSAGE = e_message, DETAIL = e_detail;
-  ELSIF e_detail = '' THEN
-    RAISE EXCEPTION USING ERRCODE = e_state, MESSAGE = e_message, HINT = e_hint;
-  ELSE
-    RAISE EXCEPTION USING ERRCODE = e_state, MESSAGE = e_message, DETAIL = e_detail,
-                          HINT = e_hint;
-  END IF;
+  PERFORM pyembed._raise_again(e_state, e_message, e_detail, e_hint);
 END
 $$;
 
@@ -71,18 +85,7 @@ BEGIN
 EXCEPTION WHEN OTHERS OR query_canceled THEN
   GET STACKED DIAGNOSTICS e_state = RETURNED_SQLSTATE, e_message = MESSAGE_TEXT,
                           e_detail = PG_EXCEPTION_DETAIL, e_hint = PG_EXCEPTION_HINT;
-  e_message := CASE WHEN starts_with(e_message, 'plpy.Error: ') THEN substr(e_message, 13)
-                    ELSE e_message END;
-  IF e_detail = '' AND e_hint = '' THEN
-    RAISE EXCEPTION USING ERRCODE = e_state, MESSAGE = e_message;
-  ELSIF e_hint = '' THEN
-    RAISE EXCEPTION USING ERRCODE = e_state, MESSAGE = e_message, DETAIL = e_detail;
-  ELSIF e_detail = '' THEN
-    RAISE EXCEPTION USING ERRCODE = e_state, MESSAGE = e_message, HINT = e_hint;
-  ELSE
-    RAISE EXCEPTION USING ERRCODE = e_state, MESSAGE = e_message, DETAIL = e_detail,
-                          HINT = e_hint;
-  END IF;
+  PERFORM pyembed._raise_again(e_state, e_message, e_detail, e_hint);
 END
 $$;
 
@@ -113,18 +116,7 @@ BEGIN
 EXCEPTION WHEN OTHERS OR query_canceled THEN
   GET STACKED DIAGNOSTICS e_state = RETURNED_SQLSTATE, e_message = MESSAGE_TEXT,
                           e_detail = PG_EXCEPTION_DETAIL, e_hint = PG_EXCEPTION_HINT;
-  e_message := CASE WHEN starts_with(e_message, 'plpy.Error: ') THEN substr(e_message, 13)
-                    ELSE e_message END;
-  IF e_detail = '' AND e_hint = '' THEN
-    RAISE EXCEPTION USING ERRCODE = e_state, MESSAGE = e_message;
-  ELSIF e_hint = '' THEN
-    RAISE EXCEPTION USING ERRCODE = e_state, MESSAGE = e_message, DETAIL = e_detail;
-  ELSIF e_detail = '' THEN
-    RAISE EXCEPTION USING ERRCODE = e_state, MESSAGE = e_message, HINT = e_hint;
-  ELSE
-    RAISE EXCEPTION USING ERRCODE = e_state, MESSAGE = e_message, DETAIL = e_detail,
-                          HINT = e_hint;
-  END IF;
+  PERFORM pyembed._raise_again(e_state, e_message, e_detail, e_hint);
 END
 $$;
 
@@ -140,7 +132,8 @@ AS $$
 from pyembed import indb
 return indb.call(plpy, indb.add_document, GD, corpus, document_id, content, metadata)
 $$;
-GRANT EXECUTE ON FUNCTION pyembed._add_document(text, text, text, jsonb) TO pyembed_app;
+GRANT EXECUTE ON FUNCTION pyembed._add_document(text, text, text, jsonb),
+  pyembed._raise_again(text, text, text, text) TO pyembed_app;
 
 CREATE OR REPLACE FUNCTION pyembed.add_document(corpus text, document_id text, content text,
                                                 metadata jsonb DEFAULT '{}')
@@ -155,18 +148,7 @@ BEGIN
 EXCEPTION WHEN OTHERS OR query_canceled THEN
   GET STACKED DIAGNOSTICS e_state = RETURNED_SQLSTATE, e_message = MESSAGE_TEXT,
                           e_detail = PG_EXCEPTION_DETAIL, e_hint = PG_EXCEPTION_HINT;
-  e_message := CASE WHEN starts_with(e_message, 'plpy.Error: ') THEN substr(e_message, 13)
-                    ELSE e_message END;
-  IF e_detail = '' AND e_hint = '' THEN
-    RAISE EXCEPTION USING ERRCODE = e_state, MESSAGE = e_message;
-  ELSIF e_hint = '' THEN
-    RAISE EXCEPTION USING ERRCODE = e_state, MESSAGE = e_message, DETAIL = e_detail;
-  ELSIF e_detail = '' THEN
-    RAISE EXCEPTION USING ERRCODE = e_state, MESSAGE = e_message, HINT = e_hint;
-  ELSE
-    RAISE EXCEPTION USING ERRCODE = e_state, MESSAGE = e_message, DETAIL = e_detail,
-                          HINT = e_hint;
-  END IF;
+  PERFORM pyembed._raise_again(e_state, e_message, e_detail, e_hint);
 END
 $$;
 
