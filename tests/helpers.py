@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import difflib
 import os
+import socket
+import subprocess
+import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -88,3 +92,24 @@ def assert_matches_golden(name: str, lines: list[str], test: str) -> None:
                                             f"{name} (expected)", "database (actual)"))
         pytest.fail(f"{name} changed:\n{diff}\nIf the change is intended, review it and run: "
                     f"{UPDATE_GOLDEN_ENV}=1 .venv/bin/pytest {test}", pytrace=False)
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def scrape_metrics(port: int, proc: subprocess.Popen[bytes], seconds: float) -> str:
+    """/metrics of the `pyembed metrics serve` process `proc` on `port`, once it answers
+    (its error if it does not within `seconds`, or the process ends first)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return str(urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
+                                              timeout=5).read().decode())
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise
+            time.sleep(0.2)

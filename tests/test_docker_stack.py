@@ -15,11 +15,8 @@ import json
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +27,7 @@ import yaml
 
 import pyembed
 from tests.conftest import REPO, Database
+from tests.helpers import free_port, scrape_metrics
 
 DOCKER = REPO / "docker"
 COMPOSE_TEXT = (DOCKER / "compose.yaml").read_text()
@@ -296,25 +294,14 @@ def metrics_body(db: Database) -> str:
             kb.search("alpha", k=1)
         kb.search("alpha", k=1, mode="hybrid")
         client.conn.execute("SELECT pyembed.add_document('kb', 'c', 'gamma text waiting')")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     command = [str(VENV_BIN / "pyembed"), *SERVICES["metrics"]["command"][1:]]
     command[command.index("--port") + 1] = str(port)
     command[command.index("--address") + 1] = "127.0.0.1"  # 0.0.0.0 in the container
     proc = subprocess.Popen(command, cwd=REPO, env=_env({"PYEMBED_DSN": db.app_dsn}),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
-                                              timeout=5).read().decode()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise
-                time.sleep(0.2)
+        body = scrape_metrics(port, proc, 30)
         # the compose healthcheck's own command passes against it
         check = list(SERVICES["metrics"]["healthcheck"]["test"][1:])
         check[0] = sys.executable

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from typing import Any
 
 import psycopg
@@ -16,6 +13,7 @@ import pyembed
 from pyembed import health
 from pyembed.metrics import registry
 from tests.conftest import REPO, Database
+from tests.helpers import free_port, scrape_metrics
 from tests.test_cli import pyembed as run_cli
 
 FAKE = "fake/fake-hash@1:384"
@@ -65,24 +63,12 @@ def test_prometheus_names_and_labels(db: Database) -> None:
 
 
 def test_metrics_serve_answers_http(db: Database) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "pyembed", "metrics", "serve", "--port",
                              str(port), "--dsn", db.app_dsn], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
-                                              timeout=5).read().decode()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
-        assert "pyembed_up 1.0" in body
+        assert "pyembed_up 1.0" in scrape_metrics(port, proc, 20)
     finally:
         proc.terminate()
         proc.wait(timeout=10)

@@ -33,7 +33,7 @@ from pgvector.psycopg import register_vector
 
 import pyembed
 from pyembed import evaluation, migration, rag
-from pyembed.client import Client, Document
+from pyembed.client import Client, Corpus, Document
 from pyembed.corpora import model_spec
 from pyembed.embedder import Embedder
 from pyembed.errors import InvalidInput, MigrationError, ModelMismatch
@@ -617,23 +617,31 @@ def test_rollback_right_after_start_drops_the_target_from_writes_and_queue(
         assert_search_answers(app, texts, {OLD}, range(0, 30, 7))
 
 
+def routed_to_the_target_then_rolled_back(app: Client, owner: Client,
+                                          texts: list[str]) -> tuple[Corpus, str]:
+    """A corpus shifted 50% to the target, a query the target serves, and the target's
+    embedder rigged to roll the migration back between the routing and the search."""
+    to_shift(owner, 50)
+    corpus = app.corpus(CORPUS)
+    query = next(t for t in texts if corpus.serving_key(t) == NEW)
+    embedder = app.embedder(NEW)
+    real = embedder.embed_query
+
+    def embed_then_rollback(text: str) -> F32:
+        vector = real(text)
+        migration.rollback(owner, CORPUS)  # lands between the routing and the search
+        return vector
+
+    embedder.embed_query = embed_then_rollback  # type: ignore[method-assign]
+    return corpus, query
+
+
 def test_search_routed_to_the_target_just_before_a_rollback_still_answers(
         db: Database) -> None:
     """Corpus.search reads the routing (shift 50 -> target), embeds, then searches: a rollback
     committed in between must not turn that search into an error."""
     with clients(db, n=40) as (app, owner, texts):
-        to_shift(owner, 50)
-        corpus = app.corpus(CORPUS)
-        query = next(t for t in texts if corpus.serving_key(t) == NEW)
-        embedder = app.embedder(NEW)
-        real = embedder.embed_query
-
-        def embed_then_rollback(text: str) -> F32:
-            vector = real(text)
-            migration.rollback(owner, CORPUS)  # lands between the routing and the search
-            return vector
-
-        embedder.embed_query = embed_then_rollback  # type: ignore[method-assign]
+        corpus, query = routed_to_the_target_then_rolled_back(app, owner, texts)
         hits = corpus.search(query, k=3)
         assert hits and {h.model_key for h in hits} == {OLD}
 
@@ -641,18 +649,7 @@ def test_search_routed_to_the_target_just_before_a_rollback_still_answers(
 def test_ask_routed_to_the_target_just_before_a_rollback_still_answers(db: Database) -> None:
     """rag.answer retrieves as Corpus.search does: the same bounded re-route after a rollback."""
     with clients(db, n=40) as (app, owner, texts):
-        to_shift(owner, 50)
-        corpus = app.corpus(CORPUS)
-        query = next(t for t in texts if corpus.serving_key(t) == NEW)
-        embedder = app.embedder(NEW)
-        real = embedder.embed_query
-
-        def embed_then_rollback(text: str) -> F32:
-            vector = real(text)
-            migration.rollback(owner, CORPUS)
-            return vector
-
-        embedder.embed_query = embed_then_rollback  # type: ignore[method-assign]
+        corpus, query = routed_to_the_target_then_rolled_back(app, owner, texts)
         answer = rag.answer(corpus, query, k=3)
         assert answer.sources and answer.model_key == OLD
         assert {s.hit.model_key for s in answer.sources} == {OLD}
