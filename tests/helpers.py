@@ -113,3 +113,10 @@ def scrape_metrics(port: int, proc: subprocess.Popen[bytes], seconds: float) -> 
             if time.monotonic() > deadline or proc.poll() is not None:
                 raise
             time.sleep(0.2)
+
+
+def sql_error(conn: psycopg.Connection[Any], query: Any, params: Any = ()) -> psycopg.Error:
+    """The database error `query` raises (the test fails if it raises none)."""
+    with pytest.raises(psycopg.Error) as err:
+        conn.execute(query, params)
+    return err.value

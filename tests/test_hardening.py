@@ -20,17 +20,11 @@ from pyembed.cachekey import cache_key
 from pyembed.corpora import ChunkRow, CorpusInfo, corpus_info, write_chunks
 from pyembed.db import connect
 from tests.conftest import Database
-from tests.helpers import login_role, stored_chunks, unit
+from tests.helpers import login_role, sql_error, stored_chunks, unit
 
 KEY = "fake/fake-hash@1:384"
 SAME_WIDTH = "fake/fake-hash@2:384"
 RAW = "fake/fake-raw@1:4"  # not normalised, dot product: stored vectors keep their length
-
-
-def error(conn: psycopg.Connection[Any], query: str, params: Any = ()) -> psycopg.Error:
-    with pytest.raises(psycopg.Error) as err:
-        conn.execute(query, params)
-    return err.value
 
 
 def vec(values: Any) -> str:
@@ -53,14 +47,14 @@ def test_the_app_role_cannot_read_or_write_a_ledger(app: psycopg.Connection[Any]
                       f"UPDATE pyembed.{table} SET tenant_id = tenant_id",
                       f"DELETE FROM pyembed.{table}",
                       f"INSERT INTO pyembed.{table} DEFAULT VALUES"):
-        assert isinstance(error(app, statement), psycopg.errors.InsufficientPrivilege), statement
+        assert isinstance(sql_error(app, statement), psycopg.errors.InsufficientPrivilege), statement
 
 
 def test_cache_vectors_cannot_rank_a_corpus(app: psycopg.Connection[Any], docs: Any) -> None:
     """The attack the table grant allowed: join cached document vectors to chunks by key."""
     app.execute("SELECT pyembed.add_document('docs', 'd1', 'a text about refunds')")
     app.execute("SELECT pyembed.embed('a text about refunds', %s)", (KEY,))  # cached now
-    err = error(app, "SELECT ch.document_id, e.embedding <=> %s::vector FROM pyembed.chunks ch "
+    err = sql_error(app, "SELECT ch.document_id, e.embedding <=> %s::vector FROM pyembed.chunks ch "
                      "JOIN pyembed.embedding_cache e ON e.cache_key = sha256("
                      "convert_to(ch.content, 'UTF8') || '\\x00'::bytea || convert_to(%s, 'UTF8')"
                      " || '\\x00'::bytea || 'document'::bytea)",
@@ -71,10 +65,10 @@ def test_cache_vectors_cannot_rank_a_corpus(app: psycopg.Connection[Any], docs: 
 def test_cache_put_checks_what_it_stores(app: psycopg.Connection[Any], docs: Any) -> None:
     key = cache_key("planted", KEY, "document")
     put = "SELECT pyembed.cache_put(ARRAY[%s], %s, 'document', ARRAY[%s::vector])"
-    assert error(app, put, (key, KEY, vec(unit(8, 1)))).sqlstate == "PE003"  # dimensions
-    assert error(app, put, (key, KEY, vec(unit(384, 1) * 3))).sqlstate == "PE003"  # not unit
-    assert error(app, put, (b"short", KEY, vec(unit(384, 1)))).sqlstate == "PE005"
-    assert error(app, put, (key, "nobody/none@1:384", vec(unit(384, 1)))).sqlstate == "PE006"
+    assert sql_error(app, put, (key, KEY, vec(unit(8, 1)))).sqlstate == "PE003"  # dimensions
+    assert sql_error(app, put, (key, KEY, vec(unit(384, 1) * 3))).sqlstate == "PE003"  # not unit
+    assert sql_error(app, put, (b"short", KEY, vec(unit(384, 1)))).sqlstate == "PE005"
+    assert sql_error(app, put, (key, "nobody/none@1:384", vec(unit(384, 1)))).sqlstate == "PE006"
     assert app.execute(put, (key, KEY, vec(unit(384, 1)))).fetchone() == (1,)
 
 
@@ -100,11 +94,11 @@ def test_usage_cannot_be_falsified_through_its_function(app: psycopg.Connection[
                                                         owner: psycopg.Connection[Any],
                                                         docs: CorpusInfo) -> None:
     reserve = "SELECT pyembed.reserve_usage(%s, %s, %s, %s)"
-    assert error(app, reserve, (KEY, docs.corpus_id, -100, 0)).sqlstate == "PE005"
-    assert error(app, reserve, (KEY, docs.corpus_id, 0, -10**9)).sqlstate == "PE005"
-    assert error(app, reserve, (KEY, docs.corpus_id + 1000, 1, 1)).sqlstate == "PE002"
+    assert sql_error(app, reserve, (KEY, docs.corpus_id, -100, 0)).sqlstate == "PE005"
+    assert sql_error(app, reserve, (KEY, docs.corpus_id, 0, -10**9)).sqlstate == "PE005"
+    assert sql_error(app, reserve, (KEY, docs.corpus_id + 1000, 1, 1)).sqlstate == "PE002"
     assert requests(owner) == 0
-    assert error(app, "SELECT pyembed.cache_count(ARRAY[%s], ARRAY[-5::bigint], "
+    assert sql_error(app, "SELECT pyembed.cache_count(ARRAY[%s], ARRAY[-5::bigint], "
                       "ARRAY[0::bigint])", (KEY,)).sqlstate == "PE005"
 
 
@@ -115,9 +109,9 @@ def test_the_queue_refuses_a_key_the_corpus_would(app: psycopg.Connection[Any],
     (chunk,) = stored_chunks(app, docs, 1)
     insert = ("INSERT INTO pyembed.queue (corpus_id, chunk_id, model_key, content_hash) "
               "VALUES (%s, %s, %s, '\\x00') ON CONFLICT DO NOTHING")
-    err = error(app, insert, (docs.corpus_id, chunk, SAME_WIDTH))
+    err = sql_error(app, insert, (docs.corpus_id, chunk, SAME_WIDTH))
     assert err.sqlstate == "PE001" and SAME_WIDTH in str(err) and KEY in str(err)
-    err = error(app, "UPDATE pyembed.queue SET model_key = %s", (SAME_WIDTH,))
+    err = sql_error(app, "UPDATE pyembed.queue SET model_key = %s", (SAME_WIDTH,))
     assert err.sqlstate == "PE001"
     assert app.execute("SELECT model_key FROM pyembed.queue").fetchall() == [(KEY,)]
 
@@ -139,7 +133,7 @@ def scores(app: psycopg.Connection[Any], query: np.ndarray, **kw: Any) -> list[t
 
 
 def test_a_null_query_vector_is_refused(app: psycopg.Connection[Any], searchable: Any) -> None:
-    err = error(app, "SELECT * FROM pyembed.search('docs', NULL::vector, %s, 5)", (KEY,))
+    err = sql_error(app, "SELECT * FROM pyembed.search('docs', NULL::vector, %s, 5)", (KEY,))
     assert err.sqlstate == "PE005"
 
 
@@ -164,12 +158,12 @@ def test_a_model_that_keeps_lengths_refuses_vectors_whose_scores_overflow_or_van
     insert = ("INSERT INTO pyembed.vectors (corpus_id, chunk_id, model_key, embedding) "
               "VALUES (%s, %s, %s, %s::vector)")
     for bad in ([3e38, 3e38, 1, 1], [1e-45, 0, 0, 0], [1e-30, 1e-30, 0, 0]):
-        err = error(app, insert, (raw.corpus_id, chunk, RAW, vec(bad)))
+        err = sql_error(app, insert, (raw.corpus_id, chunk, RAW, vec(bad)))
         assert err.sqlstate == "PE003", bad
     app.execute(insert, (raw.corpus_id, chunk, RAW, vec([3.0, 4.0, 0, 0])))
     search = "SELECT score FROM pyembed.search('raw', %s::vector, %s, 1)"
     assert app.execute(search, (vec([1, 0, 0, 0]), RAW)).fetchone() == (3.0,)
-    assert error(app, search, (vec([3e38, 3e38, 0, 0]), RAW)).sqlstate == "PE003"
+    assert sql_error(app, search, (vec([3e38, 3e38, 0, 0]), RAW)).sqlstate == "PE003"
 
 
 @pytest.mark.parametrize("query", [
@@ -181,7 +175,7 @@ def test_a_model_that_keeps_lengths_refuses_vectors_whose_scores_overflow_or_van
 @pytest.mark.parametrize("bad_filter", ['[{"n": 1}]', '"n"', "1", "null"])
 def test_a_filter_that_is_not_a_json_object_is_refused(
         app: psycopg.Connection[Any], searchable: Any, query: str, bad_filter: str) -> None:
-    err = error(app, query, {"v": vec(unit(384, 1)), "k": KEY, "f": bad_filter})
+    err = sql_error(app, query, {"v": vec(unit(384, 1)), "k": KEY, "f": bad_filter})
     assert err.sqlstate == "PE005", err
 
 

@@ -30,7 +30,7 @@ from pyembed.providers.fake import fake_vectors
 from pyembed.worker import Worker, WorkerStats
 from tests.conftest import Database
 from tests.fakeapi import FakeAPI, server_vectors
-from tests.helpers import assert_matches_golden
+from tests.helpers import assert_matches_golden, sql_error
 
 LOCAL = LOCAL_DEFAULT.key
 FAKE = "fake/fake-hash@1:384"
@@ -54,13 +54,6 @@ def as_array(value: Any) -> np.ndarray:
     if isinstance(value, Vector):
         return np.asarray(value.to_numpy(), dtype=np.float32)
     return np.asarray(value, dtype=np.float32)
-
-
-def sql_error(conn: psycopg.Connection[Any], query: SQLQuery,
-              params: tuple[Any, ...] = ()) -> psycopg.Error:
-    with pytest.raises(psycopg.Error) as err:
-        conn.execute(query, params)
-    return err.value
 
 
 def cache_state(conn: psycopg.Connection[Any]) -> tuple[int, int, int]:

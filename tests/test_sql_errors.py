@@ -16,17 +16,11 @@ from pyembed import indb
 from pyembed.db import connect, translate
 from pyembed.errors import ConfigError, InvalidInput, UnknownCorpus
 from tests.conftest import Database
+from tests.helpers import sql_error
 
 FAKE = "fake/fake-hash@1:384"
 NO_SUCH_CORPUS_HINT = "`pyembed corpus list` shows the corpora"
 PYTHON_LABELS = ("plpy.", "spiexceptions.", "Traceback", "PL/Python")
-
-
-def sql_error(conn: psycopg.Connection[Any], query: str, params: tuple[Any, ...] = ()
-              ) -> psycopg.Error:
-    with pytest.raises(psycopg.Error) as err:
-        conn.execute(query, params)
-    return err.value
 
 
 def assert_reads_like_postgres(err: psycopg.Error, sqlstate: str, message: str, *,
