@@ -75,9 +75,10 @@ SELECT corpus_id, chunk_id, model_key, content_hash, attempts, NULL, name, activ
 # hash of a text it was not made from; the rows not accepted stay locked, unleased, for the
 # claim's transaction to fail them)
 
-# Only this worker's lease (the attempts it claimed) of jobs their corpus still accepts (the
-# queue refuses any other UPDATE); rows another session holds are skipped, so a renewal never
-# waits, and the next one catches them.
+# Only this worker's lease (the attempts it claimed) of jobs their corpus still accepts (a job
+# whose key a migration step withdrew meanwhile is left to its lease, and failed after the
+# call); rows another session holds are skipped, so a renewal never waits, and the next one
+# catches them.
 RENEW = """
 UPDATE pyembed.queue q
    SET not_before = greatest(q.not_before, now() + make_interval(secs => %(lease)s))
