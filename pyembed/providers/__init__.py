@@ -1,4 +1,5 @@
-"""Embedding providers: Voyage, OpenAI, Cohere, the local MiniLM model and a fake for tests.
+"""Embedding providers: Voyage, OpenAI, Cohere, the local models (MiniLM, multilingual e5) and a
+fake for tests.
 
 Each provider module imports its SDK, so `provider_for` imports only the one it needs.
 """
@@ -21,12 +22,18 @@ _CLASSES: dict[str, tuple[str, str]] = {
     "fake": ("pyembed.providers.fake", "FakeProvider"),
 }
 
+_BY_MODEL: dict[tuple[str, str], tuple[str, str]] = {
+    ("local", "multilingual-e5-small-q4"): ("pyembed.providers.e5", "E5Provider"),
+}
+"""Models served by a class of their own within their provider (looked up first)."""
+
 
 def provider_for(spec: ModelSpec, *, api_key: str | None = None, base_url: str | None = None,
                  timeout: float = 30.0) -> Provider:
     """A provider for `spec`'s model (raises MissingAPIKey if it needs a key that is unset)."""
     try:
-        module_name, class_name = _CLASSES[spec.provider]
+        module_name, class_name = _BY_MODEL.get((spec.provider, spec.model_id)) or \
+            _CLASSES[spec.provider]
     except KeyError:
         raise ConfigError(
             f"no provider named {spec.provider!r} (model {spec.key}); "

@@ -18,6 +18,9 @@ from ..models import LOCAL_DEFAULT, InputType, ModelSpec
 Vectors: TypeAlias = Sequence[Sequence[float]] | npt.NDArray[np.floating]
 """What `embed_batch` returns: one vector per input text, in input order."""
 
+LOCAL_THREADS_ENV = "PYEMBED_LOCAL_THREADS"
+"""The threads a local model may use in one process (default 1)."""
+
 TRANSIENT_STATUSES = frozenset({408, 409, 429})
 """HTTP statuses worth retrying, besides every 5xx."""
 
@@ -126,6 +129,18 @@ class Provider(ABC):
 
     def _scrub(self, message: str) -> str:
         return redact(message, secrets=[self.api_key], base_url=self.base_url)
+
+
+def local_threads() -> int:
+    """The thread count for a local model, from PYEMBED_LOCAL_THREADS (default 1)."""
+    raw = os.environ.get(LOCAL_THREADS_ENV, "1")
+    try:
+        threads = int(raw)
+    except ValueError:
+        threads = 0
+    if threads < 1:
+        raise ConfigError(f"{LOCAL_THREADS_ENV} must be a positive integer, got {raw!r}")
+    return threads
 
 
 def parse_retry_after(headers: Mapping[str, str] | None) -> float | None:
