@@ -455,14 +455,17 @@ app.command("doctor")(doctor_cmd)
 
 @app.command("usage")
 def usage_cmd(days: int = 30, dsn: DsnOption = None, as_json: JsonOption = False) -> None:
-    """Provider calls, tokens and estimated cost per tenant, corpus and model key.
+    """Provider calls, tokens and estimated cost per tenant, corpus and model key, and the
+    failed calls per provider and kind since install (429s are rate_limited).
 
     Example: pyembed usage --days 7
     """
     with _connect(dsn) as conn:
         rows = tenants.usage(conn, days)
+        failed = [e for e in tenants.provider_errors(conn) if e.errors]
     if as_json:
-        _print_json({"days": days, "usage": [dataclasses.asdict(r) for r in rows]})
+        _print_json({"days": days, "usage": [dataclasses.asdict(r) for r in rows],
+                     "provider_errors": [dataclasses.asdict(e) for e in failed]})
         return
     table = _table("tenant", "corpus", "model key", "calls", "tokens", "est. cost",
                    numbers=("calls", "tokens", "est. cost"))
@@ -470,6 +473,12 @@ def usage_cmd(days: int = 30, dsn: DsnOption = None, as_json: JsonOption = False
         table.add_row(escape(r.tenant), r.corpus, r.model_key, f"{r.requests:,}",
                       f"{r.tokens:,}", f"${r.cost_usd:,.4f}")
     console.print(table if rows else "no provider calls recorded")
+    if failed:
+        errors = _table("provider", "failed calls", "count", numbers=("count",),
+                        title="failed provider calls since install")
+        for e in failed:
+            errors.add_row(e.provider, e.kind, f"{e.errors:,}")
+        console.print(errors)
 
 
 @app.command("demo")

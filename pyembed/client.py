@@ -39,7 +39,7 @@ from .errors import (
 from .models import LOCAL_DEFAULT, InputType, ModelSpec
 from .search import Hit, Route, as_hits, route, search, search_text
 from .sqlexec import PsycopgExecutor
-from .tenants import meter
+from .tenants import error_counter, meter
 from .text import check_text, document_hash
 
 _log = logging.getLogger(__name__)
@@ -98,7 +98,8 @@ class Client:
         if (model_key, truncate) not in self._embedders:
             spec = model_spec(self.conn, model_key)
             self._embedders[model_key, truncate] = Embedder(spec, cache=self.cache,
-                                                            truncate=truncate, meter=self._meter)
+                                                            truncate=truncate, meter=self._meter,
+                                                            on_error=error_counter(self.conn))
         return self._embedders[model_key, truncate]
 
     def _meter(self, spec: ModelSpec, tokens: int) -> None:

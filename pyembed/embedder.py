@@ -82,7 +82,8 @@ class Embedder:
                  max_retry_after: float = 60.0, truncate: bool = False,
                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
                  sleep: Callable[[float], None] = time.sleep,
-                 meter: Callable[[ModelSpec, int], None] | None = None) -> None:
+                 meter: Callable[[ModelSpec, int], None] | None = None,
+                 on_error: Callable[[ModelSpec, ProviderError], None] | None = None) -> None:
         if provider is None:
             provider = provider_for(spec)
         elif provider.spec.key != spec.key:
@@ -104,6 +105,8 @@ class Embedder:
         self.meter = meter
         """Called with the model and the estimated tokens before every provider call: it
         records usage and may refuse the call (RateLimited), which is not retried."""
+        self.on_error = on_error
+        """Called with every failed provider call, retried or not (pyembed counts them)."""
         self._backoff = wait_exponential(multiplier=0.5, max=30.0) + wait_random(0, 0.5)
 
     def embed(self, texts: Sequence[str],
@@ -205,22 +208,37 @@ class Embedder:
             raw = retrying(self._call_once, texts, input_type)
         except TransientProviderError as exc:
             raise ProviderError(f"{self.spec.key}: gave up after {self.max_retries + 1} "
-                                f"attempts; last error: {exc}") from exc
-        return self._checked(raw, len(texts))
+                                f"attempts; last error: {exc}", kind=exc.kind) from exc
+        try:
+            return self._checked(raw, len(texts))
+        except ProviderError as exc:
+            self._failed(exc)
+            raise
 
     def _call_once(self, texts: list[str], input_type: InputType) -> Vectors:
         if self.meter is not None:
             self.meter(self.spec, sum(estimate_tokens(t) for t in texts))
         try:
             return self.provider.embed_batch(texts, input_type)
-        except TransientProviderError as exc:
-            if exc.retry_after is not None and exc.retry_after > self.max_retry_after:
+        except ProviderError as exc:
+            self._failed(exc)
+            if (isinstance(exc, TransientProviderError) and exc.retry_after is not None
+                    and exc.retry_after > self.max_retry_after):
                 raise RateLimited(
                     f"{self.spec.key}: the service asks to wait {exc.retry_after:g} s, more "
                     f"than max_retry_after ({self.max_retry_after:g} s); try again later "
                     f"({exc})"
                 ) from exc
             raise
+
+    def _failed(self, error: ProviderError) -> None:
+        """Report a failed call; a failure to report it never hides the error itself."""
+        if self.on_error is None:
+            return
+        try:
+            self.on_error(self.spec, error)
+        except Exception as exc:  # the provider's error is the one to raise
+            _log.warning("%s: could not count a failed call (%s)", self.spec.key, exc)
 
     def _log_retry(self, state: RetryCallState) -> None:
         _log.info("%s: attempt %d of %d failed (%s); retrying in %.1f s", self.spec.key,

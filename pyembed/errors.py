@@ -74,16 +74,32 @@ class MissingAPIKey(PyembedError):
     sqlstate = "PE008"
 
 
+ERROR_KINDS = ("rate_limited", "server_error", "no_response", "rejected", "bad_answer")
+"""How a provider call can fail, as pyembed counts it (pyembed.provider_errors())."""
+
+
 class ProviderError(PyembedError):
-    """The embedding or generation service failed after retries, or answered wrongly."""
+    """The embedding or generation service failed after retries, or answered wrongly.
+
+    `kind` is one of ERROR_KINDS: the service refused (429: rate_limited; other 4xx:
+    rejected), failed (5xx, 408, 409: server_error), did not answer (no_response), or
+    answered with something unusable (bad_answer).
+    """
 
     sqlstate = "PE009"
+
+    def __init__(self, message: str, *, kind: str = "bad_answer") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class RateLimited(ProviderError):
     """The service asked us to wait longer than we are willing to."""
 
     sqlstate = "PE010"
+
+    def __init__(self, message: str, *, kind: str = "rate_limited") -> None:
+        super().__init__(message, kind=kind)
 
 
 class ReadOnlyReplica(PyembedError):

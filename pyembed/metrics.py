@@ -93,6 +93,13 @@ class PyembedCollector(Collector):
             cost.add_metric(key, r["cost_usd"] or 0.0)
         yield from (calls, cost)
 
+        errors = CounterMetricFamily("pyembed_provider_errors",
+                                     "Failed provider calls, retried or not, by kind",
+                                     labels=["provider", "kind"])
+        for r in self._rows("SELECT * FROM pyembed.provider_errors()"):
+            errors.add_metric([r["provider"], r["kind"]], r["errors"])
+        yield errors
+
         lat = GaugeMetricFamily("pyembed_latency_seconds", "Query latency over the last hour",
                                 labels=["kind", "phase", "quantile"])
         for r in self._rows("SELECT * FROM pyembed.latency"):

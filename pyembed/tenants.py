@@ -14,7 +14,7 @@ import psycopg
 from psycopg import sql
 
 from .db import translated
-from .errors import InvalidInput
+from .errors import InvalidInput, ProviderError
 from .models import ModelSpec
 from .sqlexec import Executor, executor
 
@@ -82,3 +82,28 @@ def meter(db: psycopg.Connection[Any] | Executor,
         run.rows("SELECT pyembed.reserve_usage($1::text, $2::integer, 1, $3::bigint)",
                  [spec.key, corpus_id, tokens], ["text", "integer", "bigint"])
     return reserve
+
+
+def error_counter(db: psycopg.Connection[Any] | Executor
+                  ) -> Callable[[ModelSpec, ProviderError], None]:
+    """An Embedder on_error that counts each failed provider call by provider and kind (in
+    sequences, so that a failure which aborts its transaction is still counted)."""
+    run = executor(db)
+
+    def count(spec: ModelSpec, error: ProviderError) -> None:
+        run.rows("SELECT pyembed.count_provider_error($1::text, $2::text)",
+                 [spec.provider, error.kind], ["text", "text"])
+    return count
+
+
+@dataclass(frozen=True)
+class ProviderErrors:
+    provider: str
+    kind: str
+    errors: int
+
+
+def provider_errors(conn: psycopg.Connection[Any]) -> list[ProviderErrors]:
+    """Failed provider calls per provider and kind (pyembed.errors.ERROR_KINDS), ever."""
+    rows = conn.execute("SELECT * FROM pyembed.provider_errors()").fetchall()
+    return [ProviderErrors(str(p), str(k), int(n)) for p, k, n in rows]

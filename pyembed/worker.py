@@ -41,7 +41,7 @@ from .errors import (
     UnknownModel,
 )
 from .models import InputType, ModelSpec
-from .tenants import meter
+from .tenants import error_counter, meter
 from .vectors import copy_vectors
 
 _log = logging.getLogger(__name__)
@@ -276,7 +276,7 @@ class Worker:
         self.retry_base = retry_base
         self.retry_max = retry_max
         self._embedder_for = embedder_for or (lambda spec, cache: Embedder(
-            spec, cache=cache, meter=self._meter))
+            spec, cache=cache, meter=self._meter, on_error=self._count_error))
         self._corpus_id: int | None = None
         self._embedders: dict[str, Embedder] = {}
         self.stop_requested = threading.Event()
@@ -359,6 +359,11 @@ class Worker:
         """Account each provider call to the tenant and corpus (refused over the limits)."""
         if self._cache_conn is not None:
             meter(self._cache_conn, self._corpus_id)(spec, tokens)
+
+    def _count_error(self, spec: ModelSpec, error: ProviderError) -> None:
+        """Count a failed provider call (pyembed.provider_errors)."""
+        if self._cache_conn is not None:
+            error_counter(self._cache_conn)(spec, error)
 
     def _process(self, key: str, items: list[Item], stats: WorkerStats) -> None:
         """Embed and store one corpus's jobs for one key (its provider calls billed to it)."""

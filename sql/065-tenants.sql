@@ -74,3 +74,74 @@ AS $$
               AND (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = session_user)))
    GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
 $$;
+
+-- Failed provider calls, counted per provider and kind of failure (pyembed.errors.ERROR_KINDS)
+-- in sequences: a call that fails inside the database aborts its transaction, and nextval is
+-- the one write a rollback keeps. Not per tenant: the figure is the operator's (429 storms,
+-- outages), and a counter per tenant and model would be a sequence each.
+CREATE OR REPLACE FUNCTION pyembed._ensure_error_counters(p_provider text) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  k text;
+  seq text;
+BEGIN
+  FOREACH k IN ARRAY ARRAY['rate_limited', 'server_error', 'no_response', 'rejected',
+                              'bad_answer'] LOOP
+    CONTINUE WHEN EXISTS (SELECT FROM pyembed.provider_error_counters c
+                           WHERE c.provider = p_provider AND c.kind = k);
+    -- A name from a digest when the provider's name is not a plain word (it may be any text).
+    seq := 'provider_errors_' || CASE WHEN p_provider ~ '^[a-z][a-z0-9_]{0,20}$'
+                                      THEN p_provider || '_' || k
+                                      ELSE left(md5(p_provider || '/' || k), 16) END;
+    EXECUTE format('CREATE SEQUENCE IF NOT EXISTS pyembed.%I', seq);
+    INSERT INTO pyembed.provider_error_counters (provider, kind, counter)
+    VALUES (p_provider, k, format('pyembed.%I', seq)::regclass);
+  END LOOP;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION pyembed._models_error_counters() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+  PERFORM pyembed._ensure_error_counters(NEW.provider);
+  RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER models_error_counters AFTER INSERT ON pyembed.models
+  FOR EACH ROW EXECUTE FUNCTION pyembed._models_error_counters();
+
+SELECT pyembed._ensure_error_counters(p.provider)
+  FROM (SELECT DISTINCT provider FROM pyembed.models) p;
+
+-- One failed call. A kind or provider it has no counter for is ignored rather than raised:
+-- the caller is about to raise the provider's own error, which must not be hidden.
+CREATE OR REPLACE FUNCTION pyembed.count_provider_error(p_provider text, p_kind text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  seq regclass;
+BEGIN
+  SELECT c.counter INTO seq FROM pyembed.provider_error_counters c
+   WHERE c.provider = p_provider AND c.kind = p_kind;
+  IF seq IS NOT NULL THEN
+    PERFORM nextval(seq);
+  END IF;
+END
+$$;
+
+-- Failed calls per provider and kind since the counters were made (a Prometheus counter).
+CREATE OR REPLACE FUNCTION pyembed.provider_errors()
+RETURNS TABLE (provider text, kind text, errors bigint)
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+  SELECT c.provider, c.kind, coalesce(pg_sequence_last_value(c.counter), 0)
+    FROM pyembed.provider_error_counters c ORDER BY 1, 2
+$$;

@@ -50,6 +50,8 @@ GRANT EXECUTE ON FUNCTION
   pyembed._dequeue_written(integer, text, bigint, bigint, bytea[]),
   pyembed.reserve_usage(text, integer, integer, bigint),
   pyembed.usage_report(integer),
+  pyembed.count_provider_error(text, text),
+  pyembed.provider_errors(),
   pyembed.register_model(text, text, text, integer, text, boolean, boolean, integer, integer,
                          integer, numeric, text),
   pyembed.embed(text, text, text),

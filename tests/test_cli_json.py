@@ -212,12 +212,14 @@ def test_usage_and_cache_stats(long_db: Database) -> None:
     assert usage["days"] == 30 and isinstance(usage["usage"], list)
     for r in usage["usage"]:
         assert set(r) == {"tenant", "corpus", "model_key", "requests", "tokens", "cost_usd"}
+    for e in usage["provider_errors"]:
+        assert set(e) == {"provider", "kind", "errors"} and e["errors"] > 0
     stats = as_json(long_db, "cache", "stats", "--days", "7")
     assert stats["days"] == 7
     [row] = [r for r in stats["stats"] if r["model_key"] == LONG]
     assert set(row) == {"day", "model_key", "hits", "misses", "hit_rate", "entries"}
     assert row["entries"] == 10 and row["misses"] >= 10
-    documented("usage", usage, *usage["usage"])
+    documented("usage", usage, *usage["usage"], *usage["provider_errors"])
     documented("cache stats", stats, row)
     table = cli(long_db, "cache", "stats", "--days", "7", width="250").stdout
     line = next(line for line in table.splitlines() if LONG in line)

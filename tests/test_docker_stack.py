@@ -266,7 +266,8 @@ def test_dashboard_is_a_grafana_dashboard() -> None:
     ids = [p["id"] for p in DASHBOARD["panels"]]
     assert len(ids) == len(set(ids))
     titles = " ".join(p["title"] for p in DASHBOARD["panels"]).lower()
-    for wanted in ("coverage", "queue depth", "24 h baseline", "cache hit rate", "p50", "p95"):
+    for wanted in ("coverage", "queue depth", "24 h baseline", "cache hit rate", "p50", "p95",
+                   "provider errors", "429s", "cost per tenant"):
         assert wanted in titles, wanted
     for panel in DASHBOARD["panels"]:
         assert panel["type"] == "text" or panel["targets"], panel["title"]
@@ -333,4 +334,5 @@ def test_every_dashboard_metric_is_exported(metrics_body: str) -> None:
         assert used <= have, f"{title}: labels {used - have} are not on {names}"
     assert set(queried) >= {"pyembed_coverage_ratio", "pyembed_queue_depth",
                             "pyembed_embeddings_per_second", "pyembed_cache_hits_total",
-                            "pyembed_cache_misses_total", "pyembed_latency_seconds"}
+                            "pyembed_cache_misses_total", "pyembed_latency_seconds",
+                            "pyembed_provider_errors_total", "pyembed_cost_usd_30d"}

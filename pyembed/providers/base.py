@@ -36,7 +36,8 @@ class TransientProviderError(ProviderError):
 
     def __init__(self, message: str, *, status: int | None = None,
                  retry_after: float | None = None) -> None:
-        super().__init__(message)
+        super().__init__(message, kind="no_response" if status is None else
+                         "rate_limited" if status == 429 else "server_error")
         self.status = status
         self.retry_after = retry_after
 
@@ -102,7 +103,7 @@ class Provider(ABC):
         message = self._scrub(f"{where}: {what}: {detail.strip() or 'no detail given'}")
         if status is None or status in TRANSIENT_STATUSES or status >= 500:
             return TransientProviderError(message, status=status, retry_after=retry_after)
-        return ProviderError(message)
+        return ProviderError(message, kind="rejected")
 
     def bad_response(self, detail: str) -> ProviderError:
         """The error to raise when the service answered, but not with usable embeddings."""

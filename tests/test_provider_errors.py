@@ -1,0 +1,148 @@
+"""Failed provider calls are counted by provider and kind, through the real SDKs against the
+fake API server: inside the database, where the failure aborts the transaction that made the
+call, and from Python; retried failures count one each."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+import pyembed
+from pyembed.db import connect
+from pyembed.errors import ERROR_KINDS
+from pyembed.localdb import APP_USER
+from pyembed.models import registry
+from pyembed.tenants import provider_errors
+from tests.conftest import Database
+from tests.fakeapi import FakeAPI
+from tests.helpers import sql_error
+from tests.test_cli_json import cli
+
+VOYAGE = registry.get("voyage/voyage-3@1:1024")
+OPENAI = registry.get("openai/text-embedding-3-small@1:1536")
+
+
+def counts(db: Database) -> dict[tuple[str, str], int]:
+    with connect(db.app_dsn, autocommit=True) as conn:
+        return {(e.provider, e.kind): e.errors for e in provider_errors(conn)}
+
+
+def added(before: dict[tuple[str, str], int], after: dict[tuple[str, str], int]
+          ) -> dict[tuple[str, str], int]:
+    return {k: n - before.get(k, 0) for k, n in after.items() if n != before.get(k, 0)}
+
+
+@pytest.fixture
+def app_via_fake_voyage(db: Database, fake_api: FakeAPI) -> Iterator[psycopg.Connection[Any]]:
+    """An application-role session whose database reaches Voyage at the fake API server."""
+    with connect(db.owner_dsn, autocommit=True) as conn:
+        conn.execute("SELECT pyembed.set_secret('VOYAGE_API_KEY', 'pa-errors-1')")
+        conn.execute("SELECT pyembed.set_secret('PYEMBED_VOYAGE_BASE_URL', %s)",
+                     (fake_api.base_url("voyage"),))
+        conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(APP_USER)))
+        yield conn
+
+
+def test_every_provider_has_a_counter_for_every_kind(db: Database) -> None:
+    have = counts(db)
+    providers = {p for p, _ in have}
+    assert {"voyage", "openai", "cohere", "local", "fake"} <= providers
+    assert set(have) == {(p, k) for p in providers for k in ERROR_KINDS}
+
+
+def test_failures_inside_the_database_are_counted_though_their_transaction_rolls_back(
+        db: Database, app_via_fake_voyage: psycopg.Connection[Any], fake_api: FakeAPI) -> None:
+    conn = app_via_fake_voyage
+    conn.execute("SET pyembed.http_retries = 2")
+    before = counts(db)
+    # Three 429s: the call and both retries fail, and the statement with them.
+    fake_api.script("429:retry-after=0", "429:retry-after=0", "429:retry-after=0")
+    err = sql_error(conn, "SELECT pyembed.embed('throttled', %s)", (VOYAGE.key,))
+    assert err.sqlstate == "PE009" and "429" in str(err), str(err)
+    assert added(before, counts(db)) == {("voyage", "rate_limited"): 3}
+
+    # Inside a transaction that rolls back, a retried 500 and the answer after it.
+    before = counts(db)
+    with conn.transaction(force_rollback=True):
+        fake_api.script("500")
+        conn.execute("SELECT pyembed.embed('flaky', %s)", (VOYAGE.key,))
+    assert added(before, counts(db)) == {("voyage", "server_error"): 1}
+
+    before = counts(db)
+    fake_api.script("401")
+    assert sql_error(conn, "SELECT pyembed.embed('refused', %s)", (VOYAGE.key,)).sqlstate == "PE009"
+    fake_api.script("short")
+    assert sql_error(conn, "SELECT pyembed.embed_batch(ARRAY['a', 'b'], %s)",
+                     (VOYAGE.key,)).sqlstate == "PE009"
+    assert added(before, counts(db)) == {("voyage", "rejected"): 1, ("voyage", "bad_answer"): 1}
+
+
+def test_a_timeout_is_counted_as_no_response(
+        db: Database, app_via_fake_voyage: psycopg.Connection[Any], fake_api: FakeAPI) -> None:
+    conn = app_via_fake_voyage
+    conn.execute("SET pyembed.http_timeout = 1")
+    conn.execute("SET pyembed.http_retries = 0")
+    before = counts(db)
+    fake_api.script("hang")
+    assert sql_error(conn, "SELECT pyembed.embed('hangs', %s)", (VOYAGE.key,)).sqlstate == "PE009"
+    assert added(before, counts(db)) == {("voyage", "no_response"): 1}
+
+
+def test_failures_in_python_are_counted(db: Database, fake_api: FakeAPI,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-errors-2")
+    before = counts(db)
+    with pyembed.connect(db.app_dsn) as client:
+        fake_api.script("503", "429:retry-after=0")
+        embedder = client.embedder(OPENAI.key)
+        embedder._sleep = lambda seconds: None
+        assert embedder.embed(["recovers"]).shape == (1, OPENAI.dimensions)
+        fake_api.script("400")
+        with pytest.raises(pyembed.ProviderError) as info:
+            embedder.embed(["refused"])
+        assert info.value.kind == "rejected"
+    assert added(before, counts(db)) == {("openai", "server_error"): 1,
+                                         ("openai", "rate_limited"): 1,
+                                         ("openai", "rejected"): 1}
+
+
+def test_the_app_role_reaches_the_counters_only_through_their_functions(
+        db: Database, app: psycopg.Connection[Any]) -> None:
+    counter = one_counter(db)
+    for statement in (sql.SQL("SELECT nextval({})").format(sql.Literal(counter)),
+                      sql.SQL("SELECT * FROM {}").format(sql.Identifier(*counter.split(".")))):
+        assert sql_error(app, statement).sqlstate == "42501"
+    # The counting function takes known kinds only, and ignores others (never raises).
+    before = counts(db)
+    app.execute("SELECT pyembed.count_provider_error('voyage', 'no such kind')")
+    app.execute("SELECT pyembed.count_provider_error('no such provider', 'rate_limited')")
+    assert counts(db) == before
+
+
+def one_counter(db: Database) -> str:
+    with connect(db.owner_dsn, autocommit=True) as owner:
+        row = owner.execute("SELECT counter::text FROM pyembed.provider_error_counters "
+                            "LIMIT 1").fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def test_pyembed_usage_lists_the_failed_calls(db: Database, fake_api: FakeAPI,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-errors-3")
+    with pyembed.connect(db.app_dsn) as client:
+        embedder = client.embedder(OPENAI.key)
+        embedder._sleep = lambda seconds: None
+        fake_api.script("429:retry-after=0")
+        embedder.embed(["throttled once"])
+    listed = json.loads(cli(db, "usage", "--json").stdout)["provider_errors"]
+    assert {"provider": "openai", "kind": "rate_limited",
+            "errors": counts(db)["openai", "rate_limited"]} in listed
+    assert all(e["errors"] > 0 for e in listed)
+    table = cli(db, "usage", width="60").stdout
+    assert "failed provider calls since install" in table and "rate_limited" in table
