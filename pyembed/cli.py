@@ -192,11 +192,21 @@ def search_cmd(
     mode: Annotated[str, typer.Option(help="vector, keyword or hybrid")] = "hybrid",
     filter: Annotated[str | None, typer.Option(help='metadata filter, JSON, e.g. {"lang":"en"}')]
     = None,
+    group: Annotated[str, typer.Option(
+        "--group", help="document: k distinct documents, each with its best chunk; chunk: the "
+                        "k best chunks")] = "document",
+    fusion: Annotated[str | None, typer.Option(
+        "--fusion", help="hybrid only: rrf (reciprocal rank) or relative (min-max normalised "
+                         "scores); default: the database's")] = None,
+    alpha: Annotated[float | None, typer.Option(
+        "--alpha", help="relative fusion's weight of the vector search, 0..1 (keyword: "
+                        "1 - alpha); default 0.5")] = None,
     dsn: DsnOption = None,
     as_json: Annotated[bool, typer.Option(
         "--json", help="print JSON Lines: one object per hit, best first")] = False,
 ) -> None:
-    """Search a corpus; the query is embedded with the corpus's own model.
+    """Search a corpus; the query is embedded with the corpus's own model. Hits are k distinct
+    documents unless --group chunk.
 
     Example: pyembed search docs "what does error E4012 mean" -k 3 --mode hybrid
     """
@@ -205,7 +215,8 @@ def search_cmd(
     except json.JSONDecodeError as exc:
         raise InvalidInput(f"--filter is not valid JSON: {exc}") from None
     with _client(dsn) as client:
-        hits = client.corpus(corpus).search(query, k=k, filter=flt, mode=mode)
+        hits = client.corpus(corpus).search(query, k=k, filter=flt, mode=mode, group=group,
+                                            fusion=fusion, alpha=alpha)
     if as_json:
         for rank, h in enumerate(hits, 1):
             _print_json({"rank": rank, "document_id": h.document_id, "chunk_id": h.chunk_id,
@@ -228,7 +239,10 @@ def ingest_cmd(
         help="files or folders: .txt/.md (one document each), .jsonl, .csv")],
     batch_size: Annotated[int, typer.Option("--batch-size", help="documents per batch")] = 64,
     truncate: Annotated[bool, typer.Option(
-        "--truncate", help="keep each document one chunk, embedding only its start")] = False,
+        "--truncate", help="embed only the first tokens the model reads of each chunk instead "
+                           "of splitting chunks that are too long for it (documents are still "
+                           "split at the corpus's --chunk-tokens; for one chunk per document, "
+                           "create the corpus with a large --chunk-tokens)")] = False,
     text_field: Annotated[str, typer.Option(
         "--text-field", help="JSONL key / CSV column holding the text")] = "text",
     id_field: Annotated[str, typer.Option(
@@ -579,14 +593,19 @@ def corpus_create(
     name: str,
     model: Annotated[str, typer.Option("--model", help="model key")] = LOCAL_DEFAULT.key,
     description: str = "",
+    chunk_tokens: Annotated[int, typer.Option(
+        "--chunk-tokens", help="longest chunk, in estimated tokens (a longer document is split "
+                               "into overlapping chunks)")] = 200,
+    chunk_overlap: Annotated[int, typer.Option(
+        "--chunk-overlap", help="tokens each chunk repeats from the one before")] = 40,
     dsn: DsnOption = None,
 ) -> None:
     """Create a corpus pinned to one model key.
 
-    Example: pyembed corpus create docs --model voyage/voyage-3@1:1024
+    Example: pyembed corpus create docs --model voyage/voyage-3@1:1024 --chunk-tokens 300
     """
     with _connect(dsn) as conn:
-        info = create_corpus(conn, name, model, description)
+        info = create_corpus(conn, name, model, description, chunk_tokens, chunk_overlap)
     console.print(f"created corpus {info.name} pinned to {info.model_key}")
 
 

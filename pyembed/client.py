@@ -37,7 +37,7 @@ from .errors import (
     UnknownCorpus,
 )
 from .models import LOCAL_DEFAULT, InputType, ModelSpec
-from .search import Hit, Route, as_hits, route, search, search_text
+from .search import Hit, Options, Route, as_hits, route, search, search_text
 from .sqlexec import PsycopgExecutor
 from .tenants import error_counter, meter
 from .text import check_text, document_hash
@@ -245,12 +245,18 @@ class Corpus:
 
     def search(self, query: str | Sequence[float] | np.ndarray, k: int = 10,
                filter: Mapping[str, Any] | None = None, model_key: str | None = None, *,
-               mode: str = "vector", translate: Callable[[str], str] | None = None
+               mode: str = "vector", translate: Callable[[str], str] | None = None,
+               group: str = "document", fusion: str | None = None, alpha: float | None = None
                ) -> list[Hit]:
-        """Nearest chunks. Text is embedded with the corpus's model; a vector must say its key.
-        mode: 'vector', 'keyword' (BM25, text only) or 'hybrid' (text only). Each search is
-        recorded in pyembed.query_log (phase timings) unless the client has log_queries off."""
-        found = self.retrieve(query, k, filter, model_key, mode=mode, translate=translate)
+        """The k documents nearest the query, each with its best chunk as the passage
+        (group='chunk': the k nearest chunks, several of a document may come). Text is embedded
+        with the corpus's model; a vector must say its key. mode: 'vector', 'keyword' (BM25,
+        text only) or 'hybrid' (text only), fused by `fusion`: 'rrf' (reciprocal rank) or
+        'relative' (min-max normalised scores, alpha * vector + (1 - alpha) * keyword, alpha
+        0.5 unless given); None is the database's default. Each search is recorded in
+        pyembed.query_log (phase timings) unless the client has log_queries off."""
+        found = self.retrieve(query, k, filter, model_key, mode=mode, translate=translate,
+                              group=group, fusion=fusion, alpha=alpha)
         if self.client.log_queries:
             self.log_query(mode, k, found.timings, cache_hit=found.cache_hit,
                            model_key=found.model_key)
@@ -258,11 +264,14 @@ class Corpus:
 
     def retrieve(self, query: str | Sequence[float] | np.ndarray, k: int = 10,
                  filter: Mapping[str, Any] | None = None, model_key: str | None = None, *,
-                 mode: str = "vector", translate: Callable[[str], str] | None = None
+                 mode: str = "vector", translate: Callable[[str], str] | None = None,
+                 group: str = "document", fusion: str | None = None, alpha: float | None = None
                  ) -> Retrieval:
         """`search` without the query log: the hits, the key that served them and timings."""
+        options = Options(group, fusion, alpha)
         try:
-            return self._retrieve(query, k, filter, model_key, mode=mode, translate=translate)
+            return self._retrieve(query, k, filter, model_key, mode=mode, translate=translate,
+                                  options=options)
         except UnknownCorpus:
             if self.client.read_conn is self.client.conn:
                 raise
@@ -273,15 +282,16 @@ class Corpus:
 
     def _retrieve(self, query: str | Sequence[float] | np.ndarray, k: int,
                   filter: Mapping[str, Any] | None, model_key: str | None, *, mode: str,
-                  translate: Callable[[str], str] | None) -> Retrieval:
+                  translate: Callable[[str], str] | None, options: Options) -> Retrieval:
         started = time.perf_counter()
+        options.check(mode)
         if not isinstance(query, str):
             if model_key is None:
                 raise TypeError("a query vector needs model_key=... (the model that made it)")
             if mode != "vector":
                 raise InvalidInput(f"{mode} search needs the query text, not a vector")
             found = search(self.client.reader(), self.name, np.asarray(query, dtype=np.float32),
-                           model_key, k, filter)
+                           model_key, k, filter, group=options.group or "document")
             done = time.perf_counter()
             return Retrieval(found, model_key, None, {"embed_ms": None,
                                                      "search_ms": _ms(started, done),
@@ -301,7 +311,7 @@ class Corpus:
 
         rows, where = search_text(PsycopgExecutor(self.client.conn), self.name, query, k, filter,
                                   mode, embed_query,
-                                  read=PsycopgExecutor(self.client.reader()))
+                                  read=PsycopgExecutor(self.client.reader()), options=options)
         done = time.perf_counter()
         split = embedded[-1] if embedded else started
         return Retrieval(as_hits(rows), None if mode == "keyword" else where.key, cache_hit[0],

@@ -160,7 +160,8 @@ def embed_batch(plpy: Any, GD: dict[str, Any], texts: list[str | None] | None,
 
 
 def search_text(plpy: Any, GD: dict[str, Any], corpus: str | None, query: str | None,
-                k: int | None, filter: str | None, mode: str | None) -> list[tuple[Any, ...]]:
+                k: int | None, filter: str | None, mode: str | None, group: str | None = "document",
+                fusion: str | None = None, alpha: float | None = None) -> list[tuple[Any, ...]]:
     if query is None:
         raise InvalidInput("search_text() needs a query text (got NULL)")
 
@@ -169,7 +170,7 @@ def search_text(plpy: Any, GD: dict[str, Any], corpus: str | None, query: str | 
         return embedder(plpy, GD, where.key).embed_query(text)
 
     rows, _ = search.search_text(PlpyExecutor(plpy, GD), corpus, query, k, filter, mode,
-                                 embed_query)
+                                 embed_query, options=search.Options(group, fusion, alpha))
     return rows
 
 

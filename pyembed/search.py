@@ -18,18 +18,24 @@ from .errors import InvalidInput, InvalidVector, ModelMismatch
 from .sqlexec import Executor, executor
 
 MODES = ("vector", "keyword", "hybrid")
+GROUPS = ("document", "chunk")
+"""What a hit is: the best chunk of each of k distinct documents, or any of the k best chunks."""
+FUSIONS = ("rrf", "relative")
+"""How hybrid search fuses its two rankings (pyembed.search_hybrid): reciprocal rank fusion, or
+relative-score fusion (min-max normalised scores, weighed by alpha)."""
 
-# One statement per mode, and which of (corpus, query text, query vector, its key, k, filter)
-# it takes, in order.
+# One statement per mode, and which of (corpus, query text, query vector, its key, k, filter,
+# group, fusion, alpha) it takes, in order.
 _SEARCHES = {
     "vector": ("SELECT * FROM pyembed.search($1::text, $2::vector, $3::text, $4::integer, "
-               "$5::jsonb)", (0, 2, 3, 4, 5)),
+               "$5::jsonb, $6::text)", (0, 2, 3, 4, 5, 6)),
     "keyword": ("SELECT * FROM pyembed.search_keyword($1::text, $2::text, $3::integer, "
-                "$4::jsonb)", (0, 1, 4, 5)),
+                "$4::jsonb, $5::text)", (0, 1, 4, 5, 6)),
     "hybrid": ("SELECT * FROM pyembed.search_hybrid($1::text, $2::text, $3::vector, $4::text, "
-               "$5::integer, $6::jsonb)", (0, 1, 2, 3, 4, 5)),
+               "$5::integer, $6::jsonb, group_by => $7::text, fusion => $8::text, "
+               "alpha => $9::float8)", (0, 1, 2, 3, 4, 5, 6, 7, 8)),
 }
-_TYPES = ("text", "text", "text", "text", "integer", "text")
+_TYPES = ("text", "text", "text", "text", "integer", "text", "text", "text", "float8")
 _ROUTE = """SELECT corpus_id, model_key,
   CASE WHEN migration_step = 'shifting' THEN target_model_key END, traffic_share
   FROM pyembed.lookup_corpus($1::text)"""
@@ -76,37 +82,64 @@ def route(db: Executor, corpus: str | None, query: str) -> Route:
     return Route(corpus_id, active, serving_key(query, active, target, share))
 
 
+@dataclass(frozen=True)
+class Options:
+    """How a search ranks: `group` ('document': k distinct documents, each with its best chunk
+    as the passage; 'chunk': the k best chunks), and for hybrid search its `fusion` ('rrf' or
+    'relative'; None: the database's default) and `alpha` (relative fusion's weight of the
+    vector ranking, 0..1; the keyword ranking's is 1 - alpha; None: 0.5)."""
+
+    group: str | None = "document"
+    fusion: str | None = None
+    alpha: float | None = None
+
+    def check(self, mode: str | None) -> None:
+        """InvalidInput for a value the database would refuse too, before any embedding."""
+        if mode not in MODES:
+            raise InvalidInput(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+        if self.group not in GROUPS:
+            raise InvalidInput(f"group must be one of {', '.join(GROUPS)}, not {self.group!r}")
+        if mode != "hybrid" and (self.fusion is not None or self.alpha is not None):
+            raise InvalidInput(f"fusion and alpha apply to hybrid search, not to {mode} search")
+        if self.fusion is not None and self.fusion not in FUSIONS:
+            raise InvalidInput(f"fusion must be one of {', '.join(FUSIONS)}, not {self.fusion!r}")
+
+
+DEFAULT = Options()
+
+
 def run(db: Executor, corpus: str | None, mode: str | None, text: str | None, vector: Any,
-        model_key: str | None, k: int | None, filter: Mapping[str, Any] | str | None
-        ) -> list[tuple[Any, ...]]:
+        model_key: str | None, k: int | None, filter: Mapping[str, Any] | str | None,
+        options: Options = DEFAULT) -> list[tuple[Any, ...]]:
     """The rows of one guarded search (`vector` as db.vectors makes it)."""
-    if mode not in MODES:
-        raise InvalidInput(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    options.check(mode)
+    assert mode is not None
     flt = filter if isinstance(filter, str) or filter is None else json.dumps(dict(filter))
     sql, take = _SEARCHES[mode]
-    params = (corpus, text, vector, model_key, k, flt)
+    params = (corpus, text, vector, model_key, k, flt, options.group, options.fusion,
+              options.alpha)
     return db.rows(sql, [params[i] for i in take], [_TYPES[i] for i in take])
 
 
 def search_text(db: Executor, corpus: str | None, query: str, k: int | None,
                 filter: Mapping[str, Any] | str | None, mode: str | None,
                 embed_query: Callable[[Route, str], np.ndarray], *,
-                read: Executor | None = None) -> tuple[list[tuple[Any, ...]], Route]:
+                read: Executor | None = None, options: Options = DEFAULT
+                ) -> tuple[list[tuple[Any, ...]], Route]:
     """Search by text: the query is embedded by `embed_query(route, query)` with the key that
     serves it (the corpus's model, or its migration target for a share of queries), so no
     mismatch is possible; (rows, the route taken). The route is read from `db`, the search
     runs on `read` (a replica) if given. A query routed to a target that a rollback retires
     meanwhile is routed again, once."""
     read = read or db
-    if mode not in MODES:
-        raise InvalidInput(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    options.check(mode)
     for attempt in (1, 2):
         where = route(db, corpus, query)
         if mode == "keyword":
-            return run(read, corpus, mode, query, None, None, k, filter), where
+            return run(read, corpus, mode, query, None, None, k, filter, options), where
         vector = read.vectors([embed_query(where, query)])[0]
         try:
-            return run(read, corpus, mode, query, vector, where.key, k, filter), where
+            return run(read, corpus, mode, query, vector, where.key, k, filter, options), where
         except ModelMismatch:
             if attempt == 2 or where.key == where.active:
                 raise
@@ -115,9 +148,14 @@ def search_text(db: Executor, corpus: str | None, query: str, k: int | None,
 
 def search(conn: psycopg.Connection[Any], corpus: str, query: np.ndarray | Sequence[float] | None,
            model_key: str | None, k: int = 10, filter: Mapping[str, Any] | None = None, *,
-           mode: str = "vector", text: str | None = None) -> list[Hit]:
+           mode: str = "vector", text: str | None = None, group: str = "document",
+           fusion: str | None = None, alpha: float | None = None) -> list[Hit]:
     """Guarded search with a vector you made: 'vector' (the database refuses a query vector
-    made by another model, PE001), 'keyword' (BM25 on `text`) or 'hybrid' (both, fused)."""
+    made by another model, PE001), 'keyword' (BM25 on `text`) or 'hybrid' (both, fused by
+    `fusion`, see Options). By default the hits are k distinct documents (group='document'),
+    each with its best chunk; group='chunk' returns the k best chunks."""
+    options = Options(group, fusion, alpha)
+    options.check(mode)
     vec = None
     if mode != "keyword":
         vec = np.asarray(query, dtype=np.float32)
@@ -126,7 +164,7 @@ def search(conn: psycopg.Connection[Any], corpus: str, query: np.ndarray | Seque
     if mode != "vector" and not (text and text.strip()):
         raise InvalidInput(f"{mode} search needs the query text")
     rows = run(executor(conn), corpus, mode, text, None if vec is None else Vector(vec),
-               model_key, k, filter)
+               model_key, k, filter, options)
     return as_hits(rows)
 
 

@@ -12,3 +12,10 @@ DROP FUNCTION IF EXISTS pyembed.load_vectors();
 -- One statement trigger deletes a deleted chunk's vectors and postings (pyembed._chunks_deleted).
 DROP FUNCTION IF EXISTS pyembed._drop_chunk_vectors() CASCADE;
 DROP FUNCTION IF EXISTS pyembed._unindex_chunks() CASCADE;
+-- Searches grouped by document (group_by), and hybrid fusion options (fusion, alpha): issue 22.
+DROP FUNCTION IF EXISTS pyembed.search(text, vector, text, integer, jsonb);
+DROP FUNCTION IF EXISTS pyembed.search_keyword(text, text, integer, jsonb);
+DROP FUNCTION IF EXISTS pyembed.search_hybrid(text, text, vector, text, integer, jsonb, integer,
+                                              integer);
+DROP FUNCTION IF EXISTS pyembed._search_text(text, text, integer, jsonb, text);
+DROP FUNCTION IF EXISTS pyembed.search_text(text, text, integer, jsonb, text);

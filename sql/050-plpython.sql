@@ -90,20 +90,26 @@ END
 $$;
 
 -- Search by text: the query is embedded with the corpus's own model, so no mismatch is possible.
--- mode: 'vector' (default), 'keyword' (BM25) or 'hybrid' (both, fused by reciprocal rank).
+-- mode: 'vector' (default), 'keyword' (BM25) or 'hybrid' (both, fused: see search_hybrid);
+-- group_by 'document' (k distinct documents, the default) or 'chunk'.
 CREATE OR REPLACE FUNCTION pyembed._search_text(corpus text, query text, k integer,
-                                                filter jsonb, mode text)
+                                                filter jsonb, mode text, group_by text,
+                                                fusion text, alpha double precision)
 RETURNS TABLE (document_id text, chunk_id bigint, chunk_index integer, content text,
                metadata jsonb, score double precision, model_key text)
 LANGUAGE plpython3u VOLATILE SECURITY INVOKER
 SET search_path = pg_catalog, pg_temp
 AS $$
 from pyembed import indb
-return indb.call(plpy, indb.search_text, GD, corpus, query, k, filter, mode)
+return indb.call(plpy, indb.search_text, GD, corpus, query, k, filter, mode, group_by, fusion,
+                 alpha)
 $$;
 
 CREATE OR REPLACE FUNCTION pyembed.search_text(corpus text, query text, k integer DEFAULT 10,
-                                               filter jsonb DEFAULT NULL, mode text DEFAULT 'vector')
+                                               filter jsonb DEFAULT NULL, mode text DEFAULT 'vector',
+                                               group_by text DEFAULT 'document',
+                                               fusion text DEFAULT NULL,
+                                               alpha double precision DEFAULT NULL)
 RETURNS TABLE (document_id text, chunk_id bigint, chunk_index integer, content text,
                metadata jsonb, score double precision, model_key text)
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
@@ -112,7 +118,8 @@ AS $$
 DECLARE
   e_state text; e_message text; e_detail text; e_hint text;
 BEGIN
-  RETURN QUERY SELECT * FROM pyembed._search_text(corpus, query, k, filter, mode);
+  RETURN QUERY SELECT * FROM pyembed._search_text(corpus, query, k, filter, mode, group_by,
+                                                   fusion, alpha);
 EXCEPTION WHEN OTHERS OR query_canceled THEN
   GET STACKED DIAGNOSTICS e_state = RETURNED_SQLSTATE, e_message = MESSAGE_TEXT,
                           e_detail = PG_EXCEPTION_DETAIL, e_hint = PG_EXCEPTION_HINT;

@@ -123,8 +123,12 @@ CREATE OR REPLACE TRIGGER postings_count_delete
 
 -- BM25 over chunks. Each query lexeme reads its postings in its own sub-query (OFFSET 0 keeps
 -- the planner from flattening it, which made long queries many times slower).
+-- group_by 'document' (the default) returns k distinct documents, each scored by its best chunk
+-- (which is the passage returned): the best 3k chunks are taken, then 4 times more while they
+-- hold fewer than k documents; 'chunk' returns the k best chunks.
 CREATE OR REPLACE FUNCTION pyembed.search_keyword(corpus text, query text, k integer DEFAULT 10,
-                                                  filter jsonb DEFAULT NULL)
+                                                  filter jsonb DEFAULT NULL,
+                                                  group_by text DEFAULT 'document')
 RETURNS TABLE (document_id text, chunk_id bigint, chunk_index integer, content text,
                metadata jsonb, score double precision, model_key text)
 LANGUAGE plpgsql STABLE SECURITY DEFINER
@@ -132,6 +136,10 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
   c pyembed.corpora;
+  ids bigint[];
+  scores float8[];
+  n integer;
+  found integer;
 BEGIN
   c := pyembed.lookup_corpus(corpus);
   IF k IS NULL OR k < 1 OR k > 1000 THEN
@@ -144,7 +152,42 @@ BEGIN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
       MESSAGE = format('a metadata filter is a JSON object, not %s', jsonb_typeof(filter));
   END IF;
+  IF group_by IS NULL OR group_by NOT IN ('document', 'chunk') THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = format('group_by must be document or chunk, not %s', coalesce(group_by, 'NULL'));
+  END IF;
+  n := CASE group_by WHEN 'chunk' THEN k ELSE 3 * k END;
+  LOOP
+    SELECT b.ids, b.scores INTO ids, scores FROM pyembed._bm25(c, query, n, filter) b;
+    EXIT WHEN group_by = 'chunk' OR coalesce(cardinality(ids), 0) < n;
+    SELECT count(DISTINCT ch.document_id) INTO found
+      FROM pyembed.chunks ch WHERE ch.corpus_id = c.corpus_id AND ch.chunk_id = ANY (ids);
+    EXIT WHEN found >= k;
+    n := 4 * n;
+  END LOOP;
   RETURN QUERY
+  SELECT b.document_id, b.chunk_id, b.chunk_index, b.content, b.metadata, b.score, NULL::text
+    FROM (SELECT DISTINCT ON (CASE WHEN group_by = 'chunk' THEN ch.chunk_id::text
+                                   ELSE ch.document_id END)
+                 ch.document_id, ch.chunk_id, ch.chunk_index, ch.content, ch.metadata, h.score
+            FROM pyembed.chunks ch
+            JOIN unnest(ids, scores) AS h(chunk_id, score) ON h.chunk_id = ch.chunk_id
+           WHERE ch.corpus_id = c.corpus_id AND ch.chunk_id = ANY (ids)
+           ORDER BY CASE WHEN group_by = 'chunk' THEN ch.chunk_id::text ELSE ch.document_id END,
+                    h.score DESC, h.chunk_id) b
+   ORDER BY b.score DESC, b.chunk_id
+   LIMIT k;
+END
+$$;
+
+-- The n best chunks of a corpus by BM25 (k1 1.2, b 0.75) for a query, best first, among the
+-- chunks whose metadata contains `filter` (if given): (chunk ids, scores).
+CREATE OR REPLACE FUNCTION pyembed._bm25(c pyembed.corpora, query text, n integer, filter jsonb,
+                                         OUT ids bigint[], OUT scores float8[])
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
   WITH st AS (
     SELECT s.chunks::float8 AS n, s.total_len::float8 / greatest(s.chunks, 1) AS avgdl
       FROM pyembed.keyword_stats s WHERE s.corpus_id = c.corpus_id
@@ -161,43 +204,89 @@ BEGIN
                      WHERE pp.corpus_id = c.corpus_id AND pp.lexeme = t.lexeme OFFSET 0) p
      GROUP BY p.chunk_id
   )
-  SELECT ch.document_id, ch.chunk_id, ch.chunk_index, ch.content, ch.metadata, sc.s, NULL::text
-    FROM scored sc
-    JOIN pyembed.chunks ch ON ch.corpus_id = c.corpus_id AND ch.chunk_id = sc.chunk_id
-   WHERE filter IS NULL OR ch.metadata @> filter
-   ORDER BY sc.s DESC, ch.chunk_id
-   LIMIT k;
+  SELECT array_agg(top.chunk_id), array_agg(top.s) INTO ids, scores
+    FROM (SELECT sc.chunk_id, sc.s FROM scored sc
+           WHERE filter IS NULL OR EXISTS (
+                   SELECT FROM pyembed.chunks ch WHERE ch.corpus_id = c.corpus_id
+                      AND ch.chunk_id = sc.chunk_id AND ch.metadata @> filter)
+           ORDER BY sc.s DESC, sc.chunk_id LIMIT n) top;
 END
 $$;
 
--- Hybrid: reciprocal rank fusion (1 / (rrf_k + rank)) of the guarded vector ranking and the
--- BM25 ranking, each over `candidates` results. The vector half checks the model key (PE001).
+-- Hybrid: the guarded vector ranking (PE001 on a mismatched key) and the BM25 ranking, each of
+-- `candidates` results (documents or chunks, as group_by says), fused in one statement:
+-- - 'rrf' (NULL: the default): reciprocal rank fusion, 1 / (rrf_k + rank) summed over both rankings;
+-- - 'relative': relative-score fusion, each ranking's scores min-max normalised to 0..1 over its
+--   candidates (its worst scores 0, its best 1; one candidate scores 1), then
+--   alpha * vector + (1 - alpha) * keyword (alpha 0.5 unless given: both weigh the same).
+-- A result missing from one ranking gets nothing from it.
 CREATE OR REPLACE FUNCTION pyembed.search_hybrid(
   corpus text, query text, query_embedding vector, query_model_key text,
   k integer DEFAULT 10, filter jsonb DEFAULT NULL, candidates integer DEFAULT 100,
-  rrf_k integer DEFAULT 60)
+  rrf_k integer DEFAULT 60, group_by text DEFAULT 'document', fusion text DEFAULT NULL,
+  alpha double precision DEFAULT NULL)
 RETURNS TABLE (document_id text, chunk_id bigint, chunk_index integer, content text,
                metadata jsonb, score double precision, model_key text)
-LANGUAGE sql STABLE SECURITY DEFINER
+LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
-  WITH dense AS (
-    SELECT s.*, row_number() OVER (ORDER BY s.score DESC) AS r
-      FROM pyembed.search(corpus, query_embedding, query_model_key, candidates, filter) s
-  ), sparse AS (
-    SELECT s.*, row_number() OVER (ORDER BY s.score DESC) AS r
-      FROM pyembed.search_keyword(corpus, query, candidates, filter) s
+BEGIN
+  fusion := coalesce(fusion, 'rrf');  -- the default
+  IF fusion NOT IN ('rrf', 'relative') THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = format('fusion must be rrf or relative, not %s', fusion);
+  END IF;
+  IF alpha IS NOT NULL AND fusion <> 'relative' THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = format('alpha weighs relative fusion, not %s', fusion),
+      HINT = 'pass fusion => ''relative'' with alpha, or leave alpha out';
+  END IF;
+  IF alpha IS NOT NULL AND NOT alpha BETWEEN 0 AND 1 THEN  -- NaN is above 1 in PostgreSQL
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = format('alpha must be 0..1 (the vector search''s weight), got %s', alpha);
+  END IF;
+  IF candidates IS NULL OR candidates < 1 OR candidates > 1000 THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = format('candidates must be 1..1000, got %s', candidates);
+  END IF;
+  IF rrf_k IS NULL OR rrf_k < 0 THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE005', MESSAGE = format('rrf_k must be 0 or more, got %s', rrf_k);
+  END IF;
+  IF k IS NULL OR k < 1 OR k > 1000 THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE005', MESSAGE = format('k must be 1..1000, got %s', k);
+  END IF;
+  alpha := coalesce(alpha, 0.5);
+  RETURN QUERY
+  WITH dense AS MATERIALIZED (
+    SELECT s.*, row_number() OVER (ORDER BY s.score DESC, s.chunk_id) AS r,
+           min(s.score) OVER () AS lo, max(s.score) OVER () AS hi,
+           CASE WHEN group_by = 'chunk' THEN s.chunk_id::text ELSE s.document_id END AS key
+      FROM pyembed.search(corpus, query_embedding, query_model_key, candidates, filter,
+                          group_by) s
+  ), sparse AS MATERIALIZED (
+    SELECT s.*, row_number() OVER (ORDER BY s.score DESC, s.chunk_id) AS r,
+           min(s.score) OVER () AS lo, max(s.score) OVER () AS hi,
+           CASE WHEN group_by = 'chunk' THEN s.chunk_id::text ELSE s.document_id END AS key
+      FROM pyembed.search_keyword(corpus, query, candidates, filter, group_by) s
   ), fused AS (
-    SELECT coalesce(d.chunk_id, s.chunk_id) AS chunk_id,
-           coalesce(1.0 / (rrf_k + d.r), 0) + coalesce(1.0 / (rrf_k + s.r), 0) AS score
-      FROM dense d FULL JOIN sparse s ON s.chunk_id = d.chunk_id
+    SELECT coalesce(d.document_id, s.document_id) AS document_id,
+           coalesce(d.chunk_id, s.chunk_id) AS chunk_id,
+           coalesce(d.chunk_index, s.chunk_index) AS chunk_index,
+           coalesce(d.content, s.content) AS content,
+           coalesce(d.metadata, s.metadata) AS metadata,
+           CASE fusion
+             WHEN 'rrf' THEN coalesce(1.0 / (rrf_k + d.r), 0) + coalesce(1.0 / (rrf_k + s.r), 0)
+             ELSE alpha * CASE WHEN d.r IS NULL THEN 0 WHEN d.hi > d.lo
+                               THEN (d.score - d.lo) / (d.hi - d.lo) ELSE 1 END
+                  + (1 - alpha) * CASE WHEN s.r IS NULL THEN 0 WHEN s.hi > s.lo
+                                       THEN (s.score - s.lo) / (s.hi - s.lo) ELSE 1 END
+           END::float8 AS score
+      FROM dense d FULL JOIN sparse s ON s.key = d.key
   )
-  SELECT coalesce(d.document_id, s.document_id), f.chunk_id,
-         coalesce(d.chunk_index, s.chunk_index), coalesce(d.content, s.content),
-         coalesce(d.metadata, s.metadata), f.score::float8, query_model_key
+  SELECT f.document_id, f.chunk_id, f.chunk_index, f.content, f.metadata, f.score,
+         query_model_key
     FROM fused f
-    LEFT JOIN dense d ON d.chunk_id = f.chunk_id
-    LEFT JOIN sparse s ON s.chunk_id = f.chunk_id
    ORDER BY f.score DESC, f.chunk_id
-   LIMIT k
+   LIMIT k;
+END
 $$;

@@ -32,7 +32,7 @@ GRANT INSERT, DELETE, UPDATE (embedding, content_hash, created_at) ON pyembed.ve
   TO pyembed_app;
 
 GRANT EXECUTE ON FUNCTION
-  pyembed.search(text, vector, text, integer, jsonb),
+  pyembed.search(text, vector, text, integer, jsonb, text),
   pyembed.create_corpus(text, text, text, integer, integer),
   pyembed.drop_corpus(text),
   pyembed._vector_check(integer, bigint, text, vector),
@@ -56,9 +56,10 @@ GRANT EXECUTE ON FUNCTION
                          integer, numeric, text),
   pyembed.embed(text, text, text),
   pyembed.embed_batch(text[], text, text),
-  pyembed.search_text(text, text, integer, jsonb, text),
-  pyembed.search_keyword(text, text, integer, jsonb),
-  pyembed.search_hybrid(text, text, vector, text, integer, jsonb, integer, integer),
+  pyembed.search_text(text, text, integer, jsonb, text, text, text, double precision),
+  pyembed.search_keyword(text, text, integer, jsonb, text),
+  pyembed.search_hybrid(text, text, vector, text, integer, jsonb, integer, integer, text, text,
+                        double precision),
   pyembed.add_document(text, text, text, jsonb)
   TO pyembed_app;
 -- Model migrations are the DBA's: granted to nobody, run as the owner.

@@ -65,10 +65,11 @@ APP_EXECUTE = {
     "embed_batch(text[], text, text)",
     "register_model(text, text, text, integer, text, boolean, boolean, integer, integer, "
     "integer, numeric, text)",
-    "search(text, vector, text, integer, jsonb)",
-    "search_hybrid(text, text, vector, text, integer, jsonb, integer, integer)",
-    "search_keyword(text, text, integer, jsonb)",
-    "search_text(text, text, integer, jsonb, text)",
+    "search(text, vector, text, integer, jsonb, text)",
+    "search_hybrid(text, text, vector, text, integer, jsonb, integer, integer, text, text, "
+    "double precision)",
+    "search_keyword(text, text, integer, jsonb, text)",
+    "search_text(text, text, integer, jsonb, text, text, text, double precision)",
 }
 
 # Functions named by their argument types, with `vector` unqualified (pgvector lives in public);

@@ -11,6 +11,7 @@ import pytest
 
 import pyembed
 from pyembed.demo import sample_documents
+from tests.helpers import sql_error
 
 FAKE = "fake/fake-hash@1:384"
 
@@ -115,3 +116,97 @@ def test_keyword_search_in_sql_and_search_text_modes(app: psycopg.Connection[Any
     with pytest.raises(psycopg.Error) as err:
         app.execute("SELECT * FROM pyembed.search_keyword('sqlmodes', '   ', 5)")
     assert err.value.sqlstate == "PE005"
+
+
+def crowded_corpus(client: Any, name: str) -> Any:
+    """One long document whose 20-odd chunks all match "quota limit" best, and five short
+    documents that match it less: the nearest chunks are the long document's, many times."""
+    kb = client.create_corpus(name, FAKE, chunk_tokens=8, chunk_overlap=2)
+    report = kb.add([pyembed.Document("long", "quota limit " * 60)]
+                    + [pyembed.Document(f"d{i}", f"quota limit reached for team number {i} today")
+                       for i in range(5)])
+    assert report.chunks > 20
+    return kb
+
+
+@pytest.mark.parametrize("mode", ["vector", "keyword", "hybrid"])
+def test_search_returns_k_distinct_documents_unless_grouped_by_chunk(client: Any,
+                                                                     mode: str) -> None:
+    kb = crowded_corpus(client, f"crowded_{mode}")
+    hits = kb.search("quota limit", k=4, mode=mode)
+    assert len(hits) == 4 and len({h.document_id for h in hits}) == 4
+    assert hits[0].document_id == "long"
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    chunks = kb.search("quota limit", k=4, mode=mode, group="chunk")
+    assert [h.document_id for h in chunks] == ["long"] * 4  # chunk hits: one document, 4 times
+    assert len({h.chunk_id for h in chunks}) == 4
+    assert hits[0].score == pytest.approx(chunks[0].score)  # the document's best chunk
+    # Fewer documents than k: all of them, once each.
+    assert sorted(h.document_id for h in kb.search("quota limit", k=50, mode=mode)) == sorted(
+        ["long", "d0", "d1", "d2", "d3", "d4"])
+
+
+def test_search_in_sql_groups_by_document_by_default(app: psycopg.Connection[Any],
+                                                     client: Any) -> None:
+    crowded_corpus(client, "crowded_sql")
+    for mode in ("vector", "keyword", "hybrid"):
+        docs = [r[0] for r in app.execute(
+            "SELECT document_id FROM pyembed.search_text('crowded_sql', 'quota limit', 3, NULL, "
+            "%s)", (mode,))]
+        assert len(docs) == 3 and len(set(docs)) == 3, mode
+        docs = [r[0] for r in app.execute(
+            "SELECT document_id FROM pyembed.search_text('crowded_sql', 'quota limit', 3, NULL, "
+            "%s, 'chunk')", (mode,))]
+        assert docs == ["long"] * 3, mode
+    err = sql_error(app, "SELECT * FROM pyembed.search_keyword('crowded_sql', 'quota', 3, NULL, "
+                         "'page')")
+    assert err.sqlstate == "PE005" and "group_by must be document or chunk" in str(err)
+
+
+def test_hybrid_fusions_weigh_the_two_rankings(client: Any) -> None:
+    kb = client.create_corpus("fusions", pyembed.LOCAL_DEFAULT.key)
+    kb.add(sample_documents())
+    query = "how do I raise the quota limit for compute hours"
+    vector = [h.document_id for h in kb.search(query, k=3, mode="vector")]
+    keyword = [h.document_id for h in kb.search(query, k=3, mode="keyword")]
+    assert vector != keyword  # otherwise this test could not tell the weights apart
+    relative = kb.search(query, k=5, mode="hybrid", fusion="relative")
+    assert relative[0].score <= 1.0 and all(0.0 <= h.score for h in relative)
+    assert [h.document_id for h in kb.search(query, k=3, mode="hybrid", fusion="relative",
+                                             alpha=1.0)] == vector
+    assert [h.document_id for h in kb.search(query, k=3, mode="hybrid", fusion="relative",
+                                             alpha=0.0)] == keyword
+    rrf = kb.search(query, k=5, mode="hybrid", fusion="rrf")
+    assert rrf[0].score <= 2 / 61  # 1 / (60 + 1) from each ranking at most
+    assert {h.document_id for h in rrf} & {h.document_id for h in relative}
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"fusion": "borda"}, "fusion must be one of rrf, relative"),
+    ({"fusion": "relative", "alpha": 1.5}, "alpha must be 0..1"),
+    ({"fusion": "relative", "alpha": float("nan")}, "alpha must be 0..1"),
+    ({"fusion": "rrf", "alpha": 0.3}, "alpha weighs relative fusion, not rrf"),
+    ({"group": "page"}, "group must be one of document, chunk"),
+])
+def test_bad_fusion_and_group_options_are_refused(client: Any, options: dict[str, Any],
+                                                  message: str) -> None:
+    kb = client.create_corpus("badopts", FAKE)
+    kb.add(sample_documents())
+    with pytest.raises(pyembed.InvalidInput, match=message):
+        kb.search("quota", mode="hybrid", **options)
+
+
+def test_fusion_options_apply_to_hybrid_search_only(client: Any,
+                                                    app: psycopg.Connection[Any]) -> None:
+    kb = client.create_corpus("onlyhybrid", FAKE)
+    kb.add(sample_documents())
+    with pytest.raises(pyembed.InvalidInput, match="apply to hybrid search, not to keyword"):
+        kb.search("quota", mode="keyword", fusion="relative")
+    vec = client.embedder(FAKE).embed_query("quota")
+    for bad, message in (("fusion => 'borda'", "fusion must be rrf or relative, not borda"),
+                         ("fusion => 'relative', alpha => -0.1", "alpha must be 0..1"),
+                         ("alpha => 0.5", "alpha weighs relative fusion, not rrf"),
+                         ("candidates => 0", "candidates must be 1..1000")):
+        err = sql_error(app, "SELECT * FROM pyembed.search_hybrid('onlyhybrid', 'quota', "
+                             f"%s::vector, %s, 5, {bad})", (str(vec.tolist()), FAKE))
+        assert err.sqlstate == "PE005" and message in str(err), bad
