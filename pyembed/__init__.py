@@ -20,12 +20,13 @@ from .errors import (
     UnknownCorpus,
     UnknownModel,
 )
-from .models import LOCAL_DEFAULT, InputType, ModelSpec, registry
+from .models import LOCAL_DEFAULT, LOCAL_MULTILINGUAL, InputType, ModelSpec, registry
 from .schema import install
 from .search import Hit
 
 __all__ = [
     "LOCAL_DEFAULT",
+    "LOCAL_MULTILINGUAL",
     "AddReport",
     "Client",
     "ConfigError",
