@@ -37,7 +37,8 @@ from .errors import (
     UnknownCorpus,
 )
 from .models import LOCAL_DEFAULT, InputType, ModelSpec
-from .search import Hit, Options, Route, as_hits, route, search, search_text
+from .query import search_text as query_search
+from .search import Hit, Options, route, search
 from .sqlexec import PsycopgExecutor
 from .tenants import error_counter, meter
 from .text import check_text, document_hash
@@ -255,9 +256,10 @@ class Corpus:
         'relative' (min-max normalised scores, alpha * vector + (1 - alpha) * keyword, alpha
         0.5 unless given); None is the database's default. Each search is recorded in
         pyembed.query_log (phase timings) unless the client has log_queries off."""
-        found = self.retrieve(query, k, filter, model_key, mode=mode, translate=translate,
-                              group=group, fusion=fusion, alpha=alpha)
-        if self.client.log_queries:
+        log = self.client.log_queries
+        found = self._retrieved(query, k, filter, model_key, mode=mode, translate=translate,
+                                options=Options(group, fusion, alpha), log=log)
+        if log and not isinstance(query, str):  # a text search records itself
             self.log_query(mode, k, found.timings, cache_hit=found.cache_hit,
                            model_key=found.model_key)
         return found.hits
@@ -268,10 +270,16 @@ class Corpus:
                  group: str = "document", fusion: str | None = None, alpha: float | None = None
                  ) -> Retrieval:
         """`search` without the query log: the hits, the key that served them and timings."""
-        options = Options(group, fusion, alpha)
+        return self._retrieved(query, k, filter, model_key, mode=mode, translate=translate,
+                               options=Options(group, fusion, alpha), log=False)
+
+    def _retrieved(self, query: str | Sequence[float] | np.ndarray, k: int,
+                   filter: Mapping[str, Any] | None, model_key: str | None, *, mode: str,
+                   translate: Callable[[str], str] | None, options: Options,
+                   log: bool) -> Retrieval:
         try:
             return self._retrieve(query, k, filter, model_key, mode=mode, translate=translate,
-                                  options=options)
+                                  options=options, log=log)
         except UnknownCorpus:
             if self.client.read_conn is self.client.conn:
                 raise
@@ -282,7 +290,8 @@ class Corpus:
 
     def _retrieve(self, query: str | Sequence[float] | np.ndarray, k: int,
                   filter: Mapping[str, Any] | None, model_key: str | None, *, mode: str,
-                  translate: Callable[[str], str] | None, options: Options) -> Retrieval:
+                  translate: Callable[[str], str] | None, options: Options,
+                  log: bool) -> Retrieval:
         started = time.perf_counter()
         options.check(mode)
         if not isinstance(query, str):
@@ -296,27 +305,9 @@ class Corpus:
             return Retrieval(found, model_key, None, {"embed_ms": None,
                                                      "search_ms": _ms(started, done),
                                                      "total_ms": _ms(started, done)})
-        check_text(query, "query")
-        embedded: list[float] = []
-        cache_hit: list[bool | None] = [None]
-
-        def embed_query(where: Route, text: str) -> np.ndarray:
-            self.client.current_corpus_id = where.corpus_id  # the provider call is billed to it
-            vector = self.client.embedder(where.key).embed_query(translate(text) if translate
-                                                                 else text)
-            cache = self.client.cache
-            cache_hit[0] = cache.last_lookup == (1, 0) if cache is not None else None
-            embedded.append(time.perf_counter())
-            return vector
-
-        rows, where = search_text(PsycopgExecutor(self.client.conn), self.name, query, k, filter,
-                                  mode, embed_query,
-                                  read=PsycopgExecutor(self.client.reader()), options=options)
-        done = time.perf_counter()
-        split = embedded[-1] if embedded else started
-        return Retrieval(as_hits(rows), None if mode == "keyword" else where.key, cache_hit[0],
-                         {"embed_ms": _ms(started, split) if embedded else None,
-                          "search_ms": _ms(split, done), "total_ms": _ms(started, done)})
+        by_text = query_search(self, query, k, filter, mode, translate=translate,
+                               options=options, log=log)
+        return Retrieval(by_text.hits, by_text.model_key, by_text.cache_hit, by_text.timings)
 
     def log_query(self, kind: str, k: int, timings: Mapping[str, float | None], *,
                   generated: bool = False, cache_hit: bool | None = None,

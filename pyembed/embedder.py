@@ -146,6 +146,19 @@ class Embedder:
         """The 1-d query vector for `text`."""
         return self.embed([text], InputType.QUERY).reshape(self.spec.dimensions)
 
+    def prepare_query(self, text: str) -> tuple[str, InputType]:
+        """The query as the cache keys it and the provider receives it (stripped, checked, cut
+        if `truncate`), and the input type it is embedded as."""
+        return (self._prepare([text])[0],
+                InputType.QUERY if self.spec.input_types else InputType.DOCUMENT)
+
+    def embed_prepared(self, text: str, input_type: InputType, *,
+                       reserved: bool = False) -> npt.NDArray[np.float32]:
+        """The 1-d vector of one text from `prepare_query`, from the provider (no cache);
+        `reserved`: its first call is already accounted, so the meter sees only retries."""
+        return self._embed_batch([text], input_type, reserved=reserved).reshape(
+            self.spec.dimensions)
+
     def check(self, texts: Sequence[str]) -> None:
         """Raise InvalidInput for a text that `embed` would refuse, without any call."""
         self._prepare(texts)
@@ -195,7 +208,14 @@ class Embedder:
             return np.empty((0, self.spec.dimensions), dtype=np.float32)
         return np.concatenate(done)
 
-    def _embed_batch(self, texts: list[str], input_type: InputType) -> npt.NDArray[np.float32]:
+    def _embed_batch(self, texts: list[str], input_type: InputType, *,
+                     reserved: bool = False) -> npt.NDArray[np.float32]:
+        unmetered = [reserved]
+
+        def attempt() -> Vectors:
+            metered, unmetered[0] = not unmetered[0], False
+            return self._call_once(texts, input_type, metered=metered)
+
         retrying = Retrying(
             stop=stop_after_attempt(self.max_retries + 1),
             wait=self._wait,
@@ -205,7 +225,7 @@ class Embedder:
             reraise=True,
         )
         try:
-            raw = retrying(self._call_once, texts, input_type)
+            raw = retrying(attempt)
         except TransientProviderError as exc:
             raise ProviderError(f"{self.spec.key}: gave up after {self.max_retries + 1} "
                                 f"attempts; last error: {exc}", kind=exc.kind) from exc
@@ -215,8 +235,9 @@ class Embedder:
             self._failed(exc)
             raise
 
-    def _call_once(self, texts: list[str], input_type: InputType) -> Vectors:
-        if self.meter is not None:
+    def _call_once(self, texts: list[str], input_type: InputType, *,
+                   metered: bool = True) -> Vectors:
+        if self.meter is not None and metered:
             self.meter(self.spec, sum(estimate_tokens(t) for t in texts))
         try:
             return self.provider.embed_batch(texts, input_type)

@@ -60,7 +60,14 @@ GRANT EXECUTE ON FUNCTION
   pyembed.search_keyword(text, text, integer, jsonb, text),
   pyembed.search_hybrid(text, text, vector, text, integer, jsonb, integer, integer, text, text,
                         double precision),
-  pyembed.add_document(text, text, text, jsonb)
+  pyembed.add_document(text, text, text, jsonb),
+  pyembed.search_query(text, text, integer, text[], bytea[], integer, jsonb, text, jsonb,
+                       integer, boolean, text[], bigint[], bigint[]),
+  pyembed.search_embedded(text, text, vector, text, bytea, text, float8, integer, jsonb, text,
+                          jsonb, real, boolean, text[], bigint[], bigint[]),
+  pyembed.reserve_query(integer, text, bytea, integer),
+  pyembed.record_search(integer, text, text, integer, boolean, real, real, real, real, bytea,
+                        text, vector, float8, jsonb, text[], bigint[], bigint[])
   TO pyembed_app;
 -- Model migrations are the DBA's: granted to nobody, run as the owner.
 -- pyembed.secrets and pyembed.set_secret stay the owner's: REVOKE above, no GRANT.

@@ -625,14 +625,14 @@ def routed_to_the_target_then_rolled_back(app: Client, owner: Client,
     corpus = app.corpus(CORPUS)
     query = next(t for t in texts if corpus.serving_key(t) == NEW)
     embedder = app.embedder(NEW)
-    real = embedder.embed_query
+    real = embedder.embed_prepared
 
-    def embed_then_rollback(text: str) -> F32:
-        vector = real(text)
+    def embed_then_rollback(text: str, input_type: InputType, *, reserved: bool = False) -> F32:
+        vector = real(text, input_type, reserved=reserved)
         migration.rollback(owner, CORPUS)  # lands between the routing and the search
         return vector
 
-    embedder.embed_query = embed_then_rollback  # type: ignore[method-assign]
+    embedder.embed_prepared = embed_then_rollback  # type: ignore[method-assign]
     return corpus, query
 
 

@@ -70,6 +70,14 @@ APP_EXECUTE = {
     "double precision)",
     "search_keyword(text, text, integer, jsonb, text)",
     "search_text(text, text, integer, jsonb, text, text, text, double precision)",
+    # a search by text in one or two round trips (pyembed/query.py), and its record
+    "search_query(text, text, integer, text[], bytea[], integer, jsonb, text, jsonb, integer, "
+    "boolean, text[], bigint[], bigint[])",
+    "search_embedded(text, text, vector, text, bytea, text, double precision, integer, jsonb, "
+    "text, jsonb, real, boolean, text[], bigint[], bigint[])",
+    "reserve_query(integer, text, bytea, integer)",
+    "record_search(integer, text, text, integer, boolean, real, real, real, real, bytea, text, "
+    "vector, double precision, jsonb, text[], bigint[], bigint[])",
 }
 
 # Functions named by their argument types, with `vector` unqualified (pgvector lives in public);

@@ -1,0 +1,225 @@
+-- A search by text in as few round trips as its work allows (pyembed/query.py): one call routes
+-- the query, looks up its embedding in the cache and, on a hit, searches and records the query;
+-- on a miss it reserves the provider call and returns what the client needs to embed; then one
+-- call stores the embedding, searches and records. The searches themselves are the guarded
+-- functions (pyembed.search, search_keyword, search_hybrid), called here as they are by clients.
+-- Writes (usage, cache entries and counts, the query log, recall samples) happen only in a
+-- read-write transaction: on a hot standby these functions search and write nothing, and the
+-- client records on the primary with pyembed.record_search.
+
+-- The hits of one search by mode, with its options (group_by, fusion, alpha: a JSON object, so
+-- that an option added to the search functions adds no parameter here): one branch each (a union would run every function, and
+-- pyembed.search refuses a keyword query's NULL vector).
+CREATE OR REPLACE FUNCTION pyembed._search_mode(
+  corpus text, mode text, query text, query_embedding vector, query_model_key text, k integer,
+  filter jsonb, options jsonb)
+RETURNS TABLE (document_id text, chunk_id bigint, chunk_index integer, content text,
+               metadata jsonb, score double precision, model_key text)
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+  IF mode = 'vector' THEN
+    RETURN QUERY SELECT * FROM pyembed.search(corpus, query_embedding, query_model_key, k, filter,
+                                              coalesce(options->>'group_by', 'document'));
+  ELSIF mode = 'keyword' THEN
+    RETURN QUERY SELECT * FROM pyembed.search_keyword(corpus, query, k, filter,
+                                                      coalesce(options->>'group_by', 'document'));
+  ELSIF mode = 'hybrid' THEN
+    RETURN QUERY SELECT * FROM pyembed.search_hybrid(
+      corpus, query, query_embedding, query_model_key, k, filter,
+      group_by => coalesce(options->>'group_by', 'document'), fusion => options->>'fusion',
+      alpha => (options->>'alpha')::float8);
+  ELSE
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = format('mode must be one of vector, keyword, hybrid, not %s',
+                       coalesce(quote_literal(mode), 'NULL'));
+  END IF;
+END
+$$;
+
+-- The same hits as arrays, one element per hit in rank order (WITH ORDINALITY keeps it).
+CREATE OR REPLACE FUNCTION pyembed._search_arrays(
+  corpus text, mode text, query text, query_embedding vector, query_model_key text, k integer,
+  filter jsonb, options jsonb,
+  OUT document_ids text[], OUT chunk_ids bigint[], OUT chunk_indexes integer[],
+  OUT contents text[], OUT metadatas jsonb[], OUT scores float8[], OUT model_keys text[])
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+  SELECT coalesce(array_agg(s.document_id ORDER BY s.n), '{}'),
+         coalesce(array_agg(s.chunk_id ORDER BY s.n), '{}'),
+         coalesce(array_agg(s.chunk_index ORDER BY s.n), '{}'),
+         coalesce(array_agg(s.content ORDER BY s.n), '{}'),
+         coalesce(array_agg(s.metadata ORDER BY s.n), '{}'),
+         coalesce(array_agg(s.score ORDER BY s.n), '{}'),
+         coalesce(array_agg(s.model_key ORDER BY s.n), '{}')
+    FROM pyembed._search_mode(corpus, mode, query, query_embedding, query_model_key, k, filter,
+                                   options)
+         WITH ORDINALITY AS s(document_id, chunk_id, chunk_index, content, metadata, score,
+                              model_key, n)
+$$;
+
+-- Records one search on a read-write server: its query-log line (kind NULL: none), a cache
+-- entry for its embedding (cache_key NULL: none), cache hit and miss counts, and a recall
+-- sample; returns whether it wrote (false in a read-only transaction, which writes nothing).
+CREATE OR REPLACE FUNCTION pyembed.record_search(
+  p_corpus_id integer, p_model_key text, kind text, k integer, cache_hit boolean,
+  embed_ms real, search_ms real, generate_ms real, total_ms real,
+  cache_key bytea DEFAULT NULL, input_type text DEFAULT NULL, embedding vector DEFAULT NULL,
+  ttl_seconds float8 DEFAULT NULL, filter jsonb DEFAULT NULL,
+  count_models text[] DEFAULT NULL, count_hits bigint[] DEFAULT NULL,
+  count_misses bigint[] DEFAULT NULL)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  v vector := embedding;
+BEGIN
+  IF current_setting('transaction_read_only') = 'on' THEN
+    RETURN false;
+  END IF;
+  IF NOT (p_corpus_id = ANY (pyembed.visible_corpora())) THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE002', MESSAGE = format('unknown corpus id %s', p_corpus_id);
+  END IF;
+  IF cache_key IS NOT NULL AND embedding IS NOT NULL THEN
+    PERFORM pyembed.cache_put(ARRAY[cache_key], p_model_key, input_type, ARRAY[embedding],
+                              ttl_seconds);
+  ELSIF cache_key IS NOT NULL THEN  -- a hit on a replica: the primary has the same entry
+    SELECT g.embedding INTO v FROM pyembed.cache_get(ARRAY[cache_key]) g;
+  END IF;
+  IF count_models IS NOT NULL THEN
+    PERFORM pyembed.cache_count(count_models, count_hits, count_misses);
+  END IF;
+  IF kind IS NOT NULL THEN
+    INSERT INTO pyembed.query_log (corpus_id, model_key, kind, k, cache_hit, embed_ms, search_ms,
+                                   generate_ms, total_ms)
+    VALUES (p_corpus_id, coalesce(p_model_key, '-'), kind, k, cache_hit, embed_ms, search_ms,
+            generate_ms, total_ms);
+  END IF;
+  RETURN true;
+END
+$$;
+
+-- Route, cache lookup and, on a hit, the search and its record (`log`: write the query-log
+-- line; count_*: cache counts the client kept, written with this call). `keys` and
+-- `cache_keys` pair the model keys the client expects to serve the query with the query's
+-- cache key for each; `bucket` is pyembed.search.bucket(query), the query's traffic-share slot.
+-- The one row says where the query went: cache_hit NULL for keyword search or when the serving
+-- key is not among `keys` (the client asks again with it), false on a miss (reserved: the
+-- provider call of `tokens` is accounted, here or, on a replica, by the client on the primary).
+CREATE OR REPLACE FUNCTION pyembed.search_query(
+  corpus text, query text, bucket integer, keys text[], cache_keys bytea[], k integer,
+  filter jsonb, mode text, options jsonb, tokens integer DEFAULT NULL, log boolean DEFAULT true,
+  count_models text[] DEFAULT NULL, count_hits bigint[] DEFAULT NULL,
+  count_misses bigint[] DEFAULT NULL,
+  OUT corpus_id integer, OUT active_key text, OUT model_key text, OUT cache_hit boolean,
+  OUT reserved boolean, OUT recorded boolean, OUT embed_ms real, OUT search_ms real,
+  OUT document_ids text[], OUT chunk_ids bigint[], OUT chunk_indexes integer[],
+  OUT contents text[], OUT metadatas jsonb[], OUT scores float8[], OUT model_keys text[])
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  started timestamptz := clock_timestamp();
+  looked timestamptz;
+  c pyembed.corpora;
+  slot integer;
+  v vector;
+  writable boolean := current_setting('transaction_read_only') = 'off';
+BEGIN
+  c := pyembed.lookup_corpus(corpus);
+  corpus_id := c.corpus_id;
+  active_key := c.model_key;
+  model_key := CASE WHEN c.migration_step = 'shifting' AND c.target_model_key IS NOT NULL
+                         AND c.traffic_share > 0 AND bucket < c.traffic_share
+                    THEN c.target_model_key ELSE c.model_key END;
+  reserved := false;
+  recorded := false;
+  IF mode IS DISTINCT FROM 'keyword' THEN
+    slot := array_position(keys, model_key);
+    IF slot IS NULL THEN
+      RETURN;  -- cache_hit NULL: the client prepares the query for this key and asks again
+    END IF;
+    SELECT g.embedding INTO v FROM pyembed.cache_get(ARRAY[cache_keys[slot]]) g;
+    cache_hit := v IS NOT NULL;
+    IF NOT cache_hit THEN
+      IF tokens IS NOT NULL AND writable THEN
+        PERFORM pyembed.reserve_usage(model_key, corpus_id, 1, tokens);
+        reserved := true;
+      END IF;
+      IF count_models IS NOT NULL AND writable THEN
+        recorded := pyembed.record_search(corpus_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+                                          NULL, count_models => count_models,
+                                          count_hits => count_hits, count_misses => count_misses);
+      END IF;
+      RETURN;
+    END IF;
+  END IF;
+  looked := clock_timestamp();
+  SELECT * INTO document_ids, chunk_ids, chunk_indexes, contents, metadatas, scores, model_keys
+    FROM pyembed._search_arrays(corpus, mode, query, v, model_key, k, filter, options);
+  embed_ms := CASE WHEN mode <> 'keyword'
+                   THEN extract(epoch FROM looked - started) * 1000 END;
+  search_ms := extract(epoch FROM clock_timestamp() - looked) * 1000;
+  IF writable AND (log OR count_models IS NOT NULL) THEN
+    recorded := pyembed.record_search(
+      corpus_id, CASE WHEN mode <> 'keyword' THEN model_key END,
+      CASE WHEN log THEN mode END, k, cache_hit, embed_ms, search_ms, NULL,
+      (extract(epoch FROM clock_timestamp() - started) * 1000)::real, embedding => v,
+      filter => filter, count_models => count_models, count_hits => count_hits,
+      count_misses => count_misses);
+  END IF;
+END
+$$;
+
+-- The second call of a cache miss: stores the query's embedding, searches with it and records
+-- the search (embed_ms: the client's time from its first call to the embedding).
+CREATE OR REPLACE FUNCTION pyembed.search_embedded(
+  corpus text, query text, query_embedding vector, query_model_key text, cache_key bytea,
+  input_type text, ttl_seconds float8, k integer, filter jsonb, mode text, options jsonb,
+  embed_ms real,
+  log boolean DEFAULT true, count_models text[] DEFAULT NULL, count_hits bigint[] DEFAULT NULL,
+  count_misses bigint[] DEFAULT NULL,
+  OUT corpus_id integer, OUT recorded boolean, OUT search_ms real,
+  OUT document_ids text[], OUT chunk_ids bigint[], OUT chunk_indexes integer[],
+  OUT contents text[], OUT metadatas jsonb[], OUT scores float8[], OUT model_keys text[])
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  started timestamptz := clock_timestamp();
+BEGIN
+  corpus_id := (pyembed.lookup_corpus(corpus)).corpus_id;
+  SELECT * INTO document_ids, chunk_ids, chunk_indexes, contents, metadatas, scores, model_keys
+    FROM pyembed._search_arrays(corpus, mode, query, query_embedding, query_model_key, k, filter,
+                                 options);
+  search_ms := extract(epoch FROM clock_timestamp() - started) * 1000;
+  -- After the search: a query the guard refused leaves no cache entry.
+  recorded := pyembed.record_search(
+    corpus_id, query_model_key, CASE WHEN log THEN mode END, k, false, embed_ms, search_ms,
+    NULL, (embed_ms + search_ms)::real, cache_key, input_type, query_embedding, ttl_seconds, filter,
+    count_models, count_hits, count_misses);
+END
+$$;
+
+-- A query that missed the cache on a replica, on the primary: its cached embedding if the
+-- primary has it (stored by a search that the replica has not replayed yet), else NULL and the
+-- provider call of `tokens` reserved.
+CREATE OR REPLACE FUNCTION pyembed.reserve_query(p_corpus_id integer, p_model_key text,
+                                                 p_cache_key bytea, tokens integer)
+RETURNS vector
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  v vector;
+BEGIN
+  SELECT g.embedding INTO v FROM pyembed.cache_get(ARRAY[p_cache_key]) g;
+  IF v IS NULL THEN
+    PERFORM pyembed.reserve_usage(p_model_key, p_corpus_id, 1, tokens);
+  END IF;
+  RETURN v;
+END
+$$;
