@@ -7,7 +7,6 @@ the session's thread count comes from PYEMBED_LOCAL_THREADS (default 1).
 from __future__ import annotations
 
 import importlib.resources
-import os
 import threading
 
 import numpy as np
@@ -18,9 +17,8 @@ from tokenizers import Tokenizer
 
 from ..errors import ConfigError
 from ..models import InputType, ModelSpec
-from .base import Provider
+from .base import Provider, local_threads
 
-THREADS_ENV = "PYEMBED_LOCAL_THREADS"
 MODEL_ID = "all-minilm-l6-v2-int8"
 DIMENSIONS = 384
 MAX_TOKENS = 256
@@ -90,24 +88,13 @@ _model: MiniLM | None = None
 _model_lock = threading.Lock()
 
 
-def _threads() -> int:
-    raw = os.environ.get(THREADS_ENV, "1")
-    try:
-        threads = int(raw)
-    except ValueError:
-        threads = 0
-    if threads < 1:
-        raise ConfigError(f"{THREADS_ENV} must be a positive integer, got {raw!r}")
-    return threads
-
-
 def shared_model() -> MiniLM:
     """The process's MiniLM, loaded on first call (thread-safe)."""
     global _model
     if _model is None:
         with _model_lock:
             if _model is None:
-                _model = MiniLM(_threads())
+                _model = MiniLM(local_threads())
     return _model
 
 
