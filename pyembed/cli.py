@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import cache, evaluation, health, migration, models, schema, tenants
+from . import cache, evaluation, health, index, migration, models, schema, tenants
 from .client import Client
 from .client import connect as connect_client
 from .config import DSN_ENV
@@ -598,15 +598,20 @@ def corpus_create(
                                "into overlapping chunks)")] = 200,
     chunk_overlap: Annotated[int, typer.Option(
         "--chunk-overlap", help="tokens each chunk repeats from the one before")] = 40,
+    storage: Annotated[str, typer.Option(
+        "--storage", help="how the HNSW index holds the vectors: vector (float32), halfvec "
+                          "(float16, half the index) or binary (sign bits, rescored exactly)")
+    ] = "vector",
     dsn: DsnOption = None,
 ) -> None:
     """Create a corpus pinned to one model key.
 
-    Example: pyembed corpus create docs --model voyage/voyage-3@1:1024 --chunk-tokens 300
+    Example: pyembed corpus create docs --model voyage/voyage-3@1:1024 --storage halfvec
     """
     with _connect(dsn) as conn:
-        info = create_corpus(conn, name, model, description, chunk_tokens, chunk_overlap)
-    console.print(f"created corpus {info.name} pinned to {info.model_key}")
+        info = create_corpus(conn, name, model, description, chunk_tokens, chunk_overlap,
+                             storage=storage)
+    console.print(f"created corpus {info.name} pinned to {info.model_key} ({info.storage})")
 
 
 @corpus_app.command("list")
@@ -637,6 +642,73 @@ def corpus_show(name: str, dsn: DsnOption = None, as_json: JsonOption = False) -
         return
     for k, v in dataclasses.asdict(info).items():
         console.print(f"{k}: {v}", markup=False, highlight=False, soft_wrap=True)
+
+
+def _print_index(rows: list[index.IndexStatus], as_json: bool) -> None:
+    if as_json:
+        _print_json({"indexes": [r.as_json() for r in rows]})
+        return
+    table = _table("model key", "storage", "rows", "m", "ef_construction", "rule m/ef_c",
+                   "ef_search", "oversample", "index", numbers=("rows", "m", "ef_construction",
+                                                               "ef_search", "oversample"))
+    for r in rows:
+        table.add_row(r.model_key, r.storage, f"{r.rows:,}", str(r.m or "-"),
+                      str(r.ef_construction or "-"), f"{r.rule_m}/{r.rule_ef_construction}",
+                      str(r.ef_search), str(r.oversample) if r.storage == "binary" else "-",
+                      _mb(r.index_bytes) if r.index_bytes is not None else "none (exact scan)")
+    console.print(table)
+    if rows and rows[0].settings:
+        console.print(f"owner overrides: {json.dumps(rows[0].settings)}", markup=False)
+
+
+@corpus_app.command("index")
+def corpus_index(
+    name: str,
+    m: Annotated[int | None, typer.Option("--m", help="HNSW links per node (2-100)")] = None,
+    ef_construction: Annotated[int | None, typer.Option(
+        "--ef-construction", help="HNSW build search width (4-1000, at least 2 x m)")] = None,
+    ef_search: Annotated[int | None, typer.Option(
+        "--ef-search", help="search width pyembed sets for its searches (1-1000)")] = None,
+    oversample: Annotated[int | None, typer.Option(
+        "--oversample", help="binary storage: candidates rescored per hit (1-100)")] = None,
+    rule: Annotated[bool, typer.Option(
+        "--rule", help="drop every override: back to pyembed's rule")] = False,
+    dsn: OwnerDsnOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show or override a corpus's HNSW parameters (as the owner); m and ef_construction apply
+    at the next `pyembed corpus reindex`.
+
+    Example: pyembed corpus index docs --ef-search 200
+    """
+    given: dict[str, int | None] = {k: v for k, v in (("m", m), ("ef_construction", ef_construction),
+                               ("ef_search", ef_search), ("oversample", oversample))
+             if v is not None}
+    with _connect(dsn, owner=True) as conn:
+        if rule:
+            given = dict.fromkeys(index.SETTINGS)
+        if given:
+            index.set_index_settings(conn, name, **given)
+        rows = index.index_status(conn, name)
+    _print_index(rows, as_json)
+
+
+@corpus_app.command("reindex")
+def corpus_reindex(
+    name: str,
+    storage: Annotated[str | None, typer.Option(
+        "--storage", help="rebuild in this storage: vector, halfvec or binary")] = None,
+    dsn: OwnerDsnOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Rebuild a corpus's HNSW index online (CONCURRENTLY, then swapped) with the parameters
+    in force, optionally in another storage; searches and writes go on (as the owner).
+
+    Example: pyembed corpus reindex docs --storage halfvec
+    """
+    with _connect(dsn, owner=True) as conn:
+        rows = index.rebuild_index(conn, name, storage)
+    _print_index(rows, as_json)
 
 
 @corpus_app.command("drop")
@@ -685,13 +757,17 @@ def migrate_plan(corpus: str, to: TargetKeyOption, dsn: OwnerDsnOption = None,
 
 
 @migrate_app.command("start")
-def migrate_start(corpus: str, to: TargetKeyOption, dsn: OwnerDsnOption = None) -> None:
+def migrate_start(corpus: str, to: TargetKeyOption,
+                  storage: Annotated[str | None, typer.Option(
+                      "--storage", help="the target key's storage (vector, halfvec, binary; "
+                                        "default: the corpus's)")] = None,
+                  dsn: OwnerDsnOption = None) -> None:
     """Pin a target key: new and changed chunks are embedded for both keys from now on.
 
-    Example: pyembed migrate start docs --to voyage/voyage-3@1:1024
+    Example: pyembed migrate start docs --to voyage/voyage-3@1:1024 --storage halfvec
     """
     with _client(dsn, owner=True) as client:
-        mid = migration.start(client, corpus, to)
+        mid = migration.start(client, corpus, to, storage)
     console.print(f"migration {mid} started: {corpus} -> {to}; next: pyembed migrate backfill "
                   f"{corpus}")
 

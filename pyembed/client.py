@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import psycopg
 
-from . import models
+from . import index, models
 from .cache import PostgresCache
 from .chunking import chunk_text, fit_chunks
 from .config import READ_DSN_ENV
@@ -119,10 +119,29 @@ class Client:
         return models.register(self.conn, spec)
 
     def create_corpus(self, name: str, model_key: str = LOCAL_DEFAULT.key, description: str = "",
-                      chunk_tokens: int = 200, chunk_overlap: int = 40) -> Corpus:
-        create_corpus(self.conn, name, model_key, description, chunk_tokens, chunk_overlap)
+                      chunk_tokens: int = 200, chunk_overlap: int = 40,
+                      storage: str = "vector") -> Corpus:
+        """A new corpus pinned to `model_key`; `storage` is vector (default), halfvec or binary
+        (docs/index-tuning.md)."""
+        create_corpus(self.conn, name, model_key, description, chunk_tokens, chunk_overlap,
+                      storage)
         self.wrote()
         return self.corpus(name)
+
+    def index_status(self, corpus: str) -> list[index.IndexStatus]:
+        """What serves the corpus's searches, per key: storage, HNSW parameters as built and as
+        pyembed's rule would choose them now, ef_search, oversampling, index size."""
+        return index.index_status(self.conn, corpus)
+
+    def set_index_settings(self, corpus: str, **settings: int | None) -> dict[str, int]:
+        """Override pyembed's rule for the corpus (m, ef_construction, ef_search, oversample;
+        None: back to the rule). m and ef_construction apply at the next rebuild_index."""
+        return index.set_index_settings(self.conn, corpus, **settings)
+
+    def rebuild_index(self, corpus: str, storage: str | None = None) -> list[index.IndexStatus]:
+        """Rebuild the corpus's HNSW index online (CONCURRENTLY, then swapped) with the
+        parameters in force, optionally in another storage (vector, halfvec, binary)."""
+        return index.rebuild_index(self.conn, corpus, storage)
 
     def corpus(self, name: str) -> Corpus:
         return Corpus(self, corpus_info(self.conn, name))

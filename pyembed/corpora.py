@@ -31,6 +31,7 @@ class CorpusInfo:
     chunk_tokens: int
     chunk_overlap: int
     description: str
+    storage: str = "vector"
 
 
 @dataclass
@@ -45,7 +46,7 @@ class ChunkRow:
 
 
 _INFO = """c.corpus_id, c.name, c.model_key, m.dimensions, c.target_model_key, c.migration_step,
-       c.traffic_share, c.chunk_tokens, c.chunk_overlap, c.description"""
+       c.traffic_share, c.chunk_tokens, c.chunk_overlap, c.description, c.storage"""
 
 
 def model_spec(db: psycopg.Connection[Any] | Executor, key: str) -> ModelSpec:
@@ -75,10 +76,13 @@ def list_corpora(conn: psycopg.Connection[Any]) -> list[CorpusInfo]:
 
 
 def create_corpus(conn: psycopg.Connection[Any], name: str, model_key: str, description: str = "",
-                  chunk_tokens: int = 200, chunk_overlap: int = 40) -> CorpusInfo:
+                  chunk_tokens: int = 200, chunk_overlap: int = 40,
+                  storage: str = "vector") -> CorpusInfo:
+    """A new corpus pinned to `model_key`; `storage` is how its HNSW index holds the vectors:
+    vector (float32), halfvec (float16) or binary (sign bits, rescored exactly)."""
     with translated(), conn.transaction():
-        conn.execute("SELECT pyembed.create_corpus(%s, %s, %s, %s, %s)",
-                     (name, model_key, description, chunk_tokens, chunk_overlap))
+        conn.execute("SELECT pyembed.create_corpus(%s, %s, %s, %s, %s, %s)",
+                     (name, model_key, description, chunk_tokens, chunk_overlap, storage))
     return corpus_info(conn, name)
 
 

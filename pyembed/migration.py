@@ -23,6 +23,7 @@ from .corpora import model_spec
 from .db import translated
 from .errors import MigrationError
 from .evaluation import EvalQuery, KeyScore, eval_queries, evaluate, overlap
+from .index import build_index_online
 from .models import InputType
 from .text import estimate_tokens
 from .vectors import copy_vectors
@@ -96,9 +97,10 @@ def _call(client: Client, fn: str, *args: Any) -> Any:
     return row[0] if row else None
 
 
-def start(client: Client, corpus: str, to_key: str) -> int:
-    """Pin a target key next to the active one: new and changed chunks are embedded for both."""
-    return int(_call(client, "migration_start", corpus, to_key))
+def start(client: Client, corpus: str, to_key: str, storage: str | None = None) -> int:
+    """Pin a target key next to the active one: new and changed chunks are embedded for both.
+    `storage` is the target key's (default: the corpus's), the corpus's once complete."""
+    return int(_call(client, "migration_start", corpus, to_key, storage))
 
 
 @dataclass
@@ -170,21 +172,7 @@ def backfill(client: Client, corpus: str, *, batch_size: int | None = None,
 def _build_index(client: Client, corpus_id: int, key: str) -> None:
     """Build the shadow index CONCURRENTLY (writes to other corpora go on); an invalid one
     left by an interrupted build is dropped and built again."""
-    from psycopg import sql
-
-    name = client.conn.execute("SELECT pyembed._index_name(%s, %s)", (corpus_id, key)).fetchone()
-    assert name is not None
-    valid = client.conn.execute(
-        "SELECT i.indisvalid FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class c "
-        "ON c.oid = i.indexrelid WHERE c.relnamespace = 'pyembed'::regnamespace "
-        "AND c.relname = %s", (name[0],)).fetchone()
-    if valid is not None and not valid[0]:
-        client.conn.execute(sql.SQL("DROP INDEX CONCURRENTLY {}.{}").format(
-            sql.Identifier("pyembed"), sql.Identifier(name[0])))
-    ddl = client.conn.execute("SELECT pyembed._vector_index_sql(%s, %s, true)",
-                              (corpus_id, key)).fetchone()
-    if ddl is not None and ddl[0]:
-        client.conn.execute(ddl[0])
+    build_index_online(client.conn, corpus_id, key)
 
 
 def _write(client: Client, corpus_id: int, key: str, rows: Sequence[Any],

@@ -19,3 +19,8 @@ DROP FUNCTION IF EXISTS pyembed.search_hybrid(text, text, vector, text, integer,
                                               integer);
 DROP FUNCTION IF EXISTS pyembed._search_text(text, text, integer, jsonb, text);
 DROP FUNCTION IF EXISTS pyembed.search_text(text, text, integer, jsonb, text);
+-- Storage per corpus (revision 0013): these gained a storage argument.
+DROP FUNCTION IF EXISTS pyembed._index_spec(integer, text);
+DROP FUNCTION IF EXISTS pyembed._vector_index_sql(integer, text, boolean);
+DROP FUNCTION IF EXISTS pyembed.create_corpus(text, text, text, integer, integer);
+DROP FUNCTION IF EXISTS pyembed.migration_start(text, text);

@@ -1,17 +1,90 @@
 -- Corpora and models: created and dropped through these functions only.
 
--- The indexed expression, operator class and distance operator for a model's vectors.
--- pgvector indexes vector up to 2,000 dimensions and halfvec up to 4,000; beyond that, exact scan.
+-- The indexed expression, operator class, distance operator and query type for a model's
+-- vectors in a storage (0013_vector_storage): `vector` indexes float32 up to 2,000 dimensions
+-- (above, float16: pgvector's limit), `halfvec` float16 up to 4,000, `binary` the sign bits
+-- (bit(n), Hamming distance) up to 64,000; beyond its limit a storage has no index (expr NULL:
+-- exact scans). `exact` is the model's own distance on the float32 vectors, which no index
+-- serves: binary searches rescore with it, exact searches order by it.
 CREATE OR REPLACE FUNCTION pyembed._index_spec(dims integer, distance text,
-  OUT expr text, OUT opclass text, OUT op text, OUT castto text)
+  storage text DEFAULT 'vector',
+  OUT expr text, OUT opclass text, OUT op text, OUT castto text, OUT exact text)
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  t text := CASE storage WHEN 'binary' THEN 'bit' WHEN 'halfvec' THEN 'halfvec'
+                         ELSE CASE WHEN dims <= 2000 THEN 'vector' ELSE 'halfvec' END END;
+BEGIN
+  op := CASE distance WHEN 'cosine' THEN '<=>' WHEN 'dot' THEN '<#>' ELSE '<->' END;
+  exact := 'embedding ' || op;
+  castto := format('%s(%s)', t, dims);
+  IF t = 'bit' THEN
+    expr := CASE WHEN dims <= 64000 THEN format('(binary_quantize(embedding)::bit(%s))', dims) END;
+    opclass := 'bit_hamming_ops';
+    op := '<~>';
+  ELSE
+    expr := CASE WHEN dims <= 4000 THEN format('(embedding::%s(%s))', t, dims) END;
+    opclass := t || CASE distance WHEN 'cosine' THEN '_cosine_ops' WHEN 'dot' THEN '_ip_ops'
+                                  ELSE '_l2_ops' END;
+  END IF;
+END
+$$;
+
+-- pyembed's rule for HNSW parameters, from the vectors a key has in a corpus (rows) and their
+-- dimensions (documented in docs/index-tuning.md, measured by tests/benchmarks/bench_suite.py):
+--   rows < 200,000        m 16, ef_construction  64, ef_search 100
+--   rows < 2,000,000      m 24, ef_construction 128, ef_search 300
+--   2,000,000 and more    m 32, ef_construction 200, ef_search 500
+-- A graph's recall at a given ef_search falls as it grows (clustered 384-d data here, m 16 and
+-- ef_construction 64: recall@10 0.99 at 100k rows with ef_search 100, 0.88 at 1M with 200),
+-- and more links per node (m) and a wider build search (ef_construction) buy it back at the
+-- cost of build time and index size. `oversample` is for binary storage: the Hamming index
+-- returns k x oversample candidates, which are rescored exactly; fewer bits rank more coarsely,
+-- so it falls as dimensions grow: 10 below 768 dimensions, 6 below 1,536, 4 from there.
+CREATE OR REPLACE FUNCTION pyembed.hnsw_rule(rows bigint, dims integer,
+  OUT m integer, OUT ef_construction integer, OUT ef_search integer, OUT oversample integer)
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+  IF rows < 200000 THEN
+    m := 16; ef_construction := 64; ef_search := 100;
+  ELSIF rows < 2000000 THEN
+    m := 24; ef_construction := 128; ef_search := 300;
+  ELSE
+    m := 32; ef_construction := 200; ef_search := 500;
+  END IF;
+  oversample := CASE WHEN dims < 768 THEN 10 WHEN dims < 1536 THEN 6 ELSE 4 END;
+END
+$$;
+
+-- The HNSW settings in force for a corpus of this many rows: the owner's overrides
+-- (corpora.index_settings, set by pyembed.set_index_settings) over the rule.
+-- (PL/pgSQL, as the rule and _index_spec: every search calls them, and a SQL function that
+-- cannot be inlined is planned again on every call.)
+CREATE OR REPLACE FUNCTION pyembed._index_params(settings jsonb, rows bigint, dims integer,
+  OUT m integer, OUT ef_construction integer, OUT ef_search integer, OUT oversample integer)
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  r record := pyembed.hnsw_rule(rows, dims);
+BEGIN
+  m := coalesce((settings ->> 'm')::integer, r.m);
+  ef_construction := coalesce((settings ->> 'ef_construction')::integer, r.ef_construction);
+  ef_search := coalesce((settings ->> 'ef_search')::integer, r.ef_search);
+  oversample := coalesce((settings ->> 'oversample')::integer, r.oversample);
+END
+$$;
+
+-- The storage a corpus gives a key: a migration's target key may have its own (target_storage).
+CREATE OR REPLACE FUNCTION pyembed._key_storage(c pyembed.corpora, key text) RETURNS text
 LANGUAGE sql IMMUTABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
-  SELECT format('(embedding::%s(%s))', t, dims),
-         t || CASE distance WHEN 'cosine' THEN '_cosine_ops' WHEN 'dot' THEN '_ip_ops' ELSE '_l2_ops' END,
-         CASE distance WHEN 'cosine' THEN '<=>' WHEN 'dot' THEN '<#>' ELSE '<->' END,
-         format('%s(%s)', t, dims)
-    FROM (SELECT CASE WHEN dims <= 2000 THEN 'vector' ELSE 'halfvec' END AS t) s
+  SELECT CASE WHEN key IS NOT DISTINCT FROM c.target_model_key
+              THEN coalesce(c.target_storage, c.storage) ELSE c.storage END
 $$;
 
 CREATE OR REPLACE FUNCTION pyembed._index_name(corpus_id integer, model_key text) RETURNS text
@@ -32,37 +105,109 @@ AS $$
      AND (keep_key IS NULL OR i.relname <> pyembed._index_name(p_corpus_id, keep_key))
 $$;
 
+-- How many vectors a corpus has for a key (what its index will hold).
+CREATE OR REPLACE FUNCTION pyembed._key_rows(p_corpus_id integer, p_model_key text)
+RETURNS bigint
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  n bigint;
+BEGIN
+  EXECUTE format('SELECT count(*) FROM pyembed.%I WHERE model_key = $1',
+                 pyembed._vector_partition_name(p_corpus_id)) INTO n USING p_model_key;
+  RETURN n;
+END
+$$;
+
 -- The statement that builds the HNSW index serving one corpus and one model key (a partial
--- index on the corpus's partition), or NULL when the model is too wide for HNSW (exact scans
--- then). CONCURRENTLY (online) cannot run inside a function: clients run that variant themselves.
+-- index on the corpus's partition), or NULL when the storage has no index for the model's
+-- width (exact scans then). Its parameters follow pyembed._index_params for the key's rows now.
+-- `storage` and `name` default to the key's storage and index name (a rebuild gives others,
+-- then swaps: pyembed._swap_vector_index). CONCURRENTLY (online) cannot run inside a function:
+-- clients run that variant themselves, after pyembed._index_build_settings.
 CREATE OR REPLACE FUNCTION pyembed._vector_index_sql(p_corpus_id integer, p_model_key text,
-                                                     online boolean DEFAULT false)
+                                                     online boolean DEFAULT false,
+                                                     p_storage text DEFAULT NULL,
+                                                     p_name text DEFAULT NULL)
 RETURNS text
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
+  c pyembed.corpora;
   m pyembed.models;
   s record;
+  p record;
+  n bigint;
 BEGIN
+  SELECT * INTO STRICT c FROM pyembed.corpora WHERE corpus_id = p_corpus_id;
   SELECT * INTO STRICT m FROM pyembed.models WHERE model_key = p_model_key;
-  IF m.dimensions > 4000 THEN
+  s := pyembed._index_spec(m.dimensions, m.distance,
+                           coalesce(p_storage, pyembed._key_storage(c, p_model_key)));
+  IF s.expr IS NULL THEN
     RETURN NULL;
   END IF;
-  s := pyembed._index_spec(m.dimensions, m.distance);
+  n := pyembed._key_rows(p_corpus_id, p_model_key);
+  p := pyembed._index_params(c.index_settings, n, m.dimensions);
   RETURN format('CREATE INDEX %s IF NOT EXISTS %I ON pyembed.%I USING hnsw (%s %s) '
-                'WITH (m = 16, ef_construction = 64) WHERE model_key = %L',
+                'WITH (m = %s, ef_construction = %s) WHERE model_key = %L',
                 CASE WHEN online THEN 'CONCURRENTLY' ELSE '' END,
-                pyembed._index_name(p_corpus_id, p_model_key),
-                pyembed._vector_partition_name(p_corpus_id), s.expr, s.opclass, p_model_key);
+                coalesce(p_name, pyembed._index_name(p_corpus_id, p_model_key)),
+                pyembed._vector_partition_name(p_corpus_id), s.expr, s.opclass,
+                p.m, p.ef_construction, p_model_key);
+END
+$$;
+
+-- Session settings for building a corpus's index for a key (is_local: to the end of the
+-- transaction, for builds inside a function; otherwise for the session, for CONCURRENTLY):
+-- maintenance_work_mem large enough to hold the graph (pgvector builds it in memory, and much
+-- more slowly on disk once it no longer fits; a parallel build shares it among its workers),
+-- estimated as rows x (the indexed value + about 2m neighbours of 16 bytes on layer 0 and the
+-- upper layers + 100 bytes of element header) x 1.3, never below the current setting, at most
+-- 8 GB; and
+-- max_parallel_maintenance_workers at least 2 (PostgreSQL's default, kept by a server set lower
+-- only for other index types). Returns the maintenance_work_mem set.
+CREATE OR REPLACE FUNCTION pyembed._index_build_settings(p_corpus_id integer, p_model_key text,
+                                                         is_local boolean,
+                                                         p_storage text DEFAULT NULL)
+RETURNS text
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  c pyembed.corpora;
+  mo pyembed.models;
+  n bigint;
+  p record;
+  storage text;
+  value_bytes bigint;
+  kb bigint;
+BEGIN
+  SELECT * INTO STRICT c FROM pyembed.corpora WHERE corpus_id = p_corpus_id;
+  SELECT * INTO STRICT mo FROM pyembed.models WHERE model_key = p_model_key;
+  storage := coalesce(p_storage, pyembed._key_storage(c, p_model_key));
+  n := pyembed._key_rows(p_corpus_id, p_model_key);
+  p := pyembed._index_params(c.index_settings, n, mo.dimensions);
+  value_bytes := CASE WHEN storage = 'binary' THEN (mo.dimensions + 7) / 8 + 8
+                      WHEN storage = 'halfvec' OR mo.dimensions > 2000 THEN 2 * mo.dimensions + 8
+                      ELSE 4 * mo.dimensions + 8 END;
+  kb := (n * (value_bytes + 36 * p.m + 100) * 13 / 10) / 1024;
+  kb := least(greatest(kb, pg_size_bytes(current_setting('maintenance_work_mem')) / 1024),
+              8 * 1024 * 1024);
+  PERFORM set_config('maintenance_work_mem', kb || 'kB', is_local);
+  IF current_setting('max_parallel_maintenance_workers')::integer < 2 THEN
+    PERFORM set_config('max_parallel_maintenance_workers', '2', is_local);
+  END IF;
+  RETURN current_setting('maintenance_work_mem');
 END
 $$;
 
 -- A corpus's partition of pyembed.vectors (see 010-guards.sql).
 CREATE OR REPLACE FUNCTION pyembed._vector_partition_name(p_corpus_id integer) RETURNS text
-LANGUAGE sql IMMUTABLE
+LANGUAGE plpgsql IMMUTABLE
 SET search_path = pg_catalog, pg_temp
-AS $$ SELECT 'vectors_c' || p_corpus_id $$;
+AS $$ BEGIN RETURN 'vectors_c' || p_corpus_id; END $$;
 
 -- Make a corpus's partition, or bring an existing one up to date: owner, privileges, triggers,
 -- and the CHECK constraint for the corpus's current keys. The table is made on its own and then
@@ -178,6 +323,7 @@ BEGIN
   IF ddl IS NULL THEN
     RETURN NULL;
   END IF;
+  PERFORM pyembed._index_build_settings(p_corpus_id, p_model_key, true);
   EXECUTE ddl;
   RETURN pyembed._index_name(p_corpus_id, p_model_key);
 END
@@ -196,9 +342,24 @@ BEGIN
 END
 $$;
 
+-- A storage pyembed knows (PE005 otherwise).
+CREATE OR REPLACE FUNCTION pyembed._check_storage(storage text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+  IF storage IS NULL OR storage NOT IN ('vector', 'halfvec', 'binary') THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = format('unknown storage %s: use vector, halfvec or binary',
+                       coalesce(quote_literal(left(storage, 40)), 'NULL'));
+  END IF;
+END
+$$;
+
 CREATE OR REPLACE FUNCTION pyembed.create_corpus(
   name text, model_key text, description text DEFAULT '',
-  chunk_tokens integer DEFAULT 200, chunk_overlap integer DEFAULT 40)
+  chunk_tokens integer DEFAULT 200, chunk_overlap integer DEFAULT 40,
+  storage text DEFAULT 'vector')
 RETURNS integer
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -212,15 +373,17 @@ BEGIN
       MESSAGE = format('unknown model key %s', coalesce(quote_literal(create_corpus.model_key), 'NULL')),
       HINT = '`pyembed models` lists the registered keys';
   END IF;
+  PERFORM pyembed._check_storage(create_corpus.storage);
   IF EXISTS (SELECT FROM pyembed.corpora c WHERE c.name = create_corpus.name
                AND coalesce(c.tenant_id, 0) = coalesce((SELECT pyembed.current_tenant()), 0)) THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
       MESSAGE = format('corpus %s already exists', create_corpus.name);
   END IF;
   INSERT INTO pyembed.corpora (name, model_key, description, chunk_tokens, chunk_overlap,
-                               tenant_id)
+                               tenant_id, storage)
   VALUES (create_corpus.name, create_corpus.model_key, coalesce(create_corpus.description, ''),
-          create_corpus.chunk_tokens, create_corpus.chunk_overlap, pyembed.current_tenant())
+          create_corpus.chunk_tokens, create_corpus.chunk_overlap, pyembed.current_tenant(),
+          create_corpus.storage)
   RETURNING corpus_id INTO new_id;
   PERFORM pyembed._vector_partition(new_id);
   PERFORM pyembed._create_vector_index(new_id, create_corpus.model_key);

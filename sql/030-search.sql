@@ -1,20 +1,14 @@
 -- Guarded search: the query vector comes with its model key, and a mismatch raises PE001.
--- One lookup (corpus + model), checks, then one dynamic query on the corpus's partition whose
--- key, dimensions and LIMIT are literals, so that the planner matches the partial HNSW index
--- expression and predicate (with a parameter LIMIT it would guess 10% of rows and skip it).
--- It returns the nearest chunk ids; the texts come from a static query, whose plan PL/pgSQL
--- keeps (planning the join in the dynamic query would cost every search), and which puts the
--- hits in order (an iterative index scan in relaxed order may return them slightly out of it).
+-- One lookup (corpus + model), checks, then the nearest chunk ids from pyembed._nearest (the
+-- vector leg: index, storage, ef_search; 025-nearest.sql); the texts come from a static query,
+-- whose plan PL/pgSQL keeps, and which puts the hits in order (an iterative index scan in
+-- relaxed order may return them slightly out of it).
 -- The corpus is looked up among the caller's tenant's only (this function runs as its owner,
 -- which row-level security does not restrict), so another tenant's corpus is "unknown".
--- ef_search 100 keeps recall close to exact search (the benchmark suite measures it).
 -- group_by 'document' (the default) returns k distinct documents, each with its nearest chunk:
--- the nearest chunks are fetched 2k at a time deeper (ef_search grows with them, so that the
--- index scan can return them) until k documents are among them or the corpus has no more;
--- 'chunk' returns the k nearest chunks.
--- enable_seqscan off: vectors of 1,024 dimensions and more are stored out of line, which makes
--- a sequential scan of the partition look cheap to the planner, and it chose one over the
--- index (seconds instead of milliseconds; docs/scale-out.md).
+-- the nearest chunks are fetched 2k at a time deeper (pyembed._nearest widens ef_search with
+-- them, so that the index scan can return them) until k documents are among them or the
+-- corpus has no more; 'chunk' returns the k nearest chunks.
 
 CREATE OR REPLACE FUNCTION pyembed.search(
   corpus text, query_embedding vector, query_model_key text,
@@ -23,13 +17,9 @@ RETURNS TABLE (document_id text, chunk_id bigint, chunk_index integer, content t
                metadata jsonb, score double precision, model_key text)
 LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
-SET hnsw.iterative_scan = 'off'
-SET hnsw.ef_search = 100
-SET enable_seqscan = off
 AS $$
 DECLARE
   c record;
-  t text;
   ids bigint[];
   distances float8[];
   n integer;
@@ -81,36 +71,11 @@ BEGIN
       MESSAGE = format('query vector norm %s is outside 1e-10..1e10: its scores would overflow '
                        'or vanish', vector_norm(query_embedding));
   END IF;
-  -- A filter may reject most of the nearest chunks: the index scan then goes on past
-  -- ef_search until it has k (an unfiltered search is faster without it). The setting is
-  -- the function's own (SET above), so this lasts until it returns.
-  IF filter IS NOT NULL THEN
-    PERFORM set_config('hnsw.iterative_scan', 'relaxed_order', true);
-  END IF;
-  -- Must match pyembed._index_spec, which built the index.
-  t := CASE WHEN c.dimensions <= 2000 THEN 'vector' ELSE 'halfvec' END;
   n := CASE group_by WHEN 'chunk' THEN k ELSE 2 * k END;
   LOOP
-    IF n > 100 THEN  -- an HNSW scan returns at most ef_search rows (pgvector's limit: 1,000)
-      PERFORM set_config('hnsw.ef_search', least(n, 1000)::text, true);
-      IF n > 1000 THEN
-        PERFORM set_config('hnsw.iterative_scan', 'relaxed_order', true);
-      END IF;
-    END IF;
     -- The nearest chunks: (ids, distances), n of them at most.
-    EXECUTE format(
-      'SELECT array_agg(chunk_id), array_agg(distance) '
-      '  FROM (SELECT v.chunk_id, (v.embedding::%1$s(%2$s)) %3$s $1::%1$s(%2$s) AS distance '
-      '          FROM pyembed.%4$I v %5$s WHERE v.model_key = %6$L %7$s ORDER BY 2 LIMIT %8$s) hit',
-      t, c.dimensions,
-      CASE c.distance WHEN 'cosine' THEN '<=>' WHEN 'dot' THEN '<#>' ELSE '<->' END,
-      pyembed._vector_partition_name(c.corpus_id),
-      CASE WHEN filter IS NULL THEN '' ELSE format(
-        'JOIN pyembed.chunks f ON f.corpus_id = %s AND f.chunk_id = v.chunk_id', c.corpus_id) END,
-      query_model_key,
-      CASE WHEN filter IS NULL THEN '' ELSE 'AND f.metadata @> $2' END,
-      n)
-    INTO ids, distances USING query_embedding, filter;
+    SELECT r.ids, r.distances INTO ids, distances
+      FROM pyembed._nearest(c.corpus_id, query_model_key, query_embedding, n, filter) r;
     EXIT WHEN group_by = 'chunk' OR coalesce(cardinality(ids), 0) < n OR n >= 16 * k;
     SELECT count(DISTINCT ch.document_id) INTO found
       FROM pyembed.chunks ch WHERE ch.corpus_id = c.corpus_id AND ch.chunk_id = ANY (ids);

@@ -44,7 +44,10 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION pyembed.migration_start(corpus text, to_key text) RETURNS bigint
+-- `storage` is the target key's (target_storage; default: the corpus's own), which becomes the
+-- corpus's when the migration completes.
+CREATE OR REPLACE FUNCTION pyembed.migration_start(corpus text, to_key text,
+                                                  storage text DEFAULT NULL) RETURNS bigint
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -67,8 +70,12 @@ BEGIN
     RAISE EXCEPTION USING ERRCODE = 'PE007',
       MESSAGE = format('corpus %s is already on %s', corpus, to_key);
   END IF;
+  IF storage IS NOT NULL THEN
+    PERFORM pyembed._check_storage(storage);
+  END IF;
   UPDATE pyembed.corpora SET target_model_key = to_key, migration_step = 'started',
-         traffic_share = 0 WHERE corpus_id = (r.c).corpus_id;
+         traffic_share = 0, target_storage = migration_start.storage
+   WHERE corpus_id = (r.c).corpus_id;
   INSERT INTO pyembed.migrations (corpus_id, from_key, to_key, state)
   VALUES ((r.c).corpus_id, (r.c).model_key, to_key, 'started') RETURNING migration_id INTO new_id;
   -- Vectors of an earlier, rolled-back attempt at this key are stale: start clean.
@@ -172,7 +179,9 @@ BEGIN
                        corpus, (r.c).traffic_share, (r.m).to_key);
   END IF;
   UPDATE pyembed.corpora SET model_key = (r.m).to_key, target_model_key = NULL,
-         migration_step = 'none', traffic_share = 0 WHERE corpus_id = (r.c).corpus_id;
+         migration_step = 'none', traffic_share = 0,
+         storage = coalesce(target_storage, storage), target_storage = NULL
+   WHERE corpus_id = (r.c).corpus_id;
   -- Chunks queued for the old key are no longer needed.
   DELETE FROM pyembed.queue WHERE corpus_id = (r.c).corpus_id AND model_key = (r.m).from_key;
   UPDATE pyembed.migrations SET state = 'completed', finished_at = now()
@@ -193,7 +202,8 @@ BEGIN
   r := pyembed._migration(corpus);
   PERFORM pyembed._need(r.m, corpus, ARRAY['started', 'backfilled', 'validated', 'shifting'],
                         'roll back');
-  UPDATE pyembed.corpora SET target_model_key = NULL, migration_step = 'none', traffic_share = 0
+  UPDATE pyembed.corpora SET target_model_key = NULL, migration_step = 'none', traffic_share = 0,
+         target_storage = NULL
    WHERE corpus_id = (r.c).corpus_id;
   DELETE FROM pyembed.queue WHERE corpus_id = (r.c).corpus_id AND model_key = (r.m).to_key;
   UPDATE pyembed.migrations SET state = 'rolled_back', finished_at = now()

@@ -59,7 +59,7 @@ APP_EXECUTE = {
     "add_document(text, text, text, jsonb)",
     "_add_document(text, text, text, jsonb)",  # add_document's body: it runs as the caller
     "_raise_again(text, text, text, text)",  # add_document's error, raised as the caller
-    "create_corpus(text, text, text, integer, integer)",
+    "create_corpus(text, text, text, integer, integer, text)",
     "drop_corpus(text)",
     "embed(text, text, text)",
     "embed_batch(text[], text, text)",
@@ -388,13 +388,15 @@ def test_execute_privileges_are_granted_on_purpose(app: psycopg.Connection[Any])
             "AND a.privilege_type = 'EXECUTE'").fetchall()
     assert {sig for sig, group, _ in granted if group} == APP_EXECUTE
     assert {sig for sig, _, login in granted if login} == APP_EXECUTE
-    assert {"set_secret(text, text)", "migration_start(text, text)"} <= {s for s, _, _ in granted}
+    assert {"set_secret(text, text)", "migration_start(text, text, text)"} <= {s for s, _, _ in granted}
     assert public == [], f"PUBLIC may execute: {public}"
 
 
 @pytest.mark.parametrize("call", [
     "SELECT pyembed._create_vector_index(1, 'fake/fake-hash@1:384')",
     "SELECT * FROM pyembed._index_spec(384, 'cosine')",
+    "SELECT * FROM pyembed._nearest(1, 'fake/fake-hash@1:384', array_fill(0.1, ARRAY[384])::vector, 10)",
+    "SELECT pyembed.set_index_settings('docs', '{\"m\": 32}')",
 ])
 def test_app_cannot_call_internal_functions(app: psycopg.Connection[Any], call: str) -> None:
     create_corpus(app, "docs", KEY)

@@ -4,6 +4,8 @@ by side with what users would pick instead.
     .venv/bin/python tests/benchmarks/bench_suite.py                # 100,000 rows, < 10 min
     .venv/bin/python tests/benchmarks/bench_suite.py --rows 20000   # a quick look
     .venv/bin/python tests/benchmarks/bench_suite.py --mode-1m      # 1,000,000 rows (long)
+    .venv/bin/python tests/benchmarks/bench_suite.py --mode-1m --storage-only   # section 5 only
+    .venv/bin/python tests/benchmarks/bench_suite.py --storage-only --rows 250000 --dims 1024
 
 Sections (environment first; medians of --reps repetitions with their range; ingest
 ratios taken within each repetition, then their median):
@@ -19,7 +21,12 @@ ratios taken within each repetition, then their median):
   3. cache-hit query embedding: client.embedder(key).embed_query(text) with the PostgresCache,
      and SELECT pyembed.embed(text, key) (round trip, and per call inside the server).
   4. worker throughput with the fake model on queued chunks (pyembed.worker.Worker).
---mode-1m: 1,000,000 rows, sections 1 and 2 only (langchain on the first --langchain-rows).
+  5. search by storage (tests/benchmarks/bench_storage.py): the corpus's index rebuilt online
+     in vector, halfvec and binary storage with the parameters pyembed's rule chooses for its
+     size; per storage build time, index size, pyembed.search vs pgvector's own statement on
+     the same index and settings: p50/p99, recall@10.
+--mode-1m: 1,000,000 rows, sections 1, 2 and 5 (langchain on the first --langchain-rows);
+--storage-only: section 5 alone (--dims 1024 for 1024-d vectors).
 
 Needs langchain-postgres, which pins pgvector<0.4 (pyembed uses the newer pgvector-python):
     .venv/bin/pip install --no-deps langchain-postgres==0.0.19 asyncpg psycopg-pool
@@ -61,6 +68,7 @@ from pyembed.bulk_load import load_vectors  # noqa: E402
 from pyembed.corpora import ChunkRow, CorpusInfo, create_corpus, drop_corpus, write_chunks  # noqa: E402
 from pyembed.text import document_hash, sha256  # noqa: E402
 from pyembed.vectors import copy_vectors, vector_partition  # noqa: E402
+from tests.benchmarks import bench_storage  # noqa: E402
 from tests.benchmarks.common import (  # noqa: E402
     DIMS,
     F32,
@@ -951,6 +959,11 @@ def main() -> None:
                         help="for the HNSW builds (default: the server's; 4GB in 1M mode)")
     parser.add_argument("--seed", type=int, default=20261125)
     parser.add_argument("--keep", action="store_true", help="keep the database")
+    parser.add_argument("--storage-only", action="store_true",
+                        help="section 5 alone: search by storage")
+    parser.add_argument("--dims", type=int, default=DIMS, choices=(DIMS, 1024),
+                        help="vector dimensions of section 5 with --storage-only (384)")
+    bench_storage.add_arguments(parser)
     args = parser.parse_args()
     if args.mode_1m:
         args.rows = 1_000_000
@@ -961,6 +974,11 @@ def main() -> None:
     args.budget = args.budget or None
 
     started, cpu_at_start = time.perf_counter(), cpu_times()
+    if args.storage_only:
+        storage_only(args)
+        print(f"total {time.perf_counter() - started:.0f} s; {cpu_stolen(cpu_at_start)}; at the "
+              f"end: {load_average()}")
+        return
     data = make_data(args)
     prep = time.perf_counter() - started
     with local_database(FOLDER, prefix="suite", keep=args.keep) as target:
@@ -977,6 +995,10 @@ def main() -> None:
             ratios = report_ingest(res, data, len(batches(data.n, args.batch)[0]))
             build_indexes(owner, res, args)
             ratios.update(search(target, owner, data, res, args))
+            if args.mode_1m:
+                print("\n5. search by storage", flush=True)
+                bench_storage.run(target, owner, bench_storage.Data(
+                    data.vectors, data.queries, data.truth), DIMS, KEY, args)
             if not args.mode_1m:
                 ratios["cache-hit embed_query p50 ms"] = cache_hits(target, args)
                 worker(target, owner, args)
@@ -988,6 +1010,27 @@ def main() -> None:
             owner.close()
     print(f"total {time.perf_counter() - started:.0f} s; {cpu_stolen(cpu_at_start)}; at the end: "
           f"{load_average()}")
+
+
+def storage_only(args: argparse.Namespace) -> None:
+    started = time.perf_counter()
+    data = bench_storage.make_data(args.rows, args.dims, args.queries, args.centres, args.noise,
+                                   args.seed)
+    prep = time.perf_counter() - started
+    with local_database(FOLDER, prefix="storage", keep=args.keep) as target:
+        owner = connect(target.owner_dsn, ef_search=None)
+        try:
+            print(f"pyembed benchmark suite: {' '.join(sys.argv[1:])}")
+            print_environment(owner, SUITE_PACKAGES)
+            print(f"database: {target.description}")
+            print(f"data: {data.n:,} unit {args.dims}-d float32 vectors around {args.centres:,} "
+                  f"centres (noise norm {args.noise}), {len(data.queries)} queries, seed "
+                  f"{args.seed}; generated with exact top-{K} in {prep:.1f} s")
+            print("\n5. search by storage", flush=True)
+            bench_storage.run(target, owner, data, args.dims, f"fake/fake-hash@1:{args.dims}",
+                              args)
+        finally:
+            owner.close()
 
 
 if __name__ == "__main__":

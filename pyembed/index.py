@@ -1,0 +1,135 @@
+"""A corpus's HNSW index: its storage (vector, halfvec, binary), the parameters pyembed's rule
+chooses from the corpus's size and dimensions (pyembed.hnsw_rule, docs/index-tuning.md), the
+owner's overrides, and rebuilding it online: a new index built CONCURRENTLY beside the one
+serving searches, then swapped for it in one short transaction (pyembed._swap_vector_index).
+These are the owner's operations (the application role may not run them)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from .db import translated
+from .errors import InvalidInput
+
+STORAGES = ("vector", "halfvec", "binary")
+SETTINGS = ("m", "ef_construction", "ef_search", "oversample")
+
+
+@dataclass(frozen=True)
+class IndexStatus:
+    """What serves one key of a corpus: `m`/`ef_construction` as built, `rule_*` what the rule
+    chooses for `rows` now (a rebuild applies them), `ef_search`/`oversample` what searches use;
+    `settings` the owner's overrides."""
+
+    model_key: str
+    storage: str
+    index_name: str | None
+    index_bytes: int | None
+    rows: int
+    m: int | None
+    ef_construction: int | None
+    rule_m: int
+    rule_ef_construction: int
+    ef_search: int
+    oversample: int
+    settings: dict[str, int]
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_storage(storage: str) -> str:
+    if storage not in STORAGES:
+        raise InvalidInput(f"unknown storage {storage!r}: use vector, halfvec or binary")
+    return storage
+
+
+def index_status(conn: psycopg.Connection[Any], corpus: str) -> list[IndexStatus]:
+    with translated():
+        rows = conn.execute("SELECT * FROM pyembed.index_status(%s)", (corpus,)).fetchall()
+    return [IndexStatus(*r) for r in rows]
+
+
+def set_index_settings(conn: psycopg.Connection[Any], corpus: str,
+                       **settings: int | None) -> dict[str, int]:
+    """Override the rule's m, ef_construction, ef_search or oversample for a corpus (None: back
+    to the rule); returns the overrides in force. ef_search and oversample apply to the next
+    search, m and ef_construction to the next rebuild."""
+    unknown = set(settings) - set(SETTINGS)
+    if unknown:
+        raise InvalidInput(f"unknown index settings {sorted(unknown)}: use {', '.join(SETTINGS)}")
+    from psycopg.types.json import Jsonb
+
+    with translated(), conn.transaction():
+        row = conn.execute("SELECT pyembed.set_index_settings(%s, %s)",
+                           (corpus, Jsonb(settings))).fetchone()
+    assert row is not None
+    return dict(row[0])
+
+
+def build_index_online(conn: psycopg.Connection[Any], corpus_id: int, key: str,
+                       storage: str | None = None, name: str | None = None) -> str | None:
+    """CREATE INDEX CONCURRENTLY the index of a corpus's key (in `storage`, under `name`;
+    default: the key's own), with maintenance_work_mem and parallel maintenance workers set for
+    the build (pyembed._index_build_settings) and restored after it; an invalid index left by
+    an interrupted build under that name is dropped first. `conn` must be in autocommit mode.
+    Returns the index name, or None when the storage has no index for the model's width."""
+    if name is None:
+        row = conn.execute("SELECT pyembed._index_name(%s, %s)", (corpus_id, key)).fetchone()
+        assert row is not None
+        name = str(row[0])
+    valid = conn.execute(
+        "SELECT i.indisvalid FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class c "
+        "ON c.oid = i.indexrelid WHERE c.relnamespace = 'pyembed'::regnamespace "
+        "AND c.relname = %s", (name,)).fetchone()
+    if valid is not None and not valid[0]:
+        conn.execute(sql.SQL("DROP INDEX CONCURRENTLY {}").format(sql.Identifier("pyembed", name)))
+    ddl = conn.execute("SELECT pyembed._vector_index_sql(%s, %s, true, %s, %s)",
+                       (corpus_id, key, storage, name)).fetchone()
+    if ddl is None or ddl[0] is None:
+        return None
+    before = conn.execute("SELECT current_setting('maintenance_work_mem'), "
+                          "current_setting('max_parallel_maintenance_workers')").fetchone()
+    assert before is not None
+    conn.execute("SELECT pyembed._index_build_settings(%s, %s, false, %s)",
+                 (corpus_id, key, storage))
+    try:
+        conn.execute(ddl[0])
+    finally:
+        conn.execute("SELECT set_config('maintenance_work_mem', %s, false), "
+                     "set_config('max_parallel_maintenance_workers', %s, false)", before)
+    return name
+
+
+def rebuild_index(conn: psycopg.Connection[Any], corpus: str,
+                  storage: str | None = None) -> list[IndexStatus]:
+    """Rebuild a corpus's index online with the parameters in force (the rule's for its rows
+    now, or the owner's overrides), in `storage` (default: the corpus's own); a migration's
+    target key is rebuilt in its own storage. Searches and writes go on; each key's new index
+    replaces the old one in one short transaction. `conn` must be in autocommit mode."""
+    if storage is not None:
+        check_storage(storage)
+    if not conn.autocommit:
+        raise InvalidInput("rebuild_index builds CONCURRENTLY: pass an autocommit connection")
+    with translated():
+        c = conn.execute("SELECT corpus_id, model_key, target_model_key, storage, "
+                         "coalesce(target_storage, storage) FROM pyembed.lookup_corpus(%s)",
+                         (corpus,)).fetchone()
+        assert c is not None
+        corpus_id, active, target, active_storage, target_storage = c
+        for key, st in ((active, storage or active_storage), (target, target_storage)):
+            if key is None:
+                continue
+            tmp = conn.execute("SELECT pyembed._rebuild_name(%s, %s)", (corpus_id, key)).fetchone()
+            assert tmp is not None
+            conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(
+                sql.Identifier("pyembed", tmp[0])))
+            built = build_index_online(conn, corpus_id, key, st, tmp[0])
+            with conn.transaction():
+                conn.execute("SELECT pyembed._swap_vector_index(%s, %s, %s, %s)",
+                             (corpus_id, key, built, st))
+    return index_status(conn, corpus)

@@ -1,0 +1,162 @@
+-- A corpus's HNSW settings and storage, and rebuilding its index with new ones. Searches keep
+-- being served throughout: the new index is built beside the old one under another name, then
+-- swapped for it in one short transaction (pyembed._swap_vector_index). `pyembed corpus
+-- reindex` (pyembed.index.rebuild_index) builds CONCURRENTLY, so writes go on too;
+-- pyembed.rebuild_index, callable from SQL, builds inside its transaction, which holds writes
+-- to the corpus (not searches) until it commits.
+
+-- The owner's overrides of pyembed.hnsw_rule for a corpus, merged into those it has (a key set
+-- to null goes back to the rule); returns the overrides now in force. ef_search and oversample
+-- apply to the next search; m and ef_construction to the next build (rebuild_index).
+CREATE OR REPLACE FUNCTION pyembed.set_index_settings(corpus text, settings jsonb)
+RETURNS jsonb
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  c pyembed.corpora := pyembed.lookup_corpus(corpus);
+  merged jsonb;
+  kv record;
+  lo integer;
+  hi integer;
+BEGIN
+  IF settings IS NULL OR jsonb_typeof(settings) <> 'object' THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = 'index settings are a JSON object: {"m": 16, "ef_construction": 64, '
+                '"ef_search": 100, "oversample": 10}';
+  END IF;
+  merged := jsonb_strip_nulls(c.index_settings || settings);
+  FOR kv IN SELECT * FROM jsonb_each(merged) LOOP
+    SELECT b[1], b[2] INTO lo, hi FROM (SELECT CASE kv.key
+      WHEN 'm' THEN ARRAY[2, 100] WHEN 'ef_construction' THEN ARRAY[4, 1000]
+      WHEN 'ef_search' THEN ARRAY[1, 1000] WHEN 'oversample' THEN ARRAY[1, 100] END AS b) s;
+    IF lo IS NULL THEN
+      RAISE EXCEPTION USING ERRCODE = 'PE005',
+        MESSAGE = format('unknown index setting %s: use m, ef_construction, ef_search or '
+                         'oversample', quote_literal(left(kv.key, 40)));
+    END IF;
+    IF jsonb_typeof(kv.value) <> 'number' OR kv.value::numeric <> trunc(kv.value::numeric)
+       OR kv.value::numeric NOT BETWEEN lo AND hi THEN
+      RAISE EXCEPTION USING ERRCODE = 'PE005',
+        MESSAGE = format('index setting %s must be an integer %s..%s, got %s', kv.key, lo, hi,
+                         left(kv.value::text, 40));
+    END IF;
+  END LOOP;
+  -- pgvector's own rule, checked against what the build will use (an override or the rule's).
+  IF (SELECT p.ef_construction < 2 * p.m FROM pyembed.models mo,
+             pyembed._index_params(merged, pyembed._key_rows(c.corpus_id, c.model_key),
+                                   mo.dimensions) p
+       WHERE mo.model_key = c.model_key) THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = 'ef_construction must be at least twice m';
+  END IF;
+  UPDATE pyembed.corpora SET index_settings = merged WHERE corpus_id = c.corpus_id;
+  RETURN merged;
+END
+$$;
+
+-- Put a freshly built index (new_name) in place of the one serving a corpus's key, and record
+-- the storage it was built for, in one transaction: searches see the old index and storage or
+-- the new ones, never a mix. Dropping the old index locks the partition for a moment; waiting
+-- more than 5 s for that fails instead of queueing every search behind the swap.
+CREATE OR REPLACE FUNCTION pyembed._swap_vector_index(p_corpus_id integer, p_model_key text,
+                                                      new_name text, p_storage text)
+RETURNS text
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+SET lock_timeout = '5s'
+AS $$
+DECLARE
+  c pyembed.corpora;
+  name text := pyembed._index_name(p_corpus_id, p_model_key);
+BEGIN
+  PERFORM pyembed._check_storage(p_storage);
+  SELECT * INTO STRICT c FROM pyembed.corpora WHERE corpus_id = p_corpus_id FOR UPDATE;
+  IF p_model_key = c.model_key THEN
+    UPDATE pyembed.corpora SET storage = p_storage WHERE corpus_id = p_corpus_id;
+  ELSIF p_model_key = c.target_model_key THEN
+    UPDATE pyembed.corpora SET target_storage = p_storage WHERE corpus_id = p_corpus_id;
+  ELSE
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = format('corpus %s does not serve %s', c.name, p_model_key);
+  END IF;
+  EXECUTE format('DROP INDEX IF EXISTS pyembed.%I', name);
+  IF new_name IS NOT NULL AND to_regclass(format('pyembed.%I', new_name)) IS NOT NULL THEN
+    EXECUTE format('ALTER INDEX pyembed.%I RENAME TO %I', new_name, name);
+    RETURN name;
+  END IF;
+  RETURN NULL;  -- the storage has no index for this width: exact scans
+END
+$$;
+
+-- The name a rebuild gives its new index until the swap.
+CREATE OR REPLACE FUNCTION pyembed._rebuild_name(p_corpus_id integer, p_model_key text)
+RETURNS text
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT pyembed._index_name(p_corpus_id, p_model_key) || '_new' $$;
+
+-- Rebuild the index of a corpus's active key (and of a migration's target key, in its own
+-- storage) with the settings in force, in `storage` (default: the corpus's), from SQL: the
+-- build runs in the caller's transaction, which holds writes to the corpus until it commits;
+-- searches go on, on the old index. Returns the indexes in place.
+CREATE OR REPLACE FUNCTION pyembed.rebuild_index(corpus text, storage text DEFAULT NULL)
+RETURNS SETOF text
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  c pyembed.corpora := pyembed.lookup_corpus(corpus);
+  key text;
+  st text;
+  ddl text;
+BEGIN
+  IF storage IS NOT NULL THEN
+    PERFORM pyembed._check_storage(storage);
+  END IF;
+  FOREACH key IN ARRAY array_remove(ARRAY[c.model_key, c.target_model_key], NULL) LOOP
+    st := CASE WHEN key = c.model_key THEN coalesce(storage, c.storage)
+               ELSE pyembed._key_storage(c, key) END;
+    EXECUTE format('DROP INDEX IF EXISTS pyembed.%I', pyembed._rebuild_name(c.corpus_id, key));
+    ddl := pyembed._vector_index_sql(c.corpus_id, key, false, st,
+                                     pyembed._rebuild_name(c.corpus_id, key));
+    IF ddl IS NOT NULL THEN
+      PERFORM pyembed._index_build_settings(c.corpus_id, key, true, st);
+      EXECUTE ddl;
+    END IF;
+    RETURN NEXT pyembed._swap_vector_index(c.corpus_id, key,
+                                           pyembed._rebuild_name(c.corpus_id, key), st);
+  END LOOP;
+END
+$$;
+
+-- What serves a corpus's searches, per key: storage, the index and the parameters it was built
+-- with, those pyembed's rule would choose for the rows it has now, and the ef_search and
+-- oversampling searches use.
+CREATE OR REPLACE FUNCTION pyembed.index_status(corpus text)
+RETURNS TABLE (model_key text, storage text, index_name text, index_bytes bigint, rows bigint,
+               m integer, ef_construction integer, rule_m integer, rule_ef_construction integer,
+               ef_search integer, oversample integer, settings jsonb)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  c pyembed.corpora := pyembed.lookup_corpus(corpus);
+BEGIN
+  RETURN QUERY
+  SELECT k.key, pyembed._key_storage(c, k.key), i.relname::text,
+         CASE WHEN i.oid IS NULL THEN NULL ELSE pg_catalog.pg_relation_size(i.oid) END, n.rows,
+         (SELECT o.option_value::integer FROM pg_catalog.pg_options_to_table(i.reloptions) o
+           WHERE o.option_name = 'm'),
+         (SELECT o.option_value::integer FROM pg_catalog.pg_options_to_table(i.reloptions) o
+           WHERE o.option_name = 'ef_construction'),
+         r.m, r.ef_construction, p.ef_search, p.oversample, c.index_settings
+    FROM unnest(array_remove(ARRAY[c.model_key, c.target_model_key], NULL)) AS k(key)
+    JOIN pyembed.models mo ON mo.model_key = k.key
+    CROSS JOIN LATERAL (SELECT pyembed._key_rows(c.corpus_id, k.key) AS rows) n
+    CROSS JOIN LATERAL pyembed.hnsw_rule(n.rows, mo.dimensions) r
+    CROSS JOIN LATERAL pyembed._index_params(c.index_settings, n.rows, mo.dimensions) p
+    LEFT JOIN pg_catalog.pg_class i ON i.relnamespace = 'pyembed'::regnamespace
+     AND i.relname = pyembed._index_name(c.corpus_id, k.key);
+END
+$$;

@@ -1,0 +1,91 @@
+-- The vector leg of every search: a corpus's nearest chunk ids for a key, by its HNSW index in
+-- the corpus's storage (0013_vector_storage), or exactly (`exact`: the model's distance on the
+-- float32 vectors, a sequential scan: what recall is measured against). The caller has checked
+-- the query (key, dimensions, norm; pyembed.search) and may read the corpus.
+--
+-- One dynamic statement on the corpus's partition whose key, dimensions and LIMIT are literals,
+-- so that the planner matches the partial HNSW index expression and predicate (with a parameter
+-- LIMIT it would guess 10% of rows and skip it); joining the texts is left to the caller's static
+-- query, whose plan PL/pgSQL keeps (planning the join in the dynamic statement would cost every
+-- search). `distances` are the model's distances from the float32 vectors for every storage, in
+-- the order of `ids`, nearest first (halfvec and binary rank by their index, then the top
+-- candidates are rescored from the float32 vectors):
+--   vector   ORDER BY the indexed expression LIMIT k;
+--   halfvec  the same on float16, the k hits' distances taken again in float32;
+--   binary   the Hamming index's k x oversample nearest sign-bit codes, reordered by their exact
+--            distances, LIMIT k.
+-- hnsw.ef_search follows pyembed._index_params for the rows the partition's statistics count
+-- (pg_class.reltuples: ANALYZE, autovacuum and index builds keep it), at least the candidates
+-- asked for (an HNSW scan returns at most ef_search rows), at most pgvector's 1,000; a filter
+-- may reject most of the nearest chunks, and more than 1,000 candidates are past any
+-- ef_search: the index scan then goes on until it has them (hnsw.iterative_scan; an
+-- unfiltered search is faster without it).
+-- enable_seqscan off: vectors of 1,024 dimensions and more are stored out of line, which makes a
+-- sequential scan of the partition look cheap to the planner, and it chose one over the index
+-- (seconds instead of milliseconds; docs/scale-out.md). The settings are the function's own
+-- (SET below): they last until it returns.
+CREATE OR REPLACE FUNCTION pyembed._nearest(p_corpus_id integer, p_model_key text,
+  query vector, k integer, filter jsonb DEFAULT NULL, exact boolean DEFAULT false,
+  OUT ids bigint[], OUT distances float8[])
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+SET hnsw.iterative_scan = 'off'
+SET hnsw.ef_search = 100
+SET enable_seqscan = off
+AS $$
+DECLARE
+  c record;
+  s record;
+  p record;
+  candidates integer;
+  source text;
+BEGIN
+  SELECT co.storage AS st, co.target_model_key AS target, co.target_storage, co.index_settings,
+         m.dimensions, m.distance, greatest(cl.reltuples, 0)::bigint AS rows
+    INTO c
+    FROM pyembed.corpora co
+    JOIN pyembed.models m ON m.model_key = p_model_key
+    LEFT JOIN pg_catalog.pg_class cl ON cl.relnamespace = 'pyembed'::regnamespace
+     AND cl.relname = pyembed._vector_partition_name(co.corpus_id)
+   WHERE co.corpus_id = p_corpus_id;
+  s := pyembed._index_spec(c.dimensions, c.distance,
+                           CASE WHEN p_model_key = c.target THEN coalesce(c.target_storage, c.st)
+                                ELSE c.st END);
+  p := pyembed._index_params(c.index_settings, c.rows, c.dimensions);
+  candidates := CASE WHEN s.op = '<~>' THEN k * p.oversample ELSE k END;
+  PERFORM set_config('hnsw.ef_search', least(greatest(p.ef_search, candidates), 1000)::text,
+                     true);
+  IF filter IS NOT NULL OR candidates > 1000 THEN
+    PERFORM set_config('hnsw.iterative_scan', 'relaxed_order', true);
+  END IF;
+  source := format('pyembed.%I v %s WHERE v.model_key = %L %s',
+    pyembed._vector_partition_name(p_corpus_id),
+    CASE WHEN filter IS NULL THEN '' ELSE format(
+      'JOIN pyembed.chunks f ON f.corpus_id = %s AND f.chunk_id = v.chunk_id', p_corpus_id) END,
+    p_model_key,
+    CASE WHEN filter IS NULL THEN '' ELSE 'AND f.metadata @> $2' END);
+  IF exact OR s.expr IS NULL THEN
+    EXECUTE format('SELECT array_agg(chunk_id), array_agg(distance) FROM (SELECT v.chunk_id, '
+                   'v.%s $1 AS distance FROM %s ORDER BY 2, 1 LIMIT %s) hit',
+                   s.exact, source, k)
+      INTO ids, distances USING query, filter;
+  ELSIF s.op = '<~>' THEN
+    EXECUTE format('SELECT array_agg(chunk_id), array_agg(distance) FROM (SELECT c.chunk_id, '
+                   'c.%1$s $1 AS distance FROM (SELECT v.chunk_id, v.embedding FROM %2$s '
+                   'ORDER BY binary_quantize(v.embedding)::%3$s <~> binary_quantize($1)::%3$s '
+                   'LIMIT %4$s) c ORDER BY 2, 1 LIMIT %5$s) hit',
+                   s.exact, source, s.castto, candidates, k)
+      INTO ids, distances USING query, filter;
+  ELSIF s.castto LIKE 'vector(%' THEN
+    EXECUTE format('SELECT array_agg(chunk_id), array_agg(distance) FROM (SELECT v.chunk_id, '
+                   '(v.embedding::%1$s) %2$s $1::%1$s AS distance FROM %3$s ORDER BY 2 '
+                   'LIMIT %4$s) hit', s.castto, s.op, source, k)
+      INTO ids, distances USING query, filter;
+  ELSE
+    EXECUTE format('SELECT array_agg(chunk_id), array_agg(distance) FROM (SELECT v.chunk_id, '
+                   'v.%1$s $1 AS distance FROM %2$s ORDER BY (v.embedding::%3$s) %4$s $1::%3$s '
+                   'LIMIT %5$s) hit', s.exact, source, s.castto, s.op, k)
+      INTO ids, distances USING query, filter;
+  END IF;
+END
+$$;
