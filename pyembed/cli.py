@@ -249,7 +249,10 @@ def ingest_cmd(
         "--id-field", help="JSONL key / CSV column holding the id")] = "id",
     strict: Annotated[bool, typer.Option(
         "--strict", help="exit non-zero if any file or record was skipped")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress output")] = False,
+    progress_every: Annotated[float, typer.Option(
+        "--progress-every", help="seconds between progress lines when stderr is not a "
+        "terminal (a terminal gets a progress bar)")] = 10.0,
     dsn: DsnOption = None,
 ) -> None:
     """Add documents from files and folders to a corpus; unchanged ones are skipped, bad
@@ -263,17 +266,15 @@ def ingest_cmd(
         target = client.corpus(corpus)
         report = ingest(target, paths, batch_size=batch_size, truncate=truncate,
                         progress=not quiet, console=err_console, text_field=text_field,
-                        id_field=id_field)
+                        id_field=id_field, progress_every=progress_every)
     shown = 20
     for problem in report.problems[:shown]:
         err_console.print(f"[yellow]skipped[/yellow] {escape(str(problem))}", highlight=False)
     if len(report.problems) > shown:
         err_console.print(f"[yellow]... and {len(report.problems) - shown} more problems"
                           "[/yellow]")
-    console.print(f"{target.name} ({target.model_key}): added {report.added}, updated "
-                  f"{report.updated}, unchanged {report.skipped}, failed {report.failed}; "
-                  f"{report.chunks} chunks embedded in {report.seconds:.1f} s "
-                  f"({report.texts_per_second:.1f} texts/s)", highlight=False)
+    console.print(f"{target.name} ({target.model_key}): {report.summary()}", highlight=False,
+                  markup=False, soft_wrap=True)
     if report.problems and (strict or report.processed == report.failed):
         raise PyembedError(f"{len(report.problems)} problem(s) while ingesting"
                            + ("; nothing was loaded" if report.processed == report.failed

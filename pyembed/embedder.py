@@ -193,20 +193,27 @@ class Embedder:
 
     def _embed_unique(self, texts: list[str],
                       input_type: InputType) -> npt.NDArray[np.float32]:
-        """Vectors for distinct texts; whatever was embedded is cached even if a later
-        batch fails."""
+        """Vectors for distinct texts, in their order; whatever was embedded is cached even
+        if a later batch fails. For a provider that `batches_by_length`, batches are made
+        from the texts sorted by estimated length (less padding)."""
         done: list[npt.NDArray[np.float32]] = []
         tokens = [estimate_tokens(text) for text in texts]
+        order = list(range(len(texts)))
+        if self.provider.batches_by_length:
+            order.sort(key=tokens.__getitem__)
+        ordered = [texts[i] for i in order]
         try:
-            for batch in plan_batches(tokens, self.spec.max_batch, self.max_batch_tokens):
-                done.append(self._embed_batch(texts[batch.start:batch.stop], input_type))
+            for batch in plan_batches([tokens[i] for i in order], self.spec.max_batch,
+                                      self.max_batch_tokens):
+                done.append(self._embed_batch(ordered[batch.start:batch.stop], input_type))
         finally:
             if self.cache is not None and done:
                 vectors = np.concatenate(done)
-                self.cache.put_many(texts[:len(vectors)], vectors, self.spec, input_type)
-        if not done:
-            return np.empty((0, self.spec.dimensions), dtype=np.float32)
-        return np.concatenate(done)
+                self.cache.put_many(ordered[:len(vectors)], vectors, self.spec, input_type)
+        out = np.empty((len(texts), self.spec.dimensions), dtype=np.float32)
+        if done:
+            out[order] = np.concatenate(done)
+        return out
 
     def _embed_batch(self, texts: list[str], input_type: InputType, *,
                      reserved: bool = False) -> npt.NDArray[np.float32]:

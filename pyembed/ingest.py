@@ -41,6 +41,8 @@ MAX_ID_LENGTH = 512
 _HEADING = re.compile(r"^ {0,3}#{1,6}[ \t]+(.+?)(?:[ \t]+#+)?[ \t]*$")
 _FENCE = re.compile(r"^ {0,3}(```|~~~)")
 _BLOCK = 1 << 20
+PROGRESS_EVERY = 10.0
+"""Seconds between progress lines when the console is not a terminal."""
 
 
 @dataclass(frozen=True)
@@ -78,12 +80,28 @@ class IngestReport:
     problems: list[FileProblem]
     chunks: int
     seconds: float
-    texts_per_second: float
 
     @property
     def processed(self) -> int:
         """Records handled: added, updated, skipped or failed."""
         return self.added + self.updated + self.skipped + self.failed
+
+    @property
+    def documents_per_second(self) -> float:
+        """Records handled per second of the run."""
+        return self.processed / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def chunks_per_second(self) -> float:
+        """Chunks embedded per second of the run."""
+        return self.chunks / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        """One line: the counts, the time and both rates."""
+        return (f"added {self.added}, updated {self.updated}, unchanged {self.skipped}, "
+                f"failed {self.failed}; {self.chunks} chunks embedded in {self.seconds:.1f} s "
+                f"({self.documents_per_second:.1f} documents/s, "
+                f"{self.chunks_per_second:.1f} chunks/s)")
 
 
 @dataclass(frozen=True)
@@ -304,18 +322,22 @@ def read_documents(path: Path, *, text_field: str = "text", id_field: str = "id"
 
 def ingest(corpus: Corpus, paths: Path | str | Iterable[Path | str], *, batch_size: int = 64,
            truncate: bool = False, progress: bool = True, console: Console | None = None,
-           text_field: str = "text", id_field: str = "id") -> IngestReport:
+           text_field: str = "text", id_field: str = "id",
+           progress_every: float = PROGRESS_EVERY) -> IngestReport:
     """Add the documents of files and folders (see `read_documents`) to `corpus` in
     batches of `batch_size`, skipping unchanged ones; bad records are reported in
-    `problems` and the rest still load.
+    `problems` and the rest still load. Files are read as they are loaded, never whole.
 
     A batch the corpus refuses (InvalidInput) is retried one document at a time, so only
     the refused documents fail. Any other error (the embedding service failing, the
     database going away) stops the run; batches added before it stay, and running again
-    skips them. `progress` shows a progress bar with texts/s on `console`.
+    skips them. `progress` shows on `console` a progress bar if it is a terminal, else a
+    line every `progress_every` seconds (documents and chunks so far, both rates, ETA).
     """
     if batch_size < 1:
         raise InvalidInput(f"batch_size must be at least 1, got {batch_size}")
+    if progress_every < 0:
+        raise InvalidInput(f"progress_every must be 0 or more seconds, got {progress_every}")
     if isinstance(paths, str | Path):
         paths = [paths]
     roots = [Path(p) for p in paths]
@@ -323,19 +345,16 @@ def ingest(corpus: Corpus, paths: Path | str | Iterable[Path | str], *, batch_si
     reader = _Reader(text_field, id_field, problems)
     totals = {"added": 0, "updated": 0, "skipped": 0, "failed": 0, "chunks": 0}
     start = time.perf_counter()
+    console = console or Console(stderr=True)
+    estimate = sum(_estimate(p) for p in roots) if progress else 0
+    meter: _Meter = (_Meter() if not progress
+                     else _Bar(console, estimate, start) if console.is_terminal
+                     else _Lines(console, estimate, start, progress_every))
 
-    columns = (TextColumn("[progress.description]{task.description}"), BarColumn(),
-               MofNCompleteColumn(), TextColumn("{task.fields[rate]:>8.1f} texts/s"),
-               TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, disable=not progress, transient=True) as bar:
-        estimate = sum(_estimate(p) for p in roots) if progress else 0
-        task = bar.add_task("ingesting", total=estimate or None, rate=0.0)
+    def advance(n: int) -> None:
+        meter.show(_handled(totals), totals["chunks"])
 
-        def advance(n: int) -> None:
-            done = sum(totals[k] for k in ("added", "updated", "skipped", "failed"))
-            elapsed = time.perf_counter() - start
-            bar.update(task, advance=n, rate=done / elapsed if elapsed > 0 else 0.0)
-
+    with meter:
         batch: list[_Record] = []
         for root in roots:
             for record in reader.read(root):
@@ -346,15 +365,93 @@ def ingest(corpus: Corpus, paths: Path | str | Iterable[Path | str], *, batch_si
         if batch:
             _add(corpus, batch, truncate, totals, problems, advance)
         totals["failed"] += reader.bad_records
-        processed = sum(totals[k] for k in ("added", "updated", "skipped", "failed"))
-        bar.update(task, total=processed, completed=processed)
+        meter.done(_handled(totals), totals["chunks"])
 
     seconds = time.perf_counter() - start
-    processed = sum(totals[k] for k in ("added", "updated", "skipped", "failed"))
     problems.sort(key=lambda p: (str(p.path), p.line or 0))
     return IngestReport(totals["added"], totals["updated"], totals["skipped"], totals["failed"],
-                        problems, totals["chunks"], round(seconds, 3),
-                        processed / seconds if seconds > 0 else 0.0)
+                        problems, totals["chunks"], round(seconds, 3))
+
+
+def _handled(totals: dict[str, int]) -> int:
+    return sum(totals[k] for k in ("added", "updated", "skipped", "failed"))
+
+
+class _Meter:
+    """Shows how far an ingest is; this one shows nothing."""
+
+    def __enter__(self) -> _Meter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def show(self, documents: int, chunks: int) -> None:
+        """`documents` handled and `chunks` embedded so far."""
+
+    def done(self, documents: int, chunks: int) -> None:
+        """The run has read everything."""
+
+
+class _Bar(_Meter):
+    """A rich progress bar, for a terminal (it redraws in place)."""
+
+    def __init__(self, console: Console, total: int, start: float) -> None:
+        columns = (TextColumn("[progress.description]{task.description}"), BarColumn(),
+                   MofNCompleteColumn(), TextColumn("{task.fields[rates]}"),
+                   TimeElapsedColumn(), TimeRemainingColumn())
+        self.bar = Progress(*columns, console=console, transient=True)
+        self.task = self.bar.add_task("documents", total=total or None, rates="")
+        self.start = start
+
+    def __enter__(self) -> _Bar:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.__exit__(None, None, None)
+
+    def show(self, documents: int, chunks: int) -> None:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        self.bar.update(self.task, completed=documents,
+                        rates=f"{documents / elapsed:.1f} documents/s, "
+                              f"{chunks / elapsed:.1f} chunks/s")
+
+    def done(self, documents: int, chunks: int) -> None:
+        self.show(documents, chunks)
+        self.bar.update(self.task, total=documents)
+
+
+class _Lines(_Meter):
+    """A line every `every` seconds, for a pipe or a log file (a bar there prints nothing
+    until the end)."""
+
+    def __init__(self, console: Console, total: int, start: float, every: float) -> None:
+        self.console = console
+        self.total = total
+        self.start = self.last = start
+        self.every = every
+
+    def show(self, documents: int, chunks: int) -> None:
+        now = time.perf_counter()
+        if now - self.last >= self.every:
+            self.last = now
+            self.console.print(progress_line(documents, chunks, self.total, now - self.start),
+                               soft_wrap=True, highlight=False, markup=False)
+
+
+def progress_line(documents: int, chunks: int, total: int, seconds: float) -> str:
+    """"ingest: 1200/5183 documents (23%), 4100 chunks; 12.1 documents/s, 41.3 chunks/s;
+    ETA 5m29s" (the total and ETA when the number of records is known)."""
+    rate = documents / seconds if seconds > 0 else 0.0
+    done = (f"{documents}/{total} documents ({100 * documents // total}%)"
+            if total and documents <= total else f"{documents} documents")
+    line = (f"ingest: {done}, {chunks} chunks; {rate:.1f} documents/s, "
+            f"{chunks / seconds if seconds > 0 else 0.0:.1f} chunks/s")
+    if total and documents <= total and rate > 0:
+        left = round((total - documents) / rate)
+        line += f"; ETA {left // 60}m{left % 60:02d}s"
+    return line
 
 
 def _add(corpus: Corpus, batch: list[_Record], truncate: bool, totals: dict[str, int],
@@ -442,4 +539,4 @@ def _estimate(path: Path) -> int:
 
 
 __all__ = ["SUFFIXES", "FileProblem", "IngestError", "IngestReport", "ingest",
-           "markdown_title", "read_documents"]
+           "markdown_title", "progress_line", "read_documents"]

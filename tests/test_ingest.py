@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import fcntl
+import io
 import json
+import os
+import pty
+import re
+import struct
+import subprocess
+import sys
+import termios
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +27,10 @@ from pyembed.ingest import (
     IngestReport,
     ingest,
     markdown_title,
+    progress_line,
     read_documents,
 )
+from tests.conftest import REPO, Database
 from tests.helpers import count
 
 KEY = "fake/fake-hash@1:384"
@@ -269,11 +280,102 @@ def test_progress_bar_and_throughput(tmp_path: Path, corpus: Corpus) -> None:
 
     report = ingest(corpus, path, batch_size=8, console=console)
 
-    assert report.processed == 30 and report.seconds > 0
-    assert report.texts_per_second == pytest.approx(30 / report.seconds, rel=0.01)
-    assert "texts/s" in console.export_text()
+    assert report.processed == 30 and report.seconds > 0 and report.chunks == 30
+    assert report.documents_per_second == pytest.approx(30 / report.seconds, rel=0.01)
+    assert report.chunks_per_second == pytest.approx(30 / report.seconds, rel=0.01)
+    shown = console.export_text()
+    assert "documents/s" in shown and "chunks/s" in shown and "texts/s" not in shown
+    assert "ingest:" not in shown  # a terminal gets the bar, not lines
     with pytest.raises(pyembed.InvalidInput):
         ingest(corpus, path, batch_size=0)
+    with pytest.raises(pyembed.InvalidInput, match="progress_every"):
+        ingest(corpus, path, progress_every=-1)
+
+
+def test_progress_lines_without_a_terminal(tmp_path: Path, corpus: Corpus) -> None:
+    long = " ".join(f"word{i}" for i in range(300))  # more than one chunk
+    path = _write(tmp_path / "many.jsonl", _jsonl(
+        *({"id": str(i), "text": long if i % 10 == 0 else f"text {i}"} for i in range(30))))
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=False, width=60)
+
+    report = ingest(corpus, path, batch_size=8, console=console, progress_every=0)
+
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 4  # one per batch: 8, 16, 24, 30
+    assert [line.split(" documents")[0] for line in lines] == [
+        "ingest: 8/30", "ingest: 16/30", "ingest: 24/30", "ingest: 30/30"]
+    assert all(len(line) > 60 and "documents/s" in line and "chunks/s" in line
+               for line in lines)  # one line each, whatever the width
+    assert "ETA" in lines[0] and f"{report.chunks} chunks;" in lines[-1]
+    assert report.chunks > 30
+
+    quiet = io.StringIO()
+    ingest(corpus, path, console=Console(file=quiet, force_terminal=False))  # every 10 s
+    assert quiet.getvalue() == ""  # unchanged documents in well under 10 s
+
+
+def test_progress_line() -> None:
+    assert progress_line(100, 340, 1000, 10.0) == (
+        "ingest: 100/1000 documents (10%), 340 chunks; 10.0 documents/s, 34.0 chunks/s; "
+        "ETA 1m30s")
+    assert progress_line(5, 5, 0, 0.0) == (
+        "ingest: 5 documents, 5 chunks; 0.0 documents/s, 0.0 chunks/s")
+
+
+def _cli(args: list[str], db: Database, **kwargs: Any) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYEMBED_")}
+    env.update({"PYEMBED_DSN": db.app_dsn, "COLUMNS": "60"})
+    return subprocess.Popen([sys.executable, "-m", "pyembed", *args], env=env, cwd=REPO,
+                            **kwargs)
+
+
+def test_cli_in_a_pipe_prints_progress_lines_and_a_one_line_summary(
+        tmp_path: Path, corpus: Corpus, db: Database) -> None:
+    path = _write(tmp_path / "many.jsonl",
+                  _jsonl(*({"id": str(i), "text": f"text {i}"} for i in range(20))))
+
+    proc = _cli(["ingest", "files", str(path), "--batch-size", "5", "--progress-every", "0"],
+                db, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    stdout, stderr = proc.communicate(timeout=300)
+
+    assert proc.returncode == 0, stderr
+    progress = [line for line in stderr.decode().splitlines() if line.startswith("ingest:")]
+    assert [line.split(" documents")[0] for line in progress] == [
+        "ingest: 5/20", "ingest: 10/20", "ingest: 15/20", "ingest: 20/20"]
+    [summary] = stdout.decode().splitlines()
+    assert summary.startswith(f"files ({KEY}): added 20, updated 0, unchanged 0, failed 0; "
+                              "20 chunks embedded in ")
+    assert summary.endswith(" chunks/s)") and " documents/s, " in summary
+
+
+def test_cli_on_a_narrow_terminal_prints_a_one_line_summary(
+        tmp_path: Path, corpus: Corpus, db: Database) -> None:
+    path = _write(tmp_path / "many.jsonl",
+                  _jsonl(*({"id": str(i), "text": f"text {i}"} for i in range(20))))
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 60, 0, 0))
+
+    proc = _cli(["ingest", "files", str(path), "--batch-size", "5"], db,
+                stdin=follower, stdout=follower, stderr=follower)
+    os.close(follower)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # EIO: the process closed the terminal
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(leader)
+
+    assert proc.wait(timeout=300) == 0, shown
+    text = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", shown.decode())
+    [summary] = [line for line in text.splitlines() if "added 20" in line]
+    assert summary.strip().startswith(f"files ({KEY}): added 20, updated 0, unchanged 0")
+    assert summary.strip().endswith(" chunks/s)")
+    assert "ingest:" not in text  # a terminal gets the bar, not lines
 
 
 def test_markdown_title() -> None:

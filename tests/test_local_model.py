@@ -3,7 +3,11 @@ vector does not depend on what it is batched with."""
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import sys
 import threading
+import types
 
 import numpy as np
 import pytest
@@ -12,7 +16,15 @@ from pyembed.embedder import Embedder
 from pyembed.errors import ConfigError, InvalidInput
 from pyembed.models import LOCAL_DEFAULT, InputType, ModelSpec
 from pyembed.providers import provider_for
-from pyembed.providers.local import LocalProvider, shared_model
+from pyembed.providers.base import LOCAL_THREADS_ENV, local_threads
+from pyembed.providers.local import (
+    LocalProvider,
+    MiniLM,
+    length_batches,
+    session_options,
+    shared_model,
+)
+from pyembed.text import estimate_tokens
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +93,113 @@ def test_model_is_loaded_once_and_shared_between_threads() -> None:
 def test_only_minilm_runs_locally() -> None:
     with pytest.raises(ConfigError, match="runs only all-minilm-l6-v2-int8"):
         LocalProvider(ModelSpec("local", "other-model", "1", 384))
+
+
+# -- bounded memory: sub-batches by tokens, sorted by length ------------------------------------
+
+def _mixed_texts() -> list[str]:
+    """24 texts from 3 to about 70 tokens, lengths in no order."""
+    words = "cats sleep in the sun while the database vacuums its tables at night".split()
+    return [" ".join(words[j % len(words)] for j in range((i * 37) % 60 + 3))
+            + f" (text {i})" for i in range(24)]
+
+
+@pytest.fixture
+def small_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs of at most 256 padded tokens, so that short texts make several."""
+    monkeypatch.setattr("pyembed.providers.local.BATCH_TOKENS", 256)
+
+
+def test_length_batches_cover_every_text_once_within_the_budget() -> None:
+    lengths = [(i * 37) % 240 + 5 for i in range(100)] + [300]
+    groups = length_batches(lengths, 1024)
+
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for group in groups:
+        assert [lengths[i] for i in group] == sorted(lengths[i] for i in group)
+        assert len(group) * max(lengths[i] for i in group) <= 1024 or len(group) == 1
+    flat = [lengths[i] for g in groups for i in g]
+    assert flat == sorted(lengths)  # one pass from short to long: little padding
+    assert [g for g in groups if 300 in (lengths[i] for i in g)] == [[100]]  # over: alone
+    assert length_batches([], 1024) == []
+
+
+def test_sub_batches_give_the_vectors_of_one_batch(small_runs: None) -> None:
+    model = shared_model()
+    assert isinstance(model, MiniLM)
+    texts = _mixed_texts()
+    encodings = model._tokenizer.encode_batch(texts)
+    assert len(length_batches([len(e.ids) for e in encodings], 256)) == 5
+
+    one_run = model._run(encodings)  # everything padded to the longest, as before
+    sub_batched = model.embed(texts)
+
+    assert sub_batched.shape == (24, 384)
+    cosines = np.sum(one_run * sub_batched, axis=1)
+    assert cosines.min() > 0.999  # int8 activations are scaled per run: not bit-equal
+
+
+def test_length_sorting_keeps_the_input_order(small_runs: None) -> None:
+    model = shared_model()
+    texts = _mixed_texts()
+    alone = np.concatenate([model.embed([text]) for text in texts])
+
+    for ordered in (texts, texts[::-1], texts[1::2] + texts[::2]):
+        vectors = model.embed(ordered)
+        nearest = np.argmax(vectors @ alone.T, axis=1)
+        assert [texts[i] for i in nearest] == ordered
+
+
+def test_the_embedder_batches_by_length_and_keeps_the_order(small_runs: None) -> None:
+    spec = dataclasses.replace(LOCAL_DEFAULT, max_batch=8)
+    provider = LocalProvider(spec)
+    seen: list[list[str]] = []
+    embed_batch = provider.embed_batch
+
+    def recording(texts: list[str], input_type: InputType) -> np.ndarray:
+        seen.append(texts)
+        return embed_batch(texts, input_type)
+
+    provider.embed_batch = recording  # type: ignore[method-assign]
+    texts = _mixed_texts()
+    cache = DictCache()
+
+    vectors = Embedder(spec, provider, cache=cache).embed(texts)
+
+    assert len(seen) == 3 and sorted(t for batch in seen for t in batch) == sorted(texts)
+    assert [estimate_tokens(t) for batch in seen for t in batch] == sorted(
+        estimate_tokens(t) for t in texts)
+    alone = shared_model().embed(texts)
+    assert np.sum(vectors * alone, axis=1).min() > 0.999
+    for text, vector in zip(texts, vectors, strict=True):  # cached under its own text
+        np.testing.assert_array_equal(cache.store[text], vector)
+
+
+class DictCache:
+    def __init__(self) -> None:
+        self.store: dict[str, np.ndarray] = {}
+
+    def get_many(self, texts: list[str], spec: ModelSpec,
+                 input_type: InputType) -> dict[int, np.ndarray]:
+        return {i: self.store[t] for i, t in enumerate(texts) if t in self.store}
+
+    def put_many(self, texts: list[str], vectors: np.ndarray, spec: ModelSpec,
+                 input_type: InputType) -> None:
+        self.store.update(zip(texts, vectors, strict=True))
+
+
+def test_session_options_bound_memory_and_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    options = session_options(2)
+    assert options.enable_cpu_mem_arena is False and options.enable_mem_pattern is False
+    assert options.intra_op_num_threads == 2
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+    monkeypatch.setenv(LOCAL_THREADS_ENV, "3")
+    assert local_threads() == 3
+    monkeypatch.setenv(LOCAL_THREADS_ENV, "0")
+    with pytest.raises(ConfigError, match="PYEMBED_LOCAL_THREADS must be a positive integer"):
+        local_threads()
+    monkeypatch.delenv(LOCAL_THREADS_ENV)
+    assert local_threads() == min(len(os.sched_getaffinity(0)), 4)
+    monkeypatch.setitem(sys.modules, "plpy", types.ModuleType("plpy"))
+    assert local_threads() == 1  # inside a PostgreSQL backend

