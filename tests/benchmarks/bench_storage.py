@@ -11,8 +11,8 @@ index with the same settings.
 For each storage, in one run: the online rebuild's time (pyembed.index.rebuild_index: CREATE
 INDEX CONCURRENTLY with pyembed's build settings, then the swap), the index size, the HNSW
 parameters, and per query, interleaved (each path first in turn), after a warm-up:
-  pyembed  pyembed.search(corpus, q, key, 10) as the application role: guard, vector leg
-           (pyembed._nearest), texts;
+  pyembed  pyembed.search(corpus, q, key, 10, group_by => 'chunk') as the application role:
+           guard, vector leg (pyembed._nearest), texts;
   plain    pgvector's own statement for that storage on the same partition and index, as the
            owner, with the same hnsw.ef_search, joined to the chunks for the texts: the
            expression ORDER BY ... LIMIT 10 (vector, halfvec), or pgvector's re-ranking query
@@ -200,7 +200,8 @@ def search_paths(t: Target, owner: psycopg.Connection[Any], data: Data, corpus: 
     plain_conn = connect(t.owner_dsn, ef_search=ef)
     try:
         plain_sql = plain_statement(corpus, key, dims, storage, candidates)
-        guarded_sql = "SELECT chunk_id, content, score FROM pyembed.search(%s, %s, %s, 10)"
+        guarded_sql = ("SELECT chunk_id, content, score FROM pyembed.search(%s, %s, %s, 10, "
+                       "group_by => 'chunk')")  # the nearest chunks, as plain returns
 
         def guarded(q: Vector) -> list[int]:
             return [row_of_chunk[r[0]] for r in app.execute(guarded_sql, (corpus.name, q, key))]

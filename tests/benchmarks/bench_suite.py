@@ -705,7 +705,7 @@ def plan_nodes(plan: Sequence[str]) -> str:
 
 
 SEARCH_PATHS = {
-    "pyembed": "pyembed.search(corpus, q, key, 10) as the app role",
+    "pyembed": "pyembed.search(corpus, q, key, 10, group_by => 'chunk') as the app role",
     "unguarded": "the same search as one plain statement on the same partition and HNSW index "
                  "(top 10, joined to chunks for the text), as the owner: what the guard costs",
     "plain": "id, content, score ORDER BY embedding <=> q LIMIT 10 on the plain table (its own "
@@ -735,7 +735,8 @@ def search(t: Target, owner: psycopg.Connection[Any], data: Data, res: IngestRes
         plans = {label: plan_nodes([r[0] for r in owner.execute(
             sql.SQL("EXPLAIN (COSTS OFF) ") + query, {"q": q0})])
             for label, query in (("unguarded", unguarded_sql), ("plain", plain_sql))}
-        guarded_sql = "SELECT chunk_id, content, score FROM pyembed.search(%s, %s, %s, 10)"
+        guarded_sql = ("SELECT chunk_id, content, score FROM pyembed.search(%s, %s, %s, 10, "
+                       "group_by => 'chunk')")  # the nearest chunks, as plain returns
 
         def guarded(q: Vector) -> list[int]:
             return [row_of_chunk[r[0]] for r in app.execute(guarded_sql, (corpus.name, q, KEY))]

@@ -1,0 +1,289 @@
+"""Storage per corpus (vector, halfvec, binary), HNSW parameters from pyembed's rule and the
+owner's overrides, and online rebuilds, on a real PostgreSQL with pgvector (issue 21 items 1-2).
+
+Every storage keeps the model-key guard, tenant isolation, hybrid search and migrations; binary
+searches rescore their Hamming candidates exactly from the float32 vectors."""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+import numpy as np
+import psycopg
+import pytest
+from pgvector import Vector
+
+import pyembed
+from pyembed import index, migration
+from pyembed.client import Document
+from pyembed.db import connect, translated
+from pyembed.errors import InvalidInput, ModelMismatch, UnknownCorpus
+from pyembed.vectors import copy_vectors
+from tests.conftest import Database
+from tests.helpers import unit
+from tests.test_cli import db_env
+from tests.test_cli import pyembed as run_cli
+from tests.test_migration import CORPUS, NEW, OLD, clients, doc_id, one
+from tests.test_tenants import two  # noqa: F401  (the fixture: two tenants' DSNs)
+
+KEY = "fake/fake-hash@1:384"
+OPCLASS = {"vector": "vector_cosine_ops", "halfvec": "halfvec_cosine_ops",
+           "binary": "bit_hamming_ops"}
+WORDS = ("invoice", "region", "backup", "account", "billing", "export", "latency", "replica",
+         "schema", "index", "quota", "token", "refund", "webhook", "cluster", "retention")
+
+
+def texts(n: int, prefix: str = "") -> list[str]:
+    return [f"{prefix}note {i} about {WORDS[i % 16]} {WORDS[(i * 7) % 16]} and "
+            f"{WORDS[(i // 16) % 16]}" for i in range(n)]
+
+
+def fill(client: pyembed.Client, name: str, storage: str, n: int = 60, prefix: str = ""
+         ) -> pyembed.client.Corpus:
+    corpus = client.create_corpus(name, KEY, storage=storage)
+    corpus.add([Document(f"{prefix}d{i}", t, {"n": i}) for i, t in enumerate(texts(n, prefix))])
+    return corpus
+
+
+def index_defs(owner: psycopg.Connection[Any], corpus_id: int) -> list[str]:
+    return [r[0] for r in owner.execute(
+        "SELECT indexdef FROM pg_indexes WHERE schemaname = 'pyembed' AND indexname LIKE %s",
+        (f"vectors\\_hnsw\\_c{corpus_id}\\_%",))]
+
+
+def stored(owner: psycopg.Connection[Any], corpus_id: int) -> tuple[list[int], np.ndarray]:
+    rows = owner.execute("SELECT chunk_id, embedding FROM pyembed.vectors WHERE corpus_id = %s "
+                         "ORDER BY chunk_id", (corpus_id,)).fetchall()
+    return [r[0] for r in rows], np.stack([np.asarray(r[1].to_numpy()) for r in rows])
+
+
+def nearest(owner: psycopg.Connection[Any], corpus_id: int, q: np.ndarray, k: int,
+            exact: bool = False) -> tuple[list[int], list[float]]:
+    row = owner.execute("SELECT ids, distances FROM pyembed._nearest(%s, %s, %s, %s, NULL, %s)",
+                        (corpus_id, KEY, Vector(q), k, exact)).fetchone()
+    assert row is not None
+    return list(row[0]), list(row[1])
+
+
+@pytest.mark.parametrize("storage", index.STORAGES)
+def test_each_storage_writes_searches_and_guards(db: Database, owner: psycopg.Connection[Any],
+                                                 storage: str) -> None:
+    with pyembed.connect(db.app_dsn) as app:
+        corpus = fill(app, "docs", storage)
+        assert corpus.info.storage == storage
+        assert app.corpus("docs").info.storage == storage
+        [ddl] = index_defs(owner, corpus.info.corpus_id)
+        assert OPCLASS[storage] in ddl and "WITH (m='16', ef_construction='64')" in ddl, ddl
+        # Vector search: a document's own text finds it first, with its exact float32 score.
+        for i in (3, 17, 42):
+            hits = corpus.search(texts(60)[i], k=5)
+            assert hits[0].document_id == f"d{i}" and hits[0].score == pytest.approx(1, abs=1e-6)
+            assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+        # Hybrid and keyword searches serve every storage alike.
+        assert corpus.search(texts(60)[17], k=3, mode="hybrid")[0].document_id == "d17"
+        assert corpus.search(texts(60)[17], k=60, mode="keyword")
+        assert corpus.search(texts(60)[17], k=3, filter={"n": 17})[0].document_id == "d17"
+        # The model-key guard: a query or a vector of another key is refused.
+        q = Vector(unit(384, 1))
+        with pytest.raises(psycopg.Error) as err:
+            app.conn.execute("SELECT * FROM pyembed.search('docs', %s, 'fake/fake-hash@2:384')",
+                             (q,))
+        assert err.value.sqlstate == "PE001"
+        chunk = one(app.conn, "SELECT min(chunk_id) FROM pyembed.chunks")
+        with pytest.raises(ModelMismatch), translated(), app.conn.transaction(), \
+                app.conn.cursor() as cur:
+            copy_vectors(cur, corpus.info.corpus_id, [chunk], "fake/fake-hash@2:384",
+                         unit(384, 2)[None, :], [None])
+        # Every vector is kept in float32, whatever the storage: what the index scans read
+        # when they rescore, and what exact searches order by.
+        ids, vectors = stored(owner, corpus.info.corpus_id)
+        assert len(ids) == 60 and vectors.dtype == np.float32
+
+
+@pytest.mark.parametrize("storage", index.STORAGES)
+def test_each_storage_keeps_tenants_apart(two: dict[str, str],  # noqa: F811
+                                          storage: str) -> None:
+    with pyembed.connect(two["a"]) as a, pyembed.connect(two["b"]) as b:
+        docs = fill(a, "docs", storage, 30, prefix="a-")
+        query = texts(30, "a-")[4]
+        before = [(h.document_id, round(h.score, 6)) for h in docs.search(query, k=10)]
+        # b stores its own corpus of the same name, with vectors right next to a's query.
+        near = b.create_corpus("docs", KEY, storage=storage)
+        near.add([Document(f"b-{i}", query) for i in range(40)])
+        assert [(h.document_id, round(h.score, 6)) for h in docs.search(query, k=10)] == before
+        assert all(h.document_id.startswith("b-") for h in near.search(query, k=10))
+        b.create_corpus("secret", KEY, storage=storage)
+        with pytest.raises(UnknownCorpus):
+            a.corpus("secret")
+        with pytest.raises(psycopg.Error) as err:
+            a.conn.execute("SELECT * FROM pyembed.search('secret', %s, %s)",
+                           (Vector(unit(384, 1)), KEY))
+        assert err.value.sqlstate == "PE002"
+
+
+def test_binary_rescores_its_candidates_exactly(db: Database,
+                                                owner: psycopg.Connection[Any]) -> None:
+    with pyembed.connect(db.app_dsn) as app:
+        corpus = fill(app, "bits", "binary", 300)
+    cid = corpus.info.corpus_id
+    ids, vectors = stored(owner, cid)
+    rng = np.random.default_rng(5)
+    for trial in range(5):
+        q = vectors[rng.integers(len(ids))] + rng.standard_normal(384).astype(np.float32) * 0.05
+        q /= np.linalg.norm(q)
+        exact = 1 - vectors @ q  # cosine distances from the float32 vectors
+        got, distances = nearest(owner, cid, q, 10)
+        # Among the Hamming candidates, the order is the exact one, with exact distances.
+        assert distances == sorted(distances)
+        assert distances == pytest.approx([exact[ids.index(i)] for i in got], abs=1e-6)
+        # The exact variant is numpy's top 10.
+        want = [ids[j] for j in np.argsort(exact, kind="stable")[:10]]
+        assert nearest(owner, cid, q, 10, exact=True)[0] == want
+        if trial > 0:  # candidates enough to cover the corpus: the exact top 10
+            assert got == want
+        else:
+            index.set_index_settings(owner, "bits", oversample=100)
+
+
+def test_the_rule_chooses_parameters_from_size_and_dimensions(
+        owner: psycopg.Connection[Any]) -> None:
+    def rule(rows: int, dims: int) -> tuple[int, int, int, int]:
+        row = owner.execute("SELECT * FROM pyembed.hnsw_rule(%s, %s)", (rows, dims)).fetchone()
+        assert row is not None
+        return tuple(row)  # type: ignore[return-value]
+
+    assert rule(0, 384) == (16, 64, 100, 10)
+    assert rule(199_999, 384) == (16, 64, 100, 10)
+    assert rule(200_000, 1024) == (24, 128, 300, 6)
+    assert rule(1_999_999, 1536) == (24, 128, 300, 4)
+    assert rule(2_000_000, 3072) == (32, 200, 500, 4)
+
+
+def test_overrides_apply_to_searches_and_the_next_rebuild(db: Database,
+                                                           owner: psycopg.Connection[Any]) -> None:
+    with pyembed.connect(db.app_dsn) as app:
+        corpus = fill(app, "docs", "vector", 40)
+    with pyembed.connect(db.owner_dsn) as o:
+        [st] = o.index_status("docs")
+        assert (st.storage, st.m, st.ef_construction, st.ef_search, st.rows) == (
+            "vector", 16, 64, 100, 40)
+        assert o.set_index_settings("docs", m=8, ef_construction=40, ef_search=37) == {
+            "m": 8, "ef_construction": 40, "ef_search": 37}
+        [st] = o.index_status("docs")
+        assert (st.m, st.ef_construction, st.ef_search) == (16, 64, 37)  # m: at the rebuild
+        [st] = o.rebuild_index("docs")
+        assert (st.m, st.ef_construction, st.settings["m"]) == (8, 40, 8)
+        [ddl] = index_defs(owner, corpus.info.corpus_id)
+        assert "m='8', ef_construction='40'" in ddl
+        # Bad settings are refused and change nothing.
+        for bad, match in (({"m": 1}, "m must be an integer 2..100"),
+                           ({"ef_search": 5000}, "ef_search must be an integer 1..1000"),
+                           ({"ef_search": 1.5}, "ef_search must be an integer"),
+                           ({"m": 30}, "ef_construction must be at least twice m")):
+            with pytest.raises(InvalidInput, match=match):
+                o.set_index_settings("docs", **bad)
+        with pytest.raises(InvalidInput, match="unknown index settings"):
+            o.set_index_settings("docs", ef=10)
+        with pytest.raises(InvalidInput, match="unknown storage 'float8'"):
+            o.rebuild_index("docs", "float8")
+        # None goes back to the rule.
+        assert o.set_index_settings("docs", m=None, ef_construction=None, ef_search=None) == {}
+        assert o.index_status("docs")[0].ef_search == 100
+        # The application role may not tune or rebuild.
+        with pyembed.connect(db.app_dsn) as app:
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                app.conn.execute("SELECT pyembed.rebuild_index('docs')")
+
+
+def test_online_rebuild_keeps_searches_answering(db: Database,
+                                                 owner: psycopg.Connection[Any]) -> None:
+    with pyembed.connect(db.app_dsn) as app:
+        corpus = fill(app, "docs", "vector", 300)
+    cid = corpus.info.corpus_id
+    query_texts = texts(300)
+    stop = threading.Event()
+    answers: list[bool] = []
+    errors: list[BaseException] = []
+
+    def search_loop() -> None:
+        try:
+            with pyembed.connect(db.app_dsn) as c:
+                docs = c.corpus("docs")
+                i = 0
+                while not stop.is_set():
+                    i = (i + 37) % 300
+                    answers.append(docs.search(query_texts[i], k=3)[0].document_id == f"d{i}")
+        except BaseException as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=search_loop)
+    thread.start()
+    try:
+        with connect(db.owner_dsn, autocommit=True) as conn:
+            for storage in ("halfvec", "binary", "vector", "binary"):
+                before = len(answers)
+                [st] = index.rebuild_index(conn, "docs", storage)
+                assert st.storage == storage and st.index_bytes
+                [ddl] = index_defs(owner, cid)  # the old index is gone, the new one renamed
+                assert OPCLASS[storage] in ddl
+                assert f"vectors_hnsw_c{cid}_" in ddl and "_new" not in ddl
+                while len(answers) < before + 5 and not errors:  # searches ran meanwhile
+                    threading.Event().wait(0.05)
+    finally:
+        stop.set()
+        thread.join()
+    assert not errors, errors
+    assert len(answers) >= 20 and all(answers)
+    assert one(owner, "SELECT storage FROM pyembed.corpora WHERE corpus_id = %s", (cid,)) == "binary"
+    # From SQL too (the build holds writes, not searches, until the caller commits).
+    assert [r[0] for r in owner.execute("SELECT pyembed.rebuild_index('docs', 'halfvec')")] == [
+        f"vectors_hnsw_c{cid}_" + one(owner, "SELECT left(md5(%s), 10)", (KEY,))]
+    assert OPCLASS["halfvec"] in index_defs(owner, cid)[0]
+
+
+def test_a_migration_changes_the_storage_with_the_model(db: Database) -> None:
+    with clients(db, n=40) as (app, owner, doc_texts):
+        assert app.corpus(CORPUS).info.storage == "vector"
+        with pytest.raises(InvalidInput, match="unknown storage"):
+            migration.start(owner, CORPUS, NEW, "int8")
+        migration.start(owner, CORPUS, NEW, "halfvec")
+        migration.backfill(owner, CORPUS)
+        status = {s.model_key: s for s in owner.index_status(CORPUS)}
+        assert status[OLD].storage == "vector" and status[NEW].storage == "halfvec"
+        assert status[NEW].index_name and status[NEW].rows == 40
+        migration.validate(owner, CORPUS, max_drop=0.5)
+        migration.shift(owner, CORPUS, 100)
+        docs = app.corpus(CORPUS)
+        hit = docs.search(doc_texts[7], k=3)[0]
+        assert (hit.model_key, hit.document_id) == (NEW, doc_id(7))
+        migration.complete(owner, CORPUS)
+        info = app.corpus(CORPUS).info
+        assert (info.model_key, info.storage) == (NEW, "halfvec")
+        assert one(owner.conn, "SELECT target_storage FROM pyembed.corpora") is None
+        [st] = [s for s in owner.index_status(CORPUS)]
+        assert (st.model_key, st.storage) == (NEW, "halfvec")
+        hits = app.corpus(CORPUS).search(doc_texts[7], k=3)
+        assert hits[0].model_key == NEW and hits[0].score == pytest.approx(1, abs=1e-3)
+        with pytest.raises(psycopg.Error) as err:  # the old key is refused now
+            app.conn.execute("SELECT * FROM pyembed.search(%s, %s, %s)",
+                             (CORPUS, Vector(unit(1024, 3)), OLD))
+        assert err.value.sqlstate == "PE001"
+
+
+def test_cli_creates_tunes_and_rebuilds(db: Database) -> None:
+    env = db_env(db)
+    out = run_cli("corpus", "create", "docs", "--model", KEY, "--storage", "halfvec", env=env)
+    assert out.returncode == 0 and "(halfvec)" in out.stdout, out.stderr
+    out = run_cli("corpus", "index", "docs", "--ef-search", "64", "--json", env=env)
+    assert out.returncode == 0, out.stderr
+    [st] = json.loads(out.stdout)["indexes"]
+    assert (st["storage"], st["ef_search"], st["settings"]) == ("halfvec", 64, {"ef_search": 64})
+    out = run_cli("corpus", "reindex", "docs", "--storage", "binary", "--json", env=env)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["indexes"][0]["storage"] == "binary"
+    out = run_cli("corpus", "index", "docs", "--rule", "--json", env=env)
+    assert json.loads(out.stdout)["indexes"][0]["settings"] == {}
+    bad = run_cli("corpus", "create", "x", "--model", KEY, "--storage", "int4", env=env)
+    assert bad.returncode == 1 and "unknown storage 'int4'" in bad.stderr
