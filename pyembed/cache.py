@@ -21,6 +21,17 @@ STORE = "SELECT pyembed.cache_put($1::bytea[], $2::text, $3::text, $4::vector[],
 COUNT = "SELECT pyembed.cache_count($1::text[], $2::bigint[], $3::bigint[])"
 
 
+def flush_counts(db: Executor, counter: HitCounter) -> None:
+    """Write `counter`'s hits and misses (kept for later if the transaction is read-only)."""
+    conn = getattr(db, "conn", None)
+    if not counter.counts or (conn is not None and conn.closed):
+        return
+    models, hits, misses = counter.take()
+    written = db.rows(COUNT, [models, hits, misses], ["text[]", "bigint[]", "bigint[]"])
+    if not written[0][0]:
+        counter.put_back(models, hits, misses)
+
+
 @dataclass(frozen=True)
 class CacheStatsRow:
     day: date
@@ -61,13 +72,7 @@ class PostgresCache:
 
     def flush(self) -> None:
         """Write the counted hits and misses."""
-        conn = getattr(self.db, "conn", None)
-        if not self.counter.counts or (conn is not None and conn.closed):
-            return
-        models, hits, misses = self.counter.take()
-        written = self.db.rows(COUNT, [models, hits, misses], ["text[]", "bigint[]", "bigint[]"])
-        if not written[0][0]:
-            self.counter.put_back(models, hits, misses)
+        flush_counts(self.db, self.counter)
 
     def put_many(self, texts: list[str], vectors: npt.NDArray[np.float32], spec: ModelSpec,
                  input_type: InputType) -> None:

@@ -46,3 +46,10 @@ class HitCounter:
         for k, h, m in zip(models, hits, misses, strict=True):
             self.add(k, h, m)
 
+
+
+def rerank_cache_key(query: str, text: str, reranker: str) -> bytes:
+    """sha256 of "rerank", the stripped query, the stripped candidate text and the reranker's
+    identity, NUL-separated (texts with NUL never reach a reranker)."""
+    payload = "\x00".join(("rerank", query.strip(), text.strip(), reranker))
+    return hashlib.sha256(payload.encode("utf-8")).digest()

@@ -62,6 +62,12 @@ OwnerDsnOption = Annotated[str | None, typer.Option(
 DsnOption = Annotated[str | None, typer.Option("--dsn", envvar=DSN_ENV,
                                                help="libpq DSN; default: the local cluster")]
 TargetKeyOption = Annotated[str, typer.Option("--to", help="target model key")]
+RerankOption = Annotated[str | None, typer.Option(
+    "--rerank", metavar="MODEL",
+    help="reorder the best candidates with a reranker: voyage/rerank-2.5, "
+         "voyage/rerank-2.5-lite or cohere/rerank-v3.5 (needs VOYAGE_API_KEY / COHERE_API_KEY)")]
+CandidatesOption = Annotated[int | None, typer.Option(
+    "--rerank-candidates", help="how many search hits the reranker reorders (default 50)")]
 JsonOption = Annotated[bool, typer.Option(
     "--json", help="print one JSON document instead of a table (README: Command line)")]
 
@@ -201,6 +207,8 @@ def search_cmd(
     alpha: Annotated[float | None, typer.Option(
         "--alpha", help="relative fusion's weight of the vector search, 0..1 (keyword: "
                         "1 - alpha); default 0.5")] = None,
+    rerank: RerankOption = None,
+    rerank_candidates: CandidatesOption = None,
     dsn: DsnOption = None,
     as_json: Annotated[bool, typer.Option(
         "--json", help="print JSON Lines: one object per hit, best first")] = False,
@@ -209,6 +217,8 @@ def search_cmd(
     documents unless --group chunk.
 
     Example: pyembed search docs "what does error E4012 mean" -k 3 --mode hybrid
+
+    Reranked: pyembed search docs "what does error E4012 mean" -k 3 --rerank voyage/rerank-2.5
     """
     try:
         flt = json.loads(filter) if filter else None
@@ -216,19 +226,27 @@ def search_cmd(
         raise InvalidInput(f"--filter is not valid JSON: {exc}") from None
     with _client(dsn) as client:
         hits = client.corpus(corpus).search(query, k=k, filter=flt, mode=mode, group=group,
-                                            fusion=fusion, alpha=alpha)
+                                            fusion=fusion, alpha=alpha, rerank=rerank,
+                                            rerank_candidates=rerank_candidates)
     if as_json:
         for rank, h in enumerate(hits, 1):
             _print_json({"rank": rank, "document_id": h.document_id, "chunk_id": h.chunk_id,
                          "chunk_index": h.chunk_index, "score": h.score,
                          "model_key": h.model_key, "content": h.content,
-                         "metadata": h.metadata})
+                         "metadata": h.metadata,
+                         **({"rerank_score": h.rerank_score, "reranker": h.reranker}
+                            if rerank else {})})
         return
-    table = _table("#", "score", "document", "chunk", "text", "model key",
-                   numbers=("#", "score", "chunk"))
+    reranked = ("rerank",) if rerank else ()
+    table = _table("#", *reranked, "score", "document", "chunk", "text", "model key",
+                   numbers=("#", *reranked, "score", "chunk"),
+                   title=f"reranked by {hits[0].reranker}" if rerank and hits else None,
+                   title_justify="left")
     for i, h in enumerate(hits, 1):
-        table.add_row(str(i), f"{h.score:.4f}", escape(h.document_id), str(h.chunk_index),
-                      escape(" ".join(h.content.split())[:100]), h.model_key or "-")
+        shown = (f"{h.rerank_score:.4f}",) if rerank else ()
+        table.add_row(str(i), *shown, f"{h.score:.4f}", escape(h.document_id),
+                      str(h.chunk_index), escape(" ".join(h.content.split())[:100]),
+                      h.model_key or "-")
     console.print(table if hits else "no results")
 
 
@@ -294,6 +312,8 @@ def ask_cmd(
         "--min-score", help="drop passages scoring below this")] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="answer length cap")] = 1024,
     stream: Annotated[bool, typer.Option(help="print the answer as it arrives")] = True,
+    rerank: RerankOption = None,
+    rerank_candidates: CandidatesOption = None,
     dsn: DsnOption = None,
     as_json: Annotated[bool, typer.Option(
         "--json", help="print one JSON object (answer, citations, sources, timings); "
@@ -303,6 +323,8 @@ def ask_cmd(
     Without ANTHROPIC_API_KEY it shows the retrieved passages instead.
 
     Example: pyembed ask docs "What does error E4012 mean?" -k 3
+
+    Reranked passages: pyembed ask docs "What does error E4012 mean?" --rerank rerank-2.5
     """
     from .rag import answer
 
@@ -312,6 +334,7 @@ def ask_cmd(
     with _client(dsn) as client:
         result = answer(client.corpus(corpus), question, k=k, model=model,
                         max_tokens=max_tokens, min_score=min_score, mode=mode,
+                        rerank=rerank, rerank_candidates=rerank_candidates,
                         on_text=show if stream and not as_json else None)
     if as_json:
         by_number = {s.number: s for s in result.sources}
@@ -324,6 +347,8 @@ def ask_cmd(
             "sources": [{"number": s.number, "document_id": s.document_id,
                          "chunk_id": s.hit.chunk_id, "chunk_index": s.hit.chunk_index,
                          "score": s.score, "cited": s.number in result.cited,
+                         **({"rerank_score": s.hit.rerank_score, "reranker": s.hit.reranker}
+                            if rerank else {}),
                          "content": s.content, "metadata": s.hit.metadata}
                         for s in result.sources],
             "model_key": result.model_key, "generation_model": result.generation_model,
@@ -339,24 +364,28 @@ def ask_cmd(
         err_console.print(f"[yellow]note:[/yellow] {escape(result.note)}")
 
     if result.sources:
-        table = _table("#", "score", "document", "passage" if result.generated else "text",
-                       title="sources" + (" (* cited)" if result.generated else ""),
+        table = _table("#", *(("rerank",) if rerank else ()), "score", "document",
+                       "passage" if result.generated else "text",
+                       title="sources" + (" (* cited)" if result.generated else "")
+                       + (f", reranked by {result.sources[0].hit.reranker}" if rerank else ""),
                        title_justify="left")
         for s in result.sources:
             text = " ".join(s.content.split())
             if result.generated and len(text) > 120:
                 text = text[:117] + "..."
             cited = "*" if s.number in result.cited else ""
-            table.add_row(f"[{s.number}]{cited}", f"{s.score:.3f}", escape(s.document_id),
-                          escape(text))
+            shown = (f"{s.hit.rerank_score:.3f}",) if rerank else ()
+            table.add_row(f"[{s.number}]{cited}", *shown, f"{s.score:.3f}",
+                          escape(s.document_id), escape(text))
         console.print(table)
     t = result.timings
     generation = (f", generate {t['generate_ms']:.0f} ms with {result.generation_model}"
                   if result.generated else "")
     tokens = (f"; tokens in {result.usage['input_tokens']}, out {result.usage['output_tokens']}"
               if result.usage else "")
+    reranking = f", rerank {t['rerank_ms']:.0f} ms" if "rerank_ms" in t else ""
     console.print(f"model key {result.model_key}; embed {t['embed_ms']:.0f} ms, search "
-                  f"{t['search_ms']:.0f} ms{generation}; total {t['total_ms']:.0f} ms{tokens}",
+                  f"{t['search_ms']:.0f} ms{reranking}{generation}; total {t['total_ms']:.0f} ms{tokens}",
                   highlight=False, markup=False)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -38,9 +39,10 @@ from .errors import (
 )
 from .models import LOCAL_DEFAULT, InputType, ModelSpec
 from .query import search_text as query_search
+from .rerank import RerankCache, Reranker, candidates, reranker_spec
 from .search import Hit, Options, route, search
 from .sqlexec import PsycopgExecutor
-from .tenants import error_counter, meter
+from .tenants import Keyed, error_counter, meter
 from .text import check_text, document_hash
 
 _log = logging.getLogger(__name__)
@@ -89,6 +91,9 @@ class Client:
         self.max_replica_wait = max_replica_wait
         self._written_lsn: str | None = None
         self.cache = PostgresCache(conn) if use_cache else None
+        self.rerank_cache = (RerankCache(conn, counter=self.cache.counter)
+                             if self.cache is not None else None)
+        self._rerankers: dict[str, Reranker] = {}
         self.log_queries = log_queries
         self.current_corpus_id: int | None = None
         """The corpus that provider calls are accounted to (set by Corpus around its calls)."""
@@ -103,7 +108,16 @@ class Client:
                                                             on_error=error_counter(self.conn))
         return self._embedders[model_key, truncate]
 
-    def _meter(self, spec: ModelSpec, tokens: int) -> None:
+    def reranker(self, name: str) -> Reranker:
+        """The reranker called `name` (e.g. "voyage/rerank-2.5", "rerank-3.5"), built once,
+        sharing this client's cache and meter; MissingAPIKey if its key is not set."""
+        spec = reranker_spec(name)
+        if spec.key not in self._rerankers:
+            self._rerankers[spec.key] = Reranker(spec, cache=self.rerank_cache, meter=self._meter,
+                                                 on_error=error_counter(self.conn))
+        return self._rerankers[spec.key]
+
+    def _meter(self, spec: Keyed, tokens: int) -> None:
         """Reserve a provider call for this session's tenant (refused over its limits)."""
         meter(self.conn, self.current_corpus_id)(spec, tokens)
 
@@ -266,19 +280,30 @@ class Corpus:
     def search(self, query: str | Sequence[float] | np.ndarray, k: int = 10,
                filter: Mapping[str, Any] | None = None, model_key: str | None = None, *,
                mode: str = "vector", translate: Callable[[str], str] | None = None,
-               group: str = "document", fusion: str | None = None, alpha: float | None = None
+               group: str = "document", fusion: str | None = None, alpha: float | None = None,
+               rerank: str | None = None, rerank_candidates: int | None = None
                ) -> list[Hit]:
         """The k documents nearest the query, each with its best chunk as the passage
         (group='chunk': the k nearest chunks, several of a document may come). Text is embedded
         with the corpus's model; a vector must say its key. mode: 'vector', 'keyword' (BM25,
         text only) or 'hybrid' (text only), fused by `fusion`: 'rrf' (reciprocal rank) or
         'relative' (min-max normalised scores, alpha * vector + (1 - alpha) * keyword, alpha
-        0.5 unless given); None is the database's default. Each search is recorded in
-        pyembed.query_log (phase timings) unless the client has log_queries off."""
+        0.5 unless given); None is the database's default. With `rerank` (a reranker such as
+        "voyage/rerank-2.5" or "cohere/rerank-v3.5"), the best `rerank_candidates` hits
+        (default 50) are reordered by it and the best k returned, each with its `rerank_score`
+        and `reranker`. Each search is recorded in pyembed.query_log (phase timings) unless
+        the client has log_queries off."""
         log = self.client.log_queries
-        found = self._retrieved(query, k, filter, model_key, mode=mode, translate=translate,
-                                options=Options(group, fusion, alpha), log=log)
-        if log and not isinstance(query, str):  # a text search records itself
+        options = Options(group, fusion, alpha)
+        if rerank is not None:
+            found = self._reranked(query, k, filter, model_key, mode=mode, translate=translate,
+                                   options=options, rerank=rerank,
+                                   rerank_candidates=rerank_candidates)
+        else:
+            found = self._retrieved(query, k, filter, model_key, mode=mode,
+                                    translate=translate, options=options, log=log)
+        # A text search records itself, unless reranked: then the record is the whole search.
+        if log and (rerank is not None or not isinstance(query, str)):
             self.log_query(mode, k, found.timings, cache_hit=found.cache_hit,
                            model_key=found.model_key)
         return found.hits
@@ -286,11 +311,18 @@ class Corpus:
     def retrieve(self, query: str | Sequence[float] | np.ndarray, k: int = 10,
                  filter: Mapping[str, Any] | None = None, model_key: str | None = None, *,
                  mode: str = "vector", translate: Callable[[str], str] | None = None,
-                 group: str = "document", fusion: str | None = None, alpha: float | None = None
+                 group: str = "document", fusion: str | None = None, alpha: float | None = None,
+                 rerank: str | None = None, rerank_candidates: int | None = None
                  ) -> Retrieval:
-        """`search` without the query log: the hits, the key that served them and timings."""
+        """`search` without the query log: the hits, the key that served them and timings
+        (with `rerank`, rerank_ms too)."""
+        options = Options(group, fusion, alpha)
+        if rerank is not None:
+            return self._reranked(query, k, filter, model_key, mode=mode, translate=translate,
+                                  options=options, rerank=rerank,
+                                  rerank_candidates=rerank_candidates)
         return self._retrieved(query, k, filter, model_key, mode=mode, translate=translate,
-                               options=Options(group, fusion, alpha), log=False)
+                               options=options, log=False)
 
     def _retrieved(self, query: str | Sequence[float] | np.ndarray, k: int,
                    filter: Mapping[str, Any] | None, model_key: str | None, *, mode: str,
@@ -306,6 +338,25 @@ class Corpus:
             raise ReadOnlyReplica(f"corpus {self.name!r} is not on the read replica yet (it "
                                   f"lags behind the primary): search the primary, or retry "
                                   f"when the replica has caught up") from None
+
+    def _reranked(self, query: str | Sequence[float] | np.ndarray, k: int,
+                  filter: Mapping[str, Any] | None, model_key: str | None, *, mode: str,
+                  translate: Callable[[str], str] | None, options: Options, rerank: str,
+                  rerank_candidates: int | None) -> Retrieval:
+        """The search's best candidates, reordered by the reranker `rerank`."""
+        if not isinstance(query, str):
+            raise InvalidInput("rerank needs the query text, not a vector")
+        reranker = self.client.reranker(rerank)  # a missing key fails before any search
+        found = self._retrieved(query, candidates(k, rerank_candidates), filter, model_key,
+                                mode=mode, translate=translate, options=options, log=False)
+        started = time.perf_counter()
+        self.client.current_corpus_id = self.info.corpus_id  # the rerank call is billed to it
+        hits = reranker.rerank(query, found.hits, k)
+        took = _ms(started, time.perf_counter())
+        total = found.timings.get("total_ms")
+        return dataclasses.replace(found, hits=hits, timings={
+            **found.timings, "rerank_ms": took,
+            "total_ms": None if total is None else round(total + took, 3)})
 
     def _retrieve(self, query: str | Sequence[float] | np.ndarray, k: int,
                   filter: Mapping[str, Any] | None, model_key: str | None, *, mode: str,

@@ -9,25 +9,11 @@ from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
-from tenacity import (
-    RetryCallState,
-    Retrying,
-    retry_if_exception_type,
-    stop_after_attempt,
-    wait_exponential,
-    wait_random,
-)
 
-from .errors import (
-    ConfigError,
-    InvalidInput,
-    InvalidVector,
-    ModelMismatch,
-    ProviderError,
-    RateLimited,
-)
+from .errors import ConfigError, InvalidInput, InvalidVector, ModelMismatch, ProviderError
 from .models import InputType, ModelSpec
-from .providers import Provider, TransientProviderError, Vectors, provider_for
+from .providers import Provider, Vectors, provider_for
+from .retry import Retrier
 from .text import check_text, estimate_tokens, truncate_to_tokens
 
 DEFAULT_MAX_BATCH_TOKENS = 100_000
@@ -89,8 +75,6 @@ class Embedder:
         elif provider.spec.key != spec.key:
             raise ModelMismatch(f"the provider embeds with {provider.spec.key}, "
                                 f"but the embedder is for {spec.key}")
-        if max_retries < 0:
-            raise ConfigError(f"max_retries must be 0 or more, got {max_retries}")
         if max_batch_tokens < spec.max_tokens:
             raise ConfigError(f"max_batch_tokens ({max_batch_tokens}) is below the model's "
                               f"{spec.max_tokens}-token limit per text")
@@ -101,13 +85,14 @@ class Embedder:
         self.max_retry_after = max_retry_after
         self.truncate = truncate
         self.max_batch_tokens = max_batch_tokens
-        self._sleep = sleep
         self.meter = meter
         """Called with the model and the estimated tokens before every provider call: it
         records usage and may refuse the call (RateLimited), which is not retried."""
         self.on_error = on_error
         """Called with every failed provider call, retried or not (pyembed counts them)."""
-        self._backoff = wait_exponential(multiplier=0.5, max=30.0) + wait_random(0, 0.5)
+        self._retrier = Retrier(spec.key, max_retries=max_retries,
+                                max_retry_after=max_retry_after, sleep=sleep,
+                                on_error=self._failed)
 
     def embed(self, texts: Sequence[str],
               input_type: InputType = InputType.DOCUMENT) -> npt.NDArray[np.float32]:
@@ -219,44 +204,16 @@ class Embedder:
                      reserved: bool = False) -> npt.NDArray[np.float32]:
         unmetered = [reserved]
 
-        def attempt() -> Vectors:
+        def meter() -> None:
             metered, unmetered[0] = not unmetered[0], False
-            return self._call_once(texts, input_type, metered=metered)
+            if self.meter is not None and metered:
+                self.meter(self.spec, sum(estimate_tokens(t) for t in texts))
 
-        retrying = Retrying(
-            stop=stop_after_attempt(self.max_retries + 1),
-            wait=self._wait,
-            retry=retry_if_exception_type(TransientProviderError),
-            sleep=self._sleep,
-            before_sleep=self._log_retry,
-            reraise=True,
-        )
-        try:
-            raw = retrying(attempt)
-        except TransientProviderError as exc:
-            raise ProviderError(f"{self.spec.key}: gave up after {self.max_retries + 1} "
-                                f"attempts; last error: {exc}", kind=exc.kind) from exc
+        raw = self._retrier(lambda: self.provider.embed_batch(texts, input_type), before=meter)
         try:
             return self._checked(raw, len(texts))
         except ProviderError as exc:
             self._failed(exc)
-            raise
-
-    def _call_once(self, texts: list[str], input_type: InputType, *,
-                   metered: bool = True) -> Vectors:
-        if self.meter is not None and metered:
-            self.meter(self.spec, sum(estimate_tokens(t) for t in texts))
-        try:
-            return self.provider.embed_batch(texts, input_type)
-        except ProviderError as exc:
-            self._failed(exc)
-            if (isinstance(exc, TransientProviderError) and exc.retry_after is not None
-                    and exc.retry_after > self.max_retry_after):
-                raise RateLimited(
-                    f"{self.spec.key}: the service asks to wait {exc.retry_after:g} s, more "
-                    f"than max_retry_after ({self.max_retry_after:g} s); try again later "
-                    f"({exc})"
-                ) from exc
             raise
 
     def _failed(self, error: ProviderError) -> None:
@@ -267,18 +224,6 @@ class Embedder:
             self.on_error(self.spec, error)
         except Exception as exc:  # the provider's error is the one to raise
             _log.warning("%s: could not count a failed call (%s)", self.spec.key, exc)
-
-    def _log_retry(self, state: RetryCallState) -> None:
-        _log.info("%s: attempt %d of %d failed (%s); retrying in %.1f s", self.spec.key,
-                  state.attempt_number, self.max_retries + 1,
-                  state.outcome.exception() if state.outcome else None,
-                  state.upcoming_sleep)
-
-    def _wait(self, state: RetryCallState) -> float:
-        error = state.outcome.exception() if state.outcome else None
-        if isinstance(error, TransientProviderError) and error.retry_after is not None:
-            return error.retry_after
-        return self._backoff(state)
 
     def _checked(self, raw: Vectors, count: int) -> npt.NDArray[np.float32]:
         key = self.spec.key

@@ -72,6 +72,37 @@ def embedder(plpy: Any, GD: dict[str, Any], key: str) -> Any:
     return emb
 
 
+def reranker(plpy: Any, GD: dict[str, Any], name: str) -> Any:
+    """The backend's reranker called `name`, rebuilt when its API key or timeouts change; its
+    key and base URL are the owner's secrets, as for embedders."""
+    from .providers.rerank import reranker_for, reranker_spec
+    from .rerank import RerankCache, Reranker
+
+    db = PlpyExecutor(plpy, GD)
+    spec = reranker_spec(name)
+    timeout = _setting(plpy, "http_timeout", 10.0)
+    retries = int(_setting(plpy, "http_retries", 2))
+    api_key = _secret(db, spec.api_key_env) if spec.api_key_env else None
+    if spec.api_key_env and not api_key:
+        raise MissingAPIKey(f"{spec.api_key_env} is not set for the database: as the owner, run "
+                            f"SELECT pyembed.set_secret('{spec.api_key_env}', '...')")
+    base_url = _secret(db, f"PYEMBED_{spec.provider.upper()}_BASE_URL")
+    fingerprint = (spec, timeout, retries, hash(api_key), base_url)
+    cached = GD.setdefault("pyembed.rerankers", {}).get(spec.key)
+    if cached is not None and cached[0] == fingerprint:
+        return cached[1]
+
+    def meter(spec: Any, tokens: int) -> None:  # to the corpus of the current call
+        tenants.meter(db, GD.get("pyembed.corpus_id"))(spec, tokens)
+
+    rr = Reranker(spec, reranker_for(spec, api_key=api_key, base_url=base_url, timeout=timeout),
+                  cache=RerankCache(db, counter=GD.setdefault("pyembed.hits", HitCounter())),
+                  max_retries=retries, max_retry_after=timeout, meter=meter,
+                  on_error=tenants.error_counter(db))
+    GD["pyembed.rerankers"][spec.key] = (fingerprint, rr)
+    return rr
+
+
 def call(plpy: Any, fn: Callable[..., T], GD: dict[str, Any], *args: Any) -> T:
     """Run `fn(plpy, GD, *args)`; any error leaves as one plpy.Error with the message, SQLSTATE,
     DETAIL and HINT a PostgreSQL error would have (see sql_error). The SQL wrapper of each
@@ -169,9 +200,31 @@ def search_text(plpy: Any, GD: dict[str, Any], corpus: str | None, query: str | 
         GD["pyembed.corpus_id"] = where.corpus_id  # the provider call is accounted to it
         return embedder(plpy, GD, where.key).embed_query(text)
 
-    rows, _ = search.search_text(PlpyExecutor(plpy, GD), corpus, query, k, filter, mode,
-                                 embed_query, options=search.Options(group, fusion, alpha))
+    rows, where = search.search_text(PlpyExecutor(plpy, GD), corpus, query, k, filter, mode,
+                                     embed_query, options=search.Options(group, fusion, alpha))
+    GD["pyembed.corpus_id"] = where.corpus_id  # a rerank of these rows is accounted to it
     return rows
+
+
+def search_reranked(plpy: Any, GD: dict[str, Any], corpus: str | None, query: str | None,
+                    rerank: str | None, k: int | None, filter: str | None, mode: str | None,
+                    candidates: int | None, group: str | None = "document",
+                    fusion: str | None = None, alpha: float | None = None
+                    ) -> list[tuple[Any, ...]]:
+    """search_text's best `candidates` hits, reordered by the reranker `rerank`: the best k,
+    each with the reranker's score and identity."""
+    from .rerank import candidates as depth_for
+
+    if query is None or not rerank:
+        raise InvalidInput("search_reranked() needs a query text and a reranker (got NULL)")
+    if k is None or not 1 <= k <= 1000:
+        raise InvalidInput(f"k must be 1..1000, got {k}")
+    depth = depth_for(k, candidates)
+    rr = reranker(plpy, GD, rerank)  # an unknown reranker or a missing key before any search
+    rows = search_text(plpy, GD, corpus, query, depth, filter, mode, group, fusion, alpha)
+    hits = rr.rerank(query, search.as_hits(rows), k)
+    return [(h.document_id, h.chunk_id, h.chunk_index, h.content, h.metadata, h.score,
+             h.model_key, h.rerank_score, h.reranker) for h in hits]
 
 
 def _token_counter(GD: dict[str, Any], spec: ModelSpec) -> Callable[[list[str]], list[int] | None]:

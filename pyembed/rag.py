@@ -73,7 +73,8 @@ class Answer:
 
     `text` is None when nothing was generated (no API key: see `note`). `insufficient` is
     true when nothing was retrieved or Claude said the passages do not answer the question.
-    `timings` holds embed_ms, search_ms, generate_ms and total_ms (0 for a step not taken).
+    `timings` holds embed_ms, search_ms, generate_ms and total_ms (0 for a step not taken),
+    and rerank_ms when a reranker reordered the passages.
     """
 
     question: str
@@ -130,6 +131,7 @@ def is_insufficient(text: str) -> bool:
 def answer(corpus: Corpus, question: str, *, k: int = 5, model: str | None = None,
            max_tokens: int = 1024, min_score: float | None = None,
            filter: Mapping[str, Any] | None = None, mode: str = "vector",
+           rerank: str | None = None, rerank_candidates: int | None = None,
            on_text: Callable[[str], None] | None = None,
            client: anthropic.Anthropic | None = None, timeout: float = 60.0,
            max_retries: int = DEFAULT_MAX_RETRIES) -> Answer:
@@ -139,7 +141,9 @@ def answer(corpus: Corpus, question: str, *, k: int = 5, model: str | None = Non
 
     Passages are found by `mode` search ('vector', 'keyword' or 'hybrid', as in
     `Corpus.search`; `min_score` compares with that mode's score) among the chunks whose
-    metadata contains `filter`.
+    metadata contains `filter`. With `rerank` (e.g. "voyage/rerank-2.5"), the best
+    `rerank_candidates` of them (default 50) are reordered by that reranker and the best k
+    kept; `min_score` then compares with the reranker's score.
 
     Claude is called through `client`, else a client built from $ANTHROPIC_API_KEY (and
     $ANTHROPIC_BASE_URL); with neither, the passages are returned without a generated
@@ -160,11 +164,13 @@ def answer(corpus: Corpus, question: str, *, k: int = 5, model: str | None = Non
     model = model or os.environ.get(MODEL_ENV) or DEFAULT_MODEL
     start = time.perf_counter()
 
-    found = corpus.retrieve(question, k, filter, mode=mode)
+    found = corpus.retrieve(question, k, filter, mode=mode, rerank=rerank,
+                            rerank_candidates=rerank_candidates)
     key = found.model_key or corpus.model_key
     hits = found.hits
     if min_score is not None:
-        hits = [h for h in hits if h.score >= min_score]
+        hits = [h for h in hits
+                if (h.score if h.rerank_score is None else h.rerank_score) >= min_score]
     searched = time.perf_counter()
     sources = [Source(i, h) for i, h in enumerate(hits, start=1)]
     result = Answer(question, None, sources, key, None)
@@ -185,6 +191,7 @@ def answer(corpus: Corpus, question: str, *, k: int = 5, model: str | None = Non
     done = time.perf_counter()
     result.timings = {"embed_ms": found.timings["embed_ms"] or 0.0,
                       "search_ms": found.timings["search_ms"] or 0.0,
+                      **({"rerank_ms": found.timings.get("rerank_ms") or 0.0} if rerank else {}),
                       "generate_ms": _ms(searched, done) if result.generated else 0.0,
                       "total_ms": _ms(start, done)}
     corpus.log_query("ask", k, result.timings, generated=result.generated, model_key=key)

@@ -43,7 +43,9 @@ _ROUTE = """SELECT corpus_id, model_key,
 
 @dataclass(frozen=True)
 class Hit:
-    """One search result: which document and chunk, how close, and which model served it."""
+    """One search result: which document and chunk, how close, and which model served it;
+    after a rerank stage, the reranker's score and identity too (`score` stays the
+    retrieval's)."""
 
     document_id: str
     chunk_id: int
@@ -52,6 +54,8 @@ class Hit:
     metadata: dict[str, Any]
     score: float
     model_key: str
+    rerank_score: float | None = None
+    reranker: str | None = None
 
 
 def bucket(query: str) -> int:

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import psycopg
 from psycopg import sql
 
 from .db import translated
 from .errors import InvalidInput, ProviderError
-from .models import ModelSpec
 from .sqlexec import Executor, executor
 
 
@@ -72,25 +71,36 @@ def usage(conn: psycopg.Connection[Any], days: int = 30) -> list[UsageRow]:
             for a, b, k, r, t, c in rows]
 
 
+class Keyed(Protocol):
+    """What a meter or an error counter needs of a model (an embedding model or a
+    reranker): its key (a model key, or a reranker's identity) and its provider."""
+
+    @property
+    def key(self) -> str: ...
+
+    @property
+    def provider(self) -> str: ...
+
+
 def meter(db: psycopg.Connection[Any] | Executor,
-          corpus_id: int | None = None) -> Callable[[ModelSpec, int], None]:
-    """An Embedder meter that reserves each provider call in pyembed.usage (and is refused,
-    RateLimited, over the tenant's limits)."""
+          corpus_id: int | None = None) -> Callable[[Keyed, int], None]:
+    """An Embedder (or Reranker) meter that reserves each provider call in pyembed.usage (and
+    is refused, RateLimited, over the tenant's limits)."""
     run = executor(db)
 
-    def reserve(spec: ModelSpec, tokens: int) -> None:
+    def reserve(spec: Keyed, tokens: int) -> None:
         run.rows("SELECT pyembed.reserve_usage($1::text, $2::integer, 1, $3::bigint)",
                  [spec.key, corpus_id, tokens], ["text", "integer", "bigint"])
     return reserve
 
 
 def error_counter(db: psycopg.Connection[Any] | Executor
-                  ) -> Callable[[ModelSpec, ProviderError], None]:
-    """An Embedder on_error that counts each failed provider call by provider and kind (in
+                  ) -> Callable[[Keyed, ProviderError], None]:
+    """An Embedder (or Reranker) on_error that counts each failed provider call by provider and kind (in
     sequences, so that a failure which aborts its transaction is still counted)."""
     run = executor(db)
 
-    def count(spec: ModelSpec, error: ProviderError) -> None:
+    def count(spec: Keyed, error: ProviderError) -> None:
         run.rows("SELECT pyembed.count_provider_error($1::text, $2::text)",
                  [spec.provider, error.kind], ["text", "text"])
     return count

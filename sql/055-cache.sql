@@ -102,7 +102,7 @@ BEGIN
 END
 $$;
 
--- Hits, misses and current entries per day and model, the caller's tenant's.
+-- Hits, misses and current entries per day and model (or reranker), the caller's tenant's.
 CREATE OR REPLACE FUNCTION pyembed.cache_report(days integer DEFAULT 30)
 RETURNS TABLE (day date, model_key text, hits bigint, misses bigint, entries bigint)
 LANGUAGE plpgsql STABLE SECURITY DEFINER
@@ -115,6 +115,8 @@ BEGIN
   SELECT s.day, s.model_key, sum(s.hits)::bigint, sum(s.misses)::bigint,
          (SELECT count(DISTINCT e.cache_key) FROM pyembed.embedding_cache e
            WHERE e.tenant_id = tid AND e.model_key = s.model_key)
+         + (SELECT count(DISTINCT r.cache_key) FROM pyembed.rerank_cache r
+             WHERE r.tenant_id = tid AND r.reranker = s.model_key)
     FROM pyembed.cache_stats s
    WHERE s.tenant_id = tid AND s.day > current_date - days
    GROUP BY s.day, s.model_key

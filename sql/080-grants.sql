@@ -21,7 +21,8 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON pyembed.documents, pyembed.chunks, pyemb
 -- failed jobs aside. A queued key is checked by pyembed._queue_keys_accepted (PE001).
 GRANT SELECT, INSERT, UPDATE, DELETE ON pyembed.queue, pyembed.queue_failed TO pyembed_app;
 GRANT SELECT, INSERT ON pyembed.query_log TO pyembed_app;
-REVOKE ALL ON pyembed.embedding_cache, pyembed.cache_stats, pyembed.usage FROM pyembed_app;
+REVOKE ALL ON pyembed.embedding_cache, pyembed.cache_stats, pyembed.usage, pyembed.rerank_cache
+  FROM pyembed_app;
 GRANT SELECT ON pyembed.coverage, pyembed.throughput, pyembed.cache_health, pyembed.latency
   TO pyembed_app;
 -- Vectors: write (guarded), see which chunks have one, never read the embedding. Each corpus's
@@ -46,6 +47,9 @@ GRANT EXECUTE ON FUNCTION
   pyembed.cache_count(text[], bigint[], bigint[]),
   pyembed.cache_report(integer),
   pyembed.cache_purge(text, boolean),
+  pyembed.rerank_cache_get(bytea[]),
+  pyembed.rerank_cache_put(bytea[], text, float8[], float8),
+  pyembed.rerank_cache_purge(text, boolean),
   pyembed._clear_vectors(integer, text, bigint, bigint, bigint[]),
   pyembed._dequeue_written(integer, text, bigint, bigint, bytea[]),
   pyembed.reserve_usage(text, integer, integer, bigint),
@@ -57,6 +61,8 @@ GRANT EXECUTE ON FUNCTION
   pyembed.embed(text, text, text),
   pyembed.embed_batch(text[], text, text),
   pyembed.search_text(text, text, integer, jsonb, text, text, text, double precision),
+  pyembed.search_reranked(text, text, text, integer, jsonb, text, integer, text, text,
+                           double precision),
   pyembed.search_keyword(text, text, integer, jsonb, text),
   pyembed.search_hybrid(text, text, vector, text, integer, jsonb, integer, integer, text, text,
                         double precision),

@@ -40,7 +40,7 @@ def docs(owner: psycopg.Connection[Any], app: psycopg.Connection[Any]) -> Corpus
 
 # -- the cache, usage and statistics: ledgers written only through their functions -----------
 
-@pytest.mark.parametrize("table", ["embedding_cache", "cache_stats", "usage"])
+@pytest.mark.parametrize("table", ["embedding_cache", "cache_stats", "usage", "rerank_cache"])
 def test_the_app_role_cannot_read_or_write_a_ledger(app: psycopg.Connection[Any],
                                                     table: str) -> None:
     for statement in (f"SELECT * FROM pyembed.{table}",

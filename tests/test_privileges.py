@@ -52,8 +52,8 @@ def test_privileges_match_the_golden_file(owner: psycopg.Connection[Any]) -> Non
     lines = privileges(owner)
     # Rules that hold whatever the golden file says.
     assert not [line for line in lines if "| public |" in line and not line.endswith("| -")]
-    for table in ("embedding_cache", "cache_stats", "usage", "secrets", "tenants",
-                  "tenant_members"):
+    for table in ("embedding_cache", "cache_stats", "usage", "rerank_cache", "secrets",
+                  "tenants", "tenant_members"):
         assert f"table {table} | pyembed_app | -" in lines, table
     assert not [line for line in lines if line.startswith("column vectors.embedding | pyembed_app")
                 and "SELECT" in line]

@@ -49,7 +49,10 @@ APP_EXECUTE = {
     "cache_put(bytea[], text, text, vector[], double precision)",
     "cache_count(text[], bigint[], bigint[])",
     "cache_report(integer)",
-    "cache_purge(text, boolean)",  # the partition a SQL client COPYs a corpus's vectors into
+    "cache_purge(text, boolean)",
+    "rerank_cache_get(bytea[])",  # the rerank cache: through these functions only
+    "rerank_cache_put(bytea[], text, double precision[], double precision)",
+    "rerank_cache_purge(text, boolean)",  # the partition a SQL client COPYs a corpus's vectors into
     "_clear_vectors(integer, text, bigint, bigint, bigint[])",  # before vectors.copy_vectors's COPY
     "_dequeue_written(integer, text, bigint, bigint, bytea[])",  # by the vector write trigger
     "reserve_usage(text, integer, integer, bigint)",  # accounting and rate limits
@@ -78,6 +81,8 @@ APP_EXECUTE = {
     "reserve_query(integer, text, bytea, integer)",
     "record_search(integer, text, text, integer, boolean, real, real, real, real, bytea, text, "
     "vector, double precision, jsonb, text[], bigint[], bigint[])",
+    "search_reranked(text, text, text, integer, jsonb, text, integer, text, text, "
+    "double precision)",
 }
 
 # Functions named by their argument types, with `vector` unqualified (pgvector lives in public);

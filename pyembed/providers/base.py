@@ -45,7 +45,60 @@ class TransientProviderError(ProviderError):
         self.retry_after = retry_after
 
 
-class Provider(ABC):
+class ServiceClient:
+    """What every client of a provider's service shares: failures and bad answers as
+    redacted pyembed errors, and answers put back in input order. Subclasses set `name`,
+    `api_key`, `base_url` and `model_id`; `items` names what the service returns."""
+
+    name: ClassVar[str]
+    items: ClassVar[str] = "vectors"
+    api_key: str | None
+    base_url: str | None
+
+    @property
+    def model_id(self) -> str:
+        raise NotImplementedError
+
+    def failure(self, status: int | None, detail: str, *,
+                retry_after: float | None = None) -> ProviderError:
+        """The error to raise for a failed request: transient for 408/409/429/5xx and for
+        no response at all (status None), permanent otherwise. Its message is redacted (see
+        `pyembed.errors.redact`); raise it `from None`, since the SDK's exception is not."""
+        where = f"{self.name} ({self.model_id})"
+        what = f"HTTP {status}" if status is not None else "no response"
+        message = self._scrub(f"{where}: {what}: {detail.strip() or 'no detail given'}")
+        if status is None or status in TRANSIENT_STATUSES or status >= 500:
+            return TransientProviderError(message, status=status, retry_after=retry_after)
+        return ProviderError(message, kind="rejected")
+
+    def bad_response(self, detail: str) -> ProviderError:
+        """The error to raise when the service answered, but not with a usable answer."""
+        return ProviderError(self._scrub(f"{self.name} ({self.model_id}): {detail}"))
+
+    def in_input_order(self, indexed: Iterable[tuple[object, T]], count: int) -> list[T]:
+        """The items of an answer to `count` texts, each given with the index of its text,
+        in input order; `bad_response` unless the indexes are exactly 0..count-1, once each."""
+        items = list(indexed)
+        if len(items) != count:
+            raise self.bad_response(f"the service returned {len(items)} {self.items} for "
+                                    f"{count} texts")
+        ordered: dict[int, T] = {}
+        for index, item in items:
+            if not isinstance(index, int) or isinstance(index, bool):
+                raise self.bad_response(f"the service returned an index {index!r}, not a "
+                                        f"whole number")
+            if not 0 <= index < count:
+                raise self.bad_response(f"the service returned index {index} for {count} texts")
+            if index in ordered:
+                raise self.bad_response(f"the service returned index {index} twice")
+            ordered[index] = item
+        return [ordered[index] for index in range(count)]
+
+    def _scrub(self, message: str) -> str:
+        return redact(message, secrets=[self.api_key], base_url=self.base_url)
+
+
+class Provider(ServiceClient, ABC):
     """One embedding backend for one model; subclasses declare `name` and `embed_batch`.
 
     Batching, validation, retries and response checks belong to `pyembed.embedder.Embedder`;
@@ -99,44 +152,9 @@ class Provider(ABC):
         only have them estimated."""
         return None
 
-    def failure(self, status: int | None, detail: str, *,
-                retry_after: float | None = None) -> ProviderError:
-        """The error to raise for a failed request: transient for 408/409/429/5xx and for
-        no response at all (status None), permanent otherwise. Its message is redacted (see
-        `pyembed.errors.redact`); raise it `from None`, since the SDK's exception is not."""
-        where = f"{self.name} ({self.spec.model_id})"
-        what = f"HTTP {status}" if status is not None else "no response"
-        message = self._scrub(f"{where}: {what}: {detail.strip() or 'no detail given'}")
-        if status is None or status in TRANSIENT_STATUSES or status >= 500:
-            return TransientProviderError(message, status=status, retry_after=retry_after)
-        return ProviderError(message, kind="rejected")
-
-    def bad_response(self, detail: str) -> ProviderError:
-        """The error to raise when the service answered, but not with usable embeddings."""
-        return ProviderError(self._scrub(f"{self.name} ({self.spec.model_id}): {detail}"))
-
-    def in_input_order(self, indexed: Iterable[tuple[object, T]], count: int) -> list[T]:
-        """The items of an answer to `count` texts, each given with the index of its text,
-        in input order; `bad_response` unless the indexes are exactly 0..count-1, once each."""
-        items = list(indexed)
-        if len(items) != count:
-            raise self.bad_response(f"the service returned {len(items)} vectors for "
-                                    f"{count} texts")
-        ordered: dict[int, T] = {}
-        for index, item in items:
-            if not isinstance(index, int) or isinstance(index, bool):
-                raise self.bad_response(f"the service returned an index {index!r}, not a "
-                                        f"whole number")
-            if not 0 <= index < count:
-                raise self.bad_response(f"the service returned index {index} for {count} texts")
-            if index in ordered:
-                raise self.bad_response(f"the service returned index {index} twice")
-            ordered[index] = item
-        return [ordered[index] for index in range(count)]
-
-    def _scrub(self, message: str) -> str:
-        return redact(message, secrets=[self.api_key], base_url=self.base_url)
-
+    @property
+    def model_id(self) -> str:
+        return self.spec.model_id
 
 def local_threads() -> int:
     """The thread count for a local model: PYEMBED_LOCAL_THREADS, else 1 in a PostgreSQL

@@ -1,14 +1,15 @@
-"""Voyage AI embeddings through the `voyageai` SDK."""
+"""Voyage AI embeddings and reranking through the `voyageai` SDK."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import voyageai.error
-from voyageai.api_resources import Embedding
+from voyageai.api_resources import Embedding, Reranking
 
 from ..models import InputType
 from .base import Provider, Vectors, parse_retry_after
+from .rerank import RerankProvider
 
 
 class VoyageProvider(Provider):
@@ -40,3 +41,33 @@ class VoyageProvider(Provider):
         pairs: list[tuple[object, Any]] = [(item.get("index"), item.get("embedding"))
                                            for item in data]
         return self.in_input_order(pairs, len(texts))
+
+
+class VoyageReranker(RerankProvider):
+    """Voyage rerankers (`voyage/rerank-2.5`, `voyage/rerank-2.5-lite`); key from
+    VOYAGE_API_KEY, base URL from PYEMBED_VOYAGE_BASE_URL, as for embeddings."""
+
+    name = "voyage"
+    base_url_env = VoyageProvider.base_url_env
+
+    def score_batch(self, query: str, texts: list[str]) -> list[object]:
+        """One request to the rerank endpoint for every text's score; the service cuts a
+        candidate too long for the model's context (truncation), which a ranking tolerates."""
+        try:
+            # The SDK's resource, as for embeddings: the Client retries on its own.
+            response = Reranking.create(  # type: ignore[no-untyped-call]
+                query=query, documents=texts, model=self.spec.model_id, top_k=None,
+                truncation=True, api_key=self.api_key, base_url=self.base_url,
+                request_timeout=self.timeout,
+            )
+        except (voyageai.error.Timeout, voyageai.error.APIConnectionError) as exc:
+            raise self.failure(None, str(exc.user_message)) from None
+        except voyageai.error.VoyageError as exc:
+            headers = dict(exc.headers) if exc.headers else None
+            raise self.failure(exc.http_status, str(exc.user_message),
+                               retry_after=parse_retry_after(headers)) from None
+        data = response.get("data")
+        if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
+            raise self.bad_response("the answer has no list of scores")
+        return self.in_input_order([(item.get("index"), item.get("relevance_score"))
+                                    for item in data], len(texts))

@@ -16,6 +16,7 @@ import base64
 import binascii
 import collections
 import json
+import math
 import re
 import threading
 import uuid
@@ -30,15 +31,18 @@ import numpy.typing as npt
 
 from pyembed.models import registry
 from pyembed.providers.fake import fake_vectors
+from pyembed.providers.rerank import fake_scores
 from pyembed.text import estimate_tokens
 
 Service = Literal["voyage", "openai", "cohere", "anthropic"]
-Kind = Literal["ok", "status", "hang", "short", "wrongdims", "indexes"]
+Kind = Literal["ok", "status", "hang", "short", "wrongdims", "indexes", "nan"]
 
 _ROUTES: dict[str, Service] = {
     "/voyage/v1/embeddings": "voyage",
     "/openai/v1/embeddings": "openai",
     "/cohere/v2/embed": "cohere",
+    "/voyage/v1/rerank": "voyage",
+    "/cohere/v2/rerank": "cohere",
     "/anthropic/v1/messages": "anthropic",
 }
 _ANTHROPIC_ERRORS = {400: "invalid_request_error", 401: "authentication_error",
@@ -57,6 +61,8 @@ class Behaviour:
     indexes: one embedding per listed index, labelled with it and carrying the vector of the
     text at that index modulo the number of texts (Cohere's answer has no indexes: it gets
     those vectors in that order).
+    Rerank endpoints: short is one score too few, indexes one score per listed index, and
+    nan a NaN score for the first document.
     """
 
     kind: Kind = "ok"
@@ -66,9 +72,9 @@ class Behaviour:
 
     @classmethod
     def parse(cls, text: str) -> Behaviour:
-        """"ok", "hang", "short", "wrongdims", "<status>", "<status>:retry-after=<value>"
+        """"ok", "hang", "short", "wrongdims", "nan", "<status>", "<status>:retry-after=<value>"
         or "indexes=<i>,<j>,...", e.g. "429:retry-after=2" or "indexes=1,1,0,3"."""
-        if text in ("ok", "hang", "short", "wrongdims"):
+        if text in ("ok", "hang", "short", "wrongdims", "nan"):
             return cls(kind=text)  # type: ignore[arg-type]
         if text.startswith("indexes="):
             listed = text.removeprefix("indexes=").split(",")
@@ -205,11 +211,11 @@ class FakeAPI:
                  tb: TracebackType | None) -> None:
         self.stop()
 
-    def _record(self, service: Service, target: str, headers: dict[str, str],
+    def _record(self, path: str, target: str, headers: dict[str, str],
                 body: Any) -> Behaviour:
+        service = _ROUTES[path]
         with self._lock:
             behaviour = self._script.popleft() if self._script else Behaviour()
-            path = next(route for route, name in _ROUTES.items() if name == service)
             self._requests.append(Recorded(service, path, headers, body, behaviour, target))
         return behaviour
 
@@ -231,22 +237,23 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length)
-        service = _route(self.path)
-        if service is None:
+        path = _route(self.path)
+        if path is None:
             self._json(404, {"error": f"no route {self.path}"})
             return
+        service = _ROUTES[path]
         try:
             body: Any = json.loads(raw or b"null")
         except ValueError:
             body = raw.decode("utf-8", "replace")
         headers = {k.lower(): v for k, v in self.headers.items()}
-        behaviour = self.fake._record(service, self.path, headers, body)
+        behaviour = self.fake._record(path, self.path, headers, body)
         try:
-            self._answer(service, headers, body, behaviour)
+            self._answer(service, path, headers, body, behaviour)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
 
-    def _answer(self, service: Service, headers: dict[str, str], body: Any,
+    def _answer(self, service: Service, path: str, headers: dict[str, str], body: Any,
                 behaviour: Behaviour) -> None:
         if behaviour.kind == "hang":
             self.fake._stopping.wait(self.fake.hang_seconds)
@@ -266,6 +273,8 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if service == "anthropic":
                 self._messages(body, behaviour)
+            elif path.endswith("/rerank"):
+                self._json(200, _rerank(service, body, behaviour))
             else:
                 self._json(200, _embeddings(service, body, behaviour))
         except _BadRequest as exc:
@@ -349,15 +358,15 @@ def _stream_events(message: dict[str, Any], words: list[str],
     yield {"type": "message_stop"}
 
 
-def _route(target: str) -> Service | None:
-    """The service a request line's target is for: one of `_ROUTES`, after any gateway path,
+def _route(target: str) -> str | None:
+    """The route a request line's target is for: one of `_ROUTES`, after any gateway path,
     with query strings removed wherever they are (the SDKs append their endpoint to a base
     URL's query string, not to its path)."""
     path = re.sub(r"\?[^/]*", "", target) + "/"
-    for route, service in _ROUTES.items():
+    for route in _ROUTES:
         prefix, _, endpoint = route.rpartition("/")
         if f"{prefix}/" in path and target.endswith(endpoint):
-            return service
+            return route
     return None
 
 
@@ -429,3 +438,40 @@ def _embeddings(service: Service, body: Any, behaviour: Behaviour) -> dict[str, 
     usage = ({"total_tokens": tokens} if service == "voyage"
              else {"prompt_tokens": tokens, "total_tokens": tokens})
     return {"object": "list", "data": data, "model": model, "usage": usage}
+
+
+RERANKERS = {"voyage": ("rerank-2.5", "rerank-2.5-lite"), "cohere": ("rerank-v3.5",)}
+"""The rerank models each fake service knows."""
+
+
+def _rerank(service: Service, body: Any, behaviour: Behaviour) -> dict[str, Any]:
+    """A rerank answer: `fake_scores` of each document, best first (as both services sort)."""
+    if not isinstance(body, dict) or body.get("model") not in RERANKERS.get(service, ()):
+        raise _BadRequest(f"model {body.get('model') if isinstance(body, dict) else None!r} "
+                          "not found")
+    query, documents = body.get("query"), body.get("documents")
+    if not isinstance(query, str) or not query:
+        raise _BadRequest("query must be a non-empty string")
+    if not isinstance(documents, list) or not documents or not all(
+            isinstance(d, str) for d in documents):
+        raise _BadRequest("documents must be a non-empty list of strings")
+    if len(documents) > 1000:
+        raise _BadRequest("too many documents: at most 1000")
+    scores: list[float] = fake_scores(query, documents)
+    indexes = sorted(range(len(documents)), key=lambda i: -scores[i])
+    if behaviour.kind == "short":
+        indexes = indexes[:-1]
+    if behaviour.kind == "indexes":
+        indexes = list(behaviour.indexes)
+    if behaviour.kind == "nan":
+        scores[0] = math.nan
+    results = [{"index": i, "relevance_score": scores[i % len(documents)]} for i in indexes]
+    tokens = sum(estimate_tokens(query) + estimate_tokens(d) for d in documents)
+    if service == "cohere":
+        return {"id": str(uuid.uuid4()), "results": results,
+                "meta": {"api_version": {"version": "2"}, "billed_units": {"search_units": 1}}}
+    top_k = body.get("top_k")
+    if isinstance(top_k, int):
+        results = results[:top_k]
+    return {"object": "list", "data": results, "model": body["model"],
+            "usage": {"total_tokens": tokens}}

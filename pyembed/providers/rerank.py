@@ -1,0 +1,160 @@
+"""Rerankers: a service (or the offline fake) that scores candidate texts against a query.
+
+A reranker is named `provider/model`, e.g. `voyage/rerank-2.5` or `cohere/rerank-v3.5`, or by
+a short alias (`rerank-2.5`, `rerank-3.5`); its name is its identity in each hit, the usage
+ledger and the rerank cache. Each provider module imports its SDK, so `reranker_for` imports
+only the one it needs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ..errors import ConfigError, MissingAPIKey, UnknownModel
+from ..models import API_KEY_ENV
+from .base import ServiceClient
+
+
+@dataclass(frozen=True)
+class RerankerSpec:
+    """One reranking model: its provider, model id, key variable and request limits."""
+
+    provider: str
+    model_id: str
+    api_key_env: str | None
+    max_documents: int = 1000
+    """Candidates one request may carry."""
+    max_request_tokens: int = 600_000
+    """Tokens one request may carry, counted as the service does: the query once per
+    candidate, plus each candidate."""
+    description: str = ""
+
+    @property
+    def key(self) -> str:
+        """The reranker's identity, `provider/model_id`."""
+        return f"{self.provider}/{self.model_id}"
+
+
+RERANKERS: dict[str, RerankerSpec] = {s.key: s for s in (
+    RerankerSpec("voyage", "rerank-2.5", API_KEY_ENV["voyage"],
+                 description="Voyage's reranker, 32k tokens of context"),
+    RerankerSpec("voyage", "rerank-2.5-lite", API_KEY_ENV["voyage"],
+                 description="Voyage's faster, cheaper reranker"),
+    RerankerSpec("cohere", "rerank-v3.5", API_KEY_ENV["cohere"], max_request_tokens=10**9,
+                 description="Cohere Rerank 3.5 (each candidate cut to 4,096 tokens)"),
+    RerankerSpec("fake", "overlap", None,
+                 description="offline and deterministic, for tests: shared words (fake_scores)"),
+)}
+"""The rerankers pyembed knows, by key."""
+
+ALIASES = {"rerank-2.5": "voyage/rerank-2.5", "rerank-2.5-lite": "voyage/rerank-2.5-lite",
+           "rerank-3.5": "cohere/rerank-v3.5", "rerank-v3.5": "cohere/rerank-v3.5",
+           "fake": "fake/overlap"}
+"""Short names users type, e.g. `--rerank rerank-2.5`."""
+
+
+def reranker_spec(name: str) -> RerankerSpec:
+    """The reranker called `name` (a key or an alias); UnknownModel if there is none."""
+    key = ALIASES.get(name.strip(), name.strip()) if isinstance(name, str) else name
+    try:
+        return RERANKERS[key]
+    except (KeyError, TypeError):
+        raise UnknownModel(f"no reranker named {name!r}; known: "
+                           f"{', '.join([*RERANKERS, *ALIASES])}") from None
+
+
+class RerankProvider(ServiceClient, ABC):
+    """One reranking service for one model; subclasses declare `name` and `score_batch`.
+
+    Retries, the cache, usage and the checks of scores belong to `pyembed.rerank.Reranker`;
+    a provider sends one request and returns one score per text in input order (refusing an
+    answer whose indexes are not 0..N-1 once each, see `in_input_order`)."""
+
+    items = "scores"
+    base_url_env: ClassVar[str | None] = None
+
+    def __init__(self, spec: RerankerSpec, *, api_key: str | None = None,
+                 base_url: str | None = None, timeout: float = 30.0) -> None:
+        if spec.provider != self.name:
+            raise ConfigError(f"{type(self).__name__} serves {self.name} rerankers, not "
+                              f"{spec.key}")
+        if timeout <= 0:
+            raise ConfigError(f"timeout must be positive, got {timeout}")
+        self.spec = spec
+        self.timeout = timeout
+        self.api_key = api_key or self._key_from_env()
+        if base_url is None and self.base_url_env is not None:
+            base_url = os.environ.get(self.base_url_env) or None
+        self.base_url = base_url
+
+    @property
+    def model_id(self) -> str:
+        return self.spec.model_id
+
+    def _key_from_env(self) -> str | None:
+        env = self.spec.api_key_env
+        if env is None:
+            return None
+        key = os.environ.get(env, "").strip()
+        if not key:
+            raise MissingAPIKey(f"{env} is not set: export it to rerank with {self.spec.key}, "
+                                f"or search without rerank")
+        return key
+
+    @abstractmethod
+    def score_batch(self, query: str, texts: list[str]) -> list[object]:
+        """One relevance score per text (as the service gave it), in input order."""
+
+
+_WORD = re.compile(r"\w+")
+
+
+def fake_scores(query: str, texts: Sequence[str]) -> list[float]:
+    """Deterministic relevance: the share of the query's distinct lowercased words each text
+    contains, weighted by 1/sqrt of the text's distinct words (so a short text that has them
+    wins), in 0..1."""
+    wanted = set(_WORD.findall(query.lower()))
+    scores = []
+    for text in texts:
+        words = set(_WORD.findall(text.lower()))
+        shared = len(wanted & words)
+        scores.append(shared / math.sqrt(len(wanted) * len(words)) if shared else 0.0)
+    return scores
+
+
+class FakeReranker(RerankProvider):
+    """The `fake/overlap` reranker: `fake_scores`, offline. It records `calls` (texts of each
+    request) for tests."""
+
+    name = "fake"
+
+    def __init__(self, spec: RerankerSpec, *, api_key: str | None = None,
+                 base_url: str | None = None, timeout: float = 30.0) -> None:
+        super().__init__(spec, api_key=api_key, base_url=base_url, timeout=timeout)
+        self.calls: list[list[str]] = []
+
+    def score_batch(self, query: str, texts: list[str]) -> list[object]:
+        self.calls.append(list(texts))
+        return list(fake_scores(query, texts))
+
+
+_CLASSES: dict[str, tuple[str, str]] = {
+    "voyage": ("pyembed.providers.voyage", "VoyageReranker"),
+    "cohere": ("pyembed.providers.cohere", "CohereReranker"),
+    "fake": ("pyembed.providers.rerank", "FakeReranker"),
+}
+
+
+def reranker_for(spec: RerankerSpec, *, api_key: str | None = None,
+                 base_url: str | None = None, timeout: float = 30.0) -> RerankProvider:
+    """A provider for `spec` (MissingAPIKey if it needs a key that is unset)."""
+    module_name, class_name = _CLASSES[spec.provider]
+    cls: type[RerankProvider] = getattr(importlib.import_module(module_name), class_name)
+    return cls(spec, api_key=api_key, base_url=base_url, timeout=timeout)

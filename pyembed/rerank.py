@@ -1,0 +1,182 @@
+"""The rerank stage: a reranker reorders a search's candidates by its own relevance score.
+
+`Reranker` does for reranking what `pyembed.embedder.Embedder` does for embeddings: it asks the
+rerank cache first (pyembed.rerank_cache, through its SQL functions, keyed by query, candidate
+text and reranker), reserves each request in the usage ledger (the tenant's rate limits apply),
+retries transient failures, and refuses an answer that is not one finite score per candidate
+(PE009). The same class serves the package and the PL/Python functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from typing import Any
+
+import psycopg
+
+from .cache import flush_counts
+from .cachekey import HitCounter, rerank_cache_key
+from .embedder import plan_batches
+from .errors import InvalidInput, ProviderError
+from .providers.rerank import (
+    ALIASES,
+    RERANKERS,
+    RerankerSpec,
+    RerankProvider,
+    fake_scores,
+    reranker_for,
+    reranker_spec,
+)
+from .retry import Retrier
+from .search import Hit
+from .sqlexec import Executor, executor
+from .text import check_text, estimate_tokens
+
+DEFAULT_CANDIDATES = 50
+"""How many hits of the search a reranker reorders, unless told otherwise."""
+MAX_CANDIDATES = 1000
+
+LOOKUP = "SELECT cache_key, score FROM pyembed.rerank_cache_get($1::bytea[])"
+STORE = "SELECT pyembed.rerank_cache_put($1::bytea[], $2::text, $3::float8[], $4::float8)"
+
+_log = logging.getLogger(__name__)
+
+__all__ = ["ALIASES", "DEFAULT_CANDIDATES", "RERANKERS", "RerankCache", "Reranker",
+           "RerankerSpec", "candidates", "fake_scores", "reranker_spec"]
+
+
+def candidates(k: int, depth: int | None) -> int:
+    """How many hits to fetch for a rerank to `k`: `depth` (default DEFAULT_CANDIDATES), at
+    least k; InvalidInput outside 1..MAX_CANDIDATES."""
+    depth = DEFAULT_CANDIDATES if depth is None else depth
+    if not 1 <= depth <= MAX_CANDIDATES:
+        raise InvalidInput(f"rerank candidates must be 1..{MAX_CANDIDATES}, got {depth}")
+    return max(k, depth)
+
+
+class RerankCache:
+    """Scores in pyembed.rerank_cache, the caller's tenant's; hits and misses counted with the
+    embedding cache's (pyembed.cache_stats, under the reranker's key)."""
+
+    def __init__(self, db: psycopg.Connection[Any] | Executor, ttl: timedelta | None = None,
+                 counter: HitCounter | None = None) -> None:
+        self.db = executor(db)
+        self.ttl = ttl
+        self.counter = counter if counter is not None else HitCounter()
+        self.last_lookup: tuple[int, int] = (0, 0)
+        """(hits, misses) of the latest lookup."""
+
+    def get_many(self, query: str, texts: list[str], spec: RerankerSpec) -> dict[int, float]:
+        """The cached scores among `texts`, by index into `texts`."""
+        keys = [rerank_cache_key(query, t, spec.key) for t in texts]
+        found = {bytes(k): float(s) for k, s in self.db.rows(LOOKUP, [keys], ["bytea[]"])}
+        self.last_lookup = (len(found), len(set(keys)) - len(found))
+        self.counter.add(spec.key, *self.last_lookup)
+        if self.counter.due():
+            flush_counts(self.db, self.counter)
+        return {i: found[k] for i, k in enumerate(keys) if k in found}
+
+    def put_many(self, query: str, texts: list[str], scores: list[float],
+                 spec: RerankerSpec) -> None:
+        """Remember `scores[i]` as `spec`'s score of `texts[i]` for `query`."""
+        if texts:
+            entries = dict(zip((rerank_cache_key(query, t, spec.key) for t in texts), scores,
+                               strict=True))
+            self.db.rows(STORE, [list(entries), spec.key, list(entries.values()),
+                                 self.ttl.total_seconds() if self.ttl else None],
+                         ["bytea[]", "text", "float8[]", "float8"])
+        flush_counts(self.db, self.counter)
+
+
+class Reranker:
+    """Scores candidates against a query with one reranker: the cache first, then as few
+    requests as the reranker's limits allow for the rest, each metered and retried."""
+
+    def __init__(self, spec: RerankerSpec, provider: RerankProvider | None = None, *,
+                 cache: RerankCache | None = None, max_retries: int = 6,
+                 max_retry_after: float = 60.0, sleep: Callable[[float], None] = time.sleep,
+                 meter: Callable[[RerankerSpec, int], None] | None = None,
+                 on_error: Callable[[RerankerSpec, ProviderError], None] | None = None) -> None:
+        self.spec = spec
+        self.provider = provider if provider is not None else reranker_for(spec)
+        self.cache = cache
+        self.meter = meter
+        """Called with the reranker and the estimated tokens before every request: it records
+        usage and may refuse the request (RateLimited), which is not retried."""
+        self.on_error = on_error
+        """Called with every failed request, retried or not (pyembed counts them)."""
+        self._retrier = Retrier(spec.key, max_retries=max_retries,
+                                max_retry_after=max_retry_after, sleep=sleep,
+                                on_error=self._failed)
+
+    def scores(self, query: str, texts: Sequence[str]) -> list[float]:
+        """One relevance score per text, in input order (higher is more relevant)."""
+        query = check_text(query, "query").strip()
+        prepared = [check_text(t, f"candidate {i}").strip() for i, t in enumerate(texts)]
+        out: dict[int, float] = {}
+        if self.cache is not None and prepared:
+            out.update(self.cache.get_many(query, prepared, self.spec))
+        missing = list(dict.fromkeys(t for i, t in enumerate(prepared) if i not in out))
+        scored = self._score_unique(query, missing)
+        return [out[i] if i in out else scored[t] for i, t in enumerate(prepared)]
+
+    def rerank(self, query: str, hits: Sequence[Hit], k: int) -> list[Hit]:
+        """The `k` best of `hits` by this reranker's score (ties keep the search's order), each
+        with its `rerank_score` and `reranker` set."""
+        scores = self.scores(query, [h.content for h in hits])
+        order = sorted(range(len(hits)), key=lambda i: -scores[i])
+        return [dataclasses.replace(hits[i], rerank_score=scores[i], reranker=self.spec.key)
+                for i in order[:k]]
+
+    def _score_unique(self, query: str, texts: list[str]) -> dict[str, float]:
+        """Scores of distinct texts; whatever was scored is cached even if a later request
+        fails."""
+        done: dict[str, float] = {}
+        per_text = [estimate_tokens(query) + estimate_tokens(t) for t in texts]
+        try:
+            for batch in plan_batches(per_text, self.spec.max_documents,
+                                      self.spec.max_request_tokens):
+                part = texts[batch.start:batch.stop]
+                tokens = sum(per_text[batch.start:batch.stop])
+                done.update(zip(part, self._request(query, part, tokens), strict=True))
+        finally:
+            if self.cache is not None and done:
+                self.cache.put_many(query, list(done), list(done.values()), self.spec)
+        return done
+
+    def _request(self, query: str, texts: list[str], tokens: int) -> list[float]:
+        def meter() -> None:
+            if self.meter is not None:
+                self.meter(self.spec, tokens)
+
+        raw = self._retrier(lambda: self.provider.score_batch(query, texts), before=meter)
+        try:
+            return self._checked(raw, len(texts))
+        except ProviderError as exc:
+            self._failed(exc)
+            raise
+
+    def _failed(self, error: ProviderError) -> None:
+        """Report a failed request; a failure to report it never hides the error itself."""
+        if self.on_error is None:
+            return
+        try:
+            self.on_error(self.spec, error)
+        except Exception as exc:  # the provider's error is the one to raise
+            _log.warning("%s: could not count a failed request (%s)", self.spec.key, exc)
+
+    def _checked(self, raw: list[object], count: int) -> list[float]:
+        if len(raw) != count:
+            raise self.provider.bad_response(f"the service returned {len(raw)} scores for "
+                                             f"{count} texts")
+        for index, score in enumerate(raw):
+            if (not isinstance(score, int | float) or isinstance(score, bool)
+                    or not math.isfinite(score)):
+                raise self.provider.bad_response(f"the service returned {score!r} as the "
+                                                 f"score of text {index}, not a finite number")
+        return [float(s) for s in raw]  # type: ignore[arg-type]

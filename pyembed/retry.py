@@ -1,0 +1,93 @@
+"""Retries of one provider request, shared by the embedder and the reranker: transient failures
+(429, 5xx, timeouts, lost connections) are retried with exponential backoff, or after the wait
+the service asked for; a service that asks for more than `max_retry_after` is RateLimited."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential,
+    wait_random,
+)
+
+from .errors import ConfigError, ProviderError, RateLimited
+from .providers.base import TransientProviderError
+
+T = TypeVar("T")
+
+_log = logging.getLogger(__name__)
+
+
+class Retrier:
+    """Runs one request (a callable) up to `max_retries + 1` times; `what` names the model in
+    messages and logs, `on_error` hears of every failed attempt (pyembed counts them)."""
+
+    def __init__(self, what: str, *, max_retries: int = 6, max_retry_after: float = 60.0,
+                 sleep: Callable[[float], None] = time.sleep,
+                 on_error: Callable[[ProviderError], None] | None = None) -> None:
+        if max_retries < 0:
+            raise ConfigError(f"max_retries must be 0 or more, got {max_retries}")
+        self.what = what
+        self.max_retries = max_retries
+        self.max_retry_after = max_retry_after
+        self._sleep = sleep
+        self._on_error = on_error
+        self._backoff = wait_exponential(multiplier=0.5, max=30.0) + wait_random(0, 0.5)
+
+    def __call__(self, request: Callable[[], T], *,
+                 before: Callable[[], None] | None = None) -> T:
+        """`request()`'s result; ProviderError once the attempts are used up, RateLimited
+        when the service asks to wait longer than `max_retry_after`. Anything but a
+        TransientProviderError is not retried. `before` runs before each attempt (a meter):
+        its errors (a tenant's rate limit) are not the service's, nor retried."""
+        retrying = Retrying(
+            stop=stop_after_attempt(self.max_retries + 1),
+            wait=self._wait,
+            retry=retry_if_exception_type(TransientProviderError),
+            sleep=self._sleep,
+            before_sleep=self._log_retry,
+            reraise=True,
+        )
+        try:
+            result: T = retrying(self._once, request, before)
+            return result
+        except TransientProviderError as exc:
+            raise ProviderError(f"{self.what}: gave up after {self.max_retries + 1} "
+                                f"attempts; last error: {exc}", kind=exc.kind) from exc
+
+    def _once(self, request: Callable[[], T], before: Callable[[], None] | None) -> T:
+        if before is not None:
+            before()
+        try:
+            return request()
+        except ProviderError as exc:
+            if self._on_error is not None:
+                self._on_error(exc)
+            if (isinstance(exc, TransientProviderError) and exc.retry_after is not None
+                    and exc.retry_after > self.max_retry_after):
+                raise RateLimited(
+                    f"{self.what}: the service asks to wait {exc.retry_after:g} s, more "
+                    f"than max_retry_after ({self.max_retry_after:g} s); try again later "
+                    f"({exc})"
+                ) from exc
+            raise
+
+    def _log_retry(self, state: RetryCallState) -> None:
+        _log.info("%s: attempt %d of %d failed (%s); retrying in %.1f s", self.what,
+                  state.attempt_number, self.max_retries + 1,
+                  state.outcome.exception() if state.outcome else None,
+                  state.upcoming_sleep)
+
+    def _wait(self, state: RetryCallState) -> float:
+        error = state.outcome.exception() if state.outcome else None
+        if isinstance(error, TransientProviderError) and error.retry_after is not None:
+            return error.retry_after
+        return self._backoff(state)

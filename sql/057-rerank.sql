@@ -1,0 +1,136 @@
+-- The rerank stage from SQL, and its cache.
+--
+-- The rerank cache is read and written only through these functions, like the embedding cache
+-- (sql/055-cache.sql): the application role has no privilege on pyembed.rerank_cache. Entries
+-- are the caller's tenant's; no write waits for another session (a key stored twice at once
+-- keeps both rows, lookups take the newest, the next store of the key removes the others).
+
+CREATE OR REPLACE FUNCTION pyembed.rerank_cache_get(keys bytea[])
+RETURNS TABLE (cache_key bytea, score double precision)
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+  RETURN QUERY
+  SELECT DISTINCT ON (e.cache_key) e.cache_key, e.score FROM pyembed.rerank_cache e
+   WHERE e.tenant_id = coalesce(pyembed.current_tenant(), 0) AND e.cache_key = ANY (keys)
+     AND (e.expires_at IS NULL OR e.expires_at > now())
+   ORDER BY e.cache_key, e.created_at DESC;
+END
+$$;
+
+-- Stores (or renews) scores; in a read-only transaction (a replica) it stores nothing.
+CREATE OR REPLACE FUNCTION pyembed.rerank_cache_put(keys bytea[], p_reranker text,
+                                                    scores float8[],
+                                                    ttl_seconds float8 DEFAULT NULL)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  tid integer := coalesce(pyembed.current_tenant(), 0);
+  bad record;
+  stored integer;
+BEGIN
+  IF current_setting('transaction_read_only') = 'on' THEN
+    RETURN 0;
+  END IF;
+  IF cardinality(keys) IS DISTINCT FROM cardinality(scores) THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = format('rerank_cache_put needs one score per key (%s keys, %s scores)',
+                       cardinality(keys), cardinality(scores));
+  END IF;
+  IF p_reranker IS NULL OR p_reranker !~ '^[a-z0-9-]+/[A-Za-z0-9._-]+$' THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = format('a reranker is named provider/model, not %s',
+                       coalesce(quote_literal(p_reranker), 'NULL'));
+  END IF;
+  SELECT t.i, t.k, t.s INTO bad FROM unnest(keys, scores) WITH ORDINALITY AS t(k, s, i)
+   WHERE t.k IS NULL OR length(t.k) <> 32 OR t.s IS NULL OR t.s = 'NaN'
+      OR t.s IN ('Infinity', '-Infinity')
+   LIMIT 1;
+  IF FOUND THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = format('rerank cache entry %s refused: %s', bad.i, CASE
+        WHEN bad.k IS NULL OR length(bad.k) <> 32 THEN 'a cache key is a 32-byte sha256'
+        ELSE format('a score is a finite number, not %s', coalesce(bad.s::text, 'NULL')) END);
+  END IF;
+  -- Older rows of these keys (expired, or stored at the same time by another session), unless
+  -- another session holds them.
+  DELETE FROM pyembed.rerank_cache e
+   WHERE e.ctid = ANY (ARRAY(SELECT o.ctid FROM pyembed.rerank_cache o
+                              WHERE o.tenant_id = tid AND o.cache_key = ANY (keys)
+                                FOR UPDATE SKIP LOCKED));
+  INSERT INTO pyembed.rerank_cache (tenant_id, cache_key, reranker, score, expires_at)
+  SELECT DISTINCT ON (t.k) tid, t.k, p_reranker, t.s, now() + make_interval(secs => ttl_seconds)
+    FROM unnest(keys, scores) AS t(k, s);
+  GET DIAGNOSTICS stored = ROW_COUNT;
+  RETURN stored;
+END
+$$;
+
+-- Deletes the caller's tenant's rerank scores (of one reranker, or only expired ones).
+CREATE OR REPLACE FUNCTION pyembed.rerank_cache_purge(p_reranker text DEFAULT NULL,
+                                                      expired_only boolean DEFAULT false)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  gone bigint;
+BEGIN
+  DELETE FROM pyembed.rerank_cache e
+   WHERE e.tenant_id = coalesce(pyembed.current_tenant(), 0)
+     AND (p_reranker IS NULL OR e.reranker = p_reranker)
+     AND (NOT expired_only OR e.expires_at <= now());
+  GET DIAGNOSTICS gone = ROW_COUNT;
+  RETURN gone;
+END
+$$;
+
+-- Search by text, then rerank: the `candidates` best hits of `mode` search (as search_text
+-- finds them, with its group_by, fusion and alpha) reordered by `rerank` (e.g. 'voyage/rerank-2.5', 'cohere/rerank-v3.5'), the
+-- best k returned with the reranker's score and identity beside the search's. The reranker's
+-- key is the owner's secret (VOYAGE_API_KEY / COHERE_API_KEY, pyembed.set_secret); its request
+-- is bounded by pyembed.http_timeout and pyembed.http_retries, accounted in pyembed.usage and
+-- cached, like an embedding's.
+CREATE OR REPLACE FUNCTION pyembed._search_reranked(corpus text, query text, rerank text,
+                                                    k integer, filter jsonb, mode text,
+                                                    candidates integer, group_by text,
+                                                    fusion text, alpha double precision)
+RETURNS TABLE (document_id text, chunk_id bigint, chunk_index integer, content text,
+               metadata jsonb, score double precision, model_key text,
+               rerank_score double precision, reranker text)
+LANGUAGE plpython3u VOLATILE SECURITY INVOKER
+SET search_path = pg_catalog, pg_temp
+AS $$
+from pyembed import indb
+return indb.call(plpy, indb.search_reranked, GD, corpus, query, rerank, k, filter, mode,
+                 candidates, group_by, fusion, alpha)
+$$;
+
+CREATE OR REPLACE FUNCTION pyembed.search_reranked(corpus text, query text, rerank text,
+                                                   k integer DEFAULT 10,
+                                                   filter jsonb DEFAULT NULL,
+                                                   mode text DEFAULT 'vector',
+                                                   candidates integer DEFAULT 50,
+                                                   group_by text DEFAULT 'document',
+                                                   fusion text DEFAULT NULL,
+                                                   alpha double precision DEFAULT NULL)
+RETURNS TABLE (document_id text, chunk_id bigint, chunk_index integer, content text,
+               metadata jsonb, score double precision, model_key text,
+               rerank_score double precision, reranker text)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  e_state text; e_message text; e_detail text; e_hint text;
+BEGIN
+  RETURN QUERY SELECT * FROM pyembed._search_reranked(corpus, query, rerank, k, filter, mode,
+                                                      candidates, group_by, fusion, alpha);
+EXCEPTION WHEN OTHERS OR query_canceled THEN
+  GET STACKED DIAGNOSTICS e_state = RETURNED_SQLSTATE, e_message = MESSAGE_TEXT,
+                          e_detail = PG_EXCEPTION_DETAIL, e_hint = PG_EXCEPTION_HINT;
+  PERFORM pyembed._raise_again(e_state, e_message, e_detail, e_hint);
+END
+$$;
