@@ -96,3 +96,24 @@ def test_secret_example_is_owner_only(owner: psycopg.Connection[Any],
     assert owner.execute("SELECT count(*) FROM pyembed.secrets").fetchone() == (2,)
     with pytest.raises(psycopg.errors.InsufficientPrivilege):
         app.execute("SELECT * FROM pyembed.secrets")
+
+
+def test_rerank_sql_example_runs(db: Database, owner: psycopg.Connection[Any],
+                                 app: psycopg.Connection[Any], fake_api: Any) -> None:
+    """The reranking section's SQL, with the owner's key pointing Voyage's SDK at the fake
+    server."""
+    owner.execute("SELECT pyembed.set_secret('VOYAGE_API_KEY', 'pa-readme-rerank')")
+    owner.execute("SELECT pyembed.set_secret('PYEMBED_VOYAGE_BASE_URL', %s)",
+                  (fake_api.base_url("voyage"),))
+    app.execute("SELECT pyembed.create_corpus('docs', 'fake/fake-hash@1:384')")
+    docs = pyembed.connect(db.app_dsn)
+    try:
+        docs.corpus("docs").add([("e4012", "Error E4012 means the monthly quota is used up."),
+                                 ("e5003", "Error E5003: the bucket is read-only.")])
+    finally:
+        docs.close()
+    (block,) = [b for b in blocks("sql") if "search_reranked" in b]
+    (statement,) = [s.strip() for s in block.split(";") if s.strip()]
+    rows = app.execute(statement).fetchall()
+    assert [r[0] for r in rows][:1] == ["e4012"] and {r[3] for r in rows} == {"voyage/rerank-2.5"}
+    assert [r.path for r in fake_api.requests] == ["/voyage/v1/rerank"]
