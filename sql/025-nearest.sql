@@ -1,7 +1,9 @@
 -- The vector leg of every search: a corpus's nearest chunk ids for a key, by its HNSW index in
 -- the corpus's storage (0013_vector_storage), or exactly (`exact`: the model's distance on the
--- float32 vectors, a sequential scan: what recall is measured against). The caller has checked
--- the query (key, dimensions, norm; pyembed.search) and may read the corpus.
+-- float32 vectors, a sequential scan: what recall is measured against; also when a search asks
+-- for as many candidates as the partition has rows, which a scan reads about as fast, and
+-- exactly). The caller has checked the query (key, dimensions, norm; pyembed.search) and may
+-- read the corpus.
 --
 -- One dynamic statement on the corpus's partition whose key, dimensions and LIMIT are literals,
 -- so that the planner matches the partial HNSW index expression and predicate (with a parameter
@@ -41,7 +43,8 @@ DECLARE
   source text;
 BEGIN
   SELECT co.storage AS st, co.target_model_key AS target, co.target_storage, co.index_settings,
-         m.dimensions, m.distance, greatest(cl.reltuples, 0)::bigint AS rows
+         m.dimensions, m.distance, greatest(cl.reltuples, 0)::bigint AS rows,
+         cl.reltuples AS counted
     INTO c
     FROM pyembed.corpora co
     JOIN pyembed.models m ON m.model_key = p_model_key
@@ -64,7 +67,7 @@ BEGIN
       'JOIN pyembed.chunks f ON f.corpus_id = %s AND f.chunk_id = v.chunk_id', p_corpus_id) END,
     p_model_key,
     CASE WHEN filter IS NULL THEN '' ELSE 'AND f.metadata @> $2' END);
-  IF exact OR s.expr IS NULL THEN
+  IF exact OR s.expr IS NULL OR (c.counted >= 0 AND candidates >= c.counted) THEN
     EXECUTE format('SELECT array_agg(chunk_id), array_agg(distance) FROM (SELECT v.chunk_id, '
                    'v.%s $1 AS distance FROM %s ORDER BY 2, 1 LIMIT %s) hit',
                    s.exact, source, k)
