@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import cache, evaluation, health, index, migration, models, schema, tenants
+from . import cache, evaluation, health, index, migration, models, recall, schema, tenants
 from .client import Client
 from .client import connect as connect_client
 from .config import DSN_ENV
@@ -31,6 +31,7 @@ from .doctor import doctor_cmd
 from .errors import DatabaseNotReady, InvalidInput, MigrationError, PyembedError
 from .localdb import LocalCluster
 from .models import BUILTIN, LOCAL_DEFAULT
+from .recall import RECALL_ALERT
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="The embedding model as an enforced part of your PostgreSQL schema.")
@@ -398,6 +399,9 @@ def worker_cmd(
         help="seconds a claimed batch stays hidden from other workers, renewed while it is in "
              "flight: a dead worker's batch is taken over when its lease ends")] = 30.0,
     forever: Annotated[bool, typer.Option("--forever", help="keep polling when empty")] = False,
+    recall_every: Annotated[float, typer.Option(
+        "--recall-every", envvar="PYEMBED_RECALL_EVERY", min=0.0,
+        help="seconds between re-runs of sampled searches for recall@10 (0: never)")] = 60.0,
     dsn: DsnOption = None,
 ) -> None:
     """Embed queued chunks (SKIP LOCKED batches; run several for more throughput).
@@ -412,7 +416,8 @@ def worker_cmd(
 
     from .worker import Worker
 
-    worker = Worker(_dsn(dsn), batch_size=batch_size, max_attempts=max_attempts, lease_seconds=lease)
+    worker = Worker(_dsn(dsn), batch_size=batch_size, max_attempts=max_attempts, lease_seconds=lease,
+                    recall_every=recall_every)
     try:
         with Progress(console=console, transient=True) as bar:
             task = bar.add_task("embedding", total=worker.pending() or None)
@@ -471,13 +476,16 @@ def plan_storage(vectors: Annotated[int, typer.Option("--vectors", help="number 
 
 
 @app.command("status")
-def status_cmd(dsn: DsnOption = None, as_json: JsonOption = False) -> None:
-    """Health at a glance: coverage, queue, throughput, cache, latency, with alerts.
+def status_cmd(dsn: DsnOption = None, as_json: JsonOption = False,
+               recall_alert: Annotated[float, typer.Option(
+                   "--recall-alert", envvar="PYEMBED_RECALL_ALERT", min=0.0, max=1.0,
+                   help="recall@10 below which a corpus alerts")] = RECALL_ALERT) -> None:
+    """Health at a glance: coverage, queue, throughput, cache, latency, recall, with alerts.
 
     Example: pyembed status       (exits 1 when something is alerting, --json too)
     """
     with _connect(dsn) as conn:
-        findings = health.report(conn)
+        findings = health.report(conn, recall_alert=recall_alert)
     alerts = [f for f in findings if f.level == "alert"]
     if as_json:
         _print_json({"findings": [dataclasses.asdict(f) for f in findings],
@@ -492,6 +500,37 @@ def status_cmd(dsn: DsnOption = None, as_json: JsonOption = False) -> None:
     if alerts:
         raise PyembedError(f"{len(alerts)} alert(s): " + "; ".join(
             f"{f.area} {f.subject}: {f.note}" for f in alerts[:3]))
+
+
+@app.command("recall")
+def recall_cmd(
+    corpus: str,
+    queries: Annotated[int, typer.Option(
+        "--queries", min=1, max=1000, help="stored vectors searched as queries")] = 50,
+    dsn: DsnOption = None, as_json: JsonOption = False,
+) -> None:
+    """recall@10 of the guarded search against exact search (every vector compared), now.
+
+    Stored vectors of the corpus are the queries; the figure is recorded beside the ones the
+    worker measures from sampled real searches (`pyembed status` shows both, and alerts below
+    --recall-alert).
+
+    Example: pyembed recall docs --json      ({"recall_at_10": 0.99, ...})
+    """
+    with _connect(dsn) as conn:
+        found = recall.measure(conn, corpus, queries)
+    if not found:
+        raise PyembedError(f"corpus {corpus!r} has no vectors to measure recall with yet")
+    first = found[0]  # the active key's
+    if as_json:
+        _print_json({"corpus": corpus, "model_key": first.model_key, "queries": first.queries,
+                     "recall_at_10": first.recall_at_10,
+                     "keys": [dataclasses.asdict(m) for m in found]})
+        return
+    table = _table("model key", "queries", "recall@10", numbers=("queries", "recall@10"))
+    for m in found:
+        table.add_row(escape(m.model_key), str(m.queries), f"{m.recall_at_10:.3f}")
+    console.print(table)
 
 
 app.command("doctor")(doctor_cmd)

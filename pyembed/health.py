@@ -1,5 +1,5 @@
-"""What `pyembed status` and `pyembed metrics serve` report: coverage, queue, throughput, cache
-and latency, each with the alert it raises (from the health views in sql/075-health.sql)."""
+"""What `pyembed status` and `pyembed metrics serve` report: coverage, queue, throughput, cache,
+latency and recall, each with the alert it raises (from the health views in sql/075-health.sql)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from typing import Any, Literal
 
 import psycopg
 from psycopg.rows import dict_row
+
+from .recall import RECALL_ALERT
 
 Level = Literal["ok", "warn", "alert"]
 
@@ -108,6 +110,20 @@ def latency(conn: psycopg.Connection[Any]) -> list[Finding]:
     return out
 
 
+def recall(conn: psycopg.Connection[Any], alert: float = RECALL_ALERT) -> list[Finding]:
+    """recall@10 of the guarded search against exact search, per corpus and key, over the
+    last 24 hours (pyembed.recall_health); below `alert` alerts."""
+    out = []
+    for r in _rows(conn, "recall_health"):
+        low = r["recall_at_10"] < alert
+        out.append(Finding("recall", f"{r['corpus']} {r['model_key']}",
+                           f"recall@10 {r['recall_at_10']:.3f} ({r['queries']} queries, last "
+                           f"measured {_clock(r['measured_at'])})", "alert" if low else "ok",
+                           f"below {alert:g}: raise ef_search or rebuild the index"
+                           if low else "", float(r["recall_at_10"])))
+    return out
+
+
 REPLICA_WARN_BYTES = 64 << 20
 """WAL a replica may be behind before it is a warning."""
 
@@ -134,6 +150,7 @@ def replicas(conn: psycopg.Connection[Any]) -> list[Finding]:
     return out
 
 
-def report(conn: psycopg.Connection[Any]) -> list[Finding]:
+def report(conn: psycopg.Connection[Any], *, recall_alert: float = RECALL_ALERT) -> list[Finding]:
     """Every finding, area by area."""
-    return coverage(conn) + throughput(conn) + cache(conn) + latency(conn) + replicas(conn)
+    return (coverage(conn) + throughput(conn) + cache(conn) + latency(conn)
+            + recall(conn, recall_alert) + replicas(conn))

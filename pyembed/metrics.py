@@ -106,6 +106,13 @@ class PyembedCollector(Collector):
             lat.add_metric([r["kind"], r["phase"], "0.5"], r["p50_ms"] / 1000)
             lat.add_metric([r["kind"], r["phase"], "0.95"], r["p95_ms"] / 1000)
         yield lat
+        recall = GaugeMetricFamily("pyembed_recall_at_10",
+                                   "recall@10 of the guarded search against exact search "
+                                   "(last 24 hours of measurements)",
+                                   labels=["corpus", "model_key"])
+        for r in self._rows("SELECT * FROM pyembed.recall_health"):
+            recall.add_metric([r["corpus"], r["model_key"]], float(r["recall_at_10"]))
+        yield recall
         up = GaugeMetricFamily("pyembed_up", "1 if the database answered the scrape")
         up.add_metric([], 1)
         yield up

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import psycopg
 
+from . import recall
 from .cache import PostgresCache
 from .corpora import model_spec
 from .db import connect
@@ -37,6 +38,7 @@ from .errors import (
     MissingAPIKey,
     ModelMismatch,
     ProviderError,
+    PyembedError,
     RateLimited,
     UnknownModel,
 )
@@ -265,8 +267,8 @@ class Worker:
     def __init__(self, dsn: str | None = None, *, batch_size: int = 64, max_attempts: int = 5,
                  lease_seconds: float = DEFAULT_LEASE, retry_base: float = 2.0,
                  retry_max: float = 300.0,
-                 embedder_for: Callable[[ModelSpec, PostgresCache], Embedder] | None = None
-                 ) -> None:
+                 embedder_for: Callable[[ModelSpec, PostgresCache], Embedder] | None = None,
+                 recall_every: float = 60.0, recall_samples: int = 20) -> None:
         if batch_size < 1 or max_attempts < 1 or lease_seconds <= 0:
             raise InvalidInput("batch size, max attempts and lease must be positive")
         self.dsn = dsn
@@ -283,6 +285,11 @@ class Worker:
         self._conn: psycopg.Connection[Any] | None = None
         self._cache_conn: psycopg.Connection[Any] | None = None
         self._leases = Leases(dsn, lease_seconds)
+        self.recall_every = recall_every
+        """Seconds between two re-runs of sampled searches (pyembed.recall_sampled); 0: never."""
+        self.recall_samples = recall_samples
+        """Sampled searches re-run at most each time: the rate limit of the exact scans."""
+        self._recall_due = 0.0
 
     # -- connections -----------------------------------------------------------------------
     @property
@@ -485,6 +492,7 @@ class Worker:
                 before = (stats.embedded, stats.failed, stats.retried, stats.stale)
                 try:
                     self.run_once(stats)
+                    self.measure_recall()
                     lost = 0
                 except psycopg.OperationalError as exc:
                     # The server went away: nothing is lost (leases run out), so reconnect.
@@ -505,6 +513,21 @@ class Worker:
                     self.stop_requested.wait(poll_interval)
         stats.seconds = time.perf_counter() - start
         return stats
+
+    def measure_recall(self, *, now: bool = False) -> list[recall.Measurement]:
+        """Re-run sampled searches when `recall_every` seconds have passed (or `now`); a
+        failure is logged, never stops the worker."""
+        if not now and (self.recall_every <= 0 or time.monotonic() < self._recall_due):
+            return []
+        self._recall_due = time.monotonic() + self.recall_every
+        try:
+            with self.conn.transaction():
+                return recall.measure_sampled(self.conn, self.recall_samples)
+        except psycopg.OperationalError:
+            raise
+        except (psycopg.Error, PyembedError) as exc:
+            _log.warning("recall measurement failed: %s", exc)
+            return []
 
     def _nothing_due(self, within: float) -> bool:
         with self.conn.transaction():

@@ -62,7 +62,7 @@ $$;
 
 -- Records one search on a read-write server: its query-log line (kind NULL: none), a cache
 -- entry for its embedding (cache_key NULL: none), cache hit and miss counts, and a recall
--- sample; returns whether it wrote (false in a read-only transaction, which writes nothing).
+-- sample (sql/072-recall.sql) of its query vector; returns whether it wrote (false in a read-only transaction, which writes nothing).
 CREATE OR REPLACE FUNCTION pyembed.record_search(
   p_corpus_id integer, p_model_key text, kind text, k integer, cache_hit boolean,
   embed_ms real, search_ms real, generate_ms real, total_ms real,
@@ -97,6 +97,9 @@ BEGIN
                                    generate_ms, total_ms)
     VALUES (p_corpus_id, coalesce(p_model_key, '-'), kind, k, cache_hit, embed_ms, search_ms,
             generate_ms, total_ms);
+  END IF;
+  IF v IS NOT NULL AND p_model_key IS NOT NULL THEN
+    PERFORM pyembed._sample_recall(p_corpus_id, p_model_key, v, filter);
   END IF;
   RETURN true;
 END

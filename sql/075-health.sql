@@ -59,3 +59,8 @@ SELECT l.kind, p.phase, count(*) AS queries,
     ON t.phase = p.phase
  WHERE l.at > now() - interval '1 hour' AND p.ms IS NOT NULL
  GROUP BY l.kind, p.phase;
+
+-- recall@10 per corpus and key over the last 24 hours (sql/072-recall.sql); below 0.95 alerts.
+CREATE OR REPLACE VIEW pyembed.recall_health WITH (security_invoker = true) AS
+SELECT r.corpus, r.model_key, r.recall_at_10, r.queries, r.measured_at
+  FROM pyembed.recall_report(24) r;

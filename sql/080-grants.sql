@@ -23,8 +23,8 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON pyembed.queue, pyembed.queue_failed TO p
 GRANT SELECT, INSERT ON pyembed.query_log TO pyembed_app;
 REVOKE ALL ON pyembed.embedding_cache, pyembed.cache_stats, pyembed.usage, pyembed.rerank_cache
   FROM pyembed_app;
-GRANT SELECT ON pyembed.coverage, pyembed.throughput, pyembed.cache_health, pyembed.latency
-  TO pyembed_app;
+GRANT SELECT ON pyembed.coverage, pyembed.throughput, pyembed.cache_health, pyembed.latency,
+  pyembed.recall_health TO pyembed_app;
 -- Vectors: write (guarded), see which chunks have one, never read the embedding. Each corpus's
 -- partition grants INSERT alone, for COPY (pyembed._vector_partition).
 GRANT SELECT (corpus_id, chunk_id, model_key, content_hash, created_at) ON pyembed.vectors
@@ -72,6 +72,9 @@ GRANT EXECUTE ON FUNCTION
   pyembed.search_embedded(text, text, vector, text, bytea, text, float8, integer, jsonb, text,
                           jsonb, real, boolean, text[], bigint[], bigint[]),
   pyembed.reserve_query(integer, text, bytea, integer),
+  pyembed.measure_recall(text, integer),
+  pyembed.recall_sampled(integer),
+  pyembed.recall_report(integer),
   pyembed.record_search(integer, text, text, integer, boolean, real, real, real, real, bytea,
                         text, vector, float8, jsonb, text[], bigint[], bigint[])
   TO pyembed_app;

@@ -287,7 +287,7 @@ def _exported(body: str) -> dict[str, list[set[str]]]:
 @pytest.fixture
 def metrics_body(db: Database) -> str:
     """/metrics of `pyembed metrics serve` on a database with a corpus, vectors, searches
-    (latency, cache hits) and a queued chunk, so that every family has samples."""
+    (latency, cache hits), a recall measurement and a queued chunk, so that every family has samples."""
     with pyembed.connect(db.app_dsn) as client:
         kb = client.create_corpus("kb", FAKE)
         kb.add([("a", "alpha text"), ("b", "beta text")])
@@ -295,6 +295,7 @@ def metrics_body(db: Database) -> str:
             kb.search("alpha", k=1)
         kb.search("alpha", k=1, mode="hybrid")
         client.conn.execute("SELECT pyembed.add_document('kb', 'c', 'gamma text waiting')")
+        client.conn.execute("SELECT * FROM pyembed.measure_recall('kb', 2)")
     port = free_port()
     command = [str(VENV_BIN / "pyembed"), *SERVICES["metrics"]["command"][1:]]
     command[command.index("--port") + 1] = str(port)
@@ -335,4 +336,5 @@ def test_every_dashboard_metric_is_exported(metrics_body: str) -> None:
     assert set(queried) >= {"pyembed_coverage_ratio", "pyembed_queue_depth",
                             "pyembed_embeddings_per_second", "pyembed_cache_hits_total",
                             "pyembed_cache_misses_total", "pyembed_latency_seconds",
-                            "pyembed_provider_errors_total", "pyembed_cost_usd_30d"}
+                            "pyembed_provider_errors_total", "pyembed_cost_usd_30d",
+                            "pyembed_recall_at_10"}

@@ -79,6 +79,9 @@ APP_EXECUTE = {
     "search_embedded(text, text, vector, text, bytea, text, double precision, integer, jsonb, "
     "text, jsonb, real, boolean, text[], bigint[], bigint[])",
     "reserve_query(integer, text, bytea, integer)",
+    "measure_recall(text, integer)",  # recall you can see (sql/072-recall.sql)
+    "recall_sampled(integer)",
+    "recall_report(integer)",
     "record_search(integer, text, text, integer, boolean, real, real, real, real, bytea, text, "
     "vector, double precision, jsonb, text[], bigint[], bigint[])",
     "search_reranked(text, text, text, integer, jsonb, text, integer, text, text, "
