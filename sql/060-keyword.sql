@@ -181,38 +181,98 @@ END
 $$;
 
 -- The n best chunks of a corpus by BM25 (k1 1.2, b 0.75) for a query, best first, among the
--- chunks whose metadata contains `filter` (if given): (chunk ids, scores). Postings come from
--- the primary key's index alone (it carries tf and doc_len), and the arithmetic is in float8
--- (a numeric constant made it numeric, per posting, several times slower).
+-- chunks whose metadata contains `filter` (if given): (chunk ids, scores), exactly as if every
+-- posting of every query term were scored, without reading the long posting lists of common
+-- terms when they cannot change the result (MaxScore, Turtle and Flood 1995):
+-- 1. the terms are taken rarest first; the rare ones (in at most 5% of the chunks, or the
+--    rarest) are scored over all their postings: partial scores of their chunks, the candidates;
+-- 2. theta, the n-th best partial score, is below the n-th best full score. A term's part of a
+--    score is below idf * 2.2 (k1 + 1), so while the parts the unread terms could add up to
+--    (`rest`) reach theta, more terms are read (theta only grows as they are);
+-- 3. then a chunk no read term matches scores below rest < theta: only candidates whose partial
+--    score + rest reaches theta can be among the n best; the unread terms' postings of those
+--    alone are looked up (primary key probes), and the n best full scores are returned.
+-- Postings come from the primary key's index alone (it carries tf and doc_len), and the
+-- arithmetic is in float8 (a numeric constant made it numeric, per posting, several times slower).
 CREATE OR REPLACE FUNCTION pyembed._bm25(c pyembed.corpora, query text, n integer, filter jsonb,
                                          OUT ids bigint[], OUT scores float8[])
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+  total float8;
+  avgdl float8;
+  lx text[];      -- the query's terms that occur in the corpus, rarest first
+  w float8[];     -- their idf
+  m integer;      -- how many
+  e integer;      -- terms 1..e are read
+  upto integer;
+  theta float8;   -- the n-th best partial score (NULL: fewer than n candidates)
+  rest float8;    -- what terms e+1..m could add to a score, at most
 BEGIN
-  WITH st AS (
-    SELECT s.chunks::float8 AS n, s.total_len::float8 / greatest(s.chunks, 1) AS avgdl
-      FROM pyembed.keyword_stats s WHERE s.corpus_id = c.corpus_id
-  ), terms AS (
-    SELECT l.lexeme, ln(1 + (st.n - l.df + 0.5) / (l.df + 0.5::float8)) AS idf
-      FROM (SELECT DISTINCT u.lexeme FROM unnest(to_tsvector(c.text_config, query)) u) q
-      JOIN pyembed.lexeme_stats l ON l.corpus_id = c.corpus_id AND l.lexeme = q.lexeme, st
-     WHERE l.df > 0
-  ), scored AS (
-    SELECT p.chunk_id,
-           sum(t.idf * p.tf * 2.2 / (p.tf + 1.2 * (0.25 + 0.75::float8 * p.doc_len / st.avgdl)))
-             AS s
-      FROM terms t, st,
-           LATERAL (SELECT pp.chunk_id, pp.tf, pp.doc_len FROM pyembed.postings pp
-                     WHERE pp.corpus_id = c.corpus_id AND pp.lexeme = t.lexeme OFFSET 0) p
-     GROUP BY p.chunk_id
-  )
-  SELECT array_agg(top.chunk_id), array_agg(top.s) INTO ids, scores
-    FROM (SELECT sc.chunk_id, sc.s FROM scored sc
-           WHERE filter IS NULL OR EXISTS (
-                   SELECT FROM pyembed.chunks ch WHERE ch.corpus_id = c.corpus_id
-                      AND ch.chunk_id = sc.chunk_id AND ch.metadata @> filter)
-           ORDER BY sc.s DESC, sc.chunk_id LIMIT n) top;
+  SELECT s.chunks::float8, s.total_len::float8 / greatest(s.chunks, 1) INTO total, avgdl
+    FROM pyembed.keyword_stats s WHERE s.corpus_id = c.corpus_id;
+  SELECT array_agg(t.lexeme ORDER BY t.df, t.lexeme), array_agg(t.idf ORDER BY t.df, t.lexeme),
+         count(*) FILTER (WHERE t.df <= total / 20)
+    INTO lx, w, e
+    FROM (SELECT l.lexeme, l.df, ln(1 + (total - l.df + 0.5) / (l.df + 0.5::float8)) AS idf
+            FROM (SELECT DISTINCT u.lexeme FROM unnest(to_tsvector(c.text_config, query)) u) q
+            JOIN pyembed.lexeme_stats l ON l.corpus_id = c.corpus_id AND l.lexeme = q.lexeme
+           WHERE l.df > 0) t;
+  m := coalesce(cardinality(lx), 0);
+  IF m = 0 THEN
+    RETURN;
+  END IF;
+  e := greatest(e, 1);
+  upto := e;
+  e := 0;
+  LOOP
+    -- Read terms e+1..upto: their parts are added to the candidates' partial scores (each
+    -- term's postings in a sub-query of their own: OFFSET 0 keeps the planner from flattening).
+    SELECT array_agg(x.chunk_id), array_agg(x.s) INTO ids, scores
+      FROM (SELECT y.chunk_id, sum(y.s) AS s
+              FROM (SELECT o.chunk_id, o.s FROM unnest(ids, scores) AS o(chunk_id, s)
+                    UNION ALL
+                    SELECT p.chunk_id,
+                           t.idf * p.tf * 2.2 / (p.tf + 1.2 * (0.25 + 0.75::float8 * p.doc_len
+                                                               / avgdl))
+                      FROM unnest(lx[e + 1:upto], w[e + 1:upto]) AS t(lexeme, idf),
+                           LATERAL (SELECT pp.chunk_id, pp.tf, pp.doc_len FROM pyembed.postings pp
+                                     WHERE pp.corpus_id = c.corpus_id AND pp.lexeme = t.lexeme
+                                    OFFSET 0) p) y
+             GROUP BY y.chunk_id) x
+     WHERE filter IS NULL OR EXISTS (
+             SELECT FROM pyembed.chunks ch WHERE ch.corpus_id = c.corpus_id
+                AND ch.chunk_id = x.chunk_id AND ch.metadata @> filter);
+    e := upto;
+    SELECT o.s INTO theta FROM unnest(scores) AS o(s) ORDER BY o.s DESC OFFSET n - 1 LIMIT 1;
+    IF NOT FOUND THEN
+      theta := NULL;
+    END IF;
+    -- The fewest more terms after which the unread ones could add less than theta.
+    upto := e;
+    LOOP
+      SELECT coalesce(sum(u.idf), 0) * 2.2 INTO rest FROM unnest(w[upto + 1:m]) AS u(idf);
+      EXIT WHEN upto >= m OR rest < theta;  -- (theta NULL: read on)
+      upto := upto + 1;
+      EXIT WHEN theta IS NULL;  -- one term more, then a new theta
+    END LOOP;
+    EXIT WHEN upto = e;
+  END LOOP;
+  SELECT array_agg(f.chunk_id ORDER BY f.s DESC, f.chunk_id),
+         array_agg(f.s ORDER BY f.s DESC, f.chunk_id) INTO ids, scores
+    FROM (SELECT o.chunk_id,
+                 o.s + CASE WHEN e < m THEN coalesce((
+                   SELECT sum(t.idf * p.tf * 2.2
+                              / (p.tf + 1.2 * (0.25 + 0.75::float8 * p.doc_len / avgdl)))
+                     FROM unnest(lx[e + 1:m], w[e + 1:m]) AS t(lexeme, idf),
+                          LATERAL (SELECT pp.tf, pp.doc_len FROM pyembed.postings pp
+                                    WHERE pp.corpus_id = c.corpus_id AND pp.lexeme = t.lexeme
+                                      AND pp.chunk_id = o.chunk_id OFFSET 0) p), 0)
+                 ELSE 0 END AS s
+            FROM unnest(ids, scores) AS o(chunk_id, s)
+           WHERE e = m OR o.s + rest >= theta
+           ORDER BY 2 DESC, 1 LIMIT n) f;
 END
 $$;
 

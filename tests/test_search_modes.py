@@ -210,3 +210,31 @@ def test_fusion_options_apply_to_hybrid_search_only(client: Any,
         err = sql_error(app, "SELECT * FROM pyembed.search_hybrid('onlyhybrid', 'quota', "
                              f"%s::vector, %s, 5, {bad})", (str(vec.tolist()), FAKE))
         assert err.sqlstate == "PE005" and message in str(err), bad
+
+
+def test_bm25_skipping_common_terms_gives_the_same_best_chunks(
+        client: Any, owner: psycopg.Connection[Any]) -> None:
+    """pyembed._bm25 reads a common term's postings only when they could change the n best
+    (MaxScore): its results are those of scoring every posting, for any n."""
+    import random
+
+    rng = random.Random(22)
+    rare = [f"rare{i}" for i in range(12)]
+    common = ["error", "quota", "limit", "team", "request"]
+    docs = []
+    for i in range(200):
+        words = rng.choices(common, k=rng.randint(3, 30)) + rng.sample(rare, rng.randint(0, 2))
+        rng.shuffle(words)
+        docs.append(pyembed.Document(f"d{i}", " ".join(words)))
+    kb = client.create_corpus("maxscore", FAKE, chunk_tokens=100_000, chunk_overlap=0)
+    kb.add(docs)
+    queries = ["error quota", "rare3 error", "rare1 rare2 quota limit team",
+               "rare7 request request error limit", "team", "rare11 quota"]
+    for query in queries:
+        expected = bm25_from_scratch(owner, kb.info.corpus_id, query)
+        ranked = sorted(expected.items(), key=lambda kv: (-kv[1], kv[0]))
+        for k in (1, 3, 10, 250):
+            hits = kb.search(query, k=k, mode="keyword", group="chunk")
+            assert [h.chunk_id for h in hits] == [c for c, _ in ranked[:k]], (query, k)
+            assert [h.score for h in hits] == pytest.approx([s for _, s in ranked[:k]],
+                                                           rel=1e-9)
