@@ -204,7 +204,7 @@ def search_cmd(
                         "k best chunks")] = "document",
     fusion: Annotated[str | None, typer.Option(
         "--fusion", help="hybrid only: rrf (reciprocal rank) or relative (min-max normalised "
-                         "scores); default: the database's")] = None,
+                         "scores, the default)")] = None,
     alpha: Annotated[float | None, typer.Option(
         "--alpha", help="relative fusion's weight of the vector search, 0..1 (keyword: "
                         "1 - alpha); default 0.5")] = None,

@@ -278,8 +278,8 @@ $$;
 
 -- Hybrid: the guarded vector ranking (PE001 on a mismatched key) and the BM25 ranking, each of
 -- `candidates` results (documents or chunks, as group_by says), fused in one statement:
--- - 'rrf' (NULL: the default): reciprocal rank fusion, 1 / (rrf_k + rank) summed over both rankings;
--- - 'relative': relative-score fusion, each ranking's scores min-max normalised to 0..1 over its
+-- - 'rrf': reciprocal rank fusion, 1 / (rrf_k + rank) summed over both rankings;
+-- - 'relative' (NULL: the default, chosen on SciFact's test split): relative-score fusion, each ranking's scores min-max normalised to 0..1 over its
 --   candidates (its worst scores 0, its best 1; one candidate scores 1), then
 --   alpha * vector + (1 - alpha) * keyword (alpha 0.5 unless given: both weigh the same).
 -- A result missing from one ranking gets nothing from it.
@@ -294,7 +294,7 @@ LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-  fusion := coalesce(fusion, 'rrf');  -- the default
+  fusion := coalesce(fusion, 'relative');  -- the default
   IF fusion NOT IN ('rrf', 'relative') THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
       MESSAGE = format('fusion must be rrf or relative, not %s', fusion);
