@@ -205,11 +205,15 @@ def test_fusion_options_apply_to_hybrid_search_only(client: Any,
     vec = client.embedder(FAKE).embed_query("quota")
     for bad, message in (("fusion => 'borda'", "fusion must be rrf or relative, not borda"),
                          ("fusion => 'relative', alpha => -0.1", "alpha must be 0..1"),
-                         ("alpha => 0.5", "alpha weighs relative fusion, not rrf"),
+                         ("fusion => 'rrf', alpha => 0.5", "alpha weighs relative fusion, not rrf"),
                          ("candidates => 0", "candidates must be 1..1000")):
         err = sql_error(app, "SELECT * FROM pyembed.search_hybrid('onlyhybrid', 'quota', "
                              f"%s::vector, %s, 5, {bad})", (str(vec.tolist()), FAKE))
         assert err.sqlstate == "PE005" and message in str(err), bad
+    # The default fusion is relative: alpha alone weighs it.
+    assert app.execute("SELECT count(*) FROM pyembed.search_hybrid('onlyhybrid', 'quota', "
+                       "%s::vector, %s, 5, alpha => 0.5)", (str(vec.tolist()), FAKE)
+                       ).fetchone() == (5,)
 
 
 def test_bm25_skipping_common_terms_gives_the_same_best_chunks(
