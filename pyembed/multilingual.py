@@ -1,7 +1,9 @@
 """Multilingual corpora, the three supported ways:
 
 1. One multilingual model per corpus (the default advice): create the corpus on a multilingual
-   key, e.g. cohere/embed-multilingual-v3.0@3:1024, and add documents of any language.
+   key, e.g. local/multilingual-e5-small-q4@1:384 (offline) or
+   cohere/embed-multilingual-v3.0@3:1024, and add documents of any language; a question then
+   finds passages in other languages, which routing (2) never does.
 2. Per-language corpora: `Router` detects each document's and query's language (py3langid,
    offline) and sends it to the corpus `<base>-<lang>`, e.g. kb-en, kb-de, each on a model
    chosen for that language.
