@@ -41,7 +41,8 @@ $$;
 -- and more links per node (m) and a wider build search (ef_construction) buy it back at the
 -- cost of build time and index size. `oversample` is for binary storage: the Hamming index
 -- returns k x oversample candidates, which are rescored exactly; fewer bits rank more coarsely,
--- so it falls as dimensions grow: 10 below 768 dimensions, 6 below 1,536, 4 from there.
+-- so it falls as dimensions grow: 60 below 768 dimensions, 20 below 1,536, 10 from there
+-- (docs/index-tuning.md has the recall each reached).
 CREATE OR REPLACE FUNCTION pyembed.hnsw_rule(rows bigint, dims integer,
   OUT m integer, OUT ef_construction integer, OUT ef_search integer, OUT oversample integer)
 LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
@@ -55,7 +56,7 @@ BEGIN
   ELSE
     m := 32; ef_construction := 200; ef_search := 500;
   END IF;
-  oversample := CASE WHEN dims < 768 THEN 10 WHEN dims < 1536 THEN 6 ELSE 4 END;
+  oversample := CASE WHEN dims < 768 THEN 60 WHEN dims < 1536 THEN 20 ELSE 10 END;
 END
 $$;
 
