@@ -141,11 +141,16 @@ SELECT count(*) FILTER (WHERE last_error IS NULL),
   FROM pyembed.queue WHERE not_before > now()
 """
 
+# One statement for the whole batch, so it shares one now() and is claimed again as one batch
+# (one transaction per job spread their retry times, and the batch came back in pieces).
 RETRY = """
-UPDATE pyembed.queue SET last_error = %(reason)s,
-       not_before = now() + make_interval(secs => %(delay)s)
- WHERE corpus_id = %(corpus_id)s AND chunk_id = %(chunk_id)s AND model_key = %(model)s
-   AND content_hash = %(hash)s
+UPDATE pyembed.queue q SET last_error = %(reason)s,
+       not_before = now() + make_interval(secs => t.delay)
+  FROM unnest(%(corpus_ids)s::integer[], %(chunk_ids)s::bigint[], %(keys)s::text[],
+              %(hashes)s::bytea[], %(delays)s::float8[])
+       AS t(corpus_id, chunk_id, model_key, content_hash, delay)
+ WHERE q.corpus_id = t.corpus_id AND q.chunk_id = t.chunk_id AND q.model_key = t.model_key
+   AND q.content_hash = t.content_hash
 """
 
 
@@ -464,17 +469,23 @@ class Worker:
     def _retry_all(self, items: list[Item], reason: str, stats: WorkerStats,
                    retry_after: float | None = None) -> None:
         self._leases.drop(items)
+        due: list[Item] = []
         for item in items:
             if item.attempts >= self.max_attempts:
                 self._fail(item, f"gave up after {item.attempts} attempts: {reason}", stats)
-                continue
-            delay = max(min(self.retry_base * 2 ** (item.attempts - 1), self.retry_max),
-                        retry_after or 0.0)
+            else:
+                due.append(item)
+        if due:
+            delays = [max(min(self.retry_base * 2 ** (item.attempts - 1), self.retry_max),
+                          retry_after or 0.0) for item in due]
             with self.conn.transaction():
-                self.conn.execute(RETRY, {"corpus_id": item.corpus_id, "chunk_id": item.chunk_id,
-                                          "model": item.model_key, "hash": item.content_hash,
-                                          "reason": reason[:2000], "delay": delay})
-            stats.retried += 1
+                self.conn.execute(RETRY, {
+                    "reason": reason[:2000], "delays": delays,
+                    "corpus_ids": [i.corpus_id for i in due],
+                    "chunk_ids": [i.chunk_id for i in due],
+                    "keys": [i.model_key for i in due],
+                    "hashes": [i.content_hash for i in due]})
+            stats.retried += len(due)
         stats.errors.append(reason)
 
     # -- the loop --------------------------------------------------------------------------

@@ -307,8 +307,13 @@ def test_a_429_storm_is_ridden_out_through_the_openai_sdk(
         add_docs(app, "storm", more, prefix="later")
         fake_api.reset()
         fake_api.script(["429:retry-after=0"] * 4)
+        first = worker.run_once()
+        assert (first.embedded, first.retried, first.failed) == (0, 5, 0)
+        # rescheduled together, so the batch is claimed again whole
+        assert owner.execute("SELECT count(DISTINCT not_before) FROM pyembed.queue"
+                             ).fetchone() == (1,)
         stats = run(worker)
-        assert (stats.embedded, stats.retried, stats.failed) == (5, 5, 0)
+        assert (stats.embedded, stats.retried, stats.failed) == (5, 0, 0)
         assert len(fake_api.requests) == 5
         assert sorted(fake_api.requests[-1].body["input"]) == sorted(more)
     finally:
