@@ -99,3 +99,11 @@ def purge(conn: psycopg.Connection[Any], model_key: str | None = None,
     """Delete cache entries (of one model, or only expired ones); returns how many."""
     row = conn.execute("SELECT pyembed.cache_purge(%s, %s)", (model_key, expired_only)).fetchone()
     return int(row[0]) if row else 0
+
+
+def purge_rerank_scores(conn: psycopg.Connection[Any], reranker: str | None = None,
+                        expired_only: bool = False) -> int:
+    """Delete cached rerank scores (of one reranker, or only expired ones); returns how many."""
+    row = conn.execute("SELECT pyembed.rerank_cache_purge(%s, %s)",
+                       (reranker, expired_only)).fetchone()
+    return int(row[0]) if row else 0

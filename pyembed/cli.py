@@ -1029,14 +1029,18 @@ def cache_stats(days: int = 30, dsn: DsnOption = None, as_json: JsonOption = Fal
 
 @cache_app.command("purge")
 def cache_purge(
-    model: Annotated[str | None, typer.Option("--model", help="only this model key")] = None,
+    model: Annotated[str | None, typer.Option(
+        "--model", help="only this model key or reranker (e.g. voyage/rerank-2.5)")] = None,
     expired: Annotated[bool, typer.Option("--expired", help="only expired entries")] = False,
     dsn: DsnOption = None,
 ) -> None:
-    """Delete cache entries.  Example: pyembed cache purge --model openai/text-embedding-3-small@1:1536"""
+    """Delete cached embeddings and rerank scores.
+    Example: pyembed cache purge --model openai/text-embedding-3-small@1:1536"""
     with _connect(dsn) as conn:
         n = cache.purge(conn, model, expired)
-    console.print(f"deleted {n} cache entries")
+        # a model key never names a reranker, so --model selects from one cache only
+        r = cache.purge_rerank_scores(conn, model, expired)
+    console.print(f"deleted {n} cache entries" + (f" and {r} rerank scores" if r else ""))
 
 
 # -- pyembed metrics -----------------------------------------------------------------------

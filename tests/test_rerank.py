@@ -4,6 +4,7 @@ the offline fake, the cache, usage and limits, in Python, SQL and the command li
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -391,3 +392,9 @@ def test_cli_search_and_ask_rerank(db: Database, fake_api: FakeAPI,
     sources = json.loads(asked.stdout)["sources"]
     assert sources[0]["document_id"] == "late" and sources[0]["reranker"] == "voyage/rerank-2.5"
     assert "--rerank voyage/rerank-2.5" in run_cli("search", "--help", env=env).stdout
+    # The rerank scores cached above go with `cache purge`, by reranker or all at once.
+    purged = run_cli("cache", "purge", "--model", "voyage/rerank-2.5", env=env)
+    assert purged.returncode == 0, purged.stderr
+    assert re.fullmatch(r"deleted 0 cache entries and [1-9]\d* rerank scores",
+                        purged.stdout.strip()), purged.stdout
+    assert run_cli("cache", "purge", env=env).stdout.strip().endswith("cache entries")
