@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Protocol
 
 import numpy as np
@@ -18,8 +18,6 @@ from .text import check_text, estimate_tokens, truncate_to_tokens
 
 DEFAULT_MAX_BATCH_TOKENS = 100_000
 """Estimated tokens per request; under every supported service's per-request limit."""
-
-_log = logging.getLogger(__name__)
 
 
 class EmbeddingCache(Protocol):
@@ -88,11 +86,9 @@ class Embedder:
         self.meter = meter
         """Called with the model and the estimated tokens before every provider call: it
         records usage and may refuse the call (RateLimited), which is not retried."""
-        self.on_error = on_error
-        """Called with every failed provider call, retried or not (pyembed counts them)."""
         self._retrier = Retrier(spec.key, max_retries=max_retries,
                                 max_retry_after=max_retry_after, sleep=sleep,
-                                on_error=self._failed)
+                                on_error=partial(on_error, spec) if on_error else None)
 
     def embed(self, texts: Sequence[str],
               input_type: InputType = InputType.DOCUMENT) -> npt.NDArray[np.float32]:
@@ -213,17 +209,8 @@ class Embedder:
         try:
             return self._checked(raw, len(texts))
         except ProviderError as exc:
-            self._failed(exc)
+            self._retrier.report(exc)
             raise
-
-    def _failed(self, error: ProviderError) -> None:
-        """Report a failed call; a failure to report it never hides the error itself."""
-        if self.on_error is None:
-            return
-        try:
-            self.on_error(self.spec, error)
-        except Exception as exc:  # the provider's error is the one to raise
-            _log.warning("%s: could not count a failed call (%s)", self.spec.key, exc)
 
     def _checked(self, raw: Vectors, count: int) -> npt.NDArray[np.float32]:
         key = self.spec.key

@@ -10,11 +10,11 @@ retries transient failures, and refuses an answer that is not one finite score p
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
 import psycopg
@@ -44,7 +44,6 @@ MAX_CANDIDATES = 1000
 LOOKUP = "SELECT cache_key, score FROM pyembed.rerank_cache_get($1::bytea[])"
 STORE = "SELECT pyembed.rerank_cache_put($1::bytea[], $2::text, $3::float8[], $4::float8)"
 
-_log = logging.getLogger(__name__)
 
 __all__ = ["ALIASES", "DEFAULT_CANDIDATES", "RERANKERS", "RerankCache", "Reranker",
            "RerankerSpec", "candidates", "fake_scores", "reranker_spec"]
@@ -108,11 +107,9 @@ class Reranker:
         self.meter = meter
         """Called with the reranker and the estimated tokens before every request: it records
         usage and may refuse the request (RateLimited), which is not retried."""
-        self.on_error = on_error
-        """Called with every failed request, retried or not (pyembed counts them)."""
         self._retrier = Retrier(spec.key, max_retries=max_retries,
                                 max_retry_after=max_retry_after, sleep=sleep,
-                                on_error=self._failed)
+                                on_error=partial(on_error, spec) if on_error else None)
 
     def scores(self, query: str, texts: Sequence[str]) -> list[float]:
         """One relevance score per text, in input order (higher is more relevant)."""
@@ -158,17 +155,8 @@ class Reranker:
         try:
             return self._checked(raw, len(texts))
         except ProviderError as exc:
-            self._failed(exc)
+            self._retrier.report(exc)
             raise
-
-    def _failed(self, error: ProviderError) -> None:
-        """Report a failed request; a failure to report it never hides the error itself."""
-        if self.on_error is None:
-            return
-        try:
-            self.on_error(self.spec, error)
-        except Exception as exc:  # the provider's error is the one to raise
-            _log.warning("%s: could not count a failed request (%s)", self.spec.key, exc)
 
     def _checked(self, raw: list[object], count: int) -> list[float]:
         if len(raw) != count:

@@ -28,7 +28,8 @@ _log = logging.getLogger(__name__)
 
 class Retrier:
     """Runs one request (a callable) up to `max_retries + 1` times; `what` names the model in
-    messages and logs, `on_error` hears of every failed attempt (pyembed counts them)."""
+    messages and logs, `on_error` hears of every failed attempt (pyembed counts them) and of
+    every answer the caller finds wrong (`report`)."""
 
     def __init__(self, what: str, *, max_retries: int = 6, max_retry_after: float = 60.0,
                  sleep: Callable[[float], None] = time.sleep,
@@ -69,8 +70,7 @@ class Retrier:
         try:
             return request()
         except ProviderError as exc:
-            if self._on_error is not None:
-                self._on_error(exc)
+            self.report(exc)
             if (isinstance(exc, TransientProviderError) and exc.retry_after is not None
                     and exc.retry_after > self.max_retry_after):
                 raise RateLimited(
@@ -79,6 +79,16 @@ class Retrier:
                     f"({exc})"
                 ) from exc
             raise
+
+    def report(self, error: ProviderError) -> None:
+        """Tell `on_error` of a failed request; a failure to report it never hides the error
+        itself."""
+        if self._on_error is None:
+            return
+        try:
+            self._on_error(error)
+        except Exception as exc:  # the provider's error is the one to raise
+            _log.warning("%s: could not count a failed request (%s)", self.what, exc)
 
     def _log_retry(self, state: RetryCallState) -> None:
         _log.info("%s: attempt %d of %d failed (%s); retrying in %.1f s", self.what,
