@@ -375,6 +375,19 @@ BEGIN
       HINT = '`pyembed models` lists the registered keys';
   END IF;
   PERFORM pyembed._check_storage(create_corpus.storage);
+  -- the table's checks hold too; these say which setting is wrong in words
+  IF create_corpus.chunk_tokens IS NULL OR create_corpus.chunk_tokens < 1 THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = format('chunk_tokens must be 1 or more, got %s',
+                       coalesce(create_corpus.chunk_tokens::text, 'NULL'));
+  END IF;
+  IF create_corpus.chunk_overlap IS NULL OR create_corpus.chunk_overlap < 0
+     OR create_corpus.chunk_overlap >= create_corpus.chunk_tokens THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = format('chunk_overlap must be 0 or more and below chunk_tokens (%s), got %s',
+                       create_corpus.chunk_tokens,
+                       coalesce(create_corpus.chunk_overlap::text, 'NULL'));
+  END IF;
   IF EXISTS (SELECT FROM pyembed.corpora c WHERE c.name = create_corpus.name
                AND coalesce(c.tenant_id, 0) = coalesce((SELECT pyembed.current_tenant()), 0)) THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',

@@ -188,6 +188,20 @@ def test_hostile_corpus_names_are_rejected(app: psycopg.Connection[Any], name: s
     assert app.execute("SELECT count(*) FROM pyembed.models").fetchone()[0] > 0  # type: ignore[index]
 
 
+@pytest.mark.parametrize(("tokens", "overlap", "message"), [
+    (0, 0, "chunk_tokens must be 1 or more, got 0"),
+    (-5, 0, "chunk_tokens must be 1 or more, got -5"),
+    (100, 100, r"chunk_overlap must be 0 or more and below chunk_tokens \(100\), got 100"),
+    (100, 200, r"chunk_overlap must be 0 or more and below chunk_tokens \(100\), got 200"),
+    (100, -1, r"chunk_overlap must be 0 or more and below chunk_tokens \(100\), got -1"),
+])
+def test_chunk_settings_are_refused_in_words(app: psycopg.Connection[Any], tokens: int,
+                                             overlap: int, message: str) -> None:
+    with pytest.raises(InvalidInput, match=message):
+        create_corpus(app, "docs", KEY_A, chunk_tokens=tokens, chunk_overlap=overlap)
+    assert count(app, "corpora") == 0
+
+
 def test_longest_valid_name_and_search_on_it(app: psycopg.Connection[Any]) -> None:
     name = "a" + "_-9" * 20 + "zz"
     info = create_corpus(app, name, KEY_A)
