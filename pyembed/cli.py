@@ -717,15 +717,18 @@ def _print_index(rows: list[index.IndexStatus], as_json: bool) -> None:
     if as_json:
         _print_json({"indexes": [r.as_json() for r in rows]})
         return
-    table = _table("model key", "storage", "rows", "m", "ef_construction", "rule m/ef_c",
-                   "ef_search", "oversample", "index", numbers=("rows", "m", "ef_construction",
-                                                               "ef_search", "oversample"))
+    # One block per key, not a table: nine columns crushed the key to three letters a line at
+    # 80 columns.
     for r in rows:
-        table.add_row(r.model_key, r.storage, f"{r.rows:,}", str(r.m or "-"),
-                      str(r.ef_construction or "-"), f"{r.rule_m}/{r.rule_ef_construction}",
-                      str(r.ef_search), str(r.oversample) if r.storage == "binary" else "-",
-                      _mb(r.index_bytes) if r.index_bytes is not None else "none (exact scan)")
-    console.print(table)
+        built = (f"m {r.m}, ef_construction {r.ef_construction}" if r.m is not None
+                 else "no index (exact scan)")
+        size = f", {_mb(r.index_bytes)}" if r.index_bytes is not None else ""
+        oversample = f", oversample {r.oversample}" if r.storage == "binary" else ""
+        console.print(f"{r.model_key} ({r.storage}): {r.rows:,} rows\n"
+                      f"  {built}{size} (rule for {r.rows:,} rows: m {r.rule_m}, "
+                      f"ef_construction {r.rule_ef_construction})\n"
+                      f"  ef_search {r.ef_search}{oversample}",
+                      markup=False, highlight=False, soft_wrap=True)
     if rows and rows[0].settings:
         console.print(f"owner overrides: {json.dumps(rows[0].settings)}", markup=False)
 

@@ -285,6 +285,12 @@ def test_cli_creates_tunes_and_rebuilds(db: Database) -> None:
     assert out.returncode == 0, out.stderr
     [st] = json.loads(out.stdout)["indexes"]
     assert (st["storage"], st["ef_search"], st["settings"]) == ("halfvec", 64, {"ef_search": 64})
+    # The text output has the key whole and the JSON's figures, at 60 columns too.
+    text = run_cli("corpus", "index", "docs", env={**env, "COLUMNS": "60"}).stdout
+    assert text.splitlines()[0] == f"{KEY} (halfvec): {st['rows']:,} rows", text
+    assert (f"m {st['m']}, ef_construction {st['ef_construction']}" in text
+            and f"rule for {st['rows']:,} rows: m {st['rule_m']}, ef_construction "
+                f"{st['rule_ef_construction']}" in text and "ef_search 64" in text), text
     out = run_cli("corpus", "reindex", "docs", "--storage", "binary", "--json", env=env)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["indexes"][0]["storage"] == "binary"
