@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import voyageai.error
 from voyageai.api_resources import Embedding, Reranking
 
 from ..models import InputType
-from .base import Provider, Vectors, parse_retry_after
+from .base import Provider, ServiceClient, Vectors, parse_retry_after
 from .rerank import RerankProvider
+
+
+@contextmanager
+def _translated(client: ServiceClient) -> Iterator[None]:
+    """The SDK's failures as `client.failure` errors (transient or not), redacted."""
+    try:
+        yield
+    except (voyageai.error.Timeout, voyageai.error.APIConnectionError) as exc:
+        raise client.failure(None, str(exc.user_message)) from None
+    except voyageai.error.VoyageError as exc:
+        headers = dict(exc.headers) if exc.headers else None
+        raise client.failure(exc.http_status, str(exc.user_message),
+                             retry_after=parse_retry_after(headers)) from None
 
 
 class VoyageProvider(Provider):
@@ -21,7 +36,7 @@ class VoyageProvider(Provider):
 
     def embed_batch(self, texts: list[str], input_type: InputType) -> Vectors:
         """One request to the embeddings endpoint; the service must not truncate silently."""
-        try:
+        with _translated(self):
             # The SDK's resource, not its Client: the Client's answer drops each index.
             response = Embedding.create(  # type: ignore[no-untyped-call]
                 input=texts, model=self.spec.model_id,
@@ -29,12 +44,6 @@ class VoyageProvider(Provider):
                 truncation=False, api_key=self.api_key, base_url=self.base_url,
                 request_timeout=self.timeout,
             )
-        except (voyageai.error.Timeout, voyageai.error.APIConnectionError) as exc:
-            raise self.failure(None, str(exc.user_message)) from None
-        except voyageai.error.VoyageError as exc:
-            headers = dict(exc.headers) if exc.headers else None
-            raise self.failure(exc.http_status, str(exc.user_message),
-                               retry_after=parse_retry_after(headers)) from None
         data = response.get("data")
         if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
             raise self.bad_response("the answer has no list of embeddings")
@@ -53,19 +62,13 @@ class VoyageReranker(RerankProvider):
     def score_batch(self, query: str, texts: list[str]) -> list[object]:
         """One request to the rerank endpoint for every text's score; the service cuts a
         candidate too long for the model's context (truncation), which a ranking tolerates."""
-        try:
+        with _translated(self):
             # The SDK's resource, as for embeddings: the Client retries on its own.
             response = Reranking.create(  # type: ignore[no-untyped-call]
                 query=query, documents=texts, model=self.spec.model_id, top_k=None,
                 truncation=True, api_key=self.api_key, base_url=self.base_url,
                 request_timeout=self.timeout,
             )
-        except (voyageai.error.Timeout, voyageai.error.APIConnectionError) as exc:
-            raise self.failure(None, str(exc.user_message)) from None
-        except voyageai.error.VoyageError as exc:
-            headers = dict(exc.headers) if exc.headers else None
-            raise self.failure(exc.http_status, str(exc.user_message),
-                               retry_after=parse_retry_after(headers)) from None
         data = response.get("data")
         if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
             raise self.bad_response("the answer has no list of scores")
