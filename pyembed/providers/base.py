@@ -8,7 +8,7 @@ import sys
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
-from typing import ClassVar, TypeAlias, TypeVar
+from typing import ClassVar, Generic, Protocol, TypeAlias, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -30,6 +30,22 @@ TRANSIENT_STATUSES = frozenset({408, 409, 429})
 T = TypeVar("T")
 
 
+class _Spec(Protocol):
+    """What a service client needs of the model it serves (ModelSpec, RerankerSpec)."""
+
+    @property
+    def provider(self) -> str: ...
+    @property
+    def model_id(self) -> str: ...
+    @property
+    def key(self) -> str: ...
+    @property
+    def api_key_env(self) -> str | None: ...
+
+
+S = TypeVar("S", bound=_Spec)
+
+
 class TransientProviderError(ProviderError):
     """A failure worth retrying: rate limit, server error, timeout or lost connection.
 
@@ -45,19 +61,49 @@ class TransientProviderError(ProviderError):
         self.retry_after = retry_after
 
 
-class ServiceClient:
-    """What every client of a provider's service shares: failures and bad answers as
-    redacted pyembed errors, and answers put back in input order. Subclasses set `name`,
-    `api_key`, `base_url` and `model_id`; `items` names what the service returns."""
+class ServiceClient(Generic[S]):
+    """What every client of a provider's service shares: its spec, key, base URL and
+    timeout checked once, failures and bad answers as redacted pyembed errors, and answers
+    put back in input order. Subclasses set `name` (and `base_url_env`); `items` names what
+    the service returns."""
 
     name: ClassVar[str]
+    """The provider part of the keys this class serves, e.g. "voyage"."""
+    base_url_env: ClassVar[str | None] = None
+    """Environment variable that overrides the service's base URL, e.g. for a proxy."""
     items: ClassVar[str] = "vectors"
-    api_key: str | None
-    base_url: str | None
+    serves: ClassVar[str] = "models"
+
+    def __init__(self, spec: S, *, api_key: str | None = None, base_url: str | None = None,
+                 timeout: float = 30.0) -> None:
+        if spec.provider != self.name:
+            raise ConfigError(f"{type(self).__name__} serves {self.name} {self.serves}, not "
+                              f"{spec.key}")
+        if timeout <= 0:
+            raise ConfigError(f"timeout must be positive, got {timeout}")
+        self.spec = spec
+        self.timeout = timeout
+        self.api_key = api_key or self._key_from_env()
+        if base_url is None and self.base_url_env is not None:
+            base_url = os.environ.get(self.base_url_env) or None
+        self.base_url = base_url
 
     @property
     def model_id(self) -> str:
-        raise NotImplementedError
+        return self.spec.model_id
+
+    def _key_from_env(self) -> str | None:
+        env = self.spec.api_key_env
+        if env is None:
+            return None
+        key = os.environ.get(env, "").strip()
+        if not key:
+            raise MissingAPIKey(f"{env} is not set: {self.missing_key_hint()}")
+        return key
+
+    def missing_key_hint(self) -> str:
+        """What to do without the key, after "VAR is not set: "."""
+        return "export it"
 
     def failure(self, status: int | None, detail: str, *,
                 retry_after: float | None = None) -> ProviderError:
@@ -98,7 +144,7 @@ class ServiceClient:
         return redact(message, secrets=[self.api_key], base_url=self.base_url)
 
 
-class Provider(ServiceClient, ABC):
+class Provider(ServiceClient[ModelSpec], ABC):
     """One embedding backend for one model; subclasses declare `name` and `embed_batch`.
 
     Batching, validation, retries and response checks belong to `pyembed.embedder.Embedder`;
@@ -108,39 +154,14 @@ class Provider(ServiceClient, ABC):
     `failure` and `bad_response`, whose messages are redacted for any role to see.
     """
 
-    name: ClassVar[str]
-    """The provider part of the model key this class serves, e.g. "voyage"."""
-    base_url_env: ClassVar[str | None] = None
-    """Environment variable that overrides the service's base URL, e.g. for a proxy."""
     truncates_input: ClassVar[bool] = False
     """Whether the model itself cuts texts to `spec.max_tokens` tokens, exactly."""
     batches_by_length: ClassVar[bool] = False
     """Whether the embedder should batch texts of similar length together (a model run
     here pays for padding; a service bills tokens, not batches)."""
 
-    def __init__(self, spec: ModelSpec, *, api_key: str | None = None,
-                 base_url: str | None = None, timeout: float = 30.0) -> None:
-        if spec.provider != self.name:
-            raise ConfigError(f"{type(self).__name__} serves {self.name} models, not {spec.key}")
-        if timeout <= 0:
-            raise ConfigError(f"timeout must be positive, got {timeout}")
-        self.spec = spec
-        self.timeout = timeout
-        self.api_key = api_key or self._key_from_env()
-        if base_url is None and self.base_url_env is not None:
-            base_url = os.environ.get(self.base_url_env) or None
-        self.base_url = base_url
-
-    def _key_from_env(self) -> str | None:
-        env = self.spec.api_key_env
-        if env is None:
-            return None
-        key = os.environ.get(env, "").strip()
-        if not key:
-            raise MissingAPIKey(
-                f"{env} is not set: export it, or use the local model {LOCAL_DEFAULT.key}"
-            )
-        return key
+    def missing_key_hint(self) -> str:
+        return f"export it, or use the local model {LOCAL_DEFAULT.key}"
 
     @abstractmethod
     def embed_batch(self, texts: list[str], input_type: InputType) -> Vectors:
@@ -151,10 +172,6 @@ class Provider(ServiceClient, ABC):
         """Exact token counts in the model's own tokenizer, or None if this provider can
         only have them estimated."""
         return None
-
-    @property
-    def model_id(self) -> str:
-        return self.spec.model_id
 
 def local_threads() -> int:
     """The thread count for a local model: PYEMBED_LOCAL_THREADS, else 1 in a PostgreSQL

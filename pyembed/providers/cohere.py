@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Literal
+from typing import Any, Literal
 
 import cohere
 import cohere.core.api_error
@@ -21,7 +21,7 @@ _INPUT_TYPES: dict[InputType, Literal["search_document", "search_query"]] = {
 
 
 @contextmanager
-def _translated(client: ServiceClient, timeout: float) -> Iterator[None]:
+def _translated(client: ServiceClient[Any], timeout: float) -> Iterator[None]:
     """The SDK's failures as `client.failure` errors (transient or not), redacted."""
     try:
         yield

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import importlib
 import math
-import os
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
 
-from ..errors import ConfigError, MissingAPIKey, UnknownModel
+from ..errors import UnknownModel
 from ..models import API_KEY_ENV
 from .base import ServiceClient
 
@@ -70,7 +68,7 @@ def reranker_spec(name: str) -> RerankerSpec:
                            f"{', '.join([*RERANKERS, *ALIASES])}") from None
 
 
-class RerankProvider(ServiceClient, ABC):
+class RerankProvider(ServiceClient[RerankerSpec], ABC):
     """One reranking service for one model; subclasses declare `name` and `score_batch`.
 
     Retries, the cache, usage and the checks of scores belong to `pyembed.rerank.Reranker`;
@@ -78,35 +76,10 @@ class RerankProvider(ServiceClient, ABC):
     answer whose indexes are not 0..N-1 once each, see `in_input_order`)."""
 
     items = "scores"
-    base_url_env: ClassVar[str | None] = None
+    serves = "rerankers"
 
-    def __init__(self, spec: RerankerSpec, *, api_key: str | None = None,
-                 base_url: str | None = None, timeout: float = 30.0) -> None:
-        if spec.provider != self.name:
-            raise ConfigError(f"{type(self).__name__} serves {self.name} rerankers, not "
-                              f"{spec.key}")
-        if timeout <= 0:
-            raise ConfigError(f"timeout must be positive, got {timeout}")
-        self.spec = spec
-        self.timeout = timeout
-        self.api_key = api_key or self._key_from_env()
-        if base_url is None and self.base_url_env is not None:
-            base_url = os.environ.get(self.base_url_env) or None
-        self.base_url = base_url
-
-    @property
-    def model_id(self) -> str:
-        return self.spec.model_id
-
-    def _key_from_env(self) -> str | None:
-        env = self.spec.api_key_env
-        if env is None:
-            return None
-        key = os.environ.get(env, "").strip()
-        if not key:
-            raise MissingAPIKey(f"{env} is not set: export it to rerank with {self.spec.key}, "
-                                f"or search without rerank")
-        return key
+    def missing_key_hint(self) -> str:
+        return f"export it to rerank with {self.spec.key}, or search without rerank"
 
     @abstractmethod
     def score_batch(self, query: str, texts: list[str]) -> list[object]:

@@ -15,7 +15,7 @@ from .rerank import RerankProvider
 
 
 @contextmanager
-def _translated(client: ServiceClient) -> Iterator[None]:
+def _translated(client: ServiceClient[Any]) -> Iterator[None]:
     """The SDK's failures as `client.failure` errors (transient or not), redacted."""
     try:
         yield
