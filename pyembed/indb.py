@@ -42,13 +42,10 @@ def _secret(db: PlpyExecutor, name: str) -> str | None:
     return rows[0][0] if rows else os.environ.get(name)
 
 
-def embedder(plpy: Any, GD: dict[str, Any], key: str) -> Any:
-    """The backend's embedder for a model key, rebuilt when its API key or timeouts change."""
-    from .embedder import Embedder
-    from .providers import provider_for
-
-    db = PlpyExecutor(plpy, GD)
-    spec = model_spec(db, key)
+def _service_settings(plpy: Any, db: PlpyExecutor, spec: Any
+                      ) -> tuple[float, int, str | None, str | None]:
+    """(timeout, retries, API key, base URL) for a service's model or reranker `spec`: the
+    owner's settings and secrets (MissingAPIKey when the model needs a key that is unset)."""
     timeout = _setting(plpy, "http_timeout", 10.0)
     retries = int(_setting(plpy, "http_retries", 2))
     api_key = _secret(db, spec.api_key_env) if spec.api_key_env else None
@@ -58,6 +55,17 @@ def embedder(plpy: Any, GD: dict[str, Any], key: str) -> Any:
     # A proxy or gateway for the provider: owner-only like the key (a session setting would
     # let any role send the owner's key elsewhere).
     base_url = _secret(db, f"PYEMBED_{spec.provider.upper()}_BASE_URL")
+    return timeout, retries, api_key, base_url
+
+
+def embedder(plpy: Any, GD: dict[str, Any], key: str) -> Any:
+    """The backend's embedder for a model key, rebuilt when its API key or timeouts change."""
+    from .embedder import Embedder
+    from .providers import provider_for
+
+    db = PlpyExecutor(plpy, GD)
+    spec = model_spec(db, key)
+    timeout, retries, api_key, base_url = _service_settings(plpy, db, spec)
     fingerprint = (spec, timeout, retries, hash(api_key), base_url)
     cached = GD.setdefault("pyembed.embedders", {}).get(key)
     if cached is not None and cached[0] == fingerprint:
@@ -80,13 +88,7 @@ def reranker(plpy: Any, GD: dict[str, Any], name: str) -> Any:
 
     db = PlpyExecutor(plpy, GD)
     spec = reranker_spec(name)
-    timeout = _setting(plpy, "http_timeout", 10.0)
-    retries = int(_setting(plpy, "http_retries", 2))
-    api_key = _secret(db, spec.api_key_env) if spec.api_key_env else None
-    if spec.api_key_env and not api_key:
-        raise MissingAPIKey(f"{spec.api_key_env} is not set for the database: as the owner, run "
-                            f"SELECT pyembed.set_secret('{spec.api_key_env}', '...')")
-    base_url = _secret(db, f"PYEMBED_{spec.provider.upper()}_BASE_URL")
+    timeout, retries, api_key, base_url = _service_settings(plpy, db, spec)
     fingerprint = (spec, timeout, retries, hash(api_key), base_url)
     cached = GD.setdefault("pyembed.rerankers", {}).get(spec.key)
     if cached is not None and cached[0] == fingerprint:
