@@ -633,20 +633,27 @@ def replica_add(name: str) -> None:
 
 
 @replica_app.command("list")
-def replica_list() -> None:
+def replica_list(as_json: JsonOption = False) -> None:
     """The local cluster's replicas, with how far each is behind.  Example: pyembed db replica list"""
     cluster = LocalCluster()
-    table = _table("replica", "port", "running", "WAL behind", "time behind")
+    rows = []
     for name in cluster.replicas():
         replica = cluster.replica(name)
-        lag: dict[str, object] = {}
-        if replica.running() and cluster.running():
-            lag = cluster.replica_lag(name)
-        seconds = lag.get("seconds_behind")
-        table.add_row(name, str(replica.state().port), "yes" if replica.running() else "no",
-                      f"{lag['bytes_behind']:,} bytes" if lag else "-",
+        running = replica.running()
+        lag = cluster.replica_lag(name) if running and cluster.running() else {}
+        rows.append({"name": name, "port": replica.state().port, "running": running,
+                     "bytes_behind": lag.get("bytes_behind"),
+                     "seconds_behind": lag.get("seconds_behind")})
+    if as_json:
+        _print_json({"replicas": rows})
+        return
+    table = _table("replica", "port", "running", "WAL behind", "time behind")
+    for r in rows:
+        behind, seconds = r["bytes_behind"], r["seconds_behind"]
+        table.add_row(str(r["name"]), str(r["port"]), "yes" if r["running"] else "no",
+                      f"{behind:,} bytes" if isinstance(behind, int) else "-",
                       f"{seconds:.1f} s" if isinstance(seconds, float) else "-")
-    console.print(table if cluster.replicas() else "no replicas: pyembed db replica add NAME")
+    console.print(table if rows else "no replicas: pyembed db replica add NAME")
 
 
 @replica_app.command("remove")
@@ -873,6 +880,7 @@ def migrate_validate(
     corpus: str,
     max_drop: Annotated[float, typer.Option(help="largest nDCG/recall drop allowed")] = 0.02,
     dsn: OwnerDsnOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Compare old and new keys on the corpus's evaluation queries; refuse below the gate.
 
@@ -880,6 +888,19 @@ def migrate_validate(
     """
     with _client(dsn, owner=True) as client:
         v = migration.validate(client, corpus, max_drop=max_drop)
+    if as_json:
+        _print_json({"corpus": corpus, **v.as_json()})
+    else:
+        _print_validation(corpus, v)
+    if not v.passed:
+        raise MigrationError(f"validation failed: the new key is more than {max_drop} below the "
+                             "old one; promotion refused (roll back, or validate with a looser "
+                             "--max-drop)")
+    if not as_json:
+        console.print(f"validated; next: pyembed migrate shift {corpus} 10")
+
+
+def _print_validation(corpus: str, v: migration.Validation) -> None:
     table = _table("model key", "Recall@10", "nDCG@10", "ms / query",
                    numbers=("Recall@10", "nDCG@10", "ms / query"),
                    title=f"{corpus}: {v.queries} evaluation queries; top-10 overlap "
@@ -888,11 +909,6 @@ def migrate_validate(
         table.add_row(side.model_key, f"{side.recall:.4f}", f"{side.ndcg:.4f}",
                       f"{side.ms_per_query:.1f}")
     console.print(table)
-    if not v.passed:
-        raise MigrationError(f"validation failed: the new key is more than {max_drop} below the "
-                             "old one; promotion refused (roll back, or validate with a looser "
-                             "--max-drop)")
-    console.print(f"validated; next: pyembed migrate shift {corpus} 10")
 
 
 @migrate_app.command("shift")

@@ -6,10 +6,11 @@ when it fails, the others are reported as skipped.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Annotated, Any, Literal
 
 import psycopg
@@ -246,16 +247,26 @@ def _ago(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def doctor_cmd(dsn: Annotated[str | None, typer.Option(
-        "--dsn", envvar=DSN_ENV, help="libpq DSN; default: the local cluster")] = None) -> None:
+def doctor_cmd(
+    dsn: Annotated[str | None, typer.Option(
+        "--dsn", envvar=DSN_ENV, help="libpq DSN; default: the local cluster")] = None,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="print one JSON document instead of lines (README: Command line)")]
+    = False,
+) -> None:
     """Check what goes wrong first, one line each with the fix; exit 1 on a failure.
 
     Example: pyembed doctor
     """
     checks = run(dsn or resolve_dsn())
-    for c in checks:
-        print(c.line(), flush=True)
-    if any(c.status == "fail" for c in checks):
+    failures = sum(c.status == "fail" for c in checks)
+    if as_json:
+        print(json.dumps({"checks": [asdict(c) for c in checks], "failures": failures}),
+              flush=True)
+    else:
+        for c in checks:
+            print(c.line(), flush=True)
+    if failures:
         sys.exit(1)
 
 

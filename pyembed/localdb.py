@@ -427,7 +427,8 @@ class LocalCluster:
 
     def status(self) -> dict[str, object]:
         if not self.initialised:
-            return {"home": str(self.home), "initialised": False, "running": False}
+            return {"home": str(self.home), "initialised": False, "running": False,
+                    "port": None, "socket_dir": None, "data": None, "log": None}
         st = self.state()
         return {"home": str(self.home), "initialised": True, "running": self.running(),
                 "port": st.port, "socket_dir": str(self.socket_dir), "data": str(self.data),

@@ -277,4 +277,10 @@ def test_plan_storage_and_db_status(tmp_path: Any) -> None:
     status = json.loads(run_cli("db", "status", "--json", env=env).stdout)
     assert (status["home"], status["initialised"], status["running"]) == (
         str(tmp_path / "none"), False, False)
+    # the same fields as a running cluster's, null where there is nothing yet
+    assert set(status) == {"home", "initialised", "running", "port", "socket_dir", "data",
+                           "log"} and status["port"] is None
+    documented("db status", status)
+    assert json.loads(run_cli("db", "replica", "list", "--json", env=env).stdout) == {
+        "replicas": []}
     assert "initialised: False" in run_cli("db", "status", env=env).stdout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 
 import psycopg
@@ -36,6 +37,13 @@ def test_healthy_database_every_check_ok(db: Database) -> None:
     assert len(text.strip().splitlines()) == len(NAMES), text
     for line in lines.values():
         assert line.startswith("ok   "), line
+    out = pyembed("doctor", "--json", env={"PYEMBED_DSN": db.app_dsn,
+                                           "PYEMBED_OWNER_DSN": db.owner_dsn})
+    assert out.returncode == 0, out.stdout + out.stderr
+    got = json.loads(out.stdout)
+    assert got["failures"] == 0 and [c["name"] for c in got["checks"]] == NAMES
+    assert {c["status"] for c in got["checks"]} == {"ok"}
+    assert set(got["checks"][0]) == {"name", "status", "detail", "fix"}
     assert "PostgreSQL " in lines["server reachable"] and "127.0.0.1:" in lines["server reachable"]
     assert lines["schema at head"].endswith(f"at {schema.head_revision()}")
     assert "vector " in lines["extensions vector and plpython3u"]
@@ -61,6 +69,14 @@ def test_server_unreachable_skips_the_rest() -> None:
     assert "fix: " in lines["server reachable"]
     for name in NAMES[1:]:
         assert lines[name] == f"skip {name}: the server is not reachable"
+    # --json: the same checks as one document, the same exit code
+    out = pyembed("doctor", "--json", "--dsn", f"postgresql://x:y@127.0.0.1:{port}/pyembed")
+    assert out.returncode == 1, out.stdout
+    got = json.loads(out.stdout)
+    assert [c["name"] for c in got["checks"]] == NAMES and got["failures"] == 1
+    assert [c["status"] for c in got["checks"]] == ["fail"] + ["skip"] * (len(NAMES) - 1)
+    assert got["checks"][0]["fix"] and lines["server reachable"].startswith(
+        f"FAIL server reachable: {got['checks'][0]['detail']}")
 
 
 def test_missing_api_key_is_a_warning(db: Database) -> None:

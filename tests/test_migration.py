@@ -13,6 +13,7 @@ and cleanup's locks.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -854,9 +855,18 @@ def test_cli_plan_status_steps_and_one_line_errors(db: Database) -> None:
         added = cli(db, "eval", "add", CORPUS, "extra", eval_query(texts[7]), "--relevant",
                     doc_id(7))
         assert added.returncode == 0, added.stderr
+        strict = cli(db, "migrate", "validate", CORPUS, "--max-drop", "-1", "--json")
+        assert strict.returncode == 1 and json.loads(strict.stdout)["passed"] is False
+        assert "promotion refused" in strict.stderr
         validate = cli(db, "migrate", "validate", CORPUS, "--max-drop", "0.1")
         assert validate.returncode == 0, validate.stderr
         assert "11 evaluation queries" in validate.stdout and NEW in validate.stdout
+        got = json.loads(cli(db, "migrate", "validate", CORPUS, "--max-drop", "0.1",
+                             "--json").stdout)
+        assert (got["corpus"], got["queries"], got["passed"], got["new"]["model_key"]) == (
+            CORPUS, 11, True, NEW)
+        assert set(got["old"]) == {"model_key", "recall", "ndcg", "ms_per_query"}
+        assert f"{got['new']['ndcg']:.4f}" in validate.stdout
         assert cli(db, "migrate", "shift", CORPUS, "50").returncode == 0
         status = cli(db, "migrate", "status", CORPUS).stdout
         for needle in ("step shifting", "traffic 50%", "coverage 100.0% (50/50)", "queued 0",
