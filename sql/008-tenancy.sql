@@ -9,10 +9,12 @@ LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-  IF coalesce(current_setting('pyembed.act_as_tenant', true), '') <> ''
-     AND (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = session_user) THEN
-    RETURN (SELECT t.tenant_id FROM pyembed.tenants t
-             WHERE t.name = current_setting('pyembed.act_as_tenant', true));
+  -- Two IFs: the first, which decides nearly every call, is an expression without a query.
+  IF coalesce(current_setting('pyembed.act_as_tenant', true), '') <> '' THEN
+    IF (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = session_user) THEN
+      RETURN (SELECT t.tenant_id FROM pyembed.tenants t
+               WHERE t.name = current_setting('pyembed.act_as_tenant', true));
+    END IF;
   END IF;
   RETURN (SELECT m.tenant_id FROM pyembed.tenant_members m WHERE m.role_name = session_user);
 END

@@ -24,10 +24,43 @@
 -- unfiltered search is faster without it).
 -- enable_seqscan off: vectors of 1,024 dimensions and more are stored out of line, which makes a
 -- sequential scan of the partition look cheap to the planner, and it chose one over the index
--- (seconds instead of milliseconds; docs/scale-out.md). The settings are the function's own
--- (SET below): they last until it returns.
+-- (seconds instead of milliseconds; docs/scale-out.md). The settings are pyembed._nearest_in's
+-- own (SET below): they last until it returns.
+-- _nearest looks up what the vector leg needs (storage, settings, model, counted rows) and hands
+-- it to pyembed._nearest_in, which does the work; pyembed.search, which has looked the corpus
+-- up already, calls _nearest_in itself: each search looks its corpus up once.
 CREATE OR REPLACE FUNCTION pyembed._nearest(p_corpus_id integer, p_model_key text,
   query vector, k integer, filter jsonb DEFAULT NULL, exact boolean DEFAULT false,
+  OUT ids bigint[], OUT distances float8[])
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  c record;
+  r record;
+BEGIN
+  SELECT CASE WHEN p_model_key = co.target_model_key THEN coalesce(co.target_storage, co.storage)
+              ELSE co.storage END AS storage,
+         co.index_settings, m.dimensions, m.distance, cl.reltuples AS counted
+    INTO c
+    FROM pyembed.corpora co
+    JOIN pyembed.models m ON m.model_key = p_model_key
+    LEFT JOIN pg_catalog.pg_class cl ON cl.relnamespace = 'pyembed'::regnamespace
+     AND cl.relname = pyembed._vector_partition_name(co.corpus_id)
+   WHERE co.corpus_id = p_corpus_id;
+  r := pyembed._nearest_in(p_corpus_id, p_model_key, query, k, filter, exact, c.storage,
+                           c.index_settings, c.dimensions, c.distance, c.counted);
+  ids := r.ids;
+  distances := r.distances;
+END
+$$;
+
+-- The vector leg (above), given the key's storage, the corpus's index settings, the model's
+-- dimensions and distance, and the rows the partition's statistics count (pg_class.reltuples:
+-- -1 before the first ANALYZE or index build, NULL without a partition).
+CREATE OR REPLACE FUNCTION pyembed._nearest_in(p_corpus_id integer, p_model_key text,
+  query vector, k integer, filter jsonb, exact boolean, p_storage text, p_settings jsonb,
+  p_dims integer, p_distance text, counted real,
   OUT ids bigint[], OUT distances float8[])
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
@@ -36,25 +69,13 @@ SET hnsw.ef_search = 100
 SET enable_seqscan = off
 AS $$
 DECLARE
-  c record;
   s record;
   p record;
   candidates integer;
   source text;
 BEGIN
-  SELECT co.storage AS st, co.target_model_key AS target, co.target_storage, co.index_settings,
-         m.dimensions, m.distance, greatest(cl.reltuples, 0)::bigint AS rows,
-         cl.reltuples AS counted
-    INTO c
-    FROM pyembed.corpora co
-    JOIN pyembed.models m ON m.model_key = p_model_key
-    LEFT JOIN pg_catalog.pg_class cl ON cl.relnamespace = 'pyembed'::regnamespace
-     AND cl.relname = pyembed._vector_partition_name(co.corpus_id)
-   WHERE co.corpus_id = p_corpus_id;
-  s := pyembed._index_spec(c.dimensions, c.distance,
-                           CASE WHEN p_model_key = c.target THEN coalesce(c.target_storage, c.st)
-                                ELSE c.st END);
-  p := pyembed._index_params(c.index_settings, c.rows, c.dimensions);
+  s := pyembed._index_spec(p_dims, p_distance, p_storage);
+  p := pyembed._index_params(p_settings, greatest(counted, 0)::bigint, p_dims);
   candidates := CASE WHEN s.op = '<~>' THEN k * p.oversample ELSE k END;
   PERFORM set_config('hnsw.ef_search', least(greatest(p.ef_search, candidates), 1000)::text,
                      true);
@@ -67,7 +88,7 @@ BEGIN
       'JOIN pyembed.chunks f ON f.corpus_id = %s AND f.chunk_id = v.chunk_id', p_corpus_id) END,
     p_model_key,
     CASE WHEN filter IS NULL THEN '' ELSE 'AND f.metadata @> $2' END);
-  IF exact OR s.expr IS NULL OR (c.counted >= 0 AND candidates >= c.counted) THEN
+  IF exact OR s.expr IS NULL OR (counted >= 0 AND candidates >= counted) THEN
     EXECUTE format('SELECT array_agg(chunk_id), array_agg(distance) FROM (SELECT v.chunk_id, '
                    'v.%s $1 AS distance FROM %s ORDER BY 2, 1 LIMIT %s) hit',
                    s.exact, source, k)

@@ -404,6 +404,8 @@ def test_execute_privileges_are_granted_on_purpose(app: psycopg.Connection[Any])
     "SELECT pyembed._create_vector_index(1, 'fake/fake-hash@1:384')",
     "SELECT * FROM pyembed._index_spec(384, 'cosine')",
     "SELECT * FROM pyembed._nearest(1, 'fake/fake-hash@1:384', array_fill(0.1, ARRAY[384])::vector, 10)",
+    "SELECT * FROM pyembed._nearest_in(1, 'fake/fake-hash@1:384', "
+    "array_fill(0.1, ARRAY[384])::vector, 10, NULL, false, 'vector', '{}', 384, 'cosine', 0)",
     "SELECT pyembed.set_index_settings('docs', '{\"m\": 32}')",
 ])
 def test_app_cannot_call_internal_functions(app: psycopg.Connection[Any], call: str) -> None:
