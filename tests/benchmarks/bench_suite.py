@@ -17,7 +17,8 @@ ratios taken within each repetition, then their median):
      apart (with nothing queued; as the owner with triggers off); bulk_load.load_vectors and
      plain COPY over 2 connections; then the HNSW builds.
   2. guarded search (pyembed.search, app role) vs plain pgvector on the same HNSW index
-     parameters at equal ef_search (100): p50/p99 and recall@10 against exact numpy search.
+     parameters at equal ef_search (100): p50/p99 and recall@10 against exact numpy search,
+     and each path's server CPU time per search (pyembed / unguarded: the guard's cost).
   3. cache-hit query embedding: client.embedder(key).embed_query(text) with the PostgresCache,
      and SELECT pyembed.embed(text, key) (round trip, and per call inside the server).
   4. worker throughput with the fake model on queued chunks (pyembed.worker.Worker).
@@ -77,6 +78,7 @@ from tests.benchmarks.common import (  # noqa: E402
     Spread,
     Target,
     app_connection,
+    backend_cpu_seconds,
     checkpoint,
     clustered_unit_vectors,
     connect,
@@ -718,6 +720,7 @@ def search(t: Target, owner: psycopg.Connection[Any], data: Data, res: IngestRes
     assert res.corpus is not None
     corpus = res.corpus
     app = app_connection(t)  # prepare_threshold=None, ef_search 100 (pyembed.search sets it too)
+    unguarded_conn = connect(t.owner_dsn)  # a server process per path: its CPU time is the path's
     plain_conn = connect(t.owner_dsn)
     try:
         row_of_chunk = {c: i for i, c in enumerate(res.chunk_ids)}
@@ -742,18 +745,20 @@ def search(t: Target, owner: psycopg.Connection[Any], data: Data, res: IngestRes
             return [row_of_chunk[r[0]] for r in app.execute(guarded_sql, (corpus.name, q, KEY))]
 
         def unguarded(q: Vector) -> list[int]:
-            return [row_of_chunk[r[0]] for r in plain_conn.execute(unguarded_sql, {"q": q})]
+            return [row_of_chunk[r[0]] for r in unguarded_conn.execute(unguarded_sql, {"q": q})]
 
         def plain(q: Vector) -> list[int]:
             return [int(r[0]) for r in plain_conn.execute(plain_sql, {"q": q})]
 
         runs: list[tuple[str, Callable[[Vector], list[int]]]] = [
             ("pyembed", guarded), ("unguarded", unguarded), ("plain", plain)]
+        conns = {"pyembed": app, "unguarded": unguarded_conn, "plain": plain_conn}
         orders = list(itertools.permutations(runs))
         qvecs = [Vector(q) for q in data.queries]
         for q in qvecs[:20]:  # warm-up, untimed
             for _, fn in runs:
                 fn(q)
+        cpu_at_start = {label: backend_cpu_seconds(conn) for label, conn in conns.items()}
         times: dict[str, list[float]] = defaultdict(list)
         recall: dict[str, list[float]] = defaultdict(list)
         round_p50: dict[str, list[float]] = defaultdict(list)
@@ -772,6 +777,11 @@ def search(t: Target, owner: psycopg.Connection[Any], data: Data, res: IngestRes
                         recall[label].append(recall_at_k(data.truth[i], ids, K))
             for label in this_round:
                 round_p50[label].append(percentiles_ms(this_round[label], (50,))[0])
+        cpu_ms: dict[str, float] = {}
+        for label, conn in conns.items():
+            at_end, at_start = backend_cpu_seconds(conn), cpu_at_start[label]
+            if at_end is not None and at_start is not None:
+                cpu_ms[label] = 1000 * (at_end - at_start) / len(times[label])
         print(f"\n2. search, k={K}, {len(qvecs)} queries x {args.rounds} rounds, interleaved "
               "(the paths in every order in turn), after a 20-query warm-up; hnsw.ef_search 100 "
               "on all; prepare_threshold=None; recall@10 against exact numpy search")
@@ -790,11 +800,20 @@ def search(t: Target, owner: psycopg.Connection[Any], data: Data, res: IngestRes
         for name, value in ratios.items():
             print(f"   ratio of p50s {name.removeprefix('search p50 ')}: {value:.2f}   "
                   "(target <= 1.2)")
+        if len(cpu_ms) == len(conns):
+            print("   server CPU time per search (each path's own server process; other work on the "
+                  "machine stretches wall times, much less this): " + ", ".join(
+                      f"{label} {ms:.3f} ms" for label, ms in cpu_ms.items()))
+            ratios["search server CPU pyembed / unguarded"] = (cpu_ms["pyembed"]
+                                                                / cpu_ms["unguarded"])
+            print("   ratio of server CPU times pyembed / unguarded: "
+                  f"{ratios['search server CPU pyembed / unguarded']:.2f}")
         print("   (two HNSW graphs built from the same rows with the same parameters differ; the "
               "unguarded line reads pyembed's own graph)")
         return ratios
     finally:
         app.close()
+        unguarded_conn.close()
         plain_conn.close()
 
 

@@ -155,6 +155,24 @@ def scalar(conn: psycopg.Connection[Any], query: str | sql.SQL | sql.Composed,
     return row[0]
 
 
+def backend_cpu_seconds(conn: psycopg.Connection[Any]) -> float | None:
+    """The CPU time the connection's server process has run so far (/proc/PID/schedstat), or
+    None when that process is not on this machine. The server's work alone: other processes on
+    a shared machine lengthen wall times much more than they change it."""
+    host = conn.info.host
+    if not (host.startswith("/") or host in ("localhost", "127.0.0.1", "::1")):
+        return None
+    pid = scalar(conn, "SELECT pg_backend_pid()")
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"postgres" not in f.read():
+                return None
+        with open(f"/proc/{pid}/schedstat") as f:
+            return int(f.read().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def checkpoint(owner: psycopg.Connection[Any]) -> None:
     """Start a timed load from a clean checkpoint when the role may ask for one."""
     try:
