@@ -83,6 +83,13 @@ BEGIN
   IF NOT (p_corpus_id = ANY (pyembed.visible_corpora())) THEN
     RAISE EXCEPTION USING ERRCODE = 'PE002', MESSAGE = format('unknown corpus id %s', p_corpus_id);
   END IF;
+  -- A transaction whose first write is this record commits without waiting for its WAL to be
+  -- flushed (the wait was most of a keyword search's time): a crash may lose the last records
+  -- (log lines, cache entries, counts), never half of one. A transaction that wrote before
+  -- (a reserved provider call, the caller's own writes) keeps its setting.
+  IF pg_current_xact_id_if_assigned() IS NULL THEN
+    PERFORM set_config('synchronous_commit', 'off', true);
+  END IF;
   IF cache_key IS NOT NULL AND embedding IS NOT NULL THEN
     PERFORM pyembed.cache_put(ARRAY[cache_key], p_model_key, input_type, ARRAY[embedding],
                               ttl_seconds);
