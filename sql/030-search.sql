@@ -10,17 +10,14 @@
 -- them, so that the index scan can return them) until k documents are among them or the
 -- corpus has no more; 'chunk' returns the k nearest chunks.
 
-CREATE OR REPLACE FUNCTION pyembed.search(
-  corpus text, query_embedding vector, query_model_key text,
-  k integer DEFAULT 10, filter jsonb DEFAULT NULL, group_by text DEFAULT 'document')
-RETURNS TABLE (document_id text, chunk_id bigint, chunk_index integer, content text,
-               metadata jsonb, score double precision, model_key text)
-LANGUAGE plpgsql STABLE SECURITY DEFINER
+CREATE OR REPLACE FUNCTION pyembed._vector_ranking(
+  corpus text, query_embedding vector, query_model_key text, k integer, filter jsonb,
+  group_by text, OUT corpus_no integer, OUT ids bigint[], OUT scores float8[], OUT keys text[])
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
   c record;
-  ids bigint[];
   distances float8[];
   n integer;
   found integer;
@@ -82,20 +79,55 @@ BEGIN
     EXIT WHEN found >= k;
     n := 2 * n;
   END LOOP;
+  corpus_no := c.corpus_id;
   -- `= ANY (ids)`: n index probes into chunks, whatever the statistics say (joined with the
   -- array alone, the kept plan was a hash join over all the corpus's chunks).
-  RETURN QUERY
-  SELECT b.document_id, b.chunk_id, b.chunk_index, b.content, b.metadata,
-         CASE c.distance WHEN 'cosine' THEN 1 - b.distance ELSE -b.distance END, query_model_key
-    FROM (SELECT DISTINCT ON (CASE WHEN group_by = 'chunk' THEN ch.chunk_id::text
-                                   ELSE ch.document_id END)
-                 ch.document_id, ch.chunk_id, ch.chunk_index, ch.content, ch.metadata, h.distance
-            FROM pyembed.chunks ch
-            JOIN unnest(ids, distances) AS h(chunk_id, distance) ON h.chunk_id = ch.chunk_id
-           WHERE ch.corpus_id = c.corpus_id AND ch.chunk_id = ANY (ids)
-           ORDER BY CASE WHEN group_by = 'chunk' THEN ch.chunk_id::text ELSE ch.document_id END,
-                    h.distance, h.chunk_id) b
-   ORDER BY b.distance, b.chunk_id
-   LIMIT k;
+  SELECT array_agg(b.chunk_id ORDER BY b.distance, b.chunk_id),
+         array_agg(CASE c.distance WHEN 'cosine' THEN 1 - b.distance ELSE -b.distance END
+                   ORDER BY b.distance, b.chunk_id),
+         array_agg(b.key ORDER BY b.distance, b.chunk_id) INTO ids, scores, keys
+    FROM (SELECT b.* FROM (
+            SELECT DISTINCT ON (1) CASE WHEN group_by = 'chunk' THEN ch.chunk_id::text
+                                        ELSE ch.document_id END AS key, ch.chunk_id, h.distance
+              FROM pyembed.chunks ch
+              JOIN unnest(ids, distances) AS h(chunk_id, distance) ON h.chunk_id = ch.chunk_id
+             WHERE ch.corpus_id = c.corpus_id AND ch.chunk_id = ANY (ids)
+             ORDER BY 1, h.distance, h.chunk_id) b
+           ORDER BY b.distance, b.chunk_id LIMIT k) b;
 END
+$$;
+
+-- The hits of the k best (pyembed._vector_ranking), with their texts, best first.
+CREATE OR REPLACE FUNCTION pyembed.search(
+  corpus text, query_embedding vector, query_model_key text,
+  k integer DEFAULT 10, filter jsonb DEFAULT NULL, group_by text DEFAULT 'document')
+RETURNS TABLE (document_id text, chunk_id bigint, chunk_index integer, content text,
+               metadata jsonb, score double precision, model_key text)
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  r record;
+BEGIN
+  SELECT * INTO r FROM pyembed._vector_ranking(corpus, query_embedding, query_model_key, k,
+                                               filter, group_by);
+  RETURN QUERY SELECT * FROM pyembed._hits(r.corpus_no, r.ids, r.scores, query_model_key);
+END
+$$;
+
+-- The hits (texts and all) of chunks `ids` of a corpus, in that order, with `scores` and `key`.
+-- `= ANY (ids)`: an index probe into chunks per id, whatever the statistics say.
+CREATE OR REPLACE FUNCTION pyembed._hits(corpus_no integer, ids bigint[], scores float8[],
+                                         key text)
+RETURNS TABLE (document_id text, chunk_id bigint, chunk_index integer, content text,
+               metadata jsonb, score double precision, model_key text)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+  SELECT ch.document_id, ch.chunk_id, ch.chunk_index, ch.content, ch.metadata, h.score,
+         key
+    FROM unnest(ids, scores) WITH ORDINALITY AS h(chunk_id, score, n)
+    JOIN pyembed.chunks ch ON ch.chunk_id = h.chunk_id
+   WHERE ch.corpus_id = corpus_no AND ch.chunk_id = ANY (ids)
+   ORDER BY h.n
 $$;

@@ -121,27 +121,21 @@ CREATE OR REPLACE TRIGGER postings_count_delete
   AFTER DELETE ON pyembed.postings REFERENCING OLD TABLE AS old_rows
   FOR EACH STATEMENT EXECUTE FUNCTION pyembed._count_postings();
 
--- BM25 over chunks. Each query lexeme reads its postings in its own sub-query (OFFSET 0 keeps
--- the planner from flattening it, which made long queries many times slower).
--- group_by 'document' (the default) returns k distinct documents, each scored by its best chunk
--- (which is the passage returned): the best 3k chunks are taken, then 4 times more while they
--- hold fewer than k documents; 'chunk' returns the k best chunks.
-CREATE OR REPLACE FUNCTION pyembed.search_keyword(corpus text, query text, k integer DEFAULT 10,
-                                                  filter jsonb DEFAULT NULL,
-                                                  group_by text DEFAULT 'document')
-RETURNS TABLE (document_id text, chunk_id bigint, chunk_index integer, content text,
-               metadata jsonb, score double precision, model_key text)
-LANGUAGE plpgsql STABLE SECURITY DEFINER
+-- BM25 over chunks: the k best, as (chunk ids, scores, group keys), best first. group_by
+-- 'document' (the default) returns k distinct documents, each scored by its best chunk (which is
+-- the passage returned; its key is the document id): the best 3k chunks are taken, then 4 times
+-- more while they hold fewer than k documents; 'chunk' returns the k best chunks (keyed by id).
+CREATE OR REPLACE FUNCTION pyembed._keyword_ranking(c pyembed.corpora, query text, k integer,
+                                                    filter jsonb, group_by text,
+                                                    OUT ids bigint[], OUT scores float8[],
+                                                    OUT keys text[])
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-  c pyembed.corpora;
-  ids bigint[];
-  scores float8[];
   n integer;
   found integer;
 BEGIN
-  c := pyembed.lookup_corpus(corpus);
   IF k IS NULL OR k < 1 OR k > 1000 THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005', MESSAGE = format('k must be 1..1000, got %s', k);
   END IF;
@@ -165,18 +159,35 @@ BEGIN
     EXIT WHEN found >= k;
     n := 4 * n;
   END LOOP;
-  RETURN QUERY
-  SELECT b.document_id, b.chunk_id, b.chunk_index, b.content, b.metadata, b.score, NULL::text
-    FROM (SELECT DISTINCT ON (CASE WHEN group_by = 'chunk' THEN ch.chunk_id::text
-                                   ELSE ch.document_id END)
-                 ch.document_id, ch.chunk_id, ch.chunk_index, ch.content, ch.metadata, h.score
-            FROM pyembed.chunks ch
-            JOIN unnest(ids, scores) AS h(chunk_id, score) ON h.chunk_id = ch.chunk_id
-           WHERE ch.corpus_id = c.corpus_id AND ch.chunk_id = ANY (ids)
-           ORDER BY CASE WHEN group_by = 'chunk' THEN ch.chunk_id::text ELSE ch.document_id END,
-                    h.score DESC, h.chunk_id) b
-   ORDER BY b.score DESC, b.chunk_id
-   LIMIT k;
+  SELECT array_agg(b.chunk_id ORDER BY b.score DESC, b.chunk_id),
+         array_agg(b.score ORDER BY b.score DESC, b.chunk_id),
+         array_agg(b.key ORDER BY b.score DESC, b.chunk_id) INTO ids, scores, keys
+    FROM (SELECT b.* FROM (
+            SELECT DISTINCT ON (1) CASE WHEN group_by = 'chunk' THEN ch.chunk_id::text
+                                        ELSE ch.document_id END AS key, ch.chunk_id, h.score
+              FROM pyembed.chunks ch
+              JOIN unnest(ids, scores) AS h(chunk_id, score) ON h.chunk_id = ch.chunk_id
+             WHERE ch.corpus_id = c.corpus_id AND ch.chunk_id = ANY (ids)
+             ORDER BY 1, h.score DESC, h.chunk_id) b
+           ORDER BY b.score DESC, b.chunk_id LIMIT k) b;
+END
+$$;
+
+-- The hits of the k best (pyembed._keyword_ranking), with their texts, best first.
+CREATE OR REPLACE FUNCTION pyembed.search_keyword(corpus text, query text, k integer DEFAULT 10,
+                                                  filter jsonb DEFAULT NULL,
+                                                  group_by text DEFAULT 'document')
+RETURNS TABLE (document_id text, chunk_id bigint, chunk_index integer, content text,
+               metadata jsonb, score double precision, model_key text)
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  c pyembed.corpora := pyembed.lookup_corpus(corpus);
+  r record;
+BEGIN
+  SELECT * INTO r FROM pyembed._keyword_ranking(c, query, k, filter, group_by);
+  RETURN QUERY SELECT * FROM pyembed._hits(c.corpus_id, r.ids, r.scores, NULL);
 END
 $$;
 
@@ -354,6 +365,11 @@ RETURNS TABLE (document_id text, chunk_id bigint, chunk_index integer, content t
 LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+  d record;
+  s record;
+  ids bigint[];
+  scores float8[];
 BEGIN
   fusion := coalesce(fusion, 'relative');  -- the default
   IF fusion NOT IN ('rrf', 'relative') THEN
@@ -380,37 +396,32 @@ BEGIN
     RAISE EXCEPTION USING ERRCODE = 'PE005', MESSAGE = format('k must be 1..1000, got %s', k);
   END IF;
   alpha := coalesce(alpha, 0.5);
-  RETURN QUERY
-  WITH dense AS MATERIALIZED (
-    SELECT s.*, row_number() OVER (ORDER BY s.score DESC, s.chunk_id) AS r,
-           min(s.score) OVER () AS lo, max(s.score) OVER () AS hi,
-           CASE WHEN group_by = 'chunk' THEN s.chunk_id::text ELSE s.document_id END AS key
-      FROM pyembed.search(corpus, query_embedding, query_model_key, candidates, filter,
-                          group_by) s
-  ), sparse AS MATERIALIZED (
-    SELECT s.*, row_number() OVER (ORDER BY s.score DESC, s.chunk_id) AS r,
-           min(s.score) OVER () AS lo, max(s.score) OVER () AS hi,
-           CASE WHEN group_by = 'chunk' THEN s.chunk_id::text ELSE s.document_id END AS key
-      FROM pyembed.search_keyword(corpus, query, candidates, filter, group_by) s
+  -- Both rankings without their texts (the guarded vector one first: PE001 before anything);
+  -- the texts of the k fused hits alone are read.
+  SELECT * INTO d FROM pyembed._vector_ranking(corpus, query_embedding, query_model_key,
+                                               candidates, filter, group_by);
+  SELECT * INTO s FROM pyembed._keyword_ranking(pyembed.lookup_corpus(corpus), query, candidates,
+                                                filter, group_by);
+  WITH dense AS (
+    SELECT h.*, min(h.score) OVER () AS lo, max(h.score) OVER () AS hi
+      FROM unnest(d.ids, d.scores, d.keys) WITH ORDINALITY AS h(chunk_id, score, key, r)
+  ), sparse AS (
+    SELECT h.*, min(h.score) OVER () AS lo, max(h.score) OVER () AS hi
+      FROM unnest(s.ids, s.scores, s.keys) WITH ORDINALITY AS h(chunk_id, score, key, r)
   ), fused AS (
-    SELECT coalesce(d.document_id, s.document_id) AS document_id,
-           coalesce(d.chunk_id, s.chunk_id) AS chunk_id,
-           coalesce(d.chunk_index, s.chunk_index) AS chunk_index,
-           coalesce(d.content, s.content) AS content,
-           coalesce(d.metadata, s.metadata) AS metadata,
+    SELECT coalesce(x.chunk_id, y.chunk_id) AS chunk_id,
            CASE fusion
-             WHEN 'rrf' THEN coalesce(1.0 / (rrf_k + d.r), 0) + coalesce(1.0 / (rrf_k + s.r), 0)
-             ELSE alpha * CASE WHEN d.r IS NULL THEN 0 WHEN d.hi > d.lo
-                               THEN (d.score - d.lo) / (d.hi - d.lo) ELSE 1 END
-                  + (1 - alpha) * CASE WHEN s.r IS NULL THEN 0 WHEN s.hi > s.lo
-                                       THEN (s.score - s.lo) / (s.hi - s.lo) ELSE 1 END
+             WHEN 'rrf' THEN coalesce(1.0 / (rrf_k + x.r), 0) + coalesce(1.0 / (rrf_k + y.r), 0)
+             ELSE alpha * CASE WHEN x.r IS NULL THEN 0 WHEN x.hi > x.lo
+                               THEN (x.score - x.lo) / (x.hi - x.lo) ELSE 1 END
+                  + (1 - alpha) * CASE WHEN y.r IS NULL THEN 0 WHEN y.hi > y.lo
+                                       THEN (y.score - y.lo) / (y.hi - y.lo) ELSE 1 END
            END::float8 AS score
-      FROM dense d FULL JOIN sparse s ON s.key = d.key
+      FROM dense x FULL JOIN sparse y ON y.key = x.key
   )
-  SELECT f.document_id, f.chunk_id, f.chunk_index, f.content, f.metadata, f.score,
-         query_model_key
-    FROM fused f
-   ORDER BY f.score DESC, f.chunk_id
-   LIMIT k;
+  SELECT array_agg(f.chunk_id ORDER BY f.score DESC, f.chunk_id),
+         array_agg(f.score ORDER BY f.score DESC, f.chunk_id) INTO ids, scores
+    FROM (SELECT fu.* FROM fused fu ORDER BY fu.score DESC, fu.chunk_id LIMIT k) f;
+  RETURN QUERY SELECT * FROM pyembed._hits(d.corpus_no, ids, scores, query_model_key);
 END
 $$;
