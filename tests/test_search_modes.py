@@ -255,7 +255,8 @@ def test_bm25_skipping_common_terms_gives_the_same_best_chunks(
 def test_recording_a_search_commits_without_waiting_for_the_wal_flush(
         client: Any, app: psycopg.Connection[Any]) -> None:
     """A transaction whose first write is a search's record commits asynchronously (the wait for
-    the WAL flush was most of a keyword search); one that wrote before keeps its setting."""
+    the WAL flush was most of a keyword search); one that wrote before, or that caches an
+    embedding, keeps its setting."""
     kb = client.create_corpus("async", FAKE)
     kb.add([pyembed.Document("a", "error code E1")])
     corpus_id = kb.info.corpus_id
@@ -274,5 +275,10 @@ def test_recording_a_search_commits_without_waiting_for_the_wal_flush(
                     "ARRAY[%s::vector], NULL)", (FAKE, str([1.0] + [0.0] * 383)))  # a write first
         assert app.execute(record, (corpus_id,)).fetchone() == (True,)
         assert app.execute("SHOW synchronous_commit").fetchone() == ("on",)
+    with app.transaction():
+        assert app.execute("SELECT pyembed.record_search(%s, %s, 'vector', 10, false, 1, 1, NULL, "
+                           "2, sha256('r'), 'query', %s::vector)",
+                           (corpus_id, FAKE, str([1.0] + [0.0] * 383))).fetchone() == (True,)
+        assert app.execute("SHOW synchronous_commit").fetchone() == ("on",)
     assert app.execute("SELECT count(*) FROM pyembed.query_log WHERE corpus_id = %s",
-                       (corpus_id,)).fetchone() == (3,)
+                       (corpus_id,)).fetchone() == (4,)
