@@ -1,9 +1,10 @@
 -- Guarded search: the query vector comes with its model key, and a mismatch raises PE001.
 -- One lookup (the corpus by pyembed.lookup_corpus; the model and the partition's counted rows by
 -- one static query), checks, then the nearest chunk ids from pyembed._nearest_in (the vector
--- leg: index, storage, ef_search; 025-nearest.sql); the texts come from a static query per
--- grouping, whose plan PL/pgSQL keeps, and which puts the hits in order (an iterative index
--- scan in relaxed order may return them slightly out of it).
+-- leg: index, storage, ef_search; 025-nearest.sql), ranked and grouped by one kept plan
+-- (an iterative index scan in relaxed order may return them slightly out of order); that is
+-- pyembed._vector_ranking, which hybrid search fuses with the keyword ranking before reading
+-- any text; pyembed._hits reads the texts of the k hits.
 -- What the function does besides the index scan is what a search costs over pgvector's own
 -- statement (tests/benchmarks/bench_suite.py section 2): each statement and function call
 -- counts, every search.
@@ -14,12 +15,10 @@
 -- with them, so that the index scan can return them) until k documents are among them or the
 -- corpus has no more; 'chunk' returns the k nearest chunks.
 
-CREATE OR REPLACE FUNCTION pyembed.search(
-  corpus text, query_embedding vector, query_model_key text,
-  k integer DEFAULT 10, filter jsonb DEFAULT NULL, group_by text DEFAULT 'document')
-RETURNS TABLE (document_id text, chunk_id bigint, chunk_index integer, content text,
-               metadata jsonb, score double precision, model_key text)
-LANGUAGE plpgsql STABLE SECURITY DEFINER
+CREATE OR REPLACE FUNCTION pyembed._vector_ranking(
+  corpus text, query_embedding vector, query_model_key text, k integer, filter jsonb,
+  group_by text, OUT corpus_no integer, OUT ids bigint[], OUT scores float8[], OUT keys text[])
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 SET plan_cache_mode = force_generic_plan
 AS $$
@@ -27,7 +26,6 @@ DECLARE
   c pyembed.corpora;
   md record;
   r record;
-  ids bigint[];
   distances float8[];
   n integer;
   found integer;
@@ -96,34 +94,55 @@ BEGIN
     EXIT WHEN found >= k;
     n := 2 * n;
   END LOOP;
-  -- The texts, by a static query per grouping whose plan PL/pgSQL keeps (generic: plan_cache_mode
-  -- above; a custom plan would be made again for each search's ids); `= ANY (ids)` gives it n
-  -- index probes into chunks, whatever the statistics say (joined with the array alone, a kept
-  -- plan was a hash join over all the corpus's chunks).
-  IF group_by = 'chunk' THEN
-    RETURN QUERY
-    SELECT ch.document_id, ch.chunk_id, ch.chunk_index, ch.content, ch.metadata,
-           CASE md.distance WHEN 'cosine' THEN 1 - h.distance ELSE -h.distance END,
-           query_model_key
-      FROM pyembed.chunks ch
-      JOIN unnest(ids, distances) AS h(chunk_id, distance) ON h.chunk_id = ch.chunk_id
-     WHERE ch.corpus_id = c.corpus_id AND ch.chunk_id = ANY (ids)
-     ORDER BY h.distance, h.chunk_id
-     LIMIT k;
-  ELSE
-    RETURN QUERY
-    SELECT b.document_id, b.chunk_id, b.chunk_index, b.content, b.metadata,
-           CASE md.distance WHEN 'cosine' THEN 1 - b.distance ELSE -b.distance END,
-           query_model_key
-      FROM (SELECT DISTINCT ON (ch.document_id)
-                   ch.document_id, ch.chunk_id, ch.chunk_index, ch.content, ch.metadata,
-                   h.distance
+  corpus_no := c.corpus_id;
+  -- `= ANY (ids)`: n index probes into chunks, whatever the statistics say (joined with the
+  -- array alone, the kept plan was a hash join over all the corpus's chunks).
+  SELECT array_agg(b.chunk_id ORDER BY b.distance, b.chunk_id),
+         array_agg(CASE md.distance WHEN 'cosine' THEN 1 - b.distance ELSE -b.distance END
+                   ORDER BY b.distance, b.chunk_id),
+         array_agg(b.key ORDER BY b.distance, b.chunk_id) INTO ids, scores, keys
+    FROM (SELECT b.* FROM (
+            SELECT DISTINCT ON (1) CASE WHEN group_by = 'chunk' THEN ch.chunk_id::text
+                                        ELSE ch.document_id END AS key, ch.chunk_id, h.distance
               FROM pyembed.chunks ch
               JOIN unnest(ids, distances) AS h(chunk_id, distance) ON h.chunk_id = ch.chunk_id
              WHERE ch.corpus_id = c.corpus_id AND ch.chunk_id = ANY (ids)
-             ORDER BY ch.document_id, h.distance, h.chunk_id) b
-     ORDER BY b.distance, b.chunk_id
-     LIMIT k;
-  END IF;
+             ORDER BY 1, h.distance, h.chunk_id) b
+           ORDER BY b.distance, b.chunk_id LIMIT k) b;
 END
+$$;
+
+-- The hits of the k best (pyembed._vector_ranking), with their texts, best first.
+CREATE OR REPLACE FUNCTION pyembed.search(
+  corpus text, query_embedding vector, query_model_key text,
+  k integer DEFAULT 10, filter jsonb DEFAULT NULL, group_by text DEFAULT 'document')
+RETURNS TABLE (document_id text, chunk_id bigint, chunk_index integer, content text,
+               metadata jsonb, score double precision, model_key text)
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  r record;
+BEGIN
+  SELECT * INTO r FROM pyembed._vector_ranking(corpus, query_embedding, query_model_key, k,
+                                               filter, group_by);
+  RETURN QUERY SELECT * FROM pyembed._hits(r.corpus_no, r.ids, r.scores, query_model_key);
+END
+$$;
+
+-- The hits (texts and all) of chunks `ids` of a corpus, in that order, with `scores` and `key`.
+-- `= ANY (ids)`: an index probe into chunks per id, whatever the statistics say.
+CREATE OR REPLACE FUNCTION pyembed._hits(corpus_no integer, ids bigint[], scores float8[],
+                                         key text)
+RETURNS TABLE (document_id text, chunk_id bigint, chunk_index integer, content text,
+               metadata jsonb, score double precision, model_key text)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+  SELECT ch.document_id, ch.chunk_id, ch.chunk_index, ch.content, ch.metadata, h.score,
+         key
+    FROM unnest(ids, scores) WITH ORDINALITY AS h(chunk_id, score, n)
+    JOIN pyembed.chunks ch ON ch.chunk_id = h.chunk_id
+   WHERE ch.corpus_id = corpus_no AND ch.chunk_id = ANY (ids)
+   ORDER BY h.n
 $$;

@@ -121,27 +121,21 @@ CREATE OR REPLACE TRIGGER postings_count_delete
   AFTER DELETE ON pyembed.postings REFERENCING OLD TABLE AS old_rows
   FOR EACH STATEMENT EXECUTE FUNCTION pyembed._count_postings();
 
--- BM25 over chunks. Each query lexeme reads its postings in its own sub-query (OFFSET 0 keeps
--- the planner from flattening it, which made long queries many times slower).
--- group_by 'document' (the default) returns k distinct documents, each scored by its best chunk
--- (which is the passage returned): the best 3k chunks are taken, then 4 times more while they
--- hold fewer than k documents; 'chunk' returns the k best chunks.
-CREATE OR REPLACE FUNCTION pyembed.search_keyword(corpus text, query text, k integer DEFAULT 10,
-                                                  filter jsonb DEFAULT NULL,
-                                                  group_by text DEFAULT 'document')
-RETURNS TABLE (document_id text, chunk_id bigint, chunk_index integer, content text,
-               metadata jsonb, score double precision, model_key text)
-LANGUAGE plpgsql STABLE SECURITY DEFINER
+-- BM25 over chunks: the k best, as (chunk ids, scores, group keys), best first. group_by
+-- 'document' (the default) returns k distinct documents, each scored by its best chunk (which is
+-- the passage returned; its key is the document id): the best 3k chunks are taken, then 4 times
+-- more while they hold fewer than k documents; 'chunk' returns the k best chunks (keyed by id).
+CREATE OR REPLACE FUNCTION pyembed._keyword_ranking(c pyembed.corpora, query text, k integer,
+                                                    filter jsonb, group_by text,
+                                                    OUT ids bigint[], OUT scores float8[],
+                                                    OUT keys text[])
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-  c pyembed.corpora;
-  ids bigint[];
-  scores float8[];
   n integer;
   found integer;
 BEGIN
-  c := pyembed.lookup_corpus(corpus);
   IF k IS NULL OR k < 1 OR k > 1000 THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005', MESSAGE = format('k must be 1..1000, got %s', k);
   END IF;
@@ -165,56 +159,92 @@ BEGIN
     EXIT WHEN found >= k;
     n := 4 * n;
   END LOOP;
-  RETURN QUERY
-  SELECT b.document_id, b.chunk_id, b.chunk_index, b.content, b.metadata, b.score, NULL::text
-    FROM (SELECT DISTINCT ON (CASE WHEN group_by = 'chunk' THEN ch.chunk_id::text
-                                   ELSE ch.document_id END)
-                 ch.document_id, ch.chunk_id, ch.chunk_index, ch.content, ch.metadata, h.score
-            FROM pyembed.chunks ch
-            JOIN unnest(ids, scores) AS h(chunk_id, score) ON h.chunk_id = ch.chunk_id
-           WHERE ch.corpus_id = c.corpus_id AND ch.chunk_id = ANY (ids)
-           ORDER BY CASE WHEN group_by = 'chunk' THEN ch.chunk_id::text ELSE ch.document_id END,
-                    h.score DESC, h.chunk_id) b
-   ORDER BY b.score DESC, b.chunk_id
-   LIMIT k;
+  SELECT array_agg(b.chunk_id ORDER BY b.score DESC, b.chunk_id),
+         array_agg(b.score ORDER BY b.score DESC, b.chunk_id),
+         array_agg(b.key ORDER BY b.score DESC, b.chunk_id) INTO ids, scores, keys
+    FROM (SELECT b.* FROM (
+            SELECT DISTINCT ON (1) CASE WHEN group_by = 'chunk' THEN ch.chunk_id::text
+                                        ELSE ch.document_id END AS key, ch.chunk_id, h.score
+              FROM pyembed.chunks ch
+              JOIN unnest(ids, scores) AS h(chunk_id, score) ON h.chunk_id = ch.chunk_id
+             WHERE ch.corpus_id = c.corpus_id AND ch.chunk_id = ANY (ids)
+             ORDER BY 1, h.score DESC, h.chunk_id) b
+           ORDER BY b.score DESC, b.chunk_id LIMIT k) b;
+END
+$$;
+
+-- The hits of the k best (pyembed._keyword_ranking), with their texts, best first.
+CREATE OR REPLACE FUNCTION pyembed.search_keyword(corpus text, query text, k integer DEFAULT 10,
+                                                  filter jsonb DEFAULT NULL,
+                                                  group_by text DEFAULT 'document')
+RETURNS TABLE (document_id text, chunk_id bigint, chunk_index integer, content text,
+               metadata jsonb, score double precision, model_key text)
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  c pyembed.corpora := pyembed.lookup_corpus(corpus);
+  r record;
+BEGIN
+  SELECT * INTO r FROM pyembed._keyword_ranking(c, query, k, filter, group_by);
+  RETURN QUERY SELECT * FROM pyembed._hits(c.corpus_id, r.ids, r.scores, NULL);
 END
 $$;
 
 -- The n best chunks of a corpus by BM25 (k1 1.2, b 0.75) for a query, best first, among the
 -- chunks whose metadata contains `filter` (if given): (chunk ids, scores), exactly as if every
--- posting of every query term were scored, without reading the long posting lists of common
--- terms when they cannot change the result (MaxScore, Turtle and Flood 1995):
--- 1. the terms are taken rarest first; the rare ones (in at most 5% of the chunks, or the
---    rarest) are scored over all their postings: partial scores of their chunks, the candidates;
--- 2. theta, the n-th best partial score, is below the n-th best full score. A term's part of a
---    score is below idf * 2.2 (k1 + 1), so while the parts the unread terms could add up to
---    (`rest`) reach theta, more terms are read (theta only grows as they are);
--- 3. then a chunk no read term matches scores below rest < theta: only candidates whose partial
---    score + rest reaches theta can be among the n best; the unread terms' postings of those
---    alone are looked up (primary key probes), and the n best full scores are returned.
+-- posting of every query term were scored.
+-- - Few postings (the query terms' document frequencies add up to `every_posting_upto`, 30,000
+--   unless given, at most): every posting is scored in one statement (one pass, no bookkeeping
+--   between statements: fastest there).
+-- - Else the long posting lists of common terms are read only as far as they can change the
+--   result (MaxScore, Turtle and Flood 1995). A term's part of a score is below idf * 2.2
+--   (k1 + 1); terms are taken rarest first:
+--   1. the rare terms (in at most 5% of the chunks, or the rarest) are read in full: partial
+--      scores of their chunks, the candidates;
+--   2. theta: the n-th best full score (unread terms looked up by primary key) of the 2n best
+--      candidates, a lower bound of the n-th best score;
+--   3. the longest tail of common terms whose parts add up to less than 0.8 theta stays unread;
+--      the terms before it are read in full, then 2 again (theta only grows) until the tail
+--      starts after the last term read;
+--   4. a chunk no read term matches scores below the tail's sum (< theta): only candidates whose
+--      partial score + the tail's sum reaches theta can be among the n best. Their tail terms
+--      are looked up best partial score first, a batch at a time, theta rising with the full
+--      scores found, until the next candidate cannot reach it.
+--   (Lookups cost an index descent each, a read posting a fraction of one: leaving 0.8 rather
+--   than all of theta to the tail reads a little more and looks up far fewer candidates.)
 -- Postings come from the primary key's index alone (it carries tf and doc_len), and the
 -- arithmetic is in float8 (a numeric constant made it numeric, per posting, several times slower).
+-- No JIT: compiling a long statement's expressions took longer than running them.
 CREATE OR REPLACE FUNCTION pyembed._bm25(c pyembed.corpora, query text, n integer, filter jsonb,
+                                         every_posting_upto bigint DEFAULT 30000,
                                          OUT ids bigint[], OUT scores float8[])
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
+SET jit = off
 AS $$
 DECLARE
   total float8;
   avgdl float8;
-  lx text[];      -- the query's terms that occur in the corpus, rarest first
-  w float8[];     -- their idf
-  m integer;      -- how many
-  e integer;      -- terms 1..e are read
-  upto integer;
-  theta float8;   -- the n-th best partial score (NULL: fewer than n candidates)
-  rest float8;    -- what terms e+1..m could add to a score, at most
+  lx text[];        -- the query's terms that occur in the corpus, rarest first
+  w float8[];       -- their idf
+  m integer;        -- how many
+  postings bigint;  -- how many postings they have
+  t integer;        -- terms t..e are read next
+  e integer;
+  tail integer;     -- terms tail..m stay unread
+  rest float8;      -- what the unread terms could add to a score, at most
+  theta float8;     -- a lower bound of the n-th best score (NULL: fewer than n candidates)
+  cids bigint[];    -- candidates: chunks a read term matches
+  cps float8[];     -- their partial scores
+  done integer;     -- candidates looked up so far
+  batch integer := greatest(4 * n, 100);
 BEGIN
   SELECT s.chunks::float8, s.total_len::float8 / greatest(s.chunks, 1) INTO total, avgdl
     FROM pyembed.keyword_stats s WHERE s.corpus_id = c.corpus_id;
   SELECT array_agg(t.lexeme ORDER BY t.df, t.lexeme), array_agg(t.idf ORDER BY t.df, t.lexeme),
-         count(*) FILTER (WHERE t.df <= total / 20)
-    INTO lx, w, e
+         count(*) FILTER (WHERE t.df <= total / 20), sum(t.df)
+    INTO lx, w, e, postings
     FROM (SELECT l.lexeme, l.df, ln(1 + (total - l.df + 0.5) / (l.df + 0.5::float8)) AS idf
             FROM (SELECT DISTINCT u.lexeme FROM unnest(to_tsvector(c.text_config, query)) u) q
             JOIN pyembed.lexeme_stats l ON l.corpus_id = c.corpus_id AND l.lexeme = q.lexeme
@@ -223,56 +253,98 @@ BEGIN
   IF m = 0 THEN
     RETURN;
   END IF;
+  IF postings <= every_posting_upto THEN
+    SELECT array_agg(f.chunk_id ORDER BY f.s DESC, f.chunk_id),
+           array_agg(f.s ORDER BY f.s DESC, f.chunk_id) INTO ids, scores
+      FROM (SELECT x.chunk_id, x.s
+              FROM (SELECT p.chunk_id,
+                           sum(r.idf * p.tf * 2.2 / (p.tf + 1.2 * (0.25 + 0.75::float8 * p.doc_len
+                                                                   / avgdl))) AS s
+                      FROM unnest(lx, w) AS r(lexeme, idf),
+                           LATERAL (SELECT pp.chunk_id, pp.tf, pp.doc_len FROM pyembed.postings pp
+                                     WHERE pp.corpus_id = c.corpus_id AND pp.lexeme = r.lexeme
+                                    OFFSET 0) p
+                     GROUP BY p.chunk_id) x
+             WHERE filter IS NULL OR EXISTS (
+                     SELECT FROM pyembed.chunks ch WHERE ch.corpus_id = c.corpus_id
+                        AND ch.chunk_id = x.chunk_id AND ch.metadata @> filter)
+             ORDER BY 2 DESC, 1 LIMIT n) f;
+    RETURN;
+  END IF;
+  t := 1;
   e := greatest(e, 1);
-  upto := e;
-  e := 0;
   LOOP
-    -- Read terms e+1..upto: their parts are added to the candidates' partial scores (each
-    -- term's postings in a sub-query of their own: OFFSET 0 keeps the planner from flattening).
-    SELECT array_agg(x.chunk_id), array_agg(x.s) INTO ids, scores
+    -- Terms t..e read in full (each term's postings in a sub-query of their own: OFFSET 0 keeps
+    -- the planner from flattening it), their parts added to the candidates' partial scores.
+    SELECT array_agg(x.chunk_id), array_agg(x.s) INTO cids, cps
       FROM (SELECT y.chunk_id, sum(y.s) AS s
-              FROM (SELECT o.chunk_id, o.s FROM unnest(ids, scores) AS o(chunk_id, s)
+              FROM (SELECT o.chunk_id, o.s FROM unnest(cids, cps) AS o(chunk_id, s)
                     UNION ALL
                     SELECT p.chunk_id,
-                           t.idf * p.tf * 2.2 / (p.tf + 1.2 * (0.25 + 0.75::float8 * p.doc_len
+                           r.idf * p.tf * 2.2 / (p.tf + 1.2 * (0.25 + 0.75::float8 * p.doc_len
                                                                / avgdl))
-                      FROM unnest(lx[e + 1:upto], w[e + 1:upto]) AS t(lexeme, idf),
+                      FROM unnest(lx[t:e], w[t:e]) AS r(lexeme, idf),
                            LATERAL (SELECT pp.chunk_id, pp.tf, pp.doc_len FROM pyembed.postings pp
-                                     WHERE pp.corpus_id = c.corpus_id AND pp.lexeme = t.lexeme
+                                     WHERE pp.corpus_id = c.corpus_id AND pp.lexeme = r.lexeme
                                     OFFSET 0) p) y
              GROUP BY y.chunk_id) x
      WHERE filter IS NULL OR EXISTS (
              SELECT FROM pyembed.chunks ch WHERE ch.corpus_id = c.corpus_id
                 AND ch.chunk_id = x.chunk_id AND ch.metadata @> filter);
-    e := upto;
-    SELECT o.s INTO theta FROM unnest(scores) AS o(s) ORDER BY o.s DESC OFFSET n - 1 LIMIT 1;
+    IF e >= m THEN  -- every term read: the partial scores are the scores
+      SELECT array_agg(f.chunk_id ORDER BY f.s DESC, f.chunk_id),
+             array_agg(f.s ORDER BY f.s DESC, f.chunk_id) INTO ids, scores
+        FROM (SELECT o.chunk_id, o.s FROM unnest(cids, cps) AS o(chunk_id, s)
+               ORDER BY 2 DESC, 1 LIMIT n) f;
+      RETURN;
+    END IF;
+    SELECT f.s INTO theta
+      FROM (SELECT o.chunk_id, o.s + coalesce(sum(r.idf * p.tf * 2.2
+                     / (p.tf + 1.2 * (0.25 + 0.75::float8 * p.doc_len / avgdl))), 0) AS s
+              FROM (SELECT o.chunk_id, o.s FROM unnest(cids, cps) AS o(chunk_id, s)
+                     ORDER BY 2 DESC, 1 LIMIT 2 * n) o
+              CROSS JOIN unnest(lx[e + 1:m], w[e + 1:m]) AS r(lexeme, idf)
+              LEFT JOIN pyembed.postings p ON p.corpus_id = c.corpus_id AND p.lexeme = r.lexeme
+                    AND p.chunk_id = o.chunk_id
+             GROUP BY o.chunk_id, o.s) f
+     ORDER BY f.s DESC OFFSET n - 1 LIMIT 1;
     IF NOT FOUND THEN
       theta := NULL;
     END IF;
-    -- The fewest more terms after which the unread ones could add less than theta.
-    upto := e;
-    LOOP
-      SELECT coalesce(sum(u.idf), 0) * 2.2 INTO rest FROM unnest(w[upto + 1:m]) AS u(idf);
-      EXIT WHEN upto >= m OR rest < theta;  -- (theta NULL: read on)
-      upto := upto + 1;
-      EXIT WHEN theta IS NULL;  -- one term more, then a new theta
-    END LOOP;
-    EXIT WHEN upto = e;
+    -- The longest tail whose parts add up to less than 0.8 theta (theta NULL: read one more term).
+    SELECT coalesce(min(z.i), CASE WHEN theta IS NULL THEN e + 2 ELSE m + 1 END) INTO tail
+      FROM (SELECT u.i, sum(u.idf) OVER (ORDER BY u.i DESC) * 2.2 AS part
+              FROM unnest(w) WITH ORDINALITY AS u(idf, i) WHERE u.i > e) z
+     WHERE z.part < 0.8 * theta;
+    EXIT WHEN tail = e + 1;
+    t := e + 1;
+    e := least(tail - 1, m);
   END LOOP;
-  SELECT array_agg(f.chunk_id ORDER BY f.s DESC, f.chunk_id),
-         array_agg(f.s ORDER BY f.s DESC, f.chunk_id) INTO ids, scores
-    FROM (SELECT o.chunk_id,
-                 o.s + CASE WHEN e < m THEN coalesce((
-                   SELECT sum(t.idf * p.tf * 2.2
-                              / (p.tf + 1.2 * (0.25 + 0.75::float8 * p.doc_len / avgdl)))
-                     FROM unnest(lx[e + 1:m], w[e + 1:m]) AS t(lexeme, idf),
-                          LATERAL (SELECT pp.tf, pp.doc_len FROM pyembed.postings pp
-                                    WHERE pp.corpus_id = c.corpus_id AND pp.lexeme = t.lexeme
-                                      AND pp.chunk_id = o.chunk_id OFFSET 0) p), 0)
-                 ELSE 0 END AS s
-            FROM unnest(ids, scores) AS o(chunk_id, s)
-           WHERE e = m OR o.s + rest >= theta
-           ORDER BY 2 DESC, 1 LIMIT n) f;
+  SELECT sum(u.idf) * 2.2 INTO rest FROM unnest(w[e + 1:m]) AS u(idf);
+  SELECT array_agg(o.chunk_id ORDER BY o.s DESC, o.chunk_id),
+         array_agg(o.s ORDER BY o.s DESC, o.chunk_id) INTO cids, cps
+    FROM unnest(cids, cps) AS o(chunk_id, s) WHERE o.s + rest >= theta - 1e-9;
+  done := 0;
+  LOOP
+    EXIT WHEN done >= coalesce(cardinality(cids), 0) OR cps[done + 1] + rest < theta - 1e-9;
+    SELECT array_agg(f.chunk_id ORDER BY f.s DESC, f.chunk_id),
+           array_agg(f.s ORDER BY f.s DESC, f.chunk_id) INTO ids, scores
+      FROM (SELECT h.chunk_id, h.s FROM unnest(ids, scores) AS h(chunk_id, s)
+            UNION ALL
+            SELECT o.chunk_id, o.s + coalesce(sum(r.idf * p.tf * 2.2
+                     / (p.tf + 1.2 * (0.25 + 0.75::float8 * p.doc_len / avgdl))), 0) AS s
+              FROM unnest(cids[done + 1:done + batch], cps[done + 1:done + batch])
+                     AS o(chunk_id, s)
+              CROSS JOIN unnest(lx[e + 1:m], w[e + 1:m]) AS r(lexeme, idf)
+              LEFT JOIN pyembed.postings p ON p.corpus_id = c.corpus_id AND p.lexeme = r.lexeme
+                    AND p.chunk_id = o.chunk_id
+             GROUP BY o.chunk_id, o.s
+             ORDER BY 2 DESC, 1 LIMIT n) f;
+    done := done + batch;
+    IF cardinality(ids) >= n THEN
+      theta := greatest(theta, scores[n]);
+    END IF;
+  END LOOP;
 END
 $$;
 
@@ -293,6 +365,11 @@ RETURNS TABLE (document_id text, chunk_id bigint, chunk_index integer, content t
 LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+  d record;
+  s record;
+  ids bigint[];
+  scores float8[];
 BEGIN
   fusion := coalesce(fusion, 'relative');  -- the default
   IF fusion NOT IN ('rrf', 'relative') THEN
@@ -319,37 +396,32 @@ BEGIN
     RAISE EXCEPTION USING ERRCODE = 'PE005', MESSAGE = format('k must be 1..1000, got %s', k);
   END IF;
   alpha := coalesce(alpha, 0.5);
-  RETURN QUERY
-  WITH dense AS MATERIALIZED (
-    SELECT s.*, row_number() OVER (ORDER BY s.score DESC, s.chunk_id) AS r,
-           min(s.score) OVER () AS lo, max(s.score) OVER () AS hi,
-           CASE WHEN group_by = 'chunk' THEN s.chunk_id::text ELSE s.document_id END AS key
-      FROM pyembed.search(corpus, query_embedding, query_model_key, candidates, filter,
-                          group_by) s
-  ), sparse AS MATERIALIZED (
-    SELECT s.*, row_number() OVER (ORDER BY s.score DESC, s.chunk_id) AS r,
-           min(s.score) OVER () AS lo, max(s.score) OVER () AS hi,
-           CASE WHEN group_by = 'chunk' THEN s.chunk_id::text ELSE s.document_id END AS key
-      FROM pyembed.search_keyword(corpus, query, candidates, filter, group_by) s
+  -- Both rankings without their texts (the guarded vector one first: PE001 before anything);
+  -- the texts of the k fused hits alone are read.
+  SELECT * INTO d FROM pyembed._vector_ranking(corpus, query_embedding, query_model_key,
+                                               candidates, filter, group_by);
+  SELECT * INTO s FROM pyembed._keyword_ranking(pyembed.lookup_corpus(corpus), query, candidates,
+                                                filter, group_by);
+  WITH dense AS (
+    SELECT h.*, min(h.score) OVER () AS lo, max(h.score) OVER () AS hi
+      FROM unnest(d.ids, d.scores, d.keys) WITH ORDINALITY AS h(chunk_id, score, key, r)
+  ), sparse AS (
+    SELECT h.*, min(h.score) OVER () AS lo, max(h.score) OVER () AS hi
+      FROM unnest(s.ids, s.scores, s.keys) WITH ORDINALITY AS h(chunk_id, score, key, r)
   ), fused AS (
-    SELECT coalesce(d.document_id, s.document_id) AS document_id,
-           coalesce(d.chunk_id, s.chunk_id) AS chunk_id,
-           coalesce(d.chunk_index, s.chunk_index) AS chunk_index,
-           coalesce(d.content, s.content) AS content,
-           coalesce(d.metadata, s.metadata) AS metadata,
+    SELECT coalesce(x.chunk_id, y.chunk_id) AS chunk_id,
            CASE fusion
-             WHEN 'rrf' THEN coalesce(1.0 / (rrf_k + d.r), 0) + coalesce(1.0 / (rrf_k + s.r), 0)
-             ELSE alpha * CASE WHEN d.r IS NULL THEN 0 WHEN d.hi > d.lo
-                               THEN (d.score - d.lo) / (d.hi - d.lo) ELSE 1 END
-                  + (1 - alpha) * CASE WHEN s.r IS NULL THEN 0 WHEN s.hi > s.lo
-                                       THEN (s.score - s.lo) / (s.hi - s.lo) ELSE 1 END
+             WHEN 'rrf' THEN coalesce(1.0 / (rrf_k + x.r), 0) + coalesce(1.0 / (rrf_k + y.r), 0)
+             ELSE alpha * CASE WHEN x.r IS NULL THEN 0 WHEN x.hi > x.lo
+                               THEN (x.score - x.lo) / (x.hi - x.lo) ELSE 1 END
+                  + (1 - alpha) * CASE WHEN y.r IS NULL THEN 0 WHEN y.hi > y.lo
+                                       THEN (y.score - y.lo) / (y.hi - y.lo) ELSE 1 END
            END::float8 AS score
-      FROM dense d FULL JOIN sparse s ON s.key = d.key
+      FROM dense x FULL JOIN sparse y ON y.key = x.key
   )
-  SELECT f.document_id, f.chunk_id, f.chunk_index, f.content, f.metadata, f.score,
-         query_model_key
-    FROM fused f
-   ORDER BY f.score DESC, f.chunk_id
-   LIMIT k;
+  SELECT array_agg(f.chunk_id ORDER BY f.score DESC, f.chunk_id),
+         array_agg(f.score ORDER BY f.score DESC, f.chunk_id) INTO ids, scores
+    FROM (SELECT fu.* FROM fused fu ORDER BY fu.score DESC, fu.chunk_id LIMIT k) f;
+  RETURN QUERY SELECT * FROM pyembed._hits(d.corpus_no, ids, scores, query_model_key);
 END
 $$;

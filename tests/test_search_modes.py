@@ -219,7 +219,9 @@ def test_fusion_options_apply_to_hybrid_search_only(client: Any,
 def test_bm25_skipping_common_terms_gives_the_same_best_chunks(
         client: Any, owner: psycopg.Connection[Any]) -> None:
     """pyembed._bm25 reads a common term's postings only when they could change the n best
-    (MaxScore): its results are those of scoring every posting, for any n."""
+    (MaxScore): its results are those of scoring every posting, for any n. Search scores every
+    posting of a query with few (as all of these have); every_posting_upto 0 takes the MaxScore
+    path whatever the query."""
     import random
 
     rng = random.Random(22)
@@ -242,3 +244,41 @@ def test_bm25_skipping_common_terms_gives_the_same_best_chunks(
             assert [h.chunk_id for h in hits] == [c for c, _ in ranked[:k]], (query, k)
             assert [h.score for h in hits] == pytest.approx([s for _, s in ranked[:k]],
                                                            rel=1e-9)
+            row = owner.execute("SELECT * FROM pyembed._bm25((SELECT c FROM pyembed.corpora c "
+                                "WHERE corpus_id = %s), %s, %s, NULL, every_posting_upto => 0)",
+                                (kb.info.corpus_id, query, k)).fetchone()
+            assert row is not None
+            assert row[0] == [c for c, _ in ranked[:k]], (query, k)
+            assert row[1] == pytest.approx([s for _, s in ranked[:k]], rel=1e-9)
+
+
+def test_recording_a_search_commits_without_waiting_for_the_wal_flush(
+        client: Any, app: psycopg.Connection[Any]) -> None:
+    """A transaction whose first write is a search's record commits asynchronously (the wait for
+    the WAL flush was most of a keyword search); one that wrote before, or that caches an
+    embedding, keeps its setting."""
+    kb = client.create_corpus("async", FAKE)
+    kb.add([pyembed.Document("a", "error code E1")])
+    corpus_id = kb.info.corpus_id
+    record = ("SELECT pyembed.record_search(%s, NULL, 'keyword', 10, NULL, NULL, 1, NULL, 1)")
+    with app.transaction():
+        assert app.execute("SHOW synchronous_commit").fetchone() == ("on",)
+        assert app.execute(record, (corpus_id,)).fetchone() == (True,)
+        assert app.execute("SHOW synchronous_commit").fetchone() == ("off",)
+    assert app.execute("SHOW synchronous_commit").fetchone() == ("on",)  # that transaction only
+    with app.transaction():
+        app.execute("SELECT pyembed.search_query('async', 'E1', 0, '{}', '{}', 10, NULL, "
+                    "'keyword', '{}')")  # searches and records: asynchronous
+        assert app.execute("SHOW synchronous_commit").fetchone() == ("off",)
+    with app.transaction():
+        app.execute("SELECT pyembed.cache_put(ARRAY[sha256('q')], %s, 'query', "
+                    "ARRAY[%s::vector], NULL)", (FAKE, str([1.0] + [0.0] * 383)))  # a write first
+        assert app.execute(record, (corpus_id,)).fetchone() == (True,)
+        assert app.execute("SHOW synchronous_commit").fetchone() == ("on",)
+    with app.transaction():
+        assert app.execute("SELECT pyembed.record_search(%s, %s, 'vector', 10, false, 1, 1, NULL, "
+                           "2, sha256('r'), 'query', %s::vector)",
+                           (corpus_id, FAKE, str([1.0] + [0.0] * 383))).fetchone() == (True,)
+        assert app.execute("SHOW synchronous_commit").fetchone() == ("on",)
+    assert app.execute("SELECT count(*) FROM pyembed.query_log WHERE corpus_id = %s",
+                       (corpus_id,)).fetchone() == (4,)

@@ -15,7 +15,11 @@ Fusion: the default is chosen on the *test* split only (the --alphas sweep runs 
 train split checks it, with relative fusion at 0.5 and RRF, on queries it was not chosen on.
 Latency: p50/p95 over the test queries of each search, given the query vector (the SQL
 statement and its round trip), and of embedding a query with the local model (no cache); item 4
-of issue 22 compares hybrid with embedding + max(keyword, vector) + 2 ms.
+of issue 22 compares hybrid with embedding + max(keyword, vector) + 2 ms. Each mode also as a
+user calls it, `Corpus.search(text, mode=...)` with the README's defaults (k 10, documents, the
+query log on; the query's embedding in the cache, where the query vectors came from): the search, its
+record and every layer between, in one round trip (item 3: keyword p50 <= 5 ms), timed in the
+same round robin as the statements.
 """
 
 from __future__ import annotations
@@ -72,6 +76,10 @@ def configurations(alphas: list[float], chunk_rows: bool) -> dict[str, dict[str,
         configs[f"hybrid relative a={a:g}"] = {"mode": "hybrid", "fusion": "relative",
                                                "alpha": a}
     configs["hybrid (default fusion)"] = {"mode": "hybrid"}
+    # As a user calls it: Corpus.search(text, mode=...) with the README's defaults (the query
+    # log on; the embedding from the cache, where the statements' query vectors came from).
+    for mode in ("vector", "keyword", "hybrid"):
+        configs[f"{mode}, Corpus.search"] = {"mode": mode, "user": True}
     # Plumbing only: the fake reranker's order means nothing (Corpus.search: the query's
     # embedding comes from the cache, and the rerank stage runs in Python).
     configs["hybrid + rerank fake/overlap"] = {"mode": "hybrid", "rerank": "fake/overlap"}
@@ -112,7 +120,7 @@ def main() -> None:
     owner = connect(owner_dsn)
     print_environment(owner)
     queries = load_queries(args.data / "queries.jsonl")
-    with pyembed.connect(app_dsn) as client:
+    with pyembed.connect(app_dsn) as client, pyembed.connect(app_dsn) as user_client:
         client.log_queries = False
         built = {w: build(client, w, args.data, rebuild=not args.reuse, limit=args.limit,
                           cached_only=args.cached_only) for w in which}
@@ -154,6 +162,7 @@ def main() -> None:
             configs = configurations(alphas, chunk_rows=w == "cli")
             qrels = qrels_of[w]
             corpus = client.corpus(name)
+            user_corpus = user_client.corpus(name)
             for s in splits:
                 # Round robin over the configurations, query by query: a shared machine's load
                 # weighs on all of them alike.
@@ -161,13 +170,15 @@ def main() -> None:
                         if s == "test" or not ((label.startswith("hybrid relative")
                                                 and not label.endswith("a=0.5"))
                                                or "--group chunk" in label
-                                               or "rerank" in label)}
+                                               or "rerank" in label or "user" in opts)}
                 timed = s == "test" or "test" not in splits
                 rankings: dict[str, dict[str, list[str]]] = {label: {} for label in todo}
                 for q in sorted(qrels[s], key=int):
                     for label, opts in todo.items():
                         t0 = time.perf_counter()
-                        if "rerank" in opts:
+                        if "user" in opts:
+                            hits = user_corpus.search(queries[q], K, mode=opts["mode"])
+                        elif "rerank" in opts:
                             hits = corpus.search(queries[q], K, **opts)
                         else:
                             hits = search(client.conn, name, qvecs[q], key, K, text=queries[q],
@@ -216,8 +227,17 @@ def main() -> None:
         kw = percentiles_ms(times[w, "keyword"], (50,))[0]
         vec = percentiles_ms(times[w, "vector"], (50,))[0]
         hyb = percentiles_ms(times[w, "hybrid (default fusion)"], (50,))[0]
+        verdict = "met" if hyb <= max(kw, vec) + 2 else "not met"
         print(f"hybrid in one statement: embedding + hybrid p50 {e50 + hyb:.2f} ms; target "
-              f"embedding + max(keyword, vector) + 2 = {e50 + max(kw, vec) + 2:.2f} ms")
+              f"embedding + max(keyword, vector) + 2 = {e50 + max(kw, vec) + 2:.2f} ms "
+              f"({verdict})")
+        uk, uv, uh = (percentiles_ms(times[w, f"{m}, Corpus.search"], (50,))[0]
+                      for m in ("keyword", "vector", "hybrid"))
+        print(f"keyword as a user calls it: p50 {uk:.2f} ms (target <= 5 ms: "
+              f"{'met' if uk <= 5 else 'not met'})")
+        print(f"  embedding + hybrid p50 {e50 + uh:.2f} ms; target embedding + max(keyword, "
+              f"vector) + 2 = {e50 + max(uk, uv) + 2:.2f} ms "
+              f"({'met' if uh <= max(uk, uv) + 2 else 'not met'})")
     if args.limit or args.cached_only:
         print("(--limit or --cached-only was given: figures not comparable with the full set)")
 
