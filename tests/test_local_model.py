@@ -139,10 +139,19 @@ def test_sub_batches_give_the_vectors_of_one_batch(small_runs: None) -> None:
     assert cosines.min() > 0.999  # int8 activations are scaled per run: not bit-equal
 
 
-def test_length_sorting_keeps_the_input_order(small_runs: None) -> None:
-    model = shared_model()
+@pytest.fixture(scope="module")
+def two_threads() -> MiniLM:
+    """A MiniLM of its own that runs two sub-batches at once."""
+    return MiniLM(threads=2)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_length_sorting_keeps_the_input_order(small_runs: None, threads: int,
+                                              two_threads: MiniLM) -> None:
+    model = two_threads if threads == 2 else MiniLM(threads=1)
+    assert model.threads == threads
     texts = _mixed_texts()
-    alone = np.concatenate([model.embed([text]) for text in texts])
+    alone = np.concatenate([shared_model().embed([text]) for text in texts])
 
     for ordered in (texts, texts[::-1], texts[1::2] + texts[::2]):
         vectors = model.embed(ordered)
@@ -188,10 +197,38 @@ class DictCache:
         self.store.update(zip(texts, vectors, strict=True))
 
 
+def test_sub_batches_run_at_once_on_the_model_threads(small_runs: None, two_threads: MiniLM,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    both_running = threading.Barrier(2, timeout=30)  # broken unless two runs overlap
+    ran_on: set[int] = set()
+    overlap = [True]
+    run = MiniLM._run
+
+    def overlapping(self: MiniLM, *args: object) -> np.ndarray:
+        me = threading.get_ident()
+        first = me not in ran_on
+        ran_on.add(me)
+        if overlap[0] and first:
+            both_running.wait()  # each of the two threads' first runs waits for the other's
+        return run(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(MiniLM, "_run", overlapping)
+    texts = _mixed_texts()
+
+    vectors = two_threads.embed(texts)
+
+    assert len(ran_on) == 2 and threading.get_ident() not in ran_on
+    assert np.sum(vectors * shared_model().embed(texts), axis=1).min() > 0.999
+    ran_on.clear()
+    overlap[0] = False
+    MiniLM(threads=1).embed(texts)
+    assert ran_on == {threading.get_ident()}  # one thread: the caller's, no pool
+
+
 def test_session_options_bound_memory_and_threads(monkeypatch: pytest.MonkeyPatch) -> None:
-    options = session_options(2)
-    assert options.enable_cpu_mem_arena is False and options.enable_mem_pattern is False
-    assert options.intra_op_num_threads == 2
+    options = session_options()
+    assert options.enable_cpu_mem_arena is True and options.enable_mem_pattern is False
+    assert options.intra_op_num_threads == 1 and options.inter_op_num_threads == 1
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
     monkeypatch.setenv(LOCAL_THREADS_ENV, "3")

@@ -11,8 +11,10 @@ onnxruntime on the same chunk texts, for the ratio ingest documents/s : bare doc
 Runs in a fresh database of a local cluster in <repo>/.pyembed-bench-local (dropped at the
 end). Peak RSS is VmHWM from /proc/<pid>/status (the backend's pid from pg_backend_pid() or
 pg_stat_activity, sampled every 0.2 s during the ingest) and ru_maxrss of the ingest process.
-Bare onnxruntime is the same int8 model file and tokenizer, no pyembed code, batches of 64, at
-the thread count the ingest used; "sorted" orders the texts by length first (less padding).
+Bare onnxruntime is the same int8 model file and tokenizer, no pyembed code, batches of 64 on
+as many onnxruntime threads as pyembed's model uses threads; "sorted" orders the texts by length
+first (less padding). A rough check: bench_ingest_speed.py times ingest against the fastest of
+several simple bare loops, runs alternated.
 """
 
 from __future__ import annotations
@@ -224,8 +226,8 @@ def ingest_run(owner_dsn: str, app_dsn: str, args: argparse.Namespace) -> None:
 
 
 def threads_used() -> int:
-    """The intra-op thread count pyembed's local model picks in a client process (1 before
-    it picked one by itself)."""
+    """The threads pyembed's local model picks in a client process (1 before it picked them
+    by itself)."""
     from pyembed.providers import base
 
     picked = getattr(base, "local_threads", None)
