@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import psycopg
 from pgvector import Vector
+from psycopg.pq import TransactionStatus
 
 from .cachekey import cache_key
 from .corpora import corpus_info
@@ -104,6 +105,9 @@ def _search(corpus: Corpus, query: str, k: int, flt: str | None, mode: str, opts
     prepared = {key: _prepare(corpus, key, text) for key in keys}
     counts = _due_counts(corpus) if one else (None, None, None)
     tokens = estimate_tokens(prepared[keys[0]].text) if keys else None
+    if read.autocommit and read.info.transaction_status == TransactionStatus.IDLE:
+        # the statement is its own transaction: its record may skip the WAL flush wait
+        opts = json.dumps({**json.loads(opts), "quick_commit": True})
     try:
         row = _rows(read, SEARCH_QUERY, [
             corpus.name, query, bucket(query), keys, [prepared[key].cache_key for key in keys],

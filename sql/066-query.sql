@@ -83,14 +83,6 @@ BEGIN
   IF NOT (p_corpus_id = ANY (pyembed.visible_corpora())) THEN
     RAISE EXCEPTION USING ERRCODE = 'PE002', MESSAGE = format('unknown corpus id %s', p_corpus_id);
   END IF;
-  -- A transaction whose first write is this record, and which stores no embedding, commits
-  -- without waiting for its WAL to be flushed (the wait was most of a keyword search's time): a
-  -- crash may lose the last log lines and counts, never half of one. A transaction that wrote
-  -- before (a reserved provider call, the caller's own writes) keeps its setting, and so does
-  -- one that caches an embedding (a provider call paid for; replicas get it at once).
-  IF pg_current_xact_id_if_assigned() IS NULL AND (cache_key IS NULL OR embedding IS NULL) THEN
-    PERFORM set_config('synchronous_commit', 'off', true);
-  END IF;
   IF cache_key IS NOT NULL AND embedding IS NOT NULL THEN
     PERFORM pyembed.cache_put(ARRAY[cache_key], p_model_key, input_type, ARRAY[embedding],
                               ttl_seconds);
@@ -175,6 +167,15 @@ BEGIN
                    THEN extract(epoch FROM looked - started) * 1000 END;
   search_ms := extract(epoch FROM clock_timestamp() - looked) * 1000;
   IF writable AND (log OR count_models IS NOT NULL) THEN
+    -- options' quick_commit: the caller's transaction is this statement alone (the Python
+    -- client says so when it is not inside a transaction block), so one whose first write is
+    -- this record may commit without waiting for its WAL to be flushed (the wait was most of
+    -- a keyword search's time): a crash may lose the last log lines and counts, never half of
+    -- one. Without it the caller's own later writes would commit that way too, so SQL callers
+    -- keep their setting unless they ask; a transaction that wrote before keeps it always.
+    IF (options->>'quick_commit') = 'true' AND pg_current_xact_id_if_assigned() IS NULL THEN
+      PERFORM set_config('synchronous_commit', 'off', true);
+    END IF;
     recorded := pyembed.record_search(
       corpus_id, CASE WHEN mode <> 'keyword' THEN model_key END,
       CASE WHEN log THEN mode END, k, cache_hit, embed_ms, search_ms, NULL,

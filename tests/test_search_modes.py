@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 from typing import Any
@@ -10,6 +11,7 @@ import psycopg
 import pytest
 
 import pyembed
+import pyembed.query
 from pyembed.demo import sample_documents
 from tests.helpers import sql_error
 
@@ -252,33 +254,45 @@ def test_bm25_skipping_common_terms_gives_the_same_best_chunks(
             assert row[1] == pytest.approx([s for _, s in ranked[:k]], rel=1e-9)
 
 
-def test_recording_a_search_commits_without_waiting_for_the_wal_flush(
-        client: Any, app: psycopg.Connection[Any]) -> None:
-    """A transaction whose first write is a search's record commits asynchronously (the wait for
-    the WAL flush was most of a keyword search); one that wrote before, or that caches an
-    embedding, keeps its setting."""
+def test_a_search_skips_the_wal_flush_wait_only_when_it_is_its_own_transaction(
+        client: Any, app: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """search_query's quick_commit option lets a transaction whose first write is the search's
+    record commit without waiting for the WAL flush (most of a keyword search's time). The
+    Python client asks for it only outside a transaction block, since the setting holds for
+    the rest of the transaction: a SQL caller's later writes keep theirs."""
     kb = client.create_corpus("async", FAKE)
     kb.add([pyembed.Document("a", "error code E1")])
     corpus_id = kb.info.corpus_id
-    record = ("SELECT pyembed.record_search(%s, NULL, 'keyword', 10, NULL, NULL, 1, NULL, 1)")
-    with app.transaction():
-        assert app.execute("SHOW synchronous_commit").fetchone() == ("on",)
+    search = ("SELECT recorded FROM pyembed.search_query('async', 'E1', 0, '{}', '{}', 10, "
+              "NULL, 'keyword', %s)")
+    record = "SELECT pyembed.record_search(%s, NULL, 'keyword', 10, NULL, NULL, 1, NULL, 1)"
+    with app.transaction():  # a plain SQL search, or record: the caller's setting stays
+        assert app.execute(search, ('{}',)).fetchone() == (True,)
         assert app.execute(record, (corpus_id,)).fetchone() == (True,)
+        assert app.execute("SHOW synchronous_commit").fetchone() == ("on",)
+    with app.transaction():
+        assert app.execute(search, ('{"quick_commit": true}',)).fetchone() == (True,)
         assert app.execute("SHOW synchronous_commit").fetchone() == ("off",)
     assert app.execute("SHOW synchronous_commit").fetchone() == ("on",)  # that transaction only
-    with app.transaction():
-        app.execute("SELECT pyembed.search_query('async', 'E1', 0, '{}', '{}', 10, NULL, "
-                    "'keyword', '{}')")  # searches and records: asynchronous
-        assert app.execute("SHOW synchronous_commit").fetchone() == ("off",)
-    with app.transaction():
+    with app.transaction():  # a write first: its setting stays
         app.execute("SELECT pyembed.cache_put(ARRAY[sha256('q')], %s, 'query', "
-                    "ARRAY[%s::vector], NULL)", (FAKE, str([1.0] + [0.0] * 383)))  # a write first
-        assert app.execute(record, (corpus_id,)).fetchone() == (True,)
-        assert app.execute("SHOW synchronous_commit").fetchone() == ("on",)
-    with app.transaction():
-        assert app.execute("SELECT pyembed.record_search(%s, %s, 'vector', 10, false, 1, 1, NULL, "
-                           "2, sha256('r'), 'query', %s::vector)",
-                           (corpus_id, FAKE, str([1.0] + [0.0] * 383))).fetchone() == (True,)
+                    "ARRAY[%s::vector], NULL)", (FAKE, str([1.0] + [0.0] * 383)))
+        assert app.execute(search, ('{"quick_commit": true}',)).fetchone() == (True,)
         assert app.execute("SHOW synchronous_commit").fetchone() == ("on",)
     assert app.execute("SELECT count(*) FROM pyembed.query_log WHERE corpus_id = %s",
                        (corpus_id,)).fetchone() == (4,)
+
+    sent: list[dict[str, Any]] = []
+    rows = pyembed.query._rows
+
+    def spy(conn: Any, statement: str, params: list[Any]) -> Any:
+        if statement == pyembed.query.SEARCH_QUERY:
+            sent.append(json.loads(params[8]))
+        return rows(conn, statement, params)
+
+    monkeypatch.setattr(pyembed.query, "_rows", spy)
+    assert kb.search("E1", mode="keyword")
+    with client.conn.transaction():
+        assert kb.search("E1", mode="keyword")
+        assert client.conn.execute("SHOW synchronous_commit").fetchone() == ("on",)
+    assert [o.get("quick_commit") for o in sent] == [True, None]
