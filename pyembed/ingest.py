@@ -88,8 +88,10 @@ class IngestReport:
 
     @property
     def documents_per_second(self) -> float:
-        """Records handled per second of the run."""
-        return self.processed / self.seconds if self.seconds > 0 else 0.0
+        """Documents ingested (added, updated or found unchanged) per second of the run: a
+        record that failed is not a document ingested."""
+        done = self.processed - self.failed
+        return done / self.seconds if self.seconds > 0 else 0.0
 
     @property
     def chunks_per_second(self) -> float:

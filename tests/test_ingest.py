@@ -232,6 +232,9 @@ def test_empty_files_missing_columns_and_unsupported_paths(tmp_path: Path,
     report = ingest(corpus, paths, progress=False)
 
     assert report.added == 2  # ragged.csv rows 1 and 5
+    # failed records are no documents: the rate counts the two added only
+    assert report.failed > 0 and report.seconds > 0
+    assert report.documents_per_second == pytest.approx(2 / report.seconds)
     by_name = {p.path.name: p for p in report.problems if p.path.name != "ragged.csv"}
     assert by_name["empty.txt"].message == "empty file"
     assert by_name["blank.md"].message == "empty file"
