@@ -137,10 +137,12 @@ class MiniLM:
         out = np.empty((len(texts), DIMENSIONS), dtype=np.float32)
         groups = length_batches([len(e.ids) for e in encodings], BATCH_TOKENS)
         session = self._session  # loaded (with its threads) before any run
+
+        def run(rows: list[int]) -> npt.NDArray[np.float32]:
+            return self._run([encodings[i] for i in rows], session)
+
         pool = self._pool if len(groups) > 1 else None
-        runs = (pool.map(lambda rows: self._run([encodings[i] for i in rows], session), groups)
-                if pool is not None
-                else (self._run([encodings[i] for i in rows], session) for rows in groups))
+        runs = pool.map(run, groups) if pool is not None else map(run, groups)
         for rows, vectors in zip(groups, runs, strict=True):
             out[rows] = vectors
         return out
