@@ -45,6 +45,7 @@ from tests.benchmarks.common import (  # noqa: E402
     local_database,
     print_environment,
 )
+from tests.benchmarks.scifact_data import DATA, subset  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ class Setup:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=REPO / ".." / "shared" / "data" / "scifact",
+    parser.add_argument("--data", type=Path, default=DATA,
                         help="SciFact in BEIR layout (default: ../shared/data/scifact from the "
                              "repository root)")
     parser.add_argument("--limit", type=int, help="only the first N documents")
@@ -81,19 +82,6 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             path, documents = subset(args.data / "corpus.jsonl", Path(tmp), args.limit)
             measure(target.owner_dsn, target.app_dsn, path, documents, args)
-
-
-def subset(source: Path, folder: Path, limit: int | None) -> tuple[Path, int]:
-    """The first `limit` lines of `source` (all without a limit) in a file of their own."""
-    path = folder / "corpus.jsonl"
-    documents = 0
-    with source.open(encoding="utf-8") as f, path.open("w", encoding="utf-8") as out:
-        for line in f:
-            if limit is not None and documents >= limit:
-                break
-            out.write(line)
-            documents += 1
-    return path, documents
 
 
 def measure(owner_dsn: str, app_dsn: str, path: Path, documents: int,

@@ -41,6 +41,7 @@ from tests.benchmarks.common import (  # noqa: E402
     local_database,
     print_environment,
 )
+from tests.benchmarks.scifact_data import DATA, subset  # noqa: E402
 
 LOCAL_KEY = "local/all-minilm-l6-v2-int8@1:384"
 PYEMBED = [sys.executable, "-m", "pyembed"]
@@ -48,7 +49,7 @@ PYEMBED = [sys.executable, "-m", "pyembed"]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=REPO / ".." / "shared" / "data" / "scifact",
+    parser.add_argument("--data", type=Path, default=DATA,
                         help="SciFact in BEIR layout (default: ../shared/data/scifact from the "
                              "repository root)")
     parser.add_argument("--limit", type=int, help="ingest only the first N documents")
@@ -181,15 +182,8 @@ def run_cli(argv: list[str], env: dict[str, str]) -> tuple[str, float, int]:
 
 
 def ingest_run(owner_dsn: str, app_dsn: str, args: argparse.Namespace) -> None:
-    source = args.data / "corpus.jsonl"
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "corpus.jsonl"
-        with source.open(encoding="utf-8") as f, path.open("w", encoding="utf-8") as out:
-            for number, line in enumerate(f):
-                if args.limit is not None and number >= args.limit:
-                    break
-                out.write(line)
-                documents = number + 1
+        path, documents = subset(args.data / "corpus.jsonl", Path(tmp), args.limit)
         env = {k: v for k, v in os.environ.items() if k != "PYEMBED_LOCAL_THREADS"} | {
             "COLUMNS": "60"}
         run_cli(["corpus", "create", "scifact", "--dsn", owner_dsn], env)

@@ -126,3 +126,16 @@ if __name__ == "__main__":  # build both corpora (the slow, first-run part of be
     with pyembed.connect(app_dsn) as client:
         for which in sys.argv[1:] or list(CORPORA):
             print(which, build(client, which), flush=True)
+
+
+def subset(source: Path, folder: Path, limit: int | None) -> tuple[Path, int]:
+    """The first `limit` lines of `source` (all without a limit) in a file of their own."""
+    path = folder / "corpus.jsonl"
+    documents = 0
+    with source.open(encoding="utf-8") as f, path.open("w", encoding="utf-8") as out:
+        for line in f:
+            if limit is not None and documents >= limit:
+                break
+            out.write(line)
+            documents += 1
+    return path, documents
