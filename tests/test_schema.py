@@ -412,3 +412,21 @@ def test_app_cannot_call_internal_functions(app: psycopg.Connection[Any], call: 
     create_corpus(app, "docs", KEY)
     with pytest.raises(psycopg.errors.InsufficientPrivilege, match="permission denied"):
         app.execute(call)
+
+
+def test_after_a_downgrade_of_one_revision_the_previous_release_still_searches(
+        empty_db: Database) -> None:
+    """Rolling back one release's schema leaves head's replaceable functions in place until the
+    older package reinstalls its own: they must not call what the downgrade dropped."""
+    import pyembed
+
+    schema.install(empty_db.owner_dsn)
+    with pyembed.connect(empty_db.app_dsn) as client:
+        client.create_corpus("docs", KEY).add(
+            [{"id": f"d{i}", "text": f"quota error E40{i} in region {i}"} for i in range(5)])
+    schema.downgrade(empty_db.owner_dsn, REVISIONS[-2])
+    with pyembed.connect(empty_db.app_dsn) as client:
+        docs = client.corpus("docs")
+        for mode in ("vector", "keyword", "hybrid"):
+            assert docs.search("quota error E402", mode=mode, k=3), mode
+        assert client.conn.execute("SELECT count(*) FROM pyembed.query_log").fetchone() == (3,)

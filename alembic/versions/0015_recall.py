@@ -68,3 +68,19 @@ DROP FUNCTION IF EXISTS pyembed._recall_at_10(text, integer, text, vector, jsonb
 DROP FUNCTION IF EXISTS pyembed._sample_recall(integer, text, vector, jsonb);
 DROP TABLE pyembed.recall_measurements, pyembed.recall_samples;
 """)
+    # head's record_search samples recall through a function dropped above: the same function
+    # without that statement keeps searches working until an older pyembed reinstalls its own.
+    run_sql(r"""
+DO $unsample$
+DECLARE
+  def text := pg_catalog.pg_get_functiondef('pyembed.record_search'::regproc);
+  sample text := '\n\s*IF v IS NOT NULL AND p_model_key IS NOT NULL THEN\s*'
+                 'PERFORM pyembed._sample_recall\([^;]*\);\s*END IF;';
+BEGIN
+  IF def !~ sample THEN
+    RAISE EXCEPTION 'record_search no longer samples recall as this downgrade expects';
+  END IF;
+  EXECUTE pg_catalog.regexp_replace(def, sample, '');
+END
+$unsample$;
+""")
