@@ -8,6 +8,7 @@ first, then each group's commands together, in the order `pyembed --help` lists 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import sys
 from collections.abc import Iterator
@@ -1110,6 +1111,22 @@ def tenant_add_member(
 
 
 # -- entry point ---------------------------------------------------------------------------
+
+def _summarise(group: typer.Typer) -> None:
+    """Give each command its docstring's first paragraph on one line, without its example, as
+    its summary in its group's list (rich help keeps the docstring's line breaks there)."""
+    for info in group.registered_commands:
+        doc = info.help or (info.callback.__doc__ if info.callback else None)
+        if info.short_help is None and doc:
+            first = " ".join(inspect.cleandoc(doc).split("\n\n")[0].split())
+            info.short_help = first.split(" Example:")[0]
+    for sub in group.registered_groups:
+        if sub.typer_instance is not None:
+            _summarise(sub.typer_instance)
+
+
+_summarise(app)
+
 
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()

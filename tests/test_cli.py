@@ -163,3 +163,31 @@ def test_alembic_cli_offline_script_equals_pyembed_install_sql() -> None:
                          text=True, cwd=REPO, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout == pyembed("install", "--sql").stdout
+
+
+def test_each_command_is_summarised_on_one_line_in_its_groups_list() -> None:
+    """A docstring's line break mid-sentence must not break the command list's summary."""
+    import inspect
+
+    import typer
+
+    from pyembed.cli import app
+
+    def groups(group: typer.Typer, path: tuple[str, ...]) -> Iterator[tuple[tuple[str, ...],
+                                                                             typer.Typer]]:
+        yield path, group
+        for sub in group.registered_groups:
+            assert sub.typer_instance is not None and sub.name
+            yield from groups(sub.typer_instance, (*path, sub.name))
+
+    checked = 0
+    for path, group in groups(app, ()):
+        listing = pyembed(*path, "--help", env={"COLUMNS": "250"}).stdout
+        for info in group.registered_commands:
+            doc = inspect.cleandoc(info.help or info.callback.__doc__ or "")  # type: ignore[union-attr]
+            summary = " ".join(doc.split("\n\n")[0].split()).split(" Example:")[0]
+            line = next(ln for ln in listing.splitlines()
+                        if ln.strip("│ ").startswith(f"{info.name} "))
+            assert summary in line, (path, info.name, line)
+            checked += 1
+    assert checked > 30
