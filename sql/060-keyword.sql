@@ -1,5 +1,6 @@
--- Keyword search: BM25 (k1 1.2, b 0.75) over the tsvector lexemes of each chunk, with term and
--- document frequencies kept in tables by triggers, and hybrid search by reciprocal rank fusion.
+-- Keyword search: BM25 (k1 1.2, b 0.75) over the tsvector lexemes of each chunk and of each
+-- document's whole text, with term and document frequencies kept in tables by triggers, and
+-- hybrid search (the keyword and vector rankings fused).
 -- (PL/pgSQL plans a statement when it first runs it, so each branch may name only the
 -- transition tables its trigger event has.)
 
@@ -50,6 +51,110 @@ CREATE OR REPLACE TRIGGER chunks_keyword_update
 
 -- Deleting chunks deletes their postings: pyembed._chunks_deleted in 010-guards.sql.
 
+-- Documents are indexed too, for keyword search by document (group_by 'document'): BM25 over a
+-- document's whole text, with document lengths and frequencies, instead of its best chunk's
+-- score. A document's text is its chunks in order, each without the words it repeats from the
+-- one before: the overlap chunking adds, taken as the longest run of whole words (at most
+-- chunk_overlap of them, an estimated token being at most a word) that ends a chunk and starts
+-- the next. Terms are counted chunk by chunk (a tsvector keeps at most 256 positions of a
+-- lexeme: a long document's text at once would cap them).
+-- pyembed._document_terms: the postings of documents (corpus ids and document ids, pairwise).
+CREATE OR REPLACE FUNCTION pyembed._document_terms(corpus_ids integer[], document_ids text[])
+RETURNS TABLE (corpus_id integer, doc_no bigint, lexeme text, tf integer, doc_len integer)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+  SELECT t.corpus_id, t.doc_no, t.lexeme, t.tf,
+         sum(t.tf) OVER (PARTITION BY t.corpus_id, t.doc_no)::integer
+    FROM (SELECT s.corpus_id, s.doc_no, u.lexeme,
+                 sum(coalesce(array_length(u.positions, 1), 1))::integer AS tf
+            FROM (SELECT w.corpus_id, w.doc_no, w.text_config,
+                         w.w[1 + coalesce((SELECT max(n) FROM generate_series(1, least(
+                               w.chunk_overlap, cardinality(w.prev), cardinality(w.w))) n
+                             WHERE w.prev[cardinality(w.prev) - n + 1:] = w.w[:n]), 0):] AS w
+                    FROM (SELECT ch.corpus_id, d.doc_no, c.text_config, c.chunk_overlap, x.w,
+                                 lag(x.w) OVER (PARTITION BY ch.corpus_id, ch.document_id
+                                                ORDER BY ch.chunk_index) AS prev
+                            FROM unnest(corpus_ids, document_ids) AS a(corpus_id, document_id)
+                            JOIN pyembed.documents d ON d.corpus_id = a.corpus_id
+                                 AND d.document_id = a.document_id
+                            JOIN pyembed.corpora c ON c.corpus_id = a.corpus_id
+                            JOIN pyembed.chunks ch ON ch.corpus_id = a.corpus_id
+                                 AND ch.document_id = a.document_id
+                            CROSS JOIN LATERAL (SELECT regexp_split_to_array(
+                              regexp_replace(ch.content, '^\s+|\s+$', '', 'g'), '\s+') AS w) x
+                         ) w) s
+            CROSS JOIN LATERAL unnest(to_tsvector(s.text_config, array_to_string(s.w, ' '))) u
+           GROUP BY s.corpus_id, s.doc_no, u.lexeme) t
+$$;
+
+-- After chunks are written or deleted, their documents are indexed again from the chunks they
+-- have now (a document without chunks, or deleted, has no postings).
+CREATE OR REPLACE FUNCTION pyembed._index_documents() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+SET work_mem = '64MB'
+AS $$
+DECLARE
+  cids integer[];
+  dids text[];
+BEGIN
+  IF TG_OP = 'INSERT' THEN
+    SELECT array_agg(x.corpus_id), array_agg(x.document_id) INTO cids, dids
+      FROM (SELECT DISTINCT n.corpus_id, n.document_id FROM new_rows n) x;
+  ELSIF TG_OP = 'UPDATE' THEN
+    SELECT array_agg(x.corpus_id), array_agg(x.document_id) INTO cids, dids
+      FROM (SELECT DISTINCT u.corpus_id, u.document_id
+              FROM new_rows n JOIN old_rows o ON o.corpus_id = n.corpus_id AND o.chunk_id = n.chunk_id
+              CROSS JOIN LATERAL (VALUES (n.corpus_id, n.document_id),
+                                         (o.corpus_id, o.document_id)) AS u(corpus_id, document_id)
+             WHERE (o.content_hash, o.document_id, o.chunk_index)
+                   IS DISTINCT FROM (n.content_hash, n.document_id, n.chunk_index)) x;
+  ELSE
+    SELECT array_agg(x.corpus_id), array_agg(x.document_id) INTO cids, dids
+      FROM (SELECT DISTINCT o.corpus_id, o.document_id FROM old_rows o) x;
+  END IF;
+  IF cids IS NULL THEN
+    RETURN NULL;
+  END IF;
+  DELETE FROM pyembed.document_postings p
+   USING unnest(cids, dids) AS a(corpus_id, document_id), pyembed.documents d
+   WHERE d.corpus_id = a.corpus_id AND d.document_id = a.document_id
+     AND p.corpus_id = d.corpus_id AND p.doc_no = d.doc_no;
+  INSERT INTO pyembed.document_postings (corpus_id, lexeme, doc_no, tf, doc_len)
+  SELECT t.corpus_id, t.lexeme, t.doc_no, t.tf, t.doc_len
+    FROM pyembed._document_terms(cids, dids) t;
+  RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER chunks_documents_insert
+  AFTER INSERT ON pyembed.chunks REFERENCING NEW TABLE AS new_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION pyembed._index_documents();
+CREATE OR REPLACE TRIGGER chunks_documents_update
+  AFTER UPDATE ON pyembed.chunks REFERENCING NEW TABLE AS new_rows OLD TABLE AS old_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION pyembed._index_documents();
+CREATE OR REPLACE TRIGGER chunks_documents_delete
+  AFTER DELETE ON pyembed.chunks REFERENCING OLD TABLE AS old_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION pyembed._index_documents();
+
+-- Deleting documents deletes their postings (their chunks, deleted by the foreign key's
+-- cascade, find no document to index again).
+CREATE OR REPLACE FUNCTION pyembed._documents_deleted() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+  DELETE FROM pyembed.document_postings p USING old_rows o
+   WHERE p.corpus_id = o.corpus_id AND p.doc_no = o.doc_no;
+  RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER documents_deleted
+  AFTER DELETE ON pyembed.documents REFERENCING OLD TABLE AS old_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION pyembed._documents_deleted();
+
 -- Document frequencies and corpus totals follow the postings. Each statement that writes
 -- postings records its counts in keyword_pending, a row of its own (no lock anyone else needs);
 -- pyembed._apply_keyword_counts folds a transaction's counts into the counters when it commits,
@@ -96,23 +201,67 @@ BEGIN
     DELETE FROM pyembed.keyword_pending p
      WHERE p.xact = pg_current_xact_id()
        AND EXISTS (SELECT FROM pyembed.corpora c WHERE c.corpus_id = p.corpus_id)
-    RETURNING p.corpus_id, p.lexemes, p.dfs, p.chunks, p.total_len
+    RETURNING p.corpus_id, p.lexemes, p.dfs, p.chunks, p.total_len, p.documents
   ), lexemes AS (
-    INSERT INTO pyembed.lexeme_stats AS s (corpus_id, lexeme, df)
-    SELECT m.corpus_id, u.lexeme, sum(u.df)
+    INSERT INTO pyembed.lexeme_stats AS s (corpus_id, lexeme, df, document_df)
+    SELECT m.corpus_id, u.lexeme, coalesce(sum(u.df) FILTER (WHERE NOT m.documents), 0),
+           coalesce(sum(u.df) FILTER (WHERE m.documents), 0)
       FROM mine m, unnest(m.lexemes, m.dfs) AS u(lexeme, df)
      GROUP BY m.corpus_id, u.lexeme ORDER BY m.corpus_id, u.lexeme
-    ON CONFLICT (corpus_id, lexeme) DO UPDATE SET df = s.df + EXCLUDED.df
+    ON CONFLICT (corpus_id, lexeme) DO UPDATE
+      SET df = s.df + EXCLUDED.df, document_df = s.document_df + EXCLUDED.document_df
   )
-  INSERT INTO pyembed.keyword_stats AS s (corpus_id, chunks, total_len)
-  SELECT m.corpus_id, sum(m.chunks), sum(m.total_len) FROM mine m
+  INSERT INTO pyembed.keyword_stats AS s (corpus_id, chunks, total_len, documents, document_len)
+  SELECT m.corpus_id, coalesce(sum(m.chunks) FILTER (WHERE NOT m.documents), 0),
+         coalesce(sum(m.total_len) FILTER (WHERE NOT m.documents), 0),
+         coalesce(sum(m.chunks) FILTER (WHERE m.documents), 0),
+         coalesce(sum(m.total_len) FILTER (WHERE m.documents), 0)
+    FROM mine m
    GROUP BY m.corpus_id ORDER BY m.corpus_id
   ON CONFLICT (corpus_id) DO UPDATE
-    SET chunks = s.chunks + EXCLUDED.chunks, total_len = s.total_len + EXCLUDED.total_len;
+    SET chunks = s.chunks + EXCLUDED.chunks, total_len = s.total_len + EXCLUDED.total_len,
+        documents = s.documents + EXCLUDED.documents,
+        document_len = s.document_len + EXCLUDED.document_len;
   DELETE FROM pyembed.keyword_pending p WHERE p.xact = pg_current_xact_id();
   RETURN NULL;
 END
 $$;
+
+-- The same for document postings (pending rows with `documents`, counting documents).
+CREATE OR REPLACE FUNCTION pyembed._count_document_postings() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+  IF TG_OP = 'INSERT' THEN
+    INSERT INTO pyembed.keyword_pending (corpus_id, lexemes, dfs, chunks, total_len, documents)
+    SELECT l.corpus_id, l.lexemes, l.dfs, t.docs, t.total_len, true
+      FROM (SELECT corpus_id, array_agg(lexeme ORDER BY lexeme) AS lexemes,
+                   array_agg(n ORDER BY lexeme) AS dfs
+              FROM (SELECT corpus_id, lexeme, count(*)::integer AS n FROM new_rows
+                     GROUP BY corpus_id, lexeme) d GROUP BY corpus_id) l
+      JOIN (SELECT corpus_id, count(DISTINCT doc_no) AS docs, sum(tf) AS total_len
+              FROM new_rows GROUP BY corpus_id) t USING (corpus_id);
+  ELSE
+    INSERT INTO pyembed.keyword_pending (corpus_id, lexemes, dfs, chunks, total_len, documents)
+    SELECT l.corpus_id, l.lexemes, l.dfs, -t.docs, -t.total_len, true
+      FROM (SELECT corpus_id, array_agg(lexeme ORDER BY lexeme) AS lexemes,
+                   array_agg(-n ORDER BY lexeme) AS dfs
+              FROM (SELECT corpus_id, lexeme, count(*)::integer AS n FROM old_rows
+                     GROUP BY corpus_id, lexeme) d GROUP BY corpus_id) l
+      JOIN (SELECT corpus_id, count(DISTINCT doc_no) AS docs, sum(tf) AS total_len
+              FROM old_rows GROUP BY corpus_id) t USING (corpus_id);
+  END IF;
+  RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER document_postings_count_insert
+  AFTER INSERT ON pyembed.document_postings REFERENCING NEW TABLE AS new_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION pyembed._count_document_postings();
+CREATE OR REPLACE TRIGGER document_postings_count_delete
+  AFTER DELETE ON pyembed.document_postings REFERENCING OLD TABLE AS old_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION pyembed._count_document_postings();
 
 CREATE OR REPLACE TRIGGER postings_count_insert
   AFTER INSERT ON pyembed.postings REFERENCING NEW TABLE AS new_rows
@@ -121,20 +270,19 @@ CREATE OR REPLACE TRIGGER postings_count_delete
   AFTER DELETE ON pyembed.postings REFERENCING OLD TABLE AS old_rows
   FOR EACH STATEMENT EXECUTE FUNCTION pyembed._count_postings();
 
--- BM25 over chunks: the k best, as (chunk ids, scores, group keys), best first. group_by
--- 'document' (the default) returns k distinct documents, each scored by its best chunk (which is
--- the passage returned; its key is the document id): the best 3k chunks are taken, then 4 times
--- more while they hold fewer than k documents; 'chunk' returns the k best chunks (keyed by id).
+-- The k best by BM25, as (chunk ids, scores, group keys), best first. group_by 'document' (the
+-- default) returns k distinct documents scored by their whole text (pyembed._bm25 over the
+-- documents' postings), keyed by document id, each with its passage: the chunk BM25 scores
+-- best (pyembed._keyword_passages; with `passages` false, NULL: hybrid search finds the
+-- passages of the hits it keeps); 'chunk' returns the k best chunks, keyed by chunk id.
 CREATE OR REPLACE FUNCTION pyembed._keyword_ranking(c pyembed.corpora, query text, k integer,
                                                     filter jsonb, group_by text,
+                                                    passages boolean DEFAULT true,
                                                     OUT ids bigint[], OUT scores float8[],
                                                     OUT keys text[])
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
-DECLARE
-  n integer;
-  found integer;
 BEGIN
   IF k IS NULL OR k < 1 OR k > 1000 THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005', MESSAGE = format('k must be 1..1000, got %s', k);
@@ -150,27 +298,52 @@ BEGIN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
       MESSAGE = format('group_by must be document or chunk, not %s', coalesce(group_by, 'NULL'));
   END IF;
-  n := CASE group_by WHEN 'chunk' THEN k ELSE 3 * k END;
-  LOOP
-    SELECT b.ids, b.scores INTO ids, scores FROM pyembed._bm25(c, query, n, filter) b;
-    EXIT WHEN group_by = 'chunk' OR coalesce(cardinality(ids), 0) < n;
-    SELECT count(DISTINCT ch.document_id) INTO found
-      FROM pyembed.chunks ch WHERE ch.corpus_id = c.corpus_id AND ch.chunk_id = ANY (ids);
-    EXIT WHEN found >= k;
-    n := 4 * n;
-  END LOOP;
-  SELECT array_agg(b.chunk_id ORDER BY b.score DESC, b.chunk_id),
-         array_agg(b.score ORDER BY b.score DESC, b.chunk_id),
-         array_agg(b.key ORDER BY b.score DESC, b.chunk_id) INTO ids, scores, keys
-    FROM (SELECT b.* FROM (
-            SELECT DISTINCT ON (1) CASE WHEN group_by = 'chunk' THEN ch.chunk_id::text
-                                        ELSE ch.document_id END AS key, ch.chunk_id, h.score
-              FROM pyembed.chunks ch
-              JOIN unnest(ids, scores) AS h(chunk_id, score) ON h.chunk_id = ch.chunk_id
-             WHERE ch.corpus_id = c.corpus_id AND ch.chunk_id = ANY (ids)
-             ORDER BY 1, h.score DESC, h.chunk_id) b
-           ORDER BY b.score DESC, b.chunk_id LIMIT k) b;
+  IF group_by = 'chunk' THEN
+    SELECT b.ids, b.scores, b.ids::text[] INTO ids, scores, keys
+      FROM pyembed._bm25(c, query, k, filter) b;
+    RETURN;
+  END IF;
+  SELECT b.ids, b.scores INTO ids, scores
+    FROM pyembed._bm25(c, query, k, filter, by_document => true) b;
+  SELECT array_agg(d.document_id ORDER BY h.i) INTO keys
+    FROM unnest(ids) WITH ORDINALITY AS h(doc_no, i)
+    JOIN pyembed.documents d ON d.corpus_id = c.corpus_id AND d.doc_no = h.doc_no;
+  IF keys IS NOT NULL THEN
+    ids := CASE WHEN passages THEN pyembed._keyword_passages(c, query, keys)
+                ELSE array_fill(NULL::bigint, ARRAY[cardinality(keys)]) END;
+  END IF;
 END
+$$;
+
+-- The passage of each of some documents for a query: its chunk that BM25 over the chunks scores
+-- best (the first of equals), in the documents' order.
+CREATE OR REPLACE FUNCTION pyembed._keyword_passages(c pyembed.corpora, query text,
+                                                     document_ids text[])
+RETURNS bigint[]
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+  WITH st AS (
+    SELECT s.chunks::float8 AS total, s.total_len::float8 / greatest(s.chunks, 1) AS avgdl
+      FROM pyembed.keyword_stats s WHERE s.corpus_id = c.corpus_id
+  ), q AS (
+    SELECT l.lexeme, ln(1 + (st.total - l.df + 0.5) / (l.df + 0.5::float8)) AS idf, st.avgdl
+      FROM (SELECT DISTINCT u.lexeme FROM unnest(to_tsvector(c.text_config, query)) u) x
+      JOIN pyembed.lexeme_stats l ON l.corpus_id = c.corpus_id AND l.lexeme = x.lexeme, st
+     WHERE l.df > 0
+  )
+  SELECT array_agg(p.chunk_id ORDER BY d.i)
+    FROM unnest(document_ids) WITH ORDINALITY AS d(document_id, i)
+    CROSS JOIN LATERAL (
+      SELECT ch.chunk_id
+        FROM pyembed.chunks ch
+        LEFT JOIN LATERAL (
+          SELECT sum(q.idf * p.tf * 2.2 / (p.tf + 1.2 * (0.25 + 0.75::float8 * p.doc_len
+                                                         / q.avgdl))) AS s
+            FROM q JOIN pyembed.postings p ON p.corpus_id = c.corpus_id AND p.lexeme = q.lexeme
+                   AND p.chunk_id = ch.chunk_id) b ON true
+       WHERE ch.corpus_id = c.corpus_id AND ch.document_id = d.document_id
+       ORDER BY b.s DESC NULLS LAST, ch.chunk_index LIMIT 1) p
 $$;
 
 -- The hits of the k best (pyembed._keyword_ranking), with their texts, best first.
@@ -193,7 +366,9 @@ $$;
 
 -- The n best chunks of a corpus by BM25 (k1 1.2, b 0.75) for a query, best first, among the
 -- chunks whose metadata contains `filter` (if given): (chunk ids, scores), exactly as if every
--- posting of every query term were scored.
+-- posting of every query term were scored. With `by_document`, the same over the documents'
+-- postings and statistics: (doc_no of pyembed.documents, scores), "chunk" below meaning
+-- document.
 -- - Few postings (the query terms' document frequencies add up to `every_posting_upto`, 30,000
 --   unless given, at most): every posting is scored in one statement (one pass, no bookkeeping
 --   between statements: fastest there).
@@ -218,6 +393,7 @@ $$;
 -- No JIT: compiling a long statement's expressions took longer than running them.
 CREATE OR REPLACE FUNCTION pyembed._bm25(c pyembed.corpora, query text, n integer, filter jsonb,
                                          every_posting_upto bigint DEFAULT 30000,
+                                         by_document boolean DEFAULT false,
                                          OUT ids bigint[], OUT scores float8[])
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
@@ -240,14 +416,18 @@ DECLARE
   done integer;     -- candidates looked up so far
   batch integer := greatest(4 * n, 100);
 BEGIN
-  SELECT s.chunks::float8, s.total_len::float8 / greatest(s.chunks, 1) INTO total, avgdl
+  SELECT CASE WHEN by_document THEN s.documents ELSE s.chunks END::float8,
+         CASE WHEN by_document THEN s.document_len::float8 / greatest(s.documents, 1)
+              ELSE s.total_len::float8 / greatest(s.chunks, 1) END INTO total, avgdl
     FROM pyembed.keyword_stats s WHERE s.corpus_id = c.corpus_id;
   SELECT array_agg(t.lexeme ORDER BY t.df, t.lexeme), array_agg(t.idf ORDER BY t.df, t.lexeme),
          count(*) FILTER (WHERE t.df <= total / 20), sum(t.df)
     INTO lx, w, e, postings
     FROM (SELECT l.lexeme, l.df, ln(1 + (total - l.df + 0.5) / (l.df + 0.5::float8)) AS idf
             FROM (SELECT DISTINCT u.lexeme FROM unnest(to_tsvector(c.text_config, query)) u) q
-            JOIN pyembed.lexeme_stats l ON l.corpus_id = c.corpus_id AND l.lexeme = q.lexeme
+            JOIN (SELECT ls.lexeme, CASE WHEN by_document THEN ls.document_df ELSE ls.df END AS df
+                    FROM pyembed.lexeme_stats ls WHERE ls.corpus_id = c.corpus_id) l
+              ON l.lexeme = q.lexeme
            WHERE l.df > 0) t;
   m := coalesce(cardinality(lx), 0);
   IF m = 0 THEN
@@ -262,12 +442,21 @@ BEGIN
                                                                    / avgdl))) AS s
                       FROM unnest(lx, w) AS r(lexeme, idf),
                            LATERAL (SELECT pp.chunk_id, pp.tf, pp.doc_len FROM pyembed.postings pp
-                                     WHERE pp.corpus_id = c.corpus_id AND pp.lexeme = r.lexeme
+                                     WHERE NOT by_document AND pp.corpus_id = c.corpus_id
+                                       AND pp.lexeme = r.lexeme
+                                    UNION ALL
+                                    SELECT dp.doc_no, dp.tf, dp.doc_len
+                                      FROM pyembed.document_postings dp
+                                     WHERE by_document AND dp.corpus_id = c.corpus_id
+                                       AND dp.lexeme = r.lexeme
                                     OFFSET 0) p
                      GROUP BY p.chunk_id) x
-             WHERE filter IS NULL OR EXISTS (
+             WHERE filter IS NULL OR (NOT by_document AND EXISTS (
                      SELECT FROM pyembed.chunks ch WHERE ch.corpus_id = c.corpus_id
-                        AND ch.chunk_id = x.chunk_id AND ch.metadata @> filter)
+                        AND ch.chunk_id = x.chunk_id AND ch.metadata @> filter))
+                OR (by_document AND EXISTS (
+                     SELECT FROM pyembed.documents d WHERE d.corpus_id = c.corpus_id
+                        AND d.doc_no = x.chunk_id AND d.metadata @> filter))
              ORDER BY 2 DESC, 1 LIMIT n) f;
     RETURN;
   END IF;
@@ -285,12 +474,21 @@ BEGIN
                                                                / avgdl))
                       FROM unnest(lx[t:e], w[t:e]) AS r(lexeme, idf),
                            LATERAL (SELECT pp.chunk_id, pp.tf, pp.doc_len FROM pyembed.postings pp
-                                     WHERE pp.corpus_id = c.corpus_id AND pp.lexeme = r.lexeme
+                                     WHERE NOT by_document AND pp.corpus_id = c.corpus_id
+                                       AND pp.lexeme = r.lexeme
+                                    UNION ALL
+                                    SELECT dp.doc_no, dp.tf, dp.doc_len
+                                      FROM pyembed.document_postings dp
+                                     WHERE by_document AND dp.corpus_id = c.corpus_id
+                                       AND dp.lexeme = r.lexeme
                                     OFFSET 0) p) y
              GROUP BY y.chunk_id) x
-     WHERE filter IS NULL OR EXISTS (
+     WHERE filter IS NULL OR (NOT by_document AND EXISTS (
              SELECT FROM pyembed.chunks ch WHERE ch.corpus_id = c.corpus_id
-                AND ch.chunk_id = x.chunk_id AND ch.metadata @> filter);
+                AND ch.chunk_id = x.chunk_id AND ch.metadata @> filter))
+        OR (by_document AND EXISTS (
+             SELECT FROM pyembed.documents d WHERE d.corpus_id = c.corpus_id
+                AND d.doc_no = x.chunk_id AND d.metadata @> filter));
     IF e >= m THEN  -- every term read: the partial scores are the scores
       SELECT array_agg(f.chunk_id ORDER BY f.s DESC, f.chunk_id),
              array_agg(f.s ORDER BY f.s DESC, f.chunk_id) INTO ids, scores
@@ -304,8 +502,14 @@ BEGIN
               FROM (SELECT o.chunk_id, o.s FROM unnest(cids, cps) AS o(chunk_id, s)
                      ORDER BY 2 DESC, 1 LIMIT 2 * n) o
               CROSS JOIN unnest(lx[e + 1:m], w[e + 1:m]) AS r(lexeme, idf)
-              LEFT JOIN pyembed.postings p ON p.corpus_id = c.corpus_id AND p.lexeme = r.lexeme
-                    AND p.chunk_id = o.chunk_id
+              LEFT JOIN LATERAL (
+                    SELECT pp.tf, pp.doc_len FROM pyembed.postings pp
+                     WHERE NOT by_document AND pp.corpus_id = c.corpus_id AND pp.lexeme = r.lexeme
+                       AND pp.chunk_id = o.chunk_id
+                    UNION ALL
+                    SELECT dp.tf, dp.doc_len FROM pyembed.document_postings dp
+                     WHERE by_document AND dp.corpus_id = c.corpus_id AND dp.lexeme = r.lexeme
+                       AND dp.doc_no = o.chunk_id) p ON true
              GROUP BY o.chunk_id, o.s) f
      ORDER BY f.s DESC OFFSET n - 1 LIMIT 1;
     IF NOT FOUND THEN
@@ -336,8 +540,14 @@ BEGIN
               FROM unnest(cids[done + 1:done + batch], cps[done + 1:done + batch])
                      AS o(chunk_id, s)
               CROSS JOIN unnest(lx[e + 1:m], w[e + 1:m]) AS r(lexeme, idf)
-              LEFT JOIN pyembed.postings p ON p.corpus_id = c.corpus_id AND p.lexeme = r.lexeme
-                    AND p.chunk_id = o.chunk_id
+              LEFT JOIN LATERAL (
+                    SELECT pp.tf, pp.doc_len FROM pyembed.postings pp
+                     WHERE NOT by_document AND pp.corpus_id = c.corpus_id AND pp.lexeme = r.lexeme
+                       AND pp.chunk_id = o.chunk_id
+                    UNION ALL
+                    SELECT dp.tf, dp.doc_len FROM pyembed.document_postings dp
+                     WHERE by_document AND dp.corpus_id = c.corpus_id AND dp.lexeme = r.lexeme
+                       AND dp.doc_no = o.chunk_id) p ON true
              GROUP BY o.chunk_id, o.s
              ORDER BY 2 DESC, 1 LIMIT n) f;
     done := done + batch;
@@ -366,10 +576,13 @@ LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
+  c pyembed.corpora;
   d record;
   s record;
   ids bigint[];
   scores float8[];
+  keys text[];
+  missing text[];
 BEGIN
   fusion := coalesce(fusion, 'relative');  -- the default
   IF fusion NOT IN ('rrf', 'relative') THEN
@@ -400,8 +613,9 @@ BEGIN
   -- the texts of the k fused hits alone are read.
   SELECT * INTO d FROM pyembed._vector_ranking(corpus, query_embedding, query_model_key,
                                                candidates, filter, group_by);
-  SELECT * INTO s FROM pyembed._keyword_ranking(pyembed.lookup_corpus(corpus), query, candidates,
-                                                filter, group_by);
+  c := pyembed.lookup_corpus(corpus);
+  SELECT * INTO s FROM pyembed._keyword_ranking(c, query, candidates, filter, group_by,
+                                                passages => false);
   WITH dense AS (
     SELECT h.*, min(h.score) OVER () AS lo, max(h.score) OVER () AS hi
       FROM unnest(d.ids, d.scores, d.keys) WITH ORDINALITY AS h(chunk_id, score, key, r)
@@ -409,7 +623,7 @@ BEGIN
     SELECT h.*, min(h.score) OVER () AS lo, max(h.score) OVER () AS hi
       FROM unnest(s.ids, s.scores, s.keys) WITH ORDINALITY AS h(chunk_id, score, key, r)
   ), fused AS (
-    SELECT coalesce(x.chunk_id, y.chunk_id) AS chunk_id,
+    SELECT coalesce(x.chunk_id, y.chunk_id) AS chunk_id, coalesce(x.key, y.key) AS key,
            CASE fusion
              WHEN 'rrf' THEN coalesce(1.0 / (rrf_k + x.r), 0) + coalesce(1.0 / (rrf_k + y.r), 0)
              ELSE alpha * CASE WHEN x.r IS NULL THEN 0 WHEN x.hi > x.lo
@@ -419,9 +633,19 @@ BEGIN
            END::float8 AS score
       FROM dense x FULL JOIN sparse y ON y.key = x.key
   )
-  SELECT array_agg(f.chunk_id ORDER BY f.score DESC, f.chunk_id),
-         array_agg(f.score ORDER BY f.score DESC, f.chunk_id) INTO ids, scores
-    FROM (SELECT fu.* FROM fused fu ORDER BY fu.score DESC, fu.chunk_id LIMIT k) f;
+  SELECT array_agg(f.chunk_id ORDER BY f.score DESC, f.chunk_id, f.key),
+         array_agg(f.score ORDER BY f.score DESC, f.chunk_id, f.key),
+         array_agg(f.key ORDER BY f.score DESC, f.chunk_id, f.key) INTO ids, scores, keys
+    FROM (SELECT fu.* FROM fused fu ORDER BY fu.score DESC, fu.chunk_id, fu.key LIMIT k) f;
+  -- The documents only the keyword ranking found have no passage yet (NULL chunk id).
+  IF array_position(ids, NULL) IS NOT NULL THEN
+    missing := array(SELECT h.key FROM unnest(ids, keys) AS h(chunk_id, key)
+                      WHERE h.chunk_id IS NULL);
+    SELECT array_agg(coalesce(h.chunk_id, m.chunk_id) ORDER BY h.i) INTO ids
+      FROM unnest(ids, keys) WITH ORDINALITY AS h(chunk_id, key, i)
+      LEFT JOIN unnest(missing, pyembed._keyword_passages(c, query, missing))
+             AS m(key, chunk_id) ON m.key = h.key;
+  END IF;
   RETURN QUERY SELECT * FROM pyembed._hits(d.corpus_no, ids, scores, query_model_key);
 END
 $$;

@@ -72,6 +72,86 @@ def test_bm25_matches_a_from_scratch_computation_after_updates_and_deletes(
     assert orphans == (0,)  # deleted and replaced chunks took their postings
 
 
+def bm25_of_texts(owner: psycopg.Connection[Any], texts: dict[str, str],
+                  query: str) -> dict[str, float]:
+    """BM25 over whole texts (k1 1.2, b 0.75), recomputed in Python from their tsvectors."""
+    docs: dict[str, Counter[str]] = {}
+    for key, lexeme, tf in owner.execute(
+            """SELECT t.key, u.lexeme, coalesce(array_length(u.positions, 1), 1)
+                 FROM unnest(%s::text[], %s::text[]) AS t(key, body),
+                      unnest(to_tsvector('english', t.body)) u""",
+            (list(texts), list(texts.values()))):
+        docs.setdefault(key, Counter())[lexeme] = tf
+    terms = {r[0] for r in owner.execute("SELECT lexeme FROM unnest(to_tsvector('english', %s))",
+                                         (query,))}
+    n = len(docs)
+    avgdl = sum(sum(c.values()) for c in docs.values()) / n
+    scores: dict[str, float] = {}
+    for t in terms:
+        df = sum(1 for c in docs.values() if t in c)
+        if df:
+            idf = math.log(1 + (n - df + 0.5) / (df + 0.5))
+            for key, c in docs.items():
+                if t in c:
+                    scores[key] = scores.get(key, 0.0) + idf * c[t] * 2.2 / (
+                        c[t] + 1.2 * (0.25 + 0.75 * sum(c.values()) / avgdl))
+    return scores
+
+
+def test_keyword_scores_a_chunked_document_by_its_whole_text(
+        client: Any, owner: psycopg.Connection[Any]) -> None:
+    """A document whose query terms sit in different chunks has them all: BM25 over the
+    document's text (its chunks without the overlap), with document statistics, ranks it
+    above documents that have one term each; its passage is its chunk that scores best."""
+    kb = client.create_corpus("whole", FAKE, chunk_tokens=12, chunk_overlap=4)
+    texts = {"split": "zebra crossing rules apply downtown near the market; the council "
+                      "counted every quagga",
+             "zebra": "a zebra crossing near the old market square with painted stripes",
+             "quagga": "the quagga census counted animals in the old reserve by the river",
+             "other": "parking meters downtown take coins and cards all day long",
+             "more": "traffic lights and the city council meet on Tuesdays at noon"}
+    kb.add([pyembed.Document(d, t) for d, t in texts.items()])
+    chunks = owner.execute("SELECT count(*) FROM pyembed.chunks WHERE corpus_id = %s "
+                           "AND document_id = 'split'", (kb.info.corpus_id,)).fetchone()
+    assert chunks is not None and chunks[0] >= 3
+    query = "zebra quagga"
+    hits = kb.search(query, k=5, mode="keyword")
+    assert hits[0].document_id == "split"  # by its best chunk it came after "zebra", "quagga"
+    expected = bm25_of_texts(owner, texts, query)
+    assert {h.document_id: h.score for h in hits} == pytest.approx(expected, rel=1e-9)
+    best = kb.search(query, k=1, mode="keyword", group="chunk", filter=None)
+    split_chunks = [h for h in kb.search(query, k=20, mode="keyword", group="chunk")
+                    if h.document_id == "split"]
+    assert best and hits[0].chunk_id == split_chunks[0].chunk_id  # the passage: its best chunk
+    assert "zebra" in hits[0].content or "quagga" in hits[0].content
+    hybrid = kb.search(query, k=5, mode="hybrid")  # keyword-only hits get their passage too
+    assert all(h.chunk_id is not None and h.content for h in hybrid)
+    assert {h.document_id for h in hybrid} >= {"split", "zebra", "quagga"}
+    # Rewritten, then deleted: the document's postings and the statistics follow.
+    texts["split"] = "zebra quagga"
+    kb.add([pyembed.Document("split", texts["split"])])
+    assert {h.document_id: h.score for h in kb.search(query, k=5, mode="keyword")} == (
+        pytest.approx(bm25_of_texts(owner, texts, query), rel=1e-9))
+    client.conn.execute("DELETE FROM pyembed.documents WHERE document_id = 'zebra'")
+    del texts["zebra"]
+    assert {h.document_id: h.score for h in kb.search(query, k=5, mode="keyword")} == (
+        pytest.approx(bm25_of_texts(owner, texts, query), rel=1e-9))
+    stats = owner.execute(
+        """SELECT s.documents, s.document_len,
+                  (SELECT count(DISTINCT doc_no) FROM pyembed.document_postings p
+                    WHERE p.corpus_id = s.corpus_id),
+                  (SELECT sum(tf) FROM pyembed.document_postings p
+                    WHERE p.corpus_id = s.corpus_id),
+                  (SELECT bool_and(l.document_df = (
+                     SELECT count(*) FROM pyembed.document_postings p
+                      WHERE p.corpus_id = l.corpus_id AND p.lexeme = l.lexeme))
+                     FROM pyembed.lexeme_stats l WHERE l.corpus_id = s.corpus_id)
+             FROM pyembed.keyword_stats s WHERE s.corpus_id = %s""",
+        (kb.info.corpus_id,)).fetchone()
+    assert stats is not None and stats[0] == stats[2] == len(texts)
+    assert stats[1] == stats[3] and stats[4] is True
+
+
 def test_keyword_finds_an_exact_error_code_and_hybrid_keeps_it_first(client: Any) -> None:
     kb = client.create_corpus("support", pyembed.LOCAL_DEFAULT.key)
     kb.add(sample_documents())
@@ -142,7 +222,10 @@ def test_search_returns_k_distinct_documents_unless_grouped_by_chunk(client: Any
     chunks = kb.search("quota limit", k=4, mode=mode, group="chunk")
     assert [h.document_id for h in chunks] == ["long"] * 4  # chunk hits: one document, 4 times
     assert len({h.chunk_id for h in chunks}) == 4
-    assert hits[0].score == pytest.approx(chunks[0].score)  # the document's best chunk
+    if mode == "keyword":  # scored by its whole text; its best chunk is the passage
+        assert hits[0].chunk_id == chunks[0].chunk_id
+    else:  # scored by its best chunk
+        assert hits[0].score == pytest.approx(chunks[0].score)
     # Fewer documents than k: all of them, once each.
     assert sorted(h.document_id for h in kb.search("quota limit", k=50, mode=mode)) == sorted(
         ["long", "d0", "d1", "d2", "d3", "d4"])
