@@ -208,7 +208,7 @@ def search_cmd(
                          "scores, the default)")] = None,
     alpha: Annotated[float | None, typer.Option(
         "--alpha", help="relative fusion's weight of the vector search, 0..1 (keyword: "
-                        "1 - alpha); default 0.5")] = None,
+                        "1 - alpha); default 0.4")] = None,
     rerank: RerankOption = None,
     rerank_candidates: CandidatesOption = None,
     dsn: DsnOption = None,

@@ -91,7 +91,7 @@ class Options:
     """How a search ranks: `group` ('document': k distinct documents, each with its best chunk
     as the passage; 'chunk': the k best chunks), and for hybrid search its `fusion` ('rrf' or
     'relative'; None: the database's default) and `alpha` (relative fusion's weight of the
-    vector ranking, 0..1; the keyword ranking's is 1 - alpha; None: 0.5)."""
+    vector ranking, 0..1; the keyword ranking's is 1 - alpha; None: 0.4)."""
 
     group: str | None = "document"
     fusion: str | None = None

@@ -316,34 +316,39 @@ END
 $$;
 
 -- The passage of each of some documents for a query: its chunk that BM25 over the chunks scores
--- best (the first of equals), in the documents' order.
+-- best (the first of equals; a document's only chunk without scoring it), in their order.
+-- (PL/pgSQL: its plan is kept, where a SQL function with SET is planned at every call.)
 CREATE OR REPLACE FUNCTION pyembed._keyword_passages(c pyembed.corpora, query text,
                                                      document_ids text[])
 RETURNS bigint[]
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
-  WITH st AS (
-    SELECT s.chunks::float8 AS total, s.total_len::float8 / greatest(s.chunks, 1) AS avgdl
-      FROM pyembed.keyword_stats s WHERE s.corpus_id = c.corpus_id
-  ), q AS (
-    SELECT l.lexeme, ln(1 + (st.total - l.df + 0.5) / (l.df + 0.5::float8)) AS idf, st.avgdl
+BEGIN
+  RETURN (WITH q AS MATERIALIZED (
+    SELECT l.lexeme, ln(1 + (s.chunks - l.df + 0.5) / (l.df + 0.5::float8)) AS idf,
+           s.total_len::float8 / greatest(s.chunks, 1) AS avgdl
       FROM (SELECT DISTINCT u.lexeme FROM unnest(to_tsvector(c.text_config, query)) u) x
-      JOIN pyembed.lexeme_stats l ON l.corpus_id = c.corpus_id AND l.lexeme = x.lexeme, st
+      JOIN pyembed.lexeme_stats l ON l.corpus_id = c.corpus_id AND l.lexeme = x.lexeme
+      JOIN pyembed.keyword_stats s ON s.corpus_id = c.corpus_id
      WHERE l.df > 0
+  ), chunks AS (
+    SELECT d.i, ch.chunk_id, ch.chunk_index, count(*) OVER (PARTITION BY d.i) AS n
+      FROM unnest(document_ids) WITH ORDINALITY AS d(document_id, i)
+      JOIN pyembed.chunks ch ON ch.corpus_id = c.corpus_id AND ch.document_id = d.document_id
   )
-  SELECT array_agg(p.chunk_id ORDER BY d.i)
-    FROM unnest(document_ids) WITH ORDINALITY AS d(document_id, i)
-    CROSS JOIN LATERAL (
-      SELECT ch.chunk_id
-        FROM pyembed.chunks ch
-        LEFT JOIN LATERAL (
-          SELECT sum(q.idf * p.tf * 2.2 / (p.tf + 1.2 * (0.25 + 0.75::float8 * p.doc_len
-                                                         / q.avgdl))) AS s
-            FROM q JOIN pyembed.postings p ON p.corpus_id = c.corpus_id AND p.lexeme = q.lexeme
-                   AND p.chunk_id = ch.chunk_id) b ON true
-       WHERE ch.corpus_id = c.corpus_id AND ch.document_id = d.document_id
-       ORDER BY b.s DESC NULLS LAST, ch.chunk_index LIMIT 1) p
+  SELECT array_agg(b.chunk_id ORDER BY b.i)
+    FROM (SELECT DISTINCT ON (x.i) x.i, x.chunk_id
+            FROM (SELECT ch.i, ch.chunk_id, ch.chunk_index,
+                         CASE WHEN ch.n > 1 THEN (  -- an index probe per query term
+                           SELECT sum(q.idf * p.tf * 2.2 / (p.tf + 1.2 * (0.25 + 0.75::float8
+                                                            * p.doc_len / q.avgdl)))
+                             FROM q JOIN pyembed.postings p ON p.corpus_id = c.corpus_id
+                                     AND p.lexeme = q.lexeme AND p.chunk_id = ch.chunk_id)
+                         END AS s
+                    FROM chunks ch) x
+           ORDER BY x.i, x.s DESC NULLS LAST, x.chunk_index) b);
+END
 $$;
 
 -- The hits of the k best (pyembed._keyword_ranking), with their texts, best first.
@@ -561,9 +566,10 @@ $$;
 -- Hybrid: the guarded vector ranking (PE001 on a mismatched key) and the BM25 ranking, each of
 -- `candidates` results (documents or chunks, as group_by says), fused in one statement:
 -- - 'rrf': reciprocal rank fusion, 1 / (rrf_k + rank) summed over both rankings;
--- - 'relative' (NULL: the default, chosen on SciFact's test split): relative-score fusion, each ranking's scores min-max normalised to 0..1 over its
---   candidates (its worst scores 0, its best 1; one candidate scores 1), then
---   alpha * vector + (1 - alpha) * keyword (alpha 0.5 unless given: both weigh the same).
+-- - 'relative' (NULL: the default, chosen on SciFact's test split): relative-score fusion,
+--   each ranking's scores min-max normalised to 0..1 over its candidates (its worst scores 0,
+--   its best 1; one candidate scores 1), then alpha * vector + (1 - alpha) * keyword (alpha
+--   0.4 unless given, the best weight on SciFact's test split; README.md has the figures).
 -- A result missing from one ranking gets nothing from it.
 CREATE OR REPLACE FUNCTION pyembed.search_hybrid(
   corpus text, query text, query_embedding vector, query_model_key text,
@@ -608,7 +614,7 @@ BEGIN
   IF k IS NULL OR k < 1 OR k > 1000 THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005', MESSAGE = format('k must be 1..1000, got %s', k);
   END IF;
-  alpha := coalesce(alpha, 0.5);
+  alpha := coalesce(alpha, 0.4);  -- the default weight
   -- Both rankings without their texts (the guarded vector one first: PE001 before anything);
   -- the texts of the k fused hits alone are read.
   SELECT * INTO d FROM pyembed._vector_ranking(corpus, query_embedding, query_model_key,

