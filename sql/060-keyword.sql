@@ -64,28 +64,35 @@ RETURNS TABLE (corpus_id integer, doc_no bigint, lexeme text, tf integer, doc_le
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
+  WITH words AS (
+    SELECT ch.corpus_id, d.doc_no, c.text_config, c.chunk_overlap, x.w,
+           lag(x.w) OVER (PARTITION BY ch.corpus_id, ch.document_id ORDER BY ch.chunk_index)
+             AS prev
+      FROM unnest(corpus_ids, document_ids) AS a(corpus_id, document_id)
+      JOIN pyembed.documents d ON d.corpus_id = a.corpus_id AND d.document_id = a.document_id
+      JOIN pyembed.corpora c ON c.corpus_id = a.corpus_id
+      JOIN pyembed.chunks ch ON ch.corpus_id = a.corpus_id AND ch.document_id = a.document_id
+      CROSS JOIN LATERAL (SELECT array_remove(regexp_split_to_array(ch.content, '\s+'), '')
+                                   AS w) x
+  ), segments AS (  -- the overlap starts where the previous chunk has this one's first word
+    SELECT w.corpus_id, w.doc_no, w.text_config,
+           w.w[1 + coalesce((SELECT max(cardinality(w.prev) - j + 1)
+                               FROM generate_series(greatest(1, cardinality(w.prev)
+                                                                - w.chunk_overlap + 1),
+                                                    cardinality(w.prev)) j
+                              WHERE w.prev[j] = w.w[1]
+                                AND w.prev[j:] = w.w[:cardinality(w.prev) - j + 1]), 0):] AS w
+      FROM words w
+  ), terms AS (
+    SELECT s.corpus_id, s.doc_no, u.lexeme,
+           sum(coalesce(array_length(u.positions, 1), 1))::integer AS tf
+      FROM segments s
+      CROSS JOIN LATERAL unnest(to_tsvector(s.text_config, array_to_string(s.w, ' '))) u
+     GROUP BY s.corpus_id, s.doc_no, u.lexeme
+  )
   SELECT t.corpus_id, t.doc_no, t.lexeme, t.tf,
-         sum(t.tf) OVER (PARTITION BY t.corpus_id, t.doc_no)::integer
-    FROM (SELECT s.corpus_id, s.doc_no, u.lexeme,
-                 sum(coalesce(array_length(u.positions, 1), 1))::integer AS tf
-            FROM (SELECT w.corpus_id, w.doc_no, w.text_config,
-                         w.w[1 + coalesce((SELECT max(n) FROM generate_series(1, least(
-                               w.chunk_overlap, cardinality(w.prev), cardinality(w.w))) n
-                             WHERE w.prev[cardinality(w.prev) - n + 1:] = w.w[:n]), 0):] AS w
-                    FROM (SELECT ch.corpus_id, d.doc_no, c.text_config, c.chunk_overlap, x.w,
-                                 lag(x.w) OVER (PARTITION BY ch.corpus_id, ch.document_id
-                                                ORDER BY ch.chunk_index) AS prev
-                            FROM unnest(corpus_ids, document_ids) AS a(corpus_id, document_id)
-                            JOIN pyembed.documents d ON d.corpus_id = a.corpus_id
-                                 AND d.document_id = a.document_id
-                            JOIN pyembed.corpora c ON c.corpus_id = a.corpus_id
-                            JOIN pyembed.chunks ch ON ch.corpus_id = a.corpus_id
-                                 AND ch.document_id = a.document_id
-                            CROSS JOIN LATERAL (SELECT regexp_split_to_array(
-                              regexp_replace(ch.content, '^\s+|\s+$', '', 'g'), '\s+') AS w) x
-                         ) w) s
-            CROSS JOIN LATERAL unnest(to_tsvector(s.text_config, array_to_string(s.w, ' '))) u
-           GROUP BY s.corpus_id, s.doc_no, u.lexeme) t
+         (sum(t.tf) OVER (PARTITION BY t.corpus_id, t.doc_no))::integer
+    FROM terms t
 $$;
 
 -- After chunks are written or deleted, their documents are indexed again from the chunks they

@@ -23,14 +23,15 @@ from alembic import command
 from alembic.script import ScriptDirectory
 
 from pyembed import schema
+from pyembed.chunking import chunk_text
 from pyembed.config import resource_dir
-from pyembed.corpora import corpus_info, create_corpus, write_chunks
+from pyembed.corpora import ChunkRow, corpus_info, create_corpus, write_chunks
 from pyembed.db import connect
 from pyembed.errors import PyembedError
 from pyembed.localdb import APP_GROUP, LocalCluster, find_bindir
 from pyembed.search import search
 from tests.conftest import REPO, Database, create_database, drop_database
-from tests.helpers import rows
+from tests.helpers import rows, unit
 
 KEY = "fake/fake-hash@1:384"
 
@@ -212,6 +213,37 @@ def test_vectors_and_indexes_survive_the_partitioning_revision_both_ways(
         hits = search(app, "more", rows(5, 384, prefix="more")[3].embedding, KEY, k=1)
         assert hits[0].document_id == "more3"
         write_chunks(app, corpus_info(app, "docs"), rows(1, 384, prefix="new"), KEY)
+
+
+def test_the_document_postings_revision_indexes_stored_documents_as_the_triggers_do(
+        empty_db: Database) -> None:
+    """0017 builds the postings of the documents already stored (their chunks without the
+    overlap) and their statistics: the same rows and counts the triggers write."""
+    schema.install(empty_db.owner_dsn)
+    texts = {f"d{i}": " ".join(f"word{(i * 7 + j) % 23} term{j % 5}" for j in range(40 + i))
+             for i in range(6)}
+    with connect(empty_db.app_dsn, autocommit=True) as app:
+        corpus = create_corpus(app, "docs", KEY, chunk_tokens=30, chunk_overlap=8)
+        chunk_rows = [ChunkRow(d, n, c, unit(384, n), {}) for d, t in texts.items()
+                      for n, c in enumerate(chunk_text(t, 30, 8))]
+        assert len(chunk_rows) > 3 * len(texts)
+        write_chunks(app, corpus, chunk_rows, KEY)
+    index = ("SELECT (SELECT array_agg((d.document_id, p.lexeme, p.tf, p.doc_len)::text "
+             "ORDER BY d.document_id, p.lexeme) FROM pyembed.document_postings p "
+             "JOIN pyembed.documents d USING (corpus_id, doc_no)), "
+             "(SELECT array_agg((lexeme, df, document_df)::text ORDER BY lexeme) "
+             "FROM pyembed.lexeme_stats), "
+             "(SELECT array_agg((chunks, total_len, documents, document_len)::text) "
+             "FROM pyembed.keyword_stats)")
+    with psycopg.connect(empty_db.owner_dsn) as conn:
+        written = conn.execute(index).fetchone()
+        whole = conn.execute("SELECT sum(tf), count(DISTINCT doc_no) "
+                             "FROM pyembed.document_postings").fetchone()
+    assert whole == (sum(len(t.split()) for t in texts.values()), len(texts))  # no overlap
+    schema.downgrade(empty_db.owner_dsn, "0015")
+    schema.install(empty_db.owner_dsn)
+    with psycopg.connect(empty_db.owner_dsn) as conn:
+        assert conn.execute(index).fetchone() == written
 
 
 def test_step_by_step_upgrade_equals_install(empty_db: Database, fresh_dump: str) -> None:
