@@ -379,8 +379,8 @@ $$;
 -- The n best chunks of a corpus by BM25 (k1 1.2, b 0.75) for a query, best first, among the
 -- chunks whose metadata contains `filter` (if given): (chunk ids, scores), exactly as if every
 -- posting of every query term were scored. With `by_document`, the same over the documents'
--- postings and statistics: (doc_no of pyembed.documents, scores), "chunk" below meaning
--- document.
+-- postings and statistics, among the documents whose metadata contains `filter`: (doc_no of
+-- pyembed.documents, scores), "chunk" below meaning document.
 -- - Few postings (the query terms' document frequencies add up to `every_posting_upto`, 30,000
 --   unless given, at most): every posting is scored in one statement (one pass, no bookkeeping
 --   between statements: fastest there).
