@@ -241,6 +241,12 @@ def test_the_document_postings_revision_indexes_stored_documents_as_the_triggers
                              "FROM pyembed.document_postings").fetchone()
     assert whole == (sum(len(t.split()) for t in texts.values()), len(texts))  # no overlap
     schema.downgrade(empty_db.owner_dsn, "0015")
+    with connect(empty_db.app_dsn, autocommit=True) as app:  # the functions before 0017 work
+        write_chunks(app, corpus_info(app, "docs"), [ChunkRow("d6", 0, "word1 term1",
+                                                              unit(384, 9), {})], KEY)
+        hits = search(app, "docs", None, None, 3, mode="keyword", text="word1 term1")
+        assert hits[0].document_id == "d6"
+        app.execute("DELETE FROM pyembed.documents WHERE document_id = 'd6'")
     schema.install(empty_db.owner_dsn)
     with psycopg.connect(empty_db.owner_dsn) as conn:
         assert conn.execute(index).fetchone() == written
