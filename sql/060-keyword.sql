@@ -330,6 +330,7 @@ CREATE OR REPLACE FUNCTION pyembed._keyword_passages(c pyembed.corpora, query te
 RETURNS bigint[]
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
+SET plan_cache_mode = force_generic_plan
 AS $$
 BEGIN
   RETURN (WITH q AS MATERIALIZED (
