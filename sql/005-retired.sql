@@ -26,6 +26,6 @@ DROP FUNCTION IF EXISTS pyembed.create_corpus(text, text, text, integer, integer
 DROP FUNCTION IF EXISTS pyembed.migration_start(text, text);
 -- BM25 that scores every posting when the query's postings are few (issue 22): a new argument.
 DROP FUNCTION IF EXISTS pyembed._bm25(pyembed.corpora, text, integer, jsonb);
--- Keyword search by document scores documents' own postings (revision 0017): new arguments.
+-- Keyword search by document scores documents' own postings (revision 0016): new arguments.
 DROP FUNCTION IF EXISTS pyembed._bm25(pyembed.corpora, text, integer, jsonb, bigint);
 DROP FUNCTION IF EXISTS pyembed._keyword_ranking(pyembed.corpora, text, integer, jsonb, text);

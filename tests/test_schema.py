@@ -217,7 +217,7 @@ def test_vectors_and_indexes_survive_the_partitioning_revision_both_ways(
 
 def test_the_document_postings_revision_indexes_stored_documents_as_the_triggers_do(
         empty_db: Database) -> None:
-    """0017 builds the postings of the documents already stored (their chunks without the
+    """0016 builds the postings of the documents already stored (their chunks without the
     overlap) and their statistics: the same rows and counts the triggers write."""
     schema.install(empty_db.owner_dsn)
     texts = {f"d{i}": " ".join(f"word{(i * 7 + j) % 23} term{j % 5}" for j in range(40 + i))
@@ -241,7 +241,7 @@ def test_the_document_postings_revision_indexes_stored_documents_as_the_triggers
                              "FROM pyembed.document_postings").fetchone()
     assert whole == (sum(len(t.split()) for t in texts.values()), len(texts))  # no overlap
     schema.downgrade(empty_db.owner_dsn, "0015")
-    with connect(empty_db.app_dsn, autocommit=True) as app:  # the functions before 0017 work
+    with connect(empty_db.app_dsn, autocommit=True) as app:  # the functions before 0016 work
         write_chunks(app, corpus_info(app, "docs"), [ChunkRow("d6", 0, "word1 term1",
                                                               unit(384, 9), {})], KEY)
         hits = search(app, "docs", None, None, 3, mode="keyword", text="word1 term1")

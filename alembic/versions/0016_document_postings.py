@@ -1,6 +1,6 @@
 """Keyword search scores documents by their whole text: BM25 postings per document.
 
-Revision ID: 0017
+Revision ID: 0016
 Revises: 0015
 Create Date: 2026-12-04
 
@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 from pyembed.schema import run_sql
 
-revision: str = "0017"
+revision: str = "0016"
 down_revision: str | Sequence[str] | None = "0015"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
