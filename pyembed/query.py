@@ -6,6 +6,7 @@ replica the calls that search run there and one call records on the primary."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,7 +39,9 @@ SEARCH_EMBEDDED = """SELECT recorded, search_ms, document_ids, chunk_ids, chunk_
   FROM pyembed.search_embedded($1::text, $2::text, $3::vector, $4::text, $5::bytea, $6::text,
                                $7::float8, $8::integer, $9::jsonb, $10::text, $11::jsonb,
                                $12::real, $13::boolean, $14::text[], $15::bigint[],
-                               $16::bigint[])"""
+                               $16::bigint[], $17::bigint[], $18::float8[], $19::text[])"""
+KEYWORD_RANKING = """SELECT ids, scores, keys
+  FROM pyembed.keyword_ranking($1::text, $2::text, filter => $3::jsonb, group_by => $4::text)"""
 RECORD = """SELECT pyembed.record_search($1::integer, $2::text, $3::text, $4::integer,
   $5::boolean, $6::real, $7::real, NULL, $8::real, $9::bytea, $10::text, $11::vector,
   $12::float8, $13::jsonb, $14::text[], $15::bigint[], $16::bigint[])"""
@@ -144,7 +147,18 @@ def _search(corpus: Corpus, query: str, k: int, flt: str | None, mode: str, opts
                     None, _ms(started, done), served, None, flt)
             return Searched(as_hits(rows), corpus_id, active, key, True,
                             {"embed_ms": None, "search_ms": None, "total_ms": _ms(started, done)})
-    vector = embedder.embed_prepared(served.text, served.input_type, reserved=True)
+    # Hybrid search ranks by keywords on the server while the query is embedded here: the
+    # keyword leg costs no time of its own (issue 22, item 4).
+    keyword = (_Background(_rows, primary, KEYWORD_RANKING,
+                           [corpus.name, query, flt, options.group])
+               if one and mode == "hybrid" else None)
+    try:
+        vector = embedder.embed_prepared(served.text, served.input_type, reserved=True)
+    except BaseException:
+        if keyword is not None:
+            keyword.wait()  # the connection is free again; the embedding's error is the one
+        raise
+    ranking = keyword.result() if keyword is not None else None
     embedded = time.perf_counter()
     embed_ms = _ms(started, embedded)
     if one:
@@ -152,7 +166,8 @@ def _search(corpus: Corpus, query: str, k: int, flt: str | None, mode: str, opts
         try:
             out = _rows(primary, SEARCH_EMBEDDED, [
                 corpus.name, query, Vector(vector), key, served.cache_key, str(served.input_type),
-                _ttl(corpus), k, flt, mode, opts, embed_ms, log, *counts])[0]
+                _ttl(corpus), k, flt, mode, opts, embed_ms, log, *counts,
+                *(ranking[0] if ranking else (None, None, None))])[0]
         except BaseException:
             _put_back(corpus, counts)
             raise
@@ -170,6 +185,32 @@ def _search(corpus: Corpus, query: str, k: int, flt: str | None, mode: str, opts
     return Searched(as_hits(rows), corpus_id, active, key, False,
                     {"embed_ms": embed_ms, "search_ms": _ms(embedded, done),
                      "total_ms": _ms(started, done)})
+
+
+class _Background:
+    """fn(*args) on a thread of its own (a statement: psycopg waits without the GIL, so it runs
+    while this thread embeds); result() waits for it and returns or raises what it did."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+        self._out: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn, args), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        try:
+            self._out = fn(*args)
+        except BaseException as exc:  # handed to the caller by result()
+            self._error = exc
+
+    def wait(self) -> None:
+        self._thread.join()
+
+    def result(self) -> Any:
+        self.wait()
+        if self._error is not None:
+            raise self._error
+        return self._out
 
 
 def _keys(corpus: Corpus) -> list[str]:

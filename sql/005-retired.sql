@@ -29,3 +29,27 @@ DROP FUNCTION IF EXISTS pyembed._bm25(pyembed.corpora, text, integer, jsonb);
 -- Keyword search by document scores documents' own postings (revision 0016): new arguments.
 DROP FUNCTION IF EXISTS pyembed._bm25(pyembed.corpora, text, integer, jsonb, bigint);
 DROP FUNCTION IF EXISTS pyembed._keyword_ranking(pyembed.corpora, text, integer, jsonb, text);
+-- The vector ranking takes the corpus row its caller looked up (one lookup per search).
+DROP FUNCTION IF EXISTS pyembed._vector_ranking(text, vector, text, integer, jsonb, text);
+-- The vector leg returns its hits' scores too (same arguments, one more OUT parameter).
+DO $retired$
+BEGIN
+  IF EXISTS (SELECT FROM pg_catalog.pg_proc p
+              WHERE p.pronamespace = 'pyembed'::regnamespace AND p.proname = '_nearest_in'
+                AND NOT ('scores' = ANY (p.proargnames))) THEN
+    DROP FUNCTION pyembed._nearest_in;
+  END IF;
+END
+$retired$;
+-- Hybrid search takes a keyword ranking made while the client embedded (issue 22, item 4).
+DROP FUNCTION IF EXISTS pyembed.search_hybrid(text, text, vector, text, integer, jsonb, integer,
+                                              integer, text, text, double precision);
+DROP FUNCTION IF EXISTS pyembed._search_mode(text, text, text, vector, text, integer, jsonb,
+                                             jsonb);
+DROP FUNCTION IF EXISTS pyembed._search_arrays(text, text, text, vector, text, integer, jsonb,
+                                               jsonb);
+DROP FUNCTION IF EXISTS pyembed.search_embedded(text, text, vector, text, bytea, text, float8,
+                                                integer, jsonb, text, jsonb, real, boolean,
+                                                text[], bigint[], bigint[]);
+-- The searches read their hits' texts with a query of their own, whose plan PL/pgSQL keeps.
+DROP FUNCTION IF EXISTS pyembed._hits(integer, bigint[], double precision[], text);

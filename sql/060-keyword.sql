@@ -372,8 +372,16 @@ DECLARE
   c pyembed.corpora := pyembed.lookup_corpus(corpus);
   r record;
 BEGIN
-  SELECT * INTO r FROM pyembed._keyword_ranking(c, query, k, filter, group_by);
-  RETURN QUERY SELECT * FROM pyembed._hits(c.corpus_id, r.ids, r.scores, NULL);
+  r := pyembed._keyword_ranking(c, query, k, filter, group_by);
+  -- the texts' query written out (as in pyembed.search): PL/pgSQL keeps its plan, where a SQL
+  -- function's query was planned again at every search
+  RETURN QUERY
+  SELECT ch.document_id, ch.chunk_id, ch.chunk_index, ch.content, ch.metadata, h.score,
+         NULL::text
+    FROM unnest(r.ids, r.scores) WITH ORDINALITY AS h(chunk_id, score, n)
+    JOIN pyembed.chunks ch ON ch.chunk_id = h.chunk_id
+   WHERE ch.corpus_id = c.corpus_id AND ch.chunk_id = ANY (r.ids)
+   ORDER BY h.n;
 END
 $$;
 
@@ -571,6 +579,25 @@ BEGIN
 END
 $$;
 
+-- The keyword ranking of hybrid search (pyembed._keyword_ranking, `candidates` as search_hybrid's
+-- default) for a client to hand back to search_hybrid with the query vector: (ids, scores, keys),
+-- empty arrays when nothing matches.
+CREATE OR REPLACE FUNCTION pyembed.keyword_ranking(
+  corpus text, query text, candidates integer DEFAULT 100, filter jsonb DEFAULT NULL,
+  group_by text DEFAULT 'document', OUT ids bigint[], OUT scores float8[], OUT keys text[])
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  r record := pyembed._keyword_ranking(pyembed.lookup_corpus(corpus), query, candidates, filter,
+                                       group_by, passages => false);
+BEGIN
+  ids := coalesce(r.ids, '{}');
+  scores := coalesce(r.scores, '{}');
+  keys := coalesce(r.keys, '{}');
+END
+$$;
+
 -- Hybrid: the guarded vector ranking (PE001 on a mismatched key) and the BM25 ranking, each of
 -- `candidates` results (documents or chunks, as group_by says), fused in one statement:
 -- - 'rrf': reciprocal rank fusion, 1 / (rrf_k + rank) summed over both rankings;
@@ -579,11 +606,16 @@ $$;
 --   its best 1; one candidate scores 1), then alpha * vector + (1 - alpha) * keyword (alpha
 --   0.4 unless given, the best weight on SciFact's test split; README.md has the figures).
 -- A result missing from one ranking gets nothing from it.
+-- keyword_ids/_scores/_keys: the keyword ranking, made before by pyembed.keyword_ranking with the
+-- same query, candidates, filter and group_by (the Python client ranks by keywords while it
+-- embeds the query, then fuses here); NULL: ranked here. Given ids are read from this corpus
+-- only, like any ranking's.
 CREATE OR REPLACE FUNCTION pyembed.search_hybrid(
   corpus text, query text, query_embedding vector, query_model_key text,
   k integer DEFAULT 10, filter jsonb DEFAULT NULL, candidates integer DEFAULT 100,
   rrf_k integer DEFAULT 60, group_by text DEFAULT 'document', fusion text DEFAULT NULL,
-  alpha double precision DEFAULT NULL)
+  alpha double precision DEFAULT NULL, keyword_ids bigint[] DEFAULT NULL,
+  keyword_scores float8[] DEFAULT NULL, keyword_keys text[] DEFAULT NULL)
 RETURNS TABLE (document_id text, chunk_id bigint, chunk_index integer, content text,
                metadata jsonb, score double precision, model_key text)
 LANGUAGE plpgsql STABLE SECURITY DEFINER
@@ -625,11 +657,20 @@ BEGIN
   alpha := coalesce(alpha, 0.4);  -- the default weight
   -- Both rankings without their texts (the guarded vector one first: PE001 before anything);
   -- the texts of the k fused hits alone are read.
-  SELECT * INTO d FROM pyembed._vector_ranking(corpus, query_embedding, query_model_key,
-                                               candidates, filter, group_by);
+  IF keyword_ids IS NOT NULL AND (cardinality(keyword_ids) IS DISTINCT FROM
+                                   cardinality(keyword_scores)
+                                   OR cardinality(keyword_ids) IS DISTINCT FROM
+                                      cardinality(keyword_keys)) THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = 'keyword_ids, keyword_scores and keyword_keys must have one element per hit';
+  END IF;
   c := pyembed.lookup_corpus(corpus);
-  SELECT * INTO s FROM pyembed._keyword_ranking(c, query, candidates, filter, group_by,
-                                                passages => false);
+  d := pyembed._vector_ranking(c, query_embedding, query_model_key, candidates, filter, group_by);
+  IF keyword_ids IS NULL THEN
+    s := pyembed._keyword_ranking(c, query, candidates, filter, group_by, passages => false);
+  ELSE
+    SELECT keyword_ids AS ids, keyword_scores AS scores, keyword_keys AS keys INTO s;
+  END IF;
   WITH dense AS (
     SELECT h.*, min(h.score) OVER () AS lo, max(h.score) OVER () AS hi
       FROM unnest(d.ids, d.scores, d.keys) WITH ORDINALITY AS h(chunk_id, score, key, r)
@@ -660,6 +701,12 @@ BEGIN
       LEFT JOIN unnest(missing, pyembed._keyword_passages(c, query, missing))
              AS m(key, chunk_id) ON m.key = h.key;
   END IF;
-  RETURN QUERY SELECT * FROM pyembed._hits(d.corpus_no, ids, scores, query_model_key);
+  RETURN QUERY
+  SELECT ch.document_id, ch.chunk_id, ch.chunk_index, ch.content, ch.metadata, h.score,
+         query_model_key
+    FROM unnest(ids, scores) WITH ORDINALITY AS h(chunk_id, score, n)
+    JOIN pyembed.chunks ch ON ch.chunk_id = h.chunk_id
+   WHERE ch.corpus_id = c.corpus_id AND ch.chunk_id = ANY (ids)
+   ORDER BY h.n;
 END
 $$;

@@ -12,7 +12,8 @@
 -- pyembed.search refuses a keyword query's NULL vector).
 CREATE OR REPLACE FUNCTION pyembed._search_mode(
   corpus text, mode text, query text, query_embedding vector, query_model_key text, k integer,
-  filter jsonb, options jsonb)
+  filter jsonb, options jsonb, keyword_ids bigint[] DEFAULT NULL,
+  keyword_scores float8[] DEFAULT NULL, keyword_keys text[] DEFAULT NULL)
 RETURNS TABLE (document_id text, chunk_id bigint, chunk_index integer, content text,
                metadata jsonb, score double precision, model_key text)
 LANGUAGE plpgsql STABLE SECURITY DEFINER
@@ -29,7 +30,8 @@ BEGIN
     RETURN QUERY SELECT * FROM pyembed.search_hybrid(
       corpus, query, query_embedding, query_model_key, k, filter,
       group_by => coalesce(options->>'group_by', 'document'), fusion => options->>'fusion',
-      alpha => (options->>'alpha')::float8);
+      alpha => (options->>'alpha')::float8, keyword_ids => keyword_ids,
+      keyword_scores => keyword_scores, keyword_keys => keyword_keys);
   ELSE
     RAISE EXCEPTION USING ERRCODE = 'PE005',
       MESSAGE = format('mode must be one of vector, keyword, hybrid, not %s',
@@ -39,14 +41,16 @@ END
 $$;
 
 -- The same hits as arrays, one element per hit in rank order (WITH ORDINALITY keeps it).
+-- PL/pgSQL: it keeps the plan of its query, which a SQL function planned again at every search.
 CREATE OR REPLACE FUNCTION pyembed._search_arrays(
   corpus text, mode text, query text, query_embedding vector, query_model_key text, k integer,
-  filter jsonb, options jsonb,
+  filter jsonb, options jsonb, keyword_ids bigint[], keyword_scores float8[], keyword_keys text[],
   OUT document_ids text[], OUT chunk_ids bigint[], OUT chunk_indexes integer[],
   OUT contents text[], OUT metadatas jsonb[], OUT scores float8[], OUT model_keys text[])
-LANGUAGE sql STABLE SECURITY DEFINER
+LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
+BEGIN
   SELECT coalesce(array_agg(s.document_id ORDER BY s.n), '{}'),
          coalesce(array_agg(s.chunk_id ORDER BY s.n), '{}'),
          coalesce(array_agg(s.chunk_index ORDER BY s.n), '{}'),
@@ -54,10 +58,12 @@ AS $$
          coalesce(array_agg(s.metadata ORDER BY s.n), '{}'),
          coalesce(array_agg(s.score ORDER BY s.n), '{}'),
          coalesce(array_agg(s.model_key ORDER BY s.n), '{}')
+    INTO document_ids, chunk_ids, chunk_indexes, contents, metadatas, scores, model_keys
     FROM pyembed._search_mode(corpus, mode, query, query_embedding, query_model_key, k, filter,
-                                   options)
+                              options, keyword_ids, keyword_scores, keyword_keys)
          WITH ORDINALITY AS s(document_id, chunk_id, chunk_index, content, metadata, score,
-                              model_key, n)
+                              model_key, n);
+END
 $$;
 
 -- Records one search on a read-write server: its query-log line (kind NULL: none), a cache
@@ -162,7 +168,8 @@ BEGIN
   END IF;
   looked := clock_timestamp();
   SELECT * INTO document_ids, chunk_ids, chunk_indexes, contents, metadatas, scores, model_keys
-    FROM pyembed._search_arrays(corpus, mode, query, v, model_key, k, filter, options);
+    FROM pyembed._search_arrays(corpus, mode, query, v, model_key, k, filter, options, NULL,
+                                NULL, NULL);
   embed_ms := CASE WHEN mode <> 'keyword'
                    THEN extract(epoch FROM looked - started) * 1000 END;
   search_ms := extract(epoch FROM clock_timestamp() - looked) * 1000;
@@ -187,13 +194,16 @@ END
 $$;
 
 -- The second call of a cache miss: stores the query's embedding, searches with it and records
--- the search (embed_ms: the client's time from its first call to the embedding).
+-- the search (embed_ms: the client's time from its first call to the embedding). keyword_*: a
+-- hybrid search's keyword ranking, made by pyembed.keyword_ranking while the client embedded
+-- (pyembed.search_hybrid).
 CREATE OR REPLACE FUNCTION pyembed.search_embedded(
   corpus text, query text, query_embedding vector, query_model_key text, cache_key bytea,
   input_type text, ttl_seconds float8, k integer, filter jsonb, mode text, options jsonb,
   embed_ms real,
   log boolean DEFAULT true, count_models text[] DEFAULT NULL, count_hits bigint[] DEFAULT NULL,
-  count_misses bigint[] DEFAULT NULL,
+  count_misses bigint[] DEFAULT NULL, keyword_ids bigint[] DEFAULT NULL,
+  keyword_scores float8[] DEFAULT NULL, keyword_keys text[] DEFAULT NULL,
   OUT corpus_id integer, OUT recorded boolean, OUT search_ms real,
   OUT document_ids text[], OUT chunk_ids bigint[], OUT chunk_indexes integer[],
   OUT contents text[], OUT metadatas jsonb[], OUT scores float8[], OUT model_keys text[])
@@ -206,7 +216,7 @@ BEGIN
   corpus_id := (pyembed.lookup_corpus(corpus)).corpus_id;
   SELECT * INTO document_ids, chunk_ids, chunk_indexes, contents, metadatas, scores, model_keys
     FROM pyembed._search_arrays(corpus, mode, query, query_embedding, query_model_key, k, filter,
-                                 options);
+                                options, keyword_ids, keyword_scores, keyword_keys);
   search_ms := extract(epoch FROM clock_timestamp() - started) * 1000;
   -- After the search: a query the guard refused leaves no cache entry.
   recorded := pyembed.record_search(

@@ -71,14 +71,17 @@ APP_EXECUTE = {
     "integer, numeric, text)",
     "search(text, vector, text, integer, jsonb, text)",
     "search_hybrid(text, text, vector, text, integer, jsonb, integer, integer, text, text, "
-    "double precision)",
+    "double precision, bigint[], double precision[], text[])",
+    # hybrid search's keyword ranking, made while the client embeds the query
+    "keyword_ranking(text, text, integer, jsonb, text)",
     "search_keyword(text, text, integer, jsonb, text)",
     "search_text(text, text, integer, jsonb, text, text, text, double precision)",
     # a search by text in one or two round trips (pyembed/query.py), and its record
     "search_query(text, text, integer, text[], bytea[], integer, jsonb, text, jsonb, integer, "
     "boolean, text[], bigint[], bigint[])",
     "search_embedded(text, text, vector, text, bytea, text, double precision, integer, jsonb, "
-    "text, jsonb, real, boolean, text[], bigint[], bigint[])",
+    "text, jsonb, real, boolean, text[], bigint[], bigint[], bigint[], double precision[], "
+    "text[])",
     "reserve_query(integer, text, bytea, integer)",
     "measure_recall(text, integer)",  # recall you can see (sql/072-recall.sql)
     "recall_sampled(integer)",

@@ -385,3 +385,69 @@ def test_a_search_skips_the_wal_flush_wait_only_when_it_is_its_own_transaction(
         assert kb.search("E1", mode="keyword")
         assert client.conn.execute("SHOW synchronous_commit").fetchone() == ("on",)
     assert [o.get("quick_commit") for o in sent] == [True, None]
+
+
+def test_hybrid_fuses_a_keyword_ranking_made_before_as_it_would_its_own(
+        app: psycopg.Connection[Any], client: Any) -> None:
+    kb = client.create_corpus("handed", FAKE)
+    kb.add(sample_documents())
+    crowded_corpus(client, "handed_crowded")
+    for corpus, query in (("handed", "raise the quota limit for compute hours"),
+                          ("handed_crowded", "quota limit")):
+        vec = str(client.embedder(FAKE).embed_query(query).tolist())
+        for group in ("document", "chunk"):
+            ranking = app.execute("SELECT ids, scores, keys FROM pyembed.keyword_ranking(%s, %s, "
+                                  "group_by => %s)", (corpus, query, group)).fetchone()
+            assert ranking is not None and ranking[0]
+            own = app.execute("SELECT chunk_id, score FROM pyembed.search_hybrid(%s, %s, "
+                              "%s::vector, %s, 5, group_by => %s)",
+                              (corpus, query, vec, FAKE, group)).fetchall()
+            handed = app.execute(
+                "SELECT chunk_id, score FROM pyembed.search_hybrid(%s, %s, %s::vector, %s, 5, "
+                "group_by => %s, keyword_ids => %s, keyword_scores => %s, keyword_keys => %s)",
+                (corpus, query, vec, FAKE, group, *ranking)).fetchall()
+            assert handed == own and len(own) == 5, (corpus, group)
+    # A ranking that matched nothing is handed as empty arrays: the vector ranking alone.
+    nothing = app.execute("SELECT ids, scores, keys FROM pyembed.keyword_ranking('handed', "
+                          "'zzzqqq')").fetchone()
+    assert nothing == ([], [], [])
+    vec = str(client.embedder(FAKE).embed_query("zzzqqq").tolist())
+    assert len(app.execute("SELECT * FROM pyembed.search_hybrid('handed', 'zzzqqq', %s::vector, "
+                           "%s, 3, keyword_ids => '{}', keyword_scores => '{}', "
+                           "keyword_keys => '{}')", (vec, FAKE)).fetchall()) == 3
+    err = sql_error(app, "SELECT * FROM pyembed.search_hybrid('handed', 'quota', %s::vector, %s, "
+                         "3, keyword_ids => '{1,2}', keyword_scores => '{1}', "
+                         "keyword_keys => '{a,b}')", (vec, FAKE))
+    assert err.sqlstate == "PE005" and "one element per hit" in str(err)
+    # The guard still holds: the vector leg refuses another model's vector (PE001).
+    err = sql_error(app, "SELECT * FROM pyembed.search_hybrid('handed', 'quota', %s::vector, "
+                         "'other/model@1:384', 3, keyword_ids => '{}', keyword_scores => '{}', "
+                         "keyword_keys => '{}')", (vec,))
+    assert err.sqlstate in ("PE001", "PE006")
+    err = sql_error(app, "SELECT * FROM pyembed.keyword_ranking('nosuchcorpus', 'quota')")
+    assert err.sqlstate == "PE002"
+
+
+def test_a_new_hybrid_query_ranks_by_keywords_while_it_is_embedded(
+        db: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pyembed.connect(db.app_dsn, use_cache=False) as fresh, pyembed.connect(db.app_dsn) as warm:
+        kb = fresh.create_corpus("whileembedding", pyembed.LOCAL_DEFAULT.key)
+        kb.add(sample_documents())
+        query = "how do I raise the quota limit for compute hours"
+        statements: list[str] = []
+        run_rows = pyembed.query._rows
+
+        def spy(conn: Any, statement: str, params: list[Any]) -> Any:
+            statements.append(statement.split("(")[0].split()[-1])
+            return run_rows(conn, statement, params)
+
+        with monkeypatch.context() as patched:
+            patched.setattr(pyembed.query, "_rows", spy)
+            new = kb.search(query, k=5, mode="hybrid")
+        assert statements == ["pyembed.search_query", "pyembed.keyword_ranking",
+                              "pyembed.search_embedded"]
+        # the same hits as the one statement that ranks both legs itself, from the cache
+        warm.corpus("whileembedding").search(query, k=5, mode="hybrid")  # fills the cache
+        cached = warm.corpus("whileembedding").search(query, k=5, mode="hybrid")
+        assert [(h.chunk_id, round(h.score, 9)) for h in new] == \
+            [(h.chunk_id, round(h.score, 9)) for h in cached]

@@ -19,7 +19,9 @@ of issue 22 compares hybrid with embedding + max(keyword, vector) + 2 ms. Each m
 user calls it, `Corpus.search(text, mode=...)` with the README's defaults (k 10, documents, the
 query log on; the query's embedding in the cache, where the query vectors came from): the search, its
 record and every layer between, in one round trip (item 3: keyword p50 <= 5 ms), timed in the
-same round robin as the statements.
+same round robin as the statements; and vector and hybrid search with a new query (a client
+without a cache: the embedding, its round trips and the record are part of the search; hybrid
+ranks by keywords on the server while the query is embedded).
 """
 
 from __future__ import annotations
@@ -80,6 +82,11 @@ def configurations(alphas: list[float], chunk_rows: bool) -> dict[str, dict[str,
     # log on; the embedding from the cache, where the statements' query vectors came from).
     for mode in ("vector", "keyword", "hybrid"):
         configs[f"{mode}, Corpus.search"] = {"mode": mode, "user": True}
+    # A new query, not in the cache (a client without one): the embedding is part of the
+    # search, and hybrid search ranks by keywords on the server while it is made.
+    for mode in ("vector", "hybrid"):
+        configs[f"{mode}, Corpus.search, new query"] = {"mode": mode, "user": True,
+                                                        "uncached": True}
     # Plumbing only: the fake reranker's order means nothing (Corpus.search: the query's
     # embedding comes from the cache, and the rerank stage runs in Python).
     configs["hybrid + rerank fake/overlap"] = {"mode": "hybrid", "rerank": "fake/overlap"}
@@ -120,7 +127,8 @@ def main() -> None:
     owner = connect(owner_dsn)
     print_environment(owner)
     queries = load_queries(args.data / "queries.jsonl")
-    with pyembed.connect(app_dsn) as client, pyembed.connect(app_dsn) as user_client:
+    with pyembed.connect(app_dsn) as client, pyembed.connect(app_dsn) as user_client, \
+            pyembed.connect(app_dsn, use_cache=False) as new_query_client:
         client.log_queries = False
         built = {w: build(client, w, args.data, rebuild=not args.reuse, limit=args.limit,
                           cached_only=args.cached_only) for w in which}
@@ -163,6 +171,7 @@ def main() -> None:
             qrels = qrels_of[w]
             corpus = client.corpus(name)
             user_corpus = user_client.corpus(name)
+            new_query_corpus = new_query_client.corpus(name)
             for s in splits:
                 # Round robin over the configurations, query by query: a shared machine's load
                 # weighs on all of them alike.
@@ -176,7 +185,9 @@ def main() -> None:
                 for q in sorted(qrels[s], key=int):
                     for label, opts in todo.items():
                         t0 = time.perf_counter()
-                        if "user" in opts:
+                        if "uncached" in opts:
+                            hits = new_query_corpus.search(queries[q], K, mode=opts["mode"])
+                        elif "user" in opts:
                             hits = user_corpus.search(queries[q], K, mode=opts["mode"])
                         elif "rerank" in opts:
                             hits = corpus.search(queries[q], K, **opts)
@@ -238,6 +249,15 @@ def main() -> None:
         print(f"  embedding + hybrid p50 {e50 + uh:.2f} ms; target embedding + max(keyword, "
               f"vector) + 2 = {e50 + max(uk, uv) + 2:.2f} ms "
               f"({'met' if uh <= max(uk, uv) + 2 else 'not met'})")
+        nh, nv = (percentiles_ms(times[w, f"{m}, Corpus.search, new query"], (50,))[0]
+                  for m in ("hybrid", "vector"))
+        print(f"  a new query (no cache; hybrid ranks by keywords while the query is embedded): "
+              f"hybrid p50 {nh:.2f} ms, vector {nv:.2f} ms (hybrid - vector {nh - nv:.2f}); "
+              f"target embedding + max(keyword, vector) + 2 = {e50 + max(uk, uv) + 2:.2f} ms "
+              f"({'met' if nh <= e50 + max(uk, uv) + 2 else 'not met'}); against the same "
+              f"new-query searches, max(embedding + keyword, vector) + 2 = "
+              f"{max(e50 + uk, nv) + 2:.2f} ms "
+              f"({'met' if nh <= max(e50 + uk, nv) + 2 else 'not met'})")
     if args.limit or args.cached_only:
         print("(--limit or --cached-only was given: figures not comparable with the full set)")
 
