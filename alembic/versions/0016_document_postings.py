@@ -336,17 +336,38 @@ BEGIN
 END
 $$;
 
+-- The keyword ranking of hybrid search (pyembed._keyword_ranking, `candidates` as search_hybrid's
+-- default) for a client to hand back to search_hybrid with the query vector: (ids, scores, keys),
+-- empty arrays when nothing matches.
+CREATE OR REPLACE FUNCTION pyembed.keyword_ranking(
+  corpus text, query text, candidates integer DEFAULT 100, filter jsonb DEFAULT NULL,
+  group_by text DEFAULT 'document', OUT ids bigint[], OUT scores float8[], OUT keys text[])
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  r record := pyembed._keyword_ranking(pyembed.lookup_corpus(corpus), query, candidates, filter,
+                                       group_by);
+BEGIN
+  ids := coalesce(r.ids, '{}');
+  scores := coalesce(r.scores, '{}');
+  keys := coalesce(r.keys, '{}');
+END
+$$;
+
 CREATE OR REPLACE FUNCTION pyembed.search_hybrid(
   corpus text, query text, query_embedding vector, query_model_key text,
   k integer DEFAULT 10, filter jsonb DEFAULT NULL, candidates integer DEFAULT 100,
   rrf_k integer DEFAULT 60, group_by text DEFAULT 'document', fusion text DEFAULT NULL,
-  alpha double precision DEFAULT NULL)
+  alpha double precision DEFAULT NULL, keyword_ids bigint[] DEFAULT NULL,
+  keyword_scores float8[] DEFAULT NULL, keyword_keys text[] DEFAULT NULL)
 RETURNS TABLE (document_id text, chunk_id bigint, chunk_index integer, content text,
                metadata jsonb, score double precision, model_key text)
 LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
+  c pyembed.corpora;
   d record;
   s record;
   ids bigint[];
@@ -379,10 +400,20 @@ BEGIN
   alpha := coalesce(alpha, 0.5);
   -- Both rankings without their texts (the guarded vector one first: PE001 before anything);
   -- the texts of the k fused hits alone are read.
-  SELECT * INTO d FROM pyembed._vector_ranking(corpus, query_embedding, query_model_key,
-                                               candidates, filter, group_by);
-  SELECT * INTO s FROM pyembed._keyword_ranking(pyembed.lookup_corpus(corpus), query, candidates,
-                                                filter, group_by);
+  IF keyword_ids IS NOT NULL AND (cardinality(keyword_ids) IS DISTINCT FROM
+                                   cardinality(keyword_scores)
+                                   OR cardinality(keyword_ids) IS DISTINCT FROM
+                                      cardinality(keyword_keys)) THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = 'keyword_ids, keyword_scores and keyword_keys must have one element per hit';
+  END IF;
+  c := pyembed.lookup_corpus(corpus);
+  d := pyembed._vector_ranking(c, query_embedding, query_model_key, candidates, filter, group_by);
+  IF keyword_ids IS NULL THEN
+    s := pyembed._keyword_ranking(c, query, candidates, filter, group_by);
+  ELSE
+    SELECT keyword_ids AS ids, keyword_scores AS scores, keyword_keys AS keys INTO s;
+  END IF;
   WITH dense AS (
     SELECT h.*, min(h.score) OVER () AS lo, max(h.score) OVER () AS hi
       FROM unnest(d.ids, d.scores, d.keys) WITH ORDINALITY AS h(chunk_id, score, key, r)
@@ -403,7 +434,13 @@ BEGIN
   SELECT array_agg(f.chunk_id ORDER BY f.score DESC, f.chunk_id),
          array_agg(f.score ORDER BY f.score DESC, f.chunk_id) INTO ids, scores
     FROM (SELECT fu.* FROM fused fu ORDER BY fu.score DESC, fu.chunk_id LIMIT k) f;
-  RETURN QUERY SELECT * FROM pyembed._hits(d.corpus_no, ids, scores, query_model_key);
+  RETURN QUERY
+  SELECT ch.document_id, ch.chunk_id, ch.chunk_index, ch.content, ch.metadata, h.score,
+         query_model_key
+    FROM unnest(ids, scores) WITH ORDINALITY AS h(chunk_id, score, n)
+    JOIN pyembed.chunks ch ON ch.chunk_id = h.chunk_id
+   WHERE ch.corpus_id = c.corpus_id AND ch.chunk_id = ANY (ids)
+   ORDER BY h.n;
 END
 $$;
 """
