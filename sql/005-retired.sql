@@ -53,3 +53,5 @@ DROP FUNCTION IF EXISTS pyembed.search_embedded(text, text, vector, text, bytea,
                                                 text[], bigint[], bigint[]);
 -- The searches read their hits' texts with a query of their own, whose plan PL/pgSQL keeps.
 DROP FUNCTION IF EXISTS pyembed._hits(integer, bigint[], double precision[], text);
+-- BM25 scored from packed posting blocks (revision 0017): every_posting_upto went.
+DROP FUNCTION IF EXISTS pyembed._bm25(pyembed.corpora, text, integer, jsonb, bigint, boolean);

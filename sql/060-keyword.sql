@@ -162,6 +162,32 @@ CREATE OR REPLACE TRIGGER documents_deleted
   AFTER DELETE ON pyembed.documents REFERENCING OLD TABLE AS old_rows
   FOR EACH STATEMENT EXECUTE FUNCTION pyembed._documents_deleted();
 
+-- A block of pyembed.posting_blocks as the postings hold it now (NULL: none): the postings of a
+-- lexeme whose chunk ids are block << 9 .. (block << 9) + 511, or for a negative block the
+-- document postings whose doc_no are (-1 - block) << 9 ..; each 10 bytes, big-endian: the id's
+-- place in the block (int2), tf (int4) and the length (int4). pyembed.bm25 reads them.
+-- (PL/pgSQL: its plans are kept; a SQL function with SET is planned at every call.)
+CREATE OR REPLACE FUNCTION pyembed._packed_block(corpus integer, term text, block bigint)
+RETURNS bytea
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+  IF block >= 0 THEN
+    RETURN (SELECT string_agg(int2send((p.chunk_id & 511)::smallint) || int4send(p.tf)
+                              || int4send(p.doc_len), ''::bytea ORDER BY p.chunk_id)
+              FROM pyembed.postings p
+             WHERE p.corpus_id = corpus AND p.lexeme = term AND p.chunk_id >= block << 9
+               AND p.chunk_id < (block + 1) << 9);
+  END IF;
+  RETURN (SELECT string_agg(int2send((p.doc_no & 511)::smallint) || int4send(p.tf)
+                            || int4send(p.doc_len), ''::bytea ORDER BY p.doc_no)
+            FROM pyembed.document_postings p
+           WHERE p.corpus_id = corpus AND p.lexeme = term AND p.doc_no >= (-1 - block) << 9
+             AND p.doc_no < (-block) << 9);
+END
+$$;
+
 -- Document frequencies and corpus totals follow the postings. Each statement that writes
 -- postings records its counts in keyword_pending, a row of its own (no lock anyone else needs);
 -- pyembed._apply_keyword_counts folds a transaction's counts into the counters when it commits,
@@ -171,24 +197,35 @@ CREATE OR REPLACE TRIGGER documents_deleted
 CREATE OR REPLACE FUNCTION pyembed._count_postings() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+SET work_mem = '64MB'
 AS $$
 BEGIN
+  -- Per lexeme and block of 512 ids (pyembed.posting_blocks): the counts add up by lexeme; new
+  -- postings come packed as well (a block new at commit is stored as they are). The arrays of
+  -- one aggregate have their elements in the same order (no order needed: a block's postings
+  -- are scored in any order, and the commit sorts the blocks).
   IF TG_OP = 'INSERT' THEN
-    INSERT INTO pyembed.keyword_pending (corpus_id, lexemes, dfs, chunks, total_len)
-    SELECT l.corpus_id, l.lexemes, l.dfs, t.chunks, t.total_len
-      FROM (SELECT corpus_id, array_agg(lexeme ORDER BY lexeme) AS lexemes,
-                   array_agg(n ORDER BY lexeme) AS dfs
-              FROM (SELECT corpus_id, lexeme, count(*)::integer AS n FROM new_rows
-                     GROUP BY corpus_id, lexeme) d GROUP BY corpus_id) l
+    INSERT INTO pyembed.keyword_pending (corpus_id, lexemes, blocks, dfs, postings, chunks,
+                                         total_len, documents)
+    SELECT l.corpus_id, l.lexemes, l.blocks, l.dfs, l.postings, t.chunks, t.total_len, false
+      FROM (SELECT corpus_id, array_agg(lexeme) AS lexemes, array_agg(block) AS blocks,
+                   array_agg(n) AS dfs, array_agg(postings) AS postings
+              FROM (SELECT p.corpus_id, p.lexeme, p.chunk_id >> 9 AS block,
+                           count(*)::integer AS n,
+                           string_agg(int2send((p.chunk_id & 511)::smallint)
+                                      || int4send(p.tf) || int4send(p.doc_len),
+                                      ''::bytea) AS postings
+                      FROM new_rows p GROUP BY 1, 2, 3) d GROUP BY corpus_id) l
       JOIN (SELECT corpus_id, count(DISTINCT chunk_id) AS chunks, sum(tf) AS total_len
               FROM new_rows GROUP BY corpus_id) t USING (corpus_id);
   ELSE
-    INSERT INTO pyembed.keyword_pending (corpus_id, lexemes, dfs, chunks, total_len)
-    SELECT l.corpus_id, l.lexemes, l.dfs, -t.chunks, -t.total_len
-      FROM (SELECT corpus_id, array_agg(lexeme ORDER BY lexeme) AS lexemes,
-                   array_agg(-n ORDER BY lexeme) AS dfs
-              FROM (SELECT corpus_id, lexeme, count(*)::integer AS n FROM old_rows
-                     GROUP BY corpus_id, lexeme) d GROUP BY corpus_id) l
+    INSERT INTO pyembed.keyword_pending (corpus_id, lexemes, blocks, dfs, chunks, total_len,
+                                         documents)
+    SELECT l.corpus_id, l.lexemes, l.blocks, l.dfs, -t.chunks, -t.total_len, false
+      FROM (SELECT corpus_id, array_agg(lexeme) AS lexemes, array_agg(block) AS blocks,
+                   array_agg(-n) AS dfs
+              FROM (SELECT corpus_id, lexeme, chunk_id >> 9 AS block, count(*)::integer AS n
+                      FROM old_rows GROUP BY 1, 2, 3) d GROUP BY corpus_id) l
       JOIN (SELECT corpus_id, count(DISTINCT chunk_id) AS chunks, sum(tf) AS total_len
               FROM old_rows GROUP BY corpus_id) t USING (corpus_id);
   END IF;
@@ -197,18 +234,35 @@ END
 $$;
 
 -- At commit (a deferred constraint trigger, once per pending row: the first folds them all).
--- Counts of a corpus dropped meanwhile are let go.
+-- Counts of a corpus dropped meanwhile are let go. Then the blocks the transaction touched
+-- are rebuilt from the postings: first locked, all in one order (a new block is locked by its
+-- insert), so that two committing writers never deadlock; then read by a statement of its
+-- own, whose snapshot holds what every writer that held a block before committed (rebuilding
+-- from an older one would drop their postings). A block inserted needs no second look: a
+-- writer that inserts the same block later waits for this one and rebuilds it. Counters come
+-- first, blocks second, each in one statement sorted by key (the arrays in between need no
+-- order): every writer takes its locks in the same order.
 CREATE OR REPLACE FUNCTION pyembed._apply_keyword_counts() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET work_mem = '64MB'
 AS $$
+DECLARE
+  cs integer[];
+  ls text[];
+  bs bigint[];
+  ps bytea[];  -- a block's new postings when one statement inserted them all, else NULL
+  oc integer[];  -- the blocks this snapshot has
+  ol text[];
+  ob bigint[];
+  raced boolean;
 BEGIN
   WITH mine AS (
     DELETE FROM pyembed.keyword_pending p
      WHERE p.xact = pg_current_xact_id()
        AND EXISTS (SELECT FROM pyembed.corpora c WHERE c.corpus_id = p.corpus_id)
-    RETURNING p.corpus_id, p.lexemes, p.dfs, p.chunks, p.total_len, p.documents
+    RETURNING p.corpus_id, p.lexemes, p.blocks, p.dfs, p.postings, p.chunks, p.total_len,
+              p.documents
   ), lexemes AS (
     INSERT INTO pyembed.lexeme_stats AS s (corpus_id, lexeme, df, document_df)
     SELECT m.corpus_id, u.lexeme, coalesce(sum(u.df) FILTER (WHERE NOT m.documents), 0),
@@ -217,19 +271,92 @@ BEGIN
      GROUP BY m.corpus_id, u.lexeme ORDER BY m.corpus_id, u.lexeme
     ON CONFLICT (corpus_id, lexeme) DO UPDATE
       SET df = s.df + EXCLUDED.df, document_df = s.document_df + EXCLUDED.document_df
+  ), totals AS (
+    INSERT INTO pyembed.keyword_stats AS s (corpus_id, chunks, total_len, documents,
+                                            document_len)
+    SELECT m.corpus_id, coalesce(sum(m.chunks) FILTER (WHERE NOT m.documents), 0),
+           coalesce(sum(m.total_len) FILTER (WHERE NOT m.documents), 0),
+           coalesce(sum(m.chunks) FILTER (WHERE m.documents), 0),
+           coalesce(sum(m.total_len) FILTER (WHERE m.documents), 0)
+      FROM mine m
+     GROUP BY m.corpus_id ORDER BY m.corpus_id
+    ON CONFLICT (corpus_id) DO UPDATE
+      SET chunks = s.chunks + EXCLUDED.chunks, total_len = s.total_len + EXCLUDED.total_len,
+          documents = s.documents + EXCLUDED.documents,
+          document_len = s.document_len + EXCLUDED.document_len
   )
-  INSERT INTO pyembed.keyword_stats AS s (corpus_id, chunks, total_len, documents, document_len)
-  SELECT m.corpus_id, coalesce(sum(m.chunks) FILTER (WHERE NOT m.documents), 0),
-         coalesce(sum(m.total_len) FILTER (WHERE NOT m.documents), 0),
-         coalesce(sum(m.chunks) FILTER (WHERE m.documents), 0),
-         coalesce(sum(m.total_len) FILTER (WHERE m.documents), 0)
-    FROM mine m
-   GROUP BY m.corpus_id ORDER BY m.corpus_id
-  ON CONFLICT (corpus_id) DO UPDATE
-    SET chunks = s.chunks + EXCLUDED.chunks, total_len = s.total_len + EXCLUDED.total_len,
-        documents = s.documents + EXCLUDED.documents,
-        document_len = s.document_len + EXCLUDED.document_len;
+  SELECT array_agg(t.corpus_id), array_agg(t.lexeme), array_agg(t.block), array_agg(t.postings)
+    INTO cs, ls, bs, ps
+    FROM (SELECT m.corpus_id, u.lexeme, u.block,
+                 CASE WHEN count(*) = 1 THEN (array_agg(u.postings))[1] END AS postings
+            FROM mine m, unnest(m.lexemes, m.blocks, m.postings) AS u(lexeme, block, postings)
+           GROUP BY 1, 2, 3) t;
   DELETE FROM pyembed.keyword_pending p WHERE p.xact = pg_current_xact_id();
+  IF cs IS NULL THEN
+    RETURN NULL;
+  END IF;
+  -- Blocks this snapshot has not got: built (from the statement's new postings when one
+  -- statement of this transaction wrote all of the block's) and inserted at once. If a
+  -- concurrent writer inserted one of them first (waited for, then left alone: ON CONFLICT),
+  -- every block is rebuilt below; else only those this snapshot had.
+  SELECT array_agg(t.corpus_id) FILTER (WHERE t.there),
+         array_agg(t.lexeme) FILTER (WHERE t.there),
+         array_agg(t.block) FILTER (WHERE t.there),
+         array_agg(t.corpus_id) FILTER (WHERE NOT t.there),
+         array_agg(t.lexeme) FILTER (WHERE NOT t.there),
+         array_agg(t.block) FILTER (WHERE NOT t.there),
+         array_agg(t.postings) FILTER (WHERE NOT t.there)
+    INTO oc, ol, ob, cs, ls, bs, ps
+    FROM (SELECT t.*, o.there IS NOT NULL AS there
+            FROM unnest(cs, ls, bs, ps) AS t(corpus_id, lexeme, block, postings)
+            LEFT JOIN LATERAL (SELECT true AS there FROM pyembed.posting_blocks o
+                                WHERE o.corpus_id = t.corpus_id AND o.lexeme = t.lexeme
+                                  AND o.block = t.block LIMIT 1) o ON true) t;
+  IF cs IS NOT NULL THEN
+    WITH built AS MATERIALIZED (
+      SELECT t.corpus_id, t.lexeme, t.block, coalesce(t.postings, x.postings) AS postings
+        FROM unnest(cs, ls, bs, ps) AS t(corpus_id, lexeme, block, postings)
+        LEFT JOIN LATERAL (SELECT pyembed._packed_block(t.corpus_id, t.lexeme, t.block)
+                                    AS postings
+                            WHERE t.postings IS NULL) x ON true
+    ), inserted AS (
+      INSERT INTO pyembed.posting_blocks (corpus_id, lexeme, block, postings)
+      SELECT * FROM built WHERE postings IS NOT NULL ORDER BY 1, 2, 3
+      ON CONFLICT DO NOTHING
+      RETURNING 1
+    )
+    SELECT (SELECT count(*) FROM built WHERE postings IS NOT NULL) > (SELECT count(*) FROM inserted)
+      INTO raced;
+    IF raced THEN  -- all of them
+      SELECT array_agg(t.corpus_id), array_agg(t.lexeme), array_agg(t.block) INTO oc, ol, ob
+        FROM (SELECT * FROM unnest(oc, ol, ob) UNION ALL SELECT * FROM unnest(cs, ls, bs))
+          AS t(corpus_id, lexeme, block);
+    END IF;
+  END IF;
+  cs := oc;
+  ls := ol;
+  bs := ob;
+  IF cs IS NULL THEN
+    RETURN NULL;
+  END IF;
+  -- The others: locked, then rebuilt by a statement of its own.
+  PERFORM FROM pyembed.posting_blocks b
+    JOIN unnest(cs, ls, bs) AS t(corpus_id, lexeme, block)
+      ON b.corpus_id = t.corpus_id AND b.lexeme = t.lexeme AND b.block = t.block
+   ORDER BY b.corpus_id, b.lexeme, b.block FOR UPDATE OF b;
+  WITH built AS (
+    SELECT t.corpus_id, t.lexeme, t.block, x.postings
+      FROM unnest(cs, ls, bs) AS t(corpus_id, lexeme, block),
+           LATERAL (SELECT pyembed._packed_block(t.corpus_id, t.lexeme, t.block) AS postings) x
+  ), emptied AS (
+    DELETE FROM pyembed.posting_blocks b USING built n
+     WHERE n.postings IS NULL AND b.corpus_id = n.corpus_id AND b.lexeme = n.lexeme
+       AND b.block = n.block
+  )
+  UPDATE pyembed.posting_blocks b SET postings = n.postings
+    FROM built n
+   WHERE n.postings IS NOT NULL AND b.corpus_id = n.corpus_id AND b.lexeme = n.lexeme
+     AND b.block = n.block AND b.postings <> n.postings;
   RETURN NULL;
 END
 $$;
@@ -238,24 +365,35 @@ $$;
 CREATE OR REPLACE FUNCTION pyembed._count_document_postings() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+SET work_mem = '64MB'
 AS $$
 BEGIN
+  -- Per lexeme and block of 512 doc_no (pyembed.posting_blocks, numbered -1 - doc_no >> 9): the counts add up by lexeme; new
+  -- postings come packed as well (a block new at commit is stored as they are). The arrays of
+  -- one aggregate have their elements in the same order (no order needed: a block's postings
+  -- are scored in any order, and the commit sorts the blocks).
   IF TG_OP = 'INSERT' THEN
-    INSERT INTO pyembed.keyword_pending (corpus_id, lexemes, dfs, chunks, total_len, documents)
-    SELECT l.corpus_id, l.lexemes, l.dfs, t.docs, t.total_len, true
-      FROM (SELECT corpus_id, array_agg(lexeme ORDER BY lexeme) AS lexemes,
-                   array_agg(n ORDER BY lexeme) AS dfs
-              FROM (SELECT corpus_id, lexeme, count(*)::integer AS n FROM new_rows
-                     GROUP BY corpus_id, lexeme) d GROUP BY corpus_id) l
+    INSERT INTO pyembed.keyword_pending (corpus_id, lexemes, blocks, dfs, postings, chunks,
+                                         total_len, documents)
+    SELECT l.corpus_id, l.lexemes, l.blocks, l.dfs, l.postings, t.docs, t.total_len, true
+      FROM (SELECT corpus_id, array_agg(lexeme) AS lexemes, array_agg(block) AS blocks,
+                   array_agg(n) AS dfs, array_agg(postings) AS postings
+              FROM (SELECT p.corpus_id, p.lexeme, -1 - (p.doc_no >> 9) AS block,
+                           count(*)::integer AS n,
+                           string_agg(int2send((p.doc_no & 511)::smallint)
+                                      || int4send(p.tf) || int4send(p.doc_len),
+                                      ''::bytea) AS postings
+                      FROM new_rows p GROUP BY 1, 2, 3) d GROUP BY corpus_id) l
       JOIN (SELECT corpus_id, count(DISTINCT doc_no) AS docs, sum(tf) AS total_len
               FROM new_rows GROUP BY corpus_id) t USING (corpus_id);
   ELSE
-    INSERT INTO pyembed.keyword_pending (corpus_id, lexemes, dfs, chunks, total_len, documents)
-    SELECT l.corpus_id, l.lexemes, l.dfs, -t.docs, -t.total_len, true
-      FROM (SELECT corpus_id, array_agg(lexeme ORDER BY lexeme) AS lexemes,
-                   array_agg(-n ORDER BY lexeme) AS dfs
-              FROM (SELECT corpus_id, lexeme, count(*)::integer AS n FROM old_rows
-                     GROUP BY corpus_id, lexeme) d GROUP BY corpus_id) l
+    INSERT INTO pyembed.keyword_pending (corpus_id, lexemes, blocks, dfs, chunks, total_len,
+                                         documents)
+    SELECT l.corpus_id, l.lexemes, l.blocks, l.dfs, -t.docs, -t.total_len, true
+      FROM (SELECT corpus_id, array_agg(lexeme) AS lexemes, array_agg(block) AS blocks,
+                   array_agg(-n) AS dfs
+              FROM (SELECT corpus_id, lexeme, -1 - (doc_no >> 9) AS block, count(*)::integer AS n
+                      FROM old_rows GROUP BY 1, 2, 3) d GROUP BY corpus_id) l
       JOIN (SELECT corpus_id, count(DISTINCT doc_no) AS docs, sum(tf) AS total_len
               FROM old_rows GROUP BY corpus_id) t USING (corpus_id);
   END IF;
@@ -386,195 +524,105 @@ END
 $$;
 
 -- The n best chunks of a corpus by BM25 (k1 1.2, b 0.75) for a query, best first, among the
--- chunks whose metadata contains `filter` (if given): (chunk ids, scores), exactly as if every
--- posting of every query term were scored. With `by_document`, the same over the documents'
--- postings and statistics, among the documents whose metadata contains `filter`: (doc_no of
--- pyembed.documents, scores), "chunk" below meaning document.
--- - Few postings (the query terms' document frequencies add up to `every_posting_upto`, 30,000
---   unless given, at most): every posting is scored in one statement (one pass, no bookkeeping
---   between statements: fastest there).
--- - Else the long posting lists of common terms are read only as far as they can change the
---   result (MaxScore, Turtle and Flood 1995). A term's part of a score is below idf * 2.2
---   (k1 + 1); terms are taken rarest first:
---   1. the rare terms (in at most 5% of the chunks, or the rarest) are read in full: partial
---      scores of their chunks, the candidates;
---   2. theta: the n-th best full score (unread terms looked up by primary key) of the 2n best
---      candidates, a lower bound of the n-th best score;
---   3. the longest tail of common terms whose parts add up to less than 0.8 theta stays unread;
---      the terms before it are read in full, then 2 again (theta only grows) until the tail
---      starts after the last term read;
---   4. a chunk no read term matches scores below the tail's sum (< theta): only candidates whose
---      partial score + the tail's sum reaches theta can be among the n best. Their tail terms
---      are looked up best partial score first, a batch at a time, theta rising with the full
---      scores found, until the next candidate cannot reach it.
---   (Lookups cost an index descent each, a read posting a fraction of one: leaving 0.8 rather
---   than all of theta to the tail reads a little more and looks up far fewer candidates.)
--- Postings come from the primary key's index alone (it carries tf and doc_len), and the
--- arithmetic is in float8 (a numeric constant made it numeric, per posting, several times slower).
--- No JIT: compiling a long statement's expressions took longer than running them.
+-- chunks whose metadata contains `filter` (if given): (chunk ids, scores), every posting of every
+-- query term scored. With `by_document`, the same over the documents' postings and statistics,
+-- among the documents whose metadata contains `filter`: (doc_no of pyembed.documents, scores). The postings come packed from pyembed.posting_blocks (up to 196 rows a term
+-- at 100k chunks, read in index order) and are scored in bulk by
+-- pyembed._bm25_top; the blocks this transaction has changed but not yet committed (rebuilt at
+-- commit) are packed from pyembed.postings instead, so that it finds what it wrote. With a
+-- filter, the best 4n are checked, then 8 times more while fewer than n pass.
+-- A term's parts are added rarest term first (as the one statement that scored postings row by
+-- row added them), in float8: the same scores to the last bit.
 CREATE OR REPLACE FUNCTION pyembed._bm25(c pyembed.corpora, query text, n integer, filter jsonb,
-                                         every_posting_upto bigint DEFAULT 30000,
                                          by_document boolean DEFAULT false,
                                          OUT ids bigint[], OUT scores float8[])
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
-SET jit = off
 AS $$
 DECLARE
   total float8;
   avgdl float8;
   lx text[];        -- the query's terms that occur in the corpus, rarest first
   w float8[];       -- their idf
-  m integer;        -- how many
-  postings bigint;  -- how many postings they have
-  t integer;        -- terms t..e are read next
-  e integer;
-  tail integer;     -- terms tail..m stay unread
-  rest float8;      -- what the unread terms could add to a score, at most
-  theta float8;     -- a lower bound of the n-th best score (NULL: fewer than n candidates)
-  cids bigint[];    -- candidates: chunks a read term matches
-  cps float8[];     -- their partial scores
-  done integer;     -- candidates looked up so far
-  batch integer := greatest(4 * n, 100);
+  packed bytea;     -- their postings, block after block
+  blocks bigint[];  -- each block's number
+  terms integer[];  -- its term (its place in lx)
+  sizes integer[];  -- its length in bytes
+  m integer;
+  cids bigint[];
+  cps float8[];
 BEGIN
   SELECT CASE WHEN by_document THEN s.documents ELSE s.chunks END::float8,
          CASE WHEN by_document THEN s.document_len::float8 / greatest(s.documents, 1)
               ELSE s.total_len::float8 / greatest(s.chunks, 1) END INTO total, avgdl
     FROM pyembed.keyword_stats s WHERE s.corpus_id = c.corpus_id;
-  SELECT array_agg(t.lexeme ORDER BY t.df, t.lexeme), array_agg(t.idf ORDER BY t.df, t.lexeme),
-         count(*) FILTER (WHERE t.df <= total / 20), sum(t.df)
-    INTO lx, w, e, postings
+  SELECT array_agg(t.lexeme ORDER BY t.df, t.lexeme), array_agg(t.idf ORDER BY t.df, t.lexeme)
+    INTO lx, w
     FROM (SELECT l.lexeme, l.df, ln(1 + (total - l.df + 0.5) / (l.df + 0.5::float8)) AS idf
             FROM (SELECT DISTINCT u.lexeme FROM unnest(to_tsvector(c.text_config, query)) u) q
             JOIN (SELECT ls.lexeme, CASE WHEN by_document THEN ls.document_df ELSE ls.df END AS df
                     FROM pyembed.lexeme_stats ls WHERE ls.corpus_id = c.corpus_id) l
               ON l.lexeme = q.lexeme
            WHERE l.df > 0) t;
-  m := coalesce(cardinality(lx), 0);
-  IF m = 0 THEN
+  IF lx IS NULL THEN
     RETURN;
   END IF;
-  IF postings <= every_posting_upto THEN
-    SELECT array_agg(f.chunk_id ORDER BY f.s DESC, f.chunk_id),
-           array_agg(f.s ORDER BY f.s DESC, f.chunk_id) INTO ids, scores
-      FROM (SELECT x.chunk_id, x.s
-              FROM (SELECT p.chunk_id,
-                           sum(r.idf * p.tf * 2.2 / (p.tf + 1.2 * (0.25 + 0.75::float8 * p.doc_len
-                                                                   / avgdl))) AS s
-                      FROM unnest(lx, w) AS r(lexeme, idf),
-                           LATERAL (SELECT pp.chunk_id, pp.tf, pp.doc_len FROM pyembed.postings pp
-                                     WHERE NOT by_document AND pp.corpus_id = c.corpus_id
-                                       AND pp.lexeme = r.lexeme
-                                    UNION ALL
-                                    SELECT dp.doc_no, dp.tf, dp.doc_len
-                                      FROM pyembed.document_postings dp
-                                     WHERE by_document AND dp.corpus_id = c.corpus_id
-                                       AND dp.lexeme = r.lexeme
-                                    OFFSET 0) p
-                     GROUP BY p.chunk_id) x
-             WHERE filter IS NULL OR (NOT by_document AND EXISTS (
-                     SELECT FROM pyembed.chunks ch WHERE ch.corpus_id = c.corpus_id
-                        AND ch.chunk_id = x.chunk_id AND ch.metadata @> filter))
-                OR (by_document AND EXISTS (
-                     SELECT FROM pyembed.documents d WHERE d.corpus_id = c.corpus_id
-                        AND d.doc_no = x.chunk_id AND d.metadata @> filter))
-             ORDER BY 2 DESC, 1 LIMIT n) f;
+  IF NOT EXISTS (SELECT FROM pyembed.keyword_pending p
+                  WHERE p.xact = pg_current_xact_id_if_assigned() AND p.corpus_id = c.corpus_id)
+  THEN
+    SELECT string_agg(b.postings, ''::bytea),
+           array_agg(CASE WHEN by_document THEN -1 - b.block ELSE b.block END),
+           array_agg(array_position(lx, b.lexeme)), array_agg(length(b.postings))
+      INTO packed, blocks, terms, sizes
+      FROM pyembed.posting_blocks b
+     WHERE b.corpus_id = c.corpus_id AND b.lexeme = ANY (lx)
+       AND CASE WHEN by_document THEN b.block < 0 ELSE b.block >= 0 END;
+  ELSE
+    WITH touched AS (
+      SELECT DISTINCT u.lexeme, u.block
+        FROM pyembed.keyword_pending p, unnest(p.lexemes, p.blocks) AS u(lexeme, block)
+       WHERE p.xact = pg_current_xact_id_if_assigned() AND p.corpus_id = c.corpus_id
+         AND u.lexeme = ANY (lx) AND CASE WHEN by_document THEN u.block < 0 ELSE u.block >= 0 END
+    ), packed_blocks AS (
+      SELECT b.lexeme, b.block, b.postings FROM pyembed.posting_blocks b
+       WHERE b.corpus_id = c.corpus_id AND b.lexeme = ANY (lx)
+         AND CASE WHEN by_document THEN b.block < 0 ELSE b.block >= 0 END
+         AND NOT EXISTS (SELECT FROM touched t WHERE t.lexeme = b.lexeme AND t.block = b.block)
+      UNION ALL
+      SELECT t.lexeme, t.block, x.postings
+        FROM touched t,
+             LATERAL (SELECT pyembed._packed_block(c.corpus_id, t.lexeme, t.block) AS postings) x
+       WHERE x.postings IS NOT NULL
+    )
+    SELECT string_agg(b.postings, ''::bytea),
+           array_agg(CASE WHEN by_document THEN -1 - b.block ELSE b.block END),
+           array_agg(array_position(lx, b.lexeme)), array_agg(length(b.postings))
+      INTO packed, blocks, terms, sizes
+      FROM packed_blocks b;
+  END IF;
+  IF packed IS NULL THEN
     RETURN;
   END IF;
-  t := 1;
-  e := greatest(e, 1);
+  m := CASE WHEN filter IS NULL THEN n ELSE 4 * n END;
   LOOP
-    -- Terms t..e read in full (each term's postings in a sub-query of their own: OFFSET 0 keeps
-    -- the planner from flattening it), their parts added to the candidates' partial scores.
-    SELECT array_agg(x.chunk_id), array_agg(x.s) INTO cids, cps
-      FROM (SELECT y.chunk_id, sum(y.s) AS s
-              FROM (SELECT o.chunk_id, o.s FROM unnest(cids, cps) AS o(chunk_id, s)
-                    UNION ALL
-                    SELECT p.chunk_id,
-                           r.idf * p.tf * 2.2 / (p.tf + 1.2 * (0.25 + 0.75::float8 * p.doc_len
-                                                               / avgdl))
-                      FROM unnest(lx[t:e], w[t:e]) AS r(lexeme, idf),
-                           LATERAL (SELECT pp.chunk_id, pp.tf, pp.doc_len FROM pyembed.postings pp
-                                     WHERE NOT by_document AND pp.corpus_id = c.corpus_id
-                                       AND pp.lexeme = r.lexeme
-                                    UNION ALL
-                                    SELECT dp.doc_no, dp.tf, dp.doc_len
-                                      FROM pyembed.document_postings dp
-                                     WHERE by_document AND dp.corpus_id = c.corpus_id
-                                       AND dp.lexeme = r.lexeme
-                                    OFFSET 0) p) y
-             GROUP BY y.chunk_id) x
-     WHERE filter IS NULL OR (NOT by_document AND EXISTS (
-             SELECT FROM pyembed.chunks ch WHERE ch.corpus_id = c.corpus_id
-                AND ch.chunk_id = x.chunk_id AND ch.metadata @> filter))
-        OR (by_document AND EXISTS (
-             SELECT FROM pyembed.documents d WHERE d.corpus_id = c.corpus_id
-                AND d.doc_no = x.chunk_id AND d.metadata @> filter));
-    IF e >= m THEN  -- every term read: the partial scores are the scores
-      SELECT array_agg(f.chunk_id ORDER BY f.s DESC, f.chunk_id),
-             array_agg(f.s ORDER BY f.s DESC, f.chunk_id) INTO ids, scores
-        FROM (SELECT o.chunk_id, o.s FROM unnest(cids, cps) AS o(chunk_id, s)
-               ORDER BY 2 DESC, 1 LIMIT n) f;
+    SELECT t.ids, t.scores INTO cids, cps FROM pyembed._bm25_top(packed, blocks, terms, sizes, w, avgdl,
+                                                             m) t;
+    IF filter IS NULL THEN
+      ids := cids;
+      scores := cps;
       RETURN;
     END IF;
-    SELECT f.s INTO theta
-      FROM (SELECT o.chunk_id, o.s + coalesce(sum(r.idf * p.tf * 2.2
-                     / (p.tf + 1.2 * (0.25 + 0.75::float8 * p.doc_len / avgdl))), 0) AS s
-              FROM (SELECT o.chunk_id, o.s FROM unnest(cids, cps) AS o(chunk_id, s)
-                     ORDER BY 2 DESC, 1 LIMIT 2 * n) o
-              CROSS JOIN unnest(lx[e + 1:m], w[e + 1:m]) AS r(lexeme, idf)
-              LEFT JOIN LATERAL (
-                    SELECT pp.tf, pp.doc_len FROM pyembed.postings pp
-                     WHERE NOT by_document AND pp.corpus_id = c.corpus_id AND pp.lexeme = r.lexeme
-                       AND pp.chunk_id = o.chunk_id
-                    UNION ALL
-                    SELECT dp.tf, dp.doc_len FROM pyembed.document_postings dp
-                     WHERE by_document AND dp.corpus_id = c.corpus_id AND dp.lexeme = r.lexeme
-                       AND dp.doc_no = o.chunk_id) p ON true
-             GROUP BY o.chunk_id, o.s) f
-     ORDER BY f.s DESC OFFSET n - 1 LIMIT 1;
-    IF NOT FOUND THEN
-      theta := NULL;
-    END IF;
-    -- The longest tail whose parts add up to less than 0.8 theta (theta NULL: read one more term).
-    SELECT coalesce(min(z.i), CASE WHEN theta IS NULL THEN e + 2 ELSE m + 1 END) INTO tail
-      FROM (SELECT u.i, sum(u.idf) OVER (ORDER BY u.i DESC) * 2.2 AS part
-              FROM unnest(w) WITH ORDINALITY AS u(idf, i) WHERE u.i > e) z
-     WHERE z.part < 0.8 * theta;
-    EXIT WHEN tail = e + 1;
-    t := e + 1;
-    e := least(tail - 1, m);
-  END LOOP;
-  SELECT sum(u.idf) * 2.2 INTO rest FROM unnest(w[e + 1:m]) AS u(idf);
-  SELECT array_agg(o.chunk_id ORDER BY o.s DESC, o.chunk_id),
-         array_agg(o.s ORDER BY o.s DESC, o.chunk_id) INTO cids, cps
-    FROM unnest(cids, cps) AS o(chunk_id, s) WHERE o.s + rest >= theta - 1e-9;
-  done := 0;
-  LOOP
-    EXIT WHEN done >= coalesce(cardinality(cids), 0) OR cps[done + 1] + rest < theta - 1e-9;
-    SELECT array_agg(f.chunk_id ORDER BY f.s DESC, f.chunk_id),
-           array_agg(f.s ORDER BY f.s DESC, f.chunk_id) INTO ids, scores
-      FROM (SELECT h.chunk_id, h.s FROM unnest(ids, scores) AS h(chunk_id, s)
-            UNION ALL
-            SELECT o.chunk_id, o.s + coalesce(sum(r.idf * p.tf * 2.2
-                     / (p.tf + 1.2 * (0.25 + 0.75::float8 * p.doc_len / avgdl))), 0) AS s
-              FROM unnest(cids[done + 1:done + batch], cps[done + 1:done + batch])
-                     AS o(chunk_id, s)
-              CROSS JOIN unnest(lx[e + 1:m], w[e + 1:m]) AS r(lexeme, idf)
-              LEFT JOIN LATERAL (
-                    SELECT pp.tf, pp.doc_len FROM pyembed.postings pp
-                     WHERE NOT by_document AND pp.corpus_id = c.corpus_id AND pp.lexeme = r.lexeme
-                       AND pp.chunk_id = o.chunk_id
-                    UNION ALL
-                    SELECT dp.tf, dp.doc_len FROM pyembed.document_postings dp
-                     WHERE by_document AND dp.corpus_id = c.corpus_id AND dp.lexeme = r.lexeme
-                       AND dp.doc_no = o.chunk_id) p ON true
-             GROUP BY o.chunk_id, o.s
-             ORDER BY 2 DESC, 1 LIMIT n) f;
-    done := done + batch;
-    IF cardinality(ids) >= n THEN
-      theta := greatest(theta, scores[n]);
-    END IF;
+    SELECT array_agg(h.chunk_id ORDER BY h.i), array_agg(h.s ORDER BY h.i) INTO ids, scores
+      FROM (SELECT h.chunk_id, h.s, h.i FROM unnest(cids, cps) WITH ORDINALITY AS h(chunk_id, s, i)
+             WHERE (NOT by_document AND EXISTS (
+                      SELECT FROM pyembed.chunks ch WHERE ch.corpus_id = c.corpus_id
+                         AND ch.chunk_id = h.chunk_id AND ch.metadata @> filter))
+                OR (by_document AND EXISTS (
+                      SELECT FROM pyembed.documents d WHERE d.corpus_id = c.corpus_id
+                         AND d.doc_no = h.chunk_id AND d.metadata @> filter))
+             ORDER BY h.i LIMIT n) h;
+    EXIT WHEN coalesce(cardinality(ids), 0) >= n OR coalesce(cardinality(cids), 0) < m;
+    m := 8 * m;
   END LOOP;
 END
 $$;
@@ -596,6 +644,19 @@ BEGIN
   scores := coalesce(r.scores, '{}');
   keys := coalesce(r.keys, '{}');
 END
+$$;
+
+-- The n best of packed postings (as pyembed.posting_blocks holds them), block after block, each block numbered as
+-- in `blocks`, of the term at its place in `terms` (their idf: `idfs`) and `sizes` bytes long:
+-- (chunk ids, BM25 scores), best first, ties by chunk id.
+CREATE OR REPLACE FUNCTION pyembed._bm25_top(packed bytea, blocks bigint[], terms integer[],
+                                             sizes integer[], idfs float8[], avgdl float8,
+                                             n integer, OUT ids bigint[], OUT scores float8[])
+LANGUAGE plpython3u IMMUTABLE STRICT PARALLEL SAFE SECURITY INVOKER
+SET search_path = pg_catalog, pg_temp
+AS $$
+from pyembed import bm25
+return bm25.top(packed, blocks, terms, sizes, idfs, avgdl, n)
 $$;
 
 -- Hybrid: the guarded vector ranking (PE001 on a mismatched key) and the BM25 ranking, each of

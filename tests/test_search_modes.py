@@ -32,8 +32,9 @@ def bm25_from_scratch(owner: psycopg.Connection[Any], corpus_id: int,
     n = len(docs)
     avgdl = sum(sum(c.values()) for c in docs.values()) / n
     scores: dict[int, float] = {}
-    for t in terms:
-        df = sum(1 for c in docs.values() if t in c)
+    dfs = {t: sum(1 for c in docs.values() if t in c) for t in terms}
+    for t in sorted(terms, key=lambda t: (dfs[t], t)):  # rarest first, as pyembed adds them
+        df = dfs[t]
         if not df:
             continue
         idf = math.log(1 + (n - df + 0.5) / (df + 0.5))
@@ -307,40 +308,122 @@ def test_fusion_options_apply_to_hybrid_search_only(client: Any,
                        ).fetchone() == (5,)
 
 
-def test_bm25_skipping_common_terms_gives_the_same_best_chunks(
+def blocks_unlike_postings(owner: psycopg.Connection[Any]) -> list[tuple[int, str, int]]:
+    """The keys of pyembed.posting_blocks rows that do not hold exactly the postings (or document
+    postings: negative blocks) of their lexeme and id range, in any order, and of ranges with
+    postings but no block."""
+    from pyembed import bm25
+
+    def entries(data: bytes) -> list[bytes]:
+        size = bm25.POSTING.itemsize
+        return sorted(data[i:i + size] for i in range(0, len(data), size))
+
+    blocks = {(c, lx, b): entries(bytes(d)) for c, lx, b, d in owner.execute(
+        "SELECT corpus_id, lexeme, block, postings FROM pyembed.posting_blocks")}
+    expected = {(c, lx, b): entries(bytes(d)) for c, lx, b, d in owner.execute(
+        """SELECT corpus_id, lexeme, block, pyembed._packed_block(corpus_id, lexeme, block)
+             FROM (SELECT DISTINCT corpus_id, lexeme, chunk_id >> 9 AS block
+                     FROM pyembed.postings
+                   UNION
+                   SELECT DISTINCT corpus_id, lexeme, -1 - (doc_no >> 9)
+                     FROM pyembed.document_postings) k""")}
+    return sorted(k for k in blocks.keys() | expected.keys() if blocks.get(k) != expected.get(k))
+
+
+def _ranked_chunks(owner: psycopg.Connection[Any], corpus_id: int,
+                   query: str) -> list[tuple[int, float]]:
+    expected = bm25_from_scratch(owner, corpus_id, query)
+    return sorted(expected.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
+def test_bm25_from_posting_blocks_gives_the_from_scratch_scores_after_writes(
         client: Any, owner: psycopg.Connection[Any]) -> None:
-    """pyembed._bm25 reads a common term's postings only when they could change the n best
-    (MaxScore): its results are those of scoring every posting, for any n. Search scores every
-    posting of a query with few (as all of these have); every_posting_upto 0 takes the MaxScore
-    path whatever the query."""
+    """pyembed._bm25 scores the packed postings of pyembed.posting_blocks: its n best are those
+    of BM25 from scratch for any n, after inserts, updates and deletes, and the blocks hold
+    exactly the postings (a block a posting too many or too few fails both checks)."""
     import random
 
     rng = random.Random(22)
     rare = [f"rare{i}" for i in range(12)]
     common = ["error", "quota", "limit", "team", "request"]
-    docs = []
-    for i in range(200):
+
+    def text() -> str:
         words = rng.choices(common, k=rng.randint(3, 30)) + rng.sample(rare, rng.randint(0, 2))
         rng.shuffle(words)
-        docs.append(pyembed.Document(f"d{i}", " ".join(words)))
-    kb = client.create_corpus("maxscore", FAKE, chunk_tokens=100_000, chunk_overlap=0)
-    kb.add(docs)
+        return " ".join(words)
+
+    # 600 chunks: two blocks of 512 chunk ids at least.
+    kb = client.create_corpus("blocks", FAKE, chunk_tokens=100_000, chunk_overlap=0)
+    kb.add([pyembed.Document(f"d{i}", text()) for i in range(600)])
     queries = ["error quota", "rare3 error", "rare1 rare2 quota limit team",
                "rare7 request request error limit", "team", "rare11 quota"]
-    for query in queries:
-        expected = bm25_from_scratch(owner, kb.info.corpus_id, query)
-        ranked = sorted(expected.items(), key=lambda kv: (-kv[1], kv[0]))
-        for k in (1, 3, 10, 250):
-            hits = kb.search(query, k=k, mode="keyword", group="chunk")
-            assert [h.chunk_id for h in hits] == [c for c, _ in ranked[:k]], (query, k)
-            assert [h.score for h in hits] == pytest.approx([s for _, s in ranked[:k]],
-                                                           rel=1e-9)
-            row = owner.execute("SELECT * FROM pyembed._bm25((SELECT c FROM pyembed.corpora c "
-                                "WHERE corpus_id = %s), %s, %s, NULL, every_posting_upto => 0)",
-                                (kb.info.corpus_id, query, k)).fetchone()
-            assert row is not None
-            assert row[0] == [c for c, _ in ranked[:k]], (query, k)
-            assert row[1] == pytest.approx([s for _, s in ranked[:k]], rel=1e-9)
+    blocks = "SELECT count(*) FROM pyembed.posting_blocks"
+    for step in range(4):
+        assert blocks_unlike_postings(owner) == [], step
+        for query in queries:
+            ranked = _ranked_chunks(owner, kb.info.corpus_id, query)
+            for k in (1, 10, 700):  # (more than there are)
+                hits = kb.search(query, k=k, mode="keyword", group="chunk")
+                assert [h.chunk_id for h in hits] == [c for c, _ in ranked[:k]], (step, query, k)
+                assert [h.score for h in hits] == pytest.approx([s for _, s in ranked[:k]],
+                                                               rel=1e-9)
+        if step == 0:  # new texts for some documents, and new documents
+            kb.add([pyembed.Document(f"d{i}", text()) for i in range(0, 600, 7)]
+                   + [pyembed.Document(f"n{i}", text()) for i in range(50)])
+        elif step == 1:  # some gone
+            client.conn.execute("DELETE FROM pyembed.documents WHERE document_id = ANY (%s)",
+                                ([f"d{i}" for i in range(0, 600, 3)],))
+        elif step == 2:  # every chunk of the last block gone: its rows too
+            before = owner.execute(blocks).fetchone()
+            client.conn.execute(
+                "DELETE FROM pyembed.documents d WHERE EXISTS (SELECT FROM pyembed.chunks ch "
+                "WHERE ch.document_id = d.document_id AND ch.corpus_id = d.corpus_id "
+                "AND ch.chunk_id >> 9 = (SELECT max(chunk_id) >> 9 FROM pyembed.chunks))")
+            assert owner.execute(blocks).fetchone() < before
+    # Only the postings the blocks hold are read: a block emptied outside the triggers shows.
+    owner.execute("UPDATE pyembed.posting_blocks SET postings = substr(postings, 11) "
+                  "WHERE lexeme = 'error' AND length(postings) > 10 AND block >= 0")
+    ranked = _ranked_chunks(owner, kb.info.corpus_id, "error")
+    hits = kb.search("error", k=700, mode="keyword", group="chunk")
+    assert len(hits) < len(ranked)
+
+
+def test_a_transaction_finds_the_chunks_it_wrote_before_their_blocks_are_built(
+        client: Any, app: psycopg.Connection[Any], owner: psycopg.Connection[Any],
+        db: Any) -> None:
+    """The blocks are rebuilt at commit; until then the writer's own searches read the postings
+    of the blocks it changed, and other sessions keep the committed blocks. Two writers whose
+    chunks share blocks both end up in them, whichever commits first."""
+    kb = client.create_corpus("own", FAKE, chunk_tokens=100_000, chunk_overlap=0)
+    kb.add([pyembed.Document(f"d{i}", f"zebra number {i}") for i in range(20)])
+    search = "SELECT document_id FROM pyembed.search_keyword('own', %s, 100)"
+    other = psycopg.connect(db.app_dsn, autocommit=True)
+    with app.transaction():
+        app.execute("INSERT INTO pyembed.documents (corpus_id, document_id, content_hash) "
+                    "VALUES (%s, 'new', '\\x00'), (%s, 'd1', '\\x01') "
+                    "ON CONFLICT (corpus_id, document_id) DO NOTHING",
+                    (kb.info.corpus_id, kb.info.corpus_id))
+        app.execute("INSERT INTO pyembed.chunks (corpus_id, document_id, chunk_index, content, "
+                    "content_hash) VALUES (%s, 'new', 0, 'zebra okapi', '\\x00')",
+                    (kb.info.corpus_id,))
+        app.execute("UPDATE pyembed.chunks SET content = 'number', content_hash = '\\x01' "
+                    "WHERE corpus_id = %s AND document_id = 'd1'", (kb.info.corpus_id,))
+        # (a term new to the corpus counts from the commit on, as its document frequency)
+        mine = {r[0] for r in app.execute(search, ("zebra",))}
+        assert "new" in mine and "d1" not in mine
+        assert "d1" in {r[0] for r in app.execute(search, ("number",))}
+        theirs = {r[0] for r in other.execute(search, ("zebra",))}
+        assert "new" not in theirs and "d1" in theirs
+        with other.transaction():  # a second writer, its chunks in the same block
+            other.execute("INSERT INTO pyembed.documents (corpus_id, document_id, content_hash) "
+                          "VALUES (%s, 'later', '\\x02')", (kb.info.corpus_id,))
+            other.execute("INSERT INTO pyembed.chunks (corpus_id, document_id, chunk_index, "
+                          "content, content_hash) VALUES (%s, 'later', 0, 'okapi', '\\x02')",
+                          (kb.info.corpus_id,))
+    assert {r[0] for r in app.execute(search, ("okapi",))} == {"new", "later"}
+    assert "d1" not in {r[0] for r in app.execute(search, ("zebra",))}
+    assert blocks_unlike_postings(owner) == []
+    other.close()
 
 
 def test_a_search_skips_the_wal_flush_wait_only_when_it_is_its_own_transaction(

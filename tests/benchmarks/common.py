@@ -64,11 +64,12 @@ def in_database(dsn: str, name: str) -> str:
 
 @contextmanager
 def local_database(folder: str | Path, *, prefix: str = "bench", keep: bool = False,
-                   install: bool = True) -> Iterator[Target]:
+                   install: bool = True, name: str | None = None) -> Iterator[Target]:
     """A fresh database, installed to head, in the local cluster under `folder` (relative to
     the repository unless absolute; created on first use). The database is dropped afterwards
     and the cluster stopped if this call started it and no other client is connected (neither
-    with `keep`)."""
+    with `keep`). With `name`: that database, created if missing, brought to head and kept
+    (`fresh` says whether it was created now)."""
     from pyembed.localdb import OWNER, LocalCluster
     from pyembed.schema import install as install_schema
 
@@ -77,16 +78,25 @@ def local_database(folder: str | Path, *, prefix: str = "bench", keep: bool = Fa
     was_running = cluster.running()
     cluster.init()  # (a first init also starts the server)
     cluster.start()
-    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
     admin_dsn = cluster.dsn(owner=True)
-    with psycopg.connect(admin_dsn, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(name),
-                                                                   sql.Identifier(OWNER)))
+    created = True
+    if name is None:
+        name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    else:
+        keep = True
+        with psycopg.connect(admin_dsn, autocommit=True) as admin:
+            created = not scalar(admin, "SELECT EXISTS (SELECT FROM pg_database "
+                                        "WHERE datname = %s)", (name,))
+    if created:
+        with psycopg.connect(admin_dsn, autocommit=True) as admin:
+            admin.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(name),
+                                                                       sql.Identifier(OWNER)))
     try:
         if install:
             install_schema(in_database(admin_dsn, name))
         yield Target(in_database(admin_dsn, name), in_database(cluster.dsn(owner=False), name),
-                     f"fresh database {name} in {cluster.home}", fresh=True, name=name,
+                     f"{'fresh' if created else 'kept'} database {name} in {cluster.home}",
+                     fresh=created, name=name,
                      cluster_home=cluster.home, started_cluster=not was_running)
     finally:
         if not keep:
