@@ -4,6 +4,7 @@ vector does not depend on what it is batched with."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import os
 import sys
 import threading
@@ -11,7 +12,9 @@ import types
 
 import numpy as np
 import pytest
+from tokenizers import Tokenizer
 
+from pyembed.chunking import fit_chunks
 from pyembed.embedder import Embedder
 from pyembed.errors import ConfigError, InvalidInput
 from pyembed.models import LOCAL_DEFAULT, InputType, ModelSpec
@@ -23,6 +26,7 @@ from pyembed.providers.local import (
     length_batches,
     session_options,
     shared_model,
+    truncated,
 )
 from pyembed.text import estimate_tokens
 
@@ -128,10 +132,10 @@ def test_sub_batches_give_the_vectors_of_one_batch(small_runs: None) -> None:
     model = shared_model()
     assert isinstance(model, MiniLM)
     texts = _mixed_texts()
-    encodings = model._tokenizer.encode_batch(texts)
-    assert len(length_batches([len(e.ids) for e in encodings], 256)) == 5
+    ids = model.token_ids(texts)
+    assert len(length_batches([len(i) for i in ids], 256)) == 5
 
-    one_run = model._run(encodings)  # everything padded to the longest, as before
+    one_run = model._run(ids)  # everything padded to the longest, as before
     sub_batched = model.embed(texts)
 
     assert sub_batched.shape == (24, 384)
@@ -240,3 +244,63 @@ def test_session_options_bound_memory_and_threads(monkeypatch: pytest.MonkeyPatc
     assert local_threads() == min(len(os.sched_getaffinity(0)), 4)
     monkeypatch.setitem(sys.modules, "plpy", types.ModuleType("plpy"))
     assert local_threads() == 1  # inside a PostgreSQL backend
+
+
+# -- each text tokenised once ---------------------------------------------------------------------
+
+class CountingTokenizer:
+    """A tokenizer that records the texts it encodes."""
+
+    def __init__(self, tokenizer: object) -> None:
+        self.tokenizer = tokenizer
+        self.encoded: list[str] = []
+
+    def encode_batch(self, texts: list[str]) -> list[object]:
+        self.encoded += texts
+        return self.tokenizer.encode_batch(texts)  # type: ignore[attr-defined, no-any-return]
+
+
+def test_a_chunk_is_tokenised_once_from_counting_to_embedding(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    model = shared_model()
+    counting = CountingTokenizer(model._tokenizer)
+    monkeypatch.setattr(model, "_tokenizer", counting)
+    provider = LocalProvider(LOCAL_DEFAULT)
+    texts = [f"{text} (once)" for text in _mixed_texts()] + ["word " * 300 + "(once)"]
+
+    chunks = fit_chunks(texts, LOCAL_DEFAULT.max_tokens, provider.count_tokens)  # as Corpus.add
+    vectors = Embedder(LOCAL_DEFAULT, provider).embed(chunks)
+
+    assert len(chunks) == 26  # the long text was split in two, and its halves counted
+    assert sorted(counting.encoded) == sorted(texts + chunks[-2:])  # each once
+    assert not any(chunk in model._kept for chunk in chunks)  # taken by embed
+    monkeypatch.undo()
+    np.testing.assert_allclose(vectors, Embedder(LOCAL_DEFAULT).embed(chunks), atol=1e-6)
+
+
+def test_truncation_reads_what_the_tokenizers_own_truncation_gives() -> None:
+    tokenizer = Tokenizer.from_str((importlib.resources.files("pyembed") / "data"
+                                    / "minilm-tokenizer.json").read_text("utf-8"))
+    tokenizer.enable_truncation(LOCAL_DEFAULT.max_tokens)
+    texts = ["word " * 300, "short text", "a mixed, longer text: 3.5% of 12,000 cells " * 40,
+             "x" * 2000, "é" * 600]
+    expected = tokenizer.encode_batch(texts)
+
+    for ids, want in zip(MiniLM(threads=1).token_ids(texts), expected, strict=True):
+        assert truncated(ids).tolist() == want.ids
+        assert want.attention_mask == [1] * len(want.ids) and not any(want.type_ids)
+
+
+def test_token_ids_kept_for_embedding_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("pyembed.providers.local.TOKENS_KEPT", 100)
+    model = MiniLM(threads=1)
+    texts = [f"text number {i} about cats and sleep" for i in range(40)]
+
+    counts = model.count_tokens(texts)
+
+    newest = max(n for n in range(len(texts) + 1) if sum(counts[len(texts) - n:]) <= 100)
+    assert 0 < newest < len(texts)
+    assert list(model._kept) == texts[-newest:]  # the newest that fit
+    assert sum(len(ids) for ids in model._kept.values()) == model._kept_tokens <= 100
+    assert counts == [len(ids) for ids in model.token_ids(texts)]
+    assert list(model._kept) == [] and model._kept_tokens == 0

@@ -4,7 +4,8 @@ The model is loaded once per process, on first use, and shared by every LocalPro
 run in sub-batches of at most `BATCH_TOKENS` padded tokens, sorted by length so that little of
 a sub-batch is padding, spread over `local_threads()` threads (PYEMBED_LOCAL_THREADS; by default
 1 in a PostgreSQL backend, the usable CPUs elsewhere), each running whole sub-batches on one
-onnxruntime thread.
+onnxruntime thread. A text is tokenised once: the ids `count_tokens` makes (the token limit's
+check, chunking) are kept for `embed` to take.
 
 Memory is bounded per process: a sub-batch's buffers are a few MB, so onnxruntime's CPU arena,
 which keeps the buffers of the largest run for the life of the process (a PostgreSQL backend),
@@ -29,7 +30,6 @@ from .base import Provider, local_threads
 
 if TYPE_CHECKING:
     import onnxruntime
-    from tokenizers import Encoding
 
 MODEL_ID = "all-minilm-l6-v2-int8"
 DIMENSIONS = 384
@@ -38,6 +38,10 @@ BATCH_TOKENS = 512
 """Padded tokens per onnxruntime run: 2 texts at 256 tokens. A run's buffers grow with
 rows * length^2 (attention): this keeps them to a few MB, which is what the CPU arena then
 holds, and on a CPU smaller runs cost less per text (their buffers stay in the caches)."""
+TOKENS_KEPT = 1 << 20
+"""Token ids `count_tokens` keeps for `embed`, which takes them (a text counted is embedded
+next, by `Embedder` and `Corpus.add`: it is tokenised once): at most this many tokens, 4 MB,
+the oldest dropped first."""
 MMAP_THRESHOLD = 256 * 1024
 """Bytes from which glibc's malloc gives an allocation its own mapping (see
 `map_large_allocations`)."""
@@ -101,10 +105,10 @@ class MiniLM:
                           / "minilm-tokenizer.json").read_text(encoding="utf-8")
         self._tokenizer = Tokenizer.from_str(tokenizer_json)
         self._tokenizer.no_padding()
-        self._tokenizer.enable_truncation(MAX_TOKENS)
-        self._counter = Tokenizer.from_str(tokenizer_json)
-        self._counter.no_padding()
-        self._counter.no_truncation()
+        self._tokenizer.no_truncation()  # `embed` truncates (`truncated`); counts are whole
+        self._kept: dict[str, npt.NDArray[np.int32]] = {}
+        self._kept_tokens = 0
+        self._kept_lock = threading.Lock()
 
     @property
     def _session(self) -> onnxruntime.InferenceSession:
@@ -127,19 +131,20 @@ class MiniLM:
         return self._loaded
 
     def count_tokens(self, texts: list[str]) -> list[int]:
-        """Tokens per text, [CLS] and [SEP] included, before truncation."""
-        return [len(encoding.ids) for encoding in self._counter.encode_batch(texts)]
+        """Tokens per text, [CLS] and [SEP] included, before truncation (the ids are kept for
+        `embed`)."""
+        return [len(ids) for ids in self.token_ids(texts, keep=True)]
 
     def embed(self, texts: list[str]) -> npt.NDArray[np.float32]:
         """Unit vectors (n, 384) for `texts`, in input order; texts over 256 tokens are
         truncated."""
-        encodings = self._tokenizer.encode_batch(texts)
+        ids = [truncated(i) for i in self.token_ids(texts)]
         out = np.empty((len(texts), DIMENSIONS), dtype=np.float32)
-        groups = length_batches([len(e.ids) for e in encodings], BATCH_TOKENS)
+        groups = length_batches([len(i) for i in ids], BATCH_TOKENS)
         session = self._session  # loaded (with its threads) before any run
 
         def run(rows: list[int]) -> npt.NDArray[np.float32]:
-            return self._run([encodings[i] for i in rows], session)
+            return self._run([ids[i] for i in rows], session)
 
         pool = self._pool if len(groups) > 1 else None
         runs = pool.map(run, groups) if pool is not None else map(run, groups)
@@ -147,23 +152,49 @@ class MiniLM:
             out[rows] = vectors
         return out
 
+    def token_ids(self, texts: list[str], *, keep: bool = False) -> list[npt.NDArray[np.int32]]:
+        """Each text's token ids, [CLS] and [SEP] included, untruncated: those kept by an
+        earlier `count_tokens` (taken, unless `keep`), the others tokenised now (and kept,
+        with `keep`)."""
+        with self._kept_lock:
+            if keep:
+                found = [self._kept.get(text) for text in texts]
+            else:
+                found = [self._kept.pop(text, None) for text in texts]
+                self._kept_tokens -= sum(len(ids) for ids in found if ids is not None)
+        missing = [text for text, ids in zip(texts, found, strict=True) if ids is None]
+        made: dict[str, npt.NDArray[np.int32]] = {}
+        if missing:
+            made = {text: np.array(encoding.ids, dtype=np.int32) for text, encoding
+                    in zip(missing, self._tokenizer.encode_batch(missing), strict=True)}
+            if keep:
+                self._keep(made)
+        return [ids if ids is not None else made[text]
+                for text, ids in zip(texts, found, strict=True)]
+
+    def _keep(self, ids: dict[str, npt.NDArray[np.int32]]) -> None:
+        with self._kept_lock:
+            for text, these in ids.items():
+                before = self._kept.pop(text, None)
+                self._kept_tokens += len(these) - (len(before) if before is not None else 0)
+                self._kept[text] = these
+            while self._kept_tokens > TOKENS_KEPT:
+                self._kept_tokens -= len(self._kept.pop(next(iter(self._kept))))
+
     @property
     def threads(self) -> int:
         """How many sub-batches run at once."""
         return self._threads
 
-    def _run(self, encodings: list[Encoding],
+    def _run(self, token_ids: list[npt.NDArray[np.int32]],
              session: onnxruntime.InferenceSession | None = None) -> npt.NDArray[np.float32]:
-        length = max(len(e.ids) for e in encodings)
-        ids = np.zeros((len(encodings), length), dtype=np.int64)
+        length = max(len(t) for t in token_ids)
+        ids = np.zeros((len(token_ids), length), dtype=np.int64)
         mask = np.zeros_like(ids)
-        types = np.zeros_like(ids)
-        for row, encoding in enumerate(encodings):
-            n = len(encoding.ids)
-            ids[row, :n] = encoding.ids
-            mask[row, :n] = encoding.attention_mask
-            types[row, :n] = encoding.type_ids
-        feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+        for row, these in enumerate(token_ids):
+            ids[row, :len(these)] = these
+            mask[row, :len(these)] = 1
+        feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
         hidden: npt.NDArray[np.float32] = (session or self._session).run(
             ["last_hidden_state"], {k: v for k, v in feeds.items() if k in self._input_names}
         )[0]
@@ -172,6 +203,14 @@ class MiniLM:
         pooled: npt.NDArray[np.float32] = summed / np.maximum(weights.sum(axis=1), 1e-9)
         pooled /= np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
         return pooled.astype(np.float32)
+
+
+def truncated(ids: npt.NDArray[np.int32]) -> npt.NDArray[np.int32]:
+    """A text's token ids as MiniLM reads them: at most MAX_TOKENS, the first ones and the
+    closing [SEP] (what the tokenizer's own truncation gives)."""
+    if len(ids) <= MAX_TOKENS:
+        return ids
+    return np.concatenate([ids[:MAX_TOKENS - 1], ids[-1:]])
 
 
 _model: MiniLM | None = None
