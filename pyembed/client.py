@@ -79,6 +79,21 @@ class AddReport:
     chunks: int
 
 
+@dataclass(frozen=True)
+class PreparedAdd:
+    """Documents chunked and embedded by `Corpus.prepare`, for `Corpus.write`: the corpus as it
+    was read, the documents that changed, their chunks with the active key's vectors, the
+    migration target's vectors (`also`), and the counts `write` reports."""
+
+    info: CorpusInfo
+    documents: list[Document]
+    rows: list[ChunkRow]
+    also: dict[str, np.ndarray] | None
+    added: int
+    updated: int
+    skipped: int
+
+
 class Client:
     """A connection to a pyembed database with an embedder per model key (sharing the cache)."""
 
@@ -236,6 +251,28 @@ class Corpus:
         reads only the model's first `max_tokens` tokens; otherwise chunks are split to fit.
         With `translate`, each chunk is embedded as `translate(chunk)` and stored as written.
         """
+        docs = [_as_document(d) for d in documents]
+        for attempt in (1, 2):
+            # The keys served are read, then embedded for: a migration step committed in
+            # between (complete, rollback) makes the write fail; read the keys again, and
+            # embed (from the cache, mostly) for the keys now served.
+            prepared = self.prepare(docs, truncate=truncate, translate=translate)
+            try:
+                report = self.write(prepared)
+                break
+            except ModelMismatch:
+                if attempt == 2:
+                    raise
+        if report.chunks:
+            self.client.wrote()
+        return report
+
+    def prepare(self, documents: Iterable[Document | tuple[str, str] | Mapping[str, Any]], *,
+                truncate: bool = False,
+                translate: Callable[[str], str] | None = None) -> PreparedAdd:
+        """The first half of `add`, on the client's connection: which documents changed, their
+        chunks and their vectors for the keys the corpus serves now. `write` stores them (on
+        this connection or another of the same role), while the next batch is prepared."""
         self.info = corpus_info(self.client.conn, self.name)  # a migration may have begun
         self.client.current_corpus_id = self.info.corpus_id
         docs = {d.id: d for d in map(_as_document, documents)}
@@ -253,29 +290,28 @@ class Corpus:
             if not truncate:
                 chunks = fit_chunks(chunks, embedder.spec.max_tokens, embedder.provider.count_tokens)
             rows += [ChunkRow(d.id, i, c, np.empty(0), d.metadata) for i, c in enumerate(chunks)]
+        also: dict[str, np.ndarray] | None = None
         if rows:
             texts = [translate(r.content) if translate else r.content for r in rows]
-            for attempt in (1, 2):
-                # The keys served are read, then embedded for: a migration step committed in
-                # between (complete, rollback) makes the write fail; read the keys again, and
-                # embed (from the cache, mostly) for the keys now served.
-                active = self.client.embedder(self.model_key, truncate=truncate)
-                for r, v in zip(rows, active.embed(texts, InputType.DOCUMENT), strict=True):
-                    r.embedding = v
-                target = self.info.target_model_key
-                also = ({target: self.client.embedder(target, truncate=True).embed(texts)}
-                        if target else None)
-                try:
-                    write_chunks(self.client.conn, self.info, rows, self.model_key,
-                                       texts={d.id: d.text for d in todo}, also=also)
-                    self.client.wrote()
-                    break
-                except ModelMismatch:
-                    if attempt == 2:
-                        raise
-                    self.info = corpus_info(self.client.conn, self.name)
+            for r, v in zip(rows, embedder.embed(texts, InputType.DOCUMENT), strict=True):
+                r.embedding = v
+            target = self.info.target_model_key
+            if target:
+                also = {target: self.client.embedder(target, truncate=True).embed(texts)}
         updated = sum(1 for d in todo if d.id in old)
-        return AddReport(len(todo) - updated, updated, len(docs) - len(todo), len(rows))
+        return PreparedAdd(self.info, todo, rows, also, len(todo) - updated, updated,
+                           len(docs) - len(todo))
+
+    def write(self, prepared: PreparedAdd,
+              conn: psycopg.Connection[Any] | None = None) -> AddReport:
+        """The second half of `add`: store what `prepare` made, in one transaction on `conn`
+        (default: the client's). ModelMismatch if the keys the corpus serves changed since
+        (prepare again); InvalidInput if the database refuses a document (nothing stored)."""
+        if prepared.rows:
+            write_chunks(conn or self.client.conn, prepared.info, prepared.rows,
+                         prepared.info.model_key,
+                         texts={d.id: d.text for d in prepared.documents}, also=prepared.also)
+        return AddReport(prepared.added, prepared.updated, prepared.skipped, len(prepared.rows))
 
     def search(self, query: str | Sequence[float] | np.ndarray, k: int = 10,
                filter: Mapping[str, Any] | None = None, model_key: str | None = None, *,

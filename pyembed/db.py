@@ -9,6 +9,8 @@ from typing import Any
 
 import psycopg
 from pgvector.psycopg import register_vector
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 from . import errors
 from .config import DSN_ENV, OWNER_DSN_ENV
@@ -33,6 +35,38 @@ def connect(dsn: str | None = None, *, owner: bool = False, **kwargs: Any) -> ps
     except psycopg.ProgrammingError:
         pass  # extension not installed yet: `pyembed install` creates it
     return conn
+
+
+_IDENTITY = ("SELECT session_user::text, current_user::text, "
+             "coalesce(current_setting('pyembed.act_as_tenant', true), '')")
+"""Who a session acts as: its login role, its current role (SET ROLE) and the tenant a superuser
+acts for (pyembed.current_tenant() reads the first and the last; privileges, the second)."""
+
+
+def twin(conn: psycopg.Connection[Any]) -> psycopg.Connection[Any] | None:
+    """A second connection (autocommit) to `conn`'s server and database that acts as `conn`
+    does: the same login role, current role and tenant setting, so privileges and row-level
+    security treat both alike. None when one cannot be opened or would act otherwise."""
+    params = conn.info.get_parameters()
+    if conn.info.password:
+        params["password"] = conn.info.password
+    try:
+        other = connect(make_conninfo("", **params), autocommit=True)
+    except psycopg.Error:
+        return None
+    try:
+        login, role, tenant = conn.execute(_IDENTITY).fetchone() or ("", "", "")
+        now = other.execute(_IDENTITY).fetchone()
+        if now is not None and now[1] != role:
+            other.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(role)))
+        if now is not None and now[2] != tenant:
+            other.execute("SELECT set_config('pyembed.act_as_tenant', %s, false)", (tenant,))
+        if other.execute(_IDENTITY).fetchone() == (login, role, tenant):
+            return other
+    except psycopg.Error:
+        pass
+    other.close()
+    return None
 
 
 def translate(exc: psycopg.Error) -> Exception:

@@ -10,6 +10,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,9 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from .client import Corpus, Document
-from .errors import InvalidInput
+from .client import AddReport, Corpus, Document, PreparedAdd
+from .db import twin
+from .errors import InvalidInput, ModelMismatch
 
 MARKDOWN_SUFFIXES = frozenset({".md", ".markdown"})
 TEXT_SUFFIXES = frozenset({".txt"}) | MARKDOWN_SUFFIXES
@@ -330,11 +332,15 @@ def ingest(corpus: Corpus, paths: Path | str | Iterable[Path | str], *, batch_si
     batches of `batch_size`, skipping unchanged ones; bad records are reported in
     `problems` and the rest still load. Files are read as they are loaded, never whole.
 
-    A batch the corpus refuses (InvalidInput) is retried one document at a time, so only
-    the refused documents fail. Any other error (the embedding service failing, the
-    database going away) stops the run; batches added before it stay, and running again
-    skips them. `progress` shows on `console` a progress bar if it is a terminal, else a
-    line every `progress_every` seconds (documents and chunks so far, both rates, ETA).
+    Each batch is embedded while the one before it is written, on a second connection of
+    the same role (when one opens; else each batch is written before the next is embedded),
+    and each is written in one transaction. A batch the corpus refuses (InvalidInput) is
+    retried one document at a time, so only the refused documents fail. Any other error (the
+    embedding service failing, the database going away) stops the run once the batch being
+    written is; batches added before it stay, and running again skips them.
+
+    `progress` shows on `console` a progress bar if it is a terminal, else a line every
+    `progress_every` seconds (documents and chunks so far, both rates, ETA).
     """
     if batch_size < 1:
         raise InvalidInput(f"batch_size must be at least 1, got {batch_size}")
@@ -356,16 +362,17 @@ def ingest(corpus: Corpus, paths: Path | str | Iterable[Path | str], *, batch_si
     def advance(n: int) -> None:
         meter.show(_handled(totals), totals["chunks"])
 
-    with meter:
+    with meter, _Loader(corpus, truncate, totals, problems, advance) as loader:
         batch: list[_Record] = []
         for root in roots:
             for record in reader.read(root):
                 batch.append(record)
                 if len(batch) >= batch_size:
-                    _add(corpus, batch, truncate, totals, problems, advance)
+                    loader.add(batch)
                     batch = []
         if batch:
-            _add(corpus, batch, truncate, totals, problems, advance)
+            loader.add(batch)
+        loader.settle()
         totals["failed"] += reader.bad_records
         meter.done(_handled(totals), totals["chunks"])
 
@@ -456,6 +463,90 @@ def progress_line(documents: int, chunks: int, total: int, seconds: float) -> st
     return line
 
 
+class _Loader:
+    """Adds batches to a corpus, writing each on a second connection (`db.twin`) in a thread
+    while the caller embeds the next: one batch in the writing at a time, whose results are
+    counted when the next is handed over (`add`) or at the end (`settle`)."""
+
+    def __init__(self, corpus: Corpus, truncate: bool, totals: dict[str, int],
+                 problems: list[FileProblem], advance: Callable[[int], None]) -> None:
+        self.corpus = corpus
+        self.truncate = truncate
+        self.totals = totals
+        self.problems = problems
+        self.advance = advance
+        self.conn = twin(corpus.client.conn)
+        self.pool = (ThreadPoolExecutor(1, thread_name_prefix="pyembed-ingest-writer")
+                     if self.conn is not None else None)
+        self.writing: tuple[Future[AddReport], list[_Record]] | None = None
+
+    def __enter__(self) -> _Loader:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: object) -> None:
+        """Wait for the batch being written (a run stopped by an error keeps it), then close."""
+        try:
+            if self.writing is not None and exc is not None:
+                failed = self.writing[0].exception()
+                if failed is not None:
+                    exc.add_note(f"the batch being written then failed too: {failed}")
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown()
+            if self.conn is not None:
+                self.conn.close()
+
+    def add(self, batch: list[_Record]) -> None:
+        """Embed `batch` (here), then write it (on the second connection, once the batch
+        before is written)."""
+        try:
+            prepared = self.corpus.prepare([r.document for r in batch], truncate=self.truncate)
+        except InvalidInput:  # (a text over the model's limit): find which, one by one
+            self.settle()
+            _add(self.corpus, batch, self.truncate, self.totals, self.problems, self.advance)
+            return
+        self.settle()
+        if self.pool is None:
+            self.writing = (_done(self.corpus.write, prepared), batch)
+        else:
+            self.writing = (self.pool.submit(self.corpus.write, prepared, self.conn), batch)
+
+    def settle(self) -> None:
+        """Wait for the batch being written and count it (a refused one is added again, one
+        document at a time)."""
+        if self.writing is None:
+            return
+        future, batch = self.writing
+        self.writing = None
+        try:
+            report = future.result()
+        except (InvalidInput, ModelMismatch):  # refused, or a migration step came between
+            _add(self.corpus, batch, self.truncate, self.totals, self.problems, self.advance)
+            return
+        if report.chunks:
+            self.corpus.client.wrote()
+        _count(self.totals, report)
+        self.advance(len(batch))
+
+
+def _done(write: Callable[[PreparedAdd], AddReport], prepared: PreparedAdd) -> Future[AddReport]:
+    """`write(prepared)` done now, as a settled Future."""
+    future: Future[AddReport] = Future()
+    try:
+        future.set_result(write(prepared))
+    except Exception as exc:
+        future.set_exception(exc)
+    return future
+
+
+def _count(totals: dict[str, int], report: AddReport) -> None:
+    totals["added"] += report.added
+    totals["updated"] += report.updated
+    totals["skipped"] += report.skipped
+    totals["chunks"] += report.chunks
+
+
 def _add(corpus: Corpus, batch: list[_Record], truncate: bool, totals: dict[str, int],
          problems: list[FileProblem], advance: Callable[[int], None]) -> None:
     """Add one batch; if the corpus refuses it, add its documents one by one."""
@@ -472,10 +563,7 @@ def _add(corpus: Corpus, batch: list[_Record], truncate: bool, totals: dict[str,
             totals["failed"] += 1
             advance(1)
         return
-    totals["added"] += report.added
-    totals["updated"] += report.updated
-    totals["skipped"] += report.skipped
-    totals["chunks"] += report.chunks
+    _count(totals, report)
     advance(len(batch))
 
 

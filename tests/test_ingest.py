@@ -12,6 +12,10 @@ import struct
 import subprocess
 import sys
 import termios
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +25,7 @@ from rich.console import Console
 
 import pyembed
 from pyembed.client import Client, Corpus
+from pyembed.db import connect, twin
 from pyembed.ingest import (
     FileProblem,
     IngestError,
@@ -30,6 +35,7 @@ from pyembed.ingest import (
     progress_line,
     read_documents,
 )
+from pyembed.models import InputType
 from tests.conftest import REPO, Database
 from tests.helpers import count
 
@@ -385,3 +391,157 @@ def test_markdown_title() -> None:
     assert markdown_title("intro\n# Title #\ntext") == "Title"
     assert markdown_title("~~~\n# code\n~~~\n### Third level") == "Third level"
     assert markdown_title("#hashtag, not a heading") is None
+
+
+# -- each batch embedded while the one before is written -----------------------------------------
+
+@contextmanager
+def _writes_blocked(db: Database) -> Iterator[psycopg.Connection[Any]]:
+    """Documents cannot be written until the block ends (or the yielded connection rolls
+    back); reading them still works."""
+    with psycopg.connect(db.owner_dsn) as blocker:
+        blocker.execute("LOCK TABLE pyembed.documents IN EXCLUSIVE MODE")
+        yield blocker
+        blocker.rollback()
+
+
+def _recording(monkeypatch: pytest.MonkeyPatch, corpus: Corpus,
+               before: Callable[[int], None]) -> list[list[str]]:
+    """The texts of each provider call of the corpus's embedder; `before(n)` runs before the
+    n-th (1-based)."""
+    provider = corpus.client.embedder(KEY).provider
+    embed_batch = provider.embed_batch
+    calls: list[list[str]] = []
+
+    def recording(texts: list[str], input_type: InputType) -> Any:
+        calls.append(texts)
+        before(len(calls))
+        return embed_batch(texts, input_type)
+
+    monkeypatch.setattr(provider, "embed_batch", recording)
+    return calls
+
+
+def test_the_next_batch_is_embedded_while_one_is_written(
+        tmp_path: Path, corpus: Corpus, db: Database, app: psycopg.Connection[Any],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _write(tmp_path / "three.jsonl",
+                  _jsonl(*({"id": str(i), "text": f"batch {i} alone"} for i in range(3))))
+    second = threading.Event()
+    calls = _recording(monkeypatch, corpus, lambda n: second.set() if n == 2 else None)
+    reports: list[IngestReport] = []
+
+    with _writes_blocked(db):
+        run = threading.Thread(target=lambda: reports.append(
+            ingest(corpus, path, batch_size=1, progress=False)))
+        run.start()
+        embedded = second.wait(timeout=60)  # never, if the first write had to end first
+        written = count(app, "documents")
+    run.join(timeout=60)
+
+    assert embedded and written == 0
+    assert [c[0] for c in calls] == ["batch 0 alone", "batch 1 alone", "batch 2 alone"]
+    [report] = reports
+    assert (report.added, report.chunks) == (3, 3) and count(app, "documents") == 3
+
+
+def test_a_failure_while_a_batch_is_written_keeps_that_batch_and_a_rerun_resumes(
+        tmp_path: Path, corpus: Corpus, db: Database, app: psycopg.Connection[Any],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _write(tmp_path / "six.jsonl",
+                  _jsonl(*({"id": str(i), "text": f"document {i}"} for i in range(6))))
+
+    with _writes_blocked(db) as blocker:
+        def fail_second(n: int) -> None:
+            if n == 2:  # batch 1 is being written (blocked): unblock it a little later
+                threading.Timer(0.5, blocker.rollback).start()
+                raise pyembed.ProviderError("the model crashed")
+
+        _recording(monkeypatch, corpus, fail_second)
+        with pytest.raises(pyembed.ProviderError, match="the model crashed"):
+            ingest(corpus, path, batch_size=2, progress=False)
+        kept = sorted(_documents(app))  # the run waited for the batch being written
+    monkeypatch.undo()
+
+    assert kept == ["0", "1"]
+    again = ingest(corpus, path, batch_size=2, progress=False)
+    assert (again.added, again.skipped, again.failed) == (4, 2, 0)
+    assert count(app, "chunks") == 6
+
+
+def test_a_killed_ingest_stores_no_part_of_its_batch_and_a_rerun_resumes(
+        tmp_path: Path, corpus: Corpus, db: Database, app: psycopg.Connection[Any]) -> None:
+    path = _write(tmp_path / "forty.jsonl", _jsonl(
+        *({"id": str(i), "text": f"document {i} " + "word " * 300} for i in range(40))))
+    first = _write(tmp_path / "first.jsonl", "".join(path.read_text().splitlines(True)[:10]))
+    before = ingest(corpus, first, progress=False)
+    assert (before.added, before.chunks) == (10, 40)
+
+    writers = ("SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND "
+               "wait_event_type = 'Lock' AND query LIKE 'INSERT INTO pyembed.documents%'")
+    with _writes_blocked(db):
+        proc = _cli(["ingest", "files", str(path), "--batch-size", "5", "--quiet"], db,
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        waiting = _wait_for(lambda: len(app.execute(writers).fetchall()) == 1)
+        [(writer,)] = app.execute(writers).fetchall()
+        proc.kill()
+        proc.wait(timeout=60)
+    assert _wait_for(lambda: app.execute("SELECT NOT EXISTS (SELECT FROM pg_stat_activity "
+                                         "WHERE pid = %s)", (writer,)).fetchone() == (True,))
+
+    assert waiting  # killed while a batch was being written
+    assert count(app, "documents") == 10 and count(app, "chunks") == 40
+    again = ingest(corpus, path, batch_size=5, progress=False)
+    assert (again.added, again.skipped, again.failed, again.chunks) == (30, 10, 0, 120)
+    assert count(app, "chunks") == count(app, "vectors") == 160
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_without_a_second_connection_batches_are_written_in_turn(
+        tmp_path: Path, corpus: Corpus, app: psycopg.Connection[Any],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("pyembed.ingest.twin", lambda conn: None)
+    path = _write(tmp_path / "many.jsonl",
+                  _jsonl(*({"id": str(i), "text": f"text {i}"} for i in range(12))))
+    main = corpus.client.conn.info.backend_pid
+    writers: set[int] = set()
+    write = Corpus.write
+
+    def recording(self: Corpus, prepared: Any, conn: Any = None) -> Any:
+        writers.add((conn or self.client.conn).info.backend_pid)
+        return write(self, prepared, conn)
+
+    monkeypatch.setattr(Corpus, "write", recording)
+    report = ingest(corpus, path, batch_size=5, progress=False)
+
+    assert (report.added, report.chunks) == (12, 12) and writers == {main}
+    assert count(app, "documents") == 12
+
+
+def test_the_second_connection_acts_as_the_first(db: Database,
+                                                 owner: psycopg.Connection[Any]) -> None:
+    identity = ("SELECT session_user::text, current_user::text, "
+                "current_setting('pyembed.act_as_tenant', true)")
+    with connect(db.app_dsn, autocommit=True) as app_conn, twin(app_conn) as other:
+        assert other is not None and other.info.backend_pid != app_conn.info.backend_pid
+        assert other.execute(identity).fetchone() == app_conn.execute(identity).fetchone()
+        assert other.info.dbname == app_conn.info.dbname == db.name
+
+    owner.execute("SET ROLE pyembed_app")
+    owner.execute("SELECT set_config('pyembed.act_as_tenant', 'acme', false)")
+    with twin(owner) as other:
+        assert other is not None
+        assert other.execute(identity).fetchone() == (
+            owner.info.user, "pyembed_app", "acme") == owner.execute(identity).fetchone()
+    owner.execute("RESET ROLE")
+
+    owner.execute("SET SESSION AUTHORIZATION pyembed_app")  # a login it cannot open again
+    assert twin(owner) is None
