@@ -184,7 +184,8 @@ class Embedder:
             order.sort(key=tokens.__getitem__)
         ordered = [texts[i] for i in order]
         try:
-            for batch in plan_batches([tokens[i] for i in order], self.spec.max_batch,
+            max_batch = self.provider.max_batch or self.spec.max_batch
+            for batch in plan_batches([tokens[i] for i in order], max_batch,
                                       self.max_batch_tokens):
                 done.append(self._embed_batch(ordered[batch.start:batch.stop], input_type))
         finally:

@@ -3,7 +3,6 @@ vector does not depend on what it is batched with."""
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.resources
 import os
 import sys
@@ -163,9 +162,8 @@ def test_length_sorting_keeps_the_input_order(small_runs: None, threads: int,
         assert [texts[i] for i in nearest] == ordered
 
 
-def test_the_embedder_batches_by_length_and_keeps_the_order(small_runs: None) -> None:
-    spec = dataclasses.replace(LOCAL_DEFAULT, max_batch=8)
-    provider = LocalProvider(spec)
+def _recording(provider: LocalProvider) -> list[list[str]]:
+    """The texts of each of the provider's calls."""
     seen: list[list[str]] = []
     embed_batch = provider.embed_batch
 
@@ -174,6 +172,15 @@ def test_the_embedder_batches_by_length_and_keeps_the_order(small_runs: None) ->
         return embed_batch(texts, input_type)
 
     provider.embed_batch = recording  # type: ignore[method-assign]
+    return seen
+
+
+def test_the_embedder_batches_by_length_and_keeps_the_order(
+        small_runs: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(LocalProvider, "max_batch", 8)
+    spec = LOCAL_DEFAULT
+    provider = LocalProvider(spec)
+    seen = _recording(provider)
     texts = _mixed_texts()
     cache = DictCache()
 
@@ -186,6 +193,17 @@ def test_the_embedder_batches_by_length_and_keeps_the_order(small_runs: None) ->
     assert np.sum(vectors * alone, axis=1).min() > 0.999
     for text, vector in zip(texts, vectors, strict=True):  # cached under its own text
         np.testing.assert_array_equal(cache.store[text], vector)
+
+
+def test_the_local_model_takes_more_texts_a_call_than_a_service() -> None:
+    provider = LocalProvider(LOCAL_DEFAULT)
+    seen = _recording(provider)
+    texts = [f"text {i} for one call" for i in range(3 * LOCAL_DEFAULT.max_batch)]
+
+    Embedder(LOCAL_DEFAULT, provider).embed(texts)
+
+    assert [len(batch) for batch in seen] == [len(texts)]  # its threads wait once, at the end
+    assert LocalProvider.max_batch is not None and LocalProvider.max_batch >= 1024
 
 
 class DictCache:
@@ -304,3 +322,22 @@ def test_token_ids_kept_for_embedding_are_bounded(monkeypatch: pytest.MonkeyPatc
     assert sum(len(ids) for ids in model._kept.values()) == model._kept_tokens <= 100
     assert counts == [len(ids) for ids in model.token_ids(texts)]
     assert list(model._kept) == [] and model._kept_tokens == 0
+
+
+def test_the_threads_take_the_longest_runs_first(small_runs: None, two_threads: MiniLM,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    started: list[int] = []
+    run = MiniLM._run
+
+    def recording(self: MiniLM, ids: list[np.ndarray], *args: object) -> np.ndarray:
+        started.append(max(len(i) for i in ids))
+        return run(self, ids, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(MiniLM, "_run", recording)
+    texts = _mixed_texts()
+
+    vectors = two_threads.embed(texts)
+
+    assert len(started) == 5 and sorted(started[:2]) == sorted(started)[-2:]
+    assert started[-1] == min(started)  # the threads end on the shortest run
+    assert np.sum(vectors * shared_model().embed(texts), axis=1).min() > 0.999

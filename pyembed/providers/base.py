@@ -159,6 +159,9 @@ class Provider(ServiceClient[ModelSpec], ABC):
     batches_by_length: ClassVar[bool] = False
     """Whether the embedder should batch texts of similar length together (a model run
     here pays for padding; a service bills tokens, not batches)."""
+    max_batch: ClassVar[int | None] = None
+    """Texts per call, when the provider sets it instead of the spec's `max_batch` (a model
+    in this process that splits a call into runs of its own)."""
 
     def missing_key_hint(self) -> str:
         return f"export it, or use the local model {LOCAL_DEFAULT.key}"

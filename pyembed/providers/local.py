@@ -4,7 +4,8 @@ The model is loaded once per process, on first use, and shared by every LocalPro
 run in sub-batches of at most `BATCH_TOKENS` padded tokens, sorted by length so that little of
 a sub-batch is padding, spread over `local_threads()` threads (PYEMBED_LOCAL_THREADS; by default
 1 in a PostgreSQL backend, the usable CPUs elsewhere), each running whole sub-batches on one
-onnxruntime thread. A text is tokenised once: the ids `count_tokens` makes (the token limit's
+onnxruntime thread, the longest first (the threads end together, on short ones). The embedder
+hands it up to MAX_BATCH texts a call. A text is tokenised once: the ids `count_tokens` makes (the token limit's
 check, chunking) are kept for `embed` to take.
 
 Memory is bounded per process: a sub-batch's buffers are a few MB, so onnxruntime's CPU arena,
@@ -38,6 +39,10 @@ BATCH_TOKENS = 512
 """Padded tokens per onnxruntime run: 2 texts at 256 tokens. A run's buffers grow with
 rows * length^2 (attention): this keeps them to a few MB, which is what the CPU arena then
 holds, and on a CPU smaller runs cost less per text (their buffers stay in the caches)."""
+MAX_BATCH = 1024
+"""Texts per call from the embedder (the spec's max_batch, 64, is a service's request size): a
+call runs in sub-batches of BATCH_TOKENS, on every thread; the threads wait for each other at
+its end, so fewer calls waste less (an ingest batch of 64 documents is one call)."""
 TOKENS_KEPT = 1 << 20
 """Token ids `count_tokens` keeps for `embed`, which takes them (a text counted is embedded
 next, by `Embedder` and `Corpus.add`: it is tokenised once): at most this many tokens, 4 MB,
@@ -147,6 +152,8 @@ class MiniLM:
             return self._run([ids[i] for i in rows], session)
 
         pool = self._pool if len(groups) > 1 else None
+        if pool is not None:  # longest first: the threads end together, on short runs
+            groups.reverse()
         runs = pool.map(run, groups) if pool is not None else map(run, groups)
         for rows, vectors in zip(groups, runs, strict=True):
             out[rows] = vectors
@@ -234,6 +241,7 @@ class LocalProvider(Provider):
     name = "local"
     truncates_input = True
     batches_by_length = True
+    max_batch = MAX_BATCH
 
     def __init__(self, spec: ModelSpec, *, api_key: str | None = None,
                  base_url: str | None = None, timeout: float = 30.0) -> None:
