@@ -48,6 +48,12 @@ def twin(conn: psycopg.Connection[Any]) -> psycopg.Connection[Any] | None:
     does: the same login role, current role and tenant setting, so privileges and row-level
     security treat both alike. None when one cannot be opened or would act otherwise."""
     params = conn.info.get_parameters()
+    # The server `conn` reached, not another of a multi-host DSN (a standby, say).
+    params.update(host=conn.info.host, port=str(conn.info.port))
+    if conn.info.hostaddr:
+        params["hostaddr"] = conn.info.hostaddr
+    for choice in ("load_balance_hosts", "target_session_attrs"):
+        params.pop(choice, None)
     if conn.info.password:
         params["password"] = conn.info.password
     try:

@@ -5,8 +5,8 @@ run in sub-batches of at most `BATCH_TOKENS` padded tokens, sorted by length so 
 a sub-batch is padding, spread over `local_threads()` threads (PYEMBED_LOCAL_THREADS; by default
 1 in a PostgreSQL backend, the usable CPUs elsewhere), each running whole sub-batches on one
 onnxruntime thread, the longest first (the threads end together, on short ones). The embedder
-hands it up to MAX_BATCH texts a call. A text is tokenised once: the ids `count_tokens` makes (the token limit's
-check, chunking) are kept for `embed` to take.
+hands it up to MAX_BATCH texts a call. A text is tokenised once: the ids `count_tokens` makes
+(the token limit's check, chunking) are kept for `embed` to take.
 
 Memory is bounded per process: a sub-batch's buffers are a few MB, so onnxruntime's CPU arena,
 which keeps the buffers of the largest run for the life of the process (a PostgreSQL backend),
