@@ -406,3 +406,21 @@ def test_function_inventory_matches_the_golden_file(owner: psycopg.Connection[An
         "app no | public no")
 
     assert_matches_golden("functions.txt", lines, "tests/test_indb.py -k golden")
+
+
+def test_keyword_scoring_imports_neither_the_client_nor_sqlalchemy() -> None:
+    """PL/Python imports pyembed.bm25 for a session's first keyword search: the package's
+    names are imported on first use, so that costs numpy, not the client and SQLAlchemy."""
+    import subprocess
+    import sys
+
+    import pyembed
+
+    assert sorted(pyembed.__all__) == sorted(["__version__", *pyembed._WHERE])
+    check = ("import sys, pyembed.bm25; "
+             "print(sorted(m for m in ('pyembed.client', 'sqlalchemy', 'alembic', 'psycopg') "
+             "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
+    assert pyembed.Client.__module__ == "pyembed.client" and pyembed.connect is not None
