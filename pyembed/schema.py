@@ -1,7 +1,7 @@
 """Bring a database to the current schema: Alembic revisions, then the replaceable sql/ files.
 
 Alembic and SQLAlchemy are imported when a function here needs them, not with pyembed: every
-other command starts without them (a third of a second of CPU)."""
+other command starts without their import time."""
 
 from __future__ import annotations
 

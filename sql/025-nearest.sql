@@ -99,8 +99,8 @@ BEGIN
     hits := format('SELECT v.chunk_id, v.%s $1 AS distance FROM %s ORDER BY 2, 1 LIMIT %s',
                    s.exact, source, k);
   ELSE
-    -- By the index: asked for a few percent of a small partition's rows (200 of 5,183), the
-    -- planner chose a bitmap scan of all of them and a sort (2.7 ms against 1.4 by the index).
+    -- By the index: asked for a few percent of a small partition's rows, the planner chose a
+    -- bitmap scan of all of them and a sort, slower than the index.
     setting := set_config('enable_bitmapscan', 'off', true);
     IF s.op = '<~>' THEN
       hits := format('SELECT c.chunk_id, c.%1$s $1 AS distance FROM (SELECT v.chunk_id, '

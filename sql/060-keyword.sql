@@ -368,10 +368,7 @@ SET search_path = pg_catalog, pg_temp
 SET work_mem = '64MB'
 AS $$
 BEGIN
-  -- Per lexeme and block of 512 doc_no (pyembed.posting_blocks, numbered -1 - doc_no >> 9): the counts add up by lexeme; new
-  -- postings come packed as well (a block new at commit is stored as they are). The arrays of
-  -- one aggregate have their elements in the same order (no order needed: a block's postings
-  -- are scored in any order, and the commit sorts the blocks).
+  -- As in pyembed._count_postings, by blocks of 512 doc_no (numbered -1 - doc_no >> 9).
   IF TG_OP = 'INSERT' THEN
     INSERT INTO pyembed.keyword_pending (corpus_id, lexemes, blocks, dfs, postings, chunks,
                                          total_len, documents)
@@ -526,11 +523,12 @@ $$;
 -- The n best chunks of a corpus by BM25 (k1 1.2, b 0.75) for a query, best first, among the
 -- chunks whose metadata contains `filter` (if given): (chunk ids, scores), every posting of every
 -- query term scored. With `by_document`, the same over the documents' postings and statistics,
--- among the documents whose metadata contains `filter`: (doc_no of pyembed.documents, scores). The postings come packed from pyembed.posting_blocks (up to 196 rows a term
--- at 100k chunks, read in index order) and are scored in bulk by
--- pyembed._bm25_top; the blocks this transaction has changed but not yet committed (rebuilt at
--- commit) are packed from pyembed.postings instead, so that it finds what it wrote. With a
--- filter, the best 4n are checked, then 8 times more while fewer than n pass.
+-- among the documents whose metadata contains `filter`: (doc_no of pyembed.documents, scores).
+-- The postings come packed from pyembed.posting_blocks (a row a term per 512 ids, read in index
+-- order) and are scored in bulk by pyembed._bm25_top; the blocks this transaction has changed
+-- but not yet committed (rebuilt at commit) are packed from pyembed.postings instead, so that
+-- it finds what it wrote. With a filter, the best 4n are checked, then 8 times more while
+-- fewer than n pass.
 -- A term's parts are added rarest term first (as the one statement that scored postings row by
 -- row added them), in float8: the same scores to the last bit.
 CREATE OR REPLACE FUNCTION pyembed._bm25(c pyembed.corpora, query text, n integer, filter jsonb,
@@ -605,8 +603,8 @@ BEGIN
   END IF;
   m := CASE WHEN filter IS NULL THEN n ELSE 4 * n END;
   LOOP
-    SELECT t.ids, t.scores INTO cids, cps FROM pyembed._bm25_top(packed, blocks, terms, sizes, w, avgdl,
-                                                             m) t;
+    SELECT t.ids, t.scores INTO cids, cps
+      FROM pyembed._bm25_top(packed, blocks, terms, sizes, w, avgdl, m) t;
     IF filter IS NULL THEN
       ids := cids;
       scores := cps;
@@ -646,9 +644,9 @@ BEGIN
 END
 $$;
 
--- The n best of packed postings (as pyembed.posting_blocks holds them), block after block, each block numbered as
--- in `blocks`, of the term at its place in `terms` (their idf: `idfs`) and `sizes` bytes long:
--- (chunk ids, BM25 scores), best first, ties by chunk id.
+-- The n best of packed postings (as pyembed.posting_blocks holds them), block after block,
+-- each block numbered as in `blocks`, of the term at its place in `terms` (their idf: `idfs`)
+-- and `sizes` bytes long: (chunk ids, BM25 scores), best first, ties by chunk id.
 CREATE OR REPLACE FUNCTION pyembed._bm25_top(packed bytea, blocks bigint[], terms integer[],
                                              sizes integer[], idfs float8[], avgdl float8,
                                              n integer, OUT ids bigint[], OUT scores float8[])

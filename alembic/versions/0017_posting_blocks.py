@@ -5,7 +5,7 @@ Revises: 0016
 Create Date: 2026-12-04
 
 BM25 scores every posting of the query's terms. Read one index tuple at a time from
-pyembed.postings, that cost about a microsecond a posting: at 100k documents a query has 50-250k.
+pyembed.postings, that cost grows with the postings, and a large corpus's query has many.
 pyembed.posting_blocks holds the same postings packed, one row per corpus, lexeme and block of
 512 chunk ids (block = chunk_id >> 9; the document postings of revision 0016 in blocks of 512
 doc_no, numbered -1 - doc_no >> 9): 10 bytes a posting (the id's place in its block int2, tf

@@ -76,7 +76,7 @@ def session_options() -> onnxruntime.SessionOptions:
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
     # The CPU arena stays on: runs of BATCH_TOKENS keep it to a few MB, and without it every
-    # buffer of every run is allocated and freed again (15-20% more CPU time).
+    # buffer of every run is allocated and freed again, which costs CPU time.
     options.enable_mem_pattern = False  # a plan per input shape, and every shape differs
     options.log_severity_level = 3
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
