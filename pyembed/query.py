@@ -6,9 +6,9 @@ replica the calls that search run there and one call records on the primary."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +47,9 @@ RECORD = """SELECT pyembed.record_search($1::integer, $2::text, $3::text, $4::in
   $12::float8, $13::jsonb, $14::text[], $15::bigint[], $16::bigint[])"""
 
 RESERVE = "SELECT pyembed.reserve_query($1::integer, $2::text, $3::bytea, $4::integer)"
+
+_BACKGROUND = ThreadPoolExecutor(thread_name_prefix="pyembed-keyword-ranking")
+"""Runs hybrid search's keyword ranking while the caller's thread embeds the query."""
 
 Counts = tuple[list[str], list[int], list[int]] | tuple[None, None, None]
 
@@ -147,16 +150,16 @@ def _search(corpus: Corpus, query: str, k: int, flt: str | None, mode: str, opts
                     None, _ms(started, done), served, None, flt)
             return Searched(as_hits(rows), corpus_id, active, key, True,
                             {"embed_ms": None, "search_ms": None, "total_ms": _ms(started, done)})
-    # Hybrid search ranks by keywords on the server while the query is embedded here: the
-    # keyword leg costs no time of its own (issue 22, item 4).
-    keyword = (_Background(_rows, primary, KEYWORD_RANKING,
-                           [corpus.name, query, flt, options.group])
+    # Hybrid search ranks by keywords on the server while the query is embedded here (psycopg
+    # waits for the server without the GIL), so that the keyword leg overlaps the embedding.
+    keyword = (_BACKGROUND.submit(_rows, primary, KEYWORD_RANKING,
+                                  [corpus.name, query, flt, options.group])
                if one and mode == "hybrid" else None)
     try:
         vector = embedder.embed_prepared(served.text, served.input_type, reserved=True)
     except BaseException:
         if keyword is not None:
-            keyword.wait()  # the connection is free again; the embedding's error is the one
+            wait([keyword])  # the connection is free again; the embedding's error is the one
         raise
     ranking = keyword.result() if keyword is not None else None
     embedded = time.perf_counter()
@@ -185,32 +188,6 @@ def _search(corpus: Corpus, query: str, k: int, flt: str | None, mode: str, opts
     return Searched(as_hits(rows), corpus_id, active, key, False,
                     {"embed_ms": embed_ms, "search_ms": _ms(embedded, done),
                      "total_ms": _ms(started, done)})
-
-
-class _Background:
-    """fn(*args) on a thread of its own (a statement: psycopg waits without the GIL, so it runs
-    while this thread embeds); result() waits for it and returns or raises what it did."""
-
-    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
-        self._out: Any = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(fn, args), daemon=True)
-        self._thread.start()
-
-    def _run(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
-        try:
-            self._out = fn(*args)
-        except BaseException as exc:  # handed to the caller by result()
-            self._error = exc
-
-    def wait(self) -> None:
-        self._thread.join()
-
-    def result(self) -> Any:
-        self.wait()
-        if self._error is not None:
-            raise self._error
-        return self._out
 
 
 def _keys(corpus: Corpus) -> list[str]:
