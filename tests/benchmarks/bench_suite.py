@@ -6,6 +6,8 @@ by side with what users would pick instead.
     .venv/bin/python tests/benchmarks/bench_suite.py --mode-1m      # 1,000,000 rows (long)
     .venv/bin/python tests/benchmarks/bench_suite.py --mode-1m --storage-only   # section 5 only
     .venv/bin/python tests/benchmarks/bench_suite.py --storage-only --rows 250000 --dims 1024
+    .venv/bin/python tests/benchmarks/bench_suite.py --search-only                # section 2 only
+    .venv/bin/python tests/benchmarks/bench_suite.py --search-only --database guard   # kept
 
 Sections (environment first; medians of --reps repetitions with their range; ingest
 ratios taken within each repetition, then their median):
@@ -28,6 +30,10 @@ ratios taken within each repetition, then their median):
      the same index and settings: p50/p99, recall@10.
 --mode-1m: 1,000,000 rows, sections 1, 2 and 5 (langchain on the first --langchain-rows);
 --storage-only: section 5 alone (--dims 1024 for 1024-d vectors).
+--search-only: section 2 alone, on the same data loaded untimed (documents and chunks by INSERT,
+vectors by copy_vectors, the plain table by COPY) and indexed as section 1 leaves it; with
+--database NAME the database is kept, and a later run with the same data reuses its corpus,
+plain table and both HNSW indexes (the same graphs: runs of different code compare alike).
 
 Needs langchain-postgres, which pins pgvector<0.4 (pyembed uses the newer pgvector-python):
     .venv/bin/pip install --no-deps langchain-postgres==0.0.19 asyncpg psycopg-pool
@@ -66,7 +72,14 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from pyembed.bulk_load import load_vectors  # noqa: E402
-from pyembed.corpora import ChunkRow, CorpusInfo, create_corpus, drop_corpus, write_chunks  # noqa: E402
+from pyembed.corpora import (  # noqa: E402
+    ChunkRow,
+    CorpusInfo,
+    corpus_info,
+    create_corpus,
+    drop_corpus,
+    write_chunks,
+)
 from pyembed.text import document_hash, sha256  # noqa: E402
 from pyembed.vectors import copy_vectors, vector_partition  # noqa: E402
 from tests.benchmarks import bench_storage  # noqa: E402
@@ -981,6 +994,10 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the database")
     parser.add_argument("--storage-only", action="store_true",
                         help="section 5 alone: search by storage")
+    parser.add_argument("--search-only", action="store_true",
+                        help="section 2 alone: guarded search vs the unguarded statement")
+    parser.add_argument("--database", default=None,
+                        help="with --search-only: a database of this name, kept and reused")
     parser.add_argument("--dims", type=int, default=DIMS, choices=(DIMS, 1024),
                         help="vector dimensions of section 5 with --storage-only (384)")
     bench_storage.add_arguments(parser)
@@ -994,8 +1011,8 @@ def main() -> None:
     args.budget = args.budget or None
 
     started, cpu_at_start = time.perf_counter(), cpu_times()
-    if args.storage_only:
-        storage_only(args)
+    if args.storage_only or args.search_only:
+        (storage_only if args.storage_only else search_only)(args)
         print(f"total {time.perf_counter() - started:.0f} s; {cpu_stolen(cpu_at_start)}; at the "
               f"end: {load_average()}")
         return
@@ -1030,6 +1047,69 @@ def main() -> None:
             owner.close()
     print(f"total {time.perf_counter() - started:.0f} s; {cpu_stolen(cpu_at_start)}; at the end: "
           f"{load_average()}")
+
+
+def search_corpus(t: Target, owner: psycopg.Connection[Any], data: Data,
+                  args: argparse.Namespace) -> IngestResults:
+    """The corpus and plain table section 2 searches, with their HNSW indexes: those a kept
+    database has for the same data, else loaded untimed and indexed as after section 1."""
+    res = IngestResults()
+    name = (f"search-{data.n}-{args.seed}-{args.centres}-{args.noise:g}-{args.queries}"
+            .replace(".", "_"))
+    assert t.app_dsn is not None
+    app = connect(t.app_dsn, ef_search=None)
+    try:
+        if not t.fresh and scalar(owner, "SELECT EXISTS (SELECT FROM pyembed.corpora "
+                                         "WHERE name = %s)", (name,)):
+            res.corpus = corpus_info(app, name)
+            where = {(d, n): c for d, n, c in app.execute(
+                "SELECT document_id, chunk_index, chunk_id FROM pyembed.chunks "
+                "WHERE corpus_id = %s", (res.corpus.corpus_id,))}
+            plain_rows = scalar(owner, "SELECT CASE WHEN to_regclass('public.bench_plain_hnsw') "
+                                       "IS NULL THEN -1 ELSE (SELECT count(*) FROM "
+                                       "public.bench_plain) END")
+            indexed = scalar(owner, "SELECT count(*) FROM pyembed._vector_indexes(%s)",
+                             (res.corpus.corpus_id,))
+            if len(where) == data.n and plain_rows == data.n and indexed:
+                res.chunk_ids = [where[data.document_ids[i], data.chunk_indexes[i]]
+                                 for i in range(data.n)]
+                print(f"   reused corpus {name} and the plain table, with their HNSW indexes",
+                      flush=True)
+                return res
+            drop_corpus(app, name)
+        started = time.perf_counter()
+        res.corpus = create_corpus(app, name, KEY)
+        drop_corpus_index(owner, res.corpus.corpus_id)
+        res.chunk_ids = complete_corpus(app, res.corpus, data, 0)
+        run_plain(t, owner, data, batches(data.n, args.batch), res)
+        vacuum(owner, *PYEMBED_TABLES)
+        print(f"   loaded {data.n:,} rows untimed in {time.perf_counter() - started:.0f} s",
+              flush=True)
+    finally:
+        app.close()
+    build_indexes(owner, res, args)
+    return res
+
+
+def search_only(args: argparse.Namespace) -> None:
+    started = time.perf_counter()
+    data = make_data(args)
+    prep = time.perf_counter() - started
+    with local_database(FOLDER, prefix="search", keep=args.keep, name=args.database) as target:
+        owner = connect(target.owner_dsn)
+        try:
+            print(f"pyembed benchmark suite: {' '.join(sys.argv[1:])}")
+            print_environment(owner, SUITE_PACKAGES)
+            print(f"database: {target.description}")
+            print(f"data: {data.n:,} unit {DIMS}-d float32 vectors around {args.centres:,} "
+                  f"centres (noise norm {args.noise}), {len(data.queries)} queries, seed "
+                  f"{args.seed}; model key {KEY}; generated with exact top-{K} in {prep:.1f} s")
+            ratios = search(target, owner, data, search_corpus(target, owner, data, args), args)
+            print("\nsummary:")
+            for name, value in ratios.items():
+                print(f"   {name}: {value:.2f}")
+        finally:
+            owner.close()
 
 
 def storage_only(args: argparse.Namespace) -> None:
