@@ -10,7 +10,6 @@ CREATE OR REPLACE FUNCTION pyembed._index_spec(dims integer, distance text,
   storage text DEFAULT 'vector',
   OUT expr text, OUT opclass text, OUT op text, OUT castto text, OUT exact text)
 LANGUAGE plpgsql IMMUTABLE
-SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
   t text := CASE storage WHEN 'binary' THEN 'bit' WHEN 'halfvec' THEN 'halfvec'
@@ -46,7 +45,6 @@ $$;
 CREATE OR REPLACE FUNCTION pyembed.hnsw_rule(rows bigint, dims integer,
   OUT m integer, OUT ef_construction integer, OUT ef_search integer, OUT oversample integer)
 LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
-SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
   IF rows < 200000 THEN
@@ -63,11 +61,11 @@ $$;
 -- The HNSW settings in force for a corpus of this many rows: the owner's overrides
 -- (corpora.index_settings, set by pyembed.set_index_settings) over the rule.
 -- (PL/pgSQL, as the rule and _index_spec: every search calls them, and a SQL function that
--- cannot be inlined is planned again on every call.)
+-- cannot be inlined is planned again on every call. The three run with their caller's pinned
+-- search_path: 090-search-path.sql.)
 CREATE OR REPLACE FUNCTION pyembed._index_params(settings jsonb, rows bigint, dims integer,
   OUT m integer, OUT ef_construction integer, OUT ef_search integer, OUT oversample integer)
 LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
-SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
   r record := pyembed.hnsw_rule(rows, dims);
@@ -204,11 +202,11 @@ BEGIN
 END
 $$;
 
--- A corpus's partition of pyembed.vectors (see 010-guards.sql).
+-- A corpus's partition of pyembed.vectors (see 010-guards.sql). SQL without a pinned search_path
+-- (090-search-path.sql), so that the planner inlines it into its callers' statements.
 CREATE OR REPLACE FUNCTION pyembed._vector_partition_name(p_corpus_id integer) RETURNS text
-LANGUAGE plpgsql IMMUTABLE
-SET search_path = pg_catalog, pg_temp
-AS $$ BEGIN RETURN 'vectors_c' || p_corpus_id; END $$;
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$ SELECT 'vectors_c' OPERATOR(pg_catalog.||) p_corpus_id::text $$;
 
 -- Make a corpus's partition, or bring an existing one up to date: owner, privileges, triggers,
 -- and the CHECK constraint for the corpus's current keys. The table is made on its own and then

@@ -65,7 +65,6 @@ CREATE OR REPLACE FUNCTION pyembed._nearest_in(p_corpus_id integer, p_model_key 
   p_dims integer, p_distance text, counted real,
   OUT ids bigint[], OUT distances float8[], OUT scores float8[])
 LANGUAGE plpgsql STABLE
-SET search_path = pg_catalog, pg_temp
 SET hnsw.iterative_scan = 'off'
 SET hnsw.ef_search = 100
 SET enable_seqscan = off

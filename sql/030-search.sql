@@ -19,7 +19,6 @@ CREATE OR REPLACE FUNCTION pyembed._vector_ranking(
   c pyembed.corpora, query_embedding vector, query_model_key text, k integer, filter jsonb,
   group_by text, OUT ids bigint[], OUT scores float8[], OUT keys text[])
 LANGUAGE plpgsql STABLE
-SET search_path = pg_catalog, pg_temp
 SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
