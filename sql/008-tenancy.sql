@@ -2,21 +2,31 @@
 -- by name that every function and every Python path uses (PE002 for a name the caller's tenant
 -- does not have, another tenant's included).
 
--- The tenant this session acts for (NULL: none). PL/pgSQL, not SQL: it keeps its plans for the
--- session, where a SECURITY DEFINER SQL function is planned again at every call.
+-- The tenant this session acts for (NULL: none): a superuser's pyembed.act_as_tenant (by name),
+-- else the tenant its login role is a member of. A SQL function the planner inlines into the
+-- statements that read it (no function call: pyembed.lookup_corpus's is part of every search's
+-- cost), so without a pinned search_path (090-search-path.sql) and executable by no other role.
+-- CASE evaluates its subqueries only when reached: nearly every session reads tenant_members.
+CREATE OR REPLACE FUNCTION pyembed._session_tenant() RETURNS TABLE (tenant_id integer)
+LANGUAGE sql STABLE
+AS $$
+  SELECT CASE WHEN coalesce(current_setting('pyembed.act_as_tenant', true), '') <> ''
+               AND (SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname = session_user)
+              THEN (SELECT t.tenant_id FROM pyembed.tenants t
+                     WHERE t.name = current_setting('pyembed.act_as_tenant', true))
+              ELSE (SELECT m.tenant_id FROM pyembed.tenant_members m
+                     WHERE m.role_name = session_user) END
+$$;
+
+-- The same for callers outside pyembed's own statements (row-level security policies, the
+-- application). PL/pgSQL, not SQL: it keeps its plan for the session, where a SECURITY DEFINER
+-- SQL function is planned again at every call.
 CREATE OR REPLACE FUNCTION pyembed.current_tenant() RETURNS integer
 LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-  -- Two IFs: the first, which decides nearly every call, is an expression without a query.
-  IF coalesce(current_setting('pyembed.act_as_tenant', true), '') <> '' THEN
-    IF (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = session_user) THEN
-      RETURN (SELECT t.tenant_id FROM pyembed.tenants t
-               WHERE t.name = current_setting('pyembed.act_as_tenant', true));
-    END IF;
-  END IF;
-  RETURN (SELECT m.tenant_id FROM pyembed.tenant_members m WHERE m.role_name = session_user);
+  RETURN (SELECT s.tenant_id FROM pyembed._session_tenant() s);
 END
 $$;
 
@@ -32,7 +42,7 @@ END
 $$;
 
 -- The caller's tenant's corpus of this name, or PE002. `coalesce(tenant_id, 0) = ...` reads the
--- unique index corpora_tenant_name and calls current_tenant() once.
+-- unique index corpora_tenant_name and finds the tenant once (pyembed._session_tenant, inlined).
 CREATE OR REPLACE FUNCTION pyembed.lookup_corpus(corpus text) RETURNS pyembed.corpora
 LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -42,7 +52,8 @@ DECLARE
 BEGIN
   SELECT * INTO c FROM pyembed.corpora co
    WHERE co.name = corpus
-     AND coalesce(co.tenant_id, 0) = coalesce((SELECT pyembed.current_tenant()), 0);
+     AND coalesce(co.tenant_id, 0) = coalesce((SELECT s.tenant_id
+                                                 FROM pyembed._session_tenant() s), 0);
   IF NOT FOUND THEN
     RAISE EXCEPTION USING ERRCODE = 'PE002',
       MESSAGE = format('unknown corpus %s', coalesce(quote_literal(left(corpus, 80)), 'NULL')),

@@ -1,15 +1,38 @@
 -- Corpora and models: created and dropped through these functions only.
 
+-- Both rules of a corpus's vector index, in one call (pyembed._nearest_in makes it at every
+-- search; _index_spec, _index_params and hnsw_rule below answer with parts of it):
+--
 -- The indexed expression, operator class, distance operator and query type for a model's
 -- vectors in a storage (0013_vector_storage): `vector` indexes float32 up to 2,000 dimensions
 -- (above, float16: pgvector's limit), `halfvec` float16 up to 4,000, `binary` the sign bits
 -- (bit(n), Hamming distance) up to 64,000; beyond its limit a storage has no index (expr NULL:
 -- exact scans). `exact` is the model's own distance on the float32 vectors, which no index
 -- serves: binary searches rescore with it, exact searches order by it.
-CREATE OR REPLACE FUNCTION pyembed._index_spec(dims integer, distance text,
-  storage text DEFAULT 'vector',
-  OUT expr text, OUT opclass text, OUT op text, OUT castto text, OUT exact text)
-LANGUAGE plpgsql IMMUTABLE
+--
+-- pyembed's rule for HNSW parameters, from the vectors a key has in a corpus (rows) and their
+-- dimensions (documented in docs/index-tuning.md, measured by tests/benchmarks/bench_suite.py):
+--   rows < 200,000        m 16, ef_construction  64, ef_search 100
+--   rows < 2,000,000      m 24, ef_construction 128, ef_search 300
+--   2,000,000 and more    m 32, ef_construction 200, ef_search 500
+-- A graph's recall at a given ef_search falls as it grows (clustered 384-d data here, m 16 and
+-- ef_construction 64: recall@10 0.99 at 100k rows with ef_search 100, 0.88 at 1M with 200),
+-- and more links per node (m) and a wider build search (ef_construction) buy it back at the
+-- cost of build time and index size. `oversample` is for binary storage: the Hamming index
+-- returns k x oversample candidates, which are rescored exactly; fewer bits rank more coarsely,
+-- so it falls as dimensions grow: 60 below 768 dimensions, 20 below 1,536, 10 from there
+-- (docs/index-tuning.md has the recall each reached). The owner's overrides
+-- (corpora.index_settings, set by pyembed.set_index_settings; `settings`) come over the rule.
+--
+-- PL/pgSQL, as the functions below: a SQL function that cannot be inlined is planned again on
+-- every call. One function, not one per rule: each PL/pgSQL call a search makes costs it more
+-- than the rule's arithmetic. They run with their caller's pinned search_path
+-- (090-search-path.sql).
+CREATE OR REPLACE FUNCTION pyembed._index_plan(dims integer, distance text, storage text,
+  settings jsonb, rows bigint,
+  OUT expr text, OUT opclass text, OUT op text, OUT castto text, OUT exact text,
+  OUT m integer, OUT ef_construction integer, OUT ef_search integer, OUT oversample integer)
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
 AS $$
 DECLARE
   t text := CASE storage WHEN 'binary' THEN 'bit' WHEN 'halfvec' THEN 'halfvec'
@@ -27,26 +50,6 @@ BEGIN
     opclass := t || CASE distance WHEN 'cosine' THEN '_cosine_ops' WHEN 'dot' THEN '_ip_ops'
                                   ELSE '_l2_ops' END;
   END IF;
-END
-$$;
-
--- pyembed's rule for HNSW parameters, from the vectors a key has in a corpus (rows) and their
--- dimensions (documented in docs/index-tuning.md, measured by tests/benchmarks/bench_suite.py):
---   rows < 200,000        m 16, ef_construction  64, ef_search 100
---   rows < 2,000,000      m 24, ef_construction 128, ef_search 300
---   2,000,000 and more    m 32, ef_construction 200, ef_search 500
--- A graph's recall at a given ef_search falls as it grows (clustered 384-d data here, m 16 and
--- ef_construction 64: recall@10 0.99 at 100k rows with ef_search 100, 0.88 at 1M with 200),
--- and more links per node (m) and a wider build search (ef_construction) buy it back at the
--- cost of build time and index size. `oversample` is for binary storage: the Hamming index
--- returns k x oversample candidates, which are rescored exactly; fewer bits rank more coarsely,
--- so it falls as dimensions grow: 60 below 768 dimensions, 20 below 1,536, 10 from there
--- (docs/index-tuning.md has the recall each reached).
-CREATE OR REPLACE FUNCTION pyembed.hnsw_rule(rows bigint, dims integer,
-  OUT m integer, OUT ef_construction integer, OUT ef_search integer, OUT oversample integer)
-LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
-AS $$
-BEGIN
   IF rows < 200000 THEN
     m := 16; ef_construction := 64; ef_search := 100;
   ELSIF rows < 2000000 THEN
@@ -55,25 +58,50 @@ BEGIN
     m := 32; ef_construction := 200; ef_search := 500;
   END IF;
   oversample := CASE WHEN dims < 768 THEN 60 WHEN dims < 1536 THEN 20 ELSE 10 END;
+  m := coalesce((settings ->> 'm')::integer, m);
+  ef_construction := coalesce((settings ->> 'ef_construction')::integer, ef_construction);
+  ef_search := coalesce((settings ->> 'ef_search')::integer, ef_search);
+  oversample := coalesce((settings ->> 'oversample')::integer, oversample);
+END
+$$;
+
+-- The index expression and operators for a model's vectors in a storage (pyembed._index_plan).
+CREATE OR REPLACE FUNCTION pyembed._index_spec(dims integer, distance text,
+  storage text DEFAULT 'vector',
+  OUT expr text, OUT opclass text, OUT op text, OUT castto text, OUT exact text)
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+DECLARE
+  p record := pyembed._index_plan(dims, distance, storage, NULL, 0);
+BEGIN
+  expr := p.expr; opclass := p.opclass; op := p.op; castto := p.castto; exact := p.exact;
+END
+$$;
+
+-- pyembed's rule for HNSW parameters (pyembed._index_plan), without an owner's overrides.
+CREATE OR REPLACE FUNCTION pyembed.hnsw_rule(rows bigint, dims integer,
+  OUT m integer, OUT ef_construction integer, OUT ef_search integer, OUT oversample integer)
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+AS $$
+DECLARE
+  p record := pyembed._index_plan(dims, NULL, NULL, NULL, rows);
+BEGIN
+  m := p.m; ef_construction := p.ef_construction; ef_search := p.ef_search;
+  oversample := p.oversample;
 END
 $$;
 
 -- The HNSW settings in force for a corpus of this many rows: the owner's overrides
--- (corpora.index_settings, set by pyembed.set_index_settings) over the rule.
--- (PL/pgSQL, as the rule and _index_spec: every search calls them, and a SQL function that
--- cannot be inlined is planned again on every call. The three run with their caller's pinned
--- search_path: 090-search-path.sql.)
+-- (corpora.index_settings, set by pyembed.set_index_settings) over the rule (pyembed._index_plan).
 CREATE OR REPLACE FUNCTION pyembed._index_params(settings jsonb, rows bigint, dims integer,
   OUT m integer, OUT ef_construction integer, OUT ef_search integer, OUT oversample integer)
 LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
 AS $$
 DECLARE
-  r record := pyembed.hnsw_rule(rows, dims);
+  p record := pyembed._index_plan(dims, NULL, NULL, settings, rows);
 BEGIN
-  m := coalesce((settings ->> 'm')::integer, r.m);
-  ef_construction := coalesce((settings ->> 'ef_construction')::integer, r.ef_construction);
-  ef_search := coalesce((settings ->> 'ef_search')::integer, r.ef_search);
-  oversample := coalesce((settings ->> 'oversample')::integer, r.oversample);
+  m := p.m; ef_construction := p.ef_construction; ef_search := p.ef_search;
+  oversample := p.oversample;
 END
 $$;
 

@@ -17,7 +17,7 @@
 --   halfvec  the same on float16, the k hits' distances taken again in float32;
 --   binary   the Hamming index's k x oversample nearest sign-bit codes, reordered by their exact
 --            distances, LIMIT k.
--- hnsw.ef_search follows pyembed._index_params for the rows the partition's statistics count
+-- hnsw.ef_search follows pyembed._index_plan for the rows the partition's statistics count
 -- (pg_class.reltuples: ANALYZE, autovacuum and index builds keep it), at least the candidates
 -- asked for (an HNSW scan returns at most ef_search rows), at most pgvector's 1,000; a filter
 -- may reject most of the nearest chunks, and more than 1,000 candidates are past any
@@ -72,17 +72,16 @@ SET enable_bitmapscan = on
 AS $$
 DECLARE
   s record;
-  p record;
   candidates integer;
   source text;
   hits text;
   setting text;
 BEGIN
-  s := pyembed._index_spec(p_dims, p_distance, p_storage);
-  p := pyembed._index_params(p_settings, greatest(counted, 0)::bigint, p_dims);
-  candidates := CASE WHEN s.op = '<~>' THEN k * p.oversample ELSE k END;
+  -- the index expression and ef_search's rule in one call (each call costs every search)
+  s := pyembed._index_plan(p_dims, p_distance, p_storage, p_settings, greatest(counted, 0)::bigint);
+  candidates := CASE WHEN s.op = '<~>' THEN k * s.oversample ELSE k END;
   -- assignments, not PERFORM: an expression, where PERFORM runs a query (every search)
-  setting := set_config('hnsw.ef_search', least(greatest(p.ef_search, candidates), 1000)::text,
+  setting := set_config('hnsw.ef_search', least(greatest(s.ef_search, candidates), 1000)::text,
                         true);
   IF filter IS NOT NULL OR candidates > 1000 THEN
     setting := set_config('hnsw.iterative_scan', 'relaxed_order', true);

@@ -1,19 +1,20 @@
 -- Every pyembed function runs with a pinned search_path: pg_catalog, the schema that holds
 -- pgvector (wherever the database has it), pg_temp. Resolved when applied, online or offline.
 --
--- Except the invoker-rights functions of a vector search's hot path below, which neither the
+-- Except the invoker-rights helpers below, which every search calls and which neither the
 -- application role nor PUBLIC may execute (tests/test_indb.py checks both): they run only inside
--- pyembed's own pinned functions (pyembed.search, search_hybrid, recall; or an owner's session),
--- whose search_path they inherit. A SET clause costs each call a save and restore of the setting
--- and, after it, a fresh resolution of the path for every kept plan and expression of the
--- caller, every search; and a SQL function with one is never inlined. (Their files create them
--- without one, so that re-applying the files unpins them in an upgraded database too.)
+-- pyembed's own pinned functions (pyembed.search and lookup_corpus, search_hybrid, recall, the
+-- index functions; or an owner's session), whose search_path they inherit. A SET clause costs
+-- each call a save and restore of the setting and, after it, a fresh resolution of the path for
+-- the caller's kept plans and expressions, every search; and a SQL function with one is never
+-- inlined. (Their files create them without one, so that re-applying the files unpins them in
+-- an upgraded database too.)
 DO $pin$
 DECLARE
   vec_schema text := (SELECT extnamespace::regnamespace::text FROM pg_catalog.pg_extension
                        WHERE extname = 'vector');
-  unpinned text[] := ARRAY['_vector_ranking', '_nearest_in', '_index_spec', '_index_params',
-                           'hnsw_rule', '_vector_partition_name'];
+  unpinned text[] := ARRAY['_session_tenant', '_vector_ranking', '_nearest_in', '_index_plan',
+                           '_index_spec', '_index_params', 'hnsw_rule', '_vector_partition_name'];
   f regprocedure;
 BEGIN
   FOR f IN SELECT p.oid::regprocedure FROM pg_catalog.pg_proc p
