@@ -41,8 +41,20 @@ BEGIN
 END
 $$;
 
--- The caller's tenant's corpus of this name, or PE002. `coalesce(tenant_id, 0) = ...` reads the
--- unique index corpora_tenant_name and finds the tenant once (pyembed._session_tenant, inlined).
+-- The caller's tenant's corpus of this name, if there is one. `coalesce(tenant_id, 0) = ...`
+-- reads the unique index corpora_tenant_name and finds the tenant once. A SQL function the
+-- planner inlines into the statement that reads it (pyembed.search's, which then makes no call
+-- for its corpus), so without a pinned search_path (090-search-path.sql).
+CREATE OR REPLACE FUNCTION pyembed._corpus_named(corpus text) RETURNS SETOF pyembed.corpora
+LANGUAGE sql STABLE
+AS $$
+  SELECT co.* FROM pyembed.corpora co
+   WHERE co.name = corpus
+     AND coalesce(co.tenant_id, 0) = coalesce((SELECT s.tenant_id
+                                                 FROM pyembed._session_tenant() s), 0)
+$$;
+
+-- The caller's tenant's corpus of this name (pyembed._corpus_named), or PE002.
 CREATE OR REPLACE FUNCTION pyembed.lookup_corpus(corpus text) RETURNS pyembed.corpora
 LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -50,10 +62,7 @@ AS $$
 DECLARE
   c pyembed.corpora;
 BEGIN
-  SELECT * INTO c FROM pyembed.corpora co
-   WHERE co.name = corpus
-     AND coalesce(co.tenant_id, 0) = coalesce((SELECT s.tenant_id
-                                                 FROM pyembed._session_tenant() s), 0);
+  SELECT * INTO c FROM pyembed._corpus_named(corpus);
   IF NOT FOUND THEN
     RAISE EXCEPTION USING ERRCODE = 'PE002',
       MESSAGE = format('unknown corpus %s', coalesce(quote_literal(left(corpus, 80)), 'NULL')),

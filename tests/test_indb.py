@@ -407,7 +407,8 @@ def test_function_inventory_matches_the_golden_file(owner: psycopg.Connection[An
     unpinned = {line.split("(")[0] for line in lines if "search_path not set" in line}
     assert unpinned == {f"pyembed.{name}" for name in (
         "_vector_ranking", "_nearest_in", "_index_plan", "_index_spec", "_index_params",
-        "hnsw_rule", "_vector_partition_name", "_session_tenant")}
+        "hnsw_rule", "_vector_partition_name", "_session_tenant",
+        "_corpus_named")}
     assert all(line.endswith("app no | public no") for line in lines
                if "search_path not set" in line), "an unpinned function the app role may call"
     assert next(line for line in lines if line.startswith("pyembed.set_secret(")).endswith(
