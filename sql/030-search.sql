@@ -1,6 +1,6 @@
 -- Guarded search: the query vector comes with its model key, and a mismatch raises PE001.
--- One lookup (the corpus by pyembed.lookup_corpus; the model and the partition's counted rows by
--- one static query), checks, then the nearest chunks, ranked and scored, from
+-- One lookup (the corpus by lookup_corpus's rule, inlined; the model and the partition's counted
+-- rows by one static query), checks, then the nearest chunks, ranked and scored, from
 -- pyembed._nearest_in (the vector leg: index, storage, ef_search; 025-nearest.sql), grouped by
 -- document by one kept plan; that is pyembed._vector_ranking (taking the corpus row its caller
 -- looked up), which hybrid search fuses with the keyword ranking before reading any text;
