@@ -31,12 +31,13 @@ DROP FUNCTION IF EXISTS pyembed._bm25(pyembed.corpora, text, integer, jsonb, big
 DROP FUNCTION IF EXISTS pyembed._keyword_ranking(pyembed.corpora, text, integer, jsonb, text);
 -- The vector ranking takes the corpus row its caller looked up (one lookup per search).
 DROP FUNCTION IF EXISTS pyembed._vector_ranking(text, vector, text, integer, jsonb, text);
--- The vector leg returns its hits' scores too (same arguments, one more OUT parameter).
+-- The vector leg returns its hits' scores too, then their document numbers (revision 0018):
+-- same arguments, more OUT parameters.
 DO $retired$
 BEGIN
   IF EXISTS (SELECT FROM pg_catalog.pg_proc p
               WHERE p.pronamespace = 'pyembed'::regnamespace AND p.proname = '_nearest_in'
-                AND NOT ('scores' = ANY (p.proargnames))) THEN
+                AND NOT ('docs' = ANY (p.proargnames))) THEN
     DROP FUNCTION pyembed._nearest_in;
   END IF;
 END
@@ -55,3 +56,5 @@ DROP FUNCTION IF EXISTS pyembed.search_embedded(text, text, vector, text, bytea,
 DROP FUNCTION IF EXISTS pyembed._hits(integer, bigint[], double precision[], text);
 -- BM25 scored from packed posting blocks (revision 0017): every_posting_upto went.
 DROP FUNCTION IF EXISTS pyembed._bm25(pyembed.corpora, text, integer, jsonb, bigint, boolean);
+-- Keyword passages are found for document numbers (revision 0018), not document ids.
+DROP FUNCTION IF EXISTS pyembed._keyword_passages(pyembed.corpora, text, text[]);

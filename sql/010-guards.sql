@@ -161,6 +161,46 @@ CREATE OR REPLACE TRIGGER vectors_written_update
   AFTER UPDATE ON pyembed.vectors REFERENCING NEW TABLE AS new_rows
   FOR EACH STATEMENT EXECUTE FUNCTION pyembed._vectors_written();
 
+-- Each vector carries its chunk's document number (pyembed.documents.doc_no), so that a search
+-- by document groups its nearest chunks without reading them: set here as each vector is
+-- written (whatever the writer gave; a vector without a chunk is refused by the statement's
+-- check above), and again when a chunk moves to another document.
+CREATE OR REPLACE FUNCTION pyembed._vector_document() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+  NEW.doc_no := (SELECT d.doc_no FROM pyembed.chunks ch
+                   JOIN pyembed.documents d ON d.corpus_id = ch.corpus_id
+                                           AND d.document_id = ch.document_id
+                  WHERE ch.corpus_id = NEW.corpus_id AND ch.chunk_id = NEW.chunk_id);
+  RETURN NEW;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER vectors_document
+  BEFORE INSERT ON pyembed.vectors
+  FOR EACH ROW EXECUTE FUNCTION pyembed._vector_document();
+
+-- SECURITY DEFINER: the application role may move a chunk, not write a vector's doc_no.
+CREATE OR REPLACE FUNCTION pyembed._chunk_moved() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+  UPDATE pyembed.vectors v SET doc_no = d.doc_no
+    FROM pyembed.documents d
+   WHERE v.corpus_id = NEW.corpus_id AND v.chunk_id = NEW.chunk_id
+     AND d.corpus_id = NEW.corpus_id AND d.document_id = NEW.document_id;
+  RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER chunks_moved
+  AFTER UPDATE OF document_id ON pyembed.chunks
+  FOR EACH ROW WHEN (OLD.document_id IS DISTINCT FROM NEW.document_id)
+  EXECUTE FUNCTION pyembed._chunk_moved();
+
 -- A corpus's model key changes only inside the migration functions (PE004): the trigger reads
 -- the call stack, which no session setting can forge (a flag could be set by any session).
 CREATE OR REPLACE FUNCTION pyembed._guard_corpus_key() RETURNS trigger

@@ -12,7 +12,8 @@
 -- search). `distances` are the model's distances from the float32 vectors for every storage, in
 -- the order of `ids`, nearest first (ties by chunk id), and `scores` the hits' scores (higher is
 -- better: 1 - distance for cosine, else -distance) in the same order (halfvec and binary rank by
--- their index, then the top candidates are rescored from the float32 vectors):
+-- their index, then the top candidates are rescored from the float32 vectors), and `docs` the
+-- hits' document numbers (pyembed.vectors.doc_no: grouping by document reads no chunk):
 --   vector   ORDER BY the indexed expression LIMIT k;
 --   halfvec  the same on float16, the k hits' distances taken again in float32;
 --   binary   the Hamming index's k x oversample nearest sign-bit codes, reordered by their exact
@@ -63,7 +64,7 @@ $$;
 CREATE OR REPLACE FUNCTION pyembed._nearest_in(p_corpus_id integer, p_model_key text,
   query vector, k integer, filter jsonb, exact boolean, p_storage text, p_settings jsonb,
   p_dims integer, p_distance text, counted real,
-  OUT ids bigint[], OUT distances float8[], OUT scores float8[])
+  OUT ids bigint[], OUT distances float8[], OUT scores float8[], OUT docs bigint[])
 LANGUAGE plpgsql STABLE
 SET hnsw.iterative_scan = 'off'
 SET hnsw.ef_search = 100
@@ -92,32 +93,35 @@ BEGIN
       'JOIN pyembed.chunks f ON f.corpus_id = %s AND f.chunk_id = v.chunk_id', p_corpus_id) END,
     p_model_key,
     CASE WHEN filter IS NULL THEN '' ELSE 'AND f.metadata @> $2' END);
-  -- (hit.chunk_id, hit.distance) of the k nearest, in any order: the statement below sorts them
+  -- (hit.chunk_id, hit.doc_no, hit.distance) of the k nearest, in any order: the statement
+  -- below sorts them
   IF exact OR s.expr IS NULL OR (counted >= 0 AND candidates >= counted) THEN
-    hits := format('SELECT v.chunk_id, v.%s $1 AS distance FROM %s ORDER BY 2, 1 LIMIT %s',
-                   s.exact, source, k);
+    hits := format('SELECT v.chunk_id, v.doc_no, v.%s $1 AS distance FROM %s ORDER BY 3, 1 '
+                   'LIMIT %s', s.exact, source, k);
   ELSE
     -- By the index: asked for a few percent of a small partition's rows, the planner chose a
     -- bitmap scan of all of them and a sort, slower than the index.
     setting := set_config('enable_bitmapscan', 'off', true);
     IF s.op = '<~>' THEN
-      hits := format('SELECT c.chunk_id, c.%1$s $1 AS distance FROM (SELECT v.chunk_id, '
-                     'v.embedding FROM %2$s ORDER BY binary_quantize(v.embedding)::%3$s <~> '
-                     'binary_quantize($1)::%3$s LIMIT %4$s) c ORDER BY 2, 1 LIMIT %5$s',
+      hits := format('SELECT c.chunk_id, c.doc_no, c.%1$s $1 AS distance FROM (SELECT '
+                     'v.chunk_id, v.doc_no, v.embedding FROM %2$s ORDER BY '
+                     'binary_quantize(v.embedding)::%3$s <~> binary_quantize($1)::%3$s '
+                     'LIMIT %4$s) c ORDER BY 3, 1 LIMIT %5$s',
                      s.exact, source, s.castto, candidates, k);
     ELSIF s.castto LIKE 'vector(%' THEN
-      hits := format('SELECT v.chunk_id, (v.embedding::%1$s) %2$s $1::%1$s AS distance FROM %3$s '
-                     'ORDER BY 2 LIMIT %4$s', s.castto, s.op, source, k);
+      hits := format('SELECT v.chunk_id, v.doc_no, (v.embedding::%1$s) %2$s $1::%1$s AS distance '
+                     'FROM %3$s ORDER BY 3 LIMIT %4$s', s.castto, s.op, source, k);
     ELSE
-      hits := format('SELECT v.chunk_id, v.%1$s $1 AS distance FROM %2$s ORDER BY '
+      hits := format('SELECT v.chunk_id, v.doc_no, v.%1$s $1 AS distance FROM %2$s ORDER BY '
                      '(v.embedding::%3$s) %4$s $1::%3$s LIMIT %5$s', s.exact, source, s.castto,
                      s.op, k);
     END IF;
   END IF;
   EXECUTE format('SELECT array_agg(chunk_id ORDER BY distance, chunk_id), '
                  'array_agg(distance ORDER BY distance, chunk_id), '
-                 'array_agg(%s ORDER BY distance, chunk_id) FROM (%s) hit',
+                 'array_agg(%s ORDER BY distance, chunk_id), '
+                 'array_agg(doc_no ORDER BY distance, chunk_id) FROM (%s) hit',
                  CASE p_distance WHEN 'cosine' THEN '1 - distance' ELSE '-distance' END, hits)
-    INTO ids, distances, scores USING query, filter;
+    INTO ids, distances, scores, docs USING query, filter;
 END
 $$;

@@ -2,15 +2,17 @@
 -- One lookup (the corpus by lookup_corpus's rule, inlined; the model and the partition's counted
 -- rows by one static query), checks, then the nearest chunks, ranked and scored, from
 -- pyembed._nearest_in (the vector leg: index, storage, ef_search; 025-nearest.sql), grouped by
--- document by one kept plan; that is pyembed._vector_ranking (taking the corpus row its caller
--- looked up), which hybrid search fuses with the keyword ranking before reading any text;
+-- the document numbers the vectors carry; that is pyembed._vector_ranking (taking the corpus
+-- row its caller looked up), which hybrid search fuses with the keyword ranking before reading
+-- any text;
 -- pyembed.search reads the texts of the k hits.
 -- What the function does besides the index scan is what a search costs over pgvector's own
 -- statement (tests/benchmarks/bench_suite.py section 2): each statement and function call
 -- counts, every search.
 -- The corpus is looked up among the caller's tenant's only (this function runs as its owner,
 -- which row-level security does not restrict), so another tenant's corpus is "unknown".
--- group_by 'document' (the default) returns k distinct documents, each with its nearest chunk:
+-- group_by 'document' (the default) returns k distinct documents, each with its nearest chunk,
+-- keyed by document number (pyembed.documents.doc_no, as text):
 -- the nearest chunks are fetched 2k at a time deeper (pyembed._nearest_in widens ef_search
 -- with them, so that the index scan can return them) until k documents are among them or the
 -- corpus has no more; 'chunk' returns the k nearest chunks.
@@ -87,19 +89,16 @@ BEGIN
       keys := r.ids::text[];
       RETURN;
     END IF;
-    -- Each document's nearest chunk, the k nearest documents. `= ANY (r.ids)`: n index probes
-    -- into chunks, whatever the statistics say (joined with the array alone, the kept plan was
-    -- a hash join over all the corpus's chunks).
+    -- Each document's nearest chunk, the k nearest documents, by the document numbers the
+    -- vectors carry (no table read).
     SELECT array_agg(b.chunk_id ORDER BY b.distance, b.chunk_id),
            array_agg(b.score ORDER BY b.distance, b.chunk_id),
-           array_agg(b.key ORDER BY b.distance, b.chunk_id) INTO ids, scores, keys
+           array_agg(b.doc_no::text ORDER BY b.distance, b.chunk_id) INTO ids, scores, keys
       FROM (SELECT b.* FROM (
-              SELECT DISTINCT ON (1) ch.document_id AS key, ch.chunk_id, h.distance, h.score
-                FROM pyembed.chunks ch
-                JOIN unnest(r.ids, r.distances, r.scores) AS h(chunk_id, distance, score)
-                  ON h.chunk_id = ch.chunk_id
-               WHERE ch.corpus_id = c.corpus_id AND ch.chunk_id = ANY (r.ids)
-               ORDER BY 1, h.distance, h.chunk_id) b
+              SELECT DISTINCT ON (h.doc_no) h.doc_no, h.chunk_id, h.distance, h.score
+                FROM unnest(r.ids, r.distances, r.scores, r.docs)
+                       AS h(chunk_id, distance, score, doc_no)
+               ORDER BY h.doc_no, h.distance, h.chunk_id) b
              ORDER BY b.distance, b.chunk_id LIMIT k) b;
     -- k documents, or all the corpus has (fewer chunks than asked for), or enough looking
     EXIT WHEN coalesce(cardinality(ids), 0) >= k OR coalesce(cardinality(r.ids), 0) < n

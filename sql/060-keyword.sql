@@ -414,7 +414,8 @@ CREATE OR REPLACE TRIGGER postings_count_delete
 
 -- The k best by BM25, as (chunk ids, scores, group keys), best first. group_by 'document' (the
 -- default) returns k distinct documents scored by their whole text (pyembed._bm25 over the
--- documents' postings), keyed by document id, each with its passage: the chunk BM25 scores
+-- documents' postings), keyed by document number (doc_no, as text, as pyembed._vector_ranking
+-- keys them), each with its passage: the chunk BM25 scores
 -- best (pyembed._keyword_passages; with `passages` false, NULL: hybrid search finds the
 -- passages of the hits it keeps); 'chunk' returns the k best chunks, keyed by chunk id.
 CREATE OR REPLACE FUNCTION pyembed._keyword_ranking(c pyembed.corpora, query text, k integer,
@@ -445,23 +446,20 @@ BEGIN
       FROM pyembed._bm25(c, query, k, filter) b;
     RETURN;
   END IF;
-  SELECT b.ids, b.scores INTO ids, scores
+  SELECT b.ids, b.scores, b.ids::text[] INTO ids, scores, keys
     FROM pyembed._bm25(c, query, k, filter, by_document => true) b;
-  SELECT array_agg(d.document_id ORDER BY h.i) INTO keys
-    FROM unnest(ids) WITH ORDINALITY AS h(doc_no, i)
-    JOIN pyembed.documents d ON d.corpus_id = c.corpus_id AND d.doc_no = h.doc_no;
   IF keys IS NOT NULL THEN
-    ids := CASE WHEN passages THEN pyembed._keyword_passages(c, query, keys)
+    ids := CASE WHEN passages THEN pyembed._keyword_passages(c, query, ids)
                 ELSE array_fill(NULL::bigint, ARRAY[cardinality(keys)]) END;
   END IF;
 END
 $$;
 
--- The passage of each of some documents for a query: its chunk that BM25 over the chunks scores
--- best (the first of equals; a document's only chunk without scoring it), in their order.
--- (PL/pgSQL: its plan is kept, where a SQL function with SET is planned at every call.)
+-- The passage of each of some documents (by doc_no) for a query: its chunk that BM25 over the
+-- chunks scores best (the first of equals; a document's only chunk without scoring it), in their
+-- order. (PL/pgSQL: its plan is kept, where a SQL function with SET is planned at every call.)
 CREATE OR REPLACE FUNCTION pyembed._keyword_passages(c pyembed.corpora, query text,
-                                                     document_ids text[])
+                                                     doc_nos bigint[])
 RETURNS bigint[]
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
@@ -476,8 +474,9 @@ BEGIN
       JOIN pyembed.keyword_stats s ON s.corpus_id = c.corpus_id
      WHERE l.df > 0
   ), chunks AS (
-    SELECT d.i, ch.chunk_id, ch.chunk_index, count(*) OVER (PARTITION BY d.i) AS n
-      FROM unnest(document_ids) WITH ORDINALITY AS d(document_id, i)
+    SELECT h.i, ch.chunk_id, ch.chunk_index, count(*) OVER (PARTITION BY h.i) AS n
+      FROM unnest(doc_nos) WITH ORDINALITY AS h(doc_no, i)
+      JOIN pyembed.documents d ON d.corpus_id = c.corpus_id AND d.doc_no = h.doc_no
       JOIN pyembed.chunks ch ON ch.corpus_id = c.corpus_id AND ch.document_id = d.document_id
   )
   SELECT array_agg(b.chunk_id ORDER BY b.i)
@@ -687,7 +686,7 @@ DECLARE
   ids bigint[];
   scores float8[];
   keys text[];
-  missing text[];
+  missing bigint[];
 BEGIN
   fusion := coalesce(fusion, 'relative');  -- the default
   IF fusion NOT IN ('rrf', 'relative') THEN
@@ -753,12 +752,12 @@ BEGIN
     FROM (SELECT fu.* FROM fused fu ORDER BY fu.score DESC, fu.chunk_id, fu.key LIMIT k) f;
   -- The documents only the keyword ranking found have no passage yet (NULL chunk id).
   IF array_position(ids, NULL) IS NOT NULL THEN
-    missing := array(SELECT h.key FROM unnest(ids, keys) AS h(chunk_id, key)
+    missing := array(SELECT h.key::bigint FROM unnest(ids, keys) AS h(chunk_id, key)
                       WHERE h.chunk_id IS NULL);
     SELECT array_agg(coalesce(h.chunk_id, m.chunk_id) ORDER BY h.i) INTO ids
       FROM unnest(ids, keys) WITH ORDINALITY AS h(chunk_id, key, i)
       LEFT JOIN unnest(missing, pyembed._keyword_passages(c, query, missing))
-             AS m(key, chunk_id) ON m.key = h.key;
+             AS m(doc_no, chunk_id) ON m.doc_no::text = h.key;
   END IF;
   RETURN QUERY
   SELECT ch.document_id, ch.chunk_id, ch.chunk_index, ch.content, ch.metadata, h.score,

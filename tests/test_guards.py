@@ -332,6 +332,34 @@ def test_deleted_chunks_take_their_vectors_and_postings(
         assert left == [(corpus.corpus_id, 2), (other.corpus_id, 2)], table
 
 
+def test_vectors_carry_their_chunks_document_number(
+        owner: psycopg.Connection[Any], app: psycopg.Connection[Any],
+        corpus: CorpusInfo) -> None:
+    """Search by document groups chunks by the doc_no their vectors carry: set from the chunk as
+    each vector is written (whatever the writer gives), and again when a chunk moves."""
+    wrong = ("SELECT count(*) FROM pyembed.vectors v JOIN pyembed.chunks ch USING (corpus_id, "
+             "chunk_id) JOIN pyembed.documents d USING (corpus_id, document_id) "
+             "WHERE v.doc_no IS DISTINCT FROM d.doc_no")
+    write_chunks(app, corpus, rows(3, 1024), KEY_A)  # COPY'd by the one writer
+    _insert_raw(app, corpus.corpus_id, KEY_A, str(unit(1024, 7).tolist()))  # an INSERT
+    assert owner.execute("SELECT count(*) FROM pyembed.vectors").fetchone() == (4,)
+    assert owner.execute(wrong).fetchone() == (0,)
+    # A number the writer makes up is replaced; a moved chunk's vector follows it.
+    chunk = app.execute("SELECT chunk_id FROM pyembed.chunks WHERE document_id = 'doc1'"
+                        ).fetchone()
+    assert chunk is not None
+    app.execute("DELETE FROM pyembed.vectors WHERE chunk_id = %s", chunk)
+    app.execute("INSERT INTO pyembed.vectors (corpus_id, chunk_id, model_key, embedding, doc_no) "
+                "VALUES (%s, %s, %s, %s::vector, -5)",
+                (corpus.corpus_id, chunk[0], KEY_A, str(unit(1024, 1).tolist())))
+    app.execute("UPDATE pyembed.chunks SET document_id = 'doc2', chunk_index = 1 "
+                "WHERE chunk_id = %s", chunk)
+    assert owner.execute(wrong).fetchone() == (0,)
+    hits = search(app, "docs", unit(1024, 1), KEY_A, k=3)
+    assert [h.document_id for h in hits][:1] == ["doc2"] and len(hits) == 3
+    assert len({h.document_id for h in hits}) == 3  # doc2's two chunks are one hit
+
+
 def test_app_role_may_only_copy_into_a_partition(
         app: psycopg.Connection[Any], corpus: CorpusInfo) -> None:
     write_chunks(app, corpus, rows(2, 1024), KEY_A)
