@@ -15,7 +15,9 @@
 -- keyed by document number (pyembed.documents.doc_no, as text):
 -- the nearest chunks are fetched 2k at a time deeper (pyembed._nearest_in widens ef_search
 -- with them, so that the index scan can return them) until k documents are among them or the
--- corpus has no more; 'chunk' returns the k nearest chunks.
+-- corpus has no more; k at first where every document has one chunk (keyword_stats counts as
+-- many chunks as documents), at the corpus's own ef_search; 'chunk' returns the k nearest
+-- chunks.
 
 CREATE OR REPLACE FUNCTION pyembed._vector_ranking(
   c pyembed.corpora, query_embedding vector, query_model_key text, k integer, filter jsonb,
@@ -28,11 +30,13 @@ DECLARE
   r record;
   n integer;
 BEGIN
-  SELECT mo.dimensions, mo.distance, mo.normalized, cl.reltuples AS counted
+  SELECT mo.dimensions, mo.distance, mo.normalized, cl.reltuples AS counted,
+         ks.chunks = ks.documents AS one_chunk_each
     INTO md
     FROM pyembed.models mo
     LEFT JOIN pg_catalog.pg_class cl ON cl.relnamespace = 'pyembed'::regnamespace
      AND cl.relname = pyembed._vector_partition_name(c.corpus_id)
+    LEFT JOIN pyembed.keyword_stats ks ON ks.corpus_id = c.corpus_id
    WHERE mo.model_key = query_model_key;
   IF query_model_key IS DISTINCT FROM c.model_key
      AND NOT (query_model_key = c.target_model_key
@@ -76,7 +80,8 @@ BEGIN
       MESSAGE = format('query vector norm %s is outside 1e-10..1e10: its scores would overflow '
                        'or vanish', vector_norm(query_embedding));
   END IF;
-  n := CASE group_by WHEN 'chunk' THEN k ELSE 2 * k END;
+  -- k chunks are k documents where every document has one chunk (as the committed counts say)
+  n := CASE WHEN group_by = 'chunk' OR md.one_chunk_each THEN k ELSE 2 * k END;
   LOOP
     -- The nearest chunks: (ids, distances, scores), n of them at most, nearest first.
     r := pyembed._nearest_in(c.corpus_id, query_model_key, query_embedding, n, filter, false,
