@@ -83,7 +83,7 @@ BEGIN
   -- k chunks are k documents where every document has one chunk (as the committed counts say)
   n := CASE WHEN group_by = 'chunk' OR md.one_chunk_each THEN k ELSE 2 * k END;
   LOOP
-    -- The nearest chunks: (ids, distances, scores), n of them at most, nearest first.
+    -- The nearest chunks: (ids, distances, scores, docs), n of them at most, nearest first.
     r := pyembed._nearest_in(c.corpus_id, query_model_key, query_embedding, n, filter, false,
                              CASE WHEN query_model_key = c.target_model_key
                                   THEN coalesce(c.target_storage, c.storage) ELSE c.storage END,

@@ -81,7 +81,6 @@ CREATE OR REPLACE FUNCTION pyembed._nearest_in(p_corpus_id integer, p_model_key 
   p_dims integer, p_distance text, counted real,
   OUT ids bigint[], OUT distances float8[], OUT scores float8[])
 LANGUAGE plpgsql STABLE
-SET search_path = pg_catalog, pg_temp
 SET hnsw.iterative_scan = 'off'
 SET hnsw.ef_search = 100
 SET enable_seqscan = off
@@ -89,17 +88,16 @@ SET enable_bitmapscan = on
 AS $$
 DECLARE
   s record;
-  p record;
   candidates integer;
   source text;
   hits text;
   setting text;
 BEGIN
-  s := pyembed._index_spec(p_dims, p_distance, p_storage);
-  p := pyembed._index_params(p_settings, greatest(counted, 0)::bigint, p_dims);
-  candidates := CASE WHEN s.op = '<~>' THEN k * p.oversample ELSE k END;
+  -- the index expression and ef_search's rule in one call (each call costs every search)
+  s := pyembed._index_plan(p_dims, p_distance, p_storage, p_settings, greatest(counted, 0)::bigint);
+  candidates := CASE WHEN s.op = '<~>' THEN k * s.oversample ELSE k END;
   -- assignments, not PERFORM: an expression, where PERFORM runs a query (every search)
-  setting := set_config('hnsw.ef_search', least(greatest(p.ef_search, candidates), 1000)::text,
+  setting := set_config('hnsw.ef_search', least(greatest(s.ef_search, candidates), 1000)::text,
                         true);
   IF filter IS NOT NULL OR candidates > 1000 THEN
     setting := set_config('hnsw.iterative_scan', 'relaxed_order', true);
@@ -144,7 +142,6 @@ CREATE OR REPLACE FUNCTION pyembed._vector_ranking(
   c pyembed.corpora, query_embedding vector, query_model_key text, k integer, filter jsonb,
   group_by text, OUT ids bigint[], OUT scores float8[], OUT keys text[])
 LANGUAGE plpgsql STABLE
-SET search_path = pg_catalog, pg_temp
 SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
@@ -411,8 +408,8 @@ END
 $$;
 """
 
-# The functions above run with pgvector's schema in their search_path, as sql/090-search-path.sql
-# pins every pyembed function's.
+# The functions above that sql/090-search-path.sql pins run with pgvector's schema in their
+# search_path (_nearest_in and _vector_ranking run with their caller's).
 PIN_SEARCH_PATH = r"""
 DO $pin$
 DECLARE
@@ -422,8 +419,7 @@ DECLARE
 BEGIN
   FOR f IN SELECT p.oid::regprocedure FROM pg_catalog.pg_proc p
             WHERE p.pronamespace = 'pyembed'::regnamespace AND p.prokind = 'f'
-              AND p.proname IN ('_nearest_in', '_vector_ranking', '_keyword_ranking',
-                                '_keyword_passages', 'search_hybrid') LOOP
+              AND p.proname IN ('_keyword_ranking', '_keyword_passages', 'search_hybrid') LOOP
     EXECUTE format('ALTER FUNCTION %s SET search_path = pg_catalog, %s, pg_temp', f, vec_schema);
   END LOOP;
 END
