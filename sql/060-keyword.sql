@@ -96,7 +96,14 @@ AS $$
 $$;
 
 -- After chunks are written or deleted, their documents are indexed again from the chunks they
--- have now (a document without chunks, or deleted, has no postings).
+-- have now (a document without chunks, or deleted, has no postings). Two writers of one
+-- document's chunks take turns: each first locks the document's row (all of them in one order:
+-- no deadlock; FOR NO KEY UPDATE, which the foreign key's checks of chunk writes do not wait
+-- for) and updates it, so the second waits until the first ends, then reads, with the fresh
+-- snapshot of its next statement, the chunks and document postings the first committed
+-- (without the lock it indexed the document from its own chunks only, or failed on a duplicate
+-- document posting). Under REPEATABLE READ, whose snapshot cannot see them, the update makes
+-- the second fail with a serialization error instead.
 CREATE OR REPLACE FUNCTION pyembed._index_documents() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -124,6 +131,12 @@ BEGIN
   IF cids IS NULL THEN
     RETURN NULL;
   END IF;
+  PERFORM FROM pyembed.documents d JOIN unnest(cids, dids) AS a(corpus_id, document_id)
+            ON d.corpus_id = a.corpus_id AND d.document_id = a.document_id
+   ORDER BY d.corpus_id, d.document_id FOR NO KEY UPDATE OF d;
+  UPDATE pyembed.documents d SET updated_at = d.updated_at
+    FROM unnest(cids, dids) AS a(corpus_id, document_id)
+   WHERE d.corpus_id = a.corpus_id AND d.document_id = a.document_id;
   DELETE FROM pyembed.document_postings p
    USING unnest(cids, dids) AS a(corpus_id, document_id), pyembed.documents d
    WHERE d.corpus_id = a.corpus_id AND d.document_id = a.document_id
