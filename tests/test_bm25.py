@@ -59,3 +59,43 @@ def test_ties_go_to_the_smaller_chunk_id_and_nothing_scores_nothing() -> None:
     assert ids == [1024 + 7, 1024 + 3] and scores[0] > scores[1]
     assert bm25.top(packed, [2], [1], [len(packed)], [1.0], 5.0, 3)[0] == [1031, 1027, 1033]
     assert bm25.top(b"", [], [], [], [1.0], 5.0, 3) == ([], [])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_merge_applies_changes_in_order_as_postings_written_one_by_one_would(seed: int) -> None:
+    """Blocks stored, then changes (postings added, or ids removed) in order: each block ends
+    holding what applying them one at a time to a dict of id -> posting gives."""
+    rng = random.Random(seed)
+    blocks = rng.randint(1, 12)
+    state: dict[int, dict[int, tuple[int, int, int]]] = {}
+    stored_at, stored = [], []
+    for b in range(1, blocks + 1):
+        if rng.random() < 0.6:
+            ids = rng.sample(range(512), rng.randint(1, 40))
+            state[b] = {i: (i, rng.randint(1, 9), rng.randint(1, 99)) for i in ids}
+            stored_at.append(b)
+            stored.append(bm25.pack(list(state[b].values())))
+    changed_at, removed, changes = [], [], []
+    for _ in range(rng.randint(0, 60)):
+        b = rng.randint(1, blocks)
+        mine = state.setdefault(b, {})
+        if mine and rng.random() < 0.5:  # ids there taken out (as a delete does)
+            gone = rng.sample(sorted(mine), rng.randint(1, len(mine)))
+            part = [mine.pop(i) for i in gone]
+            removed.append(True)
+        else:  # new postings (for ids not there, as an insert does)
+            free = [i for i in range(512) if i not in mine]
+            part = [(i, rng.randint(1, 9), rng.randint(1, 99))
+                    for i in rng.sample(free, rng.randint(1, 30))]
+            mine.update((p[0], p) for p in part)
+            removed.append(False)
+        changed_at.append(b)
+        changes.append(bm25.pack(part))
+    merged = bm25.merge(blocks, stored_at, stored, changed_at, removed, changes)
+    size = bm25.POSTING.itemsize
+    for b in range(1, blocks + 1):
+        got = merged[b - 1]
+        want = sorted(bm25.pack([p]) for p in state.get(b, {}).values())
+        assert (sorted(got[i:i + size] for i in range(0, len(got), size)) if got else []) == want
+        assert (got is None) == (not want)
+    assert bm25.merge(2, None, None, None, None, None) == [None, None]

@@ -8,6 +8,7 @@ as a real corpus's would), next to the same BM25 computed from scratch in one SQ
     .venv/bin/python tests/benchmarks/bench_keyword_scale.py --documents 20000
     .venv/bin/python tests/benchmarks/bench_keyword_scale.py --reuse      # keep, then reuse
     .venv/bin/python tests/benchmarks/bench_keyword_scale.py --reuse --before keyword_before
+    .venv/bin/python tests/benchmarks/bench_keyword_scale.py --reuse --writes 3  # write cost
 
 The documents are written as the owner straight into pyembed.documents and pyembed.chunks
 (one chunk each, no vectors: keyword search needs none), in statements of 5,000, so the keyword
@@ -17,6 +18,10 @@ current schema and searches it as it is. --before NAME also searches a database 
 cluster left at an earlier schema (a copy of the kept one, made with CREATE DATABASE NAME
 TEMPLATE keyword_100000 before an upgrade) in the same round robin: its SQL functions are the
 earlier code's.
+--writes N also measures what keeping the index costs a writer, N times: 5,000 documents spread
+over the corpus deleted in one transaction, then written again (the same ids and texts) in
+another; the statements' seconds and the commit's (where the index's counters and blocks
+follow) are printed, with their medians. The corpus ends as it began (its ids renumbered).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import argparse
 import hashlib
 import json
 import re
+import statistics
 import time
 from collections import Counter
 from pathlib import Path
@@ -96,6 +102,8 @@ def main() -> None:
                         help="keep the database and search it again in later --reuse runs")
     parser.add_argument("--before", metavar="NAME",
                         help="also search this database (a copy left at an earlier schema)")
+    parser.add_argument("--writes", type=int, default=0, metavar="N",
+                        help="also time N deletes and rewrites of 5,000 documents")
     args = parser.parse_args()
 
     from tests.benchmarks.bench_local_model import load_qrels, load_queries
@@ -120,6 +128,8 @@ def main() -> None:
         postings = owner.execute("SELECT count(*) FROM pyembed.postings").fetchone()[0]  # type: ignore[index]
         print(f"{args.documents:,} documents, {postings:,} postings; "
               f"{len(test)} SciFact test queries")
+        if args.writes:
+            write_cost(owner, corpus_id[0], args.writes)
         search_and_compare(target, owner, corpus_id[0], [queries[q] for q in test], args.before)
 
 
@@ -144,6 +154,47 @@ def write(owner: psycopg.Connection[Any], texts: list[str]) -> None:
         print(f"\r  {i + len(batch):,} documents written", end="", flush=True)
     print(f"\nwritten in {time.perf_counter() - started:.0f} s")
     owner.execute("VACUUM ANALYZE")
+
+
+def write_cost(owner: psycopg.Connection[Any], corpus_id: int, rounds: int,
+               documents: int = 5000) -> None:
+    """Seconds of deleting `documents` documents spread over the corpus in one transaction, and
+    of writing them again in another, statements and commit apart, `rounds` times."""
+    times: dict[str, list[float]] = {}
+    for r in range(rounds):
+        ids = [d for d, in owner.execute(  # every (total / documents)-th, shifted by r
+            "SELECT document_id FROM (SELECT document_id, row_number() OVER (ORDER BY doc_no) "
+            "AS n, count(*) OVER () AS total FROM pyembed.documents WHERE corpus_id = %s) d "
+            "WHERE (n + %s) %% greatest(total / %s, 1) = 0 LIMIT %s",
+            (corpus_id, r, documents, documents))]
+        texts = dict(owner.execute("SELECT document_id, content FROM pyembed.chunks "
+                                   "WHERE corpus_id = %s AND document_id = ANY (%s)",
+                                   (corpus_id, ids)).fetchall())
+        hashes = [hashlib.sha256(texts[d].encode()).digest() for d in ids]
+        for step, statements in (
+                ("delete", [("DELETE FROM pyembed.documents WHERE corpus_id = %s "
+                             "AND document_id = ANY (%s)", (corpus_id, ids))]),
+                ("insert", [("INSERT INTO pyembed.documents (corpus_id, document_id, "
+                             "content_hash) SELECT %s, unnest(%s::text[]), unnest(%s::bytea[])",
+                             (corpus_id, ids, hashes)),
+                            ("INSERT INTO pyembed.chunks (corpus_id, document_id, chunk_index, "
+                             "content, content_hash) SELECT %s, d, 0, t, h FROM "
+                             "unnest(%s::text[], %s::text[], %s::bytea[]) AS u(d, t, h)",
+                             (corpus_id, ids, [texts[d] for d in ids], hashes))])):
+            t0 = time.perf_counter()
+            owner.execute("BEGIN")
+            for statement, params in statements:
+                owner.execute(statement, params)
+            t1 = time.perf_counter()
+            owner.execute("COMMIT")
+            t2 = time.perf_counter()
+            times.setdefault(f"{step} statements", []).append(t1 - t0)
+            times.setdefault(f"{step} commit", []).append(t2 - t1)
+        print(f"  round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()))
+    print(f"{len(ids):,} documents deleted, then written again, in one transaction each "
+          f"(medians of {rounds}): " + ", ".join(f"{k} {statistics.median(v):.2f} s"
+                                                for k, v in times.items())
+          + f"; {load_average()}")
 
 
 def search_and_compare(target: Target, owner: psycopg.Connection[Any], corpus_id: int,
