@@ -274,9 +274,10 @@ $$;
 -- postings again: a new block is inserted as the changes make it; one stored (or inserted
 -- meanwhile by a concurrent writer, waited for: ON CONFLICT) is locked, all in one order, then
 -- changed as its locked version holds it (READ COMMITTED: the version the writer before
--- committed; REPEATABLE READ: a serialization error if there is a newer one). Inserts come
--- before locks, and each step is one statement sorted by key: a writer that waits for another's
--- insert holds no lock that one waits for (no deadlock). Counters come first.
+-- committed; REPEATABLE READ: a serialization error if there is a newer one); one that a writer
+-- before emptied and deleted meanwhile is inserted as new after all. Inserts come before locks,
+-- and each step is one statement sorted by key: a writer that waits for another's insert holds
+-- no lock that one waits for (no deadlock). Counters come first.
 CREATE OR REPLACE FUNCTION pyembed._apply_keyword_counts() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -289,10 +290,11 @@ DECLARE
   at integer[];  -- each change, in order: its block (place in cs, ls, bs)
   rs boolean[];  -- whether it removes postings
   ps bytea[];    -- the postings
-  stored boolean[];  -- whether each block was there before (then: to be locked and changed)
-  ks integer[];      -- the blocks locked: their places
-  olds bytea[];      -- and what they hold
-  news bytea[];      -- each block's postings, changed
+  alone bytea[];   -- each block as its changes alone make it (a new block)
+  todo boolean[];  -- whether each block is still to be written
+  ks integer[];    -- the blocks locked: their places
+  olds bytea[];    -- and what they hold
+  news bytea[];    -- each block's postings, changed
 BEGIN
   WITH mine AS (
     DELETE FROM pyembed.keyword_pending p
@@ -338,55 +340,62 @@ BEGIN
   IF cs IS NULL THEN
     RETURN NULL;
   END IF;
-  -- Each block as its changes alone make it, inserted if it is new (ON CONFLICT: a block stored,
-  -- or inserted by a concurrent writer first, waited for, is left for below; a block only
-  -- removed from makes nothing).
-  SELECT pyembed._merge_blocks(cardinality(cs), NULL, NULL, at, rs, ps) INTO news;
-  WITH inserted AS (
-    INSERT INTO pyembed.posting_blocks AS b (corpus_id, lexeme, block, postings)
-    SELECT t.corpus_id, t.lexeme, t.block, t.postings
-      FROM unnest(cs, ls, bs, news) AS t(corpus_id, lexeme, block, postings)
-     WHERE t.postings IS NOT NULL
-     ORDER BY 1, 2, 3
-    ON CONFLICT DO NOTHING
-    RETURNING b.corpus_id, b.lexeme, b.block
-  )
-  SELECT array_agg(i.block IS NULL ORDER BY t.k) INTO stored
-    FROM unnest(cs, ls, bs) WITH ORDINALITY AS t(corpus_id, lexeme, block, k)
-    LEFT JOIN inserted i
-      ON i.corpus_id = t.corpus_id AND i.lexeme = t.lexeme AND i.block = t.block;
-  -- The others: locked in order, read as locked, changed.
-  SELECT array_agg(o.k), array_agg(o.postings) INTO ks, olds
-    FROM (SELECT t.k, b.postings
-            FROM pyembed.posting_blocks b
-            JOIN unnest(cs, ls, bs, stored) WITH ORDINALITY
-                   AS t(corpus_id, lexeme, block, stored, k)
-              ON b.corpus_id = t.corpus_id AND b.lexeme = t.lexeme AND b.block = t.block
-           WHERE t.stored
-           ORDER BY b.corpus_id, b.lexeme, b.block FOR UPDATE OF b) o;
-  IF ks IS NULL THEN
-    RETURN NULL;
-  END IF;
-  SELECT pyembed._merge_blocks(cardinality(cs), ks, olds, array_agg(c.k ORDER BY c.i),
-                               array_agg(c.removed ORDER BY c.i),
-                               array_agg(c.postings ORDER BY c.i))
-    INTO news
-    FROM unnest(at, rs, ps) WITH ORDINALITY AS c(k, removed, postings, i)
-   WHERE stored[c.k];
-  WITH n AS (
-    SELECT t.corpus_id, t.lexeme, t.block, t.postings
-      FROM unnest(cs, ls, bs, news) WITH ORDINALITY AS t(corpus_id, lexeme, block, postings, k)
-      JOIN unnest(ks, olds) AS o(k, postings) ON o.k = t.k
-     WHERE t.postings IS DISTINCT FROM o.postings
-  ), emptied AS (
-    DELETE FROM pyembed.posting_blocks b USING n
-     WHERE n.postings IS NULL AND b.corpus_id = n.corpus_id AND b.lexeme = n.lexeme
-       AND b.block = n.block
-  )
-  UPDATE pyembed.posting_blocks b SET postings = n.postings
-    FROM n
-   WHERE n.postings IS NOT NULL AND b.corpus_id = n.corpus_id AND b.lexeme = n.lexeme
-     AND b.block = n.block;
+  -- Each block as its changes alone make it: what a new block holds.
+  SELECT pyembed._merge_blocks(cardinality(cs), NULL, NULL, at, rs, ps) INTO alone;
+  todo := array_fill(true, ARRAY[cardinality(cs)]);
+  LOOP
+    -- New blocks inserted (ON CONFLICT: one stored, or inserted by a concurrent writer first,
+    -- waited for, is left for the locks; a block only removed from makes nothing).
+    WITH inserted AS (
+      INSERT INTO pyembed.posting_blocks AS b (corpus_id, lexeme, block, postings)
+      SELECT t.corpus_id, t.lexeme, t.block, t.postings
+        FROM unnest(cs, ls, bs, alone, todo) AS t(corpus_id, lexeme, block, postings, todo)
+       WHERE t.todo AND t.postings IS NOT NULL
+       ORDER BY 1, 2, 3
+      ON CONFLICT DO NOTHING
+      RETURNING b.corpus_id, b.lexeme, b.block
+    )
+    SELECT array_agg(t.todo AND i.block IS NULL ORDER BY t.k) INTO todo
+      FROM unnest(cs, ls, bs, todo) WITH ORDINALITY AS t(corpus_id, lexeme, block, todo, k)
+      LEFT JOIN inserted i
+        ON i.corpus_id = t.corpus_id AND i.lexeme = t.lexeme AND i.block = t.block;
+    -- The others: locked in order, read as locked, changed.
+    SELECT array_agg(o.k), array_agg(o.postings) INTO ks, olds
+      FROM (SELECT t.k, b.postings
+              FROM pyembed.posting_blocks b
+              JOIN unnest(cs, ls, bs, todo) WITH ORDINALITY AS t(corpus_id, lexeme, block, todo, k)
+                ON b.corpus_id = t.corpus_id AND b.lexeme = t.lexeme AND b.block = t.block
+             WHERE t.todo
+             ORDER BY b.corpus_id, b.lexeme, b.block FOR UPDATE OF b) o;
+    IF ks IS NOT NULL THEN
+      SELECT pyembed._merge_blocks(cardinality(cs), ks, olds, array_agg(c.k ORDER BY c.i),
+                                   array_agg(c.removed ORDER BY c.i),
+                                   array_agg(c.postings ORDER BY c.i))
+        INTO news
+        FROM unnest(at, rs, ps) WITH ORDINALITY AS c(k, removed, postings, i)
+       WHERE todo[c.k];
+      WITH n AS (
+        SELECT t.corpus_id, t.lexeme, t.block, t.postings
+          FROM unnest(cs, ls, bs, news) WITH ORDINALITY
+                 AS t(corpus_id, lexeme, block, postings, k)
+          JOIN unnest(ks, olds) AS o(k, postings) ON o.k = t.k
+         WHERE t.postings IS DISTINCT FROM o.postings
+      ), emptied AS (
+        DELETE FROM pyembed.posting_blocks b USING n
+         WHERE n.postings IS NULL AND b.corpus_id = n.corpus_id AND b.lexeme = n.lexeme
+           AND b.block = n.block
+      )
+      UPDATE pyembed.posting_blocks b SET postings = n.postings
+        FROM n
+       WHERE n.postings IS NOT NULL AND b.corpus_id = n.corpus_id AND b.lexeme = n.lexeme
+         AND b.block = n.block;
+    END IF;
+    -- A block deleted meanwhile (a writer before took every posting it held out) is new again.
+    SELECT array_agg(t.todo AND o.k IS NULL AND t.postings IS NOT NULL ORDER BY t.k) INTO todo
+      FROM unnest(alone, todo) WITH ORDINALITY AS t(postings, todo, k)
+      LEFT JOIN unnest(ks) AS o(k) ON o.k = t.k;
+    EXIT WHEN NOT true = ANY (todo);
+  END LOOP;
   RETURN NULL;
 END
 $$;

@@ -22,6 +22,7 @@ earlier code's.
 over the corpus deleted in one transaction, then written again (the same ids and texts) in
 another; the statements' seconds and the commit's (where the index's counters and blocks
 follow) are printed, with their medians. The corpus ends as it began (its ids renumbered).
+With --before, the rounds alternate between the two databases.
 """
 
 from __future__ import annotations
@@ -129,7 +130,11 @@ def main() -> None:
         print(f"{args.documents:,} documents, {postings:,} postings; "
               f"{len(test)} SciFact test queries")
         if args.writes:
-            write_cost(owner, corpus_id[0], args.writes)
+            before = None
+            if args.before:
+                from tests.benchmarks.common import in_database
+                before = connect(in_database(target.owner_dsn, args.before))
+            write_cost(owner, corpus_id[0], args.writes, before=before)
         search_and_compare(target, owner, corpus_id[0], [queries[q] for q in test], args.before)
 
 
@@ -157,44 +162,51 @@ def write(owner: psycopg.Connection[Any], texts: list[str]) -> None:
 
 
 def write_cost(owner: psycopg.Connection[Any], corpus_id: int, rounds: int,
-               documents: int = 5000) -> None:
+               documents: int = 5000, before: psycopg.Connection[Any] | None = None) -> None:
     """Seconds of deleting `documents` documents spread over the corpus in one transaction, and
-    of writing them again in another, statements and commit apart, `rounds` times."""
-    times: dict[str, list[float]] = {}
+    of writing them again in another, statements and commit apart, `rounds` times (with
+    `before`, a copy of the database at an earlier schema: in it too, alternately)."""
+    times: dict[str, dict[str, list[float]]] = {}
+    databases = [("", owner)] + ([("before: ", before)] if before is not None else [])
     for r in range(rounds):
-        ids = [d for d, in owner.execute(  # every (total / documents)-th, shifted by r
-            "SELECT document_id FROM (SELECT document_id, row_number() OVER (ORDER BY doc_no) "
-            "AS n, count(*) OVER () AS total FROM pyembed.documents WHERE corpus_id = %s) d "
-            "WHERE (n + %s) %% greatest(total / %s, 1) = 0 LIMIT %s",
-            (corpus_id, r, documents, documents))]
-        texts = dict(owner.execute("SELECT document_id, content FROM pyembed.chunks "
-                                   "WHERE corpus_id = %s AND document_id = ANY (%s)",
-                                   (corpus_id, ids)).fetchall())
-        hashes = [hashlib.sha256(texts[d].encode()).digest() for d in ids]
-        for step, statements in (
-                ("delete", [("DELETE FROM pyembed.documents WHERE corpus_id = %s "
-                             "AND document_id = ANY (%s)", (corpus_id, ids))]),
-                ("insert", [("INSERT INTO pyembed.documents (corpus_id, document_id, "
-                             "content_hash) SELECT %s, unnest(%s::text[]), unnest(%s::bytea[])",
-                             (corpus_id, ids, hashes)),
-                            ("INSERT INTO pyembed.chunks (corpus_id, document_id, chunk_index, "
-                             "content, content_hash) SELECT %s, d, 0, t, h FROM "
-                             "unnest(%s::text[], %s::text[], %s::bytea[]) AS u(d, t, h)",
-                             (corpus_id, ids, [texts[d] for d in ids], hashes))])):
-            t0 = time.perf_counter()
-            owner.execute("BEGIN")
-            for statement, params in statements:
-                owner.execute(statement, params)
-            t1 = time.perf_counter()
-            owner.execute("COMMIT")
-            t2 = time.perf_counter()
-            times.setdefault(f"{step} statements", []).append(t1 - t0)
-            times.setdefault(f"{step} commit", []).append(t2 - t1)
-        print(f"  round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()))
-    print(f"{len(ids):,} documents deleted, then written again, in one transaction each "
-          f"(medians of {rounds}): " + ", ".join(f"{k} {statistics.median(v):.2f} s"
-                                                for k, v in times.items())
-          + f"; {load_average()}")
+        for label, conn in databases:
+            mine = times.setdefault(label, {})
+            ids = [d for d, in conn.execute(  # every (total / documents)-th, shifted by r
+                "SELECT document_id FROM (SELECT document_id, row_number() OVER (ORDER BY "
+                "doc_no) AS n, count(*) OVER () AS total FROM pyembed.documents "
+                "WHERE corpus_id = %s) d WHERE (n + %s) %% greatest(total / %s, 1) = 0 LIMIT %s",
+                (corpus_id, r, documents, documents))]
+            texts = dict(conn.execute("SELECT document_id, content FROM pyembed.chunks "
+                                      "WHERE corpus_id = %s AND document_id = ANY (%s)",
+                                      (corpus_id, ids)).fetchall())
+            hashes = [hashlib.sha256(texts[d].encode()).digest() for d in ids]
+            for step, statements in (
+                    ("delete", [("DELETE FROM pyembed.documents WHERE corpus_id = %s "
+                                 "AND document_id = ANY (%s)", (corpus_id, ids))]),
+                    ("insert", [("INSERT INTO pyembed.documents (corpus_id, document_id, "
+                                 "content_hash) SELECT %s, unnest(%s::text[]), "
+                                 "unnest(%s::bytea[])", (corpus_id, ids, hashes)),
+                                ("INSERT INTO pyembed.chunks (corpus_id, document_id, "
+                                 "chunk_index, content, content_hash) SELECT %s, d, 0, t, h "
+                                 "FROM unnest(%s::text[], %s::text[], %s::bytea[]) "
+                                 "AS u(d, t, h)",
+                                 (corpus_id, ids, [texts[d] for d in ids], hashes))])):
+                t0 = time.perf_counter()
+                conn.execute("BEGIN")
+                for statement, params in statements:
+                    conn.execute(statement, params)
+                t1 = time.perf_counter()
+                conn.execute("COMMIT")
+                t2 = time.perf_counter()
+                mine.setdefault(f"{step} statements", []).append(t1 - t0)
+                mine.setdefault(f"{step} commit", []).append(t2 - t1)
+            print(f"  round {r + 1}: {label}"
+                  + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in mine.items()))
+    for label, mine in times.items():
+        print(f"{label}{documents:,} documents deleted, then written again, in one transaction "
+              f"each (medians of {rounds}): "
+              + ", ".join(f"{k} {statistics.median(v):.2f} s" for k, v in mine.items())
+              + f"; {load_average()}")
 
 
 def search_and_compare(target: Target, owner: psycopg.Connection[Any], corpus_id: int,
