@@ -6,6 +6,8 @@ pyembed._bm25 hands over the blocks of a query's terms in one byte string.
 Each posting's part is computed as the SQL statement it replaces computed it, in float8 and in
 the same order of operations, and a chunk's parts are added rarest term first (the order of
 `idfs`), so the scores are the same to the last bit.
+A writer's commit changes the blocks by the postings it added and deleted (`merge`, what
+pyembed._merge_blocks runs).
 """
 
 from __future__ import annotations
