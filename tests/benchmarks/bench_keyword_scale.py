@@ -22,7 +22,8 @@ earlier code's.
 over the corpus deleted in one transaction, then written again (the same ids and texts) in
 another; the statements' seconds and the commit's (where the index's counters and blocks
 follow) are printed, with their medians. The corpus ends as it began (its ids renumbered).
-With --before, the rounds alternate between the two databases.
+--small-writes N times N documents written and deleted one a transaction (a small writer's
+cost). With --before, the rounds alternate between the two databases.
 """
 
 from __future__ import annotations
@@ -105,6 +106,8 @@ def main() -> None:
                         help="also search this database (a copy left at an earlier schema)")
     parser.add_argument("--writes", type=int, default=0, metavar="N",
                         help="also time N deletes and rewrites of 5,000 documents")
+    parser.add_argument("--small-writes", type=int, default=0, metavar="N",
+                        help="also time N documents written and deleted one a transaction")
     args = parser.parse_args()
 
     from tests.benchmarks.bench_local_model import load_qrels, load_queries
@@ -129,12 +132,15 @@ def main() -> None:
         postings = owner.execute("SELECT count(*) FROM pyembed.postings").fetchone()[0]  # type: ignore[index]
         print(f"{args.documents:,} documents, {postings:,} postings; "
               f"{len(test)} SciFact test queries")
+        before = None
+        if args.before and (args.writes or args.small_writes):
+            from tests.benchmarks.common import in_database
+            before = connect(in_database(target.owner_dsn, args.before))
         if args.writes:
-            before = None
-            if args.before:
-                from tests.benchmarks.common import in_database
-                before = connect(in_database(target.owner_dsn, args.before))
             write_cost(owner, corpus_id[0], args.writes, before=before)
+        if args.small_writes:
+            small_write_cost(owner, corpus_id[0], synthetic_documents(args.data, args.small_writes,
+                                                                      seed=5), before=before)
         search_and_compare(target, owner, corpus_id[0], [queries[q] for q in test], args.before)
 
 
@@ -206,6 +212,37 @@ def write_cost(owner: psycopg.Connection[Any], corpus_id: int, rounds: int,
         print(f"{label}{documents:,} documents deleted, then written again, in one transaction "
               f"each (medians of {rounds}): "
               + ", ".join(f"{k} {statistics.median(v):.2f} s" for k, v in mine.items())
+              + f"; {load_average()}")
+
+
+def small_write_cost(owner: psycopg.Connection[Any], corpus_id: int, texts: list[str],
+                     before: psycopg.Connection[Any] | None = None) -> None:
+    """Milliseconds of writing each text as a new document (chunks of 70 words, at most 4) in a
+    transaction of its own, then of deleting it in another (with `before`: in both databases,
+    alternately)."""
+    times: dict[str, dict[str, list[float]]] = {}
+    databases = [("", owner)] + ([("before: ", before)] if before is not None else [])
+    for i, text in enumerate(texts):
+        words = text.split()
+        chunks = [" ".join(words[j:j + 70]) for j in range(0, len(words), 70)][:4] or ["empty"]
+        for label, conn in databases:
+            mine = times.setdefault(label, {"write": [], "delete": []})
+            t0 = time.perf_counter()
+            with conn.transaction():
+                conn.execute("INSERT INTO pyembed.documents (corpus_id, document_id, content_hash) "
+                             "VALUES (%s, %s, '\\x00')", (corpus_id, f"small{i}"))
+                conn.execute("INSERT INTO pyembed.chunks (corpus_id, document_id, chunk_index, "
+                             "content) SELECT %s, %s, i - 1, t FROM unnest(%s::text[]) "
+                             "WITH ORDINALITY AS u(t, i)", (corpus_id, f"small{i}", chunks))
+            t1 = time.perf_counter()
+            with conn.transaction():
+                conn.execute("DELETE FROM pyembed.documents WHERE corpus_id = %s "
+                             "AND document_id = %s", (corpus_id, f"small{i}"))
+            mine["write"].append(t1 - t0)
+            mine["delete"].append(time.perf_counter() - t1)
+    for label, mine in times.items():
+        print(f"{label}one document (up to 4 chunks) a transaction, medians of {len(texts)}: "
+              + ", ".join(f"{k} {statistics.median(v) * 1000:.2f} ms" for k, v in mine.items())
               + f"; {load_average()}")
 
 
