@@ -1,7 +1,7 @@
 """Keyword blocks change by the postings written, not rebuilt: a transaction's pending rows in order.
 
 Revision ID: 0019
-Revises: 0017
+Revises: 0018
 Create Date: 2026-12-04
 
 At commit, each posting block a transaction had touched was rebuilt from pyembed.postings
@@ -12,7 +12,6 @@ stored (sql/060-keyword.sql, pyembed.bm25.merge): an id's last change wins, so t
 of a transaction need an order, `seq`. One function counts chunk and document postings, for
 inserts and deletes alike (its triggers name their transition table `changed`), so
 pyembed._count_document_postings goes.
-(Numbered 0019 beside another 0018 made at the same time: renumbered at merge.)
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ from collections.abc import Sequence
 from pyembed.schema import run_sql
 
 revision: str = "0019"
-down_revision: str | Sequence[str] | None = "0017"
+down_revision: str | Sequence[str] | None = "0018"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
