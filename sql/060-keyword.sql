@@ -710,6 +710,12 @@ BEGIN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
       MESSAGE = 'keyword_ids, keyword_scores and keyword_keys must have one element per hit';
   END IF;
+  -- a key is a document number or a chunk id, as pyembed.keyword_ranking gives it
+  IF keyword_keys IS NOT NULL AND EXISTS (SELECT FROM unnest(keyword_keys) AS h(key)
+                                          WHERE h.key IS NULL OR h.key !~ '^-?[0-9]{1,18}$') THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = 'keyword_keys must be the keys pyembed.keyword_ranking returned (whole numbers)';
+  END IF;
   c := pyembed.lookup_corpus(corpus);
   d := pyembed._vector_ranking(c, query_embedding, query_model_key, candidates, filter, group_by);
   IF keyword_ids IS NULL THEN

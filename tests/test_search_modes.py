@@ -502,6 +502,11 @@ def test_hybrid_fuses_a_keyword_ranking_made_before_as_it_would_its_own(
                          "3, keyword_ids => '{1,2}', keyword_scores => '{1}', "
                          "keyword_keys => '{a,b}')", (vec, FAKE))
     assert err.sqlstate == "PE005" and "one element per hit" in str(err)
+    for keys in ("{a}", "{NULL}", "{1e3}"):  # a keyword-only hit's key is read as a number
+        err = sql_error(app, "SELECT * FROM pyembed.search_hybrid('handed', 'quota', %s::vector, "
+                             "%s, 3, keyword_ids => '{NULL}', keyword_scores => '{1}', "
+                             "keyword_keys => %s)", (vec, FAKE, keys))
+        assert err.sqlstate == "PE005" and "keyword_keys" in str(err), keys
     # The guard still holds: the vector leg refuses another model's vector (PE001).
     err = sql_error(app, "SELECT * FROM pyembed.search_hybrid('handed', 'quota', %s::vector, "
                          "'other/model@1:384', 3, keyword_ids => '{}', keyword_scores => '{}', "
