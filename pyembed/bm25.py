@@ -6,8 +6,6 @@ pyembed._bm25 hands over the blocks of a query's terms in one byte string.
 Each posting's part is computed as the SQL statement it replaces computed it, in float8 and in
 the same order of operations, and a chunk's parts are added rarest term first (the order of
 `idfs`), so the scores are the same to the last bit.
-A writer's commit changes the blocks by the postings it added and deleted (`merge`, what
-pyembed._merge_blocks runs).
 """
 
 from __future__ import annotations
@@ -83,44 +81,3 @@ def _best(score: npt.NDArray[np.float64], lo: int, n: int) -> tuple[list[int], l
     keep = np.flatnonzero(score >= cut)  # and every chunk that reaches it (ties)
     best = keep[np.lexsort((keep, -score[keep]))[:k]]
     return (best + lo).tolist(), score[best].tolist()
-
-
-def merge(blocks: int, stored_at: Sequence[int] | None, stored: Sequence[bytes] | None,
-          changed_at: Sequence[int] | None, removed: Sequence[bool] | None,
-          changes: Sequence[bytes] | None) -> list[bytes | None]:
-    """Blocks 1..`blocks` after their changes: block `stored_at[i]` holds the packed postings
-    `stored[i]` (a block not named there holds none); change i, in the order they were made,
-    adds the packed postings `changes[i]` to block `changed_at[i]` (an id already there takes
-    the new posting) or, if `removed[i]`, takes their ids out of it. Each block's postings
-    (None: none left), kept ones first, then added ones."""
-    old, old_block = _entries(stored or [], stored_at or [])
-    new, new_block = _entries(changes or [], changed_at or [])
-    gone = np.repeat(np.asarray(removed or [], dtype=bool),
-                     [len(c) // POSTING.itemsize for c in changes or []])
-    new_key = (new_block << BLOCK_BITS) + new["offset"]
-    # An id's last change wins: the changes' postings sorted by id, stably (in their order).
-    order = np.argsort(new_key, kind="stable")
-    last = np.ones(len(order), dtype=bool)
-    last[:-1] = new_key[order][1:] != new_key[order][:-1]
-    added = order[last]
-    added = added[~gone[added]]
-    kept = ~np.isin((old_block << BLOCK_BITS) + old["offset"], new_key)
-    postings = np.concatenate([old[kept], new[added]])
-    owner = np.concatenate([old_block[kept], new_block[added]])
-    order = np.argsort(owner, kind="stable")
-    data = postings[order].astype(POSTING).tobytes()  # (concatenate may change byte order)
-    ends = np.cumsum(np.bincount(owner, minlength=blocks + 1)[1:]) * POSTING.itemsize
-    out: list[bytes | None] = []
-    start = 0
-    for end in ends.tolist():
-        out.append(data[start:end] if end > start else None)
-        start = end
-    return out
-
-
-def _entries(parts: Sequence[bytes], blocks: Sequence[int]
-             ) -> tuple[npt.NDArray[np.void], npt.NDArray[np.int64]]:
-    """The postings of packed parts, and each one's block (that of its part)."""
-    postings = np.frombuffer(b"".join(parts), dtype=POSTING)
-    return postings, np.repeat(np.asarray(blocks, dtype=np.int64),
-                               [len(p) // POSTING.itemsize for p in parts])

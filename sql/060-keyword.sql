@@ -186,15 +186,18 @@ LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-  RETURN (SELECT string_agg(int2send((p.id & 511)::smallint) || int4send(p.tf)
-                            || int4send(p.doc_len), ''::bytea ORDER BY p.id)
-            FROM (SELECT c.chunk_id AS id, c.tf, c.doc_len FROM pyembed.postings c
-                   WHERE block >= 0 AND c.corpus_id = corpus AND c.lexeme = term
-                     AND c.chunk_id >= block << 9 AND c.chunk_id < (block + 1) << 9
-                  UNION ALL
-                  SELECT d.doc_no, d.tf, d.doc_len FROM pyembed.document_postings d
-                   WHERE block < 0 AND d.corpus_id = corpus AND d.lexeme = term
-                     AND d.doc_no >= (-1 - block) << 9 AND d.doc_no < (-block) << 9) p);
+  IF block >= 0 THEN
+    RETURN (SELECT string_agg(int2send((p.chunk_id & 511)::smallint) || int4send(p.tf)
+                              || int4send(p.doc_len), ''::bytea ORDER BY p.chunk_id)
+              FROM pyembed.postings p
+             WHERE p.corpus_id = corpus AND p.lexeme = term AND p.chunk_id >= block << 9
+               AND p.chunk_id < (block + 1) << 9);
+  END IF;
+  RETURN (SELECT string_agg(int2send((p.doc_no & 511)::smallint) || int4send(p.tf)
+                            || int4send(p.doc_len), ''::bytea ORDER BY p.doc_no)
+            FROM pyembed.document_postings p
+           WHERE p.corpus_id = corpus AND p.lexeme = term AND p.doc_no >= (-1 - block) << 9
+             AND p.doc_no < (-block) << 9);
 END
 $$;
 
@@ -204,103 +207,74 @@ $$;
 -- in one statement sorted by corpus and lexeme, so that writers hold counter rows only while
 -- committing and always take them in the same order (no deadlock). Until then, a transaction's
 -- own searches score its new chunks with the counts committed before it.
--- The same function counts chunk postings (TG_ARGV: the id column chunk_id, false) and document
--- postings (doc_no, true: pending rows with `documents`, counting documents), inserted or deleted
--- (the transition table is `changed` either way). Per lexeme and block of 512 ids
--- (pyembed.posting_blocks: chunk_id >> 9, or -1 - (doc_no >> 9)): the count, negative for
--- postings deleted, and the postings themselves, packed, so that the commit changes each block
--- by them instead of rebuilding it. The arrays of one aggregate have their elements in the same
--- order (no order needed: a block's postings are scored in any order, and the commit sorts the
--- blocks); `seq` orders a transaction's pending rows.
--- (The id column is the one identifier formatted in, with %I: the statement is planned at each
--- call, as a statement-level trigger's once per statement.)
 CREATE OR REPLACE FUNCTION pyembed._count_postings() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET work_mem = '64MB'
 AS $$
 BEGIN
-  EXECUTE format($q$
+  -- Per lexeme and block of 512 ids (pyembed.posting_blocks): the counts add up by lexeme; new
+  -- postings come packed as well (a block new at commit is stored as they are). The arrays of
+  -- one aggregate have their elements in the same order (no order needed: a block's postings
+  -- are scored in any order, and the commit sorts the blocks).
+  IF TG_OP = 'INSERT' THEN
     INSERT INTO pyembed.keyword_pending (corpus_id, lexemes, blocks, dfs, postings, chunks,
                                          total_len, documents)
-    SELECT l.corpus_id, l.lexemes, l.blocks, l.dfs, l.postings, $1 * t.n, $1 * t.total_len, $2
+    SELECT l.corpus_id, l.lexemes, l.blocks, l.dfs, l.postings, t.chunks, t.total_len, false
       FROM (SELECT corpus_id, array_agg(lexeme) AS lexemes, array_agg(block) AS blocks,
-                   array_agg($1 * n) AS dfs, array_agg(postings) AS postings
-              FROM (SELECT p.corpus_id, p.lexeme,
-                           CASE WHEN $2 THEN -1 - (p.%1$I >> 9) ELSE p.%1$I >> 9 END AS block,
+                   array_agg(n) AS dfs, array_agg(postings) AS postings
+              FROM (SELECT p.corpus_id, p.lexeme, p.chunk_id >> 9 AS block,
                            count(*)::integer AS n,
-                           string_agg(int2send((p.%1$I & 511)::smallint)
+                           string_agg(int2send((p.chunk_id & 511)::smallint)
                                       || int4send(p.tf) || int4send(p.doc_len),
                                       ''::bytea) AS postings
-                      FROM changed p GROUP BY 1, 2, 3) d GROUP BY corpus_id) l
-      JOIN (SELECT corpus_id, count(DISTINCT %1$I) AS n, sum(tf) AS total_len
-              FROM changed GROUP BY corpus_id) t USING (corpus_id)$q$, TG_ARGV[0])
-    USING CASE TG_OP WHEN 'INSERT' THEN 1 ELSE -1 END, TG_ARGV[1]::boolean;
+                      FROM new_rows p GROUP BY 1, 2, 3) d GROUP BY corpus_id) l
+      JOIN (SELECT corpus_id, count(DISTINCT chunk_id) AS chunks, sum(tf) AS total_len
+              FROM new_rows GROUP BY corpus_id) t USING (corpus_id);
+  ELSE
+    INSERT INTO pyembed.keyword_pending (corpus_id, lexemes, blocks, dfs, chunks, total_len,
+                                         documents)
+    SELECT l.corpus_id, l.lexemes, l.blocks, l.dfs, -t.chunks, -t.total_len, false
+      FROM (SELECT corpus_id, array_agg(lexeme) AS lexemes, array_agg(block) AS blocks,
+                   array_agg(-n) AS dfs
+              FROM (SELECT corpus_id, lexeme, chunk_id >> 9 AS block, count(*)::integer AS n
+                      FROM old_rows GROUP BY 1, 2, 3) d GROUP BY corpus_id) l
+      JOIN (SELECT corpus_id, count(DISTINCT chunk_id) AS chunks, sum(tf) AS total_len
+              FROM old_rows GROUP BY corpus_id) t USING (corpus_id);
+  END IF;
   RETURN NULL;
 END
 $$;
 
-CREATE OR REPLACE TRIGGER postings_count_insert
-  AFTER INSERT ON pyembed.postings REFERENCING NEW TABLE AS changed
-  FOR EACH STATEMENT EXECUTE FUNCTION pyembed._count_postings('chunk_id', 'false');
-CREATE OR REPLACE TRIGGER postings_count_delete
-  AFTER DELETE ON pyembed.postings REFERENCING OLD TABLE AS changed
-  FOR EACH STATEMENT EXECUTE FUNCTION pyembed._count_postings('chunk_id', 'false');
-CREATE OR REPLACE TRIGGER document_postings_count_insert
-  AFTER INSERT ON pyembed.document_postings REFERENCING NEW TABLE AS changed
-  FOR EACH STATEMENT EXECUTE FUNCTION pyembed._count_postings('doc_no', 'true');
-CREATE OR REPLACE TRIGGER document_postings_count_delete
-  AFTER DELETE ON pyembed.document_postings REFERENCING OLD TABLE AS changed
-  FOR EACH STATEMENT EXECUTE FUNCTION pyembed._count_postings('doc_no', 'true');
-
--- Blocks after their changes (pyembed.bm25.merge): block i of 1..blocks holds stored[j] where
--- stored_at[j] = i (else nothing); changes[j], in the order made, adds its packed postings to
--- block changed_at[j] (an id there takes the new posting) or, if removed[j], takes their ids
--- out. NULL: no posting left.
-CREATE OR REPLACE FUNCTION pyembed._merge_blocks(blocks integer, stored_at integer[],
-                                                 stored bytea[], changed_at integer[],
-                                                 removed boolean[], changes bytea[])
-RETURNS bytea[]
-LANGUAGE plpython3u IMMUTABLE PARALLEL SAFE SECURITY INVOKER
-SET search_path = pg_catalog, pg_temp
-AS $$
-from pyembed import bm25
-return bm25.merge(blocks, stored_at, stored, changed_at, removed, changes)
-$$;
-
 -- At commit (a deferred constraint trigger, once per pending row: the first folds them all).
--- Counts of a corpus dropped meanwhile are let go. Then each block the transaction changed gets
--- its changes (the postings each statement added or deleted, in order), without reading the
--- postings again: a new block is inserted as the changes make it; one stored (or inserted
--- meanwhile by a concurrent writer, waited for: ON CONFLICT) is locked, all in one order, then
--- changed as its locked version holds it (READ COMMITTED: the version the writer before
--- committed; REPEATABLE READ: a serialization error if there is a newer one); one that a writer
--- before emptied and deleted meanwhile is inserted as new after all. Inserts come before locks,
--- and each step is one statement sorted by key: a writer that waits for another's insert holds
--- no lock that one waits for (no deadlock). Counters come first.
+-- Counts of a corpus dropped meanwhile are let go. Then the blocks the transaction touched
+-- are rebuilt from the postings: first locked, all in one order (a new block is locked by its
+-- insert), so that two committing writers never deadlock; then read by a statement of its
+-- own, whose snapshot holds what every writer that held a block before committed (rebuilding
+-- from an older one would drop their postings). A block inserted needs no second look: a
+-- writer that inserts the same block later waits for this one and rebuilds it. Counters come
+-- first, blocks second, each in one statement sorted by key (the arrays in between need no
+-- order): every writer takes its locks in the same order.
 CREATE OR REPLACE FUNCTION pyembed._apply_keyword_counts() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET work_mem = '64MB'
 AS $$
 DECLARE
-  cs integer[];  -- the blocks changed, by key (corpus, lexeme, block)
+  cs integer[];
   ls text[];
   bs bigint[];
-  at integer[];  -- each change, in order: its block (place in cs, ls, bs)
-  rs boolean[];  -- whether it removes postings
-  ps bytea[];    -- the postings
-  alone bytea[];   -- each block as its changes alone make it (a new block)
-  todo boolean[];  -- whether each block is still to be written
-  ks integer[];    -- the blocks locked: their places
-  olds bytea[];    -- and what they hold
-  news bytea[];    -- each block's postings, changed
+  ps bytea[];  -- a block's new postings when one statement inserted them all, else NULL
+  oc integer[];  -- the blocks this snapshot has
+  ol text[];
+  ob bigint[];
+  raced boolean;
 BEGIN
   WITH mine AS (
     DELETE FROM pyembed.keyword_pending p
      WHERE p.xact = pg_current_xact_id()
        AND EXISTS (SELECT FROM pyembed.corpora c WHERE c.corpus_id = p.corpus_id)
-    RETURNING p.seq, p.corpus_id, p.lexemes, p.blocks, p.dfs, p.postings, p.chunks, p.total_len,
+    RETURNING p.corpus_id, p.lexemes, p.blocks, p.dfs, p.postings, p.chunks, p.total_len,
               p.documents
   ), lexemes AS (
     INSERT INTO pyembed.lexeme_stats AS s (corpus_id, lexeme, df, document_df)
@@ -323,82 +297,133 @@ BEGIN
       SET chunks = s.chunks + EXCLUDED.chunks, total_len = s.total_len + EXCLUDED.total_len,
           documents = s.documents + EXCLUDED.documents,
           document_len = s.document_len + EXCLUDED.document_len
-  )  -- (one sort for all: the aggregates read the rows in its order)
-  SELECT array_agg(c.k), array_agg(c.removed), array_agg(c.postings),
-         array_agg(c.corpus_id) FILTER (WHERE c.first), array_agg(c.lexeme) FILTER (WHERE c.first),
-         array_agg(c.block) FILTER (WHERE c.first)
-    INTO at, rs, ps, cs, ls, bs
-    FROM (SELECT m.corpus_id, u.lexeme, u.block, u.df < 0 AS removed, u.postings,
-                 (dense_rank() OVER (ORDER BY m.corpus_id, u.lexeme COLLATE "C", u.block))::integer
-                   AS k,
-                 row_number() OVER (PARTITION BY m.corpus_id, u.lexeme COLLATE "C", u.block
-                                    ORDER BY m.seq) = 1 AS first
-            FROM mine m,
-                 unnest(m.lexemes, m.blocks, m.dfs, m.postings) AS u(lexeme, block, df, postings)
-           ORDER BY m.corpus_id, u.lexeme COLLATE "C", u.block, m.seq) c;
+  )
+  SELECT array_agg(t.corpus_id), array_agg(t.lexeme), array_agg(t.block), array_agg(t.postings)
+    INTO cs, ls, bs, ps
+    FROM (SELECT m.corpus_id, u.lexeme, u.block,
+                 CASE WHEN count(*) = 1 THEN (array_agg(u.postings))[1] END AS postings
+            FROM mine m, unnest(m.lexemes, m.blocks, m.postings) AS u(lexeme, block, postings)
+           GROUP BY 1, 2, 3) t;
   DELETE FROM pyembed.keyword_pending p WHERE p.xact = pg_current_xact_id();
   IF cs IS NULL THEN
     RETURN NULL;
   END IF;
-  -- Each block as its changes alone make it: what a new block holds.
-  SELECT pyembed._merge_blocks(cardinality(cs), NULL, NULL, at, rs, ps) INTO alone;
-  todo := array_fill(true, ARRAY[cardinality(cs)]);
-  LOOP
-    -- New blocks inserted (ON CONFLICT: one stored, or inserted by a concurrent writer first,
-    -- waited for, is left for the locks; a block only removed from makes nothing).
-    WITH inserted AS (
-      INSERT INTO pyembed.posting_blocks AS b (corpus_id, lexeme, block, postings)
-      SELECT t.corpus_id, t.lexeme, t.block, t.postings
-        FROM unnest(cs, ls, bs, alone, todo) AS t(corpus_id, lexeme, block, postings, todo)
-       WHERE t.todo AND t.postings IS NOT NULL
-       ORDER BY 1, 2, 3
+  -- Blocks this snapshot has not got: built (from the statement's new postings when one
+  -- statement of this transaction wrote all of the block's) and inserted at once. If a
+  -- concurrent writer inserted one of them first (waited for, then left alone: ON CONFLICT),
+  -- every block is rebuilt below; else only those this snapshot had.
+  SELECT array_agg(t.corpus_id) FILTER (WHERE t.there),
+         array_agg(t.lexeme) FILTER (WHERE t.there),
+         array_agg(t.block) FILTER (WHERE t.there),
+         array_agg(t.corpus_id) FILTER (WHERE NOT t.there),
+         array_agg(t.lexeme) FILTER (WHERE NOT t.there),
+         array_agg(t.block) FILTER (WHERE NOT t.there),
+         array_agg(t.postings) FILTER (WHERE NOT t.there)
+    INTO oc, ol, ob, cs, ls, bs, ps
+    FROM (SELECT t.*, o.there IS NOT NULL AS there
+            FROM unnest(cs, ls, bs, ps) AS t(corpus_id, lexeme, block, postings)
+            LEFT JOIN LATERAL (SELECT true AS there FROM pyembed.posting_blocks o
+                                WHERE o.corpus_id = t.corpus_id AND o.lexeme = t.lexeme
+                                  AND o.block = t.block LIMIT 1) o ON true) t;
+  IF cs IS NOT NULL THEN
+    WITH built AS MATERIALIZED (
+      SELECT t.corpus_id, t.lexeme, t.block, coalesce(t.postings, x.postings) AS postings
+        FROM unnest(cs, ls, bs, ps) AS t(corpus_id, lexeme, block, postings)
+        LEFT JOIN LATERAL (SELECT pyembed._packed_block(t.corpus_id, t.lexeme, t.block)
+                                    AS postings
+                            WHERE t.postings IS NULL) x ON true
+    ), inserted AS (
+      INSERT INTO pyembed.posting_blocks (corpus_id, lexeme, block, postings)
+      SELECT * FROM built WHERE postings IS NOT NULL ORDER BY 1, 2, 3
       ON CONFLICT DO NOTHING
-      RETURNING b.corpus_id, b.lexeme, b.block
+      RETURNING 1
     )
-    SELECT array_agg(t.todo AND i.block IS NULL ORDER BY t.k) INTO todo
-      FROM unnest(cs, ls, bs, todo) WITH ORDINALITY AS t(corpus_id, lexeme, block, todo, k)
-      LEFT JOIN inserted i
-        ON i.corpus_id = t.corpus_id AND i.lexeme = t.lexeme AND i.block = t.block;
-    -- The others: locked in order, read as locked, changed.
-    SELECT array_agg(o.k), array_agg(o.postings) INTO ks, olds
-      FROM (SELECT t.k, b.postings
-              FROM pyembed.posting_blocks b
-              JOIN unnest(cs, ls, bs, todo) WITH ORDINALITY AS t(corpus_id, lexeme, block, todo, k)
-                ON b.corpus_id = t.corpus_id AND b.lexeme = t.lexeme AND b.block = t.block
-             WHERE t.todo
-             ORDER BY b.corpus_id, b.lexeme, b.block FOR UPDATE OF b) o;
-    IF ks IS NOT NULL THEN
-      SELECT pyembed._merge_blocks(cardinality(cs), ks, olds, array_agg(c.k ORDER BY c.i),
-                                   array_agg(c.removed ORDER BY c.i),
-                                   array_agg(c.postings ORDER BY c.i))
-        INTO news
-        FROM unnest(at, rs, ps) WITH ORDINALITY AS c(k, removed, postings, i)
-       WHERE todo[c.k];
-      WITH n AS (
-        SELECT t.corpus_id, t.lexeme, t.block, t.postings
-          FROM unnest(cs, ls, bs, news) WITH ORDINALITY
-                 AS t(corpus_id, lexeme, block, postings, k)
-          JOIN unnest(ks, olds) AS o(k, postings) ON o.k = t.k
-         WHERE t.postings IS DISTINCT FROM o.postings
-      ), emptied AS (
-        DELETE FROM pyembed.posting_blocks b USING n
-         WHERE n.postings IS NULL AND b.corpus_id = n.corpus_id AND b.lexeme = n.lexeme
-           AND b.block = n.block
-      )
-      UPDATE pyembed.posting_blocks b SET postings = n.postings
-        FROM n
-       WHERE n.postings IS NOT NULL AND b.corpus_id = n.corpus_id AND b.lexeme = n.lexeme
-         AND b.block = n.block;
+    SELECT (SELECT count(*) FROM built WHERE postings IS NOT NULL) > (SELECT count(*) FROM inserted)
+      INTO raced;
+    IF raced THEN  -- all of them
+      SELECT array_agg(t.corpus_id), array_agg(t.lexeme), array_agg(t.block) INTO oc, ol, ob
+        FROM (SELECT * FROM unnest(oc, ol, ob) UNION ALL SELECT * FROM unnest(cs, ls, bs))
+          AS t(corpus_id, lexeme, block);
     END IF;
-    -- A block deleted meanwhile (a writer before took every posting it held out) is new again.
-    SELECT array_agg(t.todo AND o.k IS NULL AND t.postings IS NOT NULL ORDER BY t.k) INTO todo
-      FROM unnest(alone, todo) WITH ORDINALITY AS t(postings, todo, k)
-      LEFT JOIN unnest(ks) AS o(k) ON o.k = t.k;
-    EXIT WHEN NOT true = ANY (todo);
-  END LOOP;
+  END IF;
+  cs := oc;
+  ls := ol;
+  bs := ob;
+  IF cs IS NULL THEN
+    RETURN NULL;
+  END IF;
+  -- The others: locked, then rebuilt by a statement of its own.
+  PERFORM FROM pyembed.posting_blocks b
+    JOIN unnest(cs, ls, bs) AS t(corpus_id, lexeme, block)
+      ON b.corpus_id = t.corpus_id AND b.lexeme = t.lexeme AND b.block = t.block
+   ORDER BY b.corpus_id, b.lexeme, b.block FOR UPDATE OF b;
+  WITH built AS (
+    SELECT t.corpus_id, t.lexeme, t.block, x.postings
+      FROM unnest(cs, ls, bs) AS t(corpus_id, lexeme, block),
+           LATERAL (SELECT pyembed._packed_block(t.corpus_id, t.lexeme, t.block) AS postings) x
+  ), emptied AS (
+    DELETE FROM pyembed.posting_blocks b USING built n
+     WHERE n.postings IS NULL AND b.corpus_id = n.corpus_id AND b.lexeme = n.lexeme
+       AND b.block = n.block
+  )
+  UPDATE pyembed.posting_blocks b SET postings = n.postings
+    FROM built n
+   WHERE n.postings IS NOT NULL AND b.corpus_id = n.corpus_id AND b.lexeme = n.lexeme
+     AND b.block = n.block AND b.postings <> n.postings;
   RETURN NULL;
 END
 $$;
+
+-- The same for document postings (pending rows with `documents`, counting documents).
+CREATE OR REPLACE FUNCTION pyembed._count_document_postings() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+SET work_mem = '64MB'
+AS $$
+BEGIN
+  -- As in pyembed._count_postings, by blocks of 512 doc_no (numbered -1 - doc_no >> 9).
+  IF TG_OP = 'INSERT' THEN
+    INSERT INTO pyembed.keyword_pending (corpus_id, lexemes, blocks, dfs, postings, chunks,
+                                         total_len, documents)
+    SELECT l.corpus_id, l.lexemes, l.blocks, l.dfs, l.postings, t.docs, t.total_len, true
+      FROM (SELECT corpus_id, array_agg(lexeme) AS lexemes, array_agg(block) AS blocks,
+                   array_agg(n) AS dfs, array_agg(postings) AS postings
+              FROM (SELECT p.corpus_id, p.lexeme, -1 - (p.doc_no >> 9) AS block,
+                           count(*)::integer AS n,
+                           string_agg(int2send((p.doc_no & 511)::smallint)
+                                      || int4send(p.tf) || int4send(p.doc_len),
+                                      ''::bytea) AS postings
+                      FROM new_rows p GROUP BY 1, 2, 3) d GROUP BY corpus_id) l
+      JOIN (SELECT corpus_id, count(DISTINCT doc_no) AS docs, sum(tf) AS total_len
+              FROM new_rows GROUP BY corpus_id) t USING (corpus_id);
+  ELSE
+    INSERT INTO pyembed.keyword_pending (corpus_id, lexemes, blocks, dfs, chunks, total_len,
+                                         documents)
+    SELECT l.corpus_id, l.lexemes, l.blocks, l.dfs, -t.docs, -t.total_len, true
+      FROM (SELECT corpus_id, array_agg(lexeme) AS lexemes, array_agg(block) AS blocks,
+                   array_agg(-n) AS dfs
+              FROM (SELECT corpus_id, lexeme, -1 - (doc_no >> 9) AS block, count(*)::integer AS n
+                      FROM old_rows GROUP BY 1, 2, 3) d GROUP BY corpus_id) l
+      JOIN (SELECT corpus_id, count(DISTINCT doc_no) AS docs, sum(tf) AS total_len
+              FROM old_rows GROUP BY corpus_id) t USING (corpus_id);
+  END IF;
+  RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER document_postings_count_insert
+  AFTER INSERT ON pyembed.document_postings REFERENCING NEW TABLE AS new_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION pyembed._count_document_postings();
+CREATE OR REPLACE TRIGGER document_postings_count_delete
+  AFTER DELETE ON pyembed.document_postings REFERENCING OLD TABLE AS old_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION pyembed._count_document_postings();
+
+CREATE OR REPLACE TRIGGER postings_count_insert
+  AFTER INSERT ON pyembed.postings REFERENCING NEW TABLE AS new_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION pyembed._count_postings();
+CREATE OR REPLACE TRIGGER postings_count_delete
+  AFTER DELETE ON pyembed.postings REFERENCING OLD TABLE AS old_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION pyembed._count_postings();
 
 -- The k best by BM25, as (chunk ids, scores, group keys), best first. group_by 'document' (the
 -- default) returns k distinct documents scored by their whole text (pyembed._bm25 over the

@@ -8,7 +8,6 @@ as a real corpus's would), next to the same BM25 computed from scratch in one SQ
     .venv/bin/python tests/benchmarks/bench_keyword_scale.py --documents 20000
     .venv/bin/python tests/benchmarks/bench_keyword_scale.py --reuse      # keep, then reuse
     .venv/bin/python tests/benchmarks/bench_keyword_scale.py --reuse --before keyword_before
-    .venv/bin/python tests/benchmarks/bench_keyword_scale.py --reuse --writes 3  # write cost
 
 The documents are written as the owner straight into pyembed.documents and pyembed.chunks
 (one chunk each, no vectors: keyword search needs none), in statements of 5,000, so the keyword
@@ -18,12 +17,6 @@ current schema and searches it as it is. --before NAME also searches a database 
 cluster left at an earlier schema (a copy of the kept one, made with CREATE DATABASE NAME
 TEMPLATE keyword_100000 before an upgrade) in the same round robin: its SQL functions are the
 earlier code's.
---writes N also measures what keeping the index costs a writer, N times: 5,000 documents spread
-over the corpus deleted in one transaction, then written again (the same ids and texts) in
-another; the statements' seconds and the commit's (where the index's counters and blocks
-follow) are printed, with their medians. The corpus ends as it began (its ids renumbered).
---small-writes N times N documents written and deleted one a transaction (a small writer's
-cost). With --before, the rounds alternate between the two databases.
 """
 
 from __future__ import annotations
@@ -32,7 +25,6 @@ import argparse
 import hashlib
 import json
 import re
-import statistics
 import time
 from collections import Counter
 from pathlib import Path
@@ -104,10 +96,6 @@ def main() -> None:
                         help="keep the database and search it again in later --reuse runs")
     parser.add_argument("--before", metavar="NAME",
                         help="also search this database (a copy left at an earlier schema)")
-    parser.add_argument("--writes", type=int, default=0, metavar="N",
-                        help="also time N deletes and rewrites of 5,000 documents")
-    parser.add_argument("--small-writes", type=int, default=0, metavar="N",
-                        help="also time N documents written and deleted one a transaction")
     args = parser.parse_args()
 
     from tests.benchmarks.bench_local_model import load_qrels, load_queries
@@ -132,15 +120,6 @@ def main() -> None:
         postings = owner.execute("SELECT count(*) FROM pyembed.postings").fetchone()[0]  # type: ignore[index]
         print(f"{args.documents:,} documents, {postings:,} postings; "
               f"{len(test)} SciFact test queries")
-        before = None
-        if args.before and (args.writes or args.small_writes):
-            from tests.benchmarks.common import in_database
-            before = connect(in_database(target.owner_dsn, args.before))
-        if args.writes:
-            write_cost(owner, corpus_id[0], args.writes, before=before)
-        if args.small_writes:
-            small_write_cost(owner, corpus_id[0], synthetic_documents(args.data, args.small_writes,
-                                                                      seed=5), before=before)
         search_and_compare(target, owner, corpus_id[0], [queries[q] for q in test], args.before)
 
 
@@ -165,85 +144,6 @@ def write(owner: psycopg.Connection[Any], texts: list[str]) -> None:
         print(f"\r  {i + len(batch):,} documents written", end="", flush=True)
     print(f"\nwritten in {time.perf_counter() - started:.0f} s")
     owner.execute("VACUUM ANALYZE")
-
-
-def write_cost(owner: psycopg.Connection[Any], corpus_id: int, rounds: int,
-               documents: int = 5000, before: psycopg.Connection[Any] | None = None) -> None:
-    """Seconds of deleting `documents` documents spread over the corpus in one transaction, and
-    of writing them again in another, statements and commit apart, `rounds` times (with
-    `before`, a copy of the database at an earlier schema: in it too, alternately)."""
-    times: dict[str, dict[str, list[float]]] = {}
-    databases = [("", owner)] + ([("before: ", before)] if before is not None else [])
-    for r in range(rounds):
-        for label, conn in databases:
-            mine = times.setdefault(label, {})
-            ids = [d for d, in conn.execute(  # every (total / documents)-th, shifted by r
-                "SELECT document_id FROM (SELECT document_id, row_number() OVER (ORDER BY "
-                "doc_no) AS n, count(*) OVER () AS total FROM pyembed.documents "
-                "WHERE corpus_id = %s) d WHERE (n + %s) %% greatest(total / %s, 1) = 0 LIMIT %s",
-                (corpus_id, r, documents, documents))]
-            texts = dict(conn.execute("SELECT document_id, content FROM pyembed.chunks "
-                                      "WHERE corpus_id = %s AND document_id = ANY (%s)",
-                                      (corpus_id, ids)).fetchall())
-            hashes = [hashlib.sha256(texts[d].encode()).digest() for d in ids]
-            for step, statements in (
-                    ("delete", [("DELETE FROM pyembed.documents WHERE corpus_id = %s "
-                                 "AND document_id = ANY (%s)", (corpus_id, ids))]),
-                    ("insert", [("INSERT INTO pyembed.documents (corpus_id, document_id, "
-                                 "content_hash) SELECT %s, unnest(%s::text[]), "
-                                 "unnest(%s::bytea[])", (corpus_id, ids, hashes)),
-                                ("INSERT INTO pyembed.chunks (corpus_id, document_id, "
-                                 "chunk_index, content, content_hash) SELECT %s, d, 0, t, h "
-                                 "FROM unnest(%s::text[], %s::text[], %s::bytea[]) "
-                                 "AS u(d, t, h)",
-                                 (corpus_id, ids, [texts[d] for d in ids], hashes))])):
-                t0 = time.perf_counter()
-                conn.execute("BEGIN")
-                for statement, params in statements:
-                    conn.execute(statement, params)
-                t1 = time.perf_counter()
-                conn.execute("COMMIT")
-                t2 = time.perf_counter()
-                mine.setdefault(f"{step} statements", []).append(t1 - t0)
-                mine.setdefault(f"{step} commit", []).append(t2 - t1)
-            print(f"  round {r + 1}: {label}"
-                  + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in mine.items()))
-    for label, mine in times.items():
-        print(f"{label}{documents:,} documents deleted, then written again, in one transaction "
-              f"each (medians of {rounds}): "
-              + ", ".join(f"{k} {statistics.median(v):.2f} s" for k, v in mine.items())
-              + f"; {load_average()}")
-
-
-def small_write_cost(owner: psycopg.Connection[Any], corpus_id: int, texts: list[str],
-                     before: psycopg.Connection[Any] | None = None) -> None:
-    """Milliseconds of writing each text as a new document (chunks of 70 words, at most 4) in a
-    transaction of its own, then of deleting it in another (with `before`: in both databases,
-    alternately)."""
-    times: dict[str, dict[str, list[float]]] = {}
-    databases = [("", owner)] + ([("before: ", before)] if before is not None else [])
-    for i, text in enumerate(texts):
-        words = text.split()
-        chunks = [" ".join(words[j:j + 70]) for j in range(0, len(words), 70)][:4] or ["empty"]
-        for label, conn in databases:
-            mine = times.setdefault(label, {"write": [], "delete": []})
-            t0 = time.perf_counter()
-            with conn.transaction():
-                conn.execute("INSERT INTO pyembed.documents (corpus_id, document_id, content_hash) "
-                             "VALUES (%s, %s, '\\x00')", (corpus_id, f"small{i}"))
-                conn.execute("INSERT INTO pyembed.chunks (corpus_id, document_id, chunk_index, "
-                             "content) SELECT %s, %s, i - 1, t FROM unnest(%s::text[]) "
-                             "WITH ORDINALITY AS u(t, i)", (corpus_id, f"small{i}", chunks))
-            t1 = time.perf_counter()
-            with conn.transaction():
-                conn.execute("DELETE FROM pyembed.documents WHERE corpus_id = %s "
-                             "AND document_id = %s", (corpus_id, f"small{i}"))
-            mine["write"].append(t1 - t0)
-            mine["delete"].append(time.perf_counter() - t1)
-    for label, mine in times.items():
-        print(f"{label}one document (up to 4 chunks) a transaction, medians of {len(texts)}: "
-              + ", ".join(f"{k} {statistics.median(v) * 1000:.2f} ms" for k, v in mine.items())
-              + f"; {load_average()}")
 
 
 def search_and_compare(target: Target, owner: psycopg.Connection[Any], corpus_id: int,
