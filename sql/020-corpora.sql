@@ -15,8 +15,7 @@
 --   rows < 200,000        m 16, ef_construction  64, ef_search 100
 --   rows < 2,000,000      m 24, ef_construction 128, ef_search 300
 --   2,000,000 and more    m 32, ef_construction 200, ef_search 500
--- A graph's recall at a given ef_search falls as it grows (clustered 384-d data here, m 16 and
--- ef_construction 64: recall@10 0.99 at 100k rows with ef_search 100, 0.88 at 1M with 200),
+-- A graph's recall at a given ef_search falls as it grows (measured in docs/index-tuning.md),
 -- and more links per node (m) and a wider build search (ef_construction) buy it back at the
 -- cost of build time and index size. `oversample` is for binary storage: the Hamming index
 -- returns k x oversample candidates, which are rescored exactly; fewer bits rank more coarsely,
