@@ -180,6 +180,10 @@ CREATE OR REPLACE TRIGGER documents_deleted
 -- document postings whose doc_no are (-1 - block) << 9 ..; each 10 bytes, big-endian: the id's
 -- place in the block (int2), tf (int4) and the length (int4). pyembed.bm25 reads them.
 -- (PL/pgSQL: its plans are kept; a SQL function with SET is planned at every call.)
+-- The range is a row comparison on (lexeme, id), which only the primary key (corpus_id, lexeme,
+-- id) can serve: with `lexeme = term AND id BETWEEN ...`, a new corpus's empty statistics let
+-- the planner choose the (corpus_id, id) index and read every term of 512 ids for each block,
+-- and PL/pgSQL kept that plan for the whole first ingest.
 CREATE OR REPLACE FUNCTION pyembed._packed_block(corpus integer, term text, block bigint)
 RETURNS bytea
 LANGUAGE plpgsql STABLE
@@ -190,14 +194,14 @@ BEGIN
     RETURN (SELECT string_agg(int2send((p.chunk_id & 511)::smallint) || int4send(p.tf)
                               || int4send(p.doc_len), ''::bytea ORDER BY p.chunk_id)
               FROM pyembed.postings p
-             WHERE p.corpus_id = corpus AND p.lexeme = term AND p.chunk_id >= block << 9
-               AND p.chunk_id < (block + 1) << 9);
+             WHERE p.corpus_id = corpus AND (p.lexeme, p.chunk_id) >= (term, block << 9)
+               AND (p.lexeme, p.chunk_id) < (term, (block + 1) << 9));
   END IF;
   RETURN (SELECT string_agg(int2send((p.doc_no & 511)::smallint) || int4send(p.tf)
                             || int4send(p.doc_len), ''::bytea ORDER BY p.doc_no)
             FROM pyembed.document_postings p
-           WHERE p.corpus_id = corpus AND p.lexeme = term AND p.doc_no >= (-1 - block) << 9
-             AND p.doc_no < (-block) << 9);
+           WHERE p.corpus_id = corpus AND (p.lexeme, p.doc_no) >= (term, (-1 - block) << 9)
+             AND (p.lexeme, p.doc_no) < (term, (-block) << 9));
 END
 $$;
 
