@@ -180,10 +180,6 @@ CREATE OR REPLACE TRIGGER documents_deleted
 -- document postings whose doc_no are (-1 - block) << 9 ..; each 10 bytes, big-endian: the id's
 -- place in the block (int2), tf (int4) and the length (int4). pyembed.bm25 reads them.
 -- (PL/pgSQL: its plans are kept; a SQL function with SET is planned at every call.)
--- The range is a row comparison on (lexeme, id), which only the primary key (corpus_id, lexeme,
--- id) can serve: with `lexeme = term AND id BETWEEN ...`, a new corpus's empty statistics let
--- the planner choose the (corpus_id, id) index and read every term of 512 ids for each block,
--- and PL/pgSQL kept that plan for the whole first ingest.
 CREATE OR REPLACE FUNCTION pyembed._packed_block(corpus integer, term text, block bigint)
 RETURNS bytea
 LANGUAGE plpgsql STABLE
@@ -194,14 +190,14 @@ BEGIN
     RETURN (SELECT string_agg(int2send((p.chunk_id & 511)::smallint) || int4send(p.tf)
                               || int4send(p.doc_len), ''::bytea ORDER BY p.chunk_id)
               FROM pyembed.postings p
-             WHERE p.corpus_id = corpus AND (p.lexeme, p.chunk_id) >= (term, block << 9)
-               AND (p.lexeme, p.chunk_id) < (term, (block + 1) << 9));
+             WHERE p.corpus_id = corpus AND p.lexeme = term AND p.chunk_id >= block << 9
+               AND p.chunk_id < (block + 1) << 9);
   END IF;
   RETURN (SELECT string_agg(int2send((p.doc_no & 511)::smallint) || int4send(p.tf)
                             || int4send(p.doc_len), ''::bytea ORDER BY p.doc_no)
             FROM pyembed.document_postings p
-           WHERE p.corpus_id = corpus AND (p.lexeme, p.doc_no) >= (term, (-1 - block) << 9)
-             AND (p.lexeme, p.doc_no) < (term, (-block) << 9));
+           WHERE p.corpus_id = corpus AND p.lexeme = term AND p.doc_no >= (-1 - block) << 9
+             AND p.doc_no < (-block) << 9);
 END
 $$;
 
@@ -247,6 +243,29 @@ BEGIN
               FROM old_rows GROUP BY corpus_id) t USING (corpus_id);
   END IF;
   RETURN NULL;
+END
+$$;
+
+-- Statistics for the tables the write path reads, taken at a writer's commit when one has grown
+-- fourfold (and past 8 pages) since its last ANALYZE or VACUUM (pg_class.relpages). The plans
+-- PL/pgSQL keeps are made from them: a new database's first ingest runs for a minute before
+-- autovacuum's first ANALYZE, and on empty statistics the planner read posting blocks through
+-- the (corpus_id, id) indexes (every term of 512 ids for each block). SKIP_LOCKED: a writer
+-- never waits for another's ANALYZE (or autovacuum's); the table's next commit tries again.
+CREATE OR REPLACE FUNCTION pyembed._analyze_grown() RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  t regclass;
+BEGIN
+  FOR t IN SELECT c.oid::regclass FROM pg_catalog.pg_class c
+            WHERE c.oid IN ('pyembed.postings'::regclass, 'pyembed.document_postings'::regclass,
+                            'pyembed.chunks'::regclass, 'pyembed.documents'::regclass)
+              AND pg_catalog.pg_relation_size(c.oid) >= 8192 * greatest(4 * c.relpages, 8)
+            ORDER BY c.oid LOOP
+    EXECUTE format('ANALYZE (SKIP_LOCKED) %s', t);
+  END LOOP;
 END
 $$;
 
@@ -312,6 +331,7 @@ BEGIN
   IF cs IS NULL THEN
     RETURN NULL;
   END IF;
+  PERFORM pyembed._analyze_grown();  -- before the blocks' plans are made
   -- Blocks this snapshot has not got: built (from the statement's new postings when one
   -- statement of this transaction wrote all of the block's) and inserted at once. If a
   -- concurrent writer inserted one of them first (waited for, then left alone: ON CONFLICT),
