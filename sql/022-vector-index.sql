@@ -4,6 +4,14 @@
 -- reindex` (pyembed.index.rebuild_index) builds CONCURRENTLY, so writes go on too;
 -- pyembed.rebuild_index, callable from SQL, builds inside its transaction, which holds writes
 -- to the corpus (not searches) until it commits.
+--
+-- Lock order, here and in every maintenance step (070-migrations.sql): the corpus row first,
+-- FOR NO KEY UPDATE, then relations (the partition, its indexes). FOR NO KEY UPDATE keeps
+-- maintenance steps of one corpus in turn, and no key of the row changes (the corpus is never
+-- deleted here); FOR UPDATE would also hold every row written for the corpus meanwhile, whose
+-- foreign key locks the corpus row FOR KEY SHARE (a search's recall sample, a measurement, a
+-- document), and those are written by transactions that hold the partition already (a search
+-- records after it searched): the step then waited for the partition, the search for the row.
 
 -- The owner's overrides of pyembed.hnsw_rule for a corpus, merged into those it has (a key set
 -- to null goes back to the rule); returns the overrides now in force. ef_search and oversample
@@ -20,6 +28,9 @@ DECLARE
   lo integer;
   hi integer;
 BEGIN
+  -- Merged into the overrides in force: read under the row's lock, so that a call made
+  -- meanwhile is merged into (not overwritten by) this one.
+  SELECT * INTO STRICT c FROM pyembed.corpora WHERE corpus_id = c.corpus_id FOR NO KEY UPDATE;
   IF settings IS NULL OR jsonb_typeof(settings) <> 'object' THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
       MESSAGE = 'index settings are a JSON object: {"m": 16, "ef_construction": 64, '
@@ -71,7 +82,7 @@ DECLARE
   name text := pyembed._index_name(p_corpus_id, p_model_key);
 BEGIN
   PERFORM pyembed._check_storage(p_storage);
-  SELECT * INTO STRICT c FROM pyembed.corpora WHERE corpus_id = p_corpus_id FOR UPDATE;
+  SELECT * INTO STRICT c FROM pyembed.corpora WHERE corpus_id = p_corpus_id FOR NO KEY UPDATE;
   IF p_model_key = c.model_key THEN
     UPDATE pyembed.corpora SET storage = p_storage WHERE corpus_id = p_corpus_id;
   ELSIF p_model_key = c.target_model_key THEN
@@ -114,6 +125,9 @@ BEGIN
   IF storage IS NOT NULL THEN
     PERFORM pyembed._check_storage(storage);
   END IF;
+  -- The row before the build locks the partition (see the top of this file), and the keys and
+  -- storage as they are once a step holding it has committed.
+  SELECT * INTO STRICT c FROM pyembed.corpora WHERE corpus_id = c.corpus_id FOR NO KEY UPDATE;
   FOREACH key IN ARRAY array_remove(ARRAY[c.model_key, c.target_model_key], NULL) LOOP
     st := CASE WHEN key = c.model_key THEN coalesce(storage, c.storage)
                ELSE pyembed._key_storage(c, key) END;

@@ -1,6 +1,10 @@
 -- Model migration without downtime: start -> backfill -> validate -> shift 10/50/100 -> complete,
 -- with rollback (instant: traffic and writes return to the old key) at any step before complete.
 -- Only these functions may change a corpus's model keys (PE004 otherwise: see pyembed._guard_corpus_key).
+-- Each step locks the corpus row (pyembed._migration) before any relation, FOR NO KEY UPDATE:
+-- steps take turns, and rows written for the corpus meanwhile (documents, recall samples and
+-- measurements: their foreign keys lock it FOR KEY SHARE) do not wait for a step, which may
+-- itself wait for their transactions' locks on the partition (022-vector-index.sql says more).
 
 CREATE OR REPLACE FUNCTION pyembed._migration(corpus text, OUT c pyembed.corpora,
                                               OUT m pyembed.migrations)
@@ -9,7 +13,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
   SELECT * INTO c FROM pyembed.corpora
-   WHERE corpus_id = (pyembed.lookup_corpus(corpus)).corpus_id FOR UPDATE;
+   WHERE corpus_id = (pyembed.lookup_corpus(corpus)).corpus_id FOR NO KEY UPDATE;
   SELECT * INTO m FROM pyembed.migrations
    WHERE corpus_id = c.corpus_id AND state NOT IN ('completed', 'rolled_back', 'cleaned');
 END
@@ -108,8 +112,12 @@ BEGIN
                        (r.m).to_key),
       HINT = 'run pyembed migrate backfill again';
   END IF;
-  -- `pyembed migrate backfill` has built it CONCURRENTLY already; a SQL caller gets it here.
-  PERFORM pyembed._create_vector_index((r.c).corpus_id, (r.m).to_key);
+  -- `pyembed migrate backfill` has built it CONCURRENTLY already; a SQL caller gets it here
+  -- (the build locks the partition against writes: not taken when there is nothing to build).
+  IF to_regclass(format('pyembed.%I', pyembed._index_name((r.c).corpus_id, (r.m).to_key)))
+     IS NULL THEN
+    PERFORM pyembed._create_vector_index((r.c).corpus_id, (r.m).to_key);
+  END IF;
   UPDATE pyembed.migrations SET state = 'backfilled' WHERE migration_id = (r.m).migration_id;
   UPDATE pyembed.corpora SET migration_step = 'backfilled' WHERE corpus_id = (r.c).corpus_id;
   PERFORM pyembed._migration_step(r.m, 'backfilled');
@@ -178,12 +186,14 @@ BEGIN
       MESSAGE = format('corpus %s serves only %s%% of searches from %s: shift 100 first',
                        corpus, (r.c).traffic_share, (r.m).to_key);
   END IF;
+  -- Chunks queued for the old key are no longer needed. Removed before the key changes, which
+  -- locks the partition (the partition's constraint follows the keys): a writer holds the queue
+  -- rows of a chunk it changed and then writes its vectors, so the jobs come first here too.
+  DELETE FROM pyembed.queue WHERE corpus_id = (r.c).corpus_id AND model_key = (r.m).from_key;
   UPDATE pyembed.corpora SET model_key = (r.m).to_key, target_model_key = NULL,
          migration_step = 'none', traffic_share = 0,
          storage = coalesce(target_storage, storage), target_storage = NULL
    WHERE corpus_id = (r.c).corpus_id;
-  -- Chunks queued for the old key are no longer needed.
-  DELETE FROM pyembed.queue WHERE corpus_id = (r.c).corpus_id AND model_key = (r.m).from_key;
   UPDATE pyembed.migrations SET state = 'completed', finished_at = now()
    WHERE migration_id = (r.m).migration_id;
   PERFORM pyembed._migration_step(r.m, 'complete');
@@ -202,10 +212,11 @@ BEGIN
   r := pyembed._migration(corpus);
   PERFORM pyembed._need(r.m, corpus, ARRAY['started', 'backfilled', 'validated', 'shifting'],
                         'roll back');
+  -- The target's jobs before the key change, as in migration_complete.
+  DELETE FROM pyembed.queue WHERE corpus_id = (r.c).corpus_id AND model_key = (r.m).to_key;
   UPDATE pyembed.corpora SET target_model_key = NULL, migration_step = 'none', traffic_share = 0,
          target_storage = NULL
    WHERE corpus_id = (r.c).corpus_id;
-  DELETE FROM pyembed.queue WHERE corpus_id = (r.c).corpus_id AND model_key = (r.m).to_key;
   UPDATE pyembed.migrations SET state = 'rolled_back', finished_at = now()
    WHERE migration_id = (r.m).migration_id;
   PERFORM pyembed._migration_step(r.m, 'rollback');

@@ -1,0 +1,416 @@
+"""Maintenance never deadlocks with, nor stalls, the searches, writes and measurements that run
+beside it: every maintenance entry point locks the corpus row FOR NO KEY UPDATE (which the
+foreign-key checks of rows written for the corpus, FOR KEY SHARE, do not wait for) before any
+relation lock, and the queue rows before the vectors partition, as writers do.
+
+Each race is made deterministic with the locks themselves: the client's transaction takes a
+search's relation locks first and stays open, the maintenance call runs in another session
+until it waits for them while holding the corpus row, and only then does the client record
+(a recall sample, a measurement, a document: rows whose foreign key locks the corpus row). With
+the corpus row locked FOR UPDATE the two waited for each other (a deadlock, one of them failed).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+import pytest
+from pgvector import Vector
+from psycopg.types.json import Jsonb
+
+import pyembed
+from pyembed import index, migration
+from pyembed.client import Client, Document
+from pyembed.text import sha256
+from pyembed.vectors import copy_vectors
+from tests.conftest import Database
+from tests.test_migration import CORPUS, NEW, OLD, clients, fake, one, to_shift
+
+LOCK_WAIT = "5s"
+"""How long the client's statements may wait for a lock: a stall fails the test instead of
+hanging it (a deadlock is detected after deadlock_timeout, 1 s)."""
+
+
+# -- the race ----------------------------------------------------------------------------------
+@dataclass
+class Outcome:
+    waited: bool = False
+    """The maintenance call waited for a lock of the client's before the client recorded."""
+    maintenance: list[BaseException] = field(default_factory=list)
+    client: list[BaseException] = field(default_factory=list)
+
+    def assert_clean(self) -> None:
+        assert not self.client, f"the client failed: {self.client}"
+        assert not self.maintenance, f"the maintenance call failed: {self.maintenance}"
+
+
+def lock_waiting(watcher: psycopg.Connection[Any], pid: int, thread: threading.Thread) -> bool:
+    """Whether the session `pid` is waiting for a lock (False: its work ended first)."""
+    for _ in range(800):
+        if not thread.is_alive():
+            return False
+        if watcher.execute("SELECT wait_event_type = 'Lock' FROM pg_stat_activity "
+                           "WHERE pid = %s", (pid,)).fetchone() == (True,):
+            return True
+        time.sleep(0.025)
+    raise AssertionError("the maintenance session neither waited for a lock nor finished")
+
+
+def race(db: Database, client: Client, hold: Callable[[Client], Any],
+         maintenance: Callable[[Client], Any], record: Callable[[Client], Any], *,
+         gate: tuple[threading.Event, threading.Event] | None = None) -> Outcome:
+    """`hold(client)` in a transaction of the client's (the application role), left open;
+    `maintenance(owner)` meanwhile in an owner session, until it waits for a lock or ends; then
+    `record(client)` in the same transaction, which commits. `gate`: (reached, go), events
+    `maintenance` sets and waits for where the client's transaction is to begin (default: it
+    begins before the maintenance call starts)."""
+    out = Outcome()
+    owner = pyembed.connect(db.owner_dsn)
+    watcher = psycopg.connect(db.owner_dsn, autocommit=True)
+    pid = owner.conn.info.backend_pid
+
+    def run() -> None:
+        try:
+            maintenance(owner)
+        except BaseException as e:  # handed to the test
+            out.maintenance.append(e)
+
+    thread = threading.Thread(target=run)
+    try:
+        client.conn.execute("SELECT set_config('lock_timeout', %s, false)", (LOCK_WAIT,))
+        if gate:
+            thread.start()
+            assert gate[0].wait(60), "the maintenance call never reached its gate"
+        try:
+            with client.conn.transaction():
+                hold(client)
+                if gate:
+                    gate[1].set()
+                else:
+                    thread.start()
+                out.waited = lock_waiting(watcher, pid, thread)
+                record(client)
+        except psycopg.Error as e:
+            out.client.append(e)
+        thread.join(60)
+        assert not thread.is_alive(), "the maintenance call never ended"
+    finally:
+        client.conn.execute("RESET lock_timeout")
+        owner.close()
+        watcher.close()
+    return out
+
+
+def sampling(client: Client, rate: float) -> None:
+    client.conn.execute("SELECT set_config('pyembed.recall_sample_rate', %s, false)", (str(rate),))
+
+
+def count(conn: psycopg.Connection[Any], table: str) -> int:
+    return int(one(conn, f"SELECT count(*) FROM pyembed.{table}"))  # test-only, fixed names
+
+
+def searching(key: str, text: str) -> Callable[[Client], Any]:
+    """A search's relation locks (the vectors partition and its indexes), nothing recorded."""
+    def hold(client: Client) -> Any:
+        return client.conn.execute("SELECT count(*) FROM pyembed.search(%s, %s, %s, 3)",
+                                   (CORPUS, Vector(fake(key, [text])[0]), key)).fetchone()
+    return hold
+
+
+def sampled_search(text: str) -> Callable[[Client], Any]:
+    """A search by text as clients run it, which records a recall sample (a row whose foreign
+    key locks the corpus row FOR KEY SHARE)."""
+    def record(client: Client) -> Any:
+        sampling(client, 1.0)
+        try:
+            return client.corpus(CORPUS).search(text, k=3)
+        finally:
+            sampling(client, 0.0)
+    return record
+
+
+@pytest.fixture
+def corpus(db: Database) -> Iterator[tuple[Client, Client, list[str]]]:
+    """(app, owner, texts): `docs` on OLD, 20 documents, its migration to NEW not started."""
+    with clients(db, n=20) as made:
+        sampling(made[0], 0.0)
+        yield made
+
+
+# -- the corpus row against a search's record: every maintenance step that locks relations ----
+def _start(owner: Client) -> None:
+    migration.start(owner, CORPUS, NEW)
+
+
+def _complete(owner: Client) -> None:
+    migration.complete(owner, CORPUS)
+
+
+def _rollback(owner: Client) -> None:
+    migration.rollback(owner, CORPUS)
+
+
+def _cleanup(owner: Client) -> None:
+    one(owner.conn, "SELECT pyembed.migration_cleanup(%s)", (CORPUS,))
+
+
+def _completed(owner: Client) -> None:
+    to_shift(owner, 100)
+    _complete(owner)
+
+
+def _rebuild(owner: Client) -> None:
+    one(owner.conn, "SELECT pyembed.rebuild_index(%s, 'halfvec')", (CORPUS,))
+
+
+STEPS: dict[str, tuple[Callable[[Client], None], Callable[[Client], None]]] = {
+    # step: (how the corpus gets to it, the step)
+    "migration start": (lambda owner: None, _start),
+    "migration complete": (lambda owner: to_shift(owner, 100), _complete),
+    "migration rollback": (lambda owner: to_shift(owner, 50), _rollback),
+    "migration cleanup": (_completed, _cleanup),
+    "rebuild_index (SQL)": (lambda owner: None, _rebuild),
+}
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_a_step_that_locks_the_partition_lets_a_waiting_search_record(
+        db: Database, corpus: tuple[Client, Client, list[str]], step: str) -> None:
+    app, owner, texts = corpus
+    prepare, run = STEPS[step]
+    prepare(owner)
+    key = one(owner.conn, "SELECT model_key FROM pyembed.corpora")
+    samples = count(owner.conn, "recall_samples")
+    out = race(db, app, searching(key, texts[0]), run, sampled_search(texts[1]))
+    out.assert_clean()
+    assert out.waited  # the step waited for the search's locks, holding the corpus row
+    assert count(owner.conn, "recall_samples") == samples + 1
+
+
+def test_the_online_rebuild_swap_lets_a_waiting_search_record(
+        db: Database, corpus: tuple[Client, Client, list[str]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`pyembed corpus reindex`: the index is built CONCURRENTLY, then swapped in a short
+    transaction; the search begins between the two (the build waits for older snapshots)."""
+    app, owner, texts = corpus
+    reached, go = threading.Event(), threading.Event()
+    build = index.build_index_online
+
+    def build_then_pause(*args: Any, **kwargs: Any) -> str | None:
+        name = build(*args, **kwargs)
+        reached.set()
+        go.wait(60)
+        return name
+
+    monkeypatch.setattr(index, "build_index_online", build_then_pause)
+    out = race(db, app, searching(OLD, texts[0]),
+               lambda owner: index.rebuild_index(owner.conn, CORPUS, "halfvec"),
+               sampled_search(texts[1]), gate=(reached, go))
+    out.assert_clean()
+    assert out.waited
+    assert count(owner.conn, "recall_samples") == 1
+    assert one(owner.conn, "SELECT storage FROM pyembed.corpora") == "halfvec"
+
+
+# -- recall measurement: searches that then record a measurement -------------------------------
+def _swap(owner: Client) -> None:
+    """The swap of an online rebuild, of an index built beforehand."""
+    cid = one(owner.conn, "SELECT corpus_id FROM pyembed.corpora")
+    with owner.conn.transaction():
+        one(owner.conn, "SELECT pyembed._swap_vector_index(%s, %s, %s, 'vector')",
+            (cid, OLD, f"vectors_hnsw_c{cid}_rebuilt"))
+
+
+def _build_beside(owner: Client) -> None:
+    cid = one(owner.conn, "SELECT corpus_id FROM pyembed.corpora")
+    index.build_index_online(owner.conn, cid, OLD, "vector", f"vectors_hnsw_c{cid}_rebuilt")
+
+
+@pytest.mark.parametrize("measure", ["measure_recall('docs', 3)", "recall_sampled(5)"])
+def test_recall_measurements_record_while_an_index_swap_waits(
+        db: Database, corpus: tuple[Client, Client, list[str]], measure: str) -> None:
+    app, owner, texts = corpus
+    sampling(app, 1.0)
+    for text in texts[:3]:  # samples waiting for the worker
+        app.corpus(CORPUS).search(text, k=3)
+    sampling(app, 0.0)
+    _build_beside(owner)
+    out = race(db, app, searching(OLD, texts[0]), _swap,
+               lambda client: client.conn.execute(f"SELECT * FROM pyembed.{measure}").fetchall())
+    out.assert_clean()
+    assert out.waited
+    assert count(owner.conn, "recall_measurements") == 1
+
+
+# -- steps that lock only the corpus row: their open transaction stalls no client ---------------
+def _open(sql: str, *args: Any) -> Callable[[psycopg.Connection[Any]], None]:
+    def run(conn: psycopg.Connection[Any]) -> None:
+        conn.execute(sql, args)
+    return run
+
+
+@pytest.mark.parametrize("step", ["backfilled", "validated", "shift", "index settings"])
+def test_a_step_left_open_stalls_no_search_record_nor_document_write(
+        db: Database, corpus: tuple[Client, Client, list[str]], step: str) -> None:
+    app, owner, texts = corpus
+    if step != "index settings":
+        migration.start(owner, CORPUS, NEW)
+        migration.backfill(owner, CORPUS)  # backfilled already: the step may be repeated
+    if step in ("shift",):
+        assert migration.validate(owner, CORPUS, max_drop=0.05).passed
+    call = {"backfilled": _open("SELECT pyembed.migration_backfilled(%s)", CORPUS),
+            "validated": _open("SELECT pyembed.migration_validated(%s, %s, true)", CORPUS,
+                               json.dumps({"by": "test"})),
+            "shift": _open("SELECT pyembed.migration_shift(%s, 10)", CORPUS),
+            "index settings": _open("SELECT pyembed.set_index_settings(%s, %s)", CORPUS,
+                                    Jsonb({"ef_search": 50}))}[step]
+    with psycopg.connect(db.owner_dsn) as maintenance:  # its transaction stays open meanwhile
+        call(maintenance)
+        app.conn.execute("SELECT set_config('lock_timeout', %s, false)", (LOCK_WAIT,))
+        try:
+            assert sampled_search(texts[1])(app)
+            app.corpus(CORPUS).add([Document("written", "item999 written meanwhile")])
+        finally:
+            app.conn.execute("RESET lock_timeout")
+        maintenance.commit()
+    assert count(owner.conn, "recall_samples") == 1
+    assert one(owner.conn, "SELECT count(*) FROM pyembed.documents WHERE document_id = 'written'")
+
+
+# -- maintenance against maintenance, and against writers ------------------------------------
+def test_index_settings_merged_by_two_sessions_at_once_keep_both(
+        db: Database, corpus: tuple[Client, Client, list[str]]) -> None:
+    """Each call merges its settings into those in force: the second waits for the first's
+    transaction and merges into what it committed."""
+    _app, owner, _texts = corpus
+    first = psycopg.connect(db.owner_dsn)
+    try:
+        first.execute("SELECT pyembed.set_index_settings(%s, %s)", (CORPUS, Jsonb({"m": 24})))
+        out = race_call(db, "SELECT pyembed.set_index_settings(%s, %s)",
+                        (CORPUS, Jsonb({"ef_search": 50})), first)
+    finally:
+        first.close()
+    assert out.waited and not out.maintenance, out.maintenance
+    assert one(owner.conn, "SELECT index_settings FROM pyembed.corpora") == {
+        "m": 24, "ef_search": 50}
+
+
+def race_call(db: Database, sql: str, args: tuple[Any, ...],
+              first: psycopg.Connection[Any]) -> Outcome:
+    """`sql` in an owner session of its own while `first`'s transaction is open: waits until it
+    waits for a lock (or ends), then commits `first`."""
+    out = Outcome()
+    second = pyembed.connect(db.owner_dsn)
+    watcher = psycopg.connect(db.owner_dsn, autocommit=True)
+
+    def run() -> None:
+        try:
+            second.conn.execute(sql, args)
+        except BaseException as e:  # handed to the test
+            out.maintenance.append(e)
+
+    thread = threading.Thread(target=run)
+    try:
+        thread.start()
+        out.waited = lock_waiting(watcher, second.conn.info.backend_pid, thread)
+        first.commit()
+        thread.join(60)
+        assert not thread.is_alive()
+    finally:
+        second.close()
+        watcher.close()
+    return out
+
+
+def test_rebuild_index_waits_for_a_migration_transaction_before_locking_the_partition(
+        db: Database, corpus: tuple[Client, Client, list[str]]) -> None:
+    """A DBA's transaction of several steps (shift, then complete) beside pyembed.rebuild_index:
+    the rebuild takes the corpus row before it builds (the build locks the partition against
+    writes), as every step does, so it waits instead of holding the partition the next step
+    needs."""
+    _app, owner, _texts = corpus
+    to_shift(owner, 50)
+    dba = psycopg.connect(db.owner_dsn)
+    try:
+        dba.execute("SELECT pyembed.migration_shift(%s, 100)", (CORPUS,))
+        out = Outcome()
+        rebuilt: list[Any] = []
+
+        rebuilder = pyembed.connect(db.owner_dsn)
+
+        def rebuild() -> None:
+            try:
+                rebuilt.extend(rebuilder.conn.execute("SELECT pyembed.rebuild_index(%s)",
+                                                      (CORPUS,)).fetchall())
+            except BaseException as e:  # handed to the test
+                out.maintenance.append(e)
+
+        watcher = psycopg.connect(db.owner_dsn, autocommit=True)
+        thread = threading.Thread(target=rebuild)
+        try:
+            thread.start()
+            out.waited = lock_waiting(watcher, rebuilder.conn.info.backend_pid, thread)
+            try:
+                dba.execute("SELECT set_config('lock_timeout', %s, true)", (LOCK_WAIT,))
+                dba.execute("SELECT pyembed.migration_complete(%s)", (CORPUS,))
+                dba.commit()
+            except psycopg.Error as e:
+                out.client.append(e)
+                dba.rollback()
+            thread.join(60)
+            assert not thread.is_alive()
+        finally:
+            watcher.close()
+            rebuilder.close()
+    finally:
+        dba.close()
+    out.assert_clean()
+    assert out.waited
+    # The rebuild saw the completed migration: one key, the new one.
+    assert one(owner.conn, "SELECT model_key FROM pyembed.corpora") == NEW
+    assert len(rebuilt) == 1 and rebuilt[0][0] == one(
+        owner.conn, "SELECT pyembed._index_name(corpus_id, %s) FROM pyembed.corpora", (NEW,))
+
+
+@pytest.mark.parametrize("step", ["complete", "rollback"])
+def test_a_key_change_waits_for_a_writer_holding_queued_jobs_before_locking_the_partition(
+        db: Database, corpus: tuple[Client, Client, list[str]], step: str) -> None:
+    """A writer changes a chunk whose jobs are queued (its queue rows locked by the trigger that
+    re-queues it), then writes its vectors (the partition); complete and rollback remove the
+    jobs of the key they drop before their key change locks the partition, so they wait for
+    the writer instead of each waiting for the other."""
+    app, owner, _texts = corpus
+    to_shift(owner, 100 if step == "complete" else 50)
+    cid = one(owner.conn, "SELECT corpus_id FROM pyembed.corpora")
+    with app.conn.transaction():  # a chunk without vectors: queued for both keys
+        app.conn.execute("INSERT INTO pyembed.documents (corpus_id, document_id, content_hash) "
+                         "VALUES (%s, 'queued', '\\x00')", (cid,))
+        chunk = one(app.conn, "INSERT INTO pyembed.chunks (corpus_id, document_id, chunk_index, "
+                              "content) VALUES (%s, 'queued', 0, 'item777 queued') "
+                              "RETURNING chunk_id", (cid,))
+    assert count(owner.conn, "queue") == 2
+    text = "item777 changed"
+
+    def change(client: Client) -> None:
+        client.conn.execute("UPDATE pyembed.chunks SET content = %s WHERE chunk_id = %s",
+                            (text, chunk))
+
+    def write(client: Client) -> None:
+        with client.conn.cursor() as cur:
+            copy_vectors(cur, cid, [chunk], OLD, fake(OLD, [text]), [sha256(text)])
+
+    out = race(db, app, change, _complete if step == "complete" else _rollback, write)
+    out.assert_clean()
+    assert out.waited
+    # The writer's vector took the old key's job; the step removed the job of the key it
+    # dropped; a new key it kept waits for the worker.
+    assert one(owner.conn, "SELECT model_key FROM pyembed.corpora") == (
+        NEW if step == "complete" else OLD)
+    assert owner.conn.execute("SELECT model_key FROM pyembed.queue").fetchall() == (
+        [(NEW,)] if step == "complete" else [])
