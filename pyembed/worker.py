@@ -57,7 +57,7 @@ WITH picked AS (
     FROM pyembed.queue q LEFT JOIN pyembed.corpora c ON c.corpus_id = q.corpus_id
    WHERE q.not_before <= now() AND q.attempts < %(max_attempts)s
    ORDER BY q.not_before, q.enqueued_at
-   LIMIT %(limit)s FOR UPDATE OF q SKIP LOCKED
+   LIMIT %(limit)s FOR NO KEY UPDATE OF q SKIP LOCKED
 ), claimed AS (
   UPDATE pyembed.queue q
      SET attempts = q.attempts + 1, not_before = now() + make_interval(secs => %(lease)s)
@@ -75,7 +75,8 @@ SELECT corpus_id, chunk_id, model_key, content_hash, attempts, NULL, name, activ
 """
 # (the text and its hash come from the same row version: a vector is never stored under the
 # hash of a text it was not made from; the rows not accepted stay locked, unleased, for the
-# claim's transaction to fail them)
+# claim's transaction to fail them. FOR NO KEY UPDATE, as for every row a statement updates
+# without changing its key; rows it deletes, EXPIRE's, are locked FOR UPDATE.)
 
 # Only this worker's lease (the attempts it claimed) of jobs their corpus still accepts (a job
 # whose key a migration step withdrew meanwhile is left to its lease, and failed after the
@@ -91,7 +92,7 @@ UPDATE pyembed.queue q
                                AND q2.model_key = t.model_key AND q2.attempts = t.attempts
           JOIN pyembed.corpora c ON c.corpus_id = q2.corpus_id
                                 AND q2.model_key IN (c.model_key, c.target_model_key)
-         FOR UPDATE OF q2 SKIP LOCKED) p
+         FOR NO KEY UPDATE OF q2 SKIP LOCKED) p
  WHERE q.corpus_id = p.corpus_id AND q.chunk_id = p.chunk_id AND q.model_key = p.model_key
 """
 
