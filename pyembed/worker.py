@@ -102,12 +102,17 @@ UPDATE pyembed.queue SET attempts = greatest(attempts - 1, 0), not_before = now(
 """
 
 # Items that used up their attempts without a recorded verdict (e.g. the worker died each time).
+# Moving a job to queue_failed locks its chunk FOR KEY SHARE (the foreign key), and a writer
+# deleting a chunk holds the chunk and then deletes its jobs (the cascade): the chunk is taken
+# first here too, and a job whose chunk is being deleted is left to that delete (SKIP LOCKED:
+# the moves never wait, and could otherwise deadlock with the delete).
 EXPIRE = """
 WITH gone AS (
   DELETE FROM pyembed.queue q USING (
-    SELECT corpus_id, chunk_id, model_key FROM pyembed.queue
-     WHERE attempts >= %(max_attempts)s AND not_before <= now()
-     FOR UPDATE SKIP LOCKED) p
+    SELECT q2.corpus_id, q2.chunk_id, q2.model_key FROM pyembed.queue q2
+      JOIN pyembed.chunks ch ON ch.corpus_id = q2.corpus_id AND ch.chunk_id = q2.chunk_id
+     WHERE q2.attempts >= %(max_attempts)s AND q2.not_before <= now()
+     FOR KEY SHARE OF ch SKIP LOCKED FOR UPDATE OF q2 SKIP LOCKED) p
    WHERE q.corpus_id = p.corpus_id AND q.chunk_id = p.chunk_id AND q.model_key = p.model_key
   RETURNING q.*)
 INSERT INTO pyembed.queue_failed (corpus_id, chunk_id, model_key, content_hash, attempts, reason)
@@ -119,12 +124,16 @@ ON CONFLICT (corpus_id, chunk_id, model_key) DO UPDATE
 """
 
 # Only the job as claimed: not one re-queued with a new text, nor one another worker claimed
-# after this worker's lease ran out.
+# after this worker's lease ran out; its chunk first, as in EXPIRE (a chunk being deleted takes
+# its job with it).
 FAIL = """
-WITH gone AS (
+WITH chunk AS MATERIALIZED (
+  SELECT FROM pyembed.chunks WHERE corpus_id = %(corpus_id)s AND chunk_id = %(chunk_id)s
+     FOR KEY SHARE SKIP LOCKED
+), gone AS (
   DELETE FROM pyembed.queue
    WHERE corpus_id = %(corpus_id)s AND chunk_id = %(chunk_id)s AND model_key = %(model)s
-     AND content_hash = %(hash)s AND attempts = %(attempts)s
+     AND content_hash = %(hash)s AND attempts = %(attempts)s AND EXISTS (SELECT FROM chunk)
   RETURNING *)
 INSERT INTO pyembed.queue_failed (corpus_id, chunk_id, model_key, content_hash, attempts, reason)
 SELECT corpus_id, chunk_id, model_key, content_hash, attempts, %(reason)s FROM gone

@@ -414,3 +414,74 @@ def test_a_key_change_waits_for_a_writer_holding_queued_jobs_before_locking_the_
         NEW if step == "complete" else OLD)
     assert owner.conn.execute("SELECT model_key FROM pyembed.queue").fetchall() == (
         [(NEW,)] if step == "complete" else [])
+
+
+# -- the worker against a writer deleting chunks ----------------------------------------------
+def _deleting(dsn: str, chunk: int) -> psycopg.Connection[Any]:
+    """A writer's transaction deleting `chunk`, at the point where the DELETE holds the chunk's
+    row and its cascade has yet to reach the chunk's queue rows (held here with the lock the
+    DELETE takes first)."""
+    writer = psycopg.connect(dsn)
+    writer.execute("SELECT FROM pyembed.chunks WHERE chunk_id = %s FOR UPDATE", (chunk,))
+    return writer
+
+
+@pytest.mark.parametrize("how", ["fail", "expire"])
+def test_the_worker_moving_a_job_to_failed_never_deadlocks_with_its_chunks_delete(
+        db: Database, how: str) -> None:
+    """Moving a job to pyembed.queue_failed (a refused text; a job out of attempts, at each
+    claim) inserts a row whose foreign key locks the chunk FOR KEY SHARE, after deleting the
+    queue row; a writer deleting the chunk holds the chunk, then its cascade deletes the queue
+    row. The worker takes the chunk first, and leaves a job whose chunk is being deleted to that
+    delete (the cascade removes it)."""
+    from pyembed.worker import Worker, WorkerStats
+
+    with pyembed.connect(db.app_dsn) as app:
+        cid = app.create_corpus(CORPUS, OLD).info.corpus_id
+        with app.conn.transaction():  # a chunk without vectors: queued
+            app.conn.execute("INSERT INTO pyembed.documents (corpus_id, document_id, "
+                             "content_hash) VALUES (%s, 'd', '\\x00')", (cid,))
+            chunk = one(app.conn, "INSERT INTO pyembed.chunks (corpus_id, document_id, "
+                                  "chunk_index, content) VALUES (%s, 'd', 0, 'item1 text') "
+                                  "RETURNING chunk_id", (cid,))
+        worker = Worker(db.app_dsn, max_attempts=2)
+        stats = WorkerStats()
+        errors: list[BaseException] = []
+        try:
+            [item] = worker.claim(stats)
+            worker.conn.commit()
+            if how == "expire":  # out of attempts, its lease over: the next claim fails it
+                with psycopg.connect(db.owner_dsn, autocommit=True) as owner:
+                    owner.execute("UPDATE pyembed.queue SET attempts = 2, not_before = now()")
+            writer = _deleting(db.app_dsn, chunk)
+            watcher = psycopg.connect(db.owner_dsn, autocommit=True)
+
+            def move() -> None:
+                try:
+                    if how == "fail":
+                        worker._fail(item, "invalid text: test", stats)
+                    else:
+                        assert worker.claim(stats) == []
+                except BaseException as e:  # handed to the test
+                    errors.append(e)
+
+            thread = threading.Thread(target=move)
+            thread.start()
+            waited = lock_waiting(watcher, worker.conn.info.backend_pid, thread)
+            try:
+                writer.execute("SELECT set_config('lock_timeout', %s, false)", (LOCK_WAIT,))
+                writer.execute("DELETE FROM pyembed.chunks WHERE chunk_id = %s", (chunk,))
+                writer.commit()
+            except psycopg.Error as e:
+                errors.append(e)
+            finally:
+                writer.close()
+            thread.join(60)
+            watcher.close()
+        finally:
+            worker.close()
+        assert not errors, errors
+        assert not waited
+        with psycopg.connect(db.owner_dsn) as owner:
+            assert count(owner, "queue") == count(owner, "queue_failed") == 0
+        assert stats.failed == 0
