@@ -1,7 +1,8 @@
 """Maintenance never deadlocks with, nor stalls, the searches, writes and measurements that run
 beside it: every maintenance entry point locks the corpus row FOR NO KEY UPDATE (which the
 foreign-key checks of rows written for the corpus, FOR KEY SHARE, do not wait for) before any
-relation lock, and the queue rows before the vectors partition, as writers do.
+relation lock, and the queue rows before the vectors partition, as writers do; the worker takes
+a chunk before its jobs, as a chunk's delete does.
 
 Each race is made deterministic with the locks themselves: the client's transaction takes a
 search's relation locks first and stays open, the maintenance call runs in another session
