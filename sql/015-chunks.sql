@@ -1,6 +1,7 @@
 -- Chunks: their text hash, and what deleting them deletes.
 
--- Chunks carry the sha256 of their text, computed here so it cannot disagree with the text.
+-- Chunks carry the sha256 of their text, computed here so it cannot disagree with the text: at
+-- every write of a chunk, whichever columns it names (an UPDATE of content_hash alone included).
 CREATE OR REPLACE FUNCTION pyembed._chunk_hash() RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -12,7 +13,7 @@ END
 $$;
 
 CREATE OR REPLACE TRIGGER chunks_hash
-  BEFORE INSERT OR UPDATE OF content ON pyembed.chunks
+  BEFORE INSERT OR UPDATE ON pyembed.chunks
   FOR EACH ROW EXECUTE FUNCTION pyembed._chunk_hash();
 
 -- Deleting chunks deletes their vectors and keyword postings (one statement per corpus,

@@ -15,12 +15,27 @@ GRANT USAGE ON SEQUENCE pyembed.chunks_chunk_id_seq, pyembed.query_log_query_log
 -- tests/golden/privileges.txt records the result.
 GRANT SELECT ON pyembed.models, pyembed.corpora, pyembed.migrations, pyembed.migration_events
   TO pyembed_app;
-GRANT SELECT, INSERT, UPDATE, DELETE ON pyembed.documents, pyembed.chunks, pyembed.eval_queries
-  TO pyembed_app;
+GRANT SELECT, INSERT, UPDATE, DELETE ON pyembed.eval_queries TO pyembed_app;
+-- Documents and chunks: written, but not what the database numbers them by (doc_no, chunk_id:
+-- identities, positive; the keyword index's blocks, the vectors' doc_no, postings and queued
+-- work hang on them) nor the corpus a row belongs to. (A chunk's content_hash is computed again
+-- by pyembed._chunk_hash whatever the writer gives.) REVOKE first: a table grant covers every
+-- column, and revoking it revokes the column grants too, so this re-applies the same.
+REVOKE INSERT, UPDATE ON pyembed.documents, pyembed.chunks FROM pyembed_app;
+GRANT SELECT, DELETE ON pyembed.documents, pyembed.chunks TO pyembed_app;
+GRANT INSERT (corpus_id, document_id, content_hash, title, metadata, updated_at),
+      UPDATE (document_id, content_hash, title, metadata, updated_at)
+  ON pyembed.documents TO pyembed_app;
+GRANT INSERT (corpus_id, document_id, chunk_index, content, content_hash, metadata),
+      UPDATE (document_id, chunk_index, content, content_hash, metadata)
+  ON pyembed.chunks TO pyembed_app;
 -- Chunk writes queue their work as the writer; the worker claims (UPDATE), dequeues and moves
 -- failed jobs aside. A queued key is checked by pyembed._queue_keys_accepted (PE001).
 GRANT SELECT, INSERT, UPDATE, DELETE ON pyembed.queue, pyembed.queue_failed TO pyembed_app;
-GRANT SELECT, INSERT ON pyembed.query_log TO pyembed_app;
+-- (its numbers are the sequence's: one for every tenant's searches)
+REVOKE INSERT ON pyembed.query_log FROM pyembed_app;
+GRANT SELECT, INSERT (corpus_id, model_key, kind, k, cache_hit, embed_ms, search_ms, generate_ms,
+                      total_ms, at) ON pyembed.query_log TO pyembed_app;
 REVOKE ALL ON pyembed.embedding_cache, pyembed.cache_stats, pyembed.usage, pyembed.rerank_cache
   FROM pyembed_app;
 GRANT SELECT ON pyembed.coverage, pyembed.throughput, pyembed.cache_health, pyembed.latency,

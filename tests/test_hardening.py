@@ -15,6 +15,7 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
+import pyembed
 from pyembed import tenants
 from pyembed.cachekey import cache_key
 from pyembed.corpora import ChunkRow, CorpusInfo, corpus_info, write_chunks
@@ -114,6 +115,84 @@ def test_the_queue_refuses_a_key_the_corpus_would(app: psycopg.Connection[Any],
     err = sql_error(app, "UPDATE pyembed.queue SET model_key = %s", (SAME_WIDTH,))
     assert err.sqlstate == "PE001"
     assert app.execute("SELECT model_key FROM pyembed.queue").fetchall() == [(KEY,)]
+
+
+# -- what the database derives: numbers, keys and hashes other tables hang on -----------------
+
+# Rows that disagree with what they are derived from (each count must be 0): a chunk's hash and
+# its text, a vector and its chunk (exists; carries its document's number), a chunk's and a
+# document's postings and their rows. Read as the owner.
+DERIVED = {
+    "chunk hash": "SELECT count(*) FROM pyembed.chunks "
+                  "WHERE content_hash <> sha256(convert_to(content, 'UTF8'))",
+    "vector without chunk": "SELECT count(*) FROM pyembed.vectors v WHERE NOT EXISTS (SELECT "
+                            "FROM pyembed.chunks ch WHERE ch.corpus_id = v.corpus_id "
+                            "AND ch.chunk_id = v.chunk_id)",
+    "vector doc_no": "SELECT count(*) FROM pyembed.vectors v JOIN pyembed.chunks ch USING "
+                     "(corpus_id, chunk_id) JOIN pyembed.documents d USING (corpus_id, "
+                     "document_id) WHERE v.doc_no IS DISTINCT FROM d.doc_no",
+    "posting without chunk": "SELECT count(*) FROM pyembed.postings p WHERE NOT EXISTS (SELECT "
+                             "FROM pyembed.chunks ch WHERE ch.corpus_id = p.corpus_id "
+                             "AND ch.chunk_id = p.chunk_id)",
+    "document posting without document": "SELECT count(*) FROM pyembed.document_postings p "
+                                         "WHERE NOT EXISTS (SELECT FROM pyembed.documents d "
+                                         "WHERE d.corpus_id = p.corpus_id AND d.doc_no = p.doc_no)",
+    "document number": "SELECT count(*) FROM pyembed.documents WHERE doc_no < 1",
+    "chunk number": "SELECT count(*) FROM pyembed.chunks WHERE chunk_id < 1",
+}
+
+
+def disagreements(owner: psycopg.Connection[Any]) -> dict[str, int]:
+    found = {name: owner.execute(query).fetchone() for name, query in DERIVED.items()}
+    return {name: row[0] for name, row in found.items() if row and row[0]}
+
+
+@pytest.mark.parametrize("statement", [
+    "UPDATE pyembed.documents SET doc_no = DEFAULT",
+    "INSERT INTO pyembed.documents (corpus_id, document_id, content_hash, doc_no) "
+    "OVERRIDING SYSTEM VALUE VALUES (%(corpus)s, 'forged', '\\x00', -7)",
+    "UPDATE pyembed.chunks SET chunk_id = DEFAULT",
+    "INSERT INTO pyembed.chunks (corpus_id, chunk_id, document_id, chunk_index, content) "
+    "OVERRIDING SYSTEM VALUE VALUES (%(corpus)s, -7, 'd0', 1, 'a forged chunk')",
+    "UPDATE pyembed.chunks SET content_hash = '\\x00'",
+    "UPDATE pyembed.chunks SET corpus_id = %(other)s",
+])
+def test_the_app_role_cannot_rewrite_what_the_database_derives(
+        app: psycopg.Connection[Any], owner: psycopg.Connection[Any], docs: CorpusInfo,
+        statement: str) -> None:
+    """Document and chunk numbers (identities, positive: the keyword index's blocks, the
+    vectors' doc_no, postings and the queue hang on them), a chunk's corpus and its text's hash
+    are the database's: the application role writes documents and chunks, never those (refused,
+    or the hash computed again)."""
+    write_chunks(app, docs, [ChunkRow(f"d{i}", 0, f"refund policy {i}", unit(384, i), {})
+                             for i in range(3)], KEY)
+    app.execute("SELECT pyembed.create_corpus('other', %s)", (KEY,))
+    other = corpus_info(app, "other")
+    app.execute("INSERT INTO pyembed.documents (corpus_id, document_id, content_hash) "
+                "SELECT %s, 'd' || i, '\\x00' FROM generate_series(0, 2) i", (other.corpus_id,))
+    assert disagreements(owner) == {}
+    try:
+        app.execute(statement, {"corpus": docs.corpus_id, "other": other.corpus_id})
+    except psycopg.errors.InsufficientPrivilege:
+        pass
+    assert disagreements(owner) == {}
+
+
+def test_a_tenant_cannot_take_the_query_logs_next_numbers(
+        db: Database, app: psycopg.Connection[Any], owner: psycopg.Connection[Any],
+        docs: CorpusInfo) -> None:
+    """The query log's numbers are one sequence for every tenant: a tenant that could write
+    them ahead of it made every later search's record (anyone's) fail on the primary key."""
+    write_chunks(app, docs, [ChunkRow("d0", 0, "refund policy", unit(384, 0), {})], KEY)
+    try:
+        app.execute("INSERT INTO pyembed.query_log (query_log_id, corpus_id, model_key, kind, k) "
+                    "OVERRIDING SYSTEM VALUE SELECT i, %s, %s, 'vector', 1 "
+                    "FROM generate_series(1, 1000) i", (docs.corpus_id, KEY))
+    except psycopg.errors.InsufficientPrivilege:
+        pass
+    with pyembed.connect(db.app_dsn) as client:
+        assert [h.document_id for h in client.corpus("docs").search("refund policy", k=1)] == ["d0"]
+    assert owner.execute("SELECT count(*) FROM pyembed.query_log").fetchone() == (1,)
 
 
 # -- search input ----------------------------------------------------------------------------

@@ -59,3 +59,17 @@ def test_privileges_match_the_golden_file(owner: psycopg.Connection[Any]) -> Non
                 and "SELECT" in line]
     assert "table vectors | pyembed_app | DELETE, INSERT" in lines  # and no SELECT of embeddings
     assert_matches_golden("privileges.txt", lines, "tests/test_privileges.py")
+
+
+def test_the_app_role_writes_no_identity_column(owner: psycopg.Connection[Any]) -> None:
+    """Numbers the database gives (identity columns) are never the writer's: with INSERT ...
+    OVERRIDING SYSTEM VALUE or UPDATE ... SET col = DEFAULT the application role could take
+    numbers the sequence hands out later (a primary key every tenant's writes need) or renumber
+    rows that other tables' rows refer to."""
+    writable = owner.execute(
+        "SELECT c.relname || '.' || a.attname || ' ' || p FROM pg_class c "
+        "JOIN pg_attribute a ON a.attrelid = c.oid AND a.attidentity <> '' "
+        "CROSS JOIN unnest(ARRAY['INSERT', 'UPDATE']) p "
+        "WHERE c.relnamespace = 'pyembed'::regnamespace AND c.relkind IN ('r', 'p') "
+        "AND has_column_privilege('pyembed_app', c.oid, a.attnum, p) ORDER BY 1").fetchall()
+    assert writable == []
