@@ -19,8 +19,8 @@ from typing import Annotated, Any
 import psycopg
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from . import cache, evaluation, health, index, migration, models, recall, schema, tenants
 from .client import Client
@@ -56,7 +56,9 @@ app.add_typer(eval_app, name="eval")
 app.add_typer(cache_app, name="cache")
 app.add_typer(metrics_app, name="metrics")
 app.add_typer(tenant_app, name="tenant")
-console = Console()
+# Without markup: whatever a command prints (names, texts, errors) reads as it is; styles are
+# given as rich Text.
+console = Console(markup=False)
 err_console = Console(stderr=True, soft_wrap=True)
 
 OwnerDsnOption = Annotated[str | None, typer.Option(
@@ -188,7 +190,7 @@ def models_cmd(dsn: DsnOption = None, as_json: JsonOption = False) -> None:
         table.add_row(m.key, str(m.dimensions), m.distance, "yes" if m.input_types else "no",
                       str(m.max_batch), str(m.max_tokens),
                       f"{m.price_per_mtok:.2f}" if m.price_per_mtok is not None else "-",
-                      escape(m.description))
+                      m.description)
     console.print(table)
 
 
@@ -246,8 +248,8 @@ def search_cmd(
                    title_justify="left")
     for i, h in enumerate(hits, 1):
         shown = (f"{h.rerank_score:.4f}",) if rerank else ()
-        table.add_row(str(i), *shown, f"{h.score:.4f}", escape(h.document_id),
-                      str(h.chunk_index), escape(" ".join(h.content.split())[:100]),
+        table.add_row(str(i), *shown, f"{h.score:.4f}", h.document_id,
+                      str(h.chunk_index), " ".join(h.content.split())[:100],
                       h.model_key or "-")
     console.print(table if hits else "no results")
 
@@ -289,12 +291,12 @@ def ingest_cmd(
                         id_field=id_field, progress_every=progress_every)
     shown = 20
     for problem in report.problems[:shown]:
-        err_console.print(f"[yellow]skipped[/yellow] {escape(str(problem))}", highlight=False)
+        err_console.print(Text.assemble(("skipped", "yellow"), f" {problem}"), highlight=False)
     if len(report.problems) > shown:
-        err_console.print(f"[yellow]... and {len(report.problems) - shown} more problems"
-                          "[/yellow]")
+        err_console.print(Text(f"... and {len(report.problems) - shown} more problems",
+                               style="yellow"))
     console.print(f"{target.name} ({target.model_key}): {report.summary()}", highlight=False,
-                  markup=False, soft_wrap=True)
+                  soft_wrap=True)
     if report.problems and (strict or report.processed == report.failed):
         raise PyembedError(f"{len(report.problems)} problem(s) while ingesting"
                            + ("; nothing was loaded" if report.processed == report.failed
@@ -331,7 +333,7 @@ def ask_cmd(
     from .rag import answer
 
     def show(piece: str) -> None:
-        console.print(piece, end="", markup=False, highlight=False, soft_wrap=True)
+        console.print(piece, end="", highlight=False, soft_wrap=True)
 
     with _client(dsn) as client:
         result = answer(client.corpus(corpus), question, k=k, model=model,
@@ -359,11 +361,11 @@ def ask_cmd(
     if result.generated and stream:
         console.print()
     elif result.text is not None:
-        console.print(result.text, markup=False, highlight=False, soft_wrap=True)
+        console.print(result.text, highlight=False, soft_wrap=True)
     if result.stop_reason == "max_tokens":
-        err_console.print("[yellow]note:[/yellow] the answer was cut at --max-tokens")
+        err_console.print(Text.assemble(("note:", "yellow"), " the answer was cut at --max-tokens"))
     if result.note:
-        err_console.print(f"[yellow]note:[/yellow] {escape(result.note)}")
+        err_console.print(Text.assemble(("note:", "yellow"), f" {result.note}"))
 
     if result.sources:
         table = _table("#", *(("rerank",) if rerank else ()), "score", "document",
@@ -378,7 +380,7 @@ def ask_cmd(
             cited = "*" if s.number in result.cited else ""
             shown = (f"{s.hit.rerank_score:.3f}",) if rerank else ()
             table.add_row(f"[{s.number}]{cited}", *shown, f"{s.score:.3f}",
-                          escape(s.document_id), escape(text))
+                          s.document_id, text)
         console.print(table)
     t = result.timings
     generation = (f", generate {t['generate_ms']:.0f} ms with {result.generation_model}"
@@ -388,7 +390,7 @@ def ask_cmd(
     reranking = f", rerank {t['rerank_ms']:.0f} ms" if "rerank_ms" in t else ""
     console.print(f"model key {result.model_key}; embed {t['embed_ms']:.0f} ms, search "
                   f"{t['search_ms']:.0f} ms{reranking}{generation}; total {t['total_ms']:.0f} ms{tokens}",
-                  highlight=False, markup=False)
+                  highlight=False)
 
 
 @app.command("worker")
@@ -449,7 +451,7 @@ def worker_cmd(
         left.append(f"{stats.waiting} chunks wait to be retried after an error until "
                     f"{clock(stats.waiting_until)}")
     if left:
-        err_console.print(f"[red]error:[/red] {escape('; '.join(left))}", highlight=False)
+        err_console.print(Text.assemble(("error:", "red"), " " + "; ".join(left)), highlight=False)
         raise SystemExit(3)  # not 1: nothing failed, but the queue is not done
 
 
@@ -495,8 +497,8 @@ def status_cmd(dsn: DsnOption = None, as_json: JsonOption = False,
         style = {"ok": "green", "warn": "yellow", "alert": "bold red"}
         table = _table("area", "subject", "value", "", "note", numbers=("",))
         for f in findings:
-            table.add_row(escape(f.area), escape(f.subject), escape(f.value),
-                          f"[{style[f.level]}]{f.level}[/]", escape(f.note))
+            table.add_row(f.area, f.subject, f.value,
+                          Text(f.level, style=style[f.level]), f.note)
         console.print(table if findings else "nothing to report yet: no corpus")
     if alerts:
         raise PyembedError(f"{len(alerts)} alert(s): " + "; ".join(
@@ -530,7 +532,7 @@ def recall_cmd(
         return
     table = _table("model key", "queries", "recall@10", numbers=("queries", "recall@10"))
     for m in found:
-        table.add_row(escape(m.model_key), str(m.queries), f"{m.recall_at_10:.3f}")
+        table.add_row(m.model_key, str(m.queries), f"{m.recall_at_10:.3f}")
     console.print(table)
 
 
@@ -554,7 +556,7 @@ def usage_cmd(days: int = 30, dsn: DsnOption = None, as_json: JsonOption = False
     table = _table("tenant", "corpus", "model key", "calls", "tokens", "est. cost",
                    numbers=("calls", "tokens", "est. cost"))
     for r in rows:
-        table.add_row(escape(r.tenant), r.corpus, r.model_key, f"{r.requests:,}",
+        table.add_row(r.tenant, r.corpus, r.model_key, f"{r.requests:,}",
                       f"{r.tokens:,}", f"${r.cost_usd:,.4f}")
     console.print(table if rows else "no provider calls recorded")
     if failed:
@@ -611,7 +613,7 @@ def db_status(as_json: JsonOption = False) -> None:
         _print_json(status)
         return
     for k, v in status.items():
-        console.print(f"{k}: {v}", markup=False, highlight=False, soft_wrap=True)
+        console.print(f"{k}: {v}", highlight=False, soft_wrap=True)
 
 
 @db_app.command("url")
@@ -705,7 +707,7 @@ def corpus_list(dsn: DsnOption = None, as_json: JsonOption = False) -> None:
         table.add_row(r.name, r.model_key, str(r.dimensions),
                       r.migration_step if r.target_model_key is None
                       else f"{r.migration_step} -> {r.target_model_key} ({r.traffic_share}%)",
-                      escape(r.description))
+                      r.description)
     console.print(table)
 
 
@@ -718,7 +720,7 @@ def corpus_show(name: str, dsn: DsnOption = None, as_json: JsonOption = False) -
         _print_json(dataclasses.asdict(info))
         return
     for k, v in dataclasses.asdict(info).items():
-        console.print(f"{k}: {v}", markup=False, highlight=False, soft_wrap=True)
+        console.print(f"{k}: {v}", highlight=False, soft_wrap=True)
 
 
 def _print_index(rows: list[index.IndexStatus], as_json: bool) -> None:
@@ -736,9 +738,9 @@ def _print_index(rows: list[index.IndexStatus], as_json: bool) -> None:
                       f"  {built}{size} (rule for {r.rows:,} rows: m {r.rule_m}, "
                       f"ef_construction {r.rule_ef_construction})\n"
                       f"  ef_search {r.ef_search}{oversample}",
-                      markup=False, highlight=False, soft_wrap=True)
+                      highlight=False, soft_wrap=True)
     if rows and rows[0].settings:
-        console.print(f"owner overrides: {json.dumps(rows[0].settings)}", markup=False)
+        console.print(f"owner overrides: {json.dumps(rows[0].settings)}")
 
 
 @corpus_app.command("index")
@@ -1136,7 +1138,7 @@ def _one_line(exc: BaseException) -> str:
 def main(argv: list[str] | None = None) -> Any:
     """Entry point: run the CLI, turning pyembed and connection errors into one line."""
     def fail(message: str, code: int = 1) -> None:
-        err_console.print(f"[red]error:[/red] {message}", highlight=False, markup=True)
+        err_console.print(Text.assemble(("error:", "red"), f" {message}"), highlight=False)
         sys.exit(code)
 
     try:
@@ -1152,6 +1154,8 @@ def main(argv: list[str] | None = None) -> Any:
     except Exception as exc:
         # Usage errors from typer's click (format_message + exit_code); anything else is a bug.
         if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
+            if not exc.format_message():  # a group named alone: its help is the answer
+                sys.exit(int(exc.exit_code))
             fail(f"{exc.format_message()} (see --help)", int(exc.exit_code))
         raise
 

@@ -6,6 +6,7 @@ import os
 import time
 
 from rich.console import Console
+from rich.text import Text
 
 from . import schema
 from .client import Document, connect
@@ -40,14 +41,15 @@ def run(console: Console) -> None:
         console.rule("3. a corpus pinned to the local model")
         client.drop_corpus("demo")
         corpus = client.create_corpus("demo", description="support articles (sample)")
-        console.print(f"corpus [bold]demo[/bold] is pinned to [bold]{corpus.model_key}[/bold]")
+        console.print(Text.assemble("corpus ", ("demo", "bold"), " is pinned to ",
+                                    (corpus.model_key, "bold")))
         t0 = time.perf_counter()
         report = corpus.add(sample_documents())
         console.print(f"embedded and stored {report.added + report.updated} documents "
                       f"({report.chunks} chunks) in {time.perf_counter() - t0:.1f} s")
 
         console.rule("4. search")
-        console.print(f"query: [italic]{QUESTION}[/italic]")
+        console.print(Text.assemble("query: ", (QUESTION, "italic")))
         for hit in corpus.search(QUESTION, k=3):
             console.print(f"  {hit.score:.3f}  {hit.document_id:<14} {hit.content[:70]}...")
 
@@ -57,7 +59,7 @@ def run(console: Console) -> None:
         try:
             corpus.search(other, k=3, model_key=OTHER_MODEL)
         except ModelMismatch as exc:
-            console.print(f"[red]refused by the database:[/red] {exc}")
+            console.print(Text.assemble(("refused by the database:", "red"), f" {exc}"))
         else:  # pragma: no cover - the guard is broken if we get here
             raise SystemExit("the model guard did not fire")
 

@@ -92,6 +92,35 @@ def test_errors_are_one_line_and_non_zero(db: Database) -> None:
         assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], out.stderr
 
 
+@pytest.mark.parametrize("group", [("corpus",), ("db",), ("db", "replica"), ("migrate",),
+                                   ("eval",), ("cache",), ("metrics",), ("tenant",)])
+def test_a_group_named_alone_shows_its_help_without_an_empty_error(group: tuple[str, ...]) -> None:
+    out = pyembed(*group)
+    assert out.returncode == 2 and "Usage:" in out.stdout, out
+    assert out.stderr == "", out.stderr  # it was "error:  (see --help)"
+
+
+def test_names_and_texts_print_as_they_are(db: Database, tmp_path: Path) -> None:
+    """What a user typed or stored is printed as it is: never read as rich markup, which cut
+    `[bold]x` to `x` in an error and crashed on `[/x]` with a traceback."""
+    for name in ("[/x]", "[bold]x"):
+        for args, env, words in [
+            (("corpus", "show", name), db_env(db), f"unknown corpus '{name}'"),
+            (("db", "replica", "remove", name), {"PYEMBED_HOME": str(tmp_path)}, f"not '{name}'"),
+        ]:
+            out = pyembed(*args, env=env)
+            lines = out.stderr.strip().splitlines()
+            assert out.returncode == 1 and len(lines) == 1, (args, out.stderr)
+            assert lines[0].startswith("error: ") and words in lines[0], (args, out.stderr)
+    made = pyembed("corpus", "create", "notes", "--model", "fake/fake-hash@1:384", env=db_env(db))
+    assert made.returncode == 0, made.stderr
+    (tmp_path / "a.txt").write_text("use x[i] and [/x] or [bold]y[/bold] here")
+    assert pyembed("ingest", "notes", str(tmp_path / "a.txt"), "-q", env=db_env(db)).returncode == 0
+    found = pyembed("search", "notes", "use x", env={**db_env(db), "COLUMNS": "200"})
+    assert found.returncode == 0, found.stderr
+    assert "use x[i] and [/x] or [bold]y[/bold] here" in found.stdout, found.stdout
+
+
 def test_a_database_without_the_schema_says_run_install(empty_db: Database) -> None:
     # One line whichever way the command connects: app or owner, connection or client.
     for args in (("corpus", "list"), ("cache", "stats"), ("models",), ("status",),
