@@ -228,6 +228,9 @@ def search_cmd(
         flt = json.loads(filter) if filter else None
     except json.JSONDecodeError as exc:
         raise InvalidInput(f"--filter is not valid JSON: {exc}") from None
+    if flt is not None and not isinstance(flt, dict):
+        raise InvalidInput(f"--filter must be a JSON object, like '{{\"lang\": \"en\"}}', "
+                           f"not {filter}")
     with _client(dsn) as client:
         hits = client.corpus(corpus).search(query, k=k, filter=flt, mode=mode, group=group,
                                             fusion=fusion, alpha=alpha, rerank=rerank,
@@ -1069,7 +1072,7 @@ def cache_purge(
 
 @metrics_app.command("serve")
 def metrics_serve(
-    port: Annotated[int, typer.Option(help="port to listen on")] = 9187,
+    port: Annotated[int, typer.Option(help="port to listen on", min=1, max=65535)] = 9187,
     address: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
     dsn: DsnOption = None,
 ) -> None:
@@ -1080,8 +1083,8 @@ def metrics_serve(
     from .metrics import serve
 
     target = _dsn(dsn)
-    console.print(f"serving http://{address}:{port}/metrics (Ctrl-C stops)")
-    serve(target, port=port, address=address)
+    serve(target, port=port, address=address,
+          ready=lambda: console.print(f"serving http://{address}:{port}/metrics (Ctrl-C stops)"))
 
 
 # -- pyembed tenant ------------------------------------------------------------------------
@@ -1151,6 +1154,8 @@ def main(argv: list[str] | None = None) -> Any:
         fail(_one_line(exc))
     except (typer.Abort, KeyboardInterrupt):
         fail("aborted")
+    except OSError as exc:  # the machine's answer (a file, a port, a folder): not a bug
+        fail(_one_line(exc))
     except Exception as exc:
         # Usage errors from typer's click (format_message + exit_code); anything else is a bug.
         if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):

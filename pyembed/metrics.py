@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg
@@ -124,11 +124,15 @@ def registry(dsn: str | None) -> CollectorRegistry:
     return reg
 
 
-def serve(dsn: str | None, *, port: int, address: str = "127.0.0.1") -> None:
-    """Serve /metrics until interrupted."""
+def serve(dsn: str | None, *, port: int, address: str = "127.0.0.1",
+          ready: Callable[[], None] | None = None) -> None:
+    """Serve /metrics until interrupted; `ready` is called once the port is bound (OSError when
+    it cannot be)."""
     from prometheus_client import start_http_server
 
     server, thread = start_http_server(port, addr=address, registry=registry(dsn))
+    if ready is not None:
+        ready()
     try:
         thread.join()
     except KeyboardInterrupt:

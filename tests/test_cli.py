@@ -85,6 +85,8 @@ def test_errors_are_one_line_and_non_zero(db: Database) -> None:
         (("corpus", "create", "Bad.Name"), "invalid corpus name"),
         (("corpus", "create", "ok", "--model", "acme/none@1:3"), "unknown model key"),
         (("corpus", "create"), "Missing argument"),
+        (("search", "docs", "q", "--filter", "[1]"), "--filter must be a JSON object"),
+        (("metrics", "serve", "--port", "99999"), "less than or equal to 65535"),
     ]:
         out = pyembed(*args, env=db_env(db))
         assert out.returncode != 0, args
@@ -119,6 +121,17 @@ def test_names_and_texts_print_as_they_are(db: Database, tmp_path: Path) -> None
     found = pyembed("search", "notes", "use x", env={**db_env(db), "COLUMNS": "200"})
     assert found.returncode == 0, found.stderr
     assert "use x[i] and [/x] or [bold]y[/bold] here" in found.stdout, found.stdout
+
+
+def test_a_port_in_use_is_a_one_line_error(db: Database) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        out = pyembed("metrics", "serve", "--port", str(taken.getsockname()[1]), env=db_env(db),
+                      timeout=60)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 1 and len(lines) == 1, out.stderr  # it was a traceback
+    assert "Address already in use" in lines[0] and "serving" not in out.stdout, out
 
 
 def test_a_database_without_the_schema_says_run_install(empty_db: Database) -> None:
