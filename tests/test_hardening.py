@@ -103,6 +103,20 @@ def test_usage_cannot_be_falsified_through_its_function(app: psycopg.Connection[
                       "ARRAY[0::bigint])", (KEY,)).sqlstate == "PE005"
 
 
+@pytest.mark.parametrize("price", ["-1", "NaN", "Infinity"])
+def test_a_model_registered_by_a_tenant_cannot_carry_a_price_that_falsifies_costs(
+        app: psycopg.Connection[Any], owner: psycopg.Connection[Any], price: str) -> None:
+    """Usage costs are tokens times the model's price: a model the application role registers
+    with a negative, NaN or infinite price made its calls' costs negative or NaN in the usage
+    ledger (and `pyembed usage --json` wrote NaN, which is not JSON)."""
+    err = sql_error(app, "SELECT pyembed.register_model('fake', 'fake-hash', 'priced', 384, "
+                         "price_per_mtok => %s::numeric)", (price,))
+    assert isinstance(err, psycopg.errors.CheckViolation), err
+    for bad in ("-1", "NaN", "Infinity"):  # nor as the owner, directly
+        assert isinstance(sql_error(owner, "UPDATE pyembed.models SET price_per_mtok = %s::numeric",
+                                    (bad,)), psycopg.errors.CheckViolation)
+
+
 # -- the queue ------------------------------------------------------------------------------
 
 def test_the_queue_refuses_a_key_the_corpus_would(app: psycopg.Connection[Any],
