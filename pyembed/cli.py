@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import math
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -128,8 +129,19 @@ def _mb(n: int) -> str:
 
 def _print_json(data: Any) -> None:
     """Write `data` as one line of JSON on stdout: the only place --json output is written
-    (a command prints one such document; `search --json` one per hit, JSON Lines)."""
-    print(json.dumps(data, default=str), flush=True)
+    (a command prints one such document; `search --json` one per hit, JSON Lines). A number
+    JSON cannot hold (NaN, infinity) is written as null."""
+    print(json.dumps(_json_safe(data), default=str, allow_nan=False), flush=True)
+
+
+def _json_safe(data: Any) -> Any:
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: _json_safe(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [_json_safe(v) for v in data]
+    return data
 
 
 def _table(*titles: str, numbers: tuple[str, ...] = (), **options: Any) -> Table:

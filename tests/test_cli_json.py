@@ -284,3 +284,14 @@ def test_plan_storage_and_db_status(tmp_path: Any) -> None:
     assert json.loads(run_cli("db", "replica", "list", "--json", env=env).stdout) == {
         "replicas": []}
     assert "initialised: False" in run_cli("db", "status", env=env).stdout
+
+
+def test_json_output_holds_no_number_json_cannot(capsys: pytest.CaptureFixture[str]) -> None:
+    """NaN and infinity are not JSON (json.dumps wrote them bare): every --json document goes
+    through one writer, which writes them as null, the README's missing value."""
+    from pyembed.cli import _print_json
+
+    _print_json({"cost_usd": float("nan"), "rows": [float("inf"), 1.5, {"x": -float("inf")}]})
+    line = capsys.readouterr().out
+    assert json.loads(line, parse_constant=lambda c: pytest.fail(c)) == {
+        "cost_usd": None, "rows": [None, 1.5, {"x": None}]}
