@@ -145,3 +145,23 @@ AS $$
   SELECT c.provider, c.kind, coalesce(pg_sequence_last_value(c.counter), 0)
     FROM pyembed.provider_error_counters c ORDER BY 1, 2
 $$;
+
+-- A tenant's member is a role that exists (PE005): a name that is none (a typo) left the real
+-- login acting for no tenant, and a role made later under that name joined the tenant unseen.
+CREATE OR REPLACE FUNCTION pyembed._member_is_a_role() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+  IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles r WHERE r.rolname = NEW.role_name) THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = format('no role %s: create the login first (pyembed tenant add-member TENANT ROLE '
+                       '--password ...)', NEW.role_name);
+  END IF;
+  RETURN NEW;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER tenant_members_role
+  BEFORE INSERT OR UPDATE OF role_name ON pyembed.tenant_members
+  FOR EACH ROW EXECUTE FUNCTION pyembed._member_is_a_role();

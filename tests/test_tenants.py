@@ -15,9 +15,10 @@ import pyembed
 from pyembed import tenants
 from pyembed.corpora import corpus_info, create_corpus
 from pyembed.db import translated
+from pyembed.errors import InvalidInput
 from pyembed.vectors import copy_vectors
 from tests.conftest import Database
-from tests.helpers import count, unit
+from tests.helpers import count, sql_error, unit
 
 A_KEY = "fake/fake-hash@1:384"
 B_KEY = "fake/fake-hash@2:1024"
@@ -173,6 +174,18 @@ def test_rate_limit_refuses_a_burst_and_stores_nothing(
     finally:
         owner.execute(sql.SQL("DROP OWNED BY {} CASCADE").format(sql.Identifier(role)))
         owner.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def test_a_tenant_member_is_a_role_that_exists(owner: psycopg.Connection[Any]) -> None:
+    """A member that is no role (a typo) was stored, and `tenant add-member` said it acts for
+    the tenant: the real login then acted for no tenant (the untenanted corpora, not its
+    tenant's), and a role made later under that name joined the tenant unseen."""
+    tenants.create_tenant(owner, "acme")
+    with pytest.raises(InvalidInput, match="no role acme_ap"):
+        tenants.add_member(owner, "acme", "acme_ap")
+    assert sql_error(owner, "INSERT INTO pyembed.tenant_members SELECT 'acme_ap', tenant_id "
+                            "FROM pyembed.tenants").sqlstate == "PE005"
+    assert owner.execute("SELECT count(*) FROM pyembed.tenant_members").fetchone() == (0,)
 
 
 def test_app_role_cannot_manage_or_impersonate_tenants(app: psycopg.Connection[Any]) -> None:
