@@ -43,7 +43,7 @@ from .rerank import RerankCache, Reranker, candidates, reranker_spec
 from .search import Hit, Options, route, search
 from .sqlexec import PsycopgExecutor
 from .tenants import Keyed, error_counter, meter
-from .text import check_text, document_hash
+from .text import check_document_id, check_text, document_hash
 
 _log = logging.getLogger(__name__)
 
@@ -277,9 +277,8 @@ class Corpus:
         self.client.current_corpus_id = self.info.corpus_id
         docs = {d.id: d for d in map(_as_document, documents)}
         for d in docs.values():
+            check_document_id(d.id)
             check_text(d.text, f"document {d.id!r}")
-            if not 1 <= len(d.id) <= 512:
-                raise InvalidInput(f"document id must be 1..512 characters, got {len(d.id)}")
         hashes = {i: document_hash(d.text, d.metadata) for i, d in docs.items()}
         old = document_hashes(self.client.conn, self.info.corpus_id, list(docs))
         todo = [d for i, d in docs.items() if old.get(i) != hashes[i]]

@@ -245,10 +245,9 @@ def _token_counter(GD: dict[str, Any], spec: ModelSpec) -> Callable[[list[str]],
 def add_document(plpy: Any, GD: dict[str, Any], corpus: str | None, document_id: str | None,
                  content: str | None, metadata: str | None) -> int:
     """Store a document and its chunks; the chunk triggers queue them for the worker."""
-    from .text import check_text, document_hash
+    from .text import check_document_id, check_text, document_hash
 
-    if not document_id:
-        raise InvalidInput("add_document() needs a document id")
+    check_document_id(document_id)
     check_text(content or "", f"document {document_id!r}")
     meta = json.loads(metadata) if metadata else {}
     if not isinstance(meta, dict):

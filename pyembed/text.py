@@ -25,6 +25,16 @@ def check_text(text: object, what: str = "text") -> str:
     return text
 
 
+def check_document_id(document_id: object) -> str:
+    """`document_id` if pyembed.documents can store it (1..512 characters, its CHECK), else
+    InvalidInput."""
+    if not isinstance(document_id, str) or not 1 <= len(document_id) <= 512:
+        got = (f"{len(document_id)} characters" if isinstance(document_id, str)
+               else type(document_id).__name__)
+        raise InvalidInput(f"a document id is 1..512 characters, got {got}")
+    return document_id
+
+
 def sha256(text: str) -> bytes:
     """A chunk's content hash (the database computes the same, pyembed._chunk_hash)."""
     return hashlib.sha256(text.encode("utf-8")).digest()
