@@ -164,21 +164,26 @@ CREATE OR REPLACE TRIGGER vectors_written_update
 -- Each vector carries its chunk's document number (pyembed.documents.doc_no), so that a search
 -- by document groups its nearest chunks without reading them: set here as each vector is
 -- written (whatever the writer gave; a vector without a chunk is refused by the statement's
--- check above), and again when a chunk moves to another document. SECURITY DEFINER: its lookups
--- skip row-level security, which cost two calls of pyembed.visible_corpora() a row; the vector's
--- own insert is checked by the policy on pyembed.vectors.
+-- check above), and again when a chunk moves to another document (pyembed._chunk_moved). The
+-- chunk is read FOR KEY SHARE, which a move (an update of document_id, a key column) waits for:
+-- a move committed meanwhile is read here, a later one waits for the vector's commit and then
+-- renumbers it; without the lock a vector written while its chunk moved kept the old number.
+-- Two lookups, each by a whole primary key: as a join, a new corpus's empty statistics let the
+-- planner read all the corpus's documents for every vector (and its plan is kept).
+-- SECURITY DEFINER: its lookups skip row-level security, which cost two calls of
+-- pyembed.visible_corpora() a row; the vector's own insert is checked by the policy on
+-- pyembed.vectors.
 CREATE OR REPLACE FUNCTION pyembed._vector_document() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+  doc text;
 BEGIN
-  -- Two lookups, each by a whole primary key: as a join, a new corpus's empty statistics let
-  -- the planner read all the corpus's documents for every vector (its plan is kept).
+  SELECT ch.document_id INTO doc FROM pyembed.chunks ch
+   WHERE ch.corpus_id = NEW.corpus_id AND ch.chunk_id = NEW.chunk_id FOR KEY SHARE;
   NEW.doc_no := (SELECT d.doc_no FROM pyembed.documents d
-                  WHERE d.corpus_id = NEW.corpus_id
-                    AND d.document_id = (SELECT ch.document_id FROM pyembed.chunks ch
-                                          WHERE ch.corpus_id = NEW.corpus_id
-                                            AND ch.chunk_id = NEW.chunk_id));
+                  WHERE d.corpus_id = NEW.corpus_id AND d.document_id = doc);
   RETURN NEW;
 END
 $$;

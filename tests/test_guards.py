@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -360,15 +362,14 @@ def test_vectors_carry_their_chunks_document_number(
     assert len({h.document_id for h in hits}) == 3  # doc2's two chunks are one hit
 
 
-@pytest.mark.xfail(strict=True, reason="open: a vector written while its chunk moves keeps the "
-                   "old doc_no (the move's trigger cannot see the uncommitted vector); a fix "
-                   "needs a lock between vector writers and moves")
 def test_a_vector_written_while_its_chunk_moves_carries_the_new_document(
         db: Any, owner: psycopg.Connection[Any], app: psycopg.Connection[Any],
         corpus: CorpusInfo) -> None:
-    """A writer's vector (an INSERT or COPY not holding the chunk, as bulk_load and SQL clients
-    write) and a move of its chunk to another document, committed in between: the vector kept
-    the old document's number, and search by document returned that document twice."""
+    """A writer's vector (an INSERT or COPY, as bulk_load and SQL clients write) and a move of
+    its chunk to another document meanwhile: the move waits for the vector's transaction (its
+    trigger holds the chunk), then renumbers it, and search by document returns each document
+    once. Without the lock the vector kept the old document's number and search returned that
+    document twice."""
     from pyembed.db import connect
 
     write_chunks(app, corpus, rows(3, 1024), KEY_A)
@@ -376,14 +377,35 @@ def test_a_vector_written_while_its_chunk_moves_carries_the_new_document(
                         ).fetchone()
     assert chunk is not None
     app.execute("DELETE FROM pyembed.vectors WHERE chunk_id = %s", chunk)
-    with connect(db.app_dsn) as writer:
+    with connect(db.app_dsn) as writer, connect(db.app_dsn, autocommit=True) as mover:
         writer.execute("INSERT INTO pyembed.vectors (corpus_id, chunk_id, model_key, embedding) "
                        "VALUES (%s, %s, %s, %s::vector)",
                        (corpus.corpus_id, chunk[0], KEY_A, str(unit(1024, 0).tolist())))
-        app.execute("SET lock_timeout = '5s'")
-        app.execute("UPDATE pyembed.chunks SET document_id = 'doc1', chunk_index = 1 "
-                    "WHERE chunk_id = %s", chunk)
+        mover.execute("SET lock_timeout = '20s'")
+        errors: list[BaseException] = []
+
+        def move() -> None:
+            try:
+                mover.execute("UPDATE pyembed.chunks SET document_id = 'doc1', chunk_index = 1 "
+                              "WHERE chunk_id = %s", chunk)
+            except BaseException as e:  # handed to the test
+                errors.append(e)
+
+        thread = threading.Thread(target=move)
+        thread.start()
+        for _ in range(400):  # the move waits for the writer's lock on the chunk
+            if owner.execute("SELECT wait_event_type = 'Lock' FROM pg_stat_activity "
+                             "WHERE pid = %s", (mover.info.backend_pid,)).fetchone() == (True,):
+                break
+            time.sleep(0.025)
+        else:
+            raise AssertionError("the move did not wait for the vector's writer")
         writer.commit()
+        thread.join(30)
+    assert not errors
+    assert owner.execute("SELECT v.doc_no = d.doc_no FROM pyembed.vectors v JOIN pyembed.documents d "
+                         "ON d.corpus_id = v.corpus_id AND d.document_id = 'doc1' "
+                         "WHERE v.chunk_id = %s", chunk).fetchone() == (True,)
     hits = search(app, "docs", unit(1024, 0), KEY_A, k=3)
     assert len({h.document_id for h in hits}) == len(hits)
 
