@@ -1,6 +1,6 @@
 """A model's price is a price: 0 or more and finite.
 
-Revision ID: 0022
+Revision ID: 0019
 Revises: 0018
 Create Date: 2026-12-04
 
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from pyembed.schema import run_sql
 
-revision: str = "0022"
+revision: str = "0019"
 down_revision: str | Sequence[str] | None = "0018"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
