@@ -1,6 +1,6 @@
 -- Corpora and models: created and dropped through these functions only.
 
--- Both rules of a corpus's vector index, in one call (pyembed._nearest_in makes it at every
+-- Both rules of a corpus's vector index, in one expression (pyembed._nearest_in reads it at every
 -- search; _index_spec, _index_params and hnsw_rule below answer with parts of it):
 --
 -- The indexed expression, operator class, distance operator and query type for a model's
@@ -23,45 +23,56 @@
 -- (docs/index-tuning.md has the recall each reached). The owner's overrides
 -- (corpora.index_settings, set by pyembed.set_index_settings; `settings`) come over the rule.
 --
--- PL/pgSQL, as the functions below: a SQL function that cannot be inlined is planned again on
--- every call. One function, not one per rule: each PL/pgSQL call a search makes costs it more
--- than the rule's arithmetic. They run with their caller's pinned search_path
--- (090-search-path.sql).
-CREATE OR REPLACE FUNCTION pyembed._index_plan(dims integer, distance text, storage text,
-  settings jsonb, rows bigint,
-  OUT expr text, OUT opclass text, OUT op text, OUT castto text, OUT exact text,
-  OUT m integer, OUT ef_construction integer, OUT ef_search integer, OUT oversample integer)
-LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+-- One SQL expression (a row of pyembed._index_rules, revision 0019) that the planner inlines
+-- into the statement calling it, pyembed._nearest_in's assignment at every search: no function
+-- call (a PL/pgSQL call is set up again in every transaction). Kept inlinable: no SET clause,
+-- not STRICT, IMMUTABLE and only immutable operators (format() and text || integer are not), no
+-- FROM; pyembed._index_type (the vector type a storage indexes) is inlined into it alike. The
+-- functions below are PL/pgSQL: a SQL function that cannot be inlined is planned again on every
+-- call. They run with their caller's pinned search_path (090-search-path.sql).
+CREATE OR REPLACE FUNCTION pyembed._index_type(dims integer, storage text) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$
-DECLARE
-  t text := CASE storage WHEN 'binary' THEN 'bit' WHEN 'halfvec' THEN 'halfvec'
-                         ELSE CASE WHEN dims <= 2000 THEN 'vector' ELSE 'halfvec' END END;
-BEGIN
-  op := CASE distance WHEN 'cosine' THEN '<=>' WHEN 'dot' THEN '<#>' ELSE '<->' END;
-  exact := 'embedding ' || op;
-  castto := format('%s(%s)', t, dims);
-  IF t = 'bit' THEN
-    expr := CASE WHEN dims <= 64000 THEN format('(binary_quantize(embedding)::bit(%s))', dims) END;
-    opclass := 'bit_hamming_ops';
-    op := '<~>';
-  ELSE
-    expr := CASE WHEN dims <= 4000 THEN format('(embedding::%s(%s))', t, dims) END;
-    opclass := t || CASE distance WHEN 'cosine' THEN '_cosine_ops' WHEN 'dot' THEN '_ip_ops'
-                                  ELSE '_l2_ops' END;
-  END IF;
-  IF rows < 200000 THEN
-    m := 16; ef_construction := 64; ef_search := 100;
-  ELSIF rows < 2000000 THEN
-    m := 24; ef_construction := 128; ef_search := 300;
-  ELSE
-    m := 32; ef_construction := 200; ef_search := 500;
-  END IF;
-  oversample := CASE WHEN dims < 768 THEN 60 WHEN dims < 1536 THEN 20 ELSE 10 END;
-  m := coalesce((settings ->> 'm')::integer, m);
-  ef_construction := coalesce((settings ->> 'ef_construction')::integer, ef_construction);
-  ef_search := coalesce((settings ->> 'ef_search')::integer, ef_search);
-  oversample := coalesce((settings ->> 'oversample')::integer, oversample);
-END
+SELECT CASE storage WHEN 'binary' THEN 'bit' WHEN 'halfvec' THEN 'halfvec'
+                    ELSE CASE WHEN dims <= 2000 THEN 'vector' ELSE 'halfvec' END END
+$$;
+
+CREATE OR REPLACE FUNCTION pyembed._index_plan(dims integer, distance text, storage text,
+  settings jsonb, rows bigint)
+RETURNS pyembed._index_rules
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+SELECT ROW(
+  -- expr
+  CASE WHEN pyembed._index_type(dims, storage) = 'bit'
+       THEN CASE WHEN dims <= 64000
+                 THEN '(binary_quantize(embedding)::bit(' || dims::text || '))' END
+       ELSE CASE WHEN dims <= 4000
+                 THEN '(embedding::' || pyembed._index_type(dims, storage) || '(' || dims::text
+                      || '))' END END,
+  -- opclass
+  CASE WHEN pyembed._index_type(dims, storage) = 'bit' THEN 'bit_hamming_ops'
+       ELSE pyembed._index_type(dims, storage)
+            || CASE distance WHEN 'cosine' THEN '_cosine_ops' WHEN 'dot' THEN '_ip_ops'
+                             ELSE '_l2_ops' END END,
+  -- op
+  CASE WHEN pyembed._index_type(dims, storage) = 'bit' THEN '<~>'
+       ELSE CASE distance WHEN 'cosine' THEN '<=>' WHEN 'dot' THEN '<#>' ELSE '<->' END END,
+  -- castto
+  pyembed._index_type(dims, storage) || '(' || dims::text || ')',
+  -- exact
+  'embedding ' || CASE distance WHEN 'cosine' THEN '<=>' WHEN 'dot' THEN '<#>' ELSE '<->' END,
+  -- m, ef_construction, ef_search
+  coalesce((settings ->> 'm')::integer,
+           CASE WHEN rows < 200000 THEN 16 WHEN rows < 2000000 THEN 24 ELSE 32 END),
+  coalesce((settings ->> 'ef_construction')::integer,
+           CASE WHEN rows < 200000 THEN 64 WHEN rows < 2000000 THEN 128 ELSE 200 END),
+  coalesce((settings ->> 'ef_search')::integer,
+           CASE WHEN rows < 200000 THEN 100 WHEN rows < 2000000 THEN 300 ELSE 500 END),
+  -- oversample
+  coalesce((settings ->> 'oversample')::integer,
+           CASE WHEN dims < 768 THEN 60 WHEN dims < 1536 THEN 20 ELSE 10 END)
+)::pyembed._index_rules
 $$;
 
 -- The index expression and operators for a model's vectors in a storage (pyembed._index_plan).

@@ -78,7 +78,7 @@ DECLARE
   hits text;
   setting text;
 BEGIN
-  -- the index expression and ef_search's rule in one call (each call costs every search)
+  -- the index expression and ef_search's rule (pyembed._index_plan, inlined here: no call)
   s := pyembed._index_plan(p_dims, p_distance, p_storage, p_settings, greatest(counted, 0)::bigint);
   candidates := CASE WHEN s.op = '<~>' THEN k * s.oversample ELSE k END;
   -- assignments, not PERFORM: an expression, where PERFORM runs a query (every search)
