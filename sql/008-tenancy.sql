@@ -2,6 +2,16 @@
 -- by name that every function and every Python path uses (PE002 for a name the caller's tenant
 -- does not have, another tenant's included).
 
+-- Whether the session's login role (session_user, not the owner a SECURITY DEFINER function runs
+-- as) is a superuser. A function of its own, which pyembed._session_tenant calls only when
+-- pyembed.act_as_tenant is set: as a subquery there, pg_roles' shared catalogs were planned into,
+-- locked for and set up in every statement that reads the session's tenant (every search), in the
+-- shared lock table (a shared catalog's lock never takes the fast path).
+CREATE OR REPLACE FUNCTION pyembed._session_is_superuser() RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname = session_user $$;
+
 -- The tenant this session acts for (NULL: none): a superuser's pyembed.act_as_tenant (by name),
 -- else the tenant its login role is a member of. A SQL function the planner inlines into the
 -- statements that read it (no function call: pyembed.lookup_corpus's is part of every search's
@@ -11,7 +21,7 @@ CREATE OR REPLACE FUNCTION pyembed._session_tenant() RETURNS TABLE (tenant_id in
 LANGUAGE sql STABLE
 AS $$
   SELECT CASE WHEN coalesce(current_setting('pyembed.act_as_tenant', true), '') <> ''
-               AND (SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname = session_user)
+               AND pyembed._session_is_superuser()
               THEN (SELECT t.tenant_id FROM pyembed.tenants t
                      WHERE t.name = current_setting('pyembed.act_as_tenant', true))
               ELSE (SELECT m.tenant_id FROM pyembed.tenant_members m

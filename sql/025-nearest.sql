@@ -27,11 +27,18 @@
 -- enable_seqscan off: vectors of 1,024 dimensions and more are stored out of line, which makes a
 -- sequential scan of the partition look cheap to the planner, and it chose one over the index
 -- (seconds instead of milliseconds; docs/scale-out.md); enable_bitmapscan off when the index
--- serves (below). The settings are pyembed._nearest_in's own (SET below): they last until it
--- returns.
+-- serves (below).
+-- The statement and the settings have one home each, SQL functions the planner inlines into the
+-- PL/pgSQL assignment or EXECUTE that reads them (no call: every nested PL/pgSQL call is set up
+-- again in every transaction, and it cost a search more than the work it did):
+-- pyembed._nearest_sql (the statement) and pyembed._nearest_settings (sets the four settings
+-- with set_config, local to the calling function's own settings: a function with a SET clause
+-- restores them as it returns, so that they never outlast it). Two functions run them:
+-- pyembed._nearest_in (below; recall's pyembed._nearest) and pyembed._vector_ranking (every
+-- search, 030-search.sql), which then makes no call for its nearest chunks.
 -- _nearest looks up what the vector leg needs (storage, settings, model, counted rows) and hands
 -- it to pyembed._nearest_in, which does the work; pyembed.search, which has looked the corpus
--- up already, calls _nearest_in itself: each search looks its corpus up once.
+-- up already, ranks through pyembed._vector_ranking: each search looks its corpus up once.
 CREATE OR REPLACE FUNCTION pyembed._nearest(p_corpus_id integer, p_model_key text,
   query vector, k integer, filter jsonb DEFAULT NULL, exact boolean DEFAULT false,
   OUT ids bigint[], OUT distances float8[])
@@ -58,9 +65,104 @@ BEGIN
 END
 $$;
 
+-- The partition's rows of the key, joined to their chunks when a metadata filter ($2) applies.
+CREATE OR REPLACE FUNCTION pyembed._nearest_source(p_corpus_id integer, p_model_key text,
+                                                   filtered boolean)
+RETURNS text
+LANGUAGE sql STABLE
+AS $$
+SELECT format('pyembed.%I v %s WHERE v.model_key = %L %s',
+  pyembed._vector_partition_name(p_corpus_id),
+  CASE WHEN filtered THEN format(
+    'JOIN pyembed.chunks f ON f.corpus_id = %s AND f.chunk_id = v.chunk_id', p_corpus_id)
+    ELSE '' END,
+  p_model_key,
+  CASE WHEN filtered THEN 'AND f.metadata @> $2' ELSE '' END)
+$$;
+
+-- The candidates the index is asked for: k, or k x oversample Hamming candidates (binary).
+CREATE OR REPLACE FUNCTION pyembed._nearest_candidates(k integer, s pyembed._index_rules)
+RETURNS integer
+LANGUAGE sql IMMUTABLE
+AS $$ SELECT CASE WHEN s.op = '<~>' THEN k * s.oversample ELSE k END $$;
+
+-- Whether the k nearest are read by a scan ordered by the exact distance: asked to (`exact`), past
+-- the storage's index limit (no index), or asked for as many candidates as the partition's
+-- statistics count. NULL (no partition yet) reads the index, as false does.
+CREATE OR REPLACE FUNCTION pyembed._nearest_scans(k integer, exact boolean,
+                                                  s pyembed._index_rules, counted real)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE
+AS $$
+SELECT exact OR s.expr IS NULL
+       OR (counted >= 0 AND pyembed._nearest_candidates(k, s) >= counted)
+$$;
+
+-- The vector leg's settings (above) for k nearest by the rules `s` (pyembed._index_plan),
+-- set local to the calling function's settings (its SET clause restores them as it returns).
+-- Returns the ef_search set.
+CREATE OR REPLACE FUNCTION pyembed._nearest_settings(k integer, filtered boolean,
+                                                     exact boolean, s pyembed._index_rules,
+                                                     counted real)
+RETURNS text
+LANGUAGE sql VOLATILE
+AS $$
+SELECT set_config('enable_seqscan', 'off', true)
+       || set_config('enable_bitmapscan',
+                     CASE WHEN pyembed._nearest_scans(k, exact, s, counted) THEN 'on'
+                          ELSE 'off' END, true)
+       || set_config('hnsw.iterative_scan',
+                     CASE WHEN filtered OR pyembed._nearest_candidates(k, s) > 1000
+                          THEN 'relaxed_order' ELSE 'off' END, true)
+       || set_config('hnsw.ef_search',
+                     least(greatest(s.ef_search, pyembed._nearest_candidates(k, s)),
+                           1000)::text, true)
+$$;
+
+-- The vector leg's statement (above) for k nearest by the rules `s`: parameters $1 the query
+-- vector, $2 the metadata filter (when `filtered`); one row of (ids, distances, scores, docs).
+-- The hits subquery returns (hit.chunk_id, hit.doc_no, hit.distance) of the k nearest in any
+-- order, and the statement sorts them. One format() over one template per way of reading
+-- (arguments: 1 the exact distance operator, 2 the rows, 3 the indexed type, 4 its operator,
+-- 5 the candidates, 6 k, 7 the score).
+CREATE OR REPLACE FUNCTION pyembed._nearest_sql(p_corpus_id integer, p_model_key text,
+                                                k integer, filtered boolean, exact boolean,
+                                                s pyembed._index_rules, p_distance text,
+                                                counted real)
+RETURNS text
+LANGUAGE sql STABLE
+AS $$
+SELECT format(
+  'SELECT array_agg(chunk_id ORDER BY distance, chunk_id), '
+  'array_agg(distance ORDER BY distance, chunk_id), '
+  'array_agg(%7$s ORDER BY distance, chunk_id), '
+  'array_agg(doc_no ORDER BY distance, chunk_id) FROM ('
+  || CASE
+       WHEN pyembed._nearest_scans(k, exact, s, counted) THEN
+         'SELECT v.chunk_id, v.doc_no, v.%1$s $1 AS distance FROM %2$s ORDER BY 3, 1 LIMIT %6$s'
+       -- By the index (asked for a few percent of a small partition's rows, the planner chose a
+       -- bitmap scan of all of them and a sort, slower than the index: enable_bitmapscan off).
+       WHEN s.op = '<~>' THEN
+         'SELECT c.chunk_id, c.doc_no, c.%1$s $1 AS distance FROM (SELECT v.chunk_id, '
+         'v.doc_no, v.embedding FROM %2$s ORDER BY binary_quantize(v.embedding)::%3$s <~> '
+         'binary_quantize($1)::%3$s LIMIT %5$s) c ORDER BY 3, 1 LIMIT %6$s'
+       WHEN s.castto LIKE 'vector(%' THEN
+         'SELECT v.chunk_id, v.doc_no, (v.embedding::%3$s) %4$s $1::%3$s AS distance '
+         'FROM %2$s ORDER BY 3 LIMIT %6$s'
+       ELSE
+         'SELECT v.chunk_id, v.doc_no, v.%1$s $1 AS distance FROM %2$s ORDER BY '
+         '(v.embedding::%3$s) %4$s $1::%3$s LIMIT %6$s'
+     END
+  || ') hit',
+  s.exact, pyembed._nearest_source(p_corpus_id, p_model_key, filtered), s.castto, s.op,
+  pyembed._nearest_candidates(k, s), k,
+  CASE p_distance WHEN 'cosine' THEN '1 - distance' ELSE '-distance' END)
+$$;
+
 -- The vector leg (above), given the key's storage, the corpus's index settings, the model's
 -- dimensions and distance, and the rows the partition's statistics count (pg_class.reltuples:
--- -1 before the first ANALYZE or index build, NULL without a partition).
+-- -1 before the first ANALYZE or index build, NULL without a partition). Its SET clauses keep
+-- the settings it makes its own: they last until it returns.
 CREATE OR REPLACE FUNCTION pyembed._nearest_in(p_corpus_id integer, p_model_key text,
   query vector, k integer, filter jsonb, exact boolean, p_storage text, p_settings jsonb,
   p_dims integer, p_distance text, counted real,
@@ -72,56 +174,14 @@ SET enable_seqscan = off
 SET enable_bitmapscan = on
 AS $$
 DECLARE
-  s record;
-  candidates integer;
-  source text;
-  hits text;
+  s pyembed._index_rules;
   setting text;
 BEGIN
   -- the index expression and ef_search's rule (pyembed._index_plan, inlined here: no call)
   s := pyembed._index_plan(p_dims, p_distance, p_storage, p_settings, greatest(counted, 0)::bigint);
-  candidates := CASE WHEN s.op = '<~>' THEN k * s.oversample ELSE k END;
-  -- assignments, not PERFORM: an expression, where PERFORM runs a query (every search)
-  setting := set_config('hnsw.ef_search', least(greatest(s.ef_search, candidates), 1000)::text,
-                        true);
-  IF filter IS NOT NULL OR candidates > 1000 THEN
-    setting := set_config('hnsw.iterative_scan', 'relaxed_order', true);
-  END IF;
-  source := format('pyembed.%I v %s WHERE v.model_key = %L %s',
-    pyembed._vector_partition_name(p_corpus_id),
-    CASE WHEN filter IS NULL THEN '' ELSE format(
-      'JOIN pyembed.chunks f ON f.corpus_id = %s AND f.chunk_id = v.chunk_id', p_corpus_id) END,
-    p_model_key,
-    CASE WHEN filter IS NULL THEN '' ELSE 'AND f.metadata @> $2' END);
-  -- (hit.chunk_id, hit.doc_no, hit.distance) of the k nearest, in any order: the statement
-  -- below sorts them
-  IF exact OR s.expr IS NULL OR (counted >= 0 AND candidates >= counted) THEN
-    hits := format('SELECT v.chunk_id, v.doc_no, v.%s $1 AS distance FROM %s ORDER BY 3, 1 '
-                   'LIMIT %s', s.exact, source, k);
-  ELSE
-    -- By the index: asked for a few percent of a small partition's rows, the planner chose a
-    -- bitmap scan of all of them and a sort, slower than the index.
-    setting := set_config('enable_bitmapscan', 'off', true);
-    IF s.op = '<~>' THEN
-      hits := format('SELECT c.chunk_id, c.doc_no, c.%1$s $1 AS distance FROM (SELECT '
-                     'v.chunk_id, v.doc_no, v.embedding FROM %2$s ORDER BY '
-                     'binary_quantize(v.embedding)::%3$s <~> binary_quantize($1)::%3$s '
-                     'LIMIT %4$s) c ORDER BY 3, 1 LIMIT %5$s',
-                     s.exact, source, s.castto, candidates, k);
-    ELSIF s.castto LIKE 'vector(%' THEN
-      hits := format('SELECT v.chunk_id, v.doc_no, (v.embedding::%1$s) %2$s $1::%1$s AS distance '
-                     'FROM %3$s ORDER BY 3 LIMIT %4$s', s.castto, s.op, source, k);
-    ELSE
-      hits := format('SELECT v.chunk_id, v.doc_no, v.%1$s $1 AS distance FROM %2$s ORDER BY '
-                     '(v.embedding::%3$s) %4$s $1::%3$s LIMIT %5$s', s.exact, source, s.castto,
-                     s.op, k);
-    END IF;
-  END IF;
-  EXECUTE format('SELECT array_agg(chunk_id ORDER BY distance, chunk_id), '
-                 'array_agg(distance ORDER BY distance, chunk_id), '
-                 'array_agg(%s ORDER BY distance, chunk_id), '
-                 'array_agg(doc_no ORDER BY distance, chunk_id) FROM (%s) hit',
-                 CASE p_distance WHEN 'cosine' THEN '1 - distance' ELSE '-distance' END, hits)
+  setting := pyembed._nearest_settings(k, filter IS NOT NULL, exact, s, counted);
+  EXECUTE pyembed._nearest_sql(p_corpus_id, p_model_key, k, filter IS NOT NULL, exact, s,
+                               p_distance, counted)
     INTO ids, distances, scores, docs USING query, filter;
 END
 $$;

@@ -19,6 +19,9 @@
 -- many chunks as documents), at the corpus's own ef_search; 'chunk' returns the k nearest
 -- chunks.
 
+-- The nearest chunks come from the vector leg's statement and settings (pyembed._nearest_sql and
+-- _nearest_settings, 025-nearest.sql), inlined here as into pyembed._nearest_in: no call. The
+-- SET clause keeps the settings local to this function: they end as it returns.
 CREATE OR REPLACE FUNCTION pyembed._vector_ranking(
   c pyembed.corpora, query_embedding vector, query_model_key text, k integer, filter jsonb,
   group_by text, OUT ids bigint[], OUT scores float8[], OUT keys text[])
@@ -27,8 +30,14 @@ SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
   md record;
-  r record;
+  storage text;
+  s pyembed._index_rules;
+  setting text;
   n integer;
+  hit_ids bigint[];
+  hit_distances float8[];
+  hit_scores float8[];
+  hit_docs bigint[];
 BEGIN
   SELECT mo.dimensions, mo.distance, mo.normalized, cl.reltuples AS counted,
          ks.chunks = ks.documents AS one_chunk_each
@@ -80,18 +89,24 @@ BEGIN
       MESSAGE = format('query vector norm %s is outside 1e-10..1e10: its scores would overflow '
                        'or vanish', vector_norm(query_embedding));
   END IF;
+  -- the key's storage (a migration's target key may have its own) and its index rules
+  -- (pyembed._index_plan, inlined: no call)
+  storage := CASE WHEN query_model_key = c.target_model_key
+                  THEN coalesce(c.target_storage, c.storage) ELSE c.storage END;
+  s := pyembed._index_plan(md.dimensions, md.distance, storage, c.index_settings,
+                           greatest(md.counted, 0)::bigint);
   -- k chunks are k documents where every document has one chunk (as the committed counts say)
   n := CASE WHEN group_by = 'chunk' OR md.one_chunk_each THEN k ELSE 2 * k END;
   LOOP
-    -- The nearest chunks: (ids, distances, scores, docs), n of them at most, nearest first.
-    r := pyembed._nearest_in(c.corpus_id, query_model_key, query_embedding, n, filter, false,
-                             CASE WHEN query_model_key = c.target_model_key
-                                  THEN coalesce(c.target_storage, c.storage) ELSE c.storage END,
-                             c.index_settings, md.dimensions, md.distance, md.counted);
+    -- The nearest chunks: ids, distances, scores, docs, n of them at most, nearest first.
+    setting := pyembed._nearest_settings(n, filter IS NOT NULL, false, s, md.counted);
+    EXECUTE pyembed._nearest_sql(c.corpus_id, query_model_key, n, filter IS NOT NULL, false, s,
+                                 md.distance, md.counted)
+      INTO hit_ids, hit_distances, hit_scores, hit_docs USING query_embedding, filter;
     IF group_by = 'chunk' THEN  -- each chunk its own key: ranked as they came
-      ids := r.ids;
-      scores := r.scores;
-      keys := r.ids::text[];
+      ids := hit_ids;
+      scores := hit_scores;
+      keys := hit_ids::text[];
       RETURN;
     END IF;
     -- Each document's nearest chunk, the k nearest documents, by the document numbers the
@@ -101,12 +116,12 @@ BEGIN
            array_agg(b.doc_no::text ORDER BY b.distance, b.chunk_id) INTO ids, scores, keys
       FROM (SELECT b.* FROM (
               SELECT DISTINCT ON (h.doc_no) h.doc_no, h.chunk_id, h.distance, h.score
-                FROM unnest(r.ids, r.distances, r.scores, r.docs)
+                FROM unnest(hit_ids, hit_distances, hit_scores, hit_docs)
                        AS h(chunk_id, distance, score, doc_no)
                ORDER BY h.doc_no, h.distance, h.chunk_id) b
              ORDER BY b.distance, b.chunk_id LIMIT k) b;
     -- k documents, or all the corpus has (fewer chunks than asked for), or enough looking
-    EXIT WHEN coalesce(cardinality(ids), 0) >= k OR coalesce(cardinality(r.ids), 0) < n
+    EXIT WHEN coalesce(cardinality(ids), 0) >= k OR coalesce(cardinality(hit_ids), 0) < n
               OR n >= 16 * k;
     n := 2 * n;
   END LOOP;
@@ -134,15 +149,15 @@ BEGIN
     c := pyembed.lookup_corpus(corpus);
   END IF;
   -- an assignment and the texts' query written out, not function scans: each call is part of
-  -- the guard's fixed cost (bench_suite.py section 2); search_keyword and search_hybrid read
-  -- their hits' texts with the same query
+  -- the guard's fixed cost (bench_suite.py section 2). The texts are read by a nested loop of
+  -- index probes in the ranking's order (the plan knows the ordinality is sorted: no sort, no
+  -- hash table)
   r := pyembed._vector_ranking(c, query_embedding, query_model_key, k, filter, group_by);
   RETURN QUERY
   SELECT ch.document_id, ch.chunk_id, ch.chunk_index, ch.content, ch.metadata, h.score,
          query_model_key
     FROM unnest(r.ids, r.scores) WITH ORDINALITY AS h(chunk_id, score, n)
-    JOIN pyembed.chunks ch ON ch.chunk_id = h.chunk_id
-   WHERE ch.corpus_id = c.corpus_id AND ch.chunk_id = ANY (r.ids)
+    JOIN pyembed.chunks ch ON ch.corpus_id = c.corpus_id AND ch.chunk_id = h.chunk_id
    ORDER BY h.n;
 END
 $$;

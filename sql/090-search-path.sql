@@ -14,8 +14,9 @@ DECLARE
   vec_schema text := (SELECT extnamespace::regnamespace::text FROM pg_catalog.pg_extension
                        WHERE extname = 'vector');
   unpinned text[] := ARRAY['_session_tenant', '_corpus_named', '_vector_ranking', '_nearest_in',
-                           '_index_plan', '_index_type', '_index_spec', '_index_params',
-                           'hnsw_rule', '_vector_partition_name'];
+                           '_nearest_source', '_nearest_candidates', '_nearest_scans',
+                           '_nearest_settings', '_nearest_sql', '_index_plan', '_index_type',
+                           '_index_spec', '_index_params', 'hnsw_rule', '_vector_partition_name'];
   f regprocedure;
 BEGIN
   FOR f IN SELECT p.oid::regprocedure FROM pg_catalog.pg_proc p
