@@ -1,7 +1,8 @@
 -- Corpora and models: created and dropped through these functions only.
 
--- Both rules of a corpus's vector index, in one expression (pyembed._nearest_in reads it at every
--- search; _index_spec, _index_params and hnsw_rule below answer with parts of it):
+-- Both rules of a corpus's vector index, in one expression (the vector leg reads it at every
+-- search: pyembed._vector_ranking, _nearest_in; _index_spec, _index_params and hnsw_rule below
+-- answer with parts of it):
 --
 -- The indexed expression, operator class, distance operator and query type for a model's
 -- vectors in a storage (0013_vector_storage): `vector` indexes float32 up to 2,000 dimensions
@@ -24,7 +25,7 @@
 -- (corpora.index_settings, set by pyembed.set_index_settings; `settings`) come over the rule.
 --
 -- One SQL expression (a row of pyembed._index_rules, revision 0019) that the planner inlines
--- into the statement calling it, pyembed._nearest_in's assignment at every search: no function
+-- into the statement calling it, the vector leg's assignment at every search: no function
 -- call (a PL/pgSQL call is set up again in every transaction). Kept inlinable: no SET clause,
 -- not STRICT, IMMUTABLE and only immutable operators (format() and text || integer are not), no
 -- FROM; pyembed._index_type (the vector type a storage indexes) is inlined into it alike. The

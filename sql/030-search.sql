@@ -1,7 +1,7 @@
 -- Guarded search: the query vector comes with its model key, and a mismatch raises PE001.
 -- One lookup (the corpus by lookup_corpus's rule, inlined; the model and the partition's counted
--- rows by one static query), checks, then the nearest chunks, ranked and scored, from
--- pyembed._nearest_in (the vector leg: index, storage, ef_search; 025-nearest.sql), grouped by
+-- rows by one static query), checks, then the nearest chunks, ranked and scored, by the vector
+-- leg's statement (index, storage, ef_search: pyembed._nearest_sql, 025-nearest.sql), grouped by
 -- the document numbers the vectors carry; that is pyembed._vector_ranking (taking the corpus
 -- row its caller looked up), which hybrid search fuses with the keyword ranking before reading
 -- any text;
@@ -13,14 +13,14 @@
 -- which row-level security does not restrict), so another tenant's corpus is "unknown".
 -- group_by 'document' (the default) returns k distinct documents, each with its nearest chunk,
 -- keyed by document number (pyembed.documents.doc_no, as text):
--- the nearest chunks are fetched 2k at a time deeper (pyembed._nearest_in widens ef_search
+-- the nearest chunks are fetched 2k at a time deeper (pyembed._nearest_settings widens ef_search
 -- with them, so that the index scan can return them) until k documents are among them or the
 -- corpus has no more; k at first where every document has one chunk (keyword_stats counts as
 -- many chunks as documents), at the corpus's own ef_search; 'chunk' returns the k nearest
 -- chunks.
 
 -- The nearest chunks come from the vector leg's statement and settings (pyembed._nearest_sql and
--- _nearest_settings, 025-nearest.sql), inlined here as into pyembed._nearest_in: no call. The
+-- _nearest_settings, 025-nearest.sql), inlined here as in pyembed._nearest_in: no call. The
 -- SET clause keeps the settings local to this function: they end as it returns.
 CREATE OR REPLACE FUNCTION pyembed._vector_ranking(
   c pyembed.corpora, query_embedding vector, query_model_key text, k integer, filter jsonb,
