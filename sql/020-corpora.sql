@@ -24,7 +24,7 @@
 -- (docs/index-tuning.md has the recall each reached). The owner's overrides
 -- (corpora.index_settings, set by pyembed.set_index_settings; `settings`) come over the rule.
 --
--- One SQL expression (a row of pyembed._index_rules, revision 0019) that the planner inlines
+-- One SQL expression (a row of pyembed._index_rules, revision 0020) that the planner inlines
 -- into the statement calling it, the vector leg's assignment at every search: no function
 -- call (a PL/pgSQL call is set up again in every transaction). Kept inlinable: no SET clause,
 -- not STRICT, IMMUTABLE and only immutable operators (format() and text || integer are not), no

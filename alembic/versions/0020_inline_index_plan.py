@@ -1,7 +1,7 @@
 """pyembed._index_plan is one SQL expression the planner inlines into its caller's statement.
 
-Revision ID: 0019
-Revises: 0018
+Revision ID: 0020
+Revises: 0019
 Create Date: 2026-12-04
 
 Every search called pyembed._index_plan (PL/pgSQL) from pyembed._nearest_in, and on
@@ -20,8 +20,8 @@ from collections.abc import Sequence
 
 from pyembed.schema import run_sql
 
-revision: str = "0019"
-down_revision: str | Sequence[str] | None = "0018"
+revision: str = "0020"
+down_revision: str | Sequence[str] | None = "0019"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
