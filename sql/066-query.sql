@@ -218,6 +218,13 @@ BEGIN
     FROM pyembed._search_arrays(corpus, mode, query, query_embedding, query_model_key, k, filter,
                                 options, keyword_ids, keyword_scores, keyword_keys);
   search_ms := extract(epoch FROM clock_timestamp() - started) * 1000;
+  -- quick_commit as in search_query, for a record that caches no embedding (cache_key NULL: a
+  -- client without a cache): its log line, counts and recall sample are as losable as a hit's.
+  -- One that caches the embedding commits synchronously (replicas get the entry at once).
+  IF (options->>'quick_commit') = 'true' AND cache_key IS NULL
+     AND pg_current_xact_id_if_assigned() IS NULL THEN
+    PERFORM set_config('synchronous_commit', 'off', true);
+  END IF;
   -- After the search: a query the guard refused leaves no cache entry.
   recorded := pyembed.record_search(
     corpus_id, query_model_key, CASE WHEN log THEN mode END, k, false, embed_ms, search_ms,

@@ -539,3 +539,30 @@ def test_a_new_hybrid_query_ranks_by_keywords_while_it_is_embedded(
         cached = warm.corpus("whileembedding").search(query, k=5, mode="hybrid")
         assert [(h.chunk_id, round(h.score, 9)) for h in new] == \
             [(h.chunk_id, round(h.score, 9)) for h in cached]
+
+
+def test_search_embedded_skips_the_wal_flush_wait_only_without_a_cache_entry(
+        client: Any, app: psycopg.Connection[Any]) -> None:
+    """A miss's record (search_embedded) with quick_commit commits asynchronously when it
+    stores no embedding (a client without a cache): its log line and counts are as losable
+    as a hit's. One that caches the embedding, or without the option, keeps the setting."""
+    kb = client.create_corpus("quickmiss", FAKE)
+    kb.add([pyembed.Document("a", "error code E1")])
+    vec = str(client.embedder(FAKE).embed_query("E1").tolist())
+    search = ("SELECT recorded FROM pyembed.search_embedded('quickmiss', 'E1', %s::vector, %s, "
+              "%s, 'query', NULL, 10, NULL, 'vector', %s, 1)")
+    for cache_key, options, setting in ((None, '{"quick_commit": true}', "off"),
+                                        (b"k" * 32, '{"quick_commit": true}', "on"),
+                                        (None, "{}", "on")):
+        with app.transaction():
+            assert app.execute(search, (vec, FAKE, cache_key, options)).fetchone() == (True,)
+            assert app.execute("SHOW synchronous_commit").fetchone() == (setting,), cache_key
+        assert app.execute("SHOW synchronous_commit").fetchone() == ("on",)
+    with app.transaction():  # a write first: its setting stays
+        app.execute("SELECT pyembed.cache_put(ARRAY[sha256('q')], %s, 'query', "
+                    "ARRAY[%s::vector], NULL)", (FAKE, vec))
+        assert app.execute(search, (vec, FAKE, None, '{"quick_commit": true}')).fetchone() == \
+            (True,)
+        assert app.execute("SHOW synchronous_commit").fetchone() == ("on",)
+    assert app.execute("SELECT count(*) FROM pyembed.query_log q JOIN pyembed.corpora c "
+                       "USING (corpus_id) WHERE c.name = 'quickmiss'").fetchone() == (4,)
