@@ -48,8 +48,9 @@ RECORD = """SELECT pyembed.record_search($1::integer, $2::text, $3::text, $4::in
 
 RESERVE = "SELECT pyembed.reserve_query($1::integer, $2::text, $3::bytea, $4::integer)"
 
-_BACKGROUND = ThreadPoolExecutor(thread_name_prefix="pyembed-keyword-ranking")
-"""Runs hybrid search's keyword ranking while the caller's thread embeds the query."""
+_BACKGROUND = ThreadPoolExecutor(thread_name_prefix="pyembed-query")
+"""Runs hybrid search's keyword ranking while the caller's thread embeds the query (and, for a
+model in this process, the first round trip before it)."""
 
 Counts = tuple[list[str], list[int], list[int]] | tuple[None, None, None]
 
@@ -114,10 +115,16 @@ def _search(corpus: Corpus, query: str, k: int, flt: str | None, mode: str, opts
     if read.autocommit and read.info.transaction_status == TransactionStatus.IDLE:
         # the statement is its own transaction: its record may skip the WAL flush wait
         opts = json.dumps({**json.loads(opts), "quick_commit": True})
+    params = [corpus.name, query, bucket(query), keys, [prepared[key].cache_key for key in keys],
+              k, flt, mode, opts, tokens if one else None, log and one, *counts]
+    ranking_params = [corpus.name, query, flt, options.group]
+    early: tuple[np.ndarray, list[tuple[Any, ...]] | None] | None = None
     try:
-        row = _rows(read, SEARCH_QUERY, [
-            corpus.name, query, bucket(query), keys, [prepared[key].cache_key for key in keys],
-            k, flt, mode, opts, tokens if one else None, log and one, *counts])[0]
+        if _embeds_early(corpus, keys):
+            row, early = _early(corpus, read, params, keys[0], prepared[keys[0]],
+                                ranking_params if one and mode == "hybrid" else None)
+        else:
+            row = _rows(read, SEARCH_QUERY, params)[0]
     except BaseException:
         _put_back(corpus, counts)
         raise
@@ -150,18 +157,21 @@ def _search(corpus: Corpus, query: str, k: int, flt: str | None, mode: str, opts
                     None, _ms(started, done), served, None, flt)
             return Searched(as_hits(rows), corpus_id, active, key, True,
                             {"embed_ms": None, "search_ms": None, "total_ms": _ms(started, done)})
-    # Hybrid search ranks by keywords on the server while the query is embedded here (psycopg
-    # waits for the server without the GIL), so that the keyword leg overlaps the embedding.
-    keyword = (_BACKGROUND.submit(_rows, primary, KEYWORD_RANKING,
-                                  [corpus.name, query, flt, options.group])
-               if one and mode == "hybrid" else None)
-    try:
-        vector = embedder.embed_prepared(served.text, served.input_type, reserved=True)
-    except BaseException:
-        if keyword is not None:
-            wait([keyword])  # the connection is free again; the embedding's error is the one
-        raise
-    ranking = keyword.result() if keyword is not None else None
+    if early is not None and key == keys[0]:  # made beside the first round trip
+        vector, ranking = early
+    else:
+        # Hybrid search ranks by keywords on the server while the query is embedded here
+        # (psycopg waits for the server without the GIL), so that the keyword leg overlaps
+        # the embedding.
+        keyword = (_BACKGROUND.submit(_rows, primary, KEYWORD_RANKING, ranking_params)
+                   if one and mode == "hybrid" else None)
+        try:
+            vector = embedder.embed_prepared(served.text, served.input_type, reserved=True)
+        except BaseException:
+            if keyword is not None:
+                wait([keyword])  # the connection is free again; the embedding's error is the one
+            raise
+        ranking = keyword.result() if keyword is not None else None
     embedded = time.perf_counter()
     embed_ms = _ms(started, embedded)
     if one:
@@ -188,6 +198,46 @@ def _search(corpus: Corpus, query: str, k: int, flt: str | None, mode: str, opts
     return Searched(as_hits(rows), corpus_id, active, key, False,
                     {"embed_ms": embed_ms, "search_ms": _ms(embedded, done),
                      "total_ms": _ms(started, done)})
+
+
+def _embeds_early(corpus: Corpus, keys: list[str]) -> bool:
+    """Whether the query is embedded beside the first round trip: when the search is sure to
+    miss the cache (a client without one) and the model runs in this process at no cost
+    (`Provider.in_process`), so that the embedding, not the round trip, is the wait."""
+    client = corpus.client
+    return bool(keys) and client.cache is None and client.embedder(keys[0]).provider.in_process
+
+
+def _early(corpus: Corpus, read: psycopg.Connection[Any], params: list[Any], key: str,
+           prepared: _Prepared, ranking_params: list[Any] | None
+           ) -> tuple[tuple[Any, ...], tuple[np.ndarray, list[tuple[Any, ...]] | None] | None]:
+    """search_query's row, made on a thread of its own while this one embeds the query for
+    `key` (the key that serves it unless a migration shifts traffic), and after a miss of that
+    key, on that thread still, the keyword ranking of `ranking_params` (hybrid search). The
+    reservation search_query makes still decides whether the search goes on: its refusal is the
+    search's error, and a query another key serves drops the embedding. Returns the row and,
+    for a miss of `key`, (the embedding, the keyword ranking or None)."""
+    client = corpus.client
+
+    def first() -> tuple[tuple[Any, ...], list[tuple[Any, ...]] | None]:
+        row = _rows(read, SEARCH_QUERY, params)[0]
+        miss = row[3] is False and row[2] == key
+        ranking = (_rows(client.conn, KEYWORD_RANKING, ranking_params)
+                   if miss and ranking_params is not None else None)
+        return row, ranking
+
+    trip = _BACKGROUND.submit(first)
+    client.current_corpus_id = corpus.info.corpus_id  # a retry's call is accounted to it
+    try:
+        vector = client.embedder(key).embed_prepared(prepared.text, prepared.input_type,
+                                                     reserved=True)
+    except BaseException:
+        wait([trip])  # the connection is free again; a refused reservation is the error
+        if trip.exception() is not None:
+            trip.result()
+        raise
+    row, ranking = trip.result()
+    return row, ((vector, ranking) if row[3] is False and row[2] == key else None)
 
 
 def _keys(corpus: Corpus) -> list[str]:

@@ -541,6 +541,52 @@ def test_a_new_hybrid_query_ranks_by_keywords_while_it_is_embedded(
             [(h.chunk_id, round(h.score, 9)) for h in cached]
 
 
+def test_a_new_query_to_a_local_model_is_embedded_during_the_first_round_trip(
+        db: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a cache a query is sure to miss, and the local model costs nothing: its
+    embedding starts beside search_query (which still reserves it) instead of after it. With
+    a cache it does not: a hit would have made it for nothing."""
+    import threading
+
+    with pyembed.connect(db.app_dsn, use_cache=False) as fresh, pyembed.connect(db.app_dsn) as warm:
+        kb = fresh.create_corpus("early", pyembed.LOCAL_DEFAULT.key)
+        kb.add(sample_documents())
+        embedding = threading.Event()
+        embedder = fresh.embedder(pyembed.LOCAL_DEFAULT.key)
+        real_embed = embedder.embed_prepared
+        embedded: list[str] = []
+
+        def embed(text: str, input_type: Any, *, reserved: bool = False) -> Any:
+            embedded.append(text)
+            embedding.set()
+            return real_embed(text, input_type, reserved=reserved)
+
+        run_rows = pyembed.query._rows
+        overlapped: list[bool] = []
+        patience = [10.0]
+
+        def spy(conn: Any, statement: str, params: list[Any]) -> Any:
+            if statement == pyembed.query.SEARCH_QUERY:  # the embedding runs meanwhile
+                overlapped.append(embedding.wait(patience[0]))
+            return run_rows(conn, statement, params)
+
+        monkeypatch.setattr(embedder, "embed_prepared", embed)
+        monkeypatch.setattr(pyembed.query, "_rows", spy)
+        for mode in ("vector", "hybrid"):
+            embedding.clear()
+            query = f"how do I raise the quota limit ({mode})"
+            hits = kb.search(query, k=3, mode=mode)
+            assert overlapped[-1] is True and embedded[-1] == query, mode
+            warm_hits = warm.corpus("early").search(query, k=3, mode=mode)
+            assert [(h.chunk_id, round(h.score, 9)) for h in hits] == \
+                [(h.chunk_id, round(h.score, 9)) for h in warm_hits]
+        monkeypatch.setattr(warm.embedder(pyembed.LOCAL_DEFAULT.key), "embed_prepared", embed)
+        embedding.clear()
+        patience[0] = 0.5
+        warm.corpus("early").search("a query the warm client embeds after its lookup", k=3)
+        assert overlapped[-1] is False  # no early embedding with a cache
+
+
 def test_search_embedded_skips_the_wal_flush_wait_only_without_a_cache_entry(
         client: Any, app: psycopg.Connection[Any]) -> None:
     """A miss's record (search_embedded) with quick_commit commits asynchronously when it

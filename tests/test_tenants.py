@@ -196,3 +196,31 @@ def test_app_role_cannot_manage_or_impersonate_tenants(app: psycopg.Connection[A
     # The setting is honoured for superusers only: for anyone else it changes nothing.
     app.execute("SET pyembed.act_as_tenant = 'a'")
     assert app.execute("SELECT pyembed.current_tenant()").fetchone() == (None,)
+
+
+def test_a_refused_reservation_stops_a_search_whose_query_was_embedded_beside_it(
+        db: Database, owner: psycopg.Connection[Any]) -> None:
+    """A client without a cache embeds a new query with the local model beside search_query
+    (pyembed.query): the reservation search_query makes still decides, and over the tenant's
+    limit the search fails with it, accounts nothing more and searches nothing."""
+    role = f"tl_{uuid.uuid4().hex[:6]}"
+    tenants.create_tenant(owner, "early", requests_per_minute=1)
+    tenants.add_member(owner, "early", role, create_login="pw")
+    dsn = db.app_dsn.replace("pyembed_user:", f"{role}:").split("@")[0].rsplit(":", 1)[0] + \
+        ":pw@" + db.app_dsn.split("@", 1)[1]
+    try:
+        with pyembed.connect(dsn, use_cache=False) as c:
+            kb = c.create_corpus("kb", pyembed.LOCAL_DEFAULT.key)
+            kb.add([("a", "first text")])  # the minute's one request
+            for mode in ("vector", "hybrid"):
+                with pytest.raises(pyembed.RateLimited, match="tenant early is over its rate"):
+                    kb.search("first", k=1, mode=mode)
+            assert kb.search("first", k=1, mode="keyword")  # no provider call: not limited
+            rows = tenants.usage(c.conn)
+            assert [(r.tenant, r.corpus, r.requests) for r in rows] == [("early", "kb", 1)]
+        assert owner.execute("SELECT kind FROM pyembed.query_log q JOIN pyembed.corpora c "
+                             "USING (corpus_id) JOIN pyembed.tenants t USING (tenant_id) "
+                             "WHERE t.name = 'early'").fetchall() == [("keyword",)]
+    finally:
+        owner.execute(sql.SQL("DROP OWNED BY {} CASCADE").format(sql.Identifier(role)))
+        owner.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))

@@ -162,6 +162,10 @@ class Provider(ServiceClient[ModelSpec], ABC):
     max_batch: ClassVar[int | None] = None
     """Texts per call, when the provider sets it instead of the spec's `max_batch` (a model
     in this process that splits a call into runs of its own)."""
+    in_process: ClassVar[bool] = False
+    """Whether a call runs in this process and costs nothing but its CPU time (no service, no
+    bill): a search by text may start it before its first round trip has reserved the call
+    (pyembed.query), which still decides whether the search goes on."""
 
     def missing_key_hint(self) -> str:
         return f"export it, or use the local model {LOCAL_DEFAULT.key}"

@@ -61,6 +61,7 @@ class E5Provider(Provider):
 
     name = "local"
     truncates_input = True
+    in_process = True
 
     def __init__(self, spec: ModelSpec, *, api_key: str | None = None,
                  base_url: str | None = None, timeout: float = 30.0) -> None:

@@ -240,6 +240,7 @@ class LocalProvider(Provider):
 
     name = "local"
     truncates_input = True
+    in_process = True
     batches_by_length = True
     max_batch = MAX_BATCH
 
