@@ -21,7 +21,7 @@ from .cachekey import cache_key
 from .corpora import corpus_info
 from .errors import ModelMismatch
 from .models import InputType
-from .search import DEFAULT, Hit, Options, as_hits, bucket, run
+from .search import DEFAULT, Hit, Options, as_hits, bucket, filter_json, run
 from .sqlexec import PsycopgExecutor
 from .text import check_text, estimate_tokens
 
@@ -82,7 +82,7 @@ def search_text(corpus: Corpus, query: str, k: int, filter: Mapping[str, Any] | 
     again, once."""
     check_text(query, "query")
     options.check(mode)
-    flt = None if filter is None else json.dumps(dict(filter))
+    flt = filter_json(filter)
     # alpha as text: JSON has no NaN, which the database refuses with its own message
     opts = json.dumps({"group_by": options.group, "fusion": options.fusion,
                        "alpha": None if options.alpha is None else repr(float(options.alpha))})

@@ -112,13 +112,32 @@ class Options:
 DEFAULT = Options()
 
 
+def _not_json(constant: str) -> None:
+    raise ValueError(f"{constant} is not JSON")
+
+
+def filter_json(filter: object) -> str | None:
+    """A metadata filter as the search functions take it (jsonb text): the database answers a
+    filter that is not a JSON object with its own PE005, whatever the client handed in."""
+    try:
+        if filter is None:
+            return None
+        if isinstance(filter, str):  # JSON text already
+            json.loads(filter, parse_constant=_not_json)
+            return filter
+        value = dict(filter) if isinstance(filter, Mapping) else filter
+        return json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput(f"a metadata filter is a JSON object: {exc}") from None
+
+
 def run(db: Executor, corpus: str | None, mode: str | None, text: str | None, vector: Any,
         model_key: str | None, k: int | None, filter: Mapping[str, Any] | str | None,
         options: Options = DEFAULT) -> list[tuple[Any, ...]]:
     """The rows of one guarded search (`vector` as db.vectors makes it)."""
     options.check(mode)
     assert mode is not None
-    flt = filter if isinstance(filter, str) or filter is None else json.dumps(dict(filter))
+    flt = filter_json(filter)
     sql, take = _SEARCHES[mode]
     params = (corpus, text, vector, model_key, k, flt, options.group, options.fusion,
               options.alpha)

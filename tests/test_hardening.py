@@ -20,6 +20,7 @@ from pyembed import tenants
 from pyembed.cachekey import cache_key
 from pyembed.corpora import ChunkRow, CorpusInfo, corpus_info, write_chunks
 from pyembed.db import connect
+from pyembed.errors import InvalidInput
 from tests.conftest import Database
 from tests.helpers import login_role, sql_error, stored_chunks, unit
 
@@ -270,6 +271,21 @@ def test_a_filter_that_is_not_a_json_object_is_refused(
         app: psycopg.Connection[Any], searchable: Any, query: str, bad_filter: str) -> None:
     err = sql_error(app, query, {"v": vec(unit(384, 1)), "k": KEY, "f": bad_filter})
     assert err.sqlstate == "PE005", err
+
+
+@pytest.mark.parametrize("bad_filter", [[{"n": 1}], "n", 1, {"n": float("nan")}, {"n": object()},
+                                        '{"n": NaN}'])
+def test_a_python_filter_that_is_not_a_json_object_is_refused(
+        db: Database, searchable: Any, bad_filter: Any) -> None:
+    """Every search mode, by text and by vector: InvalidInput, never a TypeError or a cast error
+    (a list or a number reaches the database, which refuses it with PE005)."""
+    with pyembed.connect(db.app_dsn) as client:
+        kb = client.corpus("docs")
+        for mode in ("vector", "keyword", "hybrid"):
+            with pytest.raises(InvalidInput):
+                kb.search("text", 3, filter=bad_filter, mode=mode)
+        with pytest.raises(InvalidInput):
+            kb.search(unit(384, 1), 3, filter=bad_filter, model_key=KEY)
 
 
 # -- PE004 -----------------------------------------------------------------------------------
