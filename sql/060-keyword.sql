@@ -759,6 +759,19 @@ BEGIN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
       MESSAGE = 'keyword_ids, keyword_scores and keyword_keys must have one element per hit';
   END IF;
+  -- a ranking as pyembed.keyword_ranking gives it: at most `candidates` hits, finite scores (a
+  -- NaN sorts above every number and would rank first)
+  IF cardinality(keyword_ids) > candidates THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = format('a handed-in keyword ranking has at most candidates (%s) hits, not %s',
+                       candidates, cardinality(keyword_ids));
+  END IF;
+  IF keyword_scores IS NOT NULL AND EXISTS (
+       SELECT FROM unnest(keyword_scores) AS h(score)
+        WHERE h.score IS NULL OR h.score IN ('NaN', 'Infinity', '-Infinity')) THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = 'keyword_scores must be finite numbers (NULL, NaN and infinity are refused)';
+  END IF;
   -- a key is a document number or a chunk id, as pyembed.keyword_ranking gives it
   IF keyword_keys IS NOT NULL AND EXISTS (SELECT FROM unnest(keyword_keys) AS h(key)
                                           WHERE h.key IS NULL OR h.key !~ '^-?[0-9]{1,18}$') THEN

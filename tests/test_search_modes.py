@@ -507,6 +507,15 @@ def test_hybrid_fuses_a_keyword_ranking_made_before_as_it_would_its_own(
                              "%s, 3, keyword_ids => '{NULL}', keyword_scores => '{1}', "
                              "keyword_keys => %s)", (vec, FAKE, keys))
         assert err.sqlstate == "PE005" and "keyword_keys" in str(err), keys
+    for scores in ("{NaN}", "{Infinity}", "{-Infinity}", "{NULL}"):  # NaN would rank first
+        err = sql_error(app, "SELECT * FROM pyembed.search_hybrid('handed', 'quota', %s::vector, "
+                             "%s, 3, keyword_ids => '{NULL}', keyword_scores => %s, "
+                             "keyword_keys => '{1}')", (vec, FAKE, scores))
+        assert err.sqlstate == "PE005" and "keyword_scores" in str(err), scores
+    err = sql_error(app, "SELECT * FROM pyembed.search_hybrid('handed', 'quota', %s::vector, "
+                         "%s, 3, candidates => 2, keyword_ids => '{NULL,NULL,NULL}', "
+                         "keyword_scores => '{3,2,1}', keyword_keys => '{1,2,3}')", (vec, FAKE))
+    assert err.sqlstate == "PE005" and "at most candidates (2)" in str(err)
     # The guard still holds: the vector leg refuses another model's vector (PE001).
     err = sql_error(app, "SELECT * FROM pyembed.search_hybrid('handed', 'quota', %s::vector, "
                          "'other/model@1:384', 3, keyword_ids => '{}', keyword_scores => '{}', "
