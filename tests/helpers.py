@@ -6,6 +6,7 @@ import difflib
 import os
 import socket
 import subprocess
+import threading
 import time
 import urllib.request
 import uuid
@@ -120,3 +121,16 @@ def sql_error(conn: psycopg.Connection[Any], query: Any, params: Any = ()) -> ps
     with pytest.raises(psycopg.Error) as err:
         conn.execute(query, params)
     return err.value
+
+
+def waits_for_lock(watcher: Any, pid: int, thread: threading.Thread, tries: int = 800) -> bool:
+    """Whether the session `pid`, working in `thread`, is waiting for a lock (False: its work
+    ended first); AssertionError if it does neither within `tries` looks 25 ms apart."""
+    for _ in range(tries):
+        if not thread.is_alive():
+            return False
+        if watcher.execute("SELECT wait_event_type = 'Lock' FROM pg_stat_activity "
+                           "WHERE pid = %s", (pid,)).fetchone() == (True,):
+            return True
+        time.sleep(0.025)
+    raise AssertionError(f"session {pid} neither waited for a lock nor finished")

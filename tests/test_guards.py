@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any
 
 import numpy as np
@@ -18,7 +17,7 @@ from pyembed.errors import InvalidInput, InvalidVector, ModelMismatch, UnknownCo
 from pyembed.search import search
 from pyembed.text import sha256
 from pyembed.vectors import as_unit_vectors, copy_vectors
-from tests.helpers import chunk_hashes, count, rows, stored_chunks, unit
+from tests.helpers import chunk_hashes, count, rows, stored_chunks, unit, waits_for_lock
 
 KEY_A = "fake/fake-hash@1:1024"
 KEY_B = "fake/fake-hash@2:1024"  # same width, different model: the "2 AM" mistake
@@ -393,13 +392,8 @@ def test_a_vector_written_while_its_chunk_moves_carries_the_new_document(
 
         thread = threading.Thread(target=move)
         thread.start()
-        for _ in range(400):  # the move waits for the writer's lock on the chunk
-            if owner.execute("SELECT wait_event_type = 'Lock' FROM pg_stat_activity "
-                             "WHERE pid = %s", (mover.info.backend_pid,)).fetchone() == (True,):
-                break
-            time.sleep(0.025)
-        else:
-            raise AssertionError("the move did not wait for the vector's writer")
+        # the move waits for the writer's lock on the chunk
+        assert waits_for_lock(owner, mover.info.backend_pid, thread), "the move did not wait"
         writer.commit()
         thread.join(30)
     assert not errors

@@ -8,7 +8,6 @@ they touch the same document) and then checks the whole index against the chunks
 from __future__ import annotations
 
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -17,6 +16,7 @@ import psycopg
 import pytest
 
 from pyembed import bm25
+from tests.helpers import waits_for_lock
 
 FAKE = "fake/fake-hash@1:384"
 
@@ -105,19 +105,6 @@ def in_background(conn: psycopg.Connection[Any], work: Callable[[psycopg.Connect
     return thread, errors
 
 
-def wait_until_blocked(watcher: psycopg.Connection[Any], pid: int,
-                       thread: threading.Thread) -> bool:
-    """Whether the session `pid` waits for a lock (False: its work ended first)."""
-    for _ in range(400):
-        if not thread.is_alive():
-            return False
-        if watcher.execute("SELECT wait_event_type = 'Lock' FROM pg_stat_activity "
-                           "WHERE pid = %s", (pid,)).fetchone() == (True,):
-            return True
-        time.sleep(0.025)
-    raise AssertionError("the second session neither waited nor finished")
-
-
 @pytest.fixture
 def corpus(client: Any) -> int:
     kb = client.create_corpus("w", FAKE, chunk_tokens=100_000, chunk_overlap=0)
@@ -155,7 +142,7 @@ def race(db: Any, first: Callable[[psycopg.Connection[Any]], Any],
             c.commit()
 
         thread, errors = in_background(two, then_commit)
-        waited = wait_until_blocked(watcher, two.info.backend_pid, thread)
+        waited = waits_for_lock(watcher, two.info.backend_pid, thread, tries=400)
         one.commit()
         thread.join(30)
         assert not thread.is_alive()

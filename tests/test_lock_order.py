@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +30,7 @@ from pyembed.client import Client, Document
 from pyembed.text import sha256
 from pyembed.vectors import copy_vectors
 from tests.conftest import Database
+from tests.helpers import waits_for_lock
 from tests.test_migration import CORPUS, NEW, OLD, clients, fake, one, to_shift
 
 LOCK_WAIT = "5s"
@@ -49,18 +49,6 @@ class Outcome:
     def assert_clean(self) -> None:
         assert not self.client, f"the client failed: {self.client}"
         assert not self.maintenance, f"the maintenance call failed: {self.maintenance}"
-
-
-def lock_waiting(watcher: psycopg.Connection[Any], pid: int, thread: threading.Thread) -> bool:
-    """Whether the session `pid` is waiting for a lock (False: its work ended first)."""
-    for _ in range(800):
-        if not thread.is_alive():
-            return False
-        if watcher.execute("SELECT wait_event_type = 'Lock' FROM pg_stat_activity "
-                           "WHERE pid = %s", (pid,)).fetchone() == (True,):
-            return True
-        time.sleep(0.025)
-    raise AssertionError("the maintenance session neither waited for a lock nor finished")
 
 
 def race(db: Database, client: Client, hold: Callable[[Client], Any],
@@ -95,7 +83,7 @@ def race(db: Database, client: Client, hold: Callable[[Client], Any],
                     gate[1].set()
                 else:
                     thread.start()
-                out.waited = lock_waiting(watcher, pid, thread)
+                out.waited = waits_for_lock(watcher, pid, thread)
                 record(client)
         except psycopg.Error as e:
             out.client.append(e)
@@ -319,7 +307,7 @@ def race_call(db: Database, sql: str, args: tuple[Any, ...],
     thread = threading.Thread(target=run)
     try:
         thread.start()
-        out.waited = lock_waiting(watcher, second.conn.info.backend_pid, thread)
+        out.waited = waits_for_lock(watcher, second.conn.info.backend_pid, thread)
         first.commit()
         thread.join(60)
         assert not thread.is_alive()
@@ -356,7 +344,7 @@ def test_rebuild_index_waits_for_a_migration_transaction_before_locking_the_part
         thread = threading.Thread(target=rebuild)
         try:
             thread.start()
-            out.waited = lock_waiting(watcher, rebuilder.conn.info.backend_pid, thread)
+            out.waited = waits_for_lock(watcher, rebuilder.conn.info.backend_pid, thread)
             try:
                 dba.execute("SELECT set_config('lock_timeout', %s, true)", (LOCK_WAIT,))
                 dba.execute("SELECT pyembed.migration_complete(%s)", (CORPUS,))
@@ -468,7 +456,7 @@ def test_the_worker_moving_a_job_to_failed_never_deadlocks_with_its_chunks_delet
 
             thread = threading.Thread(target=move)
             thread.start()
-            waited = lock_waiting(watcher, worker.conn.info.backend_pid, thread)
+            waited = waits_for_lock(watcher, worker.conn.info.backend_pid, thread)
             try:
                 writer.execute("SELECT set_config('lock_timeout', %s, false)", (LOCK_WAIT,))
                 writer.execute("DELETE FROM pyembed.chunks WHERE chunk_id = %s", (chunk,))
