@@ -157,7 +157,7 @@ def _search(corpus: Corpus, query: str, k: int, flt: str | None, mode: str, opts
                     None, _ms(started, done), served, None, flt)
             return Searched(as_hits(rows), corpus_id, active, key, True,
                             {"embed_ms": None, "search_ms": None, "total_ms": _ms(started, done)})
-    if early is not None and key == keys[0]:  # made beside the first round trip
+    if early is not None:  # made beside the first round trip (a miss of the key it served)
         vector, ranking = early
     else:
         # Hybrid search ranks by keywords on the server while the query is embedded here
@@ -219,12 +219,12 @@ def _early(corpus: Corpus, read: psycopg.Connection[Any], params: list[Any], key
     for a miss of `key`, (the embedding, the keyword ranking or None)."""
     client = corpus.client
 
-    def first() -> tuple[tuple[Any, ...], list[tuple[Any, ...]] | None]:
+    def first() -> tuple[tuple[Any, ...], bool, list[tuple[Any, ...]] | None]:
         row = _rows(read, SEARCH_QUERY, params)[0]
         miss = row[3] is False and row[2] == key
         ranking = (_rows(client.conn, KEYWORD_RANKING, ranking_params)
                    if miss and ranking_params is not None else None)
-        return row, ranking
+        return row, miss, ranking
 
     trip = _BACKGROUND.submit(first)
     client.current_corpus_id = corpus.info.corpus_id  # a retry's call is accounted to it
@@ -236,8 +236,8 @@ def _early(corpus: Corpus, read: psycopg.Connection[Any], params: list[Any], key
         if trip.exception() is not None:
             trip.result()
         raise
-    row, ranking = trip.result()
-    return row, ((vector, ranking) if row[3] is False and row[2] == key else None)
+    row, miss, ranking = trip.result()
+    return row, ((vector, ranking) if miss else None)
 
 
 def _keys(corpus: Corpus) -> list[str]:
