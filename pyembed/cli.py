@@ -57,10 +57,10 @@ app.add_typer(eval_app, name="eval")
 app.add_typer(cache_app, name="cache")
 app.add_typer(metrics_app, name="metrics")
 app.add_typer(tenant_app, name="tenant")
-# Without markup: whatever a command prints (names, texts, errors) reads as it is; styles are
-# given as rich Text.
+# Without markup, both: whatever a command prints (names, texts, errors) reads as it is; styles
+# are given as rich Text.
 console = Console(markup=False)
-err_console = Console(stderr=True, soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True, markup=False)
 
 OwnerDsnOption = Annotated[str | None, typer.Option(
     "--dsn", envvar="PYEMBED_OWNER_DSN", help="owner DSN; default: the local cluster's owner")]
