@@ -43,7 +43,7 @@ from .rerank import RerankCache, Reranker, candidates, reranker_spec
 from .search import Hit, Options, route, search
 from .sqlexec import PsycopgExecutor
 from .tenants import Keyed, error_counter, meter
-from .text import check_document_id, check_text, document_hash
+from .text import check_document_id, check_metadata, check_text, document_hash
 
 _log = logging.getLogger(__name__)
 
@@ -279,6 +279,7 @@ class Corpus:
         for d in docs.values():
             check_document_id(d.id)
             check_text(d.text, f"document {d.id!r}")
+            check_metadata(d.metadata, f"document {d.id!r}: metadata")
         hashes = {i: document_hash(d.text, d.metadata) for i, d in docs.items()}
         old = document_hashes(self.client.conn, self.info.corpus_id, list(docs))
         todo = [d for i, d in docs.items() if old.get(i) != hashes[i]]
@@ -445,7 +446,7 @@ def _as_document(d: Document | tuple[str, str] | Mapping[str, Any]) -> Document:
         return d
     if isinstance(d, tuple):
         return Document(str(d[0]), d[1])
-    return Document(str(d["id"]), d["text"], dict(d.get("metadata") or {}))
+    return Document(str(d["id"]), d["text"], d.get("metadata") or {})  # checked in prepare
 
 
 def connect(dsn: str | None = None, *, read_dsn: str | None = None, use_cache: bool = True,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -14,25 +15,67 @@ _LAST_WORD = re.compile(r"\s+\S*$")
 
 
 def check_text(text: object, what: str = "text") -> str:
-    """`text` if it can be stored and embedded; InvalidInput if it is not a string, contains
-    NUL (PostgreSQL cannot store it) or is empty or only whitespace."""
+    """`text` if it can be stored and embedded; InvalidInput if it is not a string, is not
+    text PostgreSQL can store (`check_storable`) or is empty or only whitespace."""
     if not isinstance(text, str):
         raise InvalidInput(f"{what} must be a string, got {type(text).__name__}")
-    if "\x00" in text:
-        raise InvalidInput(f"{what} contains a NUL byte (\\x00), which PostgreSQL cannot store")
+    check_storable(text, what)
     if not text.strip():
         raise InvalidInput(f"{what} is empty or only whitespace")
     return text
 
 
+def check_storable(text: str, what: str = "text") -> str:
+    """`text` if PostgreSQL can store it: no NUL byte, and valid Unicode (a lone surrogate, as
+    JSON's "\\ud800" gives, has no UTF-8 form); else InvalidInput naming `what`."""
+    if "\x00" in text:
+        raise InvalidInput(f"{what} contains a NUL byte (\\x00), which PostgreSQL cannot store")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidInput(f"{what} contains a lone surrogate ({text[exc.start]!r} at "
+                           f"character {exc.start}), which is not text: it has no UTF-8 "
+                           "form") from None
+    return text
+
+
 def check_document_id(document_id: object) -> str:
-    """`document_id` if pyembed.documents can store it (1..512 characters, its CHECK), else
-    InvalidInput."""
+    """`document_id` if pyembed.documents can store it (1..512 characters, its CHECK, of
+    storable text), else InvalidInput."""
     if not isinstance(document_id, str) or not 1 <= len(document_id) <= 512:
         got = (f"{len(document_id)} characters" if isinstance(document_id, str)
                else type(document_id).__name__)
         raise InvalidInput(f"a document id is 1..512 characters, got {got}")
-    return document_id
+    return check_storable(document_id, f"document id {document_id!r}")
+
+
+def check_metadata(metadata: object, what: str = "metadata") -> Mapping[str, Any]:
+    """`metadata` if pyembed.documents can store it as jsonb: a JSON object (a mapping with
+    string keys) of finite numbers and storable text, else InvalidInput naming `what`. Values
+    JSON has no type for are stored as their str(), as `document_hash` reads them."""
+    if not isinstance(metadata, Mapping):
+        raise InvalidInput(f"{what} must be a JSON object, got {type(metadata).__name__}")
+    _check_json(metadata, what)
+    return metadata
+
+
+def _check_json(value: object, what: str) -> None:
+    if isinstance(value, str):
+        check_storable(value, what)
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise InvalidInput(f"{what} is {value}: JSON has no NaN or infinite numbers")
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise InvalidInput(f"{what} has a key that is not a string: {key!r}")
+            check_storable(key, f"{what} key {key!r}")
+            _check_json(item, f"{what}[{key!r}]")
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            _check_json(item, f"{what}[{index}]")
+    elif value is not None and not isinstance(value, bool | int):
+        check_storable(str(value), what)
 
 
 def sha256(text: str) -> bytes:
