@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import psycopg
@@ -46,6 +49,18 @@ from .tenants import Keyed, error_counter, meter
 from .text import check_document_id, check_metadata, check_text, document_hash
 
 _log = logging.getLogger(__name__)
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _in_turn(method: _F) -> _F:
+    """Run `method` holding its client's turn: one call at a time on the client's connection,
+    so threads sharing a Client never nest their transactions on it."""
+    @functools.wraps(method)
+    def in_turn(self: Client | Corpus, *args: Any, **kwargs: Any) -> Any:
+        with self.turn:
+            return method(self, *args, **kwargs)
+    return cast(_F, in_turn)
 
 
 @dataclass(frozen=True)
@@ -95,7 +110,10 @@ class PreparedAdd:
 
 
 class Client:
-    """A connection to a pyembed database with an embedder per model key (sharing the cache)."""
+    """A connection to a pyembed database with an embedder per model key (sharing the cache).
+
+    Threads may share a Client: its methods, and its corpora's, take turns on its connection
+    (for searches in parallel, open a client per thread)."""
 
     def __init__(self, conn: psycopg.Connection[Any], *, use_cache: bool = True,
                  log_queries: bool = True, read_conn: psycopg.Connection[Any] | None = None,
@@ -113,7 +131,10 @@ class Client:
         self.current_corpus_id: int | None = None
         """The corpus that provider calls are accounted to (set by Corpus around its calls)."""
         self._embedders: dict[tuple[str, bool], Embedder] = {}
+        self.turn = threading.RLock()
+        """Held by each call that uses `conn` (or `read_conn`): one call at a time."""
 
+    @_in_turn
     def embedder(self, model_key: str, *, truncate: bool = False) -> Embedder:
         """The embedder for a model key (built once, sharing this client's cache)."""
         if (model_key, truncate) not in self._embedders:
@@ -123,6 +144,7 @@ class Client:
                                                             on_error=error_counter(self.conn))
         return self._embedders[model_key, truncate]
 
+    @_in_turn
     def reranker(self, name: str) -> Reranker:
         """The reranker called `name` (e.g. "voyage/rerank-2.5", "rerank-3.5"), built once,
         sharing this client's cache and meter; MissingAPIKey if its key is not set."""
@@ -136,17 +158,20 @@ class Client:
         """Reserve a provider call for this session's tenant (refused over its limits)."""
         meter(self.conn, self.current_corpus_id)(spec, tokens)
 
+    @_in_turn
     def models(self) -> list[ModelSpec]:
         """The models this database knows (pyembed.models): the built-in ones the schema seeds
         and every one registered, from SQL or Python."""
         return models.registered(self.conn)
 
+    @_in_turn
     def register_model(self, spec: ModelSpec) -> str:
         """Register a model of your own (its provider must be one pyembed knows) in the
         database, for every client, `pyembed models` and SQL; returns its key. Registering the
         same key again with other settings is refused."""
         return models.register(self.conn, spec)
 
+    @_in_turn
     def create_corpus(self, name: str, model_key: str = LOCAL_DEFAULT.key, description: str = "",
                       chunk_tokens: int = 200, chunk_overlap: int = 40,
                       storage: str = "vector") -> Corpus:
@@ -157,30 +182,37 @@ class Client:
         self.wrote()
         return self.corpus(name)
 
+    @_in_turn
     def index_status(self, corpus: str) -> list[index.IndexStatus]:
         """What serves the corpus's searches, per key: storage, HNSW parameters as built and as
         pyembed's rule would choose them now, ef_search, oversampling, index size."""
         return index.index_status(self.conn, corpus)
 
+    @_in_turn
     def set_index_settings(self, corpus: str, **settings: int | None) -> dict[str, int]:
         """Override pyembed's rule for the corpus (m, ef_construction, ef_search, oversample;
         None: back to the rule). m and ef_construction apply at the next rebuild_index."""
         return index.set_index_settings(self.conn, corpus, **settings)
 
+    @_in_turn
     def rebuild_index(self, corpus: str, storage: str | None = None) -> list[index.IndexStatus]:
         """Rebuild the corpus's HNSW index online (CONCURRENTLY, then swapped) with the
         parameters in force, optionally in another storage (vector, halfvec, binary)."""
         return index.rebuild_index(self.conn, corpus, storage)
 
+    @_in_turn
     def corpus(self, name: str) -> Corpus:
         return Corpus(self, corpus_info(self.conn, name))
 
+    @_in_turn
     def corpora(self) -> list[CorpusInfo]:
         return list_corpora(self.conn)
 
+    @_in_turn
     def drop_corpus(self, name: str) -> bool:
         return drop_corpus(self.conn, name)
 
+    @_in_turn
     def wrote(self) -> None:
         """Note that this client has written: its next search on a replica waits until the
         replica has replayed it (read your own writes)."""
@@ -188,6 +220,7 @@ class Client:
             row = self.conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
             self._written_lsn = row[0] if row else None
 
+    @_in_turn
     def reader(self) -> psycopg.Connection[Any]:
         """The connection searches run on, once it has what this client wrote (a replica that
         has not replayed it within `max_replica_wait` seconds is ReadOnlyReplica)."""
@@ -209,6 +242,7 @@ class Client:
                     f"search the primary, or retry when the replica has caught up")
             time.sleep(0.02)
 
+    @_in_turn
     def close(self) -> None:
         if self.cache is not None:
             self.cache.flush()
@@ -236,11 +270,18 @@ class Corpus:
     def model_key(self) -> str:
         return self.info.model_key
 
+    @property
+    def turn(self) -> threading.RLock:
+        """The client's turn (Client.turn): its corpora's calls take turns with its own."""
+        return self.client.turn
+
+    @_in_turn
     def serving_key(self, query: str) -> str:
         """The model key that serves this query now: during a migration's traffic shift, the
         target key for a stable share of queries (by hash), else the active key."""
         return route(PsycopgExecutor(self.client.conn), self.name, query).key
 
+    @_in_turn
     def add(self, documents: Iterable[Document | tuple[str, str] | Mapping[str, Any]], *,
             truncate: bool = False,
             translate: Callable[[str], str] | None = None) -> AddReport:
@@ -267,6 +308,7 @@ class Corpus:
             self.client.wrote()
         return report
 
+    @_in_turn
     def prepare(self, documents: Iterable[Document | tuple[str, str] | Mapping[str, Any]], *,
                 truncate: bool = False,
                 translate: Callable[[str], str] | None = None) -> PreparedAdd:
@@ -307,12 +349,16 @@ class Corpus:
         """The second half of `add`: store what `prepare` made, in one transaction on `conn`
         (default: the client's). ModelMismatch if the keys the corpus serves changed since
         (prepare again); InvalidInput if the database refuses a document (nothing stored)."""
+        own = conn is None or conn is self.client.conn  # another connection needs no turn
         if prepared.rows:
-            write_chunks(conn or self.client.conn, prepared.info, prepared.rows,
-                         prepared.info.model_key,
-                         texts={d.id: d.text for d in prepared.documents}, also=prepared.also)
+            with self.turn if own else nullcontext():
+                write_chunks(conn or self.client.conn, prepared.info, prepared.rows,
+                             prepared.info.model_key,
+                             texts={d.id: d.text for d in prepared.documents},
+                             also=prepared.also)
         return AddReport(prepared.added, prepared.updated, prepared.skipped, len(prepared.rows))
 
+    @_in_turn
     def search(self, query: str | Sequence[float] | np.ndarray, k: int = 10,
                filter: Mapping[str, Any] | None = None, model_key: str | None = None, *,
                mode: str = "vector", translate: Callable[[str], str] | None = None,
@@ -344,6 +390,7 @@ class Corpus:
                            model_key=found.model_key)
         return found.hits
 
+    @_in_turn
     def retrieve(self, query: str | Sequence[float] | np.ndarray, k: int = 10,
                  filter: Mapping[str, Any] | None = None, model_key: str | None = None, *,
                  mode: str = "vector", translate: Callable[[str], str] | None = None,
@@ -415,6 +462,7 @@ class Corpus:
                                options=options, log=log)
         return Retrieval(by_text.hits, by_text.model_key, by_text.cache_hit, by_text.timings)
 
+    @_in_turn
     def log_query(self, kind: str, k: int, timings: Mapping[str, float | None], *,
                   generated: bool = False, cache_hit: bool | None = None,
                   model_key: str | None = None) -> bool:
