@@ -56,6 +56,7 @@ WITH picked AS (
          c.name, c.model_key AS active, c.target_model_key AS target
     FROM pyembed.queue q LEFT JOIN pyembed.corpora c ON c.corpus_id = q.corpus_id
    WHERE q.not_before <= now() AND q.attempts < %(max_attempts)s
+     AND q.model_key <> ALL (%(skip)s::text[])
    ORDER BY q.not_before, q.enqueued_at
    LIMIT %(limit)s FOR NO KEY UPDATE OF q SKIP LOCKED
 ), claimed AS (
@@ -305,6 +306,10 @@ class Worker:
         self.recall_samples = recall_samples
         """Sampled searches re-run at most each time: the rate limit of the exact scans."""
         self._recall_due = 0.0
+        self._draining = False
+        self.cannot_embed: dict[str, PyembedError] = {}
+        """Keys this worker cannot embed for (no API key, an unknown model or provider), with
+        why: their jobs stay queued for a worker that can, and the other keys' are embedded."""
 
     # -- connections -----------------------------------------------------------------------
     @property
@@ -349,7 +354,8 @@ class Worker:
         with self.conn.transaction():
             self.conn.execute(EXPIRE, {"max_attempts": self.max_attempts})
             rows = self.conn.execute(CLAIM, {"limit": self.batch_size, "lease": self.lease_seconds,
-                                             "max_attempts": self.max_attempts}).fetchall()
+                                             "max_attempts": self.max_attempts,
+                                             "skip": list(self.cannot_embed)}).fetchall()
             items = []
             for *fields, corpus, active, target in rows:
                 item = Item(*fields)
@@ -392,11 +398,15 @@ class Worker:
         self._corpus_id = items[0].corpus_id if items else None
         try:
             embedder = self._embedder(key)
-        except (MissingAPIKey, UnknownModel, ConfigError):
-            # Nothing in this batch can be embedded until someone fixes the setup: give the
-            # items back untouched and stop with the error.
+        except (MissingAPIKey, UnknownModel, ConfigError) as exc:
+            # Nothing of this key can be embedded here until someone fixes the setup: give its
+            # items back untouched and claim no more of them; the other keys' (other corpora,
+            # other tenants) go on, and a drain ends with this error.
             self._release(items)
-            raise
+            if key not in self.cannot_embed and not self._draining:  # (a drain ends with it)
+                _log.warning("leaving the jobs of %s queued: %s", key, exc)
+            self.cannot_embed[key] = exc
+            return
         good: list[Item] = []
         for item in items:
             if item.content is None:  # chunk deleted meanwhile
@@ -507,6 +517,7 @@ class Worker:
         SIGTERM and SIGINT finish the current batch, then stop."""
         stats = WorkerStats()
         start = time.perf_counter()
+        self._draining = drain
         with _stop_on_signals(self.stop_requested):
             lost = 0
             while not self.stop_requested.is_set():
@@ -533,6 +544,8 @@ class Worker:
                         break
                     self.stop_requested.wait(poll_interval)
         stats.seconds = time.perf_counter() - start
+        if drain and self.cannot_embed:
+            raise next(iter(self.cannot_embed.values()))  # the rest is done: now the setup
         return stats
 
     def measure_recall(self, *, now: bool = False) -> list[recall.Measurement]:
@@ -554,8 +567,9 @@ class Worker:
         with self.conn.transaction():
             row = self.conn.execute(
                 "SELECT count(*) FROM pyembed.queue WHERE attempts < %s "
-                "AND not_before <= now() + make_interval(secs => %s)",
-                (self.max_attempts, within)).fetchone()
+                "AND not_before <= now() + make_interval(secs => %s) "
+                "AND model_key <> ALL (%s::text[])",
+                (self.max_attempts, within, list(self.cannot_embed))).fetchone()
         return not row or row[0] == 0
 
     def _count_left(self, stats: WorkerStats) -> None:

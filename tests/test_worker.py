@@ -254,6 +254,34 @@ def test_a_poison_text_is_failed_and_the_others_are_stored(
     assert not any(t.startswith("word word") for p in providers for t in p.texts)
 
 
+@pytest.mark.parametrize("setup", ["no API key", "unknown provider"])
+def test_a_corpus_the_worker_cannot_embed_for_stops_no_other_corpus(
+        db: Database, app: psycopg.Connection[Any], setup: str) -> None:
+    """Any tenant may create a corpus on a model whose API key the worker lacks, or (from SQL)
+    register a provider pyembed does not know: its jobs are given back, and every other corpus's
+    are still embedded. Before, the first such job stopped the worker for everyone."""
+    if setup == "no API key":
+        key, expected = VOYAGE, "VOYAGE_API_KEY"
+    else:
+        key = one(app, "SELECT pyembed.register_model('nosuchprov', 'm', '1', 384, 'cosine', "
+                       "true, false, 64, 512, NULL, NULL, NULL)")
+        expected = "no provider named 'nosuchprov'"
+    make_corpus(app, "blocked", key)
+    add_docs(app, "blocked", texts_for(3, "blocked"), prefix="b")  # queued first
+    make_corpus(app, "other", FAKE)
+    add_docs(app, "other", texts_for(5, "other"))
+
+    result = cli("worker", env={"PYEMBED_DSN": db.app_dsn})
+
+    assert result.returncode != 0, result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+    assert fresh_vectors(app) == 5  # the other corpus was embedded
+    assert one(app, "SELECT array_agg(DISTINCT model_key) FROM pyembed.queue") == [key]
+    assert one(app, "SELECT max(attempts) FROM pyembed.queue") == 0  # given back untouched
+    assert count(app, "queue") == 3 and count(app, "queue_failed") == 0
+
+
 def test_when_everything_fails_the_cli_exits_non_zero_with_one_line(
         db: Database, app: psycopg.Connection[Any]) -> None:
     make_corpus(app, "nokey", VOYAGE)
