@@ -254,18 +254,18 @@ def test_a_poison_text_is_failed_and_the_others_are_stored(
     assert not any(t.startswith("word word") for p in providers for t in p.texts)
 
 
-@pytest.mark.parametrize("setup", ["no API key", "unknown provider"])
+@pytest.mark.parametrize("setup", ["no API key", "unknown local model"])
 def test_a_corpus_the_worker_cannot_embed_for_stops_no_other_corpus(
         db: Database, app: psycopg.Connection[Any], setup: str) -> None:
-    """Any tenant may create a corpus on a model whose API key the worker lacks, or (from SQL)
-    register a provider pyembed does not know: its jobs are given back, and every other corpus's
-    are still embedded. Before, the first such job stopped the worker for everyone."""
+    """Any tenant may create a corpus on a model whose API key the worker lacks, or register a
+    local model pyembed does not have: its jobs are given back, and every other corpus's are
+    still embedded. Before, the first such job stopped the worker for everyone."""
     if setup == "no API key":
         key, expected = VOYAGE, "VOYAGE_API_KEY"
     else:
-        key = one(app, "SELECT pyembed.register_model('nosuchprov', 'm', '1', 384, 'cosine', "
-                       "true, false, 64, 512, NULL, NULL, NULL)")
-        expected = "no provider named 'nosuchprov'"
+        key = one(app, "SELECT pyembed.register_model('local', 'nosuchmodel', '1', 384, "
+                       "'cosine', true, false, 64, 512, NULL, NULL, NULL)")
+        expected = "the local provider runs only"
     make_corpus(app, "blocked", key)
     add_docs(app, "blocked", texts_for(3, "blocked"), prefix="b")  # queued first
     make_corpus(app, "other", FAKE)
