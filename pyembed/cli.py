@@ -75,6 +75,9 @@ CandidatesOption = Annotated[int | None, typer.Option(
     "--rerank-candidates", help="how many search hits the reranker reorders (default 50)")]
 JsonOption = Annotated[bool, typer.Option(
     "--json", help="print one JSON document instead of a table (README: Command line)")]
+DaysOption = Annotated[int, typer.Option(min=1, max=36500, help="days back from today")]
+"""A report's window: at least today, at most a century (before: -1 said nothing was recorded,
+and a huge one failed with the database's 'timestamp out of range')."""
 
 
 # -- connections ---------------------------------------------------------------------------
@@ -471,7 +474,8 @@ def worker_cmd(
 
 
 @app.command("plan-storage")
-def plan_storage(vectors: Annotated[int, typer.Option("--vectors", help="number of vectors")]
+def plan_storage(vectors: Annotated[int, typer.Option("--vectors", min=0,
+                                                      help="number of vectors")]
                  = 1_000_000, as_json: JsonOption = False) -> None:
     """Storage by dimensions: float32 raw, halfvec raw, and with an HNSW index.
 
@@ -555,7 +559,7 @@ app.command("doctor")(doctor_cmd)
 
 
 @app.command("usage")
-def usage_cmd(days: int = 30, dsn: DsnOption = None, as_json: JsonOption = False) -> None:
+def usage_cmd(days: DaysOption = 30, dsn: DsnOption = None, as_json: JsonOption = False) -> None:
     """Provider calls, tokens and estimated cost per tenant, corpus and model key, and the
     failed calls per provider and kind since install (429s are rate_limited).
 
@@ -1047,7 +1051,7 @@ def eval_compare(
 # -- pyembed cache -------------------------------------------------------------------------
 
 @cache_app.command("stats")
-def cache_stats(days: int = 30, dsn: DsnOption = None, as_json: JsonOption = False) -> None:
+def cache_stats(days: DaysOption = 30, dsn: DsnOption = None, as_json: JsonOption = False) -> None:
     """Hits, misses and hit rate per day and model.  Example: pyembed cache stats --days 7"""
     with _connect(dsn) as conn:
         rows = cache.stats(conn, days)

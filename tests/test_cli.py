@@ -87,6 +87,12 @@ def test_errors_are_one_line_and_non_zero(db: Database) -> None:
         (("corpus", "create"), "Missing argument"),
         (("search", "docs", "q", "--filter", "[1]"), "--filter must be a JSON object"),
         (("metrics", "serve", "--port", "99999"), "less than or equal to 65535"),
+        # Counts and windows out of range: before, negative sizes, or "no provider calls
+        # recorded" for --days -1, or the database's "timestamp out of range".
+        (("plan-storage", "--vectors", "-1"), "greater than or equal to 0"),
+        (("usage", "--days", "-1"), "greater than or equal to 1"),
+        (("usage", "--days", "99999999"), "less than or equal to 36500"),
+        (("cache", "stats", "--days", "0"), "greater than or equal to 1"),
     ]:
         out = pyembed(*args, env=db_env(db))
         assert out.returncode != 0, args
