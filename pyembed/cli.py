@@ -12,7 +12,7 @@ import inspect
 import json
 import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -20,6 +20,7 @@ from typing import Annotated, Any
 import psycopg
 import typer
 from rich.console import Console
+from rich.segment import Segment
 from rich.table import Table
 from rich.text import Text
 
@@ -57,10 +58,33 @@ app.add_typer(eval_app, name="eval")
 app.add_typer(cache_app, name="cache")
 app.add_typer(metrics_app, name="metrics")
 app.add_typer(tenant_app, name="tenant")
+_PICTURES = {**{c: 0x2400 + c for c in range(0x20) if c not in (0x09, 0x0A)}, 0x7F: 0x2421,
+             **{c: 0xFFFD for c in range(0x80, 0xA0)}}
+"""Control characters as one visible character each (Unicode's control pictures, ␛ for ESC; C1
+controls as �): the same length, so a rich Text's styles keep their places."""
+
+
+class _Console(Console):
+    """A console that writes no control character of the text it is given: stored texts are
+    anyone's, and an escape sequence in one would set the terminal's title, hide or recolour
+    lines, or move the cursor over what pyembed printed. Its own styles are escape sequences it
+    makes later, from the Text's spans, and stay."""
+
+    def render_str(self, text: str, **options: Any) -> Text:
+        return super().render_str(text.translate(_PICTURES), **options)
+
+    def render(self, renderable: Any, options: Any = None) -> Iterable[Segment]:
+        if isinstance(renderable, Text) and renderable.plain != (
+                shown := renderable.plain.translate(_PICTURES)):
+            renderable = renderable.copy()
+            renderable.plain = shown
+        return super().render(renderable, options)
+
+
 # Without markup, both: whatever a command prints (names, texts, errors) reads as it is; styles
 # are given as rich Text.
-console = Console(markup=False)
-err_console = Console(stderr=True, soft_wrap=True, markup=False)
+console = _Console(markup=False)
+err_console = _Console(stderr=True, soft_wrap=True, markup=False)
 
 OwnerDsnOption = Annotated[str | None, typer.Option(
     "--dsn", envvar="PYEMBED_OWNER_DSN", help="owner DSN; default: the local cluster's owner")]

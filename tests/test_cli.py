@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -10,6 +11,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from tests.conftest import REPO, Database
@@ -127,6 +129,23 @@ def test_names_and_texts_print_as_they_are(db: Database, tmp_path: Path) -> None
     found = pyembed("search", "notes", "use x", env={**db_env(db), "COLUMNS": "200"})
     assert found.returncode == 0, found.stderr
     assert "use x[i] and [/x] or [bold]y[/bold] here" in found.stdout, found.stdout
+
+
+def test_control_characters_in_stored_text_never_reach_the_terminal(db: Database) -> None:
+    """Document text is anyone's (a scraped page, another tenant's upload): its escape sequences
+    are shown as control pictures, never written to the terminal, where they set its title,
+    recolour or hide lines and move the cursor to overwrite what pyembed printed."""
+    hostile = "E9999 \x1b]0;pwned\x07 \x1b[8mhidden\x1b[0m \x1b[2J\x9b31m done"
+    with psycopg.connect(db.app_dsn, autocommit=True) as app:
+        app.execute("SELECT pyembed.create_corpus('ctl', 'fake/fake-hash@1:384')")
+        app.execute("SELECT pyembed.add_document('ctl', %s, %s, %s)",
+                    ("id\x1b[31m", hostile, json.dumps({"note": "\x1b[2J"})))
+    for args in (("search", "ctl", "E9999", "--mode", "keyword"),
+                 ("search", "ctl", "E9999", "--mode", "keyword", "--group", "chunk")):
+        out = pyembed(*args, env=db_env(db))
+        assert out.returncode == 0, out.stderr
+        assert not set(out.stdout) & {"\x1b", "\x07", "\x9b"}, repr(out.stdout)
+        assert "\u241b]0;pwned\u2407" in out.stdout.replace("\n", "").replace(" ", "")
 
 
 def test_a_port_in_use_is_a_one_line_error(db: Database) -> None:
