@@ -504,7 +504,11 @@ def connect(dsn: str | None = None, *, read_dsn: str | None = None, use_cache: b
     `host=a,b target_session_attrs=prefer-standby load_balance_hosts=random`; everything
     that writes (documents, usage, the cache, the query log) goes to `dsn`."""
     read_dsn = read_dsn or os.environ.get(READ_DSN_ENV) or None
-    conn = db_connect(dsn, autocommit=True)
+    try:
+        conn = db_connect(dsn, autocommit=True)
+    except psycopg.OperationalError as exc:
+        raise DatabaseNotReady("could not connect to the database: "
+                               + " ".join(str(exc).split())[:300]) from None
     try:
         read_conn = db_connect(read_dsn, autocommit=True) if read_dsn else None
     except psycopg.OperationalError as exc:

@@ -29,7 +29,11 @@ def resolve_dsn(*, owner: bool = False) -> str:
 
 def connect(dsn: str | None = None, *, owner: bool = False, **kwargs: Any) -> psycopg.Connection[Any]:
     """A psycopg connection with the vector types registered (if the extension exists)."""
-    conn = psycopg.connect(dsn or resolve_dsn(owner=owner), **kwargs)
+    try:
+        conn = psycopg.connect(dsn or resolve_dsn(owner=owner), **kwargs)
+    except psycopg.ProgrammingError as exc:  # libpq quotes a URI it cannot parse, password too
+        raise errors.ConfigError(
+            f"not a DSN: {errors.redact(' '.join(str(exc).split()))[:300]}") from None
     try:
         register_vector(conn)
     except psycopg.ProgrammingError:

@@ -9,7 +9,7 @@ import psycopg
 import pytest
 
 import pyembed
-from tests.helpers import count
+from tests.helpers import count, free_port
 
 KEY = "fake/fake-hash@1:384"
 
@@ -66,3 +66,17 @@ def test_register_a_model_of_your_own(client: Any) -> None:
     with pytest.raises(pyembed.InvalidInput, match="other settings"):
         client.register_model(pyembed.ModelSpec("openai", "my-finetune", "3", 768,
                                                 distance="dot"))
+
+
+def test_a_database_that_does_not_answer_is_one_pyembed_error(client: Any) -> None:
+    """As for the read DSN: a primary that refuses the connection is DatabaseNotReady, and a DSN
+    that is not one is ConfigError (both were raw psycopg errors)."""
+    with pytest.raises(pyembed.DatabaseNotReady, match="could not connect"):
+        pyembed.connect(f"postgresql://nobody@127.0.0.1:{free_port()}/x?connect_timeout=3")
+    with pytest.raises(pyembed.ConfigError, match="not a DSN"):
+        pyembed.connect("not a dsn ===")
+    # libpq quotes a URI it cannot parse, with its password: pyembed.db.connect, which every
+    # connection opens through (the CLI's too), shows it without.
+    with pytest.raises(pyembed.ConfigError, match="not a DSN") as bad:
+        pyembed.connect("postgresql://app:s3cret-pw@[::1/x")
+    assert "s3cret-pw" not in str(bad.value)
