@@ -1,7 +1,7 @@
 """A query-log line holds timings that are durations and a k of at least one; a registered
 model's provider is one pyembed can call.
 
-Revision ID: 0022
+Revision ID: 0021
 Revises: 0020
 Create Date: 2026-12-04
 
@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 from pyembed.schema import run_sql
 
-revision: str = "0022"
+revision: str = "0021"
 down_revision: str | Sequence[str] | None = "0020"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
