@@ -73,3 +73,30 @@ def test_the_app_role_writes_no_identity_column(owner: psycopg.Connection[Any]) 
         "WHERE c.relnamespace = 'pyembed'::regnamespace AND c.relkind IN ('r', 'p') "
         "AND has_column_privilege('pyembed_app', c.oid, a.attnum, p) ORDER BY 1").fetchall()
     assert writable == []
+
+
+WRITTEN_BY_THE_APPLICATION = {"documents", "chunks", "eval_queries", "queue", "queue_failed",
+                              "vectors"}
+"""The tables the application role writes with its own statements (its documents and their
+chunks, vectors and queued work; its evaluation queries). Every other table (the records of what
+happened: query log, usage, caches and their counts, recall samples and measurements, migration
+events; and the registry, corpora, tenants) is written only by the database's own functions."""
+
+
+def test_no_other_table_is_writable_by_the_app_role(owner: psycopg.Connection[Any]) -> None:
+    """Walks every table of the schema, a new one included: a recording table the application
+    role could write would let a tenant write its own log lines, figures or numbers."""
+    writable = owner.execute(
+        "SELECT DISTINCT c.relname FROM pg_class c "
+        "CROSS JOIN unnest(ARRAY['INSERT', 'UPDATE', 'DELETE', 'TRUNCATE']) p "
+        "WHERE c.relnamespace = 'pyembed'::regnamespace AND c.relkind IN ('r', 'p') "
+        "AND NOT c.relispartition AND (has_table_privilege('pyembed_app', c.oid, p) "
+        "OR (p IN ('INSERT', 'UPDATE') AND EXISTS (SELECT FROM pg_attribute a "
+        "WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped "
+        "AND has_column_privilege('pyembed_app', c.oid, a.attnum, p)))) ORDER BY 1").fetchall()
+    assert {r[0] for r in writable} - WRITTEN_BY_THE_APPLICATION == set()
+    sequences = owner.execute(
+        "SELECT c.relname FROM pg_class c WHERE c.relnamespace = 'pyembed'::regnamespace "
+        "AND c.relkind = 'S' AND (has_sequence_privilege('pyembed_app', c.oid, 'USAGE') "
+        "OR has_sequence_privilege('pyembed_app', c.oid, 'UPDATE')) ORDER BY 1").fetchall()
+    assert [r[0] for r in sequences] == ["chunks_chunk_id_seq"]
