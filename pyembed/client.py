@@ -471,16 +471,20 @@ class Corpus:
         conn = self.client.conn
         try:
             with conn.transaction():
-                conn.execute(
-                    """INSERT INTO pyembed.query_log (corpus_id, model_key, kind, k, cache_hit,
-                                                      embed_ms, search_ms, generate_ms, total_ms)
-                       VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)""",
+                row = conn.execute(
+                    "SELECT pyembed.record_search(%s::integer, %s::text, %s::text, %s::integer, "
+                    "%s::boolean, %s::real, %s::real, %s::real, %s::real)",
                     (self.info.corpus_id, model_key or "-", kind, k, cache_hit,
                      timings.get("embed_ms"), timings.get("search_ms"),
-                     timings.get("generate_ms") if generated else None, timings.get("total_ms")))
+                     timings.get("generate_ms") if generated else None,
+                     timings.get("total_ms"))).fetchone()
         except psycopg.Error as exc:
             _log.warning("could not record the query in pyembed.query_log: %s",
                          " ".join(str(exc).split()) or type(exc).__name__)
+            return False
+        if not (row and row[0]):
+            _log.warning("could not record the query in pyembed.query_log: a read-only "
+                         "transaction")
             return False
         return True
 

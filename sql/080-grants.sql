@@ -6,8 +6,7 @@ GRANT USAGE ON SCHEMA pyembed TO pyembed_app, pyembed_owner;
 GRANT EXECUTE ON FUNCTION pyembed.current_tenant(), pyembed.visible_corpora() TO pyembed_owner;
 -- Sequences of the tables the application role inserts into itself.
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA pyembed FROM pyembed_app;
-GRANT USAGE ON SEQUENCE pyembed.chunks_chunk_id_seq, pyembed.query_log_query_log_id_seq
-  TO pyembed_app;
+GRANT USAGE ON SEQUENCE pyembed.chunks_chunk_id_seq TO pyembed_app;
 
 -- Each grant is what a documented operation of the application role needs; row-level security
 -- keeps it to its tenant's rows. The cache, its counts and usage are ledgers it must not write
@@ -32,10 +31,12 @@ GRANT INSERT (corpus_id, document_id, chunk_index, content, content_hash, metada
 -- Chunk writes queue their work as the writer; the worker claims (UPDATE), dequeues and moves
 -- failed jobs aside. A queued key is checked by pyembed._queue_keys_accepted (PE001).
 GRANT SELECT, INSERT, UPDATE, DELETE ON pyembed.queue, pyembed.queue_failed TO pyembed_app;
--- (its numbers are the sequence's: one for every tenant's searches)
-REVOKE INSERT ON pyembed.query_log FROM pyembed_app;
-GRANT SELECT, INSERT (corpus_id, model_key, kind, k, cache_hit, embed_ms, search_ms, generate_ms,
-                      total_ms, at) ON pyembed.query_log TO pyembed_app;
+-- The query log is read, and written only by pyembed.record_search (a search's own record, with
+-- the corpus it checks is the caller's): a line the caller wrote itself was another figure of
+-- pyembed.latency and another number of the one sequence every tenant's searches share.
+-- REVOKE ALL first: revoking the table's INSERT leaves its column grants.
+REVOKE ALL ON pyembed.query_log FROM pyembed_app;
+GRANT SELECT ON pyembed.query_log TO pyembed_app;
 REVOKE ALL ON pyembed.embedding_cache, pyembed.cache_stats, pyembed.usage, pyembed.rerank_cache
   FROM pyembed_app;
 GRANT SELECT ON pyembed.coverage, pyembed.throughput, pyembed.cache_health, pyembed.latency,
