@@ -474,3 +474,95 @@ def test_the_worker_moving_a_job_to_failed_never_deadlocks_with_its_chunks_delet
         with psycopg.connect(db.owner_dsn) as owner:
             assert count(owner, "queue") == count(owner, "queue_failed") == 0
         assert stats.failed == 0
+
+
+# -- dropping a corpus: its row and its partition, against every kind of client ---------------
+def _dropping(result: list[Any]) -> Callable[[Client], None]:
+    def run(owner: Client) -> None:
+        result.append(one(owner.conn, "SELECT pyembed.drop_corpus(%s)", (CORPUS,)))
+    return run
+
+
+def _new_chunk(client: Client) -> int:
+    """A document and its chunk written by the client: the document's foreign key locks the
+    corpus row FOR KEY SHARE until the client's transaction ends."""
+    cid = one(client.conn, "SELECT corpus_id FROM pyembed.corpora")
+    client.conn.execute("INSERT INTO pyembed.documents (corpus_id, document_id, content_hash) "
+                        "VALUES (%s, 'written', '\\x00')", (cid,))
+    return int(one(client.conn, "INSERT INTO pyembed.chunks (corpus_id, document_id, "
+                                "chunk_index, content) VALUES (%s, 'written', 0, %s) "
+                                "RETURNING chunk_id", (cid, "item999 written")))
+
+
+def _vectors_of(chunks: list[int], text: str) -> Callable[[Client], None]:
+    def write(client: Client) -> None:
+        cid = one(client.conn, "SELECT corpus_id FROM pyembed.corpora")
+        with client.conn.cursor() as cur:
+            copy_vectors(cur, cid, chunks, OLD, fake(OLD, [text] * len(chunks)),
+                         [sha256(text)] * len(chunks))
+    return write
+
+
+def _assert_dropped(owner: Client, result: list[Any]) -> None:
+    assert result == [True]
+    for table in ("corpora", "documents", "chunks", "queue", "vectors", "recall_samples",
+                  "eval_queries"):
+        assert count(owner.conn, table) == 0, table
+
+
+def test_a_drop_lets_a_writer_that_wrote_a_document_write_its_vectors(
+        db: Database, corpus: tuple[Client, Client, list[str]]) -> None:
+    """The writer holds the corpus row (FOR KEY SHARE, its document's foreign key), then needs
+    the partition; the drop needs both. Taking the partition first, the drop waited for the row
+    while the writer waited for the partition (a deadlock: one of them failed with 40P01)."""
+    app, owner, _texts = corpus
+    chunks: list[int] = []
+    result: list[Any] = []
+    out = race(db, app, lambda client: chunks.append(_new_chunk(client)), _dropping(result),
+               lambda client: _vectors_of(chunks, "item999 written")(client))
+    out.assert_clean()
+    assert out.waited
+    _assert_dropped(owner, result)
+
+
+def test_a_drop_lets_a_writer_holding_a_chunk_write_its_vectors(
+        db: Database, corpus: tuple[Client, Client, list[str]]) -> None:
+    """The worker (and copy_vectors) holds its chunks FOR KEY SHARE, then writes the partition;
+    the drop deletes the chunks (the cascade) and drops the partition."""
+    app, owner, _texts = corpus
+    chunk = int(one(owner.conn, "SELECT min(chunk_id) FROM pyembed.chunks"))
+    text = one(owner.conn, "SELECT content FROM pyembed.chunks WHERE chunk_id = %s", (chunk,))
+    result: list[Any] = []
+    out = race(db, app, lambda client: client.conn.execute(
+        "SELECT FROM pyembed.chunks WHERE chunk_id = %s FOR KEY SHARE", (chunk,)),
+        _dropping(result), _vectors_of([chunk], text))
+    out.assert_clean()
+    assert out.waited
+    _assert_dropped(owner, result)
+
+
+def test_a_drop_lets_a_search_record_its_sample(
+        db: Database, corpus: tuple[Client, Client, list[str]]) -> None:
+    """The search holds the partition, then records a recall sample (the corpus row FOR KEY
+    SHARE): the order of the writer above, reversed."""
+    app, owner, texts = corpus
+    result: list[Any] = []
+    out = race(db, app, searching(OLD, texts[0]), _dropping(result), sampled_search(texts[1]))
+    out.assert_clean()
+    assert out.waited
+    _assert_dropped(owner, result)
+
+
+def test_a_drop_that_cannot_have_the_corpus_says_so_and_changes_nothing(
+        db: Database, corpus: tuple[Client, Client, list[str]]) -> None:
+    """A client transaction that keeps the partition past the drop's 5 s: the drop fails with
+    its own error (PE012, retry) and drops nothing."""
+    app, owner, texts = corpus
+    with app.conn.transaction():
+        searching(OLD, texts[0])(app)
+        with psycopg.connect(db.owner_dsn) as other:
+            with pytest.raises(psycopg.Error) as err:
+                other.execute("SELECT pyembed.drop_corpus(%s)", (CORPUS,))
+    assert err.value.sqlstate == "PE012", err.value
+    assert "retry" in str(err.value)
+    assert count(owner.conn, "corpora") == 1 and count(owner.conn, "documents") == 20
