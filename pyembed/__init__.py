@@ -13,7 +13,8 @@ __version__ = "0.1.0"
 _WHERE = {
     "AddReport": "client", "Client": "client", "Corpus": "client", "Document": "client",
     "connect": "client",
-    "ConfigError": "errors", "DatabaseNotReady": "errors", "InstallError": "errors",
+    "Busy": "errors", "ConfigError": "errors", "DatabaseNotReady": "errors",
+    "InstallError": "errors",
     "InvalidInput": "errors", "InvalidVector": "errors", "MigrationError": "errors",
     "MissingAPIKey": "errors", "ModelKeyLocked": "errors", "ModelMismatch": "errors",
     "ProviderError": "errors", "PyembedError": "errors", "RateLimited": "errors",
@@ -27,6 +28,7 @@ _WHERE = {
 if TYPE_CHECKING:
     from .client import AddReport, Client, Corpus, Document, connect
     from .errors import (
+        Busy,
         ConfigError,
         DatabaseNotReady,
         InstallError,
@@ -65,6 +67,7 @@ __all__ = [
     "LOCAL_DEFAULT",
     "LOCAL_MULTILINGUAL",
     "AddReport",
+    "Busy",
     "Client",
     "ConfigError",
     "Corpus",

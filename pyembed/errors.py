@@ -109,11 +109,18 @@ class ReadOnlyReplica(PyembedError):
     sqlstate = "PE011"
 
 
+class Busy(PyembedError):
+    """Maintenance could not take what it changes from the sessions using it in its time (a
+    corpus's drop: its row and vectors); nothing was changed. Retry later."""
+
+    sqlstate = "PE012"
+
+
 _BY_SQLSTATE: dict[str, type[PyembedError]] = {
     cls.sqlstate: cls
     for cls in (ModelMismatch, UnknownCorpus, InvalidVector, ModelKeyLocked, InvalidInput,
                 UnknownModel, MigrationError, MissingAPIKey, ProviderError, RateLimited,
-                ReadOnlyReplica)
+                ReadOnlyReplica, Busy)
     if cls.sqlstate
 }
 

@@ -442,25 +442,61 @@ BEGIN
 END
 $$;
 
+-- Dropping a corpus deletes its row, every row written for it and its vectors partition, which
+-- clients take in both orders: a writer holds the corpus row (FOR KEY SHARE, its documents'
+-- foreign key) or its chunks, then writes the partition; a search holds the partition, then
+-- records (the recording tables hold no foreign key to the corpus, so it takes no row lock).
+-- No single order suits both, so the drop never waits holding what a client may wait for: each
+-- attempt takes, in a subtransaction and waiting at most 100 ms for each lock (below the
+-- deadlock_timeout after which a waiting client would look for a cycle), the corpus row, its
+-- documents (their cascade: chunks, queued work), the partition, its recording rows and the
+-- row itself; an attempt that waits longer is rolled back, which releases all it took, and the
+-- drop retries after a pause until 5 s have passed, then fails with PE012 (retry later).
 CREATE OR REPLACE FUNCTION pyembed.drop_corpus(name text) RETURNS boolean
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
-SET lock_timeout = '5s'
+SET lock_timeout = '100ms'
 AS $$
 DECLARE
   c pyembed.corpora;
+  part text;
+  deadline timestamptz := clock_timestamp() + interval '5 s';
+  pause float8 := 0.01;
+  tries integer := 0;
 BEGIN
   SELECT * INTO c FROM pyembed.corpora WHERE corpora.name = drop_corpus.name
      AND coalesce(corpora.tenant_id, 0) = coalesce((SELECT pyembed.current_tenant()), 0);
   IF NOT FOUND THEN
     RETURN false;
   END IF;
-  -- The vectors and their indexes in one step. Dropping a partition locks pyembed.vectors
-  -- briefly; waiting more than 5 s for that (lock_timeout above) fails instead of queueing
-  -- every search behind it.
-  EXECUTE format('DROP TABLE IF EXISTS pyembed.%I', pyembed._vector_partition_name(c.corpus_id));
-  DELETE FROM pyembed.corpora WHERE corpus_id = c.corpus_id;
-  RETURN true;
+  part := pyembed._vector_partition_name(c.corpus_id);
+  LOOP
+    tries := tries + 1;
+    BEGIN
+      PERFORM FROM pyembed.corpora WHERE corpus_id = c.corpus_id FOR UPDATE;
+      IF NOT FOUND THEN  -- dropped by another session meanwhile
+        RETURN false;
+      END IF;
+      DELETE FROM pyembed.documents WHERE corpus_id = c.corpus_id;
+      IF to_regclass(format('pyembed.%I', part)) IS NOT NULL THEN
+        EXECUTE format('LOCK TABLE pyembed.%I IN ACCESS EXCLUSIVE MODE', part);
+      END IF;
+      DELETE FROM pyembed.recall_samples WHERE corpus_id = c.corpus_id;
+      DELETE FROM pyembed.recall_measurements WHERE corpus_id = c.corpus_id;
+      DELETE FROM pyembed.corpora WHERE corpus_id = c.corpus_id;
+      EXECUTE format('DROP TABLE IF EXISTS pyembed.%I', part);
+      RETURN true;
+    EXCEPTION WHEN lock_not_available OR deadlock_detected THEN
+      IF clock_timestamp() + make_interval(secs => pause) > deadline THEN
+        RAISE EXCEPTION USING ERRCODE = 'PE012',
+          MESSAGE = format('corpus %s is in use: its drop could not take it from the sessions '
+                           'using it in 5 s (%s tries); retry', c.name, tries),
+          HINT = 'a transaction left open on the corpus holds it: end it, then drop again';
+      END IF;
+    END;
+    PERFORM pg_sleep(pause * (0.5 + random()));
+    pause := least(pause * 2, 0.2);
+  END LOOP;
 END
 $$;
 
