@@ -224,3 +224,29 @@ def test_a_refused_reservation_stops_a_search_whose_query_was_embedded_beside_it
     finally:
         owner.execute(sql.SQL("DROP OWNED BY {} CASCADE").format(sql.Identifier(role)))
         owner.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def test_a_role_made_again_under_a_dropped_members_name_is_no_member(
+        db: Database, owner: psycopg.Connection[Any]) -> None:
+    """Membership belongs to the role, not to its name: a member role that is dropped leaves
+    the tenant, and a role created later under the same name (by anyone who may create roles)
+    acts for no tenant until it is added itself."""
+    role = f"gone_{uuid.uuid4().hex[:6]}"
+    tenants.create_tenant(owner, "acme")
+    tenants.add_member(owner, "acme", role, create_login="pw")
+    dsn = psycopg.conninfo.make_conninfo(db.app_dsn, user=role, password="pw")
+    with psycopg.connect(dsn) as member:
+        assert member.execute("SELECT pyembed.current_tenant()").fetchone() != (None,)
+    owner.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+    owner.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'pw' IN ROLE pyembed_app").format(
+        sql.Identifier(role)))
+    try:
+        with psycopg.connect(dsn) as newcomer:
+            assert newcomer.execute("SELECT pyembed.current_tenant()").fetchone() == (None,)
+            assert newcomer.execute("SELECT pyembed.visible_corpora()").fetchone() == ([],)
+        tenants.add_member(owner, "acme", role)  # on purpose: now it is one
+        with psycopg.connect(dsn) as member:
+            assert member.execute("SELECT pyembed.current_tenant()").fetchone() != (None,)
+        assert owner.execute("SELECT count(*) FROM pyembed.tenant_members").fetchone() == (1,)
+    finally:
+        owner.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
