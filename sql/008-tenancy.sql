@@ -13,7 +13,9 @@ SET search_path = pg_catalog, pg_temp
 AS $$ SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname = session_user $$;
 
 -- The tenant this session acts for (NULL: none): a superuser's pyembed.act_as_tenant (by name),
--- else the tenant its login role is a member of. A SQL function the planner inlines into the
+-- else the tenant its login role is a member of: the role itself, by name and OID (the OID from
+-- the backend's cache of roles, no catalog in the statement), so that a member role dropped and
+-- a role created again under its name is no member. A SQL function the planner inlines into the
 -- statements that read it (no function call: pyembed.lookup_corpus's is part of every search's
 -- cost), so without a pinned search_path (090-search-path.sql) and executable by no other role.
 -- CASE evaluates its subqueries only when reached: nearly every session reads tenant_members.
@@ -25,7 +27,9 @@ AS $$
               THEN (SELECT t.tenant_id FROM pyembed.tenants t
                      WHERE t.name = current_setting('pyembed.act_as_tenant', true))
               ELSE (SELECT m.tenant_id FROM pyembed.tenant_members m
-                     WHERE m.role_name = session_user) END
+                     WHERE m.role_name = session_user
+                       AND m.role_oid = pg_catalog.to_regrole(pg_catalog.quote_ident(session_user)))
+          END
 $$;
 
 -- The same for callers outside pyembed's own statements (row-level security policies, the

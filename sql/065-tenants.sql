@@ -148,12 +148,17 @@ $$;
 
 -- A tenant's member is a role that exists (PE005): a name that is none (a typo) left the real
 -- login acting for no tenant, and a role made later under that name joined the tenant unseen.
+-- Membership is the role's own: its OID is stored beside its name (whatever the writer gave),
+-- and a session matches on both. A member role that is dropped leaves its tenant with it (its
+-- row matches no session; a role created again under the name is added again, on purpose,
+-- which replaces the row).
 CREATE OR REPLACE FUNCTION pyembed._member_is_a_role() RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-  IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles r WHERE r.rolname = NEW.role_name) THEN
+  NEW.role_oid := (SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname = NEW.role_name);
+  IF NEW.role_oid IS NULL THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
       MESSAGE = format('no role %s: create the login first (pyembed tenant add-member TENANT ROLE '
                        '--password ...)', NEW.role_name);
@@ -163,5 +168,5 @@ END
 $$;
 
 CREATE OR REPLACE TRIGGER tenant_members_role
-  BEFORE INSERT OR UPDATE OF role_name ON pyembed.tenant_members
+  BEFORE INSERT OR UPDATE ON pyembed.tenant_members
   FOR EACH ROW EXECUTE FUNCTION pyembed._member_is_a_role();

@@ -1,4 +1,4 @@
-"""Hardening: recording tables without a foreign key to the corpus.
+"""Hardening: recording tables without a foreign key to the corpus; tenant members by role.
 
 Revision ID: 0021
 Revises: 0020
@@ -10,6 +10,12 @@ locks the row first (its documents' foreign key), then the partition. pyembed.dr
 both, and waited for one side while the other waited for it. recall_samples and
 recall_measurements are records, as query_log and usage are (neither has the foreign key): the
 drop deletes their rows itself (sql/020-corpora.sql), and no search locks the corpus row.
+
+A tenant member was stored by role name alone: a member role that was dropped stayed a member,
+and a role created again under that name (by anyone allowed to create roles) acted for the
+tenant. tenant_members.role_oid ties the row to the role itself (pyembed._member_is_a_role sets
+it; pyembed._session_tenant matches name and OID). A member whose role no longer exists is
+removed here: it was no member of anything a session could be.
 """
 
 from __future__ import annotations
@@ -28,11 +34,16 @@ def upgrade() -> None:
     run_sql("""
 ALTER TABLE pyembed.recall_samples DROP CONSTRAINT recall_samples_corpus_id_fkey;
 ALTER TABLE pyembed.recall_measurements DROP CONSTRAINT recall_measurements_corpus_id_fkey;
+ALTER TABLE pyembed.tenant_members ADD COLUMN role_oid oid;
+UPDATE pyembed.tenant_members m SET role_oid = r.oid
+  FROM pg_catalog.pg_roles r WHERE r.rolname = m.role_name;
+DELETE FROM pyembed.tenant_members WHERE role_oid IS NULL;
+ALTER TABLE pyembed.tenant_members ALTER COLUMN role_oid SET NOT NULL;
 """)
 
 
 def downgrade() -> None:
-    run_sql("""
+    run_sql(f"""
 DELETE FROM pyembed.recall_samples s
  WHERE NOT EXISTS (SELECT FROM pyembed.corpora c WHERE c.corpus_id = s.corpus_id);
 DELETE FROM pyembed.recall_measurements m
@@ -41,4 +52,40 @@ ALTER TABLE pyembed.recall_samples ADD CONSTRAINT recall_samples_corpus_id_fkey
   FOREIGN KEY (corpus_id) REFERENCES pyembed.corpora (corpus_id) ON DELETE CASCADE;
 ALTER TABLE pyembed.recall_measurements ADD CONSTRAINT recall_measurements_corpus_id_fkey
   FOREIGN KEY (corpus_id) REFERENCES pyembed.corpora (corpus_id) ON DELETE CASCADE;
+DROP TRIGGER tenant_members_role ON pyembed.tenant_members;
+{MEMBERS_BEFORE}
+ALTER TABLE pyembed.tenant_members DROP COLUMN role_oid;
 """)
+
+
+# As sql/008-tenancy.sql and sql/065-tenants.sql had them before this revision.
+MEMBERS_BEFORE = r"""
+CREATE OR REPLACE FUNCTION pyembed._session_tenant() RETURNS TABLE (tenant_id integer)
+LANGUAGE sql STABLE
+AS $$
+  SELECT CASE WHEN coalesce(current_setting('pyembed.act_as_tenant', true), '') <> ''
+               AND pyembed._session_is_superuser()
+              THEN (SELECT t.tenant_id FROM pyembed.tenants t
+                     WHERE t.name = current_setting('pyembed.act_as_tenant', true))
+              ELSE (SELECT m.tenant_id FROM pyembed.tenant_members m
+                     WHERE m.role_name = session_user) END
+$$;
+
+CREATE OR REPLACE FUNCTION pyembed._member_is_a_role() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+  IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles r WHERE r.rolname = NEW.role_name) THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = format('no role %s: create the login first (pyembed tenant add-member TENANT ROLE '
+                       '--password ...)', NEW.role_name);
+  END IF;
+  RETURN NEW;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER tenant_members_role
+  BEFORE INSERT OR UPDATE OF role_name ON pyembed.tenant_members
+  FOR EACH ROW EXECUTE FUNCTION pyembed._member_is_a_role();
+"""
