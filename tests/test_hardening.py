@@ -358,3 +358,64 @@ def test_concurrent_embeds_in_transactions_never_deadlock(db: Database) -> None:
     for t in threads:
         t.join(60)
     assert not errors, errors
+
+
+# -- every text the application writes has a bound, the table's own ----------------------------
+
+UNBOUNDED = """
+SELECT c.relname || '.' || a.attname
+  FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0
+   AND NOT a.attisdropped
+  JOIN pg_type t ON t.oid = a.atttypid
+ WHERE c.relnamespace = 'pyembed'::regnamespace AND c.relkind IN ('r', 'p')
+   AND NOT c.relispartition
+   -- a type of any length: text, jsonb, bytea, a varchar without a length, arrays of them
+   AND (a.atttypid IN ('text'::regtype, 'jsonb'::regtype, 'json'::regtype, 'bytea'::regtype)
+        OR (a.atttypid IN ('varchar'::regtype, 'bpchar'::regtype) AND a.atttypmod < 0)
+        OR t.typelem IN ('text'::regtype, 'jsonb'::regtype, 'bytea'::regtype))
+   -- bounded by a CHECK of its own: a length, one of some values, a pattern of bounded length
+   AND NOT EXISTS (
+         SELECT FROM pg_constraint k
+          WHERE k.conrelid = c.oid AND k.contype = 'c' AND a.attnum = ANY (k.conkey)
+            AND pg_get_constraintdef(k.oid) ~ format(
+                  '(length|octet_length|pg_column_size)\\(+%1$s\\)+ <?= \\d|'
+                  '\\(%1$s = ANY \\(ARRAY\\[|\\(%1$s ~ ''\\^[^'']*\\{\\d+,\\d+\\}\\$''',
+                  quote_ident(a.attname)))
+   -- or a foreign key's: it equals a bounded value of another table
+   AND NOT EXISTS (SELECT FROM pg_constraint k
+                    WHERE k.conrelid = c.oid AND k.contype = 'f' AND a.attnum = ANY (k.conkey))
+ ORDER BY 1
+"""
+
+KEYWORD_INDEX = {
+    "document_postings.lexeme", "postings.lexeme", "lexeme_stats.lexeme",
+    "posting_blocks.lexeme", "keyword_pending.lexemes", "keyword_pending.postings",
+}
+"""Columns no role writes: the keyword index's lexemes and pending postings, which pyembed's own
+triggers take from a chunk's text (bounded) through to_tsvector (a lexeme is at most 2,046
+bytes)."""
+
+
+def test_every_text_column_has_a_bound_of_its_table(owner: psycopg.Connection[Any]) -> None:
+    """Walks the catalogue, a column added later included: a text, JSON or binary column any
+    role could fill with megabytes has a CHECK of its own (or is a foreign key to one)."""
+    unbounded = {r[0] for r in owner.execute(UNBOUNDED).fetchall()}
+    assert unbounded - KEYWORD_INDEX == set()
+
+
+def test_a_text_over_its_bound_is_invalid_input(owner: psycopg.Connection[Any],
+                                                app: psycopg.Connection[Any]) -> None:
+    """The 10,000-character provider name and the 2 MB description register_model took: refused
+    by the table, one line in Python (InvalidInput) naming the column."""
+    from pyembed.models import ModelSpec, register
+
+    # the key made of it is checked first (the table checks in the order of their names)
+    with pytest.raises(InvalidInput, match=r"models\.(provider|model_key) is longer"):
+        register(app, ModelSpec("p" * 10_000, "m", "1", 4))
+    with pytest.raises(InvalidInput, match=r"models\.description"):
+        register(app, ModelSpec("p", "m", "1", 4, description="d" * 2_000_000))
+    err = sql_error(app, "SELECT pyembed.register_model('p', 'm', '1', 4, description => %s)",
+                    ("d" * 2_000_000,))
+    assert isinstance(err, psycopg.errors.CheckViolation), err
+    assert owner.execute("SELECT count(*) FROM pyembed.models WHERE provider LIKE 'p%%'"
+                         ).fetchone() == (0,)
