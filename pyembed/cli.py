@@ -29,7 +29,7 @@ from .client import Client
 from .client import connect as connect_client
 from .config import DSN_ENV
 from .corpora import corpus_info, create_corpus, drop_corpus, list_corpora
-from .db import connect, resolve_dsn, translated
+from .db import connect, resolve_dsn, translate, translated
 from .doctor import doctor_cmd
 from .errors import DatabaseNotReady, InvalidInput, MigrationError, PyembedError
 from .localdb import LocalCluster
@@ -1191,7 +1191,7 @@ def main(argv: list[str] | None = None) -> Any:
     except psycopg.OperationalError as exc:
         fail(f"cannot reach the database: {_one_line(exc)}")
     except psycopg.Error as exc:
-        fail(_one_line(exc))
+        fail(_one_line(translate(exc)))
     except (typer.Abort, KeyboardInterrupt):
         fail("aborted")
     except OSError as exc:  # the machine's answer (a file, a port, a folder): not a bug

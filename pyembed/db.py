@@ -79,9 +79,20 @@ def twin(conn: psycopg.Connection[Any]) -> psycopg.Connection[Any] | None:
     return None
 
 
+BOUND_SUFFIX = "_bound"
+"""A table's bound on a column's length is the CHECK <table>_<column>_bound (revision 0021)."""
+
+
 def translate(exc: psycopg.Error) -> Exception:
-    """Our error class for a database error raised by pyembed's SQL, else the error itself."""
+    """Our error class for a database error raised by pyembed's SQL (or a value over a
+    column's bound: InvalidInput), else the error itself."""
     diag = exc.diag
+    table, check = diag.table_name or "", diag.constraint_name or ""
+    if (isinstance(exc, psycopg.errors.CheckViolation) and check.endswith(BOUND_SUFFIX)
+            and check.startswith(table + "_")):
+        column = check[len(table) + 1:-len(BOUND_SUFFIX)]
+        return errors.InvalidInput(f"{table}.{column} is longer than pyembed accepts "
+                                   f"(the table's check {check})")
     message = diag.message_primary or str(exc)
     if diag.message_hint:
         message += f" (hint: {diag.message_hint})"

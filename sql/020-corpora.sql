@@ -267,7 +267,8 @@ DECLARE
   caller_timeout text := current_setting('lock_timeout');
 BEGIN
   IF to_regclass(format('pyembed.%I', part)) IS NULL THEN
-    EXECUTE format('CREATE TABLE pyembed.%I (LIKE pyembed.vectors INCLUDING DEFAULTS)', part);
+    EXECUTE format('CREATE TABLE pyembed.%I (LIKE pyembed.vectors INCLUDING DEFAULTS '
+                   'INCLUDING CONSTRAINTS)', part);  -- the table's own (its bounds): ATTACH needs them
     EXECUTE format('ALTER TABLE pyembed.%I OWNER TO pyembed_owner', part);
     EXECUTE format('ALTER TABLE pyembed.vectors ATTACH PARTITION pyembed.%I FOR VALUES IN (%s)',
                    part, p_corpus_id);
@@ -283,7 +284,8 @@ BEGIN
                   WHERE conrelid = format('pyembed.%I', part)::regclass AND conname = guard) THEN
     PERFORM set_config('lock_timeout', '5s', true);
     FOR old IN SELECT conname FROM pg_catalog.pg_constraint
-                WHERE conrelid = format('pyembed.%I', part)::regclass AND contype = 'c' LOOP
+                WHERE conrelid = format('pyembed.%I', part)::regclass AND contype = 'c'
+                  AND coninhcount = 0 LOOP
       EXECUTE format('ALTER TABLE pyembed.%I DROP CONSTRAINT %I', part, old);
     END LOOP;
     EXECUTE format('ALTER TABLE pyembed.%I ADD CONSTRAINT %I CHECK (%s) NOT VALID',

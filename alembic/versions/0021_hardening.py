@@ -16,6 +16,11 @@ and a role created again under that name (by anyone allowed to create roles) act
 tenant. tenant_members.role_oid ties the row to the role itself (pyembed._member_is_a_role sets
 it; pyembed._session_tenant matches name and OID). A member whose role no longer exists is
 removed here: it was no member of anything a session could be.
+
+Unbounded text: pyembed.register_model took a 10,000-character provider name and a 2 MB
+description, and so on for every text, JSON or binary column a role may fill. Each has a CHECK
+named <table>_<column>_bound (BOUNDS below; pyembed.db.translate makes its violation an
+InvalidInput naming the column). A row already over a bound stops the upgrade: shorten it first.
 """
 
 from __future__ import annotations
@@ -40,9 +45,11 @@ UPDATE pyembed.tenant_members m SET role_oid = r.oid
 DELETE FROM pyembed.tenant_members WHERE role_oid IS NULL;
 ALTER TABLE pyembed.tenant_members ALTER COLUMN role_oid SET NOT NULL;
 """)
+    run_sql(_bounds_sql(add=True))
 
 
 def downgrade() -> None:
+    run_sql(_bounds_sql(add=False))
     run_sql(f"""
 DELETE FROM pyembed.recall_samples s
  WHERE NOT EXISTS (SELECT FROM pyembed.corpora c WHERE c.corpus_id = s.corpus_id);
@@ -56,6 +63,57 @@ DROP TRIGGER tenant_members_role ON pyembed.tenant_members;
 {MEMBERS_BEFORE}
 ALTER TABLE pyembed.tenant_members DROP COLUMN role_oid;
 """)
+
+
+# (table, column, measure, most): every text, JSON or binary column a role may fill (through a
+# grant or a function), bounded by its table. Characters for names, keys and messages; bytes
+# (octet_length; pg_column_size, the stored form, for JSON and arrays) for chunk text and
+# documents' data.
+BOUNDS = [
+    ("models", "provider", "length", 64),
+    ("models", "model_id", "length", 200),
+    ("models", "model_version", "length", 64),
+    ("models", "model_key", "length", 400),
+    ("models", "description", "length", 1000),
+    ("corpora", "description", "length", 1000),
+    ("corpora", "index_settings", "pg_column_size", 1024),
+    ("documents", "title", "length", 1000),
+    ("documents", "metadata", "pg_column_size", 65536),
+    ("documents", "content_hash", "length", 64),
+    ("chunks", "content", "octet_length", 1048576),
+    ("chunks", "metadata", "pg_column_size", 65536),
+    ("chunks", "content_hash", "length", 64),
+    ("eval_queries", "query_id", "length", 512),
+    ("eval_queries", "query", "length", 10000),
+    ("eval_queries", "relevant", "pg_column_size", 65536),
+    ("query_log", "kind", "length", 32),
+    ("query_log", "model_key", "length", 400),
+    ("queue", "model_key", "length", 400),
+    ("queue", "content_hash", "length", 64),
+    ("queue", "last_error", "length", 2000),
+    ("queue_failed", "model_key", "length", 400),
+    ("queue_failed", "content_hash", "length", 64),
+    ("queue_failed", "reason", "length", 2000),
+    ("vectors", "model_key", "length", 400),
+    ("vectors", "content_hash", "length", 64),
+    ("embedding_cache", "model_key", "length", 400),
+    ("cache_stats", "model_key", "length", 400),
+    ("usage", "model_key", "length", 400),
+    ("rerank_cache", "reranker", "length", 200),
+    ("recall_samples", "filter", "pg_column_size", 65536),
+    ("migrations", "validation", "pg_column_size", 1048576),
+    ("migration_events", "step", "length", 64),
+    ("migration_events", "detail", "pg_column_size", 1048576),
+    ("provider_error_counters", "provider", "length", 64),
+    ("secrets", "value", "length", 4096),
+]
+
+
+def _bounds_sql(add: bool) -> str:
+    return "\n".join(
+        f"ALTER TABLE pyembed.{t} ADD CONSTRAINT {t}_{c}_bound CHECK ({f}({c}) <= {n});" if add
+        else f"ALTER TABLE pyembed.{t} DROP CONSTRAINT IF EXISTS {t}_{c}_bound;"
+        for t, c, f, n in BOUNDS)
 
 
 # As sql/008-tenancy.sql and sql/065-tenants.sql had them before this revision.
