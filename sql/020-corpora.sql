@@ -446,14 +446,16 @@ $$;
 
 -- Dropping a corpus deletes its row, every row written for it and its vectors partition, which
 -- clients take in both orders: a writer holds the corpus row (FOR KEY SHARE, its documents'
--- foreign key) or its chunks, then writes the partition; a search holds the partition, then
--- records (the recording tables hold no foreign key to the corpus, so it takes no row lock).
--- No single order suits both, so the drop never waits holding what a client may wait for: each
--- attempt takes, in a subtransaction and waiting at most 100 ms for each lock (below the
--- deadlock_timeout after which a waiting client would look for a cycle), the corpus row, its
--- documents (their cascade: chunks, queued work), the partition, its recording rows and the
--- row itself; an attempt that waits longer is rolled back, which releases all it took, and the
--- drop retries after a pause until 5 s have passed, then fails with PE012 (retry later).
+-- foreign key) or its chunks, then writes the partition; a search holds pyembed.vectors and the
+-- partition, then records (the recording tables hold no foreign key to the corpus, so it takes
+-- no row lock). No single order suits both, so the drop never waits long holding what a client
+-- may wait for: each attempt takes, in a subtransaction and waiting at most 100 ms for each lock
+-- (below the deadlock_timeout after which a waiting client looks for a cycle), the corpus row,
+-- its documents (their cascade: chunks, queued work), the row's own cascade, then pyembed.vectors
+-- and the partition (in the order a search takes them: dropping a partition locks its parent),
+-- and last the corpus's recording rows (no search of it is left running). An attempt that waits
+-- longer is rolled back, which releases all it took, and the drop retries after a pause until
+-- 5 s have passed, then fails with PE012 (retry later).
 CREATE OR REPLACE FUNCTION pyembed.drop_corpus(name text) RETURNS boolean
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -480,13 +482,13 @@ BEGIN
         RETURN false;
       END IF;
       DELETE FROM pyembed.documents WHERE corpus_id = c.corpus_id;
+      DELETE FROM pyembed.corpora WHERE corpus_id = c.corpus_id;
       IF to_regclass(format('pyembed.%I', part)) IS NOT NULL THEN
-        EXECUTE format('LOCK TABLE pyembed.%I IN ACCESS EXCLUSIVE MODE', part);
+        LOCK TABLE ONLY pyembed.vectors IN ACCESS EXCLUSIVE MODE;
+        EXECUTE format('DROP TABLE pyembed.%I', part);
       END IF;
       DELETE FROM pyembed.recall_samples WHERE corpus_id = c.corpus_id;
       DELETE FROM pyembed.recall_measurements WHERE corpus_id = c.corpus_id;
-      DELETE FROM pyembed.corpora WHERE corpus_id = c.corpus_id;
-      EXECUTE format('DROP TABLE IF EXISTS pyembed.%I', part);
       RETURN true;
     EXCEPTION WHEN lock_not_available OR deadlock_detected THEN
       IF clock_timestamp() + make_interval(secs => pause) > deadline THEN
