@@ -471,3 +471,20 @@ def test_after_a_downgrade_of_one_revision_the_previous_release_still_searches(
         for mode in ("vector", "keyword", "hybrid"):
             assert docs.search("quota error E402", mode=mode, k=3), mode
         assert client.conn.execute("SELECT count(*) FROM pyembed.query_log").fetchone() == (3,)
+
+
+def test_the_hardening_revision_ties_members_to_their_roles(empty_db: Database) -> None:
+    """0021 gives each tenant member its role's OID, and removes a member whose role is gone
+    (under 0020 a role created later under its name would have joined the tenant)."""
+    schema.install(empty_db.owner_dsn)
+    schema.downgrade(empty_db.owner_dsn, "0020")
+    with psycopg.connect(empty_db.owner_dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO pyembed.tenants (name) VALUES ('acme')")
+        conn.execute("ALTER TABLE pyembed.tenant_members DISABLE TRIGGER tenant_members_role")
+        conn.execute("INSERT INTO pyembed.tenant_members SELECT r, tenant_id FROM "
+                     "pyembed.tenants, unnest(ARRAY['pyembed_app', 'no_such_role']) r")
+        conn.execute("ALTER TABLE pyembed.tenant_members ENABLE TRIGGER tenant_members_role")
+    schema.install(empty_db.owner_dsn)
+    with psycopg.connect(empty_db.owner_dsn) as conn:
+        assert conn.execute("SELECT role_name::text, role_oid = 'pyembed_app'::regrole "
+                            "FROM pyembed.tenant_members").fetchall() == [("pyembed_app", True)]
