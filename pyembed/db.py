@@ -80,7 +80,7 @@ def twin(conn: psycopg.Connection[Any]) -> psycopg.Connection[Any] | None:
 
 
 BOUND_SUFFIX = "_bound"
-"""A table's bound on a column's length is the CHECK <table>_<column>_bound (revision 0021)."""
+"""A table's bound on a column's length is the CHECK <table>_<column>_bound (revision 0022)."""
 
 
 def translate(exc: psycopg.Error) -> Exception:

@@ -474,10 +474,10 @@ def test_after_a_downgrade_of_one_revision_the_previous_release_still_searches(
 
 
 def test_the_hardening_revision_ties_members_to_their_roles(empty_db: Database) -> None:
-    """0021 gives each tenant member its role's OID, and removes a member whose role is gone
-    (under 0020 a role created later under its name would have joined the tenant)."""
+    """0022 gives each tenant member its role's OID, and removes a member whose role is gone
+    (under 0021 a role created later under its name would have joined the tenant)."""
     schema.install(empty_db.owner_dsn)
-    schema.downgrade(empty_db.owner_dsn, "0020")
+    schema.downgrade(empty_db.owner_dsn, "0021")
     with psycopg.connect(empty_db.owner_dsn, autocommit=True) as conn:
         conn.execute("INSERT INTO pyembed.tenants (name) VALUES ('acme')")
         conn.execute("ALTER TABLE pyembed.tenant_members DISABLE TRIGGER tenant_members_role")

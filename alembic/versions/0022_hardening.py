@@ -1,7 +1,7 @@
 """Hardening: recording tables without a foreign key to the corpus; tenant members by role.
 
-Revision ID: 0021
-Revises: 0020
+Revision ID: 0022
+Revises: 0021
 Create Date: 2026-12-04
 
 A search that records a recall sample (and a measurement of recall) held the corpus's vectors
@@ -29,8 +29,8 @@ from collections.abc import Sequence
 
 from pyembed.schema import run_sql
 
-revision: str = "0021"
-down_revision: str | Sequence[str] | None = "0020"
+revision: str = "0022"
+down_revision: str | Sequence[str] | None = "0021"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
