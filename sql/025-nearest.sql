@@ -98,6 +98,23 @@ SELECT exact OR s.expr IS NULL
        OR (counted >= 0 AND pyembed._nearest_candidates(k, s) >= counted)
 $$;
 
+-- The index rules the vector leg reads (pyembed._index_plan's expr, op, castto, exact, ef_search
+-- and oversample; opclass, m and ef_construction NULL): inlined, the planner keeps only these
+-- fields of the inlined rules, and a search sets up less expression every transaction.
+CREATE OR REPLACE FUNCTION pyembed._nearest_rules(dims integer, distance text, storage text,
+                                                  settings jsonb, rows bigint)
+RETURNS pyembed._index_rules
+LANGUAGE sql IMMUTABLE
+AS $$
+SELECT ROW((pyembed._index_plan(dims, distance, storage, settings, rows)).expr, NULL,
+           (pyembed._index_plan(dims, distance, storage, settings, rows)).op,
+           (pyembed._index_plan(dims, distance, storage, settings, rows)).castto,
+           (pyembed._index_plan(dims, distance, storage, settings, rows)).exact, NULL, NULL,
+           (pyembed._index_plan(dims, distance, storage, settings, rows)).ef_search,
+           (pyembed._index_plan(dims, distance, storage, settings, rows)).oversample
+       )::pyembed._index_rules
+$$;
+
 -- The vector leg's settings (above) for k nearest by the rules `s` (pyembed._index_plan),
 -- set local to the calling function's settings (its SET clause restores them as it returns).
 -- Returns the ef_search set.
@@ -122,9 +139,10 @@ $$;
 -- The vector leg's statement (above) for k nearest by the rules `s`: parameters $1 the query
 -- vector, $2 the metadata filter (when `filtered`); one row of (ids, distances, scores, docs).
 -- The hits subquery returns (hit.chunk_id, hit.doc_no, hit.distance) of the k nearest in any
--- order, and the statement sorts them. One format() over one template per way of reading
--- (arguments: 1 the exact distance operator, 2 the rows, 3 the indexed type, 4 its operator,
--- 5 the candidates, 6 k, 7 the score).
+-- order; the statement sorts them once, and the four arrays aggregate that order (a plain
+-- aggregate over a sorted subquery, with no join or grouping between them, reads its rows in that
+-- order: one sort where an ORDER BY in each aggregate made four). One format() over one template per way of reading (arguments: 1 the exact distance
+-- operator, 2 the rows, 3 the indexed type, 4 its operator, 5 the candidates, 6 k, 7 the score).
 CREATE OR REPLACE FUNCTION pyembed._nearest_sql(p_corpus_id integer, p_model_key text,
                                                 k integer, filtered boolean, exact boolean,
                                                 s pyembed._index_rules, p_distance text,
@@ -133,10 +151,8 @@ RETURNS text
 LANGUAGE sql STABLE
 AS $$
 SELECT format(
-  'SELECT array_agg(chunk_id ORDER BY distance, chunk_id), '
-  'array_agg(distance ORDER BY distance, chunk_id), '
-  'array_agg(%7$s ORDER BY distance, chunk_id), '
-  'array_agg(doc_no ORDER BY distance, chunk_id) FROM ('
+  'SELECT array_agg(chunk_id), array_agg(distance), array_agg(%7$s), array_agg(doc_no) '
+  'FROM (SELECT * FROM ('
   || CASE
        WHEN pyembed._nearest_scans(k, exact, s, counted) THEN
          'SELECT v.chunk_id, v.doc_no, v.%1$s $1 AS distance FROM %2$s ORDER BY 3, 1 LIMIT %6$s'
@@ -153,7 +169,7 @@ SELECT format(
          'SELECT v.chunk_id, v.doc_no, v.%1$s $1 AS distance FROM %2$s ORDER BY '
          '(v.embedding::%3$s) %4$s $1::%3$s LIMIT %6$s'
      END
-  || ') hit',
+  || ') hit ORDER BY distance, chunk_id) hit',
   s.exact, pyembed._nearest_source(p_corpus_id, p_model_key, filtered), s.castto, s.op,
   pyembed._nearest_candidates(k, s), k,
   CASE p_distance WHEN 'cosine' THEN '1 - distance' ELSE '-distance' END)
@@ -177,8 +193,9 @@ DECLARE
   s pyembed._index_rules;
   setting text;
 BEGIN
-  -- the index expression and ef_search's rule (pyembed._index_plan, inlined here: no call)
-  s := pyembed._index_plan(p_dims, p_distance, p_storage, p_settings, greatest(counted, 0)::bigint);
+  -- the index expression and ef_search's rule (pyembed._nearest_rules, inlined here: no call)
+  s := pyembed._nearest_rules(p_dims, p_distance, p_storage, p_settings,
+                              greatest(counted, 0)::bigint);
   setting := pyembed._nearest_settings(k, filter IS NOT NULL, exact, s, counted);
   EXECUTE pyembed._nearest_sql(p_corpus_id, p_model_key, k, filter IS NOT NULL, exact, s,
                                p_distance, counted)

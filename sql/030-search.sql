@@ -90,11 +90,11 @@ BEGIN
                        'or vanish', vector_norm(query_embedding));
   END IF;
   -- the key's storage (a migration's target key may have its own) and its index rules
-  -- (pyembed._index_plan, inlined: no call)
+  -- (pyembed._nearest_rules, inlined: no call)
   storage := CASE WHEN query_model_key = c.target_model_key
                   THEN coalesce(c.target_storage, c.storage) ELSE c.storage END;
-  s := pyembed._index_plan(md.dimensions, md.distance, storage, c.index_settings,
-                           greatest(md.counted, 0)::bigint);
+  s := pyembed._nearest_rules(md.dimensions, md.distance, storage, c.index_settings,
+                              greatest(md.counted, 0)::bigint);
   -- k chunks are k documents where every document has one chunk (as the committed counts say)
   n := CASE WHEN group_by = 'chunk' OR md.one_chunk_each THEN k ELSE 2 * k END;
   LOOP

@@ -15,7 +15,8 @@ DECLARE
                        WHERE extname = 'vector');
   unpinned text[] := ARRAY['_session_tenant', '_corpus_named', '_vector_ranking', '_nearest_in',
                            '_nearest_source', '_nearest_candidates', '_nearest_scans',
-                           '_nearest_settings', '_nearest_sql', '_index_plan', '_index_type',
+                           '_nearest_rules', '_nearest_settings', '_nearest_sql', '_index_plan',
+                           '_index_type',
                            '_index_spec', '_index_params', 'hnsw_rule', '_vector_partition_name'];
   f regprocedure;
 BEGIN

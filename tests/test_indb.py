@@ -407,8 +407,8 @@ def test_function_inventory_matches_the_golden_file(owner: psycopg.Connection[An
     unpinned = {line.split("(")[0] for line in lines if "search_path not set" in line}
     assert unpinned == {f"pyembed.{name}" for name in (
         "_vector_ranking", "_nearest_in", "_nearest_source", "_nearest_candidates",
-        "_nearest_scans", "_nearest_settings", "_nearest_sql", "_index_plan", "_index_type",
-        "_index_spec", "_index_params",
+        "_nearest_scans", "_nearest_rules", "_nearest_settings", "_nearest_sql", "_index_plan",
+        "_index_type", "_index_spec", "_index_params",
         "hnsw_rule", "_vector_partition_name", "_session_tenant",
         "_corpus_named")}
     assert all(line.endswith("app no | public no") for line in lines
