@@ -808,11 +808,13 @@ def search(t: Target, owner: psycopg.Connection[Any], data: Data, res: IngestRes
             print(f"   {label:<9} p50 {p50:6.2f} ms  p95 {p95:6.2f}  p99 {p99:6.2f}  "
                   f"recall@10 {np.mean(recall[label]):.4f}  (p50 per round: "
                   f"{spread.low:.2f}-{spread.high:.2f})  {SEARCH_PATHS[label]}")
+        # issue 21's targets: within 1.2 of plain pgvector, and the guard's own cost within 1.1
+        targets = {"plain": 1.2, "unguarded": 1.1}
         ratios = {f"search p50 pyembed / {other}": p50s["pyembed"] / p50s[other]
-                  for other in ("plain", "unguarded")}
-        for name, value in ratios.items():
-            print(f"   ratio of p50s {name.removeprefix('search p50 ')}: {value:.2f}   "
-                  "(target <= 1.2)")
+                  for other in targets}
+        for other, target in targets.items():
+            print(f"   ratio of p50s pyembed / {other}: "
+                  f"{ratios[f'search p50 pyembed / {other}']:.2f}   (target <= {target})")
         if len(cpu_ms) == len(conns):
             print("   server CPU time per search (each path's own server process; other work on the "
                   "machine stretches wall times, much less this): " + ", ".join(
@@ -1040,7 +1042,7 @@ def main() -> None:
                 ratios["cache-hit embed_query p50 ms"] = cache_hits(target, args)
                 worker(target, owner, args)
             print("\nsummary (targets: ingest >= 0.8 x plain COPY and >= 3 x langchain; "
-                  "search p50 <= 1.2 x plain; cache-hit p50 < 2 ms):")
+                  "search p50 <= 1.2 x plain and <= 1.1 x unguarded; cache-hit p50 < 2 ms):")
             for name, value in ratios.items():
                 print(f"   {name}: {value:.2f}")
         finally:
