@@ -151,12 +151,13 @@ BEGIN
   -- an assignment and the texts' query written out, not function scans: each call is part of
   -- the guard's fixed cost (bench_suite.py section 2). The texts are read by a nested loop of
   -- index probes in the ranking's order (the plan knows the ordinality is sorted: no sort, no
-  -- hash table)
+  -- hash table); the ids alone are unnested, each hit's score taken by its position (unnesting
+  -- both arrays scanned two functions, each into a tuplestore of its own)
   r := pyembed._vector_ranking(c, query_embedding, query_model_key, k, filter, group_by);
   RETURN QUERY
-  SELECT ch.document_id, ch.chunk_id, ch.chunk_index, ch.content, ch.metadata, h.score,
+  SELECT ch.document_id, ch.chunk_id, ch.chunk_index, ch.content, ch.metadata, r.scores[h.n],
          query_model_key
-    FROM unnest(r.ids, r.scores) WITH ORDINALITY AS h(chunk_id, score, n)
+    FROM unnest(r.ids) WITH ORDINALITY AS h(chunk_id, n)
     JOIN pyembed.chunks ch ON ch.corpus_id = c.corpus_id AND ch.chunk_id = h.chunk_id
    ORDER BY h.n;
 END
