@@ -4,14 +4,15 @@ Revision ID: 0023
 Revises: 0020
 Create Date: 2026-12-04
 
-Every search assigned the whole of pyembed._index_plan's row (inlined) and PL/pgSQL sets up a
-simple expression again in every transaction: the fields the search never reads (opclass, m,
-ef_construction) and five copies of the index type's rule were set up each search. The SQL
-function pyembed._nearest_rules (sql/025-nearest.sql) selects the fields the vector leg reads, and
-the planner keeps only those of the inlined row; pyembed._vector_ranking and _nearest_in read it.
-It returns pyembed._index_rules, which revision 0020's downgrade drops: this downgrade drops the
-function and restores its two callers, and pyembed._nearest_sql, as they were (the upgrade has
-nothing to do: sql/ creates them).
+Every search assigned the whole of pyembed._index_plan's row (inlined), and PL/pgSQL sets a
+simple expression up again in every transaction: the fields the search never reads (opclass, m,
+ef_construction, with two of the row's six copies of the index type's rule) were set up each
+search. The SQL function pyembed._nearest_rules (sql/025-nearest.sql) selects the fields the
+vector leg reads, and the planner keeps only those of the inlined row; pyembed._vector_ranking and
+_nearest_in read it. It returns pyembed._index_rules, which revision 0020's downgrade drops: this
+downgrade drops the function and restores its two callers, and pyembed._nearest_sql (whose
+statement now sorts its hits once), as they were (the upgrade has nothing to do: sql/ creates
+them).
 """
 
 from __future__ import annotations
