@@ -1,7 +1,7 @@
 """The vector leg reads only the index rules it uses (pyembed._nearest_rules).
 
 Revision ID: 0023
-Revises: 0020
+Revises: 0022
 Create Date: 2026-12-04
 
 Every search assigned the whole of pyembed._index_plan's row (inlined), and PL/pgSQL sets a
@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pyembed.schema import run_sql
 
 revision: str = "0023"
-down_revision: str | Sequence[str] | None = "0020"
+down_revision: str | Sequence[str] | None = "0022"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
