@@ -19,6 +19,7 @@ from psycopg.pq import TransactionStatus
 
 from .cachekey import cache_key
 from .corpora import corpus_info
+from .db import translated
 from .errors import ModelMismatch
 from .models import InputType
 from .search import DEFAULT, Hit, Options, as_hits, bucket, filter_json, run
@@ -212,19 +213,21 @@ def _early(corpus: Corpus, read: psycopg.Connection[Any], params: list[Any], key
            prepared: _Prepared, ranking_params: list[Any] | None
            ) -> tuple[tuple[Any, ...], tuple[np.ndarray, list[tuple[Any, ...]] | None] | None]:
     """search_query's row, made on a thread of its own while this one embeds the query for
-    `key` (the key that serves it unless a migration shifts traffic), and after a miss of that
-    key, on that thread still, the keyword ranking of `ranking_params` (hybrid search). The
+    `key` (the key that serves it unless a migration shifts traffic), and with it, in the same
+    round trip and transaction, the keyword ranking of `ranking_params` (hybrid search). The
     reservation search_query makes still decides whether the search goes on: its refusal is the
-    search's error, and a query another key serves drops the embedding. Returns the row and,
-    for a miss of `key`, (the embedding, the keyword ranking or None)."""
+    search's error (and the ranking does not run), and a query another key serves drops the
+    embedding and the ranking. Returns the row and, for a miss of `key`, (the embedding, the
+    keyword ranking or None)."""
     client = corpus.client
 
     def first() -> tuple[tuple[Any, ...], bool, list[tuple[Any, ...]] | None]:
-        row = _rows(read, SEARCH_QUERY, params)[0]
+        # The ranking runs after the reservation, in its transaction: not if it is refused.
+        found = _pipelined(read, [(SEARCH_QUERY, params)] + (
+            [(KEYWORD_RANKING, ranking_params)] if ranking_params is not None else []))
+        row = found[0][0]
         miss = row[3] is False and row[2] == key
-        ranking = (_rows(client.conn, KEYWORD_RANKING, ranking_params)
-                   if miss and ranking_params is not None else None)
-        return row, miss, ranking
+        return row, miss, (found[1] if miss and ranking_params is not None else None)
 
     trip = _BACKGROUND.submit(first)
     client.current_corpus_id = corpus.info.corpus_id  # a retry's call is accounted to it
@@ -297,6 +300,22 @@ def _ttl(corpus: Corpus) -> float | None:
 
 def _rows(conn: psycopg.Connection[Any], sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
     return PsycopgExecutor(conn).rows(sql, params)
+
+
+def _pipelined(conn: psycopg.Connection[Any], calls: Sequence[tuple[str, Sequence[Any]]]
+               ) -> list[list[tuple[Any, ...]]]:
+    """The rows of each of `calls` (statement, parameters), sent in one round trip and run in
+    one transaction (outside a transaction block, the pipeline's implicit one): an error ends
+    it, and the calls after it do not run."""
+    if len(calls) == 1:
+        return [PsycopgExecutor(conn).rows(*calls[0])]
+    cursors = []
+    with translated(), conn.pipeline():
+        for sql, params in calls:
+            cursor = psycopg.RawCursor(conn)
+            cursor.execute(sql, list(params))
+            cursors.append(cursor)
+    return [cursor.fetchall() for cursor in cursors]
 
 
 def _hits(arrays: Sequence[Any]) -> list[Hit]:

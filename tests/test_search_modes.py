@@ -534,14 +534,22 @@ def test_a_new_hybrid_query_ranks_by_keywords_while_it_is_embedded(
         statements: list[str] = []
         run_rows = pyembed.query._rows
 
+        run_pipelined = pyembed.query._pipelined
+
         def spy(conn: Any, statement: str, params: list[Any]) -> Any:
             statements.append(statement.split("(")[0].split()[-1])
             return run_rows(conn, statement, params)
 
+        def spy_pipelined(conn: Any, calls: list[tuple[str, list[Any]]]) -> Any:
+            statements.append(" + ".join(sql.split("(")[0].split()[-1] for sql, _ in calls))
+            return run_pipelined(conn, calls)
+
         with monkeypatch.context() as patched:
             patched.setattr(pyembed.query, "_rows", spy)
+            patched.setattr(pyembed.query, "_pipelined", spy_pipelined)
             new = kb.search(query, k=5, mode="hybrid")
-        assert statements == ["pyembed.search_query", "pyembed.keyword_ranking",
+        # the reservation and the keyword ranking in one round trip, then the search
+        assert statements == ["pyembed.search_query + pyembed.keyword_ranking",
                               "pyembed.search_embedded"]
         # the same hits as the one statement that ranks both legs itself, from the cache
         warm.corpus("whileembedding").search(query, k=5, mode="hybrid")  # fills the cache
@@ -574,13 +582,21 @@ def test_a_new_query_to_a_local_model_is_embedded_during_the_first_round_trip(
         overlapped: list[bool] = []
         patience = [10.0]
 
+        run_pipelined = pyembed.query._pipelined
+
         def spy(conn: Any, statement: str, params: list[Any]) -> Any:
             if statement == pyembed.query.SEARCH_QUERY:  # the embedding runs meanwhile
                 overlapped.append(embedding.wait(patience[0]))
             return run_rows(conn, statement, params)
 
+        def spy_pipelined(conn: Any, calls: list[tuple[str, list[Any]]]) -> Any:
+            if calls[0][0] == pyembed.query.SEARCH_QUERY:
+                overlapped.append(embedding.wait(patience[0]))
+            return run_pipelined(conn, calls)
+
         monkeypatch.setattr(embedder, "embed_prepared", embed)
         monkeypatch.setattr(pyembed.query, "_rows", spy)
+        monkeypatch.setattr(pyembed.query, "_pipelined", spy_pipelined)
         for mode in ("vector", "hybrid"):
             embedding.clear()
             query = f"how do I raise the quota limit ({mode})"
