@@ -155,6 +155,15 @@ BEGIN
     cache_hit := v IS NOT NULL;
     IF NOT cache_hit THEN
       IF tokens IS NOT NULL AND writable THEN
+        -- quick_commit (below) for the reservation of a call that costs nothing (the model's
+        -- price 0, the local model's): its usage row is as losable as a log line, and the
+        -- client, which embeds meanwhile, no longer waits for the WAL flush. A priced call's
+        -- reservation is durable before the call is made.
+        IF (options->>'quick_commit') = 'true' AND pg_current_xact_id_if_assigned() IS NULL
+           AND (SELECT m.price_per_mtok FROM pyembed.models m
+                 WHERE m.model_key = search_query.model_key) = 0 THEN
+          PERFORM set_config('synchronous_commit', 'off', true);
+        END IF;
         PERFORM pyembed.reserve_usage(model_key, corpus_id, 1, tokens);
         reserved := true;
       END IF;

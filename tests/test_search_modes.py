@@ -612,6 +612,33 @@ def test_a_new_query_to_a_local_model_is_embedded_during_the_first_round_trip(
         assert overlapped[-1] is False  # no early embedding with a cache
 
 
+def test_a_reservation_skips_the_wal_flush_wait_only_for_a_call_that_costs_nothing(
+        app: psycopg.Connection[Any]) -> None:
+    """A miss reserves its provider call in search_query. With quick_commit, the reservation
+    of a call that costs nothing (the model's price 0: the local model's, the fake one's)
+    commits without waiting for the WAL flush; a priced call's, or one without a known price,
+    is durable before the call is made. Either way it is accounted."""
+    priced = app.execute("SELECT pyembed.register_model('fake', 'fake-hash', 'priced', 384, "
+                         "price_per_mtok => 0.02)").fetchone()[0]
+    unpriced = app.execute("SELECT pyembed.register_model('fake', 'fake-hash', 'unpriced', "
+                           "384)").fetchone()[0]
+    miss = ("SELECT cache_hit, reserved FROM pyembed.search_query(%s, 'E1', 0, ARRAY[%s], "
+            "ARRAY[NULL]::bytea[], 10, NULL, 'vector', %s, 3)")
+    used = "SELECT coalesce(sum(requests), 0)::int FROM pyembed.usage_report() WHERE corpus = %s"
+    for name, key, options, setting in (("free", FAKE, '{"quick_commit": true}', "off"),
+                                        ("free", FAKE, "{}", "on"),
+                                        ("priced", priced, '{"quick_commit": true}', "on"),
+                                        ("unpriced", unpriced, '{"quick_commit": true}', "on")):
+        app.execute("SELECT pyembed.create_corpus(%s, %s) WHERE NOT EXISTS "
+                    "(SELECT FROM pyembed.corpora WHERE name = %s)", (name, key, name))
+        before = app.execute(used, (name,)).fetchone()[0]
+        with app.transaction():
+            assert app.execute(miss, (name, key, options)).fetchone() == (False, True)
+            assert app.execute("SHOW synchronous_commit").fetchone() == (setting,), (name, options)
+        assert app.execute("SHOW synchronous_commit").fetchone() == ("on",)
+        assert app.execute(used, (name,)).fetchone()[0] == before + 1
+
+
 def test_search_embedded_skips_the_wal_flush_wait_only_without_a_cache_entry(
         client: Any, app: psycopg.Connection[Any]) -> None:
     """A miss's record (search_embedded) with quick_commit commits asynchronously when it
