@@ -271,13 +271,16 @@ $$;
 
 -- At commit (a deferred constraint trigger, once per pending row: the first folds them all).
 -- Counts of a corpus dropped meanwhile are let go. Then the blocks the transaction touched
--- are rebuilt from the postings: first locked, all in one order (a new block is locked by its
--- insert), so that two committing writers never deadlock; then read by a statement of its
--- own, whose snapshot holds what every writer that held a block before committed (rebuilding
--- from an older one would drop their postings). A block inserted needs no second look: a
--- writer that inserts the same block later waits for this one and rebuilds it. Counters come
--- first, blocks second, each in one statement sorted by key (the arrays in between need no
--- order): every writer takes its locks in the same order.
+-- are brought up to date: first locked, all in one order (a new block is locked by its
+-- insert), so that two committing writers never deadlock; then written by a statement of its
+-- own, whose snapshot holds what every writer that held a block before committed (a block
+-- made from an older one would drop their postings). A block the transaction only added
+-- postings to (its postings statements inserted, none deleted) gets them appended to what the
+-- block holds (a block's postings are in no order); any other is rebuilt from the postings. A
+-- block inserted needs no second look: a writer that inserts the same block later waits for
+-- this one, then appends to it or rebuilds it. Counters come first, blocks second, each in one
+-- statement sorted by key (the arrays in between need no order): every writer takes its locks
+-- in the same order.
 CREATE OR REPLACE FUNCTION pyembed._apply_keyword_counts() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -287,11 +290,15 @@ DECLARE
   cs integer[];
   ls text[];
   bs bigint[];
-  ps bytea[];  -- a block's new postings when one statement inserted them all, else NULL
-  oc integer[];  -- the blocks this snapshot has
+  ps bytea[];  -- the postings the transaction added to a block, NULL if it deleted any
+  oc integer[];  -- the blocks this snapshot has, or that a concurrent writer inserted first
   ol text[];
   ob bigint[];
-  raced boolean;
+  op bytea[];
+  rc integer[];
+  rl text[];
+  rb bigint[];
+  rp bytea[];
 BEGIN
   WITH mine AS (
     DELETE FROM pyembed.keyword_pending p
@@ -324,7 +331,8 @@ BEGIN
   SELECT array_agg(t.corpus_id), array_agg(t.lexeme), array_agg(t.block), array_agg(t.postings)
     INTO cs, ls, bs, ps
     FROM (SELECT m.corpus_id, u.lexeme, u.block,
-                 CASE WHEN count(*) = 1 THEN (array_agg(u.postings))[1] END AS postings
+                 CASE WHEN count(*) = count(u.postings)
+                      THEN string_agg(u.postings, ''::bytea) END AS postings
             FROM mine m, unnest(m.lexemes, m.blocks, m.postings) AS u(lexeme, block, postings)
            GROUP BY 1, 2, 3) t;
   DELETE FROM pyembed.keyword_pending p WHERE p.xact = pg_current_xact_id();
@@ -332,18 +340,18 @@ BEGIN
     RETURN NULL;
   END IF;
   PERFORM pyembed._analyze_grown();  -- before the blocks' plans are made
-  -- Blocks this snapshot has not got: built (from the statement's new postings when one
-  -- statement of this transaction wrote all of the block's) and inserted at once. If a
-  -- concurrent writer inserted one of them first (waited for, then left alone: ON CONFLICT),
-  -- every block is rebuilt below; else only those this snapshot had.
+  -- Blocks this snapshot has not got: built (from the transaction's new postings when it only
+  -- added postings to them) and inserted at once. One that a concurrent writer inserted first
+  -- (waited for, then left alone: ON CONFLICT) joins those this snapshot had.
   SELECT array_agg(t.corpus_id) FILTER (WHERE t.there),
          array_agg(t.lexeme) FILTER (WHERE t.there),
          array_agg(t.block) FILTER (WHERE t.there),
+         array_agg(t.postings) FILTER (WHERE t.there),
          array_agg(t.corpus_id) FILTER (WHERE NOT t.there),
          array_agg(t.lexeme) FILTER (WHERE NOT t.there),
          array_agg(t.block) FILTER (WHERE NOT t.there),
          array_agg(t.postings) FILTER (WHERE NOT t.there)
-    INTO oc, ol, ob, cs, ls, bs, ps
+    INTO oc, ol, ob, op, cs, ls, bs, ps
     FROM (SELECT t.*, o.there IS NOT NULL AS there
             FROM unnest(cs, ls, bs, ps) AS t(corpus_id, lexeme, block, postings)
             LEFT JOIN LATERAL (SELECT true AS there FROM pyembed.posting_blocks o
@@ -351,49 +359,53 @@ BEGIN
                                   AND o.block = t.block LIMIT 1) o ON true) t;
   IF cs IS NOT NULL THEN
     WITH built AS MATERIALIZED (
-      SELECT t.corpus_id, t.lexeme, t.block, coalesce(t.postings, x.postings) AS postings
+      SELECT t.corpus_id, t.lexeme, t.block,
+             CASE WHEN t.postings IS NULL
+                  THEN pyembed._packed_block(t.corpus_id, t.lexeme, t.block)
+                  ELSE t.postings END AS postings
         FROM unnest(cs, ls, bs, ps) AS t(corpus_id, lexeme, block, postings)
-        LEFT JOIN LATERAL (SELECT pyembed._packed_block(t.corpus_id, t.lexeme, t.block)
-                                    AS postings
-                            WHERE t.postings IS NULL) x ON true
     ), inserted AS (
       INSERT INTO pyembed.posting_blocks (corpus_id, lexeme, block, postings)
       SELECT * FROM built WHERE postings IS NOT NULL ORDER BY 1, 2, 3
       ON CONFLICT DO NOTHING
-      RETURNING 1
+      RETURNING corpus_id, lexeme, block
     )
-    SELECT (SELECT count(*) FROM built WHERE postings IS NOT NULL) > (SELECT count(*) FROM inserted)
-      INTO raced;
-    IF raced THEN  -- all of them
-      SELECT array_agg(t.corpus_id), array_agg(t.lexeme), array_agg(t.block) INTO oc, ol, ob
-        FROM (SELECT * FROM unnest(oc, ol, ob) UNION ALL SELECT * FROM unnest(cs, ls, bs))
-          AS t(corpus_id, lexeme, block);
+    SELECT array_agg(t.corpus_id), array_agg(t.lexeme), array_agg(t.block),
+           array_agg(t.postings) INTO rc, rl, rb, rp
+      FROM unnest(cs, ls, bs, ps) AS t(corpus_id, lexeme, block, postings)
+     WHERE NOT EXISTS (SELECT FROM inserted i WHERE i.corpus_id = t.corpus_id
+                          AND i.lexeme = t.lexeme AND i.block = t.block);
+    IF rc IS NOT NULL THEN  -- raced, or not inserted (no postings): made again below
+      SELECT array_agg(t.corpus_id), array_agg(t.lexeme), array_agg(t.block),
+             array_agg(t.postings) INTO oc, ol, ob, op
+        FROM (SELECT * FROM unnest(oc, ol, ob, op) UNION ALL SELECT * FROM unnest(rc, rl, rb, rp))
+          AS t(corpus_id, lexeme, block, postings);
     END IF;
   END IF;
-  cs := oc;
-  ls := ol;
-  bs := ob;
-  IF cs IS NULL THEN
+  IF oc IS NULL THEN
     RETURN NULL;
   END IF;
-  -- The others: locked, then rebuilt by a statement of its own.
+  -- The others: locked, then appended to or rebuilt by a statement of its own.
   PERFORM FROM pyembed.posting_blocks b
-    JOIN unnest(cs, ls, bs) AS t(corpus_id, lexeme, block)
+    JOIN unnest(oc, ol, ob) AS t(corpus_id, lexeme, block)
       ON b.corpus_id = t.corpus_id AND b.lexeme = t.lexeme AND b.block = t.block
    ORDER BY b.corpus_id, b.lexeme, b.block FOR UPDATE OF b;
   WITH built AS (
-    SELECT t.corpus_id, t.lexeme, t.block, x.postings
-      FROM unnest(cs, ls, bs) AS t(corpus_id, lexeme, block),
-           LATERAL (SELECT pyembed._packed_block(t.corpus_id, t.lexeme, t.block) AS postings) x
+    SELECT t.corpus_id, t.lexeme, t.block, t.added,
+           CASE WHEN t.added IS NULL
+                THEN pyembed._packed_block(t.corpus_id, t.lexeme, t.block) END AS postings
+      FROM unnest(oc, ol, ob, op) AS t(corpus_id, lexeme, block, added)
   ), emptied AS (
     DELETE FROM pyembed.posting_blocks b USING built n
-     WHERE n.postings IS NULL AND b.corpus_id = n.corpus_id AND b.lexeme = n.lexeme
-       AND b.block = n.block
+     WHERE n.added IS NULL AND n.postings IS NULL AND b.corpus_id = n.corpus_id
+       AND b.lexeme = n.lexeme AND b.block = n.block
   )
-  UPDATE pyembed.posting_blocks b SET postings = n.postings
+  UPDATE pyembed.posting_blocks b
+     SET postings = CASE WHEN n.added IS NULL THEN n.postings ELSE b.postings || n.added END
     FROM built n
-   WHERE n.postings IS NOT NULL AND b.corpus_id = n.corpus_id AND b.lexeme = n.lexeme
-     AND b.block = n.block AND b.postings <> n.postings;
+   WHERE (n.added IS NOT NULL OR n.postings IS NOT NULL) AND b.corpus_id = n.corpus_id
+     AND b.lexeme = n.lexeme AND b.block = n.block
+     AND (n.added IS NOT NULL OR b.postings <> n.postings);
   RETURN NULL;
 END
 $$;
