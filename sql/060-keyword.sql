@@ -270,17 +270,17 @@ END
 $$;
 
 -- At commit (a deferred constraint trigger, once per pending row: the first folds them all).
--- Counts of a corpus dropped meanwhile are let go. Then the blocks the transaction touched
--- are brought up to date: first locked, all in one order (a new block is locked by its
--- insert), so that two committing writers never deadlock; then written by a statement of its
--- own, whose snapshot holds what every writer that held a block before committed (a block
--- made from an older one would drop their postings). A block the transaction only added
--- postings to (its postings statements inserted, none deleted) gets them appended to what the
--- block holds (a block's postings are in no order); any other is rebuilt from the postings. A
--- block inserted needs no second look: a writer that inserts the same block later waits for
--- this one, then appends to it or rebuilds it. Counters come first, blocks second, each in one
--- statement sorted by key (the arrays in between need no order): every writer takes its locks
--- in the same order.
+-- Counts of a corpus dropped meanwhile are let go. Then the blocks the transaction touched are
+-- brought up to date by one statement sorted by key, as the counters were: each block is
+-- inserted, or locked (ON CONFLICT DO UPDATE locks the newest version of the row, committed by
+-- whichever writer held it before) and updated; every writer takes its locks in the same order,
+-- so two committing writers never deadlock. A block the transaction only added postings to
+-- (its postings statements inserted, none deleted) gets them appended to what the block holds
+-- (a block's postings are in no order), or is made of them if new. Any other goes in as a
+-- placeholder (one posting of tf 0, which no real posting has) or is locked as it is, and is
+-- then rebuilt from the postings by a statement of its own, whose snapshot holds what every
+-- writer that held the block before committed (a block rebuilt from an older one would drop
+-- their postings); one left with no postings is deleted.
 CREATE OR REPLACE FUNCTION pyembed._apply_keyword_counts() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -291,14 +291,9 @@ DECLARE
   ls text[];
   bs bigint[];
   ps bytea[];  -- the postings the transaction added to a block, NULL if it deleted any
-  oc integer[];  -- the blocks this snapshot has, or that a concurrent writer inserted first
-  ol text[];
-  ob bigint[];
-  op bytea[];
-  rc integer[];
+  rc integer[];  -- the blocks to rebuild
   rl text[];
   rb bigint[];
-  rp bytea[];
 BEGIN
   WITH mine AS (
     DELETE FROM pyembed.keyword_pending p
@@ -340,72 +335,32 @@ BEGIN
     RETURN NULL;
   END IF;
   PERFORM pyembed._analyze_grown();  -- before the blocks' plans are made
-  -- Blocks this snapshot has not got: built (from the transaction's new postings when it only
-  -- added postings to them) and inserted at once. One that a concurrent writer inserted first
-  -- (waited for, then left alone: ON CONFLICT) joins those this snapshot had.
-  SELECT array_agg(t.corpus_id) FILTER (WHERE t.there),
-         array_agg(t.lexeme) FILTER (WHERE t.there),
-         array_agg(t.block) FILTER (WHERE t.there),
-         array_agg(t.postings) FILTER (WHERE t.there),
-         array_agg(t.corpus_id) FILTER (WHERE NOT t.there),
-         array_agg(t.lexeme) FILTER (WHERE NOT t.there),
-         array_agg(t.block) FILTER (WHERE NOT t.there),
-         array_agg(t.postings) FILTER (WHERE NOT t.there)
-    INTO oc, ol, ob, op, cs, ls, bs, ps
-    FROM (SELECT t.*, o.there IS NOT NULL AS there
-            FROM unnest(cs, ls, bs, ps) AS t(corpus_id, lexeme, block, postings)
-            LEFT JOIN LATERAL (SELECT true AS there FROM pyembed.posting_blocks o
-                                WHERE o.corpus_id = t.corpus_id AND o.lexeme = t.lexeme
-                                  AND o.block = t.block LIMIT 1) o ON true) t;
-  IF cs IS NOT NULL THEN
-    WITH built AS MATERIALIZED (
-      SELECT t.corpus_id, t.lexeme, t.block,
-             CASE WHEN t.postings IS NULL
-                  THEN pyembed._packed_block(t.corpus_id, t.lexeme, t.block)
-                  ELSE t.postings END AS postings
-        FROM unnest(cs, ls, bs, ps) AS t(corpus_id, lexeme, block, postings)
-    ), inserted AS (
-      INSERT INTO pyembed.posting_blocks (corpus_id, lexeme, block, postings)
-      SELECT * FROM built WHERE postings IS NOT NULL ORDER BY 1, 2, 3
-      ON CONFLICT DO NOTHING
-      RETURNING corpus_id, lexeme, block
-    )
-    SELECT array_agg(t.corpus_id), array_agg(t.lexeme), array_agg(t.block),
-           array_agg(t.postings) INTO rc, rl, rb, rp
-      FROM unnest(cs, ls, bs, ps) AS t(corpus_id, lexeme, block, postings)
-     WHERE NOT EXISTS (SELECT FROM inserted i WHERE i.corpus_id = t.corpus_id
-                          AND i.lexeme = t.lexeme AND i.block = t.block);
-    IF rc IS NOT NULL THEN  -- raced, or not inserted (no postings): made again below
-      SELECT array_agg(t.corpus_id), array_agg(t.lexeme), array_agg(t.block),
-             array_agg(t.postings) INTO oc, ol, ob, op
-        FROM (SELECT * FROM unnest(oc, ol, ob, op) UNION ALL SELECT * FROM unnest(rc, rl, rb, rp))
-          AS t(corpus_id, lexeme, block, postings);
-    END IF;
-  END IF;
-  IF oc IS NULL THEN
+  INSERT INTO pyembed.posting_blocks AS b (corpus_id, lexeme, block, postings)
+  SELECT t.corpus_id, t.lexeme, t.block, coalesce(t.postings, '\x00000000000000000000'::bytea)
+    FROM unnest(cs, ls, bs, ps) AS t(corpus_id, lexeme, block, postings)
+   ORDER BY 1, 2, 3
+  ON CONFLICT (corpus_id, lexeme, block) DO UPDATE
+    SET postings = b.postings || EXCLUDED.postings
+    WHERE EXCLUDED.postings <> '\x00000000000000000000'::bytea;  -- (else locked, not updated)
+  SELECT array_agg(t.corpus_id), array_agg(t.lexeme), array_agg(t.block) INTO rc, rl, rb
+    FROM unnest(cs, ls, bs, ps) AS t(corpus_id, lexeme, block, postings)
+   WHERE t.postings IS NULL;
+  IF rc IS NULL THEN
     RETURN NULL;
   END IF;
-  -- The others: locked, then appended to or rebuilt by a statement of its own.
-  PERFORM FROM pyembed.posting_blocks b
-    JOIN unnest(oc, ol, ob) AS t(corpus_id, lexeme, block)
-      ON b.corpus_id = t.corpus_id AND b.lexeme = t.lexeme AND b.block = t.block
-   ORDER BY b.corpus_id, b.lexeme, b.block FOR UPDATE OF b;
   WITH built AS (
-    SELECT t.corpus_id, t.lexeme, t.block, t.added,
-           CASE WHEN t.added IS NULL
-                THEN pyembed._packed_block(t.corpus_id, t.lexeme, t.block) END AS postings
-      FROM unnest(oc, ol, ob, op) AS t(corpus_id, lexeme, block, added)
+    SELECT t.corpus_id, t.lexeme, t.block,
+           pyembed._packed_block(t.corpus_id, t.lexeme, t.block) AS postings
+      FROM unnest(rc, rl, rb) AS t(corpus_id, lexeme, block)
   ), emptied AS (
     DELETE FROM pyembed.posting_blocks b USING built n
-     WHERE n.added IS NULL AND n.postings IS NULL AND b.corpus_id = n.corpus_id
-       AND b.lexeme = n.lexeme AND b.block = n.block
+     WHERE n.postings IS NULL AND b.corpus_id = n.corpus_id AND b.lexeme = n.lexeme
+       AND b.block = n.block
   )
-  UPDATE pyembed.posting_blocks b
-     SET postings = CASE WHEN n.added IS NULL THEN n.postings ELSE b.postings || n.added END
+  UPDATE pyembed.posting_blocks b SET postings = n.postings
     FROM built n
-   WHERE (n.added IS NOT NULL OR n.postings IS NOT NULL) AND b.corpus_id = n.corpus_id
-     AND b.lexeme = n.lexeme AND b.block = n.block
-     AND (n.added IS NOT NULL OR b.postings <> n.postings);
+   WHERE n.postings IS NOT NULL AND b.corpus_id = n.corpus_id AND b.lexeme = n.lexeme
+     AND b.block = n.block AND b.postings <> n.postings;
   RETURN NULL;
 END
 $$;
