@@ -16,7 +16,7 @@ import anthropic
 
 from .client import Corpus, _ms
 from .errors import InvalidInput, ProviderError, RateLimited, redact
-from .search import MODES, Hit
+from .search import MODES, Hit, hit_count
 from .text import check_text
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ def answer(corpus: Corpus, question: str, *, k: int = 5, model: str | None = Non
     Claude keeps refusing for rate limits, ProviderError for any other failed call.
     """
     check_text(question, "question")
-    if k < 1:
+    if hit_count(k) < 1:
         raise InvalidInput(f"k must be at least 1, got {k}")
     if max_tokens < 1:
         raise InvalidInput(f"max_tokens must be at least 1, got {max_tokens}")

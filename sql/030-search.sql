@@ -56,7 +56,8 @@ BEGIN
       HINT = 'embed the query with the corpus''s model, or let pyembed.search_text embed it';
   END IF;
   IF k IS NULL OR k < 1 OR k > 1000 THEN
-    RAISE EXCEPTION USING ERRCODE = 'PE005', MESSAGE = format('k must be 1..1000, got %s', k);
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = format('k must be 1..1000, got %s', coalesce(k::text, 'NULL'));
   END IF;
   IF group_by IS NULL OR group_by NOT IN ('document', 'chunk') THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',

@@ -432,7 +432,8 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
   IF k IS NULL OR k < 1 OR k > 1000 THEN
-    RAISE EXCEPTION USING ERRCODE = 'PE005', MESSAGE = format('k must be 1..1000, got %s', k);
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = format('k must be 1..1000, got %s', coalesce(k::text, 'NULL'));
   END IF;
   IF query IS NULL OR query !~ '\S' THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005', MESSAGE = 'the query is empty';
@@ -714,7 +715,8 @@ BEGIN
     RAISE EXCEPTION USING ERRCODE = 'PE005', MESSAGE = format('rrf_k must be 0 or more, got %s', rrf_k);
   END IF;
   IF k IS NULL OR k < 1 OR k > 1000 THEN
-    RAISE EXCEPTION USING ERRCODE = 'PE005', MESSAGE = format('k must be 1..1000, got %s', k);
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = format('k must be 1..1000, got %s', coalesce(k::text, 'NULL'));
   END IF;
   alpha := coalesce(alpha, 0.4);  -- the default weight
   -- Both rankings without their texts (the guarded vector one first: PE001 before anything);

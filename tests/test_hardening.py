@@ -288,6 +288,24 @@ def test_a_python_filter_that_is_not_a_json_object_is_refused(
             kb.search(unit(384, 1), 3, filter=bad_filter, model_key=KEY)
 
 
+@pytest.mark.parametrize("bad_k", [2.5, "3", True])
+def test_a_k_that_is_not_a_whole_number_is_refused(db: Database, searchable: Any,
+                                                   bad_k: Any) -> None:
+    """Every Python entry point: InvalidInput, where the driver cast "3" and rounded 2.5."""
+    from pyembed import orm
+
+    with pyembed.connect(db.app_dsn) as client:
+        kb = client.corpus("docs")
+        for mode in ("vector", "keyword", "hybrid"):
+            with pytest.raises(InvalidInput, match="whole number"):
+                kb.search("text", bad_k, mode=mode)
+        with pytest.raises(InvalidInput, match="whole number"):
+            kb.search(unit(384, 1), bad_k, model_key=KEY)
+        with pytest.raises(InvalidInput, match="whole number"):
+            orm.search("docs", unit(384, 1), KEY, bad_k)
+        assert len(kb.search("text", np.int64(2), mode="keyword")) <= 2  # numpy ints are whole
+
+
 # -- PE004 -----------------------------------------------------------------------------------
 
 def test_no_session_setting_lets_a_plain_update_change_a_key(owner: psycopg.Connection[Any],
