@@ -18,6 +18,26 @@ BEGIN
 END
 $$;
 
+-- When an entry stored now with a TTL of `ttl_seconds` expires: NULL for none, or PE005 for a
+-- TTL that is not a positive number of seconds below a hundred years (NaN, infinite, or one past
+-- the timestamps' range failed with a raw interval error; zero or less stored entries already
+-- expired).
+CREATE OR REPLACE FUNCTION pyembed._expiry(ttl_seconds float8) RETURNS timestamptz
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+  IF ttl_seconds IS NULL THEN
+    RETURN NULL;
+  END IF;
+  IF NOT (ttl_seconds > 0 AND ttl_seconds < 3.15e9) THEN  -- NaN sorts above every number
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = format('a cache TTL is a positive number of seconds below a hundred years '
+                       '(or NULL: no expiry), not %s', ttl_seconds);
+  END IF;
+  RETURN now() + make_interval(secs => ttl_seconds);
+END
+$$;
+
 -- Stores (or renews) entries; in a read-only transaction (a replica) it stores nothing.
 CREATE OR REPLACE FUNCTION pyembed.cache_put(keys bytea[], p_model_key text, p_input_type text,
                                              embeddings vector[], ttl_seconds float8 DEFAULT NULL)
@@ -30,6 +50,7 @@ DECLARE
   m pyembed.models;
   bad record;
   stored integer;
+  expires timestamptz := pyembed._expiry(ttl_seconds);  -- checked first
 BEGIN
   IF current_setting('transaction_read_only') = 'on' THEN
     RETURN 0;
@@ -72,7 +93,7 @@ BEGIN
   INSERT INTO pyembed.embedding_cache (tenant_id, cache_key, model_key, input_type, embedding,
                                        expires_at)
   SELECT DISTINCT ON (t.k) tid, t.k, m.model_key, p_input_type, t.e,
-         now() + make_interval(secs => ttl_seconds)
+         expires
     FROM unnest(keys, embeddings) AS t(k, e);
   GET DIAGNOSTICS stored = ROW_COUNT;
   RETURN stored;
@@ -118,7 +139,8 @@ BEGIN
          + (SELECT count(DISTINCT r.cache_key) FROM pyembed.rerank_cache r
              WHERE r.tenant_id = tid AND r.reranker = s.model_key)
     FROM pyembed.cache_stats s
-   WHERE s.tenant_id = tid AND s.day > current_date - days
+   WHERE s.tenant_id = tid
+     AND s.day > (current_date - pyembed._report_window(days, 'days'))::date
    GROUP BY s.day, s.model_key
    ORDER BY s.day DESC, s.model_key;
 END

@@ -31,6 +31,7 @@ DECLARE
   tid integer := coalesce(pyembed.current_tenant(), 0);
   bad record;
   stored integer;
+  expires timestamptz := pyembed._expiry(ttl_seconds);  -- checked first
 BEGIN
   IF current_setting('transaction_read_only') = 'on' THEN
     RETURN 0;
@@ -62,7 +63,7 @@ BEGIN
                               WHERE o.tenant_id = tid AND o.cache_key = ANY (keys)
                                 FOR UPDATE SKIP LOCKED));
   INSERT INTO pyembed.rerank_cache (tenant_id, cache_key, reranker, score, expires_at)
-  SELECT DISTINCT ON (t.k) tid, t.k, p_reranker, t.s, now() + make_interval(secs => ttl_seconds)
+  SELECT DISTINCT ON (t.k) tid, t.k, p_reranker, t.s, expires
     FROM unnest(keys, scores) AS t(k, s);
   GET DIAGNOSTICS stored = ROW_COUNT;
   RETURN stored;

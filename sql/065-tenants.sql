@@ -55,6 +55,24 @@ BEGIN
 END
 $$;
 
+-- A report's window, `amount` days or hours back from now: 1 to a hundred years, or PE005 (a
+-- window past that is out of the timestamps' range, and one below 1 would report nothing).
+CREATE OR REPLACE FUNCTION pyembed._report_window(amount integer, unit text) RETURNS interval
+LANGUAGE plpgsql IMMUTABLE
+AS $$
+DECLARE
+  most integer := CASE unit WHEN 'days' THEN 36500 ELSE 876000 END;
+BEGIN
+  IF amount IS NULL OR amount < 1 OR amount > most THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = format('a report covers 1..%s %s, not %s', most, unit,
+                       coalesce(amount::text, 'NULL'));
+  END IF;
+  RETURN CASE unit WHEN 'days' THEN make_interval(days => amount)
+                   ELSE make_interval(hours => amount) END;
+END
+$$;
+
 -- Usage per tenant, corpus and model key: the caller's tenant's, or every tenant's for a
 -- superuser (who is not acting for one).
 CREATE OR REPLACE FUNCTION pyembed.usage_report(days integer DEFAULT 30)
@@ -68,7 +86,7 @@ AS $$
     FROM pyembed.usage u
     LEFT JOIN pyembed.tenants t ON t.tenant_id = u.tenant_id
     LEFT JOIN pyembed.corpora c ON c.corpus_id = u.corpus_id
-   WHERE u.minute > now() - make_interval(days => days)
+   WHERE u.minute > now() - (SELECT pyembed._report_window(days, 'days'))
      AND (u.tenant_id = coalesce(pyembed.current_tenant(), 0)
           OR (pyembed.current_tenant() IS NULL
               AND (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = session_user)))

@@ -159,7 +159,7 @@ AS $$
          sum(m.queries)::bigint, max(m.measured_at)
     FROM pyembed.recall_measurements m JOIN pyembed.corpora c ON c.corpus_id = m.corpus_id
    WHERE m.corpus_id = ANY (pyembed.visible_corpora())
-     AND m.measured_at > now() - make_interval(hours => hours)
+     AND m.measured_at > now() - (SELECT pyembed._report_window(hours, 'hours'))
    GROUP BY c.name, m.model_key
    ORDER BY c.name, m.model_key
 $$;

@@ -306,6 +306,33 @@ def test_a_k_that_is_not_a_whole_number_is_refused(db: Database, searchable: Any
         assert len(kb.search("text", np.int64(2), mode="keyword")) <= 2  # numpy ints are whole
 
 
+@pytest.mark.parametrize("report", ["usage_report", "cache_report", "recall_report"])
+@pytest.mark.parametrize("window", [0, -1, None, 2_000_000_000])
+def test_a_report_window_out_of_range_is_refused(app: psycopg.Connection[Any], report: str,
+                                                 window: int | None) -> None:
+    """PE005, where a huge window failed with 'timestamp out of range' and one below 1 quietly
+    reported nothing."""
+    query = sql.SQL("SELECT * FROM pyembed.{}(%s::integer)").format(sql.Identifier(report))
+    err = sql_error(app, query, (window,))
+    assert err.sqlstate == "PE005" and "a report covers" in str(err), err
+    app.execute(query, (1,)).fetchall()
+
+
+@pytest.mark.parametrize("ttl", ["NaN", "Infinity", "0", "-5", "1e12"])
+def test_a_cache_ttl_is_a_positive_number_of_seconds(app: psycopg.Connection[Any],
+                                                     ttl: str) -> None:
+    key = bytes(32)
+    calls = [("SELECT pyembed.rerank_cache_put(ARRAY[%s::bytea], 'fake/overlap', ARRAY[0.5], "
+              "%s::float8)", (key, ttl)),
+             ("SELECT pyembed.cache_put(ARRAY[%s::bytea], %s, 'query', ARRAY[%s::vector], "
+              "%s::float8)", (key, KEY, vec(unit(384, 1)), ttl))]
+    for query, params in calls:
+        err = sql_error(app, query, params)
+        assert err.sqlstate == "PE005" and "TTL" in str(err), err
+        good = (*params[:-1], "60")
+        assert app.execute(query, good).fetchone() == (1,)
+
+
 # -- PE004 -----------------------------------------------------------------------------------
 
 def test_no_session_setting_lets_a_plain_update_change_a_key(owner: psycopg.Connection[Any],
