@@ -72,6 +72,8 @@ from pyembed import indb
 return indb.call(plpy, indb.embed_batch, GD, inputs, model_key, input_type)
 $$;
 
+-- At most 1,000 texts a call (Voyage's limit per request): a PL/Python call cannot be cancelled
+-- (statement_timeout waits for it), so a call is kept to a bounded time; call again for more.
 CREATE OR REPLACE FUNCTION pyembed.embed_batch(inputs text[], model_key text,
                                                input_type text DEFAULT 'document')
 RETURNS vector[]
@@ -81,6 +83,11 @@ AS $$
 DECLARE
   e_state text; e_message text; e_detail text; e_hint text;
 BEGIN
+  IF cardinality(inputs) > 1000 THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = format('embed_batch takes at most 1000 texts a call, not %s: call it again for '
+                       'the rest', cardinality(inputs));
+  END IF;
   RETURN pyembed._embed_batch(inputs, model_key, input_type);
 EXCEPTION WHEN OTHERS OR query_canceled THEN
   GET STACKED DIAGNOSTICS e_state = RETURNED_SQLSTATE, e_message = MESSAGE_TEXT,

@@ -152,8 +152,10 @@ def test_embed_batch_matches_single_calls(app: psycopg.Connection[Any]) -> None:
     ("SELECT pyembed.embed(%s, %s)", (TEXT, VOYAGE), "PE008", "VOYAGE_API_KEY"),
     ("SELECT pyembed.embed_batch(ARRAY['ok', NULL], %s)", (FAKE,), "PE005", "NULL"),
     ("SELECT pyembed.embed_batch(ARRAY['ok', ''], %s)", (FAKE,), "PE005", "empty"),
+    ("SELECT pyembed.embed_batch(array_fill('ok'::text, ARRAY[1001]), %s)", (FAKE,), "PE005",
+     "at most 1000 texts"),
 ], ids=["empty", "whitespace", "too-long", "null-text", "null-model", "unknown-model",
-        "bad-input-type", "voyage-no-key", "batch-null", "batch-empty"])
+        "bad-input-type", "voyage-no-key", "batch-null", "batch-empty", "batch-too-many"])
 def test_bad_input_raises_its_sqlstate_and_caches_nothing(
         app: psycopg.Connection[Any], query: str, params: tuple[Any, ...], sqlstate: str,
         words: str) -> None:
