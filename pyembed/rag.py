@@ -157,8 +157,8 @@ def answer(corpus: Corpus, question: str, *, k: int = 5, model: str | None = Non
     check_text(question, "question")
     if hit_count(k) < 1:
         raise InvalidInput(f"k must be at least 1, got {k}")
-    if max_tokens < 1:
-        raise InvalidInput(f"max_tokens must be at least 1, got {max_tokens}")
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+        raise InvalidInput(f"max_tokens must be a whole number of at least 1, got {max_tokens!r}")
     if mode not in MODES:
         raise InvalidInput(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     model = model or os.environ.get(MODEL_ENV) or DEFAULT_MODEL

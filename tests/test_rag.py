@@ -217,8 +217,12 @@ def test_citations_and_bad_arguments(kb: Corpus) -> None:
                                "answer this")
     with pytest.raises(pyembed.InvalidInput, match="k must be"):
         rag.answer(kb, "q", k=0)
-    with pytest.raises(pyembed.InvalidInput, match="max_tokens must be"):
-        rag.answer(kb, "q", max_tokens=0)
+    for bad in (0, 2.5, "300", True):
+        with pytest.raises(pyembed.InvalidInput, match="max_tokens must be"):
+            rag.answer(kb, "q", max_tokens=bad)  # type: ignore[arg-type]
+    for bad_k in (2.5, "3"):
+        with pytest.raises(pyembed.InvalidInput, match="whole number"):
+            rag.answer(kb, "q", k=bad_k)  # type: ignore[arg-type]
     with pytest.raises(pyembed.InvalidInput):
         rag.answer(kb, "   ")
 
