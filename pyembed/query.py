@@ -22,7 +22,7 @@ from .corpora import corpus_info
 from .db import translated
 from .errors import ModelMismatch
 from .models import InputType
-from .search import DEFAULT, Hit, Options, as_hits, bucket, filter_json, hit_count, run
+from .search import DEFAULT, Hit, Options, as_hits, bucket, filter_json, run, whole_number
 from .sqlexec import PsycopgExecutor
 from .text import check_text, estimate_tokens
 
@@ -83,7 +83,7 @@ def search_text(corpus: Corpus, query: str, k: int, filter: Mapping[str, Any] | 
     again, once."""
     check_text(query, "query")
     options.check(mode)
-    k = hit_count(k)
+    k = whole_number(k)
     flt = filter_json(filter)
     # alpha as text: JSON has no NaN, which the database refuses with its own message
     opts = json.dumps({"group_by": options.group, "fusion": options.fusion,

@@ -16,7 +16,7 @@ import anthropic
 
 from .client import Corpus, _ms
 from .errors import InvalidInput, ProviderError, RateLimited, redact
-from .search import MODES, Hit, hit_count
+from .search import MODES, Hit, whole_number
 from .text import check_text
 
 log = logging.getLogger(__name__)
@@ -155,10 +155,10 @@ def answer(corpus: Corpus, question: str, *, k: int = 5, model: str | None = Non
     Claude keeps refusing for rate limits, ProviderError for any other failed call.
     """
     check_text(question, "question")
-    if hit_count(k) < 1:
+    if whole_number(k) < 1:
         raise InvalidInput(f"k must be at least 1, got {k}")
-    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-        raise InvalidInput(f"max_tokens must be a whole number of at least 1, got {max_tokens!r}")
+    if whole_number(max_tokens, "max_tokens") < 1:
+        raise InvalidInput(f"max_tokens must be at least 1, got {max_tokens}")
     if mode not in MODES:
         raise InvalidInput(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     model = model or os.environ.get(MODEL_ENV) or DEFAULT_MODEL

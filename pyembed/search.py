@@ -131,12 +131,12 @@ def filter_json(filter: object) -> str | None:
         raise InvalidInput(f"a metadata filter is a JSON object: {exc}") from None
 
 
-def hit_count(k: object) -> int:
-    """k as the search functions take it: a whole number (the database bounds it, PE005); the
-    driver would cast 2.5 or "3" on the way in, and round 2.5."""
-    if isinstance(k, (int, np.integer)) and not isinstance(k, bool):
-        return int(k)
-    raise InvalidInput(f"k is a whole number of hits, not {k!r}")
+def whole_number(value: object, what: str = "k") -> int:
+    """`value` (k by default) as an int: the driver would cast 2.5 or "3" on the way in, and
+    round 2.5; its bounds are its user's (for k, the database's PE005)."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return int(value)
+    raise InvalidInput(f"{what} must be a whole number, not {value!r}")
 
 
 def run(db: Executor, corpus: str | None, mode: str | None, text: str | None, vector: Any,
@@ -147,7 +147,7 @@ def run(db: Executor, corpus: str | None, mode: str | None, text: str | None, ve
     assert mode is not None
     flt = filter_json(filter)
     sql, take = _SEARCHES[mode]
-    params = (corpus, text, vector, model_key, None if k is None else hit_count(k), flt,
+    params = (corpus, text, vector, model_key, None if k is None else whole_number(k), flt,
               options.group, options.fusion, options.alpha)
     return db.rows(sql, [params[i] for i in take], [_TYPES[i] for i in take])
 
