@@ -63,7 +63,7 @@ class PostgresCache:
                  input_type: InputType) -> dict[int, npt.NDArray[np.float32]]:
         keys = [cache_key(t, spec.key, input_type) for t in texts]
         found = {bytes(k): self.db.vector(v)
-                 for k, v in self.db.rows(LOOKUP, [keys], ["bytea[]"])}
+                 for k, v in self.db.rows(LOOKUP, [keys], ["bytea[]"], binary=True)}
         self.last_lookup = (len(found), len(set(keys)) - len(found))
         self.counter.add(spec.key, *self.last_lookup)
         if self.counter.due():

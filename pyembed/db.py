@@ -8,9 +8,11 @@ from contextlib import contextmanager
 from typing import Any
 
 import psycopg
+from pgvector import Vector
 from pgvector.psycopg import register_vector
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
+from psycopg.types.array import ListBinaryDumper
 
 from . import errors
 from .config import DSN_ENV, OWNER_DSN_ENV
@@ -27,8 +29,14 @@ def resolve_dsn(*, owner: bool = False) -> str:
     return LocalCluster().dsn(owner=owner)
 
 
+class VectorArray(list[Vector]):
+    """Vectors for a `::vector[]` parameter, sent in pgvector's binary form on a connection
+    from `connect` (psycopg sends a plain list as text: every float printed and parsed)."""
+
+
 def connect(dsn: str | None = None, *, owner: bool = False, **kwargs: Any) -> psycopg.Connection[Any]:
-    """A psycopg connection with the vector types registered (if the extension exists)."""
+    """A psycopg connection with the vector types registered (if the extension exists), and
+    VectorArray sent in binary."""
     try:
         conn = psycopg.connect(dsn or resolve_dsn(owner=owner), **kwargs)
     except psycopg.ProgrammingError as exc:  # libpq quotes a URI it cannot parse, password too
@@ -38,6 +46,8 @@ def connect(dsn: str | None = None, *, owner: bool = False, **kwargs: Any) -> ps
         register_vector(conn)
     except psycopg.ProgrammingError:
         pass  # extension not installed yet: `pyembed install` creates it
+    else:
+        conn.adapters.register_dumper(VectorArray, ListBinaryDumper)
     return conn
 
 

@@ -15,14 +15,16 @@ import numpy.typing as npt
 import psycopg
 from pgvector import Vector
 
-from .db import translated
+from .db import VectorArray, translated
 from .errors import from_sqlstate
 
 
 class Executor(Protocol):
-    def rows(self, sql: str, params: Sequence[Any], types: Sequence[str]) -> list[tuple[Any, ...]]:
-        """Run `sql` with `params` (of PostgreSQL `types`, for plpy); the rows it returns.
-        A database error with a pyembed SQLSTATE is raised as its pyembed error."""
+    def rows(self, sql: str, params: Sequence[Any], types: Sequence[str], *,
+             binary: bool = False) -> list[tuple[Any, ...]]:
+        """Run `sql` with `params` (of PostgreSQL `types`, for plpy); the rows it returns
+        (`binary`: read in binary form where the driver can, for vectors). A database error
+        with a pyembed SQLSTATE is raised as its pyembed error."""
 
     def vectors(self, vectors: Sequence[npt.NDArray[np.float32]]) -> list[Any]:
         """`vectors` as a parameter the statement casts with `::vector[]`."""
@@ -48,13 +50,14 @@ class PsycopgExecutor:
     def __init__(self, conn: psycopg.Connection[Any]) -> None:
         self.conn = conn
 
-    def rows(self, sql: str, params: Sequence[Any], types: Sequence[str] = ()) -> list[tuple[Any, ...]]:
+    def rows(self, sql: str, params: Sequence[Any], types: Sequence[str] = (), *,
+             binary: bool = False) -> list[tuple[Any, ...]]:
         with translated(), psycopg.RawCursor(self.conn) as cur:
-            cur.execute(sql, list(params))
+            cur.execute(sql, list(params), binary=binary)
             return cur.fetchall() if cur.description else []
 
     def vectors(self, vectors: Sequence[npt.NDArray[np.float32]]) -> list[Any]:
-        return [Vector(v) for v in vectors]
+        return VectorArray(Vector(v) for v in vectors)
 
     def vector(self, value: Any) -> npt.NDArray[np.float32]:
         return np.asarray(value.to_numpy() if isinstance(value, Vector) else value, dtype=np.float32)
@@ -66,7 +69,8 @@ class PlpyExecutor:
     def __init__(self, plpy: Any, GD: dict[str, Any]) -> None:
         self.plpy, self.GD = plpy, GD
 
-    def rows(self, sql: str, params: Sequence[Any], types: Sequence[str]) -> list[tuple[Any, ...]]:
+    def rows(self, sql: str, params: Sequence[Any], types: Sequence[str], *,
+             binary: bool = False) -> list[tuple[Any, ...]]:
         plans = self.GD.setdefault("pyembed.plans", {})
         if sql not in plans:
             plans[sql] = self.plpy.prepare(sql, list(types))

@@ -73,3 +73,39 @@ def test_cache_hit_returns_the_stored_vector_not_a_new_one(app: psycopg.Connecti
     v1 = e.embed_query("a question")
     v2 = embedder(app).embed_query("a question")
     assert v1.dtype == np.float32 and np.array_equal(v1, v2)
+
+
+def _binds(conn: psycopg.Connection[Any], path: Any, action: Any) -> list[tuple[list[int], int]]:
+    """The (parameter formats, result format) of each Bind message `action` sends on `conn`,
+    from libpq's trace of the wire (0 text, 1 binary)."""
+    with open(path, "w") as trace:
+        conn.pgconn.trace(trace.fileno())
+        try:
+            action()
+        finally:
+            conn.pgconn.untrace()
+    binds = []
+    for line in path.read_text(errors="replace").splitlines():
+        words = line.split("\t")
+        if len(words) < 5 or words[3] != "Bind":
+            continue
+        fields = words[4].split()
+        n = int(fields[2])  # after the portal and statement names
+        binds.append(([int(f) for f in fields[3:3 + n]], int(fields[-1])))
+    return binds
+
+
+def test_vectors_cross_the_wire_in_binary(app: psycopg.Connection[Any], tmp_path: Any) -> None:
+    """cache_put's vector[] goes in pgvector's binary form and cache_get's vectors come back in
+    it (both were text: every float printed and parsed, the slower part of a store)."""
+    c = PostgresCache(app)
+    texts = [f"binary {i}" for i in range(3)]
+    vectors = np.asarray(FakeProvider(SPEC).embed_batch(texts, InputType.DOCUMENT), np.float32)
+    (put, *_) = _binds(app, tmp_path / "put.trace",
+                       lambda: c.put_many(texts, vectors, SPEC, InputType.DOCUMENT))
+    assert put[0][3] == 1  # keys, model key, input type, vectors, ttl
+    found: dict[int, Any] = {}
+    (get, *_) = _binds(app, tmp_path / "get.trace",
+                       lambda: found.update(c.get_many(texts, SPEC, InputType.DOCUMENT)))
+    assert get[1] == 1
+    assert all(np.array_equal(found[i], vectors[i]) for i in range(3))

@@ -1,12 +1,13 @@
 """Embedding cache figures (a script, not a test): query embedding on a cache hit end to end
-from Python (p50/p99), and 10,000 texts of which half are cached: provider calls and cache
-round trips.
+from Python (p50/p99), 10,000 texts of which half are cached: provider calls and cache
+round trips, and the store of 1,000 vectors (one cache_put) and its lookup.
 
-    .venv/bin/python tests/benchmarks/bench_cache.py
+    .venv/bin/python tests/benchmarks/bench_cache.py [--store-only] [--home FOLDER]
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import statistics
 import time
@@ -30,7 +31,42 @@ class CountingConnection:
         return self.conn.closed
 
 
+def store_figures(conn: psycopg.Connection[Any], runs: int = 15) -> None:
+    """One cache_put of 1,000 vectors of 384 dimensions (fresh keys each run) and one
+    cache_get of them: medians over `runs`."""
+    import numpy as np
+
+    from pyembed.cache import PostgresCache
+    from pyembed.models import InputType, registry
+
+    spec = registry.get("fake/fake-hash@1:384")
+    cache = PostgresCache(conn)
+    rng = np.random.default_rng(0)
+    stores, lookups = [], []
+    for run in range(runs):
+        texts = [f"run {run} text {i}" for i in range(1000)]
+        vectors = rng.standard_normal((1000, 384)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        t0 = time.perf_counter()
+        cache.put_many(texts, vectors, spec, InputType.DOCUMENT)
+        t1 = time.perf_counter()
+        found = cache.get_many(texts, spec, InputType.DOCUMENT)
+        t2 = time.perf_counter()
+        assert len(found) == 1000 and np.array_equal(found[7], vectors[7])
+        stores.append((t1 - t0) * 1000)
+        lookups.append((t2 - t1) * 1000)
+    print(f"cache store of 1,000 vectors (384 dims), median of {runs}: "
+          f"{statistics.median(stores):.1f} ms; lookup of them: "
+          f"{statistics.median(lookups):.1f} ms")
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--store-only", action="store_true",
+                        help="only the store and lookup of 1,000 vectors")
+    parser.add_argument("--home", default=".pyembed-bench-cache",
+                        help="the local cluster's folder")
+    args = parser.parse_args()
     from pyembed.cache import PostgresCache
     from pyembed.db import connect
     from pyembed.embedder import Embedder
@@ -38,9 +74,13 @@ def main() -> None:
     from pyembed.providers.fake import FakeProvider
     from tests.benchmarks.common import local_database
 
-    with local_database(".pyembed-bench-cache") as target:
+    with local_database(args.home) as target:
         app_dsn = target.app_dsn
         assert app_dsn is not None
+        if args.store_only:
+            with connect(app_dsn, autocommit=True) as conn:
+                store_figures(conn)
+            return
         spec = registry.get("fake/fake-hash@1:384")
         local = registry.get("local/all-minilm-l6-v2-int8@1:384")
         with connect(app_dsn, autocommit=True) as conn:
