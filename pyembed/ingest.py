@@ -8,6 +8,7 @@ import csv
 import json
 import os
 import re
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -39,6 +40,9 @@ CSV_SUFFIXES = frozenset({".csv"})
 SUFFIXES = TEXT_SUFFIXES | JSONL_SUFFIXES | CSV_SUFFIXES
 MAX_ID_LENGTH = 512
 """The longest document id pyembed.documents accepts."""
+MAX_FIELD_BYTES = 1 << 20
+"""The longest CSV field read, in UTF-8 bytes: the bound of a chunk's text
+(chunks_content_bound), the longest text a table of a document holds in one value."""
 
 _HEADING = re.compile(r"^ {0,3}#{1,6}[ \t]+(.+?)(?:[ \t]+#+)?[ \t]*$")
 _FENCE = re.compile(r"^ {0,3}(```|~~~)")
@@ -255,6 +259,16 @@ class _Reader:
         return self._checked(path, line, doc_id, text, metadata)
 
     def _csv(self, path: Path) -> Iterator[_Record]:
+        # csv's own limit (128 KiB unless set, for the whole process) refuses a field in the
+        # middle of its record, and the reader then reads the record's rest as records of its
+        # own: the limit is lifted while reading, and each field checked here, whole.
+        limit = csv.field_size_limit(sys.maxsize)
+        try:
+            yield from self._csv_records(path)
+        finally:
+            csv.field_size_limit(limit)
+
+    def _csv_records(self, path: Path) -> Iterator[_Record]:
         with path.open(encoding="utf-8-sig", newline="") as f:
             reader = csv.reader(f)
             try:
@@ -292,6 +306,15 @@ class _Reader:
                 if len(row) != len(header):
                     self.problem(path, start, f"{len(row)} fields where the header has "
                                  f"{len(header)}", record=True)
+                    continue
+                over = [(h, size) for h, cell in zip(header, row, strict=True)
+                        if len(cell) > MAX_FIELD_BYTES // 4
+                        and (size := len(cell.encode("utf-8", "surrogatepass"))) > MAX_FIELD_BYTES]
+                if over:
+                    column, size = over[0]
+                    self.problem(path, start, f"field {column!r} is {size:,} bytes, over the "
+                                 f"{MAX_FIELD_BYTES:,}-byte bound of a chunk's text",
+                                 record=True)
                     continue
                 doc_id = row[id_at].strip()
                 if not doc_id:

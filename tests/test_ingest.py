@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import fcntl
 import io
 import json
@@ -27,6 +28,7 @@ import pyembed
 from pyembed.client import Client, Corpus
 from pyembed.db import connect, twin
 from pyembed.ingest import (
+    MAX_FIELD_BYTES,
     FileProblem,
     IngestError,
     IngestReport,
@@ -115,6 +117,28 @@ def test_csv_with_metadata_columns_and_custom_fields(tmp_path: Path, corpus: Cor
     assert _documents(app) == {"r1": {"team": "billing"}, "r2": {"team": "compute"}}
     assert corpus.search("refunds original card", k=1)[0].content == (
         "Refunds take ten days,\nto the original card")
+
+
+def test_csv_fields_up_to_a_chunks_bound_load_and_a_longer_one_is_reported(
+        tmp_path: Path, corpus: Corpus, app: psycopg.Connection[Any]) -> None:
+    """A 200 KB field loads (csv's default limit, 128 KiB, skipped it); one over the bound of a
+    chunk's text (MAX_FIELD_BYTES) is reported with its line, and the records after it load,
+    read as they are written (csv stopped inside the field and read its rest as records)."""
+    words = " ".join(f"word{i}" for i in range(40_000))
+    assert 200_000 < len(words) < MAX_FIELD_BYTES
+    huge = ("line of text\n" * (MAX_FIELD_BYTES // 13 + 1)).rstrip()
+    path = _write(tmp_path / "big.csv", f'id,text,lang\nbig,"{words}",en\n'
+                  f'huge,"{huge}\nstill, the same field",en\nafter,"the record after",en\n')
+
+    report = ingest(corpus, path, progress=False)
+
+    assert (report.added, report.failed) == (2, 1)
+    (problem,) = report.problems
+    assert problem.line == 3 and problem.message.startswith("field 'text' is ")
+    assert f"{MAX_FIELD_BYTES:,}-byte bound" in problem.message
+    assert sorted(_documents(app)) == ["after", "big"]
+    assert corpus.search("word39999", k=1, mode="keyword")[0].document_id == "big"
+    assert csv.field_size_limit() == 131072  # the process's limit as it was
 
 
 def test_bad_lines_are_reported_with_line_numbers_and_the_rest_loads(
