@@ -724,6 +724,9 @@ def corpus_create(
         "--storage", help="how the HNSW index holds the vectors: vector (float32), halfvec "
                           "(float16, half the index) or binary (sign bits, rescored exactly)")
     ] = "vector",
+    exist_ok: Annotated[bool, typer.Option(
+        "--exist-ok", help="succeed if the corpus exists with the same model key and chunking")
+    ] = False,
     dsn: DsnOption = None,
 ) -> None:
     """Create a corpus pinned to one model key.
@@ -731,9 +734,11 @@ def corpus_create(
     Example: pyembed corpus create docs --model voyage/voyage-3@1:1024 --storage halfvec
     """
     with _connect(dsn) as conn:
+        existed = exist_ok and any(c.name == name for c in list_corpora(conn))
         info = create_corpus(conn, name, model, description, chunk_tokens, chunk_overlap,
-                             storage=storage)
-    console.print(f"created corpus {info.name} pinned to {info.model_key} ({info.storage})")
+                             storage=storage, exist_ok=exist_ok)
+    console.print(f"{'corpus exists:' if existed else 'created corpus'} {info.name} pinned to "
+                  f"{info.model_key} ({info.storage})")
 
 
 @corpus_app.command("list")

@@ -174,11 +174,13 @@ class Client:
     @_in_turn
     def create_corpus(self, name: str, model_key: str = LOCAL_DEFAULT.key, description: str = "",
                       chunk_tokens: int = 200, chunk_overlap: int = 40,
-                      storage: str = "vector") -> Corpus:
+                      storage: str = "vector", *, exist_ok: bool = False) -> Corpus:
         """A new corpus pinned to `model_key`; `storage` is vector (default), halfvec or binary
-        (docs/index-tuning.md)."""
+        (docs/index-tuning.md). With `exist_ok`, the corpus of that name when it has the same
+        model key (else ModelMismatch) and chunking (else InvalidInput), so that a script
+        creating its corpus can run again."""
         create_corpus(self.conn, name, model_key, description, chunk_tokens, chunk_overlap,
-                      storage)
+                      storage, exist_ok=exist_ok)
         self.wrote()
         return self.corpus(name)
 

@@ -77,12 +77,15 @@ def list_corpora(conn: psycopg.Connection[Any]) -> list[CorpusInfo]:
 
 def create_corpus(conn: psycopg.Connection[Any], name: str, model_key: str, description: str = "",
                   chunk_tokens: int = 200, chunk_overlap: int = 40,
-                  storage: str = "vector") -> CorpusInfo:
+                  storage: str = "vector", *, exist_ok: bool = False) -> CorpusInfo:
     """A new corpus pinned to `model_key`; `storage` is how its HNSW index holds the vectors:
-    vector (float32), halfvec (float16) or binary (sign bits, rescored exactly)."""
+    vector (float32), halfvec (float16) or binary (sign bits, rescored exactly). With
+    `exist_ok`, the corpus of that name if it has the same key (else ModelMismatch) and
+    chunking (else InvalidInput)."""
     with translated(), conn.transaction():
-        conn.execute("SELECT pyembed.create_corpus(%s, %s, %s, %s, %s, %s)",
-                     (name, model_key, description, chunk_tokens, chunk_overlap, storage))
+        conn.execute("SELECT pyembed.create_corpus(%s, %s, %s, %s, %s, %s, %s)",
+                     (name, model_key, description, chunk_tokens, chunk_overlap, storage,
+                      exist_ok))
     return corpus_info(conn, name)
 
 

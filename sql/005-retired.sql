@@ -23,6 +23,8 @@ DROP FUNCTION IF EXISTS pyembed.search_text(text, text, integer, jsonb, text);
 DROP FUNCTION IF EXISTS pyembed._index_spec(integer, text);
 DROP FUNCTION IF EXISTS pyembed._vector_index_sql(integer, text, boolean);
 DROP FUNCTION IF EXISTS pyembed.create_corpus(text, text, text, integer, integer);
+-- create_corpus gained exist_ok (a script that creates its corpus can run again).
+DROP FUNCTION IF EXISTS pyembed.create_corpus(text, text, text, integer, integer, text);
 DROP FUNCTION IF EXISTS pyembed.migration_start(text, text);
 -- BM25 that scores every posting when the query's postings are few (issue 22): a new argument.
 DROP FUNCTION IF EXISTS pyembed._bm25(pyembed.corpora, text, integer, jsonb);

@@ -396,16 +396,21 @@ BEGIN
 END
 $$;
 
+-- With exist_ok, the caller's corpus of that name is returned when it has the same model key
+-- and chunking (what its stored chunks and vectors were made with), so a script that creates
+-- its corpus can run again; another key is PE001, other chunking PE005. Its storage and
+-- description are not compared: a reindex changes the one and neither changes a vector.
 CREATE OR REPLACE FUNCTION pyembed.create_corpus(
   name text, model_key text, description text DEFAULT '',
   chunk_tokens integer DEFAULT 200, chunk_overlap integer DEFAULT 40,
-  storage text DEFAULT 'vector')
+  storage text DEFAULT 'vector', exist_ok boolean DEFAULT false)
 RETURNS integer
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
   new_id integer;
+  old pyembed.corpora;
 BEGIN
   PERFORM pyembed._check_corpus_name(create_corpus.name);
   IF NOT EXISTS (SELECT FROM pyembed.models m WHERE m.model_key = create_corpus.model_key) THEN
@@ -427,10 +432,27 @@ BEGIN
                        create_corpus.chunk_tokens,
                        coalesce(create_corpus.chunk_overlap::text, 'NULL'));
   END IF;
-  IF EXISTS (SELECT FROM pyembed.corpora c WHERE c.name = create_corpus.name
-               AND coalesce(c.tenant_id, 0) = coalesce((SELECT pyembed.current_tenant()), 0)) THEN
-    RAISE EXCEPTION USING ERRCODE = 'PE005',
-      MESSAGE = format('corpus %s already exists', create_corpus.name);
+  SELECT * INTO old FROM pyembed.corpora c WHERE c.name = create_corpus.name
+     AND coalesce(c.tenant_id, 0) = coalesce((SELECT pyembed.current_tenant()), 0);
+  IF FOUND THEN
+    IF NOT coalesce(create_corpus.exist_ok, false) THEN
+      RAISE EXCEPTION USING ERRCODE = 'PE005',
+        MESSAGE = format('corpus %s already exists', create_corpus.name),
+        HINT = 'pass exist_ok to use it when it has the same model key and chunking';
+    END IF;
+    IF old.model_key <> create_corpus.model_key THEN
+      RAISE EXCEPTION USING ERRCODE = 'PE001',
+        MESSAGE = format('model key mismatch: corpus %s exists, pinned to %s, not %s',
+                         old.name, old.model_key, create_corpus.model_key);
+    END IF;
+    IF (old.chunk_tokens, old.chunk_overlap)
+       <> (create_corpus.chunk_tokens, create_corpus.chunk_overlap) THEN
+      RAISE EXCEPTION USING ERRCODE = 'PE005',
+        MESSAGE = format('corpus %s exists with chunk_tokens %s and chunk_overlap %s, not %s '
+                         'and %s', old.name, old.chunk_tokens, old.chunk_overlap,
+                         create_corpus.chunk_tokens, create_corpus.chunk_overlap);
+    END IF;
+    RETURN old.corpus_id;
   END IF;
   INSERT INTO pyembed.corpora (name, model_key, description, chunk_tokens, chunk_overlap,
                                tenant_id, storage)

@@ -50,7 +50,7 @@ GRANT INSERT, DELETE, UPDATE (embedding, content_hash, created_at) ON pyembed.ve
 
 GRANT EXECUTE ON FUNCTION
   pyembed.search(text, vector, text, integer, jsonb, text),
-  pyembed.create_corpus(text, text, text, integer, integer, text),
+  pyembed.create_corpus(text, text, text, integer, integer, text, boolean),
   pyembed.drop_corpus(text),
   pyembed._vector_check(integer, bigint, text, vector),
   pyembed.current_tenant(),

@@ -124,6 +124,12 @@ def test_names_and_texts_print_as_they_are(db: Database, tmp_path: Path) -> None
             assert lines[0].startswith("error: ") and words in lines[0], (args, out.stderr)
     made = pyembed("corpus", "create", "notes", "--model", "fake/fake-hash@1:384", env=db_env(db))
     assert made.returncode == 0, made.stderr
+    again = pyembed("corpus", "create", "notes", "--model", "fake/fake-hash@1:384", "--exist-ok",
+                    env=db_env(db))
+    assert again.returncode == 0 and again.stdout.startswith("corpus exists: notes"), again
+    other = pyembed("corpus", "create", "notes", "--model", "fake/fake-hash@1:1024", "--exist-ok",
+                    env=db_env(db))
+    assert other.returncode == 1 and "pinned to fake/fake-hash@1:384, not" in other.stderr
     (tmp_path / "a.txt").write_text("use x[i] and [/x] or [bold]y[/bold] here")
     assert pyembed("ingest", "notes", str(tmp_path / "a.txt"), "-q", env=db_env(db)).returncode == 0
     found = pyembed("search", "notes", "use x", env={**db_env(db), "COLUMNS": "200"})

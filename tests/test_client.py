@@ -80,3 +80,31 @@ def test_a_database_that_does_not_answer_is_one_pyembed_error(client: Any) -> No
     with pytest.raises(pyembed.ConfigError, match="not a DSN") as bad:
         pyembed.connect("postgresql://app:s3cret-pw@[::1/x")
     assert "s3cret-pw" not in str(bad.value)
+
+
+def test_create_corpus_exist_ok_returns_the_same_corpus_only(client: Any,
+                                                             app: psycopg.Connection[Any]) -> None:
+    """exist_ok (checked in pyembed.create_corpus): the existing corpus when its key and chunking
+    are those asked for; another key is a mismatch, other chunking invalid, and without it an
+    existing name stays an error."""
+    first = client.create_corpus("again", KEY, chunk_tokens=50, chunk_overlap=10)
+    again = client.create_corpus("again", KEY, chunk_tokens=50, chunk_overlap=10, exist_ok=True,
+                                 storage="halfvec", description="not compared")
+    assert again.info == first.info
+    with pytest.raises(pyembed.InvalidInput, match="already exists"):
+        client.create_corpus("again", KEY, chunk_tokens=50, chunk_overlap=10)
+    with pytest.raises(pyembed.ModelMismatch, match="pinned to fake/fake-hash@1:384, not "
+                                                    "fake/fake-hash@1:1024"):
+        client.create_corpus("again", "fake/fake-hash@1:1024", chunk_tokens=50,
+                             chunk_overlap=10, exist_ok=True)
+    with pytest.raises(pyembed.InvalidInput, match="chunk_tokens 50 and chunk_overlap 10, not "
+                                                   "200 and 40"):
+        client.create_corpus("again", KEY, exist_ok=True)
+    with pytest.raises(psycopg.Error) as err:  # the same from SQL
+        app.execute("SELECT pyembed.create_corpus('again', 'fake/fake-hash@1:1024', "
+                    "chunk_tokens => 50, chunk_overlap => 10, exist_ok => true)")
+    assert err.value.sqlstate == "PE001"
+    assert app.execute("SELECT pyembed.create_corpus('again', %s, chunk_tokens => 50, "
+                       "chunk_overlap => 10, exist_ok => true)", (KEY,)).fetchone() == (
+                           first.info.corpus_id,)
+    assert count(app, "corpora") == 1

@@ -22,14 +22,19 @@ def blocks(lang: str) -> list[str]:
     return re.findall(rf"```{lang}\n(.*?)```", README, re.S)
 
 
-def test_python_example_runs(db: Database, monkeypatch: pytest.MonkeyPatch,
-                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_python_example_runs_and_runs_again(db: Database, monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """The snippet twice, as a reader runs it again: the corpus exists the second time."""
     monkeypatch.setenv("PYEMBED_DSN", db.app_dsn)
     (code,) = blocks("python")
-    exec(compile(code, "README.md", "exec"), {})
-    out = capsys.readouterr().out.splitlines()
-    assert len(out) == 2 and out[0].split()[1] == "e4012"
-    assert out[0].split()[2] == pyembed.LOCAL_DEFAULT.key
+    for _ in range(2):
+        exec(compile(code, "README.md", "exec"), {})
+        out = capsys.readouterr().out.splitlines()
+        assert len(out) == 2 and out[0].split()[1] == "e4012"
+        assert out[0].split()[2] == pyembed.LOCAL_DEFAULT.key
+    with pyembed.connect(db.app_dsn) as client:
+        assert client.corpus("docs").search("E5003", k=5, mode="keyword")[0].document_id == "e5003"
+        assert len(client.corpus("docs").search("error", k=5, mode="keyword")) == 2
 
 
 def test_sql_example_behaves_as_documented(app: psycopg.Connection[Any]) -> None:

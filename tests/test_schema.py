@@ -63,7 +63,7 @@ APP_EXECUTE = {
     "add_document(text, text, text, jsonb)",
     "_add_document(text, text, text, jsonb)",  # add_document's body: it runs as the caller
     "_raise_again(text, text, text, text)",  # add_document's error, raised as the caller
-    "create_corpus(text, text, text, integer, integer, text)",
+    "create_corpus(text, text, text, integer, integer, text, boolean)",
     "drop_corpus(text)",
     "embed(text, text, text)",
     "embed_batch(text[], text, text)",
