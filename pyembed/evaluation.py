@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from .db import translated
 from .errors import InvalidInput
 from .models import InputType
 
@@ -52,15 +53,17 @@ class KeyScore:
 def add_eval_query(client: Client, corpus: str, query_id: str, query: str,
                    relevant: Sequence[str]) -> None:
     """Store an evaluation query with the ids of the documents that answer it (replacing the
-    one stored under the same id)."""
-    if not relevant:
-        raise InvalidInput("an evaluation query needs at least one relevant document id")
+    one stored under the same id). InvalidInput, from the table's trigger, for an empty query,
+    no relevant id, or an id that names no document of the corpus."""
+    if isinstance(relevant, str):  # a str is a Sequence of its characters
+        raise InvalidInput("relevant is a list of document ids, not one string")
     info = client.corpus(corpus).info
-    client.conn.execute(
-        """INSERT INTO pyembed.eval_queries (corpus_id, query_id, query, relevant)
-           VALUES (%s, %s, %s, %s) ON CONFLICT (corpus_id, query_id) DO UPDATE
-           SET query = EXCLUDED.query, relevant = EXCLUDED.relevant""",
-        (info.corpus_id, query_id, query, list(relevant)))
+    with client.turn, translated():
+        client.conn.execute(
+            """INSERT INTO pyembed.eval_queries (corpus_id, query_id, query, relevant)
+               VALUES (%s, %s, %s, %s) ON CONFLICT (corpus_id, query_id) DO UPDATE
+               SET query = EXCLUDED.query, relevant = EXCLUDED.relevant""",
+            (info.corpus_id, query_id, query, list(relevant)))
 
 
 def eval_queries(conn: psycopg.Connection[Any], corpus_id: int) -> list[EvalQuery]:

@@ -281,3 +281,48 @@ BEGIN
   RETURN queued;
 END
 $$;
+
+-- An evaluation query (the migration gate's and `eval compare`'s) has text and names documents
+-- its corpus has, or PE005 naming what is wrong: an id that names no document would count as
+-- a miss of every model, and an empty query failed on the table's check with its raw message.
+-- Checked before the row's checks, for every writer (the package, the CLI, SQL).
+CREATE OR REPLACE FUNCTION pyembed._eval_query_checked() RETURNS trigger
+LANGUAGE plpgsql SECURITY INVOKER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  missing text[];
+BEGIN
+  IF NEW.query IS NULL OR NEW.query !~ '\S' THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = format('evaluation query %s is empty: give the text of a question',
+                       NEW.query_id);
+  END IF;
+  IF coalesce(cardinality(NEW.relevant), 0) = 0 OR array_position(NEW.relevant, NULL) IS NOT NULL THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = format('evaluation query %s needs at least one relevant document id, and no '
+                       'NULL', NEW.query_id);
+  END IF;
+  SELECT array_agg(r.id ORDER BY r.n) INTO missing
+    FROM unnest(NEW.relevant) WITH ORDINALITY AS r(id, n)
+   WHERE NOT EXISTS (SELECT FROM pyembed.documents d
+                      WHERE d.corpus_id = NEW.corpus_id AND d.document_id = r.id);
+  IF missing IS NOT NULL THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = format('evaluation query %s: corpus %s has no document %s', NEW.query_id,
+                       coalesce((SELECT c.name FROM pyembed.corpora c
+                                  WHERE c.corpus_id = NEW.corpus_id), NEW.corpus_id::text),
+                       array_to_string((SELECT array_agg(quote_literal(m))
+                                          FROM unnest(missing[1:10]) m), ', ')
+                       || CASE WHEN cardinality(missing) > 10
+                               THEN format(' (and %s more)', cardinality(missing) - 10)
+                               ELSE '' END),
+      HINT = 'add the documents first, or name the ids the corpus has';
+  END IF;
+  RETURN NEW;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER eval_queries_checked
+  BEFORE INSERT OR UPDATE ON pyembed.eval_queries
+  FOR EACH ROW EXECUTE FUNCTION pyembed._eval_query_checked();

@@ -897,6 +897,33 @@ def test_eval_queries_need_a_relevant_document(db: Database) -> None:
                                                                        [doc_id(1)])
 
 
+def test_eval_queries_name_documents_the_corpus_has_and_have_text(db: Database) -> None:
+    """Checked by eval_queries' trigger for every writer: an id that names no document of the
+    corpus (stored before, counted as every model's miss) and an empty query (the table's check,
+    a raw message before) are InvalidInput naming them, from Python, the CLI and SQL."""
+    with clients(db, n=5) as (app, _owner, _texts):
+        with pytest.raises(InvalidInput, match=r"corpus docs has no document 'nope', 'gone'"):
+            evaluation.add_eval_query(app, CORPUS, "q9", "a question", ["nope", doc_id(1), "gone"])
+        with pytest.raises(InvalidInput, match="evaluation query q9 is empty"):
+            evaluation.add_eval_query(app, CORPUS, "q9", "  \n", [doc_id(1)])
+        with pytest.raises(InvalidInput, match="not one string"):
+            evaluation.add_eval_query(app, CORPUS, "q9", "a question", doc_id(1))
+        with pytest.raises(InvalidInput, match=r"has no document 'x0', 'x1', .*'x9' \(and 2 more\)"):
+            evaluation.add_eval_query(app, CORPUS, "q9", "a question",
+                                      [f"x{i}" for i in range(12)])
+        with pytest.raises(InvalidInput, match="has no document 'nope'"):  # an update too
+            evaluation.add_eval_query(app, CORPUS, "q0", "a question", ["nope"])
+        with pytest.raises(psycopg.Error) as err:
+            app.conn.execute("UPDATE pyembed.eval_queries SET relevant = '{nope}'")
+        assert err.value.sqlstate == "PE005"
+        assert app.conn.execute("SELECT query_id, relevant FROM pyembed.eval_queries "
+                                "ORDER BY 1").fetchall() == [("q0", [doc_id(0)])]
+        assert_one_line_error(cli(db, "eval", "add", CORPUS, "q9", "a question", "--relevant",
+                                  "nope"), "corpus docs has no document 'nope'")
+        assert_one_line_error(cli(db, "eval", "add", CORPUS, "q9", " ", "--relevant",
+                                  doc_id(1)), "evaluation query q9 is empty")
+
+
 def test_storage_estimate_matches_the_formula() -> None:
     raw, with_index = migration.storage_bytes(1000, 1024)
     assert raw == 1000 * (4 * 1024 + 8)
