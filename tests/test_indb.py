@@ -215,6 +215,35 @@ def test_search_text_embeds_the_query_with_the_corpus_model(
     assert err.sqlstate == "PE005"
 
 
+def test_what_search_sees_between_a_changed_add_document_and_the_worker(
+        db: Database, app: psycopg.Connection[Any]) -> None:
+    """As README says: until the worker embeds the new text, vector search scores a changed
+    chunk by its old vector and shows its new text, keyword search sees the new text, and a
+    chunk the document did not have before is found by keywords only."""
+    app.execute("SELECT pyembed.create_corpus('stale', %s, '', 20, 5)", (FAKE,))
+    app.execute("SELECT pyembed.add_document('stale', 'a', 'apples and pears')")
+    assert drain(db).embedded == 1
+    longer = "zebra stripes " + " ".join(f"w{i:03d}" for i in range(40))
+    n = one(app, "SELECT pyembed.add_document('stale', 'a', %s)", (longer,))
+    assert n > 1
+
+    def hits(query: str, mode: str) -> list[tuple[str, int, str]]:
+        return [(r[0], r[1], r[2][:13]) for r in app.execute(
+            "SELECT document_id, chunk_index, content FROM pyembed.search_text("
+            "'stale', %s, 5, NULL, %s, 'chunk')", (query, mode))]
+
+    old_vector = one(app, "SELECT pyembed.embed('apples and pears', %s, 'query')", (FAKE,))
+    assert [r[:2] for r in app.execute(
+        "SELECT document_id, chunk_index, score FROM pyembed.search('stale', %s, %s, 5)",
+        (old_vector, FAKE))] == [("a", 0)]  # the old text's vector, scored as it was
+    assert hits("apples and pears", "vector") == [("a", 0, "zebra stripes")]  # the new text
+    assert hits("apples", "keyword") == []
+    assert [h[:2] for h in hits("w039", "keyword")] == [("a", n - 1)]  # not embedded yet
+    assert n - 1 not in [h[1] for h in hits("w039", "vector")]
+    assert drain(db).embedded == n
+    assert [h[1] for h in hits("w039", "vector")][:1] == [n - 1]
+
+
 def test_add_document_chunks_and_requeues_only_changed_chunks(
         db: Database, app: psycopg.Connection[Any]) -> None:
     app.execute("SELECT pyembed.create_corpus('chunky', %s, '', 20, 5)", (FAKE,))
