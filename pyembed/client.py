@@ -63,6 +63,39 @@ def _in_turn(method: _F) -> _F:
     return cast(_F, in_turn)
 
 
+def in_client_turn(function: _F) -> _F:
+    """Run a function whose first argument is a Client (migration steps, compare, evaluation
+    queries) holding that client's turn, as the Client's own methods do."""
+    @functools.wraps(function)
+    def in_turn(client: Client, *args: Any, **kwargs: Any) -> Any:
+        with client.turn:
+            return function(client, *args, **kwargs)
+    return cast(_F, in_turn)
+
+
+class _InTurn:
+    """The client's connection as an Executor that takes the client's turn for each statement:
+    what the Client hands out (embedders, rerankers, their caches and meters) runs its
+    statements between the client's calls, never inside another thread's transaction, and
+    holds no turn across a provider call."""
+
+    def __init__(self, conn: psycopg.Connection[Any], turn: threading.RLock) -> None:
+        self.conn = conn  # (flush_counts reads whether it is closed)
+        self.turn = turn
+        self._executor = PsycopgExecutor(conn)
+
+    def rows(self, sql: str, params: Sequence[Any], types: Sequence[str] = (), *,
+             binary: bool = False) -> list[tuple[Any, ...]]:
+        with self.turn:
+            return self._executor.rows(sql, params, types, binary=binary)
+
+    def vectors(self, vectors: Sequence[np.ndarray]) -> list[Any]:
+        return self._executor.vectors(vectors)
+
+    def vector(self, value: Any) -> np.ndarray:
+        return self._executor.vector(value)
+
+
 @dataclass(frozen=True)
 class Document:
     """A document to add: its id, its text, and metadata that search filters can match."""
@@ -112,8 +145,10 @@ class PreparedAdd:
 class Client:
     """A connection to a pyembed database with an embedder per model key (sharing the cache).
 
-    Threads may share a Client: its methods, and its corpora's, take turns on its connection
-    (for searches in parallel, open a client per thread)."""
+    Threads may share a Client: its methods, its corpora's, the statements of the embedders,
+    rerankers and caches it hands out, and the functions that take it (migration steps,
+    compare, evaluation queries) take turns on its connection (for searches in parallel, open
+    a client per thread)."""
 
     def __init__(self, conn: psycopg.Connection[Any], *, use_cache: bool = True,
                  log_queries: bool = True, read_conn: psycopg.Connection[Any] | None = None,
@@ -123,16 +158,17 @@ class Client:
         """Where searches run: a replica's connection, or `conn` (the primary)."""
         self.max_replica_wait = max_replica_wait
         self._written_lsn: str | None = None
-        self.cache = PostgresCache(conn) if use_cache else None
-        self.rerank_cache = (RerankCache(conn, counter=self.cache.counter)
+        self.turn = threading.RLock()
+        """Held by each call that uses `conn` (or `read_conn`): one call at a time."""
+        self._in_turn = _InTurn(conn, self.turn)
+        self.cache = PostgresCache(self._in_turn) if use_cache else None
+        self.rerank_cache = (RerankCache(self._in_turn, counter=self.cache.counter)
                              if self.cache is not None else None)
         self._rerankers: dict[str, Reranker] = {}
         self.log_queries = log_queries
         self.current_corpus_id: int | None = None
         """The corpus that provider calls are accounted to (set by Corpus around its calls)."""
         self._embedders: dict[tuple[str, bool], Embedder] = {}
-        self.turn = threading.RLock()
-        """Held by each call that uses `conn` (or `read_conn`): one call at a time."""
 
     @_in_turn
     def embedder(self, model_key: str, *, truncate: bool = False) -> Embedder:
@@ -141,7 +177,7 @@ class Client:
             spec = model_spec(self.conn, model_key)
             self._embedders[model_key, truncate] = Embedder(spec, cache=self.cache,
                                                             truncate=truncate, meter=self._meter,
-                                                            on_error=error_counter(self.conn))
+                                                            on_error=error_counter(self._in_turn))
         return self._embedders[model_key, truncate]
 
     @_in_turn
@@ -151,12 +187,12 @@ class Client:
         spec = reranker_spec(name)
         if spec.key not in self._rerankers:
             self._rerankers[spec.key] = Reranker(spec, cache=self.rerank_cache, meter=self._meter,
-                                                 on_error=error_counter(self.conn))
+                                                 on_error=error_counter(self._in_turn))
         return self._rerankers[spec.key]
 
     def _meter(self, spec: Keyed, tokens: int) -> None:
         """Reserve a provider call for this session's tenant (refused over its limits)."""
-        meter(self.conn, self.current_corpus_id)(spec, tokens)
+        meter(self._in_turn, self.current_corpus_id)(spec, tokens)
 
     @_in_turn
     def models(self) -> list[ModelSpec]:

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import numpy.typing as npt
 
-from .client import Client
+from .client import Client, in_client_turn
 from .corpora import model_spec
 from .errors import InvalidInput
 from .evaluation import KeyScore, Ranker, eval_queries, evaluate
@@ -39,6 +39,7 @@ def _exact(doc_ids: Sequence[str], docs: npt.NDArray[np.float32]) -> Ranker:
     return rank
 
 
+@in_client_turn
 def compare(client: Client, corpus: str, model_keys: Sequence[str], *, sample: int = 2000,
             k: int = 10, seed: int = 0) -> tuple[int, int, list[Candidate]]:
     """(sampled chunks, evaluation queries, one row per candidate). The sample holds every

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from .client import Client, in_client_turn
 from .db import translated
 from .errors import InvalidInput
 from .models import InputType
@@ -20,7 +21,6 @@ from .models import InputType
 if TYPE_CHECKING:
     import psycopg
 
-    from .client import Client
     from .embedder import Embedder
 
 HITS_PER_DOCUMENT = 3
@@ -50,6 +50,7 @@ class KeyScore:
     ms_per_query: float
 
 
+@in_client_turn
 def add_eval_query(client: Client, corpus: str, query_id: str, query: str,
                    relevant: Sequence[str]) -> None:
     """Store an evaluation query with the ids of the documents that answer it (replacing the
@@ -58,7 +59,7 @@ def add_eval_query(client: Client, corpus: str, query_id: str, query: str,
     if isinstance(relevant, str):  # a str is a Sequence of its characters
         raise InvalidInput("relevant is a list of document ids, not one string")
     info = client.corpus(corpus).info
-    with client.turn, translated():
+    with translated():
         client.conn.execute(
             """INSERT INTO pyembed.eval_queries (corpus_id, query_id, query, relevant)
                VALUES (%s, %s, %s, %s) ON CONFLICT (corpus_id, query_id) DO UPDATE

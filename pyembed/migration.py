@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .client import Client
+from .client import Client, in_client_turn
 from .corpora import model_spec
 from .db import translated
 from .errors import MigrationError
@@ -57,6 +57,7 @@ class Plan:
     storage_after: tuple[int, int]
 
 
+@in_client_turn
 def plan(client: Client, corpus: str, to_key: str) -> Plan:
     """What a migration of `corpus` to `to_key` will take: calls, time, cost, storage."""
     info = client.corpus(corpus).info
@@ -97,6 +98,7 @@ def _call(client: Client, fn: str, *args: Any) -> Any:
     return row[0] if row else None
 
 
+@in_client_turn
 def start(client: Client, corpus: str, to_key: str, storage: str | None = None) -> int:
     """Pin a target key next to the active one: new and changed chunks are embedded for both.
     `storage` is the target key's (default: the corpus's), the corpus's once complete."""
@@ -121,6 +123,7 @@ MISSING = """SELECT ch.chunk_id, ch.content, ch.content_hash FROM pyembed.chunks
  ORDER BY ch.chunk_id LIMIT %(limit)s"""
 
 
+@in_client_turn
 def backfill(client: Client, corpus: str, *, batch_size: int | None = None,
              rate: float | None = None, truncate: bool = True,
              progress: Callable[[int, int], None] | None = None) -> BackfillReport:
@@ -208,6 +211,7 @@ def _score(client: Client, corpus: str, key: str, evals: list[EvalQuery],
     return evaluate(client.embedder(key), evals, rank, k)
 
 
+@in_client_turn
 def validate(client: Client, corpus: str, *, k: int = 10, max_drop: float = 0.02) -> Validation:
     """Run the corpus's evaluation queries on the old and new keys; refuse promotion when the
     new key's nDCG@k or Recall@k is more than `max_drop` below the old key's."""
@@ -230,21 +234,25 @@ def validate(client: Client, corpus: str, *, k: int = 10, max_drop: float = 0.02
     return result
 
 
+@in_client_turn
 def shift(client: Client, corpus: str, share: int) -> int:
     """Serve `share` percent of searches (chosen by query hash) from the new key."""
     return int(_call(client, "migration_shift", corpus, share))
 
 
+@in_client_turn
 def complete(client: Client, corpus: str) -> int:
     """Promote the new key; the old vectors stay until `cleanup`."""
     return int(_call(client, "migration_complete", corpus))
 
 
+@in_client_turn
 def rollback(client: Client, corpus: str) -> int:
     """Return all searches and writes to the old key, at once."""
     return int(_call(client, "migration_rollback", corpus))
 
 
+@in_client_turn
 def cleanup(client: Client, corpus: str) -> int:
     """Delete the vectors and indexes of keys the corpus no longer serves; returns rows removed.
     Indexes are dropped CONCURRENTLY, so searches never queue behind the drop."""
@@ -278,6 +286,7 @@ class Status:
         return self.target_vectors / self.chunks if self.target_model_key and self.chunks else None
 
 
+@in_client_turn
 def status(client: Client, corpus: str) -> Status:
     info = client.corpus(corpus).info
     key = info.target_model_key

@@ -44,3 +44,45 @@ def test_threads_sharing_a_client_store_every_add_they_are_told_of(
     assert sum(added) == THREADS * ROUNDS
     assert client.conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
     assert count(app, "documents") == THREADS * ROUNDS  # seen from another session: committed
+
+
+def test_what_a_client_hands_out_waits_for_its_turn(client: Client,
+                                                   owner: psycopg.Connection[Any]) -> None:
+    """An embedder from client.embedder() shares the client's connection: its cache lookup and
+    store and its usage reservation wait while another thread's call holds the turn with a
+    transaction open (as Corpus.write does). Before, they ran inside that transaction and were
+    rolled back with it: a provider call made, its usage and cache entry gone."""
+    embedder = client.embedder(KEY)
+    inside = threading.Event()
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def other_thread() -> None:
+        try:
+            embedder.embed(["a text no one embedded before"])
+        except BaseException as exc:  # every failure is the finding
+            errors.append(exc)
+        finally:
+            done.set()
+
+    class RolledBack(Exception):
+        pass
+
+    with client.turn:
+        try:
+            with client.conn.transaction():
+                client.conn.execute("SELECT 1")
+                inside.set()
+                worker = threading.Thread(target=other_thread)
+                worker.start()
+                assert not done.wait(1.0)  # it waits for the turn
+                raise RolledBack
+        except RolledBack:
+            pass
+    worker.join(10)
+    assert errors == [] and done.is_set()
+    assert client.conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    assert owner.execute("SELECT count(*) FROM pyembed.usage WHERE model_key = %s",
+                         (KEY,)).fetchone() == (1,)
+    assert owner.execute("SELECT count(*) FROM pyembed.embedding_cache WHERE model_key = %s",
+                         (KEY,)).fetchone() == (1,)
