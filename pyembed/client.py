@@ -8,13 +8,14 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 import numpy as np
 import psycopg
+from psycopg.pq import TransactionStatus
 
 from . import index, models
 from .cache import PostgresCache
@@ -32,6 +33,7 @@ from .corpora import (
     write_chunks,
 )
 from .db import connect as db_connect
+from .db import conninfo, lost
 from .embedder import Embedder
 from .errors import (
     DatabaseNotReady,
@@ -54,46 +56,50 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 
 
 def _in_turn(method: _F) -> _F:
-    """Run `method` holding its client's turn: one call at a time on the client's connection,
-    so threads sharing a Client never nest their transactions on it."""
+    """Run `method` as one call of its client (Client.call): one call at a time on the
+    client's connection, so threads sharing a Client never nest their transactions on it, and
+    a connection its server closed since the last call is opened again first."""
     @functools.wraps(method)
     def in_turn(self: Client | Corpus, *args: Any, **kwargs: Any) -> Any:
-        with self.turn:
+        with self.call():
             return method(self, *args, **kwargs)
     return cast(_F, in_turn)
 
 
 def in_client_turn(function: _F) -> _F:
     """Run a function whose first argument is a Client (migration steps, compare, evaluation
-    queries) holding that client's turn, as the Client's own methods do."""
+    queries) as one call of that client, as the Client's own methods run."""
     @functools.wraps(function)
     def in_turn(client: Client, *args: Any, **kwargs: Any) -> Any:
-        with client.turn:
+        with client.call():
             return function(client, *args, **kwargs)
     return cast(_F, in_turn)
 
 
 class _InTurn:
-    """The client's connection as an Executor that takes the client's turn for each statement:
-    what the Client hands out (embedders, rerankers, their caches and meters) runs its
-    statements between the client's calls, never inside another thread's transaction, and
-    holds no turn across a provider call."""
+    """The client's connection as an Executor whose each statement is a call of the client
+    (Client.call): what the Client hands out (embedders, rerankers, their caches and meters)
+    runs its statements between the client's calls, never inside another thread's
+    transaction, holds no turn across a provider call, and uses the connection the client has
+    now (opened again after a restart)."""
 
-    def __init__(self, conn: psycopg.Connection[Any], turn: threading.RLock) -> None:
-        self.conn = conn  # (flush_counts reads whether it is closed)
-        self.turn = turn
-        self._executor = PsycopgExecutor(conn)
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    @property
+    def conn(self) -> psycopg.Connection[Any]:
+        return self.client.conn  # (flush_counts reads whether it is closed)
 
     def rows(self, sql: str, params: Sequence[Any], types: Sequence[str] = (), *,
              binary: bool = False) -> list[tuple[Any, ...]]:
-        with self.turn:
-            return self._executor.rows(sql, params, types, binary=binary)
+        with self.client.call():
+            return PsycopgExecutor(self.client.conn).rows(sql, params, types, binary=binary)
 
     def vectors(self, vectors: Sequence[np.ndarray]) -> list[Any]:
-        return self._executor.vectors(vectors)
+        return PsycopgExecutor(self.client.conn).vectors(vectors)
 
     def vector(self, value: Any) -> np.ndarray:
-        return self._executor.vector(value)
+        return PsycopgExecutor(self.client.conn).vector(value)
 
 
 @dataclass(frozen=True)
@@ -148,7 +154,8 @@ class Client:
     Threads may share a Client: its methods, its corpora's, the statements of the embedders,
     rerankers and caches it hands out, and the functions that take it (migration steps,
     compare, evaluation queries) take turns on its connection (for searches in parallel, open
-    a client per thread)."""
+    a client per thread). A connection the server closed between two calls (a restart) is
+    opened again by the next call (Client.call)."""
 
     def __init__(self, conn: psycopg.Connection[Any], *, use_cache: bool = True,
                  log_queries: bool = True, read_conn: psycopg.Connection[Any] | None = None,
@@ -160,7 +167,11 @@ class Client:
         self._written_lsn: str | None = None
         self.turn = threading.RLock()
         """Held by each call that uses `conn` (or `read_conn`): one call at a time."""
-        self._in_turn = _InTurn(conn, self.turn)
+        self._calls = 0  # nested calls of the thread holding the turn
+        self._conninfo = conninfo(conn)
+        self._read_conninfo = conninfo(read_conn) if read_conn is not None else None
+        self._autocommit = conn.autocommit
+        self._in_turn = _InTurn(self)
         self.cache = PostgresCache(self._in_turn) if use_cache else None
         self.rerank_cache = (RerankCache(self._in_turn, counter=self.cache.counter)
                              if self.cache is not None else None)
@@ -169,6 +180,63 @@ class Client:
         self.current_corpus_id: int | None = None
         """The corpus that provider calls are accounted to (set by Corpus around its calls)."""
         self._embedders: dict[tuple[str, bool], Embedder] = {}
+
+    @contextmanager
+    def call(self) -> Iterator[None]:
+        """Hold this client's turn for one call on its connection. The outermost call first
+        opens again a connection that its server closed since the last call (a restart):
+        nothing is replayed, as nothing was sent. Inside a transaction opened on `conn`, that
+        is DatabaseNotReady instead (the server rolled it back). A connection lost during a
+        call is DatabaseNotReady too (what the call wrote may or may not be stored), and the
+        next call opens a new one."""
+        with self.turn:
+            self._calls += 1
+            try:
+                if self._calls == 1:
+                    self._reopen_lost()
+                yield
+            except psycopg.OperationalError as exc:
+                if self._calls == 1 and (self.conn.closed or self.read_conn.closed):
+                    raise DatabaseNotReady(
+                        "the connection to the database was lost during the call ("
+                        + " ".join(str(exc).split())[:200] + "): what it wrote may or may not "
+                        "be stored; the next call opens a new connection") from exc
+                raise
+            finally:
+                self._calls -= 1
+
+    def _reopen_lost(self) -> None:
+        shared = self.read_conn is self.conn
+        if self._closed_by_server(self.conn):
+            self.conn = self._open(self._conninfo)
+            if shared:
+                self.read_conn = self.conn
+        if not shared and self._read_conninfo and self._closed_by_server(self.read_conn):
+            self.read_conn = self._open(self._read_conninfo)
+
+    @staticmethod
+    def _closed_by_server(conn: psycopg.Connection[Any]) -> bool:
+        """Whether `conn` is gone; DatabaseNotReady if a transaction was open on it."""
+        opened = not conn.closed and conn.info.transaction_status in (
+            TransactionStatus.INTRANS, TransactionStatus.INERROR)
+        if not lost(conn):
+            return False
+        if opened:
+            raise DatabaseNotReady(
+                "the connection to the database was lost inside a transaction opened on the "
+                "client's connection, which the server rolled back: end that transaction, and "
+                "the next call opens a new connection")
+        return True
+
+    def _open(self, info: str) -> psycopg.Connection[Any]:
+        try:
+            conn = db_connect(info, autocommit=self._autocommit)
+        except psycopg.OperationalError as exc:
+            raise DatabaseNotReady("the database closed the connection and could not be "
+                                   "reached again: " + " ".join(str(exc).split())[:300]
+                                   ) from None
+        _log.info("opened a new connection to the database: the server closed the last one")
+        return conn
 
     @_in_turn
     def embedder(self, model_key: str, *, truncate: bool = False) -> Embedder:
@@ -280,11 +348,16 @@ class Client:
                     f"search the primary, or retry when the replica has caught up")
             time.sleep(0.02)
 
-    @_in_turn
     def close(self) -> None:
-        if self.cache is not None:
-            self.cache.flush()
-        self.conn.close()
+        """Write the cache counts and close the connections (none is opened again for it)."""
+        with self.turn:
+            if self.cache is not None and not lost(self.conn):
+                try:
+                    self.cache.flush()
+                except psycopg.OperationalError:
+                    pass  # counts only: lost with the connection
+            self.conn.close()
+            self.read_conn.close()
 
     def __enter__(self) -> Client:
         return self
@@ -312,6 +385,10 @@ class Corpus:
     def turn(self) -> threading.RLock:
         """The client's turn (Client.turn): its corpora's calls take turns with its own."""
         return self.client.turn
+
+    def call(self) -> Any:
+        """One call of the client (Client.call)."""
+        return self.client.call()
 
     @_in_turn
     def serving_key(self, query: str) -> str:
@@ -389,7 +466,7 @@ class Corpus:
         (prepare again); InvalidInput if the database refuses a document (nothing stored)."""
         own = conn is None or conn is self.client.conn  # another connection needs no turn
         if prepared.rows:
-            with self.turn if own else nullcontext():
+            with self.call() if own else nullcontext():
                 write_chunks(conn or self.client.conn, prepared.info, prepared.rows,
                              prepared.info.model_key,
                              texts={d.id: d.text for d in prepared.documents},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -12,6 +13,7 @@ from pgvector import Vector
 from pgvector.psycopg import register_vector
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
+from psycopg.pq import ConnStatus, TransactionStatus
 from psycopg.types.array import ListBinaryDumper
 
 from . import errors
@@ -49,6 +51,34 @@ def connect(dsn: str | None = None, *, owner: bool = False, **kwargs: Any) -> ps
     else:
         conn.adapters.register_dumper(VectorArray, ListBinaryDumper)
     return conn
+
+
+def conninfo(conn: psycopg.Connection[Any]) -> str:
+    """The connection string `conn` was opened with (its password too), to open it again: a
+    multi-host DSN stays one, so that libpq chooses a server again."""
+    params = conn.info.get_parameters()
+    if conn.info.password:
+        params["password"] = conn.info.password
+    return make_conninfo("", **params)
+
+
+def lost(conn: psycopg.Connection[Any]) -> bool:
+    """Whether `conn` is gone: closed, or, between statements, closed by its server (a restart,
+    a terminated backend). Seen without a round trip: the server's last message and the end of
+    its socket are read if they are there."""
+    if conn.closed:
+        return True
+    with conn.lock:
+        if conn.info.transaction_status == TransactionStatus.ACTIVE:
+            return False  # a statement in flight answers for itself
+        try:
+            ready, _, _ = select.select([conn.pgconn.socket], [], [], 0)
+            if ready:
+                conn.pgconn.consume_input()
+                conn.pgconn.consume_input()  # the end of a closed socket comes after its data
+        except (psycopg.OperationalError, OSError, ValueError):
+            return True
+        return conn.pgconn.status == ConnStatus.BAD
 
 
 _IDENTITY = ("SELECT session_user::text, current_user::text, "

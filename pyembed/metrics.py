@@ -11,7 +11,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 from psycopg.rows import dict_row
 
-from .db import connect
+from .db import connect, lost
 
 
 class PyembedCollector(Collector):
@@ -23,7 +23,7 @@ class PyembedCollector(Collector):
         self._lock = threading.Lock()
 
     def _rows(self, sql: str) -> list[dict[str, Any]]:
-        if self._conn is None or self._conn.closed:
+        if self._conn is None or lost(self._conn):  # (closed by a restart: open it again)
             self._conn = connect(self.dsn, autocommit=True, application_name="pyembed metrics")
         with self._conn.cursor(row_factory=dict_row) as cur:
             return cur.execute(sql).fetchall()

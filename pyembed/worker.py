@@ -31,6 +31,7 @@ from . import recall
 from .cache import PostgresCache
 from .corpora import model_spec
 from .db import connect
+from .db import lost as gone
 from .embedder import Embedder
 from .errors import (
     ConfigError,
@@ -263,9 +264,11 @@ class Leases:
     def _renew(self) -> None:
         if not self._held:
             return
-        if self._conn is None or self._conn.closed:
+        if self._conn is None or gone(self._conn):
             conn = connect(self.dsn, autocommit=True, application_name="pyembed worker leases")
             with self._lock:
+                if self._conn is not None:
+                    self._conn.close()
                 self._conn = conn
         with self._lock:
             if not self._held or self._conn is None:
@@ -317,6 +320,17 @@ class Worker:
         if self._conn is None or self._conn.closed:
             self._conn = connect(self.dsn, application_name="pyembed worker")
         return self._conn
+
+    def _reopen_lost(self) -> None:
+        """Between batches, forget the connections their server closed (a restart), so that
+        the next batch opens new ones instead of failing once and waiting to retry."""
+        if self._conn is not None and gone(self._conn):
+            self._conn.close()
+            self._conn = None
+        if self._cache_conn is not None and gone(self._cache_conn):
+            self._cache_conn.close()
+            self._cache_conn = None
+            self._embedders.clear()  # their caches hold the closed connection
 
     def _embedder(self, key: str) -> Embedder:
         if key not in self._embedders:
@@ -523,6 +537,7 @@ class Worker:
             while not self.stop_requested.is_set():
                 before = (stats.embedded, stats.failed, stats.retried, stats.stale)
                 try:
+                    self._reopen_lost()
                     self.run_once(stats)
                     self.measure_recall()
                     lost = 0

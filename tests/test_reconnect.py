@@ -1,0 +1,133 @@
+"""Long-lived connections survive a PostgreSQL restart: the Client (and its corpora, embedders
+and what else it hands out), the worker and the metrics endpoint open a new connection when
+the server closed theirs between two calls, and never replay a call the loss interrupted.
+Before, every call of a Client failed ("the connection is closed") until a new one was built,
+a worker logged the loss and waited before its next batch, and the metrics endpoint answered
+its first scrape with pyembed_up 0. A private cluster: the restarts disturb no other test."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+import pyembed
+from pyembed import schema
+from pyembed.localdb import LocalCluster
+from pyembed.metrics import PyembedCollector
+from pyembed.worker import Worker
+
+KEY = "fake/fake-hash@1:384"
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalCluster]:
+    home = Path(tempfile.mkdtemp(prefix="pyembed-restart-", dir="/tmp"))
+    home.chmod(0o755)  # the server's OS user must traverse it
+    c = LocalCluster(home)
+    c.init()
+    c.start()
+    schema.install(c.dsn(owner=True))
+    yield c
+    c.stop()
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def restart(cluster: LocalCluster) -> None:
+    assert cluster.stop() and cluster.start()
+
+
+@pytest.fixture
+def client(cluster: LocalCluster) -> Iterator[pyembed.Client]:
+    with psycopg.connect(cluster.dsn(owner=True), autocommit=True) as owner:
+        owner.execute("DELETE FROM pyembed.corpora")
+    c = pyembed.connect(cluster.dsn())
+    yield c
+    c.close()
+
+
+def test_a_client_and_what_it_hands_out_survive_restarts(cluster: LocalCluster,
+                                                         client: pyembed.Client) -> None:
+    docs = client.create_corpus("docs", KEY)
+    docs.add([("e4012", "Error E4012 means the quota is used up."),
+              ("e5003", "Error E5003: the bucket is read-only.")])
+    embedder = client.embedder(KEY)
+    before = client.conn.info.backend_pid
+
+    restart(cluster)
+    assert docs.search("E4012 quota", k=1)[0].document_id == "e4012"  # no error
+    assert client.conn.info.backend_pid != before
+    restart(cluster)
+    assert embedder.embed(["a text embedded after a restart"]).shape == (1, 384)
+    restart(cluster)
+    assert docs.add([("e6001", "Error E6001: the token expired.")]).added == 1
+    restart(cluster)
+    assert [c.name for c in client.corpora()] == ["docs"]
+    assert docs.search("E6001 token", k=1, mode="hybrid")[0].document_id == "e6001"
+
+
+def test_a_transaction_you_opened_is_not_replayed(cluster: LocalCluster,
+                                                  client: pyembed.Client) -> None:
+    """Inside your own transaction the loss is one clear error (the server rolled it back),
+    nothing of it is written again, and the call after it works on a new connection."""
+    docs = client.create_corpus("docs", KEY)
+    with pytest.raises(pyembed.DatabaseNotReady, match="inside a transaction opened on"):
+        with client.conn.transaction():
+            docs.add([("mine", "written in my transaction")])
+            restart(cluster)
+            docs.search("written", k=1)
+    assert docs.search("written in my transaction", k=1, mode="keyword") == []
+    assert docs.add([("mine", "written in my transaction")]).added == 1
+
+
+def test_a_connection_lost_during_a_call_is_one_clear_error(cluster: LocalCluster,
+                                                            client: pyembed.Client) -> None:
+    docs = client.create_corpus("docs", KEY)
+    with psycopg.connect(cluster.dsn(owner=True), autocommit=True) as owner:
+        pid = client.conn.info.backend_pid
+
+        def translate(text: str) -> str:  # runs inside the call, before its writes
+            owner.execute("SELECT pg_terminate_backend(%s, 5000)", (pid,))
+            return text
+
+        with pytest.raises(pyembed.DatabaseNotReady, match="lost during the call"):
+            docs.add([("d", "some text")], translate=translate)
+    assert docs.add([("d", "some text")]).added == 1  # the next call reconnects
+
+
+def test_the_worker_survives_a_restart(cluster: LocalCluster, client: pyembed.Client,
+                                      caplog: pytest.LogCaptureFixture) -> None:
+    """Its next batch opens new connections: no lost batch, no warning, no wait."""
+    client.create_corpus("docs", KEY)
+    add = "SELECT pyembed.add_document('docs', %s, %s)"
+    client.conn.execute(add, ("a", "first text"))
+    worker = Worker(cluster.dsn())
+    try:
+        assert worker.run(drain=True, poll_interval=0.05, drain_wait=0.5).embedded == 1
+        restart(cluster)
+        with psycopg.connect(cluster.dsn(), autocommit=True) as app:
+            app.execute(add, ("b", "second text"))
+        with caplog.at_level(logging.WARNING, logger="pyembed.worker"):
+            stats = worker.run(drain=True, poll_interval=0.05, drain_wait=0.5)
+        assert stats.embedded == 1 and stats.errors == []
+        assert "connection lost" not in caplog.text
+    finally:
+        worker.close()
+
+
+def test_the_metrics_endpoint_answers_its_first_scrape_after_a_restart(
+        cluster: LocalCluster) -> None:
+    collector = PyembedCollector(cluster.dsn())
+    assert up(collector) == 1.0
+    restart(cluster)
+    assert up(collector) == 1.0  # was 0: the scrape met the closed connection
+
+
+def up(collector: PyembedCollector) -> float:
+    (family,) = [f for f in collector.collect() if f.name == "pyembed_up"]
+    return float(family.samples[0].value)
