@@ -30,12 +30,14 @@ def cluster() -> Iterator[LocalCluster]:
     home = Path(tempfile.mkdtemp(prefix="pyembed-restart-", dir="/tmp"))
     home.chmod(0o755)  # the server's OS user must traverse it
     c = LocalCluster(home)
-    c.init()
-    c.start()
-    schema.install(c.dsn(owner=True))
-    yield c
-    c.stop()
-    shutil.rmtree(home, ignore_errors=True)
+    try:  # a setup that fails stops and removes its cluster too
+        c.init()
+        c.start()
+        schema.install(c.dsn(owner=True))
+        yield c
+    finally:
+        c.stop()
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def restart(cluster: LocalCluster) -> None:
