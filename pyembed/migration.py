@@ -23,7 +23,7 @@ from .corpora import model_spec
 from .db import translated
 from .errors import MigrationError
 from .evaluation import EvalQuery, KeyScore, eval_queries, evaluate, overlap
-from .index import build_index_online
+from .index import build_index_online, drop_index_online
 from .models import InputType
 from .text import estimate_tokens
 from .vectors import copy_vectors
@@ -248,15 +248,12 @@ def rollback(client: Client, corpus: str) -> int:
 def cleanup(client: Client, corpus: str) -> int:
     """Delete the vectors and indexes of keys the corpus no longer serves; returns rows removed.
     Indexes are dropped CONCURRENTLY, so searches never queue behind the drop."""
-    from psycopg import sql
-
     removed = int(_call(client, "migration_cleanup", corpus, True))
     info = client.corpus(corpus).info
     stale = client.conn.execute("SELECT pyembed._vector_indexes(%s, %s)",
                                 (info.corpus_id, info.model_key)).fetchall()
     for (name,) in stale:
-        client.conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}.{}").format(
-            sql.Identifier("pyembed"), sql.Identifier(name)))
+        drop_index_online(client.conn, name)
     return removed
 
 
