@@ -58,7 +58,11 @@ class Plan:
 
 
 def plan(client: Client, corpus: str, to_key: str) -> Plan:
-    """What a migration of `corpus` to `to_key` will take: calls, time, cost, storage."""
+    """What a migration of `corpus` to `to_key` will take: calls, time, cost, storage. Refuses
+    (MigrationError, UnknownModel, UnknownCorpus) a migration that `start` would refuse."""
+    with translated():
+        client.conn.execute("SELECT pyembed._need_target(r.c, r.m, %s) FROM pyembed._migration(%s) r",
+                            (to_key, corpus))
     info = client.corpus(corpus).info
     old, new = model_spec(client.conn, info.model_key), model_spec(client.conn, to_key)
     documents = client.conn.execute("SELECT count(*) FROM pyembed.documents WHERE corpus_id = %s",
