@@ -20,7 +20,7 @@ import numpy.typing as npt
 
 from .client import Client
 from .corpora import model_spec
-from .db import translated
+from .db import integer, translated
 from .errors import MigrationError
 from .evaluation import EvalQuery, KeyScore, eval_queries, evaluate, overlap
 from .index import build_index_online, drop_index_online
@@ -236,7 +236,7 @@ def validate(client: Client, corpus: str, *, k: int = 10, max_drop: float = 0.02
 
 def shift(client: Client, corpus: str, share: int) -> int:
     """Serve `share` percent of searches (chosen by query hash) from the new key."""
-    return int(_call(client, "migration_shift", corpus, share))
+    return int(_call(client, "migration_shift", corpus, integer(share, "share")))
 
 
 def complete(client: Client, corpus: str) -> int:
