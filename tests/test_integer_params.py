@@ -2,7 +2,7 @@
 as invalid input naming the parameter, from Python and from the command line: before, the
 driver sent it as a bigint, which failed as "integer out of range" or as "function
 pyembed.create_corpus(..., bigint, ...) does not exist" instead of reaching the parameter's
-check.
+check. A tenant's limit below 1 is named too (it was reported as an invalid tenant name).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import psycopg
 import pytest
 
 import pyembed
@@ -83,3 +84,14 @@ def test_the_command_line_says_which_number_is_too_large(db: Database,
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
     assert f"must be a whole number from -2147483648 to 2147483647, not {HUGE}" in lines[0]
+
+
+def test_a_tenant_limit_below_1_is_named_not_blamed_on_the_name(
+        owner: psycopg.Connection[Any]) -> None:
+    for kwargs, message in [({"requests_per_minute": 0}, "requests_per_minute must be 1 or more"),
+                            ({"tokens_per_minute": -5}, "tokens_per_minute must be 1 or more")]:
+        with pytest.raises(InvalidInput, match=f"^{message} \\(or unlimited\\), not "):
+            tenants.create_tenant(owner, "acme", **kwargs)
+    with pytest.raises(InvalidInput, match=r"^invalid tenant name 'Acme!': use 1-63"):
+        tenants.create_tenant(owner, "Acme!", requests_per_minute=10)
+    assert tenants.create_tenant(owner, "acme", requests_per_minute=10) > 0
