@@ -13,6 +13,7 @@ import numpy.typing as npt
 import psycopg
 
 from .cachekey import HitCounter, cache_key
+from .db import integer, translated
 from .models import InputType, ModelSpec
 from .sqlexec import Executor, executor
 
@@ -90,7 +91,9 @@ class PostgresCache:
 def stats(conn: psycopg.Connection[Any], days: int = 30) -> list[CacheStatsRow]:
     """Hits, misses and current entries per day and model over the last `days` days (as far
     as running clients have written their counts)."""
-    rows = conn.execute("SELECT * FROM pyembed.cache_report(%s)", (days,)).fetchall()
+    with translated():
+        rows = conn.execute("SELECT * FROM pyembed.cache_report(%s)",
+                            (integer(days, "days"),)).fetchall()
     return [CacheStatsRow(*r) for r in rows]
 
 

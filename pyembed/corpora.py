@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import psycopg
 
-from .db import translated
+from .db import integer, translated
 from .errors import UnknownModel
 from .models import MODEL_COLUMNS, MODEL_FIELDS, ModelSpec, spec_from_row
 from .sqlexec import Executor, executor
@@ -84,8 +84,8 @@ def create_corpus(conn: psycopg.Connection[Any], name: str, model_key: str, desc
     chunking (else InvalidInput)."""
     with translated(), conn.transaction():
         conn.execute("SELECT pyembed.create_corpus(%s, %s, %s, %s, %s, %s, %s)",
-                     (name, model_key, description, chunk_tokens, chunk_overlap, storage,
-                      exist_ok))
+                     (name, model_key, description, integer(chunk_tokens, "chunk_tokens"),
+                      integer(chunk_overlap, "chunk_overlap"), storage, exist_ok))
     return corpus_info(conn, name)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 import select
 from collections.abc import Iterator
@@ -117,6 +118,23 @@ def twin(conn: psycopg.Connection[Any]) -> psycopg.Connection[Any] | None:
         pass
     other.close()
     return None
+
+
+INTEGER_RANGE = (-2**31, 2**31 - 1)
+"""What PostgreSQL's `integer` holds."""
+
+
+def integer(value: object, what: str) -> int:
+    """`value` as an int for an `integer` parameter of pyembed's SQL, whose own checks then bound
+    it; InvalidInput naming `what` otherwise. The driver would round 2.5 or cast "3" on the way
+    in, and send a number past PostgreSQL's integer as a bigint, which fails as "integer out of
+    range" or as no such function instead of reaching the parameter's check."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        low, high = INTEGER_RANGE
+        if low <= int(value) <= high:
+            return int(value)
+        raise errors.InvalidInput(f"{what} must be a whole number from {low} to {high}, not {value}")
+    raise errors.InvalidInput(f"{what} must be a whole number, not {value!r}")
 
 
 BOUND_SUFFIX = "_bound"

@@ -105,6 +105,15 @@ def build_index_online(conn: psycopg.Connection[Any], corpus_id: int, key: str,
     return name
 
 
+def drop_index_online(conn: psycopg.Connection[Any], name: str) -> None:
+    """Drop pyembed's index `name` CONCURRENTLY if there is one (not DROP ... IF EXISTS, which
+    sends the client a NOTICE when there is none)."""
+    if conn.execute("SELECT to_regclass(format('pyembed.%%I', %s::text))", (name,)).fetchone() \
+            != (None,):
+        conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(
+            sql.Identifier("pyembed", name)))
+
+
 def rebuild_index(conn: psycopg.Connection[Any], corpus: str,
                   storage: str | None = None) -> list[IndexStatus]:
     """Rebuild a corpus's index online with the parameters in force (the rule's for its rows
@@ -126,8 +135,7 @@ def rebuild_index(conn: psycopg.Connection[Any], corpus: str,
                 continue
             tmp = conn.execute("SELECT pyembed._rebuild_name(%s, %s)", (corpus_id, key)).fetchone()
             assert tmp is not None
-            conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(
-                sql.Identifier("pyembed", tmp[0])))
+            drop_index_online(conn, tmp[0])
             built = build_index_online(conn, corpus_id, key, st, tmp[0])
             with conn.transaction():
                 conn.execute("SELECT pyembed._swap_vector_index(%s, %s, %s, %s)",

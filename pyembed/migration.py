@@ -20,10 +20,10 @@ import numpy.typing as npt
 
 from .client import Client, in_client_turn
 from .corpora import model_spec
-from .db import translated
+from .db import integer, translated
 from .errors import MigrationError
 from .evaluation import EvalQuery, KeyScore, eval_queries, evaluate, overlap
-from .index import build_index_online
+from .index import build_index_online, drop_index_online
 from .models import InputType
 from .text import estimate_tokens
 from .vectors import copy_vectors
@@ -59,7 +59,11 @@ class Plan:
 
 @in_client_turn
 def plan(client: Client, corpus: str, to_key: str) -> Plan:
-    """What a migration of `corpus` to `to_key` will take: calls, time, cost, storage."""
+    """What a migration of `corpus` to `to_key` will take: calls, time, cost, storage. Refuses
+    (MigrationError, UnknownModel, UnknownCorpus) a migration that `start` would refuse."""
+    with translated():
+        client.conn.execute("SELECT pyembed._need_target(r.c, r.m, %s) FROM pyembed._migration(%s) r",
+                            (to_key, corpus))
     info = client.corpus(corpus).info
     old, new = model_spec(client.conn, info.model_key), model_spec(client.conn, to_key)
     documents = client.conn.execute("SELECT count(*) FROM pyembed.documents WHERE corpus_id = %s",
@@ -237,7 +241,7 @@ def validate(client: Client, corpus: str, *, k: int = 10, max_drop: float = 0.02
 @in_client_turn
 def shift(client: Client, corpus: str, share: int) -> int:
     """Serve `share` percent of searches (chosen by query hash) from the new key."""
-    return int(_call(client, "migration_shift", corpus, share))
+    return int(_call(client, "migration_shift", corpus, integer(share, "share")))
 
 
 @in_client_turn
@@ -256,15 +260,12 @@ def rollback(client: Client, corpus: str) -> int:
 def cleanup(client: Client, corpus: str) -> int:
     """Delete the vectors and indexes of keys the corpus no longer serves; returns rows removed.
     Indexes are dropped CONCURRENTLY, so searches never queue behind the drop."""
-    from psycopg import sql
-
     removed = int(_call(client, "migration_cleanup", corpus, True))
     info = client.corpus(corpus).info
     stale = client.conn.execute("SELECT pyembed._vector_indexes(%s, %s)",
                                 (info.corpus_id, info.model_key)).fetchall()
     for (name,) in stale:
-        client.conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}.{}").format(
-            sql.Identifier("pyembed"), sql.Identifier(name)))
+        drop_index_online(client.conn, name)
     return removed
 
 

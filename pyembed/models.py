@@ -11,7 +11,7 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-from .db import translated
+from .db import integer, translated
 from .errors import DatabaseNotReady, InvalidInput, UnknownModel
 
 
@@ -158,9 +158,12 @@ def register(conn: psycopg.Connection[Any], spec: ModelSpec) -> str:
         row = conn.execute(
             "SELECT pyembed.register_model(%s, %s, %s, %s::int, %s, %s, %s, %s::int, %s::int, "
             "%s::int, %s::numeric, %s)",
-            (spec.provider, spec.model_id, spec.version, spec.dimensions, spec.distance,
-             spec.normalized, spec.input_types, spec.max_batch, spec.max_tokens,
-             spec.request_dimensions, spec.price_per_mtok, spec.description)).fetchone()
+            (spec.provider, spec.model_id, spec.version, integer(spec.dimensions, "dimensions"),
+             spec.distance, spec.normalized, spec.input_types,
+             integer(spec.max_batch, "max_batch"), integer(spec.max_tokens, "max_tokens"),
+             None if spec.request_dimensions is None
+             else integer(spec.request_dimensions, "request_dimensions"),
+             spec.price_per_mtok, spec.description)).fetchone()
     assert row is not None
     return str(row[0])
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import psycopg
 
-from .db import translated
+from .db import integer, translated
 
 RECALL_ALERT = 0.95
 """recall@10 below which `pyembed status` alerts (its --recall-alert changes it)."""
@@ -43,7 +43,7 @@ def measure(conn: psycopg.Connection[Any], corpus: str, queries: int = 50) -> li
     as queries (recorded as a measurement on a primary; a replica measures only)."""
     with translated():
         rows = conn.execute("SELECT * FROM pyembed.measure_recall(%s, %s)",
-                            (corpus, queries)).fetchall()
+                            (corpus, integer(queries, "queries"))).fetchall()
     return [Measurement(corpus, key, int(n), float(r)) for key, n, r in rows]
 
 
@@ -51,11 +51,14 @@ def measure_sampled(conn: psycopg.Connection[Any], max_samples: int = 20) -> lis
     """Re-run up to `max_samples` sampled searches of the session's tenant (each sample once,
     whichever worker takes it) and record what they measure."""
     with translated():
-        rows = conn.execute("SELECT * FROM pyembed.recall_sampled(%s)", (max_samples,)).fetchall()
+        rows = conn.execute("SELECT * FROM pyembed.recall_sampled(%s)",
+                            (integer(max_samples, "max_samples"),)).fetchall()
     return [Measurement(c, key, int(n), float(r)) for c, key, n, r in rows]
 
 
 def report(conn: psycopg.Connection[Any], hours: int = 24) -> list[RecallRow]:
     """recall@10 per corpus and key over the last `hours` (the session's tenant's corpora)."""
-    rows = conn.execute("SELECT * FROM pyembed.recall_report(%s)", (hours,)).fetchall()
+    with translated():
+        rows = conn.execute("SELECT * FROM pyembed.recall_report(%s)",
+                            (integer(hours, "hours"),)).fetchall()
     return [RecallRow(c, k, float(r), int(n), at) for c, k, r, n, at in rows]

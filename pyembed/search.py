@@ -14,6 +14,7 @@ import numpy as np
 import psycopg
 from pgvector import Vector
 
+from .db import integer
 from .errors import InvalidInput, InvalidVector, ModelMismatch
 from .sqlexec import Executor, executor
 
@@ -132,11 +133,9 @@ def filter_json(filter: object) -> str | None:
 
 
 def whole_number(value: object, what: str = "k") -> int:
-    """`value` (k by default) as an int: the driver would cast 2.5 or "3" on the way in, and
-    round 2.5; its bounds are its user's (for k, the database's PE005)."""
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        return int(value)
-    raise InvalidInput(f"{what} must be a whole number, not {value!r}")
+    """`value` (k by default) as an int for SQL's `integer` (`pyembed.db.integer`); its bounds
+    are its user's (for k, the database's PE005)."""
+    return integer(value, what)
 
 
 def run(db: Executor, corpus: str | None, mode: str | None, text: str | None, vector: Any,

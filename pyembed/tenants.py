@@ -13,7 +13,7 @@ from typing import Any, Protocol
 import psycopg
 from psycopg import sql
 
-from .db import translated
+from .db import integer, translated
 from .errors import InvalidInput, ProviderError
 from .sqlexec import Executor, executor
 
@@ -27,9 +27,20 @@ def create_tenant(conn: psycopg.Connection[Any], name: str, *,
             row = conn.execute(
                 "INSERT INTO pyembed.tenants (name, requests_per_minute, tokens_per_minute) "
                 "VALUES (%s, %s, %s) RETURNING tenant_id",
-                (name, requests_per_minute, tokens_per_minute)).fetchone()
-        except psycopg.errors.CheckViolation:
-            raise InvalidInput(f"invalid tenant name {name!r}, or a limit below 1") from None
+                (name, *(None if limit is None else integer(limit, what) for limit, what in (
+                    (requests_per_minute, "requests_per_minute"),
+                    (tokens_per_minute, "tokens_per_minute"))))).fetchone()
+        except psycopg.errors.CheckViolation as exc:
+            # Name the value the table refused: a limit of 0 is no fault of the name.
+            if exc.diag.constraint_name == "tenants_name_check":
+                raise InvalidInput(f"invalid tenant name {name!r}: use 1-63 lowercase letters, "
+                                   "digits, _ or -, the first a letter or digit") from None
+            for what, limit in (("requests_per_minute", requests_per_minute),
+                                ("tokens_per_minute", tokens_per_minute)):
+                if exc.diag.constraint_name == f"tenants_{what}_check":
+                    raise InvalidInput(f"{what} must be 1 or more (or unlimited), not {limit}"
+                                       ) from None
+            raise
         except psycopg.errors.UniqueViolation:
             raise InvalidInput(f"tenant {name!r} already exists") from None
     assert row is not None
@@ -66,7 +77,9 @@ class UsageRow:
 def usage(conn: psycopg.Connection[Any], days: int = 30) -> list[UsageRow]:
     """Provider calls, tokens and estimated cost per tenant, corpus and model key (the
     session's own tenant for an application role; every tenant for a superuser)."""
-    rows = conn.execute("SELECT * FROM pyembed.usage_report(%s)", (days,)).fetchall()
+    with translated():
+        rows = conn.execute("SELECT * FROM pyembed.usage_report(%s)",
+                            (integer(days, "days"),)).fetchall()
     return [UsageRow(str(a), str(b), str(k), int(r), int(t), float(c))
             for a, b, k, r, t, c in rows]
 

@@ -91,7 +91,10 @@ BEGIN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
       MESSAGE = format('corpus %s does not serve %s', c.name, p_model_key);
   END IF;
-  EXECUTE format('DROP INDEX IF EXISTS pyembed.%I', name);
+  -- Not DROP INDEX IF EXISTS: that sends the client a NOTICE when there is none.
+  IF to_regclass(format('pyembed.%I', name)) IS NOT NULL THEN
+    EXECUTE format('DROP INDEX pyembed.%I', name);
+  END IF;
   IF new_name IS NOT NULL AND to_regclass(format('pyembed.%I', new_name)) IS NOT NULL THEN
     EXECUTE format('ALTER INDEX pyembed.%I RENAME TO %I', new_name, name);
     RETURN name;
@@ -131,7 +134,9 @@ BEGIN
   FOREACH key IN ARRAY array_remove(ARRAY[c.model_key, c.target_model_key], NULL) LOOP
     st := CASE WHEN key = c.model_key THEN coalesce(storage, c.storage)
                ELSE pyembed._key_storage(c, key) END;
-    EXECUTE format('DROP INDEX IF EXISTS pyembed.%I', pyembed._rebuild_name(c.corpus_id, key));
+    IF to_regclass(format('pyembed.%I', pyembed._rebuild_name(c.corpus_id, key))) IS NOT NULL THEN
+      EXECUTE format('DROP INDEX pyembed.%I', pyembed._rebuild_name(c.corpus_id, key));
+    END IF;
     ddl := pyembed._vector_index_sql(c.corpus_id, key, false, st,
                                      pyembed._rebuild_name(c.corpus_id, key));
     IF ddl IS NOT NULL THEN

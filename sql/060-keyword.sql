@@ -21,8 +21,11 @@ BEGIN
         SELECT u.lexeme, coalesce(array_length(u.positions, 1), 1) AS tf
           FROM unnest(to_tsvector(c.text_config, n.content)) u) t;
   ELSE
-    CREATE TEMP TABLE IF NOT EXISTS pyembed_changed (corpus_id integer, chunk_id bigint,
-                                                     content text) ON COMMIT DELETE ROWS;
+    -- Created once a session; IF NOT EXISTS would send the client a NOTICE on every later call.
+    IF to_regclass('pg_temp.pyembed_changed') IS NULL THEN
+      CREATE TEMP TABLE pyembed_changed (corpus_id integer, chunk_id bigint, content text)
+        ON COMMIT DELETE ROWS;
+    END IF;
     INSERT INTO pyembed_changed
     SELECT n.corpus_id, n.chunk_id, n.content FROM new_rows n JOIN old_rows o
         ON o.corpus_id = n.corpus_id AND o.chunk_id = n.chunk_id

@@ -48,6 +48,31 @@ BEGIN
 END
 $$;
 
+-- Why corpus `c` (its migration in progress `m`) cannot start migrating to `to_key`, raised, or
+-- nothing: migration_start's refusals, which `pyembed migrate plan` raises before any estimate.
+CREATE OR REPLACE FUNCTION pyembed._need_target(c pyembed.corpora, m pyembed.migrations,
+                                                to_key text)
+RETURNS void
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+  IF m.migration_id IS NOT NULL THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE007',
+      MESSAGE = format('corpus %s already has a migration in progress (%s -> %s, step %s): '
+                       'one at a time', c.name, m.from_key, m.to_key, m.state),
+      HINT = 'finish it (pyembed migrate complete) or roll it back (pyembed migrate rollback)';
+  END IF;
+  IF NOT EXISTS (SELECT FROM pyembed.models WHERE model_key = to_key) THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE006', MESSAGE = format('unknown model key %L', to_key);
+  END IF;
+  IF to_key = c.model_key THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE007',
+      MESSAGE = format('corpus %s is already on %s', c.name, to_key);
+  END IF;
+END
+$$;
+
 -- `storage` is the target key's (target_storage; default: the corpus's own), which becomes the
 -- corpus's when the migration completes.
 CREATE OR REPLACE FUNCTION pyembed.migration_start(corpus text, to_key text,
@@ -61,19 +86,7 @@ DECLARE
   queued bigint;
 BEGIN
   r := pyembed._migration(corpus);
-  IF (r.m).migration_id IS NOT NULL THEN
-    RAISE EXCEPTION USING ERRCODE = 'PE007',
-      MESSAGE = format('corpus %s already has a migration in progress (%s -> %s, step %s): '
-                       'one at a time', corpus, (r.m).from_key, (r.m).to_key, (r.m).state),
-      HINT = 'finish it (pyembed migrate complete) or roll it back (pyembed migrate rollback)';
-  END IF;
-  IF NOT EXISTS (SELECT FROM pyembed.models WHERE model_key = to_key) THEN
-    RAISE EXCEPTION USING ERRCODE = 'PE006', MESSAGE = format('unknown model key %L', to_key);
-  END IF;
-  IF to_key = (r.c).model_key THEN
-    RAISE EXCEPTION USING ERRCODE = 'PE007',
-      MESSAGE = format('corpus %s is already on %s', corpus, to_key);
-  END IF;
+  PERFORM pyembed._need_target(r.c, r.m, to_key);
   IF storage IS NOT NULL THEN
     PERFORM pyembed._check_storage(storage);
   END IF;

@@ -440,6 +440,26 @@ def test_one_migration_per_corpus_and_steps_in_order(db: Database) -> None:
         assert migration.start(owner, CORPUS, OTHER) > first
 
 
+def test_plan_refuses_what_start_refuses(db: Database) -> None:
+    with clients(db, n=5) as (_app, owner, _texts):
+        with pytest.raises(MigrationError, match="already on"):
+            migration.plan(owner, CORPUS, OLD)
+        with pytest.raises(pyembed.UnknownModel):
+            migration.plan(owner, CORPUS, "fake/nope@1:1024")
+        with pytest.raises(pyembed.UnknownCorpus):
+            migration.plan(owner, "nope", NEW)
+        assert migration.plan(owner, CORPUS, NEW).chunks == 5
+        migration.start(owner, CORPUS, NEW)
+        for to in (NEW, OTHER):
+            with pytest.raises(MigrationError, match="one at a time"):
+                migration.plan(owner, CORPUS, to)
+        assert_one_line_error(cli(db, "migrate", "plan", CORPUS, "--to", OTHER), "one at a time")
+        migration.rollback(owner, CORPUS)
+        assert_one_line_error(cli(db, "migrate", "plan", CORPUS, "--to", OLD),
+                              f"corpus {CORPUS} is already on {OLD}")
+        assert migration.plan(owner, CORPUS, OTHER).chunks == 5
+
+
 def test_validate_before_backfill_is_refused_as_a_step(db: Database) -> None:
     with clients(db, n=20) as (_app, owner, _texts):
         migration.start(owner, CORPUS, NEW)
