@@ -60,3 +60,6 @@ DROP FUNCTION IF EXISTS pyembed._hits(integer, bigint[], double precision[], tex
 DROP FUNCTION IF EXISTS pyembed._bm25(pyembed.corpora, text, integer, jsonb, bigint, boolean);
 -- Keyword passages are found for document numbers (revision 0018), not document ids.
 DROP FUNCTION IF EXISTS pyembed._keyword_passages(pyembed.corpora, text, text[]);
+-- halfvec's rule packs its index pages (pyembed._halfvec_m): the rule takes the storage.
+DROP FUNCTION IF EXISTS pyembed.hnsw_rule(bigint, integer);
+DROP FUNCTION IF EXISTS pyembed._index_params(jsonb, bigint, integer);

@@ -38,6 +38,55 @@ SELECT CASE storage WHEN 'binary' THEN 'bit' WHEN 'halfvec' THEN 'halfvec'
                     ELSE CASE WHEN dims <= 2000 THEN 'vector' ELSE 'halfvec' END END
 $$;
 
+-- halfvec's m: an HNSW index page (8,192 bytes less 32 of headers) holds whole elements, each an
+-- element tuple (72 bytes of header, the halfvec's 8 and 2 a dimension) and its layer-0 neighbour
+-- tuple (4 bytes and 12 a link: 2m links of 6), both MAXALIGNed, and a 4-byte line pointer for
+-- each (pgvector 0.8's layout). The vector takes a smaller part of an element in halfvec than in
+-- vector storage, so the links' part weighs more: where a smaller m fits one more element a
+-- page, and is at least half the rule's m, halfvec is built with the largest such m (a page
+-- less in every few: halfvec's point is the index's size), and its ef_construction and ef_search
+-- are raised by the rule's m over it (pyembed._halfvec_ef), which buys the recall back
+-- (docs/index-tuning.md has the figures). Other storages keep the rule's m. Inlined, like
+-- pyembed._index_plan below.
+CREATE OR REPLACE FUNCTION pyembed._hnsw_per_page(element integer, m integer) RETURNS integer
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+SELECT 8160 / (element + (4 + 12 * m + 7) / 8 * 8 + 8)
+$$;
+
+-- The largest m at which `per_page` elements of `element` bytes fit a page (below 1: none does).
+CREATE OR REPLACE FUNCTION pyembed._hnsw_fitting_m(element integer, per_page integer)
+RETURNS integer
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+SELECT CASE WHEN 8160 / per_page - element - 8 < 12 THEN 0
+            ELSE ((8160 / per_page - element - 8) / 8 * 8 - 4) / 12 END
+$$;
+
+CREATE OR REPLACE FUNCTION pyembed._halfvec_m(dims integer, storage text, m integer)
+RETURNS integer
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+SELECT CASE WHEN storage = 'halfvec'
+             AND pyembed._hnsw_fitting_m((87 + 2 * dims) / 8 * 8,
+                   pyembed._hnsw_per_page((87 + 2 * dims) / 8 * 8, m) + 1) >= (m + 1) / 2
+            THEN pyembed._hnsw_fitting_m((87 + 2 * dims) / 8 * 8,
+                   pyembed._hnsw_per_page((87 + 2 * dims) / 8 * 8, m) + 1)
+            ELSE m END
+$$;
+
+-- The rule's `ef` (ef_construction or ef_search) for m `m`, raised by m over pyembed._halfvec_m
+-- (rounded up, at most pgvector's 1,000).
+CREATE OR REPLACE FUNCTION pyembed._halfvec_ef(dims integer, storage text, m integer, ef integer)
+RETURNS integer
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+SELECT CASE WHEN storage = 'halfvec'
+            THEN least(1000, (ef * m + pyembed._halfvec_m(dims, storage, m) - 1)
+                             / pyembed._halfvec_m(dims, storage, m))
+            ELSE ef END
+$$;
+
 CREATE OR REPLACE FUNCTION pyembed._index_plan(dims integer, distance text, storage text,
   settings jsonb, rows bigint)
 RETURNS pyembed._index_rules
@@ -65,11 +114,16 @@ SELECT ROW(
   'embedding ' || CASE distance WHEN 'cosine' THEN '<=>' WHEN 'dot' THEN '<#>' ELSE '<->' END,
   -- m, ef_construction, ef_search
   coalesce((settings ->> 'm')::integer,
-           CASE WHEN rows < 200000 THEN 16 WHEN rows < 2000000 THEN 24 ELSE 32 END),
+           pyembed._halfvec_m(dims, storage,
+                             CASE WHEN rows < 200000 THEN 16 WHEN rows < 2000000 THEN 24 ELSE 32 END)),
   coalesce((settings ->> 'ef_construction')::integer,
-           CASE WHEN rows < 200000 THEN 64 WHEN rows < 2000000 THEN 128 ELSE 200 END),
+           pyembed._halfvec_ef(dims, storage,
+                              CASE WHEN rows < 200000 THEN 16 WHEN rows < 2000000 THEN 24 ELSE 32 END,
+                              CASE WHEN rows < 200000 THEN 64 WHEN rows < 2000000 THEN 128 ELSE 200 END)),
   coalesce((settings ->> 'ef_search')::integer,
-           CASE WHEN rows < 200000 THEN 100 WHEN rows < 2000000 THEN 300 ELSE 500 END),
+           pyembed._halfvec_ef(dims, storage,
+                              CASE WHEN rows < 200000 THEN 16 WHEN rows < 2000000 THEN 24 ELSE 32 END,
+                              CASE WHEN rows < 200000 THEN 100 WHEN rows < 2000000 THEN 300 ELSE 500 END)),
   -- oversample
   coalesce((settings ->> 'oversample')::integer,
            CASE WHEN dims < 768 THEN 60 WHEN dims < 1536 THEN 20 ELSE 10 END)
@@ -91,11 +145,12 @@ $$;
 
 -- pyembed's rule for HNSW parameters (pyembed._index_plan), without an owner's overrides.
 CREATE OR REPLACE FUNCTION pyembed.hnsw_rule(rows bigint, dims integer,
+  storage text DEFAULT 'vector',
   OUT m integer, OUT ef_construction integer, OUT ef_search integer, OUT oversample integer)
 LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
 AS $$
 DECLARE
-  p record := pyembed._index_plan(dims, NULL, NULL, NULL, rows);
+  p record := pyembed._index_plan(dims, NULL, storage, NULL, rows);
 BEGIN
   m := p.m; ef_construction := p.ef_construction; ef_search := p.ef_search;
   oversample := p.oversample;
@@ -105,11 +160,12 @@ $$;
 -- The HNSW settings in force for a corpus of this many rows: the owner's overrides
 -- (corpora.index_settings, set by pyembed.set_index_settings) over the rule (pyembed._index_plan).
 CREATE OR REPLACE FUNCTION pyembed._index_params(settings jsonb, rows bigint, dims integer,
+  storage text,
   OUT m integer, OUT ef_construction integer, OUT ef_search integer, OUT oversample integer)
 LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
 AS $$
 DECLARE
-  p record := pyembed._index_plan(dims, NULL, NULL, settings, rows);
+  p record := pyembed._index_plan(dims, NULL, storage, settings, rows);
 BEGIN
   m := p.m; ef_construction := p.ef_construction; ef_search := p.ef_search;
   oversample := p.oversample;
@@ -187,7 +243,8 @@ BEGIN
     RETURN NULL;
   END IF;
   n := pyembed._key_rows(p_corpus_id, p_model_key);
-  p := pyembed._index_params(c.index_settings, n, m.dimensions);
+  p := pyembed._index_params(c.index_settings, n, m.dimensions,
+                             coalesce(p_storage, pyembed._key_storage(c, p_model_key)));
   RETURN format('CREATE INDEX %s IF NOT EXISTS %I ON pyembed.%I USING hnsw (%s %s) '
                 'WITH (m = %s, ef_construction = %s) WHERE model_key = %L',
                 CASE WHEN online THEN 'CONCURRENTLY' ELSE '' END,
@@ -226,7 +283,7 @@ BEGIN
   SELECT * INTO STRICT mo FROM pyembed.models WHERE model_key = p_model_key;
   storage := coalesce(p_storage, pyembed._key_storage(c, p_model_key));
   n := pyembed._key_rows(p_corpus_id, p_model_key);
-  p := pyembed._index_params(c.index_settings, n, mo.dimensions);
+  p := pyembed._index_params(c.index_settings, n, mo.dimensions, storage);
   value_bytes := CASE WHEN storage = 'binary' THEN (mo.dimensions + 7) / 8 + 8
                       WHEN storage = 'halfvec' OR mo.dimensions > 2000 THEN 2 * mo.dimensions + 8
                       ELSE 4 * mo.dimensions + 8 END;

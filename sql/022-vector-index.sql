@@ -56,7 +56,7 @@ BEGIN
   -- pgvector's own rule, checked against what the build will use (an override or the rule's).
   IF (SELECT p.ef_construction < 2 * p.m FROM pyembed.models mo,
              pyembed._index_params(merged, pyembed._key_rows(c.corpus_id, c.model_key),
-                                   mo.dimensions) p
+                                   mo.dimensions, c.storage) p
        WHERE mo.model_key = c.model_key) THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
       MESSAGE = 'ef_construction must be at least twice m';
@@ -173,8 +173,9 @@ BEGIN
     FROM unnest(array_remove(ARRAY[c.model_key, c.target_model_key], NULL)) AS k(key)
     JOIN pyembed.models mo ON mo.model_key = k.key
     CROSS JOIN LATERAL (SELECT pyembed._key_rows(c.corpus_id, k.key) AS rows) n
-    CROSS JOIN LATERAL pyembed.hnsw_rule(n.rows, mo.dimensions) r
-    CROSS JOIN LATERAL pyembed._index_params(c.index_settings, n.rows, mo.dimensions) p
+    CROSS JOIN LATERAL pyembed.hnsw_rule(n.rows, mo.dimensions, pyembed._key_storage(c, k.key)) r
+    CROSS JOIN LATERAL pyembed._index_params(c.index_settings, n.rows, mo.dimensions,
+                                             pyembed._key_storage(c, k.key)) p
     LEFT JOIN pg_catalog.pg_class i ON i.relnamespace = 'pyembed'::regnamespace
      AND i.relname = pyembed._index_name(c.corpus_id, k.key);
 END

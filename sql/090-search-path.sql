@@ -16,7 +16,7 @@ DECLARE
   unpinned text[] := ARRAY['_session_tenant', '_corpus_named', '_vector_ranking', '_nearest_in',
                            '_nearest_source', '_nearest_candidates', '_nearest_scans',
                            '_nearest_rules', '_nearest_settings', '_nearest_sql', '_index_plan',
-                           '_index_type',
+                           '_index_type', '_hnsw_per_page', '_hnsw_fitting_m', '_halfvec_m', '_halfvec_ef',
                            '_index_spec', '_index_params', 'hnsw_rule', '_vector_partition_name'];
   f regprocedure;
 BEGIN

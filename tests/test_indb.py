@@ -439,7 +439,8 @@ def test_function_inventory_matches_the_golden_file(owner: psycopg.Connection[An
     assert unpinned == {f"pyembed.{name}" for name in (
         "_vector_ranking", "_nearest_in", "_nearest_source", "_nearest_candidates",
         "_nearest_scans", "_nearest_rules", "_nearest_settings", "_nearest_sql", "_index_plan",
-        "_index_type", "_index_spec", "_index_params",
+        "_index_type", "_hnsw_per_page", "_hnsw_fitting_m", "_halfvec_m", "_halfvec_ef",
+        "_index_spec", "_index_params",
         "hnsw_rule", "_vector_partition_name", "_session_tenant",
         "_corpus_named")}
     assert all(line.endswith("app no | public no") for line in lines

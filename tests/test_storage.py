@@ -14,6 +14,7 @@ import numpy as np
 import psycopg
 import pytest
 from pgvector import Vector
+from psycopg import sql
 
 import pyembed
 from pyembed import index, migration
@@ -75,7 +76,8 @@ def test_each_storage_writes_searches_and_guards(db: Database, owner: psycopg.Co
         assert corpus.info.storage == storage
         assert app.corpus("docs").info.storage == storage
         [ddl] = index_defs(owner, corpus.info.corpus_id)
-        assert OPCLASS[storage] in ddl and "WITH (m='16', ef_construction='64')" in ddl, ddl
+        built = "m='13', ef_construction='79'" if storage == "halfvec" else "m='16', ef_construction='64'"
+        assert OPCLASS[storage] in ddl and f"WITH ({built})" in ddl, ddl
         # Vector search: a document's own text finds it first, with its exact float32 score.
         for i in (3, 17, 42):
             hits = corpus.search(texts(60)[i], k=5)
@@ -151,8 +153,9 @@ def test_binary_rescores_its_candidates_exactly(db: Database,
 
 def test_the_rule_chooses_parameters_from_size_and_dimensions(
         owner: psycopg.Connection[Any]) -> None:
-    def rule(rows: int, dims: int) -> tuple[int, int, int, int]:
-        row = owner.execute("SELECT * FROM pyembed.hnsw_rule(%s, %s)", (rows, dims)).fetchone()
+    def rule(rows: int, dims: int, storage: str = "vector") -> tuple[int, int, int, int]:
+        row = owner.execute("SELECT * FROM pyembed.hnsw_rule(%s, %s, %s)",
+                            (rows, dims, storage)).fetchone()
         assert row is not None
         return tuple(row)  # type: ignore[return-value]
 
@@ -161,6 +164,33 @@ def test_the_rule_chooses_parameters_from_size_and_dimensions(
     assert rule(200_000, 1024) == (24, 128, 300, 20)
     assert rule(1_999_999, 1536) == (24, 128, 300, 10)
     assert rule(2_000_000, 3072) == (32, 200, 500, 10)
+    assert owner.execute("SELECT * FROM pyembed.hnsw_rule(0, 384)").fetchone() == rule(0, 384)
+    assert rule(1_000_000, 384, "binary") == (24, 128, 300, 60)
+    # halfvec: a smaller m where it packs one more element a page, its ef raised by the ratio
+    assert rule(0, 384, "halfvec") == (13, 79, 124, 60)
+    assert rule(1_000_000, 384, "halfvec") == (13, 237, 554, 60)
+    assert rule(2_000_000, 384, "halfvec") == (25, 256, 640, 60)
+    assert rule(1_000_000, 1024, "halfvec") == (24, 128, 300, 20)  # 3 a page at any m
+
+
+def test_the_halfvec_rule_counts_pages_as_pgvector_fills_them(
+        owner: psycopg.Connection[Any]) -> None:
+    """pyembed._halfvec_m's page arithmetic is pgvector's: 384-d halfvec elements fit 8 a page at
+    m 13 and 7 at m 14 to 24 (so the rule builds with 13)."""
+    owner.execute("CREATE TEMP TABLE hv AS SELECT (SELECT array_agg(random() + g * 0 + i * 0) "
+                  "FROM generate_series(1, 384) i)::halfvec(384) AS e FROM generate_series(1, 4000) g")
+
+    def per_page(m: int) -> float:
+        owner.execute(sql.SQL("CREATE INDEX hv_e ON hv USING hnsw (e halfvec_cosine_ops) "
+                              "WITH (m = {}, ef_construction = 48)").format(sql.Literal(m)))
+        pages = owner.execute("SELECT pg_relation_size('hv_e') / 8192").fetchone()[0]  # type: ignore[index]
+        owner.execute("DROP INDEX hv_e")
+        return 4000 / (pages - 1)  # less the metapage
+
+    assert [owner.execute("SELECT pyembed._halfvec_m(384, 'halfvec', %s)", (m,)).fetchone()
+            for m in (16, 24, 32)] == [(13,), (13,), (25,)]
+    packed, m14, m24 = per_page(13), per_page(14), per_page(24)
+    assert 7.2 < packed <= 8 and 6.5 < m24 <= m14 <= 7, (packed, m14, m24)
 
 
 def test_overrides_apply_to_searches_and_the_next_rebuild(db: Database,
