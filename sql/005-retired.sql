@@ -58,3 +58,7 @@ DROP FUNCTION IF EXISTS pyembed._hits(integer, bigint[], double precision[], tex
 DROP FUNCTION IF EXISTS pyembed._bm25(pyembed.corpora, text, integer, jsonb, bigint, boolean);
 -- Keyword passages are found for document numbers (revision 0018), not document ids.
 DROP FUNCTION IF EXISTS pyembed._keyword_passages(pyembed.corpora, text, text[]);
+-- Hybrid search's vector leg: the documents among its candidates' nearest chunks (a new
+-- argument, chunks).
+DROP FUNCTION IF EXISTS pyembed._vector_ranking(pyembed.corpora, vector, text, integer, jsonb,
+                                                text);
