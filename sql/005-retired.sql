@@ -63,3 +63,7 @@ DROP FUNCTION IF EXISTS pyembed._keyword_passages(pyembed.corpora, text, text[])
 -- halfvec's rule packs its index pages (pyembed._halfvec_m): the rule takes the storage.
 DROP FUNCTION IF EXISTS pyembed.hnsw_rule(bigint, integer);
 DROP FUNCTION IF EXISTS pyembed._index_params(jsonb, bigint, integer);
+-- Hybrid search's vector leg: the documents among its candidates' nearest chunks (a new
+-- argument, chunks).
+DROP FUNCTION IF EXISTS pyembed._vector_ranking(pyembed.corpora, vector, text, integer, jsonb,
+                                                text);

@@ -17,14 +17,15 @@
 -- with them, so that the index scan can return them) until k documents are among them or the
 -- corpus has no more; k at first where every document has one chunk (keyword_stats counts as
 -- many chunks as documents), at the corpus's own ef_search; 'chunk' returns the k nearest
--- chunks.
+-- chunks. Given `chunks` (hybrid search's vector leg), it ranks the documents among that many
+-- nearest chunks, at most k, from one scan: fewer than k where those chunks repeat documents.
 
 -- The nearest chunks come from the vector leg's statement and settings (pyembed._nearest_sql and
 -- _nearest_settings, 025-nearest.sql), inlined here as in pyembed._nearest_in: no call. The
 -- SET clause keeps the settings local to this function: they end as it returns.
 CREATE OR REPLACE FUNCTION pyembed._vector_ranking(
   c pyembed.corpora, query_embedding vector, query_model_key text, k integer, filter jsonb,
-  group_by text, OUT ids bigint[], OUT scores float8[], OUT keys text[])
+  group_by text, chunks integer, OUT ids bigint[], OUT scores float8[], OUT keys text[])
 LANGUAGE plpgsql STABLE
 SET plan_cache_mode = force_generic_plan
 AS $$
@@ -96,8 +97,10 @@ BEGIN
                   THEN coalesce(c.target_storage, c.storage) ELSE c.storage END;
   s := pyembed._nearest_rules(md.dimensions, md.distance, storage, c.index_settings,
                               greatest(md.counted, 0)::bigint);
-  -- k chunks are k documents where every document has one chunk (as the committed counts say)
-  n := CASE WHEN group_by = 'chunk' OR md.one_chunk_each THEN k ELSE 2 * k END;
+  -- k chunks are k documents where every document has one chunk (as the committed counts say);
+  -- `chunks` given: the documents among that many nearest chunks, at most k, from one scan
+  n := CASE WHEN chunks IS NOT NULL THEN chunks
+            WHEN group_by = 'chunk' OR md.one_chunk_each THEN k ELSE 2 * k END;
   LOOP
     -- The nearest chunks: ids, distances, scores, docs, n of them at most, nearest first.
     setting := pyembed._nearest_settings(n, filter IS NOT NULL, false, s, md.counted);
@@ -123,7 +126,7 @@ BEGIN
              ORDER BY b.distance, b.chunk_id LIMIT k) b;
     -- k documents, or all the corpus has (fewer chunks than asked for), or enough looking
     EXIT WHEN coalesce(cardinality(ids), 0) >= k OR coalesce(cardinality(hit_ids), 0) < n
-              OR n >= 16 * k;
+              OR n >= 16 * k OR chunks IS NOT NULL;
     n := 2 * n;
   END LOOP;
 END
@@ -154,7 +157,9 @@ BEGIN
   -- index probes in the ranking's order (the plan knows the ordinality is sorted: no sort, no
   -- hash table); the ids alone are unnested, each hit's score taken by its position (unnesting
   -- both arrays scanned two functions, each into a tuplestore of its own)
-  r := pyembed._vector_ranking(c, query_embedding, query_model_key, k, filter, group_by);
+  -- (chunks NULL: k documents; no default, so that a downgrade's own six-argument version
+  -- beside it is never ambiguous)
+  r := pyembed._vector_ranking(c, query_embedding, query_model_key, k, filter, group_by, NULL);
   RETURN QUERY
   SELECT ch.document_id, ch.chunk_id, ch.chunk_index, ch.content, ch.metadata, r.scores[h.n],
          query_model_key

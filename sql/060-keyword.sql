@@ -664,8 +664,12 @@ from pyembed import bm25
 return bm25.top(packed, blocks, terms, sizes, idfs, avgdl, n)
 $$;
 
--- Hybrid: the guarded vector ranking (PE001 on a mismatched key) and the BM25 ranking, each of
--- `candidates` results (documents or chunks, as group_by says), fused in one statement:
+-- Hybrid: the guarded vector ranking (PE001 on a mismatched key) and the BM25 ranking, fused in
+-- one statement. The BM25 ranking has `candidates` results (documents or chunks, as group_by
+-- says); the vector ranking has the documents among the `candidates` nearest chunks (fewer where
+-- a document has several of them; grouped by chunk, the chunks themselves), read by one scan:
+-- `candidates` distinct documents took a scan twice as deep, or two, for the same quality. The
+-- fusions:
 -- - 'rrf': reciprocal rank fusion, 1 / (rrf_k + rank) summed over both rankings;
 -- - 'relative' (NULL: the default, chosen on SciFact's test split): relative-score fusion,
 --   each ranking's scores min-max normalised to 0..1 over its candidates (its worst scores 0,
@@ -751,7 +755,9 @@ BEGIN
       MESSAGE = 'keyword_keys must be the keys pyembed.keyword_ranking returned (whole numbers)';
   END IF;
   c := pyembed.lookup_corpus(corpus);
-  d := pyembed._vector_ranking(c, query_embedding, query_model_key, candidates, filter, group_by);
+  -- the vector leg: the documents among the `candidates` nearest chunks (one index scan)
+  d := pyembed._vector_ranking(c, query_embedding, query_model_key, candidates, filter, group_by,
+                               chunks => candidates);
   IF keyword_ids IS NULL THEN
     s := pyembed._keyword_ranking(c, query, candidates, filter, group_by, passages => false);
   ELSE

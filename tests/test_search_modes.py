@@ -525,6 +525,32 @@ def test_hybrid_fuses_a_keyword_ranking_made_before_as_it_would_its_own(
     assert err.sqlstate == "PE002"
 
 
+def test_hybrid_ranks_the_documents_of_its_candidates_nearest_chunks_in_one_scan(
+        app: psycopg.Connection[Any], client: Any) -> None:
+    """Hybrid search's vector leg is the documents among its `candidates` nearest chunks, read
+    by one scan of the corpus's vectors: where those chunks hold fewer documents it does not
+    scan again deeper (vector search does, to return k documents)."""
+    kb = crowded_corpus(client, "leg")
+    nearest = kb.search("quota limit", k=4, group="chunk")
+    assert {h.document_id for h in nearest} == {"long"}  # the 4 nearest chunks: one document
+    vec = str(client.embedder(FAKE).embed_query("quota limit").tolist())
+    part = app.execute("SELECT pyembed.vector_table('leg')").fetchone()[0]
+    scans = """SELECT sum(pg_stat_get_xact_numscans(i.oid)) FROM pg_class i
+                WHERE i.oid = %s::regclass
+                   OR i.oid IN (SELECT indexrelid FROM pg_index WHERE indrelid = %s::regclass)"""
+    with app.transaction():
+        before = app.execute(scans, (part, part)).fetchone()[0]
+        hits = app.execute("SELECT document_id, score FROM pyembed.search_hybrid('leg', "
+                           "'quota limit', %s::vector, %s, 6, candidates => 4, alpha => 1.0)",
+                           (vec, FAKE)).fetchall()
+        assert app.execute(scans, (part, part)).fetchone()[0] - before == 1
+    # alpha 1: the vector ranking alone scores; its one document scores 1, the keyword ranking's
+    # others (3 of its 4 candidates) 0
+    assert hits[0] == ("long", 1.0) and [s for _, s in hits[1:]] == [0.0] * 3
+    # Vector search still returns k documents, scanning deeper for them.
+    assert len({h.document_id for h in kb.search("quota limit", k=4, mode="vector")}) == 4
+
+
 def test_a_new_hybrid_query_ranks_by_keywords_while_it_is_embedded(
         db: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     with pyembed.connect(db.app_dsn, use_cache=False) as fresh, pyembed.connect(db.app_dsn) as warm:
