@@ -155,6 +155,9 @@ BEGIN
   EXECUTE format('SELECT count(*) FROM pyembed.%I WHERE model_key = $1',
                  pyembed._vector_partition_name(p_corpus_id)) INTO n USING p_model_key;
   RETURN n;
+EXCEPTION WHEN undefined_table THEN
+  PERFORM pyembed._dropped_meanwhile(p_corpus_id);
+  RAISE;
 END
 $$;
 
@@ -246,6 +249,43 @@ $$;
 CREATE OR REPLACE FUNCTION pyembed._vector_partition_name(p_corpus_id integer) RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$ SELECT 'vectors_c' OPERATOR(pg_catalog.||) p_corpus_id::text $$;
+
+-- A corpus dropped after the caller looked it up is unknown (PE002) where the call then touches
+-- it: its partition is gone (a statement on it raised 42P01) or its row (a lock on it found
+-- none). Returns when the partition is still there: the caller's error was another.
+CREATE OR REPLACE FUNCTION pyembed._dropped_meanwhile(p_corpus_id integer) RETURNS void
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+  IF to_regclass(format('pyembed.%I', pyembed._vector_partition_name(p_corpus_id))) IS NULL THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE002',
+      MESSAGE = format('unknown corpus %s', coalesce(
+        quote_literal((SELECT left(co.name, 80) FROM pyembed.corpora co
+                        WHERE co.corpus_id = p_corpus_id)), 'id ' || p_corpus_id)),
+      DETAIL = 'it was dropped while this call was using it',
+      HINT = '`pyembed corpus list` shows the corpora';
+  END IF;
+END
+$$;
+
+-- The corpus row, locked FOR NO KEY UPDATE (the maintenance steps' lock order, 022 and 070), or
+-- PE002 when a drop took it while the lock was awaited.
+CREATE OR REPLACE FUNCTION pyembed._lock_corpus(p_corpus_id integer) RETURNS pyembed.corpora
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  c pyembed.corpora;
+BEGIN
+  SELECT * INTO c FROM pyembed.corpora co WHERE co.corpus_id = p_corpus_id FOR NO KEY UPDATE;
+  IF NOT FOUND THEN
+    PERFORM pyembed._dropped_meanwhile(p_corpus_id);
+    RAISE EXCEPTION USING ERRCODE = 'PE002', MESSAGE = format('unknown corpus id %s', p_corpus_id);
+  END IF;
+  RETURN c;
+END
+$$;
 
 -- Make a corpus's partition, or bring an existing one up to date: owner, privileges, triggers,
 -- and the CHECK constraint for the corpus's current keys. The table is made on its own and then

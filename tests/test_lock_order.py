@@ -27,6 +27,7 @@ from psycopg.types.json import Jsonb
 import pyembed
 from pyembed import index, migration
 from pyembed.client import Client, Document
+from pyembed.db import translated
 from pyembed.text import sha256
 from pyembed.vectors import copy_vectors
 from tests.conftest import Database
@@ -566,3 +567,78 @@ def test_a_drop_that_cannot_have_the_corpus_says_so_and_changes_nothing(
     assert err.value.sqlstate == "PE012", err.value
     assert "retry" in str(err.value)
     assert count(owner.conn, "corpora") == 1 and count(owner.conn, "documents") == 20
+
+
+# -- a call that looked the corpus up before a drop committed ----------------------------------
+def _query(key: str) -> Vector:
+    return Vector(fake(key, ["item3 w1 w2"])[0])
+
+
+def _copy(client: Client) -> Any:
+    corpus_id = client.corpus(CORPUS).info.corpus_id
+    chunk = one(client.conn, "SELECT chunk_id FROM pyembed.chunks LIMIT 1")
+    with translated(), client.conn.transaction(), client.conn.cursor() as cur:
+        return copy_vectors(cur, corpus_id, [chunk], OLD, fake(OLD, ["x"]), [None])
+
+
+DROP_RACES: dict[str, tuple[bool, Callable[[Client], Any]]] = {
+    # entry point: (an owner's call, the call)
+    "search (SQL)": (False, lambda c: c.conn.execute(
+        "SELECT count(*) FROM pyembed.search(%s, %s, %s, 3)", (CORPUS, _query(OLD), OLD))),
+    "search by chunk (SQL)": (False, lambda c: c.conn.execute(
+        "SELECT count(*) FROM pyembed.search(%s, %s, %s, 3, NULL, 'chunk')",
+        (CORPUS, _query(OLD), OLD))),
+    "search_text (SQL, PL/Python)": (False, lambda c: c.conn.execute(
+        "SELECT count(*) FROM pyembed.search_text(%s, 'item3 w1', 3)", (CORPUS,))),
+    "Corpus.search": (False, lambda c: c.corpus(CORPUS).search("item3 w1", k=3)),
+    "Corpus.search hybrid": (False, lambda c: c.corpus(CORPUS).search("item3 w1", k=3,
+                                                                      mode="hybrid")),
+    "Corpus.add": (False, lambda c: c.corpus(CORPUS).add([Document("new", "item new words")])),
+    "copy_vectors": (False, _copy),
+    "set_index_settings": (True, lambda c: index.set_index_settings(c.conn, CORPUS, ef_search=50)),
+    "rebuild_index (SQL)": (True, _rebuild),
+    "migration start": (True, _start),
+}
+
+
+@pytest.mark.parametrize("entry", DROP_RACES)
+def test_a_call_racing_a_drop_finds_the_corpus_unknown(
+        db: Database, corpus: tuple[Client, Client, list[str]], entry: str) -> None:
+    """The drop has taken the corpus (uncommitted) when the call starts: the call still sees the
+    corpus row, then waits for what the drop holds (the partition, the row) and, once the drop
+    commits, finds it gone. That is PE002 (UnknownCorpus), as for a corpus never made; it was
+    a raw 42P01 (the partition's "relation does not exist"), a foreign-key violation, "query
+    returned no rows" or a NULL corpus id."""
+    app, owner, _texts = corpus
+    by_owner, call = DROP_RACES[entry]
+    caller = owner if by_owner else app
+    if entry in ("Corpus.add", "copy_vectors"):
+        caller.corpus(CORPUS)  # the corpus's info, looked up before the drop
+    dropper = psycopg.connect(db.app_dsn)
+    watcher = psycopg.connect(db.owner_dsn, autocommit=True)
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            call(caller)
+        except BaseException as e:  # handed to the test
+            failed.append(e)
+
+    thread = threading.Thread(target=run)
+    try:
+        assert one(dropper, "SELECT pyembed.drop_corpus(%s)", (CORPUS,)) is True
+        thread.start()
+        assert waits_for_lock(watcher, caller.conn.info.backend_pid, thread)
+        dropper.commit()
+        thread.join(60)
+        assert not thread.is_alive()
+    finally:
+        dropper.close()
+        watcher.close()
+    assert len(failed) == 1, f"{entry} did not fail"
+    error = failed[0]
+    if isinstance(error, psycopg.Error):
+        assert error.sqlstate == "PE002", error
+    else:
+        assert isinstance(error, pyembed.UnknownCorpus), repr(error)
+    assert "unknown corpus" in str(error)
