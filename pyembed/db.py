@@ -98,9 +98,29 @@ def translate(exc: psycopg.Error) -> Exception:
     gone = _dropped_corpus(exc, message)
     if gone:
         return gone
+    owners = _owner_only(exc, message)
+    if owners:
+        return owners
     if diag.message_hint:
         message += f" (hint: {diag.message_hint})"
     return errors.from_sqlstate(exc.sqlstate, message) or exc
+
+
+_OWNERS = re.compile(r"(?:permission denied for|must be owner of) "
+                     r"(function|table|sequence|relation|index) (\S+)$")
+
+
+def _owner_only(exc: psycopg.Error, message: str) -> errors.OwnerOnly | None:
+    """OwnerOnly for a function, table or sequence the role lacks the privilege for: each is
+    granted to the application role on purpose (sql/080-grants.sql), the rest is the owner's."""
+    found = _OWNERS.match(message) if isinstance(exc, psycopg.errors.InsufficientPrivilege) \
+        else None
+    if not found:
+        return None
+    kind, name = found.groups()
+    name = name if "." in name else f"pyembed.{name}"
+    return errors.OwnerOnly(f"{kind} {name} is pyembed's owner role's: run this with the "
+                            "owner's DSN ($PYEMBED_OWNER_DSN, the owner commands' --dsn)")
 
 
 _PARTITION = re.compile(r'relation "(?:pyembed\.)?vectors_c(\d+)" does not exist')

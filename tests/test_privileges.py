@@ -4,11 +4,20 @@ The application role gets the least its documented operations need."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
+import pytest
 
-from tests.helpers import assert_matches_golden
+import pyembed
+from pyembed import index, migration, tenants
+from pyembed.client import Client
+from pyembed.db import translate
+from tests.conftest import Database
+from tests.helpers import assert_matches_golden, sql_error
+from tests.test_cli import pyembed as pyembed_cli
+from tests.test_migration import NEW, OLD
 
 ROLES = ("pyembed_app", "public")
 
@@ -100,3 +109,86 @@ def test_no_other_table_is_writable_by_the_app_role(owner: psycopg.Connection[An
         "AND c.relkind = 'S' AND (has_sequence_privilege('pyembed_app', c.oid, 'USAGE') "
         "OR has_sequence_privilege('pyembed_app', c.oid, 'UPDATE')) ORDER BY 1").fetchall()
     assert [r[0] for r in sequences] == ["chunks_chunk_id_seq"]
+
+
+# -- what the application role may not run: one clear error ------------------------------------
+def test_every_function_of_the_owners_is_refused_to_the_app_role_as_owner_only(
+        owner: psycopg.Connection[Any], app: psycopg.Connection[Any]) -> None:
+    """Walks every function of the schema the application role may not execute, a new one
+    included: its call is refused with 42501, which pyembed's one mapping (db.translate) turns
+    into OwnerOnly naming the function (a raw InsufficientPrivilege traceback before)."""
+    calls = owner.execute(
+        "SELECT p.proname, format('SELECT %s(%s)', p.oid::regproc, coalesce(string_agg("
+        "'NULL::' || format_type(t.oid, NULL), ', ' ORDER BY a.n), '')) "
+        "FROM pg_proc p LEFT JOIN LATERAL unnest(p.proargtypes::oid[]) WITH ORDINALITY "
+        "AS a(t, n) ON true LEFT JOIN pg_type t ON t.oid = a.t "
+        "WHERE p.pronamespace = 'pyembed'::regnamespace AND p.prokind = 'f' "
+        "AND NOT has_function_privilege('pyembed_app', p.oid, 'EXECUTE') "
+        "GROUP BY p.oid, p.proname ORDER BY 1").fetchall()
+    assert {"set_index_settings", "rebuild_index", "index_status", "migration_start",
+            "set_secret"} <= {name for name, _ in calls}
+    for name, call in calls:
+        error = translate(sql_error(app, call))
+        assert isinstance(error, pyembed.OwnerOnly), (call, error)
+        assert f"function pyembed.{name} is pyembed's owner role's" in str(error)
+
+
+def _tenant(conn: psycopg.Connection[Any]) -> Any:
+    return tenants.create_tenant(conn, "acme")
+
+
+def _member(conn: psycopg.Connection[Any]) -> Any:
+    return tenants.add_member(conn, "acme", "pyembed_user")
+
+
+OWNERS_ENTRY_POINTS: dict[str, tuple[Callable[[Client], Any], str]] = {
+    # entry point: (the call as the application role, what the error names)
+    "index.set_index_settings": (lambda c: index.set_index_settings(c.conn, "docs", ef_search=50),
+                                 "function pyembed.set_index_settings"),
+    "Client.index_status": (lambda c: c.index_status("docs"), "function pyembed.index_status"),
+    "migration.start": (lambda c: migration.start(c, "docs", NEW), "function pyembed.migration_start"),
+    "migration.shift": (lambda c: migration.shift(c, "docs", 50), "function pyembed.migration_shift"),
+    "migration.complete": (lambda c: migration.complete(c, "docs"),
+                           "function pyembed.migration_complete"),
+    "migration.rollback": (lambda c: migration.rollback(c, "docs"),
+                           "function pyembed.migration_rollback"),
+    "migration.cleanup": (lambda c: migration.cleanup(c, "docs"),
+                          "function pyembed.migration_cleanup"),
+    "tenants.create_tenant": (lambda c: _tenant(c.conn), "table pyembed.tenants"),
+    "tenants.add_member": (lambda c: _member(c.conn), "table pyembed.tenant_members"),
+}
+
+
+@pytest.mark.parametrize("entry", OWNERS_ENTRY_POINTS)
+def test_an_owners_python_entry_point_called_by_the_app_role_says_so(
+        db: Database, client: Client, entry: str) -> None:
+    client.create_corpus("docs", OLD)
+    call, named = OWNERS_ENTRY_POINTS[entry]
+    with pytest.raises(pyembed.OwnerOnly, match=f"{named} is pyembed's owner role's"):
+        call(client)
+
+
+def test_rebuild_index_by_the_app_role_says_so(db: Database, client: Client) -> None:
+    """The online rebuild's builds run as the caller (CREATE INDEX CONCURRENTLY, which a
+    function cannot run): the application role does not own the partition."""
+    client.create_corpus("docs", OLD)
+    with psycopg.connect(db.app_dsn, autocommit=True) as conn, \
+            pytest.raises(pyembed.OwnerOnly, match="is pyembed's owner role's"):
+        index.rebuild_index(conn, "docs")
+
+
+@pytest.mark.parametrize("command", [
+    ["corpus", "index", "docs", "--ef-search", "50"], ["corpus", "index", "docs"],
+    ["corpus", "reindex", "docs"], ["migrate", "start", "docs", "--to", NEW],
+    ["migrate", "shift", "docs", "50"], ["migrate", "complete", "docs"],
+    ["migrate", "rollback", "docs"], ["migrate", "cleanup", "docs"],
+    ["tenant", "create", "acme"], ["tenant", "add-member", "acme", "pyembed_user"]],
+    ids=" ".join)
+def test_an_owners_command_run_with_the_app_roles_dsn_says_so_in_one_line(
+        db: Database, client: Client, command: list[str]) -> None:
+    client.create_corpus("docs", OLD)
+    client.conn.commit()
+    done = pyembed_cli(*command, env={"PYEMBED_OWNER_DSN": db.app_dsn})
+    assert done.returncode == 1, done
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "is pyembed's owner role's: run this with the owner's DSN" in done.stderr
