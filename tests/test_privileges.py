@@ -111,6 +111,65 @@ def test_no_other_table_is_writable_by_the_app_role(owner: psycopg.Connection[An
     assert [r[0] for r in sequences] == ["chunks_chunk_id_seq"]
 
 
+APP_WRITERS = {
+    # A function that runs as its owner and writes, which the application role may call with
+    # any arguments: what it writes, and what keeps a tenant to its own rows.
+    "create_corpus": "a corpus of the caller's tenant",
+    "drop_corpus": "a corpus of the caller's tenant (looked up by it), its rows and records",
+    "register_model": "the registry, shared on purpose (README): insert only, a key's vector "
+                      "space fixed once, prices and bounds checked (test_hardening)",
+    "embed": "usage, cache and its counts of the caller's tenant; a failed provider call made "
+             "with the operator's keys is counted (real, not the caller's figure)",
+    "embed_batch": "as embed",
+    "search_text": "as embed, and the search's record for a corpus of the caller's tenant",
+    "search_reranked": "as search_text, and the tenant's rerank cache",
+    "search_query": "as search_text",
+    "search_embedded": "as search_text",
+    "cache_put": "the embedding cache, the caller's tenant's rows, checked like a vector",
+    "cache_count": "cache counts of the caller's tenant, never negative",
+    "cache_purge": "the caller's tenant's cache entries",
+    "rerank_cache_put": "the rerank cache, the caller's tenant's rows",
+    "rerank_cache_purge": "the caller's tenant's rerank cache entries",
+    "reserve_usage": "usage of the caller's tenant, for its own corpus, never negative",
+    "reserve_query": "as reserve_usage",
+    "record_search": "the query log, for a corpus of the caller's tenant",
+    "measure_recall": "recall measurements of a corpus of the caller's tenant, measured here",
+    "recall_sampled": "the caller's tenant's recall samples, measured here",
+}
+"""Not here: pyembed.count_provider_error, whose counters every tenant and the metrics endpoint
+read (any tenant could add any count): pyembed's own functions and pyembed_worker call it."""
+
+
+def test_every_function_that_writes_as_its_owner_for_the_app_role_is_accounted_for(
+        owner: psycopg.Connection[Any]) -> None:
+    """Walks every SECURITY DEFINER function the application role may execute that may write
+    (volatile), a new one included: each must say whose rows it writes and what keeps a tenant
+    to its own. One that writes rows every tenant shares with the caller's arguments (the
+    provider error counters) is no application role's."""
+    writers = owner.execute(
+        "SELECT p.proname FROM pg_proc p WHERE p.pronamespace = 'pyembed'::regnamespace "
+        "AND p.prosecdef AND p.provolatile = 'v' "
+        "AND has_function_privilege('pyembed_app', p.oid, 'EXECUTE') ORDER BY 1").fetchall()
+    assert {r[0] for r in writers} == set(APP_WRITERS)
+
+
+def test_the_worker_role_may_count_failed_calls_and_nothing_more(
+        owner: psycopg.Connection[Any]) -> None:
+    """pyembed_worker is what a worker's login adds to the application role's privileges."""
+    extra = owner.execute(
+        "SELECT p.oid::regprocedure::text FROM pg_proc p "
+        "WHERE p.pronamespace = 'pyembed'::regnamespace "
+        "AND has_function_privilege('pyembed_worker', p.oid, 'EXECUTE') "
+        "AND NOT has_function_privilege('pyembed_app', p.oid, 'EXECUTE')").fetchall()
+    assert [r[0] for r in extra] == ["pyembed.count_provider_error(text,text)"]
+    tables = owner.execute(
+        "SELECT c.relname FROM pg_class c CROSS JOIN unnest(ARRAY['SELECT', 'INSERT', 'UPDATE', "
+        "'DELETE']) p WHERE c.relnamespace = 'pyembed'::regnamespace "
+        "AND c.relkind IN ('r', 'p', 'v', 'S') AND has_table_privilege('pyembed_worker', c.oid, p) "
+        "AND NOT has_table_privilege('pyembed_app', c.oid, p)").fetchall()
+    assert tables == []
+
+
 # -- what the application role may not run: one clear error ------------------------------------
 def test_every_function_of_the_owners_is_refused_to_the_app_role_as_owner_only(
         owner: psycopg.Connection[Any], app: psycopg.Connection[Any]) -> None:
