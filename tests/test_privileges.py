@@ -87,9 +87,14 @@ def test_the_app_role_writes_no_identity_column(owner: psycopg.Connection[Any]) 
 WRITTEN_BY_THE_APPLICATION = {"documents", "chunks", "eval_queries", "queue", "queue_failed",
                               "vectors"}
 """The tables the application role writes with its own statements (its documents and their
-chunks, vectors and queued work; its evaluation queries). Every other table (the records of what
-happened: query log, usage, caches and their counts, recall samples and measurements, migration
-events; and the registry, corpora, tenants) is written only by the database's own functions."""
+chunks, vectors and queued work; its evaluation queries). The queue's: a chunk's write queues
+its work as the writer (pyembed._enqueue_chunks runs as the caller), a vector's write dequeues
+it (_dequeue_written), and `pyembed worker` runs as a tenant's login, which claims, renews,
+retries, dequeues and fails jobs; row-level security keeps each of these to the tenant's
+corpora (test_every_table_the_app_role_writes_keeps_each_tenant_to_its_own_rows below).
+Every other table (the records of what happened: query log, usage, caches and their counts,
+recall samples and measurements, migration events; and the registry, corpora, tenants) is
+written only by the database's own functions."""
 
 
 def test_no_other_table_is_writable_by_the_app_role(owner: psycopg.Connection[Any]) -> None:
@@ -109,6 +114,31 @@ def test_no_other_table_is_writable_by_the_app_role(owner: psycopg.Connection[An
         "AND c.relkind = 'S' AND (has_sequence_privilege('pyembed_app', c.oid, 'USAGE') "
         "OR has_sequence_privilege('pyembed_app', c.oid, 'UPDATE')) ORDER BY 1").fetchall()
     assert [r[0] for r in sequences] == ["chunks_chunk_id_seq"]
+
+
+def test_every_table_the_app_role_writes_keeps_each_tenant_to_its_own_rows(
+        owner: psycopg.Connection[Any]) -> None:
+    """Walks the tables the application role writes (the list above, checked against the
+    catalogue there): each forces row-level security (its owner role is bound too) and has a
+    policy for every command by tenant or by the tenant's corpora, which with no WITH CHECK of its
+    own checks new rows by the same rule (test_tenants: a tenant cannot enqueue, retry, delete or
+    fail another tenant's jobs)."""
+    rows = owner.execute(
+        "SELECT c.relname, c.relrowsecurity AND c.relforcerowsecurity, "
+        "array_agg(p.polcmd::text || ':' || pg_get_expr(p.polqual, p.polrelid) || ':' || "
+        "coalesce(pg_get_expr(p.polwithcheck, p.polrelid), '')) FILTER (WHERE p.oid IS NOT NULL) "
+        "FROM pg_class c LEFT JOIN pg_policy p ON p.polrelid = c.oid "
+        "WHERE c.relnamespace = 'pyembed'::regnamespace AND c.relname = ANY(%s) "
+        "GROUP BY c.relname, c.relrowsecurity, c.relforcerowsecurity ORDER BY 1",
+        (sorted(WRITTEN_BY_THE_APPLICATION),)).fetchall()
+    assert {r[0] for r in rows} == WRITTEN_BY_THE_APPLICATION
+    for table, forced, policies in rows:
+        assert forced, table
+        assert policies and len(policies) == 1, (table, policies)
+        cmd, qual, check = policies[0].split(":", 2)
+        assert cmd == "*", (table, cmd)  # ALL: SELECT, INSERT, UPDATE and DELETE
+        assert "visible_corpora()" in qual or "current_tenant()" in qual, (table, qual)
+        assert check in ("", qual), (table, check)
 
 
 APP_WRITERS = {
