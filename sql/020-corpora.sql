@@ -488,14 +488,16 @@ $$;
 -- clients take in both orders: a writer holds the corpus row (FOR KEY SHARE, its documents'
 -- foreign key) or its chunks, then writes the partition; a search holds pyembed.vectors and the
 -- partition, then records (the recording tables hold no foreign key to the corpus, so it takes
--- no row lock). No single order suits both, so the drop never waits long holding what a client
--- may wait for: each attempt takes, in a subtransaction and waiting at most 100 ms for each lock
--- (below the deadlock_timeout after which a waiting client looks for a cycle), the corpus row,
--- its documents (their cascade: chunks, queued work), the row's own cascade, then pyembed.vectors
--- and the partition (in the order a search takes them: dropping a partition locks its parent),
--- and last the corpus's recording rows (no search of it is left running). An attempt that waits
--- longer is rolled back, which releases all it took, and the drop retries after a pause until
--- 5 s have passed, then fails with PE012 (retry later).
+-- no row lock). No single order suits both, so the drop never waits holding what a client may
+-- wait for (a waiting client looks for a cycle once, deadlock_timeout after it began to wait,
+-- and a drop waiting for it then was one): each attempt takes, in a subtransaction, the corpus
+-- row (waiting at most 100 ms, holding nothing yet), then without waiting its documents, chunks
+-- and queued work (the rows the deletes' cascade locks), pyembed.vectors and the partition (in
+-- the order a search takes them: dropping a partition locks its parent), deletes them, and last
+-- the corpus's recording rows (no search of it is left running); a lock the deletes' triggers
+-- take waits 1 ms at most. An attempt that cannot have a lock is rolled back, which releases all
+-- it took, and the drop retries after a pause until 5 s have passed, then fails with PE012
+-- (retry later).
 CREATE OR REPLACE FUNCTION pyembed.drop_corpus(name text) RETURNS boolean
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -521,10 +523,21 @@ BEGIN
       IF NOT FOUND THEN  -- dropped by another session meanwhile
         RETURN false;
       END IF;
+      -- Holding the row, the attempt waits for nothing more: a client waiting for the row
+      -- checks for a deadlock once, and found one if this attempt was then waiting for it.
+      -- The rows the deletes lock (a writer's or the worker's) and the relations are taken
+      -- NOWAIT; whatever else they lock (their triggers' rows) waits 1 ms at most.
+      PERFORM set_config('lock_timeout', '1ms', true);
+      PERFORM FROM pyembed.documents WHERE corpus_id = c.corpus_id FOR UPDATE NOWAIT;
+      PERFORM FROM pyembed.chunks WHERE corpus_id = c.corpus_id FOR UPDATE NOWAIT;
+      PERFORM FROM pyembed.queue WHERE corpus_id = c.corpus_id FOR UPDATE NOWAIT;
+      IF to_regclass(format('pyembed.%I', part)) IS NOT NULL THEN
+        LOCK TABLE ONLY pyembed.vectors IN ACCESS EXCLUSIVE MODE NOWAIT;
+        EXECUTE format('LOCK TABLE pyembed.%I IN ACCESS EXCLUSIVE MODE NOWAIT', part);
+      END IF;
       DELETE FROM pyembed.documents WHERE corpus_id = c.corpus_id;
       DELETE FROM pyembed.corpora WHERE corpus_id = c.corpus_id;
       IF to_regclass(format('pyembed.%I', part)) IS NOT NULL THEN
-        LOCK TABLE ONLY pyembed.vectors IN ACCESS EXCLUSIVE MODE;
         EXECUTE format('DROP TABLE pyembed.%I', part);
       END IF;
       DELETE FROM pyembed.recall_samples WHERE corpus_id = c.corpus_id;

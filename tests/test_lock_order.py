@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,7 @@ from typing import Any
 import psycopg
 import pytest
 from pgvector import Vector
+from psycopg import sql
 from psycopg.types.json import Jsonb
 
 import pyembed
@@ -52,9 +54,39 @@ class Outcome:
         assert not self.maintenance, f"the maintenance call failed: {self.maintenance}"
 
 
+def held_up(watcher: psycopg.Connection[Any], pid: int, thread: threading.Thread,
+            tries: int = 800) -> bool:
+    """Whether the session `pid`, working in `thread`, waits for a lock or pauses between two
+    tries (pyembed.drop_corpus: it takes no lock but its first by waiting); False: its work
+    ended first."""
+    for _ in range(tries):
+        if not thread.is_alive():
+            return False
+        if watcher.execute("SELECT wait_event_type = 'Lock' OR wait_event = 'PgSleep' "
+                           "FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone() == (True,):
+            return True
+        time.sleep(0.025)
+    raise AssertionError(f"session {pid} neither waited nor finished")
+
+
+def lock_wait_or_tries(watcher: psycopg.Connection[Any], pid: int,
+                       thread: threading.Thread) -> bool:
+    """A lock wait of the session's within 1 s (the moment a waiting client's deadlock check
+    finds a cycle, if the session holds what the client then waits for), else `held_up`."""
+    for _ in range(40):
+        if not thread.is_alive():
+            return False
+        if watcher.execute("SELECT wait_event_type = 'Lock' FROM pg_stat_activity "
+                           "WHERE pid = %s", (pid,)).fetchone() == (True,):
+            return True
+        time.sleep(0.025)
+    return held_up(watcher, pid, thread)
+
+
 def race(db: Database, client: Client, hold: Callable[[Client], Any],
          maintenance: Callable[[Client], Any], record: Callable[[Client], Any], *,
-         gate: tuple[threading.Event, threading.Event] | None = None) -> Outcome:
+         gate: tuple[threading.Event, threading.Event] | None = None,
+         blocked: Callable[..., bool] = waits_for_lock) -> Outcome:
     """`hold(client)` in a transaction of the client's (the application role), left open;
     `maintenance(owner)` meanwhile in an owner session, until it waits for a lock or ends; then
     `record(client)` in the same transaction, which commits. `gate`: (reached, go), events
@@ -84,7 +116,7 @@ def race(db: Database, client: Client, hold: Callable[[Client], Any],
                     gate[1].set()
                 else:
                     thread.start()
-                out.waited = waits_for_lock(watcher, pid, thread)
+                out.waited = blocked(watcher, pid, thread)
                 record(client)
         except psycopg.Error as e:
             out.client.append(e)
@@ -520,7 +552,7 @@ def test_a_drop_lets_a_writer_that_wrote_a_document_write_its_vectors(
     chunks: list[int] = []
     result: list[Any] = []
     out = race(db, app, lambda client: chunks.append(_new_chunk(client)), _dropping(result),
-               lambda client: _vectors_of(chunks, "item999 written")(client))
+               lambda client: _vectors_of(chunks, "item999 written")(client), blocked=held_up)
     out.assert_clean()
     assert out.waited
     _assert_dropped(owner, result)
@@ -536,7 +568,7 @@ def test_a_drop_lets_a_writer_holding_a_chunk_write_its_vectors(
     result: list[Any] = []
     out = race(db, app, lambda client: client.conn.execute(
         "SELECT FROM pyembed.chunks WHERE chunk_id = %s FOR KEY SHARE", (chunk,)),
-        _dropping(result), _vectors_of([chunk], text))
+        _dropping(result), _vectors_of([chunk], text), blocked=held_up)
     out.assert_clean()
     assert out.waited
     _assert_dropped(owner, result)
@@ -548,7 +580,8 @@ def test_a_drop_lets_a_search_record_its_sample(
     SHARE): the order of the writer above, reversed."""
     app, owner, texts = corpus
     result: list[Any] = []
-    out = race(db, app, searching(OLD, texts[0]), _dropping(result), sampled_search(texts[1]))
+    out = race(db, app, searching(OLD, texts[0]), _dropping(result), sampled_search(texts[1]),
+               blocked=held_up)
     out.assert_clean()
     assert out.waited
     _assert_dropped(owner, result)
@@ -642,3 +675,33 @@ def test_a_call_racing_a_drop_finds_the_corpus_unknown(
     else:
         assert isinstance(error, pyembed.UnknownCorpus), repr(error)
     assert "unknown corpus" in str(error)
+
+
+def test_a_drop_never_waits_while_holding_what_a_waiting_client_needs(
+        db: Database, corpus: tuple[Client, Client, list[str]]) -> None:
+    """A client's deadlock check runs once, deadlock_timeout after it began to wait: a drop
+    that waited for one of the client's locks (here the search's partition) while holding one
+    the client then waited for (the corpus row, its document's foreign key), at that moment,
+    made the client fail with 40P01 (the drop's own 40P01s are caught and retried).
+    deadlock_timeout is lowered here to fall inside the drop's 100 ms wait; at 1 s the window
+    was the same for a client that had waited on an earlier step of the drop's attempt. Three
+    rounds: the race depends on the client's timing (one round caught it 2 times in 3)."""
+    _app, owner, texts = corpus
+    with psycopg.connect(db.owner_dsn, autocommit=True) as su:
+        su.execute(sql.SQL("ALTER DATABASE {} SET deadlock_timeout = '5ms'").format(
+            sql.Identifier(db.name)))
+    client = pyembed.connect(db.app_dsn)  # a session of its own, with the setting
+    try:
+        sampling(client, 0.0)
+        assert one(client.conn, "SHOW deadlock_timeout") == "5ms"
+        for round_ in range(3):
+            if round_:
+                client.create_corpus(CORPUS, OLD).add(
+                    [Document(f"r{i}", t) for i, t in enumerate(texts[:5])])
+            result: list[Any] = []
+            out = race(db, client, searching(OLD, texts[0]), _dropping(result), _new_chunk,
+                       blocked=lock_wait_or_tries)
+            out.assert_clean()
+            assert result == [True] and count(owner.conn, "corpora") == 0
+    finally:
+        client.close()
