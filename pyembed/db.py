@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numbers
 import os
+import re
 import select
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -152,9 +153,51 @@ def translate(exc: psycopg.Error) -> Exception:
         return errors.InvalidInput(f"{table}.{column} is longer than pyembed accepts "
                                    f"(the table's check {check})")
     message = diag.message_primary or str(exc)
+    gone = _dropped_corpus(exc, message)
+    if gone:
+        return gone
+    owners = _owner_only(exc, message)
+    if owners:
+        return owners
     if diag.message_hint:
         message += f" (hint: {diag.message_hint})"
     return errors.from_sqlstate(exc.sqlstate, message) or exc
+
+
+_OWNERS = re.compile(r"(?:permission denied for|must be owner of) "
+                     r"(function|table|sequence|relation|index) (\S+)$")
+
+
+def _owner_only(exc: psycopg.Error, message: str) -> errors.OwnerOnly | None:
+    """OwnerOnly for a function, table or sequence the role lacks the privilege for: each is
+    granted to the application role on purpose (sql/080-grants.sql), the rest is the owner's."""
+    found = _OWNERS.match(message) if isinstance(exc, psycopg.errors.InsufficientPrivilege) \
+        else None
+    if not found:
+        return None
+    kind, name = found.groups()
+    name = name if "." in name else f"pyembed.{name}"
+    return errors.OwnerOnly(f"{kind} {name} is pyembed's owner role's: run this with the "
+                            "owner's DSN ($PYEMBED_OWNER_DSN, the owner commands' --dsn)")
+
+
+_PARTITION = re.compile(r'relation "(?:pyembed\.)?vectors_c(\d+)" does not exist')
+
+
+def _dropped_corpus(exc: psycopg.Error, message: str) -> errors.UnknownCorpus | None:
+    """UnknownCorpus for a Python path's statement on a corpus that a drop took after the path
+    looked it up: its vectors partition is gone (42P01), or its row, which a write's foreign
+    key names (23503). (pyembed's SQL functions raise PE002 for these themselves.)"""
+    if isinstance(exc, psycopg.errors.UndefinedTable):
+        found = _PARTITION.search(message)
+        if found:
+            return errors.UnknownCorpus(f"unknown corpus id {found.group(1)}: it was dropped "
+                                        "while this call was using it")
+    if (isinstance(exc, psycopg.errors.ForeignKeyViolation)
+            and 'table "corpora"' in (exc.diag.message_detail or "")):
+        return errors.UnknownCorpus("unknown corpus: it was dropped while this call was "
+                                    f"writing to it ({exc.diag.table_name})")
+    return None
 
 
 @contextmanager

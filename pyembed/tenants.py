@@ -107,15 +107,24 @@ def meter(db: psycopg.Connection[Any] | Executor,
     return reserve
 
 
+COUNTS_ERRORS = ("SELECT has_function_privilege("
+                 "'pyembed.count_provider_error(text, text)', 'EXECUTE')")
+"""Whether the session may count failed calls: pyembed's own functions (running as their owner)
+and a worker whose login is in pyembed_worker may; an application role's own calls (with its own
+API keys) are not counted, so that no tenant can add to the counters every tenant reads."""
+
+
 def error_counter(db: psycopg.Connection[Any] | Executor
                   ) -> Callable[[Keyed, ProviderError], None]:
-    """An Embedder (or Reranker) on_error that counts each failed provider call by provider and kind (in
-    sequences, so that a failure which aborts its transaction is still counted)."""
+    """An Embedder (or Reranker) on_error that counts each failed provider call by provider and
+    kind (in sequences, so that a failure which aborts its transaction is still counted), where
+    the session may (COUNTS_ERRORS; asked at each failure: the role may change meanwhile)."""
     run = executor(db)
 
     def count(spec: Keyed, error: ProviderError) -> None:
-        run.rows("SELECT pyembed.count_provider_error($1::text, $2::text)",
-                 [spec.provider, error.kind], ["text", "text"])
+        if run.rows(COUNTS_ERRORS, [], []) == [(True,)]:
+            run.rows("SELECT pyembed.count_provider_error($1::text, $2::text)",
+                     [spec.provider, error.kind], ["text", "text"])
     return count
 
 

@@ -211,6 +211,9 @@ BEGIN
   EXECUTE format('SELECT count(*) FROM pyembed.%I WHERE model_key = $1',
                  pyembed._vector_partition_name(p_corpus_id)) INTO n USING p_model_key;
   RETURN n;
+EXCEPTION WHEN undefined_table THEN
+  PERFORM pyembed._dropped_meanwhile(p_corpus_id);
+  RAISE;
 END
 $$;
 
@@ -303,6 +306,43 @@ $$;
 CREATE OR REPLACE FUNCTION pyembed._vector_partition_name(p_corpus_id integer) RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$ SELECT 'vectors_c' OPERATOR(pg_catalog.||) p_corpus_id::text $$;
+
+-- A corpus dropped after the caller looked it up is unknown (PE002) where the call then touches
+-- it: its partition is gone (a statement on it raised 42P01) or its row (a lock on it found
+-- none). Returns when the partition is still there: the caller's error was another.
+CREATE OR REPLACE FUNCTION pyembed._dropped_meanwhile(p_corpus_id integer) RETURNS void
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+  IF to_regclass(format('pyembed.%I', pyembed._vector_partition_name(p_corpus_id))) IS NULL THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE002',
+      MESSAGE = format('unknown corpus %s', coalesce(
+        quote_literal((SELECT left(co.name, 80) FROM pyembed.corpora co
+                        WHERE co.corpus_id = p_corpus_id)), 'id ' || p_corpus_id)),
+      DETAIL = 'it was dropped while this call was using it',
+      HINT = '`pyembed corpus list` shows the corpora';
+  END IF;
+END
+$$;
+
+-- The corpus row, locked FOR NO KEY UPDATE (the maintenance steps' lock order, 022 and 070), or
+-- PE002 when a drop took it while the lock was awaited.
+CREATE OR REPLACE FUNCTION pyembed._lock_corpus(p_corpus_id integer) RETURNS pyembed.corpora
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  c pyembed.corpora;
+BEGIN
+  SELECT * INTO c FROM pyembed.corpora co WHERE co.corpus_id = p_corpus_id FOR NO KEY UPDATE;
+  IF NOT FOUND THEN
+    PERFORM pyembed._dropped_meanwhile(p_corpus_id);
+    RAISE EXCEPTION USING ERRCODE = 'PE002', MESSAGE = format('unknown corpus id %s', p_corpus_id);
+  END IF;
+  RETURN c;
+END
+$$;
 
 -- Make a corpus's partition, or bring an existing one up to date: owner, privileges, triggers,
 -- and the CHECK constraint for the corpus's current keys. The table is made on its own and then
@@ -527,14 +567,16 @@ $$;
 -- clients take in both orders: a writer holds the corpus row (FOR KEY SHARE, its documents'
 -- foreign key) or its chunks, then writes the partition; a search holds pyembed.vectors and the
 -- partition, then records (the recording tables hold no foreign key to the corpus, so it takes
--- no row lock). No single order suits both, so the drop never waits long holding what a client
--- may wait for: each attempt takes, in a subtransaction and waiting at most 100 ms for each lock
--- (below the deadlock_timeout after which a waiting client looks for a cycle), the corpus row,
--- its documents (their cascade: chunks, queued work), the row's own cascade, then pyembed.vectors
--- and the partition (in the order a search takes them: dropping a partition locks its parent),
--- and last the corpus's recording rows (no search of it is left running). An attempt that waits
--- longer is rolled back, which releases all it took, and the drop retries after a pause until
--- 5 s have passed, then fails with PE012 (retry later).
+-- no row lock). No single order suits both, so the drop never waits holding what a client may
+-- wait for (a waiting client looks for a cycle once, deadlock_timeout after it began to wait,
+-- and a drop waiting for it then was one): each attempt takes, in a subtransaction, the corpus
+-- row (waiting at most 100 ms, holding nothing yet), then without waiting its documents, chunks
+-- and queued work (the rows the deletes' cascade locks), pyembed.vectors and the partition (in
+-- the order a search takes them: dropping a partition locks its parent), deletes them, and last
+-- the corpus's recording rows (no search of it is left running); a lock the deletes' triggers
+-- take waits 1 ms at most. An attempt that cannot have a lock is rolled back, which releases all
+-- it took, and the drop retries after a pause until 5 s have passed, then fails with PE012
+-- (retry later).
 CREATE OR REPLACE FUNCTION pyembed.drop_corpus(name text) RETURNS boolean
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -560,10 +602,21 @@ BEGIN
       IF NOT FOUND THEN  -- dropped by another session meanwhile
         RETURN false;
       END IF;
+      -- Holding the row, the attempt waits for nothing more: a client waiting for the row
+      -- checks for a deadlock once, and found one if this attempt was then waiting for it.
+      -- The rows the deletes lock (a writer's or the worker's) and the relations are taken
+      -- NOWAIT; whatever else they lock (their triggers' rows) waits 1 ms at most.
+      PERFORM set_config('lock_timeout', '1ms', true);
+      PERFORM FROM pyembed.documents WHERE corpus_id = c.corpus_id FOR UPDATE NOWAIT;
+      PERFORM FROM pyembed.chunks WHERE corpus_id = c.corpus_id FOR UPDATE NOWAIT;
+      PERFORM FROM pyembed.queue WHERE corpus_id = c.corpus_id FOR UPDATE NOWAIT;
+      IF to_regclass(format('pyembed.%I', part)) IS NOT NULL THEN
+        LOCK TABLE ONLY pyembed.vectors IN ACCESS EXCLUSIVE MODE NOWAIT;
+        EXECUTE format('LOCK TABLE pyembed.%I IN ACCESS EXCLUSIVE MODE NOWAIT', part);
+      END IF;
       DELETE FROM pyembed.documents WHERE corpus_id = c.corpus_id;
       DELETE FROM pyembed.corpora WHERE corpus_id = c.corpus_id;
       IF to_regclass(format('pyembed.%I', part)) IS NOT NULL THEN
-        LOCK TABLE ONLY pyembed.vectors IN ACCESS EXCLUSIVE MODE;
         EXECUTE format('DROP TABLE pyembed.%I', part);
       END IF;
       DELETE FROM pyembed.recall_samples WHERE corpus_id = c.corpus_id;

@@ -30,7 +30,7 @@ DECLARE
 BEGIN
   -- Merged into the overrides in force: read under the row's lock, so that a call made
   -- meanwhile is merged into (not overwritten by) this one.
-  SELECT * INTO STRICT c FROM pyembed.corpora WHERE corpus_id = c.corpus_id FOR NO KEY UPDATE;
+  c := pyembed._lock_corpus(c.corpus_id);
   IF settings IS NULL OR jsonb_typeof(settings) <> 'object' THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
       MESSAGE = 'index settings are a JSON object: {"m": 16, "ef_construction": 64, '
@@ -82,7 +82,7 @@ DECLARE
   name text := pyembed._index_name(p_corpus_id, p_model_key);
 BEGIN
   PERFORM pyembed._check_storage(p_storage);
-  SELECT * INTO STRICT c FROM pyembed.corpora WHERE corpus_id = p_corpus_id FOR NO KEY UPDATE;
+  c := pyembed._lock_corpus(p_corpus_id);
   IF p_model_key = c.model_key THEN
     UPDATE pyembed.corpora SET storage = p_storage WHERE corpus_id = p_corpus_id;
   ELSIF p_model_key = c.target_model_key THEN
@@ -130,7 +130,7 @@ BEGIN
   END IF;
   -- The row before the build locks the partition (see the top of this file), and the keys and
   -- storage as they are once a step holding it has committed.
-  SELECT * INTO STRICT c FROM pyembed.corpora WHERE corpus_id = c.corpus_id FOR NO KEY UPDATE;
+  c := pyembed._lock_corpus(c.corpus_id);
   FOREACH key IN ARRAY array_remove(ARRAY[c.model_key, c.target_model_key], NULL) LOOP
     st := CASE WHEN key = c.model_key THEN coalesce(storage, c.storage)
                ELSE pyembed._key_storage(c, key) END;

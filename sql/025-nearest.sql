@@ -200,5 +200,8 @@ BEGIN
   EXECUTE pyembed._nearest_sql(p_corpus_id, p_model_key, k, filter IS NOT NULL, exact, s,
                                p_distance, counted)
     INTO ids, distances, scores, docs USING query, filter;
+EXCEPTION WHEN undefined_table THEN  -- the corpus was dropped since its caller looked it up
+  PERFORM pyembed._dropped_meanwhile(p_corpus_id);
+  RAISE;
 END
 $$;

@@ -101,34 +101,39 @@ BEGIN
   -- `chunks` given: the documents among that many nearest chunks, at most k, from one scan
   n := CASE WHEN chunks IS NOT NULL THEN chunks
             WHEN group_by = 'chunk' OR md.one_chunk_each THEN k ELSE 2 * k END;
-  LOOP
-    -- The nearest chunks: ids, distances, scores, docs, n of them at most, nearest first.
-    setting := pyembed._nearest_settings(n, filter IS NOT NULL, false, s, md.counted);
-    EXECUTE pyembed._nearest_sql(c.corpus_id, query_model_key, n, filter IS NOT NULL, false, s,
-                                 md.distance, md.counted)
-      INTO hit_ids, hit_distances, hit_scores, hit_docs USING query_embedding, filter;
-    IF group_by = 'chunk' THEN  -- each chunk its own key: ranked as they came
-      ids := hit_ids;
-      scores := hit_scores;
-      keys := hit_ids::text[];
-      RETURN;
-    END IF;
-    -- Each document's nearest chunk, the k nearest documents, by the document numbers the
-    -- vectors carry (no table read).
-    SELECT array_agg(b.chunk_id ORDER BY b.distance, b.chunk_id),
-           array_agg(b.score ORDER BY b.distance, b.chunk_id),
-           array_agg(b.doc_no::text ORDER BY b.distance, b.chunk_id) INTO ids, scores, keys
-      FROM (SELECT b.* FROM (
-              SELECT DISTINCT ON (h.doc_no) h.doc_no, h.chunk_id, h.distance, h.score
-                FROM unnest(hit_ids, hit_distances, hit_scores, hit_docs)
-                       AS h(chunk_id, distance, score, doc_no)
-               ORDER BY h.doc_no, h.distance, h.chunk_id) b
-             ORDER BY b.distance, b.chunk_id LIMIT k) b;
-    -- k documents, or all the corpus has (fewer chunks than asked for), or enough looking
-    EXIT WHEN coalesce(cardinality(ids), 0) >= k OR coalesce(cardinality(hit_ids), 0) < n
-              OR n >= 16 * k OR chunks IS NOT NULL;
-    n := 2 * n;
-  END LOOP;
+  BEGIN
+    LOOP
+      -- The nearest chunks: ids, distances, scores, docs, n of them at most, nearest first.
+      setting := pyembed._nearest_settings(n, filter IS NOT NULL, false, s, md.counted);
+      EXECUTE pyembed._nearest_sql(c.corpus_id, query_model_key, n, filter IS NOT NULL, false, s,
+                                   md.distance, md.counted)
+        INTO hit_ids, hit_distances, hit_scores, hit_docs USING query_embedding, filter;
+      IF group_by = 'chunk' THEN  -- each chunk its own key: ranked as they came
+        ids := hit_ids;
+        scores := hit_scores;
+        keys := hit_ids::text[];
+        RETURN;
+      END IF;
+      -- Each document's nearest chunk, the k nearest documents, by the document numbers the
+      -- vectors carry (no table read).
+      SELECT array_agg(b.chunk_id ORDER BY b.distance, b.chunk_id),
+             array_agg(b.score ORDER BY b.distance, b.chunk_id),
+             array_agg(b.doc_no::text ORDER BY b.distance, b.chunk_id) INTO ids, scores, keys
+        FROM (SELECT b.* FROM (
+                SELECT DISTINCT ON (h.doc_no) h.doc_no, h.chunk_id, h.distance, h.score
+                  FROM unnest(hit_ids, hit_distances, hit_scores, hit_docs)
+                         AS h(chunk_id, distance, score, doc_no)
+                 ORDER BY h.doc_no, h.distance, h.chunk_id) b
+               ORDER BY b.distance, b.chunk_id LIMIT k) b;
+      -- k documents, or all the corpus has (fewer chunks than asked for), or enough looking
+      EXIT WHEN coalesce(cardinality(ids), 0) >= k OR coalesce(cardinality(hit_ids), 0) < n
+                OR n >= 16 * k OR chunks IS NOT NULL;
+      n := 2 * n;
+    END LOOP;
+  EXCEPTION WHEN undefined_table THEN  -- the corpus was dropped since its caller looked it up
+    PERFORM pyembed._dropped_meanwhile(c.corpus_id);
+    RAISE;
+  END;
 END
 $$;
 

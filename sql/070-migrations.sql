@@ -12,8 +12,7 @@ LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-  SELECT * INTO c FROM pyembed.corpora
-   WHERE corpus_id = (pyembed.lookup_corpus(corpus)).corpus_id FOR NO KEY UPDATE;
+  c := pyembed._lock_corpus((pyembed.lookup_corpus(corpus)).corpus_id);
   SELECT * INTO m FROM pyembed.migrations
    WHERE corpus_id = c.corpus_id AND state NOT IN ('completed', 'rolled_back', 'cleaned');
 END

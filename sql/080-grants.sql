@@ -70,7 +70,6 @@ GRANT EXECUTE ON FUNCTION
   pyembed._dequeue_written(integer, text, bigint, bigint, bytea[]),
   pyembed.reserve_usage(text, integer, integer, bigint),
   pyembed.usage_report(integer),
-  pyembed.count_provider_error(text, text),
   pyembed.provider_errors(),
   pyembed.register_model(text, text, text, integer, text, boolean, boolean, integer, integer,
                          integer, numeric, text),
@@ -96,5 +95,11 @@ GRANT EXECUTE ON FUNCTION
   pyembed.record_search(integer, text, text, integer, boolean, real, real, real, real, bytea,
                         text, vector, float8, jsonb, text[], bigint[], bigint[])
   TO pyembed_app;
+-- A failed provider call is counted by pyembed's own functions (they run as their owner) and by
+-- `pyembed worker`, whose login the operator makes a member of pyembed_worker: the counters are
+-- every tenant's and the metrics endpoint's, and the application role could add any count.
+REVOKE EXECUTE ON FUNCTION pyembed.count_provider_error(text, text) FROM pyembed_app;
+GRANT USAGE ON SCHEMA pyembed TO pyembed_worker;
+GRANT EXECUTE ON FUNCTION pyembed.count_provider_error(text, text) TO pyembed_worker;
 -- Model migrations are the DBA's: granted to nobody, run as the owner.
 -- pyembed.secrets and pyembed.set_secret stay the owner's: REVOKE above, no GRANT.

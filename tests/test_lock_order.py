@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,11 +23,13 @@ from typing import Any
 import psycopg
 import pytest
 from pgvector import Vector
+from psycopg import sql
 from psycopg.types.json import Jsonb
 
 import pyembed
 from pyembed import index, migration
 from pyembed.client import Client, Document
+from pyembed.db import translated
 from pyembed.text import sha256
 from pyembed.vectors import copy_vectors
 from tests.conftest import Database
@@ -51,9 +54,39 @@ class Outcome:
         assert not self.maintenance, f"the maintenance call failed: {self.maintenance}"
 
 
+def held_up(watcher: psycopg.Connection[Any], pid: int, thread: threading.Thread,
+            tries: int = 800) -> bool:
+    """Whether the session `pid`, working in `thread`, waits for a lock or pauses between two
+    tries (pyembed.drop_corpus: it takes no lock but its first by waiting); False: its work
+    ended first."""
+    for _ in range(tries):
+        if not thread.is_alive():
+            return False
+        if watcher.execute("SELECT wait_event_type = 'Lock' OR wait_event = 'PgSleep' "
+                           "FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone() == (True,):
+            return True
+        time.sleep(0.025)
+    raise AssertionError(f"session {pid} neither waited nor finished")
+
+
+def lock_wait_or_tries(watcher: psycopg.Connection[Any], pid: int,
+                       thread: threading.Thread) -> bool:
+    """A lock wait of the session's within 1 s (the moment a waiting client's deadlock check
+    finds a cycle, if the session holds what the client then waits for), else `held_up`."""
+    for _ in range(40):
+        if not thread.is_alive():
+            return False
+        if watcher.execute("SELECT wait_event_type = 'Lock' FROM pg_stat_activity "
+                           "WHERE pid = %s", (pid,)).fetchone() == (True,):
+            return True
+        time.sleep(0.025)
+    return held_up(watcher, pid, thread)
+
+
 def race(db: Database, client: Client, hold: Callable[[Client], Any],
          maintenance: Callable[[Client], Any], record: Callable[[Client], Any], *,
-         gate: tuple[threading.Event, threading.Event] | None = None) -> Outcome:
+         gate: tuple[threading.Event, threading.Event] | None = None,
+         blocked: Callable[..., bool] = waits_for_lock) -> Outcome:
     """`hold(client)` in a transaction of the client's (the application role), left open;
     `maintenance(owner)` meanwhile in an owner session, until it waits for a lock or ends; then
     `record(client)` in the same transaction, which commits. `gate`: (reached, go), events
@@ -83,7 +116,7 @@ def race(db: Database, client: Client, hold: Callable[[Client], Any],
                     gate[1].set()
                 else:
                     thread.start()
-                out.waited = waits_for_lock(watcher, pid, thread)
+                out.waited = blocked(watcher, pid, thread)
                 record(client)
         except psycopg.Error as e:
             out.client.append(e)
@@ -519,7 +552,7 @@ def test_a_drop_lets_a_writer_that_wrote_a_document_write_its_vectors(
     chunks: list[int] = []
     result: list[Any] = []
     out = race(db, app, lambda client: chunks.append(_new_chunk(client)), _dropping(result),
-               lambda client: _vectors_of(chunks, "item999 written")(client))
+               lambda client: _vectors_of(chunks, "item999 written")(client), blocked=held_up)
     out.assert_clean()
     assert out.waited
     _assert_dropped(owner, result)
@@ -535,7 +568,7 @@ def test_a_drop_lets_a_writer_holding_a_chunk_write_its_vectors(
     result: list[Any] = []
     out = race(db, app, lambda client: client.conn.execute(
         "SELECT FROM pyembed.chunks WHERE chunk_id = %s FOR KEY SHARE", (chunk,)),
-        _dropping(result), _vectors_of([chunk], text))
+        _dropping(result), _vectors_of([chunk], text), blocked=held_up)
     out.assert_clean()
     assert out.waited
     _assert_dropped(owner, result)
@@ -547,7 +580,8 @@ def test_a_drop_lets_a_search_record_its_sample(
     SHARE): the order of the writer above, reversed."""
     app, owner, texts = corpus
     result: list[Any] = []
-    out = race(db, app, searching(OLD, texts[0]), _dropping(result), sampled_search(texts[1]))
+    out = race(db, app, searching(OLD, texts[0]), _dropping(result), sampled_search(texts[1]),
+               blocked=held_up)
     out.assert_clean()
     assert out.waited
     _assert_dropped(owner, result)
@@ -566,3 +600,108 @@ def test_a_drop_that_cannot_have_the_corpus_says_so_and_changes_nothing(
     assert err.value.sqlstate == "PE012", err.value
     assert "retry" in str(err.value)
     assert count(owner.conn, "corpora") == 1 and count(owner.conn, "documents") == 20
+
+
+# -- a call that looked the corpus up before a drop committed ----------------------------------
+def _query(key: str) -> Vector:
+    return Vector(fake(key, ["item3 w1 w2"])[0])
+
+
+def _copy(client: Client) -> Any:
+    corpus_id = client.corpus(CORPUS).info.corpus_id
+    chunk = one(client.conn, "SELECT chunk_id FROM pyembed.chunks LIMIT 1")
+    with translated(), client.conn.transaction(), client.conn.cursor() as cur:
+        return copy_vectors(cur, corpus_id, [chunk], OLD, fake(OLD, ["x"]), [None])
+
+
+DROP_RACES: dict[str, tuple[bool, Callable[[Client], Any]]] = {
+    # entry point: (an owner's call, the call)
+    "search (SQL)": (False, lambda c: c.conn.execute(
+        "SELECT count(*) FROM pyembed.search(%s, %s, %s, 3)", (CORPUS, _query(OLD), OLD))),
+    "search by chunk (SQL)": (False, lambda c: c.conn.execute(
+        "SELECT count(*) FROM pyembed.search(%s, %s, %s, 3, NULL, 'chunk')",
+        (CORPUS, _query(OLD), OLD))),
+    "search_text (SQL, PL/Python)": (False, lambda c: c.conn.execute(
+        "SELECT count(*) FROM pyembed.search_text(%s, 'item3 w1', 3)", (CORPUS,))),
+    "Corpus.search": (False, lambda c: c.corpus(CORPUS).search("item3 w1", k=3)),
+    "Corpus.search hybrid": (False, lambda c: c.corpus(CORPUS).search("item3 w1", k=3,
+                                                                      mode="hybrid")),
+    "Corpus.add": (False, lambda c: c.corpus(CORPUS).add([Document("new", "item new words")])),
+    "copy_vectors": (False, _copy),
+    "set_index_settings": (True, lambda c: index.set_index_settings(c.conn, CORPUS, ef_search=50)),
+    "rebuild_index (SQL)": (True, _rebuild),
+    "migration start": (True, _start),
+}
+
+
+@pytest.mark.parametrize("entry", DROP_RACES)
+def test_a_call_racing_a_drop_finds_the_corpus_unknown(
+        db: Database, corpus: tuple[Client, Client, list[str]], entry: str) -> None:
+    """The drop has taken the corpus (uncommitted) when the call starts: the call still sees the
+    corpus row, then waits for what the drop holds (the partition, the row) and, once the drop
+    commits, finds it gone. That is PE002 (UnknownCorpus), as for a corpus never made; it was
+    a raw 42P01 (the partition's "relation does not exist"), a foreign-key violation, "query
+    returned no rows" or a NULL corpus id."""
+    app, owner, _texts = corpus
+    by_owner, call = DROP_RACES[entry]
+    caller = owner if by_owner else app
+    if entry in ("Corpus.add", "copy_vectors"):
+        caller.corpus(CORPUS)  # the corpus's info, looked up before the drop
+    dropper = psycopg.connect(db.app_dsn)
+    watcher = psycopg.connect(db.owner_dsn, autocommit=True)
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            call(caller)
+        except BaseException as e:  # handed to the test
+            failed.append(e)
+
+    thread = threading.Thread(target=run)
+    try:
+        assert one(dropper, "SELECT pyembed.drop_corpus(%s)", (CORPUS,)) is True
+        thread.start()
+        assert waits_for_lock(watcher, caller.conn.info.backend_pid, thread)
+        dropper.commit()
+        thread.join(60)
+        assert not thread.is_alive()
+    finally:
+        dropper.close()
+        watcher.close()
+    assert len(failed) == 1, f"{entry} did not fail"
+    error = failed[0]
+    if isinstance(error, psycopg.Error):
+        assert error.sqlstate == "PE002", error
+    else:
+        assert isinstance(error, pyembed.UnknownCorpus), repr(error)
+    assert "unknown corpus" in str(error)
+
+
+def test_a_drop_never_waits_while_holding_what_a_waiting_client_needs(
+        db: Database, corpus: tuple[Client, Client, list[str]]) -> None:
+    """A client's deadlock check runs once, deadlock_timeout after it began to wait: a drop
+    that waited for one of the client's locks (here the search's partition) while holding one
+    the client then waited for (the corpus row, its document's foreign key), at that moment,
+    made the client fail with 40P01 (the drop's own 40P01s are caught and retried).
+    deadlock_timeout is lowered here to fall inside the drop's 100 ms wait; at 1 s the window
+    was the same for a client that had waited on an earlier step of the drop's attempt. Three
+    rounds: the race depends on the client's timing (one round caught it 2 times in 3)."""
+    _app, owner, texts = corpus
+    with psycopg.connect(db.owner_dsn, autocommit=True) as su:
+        su.execute(sql.SQL("ALTER DATABASE {} SET deadlock_timeout = '5ms'").format(
+            sql.Identifier(db.name)))
+    client = pyembed.connect(db.app_dsn)  # a session of its own, with the setting
+    try:
+        sampling(client, 0.0)
+        assert one(client.conn, "SHOW deadlock_timeout") == "5ms"
+        for round_ in range(3):
+            if round_:
+                client.create_corpus(CORPUS, OLD).add(
+                    [Document(f"r{i}", t) for i, t in enumerate(texts[:5])])
+            result: list[Any] = []
+            out = race(db, client, searching(OLD, texts[0]), _dropping(result), _new_chunk,
+                       blocked=lock_wait_or_tries)
+            out.assert_clean()
+            assert result == [True] and count(owner.conn, "corpora") == 0
+    finally:
+        client.close()

@@ -806,7 +806,7 @@ def test_the_application_role_cannot_migrate_or_change_keys(db: Database) -> Non
         for fn, args in calls:
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 app.conn.execute(f"SELECT pyembed.{fn}({', '.join(['%s'] * len(args))})", args)
-        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        with pytest.raises(pyembed.OwnerOnly, match=r"function pyembed\.migration_start"):
             migration.start(app, CORPUS, NEW)
         for column, key in (("model_key", NEW), ("target_model_key", NEW)):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
@@ -898,7 +898,7 @@ def test_cli_plan_status_steps_and_one_line_errors(db: Database) -> None:
         env_app = dict(cli_env(db), PYEMBED_OWNER_DSN=db.app_dsn)
         out = subprocess.run([sys.executable, "-m", "pyembed", "migrate", "rollback", CORPUS],
                              capture_output=True, text=True, env=env_app, cwd=REPO, timeout=60)
-        assert_one_line_error(out, "permission denied")
+        assert_one_line_error(out, "function pyembed.migration_rollback is pyembed's owner role's")
 
         assert cli(db, "migrate", "rollback", CORPUS).returncode == 0
         assert cli(db, "migrate", "cleanup", CORPUS).returncode == 0

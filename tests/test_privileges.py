@@ -4,11 +4,20 @@ The application role gets the least its documented operations need."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
+import pytest
 
-from tests.helpers import assert_matches_golden
+import pyembed
+from pyembed import index, migration, tenants
+from pyembed.client import Client
+from pyembed.db import translate
+from tests.conftest import Database
+from tests.helpers import assert_matches_golden, sql_error
+from tests.test_cli import pyembed as pyembed_cli
+from tests.test_migration import NEW, OLD
 
 ROLES = ("pyembed_app", "public")
 
@@ -78,9 +87,14 @@ def test_the_app_role_writes_no_identity_column(owner: psycopg.Connection[Any]) 
 WRITTEN_BY_THE_APPLICATION = {"documents", "chunks", "eval_queries", "queue", "queue_failed",
                               "vectors"}
 """The tables the application role writes with its own statements (its documents and their
-chunks, vectors and queued work; its evaluation queries). Every other table (the records of what
-happened: query log, usage, caches and their counts, recall samples and measurements, migration
-events; and the registry, corpora, tenants) is written only by the database's own functions."""
+chunks, vectors and queued work; its evaluation queries). The queue's: a chunk's write queues
+its work as the writer (pyembed._enqueue_chunks runs as the caller), a vector's write dequeues
+it (_dequeue_written), and `pyembed worker` runs as a tenant's login, which claims, renews,
+retries, dequeues and fails jobs; row-level security keeps each of these to the tenant's
+corpora (test_every_table_the_app_role_writes_keeps_each_tenant_to_its_own_rows below).
+Every other table (the records of what happened: query log, usage, caches and their counts,
+recall samples and measurements, migration events; and the registry, corpora, tenants) is
+written only by the database's own functions."""
 
 
 def test_no_other_table_is_writable_by_the_app_role(owner: psycopg.Connection[Any]) -> None:
@@ -100,3 +114,170 @@ def test_no_other_table_is_writable_by_the_app_role(owner: psycopg.Connection[An
         "AND c.relkind = 'S' AND (has_sequence_privilege('pyembed_app', c.oid, 'USAGE') "
         "OR has_sequence_privilege('pyembed_app', c.oid, 'UPDATE')) ORDER BY 1").fetchall()
     assert [r[0] for r in sequences] == ["chunks_chunk_id_seq"]
+
+
+def test_every_table_the_app_role_writes_keeps_each_tenant_to_its_own_rows(
+        owner: psycopg.Connection[Any]) -> None:
+    """Walks the tables the application role writes (the list above, checked against the
+    catalogue there): each forces row-level security (its owner role is bound too) and has a
+    policy for every command by tenant or by the tenant's corpora, which with no WITH CHECK of its
+    own checks new rows by the same rule (test_tenants: a tenant cannot enqueue, retry, delete or
+    fail another tenant's jobs)."""
+    rows = owner.execute(
+        "SELECT c.relname, c.relrowsecurity AND c.relforcerowsecurity, "
+        "array_agg(p.polcmd::text || ':' || pg_get_expr(p.polqual, p.polrelid) || ':' || "
+        "coalesce(pg_get_expr(p.polwithcheck, p.polrelid), '')) FILTER (WHERE p.oid IS NOT NULL) "
+        "FROM pg_class c LEFT JOIN pg_policy p ON p.polrelid = c.oid "
+        "WHERE c.relnamespace = 'pyembed'::regnamespace AND c.relname = ANY(%s) "
+        "GROUP BY c.relname, c.relrowsecurity, c.relforcerowsecurity ORDER BY 1",
+        (sorted(WRITTEN_BY_THE_APPLICATION),)).fetchall()
+    assert {r[0] for r in rows} == WRITTEN_BY_THE_APPLICATION
+    for table, forced, policies in rows:
+        assert forced, table
+        assert policies and len(policies) == 1, (table, policies)
+        cmd, qual, check = policies[0].split(":", 2)
+        assert cmd == "*", (table, cmd)  # ALL: SELECT, INSERT, UPDATE and DELETE
+        assert "visible_corpora()" in qual or "current_tenant()" in qual, (table, qual)
+        assert check in ("", qual), (table, check)
+
+
+APP_WRITERS = {
+    # A function that runs as its owner and writes, which the application role may call with
+    # any arguments: what it writes, and what keeps a tenant to its own rows.
+    "create_corpus": "a corpus of the caller's tenant",
+    "drop_corpus": "a corpus of the caller's tenant (looked up by it), its rows and records",
+    "register_model": "the registry, shared on purpose (README): insert only, a key's vector "
+                      "space fixed once, prices and bounds checked (test_hardening)",
+    "embed": "usage, cache and its counts of the caller's tenant; a failed provider call made "
+             "with the operator's keys is counted (real, not the caller's figure)",
+    "embed_batch": "as embed",
+    "search_text": "as embed, and the search's record for a corpus of the caller's tenant",
+    "search_reranked": "as search_text, and the tenant's rerank cache",
+    "search_query": "as search_text",
+    "search_embedded": "as search_text",
+    "cache_put": "the embedding cache, the caller's tenant's rows, checked like a vector",
+    "cache_count": "cache counts of the caller's tenant, never negative",
+    "cache_purge": "the caller's tenant's cache entries",
+    "rerank_cache_put": "the rerank cache, the caller's tenant's rows",
+    "rerank_cache_purge": "the caller's tenant's rerank cache entries",
+    "reserve_usage": "usage of the caller's tenant, for its own corpus, never negative",
+    "reserve_query": "as reserve_usage",
+    "record_search": "the query log, for a corpus of the caller's tenant",
+    "measure_recall": "recall measurements of a corpus of the caller's tenant, measured here",
+    "recall_sampled": "the caller's tenant's recall samples, measured here",
+}
+"""Not here: pyembed.count_provider_error, whose counters every tenant and the metrics endpoint
+read (any tenant could add any count): pyembed's own functions and pyembed_worker call it."""
+
+
+def test_every_function_that_writes_as_its_owner_for_the_app_role_is_accounted_for(
+        owner: psycopg.Connection[Any]) -> None:
+    """Walks every SECURITY DEFINER function the application role may execute that may write
+    (volatile), a new one included: each must say whose rows it writes and what keeps a tenant
+    to its own. One that writes rows every tenant shares with the caller's arguments (the
+    provider error counters) is no application role's."""
+    writers = owner.execute(
+        "SELECT p.proname FROM pg_proc p WHERE p.pronamespace = 'pyembed'::regnamespace "
+        "AND p.prosecdef AND p.provolatile = 'v' "
+        "AND has_function_privilege('pyembed_app', p.oid, 'EXECUTE') ORDER BY 1").fetchall()
+    assert {r[0] for r in writers} == set(APP_WRITERS)
+
+
+def test_the_worker_role_may_count_failed_calls_and_nothing_more(
+        owner: psycopg.Connection[Any]) -> None:
+    """pyembed_worker is what a worker's login adds to the application role's privileges."""
+    extra = owner.execute(
+        "SELECT p.oid::regprocedure::text FROM pg_proc p "
+        "WHERE p.pronamespace = 'pyembed'::regnamespace "
+        "AND has_function_privilege('pyembed_worker', p.oid, 'EXECUTE') "
+        "AND NOT has_function_privilege('pyembed_app', p.oid, 'EXECUTE')").fetchall()
+    assert [r[0] for r in extra] == ["pyembed.count_provider_error(text,text)"]
+    tables = owner.execute(
+        "SELECT c.relname FROM pg_class c CROSS JOIN unnest(ARRAY['SELECT', 'INSERT', 'UPDATE', "
+        "'DELETE']) p WHERE c.relnamespace = 'pyembed'::regnamespace "
+        "AND c.relkind IN ('r', 'p', 'v', 'S') AND has_table_privilege('pyembed_worker', c.oid, p) "
+        "AND NOT has_table_privilege('pyembed_app', c.oid, p)").fetchall()
+    assert tables == []
+
+
+# -- what the application role may not run: one clear error ------------------------------------
+def test_every_function_of_the_owners_is_refused_to_the_app_role_as_owner_only(
+        owner: psycopg.Connection[Any], app: psycopg.Connection[Any]) -> None:
+    """Walks every function of the schema the application role may not execute, a new one
+    included: its call is refused with 42501, which pyembed's one mapping (db.translate) turns
+    into OwnerOnly naming the function (a raw InsufficientPrivilege traceback before)."""
+    calls = owner.execute(
+        "SELECT p.proname, format('SELECT %s(%s)', p.oid::regproc, coalesce(string_agg("
+        "'NULL::' || format_type(t.oid, NULL), ', ' ORDER BY a.n), '')) "
+        "FROM pg_proc p LEFT JOIN LATERAL unnest(p.proargtypes::oid[]) WITH ORDINALITY "
+        "AS a(t, n) ON true LEFT JOIN pg_type t ON t.oid = a.t "
+        "WHERE p.pronamespace = 'pyembed'::regnamespace AND p.prokind = 'f' "
+        "AND NOT has_function_privilege('pyembed_app', p.oid, 'EXECUTE') "
+        "GROUP BY p.oid, p.proname ORDER BY 1").fetchall()
+    assert {"set_index_settings", "rebuild_index", "index_status", "migration_start",
+            "set_secret"} <= {name for name, _ in calls}
+    for name, call in calls:
+        error = translate(sql_error(app, call))
+        assert isinstance(error, pyembed.OwnerOnly), (call, error)
+        assert f"function pyembed.{name} is pyembed's owner role's" in str(error)
+
+
+def _tenant(conn: psycopg.Connection[Any]) -> Any:
+    return tenants.create_tenant(conn, "acme")
+
+
+def _member(conn: psycopg.Connection[Any]) -> Any:
+    return tenants.add_member(conn, "acme", "pyembed_user")
+
+
+OWNERS_ENTRY_POINTS: dict[str, tuple[Callable[[Client], Any], str]] = {
+    # entry point: (the call as the application role, what the error names)
+    "index.set_index_settings": (lambda c: index.set_index_settings(c.conn, "docs", ef_search=50),
+                                 "function pyembed.set_index_settings"),
+    "Client.index_status": (lambda c: c.index_status("docs"), "function pyembed.index_status"),
+    "migration.start": (lambda c: migration.start(c, "docs", NEW), "function pyembed.migration_start"),
+    "migration.shift": (lambda c: migration.shift(c, "docs", 50), "function pyembed.migration_shift"),
+    "migration.complete": (lambda c: migration.complete(c, "docs"),
+                           "function pyembed.migration_complete"),
+    "migration.rollback": (lambda c: migration.rollback(c, "docs"),
+                           "function pyembed.migration_rollback"),
+    "migration.cleanup": (lambda c: migration.cleanup(c, "docs"),
+                          "function pyembed.migration_cleanup"),
+    "tenants.create_tenant": (lambda c: _tenant(c.conn), "table pyembed.tenants"),
+    "tenants.add_member": (lambda c: _member(c.conn), "table pyembed.tenant_members"),
+}
+
+
+@pytest.mark.parametrize("entry", OWNERS_ENTRY_POINTS)
+def test_an_owners_python_entry_point_called_by_the_app_role_says_so(
+        db: Database, client: Client, entry: str) -> None:
+    client.create_corpus("docs", OLD)
+    call, named = OWNERS_ENTRY_POINTS[entry]
+    with pytest.raises(pyembed.OwnerOnly, match=f"{named} is pyembed's owner role's"):
+        call(client)
+
+
+def test_rebuild_index_by_the_app_role_says_so(db: Database, client: Client) -> None:
+    """The online rebuild's builds run as the caller (CREATE INDEX CONCURRENTLY, which a
+    function cannot run): the application role does not own the partition."""
+    client.create_corpus("docs", OLD)
+    with psycopg.connect(db.app_dsn, autocommit=True) as conn, \
+            pytest.raises(pyembed.OwnerOnly, match="is pyembed's owner role's"):
+        index.rebuild_index(conn, "docs")
+
+
+@pytest.mark.parametrize("command", [
+    ["corpus", "index", "docs", "--ef-search", "50"], ["corpus", "index", "docs"],
+    ["corpus", "reindex", "docs"], ["migrate", "start", "docs", "--to", NEW],
+    ["migrate", "shift", "docs", "50"], ["migrate", "complete", "docs"],
+    ["migrate", "rollback", "docs"], ["migrate", "cleanup", "docs"],
+    ["tenant", "create", "acme"], ["tenant", "add-member", "acme", "pyembed_user"]],
+    ids=" ".join)
+def test_an_owners_command_run_with_the_app_roles_dsn_says_so_in_one_line(
+        db: Database, client: Client, command: list[str]) -> None:
+    client.create_corpus("docs", OLD)
+    client.conn.commit()
+    done = pyembed_cli(*command, env={"PYEMBED_OWNER_DSN": db.app_dsn})
+    assert done.returncode == 1, done
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "is pyembed's owner role's: run this with the owner's DSN" in done.stderr

@@ -20,7 +20,7 @@ from pyembed.models import registry
 from pyembed.tenants import provider_errors
 from tests.conftest import Database
 from tests.fakeapi import FakeAPI
-from tests.helpers import sql_error
+from tests.helpers import login_role, sql_error
 from tests.test_cli_json import cli
 
 VOYAGE = registry.get("voyage/voyage-3@1:1024")
@@ -93,11 +93,20 @@ def test_a_timeout_is_counted_as_no_response(
     assert added(before, counts(db)) == {("voyage", "no_response"): 1}
 
 
-def test_failures_in_python_are_counted(db: Database, fake_api: FakeAPI,
-                                        monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def worker_dsn(db: Database, owner: psycopg.Connection[Any]) -> Iterator[str]:
+    """A login as `pyembed worker` runs: an application role that is in pyembed_worker too."""
+    with login_role(owner, db.app_dsn, "worker",
+                    sql.SQL("IN ROLE pyembed_app, pyembed_worker")) as dsn:
+        yield dsn
+
+
+def test_failures_of_a_workers_calls_are_counted(db: Database, fake_api: FakeAPI,
+                                                 worker_dsn: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", "sk-errors-2")
     before = counts(db)
-    with pyembed.connect(db.app_dsn) as client:
+    with pyembed.connect(worker_dsn) as client:
         fake_api.script("503", "429:retry-after=0")
         embedder = client.embedder(OPENAI.key)
         embedder._sleep = lambda seconds: None
@@ -111,17 +120,43 @@ def test_failures_in_python_are_counted(db: Database, fake_api: FakeAPI,
                                          ("openai", "rejected"): 1}
 
 
+def test_an_application_roles_own_failed_calls_are_not_counted(
+        db: Database, fake_api: FakeAPI, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client's calls use its own API keys: a tenant's failures are its own, and the counters
+    every tenant and the metrics endpoint read are not its to add to. Its provider error is
+    raised as before, and its transaction goes on."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-errors-4")
+    before = counts(db)
+    with pyembed.connect(db.app_dsn) as client, client.conn.transaction():
+        embedder = client.embedder(OPENAI.key)
+        embedder._sleep = lambda seconds: None
+        fake_api.script("503", "400")
+        with pytest.raises(pyembed.ProviderError) as info:
+            embedder.embed(["refused"])
+        assert info.value.kind == "rejected"
+        assert client.conn.execute("SELECT 1").fetchone() == (1,)
+    assert counts(db) == before
+
+
 def test_the_app_role_reaches_the_counters_only_through_their_functions(
-        db: Database, app: psycopg.Connection[Any]) -> None:
+        db: Database, app: psycopg.Connection[Any], worker_dsn: str) -> None:
     counter = one_counter(db)
     for statement in (sql.SQL("SELECT nextval({})").format(sql.Literal(counter)),
                       sql.SQL("SELECT * FROM {}").format(sql.Identifier(*counter.split(".")))):
         assert sql_error(app, statement).sqlstate == "42501"
-    # The counting function takes known kinds only, and ignores others (never raises).
+    # Nor the counting function: any tenant could have added any count to every tenant's.
     before = counts(db)
-    app.execute("SELECT pyembed.count_provider_error('voyage', 'no such kind')")
-    app.execute("SELECT pyembed.count_provider_error('no such provider', 'rate_limited')")
+    for _ in range(3):
+        err = sql_error(app, "SELECT pyembed.count_provider_error('voyage', 'rate_limited')")
+        assert isinstance(err, psycopg.errors.InsufficientPrivilege), err
     assert counts(db) == before
+    # The worker's counting takes known kinds only, and ignores others (never raises).
+    with connect(worker_dsn, autocommit=True) as worker:
+        worker.execute("SELECT pyembed.count_provider_error('voyage', 'no such kind')")
+        worker.execute("SELECT pyembed.count_provider_error('no such provider', 'rate_limited')")
+        assert counts(db) == before
+        worker.execute("SELECT pyembed.count_provider_error('voyage', 'rate_limited')")
+    assert added(before, counts(db)) == {("voyage", "rate_limited"): 1}
 
 
 def one_counter(db: Database) -> str:
@@ -132,10 +167,10 @@ def one_counter(db: Database) -> str:
     return str(row[0])
 
 
-def test_pyembed_usage_lists_the_failed_calls(db: Database, fake_api: FakeAPI,
+def test_pyembed_usage_lists_the_failed_calls(db: Database, fake_api: FakeAPI, worker_dsn: str,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", "sk-errors-3")
-    with pyembed.connect(db.app_dsn) as client:
+    with pyembed.connect(worker_dsn) as client:
         embedder = client.embedder(OPENAI.key)
         embedder._sleep = lambda seconds: None
         fake_api.script("429:retry-after=0")

@@ -58,7 +58,6 @@ APP_EXECUTE = {
     "_dequeue_written(integer, text, bigint, bigint, bytea[])",  # by the vector write trigger
     "reserve_usage(text, integer, integer, bigint)",  # accounting and rate limits
     "usage_report(integer)",
-    "count_provider_error(text, text)",  # a failed provider call, counted past its rollback
     "provider_errors()",
     "add_document(text, text, text, jsonb)",
     "_add_document(text, text, text, jsonb)",  # add_document's body: it runs as the caller

@@ -17,6 +17,7 @@ from pyembed.corpora import corpus_info, create_corpus
 from pyembed.db import translated
 from pyembed.errors import InvalidInput
 from pyembed.vectors import copy_vectors
+from pyembed.worker import Worker
 from tests.conftest import Database
 from tests.helpers import count, sql_error, unit
 
@@ -117,6 +118,66 @@ def test_a_tenant_cannot_copy_into_another_tenants_partition(two: dict[str, str]
     assert a.conn.execute("SELECT pyembed.vector_table('docs')").fetchone() != (
         f"pyembed.vectors_c{b_id}",)
     assert b.conn.execute("SELECT count(*) FROM pyembed.vectors").fetchone() == (2,)
+    a.close()
+    b.close()
+
+
+
+def test_a_tenant_cannot_enqueue_retry_delete_or_fail_another_tenants_jobs(
+        two: dict[str, str]) -> None:
+    """The application role writes pyembed.queue and queue_failed (a chunk's write queues its
+    work as the writer; the worker, which runs as a tenant's login, claims, retries, dequeues
+    and fails jobs): row-level security keeps every statement of it to the tenant's corpora,
+    new rows included, and a tenant's worker claims its own jobs only."""
+    a, b = fill(two["a"], A_KEY, 2), fill(two["b"], A_KEY, 2)
+    for client in (a, b):  # queued again: the texts changed
+        client.conn.execute("UPDATE pyembed.chunks SET content = content || ' changed'")
+        client.conn.commit()
+    b_id = corpus_info(b.conn, "docs").corpus_id
+    b_chunk = b.conn.execute("SELECT min(chunk_id) FROM pyembed.chunks").fetchone()[0]
+    b.conn.execute("INSERT INTO pyembed.queue_failed (corpus_id, chunk_id, model_key, "
+                   "content_hash, attempts, reason) VALUES (%s, %s, %s, '\\x00', 1, 'real')",
+                   (b_id, b_chunk, A_KEY))
+    b.conn.commit()
+    a.conn.execute("INSERT INTO pyembed.queue_failed (corpus_id, chunk_id, model_key, "
+                   "content_hash, attempts, reason) SELECT corpus_id, min(chunk_id), %s, "
+                   "'\\x00', 1, 'its own' FROM pyembed.chunks GROUP BY corpus_id", (A_KEY,))
+    a.conn.commit()
+
+    def b_rows() -> list[Any]:
+        return b.conn.execute(
+            "SELECT 'queue', chunk_id, model_key, attempts, not_before, content_hash "
+            "FROM pyembed.queue UNION ALL SELECT 'failed', chunk_id, model_key, attempts, "
+            "failed_at, content_hash FROM pyembed.queue_failed ORDER BY 1, 2").fetchall()
+
+    before = b_rows()
+    assert len(before) == 3
+    with psycopg.connect(two["a"], autocommit=True) as conn:
+        for table in ("queue", "queue_failed"):
+            extra = ", attempts, reason" if table == "queue_failed" else ""
+            values = ", 1, 'forged'" if table == "queue_failed" else ""
+            err = sql_error(conn, sql.SQL(
+                "INSERT INTO pyembed.{} (corpus_id, chunk_id, model_key, content_hash{}) "
+                "VALUES (%s, %s, %s, '\\x00'{})").format(
+                    sql.Identifier(table), sql.SQL(extra), sql.SQL(values)),
+                (b_id, b_chunk, A_KEY))
+            assert err.sqlstate == "42501" and "row-level security" in str(err), err
+            for statement in ("UPDATE pyembed.{} SET attempts = 0 WHERE corpus_id = %s",
+                              "DELETE FROM pyembed.{} WHERE corpus_id = %s"):
+                done = conn.execute(sql.SQL(statement).format(sql.Identifier(table)), (b_id,))
+                assert done.rowcount == 0, statement
+            # its own rows moved into the other tenant's corpus
+            err = sql_error(conn, sql.SQL("UPDATE pyembed.{} SET corpus_id = %s").format(
+                sql.Identifier(table)), (b_id,))
+            assert err.sqlstate == "42501" and "row-level security" in str(err), err
+        assert conn.execute("UPDATE pyembed.queue SET attempts = 0 RETURNING corpus_id"
+                            ).fetchall() != []  # its own jobs are its to retry
+    worker = Worker(two["a"], batch_size=10)
+    try:
+        assert {i.corpus_id for i in worker.claim()} == {corpus_info(a.conn, "docs").corpus_id}
+    finally:
+        worker.close()
+    assert b_rows() == before
     a.close()
     b.close()
 
