@@ -123,14 +123,18 @@ def sql_error(conn: psycopg.Connection[Any], query: Any, params: Any = ()) -> ps
     return err.value
 
 
-def waits_for_lock(watcher: Any, pid: int, thread: threading.Thread, tries: int = 800) -> bool:
-    """Whether the session `pid`, working in `thread`, is waiting for a lock (False: its work
-    ended first); AssertionError if it does neither within `tries` looks 25 ms apart."""
+def waits_for_lock(watcher: Any, pid: int, thread: threading.Thread, tries: int = 800, *,
+                   or_pause: bool = False) -> bool:
+    """Whether the session `pid`, working in `thread`, is waiting for a lock, or with `or_pause`
+    pausing between two tries (pg_sleep: pyembed.drop_corpus takes no lock by waiting but its
+    first); False: its work ended first; AssertionError if it does neither within `tries` looks
+    25 ms apart."""
     for _ in range(tries):
         if not thread.is_alive():
             return False
-        if watcher.execute("SELECT wait_event_type = 'Lock' FROM pg_stat_activity "
-                           "WHERE pid = %s", (pid,)).fetchone() == (True,):
+        if watcher.execute("SELECT wait_event_type = 'Lock' OR (%s AND wait_event = 'PgSleep') "
+                           "FROM pg_stat_activity WHERE pid = %s",
+                           (or_pause, pid)).fetchone() == (True,):
             return True
         time.sleep(0.025)
-    raise AssertionError(f"session {pid} neither waited for a lock nor finished")
+    raise AssertionError(f"session {pid} neither waited nor finished")

@@ -13,6 +13,7 @@ the corpus row locked FOR UPDATE the two waited for each other (a deadlock, one 
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import time
@@ -54,19 +55,8 @@ class Outcome:
         assert not self.maintenance, f"the maintenance call failed: {self.maintenance}"
 
 
-def held_up(watcher: psycopg.Connection[Any], pid: int, thread: threading.Thread,
-            tries: int = 800) -> bool:
-    """Whether the session `pid`, working in `thread`, waits for a lock or pauses between two
-    tries (pyembed.drop_corpus: it takes no lock but its first by waiting); False: its work
-    ended first."""
-    for _ in range(tries):
-        if not thread.is_alive():
-            return False
-        if watcher.execute("SELECT wait_event_type = 'Lock' OR wait_event = 'PgSleep' "
-                           "FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone() == (True,):
-            return True
-        time.sleep(0.025)
-    raise AssertionError(f"session {pid} neither waited nor finished")
+# drop_corpus takes no lock by waiting but its first: it pauses between tries instead
+held_up = functools.partial(waits_for_lock, or_pause=True)
 
 
 def lock_wait_or_tries(watcher: psycopg.Connection[Any], pid: int,
