@@ -84,12 +84,13 @@ def search(corpus: str, query_embedding: Any, model_key: str | ModelSpec, k: int
     (document_id, chunk_id, chunk_index, content, metadata, score, model_key)."""
     from pgvector.sqlalchemy import Vector
 
-    from .search import filter_json, whole_number
+    from .db import integer
+    from .search import filter_json
 
     key = model_key.key if isinstance(model_key, ModelSpec) else model_key
     fn = sa.func.pyembed.search(
         sa.literal(corpus), sa.bindparam("q", [float(x) for x in query_embedding], type_=Vector()),
-        sa.literal(key), sa.literal(whole_number(k)),
+        sa.literal(key), sa.literal(integer(k, "k")),
         sa.cast(sa.literal(filter_json(filter)), JSONB) if filter is not None else sa.null())
     cols = fn.table_valued("document_id", "chunk_id", "chunk_index", "content",
                            sa.column("metadata", JSONB), sa.column("score", sa.Float),

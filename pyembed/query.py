@@ -19,10 +19,10 @@ from psycopg.pq import TransactionStatus
 
 from .cachekey import cache_key
 from .corpora import corpus_info
-from .db import translated
+from .db import integer, translated
 from .errors import ModelMismatch
 from .models import InputType
-from .search import DEFAULT, Hit, Options, as_hits, bucket, filter_json, run, whole_number
+from .search import DEFAULT, Hit, Options, as_hits, bucket, filter_json, run
 from .sqlexec import PsycopgExecutor
 from .text import check_text, estimate_tokens
 
@@ -83,7 +83,7 @@ def search_text(corpus: Corpus, query: str, k: int, filter: Mapping[str, Any] | 
     again, once."""
     check_text(query, "query")
     options.check(mode)
-    k = whole_number(k)
+    k = integer(k, "k")
     flt = filter_json(filter)
     # alpha as text: JSON has no NaN, which the database refuses with its own message
     opts = json.dumps({"group_by": options.group, "fusion": options.fusion,

@@ -15,8 +15,9 @@ from typing import Any
 import anthropic
 
 from .client import Corpus, _ms
+from .db import integer
 from .errors import InvalidInput, ProviderError, RateLimited, redact
-from .search import MODES, Hit, whole_number
+from .search import MODES, Hit
 from .text import check_text
 
 log = logging.getLogger(__name__)
@@ -155,9 +156,9 @@ def answer(corpus: Corpus, question: str, *, k: int = 5, model: str | None = Non
     Claude keeps refusing for rate limits, ProviderError for any other failed call.
     """
     check_text(question, "question")
-    if whole_number(k) < 1:
+    if integer(k, "k") < 1:
         raise InvalidInput(f"k must be at least 1, got {k}")
-    if whole_number(max_tokens, "max_tokens") < 1:
+    if integer(max_tokens, "max_tokens") < 1:
         raise InvalidInput(f"max_tokens must be at least 1, got {max_tokens}")
     if mode not in MODES:
         raise InvalidInput(f"mode must be one of {', '.join(MODES)}, not {mode!r}")

@@ -132,12 +132,6 @@ def filter_json(filter: object) -> str | None:
         raise InvalidInput(f"a metadata filter is a JSON object: {exc}") from None
 
 
-def whole_number(value: object, what: str = "k") -> int:
-    """`value` (k by default) as an int for SQL's `integer` (`pyembed.db.integer`); its bounds
-    are its user's (for k, the database's PE005)."""
-    return integer(value, what)
-
-
 def run(db: Executor, corpus: str | None, mode: str | None, text: str | None, vector: Any,
         model_key: str | None, k: int | None, filter: Mapping[str, Any] | str | None,
         options: Options = DEFAULT) -> list[tuple[Any, ...]]:
@@ -146,7 +140,7 @@ def run(db: Executor, corpus: str | None, mode: str | None, text: str | None, ve
     assert mode is not None
     flt = filter_json(filter)
     sql, take = _SEARCHES[mode]
-    params = (corpus, text, vector, model_key, None if k is None else whole_number(k), flt,
+    params = (corpus, text, vector, model_key, None if k is None else integer(k, "k"), flt,
               options.group, options.fusion, options.alpha)
     return db.rows(sql, [params[i] for i in take], [_TYPES[i] for i in take])
 
