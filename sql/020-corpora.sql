@@ -38,29 +38,29 @@ SELECT CASE storage WHEN 'binary' THEN 'bit' WHEN 'halfvec' THEN 'halfvec'
                     ELSE CASE WHEN dims <= 2000 THEN 'vector' ELSE 'halfvec' END END
 $$;
 
--- halfvec's m: an HNSW index page (8,192 bytes less 32 of headers) holds whole elements, each an
--- element tuple (72 bytes of header, the halfvec's 8 and 2 a dimension) and its layer-0 neighbour
--- tuple (4 bytes and 12 a link: 2m links of 6), both MAXALIGNed, and a 4-byte line pointer for
--- each (pgvector 0.8's layout). The vector takes a smaller part of an element in halfvec than in
--- vector storage, so the links' part weighs more: where a smaller m fits one more element a
--- page, and is at least half the rule's m, halfvec is built with the largest such m (a page
--- less in every few: halfvec's point is the index's size), and its ef_construction and ef_search
--- are raised by the rule's m over it (pyembed._halfvec_ef), which buys the recall back
--- (docs/index-tuning.md has the figures). Other storages keep the rule's m. Inlined, like
+-- halfvec's m: an HNSW index page holds whole elements, each an element tuple (header and
+-- vector) and its layer-0 neighbour tuple (2m links), both MAXALIGNed, with a line pointer each
+-- (pgvector 0.8's layout; docs/index-tuning.md spells out the sizes these functions use). The
+-- vector takes a smaller part of an element in halfvec than in vector storage, so the links'
+-- part weighs more: where a smaller m fits one more element a page, and is at least half the
+-- rule's m, halfvec is built with the largest such m (halfvec's point is the index's size), and
+-- its ef_construction and ef_search are raised by the rule's m over it (pyembed._halfvec_ef),
+-- which buys the recall back. Other storages keep the rule's m. Inlined, like
 -- pyembed._index_plan below.
-CREATE OR REPLACE FUNCTION pyembed._hnsw_per_page(element integer, m integer) RETURNS integer
+-- How many halfvec elements of `dims` dimensions fit a page at `m`.
+CREATE OR REPLACE FUNCTION pyembed._hnsw_per_page(dims integer, m integer) RETURNS integer
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$
-SELECT 8160 / (element + (4 + 12 * m + 7) / 8 * 8 + 8)
+SELECT 8160 / ((87 + 2 * dims) / 8 * 8 + (4 + 12 * m + 7) / 8 * 8 + 8)
 $$;
 
--- The largest m at which `per_page` elements of `element` bytes fit a page (below 1: none does).
-CREATE OR REPLACE FUNCTION pyembed._hnsw_fitting_m(element integer, per_page integer)
+-- The largest m at which `per_page` halfvec elements of `dims` dimensions fit a page (below 1:
+-- none does).
+CREATE OR REPLACE FUNCTION pyembed._hnsw_fitting_m(dims integer, per_page integer)
 RETURNS integer
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$
-SELECT CASE WHEN 8160 / per_page - element - 8 < 12 THEN 0
-            ELSE ((8160 / per_page - element - 8) / 8 * 8 - 4) / 12 END
+SELECT greatest(0, ((8160 / per_page - (87 + 2 * dims) / 8 * 8 - 8) / 8 * 8 - 4) / 12)
 $$;
 
 CREATE OR REPLACE FUNCTION pyembed._halfvec_m(dims integer, storage text, m integer)
@@ -68,10 +68,8 @@ RETURNS integer
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$
 SELECT CASE WHEN storage = 'halfvec'
-             AND pyembed._hnsw_fitting_m((87 + 2 * dims) / 8 * 8,
-                   pyembed._hnsw_per_page((87 + 2 * dims) / 8 * 8, m) + 1) >= (m + 1) / 2
-            THEN pyembed._hnsw_fitting_m((87 + 2 * dims) / 8 * 8,
-                   pyembed._hnsw_per_page((87 + 2 * dims) / 8 * 8, m) + 1)
+             AND pyembed._hnsw_fitting_m(dims, pyembed._hnsw_per_page(dims, m) + 1) >= (m + 1) / 2
+            THEN pyembed._hnsw_fitting_m(dims, pyembed._hnsw_per_page(dims, m) + 1)
             ELSE m END
 $$;
 

@@ -141,8 +141,9 @@ $$;
 -- The hits subquery returns (hit.chunk_id, hit.doc_no, hit.distance) of the k nearest in any
 -- order; the statement sorts them once, and the four arrays aggregate that order (a plain
 -- aggregate over a sorted subquery, with no join or grouping between them, reads its rows in that
--- order: one sort where an ORDER BY in each aggregate made four). One format() over one template per way of reading (arguments: 1 the exact distance
--- operator, 2 the rows, 3 the indexed type, 4 its operator, 5 the candidates, 6 k, 7 the score).
+-- order: one sort where an ORDER BY in each aggregate made four). One format() over one template
+-- per way of reading (arguments: 1 the exact distance operator, 2 the rows, 3 the indexed type,
+-- 4 its operator, 5 the candidates, 6 k, 7 the score).
 CREATE OR REPLACE FUNCTION pyembed._nearest_sql(p_corpus_id integer, p_model_key text,
                                                 k integer, filtered boolean, exact boolean,
                                                 s pyembed._index_rules, p_distance text,
