@@ -487,3 +487,51 @@ def test_the_hardening_revision_ties_members_to_their_roles(empty_db: Database) 
     with psycopg.connect(empty_db.owner_dsn) as conn:
         assert conn.execute("SELECT role_name::text, role_oid = 'pyembed_app'::regrole "
                             "FROM pyembed.tenant_members").fetchall() == [("pyembed_app", True)]
+
+
+LAST_RELEASE = (REPO / "tests" / "golden" / "last_release.txt").read_text().split()[0]
+"""The commit the last release was made from (main as the last stop landed it): a database its
+package installed is what an operator upgrades. Bumped when a stop lands."""
+
+OLD_RELEASE_WRITES = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import pyembed
+from pyembed.schema import install
+assert pyembed.__file__.startswith(sys.argv[1]), pyembed.__file__
+install(sys.argv[2])
+with pyembed.connect(sys.argv[3]) as client:
+    client.create_corpus("docs", sys.argv[4]).add(
+        [{"id": f"d{i}", "text": f"quota error E40{i} in region {i}"} for i in range(5)])
+"""
+
+
+def test_a_database_the_last_release_installed_upgrades_to_install(
+        empty_db: Database, fresh_dump: str, tmp_path: Path) -> None:
+    """The replaceable SQL replaces the last release's own: a function whose parameters were
+    renamed or whose result changed cannot be replaced by CREATE OR REPLACE, and must be
+    dropped in sql/005-retired.sql (a database installed between two releases is not
+    checked: only what an operator can have)."""
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", LAST_RELEASE, "--", "sql", "alembic", "pyembed",
+         ":!pyembed/data"], capture_output=True, check=False)
+    assert archive.returncode == 0, (
+        f"the last release's commit {LAST_RELEASE} is not in this checkout's history (a "
+        f"shallow clone?): {archive.stderr.decode(errors='replace').strip()}")
+    subprocess.run(["tar", "-x", "-C", str(tmp_path)], input=archive.stdout, check=True)
+    # The old package's own install and writes, in a process of its own (its modules, not
+    # these): a corpus with documents, chunks, vectors and postings.
+    subprocess.run([sys.executable, "-c", OLD_RELEASE_WRITES, str(tmp_path), empty_db.owner_dsn,
+                    empty_db.app_dsn, KEY], check=True, timeout=120)
+
+    assert schema.install(empty_db.owner_dsn) == schema.head_revision()
+
+    import pyembed
+
+    with pyembed.connect(empty_db.app_dsn) as client:
+        docs = client.corpus("docs")
+        for mode in ("vector", "keyword", "hybrid"):
+            assert [h.document_id for h in docs.search("quota error E402", mode=mode, k=1)] \
+                == ["d2"], mode
+        client.drop_corpus("docs")  # its partition is no part of a fresh install's dump
+    _assert_same(schema_dump(empty_db.owner_dsn), fresh_dump)
