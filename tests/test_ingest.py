@@ -174,9 +174,12 @@ def test_bad_lines_are_reported_with_line_numbers_and_the_rest_loads(
     assert corpus.search("first good line", k=1)[0].content == "first good line"
 
 
-def test_documents_the_corpus_refuses_are_isolated(tmp_path: Path, corpus: Corpus,
+def test_documents_the_corpus_refuses_are_isolated(tmp_path: Path, client: Client,
                                                    app: psycopg.Connection[Any]) -> None:
-    huge = "x" * 9000  # one "word" over the fake model's 2,048-token limit: cannot be chunked
+    # Windows of 3,000 tokens, over the fake model's 2,048-token limit: a chunk of the one
+    # 9,000-character word is refused by the model (its provider has no tokenizer to split by).
+    corpus = client.create_corpus("files", KEY, chunk_tokens=3000, chunk_overlap=0)
+    huge = "x" * 9000
     lines = [{"id": f"d{i}", "text": f"document number {i}"} for i in range(5)]
     lines.insert(2, {"id": "huge", "text": huge})
     path = _write(tmp_path / "batch.jsonl", _jsonl(*lines))
