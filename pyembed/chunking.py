@@ -65,12 +65,13 @@ def chunk_text(text: str, max_tokens: int = 200, overlap_tokens: int = 40) -> li
 
 def fit_chunks(chunks: list[str], max_tokens: int,
                count: Callable[[list[str]], list[int] | None]) -> list[str]:
-    """Split every chunk that the model's own tokenizer (`count`, which may answer None when
-    it has none) finds over `max_tokens`, at word boundaries, and a single word over it in
-    halves of its characters; the estimate can run short."""
+    """Split every chunk that the model's own tokenizer (`count`; when it answers None, for a
+    model without one, `estimate_tokens`, as the embedder's limit check does) finds over
+    `max_tokens`, at word boundaries, and a single word over it in halves of its characters:
+    a corpus's windows may be wider than its model reads, and the estimate can run short."""
     counts = count(chunks)
     if counts is None:
-        return chunks
+        counts = [estimate_tokens(chunk) for chunk in chunks]
     out: list[str] = []
     for chunk, n in zip(chunks, counts, strict=True):
         words = _WORD.findall(chunk)

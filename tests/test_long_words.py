@@ -1,6 +1,7 @@
 """A word longer than a chunk (base64, a data URI, a URL, text without spaces) is cut into
 chunks of its own at every entry point, so a document holding one is embedded like any other
-instead of being refused by the model's token limit (or the chunk's 1 MB bound)."""
+instead of being refused by the model's token limit (or the chunk's 1 MB bound); so is a
+chunk of a corpus whose windows are wider than its model reads."""
 
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ from tests.conftest import Database
 KEY = "fake/fake-hash@1:1024"  # a 2,048-token limit: the long word below is about 5,000
 BLOB = "QUJD" * 5000
 TEXT = f"The logo is inlined as data:image/png;base64,{BLOB} in the page header."
+WIDE = " ".join(f"w{i:04d}" for i in range(2000))  # about 3,000 tokens, all in one window
+# (corpus, chunk_tokens, document): each makes a chunk over the model's limit before the fix.
+CASES = [("pages", 200, TEXT), ("wide", 4000, WIDE)]
 
 
 @pytest.mark.parametrize(("size", "overlap"), [(200, 40), (20, 5), (2, 1)])
@@ -40,18 +44,20 @@ def test_the_models_tokenizer_splits_a_word_it_finds_too_long() -> None:
     assert "".join(chunks[:-2]) == "a" * 100
 
 
-def test_corpus_add_embeds_a_document_with_a_long_word(client: Any) -> None:
-    docs = client.create_corpus("pages", KEY)
-    report = docs.add([("header", TEXT)])
+@pytest.mark.parametrize(("name", "window", "text"), CASES)
+def test_corpus_add_embeds_every_chunk(client: Any, name: str, window: int, text: str) -> None:
+    docs = client.create_corpus(name, KEY, chunk_tokens=window)
+    report = docs.add([("header", text)])
     assert report.added == 1 and report.chunks > 1
-    [hit] = docs.search("logo inlined page header", k=1)
+    [hit] = docs.search(text[:40], k=1)
     assert hit.document_id == "header"
 
 
+@pytest.mark.parametrize(("name", "window", "text"), CASES)
 def test_sql_add_document_queues_chunks_the_worker_can_embed(
-        db: Database, app: psycopg.Connection[Any]) -> None:
-    app.execute("SELECT pyembed.create_corpus('pages', %s)", (KEY,))
-    n = app.execute("SELECT pyembed.add_document('pages', 'header', %s)", (TEXT,)).fetchone()
+        db: Database, app: psycopg.Connection[Any], name: str, window: int, text: str) -> None:
+    app.execute("SELECT pyembed.create_corpus(%s, %s, chunk_tokens => %s)", (name, KEY, window))
+    n = app.execute("SELECT pyembed.add_document(%s, 'header', %s)", (name, text)).fetchone()
     assert n is not None and n[0] > 1
     worker = Worker(db.app_dsn, batch_size=64, retry_base=0.05)
     try:
