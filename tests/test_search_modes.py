@@ -188,6 +188,32 @@ def test_keyword_and_hybrid_respect_filters_and_the_guard(client: Any) -> None:
         kb.search("error", mode="fuzzy")
 
 
+def test_a_filter_over_its_bound_is_refused_by_every_search(
+        client: Any, app: psycopg.Connection[Any]) -> None:
+    """The 64 kB bound of a search's filter held only when a search was sampled for recall
+    (recall_samples_filter_bound): the same search answered, or failed one time in a hundred."""
+    kb = client.create_corpus("bounded", FAKE)
+    kb.add([pyembed.Document("a", "error code E1", {"team": "x"})])
+    app.execute("SET pyembed.recall_sample_rate = 0")
+    client.conn.execute("SET pyembed.recall_sample_rate = 0")
+    big = {"team": "x", "note": "n" * 70_000}
+    for mode in ("vector", "keyword", "hybrid"):
+        with pytest.raises(pyembed.InvalidInput, match="at most 65536 bytes"):
+            kb.search("error E1", k=2, mode=mode, filter=big)
+        err = sql_error(app, "SELECT * FROM pyembed.search_text('bounded', 'error E1', 2, %s, %s)",
+                        (json.dumps(big), mode))
+        assert err.sqlstate == "PE005" and "65536" in str(err), mode
+    vec = str(client.embedder(FAKE).embed_query("error").tolist())
+    for query, params in [
+            ("SELECT * FROM pyembed.search('bounded', %s::vector, %s, 2, %s)", (vec, FAKE)),
+            ("SELECT * FROM pyembed.search_keyword('bounded', 'error', 2, %s)", ()),
+            ("SELECT * FROM pyembed.keyword_ranking('bounded', 'error', 2, %s)", ()),
+            ("SELECT * FROM pyembed.search_hybrid('bounded', 'error', %s::vector, %s, 2, %s)",
+             (vec, FAKE))]:
+        assert sql_error(app, query, (*params, json.dumps(big))).sqlstate == "PE005", query
+    assert [h.document_id for h in kb.search("error E1", k=2, filter={"team": "x"})] == ["a"]
+
+
 def test_keyword_search_in_sql_and_search_text_modes(app: psycopg.Connection[Any],
                                                      client: Any) -> None:
     kb = client.create_corpus("sqlmodes", pyembed.LOCAL_DEFAULT.key)
