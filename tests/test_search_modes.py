@@ -214,6 +214,29 @@ def test_a_filter_over_its_bound_is_refused_by_every_search(
     assert [h.document_id for h in kb.search("error E1", k=2, filter={"team": "x"})] == ["a"]
 
 
+def test_a_query_over_the_models_limit_is_named_the_query(
+        client: Any, app: psycopg.Connection[Any]) -> None:
+    """A search's query over the model's token limit was 'text 0 ... shorten it or embed with
+    truncate=True', an option no search has (nor SQL's pyembed.embed)."""
+    kb = client.create_corpus("limits", FAKE)
+    kb.add([pyembed.Document("a", "error code E1")])
+    long = "word " * 3000  # about 3,900 tokens: the fake model reads 2,048
+    said = "the query is about 3900 tokens, over the 2048-token limit of " + FAKE + ": shorten it"
+    for mode in ("vector", "hybrid"):
+        with pytest.raises(pyembed.InvalidInput) as err:
+            kb.search(long, mode=mode)
+        assert str(err.value) == said, mode
+    for query in ("SELECT * FROM pyembed.search_text('limits', %s, 2)",
+                  "SELECT * FROM pyembed.search_reranked('limits', %s, 'fake', k => 2)"):
+        err = sql_error(app, query, (long,))
+        assert err.sqlstate == "PE005" and err.diag.message_primary == said, query
+    err = sql_error(app, "SELECT pyembed.embed(%s, %s)", (long, FAKE))
+    assert err.diag.message_primary and err.diag.message_primary.startswith("text 0 is about")
+    assert "truncate" not in err.diag.message_primary  # SQL's embed has no such option
+    with pytest.raises(pyembed.InvalidInput, match="or embed with truncate=True"):
+        client.embedder(FAKE).embed([long])  # Python's has
+
+
 def test_keyword_search_in_sql_and_search_text_modes(app: psycopg.Connection[Any],
                                                      client: Any) -> None:
     kb = client.create_corpus("sqlmodes", pyembed.LOCAL_DEFAULT.key)
