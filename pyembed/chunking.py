@@ -8,17 +8,37 @@ from collections.abc import Callable
 from .text import estimate_tokens
 
 _WORD = re.compile(r"\S+\s*")
+_SPACE = re.compile(r"\s*$")
+
+
+def _words(text: str, max_tokens: int) -> list[str]:
+    """The words of `text` with their trailing space; a word longer than `max_tokens`
+    (a URL, base64, a run without spaces) in pieces of that many tokens, so that no chunk
+    outgrows the limit the model is given."""
+    out: list[str] = []
+    size = 4 * max_tokens  # estimate_tokens counts a token per 4 characters of one word
+    for word in _WORD.findall(text):
+        if estimate_tokens(word) <= max_tokens:
+            out.append(word)
+            continue
+        space = _SPACE.search(word)
+        core = word[:space.start()] if space else word
+        pieces = [core[i:i + size] for i in range(0, len(core), size)]
+        pieces[-1] += word[len(core):]
+        out += pieces
+    return out
 
 
 def chunk_text(text: str, max_tokens: int = 200, overlap_tokens: int = 40) -> list[str]:
     """Consecutive windows of whole words, each at most `max_tokens` (estimated) long,
-    each starting `overlap_tokens` before the previous one ended. Short text is one chunk."""
+    each starting `overlap_tokens` before the previous one ended; a word longer than a window
+    is cut into windows of its own. Short text is one chunk."""
     if overlap_tokens >= max_tokens:
         raise ValueError("overlap must be smaller than the chunk size")
     text = text.strip()
     if estimate_tokens(text) <= max_tokens:
         return [text] if text else []
-    words = _WORD.findall(text)
+    words = _words(text, max_tokens)
     chunks: list[str] = []
     start = 0
     while start < len(words):
@@ -36,24 +56,32 @@ def chunk_text(text: str, max_tokens: int = 200, overlap_tokens: int = 40) -> li
         while back > start + 1 and kept + estimate_tokens(words[back - 1]) <= overlap_tokens:
             back -= 1
             kept += estimate_tokens(words[back])
+        while back < end and kept + estimate_tokens(words[end]) > max_tokens:
+            kept -= estimate_tokens(words[back])  # else the next window is the overlap alone
+            back += 1
         start = back
     return chunks
 
 
 def fit_chunks(chunks: list[str], max_tokens: int,
                count: Callable[[list[str]], list[int] | None]) -> list[str]:
-    """Split, at word boundaries, every chunk that the model's own tokenizer (`count`, which
-    may answer None when it has none) finds over `max_tokens`; the estimate can run short."""
+    """Split every chunk that the model's own tokenizer (`count`; when it answers None, for a
+    model without one, `estimate_tokens`, as the embedder's limit check does) finds over
+    `max_tokens`, at word boundaries, and a single word over it in halves of its characters:
+    a corpus's windows may be wider than its model reads, and the estimate can run short."""
     counts = count(chunks)
     if counts is None:
-        return chunks
+        counts = [estimate_tokens(chunk) for chunk in chunks]
     out: list[str] = []
     for chunk, n in zip(chunks, counts, strict=True):
         words = _WORD.findall(chunk)
-        if n <= max_tokens or len(words) < 2:
+        if n <= max_tokens or len(chunk) < 2:
             out.append(chunk)
             continue
-        half = len(words) // 2
-        out += fit_chunks(["".join(words[:half]).strip(), "".join(words[half:]).strip()],
-                          max_tokens, count)
+        if len(words) < 2:
+            halves = [chunk[:len(chunk) // 2], chunk[len(chunk) // 2:]]
+        else:
+            halves = ["".join(words[:len(words) // 2]).strip(),
+                      "".join(words[len(words) // 2:]).strip()]
+        out += fit_chunks(halves, max_tokens, count)
     return out

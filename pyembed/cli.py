@@ -374,14 +374,22 @@ def ask_cmd(
     """
     from .rag import answer
 
+    streamed: list[str] = []
+
     def show(piece: str) -> None:
+        streamed.append(piece)
         console.print(piece, end="", highlight=False, soft_wrap=True)
 
     with _client(dsn) as client:
-        result = answer(client.corpus(corpus), question, k=k, model=model,
-                        max_tokens=max_tokens, min_score=min_score, mode=mode,
-                        rerank=rerank, rerank_candidates=rerank_candidates,
-                        on_text=show if stream and not as_json else None)
+        try:
+            result = answer(client.corpus(corpus), question, k=k, model=model,
+                            max_tokens=max_tokens, min_score=min_score, mode=mode,
+                            rerank=rerank, rerank_candidates=rerank_candidates,
+                            on_text=show if stream and not as_json else None)
+        except BaseException:
+            if streamed:  # a stream cut off: end its line, so that the error is a line of its own
+                console.print()
+            raise
     if as_json:
         by_number = {s.number: s for s in result.sources}
         _print_json({

@@ -400,8 +400,9 @@ class Corpus:
     def add(self, documents: Iterable[Document | tuple[str, str] | Mapping[str, Any]], *,
             truncate: bool = False,
             translate: Callable[[str], str] | None = None) -> AddReport:
-        """Chunk, embed (with the corpus's own model) and store documents; unchanged ones
-        (same text and metadata) are skipped, changed ones replaced.
+        """Chunk, embed (with the corpus's own model) and store documents (`Document`s,
+        (id, text[, metadata]) tuples or mappings with id, text[, metadata]; each id once);
+        unchanged ones (same text and metadata) are skipped, changed ones replaced.
 
         With `truncate`, each document stays one chunk up to `chunk_tokens` and its embedding
         reads only the model's first `max_tokens` tokens; otherwise chunks are split to fit.
@@ -432,9 +433,13 @@ class Corpus:
         this connection or another of the same role), while the next batch is prepared."""
         self.info = corpus_info(self.client.conn, self.name)  # a migration may have begun
         self.client.current_corpus_id = self.info.corpus_id
-        docs = {d.id: d for d in map(_as_document, documents)}
-        for d in docs.values():
+        docs: dict[str, Document] = {}
+        for d in map(_as_document, documents):
             check_document_id(d.id)
+            if d.id in docs:  # one would be dropped unseen: which is meant?
+                raise InvalidInput(f"document id {d.id!r} is given twice")
+            docs[d.id] = d
+        for d in docs.values():
             check_text(d.text, f"document {d.id!r}")
             check_metadata(d.metadata, f"document {d.id!r}: metadata")
         hashes = {i: document_hash(d.text, d.metadata) for i, d in docs.items()}
@@ -609,11 +614,26 @@ def _ms(a: float, b: float) -> float:
 
 
 def _as_document(d: Document | tuple[str, str] | Mapping[str, Any]) -> Document:
+    """A Document, an (id, text) or (id, text, metadata) tuple, or a mapping with "id",
+    "text" and optionally "metadata"; anything else is InvalidInput, never a guess (a
+    metadata element dropped, an id of None stored as 'None'). Checked in prepare."""
     if isinstance(d, Document):
         return d
-    if isinstance(d, tuple):
-        return Document(str(d[0]), d[1])
-    return Document(str(d["id"]), d["text"], d.get("metadata") or {})  # checked in prepare
+    if isinstance(d, tuple | list) and len(d) in (2, 3):
+        return Document(_document_id(d[0]), d[1], (d[2] if len(d) == 3 else None) or {})
+    if isinstance(d, Mapping) and "id" in d and "text" in d:
+        return Document(_document_id(d["id"]), d["text"], d.get("metadata") or {})
+    shape = (f"a {type(d).__name__} of {len(d)}" if isinstance(d, tuple | list)
+             else f"a mapping with keys {sorted(map(str, d))[:5]}" if isinstance(d, Mapping)
+             else f"a {type(d).__name__}")
+    raise InvalidInput("a document is a pyembed.Document, an (id, text[, metadata]) tuple or a "
+                       f"mapping with 'id', 'text' and optionally 'metadata', not {shape}")
+
+
+def _document_id(value: Any) -> Any:
+    """An integer id as its digits (as `pyembed ingest` reads one); anything else as given,
+    for check_document_id to accept or refuse."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 def connect(dsn: str | None = None, *, read_dsn: str | None = None, use_cache: bool = True,

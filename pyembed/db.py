@@ -153,6 +153,15 @@ def translate(exc: psycopg.Error) -> Exception:
         return errors.InvalidInput(f"{table}.{column} is longer than pyembed accepts "
                                    f"(the table's check {check})")
     message = diag.message_primary or str(exc)
+    if isinstance(exc, psycopg.errors.UntranslatableCharacter) or (
+            type(exc) is psycopg.DataError and "NUL" in message) or (
+            isinstance(exc, psycopg.errors.InvalidTextRepresentation)
+            and message.startswith("invalid input syntax for type json")):
+        # psycopg refuses a NUL in a text parameter before sending it, the server a \u0000 or
+        # a lone surrogate in JSON (or a character its encoding lacks): the caller's value,
+        # whatever the entry point.
+        detail = f" ({diag.message_detail})" if diag.message_detail else ""
+        return errors.InvalidInput(f"a value PostgreSQL cannot store: {message}{detail}")
     gone = _dropped_corpus(exc, message)
     if gone:
         return gone
@@ -210,3 +219,7 @@ def translated() -> Iterator[None]:
         if mapped is exc:
             raise
         raise mapped from exc
+    except UnicodeEncodeError as exc:  # a parameter psycopg cannot send (a lone surrogate)
+        raise errors.InvalidInput(
+            f"a value PostgreSQL cannot store: {exc.object[exc.start:exc.end]!r} at "
+            f"position {exc.start} ({exc.reason})") from None

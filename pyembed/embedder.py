@@ -67,7 +67,11 @@ class Embedder:
                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
                  sleep: Callable[[float], None] = time.sleep,
                  meter: Callable[[ModelSpec, int], None] | None = None,
-                 on_error: Callable[[ModelSpec, ProviderError], None] | None = None) -> None:
+                 on_error: Callable[[ModelSpec, ProviderError], None] | None = None,
+                 truncate_hint: str | None = "embed with truncate=True") -> None:
+        """`truncate_hint`: how the caller may truncate a text over the model's limit, for the
+        error (None where it cannot: SQL's pyembed.embed)."""
+        self.truncate_hint = truncate_hint
         if provider is None:
             provider = provider_for(spec)
         elif provider.spec.key != spec.key:
@@ -99,7 +103,10 @@ class Embedder:
         service asks to wait longer than `max_retry_after`; ProviderError when it keeps
         failing or answers wrongly.
         """
-        prepared = self._prepare(texts)
+        return self._embed_prepared_texts(self._prepare(texts), input_type)
+
+    def _embed_prepared_texts(self, prepared: list[str],
+                              input_type: InputType) -> npt.NDArray[np.float32]:
         try:
             input_type = InputType(input_type)
         except ValueError:
@@ -125,12 +132,13 @@ class Embedder:
 
     def embed_query(self, text: str) -> npt.NDArray[np.float32]:
         """The 1-d query vector for `text`."""
-        return self.embed([text], InputType.QUERY).reshape(self.spec.dimensions)
+        return self._embed_prepared_texts(self._prepare([text], query=True),
+                                          InputType.QUERY).reshape(self.spec.dimensions)
 
     def prepare_query(self, text: str) -> tuple[str, InputType]:
         """The query as the cache keys it and the provider receives it (stripped, checked, cut
         if `truncate`), and the input type it is embedded as."""
-        return (self._prepare([text])[0],
+        return (self._prepare([text], query=True)[0],
                 InputType.QUERY if self.spec.input_types else InputType.DOCUMENT)
 
     def embed_prepared(self, text: str, input_type: InputType, *,
@@ -144,9 +152,11 @@ class Embedder:
         """Raise InvalidInput for a text that `embed` would refuse, without any call."""
         self._prepare(texts)
 
-    def _prepare(self, texts: Sequence[str]) -> list[str]:
-        """The texts stripped, checked against the token limit and, if `truncate`, cut."""
-        stripped = [check_text(text, f"text {index}").strip() for index, text in enumerate(texts)]
+    def _prepare(self, texts: Sequence[str], *, query: bool = False) -> list[str]:
+        """The texts stripped, checked against the token limit and, if `truncate`, cut. A
+        `query` (one text, from a search) is named so: a search has no truncate option."""
+        names = ["the query"] if query else [f"text {index}" for index in range(len(texts))]
+        stripped = [check_text(text, name).strip() for name, text in zip(names, texts, strict=True)]
         if not stripped:
             return stripped
         exact = self.provider.count_tokens(stripped)
@@ -157,9 +167,9 @@ class Embedder:
                 continue
             if not self.truncate:
                 raise InvalidInput(
-                    f"text {index} is {'' if exact else 'about '}{count} tokens, over the "
-                    f"{limit}-token limit of {self.spec.key}: shorten it or embed with "
-                    f"truncate=True"
+                    f"{names[index]} is {'' if exact else 'about '}{count} tokens, over the "
+                    f"{limit}-token limit of {self.spec.key}: shorten it"
+                    + ("" if query or not self.truncate_hint else f" or {self.truncate_hint}")
                 )
             if not self.provider.truncates_input:
                 stripped[index] = truncate_to_tokens(stripped[index], limit)

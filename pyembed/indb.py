@@ -75,7 +75,7 @@ def embedder(plpy: Any, GD: dict[str, Any], key: str) -> Any:
 
     emb = Embedder(spec, provider_for(spec, api_key=api_key, base_url=base_url, timeout=timeout),
                    cache=_cache(plpy, GD), max_retries=retries, max_retry_after=timeout,
-                   meter=meter, on_error=tenants.error_counter(db))
+                   meter=meter, on_error=tenants.error_counter(db), truncate_hint=None)
     GD["pyembed.embedders"][key] = (fingerprint, emb)
     return emb
 

@@ -72,6 +72,13 @@ BEGIN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
       MESSAGE = format('a metadata filter is a JSON object, not %s', jsonb_typeof(filter));
   END IF;
+  -- The bound of the filter a sampled search records (recall_samples_filter_bound), checked
+  -- for every search: else one search in a sample rate's share failed on recording it.
+  IF pg_column_size(filter) > 65536 THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = format('a metadata filter is at most 65536 bytes (as jsonb), got %s',
+                       pg_column_size(filter));
+  END IF;
   IF vector_dims(query_embedding) <> md.dimensions THEN
     RAISE EXCEPTION USING ERRCODE = 'PE003',
       MESSAGE = format('wrong dimensions: %s has %s dimensions, the query vector has %s',

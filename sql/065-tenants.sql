@@ -172,16 +172,35 @@ $$;
 -- and a session matches on both. A member role that is dropped leaves its tenant with it (its
 -- row matches no session; a role created again under the name is added again, on purpose,
 -- which replaces the row).
+-- It is a login role, and not the schema's owner: a session acts for its login's tenant, so a
+-- group (pyembed_app, a NOLOGIN role of the tenant's logins) was stored as a member that no
+-- session matches, and its logins went on acting for no tenant, in the untenanted corpora; the
+-- owner made a member would see one tenant's corpora only, in every migration and install.
 CREATE OR REPLACE FUNCTION pyembed._member_is_a_role() RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+  can_login boolean;
 BEGIN
-  NEW.role_oid := (SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname = NEW.role_name);
+  SELECT r.oid, r.rolcanlogin INTO NEW.role_oid, can_login
+    FROM pg_catalog.pg_roles r WHERE r.rolname = NEW.role_name;
   IF NEW.role_oid IS NULL THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
       MESSAGE = format('no role %s: create the login first (pyembed tenant add-member TENANT ROLE '
                        '--password ...)', NEW.role_name);
+  END IF;
+  IF NOT can_login THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = format('role %s cannot log in: a session acts for the tenant of its login role, '
+                       'not of a group it is in; add each login that acts for the tenant',
+                       NEW.role_name);
+  END IF;
+  IF NEW.role_oid = (SELECT n.nspowner FROM pg_catalog.pg_namespace n
+                      WHERE n.nspname = 'pyembed') THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = format('role %s owns the pyembed schema: it manages every tenant and acts for '
+                       'none', NEW.role_name);
   END IF;
   RETURN NEW;
 END

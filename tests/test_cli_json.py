@@ -165,6 +165,17 @@ def test_ask_with_claude(long_db: Database, fake_api: Any,
     documented("ask", got, got["sources"][0], got["citations"][0], got["timings"], got["usage"])
 
 
+def test_an_answer_stream_cut_short_ends_its_line_before_the_error(
+        long_db: Database, fake_api: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test-json")
+    fake_api.reply_text = "E4012 means the monthly compute quota is used up [1]."
+    fake_api.script("short")  # the stream stops after some text, before message_stop
+    out = cli(long_db, "ask", "kb", "What does error E4012 mean?", "-k", "2")
+    assert out.returncode == 1
+    assert out.stdout.strip() and out.stdout.endswith("\n"), out.stdout  # the part shown
+    assert out.stderr.startswith("error: ") and out.stderr.count("\n") == 1, out.stderr
+
+
 def test_ask_without_a_key_gives_the_passages(long_db: Database,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
@@ -54,6 +55,27 @@ def test_bad_documents_store_nothing(client: Any, app: psycopg.Connection[Any]) 
     assert count(app, "documents") == 0
     with pytest.raises(pyembed.UnknownCorpus):
         client.corpus("missing")
+
+
+def test_every_document_shape_is_read_whole_or_refused(client: Any,
+                                                      app: psycopg.Connection[Any]) -> None:
+    docs = client.create_corpus("shapes", KEY)
+    report = docs.add([("t2", "two fields"), ("t3", "three fields", {"lang": "en"}),
+                       ["l3", "a list", {"lang": "de"}], {"id": 7, "text": "an int id"},
+                       pyembed.Document("d", "a document", {"lang": "fr"})])
+    assert report.added == 5
+    stored = dict(app.execute("SELECT document_id, metadata FROM pyembed.documents").fetchall())
+    assert stored == {"t2": {}, "t3": {"lang": "en"}, "l3": {"lang": "de"}, "7": {},
+                      "d": {"lang": "fr"}}
+    for bad, says in [((None, "id of None"), "got NoneType"), ((b"id", "bytes"), "got bytes"),
+                      (("x", "four", {}, "fields"), "tuple of 4"), (("x",), "tuple of 1"),
+                      ("just a text", "not a str"), ({"text": "no id"}, "keys ['text']"),
+                      ((True, "a bool id"), "got bool")]:
+        with pytest.raises(pyembed.InvalidInput, match=re.escape(says)):
+            docs.add([("ok", "fine text"), bad])
+    with pytest.raises(pyembed.InvalidInput, match="'twice' is given twice"):
+        docs.add([("twice", "first text"), ("twice", "second text")])
+    assert count(app, "documents") == 5
 
 
 def test_register_a_model_of_your_own(client: Any) -> None:

@@ -176,9 +176,9 @@ def test_bad_lines_are_reported_with_line_numbers_and_the_rest_loads(
 
 def test_documents_the_corpus_refuses_are_isolated(tmp_path: Path, corpus: Corpus,
                                                    app: psycopg.Connection[Any]) -> None:
-    huge = "x" * 9000  # one "word" over the fake model's 2,048-token limit: cannot be chunked
+    # Metadata over the 64 kB bound of documents.metadata: the database refuses the batch.
     lines = [{"id": f"d{i}", "text": f"document number {i}"} for i in range(5)]
-    lines.insert(2, {"id": "huge", "text": huge})
+    lines.insert(2, {"id": "huge", "text": "a huge note", "note": "x" * 70_000})
     path = _write(tmp_path / "batch.jsonl", _jsonl(*lines))
 
     report = ingest(corpus, path, batch_size=4, progress=False)
@@ -186,10 +186,12 @@ def test_documents_the_corpus_refuses_are_isolated(tmp_path: Path, corpus: Corpu
     assert (report.added, report.failed) == (5, 1)
     [problem] = report.problems
     assert (problem.path, problem.line) == (path, 3)
-    assert "'huge'" in problem.message and "token limit" in problem.message
+    assert "'huge'" in problem.message and "metadata" in problem.message
     assert "huge" not in _documents(app) and count(app, "documents") == 5
 
-    report = ingest(corpus, path, batch_size=4, progress=False, truncate=True)
+    lines[2]["note"] = "a short note"
+    _write(path, _jsonl(*lines))
+    report = ingest(corpus, path, batch_size=4, progress=False)
     assert (report.added, report.skipped, report.failed) == (1, 5, 0)
 
 

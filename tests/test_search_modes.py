@@ -188,6 +188,55 @@ def test_keyword_and_hybrid_respect_filters_and_the_guard(client: Any) -> None:
         kb.search("error", mode="fuzzy")
 
 
+def test_a_filter_over_its_bound_is_refused_by_every_search(
+        client: Any, app: psycopg.Connection[Any]) -> None:
+    """The 64 kB bound of a search's filter held only when a search was sampled for recall
+    (recall_samples_filter_bound): the same search answered, or failed one time in a hundred."""
+    kb = client.create_corpus("bounded", FAKE)
+    kb.add([pyembed.Document("a", "error code E1", {"team": "x"})])
+    app.execute("SET pyembed.recall_sample_rate = 0")
+    client.conn.execute("SET pyembed.recall_sample_rate = 0")
+    big = {"team": "x", "note": "n" * 70_000}
+    for mode in ("vector", "keyword", "hybrid"):
+        with pytest.raises(pyembed.InvalidInput, match="at most 65536 bytes"):
+            kb.search("error E1", k=2, mode=mode, filter=big)
+        err = sql_error(app, "SELECT * FROM pyembed.search_text('bounded', 'error E1', 2, %s, %s)",
+                        (json.dumps(big), mode))
+        assert err.sqlstate == "PE005" and "65536" in str(err), mode
+    vec = str(client.embedder(FAKE).embed_query("error").tolist())
+    for query, params in [
+            ("SELECT * FROM pyembed.search('bounded', %s::vector, %s, 2, %s)", (vec, FAKE)),
+            ("SELECT * FROM pyembed.search_keyword('bounded', 'error', 2, %s)", ()),
+            ("SELECT * FROM pyembed.keyword_ranking('bounded', 'error', 2, %s)", ()),
+            ("SELECT * FROM pyembed.search_hybrid('bounded', 'error', %s::vector, %s, 2, %s)",
+             (vec, FAKE))]:
+        assert sql_error(app, query, (*params, json.dumps(big))).sqlstate == "PE005", query
+    assert [h.document_id for h in kb.search("error E1", k=2, filter={"team": "x"})] == ["a"]
+
+
+def test_a_query_over_the_models_limit_is_named_the_query(
+        client: Any, app: psycopg.Connection[Any]) -> None:
+    """A search's query over the model's token limit was 'text 0 ... shorten it or embed with
+    truncate=True', an option no search has (nor SQL's pyembed.embed)."""
+    kb = client.create_corpus("limits", FAKE)
+    kb.add([pyembed.Document("a", "error code E1")])
+    long = "word " * 3000  # about 3,900 tokens: the fake model reads 2,048
+    said = "the query is about 3900 tokens, over the 2048-token limit of " + FAKE + ": shorten it"
+    for mode in ("vector", "hybrid"):
+        with pytest.raises(pyembed.InvalidInput) as err:
+            kb.search(long, mode=mode)
+        assert str(err.value) == said, mode
+    for query in ("SELECT * FROM pyembed.search_text('limits', %s, 2)",
+                  "SELECT * FROM pyembed.search_reranked('limits', %s, 'fake', k => 2)"):
+        err = sql_error(app, query, (long,))
+        assert err.sqlstate == "PE005" and err.diag.message_primary == said, query
+    err = sql_error(app, "SELECT pyembed.embed(%s, %s)", (long, FAKE))
+    assert err.diag.message_primary and err.diag.message_primary.startswith("text 0 is about")
+    assert "truncate" not in err.diag.message_primary  # SQL's embed has no such option
+    with pytest.raises(pyembed.InvalidInput, match="or embed with truncate=True"):
+        client.embedder(FAKE).embed([long])  # Python's has
+
+
 def test_keyword_search_in_sql_and_search_text_modes(app: psycopg.Connection[Any],
                                                      client: Any) -> None:
     kb = client.create_corpus("sqlmodes", pyembed.LOCAL_DEFAULT.key)

@@ -249,6 +249,30 @@ def test_a_tenant_member_is_a_role_that_exists(owner: psycopg.Connection[Any]) -
     assert owner.execute("SELECT count(*) FROM pyembed.tenant_members").fetchone() == (0,)
 
 
+def test_a_tenant_member_is_a_login_and_not_the_owner(owner: psycopg.Connection[Any]) -> None:
+    """A group (pyembed_app, or a NOLOGIN role of the tenant's logins) was stored as a member
+    and `tenant add-member` said it acts for the tenant, but a session acts for its login's
+    tenant: the group's logins went on reading the untenanted corpora. The schema's owner made
+    a member would have seen one tenant's corpora only."""
+    tenants.create_tenant(owner, "acme")
+    group = f"acme_apps_{uuid.uuid4().hex[:8]}"
+    owner.execute(sql.SQL("CREATE ROLE {} NOLOGIN IN ROLE pyembed_app").format(
+        sql.Identifier(group)))
+    try:
+        for role in (group, "pyembed_app"):
+            with pytest.raises(InvalidInput, match=f"role {role} cannot log in"):
+                tenants.add_member(owner, "acme", role)
+        [schema_owner] = owner.execute("SELECT nspowner::regrole::text FROM pg_namespace "
+                                       "WHERE nspname = 'pyembed'").fetchone() or [None]
+        with pytest.raises(InvalidInput, match="owns the pyembed schema"):
+            tenants.add_member(owner, "acme", schema_owner)
+        assert sql_error(owner, "INSERT INTO pyembed.tenant_members SELECT %s, tenant_id "
+                                "FROM pyembed.tenants", (group,)).sqlstate == "PE005"
+        assert owner.execute("SELECT count(*) FROM pyembed.tenant_members").fetchone() == (0,)
+    finally:
+        owner.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(group)))
+
+
 def test_app_role_cannot_manage_or_impersonate_tenants(app: psycopg.Connection[Any]) -> None:
     with pytest.raises(psycopg.errors.InsufficientPrivilege):
         app.execute("SELECT * FROM pyembed.tenants")

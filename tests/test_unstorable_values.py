@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,10 @@ import psycopg
 import pytest
 
 import pyembed
+from pyembed import evaluation, tenants
 from pyembed.client import Client
 from pyembed.ingest import ingest
+from tests.conftest import Database
 from tests.helpers import count
 
 KEY = "fake/fake-hash@1:384"
@@ -84,3 +87,37 @@ def test_good_metadata_still_round_trips(client: Client, app: psycopg.Connection
     corpus.add([pyembed.Document("d1", "a good document", metadata)])
     stored = app.execute("SELECT metadata FROM pyembed.documents").fetchone()
     assert stored is not None and stored[0] == json.loads(json.dumps(metadata))
+
+
+UNSTORABLE = {"NUL": "a\x00b", "surrogate": "a\ud800b"}
+
+
+@pytest.mark.parametrize("bad", UNSTORABLE.values(), ids=list(UNSTORABLE))
+def test_every_entry_point_refuses_an_unstorable_value_as_invalid_input(
+        db: Database, client: Client, bad: str) -> None:
+    """Past the document paths, such a value reached psycopg or the server as it was: a raw
+    psycopg.DataError, UntranslatableCharacter, InvalidTextRepresentation or UnicodeEncodeError
+    (a traceback from the CLI), from a corpus's name or description, a search filter, an
+    evaluation query, a model's description, a tenant or a member. Any database error that is
+    the caller's value is InvalidInput, whichever path sent it."""
+    docs = client.create_corpus("values", KEY)
+    docs.add([("a", "fine text")])
+    with pyembed.connect(db.owner_dsn) as owner:
+        calls: dict[str, Callable[[], object]] = {
+            "corpus description": lambda: client.create_corpus("more", KEY, description=bad),
+            "corpus name": lambda: client.corpus(bad),
+            "drop": lambda: client.drop_corpus(bad),
+            "filter key": lambda: docs.search("fine", filter={bad: 1}),
+            "filter value": lambda: docs.search("fine", mode="keyword", filter={"x": bad}),
+            "eval query id": lambda: evaluation.add_eval_query(client, "values", bad, "q", ["a"]),
+            "eval query text": lambda: evaluation.add_eval_query(client, "values", "q", bad, ["a"]),
+            "model description": lambda: owner.register_model(
+                pyembed.ModelSpec("fake", "unstorable", "1", 4, description=bad)),
+            "tenant": lambda: tenants.create_tenant(owner.conn, bad),
+            "member": lambda: tenants.add_member(owner.conn, "nobody", bad),
+            "index settings": lambda: owner.set_index_settings(bad, ef_search=10),
+        }
+        for what, call in calls.items():
+            with pytest.raises(pyembed.InvalidInput, match="cannot store"):
+                call()
+                pytest.fail(f"{what}: accepted")

@@ -1,0 +1,68 @@
+"""A word longer than a chunk (base64, a data URI, a URL, text without spaces) is cut into
+chunks of its own at every entry point, so a document holding one is embedded like any other
+instead of being refused by the model's token limit (or the chunk's 1 MB bound); so is a
+chunk of a corpus whose windows are wider than its model reads."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+import pytest
+
+from pyembed.chunking import chunk_text, fit_chunks
+from pyembed.text import estimate_tokens
+from pyembed.worker import Worker
+from tests.conftest import Database
+
+KEY = "fake/fake-hash@1:1024"  # a 2,048-token limit: the long word below is about 5,000
+BLOB = "QUJD" * 5000
+TEXT = f"The logo is inlined as data:image/png;base64,{BLOB} in the page header."
+WIDE = " ".join(f"w{i:04d}" for i in range(2000))  # about 3,000 tokens, all in one window
+# (corpus, chunk_tokens, document): each makes a chunk over the model's limit before the fix.
+CASES = [("pages", 200, TEXT), ("wide", 4000, WIDE)]
+
+
+@pytest.mark.parametrize(("size", "overlap"), [(200, 40), (20, 5), (2, 1)])
+def test_no_chunk_outgrows_its_window_and_none_is_lost(size: int, overlap: int) -> None:
+    chunks = chunk_text(TEXT, size, overlap)
+    assert chunks and all(c and estimate_tokens(c) <= size for c in chunks)
+    end = 0  # each chunk is a stretch of the text that starts at most a space after the last
+    for chunk in chunks:
+        start = TEXT.rfind(chunk, 0, end + 1 + len(chunk))
+        assert start >= 0, chunk
+        end = max(end, start + len(chunk))
+    assert end == len(TEXT)
+
+
+def test_the_models_tokenizer_splits_a_word_it_finds_too_long() -> None:
+    def per_character(texts: list[str]) -> list[int]:
+        return [len(t) for t in texts]
+
+    chunks = fit_chunks(["a" * 100, "short words here"], 10, per_character)
+    assert all(len(c) <= 10 for c in chunks)
+    assert "".join(chunks[:-2]) == "a" * 100
+
+
+@pytest.mark.parametrize(("name", "window", "text"), CASES)
+def test_corpus_add_embeds_every_chunk(client: Any, name: str, window: int, text: str) -> None:
+    docs = client.create_corpus(name, KEY, chunk_tokens=window)
+    report = docs.add([("header", text)])
+    assert report.added == 1 and report.chunks > 1
+    [hit] = docs.search(text[:40], k=1)
+    assert hit.document_id == "header"
+
+
+@pytest.mark.parametrize(("name", "window", "text"), CASES)
+def test_sql_add_document_queues_chunks_the_worker_can_embed(
+        db: Database, app: psycopg.Connection[Any], name: str, window: int, text: str) -> None:
+    app.execute("SELECT pyembed.create_corpus(%s, %s, chunk_tokens => %s)", (name, KEY, window))
+    n = app.execute("SELECT pyembed.add_document(%s, 'header', %s)", (name, text)).fetchone()
+    assert n is not None and n[0] > 1
+    worker = Worker(db.app_dsn, batch_size=64, retry_base=0.05)
+    try:
+        stats = worker.run(drain=True, poll_interval=0.05, drain_wait=2.0)
+    finally:
+        worker.close()
+    assert (stats.embedded, stats.failed) == (n[0], 0)
+    assert app.execute("SELECT count(*) FROM pyembed.queue").fetchone() == (0,)
