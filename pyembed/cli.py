@@ -27,7 +27,7 @@ from rich.text import Text
 from . import cache, evaluation, health, index, migration, models, recall, schema, tenants
 from .client import Client
 from .client import connect as connect_client
-from .config import DSN_ENV
+from .config import DSN_ENV, WORKER_DSN_ENV
 from .corpora import corpus_info, create_corpus, drop_corpus, list_corpora
 from .db import connect, resolve_dsn, translate, translated
 from .doctor import doctor_cmd
@@ -90,6 +90,9 @@ OwnerDsnOption = Annotated[str | None, typer.Option(
     "--dsn", envvar="PYEMBED_OWNER_DSN", help="owner DSN; default: the local cluster's owner")]
 DsnOption = Annotated[str | None, typer.Option("--dsn", envvar=DSN_ENV,
                                                help="libpq DSN; default: the local cluster")]
+WorkerDsnOption = Annotated[str | None, typer.Option(
+    "--dsn", envvar=[WORKER_DSN_ENV, DSN_ENV],
+    help="libpq DSN; default: the local cluster's worker login (in pyembed_worker)")]
 TargetKeyOption = Annotated[str, typer.Option("--to", help="target model key")]
 RerankOption = Annotated[str | None, typer.Option(
     "--rerank", metavar="MODEL",
@@ -447,7 +450,7 @@ def worker_cmd(
     recall_every: Annotated[float, typer.Option(
         "--recall-every", envvar="PYEMBED_RECALL_EVERY", min=0.0,
         help="seconds between re-runs of sampled searches for recall@10 (0: never)")] = 60.0,
-    dsn: DsnOption = None,
+    dsn: WorkerDsnOption = None,
 ) -> None:
     """Embed queued chunks (SKIP LOCKED batches; run several for more throughput).
 
@@ -461,8 +464,8 @@ def worker_cmd(
 
     from .worker import Worker
 
-    worker = Worker(_dsn(dsn), batch_size=batch_size, max_attempts=max_attempts, lease_seconds=lease,
-                    recall_every=recall_every)
+    worker = Worker(dsn or resolve_dsn(worker=True), batch_size=batch_size,
+                    max_attempts=max_attempts, lease_seconds=lease, recall_every=recall_every)
     try:
         with Progress(console=console, transient=True) as bar:
             task = bar.add_task("embedding", total=worker.pending() or None)

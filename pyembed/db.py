@@ -19,18 +19,22 @@ from psycopg.pq import ConnStatus, TransactionStatus
 from psycopg.types.array import ListBinaryDumper
 
 from . import errors
-from .config import DSN_ENV, OWNER_DSN_ENV
+from .config import DSN_ENV, OWNER_DSN_ENV, WORKER_DSN_ENV
 
 
-def resolve_dsn(*, owner: bool = False) -> str:
-    """$PYEMBED_DSN (or $PYEMBED_OWNER_DSN for the owner), else the local cluster's."""
+def resolve_dsn(*, owner: bool = False, worker: bool = False) -> str:
+    """$PYEMBED_DSN (or $PYEMBED_OWNER_DSN for the owner, $PYEMBED_WORKER_DSN then $PYEMBED_DSN
+    for a worker), else the local cluster's (its worker login for a worker: a member of
+    pyembed_worker, which counts failed provider calls)."""
     if owner and os.environ.get(OWNER_DSN_ENV):
         return os.environ[OWNER_DSN_ENV]
+    if worker and os.environ.get(WORKER_DSN_ENV):
+        return os.environ[WORKER_DSN_ENV]
     if os.environ.get(DSN_ENV):
         return os.environ[DSN_ENV]
     from .localdb import LocalCluster
 
-    return LocalCluster().dsn(owner=owner)
+    return LocalCluster().dsn(owner=owner, worker=worker)
 
 
 class VectorArray(list[Vector]):
@@ -164,6 +168,11 @@ def translate(exc: psycopg.Error) -> Exception:
     return errors.from_sqlstate(exc.sqlstate, message) or exc
 
 
+GRANTED_TO = {"pyembed.count_provider_error": "pyembed_worker"}
+"""The functions granted to a role other than the application role (sql/080-grants.sql), and
+that role: who may call them besides the owner."""
+GRANTED_DSN = {"pyembed_worker": "`pyembed worker` reads $PYEMBED_WORKER_DSN"}
+
 _OWNERS = re.compile(r"(?:permission denied for|must be owner of) "
                      r"(function|table|sequence|relation|index) (\S+)$")
 
@@ -177,6 +186,11 @@ def _owner_only(exc: psycopg.Error, message: str) -> errors.OwnerOnly | None:
         return None
     kind, name = found.groups()
     name = name if "." in name else f"pyembed.{name}"
+    role = GRANTED_TO.get(name)
+    if role:
+        return errors.OwnerOnly(f"{kind} {name} is for the owner and members of {role}: "
+                                f"use a login in {role} (GRANT {role} TO the login; "
+                                f"{GRANTED_DSN.get(role, 'its DSN')})")
     return errors.OwnerOnly(f"{kind} {name} is pyembed's owner role's: run this with the "
                             "owner's DSN ($PYEMBED_OWNER_DSN, the owner commands' --dsn)")
 
