@@ -87,7 +87,7 @@ def lost(conn: psycopg.Connection[Any]) -> bool:
         return conn.pgconn.status == ConnStatus.BAD
 
 
-_IDENTITY = ("SELECT session_user::text, current_user::text, "
+IDENTITY = ("SELECT session_user::text, current_user::text, "
              "coalesce(current_setting('pyembed.act_as_tenant', true), '')")
 """Who a session acts as: its login role, its current role (SET ROLE) and the tenant a superuser
 acts for (pyembed.current_tenant() reads the first and the last; privileges, the second)."""
@@ -111,13 +111,13 @@ def twin(conn: psycopg.Connection[Any]) -> psycopg.Connection[Any] | None:
     except psycopg.Error:
         return None
     try:
-        login, role, tenant = conn.execute(_IDENTITY).fetchone() or ("", "", "")
-        now = other.execute(_IDENTITY).fetchone()
+        login, role, tenant = conn.execute(IDENTITY).fetchone() or ("", "", "")
+        now = other.execute(IDENTITY).fetchone()
         if now is not None and now[1] != role:
             other.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(role)))
         if now is not None and now[2] != tenant:
             other.execute("SELECT set_config('pyembed.act_as_tenant', %s, false)", (tenant,))
-        if other.execute(_IDENTITY).fetchone() == (login, role, tenant):
+        if other.execute(IDENTITY).fetchone() == (login, role, tenant):
             return other
     except psycopg.Error:
         pass

@@ -95,7 +95,7 @@ def search_text(corpus: Corpus, query: str, k: int, filter: Mapping[str, Any] | 
             if attempt == 3:
                 raise
         except _Stale:
-            corpus.info = corpus_info(corpus.client.conn, corpus.name)
+            corpus.info = corpus_info(corpus.client._conn, corpus.name)
     raise AssertionError("unreachable")
 
 
@@ -107,7 +107,7 @@ def _search(corpus: Corpus, query: str, k: int, flt: str | None, mode: str, opts
             options: Options, translate: Callable[[str], str] | None, log: bool) -> Searched:
     client = corpus.client
     started = time.perf_counter()
-    primary, read = client.conn, client.reader()
+    primary, read = client._conn, client._reader()
     one = read is primary
     text = translate(query) if translate and mode != "keyword" else query
     keys = _keys(corpus) if mode != "keyword" else []
@@ -285,7 +285,7 @@ def _record(corpus: Corpus, corpus_id: int, key: str | None, kind: str | None, k
     written there (the query-log line, the cache entry of a miss, cache counts)."""
     counts = _due_counts(corpus)
     try:
-        _rows(corpus.client.conn, RECORD, [
+        _rows(corpus.client._conn, RECORD, [
             corpus_id, key, kind, k, hit, embed_ms, search_ms, total_ms,
             served.cache_key if served else None, str(served.input_type) if served else None,
             None if vector is None else Vector(vector), _ttl(corpus), flt, *counts])
