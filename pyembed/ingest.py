@@ -498,7 +498,7 @@ class _Loader:
         self.totals = totals
         self.problems = problems
         self.advance = advance
-        self.conn = twin(corpus.client.conn)
+        self.conn = twin(corpus.client._conn)
         self.pool = (ThreadPoolExecutor(1, thread_name_prefix="pyembed-ingest-writer")
                      if self.conn is not None else None)
         self.writing: tuple[Future[AddReport], list[_Record]] | None = None
