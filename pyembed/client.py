@@ -175,6 +175,8 @@ class Client:
         self.turn = threading.RLock()
         """Held by each call that uses `conn` (or `read_conn`): one call at a time."""
         self._calls = 0  # nested calls of the thread holding the turn
+        self._holder: int | None = None  # that thread
+        self._keeping = threading.local()  # (_keep_turn)
         self._conninfo = conninfo(conn)
         self._read_conninfo = conninfo(read_conn) if read_conn is not None else None
         self._autocommit = conn.autocommit
@@ -198,6 +200,7 @@ class Client:
         next call opens a new one."""
         with self.turn:
             self._calls += 1
+            self._holder = threading.get_ident()
             try:
                 if self._calls == 1:
                     self._reopen_lost()
@@ -211,6 +214,8 @@ class Client:
                 raise
             finally:
                 self._calls -= 1
+                if not self._calls:
+                    self._holder = None
 
     @property
     def conn(self) -> psycopg.Connection[Any]:
@@ -241,6 +246,40 @@ class Client:
                 self._read_conn = self._open(self._read_conninfo)
                 self._read_identity = _identity(self._read_conn)
             self._handed_out = None
+
+    @contextmanager
+    def outside_turn(self) -> Iterator[None]:
+        """For a provider call (a wait on HTTP, or on a local model) made inside a call of
+        this client: the turn is given to other threads' calls meanwhile and taken back after,
+        so that their searches do not wait on it. Kept when a transaction is open on the
+        connection: another thread's statements would run inside it."""
+        held = self._calls if self._holder == threading.get_ident() else 0
+        busy = any(not c.closed and c.info.transaction_status != TransactionStatus.IDLE
+                   for c in (self._conn, self._read_conn))
+        if not held or busy or getattr(self._keeping, "turn", False):
+            yield
+            return
+        self._calls, self._holder = 0, None
+        for _ in range(held):
+            self.turn.release()
+        try:
+            yield
+        finally:
+            for _ in range(held):
+                self.turn.acquire()
+            self._calls, self._holder = held, threading.get_ident()
+
+    @contextmanager
+    def _keep_turn(self) -> Iterator[None]:
+        """Keep the turn across this thread's provider calls: a statement of the call runs on
+        the connection beside them (a search's keyword ranking), which another thread's
+        transaction must not take in."""
+        before = getattr(self._keeping, "turn", False)
+        self._keeping.turn = True
+        try:
+            yield
+        finally:
+            self._keeping.turn = before
 
     def _reopen_lost(self) -> None:
         shared = self._read_conn is self._conn
@@ -300,9 +339,9 @@ class Client:
         """The embedder for a model key (built once, sharing this client's cache)."""
         if (model_key, truncate) not in self._embedders:
             spec = model_spec(self._conn, model_key)
-            self._embedders[model_key, truncate] = Embedder(spec, cache=self.cache,
-                                                            truncate=truncate, meter=self._meter,
-                                                            on_error=error_counter(self._in_turn))
+            self._embedders[model_key, truncate] = Embedder(
+                spec, cache=self.cache, truncate=truncate, meter=self._meter,
+                on_error=error_counter(self._in_turn), around_call=self.outside_turn)
         return self._embedders[model_key, truncate]
 
     @_in_turn
@@ -312,7 +351,8 @@ class Client:
         spec = reranker_spec(name)
         if spec.key not in self._rerankers:
             self._rerankers[spec.key] = Reranker(spec, cache=self.rerank_cache, meter=self._meter,
-                                                 on_error=error_counter(self._in_turn))
+                                                 on_error=error_counter(self._in_turn),
+                                                 around_call=self.outside_turn)
         return self._rerankers[spec.key]
 
     def _meter(self, spec: Keyed, tokens: int) -> None:

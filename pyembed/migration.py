@@ -87,7 +87,8 @@ def plan(client: Client, corpus: str, to_key: str) -> Plan:
             "SELECT content FROM pyembed.chunks WHERE corpus_id = %s LIMIT 32",
             (info.corpus_id,))]
         t0 = time.perf_counter()
-        Embedder(new, truncate=True).embed(sample, InputType.DOCUMENT)
+        Embedder(new, truncate=True, around_call=client.outside_turn).embed(
+            sample, InputType.DOCUMENT)
         minutes = chunks / (len(sample) / max(time.perf_counter() - t0, 1e-6)) / 60
     cost = tokens / 1e6 * new.price_per_mtok if new.price_per_mtok is not None else None
     return Plan(corpus, old.key, new.key, int(documents), chunks, tokens, calls, minutes / 60, cost,

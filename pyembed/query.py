@@ -9,6 +9,7 @@ import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -168,7 +169,8 @@ def _search(corpus: Corpus, query: str, k: int, flt: str | None, mode: str, opts
         keyword = (_BACKGROUND.submit(_rows, primary, KEYWORD_RANKING, ranking_params)
                    if one and mode == "hybrid" else None)
         try:
-            vector = embedder.embed_prepared(served.text, served.input_type, reserved=True)
+            with client._keep_turn() if keyword is not None else nullcontext():
+                vector = embedder.embed_prepared(served.text, served.input_type, reserved=True)
         except BaseException:
             if keyword is not None:
                 wait([keyword])  # the connection is free again; the embedding's error is the one
@@ -233,8 +235,9 @@ def _early(corpus: Corpus, read: psycopg.Connection[Any], params: list[Any], key
     trip = _BACKGROUND.submit(first)
     client.current_corpus_id = corpus.info.corpus_id  # a retry's call is accounted to it
     try:
-        vector = client.embedder(key).embed_prepared(prepared.text, prepared.input_type,
-                                                     reserved=True)
+        with client._keep_turn():  # (the first round trip is on the connection meanwhile)
+            vector = client.embedder(key).embed_prepared(prepared.text, prepared.input_type,
+                                                         reserved=True)
     except BaseException:
         wait([trip])  # the connection is free again; a refused reservation is the error
         if trip.exception() is not None:
