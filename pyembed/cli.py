@@ -31,7 +31,7 @@ from .config import DSN_ENV, WORKER_DSN_ENV
 from .corpora import corpus_info, create_corpus, drop_corpus, list_corpora
 from .db import connect, resolve_dsn, translate, translated
 from .doctor import doctor_cmd
-from .errors import DatabaseNotReady, InvalidInput, MigrationError, PyembedError
+from .errors import DatabaseNotReady, InvalidInput, MigrationError, PyembedError, UnknownCorpus
 from .localdb import LocalCluster
 from .models import BUILTIN, LOCAL_DEFAULT
 from .recall import RECALL_ALERT
@@ -853,7 +853,9 @@ def corpus_drop(name: str,
         typer.confirm(f"drop corpus {name} and all its documents and vectors?", abort=True)
     with _connect(dsn) as conn:
         dropped = drop_corpus(conn, name)
-    console.print(f"dropped {name}" if dropped else f"no corpus {name}")
+    if not dropped:
+        raise UnknownCorpus(f"unknown corpus {name!r}: nothing was dropped")
+    console.print(f"dropped {name}")
 
 
 # -- pyembed migrate (as the owner) --------------------------------------------------------
@@ -1109,10 +1111,18 @@ def cache_purge(
 ) -> None:
     """Delete cached embeddings and rerank scores.
     Example: pyembed cache purge --model openai/text-embedding-3-small@1:1536"""
+    from .rerank import reranker_spec
+
+    reranker = None
+    if model is not None:
+        try:
+            reranker = reranker_spec(model).key
+        except PyembedError:
+            pass  # not a reranker: a model key, which the database checks (UnknownModel)
     with _connect(dsn) as conn:
-        n = cache.purge(conn, model, expired)
         # a model key never names a reranker, so --model selects from one cache only
-        r = cache.purge_rerank_scores(conn, model, expired)
+        n = cache.purge(conn, model, expired) if reranker is None else 0
+        r = cache.purge_rerank_scores(conn, reranker, expired) if model is None or reranker else 0
     console.print(f"deleted {n} cache entries" + (f" and {r} rerank scores" if r else ""))
 
 

@@ -47,6 +47,7 @@ def compare(client: Client, corpus: str, model_keys: Sequence[str], *, sample: i
     if not model_keys:
         raise InvalidInput("name at least one model key to compare")
     info = client.corpus(corpus).info
+    specs = {key: model_spec(client._conn, key) for key in model_keys}  # UnknownModel first
     evals = eval_queries(client._conn, info.corpus_id)
     if not evals:
         raise InvalidInput(f"corpus {corpus} has no evaluation queries: `pyembed eval add` first")
@@ -68,7 +69,7 @@ def compare(client: Client, corpus: str, model_keys: Sequence[str], *, sample: i
     doc_ids = [d for d, _ in rows]
     out = []
     for key in model_keys:
-        spec = model_spec(client._conn, key)
+        spec = specs[key]
         embedder = client.embedder(key, truncate=True)
         started = time.perf_counter()
         docs = embedder.embed([c for _, c in rows], InputType.DOCUMENT)

@@ -14,6 +14,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from pyembed.db import connect
 from tests.conftest import REPO, Database
 
 
@@ -264,3 +265,47 @@ def test_each_command_is_summarised_on_one_line_in_its_groups_list() -> None:
             assert summary in line, (path, info.name, line)
             checked += 1
     assert checked > 30
+
+
+UNKNOWN_NAMES = [
+    ("cache", "purge", "--model", "nope/none@1:1"),
+    ("cache", "purge", "--model", "nope/none@1:1", "--expired"),
+    ("search", "nope", "a query"),
+    ("search", "known", "a query", "--rerank", "nope/none"),
+    ("ingest", "nope", "{folder}"),
+    ("ask", "nope", "a question"),
+    ("corpus", "show", "nope"),
+    ("corpus", "drop", "nope", "--yes"),
+    ("corpus", "create", "new", "--model", "nope/none@1:1"),
+    ("corpus", "index", "nope"),
+    ("corpus", "reindex", "nope"),
+    ("migrate", "plan", "nope", "--to", "fake/fake-hash@1:384"),
+    ("migrate", "plan", "known", "--to", "nope/none@1:1"),
+    ("migrate", "start", "known", "--to", "nope/none@1:1"),
+    ("migrate", "status", "nope"),
+    ("migrate", "shift", "nope", "10"),
+    ("migrate", "complete", "nope"),
+    ("migrate", "rollback", "nope"),
+    ("migrate", "cleanup", "nope"),
+    ("migrate", "backfill", "nope"),
+    ("migrate", "validate", "nope"),
+    ("eval", "add", "nope", "q1", "a query", "--relevant", "doc1"),
+    ("eval", "compare", "nope", "fake/fake-hash@1:384"),
+    ("eval", "compare", "known", "nope/none@1:1"),
+]
+
+
+@pytest.mark.parametrize("argv", UNKNOWN_NAMES, ids=" ".join)
+def test_every_command_naming_an_unknown_corpus_or_model_says_so(
+        db: Database, tmp_path: Path, argv: tuple[str, ...]) -> None:
+    """A corpus or model key that does not exist is one clear error naming it, never a
+    success that did nothing (`cache purge --model nope` said "deleted 0")."""
+    with connect(db.app_dsn, autocommit=True) as app:
+        app.execute("SELECT pyembed.create_corpus('known', 'fake/fake-hash@1:384')")
+        app.execute("SELECT pyembed.add_document('known', 'doc1', 'a known text')")
+    (tmp_path / "a.txt").write_text("a text\n")
+    args = [a.replace("{folder}", str(tmp_path)) for a in argv]
+    out = pyembed(*args, env=db_env(db), timeout=120)
+    assert out.returncode != 0, (out.stdout, out.stderr)
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "nope" in lines[0], out.stderr
