@@ -141,8 +141,14 @@ class _Reader:
         """The records of a file, or of every supported file under a folder (sorted,
         hidden entries skipped)."""
         if path.is_dir():
+            found = False
             for file in _walk(path):
+                found = True
                 yield from self.read_file(file, file.relative_to(path))
+            if not found:  # (else a run that loaded nothing looked like one that was done)
+                self.problem(path, None, "no supported file in the folder (expected "
+                             f"{', '.join(sorted(SUFFIXES))}; hidden ones are skipped)",
+                             record=False)
         elif not path.exists():
             self.problem(path, None, "no such file or folder", record=False)
         else:

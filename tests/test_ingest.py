@@ -388,6 +388,30 @@ def _cli(args: list[str], db: Database, **kwargs: Any) -> subprocess.Popen[bytes
                             **kwargs)
 
 
+@pytest.mark.parametrize("content", ["nothing", "unsupported and hidden files"])
+def test_a_folder_without_a_supported_file_is_a_problem_not_a_silent_success(
+        tmp_path: Path, corpus: Corpus, db: Database, content: str) -> None:
+    """An empty folder, or one of unsupported or hidden files only, loads nothing: the API
+    reports it as a problem and `pyembed ingest` says so and exits non-zero. Before, both
+    ended as if all was loaded (exit 0, no word)."""
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    if content != "nothing":
+        _write(folder / "notes.docx", "binary")
+        _write(folder / ".hidden.txt", "a hidden text")
+    report = ingest(corpus, folder, progress=False)
+    assert report.processed == 0
+    (problem,) = report.problems
+    assert problem.path == folder and problem.message.startswith("no supported file")
+    with pytest.raises(IngestError, match="no supported file"):
+        list(read_documents(folder))
+    done = _cli(["ingest", "files", str(folder)], db, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE)
+    out, err = done.communicate(timeout=120)
+    assert done.returncode == 1, (out, err)
+    assert b"no supported file" in err and b"nothing was loaded" in err, err
+
+
 def test_cli_in_a_pipe_prints_progress_lines_and_a_one_line_summary(
         tmp_path: Path, corpus: Corpus, db: Database) -> None:
     path = _write(tmp_path / "many.jsonl",
