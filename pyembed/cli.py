@@ -93,6 +93,9 @@ DsnOption = Annotated[str | None, typer.Option("--dsn", envvar=DSN_ENV,
 WorkerDsnOption = Annotated[str | None, typer.Option(
     "--dsn", envvar=[WORKER_DSN_ENV, DSN_ENV],
     help="libpq DSN; default: the local cluster's worker login (in pyembed_worker)")]
+NUMBERS = {"ignore_unknown_options": True}
+"""context_settings of a command with a numeric argument: a negative number (-1) is the
+argument, refused by its own range check, not an unknown option."""
 TargetKeyOption = Annotated[str, typer.Option("--to", help="target model key")]
 RerankOption = Annotated[str | None, typer.Option(
     "--rerank", metavar="MODEL",
@@ -967,7 +970,7 @@ def _print_validation(corpus: str, v: migration.Validation) -> None:
     console.print(table)
 
 
-@migrate_app.command("shift")
+@migrate_app.command("shift", context_settings=NUMBERS)
 def migrate_shift(corpus: str, share: int, dsn: OwnerDsnOption = None) -> None:
     """Serve SHARE percent of searches (stable by query) from the new key.
 

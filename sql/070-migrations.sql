@@ -171,11 +171,12 @@ AS $$
 DECLARE
   r record;
 BEGIN
-  r := pyembed._migration(corpus);
-  PERFORM pyembed._need(r.m, corpus, ARRAY['validated', 'shifting'], 'shift traffic on');
+  -- The argument first: a share out of range is refused as such at any step.
   IF share IS NULL OR share < 1 OR share > 100 THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005', MESSAGE = format('share must be 1..100, got %s', share);
   END IF;
+  r := pyembed._migration(corpus);
+  PERFORM pyembed._need(r.m, corpus, ARRAY['validated', 'shifting'], 'shift traffic on');
   UPDATE pyembed.migrations SET state = 'shifting' WHERE migration_id = (r.m).migration_id;
   UPDATE pyembed.corpora SET migration_step = 'shifting', traffic_share = share
    WHERE corpus_id = (r.c).corpus_id;
