@@ -146,6 +146,11 @@ BOUND_SUFFIX = "_bound"
 """A table's bound on a column's length is the CHECK <table>_<column>_bound (revision 0022)."""
 
 
+TEXT_CHECKS = {"chunks_content_check": "content", "eval_queries_query_check": "query"}
+"""The CHECKs that a text column holds text (revision 0028: not only whitespace, control and
+format characters), by name, and their column."""
+
+
 def translate(exc: psycopg.Error) -> Exception:
     """Our error class for a database error raised by pyembed's SQL (or a value over a
     column's bound: InvalidInput), else the error itself."""
@@ -156,6 +161,9 @@ def translate(exc: psycopg.Error) -> Exception:
         column = check[len(table) + 1:-len(BOUND_SUFFIX)]
         return errors.InvalidInput(f"{table}.{column} is longer than pyembed accepts "
                                    f"(the table's check {check})")
+    if isinstance(exc, psycopg.errors.CheckViolation) and check in TEXT_CHECKS:
+        return errors.InvalidInput(f"{table}.{TEXT_CHECKS[check]} is empty or only whitespace "
+                                   f"and control characters (the table's check {check})")
     message = diag.message_primary or str(exc)
     gone = _dropped_corpus(exc, message)
     if gone:
