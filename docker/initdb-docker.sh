@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Runs once, after 10-pyembed-roles.sql, when the container's cluster is created:
-# the application role's password and the replication role from the environment (env_file),
+# the application and worker logins' passwords and the replication role from the environment (env_file),
 # so that no password is written in compose.yaml.
 set -euo pipefail
 if [ -n "${PYEMBED_APP_PASSWORD:-}" ]; then
   psql -v ON_ERROR_STOP=1 -U "$POSTGRES_USER" -d postgres -v pw="$PYEMBED_APP_PASSWORD" \
     <<< "ALTER ROLE pyembed_user PASSWORD :'pw';"
+fi
+if [ -n "${PYEMBED_WORKER_PASSWORD:-}" ]; then
+  psql -v ON_ERROR_STOP=1 -U "$POSTGRES_USER" -d postgres -v pw="$PYEMBED_WORKER_PASSWORD" \
+    <<< "ALTER ROLE pyembed_worker_user PASSWORD :'pw';"
 fi
 if [ -n "${PYEMBED_REPLICATION_PASSWORD:-}" ]; then
   psql -v ON_ERROR_STOP=1 -U "$POSTGRES_USER" -d postgres -v pw="$PYEMBED_REPLICATION_PASSWORD" \

@@ -27,11 +27,11 @@ from rich.text import Text
 from . import cache, evaluation, health, index, migration, models, recall, schema, tenants
 from .client import Client
 from .client import connect as connect_client
-from .config import DSN_ENV
+from .config import DSN_ENV, WORKER_DSN_ENV
 from .corpora import corpus_info, create_corpus, drop_corpus, list_corpora
 from .db import connect, resolve_dsn, translate, translated
 from .doctor import doctor_cmd
-from .errors import DatabaseNotReady, InvalidInput, MigrationError, PyembedError
+from .errors import DatabaseNotReady, InvalidInput, MigrationError, PyembedError, UnknownCorpus
 from .localdb import LocalCluster
 from .models import BUILTIN, LOCAL_DEFAULT
 from .recall import RECALL_ALERT
@@ -90,6 +90,12 @@ OwnerDsnOption = Annotated[str | None, typer.Option(
     "--dsn", envvar="PYEMBED_OWNER_DSN", help="owner DSN; default: the local cluster's owner")]
 DsnOption = Annotated[str | None, typer.Option("--dsn", envvar=DSN_ENV,
                                                help="libpq DSN; default: the local cluster")]
+WorkerDsnOption = Annotated[str | None, typer.Option(
+    "--dsn", envvar=[WORKER_DSN_ENV, DSN_ENV],
+    help="libpq DSN; default: the local cluster's worker login (in pyembed_worker)")]
+NUMBERS = {"ignore_unknown_options": True}
+"""context_settings of a command with a numeric argument: a negative number (-1) is the
+argument, refused by its own range check, not an unknown option."""
 TargetKeyOption = Annotated[str, typer.Option("--to", help="target model key")]
 RerankOption = Annotated[str | None, typer.Option(
     "--rerank", metavar="MODEL",
@@ -455,7 +461,7 @@ def worker_cmd(
     recall_every: Annotated[float, typer.Option(
         "--recall-every", envvar="PYEMBED_RECALL_EVERY", min=0.0,
         help="seconds between re-runs of sampled searches for recall@10 (0: never)")] = 60.0,
-    dsn: DsnOption = None,
+    dsn: WorkerDsnOption = None,
 ) -> None:
     """Embed queued chunks (SKIP LOCKED batches; run several for more throughput).
 
@@ -469,8 +475,8 @@ def worker_cmd(
 
     from .worker import Worker
 
-    worker = Worker(_dsn(dsn), batch_size=batch_size, max_attempts=max_attempts, lease_seconds=lease,
-                    recall_every=recall_every)
+    worker = Worker(dsn or resolve_dsn(worker=True), batch_size=batch_size,
+                    max_attempts=max_attempts, lease_seconds=lease, recall_every=recall_every)
     try:
         with Progress(console=console, transient=True) as bar:
             task = bar.add_task("embedding", total=worker.pending() or None)
@@ -858,7 +864,9 @@ def corpus_drop(name: str,
         typer.confirm(f"drop corpus {name} and all its documents and vectors?", abort=True)
     with _connect(dsn) as conn:
         dropped = drop_corpus(conn, name)
-    console.print(f"dropped {name}" if dropped else f"no corpus {name}")
+    if not dropped:
+        raise UnknownCorpus(f"unknown corpus {name!r}: nothing was dropped")
+    console.print(f"dropped {name}")
 
 
 # -- pyembed migrate (as the owner) --------------------------------------------------------
@@ -970,7 +978,7 @@ def _print_validation(corpus: str, v: migration.Validation) -> None:
     console.print(table)
 
 
-@migrate_app.command("shift")
+@migrate_app.command("shift", context_settings=NUMBERS)
 def migrate_shift(corpus: str, share: int, dsn: OwnerDsnOption = None) -> None:
     """Serve SHARE percent of searches (stable by query) from the new key.
 
@@ -1114,10 +1122,18 @@ def cache_purge(
 ) -> None:
     """Delete cached embeddings and rerank scores.
     Example: pyembed cache purge --model openai/text-embedding-3-small@1:1536"""
+    from .rerank import reranker_spec
+
+    reranker = None
+    if model is not None:
+        try:
+            reranker = reranker_spec(model).key
+        except PyembedError:
+            pass  # not a reranker: a model key, which the database checks (UnknownModel)
     with _connect(dsn) as conn:
-        n = cache.purge(conn, model, expired)
         # a model key never names a reranker, so --model selects from one cache only
-        r = cache.purge_rerank_scores(conn, model, expired)
+        n = cache.purge(conn, model, expired) if reranker is None else 0
+        r = cache.purge_rerank_scores(conn, reranker, expired) if model is None or reranker else 0
     console.print(f"deleted {n} cache entries" + (f" and {r} rerank scores" if r else ""))
 
 

@@ -32,8 +32,8 @@ from .corpora import (
     model_spec,
     write_chunks,
 )
+from .db import IDENTITY, conninfo, lost, translated
 from .db import connect as db_connect
-from .db import conninfo, lost
 from .embedder import Embedder
 from .errors import (
     DatabaseNotReady,
@@ -88,18 +88,18 @@ class _InTurn:
 
     @property
     def conn(self) -> psycopg.Connection[Any]:
-        return self.client.conn  # (flush_counts reads whether it is closed)
+        return self.client._conn  # (flush_counts reads whether it is closed)
 
     def rows(self, sql: str, params: Sequence[Any], types: Sequence[str] = (), *,
              binary: bool = False) -> list[tuple[Any, ...]]:
         with self.client.call():
-            return PsycopgExecutor(self.client.conn).rows(sql, params, types, binary=binary)
+            return PsycopgExecutor(self.client._conn).rows(sql, params, types, binary=binary)
 
     def vectors(self, vectors: Sequence[np.ndarray]) -> list[Any]:
-        return PsycopgExecutor(self.client.conn).vectors(vectors)
+        return PsycopgExecutor(self.client._conn).vectors(vectors)
 
     def vector(self, value: Any) -> np.ndarray:
-        return PsycopgExecutor(self.client.conn).vector(value)
+        return PsycopgExecutor(self.client._conn).vector(value)
 
 
 @dataclass(frozen=True)
@@ -155,19 +155,28 @@ class Client:
     rerankers and caches it hands out, and the functions that take it (migration steps,
     compare, evaluation queries) take turns on its connection (for searches in parallel, open
     a client per thread). A connection the server closed between two calls (a restart) is
-    opened again by the next call (Client.call)."""
+    opened again by the next call (Client.call), unless the session may act otherwise than a new
+    one would (its connection handed to your code, or a role or tenant set on it): then the
+    loss is DatabaseNotReady until Client.reconnect()."""
 
     def __init__(self, conn: psycopg.Connection[Any], *, use_cache: bool = True,
                  log_queries: bool = True, read_conn: psycopg.Connection[Any] | None = None,
                  max_replica_wait: float = 5.0) -> None:
-        self.conn = conn
-        self.read_conn = read_conn or conn
-        """Where searches run: a replica's connection, or `conn` (the primary)."""
+        self._conn = conn
+        self._read_conn = read_conn or conn
+        # Who each session acts as, which a new connection must act as too; and whether your
+        # code holds a connection (it may SET ROLE on it, which no new one would carry): the
+        # connections given here are yours, `connect` makes its own.
+        self._identity = _identity(conn)
+        self._read_identity = _identity(read_conn) if read_conn is not None else None
+        self._handed_out: str | None = "the connection given to Client()"
         self.max_replica_wait = max_replica_wait
         self._written_lsn: str | None = None
         self.turn = threading.RLock()
         """Held by each call that uses `conn` (or `read_conn`): one call at a time."""
         self._calls = 0  # nested calls of the thread holding the turn
+        self._holder: int | None = None  # that thread
+        self._keeping = threading.local()  # (_keep_turn)
         self._conninfo = conninfo(conn)
         self._read_conninfo = conninfo(read_conn) if read_conn is not None else None
         self._autocommit = conn.autocommit
@@ -191,12 +200,13 @@ class Client:
         next call opens a new one."""
         with self.turn:
             self._calls += 1
+            self._holder = threading.get_ident()
             try:
                 if self._calls == 1:
                     self._reopen_lost()
                 yield
             except psycopg.OperationalError as exc:
-                if self._calls == 1 and (self.conn.closed or self.read_conn.closed):
+                if self._calls == 1 and (self._conn.closed or self._read_conn.closed):
                     raise DatabaseNotReady(
                         "the connection to the database was lost during the call ("
                         + " ".join(str(exc).split())[:200] + "): what it wrote may or may not "
@@ -204,15 +214,101 @@ class Client:
                 raise
             finally:
                 self._calls -= 1
+                if not self._calls:
+                    self._holder = None
+
+    @property
+    def conn(self) -> psycopg.Connection[Any]:
+        """The client's connection, for your own statements and transactions. Once your code
+        has it, a connection the server closes is not opened again silently (whatever you SET
+        on it, a role, would be lost): that call is DatabaseNotReady, see reconnect()."""
+        self._handed_out = self._handed_out or "client.conn"
+        return self._conn
+
+    @property
+    def read_conn(self) -> psycopg.Connection[Any]:
+        """Where searches run: a replica's connection, or `conn` (the primary); as `conn`."""
+        self._handed_out = self._handed_out or "client.read_conn"
+        return self._read_conn
+
+    def reconnect(self) -> None:
+        """Open new connections from the client's DSNs, acting as their login roles: after
+        DatabaseNotReady for a connection that could not be opened again silently."""
+        with self.turn:
+            for conn in {id(c): c for c in (self._conn, self._read_conn)}.values():
+                conn.close()
+            shared = self._read_conn is self._conn
+            self._conn = self._open(self._conninfo)
+            self._identity = _identity(self._conn)
+            if shared:
+                self._read_conn = self._conn
+            elif self._read_conninfo:
+                self._read_conn = self._open(self._read_conninfo)
+                self._read_identity = _identity(self._read_conn)
+            self._handed_out = None
+
+    @contextmanager
+    def outside_turn(self) -> Iterator[None]:
+        """For a provider call (a wait on HTTP, or on a local model) made inside a call of
+        this client: the turn is given to other threads' calls meanwhile and taken back after,
+        so that their searches do not wait on it. Kept when a transaction is open on the
+        connection: another thread's statements would run inside it."""
+        held = self._calls if self._holder == threading.get_ident() else 0
+        busy = any(not c.closed and c.info.transaction_status != TransactionStatus.IDLE
+                   for c in (self._conn, self._read_conn))
+        if not held or busy or getattr(self._keeping, "turn", False):
+            yield
+            return
+        self._calls, self._holder = 0, None
+        for _ in range(held):
+            self.turn.release()
+        try:
+            yield
+        finally:
+            for _ in range(held):
+                self.turn.acquire()
+            self._calls, self._holder = held, threading.get_ident()
+
+    @contextmanager
+    def _keep_turn(self) -> Iterator[None]:
+        """Keep the turn across this thread's provider calls: a statement of the call runs on
+        the connection beside them (a search's keyword ranking), which another thread's
+        transaction must not take in."""
+        before = getattr(self._keeping, "turn", False)
+        self._keeping.turn = True
+        try:
+            yield
+        finally:
+            self._keeping.turn = before
 
     def _reopen_lost(self) -> None:
-        shared = self.read_conn is self.conn
-        if self._closed_by_server(self.conn):
-            self.conn = self._open(self._conninfo)
+        shared = self._read_conn is self._conn
+        if self._closed_by_server(self._conn):
+            self._conn = self._reopen(self._conninfo, self._identity)
             if shared:
-                self.read_conn = self.conn
-        if not shared and self._read_conninfo and self._closed_by_server(self.read_conn):
-            self.read_conn = self._open(self._read_conninfo)
+                self._read_conn = self._conn
+        if not shared and self._read_conninfo and self._closed_by_server(self._read_conn):
+            self._read_conn = self._reopen(self._read_conninfo, self._read_identity)
+
+    def _reopen(self, info: str, identity: tuple[str, ...] | None) -> psycopg.Connection[Any]:
+        """A new connection for one the server closed, if it acts as the old one did: never
+        silently as another role or tenant (DatabaseNotReady saying why)."""
+        if self._handed_out:
+            raise DatabaseNotReady(
+                f"the server closed the client's connection, and {self._handed_out} was handed "
+                "to your code, which may have changed its role (SET ROLE) or tenant: a new "
+                "connection would act as the login instead. Nothing was sent; call "
+                "client.reconnect() to go on as the login, or make a new client")
+        conn = self._open(info)
+        now = _identity(conn)
+        if identity is not None and now != identity:
+            conn.close()
+            raise DatabaseNotReady(
+                "the server closed the client's connection, which acted as role "
+                f"{identity[1]!r} (tenant {identity[2] or 'of the login'}); a new one acts as "
+                f"{now[1]!r} (tenant {now[2] or 'of the login'}). Nothing was sent; call "
+                "client.reconnect() to go on as the login, or make a new client")
+        return conn
 
     @staticmethod
     def _closed_by_server(conn: psycopg.Connection[Any]) -> bool:
@@ -242,10 +338,10 @@ class Client:
     def embedder(self, model_key: str, *, truncate: bool = False) -> Embedder:
         """The embedder for a model key (built once, sharing this client's cache)."""
         if (model_key, truncate) not in self._embedders:
-            spec = model_spec(self.conn, model_key)
-            self._embedders[model_key, truncate] = Embedder(spec, cache=self.cache,
-                                                            truncate=truncate, meter=self._meter,
-                                                            on_error=error_counter(self._in_turn))
+            spec = model_spec(self._conn, model_key)
+            self._embedders[model_key, truncate] = Embedder(
+                spec, cache=self.cache, truncate=truncate, meter=self._meter,
+                on_error=error_counter(self._in_turn), around_call=self.outside_turn)
         return self._embedders[model_key, truncate]
 
     @_in_turn
@@ -255,7 +351,8 @@ class Client:
         spec = reranker_spec(name)
         if spec.key not in self._rerankers:
             self._rerankers[spec.key] = Reranker(spec, cache=self.rerank_cache, meter=self._meter,
-                                                 on_error=error_counter(self._in_turn))
+                                                 on_error=error_counter(self._in_turn),
+                                                 around_call=self.outside_turn)
         return self._rerankers[spec.key]
 
     def _meter(self, spec: Keyed, tokens: int) -> None:
@@ -266,14 +363,14 @@ class Client:
     def models(self) -> list[ModelSpec]:
         """The models this database knows (pyembed.models): the built-in ones the schema seeds
         and every one registered, from SQL or Python."""
-        return models.registered(self.conn)
+        return models.registered(self._conn)
 
     @_in_turn
     def register_model(self, spec: ModelSpec) -> str:
         """Register a model of your own (its provider must be one pyembed knows) in the
         database, for every client, `pyembed models` and SQL; returns its key. Registering the
         same key again with other settings is refused."""
-        return models.register(self.conn, spec)
+        return models.register(self._conn, spec)
 
     @_in_turn
     def create_corpus(self, name: str, model_key: str = LOCAL_DEFAULT.key, description: str = "",
@@ -283,7 +380,7 @@ class Client:
         (docs/index-tuning.md). With `exist_ok`, the corpus of that name when it has the same
         model key (else ModelMismatch) and chunking (else InvalidInput), so that a script
         creating its corpus can run again."""
-        create_corpus(self.conn, name, model_key, description, chunk_tokens, chunk_overlap,
+        create_corpus(self._conn, name, model_key, description, chunk_tokens, chunk_overlap,
                       storage, exist_ok=exist_ok)
         self.wrote()
         return self.corpus(name)
@@ -292,55 +389,61 @@ class Client:
     def index_status(self, corpus: str) -> list[index.IndexStatus]:
         """What serves the corpus's searches, per key: storage, HNSW parameters as built and as
         pyembed's rule would choose them now, ef_search, oversampling, index size."""
-        return index.index_status(self.conn, corpus)
+        return index.index_status(self._conn, corpus)
 
     @_in_turn
     def set_index_settings(self, corpus: str, **settings: int | None) -> dict[str, int]:
         """Override pyembed's rule for the corpus (m, ef_construction, ef_search, oversample;
         None: back to the rule). m and ef_construction apply at the next rebuild_index."""
-        return index.set_index_settings(self.conn, corpus, **settings)
+        return index.set_index_settings(self._conn, corpus, **settings)
 
     @_in_turn
     def rebuild_index(self, corpus: str, storage: str | None = None) -> list[index.IndexStatus]:
         """Rebuild the corpus's HNSW index online (CONCURRENTLY, then swapped) with the
         parameters in force, optionally in another storage (vector, halfvec, binary)."""
-        return index.rebuild_index(self.conn, corpus, storage)
+        return index.rebuild_index(self._conn, corpus, storage)
 
     @_in_turn
     def corpus(self, name: str) -> Corpus:
-        return Corpus(self, corpus_info(self.conn, name))
+        return Corpus(self, corpus_info(self._conn, name))
 
     @_in_turn
     def corpora(self) -> list[CorpusInfo]:
-        return list_corpora(self.conn)
+        return list_corpora(self._conn)
 
     @_in_turn
     def drop_corpus(self, name: str) -> bool:
-        return drop_corpus(self.conn, name)
+        return drop_corpus(self._conn, name)
 
     @_in_turn
     def wrote(self) -> None:
         """Note that this client has written: its next search on a replica waits until the
         replica has replayed it (read your own writes)."""
-        if self.read_conn is not self.conn:
-            row = self.conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+        if self._read_conn is not self._conn:
+            row = self._conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
             self._written_lsn = row[0] if row else None
 
-    @_in_turn
     def reader(self) -> psycopg.Connection[Any]:
+        """The connection searches run on (handed to your code, as `read_conn`), once it has
+        what this client wrote."""
+        self._handed_out = self._handed_out or "client.reader()"
+        return self._reader()
+
+    @_in_turn
+    def _reader(self) -> psycopg.Connection[Any]:
         """The connection searches run on, once it has what this client wrote (a replica that
         has not replayed it within `max_replica_wait` seconds is ReadOnlyReplica)."""
-        if self.read_conn is self.conn or self._written_lsn is None:
-            return self.read_conn
+        if self._read_conn is self._conn or self._written_lsn is None:
+            return self._read_conn
         deadline = time.monotonic() + self.max_replica_wait
         while True:
-            row = self.read_conn.execute(
+            row = self._read_conn.execute(
                 "SELECT coalesce(pg_last_wal_replay_lsn() >= %s::pg_lsn, true), "
                 "pg_wal_lsn_diff(%s::pg_lsn, pg_last_wal_replay_lsn())",
                 (self._written_lsn, self._written_lsn)).fetchone()
             if row is None or row[0]:
                 self._written_lsn = None
-                return self.read_conn
+                return self._read_conn
             if time.monotonic() >= deadline:
                 raise ReadOnlyReplica(
                     f"the read replica has not replayed this client's last write after "
@@ -351,13 +454,13 @@ class Client:
     def close(self) -> None:
         """Write the cache counts and close the connections (none is opened again for it)."""
         with self.turn:
-            if self.cache is not None and not lost(self.conn):
+            if self.cache is not None and not lost(self._conn):
                 try:
                     self.cache.flush()
                 except psycopg.OperationalError:
                     pass  # counts only: lost with the connection
-            self.conn.close()
-            self.read_conn.close()
+            self._conn.close()
+            self._read_conn.close()
 
     def __enter__(self) -> Client:
         return self
@@ -394,7 +497,7 @@ class Corpus:
     def serving_key(self, query: str) -> str:
         """The model key that serves this query now: during a migration's traffic shift, the
         target key for a stable share of queries (by hash), else the active key."""
-        return route(PsycopgExecutor(self.client.conn), self.name, query).key
+        return route(PsycopgExecutor(self.client._conn), self.name, query).key
 
     @_in_turn
     def add(self, documents: Iterable[Document | tuple[str, str] | Mapping[str, Any]], *,
@@ -431,7 +534,7 @@ class Corpus:
         """The first half of `add`, on the client's connection: which documents changed, their
         chunks and their vectors for the keys the corpus serves now. `write` stores them (on
         this connection or another of the same role), while the next batch is prepared."""
-        self.info = corpus_info(self.client.conn, self.name)  # a migration may have begun
+        self.info = corpus_info(self.client._conn, self.name)  # a migration may have begun
         self.client.current_corpus_id = self.info.corpus_id
         docs: dict[str, Document] = {}
         for d in map(_as_document, documents):
@@ -443,7 +546,7 @@ class Corpus:
             check_text(d.text, f"document {d.id!r}")
             check_metadata(d.metadata, f"document {d.id!r}: metadata")
         hashes = {i: document_hash(d.text, d.metadata) for i, d in docs.items()}
-        old = document_hashes(self.client.conn, self.info.corpus_id, list(docs))
+        old = document_hashes(self.client._conn, self.info.corpus_id, list(docs))
         todo = [d for i, d in docs.items() if old.get(i) != hashes[i]]
         embedder = self.client.embedder(self.model_key, truncate=truncate)
         rows: list[ChunkRow] = []
@@ -469,10 +572,10 @@ class Corpus:
         """The second half of `add`: store what `prepare` made, in one transaction on `conn`
         (default: the client's). ModelMismatch if the keys the corpus serves changed since
         (prepare again); InvalidInput if the database refuses a document (nothing stored)."""
-        own = conn is None or conn is self.client.conn  # another connection needs no turn
+        own = conn is None or conn is self.client._conn  # another connection needs no turn
         if prepared.rows:
             with self.call() if own else nullcontext():
-                write_chunks(conn or self.client.conn, prepared.info, prepared.rows,
+                write_chunks(conn or self.client._conn, prepared.info, prepared.rows,
                              prepared.info.model_key,
                              texts={d.id: d.text for d in prepared.documents},
                              also=prepared.also)
@@ -535,9 +638,9 @@ class Corpus:
             return self._retrieve(query, k, filter, model_key, mode=mode, translate=translate,
                                   options=options, log=log)
         except UnknownCorpus:
-            if self.client.read_conn is self.client.conn:
+            if self.client._read_conn is self.client._conn:
                 raise
-            corpus_info(self.client.conn, self.name)  # UnknownCorpus if the primary has none
+            corpus_info(self.client._conn, self.name)  # UnknownCorpus if the primary has none
             raise ReadOnlyReplica(f"corpus {self.name!r} is not on the read replica yet (it "
                                   f"lags behind the primary): search the primary, or retry "
                                   f"when the replica has caught up") from None
@@ -572,7 +675,7 @@ class Corpus:
                 raise TypeError("a query vector needs model_key=... (the model that made it)")
             if mode != "vector":
                 raise InvalidInput(f"{mode} search needs the query text, not a vector")
-            found = search(self.client.reader(), self.name, np.asarray(query, dtype=np.float32),
+            found = search(self.client._reader(), self.name, np.asarray(query, dtype=np.float32),
                            model_key, k, filter, group=options.group or "document")
             done = time.perf_counter()
             return Retrieval(found, model_key, None, {"embed_ms": None,
@@ -588,7 +691,7 @@ class Corpus:
                   model_key: str | None = None) -> bool:
         """Record one query in pyembed.query_log; False (and a warning) if that failed (for
         example in a read-only transaction): a search never fails for its log line."""
-        conn = self.client.conn
+        conn = self.client._conn
         try:
             with conn.transaction():
                 row = conn.execute(
@@ -657,4 +760,22 @@ def connect(dsn: str | None = None, *, read_dsn: str | None = None, use_cache: b
     except BaseException:
         conn.close()
         raise
-    return Client(conn, read_conn=read_conn, use_cache=use_cache, log_queries=log_queries)
+    try:
+        client = Client(conn, read_conn=read_conn, use_cache=use_cache, log_queries=log_queries)
+    except BaseException:
+        conn.close()
+        if read_conn is not None:
+            read_conn.close()
+        raise
+    client._handed_out = None  # its connections are its own
+    return client
+
+
+def _identity(conn: psycopg.Connection[Any]) -> tuple[str, ...]:
+    """Who `conn`'s session acts as: login role, current role, tenant setting (db.twin's)."""
+    idle = conn.info.transaction_status == TransactionStatus.IDLE
+    with translated():
+        row = conn.execute(IDENTITY).fetchone()
+    if idle and not conn.autocommit:
+        conn.rollback()  # (nothing was written: the caller's connection stays idle)
+    return tuple(str(v) for v in row) if row else ("", "", "")

@@ -47,19 +47,20 @@ def compare(client: Client, corpus: str, model_keys: Sequence[str], *, sample: i
     if not model_keys:
         raise InvalidInput("name at least one model key to compare")
     info = client.corpus(corpus).info
-    evals = eval_queries(client.conn, info.corpus_id)
+    specs = {key: model_spec(client._conn, key) for key in model_keys}  # UnknownModel first
+    evals = eval_queries(client._conn, info.corpus_id)
     if not evals:
         raise InvalidInput(f"corpus {corpus} has no evaluation queries: `pyembed eval add` first")
     relevant = sorted({d for e in evals for d in e.relevant})
-    rows = client.conn.execute(
+    rows = client._conn.execute(
         "SELECT document_id, content FROM pyembed.chunks WHERE corpus_id = %s "
         "AND document_id = ANY(%s)", (info.corpus_id, relevant)).fetchall()
-    others = client.conn.execute(
+    others = client._conn.execute(
         "SELECT document_id, content FROM pyembed.chunks WHERE corpus_id = %s "
         "AND NOT document_id = ANY(%s) ORDER BY chunk_id", (info.corpus_id, relevant)).fetchall()
     random.Random(seed).shuffle(others)
     rows += others[:max(sample - len(rows), 0)]
-    total = client.conn.execute("SELECT count(*), coalesce(sum(length(content)), 0) FROM "
+    total = client._conn.execute("SELECT count(*), coalesce(sum(length(content)), 0) FROM "
                                 "pyembed.chunks WHERE corpus_id = %s",
                                 (info.corpus_id,)).fetchone()
     assert total is not None
@@ -68,7 +69,7 @@ def compare(client: Client, corpus: str, model_keys: Sequence[str], *, sample: i
     doc_ids = [d for d, _ in rows]
     out = []
     for key in model_keys:
-        spec = model_spec(client.conn, key)
+        spec = specs[key]
         embedder = client.embedder(key, truncate=True)
         started = time.perf_counter()
         docs = embedder.embed([c for _, c in rows], InputType.DOCUMENT)

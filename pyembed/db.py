@@ -19,18 +19,22 @@ from psycopg.pq import ConnStatus, TransactionStatus
 from psycopg.types.array import ListBinaryDumper
 
 from . import errors
-from .config import DSN_ENV, OWNER_DSN_ENV
+from .config import DSN_ENV, OWNER_DSN_ENV, WORKER_DSN_ENV
 
 
-def resolve_dsn(*, owner: bool = False) -> str:
-    """$PYEMBED_DSN (or $PYEMBED_OWNER_DSN for the owner), else the local cluster's."""
+def resolve_dsn(*, owner: bool = False, worker: bool = False) -> str:
+    """$PYEMBED_DSN (or $PYEMBED_OWNER_DSN for the owner, $PYEMBED_WORKER_DSN then $PYEMBED_DSN
+    for a worker), else the local cluster's (its worker login for a worker: a member of
+    pyembed_worker, which counts failed provider calls)."""
     if owner and os.environ.get(OWNER_DSN_ENV):
         return os.environ[OWNER_DSN_ENV]
+    if worker and os.environ.get(WORKER_DSN_ENV):
+        return os.environ[WORKER_DSN_ENV]
     if os.environ.get(DSN_ENV):
         return os.environ[DSN_ENV]
     from .localdb import LocalCluster
 
-    return LocalCluster().dsn(owner=owner)
+    return LocalCluster().dsn(owner=owner, worker=worker)
 
 
 class VectorArray(list[Vector]):
@@ -83,7 +87,7 @@ def lost(conn: psycopg.Connection[Any]) -> bool:
         return conn.pgconn.status == ConnStatus.BAD
 
 
-_IDENTITY = ("SELECT session_user::text, current_user::text, "
+IDENTITY = ("SELECT session_user::text, current_user::text, "
              "coalesce(current_setting('pyembed.act_as_tenant', true), '')")
 """Who a session acts as: its login role, its current role (SET ROLE) and the tenant a superuser
 acts for (pyembed.current_tenant() reads the first and the last; privileges, the second)."""
@@ -107,13 +111,13 @@ def twin(conn: psycopg.Connection[Any]) -> psycopg.Connection[Any] | None:
     except psycopg.Error:
         return None
     try:
-        login, role, tenant = conn.execute(_IDENTITY).fetchone() or ("", "", "")
-        now = other.execute(_IDENTITY).fetchone()
+        login, role, tenant = conn.execute(IDENTITY).fetchone() or ("", "", "")
+        now = other.execute(IDENTITY).fetchone()
         if now is not None and now[1] != role:
             other.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(role)))
         if now is not None and now[2] != tenant:
             other.execute("SELECT set_config('pyembed.act_as_tenant', %s, false)", (tenant,))
-        if other.execute(_IDENTITY).fetchone() == (login, role, tenant):
+        if other.execute(IDENTITY).fetchone() == (login, role, tenant):
             return other
     except psycopg.Error:
         pass
@@ -142,6 +146,11 @@ BOUND_SUFFIX = "_bound"
 """A table's bound on a column's length is the CHECK <table>_<column>_bound (revision 0022)."""
 
 
+TEXT_CHECKS = {"chunks_content_check": "content", "eval_queries_query_check": "query"}
+"""The CHECKs that a text column holds text (revision 0028: not only whitespace, control and
+format characters), by name, and their column."""
+
+
 def translate(exc: psycopg.Error) -> Exception:
     """Our error class for a database error raised by pyembed's SQL (or a value over a
     column's bound: InvalidInput), else the error itself."""
@@ -152,6 +161,9 @@ def translate(exc: psycopg.Error) -> Exception:
         column = check[len(table) + 1:-len(BOUND_SUFFIX)]
         return errors.InvalidInput(f"{table}.{column} is longer than pyembed accepts "
                                    f"(the table's check {check})")
+    if isinstance(exc, psycopg.errors.CheckViolation) and check in TEXT_CHECKS:
+        return errors.InvalidInput(f"{table}.{TEXT_CHECKS[check]} is empty or only whitespace "
+                                   f"and control characters (the table's check {check})")
     message = diag.message_primary or str(exc)
     if isinstance(exc, psycopg.errors.UntranslatableCharacter) or (
             type(exc) is psycopg.DataError and "NUL" in message) or (
@@ -173,6 +185,11 @@ def translate(exc: psycopg.Error) -> Exception:
     return errors.from_sqlstate(exc.sqlstate, message) or exc
 
 
+GRANTED_TO = {"pyembed.count_provider_error": "pyembed_worker"}
+"""The functions granted to a role other than the application role (sql/080-grants.sql), and
+that role: who may call them besides the owner."""
+GRANTED_DSN = {"pyembed_worker": "`pyembed worker` reads $PYEMBED_WORKER_DSN"}
+
 _OWNERS = re.compile(r"(?:permission denied for|must be owner of) "
                      r"(function|table|sequence|relation|index) (\S+)$")
 
@@ -186,6 +203,11 @@ def _owner_only(exc: psycopg.Error, message: str) -> errors.OwnerOnly | None:
         return None
     kind, name = found.groups()
     name = name if "." in name else f"pyembed.{name}"
+    role = GRANTED_TO.get(name)
+    if role:
+        return errors.OwnerOnly(f"{kind} {name} is for the owner and members of {role}: "
+                                f"use a login in {role} (GRANT {role} TO the login; "
+                                f"{GRANTED_DSN.get(role, 'its DSN')})")
     return errors.OwnerOnly(f"{kind} {name} is pyembed's owner role's: run this with the "
                             "owner's DSN ($PYEMBED_OWNER_DSN, the owner commands' --dsn)")
 

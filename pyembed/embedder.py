@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from functools import partial
 from typing import Protocol
 
@@ -68,7 +69,8 @@ class Embedder:
                  sleep: Callable[[float], None] = time.sleep,
                  meter: Callable[[ModelSpec, int], None] | None = None,
                  on_error: Callable[[ModelSpec, ProviderError], None] | None = None,
-                 truncate_hint: str | None = "embed with truncate=True") -> None:
+                 truncate_hint: str | None = "embed with truncate=True",
+                 around_call: Callable[[], AbstractContextManager[None]] = nullcontext) -> None:
         """`truncate_hint`: how the caller may truncate a text over the model's limit, for the
         error (None where it cannot: SQL's pyembed.embed)."""
         self.truncate_hint = truncate_hint
@@ -93,6 +95,9 @@ class Embedder:
         self._retrier = Retrier(spec.key, max_retries=max_retries,
                                 max_retry_after=max_retry_after, sleep=sleep,
                                 on_error=partial(on_error, spec) if on_error else None)
+        self.around_call = around_call
+        """Entered around each provider call with its retries and waits: a Client's gives its
+        turn on the connection to other threads meanwhile (Client.outside_turn)."""
 
     def embed(self, texts: Sequence[str],
               input_type: InputType = InputType.DOCUMENT) -> npt.NDArray[np.float32]:
@@ -216,7 +221,9 @@ class Embedder:
             if self.meter is not None and metered:
                 self.meter(self.spec, sum(estimate_tokens(t) for t in texts))
 
-        raw = self._retrier(lambda: self.provider.embed_batch(texts, input_type), before=meter)
+        with self.around_call():
+            raw = self._retrier(lambda: self.provider.embed_batch(texts, input_type),
+                                before=meter)
         try:
             return self._checked(raw, len(texts))
         except ProviderError as exc:

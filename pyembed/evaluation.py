@@ -60,7 +60,7 @@ def add_eval_query(client: Client, corpus: str, query_id: str, query: str,
         raise InvalidInput("relevant is a list of document ids, not one string")
     info = client.corpus(corpus).info
     with translated():
-        client.conn.execute(
+        client._conn.execute(
             """INSERT INTO pyembed.eval_queries (corpus_id, query_id, query, relevant)
                VALUES (%s, %s, %s, %s) ON CONFLICT (corpus_id, query_id) DO UPDATE
                SET query = EXCLUDED.query, relevant = EXCLUDED.relevant""",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import importlib.util
 import json
 import os
 import re
@@ -28,7 +29,7 @@ from rich.progress import (
 
 from .client import AddReport, Corpus, Document, PreparedAdd
 from .db import twin
-from .errors import InvalidInput, ModelMismatch
+from .errors import ConfigError, InvalidInput, ModelMismatch
 
 MARKDOWN_SUFFIXES = frozenset({".md", ".markdown"})
 TEXT_SUFFIXES = frozenset({".txt"}) | MARKDOWN_SUFFIXES
@@ -140,8 +141,14 @@ class _Reader:
         """The records of a file, or of every supported file under a folder (sorted,
         hidden entries skipped)."""
         if path.is_dir():
+            found = False
             for file in _walk(path):
+                found = True
                 yield from self.read_file(file, file.relative_to(path))
+            if not found:  # (else a run that loaded nothing looked like one that was done)
+                self.problem(path, None, "no supported file in the folder (expected "
+                             f"{', '.join(sorted(SUFFIXES))}; hidden ones are skipped)",
+                             record=False)
         elif not path.exists():
             self.problem(path, None, "no such file or folder", record=False)
         else:
@@ -259,21 +266,11 @@ class _Reader:
         return self._checked(path, line, doc_id, text, metadata)
 
     def _csv(self, path: Path) -> Iterator[_Record]:
-        # csv's own limit (128 KiB unless set, for the whole process) refuses a field in the
-        # middle of its record, and the reader then reads the record's rest as records of its
-        # own: the limit is lifted while reading, and each field checked here, whole.
-        limit = csv.field_size_limit(sys.maxsize)
-        try:
-            yield from self._csv_records(path)
-        finally:
-            csv.field_size_limit(limit)
-
-    def _csv_records(self, path: Path) -> Iterator[_Record]:
         with path.open(encoding="utf-8-sig", newline="") as f:
-            reader = csv.reader(f)
+            reader = _CSV.reader(f)
             try:
                 header = next(reader, None)
-            except csv.Error as exc:
+            except _CSV.Error as exc:
                 self.problem(path, 1, f"unreadable header row: {exc}", record=False)
                 return
             if header is None:
@@ -295,7 +292,7 @@ class _Reader:
                         self.problem(path, None, "no records after the header row",
                                      record=False)
                     return
-                except csv.Error as exc:
+                except _CSV.Error as exc:
                     self.problem(path, line, f"unreadable CSV record: {exc}", record=True)
                     line, empty = reader.line_num + 1, False
                     continue
@@ -325,6 +322,29 @@ class _Reader:
                 record = self._checked(path, start, doc_id, row[text_at], metadata)
                 if record is not None:
                     yield record
+
+
+def _private_csv() -> Any:
+    """An instance of the csv parser (_csv) of pyembed's own, without a field size limit. The
+    limit (128 KiB unless set) is the module instance's: csv.field_size_limit would change it
+    for the whole process, every thread's reader and the user's; and a field over it is
+    refused in the middle of its record, whose rest is then read as records of their own.
+    Each field is checked against MAX_FIELD_BYTES here instead, whole."""
+    spec = importlib.util.find_spec("_csv")
+    if spec is None or spec.loader is None:
+        raise ConfigError("Python's csv parser (_csv) is missing")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    before = csv.field_size_limit()
+    module.field_size_limit(sys.maxsize)
+    if module is sys.modules.get("_csv") or csv.field_size_limit() != before:
+        csv.field_size_limit(before)  # a parser whose limit is the process's: leave it be
+        raise ConfigError("this Python's csv parser keeps one field size limit for the whole "
+                          "process: pyembed cannot read CSV fields over it without changing it")
+    return module
+
+
+_CSV = _private_csv()
 
 
 def read_documents(path: Path, *, text_field: str = "text", id_field: str = "id",
@@ -498,7 +518,7 @@ class _Loader:
         self.totals = totals
         self.problems = problems
         self.advance = advance
-        self.conn = twin(corpus.client.conn)
+        self.conn = twin(corpus.client._conn)
         self.pool = (ThreadPoolExecutor(1, thread_name_prefix="pyembed-ingest-writer")
                      if self.conn is not None else None)
         self.writing: tuple[Future[AddReport], list[_Record]] | None = None

@@ -34,6 +34,10 @@ REPLICA_NAME = re.compile(r"[a-z0-9_-]{1,40}")
 OWNER = "pyembed"
 APP_USER = "pyembed_user"
 APP_GROUP = "pyembed_app"
+WORKER_USER = "pyembed_worker_user"
+WORKER_GROUP = "pyembed_worker"
+"""`pyembed worker`'s login: an application role that is in pyembed_worker too, so that it counts
+failed provider calls (revision 0026), which the application login may not."""
 SERVER_SETTINGS = {
     "listen_addresses": "'127.0.0.1'",
     "max_connections": "60",
@@ -66,6 +70,8 @@ class ClusterState:
     app_password: str
     server_dir: str | None = None
     """The server's own folder when it is not $PYEMBED_HOME (the OS user cannot reach that)."""
+    worker_password: str | None = None
+    """WORKER_USER's; None in a cluster made before it had one (made at its next use)."""
 
 
 def find_bindir() -> str:
@@ -174,9 +180,15 @@ class LocalCluster:
             run = Path("/tmp") / f"pyembed-{digest}"
         return run
 
-    def dsn(self, *, owner: bool = False) -> str:
+    def dsn(self, *, owner: bool = False, worker: bool = False) -> str:
+        """The owner's, the worker's (WORKER_USER) or the application login's DSN."""
         st = self.state()
-        user, pw = (OWNER, st.owner_password) if owner else (APP_USER, st.app_password)
+        if owner:
+            user, pw = OWNER, st.owner_password
+        elif worker:
+            user, pw = WORKER_USER, st.worker_password or self._add_worker_login(st)
+        else:
+            user, pw = APP_USER, st.app_password
         return f"postgresql://{user}:{quote(pw)}@127.0.0.1:{st.port}/{DATABASE}"
 
     # -- commands ------------------------------------------------------------------------
@@ -267,6 +279,37 @@ class LocalCluster:
             conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(APP_GROUP)))
             conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {} IN ROLE {}").format(
                 sql.Identifier(APP_USER), sql.Literal(st.app_password), sql.Identifier(APP_GROUP)))
+        self._add_worker_login(st)
+
+    def _add_worker_login(self, st: ClusterState) -> str:
+        """Make WORKER_USER (in the application role and pyembed_worker) with a new password,
+        recorded in cluster.json; returns the password. The application login stays out of
+        pyembed_worker: any of its sessions could then count."""
+        import psycopg
+        from psycopg import sql
+
+        if not self.running():
+            raise DatabaseNotReady("the local cluster is not running: `pyembed db start` first")
+        password = secrets.token_urlsafe(24)
+        admin = f"postgresql://{OWNER}:{quote(st.owner_password)}@127.0.0.1:{st.port}/postgres"
+        with psycopg.connect(admin, autocommit=True) as conn, conn.transaction():
+            # Revision 0026 makes pyembed_worker too (in a database `pyembed install` reaches):
+            # roles are the cluster's, so whichever comes first makes it.
+            if conn.execute("SELECT FROM pg_catalog.pg_roles WHERE rolname = %s",
+                            (WORKER_GROUP,)).fetchone() is None:
+                conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(
+                    sql.Identifier(WORKER_GROUP)))
+            exists = conn.execute("SELECT FROM pg_catalog.pg_roles WHERE rolname = %s",
+                                  (WORKER_USER,)).fetchone() is not None
+            conn.execute(sql.SQL("{} ROLE {} LOGIN PASSWORD {}").format(
+                sql.SQL("ALTER" if exists else "CREATE"), sql.Identifier(WORKER_USER),
+                sql.Literal(password)))
+            conn.execute(sql.SQL("GRANT {}, {} TO {}").format(
+                sql.Identifier(APP_GROUP), sql.Identifier(WORKER_GROUP),
+                sql.Identifier(WORKER_USER)))
+        st.worker_password = password
+        self.state_file.write_text(json.dumps(asdict(st)))
+        return password
 
     def running(self) -> bool:
         if not self.initialised:

@@ -62,15 +62,15 @@ def plan(client: Client, corpus: str, to_key: str) -> Plan:
     """What a migration of `corpus` to `to_key` will take: calls, time, cost, storage. Refuses
     (MigrationError, UnknownModel, UnknownCorpus) a migration that `start` would refuse."""
     with translated():
-        client.conn.execute("SELECT pyembed._need_target(r.c, r.m, %s) FROM pyembed._migration(%s) r",
+        client._conn.execute("SELECT pyembed._need_target(r.c, r.m, %s) FROM pyembed._migration(%s) r",
                             (to_key, corpus))
     info = client.corpus(corpus).info
-    old, new = model_spec(client.conn, info.model_key), model_spec(client.conn, to_key)
-    documents = client.conn.execute("SELECT count(*) FROM pyembed.documents WHERE corpus_id = %s",
+    old, new = model_spec(client._conn, info.model_key), model_spec(client._conn, to_key)
+    documents = client._conn.execute("SELECT count(*) FROM pyembed.documents WHERE corpus_id = %s",
                                     (info.corpus_id,)).fetchone()[0]  # type: ignore[index]
     tokens = chunks = 0
-    with client.conn.cursor(name="pyembed_plan") if not client.conn.autocommit else \
-            client.conn.cursor() as cur:
+    with client._conn.cursor(name="pyembed_plan") if not client._conn.autocommit else \
+            client._conn.cursor() as cur:
         cur.execute("SELECT content FROM pyembed.chunks WHERE corpus_id = %s", (info.corpus_id,))
         for (content,) in cur:
             chunks += 1
@@ -83,11 +83,12 @@ def plan(client: Client, corpus: str, to_key: str) -> Plan:
         # No service limit: the rate is this machine's; time a sample (no cache).
         from .embedder import Embedder
 
-        sample = [r[0] for r in client.conn.execute(
+        sample = [r[0] for r in client._conn.execute(
             "SELECT content FROM pyembed.chunks WHERE corpus_id = %s LIMIT 32",
             (info.corpus_id,))]
         t0 = time.perf_counter()
-        Embedder(new, truncate=True).embed(sample, InputType.DOCUMENT)
+        Embedder(new, truncate=True, around_call=client.outside_turn).embed(
+            sample, InputType.DOCUMENT)
         minutes = chunks / (len(sample) / max(time.perf_counter() - t0, 1e-6)) / 60
     cost = tokens / 1e6 * new.price_per_mtok if new.price_per_mtok is not None else None
     return Plan(corpus, old.key, new.key, int(documents), chunks, tokens, calls, minutes / 60, cost,
@@ -97,7 +98,7 @@ def plan(client: Client, corpus: str, to_key: str) -> Plan:
 
 def _call(client: Client, fn: str, *args: Any) -> Any:
     with translated():
-        row = client.conn.execute(f"SELECT pyembed.{fn}({', '.join(['%s'] * len(args))})",
+        row = client._conn.execute(f"SELECT pyembed.{fn}({', '.join(['%s'] * len(args))})",
                                   args).fetchone()
     return row[0] if row else None
 
@@ -141,12 +142,12 @@ def backfill(client: Client, corpus: str, *, batch_size: int | None = None,
     key = info.target_model_key
     embedder = client.embedder(key, truncate=truncate)
     size = batch_size or embedder.spec.max_batch
-    total = client.conn.execute(
+    total = client._conn.execute(
         "SELECT count(*) FROM pyembed.chunks ch WHERE corpus_id = %(c)s AND NOT EXISTS "
         "(SELECT FROM pyembed.vectors v WHERE v.corpus_id = ch.corpus_id "
         "AND v.chunk_id = ch.chunk_id AND v.model_key = %(k)s)",
         {"c": info.corpus_id, "k": key}).fetchone()[0]  # type: ignore[index]
-    locked = client.conn.execute("SELECT pg_try_advisory_lock(hashtext('pyembed backfill'), %s)",
+    locked = client._conn.execute("SELECT pg_try_advisory_lock(hashtext('pyembed backfill'), %s)",
                                  (info.corpus_id,)).fetchone()
     if not locked or not locked[0]:
         raise MigrationError(f"a backfill of corpus {corpus} is already running")
@@ -154,7 +155,7 @@ def backfill(client: Client, corpus: str, *, batch_size: int | None = None,
     done, after = 0, 0
     try:
         while True:
-            rows = client.conn.execute(MISSING, {"corpus_id": info.corpus_id, "after": after,
+            rows = client._conn.execute(MISSING, {"corpus_id": info.corpus_id, "after": after,
                                                  "key": key, "limit": size}).fetchall()
             if not rows:
                 break
@@ -171,7 +172,7 @@ def backfill(client: Client, corpus: str, *, batch_size: int | None = None,
         _build_index(client, info.corpus_id, key)
         _call(client, "migration_backfilled", corpus)
     finally:
-        client.conn.execute("SELECT pg_advisory_unlock(hashtext('pyembed backfill'), %s)",
+        client._conn.execute("SELECT pg_advisory_unlock(hashtext('pyembed backfill'), %s)",
                             (info.corpus_id,))
     return BackfillReport(done, time.perf_counter() - started, 0)
 
@@ -179,13 +180,13 @@ def backfill(client: Client, corpus: str, *, batch_size: int | None = None,
 def _build_index(client: Client, corpus_id: int, key: str) -> None:
     """Build the shadow index CONCURRENTLY (writes to other corpora go on); an invalid one
     left by an interrupted build is dropped and built again."""
-    build_index_online(client.conn, corpus_id, key)
+    build_index_online(client._conn, corpus_id, key)
 
 
 def _write(client: Client, corpus_id: int, key: str, rows: Sequence[Any],
            vectors: np.ndarray) -> None:
     # Only rows whose text is unchanged are written; a changed chunk is queued for both keys.
-    with translated(), client.conn.transaction(), client.conn.cursor() as cur:
+    with translated(), client._conn.transaction(), client._conn.cursor() as cur:
         copy_vectors(cur, corpus_id, [r[0] for r in rows], key, vectors, [r[2] for r in rows],
                      only_current=True)
 
@@ -209,7 +210,7 @@ def _score(client: Client, corpus: str, key: str, evals: list[EvalQuery],
     from .search import search
 
     def rank(vectors: npt.NDArray[np.float32], hits: int) -> list[list[str]]:
-        return [[h.document_id for h in search(client.conn, corpus, v, key, hits)]
+        return [[h.document_id for h in search(client._conn, corpus, v, key, hits)]
                 for v in vectors]
 
     return evaluate(client.embedder(key), evals, rank, k)
@@ -226,7 +227,7 @@ def validate(client: Client, corpus: str, *, k: int = 10, max_drop: float = 0.02
         raise MigrationError(f"cannot validate corpus {corpus}: its migration is at step "
                              f"{info.migration_step} (needs backfilled): run pyembed migrate "
                              "backfill first")
-    evals = eval_queries(client.conn, info.corpus_id)
+    evals = eval_queries(client._conn, info.corpus_id)
     if not evals:
         raise MigrationError(f"corpus {corpus} has no evaluation queries: add some with "
                              "`pyembed eval add` first")
@@ -262,10 +263,10 @@ def cleanup(client: Client, corpus: str) -> int:
     Indexes are dropped CONCURRENTLY, so searches never queue behind the drop."""
     removed = int(_call(client, "migration_cleanup", corpus, True))
     info = client.corpus(corpus).info
-    stale = client.conn.execute("SELECT pyembed._vector_indexes(%s, %s)",
+    stale = client._conn.execute("SELECT pyembed._vector_indexes(%s, %s)",
                                 (info.corpus_id, info.model_key)).fetchall()
     for (name,) in stale:
-        drop_index_online(client.conn, name)
+        drop_index_online(client._conn, name)
     return removed
 
 
@@ -291,14 +292,14 @@ class Status:
 def status(client: Client, corpus: str) -> Status:
     info = client.corpus(corpus).info
     key = info.target_model_key
-    one = client.conn.execute(
+    one = client._conn.execute(
         """SELECT (SELECT count(*) FROM pyembed.chunks WHERE corpus_id = %(c)s),
                   (SELECT count(*) FROM pyembed.vectors WHERE corpus_id = %(c)s AND model_key = %(k)s),
                   (SELECT count(*) FROM pyembed.queue WHERE corpus_id = %(c)s AND model_key = %(k)s),
                   (SELECT count(*) FROM pyembed.queue_failed WHERE corpus_id = %(c)s
                       AND model_key = %(k)s)""", {"c": info.corpus_id, "k": key}).fetchone()
     assert one is not None
-    events = client.conn.execute(
+    events = client._conn.execute(
         """SELECT e.at::text, e.step, e.detail FROM pyembed.migration_events e
              JOIN pyembed.migrations m USING (migration_id)
             WHERE m.corpus_id = %s ORDER BY e.event_id DESC LIMIT 20""",

@@ -9,6 +9,7 @@ import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -95,7 +96,7 @@ def search_text(corpus: Corpus, query: str, k: int, filter: Mapping[str, Any] | 
             if attempt == 3:
                 raise
         except _Stale:
-            corpus.info = corpus_info(corpus.client.conn, corpus.name)
+            corpus.info = corpus_info(corpus.client._conn, corpus.name)
     raise AssertionError("unreachable")
 
 
@@ -107,7 +108,7 @@ def _search(corpus: Corpus, query: str, k: int, flt: str | None, mode: str, opts
             options: Options, translate: Callable[[str], str] | None, log: bool) -> Searched:
     client = corpus.client
     started = time.perf_counter()
-    primary, read = client.conn, client.reader()
+    primary, read = client._conn, client._reader()
     one = read is primary
     text = translate(query) if translate and mode != "keyword" else query
     keys = _keys(corpus) if mode != "keyword" else []
@@ -168,7 +169,8 @@ def _search(corpus: Corpus, query: str, k: int, flt: str | None, mode: str, opts
         keyword = (_BACKGROUND.submit(_rows, primary, KEYWORD_RANKING, ranking_params)
                    if one and mode == "hybrid" else None)
         try:
-            vector = embedder.embed_prepared(served.text, served.input_type, reserved=True)
+            with client._keep_turn() if keyword is not None else nullcontext():
+                vector = embedder.embed_prepared(served.text, served.input_type, reserved=True)
         except BaseException:
             if keyword is not None:
                 wait([keyword])  # the connection is free again; the embedding's error is the one
@@ -233,8 +235,9 @@ def _early(corpus: Corpus, read: psycopg.Connection[Any], params: list[Any], key
     trip = _BACKGROUND.submit(first)
     client.current_corpus_id = corpus.info.corpus_id  # a retry's call is accounted to it
     try:
-        vector = client.embedder(key).embed_prepared(prepared.text, prepared.input_type,
-                                                     reserved=True)
+        with client._keep_turn():  # (the first round trip is on the connection meanwhile)
+            vector = client.embedder(key).embed_prepared(prepared.text, prepared.input_type,
+                                                         reserved=True)
     except BaseException:
         wait([trip])  # the connection is free again; a refused reservation is the error
         if trip.exception() is not None:
@@ -285,7 +288,7 @@ def _record(corpus: Corpus, corpus_id: int, key: str | None, kind: str | None, k
     written there (the query-log line, the cache entry of a miss, cache counts)."""
     counts = _due_counts(corpus)
     try:
-        _rows(corpus.client.conn, RECORD, [
+        _rows(corpus.client._conn, RECORD, [
             corpus_id, key, kind, k, hit, embed_ms, search_ms, total_ms,
             served.cache_key if served else None, str(served.input_type) if served else None,
             None if vector is None else Vector(vector), _ttl(corpus), flt, *counts])

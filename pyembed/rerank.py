@@ -13,6 +13,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from datetime import timedelta
 from functools import partial
 from typing import Any
@@ -100,7 +101,8 @@ class Reranker:
                  cache: RerankCache | None = None, max_retries: int = 6,
                  max_retry_after: float = 60.0, sleep: Callable[[float], None] = time.sleep,
                  meter: Callable[[RerankerSpec, int], None] | None = None,
-                 on_error: Callable[[RerankerSpec, ProviderError], None] | None = None) -> None:
+                 on_error: Callable[[RerankerSpec, ProviderError], None] | None = None,
+                 around_call: Callable[[], AbstractContextManager[None]] = nullcontext) -> None:
         self.spec = spec
         self.provider = provider if provider is not None else reranker_for(spec)
         self.cache = cache
@@ -110,6 +112,8 @@ class Reranker:
         self._retrier = Retrier(spec.key, max_retries=max_retries,
                                 max_retry_after=max_retry_after, sleep=sleep,
                                 on_error=partial(on_error, spec) if on_error else None)
+        self.around_call = around_call
+        """As Embedder.around_call: entered around each request with its retries."""
 
     def scores(self, query: str, texts: Sequence[str]) -> list[float]:
         """One relevance score per text, in input order (higher is more relevant)."""
@@ -151,7 +155,8 @@ class Reranker:
             if self.meter is not None:
                 self.meter(self.spec, tokens)
 
-        raw = self._retrier(lambda: self.provider.score_batch(query, texts), before=meter)
+        with self.around_call():
+            raw = self._retrier(lambda: self.provider.score_batch(query, texts), before=meter)
         try:
             return self._checked(raw, len(texts))
         except ProviderError as exc:

@@ -13,15 +13,31 @@ from .errors import InvalidInput
 
 _LAST_WORD = re.compile(r"\s+\S*$")
 
+INVISIBLE = (r"\x01-\x20\x7f-\xa0\xad\u0600-\u0605\u061c\u06dd\u070f\u0890-\u0891\u08e2\u1680"
+             r"\u180e\u2000-\u200f\u2028-\u202f\u205f-\u2064\u2066-\u206f\u3000\ufeff"
+             r"\ufff9-\ufffb\U000110bd\U000110cd\U00013430-\U00013438\U0001bca0-\U0001bca3"
+             r"\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f")
+"""The characters that are no text: Unicode's whitespace, control (Cc) and format (Cf)
+characters, as a regular expression's bracket ranges that Python and PostgreSQL read alike. A
+text of these alone is empty: the database's checks (pyembed._has_text, the CHECKs on
+chunks.content and eval_queries.query, revision 0028) use the same ranges."""
+_VISIBLE = re.compile(f"[^{INVISIBLE}]")
+
+
+def has_text(text: str) -> bool:
+    """Whether `text` has a character that is not whitespace, control or format (INVISIBLE)."""
+    return _VISIBLE.search(text) is not None
+
 
 def check_text(text: object, what: str = "text") -> str:
     """`text` if it can be stored and embedded; InvalidInput if it is not a string, is not
-    text PostgreSQL can store (`check_storable`) or is empty or only whitespace."""
+    text PostgreSQL can store (`check_storable`) or is empty, or only whitespace and control or
+    format characters (INVISIBLE)."""
     if not isinstance(text, str):
         raise InvalidInput(f"{what} must be a string, got {type(text).__name__}")
     check_storable(text, what)
-    if not text.strip():
-        raise InvalidInput(f"{what} is empty or only whitespace")
+    if not has_text(text):
+        raise InvalidInput(f"{what} is empty or only whitespace and control characters")
     return text
 
 

@@ -30,7 +30,7 @@ import psycopg
 from . import recall
 from .cache import PostgresCache
 from .corpora import model_spec
-from .db import connect
+from .db import connect, resolve_dsn
 from .db import lost as gone
 from .embedder import Embedder
 from .errors import (
@@ -290,7 +290,9 @@ class Worker:
                  recall_every: float = 60.0, recall_samples: int = 20) -> None:
         if batch_size < 1 or max_attempts < 1 or lease_seconds <= 0:
             raise InvalidInput("batch size, max attempts and lease must be positive")
-        self.dsn = dsn
+        # The worker's login by default ($PYEMBED_WORKER_DSN, the local cluster's), which
+        # counts failed provider calls.
+        self.dsn = dsn or resolve_dsn(worker=True)
         self.batch_size = batch_size
         self.max_attempts = max_attempts
         self.lease_seconds = lease_seconds
@@ -303,7 +305,7 @@ class Worker:
         self.stop_requested = threading.Event()
         self._conn: psycopg.Connection[Any] | None = None
         self._cache_conn: psycopg.Connection[Any] | None = None
-        self._leases = Leases(dsn, lease_seconds)
+        self._leases = Leases(self.dsn, lease_seconds)
         self.recall_every = recall_every
         """Seconds between two re-runs of sampled searches (pyembed.recall_sampled); 0: never."""
         self.recall_samples = recall_samples

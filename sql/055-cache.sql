@@ -159,6 +159,12 @@ AS $$
 DECLARE
   gone bigint;
 BEGIN
+  -- A key no model has would delete nothing, which read as done ("deleted 0").
+  IF p_model_key IS NOT NULL
+     AND NOT EXISTS (SELECT FROM pyembed.models m WHERE m.model_key = p_model_key) THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE006',
+      MESSAGE = format('unknown model key %L (pyembed models lists them)', p_model_key);
+  END IF;
   DELETE FROM pyembed.embedding_cache e
    WHERE e.tenant_id = coalesce(pyembed.current_tenant(), 0)
      AND (p_model_key IS NULL OR e.model_key = p_model_key)

@@ -171,11 +171,12 @@ AS $$
 DECLARE
   r record;
 BEGIN
-  r := pyembed._migration(corpus);
-  PERFORM pyembed._need(r.m, corpus, ARRAY['validated', 'shifting'], 'shift traffic on');
+  -- The argument first: a share out of range is refused as such at any step.
   IF share IS NULL OR share < 1 OR share > 100 THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005', MESSAGE = format('share must be 1..100, got %s', share);
   END IF;
+  r := pyembed._migration(corpus);
+  PERFORM pyembed._need(r.m, corpus, ARRAY['validated', 'shifting'], 'shift traffic on');
   UPDATE pyembed.migrations SET state = 'shifting' WHERE migration_id = (r.m).migration_id;
   UPDATE pyembed.corpora SET migration_step = 'shifting', traffic_share = share
    WHERE corpus_id = (r.c).corpus_id;
@@ -305,7 +306,8 @@ AS $$
 DECLARE
   missing text[];
 BEGIN
-  IF NEW.query IS NULL OR NEW.query !~ '\S' THEN
+  -- Only whitespace, control and format characters is empty too (pyembed.text.INVISIBLE).
+  IF NEW.query IS NULL OR NEW.query !~ '[^\x01-\x20\x7f-\xa0\xad\u0600-\u0605\u061c\u06dd\u070f\u0890-\u0891\u08e2\u1680\u180e\u2000-\u200f\u2028-\u202f\u205f-\u2064\u2066-\u206f\u3000\ufeff\ufff9-\ufffb\U000110bd\U000110cd\U00013430-\U00013438\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f]' THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
       MESSAGE = format('evaluation query %s is empty: give the text of a question',
                        NEW.query_id);

@@ -10,10 +10,13 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 
+import pyembed as pyembed_api
+from pyembed.db import connect
 from tests.conftest import REPO, Database
 
 
@@ -264,3 +267,82 @@ def test_each_command_is_summarised_on_one_line_in_its_groups_list() -> None:
             assert summary in line, (path, info.name, line)
             checked += 1
     assert checked > 30
+
+
+UNKNOWN_NAMES = [
+    ("cache", "purge", "--model", "nope/none@1:1"),
+    ("cache", "purge", "--model", "nope/none@1:1", "--expired"),
+    ("search", "nope", "a query"),
+    ("search", "known", "a query", "--rerank", "nope/none"),
+    ("ingest", "nope", "{folder}"),
+    ("ask", "nope", "a question"),
+    ("corpus", "show", "nope"),
+    ("corpus", "drop", "nope", "--yes"),
+    ("corpus", "create", "new", "--model", "nope/none@1:1"),
+    ("corpus", "index", "nope"),
+    ("corpus", "reindex", "nope"),
+    ("migrate", "plan", "nope", "--to", "fake/fake-hash@1:384"),
+    ("migrate", "plan", "known", "--to", "nope/none@1:1"),
+    ("migrate", "start", "known", "--to", "nope/none@1:1"),
+    ("migrate", "status", "nope"),
+    ("migrate", "shift", "nope", "10"),
+    ("migrate", "complete", "nope"),
+    ("migrate", "rollback", "nope"),
+    ("migrate", "cleanup", "nope"),
+    ("migrate", "backfill", "nope"),
+    ("migrate", "validate", "nope"),
+    ("eval", "add", "nope", "q1", "a query", "--relevant", "doc1"),
+    ("eval", "compare", "nope", "fake/fake-hash@1:384"),
+    ("eval", "compare", "known", "nope/none@1:1"),
+]
+
+
+@pytest.mark.parametrize("argv", UNKNOWN_NAMES, ids=" ".join)
+def test_every_command_naming_an_unknown_corpus_or_model_says_so(
+        db: Database, tmp_path: Path, argv: tuple[str, ...]) -> None:
+    """A corpus or model key that does not exist is one clear error naming it, never a
+    success that did nothing (`cache purge --model nope` said "deleted 0")."""
+    with connect(db.app_dsn, autocommit=True) as app:
+        app.execute("SELECT pyembed.create_corpus('known', 'fake/fake-hash@1:384')")
+        app.execute("SELECT pyembed.add_document('known', 'doc1', 'a known text')")
+    (tmp_path / "a.txt").write_text("a text\n")
+    args = [a.replace("{folder}", str(tmp_path)) for a in argv]
+    out = pyembed(*args, env=db_env(db), timeout=120)
+    assert out.returncode != 0, (out.stdout, out.stderr)
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "nope" in lines[0], out.stderr
+
+
+def _numeric_arguments() -> list[tuple[str, str]]:
+    """(command, argument) for every numeric positional argument of the CLI."""
+    import typer
+
+    from pyembed.cli import app
+
+    found = []
+
+    def walk(command: Any, path: list[str]) -> None:
+        for name, sub in getattr(command, "commands", {}).items():
+            walk(sub, [*path, name])
+        for param in getattr(command, "params", []):
+            kind = param.type_descriptor.annotation
+            if type(param).__name__ == "TyperArgument" and kind in (int, float):
+                found.append((" ".join(path), param.name))
+                assert command.context_settings.get("ignore_unknown_options"), path
+
+    walk(typer.main.get_command(app), [])
+    return found
+
+
+def test_a_negative_number_is_an_argument_with_its_range_error(
+        db: Database, client: pyembed_api.Client) -> None:
+    """Every numeric positional argument takes -1 as a number, refused by its range check
+    with one line; before, `migrate shift demo -1` was "No such option: -1"."""
+    assert _numeric_arguments() == [("migrate shift", "share")]
+    client.create_corpus("demo", "fake/fake-hash@1:384")
+    with psycopg.connect(db.owner_dsn, autocommit=True) as owner:
+        owner.execute("SELECT pyembed.migration_start('demo', 'local/all-minilm-l6-v2-int8@1:384')")
+    out = pyembed("migrate", "shift", "demo", "-1", env=db_env(db))
+    assert out.returncode == 1, out
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "-1" in lines[0] and "option" not in lines[0], out.stderr

@@ -6,11 +6,19 @@ uncommitted until the client closed: adds reported, nothing stored."""
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
+import pytest
 
+import pyembed
+from pyembed import evaluation, migration
 from pyembed.client import Client
+from pyembed.compare import compare
+from tests.conftest import Database
+from tests.fakeapi import FakeAPI
 from tests.helpers import count
 
 KEY = "fake/fake-hash@1:384"
@@ -86,3 +94,58 @@ def test_what_a_client_hands_out_waits_for_its_turn(client: Client,
                          (KEY,)).fetchone() == (1,)
     assert owner.execute("SELECT count(*) FROM pyembed.embedding_cache WHERE model_key = %s",
                          (KEY,)).fetchone() == (1,)
+
+
+OPENAI = "openai/text-embedding-3-small@1:1536"
+DELAY = 4.0
+"""Seconds the slow fake provider takes to answer."""
+
+
+@pytest.mark.parametrize("path", ["add", "search", "rerank", "backfill", "compare"])
+def test_a_provider_call_holds_no_turn_of_the_client(
+        db: Database, fake_api: FakeAPI, monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    """While one thread's call of a shared client waits on a slow provider (an add's, a
+    search's query, a rerank, a migration's backfill, a comparison), another thread's search
+    runs: the turn is given back around the provider call. Before, the search waited for the
+    HTTP answer."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-turns-1")
+    monkeypatch.setenv("VOYAGE_API_KEY", "pa-turns-1")
+    with pyembed.connect(db.owner_dsn) as client:
+        fast = client.create_corpus("fast", KEY)
+        fast.add([("d", "a text searched meanwhile")])
+        slow = client.create_corpus("slow", OPENAI if path in ("add", "search", "rerank") else KEY)
+        slow.add([("s", "a text of the slow corpus")])
+        if path == "backfill":
+            migration.start(client, "slow", OPENAI)
+        if path == "compare":
+            evaluation.add_eval_query(client, "slow", "q", "slow corpus", ["s"])
+        calls: dict[str, Callable[[], object]] = {
+            "add": lambda: slow.add([("n", "a new text")]),
+            "search": lambda: slow.search("a query not cached yet", k=1),
+            "rerank": lambda: slow.search("a text", k=1, mode="keyword",
+                                          rerank="voyage/rerank-2.5"),
+            "backfill": lambda: migration.backfill(client, "slow"),
+            "compare": lambda: compare(client, "slow", [OPENAI]),
+        }
+        errors: list[BaseException] = []
+
+        def slow_call() -> None:
+            try:
+                calls[path]()
+            except BaseException as exc:  # the finding
+                errors.append(exc)
+
+        fake_api.reset()
+        fake_api.script(f"slow={DELAY}")
+        thread = threading.Thread(target=slow_call)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not fake_api.requests and thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert fake_api.requests, errors
+        started = time.perf_counter()
+        assert fast.search("a text searched meanwhile", k=1)[0].document_id == "d"
+        took = time.perf_counter() - started
+        thread.join()
+        assert errors == []
+        assert took < DELAY / 2, f"the search waited {took:.2f} s on another thread's call"

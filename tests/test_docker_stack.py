@@ -224,6 +224,30 @@ def test_entrypoint_reads_dsns_from_secret_files(tmp_path: Path) -> None:
     assert out.returncode == 1 and "PYEMBED_OWNER_DSN_FILE" in out.stderr
 
 
+def test_the_stacks_worker_logs_in_as_a_member_of_pyembed_worker(tmp_path: Path) -> None:
+    """Only members of pyembed_worker count failed provider calls (revision 0026): the stack's
+    worker logs in as one (its DSN first, from the env file or a secret file), the
+    application login, which every app session uses, does not. Before, the worker ran as the
+    application login and counted nothing."""
+    roles = {m.group(1): {r.strip() for r in (m.group(2) or "").split(",")}
+             for m in re.finditer(r"CREATE ROLE (\w+) LOGIN PASSWORD '[^']*'(?: IN ROLE ([\w, ]+))?;",
+                                  (DOCKER / "initdb.sql").read_text())}
+    example = dict(line.split("=", 1) for line in (DOCKER / "env.example").read_text().splitlines()
+                   if line and not line.startswith("#"))
+    worker = re.match(r"postgresql://(\w+):", example["PYEMBED_WORKER_DSN"])
+    app = re.match(r"postgresql://(\w+):", example["PYEMBED_DSN"])
+    assert worker and app
+    assert "pyembed_worker" in roles[worker.group(1)] and "pyembed_app" in roles[worker.group(1)]
+    assert "pyembed_worker" not in roles[app.group(1)]
+    assert f"ALTER ROLE {worker.group(1)} PASSWORD" in (DOCKER / "initdb-docker.sh").read_text()
+    assert "PYEMBED_WORKER_PASSWORD" in example
+    secret = tmp_path / "worker_dsn"
+    secret.write_text("postgresql://w:s3cret@db/pyembed\n")
+    out = _run(["sh", str(DOCKER / "pyembed-entrypoint.sh"), "sh", "-c",
+                'printf "%s" "$PYEMBED_WORKER_DSN"'], {"PYEMBED_WORKER_DSN_FILE": str(secret)})
+    assert out.returncode == 0 and out.stdout == "postgresql://w:s3cret@db/pyembed", out
+
+
 # -- the dashboard against `pyembed metrics serve` -----------------------------------------
 
 PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and",

@@ -141,6 +141,31 @@ def test_csv_fields_up_to_a_chunks_bound_load_and_a_longer_one_is_reported(
     assert csv.field_size_limit() == 131072  # the process's limit as it was
 
 
+def test_reading_a_csv_file_leaves_the_processs_csv_limit_alone(tmp_path: Path) -> None:
+    """csv.field_size_limit is the whole process's, every thread's: while a CSV file is being
+    read (between its records, where the user's code runs), it stays as it was, and another
+    thread's csv reader still refuses a field over it. Before, it was sys.maxsize then."""
+    big = "x" * 200_000
+    path = _write(tmp_path / "two.csv", f"id,text\na,first text\nb,{big}\nc,third\n")
+    records = read_documents(path)
+    assert next(records).id == "a"  # paused inside the file
+    assert csv.field_size_limit() == 131072
+    refused: list[BaseException] = []
+
+    def other_thread() -> None:
+        try:
+            list(csv.reader(io.StringIO(big)))
+        except csv.Error as exc:
+            refused.append(exc)
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    thread.join()
+    assert len(refused) == 1 and "field limit" in str(refused[0])
+    assert [r.id for r in records] == ["b", "c"]  # pyembed's own reader takes the long field
+    assert csv.field_size_limit() == 131072
+
+
 def test_bad_lines_are_reported_with_line_numbers_and_the_rest_loads(
         tmp_path: Path, corpus: Corpus, app: psycopg.Connection[Any]) -> None:
     path = _write(tmp_path / "mixed.jsonl", _jsonl(
@@ -363,6 +388,30 @@ def _cli(args: list[str], db: Database, **kwargs: Any) -> subprocess.Popen[bytes
     env.update({"PYEMBED_DSN": db.app_dsn, "COLUMNS": "60"})
     return subprocess.Popen([sys.executable, "-m", "pyembed", *args], env=env, cwd=REPO,
                             **kwargs)
+
+
+@pytest.mark.parametrize("content", ["nothing", "unsupported and hidden files"])
+def test_a_folder_without_a_supported_file_is_a_problem_not_a_silent_success(
+        tmp_path: Path, corpus: Corpus, db: Database, content: str) -> None:
+    """An empty folder, or one of unsupported or hidden files only, loads nothing: the API
+    reports it as a problem and `pyembed ingest` says so and exits non-zero. Before, both
+    ended as if all was loaded (exit 0, no word)."""
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    if content != "nothing":
+        _write(folder / "notes.docx", "binary")
+        _write(folder / ".hidden.txt", "a hidden text")
+    report = ingest(corpus, folder, progress=False)
+    assert report.processed == 0
+    (problem,) = report.problems
+    assert problem.path == folder and problem.message.startswith("no supported file")
+    with pytest.raises(IngestError, match="no supported file"):
+        list(read_documents(folder))
+    done = _cli(["ingest", "files", str(folder)], db, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE)
+    out, err = done.communicate(timeout=120)
+    assert done.returncode == 1, (out, err)
+    assert b"no supported file" in err and b"nothing was loaded" in err, err
 
 
 def test_cli_in_a_pipe_prints_progress_lines_and_a_one_line_summary(

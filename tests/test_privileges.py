@@ -13,7 +13,7 @@ import pytest
 import pyembed
 from pyembed import index, migration, tenants
 from pyembed.client import Client
-from pyembed.db import translate
+from pyembed.db import GRANTED_TO, translate
 from tests.conftest import Database
 from tests.helpers import assert_matches_golden, sql_error
 from tests.test_cli import pyembed as pyembed_cli
@@ -216,10 +216,25 @@ def test_every_function_of_the_owners_is_refused_to_the_app_role_as_owner_only(
         "GROUP BY p.oid, p.proname ORDER BY 1").fetchall()
     assert {"set_index_settings", "rebuild_index", "index_status", "migration_start",
             "set_secret"} <= {name for name, _ in calls}
+    # A function granted to a role of its own besides the owner (pyembed_worker's) names that
+    # role: "the owner's" alone sent a worker's operator to the owner's DSN.
+    granted = dict(owner.execute(
+        "SELECT p.oid::regproc::text, string_agg(a.grantee::regrole::text, ', ') "
+        "FROM pg_proc p CROSS JOIN LATERAL aclexplode(p.proacl) a "
+        "WHERE p.pronamespace = 'pyembed'::regnamespace AND a.grantee <> 0 "
+        "AND a.grantee <> p.proowner AND a.privilege_type = 'EXECUTE' "
+        "AND NOT has_function_privilege('pyembed_app', p.oid, 'EXECUTE') "
+        "AND NOT pg_has_role(a.grantee, 'pyembed_owner', 'MEMBER') "
+        "GROUP BY p.oid").fetchall())
+    assert granted == GRANTED_TO
     for name, call in calls:
         error = translate(sql_error(app, call))
         assert isinstance(error, pyembed.OwnerOnly), (call, error)
-        assert f"function pyembed.{name} is pyembed's owner role's" in str(error)
+        role = granted.get(f"pyembed.{name}")
+        if role:
+            assert f"function pyembed.{name} is for the owner and members of {role}" in str(error)
+        else:
+            assert f"function pyembed.{name} is pyembed's owner role's" in str(error)
 
 
 def _tenant(conn: psycopg.Connection[Any]) -> Any:

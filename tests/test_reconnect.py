@@ -15,6 +15,8 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 import pyembed
 from pyembed import schema
@@ -59,11 +61,11 @@ def test_a_client_and_what_it_hands_out_survive_restarts(cluster: LocalCluster,
     docs.add([("e4012", "Error E4012 means the quota is used up."),
               ("e5003", "Error E5003: the bucket is read-only.")])
     embedder = client.embedder(KEY)
-    before = client.conn.info.backend_pid
+    before = client._conn.info.backend_pid  # (client.conn would be handed to this code)
 
     restart(cluster)
     assert docs.search("E4012 quota", k=1)[0].document_id == "e4012"  # no error
-    assert client.conn.info.backend_pid != before
+    assert client._conn.info.backend_pid != before
     restart(cluster)
     assert embedder.embed(["a text embedded after a restart"]).shape == (1, 384)
     restart(cluster)
@@ -76,13 +78,17 @@ def test_a_client_and_what_it_hands_out_survive_restarts(cluster: LocalCluster,
 def test_a_transaction_you_opened_is_not_replayed(cluster: LocalCluster,
                                                   client: pyembed.Client) -> None:
     """Inside your own transaction the loss is one clear error (the server rolled it back),
-    nothing of it is written again, and the call after it works on a new connection."""
+    nothing of it is written again, and after client.reconnect() (the connection was yours:
+    the client opens no other silently) the calls work on a new connection."""
     docs = client.create_corpus("docs", KEY)
     with pytest.raises(pyembed.DatabaseNotReady, match="inside a transaction opened on"):
         with client.conn.transaction():
             docs.add([("mine", "written in my transaction")])
             restart(cluster)
             docs.search("written", k=1)
+    with pytest.raises(pyembed.DatabaseNotReady, match=r"client\.conn was handed to your code"):
+        docs.search("written", k=1)
+    client.reconnect()
     assert docs.search("written in my transaction", k=1, mode="keyword") == []
     assert docs.add([("mine", "written in my transaction")]).added == 1
 
@@ -91,7 +97,7 @@ def test_a_connection_lost_during_a_call_is_one_clear_error(cluster: LocalCluste
                                                             client: pyembed.Client) -> None:
     docs = client.create_corpus("docs", KEY)
     with psycopg.connect(cluster.dsn(owner=True), autocommit=True) as owner:
-        pid = client.conn.info.backend_pid
+        pid = client._conn.info.backend_pid
 
         def translate(text: str) -> str:  # runs inside the call, before its writes
             owner.execute("SELECT pg_terminate_backend(%s, 5000)", (pid,))
@@ -100,6 +106,60 @@ def test_a_connection_lost_during_a_call_is_one_clear_error(cluster: LocalCluste
         with pytest.raises(pyembed.DatabaseNotReady, match="lost during the call"):
             docs.add([("d", "some text")], translate=translate)
     assert docs.add([("d", "some text")]).added == 1  # the next call reconnects
+
+
+@pytest.fixture
+def roles(cluster: LocalCluster) -> Iterator[tuple[str, str]]:
+    """A login in the application role, and a role it may SET ROLE to (another tenant's, say),
+    dropped afterwards."""
+    with psycopg.connect(cluster.dsn(owner=True), autocommit=True) as owner:
+        owner.execute("CREATE ROLE other_tenant NOLOGIN IN ROLE pyembed_app")
+        owner.execute("CREATE ROLE app_login LOGIN PASSWORD 'pw' IN ROLE pyembed_app, other_tenant")
+    try:
+        yield make_conninfo(cluster.dsn(), user="app_login", password="pw"), "other_tenant"
+    finally:
+        with psycopg.connect(cluster.dsn(owner=True), autocommit=True) as owner:
+            owner.execute("DELETE FROM pyembed.corpora")  # (the test's, owned by no role)
+            owner.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                          "WHERE usename = 'app_login'")
+            owner.execute("DROP ROLE app_login")
+            owner.execute("DROP ROLE other_tenant")
+
+
+def test_a_role_set_on_the_clients_connection_is_never_dropped_by_a_reconnect(
+        cluster: LocalCluster, client: pyembed.Client, roles: tuple[str, str]) -> None:
+    """SET ROLE on client.conn, then a restart: a new connection would act as the login, so
+    the call is DatabaseNotReady saying why, and stays so until client.reconnect(). Before,
+    the call went on as the login, silently."""
+    dsn, role = roles
+    with pyembed.connect(dsn) as mine:
+        docs = mine.create_corpus("docs", KEY)
+        mine.conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(role)))
+        restart(cluster)
+        for _ in range(2):
+            with pytest.raises(pyembed.DatabaseNotReady, match="may have changed its role"):
+                docs.search("anything", k=1)
+        mine.reconnect()
+        assert docs.search("anything", k=1) == []
+        assert mine._conn.execute("SELECT current_user").fetchone() == ("app_login",)
+
+
+def test_a_new_connection_that_would_act_as_another_role_is_refused(
+        cluster: LocalCluster, client: pyembed.Client, roles: tuple[str, str]) -> None:
+    """The connection was never handed out, but a new one acts otherwise than it did (the
+    login's default role changed meanwhile): refused, the same."""
+    dsn, role = roles
+    with pyembed.connect(dsn) as mine:
+        docs = mine.create_corpus("docs", KEY)
+        with psycopg.connect(cluster.dsn(owner=True), autocommit=True) as owner:
+            owner.execute(sql.SQL("ALTER ROLE app_login SET role = {}").format(sql.Literal(role)))
+        restart(cluster)
+        with pytest.raises(pyembed.DatabaseNotReady,
+                           match=r"acted as role 'app_login'.*a new one acts as 'other_tenant'"):
+            docs.search("anything", k=1)
+        with psycopg.connect(cluster.dsn(owner=True), autocommit=True) as owner:
+            owner.execute("ALTER ROLE app_login RESET role")
+        assert docs.search("anything", k=1) == []  # the same identity again: reconnected
 
 
 def test_the_worker_survives_a_restart(cluster: LocalCluster, client: pyembed.Client,

@@ -8,6 +8,7 @@ fake API server.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -25,11 +26,13 @@ import psycopg
 import pytest
 from pgvector import Vector
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pyembed.cache import PostgresCache
-from pyembed.db import connect
+from pyembed.db import connect, resolve_dsn
 from pyembed.embedder import Embedder
 from pyembed.errors import ProviderError
+from pyembed.localdb import APP_USER, WORKER_USER, LocalCluster
 from pyembed.models import InputType, ModelSpec
 from pyembed.providers import provider_for
 from pyembed.providers.fake import FakeProvider, fake_vectors
@@ -739,3 +742,48 @@ def test_the_cli_reports_missing_grants_in_one_line(db: Database, stranger: str)
     assert "permission denied" in result.stderr
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr[-2000:]
+
+
+def test_pyembed_worker_logs_in_as_a_member_of_pyembed_worker_and_counts_failures(
+        cluster: LocalCluster, db: Database, app: psycopg.Connection[Any], fake_api: FakeAPI,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only members of pyembed_worker count failed provider calls (revision 0026). The local
+    cluster has a worker login that is one (its application login is not: every app session
+    could count), `pyembed worker` uses it by default there ($PYEMBED_WORKER_DSN before
+    $PYEMBED_DSN elsewhere), and a failure of its call is counted. Before, the worker ran as
+    the application login and counted nothing."""
+    for name in ("PYEMBED_DSN", "PYEMBED_WORKER_DSN", "PYEMBED_OWNER_DSN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PYEMBED_HOME", str(cluster.home))
+    worker_login = conninfo_to_dict(resolve_dsn(worker=True))
+    assert worker_login["user"] == WORKER_USER
+    assert conninfo_to_dict(resolve_dsn())["user"] == APP_USER
+    member = "SELECT pg_has_role(%s, 'pyembed_worker', 'MEMBER')"
+    assert one(app, member, (WORKER_USER,)) is True
+    assert one(app, member, (APP_USER,)) is False
+
+    worker_dsn = make_conninfo(db.app_dsn, user=WORKER_USER, password=worker_login["password"])
+    make_corpus(app, "counted", OPENAI)
+    add_docs(app, "counted", ["a text the service fails once"])
+    before = app.execute("SELECT errors FROM pyembed.provider_errors() "
+                         "WHERE provider = 'openai' AND kind = 'server_error'").fetchone()
+    fake_api.script("503")
+    result = cli("worker", env={"PYEMBED_DSN": db.app_dsn, "PYEMBED_WORKER_DSN": worker_dsn,
+                                "OPENAI_API_KEY": OPENAI_KEY, **fake_api.env()})
+    assert result.returncode == 0, result.stderr
+    after = app.execute("SELECT errors FROM pyembed.provider_errors() "
+                        "WHERE provider = 'openai' AND kind = 'server_error'").fetchone()
+    assert before is not None and after is not None and after[0] == before[0] + 1
+    assert fresh_vectors(app) == 1
+
+
+def test_a_cluster_made_before_the_worker_login_gets_one_at_its_first_use(
+        cluster: LocalCluster) -> None:
+    """cluster.json of an older cluster has no worker password: the login is made (or given a
+    new password) then, and its DSN logs in."""
+    state = json.loads(cluster.state_file.read_text())
+    cluster.state_file.write_text(json.dumps({**state, "worker_password": None}))
+    dsn = cluster.dsn(worker=True)
+    assert json.loads(cluster.state_file.read_text())["worker_password"]
+    with connect(dsn, autocommit=True) as conn:
+        assert one(conn, "SELECT current_user") == WORKER_USER

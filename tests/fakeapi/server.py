@@ -35,7 +35,7 @@ from pyembed.providers.rerank import fake_scores
 from pyembed.text import estimate_tokens
 
 Service = Literal["voyage", "openai", "cohere", "anthropic"]
-Kind = Literal["ok", "status", "hang", "short", "wrongdims", "indexes", "nan"]
+Kind = Literal["ok", "status", "hang", "slow", "short", "wrongdims", "indexes", "nan"]
 
 _ROUTES: dict[str, Service] = {
     "/voyage/v1/embeddings": "voyage",
@@ -56,8 +56,9 @@ class Behaviour:
 
     ok: a normal answer. status: an error with that HTTP status (and a Retry-After header
     if `retry_after` is set). hang: no answer until the server's `hang_seconds` pass, then
-    the connection closes. short: one vector too few (Anthropic: an answer cut off, and a
-    stream that stops before message_stop). wrongdims: vectors of half the dimensions.
+    the connection closes. slow: a normal answer after `delay` seconds. short: one vector
+    too few (Anthropic: an answer cut off, and a stream that stops before message_stop).
+    wrongdims: vectors of half the dimensions.
     indexes: one embedding per listed index, labelled with it and carrying the vector of the
     text at that index modulo the number of texts (Cohere's answer has no indexes: it gets
     those vectors in that order).
@@ -69,11 +70,18 @@ class Behaviour:
     status: int = 200
     retry_after: str | None = None
     indexes: tuple[int, ...] = ()
+    delay: float = 0.0
 
     @classmethod
     def parse(cls, text: str) -> Behaviour:
-        """"ok", "hang", "short", "wrongdims", "nan", "<status>", "<status>:retry-after=<value>"
-        or "indexes=<i>,<j>,...", e.g. "429:retry-after=2" or "indexes=1,1,0,3"."""
+        """"ok", "hang", "short", "wrongdims", "nan", "<status>", "<status>:retry-after=<value>",
+        "indexes=<i>,<j>,..." or "slow=<seconds>", e.g. "429:retry-after=2", "indexes=1,1,0,3"
+        or "slow=2.5"."""
+        if text.startswith("slow="):
+            try:
+                return cls(kind="slow", delay=float(text.removeprefix("slow=")))
+            except ValueError:
+                raise ValueError(f"unknown behaviour {text!r}") from None
         if text in ("ok", "hang", "short", "wrongdims", "nan"):
             return cls(kind=text)  # type: ignore[arg-type]
         if text.startswith("indexes="):
@@ -259,6 +267,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.fake._stopping.wait(self.fake.hang_seconds)
             self.close_connection = True
             return
+        if behaviour.kind == "slow":
+            self.fake._stopping.wait(behaviour.delay)  # then answers as "ok"
         key = _api_key(service, headers)
         if not key:
             self._error(service, 401, "no API key given")
