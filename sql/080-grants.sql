@@ -71,8 +71,6 @@ GRANT EXECUTE ON FUNCTION
   pyembed.reserve_usage(text, integer, integer, bigint),
   pyembed.usage_report(integer),
   pyembed.provider_errors(),
-  pyembed.register_model(text, text, text, integer, text, boolean, boolean, integer, integer,
-                         integer, numeric, text),
   pyembed.embed(text, text, text),
   pyembed.embed_batch(text[], text, text),
   pyembed.search_text(text, text, integer, jsonb, text, text, text, double precision),
@@ -101,5 +99,10 @@ GRANT EXECUTE ON FUNCTION
 REVOKE EXECUTE ON FUNCTION pyembed.count_provider_error(text, text) FROM pyembed_app;
 GRANT USAGE ON SCHEMA pyembed TO pyembed_worker;
 GRANT EXECUTE ON FUNCTION pyembed.count_provider_error(text, text) TO pyembed_worker;
+-- The model registry is the operator's, like the tenants: every tenant's corpora use a key's row
+-- (its vector space, price and batch bounds), so a tenant that registered a key first would set
+-- them for all. Revoked by name: a database upgraded from when it was granted keeps the grant.
+REVOKE EXECUTE ON FUNCTION pyembed.register_model(text, text, text, integer, text, boolean,
+  boolean, integer, integer, integer, numeric, text) FROM pyembed_app;
 -- Model migrations are the DBA's: granted to nobody, run as the owner.
 -- pyembed.secrets and pyembed.set_secret stay the owner's: REVOKE above, no GRANT.

@@ -110,7 +110,7 @@ def test_a_model_registered_by_a_tenant_cannot_carry_a_price_that_falsifies_cost
     """Usage costs are tokens times the model's price: a model the application role registers
     with a negative, NaN or infinite price made its calls' costs negative or NaN in the usage
     ledger (and `pyembed usage --json` wrote NaN, which is not JSON)."""
-    err = sql_error(app, "SELECT pyembed.register_model('fake', 'fake-hash', 'priced', 384, "
+    err = sql_error(owner, "SELECT pyembed.register_model('fake', 'fake-hash', 'priced', 384, "
                          "price_per_mtok => %s::numeric)", (price,))
     assert isinstance(err, psycopg.errors.CheckViolation), err
     for bad in ("-1", "NaN", "Infinity"):  # nor as the owner, directly
@@ -456,10 +456,10 @@ def test_a_text_over_its_bound_is_invalid_input(owner: psycopg.Connection[Any],
 
     # the key made of it is checked first (the table checks in the order of their names)
     with pytest.raises(InvalidInput, match=r"models\.(provider|model_key) is longer"):
-        register(app, ModelSpec("p" * 10_000, "m", "1", 4))
+        register(owner, ModelSpec("p" * 10_000, "m", "1", 4))
     with pytest.raises(InvalidInput, match=r"models\.description"):
-        register(app, ModelSpec("p", "m", "1", 4, description="d" * 2_000_000))
-    err = sql_error(app, "SELECT pyembed.register_model('p', 'm', '1', 4, description => %s)",
+        register(owner, ModelSpec("p", "m", "1", 4, description="d" * 2_000_000))
+    err = sql_error(owner, "SELECT pyembed.register_model('p', 'm', '1', 4, description => %s)",
                     ("d" * 2_000_000,))
     assert isinstance(err, psycopg.errors.CheckViolation), err
     assert owner.execute("SELECT count(*) FROM pyembed.models WHERE provider LIKE 'p%%'"

@@ -36,7 +36,7 @@ def test_counts_past_one_calls_range_are_refused_and_reports_still_run(
         err = sql_error(app, "SELECT pyembed.cache_count(ARRAY[%s], ARRAY[%s::bigint], "
                              "ARRAY[0::bigint])", (FAKE, BIG))
         assert err.sqlstate == "PE005" and "0 to 2147483647" in str(err), err
-    err = sql_error(app, "SELECT pyembed.register_model('fake', 'pricey', '1', 4, "
+    err = sql_error(owner, "SELECT pyembed.register_model('fake', 'pricey', '1', 4, "
                          "price_per_mtok => 1e400)")
     assert isinstance(err, psycopg.errors.CheckViolation) and "models_price_in_range" in str(err)
     # The most one call counts is taken, and many such rows still add up.
@@ -44,7 +44,7 @@ def test_counts_past_one_calls_range_are_refused_and_reports_still_run(
         app.execute("SELECT pyembed.reserve_usage(%s, NULL, 1, %s)", (FAKE, MOST))
         app.execute("SELECT pyembed.cache_count(ARRAY[%s], ARRAY[%s::bigint], ARRAY[%s::bigint])",
                     (FAKE, MOST, MOST))
-    app.execute("SELECT pyembed.register_model('fake', 'pricey', '1', 4, "
+    owner.execute("SELECT pyembed.register_model('fake', 'pricey', '1', 4, "
                 "price_per_mtok => 1000000)")
     app.execute("SELECT pyembed.reserve_usage('fake/pricey@1:4', NULL, 1, %s)", (MOST,))
     for conn in (app, owner):

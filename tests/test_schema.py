@@ -66,8 +66,6 @@ APP_EXECUTE = {
     "drop_corpus(text)",
     "embed(text, text, text)",
     "embed_batch(text[], text, text)",
-    "register_model(text, text, text, integer, text, boolean, boolean, integer, integer, "
-    "integer, numeric, text)",
     "search(text, vector, text, integer, jsonb, text)",
     "search_hybrid(text, text, vector, text, integer, jsonb, integer, integer, text, text, "
     "double precision, bigint[], double precision[], text[])",
