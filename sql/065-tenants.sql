@@ -57,6 +57,39 @@ BEGIN
 END
 $$;
 
+-- A ledger's row (usage, cache counts and entries, the query log) is for a model the registry
+-- has or a reranker pyembed knows (PE006), whichever function wrote it: a key nobody registered
+-- was a row for nothing in the tenant's reports and the metrics. The query log's '-' is a
+-- search that embedded nothing (keyword).
+CREATE OR REPLACE FUNCTION pyembed._ledger_key_known() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+  IF EXISTS (SELECT FROM pyembed.models m WHERE m.model_key = NEW.model_key)
+     OR NEW.model_key = ANY (pyembed.rerankers())
+     OR (TG_TABLE_NAME = 'query_log' AND NEW.model_key = '-') THEN
+    RETURN NEW;
+  END IF;
+  RAISE EXCEPTION USING ERRCODE = 'PE006',
+    MESSAGE = format('unknown model key %s: not in the registry (`pyembed models`) nor a '
+                     'reranker', coalesce(quote_literal(left(NEW.model_key, 80)), 'NULL'));
+END
+$$;
+
+CREATE OR REPLACE TRIGGER usage_key_known
+  BEFORE INSERT OR UPDATE OF model_key ON pyembed.usage
+  FOR EACH ROW EXECUTE FUNCTION pyembed._ledger_key_known();
+CREATE OR REPLACE TRIGGER cache_stats_key_known
+  BEFORE INSERT OR UPDATE OF model_key ON pyembed.cache_stats
+  FOR EACH ROW EXECUTE FUNCTION pyembed._ledger_key_known();
+CREATE OR REPLACE TRIGGER embedding_cache_key_known
+  BEFORE INSERT OR UPDATE OF model_key ON pyembed.embedding_cache
+  FOR EACH ROW EXECUTE FUNCTION pyembed._ledger_key_known();
+CREATE OR REPLACE TRIGGER query_log_key_known
+  BEFORE INSERT OR UPDATE OF model_key ON pyembed.query_log
+  FOR EACH ROW EXECUTE FUNCTION pyembed._ledger_key_known();
+
 -- A report's window, `amount` days or hours back from now: 1 to a hundred years, or PE005 (a
 -- window past that is out of the timestamps' range, and one below 1 would report nothing).
 CREATE OR REPLACE FUNCTION pyembed._report_window(amount integer, unit text) RETURNS interval

@@ -29,8 +29,12 @@ GRANT INSERT (corpus_id, document_id, chunk_index, content, content_hash, metada
       UPDATE (document_id, chunk_index, content, content_hash, metadata)
   ON pyembed.chunks TO pyembed_app;
 -- Chunk writes queue their work as the writer; the worker claims (UPDATE), dequeues and moves
--- failed jobs aside. A queued key is checked by pyembed._queue_keys_accepted (PE001).
-GRANT SELECT, INSERT, UPDATE, DELETE ON pyembed.queue, pyembed.queue_failed TO pyembed_app;
+-- failed jobs aside through pyembed.fail_job and expire_jobs, the one way a failure row is
+-- written (it is a queued job, moved); failures are read and cleared (DELETE: done with them).
+-- A queued key is checked by pyembed._queue_keys_accepted (PE001). REVOKE first: see above.
+GRANT SELECT, INSERT, UPDATE, DELETE ON pyembed.queue TO pyembed_app;
+REVOKE ALL ON pyembed.queue_failed FROM pyembed_app;
+GRANT SELECT, DELETE ON pyembed.queue_failed TO pyembed_app;
 -- The query log is read, and written only by pyembed.record_search (a search's own record, with
 -- the corpus it checks is the caller's): a line the caller wrote itself was another figure of
 -- pyembed.latency and another number of the one sequence every tenant's searches share.
@@ -68,6 +72,8 @@ GRANT EXECUTE ON FUNCTION
   pyembed.rerank_cache_purge(text, boolean),
   pyembed._clear_vectors(integer, text, bigint, bigint, bigint[]),
   pyembed._dequeue_written(integer, text, bigint, bigint, bytea[]),
+  pyembed.expire_jobs(integer),
+  pyembed.fail_job(integer, bigint, text, bytea, integer, text),
   pyembed.reserve_usage(text, integer, integer, bigint),
   pyembed.usage_report(integer),
   pyembed.provider_errors(),

@@ -52,6 +52,31 @@ def test_the_app_role_cannot_read_or_write_a_ledger(app: psycopg.Connection[Any]
         assert isinstance(sql_error(app, statement), psycopg.errors.InsufficientPrivilege), statement
 
 
+def test_a_failure_row_is_only_a_queued_job_moved(app: psycopg.Connection[Any],
+                                                   docs: CorpusInfo) -> None:
+    """Before, the application role inserted and updated pyembed.queue_failed itself: a tenant
+    wrote failures of chunks nobody queued, with any attempts and reason. Now pyembed.fail_job
+    (and expire_jobs) move a queued job, with the attempts the queue counted, or nothing."""
+    app.execute("SELECT pyembed.add_document('docs', 'd1', 'a text about refunds')")
+    chunk, digest, attempts = app.execute(
+        "SELECT chunk_id, content_hash, attempts FROM pyembed.queue").fetchone()
+    for statement in ("INSERT INTO pyembed.queue_failed (corpus_id, chunk_id, model_key, "
+                      "content_hash, attempts, reason) VALUES (%s, %s, %s, %s, 1, 'forged')",
+                      "UPDATE pyembed.queue_failed SET reason = 'forged' WHERE corpus_id = %s"):
+        params = (docs.corpus_id, chunk, KEY, digest)[:statement.count("%s")]
+        assert isinstance(sql_error(app, statement, params),
+                          psycopg.errors.InsufficientPrivilege), statement
+    fail = "SELECT pyembed.fail_job(%s, %s, %s, %s, %s, 'refused')"
+    assert app.execute(fail, (docs.corpus_id, chunk, KEY, digest, attempts + 5)).fetchone() \
+        == (False,)  # not the job as queued
+    assert app.execute(fail, (docs.corpus_id, chunk, KEY, digest, attempts)).fetchone() == (True,)
+    assert app.execute("SELECT chunk_id, attempts, reason FROM pyembed.queue_failed").fetchall() \
+        == [(chunk, attempts, "refused")]
+    assert app.execute("SELECT count(*) FROM pyembed.queue").fetchone() == (0,)
+    assert app.execute(fail, (docs.corpus_id, chunk, KEY, digest, attempts)).fetchone() \
+        == (False,)  # moved once
+
+
 def test_cache_vectors_cannot_rank_a_corpus(app: psycopg.Connection[Any], docs: Any) -> None:
     """The attack the table grant allowed: join cached document vectors to chunks by key."""
     app.execute("SELECT pyembed.add_document('docs', 'd1', 'a text about refunds')")
@@ -464,3 +489,4 @@ def test_a_text_over_its_bound_is_invalid_input(owner: psycopg.Connection[Any],
     assert isinstance(err, psycopg.errors.CheckViolation), err
     assert owner.execute("SELECT count(*) FROM pyembed.models WHERE provider LIKE 'p%%'"
                          ).fetchone() == (0,)
+

@@ -161,6 +161,9 @@ APP_WRITERS = {
     "rerank_cache_purge": "the caller's tenant's rerank cache entries",
     "reserve_usage": "usage of the caller's tenant, for its own corpus, never negative",
     "reserve_query": "as reserve_usage",
+    "fail_job": "queue_failed: a queued job of the caller's corpora, moved (the one way a "
+                "failure row is written)",
+    "expire_jobs": "as fail_job, for the caller's jobs out of attempts",
     "record_search": "the query log, for a corpus of the caller's tenant",
     "measure_recall": "recall measurements of a corpus of the caller's tenant, measured here",
     "recall_sampled": "the caller's tenant's recall samples, measured here",
