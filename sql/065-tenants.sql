@@ -23,13 +23,8 @@ BEGIN
       HINT = 'embed on the primary (SELECT pyembed.embed(query, model_key, ''query'')) and search '
              'here with pyembed.search(corpus, vector, model_key, k); cached queries need no call';
   END IF;
-  -- At most what one call can count (usage_tokens_in_range): the reports add the rows up.
-  IF p_requests IS NULL OR p_tokens IS NULL OR p_requests < 0 OR p_tokens < 0
-     OR p_tokens > 2147483647 THEN
-    RAISE EXCEPTION USING ERRCODE = 'PE005',
-      MESSAGE = format('usage is counted in requests and tokens of 0 to 2147483647, not %s and %s',
-                       coalesce(p_requests::text, 'NULL'), coalesce(p_tokens::text, 'NULL'));
-  END IF;
+  -- What one call may count is the table's rule (usage_counts_not_negative, usage_tokens_in_range:
+  -- the reports add the rows up; NOT NULL), checked by its insert below.
   price := (SELECT m.price_per_mtok FROM pyembed.models m WHERE m.model_key = p_model_key);
   IF p_corpus_id IS NOT NULL AND NOT (p_corpus_id = ANY (pyembed.visible_corpora())) THEN
     RAISE EXCEPTION USING ERRCODE = 'PE002', MESSAGE = format('unknown corpus id %s', p_corpus_id);

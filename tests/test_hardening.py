@@ -19,7 +19,7 @@ import pyembed
 from pyembed import tenants
 from pyembed.cachekey import cache_key
 from pyembed.corpora import ChunkRow, CorpusInfo, corpus_info, write_chunks
-from pyembed.db import connect
+from pyembed.db import connect, translate
 from pyembed.errors import InvalidInput
 from tests.conftest import Database
 from tests.helpers import login_role, sql_error, stored_chunks, unit
@@ -121,12 +121,18 @@ def test_usage_cannot_be_falsified_through_its_function(app: psycopg.Connection[
                                                         owner: psycopg.Connection[Any],
                                                         docs: CorpusInfo) -> None:
     reserve = "SELECT pyembed.reserve_usage(%s, %s, %s, %s)"
-    assert sql_error(app, reserve, (KEY, docs.corpus_id, -100, 0)).sqlstate == "PE005"
-    assert sql_error(app, reserve, (KEY, docs.corpus_id, 0, -10**9)).sqlstate == "PE005"
+    for counts in ((-100, 0), (0, -10**9)):  # the table's rule, one InvalidInput in Python
+        err = sql_error(app, reserve, (KEY, docs.corpus_id, *counts))
+        assert "usage_counts_not_negative" in str(err), err
+        assert isinstance(translate(err), InvalidInput)
+    assert isinstance(translate(sql_error(app, reserve, (KEY, docs.corpus_id, None, 1))),
+                      InvalidInput)  # NOT NULL
     assert sql_error(app, reserve, (KEY, docs.corpus_id + 1000, 1, 1)).sqlstate == "PE002"
     assert requests(owner) == 0
-    assert sql_error(app, "SELECT pyembed.cache_count(ARRAY[%s], ARRAY[-5::bigint], "
-                      "ARRAY[0::bigint])", (KEY,)).sqlstate == "PE005"
+    for hits, misses in ((-5, 0), (0, -5), (-5, 5)):
+        err = sql_error(app, "SELECT pyembed.cache_count(ARRAY[%s], ARRAY[%s::bigint], "
+                             "ARRAY[%s::bigint])", (KEY, hits, misses))
+        assert "cache_stats_counts_not_negative" in str(err), err
 
 
 @pytest.mark.parametrize("price", ["-1", "NaN", "Infinity"])
@@ -490,3 +496,42 @@ def test_a_text_over_its_bound_is_invalid_input(owner: psycopg.Connection[Any],
     assert owner.execute("SELECT count(*) FROM pyembed.models WHERE provider LIKE 'p%%'"
                          ).fetchone() == (0,)
 
+
+# -- every CHECK of the schema is one clear error ----------------------------------------------
+def test_every_check_of_the_schema_says_what_it_requires(owner: psycopg.Connection[Any]) -> None:
+    """Walks every CHECK constraint of the schema, a new one included: its name follows the
+    convention db.translate reads (<table>_<column><suffix>, the column one of the table's, or a
+    row rule of ROW_CHECKS), so breaking it is InvalidInput naming the column or the rule.
+    Before, only the *_bound ones were: the rest reached Python as a raw CheckViolation."""
+    from pyembed.db import ROW_CHECKS, check_message
+
+    checks = owner.execute(
+        "SELECT c.relname, k.conname, array_agg(a.attname) FROM pg_constraint k "
+        "JOIN pg_class c ON c.oid = k.conrelid JOIN pg_attribute a ON a.attrelid = c.oid "
+        "AND a.attnum > 0 AND NOT a.attisdropped WHERE k.contype = 'c' "
+        "AND k.connamespace = 'pyembed'::regnamespace AND NOT c.relispartition "
+        "GROUP BY c.relname, k.conname ORDER BY 1, 2").fetchall()
+    assert len(checks) > 50
+    names = set()
+    for table, check, columns in checks:
+        names.add(check)
+        means = check_message(table, check)
+        assert means, f"CHECK {check} of {table}: name it <table>_<column>_check/_bound/" \
+                      "_in_range, or give its rule a message in pyembed.db.ROW_CHECKS"
+        if check not in ROW_CHECKS:
+            assert means.split(" ", 1)[0].split(".", 1)[1] in columns, (check, means)
+    assert set(ROW_CHECKS) <= names  # no message for a CHECK that is gone
+
+
+@pytest.mark.parametrize(("spec", "named"), [
+    ({"max_batch": 0}, r"models\.max_batch is not a value"),
+    ({"max_tokens": -1}, r"models\.max_tokens is not a value"),
+    ({"request_dimensions": 0}, r"models\.request_dimensions is not a value"),
+    ({"price_per_mtok": 10**7}, "a model's price is 0 to 1000000"),
+])
+def test_a_model_the_registry_refuses_is_invalid_input(owner: psycopg.Connection[Any],
+                                                      spec: dict[str, Any], named: str) -> None:
+    from pyembed.models import ModelSpec, register
+
+    with pytest.raises(InvalidInput, match=named):
+        register(owner, ModelSpec("fake", "m", "1", 4, **spec))

@@ -27,7 +27,7 @@ def test_a_provider_pyembed_does_not_know_is_refused(owner: psycopg.Connection[A
 
 
 def test_the_python_registry_refuses_it_too(owner_client: Client) -> None:
-    with pytest.raises(psycopg.errors.CheckViolation):
+    with pytest.raises(pyembed.InvalidInput, match=r"models\.provider is not a value"):
         owner_client.register_model(pyembed.ModelSpec("nosuchprov", "m", "1", 384))
 
 
