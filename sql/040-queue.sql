@@ -2,9 +2,11 @@
 -- serves (the active key, and the migration target during a migration). Triggers never call the
 -- network; `pyembed worker` embeds. A fresh vector for the same text dequeues it.
 
--- A statement at a time (transition tables): a bulk insert queues its chunks in one pass.
+-- A statement at a time (transition tables): a bulk insert queues its chunks in one pass. As its
+-- owner: a job is the caller's own chunk write (the transition tables hold only rows row-level
+-- security let it write), and the application role inserts no job, nor sets a job's text hash.
 CREATE OR REPLACE FUNCTION pyembed._enqueue_chunks() RETURNS trigger
-LANGUAGE plpgsql
+LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN

@@ -31,8 +31,11 @@ GRANT INSERT (corpus_id, document_id, chunk_index, content, content_hash, metada
 -- Chunk writes queue their work as the writer; the worker claims (UPDATE), dequeues and moves
 -- failed jobs aside through pyembed.fail_job and expire_jobs, the one way a failure row is
 -- written (it is a queued job, moved); failures are read and cleared (DELETE: done with them).
--- A queued key is checked by pyembed._queue_keys_accepted (PE001). REVOKE first: see above.
-GRANT SELECT, INSERT, UPDATE, DELETE ON pyembed.queue TO pyembed_app;
+-- A queued key is checked by pyembed._queue_keys_accepted (PE001). A job is made by the chunk
+-- write (pyembed._enqueue_chunks, as its owner): the worker changes only its attempts, lease and
+-- last error. REVOKE first: see above.
+REVOKE ALL ON pyembed.queue FROM pyembed_app;
+GRANT SELECT, DELETE, UPDATE (attempts, not_before, last_error) ON pyembed.queue TO pyembed_app;
 REVOKE ALL ON pyembed.queue_failed FROM pyembed_app;
 GRANT SELECT, DELETE ON pyembed.queue_failed TO pyembed_app;
 -- The query log is read, and written only by pyembed.record_search (a search's own record, with

@@ -77,6 +77,28 @@ def test_a_failure_row_is_only_a_queued_job_moved(app: psycopg.Connection[Any],
         == (False,)  # moved once
 
 
+def test_a_job_is_only_a_chunk_write_queued(app: psycopg.Connection[Any],
+                                            docs: CorpusInfo) -> None:
+    """Before, the application role inserted queue rows itself (any text hash, attempts, last
+    error: a failure expire_jobs then recorded as the queue's) and updated a job's text hash and
+    age. Now a job is made by its chunk's write (pyembed._enqueue_chunks, as its owner), and
+    the worker changes only what a claim, retry or release does."""
+    app.execute("SELECT pyembed.add_document('docs', 'd1', 'a text about refunds')")
+    chunk, digest = app.execute("SELECT chunk_id, content_hash FROM pyembed.queue").fetchone()
+    for statement in ("UPDATE pyembed.queue SET content_hash = '\\x00'",
+                      "UPDATE pyembed.queue SET enqueued_at = now() - interval '1 year'"):
+        assert isinstance(sql_error(app, statement), psycopg.errors.InsufficientPrivilege)
+    app.execute("UPDATE pyembed.queue SET attempts = attempts + 1, not_before = now(), "
+                "last_error = 'retry'")  # the worker's own columns
+    assert app.execute("SELECT chunk_id, content_hash, attempts FROM pyembed.queue").fetchall() \
+        == [(chunk, digest, 1)]
+    app.execute("DELETE FROM pyembed.queue")  # done with (a vector's write dequeues it)
+    err = sql_error(app, "INSERT INTO pyembed.queue (corpus_id, chunk_id, model_key, "
+                         "content_hash, attempts, last_error) VALUES (%s, %s, %s, %s, 99, "
+                         "'forged')", (docs.corpus_id, chunk, KEY, digest))
+    assert isinstance(err, psycopg.errors.InsufficientPrivilege), err
+
+
 def test_cache_vectors_cannot_rank_a_corpus(app: psycopg.Connection[Any], docs: Any) -> None:
     """The attack the table grant allowed: join cached document vectors to chunks by key."""
     app.execute("SELECT pyembed.add_document('docs', 'd1', 'a text about refunds')")
@@ -152,13 +174,16 @@ def test_a_model_registered_by_a_tenant_cannot_carry_a_price_that_falsifies_cost
 # -- the queue ------------------------------------------------------------------------------
 
 def test_the_queue_refuses_a_key_the_corpus_would(app: psycopg.Connection[Any],
+                                                  owner: psycopg.Connection[Any],
                                                   docs: CorpusInfo) -> None:
+    """The application role makes no job itself (test_a_job_is_only_a_chunk_write_queued); the
+    key check binds every writer, the owner's functions included."""
     (chunk,) = stored_chunks(app, docs, 1)
     insert = ("INSERT INTO pyembed.queue (corpus_id, chunk_id, model_key, content_hash) "
               "VALUES (%s, %s, %s, '\\x00') ON CONFLICT DO NOTHING")
-    err = sql_error(app, insert, (docs.corpus_id, chunk, SAME_WIDTH))
+    err = sql_error(owner, insert, (docs.corpus_id, chunk, SAME_WIDTH))
     assert err.sqlstate == "PE001" and SAME_WIDTH in str(err) and KEY in str(err)
-    err = sql_error(app, "UPDATE pyembed.queue SET model_key = %s", (SAME_WIDTH,))
+    err = sql_error(owner, "UPDATE pyembed.queue SET model_key = %s", (SAME_WIDTH,))
     assert err.sqlstate == "PE001"
     assert app.execute("SELECT model_key FROM pyembed.queue").fetchall() == [(KEY,)]
 

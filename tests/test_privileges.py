@@ -89,10 +89,12 @@ WRITTEN_BY_THE_APPLICATION = {"documents", "chunks", "eval_queries", "queue", "q
                               "vectors"}
 """The tables the application role writes with its own statements (its documents and their
 chunks, vectors and queued work; its evaluation queries). The queue's: a chunk's write queues
-its work as the writer (pyembed._enqueue_chunks runs as the caller), a vector's write dequeues
-it (_dequeue_written), and `pyembed worker` runs as a tenant's login, which claims, renews,
-retries, dequeues and fails jobs; row-level security keeps each of these to the tenant's
-corpora (test_every_table_the_app_role_writes_keeps_each_tenant_to_its_own_rows below).
+its work (pyembed._enqueue_chunks, as its owner: the application role inserts no job), a
+vector's write dequeues it (_dequeue_written), and `pyembed worker` runs as a tenant's login,
+which claims, renews, retries (attempts, lease, last error only), dequeues and fails jobs
+(pyembed.fail_job, expire_jobs: no INSERT or UPDATE on queue_failed); row-level security
+keeps each of these to the tenant's corpora
+(test_every_table_the_app_role_writes_keeps_each_tenant_to_its_own_rows below).
 Every other table (the records of what happened: query log, usage, caches and their counts,
 recall samples and measurements, migration events; and the registry, corpora, tenants) is
 written only by the database's own functions."""
