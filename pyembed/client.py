@@ -369,7 +369,8 @@ class Client:
     def register_model(self, spec: ModelSpec) -> str:
         """Register a model of your own (its provider must be one pyembed knows) in the
         database, for every client, `pyembed models` and SQL; returns its key. Registering the
-        same key again with other settings is refused."""
+        same key again with other settings is refused. The owner's (OwnerOnly otherwise): a
+        key's row binds every tenant's corpora on it."""
         return models.register(self._conn, spec)
 
     @_in_turn

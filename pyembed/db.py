@@ -145,6 +145,45 @@ def integer(value: object, what: str) -> int:
 BOUND_SUFFIX = "_bound"
 """A table's bound on a column's length is the CHECK <table>_<column>_bound (revision 0022)."""
 
+COLUMN_CHECKS = {BOUND_SUFFIX: "is longer than pyembed accepts",
+                 "_in_range": "is out of the range pyembed accepts",
+                 "_check": "is not a value pyembed accepts"}
+"""A CHECK on one column is named <table>_<column><suffix> (PostgreSQL's own name for a column's
+CHECK ends in _check): what a value that breaks it is, by suffix."""
+
+ROW_CHECKS = {
+    "models_key_is_parts": "a model key is provider/model_id@version:dimensions",
+    "models_price_in_range": "a model's price is 0 to 1000000 per million tokens",
+    "corpora_overlap_below_size": "a corpus's chunk overlap is below its chunk size",
+    "corpora_share_needs_target": "a corpus shifts traffic only to a migration target",
+    "corpora_target_differs": "a migration's target key differs from the corpus's key",
+    "corpora_storage_known": "a corpus's storage is vector, halfvec or binary",
+    "corpora_target_storage_known": "a corpus's storage is vector, halfvec or binary",
+    "corpora_index_settings_object": "index settings are a JSON object",
+    "cache_stats_counts_not_negative": "cache hit and miss counts are not negative",
+    "cache_stats_counts_in_range": "cache hit and miss counts are 0 to 2147483647 a call",
+    "usage_counts_not_negative": "usage requests, tokens and cost are not negative",
+}
+"""The CHECKs over a row (or named for their rule): what each requires. Every CHECK of the
+schema is one of these or a column's (COLUMN_CHECKS); tests/test_hardening.py walks them."""
+
+_PARTITION_OF = re.compile(r"_c\d+$")
+
+
+def check_message(table: str, check: str) -> str | None:
+    """What breaking the CHECK `check` of `table` (a partition: of its table) means, naming the
+    column; None for a name that follows neither ROW_CHECKS nor COLUMN_CHECKS."""
+    if not check.startswith(table + "_"):
+        table = _PARTITION_OF.sub("", table)
+    if check in ROW_CHECKS:
+        return f"{ROW_CHECKS[check]} (the table's check {check})"
+    for suffix, means in COLUMN_CHECKS.items():
+        if check.endswith(suffix) and check.startswith(table + "_") \
+                and len(check) > len(table) + 1 + len(suffix):
+            column = check[len(table) + 1:-len(suffix)]
+            return f"{table}.{column} {means} (the table's check {check})"
+    return None
+
 
 TEXT_CHECKS = {"chunks_content_check": "content", "eval_queries_query_check": "query"}
 """The CHECKs that a text column holds text (revision 0028: not only whitespace, control and
@@ -152,18 +191,20 @@ format characters), by name, and their column."""
 
 
 def translate(exc: psycopg.Error) -> Exception:
-    """Our error class for a database error raised by pyembed's SQL (or a value over a
-    column's bound: InvalidInput), else the error itself."""
+    """Our error class for a database error raised by pyembed's SQL (or a value a table's
+    CHECK or NOT NULL refuses: InvalidInput), else the error itself."""
     diag = exc.diag
     table, check = diag.table_name or "", diag.constraint_name or ""
-    if (isinstance(exc, psycopg.errors.CheckViolation) and check.endswith(BOUND_SUFFIX)
-            and check.startswith(table + "_")):
-        column = check[len(table) + 1:-len(BOUND_SUFFIX)]
-        return errors.InvalidInput(f"{table}.{column} is longer than pyembed accepts "
-                                   f"(the table's check {check})")
     if isinstance(exc, psycopg.errors.CheckViolation) and check in TEXT_CHECKS:
         return errors.InvalidInput(f"{table}.{TEXT_CHECKS[check]} is empty or only whitespace "
                                    f"and control characters (the table's check {check})")
+    if isinstance(exc, psycopg.errors.CheckViolation) and diag.schema_name == "pyembed":
+        means = check_message(table, check)
+        if means:
+            return errors.InvalidInput(means)
+    if isinstance(exc, psycopg.errors.NotNullViolation) and diag.schema_name == "pyembed":
+        return errors.InvalidInput(f"{_PARTITION_OF.sub('', table)}.{diag.column_name} "
+                                   "needs a value")
     message = diag.message_primary or str(exc)
     if isinstance(exc, psycopg.errors.UntranslatableCharacter) or (
             type(exc) is psycopg.DataError and "NUL" in message) or (

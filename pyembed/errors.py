@@ -117,10 +117,10 @@ class Busy(PyembedError):
 
 
 class OwnerOnly(PyembedError):
-    """An operation that is pyembed's owner role's (index settings, status and rebuilds, model
-    migrations, tenants and their members, secrets) was called as another role, the application
-    role: run it with the owner's DSN ($PYEMBED_OWNER_DSN, the owner commands' --dsn). Mapped from
-    SQLSTATE 42501 (insufficient privilege) on a function, table or sequence."""
+    """An operation that is pyembed's owner role's (index settings, status and rebuilds, the model
+    registry, model migrations, tenants and their members, secrets) was called as another role,
+    the application role: run it with the owner's DSN ($PYEMBED_OWNER_DSN, the owner commands'
+    --dsn). Mapped from SQLSTATE 42501 (insufficient privilege) on a function, table or sequence."""
 
 
 _BY_SQLSTATE: dict[str, type[PyembedError]] = {

@@ -103,45 +103,13 @@ UPDATE pyembed.queue SET attempts = greatest(attempts - 1, 0), not_before = now(
  WHERE corpus_id = %(corpus_id)s AND chunk_id = %(chunk_id)s AND model_key = %(model)s
 """
 
-# Items that used up their attempts without a recorded verdict (e.g. the worker died each time).
-# Moving a job to queue_failed locks its chunk FOR KEY SHARE (the foreign key), and a writer
-# deleting a chunk holds the chunk and then deletes its jobs (the cascade): the chunk is taken
-# first here too, and a job whose chunk is being deleted is left to that delete (SKIP LOCKED:
-# the moves never wait, and could otherwise deadlock with the delete).
-EXPIRE = """
-WITH gone AS (
-  DELETE FROM pyembed.queue q USING (
-    SELECT q2.corpus_id, q2.chunk_id, q2.model_key FROM pyembed.queue q2
-      JOIN pyembed.chunks ch ON ch.corpus_id = q2.corpus_id AND ch.chunk_id = q2.chunk_id
-     WHERE q2.attempts >= %(max_attempts)s AND q2.not_before <= now()
-     FOR KEY SHARE OF ch SKIP LOCKED FOR UPDATE OF q2 SKIP LOCKED) p
-   WHERE q.corpus_id = p.corpus_id AND q.chunk_id = p.chunk_id AND q.model_key = p.model_key
-  RETURNING q.*)
-INSERT INTO pyembed.queue_failed (corpus_id, chunk_id, model_key, content_hash, attempts, reason)
-SELECT corpus_id, chunk_id, model_key, content_hash, attempts,
-       coalesce(last_error, 'no result after ' || attempts || ' attempts (worker stopped or timed out)')
-  FROM gone
-ON CONFLICT (corpus_id, chunk_id, model_key) DO UPDATE
-  SET reason = EXCLUDED.reason, attempts = EXCLUDED.attempts, failed_at = now()
-"""
+# Jobs out of attempts, and a job given up, are moved to pyembed.queue_failed by the database's
+# pyembed.expire_jobs and pyembed.fail_job (sql/040-queue.sql): a failure row is only ever a
+# queued job of the caller's corpora, moved; the application role cannot write one itself.
+EXPIRE = "SELECT pyembed.expire_jobs(%(max_attempts)s::integer)"
 
-# Only the job as claimed: not one re-queued with a new text, nor one another worker claimed
-# after this worker's lease ran out; its chunk first, as in EXPIRE (a chunk being deleted takes
-# its job with it).
-FAIL = """
-WITH chunk AS MATERIALIZED (
-  SELECT FROM pyembed.chunks WHERE corpus_id = %(corpus_id)s AND chunk_id = %(chunk_id)s
-     FOR KEY SHARE SKIP LOCKED
-), gone AS (
-  DELETE FROM pyembed.queue
-   WHERE corpus_id = %(corpus_id)s AND chunk_id = %(chunk_id)s AND model_key = %(model)s
-     AND content_hash = %(hash)s AND attempts = %(attempts)s AND EXISTS (SELECT FROM chunk)
-  RETURNING *)
-INSERT INTO pyembed.queue_failed (corpus_id, chunk_id, model_key, content_hash, attempts, reason)
-SELECT corpus_id, chunk_id, model_key, content_hash, attempts, %(reason)s FROM gone
-ON CONFLICT (corpus_id, chunk_id, model_key) DO UPDATE
-  SET reason = EXCLUDED.reason, attempts = EXCLUDED.attempts, failed_at = now()
-"""
+FAIL = ("SELECT pyembed.fail_job(%(corpus_id)s::integer, %(chunk_id)s::bigint, %(model)s::text, "
+        "%(hash)s::bytea, %(attempts)s::integer, %(reason)s::text)")
 
 # What a drain leaves behind: jobs held by other workers' leases (or dead workers'), and jobs
 # waiting out a retry delay after an error.
@@ -492,11 +460,11 @@ class Worker:
         counted stale and left alone."""
         self._leases.drop([item])
         with self.conn.transaction():
-            moved = self.conn.execute(FAIL, {
+            row = self.conn.execute(FAIL, {
                 "corpus_id": item.corpus_id, "chunk_id": item.chunk_id, "model": item.model_key,
                 "hash": item.content_hash, "attempts": item.attempts,
-                "reason": reason[:2000]}).rowcount
-        if not moved:
+                "reason": reason[:2000]}).fetchone()
+        if not (row and row[0]):
             stats.stale += 1
             return
         stats.failed += 1

@@ -2,9 +2,11 @@
 -- serves (the active key, and the migration target during a migration). Triggers never call the
 -- network; `pyembed worker` embeds. A fresh vector for the same text dequeues it.
 
--- A statement at a time (transition tables): a bulk insert queues its chunks in one pass.
+-- A statement at a time (transition tables): a bulk insert queues its chunks in one pass. As its
+-- owner: a job is the caller's own chunk write (the transition tables hold only rows row-level
+-- security let it write), and the application role inserts no job, nor sets a job's text hash.
 CREATE OR REPLACE FUNCTION pyembed._enqueue_chunks() RETURNS trigger
-LANGUAGE plpgsql
+LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
@@ -44,6 +46,71 @@ CREATE OR REPLACE TRIGGER chunks_queue_insert
 CREATE OR REPLACE TRIGGER chunks_queue_update
   AFTER UPDATE ON pyembed.chunks REFERENCING NEW TABLE AS new_rows OLD TABLE AS old_rows
   FOR EACH STATEMENT EXECUTE FUNCTION pyembed._enqueue_chunks();
+
+-- Moving jobs to pyembed.queue_failed, for `pyembed worker` (which logs in as a tenant's
+-- application role): a failure row is a queued job of the caller's corpora (visible_corpora:
+-- these run as their owner, whom a superuser installer's ownership exempts from row-level
+-- security), moved with the attempts the queue counted; the application role has no INSERT or
+-- UPDATE on queue_failed, so it cannot write a failure that did not happen.
+-- Moving a job locks its chunk FOR KEY SHARE (the foreign key), and a writer deleting a chunk
+-- holds the chunk and then deletes its jobs (the cascade): the chunk is taken first here too,
+-- and a job whose chunk is being deleted is left to that delete (SKIP LOCKED: the moves never
+-- wait, and could otherwise deadlock with the delete).
+
+-- Jobs that used up their attempts without a recorded verdict (e.g. the worker died each time);
+-- the number moved.
+CREATE OR REPLACE FUNCTION pyembed.expire_jobs(max_attempts integer) RETURNS integer
+LANGUAGE sql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+WITH gone AS (
+  DELETE FROM pyembed.queue q USING (
+    SELECT q2.corpus_id, q2.chunk_id, q2.model_key FROM pyembed.queue q2
+      JOIN pyembed.chunks ch ON ch.corpus_id = q2.corpus_id AND ch.chunk_id = q2.chunk_id
+     WHERE q2.attempts >= max_attempts AND q2.not_before <= now()
+       AND q2.corpus_id = ANY (pyembed.visible_corpora())
+     FOR KEY SHARE OF ch SKIP LOCKED FOR UPDATE OF q2 SKIP LOCKED) p
+   WHERE q.corpus_id = p.corpus_id AND q.chunk_id = p.chunk_id AND q.model_key = p.model_key
+  RETURNING q.*
+), moved AS (
+  INSERT INTO pyembed.queue_failed (corpus_id, chunk_id, model_key, content_hash, attempts,
+                                    reason)
+  SELECT corpus_id, chunk_id, model_key, content_hash, attempts,
+         coalesce(last_error, 'no result after ' || attempts
+                              || ' attempts (worker stopped or timed out)')
+    FROM gone
+  ON CONFLICT (corpus_id, chunk_id, model_key) DO UPDATE
+    SET reason = EXCLUDED.reason, attempts = EXCLUDED.attempts, failed_at = now()
+  RETURNING 1)
+SELECT count(*)::integer FROM moved
+$$;
+
+-- The job as a worker claimed it, with the worker's reason: not one re-queued with a new text,
+-- nor one another worker claimed after this worker's lease ran out. Whether it was moved.
+CREATE OR REPLACE FUNCTION pyembed.fail_job(p_corpus_id integer, p_chunk_id bigint,
+                                            p_model_key text, p_content_hash bytea,
+                                            p_attempts integer, reason text) RETURNS boolean
+LANGUAGE sql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+WITH chunk AS MATERIALIZED (
+  SELECT FROM pyembed.chunks WHERE corpus_id = p_corpus_id AND chunk_id = p_chunk_id
+     AND p_corpus_id = ANY (pyembed.visible_corpora())
+     FOR KEY SHARE SKIP LOCKED
+), gone AS (
+  DELETE FROM pyembed.queue
+   WHERE corpus_id = p_corpus_id AND chunk_id = p_chunk_id AND model_key = p_model_key
+     AND content_hash = p_content_hash AND attempts = p_attempts AND EXISTS (SELECT FROM chunk)
+  RETURNING *
+), moved AS (
+  INSERT INTO pyembed.queue_failed (corpus_id, chunk_id, model_key, content_hash, attempts,
+                                    reason)
+  SELECT corpus_id, chunk_id, model_key, content_hash, attempts, fail_job.reason FROM gone
+  ON CONFLICT (corpus_id, chunk_id, model_key) DO UPDATE
+    SET reason = EXCLUDED.reason, attempts = EXCLUDED.attempts, failed_at = now()
+  RETURNING 1)
+SELECT EXISTS (SELECT FROM moved)
+$$;
 
 -- Vector writes dequeue what they satisfy (called by pyembed._vectors_written, 010-guards.sql,
 -- for each corpus and key a statement writes): queued work is done when a vector has its chunk

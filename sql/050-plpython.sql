@@ -162,6 +162,11 @@ BEGIN
 EXCEPTION WHEN OTHERS OR query_canceled THEN
   GET STACKED DIAGNOSTICS e_state = RETURNED_SQLSTATE, e_message = MESSAGE_TEXT,
                           e_detail = PG_EXCEPTION_DETAIL, e_hint = PG_EXCEPTION_HINT;
+  -- A drop that committed after the body looked the corpus up took its row (the document's
+  -- foreign key) or its partition: PE002, as the search paths say (pyembed._dropped_meanwhile).
+  IF e_state IN ('23503', '42P01') THEN
+    PERFORM pyembed.lookup_corpus(corpus);
+  END IF;
   PERFORM pyembed._raise_again(e_state, e_message, e_detail, e_hint);
 END
 $$;

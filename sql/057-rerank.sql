@@ -5,6 +5,35 @@
 -- are the caller's tenant's; no write waits for another session (a key stored twice at once
 -- keeps both rows, lookups take the newest, the next store of the key removes the others).
 
+-- The rerankers pyembed can call (pyembed.providers.rerank.RERANKERS, compared by a test): the
+-- keys a ledger row may name beside the registry's models (pyembed._ledger_key_known).
+CREATE OR REPLACE FUNCTION pyembed.rerankers() RETURNS text[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+  SELECT ARRAY['voyage/rerank-2.5', 'voyage/rerank-2.5-lite', 'cohere/rerank-v3.5',
+               'fake/overlap']
+$$;
+
+-- A rerank cache row is a known reranker's (PE006): its function takes any name of the form.
+CREATE OR REPLACE FUNCTION pyembed._reranker_known() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+  IF NEW.reranker = ANY (pyembed.rerankers()) THEN
+    RETURN NEW;
+  END IF;
+  RAISE EXCEPTION USING ERRCODE = 'PE006',
+    MESSAGE = format('unknown reranker %s; known: %s', quote_literal(left(NEW.reranker, 80)),
+                     array_to_string(pyembed.rerankers(), ', '));
+END
+$$;
+
+CREATE OR REPLACE TRIGGER rerank_cache_reranker_known
+  BEFORE INSERT OR UPDATE OF reranker ON pyembed.rerank_cache
+  FOR EACH ROW EXECUTE FUNCTION pyembed._reranker_known();
+
 CREATE OR REPLACE FUNCTION pyembed.rerank_cache_get(keys bytea[])
 RETURNS TABLE (cache_key bytea, score double precision)
 LANGUAGE plpgsql STABLE SECURITY DEFINER

@@ -23,13 +23,8 @@ BEGIN
       HINT = 'embed on the primary (SELECT pyembed.embed(query, model_key, ''query'')) and search '
              'here with pyembed.search(corpus, vector, model_key, k); cached queries need no call';
   END IF;
-  -- At most what one call can count (usage_tokens_in_range): the reports add the rows up.
-  IF p_requests IS NULL OR p_tokens IS NULL OR p_requests < 0 OR p_tokens < 0
-     OR p_tokens > 2147483647 THEN
-    RAISE EXCEPTION USING ERRCODE = 'PE005',
-      MESSAGE = format('usage is counted in requests and tokens of 0 to 2147483647, not %s and %s',
-                       coalesce(p_requests::text, 'NULL'), coalesce(p_tokens::text, 'NULL'));
-  END IF;
+  -- What one call may count is the table's rule (usage_counts_not_negative, usage_tokens_in_range:
+  -- the reports add the rows up; NOT NULL), checked by its insert below.
   price := (SELECT m.price_per_mtok FROM pyembed.models m WHERE m.model_key = p_model_key);
   IF p_corpus_id IS NOT NULL AND NOT (p_corpus_id = ANY (pyembed.visible_corpora())) THEN
     RAISE EXCEPTION USING ERRCODE = 'PE002', MESSAGE = format('unknown corpus id %s', p_corpus_id);
@@ -56,6 +51,39 @@ BEGIN
           coalesce(price, 0) * p_tokens / 1e6);
 END
 $$;
+
+-- A ledger's row (usage, cache counts and entries, the query log) is for a model the registry
+-- has or a reranker pyembed knows (PE006), whichever function wrote it: a key nobody registered
+-- was a row for nothing in the tenant's reports and the metrics. The query log's '-' is a
+-- search that embedded nothing (keyword).
+CREATE OR REPLACE FUNCTION pyembed._ledger_key_known() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+  IF EXISTS (SELECT FROM pyembed.models m WHERE m.model_key = NEW.model_key)
+     OR NEW.model_key = ANY (pyembed.rerankers())
+     OR (TG_TABLE_NAME = 'query_log' AND NEW.model_key = '-') THEN
+    RETURN NEW;
+  END IF;
+  RAISE EXCEPTION USING ERRCODE = 'PE006',
+    MESSAGE = format('unknown model key %s: not in the registry (`pyembed models`) nor a '
+                     'reranker', coalesce(quote_literal(left(NEW.model_key, 80)), 'NULL'));
+END
+$$;
+
+CREATE OR REPLACE TRIGGER usage_key_known
+  BEFORE INSERT OR UPDATE OF model_key ON pyembed.usage
+  FOR EACH ROW EXECUTE FUNCTION pyembed._ledger_key_known();
+CREATE OR REPLACE TRIGGER cache_stats_key_known
+  BEFORE INSERT OR UPDATE OF model_key ON pyembed.cache_stats
+  FOR EACH ROW EXECUTE FUNCTION pyembed._ledger_key_known();
+CREATE OR REPLACE TRIGGER embedding_cache_key_known
+  BEFORE INSERT OR UPDATE OF model_key ON pyembed.embedding_cache
+  FOR EACH ROW EXECUTE FUNCTION pyembed._ledger_key_known();
+CREATE OR REPLACE TRIGGER query_log_key_known
+  BEFORE INSERT OR UPDATE OF model_key ON pyembed.query_log
+  FOR EACH ROW EXECUTE FUNCTION pyembed._ledger_key_known();
 
 -- A report's window, `amount` days or hours back from now: 1 to a hundred years, or PE005 (a
 -- window past that is out of the timestamps' range, and one below 1 would report nothing).

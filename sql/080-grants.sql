@@ -29,8 +29,15 @@ GRANT INSERT (corpus_id, document_id, chunk_index, content, content_hash, metada
       UPDATE (document_id, chunk_index, content, content_hash, metadata)
   ON pyembed.chunks TO pyembed_app;
 -- Chunk writes queue their work as the writer; the worker claims (UPDATE), dequeues and moves
--- failed jobs aside. A queued key is checked by pyembed._queue_keys_accepted (PE001).
-GRANT SELECT, INSERT, UPDATE, DELETE ON pyembed.queue, pyembed.queue_failed TO pyembed_app;
+-- failed jobs aside through pyembed.fail_job and expire_jobs, the one way a failure row is
+-- written (it is a queued job, moved); failures are read and cleared (DELETE: done with them).
+-- A queued key is checked by pyembed._queue_keys_accepted (PE001). A job is made by the chunk
+-- write (pyembed._enqueue_chunks, as its owner): the worker changes only its attempts, lease and
+-- last error. REVOKE first: see above.
+REVOKE ALL ON pyembed.queue FROM pyembed_app;
+GRANT SELECT, DELETE, UPDATE (attempts, not_before, last_error) ON pyembed.queue TO pyembed_app;
+REVOKE ALL ON pyembed.queue_failed FROM pyembed_app;
+GRANT SELECT, DELETE ON pyembed.queue_failed TO pyembed_app;
 -- The query log is read, and written only by pyembed.record_search (a search's own record, with
 -- the corpus it checks is the caller's): a line the caller wrote itself was another figure of
 -- pyembed.latency and another number of the one sequence every tenant's searches share.
@@ -68,11 +75,11 @@ GRANT EXECUTE ON FUNCTION
   pyembed.rerank_cache_purge(text, boolean),
   pyembed._clear_vectors(integer, text, bigint, bigint, bigint[]),
   pyembed._dequeue_written(integer, text, bigint, bigint, bytea[]),
+  pyembed.expire_jobs(integer),
+  pyembed.fail_job(integer, bigint, text, bytea, integer, text),
   pyembed.reserve_usage(text, integer, integer, bigint),
   pyembed.usage_report(integer),
   pyembed.provider_errors(),
-  pyembed.register_model(text, text, text, integer, text, boolean, boolean, integer, integer,
-                         integer, numeric, text),
   pyembed.embed(text, text, text),
   pyembed.embed_batch(text[], text, text),
   pyembed.search_text(text, text, integer, jsonb, text, text, text, double precision),
@@ -101,5 +108,10 @@ GRANT EXECUTE ON FUNCTION
 REVOKE EXECUTE ON FUNCTION pyembed.count_provider_error(text, text) FROM pyembed_app;
 GRANT USAGE ON SCHEMA pyembed TO pyembed_worker;
 GRANT EXECUTE ON FUNCTION pyembed.count_provider_error(text, text) TO pyembed_worker;
+-- The model registry is the operator's, like the tenants: every tenant's corpora use a key's row
+-- (its vector space, price and batch bounds), so a tenant that registered a key first would set
+-- them for all. Revoked by name: a database upgraded from when it was granted keeps the grant.
+REVOKE EXECUTE ON FUNCTION pyembed.register_model(text, text, text, integer, text, boolean,
+  boolean, integer, integer, integer, numeric, text) FROM pyembed_app;
 -- Model migrations are the DBA's: granted to nobody, run as the owner.
 -- pyembed.secrets and pyembed.set_secret stay the owner's: REVOKE above, no GRANT.

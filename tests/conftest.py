@@ -105,6 +105,13 @@ def client(db: Database) -> Iterator[pyembed.Client]:
 
 
 @pytest.fixture
+def owner_client(db: Database) -> Iterator[pyembed.Client]:
+    """A pyembed client as the owner (the model registry, tenants, migrations are its)."""
+    with pyembed.connect(db.owner_dsn) as c:
+        yield c
+
+
+@pytest.fixture
 def app(db: Database) -> Iterator[psycopg.Connection[Any]]:
     with connect(db.app_dsn, autocommit=True) as conn:
         yield conn

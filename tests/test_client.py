@@ -78,15 +78,17 @@ def test_every_document_shape_is_read_whole_or_refused(client: Any,
     assert count(app, "documents") == 5
 
 
-def test_register_a_model_of_your_own(client: Any) -> None:
+def test_register_a_model_of_your_own(owner_client: Any, client: Any) -> None:
     spec = pyembed.ModelSpec("openai", "my-finetune", "3", 768, price_per_mtok=0.05,
                              api_key_env="OPENAI_API_KEY")
-    assert client.register_model(spec) == "openai/my-finetune@3:768"
-    assert client.register_model(spec) == spec.key  # idempotent
+    with pytest.raises(pyembed.OwnerOnly, match="register_model"):
+        client.register_model(spec)  # the registry is every tenant's: the owner registers
+    assert owner_client.register_model(spec) == "openai/my-finetune@3:768"
+    assert owner_client.register_model(spec) == spec.key  # idempotent
     corpus = client.create_corpus("custom", spec.key)
     assert corpus.model_key == spec.key
     with pytest.raises(pyembed.InvalidInput, match="other settings"):
-        client.register_model(pyembed.ModelSpec("openai", "my-finetune", "3", 768,
+        owner_client.register_model(pyembed.ModelSpec("openai", "my-finetune", "3", 768,
                                                 distance="dot"))
 
 

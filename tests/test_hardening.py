@@ -19,7 +19,7 @@ import pyembed
 from pyembed import tenants
 from pyembed.cachekey import cache_key
 from pyembed.corpora import ChunkRow, CorpusInfo, corpus_info, write_chunks
-from pyembed.db import connect
+from pyembed.db import connect, translate
 from pyembed.errors import InvalidInput
 from tests.conftest import Database
 from tests.helpers import login_role, sql_error, stored_chunks, unit
@@ -50,6 +50,53 @@ def test_the_app_role_cannot_read_or_write_a_ledger(app: psycopg.Connection[Any]
                       f"DELETE FROM pyembed.{table}",
                       f"INSERT INTO pyembed.{table} DEFAULT VALUES"):
         assert isinstance(sql_error(app, statement), psycopg.errors.InsufficientPrivilege), statement
+
+
+def test_a_failure_row_is_only_a_queued_job_moved(app: psycopg.Connection[Any],
+                                                   docs: CorpusInfo) -> None:
+    """Before, the application role inserted and updated pyembed.queue_failed itself: a tenant
+    wrote failures of chunks nobody queued, with any attempts and reason. Now pyembed.fail_job
+    (and expire_jobs) move a queued job, with the attempts the queue counted, or nothing."""
+    app.execute("SELECT pyembed.add_document('docs', 'd1', 'a text about refunds')")
+    chunk, digest, attempts = app.execute(
+        "SELECT chunk_id, content_hash, attempts FROM pyembed.queue").fetchone()
+    for statement in ("INSERT INTO pyembed.queue_failed (corpus_id, chunk_id, model_key, "
+                      "content_hash, attempts, reason) VALUES (%s, %s, %s, %s, 1, 'forged')",
+                      "UPDATE pyembed.queue_failed SET reason = 'forged' WHERE corpus_id = %s"):
+        params = (docs.corpus_id, chunk, KEY, digest)[:statement.count("%s")]
+        assert isinstance(sql_error(app, statement, params),
+                          psycopg.errors.InsufficientPrivilege), statement
+    fail = "SELECT pyembed.fail_job(%s, %s, %s, %s, %s, 'refused')"
+    assert app.execute(fail, (docs.corpus_id, chunk, KEY, digest, attempts + 5)).fetchone() \
+        == (False,)  # not the job as queued
+    assert app.execute(fail, (docs.corpus_id, chunk, KEY, digest, attempts)).fetchone() == (True,)
+    assert app.execute("SELECT chunk_id, attempts, reason FROM pyembed.queue_failed").fetchall() \
+        == [(chunk, attempts, "refused")]
+    assert app.execute("SELECT count(*) FROM pyembed.queue").fetchone() == (0,)
+    assert app.execute(fail, (docs.corpus_id, chunk, KEY, digest, attempts)).fetchone() \
+        == (False,)  # moved once
+
+
+def test_a_job_is_only_a_chunk_write_queued(app: psycopg.Connection[Any],
+                                            docs: CorpusInfo) -> None:
+    """Before, the application role inserted queue rows itself (any text hash, attempts, last
+    error: a failure expire_jobs then recorded as the queue's) and updated a job's text hash and
+    age. Now a job is made by its chunk's write (pyembed._enqueue_chunks, as its owner), and
+    the worker changes only what a claim, retry or release does."""
+    app.execute("SELECT pyembed.add_document('docs', 'd1', 'a text about refunds')")
+    chunk, digest = app.execute("SELECT chunk_id, content_hash FROM pyembed.queue").fetchone()
+    for statement in ("UPDATE pyembed.queue SET content_hash = '\\x00'",
+                      "UPDATE pyembed.queue SET enqueued_at = now() - interval '1 year'"):
+        assert isinstance(sql_error(app, statement), psycopg.errors.InsufficientPrivilege)
+    app.execute("UPDATE pyembed.queue SET attempts = attempts + 1, not_before = now(), "
+                "last_error = 'retry'")  # the worker's own columns
+    assert app.execute("SELECT chunk_id, content_hash, attempts FROM pyembed.queue").fetchall() \
+        == [(chunk, digest, 1)]
+    app.execute("DELETE FROM pyembed.queue")  # done with (a vector's write dequeues it)
+    err = sql_error(app, "INSERT INTO pyembed.queue (corpus_id, chunk_id, model_key, "
+                         "content_hash, attempts, last_error) VALUES (%s, %s, %s, %s, 99, "
+                         "'forged')", (docs.corpus_id, chunk, KEY, digest))
+    assert isinstance(err, psycopg.errors.InsufficientPrivilege), err
 
 
 def test_cache_vectors_cannot_rank_a_corpus(app: psycopg.Connection[Any], docs: Any) -> None:
@@ -96,12 +143,18 @@ def test_usage_cannot_be_falsified_through_its_function(app: psycopg.Connection[
                                                         owner: psycopg.Connection[Any],
                                                         docs: CorpusInfo) -> None:
     reserve = "SELECT pyembed.reserve_usage(%s, %s, %s, %s)"
-    assert sql_error(app, reserve, (KEY, docs.corpus_id, -100, 0)).sqlstate == "PE005"
-    assert sql_error(app, reserve, (KEY, docs.corpus_id, 0, -10**9)).sqlstate == "PE005"
+    for counts in ((-100, 0), (0, -10**9)):  # the table's rule, one InvalidInput in Python
+        err = sql_error(app, reserve, (KEY, docs.corpus_id, *counts))
+        assert "usage_counts_not_negative" in str(err), err
+        assert isinstance(translate(err), InvalidInput)
+    assert isinstance(translate(sql_error(app, reserve, (KEY, docs.corpus_id, None, 1))),
+                      InvalidInput)  # NOT NULL
     assert sql_error(app, reserve, (KEY, docs.corpus_id + 1000, 1, 1)).sqlstate == "PE002"
     assert requests(owner) == 0
-    assert sql_error(app, "SELECT pyembed.cache_count(ARRAY[%s], ARRAY[-5::bigint], "
-                      "ARRAY[0::bigint])", (KEY,)).sqlstate == "PE005"
+    for hits, misses in ((-5, 0), (0, -5), (-5, 5)):
+        err = sql_error(app, "SELECT pyembed.cache_count(ARRAY[%s], ARRAY[%s::bigint], "
+                             "ARRAY[%s::bigint])", (KEY, hits, misses))
+        assert "cache_stats_counts_not_negative" in str(err), err
 
 
 @pytest.mark.parametrize("price", ["-1", "NaN", "Infinity"])
@@ -110,7 +163,7 @@ def test_a_model_registered_by_a_tenant_cannot_carry_a_price_that_falsifies_cost
     """Usage costs are tokens times the model's price: a model the application role registers
     with a negative, NaN or infinite price made its calls' costs negative or NaN in the usage
     ledger (and `pyembed usage --json` wrote NaN, which is not JSON)."""
-    err = sql_error(app, "SELECT pyembed.register_model('fake', 'fake-hash', 'priced', 384, "
+    err = sql_error(owner, "SELECT pyembed.register_model('fake', 'fake-hash', 'priced', 384, "
                          "price_per_mtok => %s::numeric)", (price,))
     assert isinstance(err, psycopg.errors.CheckViolation), err
     for bad in ("-1", "NaN", "Infinity"):  # nor as the owner, directly
@@ -121,13 +174,16 @@ def test_a_model_registered_by_a_tenant_cannot_carry_a_price_that_falsifies_cost
 # -- the queue ------------------------------------------------------------------------------
 
 def test_the_queue_refuses_a_key_the_corpus_would(app: psycopg.Connection[Any],
+                                                  owner: psycopg.Connection[Any],
                                                   docs: CorpusInfo) -> None:
+    """The application role makes no job itself (test_a_job_is_only_a_chunk_write_queued); the
+    key check binds every writer, the owner's functions included."""
     (chunk,) = stored_chunks(app, docs, 1)
     insert = ("INSERT INTO pyembed.queue (corpus_id, chunk_id, model_key, content_hash) "
               "VALUES (%s, %s, %s, '\\x00') ON CONFLICT DO NOTHING")
-    err = sql_error(app, insert, (docs.corpus_id, chunk, SAME_WIDTH))
+    err = sql_error(owner, insert, (docs.corpus_id, chunk, SAME_WIDTH))
     assert err.sqlstate == "PE001" and SAME_WIDTH in str(err) and KEY in str(err)
-    err = sql_error(app, "UPDATE pyembed.queue SET model_key = %s", (SAME_WIDTH,))
+    err = sql_error(owner, "UPDATE pyembed.queue SET model_key = %s", (SAME_WIDTH,))
     assert err.sqlstate == "PE001"
     assert app.execute("SELECT model_key FROM pyembed.queue").fetchall() == [(KEY,)]
 
@@ -456,11 +512,51 @@ def test_a_text_over_its_bound_is_invalid_input(owner: psycopg.Connection[Any],
 
     # the key made of it is checked first (the table checks in the order of their names)
     with pytest.raises(InvalidInput, match=r"models\.(provider|model_key) is longer"):
-        register(app, ModelSpec("p" * 10_000, "m", "1", 4))
+        register(owner, ModelSpec("p" * 10_000, "m", "1", 4))
     with pytest.raises(InvalidInput, match=r"models\.description"):
-        register(app, ModelSpec("p", "m", "1", 4, description="d" * 2_000_000))
-    err = sql_error(app, "SELECT pyembed.register_model('p', 'm', '1', 4, description => %s)",
+        register(owner, ModelSpec("p", "m", "1", 4, description="d" * 2_000_000))
+    err = sql_error(owner, "SELECT pyembed.register_model('p', 'm', '1', 4, description => %s)",
                     ("d" * 2_000_000,))
     assert isinstance(err, psycopg.errors.CheckViolation), err
     assert owner.execute("SELECT count(*) FROM pyembed.models WHERE provider LIKE 'p%%'"
                          ).fetchone() == (0,)
+
+
+# -- every CHECK of the schema is one clear error ----------------------------------------------
+def test_every_check_of_the_schema_says_what_it_requires(owner: psycopg.Connection[Any]) -> None:
+    """Walks every CHECK constraint of the schema, a new one included: its name follows the
+    convention db.translate reads (<table>_<column><suffix>, the column one of the table's, or a
+    row rule of ROW_CHECKS), so breaking it is InvalidInput naming the column or the rule.
+    Before, only the *_bound ones were: the rest reached Python as a raw CheckViolation."""
+    from pyembed.db import ROW_CHECKS, check_message
+
+    checks = owner.execute(
+        "SELECT c.relname, k.conname, array_agg(a.attname) FROM pg_constraint k "
+        "JOIN pg_class c ON c.oid = k.conrelid JOIN pg_attribute a ON a.attrelid = c.oid "
+        "AND a.attnum > 0 AND NOT a.attisdropped WHERE k.contype = 'c' "
+        "AND k.connamespace = 'pyembed'::regnamespace AND NOT c.relispartition "
+        "GROUP BY c.relname, k.conname ORDER BY 1, 2").fetchall()
+    assert len(checks) > 50
+    names = set()
+    for table, check, columns in checks:
+        names.add(check)
+        means = check_message(table, check)
+        assert means, f"CHECK {check} of {table}: name it <table>_<column>_check/_bound/" \
+                      "_in_range, or give its rule a message in pyembed.db.ROW_CHECKS"
+        if check not in ROW_CHECKS:
+            assert means.split(" ", 1)[0].split(".", 1)[1] in columns, (check, means)
+    assert set(ROW_CHECKS) <= names  # no message for a CHECK that is gone
+
+
+@pytest.mark.parametrize(("spec", "named"), [
+    ({"max_batch": 0}, r"models\.max_batch is not a value"),
+    ({"max_tokens": -1}, r"models\.max_tokens is not a value"),
+    ({"request_dimensions": 0}, r"models\.request_dimensions is not a value"),
+    ({"price_per_mtok": 10**7}, "a model's price is 0 to 1000000"),
+])
+def test_a_model_the_registry_refuses_is_invalid_input(owner: psycopg.Connection[Any],
+                                                      spec: dict[str, Any], named: str) -> None:
+    from pyembed.models import ModelSpec, register
+
+    with pytest.raises(InvalidInput, match=named):
+        register(owner, ModelSpec("fake", "m", "1", 4, **spec))

@@ -43,8 +43,8 @@ def entry_points(app: pyembed.Client, owner: pyembed.Client
         "queries": lambda n: recall.measure(app.conn, "docs", n),
         "max_samples": lambda n: recall.measure_sampled(app.conn, n),
         "hours": lambda n: recall.report(app.conn, n),
-        "max_batch": lambda n: app.register_model(ModelSpec("fake", "m", "1", 4, max_batch=n)),
-        "max_tokens": lambda n: app.register_model(ModelSpec("fake", "m", "1", 4, max_tokens=n)),
+        "max_batch": lambda n: owner.register_model(ModelSpec("fake", "m", "1", 4, max_batch=n)),
+        "max_tokens": lambda n: owner.register_model(ModelSpec("fake", "m", "1", 4, max_tokens=n)),
     }
 
 

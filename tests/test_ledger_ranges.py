@@ -14,6 +14,8 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
+from pyembed.db import translate
+from pyembed.errors import InvalidInput
 from tests.conftest import Database
 from tests.helpers import login_role, sql_error
 
@@ -30,13 +32,15 @@ def reports(conn: psycopg.Connection[Any]) -> None:
 
 def test_counts_past_one_calls_range_are_refused_and_reports_still_run(
         app: psycopg.Connection[Any], owner: psycopg.Connection[Any]) -> None:
-    for _ in range(2):
+    for _ in range(2):  # the tables' one rule (their CHECKs), in Python one InvalidInput
         err = sql_error(app, "SELECT pyembed.reserve_usage(%s, NULL, 1, %s)", (FAKE, BIG))
-        assert err.sqlstate == "PE005" and "0 to 2147483647" in str(err), err
+        assert "usage_tokens_in_range" in str(err), err
+        assert "usage.tokens is out of the range" in str(translate(err))
         err = sql_error(app, "SELECT pyembed.cache_count(ARRAY[%s], ARRAY[%s::bigint], "
                              "ARRAY[0::bigint])", (FAKE, BIG))
-        assert err.sqlstate == "PE005" and "0 to 2147483647" in str(err), err
-    err = sql_error(app, "SELECT pyembed.register_model('fake', 'pricey', '1', 4, "
+        assert "cache_stats_counts_in_range" in str(err), err
+        assert isinstance(translate(err), InvalidInput), err
+    err = sql_error(owner, "SELECT pyembed.register_model('fake', 'pricey', '1', 4, "
                          "price_per_mtok => 1e400)")
     assert isinstance(err, psycopg.errors.CheckViolation) and "models_price_in_range" in str(err)
     # The most one call counts is taken, and many such rows still add up.
@@ -44,7 +48,7 @@ def test_counts_past_one_calls_range_are_refused_and_reports_still_run(
         app.execute("SELECT pyembed.reserve_usage(%s, NULL, 1, %s)", (FAKE, MOST))
         app.execute("SELECT pyembed.cache_count(ARRAY[%s], ARRAY[%s::bigint], ARRAY[%s::bigint])",
                     (FAKE, MOST, MOST))
-    app.execute("SELECT pyembed.register_model('fake', 'pricey', '1', 4, "
+    owner.execute("SELECT pyembed.register_model('fake', 'pricey', '1', 4, "
                 "price_per_mtok => 1000000)")
     app.execute("SELECT pyembed.reserve_usage('fake/pricey@1:4', NULL, 1, %s)", (MOST,))
     for conn in (app, owner):
@@ -76,7 +80,68 @@ def test_another_tenants_rows_cannot_break_the_owners_report(db: Database,
         with psycopg.connect(dsn, autocommit=True) as acme:
             assert acme.execute("SELECT pyembed.current_tenant()").fetchone() != (None,)
             for _ in range(2):
-                assert sql_error(acme, "SELECT pyembed.reserve_usage(%s, NULL, 1, %s)",
-                                 (FAKE, BIG)).sqlstate == "PE005"
+                assert isinstance(sql_error(acme, "SELECT pyembed.reserve_usage(%s, NULL, 1, %s)",
+                                            (FAKE, BIG)), psycopg.errors.CheckViolation)
             reports(acme)
         reports(owner)
+
+
+# -- what a ledger row names: a model the registry has, or a reranker pyembed knows ------------
+MODEL_KEY_COLUMNS_CHECKED_ELSEWHERE = {
+    ("vectors", "model_key"): "the guard trigger: the corpus's active or target key (PE001)",
+    ("queue", "model_key"): "pyembed._queue_keys_accepted: a key its corpus serves (PE001)",
+    ("queue_failed", "model_key"): "a job moved from the queue (pyembed.fail_job, expire_jobs)",
+}
+
+
+def test_every_column_naming_a_model_is_checked_against_the_registry(
+        owner: psycopg.Connection[Any]) -> None:
+    """Walks every column of the schema that names a model or reranker, a new one included: it
+    references pyembed.models, or a row trigger checks it (pyembed._ledger_key_known, or
+    _reranker_known for the rerank cache), or it is listed above with what checks it."""
+    columns = owner.execute(
+        "SELECT c.relname, a.attname, "
+        "EXISTS (SELECT FROM pg_constraint f WHERE f.conrelid = c.oid AND f.contype = 'f' "
+        "        AND f.confrelid = 'pyembed.models'::regclass AND f.conkey = ARRAY[a.attnum]), "
+        "(SELECT array_agg(t.tgfoid::regproc::text) FROM pg_trigger t WHERE t.tgrelid = c.oid "
+        "  AND NOT t.tgisinternal AND t.tgtype & 1 = 1 AND t.tgtype & 2 = 2 "  # ROW, BEFORE
+        "  AND t.tgtype & 4 = 4) "  # INSERT
+        "FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 "
+        "AND NOT a.attisdropped WHERE c.relnamespace = 'pyembed'::regnamespace "
+        "AND c.relkind IN ('r', 'p') AND NOT c.relispartition AND c.relname <> 'models' "
+        "AND (a.attname ~ '(model_key|_key)$' OR a.attname ~ 'reranker') "
+        "AND a.attname <> 'cache_key' ORDER BY 1, 2").fetchall()
+    assert {("usage", "model_key"), ("cache_stats", "model_key"),
+            ("rerank_cache", "reranker")} <= {(t, c) for t, c, _, _ in columns}
+    for table, column, referenced, triggers in columns:
+        known = {"pyembed._reranker_known"} if column == "reranker" \
+            else {"pyembed._ledger_key_known"}
+        assert (referenced or known & set(triggers or ())
+                or (table, column) in MODEL_KEY_COLUMNS_CHECKED_ELSEWHERE), (table, column)
+
+
+@pytest.mark.parametrize("call", [
+    "SELECT pyembed.reserve_usage('fake/nobody@1:4', NULL, 1, 1)",
+    "SELECT pyembed.cache_count(ARRAY['fake/nobody@1:4'], ARRAY[1::bigint], ARRAY[0::bigint])",
+    "SELECT pyembed.cache_count(ARRAY['nobody/rerank'], ARRAY[1::bigint], ARRAY[0::bigint])",
+    "SELECT pyembed.rerank_cache_put(ARRAY[sha256('q')], 'nobody/rerank', ARRAY[0.5], 60)",
+])
+def test_a_recording_function_refuses_a_key_nobody_registered(
+        app: psycopg.Connection[Any], owner: psycopg.Connection[Any], call: str) -> None:
+    """Before, reserve_usage and cache_count wrote ledger rows for any key (usage and hit counts
+    of nothing in the tenant's reports), and rerank_cache_put took any provider/model name."""
+    err = sql_error(app, call)
+    assert err.sqlstate == "PE006", err
+    for ledger in ("usage", "cache_stats", "rerank_cache"):
+        assert owner.execute(f"SELECT count(*) FROM pyembed.{ledger}").fetchone() == (0,)
+    # a registered model's and a known reranker's rows are taken
+    app.execute("SELECT pyembed.reserve_usage(%s, NULL, 1, 1)", (FAKE,))
+    app.execute("SELECT pyembed.cache_count(ARRAY[%s, 'fake/overlap'], ARRAY[1::bigint, 1], "
+                "ARRAY[0::bigint, 0])", (FAKE,))
+    assert owner.execute("SELECT count(*) FROM pyembed.cache_stats").fetchone() == (2,)
+
+
+def test_the_databases_rerankers_are_pyembeds(owner: psycopg.Connection[Any]) -> None:
+    from pyembed.rerank import RERANKERS
+
+    assert owner.execute("SELECT pyembed.rerankers()").fetchone() == (list(RERANKERS),)

@@ -616,6 +616,8 @@ DROP_RACES: dict[str, tuple[bool, Callable[[Client], Any]]] = {
     "Corpus.search": (False, lambda c: c.corpus(CORPUS).search("item3 w1", k=3)),
     "Corpus.search hybrid": (False, lambda c: c.corpus(CORPUS).search("item3 w1", k=3,
                                                                       mode="hybrid")),
+    "add_document (SQL, PL/Python)": (False, lambda c: c.conn.execute(
+        "SELECT pyembed.add_document(%s, 'new', 'item new words')", (CORPUS,))),
     "Corpus.add": (False, lambda c: c.corpus(CORPUS).add([Document("new", "item new words")])),
     "copy_vectors": (False, _copy),
     "set_index_settings": (True, lambda c: index.set_index_settings(c.conn, CORPUS, ef_search=50)),

@@ -104,7 +104,7 @@ def clients(db: Database, n: int = N_DOCS) -> Iterator[tuple[Client, Client, lis
     app = pyembed.connect(db.app_dsn)
     owner = pyembed.connect(db.owner_dsn)
     try:
-        register(app.conn, OTHER)
+        register(owner.conn, OTHER)
         texts = doc_texts(n)
         corpus = app.create_corpus(CORPUS, OLD)
         report = corpus.add([Document(doc_id(i), t) for i, t in enumerate(texts)])
@@ -756,7 +756,7 @@ def test_documents_written_during_a_migration_get_vectors_for_both_keys(db: Data
 # -- the validation gate -----------------------------------------------------------------------
 def test_validation_refuses_a_clearly_worse_model_and_records_why(db: Database) -> None:
     with clients(db) as (app, owner, _texts):
-        register(app.conn, WORSE)
+        register(owner.conn, WORSE)
         migration.start(owner, CORPUS, WORSE)
         migration.backfill(owner, CORPUS)
         result = migration.validate(owner, CORPUS, max_drop=0.05)
@@ -991,8 +991,8 @@ def test_worker_with_a_target_key_batch_in_flight_survives_a_rollback(db: Databa
 
 
 def test_a_failed_revalidation_closes_the_gate_again(db: Database) -> None:
-    with clients(db) as (app, owner, _texts):
-        register(app.conn, WORSE)
+    with clients(db) as (_app, owner, _texts):
+        register(owner.conn, WORSE)
         migration.start(owner, CORPUS, WORSE)
         migration.backfill(owner, CORPUS)
         assert migration.validate(owner, CORPUS, max_drop=1.0).passed

@@ -38,8 +38,8 @@ def test_builtin_models_are_in_a_fresh_database(client: pyembed.Client,
 
 
 def test_a_model_registered_from_sql_shows_in_python_and_the_cli(
-        db: Database, client: pyembed.Client, app: psycopg.Connection[Any]) -> None:
-    row = app.execute("SELECT pyembed.register_model('fake', 'made-in-sql', '1', 48, "
+        db: Database, client: pyembed.Client, owner: psycopg.Connection[Any]) -> None:
+    row = owner.execute("SELECT pyembed.register_model('fake', 'made-in-sql', '1', 48, "
                       "input_types => true, max_batch => 16, description => 'from SQL')").fetchone()
     assert row == ("fake/made-in-sql@1:48",)
     expected = ModelSpec("fake", "made-in-sql", "1", 48, max_batch=16, input_types=True,
@@ -53,10 +53,11 @@ def test_a_model_registered_from_sql_shows_in_python_and_the_cli(
 
 
 def test_a_model_registered_from_python_shows_in_sql_plpython_and_the_cli(
-        db: Database, client: pyembed.Client, app: psycopg.Connection[Any]) -> None:
+        db: Database, client: pyembed.Client, owner_client: pyembed.Client,
+        app: psycopg.Connection[Any]) -> None:
     spec = ModelSpec("fake", "made-in-python", "2", 40, max_batch=8, max_tokens=300,
                      distance="dot", price_per_mtok=0.25, description="from Python")
-    assert client.register_model(spec) == spec.key
+    assert owner_client.register_model(spec) == spec.key
     out = run_cli("models", env={**db_env(db), **WIDE})
     assert out.returncode == 0, out.stderr
     line = listed_line(out.stdout, spec.key)
@@ -72,10 +73,10 @@ def test_a_model_registered_from_python_shows_in_sql_plpython_and_the_cli(
 
 
 def test_the_cli_folds_long_keys_instead_of_eliding_them(db: Database,
-                                                         client: pyembed.Client) -> None:
+                                                         owner_client: pyembed.Client) -> None:
     spec = ModelSpec("fake", "a-model-id-long-enough-to-need-folding-in-a-narrow-terminal", "1",
                      64, description="a description long enough to wrap in a narrow terminal")
-    client.register_model(spec)
+    owner_client.register_model(spec)
     out = run_cli("models", env={**db_env(db), "COLUMNS": "100"})
     assert out.returncode == 0, out.stderr
     assert "…" not in out.stdout

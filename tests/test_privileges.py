@@ -4,6 +4,7 @@ The application role gets the least its documented operations need."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -88,10 +89,12 @@ WRITTEN_BY_THE_APPLICATION = {"documents", "chunks", "eval_queries", "queue", "q
                               "vectors"}
 """The tables the application role writes with its own statements (its documents and their
 chunks, vectors and queued work; its evaluation queries). The queue's: a chunk's write queues
-its work as the writer (pyembed._enqueue_chunks runs as the caller), a vector's write dequeues
-it (_dequeue_written), and `pyembed worker` runs as a tenant's login, which claims, renews,
-retries, dequeues and fails jobs; row-level security keeps each of these to the tenant's
-corpora (test_every_table_the_app_role_writes_keeps_each_tenant_to_its_own_rows below).
+its work (pyembed._enqueue_chunks, as its owner: the application role inserts no job), a
+vector's write dequeues it (_dequeue_written), and `pyembed worker` runs as a tenant's login,
+which claims, renews, retries (attempts, lease, last error only), dequeues and fails jobs
+(pyembed.fail_job, expire_jobs: no INSERT or UPDATE on queue_failed); row-level security
+keeps each of these to the tenant's corpora
+(test_every_table_the_app_role_writes_keeps_each_tenant_to_its_own_rows below).
 Every other table (the records of what happened: query log, usage, caches and their counts,
 recall samples and measurements, migration events; and the registry, corpora, tenants) is
 written only by the database's own functions."""
@@ -146,8 +149,6 @@ APP_WRITERS = {
     # any arguments: what it writes, and what keeps a tenant to its own rows.
     "create_corpus": "a corpus of the caller's tenant",
     "drop_corpus": "a corpus of the caller's tenant (looked up by it), its rows and records",
-    "register_model": "the registry, shared on purpose (README): insert only, a key's vector "
-                      "space fixed once, prices and bounds checked (test_hardening)",
     "embed": "usage, cache and its counts of the caller's tenant; a failed provider call made "
              "with the operator's keys is counted (real, not the caller's figure)",
     "embed_batch": "as embed",
@@ -162,12 +163,39 @@ APP_WRITERS = {
     "rerank_cache_purge": "the caller's tenant's rerank cache entries",
     "reserve_usage": "usage of the caller's tenant, for its own corpus, never negative",
     "reserve_query": "as reserve_usage",
+    "fail_job": "queue_failed: a queued job of the caller's corpora, moved (the one way a "
+                "failure row is written)",
+    "expire_jobs": "as fail_job, for the caller's jobs out of attempts",
     "record_search": "the query log, for a corpus of the caller's tenant",
     "measure_recall": "recall measurements of a corpus of the caller's tenant, measured here",
     "recall_sampled": "the caller's tenant's recall samples, measured here",
 }
 """Not here: pyembed.count_provider_error, whose counters every tenant and the metrics endpoint
-read (any tenant could add any count): pyembed's own functions and pyembed_worker call it."""
+read (any tenant could add any count): pyembed's own functions and pyembed_worker call it. Nor
+pyembed.register_model: the registry's rows bind every tenant (below)."""
+
+
+def test_no_function_of_the_app_roles_writes_a_row_every_tenant_shares(
+        owner: psycopg.Connection[Any]) -> None:
+    """Walks every table without a tenant's policy (rows every tenant reads or is bound by: the
+    model registry, tenants, counters, a new one included) and every function the application
+    role may execute: none writes such a table in its own statements (pyembed's own triggers and
+    PL/Python calls excepted, which write what the caller's own rows make true). Before,
+    pyembed.register_model let a tenant register a key (its price, batch and token bounds)
+    before the operator did, for every tenant."""
+    shared = {r[0] for r in owner.execute(
+        "SELECT c.relname FROM pg_class c WHERE c.relnamespace = 'pyembed'::regnamespace "
+        "AND c.relkind IN ('r', 'p') AND NOT c.relispartition "
+        "AND NOT EXISTS (SELECT FROM pg_policy p WHERE p.polrelid = c.oid)")}
+    assert {"models", "tenants", "tenant_members", "secrets", "provider_error_counters"} <= shared
+    functions = owner.execute(
+        "SELECT p.proname, p.prosrc FROM pg_proc p WHERE p.pronamespace = 'pyembed'::regnamespace "
+        "AND has_function_privilege('pyembed_app', p.oid, 'EXECUTE')").fetchall()
+    written = re.compile(r"\b(?:INSERT\s+INTO|UPDATE|DELETE\s+FROM|TRUNCATE)\s+pyembed\.(\w+)",
+                         re.IGNORECASE)
+    writes = sorted((name, table) for name, src in functions
+                    for table in written.findall(src) if table in shared)
+    assert writes == []
 
 
 def test_every_function_that_writes_as_its_owner_for_the_app_role_is_accounted_for(
@@ -260,6 +288,8 @@ OWNERS_ENTRY_POINTS: dict[str, tuple[Callable[[Client], Any], str]] = {
                           "function pyembed.migration_cleanup"),
     "tenants.create_tenant": (lambda c: _tenant(c.conn), "table pyembed.tenants"),
     "tenants.add_member": (lambda c: _member(c.conn), "table pyembed.tenant_members"),
+    "Client.register_model": (lambda c: c.register_model(pyembed.ModelSpec("fake", "m", "1", 4)),
+                              "function pyembed.register_model"),
 }
 
 

@@ -56,6 +56,9 @@ APP_EXECUTE = {
     "rerank_cache_purge(text, boolean)",  # the partition a SQL client COPYs a corpus's vectors into
     "_clear_vectors(integer, text, bigint, bigint, bigint[])",  # before vectors.copy_vectors's COPY
     "_dequeue_written(integer, text, bigint, bigint, bytea[])",  # by the vector write trigger
+    # the worker's moves to queue_failed, the one way a failure row is written
+    "expire_jobs(integer)",
+    "fail_job(integer, bigint, text, bytea, integer, text)",
     "reserve_usage(text, integer, integer, bigint)",  # accounting and rate limits
     "usage_report(integer)",
     "provider_errors()",
@@ -66,8 +69,6 @@ APP_EXECUTE = {
     "drop_corpus(text)",
     "embed(text, text, text)",
     "embed_batch(text[], text, text)",
-    "register_model(text, text, text, integer, text, boolean, boolean, integer, integer, "
-    "integer, numeric, text)",
     "search(text, vector, text, integer, jsonb, text)",
     "search_hybrid(text, text, vector, text, integer, jsonb, integer, integer, text, text, "
     "double precision, bigint[], double precision[], text[])",

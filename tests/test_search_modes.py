@@ -688,14 +688,14 @@ def test_a_new_query_to_a_local_model_is_embedded_during_the_first_round_trip(
 
 
 def test_a_reservation_skips_the_wal_flush_wait_only_for_a_call_that_costs_nothing(
-        app: psycopg.Connection[Any]) -> None:
+        app: psycopg.Connection[Any], owner: psycopg.Connection[Any]) -> None:
     """A miss reserves its provider call in search_query. With quick_commit, the reservation
     of a call that costs nothing (the model's price 0: the local model's, the fake one's)
     commits without waiting for the WAL flush; a priced call's, or one without a known price,
     is durable before the call is made. Either way it is accounted."""
-    priced = app.execute("SELECT pyembed.register_model('fake', 'fake-hash', 'priced', 384, "
+    priced = owner.execute("SELECT pyembed.register_model('fake', 'fake-hash', 'priced', 384, "
                          "price_per_mtok => 0.02)").fetchone()[0]
-    unpriced = app.execute("SELECT pyembed.register_model('fake', 'fake-hash', 'unpriced', "
+    unpriced = owner.execute("SELECT pyembed.register_model('fake', 'fake-hash', 'unpriced', "
                            "384)").fetchone()[0]
     miss = ("SELECT cache_hit, reserved FROM pyembed.search_query(%s, 'E1', 0, ARRAY[%s], "
             "ARRAY[NULL]::bytea[], 10, NULL, 'vector', %s, 3)")

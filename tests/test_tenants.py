@@ -125,24 +125,24 @@ def test_a_tenant_cannot_copy_into_another_tenants_partition(two: dict[str, str]
 
 def test_a_tenant_cannot_enqueue_retry_delete_or_fail_another_tenants_jobs(
         two: dict[str, str]) -> None:
-    """The application role writes pyembed.queue and queue_failed (a chunk's write queues its
-    work as the writer; the worker, which runs as a tenant's login, claims, retries, dequeues
-    and fails jobs): row-level security keeps every statement of it to the tenant's corpora,
-    new rows included, and a tenant's worker claims its own jobs only."""
+    """The application role writes pyembed.queue (a chunk's write queues its work as the writer;
+    the worker, which runs as a tenant's login, claims, retries and dequeues jobs), deletes
+    failures and moves its jobs to queue_failed through pyembed.fail_job: row-level security
+    keeps every statement of it to the tenant's corpora, new rows included, and a tenant's worker
+    claims its own jobs only."""
     a, b = fill(two["a"], A_KEY, 2), fill(two["b"], A_KEY, 2)
     for client in (a, b):  # queued again: the texts changed
         client.conn.execute("UPDATE pyembed.chunks SET content = content || ' changed'")
         client.conn.commit()
     b_id = corpus_info(b.conn, "docs").corpus_id
     b_chunk = b.conn.execute("SELECT min(chunk_id) FROM pyembed.chunks").fetchone()[0]
-    b.conn.execute("INSERT INTO pyembed.queue_failed (corpus_id, chunk_id, model_key, "
-                   "content_hash, attempts, reason) VALUES (%s, %s, %s, '\\x00', 1, 'real')",
-                   (b_id, b_chunk, A_KEY))
-    b.conn.commit()
-    a.conn.execute("INSERT INTO pyembed.queue_failed (corpus_id, chunk_id, model_key, "
-                   "content_hash, attempts, reason) SELECT corpus_id, min(chunk_id), %s, "
-                   "'\\x00', 1, 'its own' FROM pyembed.chunks GROUP BY corpus_id", (A_KEY,))
-    a.conn.commit()
+    for client, reason in ((b, "real"), (a, "its own")):  # each fails one job of its own
+        assert client.conn.execute(
+            "SELECT pyembed.fail_job(corpus_id, chunk_id, model_key, content_hash, attempts, %s) "
+            "FROM pyembed.queue ORDER BY chunk_id LIMIT 1", (reason,)).fetchone() == (True,)
+        client.conn.commit()
+    b_job = b.conn.execute("SELECT corpus_id, chunk_id, model_key, content_hash, attempts "
+                           "FROM pyembed.queue LIMIT 1").fetchone()
 
     def b_rows() -> list[Any]:
         return b.conn.execute(
@@ -151,7 +151,7 @@ def test_a_tenant_cannot_enqueue_retry_delete_or_fail_another_tenants_jobs(
             "failed_at, content_hash FROM pyembed.queue_failed ORDER BY 1, 2").fetchall()
 
     before = b_rows()
-    assert len(before) == 3
+    assert len(before) == 2
     with psycopg.connect(two["a"], autocommit=True) as conn:
         for table in ("queue", "queue_failed"):
             extra = ", attempts, reason" if table == "queue_failed" else ""
@@ -161,15 +161,19 @@ def test_a_tenant_cannot_enqueue_retry_delete_or_fail_another_tenants_jobs(
                 "VALUES (%s, %s, %s, '\\x00'{})").format(
                     sql.Identifier(table), sql.SQL(extra), sql.SQL(values)),
                 (b_id, b_chunk, A_KEY))
-            assert err.sqlstate == "42501" and "row-level security" in str(err), err
-            for statement in ("UPDATE pyembed.{} SET attempts = 0 WHERE corpus_id = %s",
-                              "DELETE FROM pyembed.{} WHERE corpus_id = %s"):
-                done = conn.execute(sql.SQL(statement).format(sql.Identifier(table)), (b_id,))
-                assert done.rowcount == 0, statement
-            # its own rows moved into the other tenant's corpus
-            err = sql_error(conn, sql.SQL("UPDATE pyembed.{} SET corpus_id = %s").format(
+            # a job is made by a chunk write, a failure by pyembed.fail_job (test_hardening)
+            assert err.sqlstate == "42501" and "permission denied" in str(err), err
+            done = conn.execute(sql.SQL("DELETE FROM pyembed.{} WHERE corpus_id = %s").format(
                 sql.Identifier(table)), (b_id,))
-            assert err.sqlstate == "42501" and "row-level security" in str(err), err
+            assert done.rowcount == 0, table
+        done = conn.execute("UPDATE pyembed.queue SET attempts = 0 WHERE corpus_id = %s", (b_id,))
+        assert done.rowcount == 0
+        # its own rows moved into the other tenant's corpus: no column but the claim's
+        err = sql_error(conn, "UPDATE pyembed.queue SET corpus_id = %s", (b_id,))
+        assert err.sqlstate == "42501" and "permission denied" in str(err), err
+        # nor the other tenant's job failed
+        assert conn.execute("SELECT pyembed.fail_job(%s, %s, %s, %s, %s, 'forged')",
+                            b_job).fetchone() == (False,)
         assert conn.execute("UPDATE pyembed.queue SET attempts = 0 RETURNING corpus_id"
                             ).fetchall() != []  # its own jobs are its to retry
     worker = Worker(two["a"], batch_size=10)
@@ -177,6 +181,8 @@ def test_a_tenant_cannot_enqueue_retry_delete_or_fail_another_tenants_jobs(
         assert {i.corpus_id for i in worker.claim()} == {corpus_info(a.conn, "docs").corpus_id}
     finally:
         worker.close()
+    with psycopg.connect(two["a"], autocommit=True) as conn:  # every job of its own out of tries
+        conn.execute("SELECT pyembed.expire_jobs(0)")
     assert b_rows() == before
     a.close()
     b.close()

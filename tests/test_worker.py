@@ -259,14 +259,15 @@ def test_a_poison_text_is_failed_and_the_others_are_stored(
 
 @pytest.mark.parametrize("setup", ["no API key", "unknown local model"])
 def test_a_corpus_the_worker_cannot_embed_for_stops_no_other_corpus(
-        db: Database, app: psycopg.Connection[Any], setup: str) -> None:
-    """Any tenant may create a corpus on a model whose API key the worker lacks, or register a
-    local model pyembed does not have: its jobs are given back, and every other corpus's are
-    still embedded. Before, the first such job stopped the worker for everyone."""
+        db: Database, app: psycopg.Connection[Any], owner: psycopg.Connection[Any],
+        setup: str) -> None:
+    """Any tenant may create a corpus on a model whose API key the worker lacks, or on a local
+    model the owner registered that pyembed does not have: its jobs are given back, and every
+    other corpus's are still embedded. Before, the first such job stopped the worker for everyone."""
     if setup == "no API key":
         key, expected = VOYAGE, "VOYAGE_API_KEY"
     else:
-        key = one(app, "SELECT pyembed.register_model('local', 'nosuchmodel', '1', 384, "
+        key = one(owner, "SELECT pyembed.register_model('local', 'nosuchmodel', '1', 384, "
                        "'cosine', true, false, 64, 512, NULL, NULL, NULL)")
         expected = "the local provider runs only"
     make_corpus(app, "blocked", key)
