@@ -186,7 +186,7 @@ def check_message(table: str, check: str) -> str | None:
 
 
 TEXT_CHECKS = {"chunks_content_check": "content", "eval_queries_query_check": "query"}
-"""The CHECKs that a text column holds text (revision 0028: not only whitespace, control and
+"""The CHECKs that a text column holds text (revision 0027: not only whitespace, control and
 format characters), by name, and their column."""
 
 

@@ -20,7 +20,7 @@ INVISIBLE = (r"\x01-\x20\x7f-\xa0\xad\u0600-\u0605\u061c\u06dd\u070f\u0890-\u089
 """The characters that are no text: Unicode's whitespace, control (Cc) and format (Cf)
 characters, as a regular expression's bracket ranges that Python and PostgreSQL read alike. A
 text of these alone is empty: the database's checks (pyembed._has_text, the CHECKs on
-chunks.content and eval_queries.query, revision 0028) use the same ranges."""
+chunks.content and eval_queries.query, revision 0027) use the same ranges."""
 _VISIBLE = re.compile(f"[^{INVISIBLE}]")
 
 

@@ -1,6 +1,6 @@
 """Empty text is text of whitespace, control and format characters alone, in every table.
 
-Revision ID: 0028
+Revision ID: 0027
 Revises: 0026
 Create Date: 2026-12-05
 
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from pyembed.schema import run_sql
 
-revision: str = "0028"
+revision: str = "0027"
 down_revision: str | Sequence[str] | None = "0026"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
