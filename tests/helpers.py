@@ -7,6 +7,7 @@ import importlib
 import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -159,5 +160,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
             code = 0
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+        sys.stdout.flush()  # what print() wrote is still in the wrapper's buffer
+        sys.stderr.flush()
         stdout, stderr = out.getvalue().decode(), err.getvalue().decode()
     return subprocess.CompletedProcess(["pyembed", *args], code, stdout, stderr)
