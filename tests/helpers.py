@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import difflib
+import importlib
 import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -15,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import click.testing
 import numpy as np
 import psycopg
 import pytest
@@ -138,3 +141,26 @@ def waits_for_lock(watcher: Any, pid: int, thread: threading.Thread, tries: int 
             return True
         time.sleep(0.025)
     raise AssertionError(f"session {pid} neither waited nor finished")
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`pyembed *args` run in this process, as tests.test_cli.pyembed runs it in a new one (the
+    same entry point, pyembed.cli.main, with no PYEMBED_ variable but those of `env`), for
+    tests that check what a command does and prints rather than how a process starts: each new
+    process imports the whole package again."""
+    from pyembed import cli
+
+    full: dict[str, str | None] = {k: None for k in os.environ if k.startswith("PYEMBED_")}
+    full.update(env or {})
+    with click.testing.CliRunner().isolation(env=full) as (out, err, _):
+        # Made anew, as at a process's start: its consoles read COLUMNS when they are made.
+        importlib.reload(cli)
+        try:
+            cli.main(list(args))
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+        sys.stdout.flush()  # what print() wrote is still in the wrapper's buffer
+        sys.stderr.flush()
+        stdout, stderr = out.getvalue().decode(), err.getvalue().decode()
+    return subprocess.CompletedProcess(["pyembed", *args], code, stdout, stderr)

@@ -18,10 +18,15 @@ import pytest
 import pyembed as pyembed_api
 from pyembed.db import connect
 from tests.conftest import REPO, Database
+from tests.helpers import run_cli
 
 
 def pyembed(*args: str, env: dict[str, str] | None = None,
-            timeout: float = 300) -> subprocess.CompletedProcess[str]:
+            timeout: float | None = None) -> subprocess.CompletedProcess[str]:
+    """`pyembed *args` in this process (tests.helpers.run_cli), or, given a timeout, in a process
+    of its own that is ended then (for a command that may not return)."""
+    if timeout is None:
+        return run_cli(*args, env=env)
     full = {k: v for k, v in os.environ.items() if not k.startswith("PYEMBED_")}
     full.update(env or {})
     return subprocess.run([sys.executable, "-m", "pyembed", *args], capture_output=True,

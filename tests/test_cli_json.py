@@ -16,8 +16,8 @@ import pyembed
 from pyembed import evaluation
 from pyembed.demo import sample_documents
 from tests.conftest import REPO, Database
+from tests.helpers import run_cli
 from tests.test_cli import db_env
-from tests.test_cli import pyembed as run_cli
 
 LONG = "fake/fake-hash-with-a-very-long-name-for-testing@2:384"
 FAKE = "fake/fake-hash@1:384"

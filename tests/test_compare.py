@@ -9,7 +9,7 @@ from pyembed import evaluation
 from pyembed.compare import compare
 from pyembed.demo import sample_documents
 from tests.conftest import Database
-from tests.test_cli import pyembed as run_cli
+from tests.helpers import run_cli
 
 MINILM = pyembed.LOCAL_DEFAULT.key
 FAKE = "fake/fake-hash@1:384"

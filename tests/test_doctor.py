@@ -10,7 +10,7 @@ import pytest
 
 from pyembed import doctor, schema
 from tests.conftest import Database
-from tests.test_cli import pyembed
+from tests.helpers import run_cli as pyembed
 
 NAMES = ["server reachable"] + [name for name, _ in doctor.CHECKS]
 

@@ -13,8 +13,7 @@ import pyembed
 from pyembed import health
 from pyembed.metrics import registry
 from tests.conftest import REPO, Database
-from tests.helpers import free_port, scrape_metrics
-from tests.test_cli import pyembed as run_cli
+from tests.helpers import free_port, run_cli, scrape_metrics
 
 FAKE = "fake/fake-hash@1:384"
 

@@ -18,8 +18,8 @@ from pyembed import cache, migration, recall, tenants
 from pyembed.errors import InvalidInput
 from pyembed.models import ModelSpec
 from tests.conftest import Database
+from tests.helpers import run_cli as cli
 from tests.test_cli import db_env
-from tests.test_cli import pyembed as cli
 
 FAKE = "fake/fake-hash@1:384"
 HUGE = 2**31  # one past PostgreSQL's integer

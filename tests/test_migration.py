@@ -44,6 +44,7 @@ from pyembed.search import bucket
 from pyembed.search import search as store_search
 from pyembed.worker import Worker
 from tests.conftest import REPO, Database
+from tests.helpers import run_cli
 
 OLD = "fake/fake-hash@1:1024"
 NEW = "fake/fake-hash@2:1024"
@@ -780,9 +781,7 @@ def test_validation_refuses_a_clearly_worse_model_and_records_why(db: Database) 
                              "WHERE step = 'validation failed'") == 1
 
         # The CLI prints the comparison and fails with one line.
-        out = subprocess.run([sys.executable, "-m", "pyembed", "migrate", "validate", CORPUS],
-                             capture_output=True, text=True, env=cli_env(db), cwd=REPO,
-                             timeout=120)
+        out = cli(db, "migrate", "validate", CORPUS)
         assert out.returncode == 1
         assert WORSE in out.stdout and "Recall@10" in out.stdout and "nDCG@10" in out.stdout
         assert len(out.stderr.strip().splitlines()) == 1 and "validation failed" in out.stderr
@@ -835,9 +834,9 @@ def test_the_application_role_cannot_migrate_or_change_keys(db: Database) -> Non
 
 
 # -- the command line --------------------------------------------------------------------------
-def cli(db: Database, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pyembed", *args], capture_output=True,
-                          text=True, env=cli_env(db), cwd=REPO, timeout=120)
+def cli(db: Database, *args: str, owner_dsn: str | None = None) -> subprocess.CompletedProcess[str]:
+    return run_cli(*args, env={"PYEMBED_DSN": db.app_dsn,
+                               "PYEMBED_OWNER_DSN": owner_dsn or db.owner_dsn, "COLUMNS": "200"})
 
 
 def assert_one_line_error(out: subprocess.CompletedProcess[str], *needles: str) -> None:
@@ -895,9 +894,7 @@ def test_cli_plan_status_steps_and_one_line_errors(db: Database) -> None:
         assert_one_line_error(cli(db, "migrate", "complete", CORPUS), "shift 100 first")
 
         # The application role's DSN as the owner's: refused, one line.
-        env_app = dict(cli_env(db), PYEMBED_OWNER_DSN=db.app_dsn)
-        out = subprocess.run([sys.executable, "-m", "pyembed", "migrate", "rollback", CORPUS],
-                             capture_output=True, text=True, env=env_app, cwd=REPO, timeout=60)
+        out = cli(db, "migrate", "rollback", CORPUS, owner_dsn=db.app_dsn)
         assert_one_line_error(out, "function pyembed.migration_rollback is pyembed's owner role's")
 
         assert cli(db, "migrate", "rollback", CORPUS).returncode == 0

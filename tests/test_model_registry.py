@@ -10,8 +10,8 @@ import psycopg
 import pyembed
 from pyembed.models import BUILTIN, ModelSpec
 from tests.conftest import Database
+from tests.helpers import run_cli
 from tests.test_cli import db_env
-from tests.test_cli import pyembed as run_cli
 
 WIDE = {"COLUMNS": "250"}
 

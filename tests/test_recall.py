@@ -17,8 +17,8 @@ from pyembed.localdb import LocalCluster
 from pyembed.metrics import registry
 from pyembed.worker import Worker
 from tests.conftest import Database, _dsn
+from tests.helpers import run_cli
 from tests.test_cli import db_env
-from tests.test_cli import pyembed as run_cli
 from tests.test_replica import standby, wait_for
 
 __all__ = ["standby"]  # the replica fixture, shared with test_replica

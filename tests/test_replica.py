@@ -4,6 +4,7 @@ replica that lags gives a clear answer instead of a silent empty result."""
 
 from __future__ import annotations
 
+import subprocess
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -14,6 +15,7 @@ import pytest
 import pyembed
 from pyembed.localdb import LocalCluster
 from tests.conftest import Database, _dsn
+from tests.helpers import run_cli
 
 KEY = "fake/fake-hash@1:384"
 OTHER = "fake/fake-hash@2:384"
@@ -145,16 +147,10 @@ def test_a_multi_host_read_dsn_skips_a_stopped_standby(db: Database, standby: Lo
 
 def test_the_cli_makes_lists_and_removes_a_replica_and_status_shows_its_lag(
         cluster: LocalCluster, db: Database) -> None:
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "PYEMBED_HOME": str(cluster.home), "PYEMBED_DSN": db.app_dsn,
-           "COLUMNS": "200"}
+    env = {"PYEMBED_HOME": str(cluster.home), "PYEMBED_DSN": db.app_dsn, "COLUMNS": "200"}
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "pyembed", *args], capture_output=True,
-                              text=True, env=env, timeout=120)
+        return run_cli(*args, env=env)
 
     name = f"c{uuid.uuid4().hex[:6]}"
     made = cli("db", "replica", "add", name)
@@ -180,21 +176,14 @@ def as_role(dsn: str, role: str, password: str) -> str:
 
 def test_the_search_command_with_a_read_dsn_finds_what_it_finds_on_the_primary(
         db: Database, standby: LocalCluster, read_dsn: str) -> None:
-    import os
-    import subprocess
-    import sys
-
     with pyembed.connect(db.app_dsn) as client:
         client.create_corpus("docs", KEY).add(DOCS)
     wait_for(standby, db, "the corpus")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYEMBED_")}
-    env.update({"PYEMBED_DSN": db.app_dsn, "COLUMNS": "200"})
+    env = {"PYEMBED_DSN": db.app_dsn, "COLUMNS": "200"}
 
     def search(mode: str, read: str | None) -> list[str]:
-        out = subprocess.run(
-            [sys.executable, "-m", "pyembed", "search", "docs", "E4007 quota", "-k", "5",
-             "--mode", mode], capture_output=True, text=True, timeout=120,
-            env={**env, "PYEMBED_READ_DSN": read} if read else env)
+        out = run_cli("search", "docs", "E4007 quota", "-k", "5", "--mode", mode,
+                      env={**env, "PYEMBED_READ_DSN": read} if read else env)
         assert out.returncode == 0, out.stderr
         rows = [[c.strip() for c in line.split("│")] for line in out.stdout.splitlines()]
         return [r[3] for r in rows if len(r) > 3 and r[1].isdigit()]  # the document column
@@ -204,9 +193,7 @@ def test_the_search_command_with_a_read_dsn_finds_what_it_finds_on_the_primary(
         assert on_primary and search(mode, read_dsn) == on_primary, mode
     # The command reads PYEMBED_READ_DSN: a read DSN that cannot connect is its error.
     nowhere = psycopg.conninfo.make_conninfo(read_dsn, dbname="no_such_database")
-    bad = subprocess.run([sys.executable, "-m", "pyembed", "search", "docs", "quota"],
-                         capture_output=True, text=True, timeout=120,
-                         env={**env, "PYEMBED_READ_DSN": nowhere})
+    bad = run_cli("search", "docs", "quota", env={**env, "PYEMBED_READ_DSN": nowhere})
     assert bad.returncode == 1 and "no server of the read DSN" in bad.stderr, bad.stderr
 
 

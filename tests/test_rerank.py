@@ -27,9 +27,8 @@ from pyembed.providers.rerank import reranker_for
 from pyembed.rerank import Reranker, fake_scores, reranker_spec
 from tests.conftest import Database
 from tests.fakeapi import FakeAPI
-from tests.helpers import sql_error
+from tests.helpers import run_cli, sql_error
 from tests.test_cli import db_env
-from tests.test_cli import pyembed as run_cli
 
 FAKE = "fake/fake-hash@1:384"
 KEYS = {"voyage": ("VOYAGE_API_KEY", "pa-rerank-voyage-1234"),

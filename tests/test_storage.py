@@ -23,9 +23,8 @@ from pyembed.db import connect, translated
 from pyembed.errors import InvalidInput, ModelMismatch, UnknownCorpus
 from pyembed.vectors import copy_vectors
 from tests.conftest import Database
-from tests.helpers import unit
+from tests.helpers import run_cli, unit
 from tests.test_cli import db_env
-from tests.test_cli import pyembed as run_cli
 from tests.test_migration import CORPUS, NEW, OLD, clients, doc_id, one
 from tests.test_tenants import two  # noqa: F401  (the fixture: two tenants' DSNs)
 
