@@ -169,12 +169,19 @@ schema is one of these or a column's (COLUMN_CHECKS); tests/test_hardening.py wa
 
 _PARTITION_OF = re.compile(r"_c\d+$")
 
+TEXT_CHECKS = {"chunks_content_check": "content", "eval_queries_query_check": "query"}
+"""The CHECKs that a text column holds text (revision 0027: not only whitespace, control and
+format characters), by name, and their column."""
+
 
 def check_message(table: str, check: str) -> str | None:
     """What breaking the CHECK `check` of `table` (a partition: of its table) means, naming the
     column; None for a name that follows neither ROW_CHECKS nor COLUMN_CHECKS."""
     if not check.startswith(table + "_"):
         table = _PARTITION_OF.sub("", table)
+    if check in TEXT_CHECKS:
+        return (f"{table}.{TEXT_CHECKS[check]} is empty or only whitespace and control "
+                f"characters (the table's check {check})")
     if check in ROW_CHECKS:
         return f"{ROW_CHECKS[check]} (the table's check {check})"
     for suffix, means in COLUMN_CHECKS.items():
@@ -185,19 +192,11 @@ def check_message(table: str, check: str) -> str | None:
     return None
 
 
-TEXT_CHECKS = {"chunks_content_check": "content", "eval_queries_query_check": "query"}
-"""The CHECKs that a text column holds text (revision 0027: not only whitespace, control and
-format characters), by name, and their column."""
-
-
 def translate(exc: psycopg.Error) -> Exception:
     """Our error class for a database error raised by pyembed's SQL (or a value a table's
     CHECK or NOT NULL refuses: InvalidInput), else the error itself."""
     diag = exc.diag
     table, check = diag.table_name or "", diag.constraint_name or ""
-    if isinstance(exc, psycopg.errors.CheckViolation) and check in TEXT_CHECKS:
-        return errors.InvalidInput(f"{table}.{TEXT_CHECKS[check]} is empty or only whitespace "
-                                   f"and control characters (the table's check {check})")
     if isinstance(exc, psycopg.errors.CheckViolation) and diag.schema_name == "pyembed":
         means = check_message(table, check)
         if means:
