@@ -568,13 +568,13 @@ $$;
 -- no row lock). No single order suits both, so the drop never waits holding what a client may
 -- wait for (a waiting client looks for a cycle once, deadlock_timeout after it began to wait,
 -- and a drop waiting for it then was one): each attempt takes, in a subtransaction, the corpus
--- row (waiting at most 100 ms, holding nothing yet), then without waiting its documents, chunks
--- and queued work (the rows the deletes' cascade locks), pyembed.vectors and the partition (in
--- the order a search takes them: dropping a partition locks its parent), deletes them, and last
--- the corpus's recording rows (no search of it is left running); a lock the deletes' triggers
--- take waits 1 ms at most. An attempt that cannot have a lock is rolled back, which releases all
--- it took, and the drop retries after a pause until 5 s have passed, then fails with PE012
--- (retry later).
+-- row (waiting at most the function's lock_timeout, holding nothing yet), then without waiting
+-- its documents, chunks and queued work (the rows the deletes' cascade locks), pyembed.vectors
+-- and the partition (in the order a search takes them: dropping a partition locks its parent),
+-- deletes them, and last the corpus's recording rows (no search of it is left running); a lock
+-- the deletes' triggers take waits only the shorter lock_timeout the attempt sets. An attempt
+-- that cannot have a lock is rolled back, which releases all it took, and the drop retries after
+-- a pause until its deadline, then fails with PE012 (retry later).
 CREATE OR REPLACE FUNCTION pyembed.drop_corpus(name text) RETURNS boolean
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -603,7 +603,7 @@ BEGIN
       -- Holding the row, the attempt waits for nothing more: a client waiting for the row
       -- checks for a deadlock once, and found one if this attempt was then waiting for it.
       -- The rows the deletes lock (a writer's or the worker's) and the relations are taken
-      -- NOWAIT; whatever else they lock (their triggers' rows) waits 1 ms at most.
+      -- NOWAIT; whatever else they lock (their triggers' rows) waits the lock_timeout set here.
       PERFORM set_config('lock_timeout', '1ms', true);
       PERFORM FROM pyembed.documents WHERE corpus_id = c.corpus_id FOR UPDATE NOWAIT;
       PERFORM FROM pyembed.chunks WHERE corpus_id = c.corpus_id FOR UPDATE NOWAIT;
