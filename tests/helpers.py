@@ -12,7 +12,7 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -125,6 +125,21 @@ def sql_error(conn: psycopg.Connection[Any], query: Any, params: Any = ()) -> ps
         conn.execute(query, params)
     return err.value
 
+
+
+def in_background(work: Callable[[], object], errors: list[BaseException] | None = None
+                  ) -> tuple[threading.Thread, list[BaseException]]:
+    """A thread, not started yet, that runs `work`, and the list what it raises goes to
+    (`errors`, or a new one): the test checks it."""
+    caught = errors if errors is not None else []
+
+    def run() -> None:
+        try:
+            work()
+        except BaseException as e:  # handed to the test
+            caught.append(e)
+
+    return threading.Thread(target=run), caught
 
 def waits_for_lock(watcher: Any, pid: int, thread: threading.Thread, tries: int = 800, *,
                    or_pause: bool = False) -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import numpy as np
@@ -17,7 +16,15 @@ from pyembed.errors import InvalidInput, InvalidVector, ModelMismatch, UnknownCo
 from pyembed.search import search
 from pyembed.text import sha256
 from pyembed.vectors import as_unit_vectors, copy_vectors
-from tests.helpers import chunk_hashes, count, rows, stored_chunks, unit, waits_for_lock
+from tests.helpers import (
+    chunk_hashes,
+    count,
+    in_background,
+    rows,
+    stored_chunks,
+    unit,
+    waits_for_lock,
+)
 
 KEY_A = "fake/fake-hash@1:1024"
 KEY_B = "fake/fake-hash@2:1024"  # same width, different model: the "2 AM" mistake
@@ -381,16 +388,9 @@ def test_a_vector_written_while_its_chunk_moves_carries_the_new_document(
                        "VALUES (%s, %s, %s, %s::vector)",
                        (corpus.corpus_id, chunk[0], KEY_A, str(unit(1024, 0).tolist())))
         mover.execute("SET lock_timeout = '20s'")
-        errors: list[BaseException] = []
-
-        def move() -> None:
-            try:
-                mover.execute("UPDATE pyembed.chunks SET document_id = 'doc1', chunk_index = 1 "
-                              "WHERE chunk_id = %s", chunk)
-            except BaseException as e:  # handed to the test
-                errors.append(e)
-
-        thread = threading.Thread(target=move)
+        thread, errors = in_background(lambda: mover.execute(
+            "UPDATE pyembed.chunks SET document_id = 'doc1', chunk_index = 1 WHERE chunk_id = %s",
+            chunk))
         thread.start()
         # the move waits for the writer's lock on the chunk
         assert waits_for_lock(owner, mover.info.backend_pid, thread), "the move did not wait"

@@ -7,7 +7,6 @@ they touch the same document) and then checks the whole index against the chunks
 
 from __future__ import annotations
 
-import threading
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -16,7 +15,7 @@ import psycopg
 import pytest
 
 from pyembed import bm25
-from tests.helpers import waits_for_lock
+from tests.helpers import in_background, waits_for_lock
 
 FAKE = "fake/fake-hash@1:384"
 
@@ -89,22 +88,6 @@ def index_problems(owner: psycopg.Connection[Any]) -> list[str]:
     return problems
 
 
-def in_background(conn: psycopg.Connection[Any], work: Callable[[psycopg.Connection[Any]], Any]
-                  ) -> tuple[threading.Thread, list[BaseException]]:
-    """`work` run on `conn` in a thread: (the thread, the errors it raised)."""
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            work(conn)
-        except BaseException as e:  # handed to the test
-            errors.append(e)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    return thread, errors
-
-
 @pytest.fixture
 def corpus(client: Any) -> int:
     kb = client.create_corpus("w", FAKE, chunk_tokens=100_000, chunk_overlap=0)
@@ -137,11 +120,12 @@ def race(db: Any, first: Callable[[psycopg.Connection[Any]], Any],
     one, two, watcher = _sessions(db)
     try:
         first(one)
-        def then_commit(c: psycopg.Connection[Any]) -> None:
-            second(c)
-            c.commit()
+        def then_commit() -> None:
+            second(two)
+            two.commit()
 
-        thread, errors = in_background(two, then_commit)
+        thread, errors = in_background(then_commit)
+        thread.start()
         waited = waits_for_lock(watcher, two.info.backend_pid, thread, tries=400)
         one.commit()
         thread.join(30)

@@ -34,7 +34,7 @@ from pyembed.db import translated
 from pyembed.text import sha256
 from pyembed.vectors import copy_vectors
 from tests.conftest import Database
-from tests.helpers import waits_for_lock
+from tests.helpers import in_background, waits_for_lock
 from tests.test_migration import CORPUS, NEW, OLD, clients, fake, one, to_shift
 
 LOCK_WAIT = "5s"
@@ -87,13 +87,7 @@ def race(db: Database, client: Client, hold: Callable[[Client], Any],
     watcher = psycopg.connect(db.owner_dsn, autocommit=True)
     pid = owner.conn.info.backend_pid
 
-    def run() -> None:
-        try:
-            maintenance(owner)
-        except BaseException as e:  # handed to the test
-            out.maintenance.append(e)
-
-    thread = threading.Thread(target=run)
+    thread, _ = in_background(lambda: maintenance(owner), out.maintenance)
     try:
         client.conn.execute("SELECT set_config('lock_timeout', %s, false)", (LOCK_WAIT,))
         if gate:
@@ -321,13 +315,7 @@ def race_call(db: Database, sql: str, args: tuple[Any, ...],
     second = pyembed.connect(db.owner_dsn)
     watcher = psycopg.connect(db.owner_dsn, autocommit=True)
 
-    def run() -> None:
-        try:
-            second.conn.execute(sql, args)
-        except BaseException as e:  # handed to the test
-            out.maintenance.append(e)
-
-    thread = threading.Thread(target=run)
+    thread, _ = in_background(lambda: second.conn.execute(sql, args), out.maintenance)
     try:
         thread.start()
         out.waited = waits_for_lock(watcher, second.conn.info.backend_pid, thread)
@@ -357,14 +345,11 @@ def test_rebuild_index_waits_for_a_migration_transaction_before_locking_the_part
         rebuilder = pyembed.connect(db.owner_dsn)
 
         def rebuild() -> None:
-            try:
-                rebuilt.extend(rebuilder.conn.execute("SELECT pyembed.rebuild_index(%s)",
-                                                      (CORPUS,)).fetchall())
-            except BaseException as e:  # handed to the test
-                out.maintenance.append(e)
+            rebuilt.extend(rebuilder.conn.execute("SELECT pyembed.rebuild_index(%s)",
+                                                  (CORPUS,)).fetchall())
 
         watcher = psycopg.connect(db.owner_dsn, autocommit=True)
-        thread = threading.Thread(target=rebuild)
+        thread, _ = in_background(rebuild, out.maintenance)
         try:
             thread.start()
             out.waited = waits_for_lock(watcher, rebuilder.conn.info.backend_pid, thread)
@@ -469,15 +454,12 @@ def test_the_worker_moving_a_job_to_failed_never_deadlocks_with_its_chunks_delet
             watcher = psycopg.connect(db.owner_dsn, autocommit=True)
 
             def move() -> None:
-                try:
-                    if how == "fail":
-                        worker._fail(item, "invalid text: test", stats)
-                    else:
-                        assert worker.claim(stats) == []
-                except BaseException as e:  # handed to the test
-                    errors.append(e)
+                if how == "fail":
+                    worker._fail(item, "invalid text: test", stats)
+                else:
+                    assert worker.claim(stats) == []
 
-            thread = threading.Thread(target=move)
+            thread, _ = in_background(move, errors)
             thread.start()
             waited = waits_for_lock(watcher, worker.conn.info.backend_pid, thread)
             try:
@@ -641,15 +623,7 @@ def test_a_call_racing_a_drop_finds_the_corpus_unknown(
         caller.corpus(CORPUS)  # the corpus's info, looked up before the drop
     dropper = psycopg.connect(db.app_dsn)
     watcher = psycopg.connect(db.owner_dsn, autocommit=True)
-    failed: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            call(caller)
-        except BaseException as e:  # handed to the test
-            failed.append(e)
-
-    thread = threading.Thread(target=run)
+    thread, failed = in_background(lambda: call(caller))
     try:
         assert one(dropper, "SELECT pyembed.drop_corpus(%s)", (CORPUS,)) is True
         thread.start()
