@@ -29,7 +29,7 @@ from rich.progress import (
 from .corpora import corpus_info, model_spec
 from .db import connect, translated
 from .errors import InvalidInput, InvalidVector
-from .vectors import as_unit_vectors, copy_vectors
+from .vectors import as_unit_vectors, copy_vectors, float_array
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,8 @@ def load_vectors(corpus: str, chunk_ids: Sequence[int], model_key: str, vectors:
     with connect(dsn, autocommit=True) as conn, translated():
         info = corpus_info(conn, corpus)
         spec = model_spec(conn, model_key)
+    if not isinstance(vectors, np.ndarray):
+        vectors = float_array(vectors, np.float64)
     if np.ndim(vectors) != 2 or np.shape(vectors)[1] != spec.dimensions:
         raise InvalidVector(f"wrong dimensions: {model_key} has {spec.dimensions} dimensions, the "
                             f"vectors have shape {np.shape(vectors)}")

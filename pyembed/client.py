@@ -676,7 +676,7 @@ class Corpus:
                 raise TypeError("a query vector needs model_key=... (the model that made it)")
             if mode != "vector":
                 raise InvalidInput(f"{mode} search needs the query text, not a vector")
-            found = search(self.client._reader(), self.name, np.asarray(query, dtype=np.float32),
+            found = search(self.client._reader(), self.name, query,
                            model_key, k, filter, group=options.group or "document")
             done = time.perf_counter()
             return Retrieval(found, model_key, None, {"embed_ms": None,

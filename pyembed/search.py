@@ -17,6 +17,7 @@ from pgvector import Vector
 from .db import integer
 from .errors import InvalidInput, InvalidVector, ModelMismatch
 from .sqlexec import Executor, executor
+from .vectors import float_array
 
 MODES = ("vector", "keyword", "hybrid")
 GROUPS = ("document", "chunk")
@@ -182,8 +183,8 @@ def search(conn: psycopg.Connection[Any], corpus: str, query: np.ndarray | Seque
     options.check(mode)
     vec = None
     if mode != "keyword":
-        vec = np.asarray(query, dtype=np.float32)
-        if vec.ndim != 1 or not np.isfinite(vec).all():
+        vec = float_array(query)
+        if vec.ndim != 1 or not vec.size or not np.isfinite(vec).all():
             raise InvalidVector("the query vector must be one row of finite numbers")
     if mode != "vector" and not (text and text.strip()):
         raise InvalidInput(f"{mode} search needs the query text")

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import psycopg
+from pgvector import Vector
 from psycopg import sql
 
 from .errors import InvalidInput, InvalidVector
@@ -34,14 +35,31 @@ ROW_OVERHEAD = 200
 _WORK_MEM_CAP_KB = 1 << 20
 
 
+def float_array(value: Any, dtype: type[np.floating[Any]] = np.float32) -> np.ndarray:
+    """`value` (a vector, rows of them, a pgvector Vector) as an array of `dtype`; InvalidVector
+    for text, rows of unequal lengths, or anything else that is not numbers, which numpy would
+    parse ("0.5") or refuse with its own error."""
+    if isinstance(value, Vector):
+        value = value.to_numpy()
+    try:
+        arr = np.asarray(value)
+        if arr.dtype.kind not in "iuf":
+            if arr.dtype.kind != "O":
+                raise TypeError(f"{arr.dtype.name} values")
+            arr = arr.astype(np.float64)  # Decimal and other number objects
+        with np.errstate(over="ignore"):  # too large for dtype: Inf, refused where checked
+            return arr.astype(dtype, copy=False)
+    except (TypeError, ValueError, ArithmeticError) as exc:
+        raise InvalidVector(f"a vector is numbers, one row of them per vector ({exc})") from None
+
+
 def as_unit_vectors(vectors: np.ndarray | Sequence[Sequence[float]], dims: int,
                     normalize: bool = True) -> np.ndarray:
     """float32 rows checked for shape, NaN/Inf and zero; unit-normalised when asked. float32
     rows already unit to within 1e-5 (what their float32 sums of squares can tell; the database
     allows 1e-3) are returned as they are, not copied."""
-    arr = np.asarray(vectors)
-    if arr.dtype != np.float32:
-        arr = arr.astype(np.float64)
+    float32 = isinstance(vectors, np.ndarray) and vectors.dtype == np.float32
+    arr = float_array(vectors, np.float32 if float32 else np.float64)
     if arr.ndim == 1:
         arr = arr[None, :]
     if arr.ndim != 2 or arr.shape[1] != dims:
@@ -84,7 +102,7 @@ def copy_data(corpus_id: int, chunk_ids: Sequence[int], model_key: str, vectors:
     """The COPY data for these rows (columns COLUMNS, in this order), signature and trailer
     included, in blocks to pass to psycopg's `Copy.write` one after the other. The inputs are
     checked here, before the first block."""
-    vectors = np.asarray(vectors, dtype=np.float32)
+    vectors = float_array(vectors)
     if vectors.ndim != 2:
         raise InvalidVector(f"vectors must be one row per chunk (2-D), got {vectors.ndim}-D")
     if not len(chunk_ids) == len(vectors) == len(content_hashes):

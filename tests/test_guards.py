@@ -10,12 +10,14 @@ import pytest
 from pgvector import Vector
 from psycopg import sql
 
+import pyembed
 from pyembed.corpora import ChunkRow, CorpusInfo, create_corpus, drop_corpus, write_chunks
-from pyembed.db import translated
+from pyembed.db import connect, translated
 from pyembed.errors import InvalidInput, InvalidVector, ModelMismatch, UnknownCorpus
 from pyembed.search import search
 from pyembed.text import sha256
-from pyembed.vectors import as_unit_vectors, copy_vectors
+from pyembed.vectors import as_unit_vectors, copy_data, copy_vectors
+from tests.conftest import Database
 from tests.helpers import (
     chunk_hashes,
     count,
@@ -454,3 +456,27 @@ def test_the_partition_guard_follows_the_corpus_keys_through_a_migration(
     # accepts what the corpus accepts.
     assert owner.execute("SELECT pyembed._vector_check(%s, %s, %s, %s)",
                          (corpus.corpus_id, ids[0], KEY_A, Vector(vecs[0]))).fetchone() == (True,)
+
+
+NOT_NUMBERS = [([], "one row of finite numbers"), (["a"] * 1024, "is numbers"),
+               (["0.5"] * 1024, "is numbers"), ([[0.5] * 1024, [0.5]], "is numbers"),
+               ([True] * 1024, "is numbers")]
+
+
+@pytest.mark.parametrize(("vector", "words"), NOT_NUMBERS)
+def test_a_query_vector_that_is_not_numbers_is_invalid_vector_at_every_entry(
+        db: Database, corpus: CorpusInfo, vector: list[Any], words: str) -> None:
+    """An empty query vector reached pgvector's parser (a DataException), text and rows of
+    unequal lengths numpy's (ValueError), and text of digits was parsed as numbers."""
+    with pyembed.connect(db.app_dsn) as client, pytest.raises(InvalidVector, match=words):
+        client.corpus("docs").search(vector, model_key=KEY_A)
+    with connect(db.app_dsn) as conn, pytest.raises(InvalidVector, match=words):
+        search(conn, "docs", vector, KEY_A)
+
+
+@pytest.mark.parametrize("vectors", [[["a"] * 4], [["0.5"] * 4], [[0.5] * 4, [0.5]]])
+def test_vectors_to_write_that_are_not_numbers_are_invalid_vector(vectors: list[Any]) -> None:
+    with pytest.raises(InvalidVector, match="is numbers"):
+        as_unit_vectors(vectors, 4)
+    with pytest.raises(InvalidVector, match="is numbers"):
+        copy_data(1, list(range(len(vectors))), KEY_A, vectors, [None] * len(vectors))  # type: ignore[arg-type]
