@@ -160,6 +160,8 @@ ROW_CHECKS = {
     "corpora_storage_known": "a corpus's storage is vector, halfvec or binary",
     "corpora_target_storage_known": "a corpus's storage is vector, halfvec or binary",
     "corpora_index_settings_object": "index settings are a JSON object",
+    "documents_metadata_object": "a document's metadata is a JSON object",
+    "chunks_metadata_object": "a chunk's metadata is a JSON object",
     "cache_stats_counts_not_negative": "cache hit and miss counts are not negative",
     "cache_stats_counts_in_range": "cache hit and miss counts are 0 to 2147483647 a call",
     "usage_counts_not_negative": "usage requests, tokens and cost are not negative",

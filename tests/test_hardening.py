@@ -329,6 +329,31 @@ def test_a_filter_that_is_not_a_json_object_is_refused(
     assert err.sqlstate == "PE005", err
 
 
+@pytest.mark.parametrize("metadata", ['[{"n": 1}]', '"n"', "1", "null"])
+def test_stored_metadata_that_is_not_a_json_object_is_refused_by_its_table(
+        app: psycopg.Connection[Any], docs: CorpusInfo, metadata: str) -> None:
+    """The application role writes documents and chunks itself: a search hands their metadata
+    back as a hit's mapping, so each table refuses another JSON value, on INSERT and UPDATE."""
+    (chunk,) = stored_chunks(app, docs, 1)
+    writes = [
+        ("INSERT INTO pyembed.documents (corpus_id, document_id, content_hash, metadata) "
+         "VALUES (%(c)s, 'other', '\\x00', %(m)s::jsonb)", "documents"),
+        ("UPDATE pyembed.documents SET metadata = %(m)s::jsonb WHERE corpus_id = %(c)s",
+         "documents"),
+        ("UPDATE pyembed.chunks SET metadata = %(m)s::jsonb WHERE chunk_id = %(chunk)s",
+         "chunks"),
+    ]
+    for statement, table in writes:
+        err = sql_error(app, statement, {"c": docs.corpus_id, "m": metadata, "chunk": chunk})
+        assert err.sqlstate == "23514", (statement, err)
+        assert err.diag.constraint_name == f"{table}_metadata_object"
+        mapped = translate(err)
+        assert isinstance(mapped, InvalidInput), mapped
+        assert "metadata is a JSON object" in str(mapped)
+    app.execute("UPDATE pyembed.chunks SET metadata = '{\"n\": [1]}' WHERE chunk_id = %s",
+                (chunk,))
+
+
 @pytest.mark.parametrize("bad_filter", [[{"n": 1}], "n", 1, {"n": float("nan")}, {"n": object()},
                                         '{"n": NaN}'])
 def test_a_python_filter_that_is_not_a_json_object_is_refused(
