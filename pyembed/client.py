@@ -724,14 +724,24 @@ def _as_document(d: Document | tuple[str, str] | Mapping[str, Any]) -> Document:
     if isinstance(d, Document):
         return d
     if isinstance(d, tuple | list) and len(d) in (2, 3):
-        return Document(_document_id(d[0]), d[1], (d[2] if len(d) == 3 else None) or {})
-    if isinstance(d, Mapping) and "id" in d and "text" in d:
-        return Document(_document_id(d["id"]), d["text"], d.get("metadata") or {})
+        return Document(_document_id(d[0]), d[1], _metadata(d[2] if len(d) == 3 else None))
+    if isinstance(d, Mapping) and "id" in d and "text" in d and set(d) <= _DOCUMENT_KEYS:
+        return Document(_document_id(d["id"]), d["text"], _metadata(d.get("metadata")))
     shape = (f"a {type(d).__name__} of {len(d)}" if isinstance(d, tuple | list)
              else f"a mapping with keys {sorted(map(str, d))[:5]}" if isinstance(d, Mapping)
              else f"a {type(d).__name__}")
     raise InvalidInput("a document is a pyembed.Document, an (id, text[, metadata]) tuple or a "
                        f"mapping with 'id', 'text' and optionally 'metadata', not {shape}")
+
+
+_DOCUMENT_KEYS = {"id", "text", "metadata"}
+"""A mapping's keys: another ("title", "meta") would be dropped unseen, or taken for metadata."""
+
+
+def _metadata(value: Any) -> Any:
+    """No metadata (None) as an empty object; anything else as given, for check_metadata to
+    accept or refuse (an empty list or string is not an object)."""
+    return {} if value is None else value
 
 
 def _document_id(value: Any) -> Any:

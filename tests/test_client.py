@@ -60,7 +60,7 @@ def test_bad_documents_store_nothing(client: Any, app: psycopg.Connection[Any]) 
 def test_every_document_shape_is_read_whole_or_refused(client: Any,
                                                       app: psycopg.Connection[Any]) -> None:
     docs = client.create_corpus("shapes", KEY)
-    report = docs.add([("t2", "two fields"), ("t3", "three fields", {"lang": "en"}),
+    report = docs.add([("t2", "two fields", None), ("t3", "three fields", {"lang": "en"}),
                        ["l3", "a list", {"lang": "de"}], {"id": 7, "text": "an int id"},
                        pyembed.Document("d", "a document", {"lang": "fr"})])
     assert report.added == 5
@@ -70,7 +70,14 @@ def test_every_document_shape_is_read_whole_or_refused(client: Any,
     for bad, says in [((None, "id of None"), "got NoneType"), ((b"id", "bytes"), "got bytes"),
                       (("x", "four", {}, "fields"), "tuple of 4"), (("x",), "tuple of 1"),
                       ("just a text", "not a str"), ({"text": "no id"}, "keys ['text']"),
-                      ((True, "a bool id"), "got bool")]:
+                      ((True, "a bool id"), "got bool"),
+                      # Keys beyond id, text and metadata were dropped unseen (a title, a
+                      # misspelt metadata), and an empty list or string taken for no metadata.
+                      ({"id": "x", "text": "titled", "title": "T"}, "keys ['id', 'text', 'ti"),
+                      ({"id": "x", "text": "typo", "meta": {"a": 1}}, "keys ['id', 'meta', 't"),
+                      (("x", "empty list", []), "metadata must be a JSON object, got list"),
+                      ({"id": "x", "text": "empty string", "metadata": ""},
+                       "metadata must be a JSON object, got str")]:
         with pytest.raises(pyembed.InvalidInput, match=re.escape(says)):
             docs.add([("ok", "fine text"), bad])
     with pytest.raises(pyembed.InvalidInput, match="'twice' is given twice"):
