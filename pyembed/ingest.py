@@ -162,6 +162,12 @@ class _Reader:
             self.problem(path, None, f"unsupported file type {suffix or '(none)'!r}: expected "
                          f"one of {', '.join(sorted(SUFFIXES))}", record=False)
             return
+        if not path.is_file():
+            # Reading a FIFO waits for a writer, a device (/dev/zero) never ends: neither is a
+            # file of records.
+            self.problem(path, None, "not a regular file (a FIFO, device or socket)",
+                         record=False)
+            return
         try:
             bad = _utf8_problem(path)
         except OSError as exc:
@@ -359,7 +365,7 @@ def read_documents(path: Path, *, text_field: str = "text", id_field: str = "id"
     (a BOM is fine).
 
     A bad record (invalid JSON, missing or empty id or text, NUL byte, id already read) or
-    file (missing, unsupported, not UTF-8) is appended to `problems` and skipped; without
+    file (missing, unsupported, not UTF-8, a FIFO or device) is appended to `problems` and skipped; without
     a `problems` list it raises IngestError.
     """
     reader = _Reader(text_field, id_field, problems)
@@ -658,6 +664,8 @@ def _estimate(path: Path) -> int:
     files = _walk(path) if path.is_dir() else [path] if path.is_file() else []
     total = 0
     for file in files:
+        if not file.is_file():
+            continue
         suffix = file.suffix.lower()
         if suffix in TEXT_SUFFIXES:
             total += 1

@@ -310,6 +310,26 @@ def test_empty_files_missing_columns_and_unsupported_paths(tmp_path: Path,
     assert report.failed == 2 + 3  # the empty text files and ragged.csv's rows
 
 
+@pytest.mark.timeout(60)
+def test_a_fifo_or_a_device_is_one_problem_not_a_hang(tmp_path: Path, corpus: Corpus) -> None:
+    """A FIFO waited for a writer when opened and /dev/zero was read for ever (ingest's count
+    of records for its progress bar did the same): neither is a file of records."""
+    folder = tmp_path / "docs"
+    _write(folder / "a.txt", "a real file")
+    os.mkfifo(folder / "fifo.jsonl")
+    (folder / "zero.txt").symlink_to("/dev/zero")
+    problems: list[FileProblem] = []
+    assert [d.id for d in read_documents(folder, problems=problems)] == ["a"]
+    assert [(p.path.name, p.message) for p in problems] == [
+        (name, "not a regular file (a FIFO, device or socket)")
+        for name in ("fifo.jsonl", "zero.txt")]
+    shown = io.StringIO()
+    report = ingest(corpus, [folder, folder / "zero.txt"], progress=True,
+                    console=Console(file=shown, force_terminal=True))
+    assert report.added == 1
+    assert _where(report) == [("fifo.jsonl", None), ("zero.txt", None), ("zero.txt", None)]
+
+
 def test_read_documents_raises_without_a_problem_list(tmp_path: Path) -> None:
     path = _write(tmp_path / "x.jsonl", _jsonl({"id": "a", "text": "fine"}, "{bad"))
     docs = read_documents(path)
