@@ -15,7 +15,7 @@ from .errors import ConfigError, InvalidInput, InvalidVector, ModelMismatch, Pro
 from .models import InputType, ModelSpec
 from .providers import Provider, Vectors, provider_for
 from .retry import Retrier
-from .text import check_text, estimate_tokens, truncate_to_tokens
+from .text import check_text, estimate_tokens, text_list, truncate_to_tokens
 
 DEFAULT_MAX_BATCH_TOKENS = 100_000
 """Estimated tokens per request; under every supported service's per-request limit."""
@@ -160,6 +160,7 @@ class Embedder:
     def _prepare(self, texts: Sequence[str], *, query: bool = False) -> list[str]:
         """The texts stripped, checked against the token limit and, if `truncate`, cut. A
         `query` (one text, from a search) is named so: a search has no truncate option."""
+        texts = text_list(texts)
         names = ["the query"] if query else [f"text {index}" for index in range(len(texts))]
         stripped = [check_text(text, name).strip() for name, text in zip(names, texts, strict=True)]
         if not stripped:

@@ -36,7 +36,7 @@ from .providers.rerank import (
 from .retry import Retrier
 from .search import Hit
 from .sqlexec import Executor, executor
-from .text import check_text, estimate_tokens
+from .text import check_text, estimate_tokens, text_list
 
 DEFAULT_CANDIDATES = 50
 """How many hits of the search a reranker reorders, unless told otherwise."""
@@ -118,7 +118,8 @@ class Reranker:
     def scores(self, query: str, texts: Sequence[str]) -> list[float]:
         """One relevance score per text, in input order (higher is more relevant)."""
         query = check_text(query, "query").strip()
-        prepared = [check_text(t, f"candidate {i}").strip() for i, t in enumerate(texts)]
+        prepared = [check_text(t, f"candidate {i}").strip()
+                    for i, t in enumerate(text_list(texts, "candidates"))]
         out: dict[int, float] = {}
         if self.cache is not None and prepared:
             out.update(self.cache.get_many(query, prepared, self.spec))

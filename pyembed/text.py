@@ -6,7 +6,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .errors import InvalidInput
@@ -39,6 +39,18 @@ def check_text(text: object, what: str = "text") -> str:
     if not has_text(text):
         raise InvalidInput(f"{what} is empty or only whitespace and control characters")
     return text
+
+
+def text_list(texts: object, what: str = "texts") -> list[Any]:
+    """`texts` as a list, for each to be checked; InvalidInput for one string (or bytes), which
+    Python would iterate as its characters, each embedded or scored as a text of its own, and
+    for anything that is not a sequence."""
+    if isinstance(texts, str | bytes | bytearray):
+        raise InvalidInput(f"{what} is a list of strings, not one {type(texts).__name__}: "
+                           "give [text]")
+    if not isinstance(texts, Sequence):
+        raise InvalidInput(f"{what} is a list of strings, not a {type(texts).__name__}")
+    return list(texts)
 
 
 def check_storable(text: str, what: str = "text") -> str:

@@ -149,6 +149,17 @@ def test_empty_input_makes_no_call() -> None:
     assert vectors.shape == (0, 1024) and provider.calls == 0 and cache.gets == []
 
 
+@pytest.mark.parametrize("texts", ["one text", b"bytes", 7])
+def test_one_string_is_not_a_list_of_texts(texts: object) -> None:
+    """A str was iterated as its characters: embed("hello") made a vector per letter, and
+    check("hello") passed."""
+    provider = fake()
+    for call in (Embedder(FAKE, provider).embed, Embedder(FAKE, provider).check):
+        with pytest.raises(InvalidInput, match="is a list of strings"):
+            call(texts)
+    assert provider.calls == 0
+
+
 def test_provider_for_another_model_is_refused() -> None:
     with pytest.raises(ModelMismatch, match=r"fake/fake-hash@2:1024.*fake/fake-hash@1:1024"):
         Embedder(FAKE, fake(registry.get("fake/fake-hash@2:1024")))

@@ -80,6 +80,12 @@ def test_names_aliases_and_unknown_rerankers() -> None:
         reranker_spec("rerank-9")
 
 
+def test_one_string_is_not_a_list_of_candidates() -> None:
+    """A str was iterated as its characters, each scored as a candidate of its own."""
+    with pytest.raises(InvalidInput, match="candidates is a list of strings, not one str"):
+        Reranker(reranker_spec("fake")).scores("query", "one candidate")
+
+
 def test_fake_scores_are_deterministic_and_favour_shared_words() -> None:
     scores = fake_scores(QUERY, [text for _, text in DOCS])
     assert scores == fake_scores(QUERY, [text for _, text in DOCS])
