@@ -216,6 +216,10 @@ def translate(exc: psycopg.Error) -> Exception:
         # whatever the entry point.
         detail = f" ({diag.message_detail})" if diag.message_detail else ""
         return errors.InvalidInput(f"a value PostgreSQL cannot store: {message}{detail}")
+    if isinstance(exc, psycopg.errors.ReadOnlySqlTransaction):
+        # A write on a hot standby, or in a transaction or session that is read-only.
+        return errors.ReadOnlyReplica(f"{message}: this session cannot write (a replica, or a "
+                                      "read-only transaction): run it on the primary")
     gone = _dropped_corpus(exc, message)
     if gone:
         return gone

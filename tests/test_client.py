@@ -139,3 +139,21 @@ def test_create_corpus_exist_ok_returns_the_same_corpus_only(client: Any,
                        "chunk_overlap => 10, exist_ok => true)", (KEY,)).fetchone() == (
                            first.info.corpus_id,)
     assert count(app, "corpora") == 1
+
+
+def test_a_write_in_a_read_only_session_is_read_only_replica(db: Any) -> None:
+    """A hot standby and a read-only session refuse writes with SQLSTATE 25006, which reached
+    the caller as psycopg's ReadOnlySqlTransaction; searches there still answer."""
+    from pyembed import cache
+
+    with pyembed.connect(db.app_dsn) as client:
+        client.create_corpus("docs", KEY).add([("a", "a stored text about quotas")])
+    read_only = db.app_dsn + "?options=-c%20default_transaction_read_only%3Don"
+    with pyembed.connect(read_only) as client:
+        for write in (lambda: client.create_corpus("other", KEY),
+                      lambda: client.drop_corpus("docs"),
+                      lambda: cache.purge(client.conn)):
+            with pytest.raises(pyembed.ReadOnlyReplica, match="cannot write"):
+                write()
+        assert [h.document_id for h in client.corpus("docs").search("quotas", mode="keyword")
+                ] == ["a"]
