@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from .text import estimate_tokens
+from .text import estimate_tokens, has_text
 
 _WORD = re.compile(r"\S+\s*")
 _SPACE = re.compile(r"\s*$")
@@ -32,7 +32,9 @@ def _words(text: str, max_tokens: int) -> list[str]:
 def chunk_text(text: str, max_tokens: int = 200, overlap_tokens: int = 40) -> list[str]:
     """Consecutive windows of whole words, each at most `max_tokens` (estimated) long,
     each starting `overlap_tokens` before the previous one ended; a word longer than a window
-    is cut into windows of its own. Short text is one chunk."""
+    is cut into windows of its own. Short text is one chunk. A window without a visible
+    character (a run of zero-width spaces or escapes longer than a window) is left out: the
+    document's other windows hold its text, and chunks.content refuses it."""
     if overlap_tokens >= max_tokens:
         raise ValueError("overlap must be smaller than the chunk size")
     text = text.strip()
@@ -49,7 +51,9 @@ def chunk_text(text: str, max_tokens: int = 200, overlap_tokens: int = 40) -> li
                 break
             used += cost
             end += 1
-        chunks.append("".join(words[start:end]).strip())
+        chunk = "".join(words[start:end]).strip()
+        if has_text(chunk):  # a window of format or control characters alone is no text
+            chunks.append(chunk)
         if end >= len(words):
             break
         back, kept = end, 0
@@ -83,5 +87,5 @@ def fit_chunks(chunks: list[str], max_tokens: int,
         else:
             halves = ["".join(words[:len(words) // 2]).strip(),
                       "".join(words[len(words) // 2:]).strip()]
-        out += fit_chunks(halves, max_tokens, count)
+        out += fit_chunks([half for half in halves if has_text(half)], max_tokens, count)
     return out

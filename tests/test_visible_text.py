@@ -79,3 +79,23 @@ def test_every_entry_point_refuses_a_text_without_a_character(
                     (text,))
     assert err.sqlstate == "PE005", err
     assert [h.document_id for h in docs.search("stored text", k=1)] == ["d1"]
+
+
+@pytest.mark.parametrize("run", ["\u200b" * 4000, "\x1b" * 4000, " ".join(["\x01\x02"] * 1500)])
+def test_a_document_with_a_window_of_invisible_characters_is_stored_without_it(
+        client: pyembed.Client, app: psycopg.Connection[Any], run: str) -> None:
+    """A run of format or control characters longer than a chunk became a chunk of its own,
+    which chunks.content refuses: Corpus.add refused the whole document ("text 4 is empty")
+    and pyembed.add_document raised the table's 23514, though the document has text."""
+    from pyembed.chunking import chunk_text
+
+    text = "word " * 300 + run + " last words"
+    chunks = chunk_text(text, 100, 20)
+    assert chunks and all(has_text(chunk) for chunk in chunks)
+    assert chunks[-1].endswith("last words")
+    docs = client.create_corpus("docs", KEY, chunk_tokens=100, chunk_overlap=20)
+    assert docs.add([("d1", text)]).chunks == len(chunks)
+    assert app.execute("SELECT pyembed.add_document('docs', 'd2', %s)", (text,)).fetchone() == (
+        len(chunks),)
+    assert [h.document_id for h in docs.search("last words", k=2, mode="keyword")] == [
+        "d1", "d2"]
