@@ -35,6 +35,7 @@ from .errors import DatabaseNotReady, InvalidInput, MigrationError, PyembedError
 from .localdb import LocalCluster
 from .models import BUILTIN, LOCAL_DEFAULT
 from .recall import RECALL_ALERT
+from .text import read_json
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="The embedding model as an enforced part of your PostgreSQL schema.")
@@ -270,7 +271,7 @@ def search_cmd(
     Reranked: pyembed search docs "what does error E4012 mean" -k 3 --rerank voyage/rerank-2.5
     """
     try:
-        flt = json.loads(filter) if filter else None
+        flt = read_json(filter, "--filter") if filter else None
     except json.JSONDecodeError as exc:
         raise InvalidInput(f"--filter is not valid JSON: {exc}") from None
     if flt is not None and not isinstance(flt, dict):

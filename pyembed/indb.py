@@ -245,11 +245,11 @@ def _token_counter(GD: dict[str, Any], spec: ModelSpec) -> Callable[[list[str]],
 def add_document(plpy: Any, GD: dict[str, Any], corpus: str | None, document_id: str | None,
                  content: str | None, metadata: str | None) -> int:
     """Store a document and its chunks; the chunk triggers queue them for the worker."""
-    from .text import check_document_id, check_text, document_hash
+    from .text import check_document_id, check_text, document_hash, read_json
 
     check_document_id(document_id)
     check_text(content or "", f"document {document_id!r}")
-    meta = json.loads(metadata) if metadata else {}
+    meta = read_json(metadata, "metadata") if metadata else {}
     if not isinstance(meta, dict):
         raise InvalidInput("metadata must be a JSON object")
     db = PlpyExecutor(plpy, GD)

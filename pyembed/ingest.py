@@ -30,6 +30,7 @@ from rich.progress import (
 from .client import AddReport, Corpus, Document, PreparedAdd
 from .db import twin
 from .errors import ConfigError, InvalidInput, ModelMismatch
+from .text import read_json
 
 MARKDOWN_SUFFIXES = frozenset({".md", ".markdown"})
 TEXT_SUFFIXES = frozenset({".txt"}) | MARKDOWN_SUFFIXES
@@ -229,8 +230,8 @@ class _Reader:
                     continue
                 empty = False
                 try:
-                    obj = json.loads(line)
-                except ValueError as exc:
+                    obj = read_json(line, "the line")
+                except (ValueError, InvalidInput) as exc:
                     self.problem(path, number, f"invalid JSON: {exc}", record=True)
                     continue
                 if not isinstance(obj, dict):

@@ -77,12 +77,49 @@ def check_document_id(document_id: object) -> str:
     return check_storable(document_id, f"document id {document_id!r}")
 
 
+MAX_JSON_DEPTH = 100
+"""How deep a metadata object or a filter may nest: Python's json module and pyembed's checks
+recurse, and a deeper value raised RecursionError (a traceback from the CLI, an internal error
+from SQL) instead of an error naming the value."""
+
+
+def check_depth(value: object, what: str) -> None:
+    """InvalidInput if objects and arrays in `value` nest more than MAX_JSON_DEPTH deep (or
+    contain themselves); walked without recursion."""
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, Mapping):
+            children: Any = item.values()
+        elif isinstance(item, list | tuple):
+            children = item
+        else:
+            continue
+        if depth > MAX_JSON_DEPTH:
+            raise InvalidInput(f"{what} nests objects and arrays more than {MAX_JSON_DEPTH} "
+                               "levels deep")
+        stack.extend((child, depth + 1) for child in children)
+
+
+def read_json(text: str, what: str, **options: Any) -> Any:
+    """`text` parsed as JSON (json.loads with `options`; its ValueError for text that is not
+    JSON), InvalidInput naming `what` when it nests deeper than MAX_JSON_DEPTH."""
+    try:
+        value = json.loads(text, **options)
+    except RecursionError:
+        raise InvalidInput(f"{what} nests objects and arrays more than {MAX_JSON_DEPTH} "
+                           "levels deep") from None
+    check_depth(value, what)
+    return value
+
+
 def check_metadata(metadata: object, what: str = "metadata") -> Mapping[str, Any]:
     """`metadata` if pyembed.documents can store it as jsonb: a JSON object (a mapping with
     string keys) of finite numbers and storable text, else InvalidInput naming `what`. Values
     JSON has no type for are stored as their str(), as `document_hash` reads them."""
     if not isinstance(metadata, Mapping):
         raise InvalidInput(f"{what} must be a JSON object, got {type(metadata).__name__}")
+    check_depth(metadata, what)
     _check_json(metadata, what)
     return metadata
 

@@ -329,6 +329,42 @@ def test_a_filter_that_is_not_a_json_object_is_refused(
     assert err.sqlstate == "PE005", err
 
 
+def test_json_nested_too_deep_is_invalid_input_at_every_entry(
+        db: Database, app: psycopg.Connection[Any], searchable: Any, tmp_path: Any) -> None:
+    """Metadata or a filter nested a few thousand levels deep raised RecursionError: from
+    Python, as a traceback from the CLI (ingest stopped at the line), and as an internal error
+    from SQL's add_document and search_text."""
+    from pyembed.ingest import FileProblem, read_documents
+    from pyembed.text import MAX_JSON_DEPTH
+
+    def nested(levels: int) -> dict[str, Any]:
+        value: dict[str, Any] = {}
+        for _ in range(levels):
+            value = {"a": value}
+        return value
+
+    deep, text = nested(3000), '{"a": ' * 3000 + "1" + "}" * 3000
+    for statement in ("SELECT pyembed.add_document('docs', 'deep', 'text', %(j)s::jsonb)",
+                      "SELECT * FROM pyembed.search_text('docs', 'text', 3, %(j)s::jsonb)",
+                      "SELECT * FROM pyembed.search_text('docs', 'text', 3, %(j)s::jsonb, "
+                      "'keyword')"):
+        err = sql_error(app, statement, {"j": text})
+        assert err.sqlstate == "PE005" and "levels deep" in str(err), (statement, err)
+    with pyembed.connect(db.app_dsn) as client:
+        kb = client.corpus("docs")
+        for call in (lambda: kb.add([("deep", "text", deep)]),
+                     lambda: kb.search("text", filter=deep),
+                     lambda: kb.search("text", filter=text, mode="keyword")):
+            with pytest.raises(InvalidInput, match="levels deep"):
+                call()
+        kb.add([("deep", "text", nested(MAX_JSON_DEPTH - 1))])  # as deep as may be
+    path = tmp_path / "deep.jsonl"
+    path.write_text('{"id": "d", "text": "t", "metadata": ' + text + "}\n")
+    problems: list[FileProblem] = []
+    assert list(read_documents(path, problems=problems)) == []
+    assert ["levels deep" in p.message for p in problems] == [True]
+
+
 @pytest.mark.parametrize("metadata", ['[{"n": 1}]', '"n"', "1", "null"])
 def test_stored_metadata_that_is_not_a_json_object_is_refused_by_its_table(
         app: psycopg.Connection[Any], docs: CorpusInfo, metadata: str) -> None:
