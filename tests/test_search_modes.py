@@ -611,8 +611,12 @@ def test_a_new_hybrid_query_ranks_by_keywords_while_it_is_embedded(
 
         run_pipelined = pyembed.query._pipelined
 
+        handed: list[list[Any]] = []
+
         def spy(conn: Any, statement: str, params: list[Any]) -> Any:
             statements.append(statement.split("(")[0].split()[-1])
+            if statement == pyembed.query.SEARCH_EMBEDDED:
+                handed.append(params[-3:])
             return run_rows(conn, statement, params)
 
         def spy_pipelined(conn: Any, calls: list[tuple[str, list[Any]]]) -> Any:
@@ -626,11 +630,16 @@ def test_a_new_hybrid_query_ranks_by_keywords_while_it_is_embedded(
         # the reservation and the keyword ranking in one round trip, then the search
         assert statements == ["pyembed.search_query + pyembed.keyword_ranking",
                               "pyembed.search_embedded"]
-        # the same hits as the one statement that ranks both legs itself, from the cache
+        # the ranking goes back as the arrays' text the server gave, not parsed into lists
+        ranking = fresh.conn.execute(
+            "SELECT ids::text, scores::text, keys::text FROM pyembed.keyword_ranking(%s, %s)",
+            ("whileembedding", query)).fetchone()
+        assert handed == [list(ranking)] and all(isinstance(a, str) for a in handed[0])
+        # the same hits and scores as the one statement that ranks both legs itself, from the
+        # cache
         warm.corpus("whileembedding").search(query, k=5, mode="hybrid")  # fills the cache
         cached = warm.corpus("whileembedding").search(query, k=5, mode="hybrid")
-        assert [(h.chunk_id, round(h.score, 9)) for h in new] == \
-            [(h.chunk_id, round(h.score, 9)) for h in cached]
+        assert [(h.chunk_id, h.score) for h in new] == [(h.chunk_id, h.score) for h in cached]
 
 
 def test_a_new_query_to_a_local_model_is_embedded_during_the_first_round_trip(
