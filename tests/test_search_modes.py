@@ -696,6 +696,43 @@ def test_a_new_query_to_a_local_model_is_embedded_during_the_first_round_trip(
         assert overlapped[-1] is False  # no early embedding with a cache
 
 
+def test_an_error_in_either_leg_of_a_new_hybrid_query_is_its_error_and_leaves_the_client_usable(
+        db: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new hybrid query (no cache, the local model) ranks by keywords on a thread while this
+    one embeds: the keyword leg's error (a filter the database refuses) or the embedding's is
+    the search's own, after the other leg has finished, and the next search on the same client
+    finds what the one statement finds."""
+    from psycopg.pq import TransactionStatus
+
+    with pyembed.connect(db.app_dsn, use_cache=False) as fresh, pyembed.connect(db.app_dsn) as warm:
+        kb = fresh.create_corpus("legerrors", pyembed.LOCAL_DEFAULT.key)
+        kb.add(sample_documents())
+        query = "how do I raise the quota limit for compute hours"
+        expected = warm.corpus("legerrors").search(query, k=3, mode="hybrid")
+
+        def usable() -> None:
+            assert fresh.conn.info.transaction_status == TransactionStatus.IDLE
+            hits = kb.search(query, k=3, mode="hybrid")
+            assert [(h.chunk_id, h.score) for h in hits] == \
+                [(h.chunk_id, h.score) for h in expected]
+
+        # the keyword leg: the database refuses a filter that is not a JSON object (PE005)
+        with pytest.raises(pyembed.InvalidInput, match="metadata filter is a JSON object"):
+            kb.search(query, k=3, mode="hybrid", filter=[1])  # type: ignore[arg-type]
+        usable()
+        # the embedding leg: the model fails while the keyword ranking is on the server
+        embedder = fresh.embedder(pyembed.LOCAL_DEFAULT.key)
+
+        def fail(text: str, input_type: Any, *, reserved: bool = False) -> Any:
+            raise pyembed.ProviderError("the model failed")
+
+        with monkeypatch.context() as patched:
+            patched.setattr(embedder, "embed_prepared", fail)
+            with pytest.raises(pyembed.ProviderError, match="the model failed"):
+                kb.search(query, k=3, mode="hybrid")
+        usable()
+
+
 def test_a_reservation_skips_the_wal_flush_wait_only_for_a_call_that_costs_nothing(
         app: psycopg.Connection[Any], owner: psycopg.Connection[Any]) -> None:
     """A miss reserves its provider call in search_query. With quick_commit, the reservation
