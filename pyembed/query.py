@@ -42,8 +42,11 @@ SEARCH_EMBEDDED = """SELECT recorded, search_ms, document_ids, chunk_ids, chunk_
                                $7::float8, $8::integer, $9::jsonb, $10::text, $11::jsonb,
                                $12::real, $13::boolean, $14::text[], $15::bigint[],
                                $16::bigint[], $17::bigint[], $18::float8[], $19::text[])"""
-KEYWORD_RANKING = """SELECT ids, scores, keys
+KEYWORD_RANKING = """SELECT ids::text, scores::text, keys::text
   FROM pyembed.keyword_ranking($1::text, $2::text, filter => $3::jsonb, group_by => $4::text)"""
+"""Hybrid search's keyword ranking as its arrays' text, which the client hands back to
+search_embedded as it came: the server reads it again, where turning it into Python lists and
+back cost the search's critical path (the client's thread embeds the query meanwhile)."""
 RECORD = """SELECT pyembed.record_search($1::integer, $2::text, $3::text, $4::integer,
   $5::boolean, $6::real, $7::real, NULL, $8::real, $9::bytea, $10::text, $11::vector,
   $12::float8, $13::jsonb, $14::text[], $15::bigint[], $16::bigint[])"""

@@ -611,8 +611,12 @@ def test_a_new_hybrid_query_ranks_by_keywords_while_it_is_embedded(
 
         run_pipelined = pyembed.query._pipelined
 
+        handed: list[list[Any]] = []
+
         def spy(conn: Any, statement: str, params: list[Any]) -> Any:
             statements.append(statement.split("(")[0].split()[-1])
+            if statement == pyembed.query.SEARCH_EMBEDDED:
+                handed.append(params[-3:])
             return run_rows(conn, statement, params)
 
         def spy_pipelined(conn: Any, calls: list[tuple[str, list[Any]]]) -> Any:
@@ -626,11 +630,16 @@ def test_a_new_hybrid_query_ranks_by_keywords_while_it_is_embedded(
         # the reservation and the keyword ranking in one round trip, then the search
         assert statements == ["pyembed.search_query + pyembed.keyword_ranking",
                               "pyembed.search_embedded"]
-        # the same hits as the one statement that ranks both legs itself, from the cache
+        # the ranking goes back as the arrays' text the server gave, not parsed into lists
+        ranking = fresh.conn.execute(
+            "SELECT ids::text, scores::text, keys::text FROM pyembed.keyword_ranking(%s, %s)",
+            ("whileembedding", query)).fetchone()
+        assert handed == [list(ranking)] and all(isinstance(a, str) for a in handed[0])
+        # the same hits and scores as the one statement that ranks both legs itself, from the
+        # cache
         warm.corpus("whileembedding").search(query, k=5, mode="hybrid")  # fills the cache
         cached = warm.corpus("whileembedding").search(query, k=5, mode="hybrid")
-        assert [(h.chunk_id, round(h.score, 9)) for h in new] == \
-            [(h.chunk_id, round(h.score, 9)) for h in cached]
+        assert [(h.chunk_id, h.score) for h in new] == [(h.chunk_id, h.score) for h in cached]
 
 
 def test_a_new_query_to_a_local_model_is_embedded_during_the_first_round_trip(
@@ -685,6 +694,43 @@ def test_a_new_query_to_a_local_model_is_embedded_during_the_first_round_trip(
         patience[0] = 0.5
         warm.corpus("early").search("a query the warm client embeds after its lookup", k=3)
         assert overlapped[-1] is False  # no early embedding with a cache
+
+
+def test_an_error_in_either_leg_of_a_new_hybrid_query_is_its_error_and_leaves_the_client_usable(
+        db: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new hybrid query (no cache, the local model) ranks by keywords on a thread while this
+    one embeds: the keyword leg's error (a filter the database refuses) or the embedding's is
+    the search's own, after the other leg has finished, and the next search on the same client
+    finds what the one statement finds."""
+    from psycopg.pq import TransactionStatus
+
+    with pyembed.connect(db.app_dsn, use_cache=False) as fresh, pyembed.connect(db.app_dsn) as warm:
+        kb = fresh.create_corpus("legerrors", pyembed.LOCAL_DEFAULT.key)
+        kb.add(sample_documents())
+        query = "how do I raise the quota limit for compute hours"
+        expected = warm.corpus("legerrors").search(query, k=3, mode="hybrid")
+
+        def usable() -> None:
+            assert fresh.conn.info.transaction_status == TransactionStatus.IDLE
+            hits = kb.search(query, k=3, mode="hybrid")
+            assert [(h.chunk_id, h.score) for h in hits] == \
+                [(h.chunk_id, h.score) for h in expected]
+
+        # the keyword leg: the database refuses a filter that is not a JSON object (PE005)
+        with pytest.raises(pyembed.InvalidInput, match="metadata filter is a JSON object"):
+            kb.search(query, k=3, mode="hybrid", filter=[1])  # type: ignore[arg-type]
+        usable()
+        # the embedding leg: the model fails while the keyword ranking is on the server
+        embedder = fresh.embedder(pyembed.LOCAL_DEFAULT.key)
+
+        def fail(text: str, input_type: Any, *, reserved: bool = False) -> Any:
+            raise pyembed.ProviderError("the model failed")
+
+        with monkeypatch.context() as patched:
+            patched.setattr(embedder, "embed_prepared", fail)
+            with pytest.raises(pyembed.ProviderError, match="the model failed"):
+                kb.search(query, k=3, mode="hybrid")
+        usable()
 
 
 def test_a_reservation_skips_the_wal_flush_wait_only_for_a_call_that_costs_nothing(
