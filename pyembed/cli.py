@@ -31,7 +31,7 @@ from .config import DSN_ENV, WORKER_DSN_ENV
 from .corpora import corpus_info, create_corpus, drop_corpus, list_corpora
 from .db import connect, resolve_dsn, translate, translated
 from .doctor import doctor_cmd
-from .errors import DatabaseNotReady, InvalidInput, MigrationError, PyembedError, UnknownCorpus
+from .errors import DatabaseNotReady, InvalidInput, MigrationError, PyembedError
 from .localdb import LocalCluster
 from .models import BUILTIN, LOCAL_DEFAULT
 from .recall import RECALL_ALERT
@@ -863,9 +863,7 @@ def corpus_drop(name: str,
     if not yes:
         typer.confirm(f"drop corpus {name} and all its documents and vectors?", abort=True)
     with _connect(dsn) as conn:
-        dropped = drop_corpus(conn, name)
-    if not dropped:
-        raise UnknownCorpus(f"unknown corpus {name!r}: nothing was dropped")
+        drop_corpus(conn, name)
     console.print(f"dropped {name}")
 
 

@@ -413,8 +413,9 @@ class Client:
         return list_corpora(self._conn)
 
     @_in_turn
-    def drop_corpus(self, name: str) -> bool:
-        return drop_corpus(self._conn, name)
+    def drop_corpus(self, name: str) -> None:
+        """Drop the corpus with its documents and vectors (UnknownCorpus if there is none)."""
+        drop_corpus(self._conn, name)
 
     @_in_turn
     def wrote(self) -> None:

@@ -574,7 +574,9 @@ $$;
 -- deletes them, and last the corpus's recording rows (no search of it is left running); a lock
 -- the deletes' triggers take waits only the shorter lock_timeout the attempt sets. An attempt
 -- that cannot have a lock is rolled back, which releases all it took, and the drop retries after
--- a pause until its deadline, then fails with PE012 (retry later).
+-- a pause until its deadline, then fails with PE012 (retry later). A name the caller's tenant
+-- has no corpus of is PE002, as in every other call by name (true only says it was dropped: the
+-- result type stays for the callers that read it).
 CREATE OR REPLACE FUNCTION pyembed.drop_corpus(name text) RETURNS boolean
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -587,18 +589,17 @@ DECLARE
   pause float8 := 0.01;
   tries integer := 0;
 BEGIN
-  SELECT * INTO c FROM pyembed.corpora WHERE corpora.name = drop_corpus.name
-     AND coalesce(corpora.tenant_id, 0) = coalesce((SELECT pyembed.current_tenant()), 0);
-  IF NOT FOUND THEN
-    RETURN false;
-  END IF;
+  -- PE002 for a name the caller's tenant has no corpus of, as every other call by name.
+  SELECT * INTO c FROM pyembed.lookup_corpus(drop_corpus.name);
   part := pyembed._vector_partition_name(c.corpus_id);
   LOOP
     tries := tries + 1;
     BEGIN
       PERFORM FROM pyembed.corpora WHERE corpus_id = c.corpus_id FOR UPDATE;
-      IF NOT FOUND THEN  -- dropped by another session meanwhile
-        RETURN false;
+      IF NOT FOUND THEN  -- dropped by another session meanwhile: unknown now
+        RAISE EXCEPTION USING ERRCODE = 'PE002',
+          MESSAGE = format('unknown corpus %s (dropped meanwhile)', quote_literal(c.name)),
+          HINT = '`pyembed corpus list` shows the corpora';
       END IF;
       -- Holding the row, the attempt waits for nothing more: a client waiting for the row
       -- checks for a deadlock once, and found one if this attempt was then waiting for it.
