@@ -102,7 +102,8 @@ RerankOption = Annotated[str | None, typer.Option(
     help="reorder the best candidates with a reranker: voyage/rerank-2.5, "
          "voyage/rerank-2.5-lite or cohere/rerank-v3.5 (needs VOYAGE_API_KEY / COHERE_API_KEY)")]
 CandidatesOption = Annotated[int | None, typer.Option(
-    "--rerank-candidates", help="how many search hits the reranker reorders (default 50)")]
+    "--rerank-candidates", help="how many search hits the reranker reorders, at least -k "
+         "(default 50, or k if larger)")]
 JsonOption = Annotated[bool, typer.Option(
     "--json", help="print one JSON document instead of a table (README: Command line)")]
 DaysOption = Annotated[int, typer.Option(min=1, max=36500, help="days back from today")]

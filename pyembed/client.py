@@ -596,10 +596,10 @@ class Corpus:
         text only) or 'hybrid' (text only), fused by `fusion`: 'rrf' (reciprocal rank) or
         'relative' (min-max normalised scores, alpha * vector + (1 - alpha) * keyword, alpha
         0.5 unless given); None is the database's default. With `rerank` (a reranker such as
-        "voyage/rerank-2.5" or "cohere/rerank-v3.5"), the best `rerank_candidates` hits
-        (default 50) are reordered by it and the best k returned, each with its `rerank_score`
-        and `reranker`. Each search is recorded in pyembed.query_log (phase timings) unless
-        the client has log_queries off."""
+        "voyage/rerank-2.5" or "cohere/rerank-v3.5"), the best `rerank_candidates` hits (at
+        least k: fewer is InvalidInput; default 50, or k if larger) are reordered by it and
+        the best k returned, each with its `rerank_score` and `reranker`. Each search is
+        recorded in pyembed.query_log (phase timings) unless the client has log_queries off."""
         log = self.client.log_queries
         options = Options(group, fusion, alpha)
         if rerank is not None:
@@ -654,8 +654,9 @@ class Corpus:
         """The search's best candidates, reordered by the reranker `rerank`."""
         if not isinstance(query, str):
             raise InvalidInput("rerank needs the query text, not a vector")
+        depth = candidates(k, rerank_candidates)  # as in SQL: before the reranker's key
         reranker = self.client.reranker(rerank)  # a missing key fails before any search
-        found = self._retrieved(query, candidates(k, rerank_candidates), filter, model_key,
+        found = self._retrieved(query, depth, filter, model_key,
                                 mode=mode, translate=translate, options=options, log=False)
         started = time.perf_counter()
         self.client.current_corpus_id = self.info.corpus_id  # the rerank call is billed to it
