@@ -49,59 +49,18 @@ from .vectors import copy_vectors
 
 _log = logging.getLogger(__name__)
 
-CLAIM = """
-WITH picked AS (
-  SELECT q.corpus_id, q.chunk_id, q.model_key, q.content_hash, q.attempts,
-         c.corpus_id IS NULL OR q.model_key IN (c.model_key, c.target_model_key) IS TRUE
-           AS accepted,
-         c.name, c.model_key AS active, c.target_model_key AS target
-    FROM pyembed.queue q LEFT JOIN pyembed.corpora c ON c.corpus_id = q.corpus_id
-   WHERE q.not_before <= now() AND q.attempts < %(max_attempts)s
-     AND q.model_key <> ALL (%(skip)s::text[])
-   ORDER BY q.not_before, q.enqueued_at
-   LIMIT %(limit)s FOR NO KEY UPDATE OF q SKIP LOCKED
-), claimed AS (
-  UPDATE pyembed.queue q
-     SET attempts = q.attempts + 1, not_before = now() + make_interval(secs => %(lease)s)
-    FROM picked p
-    LEFT JOIN pyembed.chunks ch ON ch.corpus_id = p.corpus_id AND ch.chunk_id = p.chunk_id
-   WHERE q.corpus_id = p.corpus_id AND q.chunk_id = p.chunk_id AND q.model_key = p.model_key
-     AND p.accepted
-  RETURNING q.corpus_id, q.chunk_id, q.model_key,
-            coalesce(ch.content_hash, q.content_hash) AS content_hash, q.attempts, ch.content)
-SELECT corpus_id, chunk_id, model_key, content_hash, attempts, content,
-       NULL::text AS name, NULL::text AS active, NULL::text AS target FROM claimed
-UNION ALL
-SELECT corpus_id, chunk_id, model_key, content_hash, attempts, NULL, name, active, target
-  FROM picked WHERE NOT accepted
-"""
-# (the text and its hash come from the same row version: a vector is never stored under the
-# hash of a text it was not made from; the rows not accepted stay locked, unleased, for the
-# claim's transaction to fail them. FOR NO KEY UPDATE, as for every row a statement updates
-# without changing its key; rows it deletes, EXPIRE's, are locked FOR UPDATE.)
+# A job's attempts, lease and last error are written only by pyembed.claim_jobs, renew_jobs,
+# retry_jobs and release_jobs (sql/040-queue.sql), on the caller's corpora: the attempts decide
+# when a job expires, and its last error is the failure recorded then.
+CLAIM = ("SELECT corpus_id, chunk_id, model_key, content_hash, attempts, content, name, active, "
+         "target FROM pyembed.claim_jobs(%(max_attempts)s::integer, %(limit)s::integer, "
+         "%(lease)s::float8, %(skip)s::text[])")
 
-# Only this worker's lease (the attempts it claimed) of jobs their corpus still accepts (a job
-# whose key a migration step withdrew meanwhile is left to its lease, and failed after the
-# call); rows another session holds are skipped, so a renewal never waits, and the next one
-# catches them.
-RENEW = """
-UPDATE pyembed.queue q
-   SET not_before = greatest(q.not_before, now() + make_interval(secs => %(lease)s))
-  FROM (SELECT q2.corpus_id, q2.chunk_id, q2.model_key
-          FROM unnest(%(corpus_ids)s::integer[], %(chunk_ids)s::bigint[], %(keys)s::text[],
-                      %(attempts)s::integer[]) AS t(corpus_id, chunk_id, model_key, attempts)
-          JOIN pyembed.queue q2 ON q2.corpus_id = t.corpus_id AND q2.chunk_id = t.chunk_id
-                               AND q2.model_key = t.model_key AND q2.attempts = t.attempts
-          JOIN pyembed.corpora c ON c.corpus_id = q2.corpus_id
-                                AND q2.model_key IN (c.model_key, c.target_model_key)
-         FOR NO KEY UPDATE OF q2 SKIP LOCKED) p
- WHERE q.corpus_id = p.corpus_id AND q.chunk_id = p.chunk_id AND q.model_key = p.model_key
-"""
+RENEW = ("SELECT pyembed.renew_jobs(%(lease)s::float8, %(corpus_ids)s::integer[], "
+         "%(chunk_ids)s::bigint[], %(keys)s::text[], %(attempts)s::integer[])")
 
-RELEASE = """
-UPDATE pyembed.queue SET attempts = greatest(attempts - 1, 0), not_before = now()
- WHERE corpus_id = %(corpus_id)s AND chunk_id = %(chunk_id)s AND model_key = %(model)s
-"""
+RELEASE = ("SELECT pyembed.release_jobs(%(corpus_ids)s::integer[], %(chunk_ids)s::bigint[], "
+           "%(keys)s::text[], %(attempts)s::integer[])")
 
 # Jobs out of attempts, and a job given up, are moved to pyembed.queue_failed by the database's
 # pyembed.expire_jobs and pyembed.fail_job (sql/040-queue.sql): a failure row is only ever a
@@ -121,17 +80,9 @@ SELECT count(*) FILTER (WHERE last_error IS NULL),
   FROM pyembed.queue WHERE not_before > now()
 """
 
-# One statement for the whole batch, so it shares one now() and is claimed again as one batch
-# (one transaction per job spread their retry times, and the batch came back in pieces).
-RETRY = """
-UPDATE pyembed.queue q SET last_error = %(reason)s,
-       not_before = now() + make_interval(secs => t.delay)
-  FROM unnest(%(corpus_ids)s::integer[], %(chunk_ids)s::bigint[], %(keys)s::text[],
-              %(hashes)s::bytea[], %(delays)s::float8[])
-       AS t(corpus_id, chunk_id, model_key, content_hash, delay)
- WHERE q.corpus_id = t.corpus_id AND q.chunk_id = t.chunk_id AND q.model_key = t.model_key
-   AND q.content_hash = t.content_hash
-"""
+RETRY = ("SELECT pyembed.retry_jobs(%(reason)s::text, %(corpus_ids)s::integer[], "
+         "%(chunk_ids)s::bigint[], %(keys)s::text[], %(hashes)s::bytea[], "
+         "%(attempts)s::integer[], %(delays)s::float8[])")
 
 
 DEFAULT_LEASE = 30.0
@@ -451,9 +402,10 @@ class Worker:
     def _release(self, items: list[Item]) -> None:
         self._leases.drop(items)
         with self.conn.transaction():
-            self.conn.cursor().executemany(RELEASE, [
-                {"corpus_id": i.corpus_id, "chunk_id": i.chunk_id, "model": i.model_key}
-                for i in items])
+            self.conn.execute(RELEASE, {
+                "corpus_ids": [i.corpus_id for i in items],
+                "chunk_ids": [i.chunk_id for i in items], "keys": [i.model_key for i in items],
+                "attempts": [i.attempts for i in items]})
 
     def _fail(self, item: Item, reason: str, stats: WorkerStats) -> None:
         """Move the job to pyembed.queue_failed; one re-queued or re-claimed meanwhile is
@@ -488,7 +440,8 @@ class Worker:
                     "corpus_ids": [i.corpus_id for i in due],
                     "chunk_ids": [i.chunk_id for i in due],
                     "keys": [i.model_key for i in due],
-                    "hashes": [i.content_hash for i in due]})
+                    "hashes": [i.content_hash for i in due],
+                    "attempts": [i.attempts for i in due]})
             stats.retried += len(due)
         stats.errors.append(reason)
 

@@ -59,6 +59,11 @@ APP_EXECUTE = {
     # the worker's moves to queue_failed, the one way a failure row is written
     "expire_jobs(integer)",
     "fail_job(integer, bigint, text, bytea, integer, text)",
+    # the worker's claim, renewal, retry and release: no UPDATE on the queue itself
+    "claim_jobs(integer, integer, double precision, text[])",
+    "renew_jobs(double precision, integer[], bigint[], text[], integer[])",
+    "retry_jobs(text, integer[], bigint[], text[], bytea[], integer[], double precision[])",
+    "release_jobs(integer[], bigint[], text[], integer[])",
     "reserve_usage(text, integer, integer, bigint)",  # accounting and rate limits
     "usage_report(integer)",
     "provider_errors()",

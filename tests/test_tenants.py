@@ -166,16 +166,22 @@ def test_a_tenant_cannot_enqueue_retry_delete_or_fail_another_tenants_jobs(
             done = conn.execute(sql.SQL("DELETE FROM pyembed.{} WHERE corpus_id = %s").format(
                 sql.Identifier(table)), (b_id,))
             assert done.rowcount == 0, table
-        done = conn.execute("UPDATE pyembed.queue SET attempts = 0 WHERE corpus_id = %s", (b_id,))
-        assert done.rowcount == 0
-        # its own rows moved into the other tenant's corpus: no column but the claim's
-        err = sql_error(conn, "UPDATE pyembed.queue SET corpus_id = %s", (b_id,))
-        assert err.sqlstate == "42501" and "permission denied" in str(err), err
-        # nor the other tenant's job failed
+        # no column of a job is the caller's to write: the claim's go through the functions
+        for column in ("corpus_id", "attempts", "not_before", "last_error"):
+            err = sql_error(conn, sql.SQL("UPDATE pyembed.queue SET {} = {}").format(
+                sql.Identifier(column), sql.Identifier(column)))
+            assert err.sqlstate == "42501" and "permission denied" in str(err), err
+        # nor the other tenant's job claimed, renewed, retried, released or failed
+        corpus, chunk, key, digest, tries = b_job
+        jobs = ([corpus], [chunk], [key])
+        for call, args in (
+                ("SELECT pyembed.renew_jobs(30, %s, %s, %s, %s)", (*jobs, [tries])),
+                ("SELECT pyembed.retry_jobs('forged', %s, %s, %s, %s, %s, '{0}')",
+                 (*jobs, [digest], [tries])),
+                ("SELECT pyembed.release_jobs(%s, %s, %s, %s)", (*jobs, [tries]))):
+            assert conn.execute(call, args).fetchone() == (0,), call
         assert conn.execute("SELECT pyembed.fail_job(%s, %s, %s, %s, %s, 'forged')",
                             b_job).fetchone() == (False,)
-        assert conn.execute("UPDATE pyembed.queue SET attempts = 0 RETURNING corpus_id"
-                            ).fetchall() != []  # its own jobs are its to retry
     worker = Worker(two["a"], batch_size=10)
     try:
         assert {i.corpus_id for i in worker.claim()} == {corpus_info(a.conn, "docs").corpus_id}
