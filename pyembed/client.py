@@ -32,8 +32,9 @@ from .corpora import (
     model_spec,
     write_chunks,
 )
-from .db import IDENTITY, conninfo, lost, translated
 from .db import connect as db_connect
+from .db import conninfo, lost, reopen
+from .db import identity as _identity
 from .embedder import Embedder
 from .errors import (
     DatabaseNotReady,
@@ -292,22 +293,15 @@ class Client:
 
     def _reopen(self, info: str, identity: tuple[str, ...] | None) -> psycopg.Connection[Any]:
         """A new connection for one the server closed, if it acts as the old one did: never
-        silently as another role or tenant (DatabaseNotReady saying why)."""
-        if self._handed_out:
-            raise DatabaseNotReady(
-                f"the server closed the client's connection, and {self._handed_out} was handed "
-                "to your code, which may have changed its role (SET ROLE) or tenant: a new "
-                "connection would act as the login instead. Nothing was sent; call "
-                "client.reconnect() to go on as the login, or make a new client")
-        conn = self._open(info)
-        now = _identity(conn)
-        if identity is not None and now != identity:
-            conn.close()
-            raise DatabaseNotReady(
-                "the server closed the client's connection, which acted as role "
-                f"{identity[1]!r} (tenant {identity[2] or 'of the login'}); a new one acts as "
-                f"{now[1]!r} (tenant {now[2] or 'of the login'}). Nothing was sent; call "
-                "client.reconnect() to go on as the login, or make a new client")
+        silently as another role or tenant (DatabaseNotReady saying why, db.reopen)."""
+        try:
+            conn, _ = reopen(info, identity, "client", handed_out=self._handed_out,
+                             autocommit=self._autocommit)
+        except psycopg.OperationalError as exc:
+            raise DatabaseNotReady("the database closed the connection and could not be "
+                                   "reached again: " + " ".join(str(exc).split())[:300]
+                                   ) from None
+        _log.info("opened a new connection to the database: the server closed the last one")
         return conn
 
     @staticmethod
@@ -774,11 +768,3 @@ def connect(dsn: str | None = None, *, read_dsn: str | None = None, use_cache: b
     return client
 
 
-def _identity(conn: psycopg.Connection[Any]) -> tuple[str, ...]:
-    """Who `conn`'s session acts as: login role, current role, tenant setting (db.twin's)."""
-    idle = conn.info.transaction_status == TransactionStatus.IDLE
-    with translated():
-        row = conn.execute(IDENTITY).fetchone()
-    if idle and not conn.autocommit:
-        conn.rollback()  # (nothing was written: the caller's connection stays idle)
-    return tuple(str(v) for v in row) if row else ("", "", "")

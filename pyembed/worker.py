@@ -30,8 +30,8 @@ import psycopg
 from . import recall
 from .cache import PostgresCache
 from .corpora import model_spec
-from .db import connect, resolve_dsn
 from .db import lost as gone
+from .db import reopen, resolve_dsn
 from .embedder import Embedder
 from .errors import (
     ConfigError,
@@ -141,6 +141,8 @@ class Leases:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._conn: psycopg.Connection[Any] | None = None
+        self.acted_as: tuple[str, ...] | None = None
+        """Who the worker's connections act as (Worker sets it): a new one must too."""
 
     def hold(self, items: list[Item]) -> None:
         with self._lock:
@@ -173,7 +175,7 @@ class Leases:
         while not stop.wait(self.seconds / 3):
             try:
                 self._renew()
-            except psycopg.Error as exc:
+            except (psycopg.Error, PyembedError) as exc:
                 _log.warning("could not renew the leases of the batch in flight (%s)", exc)
                 with self._lock:
                     if self._conn is not None:
@@ -184,7 +186,9 @@ class Leases:
         if not self._held:
             return
         if self._conn is None or gone(self._conn):
-            conn = connect(self.dsn, autocommit=True, application_name="pyembed worker leases")
+            conn, self.acted_as = reopen(self.dsn, self.acted_as, "worker",
+                                         autocommit=True,
+                                         application_name="pyembed worker leases")
             with self._lock:
                 if self._conn is not None:
                     self._conn.close()
@@ -223,6 +227,7 @@ class Worker:
         self._embedders: dict[str, Embedder] = {}
         self.stop_requested = threading.Event()
         self._conn: psycopg.Connection[Any] | None = None
+        self._handed_out: str | None = None  # worker.conn, once your code had it
         self._cache_conn: psycopg.Connection[Any] | None = None
         self._leases = Leases(self.dsn, lease_seconds)
         self.recall_every = recall_every
@@ -238,16 +243,35 @@ class Worker:
     # -- connections -----------------------------------------------------------------------
     @property
     def conn(self) -> psycopg.Connection[Any]:
+        """The worker's connection, for your own statements. Once your code has it, one the
+        server closes is not opened again silently (whatever you SET on it, a role, would be
+        lost): the next batch is DatabaseNotReady, see reconnect()."""
+        self._handed_out = self._handed_out or "worker.conn"
+        return self._db()
+
+    def _db(self) -> psycopg.Connection[Any]:
+        """The worker's own connection, opened again after a loss as the first one acted (its
+        login role, current role and tenant: db.reopen), unless it was handed out."""
         if self._conn is None or self._conn.closed:
-            self._conn = connect(self.dsn, application_name="pyembed worker")
+            handed_out = self._handed_out if self._conn is not None else None
+            self._conn, self._leases.acted_as = reopen(
+                self.dsn, self._leases.acted_as, "worker", handed_out=handed_out,
+                application_name="pyembed worker")
         return self._conn
 
+    def reconnect(self) -> None:
+        """Close the worker's connections; the next batch opens new ones from its DSN, acting
+        as its login: after DatabaseNotReady for a connection that was handed out."""
+        self.close()
+        self._conn = None
+        self._handed_out = None
+        self._leases.acted_as = None
+
     def _reopen_lost(self) -> None:
-        """Between batches, forget the connections their server closed (a restart), so that
+        """Between batches, close the connections their server closed (a restart), so that
         the next batch opens new ones instead of failing once and waiting to retry."""
         if self._conn is not None and gone(self._conn):
             self._conn.close()
-            self._conn = None
         if self._cache_conn is not None and gone(self._cache_conn):
             self._cache_conn.close()
             self._cache_conn = None
@@ -257,10 +281,11 @@ class Worker:
         if key not in self._embedders:
             if self._cache_conn is None or self._cache_conn.closed:
                 # Its own autocommit connection: what was embedded survives a failed batch.
-                self._cache_conn = connect(self.dsn, autocommit=True,
-                                           application_name="pyembed worker cache")
-            spec = model_spec(self.conn, key)
-            self.conn.rollback()
+                self._cache_conn, self._leases.acted_as = reopen(
+                    self.dsn, self._leases.acted_as, "worker", autocommit=True,
+                    application_name="pyembed worker cache")
+            spec = model_spec(self._db(), key)
+            self._db().rollback()
             self._embedders[key] = self._embedder_for(spec, PostgresCache(self._cache_conn))
         return self._embedders[key]
 
@@ -279,16 +304,16 @@ class Worker:
 
     # -- one batch -------------------------------------------------------------------------
     def pending(self) -> int:
-        with self.conn.transaction():
-            row = self.conn.execute("SELECT count(*) FROM pyembed.queue").fetchone()
+        with self._db().transaction():
+            row = self._db().execute("SELECT count(*) FROM pyembed.queue").fetchone()
         return int(row[0]) if row else 0
 
     def claim(self, stats: WorkerStats | None = None) -> list[Item]:
         """Lease a batch; jobs for a key their corpus does not accept are failed instead."""
         stats = stats or WorkerStats()
-        with self.conn.transaction():
-            self.conn.execute(EXPIRE, {"max_attempts": self.max_attempts})
-            rows = self.conn.execute(CLAIM, {"limit": self.batch_size, "lease": self.lease_seconds,
+        with self._db().transaction():
+            self._db().execute(EXPIRE, {"max_attempts": self.max_attempts})
+            rows = self._db().execute(CLAIM, {"limit": self.batch_size, "lease": self.lease_seconds,
                                              "max_attempts": self.max_attempts,
                                              "skip": list(self.cannot_embed)}).fetchall()
             items = []
@@ -374,7 +399,7 @@ class Worker:
         corpus_id = items[0].corpus_id
         self._leases.drop(items)
         try:
-            with self.conn.transaction(), self.conn.cursor() as cur:
+            with self._db().transaction(), self._db().cursor() as cur:
                 written = copy_vectors(cur, corpus_id, [i.chunk_id for i in items], key, vectors,
                                        [i.content_hash for i in items], only_current=True)
         except psycopg.Error as exc:
@@ -388,8 +413,8 @@ class Worker:
     def _refused(self, key: str, corpus_id: int, items: list[Item], stats: WorkerStats) -> None:
         """The corpus stopped accepting the key while the batch was embedded: its jobs can never
         be stored (those a migration step withdrew are gone from the queue already)."""
-        with self.conn.transaction():
-            row = self.conn.execute("SELECT name, model_key, target_model_key "
+        with self._db().transaction():
+            row = self._db().execute("SELECT name, model_key, target_model_key "
                                     "FROM pyembed.corpora WHERE corpus_id = %s",
                                     (corpus_id,)).fetchone()
         if row is None or key in (row[1], row[2]):
@@ -401,8 +426,8 @@ class Worker:
 
     def _release(self, items: list[Item]) -> None:
         self._leases.drop(items)
-        with self.conn.transaction():
-            self.conn.execute(RELEASE, {
+        with self._db().transaction():
+            self._db().execute(RELEASE, {
                 "corpus_ids": [i.corpus_id for i in items],
                 "chunk_ids": [i.chunk_id for i in items], "keys": [i.model_key for i in items],
                 "attempts": [i.attempts for i in items]})
@@ -411,8 +436,8 @@ class Worker:
         """Move the job to pyembed.queue_failed; one re-queued or re-claimed meanwhile is
         counted stale and left alone."""
         self._leases.drop([item])
-        with self.conn.transaction():
-            row = self.conn.execute(FAIL, {
+        with self._db().transaction():
+            row = self._db().execute(FAIL, {
                 "corpus_id": item.corpus_id, "chunk_id": item.chunk_id, "model": item.model_key,
                 "hash": item.content_hash, "attempts": item.attempts,
                 "reason": reason[:2000]}).fetchone()
@@ -434,8 +459,8 @@ class Worker:
         if due:
             delays = [max(min(self.retry_base * 2 ** (item.attempts - 1), self.retry_max),
                           retry_after or 0.0) for item in due]
-            with self.conn.transaction():
-                self.conn.execute(RETRY, {
+            with self._db().transaction():
+                self._db().execute(RETRY, {
                     "reason": reason[:2000], "delays": delays,
                     "corpus_ids": [i.corpus_id for i in due],
                     "chunk_ids": [i.chunk_id for i in due],
@@ -493,8 +518,8 @@ class Worker:
             return []
         self._recall_due = time.monotonic() + self.recall_every
         try:
-            with self.conn.transaction():
-                return recall.measure_sampled(self.conn, self.recall_samples)
+            with self._db().transaction():
+                return recall.measure_sampled(self._db(), self.recall_samples)
         except psycopg.OperationalError:
             raise
         except (psycopg.Error, PyembedError) as exc:
@@ -502,8 +527,8 @@ class Worker:
             return []
 
     def _nothing_due(self, within: float) -> bool:
-        with self.conn.transaction():
-            row = self.conn.execute(
+        with self._db().transaction():
+            row = self._db().execute(
                 "SELECT count(*) FROM pyembed.queue WHERE attempts < %s "
                 "AND not_before <= now() + make_interval(secs => %s) "
                 "AND model_key <> ALL (%s::text[])",
@@ -511,8 +536,8 @@ class Worker:
         return not row or row[0] == 0
 
     def _count_left(self, stats: WorkerStats) -> None:
-        with self.conn.transaction():
-            row = self.conn.execute(NOT_DUE).fetchone()
+        with self._db().transaction():
+            row = self._db().execute(NOT_DUE).fetchone()
         if row:
             stats.leased, stats.leased_until, stats.waiting, stats.waiting_until = row
 
