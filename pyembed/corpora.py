@@ -84,8 +84,8 @@ def create_corpus(conn: psycopg.Connection[Any], name: str, model_key: str, desc
     chunking (else InvalidInput)."""
     with translated(), conn.transaction():
         conn.execute("SELECT pyembed.create_corpus(%s, %s, %s, %s, %s, %s, %s)",
-                     (name, model_key, description, integer(chunk_tokens, "chunk_tokens"),
-                      integer(chunk_overlap, "chunk_overlap"), storage, exist_ok))
+                     (name, model_key, description, integer(chunk_tokens, "chunk_tokens", conn),
+                      integer(chunk_overlap, "chunk_overlap", conn), storage, exist_ok))
     return corpus_info(conn, name)
 
 

@@ -491,6 +491,38 @@ BEGIN
 END
 $$;
 
+-- The range of an integer setting stored in a row (chunk_tokens, max_batch, a tenant's
+-- requests_per_minute...) as 'lowest..highest', read from its table's CHECK
+-- <table>_<setting>_in_range (revision 0028), the one place it is held; NULL for no such setting.
+CREATE OR REPLACE FUNCTION pyembed._setting_range(setting text) RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+  SELECT m[1] || '..' || m[2]
+    FROM pg_catalog.pg_constraint c,
+         LATERAL regexp_match(pg_catalog.pg_get_constraintdef(c.oid),
+                              '>= (-?\d+)\).*<= (-?\d+)\)') m
+   WHERE c.connamespace = 'pyembed'::regnamespace AND c.contype = 'c'
+     AND c.conname LIKE '%\_' || setting || '\_in\_range'
+   LIMIT 1
+$$;
+
+-- PE005 naming the setting and its range, unless `value` is in it.
+CREATE OR REPLACE FUNCTION pyembed._check_setting(setting text, value bigint) RETURNS void
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  bounds text[] := string_to_array(pyembed._setting_range(setting), '..');
+BEGIN
+  IF value IS NULL OR value NOT BETWEEN bounds[1]::bigint AND bounds[2]::bigint THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = format('%s must be %s, got %s', setting, array_to_string(bounds, '..'),
+                       coalesce(value::text, 'NULL'));
+  END IF;
+END
+$$;
+
 -- With exist_ok, the caller's corpus of that name is returned when it has the same model key
 -- and chunking (what its stored chunks and vectors were made with), so a script that creates
 -- its corpus can run again; another key is PE001, other chunking PE005. Its storage and
@@ -514,18 +546,14 @@ BEGIN
       HINT = '`pyembed models` lists the registered keys';
   END IF;
   PERFORM pyembed._check_storage(create_corpus.storage);
-  -- the table's checks hold too; these say which setting is wrong in words
-  IF create_corpus.chunk_tokens IS NULL OR create_corpus.chunk_tokens < 1 THEN
+  -- the table's checks hold (their ranges: pyembed._setting_range); these say which setting
+  -- is wrong in words
+  PERFORM pyembed._check_setting('chunk_tokens', create_corpus.chunk_tokens);
+  PERFORM pyembed._check_setting('chunk_overlap', create_corpus.chunk_overlap);
+  IF create_corpus.chunk_overlap >= create_corpus.chunk_tokens THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
-      MESSAGE = format('chunk_tokens must be 1 or more, got %s',
-                       coalesce(create_corpus.chunk_tokens::text, 'NULL'));
-  END IF;
-  IF create_corpus.chunk_overlap IS NULL OR create_corpus.chunk_overlap < 0
-     OR create_corpus.chunk_overlap >= create_corpus.chunk_tokens THEN
-    RAISE EXCEPTION USING ERRCODE = 'PE005',
-      MESSAGE = format('chunk_overlap must be 0 or more and below chunk_tokens (%s), got %s',
-                       create_corpus.chunk_tokens,
-                       coalesce(create_corpus.chunk_overlap::text, 'NULL'));
+      MESSAGE = format('chunk_overlap must be below chunk_tokens (%s), got %s',
+                       create_corpus.chunk_tokens, create_corpus.chunk_overlap);
   END IF;
   SELECT * INTO old FROM pyembed.corpora c WHERE c.name = create_corpus.name
      AND coalesce(c.tenant_id, 0) = coalesce((SELECT pyembed.current_tenant()), 0);
@@ -650,6 +678,11 @@ DECLARE
   key text;
   old pyembed.models;
 BEGIN
+  PERFORM pyembed._check_setting('max_batch', max_batch);
+  PERFORM pyembed._check_setting('max_tokens', max_tokens);
+  IF request_dimensions IS NOT NULL THEN  -- (NULL: the model's own)
+    PERFORM pyembed._check_setting('request_dimensions', request_dimensions);
+  END IF;
   IF concat(provider, model_id, model_version) ~ '[/@:[:space:]]' OR provider = ''
      OR model_id = '' OR model_version = '' THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',

@@ -65,6 +65,7 @@ GRANT EXECUTE ON FUNCTION
   pyembed.current_tenant(),
   pyembed.visible_corpora(),
   pyembed.lookup_corpus(text),
+  pyembed._setting_range(text),
   pyembed.version(),
   pyembed.vector_table(text),
   pyembed.cache_get(bytea[]),

@@ -197,11 +197,12 @@ def test_hostile_corpus_names_are_rejected(app: psycopg.Connection[Any], name: s
 
 
 @pytest.mark.parametrize(("tokens", "overlap", "message"), [
-    (0, 0, "chunk_tokens must be 1 or more, got 0"),
-    (-5, 0, "chunk_tokens must be 1 or more, got -5"),
-    (100, 100, r"chunk_overlap must be 0 or more and below chunk_tokens \(100\), got 100"),
-    (100, 200, r"chunk_overlap must be 0 or more and below chunk_tokens \(100\), got 200"),
-    (100, -1, r"chunk_overlap must be 0 or more and below chunk_tokens \(100\), got -1"),
+    (0, 0, r"chunk_tokens must be 1\.\.100000, got 0"),
+    (-5, 0, r"chunk_tokens must be 1\.\.100000, got -5"),
+    (100_001, 0, r"chunk_tokens must be 1\.\.100000, got 100001"),
+    (100, 100, r"chunk_overlap must be below chunk_tokens \(100\), got 100"),
+    (100, 200, r"chunk_overlap must be below chunk_tokens \(100\), got 200"),
+    (100, -1, r"chunk_overlap must be 0\.\.99999, got -1"),
 ])
 def test_chunk_settings_are_refused_in_words(app: psycopg.Connection[Any], tokens: int,
                                              overlap: int, message: str) -> None:
