@@ -31,7 +31,7 @@ from .config import DSN_ENV, WORKER_DSN_ENV
 from .corpora import corpus_info, create_corpus, drop_corpus, list_corpora
 from .db import connect, resolve_dsn, translate, translated
 from .doctor import doctor_cmd
-from .errors import DatabaseNotReady, InvalidInput, MigrationError, PyembedError, UnknownCorpus
+from .errors import DatabaseNotReady, InvalidInput, MigrationError, PyembedError
 from .localdb import LocalCluster
 from .models import BUILTIN, LOCAL_DEFAULT
 from .recall import RECALL_ALERT
@@ -103,7 +103,8 @@ RerankOption = Annotated[str | None, typer.Option(
     help="reorder the best candidates with a reranker: voyage/rerank-2.5, "
          "voyage/rerank-2.5-lite or cohere/rerank-v3.5 (needs VOYAGE_API_KEY / COHERE_API_KEY)")]
 CandidatesOption = Annotated[int | None, typer.Option(
-    "--rerank-candidates", help="how many search hits the reranker reorders (default 50)")]
+    "--rerank-candidates", help="how many search hits the reranker reorders, at least -k "
+         "(default 50, or k if larger)")]
 JsonOption = Annotated[bool, typer.Option(
     "--json", help="print one JSON document instead of a table (README: Command line)")]
 DaysOption = Annotated[int, typer.Option(min=1, max=36500, help="days back from today")]
@@ -864,9 +865,7 @@ def corpus_drop(name: str,
     if not yes:
         typer.confirm(f"drop corpus {name} and all its documents and vectors?", abort=True)
     with _connect(dsn) as conn:
-        dropped = drop_corpus(conn, name)
-    if not dropped:
-        raise UnknownCorpus(f"unknown corpus {name!r}: nothing was dropped")
+        drop_corpus(conn, name)
     console.print(f"dropped {name}")
 
 

@@ -32,8 +32,9 @@ from .corpora import (
     model_spec,
     write_chunks,
 )
-from .db import IDENTITY, conninfo, lost, translated
 from .db import connect as db_connect
+from .db import conninfo, lost, reopen
+from .db import identity as _identity
 from .embedder import Embedder
 from .errors import (
     DatabaseNotReady,
@@ -292,22 +293,15 @@ class Client:
 
     def _reopen(self, info: str, identity: tuple[str, ...] | None) -> psycopg.Connection[Any]:
         """A new connection for one the server closed, if it acts as the old one did: never
-        silently as another role or tenant (DatabaseNotReady saying why)."""
-        if self._handed_out:
-            raise DatabaseNotReady(
-                f"the server closed the client's connection, and {self._handed_out} was handed "
-                "to your code, which may have changed its role (SET ROLE) or tenant: a new "
-                "connection would act as the login instead. Nothing was sent; call "
-                "client.reconnect() to go on as the login, or make a new client")
-        conn = self._open(info)
-        now = _identity(conn)
-        if identity is not None and now != identity:
-            conn.close()
-            raise DatabaseNotReady(
-                "the server closed the client's connection, which acted as role "
-                f"{identity[1]!r} (tenant {identity[2] or 'of the login'}); a new one acts as "
-                f"{now[1]!r} (tenant {now[2] or 'of the login'}). Nothing was sent; call "
-                "client.reconnect() to go on as the login, or make a new client")
+        silently as another role or tenant (DatabaseNotReady saying why, db.reopen)."""
+        try:
+            conn, _ = reopen(info, identity, "client", handed_out=self._handed_out,
+                             autocommit=self._autocommit)
+        except psycopg.OperationalError as exc:
+            raise DatabaseNotReady("the database closed the connection and could not be "
+                                   "reached again: " + " ".join(str(exc).split())[:300]
+                                   ) from None
+        _log.info("opened a new connection to the database: the server closed the last one")
         return conn
 
     @staticmethod
@@ -413,8 +407,9 @@ class Client:
         return list_corpora(self._conn)
 
     @_in_turn
-    def drop_corpus(self, name: str) -> bool:
-        return drop_corpus(self._conn, name)
+    def drop_corpus(self, name: str) -> None:
+        """Drop the corpus with its documents and vectors (UnknownCorpus if there is none)."""
+        drop_corpus(self._conn, name)
 
     @_in_turn
     def wrote(self) -> None:
@@ -595,10 +590,10 @@ class Corpus:
         text only) or 'hybrid' (text only), fused by `fusion`: 'rrf' (reciprocal rank) or
         'relative' (min-max normalised scores, alpha * vector + (1 - alpha) * keyword, alpha
         0.5 unless given); None is the database's default. With `rerank` (a reranker such as
-        "voyage/rerank-2.5" or "cohere/rerank-v3.5"), the best `rerank_candidates` hits
-        (default 50) are reordered by it and the best k returned, each with its `rerank_score`
-        and `reranker`. Each search is recorded in pyembed.query_log (phase timings) unless
-        the client has log_queries off."""
+        "voyage/rerank-2.5" or "cohere/rerank-v3.5"), the best `rerank_candidates` hits (at
+        least k: fewer is InvalidInput; default 50, or k if larger) are reordered by it and
+        the best k returned, each with its `rerank_score` and `reranker`. Each search is
+        recorded in pyembed.query_log (phase timings) unless the client has log_queries off."""
         log = self.client.log_queries
         options = Options(group, fusion, alpha)
         if rerank is not None:
@@ -653,8 +648,9 @@ class Corpus:
         """The search's best candidates, reordered by the reranker `rerank`."""
         if not isinstance(query, str):
             raise InvalidInput("rerank needs the query text, not a vector")
+        depth = candidates(k, rerank_candidates)  # as in SQL: before the reranker's key
         reranker = self.client.reranker(rerank)  # a missing key fails before any search
-        found = self._retrieved(query, candidates(k, rerank_candidates), filter, model_key,
+        found = self._retrieved(query, depth, filter, model_key,
                                 mode=mode, translate=translate, options=options, log=False)
         started = time.perf_counter()
         self.client.current_corpus_id = self.info.corpus_id  # the rerank call is billed to it
@@ -782,11 +778,3 @@ def connect(dsn: str | None = None, *, read_dsn: str | None = None, use_cache: b
     return client
 
 
-def _identity(conn: psycopg.Connection[Any]) -> tuple[str, ...]:
-    """Who `conn`'s session acts as: login role, current role, tenant setting (db.twin's)."""
-    idle = conn.info.transaction_status == TransactionStatus.IDLE
-    with translated():
-        row = conn.execute(IDENTITY).fetchone()
-    if idle and not conn.autocommit:
-        conn.rollback()  # (nothing was written: the caller's connection stays idle)
-    return tuple(str(v) for v in row) if row else ("", "", "")

@@ -84,15 +84,16 @@ def create_corpus(conn: psycopg.Connection[Any], name: str, model_key: str, desc
     chunking (else InvalidInput)."""
     with translated(), conn.transaction():
         conn.execute("SELECT pyembed.create_corpus(%s, %s, %s, %s, %s, %s, %s)",
-                     (name, model_key, description, integer(chunk_tokens, "chunk_tokens"),
-                      integer(chunk_overlap, "chunk_overlap"), storage, exist_ok))
+                     (name, model_key, description, integer(chunk_tokens, "chunk_tokens", conn),
+                      integer(chunk_overlap, "chunk_overlap", conn), storage, exist_ok))
     return corpus_info(conn, name)
 
 
-def drop_corpus(conn: psycopg.Connection[Any], name: str) -> bool:
+def drop_corpus(conn: psycopg.Connection[Any], name: str) -> None:
+    """Drop the corpus with every row written for it; UnknownCorpus for a name the caller's
+    tenant has no corpus of, as every other call by name."""
     with translated(), conn.transaction():
-        row = conn.execute("SELECT pyembed.drop_corpus(%s)", (name,)).fetchone()
-    return bool(row and row[0])
+        conn.execute("SELECT pyembed.drop_corpus(%s)", (name,))
 
 
 def document_hashes(conn: psycopg.Connection[Any], corpus_id: int,

@@ -93,6 +93,43 @@ IDENTITY = ("SELECT session_user::text, current_user::text, "
 acts for (pyembed.current_tenant() reads the first and the last; privileges, the second)."""
 
 
+def identity(conn: psycopg.Connection[Any]) -> tuple[str, ...]:
+    """Who `conn`'s session acts as: login role, current role, tenant setting (IDENTITY)."""
+    idle = conn.info.transaction_status == TransactionStatus.IDLE
+    with translated():
+        row = conn.execute(IDENTITY).fetchone()
+    if idle and not conn.autocommit:
+        conn.rollback()  # (nothing was written: the caller's connection stays idle)
+    return tuple(str(v) for v in row) if row else ("", "", "")
+
+
+def reopen(dsn: str | None, acted_as: tuple[str, ...] | None, what: str, *,
+           handed_out: str | None = None, **kwargs: Any
+           ) -> tuple[psycopg.Connection[Any], tuple[str, ...]]:
+    """A new connection for the `what`'s (a client's, a worker's), which the server closed, and
+    who it acts as; never silently as another role or tenant than `acted_as` (the first
+    connection's): DatabaseNotReady saying why, as when the old one was `handed_out` to your
+    code (which may have SET ROLE on it). The rule of every object in pyembed that owns a
+    connection and opens it again."""
+    if handed_out:
+        raise errors.DatabaseNotReady(
+            f"the server closed the {what}'s connection, and {handed_out} was handed to your "
+            "code, "
+            "which may have changed its role (SET ROLE) or tenant: a new connection would act as "
+            f"the login instead. Nothing was sent; call {what}.reconnect() to go on as the "
+            "login, or make a new one")
+    conn = connect(dsn, **kwargs)
+    now = identity(conn)
+    if acted_as is not None and now != acted_as:
+        conn.close()
+        raise errors.DatabaseNotReady(
+            f"the server closed the {what}'s connection, which acted as role {acted_as[1]!r} "
+            f"(tenant {acted_as[2] or 'of the login'}); a new one acts as {now[1]!r} (tenant "
+            f"{now[2] or 'of the login'}). Nothing was sent; call {what}.reconnect() to go on "
+            "as the login, or make a new one")
+    return conn, now
+
+
 def twin(conn: psycopg.Connection[Any]) -> psycopg.Connection[Any] | None:
     """A second connection (autocommit) to `conn`'s server and database that acts as `conn`
     does: the same login role, current role and tenant setting, so privileges and row-level
@@ -129,13 +166,24 @@ INTEGER_RANGE = (-2**31, 2**31 - 1)
 """What PostgreSQL's `integer` holds."""
 
 
-def integer(value: object, what: str) -> int:
+def integer(value: object, what: str, conn: psycopg.Connection[Any] | None = None) -> int:
     """`value` as an int for an `integer` parameter of pyembed's SQL, whose own checks then bound
     it; InvalidInput naming `what` otherwise. The driver would round 2.5 or cast "3" on the way
     in, and send a number past PostgreSQL's integer as a bigint, which fails as "integer out of
-    range" or as no such function instead of reaching the parameter's check."""
+    range" or as no such function instead of reaching the parameter's check. Given `conn`, a
+    setting stored in a row (chunk_tokens, max_batch, a tenant's limits) is checked against its
+    own range, which that database's CHECK holds (pyembed._setting_range), in the words its SQL
+    uses."""
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         low, high = INTEGER_RANGE
+        if conn is not None:
+            with conn.transaction():
+                row = conn.execute("SELECT pyembed._setting_range(%s)", (what,)).fetchone()
+            if row and row[0]:
+                least, most = (int(b) for b in str(row[0]).split(".."))
+                if least <= int(value) <= most:
+                    return int(value)
+                raise errors.InvalidInput(f"{what} must be {row[0]}, got {value}")
         if low <= int(value) <= high:
             return int(value)
         raise errors.InvalidInput(f"{what} must be a whole number from {low} to {high}, not {value}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -11,7 +12,7 @@ from rich.text import Text
 from . import schema
 from .client import Document, connect
 from .config import DSN_ENV, package_dir
-from .errors import ModelMismatch
+from .errors import ModelMismatch, UnknownCorpus
 from .localdb import LocalCluster
 
 QUESTION = "what does error E4012 mean and how do I fix it?"
@@ -39,7 +40,8 @@ def run(console: Console) -> None:
 
     with connect() as client:
         console.rule("3. a corpus pinned to the local model")
-        client.drop_corpus("demo")
+        with contextlib.suppress(UnknownCorpus):  # a run before this one made it
+            client.drop_corpus("demo")
         corpus = client.create_corpus("demo", description="support articles (sample)")
         console.print(Text.assemble("corpus ", ("demo", "bold"), " is pinned to ",
                                     (corpus.model_key, "bold")))

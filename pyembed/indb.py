@@ -6,9 +6,12 @@ model) are built once per backend and kept in GD.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
 import traceback
+import typing
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -105,11 +108,30 @@ def reranker(plpy: Any, GD: dict[str, Any], name: str) -> Any:
     return rr
 
 
+@functools.cache
+def _required(fn: Callable[..., Any]) -> tuple[tuple[str, bool], ...]:
+    """`fn`'s arguments after plpy and GD, each with whether it needs a value: its type hint
+    does not admit None. The arguments are named as the SQL function's."""
+    hints = typing.get_type_hints(fn)
+    return tuple((name, type(None) not in typing.get_args(hints.get(name)))
+                 for name in list(inspect.signature(fn).parameters)[2:])
+
+
+def check_nulls(fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    """InvalidInput naming the first argument given NULL that `fn` needs a value for, in the
+    words of SQL (a Python type name, "got NoneType", said nothing to a SQL caller)."""
+    for (name, required), value in zip(_required(fn), args, strict=False):
+        if required and value is None:
+            raise InvalidInput(f"{name} is NULL: pyembed.{fn.__name__}() needs a value for it")
+
+
 def call(plpy: Any, fn: Callable[..., T], GD: dict[str, Any], *args: Any) -> T:
-    """Run `fn(plpy, GD, *args)`; any error leaves as one plpy.Error with the message, SQLSTATE,
+    """Run `fn(plpy, GD, *args)` (an argument NULL where its type hint admits no None is
+    InvalidInput naming it); any error leaves as one plpy.Error with the message, SQLSTATE,
     DETAIL and HINT a PostgreSQL error would have (see sql_error). The SQL wrapper of each
     function takes away the "plpy.Error: " that PL/Python puts before the message."""
     try:
+        check_nulls(fn, args)
         return fn(plpy, GD, *args)
     except Exception as exc:
         message, fields = sql_error(plpy, exc, f"pyembed.{fn.__name__}")
@@ -173,57 +195,52 @@ def _input_type(value: str | None) -> InputType:
         raise InvalidInput(f"input_type must be 'document' or 'query', not {value!r}") from None
 
 
-def embed(plpy: Any, GD: dict[str, Any], text: str | None, model_key: str | None,
-          input_type: str | None) -> str:
-    if text is None or model_key is None:
-        raise InvalidInput("embed() needs a text and a model key (got NULL)")
+def embed(plpy: Any, GD: dict[str, Any], input: str, model_key: str, input_type: str) -> str:
     GD["pyembed.corpus_id"] = None  # accounted to no corpus
     emb = embedder(plpy, GD, model_key)
-    return vector_text(emb.embed([text], _input_type(input_type))[0])
+    return vector_text(emb.embed([input], _input_type(input_type))[0])
 
 
-def embed_batch(plpy: Any, GD: dict[str, Any], texts: list[str | None] | None,
-                model_key: str | None, input_type: str | None) -> list[str]:
-    if texts is None or model_key is None or any(t is None for t in texts):
-        raise InvalidInput("embed_batch() needs texts (no NULLs) and a model key")
+def embed_batch(plpy: Any, GD: dict[str, Any], inputs: list[str | None], model_key: str,
+                input_type: str) -> list[str]:
+    if any(t is None for t in inputs):
+        raise InvalidInput("inputs has a NULL: pyembed.embed_batch() needs a text in each")
     GD["pyembed.corpus_id"] = None
     emb = embedder(plpy, GD, model_key)
-    return [vector_text(v) for v in emb.embed([t for t in texts if t is not None],
+    return [vector_text(v) for v in emb.embed([t for t in inputs if t is not None],
                                               _input_type(input_type))]
 
 
-def search_text(plpy: Any, GD: dict[str, Any], corpus: str | None, query: str | None,
-                k: int | None, filter: str | None, mode: str | None, group: str | None = "document",
+def search_text(plpy: Any, GD: dict[str, Any], corpus: str, query: str, k: int,
+                filter: str | None, mode: str, group_by: str = "document",
                 fusion: str | None = None, alpha: float | None = None) -> list[tuple[Any, ...]]:
-    if query is None:
-        raise InvalidInput("search_text() needs a query text (got NULL)")
+    """A search by text (the corpus's model embeds the query); a NULL filter, fusion or alpha
+    is none, or the default."""
 
     def embed_query(where: search.Route, text: str) -> Any:
         GD["pyembed.corpus_id"] = where.corpus_id  # the provider call is accounted to it
         return embedder(plpy, GD, where.key).embed_query(text)
 
     rows, where = search.search_text(PlpyExecutor(plpy, GD), corpus, query, k, filter, mode,
-                                     embed_query, options=search.Options(group, fusion, alpha))
+                                     embed_query,
+                                     options=search.Options(group_by, fusion, alpha))
     GD["pyembed.corpus_id"] = where.corpus_id  # a rerank of these rows is accounted to it
     return rows
 
 
-def search_reranked(plpy: Any, GD: dict[str, Any], corpus: str | None, query: str | None,
-                    rerank: str | None, k: int | None, filter: str | None, mode: str | None,
-                    candidates: int | None, group: str | None = "document",
-                    fusion: str | None = None, alpha: float | None = None
-                    ) -> list[tuple[Any, ...]]:
+def search_reranked(plpy: Any, GD: dict[str, Any], corpus: str, query: str, rerank: str, k: int,
+                    filter: str | None, mode: str, candidates: int | None,
+                    group_by: str = "document", fusion: str | None = None,
+                    alpha: float | None = None) -> list[tuple[Any, ...]]:
     """search_text's best `candidates` hits, reordered by the reranker `rerank`: the best k,
     each with the reranker's score and identity."""
     from .rerank import candidates as depth_for
 
-    if query is None or not rerank:
-        raise InvalidInput("search_reranked() needs a query text and a reranker (got NULL)")
-    if k is None or not 1 <= k <= 1000:
+    if not 1 <= k <= 1000:
         raise InvalidInput(f"k must be 1..1000, got {k}")
     depth = depth_for(k, candidates)
     rr = reranker(plpy, GD, rerank)  # an unknown reranker or a missing key before any search
-    rows = search_text(plpy, GD, corpus, query, depth, filter, mode, group, fusion, alpha)
+    rows = search_text(plpy, GD, corpus, query, depth, filter, mode, group_by, fusion, alpha)
     hits = rr.rerank(query, search.as_hits(rows), k)
     return [(h.document_id, h.chunk_id, h.chunk_index, h.content, h.metadata, h.score,
              h.model_key, h.rerank_score, h.reranker) for h in hits]
@@ -242,9 +259,10 @@ def _token_counter(GD: dict[str, Any], spec: ModelSpec) -> Callable[[list[str]],
     return counters[spec.key]  # type: ignore[no-any-return]
 
 
-def add_document(plpy: Any, GD: dict[str, Any], corpus: str | None, document_id: str | None,
-                 content: str | None, metadata: str | None) -> int:
-    """Store a document and its chunks; the chunk triggers queue them for the worker."""
+def add_document(plpy: Any, GD: dict[str, Any], corpus: str, document_id: str, content: str,
+                 metadata: str | None) -> int:
+    """Store a document and its chunks; the chunk triggers queue them for the worker. A NULL
+    metadata is none ('{}')."""
     from .text import check_document_id, check_text, document_hash, read_json
 
     check_document_id(document_id)

@@ -160,9 +160,9 @@ def register(conn: psycopg.Connection[Any], spec: ModelSpec) -> str:
             "%s::int, %s::numeric, %s)",
             (spec.provider, spec.model_id, spec.version, integer(spec.dimensions, "dimensions"),
              spec.distance, spec.normalized, spec.input_types,
-             integer(spec.max_batch, "max_batch"), integer(spec.max_tokens, "max_tokens"),
+             integer(spec.max_batch, "max_batch", conn), integer(spec.max_tokens, "max_tokens", conn),
              None if spec.request_dimensions is None
-             else integer(spec.request_dimensions, "request_dimensions"),
+             else integer(spec.request_dimensions, "request_dimensions", conn),
              spec.price_per_mtok, spec.description)).fetchone()
     assert row is not None
     return str(row[0])

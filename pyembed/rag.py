@@ -143,8 +143,8 @@ def answer(corpus: Corpus, question: str, *, k: int = 5, model: str | None = Non
     Passages are found by `mode` search ('vector', 'keyword' or 'hybrid', as in
     `Corpus.search`; `min_score` compares with that mode's score) among the chunks whose
     metadata contains `filter`. With `rerank` (e.g. "voyage/rerank-2.5"), the best
-    `rerank_candidates` of them (default 50) are reordered by that reranker and the best k
-    kept; `min_score` then compares with the reranker's score.
+    `rerank_candidates` of them (at least k; default 50, or k if larger) are reordered by that
+    reranker and the best k kept; `min_score` then compares with the reranker's score.
 
     Claude is called through `client`, else a client built from $ANTHROPIC_API_KEY (and
     $ANTHROPIC_BASE_URL); with neither, the passages are returned without a generated

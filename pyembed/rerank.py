@@ -51,12 +51,17 @@ __all__ = ["ALIASES", "DEFAULT_CANDIDATES", "RERANKERS", "RerankCache", "Reranke
 
 
 def candidates(k: int, depth: int | None) -> int:
-    """How many hits to fetch for a rerank to `k`: `depth` (default DEFAULT_CANDIDATES), at
-    least k; InvalidInput outside 1..MAX_CANDIDATES."""
-    depth = DEFAULT_CANDIDATES if depth is None else depth
+    """How many hits to fetch for a rerank to `k`: `depth`, or by default DEFAULT_CANDIDATES
+    (k if larger). InvalidInput outside 1..MAX_CANDIDATES, or below k: a reranker returns the
+    best k of its candidates, so fewer asked for is a mistake to name, not to mend silently."""
+    if depth is None:
+        return max(k, DEFAULT_CANDIDATES)
     if not 1 <= depth <= MAX_CANDIDATES:
         raise InvalidInput(f"rerank candidates must be 1..{MAX_CANDIDATES}, got {depth}")
-    return max(k, depth)
+    if depth < k:
+        raise InvalidInput(f"rerank candidates ({depth}) must be at least k ({k}): the "
+                           f"reranker returns the best k of them")
+    return depth
 
 
 class RerankCache:

@@ -27,7 +27,7 @@ def create_tenant(conn: psycopg.Connection[Any], name: str, *,
             row = conn.execute(
                 "INSERT INTO pyembed.tenants (name, requests_per_minute, tokens_per_minute) "
                 "VALUES (%s, %s, %s) RETURNING tenant_id",
-                (name, *(None if limit is None else integer(limit, what) for limit, what in (
+                (name, *(None if limit is None else integer(limit, what, conn) for limit, what in (
                     (requests_per_minute, "requests_per_minute"),
                     (tokens_per_minute, "tokens_per_minute"))))).fetchone()
         except psycopg.errors.CheckViolation as exc:
@@ -35,12 +35,7 @@ def create_tenant(conn: psycopg.Connection[Any], name: str, *,
             if exc.diag.constraint_name == "tenants_name_check":
                 raise InvalidInput(f"invalid tenant name {name!r}: use 1-63 lowercase letters, "
                                    "digits, _ or -, the first a letter or digit") from None
-            for what, limit in (("requests_per_minute", requests_per_minute),
-                                ("tokens_per_minute", tokens_per_minute)):
-                if exc.diag.constraint_name == f"tenants_{what}_check":
-                    raise InvalidInput(f"{what} must be 1 or more (or unlimited), not {limit}"
-                                       ) from None
-            raise
+            raise  # (the limits were checked against their ranges above)
         except psycopg.errors.UniqueViolation:
             raise InvalidInput(f"tenant {name!r} already exists") from None
     assert row is not None

@@ -30,8 +30,8 @@ import psycopg
 from . import recall
 from .cache import PostgresCache
 from .corpora import model_spec
-from .db import connect, resolve_dsn
 from .db import lost as gone
+from .db import reopen, resolve_dsn
 from .embedder import Embedder
 from .errors import (
     ConfigError,
@@ -49,59 +49,18 @@ from .vectors import copy_vectors
 
 _log = logging.getLogger(__name__)
 
-CLAIM = """
-WITH picked AS (
-  SELECT q.corpus_id, q.chunk_id, q.model_key, q.content_hash, q.attempts,
-         c.corpus_id IS NULL OR q.model_key IN (c.model_key, c.target_model_key) IS TRUE
-           AS accepted,
-         c.name, c.model_key AS active, c.target_model_key AS target
-    FROM pyembed.queue q LEFT JOIN pyembed.corpora c ON c.corpus_id = q.corpus_id
-   WHERE q.not_before <= now() AND q.attempts < %(max_attempts)s
-     AND q.model_key <> ALL (%(skip)s::text[])
-   ORDER BY q.not_before, q.enqueued_at
-   LIMIT %(limit)s FOR NO KEY UPDATE OF q SKIP LOCKED
-), claimed AS (
-  UPDATE pyembed.queue q
-     SET attempts = q.attempts + 1, not_before = now() + make_interval(secs => %(lease)s)
-    FROM picked p
-    LEFT JOIN pyembed.chunks ch ON ch.corpus_id = p.corpus_id AND ch.chunk_id = p.chunk_id
-   WHERE q.corpus_id = p.corpus_id AND q.chunk_id = p.chunk_id AND q.model_key = p.model_key
-     AND p.accepted
-  RETURNING q.corpus_id, q.chunk_id, q.model_key,
-            coalesce(ch.content_hash, q.content_hash) AS content_hash, q.attempts, ch.content)
-SELECT corpus_id, chunk_id, model_key, content_hash, attempts, content,
-       NULL::text AS name, NULL::text AS active, NULL::text AS target FROM claimed
-UNION ALL
-SELECT corpus_id, chunk_id, model_key, content_hash, attempts, NULL, name, active, target
-  FROM picked WHERE NOT accepted
-"""
-# (the text and its hash come from the same row version: a vector is never stored under the
-# hash of a text it was not made from; the rows not accepted stay locked, unleased, for the
-# claim's transaction to fail them. FOR NO KEY UPDATE, as for every row a statement updates
-# without changing its key; rows it deletes, EXPIRE's, are locked FOR UPDATE.)
+# A job's attempts, lease and last error are written only by pyembed.claim_jobs, renew_jobs,
+# retry_jobs and release_jobs (sql/040-queue.sql), on the caller's corpora: the attempts decide
+# when a job expires, and its last error is the failure recorded then.
+CLAIM = ("SELECT corpus_id, chunk_id, model_key, content_hash, attempts, content, name, active, "
+         "target FROM pyembed.claim_jobs(%(max_attempts)s::integer, %(limit)s::integer, "
+         "%(lease)s::float8, %(skip)s::text[])")
 
-# Only this worker's lease (the attempts it claimed) of jobs their corpus still accepts (a job
-# whose key a migration step withdrew meanwhile is left to its lease, and failed after the
-# call); rows another session holds are skipped, so a renewal never waits, and the next one
-# catches them.
-RENEW = """
-UPDATE pyembed.queue q
-   SET not_before = greatest(q.not_before, now() + make_interval(secs => %(lease)s))
-  FROM (SELECT q2.corpus_id, q2.chunk_id, q2.model_key
-          FROM unnest(%(corpus_ids)s::integer[], %(chunk_ids)s::bigint[], %(keys)s::text[],
-                      %(attempts)s::integer[]) AS t(corpus_id, chunk_id, model_key, attempts)
-          JOIN pyembed.queue q2 ON q2.corpus_id = t.corpus_id AND q2.chunk_id = t.chunk_id
-                               AND q2.model_key = t.model_key AND q2.attempts = t.attempts
-          JOIN pyembed.corpora c ON c.corpus_id = q2.corpus_id
-                                AND q2.model_key IN (c.model_key, c.target_model_key)
-         FOR NO KEY UPDATE OF q2 SKIP LOCKED) p
- WHERE q.corpus_id = p.corpus_id AND q.chunk_id = p.chunk_id AND q.model_key = p.model_key
-"""
+RENEW = ("SELECT pyembed.renew_jobs(%(lease)s::float8, %(corpus_ids)s::integer[], "
+         "%(chunk_ids)s::bigint[], %(keys)s::text[], %(attempts)s::integer[])")
 
-RELEASE = """
-UPDATE pyembed.queue SET attempts = greatest(attempts - 1, 0), not_before = now()
- WHERE corpus_id = %(corpus_id)s AND chunk_id = %(chunk_id)s AND model_key = %(model)s
-"""
+RELEASE = ("SELECT pyembed.release_jobs(%(corpus_ids)s::integer[], %(chunk_ids)s::bigint[], "
+           "%(keys)s::text[], %(attempts)s::integer[])")
 
 # Jobs out of attempts, and a job given up, are moved to pyembed.queue_failed by the database's
 # pyembed.expire_jobs and pyembed.fail_job (sql/040-queue.sql): a failure row is only ever a
@@ -121,17 +80,9 @@ SELECT count(*) FILTER (WHERE last_error IS NULL),
   FROM pyembed.queue WHERE not_before > now()
 """
 
-# One statement for the whole batch, so it shares one now() and is claimed again as one batch
-# (one transaction per job spread their retry times, and the batch came back in pieces).
-RETRY = """
-UPDATE pyembed.queue q SET last_error = %(reason)s,
-       not_before = now() + make_interval(secs => t.delay)
-  FROM unnest(%(corpus_ids)s::integer[], %(chunk_ids)s::bigint[], %(keys)s::text[],
-              %(hashes)s::bytea[], %(delays)s::float8[])
-       AS t(corpus_id, chunk_id, model_key, content_hash, delay)
- WHERE q.corpus_id = t.corpus_id AND q.chunk_id = t.chunk_id AND q.model_key = t.model_key
-   AND q.content_hash = t.content_hash
-"""
+RETRY = ("SELECT pyembed.retry_jobs(%(reason)s::text, %(corpus_ids)s::integer[], "
+         "%(chunk_ids)s::bigint[], %(keys)s::text[], %(hashes)s::bytea[], "
+         "%(attempts)s::integer[], %(delays)s::float8[])")
 
 
 DEFAULT_LEASE = 30.0
@@ -190,6 +141,8 @@ class Leases:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._conn: psycopg.Connection[Any] | None = None
+        self.acted_as: tuple[str, ...] | None = None
+        """Who the worker's connections act as (Worker sets it): a new one must too."""
 
     def hold(self, items: list[Item]) -> None:
         with self._lock:
@@ -222,7 +175,7 @@ class Leases:
         while not stop.wait(self.seconds / 3):
             try:
                 self._renew()
-            except psycopg.Error as exc:
+            except (psycopg.Error, PyembedError) as exc:
                 _log.warning("could not renew the leases of the batch in flight (%s)", exc)
                 with self._lock:
                     if self._conn is not None:
@@ -233,7 +186,9 @@ class Leases:
         if not self._held:
             return
         if self._conn is None or gone(self._conn):
-            conn = connect(self.dsn, autocommit=True, application_name="pyembed worker leases")
+            conn, self.acted_as = reopen(self.dsn, self.acted_as, "worker",
+                                         autocommit=True,
+                                         application_name="pyembed worker leases")
             with self._lock:
                 if self._conn is not None:
                     self._conn.close()
@@ -272,6 +227,7 @@ class Worker:
         self._embedders: dict[str, Embedder] = {}
         self.stop_requested = threading.Event()
         self._conn: psycopg.Connection[Any] | None = None
+        self._handed_out: str | None = None  # worker.conn, once your code had it
         self._cache_conn: psycopg.Connection[Any] | None = None
         self._leases = Leases(self.dsn, lease_seconds)
         self.recall_every = recall_every
@@ -287,16 +243,35 @@ class Worker:
     # -- connections -----------------------------------------------------------------------
     @property
     def conn(self) -> psycopg.Connection[Any]:
+        """The worker's connection, for your own statements. Once your code has it, one the
+        server closes is not opened again silently (whatever you SET on it, a role, would be
+        lost): the next batch is DatabaseNotReady, see reconnect()."""
+        self._handed_out = self._handed_out or "worker.conn"
+        return self._db()
+
+    def _db(self) -> psycopg.Connection[Any]:
+        """The worker's own connection, opened again after a loss as the first one acted (its
+        login role, current role and tenant: db.reopen), unless it was handed out."""
         if self._conn is None or self._conn.closed:
-            self._conn = connect(self.dsn, application_name="pyembed worker")
+            handed_out = self._handed_out if self._conn is not None else None
+            self._conn, self._leases.acted_as = reopen(
+                self.dsn, self._leases.acted_as, "worker", handed_out=handed_out,
+                application_name="pyembed worker")
         return self._conn
 
+    def reconnect(self) -> None:
+        """Close the worker's connections; the next batch opens new ones from its DSN, acting
+        as its login: after DatabaseNotReady for a connection that was handed out."""
+        self.close()
+        self._conn = None
+        self._handed_out = None
+        self._leases.acted_as = None
+
     def _reopen_lost(self) -> None:
-        """Between batches, forget the connections their server closed (a restart), so that
+        """Between batches, close the connections their server closed (a restart), so that
         the next batch opens new ones instead of failing once and waiting to retry."""
         if self._conn is not None and gone(self._conn):
             self._conn.close()
-            self._conn = None
         if self._cache_conn is not None and gone(self._cache_conn):
             self._cache_conn.close()
             self._cache_conn = None
@@ -306,10 +281,11 @@ class Worker:
         if key not in self._embedders:
             if self._cache_conn is None or self._cache_conn.closed:
                 # Its own autocommit connection: what was embedded survives a failed batch.
-                self._cache_conn = connect(self.dsn, autocommit=True,
-                                           application_name="pyembed worker cache")
-            spec = model_spec(self.conn, key)
-            self.conn.rollback()
+                self._cache_conn, self._leases.acted_as = reopen(
+                    self.dsn, self._leases.acted_as, "worker", autocommit=True,
+                    application_name="pyembed worker cache")
+            spec = model_spec(self._db(), key)
+            self._db().rollback()
             self._embedders[key] = self._embedder_for(spec, PostgresCache(self._cache_conn))
         return self._embedders[key]
 
@@ -328,16 +304,16 @@ class Worker:
 
     # -- one batch -------------------------------------------------------------------------
     def pending(self) -> int:
-        with self.conn.transaction():
-            row = self.conn.execute("SELECT count(*) FROM pyembed.queue").fetchone()
+        with self._db().transaction():
+            row = self._db().execute("SELECT count(*) FROM pyembed.queue").fetchone()
         return int(row[0]) if row else 0
 
     def claim(self, stats: WorkerStats | None = None) -> list[Item]:
         """Lease a batch; jobs for a key their corpus does not accept are failed instead."""
         stats = stats or WorkerStats()
-        with self.conn.transaction():
-            self.conn.execute(EXPIRE, {"max_attempts": self.max_attempts})
-            rows = self.conn.execute(CLAIM, {"limit": self.batch_size, "lease": self.lease_seconds,
+        with self._db().transaction():
+            self._db().execute(EXPIRE, {"max_attempts": self.max_attempts})
+            rows = self._db().execute(CLAIM, {"limit": self.batch_size, "lease": self.lease_seconds,
                                              "max_attempts": self.max_attempts,
                                              "skip": list(self.cannot_embed)}).fetchall()
             items = []
@@ -423,7 +399,7 @@ class Worker:
         corpus_id = items[0].corpus_id
         self._leases.drop(items)
         try:
-            with self.conn.transaction(), self.conn.cursor() as cur:
+            with self._db().transaction(), self._db().cursor() as cur:
                 written = copy_vectors(cur, corpus_id, [i.chunk_id for i in items], key, vectors,
                                        [i.content_hash for i in items], only_current=True)
         except psycopg.Error as exc:
@@ -437,8 +413,8 @@ class Worker:
     def _refused(self, key: str, corpus_id: int, items: list[Item], stats: WorkerStats) -> None:
         """The corpus stopped accepting the key while the batch was embedded: its jobs can never
         be stored (those a migration step withdrew are gone from the queue already)."""
-        with self.conn.transaction():
-            row = self.conn.execute("SELECT name, model_key, target_model_key "
+        with self._db().transaction():
+            row = self._db().execute("SELECT name, model_key, target_model_key "
                                     "FROM pyembed.corpora WHERE corpus_id = %s",
                                     (corpus_id,)).fetchone()
         if row is None or key in (row[1], row[2]):
@@ -450,17 +426,18 @@ class Worker:
 
     def _release(self, items: list[Item]) -> None:
         self._leases.drop(items)
-        with self.conn.transaction():
-            self.conn.cursor().executemany(RELEASE, [
-                {"corpus_id": i.corpus_id, "chunk_id": i.chunk_id, "model": i.model_key}
-                for i in items])
+        with self._db().transaction():
+            self._db().execute(RELEASE, {
+                "corpus_ids": [i.corpus_id for i in items],
+                "chunk_ids": [i.chunk_id for i in items], "keys": [i.model_key for i in items],
+                "attempts": [i.attempts for i in items]})
 
     def _fail(self, item: Item, reason: str, stats: WorkerStats) -> None:
         """Move the job to pyembed.queue_failed; one re-queued or re-claimed meanwhile is
         counted stale and left alone."""
         self._leases.drop([item])
-        with self.conn.transaction():
-            row = self.conn.execute(FAIL, {
+        with self._db().transaction():
+            row = self._db().execute(FAIL, {
                 "corpus_id": item.corpus_id, "chunk_id": item.chunk_id, "model": item.model_key,
                 "hash": item.content_hash, "attempts": item.attempts,
                 "reason": reason[:2000]}).fetchone()
@@ -482,13 +459,14 @@ class Worker:
         if due:
             delays = [max(min(self.retry_base * 2 ** (item.attempts - 1), self.retry_max),
                           retry_after or 0.0) for item in due]
-            with self.conn.transaction():
-                self.conn.execute(RETRY, {
+            with self._db().transaction():
+                self._db().execute(RETRY, {
                     "reason": reason[:2000], "delays": delays,
                     "corpus_ids": [i.corpus_id for i in due],
                     "chunk_ids": [i.chunk_id for i in due],
                     "keys": [i.model_key for i in due],
-                    "hashes": [i.content_hash for i in due]})
+                    "hashes": [i.content_hash for i in due],
+                    "attempts": [i.attempts for i in due]})
             stats.retried += len(due)
         stats.errors.append(reason)
 
@@ -540,8 +518,8 @@ class Worker:
             return []
         self._recall_due = time.monotonic() + self.recall_every
         try:
-            with self.conn.transaction():
-                return recall.measure_sampled(self.conn, self.recall_samples)
+            with self._db().transaction():
+                return recall.measure_sampled(self._db(), self.recall_samples)
         except psycopg.OperationalError:
             raise
         except (psycopg.Error, PyembedError) as exc:
@@ -549,8 +527,8 @@ class Worker:
             return []
 
     def _nothing_due(self, within: float) -> bool:
-        with self.conn.transaction():
-            row = self.conn.execute(
+        with self._db().transaction():
+            row = self._db().execute(
                 "SELECT count(*) FROM pyembed.queue WHERE attempts < %s "
                 "AND not_before <= now() + make_interval(secs => %s) "
                 "AND model_key <> ALL (%s::text[])",
@@ -558,8 +536,8 @@ class Worker:
         return not row or row[0] == 0
 
     def _count_left(self, stats: WorkerStats) -> None:
-        with self.conn.transaction():
-            row = self.conn.execute(NOT_DUE).fetchone()
+        with self._db().transaction():
+            row = self._db().execute(NOT_DUE).fetchone()
         if row:
             stats.leased, stats.leased_until, stats.waiting, stats.waiting_until = row
 

@@ -85,3 +85,17 @@ BEGIN
   RETURN c;
 END
 $$;
+
+-- PE005 naming an argument given NULL (`missing`: `arg IS NULL`) that the function `fn` needs a
+-- value for (the message the PL/Python functions give, pyembed.indb.check_nulls).
+CREATE OR REPLACE FUNCTION pyembed._needs(missing boolean, what text, fn text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+  IF missing THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = format('%s is NULL: pyembed.%s() needs a value for it', what, fn);
+  END IF;
+END
+$$;

@@ -491,6 +491,38 @@ BEGIN
 END
 $$;
 
+-- The range of an integer setting stored in a row (chunk_tokens, max_batch, a tenant's
+-- requests_per_minute...) as 'lowest..highest', read from its table's CHECK
+-- <table>_<setting>_in_range (revision 0028), the one place it is held; NULL for no such setting.
+CREATE OR REPLACE FUNCTION pyembed._setting_range(setting text) RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+  SELECT m[1] || '..' || m[2]
+    FROM pg_catalog.pg_constraint c,
+         LATERAL regexp_match(pg_catalog.pg_get_constraintdef(c.oid),
+                              '>= (-?\d+)\).*<= (-?\d+)\)') m
+   WHERE c.connamespace = 'pyembed'::regnamespace AND c.contype = 'c'
+     AND c.conname LIKE '%\_' || setting || '\_in\_range'
+   LIMIT 1
+$$;
+
+-- PE005 naming the setting and its range, unless `value` is in it.
+CREATE OR REPLACE FUNCTION pyembed._check_setting(setting text, value bigint) RETURNS void
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  bounds text[] := string_to_array(pyembed._setting_range(setting), '..');
+BEGIN
+  IF value IS NULL OR value NOT BETWEEN bounds[1]::bigint AND bounds[2]::bigint THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = format('%s must be %s, got %s', setting, array_to_string(bounds, '..'),
+                       coalesce(value::text, 'NULL'));
+  END IF;
+END
+$$;
+
 -- With exist_ok, the caller's corpus of that name is returned when it has the same model key
 -- and chunking (what its stored chunks and vectors were made with), so a script that creates
 -- its corpus can run again; another key is PE001, other chunking PE005. Its storage and
@@ -514,18 +546,14 @@ BEGIN
       HINT = '`pyembed models` lists the registered keys';
   END IF;
   PERFORM pyembed._check_storage(create_corpus.storage);
-  -- the table's checks hold too; these say which setting is wrong in words
-  IF create_corpus.chunk_tokens IS NULL OR create_corpus.chunk_tokens < 1 THEN
+  -- the table's checks hold (their ranges: pyembed._setting_range); these say which setting
+  -- is wrong in words
+  PERFORM pyembed._check_setting('chunk_tokens', create_corpus.chunk_tokens);
+  PERFORM pyembed._check_setting('chunk_overlap', create_corpus.chunk_overlap);
+  IF create_corpus.chunk_overlap >= create_corpus.chunk_tokens THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
-      MESSAGE = format('chunk_tokens must be 1 or more, got %s',
-                       coalesce(create_corpus.chunk_tokens::text, 'NULL'));
-  END IF;
-  IF create_corpus.chunk_overlap IS NULL OR create_corpus.chunk_overlap < 0
-     OR create_corpus.chunk_overlap >= create_corpus.chunk_tokens THEN
-    RAISE EXCEPTION USING ERRCODE = 'PE005',
-      MESSAGE = format('chunk_overlap must be 0 or more and below chunk_tokens (%s), got %s',
-                       create_corpus.chunk_tokens,
-                       coalesce(create_corpus.chunk_overlap::text, 'NULL'));
+      MESSAGE = format('chunk_overlap must be below chunk_tokens (%s), got %s',
+                       create_corpus.chunk_tokens, create_corpus.chunk_overlap);
   END IF;
   SELECT * INTO old FROM pyembed.corpora c WHERE c.name = create_corpus.name
      AND coalesce(c.tenant_id, 0) = coalesce((SELECT pyembed.current_tenant()), 0);
@@ -574,7 +602,9 @@ $$;
 -- deletes them, and last the corpus's recording rows (no search of it is left running); a lock
 -- the deletes' triggers take waits only the shorter lock_timeout the attempt sets. An attempt
 -- that cannot have a lock is rolled back, which releases all it took, and the drop retries after
--- a pause until its deadline, then fails with PE012 (retry later).
+-- a pause until its deadline, then fails with PE012 (retry later). A name the caller's tenant
+-- has no corpus of is PE002, as in every other call by name (true only says it was dropped: the
+-- result type stays for the callers that read it).
 CREATE OR REPLACE FUNCTION pyembed.drop_corpus(name text) RETURNS boolean
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -587,18 +617,17 @@ DECLARE
   pause float8 := 0.01;
   tries integer := 0;
 BEGIN
-  SELECT * INTO c FROM pyembed.corpora WHERE corpora.name = drop_corpus.name
-     AND coalesce(corpora.tenant_id, 0) = coalesce((SELECT pyembed.current_tenant()), 0);
-  IF NOT FOUND THEN
-    RETURN false;
-  END IF;
+  -- PE002 for a name the caller's tenant has no corpus of, as every other call by name.
+  SELECT * INTO c FROM pyembed.lookup_corpus(drop_corpus.name);
   part := pyembed._vector_partition_name(c.corpus_id);
   LOOP
     tries := tries + 1;
     BEGIN
       PERFORM FROM pyembed.corpora WHERE corpus_id = c.corpus_id FOR UPDATE;
-      IF NOT FOUND THEN  -- dropped by another session meanwhile
-        RETURN false;
+      IF NOT FOUND THEN  -- dropped by another session meanwhile: unknown now
+        RAISE EXCEPTION USING ERRCODE = 'PE002',
+          MESSAGE = format('unknown corpus %s (dropped meanwhile)', quote_literal(c.name)),
+          HINT = '`pyembed corpus list` shows the corpora';
       END IF;
       -- Holding the row, the attempt waits for nothing more: a client waiting for the row
       -- checks for a deadlock once, and found one if this attempt was then waiting for it.
@@ -649,6 +678,11 @@ DECLARE
   key text;
   old pyembed.models;
 BEGIN
+  PERFORM pyembed._check_setting('max_batch', max_batch);
+  PERFORM pyembed._check_setting('max_tokens', max_tokens);
+  IF request_dimensions IS NOT NULL THEN  -- (NULL: the model's own)
+    PERFORM pyembed._check_setting('request_dimensions', request_dimensions);
+  END IF;
   IF concat(provider, model_id, model_version) ~ '[/@:[:space:]]' OR provider = ''
      OR model_id = '' OR model_version = '' THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',

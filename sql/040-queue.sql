@@ -116,18 +116,21 @@ $$;
 -- for each corpus and key a statement writes): queued work is done when a vector has its chunk
 -- id and text hash, the pair as one bytea looked up in the written pairs (a hashed `= ANY`,
 -- cheaper than a join with unnest(ids, hashes); a join with the transition table was planned
--- as a nested loop over the queue, quadratic).
+-- as a nested loop over the queue, quadratic). As its owner, on the caller's corpora only: its
+-- FOR UPDATE needs an UPDATE privilege on the queue, which the application role does not have
+-- (a job's attempts, lease and last error are the worker functions' to write, above).
 CREATE OR REPLACE FUNCTION pyembed._dequeue_written(p_corpus_id integer, p_model_key text,
                                                     lo bigint, hi bigint, done bytea[])
 RETURNS void
-LANGUAGE plpgsql
+LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET plan_cache_mode = force_custom_plan
 SET enable_seqscan = off
 AS $$
 BEGIN
   IF EXISTS (SELECT FROM pyembed.queue q WHERE q.corpus_id = p_corpus_id
-                AND q.chunk_id BETWEEN lo AND hi) THEN
+                AND q.chunk_id BETWEEN lo AND hi)
+     AND p_corpus_id = ANY (pyembed.visible_corpora()) THEN
     -- A job another transaction holds (a writer re-queuing its chunk) is left queued rather
     -- than waited for: waiting could deadlock with that writer; embedding it again is cheap.
     DELETE FROM pyembed.queue q
@@ -185,3 +188,154 @@ CREATE OR REPLACE TRIGGER queue_keys_accepted_insert
 CREATE OR REPLACE TRIGGER queue_keys_accepted_update
   AFTER UPDATE ON pyembed.queue REFERENCING NEW TABLE AS new_rows OLD TABLE AS old_rows
   FOR EACH STATEMENT EXECUTE FUNCTION pyembed._queue_keys_accepted();
+
+-- The worker's claim, lease renewal, retry and release, the only writes of a job's attempts,
+-- lease (not_before) and last error: the application role has no UPDATE on pyembed.queue, as
+-- attempts decide when a job expires and last_error is what expire_jobs records as its failure.
+-- Each runs as its owner on the caller's corpora only (visible_corpora, as fail_job), and a
+-- renewal, retry or release changes only a job as this worker's claim left it (its attempts): a
+-- job re-queued with a new text (attempts 0) or claimed again by another worker is not its own.
+-- A bound outside its range is PE005: batch 1..10000 jobs, lease above 0 and at most a day.
+CREATE OR REPLACE FUNCTION pyembed._job_bounds(batch integer, lease float8) RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+  IF batch IS NULL OR batch NOT BETWEEN 1 AND 10000 THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = format('batch must be 1..10000 jobs, got %s', coalesce(batch::text, 'NULL'));
+  END IF;
+  IF lease IS NULL OR NOT (lease > 0 AND lease <= 86400) THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = format('lease must be above 0 and at most 86400 seconds, got %s',
+                       coalesce(lease::text, 'NULL'));
+  END IF;
+END
+$$;
+
+-- Lease up to `batch` due jobs (attempts + 1, hidden for `lease` seconds) whose key their corpus
+-- accepts, skipping keys in `skip`; jobs it does not accept are returned with the corpus's name
+-- and keys (not leased, locked until the caller's transaction ends, for it to fail them).
+-- The text and its hash come from the same row version: a vector is never stored under the hash
+-- of a text it was not made from. FOR NO KEY UPDATE, as for every row a statement updates
+-- without changing its key.
+CREATE OR REPLACE FUNCTION pyembed.claim_jobs(max_attempts integer, batch integer,
+                                              lease float8, skip text[] DEFAULT '{}')
+RETURNS TABLE (corpus_id integer, chunk_id bigint, model_key text, content_hash bytea,
+               attempts integer, content text, name text, active text, target text)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+  PERFORM pyembed._job_bounds(batch, lease);
+  RETURN QUERY
+  WITH picked AS (
+    SELECT q.corpus_id, q.chunk_id, q.model_key, q.content_hash, q.attempts,
+           c.corpus_id IS NULL OR q.model_key IN (c.model_key, c.target_model_key) IS TRUE
+             AS accepted,
+           c.name, c.model_key AS active, c.target_model_key AS target
+      FROM pyembed.queue q LEFT JOIN pyembed.corpora c ON c.corpus_id = q.corpus_id
+     WHERE q.not_before <= now() AND q.attempts < claim_jobs.max_attempts
+       AND q.model_key <> ALL (coalesce(skip, '{}'))
+       AND q.corpus_id = ANY (pyembed.visible_corpora())
+     ORDER BY q.not_before, q.enqueued_at
+     LIMIT batch FOR NO KEY UPDATE OF q SKIP LOCKED
+  ), claimed AS (
+    UPDATE pyembed.queue q
+       SET attempts = q.attempts + 1, not_before = now() + make_interval(secs => lease)
+      FROM picked p
+      LEFT JOIN pyembed.chunks ch ON ch.corpus_id = p.corpus_id AND ch.chunk_id = p.chunk_id
+     WHERE q.corpus_id = p.corpus_id AND q.chunk_id = p.chunk_id AND q.model_key = p.model_key
+       AND p.accepted
+    RETURNING q.corpus_id, q.chunk_id, q.model_key,
+              coalesce(ch.content_hash, q.content_hash) AS content_hash, q.attempts, ch.content)
+  SELECT l.corpus_id, l.chunk_id, l.model_key, l.content_hash, l.attempts, l.content,
+         NULL::text, NULL::text, NULL::text FROM claimed l
+  UNION ALL
+  SELECT p.corpus_id, p.chunk_id, p.model_key, p.content_hash, p.attempts, NULL, p.name,
+         p.active, p.target
+    FROM picked p WHERE NOT p.accepted;
+END
+$$;
+
+-- Extend the leases of jobs in flight (each as its claim left it) whose key their corpus still
+-- accepts (a job whose key a migration step withdrew is left to its lease, and failed after
+-- the call); rows another session holds are skipped, so a renewal never waits. The number
+-- renewed.
+CREATE OR REPLACE FUNCTION pyembed.renew_jobs(lease float8, corpus_ids integer[],
+                                              chunk_ids bigint[], keys text[],
+                                              claimed integer[]) RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  n integer;
+BEGIN
+  PERFORM pyembed._job_bounds(1, lease);
+  UPDATE pyembed.queue q
+     SET not_before = greatest(q.not_before, now() + make_interval(secs => lease))
+    FROM (SELECT q2.corpus_id, q2.chunk_id, q2.model_key
+            FROM unnest(corpus_ids, chunk_ids, keys, claimed)
+                 AS t(corpus_id, chunk_id, model_key, attempts)
+            JOIN pyembed.queue q2 ON q2.corpus_id = t.corpus_id AND q2.chunk_id = t.chunk_id
+                                 AND q2.model_key = t.model_key AND q2.attempts = t.attempts
+            JOIN pyembed.corpora c ON c.corpus_id = q2.corpus_id
+                                  AND q2.model_key IN (c.model_key, c.target_model_key)
+           WHERE q2.corpus_id = ANY (pyembed.visible_corpora())
+           FOR NO KEY UPDATE OF q2 SKIP LOCKED) p
+   WHERE q.corpus_id = p.corpus_id AND q.chunk_id = p.chunk_id AND q.model_key = p.model_key;
+  GET DIAGNOSTICS n = ROW_COUNT;
+  RETURN n;
+END
+$$;
+
+-- Retry claimed jobs after their delays (seconds, 0 or more), recording why the try failed
+-- (what expire_jobs records if the job runs out of attempts). One statement for the batch, so
+-- that it shares one now() and is claimed again as one batch. The number retried.
+CREATE OR REPLACE FUNCTION pyembed.retry_jobs(reason text, corpus_ids integer[],
+                                              chunk_ids bigint[], keys text[], hashes bytea[],
+                                              claimed integer[], delays float8[])
+RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  n integer;
+BEGIN
+  IF reason IS NULL OR EXISTS (SELECT FROM unnest(delays) d WHERE d IS NULL OR NOT d >= 0) THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = 'retry_jobs() needs a reason and delays of 0 seconds or more';
+  END IF;
+  UPDATE pyembed.queue q SET last_error = left(reason, 2000),
+         not_before = now() + make_interval(secs => t.delay)
+    FROM unnest(corpus_ids, chunk_ids, keys, hashes, claimed, delays)
+         AS t(corpus_id, chunk_id, model_key, content_hash, attempts, delay)
+   WHERE q.corpus_id = t.corpus_id AND q.chunk_id = t.chunk_id AND q.model_key = t.model_key
+     AND q.content_hash = t.content_hash AND q.attempts = t.attempts
+     AND q.corpus_id = ANY (pyembed.visible_corpora());
+  GET DIAGNOSTICS n = ROW_COUNT;
+  RETURN n;
+END
+$$;
+
+-- Give claimed jobs back untouched (their claim's attempt undone, due now): a worker that
+-- cannot embed their key leaves them to one that can. The number released.
+CREATE OR REPLACE FUNCTION pyembed.release_jobs(corpus_ids integer[], chunk_ids bigint[],
+                                                keys text[], claimed integer[])
+RETURNS integer
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  n integer;
+BEGIN
+  UPDATE pyembed.queue q SET attempts = q.attempts - 1, not_before = now()
+    FROM unnest(corpus_ids, chunk_ids, keys, claimed) AS t(corpus_id, chunk_id, model_key, attempts)
+   WHERE q.corpus_id = t.corpus_id AND q.chunk_id = t.chunk_id AND q.model_key = t.model_key
+     AND q.attempts = t.attempts AND q.attempts > 0
+     AND q.corpus_id = ANY (pyembed.visible_corpora());
+  GET DIAGNOSTICS n = ROW_COUNT;
+  RETURN n;
+END
+$$;

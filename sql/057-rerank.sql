@@ -123,7 +123,8 @@ $$;
 -- best k returned with the reranker's score and identity beside the search's. The reranker's
 -- key is the owner's secret (VOYAGE_API_KEY / COHERE_API_KEY, pyembed.set_secret); its request
 -- is bounded by pyembed.http_timeout and pyembed.http_retries, accounted in pyembed.usage and
--- cached, like an embedding's.
+-- cached, like an embedding's. `candidates` NULL is 50, or k if larger; one given below k is
+-- PE005, as from Python and the CLI (pyembed.rerank.candidates).
 CREATE OR REPLACE FUNCTION pyembed._search_reranked(corpus text, query text, rerank text,
                                                     k integer, filter jsonb, mode text,
                                                     candidates integer, group_by text,
@@ -143,7 +144,7 @@ CREATE OR REPLACE FUNCTION pyembed.search_reranked(corpus text, query text, rera
                                                    k integer DEFAULT 10,
                                                    filter jsonb DEFAULT NULL,
                                                    mode text DEFAULT 'vector',
-                                                   candidates integer DEFAULT 50,
+                                                   candidates integer DEFAULT NULL,
                                                    group_by text DEFAULT 'document',
                                                    fusion text DEFAULT NULL,
                                                    alpha double precision DEFAULT NULL)

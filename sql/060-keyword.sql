@@ -651,9 +651,11 @@ LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-  r record := pyembed._keyword_ranking(pyembed.lookup_corpus(corpus), query, candidates, filter,
-                                       group_by, passages => false);
+  r record;
 BEGIN
+  PERFORM pyembed._needs(candidates IS NULL, 'candidates', 'keyword_ranking');
+  r := pyembed._keyword_ranking(pyembed.lookup_corpus(corpus), query, candidates, filter,
+                                group_by, passages => false);
   ids := coalesce(r.ids, '{}');
   scores := coalesce(r.scores, '{}');
   keys := coalesce(r.keys, '{}');
@@ -709,6 +711,8 @@ DECLARE
   keys text[];
   missing bigint[];
 BEGIN
+  PERFORM pyembed._needs(query_embedding IS NULL, 'query_embedding', 'search_hybrid');
+  PERFORM pyembed._needs(query_model_key IS NULL, 'query_model_key', 'search_hybrid');
   fusion := coalesce(fusion, 'relative');  -- the default
   IF fusion NOT IN ('rrf', 'relative') THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',

@@ -28,14 +28,16 @@ GRANT INSERT (corpus_id, document_id, content_hash, title, metadata, updated_at)
 GRANT INSERT (corpus_id, document_id, chunk_index, content, content_hash, metadata),
       UPDATE (document_id, chunk_index, content, content_hash, metadata)
   ON pyembed.chunks TO pyembed_app;
--- Chunk writes queue their work as the writer; the worker claims (UPDATE), dequeues and moves
--- failed jobs aside through pyembed.fail_job and expire_jobs, the one way a failure row is
--- written (it is a queued job, moved); failures are read and cleared (DELETE: done with them).
--- A queued key is checked by pyembed._queue_keys_accepted (PE001). A job is made by the chunk
--- write (pyembed._enqueue_chunks, as its owner): the worker changes only its attempts, lease and
--- last error. REVOKE first: see above.
+-- Chunk writes queue their work as the writer; a vector's write dequeues it (DELETE); the worker
+-- claims, renews, retries and releases jobs through pyembed.claim_jobs, renew_jobs, retry_jobs
+-- and release_jobs (a job's attempts decide when it expires, its last error is the failure
+-- expire_jobs records: no UPDATE of them by the caller), and moves failed jobs aside through
+-- pyembed.fail_job and expire_jobs, the one way a failure row is written (it is a queued job,
+-- moved); failures are read and cleared (DELETE: done with them). A queued key is checked by
+-- pyembed._queue_keys_accepted (PE001). A job is made by the chunk write
+-- (pyembed._enqueue_chunks, as its owner). REVOKE first: see above.
 REVOKE ALL ON pyembed.queue FROM pyembed_app;
-GRANT SELECT, DELETE, UPDATE (attempts, not_before, last_error) ON pyembed.queue TO pyembed_app;
+GRANT SELECT, DELETE ON pyembed.queue TO pyembed_app;
 REVOKE ALL ON pyembed.queue_failed FROM pyembed_app;
 GRANT SELECT, DELETE ON pyembed.queue_failed TO pyembed_app;
 -- The query log is read, and written only by pyembed.record_search (a search's own record, with
@@ -63,6 +65,7 @@ GRANT EXECUTE ON FUNCTION
   pyembed.current_tenant(),
   pyembed.visible_corpora(),
   pyembed.lookup_corpus(text),
+  pyembed._setting_range(text),
   pyembed.version(),
   pyembed.vector_table(text),
   pyembed.cache_get(bytea[]),
@@ -77,6 +80,10 @@ GRANT EXECUTE ON FUNCTION
   pyembed._dequeue_written(integer, text, bigint, bigint, bytea[]),
   pyembed.expire_jobs(integer),
   pyembed.fail_job(integer, bigint, text, bytea, integer, text),
+  pyembed.claim_jobs(integer, integer, float8, text[]),
+  pyembed.renew_jobs(float8, integer[], bigint[], text[], integer[]),
+  pyembed.retry_jobs(text, integer[], bigint[], text[], bytea[], integer[], float8[]),
+  pyembed.release_jobs(integer[], bigint[], text[], integer[]),
   pyembed.reserve_usage(text, integer, integer, bigint),
   pyembed.usage_report(integer),
   pyembed.provider_errors(),

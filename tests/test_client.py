@@ -157,3 +157,27 @@ def test_a_write_in_a_read_only_session_is_read_only_replica(db: Any) -> None:
                 write()
         assert [h.document_id for h in client.corpus("docs").search("quotas", mode="keyword")
                 ] == ["a"]
+
+
+def _named_corpus_methods() -> list[str]:
+    """Every public method of Client that takes a corpus's name, a new one included (not
+    create_corpus's new name, nor reranker's, a reranker's)."""
+    import inspect
+
+    return sorted(name for name, method in inspect.getmembers(pyembed.Client, inspect.isfunction)
+                  if not name.startswith("_") and name not in ("create_corpus", "reranker")
+                  and list(inspect.signature(method).parameters)[1:2] in (["name"], ["corpus"]))
+
+
+@pytest.mark.parametrize("method", _named_corpus_methods())
+def test_every_client_method_naming_an_unknown_corpus_raises_unknown_corpus(
+        owner_client: Any, method: str) -> None:
+    """A name the caller's tenant has no corpus of is UnknownCorpus from every method, never a
+    result to check: drop_corpus returned False (and SQL pyembed.drop_corpus false)."""
+    assert {"corpus", "drop_corpus", "index_status"} <= set(_named_corpus_methods())
+    with pytest.raises(pyembed.UnknownCorpus, match="unknown corpus 'nope'"):
+        getattr(owner_client, method)("nope")
+    if method == "drop_corpus":  # and in SQL, as pyembed.lookup_corpus
+        with pytest.raises(psycopg.Error) as err:
+            owner_client.conn.execute("SELECT pyembed.drop_corpus('nope')")
+        assert err.value.sqlstate == "PE002"

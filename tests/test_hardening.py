@@ -82,16 +82,32 @@ def test_a_job_is_only_a_chunk_write_queued(app: psycopg.Connection[Any],
     """Before, the application role inserted queue rows itself (any text hash, attempts, last
     error: a failure expire_jobs then recorded as the queue's) and updated a job's text hash and
     age. Now a job is made by its chunk's write (pyembed._enqueue_chunks, as its owner), and
-    the worker changes only what a claim, retry or release does."""
+    the worker changes only what a claim, retry or release does, through pyembed.claim_jobs,
+    retry_jobs and release_jobs: it set its jobs' attempts (which decide when a job expires)
+    and last error (the failure expire_jobs records) with UPDATE before."""
     app.execute("SELECT pyembed.add_document('docs', 'd1', 'a text about refunds')")
     chunk, digest = app.execute("SELECT chunk_id, content_hash FROM pyembed.queue").fetchone()
     for statement in ("UPDATE pyembed.queue SET content_hash = '\\x00'",
-                      "UPDATE pyembed.queue SET enqueued_at = now() - interval '1 year'"):
-        assert isinstance(sql_error(app, statement), psycopg.errors.InsufficientPrivilege)
-    app.execute("UPDATE pyembed.queue SET attempts = attempts + 1, not_before = now(), "
-                "last_error = 'retry'")  # the worker's own columns
-    assert app.execute("SELECT chunk_id, content_hash, attempts FROM pyembed.queue").fetchall() \
-        == [(chunk, digest, 1)]
+                      "UPDATE pyembed.queue SET enqueued_at = now() - interval '1 year'",
+                      "UPDATE pyembed.queue SET attempts = 0",
+                      "UPDATE pyembed.queue SET not_before = now()",
+                      "UPDATE pyembed.queue SET last_error = 'forged'"):
+        assert isinstance(sql_error(app, statement), psycopg.errors.InsufficientPrivilege), \
+            statement
+    claimed = app.execute("SELECT chunk_id, content_hash, attempts FROM pyembed.claim_jobs("
+                          "5, 10, 30)").fetchall()
+    assert claimed == [(chunk, digest, 1)]
+    job = ([docs.corpus_id], [chunk], [KEY])
+    # Only the job as this claim left it (attempts 1): not a claim it never made.
+    assert app.execute("SELECT pyembed.release_jobs(%s, %s, %s, '{2}')", job).fetchone() == (0,)
+    assert app.execute("SELECT pyembed.retry_jobs('try again', %s, %s, %s, %s, '{0}', '{0}')",
+                       (*job, [digest])).fetchone() == (0,)
+    assert app.execute("SELECT pyembed.retry_jobs('try again', %s, %s, %s, %s, '{1}', '{0}')",
+                       (*job, [digest])).fetchone() == (1,)
+    assert app.execute("SELECT attempts, last_error FROM pyembed.queue").fetchall() \
+        == [(1, "try again")]
+    err = sql_error(app, "SELECT * FROM pyembed.claim_jobs(5, 0, 30)")
+    assert err.sqlstate == "PE005" and "batch must be 1..10000 jobs, got 0" in str(err), err
     app.execute("DELETE FROM pyembed.queue")  # done with (a vector's write dequeues it)
     err = sql_error(app, "INSERT INTO pyembed.queue (corpus_id, chunk_id, model_key, "
                          "content_hash, attempts, last_error) VALUES (%s, %s, %s, %s, 99, "
@@ -610,9 +626,9 @@ def test_every_check_of_the_schema_says_what_it_requires(owner: psycopg.Connecti
 
 
 @pytest.mark.parametrize(("spec", "named"), [
-    ({"max_batch": 0}, r"models\.max_batch is not a value"),
-    ({"max_tokens": -1}, r"models\.max_tokens is not a value"),
-    ({"request_dimensions": 0}, r"models\.request_dimensions is not a value"),
+    ({"max_batch": 0}, r"max_batch must be 1\.\.100000, got 0"),
+    ({"max_tokens": -1}, r"max_tokens must be 1\.\.10000000, got -1"),
+    ({"request_dimensions": 0}, r"request_dimensions must be 1\.\.16000, got 0"),
     ({"price_per_mtok": 10**7}, "a model's price is 0 to 1000000"),
 ])
 def test_a_model_the_registry_refuses_is_invalid_input(owner: psycopg.Connection[Any],

@@ -7,6 +7,7 @@ check. A tenant's limit below 1 is named too (it was reported as an invalid tena
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +23,10 @@ from tests.helpers import run_cli as cli
 from tests.test_cli import db_env
 
 FAKE = "fake/fake-hash@1:384"
+SETTINGS = {"chunk_tokens": "1..100000", "chunk_overlap": "0..99999", "max_batch": "1..100000",
+            "max_tokens": "1..10000000", "request_dimensions": "1..16000",
+            "requests_per_minute": "1..100000000", "tokens_per_minute": "1..2000000000"}
+"""Every integer setting stored in a row, with its range (revision 0028's CHECKs)."""
 HUGE = 2**31  # one past PostgreSQL's integer
 EDGES = [HUGE, -HUGE - 1, 10**20]
 
@@ -55,8 +60,10 @@ def test_a_number_past_postgres_integer_is_invalid_input_naming_its_parameter(
         migration.start(owner, "docs", "fake/fake-hash@2:1024")
         for name, call in entry_points(app, owner).items():
             for n in EDGES:
-                with pytest.raises(InvalidInput, match=f"^{name} must be a whole number from "
-                                                       f"-2147483648 to 2147483647, not {n}$"):
+                # a setting stored in a row: its own range (test_setting_ranges below)
+                rule = (f"{re.escape(SETTINGS[name])}, got {n}" if name in SETTINGS
+                        else f"a whole number from -2147483648 to 2147483647, not {n}")
+                with pytest.raises(InvalidInput, match=f"^{name} must be {rule}$"):
                     call(n)
         with pytest.raises(InvalidInput, match=r"^days must be a whole number"):
             cache.stats(app.conn, HUGE)
@@ -83,15 +90,56 @@ def test_the_command_line_says_which_number_is_too_large(db: Database,
     assert out.returncode == 1, out.stdout
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
-    assert f"must be a whole number from -2147483648 to 2147483647, not {HUGE}" in lines[0]
+    setting = {"--chunk-tokens": "chunk_tokens", "--rpm": "requests_per_minute"}.get(args[-2])
+    if setting:  # the setting's own range, as SQL and Python say it
+        assert lines[0] == f"error: {setting} must be {SETTINGS[setting]}, got {HUGE}", lines[0]
+    else:
+        assert f"must be a whole number from -2147483648 to 2147483647, not {HUGE}" in lines[0]
 
 
 def test_a_tenant_limit_below_1_is_named_not_blamed_on_the_name(
         owner: psycopg.Connection[Any]) -> None:
-    for kwargs, message in [({"requests_per_minute": 0}, "requests_per_minute must be 1 or more"),
-                            ({"tokens_per_minute": -5}, "tokens_per_minute must be 1 or more")]:
-        with pytest.raises(InvalidInput, match=f"^{message} \\(or unlimited\\), not "):
+    for kwargs, message in [({"requests_per_minute": 0},
+                             r"requests_per_minute must be 1\.\.100000000, got 0"),
+                            ({"tokens_per_minute": -5},
+                             r"tokens_per_minute must be 1\.\.2000000000, got -5")]:
+        with pytest.raises(InvalidInput, match=f"^{message}$"):
             tenants.create_tenant(owner, "acme", **kwargs)
     with pytest.raises(InvalidInput, match=r"^invalid tenant name 'Acme!': use 1-63"):
         tenants.create_tenant(owner, "Acme!", requests_per_minute=10)
     assert tenants.create_tenant(owner, "acme", requests_per_minute=10) > 0
+
+
+def test_setting_ranges(db: Database, owner: psycopg.Connection[Any]) -> None:
+    """Walks every integer column of the rows that hold settings (corpora, models, tenants; a new
+    one included): each but their numbers has a range CHECK (<table>_<column>_in_range, revision
+    0028) that pyembed._setting_range reads, listed in SETTINGS. One past its top is the same
+    error from SQL and Python. Before, chunk_tokens had no upper bound (a corpus of chunks of
+    3000000000 tokens), nor had a model's batch and token bounds or a tenant's limits."""
+    columns = owner.execute(
+        "SELECT a.attname FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
+        "WHERE c.relnamespace = 'pyembed'::regnamespace "
+        "AND c.relname IN ('corpora', 'models', 'tenants') AND a.attnum > 0 "
+        "AND NOT a.attisdropped AND a.atttypid IN ('int2'::regtype, 'int4'::regtype, "
+        "'int8'::regtype) AND a.attidentity = '' AND a.attname NOT IN "
+        "('corpus_id', 'tenant_id', 'dimensions', 'traffic_share')").fetchall()
+    assert {c for (c,) in columns} == set(SETTINGS)
+    for setting, rule in SETTINGS.items():
+        assert owner.execute("SELECT pyembed._setting_range(%s)", (setting,)).fetchone() \
+            == (rule,), setting
+    too_many = int(SETTINGS["chunk_tokens"].split("..")[1]) + 1
+    message = f"chunk_tokens must be 1..100000, got {too_many}"
+    with psycopg.connect(db.app_dsn, autocommit=True) as app:
+        app.execute("SELECT pyembed.create_corpus('small', %s)", (FAKE,))
+        with pytest.raises(psycopg.Error, match=re.escape(message)) as err:
+            app.execute("SELECT pyembed.create_corpus('big', %s, '', %s)", (FAKE, too_many))
+        assert err.value.sqlstate == "PE005"
+        with pytest.raises(psycopg.errors.CheckViolation, match="corpora_chunk_tokens_in_range"):
+            owner.execute("UPDATE pyembed.corpora SET chunk_tokens = %s", (too_many,))
+    owner.rollback()
+    with pyembed.connect(db.app_dsn) as client, \
+            pytest.raises(InvalidInput, match=f"^{re.escape(message)}$"):
+        client.create_corpus("big", FAKE, chunk_tokens=too_many)
+    with pyembed.connect(db.owner_dsn) as client, \
+            pytest.raises(InvalidInput, match=r"^max_batch must be 1\.\.100000, got 100001$"):
+        client.register_model(ModelSpec("fake", "m", "1", 4, max_batch=100_001))

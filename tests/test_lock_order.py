@@ -601,6 +601,7 @@ DROP_RACES: dict[str, tuple[bool, Callable[[Client], Any]]] = {
     "add_document (SQL, PL/Python)": (False, lambda c: c.conn.execute(
         "SELECT pyembed.add_document(%s, 'new', 'item new words')", (CORPUS,))),
     "Corpus.add": (False, lambda c: c.corpus(CORPUS).add([Document("new", "item new words")])),
+    "drop_corpus": (False, lambda c: c.drop_corpus(CORPUS)),  # it returned False
     "copy_vectors": (False, _copy),
     "set_index_settings": (True, lambda c: index.set_index_settings(c.conn, CORPUS, ef_search=50)),
     "rebuild_index (SQL)": (True, _rebuild),

@@ -91,8 +91,9 @@ WRITTEN_BY_THE_APPLICATION = {"documents", "chunks", "eval_queries", "queue", "q
 chunks, vectors and queued work; its evaluation queries). The queue's: a chunk's write queues
 its work (pyembed._enqueue_chunks, as its owner: the application role inserts no job), a
 vector's write dequeues it (_dequeue_written), and `pyembed worker` runs as a tenant's login,
-which claims, renews, retries (attempts, lease, last error only), dequeues and fails jobs
-(pyembed.fail_job, expire_jobs: no INSERT or UPDATE on queue_failed); row-level security
+which claims, renews, retries and releases jobs (pyembed.claim_jobs, renew_jobs, retry_jobs,
+release_jobs: no UPDATE on queue), dequeues and fails them (pyembed.fail_job, expire_jobs: no
+INSERT or UPDATE on queue_failed); row-level security
 keeps each of these to the tenant's corpora
 (test_every_table_the_app_role_writes_keeps_each_tenant_to_its_own_rows below).
 Every other table (the records of what happened: query log, usage, caches and their counts,
@@ -117,6 +118,62 @@ def test_no_other_table_is_writable_by_the_app_role(owner: psycopg.Connection[An
         "AND c.relkind = 'S' AND (has_sequence_privilege('pyembed_app', c.oid, 'USAGE') "
         "OR has_sequence_privilege('pyembed_app', c.oid, 'UPDATE')) ORDER BY 1").fetchall()
     assert [r[0] for r in sequences] == ["chunks_chunk_id_seq"]
+
+
+APP_COLUMN_WRITES = {
+    # Every column the application role may write with its own INSERT or UPDATE, and why no
+    # invariant depends on what it writes there (row-level security keeps it to its tenant's
+    # rows; a column an invariant depends on is written by a function or trigger instead).
+    "documents.corpus_id INSERT": "checked by the tenant's policy (its own corpora)",
+    "documents.document_id INSERT": "the caller's own name for its document",
+    "documents.document_id UPDATE": "as INSERT",
+    "documents.content_hash INSERT": "whether the caller's next add skips the document: its own",
+    "documents.content_hash UPDATE": "as INSERT",
+    "documents.title INSERT": "the caller's text",
+    "documents.title UPDATE": "as INSERT",
+    "documents.metadata INSERT": "the caller's metadata (filters match its own rows)",
+    "documents.metadata UPDATE": "as INSERT",
+    "documents.updated_at INSERT": "shown, not relied on",
+    "documents.updated_at UPDATE": "as INSERT",
+    "chunks.corpus_id INSERT": "checked by the tenant's policy (its own corpora)",
+    "chunks.document_id INSERT": "a document of the same corpus (foreign key)",
+    "chunks.document_id UPDATE": "as INSERT",
+    "chunks.chunk_index INSERT": "the caller's order of its chunks",
+    "chunks.chunk_index UPDATE": "as INSERT",
+    "chunks.content INSERT": "the caller's text; postings and the queue follow it (triggers)",
+    "chunks.content UPDATE": "as INSERT",
+    "chunks.content_hash INSERT": "computed again from the text (pyembed._chunk_hash)",
+    "chunks.content_hash UPDATE": "as INSERT",
+    "chunks.metadata INSERT": "the caller's metadata",
+    "chunks.metadata UPDATE": "as INSERT",
+    "eval_queries.* INSERT": "the caller's own evaluation queries, read only by its evaluations",
+    "eval_queries.* UPDATE": "as INSERT",
+    "vectors.* INSERT": "checked by the guard triggers (key, dimensions, norm, chunk)",
+    "vectors.embedding UPDATE": "as INSERT",
+    "vectors.content_hash UPDATE": "the text the vector was made from, as the writer says (a "
+                                   "vector of its own chunk, which it may write anyway)",
+    "vectors.created_at UPDATE": "shown in the caller's own throughput, not relied on",
+}
+"""Not here, on purpose: queue.attempts, not_before and last_error (the worker's claim, renewal,
+retry and release go through pyembed.claim_jobs etc.: attempts decide expiry, last_error is the
+failure recorded); identity columns (test_the_app_role_writes_no_identity_column)."""
+
+
+def test_every_column_the_app_role_writes_is_accounted_for(
+        owner: psycopg.Connection[Any]) -> None:
+    """Walks every column of every table the application role may INSERT or UPDATE (by its
+    table's grant or its own), a new one included: each is in APP_COLUMN_WRITES with why no
+    invariant depends on it. Before, it could UPDATE its jobs' attempts (which decide when a job
+    expires) and last_error (recorded as the job's failure) directly."""
+    rows = owner.execute(
+        "SELECT c.relname, a.attname, p, has_table_privilege('pyembed_app', c.oid, p) "
+        "FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 "
+        "AND NOT a.attisdropped CROSS JOIN unnest(ARRAY['INSERT', 'UPDATE']) p "
+        "WHERE c.relnamespace = 'pyembed'::regnamespace AND c.relkind IN ('r', 'p') "
+        "AND NOT c.relispartition AND has_column_privilege('pyembed_app', c.oid, a.attnum, p) "
+        "ORDER BY 1, 2, 3").fetchall()
+    written = {f"{table}.{'*' if whole else column} {p}" for table, column, p, whole in rows}
+    assert written == set(APP_COLUMN_WRITES)
 
 
 def test_every_table_the_app_role_writes_keeps_each_tenant_to_its_own_rows(
@@ -166,6 +223,13 @@ APP_WRITERS = {
     "fail_job": "queue_failed: a queued job of the caller's corpora, moved (the one way a "
                 "failure row is written)",
     "expire_jobs": "as fail_job, for the caller's jobs out of attempts",
+    "_dequeue_written": "the caller's corpora's jobs a vector write of its own satisfied "
+                        "(called by the vectors' trigger)",
+    "claim_jobs": "the lease and attempts of due jobs of the caller's corpora, one more each",
+    "renew_jobs": "the lease of the caller's corpora's jobs as its claim left them",
+    "retry_jobs": "the lease and last error of the caller's corpora's jobs as its claim left "
+                  "them (the reason expire_jobs records)",
+    "release_jobs": "the caller's corpora's jobs as its claim left them, that claim undone",
     "record_search": "the query log, for a corpus of the caller's tenant",
     "measure_recall": "recall measurements of a corpus of the caller's tenant, measured here",
     "recall_sampled": "the caller's tenant's recall samples, measured here",
@@ -196,6 +260,96 @@ def test_no_function_of_the_app_roles_writes_a_row_every_tenant_shares(
     writes = sorted((name, table) for name, src in functions
                     for table in written.findall(src) if table in shared)
     assert writes == []
+
+
+WRITES = re.compile(r"\b(?:INSERT\s+INTO|UPDATE|DELETE\s+FROM|TRUNCATE)\s+pyembed\.(\w+)",
+                    re.IGNORECASE)
+CALLS = re.compile(r"\bpyembed\.(\w+)\s*\(")
+
+SHARED_BY_TRIGGERS = {
+    # A table without a tenant's policy that a trigger writes when a tenant writes, and what keeps
+    # one tenant from another's rows there.
+    "keyword_pending": "each writing transaction's posting counts, a row per statement keyed by "
+                       "its own transaction id (xact): folded into the counters and deleted by "
+                       "that transaction's commit (pyembed._apply_keyword_counts), read only by "
+                       "its own searches; the application role has no privilege on it",
+}
+
+
+def _trigger_writes(owner: psycopg.Connection[Any]) -> dict[str, set[str]]:
+    """The tables written, on a tenant's write, by the triggers it fires: from each table the
+    application role writes (by its privileges, or through the functions it may execute), the
+    triggers on it, the functions they call, the tables those write and their triggers in turn.
+    Each table written, with the trigger functions that write it."""
+    sources = dict(owner.execute(
+        "SELECT p.proname, p.prosrc FROM pg_proc p "
+        "WHERE p.pronamespace = 'pyembed'::regnamespace").fetchall())
+    triggers: dict[str, set[str]] = {}
+    for table, function in owner.execute(
+            "SELECT c.relname, p.proname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+            "JOIN pg_proc p ON p.oid = t.tgfoid WHERE c.relnamespace = 'pyembed'::regnamespace "
+            "AND NOT t.tgisinternal AND NOT c.relispartition").fetchall():
+        triggers.setdefault(table, set()).add(function)
+
+    def called(function: str) -> set[str]:  # the function and those it calls, transitively
+        seen, todo = set(), [function]
+        while todo:
+            name = todo.pop()
+            if name in seen or name not in sources:
+                continue
+            seen.add(name)
+            todo.extend(CALLS.findall(sources[name]))
+        return seen
+
+    app_functions = [r[0] for r in owner.execute(
+        "SELECT p.proname FROM pg_proc p WHERE p.pronamespace = 'pyembed'::regnamespace "
+        "AND has_function_privilege('pyembed_app', p.oid, 'EXECUTE')").fetchall()]
+    todo = sorted(WRITTEN_BY_THE_APPLICATION | {t for f in app_functions for g in called(f)
+                                                for t in WRITES.findall(sources[g])})
+    written: dict[str, set[str]] = {}
+    seen: set[str] = set()
+    while todo:
+        table = todo.pop()
+        if table in seen:
+            continue
+        seen.add(table)
+        for trigger in triggers.get(table, ()):
+            for function in called(trigger):
+                for target in WRITES.findall(sources[function]):
+                    written.setdefault(target, set()).add(trigger)
+                    todo.append(target)
+    return written
+
+
+def _shared_trigger_tables_open_to_the_app_role(owner: psycopg.Connection[Any]) -> list[str]:
+    shared = {r[0] for r in owner.execute(
+        "SELECT c.relname FROM pg_class c WHERE c.relnamespace = 'pyembed'::regnamespace "
+        "AND c.relkind IN ('r', 'p') AND NOT c.relispartition "
+        "AND NOT EXISTS (SELECT FROM pg_policy p WHERE p.polrelid = c.oid)")}
+    tables = sorted(set(_trigger_writes(owner)) & shared)
+    assert tables == sorted(SHARED_BY_TRIGGERS)  # a new one must say what keeps tenants apart
+    return [r[0] for r in owner.execute(
+        "SELECT c.relname || ' ' || p FROM pg_class c CROSS JOIN unnest(ARRAY['SELECT', "
+        "'INSERT', 'UPDATE', 'DELETE', 'TRUNCATE', 'REFERENCES', 'TRIGGER']) p "
+        "WHERE c.oid = ANY (%s::regclass[]) AND CASE WHEN p IN ('SELECT', 'INSERT', 'UPDATE', "
+        "'REFERENCES') THEN has_any_column_privilege('pyembed_app', c.oid, p) "
+        "ELSE has_table_privilege('pyembed_app', c.oid, p) END ORDER BY 1",
+        ([f"pyembed.{t}" for t in tables],)).fetchall()]
+
+
+def test_every_shared_table_a_tenants_write_makes_a_trigger_write_is_closed_to_it(
+        owner: psycopg.Connection[Any]) -> None:
+    """Walks the triggers a tenant's writes fire (transitively, from the catalogue: pg_trigger,
+    the functions they call, the tables those write): every table they write without a tenant's
+    policy (keyword_pending, a new one included) is accounted for in SHARED_BY_TRIGGERS, and the
+    application role has no privilege on it. The walk above covered only the functions the
+    application role may execute, not the triggers its writes fire."""
+    written = _trigger_writes(owner)
+    assert {"postings", "keyword_pending", "queue"} <= set(written), written
+    assert _shared_trigger_tables_open_to_the_app_role(owner) == []
+    with owner.transaction(force_rollback=True):  # the walk sees a grant there
+        owner.execute("GRANT SELECT ON pyembed.keyword_pending TO pyembed_app")
+        assert _shared_trigger_tables_open_to_the_app_role(owner) == ["keyword_pending SELECT"]
 
 
 def test_every_function_that_writes_as_its_owner_for_the_app_role_is_accounted_for(

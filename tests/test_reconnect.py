@@ -182,6 +182,56 @@ def test_the_worker_survives_a_restart(cluster: LocalCluster, client: pyembed.Cl
         worker.close()
 
 
+def test_a_role_set_on_the_workers_connection_is_never_dropped_by_a_reconnect(
+        cluster: LocalCluster, client: pyembed.Client, roles: tuple[str, str]) -> None:
+    """As for a Client: SET ROLE on worker.conn (public), then a restart: the next batch is
+    DatabaseNotReady saying why, until worker.reconnect(). Before, the worker went on as the
+    login, silently."""
+    dsn, role = roles
+    with pyembed.connect(dsn) as mine:
+        mine.create_corpus("docs", KEY)
+        mine.conn.execute("SELECT pyembed.add_document('docs', 'a', 'first text')")
+        mine.conn.commit()
+    worker = Worker(dsn)
+    try:
+        worker.conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(role)))
+        worker.conn.commit()
+        restart(cluster)
+        for _ in range(2):
+            with pytest.raises(pyembed.DatabaseNotReady,
+                               match=r"worker\.conn was handed to your code.*worker\.reconnect"):
+                worker.run(drain=True, poll_interval=0.05, drain_wait=0.5)
+        worker.reconnect()
+        assert worker.run(drain=True, poll_interval=0.05, drain_wait=0.5).embedded == 1
+        assert worker.conn.execute("SELECT current_user").fetchone() == ("app_login",)
+    finally:
+        worker.close()
+
+
+def test_a_worker_whose_new_connection_would_act_as_another_role_refuses_it(
+        cluster: LocalCluster, client: pyembed.Client, roles: tuple[str, str]) -> None:
+    """Never handed out, but a new connection acts otherwise than the first did (the login's
+    default role changed meanwhile): refused, as a Client's."""
+    dsn, role = roles
+    with pyembed.connect(dsn) as mine:
+        mine.create_corpus("docs", KEY)
+        mine.conn.execute("SELECT pyembed.add_document('docs', 'a', 'first text')")
+        mine.conn.commit()
+    worker = Worker(dsn)
+    try:
+        assert worker.run(drain=True, poll_interval=0.05, drain_wait=0.5).embedded == 1
+        with psycopg.connect(cluster.dsn(owner=True), autocommit=True) as owner:
+            owner.execute(sql.SQL("ALTER ROLE app_login SET role = {}").format(sql.Literal(role)))
+        restart(cluster)
+        with pytest.raises(pyembed.DatabaseNotReady,
+                           match=r"acted as role 'app_login'.*a new one acts as 'other_tenant'"):
+            worker.run(drain=True, poll_interval=0.05, drain_wait=0.5)
+    finally:
+        worker.close()
+        with psycopg.connect(cluster.dsn(owner=True), autocommit=True) as owner:
+            owner.execute("ALTER ROLE app_login RESET role")
+
+
 def test_the_metrics_endpoint_answers_its_first_scrape_after_a_restart(
         cluster: LocalCluster) -> None:
     collector = PyembedCollector(cluster.dsn())

@@ -403,3 +403,30 @@ def test_cli_search_and_ask_rerank(db: Database, fake_api: FakeAPI,
     assert re.fullmatch(r"deleted 0 cache entries and [1-9]\d* rerank scores",
                         purged.stdout.strip()), purged.stdout
     assert run_cli("cache", "purge", env=env).stdout.strip().endswith("cache entries")
+
+
+def test_candidates_below_k_are_the_same_error_from_sql_python_and_the_cli(
+        sql_app: psycopg.Connection[Any], db: Database, fake_api: FakeAPI,
+        client: pyembed.Client) -> None:
+    """search_reranked took `candidates` 3 for k 5 as 5 without a word (and so did Python and
+    --rerank-candidates): fewer candidates than k is named, from every entry point; left out,
+    it is 50, or k if larger (k 60 reranks 60)."""
+    named = "rerank candidates (3) must be at least k (5)"
+    err = sql_error(sql_app, "SELECT * FROM pyembed.search_reranked('shop', %s, "
+                             "'voyage/rerank-2.5', k => 5, mode => 'keyword', candidates => 3)",
+                    (QUERY,))
+    assert err.sqlstate == "PE005" and named in str(err), err
+    with pytest.raises(InvalidInput, match=re.escape(named)):
+        client.corpus("shop").search(QUERY, k=5, mode="keyword", rerank="voyage/rerank-2.5",
+                                     rerank_candidates=3)
+    env = {**db_env(db), **fake_api.env(), "VOYAGE_API_KEY": KEYS["voyage"][1]}
+    out = run_cli("search", "shop", QUERY, "-k", "5", "--mode", "keyword", "--rerank",
+                  "rerank-2.5", "--rerank-candidates", "3", env=env)
+    assert out.returncode == 1 and out.stderr.strip().splitlines() == [f"error: {named}: the "
+                                                                      "reranker returns the best "
+                                                                      "k of them"], out.stderr
+    fake_api.reset()
+    rows = sql_app.execute("SELECT count(*) FROM pyembed.search_reranked('shop', %s, "
+                           "'voyage/rerank-2.5', k => 60, mode => 'keyword')",
+                           (QUERY,)).fetchone()
+    assert rows is not None and rows[0] == 3  # the shop has 3 documents with the query's words

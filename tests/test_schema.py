@@ -44,6 +44,7 @@ APP_EXECUTE = {
     "current_tenant()",  # called by the row-level security policies
     "visible_corpora()",
     "lookup_corpus(text)",  # the one lookup of a corpus by name (PE002)
+    "_setting_range(text)",  # a stored setting's range, its CHECK's, for Python's message
     "version()",  # the server's pyembed, for `pyembed doctor`
     "vector_table(text)",
     "cache_get(bytea[])",  # the embedding cache: through these functions only
@@ -59,6 +60,11 @@ APP_EXECUTE = {
     # the worker's moves to queue_failed, the one way a failure row is written
     "expire_jobs(integer)",
     "fail_job(integer, bigint, text, bytea, integer, text)",
+    # the worker's claim, renewal, retry and release: no UPDATE on the queue itself
+    "claim_jobs(integer, integer, double precision, text[])",
+    "renew_jobs(double precision, integer[], bigint[], text[], integer[])",
+    "retry_jobs(text, integer[], bigint[], text[], bytea[], integer[], double precision[])",
+    "release_jobs(integer[], bigint[], text[], integer[])",
     "reserve_usage(text, integer, integer, bigint)",  # accounting and rate limits
     "usage_report(integer)",
     "provider_errors()",

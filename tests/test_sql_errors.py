@@ -70,7 +70,7 @@ def cache_refuses_new_entries(owner: psycopg.Connection[Any]) -> None:
     ("SELECT pyembed.embed('a text', %s, 'question')", (FAKE,), "PE005",
      "input_type must be 'document' or 'query'", None),
     ("SELECT pyembed.embed_batch(ARRAY['a', NULL], %s)", (FAKE,), "PE005",
-     "embed_batch() needs texts (no NULLs) and a model key", None),
+     "inputs has a NULL: pyembed.embed_batch() needs a text in each", None),
     ("SELECT pyembed.embed_batch(ARRAY['a'], 'nobody/none@1:3')", (), "PE006",
      "unknown model key 'nobody/none@1:3'", None),
     ("SELECT * FROM pyembed.search_text('nope', 'a query')", (), "PE002",
@@ -82,7 +82,7 @@ def cache_refuses_new_entries(owner: psycopg.Connection[Any]) -> None:
     ("SELECT * FROM pyembed.search_text('docs', 'a query', 5, NULL, 'fuzzy')", (), "PE005",
      "mode must be one of vector, keyword, hybrid, not 'fuzzy'", None),
     ("SELECT * FROM pyembed.search_text('docs', NULL)", (), "PE005",
-     "search_text() needs a query text (got NULL)", None),
+     "query is NULL: pyembed.search_text() needs a value for it", None),
     ("SELECT pyembed.add_document('nope', 'd2', 'some text')", (), "PE002",
      "unknown corpus 'nope'", NO_SUCH_CORPUS_HINT),
     ("SELECT pyembed.add_document('docs', '', 'some text')", (), "PE005",
@@ -90,7 +90,7 @@ def cache_refuses_new_entries(owner: psycopg.Connection[Any]) -> None:
     ("SELECT pyembed.add_document('docs', repeat('x', 600), 'some text')", (), "PE005",
      "a document id is 1..512 characters, got 600 characters", None),
     ("SELECT pyembed.add_document('docs', NULL, 'some text')", (), "PE005",
-     "a document id is 1..512 characters, got NoneType", None),
+     "document_id is NULL: pyembed.add_document() needs a value for it", None),
     ("SELECT pyembed.add_document('docs', 'd2', 'some text', '[1]')", (), "PE005",
      "metadata must be a JSON object", None),
     ("SELECT pyembed.add_document('docs', 'd2', '   ')", (), "PE005",
@@ -264,3 +264,105 @@ def test_sql_error_reports_a_bug_without_its_traceback_or_secrets() -> None:
     assert fields == {"sqlstate": "XX000",
                       "hint": "a bug in pyembed: the server log has the Python traceback"}
     assert "Traceback (most recent call last)" in plpy.logged[0]
+
+
+# -- NULL in each argument of every function that runs PL/Python -------------------------------
+REACHES_PYTHON = """
+WITH RECURSIVE fns AS (
+  SELECT p.oid, p.proname, p.prosrc, l.lanname FROM pg_proc p
+    JOIN pg_language l ON l.oid = p.prolang WHERE p.pronamespace = 'pyembed'::regnamespace
+), reach (oid, callee) AS (
+  SELECT f.oid, f.oid FROM fns f
+  UNION
+  SELECT r.oid, g.oid FROM reach r JOIN fns c ON c.oid = r.callee
+    JOIN fns g ON c.prosrc ~ ('\\mpyembed\\.' || g.proname || '\\s*\\(')
+)
+SELECT p.proname, p.proargnames, ARRAY(SELECT format_type(t, NULL)
+                                        FROM unnest(p.proargtypes::oid[]) t),
+       ARRAY(SELECT trim(split_part(a, ' DEFAULT ', 2))
+               FROM unnest(string_to_array(pg_get_function_arguments(p.oid), ', ')) a
+              WHERE a NOT LIKE 'OUT %%')
+  FROM pg_proc p
+ WHERE p.pronamespace = 'pyembed'::regnamespace
+   AND has_function_privilege('pyembed_app', p.oid, 'EXECUTE')
+   AND EXISTS (SELECT FROM reach r JOIN fns f ON f.oid = r.callee
+                WHERE r.oid = p.oid AND f.lanname = 'plpython3u')
+ ORDER BY 1
+"""
+
+CORPUS_ID = "(SELECT corpus_id FROM pyembed.corpora WHERE name = 'docs')"
+CALLS_THAT_WORK = {
+    # A call of each function the application role may make that reaches PL/Python, which
+    # works: NULL is then put in each of its arguments in turn.
+    "add_document": ["'docs'", "'d2'", "'a text about refunds'", "'{}'"],
+    "_add_document": ["'docs'", "'d2'", "'a text about refunds'", "'{}'"],
+    "embed": ["'a text'", f"'{FAKE}'", "'query'"],
+    "embed_batch": ["ARRAY['a text']", f"'{FAKE}'", "'query'"],
+    "search_text": ["'docs'", "'refunds'", "5", "'{}'", "'hybrid'", "'document'", "'relative'",
+                    "0.5"],
+    "search_reranked": ["'docs'", "'refunds'", "'fake/overlap'", "5", "'{}'", "'hybrid'", "10",
+                        "'document'", "'relative'", "0.5"],
+    "version": [],
+    "search_keyword": ["'docs'", "'refunds'", "5", "'{}'", "'document'"],
+    "keyword_ranking": ["'docs'", "'refunds'", "100", "'{}'", "'document'"],
+    "search_hybrid": ["'docs'", "'refunds'", f"pyembed.embed('refunds', '{FAKE}', 'query')",
+                      f"'{FAKE}'", "5", "'{}'", "100", "60", "'document'", "'relative'", "0.5",
+                      "NULL", "NULL", "NULL"],
+    "search_query": ["'docs'", "'refunds'", "0", f"ARRAY['{FAKE}']", "ARRAY[sha256('q')]", "5",
+                     "'{}'", "'keyword'", "'{}'", "3", "false", "NULL", "NULL", "NULL"],
+    "search_embedded": ["'docs'", "'refunds'", f"pyembed.embed('refunds', '{FAKE}', 'query')",
+                        f"'{FAKE}'", "sha256('q')", "'query'", "3600", "5", "'{}'", "'vector'",
+                        "'{}'", "1", "false", "NULL", "NULL", "NULL", "NULL", "NULL", "NULL"],
+    "reserve_query": [CORPUS_ID, f"'{FAKE}'", "sha256('q')", "3"],
+    "reserve_usage": [f"'{FAKE}'", CORPUS_ID, "1", "3"],
+}
+
+NULL_MEANS = {
+    # An argument whose NULL is a result, not an error, besides those whose DEFAULT is NULL
+    # (the signature documents those): what it means.
+    "add_document.metadata": "no metadata, as '{}' (sql/050-plpython.sql)",
+    "_add_document.metadata": "as add_document's",
+    "reserve_usage.p_corpus_id": "a call accounted to no corpus (pyembed.embed's)",
+    "search_embedded.cache_key": "a client without a cache: nothing cached",
+    "search_embedded.ttl_seconds": "no expiry (pyembed._expiry)",
+    "search_embedded.filter": "no filter",
+    "search_embedded.options": "no options",
+    "search_embedded.embed_ms": "not measured",
+    "search_query.filter": "no filter",
+    "search_query.options": "no options",
+}
+
+
+def test_null_in_each_argument_of_every_function_reaching_python_is_named(
+        app: psycopg.Connection[Any]) -> None:
+    """Walks every function the application role may call that runs PL/Python (itself, or a
+    function it calls: from the catalogue, a new one included) with NULL in each argument: the
+    result is a PE error naming the argument, or the NULL is documented (a DEFAULT NULL, or
+    NULL_MEANS). Before, pyembed.add_document(..., NULL, ...) said "got NoneType", and k NULL in
+    search_reranked "got None": Python's words."""
+    app.execute("SELECT pyembed.create_corpus('docs', %s)", (FAKE,))
+    app.execute("SELECT pyembed.add_document('docs', 'd1', 'refunds take five days')")
+    functions = app.execute(REACHES_PYTHON).fetchall()
+    assert {"add_document", "embed", "search_text"} <= {f[0] for f in functions}
+    assert {f[0] for f in functions} <= set(CALLS_THAT_WORK), "a new function: add its call"
+    wrong = []
+    for name, argnames, types, defaults in functions:
+        args = [f"({a})::{t}" for a, t in zip(CALLS_THAT_WORK[name], types, strict=True)]
+        with app.transaction(force_rollback=True):
+            app.execute(f"SELECT * FROM pyembed.{name}({', '.join(args)})")  # it works
+        for i, (arg, kind) in enumerate(zip(argnames or [], types, strict=False)):
+            call = ", ".join(f"NULL::{kind}" if j == i else a for j, a in enumerate(args))
+            try:
+                with app.transaction(force_rollback=True):
+                    app.execute(f"SELECT * FROM pyembed.{name}({call})")
+            except psycopg.Error as err:
+                text = err.diag.message_primary or ""
+                named = (err.sqlstate or "").startswith("PE") and arg in text \
+                    and not any(w in text for w in ("NoneType", "None", "NULL)"))
+                if not named:
+                    wrong.append(f"{name}({arg} NULL): {err.sqlstate} {text}")
+                continue
+            if not (i < len(defaults) and defaults[i].startswith("NULL")) \
+                    and f"{name}.{arg}" not in NULL_MEANS:
+                wrong.append(f"{name}({arg} NULL): a result, not documented")
+    assert wrong == [], "\n".join(wrong)

@@ -166,16 +166,22 @@ def test_a_tenant_cannot_enqueue_retry_delete_or_fail_another_tenants_jobs(
             done = conn.execute(sql.SQL("DELETE FROM pyembed.{} WHERE corpus_id = %s").format(
                 sql.Identifier(table)), (b_id,))
             assert done.rowcount == 0, table
-        done = conn.execute("UPDATE pyembed.queue SET attempts = 0 WHERE corpus_id = %s", (b_id,))
-        assert done.rowcount == 0
-        # its own rows moved into the other tenant's corpus: no column but the claim's
-        err = sql_error(conn, "UPDATE pyembed.queue SET corpus_id = %s", (b_id,))
-        assert err.sqlstate == "42501" and "permission denied" in str(err), err
-        # nor the other tenant's job failed
+        # no column of a job is the caller's to write: the claim's go through the functions
+        for column in ("corpus_id", "attempts", "not_before", "last_error"):
+            err = sql_error(conn, sql.SQL("UPDATE pyembed.queue SET {} = {}").format(
+                sql.Identifier(column), sql.Identifier(column)))
+            assert err.sqlstate == "42501" and "permission denied" in str(err), err
+        # nor the other tenant's job claimed, renewed, retried, released or failed
+        corpus, chunk, key, digest, tries = b_job
+        jobs = ([corpus], [chunk], [key])
+        for call, args in (
+                ("SELECT pyembed.renew_jobs(30, %s, %s, %s, %s)", (*jobs, [tries])),
+                ("SELECT pyembed.retry_jobs('forged', %s, %s, %s, %s, %s, '{0}')",
+                 (*jobs, [digest], [tries])),
+                ("SELECT pyembed.release_jobs(%s, %s, %s, %s)", (*jobs, [tries]))):
+            assert conn.execute(call, args).fetchone() == (0,), call
         assert conn.execute("SELECT pyembed.fail_job(%s, %s, %s, %s, %s, 'forged')",
                             b_job).fetchone() == (False,)
-        assert conn.execute("UPDATE pyembed.queue SET attempts = 0 RETURNING corpus_id"
-                            ).fetchall() != []  # its own jobs are its to retry
     worker = Worker(two["a"], batch_size=10)
     try:
         assert {i.corpus_id for i in worker.claim()} == {corpus_info(a.conn, "docs").corpus_id}
@@ -184,6 +190,65 @@ def test_a_tenant_cannot_enqueue_retry_delete_or_fail_another_tenants_jobs(
     with psycopg.connect(two["a"], autocommit=True) as conn:  # every job of its own out of tries
         conn.execute("SELECT pyembed.expire_jobs(0)")
     assert b_rows() == before
+    a.close()
+    b.close()
+
+
+KEYWORD_COUNTS = """
+SELECT c.name, s.chunks, s.total_len, s.documents, s.document_len,
+       (SELECT count(DISTINCT p.chunk_id) FROM pyembed.postings p WHERE p.corpus_id = c.corpus_id),
+       (SELECT coalesce(sum(p.tf), 0) FROM pyembed.postings p WHERE p.corpus_id = c.corpus_id),
+       (SELECT count(DISTINCT p.doc_no) FROM pyembed.document_postings p
+         WHERE p.corpus_id = c.corpus_id),
+       (SELECT coalesce(sum(p.tf), 0) FROM pyembed.document_postings p
+         WHERE p.corpus_id = c.corpus_id),
+       (SELECT count(*) FROM pyembed.lexeme_stats l WHERE l.corpus_id = c.corpus_id
+           AND (l.df, l.document_df) IS DISTINCT FROM (
+               (SELECT count(*) FROM pyembed.postings p WHERE p.corpus_id = l.corpus_id
+                   AND p.lexeme = l.lexeme),
+               (SELECT count(*) FROM pyembed.document_postings p WHERE p.corpus_id = l.corpus_id
+                   AND p.lexeme = l.lexeme)))
+  FROM pyembed.corpora c JOIN pyembed.keyword_stats s USING (corpus_id) ORDER BY c.tenant_id
+"""
+
+
+def test_a_tenant_can_neither_see_nor_change_what_anothers_writes_counted(
+        two: dict[str, str], owner: psycopg.Connection[Any]) -> None:
+    """pyembed.keyword_pending holds no tenant's policy: the postings triggers of every tenant's
+    writes record their counts there until their commit. With the other tenant's counts pending
+    (its transaction open, adding and deleting chunks with the same words), a tenant can read,
+    write or clear none of them, its own writes and searches go on, and at the end each corpus's
+    keyword statistics are what its own postings say."""
+    a, b = fill(two["a"], A_KEY, 6), fill(two["b"], A_KEY, 6)
+    b.corpus("docs").add([pyembed.Document("b-new", "shared words about topic 3 again")])
+    b.conn.execute("DELETE FROM pyembed.documents WHERE document_id = 'docs-1'")
+    assert owner.execute("SELECT count(*) FROM pyembed.keyword_pending").fetchone() == (0,)
+    with b.conn.transaction():
+        b.conn.execute("DELETE FROM pyembed.documents WHERE document_id = 'docs-2'")
+        b.conn.execute("SELECT pyembed.add_document('docs', 'b-open', 'shared words topic 4')")
+        with psycopg.connect(two["a"], autocommit=True) as conn:
+            for statement in ("SELECT * FROM pyembed.keyword_pending",
+                              "DELETE FROM pyembed.keyword_pending",
+                              "UPDATE pyembed.keyword_pending SET chunks = 0",
+                              "INSERT INTO pyembed.keyword_pending (corpus_id, lexemes, blocks, "
+                              "dfs, chunks, total_len, documents) SELECT corpus_id, '{shared}', "
+                              "'{0}', '{100}', 100, 100, false FROM pyembed.corpora",
+                              "TRUNCATE pyembed.keyword_pending"):
+                err = sql_error(conn, statement)
+                assert err.sqlstate == "42501", (statement, err)
+            with conn.transaction():
+                conn.execute("SELECT pyembed.add_document('docs', 'a-new', 'shared words 5')")
+                conn.execute("DELETE FROM pyembed.documents WHERE document_id = 'docs-3'")
+                found = conn.execute("SELECT document_id FROM pyembed.search_keyword('docs', "
+                                     "'shared words', 20)").fetchall()
+                assert {d for (d,) in found} == {f"docs-{i}" for i in (0, 1, 2, 4, 5)} | {"a-new"}
+    rows = owner.execute(KEYWORD_COUNTS).fetchall()
+    assert len(rows) == 2
+    for name, chunks, total, docs, doc_len, p_chunks, p_total, p_docs, p_doc_len, wrong in rows:
+        assert (chunks, total, docs, doc_len, wrong) == (p_chunks, p_total, p_docs, p_doc_len,
+                                                         0), name
+    assert [r[1] for r in rows] == [6, 6]  # a: 6 - 1 + 1; b: 6 + 1 - 2 + 1
+    assert owner.execute("SELECT count(*) FROM pyembed.keyword_pending").fetchone() == (0,)
     a.close()
     b.close()
 

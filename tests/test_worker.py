@@ -653,7 +653,7 @@ def test_a_backend_killed_mid_batch_loses_nothing_and_duplicates_nothing(
     def kill_backend(provider: RecordingProvider, batch: list[str]) -> None:
         # Once, during the second batch: the server ends the worker's session.
         if not killed and sum(p.calls for p in providers) == 2:
-            killed.append(worker.conn.info.backend_pid)
+            killed.append(worker._db().info.backend_pid)
             assert one(owner, "SELECT pg_terminate_backend(%s, 5000)", (killed[0],))
 
     worker = Worker(db.app_dsn, batch_size=10, lease_seconds=1.0,
@@ -662,7 +662,7 @@ def test_a_backend_killed_mid_batch_loses_nothing_and_duplicates_nothing(
         stats = run(worker)  # reconnects, and re-claims the killed batch when its lease ends
     finally:
         worker.close()
-    assert killed and worker.conn.info.backend_pid != killed[0]
+    assert killed and worker._db().info.backend_pid != killed[0]
     assert stats.embedded == 50 and stats.failed == 0
     sent = [t for p in providers for t in p.texts]
     assert sorted(sent) == sorted(texts)  # the killed batch came back from the cache

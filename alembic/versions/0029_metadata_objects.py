@@ -1,7 +1,7 @@
 """A document's and a chunk's metadata is a JSON object, in the tables.
 
 Revision ID: 0029
-Revises: 0027
+Revises: 0028
 Create Date: 2026-12-05
 
 `Corpus.add`, `pyembed ingest` and `pyembed.add_document` refuse metadata that is not a JSON
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pyembed.schema import run_sql
 
 revision: str = "0029"
-down_revision: str | Sequence[str] | None = "0027"
+down_revision: str | Sequence[str] | None = "0028"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
