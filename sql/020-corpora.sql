@@ -101,21 +101,22 @@ RETURNS pyembed._index_rules
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$
 SELECT ROW(
+  -- (binary is the one storage whose index type is bit: tested directly, each field one node of
+  -- pyembed._index_type fewer to set up at every search)
   -- expr
-  CASE WHEN pyembed._index_type(dims, storage) = 'bit'
+  CASE WHEN storage = 'binary'
        THEN CASE WHEN dims <= 64000
                  THEN '(binary_quantize(embedding)::bit(' || dims::text || '))' END
-       ELSE CASE WHEN dims <= 4000
-                 THEN '(embedding::' || pyembed._index_type(dims, storage) || '(' || dims::text
-                      || '))' END END,
+       WHEN dims <= 4000
+       THEN '(embedding::' || pyembed._index_type(dims, storage) || '(' || dims::text || '))' END,
   -- opclass
-  CASE WHEN pyembed._index_type(dims, storage) = 'bit' THEN 'bit_hamming_ops'
+  CASE WHEN storage = 'binary' THEN 'bit_hamming_ops'
        ELSE pyembed._index_type(dims, storage)
             || CASE distance WHEN 'cosine' THEN '_cosine_ops' WHEN 'dot' THEN '_ip_ops'
                              ELSE '_l2_ops' END END,
   -- op
-  CASE WHEN pyembed._index_type(dims, storage) = 'bit' THEN '<~>'
-       ELSE CASE distance WHEN 'cosine' THEN '<=>' WHEN 'dot' THEN '<#>' ELSE '<->' END END,
+  CASE WHEN storage = 'binary' THEN '<~>'
+       WHEN distance = 'cosine' THEN '<=>' WHEN distance = 'dot' THEN '<#>' ELSE '<->' END,
   -- castto
   pyembed._index_type(dims, storage) || '(' || dims::text || ')',
   -- exact
