@@ -12,20 +12,31 @@ LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$ SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname = session_user $$;
 
+-- The tenant a superuser's pyembed.act_as_tenant names (NULL: none). A function of its own, for
+-- the same reason: as a subquery in pyembed._session_tenant, pyembed.tenants was locked for and
+-- set up in every statement that reads the session's tenant (every search), though nearly no
+-- session reads it.
+CREATE OR REPLACE FUNCTION pyembed._acting_tenant() RETURNS integer
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+  SELECT t.tenant_id FROM pyembed.tenants t
+   WHERE t.name = current_setting('pyembed.act_as_tenant', true)
+$$;
+
 -- The tenant this session acts for (NULL: none): a superuser's pyembed.act_as_tenant (by name),
 -- else the tenant its login role is a member of: the role itself, by name and OID (the OID from
 -- the backend's cache of roles, no catalog in the statement), so that a member role dropped and
 -- a role created again under its name is no member. A SQL function the planner inlines into the
 -- statements that read it (no function call: pyembed.lookup_corpus's is part of every search's
 -- cost), so without a pinned search_path (090-search-path.sql) and executable by no other role.
--- CASE evaluates its subqueries only when reached: nearly every session reads tenant_members.
+-- CASE evaluates its branches only when reached: nearly every session reads tenant_members.
 CREATE OR REPLACE FUNCTION pyembed._session_tenant() RETURNS TABLE (tenant_id integer)
 LANGUAGE sql STABLE
 AS $$
   SELECT CASE WHEN coalesce(current_setting('pyembed.act_as_tenant', true), '') <> ''
                AND pyembed._session_is_superuser()
-              THEN (SELECT t.tenant_id FROM pyembed.tenants t
-                     WHERE t.name = current_setting('pyembed.act_as_tenant', true))
+              THEN pyembed._acting_tenant()
               ELSE (SELECT m.tenant_id FROM pyembed.tenant_members m
                      WHERE m.role_name = session_user
                        AND m.role_oid = pg_catalog.to_regrole(pg_catalog.quote_ident(session_user)))

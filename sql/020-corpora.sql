@@ -28,7 +28,8 @@
 -- into the statement calling it, the vector leg's assignment at every search: no function
 -- call (a PL/pgSQL call is set up again in every transaction). Kept inlinable: no SET clause,
 -- not STRICT, IMMUTABLE and only immutable operators (format() and text || integer are not), no
--- FROM; pyembed._index_type (the vector type a storage indexes) is inlined into it alike. The
+-- FROM; pyembed._index_type (the vector type a storage indexes) is inlined into it alike, and
+-- so is halfvec's m (pyembed._halfvec_m), but not halfvec's ef (pyembed._halfvec_ef, below). The
 -- functions below are PL/pgSQL: a SQL function that cannot be inlined is planned again on every
 -- call. They run with their caller's pinned search_path (090-search-path.sql).
 CREATE OR REPLACE FUNCTION pyembed._index_type(dims integer, storage text) RETURNS text
@@ -45,8 +46,8 @@ $$;
 -- part weighs more: where a smaller m fits one more element a page, and is at least half the
 -- rule's m, halfvec is built with the largest such m (halfvec's point is the index's size), and
 -- its ef_construction and ef_search are raised by the rule's m over it (pyembed._halfvec_ef),
--- which buys the recall back. Other storages keep the rule's m. Inlined, like
--- pyembed._index_plan below.
+-- which buys the recall back. Other storages keep the rule's m. The first three are inlined,
+-- like pyembed._index_plan below.
 -- How many halfvec elements of `dims` dimensions fit a page at `m`.
 CREATE OR REPLACE FUNCTION pyembed._hnsw_per_page(dims integer, m integer) RETURNS integer
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
@@ -74,15 +75,24 @@ SELECT CASE WHEN storage = 'halfvec'
 $$;
 
 -- The rule's `ef` (ef_construction or ef_search) for m `m`, raised by m over pyembed._halfvec_m
--- (rounded up, at most pgvector's 1,000).
+-- (rounded up, at most pgvector's 1,000). PL/pgSQL, not inlined: every search's index rules
+-- (pyembed._nearest_rules) hold its call, and inlined, its page arithmetic (pyembed._halfvec_m
+-- twice, each pyembed._hnsw_fitting_m twice) was the larger part of the expression a search sets
+-- up again in every transaction, for every storage; called, it is one node, and only halfvec
+-- evaluates the arithmetic.
 CREATE OR REPLACE FUNCTION pyembed._halfvec_ef(dims integer, storage text, m integer, ef integer)
 RETURNS integer
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
 AS $$
-SELECT CASE WHEN storage = 'halfvec'
-            THEN least(1000, (ef * m + pyembed._halfvec_m(dims, storage, m) - 1)
-                             / pyembed._halfvec_m(dims, storage, m))
-            ELSE ef END
+DECLARE
+  hm integer;
+BEGIN
+  IF storage IS DISTINCT FROM 'halfvec' THEN
+    RETURN ef;
+  END IF;
+  hm := pyembed._halfvec_m(dims, storage, m);
+  RETURN least(1000, (ef * m + hm - 1) / hm);
+END
 $$;
 
 CREATE OR REPLACE FUNCTION pyembed._index_plan(dims integer, distance text, storage text,
@@ -91,21 +101,22 @@ RETURNS pyembed._index_rules
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$
 SELECT ROW(
+  -- (binary is the one storage whose index type is bit: tested directly, each field one node of
+  -- pyembed._index_type fewer to set up at every search)
   -- expr
-  CASE WHEN pyembed._index_type(dims, storage) = 'bit'
+  CASE WHEN storage = 'binary'
        THEN CASE WHEN dims <= 64000
                  THEN '(binary_quantize(embedding)::bit(' || dims::text || '))' END
-       ELSE CASE WHEN dims <= 4000
-                 THEN '(embedding::' || pyembed._index_type(dims, storage) || '(' || dims::text
-                      || '))' END END,
+       WHEN dims <= 4000
+       THEN '(embedding::' || pyembed._index_type(dims, storage) || '(' || dims::text || '))' END,
   -- opclass
-  CASE WHEN pyembed._index_type(dims, storage) = 'bit' THEN 'bit_hamming_ops'
+  CASE WHEN storage = 'binary' THEN 'bit_hamming_ops'
        ELSE pyembed._index_type(dims, storage)
             || CASE distance WHEN 'cosine' THEN '_cosine_ops' WHEN 'dot' THEN '_ip_ops'
                              ELSE '_l2_ops' END END,
   -- op
-  CASE WHEN pyembed._index_type(dims, storage) = 'bit' THEN '<~>'
-       ELSE CASE distance WHEN 'cosine' THEN '<=>' WHEN 'dot' THEN '<#>' ELSE '<->' END END,
+  CASE WHEN storage = 'binary' THEN '<~>'
+       WHEN distance = 'cosine' THEN '<=>' WHEN distance = 'dot' THEN '<#>' ELSE '<->' END,
   -- castto
   pyembed._index_type(dims, storage) || '(' || dims::text || ')',
   -- exact

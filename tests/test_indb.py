@@ -451,6 +451,20 @@ def test_function_inventory_matches_the_golden_file(owner: psycopg.Connection[An
     assert_matches_golden("functions.txt", lines, "tests/test_indb.py -k golden")
 
 
+def test_the_search_functions_catalog_row_is_stored_uncompressed(
+        owner: psycopg.Connection[Any]) -> None:
+    """pyembed.search's pg_proc row stays under PostgreSQL's 2 kB TOAST target (its comments stand
+    outside its body): over it, its argument defaults, types and modes were stored compressed, and
+    every statement that calls it decompressed them to resolve the call, at every search."""
+    row = owner.execute(
+        "SELECT pg_column_compression(proargdefaults), pg_column_compression(proallargtypes), "
+        "pg_column_compression(proargmodes), pg_column_compression(proargnames), "
+        "pg_column_compression(prosrc) FROM pg_catalog.pg_proc "
+        "WHERE oid = 'pyembed.search(text, vector, text, integer, jsonb, text)'::regprocedure"
+    ).fetchone()
+    assert row == (None, None, None, None, None)
+
+
 def test_keyword_scoring_imports_neither_the_client_nor_sqlalchemy() -> None:
     """PL/Python imports pyembed.bm25 for a session's first keyword search: the package's
     names are imported on first use, so that costs numpy, not the client and SQLAlchemy."""
