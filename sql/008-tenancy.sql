@@ -99,6 +99,9 @@ $$;
 
 -- PE005 naming an argument given NULL (`missing`: `arg IS NULL`) that the function `fn` needs a
 -- value for (the message the PL/Python functions give, pyembed.indb.check_nulls).
+-- Callers on a search's path call it only once num_nulls() of their arguments is above 0: a
+-- PERFORM is a statement of its own, and one per argument on every call cost each search more
+-- than one test of them all.
 CREATE OR REPLACE FUNCTION pyembed._needs(missing boolean, what text, fn text) RETURNS void
 LANGUAGE plpgsql IMMUTABLE
 SET search_path = pg_catalog, pg_temp

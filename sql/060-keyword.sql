@@ -653,7 +653,9 @@ AS $$
 DECLARE
   r record;
 BEGIN
-  PERFORM pyembed._needs(candidates IS NULL, 'candidates', 'keyword_ranking');
+  IF candidates IS NULL THEN
+    PERFORM pyembed._needs(candidates IS NULL, 'candidates', 'keyword_ranking');
+  END IF;
   r := pyembed._keyword_ranking(pyembed.lookup_corpus(corpus), query, candidates, filter,
                                 group_by, passages => false);
   ids := coalesce(r.ids, '{}');
@@ -711,8 +713,10 @@ DECLARE
   keys text[];
   missing bigint[];
 BEGIN
-  PERFORM pyembed._needs(query_embedding IS NULL, 'query_embedding', 'search_hybrid');
-  PERFORM pyembed._needs(query_model_key IS NULL, 'query_model_key', 'search_hybrid');
+  IF num_nulls(query_embedding, query_model_key) > 0 THEN
+    PERFORM pyembed._needs(query_embedding IS NULL, 'query_embedding', 'search_hybrid');
+    PERFORM pyembed._needs(query_model_key IS NULL, 'query_model_key', 'search_hybrid');
+  END IF;
   fusion := coalesce(fusion, 'relative');  -- the default
   IF fusion NOT IN ('rrf', 'relative') THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',

@@ -18,9 +18,11 @@ DECLARE
   price numeric;
 BEGIN
   -- (p_corpus_id NULL: a call accounted to no corpus, pyembed.embed's)
-  PERFORM pyembed._needs(p_model_key IS NULL, 'p_model_key', 'reserve_usage');
-  PERFORM pyembed._needs(p_requests IS NULL, 'p_requests', 'reserve_usage');
-  PERFORM pyembed._needs(p_tokens IS NULL, 'p_tokens', 'reserve_usage');
+  IF num_nulls(p_model_key, p_requests, p_tokens) > 0 THEN
+    PERFORM pyembed._needs(p_model_key IS NULL, 'p_model_key', 'reserve_usage');
+    PERFORM pyembed._needs(p_requests IS NULL, 'p_requests', 'reserve_usage');
+    PERFORM pyembed._needs(p_tokens IS NULL, 'p_tokens', 'reserve_usage');
+  END IF;
   IF current_setting('transaction_read_only') = 'on' THEN
     RAISE EXCEPTION USING ERRCODE = 'PE011',
       MESSAGE = 'a provider call cannot be accounted in a read-only transaction (a replica)',

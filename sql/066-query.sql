@@ -139,12 +139,14 @@ DECLARE
   writable boolean := current_setting('transaction_read_only') = 'off';
 BEGIN
   -- (filter and options NULL: none; tokens NULL: not estimated)
-  PERFORM pyembed._needs(query IS NULL, 'query', 'search_query');
-  PERFORM pyembed._needs(bucket IS NULL, 'bucket', 'search_query');
-  PERFORM pyembed._needs(keys IS NULL, 'keys', 'search_query');
-  PERFORM pyembed._needs(cache_keys IS NULL, 'cache_keys', 'search_query');
-  PERFORM pyembed._needs(mode IS NULL, 'mode', 'search_query');
-  PERFORM pyembed._needs(log IS NULL, 'log', 'search_query');
+  IF num_nulls(query, bucket, keys, cache_keys, mode, log) > 0 THEN
+    PERFORM pyembed._needs(query IS NULL, 'query', 'search_query');
+    PERFORM pyembed._needs(bucket IS NULL, 'bucket', 'search_query');
+    PERFORM pyembed._needs(keys IS NULL, 'keys', 'search_query');
+    PERFORM pyembed._needs(cache_keys IS NULL, 'cache_keys', 'search_query');
+    PERFORM pyembed._needs(mode IS NULL, 'mode', 'search_query');
+    PERFORM pyembed._needs(log IS NULL, 'log', 'search_query');
+  END IF;
   c := pyembed.lookup_corpus(corpus);
   corpus_id := c.corpus_id;
   active_key := c.model_key;
@@ -231,12 +233,14 @@ DECLARE
 BEGIN
   -- (cache_key NULL: a client without a cache; ttl_seconds NULL: no expiry; filter and options
   -- NULL: none; embed_ms NULL: not measured)
-  PERFORM pyembed._needs(query IS NULL, 'query', 'search_embedded');
-  PERFORM pyembed._needs(query_embedding IS NULL, 'query_embedding', 'search_embedded');
-  PERFORM pyembed._needs(query_model_key IS NULL, 'query_model_key', 'search_embedded');
-  PERFORM pyembed._needs(input_type IS NULL, 'input_type', 'search_embedded');
-  PERFORM pyembed._needs(mode IS NULL, 'mode', 'search_embedded');
-  PERFORM pyembed._needs(log IS NULL, 'log', 'search_embedded');
+  IF num_nulls(query, query_embedding, query_model_key, input_type, mode, log) > 0 THEN
+    PERFORM pyembed._needs(query IS NULL, 'query', 'search_embedded');
+    PERFORM pyembed._needs(query_embedding IS NULL, 'query_embedding', 'search_embedded');
+    PERFORM pyembed._needs(query_model_key IS NULL, 'query_model_key', 'search_embedded');
+    PERFORM pyembed._needs(input_type IS NULL, 'input_type', 'search_embedded');
+    PERFORM pyembed._needs(mode IS NULL, 'mode', 'search_embedded');
+    PERFORM pyembed._needs(log IS NULL, 'log', 'search_embedded');
+  END IF;
   corpus_id := (pyembed.lookup_corpus(corpus)).corpus_id;
   SELECT * INTO document_ids, chunk_ids, chunk_indexes, contents, metadatas, scores, model_keys
     FROM pyembed._search_arrays(corpus, mode, query, query_embedding, query_model_key, k, filter,
@@ -269,10 +273,12 @@ AS $$
 DECLARE
   v vector;
 BEGIN
-  PERFORM pyembed._needs(p_corpus_id IS NULL, 'p_corpus_id', 'reserve_query');
-  PERFORM pyembed._needs(p_model_key IS NULL, 'p_model_key', 'reserve_query');
-  PERFORM pyembed._needs(p_cache_key IS NULL, 'p_cache_key', 'reserve_query');
-  PERFORM pyembed._needs(tokens IS NULL, 'tokens', 'reserve_query');
+  IF num_nulls(p_corpus_id, p_model_key, p_cache_key, tokens) > 0 THEN
+    PERFORM pyembed._needs(p_corpus_id IS NULL, 'p_corpus_id', 'reserve_query');
+    PERFORM pyembed._needs(p_model_key IS NULL, 'p_model_key', 'reserve_query');
+    PERFORM pyembed._needs(p_cache_key IS NULL, 'p_cache_key', 'reserve_query');
+    PERFORM pyembed._needs(tokens IS NULL, 'tokens', 'reserve_query');
+  END IF;
   SELECT g.embedding INTO v FROM pyembed.cache_get(ARRAY[p_cache_key]) g;
   IF v IS NULL THEN
     PERFORM pyembed.reserve_usage(p_model_key, p_corpus_id, 1, tokens);
