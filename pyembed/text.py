@@ -96,8 +96,7 @@ def check_depth(value: object, what: str) -> None:
         else:
             continue
         if depth > MAX_JSON_DEPTH:
-            raise InvalidInput(f"{what} nests objects and arrays more than {MAX_JSON_DEPTH} "
-                               "levels deep")
+            raise _too_deep(what)
         stack.extend((child, depth + 1) for child in children)
 
 
@@ -107,10 +106,14 @@ def read_json(text: str, what: str, **options: Any) -> Any:
     try:
         value = json.loads(text, **options)
     except RecursionError:
-        raise InvalidInput(f"{what} nests objects and arrays more than {MAX_JSON_DEPTH} "
-                           "levels deep") from None
+        raise _too_deep(what) from None
     check_depth(value, what)
     return value
+
+
+def _too_deep(what: str) -> InvalidInput:
+    """The error for a value that nests deeper than MAX_JSON_DEPTH, however it was found."""
+    return InvalidInput(f"{what} nests objects and arrays more than {MAX_JSON_DEPTH} levels deep")
 
 
 def check_metadata(metadata: object, what: str = "metadata") -> Mapping[str, Any]:
