@@ -313,9 +313,10 @@ class Worker:
         stats = stats or WorkerStats()
         with self._db().transaction():
             self._db().execute(EXPIRE, {"max_attempts": self.max_attempts})
-            rows = self._db().execute(CLAIM, {"limit": self.batch_size, "lease": self.lease_seconds,
-                                             "max_attempts": self.max_attempts,
-                                             "skip": list(self.cannot_embed)}).fetchall()
+            rows = self._db().execute(CLAIM, {"limit": self.batch_size,
+                                              "lease": self.lease_seconds,
+                                              "max_attempts": self.max_attempts,
+                                              "skip": list(self.cannot_embed)}).fetchall()
             items = []
             for *fields, corpus, active, target in rows:
                 item = Item(*fields)
@@ -415,8 +416,8 @@ class Worker:
         be stored (those a migration step withdrew are gone from the queue already)."""
         with self._db().transaction():
             row = self._db().execute("SELECT name, model_key, target_model_key "
-                                    "FROM pyembed.corpora WHERE corpus_id = %s",
-                                    (corpus_id,)).fetchone()
+                                     "FROM pyembed.corpora WHERE corpus_id = %s",
+                                     (corpus_id,)).fetchone()
         if row is None or key in (row[1], row[2]):
             stats.stale += len(items)  # the corpus is gone, or takes the key again
             return
