@@ -182,17 +182,22 @@ def test_the_worker_survives_a_restart(cluster: LocalCluster, client: pyembed.Cl
         worker.close()
 
 
+def _worker_with_one_job(dsn: str) -> Worker:
+    """A corpus with one queued document, made as `dsn`'s login, and a Worker on `dsn`."""
+    with pyembed.connect(dsn) as mine:
+        mine.create_corpus("docs", KEY)
+        mine.conn.execute("SELECT pyembed.add_document('docs', 'a', 'first text')")
+        mine.conn.commit()
+    return Worker(dsn)
+
+
 def test_a_role_set_on_the_workers_connection_is_never_dropped_by_a_reconnect(
         cluster: LocalCluster, client: pyembed.Client, roles: tuple[str, str]) -> None:
     """As for a Client: SET ROLE on worker.conn (public), then a restart: the next batch is
     DatabaseNotReady saying why, until worker.reconnect(). Before, the worker went on as the
     login, silently."""
     dsn, role = roles
-    with pyembed.connect(dsn) as mine:
-        mine.create_corpus("docs", KEY)
-        mine.conn.execute("SELECT pyembed.add_document('docs', 'a', 'first text')")
-        mine.conn.commit()
-    worker = Worker(dsn)
+    worker = _worker_with_one_job(dsn)
     try:
         worker.conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(role)))
         worker.conn.commit()
@@ -213,11 +218,7 @@ def test_a_worker_whose_new_connection_would_act_as_another_role_refuses_it(
     """Never handed out, but a new connection acts otherwise than the first did (the login's
     default role changed meanwhile): refused, as a Client's."""
     dsn, role = roles
-    with pyembed.connect(dsn) as mine:
-        mine.create_corpus("docs", KEY)
-        mine.conn.execute("SELECT pyembed.add_document('docs', 'a', 'first text')")
-        mine.conn.commit()
-    worker = Worker(dsn)
+    worker = _worker_with_one_job(dsn)
     try:
         assert worker.run(drain=True, poll_interval=0.05, drain_wait=0.5).embedded == 1
         with psycopg.connect(cluster.dsn(owner=True), autocommit=True) as owner:
