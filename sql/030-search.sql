@@ -156,7 +156,7 @@ $$;
 -- taken by its position (unnesting both arrays scanned two functions, each into a tuplestore of
 -- its own). The ranking's `chunks` is NULL: k documents (no default, so that a downgrade's own
 -- six-argument version beside it is never ambiguous).
--- These comments stand outside the body: a pg_proc row over PostgreSQL's 2 kB TOAST target has
+-- These comments stand outside the body: a pg_proc row over PostgreSQL's TOAST_TUPLE_TARGET has
 -- its argument defaults compressed, and every call's statement decompressed them to resolve the
 -- call.
 CREATE OR REPLACE FUNCTION pyembed.search(
