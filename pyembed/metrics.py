@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -11,20 +12,34 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 from psycopg.rows import dict_row
 
-from .db import connect, lost
+from . import errors
+from .db import lost, reopen
+
+log = logging.getLogger(__name__)
 
 
 class PyembedCollector(Collector):
-    """Collects from the pyembed health views over one connection (re-opened if it drops)."""
+    """Collects from the pyembed health views over one connection, opened again if the server
+    closed it, never as another role or tenant than the first acted as (db.reopen)."""
 
     def __init__(self, dsn: str | None) -> None:
         self.dsn = dsn
         self._conn: psycopg.Connection[Any] | None = None
+        self._acted_as: tuple[str, ...] | None = None
         self._lock = threading.Lock()
+
+    def reconnect(self) -> None:
+        """Forget who the first connection acted as: the next scrape goes on as the login."""
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+            self._conn, self._acted_as = None, None
 
     def _rows(self, sql: str) -> list[dict[str, Any]]:
         if self._conn is None or lost(self._conn):  # (closed by a restart: open it again)
-            self._conn = connect(self.dsn, autocommit=True, application_name="pyembed metrics")
+            self._conn, self._acted_as = reopen(self.dsn, self._acted_as, "metrics collector",
+                                                autocommit=True,
+                                                application_name="pyembed metrics")
         with self._conn.cursor(row_factory=dict_row) as cur:
             return cur.execute(sql).fetchall()
 
@@ -32,7 +47,9 @@ class PyembedCollector(Collector):
         with self._lock:
             try:
                 yield from self._collect()
-            except psycopg.OperationalError:
+            except (psycopg.OperationalError, errors.DatabaseNotReady) as exc:
+                if isinstance(exc, errors.DatabaseNotReady):
+                    log.warning("%s", exc)  # (the scrape's answer has no room for why)
                 self._conn = None
                 up = GaugeMetricFamily("pyembed_up", "1 if the database answered the scrape")
                 up.add_metric([], 0)

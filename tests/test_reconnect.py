@@ -244,3 +244,29 @@ def test_the_metrics_endpoint_answers_its_first_scrape_after_a_restart(
 def up(collector: PyembedCollector) -> float:
     (family,) = [f for f in collector.collect() if f.name == "pyembed_up"]
     return float(family.samples[0].value)
+
+
+def test_a_metrics_collector_whose_new_connection_would_act_as_another_role_refuses_it(
+        cluster: LocalCluster, roles: tuple[str, str], caplog: pytest.LogCaptureFixture) -> None:
+    """As a Client's and a worker's (db.reopen): after a restart, a new connection that acts
+    otherwise than the first did is closed and the scrape says pyembed_up 0, logging why,
+    until collector.reconnect(). Before, the collector went on as the other role, silently."""
+    dsn, role = roles
+    collector = PyembedCollector(dsn)
+    try:
+        assert up(collector) == 1.0
+        with psycopg.connect(cluster.dsn(owner=True), autocommit=True) as owner:
+            owner.execute(sql.SQL("ALTER ROLE app_login SET role = {}").format(sql.Literal(role)))
+        restart(cluster)
+        with caplog.at_level(logging.WARNING, logger="pyembed.metrics"):
+            assert up(collector) == 0.0
+        assert "acted as role 'app_login'" in caplog.text
+        assert "a new one acts as 'other_tenant'" in caplog.text
+        collector.reconnect()
+        assert up(collector) == 1.0
+        assert collector._conn is not None
+        assert collector._conn.execute("SELECT current_user").fetchone() == (role,)
+    finally:
+        collector.reconnect()
+        with psycopg.connect(cluster.dsn(owner=True), autocommit=True) as owner:
+            owner.execute("ALTER ROLE app_login RESET role")
