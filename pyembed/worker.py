@@ -441,7 +441,7 @@ class Worker:
             row = self._db().execute(FAIL, {
                 "corpus_id": item.corpus_id, "chunk_id": item.chunk_id, "model": item.model_key,
                 "hash": item.content_hash, "attempts": item.attempts,
-                "reason": reason[:2000]}).fetchone()
+                "reason": reason}).fetchone()
         if not (row and row[0]):
             stats.stale += 1
             return
@@ -462,7 +462,7 @@ class Worker:
                           retry_after or 0.0) for item in due]
             with self._db().transaction():
                 self._db().execute(RETRY, {
-                    "reason": reason[:2000], "delays": delays,
+                    "reason": reason, "delays": delays,
                     "corpus_ids": [i.corpus_id for i in due],
                     "chunk_ids": [i.chunk_id for i in due],
                     "keys": [i.model_key for i in due],

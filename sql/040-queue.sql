@@ -85,31 +85,59 @@ WITH gone AS (
 SELECT count(*)::integer FROM moved
 $$;
 
+-- A failure's reason as the queue and queue_failed store it (queue.last_error and
+-- queue_failed.reason, whose CHECKs <table>_<column>_bound hold the same length): cut to that
+-- length, so that a worker's long error (a provider's whole answer) is recorded, not refused.
+-- The one place a reason is cut: retry_jobs and fail_job take it whole (PE005 for NULL).
+CREATE OR REPLACE FUNCTION pyembed._failure_reason(reason text, fn text) RETURNS text
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+  PERFORM pyembed._needs(reason IS NULL, 'reason', fn);
+  RETURN left(reason, 2000);
+END
+$$;
+
 -- The job as a worker claimed it, with the worker's reason: not one re-queued with a new text,
 -- nor one another worker claimed after this worker's lease ran out. Whether it was moved.
 CREATE OR REPLACE FUNCTION pyembed.fail_job(p_corpus_id integer, p_chunk_id bigint,
                                             p_model_key text, p_content_hash bytea,
                                             p_attempts integer, reason text) RETURNS boolean
-LANGUAGE sql VOLATILE SECURITY DEFINER
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
-WITH chunk AS MATERIALIZED (
-  SELECT FROM pyembed.chunks WHERE corpus_id = p_corpus_id AND chunk_id = p_chunk_id
-     AND p_corpus_id = ANY (pyembed.visible_corpora())
-     FOR KEY SHARE SKIP LOCKED
-), gone AS (
-  DELETE FROM pyembed.queue
-   WHERE corpus_id = p_corpus_id AND chunk_id = p_chunk_id AND model_key = p_model_key
-     AND content_hash = p_content_hash AND attempts = p_attempts AND EXISTS (SELECT FROM chunk)
-  RETURNING *
-), moved AS (
-  INSERT INTO pyembed.queue_failed (corpus_id, chunk_id, model_key, content_hash, attempts,
-                                    reason)
-  SELECT corpus_id, chunk_id, model_key, content_hash, attempts, fail_job.reason FROM gone
-  ON CONFLICT (corpus_id, chunk_id, model_key) DO UPDATE
-    SET reason = EXCLUDED.reason, attempts = EXCLUDED.attempts, failed_at = now()
-  RETURNING 1)
-SELECT EXISTS (SELECT FROM moved)
+DECLARE
+  why text := pyembed._failure_reason(reason, 'fail_job');
+  moved boolean;
+BEGIN
+  IF num_nulls(p_corpus_id, p_chunk_id, p_model_key, p_content_hash, p_attempts) > 0 THEN
+    PERFORM pyembed._needs(p_corpus_id IS NULL, 'p_corpus_id', 'fail_job');
+    PERFORM pyembed._needs(p_chunk_id IS NULL, 'p_chunk_id', 'fail_job');
+    PERFORM pyembed._needs(p_model_key IS NULL, 'p_model_key', 'fail_job');
+    PERFORM pyembed._needs(p_content_hash IS NULL, 'p_content_hash', 'fail_job');
+    PERFORM pyembed._needs(p_attempts IS NULL, 'p_attempts', 'fail_job');
+  END IF;
+  WITH chunk AS MATERIALIZED (
+    SELECT FROM pyembed.chunks WHERE corpus_id = p_corpus_id AND chunk_id = p_chunk_id
+       AND p_corpus_id = ANY (pyembed.visible_corpora())
+       FOR KEY SHARE SKIP LOCKED
+  ), gone AS (
+    DELETE FROM pyembed.queue q
+     WHERE q.corpus_id = p_corpus_id AND q.chunk_id = p_chunk_id AND q.model_key = p_model_key
+       AND q.content_hash = p_content_hash AND q.attempts = p_attempts
+       AND EXISTS (SELECT FROM chunk)
+    RETURNING q.*
+  ), done AS (
+    INSERT INTO pyembed.queue_failed AS f (corpus_id, chunk_id, model_key, content_hash,
+                                           attempts, reason)
+    SELECT g.corpus_id, g.chunk_id, g.model_key, g.content_hash, g.attempts, why FROM gone g
+    ON CONFLICT (corpus_id, chunk_id, model_key) DO UPDATE
+      SET reason = EXCLUDED.reason, attempts = EXCLUDED.attempts, failed_at = now()
+    RETURNING 1)
+  SELECT EXISTS (SELECT FROM done) INTO moved;
+  RETURN moved;
+END
 $$;
 
 -- Vector writes dequeue what they satisfy (called by pyembed._vectors_written, 010-guards.sql,
@@ -302,12 +330,13 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
   n integer;
+  why text := pyembed._failure_reason(reason, 'retry_jobs');
 BEGIN
-  IF reason IS NULL OR EXISTS (SELECT FROM unnest(delays) d WHERE d IS NULL OR NOT d >= 0) THEN
+  IF EXISTS (SELECT FROM unnest(delays) d WHERE d IS NULL OR NOT d >= 0) THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
-      MESSAGE = 'retry_jobs() needs a reason and delays of 0 seconds or more';
+      MESSAGE = 'retry_jobs() needs delays of 0 seconds or more';
   END IF;
-  UPDATE pyembed.queue q SET last_error = left(reason, 2000),
+  UPDATE pyembed.queue q SET last_error = why,
          not_before = now() + make_interval(secs => t.delay)
     FROM unnest(corpus_ids, chunk_ids, keys, hashes, claimed, delays)
          AS t(corpus_id, chunk_id, model_key, content_hash, attempts, delay)

@@ -77,6 +77,36 @@ def test_a_failure_row_is_only_a_queued_job_moved(app: psycopg.Connection[Any],
         == (False,)  # moved once
 
 
+def test_a_failure_reason_is_cut_to_its_columns_bound_by_every_function_that_records_one(
+        owner: psycopg.Connection[Any], app: psycopg.Connection[Any], docs: CorpusInfo) -> None:
+    """One rule, pyembed._failure_reason: retry_jobs and fail_job store a reason cut to the
+    bound of queue.last_error and queue_failed.reason (their CHECKs), and name a NULL one.
+    Before, retry_jobs cut it and fail_job gave a direct caller the CHECK's error (the worker
+    cut it before either)."""
+    bounds = {row[0]: int(row[1]) for row in owner.execute(
+        "SELECT conname, substring(pg_get_constraintdef(oid) from '<= (\\d+)') "
+        "FROM pg_constraint WHERE conname IN ('queue_last_error_bound', "
+        "'queue_failed_reason_bound')")}
+    assert len(bounds) == 2 and len(set(bounds.values())) == 1, bounds
+    bound = bounds["queue_last_error_bound"]
+    long = "x" * (bound + 500)
+    app.execute("SELECT pyembed.add_document('docs', 'd1', 'a text about refunds')")
+    chunk, digest, attempts = app.execute(
+        "SELECT chunk_id, content_hash, attempts FROM pyembed.claim_jobs(5, 10, 30)").fetchone()
+    job = ([docs.corpus_id], [chunk], [KEY], [digest], [attempts])
+    err = sql_error(app, "SELECT pyembed.retry_jobs(NULL, %s, %s, %s, %s, %s, '{0}')", job)
+    assert err.sqlstate == "PE005" and "reason is NULL: pyembed.retry_jobs()" in str(err), err
+    assert app.execute("SELECT pyembed.retry_jobs(%s, %s, %s, %s, %s, %s, '{0}')",
+                       (long, *job)).fetchone() == (1,)
+    assert app.execute("SELECT last_error FROM pyembed.queue").fetchone() == (long[:bound],)
+    fail = "SELECT pyembed.fail_job(%s, %s, %s, %s, %s, %s)"
+    err = sql_error(app, fail, (docs.corpus_id, chunk, KEY, digest, attempts, None))
+    assert err.sqlstate == "PE005" and "reason is NULL: pyembed.fail_job()" in str(err), err
+    assert app.execute(fail, (docs.corpus_id, chunk, KEY, digest, attempts, long)).fetchone() \
+        == (True,)
+    assert app.execute("SELECT reason FROM pyembed.queue_failed").fetchone() == (long[:bound],)
+
+
 def test_a_job_is_only_a_chunk_write_queued(app: psycopg.Connection[Any],
                                             docs: CorpusInfo) -> None:
     """Before, the application role inserted queue rows itself (any text hash, attempts, last
