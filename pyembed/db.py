@@ -208,6 +208,10 @@ ROW_CHECKS = {
     "corpora_storage_known": "a corpus's storage is vector, halfvec or binary",
     "corpora_target_storage_known": "a corpus's storage is vector, halfvec or binary",
     "corpora_index_settings_object": "index settings are a JSON object",
+    "corpora_index_settings_known": "index settings are m, ef_construction, ef_search or "
+                                    "oversample, each an integer in its range "
+                                    "(pyembed._index_settings_problem says which is not)",
+    "recall_samples_filter_object": "a recall sample's filter is a JSON object",
     "documents_metadata_object": "a document's metadata is a JSON object",
     "chunks_metadata_object": "a chunk's metadata is a JSON object",
     "cache_stats_counts_not_negative": "cache hit and miss counts are not negative",

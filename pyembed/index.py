@@ -58,10 +58,8 @@ def set_index_settings(conn: psycopg.Connection[Any], corpus: str,
                        **settings: int | None) -> dict[str, int]:
     """Override the rule's m, ef_construction, ef_search or oversample for a corpus (None: back
     to the rule); returns the overrides in force. ef_search and oversample apply to the next
-    search, m and ef_construction to the next rebuild."""
-    unknown = set(settings) - set(SETTINGS)
-    if unknown:
-        raise InvalidInput(f"unknown index settings {sorted(unknown)}: use {', '.join(SETTINGS)}")
+    search, m and ef_construction to the next rebuild. The database says what is wrong with
+    them (PE005, InvalidInput), in the words of its table's CHECK."""
     from psycopg.types.json import Jsonb
 
     with translated(), conn.transaction():

@@ -8,7 +8,7 @@ from __future__ import annotations
 import io
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -64,6 +64,44 @@ def run_sql(sql: str) -> None:
     from alembic import op
 
     op.execute(raw_text(sql))
+
+
+SHOWN_ROWS = 20
+"""At most this many rows are named when a revision refuses to add a CHECK (refuse_rows)."""
+
+
+def refuse_rows(revision: str, rows: Sequence[tuple[str, str, str]], fix: str) -> None:
+    """Stop a revision, before it adds a CHECK, if a stored row would break it: one error
+    naming the rows (up to SHOWN_ROWS) and what is wrong with each, and `fix`; the upgrade's
+    transaction then rolls back, so the database is left as it was. Each of `rows` is a table,
+    the SQL that names one of its rows (its key), and SQL giving the row's problem (NULL: none).
+    A DO block, so that the offline script a DBA applies with psql stops the same way."""
+    found = " UNION ALL ".join(
+        f"SELECT '{table}' AS t, ({key})::text AS k, ({problem}) AS p FROM pyembed.{table}"
+        for table, key, problem in rows)
+    run_sql(f"""DO $refuse$
+DECLARE
+  n bigint;
+  shown text;
+BEGIN
+  SELECT count(*), string_agg(format('pyembed.%s %s: %s', t, quote_literal(k), p), '; '
+                              ORDER BY t, k) FILTER (WHERE rn <= {SHOWN_ROWS})
+    INTO n, shown
+    FROM (SELECT *, row_number() OVER (ORDER BY t, k) AS rn
+            FROM ({found}) f WHERE p IS NOT NULL) bad;
+  IF n > 0 THEN
+    RAISE EXCEPTION USING ERRCODE = 'check_violation',
+      MESSAGE = format('revision {revision} stopped: %s stored row(s) break the check it adds '
+                       '(%s%s). %s, then upgrade again',
+                       n, shown, CASE WHEN n > {SHOWN_ROWS} THEN '; ...' ELSE '' END,
+                       {_literal(fix)});
+  END IF;
+END
+$refuse$;""")
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
 
 
 def _model_row(spec: ModelSpec) -> str:
@@ -131,7 +169,11 @@ def _run(dsn: str | None, step: Callable[[Config], None]) -> None:
             step(cfg)
     except sa.exc.DBAPIError as exc:
         orig = exc.orig
-        detail = " ".join(str(orig).split())
+        diag = getattr(orig, "diag", None)
+        said = [diag.message_primary, diag.message_detail, diag.message_hint] if diag else []
+        # Without its CONTEXT (the revision's DO block), where the server said what happened.
+        detail = " ".join(" ".join(filter(None, said)).split()) if said and said[0] \
+            else " ".join(str(orig).split())
         raise InstallError(f"install failed, nothing was changed: {detail}") from orig
     finally:
         engine.dispose()

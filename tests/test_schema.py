@@ -496,6 +496,65 @@ def test_the_hardening_revision_ties_members_to_their_roles(empty_db: Database) 
                             "FROM pyembed.tenant_members").fetchall() == [("pyembed_app", True)]
 
 
+def _refused_upgrade(dsn: str, revision: str, expected: list[str]) -> str:
+    """schema.install on a database at `revision`: InstallError naming each of `expected`, and
+    the database still at `revision`."""
+    with pytest.raises(PyembedError) as err:
+        schema.install(dsn)
+    message = str(err.value)
+    assert len(message.splitlines()) == 1, repr(message)
+    for part in expected:
+        assert part in message, (part, message)
+    assert schema.current_revision(dsn) == revision
+    return message
+
+
+def test_an_upgrade_over_rows_a_new_check_refuses_stops_naming_them(db: Database) -> None:
+    """A database at 0027 holding a chunk_tokens of 200000 and a max_batch of 500000 (within the
+    checks it had), and one at 0029 holding index settings and a recall sample's filter that
+    0030's checks refuse: the upgrade stops before any change, naming each row, what is wrong
+    with it and the fix; once they are mended it succeeds. Before, 0028 failed with the raw
+    CHECK error ('check constraint ... is violated by some row'), naming no row."""
+    with connect(db.owner_dsn, autocommit=True) as conn:
+        conn.execute("SELECT pyembed.create_corpus('docs', %s)", (KEY,))
+        conn.execute("SELECT pyembed.create_corpus('wiki', %s)", (KEY,))
+    schema.downgrade(db.owner_dsn, "0027")
+    with connect(db.owner_dsn, autocommit=True) as conn:
+        conn.execute("UPDATE pyembed.corpora SET chunk_tokens = 200000 WHERE name = 'docs'")
+        conn.execute("UPDATE pyembed.models SET max_batch = 500000 WHERE model_key = %s", (KEY,))
+    message = _refused_upgrade(db.owner_dsn, "0027", [
+        "revision 0028 stopped: 2 stored row(s) break the check it adds",
+        "pyembed.corpora 'docs': chunk_tokens 200000 is not in 1..100000",
+        f"pyembed.models '{KEY}': max_batch 500000 is not in 1..100000",
+        "Set each to a value in its range", "then upgrade again"])
+    assert "CONTEXT" not in message and "wiki" not in message
+    with connect(db.owner_dsn, autocommit=True) as conn:
+        assert conn.execute("SELECT chunk_tokens FROM pyembed.corpora WHERE name = 'docs'"
+                            ).fetchone() == (200000,)
+        conn.execute("UPDATE pyembed.corpora SET chunk_tokens = 100000 WHERE name = 'docs'")
+        conn.execute("UPDATE pyembed.models SET max_batch = 100 WHERE model_key = %s", (KEY,))
+    schema.install(db.owner_dsn)
+    schema.downgrade(db.owner_dsn, "0029")
+    with connect(db.owner_dsn, autocommit=True) as conn:
+        conn.execute("""UPDATE pyembed.corpora SET index_settings = '{"m": 1000}'
+                         WHERE name = 'docs'""")
+        conn.execute("""UPDATE pyembed.corpora SET index_settings = '{"ef": 10}'
+                         WHERE name = 'wiki'""")
+        conn.execute("INSERT INTO pyembed.recall_samples (corpus_id, model_key, embedding, "
+                     "filter) SELECT corpus_id, model_key, array_fill(0.05, ARRAY[384])::vector, "
+                     "'[1]' FROM pyembed.corpora WHERE name = 'docs'")
+    _refused_upgrade(db.owner_dsn, "0029", [
+        "revision 0030 stopped: 3 stored row(s) break the check it adds",
+        "pyembed.corpora 'docs': index setting m must be an integer 2..100, got 1000",
+        "pyembed.corpora 'wiki': unknown index setting 'ef'",
+        "pyembed.recall_samples '1': filter is a JSON array, not an object"])
+    with connect(db.owner_dsn, autocommit=True) as conn:
+        conn.execute("""SELECT pyembed.set_index_settings(name, '{"m": null, "ef": null}')
+                          FROM pyembed.corpora""")
+        conn.execute("DELETE FROM pyembed.recall_samples")
+    assert schema.install(db.owner_dsn) == schema.head_revision()
+
+
 LAST_RELEASE = (REPO / "tests" / "golden" / "last_release.txt").read_text().split()[0]
 """The commit the last release was made from (main as the last stop landed it): a database its
 package installed is what an operator upgrades. Bumped when a stop lands."""

@@ -215,7 +215,7 @@ def test_overrides_apply_to_searches_and_the_next_rebuild(db: Database,
                            ({"m": 30}, "ef_construction must be at least twice m")):
             with pytest.raises(InvalidInput, match=match):
                 o.set_index_settings("docs", **bad)
-        with pytest.raises(InvalidInput, match="unknown index settings"):
+        with pytest.raises(InvalidInput, match="unknown index setting 'ef': use m, "):
             o.set_index_settings("docs", ef=10)
         with pytest.raises(InvalidInput, match="unknown storage 'float8'"):
             o.rebuild_index("docs", "float8")
@@ -330,3 +330,54 @@ def test_cli_creates_tunes_and_rebuilds(db: Database) -> None:
     assert json.loads(out.stdout)["indexes"][0]["settings"] == {}
     bad = run_cli("corpus", "create", "x", "--model", KEY, "--storage", "int4", env=env)
     assert bad.returncode == 1 and "unknown storage 'int4'" in bad.stderr
+
+
+BAD_INDEX_SETTINGS = [
+    # the settings, what every route says about them
+    ({"m": 1}, "index setting m must be an integer 2..100, got 1"),
+    ({"m": 101}, "index setting m must be an integer 2..100, got 101"),
+    ({"ef_construction": 3}, "index setting ef_construction must be an integer 4..1000, got 3"),
+    ({"ef_construction": 1001},
+     "index setting ef_construction must be an integer 4..1000, got 1001"),
+    ({"ef_search": 0}, "index setting ef_search must be an integer 1..1000, got 0"),
+    ({"ef_search": 1001}, "index setting ef_search must be an integer 1..1000, got 1001"),
+    ({"oversample": 0}, "index setting oversample must be an integer 1..100, got 0"),
+    ({"oversample": 101}, "index setting oversample must be an integer 1..100, got 101"),
+    ({"m": 16, "ef_construction": 20}, "ef_construction must be at least twice m"),
+    # not an integer, or not a setting: no CLI option takes them
+    ({"ef_search": 1.5}, "index setting ef_search must be an integer 1..1000, got 1.5"),
+    ({"m": "16"}, 'index setting m must be an integer 2..100, got "16"'),
+    ({"ef": 10}, "unknown index setting 'ef': use m, ef_construction, ef_search or oversample"),
+]
+
+
+@pytest.mark.parametrize(("settings", "message"), BAD_INDEX_SETTINGS)
+def test_bad_index_settings_are_refused_by_the_table_in_one_message_by_every_route(
+        db: Database, owner_client: pyembed.Client, settings: dict[str, Any],
+        message: str) -> None:
+    """SQL's set_index_settings, Python's, the CLI's `corpus index` and a direct UPDATE as the
+    owner (a DBA's) each say `message` (PE005: InvalidInput) and store nothing. Before, only
+    set_index_settings checked them: the UPDATE stored an m of 101 or an unknown key, which the
+    next rebuild or search used."""
+    from psycopg.types.json import Jsonb
+
+    owner_client.create_corpus("docs", KEY)
+    conn = owner_client.conn
+    routes: dict[str, str] = {}
+    for route, statement in (
+            ("sql", "SELECT pyembed.set_index_settings('docs', %s)"),
+            ("update", "UPDATE pyembed.corpora SET index_settings = %s WHERE name = 'docs'")):
+        with pytest.raises(psycopg.Error) as err, conn.transaction():
+            conn.execute(statement, (Jsonb(settings),))
+        assert err.value.sqlstate == "PE005", (route, err.value)
+        routes[route] = err.value.diag.message_primary or ""
+    with pytest.raises(InvalidInput) as python:
+        owner_client.set_index_settings("docs", **settings)
+    routes["python"] = str(python.value)
+    if all(isinstance(v, int) and k in index.SETTINGS for k, v in settings.items()):
+        args = [a for k, v in settings.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+        out = run_cli("corpus", "index", "docs", *args, env=db_env(db))
+        assert out.returncode == 1, out
+        routes["cli"] = out.stderr.strip().removeprefix("error: ")
+    assert routes == dict.fromkeys(routes, message)
+    assert one(conn, "SELECT index_settings FROM pyembed.corpora") == {}

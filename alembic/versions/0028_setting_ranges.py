@@ -8,14 +8,15 @@ corpora.chunk_tokens had no upper bound (3000000000 was refused only as past Pos
 integer), nor had a model's batch and token bounds, its requested dimensions or a tenant's
 limits. Each now has a CHECK named <table>_<column>_in_range, which replaces the lower bound
 alone (<table>_<column>_check); pyembed._setting_range reads the range from it, so that the
-SQL functions, Python and the CLI name the same rule.
+SQL functions, Python and the CLI name the same rule. A database holding a value out of its
+range stops the upgrade before any change, naming the rows (pyembed.schema.refuse_rows).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pyembed.schema import run_sql
+from pyembed.schema import refuse_rows, run_sql
 
 revision: str = "0028"
 down_revision: str | Sequence[str] | None = "0027"
@@ -34,7 +35,16 @@ RANGES = (
 )
 
 
+KEYS = {"corpora": "name", "models": "model_key", "tenants": "name"}
+"""What names a row of each table in the message of a refused upgrade."""
+
+
 def upgrade() -> None:
+    refuse_rows(revision, [
+        (table, KEYS[table], f"CASE WHEN {column} NOT BETWEEN {low} AND {high} THEN "
+                             f"'{column} ' || {column} || ' is not in {low}..{high}' END")
+        for table, column, low, high, _ in RANGES],
+        "Set each to a value in its range (UPDATE pyembed.<table> SET <column> = ... WHERE ...)")
     run_sql("\n".join(
         f"ALTER TABLE pyembed.{table} DROP CONSTRAINT {table}_{column}_check, "
         f"ADD CONSTRAINT {table}_{column}_in_range CHECK ({column} BETWEEN {low} AND {high});"
