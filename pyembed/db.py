@@ -247,8 +247,10 @@ def check_message(table: str, check: str) -> str | None:
 
 
 def translate(exc: psycopg.Error) -> Exception:
-    """Our error class for a database error raised by pyembed's SQL (or a value a table's
-    CHECK or NOT NULL refuses: InvalidInput), else the error itself."""
+    """Our error class for a database error raised by pyembed's SQL, or by a statement of yours
+    on pyembed's tables: a value a CHECK or NOT NULL refuses, or a row a foreign or unique key
+    refuses (InvalidInput); a row of a corpus row-level security hides (UnknownCorpus); a table,
+    column or function the role may not use (NotAllowed, OwnerOnly). Else the error itself."""
     diag = exc.diag
     table, check = diag.table_name or "", diag.constraint_name or ""
     if isinstance(exc, psycopg.errors.CheckViolation) and diag.schema_name == "pyembed":
@@ -278,6 +280,14 @@ def translate(exc: psycopg.Error) -> Exception:
     owners = _owner_only(exc, message)
     if owners:
         return owners
+    if isinstance(exc, psycopg.errors.GeneratedAlways):
+        # (Said before privileges are checked, and without the table's name.)
+        return errors.NotAllowed(f"{message}: the database numbers it (an identity column "
+                                 "GENERATED ALWAYS); leave it out, or set it to DEFAULT")
+    if diag.schema_name == "pyembed" or _RLS.search(message):
+        refused = _refused_row(exc, message)
+        if refused:
+            return refused
     if diag.message_hint:
         message += f" (hint: {diag.message_hint})"
     return errors.from_sqlstate(exc.sqlstate, message) or exc
@@ -289,18 +299,35 @@ that role: who may call them besides the owner."""
 GRANTED_DSN = {"pyembed_worker": "`pyembed worker` reads $PYEMBED_WORKER_DSN"}
 
 _OWNERS = re.compile(r"(?:permission denied for|must be owner of) "
-                     r"(function|table|sequence|relation|index) (\S+)$")
+                     r"(function|table|view|sequence|relation|index) (\S+)$")
+
+APP_RELATIONS = frozenset({
+    "cache_health", "chunks", "corpora", "coverage", "documents", "eval_queries", "latency",
+    "migration_events", "migrations", "models", "query_log", "queue", "queue_failed",
+    "recall_health", "throughput", "vectors"})
+"""The tables and views the application role holds a privilege on (sql/080-grants.sql): it reads
+or writes some of what they hold, the rest is written by pyembed's functions and triggers.
+Every other relation is the owner's. tests/test_privileges.py walks the catalogue for it."""
 
 
-def _owner_only(exc: psycopg.Error, message: str) -> errors.OwnerOnly | None:
-    """OwnerOnly for a function, table or sequence the role lacks the privilege for: each is
-    granted to the application role on purpose (sql/080-grants.sql), the rest is the owner's."""
+def _owner_only(exc: psycopg.Error, message: str) -> errors.NotAllowed | None:
+    """For a function, table or sequence the role lacks the privilege for: NotAllowed for a
+    command or column of a relation the application role is granted others of (APP_RELATIONS),
+    else OwnerOnly: what is granted is granted on purpose (sql/080-grants.sql), the rest is the
+    owner's."""
     found = _OWNERS.match(message) if isinstance(exc, psycopg.errors.InsufficientPrivilege) \
         else None
     if not found:
         return None
     kind, name = found.groups()
     name = name if "." in name else f"pyembed.{name}"
+    if kind in ("table", "view") and message.startswith("permission denied") \
+            and name.removeprefix("pyembed.") in APP_RELATIONS:
+        return errors.NotAllowed(
+            f"this role may not do this to {kind} {name}: the application role's grants "
+            "(sql/080-grants.sql) allow some commands and columns of it, not this one; the rest "
+            "is written by pyembed's functions and triggers (a document through "
+            "pyembed.add_document or Corpus.add, a corpus through create_corpus)")
     role = GRANTED_TO.get(name)
     if role:
         return errors.OwnerOnly(f"{kind} {name} is for the owner and members of {role}: "
@@ -308,6 +335,33 @@ def _owner_only(exc: psycopg.Error, message: str) -> errors.OwnerOnly | None:
                                 f"{GRANTED_DSN.get(role, 'its DSN')})")
     return errors.OwnerOnly(f"{kind} {name} is pyembed's owner role's: run this with the "
                             "owner's DSN ($PYEMBED_OWNER_DSN, the owner commands' --dsn)")
+
+
+_RLS = re.compile(r'violates row-level security policy(?: \(USING expression\))? for table '
+                  r'"([^"]+)"')
+
+
+def _refused_row(exc: psycopg.Error, message: str) -> errors.PyembedError | None:
+    """A row a table of pyembed refuses, written directly (SQL, the ORM): one its row-level
+    security does not show this role's tenant (UnknownCorpus, as pyembed's functions say for a
+    corpus out of sight), or one its foreign key or unique key refuses (InvalidInput)."""
+    diag = exc.diag
+    table = _PARTITION_OF.sub("", diag.table_name or "")
+    detail = f": {diag.message_detail}" if diag.message_detail else ""
+    rls = _RLS.search(message) if isinstance(exc, psycopg.errors.InsufficientPrivilege) else None
+    if rls:
+        table = _PARTITION_OF.sub("", rls.group(1))
+        return errors.UnknownCorpus(
+            f"pyembed.{table}: the row's corpus is not one this role sees (it belongs to "
+            "another tenant, or to none): row-level security refused it")
+    if isinstance(exc, psycopg.errors.ForeignKeyViolation):
+        if message.startswith("update or delete"):
+            return errors.InvalidInput(f"pyembed.{table}: the row is still referred to{detail}")
+        return errors.InvalidInput(f"pyembed.{table} refers to a row that does not exist{detail}")
+    if isinstance(exc, psycopg.errors.UniqueViolation):
+        return errors.InvalidInput(f"pyembed.{table} already holds a row with that key (its "
+                                   f"unique index {diag.constraint_name}){detail}")
+    return None
 
 
 _PARTITION = re.compile(r'relation "(?:pyembed\.)?vectors_c(\d+)" does not exist')
@@ -323,9 +377,11 @@ def _dropped_corpus(exc: psycopg.Error, message: str) -> errors.UnknownCorpus | 
             return errors.UnknownCorpus(f"unknown corpus id {found.group(1)}: it was dropped "
                                         "while this call was using it")
     if (isinstance(exc, psycopg.errors.ForeignKeyViolation)
-            and 'table "corpora"' in (exc.diag.message_detail or "")):
-        return errors.UnknownCorpus("unknown corpus: it was dropped while this call was "
-                                    f"writing to it ({exc.diag.table_name})")
+            and 'table "corpora"' in (exc.diag.message_detail or "")
+            and not message.startswith("update or delete")):
+        return errors.UnknownCorpus(
+            "unknown corpus: no corpus has that id (it never did, or it was dropped while this "
+            f"call was writing to it; pyembed.{_PARTITION_OF.sub('', exc.diag.table_name or '')})")
     return None
 
 

@@ -116,7 +116,13 @@ class Busy(PyembedError):
     sqlstate = "PE012"
 
 
-class OwnerOnly(PyembedError):
+class NotAllowed(PyembedError):
+    """The role may not do this directly: write a column or table that pyembed's functions and
+    triggers write (a document's doc_no, a corpus row), or that is the owner's (OwnerOnly).
+    Mapped from SQLSTATE 42501 (insufficient privilege)."""
+
+
+class OwnerOnly(NotAllowed):
     """An operation that is pyembed's owner role's (index settings, status and rebuilds, the model
     registry, model migrations, tenants and their members, secrets) was called as another role,
     the application role: run it with the owner's DSN ($PYEMBED_OWNER_DSN, the owner commands'

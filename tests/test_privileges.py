@@ -19,6 +19,7 @@ from tests.conftest import Database
 from tests.helpers import assert_matches_golden, sql_error
 from tests.test_cli import pyembed as pyembed_cli
 from tests.test_migration import NEW, OLD
+from tests.test_tenants import two  # noqa: F401  (the fixture: two tenants' DSNs)
 
 ROLES = ("pyembed_app", "public")
 
@@ -480,3 +481,101 @@ def test_an_owners_command_run_with_the_app_roles_dsn_says_so_in_one_line(
     assert done.returncode == 1, done
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
     assert "is pyembed's owner role's: run this with the owner's DSN" in done.stderr
+
+
+# -- what the application role may cause in SQL on pyembed's tables: one right error each -----
+RELATIONS_WITH_APP_PRIVILEGES = """
+SELECT DISTINCT c.relname::text FROM pg_class c
+ WHERE c.relnamespace = 'pyembed'::regnamespace AND c.relkind IN ('r', 'p', 'v', 'm', 'S')
+   AND NOT c.relispartition
+   AND (EXISTS (SELECT FROM unnest(ARRAY['SELECT', 'INSERT', 'UPDATE', 'DELETE']) p
+                 WHERE has_table_privilege('pyembed_app', c.oid, p))
+        OR EXISTS (SELECT FROM pg_attribute a, unnest(ARRAY['SELECT', 'INSERT', 'UPDATE']) p
+                    WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+                      AND has_column_privilege('pyembed_app', c.oid, a.attnum, p)))
+"""
+
+REFUSED_WRITES = """
+SELECT c.relname::text, p, a.attname::text, format_type(a.atttypid, a.atttypmod)
+  FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0
+       AND NOT a.attisdropped, unnest(ARRAY['INSERT', 'UPDATE']) p
+ WHERE c.relnamespace = 'pyembed'::regnamespace AND c.relkind IN ('r', 'p')
+   AND NOT c.relispartition
+   AND NOT has_column_privilege('pyembed_app', c.oid, a.attnum, p)
+ UNION ALL
+SELECT c.relname::text, 'DELETE', NULL, NULL FROM pg_class c
+ WHERE c.relnamespace = 'pyembed'::regnamespace AND c.relkind IN ('r', 'p')
+   AND NOT c.relispartition AND NOT has_table_privilege('pyembed_app', c.oid, 'DELETE')
+ ORDER BY 1, 2, 3
+"""
+
+
+def test_every_write_the_app_role_may_not_make_is_not_allowed_or_owner_only(
+        owner: psycopg.Connection[Any], app: psycopg.Connection[Any]) -> None:
+    """Walks every column of every table of pyembed (a new one included) the application role
+    may not INSERT or UPDATE, and every table it may not DELETE from: on a table it is granted
+    other columns or commands of (db.APP_RELATIONS, which the catalogue must match) the error is
+    NotAllowed naming the table and the functions that write it; on any other, OwnerOnly.
+    Before, an UPDATE of documents.corpus_id was OwnerOnly, 'the owner's': the owner does not
+    move a document either (pyembed keeps each to its corpus); an INSERT of doc_no reached
+    Python as psycopg's GeneratedAlways."""
+    from pyembed.db import APP_RELATIONS
+
+    assert {r[0] for r in owner.execute(RELATIONS_WITH_APP_PRIVILEGES)} == APP_RELATIONS
+    wrong = []
+    for table, command, column, kind in owner.execute(REFUSED_WRITES).fetchall():
+        statement = {
+            "INSERT": f"INSERT INTO pyembed.{table} ({column}) SELECT NULL::{kind} WHERE false",
+            "UPDATE": f"UPDATE pyembed.{table} SET {column} = DEFAULT WHERE false",
+            "DELETE": f"DELETE FROM pyembed.{table} WHERE false"}[command]
+        error = translate(sql_error(app, statement))
+        want = pyembed.OwnerOnly if table not in APP_RELATIONS else pyembed.NotAllowed
+        named = f"table pyembed.{table}"
+        if isinstance(error, pyembed.NotAllowed) and "GENERATED ALWAYS" in str(error):
+            want, named = pyembed.NotAllowed, f'into column "{column}": the database numbers it'
+        if type(error) is not want or named not in str(error):
+            wrong.append(f"{statement}: {type(error).__name__} {error}")
+    assert wrong == [], "\n".join(wrong)
+    error = translate(sql_error(app, "UPDATE pyembed.documents SET corpus_id = 5"))
+    assert str(error).startswith("this role may not do this to table pyembed.documents: "), error
+    assert "pyembed.add_document or Corpus.add" in str(error) and "owner" not in str(error)
+
+
+def test_a_row_a_table_refuses_is_one_clear_error_of_its_class(
+        db: Database, app: psycopg.Connection[Any], two: dict[str, str]) -> None:  # noqa: F811
+    """Rows written directly in SQL (or through the ORM, whose errors carry psycopg's) that
+    row-level security, a foreign key or a unique key refuses: UnknownCorpus for a corpus the
+    role's tenant does not see (as pyembed's functions say), InvalidInput naming the table for
+    the rest. Before, each reached Python as psycopg's own error (42501, 23503, 23505)."""
+    with pyembed.connect(two["b"]) as b:
+        theirs = b.create_corpus("theirs", OLD).info.corpus_id
+    with psycopg.connect(two["a"], autocommit=True) as a:
+        mine = pyembed.Client(a).create_corpus("mine", OLD).info.corpus_id
+        a.execute("SELECT pyembed.add_document('mine', 'd1', 'a text about refunds')")
+        for statement, params in (
+                ("INSERT INTO pyembed.documents (corpus_id, document_id, content_hash) "
+                 "VALUES (%s, 'd9', '\\x00')", (theirs,)),
+                ("INSERT INTO pyembed.chunks (corpus_id, document_id, chunk_index, content, "
+                 "content_hash) VALUES (%s, 'd1', 0, 'text', '\\x00')", (theirs,))):
+            error = translate(sql_error(a, statement, params))
+            assert isinstance(error, pyembed.UnknownCorpus), (statement, error)
+            assert "row-level security refused it" in str(error), error
+        cases = {
+            "INSERT INTO pyembed.chunks (corpus_id, document_id, chunk_index, content, "
+            "content_hash) VALUES (%s, 'nope', 0, 'text', '\\x00')":
+                "pyembed.chunks refers to a row that does not exist: Key ",
+            "INSERT INTO pyembed.documents (corpus_id, document_id, content_hash) "
+            "VALUES (%s, 'd1', '\\x00')":
+                "pyembed.documents already holds a row with that key (its unique index "
+                "documents_pkey)",
+            "INSERT INTO pyembed.eval_queries (corpus_id, query_id, query, relevant) "
+            "VALUES (%s, 'q1', 'a query', '{d1}')":
+                "pyembed.eval_queries already holds a row with that key (its unique index "
+                "eval_queries_pkey)",
+        }
+        a.execute("INSERT INTO pyembed.eval_queries (corpus_id, query_id, query, relevant) "
+                  "VALUES (%s, 'q1', 'a query', '{d1}')", (mine,))
+        for statement, message in cases.items():
+            error = translate(sql_error(a, statement, (mine,)))
+            assert isinstance(error, pyembed.InvalidInput), (statement, error)
+            assert str(error).startswith(message), (statement, error)
