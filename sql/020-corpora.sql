@@ -429,6 +429,12 @@ AS $$
 DECLARE
   n bigint;
 BEGIN
+  IF num_nulls(p_corpus_id, p_model_key, lo, hi) > 0 THEN  -- (as the caller: no _needs)
+    RAISE EXCEPTION USING ERRCODE = 'PE005', MESSAGE = format(
+      '%s is NULL: pyembed._clear_vectors() needs a value for it',
+      CASE WHEN p_corpus_id IS NULL THEN 'p_corpus_id' WHEN p_model_key IS NULL THEN 'p_model_key'
+           WHEN lo IS NULL THEN 'lo' ELSE 'hi' END);
+  END IF;
   -- Most batches have nothing to replace, and planning `= ANY(ids)` costs per id.
   IF NOT EXISTS (SELECT FROM pyembed.vectors WHERE corpus_id = p_corpus_id
                     AND model_key = p_model_key AND chunk_id BETWEEN lo AND hi) THEN
@@ -550,6 +556,11 @@ DECLARE
   new_id integer;
   old pyembed.corpora;
 BEGIN
+  IF num_nulls(create_corpus.model_key, create_corpus.description, create_corpus.exist_ok) > 0 THEN
+    PERFORM pyembed._needs(create_corpus.model_key IS NULL, 'model_key', 'create_corpus');
+    PERFORM pyembed._needs(create_corpus.description IS NULL, 'description', 'create_corpus');
+    PERFORM pyembed._needs(create_corpus.exist_ok IS NULL, 'exist_ok', 'create_corpus');
+  END IF;
   PERFORM pyembed._check_corpus_name(create_corpus.name);
   IF NOT EXISTS (SELECT FROM pyembed.models m WHERE m.model_key = create_corpus.model_key) THEN
     RAISE EXCEPTION USING ERRCODE = 'PE006',
@@ -628,6 +639,9 @@ DECLARE
   pause float8 := 0.01;
   tries integer := 0;
 BEGIN
+  IF num_nulls(drop_corpus.name) > 0 THEN
+    PERFORM pyembed._needs(drop_corpus.name IS NULL, 'name', 'drop_corpus');
+  END IF;
   -- PE002 for a name the caller's tenant has no corpus of, as every other call by name.
   SELECT * INTO c FROM pyembed.lookup_corpus(drop_corpus.name);
   part := pyembed._vector_partition_name(c.corpus_id);

@@ -172,6 +172,10 @@ DECLARE
   c pyembed.corpora;
   r record;
 BEGIN
+  IF num_nulls(search.query_embedding, search.query_model_key) > 0 THEN
+    PERFORM pyembed._needs(search.query_embedding IS NULL, 'query_embedding', 'search');
+    PERFORM pyembed._needs(search.query_model_key IS NULL, 'query_model_key', 'search');
+  END IF;
   SELECT * INTO c FROM pyembed._corpus_named(corpus);
   IF NOT FOUND THEN
     c := pyembed.lookup_corpus(corpus);

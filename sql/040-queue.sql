@@ -60,29 +60,35 @@ CREATE OR REPLACE TRIGGER chunks_queue_update
 -- Jobs that used up their attempts without a recorded verdict (e.g. the worker died each time);
 -- the number moved.
 CREATE OR REPLACE FUNCTION pyembed.expire_jobs(max_attempts integer) RETURNS integer
-LANGUAGE sql VOLATILE SECURITY DEFINER
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
-WITH gone AS (
-  DELETE FROM pyembed.queue q USING (
-    SELECT q2.corpus_id, q2.chunk_id, q2.model_key FROM pyembed.queue q2
-      JOIN pyembed.chunks ch ON ch.corpus_id = q2.corpus_id AND ch.chunk_id = q2.chunk_id
-     WHERE q2.attempts >= max_attempts AND q2.not_before <= now()
-       AND q2.corpus_id = ANY (pyembed.visible_corpora())
-     FOR KEY SHARE OF ch SKIP LOCKED FOR UPDATE OF q2 SKIP LOCKED) p
-   WHERE q.corpus_id = p.corpus_id AND q.chunk_id = p.chunk_id AND q.model_key = p.model_key
-  RETURNING q.*
-), moved AS (
-  INSERT INTO pyembed.queue_failed (corpus_id, chunk_id, model_key, content_hash, attempts,
-                                    reason)
-  SELECT corpus_id, chunk_id, model_key, content_hash, attempts,
-         coalesce(last_error, 'no result after ' || attempts
-                              || ' attempts (worker stopped or timed out)')
-    FROM gone
-  ON CONFLICT (corpus_id, chunk_id, model_key) DO UPDATE
-    SET reason = EXCLUDED.reason, attempts = EXCLUDED.attempts, failed_at = now()
-  RETURNING 1)
-SELECT count(*)::integer FROM moved
+DECLARE
+  n integer;
+BEGIN
+  PERFORM pyembed._needs(expire_jobs.max_attempts IS NULL, 'max_attempts', 'expire_jobs');
+  WITH gone AS (
+    DELETE FROM pyembed.queue q USING (
+      SELECT q2.corpus_id, q2.chunk_id, q2.model_key FROM pyembed.queue q2
+        JOIN pyembed.chunks ch ON ch.corpus_id = q2.corpus_id AND ch.chunk_id = q2.chunk_id
+       WHERE q2.attempts >= expire_jobs.max_attempts AND q2.not_before <= now()
+         AND q2.corpus_id = ANY (pyembed.visible_corpora())
+       FOR KEY SHARE OF ch SKIP LOCKED FOR UPDATE OF q2 SKIP LOCKED) p
+     WHERE q.corpus_id = p.corpus_id AND q.chunk_id = p.chunk_id AND q.model_key = p.model_key
+    RETURNING q.*
+  ), moved AS (
+    INSERT INTO pyembed.queue_failed AS f (corpus_id, chunk_id, model_key, content_hash,
+                                           attempts, reason)
+    SELECT g.corpus_id, g.chunk_id, g.model_key, g.content_hash, g.attempts,
+           coalesce(g.last_error, 'no result after ' || g.attempts
+                                  || ' attempts (worker stopped or timed out)')
+      FROM gone g
+    ON CONFLICT (corpus_id, chunk_id, model_key) DO UPDATE
+      SET reason = EXCLUDED.reason, attempts = EXCLUDED.attempts, failed_at = now()
+    RETURNING 1)
+  SELECT count(*)::integer INTO n FROM moved;
+  RETURN n;
+END
 $$;
 
 -- A failure's reason as the queue and queue_failed store it (queue.last_error and
@@ -156,6 +162,13 @@ SET plan_cache_mode = force_custom_plan
 SET enable_seqscan = off
 AS $$
 BEGIN
+  IF num_nulls(_dequeue_written.p_corpus_id, _dequeue_written.p_model_key, _dequeue_written.lo, _dequeue_written.hi, _dequeue_written.done) > 0 THEN
+    PERFORM pyembed._needs(_dequeue_written.p_corpus_id IS NULL, 'p_corpus_id', '_dequeue_written');
+    PERFORM pyembed._needs(_dequeue_written.p_model_key IS NULL, 'p_model_key', '_dequeue_written');
+    PERFORM pyembed._needs(_dequeue_written.lo IS NULL, 'lo', '_dequeue_written');
+    PERFORM pyembed._needs(_dequeue_written.hi IS NULL, 'hi', '_dequeue_written');
+    PERFORM pyembed._needs(_dequeue_written.done IS NULL, 'done', '_dequeue_written');
+  END IF;
   IF EXISTS (SELECT FROM pyembed.queue q WHERE q.corpus_id = p_corpus_id
                 AND q.chunk_id BETWEEN lo AND hi)
      AND p_corpus_id = ANY (pyembed.visible_corpora()) THEN
@@ -256,6 +269,12 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 BEGIN
+  IF num_nulls(claim_jobs.max_attempts, claim_jobs.batch, claim_jobs.lease, claim_jobs.skip) > 0 THEN
+    PERFORM pyembed._needs(claim_jobs.max_attempts IS NULL, 'max_attempts', 'claim_jobs');
+    PERFORM pyembed._needs(claim_jobs.batch IS NULL, 'batch', 'claim_jobs');
+    PERFORM pyembed._needs(claim_jobs.lease IS NULL, 'lease', 'claim_jobs');
+    PERFORM pyembed._needs(claim_jobs.skip IS NULL, 'skip', 'claim_jobs');
+  END IF;
   PERFORM pyembed._job_bounds(batch, lease);
   RETURN QUERY
   WITH picked AS (
@@ -300,6 +319,13 @@ AS $$
 DECLARE
   n integer;
 BEGIN
+  IF num_nulls(renew_jobs.lease, renew_jobs.corpus_ids, renew_jobs.chunk_ids, renew_jobs.keys, renew_jobs.claimed) > 0 THEN
+    PERFORM pyembed._needs(renew_jobs.lease IS NULL, 'lease', 'renew_jobs');
+    PERFORM pyembed._needs(renew_jobs.corpus_ids IS NULL, 'corpus_ids', 'renew_jobs');
+    PERFORM pyembed._needs(renew_jobs.chunk_ids IS NULL, 'chunk_ids', 'renew_jobs');
+    PERFORM pyembed._needs(renew_jobs.keys IS NULL, 'keys', 'renew_jobs');
+    PERFORM pyembed._needs(renew_jobs.claimed IS NULL, 'claimed', 'renew_jobs');
+  END IF;
   PERFORM pyembed._job_bounds(1, lease);
   UPDATE pyembed.queue q
      SET not_before = greatest(q.not_before, now() + make_interval(secs => lease))
@@ -332,6 +358,14 @@ DECLARE
   n integer;
   why text := pyembed._failure_reason(reason, 'retry_jobs');
 BEGIN
+  IF num_nulls(retry_jobs.corpus_ids, retry_jobs.chunk_ids, retry_jobs.keys, retry_jobs.hashes, retry_jobs.claimed, retry_jobs.delays) > 0 THEN
+    PERFORM pyembed._needs(retry_jobs.corpus_ids IS NULL, 'corpus_ids', 'retry_jobs');
+    PERFORM pyembed._needs(retry_jobs.chunk_ids IS NULL, 'chunk_ids', 'retry_jobs');
+    PERFORM pyembed._needs(retry_jobs.keys IS NULL, 'keys', 'retry_jobs');
+    PERFORM pyembed._needs(retry_jobs.hashes IS NULL, 'hashes', 'retry_jobs');
+    PERFORM pyembed._needs(retry_jobs.claimed IS NULL, 'claimed', 'retry_jobs');
+    PERFORM pyembed._needs(retry_jobs.delays IS NULL, 'delays', 'retry_jobs');
+  END IF;
   IF EXISTS (SELECT FROM unnest(delays) d WHERE d IS NULL OR NOT d >= 0) THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
       MESSAGE = 'retry_jobs() needs delays of 0 seconds or more';
@@ -359,6 +393,12 @@ AS $$
 DECLARE
   n integer;
 BEGIN
+  IF num_nulls(release_jobs.corpus_ids, release_jobs.chunk_ids, release_jobs.keys, release_jobs.claimed) > 0 THEN
+    PERFORM pyembed._needs(release_jobs.corpus_ids IS NULL, 'corpus_ids', 'release_jobs');
+    PERFORM pyembed._needs(release_jobs.chunk_ids IS NULL, 'chunk_ids', 'release_jobs');
+    PERFORM pyembed._needs(release_jobs.keys IS NULL, 'keys', 'release_jobs');
+    PERFORM pyembed._needs(release_jobs.claimed IS NULL, 'claimed', 'release_jobs');
+  END IF;
   UPDATE pyembed.queue q SET attempts = q.attempts - 1, not_before = now()
     FROM unnest(corpus_ids, chunk_ids, keys, claimed) AS t(corpus_id, chunk_id, model_key, attempts)
    WHERE q.corpus_id = t.corpus_id AND q.chunk_id = t.chunk_id AND q.model_key = t.model_key

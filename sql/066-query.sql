@@ -83,6 +83,24 @@ AS $$
 DECLARE
   v vector := embedding;
 BEGIN
+  IF num_nulls(record_search.p_corpus_id) > 0 THEN
+    PERFORM pyembed._needs(record_search.p_corpus_id IS NULL, 'p_corpus_id', 'record_search');
+  END IF;
+  -- k is the log line's (kind NULL: no line); the model and input type, the cache entry's
+  -- (cache_key and embedding given); the hits and misses, the counts' (count_models given).
+  IF (kind IS NOT NULL AND k IS NULL) OR (cache_key IS NOT NULL AND embedding IS NOT NULL
+      AND num_nulls(p_model_key, input_type) > 0)
+     OR (count_models IS NOT NULL AND num_nulls(count_hits, count_misses) > 0) THEN
+    PERFORM pyembed._needs(kind IS NOT NULL AND k IS NULL, 'k', 'record_search');
+    PERFORM pyembed._needs(cache_key IS NOT NULL AND embedding IS NOT NULL
+                           AND p_model_key IS NULL, 'p_model_key', 'record_search');
+    PERFORM pyembed._needs(cache_key IS NOT NULL AND embedding IS NOT NULL
+                           AND input_type IS NULL, 'input_type', 'record_search');
+    PERFORM pyembed._needs(count_models IS NOT NULL AND count_hits IS NULL, 'count_hits',
+                           'record_search');
+    PERFORM pyembed._needs(count_models IS NOT NULL AND count_misses IS NULL, 'count_misses',
+                           'record_search');
+  END IF;
   IF current_setting('transaction_read_only') = 'on' THEN
     RETURN false;
   END IF;

@@ -12,7 +12,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from pyembed import indb
+from pyembed import indb, tenants
 from pyembed.db import connect, translate
 from pyembed.errors import ConfigError, InvalidInput, UnknownCorpus
 from tests.conftest import Database
@@ -266,17 +266,8 @@ def test_sql_error_reports_a_bug_without_its_traceback_or_secrets() -> None:
     assert "Traceback (most recent call last)" in plpy.logged[0]
 
 
-# -- NULL in each argument of every function that runs PL/Python -------------------------------
-REACHES_PYTHON = """
-WITH RECURSIVE fns AS (
-  SELECT p.oid, p.proname, p.prosrc, l.lanname FROM pg_proc p
-    JOIN pg_language l ON l.oid = p.prolang WHERE p.pronamespace = 'pyembed'::regnamespace
-), reach (oid, callee) AS (
-  SELECT f.oid, f.oid FROM fns f
-  UNION
-  SELECT r.oid, g.oid FROM reach r JOIN fns c ON c.oid = r.callee
-    JOIN fns g ON c.prosrc ~ ('\\mpyembed\\.' || g.proname || '\\s*\\(')
-)
+# -- NULL in each argument of every function the application role may call ------------------
+APP_FUNCTIONS = """
 SELECT p.proname, p.proargnames, ARRAY(SELECT format_type(t, NULL)
                                         FROM unnest(p.proargtypes::oid[]) t),
        ARRAY(SELECT trim(split_part(a, ' DEFAULT ', 2))
@@ -284,45 +275,97 @@ SELECT p.proname, p.proargnames, ARRAY(SELECT format_type(t, NULL)
               WHERE a NOT LIKE 'OUT %%')
   FROM pg_proc p
  WHERE p.pronamespace = 'pyembed'::regnamespace
-   AND has_function_privilege('pyembed_app', p.oid, 'EXECUTE')
-   AND EXISTS (SELECT FROM reach r JOIN fns f ON f.oid = r.callee
-                WHERE r.oid = p.oid AND f.lanname = 'plpython3u')
+   AND has_function_privilege(%s, p.oid, 'EXECUTE')
  ORDER BY 1
 """
 
 CORPUS_ID = "(SELECT corpus_id FROM pyembed.corpora WHERE name = 'docs')"
+JOB = "(SELECT {} FROM pyembed.queue LIMIT 1)"
+Q = f"pyembed.embed('refunds', '{FAKE}', 'query')"
 CALLS_THAT_WORK = {
-    # A call of each function the application role may make that reaches PL/Python, which
-    # works: NULL is then put in each of its arguments in turn.
-    "add_document": ["'docs'", "'d2'", "'a text about refunds'", "'{}'"],
+    # A call of each function the application role may make, which works: NULL is then put in
+    # each of its arguments in turn.
     "_add_document": ["'docs'", "'d2'", "'a text about refunds'", "'{}'"],
+    "_clear_vectors": [CORPUS_ID, f"'{FAKE}'", "0", "0", "ARRAY[1]::bigint[]"],
+    "_dequeue_written": [CORPUS_ID, f"'{FAKE}'", "0", "0", "ARRAY[]::bytea[]"],
+    "_setting_range": ["'chunk_tokens'"],
+    "_vector_check": [CORPUS_ID, JOB.format("chunk_id"), f"'{FAKE}'", Q],
+    "add_document": ["'docs'", "'d2'", "'a text about refunds'", "'{}'"],
+    "cache_count": [f"ARRAY['{FAKE}']", "ARRAY[1]::bigint[]", "ARRAY[0]::bigint[]"],
+    "cache_get": ["ARRAY[sha256('q')]"],
+    "cache_purge": [f"'{FAKE}'", "true"],
+    "cache_put": ["ARRAY[sha256('q')]", f"'{FAKE}'", "'query'", f"ARRAY[{Q}]", "60"],
+    "cache_report": ["30"],
+    "claim_jobs": ["5", "10", "30", "'{}'"],
+    "create_corpus": ["'c2'", f"'{FAKE}'", "''", "200", "40", "'vector'", "false"],
+    "current_tenant": [],
+    "drop_corpus": ["'docs'"],
     "embed": ["'a text'", f"'{FAKE}'", "'query'"],
     "embed_batch": ["ARRAY['a text']", f"'{FAKE}'", "'query'"],
-    "search_text": ["'docs'", "'refunds'", "5", "'{}'", "'hybrid'", "'document'", "'relative'",
-                    "0.5"],
-    "search_reranked": ["'docs'", "'refunds'", "'fake/overlap'", "5", "'{}'", "'hybrid'", "10",
-                        "'document'", "'relative'", "0.5"],
-    "version": [],
-    "search_keyword": ["'docs'", "'refunds'", "5", "'{}'", "'document'"],
+    "expire_jobs": ["5"],
+    "fail_job": [CORPUS_ID, JOB.format("chunk_id"), f"'{FAKE}'", JOB.format("content_hash"),
+                 JOB.format("attempts"), "'refused'"],
     "keyword_ranking": ["'docs'", "'refunds'", "100", "'{}'", "'document'"],
-    "search_hybrid": ["'docs'", "'refunds'", f"pyembed.embed('refunds', '{FAKE}', 'query')",
-                      f"'{FAKE}'", "5", "'{}'", "100", "60", "'document'", "'relative'", "0.5",
-                      "NULL", "NULL", "NULL"],
-    "search_query": ["'docs'", "'refunds'", "0", f"ARRAY['{FAKE}']", "ARRAY[sha256('q')]", "5",
-                     "'{}'", "'keyword'", "'{}'", "3", "false", "NULL", "NULL", "NULL"],
-    "search_embedded": ["'docs'", "'refunds'", f"pyembed.embed('refunds', '{FAKE}', 'query')",
-                        f"'{FAKE}'", "sha256('q')", "'query'", "3600", "5", "'{}'", "'vector'",
-                        "'{}'", "1", "false", "NULL", "NULL", "NULL", "NULL", "NULL", "NULL"],
+    "lookup_corpus": ["'docs'"],
+    "measure_recall": ["'docs'", "1"],
+    "provider_errors": [],
+    "recall_report": ["24"],
+    "recall_sampled": ["20"],
+    "record_search": [CORPUS_ID, f"'{FAKE}'", "'vector'", "5", "false", "1", "2", "0", "3",
+                      "sha256('q')", "'query'", Q, "60", "'{}'", f"ARRAY['{FAKE}']",
+                      "ARRAY[1]::bigint[]", "ARRAY[0]::bigint[]"],
+    "release_jobs": [f"ARRAY[{CORPUS_ID}]", f"ARRAY[{JOB.format('chunk_id')}]",
+                     f"ARRAY['{FAKE}']", "ARRAY[1]"],
+    "renew_jobs": ["30", f"ARRAY[{CORPUS_ID}]", f"ARRAY[{JOB.format('chunk_id')}]",
+                   f"ARRAY['{FAKE}']", "ARRAY[1]"],
+    "rerank_cache_get": ["ARRAY[sha256('q')]"],
+    "rerank_cache_purge": ["'fake/overlap'", "true"],
+    "rerank_cache_put": ["ARRAY[sha256('q')]", "'fake/overlap'", "ARRAY[0.5]", "60"],
     "reserve_query": [CORPUS_ID, f"'{FAKE}'", "sha256('q')", "3"],
     "reserve_usage": [f"'{FAKE}'", CORPUS_ID, "1", "3"],
+    "retry_jobs": ["'try again'", f"ARRAY[{CORPUS_ID}]", f"ARRAY[{JOB.format('chunk_id')}]",
+                   f"ARRAY['{FAKE}']", f"ARRAY[{JOB.format('content_hash')}]", "ARRAY[1]",
+                   "ARRAY[0]::float8[]"],
+    "search": ["'docs'", Q, f"'{FAKE}'", "5", "'{}'", "'document'"],
+    "search_embedded": ["'docs'", "'refunds'", Q, f"'{FAKE}'", "sha256('q')", "'query'", "3600",
+                        "5", "'{}'", "'vector'", "'{}'", "1", "false", "NULL", "NULL", "NULL",
+                        "NULL", "NULL", "NULL"],
+    "search_hybrid": ["'docs'", "'refunds'", Q, f"'{FAKE}'", "5", "'{}'", "100", "60",
+                      "'document'", "'relative'", "0.5", "NULL", "NULL", "NULL"],
+    "search_keyword": ["'docs'", "'refunds'", "5", "'{}'", "'document'"],
+    "search_query": ["'docs'", "'refunds'", "0", f"ARRAY['{FAKE}']", "ARRAY[sha256('q')]", "5",
+                     "'{}'", "'keyword'", "'{}'", "3", "false", "NULL", "NULL", "NULL"],
+    "search_reranked": ["'docs'", "'refunds'", "'fake/overlap'", "5", "'{}'", "'hybrid'", "10",
+                        "'document'", "'relative'", "0.5"],
+    "search_text": ["'docs'", "'refunds'", "5", "'{}'", "'hybrid'", "'document'", "'relative'",
+                    "0.5"],
+    "usage_report": ["30"],
+    "vector_table": ["'docs'"],
+    "version": [],
+    "visible_corpora": [],
+}
+
+RAISES = {
+    # A function whose work is to raise an error: its call "works" by raising it.
+    "_raise_again": "add_document's error, raised again as the caller: each argument is the "
+                    "error's (a NULL SQLSTATE is P0001, a NULL message, detail or hint none)",
 }
 
 NULL_MEANS = {
     # An argument whose NULL is a result, not an error, besides those whose DEFAULT is NULL
-    # (the signature documents those): what it means.
+    # (the signature documents those): what it means, and why it is one.
     "add_document.metadata": "no metadata, as '{}' (sql/050-plpython.sql)",
     "_add_document.metadata": "as add_document's",
+    "_clear_vectors.ids": "every vector of the key between lo and hi (vectors.copy_vectors)",
+    "_setting_range.setting": "NULL: no such setting, as for an unknown name",
     "reserve_usage.p_corpus_id": "a call accounted to no corpus (pyembed.embed's)",
+    "record_search.kind": "no query-log line: the call writes the cache entry and counts only",
+    "record_search.cache_hit": "not a cache question (a keyword search), as search_query says",
+    "record_search.embed_ms": "not measured: the log's column stays NULL (pyembed.latency "
+                              "leaves it out)",
+    "record_search.search_ms": "as embed_ms",
+    "record_search.generate_ms": "as embed_ms (no answer generated)",
+    "record_search.total_ms": "as embed_ms",
     "search_embedded.cache_key": "a client without a cache: nothing cached",
     "search_embedded.ttl_seconds": "no expiry (pyembed._expiry)",
     "search_embedded.filter": "no filter",
@@ -333,36 +376,52 @@ NULL_MEANS = {
 }
 
 
-def test_null_in_each_argument_of_every_function_reaching_python_is_named(
+def test_every_function_of_the_application_role_is_executable_by_a_tenants_role(
+        owner: psycopg.Connection[Any]) -> None:
+    """A tenant's role is a member of pyembed_app: what the walk below calls is what it may."""
+    tenants.create_tenant(owner, "acme", requests_per_minute=None)
+    tenants.add_member(owner, "acme", "acme_login", create_login="pw")
+    try:
+        assert owner.execute(APP_FUNCTIONS, ("acme_login",)).fetchall() \
+            == owner.execute(APP_FUNCTIONS, ("pyembed_app",)).fetchall()
+    finally:
+        owner.execute("DROP OWNED BY acme_login CASCADE")
+        owner.execute("DROP ROLE acme_login")
+
+
+def test_null_in_each_argument_of_every_function_of_the_application_role_is_named(
         app: psycopg.Connection[Any]) -> None:
-    """Walks every function the application role may call that runs PL/Python (itself, or a
-    function it calls: from the catalogue, a new one included) with NULL in each argument: the
-    result is a PE error naming the argument, or the NULL is documented (a DEFAULT NULL, or
-    NULL_MEANS). Before, pyembed.add_document(..., NULL, ...) said "got NoneType", and k NULL in
-    search_reranked "got None": Python's words."""
+    """Walks every function the application role (and so a tenant's role) may EXECUTE, from the
+    catalogue, a new one included, with NULL in each argument: the result is a PE error naming
+    the argument, or the NULL is documented (a DEFAULT NULL, or NULL_MEANS). Before, only the
+    16 that reach PL/Python were walked: fail_job's NULL reason gave the table's NOT NULL,
+    cache_count's NULL models nothing, record_search's NULL k a CHECK's error."""
     app.execute("SELECT pyembed.create_corpus('docs', %s)", (FAKE,))
     app.execute("SELECT pyembed.add_document('docs', 'd1', 'refunds take five days')")
-    functions = app.execute(REACHES_PYTHON).fetchall()
-    assert {"add_document", "embed", "search_text"} <= {f[0] for f in functions}
-    assert {f[0] for f in functions} <= set(CALLS_THAT_WORK), "a new function: add its call"
+    functions = app.execute(APP_FUNCTIONS, ("pyembed_app",)).fetchall()
+    assert {"add_document", "embed", "fail_job", "cache_count"} <= {f[0] for f in functions}
+    assert {f[0] for f in functions} <= set(CALLS_THAT_WORK) | set(RAISES), \
+        "a new function: add its call"
     wrong = []
     for name, argnames, types, defaults in functions:
-        args = [f"({a})::{t}" for a, t in zip(CALLS_THAT_WORK[name], types, strict=True)]
-        with app.transaction(force_rollback=True):
-            app.execute(f"SELECT * FROM pyembed.{name}({', '.join(args)})")  # it works
-        for i, (arg, kind) in enumerate(zip(argnames or [], types, strict=False)):
-            call = ", ".join(f"NULL::{kind}" if j == i else a for j, a in enumerate(args))
-            try:
-                with app.transaction(force_rollback=True):
-                    app.execute(f"SELECT * FROM pyembed.{name}({call})")
-            except psycopg.Error as err:
-                text = err.diag.message_primary or ""
-                named = (err.sqlstate or "").startswith("PE") and arg in text \
-                    and not any(w in text for w in ("NoneType", "None", "NULL)"))
-                if not named:
-                    wrong.append(f"{name}({arg} NULL): {err.sqlstate} {text}")
-                continue
-            if not (i < len(defaults) and defaults[i].startswith("NULL")) \
-                    and f"{name}.{arg}" not in NULL_MEANS:
-                wrong.append(f"{name}({arg} NULL): a result, not documented")
+        works = CALLS_THAT_WORK.get(name, ["'PE005'", "'m'", "'d'", "'h'"])
+        args = [f"({a})::{t}" for a, t in zip(works, types, strict=True)]
+        if name not in RAISES:
+            with app.transaction(force_rollback=True):
+                app.execute(f"SELECT * FROM pyembed.{name}({', '.join(args)})")  # it works
+            for i, (arg, kind) in enumerate(zip(argnames or [], types, strict=False)):
+                call = ", ".join(f"NULL::{kind}" if j == i else a for j, a in enumerate(args))
+                try:
+                    with app.transaction(force_rollback=True):
+                        app.execute(f"SELECT * FROM pyembed.{name}({call})")
+                except psycopg.Error as err:
+                    text = err.diag.message_primary or ""
+                    named = (err.sqlstate or "").startswith("PE") and arg in text \
+                        and not any(w in text for w in ("NoneType", "None", "NULL)"))
+                    if not named:
+                        wrong.append(f"{name}({arg} NULL): {err.sqlstate} {text}")
+                    continue
+                if not (i < len(defaults) and defaults[i].startswith("NULL")) \
+                        and f"{name}.{arg}" not in NULL_MEANS:
+                    wrong.append(f"{name}({arg} NULL): a result, not documented")
     assert wrong == [], "\n".join(wrong)
