@@ -171,19 +171,17 @@ def integer(value: object, what: str, conn: psycopg.Connection[Any] | None = Non
     it; InvalidInput naming `what` otherwise. The driver would round 2.5 or cast "3" on the way
     in, and send a number past PostgreSQL's integer as a bigint, which fails as "integer out of
     range" or as no such function instead of reaching the parameter's check. Given `conn`, a
-    setting stored in a row (chunk_tokens, max_batch, a tenant's limits) is checked against its
-    own range, which that database's CHECK holds (pyembed._setting_range), in the words its SQL
-    uses."""
+    setting stored in a row (chunk_tokens, max_batch, a tenant's limits) is checked by
+    pyembed._check_setting, against the range its table's CHECK holds and in SQL's words (a
+    number past bigint goes as numeric)."""
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        low, high = INTEGER_RANGE
         if conn is not None:
-            with conn.transaction():
-                row = conn.execute("SELECT pyembed._setting_range(%s)", (what,)).fetchone()
+            with translated(), conn.transaction():
+                row = conn.execute("SELECT pyembed._check_setting(%s, %s::numeric)",
+                                   (what, int(value))).fetchone()
             if row and row[0]:
-                least, most = (int(b) for b in str(row[0]).split(".."))
-                if least <= int(value) <= most:
-                    return int(value)
-                raise errors.InvalidInput(f"{what} must be {row[0]}, got {value}")
+                return int(value)
+        low, high = INTEGER_RANGE
         if low <= int(value) <= high:
             return int(value)
         raise errors.InvalidInput(f"{what} must be a whole number from {low} to {high}, not {value}")

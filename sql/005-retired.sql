@@ -67,3 +67,5 @@ DROP FUNCTION IF EXISTS pyembed._index_params(jsonb, bigint, integer);
 -- argument, chunks).
 DROP FUNCTION IF EXISTS pyembed._vector_ranking(pyembed.corpora, vector, text, integer, jsonb,
                                                 text);
+-- A setting's check takes any number (numeric: past bigint too), for Python's as well.
+DROP FUNCTION IF EXISTS pyembed._check_setting(text, bigint);

@@ -524,19 +524,25 @@ AS $$
    LIMIT 1
 $$;
 
--- PE005 naming the setting and its range, unless `value` is in it.
-CREATE OR REPLACE FUNCTION pyembed._check_setting(setting text, value bigint) RETURNS void
+-- PE005 naming the setting and its range, unless `value` is in it: the one place its words are
+-- written (create_corpus and register_model here, pyembed.db.integer for Python and the CLI,
+-- with a number past bigint too: numeric). True when it is; false for no such setting.
+CREATE OR REPLACE FUNCTION pyembed._check_setting(setting text, value numeric) RETURNS boolean
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
   bounds text[] := string_to_array(pyembed._setting_range(setting), '..');
 BEGIN
-  IF value IS NULL OR value NOT BETWEEN bounds[1]::bigint AND bounds[2]::bigint THEN
+  IF bounds IS NULL THEN
+    RETURN false;
+  END IF;
+  IF value IS NULL OR value NOT BETWEEN bounds[1]::numeric AND bounds[2]::numeric THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
       MESSAGE = format('%s must be %s, got %s', setting, array_to_string(bounds, '..'),
                        coalesce(value::text, 'NULL'));
   END IF;
+  RETURN true;
 END
 $$;
 

@@ -66,6 +66,7 @@ GRANT EXECUTE ON FUNCTION
   pyembed.visible_corpora(),
   pyembed.lookup_corpus(text),
   pyembed._setting_range(text),
+  pyembed._check_setting(text, numeric),
   pyembed.version(),
   pyembed.vector_table(text),
   pyembed.cache_get(bytea[]),

@@ -143,3 +143,23 @@ def test_setting_ranges(db: Database, owner: psycopg.Connection[Any]) -> None:
     with pyembed.connect(db.owner_dsn) as client, \
             pytest.raises(InvalidInput, match=r"^max_batch must be 1\.\.100000, got 100001$"):
         client.register_model(ModelSpec("fake", "m", "1", 4, max_batch=100_001))
+
+
+@pytest.mark.parametrize("value", [0, 100_001, 2**31, 2**63, 2**80])
+def test_a_settings_range_message_is_written_once_in_sql(app: psycopg.Connection[Any],
+                                                          value: int) -> None:
+    """db.integer asks pyembed._check_setting, the function create_corpus and register_model
+    call, for a setting stored in a row: Python's InvalidInput is SQL's PE005, its words, for a
+    number past bigint too (sent as numeric). Before, db.integer wrote the message itself beside
+    SQL's (no database error behind it)."""
+    from pyembed.db import integer
+
+    with pytest.raises(InvalidInput) as err:
+        integer(value, "chunk_tokens", app)
+    assert str(err.value) == f"chunk_tokens must be 1..100000, got {value}"
+    cause = err.value.__cause__
+    assert isinstance(cause, psycopg.Error) and cause.sqlstate == "PE005", cause
+    assert "_check_setting" in (cause.diag.context or ""), cause.diag.context
+    assert integer(100_000, "chunk_tokens", app) == 100_000
+    with pytest.raises(InvalidInput, match=r"^k must be a whole number from -2147483648"):
+        integer(2**31, "k", app)  # not a stored setting: PostgreSQL's integer, Python's words

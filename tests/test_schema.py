@@ -44,7 +44,8 @@ APP_EXECUTE = {
     "current_tenant()",  # called by the row-level security policies
     "visible_corpora()",
     "lookup_corpus(text)",  # the one lookup of a corpus by name (PE002)
-    "_setting_range(text)",  # a stored setting's range, its CHECK's, for Python's message
+    "_setting_range(text)",  # a stored setting's range, its CHECK's
+    "_check_setting(text, numeric)",  # its check, in the words SQL, Python and the CLI give
     "version()",  # the server's pyembed, for `pyembed doctor`
     "vector_table(text)",
     "cache_get(bytea[])",  # the embedding cache: through these functions only

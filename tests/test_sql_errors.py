@@ -289,6 +289,7 @@ CALLS_THAT_WORK = {
     "_clear_vectors": [CORPUS_ID, f"'{FAKE}'", "0", "0", "ARRAY[1]::bigint[]"],
     "_dequeue_written": [CORPUS_ID, f"'{FAKE}'", "0", "0", "ARRAY[]::bytea[]"],
     "_setting_range": ["'chunk_tokens'"],
+    "_check_setting": ["'chunk_tokens'", "200"],
     "_vector_check": [CORPUS_ID, JOB.format("chunk_id"), f"'{FAKE}'", Q],
     "add_document": ["'docs'", "'d2'", "'a text about refunds'", "'{}'"],
     "cache_count": [f"ARRAY['{FAKE}']", "ARRAY[1]::bigint[]", "ARRAY[0]::bigint[]"],
@@ -351,6 +352,11 @@ RAISES = {
                     "error's (a NULL SQLSTATE is P0001, a NULL message, detail or hint none)",
 }
 
+NAMED_AS = {
+    # An argument a NULL of which the error names otherwise: what it names.
+    "_check_setting.value": "chunk_tokens",  # the setting: 'chunk_tokens must be ..., got NULL'
+}
+
 NULL_MEANS = {
     # An argument whose NULL is a result, not an error, besides those whose DEFAULT is NULL
     # (the signature documents those): what it means, and why it is one.
@@ -358,6 +364,7 @@ NULL_MEANS = {
     "_add_document.metadata": "as add_document's",
     "_clear_vectors.ids": "every vector of the key between lo and hi (vectors.copy_vectors)",
     "_setting_range.setting": "NULL: no such setting, as for an unknown name",
+    "_check_setting.setting": "false: no such setting, as for an unknown name",
     "reserve_usage.p_corpus_id": "a call accounted to no corpus (pyembed.embed's)",
     "record_search.kind": "no query-log line: the call writes the cache entry and counts only",
     "record_search.cache_hit": "not a cache question (a keyword search), as search_query says",
@@ -416,7 +423,8 @@ def test_null_in_each_argument_of_every_function_of_the_application_role_is_name
                         app.execute(f"SELECT * FROM pyembed.{name}({call})")
                 except psycopg.Error as err:
                     text = err.diag.message_primary or ""
-                    named = (err.sqlstate or "").startswith("PE") and arg in text \
+                    said = NAMED_AS.get(f"{name}.{arg}", arg)
+                    named = (err.sqlstate or "").startswith("PE") and said in text \
                         and not any(w in text for w in ("NoneType", "None", "NULL)"))
                     if not named:
                         wrong.append(f"{name}({arg} NULL): {err.sqlstate} {text}")
