@@ -41,11 +41,11 @@ DECLARE
   m pyembed.models;
   norm float8 := vector_norm(p_embedding);
 BEGIN
-  IF num_nulls(_vector_check.p_corpus_id, _vector_check.p_chunk_id, _vector_check.p_model_key, _vector_check.p_embedding) > 0 THEN
-    PERFORM pyembed._needs(_vector_check.p_corpus_id IS NULL, 'p_corpus_id', '_vector_check');
-    PERFORM pyembed._needs(_vector_check.p_chunk_id IS NULL, 'p_chunk_id', '_vector_check');
-    PERFORM pyembed._needs(_vector_check.p_model_key IS NULL, 'p_model_key', '_vector_check');
-    PERFORM pyembed._needs(_vector_check.p_embedding IS NULL, 'p_embedding', '_vector_check');
+  IF num_nulls(p_corpus_id, p_chunk_id, p_model_key, p_embedding) > 0 THEN
+    PERFORM pyembed._needs(p_corpus_id IS NULL, 'p_corpus_id', '_vector_check');
+    PERFORM pyembed._needs(p_chunk_id IS NULL, 'p_chunk_id', '_vector_check');
+    PERFORM pyembed._needs(p_model_key IS NULL, 'p_model_key', '_vector_check');
+    PERFORM pyembed._needs(p_embedding IS NULL, 'p_embedding', '_vector_check');
   END IF;
   SELECT * INTO c FROM pyembed.corpora WHERE corpus_id = p_corpus_id
      AND (corpus_id = ANY (pyembed.visible_corpora())

@@ -562,10 +562,10 @@ DECLARE
   new_id integer;
   old pyembed.corpora;
 BEGIN
-  IF num_nulls(create_corpus.model_key, create_corpus.description, create_corpus.exist_ok) > 0 THEN
-    PERFORM pyembed._needs(create_corpus.model_key IS NULL, 'model_key', 'create_corpus');
-    PERFORM pyembed._needs(create_corpus.description IS NULL, 'description', 'create_corpus');
-    PERFORM pyembed._needs(create_corpus.exist_ok IS NULL, 'exist_ok', 'create_corpus');
+  IF num_nulls(model_key, description, exist_ok) > 0 THEN
+    PERFORM pyembed._needs(model_key IS NULL, 'model_key', 'create_corpus');
+    PERFORM pyembed._needs(description IS NULL, 'description', 'create_corpus');
+    PERFORM pyembed._needs(exist_ok IS NULL, 'exist_ok', 'create_corpus');
   END IF;
   PERFORM pyembed._check_corpus_name(create_corpus.name);
   IF NOT EXISTS (SELECT FROM pyembed.models m WHERE m.model_key = create_corpus.model_key) THEN
@@ -645,8 +645,8 @@ DECLARE
   pause float8 := 0.01;
   tries integer := 0;
 BEGIN
-  IF num_nulls(drop_corpus.name) > 0 THEN
-    PERFORM pyembed._needs(drop_corpus.name IS NULL, 'name', 'drop_corpus');
+  IF name IS NULL THEN
+    PERFORM pyembed._needs(true, 'name', 'drop_corpus');
   END IF;
   -- PE002 for a name the caller's tenant has no corpus of, as every other call by name.
   SELECT * INTO c FROM pyembed.lookup_corpus(drop_corpus.name);

@@ -172,9 +172,9 @@ DECLARE
   c pyembed.corpora;
   r record;
 BEGIN
-  IF num_nulls(search.query_embedding, search.query_model_key) > 0 THEN
-    PERFORM pyembed._needs(search.query_embedding IS NULL, 'query_embedding', 'search');
-    PERFORM pyembed._needs(search.query_model_key IS NULL, 'query_model_key', 'search');
+  IF num_nulls(query_embedding, query_model_key) > 0 THEN
+    PERFORM pyembed._needs(query_embedding IS NULL, 'query_embedding', 'search');
+    PERFORM pyembed._needs(query_model_key IS NULL, 'query_model_key', 'search');
   END IF;
   SELECT * INTO c FROM pyembed._corpus_named(corpus);
   IF NOT FOUND THEN

@@ -66,7 +66,7 @@ AS $$
 DECLARE
   n integer;
 BEGIN
-  PERFORM pyembed._needs(expire_jobs.max_attempts IS NULL, 'max_attempts', 'expire_jobs');
+  PERFORM pyembed._needs(max_attempts IS NULL, 'max_attempts', 'expire_jobs');
   WITH gone AS (
     DELETE FROM pyembed.queue q USING (
       SELECT q2.corpus_id, q2.chunk_id, q2.model_key FROM pyembed.queue q2
@@ -77,8 +77,8 @@ BEGIN
      WHERE q.corpus_id = p.corpus_id AND q.chunk_id = p.chunk_id AND q.model_key = p.model_key
     RETURNING q.*
   ), moved AS (
-    INSERT INTO pyembed.queue_failed AS f (corpus_id, chunk_id, model_key, content_hash,
-                                           attempts, reason)
+    INSERT INTO pyembed.queue_failed (corpus_id, chunk_id, model_key, content_hash,
+                                      attempts, reason)
     SELECT g.corpus_id, g.chunk_id, g.model_key, g.content_hash, g.attempts,
            coalesce(g.last_error, 'no result after ' || g.attempts
                                   || ' attempts (worker stopped or timed out)')
@@ -135,8 +135,8 @@ BEGIN
        AND EXISTS (SELECT FROM chunk)
     RETURNING q.*
   ), done AS (
-    INSERT INTO pyembed.queue_failed AS f (corpus_id, chunk_id, model_key, content_hash,
-                                           attempts, reason)
+    INSERT INTO pyembed.queue_failed (corpus_id, chunk_id, model_key, content_hash,
+                                      attempts, reason)
     SELECT g.corpus_id, g.chunk_id, g.model_key, g.content_hash, g.attempts, why FROM gone g
     ON CONFLICT (corpus_id, chunk_id, model_key) DO UPDATE
       SET reason = EXCLUDED.reason, attempts = EXCLUDED.attempts, failed_at = now()
@@ -162,12 +162,12 @@ SET plan_cache_mode = force_custom_plan
 SET enable_seqscan = off
 AS $$
 BEGIN
-  IF num_nulls(_dequeue_written.p_corpus_id, _dequeue_written.p_model_key, _dequeue_written.lo, _dequeue_written.hi, _dequeue_written.done) > 0 THEN
-    PERFORM pyembed._needs(_dequeue_written.p_corpus_id IS NULL, 'p_corpus_id', '_dequeue_written');
-    PERFORM pyembed._needs(_dequeue_written.p_model_key IS NULL, 'p_model_key', '_dequeue_written');
-    PERFORM pyembed._needs(_dequeue_written.lo IS NULL, 'lo', '_dequeue_written');
-    PERFORM pyembed._needs(_dequeue_written.hi IS NULL, 'hi', '_dequeue_written');
-    PERFORM pyembed._needs(_dequeue_written.done IS NULL, 'done', '_dequeue_written');
+  IF num_nulls(p_corpus_id, p_model_key, lo, hi, done) > 0 THEN
+    PERFORM pyembed._needs(p_corpus_id IS NULL, 'p_corpus_id', '_dequeue_written');
+    PERFORM pyembed._needs(p_model_key IS NULL, 'p_model_key', '_dequeue_written');
+    PERFORM pyembed._needs(lo IS NULL, 'lo', '_dequeue_written');
+    PERFORM pyembed._needs(hi IS NULL, 'hi', '_dequeue_written');
+    PERFORM pyembed._needs(done IS NULL, 'done', '_dequeue_written');
   END IF;
   IF EXISTS (SELECT FROM pyembed.queue q WHERE q.corpus_id = p_corpus_id
                 AND q.chunk_id BETWEEN lo AND hi)
@@ -269,11 +269,11 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 BEGIN
-  IF num_nulls(claim_jobs.max_attempts, claim_jobs.batch, claim_jobs.lease, claim_jobs.skip) > 0 THEN
-    PERFORM pyembed._needs(claim_jobs.max_attempts IS NULL, 'max_attempts', 'claim_jobs');
-    PERFORM pyembed._needs(claim_jobs.batch IS NULL, 'batch', 'claim_jobs');
-    PERFORM pyembed._needs(claim_jobs.lease IS NULL, 'lease', 'claim_jobs');
-    PERFORM pyembed._needs(claim_jobs.skip IS NULL, 'skip', 'claim_jobs');
+  IF num_nulls(max_attempts, batch, lease, skip) > 0 THEN
+    PERFORM pyembed._needs(max_attempts IS NULL, 'max_attempts', 'claim_jobs');
+    PERFORM pyembed._needs(batch IS NULL, 'batch', 'claim_jobs');
+    PERFORM pyembed._needs(lease IS NULL, 'lease', 'claim_jobs');
+    PERFORM pyembed._needs(skip IS NULL, 'skip', 'claim_jobs');
   END IF;
   PERFORM pyembed._job_bounds(batch, lease);
   RETURN QUERY
@@ -319,12 +319,12 @@ AS $$
 DECLARE
   n integer;
 BEGIN
-  IF num_nulls(renew_jobs.lease, renew_jobs.corpus_ids, renew_jobs.chunk_ids, renew_jobs.keys, renew_jobs.claimed) > 0 THEN
-    PERFORM pyembed._needs(renew_jobs.lease IS NULL, 'lease', 'renew_jobs');
-    PERFORM pyembed._needs(renew_jobs.corpus_ids IS NULL, 'corpus_ids', 'renew_jobs');
-    PERFORM pyembed._needs(renew_jobs.chunk_ids IS NULL, 'chunk_ids', 'renew_jobs');
-    PERFORM pyembed._needs(renew_jobs.keys IS NULL, 'keys', 'renew_jobs');
-    PERFORM pyembed._needs(renew_jobs.claimed IS NULL, 'claimed', 'renew_jobs');
+  IF num_nulls(lease, corpus_ids, chunk_ids, keys, claimed) > 0 THEN
+    PERFORM pyembed._needs(lease IS NULL, 'lease', 'renew_jobs');
+    PERFORM pyembed._needs(corpus_ids IS NULL, 'corpus_ids', 'renew_jobs');
+    PERFORM pyembed._needs(chunk_ids IS NULL, 'chunk_ids', 'renew_jobs');
+    PERFORM pyembed._needs(keys IS NULL, 'keys', 'renew_jobs');
+    PERFORM pyembed._needs(claimed IS NULL, 'claimed', 'renew_jobs');
   END IF;
   PERFORM pyembed._job_bounds(1, lease);
   UPDATE pyembed.queue q
@@ -358,13 +358,13 @@ DECLARE
   n integer;
   why text := pyembed._failure_reason(reason, 'retry_jobs');
 BEGIN
-  IF num_nulls(retry_jobs.corpus_ids, retry_jobs.chunk_ids, retry_jobs.keys, retry_jobs.hashes, retry_jobs.claimed, retry_jobs.delays) > 0 THEN
-    PERFORM pyembed._needs(retry_jobs.corpus_ids IS NULL, 'corpus_ids', 'retry_jobs');
-    PERFORM pyembed._needs(retry_jobs.chunk_ids IS NULL, 'chunk_ids', 'retry_jobs');
-    PERFORM pyembed._needs(retry_jobs.keys IS NULL, 'keys', 'retry_jobs');
-    PERFORM pyembed._needs(retry_jobs.hashes IS NULL, 'hashes', 'retry_jobs');
-    PERFORM pyembed._needs(retry_jobs.claimed IS NULL, 'claimed', 'retry_jobs');
-    PERFORM pyembed._needs(retry_jobs.delays IS NULL, 'delays', 'retry_jobs');
+  IF num_nulls(corpus_ids, chunk_ids, keys, hashes, claimed, delays) > 0 THEN
+    PERFORM pyembed._needs(corpus_ids IS NULL, 'corpus_ids', 'retry_jobs');
+    PERFORM pyembed._needs(chunk_ids IS NULL, 'chunk_ids', 'retry_jobs');
+    PERFORM pyembed._needs(keys IS NULL, 'keys', 'retry_jobs');
+    PERFORM pyembed._needs(hashes IS NULL, 'hashes', 'retry_jobs');
+    PERFORM pyembed._needs(claimed IS NULL, 'claimed', 'retry_jobs');
+    PERFORM pyembed._needs(delays IS NULL, 'delays', 'retry_jobs');
   END IF;
   IF EXISTS (SELECT FROM unnest(delays) d WHERE d IS NULL OR NOT d >= 0) THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
@@ -393,11 +393,11 @@ AS $$
 DECLARE
   n integer;
 BEGIN
-  IF num_nulls(release_jobs.corpus_ids, release_jobs.chunk_ids, release_jobs.keys, release_jobs.claimed) > 0 THEN
-    PERFORM pyembed._needs(release_jobs.corpus_ids IS NULL, 'corpus_ids', 'release_jobs');
-    PERFORM pyembed._needs(release_jobs.chunk_ids IS NULL, 'chunk_ids', 'release_jobs');
-    PERFORM pyembed._needs(release_jobs.keys IS NULL, 'keys', 'release_jobs');
-    PERFORM pyembed._needs(release_jobs.claimed IS NULL, 'claimed', 'release_jobs');
+  IF num_nulls(corpus_ids, chunk_ids, keys, claimed) > 0 THEN
+    PERFORM pyembed._needs(corpus_ids IS NULL, 'corpus_ids', 'release_jobs');
+    PERFORM pyembed._needs(chunk_ids IS NULL, 'chunk_ids', 'release_jobs');
+    PERFORM pyembed._needs(keys IS NULL, 'keys', 'release_jobs');
+    PERFORM pyembed._needs(claimed IS NULL, 'claimed', 'release_jobs');
   END IF;
   UPDATE pyembed.queue q SET attempts = q.attempts - 1, not_before = now()
     FROM unnest(corpus_ids, chunk_ids, keys, claimed) AS t(corpus_id, chunk_id, model_key, attempts)

@@ -10,8 +10,8 @@ LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-  IF num_nulls(cache_get.keys) > 0 THEN
-    PERFORM pyembed._needs(cache_get.keys IS NULL, 'keys', 'cache_get');
+  IF keys IS NULL THEN
+    PERFORM pyembed._needs(true, 'keys', 'cache_get');
   END IF;
   RETURN QUERY
   SELECT DISTINCT ON (e.cache_key) e.cache_key, e.embedding FROM pyembed.embedding_cache e
@@ -55,11 +55,11 @@ DECLARE
   stored integer;
   expires timestamptz := pyembed._expiry(ttl_seconds);  -- checked first
 BEGIN
-  IF num_nulls(cache_put.keys, cache_put.p_model_key, cache_put.p_input_type, cache_put.embeddings) > 0 THEN
-    PERFORM pyembed._needs(cache_put.keys IS NULL, 'keys', 'cache_put');
-    PERFORM pyembed._needs(cache_put.p_model_key IS NULL, 'p_model_key', 'cache_put');
-    PERFORM pyembed._needs(cache_put.p_input_type IS NULL, 'p_input_type', 'cache_put');
-    PERFORM pyembed._needs(cache_put.embeddings IS NULL, 'embeddings', 'cache_put');
+  IF num_nulls(keys, p_model_key, p_input_type, embeddings) > 0 THEN
+    PERFORM pyembed._needs(keys IS NULL, 'keys', 'cache_put');
+    PERFORM pyembed._needs(p_model_key IS NULL, 'p_model_key', 'cache_put');
+    PERFORM pyembed._needs(p_input_type IS NULL, 'p_input_type', 'cache_put');
+    PERFORM pyembed._needs(embeddings IS NULL, 'embeddings', 'cache_put');
   END IF;
   IF current_setting('transaction_read_only') = 'on' THEN
     RETURN 0;
@@ -118,10 +118,10 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-  IF num_nulls(cache_count.models, cache_count.hits, cache_count.misses) > 0 THEN
-    PERFORM pyembed._needs(cache_count.models IS NULL, 'models', 'cache_count');
-    PERFORM pyembed._needs(cache_count.hits IS NULL, 'hits', 'cache_count');
-    PERFORM pyembed._needs(cache_count.misses IS NULL, 'misses', 'cache_count');
+  IF num_nulls(models, hits, misses) > 0 THEN
+    PERFORM pyembed._needs(models IS NULL, 'models', 'cache_count');
+    PERFORM pyembed._needs(hits IS NULL, 'hits', 'cache_count');
+    PERFORM pyembed._needs(misses IS NULL, 'misses', 'cache_count');
   END IF;
   IF current_setting('transaction_read_only') = 'on' THEN
     RETURN false;
@@ -169,8 +169,8 @@ AS $$
 DECLARE
   gone bigint;
 BEGIN
-  IF num_nulls(cache_purge.expired_only) > 0 THEN
-    PERFORM pyembed._needs(cache_purge.expired_only IS NULL, 'expired_only', 'cache_purge');
+  IF expired_only IS NULL THEN
+    PERFORM pyembed._needs(true, 'expired_only', 'cache_purge');
   END IF;
   -- A key no model has would delete nothing, which read as done ("deleted 0").
   IF p_model_key IS NOT NULL

@@ -40,8 +40,8 @@ LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-  IF num_nulls(rerank_cache_get.keys) > 0 THEN
-    PERFORM pyembed._needs(rerank_cache_get.keys IS NULL, 'keys', 'rerank_cache_get');
+  IF keys IS NULL THEN
+    PERFORM pyembed._needs(true, 'keys', 'rerank_cache_get');
   END IF;
   RETURN QUERY
   SELECT DISTINCT ON (e.cache_key) e.cache_key, e.score FROM pyembed.rerank_cache e
@@ -65,10 +65,10 @@ DECLARE
   stored integer;
   expires timestamptz := pyembed._expiry(ttl_seconds);  -- checked first
 BEGIN
-  IF num_nulls(rerank_cache_put.keys, rerank_cache_put.p_reranker, rerank_cache_put.scores) > 0 THEN
-    PERFORM pyembed._needs(rerank_cache_put.keys IS NULL, 'keys', 'rerank_cache_put');
-    PERFORM pyembed._needs(rerank_cache_put.p_reranker IS NULL, 'p_reranker', 'rerank_cache_put');
-    PERFORM pyembed._needs(rerank_cache_put.scores IS NULL, 'scores', 'rerank_cache_put');
+  IF num_nulls(keys, p_reranker, scores) > 0 THEN
+    PERFORM pyembed._needs(keys IS NULL, 'keys', 'rerank_cache_put');
+    PERFORM pyembed._needs(p_reranker IS NULL, 'p_reranker', 'rerank_cache_put');
+    PERFORM pyembed._needs(scores IS NULL, 'scores', 'rerank_cache_put');
   END IF;
   IF current_setting('transaction_read_only') = 'on' THEN
     RETURN 0;
@@ -117,8 +117,8 @@ AS $$
 DECLARE
   gone bigint;
 BEGIN
-  IF num_nulls(rerank_cache_purge.expired_only) > 0 THEN
-    PERFORM pyembed._needs(rerank_cache_purge.expired_only IS NULL, 'expired_only', 'rerank_cache_purge');
+  IF expired_only IS NULL THEN
+    PERFORM pyembed._needs(true, 'expired_only', 'rerank_cache_purge');
   END IF;
   DELETE FROM pyembed.rerank_cache e
    WHERE e.tenant_id = coalesce(pyembed.current_tenant(), 0)

@@ -83,8 +83,8 @@ AS $$
 DECLARE
   v vector := embedding;
 BEGIN
-  IF num_nulls(record_search.p_corpus_id) > 0 THEN
-    PERFORM pyembed._needs(record_search.p_corpus_id IS NULL, 'p_corpus_id', 'record_search');
+  IF p_corpus_id IS NULL THEN
+    PERFORM pyembed._needs(true, 'p_corpus_id', 'record_search');
   END IF;
   -- k is the log line's (kind NULL: no line); the model and input type, the cache entry's
   -- (cache_key and embedding given); the hits and misses, the counts' (count_models given).

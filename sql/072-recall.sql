@@ -117,8 +117,8 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-  IF num_nulls(recall_sampled.max_samples) > 0 THEN
-    PERFORM pyembed._needs(recall_sampled.max_samples IS NULL, 'max_samples', 'recall_sampled');
+  IF max_samples IS NULL THEN
+    PERFORM pyembed._needs(true, 'max_samples', 'recall_sampled');
   END IF;
   IF current_setting('transaction_read_only') = 'on' THEN
     RETURN;
