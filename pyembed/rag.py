@@ -17,6 +17,7 @@ import anthropic
 from .client import Corpus, _ms
 from .db import integer
 from .errors import InvalidInput, ProviderError, RateLimited, redact
+from .providers.base import UNREADABLE, unreadable
 from .search import MODES, Hit
 from .text import check_text
 
@@ -222,16 +223,22 @@ def _generate(client: anthropic.Anthropic, result: Answer, prompt: str, *, model
             if message.stop_reason is None:
                 raise ProviderError(f"claude ({model}): the answer stream ended before "
                                     "the message was complete")
+        generation_model, stop_reason = str(message.model or model), message.stop_reason
+        usage = {"input_tokens": message.usage.input_tokens,
+                 "output_tokens": message.usage.output_tokens}
+        if not isinstance(text, str) or not all(isinstance(n, int) for n in usage.values()):
+            raise TypeError("no text, or token counts that are not whole numbers")
     except anthropic.AnthropicError as exc:
         raise _provider_error(exc, model, client) from None
+    except UNREADABLE as exc:
+        raise ProviderError(_scrubbed(f"claude ({model}): {unreadable(exc)}", client)) from None
     result.text = text
     result.generated = True
-    result.generation_model = message.model or model
-    result.stop_reason = message.stop_reason
+    result.generation_model = generation_model
+    result.stop_reason = stop_reason
     result.cited = citations(text, len(result.sources))
     result.insufficient = is_insufficient(text)
-    result.usage = {"input_tokens": message.usage.input_tokens,
-                    "output_tokens": message.usage.output_tokens}
+    result.usage = usage
 
 
 def _provider_error(exc: anthropic.AnthropicError, model: str,
@@ -249,12 +256,17 @@ def _provider_error(exc: anthropic.AnthropicError, model: str,
         message = f"{where}: no response: {exc.message}"
     else:
         message = f"{where}: {exc}"
-    message = " ".join(redact(message, secrets=(client.api_key, client.auth_token,
-                                                os.environ.get(API_KEY_ENV)),
-                              base_url=str(client.base_url)).split())
+    message = _scrubbed(message, client)
     if isinstance(exc, anthropic.RateLimitError):
         return RateLimited(message)
     return ProviderError(message)
+
+
+def _scrubbed(message: str, client: anthropic.Anthropic) -> str:
+    """`message` on one line, with any credential or base URL scrubbed out."""
+    return " ".join(redact(message, secrets=(client.api_key, client.auth_token,
+                                             os.environ.get(API_KEY_ENV)),
+                           base_url=str(client.base_url)).split())
 
 
 def _detail(exc: anthropic.APIStatusError) -> str:

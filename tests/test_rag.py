@@ -126,6 +126,23 @@ def test_a_stream_cut_short_is_a_provider_error(kb: Corpus, claude: FakeAPI) -> 
     assert pieces  # what arrived was shown
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["message", "stream"])
+@pytest.mark.parametrize("behaviour", ["notjson", "empty"])
+def test_an_answer_not_in_the_services_format_is_a_provider_error(
+        kb: Corpus, claude: FakeAPI, behaviour: str, stream: bool) -> None:
+    """A gateway's HTML page, or a body without a message's fields, failed inside the SDK
+    (JSONDecodeError, an assertion) or in reading it (AttributeError): a traceback."""
+    claude.script(behaviour)
+    with pytest.raises(pyembed.ProviderError) as raised:
+        rag.answer(kb, "What does error E4012 mean?", max_retries=0,
+                   on_text=(lambda _: None) if stream else None)
+    message = str(raised.value)
+    assert message.startswith(f"claude ({rag.DEFAULT_MODEL}): the answer is not in the "
+                              "service's format"), message
+    assert "\n" not in message and SECRET not in message
+    assert raised.value.sqlstate == "PE009" and raised.value.__cause__ is None
+
+
 def test_without_an_api_key_the_passages_are_returned(kb: Corpus, fake_api: FakeAPI,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)

@@ -7,7 +7,8 @@ import os
 import sys
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import ClassVar, Generic, Protocol, TypeAlias, TypeVar
 
 import numpy as np
@@ -27,7 +28,19 @@ MAX_LOCAL_THREADS = 4
 TRANSIENT_STATUSES = frozenset({408, 409, 429})
 """HTTP statuses worth retrying, besides every 5xx."""
 
+UNREADABLE = (AssertionError, AttributeError, LookupError, TypeError, ValueError)
+"""What an SDK raises, or reading its result raises, for an answer that is not in the service's
+format: a 200 whose body is HTML or not JSON, JSON without the fields the SDK reads, base64 that
+is not (a stream the SDK cannot follow fails its assertions)."""
+
 T = TypeVar("T")
+
+
+def unreadable(exc: BaseException) -> str:
+    """What to say of an answer `UNREADABLE` refused: its error's class and first line."""
+    first = (str(exc).strip().splitlines() or [""])[0][:200]
+    return f"the answer is not in the service's format ({type(exc).__name__}" + (
+        f": {first})" if first else ")")
 
 
 class _Spec(Protocol):
@@ -110,8 +123,12 @@ class ServiceClient(Generic[S]):
         """The error to raise for a failed request: transient for 408/409/429/5xx and for
         no response at all (status None), permanent otherwise. Its message is redacted (see
         `pyembed.errors.redact`); raise it `from None`, since the SDK's exception is not."""
-        where = f"{self.name} ({self.model_id})"
         what = f"HTTP {status}" if status is not None else "no response"
+        if status is not None and 200 <= status < 300:  # an answer the SDK could not read
+            first = (detail.strip().splitlines() or ["no detail given"])[0][:200]
+            return self.bad_response(f"the answer is not in the service's format ({what}: "
+                                     f"{first})")
+        where = f"{self.name} ({self.model_id})"
         message = self._scrub(f"{where}: {what}: {detail.strip() or 'no detail given'}")
         if status is None or status in TRANSIENT_STATUSES or status >= 500:
             return TransientProviderError(message, status=status, retry_after=retry_after)
@@ -120,6 +137,16 @@ class ServiceClient(Generic[S]):
     def bad_response(self, detail: str) -> ProviderError:
         """The error to raise when the service answered, but not with a usable answer."""
         return ProviderError(self._scrub(f"{self.name} ({self.model_id}): {detail}"))
+
+    @contextmanager
+    def reading_answer(self) -> Iterator[None]:
+        """Around a request and the reading of its answer: an answer not in the service's
+        format (`UNREADABLE`) is the service's bad answer, not a failure of pyembed's, and
+        nothing of it is used."""
+        try:
+            yield
+        except UNREADABLE as exc:
+            raise self.bad_response(unreadable(exc)) from None
 
     def in_input_order(self, indexed: Iterable[tuple[object, T]], count: int) -> list[T]:
         """The items of an answer to `count` texts, each given with the index of its text,
