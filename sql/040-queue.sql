@@ -280,6 +280,7 @@ BEGIN
                  AS t(corpus_id, chunk_id, model_key, attempts)
             JOIN pyembed.queue q2 ON q2.corpus_id = t.corpus_id AND q2.chunk_id = t.chunk_id
                                  AND q2.model_key = t.model_key AND q2.attempts = t.attempts
+                                 AND q2.attempts > 0
             JOIN pyembed.corpora c ON c.corpus_id = q2.corpus_id
                                   AND q2.model_key IN (c.model_key, c.target_model_key)
            WHERE q2.corpus_id = ANY (pyembed.visible_corpora())
@@ -290,9 +291,10 @@ BEGIN
 END
 $$;
 
--- Retry claimed jobs after their delays (seconds, 0 or more), recording why the try failed
--- (what expire_jobs records if the job runs out of attempts). One statement for the batch, so
--- that it shares one now() and is claimed again as one batch. The number retried.
+-- Retry claimed jobs after their delays (seconds, 0 to a day, as a lease: a job delayed longer
+-- is as good as lost), recording why the try failed (what expire_jobs records if the job runs
+-- out of attempts). One statement for the batch, so that it shares one now() and is claimed
+-- again as one batch. The number retried.
 CREATE OR REPLACE FUNCTION pyembed.retry_jobs(reason text, corpus_ids integer[],
                                               chunk_ids bigint[], keys text[], hashes bytea[],
                                               claimed integer[], delays float8[])
@@ -303,16 +305,17 @@ AS $$
 DECLARE
   n integer;
 BEGIN
-  IF reason IS NULL OR EXISTS (SELECT FROM unnest(delays) d WHERE d IS NULL OR NOT d >= 0) THEN
+  IF reason IS NULL OR EXISTS (SELECT FROM unnest(delays) d
+                                WHERE d IS NULL OR NOT (d >= 0 AND d <= 86400)) THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
-      MESSAGE = 'retry_jobs() needs a reason and delays of 0 seconds or more';
+      MESSAGE = 'retry_jobs() needs a reason and delays of 0 to 86400 seconds';
   END IF;
   UPDATE pyembed.queue q SET last_error = left(reason, 2000),
          not_before = now() + make_interval(secs => t.delay)
     FROM unnest(corpus_ids, chunk_ids, keys, hashes, claimed, delays)
          AS t(corpus_id, chunk_id, model_key, content_hash, attempts, delay)
    WHERE q.corpus_id = t.corpus_id AND q.chunk_id = t.chunk_id AND q.model_key = t.model_key
-     AND q.content_hash = t.content_hash AND q.attempts = t.attempts
+     AND q.content_hash = t.content_hash AND q.attempts = t.attempts AND q.attempts > 0
      AND q.corpus_id = ANY (pyembed.visible_corpora());
   GET DIAGNOSTICS n = ROW_COUNT;
   RETURN n;

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+import math
 import os
 import sys
 import time
@@ -236,14 +237,18 @@ def parse_retry_after(headers: Mapping[str, str] | None) -> float | None:
     millis = lowered.get("retry-after-ms")
     if millis is not None:
         try:
-            return max(float(millis) / 1000.0, 0.0)
+            seconds = float(millis) / 1000.0
+            if math.isfinite(seconds):
+                return max(seconds, 0.0)
         except ValueError:
             pass
     value = lowered.get("retry-after")
     if value is None:
         return None
     try:
-        return max(float(value), 0.0)
+        seconds = float(value)
+        # "nan" and "inf" read as floats; no wait can be taken from them.
+        return max(seconds, 0.0) if math.isfinite(seconds) else None
     except ValueError:
         pass
     try:
