@@ -58,7 +58,8 @@ CREATE OR REPLACE TRIGGER chunks_queue_update
 -- wait, and could otherwise deadlock with the delete).
 
 -- Jobs that used up their attempts without a recorded verdict (e.g. the worker died each time);
--- the number moved.
+-- the number moved. A job no claim has tried (attempts 0) has used none, whatever max_attempts
+-- a caller gives.
 CREATE OR REPLACE FUNCTION pyembed.expire_jobs(max_attempts integer) RETURNS integer
 LANGUAGE sql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -67,7 +68,7 @@ WITH gone AS (
   DELETE FROM pyembed.queue q USING (
     SELECT q2.corpus_id, q2.chunk_id, q2.model_key FROM pyembed.queue q2
       JOIN pyembed.chunks ch ON ch.corpus_id = q2.corpus_id AND ch.chunk_id = q2.chunk_id
-     WHERE q2.attempts >= max_attempts AND q2.not_before <= now()
+     WHERE q2.attempts >= max_attempts AND q2.attempts > 0 AND q2.not_before <= now()
        AND q2.corpus_id = ANY (pyembed.visible_corpora())
      FOR KEY SHARE OF ch SKIP LOCKED FOR UPDATE OF q2 SKIP LOCKED) p
    WHERE q.corpus_id = p.corpus_id AND q.chunk_id = p.chunk_id AND q.model_key = p.model_key

@@ -225,7 +225,7 @@ def test_retry_jobs_takes_delays_of_0_to_a_day_and_only_claimed_jobs(
         app: psycopg.Connection[Any]) -> None:
     """A delay of NaN, Infinity or 1e300 was SQLSTATE 22008 and one of 10^12 seconds hid the
     job for ever; a job no claim touched (attempts 0) could be retried or renewed, and so
-    hidden for a day by a worker that never claimed it."""
+    hidden for a day by a worker that never claimed it, or expired by expire_jobs(0)."""
     app.execute("SELECT pyembed.create_corpus('later', %s)", (OPENAI.key,))
     app.execute("SELECT pyembed.add_document('later', 'd1', 'a text to embed')")
     corpus, chunk, digest = app.execute(
@@ -235,6 +235,9 @@ def test_retry_jobs_takes_delays_of_0_to_a_day_and_only_claimed_jobs(
     assert app.execute(retry, (*job, [digest], [0], [60])).fetchone() == (0,)
     assert app.execute("SELECT pyembed.renew_jobs(3600, %s, %s, %s, '{0}')",
                        job).fetchone() == (0,)
+    for max_attempts in (0, -5):  # it failed the job 'no result after 0 attempts'
+        assert app.execute("SELECT pyembed.expire_jobs(%s)", (max_attempts,)).fetchone() == (0,)
+    assert app.execute("SELECT count(*) FROM pyembed.queue_failed").fetchone() == (0,)
     assert app.execute("SELECT attempts, last_error, not_before <= now() "
                        "FROM pyembed.queue").fetchone() == (0, None, True)
     app.execute("SELECT * FROM pyembed.claim_jobs(5, 10, 30)")
