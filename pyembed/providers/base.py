@@ -93,7 +93,7 @@ class ServiceClient(Generic[S]):
         if spec.provider != self.name:
             raise ConfigError(f"{type(self).__name__} serves {self.name} {self.serves}, not "
                               f"{spec.key}")
-        if timeout <= 0:
+        if not (math.isfinite(timeout) and timeout > 0):  # NaN and inf reach the socket
             raise ConfigError(f"timeout must be positive, got {timeout}")
         self.spec = spec
         self.timeout = timeout
