@@ -17,7 +17,7 @@ import anthropic
 from .client import Corpus, _ms
 from .db import integer
 from .errors import InvalidInput, ProviderError, RateLimited, redact
-from .providers.base import UNREADABLE, unreadable
+from .providers.base import UNREADABLE, checked_base_url, unreadable
 from .search import MODES, Hit
 from .text import check_text
 
@@ -183,6 +183,10 @@ def answer(corpus: Corpus, question: str, *, k: int = 5, model: str | None = Non
         if client is None:
             api_key = os.environ.get(API_KEY_ENV, "").strip()
             if api_key:
+                # The SDK reads its base URL from the environment, and raises httpx's
+                # InvalidURL for one that is not a URL.
+                checked_base_url(os.environ.get("ANTHROPIC_BASE_URL") or None,
+                                 "ANTHROPIC_BASE_URL")
                 client = anthropic.Anthropic(api_key=api_key, timeout=timeout,
                                              max_retries=max_retries)
         if client is None:

@@ -11,6 +11,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import ClassVar, Generic, Protocol, TypeAlias, TypeVar
+from urllib.parse import urlsplit
 
 import numpy as np
 import numpy.typing as npt
@@ -100,7 +101,7 @@ class ServiceClient(Generic[S]):
         self.api_key = api_key or self._key_from_env()
         if base_url is None and self.base_url_env is not None:
             base_url = os.environ.get(self.base_url_env) or None
-        self.base_url = base_url
+        self.base_url = checked_base_url(base_url, self.base_url_env or "the base URL")
 
     @property
     def model_id(self) -> str:
@@ -207,6 +208,24 @@ class Provider(ServiceClient[ModelSpec], ABC):
         """Exact token counts in the model's own tokenizer, or None if this provider can
         only have them estimated."""
         return None
+
+def checked_base_url(url: str | None, what: str) -> str | None:
+    """`url` if it is an http or https URL with a host (and a port 1..65535 if it names one),
+    else ConfigError naming `what` (not the URL, which may hold credentials): the SDKs raise
+    their own errors for it (httpx's InvalidURL), or retry it as a failed connection."""
+    if url is None:
+        return None
+    try:
+        parts = urlsplit(url)
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname) and (
+            parts.port is None or parts.port > 0)
+    except ValueError:  # a port out of range or not a number, a bracket left open
+        valid = False
+    if not valid:
+        raise ConfigError(f"{what} is not an http or https URL with a host (and a port "
+                          "1..65535, if it names one)")
+    return url
+
 
 def local_threads() -> int:
     """The thread count for a local model: PYEMBED_LOCAL_THREADS, else 1 in a PostgreSQL
