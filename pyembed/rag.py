@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import logging
+import math
 import os
 import re
 import time
@@ -163,6 +164,14 @@ def answer(corpus: Corpus, question: str, *, k: int = 5, model: str | None = Non
         raise InvalidInput(f"max_tokens must be at least 1, got {max_tokens}")
     if mode not in MODES:
         raise InvalidInput(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    # NaN compares false with every score (every passage dropped) and reaches the socket as a
+    # timeout; a finite number is what either can mean.
+    if min_score is not None and not _finite(min_score):
+        raise InvalidInput(f"min_score must be a finite number, got {min_score!r}")
+    if not (_finite(timeout) and timeout > 0):
+        raise InvalidInput(f"timeout must be a number of seconds above 0, got {timeout!r}")
+    if integer(max_retries, "max_retries") < 0:
+        raise InvalidInput(f"max_retries must be 0 or more, got {max_retries}")
     model = model or os.environ.get(MODEL_ENV) or DEFAULT_MODEL
     start = time.perf_counter()
 
@@ -202,6 +211,12 @@ def answer(corpus: Corpus, question: str, *, k: int = 5, model: str | None = Non
                       "total_ms": _ms(start, done)}
     corpus.log_query("ask", k, result.timings, generated=result.generated, model_key=key)
     return result
+
+
+def _finite(value: object) -> bool:
+    """Whether `value` is a real number (not a bool, text or NaN/inf)."""
+    return (isinstance(value, int | float) and not isinstance(value, bool)
+            and math.isfinite(value))
 
 
 def _generate(client: anthropic.Anthropic, result: Answer, prompt: str, *, model: str,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import psycopg
@@ -242,6 +243,16 @@ def test_citations_and_bad_arguments(kb: Corpus) -> None:
             rag.answer(kb, "q", k=bad_k)  # type: ignore[arg-type]
     with pytest.raises(pyembed.InvalidInput):
         rag.answer(kb, "   ")
+    # NaN dropped every passage unseen (it compares false) and reached the socket as a
+    # timeout; a text min_score raised TypeError mid-answer.
+    for bad_score in (math.nan, math.inf, "0.5", True):
+        with pytest.raises(pyembed.InvalidInput, match="min_score must be a finite number"):
+            rag.answer(kb, "q", min_score=bad_score)  # type: ignore[arg-type]
+    for bad_timeout in (math.nan, math.inf, 0, -1.0):
+        with pytest.raises(pyembed.InvalidInput, match="timeout must be a number of seconds"):
+            rag.answer(kb, "q", timeout=bad_timeout)
+    with pytest.raises(pyembed.InvalidInput, match="max_retries must be 0 or more"):
+        rag.answer(kb, "q", max_retries=-1)
 
 
 def test_claude_errors_hide_a_gateway_base_url(kb: Corpus, claude: FakeAPI,
