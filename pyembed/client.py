@@ -49,7 +49,7 @@ from .rerank import RerankCache, Reranker, candidates, reranker_spec
 from .search import Hit, Options, route, search
 from .sqlexec import PsycopgExecutor
 from .tenants import Keyed, error_counter, meter
-from .text import check_document_id, check_metadata, check_text, document_hash
+from .text import check_document_id, check_metadata, check_text, check_whole_number, document_hash
 
 _log = logging.getLogger(__name__)
 
@@ -743,7 +743,9 @@ def _metadata(value: Any) -> Any:
 def _document_id(value: Any) -> Any:
     """An integer id as its digits (as `pyembed ingest` reads one); anything else as given,
     for check_document_id to accept or refuse."""
-    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(check_whole_number(value, "a document id"))
+    return value
 
 
 def connect(dsn: str | None = None, *, read_dsn: str | None = None, use_cache: bool = True,

@@ -275,6 +275,14 @@ def translate(exc: psycopg.Error) -> Exception:
     gone = _dropped_corpus(exc, message)
     if gone:
         return gone
+    mistyped = _WRONG_TYPES.match(message) if isinstance(
+        exc, psycopg.errors.UndefinedFunction) else None
+    if mistyped:
+        # psycopg types a parameter by its Python value: an int, float, bytes or bool where a
+        # corpus name or a key goes finds no function of that signature.
+        return errors.InvalidInput(f"{mistyped[1]}() takes no arguments of the types "
+                                   f"({mistyped[2]}): a corpus name, model key, id or text is a "
+                                   "str")
     owners = _owner_only(exc, message)
     if owners:
         return owners
@@ -290,6 +298,8 @@ def translate(exc: psycopg.Error) -> Exception:
         message += f" (hint: {diag.message_hint})"
     return errors.from_sqlstate(exc.sqlstate, message) or exc
 
+
+_WRONG_TYPES = re.compile(r"function (pyembed\.\w+)\((.*)\) does not exist$")
 
 GRANTED_TO = {"pyembed.count_provider_error": "pyembed_worker"}
 """The functions granted to a role other than the application role (sql/080-grants.sql), and

@@ -16,6 +16,7 @@ from .models import InputType, ModelSpec
 from .providers import Provider, Vectors, provider_for
 from .retry import Retrier
 from .text import check_text, estimate_tokens, text_list, truncate_to_tokens
+from .vectors import float_array
 
 DEFAULT_MAX_BATCH_TOKENS = 100_000
 """Estimated tokens per request; under every supported service's per-request limit."""
@@ -233,11 +234,14 @@ class Embedder:
 
     def _checked(self, raw: Vectors, count: int) -> npt.NDArray[np.float32]:
         key = self.spec.key
-        try:
-            vectors = np.asarray(raw, dtype=np.float64)
-        except (TypeError, ValueError):
+        try:  # read as a user's vectors are: text ("0.5") and booleans are not numbers
+            vectors = float_array(raw, np.float64)
+        except InvalidVector:
             raise ProviderError(f"{key}: the service returned vectors of unequal lengths "
                                 f"or non-numbers") from None
+        if vectors.ndim > 2:
+            raise ProviderError(f"{key}: the service returned vectors of shape "
+                                f"{vectors.shape[1:]}, not lists of numbers")
         got = vectors.shape[0] if vectors.ndim else 0
         if vectors.ndim != 2 or got != count:
             raise ProviderError(f"{key}: the service returned {got} vectors for {count} texts")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import math
 import os
 import traceback
 import typing
@@ -31,12 +32,27 @@ def _cache(plpy: Any, GD: dict[str, Any]) -> PostgresCache:
     return PostgresCache(PlpyExecutor(plpy, GD), counter=GD.setdefault("pyembed.hits", HitCounter()))
 
 
-def _setting(plpy: Any, name: str, default: float) -> float:
+HTTP_TIMEOUT_MAX = 3600.0
+"""The most seconds pyembed.http_timeout may give a request: PL/Python cannot be cancelled
+while Python runs, so each bound is the longest a statement may hang."""
+HTTP_RETRIES_MAX = 10
+"""The most retries pyembed.http_retries may ask for a request, for the same reason."""
+
+
+def _setting(plpy: Any, name: str, default: float, fits: Callable[[float], bool],
+             rule: str) -> float:
+    """The session's pyembed.`name`, or `default` unset; InvalidInput saying `rule` ("a
+    whole number 0..10") for a value that is not a number that `fits`."""
     row = plpy.execute(f"SELECT current_setting('pyembed.{name}', true) AS v")[0]["v"]
+    if not row:
+        return default
     try:
-        return float(row) if row else default
+        value = float(row)
     except ValueError:
-        raise InvalidInput(f"pyembed.{name} must be a number, got {row!r}") from None
+        value = math.nan
+    if not (math.isfinite(value) and fits(value)):
+        raise InvalidInput(f"pyembed.{name} must be {rule}, got {row!r}")
+    return value
 
 
 def _secret(db: PlpyExecutor, name: str) -> str | None:
@@ -49,8 +65,11 @@ def _service_settings(plpy: Any, db: PlpyExecutor, spec: Any
                       ) -> tuple[float, int, str | None, str | None]:
     """(timeout, retries, API key, base URL) for a service's model or reranker `spec`: the
     owner's settings and secrets (MissingAPIKey when the model needs a key that is unset)."""
-    timeout = _setting(plpy, "http_timeout", 10.0)
-    retries = int(_setting(plpy, "http_retries", 2))
+    timeout = _setting(plpy, "http_timeout", 10.0, lambda v: 0 < v <= HTTP_TIMEOUT_MAX,
+                       f"a number of seconds above 0 and at most {HTTP_TIMEOUT_MAX:g}")
+    retries = int(_setting(plpy, "http_retries", 2,
+                           lambda v: v.is_integer() and 0 <= v <= HTTP_RETRIES_MAX,
+                           f"a whole number 0..{HTTP_RETRIES_MAX}"))
     api_key = _secret(db, spec.api_key_env) if spec.api_key_env else None
     if spec.api_key_env and not api_key:
         raise MissingAPIKey(f"{spec.api_key_env} is not set for the database: as the owner, run "

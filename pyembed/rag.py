@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import logging
+import math
 import os
 import re
 import time
@@ -17,6 +18,7 @@ import anthropic
 from .client import Corpus, _ms
 from .db import integer
 from .errors import InvalidInput, ProviderError, RateLimited, redact
+from .providers.base import UNREADABLE, checked_base_url, unreadable
 from .search import MODES, Hit
 from .text import check_text
 
@@ -162,6 +164,14 @@ def answer(corpus: Corpus, question: str, *, k: int = 5, model: str | None = Non
         raise InvalidInput(f"max_tokens must be at least 1, got {max_tokens}")
     if mode not in MODES:
         raise InvalidInput(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    # NaN compares false with every score (every passage dropped) and reaches the socket as a
+    # timeout; a finite number is what either can mean.
+    if min_score is not None and not _finite(min_score):
+        raise InvalidInput(f"min_score must be a finite number, got {min_score!r}")
+    if not (_finite(timeout) and timeout > 0):
+        raise InvalidInput(f"timeout must be a number of seconds above 0, got {timeout!r}")
+    if integer(max_retries, "max_retries") < 0:
+        raise InvalidInput(f"max_retries must be 0 or more, got {max_retries}")
     model = model or os.environ.get(MODEL_ENV) or DEFAULT_MODEL
     start = time.perf_counter()
 
@@ -182,6 +192,10 @@ def answer(corpus: Corpus, question: str, *, k: int = 5, model: str | None = Non
         if client is None:
             api_key = os.environ.get(API_KEY_ENV, "").strip()
             if api_key:
+                # The SDK reads its base URL from the environment, and raises httpx's
+                # InvalidURL for one that is not a URL.
+                checked_base_url(os.environ.get("ANTHROPIC_BASE_URL") or None,
+                                 "ANTHROPIC_BASE_URL")
                 client = anthropic.Anthropic(api_key=api_key, timeout=timeout,
                                              max_retries=max_retries)
         if client is None:
@@ -197,6 +211,12 @@ def answer(corpus: Corpus, question: str, *, k: int = 5, model: str | None = Non
                       "total_ms": _ms(start, done)}
     corpus.log_query("ask", k, result.timings, generated=result.generated, model_key=key)
     return result
+
+
+def _finite(value: object) -> bool:
+    """Whether `value` is a real number (not a bool, text or NaN/inf)."""
+    return (isinstance(value, int | float) and not isinstance(value, bool)
+            and math.isfinite(value))
 
 
 def _generate(client: anthropic.Anthropic, result: Answer, prompt: str, *, model: str,
@@ -222,16 +242,22 @@ def _generate(client: anthropic.Anthropic, result: Answer, prompt: str, *, model
             if message.stop_reason is None:
                 raise ProviderError(f"claude ({model}): the answer stream ended before "
                                     "the message was complete")
+        generation_model, stop_reason = str(message.model or model), message.stop_reason
+        usage = {"input_tokens": message.usage.input_tokens,
+                 "output_tokens": message.usage.output_tokens}
+        if not isinstance(text, str) or not all(isinstance(n, int) for n in usage.values()):
+            raise TypeError("no text, or token counts that are not whole numbers")
     except anthropic.AnthropicError as exc:
         raise _provider_error(exc, model, client) from None
+    except UNREADABLE as exc:
+        raise ProviderError(_scrubbed(f"claude ({model}): {unreadable(exc)}", client)) from None
     result.text = text
     result.generated = True
-    result.generation_model = message.model or model
-    result.stop_reason = message.stop_reason
+    result.generation_model = generation_model
+    result.stop_reason = stop_reason
     result.cited = citations(text, len(result.sources))
     result.insufficient = is_insufficient(text)
-    result.usage = {"input_tokens": message.usage.input_tokens,
-                    "output_tokens": message.usage.output_tokens}
+    result.usage = usage
 
 
 def _provider_error(exc: anthropic.AnthropicError, model: str,
@@ -249,12 +275,17 @@ def _provider_error(exc: anthropic.AnthropicError, model: str,
         message = f"{where}: no response: {exc.message}"
     else:
         message = f"{where}: {exc}"
-    message = " ".join(redact(message, secrets=(client.api_key, client.auth_token,
-                                                os.environ.get(API_KEY_ENV)),
-                              base_url=str(client.base_url)).split())
+    message = _scrubbed(message, client)
     if isinstance(exc, anthropic.RateLimitError):
         return RateLimited(message)
     return ProviderError(message)
+
+
+def _scrubbed(message: str, client: anthropic.Anthropic) -> str:
+    """`message` on one line, with any credential or base URL scrubbed out."""
+    return " ".join(redact(message, secrets=(client.api_key, client.auth_token,
+                                             os.environ.get(API_KEY_ENV)),
+                           base_url=str(client.base_url)).split())
 
 
 def _detail(exc: anthropic.APIStatusError) -> str:

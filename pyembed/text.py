@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -102,12 +103,36 @@ def check_depth(value: object, what: str) -> None:
 
 def read_json(text: str, what: str, **options: Any) -> Any:
     """`text` parsed as JSON (json.loads with `options`; its ValueError for text that is not
-    JSON), InvalidInput naming `what` when it nests deeper than MAX_JSON_DEPTH."""
+    JSON), InvalidInput naming `what` when it nests deeper than MAX_JSON_DEPTH or holds a
+    whole number Python cannot convert (`check_digits`)."""
+    options.setdefault("parse_int", lambda digits: int(check_digits(digits, what)))
     try:
         value = json.loads(text, **options)
     except RecursionError:
         raise _too_deep(what) from None
     check_depth(value, what)
+    return value
+
+
+def check_digits(digits: str, what: str) -> str:
+    """`digits` (a whole number's text) if Python converts it to an int: not past
+    sys.get_int_max_str_digits(), whose ValueError no caller expects of a value."""
+    limit = sys.get_int_max_str_digits()
+    if limit and len(digits.lstrip("+-")) > limit:
+        raise InvalidInput(f"{what} holds a whole number of {len(digits.lstrip('+-'))} digits, "
+                           f"more than the {limit} Python converts")
+    return digits
+
+
+def check_whole_number(value: int, what: str) -> int:
+    """`value` if it has a decimal text (json.dumps, str()), else InvalidInput naming `what`:
+    Python refuses to convert an int past sys.get_int_max_str_digits() digits."""
+    limit = sys.get_int_max_str_digits()
+    # Digits from the bits, exact to one: the text itself is what cannot be made.
+    if limit and abs(value).bit_length() * 0.30103 > limit:
+        raise InvalidInput(f"{what} is a whole number of about "
+                           f"{int(abs(value).bit_length() * 0.30103) + 1} digits, more than "
+                           f"the {limit} Python converts")
     return value
 
 
@@ -142,7 +167,9 @@ def _check_json(value: object, what: str) -> None:
     elif isinstance(value, list | tuple):
         for index, item in enumerate(value):
             _check_json(item, f"{what}[{index}]")
-    elif value is not None and not isinstance(value, bool | int):
+    elif isinstance(value, int) and not isinstance(value, bool):
+        check_whole_number(value, what)
+    elif value is not None and not isinstance(value, bool):
         check_storable(str(value), what)
 
 

@@ -87,6 +87,9 @@ RETRY = ("SELECT pyembed.retry_jobs(%(reason)s::text, %(corpus_ids)s::integer[],
 
 DEFAULT_LEASE = 30.0
 """Seconds a claimed batch stays hidden from other workers; renewed while it is in flight."""
+MAX_RETRY_DELAY = 86400.0
+"""The longest wait before a job is tried again that pyembed.retry_jobs takes (a day): a
+service's Retry-After beyond it is cut to it."""
 
 
 @dataclass
@@ -458,8 +461,8 @@ class Worker:
             else:
                 due.append(item)
         if due:
-            delays = [max(min(self.retry_base * 2 ** (item.attempts - 1), self.retry_max),
-                          retry_after or 0.0) for item in due]
+            delays = [min(max(min(self.retry_base * 2 ** (item.attempts - 1), self.retry_max),
+                              retry_after or 0.0), MAX_RETRY_DELAY) for item in due]
             with self._db().transaction():
                 self._db().execute(RETRY, {
                     "reason": reason, "delays": delays,

@@ -58,7 +58,8 @@ CREATE OR REPLACE TRIGGER chunks_queue_update
 -- wait, and could otherwise deadlock with the delete).
 
 -- Jobs that used up their attempts without a recorded verdict (e.g. the worker died each time);
--- the number moved.
+-- the number moved. A job no claim has tried (attempts 0) has used none, whatever max_attempts
+-- a caller gives.
 CREATE OR REPLACE FUNCTION pyembed.expire_jobs(max_attempts integer) RETURNS integer
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -71,7 +72,8 @@ BEGIN
     DELETE FROM pyembed.queue q USING (
       SELECT q2.corpus_id, q2.chunk_id, q2.model_key FROM pyembed.queue q2
         JOIN pyembed.chunks ch ON ch.corpus_id = q2.corpus_id AND ch.chunk_id = q2.chunk_id
-       WHERE q2.attempts >= expire_jobs.max_attempts AND q2.not_before <= now()
+       WHERE q2.attempts >= expire_jobs.max_attempts AND q2.attempts > 0
+         AND q2.not_before <= now()
          AND q2.corpus_id = ANY (pyembed.visible_corpora())
        FOR KEY SHARE OF ch SKIP LOCKED FOR UPDATE OF q2 SKIP LOCKED) p
      WHERE q.corpus_id = p.corpus_id AND q.chunk_id = p.chunk_id AND q.model_key = p.model_key
@@ -334,6 +336,7 @@ BEGIN
                  AS t(corpus_id, chunk_id, model_key, attempts)
             JOIN pyembed.queue q2 ON q2.corpus_id = t.corpus_id AND q2.chunk_id = t.chunk_id
                                  AND q2.model_key = t.model_key AND q2.attempts = t.attempts
+                                 AND q2.attempts > 0
             JOIN pyembed.corpora c ON c.corpus_id = q2.corpus_id
                                   AND q2.model_key IN (c.model_key, c.target_model_key)
            WHERE q2.corpus_id = ANY (pyembed.visible_corpora())
@@ -344,9 +347,10 @@ BEGIN
 END
 $$;
 
--- Retry claimed jobs after their delays (seconds, 0 or more), recording why the try failed
--- (what expire_jobs records if the job runs out of attempts). One statement for the batch, so
--- that it shares one now() and is claimed again as one batch. The number retried.
+-- Retry claimed jobs after their delays (seconds, 0 to a day, as a lease: a job delayed longer
+-- is as good as lost), recording why the try failed (what expire_jobs records if the job runs
+-- out of attempts). One statement for the batch, so that it shares one now() and is claimed
+-- again as one batch. The number retried.
 CREATE OR REPLACE FUNCTION pyembed.retry_jobs(reason text, corpus_ids integer[],
                                               chunk_ids bigint[], keys text[], hashes bytea[],
                                               claimed integer[], delays float8[])
@@ -366,16 +370,16 @@ BEGIN
     PERFORM pyembed._needs(claimed IS NULL, 'claimed', 'retry_jobs');
     PERFORM pyembed._needs(delays IS NULL, 'delays', 'retry_jobs');
   END IF;
-  IF EXISTS (SELECT FROM unnest(delays) d WHERE d IS NULL OR NOT d >= 0) THEN
+  IF EXISTS (SELECT FROM unnest(delays) d WHERE d IS NULL OR NOT (d >= 0 AND d <= 86400)) THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
-      MESSAGE = 'retry_jobs() needs delays of 0 seconds or more';
+      MESSAGE = 'retry_jobs() needs delays of 0 to 86400 seconds';
   END IF;
   UPDATE pyembed.queue q SET last_error = why,
          not_before = now() + make_interval(secs => t.delay)
     FROM unnest(corpus_ids, chunk_ids, keys, hashes, claimed, delays)
          AS t(corpus_id, chunk_id, model_key, content_hash, attempts, delay)
    WHERE q.corpus_id = t.corpus_id AND q.chunk_id = t.chunk_id AND q.model_key = t.model_key
-     AND q.content_hash = t.content_hash AND q.attempts = t.attempts
+     AND q.content_hash = t.content_hash AND q.attempts = t.attempts AND q.attempts > 0
      AND q.corpus_id = ANY (pyembed.visible_corpora());
   GET DIAGNOSTICS n = ROW_COUNT;
   RETURN n;

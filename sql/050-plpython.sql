@@ -1,6 +1,7 @@
 -- Embedding from SQL: thin wrappers; the logic is in pyembed.indb (typed, tested).
--- Network calls are bounded by pyembed.http_timeout (seconds, default 10) per request and
--- pyembed.http_retries (default 2): PL/Python cannot be cancelled while Python runs.
+-- Network calls are bounded by pyembed.http_timeout (seconds, default 10, at most 3600) per
+-- request and pyembed.http_retries (default 2, at most 10): PL/Python cannot be cancelled
+-- while Python runs.
 --
 -- Each function is PL/pgSQL around a PL/Python body, pyembed._<name>, so that its errors read
 -- like PostgreSQL's own. PL/Python reports every Python exception as "<class>: message" with

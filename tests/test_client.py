@@ -181,3 +181,17 @@ def test_every_client_method_naming_an_unknown_corpus_raises_unknown_corpus(
         with pytest.raises(psycopg.Error) as err:
             owner_client.conn.execute("SELECT pyembed.drop_corpus('nope')")
         assert err.value.sqlstate == "PE002"
+
+
+@pytest.mark.parametrize("name", [5, 5.5, b"docs", True], ids=repr)
+@pytest.mark.parametrize("method", [*_named_corpus_methods(), "create_corpus"])
+def test_a_corpus_name_that_is_not_a_str_is_invalid_input(owner_client: Any, method: str,
+                                                           name: object) -> None:
+    """psycopg types a parameter by its Python value: an int, float, bytes or bool name found
+    no pyembed function of that signature, and psycopg's UndefinedFunction came out raw."""
+    with pytest.raises(pyembed.InvalidInput, match=r"\(\) takes no arguments of the types "
+                       r"\((smallint|double precision|bytea|boolean)[,)].*is a str$"):
+        getattr(owner_client, method)(name)
+    if method == "create_corpus":  # a model key too
+        with pytest.raises(pyembed.InvalidInput, match=r"is a str$"):
+            owner_client.create_corpus("docs", 384)

@@ -22,7 +22,7 @@ from pyembed.corpora import ChunkRow, CorpusInfo, corpus_info, write_chunks
 from pyembed.db import connect, translate
 from pyembed.errors import InvalidInput
 from tests.conftest import Database
-from tests.helpers import login_role, sql_error, stored_chunks, unit
+from tests.helpers import login_role, run_cli, sql_error, stored_chunks, unit
 
 KEY = "fake/fake-hash@1:384"
 SAME_WIDTH = "fake/fake-hash@2:384"
@@ -409,6 +409,38 @@ def test_json_nested_too_deep_is_invalid_input_at_every_entry(
     problems: list[FileProblem] = []
     assert list(read_documents(path, problems=problems)) == []
     assert ["levels deep" in p.message for p in problems] == [True]
+
+
+def test_a_whole_number_past_pythons_digits_is_invalid_input_at_every_entry(
+        db: Database, app: psycopg.Connection[Any], searchable: Any, tmp_path: Any) -> None:
+    """Python converts an int of more than sys.get_int_max_str_digits() digits neither way:
+    metadata or a document id holding one was a raw ValueError from Python, SQL's add_document
+    an internal error (XX000), the CLI's --filter a traceback. jsonb stores such a number."""
+    from pyembed.ingest import FileProblem, read_documents
+
+    digits = "1" * 5000
+    err = sql_error(app, "SELECT pyembed.add_document('docs', 'big', 'text', %(j)s::jsonb)",
+                    {"j": '{"n": ' + digits + "}"})
+    assert err.sqlstate == "PE005" and "5000 digits" in str(err), err
+    with pyembed.connect(db.app_dsn) as client:
+        kb = client.corpus("docs")
+        for call in (lambda: kb.add([("big", "text", {"n": 10**5000})]),
+                     lambda: kb.add([(10**5000, "text")]),
+                     lambda: kb.search("text", filter='{"n": ' + digits + "}",
+                                       mode="keyword")):
+            with pytest.raises(InvalidInput, match="digits"):
+                call()
+        kb.add([("big", "text", {"n": 10**4000})])  # as long as may be
+    result = run_cli("search", "docs", "text", "--filter", '{"n": ' + digits + "}",
+                     env={"PYEMBED_DSN": db.app_dsn})
+    assert result.returncode == 1 and result.stderr == (
+        "error: --filter holds a whole number of 5000 digits, more than the 4300 Python "
+        "converts\n"), result
+    path = tmp_path / "big.jsonl"
+    path.write_text('{"id": "d", "text": "t", "metadata": {"n": ' + digits + "}}\n")
+    problems: list[FileProblem] = []
+    assert list(read_documents(path, problems=problems)) == []
+    assert ["5000 digits" in p.message for p in problems] == [True]
 
 
 @pytest.mark.parametrize("metadata", ['[{"n": 1}]', '"n"', "1", "null"])

@@ -403,6 +403,26 @@ def test_in_database_http_timeout_and_retries_bound_the_call(
     assert err.sqlstate == "PE005" and "http_timeout" in str(err)
 
 
+@pytest.mark.parametrize(("setting", "value"), [
+    *[("http_timeout", v) for v in ("NaN", "inf", "1e308", "-1", "0", "3601")],
+    *[("http_retries", v) for v in ("NaN", "inf", "1e30", "-1", "2.7", "11")],
+])
+def test_in_database_http_settings_out_of_range_are_pe005_before_any_call(
+        as_app_via_fake_api: psycopg.Connection[Any], api_server: FakeAPI, setting: str,
+        value: str) -> None:
+    """NaN or infinite timeouts and retries were XX000 (OverflowError, ValueError) or a PE009
+    that blamed the provider; 1e30 retries kept a statement no one can cancel retrying for as
+    long as the service failed, and 2.7 retries were 2."""
+    conn = as_app_via_fake_api
+    conn.execute(f"SET pyembed.{setting} = '{value}'")
+    err = sql_error(conn, "SELECT pyembed.embed('bad setting', %s)", (VOYAGE,))
+    rule = ("a number of seconds above 0 and at most 3600" if setting == "http_timeout"
+            else "a whole number 0..10")
+    assert err.sqlstate == "PE005", str(err)
+    assert str(err).startswith(f"pyembed.{setting} must be {rule}, got '{value}'"), str(err)
+    assert api_server.requests == []
+
+
 # -- the function inventory (golden file) ----------------------------------------------------
 INVENTORY = """
 SELECT format('%s | %s | %s | %s | %s | app %s | public %s',

@@ -22,9 +22,11 @@ from pyembed.errors import ProviderError
 from pyembed.localdb import APP_USER
 from pyembed.models import InputType, ModelSpec, registry
 from pyembed.providers import TransientProviderError, provider_for
+from pyembed.rerank import Reranker, reranker_spec
 from pyembed.worker import Worker
 from tests.conftest import Database
 from tests.fakeapi import FakeAPI, server_vectors
+from tests.helpers import run_cli
 from tests.test_embedder import DictCache
 
 VOYAGE = registry.get("voyage/voyage-3-lite@1:512")
@@ -185,3 +187,93 @@ def test_the_worker_stores_no_vector_from_an_answer_with_repeated_indexes(
                                                strict=True)):
         np.testing.assert_allclose(stored[text], vector, atol=1e-6)
         np.testing.assert_allclose(cached[index], vector, atol=1e-6)
+
+
+# -- answers not in the service's format -------------------------------------------------------
+# A gateway's HTML page or a body without the fields an SDK reads failed inside the SDK or in
+# the reading of its result (AttributeError, TypeError, JSONDecodeError, an SDK's assertion),
+# and numbers given as text were read as numbers: a traceback at the command line, a dead
+# worker, XX000 in SQL. Each is the service's bad answer (PE009), from every provider.
+MALFORMED = ["notjson", "empty", "strings"]
+
+
+@pytest.mark.parametrize(("spec", "behaviour"), [
+    (spec, behaviour) for spec in (VOYAGE, OPENAI, COHERE) for behaviour in MALFORMED
+    if (spec, behaviour) != (VOYAGE, "strings")  # Voyage's SDK asks for base64, not numbers
+], ids=lambda v: v.provider if isinstance(v, ModelSpec) else v)
+def test_an_answer_not_in_the_services_format_is_pe009_and_nothing_is_cached(
+        spec: ModelSpec, behaviour: str, fake_api: FakeAPI) -> None:
+    cache = DictCache()
+    fake_api.script(behaviour)
+    embedder = Embedder(spec, provider_for(spec, timeout=5.0), cache=cache,
+                        sleep=lambda _: None)
+
+    with pytest.raises(ProviderError) as info:
+        embedder.embed(TEXTS[:2])
+
+    message = str(info.value)
+    assert info.value.sqlstate == "PE009" and info.value.kind == "bad_answer"
+    assert not isinstance(info.value, TransientProviderError)
+    assert ("not in the service's format" in message or "non-numbers" in message), message
+    assert spec.provider in message and "\n" not in message
+    assert cache.puts == [] and len(fake_api.requests) == 1
+    np.testing.assert_allclose(embedder.embed(TEXTS[:2]), expected(spec, TEXTS[:2]), atol=1e-6)
+
+
+@pytest.mark.parametrize("behaviour", ["notjson", "empty"])
+@pytest.mark.parametrize("name", ["voyage/rerank-2.5", "cohere/rerank-v3.5"])
+def test_a_rerank_answer_not_in_the_services_format_is_pe009(name: str, behaviour: str,
+                                                              fake_api: FakeAPI) -> None:
+    fake_api.script(behaviour)
+    reranker = Reranker(reranker_spec(name), sleep=lambda _: None)
+    with pytest.raises(ProviderError) as info:
+        reranker.scores("cats", ["a cat", "a dog"])
+    assert info.value.sqlstate == "PE009" and info.value.kind == "bad_answer"
+    assert str(info.value).startswith(f"{name.replace('/', ' (', 1)}): the answer ")
+    assert "\n" not in str(info.value)
+    assert len(reranker.scores("cats", ["a cat", "a dog"])) == 2
+
+
+def test_in_database_embed_refuses_an_answer_not_in_the_services_format(
+        db: Database, app_via_fake_voyage: psycopg.Connection[Any], fake_api: FakeAPI) -> None:
+    for behaviour in ("notjson", "empty"):
+        fake_api.script(behaviour)
+        with pytest.raises(psycopg.Error) as info:
+            app_via_fake_voyage.execute("SELECT pyembed.embed_batch(%s, %s)",
+                                        (TEXTS[:2], VOYAGE_IN_DB.key))
+        assert info.value.sqlstate == "PE009", (behaviour, str(info.value))
+    assert cached_count(db, VOYAGE_IN_DB, TEXTS[:2]) == 0
+
+
+def test_the_cli_says_one_line_of_an_answer_not_in_the_services_format(
+        db: Database, client: Any, fake_api: FakeAPI) -> None:
+    client.create_corpus("gateway", OPENAI.key)
+    env = {"PYEMBED_DSN": db.app_dsn, **fake_api.env()}
+    fake_api.script("notjson")
+    result = run_cli("search", "gateway", "what is E4012?", env=env)
+    assert result.returncode == 1, result
+    assert result.stderr.startswith("error: openai (text-embedding-3-large): the answer is not "
+                                    "in the service's format"), result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_the_worker_outlives_an_answer_not_in_the_services_format(
+        db: Database, app: psycopg.Connection[Any], owner: psycopg.Connection[Any],
+        fake_api: FakeAPI) -> None:
+    app.execute("SELECT pyembed.create_corpus('gateway', %s)", (OPENAI_SMALL.key,))
+    with app.cursor() as cur:
+        cur.executemany("SELECT pyembed.add_document('gateway', %s, %s)",
+                        [(f"doc{i}", text) for i, text in enumerate(TEXTS)])
+    fake_api.script("notjson", "empty", "strings")
+    worker = Worker(db.app_dsn, batch_size=64, max_attempts=5, retry_base=0.02, retry_max=0.1,
+                    embedder_for=lambda spec, cache: Embedder(
+                        spec, provider_for(spec, timeout=5.0), cache=cache, max_retries=0))
+    try:
+        stats = worker.run(drain=True, poll_interval=0.05, drain_wait=5.0)
+    finally:
+        worker.close()
+
+    assert stats.embedded == 4 and stats.failed == 0
+    assert any("not in the service's format" in e for e in stats.errors), stats.errors
+    assert owner.execute("SELECT count(*) FROM pyembed.vectors").fetchone() == (4,)
+    assert owner.execute("SELECT count(*) FROM pyembed.queue").fetchone() == (0,)

@@ -14,10 +14,12 @@ from psycopg import sql
 
 import pyembed
 from pyembed.db import connect
+from pyembed.embedder import Embedder
 from pyembed.errors import ERROR_KINDS
 from pyembed.localdb import APP_USER
 from pyembed.models import registry
 from pyembed.tenants import provider_errors
+from pyembed.worker import Worker
 from tests.conftest import Database
 from tests.fakeapi import FakeAPI
 from tests.helpers import login_role, sql_error
@@ -181,3 +183,66 @@ def test_pyembed_usage_lists_the_failed_calls(db: Database, fake_api: FakeAPI, w
     assert all(e["errors"] > 0 for e in listed)
     table = cli(db, "usage", width="60").stdout
     assert "failed provider calls since install" in table and "rate_limited" in table
+
+
+# -- a Retry-After no wait can be taken from ---------------------------------------------------
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_a_retry_after_that_is_not_a_finite_number_is_not_a_wait(
+        fake_api: FakeAPI, monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    """"nan" and "inf" read as floats: a NaN wait reached time.sleep (ValueError), and an
+    infinite one a worker's retry_jobs (SQLSTATE 22008). They are unreadable, as a word is:
+    the backoff's wait is taken."""
+    monkeypatch.setenv("VOYAGE_API_KEY", "pa-errors-5")
+    waits: list[float] = []
+    embedder = Embedder(VOYAGE, sleep=waits.append)
+    fake_api.script(f"429:retry-after={value}")
+    assert embedder.embed(["recovers"]).shape == (1, VOYAGE.dimensions)
+    assert len(waits) == 1 and 0 <= waits[0] <= 30.5, waits
+
+
+def test_a_workers_retry_waits_at_most_a_day_whatever_the_service_asks(
+        db: Database, app: psycopg.Connection[Any], owner: psycopg.Connection[Any],
+        fake_api: FakeAPI, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 429 asking for 10^12 seconds (or an HTTP date in year 9999) hid its jobs for
+    31,700 years: lost. The worker waits at most a day, the most retry_jobs takes."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-errors-6")
+    app.execute("SELECT pyembed.create_corpus('later', %s)", (OPENAI.key,))
+    app.execute("SELECT pyembed.add_document('later', 'd1', 'a text to embed')")
+    fake_api.script("429:retry-after=1000000000000")
+    worker = Worker(db.app_dsn, embedder_for=lambda spec, cache: Embedder(
+        spec, cache=cache, max_retries=0))
+    try:
+        stats = worker.run(drain=True, poll_interval=0.05, drain_wait=0.5)
+    finally:
+        worker.close()
+    assert stats.retried == 1 and stats.failed == 0, stats
+    wait = owner.execute("SELECT extract(epoch FROM not_before - now()), last_error "
+                         "FROM pyembed.queue").fetchone()
+    assert wait is not None and 86000 < wait[0] <= 86400 and "HTTP 429" in wait[1], wait
+
+
+def test_retry_jobs_takes_delays_of_0_to_a_day_and_only_claimed_jobs(
+        app: psycopg.Connection[Any]) -> None:
+    """A delay of NaN, Infinity or 1e300 was SQLSTATE 22008 and one of 10^12 seconds hid the
+    job for ever; a job no claim touched (attempts 0) could be retried or renewed, and so
+    hidden for a day by a worker that never claimed it, or expired by expire_jobs(0)."""
+    app.execute("SELECT pyembed.create_corpus('later', %s)", (OPENAI.key,))
+    app.execute("SELECT pyembed.add_document('later', 'd1', 'a text to embed')")
+    corpus, chunk, digest = app.execute(
+        "SELECT corpus_id, chunk_id, content_hash FROM pyembed.queue").fetchone()
+    job = ([corpus], [chunk], [OPENAI.key])
+    retry = "SELECT pyembed.retry_jobs('later', %s, %s, %s, %s, %s, %s::float8[])"
+    assert app.execute(retry, (*job, [digest], [0], [60])).fetchone() == (0,)
+    assert app.execute("SELECT pyembed.renew_jobs(3600, %s, %s, %s, '{0}')",
+                       job).fetchone() == (0,)
+    for max_attempts in (0, -5):  # it failed the job 'no result after 0 attempts'
+        assert app.execute("SELECT pyembed.expire_jobs(%s)", (max_attempts,)).fetchone() == (0,)
+    assert app.execute("SELECT count(*) FROM pyembed.queue_failed").fetchone() == (0,)
+    assert app.execute("SELECT attempts, last_error, not_before <= now() "
+                       "FROM pyembed.queue").fetchone() == (0, None, True)
+    app.execute("SELECT * FROM pyembed.claim_jobs(5, 10, 30)")
+    for delay in ("NaN", "Infinity", "-Infinity", "1e300", "1e12", "86401", "-1"):
+        err = sql_error(app, retry, (*job, [digest], [1], [delay]))
+        assert err.sqlstate == "PE005" and "delays of 0 to 86400 seconds" in str(err), \
+            (delay, err)
+    assert app.execute(retry, (*job, [digest], [1], [86400])).fetchone() == (1,)

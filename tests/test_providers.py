@@ -451,3 +451,59 @@ def test_in_database_connection_failure_hides_the_owners_base_url(
     for secret in secrets_of(registry.get(VOYAGE_IN_DB)):
         assert secret not in shown, f"{secret!r} in {shown!r}"
     assert "voyage (voyage-3)" in shown and "no response" in shown
+
+
+# -- a base URL that is not one ----------------------------------------------------------------
+BAD_BASE_URLS = ["http://gw-user:gw-pass@[::1/v1", "http://127.0.0.1:99999/v1", "no url at all",
+                 "ftp://127.0.0.1/v1"]
+
+
+@pytest.mark.parametrize("url", BAD_BASE_URLS)
+@pytest.mark.parametrize("name", [VOYAGE.key, OPENAI.key, COHERE.key, "voyage/rerank-2.5",
+                                  "cohere/rerank-v3.5"])
+def test_a_base_url_that_is_not_one_is_a_config_error_naming_its_variable(
+        monkeypatch: pytest.MonkeyPatch, name: str, url: str) -> None:
+    """httpx's InvalidURL came out raw from the OpenAI and Cohere SDKs (an unclosed bracket);
+    a URL without http(s) or with port 99999 was a connection failure, retried and counted
+    as the provider's. Nothing is sent; the message names the variable, not the URL."""
+    from pyembed.errors import ConfigError
+    from pyembed.rerank import Reranker, reranker_spec
+
+    provider = name.split("/")[0]
+    monkeypatch.setenv(f"PYEMBED_{provider.upper()}_BASE_URL", url)
+    with pytest.raises(ConfigError) as info:
+        if "rerank" in name:
+            Reranker(reranker_spec(name), max_retries=0).scores("q", ["a"])
+        else:
+            Embedder(registry.get(name), max_retries=0).embed(["a"])
+    assert str(info.value).startswith(f"PYEMBED_{provider.upper()}_BASE_URL is not an http or "
+                                      "https URL with a host")
+    assert "gw-pass" not in str(info.value) and "99999" not in str(info.value)
+
+
+@pytest.mark.parametrize("url", BAD_BASE_URLS[:2])
+def test_claudes_base_url_that_is_not_one_is_a_config_error(
+        client: Any, monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    from pyembed import rag
+    from pyembed.errors import ConfigError
+
+    docs = client.create_corpus("docs", "fake/fake-hash@1:384")
+    docs.add([("a", "error E4012 means the quota is used up")])
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-bad-url-1234")
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", url)
+    with pytest.raises(ConfigError, match=r"^ANTHROPIC_BASE_URL is not an http or https URL"):
+        rag.answer(docs, "what is E4012?", max_retries=0)
+
+
+def test_in_database_a_base_url_that_is_not_one_is_refused_before_any_call(
+        db: Database, app_with_secret_gateway: tuple[psycopg.Connection[Any], str]) -> None:
+    conn, _ = app_with_secret_gateway
+    with connect(db.owner_dsn, autocommit=True) as owner:
+        owner.execute("SELECT pyembed.set_secret('PYEMBED_VOYAGE_BASE_URL', %s)",
+                      (BAD_BASE_URLS[0],))
+    with pytest.raises(psycopg.Error) as info:
+        conn.execute("SELECT pyembed.embed('alpha', %s)", (VOYAGE_IN_DB,))
+    assert info.value.sqlstate == "PE009", info.value.sqlstate  # as any ConfigError there
+    assert "PYEMBED_VOYAGE_BASE_URL is not an http or https URL" in str(info.value), \
+        str(info.value)
+    assert "gw-pass" not in str(info.value) + (info.value.diag.context or "")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import psycopg
@@ -126,6 +127,23 @@ def test_a_stream_cut_short_is_a_provider_error(kb: Corpus, claude: FakeAPI) -> 
     assert pieces  # what arrived was shown
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["message", "stream"])
+@pytest.mark.parametrize("behaviour", ["notjson", "empty"])
+def test_an_answer_not_in_the_services_format_is_a_provider_error(
+        kb: Corpus, claude: FakeAPI, behaviour: str, stream: bool) -> None:
+    """A gateway's HTML page, or a body without a message's fields, failed inside the SDK
+    (JSONDecodeError, an assertion) or in reading it (AttributeError): a traceback."""
+    claude.script(behaviour)
+    with pytest.raises(pyembed.ProviderError) as raised:
+        rag.answer(kb, "What does error E4012 mean?", max_retries=0,
+                   on_text=(lambda _: None) if stream else None)
+    message = str(raised.value)
+    assert message.startswith(f"claude ({rag.DEFAULT_MODEL}): the answer is not in the "
+                              "service's format"), message
+    assert "\n" not in message and SECRET not in message
+    assert raised.value.sqlstate == "PE009" and raised.value.__cause__ is None
+
+
 def test_without_an_api_key_the_passages_are_returned(kb: Corpus, fake_api: FakeAPI,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
@@ -225,6 +243,16 @@ def test_citations_and_bad_arguments(kb: Corpus) -> None:
             rag.answer(kb, "q", k=bad_k)  # type: ignore[arg-type]
     with pytest.raises(pyembed.InvalidInput):
         rag.answer(kb, "   ")
+    # NaN dropped every passage unseen (it compares false) and reached the socket as a
+    # timeout; a text min_score raised TypeError mid-answer.
+    for bad_score in (math.nan, math.inf, "0.5", True):
+        with pytest.raises(pyembed.InvalidInput, match="min_score must be a finite number"):
+            rag.answer(kb, "q", min_score=bad_score)  # type: ignore[arg-type]
+    for bad_timeout in (math.nan, math.inf, 0, -1.0):
+        with pytest.raises(pyembed.InvalidInput, match="timeout must be a number of seconds"):
+            rag.answer(kb, "q", timeout=bad_timeout)
+    with pytest.raises(pyembed.InvalidInput, match="max_retries must be 0 or more"):
+        rag.answer(kb, "q", max_retries=-1)
 
 
 def test_claude_errors_hide_a_gateway_base_url(kb: Corpus, claude: FakeAPI,

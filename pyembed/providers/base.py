@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import email.utils
+import math
 import os
 import sys
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import ClassVar, Generic, Protocol, TypeAlias, TypeVar
+from urllib.parse import urlsplit
 
 import numpy as np
 import numpy.typing as npt
@@ -27,7 +30,19 @@ MAX_LOCAL_THREADS = 4
 TRANSIENT_STATUSES = frozenset({408, 409, 429})
 """HTTP statuses worth retrying, besides every 5xx."""
 
+UNREADABLE = (AssertionError, AttributeError, LookupError, TypeError, ValueError)
+"""What an SDK raises, or reading its result raises, for an answer that is not in the service's
+format: a 200 whose body is HTML or not JSON, JSON without the fields the SDK reads, base64 that
+is not (a stream the SDK cannot follow fails its assertions)."""
+
 T = TypeVar("T")
+
+
+def unreadable(exc: BaseException) -> str:
+    """What to say of an answer `UNREADABLE` refused: its error's class and first line."""
+    first = (str(exc).strip().splitlines() or [""])[0][:200]
+    return f"the answer is not in the service's format ({type(exc).__name__}" + (
+        f": {first})" if first else ")")
 
 
 class _Spec(Protocol):
@@ -79,14 +94,14 @@ class ServiceClient(Generic[S]):
         if spec.provider != self.name:
             raise ConfigError(f"{type(self).__name__} serves {self.name} {self.serves}, not "
                               f"{spec.key}")
-        if timeout <= 0:
+        if not (math.isfinite(timeout) and timeout > 0):  # NaN and inf reach the socket
             raise ConfigError(f"timeout must be positive, got {timeout}")
         self.spec = spec
         self.timeout = timeout
         self.api_key = api_key or self._key_from_env()
         if base_url is None and self.base_url_env is not None:
             base_url = os.environ.get(self.base_url_env) or None
-        self.base_url = base_url
+        self.base_url = checked_base_url(base_url, self.base_url_env or "the base URL")
 
     @property
     def model_id(self) -> str:
@@ -110,8 +125,12 @@ class ServiceClient(Generic[S]):
         """The error to raise for a failed request: transient for 408/409/429/5xx and for
         no response at all (status None), permanent otherwise. Its message is redacted (see
         `pyembed.errors.redact`); raise it `from None`, since the SDK's exception is not."""
-        where = f"{self.name} ({self.model_id})"
         what = f"HTTP {status}" if status is not None else "no response"
+        if status is not None and 200 <= status < 300:  # an answer the SDK could not read
+            first = (detail.strip().splitlines() or ["no detail given"])[0][:200]
+            return self.bad_response(f"the answer is not in the service's format ({what}: "
+                                     f"{first})")
+        where = f"{self.name} ({self.model_id})"
         message = self._scrub(f"{where}: {what}: {detail.strip() or 'no detail given'}")
         if status is None or status in TRANSIENT_STATUSES or status >= 500:
             return TransientProviderError(message, status=status, retry_after=retry_after)
@@ -120,6 +139,16 @@ class ServiceClient(Generic[S]):
     def bad_response(self, detail: str) -> ProviderError:
         """The error to raise when the service answered, but not with a usable answer."""
         return ProviderError(self._scrub(f"{self.name} ({self.model_id}): {detail}"))
+
+    @contextmanager
+    def reading_answer(self) -> Iterator[None]:
+        """Around a request and the reading of its answer: an answer not in the service's
+        format (`UNREADABLE`) is the service's bad answer, not a failure of pyembed's, and
+        nothing of it is used."""
+        try:
+            yield
+        except UNREADABLE as exc:
+            raise self.bad_response(unreadable(exc)) from None
 
     def in_input_order(self, indexed: Iterable[tuple[object, T]], count: int) -> list[T]:
         """The items of an answer to `count` texts, each given with the index of its text,
@@ -180,6 +209,24 @@ class Provider(ServiceClient[ModelSpec], ABC):
         only have them estimated."""
         return None
 
+def checked_base_url(url: str | None, what: str) -> str | None:
+    """`url` if it is an http or https URL with a host (and a port 1..65535 if it names one),
+    else ConfigError naming `what` (not the URL, which may hold credentials): the SDKs raise
+    their own errors for it (httpx's InvalidURL), or retry it as a failed connection."""
+    if url is None:
+        return None
+    try:
+        parts = urlsplit(url)
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname) and (
+            parts.port is None or parts.port > 0)
+    except ValueError:  # a port out of range or not a number, a bracket left open
+        valid = False
+    if not valid:
+        raise ConfigError(f"{what} is not an http or https URL with a host (and a port "
+                          "1..65535, if it names one)")
+    return url
+
+
 def local_threads() -> int:
     """The thread count for a local model: PYEMBED_LOCAL_THREADS, else 1 in a PostgreSQL
     backend (PL/Python: one process per connection, so threads there multiply by the
@@ -209,14 +256,18 @@ def parse_retry_after(headers: Mapping[str, str] | None) -> float | None:
     millis = lowered.get("retry-after-ms")
     if millis is not None:
         try:
-            return max(float(millis) / 1000.0, 0.0)
+            seconds = float(millis) / 1000.0
+            if math.isfinite(seconds):
+                return max(seconds, 0.0)
         except ValueError:
             pass
     value = lowered.get("retry-after")
     if value is None:
         return None
     try:
-        return max(float(value), 0.0)
+        seconds = float(value)
+        # "nan" and "inf" read as floats; no wait can be taken from them.
+        return max(seconds, 0.0) if math.isfinite(seconds) else None
     except ValueError:
         pass
     try:

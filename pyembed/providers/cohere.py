@@ -55,16 +55,17 @@ class CohereProvider(Provider):
 
     def embed_batch(self, texts: list[str], input_type: InputType) -> Vectors:
         """One request to the v2 embed endpoint for float embeddings, without truncation."""
-        with _translated(self, self.timeout):
-            response = self._client.embed(
-                model=self.spec.model_id, texts=texts, input_type=_INPUT_TYPES[input_type],
-                embedding_types=["float"], truncate="NONE",
-            )
-        vectors = response.embeddings.float_
-        if vectors is None:
-            raise self.bad_response("the response has no float embeddings")
-        # The v2 answer has no indexes: its embeddings are in input order.
-        return self.in_input_order(enumerate(vectors), len(texts))
+        with self.reading_answer():
+            with _translated(self, self.timeout):
+                response = self._client.embed(
+                    model=self.spec.model_id, texts=texts, input_type=_INPUT_TYPES[input_type],
+                    embedding_types=["float"], truncate="NONE",
+                )
+            vectors = response.embeddings.float_
+            if vectors is None:
+                raise self.bad_response("the response has no float embeddings")
+            # The v2 answer has no indexes: its embeddings are in input order.
+            return self.in_input_order(enumerate(vectors), len(texts))
 
 
 class CohereReranker(RerankProvider):
@@ -82,8 +83,9 @@ class CohereReranker(RerankProvider):
 
     def score_batch(self, query: str, texts: list[str]) -> list[object]:
         """One request to the v2 rerank endpoint for every text's score."""
-        with _translated(self, self.timeout):
-            response = self._client.rerank(model=self.spec.model_id, query=query,
-                                           documents=texts)
-        return self.in_input_order([(r.index, r.relevance_score) for r in response.results],
-                                   len(texts))
+        with self.reading_answer():
+            with _translated(self, self.timeout):
+                response = self._client.rerank(model=self.spec.model_id, query=query,
+                                               documents=texts)
+            return self.in_input_order([(r.index, r.relevance_score) for r in response.results],
+                                       len(texts))

@@ -34,17 +34,18 @@ class OpenAIProvider(Provider):
         """One request to the embeddings endpoint, asking for the spec's output dimensions
         when it sets them."""
         dimensions = self.spec.request_dimensions
-        try:
-            response = self._client.embeddings.create(
-                model=self.spec.model_id, input=texts, encoding_format="float",
-                dimensions=dimensions if dimensions is not None else openai.omit,
-            )
-        except openai.APIStatusError as exc:
-            raise self.failure(exc.status_code, _detail(exc),
-                               retry_after=parse_retry_after(exc.response.headers)) from None
-        except openai.APIConnectionError as exc:  # includes APITimeoutError
-            raise self.failure(None, exc.message) from None
-        except openai.OpenAIError as exc:
-            raise self.bad_response(str(exc)) from None
-        return self.in_input_order(((item.index, item.embedding) for item in response.data),
-                                   len(texts))
+        with self.reading_answer():
+            try:
+                response = self._client.embeddings.create(
+                    model=self.spec.model_id, input=texts, encoding_format="float",
+                    dimensions=dimensions if dimensions is not None else openai.omit,
+                )
+            except openai.APIStatusError as exc:
+                raise self.failure(exc.status_code, _detail(exc),
+                                   retry_after=parse_retry_after(exc.response.headers)) from None
+            except openai.APIConnectionError as exc:  # includes APITimeoutError
+                raise self.failure(None, exc.message) from None
+            except openai.OpenAIError as exc:
+                raise self.bad_response(str(exc)) from None
+            return self.in_input_order(((item.index, item.embedding) for item in response.data),
+                                       len(texts))

@@ -36,20 +36,21 @@ class VoyageProvider(Provider):
 
     def embed_batch(self, texts: list[str], input_type: InputType) -> Vectors:
         """One request to the embeddings endpoint; the service must not truncate silently."""
-        with _translated(self):
-            # The SDK's resource, not its Client: the Client's answer drops each index.
-            response = Embedding.create(  # type: ignore[no-untyped-call]
-                input=texts, model=self.spec.model_id,
-                input_type=input_type.value if self.spec.input_types else None,
-                truncation=False, api_key=self.api_key, base_url=self.base_url,
-                request_timeout=self.timeout,
-            )
-        data = response.get("data")
-        if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
-            raise self.bad_response("the answer has no list of embeddings")
-        pairs: list[tuple[object, Any]] = [(item.get("index"), item.get("embedding"))
-                                           for item in data]
-        return self.in_input_order(pairs, len(texts))
+        with self.reading_answer():
+            with _translated(self):
+                # The SDK's resource, not its Client: the Client's answer drops each index.
+                response = Embedding.create(  # type: ignore[no-untyped-call]
+                    input=texts, model=self.spec.model_id,
+                    input_type=input_type.value if self.spec.input_types else None,
+                    truncation=False, api_key=self.api_key, base_url=self.base_url,
+                    request_timeout=self.timeout,
+                )
+            data = response.get("data")
+            if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
+                raise self.bad_response("the answer has no list of embeddings")
+            pairs: list[tuple[object, Any]] = [(item.get("index"), item.get("embedding"))
+                                               for item in data]
+            return self.in_input_order(pairs, len(texts))
 
 
 class VoyageReranker(RerankProvider):
@@ -62,15 +63,16 @@ class VoyageReranker(RerankProvider):
     def score_batch(self, query: str, texts: list[str]) -> list[object]:
         """One request to the rerank endpoint for every text's score; the service cuts a
         candidate too long for the model's context (truncation), which a ranking tolerates."""
-        with _translated(self):
-            # The SDK's resource, as for embeddings: the Client retries on its own.
-            response = Reranking.create(  # type: ignore[no-untyped-call]
-                query=query, documents=texts, model=self.spec.model_id, top_k=None,
-                truncation=True, api_key=self.api_key, base_url=self.base_url,
-                request_timeout=self.timeout,
-            )
-        data = response.get("data")
-        if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
-            raise self.bad_response("the answer has no list of scores")
-        return self.in_input_order([(item.get("index"), item.get("relevance_score"))
-                                    for item in data], len(texts))
+        with self.reading_answer():
+            with _translated(self):
+                # The SDK's resource, as for embeddings: the Client retries on its own.
+                response = Reranking.create(  # type: ignore[no-untyped-call]
+                    query=query, documents=texts, model=self.spec.model_id, top_k=None,
+                    truncation=True, api_key=self.api_key, base_url=self.base_url,
+                    request_timeout=self.timeout,
+                )
+            data = response.get("data")
+            if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
+                raise self.bad_response("the answer has no list of scores")
+            return self.in_input_order([(item.get("index"), item.get("relevance_score"))
+                                        for item in data], len(texts))

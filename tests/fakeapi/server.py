@@ -35,7 +35,8 @@ from pyembed.providers.rerank import fake_scores
 from pyembed.text import estimate_tokens
 
 Service = Literal["voyage", "openai", "cohere", "anthropic"]
-Kind = Literal["ok", "status", "hang", "slow", "short", "wrongdims", "indexes", "nan"]
+Kind = Literal["ok", "status", "hang", "slow", "short", "wrongdims", "indexes", "nan", "notjson",
+               "empty", "strings"]
 
 _ROUTES: dict[str, Service] = {
     "/voyage/v1/embeddings": "voyage",
@@ -64,6 +65,9 @@ class Behaviour:
     those vectors in that order).
     Rerank endpoints: short is one score too few, indexes one score per listed index, and
     nan a NaN score for the first document.
+    Answers not in the service's format, from every endpoint: notjson is a 200 whose body is
+    an HTML page (a gateway's), empty a 200 whose body is `{}`; strings (embeddings) gives
+    each vector's numbers as JSON strings ("0.25").
     """
 
     kind: Kind = "ok"
@@ -82,7 +86,7 @@ class Behaviour:
                 return cls(kind="slow", delay=float(text.removeprefix("slow=")))
             except ValueError:
                 raise ValueError(f"unknown behaviour {text!r}") from None
-        if text in ("ok", "hang", "short", "wrongdims", "nan"):
+        if text in ("ok", "hang", "short", "wrongdims", "nan", "notjson", "empty", "strings"):
             return cls(kind=text)  # type: ignore[arg-type]
         if text.startswith("indexes="):
             listed = text.removeprefix("indexes=").split(",")
@@ -273,6 +277,12 @@ class _Handler(BaseHTTPRequestHandler):
         if not key:
             self._error(service, 401, "no API key given")
             return
+        if behaviour.kind == "notjson":
+            self._body(200, b"<html><body><h1>502 Bad Gateway</h1></body></html>", "text/html")
+            return
+        if behaviour.kind == "empty":
+            self._json(200, {})
+            return
         if behaviour.kind == "status":
             message = (f"Incorrect API key provided: {key}; request: POST {self.path}"
                        if behaviour.status == 401 else
@@ -292,9 +302,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _json(self, status: int, payload: object,
               extra_headers: dict[str, str] | None = None) -> None:
-        data = json.dumps(payload).encode()
+        self._body(status, json.dumps(payload).encode(), "application/json", extra_headers)
+
+    def _body(self, status: int, data: bytes, content_type: str,
+              extra_headers: dict[str, str] | None = None) -> None:
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         for name, value in (extra_headers or {}).items():
             self.send_header(name, value)
@@ -435,16 +448,19 @@ def _embeddings(service: Service, body: Any, behaviour: Behaviour) -> dict[str, 
         indexes = list(behaviour.indexes)
         vectors = vectors[[i % len(texts) for i in indexes]]
     tokens = sum(estimate_tokens(t) for t in texts)
+    values: list[list[Any]] = vectors.tolist()
+    if behaviour.kind == "strings":
+        values = [[str(x) for x in row] for row in values]
     if service == "cohere":
         return {"id": str(uuid.uuid4()), "response_type": "embeddings_by_type",
-                "embeddings": {"float": vectors.tolist()}, "texts": texts,
+                "embeddings": {"float": values}, "texts": texts,
                 "meta": {"api_version": {"version": "2"},
                          "billed_units": {"input_tokens": tokens}}}
     as_base64 = body.get("encoding_format") == "base64"
     data = [{"object": "embedding", "index": i,
              "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode()
-             if as_base64 else v.tolist()}
-            for i, v in zip(indexes, vectors, strict=True)]
+             if as_base64 else row}
+            for i, v, row in zip(indexes, vectors, values, strict=True)]
     usage = ({"total_tokens": tokens} if service == "voyage"
              else {"prompt_tokens": tokens, "total_tokens": tokens})
     return {"object": "list", "data": data, "model": model, "usage": usage}
