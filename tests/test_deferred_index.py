@@ -14,6 +14,7 @@ from typing import Any
 import psycopg
 
 import pyembed
+from pyembed import doctor, health
 from pyembed.client import Client
 from pyembed.index import rebuild_index
 from pyembed.ingest import _deferred_index, ingest
@@ -133,6 +134,9 @@ def test_writes_during_a_load_leave_the_build_to_its_end(
             other.corpus("shared").add([("x", "written by another client")])
             corpus.add([("y", "written by the loader's own session")])
             assert _index_oid(owner, "shared") is None
+            with psycopg.connect(db.app_dsn, autocommit=True) as app:
+                assert [f.level for f in health.indexes(app)] == ["ok"]  # a load at work
+                assert doctor.check_indexes(app).status == "ok"
             assert other.corpus("shared").search("another client", 1)[0].document_id == "x"
         assert _index_oid(owner, "shared") is not None
 
@@ -156,8 +160,15 @@ def _killed_load(db: Database, owner: psycopg.Connection[Any], client: Client) -
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == -9, proc.stderr
     assert _index_oid(owner, "killed") is None
-    # Seen as missing, with no loader at work any more.
+    # Seen as missing, with no loader at work any more: `pyembed status` and doctor warn.
     assert _unindexed(owner) == [("killed", KEY, False)]
+    with psycopg.connect(db.app_dsn, autocommit=True) as app:
+        found = health.indexes(app)
+        check = doctor.check_indexes(app)
+    assert [(f.subject, f.level) for f in found] == [(f"killed {KEY}", "warn")]
+    assert "pyembed corpus reindex killed" in found[0].note
+    assert check.status == "warn" and "killed" in check.detail
+    assert "pyembed corpus reindex killed" in check.fix
 
 
 def test_a_killed_load_heals_at_the_next_write(

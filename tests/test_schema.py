@@ -47,6 +47,11 @@ APP_EXECUTE = {
     "_setting_range(text)",  # a stored setting's range, its CHECK's, for Python's message
     "version()",  # the server's pyembed, for `pyembed doctor`
     "vector_table(text)",
+    "begin_bulk_load(text)",  # a first load's index built at its end (ingest)
+    "end_bulk_load(text)",
+    "_heal_vector_index(integer)",  # an index a load left missing, by the chunks' trigger
+    "_index_name(integer, text)",  # (which looks for it by name)
+    "unindexed_corpora()",  # for `pyembed status` and doctor
     "cache_get(bytea[])",  # the embedding cache: through these functions only
     "cache_put(bytea[], text, text, vector[], double precision)",
     "cache_count(text[], bigint[], bigint[])",
