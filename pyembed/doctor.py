@@ -176,6 +176,19 @@ def check_worker(conn: Conn) -> Check:
                                        if recent else ""))
 
 
+def check_indexes(conn: Conn) -> Check:
+    name = "vector indexes"
+    missing = [(corpus, key) for corpus, key, loading in conn.execute(
+        "SELECT corpus, model_key, loading FROM pyembed.unindexed_corpora()") if not loading]
+    if not missing:
+        return Check(name, "ok", "every corpus's active key has its index (or a load at work "
+                                 "builds it at its end)")
+    return Check(name, "warn", f"no index on {', '.join(f'{c} ({k})' for c, k in missing)}: a "
+                 "bulk load did not end, searches scan every vector",
+                 f"write to the corpus, or run `pyembed corpus reindex {missing[0][0]}` as the "
+                 "owner")
+
+
 def check_replicas(conn: Conn) -> Check:
     name = "replicas' lag"
     findings = health.replicas(conn)
@@ -195,6 +208,7 @@ CHECKS: list[tuple[str, Callable[[Conn], Check]]] = [
     ("PL/Python imports pyembed", check_plpython),
     ("API keys for the corpora's providers", check_api_keys),
     ("worker alive", check_worker),
+    ("vector indexes", check_indexes),
     ("replicas' lag", check_replicas),
 ]
 

@@ -124,6 +124,23 @@ def recall(conn: psycopg.Connection[Any], alert: float = RECALL_ALERT) -> list[F
     return out
 
 
+def indexes(conn: psycopg.Connection[Any]) -> list[Finding]:
+    """Corpora whose active key has no vector index (pyembed.unindexed_corpora): a bulk load at
+    work builds it at its end; one that did not end (killed) left it to the corpus's next write
+    or the owner's `pyembed corpus reindex`. Searches meanwhile scan every vector."""
+    out = []
+    for r in conn.execute("SELECT corpus, model_key, loading "
+                          "FROM pyembed.unindexed_corpora()").fetchall():
+        corpus, key, loading = r
+        out.append(Finding("index", f"{corpus} {key}",
+                           "no index: a bulk load is at work, it builds it at its end"
+                           if loading else "no index: searches scan every vector",
+                           "ok" if loading else "warn",
+                           "" if loading else f"a bulk load did not end: write to the corpus or "
+                           f"run `pyembed corpus reindex {corpus}` as the owner"))
+    return out
+
+
 REPLICA_WARN_BYTES = 64 << 20
 """WAL a replica may be behind before it is a warning."""
 
@@ -153,4 +170,4 @@ def replicas(conn: psycopg.Connection[Any]) -> list[Finding]:
 def report(conn: psycopg.Connection[Any], *, recall_alert: float = RECALL_ALERT) -> list[Finding]:
     """Every finding, area by area."""
     return (coverage(conn) + throughput(conn) + cache(conn) + latency(conn)
-            + recall(conn, recall_alert) + replicas(conn))
+            + recall(conn, recall_alert) + indexes(conn) + replicas(conn))

@@ -166,3 +166,166 @@ BEGIN
      AND i.relname = pyembed._index_name(c.corpus_id, k.key);
 END
 $$;
+
+-- A first bulk load into an empty corpus builds its graph once, after the load, instead of
+-- inserting every vector into it (pgvector builds a graph faster than it inserts, with parallel
+-- workers, and with the parameters the rule gives the rows then). `pyembed ingest` calls
+-- begin_bulk_load before it writes and end_bulk_load after (pyembed.ingest); searches meanwhile
+-- scan exactly, which is as correct. Each loader holds a session-level advisory lock, shared,
+-- on the corpus (_bulk_load_lock) until end_bulk_load or its session ends, a crash included; the
+-- missing index is built by whoever next finds no loader holding it: end_bulk_load, any write to
+-- the corpus's documents (_chunks_written_index) or the owner's `pyembed corpus reindex`.
+
+-- The advisory lock key's first half: 'pyeb' read as an integer (the second is the corpus id).
+CREATE OR REPLACE FUNCTION pyembed._bulk_load_lock() RETURNS integer
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT 1887003970 $$;
+
+-- Begin a bulk load of the caller's corpus: if its active key has no vectors yet (and no
+-- migration is under way), its index is dropped, to be built by end_bulk_load; returns whether
+-- the build is deferred (false: the load inserts into the index as any write does). As the
+-- owner (the application role may not drop the index), for the caller's tenant's corpus only.
+CREATE OR REPLACE FUNCTION pyembed.begin_bulk_load(corpus text) RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+SET lock_timeout = '5s'
+AS $$
+DECLARE
+  c pyembed.corpora := pyembed.lookup_corpus(corpus);
+  name text;
+  has_rows boolean;
+BEGIN
+  -- The row before the partition (the lock order at the top of this file): a concurrent
+  -- loader's first write waits here until this drop has committed, or comes first and is seen.
+  c := pyembed._lock_corpus(c.corpus_id);
+  IF c.target_model_key IS NOT NULL THEN
+    RETURN false;  -- a migration's steps build and swap indexes of their own
+  END IF;
+  name := pyembed._index_name(c.corpus_id, c.model_key);
+  IF to_regclass(format('pyembed.%I', name)) IS NOT NULL THEN
+    EXECUTE format('SELECT EXISTS (SELECT FROM pyembed.%I WHERE model_key = $1)',
+                   pyembed._vector_partition_name(c.corpus_id)) INTO has_rows USING c.model_key;
+    IF has_rows THEN
+      RETURN false;
+    END IF;
+    EXECUTE format('DROP INDEX pyembed.%I', name);
+  ELSIF (SELECT s.expr IS NULL FROM pyembed.models mo,
+                pyembed._index_spec(mo.dimensions, mo.distance, c.storage) s
+          WHERE mo.model_key = c.model_key) THEN
+    RETURN false;  -- the storage has no index for this width: nothing to build
+  END IF;
+  -- No index (dropped now, or by a loader still at work or gone): this load builds it at its end.
+  PERFORM pg_advisory_lock_shared(pyembed._bulk_load_lock(), c.corpus_id);
+  RETURN true;
+END
+$$;
+
+-- End the caller's bulk load of a corpus (begin_bulk_load): let go of its lock, then build the
+-- index if it is missing and no other loader is at work (the last one builds it). Returns the
+-- index built, or NULL.
+CREATE OR REPLACE FUNCTION pyembed.end_bulk_load(corpus text) RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  c pyembed.corpora := pyembed.lookup_corpus(corpus);
+BEGIN
+  -- pg_advisory_unlock_shared warns when the session holds no such lock: looked up first.
+  IF EXISTS (SELECT FROM pg_catalog.pg_locks l
+              WHERE l.locktype = 'advisory' AND l.pid = pg_catalog.pg_backend_pid()
+                AND l.classid::bigint = pyembed._bulk_load_lock() AND l.objid::bigint = c.corpus_id
+                AND l.objsubid = 2 AND l.mode = 'ShareLock') THEN
+    PERFORM pg_advisory_unlock_shared(pyembed._bulk_load_lock(), c.corpus_id);
+  END IF;
+  RETURN pyembed._heal_vector_index(c.corpus_id);
+END
+$$;
+
+-- Build the missing index of a corpus's active key (a bulk load's, begin_bulk_load) when no
+-- loader is at work; returns its name, or NULL when there was nothing to build or a loader holds
+-- the lock (it builds it at its end). The build runs in the caller's transaction, which holds
+-- writes to the corpus (not searches) until it commits; the transaction-level lock keeps a
+-- second builder and a new loader waiting meanwhile. As the owner, for a corpus of the caller's
+-- tenant only.
+CREATE OR REPLACE FUNCTION pyembed._heal_vector_index(p_corpus_id integer) RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  c pyembed.corpora;
+  name text;
+BEGIN
+  SELECT * INTO c FROM pyembed.corpora co WHERE co.corpus_id = p_corpus_id;
+  IF NOT FOUND OR c.target_model_key IS NOT NULL  -- a migration builds its own
+     OR NOT p_corpus_id = ANY (pyembed.visible_corpora()) THEN
+    RETURN NULL;
+  END IF;
+  name := pyembed._index_name(p_corpus_id, c.model_key);
+  IF to_regclass(format('pyembed.%I', name)) IS NOT NULL
+     OR NOT EXISTS (SELECT FROM pyembed.models mo,
+                           pyembed._index_spec(mo.dimensions, mo.distance, c.storage) s
+                     WHERE mo.model_key = c.model_key AND s.expr IS NOT NULL)
+     -- A loader at work, this session's included (its refused batches are written here)
+     OR EXISTS (SELECT FROM pg_catalog.pg_locks l
+                 WHERE l.locktype = 'advisory' AND l.objsubid = 2 AND l.granted
+                   AND l.classid::bigint = pyembed._bulk_load_lock()
+                   AND l.objid::bigint = p_corpus_id)
+     OR NOT pg_try_advisory_xact_lock(pyembed._bulk_load_lock(), p_corpus_id) THEN
+    RETURN NULL;
+  END IF;
+  IF to_regclass(format('pyembed.%I', name)) IS NOT NULL THEN
+    RETURN NULL;  -- built by a transaction that committed while this one looked
+  END IF;
+  RETURN pyembed._create_vector_index(p_corpus_id, c.model_key);
+END
+$$;
+
+-- After chunks are written: a corpus left without its index by a bulk load that did not end (a
+-- crash: begin_bulk_load) gets it back at its next write once no loader is at work. On the
+-- chunks, which every document write stores first, not the vectors: an index cannot be built on
+-- a table the statement is writing (its own trigger's). As the owner, so that the application
+-- role needs no grant on the functions it calls (the corpora are those its statement wrote).
+CREATE OR REPLACE FUNCTION pyembed._chunks_written_index() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  r record;
+BEGIN
+  FOR r IN SELECT co.corpus_id FROM pyembed.corpora co
+            WHERE co.corpus_id IN (SELECT DISTINCT n.corpus_id FROM new_rows n)
+              AND to_regclass(format('pyembed.%I', pyembed._index_name(co.corpus_id,
+                                                                        co.model_key))) IS NULL
+  LOOP
+    PERFORM pyembed._heal_vector_index(r.corpus_id);
+  END LOOP;
+  RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER chunks_written_index
+  AFTER INSERT ON pyembed.chunks REFERENCING NEW TABLE AS new_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION pyembed._chunks_written_index();
+
+-- Corpora of the caller's tenant whose active key has no index although its storage has one
+-- for the model's width, and whether a bulk load is at work on each (its index follows at the
+-- load's end); for `pyembed status` and `pyembed doctor`.
+CREATE OR REPLACE FUNCTION pyembed.unindexed_corpora()
+RETURNS TABLE (corpus text, model_key text, loading boolean)
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+  SELECT co.name, co.model_key,
+         EXISTS (SELECT FROM pg_catalog.pg_locks l
+                  WHERE l.locktype = 'advisory' AND l.objsubid = 2 AND l.granted
+                    AND l.classid::bigint = pyembed._bulk_load_lock()
+                    AND l.objid::bigint = co.corpus_id)
+    FROM pyembed.corpora co JOIN pyembed.models mo ON mo.model_key = co.model_key
+   CROSS JOIN LATERAL pyembed._index_spec(mo.dimensions, mo.distance, co.storage) s
+   WHERE co.corpus_id = ANY (pyembed.visible_corpora()) AND co.target_model_key IS NULL
+     AND s.expr IS NOT NULL
+     AND to_regclass(format('pyembed.%I', pyembed._index_name(co.corpus_id, co.model_key)))
+         IS NULL
+   ORDER BY co.name
+$$;

@@ -234,6 +234,9 @@ APP_WRITERS = {
     "record_search": "the query log, for a corpus of the caller's tenant",
     "measure_recall": "recall measurements of a corpus of the caller's tenant, measured here",
     "recall_sampled": "the caller's tenant's recall samples, measured here",
+    "begin_bulk_load": "the index of a corpus of the caller's tenant with no vectors for its "
+                       "key, dropped (built again by the load's end or the next write)",
+    "end_bulk_load": "the missing index of a corpus of the caller's tenant, built",
 }
 """Not here: pyembed.count_provider_error, whose counters every tenant and the metrics endpoint
 read (any tenant could add any count): pyembed's own functions and pyembed_worker call it. Nor

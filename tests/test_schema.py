@@ -48,6 +48,9 @@ APP_EXECUTE = {
     "_check_setting(text, numeric)",  # its check, in the words SQL, Python and the CLI give
     "version()",  # the server's pyembed, for `pyembed doctor`
     "vector_table(text)",
+    "begin_bulk_load(text)",  # a first load's index built at its end (ingest)
+    "end_bulk_load(text)",
+    "unindexed_corpora()",  # for `pyembed status` and doctor
     "cache_get(bytea[])",  # the embedding cache: through these functions only
     "cache_put(bytea[], text, text, vector[], double precision)",
     "cache_count(text[], bigint[], bigint[])",

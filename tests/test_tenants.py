@@ -406,3 +406,25 @@ def test_a_role_made_again_under_a_dropped_members_name_is_no_member(
         assert owner.execute("SELECT count(*) FROM pyembed.tenant_members").fetchone() == (1,)
     finally:
         owner.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def test_a_tenant_can_neither_defer_nor_build_another_tenants_index(
+        two: dict[str, str], owner: psycopg.Connection[Any]) -> None:
+    """A bulk load's deferred index (pyembed.begin_bulk_load): the functions run as the owner,
+    and only on the caller's tenant's corpora."""
+    fill(two["a"], A_KEY, 3).close()
+    row = owner.execute("SELECT corpus_id, pyembed._index_name(corpus_id, model_key) "
+                        "FROM pyembed.corpora WHERE name = 'docs'").fetchone()
+    assert row is not None
+    owner.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier("pyembed", row[1])))
+    with psycopg.connect(two["b"], autocommit=True) as b:
+        assert b.execute("SELECT * FROM pyembed.unindexed_corpora()").fetchall() == []
+        for call in ("begin_bulk_load", "end_bulk_load"):
+            with pytest.raises(psycopg.Error, match="unknown corpus"):
+                b.execute(sql.SQL("SELECT pyembed.{}('docs')").format(sql.Identifier(call)))
+    assert owner.execute("SELECT to_regclass(format('pyembed.%%I', %s::text))",
+                         (row[1],)).fetchone() == (None,)
+    with psycopg.connect(two["a"], autocommit=True) as a:
+        assert a.execute("SELECT * FROM pyembed.unindexed_corpora()").fetchall() == [
+            ("docs", A_KEY, False)]
+        assert a.execute("SELECT pyembed.end_bulk_load('docs')").fetchone() == (row[1],)
