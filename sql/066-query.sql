@@ -232,7 +232,15 @@ $$;
 -- The second call of a cache miss: stores the query's embedding, searches with it and records
 -- the search (embed_ms: the client's time from its first call to the embedding). keyword_*: a
 -- hybrid search's keyword ranking, made by pyembed.keyword_ranking while the client embedded
--- (pyembed.search_hybrid).
+-- (pyembed.search_hybrid). cache_key NULL: a client without a cache; ttl_seconds NULL: no
+-- expiry; filter and options NULL: none; embed_ms NULL: not measured.
+-- quick_commit as in search_query, for a record that caches no embedding (cache_key NULL): its
+-- log line, counts and recall sample are as losable as a hit's. One that caches the embedding
+-- commits synchronously (replicas get the entry at once). The record comes after the search: a
+-- query the guard refused leaves no cache entry.
+-- These comments stand outside the body, as pyembed.search's (sql/030-search.sql): a pg_proc row
+-- over PostgreSQL's TOAST_TUPLE_TARGET has its argument types and modes compressed, and every
+-- call decompressed them to describe its result row.
 CREATE OR REPLACE FUNCTION pyembed.search_embedded(
   corpus text, query text, query_embedding vector, query_model_key text, cache_key bytea,
   input_type text, ttl_seconds float8, k integer, filter jsonb, mode text, options jsonb,
@@ -249,8 +257,6 @@ AS $$
 DECLARE
   started timestamptz := clock_timestamp();
 BEGIN
-  -- (cache_key NULL: a client without a cache; ttl_seconds NULL: no expiry; filter and options
-  -- NULL: none; embed_ms NULL: not measured)
   IF num_nulls(query, query_embedding, query_model_key, input_type, mode, log) > 0 THEN
     PERFORM pyembed._needs(query IS NULL, 'query', 'search_embedded');
     PERFORM pyembed._needs(query_embedding IS NULL, 'query_embedding', 'search_embedded');
@@ -264,14 +270,10 @@ BEGIN
     FROM pyembed._search_arrays(corpus, mode, query, query_embedding, query_model_key, k, filter,
                                 options, keyword_ids, keyword_scores, keyword_keys);
   search_ms := extract(epoch FROM clock_timestamp() - started) * 1000;
-  -- quick_commit as in search_query, for a record that caches no embedding (cache_key NULL: a
-  -- client without a cache): its log line, counts and recall sample are as losable as a hit's.
-  -- One that caches the embedding commits synchronously (replicas get the entry at once).
   IF (options->>'quick_commit') = 'true' AND cache_key IS NULL
      AND pg_current_xact_id_if_assigned() IS NULL THEN
     PERFORM set_config('synchronous_commit', 'off', true);
   END IF;
-  -- After the search: a query the guard refused leaves no cache entry.
   recorded := pyembed.record_search(
     corpus_id, query_model_key, CASE WHEN log THEN mode END, k, false, embed_ms, search_ms,
     NULL, (embed_ms + search_ms)::real, cache_key, input_type, query_embedding, ttl_seconds, filter,

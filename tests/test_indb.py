@@ -485,6 +485,37 @@ def test_the_search_functions_catalog_row_is_stored_uncompressed(
     assert row == (None, None, None, None, None)
 
 
+
+ROW_TOO_LONG = {"pyembed.search_query", "pyembed.search_hybrid"}
+"""App-callable functions whose argument types and modes stay compressed: besides its body,
+search_query's 29 arguments' names, types and defaults fill most of the TOAST target, and
+search_hybrid's body compressed still fills most of it (a fresh install; a replaced row may keep
+its body out of line); a function of its own for either body would give its OUT arguments
+another row to describe the result from, and cost every search one call more."""
+
+
+def test_app_functions_describe_their_results_from_uncompressed_catalog_rows(
+        owner: psycopg.Connection[Any]) -> None:
+    """Every function the app role may call has its argument types, modes and names (and its
+    settings) stored uncompressed in pg_proc: a call of one with OUT parameters builds its
+    result's row description from them, so that a compressed row was decompressed at every
+    call (search_embedded was, on every search of a new query, until its comments went outside
+    its body)."""
+    rows = owner.execute(
+        "SELECT p.oid::regprocedure::text FROM pg_catalog.pg_proc p "
+        "WHERE p.pronamespace = 'pyembed'::regnamespace "
+        "AND has_function_privilege('pyembed_app', p.oid, 'EXECUTE') "
+        "AND (pg_column_compression(p.proallargtypes) IS NOT NULL "
+        "OR pg_column_compression(p.proargmodes) IS NOT NULL "
+        "OR pg_column_compression(p.proargnames) IS NOT NULL "
+        "OR pg_column_compression(p.proconfig) IS NOT NULL)").fetchall()
+    assert {r[0].split("(")[0] for r in rows} == ROW_TOO_LONG
+    walked = owner.execute(
+        "SELECT count(*) FROM pg_catalog.pg_proc p WHERE p.pronamespace = 'pyembed'::regnamespace "
+        "AND has_function_privilege('pyembed_app', p.oid, 'EXECUTE') "
+        "AND p.proallargtypes IS NOT NULL").fetchone()
+    assert walked is not None and walked[0] > 10  # the walk sees the functions with OUT arguments
+
 def test_keyword_scoring_imports_neither_the_client_nor_sqlalchemy() -> None:
     """PL/Python imports pyembed.bm25 for a session's first keyword search: the package's
     names are imported on first use, so that costs numpy, not the client and SQLAlchemy."""
