@@ -209,6 +209,7 @@ class Provider(ServiceClient[ModelSpec], ABC):
         only have them estimated."""
         return None
 
+
 def checked_base_url(url: str | None, what: str) -> str | None:
     """`url` if it is an http or https URL with a host (and a port 1..65535 if it names one),
     else ConfigError naming `what` (not the URL, which may hold credentials): the SDKs raise
