@@ -20,6 +20,7 @@ from psycopg.types.array import ListBinaryDumper
 
 from . import errors
 from .config import DSN_ENV, OWNER_DSN_ENV, WORKER_DSN_ENV
+from .text import check_whole_number
 
 
 def resolve_dsn(*, owner: bool = False, worker: bool = False) -> str:
@@ -175,6 +176,7 @@ def integer(value: object, what: str, conn: psycopg.Connection[Any] | None = Non
     pyembed._check_setting, against the range its table's CHECK holds and in SQL's words (a
     number past bigint goes as numeric)."""
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        check_whole_number(int(value), what)  # the driver and the messages need its digits
         if conn is not None:
             with translated(), conn.transaction():
                 row = conn.execute("SELECT pyembed._check_setting(%s, %s::numeric)",

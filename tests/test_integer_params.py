@@ -75,6 +75,18 @@ def test_a_number_past_postgres_integer_is_invalid_input_naming_its_parameter(
         assert app.corpus("docs").search("alpha", k=1, mode="keyword")[0].document_id == "a"
 
 
+def test_a_number_past_pythons_digit_limit_is_invalid_input_naming_its_parameter(
+        db: Database) -> None:
+    """Python makes no text of an int past sys.get_int_max_str_digits() digits: the driver
+    (and a message quoting the number) raised a raw ValueError for k=10**5000."""
+    with pyembed.connect(db.app_dsn) as app, pyembed.connect(db.owner_dsn) as owner:
+        app.create_corpus("docs", FAKE).add([("a", "alpha text")])
+        migration.start(owner, "docs", "fake/fake-hash@2:1024")
+        for name, call in entry_points(app, owner).items():
+            with pytest.raises(InvalidInput, match=f"^{name} is a whole number of about 5001 "):
+                call(10**5000)
+
+
 @pytest.mark.parametrize("args", [
     ("search", "docs", "alpha", "-k", str(HUGE)),
     ("ask", "docs", "alpha", "-k", str(HUGE)),
