@@ -23,7 +23,7 @@ from pyembed.localdb import APP_USER
 from pyembed.models import InputType, ModelSpec, registry
 from pyembed.providers import TransientProviderError, provider_for
 from pyembed.rerank import Reranker, reranker_spec
-from pyembed.worker import Worker
+from pyembed.worker import Worker, WorkerStats
 from tests.conftest import Database
 from tests.fakeapi import FakeAPI, server_vectors
 from tests.helpers import run_cli
@@ -157,21 +157,28 @@ def test_in_database_embed_batch_refuses_a_broken_answer_and_caches_nothing(
 OPENAI_SMALL = registry.get("openai/text-embedding-3-small@1:1536")
 
 
+def _drain(db: Database, app: psycopg.Connection[Any], fake_api: FakeAPI, corpus: str,
+           behaviours: list[str], max_attempts: int) -> WorkerStats:
+    """TEXTS queued in a new OpenAI corpus, the fake service answering with `behaviours` first,
+    then one Worker run until the queue is empty (retries at once, no SDK retries)."""
+    app.execute("SELECT pyembed.create_corpus(%s, %s)", (corpus, OPENAI_SMALL.key))
+    with app.cursor() as cur:
+        cur.executemany("SELECT pyembed.add_document(%s, %s, %s)",
+                        [(corpus, f"doc{i}", text) for i, text in enumerate(TEXTS)])
+    fake_api.script(*behaviours)
+    worker = Worker(db.app_dsn, batch_size=64, max_attempts=max_attempts, retry_base=0.02,
+                    retry_max=0.1, embedder_for=lambda spec, cache: Embedder(
+                        spec, provider_for(spec, timeout=5.0), cache=cache, max_retries=0))
+    try:
+        return worker.run(drain=True, poll_interval=0.05, drain_wait=5.0)
+    finally:
+        worker.close()
+
+
 def test_the_worker_stores_no_vector_from_an_answer_with_repeated_indexes(
         db: Database, app: psycopg.Connection[Any], owner: psycopg.Connection[Any],
         fake_api: FakeAPI) -> None:
-    app.execute("SELECT pyembed.create_corpus('answers', %s)", (OPENAI_SMALL.key,))
-    with app.cursor() as cur:
-        cur.executemany("SELECT pyembed.add_document('answers', %s, %s)",
-                        [(f"doc{i}", text) for i, text in enumerate(TEXTS)])
-    fake_api.script("indexes=1,1,0,3")
-    worker = Worker(db.app_dsn, batch_size=64, max_attempts=3, retry_base=0.02, retry_max=0.1,
-                    embedder_for=lambda spec, cache: Embedder(
-                        spec, provider_for(spec, timeout=5.0), cache=cache, max_retries=0))
-    try:
-        stats = worker.run(drain=True, poll_interval=0.05, drain_wait=5.0)
-    finally:
-        worker.close()
+    stats = _drain(db, app, fake_api, "answers", ["indexes=1,1,0,3"], max_attempts=3)
 
     # The broken answer was refused whole; the texts, sent again, got their own vectors.
     assert stats.embedded == 4 and stats.failed == 0
@@ -260,18 +267,7 @@ def test_the_cli_says_one_line_of_an_answer_not_in_the_services_format(
 def test_the_worker_outlives_an_answer_not_in_the_services_format(
         db: Database, app: psycopg.Connection[Any], owner: psycopg.Connection[Any],
         fake_api: FakeAPI) -> None:
-    app.execute("SELECT pyembed.create_corpus('gateway', %s)", (OPENAI_SMALL.key,))
-    with app.cursor() as cur:
-        cur.executemany("SELECT pyembed.add_document('gateway', %s, %s)",
-                        [(f"doc{i}", text) for i, text in enumerate(TEXTS)])
-    fake_api.script("notjson", "empty", "strings")
-    worker = Worker(db.app_dsn, batch_size=64, max_attempts=5, retry_base=0.02, retry_max=0.1,
-                    embedder_for=lambda spec, cache: Embedder(
-                        spec, provider_for(spec, timeout=5.0), cache=cache, max_retries=0))
-    try:
-        stats = worker.run(drain=True, poll_interval=0.05, drain_wait=5.0)
-    finally:
-        worker.close()
+    stats = _drain(db, app, fake_api, "gateway", ["notjson", "empty", "strings"], max_attempts=5)
 
     assert stats.embedded == 4 and stats.failed == 0
     assert any("not in the service's format" in e for e in stats.errors), stats.errors
