@@ -182,6 +182,20 @@ LANGUAGE sql IMMUTABLE
 SET search_path = pg_catalog, pg_temp
 AS $$ SELECT 1887003970 $$;
 
+-- Whether a loader holds a corpus's lock (begin_bulk_load): any session's, or this one's only.
+CREATE OR REPLACE FUNCTION pyembed._bulk_loading(p_corpus_id integer,
+                                                 this_session boolean DEFAULT false)
+RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+  SELECT EXISTS (SELECT FROM pg_catalog.pg_locks l
+                  WHERE l.locktype = 'advisory' AND l.objsubid = 2 AND l.granted
+                    AND l.mode = 'ShareLock' AND l.classid::bigint = pyembed._bulk_load_lock()
+                    AND l.objid::bigint = p_corpus_id
+                    AND (NOT this_session OR l.pid = pg_catalog.pg_backend_pid()))
+$$;
+
 -- Begin a bulk load of the caller's corpus: if its active key has no vectors yet (and no
 -- migration is under way), its index is dropped, to be built by end_bulk_load; returns whether
 -- the build is deferred (false: the load inserts into the index as any write does). As the
@@ -232,10 +246,7 @@ DECLARE
   c pyembed.corpora := pyembed.lookup_corpus(corpus);
 BEGIN
   -- pg_advisory_unlock_shared warns when the session holds no such lock: looked up first.
-  IF EXISTS (SELECT FROM pg_catalog.pg_locks l
-              WHERE l.locktype = 'advisory' AND l.pid = pg_catalog.pg_backend_pid()
-                AND l.classid::bigint = pyembed._bulk_load_lock() AND l.objid::bigint = c.corpus_id
-                AND l.objsubid = 2 AND l.mode = 'ShareLock') THEN
+  IF pyembed._bulk_loading(c.corpus_id, true) THEN
     PERFORM pg_advisory_unlock_shared(pyembed._bulk_load_lock(), c.corpus_id);
   END IF;
   RETURN pyembed._heal_vector_index(c.corpus_id);
@@ -267,10 +278,7 @@ BEGIN
                            pyembed._index_spec(mo.dimensions, mo.distance, c.storage) s
                      WHERE mo.model_key = c.model_key AND s.expr IS NOT NULL)
      -- A loader at work, this session's included (its refused batches are written here)
-     OR EXISTS (SELECT FROM pg_catalog.pg_locks l
-                 WHERE l.locktype = 'advisory' AND l.objsubid = 2 AND l.granted
-                   AND l.classid::bigint = pyembed._bulk_load_lock()
-                   AND l.objid::bigint = p_corpus_id)
+     OR pyembed._bulk_loading(p_corpus_id)
      OR NOT pg_try_advisory_xact_lock(pyembed._bulk_load_lock(), p_corpus_id) THEN
     RETURN NULL;
   END IF;
@@ -316,11 +324,7 @@ RETURNS TABLE (corpus text, model_key text, loading boolean)
 LANGUAGE sql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
-  SELECT co.name, co.model_key,
-         EXISTS (SELECT FROM pg_catalog.pg_locks l
-                  WHERE l.locktype = 'advisory' AND l.objsubid = 2 AND l.granted
-                    AND l.classid::bigint = pyembed._bulk_load_lock()
-                    AND l.objid::bigint = co.corpus_id)
+  SELECT co.name, co.model_key, pyembed._bulk_loading(co.corpus_id)
     FROM pyembed.corpora co JOIN pyembed.models mo ON mo.model_key = co.model_key
    CROSS JOIN LATERAL pyembed._index_spec(mo.dimensions, mo.distance, co.storage) s
    WHERE co.corpus_id = ANY (pyembed.visible_corpora()) AND co.target_model_key IS NULL
