@@ -128,11 +128,11 @@ def check_whole_number(value: int, what: str) -> int:
     """`value` if it has a decimal text (json.dumps, str()), else InvalidInput naming `what`:
     Python refuses to convert an int past sys.get_int_max_str_digits() digits."""
     limit = sys.get_int_max_str_digits()
-    # Digits from the bits, exact to one: the text itself is what cannot be made.
-    if limit and abs(value).bit_length() * 0.30103 > limit:
-        raise InvalidInput(f"{what} is a whole number of about "
-                           f"{int(abs(value).bit_length() * 0.30103) + 1} digits, more than "
-                           f"the {limit} Python converts")
+    # Digits from the bits (log10 2 a bit), exact to one: the text itself cannot be made.
+    digits = abs(value).bit_length() * math.log10(2)
+    if limit and digits > limit:
+        raise InvalidInput(f"{what} is a whole number of about {int(digits) + 1} digits, more "
+                           f"than the {limit} Python converts")
     return value
 
 
