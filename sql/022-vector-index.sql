@@ -182,6 +182,18 @@ LANGUAGE sql IMMUTABLE
 SET search_path = pg_catalog, pg_temp
 AS $$ SELECT 1887003970 $$;
 
+-- Whether a corpus's storage has an HNSW index for its active model's width (pyembed._index_spec;
+-- false: its searches scan exactly, there is nothing to build).
+CREATE OR REPLACE FUNCTION pyembed._indexable(c pyembed.corpora) RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+  SELECT coalesce((SELECT s.expr IS NOT NULL
+                     FROM pyembed.models mo,
+                          pyembed._index_spec(mo.dimensions, mo.distance, c.storage) s
+                    WHERE mo.model_key = c.model_key), false)
+$$;
+
 -- Whether a loader holds a corpus's lock (begin_bulk_load): any session's, or this one's only.
 CREATE OR REPLACE FUNCTION pyembed._bulk_loading(p_corpus_id integer,
                                                  this_session boolean DEFAULT false)
@@ -224,9 +236,7 @@ BEGIN
       RETURN false;
     END IF;
     EXECUTE format('DROP INDEX pyembed.%I', name);
-  ELSIF (SELECT s.expr IS NULL FROM pyembed.models mo,
-                pyembed._index_spec(mo.dimensions, mo.distance, c.storage) s
-          WHERE mo.model_key = c.model_key) THEN
+  ELSIF NOT pyembed._indexable(c) THEN
     RETURN false;  -- the storage has no index for this width: nothing to build
   END IF;
   -- No index (dropped now, or by a loader still at work or gone): this load builds it at its end.
@@ -274,9 +284,7 @@ BEGIN
   END IF;
   name := pyembed._index_name(p_corpus_id, c.model_key);
   IF to_regclass(format('pyembed.%I', name)) IS NOT NULL
-     OR NOT EXISTS (SELECT FROM pyembed.models mo,
-                           pyembed._index_spec(mo.dimensions, mo.distance, c.storage) s
-                     WHERE mo.model_key = c.model_key AND s.expr IS NOT NULL)
+     OR NOT pyembed._indexable(c)
      -- A loader at work, this session's included (its refused batches are written here)
      OR pyembed._bulk_loading(p_corpus_id)
      OR NOT pg_try_advisory_xact_lock(pyembed._bulk_load_lock(), p_corpus_id) THEN
@@ -325,10 +333,9 @@ LANGUAGE sql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
   SELECT co.name, co.model_key, pyembed._bulk_loading(co.corpus_id)
-    FROM pyembed.corpora co JOIN pyembed.models mo ON mo.model_key = co.model_key
-   CROSS JOIN LATERAL pyembed._index_spec(mo.dimensions, mo.distance, co.storage) s
+    FROM pyembed.corpora co
    WHERE co.corpus_id = ANY (pyembed.visible_corpora()) AND co.target_model_key IS NULL
-     AND s.expr IS NOT NULL
+     AND pyembed._indexable(co)
      AND to_regclass(format('pyembed.%I', pyembed._index_name(co.corpus_id, co.model_key)))
          IS NULL
    ORDER BY co.name
