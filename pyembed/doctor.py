@@ -178,15 +178,12 @@ def check_worker(conn: Conn) -> Check:
 
 def check_indexes(conn: Conn) -> Check:
     name = "vector indexes"
-    missing = [(corpus, key) for corpus, key, loading in conn.execute(
-        "SELECT corpus, model_key, loading FROM pyembed.unindexed_corpora()") if not loading]
+    missing = [f for f in health.indexes(conn) if f.level != "ok"]
     if not missing:
         return Check(name, "ok", "every corpus's active key has its index (or a load at work "
                                  "builds it at its end)")
-    return Check(name, "warn", f"no index on {', '.join(f'{c} ({k})' for c, k in missing)}: a "
-                 "bulk load did not end, searches scan every vector",
-                 f"write to the corpus, or run `pyembed corpus reindex {missing[0][0]}` as the "
-                 "owner")
+    return Check(name, "warn", f"no index on {', '.join(f.subject for f in missing)}: searches "
+                 "scan every vector", missing[0].note)
 
 
 def check_replicas(conn: Conn) -> Check:
