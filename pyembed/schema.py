@@ -100,24 +100,22 @@ END
 $refuse$;""")
 
 
-def _literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
+def _literal(v: object) -> str:
+    """`v` as an SQL literal, for the scripts revisions run (offline too: no driver to bind)."""
+    if v is None:
+        return "NULL"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    return "'" + str(v).replace("'", "''") + "'"
 
 
 def _model_row(spec: ModelSpec) -> str:
-    def lit(v: object) -> str:
-        if v is None:
-            return "NULL"
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, int | float):
-            return repr(v)
-        return "'" + str(v).replace("'", "''") + "'"
-
     values = (spec.key, spec.provider, spec.model_id, spec.version, spec.dimensions,
               spec.distance, spec.normalized, spec.input_types, spec.max_batch, spec.max_tokens,
               spec.request_dimensions, spec.price_per_mtok, spec.description)
-    return "(" + ", ".join(lit(v) for v in values) + ")"
+    return "(" + ", ".join(_literal(v) for v in values) + ")"
 
 
 def replaceable_sql() -> str:
