@@ -1207,6 +1207,14 @@ def _one_line(exc: BaseException) -> str:
     return text[0] if text else exc.__class__.__name__
 
 
+def _unreached(exc: psycopg.OperationalError) -> bool:
+    """Whether the database was not reached (no connection, or one it closed or refused), as
+    opposed to a statement it answered with an error of the same Python class (a lock or
+    statement timeout, a deadlock)."""
+    state = exc.sqlstate or ""
+    return not state or state == "53300" or state.startswith(("08", "57P"))
+
+
 def main(argv: list[str] | None = None) -> Any:
     """Entry point: run the CLI, turning pyembed and connection errors into one line."""
     def fail(message: str, code: int = 1) -> None:
@@ -1218,7 +1226,9 @@ def main(argv: list[str] | None = None) -> Any:
     except PyembedError as exc:
         fail(_one_line(exc))
     except psycopg.OperationalError as exc:
-        fail(f"cannot reach the database: {_one_line(exc)}")
+        if _unreached(exc):
+            fail(f"cannot reach the database: {_one_line(exc)}")
+        fail(_one_line(translate(exc)))
     except psycopg.Error as exc:
         fail(_one_line(translate(exc)))
     except (typer.Abort, KeyboardInterrupt):

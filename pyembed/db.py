@@ -250,7 +250,8 @@ def translate(exc: psycopg.Error) -> Exception:
     """Our error class for a database error raised by pyembed's SQL, or by a statement of yours
     on pyembed's tables: a value a CHECK or NOT NULL refuses, or a row a foreign or unique key
     refuses (InvalidInput); a row of a corpus row-level security hides (UnknownCorpus); a table,
-    column or function the role may not use (NotAllowed, OwnerOnly). Else the error itself."""
+    column or function the role may not use (NotAllowed, OwnerOnly); a lock another session
+    held too long (Busy). Else the error itself."""
     diag = exc.diag
     table, check = diag.table_name or "", diag.constraint_name or ""
     if isinstance(exc, psycopg.errors.CheckViolation) and diag.schema_name == "pyembed":
@@ -270,6 +271,12 @@ def translate(exc: psycopg.Error) -> Exception:
         # whatever the entry point.
         detail = f" ({diag.message_detail})" if diag.message_detail else ""
         return errors.InvalidInput(f"a value PostgreSQL cannot store: {message}{detail}")
+    if isinstance(exc, (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected)):
+        # The server answered: another session holds a lock the statement waited for longer
+        # than its lock_timeout (pyembed's own bounds included), or the two deadlocked.
+        return errors.Busy(f"{message}: another session holds what this needs (a transaction "
+                           "left open, a load or an index build on the corpus); the statement "
+                           "changed nothing: retry when it is done")
     if isinstance(exc, psycopg.errors.ReadOnlySqlTransaction):
         # A write on a hot standby, or in a transaction or session that is read-only.
         return errors.ReadOnlyReplica(f"{message}: this session cannot write (a replica, or a "

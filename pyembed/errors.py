@@ -110,8 +110,10 @@ class ReadOnlyReplica(PyembedError):
 
 
 class Busy(PyembedError):
-    """Maintenance could not take what it changes from the sessions using it in its time (a
-    corpus's drop: its row and vectors); nothing was changed. Retry later."""
+    """What a call needed was held by another session for longer than the call waits (a
+    corpus's drop: its row and vectors; a lock timeout, such as a bulk load's or an index swap's
+    5 s, or your own lock_timeout; a deadlock): the statement changed nothing. Retry later.
+    Mapped from PE012, and from SQLSTATE 55P03 (lock not available) and 40P01 (deadlock)."""
 
     sqlstate = "PE012"
 
