@@ -181,11 +181,14 @@ AS $$
   ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value, updated_at = now()
 $$;
 
--- The pyembed the server's PL/Python imports (`pyembed doctor` compares it with the client's).
+-- The pyembed the server's PL/Python imports (`pyembed doctor` compares it with the client's),
+-- with pyembed.indb, what the other PL/Python functions run: importing it is doctor's probe,
+-- which writes nothing, so that it answers on a replica and in a read-only transaction too.
 CREATE OR REPLACE FUNCTION pyembed.version() RETURNS text
 LANGUAGE plpython3u STABLE SECURITY INVOKER
 SET search_path = pg_catalog, pg_temp
 AS $$
 import pyembed
+import pyembed.indb
 return pyembed.__version__
 $$;

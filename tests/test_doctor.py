@@ -123,3 +123,12 @@ def test_a_server_running_another_pyembed_fails_the_plpython_check(
         monkeypatch.setattr(pyembed, "__version__", "9.9.9")
         check = doctor.check_plpython(conn)
     assert check.status == "fail" and "9.9.9" in check.detail
+
+
+def test_doctor_writes_nothing_and_passes_in_a_read_only_session(db: Database) -> None:
+    """What a hot standby enforces: every check answers there (the PL/Python probe imports
+    pyembed, it embeds nothing: before, it was 'a provider call cannot be accounted')."""
+    code, lines, text = _doctor(db, PGOPTIONS="-c default_transaction_read_only=on")
+    assert code == 0, text
+    assert all(not line.startswith("FAIL") for line in lines.values()), text
+    assert lines["PL/Python imports pyembed"].startswith("ok   "), text

@@ -4,6 +4,7 @@ replica that lags gives a clear answer instead of a silent empty result."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -11,6 +12,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from prometheus_client import generate_latest
 
 import pyembed
 from pyembed.localdb import LocalCluster
@@ -252,3 +254,27 @@ def test_a_tenants_rate_limit_holds_when_its_searches_run_on_the_standby(
     finally:
         owner.execute(sql.SQL("DROP OWNED BY {} CASCADE").format(sql.Identifier(role)))
         owner.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def test_every_read_command_answers_on_the_standby(
+        db: Database, standby: LocalCluster, read_dsn: str) -> None:
+    """Status, doctor, recall, metrics and the listings pointed at the standby: each answers
+    and none tries to write (a hot standby refuses every write)."""
+    with pyembed.connect(db.app_dsn) as client:
+        client.create_corpus("docs", KEY).add(DOCS)
+        list(client.corpus("docs").search("E4007 quota", k=3))
+    wait_for(standby, db, "the corpus")
+    env = {"PYEMBED_DSN": read_dsn, "COLUMNS": "200"}
+    for args in (("status",), ("doctor",), ("recall", "docs", "--queries", "5"), ("usage",),
+                 ("cache", "stats"), ("corpus", "list"), ("corpus", "show", "docs"),
+                 ("models",), ("migrate", "status", "docs"),
+                 ("search", "docs", "E4007 quota", "-k", "3")):
+        out = run_cli(*args, "--json", env=env)
+        assert out.returncode == 0, (args, out.stdout, out.stderr)
+        if args == ("doctor",):
+            checks = {c["name"]: c for c in json.loads(out.stdout)["checks"]}
+            assert checks["PL/Python imports pyembed"]["status"] == "ok", checks
+    from pyembed import metrics
+
+    text = generate_latest(metrics.registry(read_dsn)).decode()
+    assert "pyembed_up 1.0" in text, text
