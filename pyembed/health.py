@@ -126,18 +126,22 @@ def recall(conn: psycopg.Connection[Any], alert: float = RECALL_ALERT) -> list[F
 
 def indexes(conn: psycopg.Connection[Any]) -> list[Finding]:
     """Corpora whose active key has no vector index (pyembed.unindexed_corpora): a bulk load at
-    work builds it at its end; one that did not end (killed) left it to the corpus's next write
-    or the owner's `pyembed corpus reindex`. Searches meanwhile scan every vector."""
+    work builds it at its end; one that did not end (killed) left it to the corpus's next write,
+    to pyembed.end_bulk_load, which the session reading this may call, or to the owner's
+    `pyembed corpus reindex` (a corpus of no tenant: the owner finds a tenant's corpus by name
+    only acting for it). Searches meanwhile scan every vector."""
     out = []
-    for r in conn.execute("SELECT corpus, model_key, loading "
-                          "FROM pyembed.unindexed_corpora()").fetchall():
-        corpus, key, loading = r
+    rows = conn.execute("SELECT u.corpus, u.model_key, u.loading, "
+                        "pyembed.current_tenant() IS NOT NULL "
+                        "FROM pyembed.unindexed_corpora() u").fetchall()
+    for corpus, key, loading, tenant in rows:
+        owner = "" if tenant else f", or `pyembed corpus reindex {corpus}` as the owner"
         out.append(Finding("index", f"{corpus} {key}",
                            "no index: a bulk load is at work, it builds it at its end"
                            if loading else "no index: searches scan every vector",
                            "ok" if loading else "warn",
-                           "" if loading else f"a bulk load did not end: write to the corpus or "
-                           f"run `pyembed corpus reindex {corpus}` as the owner"))
+                           "" if loading else "a bulk load did not end: the corpus's next write "
+                           f"builds it, or now SELECT pyembed.end_bulk_load('{corpus}'){owner}"))
     return out
 
 

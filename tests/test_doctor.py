@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
+import subprocess
+import sys
+import uuid
+from typing import Any
 
 import psycopg
 import pytest
 
-from pyembed import doctor, schema
-from tests.conftest import Database
+import pyembed as pyembed_api
+from pyembed import doctor, health, schema, tenants
+from tests.conftest import REPO, Database
 from tests.helpers import run_cli as pyembed
+from tests.test_deferred_index import KEY, KILLED
 
 NAMES = ["server reachable"] + [name for name, _ in doctor.CHECKS]
 
@@ -132,3 +139,29 @@ def test_doctor_writes_nothing_and_passes_in_a_read_only_session(db: Database) -
     assert code == 0, text
     assert all(not line.startswith("FAIL") for line in lines.values()), text
     assert lines["PL/Python imports pyembed"].startswith("ok   "), text
+
+
+def test_the_advice_for_a_tenants_unindexed_corpus_works_as_printed(
+        db: Database, owner: psycopg.Connection[Any]) -> None:
+    """A tenant's load killed mid-way: status and doctor tell that tenant what to run, and it
+    runs. They named the owner's `pyembed corpus reindex killed`, which finds no corpus of that
+    name: the owner acts for no tenant."""
+    role = f"tk_{uuid.uuid4().hex[:6]}"
+    tenants.create_tenant(owner, "acme", requests_per_minute=None)
+    tenants.add_member(owner, "acme", role, create_login="pw")
+    dsn = psycopg.conninfo.make_conninfo(db.app_dsn, user=role, password="pw")
+    with pyembed_api.connect(dsn) as client:
+        client.create_corpus("killed", KEY)
+    proc = subprocess.run([sys.executable, "-c", KILLED, dsn], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        (found,) = health.indexes(conn)
+        check = doctor.check_indexes(conn)
+        assert found.level == "warn" and check.status == "warn"
+        assert check.fix == found.note
+        assert "reindex" not in found.note, found.note
+        advice = re.search(r"SELECT [^`]*?\)", found.note)
+        assert advice, found.note
+        conn.execute(advice.group(0))
+        assert health.indexes(conn) == []
