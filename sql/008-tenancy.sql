@@ -86,9 +86,17 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
   c pyembed.corpora;
+  stack text;
 BEGIN
   SELECT * INTO c FROM pyembed._corpus_named(corpus);
   IF NOT FOUND THEN
+    IF corpus IS NULL THEN
+      -- PE005 naming the function the caller called (the outermost of pyembed's in the call
+      -- stack), as every NULL argument is; looked up only here, off the path of a found corpus.
+      GET DIAGNOSTICS stack = PG_CONTEXT;
+      PERFORM pyembed._needs(true, 'corpus', coalesce(
+        (regexp_match(stack, '^.*PL/pgSQL function pyembed\.(\w+)\('))[1], 'lookup_corpus'));
+    END IF;
     RAISE EXCEPTION USING ERRCODE = 'PE002',
       MESSAGE = format('unknown corpus %s', coalesce(quote_literal(left(corpus, 80)), 'NULL')),
       HINT = '`pyembed corpus list` shows the corpora';

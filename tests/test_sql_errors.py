@@ -427,7 +427,7 @@ def test_null_in_each_argument_of_every_function_of_the_application_role_is_name
                 except psycopg.Error as err:
                     text = err.diag.message_primary or ""
                     said = NAMED_AS.get(f"{name}.{arg}", arg)
-                    named = (err.sqlstate or "").startswith("PE") and said in text \
+                    named = err.sqlstate == "PE005" and said in text \
                         and not any(w in text for w in ("NoneType", "None", "NULL)"))
                     if not named:
                         wrong.append(f"{name}({arg} NULL): {err.sqlstate} {text}")
