@@ -12,6 +12,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 
 import pyembed as pyembed_api
 from pyembed import doctor, health, schema, tenants
@@ -150,18 +151,22 @@ def test_the_advice_for_a_tenants_unindexed_corpus_works_as_printed(
     tenants.create_tenant(owner, "acme", requests_per_minute=None)
     tenants.add_member(owner, "acme", role, create_login="pw")
     dsn = psycopg.conninfo.make_conninfo(db.app_dsn, user=role, password="pw")
-    with pyembed_api.connect(dsn) as client:
-        client.create_corpus("killed", KEY)
-    proc = subprocess.run([sys.executable, "-c", KILLED, dsn], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == -9, proc.stderr
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        (found,) = health.indexes(conn)
-        check = doctor.check_indexes(conn)
-        assert found.level == "warn" and check.status == "warn"
-        assert check.fix == found.note
-        assert "reindex" not in found.note, found.note
-        advice = re.search(r"SELECT [^`]*?\)", found.note)
-        assert advice, found.note
-        conn.execute(advice.group(0))
-        assert health.indexes(conn) == []
+    try:
+        with pyembed_api.connect(dsn) as client:
+            client.create_corpus("killed", KEY)
+        proc = subprocess.run([sys.executable, "-c", KILLED, dsn], cwd=REPO,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == -9, proc.stderr
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            (found,) = health.indexes(conn)
+            check = doctor.check_indexes(conn)
+            assert found.level == "warn" and check.status == "warn"
+            assert check.fix == found.note
+            assert "reindex" not in found.note, found.note
+            advice = re.search(r"SELECT [^`]*?\)", found.note)
+            assert advice, found.note
+            conn.execute(advice.group(0))
+            assert health.indexes(conn) == []
+    finally:  # roles are the cluster's, not the test database's
+        owner.execute(sql.SQL("DROP OWNED BY {} CASCADE").format(sql.Identifier(role)))
+        owner.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
