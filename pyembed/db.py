@@ -369,9 +369,38 @@ def _refused_row(exc: psycopg.Error, message: str) -> errors.PyembedError | None
             return errors.InvalidInput(f"pyembed.{table}: the row is still referred to{detail}")
         return errors.InvalidInput(f"pyembed.{table} refers to a row that does not exist{detail}")
     if isinstance(exc, psycopg.errors.UniqueViolation):
-        return errors.InvalidInput(f"pyembed.{table} already holds a row with that key (its "
-                                   f"unique index {diag.constraint_name}){detail}")
+        return errors.InvalidInput(_taken(table, diag.constraint_name or "") + detail)
     return None
+
+
+UNIQUE_KEYS = {
+    "chunks_corpus_id_document_id_chunk_index_key": ("corpus_id", "document_id", "chunk_index"),
+    "chunks_pkey": ("corpus_id", "chunk_id"),
+    "documents_doc_no": ("corpus_id", "doc_no"),
+    "documents_pkey": ("corpus_id", "document_id"),
+    "eval_queries_pkey": ("corpus_id", "query_id"),
+    "vectors_pkey": ("corpus_id", "chunk_id", "model_key"),
+}
+"""The columns of each unique index of a table the application role writes (a vectors
+partition's by its parent's name): the server gives the taken values (DETAIL) only to a role
+that may read them all, and row-level security withholds them from every role it applies to.
+tests/test_privileges.py checks this against the catalogue."""
+
+
+def _taken(table: str, index: str) -> str:
+    """What a unique-key violation of `index` on `table` means, naming the key's columns (not
+    its values, which the role may not be allowed to see)."""
+    columns = UNIQUE_KEYS.get(_PARTITION_IN.sub("", index))
+    if not columns:
+        return f"pyembed.{table} already holds a row with that key (its unique index {index})"
+    own = [c for c in columns if c != "corpus_id"]
+    where = " in that corpus" if len(own) < len(columns) else ""
+    verb = "is" if len(own) == 1 else "are"
+    return (f"pyembed.{table}: that {', '.join(own)} {verb} taken{where} (a row with the same "
+            f"{', '.join(columns)} exists: unique index {index})")
+
+
+_PARTITION_IN = re.compile(r"_c\d+(?=_|$)")
 
 
 _PARTITION = re.compile(r'relation "(?:pyembed\.)?vectors_c(\d+)" does not exist')

@@ -569,16 +569,70 @@ def test_a_row_a_table_refuses_is_one_clear_error_of_its_class(
                 "pyembed.chunks refers to a row that does not exist: Key ",
             "INSERT INTO pyembed.documents (corpus_id, document_id, content_hash) "
             "VALUES (%s, 'd1', '\\x00')":
-                "pyembed.documents already holds a row with that key (its unique index "
-                "documents_pkey)",
+                "pyembed.documents: that document_id is taken in that corpus (a row with the "
+                "same corpus_id, document_id exists: unique index documents_pkey)",
             "INSERT INTO pyembed.eval_queries (corpus_id, query_id, query, relevant) "
             "VALUES (%s, 'q1', 'a query', '{d1}')":
-                "pyembed.eval_queries already holds a row with that key (its unique index "
-                "eval_queries_pkey)",
+                "pyembed.eval_queries: that query_id is taken in that corpus (a row with the "
+                "same corpus_id, query_id exists: unique index eval_queries_pkey)",
+            "UPDATE pyembed.eval_queries SET query_id = 'q1' WHERE corpus_id = %s "
+            "AND query_id = 'q2'":
+                "pyembed.eval_queries: that query_id is taken in that corpus",
+            "INSERT INTO pyembed.chunks (corpus_id, document_id, chunk_index, content, "
+            "content_hash) VALUES (%s, 'd1', 0, 'text', '\\x00')":
+                "pyembed.chunks: that document_id, chunk_index are taken in that corpus (a row "
+                "with the same corpus_id, document_id, chunk_index exists: unique index "
+                "chunks_corpus_id_document_id_chunk_index_key)",
+            "INSERT INTO pyembed.vectors (corpus_id, chunk_id, model_key, embedding, "
+            "content_hash) SELECT corpus_id, chunk_id, model_key, (array_fill(0::real, "
+            "ARRAY[dimensions - 1]) || 1::real)::vector, content_hash FROM pyembed.vectors "
+            "JOIN pyembed.models USING (model_key) WHERE corpus_id = %s":
+                "pyembed.vectors: that chunk_id, model_key are taken in that corpus (a row "
+                "with the same corpus_id, chunk_id, model_key exists: unique index "
+                "vectors_c",
         }
-        a.execute("INSERT INTO pyembed.eval_queries (corpus_id, query_id, query, relevant) "
-                  "VALUES (%s, 'q1', 'a query', '{d1}')", (mine,))
+        for query_id in ("q1", "q2"):
+            a.execute("INSERT INTO pyembed.eval_queries (corpus_id, query_id, query, relevant) "
+                      "VALUES (%s, %s, 'a query', '{d1}')", (mine, query_id))
+        with pyembed.connect(two["a"]) as also_a:  # its vectors
+            also_a.corpus("mine").add([("d2", "a text about returns")])
+        partition = a.execute("SELECT pyembed.vector_table('mine')").fetchone()[0]
+        cases[f"INSERT INTO {partition} (corpus_id, chunk_id, model_key, embedding, "
+              "content_hash) SELECT corpus_id, chunk_id, model_key, (array_fill(0::real, "
+              "ARRAY[dimensions - 1]) || 1::real)::vector, content_hash FROM pyembed.vectors "
+              "JOIN pyembed.models USING (model_key) WHERE corpus_id = %s"] = cases[next(
+                  c for c in cases if c.startswith("INSERT INTO pyembed.vectors"))]
         for statement, message in cases.items():
             error = translate(sql_error(a, statement, (mine,)))
             assert isinstance(error, pyembed.InvalidInput), (statement, error)
             assert str(error).startswith(message), (statement, error)
+
+
+UNIQUE_INDEXES_OF_APP_TABLES = """
+SELECT i.relname::text, array_agg(a.attname::text ORDER BY k.n)
+  FROM pg_class c JOIN pg_index x ON x.indrelid = c.oid AND x.indisunique
+       JOIN pg_class i ON i.oid = x.indexrelid,
+       unnest(x.indkey) WITH ORDINALITY k(attnum, n)
+       JOIN pg_attribute a ON a.attnum = k.attnum
+ WHERE a.attrelid = c.oid AND c.relnamespace = 'pyembed'::regnamespace
+   AND c.relkind IN ('r', 'p')
+   AND (has_any_column_privilege('pyembed_app', c.oid, 'INSERT')
+        OR has_any_column_privilege('pyembed_app', c.oid, 'UPDATE'))
+ GROUP BY i.relname
+"""
+
+
+def test_every_unique_key_of_a_table_the_app_role_writes_has_its_columns_named(
+        owner: psycopg.Connection[Any], client: Client) -> None:
+    """db.UNIQUE_KEYS, which a unique-key violation's message reads its columns from, is every
+    unique index of a table (or vectors partition) the application role may write, from the
+    catalogue: a new one fails here until it is added. Before, the message named only the
+    index ("already holds a row with that key (its unique index eval_queries_pkey)")."""
+    from pyembed.db import _PARTITION_IN, UNIQUE_KEYS
+
+    client.create_corpus("docs", OLD)  # its vectors partition, and that partition's indexes
+    found = {_PARTITION_IN.sub("", name): tuple(columns)
+             for name, columns in owner.execute(UNIQUE_INDEXES_OF_APP_TABLES)}
+    assert any(name != _PARTITION_IN.sub("", name) for name, _ in
+               owner.execute(UNIQUE_INDEXES_OF_APP_TABLES)), "no partition was walked"
+    assert found == UNIQUE_KEYS
