@@ -349,6 +349,7 @@ def _owner_only(exc: psycopg.Error, message: str) -> errors.NotAllowed | None:
 
 _RLS = re.compile(r'violates row-level security policy(?: \(USING expression\))? for table '
                   r'"([^"]+)"')
+_NO_PARTITION = re.compile(r'no partition of relation "(vectors)" found for row')
 
 
 def _refused_row(exc: psycopg.Error, message: str) -> errors.PyembedError | None:
@@ -359,6 +360,10 @@ def _refused_row(exc: psycopg.Error, message: str) -> errors.PyembedError | None
     table = _PARTITION_OF.sub("", diag.table_name or "")
     detail = f": {diag.message_detail}" if diag.message_detail else ""
     rls = _RLS.search(message) if isinstance(exc, psycopg.errors.InsufficientPrivilege) else None
+    if not rls and isinstance(exc, psycopg.errors.CheckViolation):
+        # A vector for a corpus id that has no partition: said as for another tenant's corpus,
+        # which row-level security refuses, so that neither tells the other apart.
+        rls = _NO_PARTITION.match(message)
     if rls:
         table = _PARTITION_OF.sub("", rls.group(1))
         return errors.UnknownCorpus(
