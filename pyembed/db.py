@@ -214,6 +214,8 @@ ROW_CHECKS = {
     "recall_samples_filter_object": "a recall sample's filter is a JSON object",
     "documents_metadata_object": "a document's metadata is a JSON object",
     "chunks_metadata_object": "a chunk's metadata is a JSON object",
+    "migrations_validation_object": "a migration's validation report is a JSON object",
+    "migration_events_detail_object": "a migration event's detail is a JSON object",
     "cache_stats_counts_not_negative": "cache hit and miss counts are not negative",
     "cache_stats_counts_in_range": "cache hit and miss counts are 0 to 2147483647 a call",
     "usage_counts_not_negative": "usage requests, tokens and cost are not negative",
