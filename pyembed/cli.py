@@ -828,23 +828,31 @@ def _print_index(rows: list[index.IndexStatus], as_json: bool) -> None:
         console.print(f"owner overrides: {json.dumps(rows[0].settings)}")
 
 
+INDEX_RANGES = " (its range: checked by the database, see above)"
+"""Where the index settings' ranges are held, said instead of the figures, which the help would
+keep a second copy of."""
+
+
 @corpus_app.command("index")
 def corpus_index(
     name: str,
-    m: Annotated[int | None, typer.Option("--m", help="HNSW links per node (2-100)")] = None,
+    m: Annotated[int | None, typer.Option("--m", help="HNSW links per node" + INDEX_RANGES)
+                 ] = None,
     ef_construction: Annotated[int | None, typer.Option(
-        "--ef-construction", help="HNSW build search width (4-1000, at least 2 x m)")] = None,
+        "--ef-construction", help="HNSW build search width" + INDEX_RANGES)] = None,
     ef_search: Annotated[int | None, typer.Option(
-        "--ef-search", help="search width pyembed sets for its searches (1-1000)")] = None,
+        "--ef-search", help="search width pyembed sets for its searches" + INDEX_RANGES)] = None,
     oversample: Annotated[int | None, typer.Option(
-        "--oversample", help="binary storage: candidates rescored per hit (1-100)")] = None,
+        "--oversample", help="binary storage: candidates rescored per hit" + INDEX_RANGES)
+                          ] = None,
     rule: Annotated[bool, typer.Option(
         "--rule", help="drop every override: back to pyembed's rule")] = False,
     dsn: OwnerDsnOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Show or override a corpus's HNSW parameters (as the owner); m and ef_construction apply
-    at the next `pyembed corpus reindex`.
+    at the next `pyembed corpus reindex`. The database holds each setting's range (the corpora
+    table's check, pyembed._index_settings_problem) and names it when it refuses a value.
 
     Example: pyembed corpus index docs --ef-search 200
     """

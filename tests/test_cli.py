@@ -418,3 +418,30 @@ def test_ingests_counts_add_up_to_its_problems(db: Database, tmp_path: Path) -> 
     assert "added 2, updated 0, unchanged 0, failed 2, 2 file(s) not read;" in run.stdout, \
         run.stdout
     assert len([line for line in run.stderr.splitlines() if line.startswith("skipped")]) == 4
+
+
+def test_index_settings_help_says_where_the_ranges_are_checked(db: Database) -> None:
+    """`pyembed corpus index --help` gave each setting's range (m "2-100", ...), a second copy
+    of what the corpora table checks (pyembed._index_settings_problem). The command's help now
+    says where the ranges are held, each option's that its range is checked there, and none
+    gives a figure of it; a value out of it is refused in the database's words, naming it."""
+    import typer.main
+
+    from pyembed import cli
+
+    with connect(db.owner_dsn, autocommit=True) as conn:
+        conn.execute("SELECT pyembed.create_corpus('docs', 'fake/fake-hash@1:384')")
+        said = {setting: conn.execute("SELECT pyembed._index_settings_problem(%s)",
+                                      (json.dumps({setting: 0}),)).fetchone()[0]
+                for setting in ("m", "ef_construction", "ef_search", "oversample")}
+    command = typer.main.get_command(cli.app).commands["corpus"].commands["index"]  # type: ignore[attr-defined]
+    helps = {p.name: p.help or "" for p in command.params}
+    assert "pyembed._index_settings_problem" in (command.help or ""), command.help
+    for setting, problem in said.items():
+        low, high = re.search(r"(\d+)\.\.(\d+)", problem).groups()  # type: ignore[union-attr]
+        assert helps[setting].endswith("(its range: checked by the database, see above)"), \
+            helps[setting]
+        assert not re.search(rf"\b({low}|{high})\b", helps[setting]), helps[setting]
+        run = pyembed("corpus", "index", "docs", f"--{setting.replace('_', '-')}", "0",
+                      env=db_env(db))
+        assert run.returncode == 1 and f"{low}..{high}" in run.stderr, run.stderr
