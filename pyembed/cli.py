@@ -851,8 +851,10 @@ def corpus_index(
     as_json: JsonOption = False,
 ) -> None:
     """Show or override a corpus's HNSW parameters (as the owner); m and ef_construction apply
-    at the next `pyembed corpus reindex`. The database holds each setting's range (the corpora
-    table's check, pyembed._index_settings_problem) and names it when it refuses a value.
+    at the next `pyembed corpus reindex`.
+
+    The database holds each setting's range (the corpora table's check,
+    pyembed._index_settings_problem) and names it when it refuses a value.
 
     Example: pyembed corpus index docs --ef-search 200
     """
