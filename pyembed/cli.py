@@ -12,7 +12,7 @@ import inspect
 import json
 import math
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -191,6 +191,31 @@ def _table(*titles: str, numbers: tuple[str, ...] = (), **options: Any) -> Table
 
 
 # -- top-level commands --------------------------------------------------------------------
+
+@contextmanager
+def _progress(*columns: Any) -> Iterator[Callable[[int, int | None, str], None]]:
+    """A transient progress bar on stdout, shown by its first update (done, total,
+    description): after the command's first call of the work, so after its options were
+    checked where they are (the database, for most), and never before an error about them. Only
+    on a terminal: elsewhere a bar is a stray line."""
+    from rich.progress import Progress, TaskID
+
+    bar = Progress(*columns, console=console, transient=True, disable=not console.is_terminal)
+    task: TaskID | None = None
+
+    def update(done: int, total: int | None, description: str) -> None:
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task(description, total=total)
+        bar.update(task, completed=done, total=total, description=description)
+
+    try:
+        yield update
+    finally:
+        if task is not None:
+            bar.stop()
+
 
 @app.command("install")
 def install_cmd(
@@ -473,21 +498,17 @@ def worker_cmd(
 
     Example: pyembed worker --batch-size 128     (stops when the queue is empty; SIGTERM stops it)
     """
-    from rich.progress import Progress
-
     from .worker import Worker
 
     worker = Worker(dsn or resolve_dsn(worker=True), batch_size=batch_size,
                     max_attempts=max_attempts, lease_seconds=lease, recall_every=recall_every)
     try:
-        with Progress(console=console, transient=True) as bar:
-            task = bar.add_task("embedding", total=worker.pending() or None)
+        with _progress() as bar:
 
             def show(stats: Any, pending: int) -> None:
                 done = stats.embedded + stats.failed + stats.stale
-                bar.update(task, completed=done, total=done + pending,
-                           description=f"embedding ({stats.rate:.0f} texts/s, "
-                                       f"{stats.failed} failed)")
+                bar(done, done + pending, f"embedding ({stats.rate:.0f} texts/s, "
+                                          f"{stats.failed} failed)")
 
             stats = worker.run(drain=not forever, progress=show)
     finally:
@@ -807,16 +828,23 @@ def _print_index(rows: list[index.IndexStatus], as_json: bool) -> None:
         console.print(f"owner overrides: {json.dumps(rows[0].settings)}")
 
 
+INDEX_RANGES = " (its range: checked by the database, see above)"
+"""Where the index settings' ranges are held, said instead of the figures, which the help would
+keep a second copy of."""
+
+
 @corpus_app.command("index")
 def corpus_index(
     name: str,
-    m: Annotated[int | None, typer.Option("--m", help="HNSW links per node (2-100)")] = None,
+    m: Annotated[int | None, typer.Option("--m", help="HNSW links per node" + INDEX_RANGES)
+                 ] = None,
     ef_construction: Annotated[int | None, typer.Option(
-        "--ef-construction", help="HNSW build search width (4-1000, at least 2 x m)")] = None,
+        "--ef-construction", help="HNSW build search width" + INDEX_RANGES)] = None,
     ef_search: Annotated[int | None, typer.Option(
-        "--ef-search", help="search width pyembed sets for its searches (1-1000)")] = None,
+        "--ef-search", help="search width pyembed sets for its searches" + INDEX_RANGES)] = None,
     oversample: Annotated[int | None, typer.Option(
-        "--oversample", help="binary storage: candidates rescored per hit (1-100)")] = None,
+        "--oversample", help="binary storage: candidates rescored per hit" + INDEX_RANGES)
+                          ] = None,
     rule: Annotated[bool, typer.Option(
         "--rule", help="drop every override: back to pyembed's rule")] = False,
     dsn: OwnerDsnOption = None,
@@ -824,6 +852,9 @@ def corpus_index(
 ) -> None:
     """Show or override a corpus's HNSW parameters (as the owner); m and ef_construction apply
     at the next `pyembed corpus reindex`.
+
+    The database holds each setting's range (the corpora table's check,
+    pyembed._index_settings_problem) and names it when it refuses a value.
 
     Example: pyembed corpus index docs --ef-search 200
     """
@@ -928,15 +959,14 @@ def migrate_backfill(
     """Embed every chunk for the target key (resumes where a crash left off), then build the
     shadow index.  Example: pyembed migrate backfill docs --rate 50
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-    with _client(dsn, owner=True) as client, Progress(
-            "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-            TimeRemainingColumn(), console=console, transient=True) as bar:
-        task = bar.add_task("backfill", total=None)
+    # (A style, not markup: the console reads no markup, which showed "[progress.description]".)
+    with _client(dsn, owner=True) as client, _progress(
+            TextColumn("{task.description}", style="progress.description"), BarColumn(),
+            MofNCompleteColumn(), TimeRemainingColumn()) as bar:
         report = migration.backfill(client, corpus, rate=rate, batch_size=batch_size,
-                                    progress=lambda done, total: bar.update(
-                                        task, completed=done, total=total))
+                                    progress=lambda done, total: bar(done, total, "backfill"))
     console.print(f"backfilled {report.embedded} chunks in {report.seconds:.1f} s "
                   f"({report.rate:.1f} texts/s); shadow index built; next: pyembed migrate "
                   f"validate {corpus}")

@@ -46,7 +46,7 @@ from .errors import (
 from .models import LOCAL_DEFAULT, InputType, ModelSpec
 from .query import search_text as query_search
 from .rerank import RerankCache, Reranker, candidates, reranker_spec
-from .search import Hit, Options, route, search
+from .search import Hit, Options, route, search, vector_key
 from .sqlexec import PsycopgExecutor
 from .tenants import Keyed, error_counter, meter
 from .text import check_document_id, check_metadata, check_text, check_whole_number, document_hash
@@ -668,8 +668,7 @@ class Corpus:
         started = time.perf_counter()
         options.check(mode)
         if not isinstance(query, str):
-            if model_key is None:
-                raise TypeError("a query vector needs model_key=... (the model that made it)")
+            model_key = vector_key(model_key)
             if mode != "vector":
                 raise InvalidInput(f"{mode} search needs the query text, not a vector")
             found = search(self.client._reader(), self.name, query,

@@ -214,6 +214,8 @@ ROW_CHECKS = {
     "recall_samples_filter_object": "a recall sample's filter is a JSON object",
     "documents_metadata_object": "a document's metadata is a JSON object",
     "chunks_metadata_object": "a chunk's metadata is a JSON object",
+    "migrations_validation_object": "a migration's validation report is a JSON object",
+    "migration_events_detail_object": "a migration event's detail is a JSON object",
     "cache_stats_counts_not_negative": "cache hit and miss counts are not negative",
     "cache_stats_counts_in_range": "cache hit and miss counts are 0 to 2147483647 a call",
     "usage_counts_not_negative": "usage requests, tokens and cost are not negative",
@@ -356,6 +358,7 @@ def _owner_only(exc: psycopg.Error, message: str) -> errors.NotAllowed | None:
 
 _RLS = re.compile(r'violates row-level security policy(?: \(USING expression\))? for table '
                   r'"([^"]+)"')
+_NO_PARTITION = re.compile(r'no partition of relation "(vectors)" found for row')
 
 
 def _refused_row(exc: psycopg.Error, message: str) -> errors.PyembedError | None:
@@ -366,6 +369,10 @@ def _refused_row(exc: psycopg.Error, message: str) -> errors.PyembedError | None
     table = _PARTITION_OF.sub("", diag.table_name or "")
     detail = f": {diag.message_detail}" if diag.message_detail else ""
     rls = _RLS.search(message) if isinstance(exc, psycopg.errors.InsufficientPrivilege) else None
+    if not rls and isinstance(exc, psycopg.errors.CheckViolation):
+        # A vector for a corpus id that has no partition: said as for another tenant's corpus,
+        # which row-level security refuses, so that neither tells the other apart.
+        rls = _NO_PARTITION.match(message)
     if rls:
         table = _PARTITION_OF.sub("", rls.group(1))
         return errors.UnknownCorpus(
@@ -376,9 +383,38 @@ def _refused_row(exc: psycopg.Error, message: str) -> errors.PyembedError | None
             return errors.InvalidInput(f"pyembed.{table}: the row is still referred to{detail}")
         return errors.InvalidInput(f"pyembed.{table} refers to a row that does not exist{detail}")
     if isinstance(exc, psycopg.errors.UniqueViolation):
-        return errors.InvalidInput(f"pyembed.{table} already holds a row with that key (its "
-                                   f"unique index {diag.constraint_name}){detail}")
+        return errors.InvalidInput(_taken(table, diag.constraint_name or "") + detail)
     return None
+
+
+UNIQUE_KEYS = {
+    "chunks_corpus_id_document_id_chunk_index_key": ("corpus_id", "document_id", "chunk_index"),
+    "chunks_pkey": ("corpus_id", "chunk_id"),
+    "documents_doc_no": ("corpus_id", "doc_no"),
+    "documents_pkey": ("corpus_id", "document_id"),
+    "eval_queries_pkey": ("corpus_id", "query_id"),
+    "vectors_pkey": ("corpus_id", "chunk_id", "model_key"),
+}
+"""The columns of each unique index of a table the application role writes (a vectors
+partition's by its parent's name): the server gives the taken values (DETAIL) only to a role
+that may read them all, and row-level security withholds them from every role it applies to.
+tests/test_privileges.py checks this against the catalogue."""
+
+
+def _taken(table: str, index: str) -> str:
+    """What a unique-key violation of `index` on `table` means, naming the key's columns (not
+    its values, which the role may not be allowed to see)."""
+    columns = UNIQUE_KEYS.get(_PARTITION_IN.sub("", index))
+    if not columns:
+        return f"pyembed.{table} already holds a row with that key (its unique index {index})"
+    own = [c for c in columns if c != "corpus_id"]
+    where = " in that corpus" if len(own) < len(columns) else ""
+    verb = "is" if len(own) == 1 else "are"
+    return (f"pyembed.{table}: that {', '.join(own)} {verb} taken{where} (a row with the same "
+            f"{', '.join(columns)} exists: unique index {index})")
+
+
+_PARTITION_IN = re.compile(r"_c\d+(?=_|$)")
 
 
 _PARTITION = re.compile(r'relation "(?:pyembed\.)?vectors_c(\d+)" does not exist')

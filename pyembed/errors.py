@@ -15,7 +15,11 @@ class PyembedError(Exception):
 
 
 class ConfigError(PyembedError):
-    """The environment or configuration is wrong (missing tool, bad DSN, bad setting)."""
+    """The environment or configuration is wrong (missing tool, bad DSN, bad setting; in SQL, a
+    provider's base URL or a model the provider does not serve): the owner's to fix, not the
+    service's failure, so it has its own SQLSTATE."""
+
+    sqlstate = "PE013"
 
 
 class DatabaseNotReady(PyembedError):
@@ -135,7 +139,7 @@ _BY_SQLSTATE: dict[str, type[PyembedError]] = {
     cls.sqlstate: cls
     for cls in (ModelMismatch, UnknownCorpus, InvalidVector, ModelKeyLocked, InvalidInput,
                 UnknownModel, MigrationError, MissingAPIKey, ProviderError, RateLimited,
-                ReadOnlyReplica, Busy)
+                ReadOnlyReplica, Busy, ConfigError)
     if cls.sqlstate
 }
 

@@ -107,10 +107,19 @@ class IngestReport:
         """Chunks embedded per second of the run."""
         return self.chunks / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def unread(self) -> int:
+        """Files and folders not read (missing, unsupported, not UTF-8, ...): each is one of the
+        problems, as each failed record is."""
+        return len(self.problems) - self.failed
+
     def summary(self) -> str:
-        """One line: the counts, the time and both rates."""
+        """One line: the counts (failed records and files not read add up to the problems),
+        the time and both rates."""
+        unread = f", {self.unread} file(s) not read" if self.unread else ""
         return (f"added {self.added}, updated {self.updated}, unchanged {self.skipped}, "
-                f"failed {self.failed}; {self.chunks} chunks embedded in {self.seconds:.1f} s "
+                f"failed {self.failed}{unread}; {self.chunks} chunks embedded in "
+                f"{self.seconds:.1f} s "
                 f"({self.documents_per_second:.1f} documents/s, "
                 f"{self.chunks_per_second:.1f} chunks/s)")
 

@@ -21,7 +21,7 @@ import numpy.typing as npt
 from .client import Client, in_client_turn
 from .corpora import model_spec
 from .db import integer, translated
-from .errors import MigrationError
+from .errors import InvalidInput, MigrationError
 from .evaluation import EvalQuery, KeyScore, eval_queries, evaluate, overlap
 from .index import build_index_online, drop_index_online
 from .models import InputType
@@ -134,7 +134,13 @@ def backfill(client: Client, corpus: str, *, batch_size: int | None = None,
              progress: Callable[[int, int], None] | None = None) -> BackfillReport:
     """Embed every chunk that has no vector for the target key yet, a committed batch at a
     time (a crash loses at most one batch; a rerun resumes), at most `rate` texts/s; then
-    build the shadow index and mark the step done."""
+    build the shadow index and mark the step done. A batch_size below 1, or a rate that is not
+    a number above 0, is InvalidInput (None: the model's batch, no limit)."""
+    if batch_size is not None and integer(batch_size, "batch_size") < 1:
+        raise InvalidInput(f"batch_size must be at least 1, got {batch_size}")
+    if rate is not None and not (isinstance(rate, int | float) and not isinstance(rate, bool)
+                                 and math.isfinite(rate) and rate > 0):
+        raise InvalidInput(f"rate must be a number of texts per second above 0, got {rate}")
     info = client.corpus(corpus).info
     if info.target_model_key is None:
         raise MigrationError(f"corpus {corpus} has no migration in progress: "

@@ -78,18 +78,21 @@ class Chunk(Base):
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSONB)
 
 
-def search(corpus: str, query_embedding: Any, model_key: str | ModelSpec, k: int = 10,
-           filter: dict[str, Any] | None = None) -> sa.Select[Any]:
+def search(corpus: str, query_embedding: Any, model_key: str | ModelSpec | None = None,
+           k: int = 10, filter: dict[str, Any] | None = None) -> sa.Select[Any]:
     """A SELECT over pyembed.search(...): the guarded search, usable in any SQLAlchemy query
-    (document_id, chunk_id, chunk_index, content, metadata, score, model_key)."""
+    (document_id, chunk_id, chunk_index, content, metadata, score, model_key). `model_key` is
+    the key of the model that made `query_embedding` (InvalidInput without one, as for
+    Corpus.search)."""
     from pgvector.sqlalchemy import Vector
 
     from .db import integer
-    from .search import filter_json
+    from .search import filter_json, query_vector, vector_key
 
-    key = model_key.key if isinstance(model_key, ModelSpec) else model_key
+    key = vector_key(model_key.key if isinstance(model_key, ModelSpec) else model_key)
     fn = sa.func.pyembed.search(
-        sa.literal(corpus), sa.bindparam("q", [float(x) for x in query_embedding], type_=Vector()),
+        sa.literal(corpus), sa.bindparam("q", query_vector(query_embedding).tolist(),
+                                         type_=Vector()),
         sa.literal(key), sa.literal(integer(k, "k")),
         sa.cast(sa.literal(filter_json(filter)), JSONB) if filter is not None else sa.null())
     cols = fn.table_valued("document_id", "chunk_id", "chunk_index", "content",

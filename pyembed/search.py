@@ -44,6 +44,24 @@ _ROUTE = """SELECT corpus_id, model_key,
   FROM pyembed.lookup_corpus($1::text)"""
 
 
+def vector_key(model_key: str | None) -> str:
+    """The key a query vector was made with, as the caller gave it; InvalidInput naming what to
+    pass when it gave none (every entry that takes a vector: Corpus.search and .retrieve,
+    pyembed.search.search, pyembed.orm.search)."""
+    if model_key is None:
+        raise InvalidInput("a query vector needs model_key=..., the key of the model that made "
+                           "it (a corpus's is its model_key; a text query is embedded with it)")
+    return model_key
+
+
+def query_vector(query: object) -> np.ndarray:
+    """A query vector as one row of float32 numbers; InvalidVector for anything else."""
+    vec = float_array(query)
+    if vec.ndim != 1 or not vec.size or not np.isfinite(vec).all():
+        raise InvalidVector("the query vector must be one row of finite numbers")
+    return vec
+
+
 @dataclass(frozen=True)
 class Hit:
     """One search result: which document and chunk, how close, and which model served it;
@@ -185,9 +203,8 @@ def search(conn: psycopg.Connection[Any], corpus: str, query: np.ndarray | Seque
     options.check(mode)
     vec = None
     if mode != "keyword":
-        vec = float_array(query)
-        if vec.ndim != 1 or not vec.size or not np.isfinite(vec).all():
-            raise InvalidVector("the query vector must be one row of finite numbers")
+        model_key = vector_key(model_key)
+        vec = query_vector(query)
     if mode != "vector" and not (text and text.strip()):
         raise InvalidInput(f"{mode} search needs the query text")
     rows = run(executor(conn), corpus, mode, text, None if vec is None else Vector(vec),

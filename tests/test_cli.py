@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -351,3 +352,96 @@ def test_a_negative_number_is_an_argument_with_its_range_error(
     assert out.returncode == 1, out
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "-1" in lines[0] and "option" not in lines[0], out.stderr
+
+
+# -- options checked before any display; counts that agree --------------------------------------
+OPTIONS_OUT_OF_RANGE = [
+    (["worker", "--lease", "1e9"], "lease must be above 0 and at most 86400 seconds"),
+    (["worker", "--batch-size", "100000"], "batch must be 1..10000 jobs, got 100000"),
+    (["worker", "--batch-size", "0"], "batch size, max attempts and lease must be positive"),
+    (["migrate", "backfill", "docs", "--batch-size", "0"], "batch_size must be at least 1"),
+    (["migrate", "backfill", "docs", "--batch-size", "-5"], "batch_size must be at least 1"),
+    (["migrate", "backfill", "docs", "--rate", "-1"], "rate must be a number of texts per "
+                                                      "second above 0, got -1.0"),
+    (["migrate", "backfill", "docs", "--rate", "0"], "rate must be a number"),
+    (["ingest", "docs", "README.md", "--batch-size", "0"], "batch_size must be at least 1"),
+    (["ingest", "docs", "README.md", "--progress-every", "-1"], "progress_every must be 0"),
+]
+"""Each command that shows progress, with an option out of the range its check holds."""
+
+
+@pytest.mark.parametrize("terminal", ["1", "0"], ids=["terminal", "pipe"])
+def test_an_option_out_of_range_is_one_line_before_any_display(db: Database,
+                                                               terminal: str) -> None:
+    """`pyembed worker --lease 1e9` printed a blank line (its progress bar, started before the
+    database checked the lease), then the error; `migrate backfill` too, and it took
+    --batch-size 0 as the model's batch and --rate -1 or 0 as no limit. Now each command's
+    progress shows from its first update, after its options were accepted: an option out of
+    range is the error's one line and nothing on stdout, on a terminal or not."""
+    env = {**db_env(db), "PYEMBED_WORKER_DSN": db.app_dsn, "TTY_COMPATIBLE": terminal}
+    with connect(db.owner_dsn, autocommit=True) as conn:
+        conn.execute("SELECT pyembed.create_corpus('docs', 'fake/fake-hash@1:384')")
+        conn.execute("SELECT pyembed.add_document('docs', 'a', 'a text to embed')")
+        conn.execute("SELECT pyembed.migration_start('docs', 'fake/fake-hash@1:1024')")
+    wrong = []
+    for args, message in OPTIONS_OUT_OF_RANGE:
+        run = pyembed(*args, env=env)
+        said = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", run.stderr)  # a terminal's colours
+        if (run.returncode, run.stdout) != (1, "") or not said.startswith(
+                f"error: {message}") or len(said.splitlines()) != 1:
+            wrong.append(f"{args}: {run.returncode} {run.stdout!r} {run.stderr!r}")
+    assert wrong == [], "\n".join(wrong)
+    # The work itself: progress only on a terminal, the summary line alone otherwise.
+    run = pyembed("worker", env=env)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("embedded 1, failed 0") == (terminal == "0"), run.stdout
+
+
+def test_ingests_counts_add_up_to_its_problems(db: Database, tmp_path: Path) -> None:
+    """A .txt that is not UTF-8 was "failed 0" in the summary beside the error's "1
+    problem(s)": the failed records and the files not read add up to the problems."""
+    env = db_env(db)
+    assert pyembed("corpus", "create", "docs", "--model", "fake/fake-hash@1:384",
+                   env=env).returncode == 0
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9 in Latin-1")
+    run = pyembed("ingest", "docs", str(tmp_path / "latin1.txt"), env=env)
+    assert run.returncode == 1
+    assert "added 0, updated 0, unchanged 0, failed 0, 1 file(s) not read;" in run.stdout, \
+        run.stdout
+    assert run.stderr.splitlines()[-1] == "error: 1 problem(s) while ingesting; nothing was " \
+                                          "loaded", run.stderr
+    (tmp_path / "good.txt").write_text("a text in UTF-8")
+    (tmp_path / "rows.jsonl").write_text('{"id": "r1", "text": "one"}\n{"id": "r1", '
+                                         '"text": "again"}\nnot json\n')
+    run = pyembed("ingest", "docs", str(tmp_path), str(tmp_path / "missing.md"), env=env)
+    assert run.returncode == 0, run.stderr
+    assert "added 2, updated 0, unchanged 0, failed 2, 2 file(s) not read;" in run.stdout, \
+        run.stdout
+    assert len([line for line in run.stderr.splitlines() if line.startswith("skipped")]) == 4
+
+
+def test_index_settings_help_says_where_the_ranges_are_checked(db: Database) -> None:
+    """`pyembed corpus index --help` gave each setting's range (m "2-100", ...), a second copy
+    of what the corpora table checks (pyembed._index_settings_problem). The command's help now
+    says where the ranges are held, each option's that its range is checked there, and none
+    gives a figure of it; a value out of it is refused in the database's words, naming it."""
+    import typer.main
+
+    from pyembed import cli
+
+    with connect(db.owner_dsn, autocommit=True) as conn:
+        conn.execute("SELECT pyembed.create_corpus('docs', 'fake/fake-hash@1:384')")
+        said = {setting: conn.execute("SELECT pyembed._index_settings_problem(%s)",
+                                      (json.dumps({setting: 0}),)).fetchone()[0]
+                for setting in ("m", "ef_construction", "ef_search", "oversample")}
+    command = typer.main.get_command(cli.app).commands["corpus"].commands["index"]  # type: ignore[attr-defined]
+    helps = {p.name: p.help or "" for p in command.params}
+    assert "pyembed._index_settings_problem" in (command.help or ""), command.help
+    for setting, problem in said.items():
+        low, high = re.search(r"(\d+)\.\.(\d+)", problem).groups()  # type: ignore[union-attr]
+        assert helps[setting].endswith("(its range: checked by the database, see above)"), \
+            helps[setting]
+        assert not re.search(rf"\b({low}|{high})\b", helps[setting]), helps[setting]
+        run = pyembed("corpus", "index", "docs", f"--{setting.replace('_', '-')}", "0",
+                      env=db_env(db))
+        assert run.returncode == 1 and f"{low}..{high}" in run.stderr, run.stderr

@@ -41,10 +41,39 @@ def test_search_by_text_and_by_vector_with_its_key(client: Any) -> None:
     other = client.embedder("fake/fake-hash@1:1024").embed_query("SAML")
     with pytest.raises(pyembed.ModelMismatch):
         docs.search(other, model_key="fake/fake-hash@1:1024")
-    with pytest.raises(TypeError, match="model_key"):
+    with pytest.raises(pyembed.InvalidInput, match="model_key"):
         docs.search(np.ones(384))
     with pytest.raises(pyembed.InvalidInput):
         docs.search("   ")
+
+
+def test_a_query_vector_without_its_key_is_invalid_input_at_every_entry(client: Any) -> None:
+    """Corpus.search(vector) without model_key was a TypeError (orm.search's a missing
+    argument, pyembed.search.search's the SQL NULL check's); every entry that takes a vector now
+    says what to pass, before any statement. The CLI takes only text."""
+    from pyembed import orm
+    from pyembed.search import search
+
+    docs = client.create_corpus("kb", KEY)
+    docs.add([("sso", "single sign on with SAML")])
+    vec = client.embedder(KEY).embed_query("SAML sign on")
+    entries = {
+        "Corpus.search": lambda: docs.search(vec),
+        "Corpus.search hybrid": lambda: docs.search(list(vec), mode="hybrid"),
+        "Corpus.retrieve": lambda: docs.retrieve(vec, k=3),
+        "search.search": lambda: search(client.conn, "kb", vec, None),
+        "search.search hybrid": lambda: search(client.conn, "kb", vec, None, mode="hybrid",
+                                               text="SAML"),
+        "orm.search": lambda: orm.search("kb", vec),
+        "orm.search None": lambda: orm.search("kb", vec, None),
+    }
+    for entry, call in entries.items():
+        with pytest.raises(pyembed.InvalidInput) as info:
+            call()
+        assert str(info.value).startswith("a query vector needs model_key=..."), (entry, info)
+    # With its key, each works (orm.search's: tests/test_orm.py).
+    assert docs.search(vec, model_key=KEY, k=1)[0].document_id == "sso"
+    assert search(client.conn, "kb", vec, KEY, k=1)[0].document_id == "sso"
 
 
 def test_bad_documents_store_nothing(client: Any, app: psycopg.Connection[Any]) -> None:

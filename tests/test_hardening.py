@@ -643,6 +643,29 @@ def test_every_text_column_has_a_bound_of_its_table(owner: psycopg.Connection[An
     assert unbounded - KEYWORD_INDEX == set()
 
 
+NOT_OBJECTS = """
+SELECT c.relname || '.' || a.attname
+  FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0
+   AND NOT a.attisdropped
+ WHERE c.relnamespace = 'pyembed'::regnamespace AND c.relkind IN ('r', 'p')
+   AND NOT c.relispartition AND a.atttypid IN ('jsonb'::regtype, 'json'::regtype)
+   AND NOT EXISTS (
+         SELECT FROM pg_constraint k
+          WHERE k.conrelid = c.oid AND k.contype = 'c' AND k.conkey = ARRAY[a.attnum]
+            AND pg_get_constraintdef(k.oid) = format(
+                  'CHECK ((jsonb_typeof(%s) = ''object''::text))', quote_ident(a.attname)))
+ ORDER BY 1
+"""
+
+
+def test_every_json_column_is_an_object_by_a_check_of_its_table(
+        owner: psycopg.Connection[Any]) -> None:
+    """Walks the catalogue, a column added later included: a JSON column (bounded in size by
+    the walk above) holds an object, by its table's CHECK. Before, migrations.validation and
+    migration_events.detail took an array, a string or a number (revision 0031)."""
+    assert [r[0] for r in owner.execute(NOT_OBJECTS).fetchall()] == []
+
+
 def test_a_text_over_its_bound_is_invalid_input(owner: psycopg.Connection[Any],
                                                 app: psycopg.Connection[Any]) -> None:
     """The 10,000-character provider name and the 2 MB description register_model took: refused

@@ -569,16 +569,142 @@ def test_a_row_a_table_refuses_is_one_clear_error_of_its_class(
                 "pyembed.chunks refers to a row that does not exist: Key ",
             "INSERT INTO pyembed.documents (corpus_id, document_id, content_hash) "
             "VALUES (%s, 'd1', '\\x00')":
-                "pyembed.documents already holds a row with that key (its unique index "
-                "documents_pkey)",
+                "pyembed.documents: that document_id is taken in that corpus (a row with the "
+                "same corpus_id, document_id exists: unique index documents_pkey)",
             "INSERT INTO pyembed.eval_queries (corpus_id, query_id, query, relevant) "
             "VALUES (%s, 'q1', 'a query', '{d1}')":
-                "pyembed.eval_queries already holds a row with that key (its unique index "
-                "eval_queries_pkey)",
+                "pyembed.eval_queries: that query_id is taken in that corpus (a row with the "
+                "same corpus_id, query_id exists: unique index eval_queries_pkey)",
+            "UPDATE pyembed.eval_queries SET query_id = 'q1' WHERE corpus_id = %s "
+            "AND query_id = 'q2'":
+                "pyembed.eval_queries: that query_id is taken in that corpus",
+            "INSERT INTO pyembed.chunks (corpus_id, document_id, chunk_index, content, "
+            "content_hash) VALUES (%s, 'd1', 0, 'text', '\\x00')":
+                "pyembed.chunks: that document_id, chunk_index are taken in that corpus (a row "
+                "with the same corpus_id, document_id, chunk_index exists: unique index "
+                "chunks_corpus_id_document_id_chunk_index_key)",
+            "INSERT INTO pyembed.vectors (corpus_id, chunk_id, model_key, embedding, "
+            "content_hash) SELECT corpus_id, chunk_id, model_key, (array_fill(0::real, "
+            "ARRAY[dimensions - 1]) || 1::real)::vector, content_hash FROM pyembed.vectors "
+            "JOIN pyembed.models USING (model_key) WHERE corpus_id = %s":
+                "pyembed.vectors: that chunk_id, model_key are taken in that corpus (a row "
+                "with the same corpus_id, chunk_id, model_key exists: unique index "
+                "vectors_c",
         }
-        a.execute("INSERT INTO pyembed.eval_queries (corpus_id, query_id, query, relevant) "
-                  "VALUES (%s, 'q1', 'a query', '{d1}')", (mine,))
+        for query_id in ("q1", "q2"):
+            a.execute("INSERT INTO pyembed.eval_queries (corpus_id, query_id, query, relevant) "
+                      "VALUES (%s, %s, 'a query', '{d1}')", (mine, query_id))
+        with pyembed.connect(two["a"]) as also_a:  # its vectors
+            also_a.corpus("mine").add([("d2", "a text about returns")])
+        partition = a.execute("SELECT pyembed.vector_table('mine')").fetchone()[0]
+        cases[f"INSERT INTO {partition} (corpus_id, chunk_id, model_key, embedding, "
+              "content_hash) SELECT corpus_id, chunk_id, model_key, (array_fill(0::real, "
+              "ARRAY[dimensions - 1]) || 1::real)::vector, content_hash FROM pyembed.vectors "
+              "JOIN pyembed.models USING (model_key) WHERE corpus_id = %s"] = cases[next(
+                  c for c in cases if c.startswith("INSERT INTO pyembed.vectors"))]
         for statement, message in cases.items():
             error = translate(sql_error(a, statement, (mine,)))
             assert isinstance(error, pyembed.InvalidInput), (statement, error)
             assert str(error).startswith(message), (statement, error)
+
+
+WRITES_INTO_A_CORPUS = {
+    "documents": ["INSERT INTO pyembed.documents (corpus_id, document_id, content_hash) "
+                  "VALUES (%s, 'd1', '\\x00')"],
+    "chunks": ["INSERT INTO pyembed.chunks (corpus_id, document_id, chunk_index, content, "
+               "content_hash) VALUES (%s, 'd1', 5, 'text', '\\x00')",
+               "INSERT INTO pyembed.chunks (corpus_id, document_id, chunk_index, content, "
+               "content_hash) VALUES (%s, 'd1', 5, ' ', '\\x00')"],
+    "eval_queries": [
+        # each check of its trigger (pyembed._eval_query_checked) in turn
+        "INSERT INTO pyembed.eval_queries (corpus_id, query_id, query, relevant) "
+        "VALUES (%s, 'q1', 'a query', '{d1}')",
+        "INSERT INTO pyembed.eval_queries (corpus_id, query_id, query, relevant) "
+        "VALUES (%s, 'q1', ' ', '{d1}')",
+        "INSERT INTO pyembed.eval_queries (corpus_id, query_id, query, relevant) "
+        "VALUES (%s, 'q1', 'a query', '{}')",
+        "UPDATE pyembed.eval_queries SET corpus_id = %s WHERE query_id = 'mine'"],
+    "vectors": ["INSERT INTO pyembed.vectors (corpus_id, chunk_id, model_key, embedding, "
+                "content_hash) SELECT %s, 1, model_key, (array_fill(0::real, "
+                "ARRAY[dimensions - 1]) || 1::real)::vector, '\\x00' FROM pyembed.models "
+                f"WHERE model_key = '{OLD}'"],
+}
+"""A row for a corpus, written directly, per table the application role may write rows of a
+corpus into: each statement trips a check of the table's triggers, if it has any."""
+
+TABLES_THE_APP_ROLE_WRITES_CORPUS_ROWS_INTO = """
+SELECT c.relname::text FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid
+ WHERE c.relnamespace = 'pyembed'::regnamespace AND c.relkind IN ('r', 'p')
+   AND NOT c.relispartition AND a.attname = 'corpus_id'
+   AND (has_any_column_privilege('pyembed_app', c.oid, 'INSERT')
+        OR has_any_column_privilege('pyembed_app', c.oid, 'UPDATE'))
+"""
+
+
+def test_another_tenants_corpus_id_is_refused_as_one_that_does_not_exist(
+        owner: psycopg.Connection[Any], two: dict[str, str]) -> None:  # noqa: F811
+    """A row written directly for another tenant's corpus and for a corpus id that no corpus
+    has: the same error (the id aside), UnknownCorpus, for every table the application role
+    writes (from the catalogue) and every check of its triggers. Before, the eval_queries
+    trigger, which runs before row-level security, answered about the corpus for both (PE005:
+    "corpus 1 has no document 'd1'", an empty query, no relevant ids), and a vector for an id
+    without a partition was psycopg's raw CheckViolation "no partition of relation" where
+    another tenant's was UnknownCorpus."""
+    assert {r[0] for r in owner.execute(TABLES_THE_APP_ROLE_WRITES_CORPUS_ROWS_INTO)} == set(
+        WRITES_INTO_A_CORPUS)
+    with pyembed.connect(two["b"]) as b:
+        theirs = b.create_corpus("theirs", OLD)
+        theirs.add([("d1", "a text about refunds")])
+        theirs_id = theirs.info.corpus_id
+    nobodys = theirs_id + 1000
+    with pyembed.connect(two["a"]) as a_client:
+        mine = a_client.create_corpus("mine", OLD)
+        mine.add([("d1", "a text about returns")])
+        a_client.conn.execute("INSERT INTO pyembed.eval_queries (corpus_id, query_id, query, "
+                              "relevant) VALUES (%s, 'mine', 'a query', '{d1}')",
+                              (mine.info.corpus_id,))
+    wrong = []
+    with psycopg.connect(two["a"], autocommit=True) as a:
+        for table, statements in WRITES_INTO_A_CORPUS.items():
+            for statement in statements:
+                said = []
+                for corpus_id in (theirs_id, nobodys):
+                    error = translate(sql_error(a, statement, (corpus_id,)))
+                    said.append((type(error).__name__,
+                                 re.sub(rf"\b{corpus_id}\b", "<id>", str(error))))
+                if said[0] != said[1] or said[0][0] != "UnknownCorpus":
+                    wrong.append(f"{table}: {statement}\n  theirs: {said[0]}\n  none: {said[1]}")
+    assert wrong == [], "\n".join(wrong)
+    with pyembed.connect(two["b"]) as b:  # nothing of theirs changed
+        assert [h.document_id for h in b.corpus("theirs").search("refunds", mode="keyword")] \
+            == ["d1"]
+
+
+UNIQUE_INDEXES_OF_APP_TABLES = """
+SELECT i.relname::text, array_agg(a.attname::text ORDER BY k.n)
+  FROM pg_class c JOIN pg_index x ON x.indrelid = c.oid AND x.indisunique
+       JOIN pg_class i ON i.oid = x.indexrelid,
+       unnest(x.indkey) WITH ORDINALITY k(attnum, n)
+       JOIN pg_attribute a ON a.attnum = k.attnum
+ WHERE a.attrelid = c.oid AND c.relnamespace = 'pyembed'::regnamespace
+   AND c.relkind IN ('r', 'p')
+   AND (has_any_column_privilege('pyembed_app', c.oid, 'INSERT')
+        OR has_any_column_privilege('pyembed_app', c.oid, 'UPDATE'))
+ GROUP BY i.relname
+"""
+
+
+def test_every_unique_key_of_a_table_the_app_role_writes_has_its_columns_named(
+        owner: psycopg.Connection[Any], client: Client) -> None:
+    """db.UNIQUE_KEYS, which a unique-key violation's message reads its columns from, is every
+    unique index of a table (or vectors partition) the application role may write, from the
+    catalogue: a new one fails here until it is added. Before, the message named only the
+    index ("already holds a row with that key (its unique index eval_queries_pkey)")."""
+    from pyembed.db import _PARTITION_IN, UNIQUE_KEYS
+
+    client.create_corpus("docs", OLD)  # its vectors partition, and that partition's indexes
+    found = {_PARTITION_IN.sub("", name): tuple(columns)
+             for name, columns in owner.execute(UNIQUE_INDEXES_OF_APP_TABLES)}
+    assert any(name != _PARTITION_IN.sub("", name) for name, _ in
+               owner.execute(UNIQUE_INDEXES_OF_APP_TABLES)), "no partition was walked"
+    assert found == UNIQUE_KEYS

@@ -495,15 +495,62 @@ def test_claudes_base_url_that_is_not_one_is_a_config_error(
         rag.answer(docs, "what is E4012?", max_retries=0)
 
 
-def test_in_database_a_base_url_that_is_not_one_is_refused_before_any_call(
-        db: Database, app_with_secret_gateway: tuple[psycopg.Connection[Any], str]) -> None:
-    conn, _ = app_with_secret_gateway
+# -- a configuration error inside SQL ------------------------------------------------------------
+FAKE_IN_DB = "fake/fake-hash@1:384"
+MISSERVED = {"local": ("local", "another-minilm", "1", 384),
+             "local-e5": ("local", "multilingual-e5-small-q4", "2", 128)}
+"""Models the owner can register that their provider does not serve (the models table's CHECK
+allows only the providers pyembed has): ConfigError when the provider is made for them."""
+CONFIG_CASES = {
+    "voyage": (VOYAGE.key, None, "PYEMBED_VOYAGE_BASE_URL is not an http or https URL"),
+    "openai": (OPENAI.key, None, "PYEMBED_OPENAI_BASE_URL is not an http or https URL"),
+    "cohere": (COHERE.key, None, "PYEMBED_COHERE_BASE_URL is not an http or https URL"),
+    "voyage-rerank": (FAKE_IN_DB, "voyage/rerank-2.5",
+                      "PYEMBED_VOYAGE_BASE_URL is not an http or https URL"),
+    "cohere-rerank": (FAKE_IN_DB, "cohere/rerank-v3.5",
+                      "PYEMBED_COHERE_BASE_URL is not an http or https URL"),
+    "local": ("local/another-minilm@1:384", None, "the local provider runs only"),
+    "local-e5": ("local/multilingual-e5-small-q4@2:128", None, "this provider runs only"),
+}
+"""Each provider SQL can call (Anthropic is called only from Python, by rag.answer): the corpus's
+model, the reranker, and the start of the ConfigError's message."""
+
+
+@pytest.mark.parametrize("case", CONFIG_CASES)
+def test_in_database_a_configuration_error_is_pe013_and_config_error(db: Database,
+                                                                    case: str) -> None:
+    """The owner's bad base URL (given with a key, so the key is not what is missing) or a model
+    no provider serves: every PL/Python entry that makes the provider (embed, embed_batch,
+    search_text, search_reranked) says PE013, which db.translate makes ConfigError; it was
+    PE009, the provider's failure, though nothing was sent. The message never shows the URL."""
+    from pyembed.db import translate
+    from pyembed.errors import ConfigError
+
+    model_key, rerank, message = CONFIG_CASES[case]
     with connect(db.owner_dsn, autocommit=True) as owner:
-        owner.execute("SELECT pyembed.set_secret('PYEMBED_VOYAGE_BASE_URL', %s)",
-                      (BAD_BASE_URLS[0],))
-    with pytest.raises(psycopg.Error) as info:
-        conn.execute("SELECT pyembed.embed('alpha', %s)", (VOYAGE_IN_DB,))
-    assert info.value.sqlstate == "PE009", info.value.sqlstate  # as any ConfigError there
-    assert "PYEMBED_VOYAGE_BASE_URL is not an http or https URL" in str(info.value), \
-        str(info.value)
-    assert "gw-pass" not in str(info.value) + (info.value.diag.context or "")
+        for name, value in KEYS.items():
+            owner.execute("SELECT pyembed.set_secret(%s, %s)", (name, value))
+            owner.execute("SELECT pyembed.set_secret(%s, %s)",
+                          (f"PYEMBED_{name.split('_')[0]}_BASE_URL", BAD_BASE_URLS[0]))
+        if case in MISSERVED:
+            owner.execute("SELECT pyembed.register_model(%s, %s, %s, %s)", MISSERVED[case])
+        owner.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(APP_USER)))
+        owner.execute("SET pyembed.http_retries = 0")
+        owner.execute("SELECT pyembed.create_corpus('docs', %s)", (model_key,))
+        calls: list[tuple[str, tuple[Any, ...]]] = [
+            ("SELECT * FROM pyembed.search_reranked('docs', 'alpha', %s)", (rerank,))
+        ] if rerank else [
+            ("SELECT pyembed.embed('alpha', %s)", (model_key,)),
+            ("SELECT pyembed.embed_batch(ARRAY['alpha', 'beta'], %s)", (model_key,)),
+            ("SELECT * FROM pyembed.search_text('docs', 'alpha', 3)", ()),
+            ("SELECT * FROM pyembed.search_text('docs', 'alpha', 3, NULL, 'hybrid')", ()),
+        ]
+        for query, params in calls:
+            with pytest.raises(psycopg.Error) as info:
+                owner.execute(query, params)
+            shown = f"{query}: {info.value.sqlstate} {info.value}"
+            assert info.value.sqlstate == "PE013", shown
+            assert message in str(info.value), shown
+            assert "gw-pass" not in str(info.value) + (info.value.diag.context or ""), shown
+            mapped = translate(info.value)
+            assert type(mapped) is ConfigError and str(mapped).startswith(message), mapped

@@ -31,7 +31,7 @@ from pyembed.errors import PyembedError
 from pyembed.localdb import APP_GROUP, LocalCluster, find_bindir
 from pyembed.search import search
 from tests.conftest import REPO, Database, create_database, drop_database
-from tests.helpers import rows, unit
+from tests.helpers import rows, sql_error, unit
 
 KEY = "fake/fake-hash@1:384"
 
@@ -557,6 +557,43 @@ def test_an_upgrade_over_rows_a_new_check_refuses_stops_naming_them(db: Database
                           FROM pyembed.corpora""")
         conn.execute("DELETE FROM pyembed.recall_samples")
     assert schema.install(db.owner_dsn) == schema.head_revision()
+
+
+def test_an_upgrade_over_logs_that_are_not_objects_stops_naming_them(db: Database) -> None:
+    """A database at 0030 holding a migration whose validation report is a JSON array and an
+    event whose detail is a string (both within the size bounds it had): 0031's checks refuse
+    them, the upgrade stops before any change naming each row, and succeeds once they are
+    objects. A direct write that is not an object is then InvalidInput naming the rule."""
+    from pyembed.db import translate
+    from pyembed.errors import InvalidInput
+
+    with connect(db.owner_dsn, autocommit=True) as conn:
+        conn.execute("SELECT pyembed.create_corpus('docs', %s)", (KEY,))
+        conn.execute("SELECT pyembed.migration_start('docs', 'fake/fake-hash@1:1024')")
+    schema.downgrade(db.owner_dsn, "0030")
+    with connect(db.owner_dsn, autocommit=True) as conn:
+        conn.execute("UPDATE pyembed.migrations SET validation = '[0.5, 0.4]'")
+        conn.execute("INSERT INTO pyembed.migration_events (migration_id, step, detail) "
+                     "SELECT migration_id, 'note', '\"by hand\"' FROM pyembed.migrations")
+        event = conn.execute("SELECT max(event_id) FROM pyembed.migration_events").fetchone()
+    _refused_upgrade(db.owner_dsn, "0030", [
+        "revision 0031 stopped: 2 stored row(s) break the check it adds",
+        "pyembed.migrations '1': validation is a JSON array, not an object",
+        f"pyembed.migration_events '{event[0]}': detail is a JSON string, not an object",
+        "Make each a JSON object"])
+    with connect(db.owner_dsn, autocommit=True) as conn:
+        conn.execute("UPDATE pyembed.migrations SET validation = "
+                     "jsonb_build_object('report', validation)")
+        conn.execute("UPDATE pyembed.migration_events SET detail = '{}' WHERE step = 'note'")
+    assert schema.install(db.owner_dsn) == schema.head_revision()
+    with connect(db.owner_dsn, autocommit=True) as conn:
+        for statement, rule in (
+                ("UPDATE pyembed.migrations SET validation = '\"passed\"'",
+                 "a migration's validation report is a JSON object"),
+                ("UPDATE pyembed.migration_events SET detail = '[]'",
+                 "a migration event's detail is a JSON object")):
+            error = translate(sql_error(conn, statement))
+            assert isinstance(error, InvalidInput) and str(error).startswith(rule), error
 
 
 LAST_RELEASE = (REPO / "tests" / "golden" / "last_release.txt").read_text().split()[0]

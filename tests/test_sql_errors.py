@@ -249,8 +249,9 @@ def test_sql_error_gives_a_pyembed_error_the_hint_of_the_error_it_stands_for() -
             raise InvalidInput("bad input") from None
     except InvalidInput as exc:
         assert indb.sql_error(plpy, exc, "pyembed.embed") == ("bad input", {"sqlstate": "PE005"})
+    # A configuration error is its own (PE013), not the provider's failure (PE009).
     assert indb.sql_error(plpy, ConfigError("no provider"), "pyembed.embed") == (
-        "no provider", {"sqlstate": "PE009"})
+        "no provider", {"sqlstate": "PE013"})
 
 
 def test_sql_error_reports_a_bug_without_its_traceback_or_secrets() -> None:
