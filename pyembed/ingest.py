@@ -390,7 +390,7 @@ def ingest(corpus: Corpus, paths: Path | str | Iterable[Path | str], *, batch_si
     written is; batches added before it stay, and running again skips them.
 
     Into a corpus whose key has no vectors yet, the HNSW index is built once, at the end (the
-    run's time includes it), instead of each vector inserted into it (`_deferred_index`).
+    run's time includes it), instead of each vector inserted into it (`Corpus.bulk_load`).
 
     `progress` shows on `console` a progress bar if it is a terminal, else a line every
     `progress_every` seconds (documents and chunks so far, both rates, ETA).

@@ -367,8 +367,9 @@ AS $$
 $$;
 
 -- A corpus left without its index before indexes_to_build existed (a load killed under the
--- previous release), recorded for its next write; run at every install, which records nothing
--- new (a corpus that needs nothing is forgotten by the heal).
+-- previous release), recorded for its next write. Run at every install: a corpus it records
+-- that needs nothing (an index the owner dropped on purpose is built again, as before) is
+-- forgotten by the next write's heal.
 INSERT INTO pyembed.indexes_to_build (corpus_id)
 SELECT co.corpus_id FROM pyembed.corpora co
  WHERE co.target_model_key IS NULL
