@@ -11,7 +11,8 @@ load never ended. It looked up every written corpus's index by name on every chu
 for a corpus whose storage has no index for its model's width it called the heal on every
 statement. begin_bulk_load now records the corpus in pyembed.indexes_to_build, which the heal
 empties once the index is there (or cannot be): a write to any other corpus reads one empty
-table. Only functions running as the owner read or write it (no grant). A corpus left without
+table. Only functions running as the owner read or write it (no grant), and row-level security
+keeps them to the caller's tenant's corpora, as every table of corpus rows. A corpus left without
 its index before this revision (a load killed under the previous code) is recorded by
 sql/022-vector-index.sql, which runs after the revisions (the functions it needs are its own).
 """
@@ -33,6 +34,12 @@ def upgrade() -> None:
 CREATE TABLE pyembed.indexes_to_build (
   corpus_id integer PRIMARY KEY REFERENCES pyembed.corpora (corpus_id) ON DELETE CASCADE
 );
+ALTER TABLE pyembed.indexes_to_build OWNER TO pyembed_owner;
+REVOKE ALL ON pyembed.indexes_to_build FROM PUBLIC;
+ALTER TABLE pyembed.indexes_to_build ENABLE ROW LEVEL SECURITY;
+ALTER TABLE pyembed.indexes_to_build FORCE ROW LEVEL SECURITY;
+CREATE POLICY tenant ON pyembed.indexes_to_build
+  USING (corpus_id IN (SELECT unnest(pyembed.visible_corpora())));
 """)
 
 
