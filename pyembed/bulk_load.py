@@ -26,9 +26,11 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from .corpora import corpus_info, model_spec
+from .corpora import CorpusInfo, corpus_info, model_spec
 from .db import connect, translated
 from .errors import InvalidInput, InvalidVector
+from .index import bulk_load
+from .models import ModelSpec
 from .vectors import as_unit_vectors, copy_vectors, float_array
 
 
@@ -70,18 +72,30 @@ def load_vectors(corpus: str, chunk_ids: Sequence[int], model_key: str, vectors:
     if batch_rows < 1 or connections < 1:
         raise InvalidInput(f"batch_rows and connections must be at least 1, got {batch_rows} "
                            f"and {connections}")
-    with connect(dsn, autocommit=True) as conn, translated():
-        info = corpus_info(conn, corpus)
-        spec = model_spec(conn, model_key)
-    if not isinstance(vectors, np.ndarray):
-        vectors = float_array(vectors, np.float64)
-    if np.ndim(vectors) != 2 or np.shape(vectors)[1] != spec.dimensions:
-        raise InvalidVector(f"wrong dimensions: {model_key} has {spec.dimensions} dimensions, the "
-                            f"vectors have shape {np.shape(vectors)}")
+    with connect(dsn, autocommit=True) as conn:
+        with translated():
+            info = corpus_info(conn, corpus)
+            spec = model_spec(conn, model_key)
+        if not isinstance(vectors, np.ndarray):
+            vectors = float_array(vectors, np.float64)
+        if np.ndim(vectors) != 2 or np.shape(vectors)[1] != spec.dimensions:
+            raise InvalidVector(f"wrong dimensions: {model_key} has {spec.dimensions} dimensions, "
+                                f"the vectors have shape {np.shape(vectors)}")
+        if n == 0:
+            return LoadReport(0, 0, 0.0)
+        # This connection holds the load's lock while the others write: a corpus with no
+        # vectors for its key gets its index built once, at the end (index.bulk_load).
+        with bulk_load(conn, info.name):
+            return _load(info, spec, chunk_ids, model_key, vectors, content_hashes, dsn,
+                         batch_rows, connections, progress)
+
+
+def _load(info: CorpusInfo, spec: ModelSpec, chunk_ids: Sequence[int], model_key: str,
+          vectors: np.ndarray, content_hashes: Sequence[bytes | None], dsn: str | None,
+          batch_rows: int, connections: int, progress: bool) -> LoadReport:
+    n = len(chunk_ids)
     started = time.perf_counter()
     starts = list(range(0, n, batch_rows))
-    if not starts:
-        return LoadReport(0, 0, 0.0)
     pending = iter(starts)
     lock = threading.Lock()
     stop = threading.Event()  # a batch failed, or the caller interrupted: start no new batch

@@ -9,7 +9,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
@@ -508,20 +508,32 @@ class Corpus:
         With `translate`, each chunk is embedded as `translate(chunk)` and stored as written.
         """
         docs = [_as_document(d) for d in documents]
-        for attempt in (1, 2):
-            # The keys served are read, then embedded for: a migration step committed in
-            # between (complete, rollback) makes the write fail; read the keys again, and
-            # embed (from the cache, mostly) for the keys now served.
-            prepared = self.prepare(docs, truncate=truncate, translate=translate)
-            try:
-                report = self.write(prepared)
-                break
-            except ModelMismatch:
+        prepared = self.prepare(docs, truncate=truncate, translate=translate)
+        with (self.bulk_load() if len(prepared.rows) >= index.BULK_LOAD_ROWS
+              else nullcontext()):
+            for attempt in (1, 2):
+                # The keys served are read, then embedded for: a migration step committed in
+                # between (complete, rollback) makes the write fail; read the keys again, and
+                # embed (from the cache, mostly) for the keys now served.
                 if attempt == 2:
-                    raise
+                    prepared = self.prepare(docs, truncate=truncate, translate=translate)
+                try:
+                    report = self.write(prepared)
+                    break
+                except ModelMismatch:
+                    if attempt == 2:
+                        raise
         if report.chunks:
             self.client.wrote()
         return report
+
+    def bulk_load(self) -> AbstractContextManager[bool]:
+        """Around a load of many documents (several `add` calls, `pyembed ingest`): if the
+        corpus's key has no vectors yet, its HNSW index is built once, when the block ends,
+        instead of each vector inserted into it (index.bulk_load; searches meanwhile scan
+        exactly). Yields whether the build was deferred. `add` does it alone for a write of
+        index.BULK_LOAD_ROWS chunks or more."""
+        return index.bulk_load(self.client._conn, self.name, self.call)
 
     @_in_turn
     def prepare(self, documents: Iterable[Document | tuple[str, str] | Mapping[str, Any]], *,

@@ -6,16 +6,25 @@ These are the owner's operations (the application role may not run them)."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.pq import TransactionStatus
 
 from .db import translated
 from .errors import InvalidInput
 
 STORAGES = ("vector", "halfvec", "binary")
+BULK_LOAD_ROWS = 1_000
+"""Corpus.add defers the index build (bulk_load) for a write of at least this many chunks."""
+END_WAIT = 10.0
+"""Seconds a bulk load's end tries again to build the index while other writers' transactions
+are open (the build waits for none of them); after that the corpus's next write builds it."""
 SETTINGS = ("m", "ef_construction", "ef_search", "oversample")
 
 
@@ -139,3 +148,50 @@ def rebuild_index(conn: psycopg.Connection[Any], corpus: str,
                 conn.execute("SELECT pyembed._swap_vector_index(%s, %s, %s, %s)",
                              (corpus_id, key, built, st))
     return index_status(conn, corpus)
+
+
+@contextmanager
+def bulk_load(conn: psycopg.Connection[Any], corpus: str,
+              turn: Callable[[], AbstractContextManager[Any]] = nullcontext) -> Iterator[bool]:
+    """Around every bulk writer's load (`pyembed ingest`, Corpus.add of many chunks,
+    bulk_load.load_vectors): a corpus whose key has no vectors yet gets its HNSW index built
+    once, at the end, instead of each vector inserted into it (pyembed.begin_bulk_load; searches
+    meanwhile scan exactly). Yields whether the build was deferred; the load's own writes may
+    use other connections of the same role. `turn` is taken around each call on `conn`.
+
+    Only on a connection outside a transaction block: the drop and the build then each commit
+    on their own, so the build holds the corpus's other writers only while it runs (inside a
+    caller's transaction it would hold them until that commits). The build happens at the end
+    whether the load succeeded or not; a load that never gets there (killed) leaves the index
+    to the corpus's next write or `pyembed corpus reindex`."""
+    deferred = False
+    if conn.info.transaction_status == TransactionStatus.IDLE:
+        with turn(), translated(), conn.transaction():
+            row = conn.execute("SELECT pyembed.begin_bulk_load(%s)", (corpus,)).fetchone()
+        deferred = bool(row and row[0])
+    try:
+        yield deferred
+    finally:
+        if deferred:
+            end_bulk_load(conn, corpus, turn)
+
+
+def end_bulk_load(conn: psycopg.Connection[Any], corpus: str,
+                  turn: Callable[[], AbstractContextManager[Any]] = nullcontext,
+                  wait: float = END_WAIT) -> str | None:
+    """End this session's bulk load of `corpus` (pyembed.end_bulk_load) and build its index,
+    trying again for up to `wait` seconds while another writer's transaction is open (the build
+    never waits for one: see pyembed._heal_vector_index). Returns the index built, or None:
+    none was missing, another loader is still at work (it builds it) or the wait ran out."""
+    deadline = time.monotonic() + wait
+    while True:
+        with turn(), translated(), conn.transaction():
+            row = conn.execute("SELECT pyembed.end_bulk_load(%s)", (corpus,)).fetchone()
+            if row and row[0]:
+                return str(row[0])
+            loading = conn.execute(
+                "SELECT u.loading FROM pyembed.unindexed_corpora() u WHERE u.corpus = %s",
+                (corpus,)).fetchone()
+        if loading is None or loading[0] or time.monotonic() >= deadline:
+            return None
+        time.sleep(0.2)

@@ -13,7 +13,6 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from rich.progress import (
 )
 
 from .client import AddReport, Corpus, Document, PreparedAdd
-from .db import translated, twin
+from .db import twin
 from .errors import ConfigError, InvalidInput, ModelMismatch
 from .text import read_json
 
@@ -400,7 +399,7 @@ def ingest(corpus: Corpus, paths: Path | str | Iterable[Path | str], *, batch_si
     written is; batches added before it stay, and running again skips them.
 
     Into a corpus whose key has no vectors yet, the HNSW index is built once, at the end (the
-    run's time includes it), instead of each vector inserted into it (`_deferred_index`).
+    run's time includes it), instead of each vector inserted into it (`Corpus.bulk_load`).
 
     `progress` shows on `console` a progress bar if it is a terminal, else a line every
     `progress_every` seconds (documents and chunks so far, both rates, ETA).
@@ -425,7 +424,7 @@ def ingest(corpus: Corpus, paths: Path | str | Iterable[Path | str], *, batch_si
     def advance(n: int) -> None:
         meter.show(_handled(totals), totals["chunks"])
 
-    with meter, _deferred_index(corpus), \
+    with meter, corpus.bulk_load(), \
             _Loader(corpus, truncate, totals, problems, advance) as loader:
         batch: list[_Record] = []
         for root in roots:
@@ -444,25 +443,6 @@ def ingest(corpus: Corpus, paths: Path | str | Iterable[Path | str], *, batch_si
     problems.sort(key=lambda p: (str(p.path), p.line or 0))
     return IngestReport(totals["added"], totals["updated"], totals["skipped"], totals["failed"],
                         problems, totals["chunks"], round(seconds, 3))
-
-
-@contextmanager
-def _deferred_index(corpus: Corpus) -> Iterator[bool]:
-    """Around a load: a corpus whose key has no vectors yet gets its index built once, at the
-    end, instead of each vector inserted into it (pyembed.begin_bulk_load; searches meanwhile
-    scan exactly). Yields whether the build was deferred. The build happens at the end whether
-    the load succeeded or not; a run that never gets there (killed) leaves the index to the
-    corpus's next write or `pyembed corpus reindex`."""
-    conn = corpus.client._conn
-    with corpus.call(), translated(), conn.transaction():
-        row = conn.execute("SELECT pyembed.begin_bulk_load(%s)", (corpus.name,)).fetchone()
-    deferred = bool(row and row[0])
-    try:
-        yield deferred
-    finally:
-        if deferred:
-            with corpus.call(), translated(), conn.transaction():
-                conn.execute("SELECT pyembed.end_bulk_load(%s)", (corpus.name,))
 
 
 def _handled(totals: dict[str, int]) -> int:

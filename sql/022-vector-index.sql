@@ -173,8 +173,10 @@ $$;
 -- begin_bulk_load before it writes and end_bulk_load after (pyembed.ingest); searches meanwhile
 -- scan exactly, which is as correct. Each loader holds a session-level advisory lock, shared,
 -- on the corpus (_bulk_load_lock) until end_bulk_load or its session ends, a crash included; the
--- missing index is built by whoever next finds no loader holding it: end_bulk_load, any write to
--- the corpus's documents (_chunks_written_index) or the owner's `pyembed corpus reindex`.
+-- missing index is built by whoever next finds no loader holding it and no other writer's
+-- transaction open (_heal_vector_index): end_bulk_load (pyembed.index.bulk_load calls it again
+-- for a while), any write to the corpus's documents (_chunks_written_index) or the owner's
+-- `pyembed corpus reindex`.
 
 -- The advisory lock key's first half: 'pyeb' read as an integer (the second is the corpus id).
 CREATE OR REPLACE FUNCTION pyembed._bulk_load_lock() RETURNS integer
@@ -239,7 +241,9 @@ BEGIN
   ELSIF NOT pyembed._indexable(c) THEN
     RETURN false;  -- the storage has no index for this width: nothing to build
   END IF;
-  -- No index (dropped now, or by a loader still at work or gone): this load builds it at its end.
+  -- No index (dropped now, or by a loader still at work or gone): this load builds it at its
+  -- end, or a later write does (the chunks' trigger looks for corpora recorded here only).
+  INSERT INTO pyembed.indexes_to_build (corpus_id) VALUES (c.corpus_id) ON CONFLICT DO NOTHING;
   PERFORM pg_advisory_lock_shared(pyembed._bulk_load_lock(), c.corpus_id);
   RETURN true;
 END
@@ -264,11 +268,14 @@ END
 $$;
 
 -- Build the missing index of a corpus's active key (a bulk load's, begin_bulk_load) when no
--- loader is at work; returns its name, or NULL when there was nothing to build or a loader holds
--- the lock (it builds it at its end). The build runs in the caller's transaction, which holds
--- writes to the corpus (not searches) until it commits; the transaction-level lock keeps a
--- second builder and a new loader waiting meanwhile. As the owner, for a corpus of the caller's
--- tenant only.
+-- loader is at work and no other transaction is writing its vectors; returns its name, or NULL
+-- when there was nothing to build, a loader holds the lock (it builds it at its end) or another
+-- writer's transaction is open (a later write builds it). It never waits for another writer: a
+-- writer waiting for this one (a document both write) would deadlock with it, and every writer
+-- arriving meanwhile would queue behind the build. The build runs in the caller's transaction,
+-- which holds writes to the corpus (not searches) until it commits; the transaction-level lock
+-- keeps a second builder and a new loader waiting meanwhile. As the owner, for a corpus of the
+-- caller's tenant only.
 CREATE OR REPLACE FUNCTION pyembed._heal_vector_index(p_corpus_id integer) RETURNS text
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -283,25 +290,43 @@ BEGIN
     RETURN NULL;
   END IF;
   name := pyembed._index_name(p_corpus_id, c.model_key);
-  IF to_regclass(format('pyembed.%I', name)) IS NOT NULL
-     OR NOT pyembed._indexable(c)
-     -- A loader at work, this session's included (its refused batches are written here)
-     OR pyembed._bulk_loading(p_corpus_id)
-     OR NOT pg_try_advisory_xact_lock(pyembed._bulk_load_lock(), p_corpus_id) THEN
-    RETURN NULL;
+  IF to_regclass(format('pyembed.%I', name)) IS NULL AND pyembed._indexable(c) THEN
+    IF pyembed._bulk_loading(p_corpus_id)  -- a loader at work, this session's included (its
+                                           -- refused batches are written here)
+       OR NOT pg_try_advisory_xact_lock(pyembed._bulk_load_lock(), p_corpus_id) THEN
+      RETURN NULL;
+    END IF;
+    -- Not built by a transaction that committed while this one looked?
+    IF to_regclass(format('pyembed.%I', name)) IS NULL THEN
+      BEGIN
+        EXECUTE format('LOCK TABLE pyembed.%I IN SHARE MODE NOWAIT',
+                       pyembed._vector_partition_name(p_corpus_id));
+      EXCEPTION WHEN lock_not_available THEN
+        RETURN NULL;  -- another writer's transaction is open: a later write builds it
+      END;
+      name := pyembed._create_vector_index(p_corpus_id, c.model_key);
+    ELSE
+      name := NULL;
+    END IF;
+  ELSE
+    name := NULL;
   END IF;
-  IF to_regclass(format('pyembed.%I', name)) IS NOT NULL THEN
-    RETURN NULL;  -- built by a transaction that committed while this one looked
-  END IF;
-  RETURN pyembed._create_vector_index(p_corpus_id, c.model_key);
+  -- Built, or nothing to build: no write need look again. Never waiting for the row (a writer
+  -- whose transaction forgets it first keeps it locked until it commits).
+  DELETE FROM pyembed.indexes_to_build t
+   WHERE t.corpus_id IN (SELECT b.corpus_id FROM pyembed.indexes_to_build b
+                          WHERE b.corpus_id = p_corpus_id FOR UPDATE SKIP LOCKED);
+  RETURN name;
 END
 $$;
 
 -- After chunks are written: a corpus left without its index by a bulk load that did not end (a
 -- crash: begin_bulk_load) gets it back at its next write once no loader is at work. On the
 -- chunks, which every document write stores first, not the vectors: an index cannot be built on
--- a table the statement is writing (its own trigger's). As the owner, so that the application
--- role needs no grant on the functions it calls (the corpora are those its statement wrote).
+-- a table the statement is writing (its own trigger's). Only a corpus begin_bulk_load recorded
+-- in indexes_to_build can need it, so a write to any other reads one table, empty but during a
+-- load. As the owner, so that the application role needs no grant on the functions it calls
+-- (the corpora are those its statement wrote).
 CREATE OR REPLACE FUNCTION pyembed._chunks_written_index() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -309,11 +334,11 @@ AS $$
 DECLARE
   r record;
 BEGIN
-  FOR r IN SELECT co.corpus_id FROM pyembed.corpora co
-            WHERE co.corpus_id IN (SELECT DISTINCT n.corpus_id FROM new_rows n)
-              AND to_regclass(format('pyembed.%I', pyembed._index_name(co.corpus_id,
-                                                                        co.model_key))) IS NULL
-  LOOP
+  IF NOT EXISTS (SELECT FROM pyembed.indexes_to_build) THEN
+    RETURN NULL;
+  END IF;
+  FOR r IN SELECT t.corpus_id FROM pyembed.indexes_to_build t
+            WHERE t.corpus_id IN (SELECT n.corpus_id FROM new_rows n) LOOP
     PERFORM pyembed._heal_vector_index(r.corpus_id);
   END LOOP;
   RETURN NULL;
@@ -340,3 +365,14 @@ AS $$
          IS NULL
    ORDER BY co.name
 $$;
+
+-- A corpus left without its index before indexes_to_build existed (a load killed under the
+-- previous release), recorded for its next write. Run at every install: a corpus it records
+-- that needs nothing (an index the owner dropped on purpose is built again, as before) is
+-- forgotten by the next write's heal.
+INSERT INTO pyembed.indexes_to_build (corpus_id)
+SELECT co.corpus_id FROM pyembed.corpora co
+ WHERE co.target_model_key IS NULL
+   AND to_regclass(format('pyembed.%I', pyembed._index_name(co.corpus_id, co.model_key))) IS NULL
+   AND pyembed._indexable(co)
+ON CONFLICT DO NOTHING;

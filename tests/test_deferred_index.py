@@ -8,17 +8,23 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psycopg
+import pytest
 
 import pyembed
-from pyembed import doctor, health
+from pyembed import bulk_load, doctor, health, index
 from pyembed.client import Client
+from pyembed.corpora import create_corpus
 from pyembed.index import rebuild_index
-from pyembed.ingest import _deferred_index, ingest
+from pyembed.ingest import ingest
 from tests.conftest import REPO, Database
+from tests.helpers import chunk_hashes, stored_chunks, unit
 
 KEY = "fake/fake-hash@1:384"
 
@@ -127,7 +133,7 @@ def test_writes_during_a_load_leave_the_build_to_its_end(
         client: Client, db: Database, owner: psycopg.Connection[Any]) -> None:
     corpus = client.create_corpus("shared", KEY)
     with pyembed.connect(db.app_dsn) as other:
-        with _deferred_index(corpus) as deferred:
+        with corpus.bulk_load() as deferred:
             assert deferred
             # Another writer, and this session's own writes (a refused batch's), find a loader
             # at work and leave the index to it.
@@ -144,10 +150,10 @@ def test_writes_during_a_load_leave_the_build_to_its_end(
 KILLED = """
 import os, sys
 import pyembed
-from pyembed.ingest import _deferred_index
+
 with pyembed.connect(sys.argv[1]) as client:
     corpus = client.corpus("killed")
-    with _deferred_index(corpus) as deferred:
+    with corpus.bulk_load() as deferred:
         assert deferred
         corpus.add([("a", "written before the crash"), ("b", "another one")])
         os.kill(os.getpid(), 9)
@@ -188,3 +194,135 @@ def test_a_killed_load_heals_at_the_owners_reindex(
     rebuild_index(owner, "killed")
     assert _index_oid(owner, "killed") is not None
     assert _unindexed(owner) == []
+
+
+def _in_thread(call: Any) -> tuple[threading.Thread, list[BaseException]]:
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            call()
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, errors
+
+
+def test_a_heal_waits_for_no_other_writer(
+        client: Client, db: Database, owner: psycopg.Connection[Any]) -> None:
+    """Two writers and a heal: writer b wrote while a loader was at work and has not committed;
+    the loader is gone. Writer a's write finds the index missing: its heal must not wait for b
+    (it waited, and b then writing a's document deadlocked)."""
+    client.create_corpus("raced", KEY)
+    with psycopg.connect(db.app_dsn, autocommit=True) as loader:
+        assert loader.execute("SELECT pyembed.begin_bulk_load('raced')").fetchone() == (True,)
+        with pyembed.connect(db.app_dsn) as b, pyembed.connect(db.app_dsn) as a:
+            tx = b._conn.transaction()
+            tx.__enter__()
+            try:
+                b.corpus("raced").add([("b1", "written by b while a loader was at work")])
+                loader.close()  # the loader is gone; b's transaction is still open
+                thread, errors = _in_thread(
+                    lambda: a.corpus("raced").add([("a1", "written by a meanwhile")]))
+                thread.join(20)
+                assert not thread.is_alive(), "a's write waited for b's transaction"
+                assert not errors, errors
+                b.corpus("raced").add([("a1", "b writes a's document too"),
+                                       ("b2", "and one of its own")])
+                tx.__exit__(None, None, None)
+            except BaseException as exc:
+                tx.__exit__(type(exc), exc, exc.__traceback__)  # lets a's write go on
+                raise
+            finally:
+                thread.join(60)
+    # b's second write, alone at last, built the index in its transaction.
+    assert _index_oid(owner, "raced") is not None
+    assert _unindexed(owner) == []
+    hits = client.corpus("raced").search("b writes a's document too", 1)
+    assert hits[0].document_id == "a1"
+
+
+def test_a_loader_ending_while_another_writes_holds_no_writer(
+        client: Client, db: Database, owner: psycopg.Connection[Any]) -> None:
+    """A loader ends while writer w's transaction is open: the build may not queue the
+    corpus's other writers behind w (they waited for w's commit and the build)."""
+    corpus = client.create_corpus("ending", KEY)
+    with pyembed.connect(db.app_dsn) as w, pyembed.connect(db.app_dsn) as x:
+        ending = corpus.bulk_load()
+        assert ending.__enter__()
+        corpus.add([("l1", "written by the loader")])
+        tx = w._conn.transaction()
+        tx.__enter__()
+        loader: threading.Thread | None = None
+        try:
+            w.corpus("ending").add([("w1", "written by w, not committed yet")])
+            loader, loader_errors = _in_thread(lambda: ending.__exit__(None, None, None))
+            time.sleep(1)  # the loader is at its end now
+            writer, errors = _in_thread(
+                lambda: x.corpus("ending").add([("x1", "written by x meanwhile")]))
+            writer.join(20)
+            assert not writer.is_alive(), "x's write waited behind the loader's build"
+            assert not errors, errors
+            tx.__exit__(None, None, None)
+        except BaseException as exc:
+            tx.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        finally:
+            if loader is not None:
+                loader.join(120)
+        assert not loader_errors, loader_errors
+    # Built once w committed: by the loader's end, or by the next write.
+    if _index_oid(owner, "ending") is None:
+        corpus.add([("n1", "the next write")])
+    assert _index_oid(owner, "ending") is not None
+    assert _unindexed(owner) == []
+
+
+def test_every_bulk_writer_defers_through_the_one_path(
+        client: Client, db: Database, owner: psycopg.Connection[Any],
+        app: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """index.bulk_load, shared: bulk_load.load_vectors (its lock held by a connection of its
+    own while the others write) and Corpus.add of index.BULK_LOAD_ROWS chunks or more drop the
+    index of an empty corpus and build it once at the end; a smaller add, a corpus with
+    vectors and a write inside the caller's transaction block insert into the graph."""
+    monkeypatch.setattr(index, "BULK_LOAD_ROWS", 12)
+    # load_vectors: stored chunks, their vectors loaded over two connections.
+    ids = stored_chunks(app, create_corpus(app, "loaded", KEY), 60)
+    before = _index_oid(owner, "loaded")
+    seen: list[int | None] = []
+    copies = bulk_load.copy_vectors
+
+    def copy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(_index_oid(owner, "loaded"))
+        return copies(*args, **kwargs)
+
+    monkeypatch.setattr(bulk_load, "copy_vectors", copy)
+    bulk_load.load_vectors("loaded", ids, KEY, np.stack([unit(384, i) for i in range(60)]),
+                           chunk_hashes(60), dsn=db.app_dsn, batch_rows=20, connections=2)
+    assert seen == [None, None, None]  # every batch written with no graph to insert into
+    after = _index_oid(owner, "loaded")
+    assert after is not None and after != before
+    assert _unindexed(owner) == []
+    # Corpus.add: of enough chunks into an empty corpus, deferred.
+    many = client.create_corpus("many", KEY)
+    before = _index_oid(owner, "many")
+    many.add([(d["id"], d["text"]) for d in _docs(12)])
+    assert _index_oid(owner, "many") not in (None, before)
+    # ... and not: fewer chunks, a corpus that has vectors, inside a transaction block.
+    few = client.create_corpus("few", KEY)
+    before = _index_oid(owner, "few")
+    few.add([(d["id"], d["text"]) for d in _docs(11)])
+    assert _index_oid(owner, "few") == before
+    before = _index_oid(owner, "many")
+    many.add([(d["id"], d["text"]) for d in _docs(12, "e")])
+    assert _index_oid(owner, "many") == before
+    block = client.create_corpus("block", KEY)
+    before = _index_oid(owner, "block")
+    with client._conn.transaction():
+        block.add([(d["id"], d["text"]) for d in _docs(12)])
+    assert _index_oid(owner, "block") == before
+    # The deferred build stores what inserting does.
+    assert [r for r in _rows(owner, "many")["chunks"] if r[0].startswith("d")] == \
+        _rows(owner, "block")["chunks"]

@@ -410,20 +410,41 @@ def test_a_role_made_again_under_a_dropped_members_name_is_no_member(
 
 def test_a_tenant_can_neither_defer_nor_build_another_tenants_index(
         two: dict[str, str], owner: psycopg.Connection[Any]) -> None:
-    """A bulk load's deferred index (pyembed.begin_bulk_load): the functions run as the owner,
-    and only on the caller's tenant's corpora."""
+    """A bulk load's deferred index (pyembed.begin_bulk_load): every function of it runs as the
+    owner, only on the caller's tenant's corpora, or is not the application's to call; the
+    table of corpora to build is not the application's to read or write."""
     fill(two["a"], A_KEY, 3).close()
     row = owner.execute("SELECT corpus_id, pyembed._index_name(corpus_id, model_key) "
                         "FROM pyembed.corpora WHERE name = 'docs'").fetchone()
     assert row is not None
     owner.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier("pyembed", row[1])))
+    owner.execute("INSERT INTO pyembed.indexes_to_build VALUES (%s)", (row[0],))
+    missing = ("SELECT to_regclass(format('pyembed.%%I', %s::text)) IS NULL "
+               "AND EXISTS (SELECT FROM pyembed.indexes_to_build WHERE corpus_id = %s)")
     with psycopg.connect(two["b"], autocommit=True) as b:
         assert b.execute("SELECT * FROM pyembed.unindexed_corpora()").fetchall() == []
         for call in ("begin_bulk_load", "end_bulk_load"):
             with pytest.raises(psycopg.Error, match="unknown corpus"):
                 b.execute(sql.SQL("SELECT pyembed.{}('docs')").format(sql.Identifier(call)))
-    assert owner.execute("SELECT to_regclass(format('pyembed.%%I', %s::text))",
-                         (row[1],)).fetchone() == (None,)
+        for denied in ("SELECT pyembed._heal_vector_index(%s)",
+                       "SELECT pyembed._bulk_loading(%s)",
+                       "SELECT * FROM pyembed.indexes_to_build WHERE corpus_id = %s",
+                       "INSERT INTO pyembed.indexes_to_build VALUES (%s)",
+                       "DELETE FROM pyembed.indexes_to_build WHERE corpus_id = %s"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                b.execute(denied, (row[0],) if "%s" in denied else ())
+    # b's own bulk load and writes (the trigger heals the corpora the statement wrote, of the
+    # caller's tenant) leave a's index as it is.
+    b_client = fill(two["b"], B_KEY, 0)
+    with b_client.corpus("docs").bulk_load() as deferred:
+        assert deferred
+        b_client.corpus("docs").add([("x", "shared words from b")])
+    b_client.corpus("docs").add([("y", "more shared words from b")])
+    b_client.close()
+    assert owner.execute(missing, (row[1], row[0])).fetchone() == (True,)
+    assert owner.execute("SELECT count(*) FROM pyembed.corpora c WHERE to_regclass(format("
+                         "'pyembed.%I', pyembed._index_name(c.corpus_id, c.model_key))) IS NULL"
+                         ).fetchone() == (1,)  # b's was built at its load's end
     with psycopg.connect(two["a"], autocommit=True) as a:
         assert a.execute("SELECT * FROM pyembed.unindexed_corpora()").fetchall() == [
             ("docs", A_KEY, False)]
