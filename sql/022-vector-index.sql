@@ -196,7 +196,9 @@ AS $$
                     WHERE mo.model_key = c.model_key), false)
 $$;
 
--- Whether a loader holds a corpus's lock (begin_bulk_load): any session's, or this one's only.
+-- Whether a loader holds a corpus's lock (begin_bulk_load): any session's, or this one's only;
+-- in this database (pg_locks shows every database's, and another's corpus ids are the same
+-- small numbers).
 CREATE OR REPLACE FUNCTION pyembed._bulk_loading(p_corpus_id integer,
                                                  this_session boolean DEFAULT false)
 RETURNS boolean
@@ -205,6 +207,8 @@ SET search_path = pg_catalog, pg_temp
 AS $$
   SELECT EXISTS (SELECT FROM pg_catalog.pg_locks l
                   WHERE l.locktype = 'advisory' AND l.objsubid = 2 AND l.granted
+                    AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d
+                                       WHERE d.datname = pg_catalog.current_database())
                     AND l.mode = 'ShareLock' AND l.classid::bigint = pyembed._bulk_load_lock()
                     AND l.objid::bigint = p_corpus_id
                     AND (NOT this_session OR l.pid = pg_catalog.pg_backend_pid()))
@@ -285,8 +289,8 @@ DECLARE
   name text;
 BEGIN
   SELECT * INTO c FROM pyembed.corpora co WHERE co.corpus_id = p_corpus_id;
-  IF NOT FOUND OR c.target_model_key IS NOT NULL  -- a migration builds its own
-     OR NOT p_corpus_id = ANY (pyembed.visible_corpora()) THEN
+  -- (the active key's index: a migration builds its target's, but not this one)
+  IF NOT FOUND OR NOT p_corpus_id = ANY (pyembed.visible_corpora()) THEN
     RETURN NULL;
   END IF;
   name := pyembed._index_name(p_corpus_id, c.model_key);
@@ -359,8 +363,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
   SELECT co.name, co.model_key, pyembed._bulk_loading(co.corpus_id)
     FROM pyembed.corpora co
-   WHERE co.corpus_id = ANY (pyembed.visible_corpora()) AND co.target_model_key IS NULL
-     AND pyembed._indexable(co)
+   WHERE co.corpus_id = ANY (pyembed.visible_corpora()) AND pyembed._indexable(co)
      AND to_regclass(format('pyembed.%I', pyembed._index_name(co.corpus_id, co.model_key)))
          IS NULL
    ORDER BY co.name
@@ -372,7 +375,6 @@ $$;
 -- forgotten by the next write's heal.
 INSERT INTO pyembed.indexes_to_build (corpus_id)
 SELECT co.corpus_id FROM pyembed.corpora co
- WHERE co.target_model_key IS NULL
-   AND to_regclass(format('pyembed.%I', pyembed._index_name(co.corpus_id, co.model_key))) IS NULL
+ WHERE to_regclass(format('pyembed.%I', pyembed._index_name(co.corpus_id, co.model_key))) IS NULL
    AND pyembed._indexable(co)
 ON CONFLICT DO NOTHING;

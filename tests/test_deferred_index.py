@@ -18,7 +18,7 @@ import psycopg
 import pytest
 
 import pyembed
-from pyembed import bulk_load, doctor, health, index
+from pyembed import bulk_load, doctor, health, index, migration
 from pyembed.client import Client
 from pyembed.corpora import create_corpus
 from pyembed.index import rebuild_index
@@ -186,6 +186,36 @@ def test_a_killed_load_heals_at_the_next_write(
     n = owner.execute("SELECT count(*) FROM pyembed.vectors v JOIN pyembed.corpora c "
                       "USING (corpus_id) WHERE c.name = 'killed'").fetchone()
     assert n == (3,)
+
+
+def test_a_lock_of_another_database_is_no_load_of_this_one(
+        client: Client, db: Database, owner: psycopg.Connection[Any]) -> None:
+    """The loaders' lock is looked up in this database only: another database's session holding
+    the same key (its corpus of the same id loading) neither hides the missing index nor keeps
+    the next write from building it."""
+    _killed_load(db, owner, client)
+    cid = owner.execute("SELECT corpus_id FROM pyembed.corpora WHERE name = 'killed'").fetchone()
+    other = psycopg.conninfo.make_conninfo(db.owner_dsn, dbname="postgres")
+    with psycopg.connect(other, autocommit=True) as elsewhere:
+        elsewhere.execute("SELECT pg_advisory_lock_shared(1887003970, %s)", cid)
+        assert _unindexed(owner) == [("killed", KEY, False)]
+        client.corpus("killed").add([("c", "the next write builds the index")])
+        assert _index_oid(owner, "killed") is not None
+
+
+def test_a_killed_load_heals_during_a_migration(
+        client: Client, db: Database, owner: psycopg.Connection[Any]) -> None:
+    """A migration started after a killed load builds its target's index, not the active key's:
+    that one is still listed (status and doctor warn) and built by the next write."""
+    _killed_load(db, owner, client)
+    target = owner.execute("SELECT pyembed.register_model('fake', 'fake-hash', '2', 384)"
+                           ).fetchone()[0]  # type: ignore[index]
+    with pyembed.connect(db.owner_dsn) as dba:
+        migration.start(dba, "killed", target)
+    assert _unindexed(owner) == [("killed", KEY, False)]
+    client.corpus("killed").add([("c", "the next write builds the index")])
+    assert _index_oid(owner, "killed") is not None
+    assert _unindexed(owner) == []
 
 
 def test_a_killed_load_heals_at_the_owners_reindex(
