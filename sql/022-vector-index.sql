@@ -201,6 +201,23 @@ AS $$
                     WHERE mo.model_key = c.model_key), false)
 $$;
 
+-- Whether session p_pid of this database holds the advisory lock (k1, k2) in p_mode (pg_locks
+-- shows every database's). Only a key recorded by the owner's functions is looked up this way:
+-- any role may hold any key, but not in another session.
+CREATE OR REPLACE FUNCTION pyembed._advisory_held(k1 integer, k2 bigint, p_pid integer,
+                                                  p_mode text)
+RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+  SELECT EXISTS (SELECT FROM pg_catalog.pg_locks l
+                  WHERE l.locktype = 'advisory' AND l.objsubid = 2 AND l.granted
+                    AND l.mode = p_mode AND l.pid = p_pid
+                    AND l.classid::bigint = k1 AND l.objid::bigint = k2
+                    AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d
+                                       WHERE d.datname = pg_catalog.current_database()))
+$$;
+
 -- Whether a recorded loader of a corpus is at work (begin_bulk_load): any session's, or this
 -- one's only. At work: its pid holds its key, in this database (pg_locks shows every
 -- database's); a loader gone (its session ended, killed) holds nothing, whatever its row says.
@@ -211,14 +228,10 @@ LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
   SELECT EXISTS (SELECT FROM pyembed.bulk_loaders b
-                   JOIN pg_catalog.pg_locks l
-                     ON l.locktype = 'advisory' AND l.objsubid = 2 AND l.granted
-                    AND l.mode = 'ShareLock' AND l.classid::bigint = pyembed._bulk_load_lock()
-                    AND l.objid::bigint = b.lock_key AND l.pid = b.pid
                   WHERE b.corpus_id = p_corpus_id
-                    AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d
-                                       WHERE d.datname = pg_catalog.current_database())
-                    AND (NOT this_session OR b.pid = pg_catalog.pg_backend_pid()))
+                    AND (NOT this_session OR b.pid = pg_catalog.pg_backend_pid())
+                    AND pyembed._advisory_held(pyembed._bulk_load_lock(), b.lock_key, b.pid,
+                                               'ShareLock'))
 $$;
 
 -- Begin a bulk load of the caller's corpus: if its active key has no vectors yet (and no
@@ -286,11 +299,8 @@ BEGIN
   -- of a loader gone whose pid this session has now).
   FOR k IN DELETE FROM pyembed.bulk_loaders b
             WHERE b.corpus_id = c.corpus_id AND b.pid = pg_backend_pid()
-              AND EXISTS (SELECT FROM pg_catalog.pg_locks l
-                           WHERE l.locktype = 'advisory' AND l.objsubid = 2 AND l.granted
-                             AND l.mode = 'ShareLock' AND l.pid = b.pid
-                             AND l.classid::bigint = pyembed._bulk_load_lock()
-                             AND l.objid::bigint = b.lock_key)
+              AND pyembed._advisory_held(pyembed._bulk_load_lock(), b.lock_key, b.pid,
+                                         'ShareLock')
            RETURNING b.lock_key LOOP
     PERFORM pg_advisory_unlock_shared(pyembed._bulk_load_lock(), k::integer);
   END LOOP;

@@ -452,19 +452,6 @@ def test_a_tenant_can_neither_defer_nor_build_another_tenants_index(
         assert a.execute("SELECT pyembed.end_bulk_load('docs')").fetchone() == (row[1],)
 
 
-@pytest.fixture
-def plain(db: Database, owner: psycopg.Connection[Any]) -> Iterator[str]:
-    """A login role with CONNECT on the database and nothing else (no tenant, no pyembed role);
-    yields its DSN."""
-    role = f"plain_{uuid.uuid4().hex[:6]}"
-    owner.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'pw'").format(sql.Identifier(role)))
-    owner.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(
-        sql.Identifier(db.name), sql.Identifier(role)))
-    yield db.app_dsn.split("//", 1)[0] + f"//{role}:pw@" + db.app_dsn.split("@", 1)[1]
-    owner.execute(sql.SQL("DROP OWNED BY {} CASCADE").format(sql.Identifier(role)))
-    owner.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
-
-
 LOAD_LOCK = 1887003970  # the key a loader's lock had (pyembed._bulk_load_lock, then corpus id)
 
 

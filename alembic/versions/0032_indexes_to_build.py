@@ -19,7 +19,10 @@ kept in turn by an exclusive one: every role may take any advisory lock, so anot
 login role) holding that key hid a killed load's missing index and kept every write from building
 it, or made begin_bulk_load fail. A loader is now recorded in pyembed.bulk_loaders (its pid and a
 random lock key only this table tells; at work while that pid holds that key), and builders lock
-the corpus's indexes_to_build row, which only the owner's functions can. A corpus left without
+the corpus's indexes_to_build row, which only the owner's functions can. A migration's backfill
+(pyembed.migration.backfill) is likewise recorded in pyembed.backfillers instead of holding
+hashtext('pyembed backfill') with the corpus id, which any role could hold to keep every backfill
+of the corpus from starting. A corpus left without
 its index before this revision (a load killed under the previous code) is recorded by
 sql/022-vector-index.sql, which runs after the revisions (the functions it needs are its own).
 """
@@ -58,6 +61,17 @@ REVOKE ALL ON pyembed.bulk_loaders FROM PUBLIC;
 ALTER TABLE pyembed.bulk_loaders ENABLE ROW LEVEL SECURITY;
 ALTER TABLE pyembed.bulk_loaders FORCE ROW LEVEL SECURITY;
 CREATE POLICY tenant ON pyembed.bulk_loaders
+  USING (corpus_id IN (SELECT unnest(pyembed.visible_corpora())));
+CREATE TABLE pyembed.backfillers (
+  corpus_id integer PRIMARY KEY REFERENCES pyembed.corpora (corpus_id) ON DELETE CASCADE,
+  pid integer NOT NULL,
+  lock_key bigint NOT NULL
+);
+ALTER TABLE pyembed.backfillers OWNER TO pyembed_owner;
+REVOKE ALL ON pyembed.backfillers FROM PUBLIC;
+ALTER TABLE pyembed.backfillers ENABLE ROW LEVEL SECURITY;
+ALTER TABLE pyembed.backfillers FORCE ROW LEVEL SECURITY;
+CREATE POLICY tenant ON pyembed.backfillers
   USING (corpus_id IN (SELECT unnest(pyembed.visible_corpora())));
 """)
 
@@ -176,4 +190,8 @@ $$;
 
 
 def downgrade() -> None:
-    run_sql(BEFORE + "\nDROP TABLE pyembed.bulk_loaders;\nDROP TABLE pyembed.indexes_to_build;")
+    run_sql(BEFORE + """
+DROP TABLE pyembed.backfillers;
+DROP TABLE pyembed.bulk_loaders;
+DROP TABLE pyembed.indexes_to_build;
+""")
