@@ -336,7 +336,13 @@ BEGIN
       RETURN NULL;                               -- (its refused batches are written here)
     END IF;
     -- One builder at a time, and none while a loader begins: the corpus's row, which only the
-    -- owner's functions can lock. Not recorded (nothing deferred it) or another's: no build.
+    -- owner's functions can lock (another builder's: no build). An index missing that no load
+    -- recorded (dropped by hand: end_bulk_load, as status advises) is recorded first; not when
+    -- the row is there, whose delete by a builder meanwhile such an insert would wait for.
+    IF NOT EXISTS (SELECT FROM pyembed.indexes_to_build t WHERE t.corpus_id = p_corpus_id) THEN
+      INSERT INTO pyembed.indexes_to_build (corpus_id) VALUES (p_corpus_id)
+      ON CONFLICT DO NOTHING;
+    END IF;
     PERFORM FROM pyembed.indexes_to_build t WHERE t.corpus_id = p_corpus_id
        FOR UPDATE SKIP LOCKED;
     IF NOT FOUND THEN

@@ -356,3 +356,17 @@ def test_every_bulk_writer_defers_through_the_one_path(
     # The deferred build stores what inserting does.
     assert [r for r in _rows(owner, "many")["chunks"] if r[0].startswith("d")] == \
         _rows(owner, "block")["chunks"]
+
+
+def test_an_index_dropped_by_hand_is_built_by_end_bulk_load(
+        client: Client, owner: psycopg.Connection[Any], app: psycopg.Connection[Any]) -> None:
+    """No load recorded it (indexes_to_build): status still lists it and advises
+    end_bulk_load, which builds it (builders take turns on the row it records first)."""
+    client.create_corpus("byhand", KEY).add([("a", "one document")])
+    name = owner.execute("SELECT pyembed._index_name(corpus_id, model_key) FROM pyembed.corpora "
+                         "WHERE name = 'byhand'").fetchone()[0]  # type: ignore[index]
+    owner.execute(f'DROP INDEX pyembed."{name}"')
+    assert _unindexed(app) == [("byhand", KEY, False)]
+    assert app.execute("SELECT pyembed.end_bulk_load('byhand')").fetchone() == (name,)
+    assert _unindexed(app) == []
+    assert owner.execute("SELECT count(*) FROM pyembed.indexes_to_build").fetchone() == (0,)
