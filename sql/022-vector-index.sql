@@ -230,7 +230,7 @@ AS $$
   SELECT EXISTS (SELECT FROM pyembed.bulk_loaders b
                   WHERE b.corpus_id = p_corpus_id
                     AND (NOT this_session OR b.pid = pg_catalog.pg_backend_pid())
-                    AND pyembed._advisory_held(pyembed._bulk_load_lock(), b.lock_key, b.pid,
+                    AND pyembed._advisory_held(pyembed._bulk_load_lock(), b.lock_id, b.pid,
                                                'ShareLock'))
 $$;
 
@@ -247,7 +247,7 @@ DECLARE
   c pyembed.corpora := pyembed.lookup_corpus(corpus);
   name text;
   has_rows boolean;
-  lock_key integer;
+  lock_id integer;
 BEGIN
   -- The row before the partition (the lock order at the top of this file): a concurrent
   -- loader's first write waits here until this drop has committed, or comes first and is seen.
@@ -274,12 +274,12 @@ BEGIN
   -- This session's key, random: no other role can hold it beforehand (a key taken meanwhile is
   -- passed over rather than waited for), and only the owner's table tells it.
   LOOP
-    lock_key := ('x' || substr(gen_random_uuid()::text, 1, 8))::bit(32)::integer
+    lock_id := ('x' || substr(gen_random_uuid()::text, 1, 8))::bit(32)::integer
                 & 2147483647;
-    EXIT WHEN pg_try_advisory_lock_shared(pyembed._bulk_load_lock(), lock_key);
+    EXIT WHEN pg_try_advisory_lock_shared(pyembed._bulk_load_lock(), lock_id);
   END LOOP;
-  INSERT INTO pyembed.bulk_loaders (corpus_id, pid, lock_key)
-  VALUES (c.corpus_id, pg_backend_pid(), lock_key);
+  INSERT INTO pyembed.bulk_loaders (corpus_id, pid, lock_id)
+  VALUES (c.corpus_id, pg_backend_pid(), lock_id);
   RETURN true;
 END
 $$;
@@ -299,9 +299,9 @@ BEGIN
   -- of a loader gone whose pid this session has now).
   FOR k IN DELETE FROM pyembed.bulk_loaders b
             WHERE b.corpus_id = c.corpus_id AND b.pid = pg_backend_pid()
-              AND pyembed._advisory_held(pyembed._bulk_load_lock(), b.lock_key, b.pid,
+              AND pyembed._advisory_held(pyembed._bulk_load_lock(), b.lock_id, b.pid,
                                          'ShareLock')
-           RETURNING b.lock_key LOOP
+           RETURNING b.lock_id LOOP
     PERFORM pg_advisory_unlock_shared(pyembed._bulk_load_lock(), k::integer);
   END LOOP;
   RETURN pyembed._heal_vector_index(c.corpus_id);
@@ -368,6 +368,11 @@ BEGIN
   DELETE FROM pyembed.indexes_to_build t
    WHERE t.corpus_id IN (SELECT b.corpus_id FROM pyembed.indexes_to_build b
                           WHERE b.corpus_id = p_corpus_id FOR UPDATE SKIP LOCKED);
+  -- Loaders gone (killed) are forgotten; one at work keeps its row for its end_bulk_load, which
+  -- lets go of its key's lock.
+  DELETE FROM pyembed.bulk_loaders b
+   WHERE b.corpus_id = p_corpus_id
+     AND NOT pyembed._advisory_held(pyembed._bulk_load_lock(), b.lock_id, b.pid, 'ShareLock');
   RETURN name;
 END
 $$;

@@ -366,22 +366,22 @@ LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-  lock_key integer;
+  lock_id integer;
 BEGIN
   DELETE FROM pyembed.backfillers b
    WHERE b.corpus_id = p_corpus_id
-     AND NOT pyembed._advisory_held(pyembed._backfill_lock(), b.lock_key, b.pid, 'ExclusiveLock');
+     AND NOT pyembed._advisory_held(pyembed._backfill_lock(), b.lock_id, b.pid, 'ExclusiveLock');
   -- Random: no other role can hold it beforehand (a key taken meanwhile is passed over).
   LOOP
-    lock_key := ('x' || substr(gen_random_uuid()::text, 1, 8))::bit(32)::integer & 2147483647;
-    EXIT WHEN pg_try_advisory_lock(pyembed._backfill_lock(), lock_key);
+    lock_id := ('x' || substr(gen_random_uuid()::text, 1, 8))::bit(32)::integer & 2147483647;
+    EXIT WHEN pg_try_advisory_lock(pyembed._backfill_lock(), lock_id);
   END LOOP;
-  INSERT INTO pyembed.backfillers (corpus_id, pid, lock_key)
-  VALUES (p_corpus_id, pg_backend_pid(), lock_key) ON CONFLICT (corpus_id) DO NOTHING;
+  INSERT INTO pyembed.backfillers (corpus_id, pid, lock_id)
+  VALUES (p_corpus_id, pg_backend_pid(), lock_id) ON CONFLICT (corpus_id) DO NOTHING;
   IF FOUND THEN
     RETURN true;
   END IF;
-  PERFORM pg_advisory_unlock(pyembed._backfill_lock(), lock_key);
+  PERFORM pg_advisory_unlock(pyembed._backfill_lock(), lock_id);
   RETURN false;
 END
 $$;
@@ -396,9 +396,9 @@ DECLARE
 BEGIN
   FOR k IN DELETE FROM pyembed.backfillers b
             WHERE b.corpus_id = p_corpus_id AND b.pid = pg_backend_pid()
-              AND pyembed._advisory_held(pyembed._backfill_lock(), b.lock_key, b.pid,
+              AND pyembed._advisory_held(pyembed._backfill_lock(), b.lock_id, b.pid,
                                          'ExclusiveLock')
-           RETURNING b.lock_key LOOP
+           RETURNING b.lock_id LOOP
     PERFORM pg_advisory_unlock(pyembed._backfill_lock(), k::integer);
   END LOOP;
 END

@@ -370,3 +370,19 @@ def test_an_index_dropped_by_hand_is_built_by_end_bulk_load(
     assert app.execute("SELECT pyembed.end_bulk_load('byhand')").fetchone() == (name,)
     assert _unindexed(app) == []
     assert owner.execute("SELECT count(*) FROM pyembed.indexes_to_build").fetchone() == (0,)
+
+
+def test_a_load_whose_index_was_built_meanwhile_lets_go_of_its_lock(
+        client: Client, db: Database, owner: psycopg.Connection[Any]) -> None:
+    """The owner's reindex during a load builds the index and a write forgets the corpus; the
+    loader's row stays for its end, which lets go of its lock (a connection kept for many loads
+    would hold one more lock for each)."""
+    client.create_corpus("rebuilt", KEY)
+    with psycopg.connect(db.app_dsn, autocommit=True) as loader:
+        assert loader.execute("SELECT pyembed.begin_bulk_load('rebuilt')").fetchone() == (True,)
+        rebuild_index(owner, "rebuilt")
+        client.corpus("rebuilt").add([("w", "a write once the index is back")])
+        loader.execute("SELECT pyembed.end_bulk_load('rebuilt')")
+        assert loader.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                              "AND pid = pg_backend_pid()").fetchone() == (0,)
+    assert owner.execute("SELECT count(*) FROM pyembed.bulk_loaders").fetchone() == (0,)

@@ -22,9 +22,11 @@ random lock key only this table tells; at work while that pid holds that key), a
 the corpus's indexes_to_build row, which only the owner's functions can. A migration's backfill
 (pyembed.migration.backfill) is likewise recorded in pyembed.backfillers instead of holding
 hashtext('pyembed backfill') with the corpus id, which any role could hold to keep every backfill
-of the corpus from starting. A corpus left without
-its index before this revision (a load killed under the previous code) is recorded by
-sql/022-vector-index.sql, which runs after the revisions (the functions it needs are its own).
+of the corpus from starting.
+
+A corpus left without its index before this revision (a load killed under the previous code) is
+recorded by sql/022-vector-index.sql, which runs after the revisions (the functions it needs are
+its own).
 """
 
 from __future__ import annotations
@@ -51,10 +53,10 @@ ALTER TABLE pyembed.indexes_to_build FORCE ROW LEVEL SECURITY;
 CREATE POLICY tenant ON pyembed.indexes_to_build
   USING (corpus_id IN (SELECT unnest(pyembed.visible_corpora())));
 CREATE TABLE pyembed.bulk_loaders (
-  corpus_id integer NOT NULL REFERENCES pyembed.indexes_to_build (corpus_id) ON DELETE CASCADE,
+  corpus_id integer NOT NULL REFERENCES pyembed.corpora (corpus_id) ON DELETE CASCADE,
   pid integer NOT NULL,
-  lock_key bigint NOT NULL,
-  PRIMARY KEY (corpus_id, pid, lock_key)
+  lock_id bigint NOT NULL,
+  PRIMARY KEY (corpus_id, pid, lock_id)
 );
 ALTER TABLE pyembed.bulk_loaders OWNER TO pyembed_owner;
 REVOKE ALL ON pyembed.bulk_loaders FROM PUBLIC;
@@ -65,7 +67,7 @@ CREATE POLICY tenant ON pyembed.bulk_loaders
 CREATE TABLE pyembed.backfillers (
   corpus_id integer PRIMARY KEY REFERENCES pyembed.corpora (corpus_id) ON DELETE CASCADE,
   pid integer NOT NULL,
-  lock_key bigint NOT NULL
+  lock_id bigint NOT NULL
 );
 ALTER TABLE pyembed.backfillers OWNER TO pyembed_owner;
 REVOKE ALL ON pyembed.backfillers FROM PUBLIC;
