@@ -153,8 +153,11 @@ def backfill(client: Client, corpus: str, *, batch_size: int | None = None,
         "(SELECT FROM pyembed.vectors v WHERE v.corpus_id = ch.corpus_id "
         "AND v.chunk_id = ch.chunk_id AND v.model_key = %(k)s)",
         {"c": info.corpus_id, "k": key}).fetchone()[0]  # type: ignore[index]
-    locked = client._conn.execute("SELECT pg_try_advisory_lock(hashtext('pyembed backfill'), %s)",
-                                 (info.corpus_id,)).fetchone()
+    # Recorded by the owner's function (pyembed._claim_backfill), not a lock key any role can
+    # hold: another role's lock kept every backfill of the corpus from starting.
+    with translated(), client._conn.transaction():
+        locked = client._conn.execute("SELECT pyembed._claim_backfill(%s)",
+                                      (info.corpus_id,)).fetchone()
     if not locked or not locked[0]:
         raise MigrationError(f"a backfill of corpus {corpus} is already running")
     started = time.perf_counter()
@@ -178,8 +181,8 @@ def backfill(client: Client, corpus: str, *, batch_size: int | None = None,
         _build_index(client, info.corpus_id, key)
         _call(client, "migration_backfilled", corpus)
     finally:
-        client._conn.execute("SELECT pg_advisory_unlock(hashtext('pyembed backfill'), %s)",
-                            (info.corpus_id,))
+        with translated(), client._conn.transaction():
+            client._conn.execute("SELECT pyembed._release_backfill(%s)", (info.corpus_id,))
     return BackfillReport(done, time.perf_counter() - started, 0)
 
 

@@ -171,14 +171,19 @@ $$;
 -- inserting every vector into it (pgvector builds a graph faster than it inserts, with parallel
 -- workers, and with the parameters the rule gives the rows then). `pyembed ingest` calls
 -- begin_bulk_load before it writes and end_bulk_load after (pyembed.ingest); searches meanwhile
--- scan exactly, which is as correct. Each loader holds a session-level advisory lock, shared,
--- on the corpus (_bulk_load_lock) until end_bulk_load or its session ends, a crash included; the
--- missing index is built by whoever next finds no loader holding it and no other writer's
--- transaction open (_heal_vector_index): end_bulk_load (pyembed.index.bulk_load calls it again
--- for a while), any write to the corpus's documents (_chunks_written_index) or the owner's
--- `pyembed corpus reindex`.
+-- scan exactly, which is as correct. Each loader is recorded in pyembed.bulk_loaders (its
+-- session's pid and a session-level advisory lock of a random key that only that table, the
+-- owner's, tells) until end_bulk_load or its session ends, a crash included: a loader is at
+-- work while its pid holds its key (_bulk_loading). Every role may take any advisory lock, so
+-- no lock key another role can name decides whether a load is at work or who builds: builders
+-- are kept in turn by the corpus's row of indexes_to_build, FOR UPDATE, which only the owner's
+-- functions can lock. The missing index is built by whoever next finds no loader at work and
+-- no other writer's transaction open (_heal_vector_index): end_bulk_load (pyembed.index.bulk_load
+-- calls it again for a while), any write to the corpus's documents (_chunks_written_index) or
+-- the owner's `pyembed corpus reindex`.
 
--- The advisory lock key's first half: 'pyeb' read as an integer (the second is the corpus id).
+-- The loaders' advisory lock keys' first half: 'pyeb' read as an integer (the second is the
+-- random key recorded in bulk_loaders).
 CREATE OR REPLACE FUNCTION pyembed._bulk_load_lock() RETURNS integer
 LANGUAGE sql IMMUTABLE
 SET search_path = pg_catalog, pg_temp
@@ -196,22 +201,37 @@ AS $$
                     WHERE mo.model_key = c.model_key), false)
 $$;
 
--- Whether a loader holds a corpus's lock (begin_bulk_load): any session's, or this one's only;
--- in this database (pg_locks shows every database's, and another's corpus ids are the same
--- small numbers).
-CREATE OR REPLACE FUNCTION pyembed._bulk_loading(p_corpus_id integer,
-                                                 this_session boolean DEFAULT false)
+-- Whether session p_pid of this database holds the advisory lock (k1, k2) in p_mode (pg_locks
+-- shows every database's). Only a key recorded by the owner's functions is looked up this way:
+-- any role may hold any key, but not in another session.
+CREATE OR REPLACE FUNCTION pyembed._advisory_held(k1 integer, k2 bigint, p_pid integer,
+                                                  p_mode text)
 RETURNS boolean
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
   SELECT EXISTS (SELECT FROM pg_catalog.pg_locks l
                   WHERE l.locktype = 'advisory' AND l.objsubid = 2 AND l.granted
+                    AND l.mode = p_mode AND l.pid = p_pid
+                    AND l.classid::bigint = k1 AND l.objid::bigint = k2
                     AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d
-                                       WHERE d.datname = pg_catalog.current_database())
-                    AND l.mode = 'ShareLock' AND l.classid::bigint = pyembed._bulk_load_lock()
-                    AND l.objid::bigint = p_corpus_id
-                    AND (NOT this_session OR l.pid = pg_catalog.pg_backend_pid()))
+                                       WHERE d.datname = pg_catalog.current_database()))
+$$;
+
+-- Whether a recorded loader of a corpus is at work (begin_bulk_load): any session's, or this
+-- one's only. At work: its pid holds its key, in this database (pg_locks shows every
+-- database's); a loader gone (its session ended, killed) holds nothing, whatever its row says.
+CREATE OR REPLACE FUNCTION pyembed._bulk_loading(p_corpus_id integer,
+                                                 this_session boolean DEFAULT false)
+RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+  SELECT EXISTS (SELECT FROM pyembed.bulk_loaders b
+                  WHERE b.corpus_id = p_corpus_id
+                    AND (NOT this_session OR b.pid = pg_catalog.pg_backend_pid())
+                    AND pyembed._advisory_held(pyembed._bulk_load_lock(), b.lock_id, b.pid,
+                                               'ShareLock'))
 $$;
 
 -- Begin a bulk load of the caller's corpus: if its active key has no vectors yet (and no
@@ -227,10 +247,13 @@ DECLARE
   c pyembed.corpora := pyembed.lookup_corpus(corpus);
   name text;
   has_rows boolean;
+  lock_id integer;
 BEGIN
   -- The row before the partition (the lock order at the top of this file): a concurrent
   -- loader's first write waits here until this drop has committed, or comes first and is seen.
   c := pyembed._lock_corpus(c.corpus_id);
+  -- A builder of the corpus's index (_heal_vector_index) first: this load sees its index.
+  PERFORM FROM pyembed.indexes_to_build t WHERE t.corpus_id = c.corpus_id FOR SHARE;
   IF c.target_model_key IS NOT NULL THEN
     RETURN false;  -- a migration's steps build and swap indexes of their own
   END IF;
@@ -248,25 +271,39 @@ BEGIN
   -- No index (dropped now, or by a loader still at work or gone): this load builds it at its
   -- end, or a later write does (the chunks' trigger looks for corpora recorded here only).
   INSERT INTO pyembed.indexes_to_build (corpus_id) VALUES (c.corpus_id) ON CONFLICT DO NOTHING;
-  PERFORM pg_advisory_lock_shared(pyembed._bulk_load_lock(), c.corpus_id);
+  -- This session's key, random: no other role can hold it beforehand (a key taken meanwhile is
+  -- passed over rather than waited for), and only the owner's table tells it.
+  LOOP
+    lock_id := ('x' || substr(gen_random_uuid()::text, 1, 8))::bit(32)::integer
+                & 2147483647;
+    EXIT WHEN pg_try_advisory_lock_shared(pyembed._bulk_load_lock(), lock_id);
+  END LOOP;
+  INSERT INTO pyembed.bulk_loaders (corpus_id, pid, lock_id)
+  VALUES (c.corpus_id, pg_backend_pid(), lock_id);
   RETURN true;
 END
 $$;
 
--- End the caller's bulk load of a corpus (begin_bulk_load): let go of its lock, then build the
--- index if it is missing and no other loader is at work (the last one builds it). Returns the
--- index built, or NULL.
+-- End the caller's bulk load of a corpus (begin_bulk_load): forget its loaders of this session
+-- and let go of their locks, then build the index if it is missing and no other loader is at
+-- work (the last one builds it). Returns the index built, or NULL.
 CREATE OR REPLACE FUNCTION pyembed.end_bulk_load(corpus text) RETURNS text
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
   c pyembed.corpora := pyembed.lookup_corpus(corpus);
+  k bigint;
 BEGIN
-  -- pg_advisory_unlock_shared warns when the session holds no such lock: looked up first.
-  IF pyembed._bulk_loading(c.corpus_id, true) THEN
-    PERFORM pg_advisory_unlock_shared(pyembed._bulk_load_lock(), c.corpus_id);
-  END IF;
+  -- Only the keys this session holds (pg_advisory_unlock_shared warns about any other: a row
+  -- of a loader gone whose pid this session has now).
+  FOR k IN DELETE FROM pyembed.bulk_loaders b
+            WHERE b.corpus_id = c.corpus_id AND b.pid = pg_backend_pid()
+              AND pyembed._advisory_held(pyembed._bulk_load_lock(), b.lock_id, b.pid,
+                                         'ShareLock')
+           RETURNING b.lock_id LOOP
+    PERFORM pg_advisory_unlock_shared(pyembed._bulk_load_lock(), k::integer);
+  END LOOP;
   RETURN pyembed._heal_vector_index(c.corpus_id);
 END
 $$;
@@ -277,9 +314,9 @@ $$;
 -- writer's transaction is open (a later write builds it). It never waits for another writer: a
 -- writer waiting for this one (a document both write) would deadlock with it, and every writer
 -- arriving meanwhile would queue behind the build. The build runs in the caller's transaction,
--- which holds writes to the corpus (not searches) until it commits; the transaction-level lock
--- keeps a second builder and a new loader waiting meanwhile. As the owner, for a corpus of the
--- caller's tenant only.
+-- which holds writes to the corpus (not searches) until it commits; its lock of the corpus's
+-- indexes_to_build row keeps a second builder away and a new loader waiting meanwhile. As the
+-- owner, for a corpus of the caller's tenant only.
 CREATE OR REPLACE FUNCTION pyembed._heal_vector_index(p_corpus_id integer) RETURNS text
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -295,9 +332,20 @@ BEGIN
   END IF;
   name := pyembed._index_name(p_corpus_id, c.model_key);
   IF to_regclass(format('pyembed.%I', name)) IS NULL AND pyembed._indexable(c) THEN
-    IF pyembed._bulk_loading(p_corpus_id)  -- a loader at work, this session's included (its
-                                           -- refused batches are written here)
-       OR NOT pg_try_advisory_xact_lock(pyembed._bulk_load_lock(), p_corpus_id) THEN
+    IF pyembed._bulk_loading(p_corpus_id) THEN  -- a loader at work, this session's included
+      RETURN NULL;                               -- (its refused batches are written here)
+    END IF;
+    -- One builder at a time, and none while a loader begins: the corpus's row, which only the
+    -- owner's functions can lock (another builder's: no build). An index missing that no load
+    -- recorded (dropped by hand: end_bulk_load, as status advises) is recorded first; not when
+    -- the row is there, whose delete by a builder meanwhile such an insert would wait for.
+    IF NOT EXISTS (SELECT FROM pyembed.indexes_to_build t WHERE t.corpus_id = p_corpus_id) THEN
+      INSERT INTO pyembed.indexes_to_build (corpus_id) VALUES (p_corpus_id)
+      ON CONFLICT DO NOTHING;
+    END IF;
+    PERFORM FROM pyembed.indexes_to_build t WHERE t.corpus_id = p_corpus_id
+       FOR UPDATE SKIP LOCKED;
+    IF NOT FOUND THEN
       RETURN NULL;
     END IF;
     -- Not built by a transaction that committed while this one looked?
@@ -320,6 +368,11 @@ BEGIN
   DELETE FROM pyembed.indexes_to_build t
    WHERE t.corpus_id IN (SELECT b.corpus_id FROM pyembed.indexes_to_build b
                           WHERE b.corpus_id = p_corpus_id FOR UPDATE SKIP LOCKED);
+  -- Loaders gone (killed) are forgotten; one at work keeps its row for its end_bulk_load, which
+  -- lets go of its key's lock.
+  DELETE FROM pyembed.bulk_loaders b
+   WHERE b.corpus_id = p_corpus_id
+     AND NOT pyembed._advisory_held(pyembed._bulk_load_lock(), b.lock_id, b.pid, 'ShareLock');
   RETURN name;
 END
 $$;

@@ -348,3 +348,58 @@ $$;
 CREATE OR REPLACE TRIGGER eval_queries_checked
   BEFORE INSERT OR UPDATE ON pyembed.eval_queries
   FOR EACH ROW EXECUTE FUNCTION pyembed._eval_query_checked();
+
+-- One backfill of a corpus at a time (pyembed.migration.backfill, the owner's, across many
+-- transactions): its session is recorded in pyembed.backfillers with a random key it holds a
+-- session-level advisory lock on, and counts while that pid holds that key (a backfill killed
+-- counts no more). Not a key every role can name: another role holding it made every backfill
+-- of the corpus refuse to start.
+CREATE OR REPLACE FUNCTION pyembed._backfill_lock() RETURNS integer
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT 1887003238 $$;  -- 'pybf' read as an integer
+
+-- Claim the backfill of a corpus for this session: false when another session's backfill of it
+-- is running.
+CREATE OR REPLACE FUNCTION pyembed._claim_backfill(p_corpus_id integer) RETURNS boolean
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  lock_id integer;
+BEGIN
+  DELETE FROM pyembed.backfillers b
+   WHERE b.corpus_id = p_corpus_id
+     AND NOT pyembed._advisory_held(pyembed._backfill_lock(), b.lock_id, b.pid, 'ExclusiveLock');
+  -- Random: no other role can hold it beforehand (a key taken meanwhile is passed over).
+  LOOP
+    lock_id := ('x' || substr(gen_random_uuid()::text, 1, 8))::bit(32)::integer & 2147483647;
+    EXIT WHEN pg_try_advisory_lock(pyembed._backfill_lock(), lock_id);
+  END LOOP;
+  INSERT INTO pyembed.backfillers (corpus_id, pid, lock_id)
+  VALUES (p_corpus_id, pg_backend_pid(), lock_id) ON CONFLICT (corpus_id) DO NOTHING;
+  IF FOUND THEN
+    RETURN true;
+  END IF;
+  PERFORM pg_advisory_unlock(pyembed._backfill_lock(), lock_id);
+  RETURN false;
+END
+$$;
+
+-- Let go of this session's claim (_claim_backfill) on a corpus's backfill.
+CREATE OR REPLACE FUNCTION pyembed._release_backfill(p_corpus_id integer) RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  k bigint;
+BEGIN
+  FOR k IN DELETE FROM pyembed.backfillers b
+            WHERE b.corpus_id = p_corpus_id AND b.pid = pg_backend_pid()
+              AND pyembed._advisory_held(pyembed._backfill_lock(), b.lock_id, b.pid,
+                                         'ExclusiveLock')
+           RETURNING b.lock_id LOOP
+    PERFORM pg_advisory_unlock(pyembed._backfill_lock(), k::integer);
+  END LOOP;
+END
+$$;

@@ -135,3 +135,16 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         return [f"pyembed: PostgreSQL {server}; {exts}; app role {APP_USER}"]
     except Exception as exc:  # the header must never break the run
         return [f"pyembed: test cluster not reachable yet ({exc})"]
+
+
+@pytest.fixture
+def plain(db: Database, owner: psycopg.Connection[Any]) -> Iterator[str]:
+    """A login role with CONNECT on the database and nothing else (no tenant, no pyembed role);
+    yields its DSN."""
+    role = f"plain_{uuid.uuid4().hex[:6]}"
+    owner.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'pw'").format(sql.Identifier(role)))
+    owner.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(
+        sql.Identifier(db.name), sql.Identifier(role)))
+    yield db.app_dsn.split("//", 1)[0] + f"//{role}:pw@" + db.app_dsn.split("@", 1)[1]
+    owner.execute(sql.SQL("DROP OWNED BY {} CASCADE").format(sql.Identifier(role)))
+    owner.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))

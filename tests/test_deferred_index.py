@@ -356,3 +356,33 @@ def test_every_bulk_writer_defers_through_the_one_path(
     # The deferred build stores what inserting does.
     assert [r for r in _rows(owner, "many")["chunks"] if r[0].startswith("d")] == \
         _rows(owner, "block")["chunks"]
+
+
+def test_an_index_dropped_by_hand_is_built_by_end_bulk_load(
+        client: Client, owner: psycopg.Connection[Any], app: psycopg.Connection[Any]) -> None:
+    """No load recorded it (indexes_to_build): status still lists it and advises
+    end_bulk_load, which builds it (builders take turns on the row it records first)."""
+    client.create_corpus("byhand", KEY).add([("a", "one document")])
+    name = owner.execute("SELECT pyembed._index_name(corpus_id, model_key) FROM pyembed.corpora "
+                         "WHERE name = 'byhand'").fetchone()[0]  # type: ignore[index]
+    owner.execute(f'DROP INDEX pyembed."{name}"')
+    assert _unindexed(app) == [("byhand", KEY, False)]
+    assert app.execute("SELECT pyembed.end_bulk_load('byhand')").fetchone() == (name,)
+    assert _unindexed(app) == []
+    assert owner.execute("SELECT count(*) FROM pyembed.indexes_to_build").fetchone() == (0,)
+
+
+def test_a_load_whose_index_was_built_meanwhile_lets_go_of_its_lock(
+        client: Client, db: Database, owner: psycopg.Connection[Any]) -> None:
+    """The owner's reindex during a load builds the index and a write forgets the corpus; the
+    loader's row stays for its end, which lets go of its lock (a connection kept for many loads
+    would hold one more lock for each)."""
+    client.create_corpus("rebuilt", KEY)
+    with psycopg.connect(db.app_dsn, autocommit=True) as loader:
+        assert loader.execute("SELECT pyembed.begin_bulk_load('rebuilt')").fetchone() == (True,)
+        rebuild_index(owner, "rebuilt")
+        client.corpus("rebuilt").add([("w", "a write once the index is back")])
+        loader.execute("SELECT pyembed.end_bulk_load('rebuilt')")
+        assert loader.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                              "AND pid = pg_backend_pid()").fetchone() == (0,)
+    assert owner.execute("SELECT count(*) FROM pyembed.bulk_loaders").fetchone() == (0,)

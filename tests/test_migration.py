@@ -1063,3 +1063,32 @@ def test_sql_only_backfill_through_the_queue_and_the_worker(db: Database) -> Non
         step = owner.execute("SELECT migration_step FROM pyembed.corpora WHERE name = 'sqlonly'"
                              ).fetchone()
         assert step == ("backfilled",)
+
+
+@pytest.mark.parametrize("holder", ["app", "plain"])
+def test_no_other_roles_advisory_lock_keeps_a_backfill_from_starting(
+        db: Database, plain: str, holder: str) -> None:
+    """The backfill's lock was pg_try_advisory_lock(hashtext('pyembed backfill'), corpus id),
+    a key any role may hold: the application's role, or a login with CONNECT only, holding it
+    made every backfill of the corpus refuse to start ("already running"). A backfill running is
+    now one the owner's function recorded (pyembed._claim_backfill) and whose session is alive."""
+    with clients(db, 20) as (_app, owner, _texts):
+        migration.start(owner, CORPUS, NEW)
+        cid = corpus_id(owner.conn)
+        with psycopg.connect(db.app_dsn if holder == "app" else plain, autocommit=True) as other:
+            other.execute("SELECT pg_advisory_lock(hashtext('pyembed backfill'), %s)", (cid,))
+            other.execute("SELECT pg_advisory_lock_shared(1887003238, k) "
+                          "FROM generate_series(0, 99) k")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                other.execute("SELECT pyembed._claim_backfill(%s)", (cid,))
+            # A backfill running in another owner's session is still refused, until it ends.
+            with psycopg.connect(db.owner_dsn, autocommit=True) as running:
+                assert one(running, "SELECT pyembed._claim_backfill(%s)", (cid,)) is True
+                with pytest.raises(MigrationError, match="already running"):
+                    migration.backfill(owner, CORPUS)
+            started = time.monotonic()
+            report = migration.backfill(owner, CORPUS)
+            assert time.monotonic() - started < 10
+        assert report.embedded == 20
+        assert step_of(owner.conn)[0] == "backfilled"
+        assert one(owner.conn, "SELECT count(*) FROM pyembed.backfillers") == 0

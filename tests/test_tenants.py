@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -449,3 +450,49 @@ def test_a_tenant_can_neither_defer_nor_build_another_tenants_index(
         assert a.execute("SELECT * FROM pyembed.unindexed_corpora()").fetchall() == [
             ("docs", A_KEY, False)]
         assert a.execute("SELECT pyembed.end_bulk_load('docs')").fetchone() == (row[1],)
+
+
+LOAD_LOCK = 1887003970  # the key a loader's lock had (pyembed._bulk_load_lock, then corpus id)
+
+
+@pytest.mark.parametrize("holder", ["tenant", "plain"])
+@pytest.mark.parametrize("lock", ["pg_advisory_lock_shared", "pg_advisory_lock"])
+def test_no_other_roles_advisory_lock_decides_a_tenants_bulk_load(
+        two: dict[str, str], plain: str, owner: psycopg.Connection[Any], holder: str,
+        lock: str) -> None:
+    """Every role may take any advisory lock, and corpus ids are small integers: another
+    tenant's role, or a login with CONNECT only, holding the key a loader's lock had (shared:
+    a load at work; exclusive: a builder) made a's corpus left without its index by a killed load
+    look loading (status said ok, no write built it), and a's next load fail (Busy) or never
+    build its index. Whether a load is at work and who builds is decided by rows only the
+    owner's functions write and lock."""
+    a_client = fill(two["a"], A_KEY, 3)
+    row = owner.execute("SELECT corpus_id, pyembed._index_name(corpus_id, model_key) "
+                        "FROM pyembed.corpora WHERE name = 'docs'").fetchone()
+    assert row is not None
+    # A killed load's state: the index dropped, the corpus recorded, no loader at work.
+    owner.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier("pyembed", row[1])))
+    owner.execute("INSERT INTO pyembed.indexes_to_build VALUES (%s)", (row[0],))
+    fresh = a_client.create_corpus("fresh", A_KEY)
+    fresh_id = owner.execute("SELECT corpus_id FROM pyembed.corpora WHERE name = 'fresh'"
+                             ).fetchone()[0]  # type: ignore[index]
+    built = "SELECT to_regclass(format('pyembed.%%I', pyembed._index_name(corpus_id, " \
+            "model_key))) IS NOT NULL FROM pyembed.corpora WHERE name = %s"
+    with psycopg.connect(two["b"] if holder == "tenant" else plain, autocommit=True) as other:
+        for cid in (row[0], fresh_id):
+            other.execute(sql.SQL("SELECT {}(%s, %s)").format(sql.Identifier(lock)),
+                          (LOAD_LOCK, cid))
+        with psycopg.connect(two["a"], autocommit=True) as a:
+            assert a.execute("SELECT * FROM pyembed.unindexed_corpora()").fetchall() == [
+                ("docs", A_KEY, False)]  # status warns: no load is at work
+        a_client.corpus("docs").add([("next", "the next write builds the index")])
+        assert owner.execute(built, ("docs",)).fetchone() == (True,)
+        started = time.monotonic()
+        with fresh.bulk_load() as deferred:
+            assert deferred
+            assert owner.execute(built, ("fresh",)).fetchone() == (False,)
+            fresh.add([("f1", "a first load into an empty corpus")])
+        assert time.monotonic() - started < 4
+        assert owner.execute(built, ("fresh",)).fetchone() == (True,)
+        assert owner.execute("SELECT count(*) FROM pyembed.bulk_loaders").fetchone() == (0,)
+    a_client.close()

@@ -12,9 +12,21 @@ for a corpus whose storage has no index for its model's width it called the heal
 statement. begin_bulk_load now records the corpus in pyembed.indexes_to_build, which the heal
 empties once the index is there (or cannot be): a write to any other corpus reads one empty
 table. Only functions running as the owner read or write it (no grant), and row-level security
-keeps them to the caller's tenant's corpora, as every table of corpus rows. A corpus left without
-its index before this revision (a load killed under the previous code) is recorded by
-sql/022-vector-index.sql, which runs after the revisions (the functions it needs are its own).
+keeps them to the caller's tenant's corpora, as every table of corpus rows.
+
+Whether a load is at work was a shared advisory lock keyed by the corpus id, and builders were
+kept in turn by an exclusive one: every role may take any advisory lock, so another tenant (or any
+login role) holding that key hid a killed load's missing index and kept every write from building
+it, or made begin_bulk_load fail. A loader is now recorded in pyembed.bulk_loaders (its pid and a
+random lock key only this table tells; at work while that pid holds that key), and builders lock
+the corpus's indexes_to_build row, which only the owner's functions can. A migration's backfill
+(pyembed.migration.backfill) is likewise recorded in pyembed.backfillers instead of holding
+hashtext('pyembed backfill') with the corpus id, which any role could hold to keep every backfill
+of the corpus from starting.
+
+A corpus left without its index before this revision (a load killed under the previous code) is
+recorded by sql/022-vector-index.sql, which runs after the revisions (the functions it needs are
+its own).
 """
 
 from __future__ import annotations
@@ -39,6 +51,29 @@ REVOKE ALL ON pyembed.indexes_to_build FROM PUBLIC;
 ALTER TABLE pyembed.indexes_to_build ENABLE ROW LEVEL SECURITY;
 ALTER TABLE pyembed.indexes_to_build FORCE ROW LEVEL SECURITY;
 CREATE POLICY tenant ON pyembed.indexes_to_build
+  USING (corpus_id IN (SELECT unnest(pyembed.visible_corpora())));
+CREATE TABLE pyembed.bulk_loaders (
+  corpus_id integer NOT NULL REFERENCES pyembed.corpora (corpus_id) ON DELETE CASCADE,
+  pid integer NOT NULL,
+  lock_id bigint NOT NULL,
+  PRIMARY KEY (corpus_id, pid, lock_id)
+);
+ALTER TABLE pyembed.bulk_loaders OWNER TO pyembed_owner;
+REVOKE ALL ON pyembed.bulk_loaders FROM PUBLIC;
+ALTER TABLE pyembed.bulk_loaders ENABLE ROW LEVEL SECURITY;
+ALTER TABLE pyembed.bulk_loaders FORCE ROW LEVEL SECURITY;
+CREATE POLICY tenant ON pyembed.bulk_loaders
+  USING (corpus_id IN (SELECT unnest(pyembed.visible_corpora())));
+CREATE TABLE pyembed.backfillers (
+  corpus_id integer PRIMARY KEY REFERENCES pyembed.corpora (corpus_id) ON DELETE CASCADE,
+  pid integer NOT NULL,
+  lock_id bigint NOT NULL
+);
+ALTER TABLE pyembed.backfillers OWNER TO pyembed_owner;
+REVOKE ALL ON pyembed.backfillers FROM PUBLIC;
+ALTER TABLE pyembed.backfillers ENABLE ROW LEVEL SECURITY;
+ALTER TABLE pyembed.backfillers FORCE ROW LEVEL SECURITY;
+CREATE POLICY tenant ON pyembed.backfillers
   USING (corpus_id IN (SELECT unnest(pyembed.visible_corpora())));
 """)
 
@@ -76,6 +111,35 @@ BEGIN
   -- No index (dropped now, or by a loader still at work or gone): this load builds it at its end.
   PERFORM pg_advisory_lock_shared(pyembed._bulk_load_lock(), c.corpus_id);
   RETURN true;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION pyembed._bulk_loading(p_corpus_id integer,
+                                                 this_session boolean DEFAULT false)
+RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+  SELECT EXISTS (SELECT FROM pg_catalog.pg_locks l
+                  WHERE l.locktype = 'advisory' AND l.objsubid = 2 AND l.granted
+                    AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d
+                                       WHERE d.datname = pg_catalog.current_database())
+                    AND l.mode = 'ShareLock' AND l.classid::bigint = pyembed._bulk_load_lock()
+                    AND l.objid::bigint = p_corpus_id
+                    AND (NOT this_session OR l.pid = pg_catalog.pg_backend_pid()))
+$$;
+
+CREATE OR REPLACE FUNCTION pyembed.end_bulk_load(corpus text) RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  c pyembed.corpora := pyembed.lookup_corpus(corpus);
+BEGIN
+  IF pyembed._bulk_loading(c.corpus_id, true) THEN
+    PERFORM pg_advisory_unlock_shared(pyembed._bulk_load_lock(), c.corpus_id);
+  END IF;
+  RETURN pyembed._heal_vector_index(c.corpus_id);
 END
 $$;
 
@@ -128,4 +192,8 @@ $$;
 
 
 def downgrade() -> None:
-    run_sql(BEFORE + "\nDROP TABLE pyembed.indexes_to_build;")
+    run_sql(BEFORE + """
+DROP TABLE pyembed.backfillers;
+DROP TABLE pyembed.bulk_loaders;
+DROP TABLE pyembed.indexes_to_build;
+""")
