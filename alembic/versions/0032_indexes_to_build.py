@@ -46,34 +46,25 @@ def upgrade() -> None:
 CREATE TABLE pyembed.indexes_to_build (
   corpus_id integer PRIMARY KEY REFERENCES pyembed.corpora (corpus_id) ON DELETE CASCADE
 );
-ALTER TABLE pyembed.indexes_to_build OWNER TO pyembed_owner;
-REVOKE ALL ON pyembed.indexes_to_build FROM PUBLIC;
-ALTER TABLE pyembed.indexes_to_build ENABLE ROW LEVEL SECURITY;
-ALTER TABLE pyembed.indexes_to_build FORCE ROW LEVEL SECURITY;
-CREATE POLICY tenant ON pyembed.indexes_to_build
-  USING (corpus_id IN (SELECT unnest(pyembed.visible_corpora())));
 CREATE TABLE pyembed.bulk_loaders (
   corpus_id integer NOT NULL REFERENCES pyembed.corpora (corpus_id) ON DELETE CASCADE,
   pid integer NOT NULL,
   lock_id bigint NOT NULL,
   PRIMARY KEY (corpus_id, pid, lock_id)
 );
-ALTER TABLE pyembed.bulk_loaders OWNER TO pyembed_owner;
-REVOKE ALL ON pyembed.bulk_loaders FROM PUBLIC;
-ALTER TABLE pyembed.bulk_loaders ENABLE ROW LEVEL SECURITY;
-ALTER TABLE pyembed.bulk_loaders FORCE ROW LEVEL SECURITY;
-CREATE POLICY tenant ON pyembed.bulk_loaders
-  USING (corpus_id IN (SELECT unnest(pyembed.visible_corpora())));
 CREATE TABLE pyembed.backfillers (
   corpus_id integer PRIMARY KEY REFERENCES pyembed.corpora (corpus_id) ON DELETE CASCADE,
   pid integer NOT NULL,
   lock_id bigint NOT NULL
 );
-ALTER TABLE pyembed.backfillers OWNER TO pyembed_owner;
-REVOKE ALL ON pyembed.backfillers FROM PUBLIC;
-ALTER TABLE pyembed.backfillers ENABLE ROW LEVEL SECURITY;
-ALTER TABLE pyembed.backfillers FORCE ROW LEVEL SECURITY;
-CREATE POLICY tenant ON pyembed.backfillers
+""")
+    for table in ("indexes_to_build", "bulk_loaders", "backfillers"):
+        run_sql(f"""
+ALTER TABLE pyembed.{table} OWNER TO pyembed_owner;
+REVOKE ALL ON pyembed.{table} FROM PUBLIC;
+ALTER TABLE pyembed.{table} ENABLE ROW LEVEL SECURITY;
+ALTER TABLE pyembed.{table} FORCE ROW LEVEL SECURITY;
+CREATE POLICY tenant ON pyembed.{table}
   USING (corpus_id IN (SELECT unnest(pyembed.visible_corpora())));
 """)
 
