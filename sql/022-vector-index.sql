@@ -218,6 +218,32 @@ AS $$
                                        WHERE d.datname = pg_catalog.current_database()))
 $$;
 
+-- A session-level advisory lock of this session on (k1, a random key), shared or exclusive;
+-- returns the key, for the caller to record in a table only the owner's functions write. Random:
+-- no other role can hold it beforehand (a key taken meanwhile is passed over, not waited for).
+CREATE OR REPLACE FUNCTION pyembed._random_advisory_lock(k1 integer, shared boolean)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  k integer;
+  taken boolean;
+BEGIN
+  LOOP
+    k := ('x' || substr(gen_random_uuid()::text, 1, 8))::bit(32)::integer & 2147483647;
+    IF shared THEN  -- (an IF, not AND/OR: SQL does not promise which side it evaluates first)
+      taken := pg_try_advisory_lock_shared(k1, k);
+    ELSE
+      taken := pg_try_advisory_lock(k1, k);
+    END IF;
+    IF taken THEN
+      RETURN k;
+    END IF;
+  END LOOP;
+END
+$$;
+
 -- Whether a recorded loader of a corpus is at work (begin_bulk_load): any session's, or this
 -- one's only. At work: its pid holds its key, in this database (pg_locks shows every
 -- database's); a loader gone (its session ended, killed) holds nothing, whatever its row says.
@@ -271,13 +297,7 @@ BEGIN
   -- No index (dropped now, or by a loader still at work or gone): this load builds it at its
   -- end, or a later write does (the chunks' trigger looks for corpora recorded here only).
   INSERT INTO pyembed.indexes_to_build (corpus_id) VALUES (c.corpus_id) ON CONFLICT DO NOTHING;
-  -- This session's key, random: no other role can hold it beforehand (a key taken meanwhile is
-  -- passed over rather than waited for), and only the owner's table tells it.
-  LOOP
-    lock_id := ('x' || substr(gen_random_uuid()::text, 1, 8))::bit(32)::integer
-                & 2147483647;
-    EXIT WHEN pg_try_advisory_lock_shared(pyembed._bulk_load_lock(), lock_id);
-  END LOOP;
+  lock_id := pyembed._random_advisory_lock(pyembed._bulk_load_lock(), true);
   INSERT INTO pyembed.bulk_loaders (corpus_id, pid, lock_id)
   VALUES (c.corpus_id, pg_backend_pid(), lock_id);
   RETURN true;

@@ -371,11 +371,7 @@ BEGIN
   DELETE FROM pyembed.backfillers b
    WHERE b.corpus_id = p_corpus_id
      AND NOT pyembed._advisory_held(pyembed._backfill_lock(), b.lock_id, b.pid, 'ExclusiveLock');
-  -- Random: no other role can hold it beforehand (a key taken meanwhile is passed over).
-  LOOP
-    lock_id := ('x' || substr(gen_random_uuid()::text, 1, 8))::bit(32)::integer & 2147483647;
-    EXIT WHEN pg_try_advisory_lock(pyembed._backfill_lock(), lock_id);
-  END LOOP;
+  lock_id := pyembed._random_advisory_lock(pyembed._backfill_lock(), false);
   INSERT INTO pyembed.backfillers (corpus_id, pid, lock_id)
   VALUES (p_corpus_id, pg_backend_pid(), lock_id) ON CONFLICT (corpus_id) DO NOTHING;
   IF FOUND THEN
