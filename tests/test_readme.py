@@ -122,3 +122,76 @@ def test_rerank_sql_example_runs(db: Database, owner: psycopg.Connection[Any],
     rows = app.execute(statement).fetchall()
     assert [r[0] for r in rows][:1] == ["e4012"] and {r[3] for r in rows} == {"voyage/rerank-2.5"}
     assert [r.path for r in fake_api.requests] == ["/voyage/v1/rerank"]
+
+
+DOCS = {"README.md": README} | {f"docs/{p.name}": p.read_text()
+                                 for p in sorted((REPO / "docs").glob("*.md"))}
+
+
+def test_every_cli_option_the_docs_name_exists() -> None:
+    """Each `--option` after `pyembed COMMAND` in README's and docs/'s shell blocks and inline
+    commands is an option of that command, spelled as the code spells it."""
+    import typer
+
+    from pyembed.cli import app
+
+    root = typer.main.get_command(app)
+    wrong, checked = [], 0
+    for name, text in DOCS.items():
+        lines = "\n".join(re.findall(r"```sh\n(.*?)```", text, re.S)).splitlines()
+        lines += re.findall(r"`(pyembed [^`]*)`", text)
+        for line in lines:
+            for part in re.split(r"[|;]|&&|\$\(", line.split("#")[0]):
+                words = part.split()
+                if "pyembed" not in words:
+                    continue
+                words = words[words.index("pyembed") + 1:]
+                node: Any = root
+                for word in words:
+                    if word not in getattr(node, "commands", {}):
+                        break
+                    node = node.commands[word]
+                if hasattr(node, "commands"):
+                    continue
+                options = {o for p in node.params for o in (*p.opts, *p.secondary_opts)}
+                for word in words:
+                    option = re.match(r"\[?(--[a-z][a-z0-9-]*)", word)
+                    checked += bool(option)
+                    if option and option.group(1) not in options | {"--help"}:
+                        wrong.append(f"{name}: {node.name} has no {option.group(1)}: {part}")
+    assert not wrong
+    assert checked > 40
+
+
+def _documented_sql_calls(functions: set[str]) -> list[tuple[str, str, list[str]]]:
+    """(file, function, named arguments) of every `pyembed.f(...)` call in README and docs/,
+    and of every `f(...)` that names one of `functions`."""
+    calls = []
+    for name, text in DOCS.items():
+        for prefix, function, args in re.findall(r"(pyembed\.)?\b([a-z_]+)\(([^()]*)\)", text):
+            if prefix or function in functions:
+                calls.append((name, function, re.findall(r"([a-z_]+)\s*=>", args)))
+    return calls
+
+
+def test_every_sql_function_the_docs_call_exists_with_those_argument_names(
+        owner: psycopg.Connection[Any]) -> None:
+    """A call of `pyembed.f(..., name => ...)` in README or docs/ names a function of the schema
+    (or of the Python package, `pyembed.connect(...)`) and arguments it has."""
+    rows = owner.execute(
+        "SELECT p.proname, coalesce(p.proargnames, '{}') FROM pg_proc p"
+        " JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = 'pyembed'").fetchall()
+    arguments: dict[str, set[str]] = {}
+    for function, names in rows:
+        arguments.setdefault(function, set()).update(names)
+    wrong = []
+    calls = _documented_sql_calls(set(arguments))
+    for name, function, named in calls:
+        if function not in arguments:
+            if not callable(getattr(pyembed, function, None)):
+                wrong.append(f"{name}: no function pyembed.{function}")
+            continue
+        wrong += [f"{name}: pyembed.{function} has no argument {a}"
+                  for a in named if a not in arguments[function]]
+    assert not wrong
+    assert sum(len(named) for _, _, named in calls) >= 15
