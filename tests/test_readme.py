@@ -195,3 +195,21 @@ def test_every_sql_function_the_docs_call_exists_with_those_argument_names(
                   for a in named if a not in arguments[function]]
     assert not wrong
     assert sum(len(named) for _, _, named in calls) >= 15
+
+
+def test_the_citus_layout_names_every_trigger(owner: psycopg.Connection[Any]) -> None:
+    """docs/scale-out.md's "Triggers, one by one" says what becomes of each trigger on Citus: a
+    trigger added to the schema must be given its row there (a corpus's partition included)."""
+    owner.execute("SELECT pyembed.create_corpus('citus', 'fake/fake-hash@1:384')")
+    names = {name for (name,) in owner.execute(
+        "SELECT DISTINCT t.tgname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid"
+        " JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = 'pyembed' AND NOT t.tgisinternal")}
+    section = DOCS["docs/scale-out.md"].split("### Triggers, one by one")[1].split("\n### ")[0]
+    table = "\n".join(line for line in section.splitlines() if line.startswith("| `"))
+    named = set(re.findall(r"`([a-z_]+)`", table))
+    for stem, more in re.findall(r"`([a-z_]+?)_(?:insert|update|delete)`((?: / `_[a-z]+`)+)",
+                                 table):
+        named |= {stem + suffix for suffix in re.findall(r"`(_[a-z]+)`", more)}
+    assert len(names) > 20
+    assert sorted(names - named) == []
