@@ -213,3 +213,25 @@ def test_the_citus_layout_names_every_trigger(owner: psycopg.Connection[Any]) ->
         named |= {stem + suffix for suffix in re.findall(r"`(_[a-z]+)`", more)}
     assert len(names) > 20
     assert sorted(names - named) == []
+
+
+NOT_PYEMBEDS = {"colocate_with", "create_distributed_table", "enable_unsafe_triggers",
+                "log_newpage_range", "pg_dist_authinfo", "pg_total_relation_size"}
+"""Names docs/scale-out.md takes from PostgreSQL and Citus, which pyembed does not use."""
+
+
+def test_every_name_the_docs_give_is_in_the_code() -> None:
+    """A `snake_case` name in README or docs/ (a function, table, column, setting, constant) is
+    a word of pyembed's code, SQL, revisions, tests or Docker files: a renamed or removed one
+    (`mark_backfilled`) fails here instead of misleading a reader."""
+    names = {name for text in DOCS.values()
+             for name in re.findall(r"`(_?[a-z][a-z0-9]*_[a-z0-9_]+)`", text)}
+    sources = [p for folder in ("pyembed", "sql", "alembic", "tests", "docker")
+               for p in (REPO / folder).rglob("*")
+               if p.is_file() and p.suffix in {".py", ".sql", ".sh", ".yaml", ".yml", ".example",
+                                               ".Dockerfile", ""}
+               and "data" not in p.relative_to(REPO).parts and p.name != "test_readme.py"]
+    words = set(re.findall(r"[A-Za-z0-9_]+", "\n".join(
+        p.read_text(errors="replace") for p in sources)))
+    assert len(names) > 100
+    assert sorted(names - words - NOT_PYEMBEDS) == []
