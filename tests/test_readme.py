@@ -235,3 +235,21 @@ def test_every_name_the_docs_give_is_in_the_code() -> None:
         p.read_text(errors="replace") for p in sources)))
     assert len(names) > 100
     assert sorted(names - words - NOT_PYEMBEDS) == []
+
+
+def test_every_python_name_the_docs_give_exists() -> None:
+    """`pyembed.MODULE.NAME` in README or docs/, where MODULE is one of the package's modules,
+    names an attribute of it (`pyembed.db.twin`, `pyembed.bulk_load.load_vectors`)."""
+    import importlib
+    import pkgutil
+
+    modules = {m.name for m in pkgutil.iter_modules(pyembed.__path__)}
+    wrong, checked = [], 0
+    for name, text in DOCS.items():
+        for module, attribute in set(re.findall(r"\bpyembed\.([a-z_]+)\.([A-Za-z_]\w*)", text)):
+            if module in modules:
+                checked += 1
+                if not hasattr(importlib.import_module(f"pyembed.{module}"), attribute):
+                    wrong.append(f"{name}: pyembed.{module}.{attribute}")
+    assert not wrong
+    assert checked > 5
