@@ -253,3 +253,12 @@ def test_every_python_name_the_docs_give_exists() -> None:
                     wrong.append(f"{name}: pyembed.{module}.{attribute}")
     assert not wrong
     assert checked > 5
+
+
+def test_every_environment_variable_the_package_reads_is_in_the_readme() -> None:
+    """Each `PYEMBED_*` name in pyembed's source (an option's envvar, a setting it reads) is
+    named in README, so a user can find what changes its behaviour."""
+    source = "\n".join(p.read_text() for p in (REPO / "pyembed").rglob("*.py"))
+    names = set(re.findall(r"\bPYEMBED_[A-Z_]+[A-Z]\b", source))
+    assert len(names) > 10
+    assert sorted(n for n in names if n not in README) == []
