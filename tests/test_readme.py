@@ -262,3 +262,14 @@ def test_every_environment_variable_the_package_reads_is_in_the_readme() -> None
     names = set(re.findall(r"\bPYEMBED_[A-Z_]+[A-Z]\b", source))
     assert len(names) > 10
     assert sorted(n for n in names if n not in README) == []
+
+
+def test_the_layout_names_every_module() -> None:
+    """README's Layout names each module and package of pyembed/ (a new one gets its line)."""
+    import pkgutil
+
+    layout = README.split("## Layout", 1)[1]
+    named = set(re.findall(r"`([a-z_0-9]+)/?`", layout))
+    modules = {m.name for m in pkgutil.iter_modules(pyembed.__path__)} - {"__main__"}
+    assert len(modules) > 30
+    assert sorted(modules - named) == []
