@@ -301,7 +301,8 @@ def main() -> None:
                   f"from the search's start, with the first round trip beside it {pe:.2f} ms "
                   f"({pe - e50:+.2f} against the loop of embeddings alone); the search in the "
                   f"second call {ps:.2f} ms; the rest (the second call's record, commit and "
-                  f"round trip) {pr:.2f} ms; against max(keyword, vector) {max(uk, uv):.2f} ms")
+                  f"round trip, the client's steps around them) {pr:.2f} ms; against "
+                  f"max(keyword, vector) {max(uk, uv):.2f} ms")
         elif w in phases:
             print("  (a new hybrid query's phases: the query log's lines did not match the "
                   "searches one to one)")
