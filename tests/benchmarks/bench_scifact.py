@@ -23,7 +23,10 @@ same round robin as the statements; and vector and hybrid search with a new quer
 without a cache: the embedding, its round trips and the record are part of the search; hybrid
 ranks by keywords on the server while the query is embedded). The query embedding is timed again
 in the round robin, between the searches as a new query's is (the loop of embeddings alone runs
-warm): the new queries are also compared with it.
+warm): the new queries are also compared with it. A new hybrid query's phases come from the
+query-log lines it writes (the client's time to the query's vector, with the first round trip
+beside the embedding, and the server's search in the second call): where its time goes beyond
+the target's terms.
 """
 
 from __future__ import annotations
@@ -104,6 +107,21 @@ def configurations(alphas: list[float], chunk_rows: bool) -> dict[str, dict[str,
     return configs
 
 
+def new_query_phases(owner: Any, corpus: str, after: int, totals: list[float]
+                     ) -> list[tuple[float, float, float]] | None:
+    """Each new hybrid query's (embedding, search, rest) in ms, from the query-log lines the
+    searches wrote after line `after` (a miss records the client's time to its embedding and
+    the server's search), matched in order with their `totals` (seconds); None if the lines
+    are not one a search."""
+    rows = owner.execute(
+        "SELECT l.embed_ms, l.search_ms FROM pyembed.query_log l JOIN pyembed.corpora c "
+        "USING (corpus_id) WHERE l.query_log_id > %s AND c.name = %s AND l.kind = 'hybrid' "
+        "AND l.cache_hit = false ORDER BY l.query_log_id", (after, corpus)).fetchall()
+    if len(rows) != len(totals) or any(e is None or s is None for e, s in rows):
+        return None
+    return [(e, s, total * 1000.0 - e - s) for (e, s), total in zip(rows, totals, strict=True)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=DATA)
@@ -170,6 +188,7 @@ def main() -> None:
             embed_times.append(time.perf_counter() - t0)
 
         results: dict[tuple[str, str, str], tuple[float, float, float]] = {}
+        phases: dict[str, list[tuple[float, float, float]] | None] = {}
         times: dict[tuple[str, str], list[float]] = {}
         for w in which:
             name = CORPORA[w]
@@ -188,6 +207,8 @@ def main() -> None:
                                                or "rerank" in label or "user" in opts)}
                 timed = s == "test" or "test" not in splits
                 rankings: dict[str, dict[str, list[str]]] = {label: {} for label in todo}
+                logged = owner.execute("SELECT coalesce(max(query_log_id), 0) "
+                                       "FROM pyembed.query_log").fetchone()[0]
                 for q in sorted(qrels[s], key=int):
                     for label, opts in todo.items():
                         t0 = time.perf_counter()
@@ -206,6 +227,9 @@ def main() -> None:
                         if timed:
                             times.setdefault((w, label), []).append(time.perf_counter() - t0)
                         rankings[label][q] = [h.document_id for h in hits]
+                if timed:
+                    phases[w] = new_query_phases(owner, name, logged,
+                                                 times[w, "hybrid, Corpus.search, new query"])
                 for label in todo:
                     if "embed_only" in todo[label]:
                         continue
@@ -271,6 +295,17 @@ def main() -> None:
               f"new-query searches, max(embedding + keyword, vector) + 2 = "
               f"{max(e50 + uk, nv) + 2:.2f} ms "
               f"({'met' if nh <= max(e50 + uk, nv) + 2 else 'not met'})")
+        if phases.get(w):
+            pe, ps, pr = (float(np.percentile([p[i] for p in phases[w]], 50)) for i in range(3))
+            print(f"  a new hybrid query's phases (from its query-log line), p50: the embedding, "
+                  f"from the search's start, with the first round trip beside it {pe:.2f} ms "
+                  f"({pe - e50:+.2f} against the loop of embeddings alone); the search in the "
+                  f"second call {ps:.2f} ms; the rest (the second call's record, commit and "
+                  f"round trip, the client's steps around them) {pr:.2f} ms; against "
+                  f"max(keyword, vector) {max(uk, uv):.2f} ms")
+        elif w in phases:
+            print("  (a new hybrid query's phases: the query log's lines did not match the "
+                  "searches one to one)")
         r50 = percentiles_ms(times[w, "query embedding, in the round robin"], (50,))[0]
         print(f"  the query embedding timed in the round robin, between the searches: p50 "
               f"{r50:.2f} ms ({r50 - e50:+.2f} against the loop of embeddings alone); with it, "
