@@ -132,8 +132,7 @@ def write_chunks(conn: psycopg.Connection[Any], corpus: CorpusInfo, rows: Sequen
             """INSERT INTO pyembed.documents (corpus_id, document_id, content_hash, metadata)
                SELECT %s, d, h, m::jsonb FROM unnest(%s::text[], %s::bytea[], %s::text[]) AS t(d, h, m)
                ON CONFLICT (corpus_id, document_id) DO UPDATE
-                 SET content_hash = EXCLUDED.content_hash, metadata = EXCLUDED.metadata,
-                     updated_at = now()
+                 SET content_hash = EXCLUDED.content_hash, metadata = EXCLUDED.metadata
                RETURNING document_id, xmax = 0 AS inserted""",
             (corpus.corpus_id, list(docs), [hashes[d] for d in docs],
              [json.dumps(c[0].metadata, default=str) for c in docs.values()]))

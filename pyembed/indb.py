@@ -300,8 +300,7 @@ def add_document(plpy: Any, GD: dict[str, Any], corpus: str, document_id: str, c
     db.rows("""INSERT INTO pyembed.documents (corpus_id, document_id, content_hash, metadata)
                VALUES ($1, $2, $3, $4::jsonb)
                ON CONFLICT (corpus_id, document_id) DO UPDATE
-                 SET content_hash = EXCLUDED.content_hash, metadata = EXCLUDED.metadata,
-                     updated_at = now()""",
+                 SET content_hash = EXCLUDED.content_hash, metadata = EXCLUDED.metadata""",
             [corpus_id, document_id, document_hash(content or "", meta), meta_text],
             ["integer", "text", "bytea", "text"])
     # One statement for all chunks: the statement triggers (queue, keyword index) run once.

@@ -179,6 +179,10 @@ CREATE OR REPLACE TRIGGER vectors_written_update
 -- SECURITY DEFINER: its lookups skip row-level security, which cost two calls of
 -- pyembed.visible_corpora() a row; the vector's own insert is checked by the policy on
 -- pyembed.vectors.
+-- A vector's created_at is the server's (when it was written), whatever the writer gave: a time
+-- in the future kept a vector in its tenant's throughput figures. The application role cannot
+-- UPDATE a vector (080-grants.sql): a vector is replaced by delete and insert, so its text hash
+-- and its time always come with its embedding.
 CREATE OR REPLACE FUNCTION pyembed._vector_document() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -190,6 +194,7 @@ BEGIN
    WHERE ch.corpus_id = NEW.corpus_id AND ch.chunk_id = NEW.chunk_id FOR KEY SHARE;
   NEW.doc_no := (SELECT d.doc_no FROM pyembed.documents d
                   WHERE d.corpus_id = NEW.corpus_id AND d.document_id = doc);
+  NEW.created_at := now();
   RETURN NEW;
 END
 $$;
