@@ -363,7 +363,9 @@ def test_a_refused_reservation_stops_a_search_whose_query_was_embedded_beside_it
         db: Database, owner: psycopg.Connection[Any]) -> None:
     """A client without a cache embeds a new query with the local model beside search_query
     (pyembed.query): the reservation search_query makes still decides, and over the tenant's
-    limit the search fails with it, accounts nothing more and searches nothing."""
+    limit the search fails with it, accounts nothing more and searches nothing. (The limit is
+    per minute: the minutes after the first are used up too, so that a run crossing into the
+    next minute is refused as well; before, it got that minute's request and failed.)"""
     role = f"tl_{uuid.uuid4().hex[:6]}"
     tenants.create_tenant(owner, "early", requests_per_minute=1)
     tenants.add_member(owner, "early", role, create_login="pw")
@@ -373,12 +375,19 @@ def test_a_refused_reservation_stops_a_search_whose_query_was_embedded_beside_it
         with pyembed.connect(dsn, use_cache=False) as c:
             kb = c.create_corpus("kb", pyembed.LOCAL_DEFAULT.key)
             kb.add([("a", "first text")])  # the minute's one request
+            # And the next two minutes' (the test's clock may cross into one of them): the
+            # limit refuses the searches whichever minute they run in.
+            owner.execute("INSERT INTO pyembed.usage (tenant_id, corpus_id, model_key, minute, "
+                          "requests) SELECT u.tenant_id, u.corpus_id, u.model_key, u.minute "
+                          "+ make_interval(mins => n), 1 FROM pyembed.usage u JOIN "
+                          "pyembed.tenants t USING (tenant_id), generate_series(1, 2) n "
+                          "WHERE t.name = 'early'")
             for mode in ("vector", "hybrid"):
                 with pytest.raises(pyembed.RateLimited, match="tenant early is over its rate"):
                     kb.search("first", k=1, mode=mode)
             assert kb.search("first", k=1, mode="keyword")  # no provider call: not limited
             rows = tenants.usage(c.conn)
-            assert [(r.tenant, r.corpus, r.requests) for r in rows] == [("early", "kb", 1)]
+            assert [(r.tenant, r.corpus, r.requests) for r in rows] == [("early", "kb", 3)]
         assert owner.execute("SELECT kind FROM pyembed.query_log q JOIN pyembed.corpora c "
                              "USING (corpus_id) JOIN pyembed.tenants t USING (tenant_id) "
                              "WHERE t.name = 'early'").fetchall() == [("keyword",)]
