@@ -7,10 +7,10 @@ from sqlalchemy import create_engine, pool
 from sqlalchemy.engine import Connection
 
 from pyembed.schema import (
-    INSTALL_LOCK_ID,
     SCHEMA,
     VERSION_TABLE,
     head_revision,
+    install_lock_sql,
     raw_text,
     replaceable_sql,
     sqlalchemy_url,
@@ -21,8 +21,9 @@ config = context.config
 
 def _migrate() -> None:
     with context.begin_transaction():
-        # One installer at a time: a second concurrent run waits, then finds the schema at head.
-        context.execute(raw_text(f"SELECT pg_advisory_xact_lock({INSTALL_LOCK_ID})"))
+        # One installer at a time: a second concurrent run waits, then finds the schema at head;
+        # no lock another role can take makes it wait for ever (pyembed.schema.install_lock_sql).
+        context.execute(raw_text(install_lock_sql()))
         context.execute(raw_text(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}"))
         context.run_migrations()
         if context.get_revision_argument() in ("head", "heads", head_revision()):

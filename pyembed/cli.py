@@ -29,7 +29,7 @@ from .client import Client
 from .client import connect as connect_client
 from .config import DSN_ENV, WORKER_DSN_ENV
 from .corpora import corpus_info, create_corpus, drop_corpus, list_corpora
-from .db import connect, resolve_dsn, translate, translated
+from .db import connect, connection_lost, resolve_dsn, translate, translated
 from .doctor import doctor_cmd
 from .errors import DatabaseNotReady, InvalidInput, MigrationError, PyembedError
 from .localdb import LocalCluster
@@ -1237,14 +1237,6 @@ def _one_line(exc: BaseException) -> str:
     return text[0] if text else exc.__class__.__name__
 
 
-def _unreached(exc: psycopg.OperationalError) -> bool:
-    """Whether the database was not reached (no connection, or one it closed or refused), as
-    opposed to a statement it answered with an error of the same Python class (a lock or
-    statement timeout, a deadlock)."""
-    state = exc.sqlstate or ""
-    return not state or state == "53300" or state.startswith(("08", "57P"))
-
-
 def main(argv: list[str] | None = None) -> Any:
     """Entry point: run the CLI, turning pyembed and connection errors into one line."""
     def fail(message: str, code: int = 1) -> None:
@@ -1256,7 +1248,7 @@ def main(argv: list[str] | None = None) -> Any:
     except PyembedError as exc:
         fail(_one_line(exc))
     except psycopg.OperationalError as exc:
-        if _unreached(exc):
+        if connection_lost(exc):
             fail(f"cannot reach the database: {_one_line(exc)}")
         fail(_one_line(translate(exc)))
     except psycopg.Error as exc:

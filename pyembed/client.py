@@ -30,7 +30,7 @@ from .corpora import (
     drop_corpus,
     list_corpora,
     model_spec,
-    write_chunks,
+    write_documents,
 )
 from .db import connect as db_connect
 from .db import conninfo, lost, reopen
@@ -581,13 +581,17 @@ class Corpus:
         (default: the client's). ModelMismatch if the keys the corpus serves changed since
         (prepare again); InvalidInput if the database refuses a document (nothing stored)."""
         own = conn is None or conn is self.client._conn  # another connection needs no turn
-        if prepared.rows:
-            with self.call() if own else nullcontext():
-                write_chunks(conn or self.client._conn, prepared.info, prepared.rows,
-                             prepared.info.model_key,
-                             texts={d.id: d.text for d in prepared.documents},
-                             also=prepared.also)
-        return AddReport(prepared.added, prepared.updated, prepared.skipped, len(prepared.rows))
+        if not prepared.rows:
+            return AddReport(prepared.added, prepared.updated, prepared.skipped, 0)
+        with self.call() if own else nullcontext():
+            # What the database found when it wrote, not what prepare read: a concurrent add
+            # of the same documents stored them meanwhile, and this one leaves them alone.
+            written = write_documents(conn or self.client._conn, prepared.info, prepared.rows,
+                                      prepared.info.model_key,
+                                      texts={d.id: d.text for d in prepared.documents},
+                                      also=prepared.also, only_changed=True)
+        return AddReport(written.added, written.updated, prepared.skipped + written.unchanged,
+                         len(written.ids))
 
     @_in_turn
     def search(self, query: str | Sequence[float] | np.ndarray, k: int = 10,

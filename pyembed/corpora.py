@@ -104,6 +104,19 @@ def document_hashes(conn: psycopg.Connection[Any], corpus_id: int,
     return {d: bytes(h) for d, h in rows}
 
 
+@dataclass(frozen=True)
+class Written:
+    """What a write of documents did, as the database found them when it wrote: documents
+    inserted, replaced (another text or metadata was stored) and left alone (the same was
+    stored already: another writer stored it since the caller looked), and the chunk ids
+    written, in the order of the rows written."""
+
+    added: int
+    updated: int
+    unchanged: int
+    ids: list[int]
+
+
 def write_chunks(conn: psycopg.Connection[Any], corpus: CorpusInfo, rows: Sequence[ChunkRow],
                  model_key: str, *, normalized: bool = True,
                  texts: Mapping[str, str] | None = None,
@@ -116,8 +129,21 @@ def write_chunks(conn: psycopg.Connection[Any], corpus: CorpusInfo, rows: Sequen
 
     The database checks the model key, dimensions and norms; a refused write stores nothing.
     """
+    return write_documents(conn, corpus, rows, model_key, normalized=normalized, texts=texts,
+                           also=also).ids
+
+
+def write_documents(conn: psycopg.Connection[Any], corpus: CorpusInfo, rows: Sequence[ChunkRow],
+                    model_key: str, *, normalized: bool = True,
+                    texts: Mapping[str, str] | None = None,
+                    also: Mapping[str, np.ndarray] | None = None,
+                    only_changed: bool = False) -> Written:
+    """As write_chunks, and says what the database did. With `only_changed`, a document whose
+    stored text and metadata are already these (a concurrent writer stored them after the
+    caller looked) is left alone, its chunks and vectors unwritten, and counted unchanged."""
     if not rows:
-        return []
+        return Written(0, 0, 0, [])
+    rows_in = rows
     for r in rows:
         check_text(r.content, f"chunk {r.document_id}#{r.chunk_index}")
     vectors = as_unit_vectors(np.stack([np.asarray(r.embedding) for r in rows]),
@@ -132,13 +158,24 @@ def write_chunks(conn: psycopg.Connection[Any], corpus: CorpusInfo, rows: Sequen
             """INSERT INTO pyembed.documents (corpus_id, document_id, content_hash, metadata)
                SELECT %s, d, h, m::jsonb FROM unnest(%s::text[], %s::bytea[], %s::text[]) AS t(d, h, m)
                ON CONFLICT (corpus_id, document_id) DO UPDATE
-                 SET content_hash = EXCLUDED.content_hash, metadata = EXCLUDED.metadata,
-                     updated_at = now()
+                 SET content_hash = EXCLUDED.content_hash, metadata = EXCLUDED.metadata
+                 WHERE NOT %s OR documents.content_hash IS DISTINCT FROM EXCLUDED.content_hash
                RETURNING document_id, xmax = 0 AS inserted""",
             (corpus.corpus_id, list(docs), [hashes[d] for d in docs],
-             [json.dumps(c[0].metadata, default=str) for c in docs.values()]))
+             [json.dumps(c[0].metadata, default=str) for c in docs.values()], only_changed))
+        stored = dict(cur.fetchall())
+        # (The row of a document left alone is not returned: the one stored is the same.)
+        unchanged = len(docs) - len(stored)
+        if unchanged:
+            rows = [r for r in rows if r.document_id in stored]
+            vectors = vectors[[n for n, r in enumerate(rows_in) if r.document_id in stored]]
+            if also:
+                keep = [n for n, r in enumerate(rows_in) if r.document_id in stored]
+                also = {k: np.asarray(v)[keep] for k, v in also.items()}
+            if not rows:
+                return Written(0, 0, unchanged, [])
         # A stored document that now has fewer chunks loses the rest (new ones have none).
-        replaced = [d for d, inserted in cur.fetchall() if not inserted]
+        replaced = [d for d, inserted in stored.items() if not inserted]
         if replaced:
             cur.execute(
                 """DELETE FROM pyembed.chunks c USING unnest(%s::text[], %s::int[]) AS t(d, n)
@@ -170,4 +207,5 @@ def write_chunks(conn: psycopg.Connection[Any], corpus: CorpusInfo, rows: Sequen
             copy_vectors(cur, corpus.corpus_id, ids, key,
                          as_unit_vectors(extra, extra.shape[1], normalize=normalized),
                          chunk_hashes, replace=replace)
-    return ids
+    added = sum(1 for inserted in stored.values() if inserted)
+    return Written(added, len(stored) - added, unchanged, ids)

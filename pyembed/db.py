@@ -88,6 +88,21 @@ def lost(conn: psycopg.Connection[Any]) -> bool:
         return conn.pgconn.status == ConnStatus.BAD
 
 
+def connection_lost(exc: psycopg.Error) -> bool:
+    """Whether `exc` says the database was not reached (no connection, or one it closed or
+    refused: no SQLSTATE, class 08, 57P, too many connections), as opposed to an error the
+    server returned for a statement (a statement or lock timeout, a deadlock, a serialization
+    failure), which psycopg gives the same Python class, OperationalError."""
+    state = exc.sqlstate or ""
+    return not state or state == "53300" or state.startswith(("08", "57P"))
+
+
+def server_error(exc: psycopg.Error) -> str:
+    """What the server said, in one line: its class, SQLSTATE and message."""
+    text = " ".join(str(exc).split())[:300]
+    return f"{type(exc).__name__}, SQLSTATE {exc.sqlstate}: {text}"
+
+
 IDENTITY = ("SELECT session_user::text, current_user::text, "
              "coalesce(current_setting('pyembed.act_as_tenant', true), '')")
 """Who a session acts as: its login role, its current role (SET ROLE) and the tenant a superuser

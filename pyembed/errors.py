@@ -125,23 +125,35 @@ class Busy(PyembedError):
 class NotAllowed(PyembedError):
     """The role may not do this directly: write a column or table that pyembed's functions and
     triggers write (a document's doc_no, a corpus row), or that is the owner's (OwnerOnly).
-    Mapped from SQLSTATE 42501 (insufficient privilege)."""
+    Mapped from SQLSTATE 42501 (insufficient privilege), and from PE014 (raised in SQL)."""
+
+    sqlstate = "PE014"
 
 
 class OwnerOnly(NotAllowed):
     """An operation that is pyembed's owner role's (index settings, status and rebuilds, the model
     registry, model migrations, tenants and their members, secrets) was called as another role,
     the application role: run it with the owner's DSN ($PYEMBED_OWNER_DSN, the owner commands'
-    --dsn). Mapped from SQLSTATE 42501 (insufficient privilege) on a function, table or sequence."""
+    --dsn). Mapped from SQLSTATE 42501 (insufficient privilege) on a function, table or sequence,
+    and from PE015 (raised in SQL)."""
 
+    sqlstate = "PE015"
+
+
+def _classes(base: type[PyembedError]) -> list[type[PyembedError]]:
+    """`base` and its subclasses defined here (one elsewhere, such as a provider's transient
+    error, takes its parent's SQLSTATE and comes back as its parent)."""
+    return [base] + [c for sub in base.__subclasses__() if sub.__module__ == __name__
+                     for c in _classes(sub)]
+
+
+CLIENT_ONLY: tuple[type[PyembedError], ...] = (DatabaseNotReady, InstallError)
+"""Errors of the client side alone (reaching the database, installing): never raised inside
+SQL, so without a SQLSTATE; one raised there would be a bug (XX000, indb.sql_error)."""
 
 _BY_SQLSTATE: dict[str, type[PyembedError]] = {
-    cls.sqlstate: cls
-    for cls in (ModelMismatch, UnknownCorpus, InvalidVector, ModelKeyLocked, InvalidInput,
-                UnknownModel, MigrationError, MissingAPIKey, ProviderError, RateLimited,
-                ReadOnlyReplica, Busy, ConfigError)
-    if cls.sqlstate
-}
+    cls.sqlstate: cls for cls in _classes(PyembedError) if cls.sqlstate}
+"""Every error class raised in SQL, by its own SQLSTATE (PExxx)."""
 
 
 def from_sqlstate(sqlstate: str | None, message: str) -> PyembedError | None:

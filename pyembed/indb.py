@@ -182,16 +182,17 @@ def sql_error(plpy: Any, exc: Exception, where: str) -> tuple[str, dict[str, Any
     """The message and the plpy.error fields of the SQL error `exc` becomes.
 
     A database error from a statement the function ran keeps its own SQLSTATE, DETAIL and HINT;
-    a pyembed error its SQLSTATE (PE009 where it has none), with the DETAIL and HINT of the
-    database error it was made from, if any. Anything else is a bug: XX000 (internal_error),
-    the exception's class and text, and its traceback in the server log only."""
+    a pyembed error its SQLSTATE (errors._BY_SQLSTATE), with the DETAIL and HINT of the
+    database error it was made from, if any. Anything else (a client-side error too,
+    errors.CLIENT_ONLY) is a bug: XX000 (internal_error), the exception's class and text, and
+    its traceback in the server log only."""
     if isinstance(exc, plpy.SPIError):
         message, fields = str(exc.args[0]) if exc.args else str(exc), _spi_fields(exc)
     elif isinstance(exc, plpy.Error):
         message = str(exc.args[0]) if exc.args else str(exc)
         fields = {k: getattr(exc, k, None) for k in ERROR_FIELDS}
-    elif isinstance(exc, PyembedError):
-        sqlstate = exc.sqlstate or "PE009"
+    elif isinstance(exc, PyembedError) and exc.sqlstate:
+        sqlstate = exc.sqlstate
         origin = exc.__cause__ or exc.__context__
         fields = _spi_fields(origin) if isinstance(origin, plpy.SPIError) else {}
         if fields.get("sqlstate") != sqlstate:  # not the database error it stands for
@@ -300,8 +301,7 @@ def add_document(plpy: Any, GD: dict[str, Any], corpus: str, document_id: str, c
     db.rows("""INSERT INTO pyembed.documents (corpus_id, document_id, content_hash, metadata)
                VALUES ($1, $2, $3, $4::jsonb)
                ON CONFLICT (corpus_id, document_id) DO UPDATE
-                 SET content_hash = EXCLUDED.content_hash, metadata = EXCLUDED.metadata,
-                     updated_at = now()""",
+                 SET content_hash = EXCLUDED.content_hash, metadata = EXCLUDED.metadata""",
             [corpus_id, document_id, document_hash(content or "", meta), meta_text],
             ["integer", "text", "bytea", "text"])
     # One statement for all chunks: the statement triggers (queue, keyword index) run once.

@@ -13,7 +13,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from psycopg.rows import dict_row
 
 from . import errors
-from .db import lost, reopen
+from .db import connection_lost, lost, reopen, server_error
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,13 @@ class PyembedCollector(Collector):
             except (psycopg.OperationalError, errors.DatabaseNotReady) as exc:
                 if isinstance(exc, errors.DatabaseNotReady):
                     log.warning("%s", exc)  # (the scrape's answer has no room for why)
-                self._conn = None
+                    self._conn = None
+                elif connection_lost(exc):
+                    self._conn = None
+                else:
+                    # The server answered with an error (a statement timeout, a lock): the
+                    # connection stays; the scrape has no figures, and the log says why.
+                    log.warning("a scrape's statement failed: %s", server_error(exc))
                 up = GaugeMetricFamily("pyembed_up", "1 if the database answered the scrape")
                 up.add_metric([], 0)
                 yield up

@@ -23,7 +23,9 @@ if TYPE_CHECKING:
 
 SCHEMA = "pyembed"
 VERSION_TABLE = "alembic_version"
-INSTALL_LOCK_ID = 0x70796D62  # "pymb": serialises concurrent installs
+INSTALL_LOCK_ID = 0x70796D62  # "pymb": serialises concurrent first installs
+INSTALL_WAIT = 60
+"""Seconds a first install waits for the install lock before it names who holds it."""
 SQL_FILE = re.compile(r"^(\d{3})-[a-z0-9-]+\.sql$")
 
 
@@ -140,6 +142,53 @@ def alembic_config(dsn: str | None = None, output_buffer: io.StringIO | None = N
     if dsn:
         cfg.set_main_option("sqlalchemy.url", sqlalchemy_url(dsn).replace("%", "%%"))
     return cfg
+
+
+def install_lock_sql() -> str:
+    """The statement an install or upgrade starts its transaction with: one installer at a time.
+
+    Once the schema exists, installers take turns on the version table's row (FOR UPDATE): only
+    a role that may update that table can lock it, so no other role can hold an install up. A
+    first install has no table yet and takes an advisory key (which any role with CONNECT could
+    hold), waiting at most INSTALL_WAIT seconds, then fails naming the sessions that hold it;
+    once it has the key, it also locks the row if an installer ahead of it created the table."""
+    table = f"{SCHEMA}.{VERSION_TABLE}"
+    return f"""DO $install_lock$
+DECLARE
+  locked bigint := 0;
+  was text := current_setting('lock_timeout');
+  holders text;
+BEGIN
+  IF to_regclass('{table}') IS NOT NULL THEN
+    EXECUTE 'SELECT FROM {table} FOR UPDATE';
+    GET DIAGNOSTICS locked = ROW_COUNT;
+  END IF;
+  IF locked = 0 THEN
+    BEGIN
+      PERFORM set_config('lock_timeout', '{INSTALL_WAIT}s', true);
+      PERFORM pg_advisory_xact_lock({INSTALL_LOCK_ID});
+    EXCEPTION WHEN lock_not_available THEN
+      SELECT string_agg(format('pid %s (role %s, application %L, %s since %s)', a.pid,
+                               a.usename, a.application_name, a.state,
+                               date_trunc('second', a.state_change)), '; ')
+        INTO holders
+        FROM pg_catalog.pg_locks l JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid
+       WHERE l.locktype = 'advisory' AND l.granted AND l.classid = 0
+         AND l.objid = {INSTALL_LOCK_ID}::oid AND l.objsubid = 1
+         AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d
+                            WHERE d.datname = current_database());
+      RAISE EXCEPTION USING ERRCODE = 'lock_not_available',
+        MESSAGE = format('another session held pyembed''s install lock (advisory key %s) for '
+                         '{INSTALL_WAIT} s: %s; end it (pg_terminate_backend) or retry',
+                         {INSTALL_LOCK_ID}, coalesce(holders, 'gone since'));
+    END;
+    PERFORM set_config('lock_timeout', was, true);
+    IF to_regclass('{table}') IS NOT NULL THEN
+      EXECUTE 'SELECT FROM {table} FOR UPDATE';
+    END IF;
+  END IF;
+END
+$install_lock$"""
 
 
 def head_revision() -> str:

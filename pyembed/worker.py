@@ -30,8 +30,8 @@ import psycopg
 from . import recall
 from .cache import PostgresCache
 from .corpora import model_spec
+from .db import connection_lost, reopen, resolve_dsn, server_error
 from .db import lost as gone
-from .db import reopen, resolve_dsn
 from .embedder import Embedder
 from .errors import (
     ConfigError,
@@ -179,6 +179,11 @@ class Leases:
             try:
                 self._renew()
             except (psycopg.Error, PyembedError) as exc:
+                if isinstance(exc, psycopg.Error) and not connection_lost(exc):
+                    # The server refused the renewal (a timeout, a lock): the connection stays.
+                    _log.warning("could not renew the leases of the batch in flight (%s)",
+                                 server_error(exc))
+                    continue
                 _log.warning("could not renew the leases of the batch in flight (%s)", exc)
                 with self._lock:
                     if self._conn is not None:
@@ -340,12 +345,28 @@ class Worker:
         for item in items:
             groups[item.model_key, item.corpus_id].append(item)
         self._leases.hold(items)
+        pending = list(groups.items())
         try:
-            for (key, _), group in groups.items():
+            while pending:
+                (key, _), group = pending[0]
                 self._process(key, group, stats)
+                pending.pop(0)
+        except psycopg.Error as exc:
+            if not connection_lost(exc):
+                # The server refused a statement (a timeout, a deadlock): the jobs not done are
+                # given back, for the next claim; over a lost connection their leases run out.
+                self._give_back([item for _, group in pending for item in group])
+            raise
         finally:
             self._leases.drop(items)
         return stats
+
+    def _give_back(self, items: list[Item]) -> None:
+        try:
+            self._release(items)
+        except psycopg.Error as exc:
+            _log.warning("could not give back the batch's jobs (%s): they are claimed again "
+                         "when their leases end", server_error(exc))
 
     def _meter(self, spec: ModelSpec, tokens: int) -> None:
         """Account each provider call to the tenant and corpus (refused over the limits)."""
@@ -485,22 +506,29 @@ class Worker:
         start = time.perf_counter()
         self._draining = drain
         with _stop_on_signals(self.stop_requested):
-            lost = 0
+            troubles = 0
             while not self.stop_requested.is_set():
                 before = (stats.embedded, stats.failed, stats.retried, stats.stale)
                 try:
                     self._reopen_lost()
                     self.run_once(stats)
                     self.measure_recall()
-                    lost = 0
+                    troubles = 0
                 except psycopg.OperationalError as exc:
-                    # The server went away: nothing is lost (leases run out), so reconnect.
-                    lost += 1
-                    if drain and lost > 3:
+                    troubles += 1
+                    if drain and troubles > 3:
                         raise
-                    _log.warning("database connection lost (%s); reconnecting", exc)
-                    self.close()
-                    self.stop_requested.wait(min(poll_interval * 2 ** lost, 30.0))
+                    if connection_lost(exc):
+                        # The server went away: nothing is lost (leases run out), so reconnect.
+                        _log.warning("database connection lost (%s); reconnecting", exc)
+                        self.close()
+                    else:
+                        # The server refused a statement and rolled its transaction back (a
+                        # statement or lock timeout, a deadlock, a serialization failure): the
+                        # connection is fine, the batch's jobs were given back (run_once).
+                        _log.warning("the database refused a statement of the batch (%s); "
+                                     "its jobs are claimed again", server_error(exc))
+                    self.stop_requested.wait(min(poll_interval * 2 ** troubles, 30.0))
                     continue
                 stats.seconds = time.perf_counter() - start
                 if progress:
@@ -524,10 +552,11 @@ class Worker:
         try:
             with self._db().transaction():
                 return recall.measure_sampled(self._db(), self.recall_samples)
-        except psycopg.OperationalError:
-            raise
         except (psycopg.Error, PyembedError) as exc:
-            _log.warning("recall measurement failed: %s", exc)
+            if isinstance(exc, psycopg.Error) and connection_lost(exc):
+                raise  # the run loop reconnects
+            _log.warning("recall measurement failed: %s", exc if isinstance(exc, PyembedError)
+                         else server_error(exc))
             return []
 
     def _nothing_due(self, within: float) -> bool:

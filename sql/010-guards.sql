@@ -167,6 +167,31 @@ CREATE OR REPLACE TRIGGER vectors_written_update
   AFTER UPDATE ON pyembed.vectors REFERENCING NEW TABLE AS new_rows
   FOR EACH STATEMENT EXECUTE FUNCTION pyembed._vectors_written();
 
+-- A vector written through the parent table is checked against row-level security only after
+-- the BEFORE ROW triggers: pyembed._vector_document (below, as its owner) read and locked
+-- (FOR KEY SHARE) another tenant's chunk before the write was refused, so a tenant writing a
+-- vector for another's chunk waited for that tenant's transaction on it. This check runs first
+-- (triggers fire in name order), as the caller, with the error the policy itself gives (as
+-- pyembed._eval_query_checked does): another tenant's corpus reads as one nobody has.
+-- Superusers and BYPASSRLS roles see every corpus, as for the write. (A direct write into a
+-- partition is checked per statement first: _vectors_tenant.)
+CREATE OR REPLACE FUNCTION pyembed._vector_corpus_visible() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+  IF NOT EXISTS (SELECT FROM pyembed.corpora c WHERE c.corpus_id = NEW.corpus_id) THEN
+    RAISE EXCEPTION USING ERRCODE = '42501',
+      MESSAGE = 'new row violates row-level security policy for table "vectors"';
+  END IF;
+  RETURN NEW;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER vectors_corpus_visible
+  BEFORE INSERT ON pyembed.vectors
+  FOR EACH ROW EXECUTE FUNCTION pyembed._vector_corpus_visible();
+
 -- Each vector carries its chunk's document number (pyembed.documents.doc_no), so that a search
 -- by document groups its nearest chunks without reading them: set here as each vector is
 -- written (whatever the writer gave; a vector without a chunk is refused by the statement's
@@ -179,6 +204,10 @@ CREATE OR REPLACE TRIGGER vectors_written_update
 -- SECURITY DEFINER: its lookups skip row-level security, which cost two calls of
 -- pyembed.visible_corpora() a row; the vector's own insert is checked by the policy on
 -- pyembed.vectors.
+-- A vector's created_at is the server's (when it was written), whatever the writer gave: a time
+-- in the future kept a vector in its tenant's throughput figures. The application role cannot
+-- UPDATE a vector (080-grants.sql): a vector is replaced by delete and insert, so its text hash
+-- and its time always come with its embedding.
 CREATE OR REPLACE FUNCTION pyembed._vector_document() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -190,6 +219,7 @@ BEGIN
    WHERE ch.corpus_id = NEW.corpus_id AND ch.chunk_id = NEW.chunk_id FOR KEY SHARE;
   NEW.doc_no := (SELECT d.doc_no FROM pyembed.documents d
                   WHERE d.corpus_id = NEW.corpus_id AND d.document_id = doc);
+  NEW.created_at := now();
   RETURN NEW;
 END
 $$;

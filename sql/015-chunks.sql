@@ -1,4 +1,4 @@
--- Chunks: their text hash, and what deleting them deletes.
+-- Chunks: their text hash, and what deleting them deletes; documents: when they changed.
 
 -- Chunks carry the sha256 of their text, computed here so it cannot disagree with the text: at
 -- every write of a chunk, whichever columns it names (an UPDATE of content_hash alone included).
@@ -39,3 +39,25 @@ $$;
 CREATE OR REPLACE TRIGGER chunks_deleted
   AFTER DELETE ON pyembed.chunks REFERENCING OLD TABLE AS old_rows
   FOR EACH STATEMENT EXECUTE FUNCTION pyembed._chunks_deleted();
+
+-- A document's updated_at is the server's: the time of the write that last changed one of its
+-- other columns, whatever the writer gave (a row rewritten unchanged, as the keyword index's
+-- lock does, keeps its time).
+CREATE OR REPLACE FUNCTION pyembed._document_stamped() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+  IF TG_OP = 'UPDATE'
+     AND to_jsonb(NEW) - 'updated_at' IS NOT DISTINCT FROM to_jsonb(OLD) - 'updated_at' THEN
+    NEW.updated_at := OLD.updated_at;
+  ELSE
+    NEW.updated_at := now();
+  END IF;
+  RETURN NEW;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER documents_stamped
+  BEFORE INSERT OR UPDATE ON pyembed.documents
+  FOR EACH ROW EXECUTE FUNCTION pyembed._document_stamped();

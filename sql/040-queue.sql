@@ -171,9 +171,13 @@ BEGIN
     PERFORM pyembed._needs(hi IS NULL, 'hi', '_dequeue_written');
     PERFORM pyembed._needs(done IS NULL, 'done', '_dequeue_written');
   END IF;
+  -- The caller's corpus first (nested: SQL does not promise the order of AND), so that
+  -- another tenant's jobs are not even read.
+  IF NOT (p_corpus_id = ANY (pyembed.visible_corpora())) THEN
+    RETURN;
+  END IF;
   IF EXISTS (SELECT FROM pyembed.queue q WHERE q.corpus_id = p_corpus_id
-                AND q.chunk_id BETWEEN lo AND hi)
-     AND p_corpus_id = ANY (pyembed.visible_corpora()) THEN
+                AND q.chunk_id BETWEEN lo AND hi) THEN
     -- A job another transaction holds (a writer re-queuing its chunk) is left queued rather
     -- than waited for: waiting could deadlock with that writer; embedding it again is cheap.
     DELETE FROM pyembed.queue q

@@ -22,8 +22,9 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON pyembed.eval_queries TO pyembed_app;
 -- column, and revoking it revokes the column grants too, so this re-applies the same.
 REVOKE INSERT, UPDATE ON pyembed.documents, pyembed.chunks FROM pyembed_app;
 GRANT SELECT, DELETE ON pyembed.documents, pyembed.chunks TO pyembed_app;
-GRANT INSERT (corpus_id, document_id, content_hash, title, metadata, updated_at),
-      UPDATE (document_id, content_hash, title, metadata, updated_at)
+-- A document's updated_at is set by pyembed._document_stamped (015-chunks.sql): not granted.
+GRANT INSERT (corpus_id, document_id, content_hash, title, metadata),
+      UPDATE (document_id, content_hash, title, metadata)
   ON pyembed.documents TO pyembed_app;
 GRANT INSERT (corpus_id, document_id, chunk_index, content, content_hash, metadata),
       UPDATE (document_id, chunk_index, content, content_hash, metadata)
@@ -35,9 +36,11 @@ GRANT INSERT (corpus_id, document_id, chunk_index, content, content_hash, metada
 -- pyembed.fail_job and expire_jobs, the one way a failure row is written (it is a queued job,
 -- moved); failures are read and cleared (DELETE: done with them). A queued key is checked by
 -- pyembed._queue_keys_accepted (PE001). A job is made by the chunk write
--- (pyembed._enqueue_chunks, as its owner). REVOKE first: see above.
+-- (pyembed._enqueue_chunks, as its owner) and ends with its vector's write (_dequeue_written, as
+-- its owner) or its chunk's deletion: the application role reads jobs, never deletes one (work
+-- dropped that way left a chunk without a vector and nothing to say so). REVOKE first: see above.
 REVOKE ALL ON pyembed.queue FROM pyembed_app;
-GRANT SELECT, DELETE ON pyembed.queue TO pyembed_app;
+GRANT SELECT ON pyembed.queue TO pyembed_app;
 REVOKE ALL ON pyembed.queue_failed FROM pyembed_app;
 GRANT SELECT, DELETE ON pyembed.queue_failed TO pyembed_app;
 -- The query log is read, and written only by pyembed.record_search (a search's own record, with
@@ -51,11 +54,14 @@ REVOKE ALL ON pyembed.embedding_cache, pyembed.cache_stats, pyembed.usage, pyemb
 GRANT SELECT ON pyembed.coverage, pyembed.throughput, pyembed.cache_health, pyembed.latency,
   pyembed.recall_health TO pyembed_app;
 -- Vectors: write (guarded), see which chunks have one, never read the embedding. Each corpus's
--- partition grants INSERT alone, for COPY (pyembed._vector_partition).
+-- partition grants INSERT alone, for COPY (pyembed._vector_partition). No UPDATE: a vector is
+-- replaced by delete and insert (pyembed.vectors.copy_vectors does), so its text hash is always
+-- written with its embedding, and its created_at is the server's (pyembed._vector_document).
+-- REVOKE ALL first: it also revokes the column grants of a database upgraded from before.
+REVOKE ALL ON pyembed.vectors FROM pyembed_app;
 GRANT SELECT (corpus_id, chunk_id, model_key, content_hash, created_at) ON pyembed.vectors
   TO pyembed_app;
-GRANT INSERT, DELETE, UPDATE (embedding, content_hash, created_at) ON pyembed.vectors
-  TO pyembed_app;
+GRANT INSERT, DELETE ON pyembed.vectors TO pyembed_app;
 
 GRANT EXECUTE ON FUNCTION
   pyembed.search(text, vector, text, integer, jsonb, text),

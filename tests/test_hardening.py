@@ -138,7 +138,8 @@ def test_a_job_is_only_a_chunk_write_queued(app: psycopg.Connection[Any],
         == [(1, "try again")]
     err = sql_error(app, "SELECT * FROM pyembed.claim_jobs(5, 0, 30)")
     assert err.sqlstate == "PE005" and "batch must be 1..10000 jobs, got 0" in str(err), err
-    app.execute("DELETE FROM pyembed.queue")  # done with (a vector's write dequeues it)
+    assert isinstance(sql_error(app, "DELETE FROM pyembed.queue"),  # a vector's write dequeues
+                      psycopg.errors.InsufficientPrivilege)
     err = sql_error(app, "INSERT INTO pyembed.queue (corpus_id, chunk_id, model_key, "
                          "content_hash, attempts, last_error) VALUES (%s, %s, %s, %s, 99, "
                          "'forged')", (docs.corpus_id, chunk, KEY, digest))
@@ -293,6 +294,58 @@ def test_the_app_role_cannot_rewrite_what_the_database_derives(
     except psycopg.errors.InsufficientPrivilege:
         pass
     assert disagreements(owner) == {}
+
+
+SERVER_OWNED = {
+    # Columns of the tables the application role writes whose values are the server's: set by a
+    # trigger whatever the writer gives, or not granted (test_privileges' APP_COLUMN_WRITES
+    # names each "server's").
+    "documents.updated_at": "not granted; pyembed._document_stamped sets it",
+    "chunks.content_hash": "pyembed._chunk_hash computes it from the text",
+    "vectors.created_at": "pyembed._vector_document sets it (no UPDATE of vectors at all)",
+    "vectors.doc_no": "pyembed._vector_document sets it from the chunk's document",
+}
+
+
+def test_a_column_the_server_owns_keeps_the_servers_value(
+        app: psycopg.Connection[Any], owner: psycopg.Connection[Any], docs: CorpusInfo) -> None:
+    """Before, the application role could UPDATE a vector's created_at (and content_hash) and
+    write a document's updated_at: 'infinity' kept a vector in its tenant's throughput figures
+    for ever, and a stale vector could be marked as made from its chunk's new text. It could
+    also DELETE queued jobs, dropping work and leaving a chunk without a vector. Now each such
+    write is refused or its value is the server's, through every path that writes the row (the
+    parent, the partition a COPY writes, an update)."""
+    for i in range(3):
+        app.execute("SELECT pyembed.add_document('docs', %s, %s)", (f"d{i}", f"refund text {i}"))
+    chunks = [r[0] for r in app.execute("SELECT chunk_id FROM pyembed.chunks "
+                                        "ORDER BY chunk_id").fetchall()]
+    (partition,) = app.execute("SELECT pyembed.vector_table('docs')").fetchone()
+    for table, chunk in (("pyembed.vectors", chunks[0]), (partition, chunks[1])):
+        app.execute(sql.SQL("INSERT INTO {} (corpus_id, chunk_id, model_key, embedding, "
+                            "created_at, doc_no) VALUES (%s, %s, %s, %s, 'infinity', 999)")
+                    .format(sql.SQL(table)), (docs.corpus_id, chunk, KEY, vec(unit(384, 0))))
+    refused = ["UPDATE pyembed.vectors SET created_at = 'infinity'",
+               "UPDATE pyembed.vectors SET content_hash = '\\x00'",
+               "UPDATE pyembed.vectors SET embedding = embedding",
+               "UPDATE pyembed.documents SET updated_at = 'infinity'",
+               "INSERT INTO pyembed.documents (corpus_id, document_id, content_hash, updated_at) "
+               "VALUES (%(corpus)s, 'forged', '\\x00', 'infinity')",
+               "DELETE FROM pyembed.queue"]
+    for statement in refused:
+        err = sql_error(app, statement, {"corpus": docs.corpus_id} if "%(" in statement else ())
+        assert isinstance(err, psycopg.errors.InsufficientPrivilege), (statement, err)
+    assert owner.execute("SELECT count(*) FROM pyembed.vectors WHERE created_at > now() "
+                         "OR created_at < now() - interval '1 hour'").fetchone() == (0,)
+    assert disagreements(owner) == {}
+    assert app.execute("SELECT count(*) FROM pyembed.queue").fetchone() == (3,)  # none dropped
+    # Even the owner's write gives the server's time; a row rewritten unchanged keeps its own.
+    owner.execute("UPDATE pyembed.documents SET updated_at = '2001-01-01'")
+    before = owner.execute("SELECT document_id, updated_at FROM pyembed.documents "
+                           "ORDER BY 1").fetchall()
+    assert all(t.year > 2001 for _, t in before), before
+    owner.execute("UPDATE pyembed.documents SET title = 'new' WHERE document_id = 'd0'")
+    after = dict(owner.execute("SELECT document_id, updated_at FROM pyembed.documents").fetchall())
+    assert after["d0"] > dict(before)["d0"] and after["d1"] == dict(before)["d1"]
 
 
 def test_a_tenant_cannot_take_the_query_logs_next_numbers(

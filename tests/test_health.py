@@ -71,3 +71,28 @@ def test_metrics_serve_answers_http(db: Database) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_a_latency_alert_needs_twenty_queries_not_one_cold_call(
+        db: Database, app: psycopg.Connection[Any], owner: psycopg.Connection[Any]) -> None:
+    """Before, `pyembed status` on a fresh install exited 1 after one search: the local model's
+    first (cold) embedding is over the 500 ms target, and one query was the whole p95. Now one
+    slow call of a kind is a warning (exit 0); an alert needs health.LATENCY_MIN_QUERIES."""
+    env = {"PYEMBED_DSN": db.app_dsn, "COLUMNS": "200"}
+    (corpus_id,) = app.execute("SELECT pyembed.create_corpus('kb', %s)", (FAKE,)).fetchone()
+    log = ("INSERT INTO pyembed.query_log (corpus_id, model_key, kind, k, cache_hit, embed_ms, "
+           "search_ms, total_ms) SELECT %s, %s, 'vector', 10, false, %s, 1, %s "
+           "FROM generate_series(1, %s)")
+    owner.execute(log, (corpus_id, FAKE, 900.0, 901.0, 1))  # the cold first embedding
+    out = run_cli("status", env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    found = {f.subject: f for f in health.latency(app)}
+    cold = found["vector: embed (cache miss)"]
+    assert cold.level == "warn" and "1 queries, too few to alert on (20 needed)" in cold.note
+    owner.execute(log, (corpus_id, FAKE, 3.0, 4.0, health.LATENCY_MIN_QUERIES - 2))
+    later = {f.subject: f for f in health.latency(app)}["vector: embed (cache miss)"]
+    assert later.level == "ok", later  # 19 queries, one slow: a twentieth of the p95
+    owner.execute(log, (corpus_id, FAKE, 700.0, 701.0, 2))  # 21, three slow: p95 over
+    alert = {f.subject: f for f in health.latency(app)}["vector: embed (cache miss)"]
+    assert alert.level == "alert" and alert.note == "p95 over the 500 ms target", alert
+    assert run_cli("status", env=env).returncode == 1

@@ -640,3 +640,42 @@ def test_the_second_connection_acts_as_the_first(db: Database,
 
     owner.execute("SET SESSION AUTHORIZATION pyembed_app")  # a login it cannot open again
     assert twin(owner) is None
+
+
+def test_two_concurrent_ingests_of_one_file_report_what_each_stored(
+        tmp_path: Path, db: Database, corpus: Corpus, owner: psycopg.Connection[Any]) -> None:
+    """Both ingests read the corpus before either wrote (the documents' table held in SHARE
+    mode until both wait to write). Before, both reported "added 20": each counted what it had
+    read, not what the database did. Now the second finds the same documents stored when it
+    writes, leaves them alone and says so: added 20 once, unchanged 20 once."""
+    path = _write(tmp_path / "docs.jsonl",
+                  _jsonl(*({"id": f"d{i}", "text": f"document {i} about refunds"}
+                           for i in range(20))))
+    reports: list[IngestReport] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with pyembed.connect(db.app_dsn) as mine:
+                reports.append(ingest(mine.corpus("files"), path, progress=False))
+        except BaseException as exc:
+            errors.append(exc)
+
+    with owner.transaction():
+        owner.execute("LOCK TABLE pyembed.documents IN SHARE MODE")
+        threads = [threading.Thread(target=run) for _ in range(2)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        waiting = 0
+        while waiting < 2 and not errors and time.monotonic() < deadline:
+            time.sleep(0.05)
+            row = owner.execute("SELECT count(*) FROM pg_catalog.pg_locks WHERE NOT granted "
+                                "AND relation = 'pyembed.documents'::regclass").fetchone()
+            waiting = row[0] if row else 0
+    for t in threads:
+        t.join(30)
+    assert waiting == 2 and not errors, (waiting, errors)
+    counts = sorted((r.added, r.updated, r.skipped, r.chunks) for r in reports)
+    assert counts == [(0, 0, 20, 0), (20, 0, 0, 20)], counts
+    assert count(owner, "documents") == 20 and count(owner, "vectors") == 20

@@ -248,6 +248,7 @@ class Searcher(threading.Thread):
             i = 0
             while not self.halt.is_set():
                 step, n = self.step, (i * 37) % len(self.texts)
+                key = error = None
                 try:
                     if i % 2:
                         rows = [(h.document_id, h.model_key, h.score)
@@ -259,10 +260,17 @@ class Searcher(threading.Thread):
                     assert rows, "no results"
                     assert rows[0][0] == doc_id(n) and rows[0][2] > 0.999, rows[0]
                     (key,) = {r[1] for r in rows}
-                    self.served[step, key] += 1
                 except Exception as exc:
-                    self.errors.append(f"step {step}: {exc!r}")
-                self.per_step[step] += 1
+                    error = exc
+                # A search that began under one label and ended under another ran while the
+                # test moved to the next step (it sets "moving" before it starts a change):
+                # it counts as moving, whichever step its statement saw.
+                label = step if self.step == step else "moving"
+                if error is None:
+                    self.served[label, key] += 1
+                else:
+                    self.errors.append(f"step {label}: {error!r}")
+                self.per_step[label] += 1
                 i += 1
 
     def enter(self, step: str, searches: int = 3, timeout: float = 20.0) -> None:

@@ -18,6 +18,7 @@ from pyembed.db import GRANTED_TO, translate
 from tests.conftest import Database
 from tests.helpers import assert_matches_golden, sql_error
 from tests.test_cli import pyembed as pyembed_cli
+from tests.test_hardening import SERVER_OWNED
 from tests.test_migration import NEW, OLD
 from tests.test_tenants import two  # noqa: F401  (the fixture: two tenants' DSNs)
 
@@ -122,9 +123,11 @@ def test_no_other_table_is_writable_by_the_app_role(owner: psycopg.Connection[An
 
 
 APP_COLUMN_WRITES = {
-    # Every column the application role may write with its own INSERT or UPDATE, and why no
-    # invariant depends on what it writes there (row-level security keeps it to its tenant's
-    # rows; a column an invariant depends on is written by a function or trigger instead).
+    # Every column the application role may write with its own INSERT or UPDATE (by its
+    # table's grant or its own; a partition's under its parent's name), and why: the caller's
+    # own value (row-level security keeps it to its tenant's rows; no invariant depends on it),
+    # or "server's:" a value a trigger sets whatever the writer gives (checked, column by column,
+    # by test_hardening's test_a_column_the_server_owns_keeps_the_servers_value).
     "documents.corpus_id INSERT": "checked by the tenant's policy (its own corpora)",
     "documents.document_id INSERT": "the caller's own name for its document",
     "documents.document_id UPDATE": "as INSERT",
@@ -134,8 +137,6 @@ APP_COLUMN_WRITES = {
     "documents.title UPDATE": "as INSERT",
     "documents.metadata INSERT": "the caller's metadata (filters match its own rows)",
     "documents.metadata UPDATE": "as INSERT",
-    "documents.updated_at INSERT": "shown, not relied on",
-    "documents.updated_at UPDATE": "as INSERT",
     "chunks.corpus_id INSERT": "checked by the tenant's policy (its own corpora)",
     "chunks.document_id INSERT": "a document of the same corpus (foreign key)",
     "chunks.document_id UPDATE": "as INSERT",
@@ -143,38 +144,83 @@ APP_COLUMN_WRITES = {
     "chunks.chunk_index UPDATE": "as INSERT",
     "chunks.content INSERT": "the caller's text; postings and the queue follow it (triggers)",
     "chunks.content UPDATE": "as INSERT",
-    "chunks.content_hash INSERT": "computed again from the text (pyembed._chunk_hash)",
-    "chunks.content_hash UPDATE": "as INSERT",
+    "chunks.content_hash INSERT": "server's: computed again from the text (pyembed._chunk_hash)",
+    "chunks.content_hash UPDATE": "server's: as INSERT",
     "chunks.metadata INSERT": "the caller's metadata",
     "chunks.metadata UPDATE": "as INSERT",
-    "eval_queries.* INSERT": "the caller's own evaluation queries, read only by its evaluations",
-    "eval_queries.* UPDATE": "as INSERT",
-    "vectors.* INSERT": "checked by the guard triggers (key, dimensions, norm, chunk)",
-    "vectors.embedding UPDATE": "as INSERT",
-    "vectors.content_hash UPDATE": "the text the vector was made from, as the writer says (a "
-                                   "vector of its own chunk, which it may write anyway)",
-    "vectors.created_at UPDATE": "shown in the caller's own throughput, not relied on",
+    "eval_queries.corpus_id INSERT": "checked by the tenant's policy (its own corpora)",
+    "eval_queries.corpus_id UPDATE": "as INSERT",
+    "eval_queries.query_id INSERT": "the caller's own evaluation queries, read only by its "
+                                    "evaluations",
+    "eval_queries.query_id UPDATE": "as INSERT",
+    "eval_queries.query INSERT": "as query_id",
+    "eval_queries.query UPDATE": "as INSERT",
+    "eval_queries.relevant INSERT": "as query_id",
+    "eval_queries.relevant UPDATE": "as INSERT",
+    "vectors.corpus_id INSERT": "checked by the tenant's policy and the partition's trigger",
+    "vectors.chunk_id INSERT": "a chunk of the corpus (pyembed._vectors_written)",
+    "vectors.model_key INSERT": "checked by the guard triggers (key, dimensions, norm)",
+    "vectors.embedding INSERT": "as model_key",
+    "vectors.content_hash INSERT": "the text the writer embedded, written with its embedding "
+                                   "(no UPDATE: a vector is replaced whole)",
+    "vectors.created_at INSERT": "server's: pyembed._vector_document sets it",
+    "vectors.doc_no INSERT": "server's: pyembed._vector_document sets it from the chunk",
 }
 """Not here, on purpose: queue.attempts, not_before and last_error (the worker's claim, renewal,
 retry and release go through pyembed.claim_jobs etc.: attempts decide expiry, last_error is the
-failure recorded); identity columns (test_the_app_role_writes_no_identity_column)."""
+failure recorded); documents.updated_at (pyembed._document_stamped); any UPDATE of a vector (its
+text hash and time came apart from its embedding); identity columns
+(test_the_app_role_writes_no_identity_column)."""
+
+APP_DELETES = {
+    # Every table the application role may DELETE from, and why.
+    "documents": "the caller's documents; their chunks, vectors and postings follow (triggers)",
+    "chunks": "the caller's chunks; their vectors, postings and jobs follow",
+    "eval_queries": "the caller's evaluation queries",
+    "queue_failed": "failures read and cleared (done with them)",
+    "vectors": "the caller's vectors (a vector is replaced by delete and insert); the chunk's "
+               "text stays queued or embedded by the next write",
+}
+"""Not here, on purpose: queue (a job ends with its vector's write or its chunk's deletion, as
+pyembed's own functions run them: a job the caller deleted was work dropped)."""
+
+# Every (table, column, privilege) the application role holds on the tables and partitions of
+# the schema, a partition under its parent's name.
+APP_WRITES = """
+SELECT coalesce(parent.relname, c.relname), a.attname, p
+  FROM pg_class c
+  LEFT JOIN pg_inherits i ON c.relispartition AND i.inhrelid = c.oid
+  LEFT JOIN pg_class parent ON parent.oid = i.inhparent
+  JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+  CROSS JOIN unnest(ARRAY['INSERT', 'UPDATE']) p
+ WHERE c.relnamespace = 'pyembed'::regnamespace AND c.relkind IN ('r', 'p')
+   AND has_column_privilege('pyembed_app', c.oid, a.attnum, p)
+UNION
+SELECT coalesce(parent.relname, c.relname), NULL, 'DELETE'
+  FROM pg_class c
+  LEFT JOIN pg_inherits i ON c.relispartition AND i.inhrelid = c.oid
+  LEFT JOIN pg_class parent ON parent.oid = i.inhparent
+ WHERE c.relnamespace = 'pyembed'::regnamespace AND c.relkind IN ('r', 'p')
+   AND (has_table_privilege('pyembed_app', c.oid, 'DELETE')
+        OR has_table_privilege('pyembed_app', c.oid, 'TRUNCATE'))
+"""
 
 
 def test_every_column_the_app_role_writes_is_accounted_for(
-        owner: psycopg.Connection[Any]) -> None:
-    """Walks every column of every table the application role may INSERT or UPDATE (by its
-    table's grant or its own), a new one included: each is in APP_COLUMN_WRITES with why no
-    invariant depends on it. Before, it could UPDATE its jobs' attempts (which decide when a job
-    expires) and last_error (recorded as the job's failure) directly."""
-    rows = owner.execute(
-        "SELECT c.relname, a.attname, p, has_table_privilege('pyembed_app', c.oid, p) "
-        "FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 "
-        "AND NOT a.attisdropped CROSS JOIN unnest(ARRAY['INSERT', 'UPDATE']) p "
-        "WHERE c.relnamespace = 'pyembed'::regnamespace AND c.relkind IN ('r', 'p') "
-        "AND NOT c.relispartition AND has_column_privilege('pyembed_app', c.oid, a.attnum, p) "
-        "ORDER BY 1, 2, 3").fetchall()
-    written = {f"{table}.{'*' if whole else column} {p}" for table, column, p, whole in rows}
+        owner: psycopg.Connection[Any], app: psycopg.Connection[Any]) -> None:
+    """Walks every column of every table and partition the application role may INSERT or
+    UPDATE (by its table's grant or its own, a new column of a table it writes included) and
+    every table it may DELETE from: each is in APP_COLUMN_WRITES or APP_DELETES with why. Before,
+    it could UPDATE its jobs' attempts and last_error directly; and until stop 36 a vector's
+    created_at and content_hash and a document's updated_at, and DELETE queued jobs."""
+    owner.execute("SELECT pyembed.register_model('fake', 'fake-hash', '2', 384)")
+    app.execute("SELECT pyembed.create_corpus('docs', 'fake/fake-hash@1:384')")
+    rows = owner.execute(APP_WRITES).fetchall()
+    written = {f"{table}.{column} {p}" for table, column, p in rows if p != "DELETE"}
     assert written == set(APP_COLUMN_WRITES)
+    assert {table for table, _, p in rows if p == "DELETE"} == set(APP_DELETES)
+    servers = {k.split()[0] for k, why in APP_COLUMN_WRITES.items() if why.startswith("server's")}
+    assert servers <= set(SERVER_OWNED), servers - set(SERVER_OWNED)
 
 
 def test_every_table_the_app_role_writes_keeps_each_tenant_to_its_own_rows(

@@ -27,8 +27,8 @@ from pyembed.chunking import chunk_text
 from pyembed.config import resource_dir
 from pyembed.corpora import ChunkRow, corpus_info, create_corpus, write_chunks
 from pyembed.db import connect
-from pyembed.errors import PyembedError
-from pyembed.localdb import APP_GROUP, LocalCluster, find_bindir
+from pyembed.errors import InstallError, PyembedError
+from pyembed.localdb import APP_GROUP, APP_USER, LocalCluster, find_bindir
 from pyembed.search import search
 from tests.conftest import REPO, Database, create_database, drop_database
 from tests.helpers import rows, sql_error, unit
@@ -299,7 +299,7 @@ def test_offline_script_is_the_source_sql_verbatim_under_the_install_lock() -> N
     assert script.count("%%") == schema.replaceable_sql().count("%%")
     assert "\\:" not in script
 
-    lock = f"SELECT pg_advisory_xact_lock({schema.INSTALL_LOCK_ID});"
+    lock = schema.install_lock_sql() + ";"
     statements = [s.strip() for s in script.split("\n\n") if s.strip() and not s.startswith("--")]
     assert statements[:2] == ["BEGIN;", lock], statements[:3]
     assert statements[-1] == "COMMIT;"
@@ -411,6 +411,42 @@ def test_concurrent_installs_both_succeed(how: str, empty_db: Database) -> None:
     assert waiting == expected, f"the installers never waited on the install lock: {results}"
     assert results == [schema.head_revision()] * 2, f"{results}; sessions: {sessions}"
     assert _version_rows(empty_db.owner_dsn) == [schema.head_revision()]
+
+
+@pytest.mark.parametrize("installed", [True, False])
+def test_no_other_roles_lock_holds_an_install_for_ever(
+        installed: bool, empty_db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The application role (any login with CONNECT) holding the install's advisory key made
+    `pyembed install` and every upgrade wait with no end. Now an install over an existing schema
+    takes turns on the version table's row, which only the installing role may lock, and does
+    not wait for it at all; a first install waits at most INSTALL_WAIT and then fails in one
+    line naming the session that holds the key."""
+    monkeypatch.setattr(schema, "INSTALL_WAIT", 2)
+    if installed:
+        schema.install(empty_db.owner_dsn)
+    with psycopg.connect(empty_db.app_dsn, autocommit=True) as hostile:
+        hostile.execute("SET application_name = 'hostile'")
+        hostile.execute("SELECT pg_advisory_lock(%s)", (schema.INSTALL_LOCK_ID,))
+        (pid,) = hostile.execute("SELECT pg_backend_pid()").fetchone()  # type: ignore[misc]
+        installer = _ThreadInstaller(empty_db.owner_dsn)
+        started = time.monotonic()
+        installer.start()
+        installer.join(20)
+        took = time.monotonic() - started
+        stuck = installer.is_alive()
+        hostile.execute("SELECT pg_advisory_unlock_all()")
+        installer.join(20)
+    assert not stuck, "the install waited on another role's lock"
+    if installed:
+        assert installer.outcome == schema.head_revision(), installer.outcome
+        assert took < 2, took
+        return
+    err = installer.outcome
+    assert isinstance(err, InstallError), err
+    message = str(err)
+    assert f"pid {pid} (role {APP_USER}, application 'hostile'" in message, message
+    assert len(message.splitlines()) == 1 and 2 <= took < 10, (took, message)
+    assert schema.install(empty_db.owner_dsn) == schema.head_revision()
 
 
 @pytest.mark.parametrize("case", ["unreachable", "not_owner"])

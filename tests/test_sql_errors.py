@@ -6,15 +6,17 @@ the function ran), and its DETAIL and HINT. Called as the application role unles
 
 from __future__ import annotations
 
+import re
 import threading
 from typing import Any
 
 import psycopg
 import pytest
 
-from pyembed import indb, tenants
+from pyembed import errors, indb, tenants
 from pyembed.db import connect, translate
 from pyembed.errors import ConfigError, InvalidInput, UnknownCorpus
+from pyembed.models import LOCAL_DEFAULT
 from tests.conftest import Database
 from tests.helpers import sql_error
 
@@ -437,3 +439,57 @@ def test_null_in_each_argument_of_every_function_of_the_application_role_is_name
                         and f"{name}.{arg}" not in NULL_MEANS:
                     wrong.append(f"{name}({arg} NULL): a result, not documented")
     assert wrong == [], "\n".join(wrong)
+
+
+# -- every error class raised in SQL has its own SQLSTATE, and comes back as itself ------------
+
+RAISED_IN_SQL = [c for c in errors._classes(errors.PyembedError)
+                 if c is not errors.PyembedError and c not in errors.CLIENT_ONLY]
+
+
+def test_every_error_class_raised_in_sql_has_a_sqlstate_of_its_own() -> None:
+    """Walks errors.py's classes (a new one included): each has its own PE code, which
+    sql_error gives it and from_sqlstate reads back as the same class; a client-side error
+    (errors.CLIENT_ONLY) raised in SQL is a bug, XX000. Before, NotAllowed and OwnerOnly had no
+    code: raised in SQL they came out as PE009, a provider's failure."""
+    codes = [c.sqlstate for c in RAISED_IN_SQL]
+    assert all(code and re.fullmatch(r"PE\d{3}", code) for code in codes), codes
+    assert len(set(codes)) == len(codes), codes
+    plpy = FakePlpy()
+    for cls in RAISED_IN_SQL:
+        message, fields = indb.sql_error(plpy, cls("what happened"), "pyembed.embed")
+        assert (message, fields) == ("what happened", {"sqlstate": cls.sqlstate}), cls
+        assert type(errors.from_sqlstate(fields["sqlstate"], message)) is cls
+    for cls in (errors.PyembedError, *errors.CLIENT_ONLY):
+        assert indb.sql_error(plpy, cls("x"), "pyembed.embed")[1]["sqlstate"] == "XX000", cls
+
+
+@pytest.mark.parametrize("cls", RAISED_IN_SQL, ids=lambda c: c.__name__)
+def test_each_error_class_raised_in_sql_comes_back_as_itself(
+        owner: psycopg.Connection[Any], cls: type[errors.PyembedError]) -> None:
+    """Raised inside a PL/Python function through indb.call (as pyembed's functions are), read
+    by psycopg and pyembed.db.translate: the same class, with its message."""
+    owner.execute("""CREATE FUNCTION pg_temp.raise_pyembed(name text) RETURNS void
+                     LANGUAGE plpython3u AS $$
+from pyembed import errors, indb
+def fail(plpy, GD, name):
+    raise getattr(errors, name)("raised in SQL")
+return indb.call(plpy, fail, GD, name)
+$$""")
+    err = sql_error(owner, "SELECT pg_temp.raise_pyembed(%s)", (cls.__name__,))
+    assert err.sqlstate == cls.sqlstate, err
+    back = translate(err)
+    assert type(back) is cls and "raised in SQL" in str(back), back
+
+
+def test_local_threads_the_server_cannot_use_are_a_configuration_error(
+        owner: psycopg.Connection[Any], app: psycopg.Connection[Any]) -> None:
+    """PYEMBED_LOCAL_THREADS set in the server's environment to a count it cannot use: every
+    in-database call of a local model is PE013 (ConfigError), not a provider's failure."""
+    owner.execute("CREATE FUNCTION pg_temp.set_threads(v text) RETURNS void "
+                  "LANGUAGE plpython3u AS $$\nimport os\nos.environ['PYEMBED_LOCAL_THREADS'] = v\n$$")
+    owner.execute("SELECT pg_temp.set_threads('none')")
+    err = sql_error(owner, "SELECT pyembed.embed('a text', %s)", (LOCAL_DEFAULT.key,))
+    assert err.sqlstate == "PE013", err
+    assert isinstance(translate(err), ConfigError)
+    assert "PYEMBED_LOCAL_THREADS must be a positive integer, got 'none'" in str(err)

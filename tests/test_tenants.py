@@ -15,7 +15,7 @@ from psycopg import sql
 import pyembed
 from pyembed import tenants
 from pyembed.corpora import corpus_info, create_corpus
-from pyembed.db import translated
+from pyembed.db import translate, translated
 from pyembed.errors import InvalidInput
 from pyembed.vectors import copy_vectors
 from pyembed.worker import Worker
@@ -164,9 +164,13 @@ def test_a_tenant_cannot_enqueue_retry_delete_or_fail_another_tenants_jobs(
                 (b_id, b_chunk, A_KEY))
             # a job is made by a chunk write, a failure by pyembed.fail_job (test_hardening)
             assert err.sqlstate == "42501" and "permission denied" in str(err), err
-            done = conn.execute(sql.SQL("DELETE FROM pyembed.{} WHERE corpus_id = %s").format(
-                sql.Identifier(table)), (b_id,))
-            assert done.rowcount == 0, table
+            delete = sql.SQL("DELETE FROM pyembed.{} WHERE corpus_id = %s").format(
+                sql.Identifier(table))
+            if table == "queue":  # no tenant deletes a job (test_hardening)
+                err = sql_error(conn, delete, (b_id,))
+                assert err.sqlstate == "42501" and "permission denied" in str(err), err
+            else:
+                assert conn.execute(delete, (b_id,)).rowcount == 0, table
         # no column of a job is the caller's to write: the claim's go through the functions
         for column in ("corpus_id", "attempts", "not_before", "last_error"):
             err = sql_error(conn, sql.SQL("UPDATE pyembed.queue SET {} = {}").format(
@@ -359,7 +363,9 @@ def test_a_refused_reservation_stops_a_search_whose_query_was_embedded_beside_it
         db: Database, owner: psycopg.Connection[Any]) -> None:
     """A client without a cache embeds a new query with the local model beside search_query
     (pyembed.query): the reservation search_query makes still decides, and over the tenant's
-    limit the search fails with it, accounts nothing more and searches nothing."""
+    limit the search fails with it, accounts nothing more and searches nothing. (The limit is
+    per minute: the minutes after the first are used up too, so that a run crossing into the
+    next minute is refused as well; before, it got that minute's request and failed.)"""
     role = f"tl_{uuid.uuid4().hex[:6]}"
     tenants.create_tenant(owner, "early", requests_per_minute=1)
     tenants.add_member(owner, "early", role, create_login="pw")
@@ -369,12 +375,19 @@ def test_a_refused_reservation_stops_a_search_whose_query_was_embedded_beside_it
         with pyembed.connect(dsn, use_cache=False) as c:
             kb = c.create_corpus("kb", pyembed.LOCAL_DEFAULT.key)
             kb.add([("a", "first text")])  # the minute's one request
+            # And the next two minutes' (the test's clock may cross into one of them): the
+            # limit refuses the searches whichever minute they run in.
+            owner.execute("INSERT INTO pyembed.usage (tenant_id, corpus_id, model_key, minute, "
+                          "requests) SELECT u.tenant_id, u.corpus_id, u.model_key, u.minute "
+                          "+ make_interval(mins => n), 1 FROM pyembed.usage u JOIN "
+                          "pyembed.tenants t USING (tenant_id), generate_series(1, 2) n "
+                          "WHERE t.name = 'early'")
             for mode in ("vector", "hybrid"):
                 with pytest.raises(pyembed.RateLimited, match="tenant early is over its rate"):
                     kb.search("first", k=1, mode=mode)
             assert kb.search("first", k=1, mode="keyword")  # no provider call: not limited
             rows = tenants.usage(c.conn)
-            assert [(r.tenant, r.corpus, r.requests) for r in rows] == [("early", "kb", 1)]
+            assert [(r.tenant, r.corpus, r.requests) for r in rows] == [("early", "kb", 3)]
         assert owner.execute("SELECT kind FROM pyembed.query_log q JOIN pyembed.corpora c "
                              "USING (corpus_id) JOIN pyembed.tenants t USING (tenant_id) "
                              "WHERE t.name = 'early'").fetchall() == [("keyword",)]
@@ -496,3 +509,35 @@ def test_no_other_roles_advisory_lock_decides_a_tenants_bulk_load(
         assert owner.execute(built, ("fresh",)).fetchone() == (True,)
         assert owner.execute("SELECT count(*) FROM pyembed.bulk_loaders").fetchone() == (0,)
     a_client.close()
+
+
+def test_a_vector_for_another_tenants_chunk_waits_for_nothing_of_it(
+        two: dict[str, str], owner: psycopg.Connection[Any]) -> None:
+    """pyembed._vector_document, a BEFORE ROW trigger of pyembed.vectors running as its owner,
+    read and locked (FOR KEY SHARE) the chunk a vector names before row-level security refused
+    the write: tenant b writing a vector for tenant a's chunk through the parent table waited
+    for a's open transaction on that chunk (and learned it exists and is being changed). Now
+    the corpus is checked first, as the caller: the policy's error at once, the same as for an
+    id nobody has; and _dequeue_written reads no other tenant's jobs."""
+    key = "fake/fake-hash@1:384"
+    with psycopg.connect(two["a"], autocommit=True) as a:
+        (corpus_id,) = a.execute("SELECT pyembed.create_corpus('mine', %s)", (key,)).fetchone()
+        a.execute("SELECT pyembed.add_document('mine', 'd', 'a text of tenant a')")
+        (chunk,) = a.execute("SELECT chunk_id FROM pyembed.chunks").fetchone()
+        with a.transaction(), psycopg.connect(two["b"], autocommit=True) as b:
+            a.execute("SELECT FROM pyembed.chunks WHERE chunk_id = %s FOR UPDATE", (chunk,))
+            b.execute("SET lock_timeout = '2s'")
+            insert = ("INSERT INTO pyembed.vectors (corpus_id, chunk_id, model_key, embedding) "
+                      "VALUES (%s, %s, %s, %s)")
+            started = time.monotonic()
+            err = sql_error(b, insert, (corpus_id, chunk, key, str(unit(384, 0).tolist())))
+            took = time.monotonic() - started
+            nobody = sql_error(b, insert, (corpus_id + 1000, chunk, key,
+                                           str(unit(384, 0).tolist())))
+            b.execute("SELECT pyembed._dequeue_written(%s, %s, %s, %s, %s)",
+                      (corpus_id, key, chunk, chunk, [b"x"]))
+        assert err.sqlstate == "42501" and took < 1.5, (err, took)
+        # (An id nobody has has no partition: refused before any trigger, said the same.)
+        assert type(translate(nobody)) is type(translate(err)) is pyembed.UnknownCorpus
+        assert str(translate(nobody)) == str(translate(err))
+        assert a.execute("SELECT count(*) FROM pyembed.queue").fetchone() == (1,)

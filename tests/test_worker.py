@@ -287,7 +287,7 @@ def test_a_corpus_the_worker_cannot_embed_for_stops_no_other_corpus(
 
 
 def test_when_everything_fails_the_cli_exits_non_zero_with_one_line(
-        db: Database, app: psycopg.Connection[Any]) -> None:
+        db: Database, app: psycopg.Connection[Any], owner: psycopg.Connection[Any]) -> None:
     make_corpus(app, "nokey", VOYAGE)
     add_docs(app, "nokey", texts_for(3))
     result = cli("worker", "--max-attempts", "1", env={"PYEMBED_DSN": db.app_dsn})
@@ -302,7 +302,7 @@ def test_when_everything_fails_the_cli_exits_non_zero_with_one_line(
     # A run where every item fails on its own is reported as a failure too.
     make_corpus(app, "allbad", FAKE)
     add_docs(app, "allbad", ["POISON one", "POISON two"], prefix="bad")
-    app.execute("DELETE FROM pyembed.queue WHERE model_key = %s", (VOYAGE,))
+    owner.execute("DELETE FROM pyembed.queue WHERE model_key = %s", (VOYAGE,))
     worker = Worker(db.app_dsn, max_attempts=1, embedder_for=fake_embedder([], refuse_poison))
     try:
         stats = run(worker)
