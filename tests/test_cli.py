@@ -358,7 +358,7 @@ def test_a_negative_number_is_an_argument_with_its_range_error(
 OPTIONS_OUT_OF_RANGE = [
     (["worker", "--lease", "1e9"], "lease must be above 0 and at most 86400 seconds"),
     (["worker", "--batch-size", "100000"], "batch must be 1..10000 jobs, got 100000"),
-    (["worker", "--batch-size", "0"], "batch size, max attempts and lease must be positive"),
+    (["worker", "--batch-size", "0"], "batch size and max attempts must be positive"),
     (["migrate", "backfill", "docs", "--batch-size", "0"], "batch_size must be at least 1"),
     (["migrate", "backfill", "docs", "--batch-size", "-5"], "batch_size must be at least 1"),
     (["migrate", "backfill", "docs", "--rate", "-1"], "rate must be a number of texts per "
