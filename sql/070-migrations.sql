@@ -295,9 +295,10 @@ BEGIN
 END
 $$;
 
--- An evaluation query (the migration gate's and `eval compare`'s) has text and names documents
--- its corpus has, or PE005 naming what is wrong: an id that names no document would count as
--- a miss of every model, and an empty query failed on the table's check with its raw message.
+-- An evaluation query (the migration gate's and `eval compare`'s) has an id, text and names
+-- documents its corpus has, or PE005 naming what is wrong: an id that names no document would
+-- count as a miss of every model, and an empty query failed on the table's check with its raw
+-- message.
 -- Checked before the row's checks, for every writer (the package, the CLI, SQL). A row-level
 -- trigger runs before the table's row-level security policy: a row for a corpus the writer does
 -- not see gets first the error that policy gives (the same for another tenant's corpus as for
@@ -313,6 +314,12 @@ BEGIN
      AND NOT (SELECT rolsuper OR rolbypassrls FROM pg_catalog.pg_roles WHERE rolname = current_user) THEN
     RAISE EXCEPTION USING ERRCODE = '42501',
       MESSAGE = 'new row violates row-level security policy for table "eval_queries"';
+  END IF;
+  -- The id names the query in every message and report, as a document's id does its
+  -- document: 1..512 characters (the upper bound is the table's eval_queries_query_id_bound).
+  IF length(NEW.query_id) = 0 THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = 'an evaluation query id is 1..512 characters, got 0 characters';
   END IF;
   -- Only whitespace, control and format characters is empty too (pyembed.text.INVISIBLE).
   IF NEW.query IS NULL OR NEW.query !~ '[^\x01-\x20\x7f-\xa0\xad\u0600-\u0605\u061c\u06dd\u070f\u0890-\u0891\u08e2\u1680\u180e\u2000-\u200f\u2028-\u202f\u205f-\u2064\u2066-\u206f\u3000\ufeff\ufff9-\ufffb\U000110bd\U000110cd\U00013430-\U00013438\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f]' THEN

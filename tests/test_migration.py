@@ -939,6 +939,17 @@ def test_eval_queries_name_documents_the_corpus_has_and_have_text(db: Database) 
                                   "nope"), "corpus docs has no document 'nope'")
         assert_one_line_error(cli(db, "eval", "add", CORPUS, "q9", " ", "--relevant",
                                   doc_id(1)), "evaluation query q9 is empty")
+        # An empty id, as a document's (it was stored, and named "evaluation query  is empty").
+        empty_id = "an evaluation query id is 1..512 characters, got 0 characters"
+        with pytest.raises(InvalidInput, match=empty_id):
+            evaluation.add_eval_query(app, CORPUS, "", "a question", [doc_id(1)])
+        with pytest.raises(psycopg.Error) as err:
+            app.conn.execute("UPDATE pyembed.eval_queries SET query_id = ''")
+        assert err.value.sqlstate == "PE005" and empty_id in str(err.value)
+        assert_one_line_error(cli(db, "eval", "add", CORPUS, "", "a question", "--relevant",
+                                  doc_id(1)), empty_id)
+        assert app.conn.execute("SELECT query_id FROM pyembed.eval_queries").fetchall() == [
+            ("q0",)]
 
 
 def test_storage_estimate_matches_the_formula() -> None:
