@@ -84,6 +84,7 @@ DECLARE
   new_id bigint;
   queued bigint;
 BEGIN
+  PERFORM pyembed._needs(to_key IS NULL, 'to_key', 'migration_start');
   r := pyembed._migration(corpus);
   PERFORM pyembed._need_target(r.c, r.m, to_key);
   IF storage IS NOT NULL THEN
@@ -145,6 +146,10 @@ AS $$
 DECLARE
   r record;
 BEGIN
+  -- The arguments first, named: a NULL verdict read as a failure closed the gate and took back
+  -- the traffic already shifted, and a NULL report failed on the event log's NOT NULL.
+  PERFORM pyembed._needs(report IS NULL, 'report', 'migration_validated');
+  PERFORM pyembed._needs(passed IS NULL, 'passed', 'migration_validated');
   r := pyembed._migration(corpus);
   PERFORM pyembed._need(r.m, corpus, ARRAY['backfilled', 'validated', 'shifting'], 'validate');
   -- Passing opens the gate (backfilled -> validated); failing closes it again, and takes back
@@ -172,7 +177,8 @@ DECLARE
   r record;
 BEGIN
   -- The argument first: a share out of range is refused as such at any step.
-  IF share IS NULL OR share < 1 OR share > 100 THEN
+  PERFORM pyembed._needs(share IS NULL, 'share', 'migration_shift');
+  IF share < 1 OR share > 100 THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005', MESSAGE = format('share must be 1..100, got %s', share);
   END IF;
   r := pyembed._migration(corpus);
@@ -251,6 +257,7 @@ DECLARE
   removed bigint;
   idx text;
 BEGIN
+  PERFORM pyembed._needs(keep_indexes IS NULL, 'keep_indexes', 'migration_cleanup');
   r := pyembed._migration(corpus);
   IF (r.m).migration_id IS NOT NULL THEN
     RAISE EXCEPTION USING ERRCODE = 'PE007',
