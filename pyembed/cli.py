@@ -977,7 +977,8 @@ def migrate_backfill(
 @migrate_app.command("validate")
 def migrate_validate(
     corpus: str,
-    max_drop: Annotated[float, typer.Option(help="largest nDCG/recall drop allowed")] = 0.02,
+    max_drop: Annotated[float, typer.Option(
+        help="largest nDCG/recall drop allowed, 0..1 (the scores' scale)")] = 0.02,
     dsn: OwnerDsnOption = None,
     as_json: JsonOption = False,
 ) -> None:

@@ -874,9 +874,20 @@ def test_cli_plan_status_steps_and_one_line_errors(db: Database) -> None:
         added = cli(db, "eval", "add", CORPUS, "extra", eval_query(texts[7]), "--relevant",
                     doc_id(7))
         assert added.returncode == 0, added.stderr
-        strict = cli(db, "migrate", "validate", CORPUS, "--max-drop", "-1", "--json")
+        # A new key that misses q0's document (its vector replaced by doc 1's) fails a strict
+        # gate (a --max-drop below 0 did before; it is refused now, as anything outside 0..1).
+        move = ("UPDATE pyembed.vectors v SET embedding = %s FROM pyembed.chunks c "
+                "WHERE (c.corpus_id, c.chunk_id) = (v.corpus_id, v.chunk_id) "
+                "AND v.model_key = %s AND c.document_id = %s")
+        find = ("SELECT v.embedding FROM pyembed.vectors v JOIN pyembed.chunks c "
+                "USING (corpus_id, chunk_id) WHERE v.model_key = %s AND c.document_id = %s")
+        kept = owner.conn.execute(find, (NEW, doc_id(0))).fetchone()[0]
+        owner.conn.execute(move, (owner.conn.execute(find, (NEW, doc_id(1))).fetchone()[0],
+                                  NEW, doc_id(0)))
+        strict = cli(db, "migrate", "validate", CORPUS, "--max-drop", "0", "--json")
         assert strict.returncode == 1 and json.loads(strict.stdout)["passed"] is False
         assert "promotion refused" in strict.stderr
+        owner.conn.execute(move, (kept, NEW, doc_id(0)))
         validate = cli(db, "migrate", "validate", CORPUS, "--max-drop", "0.1")
         assert validate.returncode == 0, validate.stderr
         assert "11 evaluation queries" in validate.stdout and NEW in validate.stdout
