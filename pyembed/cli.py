@@ -83,8 +83,10 @@ class _Console(Console):
 
 
 # Without markup, both: whatever a command prints (names, texts, errors) reads as it is; styles
-# are given as rich Text.
-console = _Console(markup=False)
+# are given as rich Text. Soft wrap, both: a message is one line at any width and in a pipe (a
+# "next: pyembed migrate ..." cut at 80 columns is no command to copy or grep); tables still
+# fold their cells to the width.
+console = _Console(markup=False, soft_wrap=True)
 err_console = _Console(stderr=True, soft_wrap=True, markup=False)
 
 OwnerDsnOption = Annotated[str | None, typer.Option(
@@ -975,7 +977,8 @@ def migrate_backfill(
 @migrate_app.command("validate")
 def migrate_validate(
     corpus: str,
-    max_drop: Annotated[float, typer.Option(help="largest nDCG/recall drop allowed")] = 0.02,
+    max_drop: Annotated[float, typer.Option(
+        help="largest nDCG/recall drop allowed, 0..1 (the scores' scale)")] = 0.02,
     dsn: OwnerDsnOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -1070,7 +1073,8 @@ def migrate_status(corpus: str, dsn: OwnerDsnOption = None, as_json: JsonOption 
         f"coverage {cov} ({st.target_vectors}/{st.chunks}), queued {st.queued}, "
         f"failed {st.failed}" if st.target_model_key else ", no migration in progress"))
     for at, step, detail in st.events[:10]:
-        console.print(f"  {at}  {step}  {detail if detail else ''}", highlight=False)
+        console.print(f"  {at}  {step}" + (f"  {json.dumps(detail)}" if detail else ""),
+                      highlight=False)
 
 
 # -- pyembed eval --------------------------------------------------------------------------

@@ -82,6 +82,17 @@ ERROR_KINDS = ("rate_limited", "server_error", "no_response", "rejected", "bad_a
 """How a provider call can fail, as pyembed counts it (pyembed.provider_errors())."""
 
 
+def status_kind(status: int | None) -> str:
+    """The kind (ERROR_KINDS) of a failed HTTP call with this status, for every service: no
+    status (no answer at all) no_response, 429 rate_limited, 408, 409 and 5xx server_error,
+    any other status rejected."""
+    if status is None:
+        return "no_response"
+    if status == 429:
+        return "rate_limited"
+    return "server_error" if status in (408, 409) or status >= 500 else "rejected"
+
+
 class ProviderError(PyembedError):
     """The embedding or generation service failed after retries, or answered wrongly.
 

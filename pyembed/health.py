@@ -11,6 +11,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from .recall import RECALL_ALERT
+from .text import number
 
 Level = Literal["ok", "warn", "alert"]
 
@@ -180,6 +181,7 @@ def replicas(conn: psycopg.Connection[Any]) -> list[Finding]:
 
 
 def report(conn: psycopg.Connection[Any], *, recall_alert: float = RECALL_ALERT) -> list[Finding]:
-    """Every finding, area by area."""
+    """Every finding, area by area; `recall_alert` is a recall@10, 0..1."""
+    recall_alert = number(recall_alert, "recall_alert", 0.0, 1.0)
     return (coverage(conn) + throughput(conn) + cache(conn) + latency(conn)
             + recall(conn, recall_alert) + indexes(conn) + replicas(conn))

@@ -30,7 +30,7 @@ from rich.progress import (
 from .client import AddReport, Corpus, Document, PreparedAdd
 from .db import twin
 from .errors import ConfigError, InvalidInput, ModelMismatch
-from .text import read_json
+from .text import number, read_json
 
 MARKDOWN_SUFFIXES = frozenset({".md", ".markdown"})
 TEXT_SUFFIXES = frozenset({".txt"}) | MARKDOWN_SUFFIXES
@@ -406,8 +406,7 @@ def ingest(corpus: Corpus, paths: Path | str | Iterable[Path | str], *, batch_si
     """
     if batch_size < 1:
         raise InvalidInput(f"batch_size must be at least 1, got {batch_size}")
-    if progress_every < 0:
-        raise InvalidInput(f"progress_every must be 0 or more seconds, got {progress_every}")
+    progress_every = number(progress_every, "progress_every", 0.0, unit="seconds")
     if isinstance(paths, str | Path):
         paths = [paths]
     roots = [Path(p) for p in paths]

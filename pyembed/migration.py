@@ -22,10 +22,10 @@ from .client import Client, in_client_turn
 from .corpora import model_spec
 from .db import integer, translated
 from .errors import InvalidInput, MigrationError
-from .evaluation import EvalQuery, KeyScore, eval_queries, evaluate, overlap
+from .evaluation import HITS_PER_DOCUMENT, EvalQuery, KeyScore, eval_queries, evaluate, overlap
 from .index import build_index_online, drop_index_online
 from .models import InputType
-from .text import estimate_tokens
+from .text import estimate_tokens, number
 from .vectors import copy_vectors
 
 # Typical published limits of each provider's first paid tier, for the time estimate only.
@@ -225,10 +225,21 @@ def _score(client: Client, corpus: str, key: str, evals: list[EvalQuery],
     return evaluate(client.embedder(key), evals, rank, k)
 
 
+MAX_K = 1000 // HITS_PER_DOCUMENT
+"""The largest k `validate` takes: a search returns at most 1,000 hits, and the evaluation asks
+for k * HITS_PER_DOCUMENT of them."""
+
+
 @in_client_turn
 def validate(client: Client, corpus: str, *, k: int = 10, max_drop: float = 0.02) -> Validation:
     """Run the corpus's evaluation queries on the old and new keys; refuse promotion when the
-    new key's nDCG@k or Recall@k is more than `max_drop` below the old key's."""
+    new key's nDCG@k or Recall@k is more than `max_drop` (0..1, as the scores are) below the
+    old key's. The arguments are checked before anything runs: a failed validation closes the
+    gate and takes back the traffic already shifted, which a typo must not do."""
+    k = integer(k, "k")
+    if not 1 <= k <= MAX_K:
+        raise InvalidInput(f"k must be 1..{MAX_K}, got {k}")
+    max_drop = number(max_drop, "max_drop", 0.0, 1.0)
     info = client.corpus(corpus).info
     if info.target_model_key is None:
         raise MigrationError(f"corpus {corpus} has no migration in progress")

@@ -17,10 +17,10 @@ import anthropic
 
 from .client import Corpus, _ms
 from .db import integer
-from .errors import InvalidInput, ProviderError, RateLimited, redact
+from .errors import InvalidInput, ProviderError, RateLimited, redact, status_kind
 from .providers.base import UNREADABLE, checked_base_url, unreadable
 from .search import MODES, Hit
-from .text import check_text
+from .text import check_text, has_text
 
 log = logging.getLogger(__name__)
 
@@ -247,6 +247,9 @@ def _generate(client: anthropic.Anthropic, result: Answer, prompt: str, *, model
                  "output_tokens": message.usage.output_tokens}
         if not isinstance(text, str) or not all(isinstance(n, int) for n in usage.values()):
             raise TypeError("no text, or token counts that are not whole numbers")
+        if not has_text(text):  # nothing to show or cite: the service's bad answer
+            raise ProviderError(f"claude ({model}): the answer is empty (stop reason "
+                                f"{stop_reason})")
     except anthropic.AnthropicError as exc:
         raise _provider_error(exc, model, client) from None
     except UNREADABLE as exc:
@@ -278,7 +281,11 @@ def _provider_error(exc: anthropic.AnthropicError, model: str,
     message = _scrubbed(message, client)
     if isinstance(exc, anthropic.RateLimitError):
         return RateLimited(message)
-    return ProviderError(message)
+    # The kind every provider's failure has (pyembed.errors.ERROR_KINDS): a status's, none for
+    # no answer (a timeout), and a bad answer for what the SDK could not read.
+    kind = (status_kind(exc.status_code) if isinstance(exc, anthropic.APIStatusError) else
+            "no_response" if isinstance(exc, anthropic.APIConnectionError) else "bad_answer")
+    return ProviderError(message, kind=kind)
 
 
 def _scrubbed(message: str, client: anthropic.Anthropic) -> str:

@@ -20,6 +20,7 @@ from tenacity import (
 
 from .errors import ConfigError, ProviderError, RateLimited
 from .providers.base import TransientProviderError
+from .text import number
 
 T = TypeVar("T")
 
@@ -36,6 +37,9 @@ class Retrier:
                  on_error: Callable[[ProviderError], None] | None = None) -> None:
         if max_retries < 0:
             raise ConfigError(f"max_retries must be 0 or more, got {max_retries}")
+        # NaN would never be exceeded: every wait the service asked for would be taken.
+        max_retry_after = number(max_retry_after, "max_retry_after", 0.0, unit="seconds",
+                                 error=ConfigError)
         self.what = what
         self.max_retries = max_retries
         self.max_retry_after = max_retry_after

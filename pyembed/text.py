@@ -5,12 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 import re
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .errors import InvalidInput
+from .errors import InvalidInput, PyembedError
 
 _LAST_WORD = re.compile(r"\s+\S*$")
 
@@ -134,6 +135,23 @@ def check_whole_number(value: int, what: str) -> int:
         raise InvalidInput(f"{what} is a whole number of about {int(digits) + 1} digits, more "
                            f"than the {limit} Python converts")
     return value
+
+
+def number(value: object, what: str, low: float, high: float = math.inf, *,
+           above: bool = False, unit: str = "",
+           error: type[PyembedError] = InvalidInput) -> float:
+    """`value` as a float from `low` (excluded when `above`) to `high`; `error` (InvalidInput)
+    naming `what` and the range otherwise. A check written as `value < low` lets NaN through
+    (every comparison with it is false), and an infinite wait or bound means none at all."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        number_ = float(value)
+        if math.isfinite(number_) and (number_ > low if above else number_ >= low) and (
+                number_ <= high):
+            return number_
+    start = f"above {low:g}" if above else f"{low:g}"
+    span = (f"{start} and at most {high:g}" if above else f"{start}..{high:g}"
+            ) if math.isfinite(high) else (start if above else f"{start} or more")
+    raise error(f"{what} must be {span}{f' {unit}' if unit else ''}, got {value!r}")
 
 
 def _too_deep(what: str) -> InvalidInput:

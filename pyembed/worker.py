@@ -45,6 +45,7 @@ from .errors import (
 )
 from .models import InputType, ModelSpec
 from .tenants import error_counter, meter
+from .text import number
 from .vectors import copy_vectors
 
 _log = logging.getLogger(__name__)
@@ -219,8 +220,12 @@ class Worker:
                  retry_max: float = 300.0,
                  embedder_for: Callable[[ModelSpec, PostgresCache], Embedder] | None = None,
                  recall_every: float = 60.0, recall_samples: int = 20) -> None:
-        if batch_size < 1 or max_attempts < 1 or lease_seconds <= 0:
-            raise InvalidInput("batch size, max attempts and lease must be positive")
+        if batch_size < 1 or max_attempts < 1:
+            raise InvalidInput("batch size and max attempts must be positive")
+        lease_seconds = number(lease_seconds, "lease_seconds", 0.0, above=True, unit="seconds")
+        retry_base = number(retry_base, "retry_base", 0.0, unit="seconds")
+        retry_max = number(retry_max, "retry_max", 0.0, unit="seconds")
+        recall_every = number(recall_every, "recall_every", 0.0, unit="seconds")
         # The worker's login by default ($PYEMBED_WORKER_DSN, the local cluster's), which
         # counts failed provider calls.
         self.dsn = dsn or resolve_dsn(worker=True)

@@ -84,6 +84,7 @@ DECLARE
   new_id bigint;
   queued bigint;
 BEGIN
+  PERFORM pyembed._needs(to_key IS NULL, 'to_key', 'migration_start');
   r := pyembed._migration(corpus);
   PERFORM pyembed._need_target(r.c, r.m, to_key);
   IF storage IS NOT NULL THEN
@@ -145,6 +146,10 @@ AS $$
 DECLARE
   r record;
 BEGIN
+  -- The arguments first, named: a NULL verdict read as a failure closed the gate and took back
+  -- the traffic already shifted, and a NULL report failed on the event log's NOT NULL.
+  PERFORM pyembed._needs(report IS NULL, 'report', 'migration_validated');
+  PERFORM pyembed._needs(passed IS NULL, 'passed', 'migration_validated');
   r := pyembed._migration(corpus);
   PERFORM pyembed._need(r.m, corpus, ARRAY['backfilled', 'validated', 'shifting'], 'validate');
   -- Passing opens the gate (backfilled -> validated); failing closes it again, and takes back
@@ -172,7 +177,8 @@ DECLARE
   r record;
 BEGIN
   -- The argument first: a share out of range is refused as such at any step.
-  IF share IS NULL OR share < 1 OR share > 100 THEN
+  PERFORM pyembed._needs(share IS NULL, 'share', 'migration_shift');
+  IF share < 1 OR share > 100 THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005', MESSAGE = format('share must be 1..100, got %s', share);
   END IF;
   r := pyembed._migration(corpus);
@@ -251,6 +257,7 @@ DECLARE
   removed bigint;
   idx text;
 BEGIN
+  PERFORM pyembed._needs(keep_indexes IS NULL, 'keep_indexes', 'migration_cleanup');
   r := pyembed._migration(corpus);
   IF (r.m).migration_id IS NOT NULL THEN
     RAISE EXCEPTION USING ERRCODE = 'PE007',
@@ -295,9 +302,10 @@ BEGIN
 END
 $$;
 
--- An evaluation query (the migration gate's and `eval compare`'s) has text and names documents
--- its corpus has, or PE005 naming what is wrong: an id that names no document would count as
--- a miss of every model, and an empty query failed on the table's check with its raw message.
+-- An evaluation query (the migration gate's and `eval compare`'s) has an id, text and names
+-- documents its corpus has, or PE005 naming what is wrong: an id that names no document would
+-- count as a miss of every model, and an empty query failed on the table's check with its raw
+-- message.
 -- Checked before the row's checks, for every writer (the package, the CLI, SQL). A row-level
 -- trigger runs before the table's row-level security policy: a row for a corpus the writer does
 -- not see gets first the error that policy gives (the same for another tenant's corpus as for
@@ -313,6 +321,12 @@ BEGIN
      AND NOT (SELECT rolsuper OR rolbypassrls FROM pg_catalog.pg_roles WHERE rolname = current_user) THEN
     RAISE EXCEPTION USING ERRCODE = '42501',
       MESSAGE = 'new row violates row-level security policy for table "eval_queries"';
+  END IF;
+  -- The id names the query in every message and report, as a document's id does its
+  -- document: 1..512 characters (the upper bound is the table's eval_queries_query_id_bound).
+  IF length(NEW.query_id) = 0 THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = 'an evaluation query id is 1..512 characters, got 0 characters';
   END IF;
   -- Only whitespace, control and format characters is empty too (pyembed.text.INVISIBLE).
   IF NEW.query IS NULL OR NEW.query !~ '[^\x01-\x20\x7f-\xa0\xad\u0600-\u0605\u061c\u06dd\u070f\u0890-\u0891\u08e2\u1680\u180e\u2000-\u200f\u2028-\u202f\u205f-\u2064\u2066-\u206f\u3000\ufeff\ufff9-\ufffb\U000110bd\U000110cd\U00013430-\U00013438\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f]' THEN

@@ -358,7 +358,7 @@ def test_a_negative_number_is_an_argument_with_its_range_error(
 OPTIONS_OUT_OF_RANGE = [
     (["worker", "--lease", "1e9"], "lease must be above 0 and at most 86400 seconds"),
     (["worker", "--batch-size", "100000"], "batch must be 1..10000 jobs, got 100000"),
-    (["worker", "--batch-size", "0"], "batch size, max attempts and lease must be positive"),
+    (["worker", "--batch-size", "0"], "batch size and max attempts must be positive"),
     (["migrate", "backfill", "docs", "--batch-size", "0"], "batch_size must be at least 1"),
     (["migrate", "backfill", "docs", "--batch-size", "-5"], "batch_size must be at least 1"),
     (["migrate", "backfill", "docs", "--rate", "-1"], "rate must be a number of texts per "
@@ -445,3 +445,35 @@ def test_index_settings_help_says_where_the_ranges_are_checked(db: Database) -> 
         run = pyembed("corpus", "index", "docs", f"--{setting.replace('_', '-')}", "0",
                       env=db_env(db))
         assert run.returncode == 1 and f"{low}..{high}" in run.stderr, run.stderr
+
+
+def test_a_message_is_one_line_at_any_width(db: Database) -> None:
+    """A message was wrapped at the console's width (80 columns in a pipe): `migrate start`
+    printed "next: pyembed migrate backfill" and the corpus on two lines, `migrate status` its
+    summary and each event's detail (a Python dict) on several. Tables still fold their cells."""
+    name = "a-corpus-name-longer-than-the-screen-is-wide"
+    env = {**db_env(db), "COLUMNS": "40"}
+
+    def lines(*args: str) -> list[str]:
+        run = run_cli(*args, env=env)
+        assert run.returncode == 0, run
+        out = run.stdout.splitlines()
+        assert not [line for line in out if line.endswith(" ")], out  # a line cut at a space
+        return out
+
+    assert lines("corpus", "create", name, "--model", "fake/fake-hash@1:384") == [
+        f"created corpus {name} pinned to fake/fake-hash@1:384 (vector)"]
+    with pyembed_api.connect(db.app_dsn) as client:
+        client.corpus(name).add([("a", "alpha text")])
+    started = lines("migrate", "start", name, "--to", "fake/fake-hash@2:1024")
+    assert len(started) == 1 and started[0].endswith(f"next: pyembed migrate backfill {name}")
+    backfilled = lines("migrate", "backfill", name)
+    assert backfilled[-1].endswith(f"next: pyembed migrate validate {name}"), backfilled
+    summary, *events = lines("migrate", "status", name)
+    assert summary == (f"{name}: fake/fake-hash@1:384 -> fake/fake-hash@2:1024, step "
+                       "backfilled, traffic 0%, coverage 100.0% (1/1), queued 0, failed 0")
+    assert [line.split()[2] for line in events] == ["backfilled", "start"], events
+    assert json.loads(events[1].split("  ")[-1]) == {"from": "fake/fake-hash@1:384",
+                                                     "to": "fake/fake-hash@2:1024"}
+    table = lines("corpus", "list")
+    assert max(len(line) for line in table) <= 40, table  # folded, not one long line

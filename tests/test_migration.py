@@ -882,9 +882,20 @@ def test_cli_plan_status_steps_and_one_line_errors(db: Database) -> None:
         added = cli(db, "eval", "add", CORPUS, "extra", eval_query(texts[7]), "--relevant",
                     doc_id(7))
         assert added.returncode == 0, added.stderr
-        strict = cli(db, "migrate", "validate", CORPUS, "--max-drop", "-1", "--json")
+        # A new key that misses q0's document (its vector replaced by doc 1's) fails a strict
+        # gate (a --max-drop below 0 did before; it is refused now, as anything outside 0..1).
+        move = ("UPDATE pyembed.vectors v SET embedding = %s FROM pyembed.chunks c "
+                "WHERE (c.corpus_id, c.chunk_id) = (v.corpus_id, v.chunk_id) "
+                "AND v.model_key = %s AND c.document_id = %s")
+        find = ("SELECT v.embedding FROM pyembed.vectors v JOIN pyembed.chunks c "
+                "USING (corpus_id, chunk_id) WHERE v.model_key = %s AND c.document_id = %s")
+        kept = owner.conn.execute(find, (NEW, doc_id(0))).fetchone()[0]
+        owner.conn.execute(move, (owner.conn.execute(find, (NEW, doc_id(1))).fetchone()[0],
+                                  NEW, doc_id(0)))
+        strict = cli(db, "migrate", "validate", CORPUS, "--max-drop", "0", "--json")
         assert strict.returncode == 1 and json.loads(strict.stdout)["passed"] is False
         assert "promotion refused" in strict.stderr
+        owner.conn.execute(move, (kept, NEW, doc_id(0)))
         validate = cli(db, "migrate", "validate", CORPUS, "--max-drop", "0.1")
         assert validate.returncode == 0, validate.stderr
         assert "11 evaluation queries" in validate.stdout and NEW in validate.stdout
@@ -947,6 +958,17 @@ def test_eval_queries_name_documents_the_corpus_has_and_have_text(db: Database) 
                                   "nope"), "corpus docs has no document 'nope'")
         assert_one_line_error(cli(db, "eval", "add", CORPUS, "q9", " ", "--relevant",
                                   doc_id(1)), "evaluation query q9 is empty")
+        # An empty id, as a document's (it was stored, and named "evaluation query  is empty").
+        empty_id = "an evaluation query id is 1..512 characters, got 0 characters"
+        with pytest.raises(InvalidInput, match=empty_id):
+            evaluation.add_eval_query(app, CORPUS, "", "a question", [doc_id(1)])
+        with pytest.raises(psycopg.Error) as err:
+            app.conn.execute("UPDATE pyembed.eval_queries SET query_id = ''")
+        assert err.value.sqlstate == "PE005" and empty_id in str(err.value)
+        assert_one_line_error(cli(db, "eval", "add", CORPUS, "", "a question", "--relevant",
+                                  doc_id(1)), empty_id)
+        assert app.conn.execute("SELECT query_id FROM pyembed.eval_queries").fetchall() == [
+            ("q0",)]
 
 
 def test_storage_estimate_matches_the_formula() -> None:

@@ -666,6 +666,8 @@ WRITES_INTO_A_CORPUS = {
         "INSERT INTO pyembed.eval_queries (corpus_id, query_id, query, relevant) "
         "VALUES (%s, 'q1', 'a query', '{d1}')",
         "INSERT INTO pyembed.eval_queries (corpus_id, query_id, query, relevant) "
+        "VALUES (%s, '', 'a query', '{d1}')",
+        "INSERT INTO pyembed.eval_queries (corpus_id, query_id, query, relevant) "
         "VALUES (%s, 'q1', ' ', '{d1}')",
         "INSERT INTO pyembed.eval_queries (corpus_id, query_id, query, relevant) "
         "VALUES (%s, 'q1', 'a query', '{}')",

@@ -273,3 +273,39 @@ def test_the_worker_outlives_an_answer_not_in_the_services_format(
     assert any("not in the service's format" in e for e in stats.errors), stats.errors
     assert owner.execute("SELECT count(*) FROM pyembed.vectors").fetchone() == (4,)
     assert owner.execute("SELECT count(*) FROM pyembed.queue").fetchone() == (0,)
+
+
+# -- a NaN in a returned vector (the fake server's "nan": JSON's NaN token, or in base64) -------
+@pytest.mark.parametrize("spec", [VOYAGE, OPENAI, COHERE], ids=lambda s: s.provider)
+def test_a_returned_vector_with_nan_is_pe009_and_nothing_is_cached(spec: ModelSpec,
+                                                                   fake_api: FakeAPI) -> None:
+    cache = DictCache()
+    fake_api.script("nan")
+    embedder = Embedder(spec, provider_for(spec, timeout=5.0), cache=cache,
+                        sleep=lambda _: None)
+    with pytest.raises(ProviderError, match="returned a vector with NaN or infinity") as info:
+        embedder.embed(TEXTS[:2])
+    assert info.value.sqlstate == "PE009" and info.value.kind == "bad_answer"
+    assert cache.puts == [] and len(fake_api.requests) == 1  # not asked again
+
+
+def test_in_database_embed_and_the_worker_refuse_a_returned_vector_with_nan(
+        db: Database, app_via_fake_voyage: psycopg.Connection[Any], app: psycopg.Connection[Any],
+        owner: psycopg.Connection[Any], fake_api: FakeAPI) -> None:
+    fake_api.script("nan")
+    with pytest.raises(psycopg.Error) as info:
+        app_via_fake_voyage.execute("SELECT pyembed.embed_batch(%s, %s)",
+                                    (TEXTS[:2], VOYAGE_IN_DB.key))
+    assert info.value.sqlstate == "PE009" and "NaN" in str(info.value)
+    assert cached_count(db, VOYAGE_IN_DB, TEXTS[:2]) == 0
+
+    stats = _drain(db, app, fake_api, "nan", ["nan"], max_attempts=3)
+    # The answer was refused whole; the texts, sent again, got their own vectors.
+    assert stats.embedded == 4 and stats.failed == 0
+    first, *again = fake_api.requests_to("openai")
+    assert first.behaviour.kind == "nan" and len(first.body["input"]) == 4 and again
+    rows = owner.execute("SELECT ch.content, v.embedding FROM pyembed.vectors v "
+                         "JOIN pyembed.chunks ch USING (corpus_id, chunk_id)").fetchall()
+    stored = dict(zip([text for text, _ in rows], as_arrays([v for _, v in rows]), strict=True))
+    for text, vector in zip(TEXTS, expected(OPENAI_SMALL, TEXTS), strict=True):
+        np.testing.assert_allclose(stored[text], vector, atol=1e-6)

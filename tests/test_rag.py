@@ -12,7 +12,9 @@ import pytest
 import pyembed
 from pyembed import rag
 from pyembed.client import Client, Corpus
+from tests.conftest import Database
 from tests.fakeapi.server import FakeAPI
+from tests.helpers import run_cli
 
 KEY = "fake/fake-hash@1:384"
 SECRET = "sk-ant-test-5ecret-never-printed"
@@ -269,3 +271,47 @@ def test_claude_errors_hide_a_gateway_base_url(kb: Corpus, claude: FakeAPI,
     assert "HTTP 500" in message
     for secret in ("gw-user-1a", "gw-pass-2b", "route-token-3c", "query-secret-4d", SECRET):
         assert secret not in message, message
+
+
+@pytest.mark.parametrize(("script", "kind"), [
+    ("500", "server_error"), ("529", "server_error"), ("408", "server_error"),
+    ("400", "rejected"), ("401", "rejected"), ("413", "rejected"),
+    ("hang", "no_response"), ("notjson", "bad_answer"), ("429", "rate_limited")])
+@pytest.mark.parametrize("stream", [False, True], ids=["message", "stream"])
+def test_a_failed_call_to_claude_has_the_kind_every_provider_gives_it(
+        kb: Corpus, claude: FakeAPI, script: str, kind: str, stream: bool) -> None:
+    """pyembed.errors.ERROR_KINDS, as for the embedding and rerank services: every failure of
+    Claude's was kind bad_answer (a 500, a timeout, a refused key alike)."""
+    claude.script(script)
+    with pytest.raises(pyembed.ProviderError) as raised:
+        rag.answer(kb, "What does error E4012 mean?", max_retries=0, timeout=0.5,
+                   on_text=(lambda _: None) if stream else None)
+    assert raised.value.kind == kind, (script, raised.value)
+    assert isinstance(raised.value, pyembed.RateLimited) == (kind == "rate_limited")
+
+
+@pytest.mark.parametrize("reply", ["", "   ", "\u200b\n"], ids=["empty", "spaces", "invisible"])
+@pytest.mark.parametrize("stream", [False, True], ids=["message", "stream"])
+def test_an_empty_answer_is_a_provider_error(kb: Corpus, claude: FakeAPI, reply: str,
+                                             stream: bool) -> None:
+    """Claude's answer with no visible text was returned as generated, not insufficient, with
+    nothing to show: `pyembed ask` printed an empty line and exited 0."""
+    claude.reply_text = reply
+    with pytest.raises(pyembed.ProviderError) as raised:
+        rag.answer(kb, "What does error E4012 mean?",
+                   on_text=(lambda _: None) if stream else None)
+    assert str(raised.value) == (f"claude ({rag.DEFAULT_MODEL}): the answer is empty (stop "
+                                 "reason end_turn)")
+    assert raised.value.kind == "bad_answer" and raised.value.sqlstate == "PE009"
+    assert len(claude.requests_to("anthropic")) == 1  # not asked again
+
+
+def test_the_cli_says_one_line_of_an_empty_answer(db: Database, kb: Corpus,
+                                                   claude: FakeAPI) -> None:
+    claude.reply_text = ""
+    for json_flag in ([], ["--json"]):
+        out = run_cli("ask", "kb", "What does error E4012 mean?", *json_flag,
+                      env={"PYEMBED_DSN": db.app_dsn})
+        assert out.returncode == 1, out
+        assert out.stderr == (f"error: claude ({rag.DEFAULT_MODEL}): the answer is empty (stop "
+                              "reason end_turn)\n"), out.stderr

@@ -13,7 +13,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from pyembed import errors, indb, tenants
+import pyembed
+from pyembed import errors, indb, migration, tenants
 from pyembed.db import connect, translate
 from pyembed.errors import ConfigError, InvalidInput, UnknownCorpus
 from pyembed.models import LOCAL_DEFAULT
@@ -493,3 +494,56 @@ def test_local_threads_the_server_cannot_use_are_a_configuration_error(
     assert err.sqlstate == "PE013", err
     assert isinstance(translate(err), ConfigError)
     assert "PYEMBED_LOCAL_THREADS must be a positive integer, got 'none'" in str(err)
+
+
+MIGRATION_STEPS = """
+SELECT p.proname, p.proargnames, ARRAY(SELECT format_type(t, NULL)
+                                        FROM unnest(p.proargtypes::oid[]) t)
+  FROM pg_proc p
+ WHERE p.pronamespace = 'pyembed'::regnamespace AND p.proname LIKE 'migration\\_%'
+ ORDER BY 1
+"""
+STEP_ARGUMENTS = {"corpus": "'docs'", "to_key": "'fake/fake-hash@2:1024'", "storage": "'vector'",
+                  "report": "'{}'", "passed": "true", "share": "10", "keep_indexes": "false"}
+"""A value for each argument of the migration steps (a new argument: add its value)."""
+
+
+def test_null_in_each_argument_of_the_migration_steps_is_named_and_changes_nothing(
+        db: Database, owner: psycopg.Connection[Any]) -> None:
+    """The owner's steps, from the catalogue, in SQL as a DBA calls them, with NULL in each
+    argument, on a corpus whose migration serves 10% from its target: PE005 naming the
+    argument and the step, and the migration as it was. Before, migration_validated's NULL
+    verdict recorded a failed validation (closing the gate and taking the 10% back), its NULL
+    report failed on migration_events' NOT NULL, migration_shift's NULL share said "share must be
+    1..100, got ", migration_cleanup's NULL keep_indexes was taken as false and
+    migration_start's NULL key was "unknown model key NULL"."""
+    owner.execute("SELECT pyembed.create_corpus('docs', %s)", (FAKE,))
+    owner.execute("SELECT pyembed.add_document('docs', 'd1', 'refunds take five days')")
+    with pyembed.connect(db.owner_dsn) as client:
+        migration.start(client, "docs", "fake/fake-hash@2:1024")
+        migration.backfill(client, "docs")
+        owner.execute("SELECT pyembed.migration_validated('docs', '{}', true)")
+        migration.shift(client, "docs", 10)
+    state = "SELECT migration_step, traffic_share, (SELECT count(*) FROM " \
+            "pyembed.migration_events) FROM pyembed.corpora WHERE name = 'docs'"
+    before = owner.execute(state).fetchone()
+    steps = owner.execute(MIGRATION_STEPS).fetchall()
+    assert {"migration_start", "migration_validated", "migration_shift"} <= {s[0] for s in steps}
+    wrong = []
+    for name, argnames, types in steps:
+        assert set(argnames) <= set(STEP_ARGUMENTS), f"{name}: a new argument, add its value"
+        for i, arg in enumerate(argnames):
+            if name == "migration_start" and arg == "storage":
+                continue  # DEFAULT NULL: the corpus's storage
+            call = ", ".join(f"NULL::{t}" if j == i else f"({STEP_ARGUMENTS[a]})::{t}"
+                             for j, (a, t) in enumerate(zip(argnames, types, strict=True)))
+            try:
+                with owner.transaction(force_rollback=True):
+                    owner.execute(f"SELECT pyembed.{name}({call})")
+                wrong.append(f"{name}({arg} NULL): no error")
+            except psycopg.Error as err:
+                said = f"{arg} is NULL: pyembed.{name}() needs a value for it"
+                if err.sqlstate != "PE005" or err.diag.message_primary != said:
+                    wrong.append(f"{name}({arg} NULL): {err.sqlstate} {err.diag.message_primary}")
+    assert wrong == [], "\n".join(wrong)
+    assert owner.execute(state).fetchone() == before == ("shifting", 10, before[2])

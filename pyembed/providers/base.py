@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import numpy.typing as npt
 
-from ..errors import ConfigError, MissingAPIKey, ProviderError, redact
+from ..errors import ConfigError, MissingAPIKey, ProviderError, redact, status_kind
 from ..models import LOCAL_DEFAULT, InputType, ModelSpec
 
 Vectors: TypeAlias = Sequence[Sequence[float]] | npt.NDArray[np.floating]
@@ -70,8 +70,7 @@ class TransientProviderError(ProviderError):
 
     def __init__(self, message: str, *, status: int | None = None,
                  retry_after: float | None = None) -> None:
-        super().__init__(message, kind="no_response" if status is None else
-                         "rate_limited" if status == 429 else "server_error")
+        super().__init__(message, kind=status_kind(status))
         self.status = status
         self.retry_after = retry_after
 
@@ -134,7 +133,7 @@ class ServiceClient(Generic[S]):
         message = self._scrub(f"{where}: {what}: {detail.strip() or 'no detail given'}")
         if status is None or status in TRANSIENT_STATUSES or status >= 500:
             return TransientProviderError(message, status=status, retry_after=retry_after)
-        return ProviderError(message, kind="rejected")
+        return ProviderError(message, kind=status_kind(status))
 
     def bad_response(self, detail: str) -> ProviderError:
         """The error to raise when the service answered, but not with a usable answer."""

@@ -63,6 +63,7 @@ class Behaviour:
     indexes: one embedding per listed index, labelled with it and carrying the vector of the
     text at that index modulo the number of texts (Cohere's answer has no indexes: it gets
     those vectors in that order).
+    nan: NaN as the first number of the first vector (JSON's NaN token, or in base64).
     Rerank endpoints: short is one score too few, indexes one score per listed index, and
     nan a NaN score for the first document.
     Answers not in the service's format, from every endpoint: notjson is a 200 whose body is
@@ -447,6 +448,9 @@ def _embeddings(service: Service, body: Any, behaviour: Behaviour) -> dict[str, 
     if behaviour.kind == "indexes":
         indexes = list(behaviour.indexes)
         vectors = vectors[[i % len(texts) for i in indexes]]
+    if behaviour.kind == "nan":
+        vectors = vectors.copy()
+        vectors[0, 0] = np.nan
     tokens = sum(estimate_tokens(t) for t in texts)
     values: list[list[Any]] = vectors.tolist()
     if behaviour.kind == "strings":
