@@ -541,3 +541,27 @@ def test_a_vector_for_another_tenants_chunk_waits_for_nothing_of_it(
         assert type(translate(nobody)) is type(translate(err)) is pyembed.UnknownCorpus
         assert str(translate(nobody)) == str(translate(err))
         assert a.execute("SELECT count(*) FROM pyembed.queue").fetchone() == (1,)
+
+
+
+def test_the_owner_acts_for_a_tenant_to_migrate_and_index_its_corpus(
+        db: Database, two: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Row-level security hides a tenant's corpora from the owner's login too (it belongs to no
+    tenant): its migrate start said unknown corpus. It acts for the tenant that
+    pyembed.act_as_tenant names, set here through libpq's PGOPTIONS as README says, for every
+    owner operation; a tenant's own login setting it still acts for its own tenant only."""
+    from pyembed import migration
+
+    a = fill(two["a"], A_KEY, 12)
+    a.close()
+    with pyembed.connect(db.owner_dsn) as dba, pytest.raises(pyembed.UnknownCorpus):
+        migration.start(dba, "docs", B_KEY)
+    monkeypatch.setenv("PGOPTIONS", "-c pyembed.act_as_tenant=a")
+    with pyembed.connect(db.owner_dsn) as dba:
+        migration.start(dba, "docs", B_KEY)
+        migration.backfill(dba, "docs")
+        st = migration.status(dba, "docs")
+        assert (st.model_key, st.target_model_key, st.coverage) == (A_KEY, B_KEY, 1.0)
+        assert {i.model_key for i in dba.index_status("docs")} == {A_KEY, B_KEY}
+    with pyembed.connect(two["b"]) as b, pytest.raises(pyembed.UnknownCorpus):
+        b.corpus("docs")  # b has no "docs": the setting is not its to use
