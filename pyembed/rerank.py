@@ -171,8 +171,9 @@ class Reranker:
 
     def _checked(self, raw: list[object], count: int) -> list[float]:
         if len(raw) != count:
-            raise self.provider.bad_response(f"the service returned {len(raw)} scores for "
-                                             f"{count} texts")
+            raise self.provider.bad_response(
+                f"the service returned {len(raw)} score{'s' if len(raw) != 1 else ''} for "
+                f"{count} text{'s' if count != 1 else ''}")
         for index, score in enumerate(raw):
             if (not isinstance(score, int | float) or isinstance(score, bool)
                     or not math.isfinite(score)):

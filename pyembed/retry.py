@@ -65,8 +65,10 @@ class Retrier:
             result: T = retrying(self._once, request, before)
             return result
         except TransientProviderError as exc:
-            raise ProviderError(f"{self.what}: gave up after {self.max_retries + 1} "
-                                f"attempts; last error: {exc}", kind=exc.kind) from exc
+            tries = self.max_retries + 1
+            raise ProviderError(f"{self.what}: gave up after {tries} "
+                                f"attempt{'s' if tries != 1 else ''}; last error: {exc}",
+                                kind=exc.kind) from exc
 
     def _once(self, request: Callable[[], T], before: Callable[[], None] | None) -> T:
         if before is not None:

@@ -589,7 +589,8 @@ BEGIN
     IF NOT coalesce(create_corpus.exist_ok, false) THEN
       RAISE EXCEPTION USING ERRCODE = 'PE005',
         MESSAGE = format('corpus %s already exists', create_corpus.name),
-        HINT = 'pass exist_ok to use it when it has the same model key and chunking';
+        HINT = 'pass exist_ok (--exist-ok on the command line, exist_ok => true in SQL) to use '
+               'it when it has the same model key and chunking';
     END IF;
     IF old.model_key <> create_corpus.model_key THEN
       RAISE EXCEPTION USING ERRCODE = 'PE001',

@@ -151,8 +151,10 @@ def test_create_corpus_exist_ok_returns_the_same_corpus_only(client: Any,
     again = client.create_corpus("again", KEY, chunk_tokens=50, chunk_overlap=10, exist_ok=True,
                                  storage="halfvec", description="not compared")
     assert again.info == first.info
-    with pytest.raises(pyembed.InvalidInput, match="already exists"):
+    with pytest.raises(pyembed.InvalidInput, match="already exists") as info:
         client.create_corpus("again", KEY, chunk_tokens=50, chunk_overlap=10)
+    # the hint names the option as each entry point spells it (the CLI's was a Python name)
+    assert "--exist-ok on the command line, exist_ok => true in SQL" in str(info.value)
     with pytest.raises(pyembed.ModelMismatch, match="pinned to fake/fake-hash@1:384, not "
                                                     "fake/fake-hash@1:1024"):
         client.create_corpus("again", "fake/fake-hash@1:1024", chunk_tokens=50,

@@ -149,6 +149,10 @@ def test_hanging_service_fails_in_bounded_time(spec: ModelSpec, fake_api: FakeAP
 
     assert time.monotonic() - started < 4.0
     assert len(fake_api.requests) == 2
+    fake_api.reset()
+    fake_api.script("hang")
+    with pytest.raises(ProviderError, match=r"gave up after 1 attempt;"):
+        make_embedder(spec, [], timeout=0.5, max_retries=0).embed(["alpha"])
 
 
 @SPECS
