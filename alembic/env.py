@@ -9,6 +9,7 @@ from sqlalchemy.engine import Connection
 from pyembed.schema import (
     SCHEMA,
     VERSION_TABLE,
+    expected_revision_sql,
     head_revision,
     install_lock_sql,
     raw_text,
@@ -24,6 +25,9 @@ def _migrate() -> None:
         # One installer at a time: a second concurrent run waits, then finds the schema at head;
         # no lock another role can take makes it wait for ever (pyembed.schema.install_lock_sql).
         context.execute(raw_text(install_lock_sql()))
+        if context.is_offline_mode():
+            # A script printed for one revision, applied to a database at another, stops here.
+            context.execute(raw_text(expected_revision_sql(context.get_starting_revision_argument())))
         context.execute(raw_text(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}"))
         context.run_migrations()
         if context.get_revision_argument() in ("head", "heads", head_revision()):

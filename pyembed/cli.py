@@ -224,14 +224,19 @@ def install_cmd(
     dsn: Annotated[str | None, typer.Option("--dsn", envvar="PYEMBED_OWNER_DSN",
                                             help="owner DSN; default: the local cluster")] = None,
     sql: Annotated[bool, typer.Option("--sql", help="print the SQL script instead")] = False,
+    start: Annotated[str | None, typer.Option(
+        "--from", help="with --sql: the database's revision (pyembed doctor shows it); "
+                       "default: a database without the schema")] = None,
 ) -> None:
     """Bring a database to the current pyembed schema (idempotent).
 
     Example: pyembed install --dsn postgresql://owner@db/app   |   pyembed install --sql > pyembed.sql
     """
     if sql:
-        sys.stdout.write(schema.offline_sql())
+        sys.stdout.write(schema.offline_sql(start))
         return
+    if start is not None:
+        raise InvalidInput("--from goes with --sql: an install reads the database's revision")
     console.print(f"pyembed schema at revision {schema.install(_dsn(dsn, owner=True))}")
 
 

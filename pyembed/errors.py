@@ -67,7 +67,9 @@ class UnknownModel(PyembedError):
 
 
 class MigrationError(PyembedError):
-    """A migration step was refused (one already running, gate not met, wrong step)."""
+    """A migration step was refused (one already running, gate not met, wrong step); or a schema
+    script printed for one revision was applied to a database at another (pyembed install --sql
+    --from)."""
 
     sqlstate = "PE007"
 

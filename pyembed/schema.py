@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from .config import resource_dir
 from .db import resolve_dsn
-from .errors import InstallError
+from .errors import InstallError, InvalidInput
 from .models import BUILTIN, ModelSpec
 
 if TYPE_CHECKING:
@@ -191,6 +191,34 @@ END
 $install_lock$"""
 
 
+def expected_revision_sql(start: str | None) -> str:
+    """The statement an offline script runs after the install lock: it stops, changing nothing,
+    unless the database is at `start`, the revision the script was printed from (None: no
+    schema yet). The version table alone would not stop it: the script's first CREATE would
+    fail on an installed schema, and a later revision's UPDATE of that table matches no row
+    on a database at another revision, after running DDL written for `start`."""
+    table = f"{SCHEMA}.{VERSION_TABLE}"
+    want = "NULL" if start is None else "'" + start.replace("'", "''") + "'"
+    return f"""DO $expected_revision$
+DECLARE
+  want text := {want};
+  have text;
+BEGIN
+  IF to_regclass('{table}') IS NOT NULL THEN
+    EXECUTE 'SELECT string_agg(version_num, '','') FROM {table}' INTO have;
+  END IF;
+  IF have IS DISTINCT FROM want THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE007',
+      MESSAGE = format('this script changes pyembed''s schema from %s, but this database is at '
+                       '%s: nothing was changed', coalesce('revision ' || want, 'no schema'),
+                       coalesce('revision ' || have, 'no schema')),
+      HINT = CASE WHEN have IS NULL THEN 'print it with: pyembed install --sql'
+                  ELSE format('print it with: pyembed install --sql --from %s', have) END;
+  END IF;
+END
+$expected_revision$"""
+
+
 def head_revision() -> str:
     from alembic.script import ScriptDirectory
 
@@ -254,11 +282,21 @@ def current_revision(dsn: str | None = None) -> str | None:
         engine.dispose()
 
 
-def offline_sql() -> str:
-    """The upgrade-to-head script a DBA can review and apply with psql (no database needed)."""
+def offline_sql(start: str | None = None) -> str:
+    """The upgrade-to-head script a DBA can review and apply with psql (no database needed), for
+    a database at revision `start` (None: one without pyembed's schema); applied to a database
+    at another revision it stops before changing anything (expected_revision_sql)."""
     from alembic import command
+    from alembic.script import ScriptDirectory
+    from alembic.util import CommandError
 
     out = io.StringIO()
     cfg = alembic_config(output_buffer=out)
-    command.upgrade(cfg, "head", sql=True)
+    if start is not None:
+        try:
+            ScriptDirectory.from_config(cfg).get_revision(start)
+        except CommandError:
+            raise InvalidInput(f"--from {start!r} is not a pyembed schema revision: "
+                               f"one of 0001..{head_revision()}") from None
+    command.upgrade(cfg, "head" if start is None else f"{start}:head", sql=True)
     return out.getvalue()

@@ -22,12 +22,13 @@ import pytest
 from alembic import command
 from alembic.script import ScriptDirectory
 
+import pyembed
 from pyembed import schema
 from pyembed.chunking import chunk_text
 from pyembed.config import resource_dir
 from pyembed.corpora import ChunkRow, corpus_info, create_corpus, write_chunks
 from pyembed.db import connect
-from pyembed.errors import InstallError, PyembedError
+from pyembed.errors import InstallError, InvalidInput, PyembedError
 from pyembed.localdb import APP_GROUP, APP_USER, LocalCluster, find_bindir
 from pyembed.search import search
 from tests.conftest import REPO, Database, create_database, drop_database
@@ -289,6 +290,59 @@ def test_offline_script_applied_with_psql_equals_online_install(
     _assert_same(schema_dump(empty_db.owner_dsn), fresh_dump)
     assert _version_rows(empty_db.owner_dsn) == [schema.head_revision()]
     assert schema.current_revision(empty_db.owner_dsn) == schema.head_revision()
+
+
+def _psql_file(dsn: str, script: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    path = tmp_path / f"pyembed-{uuid.uuid4().hex[:8]}.sql"
+    path.write_text(script)
+    return subprocess.run([_pg_tool("psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", dsn,
+                           "-f", str(path)], capture_output=True, text=True)
+
+
+def test_a_dba_upgrades_an_earlier_revision_offline_with_its_rows_kept(
+        empty_db: Database, tmp_path: Path) -> None:
+    """A DBA's database at an earlier revision, with a corpus in it: `pyembed install --sql`
+    (printed for an empty database) and a script printed from another revision each stop at
+    their first statement after the lock, in one PE007 line naming the database's revision and
+    the command that prints its script; that script brings it to head keeping every row. Before,
+    the first failed on `relation "alembic_version" already exists`, and a script from an older
+    revision ran its DDL on the newer schema (its version UPDATEs matching no row)."""
+    start = REVISIONS[-3]
+    schema.install(empty_db.owner_dsn)
+    with pyembed.connect(empty_db.app_dsn) as client:
+        client.create_corpus("docs", KEY).add([pyembed.Document("d1", "quota exceeded", {"a": 1})])
+    at_head = schema_dump(empty_db.owner_dsn)  # with the corpus's partition
+    schema.downgrade(empty_db.owner_dsn, start)
+    rows = "SELECT c.*, d.* FROM pyembed.corpora c JOIN pyembed.documents d USING (corpus_id)"
+    with psycopg.connect(empty_db.owner_dsn) as conn:
+        corpora = conn.execute(rows).fetchall()
+    assert len(corpora) == 1
+
+    for script, expected in ((schema.offline_sql(), "from no schema"),
+                             (schema.offline_sql(REVISIONS[-4]), f"from revision {REVISIONS[-4]}")):
+        out = _psql_file(empty_db.owner_dsn, script, tmp_path)
+        assert out.returncode != 0
+        error = next(line for line in out.stderr.splitlines() if "ERROR:" in line)
+        assert error.endswith(f"ERROR:  this script changes pyembed's schema {expected}, but this "
+                              f"database is at revision {start}: nothing was changed"), out.stderr
+        assert f"HINT:  print it with: pyembed install --sql --from {start}" in out.stderr
+        assert _version_rows(empty_db.owner_dsn) == [start]
+
+    out = _psql_file(empty_db.owner_dsn, schema.offline_sql(start), tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert _version_rows(empty_db.owner_dsn) == [schema.head_revision()]
+    _assert_same(schema_dump(empty_db.owner_dsn), at_head)
+    with psycopg.connect(empty_db.owner_dsn) as conn:
+        assert conn.execute(rows).fetchall() == corpora
+    # At head, the script from head refreshes the functions and changes no table.
+    out = _psql_file(empty_db.owner_dsn, schema.offline_sql(schema.head_revision()), tmp_path)
+    assert out.returncode == 0, out.stderr
+    _assert_same(schema_dump(empty_db.owner_dsn), at_head)
+
+
+def test_an_offline_script_from_an_unknown_revision_is_one_line() -> None:
+    with pytest.raises(InvalidInput, match=r"--from '0999' is not a pyembed schema revision"):
+        schema.offline_sql("0999")
 
 
 def test_offline_script_is_the_source_sql_verbatim_under_the_install_lock() -> None:
