@@ -20,6 +20,14 @@ from pyembed.schema import (
 config = context.config
 
 
+def _destination() -> object:
+    """The revision the command moves to; none for one that only reads (`alembic current`)."""
+    try:
+        return context.get_revision_argument()
+    except KeyError:
+        return None
+
+
 def _migrate() -> None:
     with context.begin_transaction():
         # One installer at a time: a second concurrent run waits, then finds the schema at head;
@@ -30,7 +38,7 @@ def _migrate() -> None:
             context.execute(raw_text(expected_revision_sql(context.get_starting_revision_argument())))
         context.execute(raw_text(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}"))
         context.run_migrations()
-        if context.get_revision_argument() in ("head", "heads", head_revision()):
+        if _destination() in ("head", "heads", head_revision()):
             # Replaceable objects (functions, triggers, views, grants, built-in models).
             context.execute(raw_text(replaceable_sql()))
 
@@ -58,8 +66,12 @@ def run_online() -> None:
     if connection is not None:
         _run_on(connection)
         return
-    engine = create_engine(sqlalchemy_url(config.get_main_option("sqlalchemy.url")),
-                           poolclass=pool.NullPool)
+    # Run from the repo (`alembic upgrade head`), the config is pyproject.toml's, with no ini
+    # section to read a URL from: the owner's DSN as every pyembed command finds it.
+    ini = config.config_ini_section
+    url = (config.file_config.get(ini, "sqlalchemy.url")
+           if config.file_config.has_option(ini, "sqlalchemy.url") else None)
+    engine = create_engine(sqlalchemy_url(url), poolclass=pool.NullPool)
     with engine.begin() as conn:
         _run_on(conn)
 

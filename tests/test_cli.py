@@ -247,6 +247,39 @@ def test_alembic_cli_offline_script_equals_pyembed_install_sql() -> None:
     assert out.stdout == pyembed("install", "--sql").stdout
 
 
+def test_alembic_cli_online_reads_the_owner_dsn_and_keeps_rows(db: Database) -> None:
+    """A DBA's `alembic current`, `downgrade -1` and `upgrade head` from the repo, with the
+    owner's DSN in PYEMBED_OWNER_DSN as every owner command reads it: the schema is back at
+    head with the corpus's rows. Before, each failed: there is no alembic.ini to read
+    sqlalchemy.url from (pyproject.toml holds the config), and `current` has no destination."""
+    with pyembed_api.connect(db.app_dsn) as client:
+        client.create_corpus("kb", "fake/fake-hash@1:384").add(
+            [pyembed_api.Document("d1", "quota exceeded")])
+    rows = "SELECT d.*, c.content FROM pyembed.documents d JOIN pyembed.chunks c USING (corpus_id)"
+    with psycopg.connect(db.owner_dsn) as conn:
+        before = conn.execute(rows).fetchall()
+    alembic = str(Path(sys.executable).parent / "alembic")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYEMBED_")}
+    env["PYEMBED_OWNER_DSN"] = db.owner_dsn
+
+    def run(*args: str) -> str:
+        out = subprocess.run([alembic, *args], capture_output=True, text=True, cwd=REPO,
+                             env=env, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    head = run("heads").split()[0]
+    assert run("current").split()[0] == head
+    run("downgrade", "-1")
+    assert run("current").split()[0] != head
+    run("upgrade", "head")
+    assert run("current").split()[0] == head
+    with psycopg.connect(db.owner_dsn) as conn:
+        assert conn.execute(rows).fetchall() == before
+    with pyembed_api.connect(db.app_dsn) as client:
+        assert [h.document_id for h in client.corpus("kb").search("quota", k=1)] == ["d1"]
+
+
 def test_each_command_is_summarised_on_one_line_in_its_groups_list() -> None:
     """A docstring's line break mid-sentence must not break the command list's summary."""
     import inspect
