@@ -17,7 +17,7 @@ from pgvector import Vector
 from .db import integer
 from .errors import InvalidInput, InvalidVector, ModelMismatch
 from .sqlexec import Executor, executor
-from .text import check_depth, read_json
+from .text import check_depth, check_json, read_json
 from .vectors import float_array
 
 MODES = ("vector", "keyword", "hybrid")
@@ -144,10 +144,13 @@ def filter_json(filter: object) -> str | None:
         if filter is None:
             return None
         if isinstance(filter, str):  # JSON text already
-            read_json(filter, "a metadata filter", parse_constant=_not_json)
+            check_json(read_json(filter, "a metadata filter", parse_constant=_not_json),
+                       "a metadata filter")
             return filter
         value = dict(filter) if isinstance(filter, Mapping) else filter
         check_depth(value, "a metadata filter")
+        # What jsonb cannot hold, named here for every caller, orm.search's SELECT among them.
+        check_json(value, "a metadata filter")
         return json.dumps(value, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise InvalidInput(f"a metadata filter is a JSON object: {exc}") from None

@@ -166,11 +166,13 @@ def check_metadata(metadata: object, what: str = "metadata") -> Mapping[str, Any
     if not isinstance(metadata, Mapping):
         raise InvalidInput(f"{what} must be a JSON object, got {type(metadata).__name__}")
     check_depth(metadata, what)
-    _check_json(metadata, what)
+    check_json(metadata, what)
     return metadata
 
 
-def _check_json(value: object, what: str) -> None:
+def check_json(value: object, what: str) -> None:
+    """InvalidInput naming `what` for a value in `value` PostgreSQL's jsonb cannot hold (NUL, a
+    lone surrogate, NaN or an infinity, a key that is not a string, an oversized whole number)."""
     if isinstance(value, str):
         check_storable(value, what)
     elif isinstance(value, float):
@@ -181,10 +183,10 @@ def _check_json(value: object, what: str) -> None:
             if not isinstance(key, str):
                 raise InvalidInput(f"{what} has a key that is not a string: {key!r}")
             check_storable(key, f"{what} key {key!r}")
-            _check_json(item, f"{what}[{key!r}]")
+            check_json(item, f"{what}[{key!r}]")
     elif isinstance(value, list | tuple):
         for index, item in enumerate(value):
-            _check_json(item, f"{what}[{index}]")
+            check_json(item, f"{what}[{index}]")
     elif isinstance(value, int) and not isinstance(value, bool):
         check_whole_number(value, what)
     elif value is not None and not isinstance(value, bool):

@@ -38,3 +38,29 @@ def test_map_read_and_search_through_sqlalchemy(db: Database) -> None:
             assert err.value.orig is not None and err.value.orig.sqlstate == "PE001"
     finally:
         engine.dispose()
+
+
+BAD_FILTERS = {"NUL in a key": {"a\x00b": 1}, "NUL in a value": {"x": ["a\x00b"]},
+               "lone surrogate": {"x": "\ud800"}, "NaN": {"x": float("nan")},
+               "NUL as JSON text": '{"x": "a\\u0000b"}',
+               "surrogate as JSON text": '{"x": "\\udc00"}'}
+
+
+@pytest.mark.parametrize("bad", BAD_FILTERS.values(), ids=list(BAD_FILTERS))
+def test_orm_search_names_a_filter_jsonb_cannot_hold(db: Database, bad: object) -> None:
+    """orm.search's filter is checked as Corpus.search's and a document's metadata are: a value
+    jsonb cannot hold is pyembed.InvalidInput naming it, when the SELECT is built. Before, a NUL
+    or a lone surrogate reached the server, and the session raised sqlalchemy's DataError
+    (22P05 or 22P02), not a pyembed error."""
+    with pyembed.connect(db.app_dsn) as client:
+        client.create_corpus("kb", KEY).add([pyembed.Document("d1", "quota", {"x": "a"})])
+        vec = client.embedder(KEY).embed_query("quota")
+    with pytest.raises(pyembed.InvalidInput, match="a metadata filter"):
+        orm.search("kb", vec, KEY, filter=bad)  # type: ignore[arg-type]
+    engine = sa.create_engine(sqlalchemy_url(db.app_dsn))
+    try:
+        with Session(engine) as session:  # a good filter still selects
+            hits = session.execute(orm.search("kb", vec, KEY, filter={"x": "a"})).all()
+            assert [h.document_id for h in hits] == ["d1"]
+    finally:
+        engine.dispose()
