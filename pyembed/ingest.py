@@ -172,6 +172,10 @@ class _Reader:
             self.problem(path, None, f"unsupported file type {suffix or '(none)'!r}: expected "
                          f"one of {', '.join(sorted(SUFFIXES))}", record=False)
             return
+        if path.is_symlink() and not path.exists():  # a link to nothing (a walk lists it)
+            self.problem(path, None, f"a symbolic link to {os.readlink(path)!r}, which leads to "
+                         "no file (missing, or a loop of links)", record=False)
+            return
         if not path.is_file():
             # Reading a FIFO waits for a writer, a device (/dev/zero) never ends: neither is a
             # file of records.

@@ -330,6 +330,32 @@ def test_a_fifo_or_a_device_is_one_problem_not_a_hang(tmp_path: Path, corpus: Co
     assert _where(report) == [("fifo.jsonl", None), ("zero.txt", None), ("zero.txt", None)]
 
 
+def test_links_to_nothing_and_loops_of_links_are_named_as_such(tmp_path: Path,
+                                                             corpus: Corpus) -> None:
+    """A folder's link to a missing file, a loop of file links, a link to its own folder (a
+    loop for a walk that follows links): the real file loads once, and each link to nothing is
+    one problem saying what it is. Before, the links to nothing were
+    'not a regular file (a FIFO, device or socket)'."""
+    folder = tmp_path / "docs"
+    _write(folder / "a.txt", "a real file")
+    (folder / "gone.txt").symlink_to(tmp_path / "nowhere.txt")
+    (folder / "l1.md").symlink_to("l2.md")
+    (folder / "l2.md").symlink_to("l1.md")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "up").symlink_to("..")
+    problems: list[FileProblem] = []
+    assert [d.id for d in read_documents(folder, problems=problems)] == ["a"]
+    assert [(p.path.name, p.message) for p in problems] == [
+        ("gone.txt", f"a symbolic link to {str(tmp_path / 'nowhere.txt')!r}, which leads to no "
+                     "file (missing, or a loop of links)"),
+        ("l1.md", "a symbolic link to 'l2.md', which leads to no file (missing, or a loop of "
+                  "links)"),
+        ("l2.md", "a symbolic link to 'l1.md', which leads to no file (missing, or a loop of "
+                  "links)")]
+    report = ingest(corpus, folder, progress=False)
+    assert (report.added, len(report.problems)) == (1, 3)
+
+
 def test_read_documents_raises_without_a_problem_list(tmp_path: Path) -> None:
     path = _write(tmp_path / "x.jsonl", _jsonl({"id": "a", "text": "fine"}, "{bad"))
     docs = read_documents(path)
