@@ -26,6 +26,7 @@ import pytest
 import yaml
 
 import pyembed
+from pyembed.localdb import LocalCluster
 from tests.conftest import REPO, Database
 from tests.helpers import free_port, scrape_metrics
 
@@ -117,6 +118,34 @@ def test_the_stack_is_wired_as_documented() -> None:
     assert prom["scrape_configs"][0]["static_configs"][0]["targets"] == ["metrics:9187"]
     for sub in ("datasources/prometheus.yaml", "dashboards/pyembed.yaml"):
         assert yaml.safe_load((DOCKER / "grafana" / "provisioning" / sub).read_text())
+
+
+@pytest.mark.parametrize("service", ["db", "replica"])
+def test_the_database_is_healthy_only_once_it_listens_on_tcp(
+        service: str, cluster: LocalCluster, tmp_path: Path) -> None:
+    """`install` starts when `db` is healthy, and connects over TCP. pg_isready without a host
+    asks the Unix socket, which the image's first start serves (the server that runs the
+    initdb scripts, listen_addresses='') while nothing listens on TCP: `install` (restart: no)
+    then failed with connection refused, and `worker` and `metrics`, which wait for it, never
+    started, on a fresh volume only. The check now asks 127.0.0.1. Run here, PGHOST and PGPORT
+    standing for the image's defaults: on a port served by a socket alone (a link to the test
+    cluster's socket under a port nothing listens on) it fails; on the cluster's port, which
+    listens on 127.0.0.1, it passes."""
+    from pyembed.localdb import find_bindir
+
+    argv = SERVICES[service]["healthcheck"]["test"]
+    assert argv[0] == "CMD" and argv[1] == "pg_isready"
+    pg_isready = [str(Path(find_bindir()) / "pg_isready"), *argv[2:]]
+    port = cluster.state().port
+    socket_only = free_port()
+    (tmp_path / f".s.PGSQL.{socket_only}").symlink_to(cluster.socket_dir / f".s.PGSQL.{port}")
+    for served, ready in ((socket_only, False), (port, True)):
+        env = _env({"PGHOST": str(tmp_path), "PGPORT": str(served)})
+        out = subprocess.run(pg_isready, env=env, capture_output=True, text=True, timeout=60)
+        assert (out.returncode == 0) is ready, (served, out.stdout)
+    # The link is a server: the same pg_isready without a host is ready on it.
+    env = _env({"PGHOST": str(tmp_path), "PGPORT": str(socket_only)})
+    assert subprocess.run(pg_isready[:1], env=env, capture_output=True, timeout=60).returncode == 0
 
 
 def test_env_files_and_secrets_exist_or_are_documented() -> None:
