@@ -277,6 +277,37 @@ def test_the_stacks_worker_logs_in_as_a_member_of_pyembed_worker(tmp_path: Path)
     assert out.returncode == 0 and out.stdout == "postgresql://w:s3cret@db/pyembed", out
 
 
+def test_the_first_start_stops_without_the_logins_passwords(tmp_path: Path) -> None:
+    """initdb.sql creates the application and worker logins with a placeholder password, which
+    initdb-docker.sh replaces from the env file; an env file without PYEMBED_APP_PASSWORD or
+    PYEMBED_WORKER_PASSWORD kept the placeholder, known to anyone reading this repository, on
+    the published port. Now the first start stops in one line naming the variable, before any
+    psql (a `psql` here that records its calls stays uncalled); with both set, each login's
+    password is set."""
+    calls = tmp_path / "calls"
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "psql").write_text(f'#!/bin/sh\necho "$*" >> {calls}\ncat >> {calls}\n')
+    (fake / "psql").chmod(0o755)
+    both = {"PYEMBED_APP_PASSWORD": "a", "PYEMBED_WORKER_PASSWORD": "w"}
+    script = str(DOCKER / "initdb-docker.sh")
+    for unset in both:
+        env = _env({**{k: v for k, v in both.items() if k != unset}, "POSTGRES_USER": "postgres",
+                    "PGDATA": str(tmp_path), "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}"})
+        env.pop(unset, None)
+        out = subprocess.run(["bash", script], capture_output=True, text=True, env=env, timeout=60)
+        assert out.returncode != 0 and f"{unset}: set it in docker/pyembed.env" in out.stderr
+        assert not calls.exists()
+    env = _env({**both, "POSTGRES_USER": "postgres", "PGDATA": str(tmp_path),
+                "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}"})
+    out = subprocess.run(["bash", script], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    recorded = calls.read_text()
+    assert "pw=a" in recorded and "pw=w" in recorded
+    assert "ALTER ROLE pyembed_user PASSWORD" in recorded
+    assert "ALTER ROLE pyembed_worker_user PASSWORD" in recorded
+
+
 # -- the dashboard against `pyembed metrics serve` -----------------------------------------
 
 PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and",
