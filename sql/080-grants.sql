@@ -1,6 +1,9 @@
 -- Privileges, granted on purpose: the application role never reads vectors directly.
 REVOKE ALL ON ALL TABLES IN SCHEMA pyembed FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA pyembed FROM PUBLIC;
+-- Revoked first, so that the schema's grants are listed in this order whichever revision
+-- granted one before (0005 grants the owner's): an upgrade's schema equals an install's.
+REVOKE USAGE ON SCHEMA pyembed FROM pyembed_app, pyembed_owner, pyembed_worker;
 GRANT USAGE ON SCHEMA pyembed TO pyembed_app, pyembed_owner;
 -- The tables' owner role runs the foreign-key checks and is bound by the tenant policies.
 GRANT EXECUTE ON FUNCTION pyembed.current_tenant(), pyembed.visible_corpora() TO pyembed_owner;

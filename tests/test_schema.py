@@ -266,6 +266,46 @@ def test_the_document_postings_revision_indexes_stored_documents_as_the_triggers
         assert conn.execute(index).fetchone() == written
 
 
+KEPT = {t: f"SELECT (to_jsonb(x) - 'doc_no')::text FROM pyembed.{t} x ORDER BY 1" for t in (
+    "corpora", "documents", "chunks", "vectors", "postings", "lexeme_stats", "keyword_stats")}
+"""Rows an upgrade from any earlier revision keeps or rebuilds as they were (a document's
+doc_no, a surrogate key that revision 0016 numbers again, left out)."""
+KEPT["document_postings"] = """SELECT (d.document_id, p.lexeme, p.tf, p.doc_len)::text
+  FROM pyembed.document_postings p JOIN pyembed.documents d USING (corpus_id, doc_no) ORDER BY 1"""
+KEPT["posting_blocks"] = """SELECT (to_jsonb(b) - 'postings' - 'block'
+        || jsonb_build_object('chunks', CASE WHEN block >= 0 THEN b.postings END))::text
+  FROM pyembed.posting_blocks b ORDER BY 1"""
+
+
+@pytest.mark.parametrize("revision", ["0002", "0004"])
+def test_an_upgrade_from_an_early_revision_with_chunks_keeps_every_row_and_keyword_hit(
+        db: Database, revision: str) -> None:
+    """A database of an early release, with documents in it, brought to head: every row of
+    KEPT is as an install at head wrote it, and a chunk keyword search finds the old chunk.
+    Before, from 0004 (before tenants) the upgrade failed at 0017 with 'permission denied for
+    schema pyembed' (0005 gave the tables to pyembed_owner, which reached their schema only
+    once sql/080 ran; 0017's copy into a table referencing corpora checks the key as it); and
+    from 0002 (before keyword search) it succeeded but indexed none of the stored chunks: a
+    chunk keyword search found nothing, and the frequencies counted no old chunk."""
+    with pyembed.connect(db.app_dsn) as client:
+        client.create_corpus("docs", KEY).add([
+            pyembed.Document("z", "the zebra runs across the plain", {"n": 1}),
+            pyembed.Document("o", "other words entirely, written down")])
+
+    def kept() -> dict[str, list[Any]]:
+        with psycopg.connect(db.owner_dsn) as conn:
+            return {t: [r[0] for r in conn.execute(q)] for t, q in KEPT.items()}
+
+    before = kept()
+    assert before["postings"] and before["posting_blocks"]
+    schema.downgrade(db.owner_dsn, revision)
+    schema.install(db.owner_dsn)
+    assert kept() == before
+    with pyembed.connect(db.app_dsn) as client:
+        hits = client.corpus("docs").search("zebra", mode="keyword", group="chunk")
+        assert [h.document_id for h in hits] == ["z"]
+
+
 def test_step_by_step_upgrade_equals_install(empty_db: Database, fresh_dump: str) -> None:
     for revision in REVISIONS:
         command.upgrade(schema.alembic_config(empty_db.owner_dsn), revision)

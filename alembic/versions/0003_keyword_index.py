@@ -45,6 +45,22 @@ CREATE TABLE pyembed.keyword_stats (
   chunks    bigint NOT NULL DEFAULT 0,
   total_len bigint NOT NULL DEFAULT 0
 );
+
+-- The chunks stored before this revision, indexed as the trigger indexes a new one
+-- (pyembed._index_chunks, pyembed._count_postings): else a database upgraded with chunks in it
+-- found none of them by keyword, and its frequencies counted only the chunks written since.
+INSERT INTO pyembed.postings (corpus_id, lexeme, chunk_id, tf, doc_len)
+SELECT ch.corpus_id, t.lexeme, ch.chunk_id, t.tf,
+       sum(t.tf) OVER (PARTITION BY ch.corpus_id, ch.chunk_id)
+  FROM pyembed.chunks ch
+  JOIN pyembed.corpora c ON c.corpus_id = ch.corpus_id
+ CROSS JOIN LATERAL (
+   SELECT u.lexeme, coalesce(array_length(u.positions, 1), 1) AS tf
+     FROM unnest(to_tsvector(c.text_config, ch.content)) u) t;
+INSERT INTO pyembed.lexeme_stats (corpus_id, lexeme, df)
+SELECT corpus_id, lexeme, count(*) FROM pyembed.postings GROUP BY corpus_id, lexeme;
+INSERT INTO pyembed.keyword_stats (corpus_id, chunks, total_len)
+SELECT corpus_id, count(DISTINCT chunk_id), sum(tf) FROM pyembed.postings GROUP BY corpus_id;
 """)
 
 

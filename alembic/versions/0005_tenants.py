@@ -113,6 +113,11 @@ $$;
             "USING (migration_id IN (SELECT migration_id FROM pyembed.migrations));")
     for table in OWNED:
         run_sql(f"ALTER TABLE pyembed.{table} OWNER TO pyembed_owner;")
+    # The tables' new owner reaches their schema from here on, not only once sql/080-grants.sql
+    # runs after the last revision: a foreign key's check runs as the referenced table's owner,
+    # and a later revision that copies stored rows into a table referencing corpora (0017's
+    # posting blocks) failed on a database upgraded from before this one.
+    run_sql("GRANT USAGE ON SCHEMA pyembed TO pyembed_owner;")
 
 
 def downgrade() -> None:
