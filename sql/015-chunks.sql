@@ -61,3 +61,36 @@ $$;
 CREATE OR REPLACE TRIGGER documents_stamped
   BEFORE INSERT OR UPDATE ON pyembed.documents
   FOR EACH ROW EXECUTE FUNCTION pyembed._document_stamped();
+
+-- A document's metadata is its chunks' too (the vector searches filter and return the chunks'
+-- copy, the keyword searches the document's): a write of the document's alone (your SQL, the
+-- ORM's Document.metadata_) is copied to its chunks, so that every search reads the same. Its
+-- content_hash, which covers the metadata pyembed last wrote, is then no document's hash (an
+-- empty one): the next add of that document stores what it gives, even the metadata it had.
+CREATE OR REPLACE FUNCTION pyembed._document_metadata_written() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+  IF TG_WHEN = 'BEFORE' THEN
+    IF NEW.content_hash IS NOT DISTINCT FROM OLD.content_hash THEN
+      NEW.content_hash := ''::bytea;
+    END IF;
+    RETURN NEW;
+  END IF;
+  UPDATE pyembed.chunks SET metadata = NEW.metadata
+   WHERE corpus_id = NEW.corpus_id AND document_id = NEW.document_id
+     AND metadata IS DISTINCT FROM NEW.metadata;
+  RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER documents_metadata_hash
+  BEFORE UPDATE OF metadata ON pyembed.documents
+  FOR EACH ROW WHEN (OLD.metadata IS DISTINCT FROM NEW.metadata)
+  EXECUTE FUNCTION pyembed._document_metadata_written();
+
+CREATE OR REPLACE TRIGGER documents_metadata_copied
+  AFTER UPDATE OF metadata ON pyembed.documents
+  FOR EACH ROW WHEN (OLD.metadata IS DISTINCT FROM NEW.metadata)
+  EXECUTE FUNCTION pyembed._document_metadata_written();

@@ -64,3 +64,40 @@ def test_orm_search_names_a_filter_jsonb_cannot_hold(db: Database, bad: object) 
             assert [h.document_id for h in hits] == ["d1"]
     finally:
         engine.dispose()
+
+
+def test_a_documents_metadata_written_through_the_orm_is_what_every_search_reads(
+        db: Database) -> None:
+    """The application role may write a document's metadata (Document.metadata_). Before, its
+    chunks kept the old copy: vector searches (orm.search among them) filtered on and returned
+    the old metadata while keyword searches read the new, and adding the document again with
+    its old metadata was skipped as unchanged (its hash still said so), leaving the new one.
+    Now the chunks' copy follows the document's, and the next add stores what it is given."""
+    with pyembed.connect(db.app_dsn) as client:
+        kb = client.create_corpus("kb", KEY)
+        kb.add([pyembed.Document("d1", "quota exceeded again", {"team": "ops"}),
+                pyembed.Document("d2", "single sign on", {"team": "ops"})])
+        vec = client.embedder(KEY).embed_query("quota")
+    engine = sa.create_engine(sqlalchemy_url(db.app_dsn))
+    try:
+        with Session(engine) as session:
+            doc = session.get(orm.Document, (kb.info.corpus_id, "d1"))
+            assert doc is not None
+            doc.metadata_ = {"team": "sales"}
+            session.commit()
+            hits = session.execute(orm.search("kb", vec, KEY, k=5, filter={"team": "sales"})).all()
+            assert [(h.document_id, h.metadata) for h in hits] == [("d1", {"team": "sales"})]
+            chunks = session.execute(sa.select(orm.Chunk.document_id, orm.Chunk.metadata_)
+                                     .order_by(orm.Chunk.document_id)).all()
+            assert [tuple(c) for c in chunks] == [("d1", {"team": "sales"}), ("d2", {"team": "ops"})]
+        with pyembed.connect(db.app_dsn) as client:
+            kb = client.corpus("kb")
+            for mode in ("vector", "keyword", "hybrid"):
+                hits = kb.search("quota exceeded", mode=mode, filter={"team": "sales"})
+                assert [h.document_id for h in hits] == ["d1"], mode
+            report = kb.add([pyembed.Document("d1", "quota exceeded again", {"team": "ops"}),
+                             pyembed.Document("d2", "single sign on", {"team": "ops"})])
+            assert (report.updated, report.skipped) == (1, 1)
+            assert [h.metadata for h in kb.search("quota exceeded", k=1)] == [{"team": "ops"}]
+    finally:
+        engine.dispose()
