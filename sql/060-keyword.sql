@@ -745,12 +745,15 @@ BEGIN
   alpha := coalesce(alpha, 0.4);  -- the default weight
   -- Both rankings without their texts (the guarded vector one first: PE001 before anything);
   -- the texts of the k fused hits alone are read.
-  IF keyword_ids IS NOT NULL AND (cardinality(keyword_ids) IS DISTINCT FROM
-                                   cardinality(keyword_scores)
-                                   OR cardinality(keyword_ids) IS DISTINCT FROM
-                                      cardinality(keyword_keys)) THEN
+  IF (keyword_ids IS NOT NULL AND (cardinality(keyword_ids) IS DISTINCT FROM
+                                    cardinality(keyword_scores)
+                                    OR cardinality(keyword_ids) IS DISTINCT FROM
+                                       cardinality(keyword_keys)))
+     OR array_ndims(keyword_ids) > 1 OR array_ndims(keyword_scores) > 1
+     OR array_ndims(keyword_keys) > 1 THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
-      MESSAGE = 'keyword_ids, keyword_scores and keyword_keys must have one element per hit';
+      MESSAGE = 'keyword_ids, keyword_scores and keyword_keys must have one element per hit '
+                '(one-dimensional arrays)';
   END IF;
   -- a ranking as pyembed.keyword_ranking gives it: at most `candidates` hits, finite scores (a
   -- NaN sorts above every number and would rank first)
@@ -759,15 +762,20 @@ BEGIN
       MESSAGE = format('a handed-in keyword ranking has at most candidates (%s) hits, not %s',
                        candidates, cardinality(keyword_ids));
   END IF;
-  IF keyword_scores IS NOT NULL AND EXISTS (
-       SELECT FROM unnest(keyword_scores) AS h(score)
-        WHERE h.score IS NULL OR h.score IN ('NaN', 'Infinity', '-Infinity')) THEN
+  -- (array operators and one match over the joined keys: unnest and a match per key cost
+  -- every new hybrid query several times more)
+  IF array_position(keyword_scores, NULL) IS NOT NULL
+     OR keyword_scores && '{NaN,Infinity,-Infinity}'::float8[] THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
       MESSAGE = 'keyword_scores must be finite numbers (NULL, NaN and infinity are refused)';
   END IF;
-  -- a key is a document number or a chunk id, as pyembed.keyword_ranking gives it
-  IF keyword_keys IS NOT NULL AND EXISTS (SELECT FROM unnest(keyword_keys) AS h(key)
-                                          WHERE h.key IS NULL OR h.key !~ '^-?[0-9]{1,18}$') THEN
+  -- a key is a document number or a chunk id, as pyembed.keyword_ranking gives it: the keys
+  -- joined by spaces are numbers and spaces, with one space fewer than keys (none in a key)
+  IF cardinality(keyword_keys) > 0
+     AND (array_position(keyword_keys, NULL) IS NOT NULL
+          OR array_to_string(keyword_keys, ' ') !~ '^-?[0-9]{1,18}( -?[0-9]{1,18})*$'
+          OR length(replace(array_to_string(keyword_keys, ' '), ' ', ''))
+             <> length(array_to_string(keyword_keys, ' ')) - cardinality(keyword_keys) + 1) THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
       MESSAGE = 'keyword_keys must be the keys pyembed.keyword_ranking returned (whole numbers)';
   END IF;

@@ -551,15 +551,28 @@ def test_hybrid_fuses_a_keyword_ranking_made_before_as_it_would_its_own(
                          "3, keyword_ids => '{1,2}', keyword_scores => '{1}', "
                          "keyword_keys => '{a,b}')", (vec, FAKE))
     assert err.sqlstate == "PE005" and "one element per hit" in str(err)
-    for keys in ("{a}", "{NULL}", "{1e3}"):  # a keyword-only hit's key is read as a number
+    for keys in ("{a}", "{NULL}", "{1e3}", "{\"\"}", "{\"1 2\"}", "{\" 1\"}", "{\"1\n\"}"):
+        # a keyword-only hit's key is read as a number (the keys are checked joined by spaces)
         err = sql_error(app, "SELECT * FROM pyembed.search_hybrid('handed', 'quota', %s::vector, "
                              "%s, 3, keyword_ids => '{NULL}', keyword_scores => '{1}', "
                              "keyword_keys => %s)", (vec, FAKE, keys))
         assert err.sqlstate == "PE005" and "keyword_keys" in str(err), keys
-    for scores in ("{NaN}", "{Infinity}", "{-Infinity}", "{NULL}"):  # NaN would rank first
+    for keys in ("{1,\"2 3\"}", "{1,NULL}", "{1,x}", "{\"1 \",2}"):  # one bad key among good ones
         err = sql_error(app, "SELECT * FROM pyembed.search_hybrid('handed', 'quota', %s::vector, "
-                             "%s, 3, keyword_ids => '{NULL}', keyword_scores => %s, "
-                             "keyword_keys => '{1}')", (vec, FAKE, scores))
+                             "%s, 3, keyword_ids => '{NULL,NULL}', keyword_scores => '{2,1}', "
+                             "keyword_keys => %s)", (vec, FAKE, keys))
+        assert err.sqlstate == "PE005" and "keyword_keys" in str(err), keys
+    err = sql_error(app, "SELECT * FROM pyembed.search_hybrid('handed', 'quota', %s::vector, %s, "
+                         "3, keyword_ids => '{{1},{2}}', keyword_scores => '{{2},{1}}', "
+                         "keyword_keys => '{{1},{2}}')", (vec, FAKE))
+    assert err.sqlstate == "PE005" and "one element per hit" in str(err)
+    for scores in ("{NaN}", "{Infinity}", "{-Infinity}", "{NULL}", "{1,NaN}", "{2,NULL}"):
+        # NaN would rank first
+        err = sql_error(app, "SELECT * FROM pyembed.search_hybrid('handed', 'quota', %s::vector, "
+                             "%s, 3, keyword_ids => %s, keyword_scores => %s, "
+                             "keyword_keys => %s)",
+                        (vec, FAKE, "{NULL,NULL}" if "," in scores else "{NULL}", scores,
+                         "{1,2}" if "," in scores else "{1}"))
         assert err.sqlstate == "PE005" and "keyword_scores" in str(err), scores
     err = sql_error(app, "SELECT * FROM pyembed.search_hybrid('handed', 'quota', %s::vector, "
                          "%s, 3, candidates => 2, keyword_ids => '{NULL,NULL,NULL}', "
