@@ -9,6 +9,7 @@ from sqlalchemy.engine import Connection
 from pyembed.schema import (
     SCHEMA,
     VERSION_TABLE,
+    ddl_lock_wait_sql,
     head_revision,
     install_lock_sql,
     raw_text,
@@ -24,6 +25,10 @@ def _migrate() -> None:
         # One installer at a time: a second concurrent run waits, then finds the schema at head;
         # no lock another role can take makes it wait for ever (pyembed.schema.install_lock_sql).
         context.execute(raw_text(install_lock_sql()))
+        if not context.is_offline_mode():
+            # Every query on a table queues behind DDL waiting for its lock: a bounded wait,
+            # which pyembed.schema tries again (a DBA applying the offline script watches it).
+            context.execute(raw_text(ddl_lock_wait_sql()))
         context.execute(raw_text(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}"))
         context.run_migrations()
         if context.get_revision_argument() in ("head", "heads", head_revision()):
