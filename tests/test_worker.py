@@ -341,6 +341,10 @@ def test_a_429_storm_is_ridden_out_through_the_openai_sdk(
         fake_api.script(["429:retry-after=0"] * 4)
         first = worker.run_once()
         assert (first.embedded, first.retried, first.failed) == (0, 5, 0)
+        # The service asked for no wait (Retry-After: 0): the worker's own backoff, not the
+        # minute a tenant's limit waits for.
+        assert one(owner, "SELECT max(not_before - now()) < interval '5 seconds' "
+                          "FROM pyembed.queue") is True
         # rescheduled together, so the batch is claimed again whole
         assert owner.execute("SELECT count(DISTINCT not_before) FROM pyembed.queue"
                              ).fetchone() == (1,)
