@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from typing import Any
 
 import psycopg
+import pytest
 from prometheus_client import generate_latest
 
 import pyembed
@@ -68,6 +71,15 @@ def test_metrics_serve_answers_http(db: Database) -> None:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         assert "pyembed_up 1.0" in scrape_metrics(port, proc, 20)
+        # Any other path was answered 200 with the metrics, a mistyped one too.
+        for path in ("/nope", "/", "/metrics/x", "/metricsx"):
+            with pytest.raises(urllib.error.HTTPError) as missing:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5)
+            body = missing.value.read()
+            assert missing.value.code == 404 and b"pyembed_up" not in body, (path, body)
+        # A query string (Prometheus's name[] filter) is still /metrics.
+        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics?name[]=pyembed_up",
+                                      timeout=5).status == 200
     finally:
         proc.terminate()
         proc.wait(timeout=10)
