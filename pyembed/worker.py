@@ -420,7 +420,9 @@ class Worker:
             return
         except ProviderError as exc:
             if len(good) > 1 and not _transient(exc):
-                # One bad input can sink a whole request: embed one by one to find it.
+                # One bad input can sink a whole request: embed one by one to find it. The
+                # batch's error is the run's to report, though each item may then succeed.
+                stats.errors.append(f"{exc} (a batch of {len(good)}, sent again one by one)")
                 for item in good:
                     self._process(key, [item], stats)
                 return
