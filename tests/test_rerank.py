@@ -445,3 +445,11 @@ def test_a_429_after_the_retries_is_rate_limited_as_for_every_service(
     keys.script("429:retry-after=0")
     err = sql_error(sql_app, RERANKED, (QUERY, MODELS[service], "keyword"))
     assert err.sqlstate == "PE010" and "HTTP 429" in str(err), str(err)
+
+
+def test_a_rerank_depth_without_a_reranker_is_refused(client: pyembed.Client) -> None:
+    """`search --rerank-candidates -1` without --rerank was ignored (exit 0), from Python too."""
+    corpus = client.create_corpus("depth", FAKE)
+    for call in (corpus.search, corpus.retrieve):
+        with pytest.raises(InvalidInput, match=r"rerank_candidates \(-1\) needs rerank"):
+            call("q", rerank_candidates=-1)
