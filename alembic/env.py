@@ -9,6 +9,7 @@ from sqlalchemy.engine import Connection
 from pyembed.schema import (
     SCHEMA,
     VERSION_TABLE,
+    ddl_lock_wait_sql,
     expected_revision_sql,
     head_revision,
     install_lock_sql,
@@ -36,6 +37,10 @@ def _migrate() -> None:
         if context.is_offline_mode():
             # A script printed for one revision, applied to a database at another, stops here.
             context.execute(raw_text(expected_revision_sql(context.get_starting_revision_argument())))
+        else:
+            # Every query on a table queues behind DDL waiting for its lock: a bounded wait,
+            # which pyembed.schema tries again (a DBA applying the offline script watches it).
+            context.execute(raw_text(ddl_lock_wait_sql()))
         context.execute(raw_text(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}"))
         context.run_migrations()
         if _destination() in ("head", "heads", head_revision()):

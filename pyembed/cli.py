@@ -1,4 +1,4 @@
-"""The `pyembed` command line: one clear line and a non-zero exit on every error.
+"""The `pyembed` command line: one clear line and exit 1 on every error, bad input included.
 
 Every command that talks to a database connects through `_connect` (a psycopg connection)
 or `_client` (a pyembed Client); both resolve the DSN in `_dsn`. Top-level commands come
@@ -1268,10 +1268,12 @@ def main(argv: list[str] | None = None) -> Any:
         fail(_one_line(exc))
     except Exception as exc:
         # Usage errors from typer's click (format_message + exit_code); anything else is a bug.
+        # Exit 1, not click's 2: bad input is one exit code whoever finds it, the option parser
+        # (a range, a type) or pyembed (its own checks, the database's).
         if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
             if not exc.format_message():  # a group named alone: its help is the answer
-                sys.exit(int(exc.exit_code))
-            fail(f"{exc.format_message()} (see --help)", int(exc.exit_code))
+                sys.exit(1)
+            fail(f"{exc.format_message()} (see --help)")
         raise
 
 

@@ -612,6 +612,7 @@ class Corpus:
         recorded in pyembed.query_log (phase timings) unless the client has log_queries off."""
         log = self.client.log_queries
         options = Options(group, fusion, alpha)
+        _reranks(rerank, rerank_candidates)
         if rerank is not None:
             found = self._reranked(query, k, filter, model_key, mode=mode, translate=translate,
                                    options=options, rerank=rerank,
@@ -635,6 +636,7 @@ class Corpus:
         """`search` without the query log: the hits, the key that served them and timings
         (with `rerank`, rerank_ms too)."""
         options = Options(group, fusion, alpha)
+        _reranks(rerank, rerank_candidates)
         if rerank is not None:
             return self._reranked(query, k, filter, model_key, mode=mode, translate=translate,
                                   options=options, rerank=rerank,
@@ -722,6 +724,13 @@ class Corpus:
                          "transaction")
             return False
         return True
+
+
+def _reranks(rerank: str | None, rerank_candidates: int | None) -> None:
+    """A rerank depth without a reranker was ignored, -1 too: InvalidInput naming it."""
+    if rerank is None and rerank_candidates is not None:
+        raise InvalidInput(f"rerank_candidates ({rerank_candidates}) needs rerank, the "
+                           "reranker that reorders them")
 
 
 def _ms(a: float, b: float) -> float:

@@ -79,7 +79,8 @@ class PyembedCollector(Collector):
                 chunks.add_metric([r["corpus"]], r["chunks"])
                 seen.add(r["corpus"])
             vectors.add_metric(key, r["vectors"])
-            ratio.add_metric(key, r["vectors"] / r["chunks"] if r["chunks"] else 1.0)
+            if r["chunks"]:  # no chunks: no coverage figure (pyembed.health's rule)
+                ratio.add_metric(key, r["vectors"] / r["chunks"])
             queued.add_metric(key, r["queued"])
             failed.add_metric(key, r["failed"])
         yield from (chunks, vectors, ratio, queued, failed)
@@ -147,16 +148,49 @@ def registry(dsn: str | None) -> CollectorRegistry:
     return reg
 
 
+NOT_FOUND = b"not found: pyembed serves its metrics at /metrics\n"
+
+
+def wsgi_app(reg: CollectorRegistry) -> Callable[..., Any]:
+    """prometheus_client's exposition at /metrics, 404 on any other path: its own app answers
+    every path with the metrics, so a mistyped path looked like a working one."""
+    from prometheus_client import make_wsgi_app
+
+    metrics = make_wsgi_app(reg)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        if environ.get("PATH_INFO") == "/metrics":
+            return metrics(environ, start_response)
+        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8"),
+                                         ("Content-Length", str(len(NOT_FOUND)))])
+        return [NOT_FOUND]
+
+    return app
+
+
 def serve(dsn: str | None, *, port: int, address: str = "127.0.0.1",
           ready: Callable[[], None] | None = None) -> None:
     """Serve /metrics until interrupted; `ready` is called once the port is bound (OSError when
     it cannot be)."""
-    from prometheus_client import start_http_server
+    import socket
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-    server, thread = start_http_server(port, addr=address, registry=registry(dsn))
+    from prometheus_client.exposition import ThreadingWSGIServer
+
+    class Server(ThreadingWSGIServer):
+        # An IPv6 address (--address ::) binds as one, as prometheus_client's server does.
+        address_family = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)[0][0]
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # a scrape every few seconds is not news
+
+    server = make_server(address, port, wsgi_app(registry(dsn)), Server, handler_class=Quiet)
     if ready is not None:
         ready()
     try:
-        thread.join()
+        server.serve_forever()
     except KeyboardInterrupt:
-        server.shutdown()
+        pass
+    finally:
+        server.server_close()

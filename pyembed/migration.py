@@ -305,6 +305,8 @@ class Status:
 
     @property
     def coverage(self) -> float | None:
+        """The target key's vectors per chunk; None with no target or no chunks (no figure,
+        as `pyembed status` and the metrics give)."""
         return self.target_vectors / self.chunks if self.target_model_key and self.chunks else None
 
 

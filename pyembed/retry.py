@@ -49,8 +49,9 @@ class Retrier:
 
     def __call__(self, request: Callable[[], T], *,
                  before: Callable[[], None] | None = None) -> T:
-        """`request()`'s result; ProviderError once the attempts are used up, RateLimited
-        when the service asks to wait longer than `max_retry_after`. Anything but a
+        """`request()`'s result; ProviderError once the attempts are used up (RateLimited if
+        the last was refused with a 429), RateLimited at once when the service asks to wait
+        longer than `max_retry_after`. Anything but a
         TransientProviderError is not retried. `before` runs before each attempt (a meter):
         its errors (a tenant's rate limit) are not the service's, nor retried."""
         retrying = Retrying(
@@ -66,9 +67,12 @@ class Retrier:
             return result
         except TransientProviderError as exc:
             tries = self.max_retries + 1
-            raise ProviderError(f"{self.what}: gave up after {tries} "
-                                f"attempt{'s' if tries != 1 else ''}; last error: {exc}",
-                                kind=exc.kind) from exc
+            # One class per failure for every service: a service still refusing (429) is
+            # RateLimited (PE010), as Claude's refusal and a tenant's limit are.
+            cls = RateLimited if exc.kind == "rate_limited" else ProviderError
+            raise cls(f"{self.what}: gave up after {tries} "
+                      f"attempt{'s' if tries != 1 else ''}; last error: {exc}",
+                      kind=exc.kind) from exc
 
     def _once(self, request: Callable[[], T], before: Callable[[], None] | None) -> T:
         if before is not None:

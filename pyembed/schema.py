@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import re
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,6 +27,14 @@ VERSION_TABLE = "alembic_version"
 INSTALL_LOCK_ID = 0x70796D62  # "pymb": serialises concurrent first installs
 INSTALL_WAIT = 60
 """Seconds a first install waits for the install lock before it names who holds it."""
+DDL_LOCK_WAIT = 3.0
+"""Seconds a statement of an install or upgrade waits for a table's lock: every query on that
+table queues behind the waiting DDL, so a longer wait is an outage for the tenants using it."""
+DDL_TRIES = 4
+"""An install whose DDL timed out on a lock is run again this many times in all, then fails
+naming the sessions that held the locks."""
+DDL_PAUSE = 2.0
+"""Seconds between two tries, in which the queries queued behind the DDL run."""
 SQL_FILE = re.compile(r"^(\d{3})-[a-z0-9-]+\.sql$")
 
 
@@ -219,6 +228,61 @@ END
 $expected_revision$"""
 
 
+def ddl_lock_wait_sql() -> str:
+    """The statement that bounds every later lock wait of an install's transaction (after the
+    install lock, which waits for the installer ahead of it): DDL_LOCK_WAIT seconds."""
+    return f"SET LOCAL lock_timeout = '{round(DDL_LOCK_WAIT * 1000)}ms'"
+
+
+BLOCKERS_SQL = """SELECT a.pid, format('pid %%s (role %%s, application %%L, %%s since %%s)', a.pid,
+       a.usename, a.application_name, a.state, date_trunc('second', a.state_change))
+  FROM pg_catalog.pg_stat_activity a
+ WHERE a.pid = ANY (pg_catalog.pg_blocking_pids(%s)) ORDER BY a.pid"""
+"""The sessions an install's backend waits for (pid, one line naming each); psycopg's
+placeholder is the one unescaped %s."""
+
+
+class _LockWatcher(threading.Thread):
+    """Names the sessions an install's connection waits for, from a second connection: once the
+    DDL's lock wait has timed out, the server no longer says whom it waited for. It connects
+    only if the install is still running after half a lock wait (a wait that times out lasts
+    longer than that)."""
+
+    def __init__(self, conninfo: str, pid: int) -> None:
+        super().__init__(daemon=True)  # never holds the process up
+        self.conninfo, self.pid = conninfo, pid
+        self.holders: dict[int, str] = {}
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        import psycopg
+
+        if self.done.wait(DDL_LOCK_WAIT / 2):
+            return
+        try:
+            with psycopg.connect(self.conninfo, autocommit=True,
+                                 application_name="pyembed install (lock watcher)") as conn:
+                while True:
+                    for pid, line in conn.execute(BLOCKERS_SQL, (self.pid,)).fetchall():
+                        self.holders[pid] = line
+                    if self.done.wait(min(0.2, DDL_LOCK_WAIT / 10)):
+                        return
+        except psycopg.Error:
+            return  # the install's own error says what happened; holders stay unnamed
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join(5)
+
+
+def _lock_timed_out(exc: BaseException) -> bool:
+    """Whether an install failed on its bounded DDL lock wait (the install lock names its own
+    holders and is not tried again)."""
+    statement = str(getattr(exc, "statement", "") or "")
+    return (getattr(getattr(exc, "orig", None), "sqlstate", None) == "55P03"
+            and "$install_lock$" not in statement)
+
+
 def head_revision() -> str:
     from alembic.script import ScriptDirectory
 
@@ -232,26 +296,57 @@ _ALEMBIC = threading.Lock()
 
 
 def _run(dsn: str | None, step: Callable[[Config], None]) -> None:
-    """Run an Alembic command in one transaction; a failure rolls back and names the cause."""
+    """Run an Alembic command in one transaction; a failure rolls back and names the cause.
+    A lock its DDL waited DDL_LOCK_WAIT for: tried again, DDL_TRIES in all, then a failure that
+    names the sessions holding the locks."""
     import sqlalchemy as sa
+
+    from .db import conninfo
 
     engine = sa.create_engine(sqlalchemy_url(dsn), poolclass=sa.pool.NullPool,
                               hide_parameters=True)
+    holders: dict[int, str] = {}
     try:
-        with _ALEMBIC, engine.begin() as conn:
-            cfg = alembic_config()
-            cfg.attributes["connection"] = conn
-            step(cfg)
-    except sa.exc.DBAPIError as exc:
-        orig = exc.orig
-        diag = getattr(orig, "diag", None)
-        said = [diag.message_primary, diag.message_detail, diag.message_hint] if diag else []
-        # Without its CONTEXT (the revision's DO block), where the server said what happened.
-        detail = " ".join(" ".join(filter(None, said)).split()) if said and said[0] \
-            else " ".join(str(orig).split())
-        raise InstallError(f"install failed, nothing was changed: {detail}") from orig
+        for attempt in range(1, DDL_TRIES + 1):
+            watcher: _LockWatcher | None = None
+            try:
+                with _ALEMBIC, engine.begin() as conn:
+                    raw = conn.connection.dbapi_connection
+                    watcher = _LockWatcher(conninfo(raw), raw.info.backend_pid)  # type: ignore[arg-type,union-attr]
+                    watcher.start()
+                    cfg = alembic_config()
+                    cfg.attributes["connection"] = conn
+                    step(cfg)
+                return
+            except sa.exc.DBAPIError as exc:
+                if watcher is not None:
+                    watcher.stop()
+                    holders = watcher.holders or holders  # the last try's, if it saw them
+                if not _lock_timed_out(exc):
+                    raise InstallError(f"install failed, nothing was changed: {_said(exc)}") \
+                        from exc.orig
+                if attempt == DDL_TRIES:
+                    raise InstallError(
+                        f"install failed, nothing was changed: {DDL_TRIES} tries each waited "
+                        f"{DDL_LOCK_WAIT:g} s for a lock on a table it alters, held by "
+                        f"{'; '.join(holders.values()) or 'sessions gone since'}; end them "
+                        "(pg_terminate_backend) or install again when they are done") from exc.orig
+            finally:
+                if watcher is not None:
+                    watcher.stop()
+            time.sleep(DDL_PAUSE)  # the queries queued behind the DDL run meanwhile
     finally:
         engine.dispose()
+
+
+def _said(exc: BaseException) -> str:
+    """What the server said of a failed statement, in one line, without its CONTEXT (the
+    revision's DO block)."""
+    orig = getattr(exc, "orig", exc)
+    diag = getattr(orig, "diag", None)
+    said = [diag.message_primary, diag.message_detail, diag.message_hint] if diag else []
+    return " ".join(" ".join(filter(None, said)).split()) if said and said[0] \
+        else " ".join(str(orig).split())
 
 
 def install(dsn: str | None = None) -> str:

@@ -412,12 +412,17 @@ class Worker:
         try:
             vectors = embedder.embed([i.content or "" for i in good], InputType.DOCUMENT)
         except RateLimited as exc:
-            # The tenant's own limit (or the service's long Retry-After): wait, don't split.
-            self._retry_all(good, str(exc), stats, _retry_after(exc) or 60.0)
+            # Don't split. The service's 429: the wait it asked for (none: the worker's
+            # backoff; a Retry-After of 0 is no reason to wait longer); the tenant's own
+            # limit: the next minute.
+            wait = _retry_after(exc) if _transient(exc) else 60.0
+            self._retry_all(good, str(exc), stats, wait)
             return
         except ProviderError as exc:
             if len(good) > 1 and not _transient(exc):
-                # One bad input can sink a whole request: embed one by one to find it.
+                # One bad input can sink a whole request: embed one by one to find it. The
+                # batch's error is the run's to report, though each item may then succeed.
+                stats.errors.append(f"{exc} (a batch of {len(good)}, sent again one by one)")
                 for item in good:
                     self._process(key, [item], stats)
                 return

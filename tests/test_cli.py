@@ -115,7 +115,7 @@ def test_errors_are_one_line_and_non_zero(db: Database) -> None:
                                    ("eval",), ("cache",), ("metrics",), ("tenant",)])
 def test_a_group_named_alone_shows_its_help_without_an_empty_error(group: tuple[str, ...]) -> None:
     out = pyembed(*group)
-    assert out.returncode == 2 and "Usage:" in out.stdout, out
+    assert out.returncode == 1 and "Usage:" in out.stdout, out
     assert out.stderr == "", out.stderr  # it was "error:  (see --help)"
 
 
@@ -385,6 +385,66 @@ def test_a_negative_number_is_an_argument_with_its_range_error(
     assert out.returncode == 1, out
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "-1" in lines[0] and "option" not in lines[0], out.stderr
+
+
+def _commands_and_numeric_options() -> list[tuple[list[str], list[str], list[str]]]:
+    """(command path, its positional arguments' names, its numeric options) for every command."""
+    import typer
+
+    from pyembed.cli import app
+
+    found = []
+
+    def walk(command: Any, path: list[str]) -> None:
+        subs = getattr(command, "commands", {})
+        for name, sub in subs.items():
+            walk(sub, [*path, name])
+        if subs:
+            return
+        params = getattr(command, "params", [])
+        found.append((path, [p.name for p in params if type(p).__name__ == "TyperArgument"],
+                      [p.opts[0] for p in params if type(p).__name__ == "TyperOption"
+                       and p.type_descriptor.annotation in (int, float)]))
+
+    walk(typer.main.get_command(app), [])
+    return found
+
+
+ARGUMENT_VALUES = {"corpus": "docs", "query": "q", "question": "q", "paths": "README.md",
+                   "name": "docs", "share": "10", "model_keys": "fake/fake-hash@1:1024"}
+"""A value each positional argument accepts, for the commands of the walk below."""
+
+OUT_OF_RANGE = {"--min-score": "nan"}
+"""An option's value out of its range where -1 is not (a score may be negative)."""
+
+
+def test_bad_input_exits_1_whoever_finds_it(db: Database) -> None:
+    """Range checks typer's option parser made exited 2 (`worker --lease 0`, `usage --days 0`,
+    `status --recall-alert 2`) where pyembed's own exited 1 (`worker --batch-size 0`,
+    `search -k 0`). Every command now exits 1 with one line on bad input, from the parser or
+    from pyembed: each numeric option out of its range, and an option no command has."""
+    with connect(db.owner_dsn, autocommit=True) as conn:
+        conn.execute("SELECT pyembed.create_corpus('docs', 'fake/fake-hash@1:384')")
+        conn.execute("SELECT pyembed.add_document('docs', 'a', 'a text to embed')")
+        conn.execute("SELECT pyembed.migration_start('docs', 'fake/fake-hash@1:1024')")
+    env = {**db_env(db), "PYEMBED_WORKER_DSN": db.app_dsn}
+    wrong, numeric = [], 0
+    for path, arguments, options in _commands_and_numeric_options():
+        args = [*path, *(ARGUMENT_VALUES.get(a, "x") for a in arguments)]
+        if path == ["migrate", "shift"]:
+            args[-1] = "-1"  # its numeric argument (the walk's values are all in range)
+        tries = [[*args, "--no-such-option"]]
+        tries += [[*args, option, OUT_OF_RANGE.get(option, "-1")] for option in options]
+        if path == ["migrate", "shift"]:
+            tries.append(args)
+        for argv in tries:
+            out = run_cli(*argv, env=env)
+            lines = out.stderr.strip().splitlines()
+            if out.returncode != 1 or len(lines) != 1 or not lines[0].startswith("error: "):
+                wrong.append(f"{argv}: exit {out.returncode}: {out.stderr[-300:]!r}")
+        numeric += len(options)
+    assert wrong == [], "\n".join(wrong)
+    assert numeric >= 30
 
 
 # -- options checked before any display; counts that agree --------------------------------------

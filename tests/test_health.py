@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from typing import Any
 
 import psycopg
+import pytest
 from prometheus_client import generate_latest
 
 import pyembed
@@ -61,6 +64,27 @@ def test_prometheus_names_and_labels(db: Database) -> None:
     assert "pyembed_up 1.0" in text
 
 
+def test_an_empty_corpus_has_no_coverage_figure_anywhere(db: Database) -> None:
+    """A corpus with no chunks was 100% covered in `pyembed status`, 1.0 in the metrics and "-"
+    in `migrate status`: no figure in all three now, and no alert."""
+    env = {"PYEMBED_DSN": db.app_dsn, "COLUMNS": "200"}
+    with pyembed.connect(db.app_dsn) as client:
+        client.create_corpus("empty", FAKE)
+    with psycopg.connect(db.owner_dsn, autocommit=True) as owner:
+        owner.execute("SELECT pyembed.migration_start('empty', 'fake/fake-hash@1:1024')")
+    with psycopg.connect(db.app_dsn) as conn:
+        found = {f.subject: f for f in health.coverage(conn) if f.area == "coverage"}
+    assert set(found) == {f"empty [active] {FAKE}", "empty [target] fake/fake-hash@1:1024"}
+    for f in found.values():
+        assert (f.value, f.level, f.number) == ("- (0/0)", "ok", None), f
+    text = generate_latest(registry(db.app_dsn)).decode()
+    assert "pyembed_coverage_ratio{" not in text and 'pyembed_chunks{corpus="empty"} 0.0' in text
+    out = run_cli("status", env=env)
+    assert out.returncode == 0 and "100" not in out.stdout and "- (0/0)" in out.stdout, out.stdout
+    out = run_cli("migrate", "status", "empty", env=env)
+    assert out.returncode == 0 and "coverage - (0/0)" in out.stdout, out.stdout
+
+
 def test_metrics_serve_answers_http(db: Database) -> None:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "pyembed", "metrics", "serve", "--port",
@@ -68,6 +92,15 @@ def test_metrics_serve_answers_http(db: Database) -> None:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         assert "pyembed_up 1.0" in scrape_metrics(port, proc, 20)
+        # Any other path was answered 200 with the metrics, a mistyped one too.
+        for path in ("/nope", "/", "/metrics/x", "/metricsx"):
+            with pytest.raises(urllib.error.HTTPError) as missing:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5)
+            body = missing.value.read()
+            assert missing.value.code == 404 and b"pyembed_up" not in body, (path, body)
+        # A query string (Prometheus's name[] filter) is still /metrics.
+        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics?name[]=pyembed_up",
+                                      timeout=5).status == 200
     finally:
         proc.terminate()
         proc.wait(timeout=10)

@@ -17,7 +17,8 @@ from pyembed.db import connect
 from pyembed.embedder import Embedder
 from pyembed.errors import ERROR_KINDS
 from pyembed.localdb import APP_USER
-from pyembed.models import registry
+from pyembed.models import API_KEY_ENV, registry
+from pyembed.providers import provider_for
 from pyembed.tenants import provider_errors
 from pyembed.worker import Worker
 from tests.conftest import Database
@@ -27,6 +28,7 @@ from tests.test_cli_json import cli
 
 VOYAGE = registry.get("voyage/voyage-3@1:1024")
 OPENAI = registry.get("openai/text-embedding-3-small@1:1536")
+COHERE = next(s for s in registry.all() if s.provider == "cohere")
 
 
 def counts(db: Database) -> dict[tuple[str, str], int]:
@@ -65,7 +67,7 @@ def test_failures_inside_the_database_are_counted_though_their_transaction_rolls
     # Three 429s: the call and both retries fail, and the statement with them.
     fake_api.script("429:retry-after=0", "429:retry-after=0", "429:retry-after=0")
     err = sql_error(conn, "SELECT pyembed.embed('throttled', %s)", (VOYAGE.key,))
-    assert err.sqlstate == "PE009" and "429" in str(err), str(err)
+    assert err.sqlstate == "PE010" and "429" in str(err), str(err)
     assert added(before, counts(db)) == {("voyage", "rate_limited"): 3}
 
     # Inside a transaction that rolls back, a retried 500 and the answer after it.
@@ -82,6 +84,25 @@ def test_failures_inside_the_database_are_counted_though_their_transaction_rolls
     assert sql_error(conn, "SELECT pyembed.embed_batch(ARRAY['a', 'b'], %s)",
                      (VOYAGE.key,)).sqlstate == "PE009"
     assert added(before, counts(db)) == {("voyage", "rejected"): 1, ("voyage", "bad_answer"): 1}
+
+
+@pytest.mark.parametrize("key", [VOYAGE.key, OPENAI.key, COHERE.key])
+def test_a_429_after_the_retries_is_rate_limited_for_every_embedding_service(
+        key: str, fake_api: FakeAPI, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An embedding service still answering 429 when the retries were used up was
+    ProviderError (PE009), while Claude's 429 was RateLimited (PE010): one class now, with
+    kind rate_limited (test_rerank and test_rag check the rerank services and Claude's)."""
+    spec = registry.get(key)
+    monkeypatch.setenv(API_KEY_ENV[spec.provider], "pa-errors-429")
+    fake_api.script(["429:retry-after=0"] * 2)
+    embedder = Embedder(spec, provider_for(spec), max_retries=1, sleep=lambda s: None)
+    with pytest.raises(pyembed.RateLimited, match="gave up after 2 attempts") as info:
+        embedder.embed(["throttled"])
+    assert info.value.kind == "rate_limited" and info.value.sqlstate == "PE010"
+    fake_api.script("500", "500")
+    with pytest.raises(pyembed.ProviderError) as other:
+        embedder.embed(["failing"])
+    assert not isinstance(other.value, pyembed.RateLimited) and other.value.kind == "server_error"
 
 
 def test_a_timeout_is_counted_as_no_response(

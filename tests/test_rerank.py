@@ -430,3 +430,26 @@ def test_candidates_below_k_are_the_same_error_from_sql_python_and_the_cli(
                            "'voyage/rerank-2.5', k => 60, mode => 'keyword')",
                            (QUERY,)).fetchone()
     assert rows is not None and rows[0] == 3  # the shop has 3 documents with the query's words
+
+
+@pytest.mark.parametrize("service", ["voyage", "cohere"])
+def test_a_429_after_the_retries_is_rate_limited_as_for_every_service(
+        service: str, keys: FakeAPI, sql_app: psycopg.Connection[Any]) -> None:
+    """A rerank service still answering 429 when the retries were used up was ProviderError
+    (PE009), while Claude's 429 and a tenant's limit were RateLimited (PE010)."""
+    keys.script(["429:retry-after=0"] * 2)
+    with pytest.raises(RateLimited, match="gave up after 2 attempts") as info:
+        Reranker(reranker_spec(MODELS[service]), max_retries=1, sleep=lambda s: None).scores(
+            QUERY, ["a text"])
+    assert info.value.kind == "rate_limited" and info.value.sqlstate == "PE010"
+    keys.script("429:retry-after=0")
+    err = sql_error(sql_app, RERANKED, (QUERY, MODELS[service], "keyword"))
+    assert err.sqlstate == "PE010" and "HTTP 429" in str(err), str(err)
+
+
+def test_a_rerank_depth_without_a_reranker_is_refused(client: pyembed.Client) -> None:
+    """`search --rerank-candidates -1` without --rerank was ignored (exit 0), from Python too."""
+    corpus = client.create_corpus("depth", FAKE)
+    for call in (corpus.search, corpus.retrieve):
+        with pytest.raises(InvalidInput, match=r"rerank_candidates \(-1\) needs rerank"):
+            call("q", rerank_candidates=-1)

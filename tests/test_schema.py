@@ -772,3 +772,51 @@ def test_a_database_the_last_release_installed_upgrades_to_install(
                 == ["d2"], mode
         client.drop_corpus("docs")  # its partition is no part of a fresh install's dump
     _assert_same(schema_dump(empty_db.owner_dsn), fresh_dump)
+
+
+def test_install_ddl_waits_a_bounded_time_for_a_tables_lock(
+        db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tenant's session idle in a transaction that wrote to pyembed.documents made an install
+    wait for ever on the replaceable SQL's CREATE OR REPLACE TRIGGER on that table, and every
+    write to it queued behind the install (an outage). Now each DDL lock wait is bounded,
+    tried again DDL_TRIES times with a pause in which the queued writes run, and the install
+    then fails in one line naming the session, having changed nothing."""
+    monkeypatch.setattr(schema, "DDL_LOCK_WAIT", 1.0)
+    monkeypatch.setattr(schema, "DDL_TRIES", 2)
+    monkeypatch.setattr(schema, "DDL_PAUSE", 0.5)
+    with psycopg.connect(db.app_dsn) as hostile, psycopg.connect(db.app_dsn) as traffic:
+        hostile.execute("SET application_name = 'idle writer'")
+        hostile.execute("LOCK TABLE pyembed.documents IN ROW EXCLUSIVE MODE")
+        (pid,) = hostile.execute("SELECT pg_backend_pid()").fetchone()  # type: ignore[misc]
+        traffic.execute("SET lock_timeout = '10s'")  # a write stuck behind the install fails
+        traffic.commit()
+        installer = _ThreadInstaller(db.owner_dsn)
+        started = time.monotonic()
+        installer.start()
+        waits = []
+        while installer.is_alive() and time.monotonic() - started < 15:
+            began = time.monotonic()
+            try:
+                traffic.execute("LOCK TABLE pyembed.documents IN ROW EXCLUSIVE MODE")
+            except psycopg.errors.LockNotAvailable:
+                waits.append(float("inf"))
+                break
+            finally:
+                traffic.rollback()
+            waits.append(time.monotonic() - began)
+            time.sleep(0.05)
+        installer.join(10)
+        took = time.monotonic() - started
+        stuck = installer.is_alive()
+        hostile.rollback()
+        installer.join(20)
+    assert not stuck, f"the install waited for ever on a tenant's lock; writes waited {waits}"
+    err = installer.outcome
+    assert isinstance(err, InstallError), err
+    message = str(err)
+    assert len(message.splitlines()) == 1, message
+    assert f"pid {pid} (role {APP_USER}, application 'idle writer', idle in transaction" \
+        in message, message
+    assert "2 tries" in message and 2.5 <= took < 10, (took, message)
+    assert max(waits) < 2, f"writes queued behind the install: {waits}"
+    assert schema.install(db.owner_dsn) == schema.head_revision()

@@ -341,6 +341,10 @@ def test_a_429_storm_is_ridden_out_through_the_openai_sdk(
         fake_api.script(["429:retry-after=0"] * 4)
         first = worker.run_once()
         assert (first.embedded, first.retried, first.failed) == (0, 5, 0)
+        # The service asked for no wait (Retry-After: 0): the worker's own backoff, not the
+        # minute a tenant's limit waits for.
+        assert one(owner, "SELECT max(not_before - now()) < interval '5 seconds' "
+                          "FROM pyembed.queue") is True
         # rescheduled together, so the batch is claimed again whole
         assert owner.execute("SELECT count(DISTINCT not_before) FROM pyembed.queue"
                              ).fetchone() == (1,)
@@ -788,3 +792,27 @@ def test_a_cluster_made_before_the_worker_login_gets_one_at_its_first_use(
     assert json.loads(cluster.state_file.read_text())["worker_password"]
     with connect(dsn, autocommit=True) as conn:
         assert one(conn, "SELECT current_user") == WORKER_USER
+
+
+def test_a_batch_error_is_recorded_when_its_items_then_succeed_one_by_one(
+        db: Database, app: psycopg.Connection[Any]) -> None:
+    """A batch refused as a whole (not transiently) is sent again one item at a time; when
+    every item then succeeded, the batch's error was in no count nor in WorkerStats.errors."""
+    make_corpus(app, "split", FAKE)
+    add_docs(app, "split", texts_for(4, "split"))
+
+    def refuse_batches(provider: RecordingProvider, batch: list[str]) -> None:
+        if len(batch) > 1:
+            raise ProviderError("fake (fake-hash): HTTP 400: too many inputs")
+
+    providers: list[RecordingProvider] = []
+    worker = Worker(db.app_dsn, batch_size=64,
+                    embedder_for=fake_embedder(providers, refuse_batches))
+    try:
+        stats = run(worker)
+    finally:
+        worker.close()
+    assert (stats.embedded, stats.failed, stats.retried) == (4, 0, 0)
+    assert stats.errors == ["fake (fake-hash): HTTP 400: too many inputs (a batch of 4, sent "
+                            "again one by one)"], stats.errors
+    assert fresh_vectors(app) == 4

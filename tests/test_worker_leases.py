@@ -8,6 +8,7 @@ logging each text it is asked for (with the process id), so that a kill lands mi
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import psycopg
+import pytest
 
 from pyembed import health
 from pyembed.cache import PostgresCache
@@ -210,6 +212,48 @@ def test_a_lease_is_renewed_while_its_batch_is_in_flight_and_only_then(
         assert one(app, "SELECT count(*) FROM pyembed.queue WHERE not_before <= now()") == 5
     finally:
         failing.close()
+
+
+def test_a_lease_renewal_the_server_refuses_keeps_its_connection_and_renews_later(
+        db: Database, app: psycopg.Connection[Any], owner: psycopg.Connection[Any],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Leases' branch for a renewal the server refused (here a lock timeout: a statement's
+    error, not a lost connection) had no test: it warns, keeps its connection, and the next
+    renewal extends the leases of the batch still in flight."""
+    make_corpus(app, "refused", FAKE)
+    add_docs(app, "refused", texts_for(3, "refused"))
+    providers: list[RecordingProvider] = []
+
+    def slow(provider: RecordingProvider, batch: list[str]) -> None:
+        time.sleep(3.0)
+
+    # Every worker connection gives up a lock wait after 0.2 s.
+    dsn = db.app_dsn + ("&" if "?" in db.app_dsn else "?") + "options=-c%20lock_timeout%3D200"
+    worker = Worker(dsn, lease_seconds=0.6, embedder_for=fake_embedder(providers, slow))
+    result: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: result.update(stats=worker.run_once()))
+    leases = "SELECT pid FROM pg_catalog.pg_stat_activity WHERE application_name = " \
+             "'pyembed worker leases'"
+    with caplog.at_level(logging.WARNING, logger="pyembed.worker"):
+        thread.start()
+        try:
+            wait_for(lambda: bool(app.execute(leases).fetchall()), 10, "the first renewal")
+            (before,) = app.execute(leases).fetchall()
+            with owner.transaction():
+                owner.execute("LOCK TABLE pyembed.queue IN ACCESS EXCLUSIVE MODE")
+                time.sleep(0.7)  # three renewals' time
+            time.sleep(0.5)
+            renewed = one(app, "SELECT min(not_before) > now() FROM pyembed.queue")
+            after = app.execute(leases).fetchall()
+        finally:
+            thread.join(timeout=20)
+            worker.close()
+    refused = [r.getMessage() for r in caplog.records
+               if "could not renew the leases" in r.getMessage()]
+    assert refused and all("SQLSTATE 55P03" in m for m in refused), refused
+    assert after == [before], "the renewal's connection was dropped for a statement's error"
+    assert renewed is True, "the leases were not renewed once the lock was gone"
+    assert result["stats"].embedded == 3 and count(app, "queue") == 0
 
 
 # -- several workers -------------------------------------------------------------------------
