@@ -264,6 +264,17 @@ def test_every_environment_variable_the_package_reads_is_in_the_readme() -> None
     assert sorted(n for n in names if n not in README) == []
 
 
+
+def test_every_secret_file_the_image_reads_is_in_the_readme() -> None:
+    """The pyembed image's entrypoint turns each PYEMBED_*_FILE of its list into PYEMBED_*:
+    README names every one (it had left out the worker's)."""
+    script = (REPO / "docker" / "pyembed-entrypoint.sh").read_text()
+    found = re.search(r"^for var in ([A-Z_ ]+); do$", script, re.M)
+    assert found is not None
+    files = [f"{name}_FILE" for name in found.group(1).split()]
+    assert len(files) >= 3
+    assert [f for f in files if f not in README] == []
+
 def test_the_layout_names_every_module() -> None:
     """README's Layout names each module and package of pyembed/ (a new one gets its line)."""
     import pkgutil
