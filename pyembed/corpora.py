@@ -143,7 +143,6 @@ def write_documents(conn: psycopg.Connection[Any], corpus: CorpusInfo, rows: Seq
     caller looked) is left alone, its chunks and vectors unwritten, and counted unchanged."""
     if not rows:
         return Written(0, 0, 0, [])
-    rows_in = rows
     for r in rows:
         check_text(r.content, f"chunk {r.document_id}#{r.chunk_index}")
     vectors = as_unit_vectors(np.stack([np.asarray(r.embedding) for r in rows]),
@@ -167,13 +166,13 @@ def write_documents(conn: psycopg.Connection[Any], corpus: CorpusInfo, rows: Seq
         # (The row of a document left alone is not returned: the one stored is the same.)
         unchanged = len(docs) - len(stored)
         if unchanged:
-            rows = [r for r in rows if r.document_id in stored]
-            vectors = vectors[[n for n, r in enumerate(rows_in) if r.document_id in stored]]
-            if also:
-                keep = [n for n, r in enumerate(rows_in) if r.document_id in stored]
-                also = {k: np.asarray(v)[keep] for k, v in also.items()}
-            if not rows:
+            keep = [n for n, r in enumerate(rows) if r.document_id in stored]
+            if not keep:
                 return Written(0, 0, unchanged, [])
+            rows = [rows[n] for n in keep]
+            vectors = vectors[keep]
+            if also:
+                also = {k: np.asarray(v)[keep] for k, v in also.items()}
         # A stored document that now has fewer chunks loses the rest (new ones have none).
         replaced = [d for d, inserted in stored.items() if not inserted]
         if replaced:
