@@ -10,6 +10,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 
 import pyembed
 from pyembed import index, migration, tenants
@@ -756,3 +757,238 @@ def test_every_unique_key_of_a_table_the_app_role_writes_has_its_columns_named(
     assert any(name != _PARTITION_IN.sub("", name) for name, _ in
                owner.execute(UNIQUE_INDEXES_OF_APP_TABLES)), "no partition was walked"
     assert found == UNIQUE_KEYS
+
+
+# -- every object, every role: the catalogue's walk ---------------------------------------------
+# One line for each privilege `role` holds on an object of the schema: the schema, every relation
+# (partitions included), column, sequence, function and type, a new one included.
+HELD = """
+SELECT 'schema pyembed ' || p FROM unnest(ARRAY['CREATE', 'USAGE']) p
+ WHERE has_schema_privilege(%(role)s, 'pyembed', p)
+UNION ALL
+SELECT format('%%s %%s %%s', c.relkind, c.relname, p) FROM pg_class c
+ CROSS JOIN unnest(ARRAY['SELECT', 'INSERT', 'UPDATE', 'DELETE', 'TRUNCATE', 'REFERENCES',
+                         'TRIGGER', 'USAGE']) p
+ WHERE c.relnamespace = 'pyembed'::regnamespace AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S')
+   AND CASE WHEN c.relkind = 'S' THEN p IN ('SELECT', 'UPDATE', 'USAGE')
+                                      AND has_sequence_privilege(%(role)s, c.oid, p)
+            ELSE p <> 'USAGE' AND has_table_privilege(%(role)s, c.oid, p) END
+UNION ALL
+SELECT format('column %%s.%%s %%s', c.relname, a.attname, p) FROM pg_class c
+  JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+ CROSS JOIN unnest(ARRAY['SELECT', 'INSERT', 'UPDATE', 'REFERENCES']) p
+ WHERE c.relnamespace = 'pyembed'::regnamespace AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
+   AND has_column_privilege(%(role)s, c.oid, a.attnum, p)
+UNION ALL
+SELECT 'function ' || p.oid::regprocedure::text FROM pg_proc p
+ WHERE p.pronamespace = 'pyembed'::regnamespace
+   AND has_function_privilege(%(role)s, p.oid, 'EXECUTE')
+UNION ALL
+SELECT 'type ' || t.oid::regtype::text FROM pg_type t
+ WHERE t.typnamespace = 'pyembed'::regnamespace AND has_type_privilege(%(role)s, t.oid, 'USAGE')
+"""
+
+
+def held(conn: psycopg.Connection[Any], role: str) -> set[str]:
+    return {r[0] for r in conn.execute(HELD, {"role": role}).fetchall()}
+
+
+GROUP_ROLES = {
+    # Every role a grant in the schema may name besides an object's owner, and why.
+    "pyembed_app": "the application's and every tenant's logins (members): APP_COLUMN_WRITES, "
+                   "APP_DELETES, APP_WRITERS and tests/golden/privileges.txt",
+    "pyembed_worker": "a worker's login beside pyembed_app: counts failed provider calls "
+                      "(test_the_worker_role_may_count_failed_calls_and_nothing_more)",
+    "pyembed_owner": "owns the tables; runs the foreign-key checks and the tenant policies' "
+                     "functions (current_tenant, visible_corpora)",
+}
+
+
+def _grants(owner: psycopg.Connection[Any]) -> list[tuple[str, str, str]]:
+    """(object, grantee, privilege) for every grant in the schema's ACLs (the schema, relations
+    and their partitions, columns, functions, types) and its default privileges, but for the
+    object's owner's own."""
+    return owner.execute("""
+        SELECT 'schema pyembed', a.grantee::regrole::text, a.privilege_type
+          FROM pg_namespace n CROSS JOIN LATERAL aclexplode(n.nspacl) a
+         WHERE n.nspname = 'pyembed' AND a.grantee <> n.nspowner
+        UNION ALL
+        SELECT c.relname, coalesce(nullif(a.grantee, 0)::regrole::text, 'PUBLIC'), a.privilege_type
+          FROM pg_class c CROSS JOIN LATERAL aclexplode(c.relacl) a
+         WHERE c.relnamespace = 'pyembed'::regnamespace AND a.grantee <> c.relowner
+        UNION ALL
+        SELECT c.relname || '.' || t.attname,
+               coalesce(nullif(a.grantee, 0)::regrole::text, 'PUBLIC'), a.privilege_type
+          FROM pg_class c JOIN pg_attribute t ON t.attrelid = c.oid
+         CROSS JOIN LATERAL aclexplode(t.attacl) a
+         WHERE c.relnamespace = 'pyembed'::regnamespace AND a.grantee <> c.relowner
+        UNION ALL
+        SELECT p.oid::regprocedure::text, coalesce(nullif(a.grantee, 0)::regrole::text, 'PUBLIC'),
+               a.privilege_type
+          FROM pg_proc p CROSS JOIN LATERAL aclexplode(p.proacl) a
+         WHERE p.pronamespace = 'pyembed'::regnamespace AND a.grantee <> p.proowner
+        UNION ALL
+        SELECT t.oid::regtype::text, coalesce(nullif(a.grantee, 0)::regrole::text, 'PUBLIC'),
+               a.privilege_type
+          FROM pg_type t CROSS JOIN LATERAL aclexplode(t.typacl) a
+         WHERE t.typnamespace = 'pyembed'::regnamespace AND a.grantee <> t.typowner
+        UNION ALL
+        SELECT 'default ' || d.defaclobjtype::text,
+               coalesce(nullif(a.grantee, 0)::regrole::text, 'PUBLIC'), a.privilege_type
+          FROM pg_default_acl d CROSS JOIN LATERAL aclexplode(d.defaclacl) a
+         WHERE d.defaclnamespace IN (0, 'pyembed'::regnamespace)
+        ORDER BY 1, 2, 3""").fetchall()
+
+
+def test_every_grant_in_the_schema_is_to_a_role_accounted_for(
+        owner: psycopg.Connection[Any], app: psycopg.Connection[Any]) -> None:
+    """Walks every ACL of the schema (a corpus's vector partition and the default privileges
+    included): each grantee is a group role of GROUP_ROLES, never a tenant's login, PUBLIC or
+    another role, whose privileges no list here would account for."""
+    owner.execute("SELECT pyembed.register_model('fake', 'fake-hash', '2', 384)")
+    app.execute("SELECT pyembed.create_corpus('docs', 'fake/fake-hash@1:384')")
+    grants = _grants(owner)
+    assert any(name.startswith("vectors_") for name, _, _ in grants)  # the partition is walked
+    assert {(name, grantee) for name, grantee, _ in grants if grantee not in GROUP_ROLES} == set()
+    with owner.transaction(force_rollback=True):  # the walk sees a grant to a login
+        owner.execute("GRANT SELECT (title) ON pyembed.documents TO pyembed_user")
+        assert ("documents.title", "pyembed_user", "SELECT") in _grants(owner)
+
+
+def test_a_tenants_login_may_do_what_the_app_role_may_and_nothing_more(
+        owner: psycopg.Connection[Any], two: dict[str, str]) -> None:  # noqa: F811
+    """Every privilege of a tenant's login on every object of the schema (partitions, columns,
+    sequences, functions and types included) is the application role's: a tenant's login is a
+    member of pyembed_app and holds nothing of its own. PUBLIC holds nothing but the types'
+    USAGE (PUBLIC_TYPES)."""
+    with pyembed.connect(two["a"]) as client:
+        client.create_corpus("docs", "fake/fake-hash@1:384")
+    logins = [r[0] for r in owner.execute(
+        "SELECT m.member::regrole::text FROM pg_auth_members m JOIN pg_roles r "
+        "ON r.oid = m.member WHERE m.roleid = 'pyembed_app'::regrole AND r.rolcanlogin "
+        "AND NOT pg_has_role(m.member, 'pyembed_worker', 'MEMBER')").fetchall()]
+    assert len(logins) >= 3  # the application's login and the two tenants'
+    app_held = held(owner, "pyembed_app")
+    assert any(line.startswith("r vectors_") for line in app_held)
+    for login in logins:
+        assert held(owner, login) == app_held, login
+    with owner.transaction(force_rollback=True):  # the walk sees a login's own grant
+        owner.execute(sql.SQL("GRANT SELECT (tokens) ON pyembed.usage TO {}").format(
+            sql.Identifier(logins[0])))
+        assert held(owner, logins[0]) - app_held == {"column usage.tokens SELECT"}
+    public = held(owner, "public")
+    assert {line for line in public if not line.startswith("type ")} == set()
+    assert {line.removeprefix("type ") for line in public} == set(_public_types(owner))
+
+
+def _public_types(owner: psycopg.Connection[Any]) -> dict[str, str]:
+    """Every type of the schema, and why PUBLIC may use it."""
+    why = {}
+    for name, relkind in owner.execute(
+            "SELECT t.oid::regtype::text, c.relkind FROM pg_type t "
+            "LEFT JOIN pg_class c ON c.oid = coalesce(nullif(t.typrelid, 0), "
+            "(SELECT e.typrelid FROM pg_type e WHERE e.oid = t.typelem)) "
+            "WHERE t.typnamespace = 'pyembed'::regnamespace").fetchall():
+        if relkind and relkind != "c":
+            why[name] = ("a relation's row type (or its array): PostgreSQL sets no privileges "
+                         "on one, and a type carries no rows")
+        else:
+            why[name] = PUBLIC_TYPES[name.removesuffix("[]")]
+    return why
+
+
+PUBLIC_TYPES = {
+    # A type of the schema of its own (not a relation's row type), and why PUBLIC may use it.
+    "pyembed._index_rules": "the vector index's rules as the nearest-neighbour functions pass "
+                            "them; a type carries no rows, and the functions are the owner's",
+}
+
+
+SHARED_READS = {
+    # A relation the application role may read that no tenant's policy filters, and why.
+    "models": "the operator's registry of model keys, which every tenant's corpora use (its "
+              "dimensions, prices and bounds): no tenant's rows",
+}
+NO_POLICY = {
+    # A table without row-level security, and why: none of them a tenant may read.
+    "alembic_version": "the schema's revision",
+    "keyword_pending": "SHARED_BY_TRIGGERS",
+    "models": "SHARED_READS",
+    "provider_error_counters": "every tenant's failed provider calls, read through "
+                               "pyembed.provider_errors() (the counts only)",
+    "secrets": "the operator's provider keys, the owner's alone",
+    "tenants": "the tenants, the owner's (pyembed.current_tenant() reads them as its owner)",
+    "tenant_members": "as tenants",
+}
+
+
+def _unfiltered(owner: psycopg.Connection[Any]) -> tuple[set[str], list[str]]:
+    """The tables without row-level security, and the relations the application role may read
+    (any column) that no tenant's policy filters and SHARED_READS does not list."""
+    rows = owner.execute(
+        "SELECT c.relname, c.relkind, c.relrowsecurity, c.relforcerowsecurity, "
+        "coalesce('security_invoker=true' = ANY (c.reloptions), false), "
+        "has_any_column_privilege('pyembed_app', c.oid, 'SELECT'), "
+        "(SELECT string_agg(pg_get_expr(p.polqual, p.polrelid), ' ') FROM pg_policy p "
+        " WHERE p.polrelid = c.oid) "
+        "FROM pg_class c WHERE c.relnamespace = 'pyembed'::regnamespace "
+        "AND c.relkind IN ('r', 'p', 'v', 'm', 'f') AND NOT c.relispartition").fetchall()
+    # A policy filters by the tenant, or by the rows of a table whose own policy does
+    # (migration_events: its migrations').
+    filtered = {name for name, kind, rls, forced, _, _, policy in rows
+                if kind != "v" and rls and forced and policy is not None
+                and ("visible_corpora()" in policy or "current_tenant()" in policy)}
+    filtered |= {name for name, kind, rls, forced, _, _, policy in rows
+                 if kind != "v" and rls and forced and policy is not None
+                 and set(re.findall(r"\bpyembed\.(\w+)", policy)) & filtered}
+    assert {name for name, *_, readable, _ in rows if readable} >= set(SHARED_READS)
+    return ({name for name, kind, rls, *_ in rows if kind != "v" and not rls},
+            [name for name, kind, _, _, invoker, readable, _ in rows
+             if readable and name not in SHARED_READS
+             and not (invoker if kind == "v" else name in filtered)])
+
+
+def test_every_relation_a_tenant_reads_is_kept_to_its_rows_or_said_to_be_shared(
+        owner: psycopg.Connection[Any]) -> None:
+    """Walks every relation of the schema the application role may read (any column), a new
+    one included: a table forces row-level security (its owner's functions are bound too) with a
+    policy by tenant or by the tenant's corpora, a view runs as its caller (security_invoker:
+    the tables' policies apply), or it is in SHARED_READS with why. Every table without
+    row-level security is in NO_POLICY."""
+    assert _unfiltered(owner) == (set(NO_POLICY), [])
+    with owner.transaction(force_rollback=True):  # the walk sees a policy the owner escapes
+        owner.execute("ALTER TABLE pyembed.queue NO FORCE ROW LEVEL SECURITY")
+        owner.execute("ALTER VIEW pyembed.coverage RESET (security_invoker)")
+        assert sorted(_unfiltered(owner)[1]) == ["coverage", "queue"]
+
+
+PARTITION_GRANTS = {
+    # A partitioned table whose partitions the application role may write directly, what it may
+    # do there, and what keeps a tenant to its own rows (a partition has no policy of its own:
+    # the parent's apply only to statements on the parent).
+    "vectors": ({"INSERT"}, "vectors_tenant"),  # COPY into a corpus's own partition: the
+    # statement trigger checks the corpus is the caller's (pyembed._vectors_tenant)
+}
+
+
+def test_a_partition_the_app_role_writes_directly_checks_the_tenant_itself(
+        owner: psycopg.Connection[Any], app: psycopg.Connection[Any]) -> None:
+    """Walks every partition of the schema (a corpus's vector partition made for the test):
+    what the application role may do on it is its parent's entry in PARTITION_GRANTS, and the
+    partition has the trigger that checks the tenant there."""
+    app.execute("SELECT pyembed.create_corpus('docs', 'fake/fake-hash@1:384')")
+    rows = owner.execute(
+        "SELECT parent.relname, c.relname, ARRAY(SELECT p FROM unnest(ARRAY['SELECT', 'INSERT', "
+        "'UPDATE', 'DELETE', 'TRUNCATE', 'REFERENCES', 'TRIGGER']) p "
+        "WHERE has_table_privilege('pyembed_app', c.oid, p) OR (p IN ('SELECT', 'INSERT', "
+        "'UPDATE', 'REFERENCES') AND has_any_column_privilege('pyembed_app', c.oid, p))), "
+        "ARRAY(SELECT t.tgname::text FROM pg_trigger t WHERE t.tgrelid = c.oid) "
+        "FROM pg_class c JOIN pg_inherits i ON i.inhrelid = c.oid "
+        "JOIN pg_class parent ON parent.oid = i.inhparent "
+        "WHERE c.relnamespace = 'pyembed'::regnamespace AND c.relispartition").fetchall()
+    assert rows
+    for parent, partition, privileges, triggers in rows:
+        allowed, trigger = PARTITION_GRANTS.get(parent, (set(), ""))
+        assert set(privileges) <= allowed, (partition, privileges)
+        if privileges:
+            assert trigger in triggers, (partition, triggers)
