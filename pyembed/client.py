@@ -703,8 +703,9 @@ class Corpus:
     def log_query(self, kind: str, k: int, timings: Mapping[str, float | None], *,
                   generated: bool = False, cache_hit: bool | None = None,
                   model_key: str | None = None) -> bool:
-        """Record one query in pyembed.query_log; False (and a warning) if that failed (for
-        example in a read-only transaction): a search never fails for its log line."""
+        """Record one query in pyembed.query_log; False if it was not: a warning if that
+        failed, none in a read-only transaction (a replica), where the record is skipped as
+        search_query's is (README, Read replicas). A search never fails for its log line."""
         conn = self.client._conn
         try:
             with conn.transaction():
@@ -720,8 +721,7 @@ class Corpus:
                          " ".join(str(exc).split()) or type(exc).__name__)
             return False
         if not (row and row[0]):
-            _log.warning("could not record the query in pyembed.query_log: a read-only "
-                         "transaction")
+            _log.debug("query not recorded in pyembed.query_log: a read-only transaction")
             return False
         return True
 

@@ -1,0 +1,225 @@
+"""The read paths write nothing, checked by catalogue so that a new function is covered: every
+function of the schema declared STABLE or IMMUTABLE writes no table, itself or through what it
+calls; and every function the application role may execute is either a writer (WRITERS, with
+why) or is run, and answers, in a `default_transaction_read_only = on` session (what a hot
+standby enforces) by the read entry points: the SQL searches, Client.search in each mode,
+recall, status's health views, usage, cache and recall reports, doctor's probe. What a read
+records (the query log, usage, cache entries and counts, recall samples) is skipped there, as
+README's "Read replicas" says."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from typing import Any
+
+import psycopg
+import pytest
+
+import pyembed
+from pyembed import cache, health, recall, tenants
+from tests.conftest import Database
+
+KEY = "fake/fake-hash@1:384"
+DOCS = [("a", "refunds are paid within five days"), ("b", "a late delivery is refunded"),
+        ("c", "error E4007 means the quota is used up")]
+
+WRITES = re.compile(r"\b(?:INSERT\s+INTO|UPDATE|DELETE\s+FROM|TRUNCATE)\s+pyembed\.(\w+)|"
+                    r"\b(nextval|setval)\s*\(", re.IGNORECASE)
+CALLS = re.compile(r"\bpyembed\.(\w+)\s*\(")
+
+VOLATILE_READS = {
+    # A VOLATILE function a STABLE one may call, and why it writes nothing.
+    "_nearest_settings": "sets the search's planner settings for the calling function "
+                         "(set_config, local): no row",
+}
+
+
+def test_no_stable_or_immutable_function_writes(owner: psycopg.Connection[Any]) -> None:
+    """Walks every STABLE or IMMUTABLE function of the schema, a new one included, and the
+    functions it calls in turn (from their bodies): none writes a table or takes a number of a
+    sequence, and the only VOLATILE ones it reaches are in VOLATILE_READS. (PostgreSQL refuses
+    a write in a non-volatile function's own statements, but not in a volatile one it calls.)"""
+    sources: dict[str, str] = {}
+    volatile: set[str] = set()
+    for name, src, kind in owner.execute(
+            "SELECT p.proname, p.prosrc, p.provolatile FROM pg_proc p "
+            "WHERE p.pronamespace = 'pyembed'::regnamespace").fetchall():
+        sources[name] = sources.get(name, "") + "\n" + src
+        if kind == "v":
+            volatile.add(name)
+    reads = {name for name in sources if name not in volatile}
+    assert {"search", "search_keyword", "search_hybrid", "cache_get", "usage_report"} <= reads
+    found = []
+    for name in sorted(reads):
+        seen, todo = set(), [name]
+        while todo:
+            f = todo.pop()
+            if f in seen or f not in sources:
+                continue
+            seen.add(f)
+            todo.extend(CALLS.findall(sources[f]))
+        found += [f"{name} -> {f} writes" for f in sorted(seen) if WRITES.search(sources[f])]
+        found += [f"{name} -> {f} volatile" for f in sorted(seen & volatile - set(VOLATILE_READS))]
+    assert found == []
+
+
+WRITERS = {
+    # A function the application role may execute that writes, so a read-only session refuses
+    # it (PE011, or SQL's 25006: ReadOnlyReplica in Python); no read path calls it.
+    "create_corpus": "a corpus", "drop_corpus": "a corpus's removal",
+    "add_document": "a document", "_add_document": "as add_document",
+    "begin_bulk_load": "a corpus's index dropped", "end_bulk_load": "an index built",
+    "_clear_vectors": "a vector write's old vectors deleted",
+    "_dequeue_written": "a vector write's jobs dequeued",
+    "claim_jobs": "the worker's jobs", "renew_jobs": "as claim_jobs", "retry_jobs": "as claim_jobs",
+    "release_jobs": "as claim_jobs", "fail_job": "as claim_jobs", "expire_jobs": "as claim_jobs",
+    "cache_purge": "the cache's entries deleted", "rerank_cache_purge": "as cache_purge",
+    "reserve_usage": "a provider call accounted: PE011 on a replica (embed on the primary)",
+    "reserve_query": "as reserve_usage", "rerank_cache_put": "a rerank's scores, after its "
+    "provider call (which a replica refuses first)",
+    "search_reranked": "a rerank is a provider call",
+    "_raise_again": "raises the error it is given (the PL/Python wrappers' exception blocks)",
+}
+
+
+def _sessions_ended(conn: psycopg.Connection[Any]) -> None:
+    """Wait for the database's other sessions to end: a session's function counts reach the
+    statistics as it ends."""
+    for _ in range(200):
+        if conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                        "AND pid <> pg_backend_pid()").fetchone() == (0,):
+            return
+        time.sleep(0.05)
+    raise AssertionError("the sessions did not end")
+
+
+@pytest.fixture
+def read_only(db: Database) -> Any:
+    """A corpus with documents, its queries searched once in every mode on the primary (their
+    embeddings cached) and a recall sample, and a client whose sessions are read-only; the
+    database counts every function call (track_functions)."""
+    with psycopg.connect(db.owner_dsn, autocommit=True) as conn:
+        conn.execute(f'ALTER DATABASE "{db.name}" SET track_functions = \'all\'')
+    with pyembed.connect(db.app_dsn) as client:
+        docs = client.create_corpus("docs", KEY)
+        docs.add(DOCS)
+        for mode in ("vector", "keyword", "hybrid"):
+            docs.search("a late refund", k=2, mode=mode)
+        client.conn.execute("SELECT pyembed.embed('a late refund', %s, 'query')", (KEY,))
+    with psycopg.connect(db.owner_dsn, autocommit=True) as conn:
+        _sessions_ended(conn)
+        for _ in range(200):  # the ended sessions' counts have arrived
+            conn.execute("SELECT pg_stat_clear_snapshot()")
+            if conn.execute("SELECT count(*) FROM pg_stat_user_functions "
+                            "WHERE funcname = 'create_corpus'").fetchone() == (1,):
+                break
+            time.sleep(0.05)
+        before = _calls(conn)
+        before_writes = _writes(conn)
+    dsn = db.app_dsn + "?options=-c%20default_transaction_read_only%3Don"
+    with pyembed.connect(dsn) as client:
+        yield client, before, before_writes
+
+
+RECORDS = ("query_log", "usage", "cache_stats", "embedding_cache", "recall_samples",
+           "recall_measurements")
+
+
+def _writes(conn: psycopg.Connection[Any]) -> dict[str, int]:
+    """Rows written to each table that records a read, as the statistics count them."""
+    conn.execute("SELECT pg_stat_clear_snapshot()")
+    return {name: int(n) for name, n in conn.execute(
+        "SELECT relname, n_tup_ins + n_tup_upd + n_tup_del FROM pg_stat_user_tables "
+        "WHERE schemaname = 'pyembed' AND relname = ANY (%s)", (list(RECORDS),)).fetchall()}
+
+
+def _calls(conn: psycopg.Connection[Any]) -> dict[str, int]:
+    conn.execute("SELECT pg_stat_clear_snapshot()")
+    return {name: int(n) for name, n in conn.execute(
+        "SELECT funcname, sum(calls) FROM pg_stat_user_functions WHERE schemaname = 'pyembed' "
+        "GROUP BY funcname").fetchall()}
+
+
+READ_SQL = [
+    "SELECT pyembed.version()",
+    "SELECT pyembed.current_tenant(), pyembed.visible_corpora()",
+    "SELECT (pyembed.lookup_corpus('docs')).corpus_id, pyembed.vector_table('docs')",
+    "SELECT * FROM pyembed.unindexed_corpora()",
+    "SELECT pyembed._setting_range('ef_search'), pyembed._check_setting('ef_search', 40)",
+    "SELECT count(*) FROM pyembed.search('docs', pyembed.embed('a late refund', "
+    "'fake/fake-hash@1:384', 'query'), 'fake/fake-hash@1:384', 2)",
+    "SELECT count(*) FROM pyembed.search_text('docs', 'a late refund', 2)",
+    "SELECT count(*) FROM pyembed.embed_batch(ARRAY['a late refund'], 'fake/fake-hash@1:384', "
+    "'query')",
+    "SELECT count(*) FROM pyembed.search_keyword('docs', 'refund', 2)",
+    "SELECT count(*) FROM pyembed.keyword_ranking('docs', 'refund', 10, NULL, 'document')",
+    "SELECT count(*) FROM pyembed.search_hybrid('docs', 'a late refund', pyembed.embed("
+    "'a late refund', 'fake/fake-hash@1:384', 'query'), 'fake/fake-hash@1:384', 2)",
+    "SELECT count(*) FROM pyembed.cache_get(ARRAY['\\x00'::bytea])",
+    "SELECT count(*) FROM pyembed.rerank_cache_get(ARRAY['\\x00'::bytea])",
+    "SELECT pyembed.cache_put(ARRAY['\\x01'::bytea], 'fake/fake-hash@1:384', 'query', "
+    "ARRAY[pyembed.embed('a late refund', 'fake/fake-hash@1:384', 'query')], NULL)",
+    "SELECT pyembed.cache_count(ARRAY['fake/fake-hash@1:384'], ARRAY[1::bigint], "
+    "ARRAY[0::bigint])",
+    "SELECT pyembed._vector_check((pyembed.lookup_corpus('docs')).corpus_id, (SELECT min("
+    "chunk_id) FROM pyembed.chunks), 'fake/fake-hash@1:384', pyembed.embed('a late refund', "
+    "'fake/fake-hash@1:384', 'query'))",
+    "SELECT count(*) FROM pyembed.provider_errors()",
+]
+
+
+def test_every_read_answers_in_a_read_only_session_and_every_function_is_a_read_or_a_writer(
+        db: Database, read_only: tuple[pyembed.Client, dict[str, int], dict[str, int]],
+        owner: psycopg.Connection[Any], caplog: pytest.LogCaptureFixture) -> None:
+    """Every function the application role may execute (the catalogue's, a new one included)
+    is in WRITERS or is called, and answers, in a read-only session by the read entry points
+    (counted by track_functions); and those entry points wrote nothing there."""
+    client, before, before_writes = read_only
+    caplog.set_level(logging.INFO, logger="pyembed")
+    dsn = db.app_dsn + "?options=-c%20default_transaction_read_only%3Don"
+    assert client.conn.execute("SHOW transaction_read_only").fetchone() == ("on",)
+    docs = client.corpus("docs")
+    for mode in ("vector", "keyword", "hybrid"):
+        assert docs.search("a late refund", k=2, mode=mode), mode
+    assert docs.search(client.embedder(KEY).embed_query("a late refund").tolist(), k=2,
+                       model_key=KEY)
+    for statement in READ_SQL:
+        client.conn.execute(statement).fetchall()
+    assert recall.measure(client.conn, "docs", 3)
+    recall.measure_sampled(client.conn, 5)
+    recall.report(client.conn)
+    health.report(client.conn)
+    tenants.usage(client.conn)
+    cache.stats(client.conn)
+    client.close()
+    _sessions_ended(owner)
+    # The skip is the documented behaviour, not a fault: no warning for each search (a search by
+    # vector logged one before, a search by text none).
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    after: dict[str, int] = {}
+    for _ in range(200):  # the session's counts have arrived
+        after = _calls(owner)
+        if after.get("search_query", 0) > before.get("search_query", 0):
+            break
+        time.sleep(0.05)
+    called = {name for name, n in after.items() if n > before.get(name, 0)}
+    executable = {r[0] for r in owner.execute(
+        "SELECT p.proname FROM pg_proc p WHERE p.pronamespace = 'pyembed'::regnamespace "
+        "AND has_function_privilege('pyembed_app', p.oid, 'EXECUTE')").fetchall()}
+    assert set(WRITERS) <= executable
+    # Nothing a read records was written: no query log line, usage, cache entry or count, sample.
+    assert _writes(owner) == before_writes
+    assert sorted(called & set(WRITERS)) == []
+    # A query the read-only session's cache lacks is embedded by a client that has a primary
+    # (reserved and recorded there) and searched on the read DSN: search_embedded.
+    assert sorted(executable - set(WRITERS) - called) == ["search_embedded"]
+    with pyembed.connect(db.app_dsn, read_dsn=dsn) as split:
+        assert split.read_conn.execute("SHOW transaction_read_only").fetchone() == ("on",)
+        assert split.corpus("docs").search("a question never asked", k=2)
+    for _ in range(200):
+        if _calls(owner).get("search_embedded", 0):
+            break
+        time.sleep(0.05)
+    assert _calls(owner).get("search_embedded", 0) == 1
