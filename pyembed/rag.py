@@ -17,8 +17,16 @@ import anthropic
 
 from .client import Corpus, _ms
 from .db import integer
-from .errors import InvalidInput, ProviderError, RateLimited, redact, status_kind
-from .providers.base import UNREADABLE, checked_base_url, unreadable
+from .errors import InvalidInput, ProviderError, redact, status_kind
+from .providers.base import (
+    TRANSIENT_STATUSES,
+    UNREADABLE,
+    TransientProviderError,
+    checked_base_url,
+    parse_retry_after,
+    unreadable,
+)
+from .retry import Retrier
 from .search import MODES, Hit
 from .text import check_text, has_text
 
@@ -30,7 +38,8 @@ API_KEY_ENV = "ANTHROPIC_API_KEY"
 DEFAULT_MODEL = "claude-sonnet-5-5"
 """The Claude model `answer` uses when given none and $PYEMBED_CLAUDE_MODEL is not set."""
 DEFAULT_MAX_RETRIES = 2
-"""Retries of the Anthropic SDK for transient failures (429, 5xx, lost connections)."""
+"""Retries of a Claude call for transient failures (429, 5xx, timeouts, lost connections), by
+pyembed.retry.Retrier as for the embedding and rerank services (the SDK's own are off)."""
 
 INSUFFICIENT = "The documents do not contain enough information to answer this."
 """The sentence Claude is told to answer with when the passages do not hold the answer (and
@@ -196,13 +205,15 @@ def answer(corpus: Corpus, question: str, *, k: int = 5, model: str | None = Non
                 # InvalidURL for one that is not a URL.
                 checked_base_url(os.environ.get("ANTHROPIC_BASE_URL") or None,
                                  "ANTHROPIC_BASE_URL")
-                client = anthropic.Anthropic(api_key=api_key, timeout=timeout,
-                                             max_retries=max_retries)
+                client = anthropic.Anthropic(api_key=api_key, timeout=timeout, max_retries=0)
         if client is None:
             result.note = NO_API_KEY_NOTE
         else:
+            # One retry policy for every service (pyembed.retry): a client's own retries off.
+            client = client.with_options(max_retries=0)
             _generate(client, result, build_prompt(question, sources), model=model,
-                      max_tokens=max_tokens, on_text=on_text, timeout=timeout)
+                      max_tokens=max_tokens, on_text=on_text, timeout=timeout,
+                      max_retries=max_retries)
     done = time.perf_counter()
     result.timings = {"embed_ms": found.timings["embed_ms"] or 0.0,
                       "search_ms": found.timings["search_ms"] or 0.0,
@@ -220,8 +231,41 @@ def _finite(value: object) -> bool:
 
 
 def _generate(client: anthropic.Anthropic, result: Answer, prompt: str, *, model: str,
-              max_tokens: int, on_text: Callable[[str], None] | None, timeout: float) -> None:
-    """Fill `result` with Claude's answer to `prompt`."""
+              max_tokens: int, on_text: Callable[[str], None] | None, timeout: float,
+              max_retries: int = DEFAULT_MAX_RETRIES) -> None:
+    """Fill `result` with Claude's answer to `prompt`, a transient failure retried by
+    pyembed.retry.Retrier until a piece of a streamed answer was shown (a retry would show it
+    again)."""
+    shown: list[str] = []
+
+    def show(piece: str) -> None:
+        shown.append(piece)
+        if on_text is not None:
+            on_text(piece)
+
+    def once() -> tuple[str, Any]:
+        try:
+            return _call(client, prompt, model=model, max_tokens=max_tokens,
+                         on_text=show if on_text is not None else None, timeout=timeout)
+        except TransientProviderError as exc:
+            if shown:
+                raise ProviderError(str(exc), kind=exc.kind) from None
+            raise
+
+    text, message = Retrier(f"claude ({model})", max_retries=max_retries)(once)
+    result.text = text
+    result.generated = True
+    result.generation_model = str(message.model or model)
+    result.stop_reason = message.stop_reason
+    result.cited = citations(text, len(result.sources))
+    result.insufficient = is_insufficient(text)
+    result.usage = {"input_tokens": message.usage.input_tokens,
+                    "output_tokens": message.usage.output_tokens}
+
+
+def _call(client: anthropic.Anthropic, prompt: str, *, model: str, max_tokens: int,
+          on_text: Callable[[str], None] | None, timeout: float) -> tuple[str, Any]:
+    """One request for Claude's answer to `prompt`: its text and message."""
     messages: list[anthropic.types.MessageParam] = [{"role": "user", "content": prompt}]
     try:
         if on_text is None:
@@ -242,25 +286,17 @@ def _generate(client: anthropic.Anthropic, result: Answer, prompt: str, *, model
             if message.stop_reason is None:
                 raise ProviderError(f"claude ({model}): the answer stream ended before "
                                     "the message was complete")
-        generation_model, stop_reason = str(message.model or model), message.stop_reason
-        usage = {"input_tokens": message.usage.input_tokens,
-                 "output_tokens": message.usage.output_tokens}
-        if not isinstance(text, str) or not all(isinstance(n, int) for n in usage.values()):
+        usage = (message.usage.input_tokens, message.usage.output_tokens)
+        if not isinstance(text, str) or not all(isinstance(n, int) for n in usage):
             raise TypeError("no text, or token counts that are not whole numbers")
         if not has_text(text):  # nothing to show or cite: the service's bad answer
             raise ProviderError(f"claude ({model}): the answer is empty (stop reason "
-                                f"{stop_reason})")
+                                f"{message.stop_reason})")
     except anthropic.AnthropicError as exc:
         raise _provider_error(exc, model, client) from None
     except UNREADABLE as exc:
         raise ProviderError(_scrubbed(f"claude ({model}): {unreadable(exc)}", client)) from None
-    result.text = text
-    result.generated = True
-    result.generation_model = generation_model
-    result.stop_reason = stop_reason
-    result.cited = citations(text, len(result.sources))
-    result.insufficient = is_insufficient(text)
-    result.usage = usage
+    return text, message
 
 
 def _provider_error(exc: anthropic.AnthropicError, model: str,
@@ -279,12 +315,18 @@ def _provider_error(exc: anthropic.AnthropicError, model: str,
     else:
         message = f"{where}: {exc}"
     message = _scrubbed(message, client)
-    if isinstance(exc, anthropic.RateLimitError):
-        return RateLimited(message)
-    # The kind every provider's failure has (pyembed.errors.ERROR_KINDS): a status's, none for
-    # no answer (a timeout), and a bad answer for what the SDK could not read.
+    # Transient as every service's (ServiceClient.failure): no answer, 408, 409, 429 and 5xx,
+    # retried by the Retrier, which makes the last 429 RateLimited.
+    if isinstance(exc, anthropic.APIStatusError) and (exc.status_code in TRANSIENT_STATUSES
+                                                      or exc.status_code >= 500):
+        return TransientProviderError(message, status=exc.status_code,
+                                      retry_after=parse_retry_after(exc.response.headers))
+    if isinstance(exc, anthropic.APIConnectionError):  # a timeout too
+        return TransientProviderError(message)
+    # The kind every provider's failure has (pyembed.errors.ERROR_KINDS): a status's, and a
+    # bad answer for what the SDK could not read.
     kind = (status_kind(exc.status_code) if isinstance(exc, anthropic.APIStatusError) else
-            "no_response" if isinstance(exc, anthropic.APIConnectionError) else "bad_answer")
+            "bad_answer")
     return ProviderError(message, kind=kind)
 
 
