@@ -61,9 +61,9 @@ class Plan:
 def plan(client: Client, corpus: str, to_key: str) -> Plan:
     """What a migration of `corpus` to `to_key` will take: calls, time, cost, storage. Refuses
     (MigrationError, UnknownModel, UnknownCorpus) a migration that `start` would refuse."""
-    with translated():
-        client._conn.execute("SELECT pyembed._need_target(r.c, r.m, %s) FROM pyembed._migration(%s) r",
-                            (to_key, corpus))
+    with translated():  # read without locking the corpus (a plan writes nothing): a replica
+        client._conn.execute("SELECT pyembed._need_target(c, pyembed._migration_of(c), %s) "
+                             "FROM pyembed.lookup_corpus(%s) c", (to_key, corpus))
     info = client.corpus(corpus).info
     old, new = model_spec(client._conn, info.model_key), model_spec(client._conn, to_key)
     documents = client._conn.execute("SELECT count(*) FROM pyembed.documents WHERE corpus_id = %s",

@@ -6,6 +6,16 @@
 -- measurements: their foreign keys lock it FOR KEY SHARE) do not wait for a step, which may
 -- itself wait for their transactions' locks on the partition (022-vector-index.sql says more).
 
+-- The migration in progress of corpus `c`, or NULL: read without a lock, so that what only
+-- reads it (`pyembed migrate plan`) answers on a replica and waits for no step.
+CREATE OR REPLACE FUNCTION pyembed._migration_of(c pyembed.corpora) RETURNS pyembed.migrations
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+  SELECT * FROM pyembed.migrations m
+   WHERE m.corpus_id = c.corpus_id AND m.state NOT IN ('completed', 'rolled_back', 'cleaned')
+$$;
+
 CREATE OR REPLACE FUNCTION pyembed._migration(corpus text, OUT c pyembed.corpora,
                                               OUT m pyembed.migrations)
 LANGUAGE plpgsql VOLATILE
@@ -13,8 +23,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
   c := pyembed._lock_corpus((pyembed.lookup_corpus(corpus)).corpus_id);
-  SELECT * INTO m FROM pyembed.migrations
-   WHERE corpus_id = c.corpus_id AND state NOT IN ('completed', 'rolled_back', 'cleaned');
+  m := pyembed._migration_of(c);
 END
 $$;
 

@@ -223,3 +223,80 @@ def test_every_read_answers_in_a_read_only_session_and_every_function_is_a_read_
             break
         time.sleep(0.05)
     assert _calls(owner).get("search_embedded", 0) == 1
+
+
+CLI_READS = {
+    # Every command that only reads, and its arguments: run with a read-only DSN, it answers.
+    ("models",): [],
+    ("search",): ["docs", "a late refund", "-k", "2"],
+    ("ask",): ["docs", "a late refund", "-k", "2"],  # no ANTHROPIC_API_KEY: the passages
+    ("status",): [],
+    ("recall",): ["docs", "--queries", "3"],
+    ("doctor",): [],
+    ("usage",): [],
+    ("corpus", "list"): [],
+    ("corpus", "show"): ["docs"],
+    ("migrate", "plan"): ["docs", "--to", "fake/fake-hash@2:384"],
+    ("migrate", "status"): ["docs"],
+    ("cache", "stats"): [],
+}
+CLI_OTHERS = {
+    # Every other command, and why it is not run here.
+    ("install",): "writes the schema", ("ingest",): "writes documents", ("worker",): "writes "
+    "vectors", ("demo",): "makes a cluster and a corpus", ("eval", "add"): "writes a query",
+    ("eval", "compare"): "embeds samples with other keys: provider calls, accounted on the "
+    "primary", ("cache", "purge"): "deletes cache entries", ("metrics", "serve"): "a server "
+    "(its registry answers on a standby: test_replica)", ("plan-storage",): "no database",
+    ("corpus", "create"): "writes", ("corpus", "index"): "builds an index",
+    ("corpus", "reindex"): "builds an index", ("corpus", "drop"): "writes",
+    ("tenant", "create"): "writes", ("tenant", "add-member"): "writes",
+    **{("migrate", step): "a migration's step writes" for step in (
+        "start", "backfill", "validate", "shift", "complete", "rollback", "cleanup")},
+    **{("db", *sub): "the local cluster's files and processes, not a database session" for sub in (
+        ("init",), ("start",), ("stop",), ("status",), ("url",), ("replica", "add"),
+        ("replica", "list"), ("replica", "remove"))},
+}
+
+
+def _commands() -> set[tuple[str, ...]]:
+    import typer
+
+    from pyembed.cli import app
+
+    def walk(command: Any, prefix: tuple[str, ...]) -> Any:
+        subs = getattr(command, "commands", None)
+        if not subs:
+            yield prefix
+            return
+        for name, sub in subs.items():
+            yield from walk(sub, (*prefix, name))
+
+    return set(walk(typer.main.get_command(app), ()))
+
+
+def test_every_cli_command_is_a_read_that_answers_read_only_or_says_why_not(
+        db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Walks every command of the CLI (a new one included): each read in CLI_READS exits 0
+    with a read-only DSN (owner's and application's), writing none of what a read records;
+    every other command is in CLI_OTHERS with why."""
+    from tests.helpers import run_cli
+
+    assert _commands() == set(CLI_READS) | set(CLI_OTHERS)
+    with psycopg.connect(db.owner_dsn, autocommit=True) as owner:
+        owner.execute("SELECT pyembed.register_model('fake', 'fake-hash', '2', 384)")
+    with pyembed.connect(db.app_dsn) as client:
+        docs = client.create_corpus("docs", KEY)
+        docs.add(DOCS)
+        docs.search("a late refund", k=2)
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    read_only = "?options=-c%20default_transaction_read_only%3Don"
+    env = {"PYEMBED_DSN": db.app_dsn + read_only, "PYEMBED_OWNER_DSN": db.owner_dsn + read_only,
+           "COLUMNS": "200"}
+    with psycopg.connect(db.owner_dsn, autocommit=True) as owner:
+        before = _writes(owner)
+        for command, args in CLI_READS.items():
+            out = run_cli(*command, *args, env=env)
+            assert out.returncode == 0, (command, out.stdout, out.stderr)
+        _sessions_ended(owner)
+        time.sleep(0.5)  # the ended sessions' counts arrive
+        assert _writes(owner) == before
