@@ -1,4 +1,4 @@
-"""One retry policy for every service a provider call reaches (pyembed.retry.Retrier): read
+"""One client per service and one retry policy for all (pyembed.retry.Retrier): read
 from pyembed's code, so that a new SDK client or a second retry loop fails here. Before, Claude's
 answers were retried by the Anthropic SDK's own policy (no max_retry_after, no 'gave up after')."""
 
@@ -48,3 +48,32 @@ def test_retries_are_made_in_one_place() -> None:
     users = sorted(str(p.relative_to(REPO)) for p in _files()
                    if any(imports_tenacity(n) for n in ast.walk(ast.parse(p.read_text()))))
     assert users == ["pyembed/retry.py"]
+
+
+HTTP_MODULES = {"openai", "cohere", "voyageai", "anthropic", "httpx", "requests", "urllib3",
+                "aiohttp", "urllib.request", "http.client"}
+ONE_CLIENT_EACH = {
+    # The one module of pyembed that talks to each service (and so its one client): the SDK it
+    # imports. PL/Python reaches the same modules through pyembed.indb (provider_for, reranker_for).
+    "pyembed/providers/openai.py": {"openai"},
+    "pyembed/providers/cohere.py": {"cohere", "httpx"},  # httpx: the SDK's timeout errors
+    "pyembed/providers/voyage.py": {"voyageai"},
+    "pyembed/rag.py": {"anthropic"},
+}
+
+
+def test_each_service_is_called_from_one_module() -> None:
+    """Every import of an HTTP library or a service's SDK in pyembed/ (a new one included) is
+    its service's one module: no second client of a service (PL/Python had one of its own once)."""
+    found: dict[str, set[str]] = {}
+    for path in _files():
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level
+                     else [])
+            for name in names:
+                top = next((m for m in HTTP_MODULES if name == m or name.startswith(m + ".")),
+                           None)
+                if top:
+                    found.setdefault(str(path.relative_to(REPO)), set()).add(top)
+    assert found == ONE_CLIENT_EACH
