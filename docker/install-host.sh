@@ -4,7 +4,7 @@
 #   the server dev package, pgvector, and the Python packages that pyembed's
 #   PL/Python functions import, for the server's own interpreter.
 # Idempotent: a second run checks, finds everything in place and exits in seconds.
-# Usage: docker/install-host.sh            (uses sudo when not root)
+# Usage: docker/install-host.sh            (uses sudo when not root and something is missing)
 set -euo pipefail
 
 say() { printf 'pyembed install-host: %s\n' "$*" >&2; }
@@ -12,9 +12,11 @@ die() { say "error: $*"; exit 1; }
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 SUDO=""
+# Root is needed only for what is missing: without sudo, a non-root run that finds everything
+# in place goes on, and one that must install something names it and stops.
+needs_root() { die "installing needs root ($*): run as root, or install sudo"; }
 if [ "$(id -u)" -ne 0 ]; then
-  command -v sudo >/dev/null || die "run as root or install sudo"
-  SUDO="sudo"
+  if command -v sudo >/dev/null; then SUDO="sudo"; else SUDO="needs_root"; fi
 fi
 
 [ -r /etc/os-release ] || die "unsupported system: no /etc/os-release (Debian or Ubuntu required)"
