@@ -300,3 +300,35 @@ def test_every_cli_command_is_a_read_that_answers_read_only_or_says_why_not(
         _sessions_ended(owner)
         time.sleep(0.5)  # the ended sessions' counts arrive
         assert _writes(owner) == before
+
+
+def test_an_answer_and_the_metrics_write_nothing_in_a_read_only_session(
+        db: Database, fake_api: Any, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Client.ask's path (rag.answer, Claude at the fake API) and the metrics endpoint's
+    collector answer with read-only DSNs, record nothing and warn of nothing (the answer's log
+    line is skipped, as a search's)."""
+    from prometheus_client import generate_latest
+
+    from pyembed import metrics, rag
+
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-read-only-1")
+    with pyembed.connect(db.app_dsn) as client:
+        docs = client.create_corpus("docs", KEY)
+        docs.add(DOCS)
+        docs.search("a late refund", k=2)
+    dsn = db.app_dsn + "?options=-c%20default_transaction_read_only%3Don"
+    with psycopg.connect(db.owner_dsn, autocommit=True) as owner:
+        _sessions_ended(owner)
+        time.sleep(0.5)  # the ended sessions' counts arrive
+        before = _writes(owner)
+        caplog.set_level(logging.INFO, logger="pyembed")
+        with pyembed.connect(dsn) as client:
+            result = rag.answer(client.corpus("docs"), "a late refund", k=2)
+            assert result.generated and result.sources
+        text = generate_latest(metrics.registry(dsn)).decode()
+        assert "pyembed_up 1.0" in text, text
+        _sessions_ended(owner)
+        time.sleep(0.5)
+        assert _writes(owner) == before
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
