@@ -69,8 +69,12 @@ def main() -> None:
     parser.add_argument("--searches", type=int, default=200)
     parser.add_argument("--warm", type=int, default=20)
     parser.add_argument("--port", type=int, default=54399)
-    parser.add_argument("--paths", default="pyembed,unguarded")
-    parser.add_argument("--hybrid-query", default="cell protein")
+    parser.add_argument("--paths", default="pyembed,unguarded",
+                        help="pyembed, unguarded, hybrid, or fn:SCHEMA.NAME (a variant of "
+                             "pyembed.search with its arguments, made in the database by hand)")
+    parser.add_argument("--setup", default=None,
+                        help="an SQL file run as the owner before counting (variants to count)")
+    parser.add_argument("--hybrid-query", default="invoice latency")  # bench_suite's words
     parser.add_argument("--no-install", action="store_true",
                         help="count the functions the database has (no upgrade first)")
     parser.add_argument("--annotate", type=int, default=0,
@@ -111,6 +115,9 @@ def main() -> None:
     results: dict[str, float] = {}
     try:
         wait_ready(owner_dsn)
+        if args.setup:
+            with psycopg.connect(owner_dsn, autocommit=True) as owner:
+                owner.execute(Path(args.setup).read_text().encode())
         with psycopg.connect(owner_dsn) as owner:
             corpus_id, name = owner.execute(
                 "SELECT corpus_id, name FROM pyembed.corpora WHERE model_key = %s "
@@ -145,6 +152,9 @@ def main() -> None:
                     ranking = conn.execute(
                         "SELECT ids, scores, keys FROM pyembed.keyword_ranking(%s, %s, 100)",
                         (name, args.hybrid_query)).fetchone()
+                    assert ranking is not None and ranking[0], "the keyword ranking found nothing"
+                    if n > args.warm:
+                        print(f"hybrid: a keyword ranking of {len(ranking[0])} hits handed in")
                 step: Callable[[Vector], object]
                 if path == "unguarded":
                     def step(q: Vector) -> object:
@@ -152,6 +162,13 @@ def main() -> None:
                 elif path == "pyembed":
                     def step(q: Vector) -> object:
                         return conn.execute(guarded_sql, {"c": name, "q": q, "k": KEY}).fetchall()
+                elif path.startswith("fn:"):  # a variant of pyembed.search made by hand
+                    variant = sql.SQL("SELECT chunk_id, content, score FROM {}(%(c)s, %(q)s, "
+                                      "%(k)s, 10, group_by => 'chunk')").format(
+                                          sql.Identifier(*path[3:].split(".")))
+
+                    def step(q: Vector) -> object:
+                        return conn.execute(variant, {"c": name, "q": q, "k": KEY}).fetchall()
                 else:
                     def step(q: Vector) -> object:
                         return conn.execute(hybrid_sql, {
