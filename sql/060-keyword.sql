@@ -779,7 +779,11 @@ BEGIN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
       MESSAGE = 'keyword_keys must be the keys pyembed.keyword_ranking returned (whole numbers)';
   END IF;
-  c := pyembed.lookup_corpus(corpus);
+  -- the corpus by lookup_corpus's rule, inlined as in pyembed.search (no call), and its error
+  SELECT * INTO c FROM pyembed._corpus_named(corpus);
+  IF NOT FOUND THEN
+    c := pyembed.lookup_corpus(corpus);
+  END IF;
   -- the vector leg: the documents among the `candidates` nearest chunks (one index scan)
   d := pyembed._vector_ranking(c, query_embedding, query_model_key, candidates, filter, group_by,
                                chunks => candidates);
