@@ -34,13 +34,13 @@ def _migrate() -> None:
         # One installer at a time: a second concurrent run waits, then finds the schema at head;
         # no lock another role can take makes it wait for ever (pyembed.schema.install_lock_sql).
         context.execute(raw_text(install_lock_sql()))
-        if context.is_offline_mode():
+        offline = context.is_offline_mode()
+        if offline:
             # A script printed for one revision, applied to a database at another, stops here.
             context.execute(raw_text(expected_revision_sql(context.get_starting_revision_argument())))
-        else:
-            # Every query on a table queues behind DDL waiting for its lock: a bounded wait,
-            # which pyembed.schema tries again (a DBA applying the offline script watches it).
-            context.execute(raw_text(ddl_lock_wait_sql()))
+        # Every query on a table queues behind DDL waiting for its lock: a bounded wait, which
+        # pyembed.schema tries again online, and the DBA applying the offline script reruns.
+        context.execute(raw_text(ddl_lock_wait_sql(offline=offline)))
         context.execute(raw_text(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}"))
         context.run_migrations()
         if _destination() in ("head", "heads", head_revision()):

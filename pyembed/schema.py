@@ -228,10 +228,23 @@ END
 $expected_revision$"""
 
 
-def ddl_lock_wait_sql() -> str:
+def ddl_lock_wait_sql(*, offline: bool = False) -> str:
     """The statement that bounds every later lock wait of an install's transaction (after the
-    install lock, which waits for the installer ahead of it): DDL_LOCK_WAIT seconds."""
-    return f"SET LOCAL lock_timeout = '{round(DDL_LOCK_WAIT * 1000)}ms'"
+    install lock, which waits for the installer ahead of it): DDL_LOCK_WAIT seconds. Online,
+    pyembed.schema tries a timed-out install again; the offline script says, in a comment above
+    it, what the DBA applying it does instead."""
+    statement = f"SET LOCAL lock_timeout = '{round(DDL_LOCK_WAIT * 1000)}ms'"
+    if not offline:
+        return statement
+    return (f"-- Each lock a statement below needs is waited for at most {DDL_LOCK_WAIT:g} s, "
+            "since every query on its\n"
+            "-- table queues behind the waiting statement. If the script stops with \"ERROR:  "
+            "canceling statement\n"
+            "-- due to lock timeout\", nothing was changed (the script is one transaction): "
+            "run it again once\n"
+            "-- the sessions holding that table are done (pg_stat_activity shows them), or "
+            "raise the wait here.\n"
+            f"{statement}")
 
 
 BLOCKERS_SQL = """SELECT a.pid, format('pid %%s (role %%s, application %%L, %%s since %%s)', a.pid,

@@ -332,11 +332,12 @@ def test_offline_script_applied_with_psql_equals_online_install(
     assert schema.current_revision(empty_db.owner_dsn) == schema.head_revision()
 
 
-def _psql_file(dsn: str, script: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+def _psql_file(dsn: str, script: str, tmp_path: Path,
+               timeout: float | None = None) -> subprocess.CompletedProcess[str]:
     path = tmp_path / f"pyembed-{uuid.uuid4().hex[:8]}.sql"
     path.write_text(script)
     return subprocess.run([_pg_tool("psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", dsn,
-                           "-f", str(path)], capture_output=True, text=True)
+                           "-f", str(path)], capture_output=True, text=True, timeout=timeout)
 
 
 def test_a_dba_upgrades_an_earlier_revision_offline_with_its_rows_kept(
@@ -380,6 +381,38 @@ def test_a_dba_upgrades_an_earlier_revision_offline_with_its_rows_kept(
     _assert_same(schema_dump(empty_db.owner_dsn), at_head)
 
 
+def test_the_offline_script_waits_a_bounded_time_for_a_tables_lock(
+        empty_db: Database, tmp_path: Path) -> None:
+    """A tenant's session idle in a transaction that read pyembed.migrations held the offline
+    script's ALTER TABLE (revision 0031's CHECK) for ever, with every query on that table queued
+    behind it (psql was still waiting after 20 s). Now the script waits DDL_LOCK_WAIT for each
+    lock, as an online install does, then stops having changed nothing; run again once the
+    session is done, it upgrades."""
+    start = "0030"  # 0031 alters pyembed.migrations
+    schema.install(empty_db.owner_dsn)
+    schema.downgrade(empty_db.owner_dsn, start)
+    before = schema_dump(empty_db.owner_dsn)
+    script = schema.offline_sql(start)
+    with psycopg.connect(empty_db.app_dsn) as reader:
+        reader.execute("SELECT count(*) FROM pyembed.migrations")  # and stays in its transaction
+        started = time.monotonic()
+        try:
+            out = _psql_file(empty_db.owner_dsn, script, tmp_path, timeout=20)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the offline script waited for ever on a tenant's lock")
+        took = time.monotonic() - started
+        assert out.returncode != 0
+        error = next(line for line in out.stderr.splitlines() if "ERROR:" in line)
+        assert error.endswith("ERROR:  canceling statement due to lock timeout"), out.stderr
+        assert schema.DDL_LOCK_WAIT <= took < schema.DDL_LOCK_WAIT + 5, took
+        assert _version_rows(empty_db.owner_dsn) == [start]
+    _assert_same(schema_dump(empty_db.owner_dsn), before)
+
+    out = _psql_file(empty_db.owner_dsn, script, tmp_path, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert _version_rows(empty_db.owner_dsn) == [schema.head_revision()]
+
+
 def test_an_offline_script_from_an_unknown_revision_is_one_line() -> None:
     with pytest.raises(InvalidInput, match=r"--from '0999' is not a pyembed schema revision"):
         schema.offline_sql("0999")
@@ -396,6 +429,9 @@ def test_offline_script_is_the_source_sql_verbatim_under_the_install_lock() -> N
     lock = schema.install_lock_sql() + ";"
     statements = [s.strip() for s in script.split("\n\n") if s.strip() and not s.startswith("--")]
     assert statements[:2] == ["BEGIN;", lock], statements[:3]
+    # The revision check first, then the bound on every later lock wait, said to the DBA.
+    assert script.split("\n\n")[2:4] == [schema.expected_revision_sql(None) + ";",
+                                         schema.ddl_lock_wait_sql(offline=True) + ";"]
     assert statements[-1] == "COMMIT;"
     assert script.count("COMMIT;") == 1  # one transaction: a failure leaves nothing behind
 

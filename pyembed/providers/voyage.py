@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import requests
 import voyageai.error
+from requests.adapters import HTTPAdapter
 from voyageai.api_resources import Embedding, Reranking
+from voyageai.api_resources.api_requestor import APIRequestor
+from voyageai.api_resources.response import convert_to_voyage_response
+from voyageai.util import decode_base64_embedding
 
 from ..models import InputType
 from .base import Provider, ServiceClient, Vectors, parse_retry_after
@@ -27,6 +33,53 @@ def _translated(client: ServiceClient[Any]) -> Iterator[None]:
                              retry_after=parse_retry_after(headers)) from None
 
 
+_sessions = threading.local()
+
+
+def _session() -> requests.Session:
+    """This thread's session for pyembed's Voyage calls (one per thread, as the SDK keeps
+    its own): its adapters never retry, where the SDK's own session
+    retries a failed https connection twice inside each of pyembed.retry's attempts. The
+    SDK's session, and so a program's own calls of the SDK, are left as they are."""
+    session: requests.Session | None = getattr(_sessions, "session", None)
+    if session is None:
+        session = requests.Session()
+        for prefix in ("https://", "http://"):
+            session.mount(prefix, HTTPAdapter(max_retries=0))
+        _sessions.session = session
+    return session
+
+
+class _Requestor(APIRequestor):
+    """The SDK's requestor (its headers, request body and reading of answers and errors),
+    sending through `_session()` instead of the SDK's session."""
+
+    def request_raw(self, method: str, url: str, *, params: Any = None,
+                    supplied_headers: dict[str, str] | None = None, files: Any = None,
+                    stream: bool = False, request_id: str | None = None,
+                    request_timeout: float | tuple[float, float] | None = None
+                    ) -> requests.Response:
+        abs_url, headers, data = self._prepare_request_raw(url, supplied_headers, method, params,
+                                                           files, request_id)
+        try:
+            return _session().request(method, abs_url, headers=headers, data=data, files=files,
+                                      stream=stream, timeout=request_timeout)
+        except requests.exceptions.Timeout as exc:  # as the SDK's request_raw translates them
+            raise voyageai.error.Timeout(  # type: ignore[no-untyped-call]
+                f"Request timed out: {exc}") from exc
+        except requests.exceptions.RequestException as exc:
+            raise voyageai.error.APIConnectionError(  # type: ignore[no-untyped-call]
+                f"Error communicating with VoyageAI: {exc}") from exc
+
+
+def _create(client: ServiceClient[Any], resource: type[Any], **params: Any) -> Any:
+    """What `resource.create(**params)` answers (Embedding, Reranking), sent by `_Requestor`."""
+    requestor = _Requestor(client.api_key, client.base_url)  # type: ignore[no-untyped-call]
+    response = requestor.request("post", resource.class_url(), params=params,
+                                 request_timeout=client.timeout)
+    return convert_to_voyage_response(response)  # type: ignore[no-untyped-call]
+
+
 class VoyageProvider(Provider):
     """Voyage models (`voyage/...`); key from VOYAGE_API_KEY, base URL from
     PYEMBED_VOYAGE_BASE_URL (e.g. http://127.0.0.1:8080/v1)."""
@@ -39,12 +92,14 @@ class VoyageProvider(Provider):
         with self.reading_answer():
             with _translated(self):
                 # The SDK's resource, not its Client: the Client's answer drops each index.
-                response = Embedding.create(  # type: ignore[no-untyped-call]
-                    input=texts, model=self.spec.model_id,
+                response = _create(
+                    self, Embedding, input=texts, model=self.spec.model_id,
                     input_type=input_type.value if self.spec.input_types else None,
-                    truncation=False, api_key=self.api_key, base_url=self.base_url,
-                    request_timeout=self.timeout,
+                    truncation=False, encoding_format="base64",
                 )
+                for item in response.data:  # as Embedding.create reads the base64 it asks for
+                    if isinstance(item["embedding"], str):
+                        item["embedding"] = decode_base64_embedding(item["embedding"])
             data = response.get("data")
             if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
                 raise self.bad_response("the answer has no list of embeddings")
@@ -66,11 +121,8 @@ class VoyageReranker(RerankProvider):
         with self.reading_answer():
             with _translated(self):
                 # The SDK's resource, as for embeddings: the Client retries on its own.
-                response = Reranking.create(  # type: ignore[no-untyped-call]
-                    query=query, documents=texts, model=self.spec.model_id, top_k=None,
-                    truncation=True, api_key=self.api_key, base_url=self.base_url,
-                    request_timeout=self.timeout,
-                )
+                response = _create(self, Reranking, query=query, documents=texts,
+                                   model=self.spec.model_id, top_k=None, truncation=True)
             data = response.get("data")
             if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
                 raise self.bad_response("the answer has no list of scores")
