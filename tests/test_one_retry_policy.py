@@ -57,7 +57,7 @@ ONE_CLIENT_EACH = {
     # imports. PL/Python reaches the same modules through pyembed.indb (provider_for, reranker_for).
     "pyembed/providers/openai.py": {"openai"},
     "pyembed/providers/cohere.py": {"cohere", "httpx"},  # httpx: the SDK's timeout errors
-    "pyembed/providers/voyage.py": {"voyageai"},
+    "pyembed/providers/voyage.py": {"voyageai", "requests"},  # requests: its session, no retries
     "pyembed/rag.py": {"anthropic"},
 }
 
