@@ -984,15 +984,19 @@ def migrate_validate(
     corpus: str,
     max_drop: Annotated[float, typer.Option(
         help="largest nDCG/recall drop allowed, 0..1 (the scores' scale)")] = 0.02,
+    force: Annotated[bool, typer.Option(
+        "--force", help="validate on fewer evaluation queries than a validation needs "
+                        "(pyembed.min_eval_queries(), 10); the report records it")] = False,
     dsn: OwnerDsnOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Compare old and new keys on the corpus's evaluation queries; refuse below the gate.
+    """Compare old and new keys on the corpus's evaluation queries (at least 10, or --force);
+    refuse below the gate.
 
     Example: pyembed migrate validate docs --max-drop 0.01
     """
     with _client(dsn, owner=True) as client:
-        v = migration.validate(client, corpus, max_drop=max_drop)
+        v = migration.validate(client, corpus, max_drop=max_drop, force=force)
     if as_json:
         _print_json({"corpus": corpus, **v.as_json()})
     else:
@@ -1008,8 +1012,9 @@ def migrate_validate(
 def _print_validation(corpus: str, v: migration.Validation) -> None:
     table = _table("model key", "Recall@10", "nDCG@10", "ms / query",
                    numbers=("Recall@10", "nDCG@10", "ms / query"),
-                   title=f"{corpus}: {v.queries} evaluation queries; top-10 overlap "
-                         f"{v.overlap:.0%}")
+                   title=f"{corpus}: {v.queries} evaluation queries"
+                         + (f" (forced: fewer than the {v.min_queries} a validation needs)"
+                            if v.forced else "") + f"; top-10 overlap {v.overlap:.0%}")
     for side in (v.old, v.new):
         table.add_row(side.model_key, f"{side.recall:.4f}", f"{side.ndcg:.4f}",
                       f"{side.ms_per_query:.1f}")
