@@ -77,6 +77,8 @@ GRANT EXECUTE ON FUNCTION
   pyembed._setting_range(text),
   pyembed._check_setting(text, numeric),
   pyembed.version(),
+  pyembed.code_digest(),
+  pyembed.sql_digest(),
   pyembed.min_eval_queries(),
   pyembed._eval_queries_enough(integer, boolean),
   pyembed.vector_table(text),
