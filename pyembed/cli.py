@@ -230,7 +230,9 @@ def install_cmd(
 ) -> None:
     """Bring a database to the current pyembed schema (idempotent).
 
-    Example: pyembed install --dsn postgresql://owner@db/app   |   pyembed install --sql > pyembed.sql
+    Example: pyembed install --dsn postgresql://owner@db/app
+
+    Example: pyembed install --sql > pyembed.sql
     """
     if sql:
         sys.stdout.write(schema.offline_sql(start))
@@ -1230,13 +1232,24 @@ def tenant_add_member(
 
 # -- entry point ---------------------------------------------------------------------------
 
+def _reflow(doc: str) -> str:
+    """`doc` with each paragraph on one line, for the terminal to wrap at its width: rich help
+    keeps a docstring's line breaks after its first paragraph, which then read ragged at any
+    width but the source's. A paragraph that starts with \\b keeps its lines (click's mark)."""
+    return "\n\n".join(p if p.startswith("\b") else " ".join(line.strip() for line in p.splitlines())
+                       for p in inspect.cleandoc(doc).split("\n\n"))
+
+
 def _summarise(group: typer.Typer) -> None:
-    """Give each command its docstring's first paragraph on one line, without its example, as
-    its summary in its group's list (rich help keeps the docstring's line breaks there)."""
+    """Give each command its docstring's paragraphs each on one line as its help, and its first
+    paragraph without its example as its summary in its group's list, in every group."""
     for info in group.registered_commands:
         doc = info.help or (info.callback.__doc__ if info.callback else None)
-        if info.short_help is None and doc:
-            first = " ".join(inspect.cleandoc(doc).split("\n\n")[0].split())
+        if not doc:
+            continue
+        info.help = _reflow(doc)
+        if info.short_help is None:
+            first = " ".join(info.help.split("\n\n")[0].split())
             info.short_help = first.split(" Example:")[0]
     for sub in group.registered_groups:
         if sub.typer_instance is not None:
