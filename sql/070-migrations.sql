@@ -158,6 +158,12 @@ AS $$
 DECLARE
   n integer;
 BEGIN
+  -- (Not pyembed._needs: the application role, which may call this, may not call that.)
+  IF corpus_id IS NULL OR forced IS NULL THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = format('%s is NULL: pyembed._eval_queries_enough() needs a value for it',
+                       CASE WHEN corpus_id IS NULL THEN 'corpus_id' ELSE 'forced' END);
+  END IF;
   SELECT count(*) INTO n FROM pyembed.eval_queries e
    WHERE e.corpus_id = _eval_queries_enough.corpus_id;
   IF n < pyembed.min_eval_queries() AND NOT forced THEN
