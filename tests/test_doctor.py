@@ -146,13 +146,14 @@ def test_a_client_whose_code_or_sql_changed_under_the_same_version_fails_doctor(
         shutil.copytree(REPO / part, tmp_path / part,
                         ignore=shutil.ignore_patterns("__pycache__"))
 
-    def doctor_from_copy() -> tuple[int, dict[str, str], str]:
+    def doctor_from_copy(command: str = "doctor") -> tuple[int, dict[str, str], str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PYEMBED_")}
         env.update(PYTHONPATH=str(tmp_path), PYEMBED_DSN=db.app_dsn,
                    PYEMBED_OWNER_DSN=db.owner_dsn)
         out = subprocess.run([sys.executable, "-c", "import pyembed, sys; "
                               "assert pyembed.__file__.startswith(sys.argv[1]), pyembed.__file__; "
-                              "from pyembed.cli import main; main(['doctor'])", str(tmp_path)],
+                              "from pyembed.cli import main; main([sys.argv[2]])", str(tmp_path),
+                              command],
                              env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
         return out.returncode, _lines(out.stdout), out.stdout + out.stderr
 
@@ -180,6 +181,10 @@ def test_a_client_whose_code_or_sql_changed_under_the_same_version_fails_doctor(
         "client's sql/ files"), text
     assert lines[schema_check].endswith("— fix: pyembed install"), text
     assert lines[plpython].startswith("ok   "), text
+    # The fix, as printed, from the copy: its sql/ files are the database's again.
+    assert doctor_from_copy("install")[0] == 0
+    code, lines, text = doctor_from_copy()
+    assert code == 0 and lines[schema_check].startswith("ok   "), text
 
 
 def test_doctor_writes_nothing_and_passes_in_a_read_only_session(db: Database) -> None:
