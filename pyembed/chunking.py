@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
+from itertools import islice
 
 from .text import estimate_tokens, has_text
 
@@ -11,22 +13,24 @@ _WORD = re.compile(r"\S+\s*")
 _SPACE = re.compile(r"\s*$")
 
 
-def _words(text: str, max_tokens: int) -> list[str]:
-    """The words of `text` with their trailing space; a word longer than `max_tokens`
-    (a URL, base64, a run without spaces) in pieces of that many tokens, so that no chunk
-    outgrows the limit the model is given."""
-    out: list[str] = []
+def _words(text: str, max_tokens: int, start: int, end: int) -> Iterator[tuple[str, int]]:
+    """The words of `text[start:end]` with their trailing space, and each one's estimated
+    tokens, in order, one at a time; a word longer than `max_tokens` (a URL, base64, a run
+    without spaces) in pieces of that many tokens, so that no chunk outgrows the limit the
+    model is given."""
     size = 4 * max_tokens  # estimate_tokens counts a token per 4 characters of one word
-    for word in _WORD.findall(text):
-        if estimate_tokens(word) <= max_tokens:
-            out.append(word)
+    for match in _WORD.finditer(text, start, end):
+        word = match.group()
+        cost = estimate_tokens(word)
+        if cost <= max_tokens:
+            yield word, cost
             continue
         space = _SPACE.search(word)
         core = word[:space.start()] if space else word
         pieces = [core[i:i + size] for i in range(0, len(core), size)]
         pieces[-1] += word[len(core):]
-        out += pieces
-    return out
+        for piece in pieces:
+            yield piece, estimate_tokens(piece)
 
 
 def chunk_text(text: str, max_tokens: int = 200, overlap_tokens: int = 40) -> list[str]:
@@ -35,36 +39,59 @@ def chunk_text(text: str, max_tokens: int = 200, overlap_tokens: int = 40) -> li
     is cut into windows of its own. Short text is one chunk. A window without a visible
     character (a run of zero-width spaces or escapes longer than a window) is left out: the
     document's other windows hold its text, and chunks.content refuses it."""
+    return list(iter_chunks(text, max_tokens, overlap_tokens))
+
+
+def iter_chunks(text: str, max_tokens: int = 200, overlap_tokens: int = 40) -> Iterator[str]:
+    """`chunk_text`'s chunks one at a time, holding only the words of the window being made:
+    the memory a long document takes is its text and the chunks kept, not a list of its
+    words (an object each)."""
     if overlap_tokens >= max_tokens:
         raise ValueError("overlap must be smaller than the chunk size")
-    text = text.strip()
-    if estimate_tokens(text) <= max_tokens:
-        return [text] if text else []
-    words = _words(text, max_tokens)
-    chunks: list[str] = []
-    start = 0
-    while start < len(words):
-        end, used = start, 0
-        while end < len(words):
-            cost = estimate_tokens(words[end])
-            if used + cost > max_tokens and end > start:
+    # The text without its outer whitespace, as bounds: text.strip() would copy it whole.
+    start, end = 0, len(text)
+    while end > start and text[end - 1].isspace():
+        end -= 1
+    while start < end and text[start].isspace():
+        start += 1
+    # A text over 4 characters a token is over the window whatever its words: the estimate
+    # of the whole (which splits it into words) is only made for a text that may fit.
+    if end - start <= 4 * max_tokens + 3 and estimate_tokens(text[start:end]) <= max_tokens:
+        if end > start:
+            yield text[start:end]
+        return
+    words = _words(text, max_tokens, start, end)
+    window: deque[tuple[str, int]] = deque()  # the words from the window's start, read so far
+
+    def more() -> bool:
+        following = next(words, None)
+        if following is None:
+            return False
+        window.append(following)
+        return True
+
+    while True:
+        end, used = 0, 0
+        while end < len(window) or more():
+            cost = window[end][1]
+            if used + cost > max_tokens and end > 0:
                 break
             used += cost
             end += 1
-        chunk = "".join(words[start:end]).strip()
+        chunk = "".join(word for word, _ in islice(window, end)).strip()
         if has_text(chunk):  # a window of format or control characters alone is no text
-            chunks.append(chunk)
-        if end >= len(words):
-            break
+            yield chunk
+        if end == len(window):  # (the loop above stops there only when the words ran out)
+            return
         back, kept = end, 0
-        while back > start + 1 and kept + estimate_tokens(words[back - 1]) <= overlap_tokens:
+        while back > 1 and kept + window[back - 1][1] <= overlap_tokens:
             back -= 1
-            kept += estimate_tokens(words[back])
-        while back < end and kept + estimate_tokens(words[end]) > max_tokens:
-            kept -= estimate_tokens(words[back])  # else the next window is the overlap alone
+            kept += window[back][1]
+        while back < end and kept + window[end][1] > max_tokens:
+            kept -= window[back][1]  # else the next window is the overlap alone
             back += 1
-        start = back
-    return chunks
+        for _ in range(back):
+            window.popleft()
 
 
 def fit_chunks(chunks: list[str], max_tokens: int,

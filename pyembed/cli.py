@@ -230,7 +230,9 @@ def install_cmd(
 ) -> None:
     """Bring a database to the current pyembed schema (idempotent).
 
-    Example: pyembed install --dsn postgresql://owner@db/app   |   pyembed install --sql > pyembed.sql
+    Example: pyembed install --dsn postgresql://owner@db/app
+
+    Example: pyembed install --sql > pyembed.sql
     """
     if sql:
         sys.stdout.write(schema.offline_sql(start))
@@ -984,15 +986,19 @@ def migrate_validate(
     corpus: str,
     max_drop: Annotated[float, typer.Option(
         help="largest nDCG/recall drop allowed, 0..1 (the scores' scale)")] = 0.02,
+    force: Annotated[bool, typer.Option(
+        "--force", help="validate on fewer evaluation queries than a validation needs "
+                        "(pyembed.min_eval_queries(), 10); the report records it")] = False,
     dsn: OwnerDsnOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Compare old and new keys on the corpus's evaluation queries; refuse below the gate.
+    """Compare old and new keys on the corpus's evaluation queries (at least 10, or --force);
+    refuse below the gate.
 
     Example: pyembed migrate validate docs --max-drop 0.01
     """
     with _client(dsn, owner=True) as client:
-        v = migration.validate(client, corpus, max_drop=max_drop)
+        v = migration.validate(client, corpus, max_drop=max_drop, force=force)
     if as_json:
         _print_json({"corpus": corpus, **v.as_json()})
     else:
@@ -1008,8 +1014,9 @@ def migrate_validate(
 def _print_validation(corpus: str, v: migration.Validation) -> None:
     table = _table("model key", "Recall@10", "nDCG@10", "ms / query",
                    numbers=("Recall@10", "nDCG@10", "ms / query"),
-                   title=f"{corpus}: {v.queries} evaluation queries; top-10 overlap "
-                         f"{v.overlap:.0%}")
+                   title=f"{corpus}: {v.queries} evaluation queries"
+                         + (f" (forced: fewer than the {v.min_queries} a validation needs)"
+                            if v.forced else "") + f"; top-10 overlap {v.overlap:.0%}")
     for side in (v.old, v.new):
         table.add_row(side.model_key, f"{side.recall:.4f}", f"{side.ndcg:.4f}",
                       f"{side.ms_per_query:.1f}")
@@ -1225,13 +1232,24 @@ def tenant_add_member(
 
 # -- entry point ---------------------------------------------------------------------------
 
+def _reflow(doc: str) -> str:
+    """`doc` with each paragraph on one line, for the terminal to wrap at its width: rich help
+    keeps a docstring's line breaks after its first paragraph, which then read ragged at any
+    width but the source's. A paragraph that starts with \\b keeps its lines (click's mark)."""
+    return "\n\n".join(p if p.startswith("\b") else " ".join(line.strip() for line in p.splitlines())
+                       for p in inspect.cleandoc(doc).split("\n\n"))
+
+
 def _summarise(group: typer.Typer) -> None:
-    """Give each command its docstring's first paragraph on one line, without its example, as
-    its summary in its group's list (rich help keeps the docstring's line breaks there)."""
+    """Give each command its docstring's paragraphs each on one line as its help, and its first
+    paragraph without its example as its summary in its group's list, in every group."""
     for info in group.registered_commands:
         doc = info.help or (info.callback.__doc__ if info.callback else None)
-        if info.short_help is None and doc:
-            first = " ".join(inspect.cleandoc(doc).split("\n\n")[0].split())
+        if not doc:
+            continue
+        info.help = _reflow(doc)
+        if info.short_help is None:
+            first = " ".join(info.help.split("\n\n")[0].split())
             info.short_help = first.split(" Example:")[0]
     for sub in group.registered_groups:
         if sub.typer_instance is not None:

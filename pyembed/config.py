@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 from pathlib import Path
 
@@ -34,3 +36,20 @@ def resource_dir(name: str) -> Path:
     """sql/ or alembic/: beside the package in a checkout, inside it when installed."""
     installed = package_dir() / f"_{name}"
     return installed if installed.is_dir() else package_dir().parent / name
+
+
+@functools.cache
+def code_digest() -> str:
+    """sha256 of the package's Python code: each .py file's path in the package and its bytes.
+    `pyembed doctor` compares the client's with the one the server's PL/Python imported, which
+    a version string alone does not tell apart. The resource folders an install puts inside the
+    package (_sql, _alembic: beside it in a checkout) are left out."""
+    root = package_dir()
+    files = sorted(p for p in root.rglob("*.py")
+                   if not any(part.startswith("_") for part in p.relative_to(root).parts[:-1]))
+    digest = hashlib.sha256()
+    for path in files:
+        data = path.read_bytes()
+        digest.update(f"{path.relative_to(root).as_posix()}\0{len(data)}\0".encode())
+        digest.update(data)
+    return digest.hexdigest()

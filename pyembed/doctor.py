@@ -19,7 +19,7 @@ import typer
 import pyembed
 
 from . import health, schema
-from .config import DSN_ENV, OWNER_DSN_ENV
+from .config import DSN_ENV, OWNER_DSN_ENV, code_digest
 from .db import resolve_dsn
 from .models import API_KEY_ENV
 
@@ -83,9 +83,22 @@ def check_schema(conn: Conn, owner_dsn: str | None = None) -> Check:
         return Check(name, "warn", f"cannot read the schema revision ({_first(exc)})",
                      "set PYEMBED_OWNER_DSN (the owner may read it), or pass its DSN as --dsn")
     current = row[0] if row else None
-    if current == head:
-        return Check(name, "ok", f"at {head}")
-    return Check(name, "fail", f"at {current or 'nothing'}, head is {head}", "pyembed install")
+    if current != head:
+        return Check(name, "fail", f"at {current or 'nothing'}, head is {head}", "pyembed install")
+    # The revision does not change with the replaceable objects (functions, grants): their
+    # digest tells a database given other sql/ files apart.
+    ours = schema.replaceable_digest()
+    try:
+        with conn.transaction(force_rollback=True):
+            got = conn.execute("SELECT pyembed.sql_digest()").fetchone()
+    except psycopg.errors.UndefinedFunction:
+        got = None
+    theirs = str(got[0]) if got else None
+    if theirs != ours:
+        return Check(name, "fail", f"at {head}, but its functions are not this client's sql/ "
+                     f"files (installed {theirs[:12] if theirs else 'before digests'}, "
+                     f"here {ours[:12]})", "pyembed install")
+    return Check(name, "ok", f"at {head}")
 
 
 def check_extensions(conn: Conn) -> Check:
@@ -110,12 +123,12 @@ def check_extensions(conn: Conn) -> Check:
 
 def check_plpython(conn: Conn) -> Check:
     """Import pyembed and pyembed.indb in PL/Python (pyembed.version()) and compare the
-    server's pyembed version with this one. The probe writes nothing: doctor runs on a replica
-    and in a read-only transaction too."""
+    server's pyembed version and code (pyembed.code_digest()) with this one's. The probe writes
+    nothing: doctor runs on a replica and in a read-only transaction too."""
     name = "PL/Python imports pyembed"
     try:
         with conn.transaction(force_rollback=True):
-            row = conn.execute("SELECT pyembed.version()").fetchone()
+            row = conn.execute("SELECT pyembed.version(), pyembed.code_digest()").fetchone()
     except (psycopg.errors.UndefinedFunction, psycopg.errors.InvalidSchemaName) as exc:
         return Check(name, "fail", _first(exc), "pyembed install")
     except psycopg.Error as exc:
@@ -123,13 +136,18 @@ def check_plpython(conn: Conn) -> Check:
                      "make pyembed importable by the server's Python (the local cluster links "
                      "it into its pylib folder at `pyembed db start`; elsewhere install it "
                      "for the server's python3), then pyembed install")
-    server = row[0] if row else "?"
+    server, code = (str(row[0]), str(row[1])) if row else ("?", "?")
+    fix = ("install the same pyembed for the server's python3 (docker/install-host.sh; a "
+           "local cluster runs the pyembed of the `pyembed db start` that started it), then "
+           "restart the server")
     if server != pyembed.__version__:
         return Check(name, "fail", f"the server runs pyembed {server}, this client "
-                                   f"{pyembed.__version__}",
-                     "install the same pyembed for the server's python3 "
-                     "(docker/install-host.sh), then restart the server")
-    return Check(name, "ok", f"yes, pyembed {server} on both sides")
+                                   f"{pyembed.__version__}", fix)
+    ours = code_digest()
+    if code != ours:
+        return Check(name, "fail", f"the server runs other pyembed {server} code than this "
+                     f"client (code {code[:12]}, here {ours[:12]})", fix)
+    return Check(name, "ok", f"yes, pyembed {server} on both sides, the same code")
 
 
 def check_api_keys(conn: Conn) -> Check:

@@ -202,12 +202,17 @@ def _write(client: Client, corpus_id: int, key: str, rows: Sequence[Any],
 
 @dataclass(frozen=True)
 class Validation:
+    """A validation's verdict and what it rests on: `queries` evaluation queries, fewer than
+    `min_queries` only when `forced`."""
+
     queries: int
     old: KeyScore
     new: KeyScore
     overlap: float
     max_drop: float
     passed: bool
+    min_queries: int = 0
+    forced: bool = False
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -231,15 +236,20 @@ for k * HITS_PER_DOCUMENT of them."""
 
 
 @in_client_turn
-def validate(client: Client, corpus: str, *, k: int = 10, max_drop: float = 0.02) -> Validation:
+def validate(client: Client, corpus: str, *, k: int = 10, max_drop: float = 0.02,
+             force: bool = False) -> Validation:
     """Run the corpus's evaluation queries on the old and new keys; refuse promotion when the
     new key's nDCG@k or Recall@k is more than `max_drop` (0..1, as the scores are) below the
     old key's. The arguments are checked before anything runs: a failed validation closes the
-    gate and takes back the traffic already shifted, which a typo must not do."""
+    gate and takes back the traffic already shifted, which a typo must not do. A corpus with
+    fewer evaluation queries than `pyembed.min_eval_queries()` is refused before anything runs
+    too, unless `force` (the report records it)."""
     k = integer(k, "k")
     if not 1 <= k <= MAX_K:
         raise InvalidInput(f"k must be 1..{MAX_K}, got {k}")
     max_drop = number(max_drop, "max_drop", 0.0, 1.0)
+    if not isinstance(force, bool):
+        raise InvalidInput(f"force must be True or False, got {force!r}")
     info = client.corpus(corpus).info
     if info.target_model_key is None:
         raise MigrationError(f"corpus {corpus} has no migration in progress")
@@ -247,6 +257,11 @@ def validate(client: Client, corpus: str, *, k: int = 10, max_drop: float = 0.02
         raise MigrationError(f"cannot validate corpus {corpus}: its migration is at step "
                              f"{info.migration_step} (needs backfilled): run pyembed migrate "
                              "backfill first")
+    with translated():
+        floor = client._conn.execute("SELECT pyembed._eval_queries_enough(%s, %s), "
+                                     "pyembed.min_eval_queries()",
+                                     (info.corpus_id, force)).fetchone()
+    assert floor is not None
     evals = eval_queries(client._conn, info.corpus_id)
     if not evals:
         raise MigrationError(f"corpus {corpus} has no evaluation queries: add some with "
@@ -254,8 +269,11 @@ def validate(client: Client, corpus: str, *, k: int = 10, max_drop: float = 0.02
     old, old_rank = _score(client, corpus, info.model_key, evals, k)
     new, new_rank = _score(client, corpus, info.target_model_key, evals, k)
     passed = new.ndcg >= old.ndcg - max_drop and new.recall >= old.recall - max_drop
-    result = Validation(len(evals), old, new, overlap(old_rank, new_rank, k), max_drop, passed)
-    _call(client, "migration_validated", corpus, json.dumps(result.as_json()), passed)
+    min_queries = int(floor[1])
+    result = Validation(len(evals), old, new, overlap(old_rank, new_rank, k), max_drop, passed,
+                        min_queries, force and len(evals) < min_queries)
+    _call(client, "migration_validated", corpus, json.dumps(result.as_json()), passed,
+          result.forced)
     return result
 
 

@@ -5,6 +5,7 @@ other command starts without their import time."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 import threading
@@ -129,10 +130,8 @@ def _model_row(spec: ModelSpec) -> str:
     return "(" + ", ".join(_literal(v) for v in values) + ")"
 
 
-def replaceable_sql() -> str:
-    """Every sql/ file in order, then the built-in model registry: safe to run any number of times."""
-    parts = ["SET LOCAL check_function_bodies = off;"]
-    parts += [f"-- {p.name}\n{p.read_text()}" for p in sql_files()]
+def _replaceable_body() -> str:
+    parts = [f"-- {p.name}\n{p.read_text()}" for p in sql_files()]
     parts.append(
         "INSERT INTO pyembed.models (model_key, provider, model_id, model_version, dimensions, "
         "distance, normalized, input_types, max_batch, max_tokens, request_dimensions, "
@@ -141,6 +140,26 @@ def replaceable_sql() -> str:
         + "\nON CONFLICT (model_key) DO NOTHING;"
     )
     return "\n".join(parts)
+
+
+def replaceable_digest() -> str:
+    """sha256 of what replaceable_sql applies (the sql/ files and the built-in registry)."""
+    return hashlib.sha256(_replaceable_body().encode()).hexdigest()
+
+
+def replaceable_sql() -> str:
+    """Every sql/ file in order, then the built-in model registry: safe to run any number of
+    times. First, pyembed.sql_digest(), which says what this applies: the revision alone does
+    not tell a database given other sql/ files apart (a functions-only change needs none), and
+    `pyembed doctor` compares it with its own (created first, so that 080 and 090 grant and pin
+    it as every other function)."""
+    body = _replaceable_body()
+    digest = hashlib.sha256(body.encode()).hexdigest()
+    return "\n".join([
+        "SET LOCAL check_function_bodies = off;",
+        "CREATE OR REPLACE FUNCTION pyembed.sql_digest() RETURNS text LANGUAGE sql IMMUTABLE "
+        f"AS $$ SELECT '{digest}'::text $$;",
+        body])
 
 
 def alembic_config(dsn: str | None = None, output_buffer: io.StringIO | None = None) -> Config:

@@ -69,3 +69,6 @@ DROP FUNCTION IF EXISTS pyembed._vector_ranking(pyembed.corpora, vector, text, i
                                                 text);
 -- A setting's check takes any number (numeric: past bigint too), for Python's as well.
 DROP FUNCTION IF EXISTS pyembed._check_setting(text, bigint);
+-- A validation passes on fewer evaluation queries than pyembed.min_eval_queries() only when
+-- forced: migration_validated gained that argument.
+DROP FUNCTION IF EXISTS pyembed.migration_validated(text, jsonb, boolean);

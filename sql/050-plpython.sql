@@ -192,3 +192,14 @@ import pyembed
 import pyembed.indb
 return pyembed.__version__
 $$;
+
+-- A digest of the Python code of the pyembed the server's PL/Python imports
+-- (pyembed.config.code_digest): `pyembed doctor` compares it with the client's, since a
+-- checkout whose code changed keeps its version string. Writes nothing, as version() above.
+CREATE OR REPLACE FUNCTION pyembed.code_digest() RETURNS text
+LANGUAGE plpython3u STABLE SECURITY INVOKER
+SET search_path = pg_catalog, pg_temp
+AS $$
+import pyembed.config
+return pyembed.config.code_digest()
+$$;

@@ -147,7 +147,51 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION pyembed.migration_validated(corpus text, report jsonb, passed boolean)
+-- The fewest evaluation queries a validation may pass on unless it is forced: the gate compares
+-- means over the queries, and on fewer a single query is more than a tenth of each mean, so it
+-- would measure the queries chosen more than the model.
+CREATE OR REPLACE FUNCTION pyembed.min_eval_queries() RETURNS integer
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT 10 $$;
+
+-- The number of evaluation queries of corpus `corpus_id`, or, when they are fewer than
+-- pyembed.min_eval_queries() and the validation is not `forced`, why it may not pass, raised.
+-- `pyembed migrate validate` asks before scoring anything; migration_validated asks again, for
+-- a verdict from any caller. Run as its caller: the application role counts its own rows.
+CREATE OR REPLACE FUNCTION pyembed._eval_queries_enough(corpus_id integer, forced boolean)
+RETURNS integer
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  n integer;
+BEGIN
+  -- (Not pyembed._needs: the application role, which may call this, may not call that.)
+  IF corpus_id IS NULL OR forced IS NULL THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = format('%s is NULL: pyembed._eval_queries_enough() needs a value for it',
+                       CASE WHEN corpus_id IS NULL THEN 'corpus_id' ELSE 'forced' END);
+  END IF;
+  SELECT count(*) INTO n FROM pyembed.eval_queries e
+   WHERE e.corpus_id = _eval_queries_enough.corpus_id;
+  IF n < pyembed.min_eval_queries() AND NOT forced THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE007',
+      MESSAGE = format('corpus %s has %s evaluation quer%s: a validation passes on at least %s',
+                       (SELECT c.name FROM pyembed.corpora c
+                         WHERE c.corpus_id = _eval_queries_enough.corpus_id),
+                       n, CASE WHEN n = 1 THEN 'y' ELSE 'ies' END, pyembed.min_eval_queries()),
+      HINT = 'add more with pyembed eval add, or force it (pyembed migrate validate --force; '
+             'forced => true in SQL), which the report records';
+  END IF;
+  RETURN n;
+END
+$$;
+
+-- `forced` lets a verdict pass on fewer evaluation queries than pyembed.min_eval_queries(); the
+-- stored report says so (its `forced`), as does the event log.
+CREATE OR REPLACE FUNCTION pyembed.migration_validated(corpus text, report jsonb, passed boolean,
+                                                      forced boolean DEFAULT false)
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -159,8 +203,16 @@ BEGIN
   -- the traffic already shifted, and a NULL report failed on the event log's NOT NULL.
   PERFORM pyembed._needs(report IS NULL, 'report', 'migration_validated');
   PERFORM pyembed._needs(passed IS NULL, 'passed', 'migration_validated');
+  PERFORM pyembed._needs(forced IS NULL, 'forced', 'migration_validated');
   r := pyembed._migration(corpus);
   PERFORM pyembed._need(r.m, corpus, ARRAY['backfilled', 'validated', 'shifting'], 'validate');
+  -- Only a pass needs enough queries: a failure closes the gate, which is always safe.
+  IF passed THEN
+    PERFORM pyembed._eval_queries_enough((r.c).corpus_id, forced);
+  END IF;
+  IF jsonb_typeof(report) = 'object' THEN  -- anything else is the table's check's to refuse
+    report := report || jsonb_build_object('forced', forced);
+  END IF;
   -- Passing opens the gate (backfilled -> validated); failing closes it again, and takes back
   -- any traffic already shifted.
   UPDATE pyembed.migrations SET validation = report,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -570,3 +571,43 @@ def test_a_message_is_one_line_at_any_width(db: Database) -> None:
                                                      "to": "fake/fake-hash@2:1024"}
     table = lines("corpus", "list")
     assert max(len(line) for line in table) <= 40, table  # folded, not one long line
+
+
+def _every_command() -> list[list[str]]:
+    """The path of every command and group of the CLI, the root's ([]) first."""
+    import typer
+
+    from pyembed.cli import app
+
+    found: list[list[str]] = []
+
+    def walk(command: Any, path: list[str]) -> None:
+        found.append(path)
+        for name, sub in getattr(command, "commands", {}).items():
+            walk(sub, [*path, name])
+
+    walk(typer.main.get_command(app), [])
+    return found
+
+
+@pytest.mark.parametrize("width", [60, 120])
+def test_every_commands_help_is_wrapped_at_the_terminals_width(width: int) -> None:
+    """Each paragraph of a command's help fills the terminal's lines: a line ends only where
+    the next word would not fit. Before, rich help kept the docstrings' own line breaks after
+    the first paragraph, so `worker --help` read ragged at any width but the source's ("(other
+    workers' leases" / "and retries due within a minute" / "are waited for); exits 3 ...")."""
+    ragged = []
+    for path in _every_command():
+        out = run_cli(*path, "--help", env={"COLUMNS": str(width)})
+        assert out.returncode == 0, (path, out.stderr)
+        lines = out.stdout.splitlines()
+        assert all(len(line) <= width for line in lines), (path, width)
+        usage = next(i for i, line in enumerate(lines) if line.strip().startswith("Usage:"))
+        box = next((i for i, line in enumerate(lines) if line.startswith("╭")), len(lines))
+        prose = [line.strip() for line in lines[usage + 1:box]]
+        for line, following in itertools.pairwise(prose):
+            if line and following and len(line) + 1 + len(following.split()[0]) <= width - 2:
+                ragged.append(f"pyembed {' '.join(path)} --help at {width}: {line!r} then "
+                              f"{following!r}")
+    assert len(_every_command()) > 40
+    assert ragged == [], "\n".join(ragged)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -131,6 +133,58 @@ def test_a_server_running_another_pyembed_fails_the_plpython_check(
         monkeypatch.setattr(pyembed, "__version__", "9.9.9")
         check = doctor.check_plpython(conn)
     assert check.status == "fail" and "9.9.9" in check.detail
+
+
+def test_a_client_whose_code_or_sql_changed_under_the_same_version_fails_doctor(
+        db: Database, tmp_path: Any) -> None:
+    """Before, doctor compared the PL/Python package's version string and the schema's revision
+    only: a checkout whose Python code or sql/ files changed, version and revision the same,
+    passed both checks. The client here is a copy of this checkout (same version), run in a new
+    process from the copy: a comment added to one .py file fails the PL/Python check, one added
+    to one sql/ file the schema check; the copy as it is passes both."""
+    for part in ("pyembed", "sql", "alembic"):
+        shutil.copytree(REPO / part, tmp_path / part,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+
+    def doctor_from_copy(command: str = "doctor") -> tuple[int, dict[str, str], str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PYEMBED_")}
+        env.update(PYTHONPATH=str(tmp_path), PYEMBED_DSN=db.app_dsn,
+                   PYEMBED_OWNER_DSN=db.owner_dsn)
+        out = subprocess.run([sys.executable, "-c", "import pyembed, sys; "
+                              "assert pyembed.__file__.startswith(sys.argv[1]), pyembed.__file__; "
+                              "from pyembed.cli import main; main([sys.argv[2]])", str(tmp_path),
+                              command],
+                             env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        return out.returncode, _lines(out.stdout), out.stdout + out.stderr
+
+    plpython, schema_check = "PL/Python imports pyembed", "schema at head"
+    code, lines, text = doctor_from_copy()
+    assert code == 0 and lines[plpython].startswith("ok   ") and \
+        lines[schema_check].startswith("ok   "), text
+
+    with open(tmp_path / "pyembed" / "text.py", "a") as f:
+        f.write("# changed, the version not\n")
+    code, lines, text = doctor_from_copy()
+    assert code == 1, text
+    assert lines[plpython].startswith(f"FAIL {plpython}: the server runs other pyembed "
+                                      f"{pyembed_api.__version__} code than this client"), text
+    assert "install the same pyembed for the server's python3" in lines[plpython]
+    assert lines[schema_check].startswith("ok   "), text
+
+    shutil.copy(REPO / "pyembed" / "text.py", tmp_path / "pyembed" / "text.py")
+    with open(tmp_path / "sql" / "080-grants.sql", "a") as f:
+        f.write("-- changed, the revision not\n")
+    code, lines, text = doctor_from_copy()
+    assert code == 1, text
+    assert lines[schema_check].startswith(
+        f"FAIL {schema_check}: at {schema.head_revision()}, but its functions are not this "
+        "client's sql/ files"), text
+    assert lines[schema_check].endswith("— fix: pyembed install"), text
+    assert lines[plpython].startswith("ok   "), text
+    # The fix, as printed, from the copy: its sql/ files are the database's again.
+    assert doctor_from_copy("install")[0] == 0
+    code, lines, text = doctor_from_copy()
+    assert code == 0 and lines[schema_check].startswith("ok   "), text
 
 
 def test_doctor_writes_nothing_and_passes_in_a_read_only_session(db: Database) -> None:

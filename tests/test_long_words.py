@@ -66,3 +66,36 @@ def test_sql_add_document_queues_chunks_the_worker_can_embed(
         worker.close()
     assert (stats.embedded, stats.failed) == (n[0], 0)
     assert app.execute("SELECT count(*) FROM pyembed.queue").fetchone() == (0,)
+
+
+def test_a_long_document_is_chunked_in_the_memory_of_its_chunks_not_of_its_words() -> None:
+    """Every entry point chunks with chunk_text (Corpus.add and `pyembed ingest`, SQL's
+    add_document in PL/Python). It made a list of the document's words, an object of ~60 bytes
+    for each ~7 characters, then its chunks: a 10 MB .txt took ~120 MB to chunk and `pyembed
+    ingest` peaked at 320 MB RSS. The words are read one at a time now, and only a window's
+    are held: chunking takes about the chunks' own size, and iter_chunks, which keeps none,
+    a window's."""
+    import tracemalloc
+
+    words = [f"w{i % 9973}x" for i in range(300_000)]
+    text = " ".join(words) + "\n\n"  # about 2.1 MB, words of 6-8 characters
+    del words
+    tracemalloc.start()
+    try:
+        chunks = chunk_text(text, 200, 40)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    kept = sum(len(c) + 49 for c in chunks) + 8 * len(chunks)  # str headers, the list
+    assert len(chunks) > 1000 and peak < kept + 256 * 1024, (peak, kept, len(text))
+
+    from pyembed.chunking import iter_chunks
+
+    tracemalloc.start()
+    try:
+        streamed = sum(1 for _ in iter_chunks(text, 200, 40))
+        window_peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert streamed == len(chunks)
+    assert window_peak < 256 * 1024, window_peak

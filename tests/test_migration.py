@@ -101,7 +101,8 @@ def register(conn: psycopg.Connection[Any], key: str) -> None:
 @contextmanager
 def clients(db: Database, n: int = N_DOCS) -> Iterator[tuple[Client, Client, list[str]]]:
     """(app client, owner client, texts): corpus `docs` on OLD, created and filled by the
-    application role, with an evaluation query for every fifth document."""
+    application role, with an evaluation query for every fifth document, or more often so that
+    there are the 10 a validation needs (from 10 documents up)."""
     app = pyembed.connect(db.app_dsn)
     owner = pyembed.connect(db.owner_dsn)
     try:
@@ -110,7 +111,7 @@ def clients(db: Database, n: int = N_DOCS) -> Iterator[tuple[Client, Client, lis
         corpus = app.create_corpus(CORPUS, OLD)
         report = corpus.add([Document(doc_id(i), t) for i, t in enumerate(texts)])
         assert report.chunks == n
-        for i in range(0, n, 5):
+        for i in range(0, n, 5 if n < 10 else min(5, n // 10)):
             evaluation.add_eval_query(app, CORPUS, f"q{i}", eval_query(texts[i]), [doc_id(i)])
         yield app, owner, texts
     finally:
@@ -801,6 +802,64 @@ def test_validation_refuses_a_clearly_worse_model_and_records_why(db: Database) 
             "SELECT step FROM pyembed.migration_events ORDER BY event_id")] == [
             "start", "backfilled", "validation failed", "validation failed", "validated",
             "shift"]
+
+
+def test_a_validation_passes_on_ten_evaluation_queries_or_when_forced(db: Database) -> None:
+    """Before, a validation passed on a single evaluation query, from every entry point (the
+    README's tour did so). Now a pass needs pyembed.min_eval_queries() of them: Python and the CLI
+    refuse before scoring anything (the traffic already shifted stays), SQL refuses the verdict,
+    and a forced pass says in its report, the event log and the printed figure that it was."""
+    floor = "has 9 evaluation queries: a validation passes on at least 10"
+    with clients(db, n=20) as (app, owner, texts):
+        app.conn.execute("DELETE FROM pyembed.eval_queries WHERE query_id = 'q18'")
+        assert one(owner.conn, "SELECT count(*) FROM pyembed.eval_queries") == 9
+        migration.start(owner, CORPUS, NEW)
+        migration.backfill(owner, CORPUS)
+        events = "SELECT count(*) FROM pyembed.migration_events"
+        before = one(owner.conn, events)
+        with pytest.raises(MigrationError, match=floor):
+            migration.validate(owner, CORPUS, max_drop=1.0)
+        assert one(owner.conn, "SELECT pyembed.min_eval_queries()") == 10
+        with pytest.raises(InvalidInput, match="force must be True or False, got 'yes'"):
+            migration.validate(owner, CORPUS, force="yes")  # type: ignore[arg-type]
+        assert_one_line_error(cli(db, "migrate", "validate", CORPUS), floor, "--force")
+        with pytest.raises(psycopg.Error, match=floor) as err:  # a verdict from SQL: the same
+            owner.conn.execute("SELECT pyembed.migration_validated(%s, '{}', true)", (CORPUS,))
+        assert err.value.sqlstate == "PE007"
+        owner.conn.rollback()
+        assert step_of(owner.conn) == ("backfilled", NEW, 0)
+        assert one(owner.conn, events) == before
+        # A failed verdict needs no floor: closing the gate is always safe.
+        owner.conn.execute("SELECT pyembed.migration_validated(%s, '{}', false)", (CORPUS,))
+        assert step_of(owner.conn) == ("backfilled", NEW, 0)
+
+        forced = migration.validate(owner, CORPUS, max_drop=0.05, force=True)
+        assert forced.passed and forced.forced and (forced.queries, forced.min_queries) == (9, 10)
+        stored = one(owner.conn, "SELECT validation FROM pyembed.migrations")
+        assert (stored["forced"], stored["queries"], stored["min_queries"]) == (True, 9, 10)
+        assert one(owner.conn, "SELECT detail->'forced' FROM pyembed.migration_events "
+                               "ORDER BY event_id DESC LIMIT 1") is True
+        migration.shift(owner, CORPUS, 10)
+        out = cli(db, "migrate", "validate", CORPUS, "--force", "--max-drop", "0.05")
+        assert out.returncode == 0, out.stderr
+        assert "9 evaluation queries (forced: fewer than the 10 a validation needs)" in \
+            " ".join(out.stdout.split()), out.stdout
+        got = json.loads(cli(db, "migrate", "validate", CORPUS, "--force", "--json").stdout)
+        assert (got["queries"], got["min_queries"], got["forced"]) == (9, 10, True)
+        # The CLI's help names the database's floor.
+        assert "(pyembed.min_eval_queries(), 10)" in cli(db, "migrate", "validate", "--help").stdout
+        # Refused without --force now, the shift stays: nothing ran.
+        assert_one_line_error(cli(db, "migrate", "validate", CORPUS), floor)
+        assert step_of(owner.conn) == ("shifting", NEW, 10)
+
+        # A tenth query: the floor is met, nothing is forced (--force with enough is no force).
+        evaluation.add_eval_query(app, CORPUS, "q-extra", eval_query(texts[1]), [doc_id(1)])
+        for force in (False, True):
+            met = migration.validate(owner, CORPUS, max_drop=0.05, force=force)
+            assert met.passed and not met.forced and met.queries == 10
+            assert one(owner.conn, "SELECT validation->'forced' FROM pyembed.migrations") is False
+        owner.conn.execute("SELECT pyembed.migration_validated(%s, '{}', true)", (CORPUS,))
+        assert step_of(owner.conn) == ("shifting", NEW, 10)
 
 
 # -- privileges --------------------------------------------------------------------------------

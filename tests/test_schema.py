@@ -48,6 +48,10 @@ APP_EXECUTE = {
     "_setting_range(text)",  # a stored setting's range, its CHECK's
     "_check_setting(text, numeric)",  # its check, in the words SQL, Python and the CLI give
     "version()",  # the server's pyembed, for `pyembed doctor`
+    "code_digest()",  # its code, for `pyembed doctor`
+    "sql_digest()",  # the replaceable objects the database was given, for `pyembed doctor`
+    "min_eval_queries()",  # the validation floor, read-only, for `migrate validate`'s report
+    "_eval_queries_enough(integer, boolean)",  # its check, on the caller's own rows
     "vector_table(text)",
     "begin_bulk_load(text)",  # a first load's index built at its end (ingest)
     "end_bulk_load(text)",

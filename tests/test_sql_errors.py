@@ -301,6 +301,10 @@ CALLS_THAT_WORK = {
     "cache_purge": [f"'{FAKE}'", "true"],
     "cache_put": ["ARRAY[sha256('q')]", f"'{FAKE}'", "'query'", f"ARRAY[{Q}]", "60"],
     "cache_report": ["30"],
+    "code_digest": [],
+    "sql_digest": [],
+    "min_eval_queries": [],
+    "_eval_queries_enough": [CORPUS_ID, "true"],
     "claim_jobs": ["5", "10", "30", "'{}'"],
     "create_corpus": ["'c2'", f"'{FAKE}'", "''", "200", "40", "'vector'", "false"],
     "current_tenant": [],
@@ -504,7 +508,8 @@ SELECT p.proname, p.proargnames, ARRAY(SELECT format_type(t, NULL)
  ORDER BY 1
 """
 STEP_ARGUMENTS = {"corpus": "'docs'", "to_key": "'fake/fake-hash@2:1024'", "storage": "'vector'",
-                  "report": "'{}'", "passed": "true", "share": "10", "keep_indexes": "false"}
+                  "report": "'{}'", "passed": "true", "forced": "true", "share": "10",
+                  "keep_indexes": "false"}
 """A value for each argument of the migration steps (a new argument: add its value)."""
 
 
@@ -522,7 +527,7 @@ def test_null_in_each_argument_of_the_migration_steps_is_named_and_changes_nothi
     with pyembed.connect(db.owner_dsn) as client:
         migration.start(client, "docs", "fake/fake-hash@2:1024")
         migration.backfill(client, "docs")
-        owner.execute("SELECT pyembed.migration_validated('docs', '{}', true)")
+        owner.execute("SELECT pyembed.migration_validated('docs', '{}', true, forced => true)")
         migration.shift(client, "docs", 10)
     state = "SELECT migration_step, traffic_share, (SELECT count(*) FROM " \
             "pyembed.migration_events) FROM pyembed.corpora WHERE name = 'docs'"
