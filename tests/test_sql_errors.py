@@ -322,6 +322,8 @@ CALLS_THAT_WORK = {
     "record_search": [CORPUS_ID, f"'{FAKE}'", "'vector'", "5", "false", "1", "2", "0", "3",
                       "sha256('q')", "'query'", Q, "60", "'{}'", f"ARRAY['{FAKE}']",
                       "ARRAY[1]::bigint[]", "ARRAY[0]::bigint[]"],
+    "hold_jobs": [CORPUS_ID, f"'{FAKE}'", f"ARRAY[{JOB.format('chunk_id')}]",
+                  f"ARRAY[{JOB.format('content_hash')}]", "ARRAY[1]"],
     "release_jobs": [f"ARRAY[{CORPUS_ID}]", f"ARRAY[{JOB.format('chunk_id')}]",
                      f"ARRAY['{FAKE}']", "ARRAY[1]"],
     "renew_jobs": ["30", f"ARRAY[{CORPUS_ID}]", f"ARRAY[{JOB.format('chunk_id')}]",
