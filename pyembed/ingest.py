@@ -11,6 +11,7 @@ import os
 import re
 import sys
 import time
+import unicodedata
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from rich.progress import (
 from .client import AddReport, Corpus, Document, PreparedAdd
 from .db import twin
 from .errors import ConfigError, InvalidInput, ModelMismatch
-from .text import number, read_json
+from .text import document_id_problem, number, read_json
 
 MARKDOWN_SUFFIXES = frozenset({".md", ".markdown"})
 TEXT_SUFFIXES = frozenset({".txt"}) | MARKDOWN_SUFFIXES
@@ -216,6 +217,8 @@ class _Reader:
         elif len(doc_id) > MAX_ID_LENGTH:
             self.problem(path, line, f"id is {len(doc_id)} characters long, over the "
                          f"{MAX_ID_LENGTH}-character limit", record=True)
+        elif doc_id and (problem := document_id_problem(doc_id)):
+            self.problem(path, line, problem, record=True)
         elif not text.strip():
             self.problem(path, line, f"{what}text is empty", record=True)
         else:
@@ -231,7 +234,10 @@ class _Reader:
         if not text.strip():
             self.problem(path, None, "empty file", record=True)
             return
-        record = self._checked(path, None, name.with_suffix("").as_posix(), text, metadata)
+        # The id is pyembed's to make: a path's name as NFC, the form the rule for ids asks
+        # for (a file system may give it decomposed).
+        doc_id = unicodedata.normalize("NFC", name.with_suffix("").as_posix())
+        record = self._checked(path, None, doc_id, text, metadata)
         if record is not None:
             yield record
 

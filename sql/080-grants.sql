@@ -98,6 +98,7 @@ GRANT EXECUTE ON FUNCTION
   pyembed.retry_jobs(text, integer[], bigint[], text[], bytea[], integer[], float8[]),
   pyembed.release_jobs(integer[], bigint[], text[], integer[]),
   pyembed.hold_jobs(integer, text, bigint[], bytea[], integer[]),
+  pyembed._document_id_problem(text),
   pyembed.reserve_usage(text, integer, integer, bigint),
   pyembed.usage_report(integer),
   pyembed.provider_errors(),

@@ -294,6 +294,7 @@ CALLS_THAT_WORK = {
     "_dequeue_written": [CORPUS_ID, f"'{FAKE}'", "0", "0", "ARRAY[]::bytea[]"],
     "_setting_range": ["'chunk_tokens'"],
     "_check_setting": ["'chunk_tokens'", "200"],
+    "_document_id_problem": ["'doc'"],
     "_vector_check": [CORPUS_ID, JOB.format("chunk_id"), f"'{FAKE}'", Q],
     "add_document": ["'docs'", "'d2'", "'a text about refunds'", "'{}'"],
     "cache_count": [f"ARRAY['{FAKE}']", "ARRAY[1]::bigint[]", "ARRAY[0]::bigint[]"],
