@@ -406,7 +406,8 @@ def ingest(corpus: Corpus, paths: Path | str | Iterable[Path | str], *, batch_si
     and each is written in one transaction. A batch the corpus refuses (InvalidInput) is
     retried one document at a time, so only the refused documents fail. Any other error (the
     embedding service failing, the database going away) stops the run once the batch being
-    written is; batches added before it stay, and running again skips them.
+    written is; batches added before it stay, and running again skips them. The error carries
+    a note (`stopped_line`) saying how many documents were kept and that a rerun resumes.
 
     Into a corpus whose key has no vectors yet, the HNSW index is built once, at the end (the
     run's time includes it), instead of each vector inserted into it (`Corpus.bulk_load`).
@@ -433,25 +434,39 @@ def ingest(corpus: Corpus, paths: Path | str | Iterable[Path | str], *, batch_si
     def advance(n: int) -> None:
         meter.show(_handled(totals), totals["chunks"])
 
-    with meter, corpus.bulk_load(), \
-            _Loader(corpus, truncate, totals, problems, advance) as loader:
-        batch: list[_Record] = []
-        for root in roots:
-            for record in reader.read(root):
-                batch.append(record)
-                if len(batch) >= batch_size:
-                    loader.add(batch)
-                    batch = []
-        if batch:
-            loader.add(batch)
-        loader.settle()
-        totals["failed"] += reader.bad_records
-        meter.done(_handled(totals), totals["chunks"])
+    try:
+        with meter, corpus.bulk_load(), \
+                _Loader(corpus, truncate, totals, problems, advance) as loader:
+            batch: list[_Record] = []
+            for root in roots:
+                for record in reader.read(root):
+                    batch.append(record)
+                    if len(batch) >= batch_size:
+                        loader.add(batch)
+                        batch = []
+            if batch:
+                loader.add(batch)
+            loader.settle()
+            totals["failed"] += reader.bad_records
+            meter.done(_handled(totals), totals["chunks"])
+    except BaseException as exc:  # a provider's rate limit, the database gone, Ctrl-C
+        exc.add_note(stopped_line(totals))
+        raise
 
     seconds = time.perf_counter() - start
     problems.sort(key=lambda p: (str(p.path), p.line or 0))
     return IngestReport(totals["added"], totals["updated"], totals["skipped"], totals["failed"],
                         problems, totals["chunks"], round(seconds, 3))
+
+
+def stopped_line(totals: dict[str, int]) -> str:
+    """What a run stopped by an error kept, and that running it again resumes: each batch is
+    written in a transaction of its own, and a document stored already is skipped as
+    unchanged, its provider not called again."""
+    kept = totals["added"] + totals["updated"] + totals["skipped"]
+    return (f"ingest stopped with {kept} document{'s' if kept != 1 else ''} kept (added "
+            f"{totals['added']}, updated {totals['updated']}, unchanged {totals['skipped']}); "
+            "running it again resumes: the documents kept are skipped as unchanged")
 
 
 def _handled(totals: dict[str, int]) -> int:
@@ -557,12 +572,15 @@ class _Loader:
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  tb: object) -> None:
-        """Wait for the batch being written (a run stopped by an error keeps it), then close."""
+        """Wait for the batch being written (a run stopped by an error keeps it, and counts
+        it), then close."""
         try:
             if self.writing is not None and exc is not None:
                 failed = self.writing[0].exception()
                 if failed is not None:
                     exc.add_note(f"the batch being written then failed too: {failed}")
+                else:
+                    _count(self.totals, self.writing[0].result())
         finally:
             if self.pool is not None:
                 self.pool.shutdown()
