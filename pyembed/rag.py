@@ -19,7 +19,7 @@ from .client import Corpus, _ms
 from .db import integer
 from .errors import InvalidInput, ProviderError, RateLimited, redact, status_kind
 from .providers.base import UNREADABLE, checked_base_url, unreadable
-from .search import MODES, Hit
+from .search import MODES, Hit, check_k
 from .text import check_text, has_text
 
 log = logging.getLogger(__name__)
@@ -158,8 +158,7 @@ def answer(corpus: Corpus, question: str, *, k: int = 5, model: str | None = Non
     Claude keeps refusing for rate limits, ProviderError for any other failed call.
     """
     check_text(question, "question")
-    if integer(k, "k") < 1:
-        raise InvalidInput(f"k must be at least 1, got {k}")
+    check_k(k)
     if integer(max_tokens, "max_tokens") < 1:
         raise InvalidInput(f"max_tokens must be at least 1, got {max_tokens}")
     if mode not in MODES:
