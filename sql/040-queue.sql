@@ -395,8 +395,9 @@ $$;
 -- it embedded, locked until the write's transaction ends (its vectors' trigger dequeues them).
 -- A job another worker claimed after this one's lease ran out (attempts moved on), or already
 -- embedded and dequeued, is not returned: its vector is that worker's to write, once, and to
--- count. Locked in chunk order, so two writers wait for each other rather than deadlock; a
--- claim under way is waited for (a short transaction) and its outcome read.
+-- count. Locked in chunk order, so two writers wait for each other rather than deadlock, and
+-- each chunk before its job, as a chunk's deletion does (its job goes by the cascade); a claim
+-- under way is waited for (a short transaction) and its outcome read.
 CREATE OR REPLACE FUNCTION pyembed.hold_jobs(p_corpus_id integer, p_model_key text,
                                              chunk_ids bigint[], hashes bytea[],
                                              claimed integer[])
@@ -424,7 +425,7 @@ BEGIN
     JOIN pyembed.chunks ch ON ch.corpus_id = p_corpus_id AND ch.chunk_id = t.chunk_id
                           AND ch.content_hash = t.content_hash
    ORDER BY q.chunk_id
-     FOR NO KEY UPDATE OF q FOR KEY SHARE OF ch;
+     FOR KEY SHARE OF ch FOR NO KEY UPDATE OF q;
 END
 $$;
 
