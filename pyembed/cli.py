@@ -1264,26 +1264,34 @@ def _one_line(exc: BaseException) -> str:
     return text[0] if text else exc.__class__.__name__
 
 
+def _noted(exc: BaseException) -> str:
+    """The notes added to `exc` (or the error it stands for: click's Abort for Ctrl-C) on its
+    way, such as what a stopped `ingest` kept, for the same line."""
+    notes = [*getattr(exc, "__notes__", ()), *getattr(exc.__cause__, "__notes__", ())]
+    return "".join(f"; {note}" for note in notes)
+
+
 def main(argv: list[str] | None = None) -> Any:
     """Entry point: run the CLI, turning pyembed and connection errors into one line."""
-    def fail(message: str, code: int = 1) -> None:
+    def fail(message: str, code: int = 1, exc: BaseException | None = None) -> None:
+        message += _noted(exc) if exc is not None else ""
         err_console.print(Text.assemble(("error:", "red"), f" {message}"), highlight=False)
         sys.exit(code)
 
     try:
         return app(argv, standalone_mode=False)
     except PyembedError as exc:
-        fail(_one_line(exc))
+        fail(_one_line(exc), exc=exc)
     except psycopg.OperationalError as exc:
         if connection_lost(exc):
-            fail(f"cannot reach the database: {_one_line(exc)}")
-        fail(_one_line(translate(exc)))
+            fail(f"cannot reach the database: {_one_line(exc)}", exc=exc)
+        fail(_one_line(translate(exc)), exc=exc)
     except psycopg.Error as exc:
-        fail(_one_line(translate(exc)))
-    except (typer.Abort, KeyboardInterrupt):
-        fail("aborted")
+        fail(_one_line(translate(exc)), exc=exc)
+    except (typer.Abort, KeyboardInterrupt) as exc:
+        fail("aborted", exc=exc)
     except OSError as exc:  # the machine's answer (a file, a port, a folder): not a bug
-        fail(_one_line(exc))
+        fail(_one_line(exc), exc=exc)
     except Exception as exc:
         # Usage errors from typer's click (format_message + exit_code); anything else is a bug.
         # Exit 1, not click's 2: bad input is one exit code whoever finds it, the option parser

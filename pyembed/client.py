@@ -46,7 +46,7 @@ from .errors import (
 from .models import LOCAL_DEFAULT, InputType, ModelSpec
 from .query import search_text as query_search
 from .rerank import RerankCache, Reranker, candidates, reranker_spec
-from .search import Hit, Options, route, search, vector_key
+from .search import Hit, Options, check_k, route, search, vector_key
 from .sqlexec import PsycopgExecutor
 from .tenants import Keyed, error_counter, meter
 from .text import check_document_id, check_metadata, check_text, check_whole_number, document_hash
@@ -610,6 +610,7 @@ class Corpus:
         least k: fewer is InvalidInput; default 50, or k if larger) are reordered by it and
         the best k returned, each with its `rerank_score` and `reranker`. Each search is
         recorded in pyembed.query_log (phase timings) unless the client has log_queries off."""
+        check_k(k)
         log = self.client.log_queries
         options = Options(group, fusion, alpha)
         _reranks(rerank, rerank_candidates)
@@ -635,6 +636,7 @@ class Corpus:
                  ) -> Retrieval:
         """`search` without the query log: the hits, the key that served them and timings
         (with `rerank`, rerank_ms too)."""
+        check_k(k)
         options = Options(group, fusion, alpha)
         _reranks(rerank, rerank_candidates)
         if rerank is not None:

@@ -256,9 +256,7 @@ def search_reranked(plpy: Any, GD: dict[str, Any], corpus: str, query: str, rera
     each with the reranker's score and identity."""
     from .rerank import candidates as depth_for
 
-    if not 1 <= k <= 1000:
-        raise InvalidInput(f"k must be 1..1000, got {k}")
-    depth = depth_for(k, candidates)
+    depth = depth_for(search.check_k(k), candidates)
     rr = reranker(plpy, GD, rerank)  # an unknown reranker or a missing key before any search
     rows = search_text(plpy, GD, corpus, query, depth, filter, mode, group_by, fusion, alpha)
     hits = rr.rerank(query, search.as_hits(rows), k)

@@ -11,6 +11,7 @@ import os
 import re
 import sys
 import time
+import unicodedata
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from rich.progress import (
 from .client import AddReport, Corpus, Document, PreparedAdd
 from .db import twin
 from .errors import ConfigError, InvalidInput, ModelMismatch
-from .text import number, read_json
+from .text import document_id_problem, number, read_json
 
 MARKDOWN_SUFFIXES = frozenset({".md", ".markdown"})
 TEXT_SUFFIXES = frozenset({".txt"}) | MARKDOWN_SUFFIXES
@@ -216,6 +217,8 @@ class _Reader:
         elif len(doc_id) > MAX_ID_LENGTH:
             self.problem(path, line, f"id is {len(doc_id)} characters long, over the "
                          f"{MAX_ID_LENGTH}-character limit", record=True)
+        elif doc_id and (problem := document_id_problem(doc_id)):
+            self.problem(path, line, problem, record=True)
         elif not text.strip():
             self.problem(path, line, f"{what}text is empty", record=True)
         else:
@@ -231,7 +234,10 @@ class _Reader:
         if not text.strip():
             self.problem(path, None, "empty file", record=True)
             return
-        record = self._checked(path, None, name.with_suffix("").as_posix(), text, metadata)
+        # The id is pyembed's to make: a path's name as NFC, the form the rule for ids asks
+        # for (a file system may give it decomposed).
+        doc_id = unicodedata.normalize("NFC", name.with_suffix("").as_posix())
+        record = self._checked(path, None, doc_id, text, metadata)
         if record is not None:
             yield record
 
@@ -400,7 +406,8 @@ def ingest(corpus: Corpus, paths: Path | str | Iterable[Path | str], *, batch_si
     and each is written in one transaction. A batch the corpus refuses (InvalidInput) is
     retried one document at a time, so only the refused documents fail. Any other error (the
     embedding service failing, the database going away) stops the run once the batch being
-    written is; batches added before it stay, and running again skips them.
+    written is; batches added before it stay, and running again skips them. The error carries
+    a note (`stopped_line`) saying how many documents were kept and that a rerun resumes.
 
     Into a corpus whose key has no vectors yet, the HNSW index is built once, at the end (the
     run's time includes it), instead of each vector inserted into it (`Corpus.bulk_load`).
@@ -427,25 +434,39 @@ def ingest(corpus: Corpus, paths: Path | str | Iterable[Path | str], *, batch_si
     def advance(n: int) -> None:
         meter.show(_handled(totals), totals["chunks"])
 
-    with meter, corpus.bulk_load(), \
-            _Loader(corpus, truncate, totals, problems, advance) as loader:
-        batch: list[_Record] = []
-        for root in roots:
-            for record in reader.read(root):
-                batch.append(record)
-                if len(batch) >= batch_size:
-                    loader.add(batch)
-                    batch = []
-        if batch:
-            loader.add(batch)
-        loader.settle()
-        totals["failed"] += reader.bad_records
-        meter.done(_handled(totals), totals["chunks"])
+    try:
+        with meter, corpus.bulk_load(), \
+                _Loader(corpus, truncate, totals, problems, advance) as loader:
+            batch: list[_Record] = []
+            for root in roots:
+                for record in reader.read(root):
+                    batch.append(record)
+                    if len(batch) >= batch_size:
+                        loader.add(batch)
+                        batch = []
+            if batch:
+                loader.add(batch)
+            loader.settle()
+            totals["failed"] += reader.bad_records
+            meter.done(_handled(totals), totals["chunks"])
+    except BaseException as exc:  # a provider's rate limit, the database gone, Ctrl-C
+        exc.add_note(stopped_line(totals))
+        raise
 
     seconds = time.perf_counter() - start
     problems.sort(key=lambda p: (str(p.path), p.line or 0))
     return IngestReport(totals["added"], totals["updated"], totals["skipped"], totals["failed"],
                         problems, totals["chunks"], round(seconds, 3))
+
+
+def stopped_line(totals: dict[str, int]) -> str:
+    """What a run stopped by an error kept, and that running it again resumes: each batch is
+    written in a transaction of its own, and a document stored already is skipped as
+    unchanged, its provider not called again."""
+    kept = totals["added"] + totals["updated"] + totals["skipped"]
+    return (f"ingest stopped with {kept} document{'s' if kept != 1 else ''} kept (added "
+            f"{totals['added']}, updated {totals['updated']}, unchanged {totals['skipped']}); "
+            "running it again resumes: the documents kept are skipped as unchanged")
 
 
 def _handled(totals: dict[str, int]) -> int:
@@ -551,12 +572,15 @@ class _Loader:
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  tb: object) -> None:
-        """Wait for the batch being written (a run stopped by an error keeps it), then close."""
+        """Wait for the batch being written (a run stopped by an error keeps it, and counts
+        it), then close."""
         try:
             if self.writing is not None and exc is not None:
                 failed = self.writing[0].exception()
                 if failed is not None:
                     exc.add_note(f"the batch being written then failed too: {failed}")
+                else:
+                    _count(self.totals, self.writing[0].result())
         finally:
             if self.pool is not None:
                 self.pool.shutdown()

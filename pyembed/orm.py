@@ -86,14 +86,13 @@ def search(corpus: str, query_embedding: Any, model_key: str | ModelSpec | None 
     Corpus.search)."""
     from pgvector.sqlalchemy import Vector
 
-    from .db import integer
-    from .search import filter_json, query_vector, vector_key
+    from .search import check_k, filter_json, query_vector, vector_key
 
     key = vector_key(model_key.key if isinstance(model_key, ModelSpec) else model_key)
     fn = sa.func.pyembed.search(
         sa.literal(corpus), sa.bindparam("q", query_vector(query_embedding).tolist(),
                                          type_=Vector()),
-        sa.literal(key), sa.literal(integer(k, "k")),
+        sa.literal(key), sa.literal(check_k(k)),
         sa.cast(sa.literal(filter_json(filter)), JSONB) if filter is not None else sa.null())
     cols = fn.table_valued("document_id", "chunk_id", "chunk_index", "content",
                            sa.column("metadata", JSONB), sa.column("score", sa.Float),

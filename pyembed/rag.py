@@ -27,7 +27,7 @@ from .providers.base import (
     unreadable,
 )
 from .retry import Retrier
-from .search import MODES, Hit
+from .search import MODES, Hit, check_k
 from .text import check_text, has_text
 
 log = logging.getLogger(__name__)
@@ -167,8 +167,7 @@ def answer(corpus: Corpus, question: str, *, k: int = 5, model: str | None = Non
     Claude keeps refusing for rate limits, ProviderError for any other failed call.
     """
     check_text(question, "question")
-    if integer(k, "k") < 1:
-        raise InvalidInput(f"k must be at least 1, got {k}")
+    check_k(k)
     if integer(max_tokens, "max_tokens") < 1:
         raise InvalidInput(f"max_tokens must be at least 1, got {max_tokens}")
     if mode not in MODES:

@@ -17,7 +17,7 @@ from pgvector import Vector
 from .db import integer
 from .errors import InvalidInput, InvalidVector, ModelMismatch
 from .sqlexec import Executor, executor
-from .text import check_depth, check_json, read_json
+from .text import check_depth, check_json, check_whole_number, read_json
 from .vectors import float_array
 
 MODES = ("vector", "keyword", "hybrid")
@@ -156,6 +156,24 @@ def filter_json(filter: object) -> str | None:
         raise InvalidInput(f"a metadata filter is a JSON object: {exc}") from None
 
 
+K_RANGE = (1, 1000)
+"""How many hits a search returns, as pyembed's SQL search functions check it (sql/030-search.sql,
+sql/060-keyword.sql)."""
+
+
+def check_k(k: object) -> int:
+    """`k` if it is in K_RANGE, else InvalidInput in the words of the SQL functions' check, for
+    every entry point alike: a k past PostgreSQL's integer, which cannot reach that check, named
+    Python's or PostgreSQL's integer range instead of k's."""
+    low, high = K_RANGE
+    if isinstance(k, int) and not isinstance(k, bool):
+        check_whole_number(k, "k")  # (its digits go in the message)
+        if low <= k <= high:
+            return k
+        raise InvalidInput(f"k must be {low}..{high}, got {k}")
+    return integer(k, "k")  # not a whole number: refused, as every integer parameter is
+
+
 def run(db: Executor, corpus: str | None, mode: str | None, text: str | None, vector: Any,
         model_key: str | None, k: int | None, filter: Mapping[str, Any] | str | None,
         options: Options = DEFAULT) -> list[tuple[Any, ...]]:
@@ -164,7 +182,7 @@ def run(db: Executor, corpus: str | None, mode: str | None, text: str | None, ve
     assert mode is not None
     flt = filter_json(filter)
     sql, take = _SEARCHES[mode]
-    params = (corpus, text, vector, model_key, None if k is None else integer(k, "k"), flt,
+    params = (corpus, text, vector, model_key, None if k is None else check_k(k), flt,
               options.group, options.fusion, options.alpha)
     return db.rows(sql, [params[i] for i in take], [_TYPES[i] for i in take])
 

@@ -179,17 +179,27 @@ SELECT ch.chunk_id FROM pyembed.chunks ch
 
 def copy_vectors(cur: psycopg.Cursor[Any], corpus_id: int, chunk_ids: Sequence[int],
                  model_key: str, vectors: np.ndarray, content_hashes: Sequence[bytes | None],
-                 *, replace: bool = True, only_current: bool = False) -> list[int]:
+                 *, replace: bool = True, only_current: bool = False,
+                 claimed: Sequence[int] | None = None) -> list[int]:
     """Write these chunks' vectors for this model key, inside the caller's transaction; returns
     the chunk ids written. With `replace`, vectors the chunks already have for the key are
     deleted first (COPY cannot update). With `only_current`, a vector is written only if its
     chunk still has the text its hash names (a chunk changed or deleted since is skipped: its
-    new text is queued already)."""
-    if only_current and len(chunk_ids):
+    new text is queued already). With `claimed` (a worker's claim of each chunk's job, its
+    attempts), only the jobs that claim still holds are written, as pyembed.hold_jobs finds and
+    locks them: one another worker took over after this one's lease ran out is its to write."""
+    current: set[int] | None = None
+    if claimed is not None and len(chunk_ids):
+        current = {r[0] for r in cur.execute(
+            "SELECT pyembed.hold_jobs(%s, %s, %s::bigint[], %s::bytea[], %s::integer[])",
+            (corpus_id, model_key, list(chunk_ids), list(content_hashes),
+             list(claimed))).fetchall()}
+    elif only_current and len(chunk_ids):
         pairs = [int(i).to_bytes(8, "big", signed=True) + (h or b"")
                  for i, h in zip(chunk_ids, content_hashes, strict=True)]
         current = {r[0] for r in cur.execute(_STILL_CURRENT, {
             "corpus_id": corpus_id, "ids": list(chunk_ids), "pairs": pairs}).fetchall()}
+    if current is not None:
         keep = [n for n, i in enumerate(chunk_ids) if i in current]
         if len(keep) < len(chunk_ids):
             chunk_ids = [chunk_ids[n] for n in keep]

@@ -436,14 +436,17 @@ class Worker:
         try:
             with self._db().transaction(), self._db().cursor() as cur:
                 written = copy_vectors(cur, corpus_id, [i.chunk_id for i in items], key, vectors,
-                                       [i.content_hash for i in items], only_current=True)
+                                       [i.content_hash for i in items],
+                                       claimed=[i.attempts for i in items])
         except psycopg.Error as exc:
             if exc.sqlstate != ModelMismatch.sqlstate:
                 raise
             self._refused(key, corpus_id, items, stats)
             return
         stats.embedded += len(written)
-        stats.stale += len(items) - len(written)  # their text changed: the new one is queued
+        # Their text changed (the new one is queued), or another worker took them over after
+        # this one's lease ran out (they are its to write and count).
+        stats.stale += len(items) - len(written)
 
     def _refused(self, key: str, corpus_id: int, items: list[Item], stats: WorkerStats) -> None:
         """The corpus stopped accepting the key while the batch was embedded: its jobs can never

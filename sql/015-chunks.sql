@@ -94,3 +94,77 @@ CREATE OR REPLACE TRIGGER documents_metadata_copied
   AFTER UPDATE OF metadata ON pyembed.documents
   FOR EACH ROW WHEN (OLD.metadata IS DISTINCT FROM NEW.metadata)
   EXECUTE FUNCTION pyembed._document_metadata_written();
+
+-- A document id is compared exactly, so ids a reader takes for one were distinct ids: "doc" and
+-- "doc " or "doc" + a no-break space, "é" composed and decomposed, or an id of spaces alone.
+-- Refused (PE005), not normalised: an id changed on the way in would not be found again by the
+-- id its writer holds. An id is not only whitespace, has none at its start or end (Unicode's
+-- White_Space characters), no control characters (U+0000..U+001F, U+007F..U+009F), and is in
+-- Unicode normal form NFC, the form text typed or pasted mostly comes in. The problem with `id`,
+-- or NULL; pyembed.text.check_document_id gives the same answer before a provider is paid.
+CREATE OR REPLACE FUNCTION pyembed._document_id_problem(id text) RETURNS text
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  -- White_Space (Unicode's PropList), as a bracket expression.
+  ws CONSTANT text := '[\u0009-\u000D\u0020\u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F'
+                      '\u205F\u3000]';
+  shown text := to_jsonb(id)::text;
+  bad text;
+BEGIN
+  IF id IS NULL THEN  -- (as pyembed._needs says it, which the writer's role may not call)
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = 'id is NULL: pyembed._document_id_problem() needs a value for it';
+  END IF;
+  IF id = '' THEN
+    RETURN 'a document id is 1..512 characters, got 0 characters';
+  END IF;
+  IF id ~ ('^' || ws || '*$') THEN
+    RETURN format('document id %s is only whitespace', shown);
+  END IF;
+  IF left(id, 1) ~ ws THEN
+    RETURN format('document id %s starts with whitespace (U+%s)', shown,
+                  lpad(upper(to_hex(ascii(left(id, 1)))), 4, '0'));
+  END IF;
+  IF right(id, 1) ~ ws THEN
+    RETURN format('document id %s ends with whitespace (U+%s)', shown,
+                  lpad(upper(to_hex(ascii(right(id, 1)))), 4, '0'));
+  END IF;
+  bad := substring(id FROM '[\u0001-\u001F\u007F-\u009F]');
+  IF bad IS NOT NULL THEN
+    RETURN format('document id %s has a control character (U+%s)', shown,
+                  lpad(upper(to_hex(ascii(bad))), 4, '0'));
+  END IF;
+  IF NOT id IS NFC NORMALIZED THEN
+    RETURN format('document id %s is not in Unicode normal form NFC (as NFC: %s)', shown,
+                  to_jsonb(normalize(id, NFC))::text);
+  END IF;
+  RETURN NULL;
+END
+$$;
+
+-- Checked at every write of a document's id (every writer: your SQL, the client, the ORM,
+-- `pyembed ingest`, pyembed.add_document), not at a write of its other columns: a row stored
+-- before the rule can still be updated or deleted, and renamed to an id the rule accepts.
+CREATE OR REPLACE FUNCTION pyembed._document_id_checked() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  problem text;
+BEGIN
+  IF NEW.document_id IS NULL OR (TG_OP = 'UPDATE' AND NEW.document_id = OLD.document_id) THEN
+    RETURN NEW;  -- (NULL: the column's NOT NULL says so)
+  END IF;
+  problem := pyembed._document_id_problem(NEW.document_id);
+  IF problem IS NOT NULL THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE005', MESSAGE = problem;
+  END IF;
+  RETURN NEW;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER documents_id_checked
+  BEFORE INSERT OR UPDATE OF document_id ON pyembed.documents
+  FOR EACH ROW EXECUTE FUNCTION pyembed._document_id_checked();

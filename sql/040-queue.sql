@@ -390,6 +390,45 @@ BEGIN
 END
 $$;
 
+-- The worker's write takes only the jobs its claim still holds: of one corpus's jobs for a key,
+-- those still as this worker's claim left them (its attempts) whose chunk still has the text
+-- it embedded, locked until the write's transaction ends (its vectors' trigger dequeues them).
+-- A job another worker claimed after this one's lease ran out (attempts moved on), or already
+-- embedded and dequeued, is not returned: its vector is that worker's to write, once, and to
+-- count. Locked in chunk order, so two writers wait for each other rather than deadlock, and
+-- each chunk before its job, as a chunk's deletion does (its job goes by the cascade); a claim
+-- under way is waited for (a short transaction) and its outcome read.
+CREATE OR REPLACE FUNCTION pyembed.hold_jobs(p_corpus_id integer, p_model_key text,
+                                             chunk_ids bigint[], hashes bytea[],
+                                             claimed integer[])
+RETURNS SETOF bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+  IF num_nulls(p_corpus_id, p_model_key, chunk_ids, hashes, claimed) > 0 THEN
+    PERFORM pyembed._needs(p_corpus_id IS NULL, 'p_corpus_id', 'hold_jobs');
+    PERFORM pyembed._needs(p_model_key IS NULL, 'p_model_key', 'hold_jobs');
+    PERFORM pyembed._needs(chunk_ids IS NULL, 'chunk_ids', 'hold_jobs');
+    PERFORM pyembed._needs(hashes IS NULL, 'hashes', 'hold_jobs');
+    PERFORM pyembed._needs(claimed IS NULL, 'claimed', 'hold_jobs');
+  END IF;
+  IF NOT (p_corpus_id = ANY (pyembed.visible_corpora())) THEN
+    RETURN;
+  END IF;
+  RETURN QUERY
+  SELECT q.chunk_id
+    FROM unnest(chunk_ids, hashes, claimed) AS t(chunk_id, content_hash, attempts)
+    JOIN pyembed.queue q ON q.corpus_id = p_corpus_id AND q.chunk_id = t.chunk_id
+                        AND q.model_key = p_model_key AND q.attempts = t.attempts
+                        AND q.attempts > 0
+    JOIN pyembed.chunks ch ON ch.corpus_id = p_corpus_id AND ch.chunk_id = t.chunk_id
+                          AND ch.content_hash = t.content_hash
+   ORDER BY q.chunk_id
+     FOR KEY SHARE OF ch FOR NO KEY UPDATE OF q;
+END
+$$;
+
 -- Give claimed jobs back untouched (their claim's attempt undone, due now): a worker that
 -- cannot embed their key leaves them to one that can. The number released.
 CREATE OR REPLACE FUNCTION pyembed.release_jobs(corpus_ids integer[], chunk_ids bigint[],

@@ -34,7 +34,7 @@ GRANT INSERT (corpus_id, document_id, chunk_index, content, content_hash, metada
   ON pyembed.chunks TO pyembed_app;
 -- Chunk writes queue their work as the writer; a vector's write dequeues it (DELETE); the worker
 -- claims, renews, retries and releases jobs through pyembed.claim_jobs, renew_jobs, retry_jobs
--- and release_jobs (a job's attempts decide when it expires, its last error is the failure
+-- and release_jobs, and writes only those its claim still holds (hold_jobs) (a job's attempts decide when it expires, its last error is the failure
 -- expire_jobs records: no UPDATE of them by the caller), and moves failed jobs aside through
 -- pyembed.fail_job and expire_jobs, the one way a failure row is written (it is a queued job,
 -- moved); failures are read and cleared (DELETE: done with them). A queued key is checked by
@@ -101,6 +101,8 @@ GRANT EXECUTE ON FUNCTION
   pyembed.renew_jobs(float8, integer[], bigint[], text[], integer[]),
   pyembed.retry_jobs(text, integer[], bigint[], text[], bytea[], integer[], float8[]),
   pyembed.release_jobs(integer[], bigint[], text[], integer[]),
+  pyembed.hold_jobs(integer, text, bigint[], bytea[], integer[]),
+  pyembed._document_id_problem(text),
   pyembed.reserve_usage(text, integer, integer, bigint),
   pyembed.usage_report(integer),
   pyembed.provider_errors(),

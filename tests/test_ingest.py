@@ -39,6 +39,7 @@ from pyembed.ingest import (
 )
 from pyembed.models import InputType
 from tests.conftest import REPO, Database
+from tests.fakeapi.server import FakeAPI
 from tests.helpers import count
 
 KEY = "fake/fake-hash@1:384"
@@ -705,3 +706,37 @@ def test_two_concurrent_ingests_of_one_file_report_what_each_stored(
     counts = sorted((r.added, r.updated, r.skipped, r.chunks) for r in reports)
     assert counts == [(0, 0, 20, 0), (20, 0, 0, 20)], counts
     assert count(owner, "documents") == 20 and count(owner, "vectors") == 20
+
+
+def test_a_run_a_rate_limit_stops_says_what_it_kept_and_a_rerun_resumes(
+        tmp_path: Path, db: Database, app: psycopg.Connection[Any], fake_api: FakeAPI) -> None:
+    """The provider's 429 (asking to wait an hour, past what pyembed waits) stops the run after
+    two batches: `pyembed ingest` exits 1 with one line giving the error, the documents kept
+    and that running it again resumes; the rerun adds only the rest, its provider called for
+    them alone. Before, the line gave the error alone."""
+    app.execute("SELECT pyembed.create_corpus('paid', 'voyage/voyage-3@1:1024')")
+    path = _write(tmp_path / "docs.jsonl",
+                  _jsonl(*({"id": f"d{i}", "text": f"text number {i}"} for i in range(10))))
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("PYEMBED_") and not k.endswith("_API_KEY")}
+    env.update(fake_api.env(), PYEMBED_DSN=db.app_dsn, VOYAGE_API_KEY="pa-ingest-429")
+    command = [sys.executable, "-m", "pyembed", "ingest", "paid", str(path), "--batch-size", "2",
+               "--quiet"]
+    fake_api.script("ok", "ok", *["429:retry-after=3600"] * 5)
+    stopped = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO,
+                             timeout=120)
+    assert stopped.returncode == 1, stopped
+    (line,) = stopped.stderr.splitlines()
+    assert line.startswith("error: ") and "429" in line, line
+    assert line.endswith("; ingest stopped with 4 documents kept (added 4, updated 0, "
+                         "unchanged 0); running it again resumes: the documents kept are "
+                         "skipped as unchanged"), line
+    assert count(app, "documents") == 4
+    fake_api.reset()
+    again = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO,
+                           timeout=120)
+    assert again.returncode == 0, again
+    assert "added 6, updated 0, unchanged 4" in again.stdout, again.stdout
+    embedded = [t for r in fake_api.requests_to("voyage") for t in r.body["input"]]
+    assert sorted(embedded) == sorted(f"text number {i}" for i in range(4, 10))
+    assert count(app, "documents") == 10

@@ -15,7 +15,7 @@ import psycopg
 import pytest
 
 import pyembed
-from pyembed import cache, migration, recall, tenants
+from pyembed import cache, migration, orm, rag, recall, tenants
 from pyembed.errors import InvalidInput
 from pyembed.models import ModelSpec
 from tests.conftest import Database
@@ -27,6 +27,8 @@ SETTINGS = {"chunk_tokens": "1..100000", "chunk_overlap": "0..99999", "max_batch
             "max_tokens": "1..10000000", "request_dimensions": "1..16000",
             "requests_per_minute": "1..100000000", "tokens_per_minute": "1..2000000000"}
 """Every integer setting stored in a row, with its range (revision 0028's CHECKs)."""
+OWN_RANGE = SETTINGS | {"k": "1..1000"}
+"""Parameters named with their own range however far past it a number is (k: pyembed.search's)."""
 HUGE = 2**31  # one past PostgreSQL's integer
 EDGES = [HUGE, -HUGE - 1, 10**20]
 
@@ -61,7 +63,7 @@ def test_a_number_past_postgres_integer_is_invalid_input_naming_its_parameter(
         for name, call in entry_points(app, owner).items():
             for n in EDGES:
                 # a setting stored in a row: its own range (test_setting_ranges below)
-                rule = (f"{re.escape(SETTINGS[name])}, got {n}" if name in SETTINGS
+                rule = (f"{re.escape(OWN_RANGE[name])}, got {n}" if name in OWN_RANGE
                         else f"a whole number from -2147483648 to 2147483647, not {n}")
                 with pytest.raises(InvalidInput, match=f"^{name} must be {rule}$"):
                     call(n)
@@ -102,11 +104,61 @@ def test_the_command_line_says_which_number_is_too_large(db: Database,
     assert out.returncode == 1, out.stdout
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
-    setting = {"--chunk-tokens": "chunk_tokens", "--rpm": "requests_per_minute"}.get(args[-2])
-    if setting:  # the setting's own range, as SQL and Python say it
-        assert lines[0] == f"error: {setting} must be {SETTINGS[setting]}, got {HUGE}", lines[0]
+    setting = {"--chunk-tokens": "chunk_tokens", "--rpm": "requests_per_minute",
+               "-k": "k"}.get(args[-2])
+    if setting:  # the parameter's own range, as SQL and Python say it
+        assert lines[0] == f"error: {setting} must be {OWN_RANGE[setting]}, got {HUGE}", lines[0]
     else:
         assert f"must be a whole number from -2147483648 to 2147483647, not {HUGE}" in lines[0]
+
+
+K_OUTSIDE = [0, -1, 1001, 2**31 - 1, 2**31, 10**12, -(10**12)]
+
+
+def test_k_outside_its_range_is_named_with_its_range_at_every_entry_point(
+        db: Database, app: psycopg.Connection[Any]) -> None:
+    """k is 1..1000 wherever it is given: SQL's search functions, Corpus.search and retrieve
+    (reranked too), orm.search, rag.answer, and the command line's search and ask say
+    `k must be 1..1000, got N` for every N outside. Before, a k past PostgreSQL's integer
+    (orm.search(k=10**12)) was named with the integer's range, not k's."""
+    with pyembed.connect(db.app_dsn) as client:
+        docs = client.create_corpus("docs", FAKE)
+        docs.add([("a", "alpha text")])
+        vector = client.embedder(FAKE).embed_query("alpha")
+        calls: dict[str, Callable[[int], Any]] = {
+            "Corpus.search": lambda n: docs.search("alpha", k=n),
+            "Corpus.search (keyword)": lambda n: docs.search("alpha", k=n, mode="keyword"),
+            "Corpus.search (vector)": lambda n: docs.search(vector, k=n, model_key=FAKE),
+            "Corpus.search (reranked)": lambda n: docs.search("alpha", k=n,
+                                                              rerank="fake/overlap"),
+            "Corpus.retrieve": lambda n: docs.retrieve("alpha", k=n, mode="hybrid"),
+            "orm.search": lambda n: orm.search("docs", vector, FAKE, k=n),
+            "rag.answer": lambda n: rag.answer(docs, "alpha?", k=n),
+        }
+        for where, call in calls.items():
+            for n in K_OUTSIDE:
+                with pytest.raises(InvalidInput) as err:
+                    call(n)
+                assert str(err.value) == f"k must be 1..1000, got {n}", where
+    sql = {"search": "SELECT * FROM pyembed.search('docs', %(v)s::vector, %(key)s, %(k)s)",
+           "search_text": "SELECT * FROM pyembed.search_text('docs', 'alpha', %(k)s)",
+           "search_keyword": "SELECT * FROM pyembed.search_keyword('docs', 'alpha', %(k)s)",
+           "search_reranked": "SELECT * FROM pyembed.search_reranked('docs', 'alpha', "
+                              "'fake/overlap', %(k)s)"}
+    for where, statement in sql.items():
+        # (a number past integer is no such function's argument in SQL; NULL is named as a
+        # missing value, as every parameter's)
+        for n in (n for n in K_OUTSIDE if -(2**31) <= n < 2**31):
+            with pytest.raises(psycopg.Error) as sql_err:
+                app.execute(statement, {"v": str(vector.tolist()), "key": FAKE, "k": n})
+            assert (sql_err.value.sqlstate, sql_err.value.diag.message_primary) == (
+                "PE005", f"k must be 1..1000, got {n}"), where
+    for n in (0, 1001, 10**12):
+        for command in (("search", "docs", "alpha", "-k", str(n)),
+                        ("ask", "docs", "alpha?", "-k", str(n))):
+            out = cli(*command, env=db_env(db))
+            assert (out.returncode, out.stderr.strip()) == (
+                1, f"error: k must be 1..1000, got {n}"), command
 
 
 def test_a_tenant_limit_below_1_is_named_not_blamed_on_the_name(

@@ -278,6 +278,8 @@ APP_WRITERS = {
     "retry_jobs": "the lease and last error of the caller's corpora's jobs as its claim left "
                   "them (the reason expire_jobs records)",
     "release_jobs": "the caller's corpora's jobs as its claim left them, that claim undone",
+    "hold_jobs": "no write: locks the caller's corpora's jobs as its claim left them, until "
+                 "its vectors' write commits",
     "record_search": "the query log, for a corpus of the caller's tenant",
     "measure_recall": "recall measurements of a corpus of the caller's tenant, measured here",
     "recall_sampled": "the caller's tenant's recall samples, measured here",

@@ -74,6 +74,9 @@ APP_EXECUTE = {
     "renew_jobs(double precision, integer[], bigint[], text[], integer[])",
     "retry_jobs(text, integer[], bigint[], text[], bytea[], integer[], double precision[])",
     "release_jobs(integer[], bigint[], text[], integer[])",
+    # the worker's write: the jobs its claim still holds, locked until the write commits
+    "hold_jobs(integer, text, bigint[], bytea[], integer[])",
+    "_document_id_problem(text)",  # the documents' id rule, which their write trigger asks
     "reserve_usage(text, integer, integer, bigint)",  # accounting and rate limits
     "usage_report(integer)",
     "provider_errors()",

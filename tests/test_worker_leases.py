@@ -256,6 +256,65 @@ def test_a_lease_renewal_the_server_refuses_keeps_its_connection_and_renews_late
     assert result["stats"].embedded == 3 and count(app, "queue") == 0
 
 
+@pytest.mark.parametrize("other_writes", ["first", "last"])
+def test_a_job_whose_lease_ran_out_is_written_and_counted_once(
+        db: Database, app: psycopg.Connection[Any], owner: psycopg.Connection[Any],
+        monkeypatch: pytest.MonkeyPatch, other_writes: str) -> None:
+    """A worker whose lease ran out mid-batch (its renewals stalled) and another that took the
+    batch over both wrote its vectors and both counted them embedded. Now the late worker's
+    write takes only the jobs its claim still holds (pyembed.hold_jobs): whether the other
+    worker wrote first or is still embedding, each job is written once, by the worker that
+    holds it, and counted once; the late worker counts it stale."""
+    make_corpus(app, "twice", FAKE)
+    add_docs(app, "twice", texts_for(3, "twice"))
+    late_providers: list[RecordingProvider] = []
+    other_providers: list[RecordingProvider] = []
+    late_done, other_embedding = threading.Event(), threading.Event()
+
+    def other_waits(provider: RecordingProvider, batch: list[str]) -> None:
+        other_embedding.set()
+        if other_writes == "last":
+            assert late_done.wait(20), "the late worker never finished"
+
+    other = Worker(db.app_dsn, lease_seconds=0.3,
+                   embedder_for=fake_embedder(other_providers, other_waits))
+    result: dict[str, WorkerStats] = {}
+    thread = threading.Thread(target=lambda: result.update(other=other.run_once()))
+
+    def lease_runs_out(provider: RecordingProvider, batch: list[str]) -> None:
+        time.sleep(0.5)  # past the lease, which nothing renews
+        thread.start()
+        if other_writes == "first":
+            thread.join(timeout=20)
+        else:
+            assert other_embedding.wait(20), "the other worker never took the batch over"
+
+    late = Worker(db.app_dsn, lease_seconds=0.3,
+                  embedder_for=fake_embedder(late_providers, lease_runs_out))
+    monkeypatch.setattr(late._leases, "hold", lambda items: None)
+    written: list[Any] = []
+    try:
+        stats = late.run_once()
+        written.append(owner.execute("SELECT chunk_id, created_at FROM pyembed.vectors "
+                                     "ORDER BY chunk_id").fetchall())
+        late_done.set()
+        thread.join(timeout=20)
+    finally:
+        late_done.set()
+        late.close()
+        other.close()
+    taken = result["other"]
+    assert (stats.embedded, stats.stale) == (0, 3), stats
+    assert (taken.embedded, taken.stale) == (3, 0), taken
+    if other_writes == "first":
+        # The late worker wrote nothing over the other's vectors.
+        assert owner.execute("SELECT chunk_id, created_at FROM pyembed.vectors ORDER BY "
+                             "chunk_id").fetchall() == written[0]
+    else:
+        assert written[0] == [], "the late worker wrote jobs another worker held"
+    assert fresh_vectors(app) == 3 and count(app, "queue") == 0
+
+
 # -- several workers -------------------------------------------------------------------------
 def test_three_workers_share_a_queue_and_one_is_killed_mid_batch(
         db: Database, app: psycopg.Connection[Any], owner: psycopg.Connection[Any],
