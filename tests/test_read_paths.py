@@ -82,7 +82,8 @@ WRITERS = {
     "begin_bulk_load": "a corpus's index dropped", "end_bulk_load": "an index built",
     "_clear_vectors": "a vector write's old vectors deleted",
     "_dequeue_written": "a vector write's jobs dequeued",
-    "claim_jobs": "the worker's jobs", "renew_jobs": "as claim_jobs", "retry_jobs": "as claim_jobs",
+    "claim_jobs": "the worker's jobs", "renew_jobs": "as claim_jobs",
+    "hold_jobs": "as claim_jobs: locks the jobs a worker's write still holds", "retry_jobs": "as claim_jobs",
     "release_jobs": "as claim_jobs", "fail_job": "as claim_jobs", "expire_jobs": "as claim_jobs",
     "cache_purge": "the cache's entries deleted", "rerank_cache_purge": "as cache_purge",
     "reserve_usage": "a provider call accounted: PE011 on a replica (embed on the primary)",
@@ -176,6 +177,9 @@ READ_SQL = [
     "chunk_id) FROM pyembed.chunks), 'fake/fake-hash@1:384', pyembed.embed('a late refund', "
     "'fake/fake-hash@1:384', 'query'))",
     "SELECT count(*) FROM pyembed.provider_errors()",
+    "SELECT pyembed._document_id_problem('doc'), pyembed.min_eval_queries(), "
+    "pyembed._eval_queries_enough((pyembed.lookup_corpus('docs')).corpus_id, true)",
+    "SELECT pyembed.code_digest(), pyembed.sql_digest()",
 ]
 
 
