@@ -19,6 +19,10 @@ from pyembed.localdb import LocalCluster
 from tests.conftest import Database, _dsn
 from tests.helpers import run_cli
 
+# Its clusters (or standbys) take free ports: on one xdist worker, never beside another
+# test that makes one (conftest).
+pytestmark = pytest.mark.xdist_group("clusters")
+
 KEY = "fake/fake-hash@1:384"
 OTHER = "fake/fake-hash@2:384"
 DOCS = [(f"d{i}", f"error E40{i:02d} means the quota number {i} is used up") for i in range(30)]
