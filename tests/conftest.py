@@ -5,8 +5,11 @@ head, plus connections as the owner and as the non-superuser application role.
 
 Under pytest-xdist (`make test` runs `pytest -n 2`) each worker has a cluster of its own (gw0
 the one in .pyembed-test/, gwN in .pyembed-test/gwN/), so that a test that changes cluster-wide
-state (roles, settings, a standby) never meets another worker's tests; the tests that make
-clusters of their own (and take free ports) run on one worker, the xdist_group "clusters".
+state (roles, settings, a standby) never meets another worker's tests. `--dist loadfile` keeps
+a module's tests on one worker (test_localdb_port's tests take the ports of one another's
+cluster), and the modules that make clusters of their own use `own_clusters`, which runs them
+one at a time (`--dist loadgroup` split an xdist_group here: with pytest 9.2 and pytest-xdist
+3.8 the node ids got no group suffix).
 Like gw0's, each worker's cluster keeps running for the next run
 (`PYEMBED_HOME=.pyembed-test/gw1 pyembed db stop` stops it).
 """
@@ -59,12 +62,21 @@ def worker_home() -> Path:
 
 
 @contextmanager
-def _one_at_a_time() -> Iterator[None]:
+def _one_at_a_time(name: str = "setup") -> Iterator[None]:
     """Workers make and start their clusters one after the other: two that chose a free port
     at once would both choose the same one."""
     BASE_HOME.mkdir(parents=True, exist_ok=True)
-    with open(BASE_HOME / "setup.lock", "w") as lock:
+    with open(BASE_HOME / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+@pytest.fixture(scope="module")
+def own_clusters() -> Iterator[None]:
+    """For a module whose tests make clusters (or standbys) of their own: each takes a free port
+    seconds after choosing it, so two workers' such modules run one after the other (a lock of
+    their own: a worker's session cluster does not wait for another worker's module)."""
+    with _one_at_a_time("own-clusters"):
         yield
 
 

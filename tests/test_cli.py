@@ -46,9 +46,7 @@ def home() -> Iterator[Path]:
     subprocess.run(["rm", "-rf", str(path)], check=False)
 
 
-# It makes a cluster (or a standby) of its own, which takes a free port: on one xdist worker,
-# never beside another test that does (conftest).
-@pytest.mark.xdist_group("clusters")
+@pytest.mark.usefixtures("own_clusters")  # it makes a cluster (conftest)
 def test_db_lifecycle_in_a_project_folder(home: Path) -> None:
     env = {"PYEMBED_HOME": str(home)}
     status = pyembed("db", "status", env=env)

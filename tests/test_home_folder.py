@@ -20,9 +20,7 @@ from tests.test_cli import pyembed
 
 pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="the server runs as another OS user "
                                  "only when pyembed runs as root"),
-              # Its clusters take free ports: on one xdist worker, never beside another test
-              # that makes one (conftest).
-              pytest.mark.xdist_group("clusters")]
+              pytest.mark.usefixtures("own_clusters")]  # it makes clusters (conftest)
 
 
 @pytest.fixture

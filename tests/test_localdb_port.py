@@ -25,9 +25,7 @@ import pytest
 from pyembed.localdb import LocalCluster
 from tests.conftest import REPO
 
-# Its clusters (or standbys) take free ports: on one xdist worker, never beside another
-# test that makes one (conftest).
-pytestmark = pytest.mark.xdist_group("clusters")
+pytestmark = pytest.mark.usefixtures("own_clusters")  # it makes clusters (conftest)
 
 LISTEN = 0x0A  # the TCP state number in /proc/net/tcp
 

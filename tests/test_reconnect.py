@@ -24,9 +24,7 @@ from pyembed.localdb import LocalCluster
 from pyembed.metrics import PyembedCollector
 from pyembed.worker import Worker
 
-# Its clusters (or standbys) take free ports: on one xdist worker, never beside another
-# test that makes one (conftest).
-pytestmark = pytest.mark.xdist_group("clusters")
+pytestmark = pytest.mark.usefixtures("own_clusters")  # it makes clusters (conftest)
 
 KEY = "fake/fake-hash@1:384"
 

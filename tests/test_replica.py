@@ -19,9 +19,7 @@ from pyembed.localdb import LocalCluster
 from tests.conftest import Database, _dsn
 from tests.helpers import run_cli
 
-# Its clusters (or standbys) take free ports: on one xdist worker, never beside another
-# test that makes one (conftest).
-pytestmark = pytest.mark.xdist_group("clusters")
+pytestmark = pytest.mark.usefixtures("own_clusters")  # it makes clusters (conftest)
 
 KEY = "fake/fake-hash@1:384"
 OTHER = "fake/fake-hash@2:384"
