@@ -20,8 +20,11 @@ lint: setup
 	$(VENV)/bin/ruff check pyembed tests alembic
 	$(VENV)/bin/mypy
 
+# Two pytest-xdist workers, each with a PostgreSQL cluster of its own (tests/conftest.py):
+# a test's time is spent on the CPU, of the test process and of the server, in turn.
+# loadfile: a module's tests on one worker (their module-wide fixtures, clusters, ports).
 test: setup lint
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n 2 --dist loadfile
 
 bench: setup
 	$(VENV)/bin/python tests/benchmarks/bench_suite.py --no-langchain

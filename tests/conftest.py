@@ -2,13 +2,25 @@
 
 Each test gets a fresh database cloned from a template that `pyembed install` brought to
 head, plus connections as the owner and as the non-superuser application role.
+
+Under pytest-xdist (`make test` runs `pytest -n 2`) each worker has a cluster of its own (gw0
+the one in .pyembed-test/, gwN in .pyembed-test/gwN/), so that a test that changes cluster-wide
+state (roles, settings, a standby) never meets another worker's tests. `--dist loadfile` keeps
+a module's tests on one worker (test_localdb_port's tests take the ports of one another's
+cluster), and the modules that make clusters of their own use `own_clusters`, which runs them
+one at a time (`--dist loadgroup` split an xdist_group here: with pytest 9.2 and pytest-xdist
+3.8 the node ids got no group suffix).
+Like gw0's, each worker's cluster keeps running for the next run
+(`PYEMBED_HOME=.pyembed-test/gw1 pyembed db stop` stops it).
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,12 +52,40 @@ def _dsn(cluster: LocalCluster, dbname: str, *, owner: bool) -> str:
     return base.rsplit("/", 1)[0] + "/" + dbname
 
 
+BASE_HOME = Path(os.environ.get("PYEMBED_TEST_HOME", REPO / ".pyembed-test"))
+
+
+def worker_home() -> Path:
+    """This process's test cluster home: one per xdist worker."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    return BASE_HOME if worker == "gw0" else BASE_HOME / worker
+
+
+@contextmanager
+def _one_at_a_time(name: str = "setup") -> Iterator[None]:
+    """Workers make and start their clusters one after the other: two that chose a free port
+    at once would both choose the same one."""
+    BASE_HOME.mkdir(parents=True, exist_ok=True)
+    with open(BASE_HOME / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+@pytest.fixture(scope="module")
+def own_clusters() -> Iterator[None]:
+    """For a module whose tests make clusters (or standbys) of their own: each takes a free port
+    seconds after choosing it, so two workers' such modules run one after the other (a lock of
+    their own: a worker's session cluster does not wait for another worker's module)."""
+    with _one_at_a_time("own-clusters"):
+        yield
+
+
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[LocalCluster]:
-    home = Path(os.environ.get("PYEMBED_TEST_HOME", REPO / ".pyembed-test"))
-    c = LocalCluster(home)
-    c.init()
-    c.start()
+    with _one_at_a_time():
+        c = LocalCluster(worker_home())
+        c.init()
+        c.start()
     # A throwaway cluster needs no flush to disk: without one, the CREATE DATABASE that gives
     # each test its database, and every commit, cost no wait for the disk.
     with _admin(c) as conn:
@@ -124,9 +164,10 @@ def app(db: Database) -> Iterator[psycopg.Connection[Any]]:
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     try:
-        c = LocalCluster(Path(os.environ.get("PYEMBED_TEST_HOME", REPO / ".pyembed-test")))
-        c.init()
-        c.start()
+        with _one_at_a_time():
+            c = LocalCluster(BASE_HOME)
+            c.init()
+            c.start()
         with psycopg.connect(_dsn(c, "postgres", owner=True)) as conn:
             server = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
             exts = conn.execute("SELECT string_agg(name || ' ' || default_version, ', ') "

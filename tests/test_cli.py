@@ -47,6 +47,7 @@ def home() -> Iterator[Path]:
     subprocess.run(["rm", "-rf", str(path)], check=False)
 
 
+@pytest.mark.usefixtures("own_clusters")  # it makes a cluster (conftest)
 def test_db_lifecycle_in_a_project_folder(home: Path) -> None:
     env = {"PYEMBED_HOME": str(home)}
     status = pyembed("db", "status", env=env)

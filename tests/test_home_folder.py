@@ -18,8 +18,9 @@ import pyembed as pyembed_pkg
 from pyembed.localdb import LocalCluster
 from tests.test_cli import pyembed
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the server runs as another OS user "
-                                "only when pyembed runs as root")
+pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="the server runs as another OS user "
+                                 "only when pyembed runs as root"),
+              pytest.mark.usefixtures("own_clusters")]  # it makes clusters (conftest)
 
 
 @pytest.fixture

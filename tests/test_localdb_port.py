@@ -25,6 +25,8 @@ import pytest
 from pyembed.localdb import LocalCluster
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.usefixtures("own_clusters")  # it makes clusters (conftest)
+
 LISTEN = 0x0A  # the TCP state number in /proc/net/tcp
 
 

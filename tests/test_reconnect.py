@@ -24,6 +24,8 @@ from pyembed.localdb import LocalCluster
 from pyembed.metrics import PyembedCollector
 from pyembed.worker import Worker
 
+pytestmark = pytest.mark.usefixtures("own_clusters")  # it makes clusters (conftest)
+
 KEY = "fake/fake-hash@1:384"
 
 

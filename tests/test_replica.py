@@ -19,6 +19,8 @@ from pyembed.localdb import LocalCluster
 from tests.conftest import Database, _dsn
 from tests.helpers import run_cli
 
+pytestmark = pytest.mark.usefixtures("own_clusters")  # it makes clusters (conftest)
+
 KEY = "fake/fake-hash@1:384"
 OTHER = "fake/fake-hash@2:384"
 DOCS = [(f"d{i}", f"error E40{i:02d} means the quota number {i} is used up") for i in range(30)]
