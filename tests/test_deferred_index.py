@@ -160,11 +160,23 @@ with pyembed.connect(sys.argv[1]) as client:
 """
 
 
+def wait_for_killed_loader(owner: psycopg.Connection[Any]) -> None:
+    """A killed loader's backend ends only when it reads its client's closed socket, which a
+    loaded machine delays: wait for it before reading what its end leaves."""
+    for _ in range(400):
+        if owner.execute("SELECT NOT EXISTS (SELECT FROM pg_stat_activity a "
+                         "JOIN pyembed.bulk_loaders b USING (pid))").fetchone() == (True,):
+            return
+        time.sleep(0.05)
+    raise AssertionError("the killed loader's backend did not end")
+
+
 def _killed_load(db: Database, owner: psycopg.Connection[Any], client: Client) -> None:
     client.create_corpus("killed", KEY)
     proc = subprocess.run([sys.executable, "-c", KILLED, db.app_dsn], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == -9, proc.stderr
+    wait_for_killed_loader(owner)
     assert _index_oid(owner, "killed") is None
     # Seen as missing, with no loader at work any more: `pyembed status` and doctor warn.
     assert _unindexed(owner) == [("killed", KEY, False)]

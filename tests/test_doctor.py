@@ -20,7 +20,7 @@ import pyembed as pyembed_api
 from pyembed import doctor, health, schema, tenants
 from tests.conftest import REPO, Database
 from tests.helpers import run_cli as pyembed
-from tests.test_deferred_index import KEY, KILLED
+from tests.test_deferred_index import KEY, KILLED, wait_for_killed_loader
 
 NAMES = ["server reachable"] + [name for name, _ in doctor.CHECKS]
 
@@ -211,6 +211,7 @@ def test_the_advice_for_a_tenants_unindexed_corpus_works_as_printed(
         proc = subprocess.run([sys.executable, "-c", KILLED, dsn], cwd=REPO,
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == -9, proc.stderr
+        wait_for_killed_loader(owner)
         with psycopg.connect(dsn, autocommit=True) as conn:
             (found,) = health.indexes(conn)
             check = doctor.check_indexes(conn)
