@@ -27,7 +27,8 @@ from rich.progress import (
 )
 
 from .corpora import CorpusInfo, corpus_info, model_spec
-from .db import connect, translated
+from .db import connect
+from .dbcall import translated
 from .errors import InvalidInput, InvalidVector
 from .index import bulk_load
 from .models import ModelSpec

@@ -6,16 +6,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import date, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
-import psycopg
 
 from .cachekey import HitCounter, cache_key
-from .db import integer, translated
+from .dbcall import integer, translated
 from .models import InputType, ModelSpec
 from .sqlexec import Executor, executor
+
+if TYPE_CHECKING:
+    import psycopg
 
 LOOKUP = "SELECT cache_key, embedding FROM pyembed.cache_get($1::bytea[])"
 STORE = "SELECT pyembed.cache_put($1::bytea[], $2::text, $3::text, $4::vector[], $5::float8)"

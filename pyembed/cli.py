@@ -29,7 +29,8 @@ from .client import Client
 from .client import connect as connect_client
 from .config import DSN_ENV, WORKER_DSN_ENV
 from .corpora import corpus_info, create_corpus, drop_corpus, list_corpora
-from .db import connect, connection_lost, resolve_dsn, translate, translated
+from .db import connect, connection_lost, resolve_dsn, translate
+from .dbcall import translated
 from .doctor import doctor_cmd
 from .errors import DatabaseNotReady, InvalidInput, MigrationError, PyembedError
 from .localdb import LocalCluster

@@ -32,8 +32,8 @@ from .corpora import (
     model_spec,
     write_documents,
 )
+from .db import PsycopgExecutor, conninfo, lost, reopen
 from .db import connect as db_connect
-from .db import conninfo, lost, reopen
 from .db import identity as _identity
 from .embedder import Embedder
 from .errors import (
@@ -47,7 +47,6 @@ from .models import LOCAL_DEFAULT, InputType, ModelSpec
 from .query import search_text as query_search
 from .rerank import RerankCache, Reranker, candidates, reranker_spec
 from .search import Hit, Options, check_k, route, search, vector_key
-from .sqlexec import PsycopgExecutor
 from .tenants import Keyed, error_counter, meter
 from .text import check_document_id, check_metadata, check_text, check_whole_number, document_hash
 

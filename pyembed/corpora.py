@@ -6,17 +6,19 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import psycopg
 
-from .db import integer, translated
+from .dbcall import integer, translated
 from .errors import UnknownModel
 from .models import MODEL_COLUMNS, MODEL_FIELDS, ModelSpec, spec_from_row
 from .sqlexec import Executor, executor
 from .text import check_text, document_hash, sha256
 from .vectors import ROW_OVERHEAD, as_unit_vectors, copy_vectors, transition_tables_in_memory
+
+if TYPE_CHECKING:
+    import psycopg
 
 
 @dataclass(frozen=True)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import numbers
 import os
 import re
 import select
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 import psycopg
 from pgvector import Vector
 from pgvector.psycopg import register_vector
@@ -20,7 +20,7 @@ from psycopg.types.array import ListBinaryDumper
 
 from . import errors
 from .config import DSN_ENV, OWNER_DSN_ENV, WORKER_DSN_ENV
-from .text import check_whole_number
+from .dbcall import translated
 
 
 def resolve_dsn(*, owner: bool = False, worker: bool = False) -> str:
@@ -41,6 +41,26 @@ def resolve_dsn(*, owner: bool = False, worker: bool = False) -> str:
 class VectorArray(list[Vector]):
     """Vectors for a `::vector[]` parameter, sent in pgvector's binary form on a connection
     from `connect` (psycopg sends a plain list as text: every float printed and parsed)."""
+
+
+class PsycopgExecutor:
+    """Statements on a psycopg connection (vector types registered), as its own statements."""
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self.conn = conn
+
+    def rows(self, sql: str, params: Sequence[Any], types: Sequence[str] = (), *,
+             binary: bool = False) -> list[tuple[Any, ...]]:
+        with translated(), psycopg.RawCursor(self.conn) as cur:
+            cur.execute(sql, list(params), binary=binary)
+            return cur.fetchall() if cur.description else []
+
+    def vectors(self, vectors: Sequence[npt.NDArray[np.float32]]) -> list[Any]:
+        return VectorArray(Vector(v) for v in vectors)
+
+    def vector(self, value: Any) -> npt.NDArray[np.float32]:
+        return np.asarray(value.to_numpy() if isinstance(value, Vector) else value, dtype=np.float32)
+
 
 
 def connect(dsn: str | None = None, *, owner: bool = False, **kwargs: Any) -> psycopg.Connection[Any]:
@@ -176,33 +196,6 @@ def twin(conn: psycopg.Connection[Any]) -> psycopg.Connection[Any] | None:
         pass
     other.close()
     return None
-
-
-INTEGER_RANGE = (-2**31, 2**31 - 1)
-"""What PostgreSQL's `integer` holds."""
-
-
-def integer(value: object, what: str, conn: psycopg.Connection[Any] | None = None) -> int:
-    """`value` as an int for an `integer` parameter of pyembed's SQL, whose own checks then bound
-    it; InvalidInput naming `what` otherwise. The driver would round 2.5 or cast "3" on the way
-    in, and send a number past PostgreSQL's integer as a bigint, which fails as "integer out of
-    range" or as no such function instead of reaching the parameter's check. Given `conn`, a
-    setting stored in a row (chunk_tokens, max_batch, a tenant's limits) is checked by
-    pyembed._check_setting, against the range its table's CHECK holds and in SQL's words (a
-    number past bigint goes as numeric)."""
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        check_whole_number(int(value), what)  # the driver and the messages need its digits
-        if conn is not None:
-            with translated(), conn.transaction():
-                row = conn.execute("SELECT pyembed._check_setting(%s, %s::numeric)",
-                                   (what, int(value))).fetchone()
-            if row and row[0]:
-                return int(value)
-        low, high = INTEGER_RANGE
-        if low <= int(value) <= high:
-            return int(value)
-        raise errors.InvalidInput(f"{what} must be a whole number from {low} to {high}, not {value}")
-    raise errors.InvalidInput(f"{what} must be a whole number, not {value!r}")
 
 
 BOUND_SUFFIX = "_bound"
@@ -451,19 +444,3 @@ def _dropped_corpus(exc: psycopg.Error, message: str) -> errors.UnknownCorpus | 
             "unknown corpus: no corpus has that id (it never did, or it was dropped while this "
             f"call was writing to it; pyembed.{_PARTITION_OF.sub('', exc.diag.table_name or '')})")
     return None
-
-
-@contextmanager
-def translated() -> Iterator[None]:
-    """Re-raise database errors with a pyembed SQLSTATE as pyembed errors."""
-    try:
-        yield
-    except psycopg.Error as exc:
-        mapped = translate(exc)
-        if mapped is exc:
-            raise
-        raise mapped from exc
-    except UnicodeEncodeError as exc:  # a parameter psycopg cannot send (a lone surrogate)
-        raise errors.InvalidInput(
-            f"a value PostgreSQL cannot store: {exc.object[exc.start:exc.end]!r} at "
-            f"position {exc.start} ({exc.reason})") from None

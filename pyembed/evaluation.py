@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .client import Client, in_client_turn
-from .db import translated
+from .dbcall import translated
 from .errors import InvalidInput
 from .models import InputType
 

@@ -16,7 +16,7 @@ import psycopg
 from psycopg import sql
 from psycopg.pq import TransactionStatus
 
-from .db import translated
+from .dbcall import translated
 from .errors import InvalidInput
 
 STORAGES = ("vector", "halfvec", "binary")

@@ -20,7 +20,7 @@ import numpy.typing as npt
 
 from .client import Client, in_client_turn
 from .corpora import model_spec
-from .db import integer, translated
+from .dbcall import integer, translated
 from .errors import InvalidInput, MigrationError
 from .evaluation import HITS_PER_DOCUMENT, EvalQuery, KeyScore, eval_queries, evaluate, overlap
 from .index import build_index_online, drop_index_online

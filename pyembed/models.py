@@ -6,13 +6,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import psycopg
-from psycopg.rows import dict_row
-
-from .db import integer, translated
+from .dbcall import integer, translated
 from .errors import DatabaseNotReady, InvalidInput, UnknownModel
+
+if TYPE_CHECKING:
+    import psycopg
 
 
 class InputType(StrEnum):
@@ -141,6 +141,9 @@ def spec_from_row(r: Mapping[str, Any]) -> ModelSpec:
 
 def registered(conn: psycopg.Connection[Any]) -> list[ModelSpec]:
     """Every model in the database's registry (pyembed.models), by key."""
+    import psycopg  # the client's: PL/Python reads the registry through plpy (model_spec)
+    from psycopg.rows import dict_row
+
     try:
         with conn.cursor(row_factory=dict_row) as cur:
             rows = cur.execute(f"SELECT {MODEL_COLUMNS} FROM pyembed.models "

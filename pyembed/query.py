@@ -20,11 +20,11 @@ from psycopg.pq import TransactionStatus
 
 from .cachekey import cache_key
 from .corpora import corpus_info
-from .db import integer, translated
+from .db import PsycopgExecutor
+from .dbcall import integer, translated
 from .errors import ModelMismatch
 from .models import InputType
 from .search import DEFAULT, Hit, Options, as_hits, bucket, filter_json, run
-from .sqlexec import PsycopgExecutor
 from .text import check_text, estimate_tokens
 
 if TYPE_CHECKING:

@@ -16,7 +16,7 @@ from typing import Any
 import anthropic
 
 from .client import Corpus, _ms
-from .db import integer
+from .dbcall import integer
 from .errors import InvalidInput, ProviderError, redact, status_kind
 from .providers.base import (
     TRANSIENT_STATUSES,

@@ -11,7 +11,7 @@ from typing import Any
 
 import psycopg
 
-from .db import integer, translated
+from .dbcall import integer, translated
 
 RECALL_ALERT = 0.95
 """recall@10 below which `pyembed status` alerts (its --recall-alert changes it)."""

@@ -8,17 +8,18 @@ import hashlib
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import psycopg
-from pgvector import Vector
 
-from .db import integer
+from .dbcall import integer
 from .errors import InvalidInput, InvalidVector, ModelMismatch
 from .sqlexec import Executor, executor
 from .text import check_depth, check_json, check_whole_number, read_json
 from .vectors import float_array
+
+if TYPE_CHECKING:
+    import psycopg
 
 MODES = ("vector", "keyword", "hybrid")
 GROUPS = ("document", "chunk")
@@ -228,7 +229,8 @@ def search(conn: psycopg.Connection[Any], corpus: str, query: np.ndarray | Seque
         vec = query_vector(query)
     if mode != "vector" and not (text and text.strip()):
         raise InvalidInput(f"{mode} search needs the query text")
-    rows = run(executor(conn), corpus, mode, text, None if vec is None else Vector(vec),
+    db = executor(conn)
+    rows = run(db, corpus, mode, text, None if vec is None else db.vectors([vec])[0],
                model_key, k, filter, options)
     return as_hits(rows)
 

@@ -8,17 +8,18 @@ a psycopg connection or through PL/Python's `plpy`, so code that reads or writes
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
-import psycopg
-from pgvector import Vector
 
-from .db import VectorArray, translated
 from .errors import from_sqlstate
 
+if TYPE_CHECKING:
+    import psycopg
 
+
+@runtime_checkable
 class Executor(Protocol):
     def rows(self, sql: str, params: Sequence[Any], types: Sequence[str], *,
              binary: bool = False) -> list[tuple[Any, ...]]:
@@ -42,25 +43,6 @@ def unpack_sqlstate(code: int) -> str:
 def vector_text(vec: npt.NDArray[np.float32]) -> str:
     """pgvector's text form; repr keeps every float32 exactly."""
     return "[" + ",".join(map(repr, np.asarray(vec, dtype=float).tolist())) + "]"
-
-
-class PsycopgExecutor:
-    """Statements on a psycopg connection (vector types registered), as its own statements."""
-
-    def __init__(self, conn: psycopg.Connection[Any]) -> None:
-        self.conn = conn
-
-    def rows(self, sql: str, params: Sequence[Any], types: Sequence[str] = (), *,
-             binary: bool = False) -> list[tuple[Any, ...]]:
-        with translated(), psycopg.RawCursor(self.conn) as cur:
-            cur.execute(sql, list(params), binary=binary)
-            return cur.fetchall() if cur.description else []
-
-    def vectors(self, vectors: Sequence[npt.NDArray[np.float32]]) -> list[Any]:
-        return VectorArray(Vector(v) for v in vectors)
-
-    def vector(self, value: Any) -> npt.NDArray[np.float32]:
-        return np.asarray(value.to_numpy() if isinstance(value, Vector) else value, dtype=np.float32)
 
 
 class PlpyExecutor:
@@ -94,4 +76,9 @@ class PlpyExecutor:
 
 
 def executor(db: psycopg.Connection[Any] | Executor) -> Executor:
-    return PsycopgExecutor(db) if isinstance(db, psycopg.Connection) else db
+    """`db` itself, or a psycopg connection's statements as an Executor."""
+    if isinstance(db, Executor):
+        return db
+    from .db import PsycopgExecutor  # a connection: the client's path, which loaded psycopg
+
+    return PsycopgExecutor(db)

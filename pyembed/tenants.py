@@ -8,20 +8,22 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import psycopg
-from psycopg import sql
-
-from .db import integer, translated
+from .dbcall import integer, translated
 from .errors import InvalidInput, ProviderError
 from .sqlexec import Executor, executor
+
+if TYPE_CHECKING:
+    import psycopg
 
 
 def create_tenant(conn: psycopg.Connection[Any], name: str, *,
                   requests_per_minute: int | None = None,
                   tokens_per_minute: int | None = None) -> int:
     """A new tenant (owner only); limits None mean unlimited."""
+    import psycopg  # the owner's client: PL/Python imports this module only to meter calls
+
     with translated():
         try:
             row = conn.execute(
@@ -46,6 +48,8 @@ def add_member(conn: psycopg.Connection[Any], tenant: str, role: str, *,
                create_login: str | None = None) -> None:
     """Let the login role `role` act for `tenant` (owner only). With `create_login` (a
     password), the role is created as a member of pyembed_app first."""
+    from psycopg import sql  # the owner's client, as create_tenant
+
     with translated(), conn.transaction():
         if create_login is not None:
             conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {} IN ROLE pyembed_app").format(

@@ -14,14 +14,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import psycopg
-from pgvector import Vector
-from psycopg import sql
 
 from .errors import InvalidInput, InvalidVector
+
+if TYPE_CHECKING:
+    import psycopg
+    from psycopg import sql
 
 COLUMNS = ("corpus_id", "chunk_id", "model_key", "embedding", "content_hash")
 SIGNATURE = b"PGCOPY\n\xff\r\n\x00" + bytes(8)  # then flags and header extension length: 0, 0
@@ -39,7 +40,7 @@ def float_array(value: Any, dtype: type[np.floating[Any]] = np.float32) -> np.nd
     """`value` (a vector, rows of them, a pgvector Vector) as an array of `dtype`; InvalidVector
     for text, rows of unequal lengths, or anything else that is not numbers, which numpy would
     parse ("0.5") or refuse with its own error."""
-    if isinstance(value, Vector):
+    if hasattr(value, "to_numpy"):  # a pgvector Vector, by its method: PL/Python loads no pgvector
         value = value.to_numpy()
     try:
         arr = np.asarray(value)
@@ -145,6 +146,8 @@ def _blocks(corpus_id: int, ids: np.ndarray, key: bytes, vectors: np.ndarray,
 
 def vector_partition(corpus_id: int) -> sql.Identifier:
     """The corpus's partition of pyembed.vectors (pyembed._vector_partition_name in SQL)."""
+    from psycopg import sql  # the client's writers only: PL/Python uses this module's numpy part
+
     return sql.Identifier("pyembed", f"vectors_c{int(corpus_id)}")
 
 
@@ -188,6 +191,8 @@ def copy_vectors(cur: psycopg.Cursor[Any], corpus_id: int, chunk_ids: Sequence[i
     new text is queued already). With `claimed` (a worker's claim of each chunk's job, its
     attempts), only the jobs that claim still holds are written, as pyembed.hold_jobs finds and
     locks them: one another worker took over after this one's lease ran out is its to write."""
+    from psycopg import sql  # as vector_partition
+
     current: set[int] | None = None
     if claimed is not None and len(chunk_ids):
         current = {r[0] for r in cur.execute(

@@ -12,7 +12,8 @@ from psycopg import sql
 
 import pyembed
 from pyembed.corpora import ChunkRow, CorpusInfo, create_corpus, drop_corpus, write_chunks
-from pyembed.db import connect, translated
+from pyembed.db import connect
+from pyembed.dbcall import translated
 from pyembed.errors import InvalidInput, InvalidVector, ModelMismatch, UnknownCorpus
 from pyembed.search import search
 from pyembed.text import sha256

@@ -212,11 +212,11 @@ def test_setting_ranges(db: Database, owner: psycopg.Connection[Any]) -> None:
 @pytest.mark.parametrize("value", [0, 100_001, 2**31, 2**63, 2**80])
 def test_a_settings_range_message_is_written_once_in_sql(app: psycopg.Connection[Any],
                                                           value: int) -> None:
-    """db.integer asks pyembed._check_setting, the function create_corpus and register_model
+    """dbcall.integer asks pyembed._check_setting, the function create_corpus and register_model
     call, for a setting stored in a row: Python's InvalidInput is SQL's PE005, its words, for a
-    number past bigint too (sent as numeric). Before, db.integer wrote the message itself beside
+    number past bigint too (sent as numeric). Before, dbcall.integer wrote the message itself beside
     SQL's (no database error behind it)."""
-    from pyembed.db import integer
+    from pyembed.dbcall import integer
 
     with pytest.raises(InvalidInput) as err:
         integer(value, "chunk_tokens", app)

@@ -30,7 +30,7 @@ from psycopg.types.json import Jsonb
 import pyembed
 from pyembed import index, migration
 from pyembed.client import Client, Document
-from pyembed.db import translated
+from pyembed.dbcall import translated
 from pyembed.text import sha256
 from pyembed.vectors import copy_vectors
 from tests.conftest import Database

@@ -19,7 +19,8 @@ from psycopg import sql
 import pyembed
 from pyembed import index, migration
 from pyembed.client import Document
-from pyembed.db import connect, translated
+from pyembed.db import connect
+from pyembed.dbcall import translated
 from pyembed.errors import InvalidInput, ModelMismatch, UnknownCorpus
 from pyembed.vectors import copy_vectors
 from tests.conftest import Database

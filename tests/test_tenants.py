@@ -15,7 +15,8 @@ from psycopg import sql
 import pyembed
 from pyembed import tenants
 from pyembed.corpora import corpus_info, create_corpus
-from pyembed.db import translate, translated
+from pyembed.db import translate
+from pyembed.dbcall import translated
 from pyembed.errors import InvalidInput
 from pyembed.vectors import copy_vectors
 from pyembed.worker import Worker

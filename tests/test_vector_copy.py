@@ -12,7 +12,7 @@ import pytest
 from psycopg import sql
 
 from pyembed.corpora import ChunkRow, CorpusInfo, create_corpus, write_chunks
-from pyembed.db import translated
+from pyembed.dbcall import translated
 from pyembed.errors import InvalidInput, InvalidVector
 from pyembed.text import sha256
 from pyembed.vectors import COLUMNS, copy_data, copy_vectors, vector_partition
