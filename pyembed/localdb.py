@@ -222,7 +222,8 @@ class LocalCluster:
             os.chown(path, pw.pw_uid, pw.pw_gid)
 
     def init(self) -> bool:
-        """Create the cluster (once); returns False when it already existed."""
+        """Create the cluster (once); returns False when it already existed. One that fails part
+        way is removed, so that the next init makes it whole."""
         if self.initialised:
             return False
         bindir = find_bindir()
@@ -261,9 +262,23 @@ class LocalCluster:
             f.writelines(f"{k} = {v}\n" for k, v in settings.items())
         self.state_file.write_text(json.dumps(asdict(st)))
         self.state_file.chmod(0o600)
-        self.start()
-        self._create_roles(st)
+        try:
+            self.start()
+            self._create_roles(self.state())  # start() moves the port if it was taken meanwhile
+        except BaseException:
+            # Half made (no database or roles), it would pass for made: the next init starts over.
+            self._discard()
+            raise
         return True
+
+    def _discard(self) -> None:
+        """Stop and remove a cluster an init left half made."""
+        try:
+            self.stop()
+        except Exception as exc:  # the error being raised matters more: say this one too
+            _log.warning("could not stop the half-made local cluster: %s", exc)
+        self.state_file.unlink(missing_ok=True)
+        shutil.rmtree(self.data, ignore_errors=True)
 
     def _create_roles(self, st: ClusterState) -> None:
         import psycopg

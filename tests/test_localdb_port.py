@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,6 +23,8 @@ from typing import Any
 import psycopg
 import pytest
 
+from pyembed import localdb
+from pyembed.errors import ConfigError
 from pyembed.localdb import LocalCluster
 from tests.conftest import REPO
 
@@ -146,3 +149,75 @@ def test_a_listener_on_the_port_moves_the_cluster_and_says_so(
     conf = (cluster.data / "postgresql.auto.conf").read_text().splitlines()
     assert [line for line in conf if line.startswith("port")] == [f"port = {cluster.port_move.new}"]
     assert answers(cluster)
+
+
+@pytest.fixture
+def new_home() -> Iterator[Path]:
+    home = Path(tempfile.mkdtemp(prefix="pyembed-init-", dir="/tmp"))
+    home.chmod(0o755)  # the server's OS user must traverse it
+    yield home
+    LocalCluster(home)._discard()
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def made_whole(c: LocalCluster) -> bool:
+    """The cluster answers as the application's login, in pyembed's database."""
+    with psycopg.connect(c.dsn(), connect_timeout=5) as conn:
+        row = conn.execute("SELECT current_database(), current_user").fetchone()
+    return row == (localdb.DATABASE, localdb.APP_USER)
+
+
+def test_an_init_whose_port_is_taken_before_its_server_starts_is_made_on_the_next_port(
+        new_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another program takes the port init chose before init's server starts on it: the server
+    moves, and the database and roles are made on the port it moved to (they were sought on the
+    other program's port, and init failed with a cluster half made)."""
+    real = localdb._free_port
+    taken = real()
+    calls: list[int] = []
+
+    def chosen_then_taken(start: int = 54330) -> int:
+        calls.append(start)
+        return taken if len(calls) == 1 else real(start)
+
+    monkeypatch.setattr(localdb, "_free_port", chosen_then_taken)
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", taken))
+        s.listen()
+        s.settimeout(0.2)
+        stop = threading.Event()
+
+        def hang_up() -> None:  # a program that is not PostgreSQL: it closes what it accepts
+            while not stop.is_set():
+                try:
+                    s.accept()[0].close()
+                except OSError:
+                    pass
+
+        t = threading.Thread(target=hang_up)
+        t.start()
+        try:
+            c = LocalCluster(new_home)
+            assert c.init()
+        finally:
+            stop.set()
+            t.join()
+    assert c.port_move is not None and c.port_move.old == taken
+    assert c.state().port == c.port_move.new != taken
+    assert made_whole(c)
+
+
+def test_an_init_that_fails_part_way_leaves_nothing_and_the_next_makes_it_whole(
+        new_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def fails(self: LocalCluster, st: Any) -> None:
+        raise ConfigError("the roles could not be made")
+
+    with monkeypatch.context() as m:
+        m.setattr(LocalCluster, "_create_roles", fails)
+        with pytest.raises(ConfigError, match="roles could not be made"):
+            LocalCluster(new_home).init()
+    c = LocalCluster(new_home)
+    assert not c.initialised and not c.running()
+    assert c.init()  # before: "already exists", with no database and no roles
+    assert made_whole(c)
