@@ -1175,6 +1175,10 @@ def test_no_other_roles_advisory_lock_keeps_a_backfill_from_starting(
                 assert one(running, "SELECT pyembed._claim_backfill(%s)", (cid,)) is True
                 with pytest.raises(MigrationError, match="already running"):
                     migration.backfill(owner, CORPUS)
+                pid = running.info.backend_pid
+            # Its claim ends with its backend, which ends after the client has closed: wait.
+            wait_for(lambda: one(other, "SELECT count(*) FROM pg_stat_activity WHERE pid = %s",
+                                 (pid,)) == 0, 10, "its end")
             started = time.monotonic()
             report = migration.backfill(owner, CORPUS)
             assert time.monotonic() - started < 10
