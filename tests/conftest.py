@@ -71,13 +71,43 @@ def _one_at_a_time(name: str = "setup") -> Iterator[None]:
         yield
 
 
+_own_clusters_held = False
+
+
 @pytest.fixture(scope="module")
 def own_clusters() -> Iterator[None]:
     """For a module whose tests make clusters (or standbys) of their own: each takes a free port
     seconds after choosing it, so two workers' such modules run one after the other (a lock of
     their own: a worker's session cluster does not wait for another worker's module)."""
+    global _own_clusters_held
     with _one_at_a_time("own-clusters"):
-        yield
+        _own_clusters_held = True
+        try:
+            yield
+        finally:
+            _own_clusters_held = False
+
+
+@pytest.fixture(scope="session", autouse=True)
+def clusters_made_under_own_clusters() -> Iterator[None]:
+    """A cluster or standby a test starts, other than its worker's, is started under
+    own_clusters: else it races the other worker's for a free port (a standby of test_round_trips
+    did), and the test fails only when they meet."""
+    def checked(name: str) -> Any:
+        real = getattr(LocalCluster, name)
+
+        def call(self: LocalCluster, *args: Any, **kwargs: Any) -> Any:
+            if self.home != worker_home() and not _own_clusters_held:
+                raise AssertionError(f"LocalCluster.{name} of {self.home} outside own_clusters: "
+                                     "use the own_clusters fixture in the module that makes it")
+            return real(self, *args, **kwargs)
+        return call
+
+    mp = pytest.MonkeyPatch()
+    for name in ("init", "start", "add_replica"):
+        mp.setattr(LocalCluster, name, checked(name))
+    yield
+    mp.undo()
 
 
 @pytest.fixture(scope="session")

@@ -27,7 +27,7 @@ DOCS = [(f"d{i}", f"error E40{i:02d} means the quota number {i} is used up") for
 
 
 @pytest.fixture(scope="module")
-def standby(cluster: LocalCluster) -> Iterator[LocalCluster]:
+def standby(own_clusters: None, cluster: LocalCluster) -> Iterator[LocalCluster]:
     name = f"t{uuid.uuid4().hex[:6]}"
     replica = cluster.add_replica(name)
     yield replica
