@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -179,3 +180,29 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
         sys.stderr.flush()
         stdout, stderr = out.getvalue().decode(), err.getvalue().decode()
     return subprocess.CompletedProcess(["pyembed", *args], code, stdout, stderr)
+
+
+PYEMBED_CALL = re.compile(r"\bpyembed\.(\w+)\s*\(")
+"""A call of one of pyembed's functions in a function's body."""
+
+
+def function_bodies(owner: psycopg.Connection[Any]) -> dict[str, str]:
+    """Every function of the schema pyembed by name, the bodies of its overloads joined."""
+    bodies: dict[str, str] = {}
+    for name, src in owner.execute("SELECT p.proname, p.prosrc FROM pg_proc p "
+                                   "WHERE p.pronamespace = 'pyembed'::regnamespace").fetchall():
+        bodies[name] = bodies.get(name, "") + "\n" + src
+    return bodies
+
+
+def called_functions(bodies: dict[str, str], function: str) -> set[str]:
+    """The function and those its body calls, transitively (by name, read from the bodies)."""
+    seen: set[str] = set()
+    todo = [function]
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in bodies:
+            continue
+        seen.add(name)
+        todo.extend(PYEMBED_CALL.findall(bodies[name]))
+    return seen

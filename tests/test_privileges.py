@@ -17,7 +17,7 @@ from pyembed import index, migration, tenants
 from pyembed.client import Client
 from pyembed.db import GRANTED_TO, translate
 from tests.conftest import Database
-from tests.helpers import assert_matches_golden, sql_error
+from tests.helpers import assert_matches_golden, called_functions, function_bodies, sql_error
 from tests.test_cli import pyembed as pyembed_cli
 from tests.test_hardening import SERVER_OWNED
 from tests.test_migration import NEW, OLD
@@ -317,7 +317,6 @@ def test_no_function_of_the_app_roles_writes_a_row_every_tenant_shares(
 
 WRITES = re.compile(r"\b(?:INSERT\s+INTO|UPDATE|DELETE\s+FROM|TRUNCATE)\s+pyembed\.(\w+)",
                     re.IGNORECASE)
-CALLS = re.compile(r"\bpyembed\.(\w+)\s*\(")
 
 SHARED_BY_TRIGGERS = {
     # A table without a tenant's policy that a trigger writes when a tenant writes, and what keeps
@@ -334,9 +333,7 @@ def _trigger_writes(owner: psycopg.Connection[Any]) -> dict[str, set[str]]:
     application role writes (by its privileges, or through the functions it may execute), the
     triggers on it, the functions they call, the tables those write and their triggers in turn.
     Each table written, with the trigger functions that write it."""
-    sources = dict(owner.execute(
-        "SELECT p.proname, p.prosrc FROM pg_proc p "
-        "WHERE p.pronamespace = 'pyembed'::regnamespace").fetchall())
+    sources = function_bodies(owner)
     triggers: dict[str, set[str]] = {}
     for table, function in owner.execute(
             "SELECT c.relname, p.proname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
@@ -344,20 +341,10 @@ def _trigger_writes(owner: psycopg.Connection[Any]) -> dict[str, set[str]]:
             "AND NOT t.tgisinternal AND NOT c.relispartition").fetchall():
         triggers.setdefault(table, set()).add(function)
 
-    def called(function: str) -> set[str]:  # the function and those it calls, transitively
-        seen, todo = set(), [function]
-        while todo:
-            name = todo.pop()
-            if name in seen or name not in sources:
-                continue
-            seen.add(name)
-            todo.extend(CALLS.findall(sources[name]))
-        return seen
-
     app_functions = [r[0] for r in owner.execute(
         "SELECT p.proname FROM pg_proc p WHERE p.pronamespace = 'pyembed'::regnamespace "
         "AND has_function_privilege('pyembed_app', p.oid, 'EXECUTE')").fetchall()]
-    todo = sorted(WRITTEN_BY_THE_APPLICATION | {t for f in app_functions for g in called(f)
+    todo = sorted(WRITTEN_BY_THE_APPLICATION | {t for f in app_functions for g in called_functions(sources, f)
                                                 for t in WRITES.findall(sources[g])})
     written: dict[str, set[str]] = {}
     seen: set[str] = set()
@@ -367,7 +354,7 @@ def _trigger_writes(owner: psycopg.Connection[Any]) -> dict[str, set[str]]:
             continue
         seen.add(table)
         for trigger in triggers.get(table, ()):
-            for function in called(trigger):
+            for function in called_functions(sources, trigger):
                 for target in WRITES.findall(sources[function]):
                     written.setdefault(target, set()).add(trigger)
                     todo.append(target)

@@ -20,6 +20,7 @@ import pytest
 import pyembed
 from pyembed import cache, health, recall, tenants
 from tests.conftest import Database
+from tests.helpers import called_functions, function_bodies
 
 KEY = "fake/fake-hash@1:384"
 DOCS = [("a", "refunds are paid within five days"), ("b", "a late delivery is refunded"),
@@ -27,7 +28,6 @@ DOCS = [("a", "refunds are paid within five days"), ("b", "a late delivery is re
 
 WRITES = re.compile(r"\b(?:INSERT\s+INTO|UPDATE|DELETE\s+FROM|TRUNCATE)\s+pyembed\.(\w+)|"
                     r"\b(nextval|setval)\s*\(", re.IGNORECASE)
-CALLS = re.compile(r"\bpyembed\.(\w+)\s*\(")
 
 VOLATILE_READS = {
     # A VOLATILE function a STABLE one may call, and why it writes nothing.
@@ -37,25 +37,15 @@ VOLATILE_READS = {
 
 
 def _stable_writes(owner: psycopg.Connection[Any]) -> list[str]:
-    sources: dict[str, str] = {}
-    volatile: set[str] = set()
-    for name, src, kind in owner.execute(
-            "SELECT p.proname, p.prosrc, p.provolatile FROM pg_proc p "
-            "WHERE p.pronamespace = 'pyembed'::regnamespace").fetchall():
-        sources[name] = sources.get(name, "") + "\n" + src
-        if kind == "v":
-            volatile.add(name)
+    sources = function_bodies(owner)
+    volatile = {name for (name,) in owner.execute(
+        "SELECT p.proname FROM pg_proc p WHERE p.pronamespace = 'pyembed'::regnamespace "
+        "AND p.provolatile = 'v'").fetchall()}
     reads = {name for name in sources if name not in volatile}
     assert {"search", "search_keyword", "search_hybrid", "cache_get", "usage_report"} <= reads
     found = []
     for name in sorted(reads):
-        seen, todo = set(), [name]
-        while todo:
-            f = todo.pop()
-            if f in seen or f not in sources:
-                continue
-            seen.add(f)
-            todo.extend(CALLS.findall(sources[f]))
+        seen = called_functions(sources, name)
         found += [f"{name} -> {f} writes" for f in sorted(seen) if WRITES.search(sources[f])]
         found += [f"{name} -> {f} volatile" for f in sorted(seen & volatile - set(VOLATILE_READS))]
     return found
