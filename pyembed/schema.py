@@ -142,9 +142,10 @@ def _replaceable_body() -> str:
     return "\n".join(parts)
 
 
-def replaceable_digest() -> str:
-    """sha256 of what replaceable_sql applies (the sql/ files and the built-in registry)."""
-    return hashlib.sha256(_replaceable_body().encode()).hexdigest()
+def replaceable_digest(body: str | None = None) -> str:
+    """sha256 of what replaceable_sql applies (the sql/ files and the built-in registry), or of
+    `body`, that text already read."""
+    return hashlib.sha256((_replaceable_body() if body is None else body).encode()).hexdigest()
 
 
 def replaceable_sql() -> str:
@@ -154,7 +155,7 @@ def replaceable_sql() -> str:
     `pyembed doctor` compares it with its own (created first, so that 080 and 090 grant and pin
     it as every other function)."""
     body = _replaceable_body()
-    digest = hashlib.sha256(body.encode()).hexdigest()
+    digest = replaceable_digest(body)
     return "\n".join([
         "SET LOCAL check_function_bodies = off;",
         "CREATE OR REPLACE FUNCTION pyembed.sql_digest() RETURNS text LANGUAGE sql IMMUTABLE "
