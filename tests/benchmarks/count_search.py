@@ -15,7 +15,15 @@ vectors of the corpus's partition, the same every run; the paths are bench_suite
   pyembed     pyembed.search(corpus, q, key, 10, group_by => 'chunk') as the application role;
   unguarded   the same search as one plain statement on the partition, as the owner;
   hybrid      (--hybrid) pyembed.search_hybrid of a fixed keyword query with a keyword ranking
-              handed in (the new query's second call), as the application role.
+              handed in (the new query's second call), as the application role;
+  first       a new hybrid query's first round trip as pyembed/query.py sends it (a client
+              without a cache): search_query (route, reservation) and keyword_ranking, pipelined;
+  second      its second call: search_embedded with the keyword ranking handed back as text,
+              which searches and records the query-log line;
+  first:route, first:keywords, second:unlogged   the parts: search_query alone, keyword_ranking
+              alone, the second call without its query-log line.
+With --corpus NAME (e.g. --home .pyembed-bench-scifact --database scifact --corpus scifact_cli
+--hybrid-query "..."), that corpus and its model key instead of bench_suite's fake-model one.
 The difference pyembed - unguarded is what the guard costs a search. The cluster is left stopped.
 """
 from __future__ import annotations
@@ -75,6 +83,8 @@ def main() -> None:
     parser.add_argument("--setup", default=None,
                         help="an SQL file run as the owner before counting (variants to count)")
     parser.add_argument("--hybrid-query", default="invoice latency")  # bench_suite's words
+    parser.add_argument("--corpus", default=None,
+                        help="the corpus to search (default: bench_suite's first search-* one)")
     parser.add_argument("--no-install", action="store_true",
                         help="count the functions the database has (no upgrade first)")
     parser.add_argument("--annotate", type=int, default=0,
@@ -119,11 +129,12 @@ def main() -> None:
             with psycopg.connect(owner_dsn, autocommit=True) as owner:
                 owner.execute(Path(args.setup).read_text().encode())
         with psycopg.connect(owner_dsn) as owner:
-            corpus_id, name = owner.execute(
-                "SELECT corpus_id, name FROM pyembed.corpora WHERE model_key = %s "
-                "AND name LIKE 'search-%%' ORDER BY corpus_id LIMIT 1", (KEY,)).fetchone() or (
-                    None, None)
-            assert corpus_id is not None, "no bench_suite corpus in this database"
+            corpus_id, name, key = owner.execute(
+                "SELECT corpus_id, name, model_key FROM pyembed.corpora WHERE "
+                "name = %s OR (%s::text IS NULL AND model_key = %s AND name LIKE 'search-%%') "
+                "ORDER BY corpus_id LIMIT 1", (args.corpus, args.corpus, KEY)).fetchone() or (
+                    None, None, None)
+            assert corpus_id is not None, "no such corpus (bench_suite's) in this database"
             part = sql.Identifier("pyembed", f"vectors_c{corpus_id}")
             from pgvector.psycopg import register_vector
             register_vector(owner)
@@ -135,19 +146,32 @@ def main() -> None:
             "(v.embedding::vector(384)) <=> %(q)s::vector(384) AS distance FROM {} v "
             "WHERE v.model_key = {} ORDER BY 2 LIMIT 10) hit JOIN pyembed.chunks ch "
             "ON ch.corpus_id = {} AND ch.chunk_id = hit.chunk_id ORDER BY hit.distance"
-        ).format(part, sql.Literal(KEY), sql.Literal(corpus_id))
+        ).format(part, sql.Literal(key), sql.Literal(corpus_id))
         guarded_sql = ("SELECT chunk_id, content, score FROM pyembed.search(%(c)s, %(q)s, "
                        "%(k)s, 10, group_by => 'chunk')")
         hybrid_sql = ("SELECT chunk_id, content, score FROM pyembed.search_hybrid(%(c)s, %(t)s, "
                       "%(q)s, %(k)s, 10, keyword_ids => %(ki)s, keyword_scores => %(ks)s, "
                       "keyword_keys => %(kk)s)")
 
+        from pyembed import query as new_query
+        from pyembed.search import bucket
+        options = '{"group_by": "document", "fusion": null, "alpha": null, "quick_commit": true}'
+        text = args.hybrid_query
+        first_calls = [
+            (new_query.SEARCH_QUERY, [name, text, bucket(text), [key], [None], 10, None,
+                                      "hybrid", options, 20, True, None, None, None]),
+            (new_query.KEYWORD_RANKING, [name, text, None, "document"])]
+
         def run(path: str, n: int) -> int:
             """A fresh backend running n searches of the path; returns its pid."""
             conn = connect(owner_dsn if path == "unguarded" else app_dsn)
+            if path.startswith(("first", "second")):
+                conn.prepare_threshold = 5  # as the client's connection: prepared statements
             try:
                 pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]  # type: ignore[index]
                 ranking: Any = None
+                if path.startswith("second"):
+                    ranking = new_query._pipelined(conn, first_calls)[1][0]
                 if path == "hybrid":
                     ranking = conn.execute(
                         "SELECT ids, scores, keys FROM pyembed.keyword_ranking(%s, %s, 100)",
@@ -161,18 +185,31 @@ def main() -> None:
                         return conn.execute(unguarded_sql, {"q": q}).fetchall()
                 elif path == "pyembed":
                     def step(q: Vector) -> object:
-                        return conn.execute(guarded_sql, {"c": name, "q": q, "k": KEY}).fetchall()
+                        return conn.execute(guarded_sql, {"c": name, "q": q, "k": key}).fetchall()
                 elif path.startswith("fn:"):  # a variant of pyembed.search made by hand
                     variant = sql.SQL("SELECT chunk_id, content, score FROM {}(%(c)s, %(q)s, "
                                       "%(k)s, 10, group_by => 'chunk')").format(
                                           sql.Identifier(*path[3:].split(".")))
 
                     def step(q: Vector) -> object:
-                        return conn.execute(variant, {"c": name, "q": q, "k": KEY}).fetchall()
+                        return conn.execute(variant, {"c": name, "q": q, "k": key}).fetchall()
+                elif path in ("first", "first:route", "first:keywords"):
+                    calls = {"first": first_calls, "first:route": first_calls[:1],
+                             "first:keywords": first_calls[1:]}[path]
+
+                    def step(q: Vector) -> object:
+                        return new_query._pipelined(conn, calls)
+                elif path in ("second", "second:unlogged"):
+                    log = path == "second"
+
+                    def step(q: Vector) -> object:
+                        return new_query._rows(conn, new_query.SEARCH_EMBEDDED, [
+                            name, text, q, key, None, "query", None, 10, None, "hybrid",
+                            options, 5.0, log, None, None, None, *ranking])
                 else:
                     def step(q: Vector) -> object:
                         return conn.execute(hybrid_sql, {
-                            "c": name, "q": q, "k": KEY, "t": args.hybrid_query,
+                            "c": name, "q": q, "k": key, "t": args.hybrid_query,
                             "ki": ranking[0], "ks": ranking[1], "kk": ranking[2]}).fetchall()
                 for q in queries[:n]:
                     step(q)
