@@ -194,7 +194,7 @@ def test_bad_lines_are_reported_with_line_numbers_and_the_rest_loads(
     assert "'no-text'" in messages[2] and "no 'text' field" in messages[2]
     assert "text is empty" in messages[3] and "NUL byte" in messages[4]
     assert "duplicate id 'ok1'" in messages[5] and "mixed.jsonl:1" in messages[5]
-    assert "expected a JSON object" in messages[6] and "512-character limit" in messages[7]
+    assert "expected a JSON object" in messages[6] and "1..512 characters, got 513" in messages[7]
     assert str(report.problems[0]).startswith(f"{path}:2: invalid JSON")
     assert sorted(_documents(app)) == ["ok1", "ok2"]
     assert corpus.search("first good line", k=1)[0].content == "first good line"
