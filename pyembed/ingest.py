@@ -79,7 +79,7 @@ class IngestError(InvalidInput):
 class IngestReport:
     """What `ingest` did: documents added, updated and skipped (unchanged); `failed`
     records that were read but not loaded (bad lines, documents the corpus refused);
-    every problem, with its file and line; chunks embedded; and the throughput."""
+    every problem, with its file and line; chunks written; and the throughput."""
 
     added: int
     updated: int
@@ -103,7 +103,7 @@ class IngestReport:
 
     @property
     def chunks_per_second(self) -> float:
-        """Chunks embedded per second of the run."""
+        """Chunks written per second of the run."""
         return self.chunks / self.seconds if self.seconds > 0 else 0.0
 
     @property
@@ -117,7 +117,7 @@ class IngestReport:
         the time and both rates."""
         unread = f", {self.unread} file(s) not read" if self.unread else ""
         return (f"added {self.added}, updated {self.updated}, unchanged {self.skipped}, "
-                f"failed {self.failed}{unread}; {self.chunks} chunks embedded in "
+                f"failed {self.failed}{unread}; {self.chunks} chunks written in "
                 f"{self.seconds:.1f} s "
                 f"({self.documents_per_second:.1f} documents/s, "
                 f"{self.chunks_per_second:.1f} chunks/s)")
@@ -477,7 +477,7 @@ class _Meter:
         return None
 
     def show(self, documents: int, chunks: int) -> None:
-        """`documents` handled and `chunks` embedded so far."""
+        """`documents` handled and `chunks` written so far."""
 
     def done(self, documents: int, chunks: int) -> None:
         """The run has read everything."""

@@ -476,7 +476,7 @@ def test_cli_in_a_pipe_prints_progress_lines_and_a_one_line_summary(
         "ingest: 5/20", "ingest: 10/20", "ingest: 15/20", "ingest: 20/20"]
     [summary] = stdout.decode().splitlines()
     assert summary.startswith(f"files ({KEY}): added 20, updated 0, unchanged 0, failed 0; "
-                              "20 chunks embedded in ")
+                              "20 chunks written in ")
     assert summary.endswith(" chunks/s)") and " documents/s, " in summary
 
 
