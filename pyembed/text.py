@@ -204,10 +204,32 @@ def document_hash(text: str, metadata: Mapping[str, Any]) -> bytes:
     return sha256(text + "\x00" + json.dumps(metadata, sort_keys=True, default=str))
 
 
+CHARS_PER_TOKEN = 4
+"""estimate_tokens' character term: a token per this many characters, rounded up."""
+
+
 def estimate_tokens(text: str) -> int:
     """A cheap token estimate for any model: the larger of 1.3 per whitespace-separated
-    word and 1 per 4 characters, rounded up. It leans high for English prose."""
-    return max((len(text.split()) * 13 + 9) // 10, (len(text) + 3) // 4)
+    word and 1 per CHARS_PER_TOKEN characters, rounded up. It leans high for English prose."""
+    return max((len(text.split()) * 13 + 9) // 10, -(-len(text) // CHARS_PER_TOKEN))
+
+
+def most_chars(tokens: int) -> int:
+    """The most characters a text can have and be estimated at most `tokens` (the estimate's
+    character term; its words may count more)."""
+    return tokens * CHARS_PER_TOKEN
+
+
+def _most_words(tokens: int) -> int:
+    """The most words a text can have and be estimated at most `tokens` (the word term)."""
+    return tokens * 10 // 13
+
+
+def over_tokens(text: str, limit: int, start: int = 0, end: int | None = None) -> bool:
+    """Whether `estimate_tokens(text[start:end])` is over `limit`; a text whose length alone
+    says so is neither split into words nor copied."""
+    end = len(text) if end is None else end
+    return end - start > most_chars(limit) or estimate_tokens(text[start:end]) > limit
 
 
 def truncate_to_tokens(text: str, limit: int) -> str:
@@ -215,11 +237,11 @@ def truncate_to_tokens(text: str, limit: int) -> str:
     `estimate_tokens` is at most `limit`."""
     if estimate_tokens(text) <= limit:
         return text
-    max_words = limit * 10 // 13
+    max_words = _most_words(limit)
     words = text.split(maxsplit=max_words)
     cut = text if len(words) <= max_words else text[:_end_of_words(text, max_words)]
-    if len(cut) > limit * 4:
-        cut = cut[:limit * 4]
+    if len(cut) > most_chars(limit):
+        cut = cut[:most_chars(limit)]
         if not text[len(cut)].isspace():
             match = _LAST_WORD.search(cut)
             if match and match.start() > 0:
