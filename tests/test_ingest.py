@@ -142,6 +142,17 @@ def test_csv_fields_up_to_a_chunks_bound_load_and_a_longer_one_is_reported(
     assert csv.field_size_limit() == 131072  # the process's limit as it was
 
 
+def test_the_field_bound_is_the_chunks_bound_in_the_database(
+        owner: psycopg.Connection[Any]) -> None:
+    """MAX_FIELD_BYTES stays a constant of ingest's (a field is bounded while it is read, before
+    anything reaches the database): it is the bound the chunks table's CHECK holds."""
+    (definition,) = owner.execute(
+        "SELECT pg_get_constraintdef(oid) FROM pg_constraint "
+        "WHERE conname = 'chunks_content_bound' AND conrelid = 'pyembed.chunks'::regclass"
+    ).fetchone() or (None,)
+    assert definition == f"CHECK ((octet_length(content) <= {MAX_FIELD_BYTES}))"
+
+
 def test_reading_a_csv_file_leaves_the_processs_csv_limit_alone(tmp_path: Path) -> None:
     """csv.field_size_limit is the whole process's, every thread's: while a CSV file is being
     read (between its records, where the user's code runs), it stays as it was, and another
