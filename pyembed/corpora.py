@@ -114,11 +114,12 @@ def document_hashes(conn: psycopg.Connection[Any], corpus_id: int,
     refuses one. Asked in the one statement a write makes before its documents are embedded,
     so that no provider is paid for a document the write would refuse, and the rule is the
     database's alone."""
+    # A lookup by primary key for each id, whatever the planner makes of the array's length.
     rows = conn.execute(
-        "SELECT i.id, d.content_hash, pyembed._document_id_problem(i.id) "
-        "FROM unnest(%s::text[]) AS i(id) "
-        "LEFT JOIN pyembed.documents d ON d.corpus_id = %s AND d.document_id = i.id",
-        (list(document_ids), corpus_id)).fetchall()
+        "SELECT i.id, (SELECT d.content_hash FROM pyembed.documents d "
+        "WHERE d.corpus_id = %s AND d.document_id = i.id), pyembed._document_id_problem(i.id) "
+        "FROM unnest(%s::text[]) AS i(id)",
+        (corpus_id, list(document_ids))).fetchall()
     problems = {i: p for i, _, p in rows if p is not None}
     if problems:
         raise RefusedIds({i: problems[i] for i in document_ids if i in problems})
