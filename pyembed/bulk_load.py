@@ -126,13 +126,13 @@ def _load(info: CorpusInfo, spec: ModelSpec, chunk_ids: Sequence[int], model_key
                     rows = as_unit_vectors(vectors[start:end], spec.dimensions,
                                            normalize=spec.normalized)
                     with translated(), conn.transaction(), conn.cursor() as cur:
-                        copy_vectors(cur, info.corpus_id, chunk_ids[start:end], model_key, rows,
-                                     content_hashes[start:end])
+                        stored = copy_vectors(cur, info.corpus_id, chunk_ids[start:end],
+                                              model_key, rows, content_hashes[start:end])
                 except Exception as exc:
                     fail(start, exc)
                     return
                 with lock:
-                    written += end - start
+                    written += len(stored)  # (what the write says it stored)
                 bar.update(task, advance=end - start)
 
     columns = (TextColumn("[progress.description]{task.description}"), BarColumn(),

@@ -7,7 +7,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from itertools import islice
 
-from .text import estimate_tokens, has_text
+from .text import estimate_tokens, has_text, most_chars, over_tokens
 
 _WORD = re.compile(r"\S+\s*")
 _SPACE = re.compile(r"\s*$")
@@ -18,7 +18,7 @@ def _words(text: str, max_tokens: int, start: int, end: int) -> Iterator[tuple[s
     tokens, in order, one at a time; a word longer than `max_tokens` (a URL, base64, a run
     without spaces) in pieces of that many tokens, so that no chunk outgrows the limit the
     model is given."""
-    size = 4 * max_tokens  # estimate_tokens counts a token per 4 characters of one word
+    size = most_chars(max_tokens)
     for match in _WORD.finditer(text, start, end):
         word = match.group()
         cost = estimate_tokens(word)
@@ -54,9 +54,9 @@ def iter_chunks(text: str, max_tokens: int = 200, overlap_tokens: int = 40) -> I
         end -= 1
     while start < end and text[start].isspace():
         start += 1
-    # A text over 4 characters a token is over the window whatever its words: the estimate
-    # of the whole (which splits it into words) is only made for a text that may fit.
-    if end - start <= 4 * max_tokens + 3 and estimate_tokens(text[start:end]) <= max_tokens:
+    # The estimate of the whole (which splits it into words) is only made for a text whose
+    # length alone does not put it over the window.
+    if not over_tokens(text, max_tokens, start, end):
         if end > start:
             yield text[start:end]
         return

@@ -524,7 +524,8 @@ def worker_cmd(
     finally:
         worker.close()
     console.print(f"embedded {stats.embedded}, failed {stats.failed}, waiting to retry "
-                  f"{stats.retried}, stale {stats.stale} in {stats.seconds:.1f} s "
+                  f"{stats.retried}, skipped {stats.stale} (changed or deleted meanwhile) in "
+                  f"{stats.seconds:.1f} s "
                   f"({stats.rate:.1f} texts/s)")
     if stats.all_failed:
         raise PyembedError(f"every item failed; last error: {stats.errors[-1]}")
@@ -977,8 +978,10 @@ def migrate_backfill(
             MofNCompleteColumn(), TimeRemainingColumn()) as bar:
         report = migration.backfill(client, corpus, rate=rate, batch_size=batch_size,
                                     progress=lambda done, total: bar(done, total, "backfill"))
-    console.print(f"backfilled {report.embedded} chunks in {report.seconds:.1f} s "
-                  f"({report.rate:.1f} texts/s); shadow index built; next: pyembed migrate "
+    skipped = (f", skipped {report.skipped} (changed or deleted meanwhile; a changed one is "
+               "queued for both keys)" if report.skipped else "")
+    console.print(f"backfilled {report.written} chunks{skipped} in {report.seconds:.1f} s "
+                  f"({report.rate:.1f} chunks/s); shadow index built; next: pyembed migrate "
                   f"validate {corpus}")
 
 

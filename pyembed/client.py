@@ -125,7 +125,7 @@ class Retrieval:
 @dataclass(frozen=True)
 class AddReport:
     """What `Corpus.add` did: documents added, updated (text or metadata changed) and skipped
-    (unchanged), and the chunks embedded."""
+    (unchanged, or stored by another writer meanwhile), and the chunks written."""
 
     added: int
     updated: int

@@ -40,16 +40,21 @@ def resource_dir(name: str) -> Path:
 
 @functools.cache
 def code_digest() -> str:
-    """sha256 of the package's Python code: each .py file's path in the package and its bytes.
-    `pyembed doctor` compares the client's with the one the server's PL/Python imported, which
-    a version string alone does not tell apart. The resource folders an install puts inside the
-    package (_sql, _alembic: beside it in a checkout) are left out."""
+    """sha256 of the package: each file's path in the package and its bytes, its Python code
+    and the data its code reads (pyembed/data: the local model's tokenizer, whose counts cut
+    chunks in the server too). `pyembed doctor` compares the client's with the server's, which
+    a version string alone does not tell apart; computed when asked (a doctor run), not at
+    import. Left out: Python's compiled copies (__pycache__) and the resource folders an
+    install puts inside the package (_sql, _alembic: beside it in a checkout), which the
+    schema's own digest covers."""
     root = package_dir()
-    files = sorted(p for p in root.rglob("*.py")
-                   if not any(part.startswith("_") for part in p.relative_to(root).parts[:-1]))
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not any(
+        part.startswith("_") for part in p.relative_to(root).parts[:-1]))
     digest = hashlib.sha256()
     for path in files:
-        data = path.read_bytes()
-        digest.update(f"{path.relative_to(root).as_posix()}\0{len(data)}\0".encode())
-        digest.update(data)
+        with path.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            digest.update(f"{path.relative_to(root).as_posix()}\0{size}\0".encode())
+            while block := f.read(1 << 20):
+                digest.update(block)
     return digest.hexdigest()

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .dbcall import integer, translated
-from .errors import UnknownModel
+from .errors import InvalidInput, UnknownModel
 from .models import MODEL_COLUMNS, MODEL_FIELDS, ModelSpec, spec_from_row
 from .sqlexec import Executor, executor
 from .text import check_text, document_hash, sha256
@@ -98,12 +98,32 @@ def drop_corpus(conn: psycopg.Connection[Any], name: str) -> None:
         conn.execute("SELECT pyembed.drop_corpus(%s)", (name,))
 
 
+class RefusedIds(InvalidInput):
+    """Document ids the rule for ids refuses (pyembed._document_id_problem, which the documents
+    table's trigger asks at every write): `problems` holds each one's, in the database's words;
+    the message is the first one's."""
+
+    def __init__(self, problems: Mapping[str, str]) -> None:
+        super().__init__(next(iter(problems.values())))
+        self.problems = dict(problems)
+
+
 def document_hashes(conn: psycopg.Connection[Any], corpus_id: int,
                     document_ids: Sequence[str]) -> dict[str, bytes]:
-    rows = conn.execute("SELECT document_id, content_hash FROM pyembed.documents "
-                        "WHERE corpus_id = %s AND document_id = ANY(%s)",
-                        (corpus_id, list(document_ids))).fetchall()
-    return {d: bytes(h) for d, h in rows}
+    """The stored documents' content hashes, by id; RefusedIds if the database's rule for ids
+    refuses one. Asked in the one statement a write makes before its documents are embedded,
+    so that no provider is paid for a document the write would refuse, and the rule is the
+    database's alone."""
+    # A lookup by primary key for each id, whatever the planner makes of the array's length.
+    rows = conn.execute(
+        "SELECT i.id, (SELECT d.content_hash FROM pyembed.documents d "
+        "WHERE d.corpus_id = %s AND d.document_id = i.id), pyembed._document_id_problem(i.id) "
+        "FROM unnest(%s::text[]) AS i(id)",
+        (corpus_id, list(document_ids))).fetchall()
+    problems = {i: p for i, _, p in rows if p is not None}
+    if problems:
+        raise RefusedIds({i: problems[i] for i in document_ids if i in problems})
+    return {i: bytes(h) for i, h, _ in rows if h is not None}
 
 
 @dataclass(frozen=True)

@@ -281,17 +281,21 @@ def add_document(plpy: Any, GD: dict[str, Any], corpus: str, document_id: str, c
                  metadata: str | None) -> int:
     """Store a document and its chunks; the chunk triggers queue them for the worker. A NULL
     metadata is none ('{}')."""
-    from .text import check_document_id, check_text, document_hash, read_json
+    from .text import check_text, document_hash, read_json
 
-    check_document_id(document_id)
+    db = PlpyExecutor(plpy, GD)
+    # The rule for ids is the documents table's (its trigger asks pyembed._document_id_problem
+    # at the write): asked here with the corpus, before the text is chunked.
+    ((corpus_id, model_key, chunk_tokens, chunk_overlap, problem),) = db.rows(
+        "SELECT corpus_id, model_key, chunk_tokens, chunk_overlap, "
+        "pyembed._document_id_problem($2) FROM pyembed.lookup_corpus($1)",
+        [corpus, document_id], ["text", "text"])
+    if problem is not None:
+        raise InvalidInput(problem)
     check_text(content or "", f"document {document_id!r}")
     meta = read_json(metadata, "metadata") if metadata else {}
     if not isinstance(meta, dict):
         raise InvalidInput("metadata must be a JSON object")
-    db = PlpyExecutor(plpy, GD)
-    ((corpus_id, model_key, chunk_tokens, chunk_overlap),) = db.rows(
-        "SELECT corpus_id, model_key, chunk_tokens, chunk_overlap FROM pyembed.lookup_corpus($1)",
-        [corpus], ["text"])
     spec = model_spec(db, model_key)
     chunks = fit_chunks(chunk_text(content or "", chunk_tokens, chunk_overlap), spec.max_tokens,
                         _token_counter(GD, spec))

@@ -29,9 +29,10 @@ from rich.progress import (
 )
 
 from .client import AddReport, Corpus, Document, PreparedAdd
+from .corpora import RefusedIds
 from .db import twin
 from .errors import ConfigError, InvalidInput, ModelMismatch
-from .text import document_id_problem, number, read_json
+from .text import has_text, number, read_json
 
 MARKDOWN_SUFFIXES = frozenset({".md", ".markdown"})
 TEXT_SUFFIXES = frozenset({".txt"}) | MARKDOWN_SUFFIXES
@@ -41,8 +42,6 @@ JSONL_SUFFIXES = frozenset({".jsonl", ".ndjson"})
 CSV_SUFFIXES = frozenset({".csv"})
 """A header row, then one document per record."""
 SUFFIXES = TEXT_SUFFIXES | JSONL_SUFFIXES | CSV_SUFFIXES
-MAX_ID_LENGTH = 512
-"""The longest document id pyembed.documents accepts."""
 MAX_FIELD_BYTES = 1 << 20
 """The longest CSV field read, in UTF-8 bytes: the bound of a chunk's text
 (chunks_content_bound), the longest text a table of a document holds in one value."""
@@ -80,7 +79,7 @@ class IngestError(InvalidInput):
 class IngestReport:
     """What `ingest` did: documents added, updated and skipped (unchanged); `failed`
     records that were read but not loaded (bad lines, documents the corpus refused);
-    every problem, with its file and line; chunks embedded; and the throughput."""
+    every problem, with its file and line; chunks written; and the throughput."""
 
     added: int
     updated: int
@@ -104,7 +103,7 @@ class IngestReport:
 
     @property
     def chunks_per_second(self) -> float:
-        """Chunks embedded per second of the run."""
+        """Chunks written per second of the run."""
         return self.chunks / self.seconds if self.seconds > 0 else 0.0
 
     @property
@@ -118,7 +117,7 @@ class IngestReport:
         the time and both rates."""
         unread = f", {self.unread} file(s) not read" if self.unread else ""
         return (f"added {self.added}, updated {self.updated}, unchanged {self.skipped}, "
-                f"failed {self.failed}{unread}; {self.chunks} chunks embedded in "
+                f"failed {self.failed}{unread}; {self.chunks} chunks written in "
                 f"{self.seconds:.1f} s "
                 f"({self.documents_per_second:.1f} documents/s, "
                 f"{self.chunks_per_second:.1f} chunks/s)")
@@ -212,14 +211,9 @@ class _Reader:
         what = (f"id {doc_id!r}: " if doc_id else "")
         if "\x00" in text:
             self.problem(path, line, f"{what}text contains a NUL byte", record=True)
-        elif "\x00" in doc_id:
+        elif "\x00" in doc_id:  # (the driver cannot send it: the database never sees it)
             self.problem(path, line, "id contains a NUL byte", record=True)
-        elif len(doc_id) > MAX_ID_LENGTH:
-            self.problem(path, line, f"id is {len(doc_id)} characters long, over the "
-                         f"{MAX_ID_LENGTH}-character limit", record=True)
-        elif doc_id and (problem := document_id_problem(doc_id)):
-            self.problem(path, line, problem, record=True)
-        elif not text.strip():
+        elif not has_text(text):
             self.problem(path, line, f"{what}text is empty", record=True)
         else:
             return _Record(Document(doc_id, text, metadata), path, line)
@@ -483,7 +477,7 @@ class _Meter:
         return None
 
     def show(self, documents: int, chunks: int) -> None:
-        """`documents` handled and `chunks` embedded so far."""
+        """`documents` handled and `chunks` written so far."""
 
     def done(self, documents: int, chunks: int) -> None:
         """The run has read everything."""
@@ -592,6 +586,15 @@ class _Loader:
         before is written)."""
         try:
             prepared = self.corpus.prepare([r.document for r in batch], truncate=self.truncate)
+        except RefusedIds as exc:  # the database's rule for ids, asked before any embedding
+            rest = [r for r in batch if r.document.id not in exc.problems]
+            for record in batch:
+                if record.document.id in exc.problems:
+                    _failed(self.totals, self.problems, record, exc.problems[record.document.id])
+            self.advance(len(batch) - len(rest))
+            if rest:
+                self.add(rest)
+            return
         except InvalidInput:  # (a text over the model's limit): find which, one by one
             self.settle()
             _add(self.corpus, batch, self.truncate, self.totals, self.problems, self.advance)
@@ -646,15 +649,21 @@ def _add(corpus: Corpus, batch: list[_Record], truncate: bool, totals: dict[str,
         if len(batch) > 1:
             for record in batch:
                 _add(corpus, [record], truncate, totals, problems, advance)
-        else:
+        else:  # (the rule for ids names the id in its words)
             record = batch[0]
-            problems.append(FileProblem(record.path, record.line,
-                                        f"id {record.document.id!r}: {exc}"))
-            totals["failed"] += 1
+            _failed(totals, problems, record, str(exc) if isinstance(exc, RefusedIds)
+                    else f"id {record.document.id!r}: {exc}")
             advance(1)
         return
     _count(totals, report)
     advance(len(batch))
+
+
+def _failed(totals: dict[str, int], problems: list[FileProblem], record: _Record,
+            message: str) -> None:
+    """Count `record` as failed, for `message` at its file and line."""
+    problems.append(FileProblem(record.path, record.line, message))
+    totals["failed"] += 1
 
 
 def markdown_title(text: str) -> str | None:

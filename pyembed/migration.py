@@ -112,13 +112,20 @@ def start(client: Client, corpus: str, to_key: str, storage: str | None = None) 
 
 @dataclass
 class BackfillReport:
+    """What a backfill did: texts `embedded` (what the provider was asked for), vectors
+    `written`, and `skipped`: embedded, but not written, their chunk changed or deleted since
+    it was read (its new text is queued for both keys, the worker's to embed)."""
+
     embedded: int
     seconds: float
     remaining: int
+    written: int = 0
+    skipped: int = 0
 
     @property
     def rate(self) -> float:
-        return self.embedded / self.seconds if self.seconds else 0.0
+        """Vectors written per second."""
+        return self.written / self.seconds if self.seconds else 0.0
 
 
 MISSING = """SELECT ch.chunk_id, ch.content, ch.content_hash FROM pyembed.chunks ch
@@ -135,7 +142,8 @@ def backfill(client: Client, corpus: str, *, batch_size: int | None = None,
     """Embed every chunk that has no vector for the target key yet, a committed batch at a
     time (a crash loses at most one batch; a rerun resumes), at most `rate` texts/s; then
     build the shadow index and mark the step done. A batch_size below 1, or a rate that is not
-    a number above 0, is InvalidInput (None: the model's batch, no limit)."""
+    a number above 0, is InvalidInput (None: the model's batch, no limit). `progress` is told
+    the chunks handled (written or skipped) of the total missing at the start."""
     if batch_size is not None and integer(batch_size, "batch_size") < 1:
         raise InvalidInput(f"batch_size must be at least 1, got {batch_size}")
     if rate is not None and not (isinstance(rate, int | float) and not isinstance(rate, bool)
@@ -161,7 +169,7 @@ def backfill(client: Client, corpus: str, *, batch_size: int | None = None,
     if not locked or not locked[0]:
         raise MigrationError(f"a backfill of corpus {corpus} is already running")
     started = time.perf_counter()
-    done, after = 0, 0
+    done, written, after = 0, 0, 0
     try:
         while True:
             rows = client._conn.execute(MISSING, {"corpus_id": info.corpus_id, "after": after,
@@ -169,7 +177,7 @@ def backfill(client: Client, corpus: str, *, batch_size: int | None = None,
             if not rows:
                 break
             vectors = embedder.embed([r[1] for r in rows], InputType.DOCUMENT)
-            _write(client, info.corpus_id, key, rows, vectors)
+            written += len(_write(client, info.corpus_id, key, rows, vectors))
             done += len(rows)
             after = rows[-1][0]
             if progress:
@@ -183,7 +191,7 @@ def backfill(client: Client, corpus: str, *, batch_size: int | None = None,
     finally:
         with translated(), client._conn.transaction():
             client._conn.execute("SELECT pyembed._release_backfill(%s)", (info.corpus_id,))
-    return BackfillReport(done, time.perf_counter() - started, 0)
+    return BackfillReport(done, time.perf_counter() - started, 0, written, done - written)
 
 
 def _build_index(client: Client, corpus_id: int, key: str) -> None:
@@ -193,10 +201,11 @@ def _build_index(client: Client, corpus_id: int, key: str) -> None:
 
 
 def _write(client: Client, corpus_id: int, key: str, rows: Sequence[Any],
-           vectors: np.ndarray) -> None:
-    # Only rows whose text is unchanged are written; a changed chunk is queued for both keys.
+           vectors: np.ndarray) -> list[int]:
+    """The chunk ids written: only rows whose text is unchanged are; a changed chunk is queued
+    for both keys."""
     with translated(), client._conn.transaction(), client._conn.cursor() as cur:
-        copy_vectors(cur, corpus_id, [r[0] for r in rows], key, vectors, [r[2] for r in rows],
+        return copy_vectors(cur, corpus_id, [r[0] for r in rows], key, vectors, [r[2] for r in rows],
                      only_current=True)
 
 

@@ -3,6 +3,7 @@ built-in models here are the rows the schema seeds into it."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -13,6 +14,14 @@ from .errors import DatabaseNotReady, InvalidInput, UnknownModel
 
 if TYPE_CHECKING:
     import psycopg
+
+KEY_BREAKS = ("/@:\\u0009-\\u000D\\u0020\\u0085\\u00A0\\u1680\\u2000-\\u200A\\u2028\\u2029"
+              "\\u202F\\u205F\\u3000")
+"""What a model key's part (provider, model id, version) may not hold, as the bracket ranges of a
+regular expression that Python and PostgreSQL read alike: the key's separators and Unicode's
+White_Space characters. pyembed.register_model refuses the same (tests/test_model_registry.py
+checks that they agree); a spec is checked here too, since one is used without a database."""
+_KEY_BREAK = re.compile(f"[{KEY_BREAKS}]")
 
 
 class InputType(StrEnum):
@@ -44,7 +53,7 @@ class ModelSpec:
 
     def __post_init__(self) -> None:
         for part in (self.provider, self.model_id, self.version):
-            if not part or any(c in part for c in "/@: \t\n\x00"):
+            if not part or "\x00" in part or _KEY_BREAK.search(part):  # (NUL: no driver sends it)
                 raise InvalidInput(f"bad model key part {part!r}: no '/', '@', ':' or blanks")
         if not 1 <= self.dimensions <= 16000:
             raise InvalidInput(f"dimensions must be 1..16000, got {self.dimensions}")

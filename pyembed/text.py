@@ -8,7 +8,6 @@ import math
 import numbers
 import re
 import sys
-import unicodedata
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -70,45 +69,14 @@ def check_storable(text: str, what: str = "text") -> str:
     return text
 
 
-_ID_SPACE = re.compile("[\u0009-\u000d\u0020\u0085\u00a0\u1680\u2000-\u200a\u2028\u2029"
-                       "\u202f\u205f\u3000]")
-"""Unicode's White_Space characters, as pyembed._document_id_problem lists them."""
-_ID_CONTROL = re.compile("[\u0001-\u001f\u007f-\u009f]")
-
-
-def document_id_problem(document_id: str) -> str | None:
-    """What pyembed._document_id_problem (sql/015-chunks.sql), which refuses it at every write,
-    finds wrong with the id, in its words; None if nothing. Asked here too, so that a client
-    refuses an id before a provider is paid for its document's chunks."""
-    shown = json.dumps(document_id, ensure_ascii=False)
-    if not document_id:
-        return "a document id is 1..512 characters, got 0 characters"
-    if all(_ID_SPACE.fullmatch(c) for c in document_id):
-        return f"document id {shown} is only whitespace"
-    if _ID_SPACE.fullmatch(document_id[0]):
-        return f"document id {shown} starts with whitespace (U+{ord(document_id[0]):04X})"
-    if _ID_SPACE.fullmatch(document_id[-1]):
-        return f"document id {shown} ends with whitespace (U+{ord(document_id[-1]):04X})"
-    bad = _ID_CONTROL.search(document_id)
-    if bad:
-        return f"document id {shown} has a control character (U+{ord(bad.group()):04X})"
-    if not unicodedata.is_normalized("NFC", document_id):
-        nfc = json.dumps(unicodedata.normalize("NFC", document_id), ensure_ascii=False)
-        return f"document id {shown} is not in Unicode normal form NFC (as NFC: {nfc})"
-    return None
-
-
 def check_document_id(document_id: object) -> str:
-    """`document_id` if pyembed.documents can store it (1..512 characters, its CHECK, of
-    storable text, and what document_id_problem accepts), else InvalidInput."""
-    if not isinstance(document_id, str) or not 1 <= len(document_id) <= 512:
-        got = (f"{len(document_id)} characters" if isinstance(document_id, str)
-               else type(document_id).__name__)
-        raise InvalidInput(f"a document id is 1..512 characters, got {got}")
+    """`document_id` if it can be sent to the database: a string (InvalidInput otherwise) of
+    text the driver can carry (`check_storable`). The rule for ids is the database's alone
+    (pyembed._document_id_problem), asked before any embedding (corpora.document_hashes)."""
+    if not isinstance(document_id, str):
+        raise InvalidInput(f"a document id is 1..512 characters, got "
+                           f"{type(document_id).__name__}")
     check_storable(document_id, f"document id {document_id!r}")
-    problem = document_id_problem(document_id)
-    if problem:
-        raise InvalidInput(problem)
     return document_id
 
 
@@ -236,10 +204,32 @@ def document_hash(text: str, metadata: Mapping[str, Any]) -> bytes:
     return sha256(text + "\x00" + json.dumps(metadata, sort_keys=True, default=str))
 
 
+CHARS_PER_TOKEN = 4
+"""estimate_tokens' character term: a token per this many characters, rounded up."""
+
+
 def estimate_tokens(text: str) -> int:
     """A cheap token estimate for any model: the larger of 1.3 per whitespace-separated
-    word and 1 per 4 characters, rounded up. It leans high for English prose."""
-    return max((len(text.split()) * 13 + 9) // 10, (len(text) + 3) // 4)
+    word and 1 per CHARS_PER_TOKEN characters, rounded up. It leans high for English prose."""
+    return max((len(text.split()) * 13 + 9) // 10, -(-len(text) // CHARS_PER_TOKEN))
+
+
+def most_chars(tokens: int) -> int:
+    """The most characters a text can have and be estimated at most `tokens` (the estimate's
+    character term; its words may count more)."""
+    return tokens * CHARS_PER_TOKEN
+
+
+def _most_words(tokens: int) -> int:
+    """The most words a text can have and be estimated at most `tokens` (the word term)."""
+    return tokens * 10 // 13
+
+
+def over_tokens(text: str, limit: int, start: int = 0, end: int | None = None) -> bool:
+    """Whether `estimate_tokens(text[start:end])` is over `limit`; a text whose length alone
+    says so is neither split into words nor copied."""
+    end = len(text) if end is None else end
+    return end - start > most_chars(limit) or estimate_tokens(text[start:end]) > limit
 
 
 def truncate_to_tokens(text: str, limit: int) -> str:
@@ -247,11 +237,11 @@ def truncate_to_tokens(text: str, limit: int) -> str:
     `estimate_tokens` is at most `limit`."""
     if estimate_tokens(text) <= limit:
         return text
-    max_words = limit * 10 // 13
+    max_words = _most_words(limit)
     words = text.split(maxsplit=max_words)
     cut = text if len(words) <= max_words else text[:_end_of_words(text, max_words)]
-    if len(cut) > limit * 4:
-        cut = cut[:limit * 4]
+    if len(cut) > most_chars(limit):
+        cut = cut[:most_chars(limit)]
         if not text[len(cut)].isspace():
             match = _LAST_WORD.search(cut)
             if match and match.start() > 0:

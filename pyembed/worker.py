@@ -109,6 +109,10 @@ class Item:
 
 @dataclass
 class WorkerStats:
+    """What a run did. `embedded`: vectors written (a vector embedded but not written is not
+    counted); `stale`: jobs skipped, their chunk changed or deleted meanwhile (its new text is
+    queued) or taken over by another worker."""
+
     embedded: int = 0
     failed: int = 0
     retried: int = 0

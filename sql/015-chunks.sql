@@ -101,7 +101,8 @@ CREATE OR REPLACE TRIGGER documents_metadata_copied
 -- id its writer holds. An id is not only whitespace, has none at its start or end (Unicode's
 -- White_Space characters), no control characters (U+0000..U+001F, U+007F..U+009F), and is in
 -- Unicode normal form NFC, the form text typed or pasted mostly comes in. The problem with `id`,
--- or NULL; pyembed.text.check_document_id gives the same answer before a provider is paid.
+-- or NULL. The one copy of the rule: a client asks it in its lookup of the stored documents
+-- (pyembed.corpora.document_hashes), before a provider is paid for their chunks.
 CREATE OR REPLACE FUNCTION pyembed._document_id_problem(id text) RETURNS text
 LANGUAGE plpgsql IMMUTABLE
 SET search_path = pg_catalog, pg_temp
@@ -117,8 +118,8 @@ BEGIN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
       MESSAGE = 'id is NULL: pyembed._document_id_problem() needs a value for it';
   END IF;
-  IF id = '' THEN
-    RETURN 'a document id is 1..512 characters, got 0 characters';
+  IF length(id) NOT BETWEEN 1 AND 512 THEN  -- (the column's CHECK, in these words first)
+    RETURN format('a document id is 1..512 characters, got %s characters', length(id));
   END IF;
   IF id ~ ('^' || ws || '*$') THEN
     RETURN format('document id %s is only whitespace', shown);

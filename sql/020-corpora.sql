@@ -715,8 +715,11 @@ BEGIN
   IF request_dimensions IS NOT NULL THEN  -- (NULL: the model's own)
     PERFORM pyembed._check_setting('request_dimensions', request_dimensions);
   END IF;
-  IF concat(provider, model_id, model_version) ~ '[/@:[:space:]]' OR provider = ''
-     OR model_id = '' OR model_version = '' THEN
+  -- The key's separators and Unicode's White_Space characters, not the locale's [:space:]
+  -- (which varies with the server's lc_ctype): pyembed.models.KEY_BREAKS, word for word.
+  IF concat(provider, model_id, model_version)
+       ~ '[/@:\u0009-\u000D\u0020\u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]'
+     OR provider = '' OR model_id = '' OR model_version = '' THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
       MESSAGE = 'provider, model id and version must be non-empty, without "/", "@", ":" or blanks';
   END IF;

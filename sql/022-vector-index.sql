@@ -426,6 +426,12 @@ CREATE OR REPLACE TRIGGER chunks_written_index
   AFTER INSERT ON pyembed.chunks REFERENCING NEW TABLE AS new_rows
   FOR EACH STATEMENT EXECUTE FUNCTION pyembed._chunks_written_index();
 
+-- And after chunks are updated: a write that inserts none (a document rewritten with as many
+-- chunks, add_document's ON CONFLICT DO UPDATE) fires only the UPDATE triggers.
+CREATE OR REPLACE TRIGGER chunks_updated_index
+  AFTER UPDATE ON pyembed.chunks REFERENCING NEW TABLE AS new_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION pyembed._chunks_written_index();
+
 -- Corpora of the caller's tenant whose active key has no index although its storage has one
 -- for the model's width, and whether a bulk load is at work on each (its index follows at the
 -- load's end); for `pyembed status` and `pyembed doctor`.

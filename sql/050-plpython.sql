@@ -193,8 +193,8 @@ import pyembed.indb
 return pyembed.__version__
 $$;
 
--- A digest of the Python code of the pyembed the server's PL/Python imports
--- (pyembed.config.code_digest): `pyembed doctor` compares it with the client's, since a
+-- A digest of the package (its Python code and the data it reads) of the pyembed the server's
+-- PL/Python imports (pyembed.config.code_digest): `pyembed doctor` compares it with the client's, since a
 -- checkout whose code changed keeps its version string. Writes nothing, as version() above.
 CREATE OR REPLACE FUNCTION pyembed.code_digest() RETURNS text
 LANGUAGE plpython3u STABLE SECURITY INVOKER

@@ -200,6 +200,20 @@ def test_a_killed_load_heals_at_the_next_write(
     assert n == (3,)
 
 
+def test_a_killed_load_heals_at_a_write_that_only_updates_chunks(
+        client: Client, db: Database, owner: psycopg.Connection[Any],
+        app: psycopg.Connection[Any]) -> None:
+    """A write that inserts no chunk (a document rewritten with as many chunks: add_document's
+    ON CONFLICT DO UPDATE) heals too. Before, only an INSERT's trigger healed: a corpus whose
+    writes were all such updates stayed without its index until an insert or a reindex."""
+    _killed_load(db, owner, client)
+    chunks = owner.execute("SELECT count(*) FROM pyembed.chunks").fetchone()
+    app.execute("SELECT pyembed.add_document('killed', 'a', 'written again after the crash')")
+    assert owner.execute("SELECT count(*) FROM pyembed.chunks").fetchone() == chunks  # none new
+    assert _index_oid(owner, "killed") is not None
+    assert _unindexed(owner) == []
+
+
 def test_a_lock_of_another_database_is_no_load_of_this_one(
         client: Client, db: Database, owner: psycopg.Connection[Any]) -> None:
     """The loaders' lock is looked up in this database only: another database's session holding

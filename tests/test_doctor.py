@@ -140,8 +140,10 @@ def test_a_client_whose_code_or_sql_changed_under_the_same_version_fails_doctor(
     """Before, doctor compared the PL/Python package's version string and the schema's revision
     only: a checkout whose Python code or sql/ files changed, version and revision the same,
     passed both checks. The client here is a copy of this checkout (same version), run in a new
-    process from the copy: a comment added to one .py file fails the PL/Python check, one added
-    to one sql/ file the schema check; the copy as it is passes both."""
+    process from the copy: a comment added to one .py file fails the PL/Python check, and so does
+    a changed tokenizer (pyembed/data, which the server's local model reads to count tokens:
+    before, the digest was of .py files alone, and that passed); one added to one sql/ file fails
+    the schema check; the copy as it is passes both."""
     for part in ("pyembed", "sql", "alembic"):
         shutil.copytree(REPO / part, tmp_path / part,
                         ignore=shutil.ignore_patterns("__pycache__"))
@@ -172,6 +174,13 @@ def test_a_client_whose_code_or_sql_changed_under_the_same_version_fails_doctor(
     assert lines[schema_check].startswith("ok   "), text
 
     shutil.copy(REPO / "pyembed" / "text.py", tmp_path / "pyembed" / "text.py")
+    tokenizer = tmp_path / "pyembed" / "data" / "minilm-tokenizer.json"
+    tokenizer.write_bytes(tokenizer.read_bytes().rstrip() + b"\n\n")  # (the same JSON)
+    code, lines, text = doctor_from_copy()
+    assert code == 1 and lines[plpython].startswith(f"FAIL {plpython}: the server runs other "
+                                                    "pyembed"), text
+    shutil.copy(REPO / "pyembed" / "data" / "minilm-tokenizer.json", tokenizer)
+
     with open(tmp_path / "sql" / "080-grants.sql", "a") as f:
         f.write("-- changed, the revision not\n")
     code, lines, text = doctor_from_copy()

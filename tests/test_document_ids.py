@@ -4,7 +4,11 @@ character, an id not in Unicode's NFC. Before, "doc", "doc " and "doc" + NBSP, "
 decomposed, and "   " were each a distinct document. The rule is the documents table's write
 trigger (pyembed._document_id_problem), so each entry point meets the same rule and message:
 SQL's INSERT and UPDATE, pyembed.add_document, Corpus.add, the ORM, `pyembed ingest`. A row
-stored before the rule stays writable (an upgrade does not fail on it)."""
+stored before the rule stays writable (an upgrade does not fail on it).
+
+The rule has one copy, the database's: a client asks it in its lookup of the stored documents,
+before a provider is paid (before, pyembed.text kept a copy of its own, whose Unicode tables
+could disagree with PostgreSQL's on NFC)."""
 
 from __future__ import annotations
 
@@ -24,8 +28,8 @@ from sqlalchemy.orm import Session
 import pyembed
 from pyembed import orm
 from pyembed.ingest import ingest
+from pyembed.models import InputType
 from pyembed.schema import install, sqlalchemy_url
-from pyembed.text import document_id_problem
 from tests.conftest import REPO, Database
 
 KEY = "fake/fake-hash@1:384"
@@ -43,19 +47,74 @@ BAD = {
     "C1 control": ("a\x85b", 'document id "a\x85b" has a control character (U+0085)'),
     "decomposed": ("cafe\u0301", 'document id "cafe\u0301" is not in Unicode normal form NFC '
                                  '(as NFC: "caf\u00e9")'),
+    "too long": ("x" * 513, "a document id is 1..512 characters, got 513 characters"),
 }
 GOOD = ["doc", "my doc.txt", "caf\u00e9", "a/b/c", "\u65e5\u672c", "x\u00a0y", "emoji \U0001f600"]
 
 
-def test_the_rule_is_the_same_in_python_and_sql(app: psycopg.Connection[Any]) -> None:
-    """The client asks document_id_problem before it pays a provider; the database's trigger
-    asks pyembed._document_id_problem: the same answer, word for word."""
-    ids = [i for i, _ in BAD.values()] + GOOD
+def test_the_rules_answers(app: psycopg.Connection[Any]) -> None:
+    ids = [i for i, _ in BAD.values()] + GOOD + ["x" * 512]
     sql = [r[0] for r in app.execute(
         "SELECT pyembed._document_id_problem(i) FROM unnest(%s::text[]) WITH ORDINALITY "
         "AS t(i, n) ORDER BY n", (ids,)).fetchall()]
-    assert sql == [document_id_problem(i) for i in ids]
-    assert sql == [m for _, m in BAD.values()] + [None] * len(GOOD)
+    assert sql == [m for _, m in BAD.values()] + [None] * (len(GOOD) + 1)
+
+
+def _provider_calls(monkeypatch: pytest.MonkeyPatch, client: pyembed.Client) -> list[list[str]]:
+    """The texts of each call of the fake provider's embed_batch, from now on."""
+    provider = client.embedder(KEY).provider
+    embed_batch = provider.embed_batch
+    calls: list[list[str]] = []
+
+    def recording(texts: list[str], input_type: InputType) -> Any:
+        calls.append(list(texts))
+        return embed_batch(texts, input_type)
+
+    monkeypatch.setattr(provider, "embed_batch", recording)
+    return calls
+
+
+def test_the_rule_is_the_databases_alone(tmp_path: Path, db: Database,
+                                         owner: psycopg.Connection[Any],
+                                         app: psycopg.Connection[Any],
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rule the database is given (here: no id starting "draft-", a rule of this test's own)
+    is the one every entry point meets, before any provider is paid: Corpus.add, ingest (the
+    refused record at its line, the others loaded) and pyembed.add_document. Before, the client
+    asked a copy of the rule in Python: it paid the provider for "draft-1"'s chunks, which the
+    trigger then refused."""
+    owner.execute("ALTER FUNCTION pyembed._document_id_problem(text) RENAME TO _id_rule_before")
+    owner.execute("""CREATE FUNCTION pyembed._document_id_problem(id text) RETURNS text
+                     LANGUAGE sql IMMUTABLE AS $$
+                       SELECT CASE WHEN id LIKE 'draft-%' THEN 'no drafts: ' || id
+                                   ELSE pyembed._id_rule_before(id) END $$""")
+    owner.execute("GRANT EXECUTE ON FUNCTION pyembed._document_id_problem(text), "
+                  "pyembed._id_rule_before(text) TO pyembed_app")
+    with pyembed.connect(db.app_dsn) as client:
+        kb = client.create_corpus("kb", KEY)
+        calls = _provider_calls(monkeypatch, client)
+        with pytest.raises(pyembed.InvalidInput) as err:
+            kb.add([pyembed.Document("fine", "a good text"),
+                    pyembed.Document("draft-1", "a draft's text")])
+        assert str(err.value) == "no drafts: draft-1"
+        assert calls == []
+        for doc_id, _ in BAD.values():  # the rule before still answers through it
+            with pytest.raises(pyembed.InvalidInput):
+                kb.add([pyembed.Document(doc_id, "some text")])
+        assert calls == []
+        path = tmp_path / "docs.jsonl"
+        path.write_text("".join(json.dumps(x) + "\n" for x in [
+            {"id": "one", "text": "the first text"}, {"id": "draft-2", "text": "a draft"},
+            {"id": "two", "text": "the second text"}]), encoding="utf-8")
+        report = ingest(kb, path, progress=False)
+        assert [(p.line, p.message) for p in report.problems] == [(2, "no drafts: draft-2")]
+        assert (report.added, report.failed) == (2, 1)
+        assert sorted(t for c in calls for t in c) == ["the first text", "the second text"]
+    with pytest.raises(psycopg.Error) as sql_err:
+        app.execute("SELECT pyembed.add_document('kb', 'draft-3', 'some text')")
+    assert sql_err.value.sqlstate == "PE005" and "no drafts: draft-3" in str(sql_err.value)
+    assert sorted(r[0] for r in app.execute("SELECT document_id FROM pyembed.documents")) == [
+        "one", "two"]
 
 
 @pytest.mark.parametrize("bad", list(BAD), ids=list(BAD))
@@ -122,7 +181,7 @@ def test_ingest_reports_bad_ids_with_their_line_and_loads_the_rest(
     shown = done.stderr.splitlines()
     for line, message in expected:  # (the id as the terminal shows it: control characters drawn)
         assert any(s.startswith(f"skipped {path}:{line}: ") and
-                   s.endswith(message.rsplit('"', 1)[1]) for s in shown), done.stderr
+                   s.endswith(message.rsplit('"', 1)[-1]) for s in shown), done.stderr
     assert [r[0] for r in app.execute("SELECT document_id FROM pyembed.documents")] == ["fine"]
 
 

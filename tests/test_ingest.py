@@ -142,6 +142,17 @@ def test_csv_fields_up_to_a_chunks_bound_load_and_a_longer_one_is_reported(
     assert csv.field_size_limit() == 131072  # the process's limit as it was
 
 
+def test_the_field_bound_is_the_chunks_bound_in_the_database(
+        owner: psycopg.Connection[Any]) -> None:
+    """MAX_FIELD_BYTES stays a constant of ingest's (a field is bounded while it is read, before
+    anything reaches the database): it is the bound the chunks table's CHECK holds."""
+    (definition,) = owner.execute(
+        "SELECT pg_get_constraintdef(oid) FROM pg_constraint "
+        "WHERE conname = 'chunks_content_bound' AND conrelid = 'pyembed.chunks'::regclass"
+    ).fetchone() or (None,)
+    assert definition == f"CHECK ((octet_length(content) <= {MAX_FIELD_BYTES}))"
+
+
 def test_reading_a_csv_file_leaves_the_processs_csv_limit_alone(tmp_path: Path) -> None:
     """csv.field_size_limit is the whole process's, every thread's: while a CSV file is being
     read (between its records, where the user's code runs), it stays as it was, and another
@@ -194,7 +205,7 @@ def test_bad_lines_are_reported_with_line_numbers_and_the_rest_loads(
     assert "'no-text'" in messages[2] and "no 'text' field" in messages[2]
     assert "text is empty" in messages[3] and "NUL byte" in messages[4]
     assert "duplicate id 'ok1'" in messages[5] and "mixed.jsonl:1" in messages[5]
-    assert "expected a JSON object" in messages[6] and "512-character limit" in messages[7]
+    assert "expected a JSON object" in messages[6] and "1..512 characters, got 513" in messages[7]
     assert str(report.problems[0]).startswith(f"{path}:2: invalid JSON")
     assert sorted(_documents(app)) == ["ok1", "ok2"]
     assert corpus.search("first good line", k=1)[0].content == "first good line"
@@ -476,7 +487,7 @@ def test_cli_in_a_pipe_prints_progress_lines_and_a_one_line_summary(
         "ingest: 5/20", "ingest: 10/20", "ingest: 15/20", "ingest: 20/20"]
     [summary] = stdout.decode().splitlines()
     assert summary.startswith(f"files ({KEY}): added 20, updated 0, unchanged 0, failed 0; "
-                              "20 chunks embedded in ")
+                              "20 chunks written in ")
     assert summary.endswith(" chunks/s)") and " documents/s, " in summary
 
 

@@ -99,3 +99,24 @@ def test_a_long_document_is_chunked_in_the_memory_of_its_chunks_not_of_its_words
         tracemalloc.stop()
     assert streamed == len(chunks)
     assert window_peak < 256 * 1024, window_peak
+
+
+@pytest.mark.parametrize("per_token", [2, 4, 8])
+def test_the_chunker_asks_the_estimate_for_its_bounds(monkeypatch: pytest.MonkeyPatch,
+                                                      per_token: int) -> None:
+    """The chunker's bounds (when a whole text may be one window, how long a piece of a long
+    word is) are the estimate's own (text.over_tokens, text.most_chars): an estimate of
+    another character rate moves them with it. Before, iter_chunks and _words kept '4 *
+    max_tokens (+ 3)' of their own: at 8 characters a token, a word the estimate puts at the
+    window was cut in pieces of 4 characters a token."""
+    import pyembed.text
+
+    monkeypatch.setattr(pyembed.text, "CHARS_PER_TOKEN", per_token, raising=False)
+    window = 50
+    fits = "x" * (per_token * window)
+    assert estimate_tokens(fits) == window and estimate_tokens(fits + "x") == window + 1
+    assert chunk_text(fits, window, 10) == [fits]
+    assert chunk_text(f"  {fits}\n", window, 10) == [fits]
+    assert chunk_text(fits + "y", window, 10) == [fits, "y"]
+    words = " ".join(["abc"] * 200)  # words, not characters, put it over: split into windows
+    assert estimate_tokens(words) > window and len(chunk_text(words, window, 10)) > 1

@@ -582,6 +582,45 @@ def test_killed_backfill_resumes_without_embedding_anything_twice(db: Database) 
             assert provider.calls == 0
 
 
+class ChangingOnce(Recording):
+    """Runs `change` before its first call: a writer that changes chunks while they are embedded."""
+
+    def __init__(self, spec: Any, change: Callable[[], None]) -> None:
+        super().__init__(spec)
+        self.change: Callable[[], None] | None = change
+
+    def embed_batch(self, texts: list[str], input_type: InputType) -> F32:
+        if self.change is not None:
+            change, self.change = self.change, None
+            change()
+        return super().embed_batch(texts, input_type)
+
+
+def test_backfill_counts_what_it_wrote_and_what_it_skipped(db: Database) -> None:
+    """A chunk changed while its batch is embedded is skipped at the write (its new text is
+    queued for both keys): the report and the command's line say so. Before, it was counted
+    as backfilled: 'backfilled 10 chunks' with nine vectors written."""
+    with clients(db, 10) as (app, owner, texts):
+        migration.start(owner, CORPUS, NEW)
+
+        def change() -> None:  # d000's text changes: its chunk's hash with it
+            app.corpus(CORPUS).add([Document(doc_id(0), "item0 a text written meanwhile")])
+
+        with pyembed.connect(db.owner_dsn, use_cache=False) as client:
+            spec = model_spec(client.conn, NEW)
+            provider = ChangingOnce(spec, change)
+            client._embedders[NEW, True] = Embedder(spec, provider)
+            shown: list[tuple[int, int]] = []
+            report = migration.backfill(client, CORPUS, batch_size=64,
+                                        progress=lambda done, total: shown.append((done, total)))
+        assert (report.embedded, report.written, report.skipped) == (10, 9, 1)
+        assert shown == [(10, 10)]
+        assert texts[0] in provider.texts  # the old text, embedded and then not written
+        # The changed chunk has its new text's vector for both keys (the writer's dual write).
+        assert vector_counts(owner.conn) == {OLD: 10, NEW: 10}
+        assert_no_vector_crosses_keys(owner.conn)
+
+
 # -- rollback ----------------------------------------------------------------------------------
 def to_shift(owner: Client, share: int) -> None:
     migration.start(owner, CORPUS, NEW)

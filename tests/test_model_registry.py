@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import psycopg
 
 import pyembed
-from pyembed.models import BUILTIN, ModelSpec
+from pyembed.errors import InvalidInput
+from pyembed.models import BUILTIN, KEY_BREAKS, ModelSpec
 from tests.conftest import Database
 from tests.helpers import run_cli
 from tests.test_cli import db_env
@@ -100,3 +102,47 @@ def test_the_cli_names_a_database_without_the_schema(empty_db: Database) -> None
 def test_no_second_registry_in_memory() -> None:
     assert not hasattr(pyembed.models, "Registry")
     assert not hasattr(pyembed.registry, "register")
+
+
+def _key_break_cases() -> list[str]:
+    """Each KEY_BREAKS range's ends and their neighbours, the ASCII and C1 controls, and a few
+    ordinary characters."""
+    points = {ord(c) for c in "aZ9-_.é中😀"} | set(range(1, 0x21)) | set(range(0x7f, 0xa1))
+    for m in re.finditer(r"\\u([0-9A-F]{4})", KEY_BREAKS):
+        point = int(m.group(1), 16)
+        points |= {point - 1, point, point + 1}
+    return [chr(p) for p in sorted(points) if p > 0] + ["/", "@", ":"]
+
+
+def test_a_model_spec_and_register_model_accept_the_same(owner: psycopg.Connection[Any]) -> None:
+    """A ModelSpec is checked in Python (one is used without a database: the built-in registry,
+    an Embedder) and pyembed.register_model checks again: the two accept the same key parts,
+    dimensions and distances. Before, Python refused only space, tab, newline and NUL, and SQL
+    the locale's [:space:] (with lc_ctype C.UTF-8: CR, VT, FF, U+2028, U+3000 too, NBSP
+    not): a spec Python made was refused when registered."""
+    cases: list[tuple[str, str, str, int, str]] = [("fake", f"a{c}b", "1", 8, "cosine")
+                                                   for c in _key_break_cases()]
+    cases += [("fake", "m", "1", d, "cosine") for d in (-1, 0, 1, 16000, 16001)]
+    cases += [("fake", "m", "1", 8, d) for d in ("cosine", "dot", "l2", "L2", "ip", "")]
+    cases += [("", "m", "1", 8, "cosine"), ("fake", "m", "", 8, "cosine"),
+              ("fa ke", "m", "1", 8, "cosine"), ("fake", "m", "v\u30001", 8, "cosine")]
+    disagree = []
+    for provider, model_id, version, dims, distance in cases:
+        try:
+            ModelSpec(provider, model_id, version, dims, distance=distance)
+            python = True
+        except InvalidInput:
+            python = False
+        try:
+            with owner.transaction(force_rollback=True):
+                owner.execute("SELECT pyembed.register_model(%s, %s, %s, %s, %s)",
+                              (provider, model_id, version, dims, distance))
+            sql = True
+        except psycopg.Error:
+            sql = False
+        if python != sql:
+            disagree.append((provider, model_id, version, dims, distance, python))
+    assert disagree == []
+    source = owner.execute("SELECT prosrc FROM pg_proc WHERE oid = "
+                           "'pyembed.register_model'::regproc").fetchone()
+    assert source is not None and f"[{KEY_BREAKS}]" in source[0]

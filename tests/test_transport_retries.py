@@ -14,8 +14,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import pytest
+import voyageai
 from psycopg import sql
-from voyageai.api_resources import Embedding
+from voyageai.api_resources import Embedding, api_requestor
 
 import pyembed
 from pyembed import rag
@@ -24,10 +25,12 @@ from pyembed.db import connect
 from pyembed.embedder import Embedder
 from pyembed.localdb import APP_USER
 from pyembed.models import registry
-from pyembed.providers import provider_for
+from pyembed.providers import provider_for, voyage
 from pyembed.providers.rerank import reranker_for, reranker_spec
 from pyembed.rerank import Reranker
 from tests.conftest import Database
+from tests.fakeapi.proxy import forwarding_proxy
+from tests.fakeapi.server import FakeAPI
 from tests.helpers import sql_error
 
 ATTEMPTS = 2
@@ -194,3 +197,84 @@ def test_a_call_in_the_server_is_one_connection_an_attempt(db: Database, scheme:
         err = sql_error(conn, "SELECT pyembed.embed('dropped', 'voyage/voyage-3@1:1024')")
         assert err.sqlstate == "PE009" and f"gave up after {ATTEMPTS} attempts" in str(err)
         assert connections() == ATTEMPTS
+
+
+def _voyage_embed(fake_api: FakeAPI, text: str) -> None:
+    spec = registry.get("voyage/voyage-3@1:1024")
+    provider = provider_for(spec, api_key="pa-proxy", base_url=fake_api.base_url("voyage"))
+    Embedder(spec, provider, max_retries=0, sleep=_noop).embed([text])
+
+
+def _in_a_new_thread(call: Callable[[], None]) -> None:
+    """`call()` in a thread of its own (a session of its own), its error raised here."""
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            call()
+        except BaseException as exc:
+            failed.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(60)
+    if failed:
+        raise failed[0]
+
+
+@pytest.fixture
+def no_environment_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+
+
+def test_the_sdks_proxy_setting_carries_pyembeds_voyage_calls(
+        fake_api: FakeAPI, no_environment_proxy: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """voyageai.proxy, the SDK-wide setting a program sets for its Voyage calls, carries
+    pyembed's too (embeddings and reranking), as it carries the SDK's own; a proxy in the
+    environment does too when it is not set. Before, pyembed's own session (harden14) took the
+    environment's proxies only: the call went straight to the service."""
+    with forwarding_proxy() as (proxy, seen):
+        monkeypatch.setattr(voyageai, "proxy", proxy)
+        _in_a_new_thread(lambda: _voyage_embed(fake_api, "through the proxy"))
+        assert seen == [fake_api.base_url("voyage") + "/embeddings"]
+        assert [r.body["input"] for r in fake_api.requests_to("voyage")] == [
+            ["through the proxy"]]
+        _in_a_new_thread(lambda: CALLS["voyage-rerank"](fake_api.url + "/voyage"))
+        assert seen[1:] == [fake_api.base_url("voyage") + "/rerank"]
+        # Not set: the environment's proxy, as before.
+        monkeypatch.setattr(voyageai, "proxy", None)
+        monkeypatch.setenv("HTTP_PROXY", proxy)
+        _in_a_new_thread(lambda: _voyage_embed(fake_api, "the environment's proxy"))
+        assert seen[2:] == [fake_api.base_url("voyage") + "/embeddings"]
+        monkeypatch.delenv("HTTP_PROXY")
+        _in_a_new_thread(lambda: _voyage_embed(fake_api, "straight"))
+        assert len(seen) == 3 and len(fake_api.requests_to("voyage")) == 4
+        monkeypatch.setattr(voyageai, "proxy", 8080)
+        with pytest.raises(pyembed.ConfigError, match=r"voyageai\.proxy"):
+            _in_a_new_thread(lambda: _voyage_embed(fake_api, "a proxy of no type"))
+
+
+def test_pyembeds_voyage_session_is_replaced_as_often_as_the_sdks(
+        fake_api: FakeAPI, no_environment_proxy: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A thread's session is kept for the SDK's MAX_SESSION_LIFETIME_SECS, then closed and
+    replaced, as the SDK's own is: a proxy set since (or a host's new address) reaches a
+    long-running worker. Before, a thread kept its first session for good."""
+    def calls() -> None:
+        _voyage_embed(fake_api, "first")
+        first = voyage._session()
+        assert voyage._session() is first  # within the lifetime: kept
+        assert len(first.adapters["http://"].poolmanager.pools) == 1  # (its connection)
+        with forwarding_proxy() as (proxy, seen):
+            monkeypatch.setattr(voyageai, "proxy", proxy)
+            _voyage_embed(fake_api, "same session")
+            assert seen == []  # (read when a session is made, as the SDK reads it)
+            monkeypatch.setattr(api_requestor, "MAX_SESSION_LIFETIME_SECS", 0)
+            _voyage_embed(fake_api, "a new session")
+            assert seen == [fake_api.base_url("voyage") + "/embeddings"]
+        assert voyage._session() is not first
+        assert len(first.adapters["http://"].poolmanager.pools) == 0  # the old one closed
+
+    _in_a_new_thread(calls)
+    assert len(fake_api.requests_to("voyage")) == 3

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import requests
+import voyageai
 import voyageai.error
 from requests.adapters import HTTPAdapter
-from voyageai.api_resources import Embedding, Reranking
+from voyageai.api_resources import Embedding, Reranking, api_requestor
 from voyageai.api_resources.api_requestor import APIRequestor
 from voyageai.api_resources.response import convert_to_voyage_response
 from voyageai.util import decode_base64_embedding
 
+from ..errors import ConfigError
 from ..models import InputType
 from .base import Provider, ServiceClient, Vectors, parse_retry_after
 from .rerank import RerankProvider
@@ -40,13 +43,29 @@ def _session() -> requests.Session:
     """This thread's session for pyembed's Voyage calls (one per thread, as the SDK keeps
     its own): its adapters never retry, where the SDK's own session
     retries a failed https connection twice inside each of pyembed.retry's attempts. The
-    SDK's session, and so a program's own calls of the SDK, are left as they are."""
+    SDK's session, and so a program's own calls of the SDK, are left as they are.
+
+    Otherwise made as the SDK makes its own: with the SDK-wide `voyageai.proxy` (read when a
+    session is made), and replaced by a new one after the SDK's MAX_SESSION_LIFETIME_SECS (a
+    changed proxy, or a host's new address, reaches a long-running worker). A session a
+    program gives the SDK (`voyageai.requestssession`) is not taken: its adapters may retry
+    on their own, under pyembed.retry's attempts."""
     session: requests.Session | None = getattr(_sessions, "session", None)
+    now = time.monotonic()
+    if session is not None and now - _sessions.made >= api_requestor.MAX_SESSION_LIFETIME_SECS:
+        session.close()
+        session = None
     if session is None:
         session = requests.Session()
         for prefix in ("https://", "http://"):
             session.mount(prefix, HTTPAdapter(max_retries=0))
-        _sessions.session = session
+        try:
+            proxies = api_requestor._requests_proxies_arg(voyageai.proxy)
+        except ValueError as exc:  # (the SDK's own words for a proxy of another type)
+            raise ConfigError(str(exc)) from None
+        if proxies:
+            session.proxies = proxies
+        _sessions.session, _sessions.made = session, now
     return session
 
 
@@ -62,8 +81,12 @@ class _Requestor(APIRequestor):
         abs_url, headers, data = self._prepare_request_raw(url, supplied_headers, method, params,
                                                            files, request_id)
         try:
-            return _session().request(method, abs_url, headers=headers, data=data, files=files,
-                                      stream=stream, timeout=request_timeout)
+            session = _session()
+            # The session's proxies given with the request, as the SDK gives them: over the
+            # environment's (HTTPS_PROXY), which requests puts first otherwise.
+            return session.request(method, abs_url, headers=headers, data=data, files=files,
+                                   stream=stream, timeout=request_timeout,
+                                   proxies=session.proxies)
         except requests.exceptions.Timeout as exc:  # as the SDK's request_raw translates them
             raise voyageai.error.Timeout(  # type: ignore[no-untyped-call]
                 f"Request timed out: {exc}") from exc
