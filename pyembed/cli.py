@@ -310,7 +310,7 @@ def search_cmd(
     Reranked: pyembed search docs "what does error E4012 mean" -k 3 --rerank voyage/rerank-2.5
     """
     try:
-        flt = read_json(filter, "--filter") if filter else None
+        flt = read_json(filter, "--filter") if filter is not None else None
     except json.JSONDecodeError as exc:
         raise InvalidInput(f"--filter is not valid JSON: {exc}") from None
     if flt is not None and not isinstance(flt, dict):
@@ -906,9 +906,11 @@ def corpus_drop(name: str,
                 yes: Annotated[bool, typer.Option("--yes", help="do not ask")] = False,
                 dsn: DsnOption = None) -> None:
     """Drop a corpus with its documents and vectors.  Example: pyembed corpus drop docs --yes"""
-    if not yes:
-        typer.confirm(f"drop corpus {name} and all its documents and vectors?", abort=True)
     with _connect(dsn) as conn:
+        if not yes:  # asked of a corpus that exists (UnknownCorpus first), on stderr: not a result
+            corpus_info(conn, name)
+            typer.confirm(f"drop corpus {name} and all its documents and vectors?", abort=True,
+                          err=True)
         drop_corpus(conn, name)
     console.print(f"dropped {name}")
 
@@ -1115,7 +1117,7 @@ def eval_add(
 def eval_compare(
     corpus: str,
     model_keys: Annotated[list[str], typer.Argument(help="candidate model keys")],
-    sample: Annotated[int, typer.Option(help="chunks to embed per candidate")] = 2000,
+    sample: Annotated[int, typer.Option(min=0, help="chunks to embed per candidate")] = 2000,
     dsn: DsnOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -1202,6 +1204,12 @@ def metrics_serve(
     from .metrics import serve
 
     target = _dsn(dsn)
+    try:  # the database at the start: a DSN that is not one stops here; one down is said once
+        connect(target, connect_timeout=5).close()
+    except psycopg.OperationalError as exc:
+        err_console.print(Text.assemble(
+            ("warning:", "yellow"), f" the database does not answer yet ({_one_line(exc)}): "
+            "pyembed_up is 0 until it does"), highlight=False)
     serve(target, port=port, address=address,
           ready=lambda: console.print(f"serving http://{address}:{port}/metrics (Ctrl-C stops)"))
     _stops.clear()  # Ctrl-C or SIGTERM is how a server ends: exit 0, as `worker` does

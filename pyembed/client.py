@@ -783,7 +783,7 @@ def connect(dsn: str | None = None, *, read_dsn: str | None = None, use_cache: b
     try:
         conn = db_connect(dsn, autocommit=True)
     except psycopg.OperationalError as exc:
-        raise DatabaseNotReady("could not connect to the database: "
+        raise DatabaseNotReady("cannot reach the database: "
                                + " ".join(str(exc).split())[:300]) from None
     try:
         read_conn = db_connect(read_dsn, autocommit=True) if read_dsn else None

@@ -129,6 +129,15 @@ class Options:
             raise InvalidInput(f"fusion and alpha apply to hybrid search, not to {mode} search")
         if self.fusion is not None and self.fusion not in FUSIONS:
             raise InvalidInput(f"fusion must be one of {', '.join(FUSIONS)}, not {self.fusion!r}")
+        # The database's checks too (pyembed.search_hybrid), here before the query is embedded
+        # and paid for: a refused search records no usage.
+        if self.alpha is not None and self.fusion == "rrf":
+            raise InvalidInput("alpha weighs relative fusion, not rrf: pass fusion='relative' "
+                               "with alpha, or leave alpha out")
+        if self.alpha is not None and not (isinstance(self.alpha, int | float)
+                                           and 0 <= self.alpha <= 1):
+            raise InvalidInput(f"alpha must be 0..1 (the vector search's weight), got "
+                               f"{self.alpha!r}")
 
 
 DEFAULT = Options()
