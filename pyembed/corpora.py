@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .dbcall import integer, translated
-from .errors import UnknownModel
+from .errors import InvalidInput, UnknownModel
 from .models import MODEL_COLUMNS, MODEL_FIELDS, ModelSpec, spec_from_row
 from .sqlexec import Executor, executor
 from .text import check_text, document_hash, sha256
@@ -53,6 +53,9 @@ _INFO = """c.corpus_id, c.name, c.model_key, m.dimensions, c.target_model_key, c
 
 def model_spec(db: psycopg.Connection[Any] | Executor, key: str) -> ModelSpec:
     """The registered model with this key, as the database knows it."""
+    if not isinstance(key, str):  # (the database would say "operator does not exist")
+        raise InvalidInput(f"a model key is a text like 'provider/model@version:dims', not "
+                           f"{type(key).__name__} {key!r}")
     rows = executor(db).rows(f"SELECT {MODEL_COLUMNS} FROM pyembed.models WHERE model_key = $1",
                              [key], ["text"])
     if not rows:
