@@ -312,3 +312,47 @@ def test_metrics_serve_says_its_database_does_not_answer(tmp_path: Path) -> None
         "pyembed_up is 0" in said, said
     out = run_cli("metrics", "serve", "--dsn", "x = = y")
     assert judge(out, False) is None and "not a DSN" in out.stderr, out
+
+
+def test_a_command_that_needs_a_providers_key_names_it_and_changes_nothing(
+        db: Database, tmp_path: Path, fake_api: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every path to a paid service with its API key unset: one line naming the variable, and
+    the database as it was (no document half-added, no usage counted)."""
+    with psycopg.connect(db.owner_dsn, autocommit=True) as owner:
+        owner.execute("SELECT pyembed.create_corpus('paid', 'voyage/voyage-3@1:1024')")
+    with pyembed.connect(db.app_dsn) as client:
+        client.create_corpus("docs", KEY).add(DOCS)
+    for name in ("VOYAGE_API_KEY", "OPENAI_API_KEY", "COHERE_API_KEY", "ANTHROPIC_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    env = {"PYEMBED_DSN": db.app_dsn, "PYEMBED_OWNER_DSN": db.owner_dsn}
+    assert run_cli("eval", "add", "docs", "q1", "refunds?", "--relevant", "a",
+                   env=env).returncode == 0
+    text = tmp_path / "new.txt"
+    text.write_text("a new document")
+    wrong = []
+    with psycopg.connect(db.owner_dsn, autocommit=True) as owner:
+        for args, variable in [
+            (("search", "paid", "refunds"), "VOYAGE_API_KEY"),
+            (("ingest", "paid", str(text)), "VOYAGE_API_KEY"),
+            (("search", "docs", "refunds", "--rerank", "voyage/rerank-2.5"), "VOYAGE_API_KEY"),
+            (("search", "docs", "refunds", "--rerank", "cohere/rerank-v3.5"), "COHERE_API_KEY"),
+            (("eval", "compare", "docs", "openai/text-embedding-3-small@1:1536"),
+             "OPENAI_API_KEY"),
+            (("migrate", "start", "docs", "--to", "voyage/voyage-3@1:1024"), None),
+            (("migrate", "backfill", "docs"), "VOYAGE_API_KEY"),
+        ]:
+            before = digest(owner)
+            out = run_cli(*args, env=env)
+            if variable is None:  # a step that needs no key: it goes on (and changes its rows)
+                assert out.returncode == 0, out
+                continue
+            problem = judge(out, False, ingest=args[0] == "ingest")
+            if not problem and variable not in out.stderr:
+                problem = f"the error does not name {variable}"
+            if not problem and (after := digest(owner)) != before:
+                problem = "the database changed: " + ", ".join(
+                    t for t in after if after[t] != before.get(t))
+            if problem:
+                wrong.append(f"pyembed {' '.join(args)}: {problem}: exit {out.returncode}, "
+                             f"stdout {out.stdout[:200]!r}, stderr {out.stderr[-300:]!r}")
+    assert not wrong, "\n".join(wrong)
