@@ -1,4 +1,5 @@
-"""The `pyembed` command line: one clear line and exit 1 on every error, bad input included.
+"""The `pyembed` command line: one clear line and exit 1 on every error, bad input included
+(130 and 143 when Ctrl-C or SIGTERM stops a command).
 
 Every command that talks to a database connects through `_connect` (a psycopg connection)
 or `_client` (a pyembed Client); both resolve the DSN in `_dsn`. Top-level commands come
@@ -11,7 +12,9 @@ import dataclasses
 import inspect
 import json
 import math
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -307,7 +310,7 @@ def search_cmd(
     Reranked: pyembed search docs "what does error E4012 mean" -k 3 --rerank voyage/rerank-2.5
     """
     try:
-        flt = read_json(filter, "--filter") if filter else None
+        flt = read_json(filter, "--filter") if filter is not None else None
     except json.JSONDecodeError as exc:
         raise InvalidInput(f"--filter is not valid JSON: {exc}") from None
     if flt is not None and not isinstance(flt, dict):
@@ -904,9 +907,11 @@ def corpus_drop(name: str,
                 yes: Annotated[bool, typer.Option("--yes", help="do not ask")] = False,
                 dsn: DsnOption = None) -> None:
     """Drop a corpus with its documents and vectors.  Example: pyembed corpus drop docs --yes"""
-    if not yes:
-        typer.confirm(f"drop corpus {name} and all its documents and vectors?", abort=True)
     with _connect(dsn) as conn:
+        if not yes:  # asked of a corpus that exists (UnknownCorpus first), on stderr: not a result
+            corpus_info(conn, name)
+            typer.confirm(f"drop corpus {name} and all its documents and vectors?", abort=True,
+                          err=True)
         drop_corpus(conn, name)
     console.print(f"dropped {name}")
 
@@ -1115,7 +1120,7 @@ def eval_add(
 def eval_compare(
     corpus: str,
     model_keys: Annotated[list[str], typer.Argument(help="candidate model keys")],
-    sample: Annotated[int, typer.Option(help="chunks to embed per candidate")] = 2000,
+    sample: Annotated[int, typer.Option(min=0, help="chunks to embed per candidate")] = 2000,
     dsn: DsnOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -1202,8 +1207,15 @@ def metrics_serve(
     from .metrics import serve
 
     target = _dsn(dsn)
+    try:  # the database at the start: a DSN that is not one stops here; one down is said once
+        connect(target, connect_timeout=5).close()
+    except psycopg.OperationalError as exc:
+        err_console.print(Text.assemble(
+            ("warning:", "yellow"), f" the database does not answer yet ({_one_line(exc)}): "
+            "pyembed_up is 0 until it does"), highlight=False)
     serve(target, port=port, address=address,
           ready=lambda: console.print(f"serving http://{address}:{port}/metrics (Ctrl-C stops)"))
+    _stops.clear()  # Ctrl-C or SIGTERM is how a server ends: exit 0, as `worker` does
 
 
 # -- pyembed tenant ------------------------------------------------------------------------
@@ -1275,6 +1287,32 @@ def _noted(exc: BaseException) -> str:
     return "".join(f"; {note}" for note in notes)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the command is as Ctrl-C's KeyboardInterrupt is, so that it
+    unwinds the same way: the open transaction rolled back (psycopg cancels a statement in
+    flight), what an ingest kept noted, one line; by default SIGTERM ended the process where it
+    stood, with no word."""
+
+
+_stops: list[KeyboardInterrupt] = []
+"""The interruptions this run raised: typer turns one into a return value of 130 (`python -m
+pyembed` exited 0 on Ctrl-C, with no word), dropping it and the notes on it."""
+
+
+def _stop(signum: int, frame: Any) -> None:
+    stop = Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+    _stops.append(stop)
+    raise stop
+
+
+def _interruption(exc: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C or SIGTERM `exc` is or stands for (click raises Abort from it), if any."""
+    for e in (exc, exc.__cause__, exc.__context__):
+        if isinstance(e, KeyboardInterrupt):
+            return e
+    return None
+
+
 def main(argv: list[str] | None = None) -> Any:
     """Entry point: run the CLI, turning pyembed and connection errors into one line."""
     def fail(message: str, code: int = 1, exc: BaseException | None = None) -> None:
@@ -1282,8 +1320,19 @@ def main(argv: list[str] | None = None) -> Any:
         err_console.print(Text.assemble(("error:", "red"), f" {message}"), highlight=False)
         sys.exit(code)
 
+    _stops.clear()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    # (Only the main thread may set a handler; main(argv) in your program leaves yours as they
+    # were.)
+    previous = ({s: signal.signal(s, _stop) for s in signals}
+                if threading.current_thread() is threading.main_thread() else {})
     try:
-        return app(argv, standalone_mode=False)
+        code = app(argv, standalone_mode=False)
+        if _stops:
+            raise _stops[-1]
+        if isinstance(code, int) and code:  # typer.Exit(code): `python -m pyembed` exited 0
+            sys.exit(code)
+        return code
     except PyembedError as exc:
         fail(_one_line(exc), exc=exc)
     except psycopg.OperationalError as exc:
@@ -1293,6 +1342,13 @@ def main(argv: list[str] | None = None) -> Any:
     except psycopg.Error as exc:
         fail(_one_line(translate(exc)), exc=exc)
     except (typer.Abort, KeyboardInterrupt) as exc:
+        # The shell's codes for a command a signal ended, 128 + its number: a script can tell
+        # an interruption from a failure; an answer of no to a question is a refusal (1).
+        stop = _interruption(exc)
+        if isinstance(stop, Terminated):
+            fail("stopped by SIGTERM", 128 + signal.SIGTERM, exc=exc)
+        if stop is not None:
+            fail("interrupted (Ctrl-C)", 128 + signal.SIGINT, exc=exc)
         fail("aborted", exc=exc)
     except OSError as exc:  # the machine's answer (a file, a port, a folder): not a bug
         fail(_one_line(exc), exc=exc)
@@ -1305,6 +1361,9 @@ def main(argv: list[str] | None = None) -> Any:
                 sys.exit(1)
             fail(f"{exc.format_message()} (see --help)")
         raise
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
 
 
 __all__ = ["app", "main"]

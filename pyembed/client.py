@@ -170,6 +170,7 @@ class Client:
         self._identity = _identity(conn)
         self._read_identity = _identity(read_conn) if read_conn is not None else None
         self._handed_out: str | None = "the connection given to Client()"
+        self._closed = False
         self.max_replica_wait = max_replica_wait
         self._written_lsn: str | None = None
         self.turn = threading.RLock()
@@ -199,6 +200,9 @@ class Client:
         call is DatabaseNotReady too (what the call wrote may or may not be stored), and the
         next call opens a new one."""
         with self.turn:
+            if self._closed:  # its connections are not a server's to lose: none is reopened
+                raise DatabaseNotReady("this client is closed: pyembed.connect() opens a new one "
+                                       "(or client.reconnect() this one)")
             self._calls += 1
             self._holder = threading.get_ident()
             try:
@@ -246,6 +250,7 @@ class Client:
                 self._read_conn = self._open(self._read_conninfo)
                 self._read_identity = _identity(self._read_conn)
             self._handed_out = None
+            self._closed = False
 
     @contextmanager
     def outside_turn(self) -> Iterator[None]:
@@ -456,6 +461,7 @@ class Client:
                     pass  # counts only: lost with the connection
             self._conn.close()
             self._read_conn.close()
+            self._closed = True
 
     def __enter__(self) -> Client:
         return self
@@ -686,6 +692,13 @@ class Corpus:
                   log: bool) -> Retrieval:
         started = time.perf_counter()
         options.check(mode)
+        if isinstance(query, str) and model_key is not None and (
+                vector_key(model_key) not in (self.info.model_key, self.info.target_model_key)):
+            # A key the text is not embedded with was ignored: the caller believed it searched
+            # with that model.
+            raise ModelMismatch(f"corpus {self.name} embeds a text query with its own model "
+                                f"{self.info.model_key}, not {model_key}: leave model_key out, "
+                                "or pass a vector made by that model")
         if not isinstance(query, str):
             model_key = vector_key(model_key)
             if mode != "vector":
@@ -783,7 +796,7 @@ def connect(dsn: str | None = None, *, read_dsn: str | None = None, use_cache: b
     try:
         conn = db_connect(dsn, autocommit=True)
     except psycopg.OperationalError as exc:
-        raise DatabaseNotReady("could not connect to the database: "
+        raise DatabaseNotReady("cannot reach the database: "
                                + " ".join(str(exc).split())[:300]) from None
     try:
         read_conn = db_connect(read_dsn, autocommit=True) if read_dsn else None

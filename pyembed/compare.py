@@ -46,6 +46,8 @@ def compare(client: Client, corpus: str, model_keys: Sequence[str], *, sample: i
     chunk of the documents the evaluation queries name, then random others up to `sample`."""
     if not model_keys:
         raise InvalidInput("name at least one model key to compare")
+    if sample < 0:
+        raise InvalidInput(f"sample is a number of chunks, at least 0, got {sample}")
     info = client.corpus(corpus).info
     specs = {key: model_spec(client._conn, key) for key in model_keys}  # UnknownModel first
     evals = eval_queries(client._conn, info.corpus_id)

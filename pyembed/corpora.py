@@ -53,6 +53,9 @@ _INFO = """c.corpus_id, c.name, c.model_key, m.dimensions, c.target_model_key, c
 
 def model_spec(db: psycopg.Connection[Any] | Executor, key: str) -> ModelSpec:
     """The registered model with this key, as the database knows it."""
+    if not isinstance(key, str):  # (the database would say "operator does not exist")
+        raise InvalidInput(f"a model key is a text like 'provider/model@version:dims', not "
+                           f"{type(key).__name__} {key!r}")
     rows = executor(db).rows(f"SELECT {MODEL_COLUMNS} FROM pyembed.models WHERE model_key = $1",
                              [key], ["text"])
     if not rows:

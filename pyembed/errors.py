@@ -23,7 +23,8 @@ class ConfigError(PyembedError):
 
 
 class DatabaseNotReady(PyembedError):
-    """The local cluster is not initialised or not running, or the schema is missing."""
+    """The local cluster is not initialised or not running, the schema is missing, the
+    connection was lost, or the client was closed."""
 
 
 class InstallError(PyembedError):

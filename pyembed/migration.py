@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -38,6 +39,9 @@ def storage_bytes(vectors: int, dims: int) -> tuple[int, int]:
     """(raw, with HNSW) bytes for float32 vectors: 4 bytes a dimension plus an 8-byte header;
     the HNSW graph adds ~32 bytes per neighbour slot (m = 16), about 0.5 kB per vector
     (100k x 384 measured here: 195 MiB for the index)."""
+    for value, what, low in ((vectors, "vectors", 0), (dims, "dims", 1)):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
+            raise InvalidInput(f"{what} must be a whole number of at least {low}, not {value!r}")
     raw = vectors * (4 * dims + 8)
     return raw, raw + vectors * (4 * dims + 8 + 32 * HNSW_M)
 

@@ -98,3 +98,21 @@ def search(corpus: str, query_embedding: Any, model_key: str | ModelSpec | None 
                            sa.column("metadata", JSONB), sa.column("score", sa.Float),
                            "model_key")
     return sa.select(cols)
+
+
+@sa.event.listens_for(sa.engine.Engine, "handle_error")
+def _pyembed_errors(context: sa.engine.ExceptionContext) -> None:
+    """An error pyembed's SQL raises on purpose (SQLSTATE PExxx: a model key mismatch from
+    search(), a vector a guard refuses on a mapped table) raised as its pyembed class, as the
+    package's own calls raise it, from any statement SQLAlchemy runs once this module is
+    imported: SQLAlchemy's wrapper of the driver's error is all a caller saw otherwise. Any
+    other error stays SQLAlchemy's."""
+    import psycopg
+
+    from .db import translate
+
+    exc = context.original_exception
+    if isinstance(exc, psycopg.Error) and (exc.sqlstate or "").startswith("PE"):
+        mapped = translate(exc)
+        if mapped is not exc:  # (the driver's error is its cause)
+            raise mapped from exc

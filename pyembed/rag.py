@@ -181,6 +181,9 @@ def answer(corpus: Corpus, question: str, *, k: int = 5, model: str | None = Non
     if integer(max_retries, "max_retries") < 0:
         raise InvalidInput(f"max_retries must be 0 or more, got {max_retries}")
     model = model or os.environ.get(MODEL_ENV) or DEFAULT_MODEL
+    if not isinstance(model, str):  # (the SDK sends it as it is, and the service says 400)
+        raise InvalidInput(f"model is a Claude model id, a text, not {type(model).__name__} "
+                           f"{model!r}")
     start = time.perf_counter()
 
     found = corpus.retrieve(question, k, filter, mode=mode, rerank=rerank,

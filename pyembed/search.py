@@ -52,6 +52,9 @@ def vector_key(model_key: str | None) -> str:
     if model_key is None:
         raise InvalidInput("a query vector needs model_key=..., the key of the model that made "
                            "it (a corpus's is its model_key; a text query is embedded with it)")
+    if not isinstance(model_key, str):
+        raise InvalidInput(f"model_key is a text like 'provider/model@version:dims', not "
+                           f"{type(model_key).__name__} {model_key!r}")
     return model_key
 
 
@@ -129,6 +132,15 @@ class Options:
             raise InvalidInput(f"fusion and alpha apply to hybrid search, not to {mode} search")
         if self.fusion is not None and self.fusion not in FUSIONS:
             raise InvalidInput(f"fusion must be one of {', '.join(FUSIONS)}, not {self.fusion!r}")
+        # The database's checks too (pyembed.search_hybrid), here before the query is embedded
+        # and paid for: a refused search records no usage.
+        if self.alpha is not None and self.fusion == "rrf":
+            raise InvalidInput("alpha weighs relative fusion, not rrf: pass fusion='relative' "
+                               "with alpha, or leave alpha out")
+        if self.alpha is not None and not (isinstance(self.alpha, int | float)
+                                           and 0 <= self.alpha <= 1):
+            raise InvalidInput(f"alpha must be 0..1 (the vector search's weight), got "
+                               f"{self.alpha!r}")
 
 
 DEFAULT = Options()
@@ -148,7 +160,9 @@ def filter_json(filter: object) -> str | None:
             check_json(read_json(filter, "a metadata filter", parse_constant=_not_json),
                        "a metadata filter")
             return filter
-        value = dict(filter) if isinstance(filter, Mapping) else filter
+        if not isinstance(filter, Mapping):  # (the database's answer comes after the embedding)
+            raise TypeError(f"not {type(filter).__name__}")
+        value = dict(filter)
         check_depth(value, "a metadata filter")
         # What jsonb cannot hold, named here for every caller, orm.search's SELECT among them.
         check_json(value, "a metadata filter")

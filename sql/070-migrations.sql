@@ -377,6 +377,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
   missing text[];
+  problem text;
 BEGIN
   IF NOT (NEW.corpus_id = ANY (pyembed.visible_corpora()))
      AND NOT (SELECT rolsuper OR rolbypassrls FROM pg_catalog.pg_roles WHERE rolname = current_user) THEN
@@ -384,10 +385,16 @@ BEGIN
       MESSAGE = 'new row violates row-level security policy for table "eval_queries"';
   END IF;
   -- The id names the query in every message and report, as a document's id does its
-  -- document: 1..512 characters (the upper bound is the table's eval_queries_query_id_bound).
-  IF length(NEW.query_id) = 0 THEN
-    RAISE EXCEPTION USING ERRCODE = 'PE005',
-      MESSAGE = 'an evaluation query id is 1..512 characters, got 0 characters';
+  -- document, so it follows a document id's rule (pyembed._document_id_problem: not empty or
+  -- blank, no control character, no whitespace at its ends, NFC; at most 512 characters is the
+  -- table's eval_queries_query_id_bound); checked when the id is written, as a document's is.
+  IF NEW.query_id IS NOT NULL AND (TG_OP = 'INSERT' OR NEW.query_id <> OLD.query_id) THEN
+    problem := pyembed._document_id_problem(NEW.query_id);
+    IF problem IS NOT NULL THEN
+      RAISE EXCEPTION USING ERRCODE = 'PE005',
+        MESSAGE = replace(replace(problem, 'a document id', 'an evaluation query id'),
+                          'document id', 'evaluation query id');
+    END IF;
   END IF;
   -- Only whitespace, control and format characters is empty too (pyembed.text.INVISIBLE).
   IF NEW.query IS NULL OR NEW.query !~ '[^\x01-\x20\x7f-\xa0\xad\u0600-\u0605\u061c\u06dd\u070f\u0890-\u0891\u08e2\u1680\u180e\u2000-\u200f\u2028-\u202f\u205f-\u2064\u2066-\u206f\u3000\ufeff\ufff9-\ufffb\U000110bd\U000110cd\U00013430-\U00013438\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f]' THEN

@@ -153,9 +153,11 @@ def test_client_and_orm_refuse_a_bad_id(db: Database, bad: str) -> None:
             doc = session.get(orm.Document, (corpus_id, "doc"))
             assert doc is not None
             doc.document_id = doc_id
-            with pytest.raises(sa.exc.DBAPIError) as orm_err:
+            # pyembed's error, as from the client (pyembed.orm's handle_error), the driver's as
+            # its cause.
+            with pytest.raises(pyembed.InvalidInput) as orm_err:
                 session.commit()
-            orig = orm_err.value.orig
+            orig = orm_err.value.__cause__
             assert isinstance(orig, psycopg.Error)
             assert (orig.sqlstate, orig.diag.message_primary) == ("PE005", message), str(orm_err.value)
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import psycopg
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -33,9 +34,12 @@ def test_map_read_and_search_through_sqlalchemy(db: Database) -> None:
             assert rows[0].document_id == "e4012" and rows[0].model_key == KEY
             only_sso = session.execute(orm.search("kb", vec, KEY, k=5, filter={"team": "ops"}))
             assert [r.document_id for r in only_sso] == ["e4012"]
-            with pytest.raises(sa.exc.DBAPIError) as err:
+            # pyembed's error, as the package's own calls raise it (before: SQLAlchemy's
+            # DBAPIError), with the driver's as its cause.
+            with pytest.raises(pyembed.ModelMismatch) as err:
                 session.execute(orm.search("kb", vec, "fake/fake-hash@2:1024", k=1)).all()
-            assert err.value.orig is not None and err.value.orig.sqlstate == "PE001"
+            cause = err.value.__cause__
+            assert isinstance(cause, psycopg.Error) and cause.sqlstate == "PE001"
     finally:
         engine.dispose()
 

@@ -220,10 +220,10 @@ def test_the_orm_guarded_select_runs_on_the_standby_and_refuses_another_key_ther
             assert session.scalar(sa.select(sa.func.pg_is_in_recovery())) is True
             rows = session.execute(orm.search("kb", vec, KEY, k=3)).all()
             assert [r.document_id for r in rows] == want and rows[0].model_key == KEY
-            with pytest.raises(sa.exc.DBAPIError) as err:
+            with pytest.raises(pyembed.ModelMismatch) as err:  # (pyembed.orm's handle_error)
                 session.execute(orm.search("kb", vec, OTHER, k=3)).all()
-            assert isinstance(err.value.orig, psycopg.Error)
-            assert err.value.orig.sqlstate == "PE001"
+            assert isinstance(err.value.__cause__, psycopg.Error)
+            assert err.value.__cause__.sqlstate == "PE001"
     finally:
         engine.dispose()
 
