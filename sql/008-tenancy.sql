@@ -110,6 +110,26 @@ $$;
 -- Callers on a search's path call it only once num_nulls() of their arguments is above 0: a
 -- PERFORM is a statement of its own, and one per argument on every call cost each search more
 -- than one test of them all.
+-- A count a SQL client gives a function (k, candidates, queries): the function takes it as
+-- numeric, so that any number a client sends (a bigint or numeric past integer, as psql types
+-- 3000000000 and drivers send a large int) reaches its range check instead of failing as
+-- "function ... does not exist"; returned as integer for the functions it is passed on to, or
+-- PE005 in the words of Python's and the CLI's check (`k must be 1..1000, got 3000000000`). NULL
+-- is passed on: the caller's own check names it.
+CREATE OR REPLACE FUNCTION pyembed._count_arg(value numeric, what text, low integer,
+                                              high integer) RETURNS integer
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+  IF value < low OR value > high OR value <> trunc(value) THEN  -- NaN is above every number
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = format('%s must be %s..%s, got %s', what, low, high, value);
+  END IF;
+  RETURN value::integer;
+END
+$$;
+
 CREATE OR REPLACE FUNCTION pyembed._needs(missing boolean, what text, fn text) RETURNS void
 LANGUAGE plpgsql IMMUTABLE
 SET search_path = pg_catalog, pg_temp

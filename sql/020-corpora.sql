@@ -537,7 +537,8 @@ BEGIN
   IF bounds IS NULL THEN
     RETURN false;
   END IF;
-  IF value IS NULL OR value NOT BETWEEN bounds[1]::numeric AND bounds[2]::numeric THEN
+  IF value IS NULL OR value NOT BETWEEN bounds[1]::numeric AND bounds[2]::numeric
+     OR value <> trunc(value) THEN  -- stored as integer: 2.5 was rounded
     RAISE EXCEPTION USING ERRCODE = 'PE005',
       MESSAGE = format('%s must be %s, got %s', setting, array_to_string(bounds, '..'),
                        coalesce(value::text, 'NULL'));
@@ -552,7 +553,7 @@ $$;
 -- description are not compared: a reindex changes the one and neither changes a vector.
 CREATE OR REPLACE FUNCTION pyembed.create_corpus(
   name text, model_key text, description text DEFAULT '',
-  chunk_tokens integer DEFAULT 200, chunk_overlap integer DEFAULT 40,
+  chunk_tokens numeric DEFAULT 200, chunk_overlap numeric DEFAULT 40,
   storage text DEFAULT 'vector', exist_ok boolean DEFAULT false)
 RETURNS integer
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER

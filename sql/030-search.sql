@@ -156,12 +156,14 @@ $$;
 -- taken by its position (unnesting both arrays scanned two functions, each into a tuplestore of
 -- its own). The ranking's `chunks` is NULL: k documents (no default, so that a downgrade's own
 -- six-argument version beside it is never ambiguous).
+-- k is numeric (pyembed._count_arg says why), its default a numeric constant (10 is stored as
+-- an integer's cast, which put this row over the limit below).
 -- These comments stand outside the body: a pg_proc row over PostgreSQL's TOAST_TUPLE_TARGET has
 -- its argument defaults compressed, and every call's statement decompressed them to resolve the
 -- call.
 CREATE OR REPLACE FUNCTION pyembed.search(
   corpus text, query_embedding vector, query_model_key text,
-  k integer DEFAULT 10, filter jsonb DEFAULT NULL, group_by text DEFAULT 'document')
+  k numeric DEFAULT 10.0, filter jsonb DEFAULT NULL, group_by text DEFAULT 'document')
 RETURNS TABLE (document_id text, chunk_id bigint, chunk_index integer, content text,
                metadata jsonb, score double precision, model_key text)
 LANGUAGE plpgsql STABLE SECURITY DEFINER
@@ -180,7 +182,8 @@ BEGIN
   IF NOT FOUND THEN
     c := pyembed.lookup_corpus(corpus);
   END IF;
-  r := pyembed._vector_ranking(c, query_embedding, query_model_key, k, filter, group_by, NULL);
+  r := pyembed._vector_ranking(c, query_embedding, query_model_key,
+    pyembed._count_arg(k, 'k', 1, 1000), filter, group_by, NULL);
   RETURN QUERY
   SELECT ch.document_id, ch.chunk_id, ch.chunk_index, ch.content, ch.metadata, r.scores[h.n],
          query_model_key

@@ -137,7 +137,7 @@ END
 $$;
 
 -- Hits, misses and current entries per day and model (or reranker), the caller's tenant's.
-CREATE OR REPLACE FUNCTION pyembed.cache_report(days integer DEFAULT 30)
+CREATE OR REPLACE FUNCTION pyembed.cache_report(days numeric DEFAULT 30)
 RETURNS TABLE (day date, model_key text, hits bigint, misses bigint, entries bigint)
 LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp

@@ -152,10 +152,10 @@ return indb.call(plpy, indb.search_reranked, GD, corpus, query, rerank, k, filte
 $$;
 
 CREATE OR REPLACE FUNCTION pyembed.search_reranked(corpus text, query text, rerank text,
-                                                   k integer DEFAULT 10,
+                                                   k numeric DEFAULT 10,
                                                    filter jsonb DEFAULT NULL,
                                                    mode text DEFAULT 'vector',
-                                                   candidates integer DEFAULT NULL,
+                                                   candidates numeric DEFAULT NULL,
                                                    group_by text DEFAULT 'document',
                                                    fusion text DEFAULT NULL,
                                                    alpha double precision DEFAULT NULL)
@@ -168,8 +168,9 @@ AS $$
 DECLARE
   e_state text; e_message text; e_detail text; e_hint text;
 BEGIN
-  RETURN QUERY SELECT * FROM pyembed._search_reranked(corpus, query, rerank, k, filter, mode,
-                                                      candidates, group_by, fusion, alpha);
+  RETURN QUERY SELECT * FROM pyembed._search_reranked(
+    corpus, query, rerank, pyembed._count_arg(k, 'k', 1, 1000), filter, mode,
+    pyembed._count_arg(candidates, 'rerank candidates', 1, 1000), group_by, fusion, alpha);
 EXCEPTION WHEN OTHERS OR query_canceled THEN
   GET STACKED DIAGNOSTICS e_state = RETURNED_SQLSTATE, e_message = MESSAGE_TEXT,
                           e_detail = PG_EXCEPTION_DETAIL, e_hint = PG_EXCEPTION_HINT;
