@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .dbcall import integer
-from .errors import InvalidInput, InvalidVector, ModelMismatch
+from .errors import InvalidInput, InvalidVector, ModelMismatch, shown
 from .sqlexec import Executor, executor
 from .text import check_depth, check_json, check_whole_number, read_json
 from .vectors import float_array
@@ -122,13 +122,13 @@ class Options:
     def check(self, mode: str | None) -> None:
         """InvalidInput for a value the database would refuse too, before any embedding."""
         if mode not in MODES:
-            raise InvalidInput(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+            raise InvalidInput(f"mode must be one of {', '.join(MODES)}, not {shown(mode)}")
         if self.group not in GROUPS:
-            raise InvalidInput(f"group must be one of {', '.join(GROUPS)}, not {self.group!r}")
+            raise InvalidInput(f"group must be one of {', '.join(GROUPS)}, not {shown(self.group)}")
         if mode != "hybrid" and (self.fusion is not None or self.alpha is not None):
             raise InvalidInput(f"fusion and alpha apply to hybrid search, not to {mode} search")
         if self.fusion is not None and self.fusion not in FUSIONS:
-            raise InvalidInput(f"fusion must be one of {', '.join(FUSIONS)}, not {self.fusion!r}")
+            raise InvalidInput(f"fusion must be one of {', '.join(FUSIONS)}, not {shown(self.fusion)}")
 
 
 DEFAULT = Options()

@@ -74,13 +74,23 @@ _ID_SPACE = re.compile("[\u0009-\u000d\u0020\u0085\u00a0\u1680\u2000-\u200a\u202
                        "\u202f\u205f\u3000]")
 """Unicode's White_Space characters, as pyembed._document_id_problem lists them."""
 _ID_CONTROL = re.compile("[\u0001-\u001f\u007f-\u009f]")
+_UNSHOWN = re.compile("[\u007f-\u009f\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u206f"
+                      "\ufeff\ufff9-\ufffb]")
+"""The control and format characters JSON leaves as they are (it escapes those below U+0020),
+which an id's message writes \\uXXXX as pyembed._document_id_problem does: a terminal's escape,
+a right-to-left override reordering the message as shown."""
+
+
+def _id_shown(document_id: str) -> str:
+    return _UNSHOWN.sub(lambda m: f"\\u{ord(m.group()):04x}",
+                        json.dumps(document_id, ensure_ascii=False))
 
 
 def document_id_problem(document_id: str) -> str | None:
     """What pyembed._document_id_problem (sql/015-chunks.sql), which refuses it at every write,
     finds wrong with the id, in its words; None if nothing. Asked here too, so that a client
     refuses an id before a provider is paid for its document's chunks."""
-    shown = json.dumps(document_id, ensure_ascii=False)
+    shown = _id_shown(document_id)
     if not document_id:
         return "a document id is 1..512 characters, got 0 characters"
     if all(_ID_SPACE.fullmatch(c) for c in document_id):
@@ -93,7 +103,7 @@ def document_id_problem(document_id: str) -> str | None:
     if bad:
         return f"document id {shown} has a control character (U+{ord(bad.group()):04X})"
     if not unicodedata.is_normalized("NFC", document_id):
-        nfc = json.dumps(unicodedata.normalize("NFC", document_id), ensure_ascii=False)
+        nfc = _id_shown(unicodedata.normalize("NFC", document_id))
         return f"document id {shown} is not in Unicode normal form NFC (as NFC: {nfc})"
     return None
 

@@ -56,7 +56,7 @@ BEGIN
               AND c.migration_step IN ('backfilled', 'validated', 'shifting')) THEN
     RAISE EXCEPTION USING ERRCODE = 'PE001',
       MESSAGE = format('model key mismatch: corpus %s is pinned to %s, but the query vector was '
-                       'made by %s', c.name, c.model_key, coalesce(query_model_key, 'NULL')),
+                       'made by %s', c.name, c.model_key, pyembed._quoted(query_model_key)),
       HINT = 'embed the query with the corpus''s model, or let pyembed.search_text embed it';
   END IF;
   IF k IS NULL OR k < 1 OR k > 1000 THEN
@@ -65,7 +65,7 @@ BEGIN
   END IF;
   IF group_by IS NULL OR group_by NOT IN ('document', 'chunk') THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
-      MESSAGE = format('group_by must be document or chunk, not %s', coalesce(group_by, 'NULL'));
+      MESSAGE = format('group_by must be document or chunk, not %s', pyembed._quoted(group_by));
   END IF;
   IF query_embedding IS NULL THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005', MESSAGE = 'no query vector (NULL)',

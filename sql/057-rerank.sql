@@ -25,7 +25,7 @@ BEGIN
     RETURN NEW;
   END IF;
   RAISE EXCEPTION USING ERRCODE = 'PE006',
-    MESSAGE = format('unknown reranker %s; known: %s', quote_literal(left(NEW.reranker, 80)),
+    MESSAGE = format('unknown reranker %s; known: %s', pyembed._quoted(NEW.reranker),
                      array_to_string(pyembed.rerankers(), ', '));
 END
 $$;
@@ -81,7 +81,7 @@ BEGIN
   IF p_reranker IS NULL OR p_reranker !~ '^[a-z0-9-]+/[A-Za-z0-9._-]+$' THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
       MESSAGE = format('a reranker is named provider/model, not %s',
-                       coalesce(quote_literal(p_reranker), 'NULL'));
+                       pyembed._quoted(p_reranker));
   END IF;
   SELECT t.i, t.k, t.s INTO bad FROM unnest(keys, scores) WITH ORDINALITY AS t(k, s, i)
    WHERE t.k IS NULL OR length(t.k) <> 32 OR t.s IS NULL OR t.s = 'NaN'

@@ -456,7 +456,7 @@ BEGIN
   END IF;
   IF group_by IS NULL OR group_by NOT IN ('document', 'chunk') THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
-      MESSAGE = format('group_by must be document or chunk, not %s', coalesce(group_by, 'NULL'));
+      MESSAGE = format('group_by must be document or chunk, not %s', pyembed._quoted(group_by));
   END IF;
   IF group_by = 'chunk' THEN
     SELECT b.ids, b.scores, b.ids::text[] INTO ids, scores, keys
@@ -721,7 +721,7 @@ BEGIN
   fusion := coalesce(fusion, 'relative');  -- the default
   IF fusion NOT IN ('rrf', 'relative') THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
-      MESSAGE = format('fusion must be rrf or relative, not %s', fusion);
+      MESSAGE = format('fusion must be rrf or relative, not %s', pyembed._quoted(fusion));
   END IF;
   IF alpha IS NOT NULL AND fusion <> 'relative' THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',

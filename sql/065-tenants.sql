@@ -74,7 +74,7 @@ BEGIN
   END IF;
   RAISE EXCEPTION USING ERRCODE = 'PE006',
     MESSAGE = format('unknown model key %s: not in the registry (`pyembed models`) nor a '
-                     'reranker', coalesce(quote_literal(left(NEW.model_key, 80)), 'NULL'));
+                     'reranker', pyembed._quoted(NEW.model_key));
 END
 $$;
 

@@ -35,7 +35,7 @@ BEGIN
   ELSE
     RAISE EXCEPTION USING ERRCODE = 'PE005',
       MESSAGE = format('mode must be one of vector, keyword, hybrid, not %s',
-                       coalesce(quote_literal(mode), 'NULL'));
+                       pyembed._quoted(mode));
   END IF;
 END
 $$;

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 import time
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -177,6 +178,10 @@ PL_BODIES = {
     "_add_document": "add_document's body: add_document runs as its caller (row-level "
                      "security keeps it to the caller's tenant), so the caller executes the body",
 }
+LONGEST = 1000
+"""An error's message, detail or hint shows a caller's value cut (a 1 MB value is not read back
+in every error and log line), and escapes its control and format characters (a terminal's
+escape sequences, a right-to-left override that reorders the message as shown)."""
 INTERNAL_WORDS = ("plpy", "Traceback", "PL/Python", "NoneType", "None", "nan", "spiexceptions",
                   "PL/pgSQL", "SQL statement")
 
@@ -249,6 +254,13 @@ class Walk:
         elif not message or any(w in message for w in INTERNAL_WORDS) \
                 or any(w in (err.diag.message_detail or "") for w in INTERNAL_WORDS[:3]):
             self.wrong.append(f"{said} (an internal word)")
+        for part, text in (("message", message), ("detail", err.diag.message_detail),
+                           ("hint", err.diag.message_hint)):
+            if len(text or "") > LONGEST:
+                self.wrong.append(f"{said} (a {part} of {len(text or '')} characters)")
+            if any(unicodedata.category(ch) in ("Cc", "Cf") for ch in text or ""):
+                self.wrong.append(f"{said} (a {part} with a control or format character: "
+                                  f"{text!r:.200})")
 
 
 WORKER_CALLS = {
