@@ -153,6 +153,21 @@ BEGIN
 END
 $$;
 
+-- PE005 for arrays a function takes together, one element each (`names`), whose `lengths`
+-- differ: unnest padded the shorter with NULLs, which skipped an element's row or failed on a
+-- NOT NULL naming a column. Called once the caller has seen them differ.
+CREATE OR REPLACE FUNCTION pyembed._one_each(fn text, names text, lengths integer[])
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+  RAISE EXCEPTION USING ERRCODE = 'PE005',
+    MESSAGE = format('%s must have one element each: pyembed.%s() got %s elements', names, fn,
+                     array_to_string(lengths, ', ', '0'));
+END
+$$;
+
 CREATE OR REPLACE FUNCTION pyembed._needs(missing boolean, what text, fn text) RETURNS void
 LANGUAGE plpgsql IMMUTABLE
 SET search_path = pg_catalog, pg_temp

@@ -123,6 +123,11 @@ BEGIN
     PERFORM pyembed._needs(hits IS NULL, 'hits', 'cache_count');
     PERFORM pyembed._needs(misses IS NULL, 'misses', 'cache_count');
   END IF;
+  IF cardinality(hits) IS DISTINCT FROM cardinality(models)
+     OR cardinality(misses) IS DISTINCT FROM cardinality(models) THEN
+    PERFORM pyembed._one_each('cache_count', 'models, hits and misses',
+                              ARRAY[cardinality(models), cardinality(hits), cardinality(misses)]);
+  END IF;
   IF current_setting('transaction_read_only') = 'on' THEN
     RETURN false;
   END IF;
