@@ -1,15 +1,24 @@
 """Every SQL entry point with every bad input, walked from the catalogue: each function in schema
 pyembed that the application role (and so a tenant's login) or the worker role may EXECUTE,
-called as a tenant's login (and as the worker's) with hostile values in each argument in turn,
-chosen by the argument's type (text, vectors, integers, floats, jsonb, bytea, arrays), plus an
-unknown corpus and another tenant's corpus where an argument names or numbers one. NULL in each
-argument is test_sql_errors' walk.
+called as a tenant's login, as the application role itself and (the worker's own functions) as a
+worker's login, with hostile values in each argument in turn, chosen by the argument's type
+(text, vectors, integers, counts, floats, jsonb, bytea, arrays), plus an unknown corpus and
+another tenant's corpus where an argument names or numbers one. NULL in each argument is
+test_sql_errors' walk; the owner's migration steps have theirs there too.
 
 For each call: an error has a pyembed SQLSTATE (PExxx) or a standard one listed in STANDARD with
-why, a message with no Python, internal name or NULL-as-None in it, and never one of LEAKS; the
+why, a message with no Python, internal name or NULL-as-None in it, never one of LEAKS, and a
+message, detail and hint of at most LONGEST characters with no control or format character; the
 transaction goes on after it (the call rolled back to a savepoint); a call that works leaves no
-half-written document. And nothing the walk did reached another session: every table of the
-schema (row counts and a checksum of each, read by the owner) is as it was."""
+half-written document, and one that takes arrays together refuses one of them empty. And nothing
+the walk did reached another session: every table of the schema (row counts and a checksum of
+each, read by the owner) is as it was.
+
+The functions that reach a provider (embed, embed_batch, search_text, search_reranked and the
+searches by text) are called with the fake model and reranker, in-process: the values walked
+here are the caller's arguments. A provider's own failures (missing keys, 429, 5xx, timeouts,
+answers out of shape) are test_provider_errors', test_provider_answers' and
+test_transport_retries', against tests/fakeapi's servers."""
 
 from __future__ import annotations
 
