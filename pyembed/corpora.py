@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .dbcall import integer, translated
-from .errors import InvalidInput, UnknownModel
+from .errors import InvalidInput, UnknownModel, shown
 from .models import MODEL_COLUMNS, MODEL_FIELDS, ModelSpec, spec_from_row
 from .sqlexec import Executor, executor
 from .text import check_text, document_hash, sha256
@@ -59,7 +59,7 @@ def model_spec(db: psycopg.Connection[Any] | Executor, key: str) -> ModelSpec:
     rows = executor(db).rows(f"SELECT {MODEL_COLUMNS} FROM pyembed.models WHERE model_key = $1",
                              [key], ["text"])
     if not rows:
-        raise UnknownModel(f"unknown model key {key!r}: `pyembed models` lists the known keys")
+        raise UnknownModel(f"unknown model key {shown(key)}: `pyembed models` lists the known keys")
     return spec_from_row(dict(zip(MODEL_FIELDS, rows[0], strict=True)))
 
 

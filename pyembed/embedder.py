@@ -11,7 +11,7 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-from .errors import ConfigError, InvalidInput, InvalidVector, ModelMismatch, ProviderError
+from .errors import ConfigError, InvalidInput, InvalidVector, ModelMismatch, ProviderError, shown
 from .models import InputType, ModelSpec
 from .providers import Provider, Vectors, provider_for
 from .retry import Retrier
@@ -117,7 +117,7 @@ class Embedder:
             input_type = InputType(input_type)
         except ValueError:
             raise InvalidInput(f"input type must be one of {[t.value for t in InputType]}, "
-                               f"not {input_type!r}") from None
+                               f"not {shown(input_type)}") from None
         if not self.spec.input_types:
             input_type = InputType.DOCUMENT
         out = np.empty((len(prepared), self.spec.dimensions), dtype=np.float32)

@@ -85,6 +85,21 @@ ERROR_KINDS = ("rate_limited", "server_error", "no_response", "rejected", "bad_a
 """How a provider call can fail, as pyembed counts it (pyembed.provider_errors())."""
 
 
+SHOWN_CHARACTERS = 80
+"""How much of a caller's value an error message quotes (pyembed._quoted in SQL alike)."""
+
+
+def shown(value: object) -> str:
+    """A caller's value as an error message quotes it: repr of its first SHOWN_CHARACTERS
+    characters (repr escapes control and format characters: a terminal's escape sequence, a
+    right-to-left override that reorders the message as shown), with how long it was when longer
+    (a 1 MB value is not read back in every error and log line)."""
+    if not isinstance(value, str):
+        return repr(value)
+    more = f"... ({len(value)} characters)" if len(value) > SHOWN_CHARACTERS else ""
+    return repr(value[:SHOWN_CHARACTERS]) + more
+
+
 def status_kind(status: int | None) -> str:
     """The kind (ERROR_KINDS) of a failed HTTP call with this status, for every service: no
     status (no answer at all) no_response, 429 rate_limited, 408, 409 and 5xx server_error,

@@ -21,7 +21,7 @@ from .cache import PostgresCache
 from .cachekey import HitCounter
 from .chunking import chunk_text, fit_chunks
 from .corpora import model_spec
-from .errors import InvalidInput, MissingAPIKey, PyembedError, redact
+from .errors import InvalidInput, MissingAPIKey, PyembedError, redact, shown
 from .models import InputType, ModelSpec
 from .sqlexec import PlpyExecutor, unpack_sqlstate, vector_text
 
@@ -212,7 +212,7 @@ def _input_type(value: str | None) -> InputType:
     try:
         return InputType(value or "document")
     except ValueError:
-        raise InvalidInput(f"input_type must be 'document' or 'query', not {value!r}") from None
+        raise InvalidInput(f"input_type must be 'document' or 'query', not {shown(value)}") from None
 
 
 def embed(plpy: Any, GD: dict[str, Any], input: str, model_key: str, input_type: str) -> str:

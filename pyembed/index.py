@@ -17,7 +17,7 @@ from psycopg import sql
 from psycopg.pq import TransactionStatus
 
 from .dbcall import translated
-from .errors import InvalidInput
+from .errors import InvalidInput, shown
 
 STORAGES = ("vector", "halfvec", "binary")
 BULK_LOAD_ROWS = 1_000
@@ -53,7 +53,7 @@ class IndexStatus:
 
 def check_storage(storage: str) -> str:
     if storage not in STORAGES:
-        raise InvalidInput(f"unknown storage {storage!r}: use vector, halfvec or binary")
+        raise InvalidInput(f"unknown storage {shown(storage)}: use vector, halfvec or binary")
     return storage
 
 

@@ -17,7 +17,7 @@ import anthropic
 
 from .client import Corpus, _ms
 from .dbcall import integer
-from .errors import InvalidInput, ProviderError, redact, status_kind
+from .errors import InvalidInput, ProviderError, redact, shown, status_kind
 from .providers.base import (
     TRANSIENT_STATUSES,
     UNREADABLE,
@@ -171,7 +171,7 @@ def answer(corpus: Corpus, question: str, *, k: int = 5, model: str | None = Non
     if integer(max_tokens, "max_tokens") < 1:
         raise InvalidInput(f"max_tokens must be at least 1, got {max_tokens}")
     if mode not in MODES:
-        raise InvalidInput(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+        raise InvalidInput(f"mode must be one of {', '.join(MODES)}, not {shown(mode)}")
     # NaN compares false with every score (every passage dropped) and reaches the socket as a
     # timeout; a finite number is what either can mean.
     if min_score is not None and not _finite(min_score):

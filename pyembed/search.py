@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .dbcall import integer
-from .errors import InvalidInput, InvalidVector, ModelMismatch
+from .errors import InvalidInput, InvalidVector, ModelMismatch, shown
 from .sqlexec import Executor, executor
 from .text import check_depth, check_json, check_whole_number, read_json
 from .vectors import float_array
@@ -125,13 +125,13 @@ class Options:
     def check(self, mode: str | None) -> None:
         """InvalidInput for a value the database would refuse too, before any embedding."""
         if mode not in MODES:
-            raise InvalidInput(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+            raise InvalidInput(f"mode must be one of {', '.join(MODES)}, not {shown(mode)}")
         if self.group not in GROUPS:
-            raise InvalidInput(f"group must be one of {', '.join(GROUPS)}, not {self.group!r}")
+            raise InvalidInput(f"group must be one of {', '.join(GROUPS)}, not {shown(self.group)}")
         if mode != "hybrid" and (self.fusion is not None or self.alpha is not None):
             raise InvalidInput(f"fusion and alpha apply to hybrid search, not to {mode} search")
         if self.fusion is not None and self.fusion not in FUSIONS:
-            raise InvalidInput(f"fusion must be one of {', '.join(FUSIONS)}, not {self.fusion!r}")
+            raise InvalidInput(f"fusion must be one of {', '.join(FUSIONS)}, not {shown(self.fusion)}")
         # The database's checks too (pyembed.search_hybrid), here before the query is embedded
         # and paid for: a refused search records no usage.
         if self.alpha is not None and self.fusion == "rrf":
@@ -140,7 +140,7 @@ class Options:
         if self.alpha is not None and not (isinstance(self.alpha, int | float)
                                            and 0 <= self.alpha <= 1):
             raise InvalidInput(f"alpha must be 0..1 (the vector search's weight), got "
-                               f"{self.alpha!r}")
+                               f"{shown(self.alpha)}")
 
 
 DEFAULT = Options()

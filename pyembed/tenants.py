@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .dbcall import integer, translated
-from .errors import InvalidInput, ProviderError
+from .errors import InvalidInput, ProviderError, shown
 from .sqlexec import Executor, executor
 
 if TYPE_CHECKING:
@@ -35,7 +35,7 @@ def create_tenant(conn: psycopg.Connection[Any], name: str, *,
         except psycopg.errors.CheckViolation as exc:
             # Name the value the table refused: a limit of 0 is no fault of the name.
             if exc.diag.constraint_name == "tenants_name_check":
-                raise InvalidInput(f"invalid tenant name {name!r}: use 1-63 lowercase letters, "
+                raise InvalidInput(f"invalid tenant name {shown(name)}: use 1-63 lowercase letters, "
                                    "digits, _ or -, the first a letter or digit") from None
             raise  # (the limits were checked against their ranges above)
         except psycopg.errors.UniqueViolation:

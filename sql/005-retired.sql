@@ -72,3 +72,23 @@ DROP FUNCTION IF EXISTS pyembed._check_setting(text, bigint);
 -- A validation passes on fewer evaluation queries than pyembed.min_eval_queries() only when
 -- forced: migration_validated gained that argument.
 DROP FUNCTION IF EXISTS pyembed.migration_validated(text, jsonb, boolean);
+-- The counts a SQL client gives (k, candidates, days, hours, queries, max_samples, chunk_tokens,
+-- chunk_overlap) are numeric, so that a number past integer reaches its range check
+-- (pyembed._count_arg): as integer it failed as "function ... does not exist".
+DROP FUNCTION IF EXISTS pyembed.search(text, vector, text, integer, jsonb, text);
+DROP FUNCTION IF EXISTS pyembed.search_text(text, text, integer, jsonb, text, text, text,
+                                            double precision);
+DROP FUNCTION IF EXISTS pyembed.search_keyword(text, text, integer, jsonb, text);
+DROP FUNCTION IF EXISTS pyembed.keyword_ranking(text, text, integer, jsonb, text);
+DROP FUNCTION IF EXISTS pyembed.search_hybrid(text, text, vector, text, integer, jsonb, integer,
+                                              integer, text, text, double precision, bigint[],
+                                              double precision[], text[]);
+DROP FUNCTION IF EXISTS pyembed.search_reranked(text, text, text, integer, jsonb, text, integer,
+                                                text, text, double precision);
+DROP FUNCTION IF EXISTS pyembed.create_corpus(text, text, text, integer, integer, text, boolean);
+DROP FUNCTION IF EXISTS pyembed.cache_report(integer) CASCADE;  -- cache_health: 075-health.sql
+DROP FUNCTION IF EXISTS pyembed.usage_report(integer);
+DROP FUNCTION IF EXISTS pyembed._report_window(integer, text);
+DROP FUNCTION IF EXISTS pyembed.measure_recall(text, integer);
+DROP FUNCTION IF EXISTS pyembed.recall_sampled(integer);
+DROP FUNCTION IF EXISTS pyembed.recall_report(integer) CASCADE;  -- recall_health: as cache_health

@@ -98,7 +98,7 @@ BEGIN
         (regexp_match(stack, '^.*PL/pgSQL function pyembed\.(\w+)\('))[1], 'lookup_corpus'));
     END IF;
     RAISE EXCEPTION USING ERRCODE = 'PE002',
-      MESSAGE = format('unknown corpus %s', coalesce(quote_literal(left(corpus, 80)), 'NULL')),
+      MESSAGE = format('unknown corpus %s', pyembed._quoted(corpus)),
       HINT = '`pyembed corpus list` shows the corpora';
   END IF;
   RETURN c;
@@ -110,6 +110,64 @@ $$;
 -- Callers on a search's path call it only once num_nulls() of their arguments is above 0: a
 -- PERFORM is a statement of its own, and one per argument on every call cost each search more
 -- than one test of them all.
+-- A caller's value as an error message quotes it (NULL: NULL): its first 80 characters in single
+-- quotes (one inside doubled), their control and format characters written \uXXXX (a terminal's
+-- escape sequence, a right-to-left override reordering the message as shown, a line break
+-- starting a fake log line) and a backslash doubled, with how long it was when longer (a 1 MB
+-- value is not read back in every error and log line), as pyembed.errors.shown quotes one in
+-- Python.
+CREATE OR REPLACE FUNCTION pyembed._quoted(value text) RETURNS text
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+  SELECT CASE WHEN value IS NULL THEN 'NULL'
+    ELSE '''' || (SELECT string_agg(
+                   CASE WHEN t.ch ~ ('[\x01-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f'
+                                     '\u2028-\u202e\u2060-\u206f\ufeff\ufff9-\ufffb]')
+                        THEN '\u' || lpad(to_hex(ascii(t.ch)), 4, '0')
+                        WHEN t.ch = '\' THEN '\\' WHEN t.ch = '''' THEN ''''''
+                        ELSE t.ch END, '' ORDER BY t.n)
+                   FROM regexp_split_to_table(left(value, 80), '') WITH ORDINALITY t(ch, n))
+         || '''' || CASE WHEN length(value) > 80 THEN format('... (%s characters)', length(value))
+                         ELSE '' END
+  END
+$$;
+
+-- A count a SQL client gives a function (k, candidates, queries): the function takes it as
+-- numeric, so that any number a client sends (a bigint or numeric past integer, as psql types
+-- 3000000000 and drivers send a large int) reaches its range check instead of failing as
+-- "function ... does not exist"; returned as integer for the functions it is passed on to, or
+-- PE005 in the words of Python's and the CLI's check (`k must be 1..1000, got 3000000000`). NULL
+-- is passed on: the caller's own check names it.
+CREATE OR REPLACE FUNCTION pyembed._count_arg(value numeric, what text, low integer,
+                                              high integer) RETURNS integer
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+  IF value < low OR value > high OR value <> trunc(value) THEN  -- NaN is above every number
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = format('%s must be %s..%s, got %s', what, low, high, value);
+  END IF;
+  RETURN value::integer;
+END
+$$;
+
+-- PE005 for arrays a function takes together, one element each (`names`), whose `lengths`
+-- differ: unnest padded the shorter with NULLs, which skipped an element's row or failed on a
+-- NOT NULL naming a column. Called once the caller has seen them differ.
+CREATE OR REPLACE FUNCTION pyembed._one_each(fn text, names text, lengths integer[])
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+  RAISE EXCEPTION USING ERRCODE = 'PE005',
+    MESSAGE = format('%s must have one element each: pyembed.%s() got %s elements', names, fn,
+                     array_to_string(lengths, ', ', '0'));
+END
+$$;
+
 CREATE OR REPLACE FUNCTION pyembed._needs(missing boolean, what text, fn text) RETURNS void
 LANGUAGE plpgsql IMMUTABLE
 SET search_path = pg_catalog, pg_temp

@@ -57,7 +57,7 @@ BEGIN
   IF p_model_key IS DISTINCT FROM c.model_key AND p_model_key IS DISTINCT FROM c.target_model_key THEN
     RAISE EXCEPTION USING ERRCODE = 'PE001',
       MESSAGE = format('model key mismatch: corpus %s is pinned to %s, but the vector for chunk %s '
-                       'was made by %s', c.name, c.model_key, p_chunk_id, p_model_key),
+                       'was made by %s', c.name, c.model_key, p_chunk_id, pyembed._quoted(p_model_key)),
       DETAIL = CASE WHEN c.target_model_key IS NULL THEN 'no model migration is in progress'
                     ELSE format('the migration target is %s', c.target_model_key) END,
       HINT = 'embed with the corpus''s model, or change models with `pyembed migrate`';

@@ -111,8 +111,15 @@ DECLARE
   -- White_Space (Unicode's PropList), as a bracket expression.
   ws CONSTANT text := '[\u0009-\u000D\u0020\u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F'
                       '\u205F\u3000]';
-  shown text := to_jsonb(id)::text;
+  -- The control and format characters JSON leaves as they are (it escapes those below U+0020),
+  -- which the message writes \uXXXX (a terminal's escape, a right-to-left override reordering
+  -- the message as shown), as pyembed.text's.
+  unshown CONSTANT text := '[\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u206f'
+                           '\ufeff\ufff9-\ufffb]';
+  said text;
+  nfc text;
   bad text;
+  shown text[];
 BEGIN
   IF id IS NULL THEN  -- (as pyembed._needs says it, which the writer's role may not call)
     RAISE EXCEPTION USING ERRCODE = 'PE005',
@@ -121,27 +128,29 @@ BEGIN
   IF length(id) NOT BETWEEN 1 AND 512 THEN  -- (the column's CHECK, in these words first)
     RETURN format('a document id is 1..512 characters, got %s characters', length(id));
   END IF;
-  IF id ~ ('^' || ws || '*$') THEN
-    RETURN format('document id %s is only whitespace', shown);
-  END IF;
-  IF left(id, 1) ~ ws THEN
-    RETURN format('document id %s starts with whitespace (U+%s)', shown,
-                  lpad(upper(to_hex(ascii(left(id, 1)))), 4, '0'));
-  END IF;
-  IF right(id, 1) ~ ws THEN
-    RETURN format('document id %s ends with whitespace (U+%s)', shown,
-                  lpad(upper(to_hex(ascii(right(id, 1)))), 4, '0'));
-  END IF;
   bad := substring(id FROM '[\u0001-\u001F\u007F-\u009F]');
-  IF bad IS NOT NULL THEN
-    RETURN format('document id %s has a control character (U+%s)', shown,
-                  lpad(upper(to_hex(ascii(bad))), 4, '0'));
+  IF id ~ ('^' || ws || '*$') THEN
+    said := 'is only whitespace';
+  ELSIF left(id, 1) ~ ws THEN
+    said := format('starts with whitespace (U+%s)', lpad(upper(to_hex(ascii(left(id, 1)))), 4, '0'));
+  ELSIF right(id, 1) ~ ws THEN
+    said := format('ends with whitespace (U+%s)', lpad(upper(to_hex(ascii(right(id, 1)))), 4, '0'));
+  ELSIF bad IS NOT NULL THEN
+    said := format('has a control character (U+%s)', lpad(upper(to_hex(ascii(bad))), 4, '0'));
+  ELSIF NOT id IS NFC NORMALIZED THEN
+    nfc := normalize(id, NFC);
+    said := 'is not in Unicode normal form NFC (as NFC: %s)';
+  ELSE
+    RETURN NULL;
   END IF;
-  IF NOT id IS NFC NORMALIZED THEN
-    RETURN format('document id %s is not in Unicode normal form NFC (as NFC: %s)', shown,
-                  to_jsonb(normalize(id, NFC))::text);
-  END IF;
-  RETURN NULL;
+  -- the ids shown as JSON, their unshown characters escaped (the id, then its NFC form)
+  SELECT array_agg((SELECT string_agg(CASE WHEN t.ch ~ unshown
+                                           THEN '\u' || lpad(to_hex(ascii(t.ch)), 4, '0')
+                                           ELSE t.ch END, '' ORDER BY t.n)
+                      FROM regexp_split_to_table(to_jsonb(v.i)::text, '') WITH ORDINALITY t(ch, n))
+                   ORDER BY v.o)
+    INTO shown FROM unnest(ARRAY[id, nfc]) WITH ORDINALITY v(i, o) WHERE v.i IS NOT NULL;
+  RETURN format('document id %s %s', shown[1], format(said, shown[2]));
 END
 $$;
 

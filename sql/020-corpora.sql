@@ -327,8 +327,8 @@ BEGIN
   IF to_regclass(format('pyembed.%I', pyembed._vector_partition_name(p_corpus_id))) IS NULL THEN
     RAISE EXCEPTION USING ERRCODE = 'PE002',
       MESSAGE = format('unknown corpus %s', coalesce(
-        quote_literal((SELECT left(co.name, 80) FROM pyembed.corpora co
-                        WHERE co.corpus_id = p_corpus_id)), 'id ' || p_corpus_id)),
+        pyembed._quoted((SELECT co.name FROM pyembed.corpora co WHERE co.corpus_id = p_corpus_id)),
+        'id ' || p_corpus_id)),
       DETAIL = 'it was dropped while this call was using it',
       HINT = '`pyembed corpus list` shows the corpora';
   END IF;
@@ -489,7 +489,7 @@ BEGIN
   IF name IS NULL OR name !~ '^[a-z0-9][a-z0-9_-]{0,62}$' THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
       MESSAGE = format('invalid corpus name %s: use 1-63 lowercase letters, digits, _ or -, '
-                       'starting with a letter or digit', coalesce(quote_literal(left(name, 80)), 'NULL'));
+                       'starting with a letter or digit', pyembed._quoted(name));
   END IF;
 END
 $$;
@@ -503,7 +503,7 @@ BEGIN
   IF storage IS NULL OR storage NOT IN ('vector', 'halfvec', 'binary') THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
       MESSAGE = format('unknown storage %s: use vector, halfvec or binary',
-                       coalesce(quote_literal(left(storage, 40)), 'NULL'));
+                       pyembed._quoted(storage));
   END IF;
 END
 $$;
@@ -537,7 +537,8 @@ BEGIN
   IF bounds IS NULL THEN
     RETURN false;
   END IF;
-  IF value IS NULL OR value NOT BETWEEN bounds[1]::numeric AND bounds[2]::numeric THEN
+  IF value IS NULL OR value NOT BETWEEN bounds[1]::numeric AND bounds[2]::numeric
+     OR value <> trunc(value) THEN  -- stored as integer: 2.5 was rounded
     RAISE EXCEPTION USING ERRCODE = 'PE005',
       MESSAGE = format('%s must be %s, got %s', setting, array_to_string(bounds, '..'),
                        coalesce(value::text, 'NULL'));
@@ -552,7 +553,7 @@ $$;
 -- description are not compared: a reindex changes the one and neither changes a vector.
 CREATE OR REPLACE FUNCTION pyembed.create_corpus(
   name text, model_key text, description text DEFAULT '',
-  chunk_tokens integer DEFAULT 200, chunk_overlap integer DEFAULT 40,
+  chunk_tokens numeric DEFAULT 200, chunk_overlap numeric DEFAULT 40,
   storage text DEFAULT 'vector', exist_ok boolean DEFAULT false)
 RETURNS integer
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
@@ -570,7 +571,7 @@ BEGIN
   PERFORM pyembed._check_corpus_name(create_corpus.name);
   IF NOT EXISTS (SELECT FROM pyembed.models m WHERE m.model_key = create_corpus.model_key) THEN
     RAISE EXCEPTION USING ERRCODE = 'PE006',
-      MESSAGE = format('unknown model key %s', coalesce(quote_literal(create_corpus.model_key), 'NULL')),
+      MESSAGE = format('unknown model key %s', pyembed._quoted(create_corpus.model_key)),
       HINT = '`pyembed models` lists the registered keys';
   END IF;
   PERFORM pyembed._check_storage(create_corpus.storage);

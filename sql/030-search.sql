@@ -56,7 +56,7 @@ BEGIN
               AND c.migration_step IN ('backfilled', 'validated', 'shifting')) THEN
     RAISE EXCEPTION USING ERRCODE = 'PE001',
       MESSAGE = format('model key mismatch: corpus %s is pinned to %s, but the query vector was '
-                       'made by %s', c.name, c.model_key, coalesce(query_model_key, 'NULL')),
+                       'made by %s', c.name, c.model_key, pyembed._quoted(query_model_key)),
       HINT = 'embed the query with the corpus''s model, or let pyembed.search_text embed it';
   END IF;
   IF k IS NULL OR k < 1 OR k > 1000 THEN
@@ -65,7 +65,7 @@ BEGIN
   END IF;
   IF group_by IS NULL OR group_by NOT IN ('document', 'chunk') THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
-      MESSAGE = format('group_by must be document or chunk, not %s', coalesce(group_by, 'NULL'));
+      MESSAGE = format('group_by must be document or chunk, not %s', pyembed._quoted(group_by));
   END IF;
   IF query_embedding IS NULL THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005', MESSAGE = 'no query vector (NULL)',
@@ -156,12 +156,14 @@ $$;
 -- taken by its position (unnesting both arrays scanned two functions, each into a tuplestore of
 -- its own). The ranking's `chunks` is NULL: k documents (no default, so that a downgrade's own
 -- six-argument version beside it is never ambiguous).
+-- k is numeric (pyembed._count_arg says why), its default a numeric constant (10 is stored as
+-- an integer's cast, which put this row over the limit below).
 -- These comments stand outside the body: a pg_proc row over PostgreSQL's TOAST_TUPLE_TARGET has
 -- its argument defaults compressed, and every call's statement decompressed them to resolve the
 -- call.
 CREATE OR REPLACE FUNCTION pyembed.search(
   corpus text, query_embedding vector, query_model_key text,
-  k integer DEFAULT 10, filter jsonb DEFAULT NULL, group_by text DEFAULT 'document')
+  k numeric DEFAULT 10.0, filter jsonb DEFAULT NULL, group_by text DEFAULT 'document')
 RETURNS TABLE (document_id text, chunk_id bigint, chunk_index integer, content text,
                metadata jsonb, score double precision, model_key text)
 LANGUAGE plpgsql STABLE SECURITY DEFINER
@@ -180,7 +182,8 @@ BEGIN
   IF NOT FOUND THEN
     c := pyembed.lookup_corpus(corpus);
   END IF;
-  r := pyembed._vector_ranking(c, query_embedding, query_model_key, k, filter, group_by, NULL);
+  r := pyembed._vector_ranking(c, query_embedding, query_model_key,
+    pyembed._count_arg(k, 'k', 1, 1000), filter, group_by, NULL);
   RETURN QUERY
   SELECT ch.document_id, ch.chunk_id, ch.chunk_index, ch.content, ch.metadata, r.scores[h.n],
          query_model_key

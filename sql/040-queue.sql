@@ -332,6 +332,13 @@ BEGIN
     PERFORM pyembed._needs(keys IS NULL, 'keys', 'renew_jobs');
     PERFORM pyembed._needs(claimed IS NULL, 'claimed', 'renew_jobs');
   END IF;
+  IF cardinality(chunk_ids) IS DISTINCT FROM cardinality(corpus_ids)
+     OR cardinality(keys) IS DISTINCT FROM cardinality(corpus_ids)
+     OR cardinality(claimed) IS DISTINCT FROM cardinality(corpus_ids) THEN
+    PERFORM pyembed._one_each('renew_jobs', 'corpus_ids, chunk_ids, keys and claimed',
+                              ARRAY[cardinality(corpus_ids), cardinality(chunk_ids),
+                                    cardinality(keys), cardinality(claimed)]);
+  END IF;
   PERFORM pyembed._job_bounds(1, lease);
   UPDATE pyembed.queue q
      SET not_before = greatest(q.not_before, now() + make_interval(secs => lease))
@@ -374,6 +381,16 @@ BEGIN
     PERFORM pyembed._needs(claimed IS NULL, 'claimed', 'retry_jobs');
     PERFORM pyembed._needs(delays IS NULL, 'delays', 'retry_jobs');
   END IF;
+  IF cardinality(chunk_ids) IS DISTINCT FROM cardinality(corpus_ids)
+     OR cardinality(keys) IS DISTINCT FROM cardinality(corpus_ids)
+     OR cardinality(hashes) IS DISTINCT FROM cardinality(corpus_ids)
+     OR cardinality(claimed) IS DISTINCT FROM cardinality(corpus_ids)
+     OR cardinality(delays) IS DISTINCT FROM cardinality(corpus_ids) THEN
+    PERFORM pyembed._one_each(
+      'retry_jobs', 'corpus_ids, chunk_ids, keys, hashes, claimed and delays',
+      ARRAY[cardinality(corpus_ids), cardinality(chunk_ids), cardinality(keys),
+            cardinality(hashes), cardinality(claimed), cardinality(delays)]);
+  END IF;
   IF EXISTS (SELECT FROM unnest(delays) d WHERE d IS NULL OR NOT (d >= 0 AND d <= 86400)) THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
       MESSAGE = 'retry_jobs() needs delays of 0 to 86400 seconds';
@@ -413,6 +430,12 @@ BEGIN
     PERFORM pyembed._needs(hashes IS NULL, 'hashes', 'hold_jobs');
     PERFORM pyembed._needs(claimed IS NULL, 'claimed', 'hold_jobs');
   END IF;
+  IF cardinality(hashes) IS DISTINCT FROM cardinality(chunk_ids)
+     OR cardinality(claimed) IS DISTINCT FROM cardinality(chunk_ids) THEN
+    PERFORM pyembed._one_each('hold_jobs', 'chunk_ids, hashes and claimed',
+                              ARRAY[cardinality(chunk_ids), cardinality(hashes),
+                                    cardinality(claimed)]);
+  END IF;
   IF NOT (p_corpus_id = ANY (pyembed.visible_corpora())) THEN
     RETURN;
   END IF;
@@ -445,6 +468,13 @@ BEGIN
     PERFORM pyembed._needs(chunk_ids IS NULL, 'chunk_ids', 'release_jobs');
     PERFORM pyembed._needs(keys IS NULL, 'keys', 'release_jobs');
     PERFORM pyembed._needs(claimed IS NULL, 'claimed', 'release_jobs');
+  END IF;
+  IF cardinality(chunk_ids) IS DISTINCT FROM cardinality(corpus_ids)
+     OR cardinality(keys) IS DISTINCT FROM cardinality(corpus_ids)
+     OR cardinality(claimed) IS DISTINCT FROM cardinality(corpus_ids) THEN
+    PERFORM pyembed._one_each('release_jobs', 'corpus_ids, chunk_ids, keys and claimed',
+                              ARRAY[cardinality(corpus_ids), cardinality(chunk_ids),
+                                    cardinality(keys), cardinality(claimed)]);
   END IF;
   UPDATE pyembed.queue q SET attempts = q.attempts - 1, not_before = now()
     FROM unnest(corpus_ids, chunk_ids, keys, claimed) AS t(corpus_id, chunk_id, model_key, attempts)

@@ -113,7 +113,7 @@ return indb.call(plpy, indb.search_text, GD, corpus, query, k, filter, mode, gro
                  alpha)
 $$;
 
-CREATE OR REPLACE FUNCTION pyembed.search_text(corpus text, query text, k integer DEFAULT 10,
+CREATE OR REPLACE FUNCTION pyembed.search_text(corpus text, query text, k numeric DEFAULT 10,
                                                filter jsonb DEFAULT NULL, mode text DEFAULT 'vector',
                                                group_by text DEFAULT 'document',
                                                fusion text DEFAULT NULL,
@@ -126,8 +126,9 @@ AS $$
 DECLARE
   e_state text; e_message text; e_detail text; e_hint text;
 BEGIN
-  RETURN QUERY SELECT * FROM pyembed._search_text(corpus, query, k, filter, mode, group_by,
-                                                   fusion, alpha);
+  RETURN QUERY SELECT * FROM pyembed._search_text(corpus, query,
+                                                   pyembed._count_arg(k, 'k', 1, 1000), filter,
+                                                   mode, group_by, fusion, alpha);
 EXCEPTION WHEN OTHERS OR query_canceled THEN
   GET STACKED DIAGNOSTICS e_state = RETURNED_SQLSTATE, e_message = MESSAGE_TEXT,
                           e_detail = PG_EXCEPTION_DETAIL, e_hint = PG_EXCEPTION_HINT;

@@ -72,12 +72,12 @@ BEGIN
   IF p_input_type IS NULL OR p_input_type NOT IN ('document', 'query') THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
       MESSAGE = format('input type must be document or query, not %s',
-                       coalesce(quote_literal(p_input_type), 'NULL'));
+                       pyembed._quoted(p_input_type));
   END IF;
   SELECT * INTO m FROM pyembed.models WHERE model_key = p_model_key;
   IF NOT FOUND THEN
     RAISE EXCEPTION USING ERRCODE = 'PE006',
-      MESSAGE = format('unknown model key %s', coalesce(quote_literal(p_model_key), 'NULL'));
+      MESSAGE = format('unknown model key %s', pyembed._quoted(p_model_key));
   END IF;
   SELECT t.i, t.k, t.e INTO bad FROM unnest(keys, embeddings) WITH ORDINALITY AS t(k, e, i)
    WHERE t.k IS NULL OR length(t.k) <> 32 OR t.e IS NULL OR vector_dims(t.e) <> m.dimensions
@@ -123,6 +123,11 @@ BEGIN
     PERFORM pyembed._needs(hits IS NULL, 'hits', 'cache_count');
     PERFORM pyembed._needs(misses IS NULL, 'misses', 'cache_count');
   END IF;
+  IF cardinality(hits) IS DISTINCT FROM cardinality(models)
+     OR cardinality(misses) IS DISTINCT FROM cardinality(models) THEN
+    PERFORM pyembed._one_each('cache_count', 'models, hits and misses',
+                              ARRAY[cardinality(models), cardinality(hits), cardinality(misses)]);
+  END IF;
   IF current_setting('transaction_read_only') = 'on' THEN
     RETURN false;
   END IF;
@@ -137,7 +142,7 @@ END
 $$;
 
 -- Hits, misses and current entries per day and model (or reranker), the caller's tenant's.
-CREATE OR REPLACE FUNCTION pyembed.cache_report(days integer DEFAULT 30)
+CREATE OR REPLACE FUNCTION pyembed.cache_report(days numeric DEFAULT 30)
 RETURNS TABLE (day date, model_key text, hits bigint, misses bigint, entries bigint)
 LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -176,7 +181,8 @@ BEGIN
   IF p_model_key IS NOT NULL
      AND NOT EXISTS (SELECT FROM pyembed.models m WHERE m.model_key = p_model_key) THEN
     RAISE EXCEPTION USING ERRCODE = 'PE006',
-      MESSAGE = format('unknown model key %L (pyembed models lists them)', p_model_key);
+      MESSAGE = format('unknown model key %s (pyembed models lists them)',
+                       pyembed._quoted(p_model_key));
   END IF;
   DELETE FROM pyembed.embedding_cache e
    WHERE e.tenant_id = coalesce(pyembed.current_tenant(), 0)

@@ -25,7 +25,7 @@ BEGIN
     RETURN NEW;
   END IF;
   RAISE EXCEPTION USING ERRCODE = 'PE006',
-    MESSAGE = format('unknown reranker %s; known: %s', quote_literal(left(NEW.reranker, 80)),
+    MESSAGE = format('unknown reranker %s; known: %s', pyembed._quoted(NEW.reranker),
                      array_to_string(pyembed.rerankers(), ', '));
 END
 $$;
@@ -81,7 +81,7 @@ BEGIN
   IF p_reranker IS NULL OR p_reranker !~ '^[a-z0-9-]+/[A-Za-z0-9._-]+$' THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
       MESSAGE = format('a reranker is named provider/model, not %s',
-                       coalesce(quote_literal(p_reranker), 'NULL'));
+                       pyembed._quoted(p_reranker));
   END IF;
   SELECT t.i, t.k, t.s INTO bad FROM unnest(keys, scores) WITH ORDINALITY AS t(k, s, i)
    WHERE t.k IS NULL OR length(t.k) <> 32 OR t.s IS NULL OR t.s = 'NaN'
@@ -152,10 +152,10 @@ return indb.call(plpy, indb.search_reranked, GD, corpus, query, rerank, k, filte
 $$;
 
 CREATE OR REPLACE FUNCTION pyembed.search_reranked(corpus text, query text, rerank text,
-                                                   k integer DEFAULT 10,
+                                                   k numeric DEFAULT 10,
                                                    filter jsonb DEFAULT NULL,
                                                    mode text DEFAULT 'vector',
-                                                   candidates integer DEFAULT NULL,
+                                                   candidates numeric DEFAULT NULL,
                                                    group_by text DEFAULT 'document',
                                                    fusion text DEFAULT NULL,
                                                    alpha double precision DEFAULT NULL)
@@ -168,8 +168,9 @@ AS $$
 DECLARE
   e_state text; e_message text; e_detail text; e_hint text;
 BEGIN
-  RETURN QUERY SELECT * FROM pyembed._search_reranked(corpus, query, rerank, k, filter, mode,
-                                                      candidates, group_by, fusion, alpha);
+  RETURN QUERY SELECT * FROM pyembed._search_reranked(
+    corpus, query, rerank, pyembed._count_arg(k, 'k', 1, 1000), filter, mode,
+    pyembed._count_arg(candidates, 'rerank candidates', 1, 1000), group_by, fusion, alpha);
 EXCEPTION WHEN OTHERS OR query_canceled THEN
   GET STACKED DIAGNOSTICS e_state = RETURNED_SQLSTATE, e_message = MESSAGE_TEXT,
                           e_detail = PG_EXCEPTION_DETAIL, e_hint = PG_EXCEPTION_HINT;

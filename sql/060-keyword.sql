@@ -456,7 +456,7 @@ BEGIN
   END IF;
   IF group_by IS NULL OR group_by NOT IN ('document', 'chunk') THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
-      MESSAGE = format('group_by must be document or chunk, not %s', coalesce(group_by, 'NULL'));
+      MESSAGE = format('group_by must be document or chunk, not %s', pyembed._quoted(group_by));
   END IF;
   IF group_by = 'chunk' THEN
     SELECT b.ids, b.scores, b.ids::text[] INTO ids, scores, keys
@@ -511,7 +511,7 @@ END
 $$;
 
 -- The hits of the k best (pyembed._keyword_ranking), with their texts, best first.
-CREATE OR REPLACE FUNCTION pyembed.search_keyword(corpus text, query text, k integer DEFAULT 10,
+CREATE OR REPLACE FUNCTION pyembed.search_keyword(corpus text, query text, k numeric DEFAULT 10,
                                                   filter jsonb DEFAULT NULL,
                                                   group_by text DEFAULT 'document')
 RETURNS TABLE (document_id text, chunk_id bigint, chunk_index integer, content text,
@@ -523,7 +523,7 @@ DECLARE
   c pyembed.corpora := pyembed.lookup_corpus(corpus);
   r record;
 BEGIN
-  r := pyembed._keyword_ranking(c, query, k, filter, group_by);
+  r := pyembed._keyword_ranking(c, query, pyembed._count_arg(k, 'k', 1, 1000), filter, group_by);
   -- the texts' query written out (as in pyembed.search): PL/pgSQL keeps its plan, where a SQL
   -- function's query was planned again at every search
   RETURN QUERY
@@ -645,7 +645,7 @@ $$;
 -- default) for a client to hand back to search_hybrid with the query vector: (ids, scores, keys),
 -- empty arrays when nothing matches.
 CREATE OR REPLACE FUNCTION pyembed.keyword_ranking(
-  corpus text, query text, candidates integer DEFAULT 100, filter jsonb DEFAULT NULL,
+  corpus text, query text, candidates numeric DEFAULT 100, filter jsonb DEFAULT NULL,
   group_by text DEFAULT 'document', OUT ids bigint[], OUT scores float8[], OUT keys text[])
 LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -656,7 +656,8 @@ BEGIN
   IF candidates IS NULL THEN
     PERFORM pyembed._needs(candidates IS NULL, 'candidates', 'keyword_ranking');
   END IF;
-  r := pyembed._keyword_ranking(pyembed.lookup_corpus(corpus), query, candidates, filter,
+  r := pyembed._keyword_ranking(pyembed.lookup_corpus(corpus), query,
+                                pyembed._count_arg(candidates, 'candidates', 1, 1000), filter,
                                 group_by, passages => false);
   ids := coalesce(r.ids, '{}');
   scores := coalesce(r.scores, '{}');
@@ -695,8 +696,8 @@ $$;
 -- only, like any ranking's.
 CREATE OR REPLACE FUNCTION pyembed.search_hybrid(
   corpus text, query text, query_embedding vector, query_model_key text,
-  k integer DEFAULT 10, filter jsonb DEFAULT NULL, candidates integer DEFAULT 100,
-  rrf_k integer DEFAULT 60, group_by text DEFAULT 'document', fusion text DEFAULT NULL,
+  k numeric DEFAULT 10, filter jsonb DEFAULT NULL, candidates numeric DEFAULT 100,
+  rrf_k numeric DEFAULT 60, group_by text DEFAULT 'document', fusion text DEFAULT NULL,
   alpha double precision DEFAULT NULL, keyword_ids bigint[] DEFAULT NULL,
   keyword_scores float8[] DEFAULT NULL, keyword_keys text[] DEFAULT NULL)
 RETURNS TABLE (document_id text, chunk_id bigint, chunk_index integer, content text,
@@ -720,7 +721,7 @@ BEGIN
   fusion := coalesce(fusion, 'relative');  -- the default
   IF fusion NOT IN ('rrf', 'relative') THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
-      MESSAGE = format('fusion must be rrf or relative, not %s', fusion);
+      MESSAGE = format('fusion must be rrf or relative, not %s', pyembed._quoted(fusion));
   END IF;
   IF alpha IS NOT NULL AND fusion <> 'relative' THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
@@ -731,14 +732,17 @@ BEGIN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
       MESSAGE = format('alpha must be 0..1 (the vector search''s weight), got %s', alpha);
   END IF;
-  IF candidates IS NULL OR candidates < 1 OR candidates > 1000 THEN
+  -- k and candidates are numeric (pyembed._count_arg says why): whole numbers in range, as
+  -- integer below
+  IF candidates IS NULL OR candidates < 1 OR candidates > 1000 OR candidates <> trunc(candidates)
+  THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
       MESSAGE = format('candidates must be 1..1000, got %s', candidates);
   END IF;
   IF rrf_k IS NULL OR rrf_k < 0 THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005', MESSAGE = format('rrf_k must be 0 or more, got %s', rrf_k);
   END IF;
-  IF k IS NULL OR k < 1 OR k > 1000 THEN
+  IF k IS NULL OR k < 1 OR k > 1000 OR k <> trunc(k) THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
       MESSAGE = format('k must be 1..1000, got %s', coalesce(k::text, 'NULL'));
   END IF;
@@ -785,10 +789,11 @@ BEGIN
     c := pyembed.lookup_corpus(corpus);
   END IF;
   -- the vector leg: the documents among the `candidates` nearest chunks (one index scan)
-  d := pyembed._vector_ranking(c, query_embedding, query_model_key, candidates, filter, group_by,
-                               chunks => candidates);
+  d := pyembed._vector_ranking(c, query_embedding, query_model_key, candidates::integer, filter,
+                               group_by, chunks => candidates::integer);
   IF keyword_ids IS NULL THEN
-    s := pyembed._keyword_ranking(c, query, candidates, filter, group_by, passages => false);
+    s := pyembed._keyword_ranking(c, query, candidates::integer, filter, group_by,
+                                  passages => false);
   ELSE
     SELECT keyword_ids AS ids, keyword_scores AS scores, keyword_keys AS keys INTO s;
   END IF;
@@ -812,7 +817,7 @@ BEGIN
   SELECT array_agg(f.chunk_id ORDER BY f.score DESC, f.chunk_id, f.key),
          array_agg(f.score ORDER BY f.score DESC, f.chunk_id, f.key),
          array_agg(f.key ORDER BY f.score DESC, f.chunk_id, f.key) INTO ids, scores, keys
-    FROM (SELECT fu.* FROM fused fu ORDER BY fu.score DESC, fu.chunk_id, fu.key LIMIT k) f;
+    FROM (SELECT fu.* FROM fused fu ORDER BY fu.score DESC, fu.chunk_id, fu.key LIMIT k::integer) f;
   -- The documents only the keyword ranking found have no passage yet (NULL chunk id).
   IF array_position(ids, NULL) IS NOT NULL THEN
     missing := array(SELECT h.key::bigint FROM unnest(ids, keys) AS h(chunk_id, key)

@@ -74,7 +74,7 @@ BEGIN
   END IF;
   RAISE EXCEPTION USING ERRCODE = 'PE006',
     MESSAGE = format('unknown model key %s: not in the registry (`pyembed models`) nor a '
-                     'reranker', coalesce(quote_literal(left(NEW.model_key, 80)), 'NULL'));
+                     'reranker', pyembed._quoted(NEW.model_key));
 END
 $$;
 
@@ -93,25 +93,26 @@ CREATE OR REPLACE TRIGGER query_log_key_known
 
 -- A report's window, `amount` days or hours back from now: 1 to a hundred years, or PE005 (a
 -- window past that is out of the timestamps' range, and one below 1 would report nothing).
-CREATE OR REPLACE FUNCTION pyembed._report_window(amount integer, unit text) RETURNS interval
+-- `amount` numeric: the reports take any number a client sends (pyembed._count_arg says why).
+CREATE OR REPLACE FUNCTION pyembed._report_window(amount numeric, unit text) RETURNS interval
 LANGUAGE plpgsql IMMUTABLE
 AS $$
 DECLARE
   most integer := CASE unit WHEN 'days' THEN 36500 ELSE 876000 END;
 BEGIN
-  IF amount IS NULL OR amount < 1 OR amount > most THEN
+  IF amount IS NULL OR amount < 1 OR amount > most OR amount <> trunc(amount) THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
       MESSAGE = format('a report covers 1..%s %s, not %s', most, unit,
                        coalesce(amount::text, 'NULL'));
   END IF;
-  RETURN CASE unit WHEN 'days' THEN make_interval(days => amount)
-                   ELSE make_interval(hours => amount) END;
+  RETURN CASE unit WHEN 'days' THEN make_interval(days => amount::integer)
+                   ELSE make_interval(hours => amount::integer) END;
 END
 $$;
 
 -- Usage per tenant, corpus and model key: the caller's tenant's, or every tenant's for a
 -- superuser (who is not acting for one).
-CREATE OR REPLACE FUNCTION pyembed.usage_report(days integer DEFAULT 30)
+CREATE OR REPLACE FUNCTION pyembed.usage_report(days numeric DEFAULT 30)
 RETURNS TABLE (tenant text, corpus text, model_key text, requests bigint, tokens bigint,
                cost_usd double precision)
 LANGUAGE sql STABLE SECURITY DEFINER

@@ -35,7 +35,7 @@ BEGIN
   ELSE
     RAISE EXCEPTION USING ERRCODE = 'PE005',
       MESSAGE = format('mode must be one of vector, keyword, hybrid, not %s',
-                       coalesce(quote_literal(mode), 'NULL'));
+                       pyembed._quoted(mode));
   END IF;
 END
 $$;
@@ -101,6 +101,13 @@ BEGIN
     PERFORM pyembed._needs(count_models IS NOT NULL AND count_misses IS NULL, 'count_misses',
                            'record_search');
   END IF;
+  IF count_models IS NOT NULL
+     AND (cardinality(count_hits) IS DISTINCT FROM cardinality(count_models)
+          OR cardinality(count_misses) IS DISTINCT FROM cardinality(count_models)) THEN
+    PERFORM pyembed._one_each('record_search', 'count_models, count_hits and count_misses',
+                              ARRAY[cardinality(count_models), cardinality(count_hits),
+                                    cardinality(count_misses)]);
+  END IF;
   IF current_setting('transaction_read_only') = 'on' THEN
     RETURN false;
   END IF;
@@ -164,6 +171,10 @@ BEGIN
     PERFORM pyembed._needs(cache_keys IS NULL, 'cache_keys', 'search_query');
     PERFORM pyembed._needs(mode IS NULL, 'mode', 'search_query');
     PERFORM pyembed._needs(log IS NULL, 'log', 'search_query');
+  END IF;
+  IF cardinality(cache_keys) IS DISTINCT FROM cardinality(keys) THEN
+    PERFORM pyembed._one_each('search_query', 'keys and cache_keys',
+                              ARRAY[cardinality(keys), cardinality(cache_keys)]);
   END IF;
   c := pyembed.lookup_corpus(corpus);
   corpus_id := c.corpus_id;

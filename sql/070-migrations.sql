@@ -72,7 +72,7 @@ BEGIN
       HINT = 'finish it (pyembed migrate complete) or roll it back (pyembed migrate rollback)';
   END IF;
   IF NOT EXISTS (SELECT FROM pyembed.models WHERE model_key = to_key) THEN
-    RAISE EXCEPTION USING ERRCODE = 'PE006', MESSAGE = format('unknown model key %L', to_key);
+    RAISE EXCEPTION USING ERRCODE = 'PE006', MESSAGE = format('unknown model key %s', pyembed._quoted(to_key));
   END IF;
   IF to_key = c.model_key THEN
     RAISE EXCEPTION USING ERRCODE = 'PE007',

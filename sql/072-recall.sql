@@ -78,7 +78,7 @@ $$;
 
 -- On demand: recall@10 of `queries` stored vectors of the corpus's serving keys, used as
 -- queries (a random sample), recorded as a measurement.
-CREATE OR REPLACE FUNCTION pyembed.measure_recall(corpus text, queries integer DEFAULT 50)
+CREATE OR REPLACE FUNCTION pyembed.measure_recall(corpus text, queries numeric DEFAULT 50)
 RETURNS TABLE (model_key text, queries_run integer, recall_at_10 float8)
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -87,7 +87,8 @@ DECLARE
   c pyembed.corpora := pyembed.lookup_corpus(corpus);
   key text;
 BEGIN
-  IF queries IS NULL OR queries < 1 OR queries > 1000 THEN
+  -- queries numeric (pyembed._count_arg says why): a whole number
+  IF queries IS NULL OR queries < 1 OR queries > 1000 OR queries <> trunc(queries) THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
       MESSAGE = format('queries must be 1..1000, got %s', queries);
   END IF;
@@ -98,7 +99,7 @@ BEGIN
       FROM (SELECT pyembed._recall_at_10(c.name, c.corpus_id, key, v.embedding, NULL) AS r
               FROM pyembed.vectors v
              WHERE v.corpus_id = c.corpus_id AND v.model_key = key
-             ORDER BY random() LIMIT queries) m;
+             ORDER BY random() LIMIT queries::integer) m;
     model_key := key;
     IF queries_run > 0 THEN
       PERFORM pyembed._record_recall(c.corpus_id, key, 'on demand', queries_run, recall_at_10);
@@ -111,7 +112,7 @@ $$;
 -- In the background (`pyembed worker`): up to `max_samples` waiting samples of the caller's
 -- tenant are re-run and removed, one measurement per corpus and key. A sample whose key no
 -- longer serves its corpus (a migration ended) is removed unmeasured.
-CREATE OR REPLACE FUNCTION pyembed.recall_sampled(max_samples integer DEFAULT 20)
+CREATE OR REPLACE FUNCTION pyembed.recall_sampled(max_samples numeric DEFAULT 20)
 RETURNS TABLE (corpus text, model_key text, queries integer, recall_at_10 float8)
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -129,7 +130,8 @@ BEGIN
      WHERE s.sample_id = ANY (ARRAY(
              SELECT w.sample_id FROM pyembed.recall_samples w
               WHERE w.corpus_id = ANY (pyembed.visible_corpora())
-              ORDER BY w.sample_id LIMIT greatest(max_samples, 0)
+              ORDER BY w.sample_id
+              LIMIT pyembed._count_arg(greatest(max_samples, 0), 'max_samples', 0, 2147483647)
                 FOR UPDATE SKIP LOCKED))
     RETURNING s.corpus_id, s.model_key, s.embedding, s.filter
   ), measured AS (
@@ -152,7 +154,7 @@ $$;
 
 -- recall@10 per corpus and key over the last `hours`: the mean over every query measured
 -- (weighted by each measurement's queries), how many, and when last measured.
-CREATE OR REPLACE FUNCTION pyembed.recall_report(hours integer DEFAULT 24)
+CREATE OR REPLACE FUNCTION pyembed.recall_report(hours numeric DEFAULT 24)
 RETURNS TABLE (corpus text, model_key text, recall_at_10 float8, queries bigint,
                measured_at timestamptz)
 LANGUAGE sql STABLE SECURITY DEFINER

@@ -44,7 +44,7 @@ BAD = {
     "trailing ideographic space": ("doc\u3000",
                                    'document id "doc\u3000" ends with whitespace (U+3000)'),
     "control character": ("a\x01b", 'document id "a\\u0001b" has a control character (U+0001)'),
-    "C1 control": ("a\x85b", 'document id "a\x85b" has a control character (U+0085)'),
+    "C1 control": ("a\x85b", 'document id "a\\u0085b" has a control character (U+0085)'),
     "decomposed": ("cafe\u0301", 'document id "cafe\u0301" is not in Unicode normal form NFC '
                                  '(as NFC: "caf\u00e9")'),
     "too long": ("x" * 513, "a document id is 1..512 characters, got 513 characters"),

@@ -480,7 +480,7 @@ def test_the_search_functions_catalog_row_is_stored_uncompressed(
         "SELECT pg_column_compression(proargdefaults), pg_column_compression(proallargtypes), "
         "pg_column_compression(proargmodes), pg_column_compression(proargnames), "
         "pg_column_compression(prosrc) FROM pg_catalog.pg_proc "
-        "WHERE oid = 'pyembed.search(text, vector, text, integer, jsonb, text)'::regprocedure"
+        "WHERE oid = 'pyembed.search(text, vector, text, numeric, jsonb, text)'::regprocedure"
     ).fetchone()
     assert row == (None, None, None, None, None)
 

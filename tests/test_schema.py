@@ -59,7 +59,7 @@ APP_EXECUTE = {
     "cache_get(bytea[])",  # the embedding cache: through these functions only
     "cache_put(bytea[], text, text, vector[], double precision)",
     "cache_count(text[], bigint[], bigint[])",
-    "cache_report(integer)",
+    "cache_report(numeric)",
     "cache_purge(text, boolean)",
     "rerank_cache_get(bytea[])",  # the rerank cache: through these functions only
     "rerank_cache_put(bytea[], text, double precision[], double precision)",
@@ -78,22 +78,22 @@ APP_EXECUTE = {
     "hold_jobs(integer, text, bigint[], bytea[], integer[])",
     "_document_id_problem(text)",  # the documents' id rule, which their write trigger asks
     "reserve_usage(text, integer, integer, bigint)",  # accounting and rate limits
-    "usage_report(integer)",
+    "usage_report(numeric)",
     "provider_errors()",
     "add_document(text, text, text, jsonb)",
     "_add_document(text, text, text, jsonb)",  # add_document's body: it runs as the caller
     "_raise_again(text, text, text, text)",  # add_document's error, raised as the caller
-    "create_corpus(text, text, text, integer, integer, text, boolean)",
+    "create_corpus(text, text, text, numeric, numeric, text, boolean)",
     "drop_corpus(text)",
     "embed(text, text, text)",
     "embed_batch(text[], text, text)",
-    "search(text, vector, text, integer, jsonb, text)",
-    "search_hybrid(text, text, vector, text, integer, jsonb, integer, integer, text, text, "
+    "search(text, vector, text, numeric, jsonb, text)",
+    "search_hybrid(text, text, vector, text, numeric, jsonb, numeric, numeric, text, text, "
     "double precision, bigint[], double precision[], text[])",
     # hybrid search's keyword ranking, made while the client embeds the query
-    "keyword_ranking(text, text, integer, jsonb, text)",
-    "search_keyword(text, text, integer, jsonb, text)",
-    "search_text(text, text, integer, jsonb, text, text, text, double precision)",
+    "keyword_ranking(text, text, numeric, jsonb, text)",
+    "search_keyword(text, text, numeric, jsonb, text)",
+    "search_text(text, text, numeric, jsonb, text, text, text, double precision)",
     # a search by text in one or two round trips (pyembed/query.py), and its record
     "search_query(text, text, integer, text[], bytea[], integer, jsonb, text, jsonb, integer, "
     "boolean, text[], bigint[], bigint[])",
@@ -101,12 +101,12 @@ APP_EXECUTE = {
     "text, jsonb, real, boolean, text[], bigint[], bigint[], bigint[], double precision[], "
     "text[])",
     "reserve_query(integer, text, bytea, integer)",
-    "measure_recall(text, integer)",  # recall you can see (sql/072-recall.sql)
-    "recall_sampled(integer)",
-    "recall_report(integer)",
+    "measure_recall(text, numeric)",  # recall you can see (sql/072-recall.sql)
+    "recall_sampled(numeric)",
+    "recall_report(numeric)",
     "record_search(integer, text, text, integer, boolean, real, real, real, real, bytea, text, "
     "vector, double precision, jsonb, text[], bigint[], bigint[])",
-    "search_reranked(text, text, text, integer, jsonb, text, integer, text, text, "
+    "search_reranked(text, text, text, numeric, jsonb, text, numeric, text, text, "
     "double precision)",
 }
 

@@ -344,7 +344,7 @@ def test_fusion_options_apply_to_hybrid_search_only(client: Any,
     with pytest.raises(pyembed.InvalidInput, match="apply to hybrid search, not to keyword"):
         kb.search("quota", mode="keyword", fusion="relative")
     vec = client.embedder(FAKE).embed_query("quota")
-    for bad, message in (("fusion => 'borda'", "fusion must be rrf or relative, not borda"),
+    for bad, message in (("fusion => 'borda'", "fusion must be rrf or relative, not 'borda'"),
                          ("fusion => 'relative', alpha => -0.1", "alpha must be 0..1"),
                          ("fusion => 'rrf', alpha => 0.5", "alpha weighs relative fusion, not rrf"),
                          ("candidates => 0", "candidates must be 1..1000")):

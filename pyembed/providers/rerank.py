@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..errors import UnknownModel
+from ..errors import UnknownModel, shown
 from ..models import API_KEY_ENV
 from .base import ServiceClient
 
@@ -64,7 +64,7 @@ def reranker_spec(name: str) -> RerankerSpec:
     try:
         return RERANKERS[key]
     except (KeyError, TypeError):
-        raise UnknownModel(f"no reranker named {name!r}; known: "
+        raise UnknownModel(f"no reranker named {shown(name)}; known: "
                            f"{', '.join([*RERANKERS, *ALIASES])}") from None
 
 
