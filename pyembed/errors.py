@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable
 from typing import ClassVar
@@ -89,11 +90,16 @@ SHOWN_CHARACTERS = 80
 """How much of a caller's value an error message quotes (pyembed._quoted in SQL alike)."""
 
 
+NONFINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+
+
 def shown(value: object) -> str:
     """A caller's value as an error message quotes it: repr of its first SHOWN_CHARACTERS
     characters (repr escapes control and format characters: a terminal's escape sequence, a
     right-to-left override that reorders the message as shown), with how long it was when longer
     (a 1 MB value is not read back in every error and log line)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return NONFINITE[repr(value)]  # as PostgreSQL writes them: one wording from SQL and Python
     if not isinstance(value, str):
         return repr(value)
     more = f"... ({len(value)} characters)" if len(value) > SHOWN_CHARACTERS else ""
