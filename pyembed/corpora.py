@@ -57,13 +57,14 @@ class Spans(Sequence[str]):
 
     def __init__(self, text: str) -> None:
         self.text = text
-        self._bounds = array("q")
+        self.bounds = array("q")
+        """Each chunk's start and end in `text`, one after the other."""
 
     def append(self, start: int, end: int) -> None:
-        self._bounds.extend((start, end))
+        self.bounds.extend((start, end))
 
     def __len__(self) -> int:
-        return len(self._bounds) // 2
+        return len(self.bounds) // 2
 
     @overload
     def __getitem__(self, index: int) -> str: ...
@@ -76,10 +77,10 @@ class Spans(Sequence[str]):
         if not -n <= index < n:
             raise IndexError("chunk index out of range")
         index %= n
-        return self.text[self._bounds[2 * index]:self._bounds[2 * index + 1]]
+        return self.text[self.bounds[2 * index]:self.bounds[2 * index + 1]]
 
     def __iter__(self) -> Iterator[str]:
-        bounds = iter(self._bounds)
+        bounds = iter(self.bounds)
         for start, end in zip(bounds, bounds, strict=True):
             yield self.text[start:end]
 
@@ -215,6 +216,8 @@ def write_documents(conn: psycopg.Connection[Any], corpus: CorpusInfo, rows: Seq
     return dataclasses.replace(written, ids=[at[n] for n in sorted(at)])
 
 
+_PIECE = 1 << 20
+"""Characters of a document's text encoded at a time."""
 WRITE_ROWS = 1_000
 """Vectors a write COPYs at a time: its vectors are taken from the caller's blocks this many
 rows at a time."""
@@ -277,8 +280,8 @@ def _write(conn: psycopg.Connection[Any], corpus: CorpusInfo,
                 ([d.document_id for d in replaced], [len(d.chunks) for d in replaced],
                  corpus.corpus_id))
         kept = [d.document_id in stored for d in documents]
-        ids = _write_chunks(cur, corpus, [d for d, k in zip(documents, kept, strict=True) if k])
-        replace = not all(inserted for _, inserted in ids)
+        ids, replace = _write_chunks(cur, corpus,
+                                     [d for d, k in zip(documents, kept, strict=True) if k])
         # The vectors, COPY'd WRITE_ROWS at a time from the blocks given, each COPY with its
         # chunks' text hashes (sliced from the chunks again, not kept from the insert).
         for key, blocks in {model_key: vectors, **also}.items():
@@ -286,11 +289,11 @@ def _write(conn: psycopg.Connection[Any], corpus: CorpusInfo,
                       for chunk in d.chunks)
             at = 0
             for part in _kept_rows(blocks, [len(d.chunks) for d in documents], kept):
-                copy_vectors(cur, corpus.corpus_id, [i for i, _ in ids[at:at + len(part)]],
+                copy_vectors(cur, corpus.corpus_id, ids[at:at + len(part)].tolist(),
                              key, part, list(islice(hashes, len(part))), replace=replace)
                 at += len(part)
     added = sum(1 for inserted in stored.values() if inserted)
-    return (Written(added, len(stored) - added, unchanged, [i for i, _ in ids]), set(stored))
+    return Written(added, len(stored) - added, unchanged, ids.tolist()), set(stored)
 
 
 def _index(document: DocumentChunks, n: int) -> int:
@@ -298,29 +301,79 @@ def _index(document: DocumentChunks, n: int) -> int:
 
 
 def _write_chunks(cur: psycopg.Cursor[Any], corpus: CorpusInfo,
-                  documents: Sequence[DocumentChunks]) -> list[tuple[int, bool]]:
-    """Insert (or update) the documents' chunks; (chunk id, inserted) of each, in order. One
-    statement for them all: the statement-level triggers (queue, keyword index, which indexes
-    each document it meets whole) then run once per write, not once per chunk or part."""
-    metadata = {d.document_id: json.dumps(d.metadata, default=str) for d in documents}
-    contents = [chunk for d in documents for chunk in d.chunks]  # for the statement alone
-    with transition_tables_in_memory(cur, [
-            len(c.encode()) + len(d.document_id) + len(metadata[d.document_id]) + ROW_OVERHEAD
-            for d in documents for c in d.chunks]):
+                  documents: Sequence[DocumentChunks]) -> tuple[np.ndarray, bool]:
+    """Insert (or update) the documents' chunks: their ids, in order, and whether any was
+    there before (updated, not inserted). One statement for them all: the statement-level
+    triggers (queue, keyword index, which indexes each document it meets whole) then run once
+    per write, not once per chunk or part. The chunks' texts are sent as one UTF-8 value (a
+    document's text, or its chunks' texts one after another) that the statement slices: a
+    long document's chunks are never all held as strings, nor sent as overlapping copies."""
+    blob = bytearray()
+    starts: list[int] = []
+    lengths: list[int] = []
+    for d in documents:
+        if isinstance(d.chunks, Spans):
+            at = len(blob)
+            for piece in range(0, len(d.chunks.text), _PIECE):
+                blob += d.chunks.text[piece:piece + _PIECE].encode("utf-8")
+            first, end = _utf8_bounds(d.chunks)
+            starts += (first + (at + 1)).tolist()  # (1-based)
+            lengths += (end - first).tolist()
+        else:
+            for chunk in d.chunks:
+                starts.append(len(blob) + 1)
+                blob += chunk.encode("utf-8")
+                lengths.append(len(blob) + 1 - starts[-1])
+    numbers = [n for n, d in enumerate(documents, start=1) for _ in range(len(d.chunks))]
+    metadata = [json.dumps(d.metadata, default=str) for d in documents]
+    extra = [len(d.document_id.encode()) + len(m) + ROW_OVERHEAD
+             for d, m in zip(documents, metadata, strict=True)]
+    ids = np.empty(len(starts), dtype=np.int64)
+    replace = False
+    with transition_tables_in_memory(cur, (size + extra[n - 1] for n, size
+                                           in zip(numbers, lengths, strict=True))):
         cur.execute(
-            """INSERT INTO pyembed.chunks (corpus_id, document_id, chunk_index, content, metadata)
-               SELECT %s, d, i, c, m::jsonb
-                 FROM unnest(%s::text[], %s::int[], %s::text[], %s::text[]) AS t(d, i, c, m)
-               ON CONFLICT (corpus_id, document_id, chunk_index) DO UPDATE
-                 SET content = EXCLUDED.content, metadata = EXCLUDED.metadata
-               RETURNING document_id, chunk_index, chunk_id, xmax = 0 AS inserted""",
-            (corpus.corpus_id, [d.document_id for d in documents for _ in d.chunks],
-             [_index(d, n) for d in documents for n in range(len(d.chunks))], contents,
-             [metadata[d.document_id] for d in documents for _ in d.chunks]))
-        del contents
-        by_position = {(d, i): (c, inserted) for d, i, c, inserted in cur}
-    return [by_position[d.document_id, _index(d, n)] for d in documents
-            for n in range(len(d.chunks))]
+            """WITH given AS MATERIALIZED (
+                 SELECT t.n, t.i, t.s, t.l, t.p
+                   FROM unnest(%(n)s::int[], %(i)s::int[], %(s)s::int[], %(l)s::int[])
+                        WITH ORDINALITY AS t(n, i, s, l, p)
+               ), written AS (
+                 INSERT INTO pyembed.chunks (corpus_id, document_id, chunk_index, content,
+                                             metadata)
+                 SELECT %(corpus)s, (%(d)s::text[])[g.n], g.i,
+                        convert_from(substring(%(texts)s::bytea FROM g.s FOR g.l), 'UTF8'),
+                        (%(m)s::text[])[g.n]::jsonb
+                   FROM given g
+                 ON CONFLICT (corpus_id, document_id, chunk_index) DO UPDATE
+                   SET content = EXCLUDED.content, metadata = EXCLUDED.metadata
+                 RETURNING document_id, chunk_index, chunk_id, xmax = 0 AS inserted)
+               SELECT w.chunk_id, w.inserted
+                 FROM written w
+                 JOIN given g ON (%(d)s::text[])[g.n] = w.document_id AND g.i = w.chunk_index
+                ORDER BY g.p""",
+            {"corpus": corpus.corpus_id, "d": [d.document_id for d in documents],
+             "m": metadata, "n": numbers, "s": starts, "l": lengths, "texts": blob,
+             "i": [_index(d, n) for d in documents for n in range(len(d.chunks))]})
+        del blob, starts, numbers
+        for row, (chunk_id, inserted) in enumerate(cur):
+            ids[row] = chunk_id
+            replace = replace or not inserted
+    return ids, replace
+
+
+def _utf8_bounds(spans: Spans) -> tuple[np.ndarray, np.ndarray]:
+    """Where each of the spans starts and ends in its text's UTF-8 bytes."""
+    bounds = np.frombuffer(spans.bounds, dtype=np.int64).reshape(-1, 2)
+    if spans.text.isascii():
+        return bounds[:, 0], bounds[:, 1]
+    points = np.unique(bounds)
+    at = np.empty_like(points)
+    done = written = 0
+    for k, point in enumerate(points.tolist()):
+        written += len(spans.text[done:point].encode("utf-8"))
+        done = point
+        at[k] = written
+    return at[np.searchsorted(points, bounds[:, 0])], at[np.searchsorted(points, bounds[:, 1])]
 
 
 def _kept_rows(blocks: Sequence[np.ndarray], counts: Sequence[int],
