@@ -576,8 +576,8 @@ class Corpus:
         vectors: list[np.ndarray] = []
         also: dict[str, list[np.ndarray]] | None = {target: []} if target else None
 
-        def embed(group: list[tuple[int, str, int, int]]) -> None:
-            if not truncate:
+        def embed(group: list[Span]) -> None:
+            if group and not truncate:
                 group = fit_spans(group, embedder.spec.max_tokens, embedder.provider.count_tokens)
             if not group:
                 return
