@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 from collections import deque
 from collections.abc import Callable, Iterator
-from itertools import islice
 
 from .text import estimate_tokens, has_text, most_chars, over_tokens
 
@@ -13,24 +12,33 @@ _WORD = re.compile(r"\S+\s*")
 _SPACE = re.compile(r"\s*$")
 
 
-def _words(text: str, max_tokens: int, start: int, end: int) -> Iterator[tuple[str, int]]:
-    """The words of `text[start:end]` with their trailing space, and each one's estimated
-    tokens, in order, one at a time; a word longer than `max_tokens` (a URL, base64, a run
-    without spaces) in pieces of that many tokens, so that no chunk outgrows the limit the
-    model is given."""
+def _words(text: str, max_tokens: int, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """Where the words of `text[start:end]` end, with their trailing space, and each one's
+    estimated tokens, in order, one at a time (each word starts where the one before ended); a
+    word longer than `max_tokens` (a URL, base64, a run without spaces) in pieces of that many
+    tokens, so that no chunk outgrows the limit the model is given."""
     size = most_chars(max_tokens)
     for match in _WORD.finditer(text, start, end):
         word = match.group()
         cost = estimate_tokens(word)
         if cost <= max_tokens:
-            yield word, cost
+            yield match.end(), cost
             continue
         space = _SPACE.search(word)
-        core = word[:space.start()] if space else word
-        pieces = [core[i:i + size] for i in range(0, len(core), size)]
-        pieces[-1] += word[len(core):]
-        for piece in pieces:
-            yield piece, estimate_tokens(piece)
+        core = len(word) - (len(space.group()) if space else 0)
+        at = match.start()
+        cuts = [*range(at + size, at + core, size), match.end()]
+        for before, cut in zip([at, *cuts[:-1]], cuts, strict=True):
+            yield cut, estimate_tokens(text[before:cut])
+
+
+def _stripped(text: str, start: int, end: int) -> tuple[int, int]:
+    """The bounds of `text[start:end].strip()` in `text`, without copying it."""
+    while end > start and text[end - 1].isspace():
+        end -= 1
+    while start < end and text[start].isspace():
+        start += 1
+    return start, end
 
 
 def chunk_text(text: str, max_tokens: int = 200, overlap_tokens: int = 40) -> list[str]:
@@ -43,25 +51,31 @@ def chunk_text(text: str, max_tokens: int = 200, overlap_tokens: int = 40) -> li
 
 
 def iter_chunks(text: str, max_tokens: int = 200, overlap_tokens: int = 40) -> Iterator[str]:
-    """`chunk_text`'s chunks one at a time, holding only the words of the window being made:
-    the memory a long document takes is its text and the chunks kept, not a list of its
-    words (an object each)."""
+    """`chunk_text`'s chunks one at a time (`iter_spans`' slices of `text`)."""
+    for start, end in iter_spans(text, max_tokens, overlap_tokens):
+        yield text[start:end]
+
+
+def iter_spans(text: str, max_tokens: int = 200, overlap_tokens: int = 40
+               ) -> Iterator[tuple[int, int]]:
+    """Where `chunk_text`'s chunks lie in `text`, as (start, end) of each, one at a time: a
+    chunk is a stretch of the text (its words are), so a long document's chunks can be kept
+    as two numbers each and sliced again when they are written. Only the current window's word
+    ends are held, not a list of the document's words (an object each)."""
     if overlap_tokens >= max_tokens:
         raise ValueError("overlap must be smaller than the chunk size")
-    # The text without its outer whitespace, as bounds: text.strip() would copy it whole.
-    start, end = 0, len(text)
-    while end > start and text[end - 1].isspace():
-        end -= 1
-    while start < end and text[start].isspace():
-        start += 1
+    start, end = _stripped(text, 0, len(text))
     # The estimate of the whole (which splits it into words) is only made for a text whose
     # length alone does not put it over the window.
     if not over_tokens(text, max_tokens, start, end):
         if end > start:
-            yield text[start:end]
+            yield start, end
         return
     words = _words(text, max_tokens, start, end)
-    window: deque[tuple[str, int]] = deque()  # the words from the window's start, read so far
+    # The words from the window's start, read so far, as (where each ends, its tokens); the
+    # window starts where the word before its first ended (`first`).
+    window: deque[tuple[int, int]] = deque()
+    first = start
 
     def more() -> bool:
         following = next(words, None)
@@ -71,27 +85,27 @@ def iter_chunks(text: str, max_tokens: int = 200, overlap_tokens: int = 40) -> I
         return True
 
     while True:
-        end, used = 0, 0
-        while end < len(window) or more():
-            cost = window[end][1]
-            if used + cost > max_tokens and end > 0:
+        stop, used = 0, 0
+        while stop < len(window) or more():
+            cost = window[stop][1]
+            if used + cost > max_tokens and stop > 0:
                 break
             used += cost
-            end += 1
-        chunk = "".join(word for word, _ in islice(window, end)).strip()
-        if has_text(chunk):  # a window of format or control characters alone is no text
-            yield chunk
-        if end == len(window):  # (the loop above stops there only when the words ran out)
+            stop += 1
+        span = _stripped(text, first, window[stop - 1][0])
+        if has_text(text[span[0]:span[1]]):  # a window of format or control characters alone is no text
+            yield span
+        if stop == len(window):  # (the loop above stops there only when the words ran out)
             return
-        back, kept = end, 0
+        back, kept = stop, 0
         while back > 1 and kept + window[back - 1][1] <= overlap_tokens:
             back -= 1
             kept += window[back][1]
-        while back < end and kept + window[end][1] > max_tokens:
+        while back < stop and kept + window[stop][1] > max_tokens:
             kept -= window[back][1]  # else the next window is the overlap alone
             back += 1
         for _ in range(back):
-            window.popleft()
+            first = window.popleft()[0]
 
 
 def fit_chunks(chunks: list[str], max_tokens: int,
@@ -100,19 +114,37 @@ def fit_chunks(chunks: list[str], max_tokens: int,
     model without one, `estimate_tokens`, as the embedder's limit check does) finds over
     `max_tokens`, at word boundaries, and a single word over it in halves of its characters:
     a corpus's windows may be wider than its model reads, and the estimate can run short."""
-    counts = count(chunks)
+    return [text[start:end] for _, text, start, end
+            in fit_spans([(0, chunk, 0, len(chunk)) for chunk in chunks], max_tokens, count)]
+
+
+Span = tuple[int, str, int, int]
+"""A chunk as (n, text, start, end): `text[start:end]`, where `text` is its document's, and
+`n` says which document that is (its pieces keep it)."""
+
+
+def fit_spans(spans: list[Span], max_tokens: int,
+              count: Callable[[list[str]], list[int] | None]) -> list[Span]:
+    """`fit_chunks` of chunks given where they lie in their documents' texts, answered the
+    same way (its pieces are stretches of the chunks they come from)."""
+    texts = [text[start:end] for _, text, start, end in spans]
+    counts = count(texts)
     if counts is None:
-        counts = [estimate_tokens(chunk) for chunk in chunks]
-    out: list[str] = []
-    for chunk, n in zip(chunks, counts, strict=True):
-        words = _WORD.findall(chunk)
-        if n <= max_tokens or len(chunk) < 2:
-            out.append(chunk)
+        counts = [estimate_tokens(chunk) for chunk in texts]
+    del texts  # (the pieces are sliced again below, a chunk at a time)
+    out: list[Span] = []
+    for span, n in zip(spans, counts, strict=True):
+        key, text, start, end = span
+        if n <= max_tokens or end - start < 2:
+            out.append(span)
             continue
+        words = [m.start() for m in _WORD.finditer(text, start, end)]
         if len(words) < 2:
-            halves = [chunk[:len(chunk) // 2], chunk[len(chunk) // 2:]]
+            middle = start + (end - start) // 2
+            halves = [(key, text, start, middle), (key, text, middle, end)]
         else:
-            halves = ["".join(words[:len(words) // 2]).strip(),
-                      "".join(words[len(words) // 2:]).strip()]
-        out += fit_chunks([half for half in halves if has_text(half)], max_tokens, count)
+            middle = words[len(words) // 2]
+            halves = [(key, text, *_stripped(text, start, middle)),
+                      (key, text, *_stripped(text, middle, end))]
+        out += fit_spans([h for h in halves if has_text(h[1][h[2]:h[3]])], max_tokens, count)
     return out

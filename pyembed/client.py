@@ -19,18 +19,19 @@ from psycopg.pq import TransactionStatus
 
 from . import index, models
 from .cache import PostgresCache
-from .chunking import chunk_text, fit_chunks
+from .chunking import Span, fit_spans, iter_spans
 from .config import READ_DSN_ENV
 from .corpora import (
-    ChunkRow,
     CorpusInfo,
+    DocumentChunks,
+    Spans,
     corpus_info,
     create_corpus,
     document_hashes,
     drop_corpus,
     list_corpora,
     model_spec,
-    write_documents,
+    write_prepared,
 )
 from .db import PsycopgExecutor, conninfo, lost, reopen
 from .db import connect as db_connect
@@ -136,16 +137,30 @@ class AddReport:
 @dataclass(frozen=True)
 class PreparedAdd:
     """Documents chunked and embedded by `Corpus.prepare`, for `Corpus.write`: the corpus as it
-    was read, the documents that changed, their chunks with the active key's vectors, the
-    migration target's vectors (`also`), and the counts `write` reports."""
+    was read, the documents that changed with their chunks (as `Spans` of their texts), the
+    active key's vectors of those chunks in order (blocks of rows, as they were embedded), the
+    migration target's (`also`), and the counts `write` reports."""
 
     info: CorpusInfo
-    documents: list[Document]
-    rows: list[ChunkRow]
-    also: dict[str, np.ndarray] | None
+    documents: list[DocumentChunks]
+    vectors: list[np.ndarray]
+    also: dict[str, list[np.ndarray]] | None
     added: int
     updated: int
     skipped: int
+
+    @property
+    def chunks(self) -> int:
+        """The chunks to write."""
+        return sum(len(d.chunks) for d in self.documents)
+
+
+EMBED_CHUNKS = 1024
+"""Chunks `Corpus.prepare` chunks, then embeds, at a time: the texts of a group, never of a
+whole document, are held at once (then only where they lie in their documents, and their
+vectors)."""
+EMBED_CHARACTERS = 4 << 20
+"""The characters of a group's chunks, at most (beyond the first chunk)."""
 
 
 class Client:
@@ -514,7 +529,7 @@ class Corpus:
         """
         docs = [_as_document(d) for d in documents]
         prepared = self.prepare(docs, truncate=truncate, translate=translate)
-        with (self.bulk_load() if len(prepared.rows) >= index.BULK_LOAD_ROWS
+        with (self.bulk_load() if prepared.chunks >= index.BULK_LOAD_ROWS
               else nullcontext()):
             for attempt in (1, 2):
                 # The keys served are read, then embedded for: a migration step committed in
@@ -562,22 +577,40 @@ class Corpus:
         old = document_hashes(self.client._conn, self.info.corpus_id, list(docs))
         todo = [d for i, d in docs.items() if old.get(i) != hashes[i]]
         embedder = self.client.embedder(self.model_key, truncate=truncate)
-        rows: list[ChunkRow] = []
-        for d in todo:
-            chunks = chunk_text(d.text, self.info.chunk_tokens, self.info.chunk_overlap)
-            if not truncate:
-                chunks = fit_chunks(chunks, embedder.spec.max_tokens, embedder.provider.count_tokens)
-            rows += [ChunkRow(d.id, i, c, np.empty(0), d.metadata) for i, c in enumerate(chunks)]
-        also: dict[str, np.ndarray] | None = None
-        if rows:
-            texts = [translate(r.content) if translate else r.content for r in rows]
-            for r, v in zip(rows, embedder.embed(texts, InputType.DOCUMENT), strict=True):
-                r.embedding = v
-            target = self.info.target_model_key
-            if target:
-                also = {target: self.client.embedder(target, truncate=True).embed(texts)}
+        target = self.info.target_model_key
+        changed = [DocumentChunks(d.id, hashes[d.id], d.metadata, Spans(d.text)) for d in todo]
+        vectors: list[np.ndarray] = []
+        also: dict[str, list[np.ndarray]] | None = {target: []} if target else None
+
+        def embed(group: list[Span]) -> None:
+            if group and not truncate:
+                group = fit_spans(group, embedder.spec.max_tokens, embedder.provider.count_tokens)
+            if not group:
+                return
+            texts = [text[start:end] for _, text, start, end in group]
+            for n, _, start, end in group:
+                cast(Spans, changed[n].chunks).append(start, end)
+            if translate:
+                texts = [translate(t) for t in texts]
+            vectors.append(embedder.embed(texts, InputType.DOCUMENT))
+            if target and also is not None:
+                also[target].append(self.client.embedder(target, truncate=True).embed(texts))
+
+        # The chunks of every changed document, in order, embedded EMBED_CHUNKS at a time (a
+        # group may hold several documents' chunks, or part of one's).
+        group: list[Span] = []
+        characters = 0
+        for n, d in enumerate(todo):
+            for start, end in iter_spans(d.text, self.info.chunk_tokens, self.info.chunk_overlap):
+                if group and (len(group) >= EMBED_CHUNKS
+                              or characters + end - start > EMBED_CHARACTERS):
+                    embed(group)
+                    group, characters = [], 0
+                group.append((n, d.text, start, end))
+                characters += end - start
+        embed(group)
         updated = sum(1 for d in todo if d.id in old)
-        return PreparedAdd(self.info, todo, rows, also, len(todo) - updated, updated,
+        return PreparedAdd(self.info, changed, vectors, also, len(todo) - updated, updated,
                            len(docs) - len(todo))
 
     def write(self, prepared: PreparedAdd,
@@ -586,15 +619,14 @@ class Corpus:
         (default: the client's). ModelMismatch if the keys the corpus serves changed since
         (prepare again); InvalidInput if the database refuses a document (nothing stored)."""
         own = conn is None or conn is self.client._conn  # another connection needs no turn
-        if not prepared.rows:
+        if not prepared.chunks:
             return AddReport(prepared.added, prepared.updated, prepared.skipped, 0)
         with self.call() if own else nullcontext():
             # What the database found when it wrote, not what prepare read: a concurrent add
             # of the same documents stored them meanwhile, and this one leaves them alone.
-            written = write_documents(conn or self.client._conn, prepared.info, prepared.rows,
-                                      prepared.info.model_key,
-                                      texts={d.id: d.text for d in prepared.documents},
-                                      also=prepared.also, only_changed=True)
+            written = write_prepared(conn or self.client._conn, prepared.info,
+                                     prepared.documents, prepared.info.model_key,
+                                     prepared.vectors, also=prepared.also, only_changed=True)
         return AddReport(written.added, written.updated, prepared.skipped + written.unchanged,
                          len(written.ids))
 

@@ -3,10 +3,13 @@ lookup, pyembed.lookup_corpus), registered models, and documents with their chun
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections.abc import Mapping, Sequence
+from array import array
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from itertools import islice
+from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 
@@ -45,6 +48,54 @@ class ChunkRow:
     content: str
     embedding: np.ndarray
     metadata: dict[str, Any] = field(default_factory=dict)
+
+
+class Spans(Sequence[str]):
+    """A document's chunks as where they lie in its text (chunking.iter_spans): each is sliced
+    from the text when it is read, so that a long document's chunks take two numbers each
+    until they are written."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.bounds = array("q")
+        """Each chunk's start and end in `text`, one after the other."""
+
+    def append(self, start: int, end: int) -> None:
+        self.bounds.extend((start, end))
+
+    def __len__(self) -> int:
+        return len(self.bounds) // 2
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[str]: ...
+    def __getitem__(self, index: int | slice) -> str | list[str]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError("chunk index out of range")
+        index %= n
+        return self.text[self.bounds[2 * index]:self.bounds[2 * index + 1]]
+
+    def __iter__(self) -> Iterator[str]:
+        bounds = iter(self.bounds)
+        for start, end in zip(bounds, bounds, strict=True):
+            yield self.text[start:end]
+
+
+@dataclass(frozen=True)
+class DocumentChunks:
+    """A document to write: its id, the hash of its text and metadata (text.document_hash), its
+    metadata, and its chunks' texts in order (a list, or `Spans`), numbered from 0 unless
+    `indexes` numbers them."""
+
+    document_id: str
+    content_hash: bytes
+    metadata: dict[str, Any]
+    chunks: Sequence[str]
+    indexes: Sequence[int] | None = None
 
 
 _INFO = """c.corpus_id, c.name, c.model_key, m.dimensions, c.target_model_key, c.migration_step,
@@ -168,15 +219,65 @@ def write_documents(conn: psycopg.Connection[Any], corpus: CorpusInfo, rows: Seq
     caller looked) is left alone, its chunks and vectors unwritten, and counted unchanged."""
     if not rows:
         return Written(0, 0, 0, [])
-    for r in rows:
-        check_text(r.content, f"chunk {r.document_id}#{r.chunk_index}")
-    vectors = as_unit_vectors(np.stack([np.asarray(r.embedding) for r in rows]),
-                              len(rows[0].embedding), normalize=normalized)
-    docs: dict[str, list[ChunkRow]] = {}
-    for r in rows:
-        docs.setdefault(r.document_id, []).append(r)
-    hashes = {d: document_hash((texts or {}).get(d) or "".join(c.content for c in chunks),
-                               chunks[0].metadata) for d, chunks in docs.items()}
+    vectors = np.stack([np.asarray(r.embedding) for r in rows])
+    groups: dict[str, list[int]] = {}
+    for n, r in enumerate(rows):
+        groups.setdefault(r.document_id, []).append(n)
+    order = [n for members in groups.values() for n in members]  # rows by document
+    documents = [DocumentChunks(
+        d, document_hash((texts or {}).get(d) or "".join(rows[n].content for n in members),
+                         rows[members[0]].metadata),
+        rows[members[0]].metadata, [rows[n].content for n in members],
+        [rows[n].chunk_index for n in members]) for d, members in groups.items()]
+    written, stored = _write(conn, corpus, documents, model_key, [vectors[order]],
+                             normalized=normalized,
+                             also={k: [np.asarray(v)[order]] for k, v in (also or {}).items()},
+                             only_changed=only_changed)
+    # The ids in the order of the rows given (those of documents left alone are not written).
+    at = {n: i for n, i in zip((n for n in order if rows[n].document_id in stored),
+                               written.ids, strict=True)}
+    return dataclasses.replace(written, ids=[at[n] for n in sorted(at)])
+
+
+_PIECE = 1 << 20
+"""Characters of a document's text encoded at a time."""
+WRITE_ROWS = 1_000
+"""Vectors a write COPYs at a time: its vectors are taken from the caller's blocks this many
+rows at a time."""
+
+
+def write_prepared(conn: psycopg.Connection[Any], corpus: CorpusInfo,
+                   documents: Sequence[DocumentChunks], model_key: str,
+                   vectors: Sequence[np.ndarray], *, normalized: bool = True,
+                   also: Mapping[str, Sequence[np.ndarray]] | None = None,
+                   only_changed: bool = False) -> Written:
+    """Store documents (all their chunks, replacing older versions) and the chunks' vectors in
+    one transaction, as write_documents does. `vectors` is the chunks' vectors in the
+    documents' order, as blocks of rows (each as the embedder made it, not copied into one
+    array); `also` the same for other keys."""
+    return _write(conn, corpus, documents, model_key, vectors, normalized=normalized,
+                  also=also, only_changed=only_changed)[0]
+
+
+def _write(conn: psycopg.Connection[Any], corpus: CorpusInfo,
+           documents: Sequence[DocumentChunks], model_key: str, vectors: Sequence[np.ndarray],
+           *, normalized: bool, also: Mapping[str, Sequence[np.ndarray]] | None,
+           only_changed: bool) -> tuple[Written, set[str]]:
+    total = sum(len(d.chunks) for d in documents)
+    if not total:
+        return Written(0, 0, 0, []), set()
+    for key, blocks in {model_key: vectors, **(also or {})}.items():
+        if sum(len(b) for b in blocks) != total:
+            raise InvalidInput(f"{total} chunks and {sum(len(b) for b in blocks)} vectors for "
+                               f"{key}: give one per chunk")
+    for d in documents:
+        for n, chunk in enumerate(d.chunks):
+            check_text(chunk, f"chunk {d.document_id}#{_index(d, n)}")
+    # Checked before anything is written; float32 rows already unit are not copied.
+    dims = len(vectors[0][0])
+    vectors = [as_unit_vectors(b, dims, normalize=normalized) for b in vectors]
+    also = {k: [as_unit_vectors(b, len(b[0]), normalize=normalized) for b in blocks]
+            for k, blocks in (also or {}).items()}
     with translated(), conn.transaction(), conn.cursor() as cur:
         cur.execute(
             """INSERT INTO pyembed.documents (corpus_id, document_id, content_hash, metadata)
@@ -185,51 +286,126 @@ def write_documents(conn: psycopg.Connection[Any], corpus: CorpusInfo, rows: Seq
                  SET content_hash = EXCLUDED.content_hash, metadata = EXCLUDED.metadata
                  WHERE NOT %s OR documents.content_hash IS DISTINCT FROM EXCLUDED.content_hash
                RETURNING document_id, xmax = 0 AS inserted""",
-            (corpus.corpus_id, list(docs), [hashes[d] for d in docs],
-             [json.dumps(c[0].metadata, default=str) for c in docs.values()], only_changed))
+            (corpus.corpus_id, [d.document_id for d in documents],
+             [d.content_hash for d in documents],
+             [json.dumps(d.metadata, default=str) for d in documents], only_changed))
         stored = dict(cur.fetchall())
         # (The row of a document left alone is not returned: the one stored is the same.)
-        unchanged = len(docs) - len(stored)
-        if unchanged:
-            keep = [n for n, r in enumerate(rows) if r.document_id in stored]
-            if not keep:
-                return Written(0, 0, unchanged, [])
-            rows = [rows[n] for n in keep]
-            vectors = vectors[keep]
-            if also:
-                also = {k: np.asarray(v)[keep] for k, v in also.items()}
+        unchanged = len(documents) - len(stored)
+        if not stored:
+            return Written(0, 0, unchanged, []), set()
         # A stored document that now has fewer chunks loses the rest (new ones have none).
-        replaced = [d for d, inserted in stored.items() if not inserted]
+        replaced = [d for d in documents if d.document_id in stored and not stored[d.document_id]]
         if replaced:
             cur.execute(
                 """DELETE FROM pyembed.chunks c USING unnest(%s::text[], %s::int[]) AS t(d, n)
                     WHERE c.corpus_id = %s AND c.document_id = t.d AND c.chunk_index >= t.n""",
-                (replaced, [len(docs[d]) for d in replaced], corpus.corpus_id))
-        # One statement for all chunks: the statement-level triggers (queue, keyword index)
-        # then run once per batch, not once per chunk.
-        metadata = [json.dumps(r.metadata, default=str) for r in rows]
-        with transition_tables_in_memory(cur, [
-                len(r.content.encode()) + len(r.document_id) + len(m) + ROW_OVERHEAD
-                for r, m in zip(rows, metadata, strict=True)]):
-            cur.execute(
-                """INSERT INTO pyembed.chunks (corpus_id, document_id, chunk_index, content, metadata)
-                   SELECT %s, d, i, c, m::jsonb
-                     FROM unnest(%s::text[], %s::int[], %s::text[], %s::text[]) AS t(d, i, c, m)
-                   ON CONFLICT (corpus_id, document_id, chunk_index) DO UPDATE
-                     SET content = EXCLUDED.content, metadata = EXCLUDED.metadata
-                   RETURNING document_id, chunk_index, chunk_id, xmax = 0 AS inserted""",
-                (corpus.corpus_id, [r.document_id for r in rows], [r.chunk_index for r in rows],
-                 [r.content for r in rows], metadata))
-            written = cur.fetchall()
-        by_position = {(d, i): c for d, i, c, _ in written}
-        ids = [by_position[r.document_id, r.chunk_index] for r in rows]
-        chunk_hashes = [sha256(r.content) for r in rows]
-        # Chunks that are all new have no vectors to replace.
-        replace = not all(inserted for *_, inserted in written)
-        copy_vectors(cur, corpus.corpus_id, ids, model_key, vectors, chunk_hashes, replace=replace)
-        for key, extra in (also or {}).items():
-            copy_vectors(cur, corpus.corpus_id, ids, key,
-                         as_unit_vectors(extra, extra.shape[1], normalize=normalized),
-                         chunk_hashes, replace=replace)
+                ([d.document_id for d in replaced], [len(d.chunks) for d in replaced],
+                 corpus.corpus_id))
+        kept = [d.document_id in stored for d in documents]
+        ids, replace = _write_chunks(cur, corpus,
+                                     [d for d, k in zip(documents, kept, strict=True) if k])
+        # The vectors, COPY'd WRITE_ROWS at a time from the blocks given, each COPY with its
+        # chunks' text hashes (sliced from the chunks again, not kept from the insert).
+        for key, blocks in {model_key: vectors, **also}.items():
+            hashes = (sha256(chunk) for d, k in zip(documents, kept, strict=True) if k
+                      for chunk in d.chunks)
+            at = 0
+            for part in _kept_rows(blocks, [len(d.chunks) for d in documents], kept):
+                copy_vectors(cur, corpus.corpus_id, ids[at:at + len(part)].tolist(),
+                             key, part, list(islice(hashes, len(part))), replace=replace)
+                at += len(part)
     added = sum(1 for inserted in stored.values() if inserted)
-    return Written(added, len(stored) - added, unchanged, ids)
+    return Written(added, len(stored) - added, unchanged, ids.tolist()), set(stored)
+
+
+def _index(document: DocumentChunks, n: int) -> int:
+    return document.indexes[n] if document.indexes is not None else n
+
+
+def _write_chunks(cur: psycopg.Cursor[Any], corpus: CorpusInfo,
+                  documents: Sequence[DocumentChunks]) -> tuple[np.ndarray, bool]:
+    """Insert (or update) the documents' chunks: their ids, in order, and whether any was
+    there before (updated, not inserted). One statement for them all: the statement-level
+    triggers (queue, keyword index, which indexes each document it meets whole) then run once
+    per write, not once per chunk or part. The chunks' texts are sent as one UTF-8 value (a
+    document's text, or its chunks' texts one after another) that the statement slices: a
+    long document's chunks are never all held as strings, nor sent as overlapping copies."""
+    blob = bytearray()
+    starts: list[int] = []
+    lengths: list[int] = []
+    for d in documents:
+        if isinstance(d.chunks, Spans):
+            at = len(blob)
+            for piece in range(0, len(d.chunks.text), _PIECE):
+                blob += d.chunks.text[piece:piece + _PIECE].encode("utf-8")
+            first, end = _utf8_bounds(d.chunks)
+            starts += (first + (at + 1)).tolist()  # (1-based)
+            lengths += (end - first).tolist()
+        else:
+            for chunk in d.chunks:
+                starts.append(len(blob) + 1)
+                blob += chunk.encode("utf-8")
+                lengths.append(len(blob) + 1 - starts[-1])
+    numbers = [n for n, d in enumerate(documents, start=1) for _ in range(len(d.chunks))]
+    metadata = [json.dumps(d.metadata, default=str) for d in documents]
+    extra = [len(d.document_id.encode()) + len(m) + ROW_OVERHEAD
+             for d, m in zip(documents, metadata, strict=True)]
+    ids = np.empty(len(starts), dtype=np.int64)
+    replace = False
+    with transition_tables_in_memory(cur, (size + extra[n - 1] for n, size
+                                           in zip(numbers, lengths, strict=True))):
+        cur.execute(
+            """WITH given AS MATERIALIZED (
+                 SELECT t.n, t.i, t.s, t.l, t.p
+                   FROM unnest(%(n)s::int[], %(i)s::int[], %(s)s::int[], %(l)s::int[])
+                        WITH ORDINALITY AS t(n, i, s, l, p)
+               ), written AS (
+                 INSERT INTO pyembed.chunks (corpus_id, document_id, chunk_index, content,
+                                             metadata)
+                 SELECT %(corpus)s, (%(d)s::text[])[g.n], g.i,
+                        convert_from(substring(%(texts)s::bytea FROM g.s FOR g.l), 'UTF8'),
+                        (%(m)s::text[])[g.n]::jsonb
+                   FROM given g
+                 ON CONFLICT (corpus_id, document_id, chunk_index) DO UPDATE
+                   SET content = EXCLUDED.content, metadata = EXCLUDED.metadata
+                 RETURNING document_id, chunk_index, chunk_id, xmax = 0 AS inserted)
+               SELECT w.chunk_id, w.inserted
+                 FROM written w
+                 JOIN given g ON (%(d)s::text[])[g.n] = w.document_id AND g.i = w.chunk_index
+                ORDER BY g.p""",
+            {"corpus": corpus.corpus_id, "d": [d.document_id for d in documents],
+             "m": metadata, "n": numbers, "s": starts, "l": lengths, "texts": blob,
+             "i": [_index(d, n) for d in documents for n in range(len(d.chunks))]})
+        del blob, starts, numbers
+        for row, (chunk_id, inserted) in enumerate(cur):
+            ids[row] = chunk_id
+            replace = replace or not inserted
+    return ids, replace
+
+
+def _utf8_bounds(spans: Spans) -> tuple[np.ndarray, np.ndarray]:
+    """Where each of the spans starts and ends in its text's UTF-8 bytes."""
+    bounds = np.frombuffer(spans.bounds, dtype=np.int64).reshape(-1, 2)
+    if spans.text.isascii():
+        return bounds[:, 0], bounds[:, 1]
+    points = np.unique(bounds)
+    at = np.empty_like(points)
+    done = written = 0
+    for k, point in enumerate(points.tolist()):
+        written += len(spans.text[done:point].encode("utf-8"))
+        done = point
+        at[k] = written
+    return at[np.searchsorted(points, bounds[:, 0])], at[np.searchsorted(points, bounds[:, 1])]
+
+
+def _kept_rows(blocks: Sequence[np.ndarray], counts: Sequence[int],
+               kept: Sequence[bool]) -> Iterator[np.ndarray]:
+    """The rows of `blocks` (the chunks' vectors, `counts[i]` of them for document i, in
+    order) of the documents `kept`, in parts of at most WRITE_ROWS rows."""
+    owner = iter(np.repeat(np.asarray(kept, dtype=bool), counts))
+    for block in blocks:
+        mask = np.fromiter(owner, dtype=bool, count=len(block))
+        rows = block if mask.all() else block[mask]
+        for start in range(0, len(rows), WRITE_ROWS):
+            yield rows[start:start + WRITE_ROWS]

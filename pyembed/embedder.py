@@ -206,12 +206,13 @@ class Embedder:
                                       self.max_batch_tokens):
                 done.append(self._embed_batch(ordered[batch.start:batch.stop], input_type))
         finally:
-            if self.cache is not None and done:
-                vectors = np.concatenate(done)
+            vectors = np.concatenate(done) if done else None  # (one copy, for both)
+            done.clear()
+            if self.cache is not None and vectors is not None:
                 self.cache.put_many(ordered[:len(vectors)], vectors, self.spec, input_type)
         out = np.empty((len(texts), self.spec.dimensions), dtype=np.float32)
-        if done:
-            out[order] = np.concatenate(done)
+        if vectors is not None:
+            out[order] = vectors
         return out
 
     def _embed_batch(self, texts: list[str], input_type: InputType, *,

@@ -55,17 +55,23 @@ def text_list(texts: object, what: str = "texts") -> list[Any]:
     return list(texts)
 
 
+_PIECE = 1 << 20
+"""Characters of a long text encoded at a time, to check or hash it."""
+
+
 def check_storable(text: str, what: str = "text") -> str:
     """`text` if PostgreSQL can store it: no NUL byte, and valid Unicode (a lone surrogate, as
     JSON's "\\ud800" gives, has no UTF-8 form); else InvalidInput naming `what`."""
     if "\x00" in text:
         raise InvalidInput(f"{what} contains a NUL byte (\\x00), which PostgreSQL cannot store")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise InvalidInput(f"{what} contains a lone surrogate ({text[exc.start]!r} at "
-                           f"character {exc.start}), which is not text: it has no UTF-8 "
-                           "form") from None
+    for start in range(0, len(text), _PIECE):  # (a long document is not encoded whole)
+        try:
+            text[start:start + _PIECE].encode("utf-8")
+        except UnicodeEncodeError as exc:
+            at = start + exc.start
+            raise InvalidInput(f"{what} contains a lone surrogate ({text[at]!r} at "
+                               f"character {at}), which is not text: it has no UTF-8 "
+                               "form") from None
     return text
 
 
@@ -201,7 +207,11 @@ def sha256(text: str) -> bytes:
 
 def document_hash(text: str, metadata: Mapping[str, Any]) -> bytes:
     """What makes a document unchanged, on every ingest path: its text and its metadata."""
-    return sha256(text + "\x00" + json.dumps(metadata, sort_keys=True, default=str))
+    digest = hashlib.sha256()
+    for start in range(0, len(text), _PIECE):  # sha256 of the whole, not encoded whole
+        digest.update(text[start:start + _PIECE].encode("utf-8"))
+    digest.update(("\x00" + json.dumps(metadata, sort_keys=True, default=str)).encode("utf-8"))
+    return digest.digest()
 
 
 CHARS_PER_TOKEN = 4

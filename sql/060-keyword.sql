@@ -255,6 +255,7 @@ $$;
 -- autovacuum's first ANALYZE, and on empty statistics the planner read posting blocks through
 -- the (corpus_id, id) indexes (every term of 512 ids for each block). SKIP_LOCKED: a writer
 -- never waits for another's ANALYZE (or autovacuum's); the table's next commit tries again.
+-- (In bigint: 4 * 8192 bytes a page past 65,535 pages, a table of 512 MB, is no integer.)
 CREATE OR REPLACE FUNCTION pyembed._analyze_grown() RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -265,7 +266,7 @@ BEGIN
   FOR t IN SELECT c.oid::regclass FROM pg_catalog.pg_class c
             WHERE c.oid IN ('pyembed.postings'::regclass, 'pyembed.document_postings'::regclass,
                             'pyembed.chunks'::regclass, 'pyembed.documents'::regclass)
-              AND pg_catalog.pg_relation_size(c.oid) >= 8192 * greatest(4 * c.relpages, 8)
+              AND pg_catalog.pg_relation_size(c.oid) >= 8192 * greatest(4 * c.relpages::bigint, 8)
             ORDER BY c.oid LOOP
     EXECUTE format('ANALYZE (SKIP_LOCKED) %s', t);
   END LOOP;

@@ -230,3 +230,15 @@ def test_a_rolled_back_write_changes_no_count_and_no_block(
         raise ZeroDivisionError
     assert contents() == before
     assert index_problems(owner) == []
+
+
+@pytest.mark.parametrize("table", ["chunks", "documents", "postings", "document_postings"])
+def test_a_write_commits_when_a_table_it_analyzes_is_past_512_mb(
+        owner: psycopg.Connection[Any], client: Any, table: str) -> None:
+    """pyembed._analyze_grown, at every writer's commit, compared a table's size with four
+    times its pages in bytes as an integer: past 65,535 pages (512 MB) every write failed at
+    commit with "integer out of range". The pages are set here as ANALYZE would record them."""
+    owner.execute("UPDATE pg_catalog.pg_class SET relpages = 100000 WHERE oid = %s::regclass",
+                  (f"pyembed.{table}",))
+    docs = client.create_corpus("big", FAKE)
+    assert docs.add([("d1", "refund policy for large orders")]).added == 1
