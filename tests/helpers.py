@@ -206,3 +206,15 @@ def called_functions(bodies: dict[str, str], function: str) -> set[str]:
         seen.add(name)
         todo.extend(PYEMBED_CALL.findall(bodies[name]))
     return seen
+
+
+def assert_ingest_resumes(command: list[str], env: dict[str, str], fake_api: Any) -> None:
+    """`command`, an ingest of "text number 0..9" stopped after 4 documents, run again: it
+    exits 0, keeps the 4 as unchanged and sends only the other 6 texts to the fake Voyage."""
+    fake_api.reset()
+    again = subprocess.run(command, capture_output=True, text=True, env=env,
+                           cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert again.returncode == 0, again
+    assert "added 6, updated 0, unchanged 4" in again.stdout, again.stdout
+    embedded = [t for r in fake_api.requests_to("voyage") for t in r.body["input"]]
+    assert sorted(embedded) == sorted(f"text number {i}" for i in range(4, 10))

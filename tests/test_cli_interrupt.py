@@ -19,7 +19,7 @@ import pytest
 
 from tests.conftest import REPO, Database
 from tests.fakeapi.server import FakeAPI
-from tests.helpers import count
+from tests.helpers import assert_ingest_resumes, count
 
 
 @pytest.mark.parametrize(("stop", "code", "said"), [
@@ -65,10 +65,4 @@ def test_an_interrupted_ingest_says_what_it_kept_and_a_rerun_resumes(
     assert owner.execute("SELECT count(*) FROM pyembed.documents d WHERE NOT EXISTS (SELECT FROM "
                          "pyembed.chunks c WHERE c.corpus_id = d.corpus_id AND "
                          "c.document_id = d.document_id)").fetchone() == (0,)
-    fake_api.reset()
-    again = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO,
-                           timeout=120)
-    assert again.returncode == 0, again
-    assert "added 6, updated 0, unchanged 4" in again.stdout, again.stdout
-    embedded = [t for r in fake_api.requests_to("voyage") for t in r.body["input"]]
-    assert sorted(embedded) == sorted(f"text number {i}" for i in range(4, 10))
+    assert_ingest_resumes(command, env, fake_api)

@@ -40,7 +40,7 @@ from pyembed.ingest import (
 from pyembed.models import InputType
 from tests.conftest import REPO, Database
 from tests.fakeapi.server import FakeAPI
-from tests.helpers import count
+from tests.helpers import assert_ingest_resumes, count
 
 KEY = "fake/fake-hash@1:384"
 
@@ -743,11 +743,5 @@ def test_a_run_a_rate_limit_stops_says_what_it_kept_and_a_rerun_resumes(
                          "unchanged 0); running it again resumes: the documents kept are "
                          "skipped as unchanged"), line
     assert count(app, "documents") == 4
-    fake_api.reset()
-    again = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO,
-                           timeout=120)
-    assert again.returncode == 0, again
-    assert "added 6, updated 0, unchanged 4" in again.stdout, again.stdout
-    embedded = [t for r in fake_api.requests_to("voyage") for t in r.body["input"]]
-    assert sorted(embedded) == sorted(f"text number {i}" for i in range(4, 10))
+    assert_ingest_resumes(command, env, fake_api)
     assert count(app, "documents") == 10
