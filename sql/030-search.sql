@@ -157,7 +157,10 @@ $$;
 -- its own). The ranking's `chunks` is NULL: k documents (no default, so that a downgrade's own
 -- six-argument version beside it is never ambiguous).
 -- k is numeric (pyembed._count_arg says why), its default a numeric constant (10 is stored as
--- an integer's cast, which put this row over the limit below).
+-- an integer's cast, which put this row over the limit below); _count_arg is called (for its
+-- error) only for a k out of range: a call with a SET clause costs every search. No
+-- plan_cache_mode SET either (the ranking has its own): its save and restore cost a search
+-- more than the texts' statement's choice of plan.
 -- These comments stand outside the body: a pg_proc row over PostgreSQL's TOAST_TUPLE_TARGET has
 -- its argument defaults compressed, and every call's statement decompressed them to resolve the
 -- call.
@@ -168,7 +171,6 @@ RETURNS TABLE (document_id text, chunk_id bigint, chunk_index integer, content t
                metadata jsonb, score double precision, model_key text)
 LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
-SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
   c pyembed.corpora;
@@ -182,12 +184,13 @@ BEGIN
   IF NOT FOUND THEN
     c := pyembed.lookup_corpus(corpus);
   END IF;
-  r := pyembed._vector_ranking(c, query_embedding, query_model_key,
-    pyembed._count_arg(k, 'k', 1, 1000), filter, group_by, NULL);
+  r := pyembed._vector_ranking(c, query_embedding, query_model_key, CASE WHEN k BETWEEN 1 AND
+    1000 AND k=trunc(k) THEN k::int ELSE pyembed._count_arg(k,'k',1,1000) END, filter, group_by,
+    NULL);
   RETURN QUERY
   SELECT ch.document_id, ch.chunk_id, ch.chunk_index, ch.content, ch.metadata, r.scores[h.n],
          query_model_key
-    FROM unnest(r.ids) WITH ORDINALITY AS h(chunk_id, n)
+    FROM unnest(r.ids) WITH ORDINALITY h(chunk_id, n)
     JOIN pyembed.chunks ch ON ch.corpus_id = c.corpus_id AND ch.chunk_id = h.chunk_id
    ORDER BY h.n;
 END
