@@ -1214,7 +1214,8 @@ def metrics_serve(
             ("warning:", "yellow"), f" the database does not answer yet ({_one_line(exc)}): "
             "pyembed_up is 0 until it does"), highlight=False)
     serve(target, port=port, address=address,
-          ready=lambda: console.print(f"serving http://{address}:{port}/metrics (Ctrl-C stops)"))
+          ready=lambda: console.print(f"serving http://{address}:{port}/metrics (Ctrl-C stops)"),
+          stopped=lambda: bool(_stops))
     _stops.clear()  # Ctrl-C or SIGTERM is how a server ends: exit 0, as `worker` does
 
 

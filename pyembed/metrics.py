@@ -169,9 +169,10 @@ def wsgi_app(reg: CollectorRegistry) -> Callable[..., Any]:
 
 
 def serve(dsn: str | None, *, port: int, address: str = "127.0.0.1",
-          ready: Callable[[], None] | None = None) -> None:
-    """Serve /metrics until interrupted; `ready` is called once the port is bound (OSError when
-    it cannot be)."""
+          ready: Callable[[], None] | None = None,
+          stopped: Callable[[], bool] | None = None) -> None:
+    """Serve /metrics until interrupted, or until `stopped()` says a stop came (asked between
+    requests); `ready` is called once the port is bound (OSError when it cannot be)."""
     import socket
     from wsgiref.simple_server import WSGIRequestHandler, make_server
 
@@ -180,6 +181,12 @@ def serve(dsn: str | None, *, port: int, address: str = "127.0.0.1",
     class Server(ThreadingWSGIServer):
         # An IPv6 address (--address ::) binds as one, as prometheus_client's server does.
         address_family = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)[0][0]
+
+        def service_actions(self) -> None:
+            # A signal handler's exception raised inside a __del__ or a weakref callback is
+            # printed and dropped by Python: the stop it recorded still ends the loop.
+            if stopped is not None and stopped():
+                raise KeyboardInterrupt
 
     class Quiet(WSGIRequestHandler):
         def log_message(self, format: str, *args: Any) -> None:

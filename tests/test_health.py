@@ -106,6 +106,39 @@ def test_metrics_serve_answers_http(db: Database) -> None:
         proc.wait(timeout=10)
 
 
+def test_metrics_serve_ends_on_a_stop_whose_exception_python_dropped(db: Database) -> None:
+    """CI saw `metrics serve` keep serving after SIGTERM (a second SIGTERM ended it): a signal
+    handler's exception raised inside a __del__ or a weakref callback is printed and dropped by
+    Python. The stop the handler recorded (cli._stops) is asked between requests, so the command
+    still ends, as a stopped server does (exit 0). Here the recorded stop is added from another
+    thread, as if the handler's exception had been dropped."""
+    import threading
+    import time
+
+    from pyembed import cli
+
+    port = free_port()
+    served: list[str] = []
+
+    def scrape_then_stop() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not served:
+            try:
+                served.append(urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
+                                                     timeout=5).read().decode())
+            except OSError:
+                time.sleep(0.2)
+        cli._stops.append(KeyboardInterrupt())
+
+    helper = threading.Thread(target=scrape_then_stop, daemon=True)
+    helper.start()
+    started = time.monotonic()
+    code = cli.main(["metrics", "serve", "--port", str(port), "--dsn", db.app_dsn])
+    helper.join(5)
+    assert served and "pyembed_up 1.0" in served[0]
+    assert code in (0, None) and time.monotonic() - started < 40
+
+
 def test_a_latency_alert_needs_twenty_queries_not_one_cold_call(
         db: Database, app: psycopg.Connection[Any], owner: psycopg.Connection[Any]) -> None:
     """Before, `pyembed status` on a fresh install exited 1 after one search: the local model's
