@@ -64,4 +64,4 @@ def integer(value: object, what: str, conn: psycopg.Connection[Any] | None = Non
         if low <= int(value) <= high:
             return int(value)
         raise errors.InvalidInput(f"{what} must be a whole number from {low} to {high}, not {value}")
-    raise errors.InvalidInput(f"{what} must be a whole number, not {value!r}")
+    raise errors.InvalidInput(f"{what} must be a whole number, not {errors.shown(value)}")

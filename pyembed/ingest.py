@@ -31,7 +31,7 @@ from rich.progress import (
 from .client import AddReport, Corpus, Document, PreparedAdd
 from .corpora import RefusedIds
 from .db import twin
-from .errors import ConfigError, InvalidInput, ModelMismatch
+from .errors import ConfigError, InvalidInput, ModelMismatch, shown
 from .text import has_text, number, read_json
 
 MARKDOWN_SUFFIXES = frozenset({".md", ".markdown"})
@@ -198,7 +198,7 @@ class _Reader:
                 if first is not None:
                     where = f"{first[0]}:{first[1]}" if first[1] is not None else str(first[0])
                     self.problem(path, record.line,
-                                 f"duplicate id {record.document.id!r} (first in {where})",
+                                 f"duplicate id {shown(record.document.id)} (first in {where})",
                                  record=True)
                     continue
                 self.seen[record.document.id] = (record.path, record.line)
@@ -652,7 +652,7 @@ def _add(corpus: Corpus, batch: list[_Record], truncate: bool, totals: dict[str,
         else:  # (the rule for ids names the id in its words)
             record = batch[0]
             _failed(totals, problems, record, str(exc) if isinstance(exc, RefusedIds)
-                    else f"id {record.document.id!r}: {exc}")
+                    else f"id {shown(record.document.id)}: {exc}")
             advance(1)
         return
     _count(totals, report)

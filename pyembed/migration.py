@@ -22,7 +22,7 @@ import numpy.typing as npt
 from .client import Client, in_client_turn
 from .corpora import model_spec
 from .dbcall import integer, translated
-from .errors import InvalidInput, MigrationError
+from .errors import InvalidInput, MigrationError, shown
 from .evaluation import HITS_PER_DOCUMENT, EvalQuery, KeyScore, eval_queries, evaluate, overlap
 from .index import build_index_online, drop_index_online
 from .models import InputType
@@ -41,7 +41,7 @@ def storage_bytes(vectors: int, dims: int) -> tuple[int, int]:
     (100k x 384 measured here: 195 MiB for the index)."""
     for value, what, low in ((vectors, "vectors", 0), (dims, "dims", 1)):
         if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
-            raise InvalidInput(f"{what} must be a whole number of at least {low}, not {value!r}")
+            raise InvalidInput(f"{what} must be a whole number of at least {low}, not {shown(value)}")
     raw = vectors * (4 * dims + 8)
     return raw, raw + vectors * (4 * dims + 8 + 32 * HNSW_M)
 
