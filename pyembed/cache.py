@@ -12,7 +12,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .cachekey import HitCounter, cache_key
-from .dbcall import integer, translated
+from .dbcall import count, translated
 from .models import InputType, ModelSpec
 from .sqlexec import Executor, executor
 
@@ -95,7 +95,7 @@ def stats(conn: psycopg.Connection[Any], days: int = 30) -> list[CacheStatsRow]:
     as running clients have written their counts)."""
     with translated():
         rows = conn.execute("SELECT * FROM pyembed.cache_report(%s)",
-                            (integer(days, "days"),)).fetchall()
+                            (count(days, "days"),)).fetchall()
     return [CacheStatsRow(*r) for r in rows]
 
 

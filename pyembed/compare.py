@@ -13,6 +13,7 @@ import numpy.typing as npt
 
 from .client import Client, in_client_turn
 from .corpora import model_spec
+from .dbcall import count
 from .errors import InvalidInput
 from .evaluation import KeyScore, Ranker, eval_queries, evaluate
 from .migration import storage_bytes
@@ -46,7 +47,7 @@ def compare(client: Client, corpus: str, model_keys: Sequence[str], *, sample: i
     chunk of the documents the evaluation queries name, then random others up to `sample`."""
     if not model_keys:
         raise InvalidInput("name at least one model key to compare")
-    if sample < 0:
+    if count(sample, "sample") < 0:  # no upper bound: a sample past the corpus takes it all
         raise InvalidInput(f"sample is a number of chunks, at least 0, got {sample}")
     info = client.corpus(corpus).info
     specs = {key: model_spec(client._conn, key) for key in model_keys}  # UnknownModel first

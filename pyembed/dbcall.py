@@ -65,3 +65,13 @@ def integer(value: object, what: str, conn: psycopg.Connection[Any] | None = Non
             return int(value)
         raise errors.InvalidInput(f"{what} must be a whole number from {low} to {high}, not {value}")
     raise errors.InvalidInput(f"{what} must be a whole number, not {errors.shown(value)}")
+
+
+def count(value: object, what: str) -> int:
+    """`value` as an int for a count that pyembed's SQL takes as `numeric` (days, hours,
+    queries, max_samples, share): its range is the SQL function's check alone, which a number
+    of any size reaches (the driver sends one past bigint as numeric), so no bound is written
+    here; InvalidInput naming `what` for a value that is not a whole number."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return check_whole_number(int(value), what)  # the driver needs its digits
+    raise errors.InvalidInput(f"{what} must be a whole number, not {errors.shown(value)}")

@@ -21,7 +21,7 @@ import numpy.typing as npt
 
 from .client import Client, in_client_turn
 from .corpora import model_spec
-from .dbcall import integer, translated
+from .dbcall import count, integer, translated
 from .errors import InvalidInput, MigrationError, shown
 from .evaluation import HITS_PER_DOCUMENT, EvalQuery, KeyScore, eval_queries, evaluate, overlap
 from .index import build_index_online, drop_index_online
@@ -148,7 +148,7 @@ def backfill(client: Client, corpus: str, *, batch_size: int | None = None,
     build the shadow index and mark the step done. A batch_size below 1, or a rate that is not
     a number above 0, is InvalidInput (None: the model's batch, no limit). `progress` is told
     the chunks handled (written or skipped) of the total missing at the start."""
-    if batch_size is not None and integer(batch_size, "batch_size") < 1:
+    if batch_size is not None and count(batch_size, "batch_size") < 1:
         raise InvalidInput(f"batch_size must be at least 1, got {batch_size}")
     if rate is not None and not (isinstance(rate, int | float) and not isinstance(rate, bool)
                                  and math.isfinite(rate) and rate > 0):
@@ -293,7 +293,7 @@ def validate(client: Client, corpus: str, *, k: int = 10, max_drop: float = 0.02
 @in_client_turn
 def shift(client: Client, corpus: str, share: int) -> int:
     """Serve `share` percent of searches (chosen by query hash) from the new key."""
-    return int(_call(client, "migration_shift", corpus, integer(share, "share")))
+    return int(_call(client, "migration_shift", corpus, count(share, "share")))
 
 
 @in_client_turn

@@ -11,7 +11,7 @@ from typing import Any
 
 import psycopg
 
-from .dbcall import integer, translated
+from .dbcall import count, translated
 
 RECALL_ALERT = 0.95
 """recall@10 below which `pyembed status` alerts (its --recall-alert changes it)."""
@@ -43,7 +43,7 @@ def measure(conn: psycopg.Connection[Any], corpus: str, queries: int = 50) -> li
     as queries (recorded as a measurement on a primary; a replica measures only)."""
     with translated():
         rows = conn.execute("SELECT * FROM pyembed.measure_recall(%s, %s)",
-                            (corpus, integer(queries, "queries"))).fetchall()
+                            (corpus, count(queries, "queries"))).fetchall()
     return [Measurement(corpus, key, int(n), float(r)) for key, n, r in rows]
 
 
@@ -52,7 +52,7 @@ def measure_sampled(conn: psycopg.Connection[Any], max_samples: int = 20) -> lis
     whichever worker takes it) and record what they measure."""
     with translated():
         rows = conn.execute("SELECT * FROM pyembed.recall_sampled(%s)",
-                            (integer(max_samples, "max_samples"),)).fetchall()
+                            (count(max_samples, "max_samples"),)).fetchall()
     return [Measurement(c, key, int(n), float(r)) for c, key, n, r in rows]
 
 
@@ -60,5 +60,5 @@ def report(conn: psycopg.Connection[Any], hours: int = 24) -> list[RecallRow]:
     """recall@10 per corpus and key over the last `hours` (the session's tenant's corpora)."""
     with translated():
         rows = conn.execute("SELECT * FROM pyembed.recall_report(%s)",
-                            (integer(hours, "hours"),)).fetchall()
+                            (count(hours, "hours"),)).fetchall()
     return [RecallRow(c, k, float(r), int(n), at) for c, k, r, n, at in rows]

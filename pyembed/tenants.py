@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .dbcall import integer, translated
+from .dbcall import count, integer, translated
 from .errors import InvalidInput, ProviderError, shown
 from .sqlexec import Executor, executor
 
@@ -78,7 +78,7 @@ def usage(conn: psycopg.Connection[Any], days: int = 30) -> list[UsageRow]:
     session's own tenant for an application role; every tenant for a superuser)."""
     with translated():
         rows = conn.execute("SELECT * FROM pyembed.usage_report(%s)",
-                            (integer(days, "days"),)).fetchall()
+                            (count(days, "days"),)).fetchall()
     return [UsageRow(str(a), str(b), str(k), int(r), int(t), float(c))
             for a, b, k, r, t, c in rows]
 

@@ -92,3 +92,6 @@ DROP FUNCTION IF EXISTS pyembed._report_window(integer, text);
 DROP FUNCTION IF EXISTS pyembed.measure_recall(text, integer);
 DROP FUNCTION IF EXISTS pyembed.recall_sampled(integer);
 DROP FUNCTION IF EXISTS pyembed.recall_report(integer) CASCADE;  -- recall_health: as cache_health
+-- A migration's share is numeric too, as every count (a share past integer was "function ...
+-- does not exist").
+DROP FUNCTION IF EXISTS pyembed.migration_shift(text, integer);

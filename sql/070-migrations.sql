@@ -230,24 +230,24 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION pyembed.migration_shift(corpus text, share integer) RETURNS bigint
+-- share numeric, as every count (pyembed._count_arg says why).
+CREATE OR REPLACE FUNCTION pyembed.migration_shift(corpus text, share numeric) RETURNS bigint
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
   r record;
+  percent integer;
 BEGIN
   -- The argument first: a share out of range is refused as such at any step.
   PERFORM pyembed._needs(share IS NULL, 'share', 'migration_shift');
-  IF share < 1 OR share > 100 THEN
-    RAISE EXCEPTION USING ERRCODE = 'PE005', MESSAGE = format('share must be 1..100, got %s', share);
-  END IF;
+  percent := pyembed._count_arg(share, 'share', 1, 100);
   r := pyembed._migration(corpus);
   PERFORM pyembed._need(r.m, corpus, ARRAY['validated', 'shifting'], 'shift traffic on');
   UPDATE pyembed.migrations SET state = 'shifting' WHERE migration_id = (r.m).migration_id;
-  UPDATE pyembed.corpora SET migration_step = 'shifting', traffic_share = share
+  UPDATE pyembed.corpora SET migration_step = 'shifting', traffic_share = percent
    WHERE corpus_id = (r.c).corpus_id;
-  PERFORM pyembed._migration_step(r.m, 'shift', jsonb_build_object('share', share));
+  PERFORM pyembed._migration_step(r.m, 'shift', jsonb_build_object('share', percent));
   RETURN (r.m).migration_id;
 END
 $$;

@@ -121,6 +121,9 @@ BEGIN
   IF max_samples IS NULL THEN
     PERFORM pyembed._needs(true, 'max_samples', 'recall_sampled');
   END IF;
+  -- before the replica's return, so that a bad count is named there too (a negative one was
+  -- taken as 0)
+  PERFORM pyembed._count_arg(max_samples, 'max_samples', 0, 2147483647);
   IF current_setting('transaction_read_only') = 'on' THEN
     RETURN;
   END IF;
@@ -131,7 +134,7 @@ BEGIN
              SELECT w.sample_id FROM pyembed.recall_samples w
               WHERE w.corpus_id = ANY (pyembed.visible_corpora())
               ORDER BY w.sample_id
-              LIMIT pyembed._count_arg(greatest(max_samples, 0), 'max_samples', 0, 2147483647)
+              LIMIT max_samples::integer
                 FOR UPDATE SKIP LOCKED))
     RETURNING s.corpus_id, s.model_key, s.embedding, s.filter
   ), measured AS (

@@ -29,6 +29,11 @@ SETTINGS = {"chunk_tokens": "1..100000", "chunk_overlap": "0..99999", "max_batch
 """Every integer setting stored in a row, with its range (revision 0028's CHECKs)."""
 OWN_RANGE = SETTINGS | {"k": "1..1000"}
 """Parameters named with their own range however far past it a number is (k: pyembed.search's)."""
+COUNT_WORDS = {"share": r"share must be 1\.\.100, got ", "days": r"a report covers 1\.\.36500 days, not ",
+               "queries": r"queries must be 1\.\.1000, got ",
+               "max_samples": r"max_samples must be 0\.\.2147483647, got ",
+               "hours": r"a report covers 1\.\.876000 hours, not "}
+"""The counts SQL's functions check, in their words."""
 HUGE = 2**31  # one past PostgreSQL's integer
 EDGES = [HUGE, -HUGE - 1, 10**20]
 
@@ -62,12 +67,13 @@ def test_a_number_past_postgres_integer_is_invalid_input_naming_its_parameter(
         migration.start(owner, "docs", "fake/fake-hash@2:1024")
         for name, call in entry_points(app, owner).items():
             for n in EDGES:
-                # a setting stored in a row: its own range (test_setting_ranges below)
-                rule = (f"{re.escape(OWN_RANGE[name])}, got {n}" if name in OWN_RANGE
-                        else f"a whole number from -2147483648 to 2147483647, not {n}")
-                with pytest.raises(InvalidInput, match=f"^{name} must be {rule}$"):
+                # its own bounds, a setting stored in a row's (test_setting_ranges below) or a
+                # count's (test_every_count_reads_the_same_from_sql_and_python)
+                rule = (f"^{name} must be {re.escape(OWN_RANGE[name])}, got {n}$"
+                        if name in OWN_RANGE else f"^{COUNT_WORDS[name]}{n}$")
+                with pytest.raises(InvalidInput, match=rule):
                     call(n)
-        with pytest.raises(InvalidInput, match=r"^days must be a whole number"):
+        with pytest.raises(InvalidInput, match=f"^{COUNT_WORDS['days']}{HUGE}$"):
             cache.stats(app.conn, HUGE)
         # In range, each still reaches the database's own check (or works).
         with pytest.raises(InvalidInput, match=r"k must be 1\.\.1000"):
@@ -108,8 +114,8 @@ def test_the_command_line_says_which_number_is_too_large(db: Database,
                "-k": "k"}.get(args[-2])
     if setting:  # the parameter's own range, as SQL and Python say it
         assert lines[0] == f"error: {setting} must be {OWN_RANGE[setting]}, got {HUGE}", lines[0]
-    else:
-        assert f"must be a whole number from -2147483648 to 2147483647, not {HUGE}" in lines[0]
+    else:  # a count's: migrate shift's share (before: the integer's range)
+        assert lines[0] == f"error: share must be 1..100, got {HUGE}", lines[0]
 
 
 K_OUTSIDE = [0, -1, 1001, 2**31 - 1, 2**31, 10**12, -(10**12)]
@@ -227,3 +233,97 @@ def test_a_settings_range_message_is_written_once_in_sql(app: psycopg.Connection
     assert integer(100_000, "chunk_tokens", app) == 100_000
     with pytest.raises(InvalidInput, match=r"^k must be a whole number from -2147483648"):
         integer(2**31, "k", app)  # not a stored setting: PostgreSQL's integer, Python's words
+
+
+OUTSIDE = [-(2**31) - 1, -1, 0, 101, 1001, 100_001, 36_501, 876_001, 2**31, 10**20]
+"""Numbers around every count's bounds and past PostgreSQL's integer either way."""
+NOT_COUNTS = {
+    ("_count_arg", "value"): "the counts' check itself",
+    ("_check_setting", "value"): "the settings' check itself",
+    ("_report_window", "amount"): "the reports' window check, walked through days and hours",
+    ("register_model", "price_per_mtok"): "a price, not a count (models_price_in_range)",
+}
+
+
+def test_every_count_reads_the_same_from_sql_and_python(db: Database) -> None:
+    """Walks every numeric parameter of pyembed's functions (the counts a SQL client gives:
+    numeric so that any number reaches the check) with numbers around and past its bounds: SQL
+    refuses each with PE005 naming the count and its own bounds, never PostgreSQL's integer,
+    and the Python entry point that passes it on says the same words. A new numeric parameter
+    fails here until it is listed. Before, Python's days, hours, queries, max_samples and share
+    past integer named the integer's range ('days must be a whole number from -2147483648 to
+    2147483647, not 2147483648', where SQL says 'a report covers 1..36500 days, not ...'), and
+    a negative max_samples was taken as 0."""
+    with pyembed.connect(db.app_dsn) as app, pyembed.connect(db.owner_dsn) as owner:
+        docs = app.create_corpus("docs", FAKE)
+        docs.add([("a", "alpha text")])
+        migration.start(owner, "docs", "fake/fake-hash@2:1024")
+        vector = str(app.embedder(FAKE).embed_query("alpha").tolist())
+        python: dict[str, Callable[[int], Any]] = {
+            "k": lambda n: docs.search("alpha", k=n, mode="keyword"),
+            "chunk_tokens": lambda n: app.create_corpus("other", FAKE, chunk_tokens=n),
+            "chunk_overlap": lambda n: app.create_corpus("other", FAKE, chunk_overlap=n),
+            "days": lambda n: tenants.usage(app.conn, n),
+            "cache days": lambda n: cache.stats(app.conn, n),
+            "queries": lambda n: recall.measure(app.conn, "docs", n),
+            "max_samples": lambda n: recall.measure_sampled(app.conn, n),
+            "hours": lambda n: recall.report(app.conn, n),
+            "share": lambda n: migration.shift(owner, "docs", n),
+            "rerank candidates": lambda n: docs.search("alpha", k=1, rerank="fake/overlap",
+                                                       rerank_candidates=n),
+        }
+        # (function, parameter) -> (its call with %(n)s, the Python entry point's name or None
+        # for a count only SQL takes, whether the owner calls it)
+        counts: dict[tuple[str, str], tuple[str, str | None, bool]] = {
+            ("search", "k"): (f"search('docs', '{vector}', '{FAKE}', %(n)s)", "k", False),
+            ("search_text", "k"): ("search_text('docs', 'alpha', %(n)s)", "k", False),
+            ("search_keyword", "k"): ("search_keyword('docs', 'alpha', %(n)s)", "k", False),
+            ("search_hybrid", "k"): (f"search_hybrid('docs', 'alpha', '{vector}', '{FAKE}', "
+                                     "%(n)s)", "k", False),
+            ("search_hybrid", "candidates"): (
+                f"search_hybrid('docs', 'alpha', '{vector}', '{FAKE}', 10, NULL, %(n)s)", None,
+                False),
+            ("search_hybrid", "rrf_k"): (
+                f"search_hybrid('docs', 'alpha', '{vector}', '{FAKE}', 10, NULL, 100, %(n)s, "
+                "fusion => 'rrf')", None, False),
+            ("keyword_ranking", "candidates"): ("keyword_ranking('docs', 'alpha', %(n)s)", None,
+                                                False),
+            ("search_reranked", "k"): ("search_reranked('docs', 'alpha', 'fake/overlap', %(n)s)",
+                                       "k", False),
+            ("search_reranked", "candidates"): (
+                "search_reranked('docs', 'alpha', 'fake/overlap', 1, NULL, 'vector', %(n)s)",
+                "rerank candidates", False),
+            ("create_corpus", "chunk_tokens"): (f"create_corpus('other', '{FAKE}', '', %(n)s)",
+                                                "chunk_tokens", False),
+            ("create_corpus", "chunk_overlap"): (
+                f"create_corpus('other', '{FAKE}', '', 200, %(n)s)", "chunk_overlap", False),
+            ("usage_report", "days"): ("usage_report(%(n)s)", "days", False),
+            ("cache_report", "days"): ("cache_report(%(n)s)", "cache days", False),
+            ("measure_recall", "queries"): ("measure_recall('docs', %(n)s)", "queries", False),
+            ("recall_sampled", "max_samples"): ("recall_sampled(%(n)s)", "max_samples", False),
+            ("recall_report", "hours"): ("recall_report(%(n)s)", "hours", False),
+            ("migration_shift", "share"): ("migration_shift('docs', %(n)s)", "share", True),
+        }
+        walked = owner.conn.execute(
+            "SELECT p.proname, a.name FROM pg_proc p, unnest(p.proargnames, p.proargtypes::oid[])"
+            " a(name, type) WHERE p.pronamespace = 'pyembed'::regnamespace"
+            " AND a.type = 'numeric'::regtype").fetchall()
+        assert {tuple(r) for r in walked} == set(counts) | set(NOT_COUNTS)
+        for (function, parameter), (call, entry, as_owner) in counts.items():
+            with psycopg.connect(db.owner_dsn if as_owner else db.app_dsn) as conn:
+                for n in OUTSIDE:
+                    try:
+                        conn.execute(f"SELECT * FROM pyembed.{call}", {"n": n})
+                        conn.rollback()  # in this count's bounds: nothing kept
+                        continue
+                    except psycopg.Error as err:
+                        conn.rollback()
+                        assert err.sqlstate == "PE005", (function, parameter, n, err)
+                        said = err.diag.message_primary or ""
+                    assert str(n) in said and "2147483647" not in said.replace(
+                        f"..{2**31 - 1}", ""), (function, parameter, said)
+                    if entry is None:
+                        continue
+                    with pytest.raises(InvalidInput) as py_err:
+                        python[entry](n)
+                    assert str(py_err.value) == said, (function, parameter, n)
