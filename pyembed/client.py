@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import os
 import threading
@@ -574,7 +575,8 @@ class Corpus:
             check_text(d.text, f"document {d.id!r}")
             check_metadata(d.metadata, f"document {d.id!r}: metadata")
         hashes = {i: document_hash(d.text, d.metadata) for i, d in docs.items()}
-        old = document_hashes(self.client._conn, self.info.corpus_id, list(docs))
+        old = document_hashes(self.client._conn, self.info.corpus_id,
+                              {i: json.dumps(d.metadata, default=str) for i, d in docs.items()})
         todo = [d for i, d in docs.items() if old.get(i) != hashes[i]]
         embedder = self.client.embedder(self.model_key, truncate=truncate)
         target = self.info.target_model_key

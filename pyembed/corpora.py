@@ -152,10 +152,11 @@ def drop_corpus(conn: psycopg.Connection[Any], name: str) -> None:
         conn.execute("SELECT pyembed.drop_corpus(%s)", (name,))
 
 
-class RefusedIds(InvalidInput):
-    """Document ids the rule for ids refuses (pyembed._document_id_problem, which the documents
-    table's trigger asks at every write): `problems` holds each one's, in the database's words;
-    the message is the first one's."""
+class RefusedDocuments(InvalidInput):
+    """Documents a write would refuse by the database's rules (pyembed._document_problem: the
+    rule for ids, which the documents table's trigger asks at every write, and the tables'
+    bounds on metadata): `problems` holds each one's, by id, in the database's words; the
+    message is the first one's."""
 
     def __init__(self, problems: Mapping[str, str]) -> None:
         super().__init__(next(iter(problems.values())))
@@ -163,20 +164,21 @@ class RefusedIds(InvalidInput):
 
 
 def document_hashes(conn: psycopg.Connection[Any], corpus_id: int,
-                    document_ids: Sequence[str]) -> dict[str, bytes]:
-    """The stored documents' content hashes, by id; RefusedIds if the database's rule for ids
-    refuses one. Asked in the one statement a write makes before its documents are embedded,
-    so that no provider is paid for a document the write would refuse, and the rule is the
-    database's alone."""
+                    documents: Mapping[str, str | None]) -> dict[str, bytes]:
+    """The stored documents' content hashes, by id; RefusedDocuments if the database's rules
+    refuse one of `documents` (id: its metadata as JSON text, or None). Asked in the one
+    statement a write makes before its documents are embedded, so that no provider is paid for
+    a document the write would refuse, and the rules are the database's alone."""
     # A lookup by primary key for each id, whatever the planner makes of the array's length.
     rows = conn.execute(
         "SELECT i.id, (SELECT d.content_hash FROM pyembed.documents d "
-        "WHERE d.corpus_id = %s AND d.document_id = i.id), pyembed._document_id_problem(i.id) "
-        "FROM unnest(%s::text[]) AS i(id)",
-        (corpus_id, list(document_ids))).fetchall()
+        "WHERE d.corpus_id = %s AND d.document_id = i.id), "
+        "pyembed._document_problem(i.id, i.metadata::jsonb) "
+        "FROM unnest(%s::text[], %s::text[]) AS i(id, metadata)",
+        (corpus_id, list(documents), list(documents.values()))).fetchall()
     problems = {i: p for i, _, p in rows if p is not None}
     if problems:
-        raise RefusedIds({i: problems[i] for i in document_ids if i in problems})
+        raise RefusedDocuments({i: problems[i] for i in documents if i in problems})
     return {i: bytes(h) for i, h, _ in rows if h is not None}
 
 

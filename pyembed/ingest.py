@@ -29,7 +29,7 @@ from rich.progress import (
 )
 
 from .client import AddReport, Corpus, Document, PreparedAdd
-from .corpora import RefusedIds
+from .corpora import RefusedDocuments
 from .db import twin
 from .errors import ConfigError, InvalidInput, ModelMismatch, shown
 from .text import has_text, number, read_json
@@ -586,7 +586,7 @@ class _Loader:
         before is written)."""
         try:
             prepared = self.corpus.prepare([r.document for r in batch], truncate=self.truncate)
-        except RefusedIds as exc:  # the database's rule for ids, asked before any embedding
+        except RefusedDocuments as exc:  # the database's rules, asked before any embedding
             rest = [r for r in batch if r.document.id not in exc.problems]
             for record in batch:
                 if record.document.id in exc.problems:
@@ -651,7 +651,7 @@ def _add(corpus: Corpus, batch: list[_Record], truncate: bool, totals: dict[str,
                 _add(corpus, [record], truncate, totals, problems, advance)
         else:  # (the rule for ids names the id in its words)
             record = batch[0]
-            _failed(totals, problems, record, str(exc) if isinstance(exc, RefusedIds)
+            _failed(totals, problems, record, str(exc) if isinstance(exc, RefusedDocuments)
                     else f"id {shown(record.document.id)}: {exc}")
             advance(1)
         return

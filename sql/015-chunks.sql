@@ -154,6 +154,40 @@ BEGIN
 END
 $$;
 
+-- What a write of the document `id` with `metadata` would be refused for, by the documents and
+-- chunks tables' own rules, or NULL: the id rule above, then the bounds of its metadata (their
+-- CHECKs <table>_metadata_bound, revision 0022, read from the catalogue: the one place each
+-- bound is held). A client asks it in its lookup of the stored documents
+-- (pyembed.corpora.document_hashes), before a provider is paid for their chunks: a document
+-- refused at its write had been embedded, its batch's provider calls lost.
+CREATE OR REPLACE FUNCTION pyembed._document_problem(id text, metadata jsonb) RETURNS text
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  problem text := pyembed._document_id_problem(id);
+  b record;
+BEGIN
+  IF problem IS NOT NULL OR metadata IS NULL THEN
+    RETURN problem;  -- (NULL metadata: none, '{}', as every writer stores it)
+  END IF;
+  FOR b IN SELECT c.conname, (regexp_match(pg_catalog.pg_get_constraintdef(c.oid),
+                                           '<= (\d+)\)'))[1]::bigint AS most
+             FROM pg_catalog.pg_constraint c
+            WHERE c.connamespace = 'pyembed'::regnamespace AND c.contype = 'c'
+              AND c.conname IN ('documents_metadata_bound', 'chunks_metadata_bound')
+            ORDER BY c.conname DESC LOOP
+    IF pg_column_size(metadata) > b.most THEN
+      -- (the id as JSON, as the id rule shows one: it has passed that rule)
+      RETURN format('document %s: metadata is at most %s bytes as jsonb, got %s (the table''s '
+                    'check %s)', to_jsonb(id)::text, b.most, pg_column_size(metadata),
+                    b.conname);
+    END IF;
+  END LOOP;
+  RETURN NULL;
+END
+$$;
+
 -- Checked at every write of a document's id (every writer: your SQL, the client, the ORM,
 -- `pyembed ingest`, pyembed.add_document), not at a write of its other columns: a row stored
 -- before the rule can still be updated or deleted, and renamed to an id the rule accepts.

@@ -103,6 +103,7 @@ GRANT EXECUTE ON FUNCTION
   pyembed.release_jobs(integer[], bigint[], text[], integer[]),
   pyembed.hold_jobs(integer, text, bigint[], bytea[], integer[]),
   pyembed._document_id_problem(text),
+  pyembed._document_problem(text, jsonb),
   pyembed.reserve_usage(text, integer, integer, bigint),
   pyembed.usage_report(numeric),
   pyembed.provider_errors(),

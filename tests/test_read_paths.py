@@ -167,7 +167,8 @@ READ_SQL = [
     "chunk_id) FROM pyembed.chunks), 'fake/fake-hash@1:384', pyembed.embed('a late refund', "
     "'fake/fake-hash@1:384', 'query'))",
     "SELECT count(*) FROM pyembed.provider_errors()",
-    "SELECT pyembed._document_id_problem('doc'), pyembed.min_eval_queries(), "
+    "SELECT pyembed._document_id_problem('doc'), pyembed._document_problem('doc', '{}'), "
+    "pyembed.min_eval_queries(), "
     "pyembed._eval_queries_enough((pyembed.lookup_corpus('docs')).corpus_id, true)",
     "SELECT pyembed.code_digest(), pyembed.sql_digest()",
 ]

@@ -77,6 +77,8 @@ APP_EXECUTE = {
     # the worker's write: the jobs its claim still holds, locked until the write commits
     "hold_jobs(integer, text, bigint[], bytea[], integer[])",
     "_document_id_problem(text)",  # the documents' id rule, which their write trigger asks
+    # what a write of a document would be refused for, asked before its embedding
+    "_document_problem(text, jsonb)",
     "reserve_usage(text, integer, integer, bigint)",  # accounting and rate limits
     "usage_report(numeric)",
     "provider_errors()",

@@ -295,6 +295,7 @@ CALLS_THAT_WORK = {
     "_setting_range": ["'chunk_tokens'"],
     "_check_setting": ["'chunk_tokens'", "200"],
     "_document_id_problem": ["'doc'"],
+    "_document_problem": ["'doc'", "'{}'"],
     "_vector_check": [CORPUS_ID, JOB.format("chunk_id"), f"'{FAKE}'", Q],
     "add_document": ["'docs'", "'d2'", "'a text about refunds'", "'{}'"],
     "cache_count": [f"ARRAY['{FAKE}']", "ARRAY[1]::bigint[]", "ARRAY[0]::bigint[]"],
@@ -376,6 +377,7 @@ NULL_MEANS = {
     # (the signature documents those): what it means, and why it is one.
     "add_document.metadata": "no metadata, as '{}' (sql/050-plpython.sql)",
     "_add_document.metadata": "as add_document's",
+    "_document_problem.metadata": "no metadata, as add_document's NULL (its id is asked)",
     "_clear_vectors.ids": "every vector of the key between lo and hi (vectors.copy_vectors)",
     "_setting_range.setting": "NULL: no such setting, as for an unknown name",
     "_check_setting.setting": "false: no such setting, as for an unknown name",

@@ -1,0 +1,80 @@
+"""A document the write would refuse is refused before any provider call, by the database's own
+rules asked in the lookup that comes before the embedding (pyembed._document_problem): its id
+(pyembed._document_id_problem) and its metadata's bound (the CHECKs documents_metadata_bound and
+chunks_metadata_bound, read from the catalogue). Before, metadata past 64 kB as jsonb was
+refused at the write, after its batch had been embedded: the provider was paid for chunks that
+were then lost. What stays checked in Python before the lookup is what cannot reach the
+database at all (a NUL or lone surrogate the driver cannot send, a value that is not JSON, an
+empty text: pyembed.text)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+import pyembed
+from pyembed.ingest import ingest
+from tests.conftest import Database
+from tests.test_document_ids import KEY, _provider_calls
+
+BIG = {"notes": "x" * 70_000}  # 70,000 bytes and more as jsonb, past the tables' 65,536
+
+
+def test_metadata_past_the_tables_bound_is_refused_before_any_provider_call(
+        tmp_path: Path, db: Database, app: psycopg.Connection[Any],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    with pyembed.connect(db.app_dsn) as client:
+        kb = client.create_corpus("kb", KEY)
+        calls = _provider_calls(monkeypatch, client)
+        with pytest.raises(pyembed.InvalidInput) as err:
+            kb.add([pyembed.Document("fine", "a good text"),
+                    pyembed.Document("big", "a text with too much metadata", BIG)])
+        said = str(err.value)
+        assert said.startswith('document "big": metadata is at most 65536 bytes as jsonb, got ')
+        assert said.endswith("(the table's check documents_metadata_bound)"), said
+        assert calls == []
+        path = tmp_path / "docs.jsonl"
+        path.write_text("".join(json.dumps(x) + "\n" for x in [
+            {"id": "one", "text": "the first text"},
+            {"id": "two", "text": "the second text", "metadata": BIG},
+            {"id": "three", "text": "the third text"}]), encoding="utf-8")
+        report = ingest(kb, path, progress=False)
+        assert [(p.line, p.message.split(":")[0]) for p in report.problems] == [
+            (2, 'document "two"')]
+        assert (report.added, report.failed) == (2, 1)
+        assert sorted(t for c in calls for t in c) == ["the first text", "the third text"]
+    assert sorted(r[0] for r in app.execute("SELECT document_id FROM pyembed.documents")) == [
+        "one", "three"]
+
+
+def test_the_bound_asked_is_the_tables_own(db: Database, owner: psycopg.Connection[Any],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lookup reads the bound from the table's CHECK: one made tighter is the one a client
+    meets, before any provider call (a copy of 65536 in the code would let the document through
+    to its write)."""
+    owner.execute("ALTER TABLE pyembed.documents DROP CONSTRAINT documents_metadata_bound, "
+                  "ADD CONSTRAINT documents_metadata_bound CHECK "
+                  "(pg_column_size(metadata) <= 100)")
+    with pyembed.connect(db.app_dsn) as client:
+        kb = client.create_corpus("kb", KEY)
+        calls = _provider_calls(monkeypatch, client)
+        with pytest.raises(pyembed.InvalidInput, match=r'^document "d": metadata is at most 100 '
+                           r"bytes as jsonb, got \d+ \(the table's check "
+                           r"documents_metadata_bound\)$"):
+            kb.add([pyembed.Document("d", "some text", {"k": "y" * 200})])
+        assert calls == []
+        kb.add([pyembed.Document("d", "some text", {"k": "y"})])
+        assert len(calls) == 1
+
+
+def test_the_rules_answers(app: psycopg.Connection[Any]) -> None:
+    rows = app.execute(
+        "SELECT pyembed._document_problem(i, m::jsonb) FROM (VALUES ('ok', '{}'), ('ok', NULL), "
+        "(' x', '{}'), ('ok', %s)) AS t(i, m)", (json.dumps(BIG),)).fetchall()
+    assert [r[0] for r in rows[:3]] == [None, None,
+                                        'document id " x" starts with whitespace (U+0020)']
+    assert rows[3][0].startswith('document "ok": metadata is at most 65536 bytes as jsonb')
