@@ -6,10 +6,10 @@ import re
 from collections import deque
 from collections.abc import Callable, Iterator
 
-from .text import estimate_tokens, has_text, most_chars, over_tokens
+from .text import SPACES, estimate_tokens, has_text, most_chars, over_tokens
 
-_WORD = re.compile(r"\S+\s*")
-_SPACE = re.compile(r"\s*$")
+_WORD = re.compile(f"[^{SPACES}]+[{SPACES}]*")
+_SPACE = re.compile(f"[{SPACES}]*$")
 
 
 def _words(text: str, max_tokens: int, start: int, end: int) -> Iterator[tuple[int, int]]:

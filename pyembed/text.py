@@ -13,7 +13,15 @@ from typing import Any
 
 from .errors import InvalidInput, PyembedError
 
-_LAST_WORD = re.compile(r"\s+\S*$")
+SPACES = (r"\u0009-\u000D\u001C-\u0020\u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F"
+          r"\u205F\u3000")
+"""What separates words wherever a text is split into them, as a regular expression's bracket
+ranges that Python and PostgreSQL read alike: Python's str.isspace (Unicode's White_Space and the
+separators U+001C..U+001F). The chunker cuts at them and pyembed._document_terms finds a chunk's
+overlap with the one before by words split at the same ranges (tests/test_word_splitting.py
+checks both sides over every code point): a locale's \\s, which it used, left U+00A0, U+2007,
+U+202F, U+0085 and U+001C..U+001F inside words under C.UTF-8."""
+_LAST_WORD = re.compile(f"[{SPACES}]+[^{SPACES}]*$")
 
 INVISIBLE = (r"\x01-\x20\x7f-\xa0\xad\u0600-\u0605\u061c\u06dd\u070f\u0890-\u0891\u08e2\u1680"
              r"\u180e\u2000-\u200f\u2028-\u202f\u205f-\u2064\u2066-\u206f\u3000\ufeff"

@@ -75,7 +75,9 @@ AS $$
       JOIN pyembed.documents d ON d.corpus_id = a.corpus_id AND d.document_id = a.document_id
       JOIN pyembed.corpora c ON c.corpus_id = a.corpus_id
       JOIN pyembed.chunks ch ON ch.corpus_id = a.corpus_id AND ch.document_id = a.document_id
-      CROSS JOIN LATERAL (SELECT array_remove(regexp_split_to_array(ch.content, '\s+'), '')
+      -- split at pyembed.text.SPACES, the chunker's (the locale's \s is not Python's)
+      CROSS JOIN LATERAL (SELECT array_remove(regexp_split_to_array(ch.content,
+               '[\u0009-\u000D\u001C-\u0020\u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]+'), '')
                                    AS w) x
   ), segments AS (  -- the overlap starts where the previous chunk has this one's first word
     SELECT w.corpus_id, w.doc_no, w.text_config,
