@@ -137,8 +137,10 @@ END
 $$;
 
 -- Store a document: chunked here, embedded later by `pyembed worker` (the chunks are queued).
--- It runs as the caller (row-level security keeps it to its tenant), so the caller executes
--- the body too.
+-- The body writes to the corpus pyembed.lookup_corpus finds for the session's user (its
+-- tenant's), as the other bodies read theirs. Behind its wrapper like them: PL/Python puts
+-- "plpy.Error: " before every message it raises (plpy.error's and a statement's alike, PG 15),
+-- which only a PL/pgSQL wrapper can take off, so no role but the owner executes a body.
 CREATE OR REPLACE FUNCTION pyembed._add_document(corpus text, document_id text, content text,
                                                  metadata jsonb)
 RETURNS integer
@@ -148,13 +150,14 @@ AS $$
 from pyembed import indb
 return indb.call(plpy, indb.add_document, GD, corpus, document_id, content, metadata)
 $$;
-GRANT EXECUTE ON FUNCTION pyembed._add_document(text, text, text, jsonb),
-  pyembed._raise_again(text, text, text, text) TO pyembed_app;
+-- Revoked by name: a database upgraded from when add_document ran as its caller keeps the grant.
+REVOKE EXECUTE ON FUNCTION pyembed._add_document(text, text, text, jsonb),
+  pyembed._raise_again(text, text, text, text) FROM pyembed_app;
 
 CREATE OR REPLACE FUNCTION pyembed.add_document(corpus text, document_id text, content text,
                                                 metadata jsonb DEFAULT '{}')
 RETURNS integer
-LANGUAGE plpgsql VOLATILE SECURITY INVOKER
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE

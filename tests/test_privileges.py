@@ -254,6 +254,8 @@ APP_WRITERS = {
     # any arguments: what it writes, and what keeps a tenant to its own rows.
     "create_corpus": "a corpus of the caller's tenant",
     "drop_corpus": "a corpus of the caller's tenant (looked up by it), its rows and records",
+    "add_document": "a document of a corpus of the caller's tenant (pyembed.lookup_corpus, by "
+                    "its session user), its chunks and their jobs",
     "embed": "usage, cache and its counts of the caller's tenant; a failed provider call made "
              "with the operator's keys is counted (real, not the caller's figure)",
     "embed_batch": "as embed",

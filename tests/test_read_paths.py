@@ -68,7 +68,7 @@ WRITERS = {
     # A function the application role may execute that writes, so a read-only session refuses
     # it (PE011, or SQL's 25006: ReadOnlyReplica in Python); no read path calls it.
     "create_corpus": "a corpus", "drop_corpus": "a corpus's removal",
-    "add_document": "a document", "_add_document": "as add_document",
+    "add_document": "a document",
     "begin_bulk_load": "a corpus's index dropped", "end_bulk_load": "an index built",
     "_clear_vectors": "a vector write's old vectors deleted",
     "_dequeue_written": "a vector write's jobs dequeued",
@@ -80,7 +80,6 @@ WRITERS = {
     "reserve_query": "as reserve_usage", "rerank_cache_put": "a rerank's scores, after its "
     "provider call (which a replica refuses first)",
     "search_reranked": "a rerank is a provider call",
-    "_raise_again": "raises the error it is given (the PL/Python wrappers' exception blocks)",
 }
 
 

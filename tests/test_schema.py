@@ -83,8 +83,6 @@ APP_EXECUTE = {
     "usage_report(numeric)",
     "provider_errors()",
     "add_document(text, text, text, jsonb)",
-    "_add_document(text, text, text, jsonb)",  # add_document's body: it runs as the caller
-    "_raise_again(text, text, text, text)",  # add_document's error, raised as the caller
     "create_corpus(text, text, text, numeric, numeric, text, boolean)",
     "drop_corpus(text)",
     "embed(text, text, text)",

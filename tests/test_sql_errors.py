@@ -289,7 +289,6 @@ Q = f"pyembed.embed('refunds', '{FAKE}', 'query')"
 CALLS_THAT_WORK = {
     # A call of each function the application role may make, which works: NULL is then put in
     # each of its arguments in turn.
-    "_add_document": ["'docs'", "'d2'", "'a text about refunds'", "'{}'"],
     "_clear_vectors": [CORPUS_ID, f"'{FAKE}'", "0", "0", "ARRAY[1]::bigint[]"],
     "_dequeue_written": [CORPUS_ID, f"'{FAKE}'", "0", "0", "ARRAY[]::bytea[]"],
     "_setting_range": ["'chunk_tokens'"],
@@ -376,7 +375,6 @@ NULL_MEANS = {
     # An argument whose NULL is a result, not an error, besides those whose DEFAULT is NULL
     # (the signature documents those): what it means, and why it is one.
     "add_document.metadata": "no metadata, as '{}' (sql/050-plpython.sql)",
-    "_add_document.metadata": "as add_document's",
     "_document_problem.metadata": "no metadata, as add_document's NULL (its id is asked)",
     "_clear_vectors.ids": "every vector of the key between lo and hi (vectors.copy_vectors)",
     "_setting_range.setting": "NULL: no such setting, as for an unknown name",

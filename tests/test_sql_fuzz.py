@@ -181,11 +181,13 @@ STANDARD = {
              "pyembed is called: the caller's own literal",
 }
 CHECK = re.compile(r'^new row for relation "(\w+)" violates check constraint "(\w+)"')
-PL_BODIES = {
-    # A PL/Python function the caller may execute itself, and why: PL/Python puts the exception's
-    # class before every error's message ("plpy.Error: "), which its wrapper takes off.
-    "_add_document": "add_document's body: add_document runs as its caller (row-level "
-                     "security keeps it to the caller's tenant), so the caller executes the body",
+PL_TAKES_NOTHING = {
+    # A PL/Python function a caller may execute itself, and why its errors need no PL/pgSQL
+    # wrapper (PL/Python puts the exception's class before every message it raises, PG 15:
+    # "plpy.Error: ", which only a wrapper takes off): it takes no argument, so no caller's
+    # value reaches it; it fails only when the server cannot import pyembed (doctor's report).
+    "version": "the server's pyembed version, doctor's probe",
+    "code_digest": "the server's pyembed code digest, doctor's check",
 }
 LONGEST = 1000
 """An error's message, detail or hint shows a caller's value cut (a 1 MB value is not read back
@@ -253,8 +255,6 @@ class Walk:
         state = err.sqlstate or ""
         message = err.diag.message_primary or ""
         said = f"{label}: {state} {message[:200]}"
-        if name in PL_BODIES and message.startswith("plpy.Error: "):
-            message = message.removeprefix("plpy.Error: ")
         check = CHECK.match(message)
         if state == "23514" and not (check and pyembed_db.check_message(*check.groups())):
             self.wrong.append(f"{said} (a CHECK README does not describe)")
@@ -397,3 +397,35 @@ def test_a_k_out_of_range_reads_the_same_in_sql_python_and_the_cli(
     for call in K_CALLS:
         err = sql_error(app, call.format(key=FAKE, k=k))
         assert (err.sqlstate, err.diag.message_primary) == ("PE005", said), call
+
+
+def test_no_role_but_the_owner_executes_a_pl_python_function_that_takes_a_value(
+        owner: psycopg.Connection[Any], logins: dict[str, str]) -> None:
+    """Walks the catalogue's PL/Python functions: one the application role, a tenant's login or
+    the worker may execute is a wrapper's body whose errors reach them with PL/Python's
+    "plpy.Error: " before the message (its wrapper takes it off), unless it takes no value at
+    all (PL_TAKES_NOTHING). The body's own error is shown to read so, which is why the wrapper
+    is needed. Before, the application role executed _add_document, add_document's body
+    (add_document ran as its caller), and got 'plpy.Error: metadata must be a JSON object';
+    this walk passed it by taking the prefix off."""
+    plpython = [r[0] for r in owner.execute(
+        "SELECT p.proname FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang "
+        "WHERE p.pronamespace = 'pyembed'::regnamespace AND l.lanname = 'plpython3u'")]
+    assert "_add_document" in plpython
+    for login, dsn in logins.items():
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            reachable = {r[0] for r in conn.execute(
+                "SELECT p.proname FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang "
+                "WHERE p.pronamespace = 'pyembed'::regnamespace AND l.lanname = 'plpython3u' "
+                "AND has_function_privilege(p.oid, 'EXECUTE')")}
+        assert reachable == set(PL_TAKES_NOTHING), login
+        for name in PL_TAKES_NOTHING:
+            assert owner.execute("SELECT pronargs FROM pg_proc WHERE oid = %s::regprocedure",
+                                 (f"pyembed.{name}()",)).fetchone() == (0,)
+    # What a body says to whoever calls it directly, and its wrapper without the prefix.
+    body = sql_error(owner, "SELECT pyembed._add_document('docs', 'd1', 'text', '[1]')")
+    assert body.diag.message_primary == "plpy.Error: metadata must be a JSON object"
+    with psycopg.connect(logins["the application role"], autocommit=True) as app:
+        err = sql_error(app, "SELECT pyembed.add_document('docs', 'd1', 'text', '[1]')")
+        assert (err.sqlstate, err.diag.message_primary) == (
+            "PE005", "metadata must be a JSON object")
