@@ -48,13 +48,33 @@ def code_digest() -> str:
     install puts inside the package (_sql, _alembic: beside it in a checkout), which the
     schema's own digest covers."""
     root = package_dir()
-    files = sorted(p for p in root.rglob("*") if p.is_file() and not any(
-        part.startswith("_") for part in p.relative_to(root).parts[:-1]))
     digest = hashlib.sha256()
-    for path in files:
+    for path in package_files():
         with path.open("rb") as f:
             size = os.fstat(f.fileno()).st_size
             digest.update(f"{path.relative_to(root).as_posix()}\0{size}\0".encode())
             while block := f.read(1 << 20):
                 digest.update(block)
     return digest.hexdigest()
+
+
+def package_files() -> list[Path]:
+    """The files of the package that code_digest covers, sorted (see there what is left out)."""
+    files = []
+    for folder, dirs, names in os.walk(package_dir()):
+        dirs[:] = [d for d in dirs if not d.startswith("_")]  # not walked at all: code_stamp's cost
+        files += [Path(folder, name) for name in names]
+    return sorted(files)
+
+
+def code_stamp() -> int:
+    """The package's files as they are now, by path, size and modification time, as a signed
+    32-bit number (an advisory lock key: pyembed.loaded). Cheap enough for a backend's first
+    import, unlike code_digest, which reads every byte; another install changes it."""
+    root = package_dir()
+    digest = hashlib.sha256()
+    for path in package_files():
+        st = path.stat()
+        digest.update(f"{path.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\0"
+                      .encode())
+    return int.from_bytes(digest.digest()[:4], "big", signed=True)

@@ -21,6 +21,7 @@ import pyembed
 from . import health, schema
 from .config import DSN_ENV, OWNER_DSN_ENV, code_digest
 from .db import resolve_dsn
+from .loaded import LOCK_CLASS
 from .models import API_KEY_ENV
 
 Status = Literal["ok", "warn", "fail", "skip"]
@@ -150,6 +151,34 @@ def check_plpython(conn: Conn) -> Check:
     return Check(name, "ok", f"yes, pyembed {server} on both sides, the same code")
 
 
+def check_loaded_code(conn: Conn) -> Check:
+    """Backends whose pyembed code, loaded when they first ran a PL/Python function, is not
+    what the server has installed now (pyembed.loaded: each one's stamp in pg_locks): this
+    session's, which check_plpython's probe has just made import the installed code, is the
+    reference. A fresh backend's probe alone does not see them."""
+    name = "backends run the installed pyembed"
+    rows = conn.execute(
+        "SELECT l.pid, l.objid, l.pid = pg_backend_pid(), a.usename, a.datname, "
+        "a.application_name, a.backend_start FROM pg_locks l "
+        "LEFT JOIN pg_stat_activity a ON a.pid = l.pid "
+        "WHERE l.locktype = 'advisory' AND l.classid = %s::oid AND l.objsubid = 2 "
+        "AND l.granted ORDER BY a.backend_start, l.pid", (LOCK_CLASS,)).fetchall()
+    installed = {stamp for _, stamp, mine, *_ in rows if mine}
+    if not installed:
+        return Check(name, "skip", "this session did not import pyembed in PL/Python")
+    stale = [r for r in rows if r[1] not in installed]
+    if not stale:
+        return Check(name, "ok", f"yes, the {len(rows)} that loaded it")
+    listed = "; ".join(
+        f"pid {pid} ({user or '?'} on {db or '?'}, {app or 'no application_name'}, since "
+        f"{f'{start:%Y-%m-%d %H:%M:%S %Z}' if start else '?'})"
+        for pid, _, _, user, db, app, start in stale)
+    return Check(name, "fail", f"{len(stale)} backend(s) run pyembed code loaded before the "
+                 f"installed one: {listed}",
+                 "reconnect those sessions (a new session imports the installed code), or end "
+                 "them: SELECT pg_terminate_backend(pid) for each pid listed")
+
+
 def check_api_keys(conn: Conn) -> Check:
     name = "API keys for the corpora's providers"
     rows = conn.execute(
@@ -220,6 +249,7 @@ CHECKS: list[tuple[str, Callable[[Conn], Check]]] = [
     ("schema at head", check_schema),
     ("extensions vector and plpython3u", check_extensions),
     ("PL/Python imports pyembed", check_plpython),
+    ("backends run the installed pyembed", check_loaded_code),
     ("API keys for the corpora's providers", check_api_keys),
     ("worker alive", check_worker),
     ("vector indexes", check_indexes),

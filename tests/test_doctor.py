@@ -120,8 +120,10 @@ def test_a_database_without_the_schema_says_install(empty_db: Database) -> None:
     code, lines, text = _doctor(empty_db)
     assert code == 1, text
     assert lines["server reachable"].startswith("ok   ")
-    for name in NAMES[1:5]:
+    for name in NAMES[1:4] + NAMES[5:6]:
         assert lines[name].startswith("FAIL ") and lines[name].endswith("— fix: pyembed install"), text
+    # (no PL/Python probe ran: no reference for the backends' code)
+    assert lines["backends run the installed pyembed"].startswith("skip "), text
 
 
 def test_a_server_running_another_pyembed_fails_the_plpython_check(
@@ -234,3 +236,52 @@ def test_the_advice_for_a_tenants_unindexed_corpus_works_as_printed(
     finally:  # roles are the cluster's, not the test database's
         owner.execute(sql.SQL("DROP OWNED BY {} CASCADE").format(sql.Identifier(role)))
         owner.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def test_a_backend_that_loaded_other_code_than_the_installed_is_named_with_the_fix(
+        db: Database, cluster: Any, owner: psycopg.Connection[Any]) -> None:
+    """A long-lived session that imported pyembed before another install keeps running the code
+    it imported: doctor's PL/Python probe, a fresh backend, imports the installed code and did
+    not see it. Each backend now takes a shared advisory lock keyed by the stamp of the code it
+    imported (pyembed.loaded), and doctor names the backends whose stamp is not its own probe's,
+    with their pids and the fix. The install is changed here as an upgrade changes it: the
+    server's path to the package (this worker's cluster's pylib link) is pointed at a copy whose
+    text.py differs, then back. Before, the check did not exist: doctor passed."""
+    from pyembed.config import code_stamp
+    from pyembed.loaded import LOCK_CLASS
+
+    check = "backends run the installed pyembed"
+    link = cluster.pylib / "pyembed"
+    source = link.resolve()
+    copy = cluster.pylib.parent / f"other-pyembed-{uuid.uuid4().hex[:8]}"
+    shutil.copytree(source, copy / "pyembed", ignore=shutil.ignore_patterns("__pycache__"))
+    with open(copy / "pyembed" / "text.py", "a") as f:
+        f.write("# another install's code\n")
+    with psycopg.connect(db.app_dsn, autocommit=True) as old:
+        old.execute("SELECT pyembed.version()")  # imports the code installed now
+        pid = old.info.backend_pid
+        held = owner.execute("SELECT objid FROM pg_locks WHERE locktype = 'advisory' "
+                             "AND classid = %s::oid AND objsubid = 2 AND pid = %s",
+                             (LOCK_CLASS, pid)).fetchall()
+        assert held == [(code_stamp() % 2**32,)]  # the stamp of the code this process runs
+        code, lines, text = _doctor(db)
+        assert code == 0 and lines[check].startswith(f"ok   {check}: yes"), text
+        try:
+            link.unlink()
+            link.symlink_to(copy / "pyembed", target_is_directory=True)
+            code, lines, text = _doctor(db)
+            assert code == 1, text
+            line = lines[check]
+            assert line.startswith(f"FAIL {check}: "), text
+            assert re.search(rf"\bpid {pid} \(\w+ on {db.name}, ", line), line
+            assert line.endswith("— fix: reconnect those sessions (a new session imports the "
+                                 "installed code), or end them: SELECT pg_terminate_backend(pid) "
+                                 "for each pid listed"), line
+            # The fix as printed: the session ended, it is not named any more.
+            owner.execute("SELECT pg_terminate_backend(%s, 5000)", (pid,))
+            code, lines, text = _doctor(db)
+            assert f"pid {pid} " not in lines[check], lines[check]
+        finally:
+            link.unlink()
+            link.symlink_to(source, target_is_directory=True)
+            shutil.rmtree(copy)

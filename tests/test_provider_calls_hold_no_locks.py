@@ -23,6 +23,7 @@ from psycopg import sql
 import pyembed
 from pyembed import indb, migration
 from pyembed.db import connect
+from pyembed.loaded import LOCK_CLASS
 from pyembed.localdb import APP_USER
 from pyembed.worker import Worker
 from tests.conftest import Database
@@ -123,6 +124,7 @@ def _probe(dsn: str) -> list[str]:
                     blocked.append(f"{table} {what}")
         markers = [conn.execute(sql.SQL("SELECT pyembed.{}()").format(sql.Identifier(name))
                                 ).fetchone()[0] for name in MARKERS]  # type: ignore[index]
+        markers.append(LOCK_CLASS)  # pyembed.loaded: a backend's code stamp, taken with try
         blocked += [f"advisory {r[0]}:{r[1]}" for r in conn.execute(
             "SELECT classid, objid FROM pg_locks WHERE locktype = 'advisory' "
             "AND pid <> pg_backend_pid() AND NOT (objsubid = 2 AND classid::int = ANY (%s)) "
