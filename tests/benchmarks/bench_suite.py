@@ -92,6 +92,7 @@ from tests.benchmarks.common import (  # noqa: E402
     Target,
     app_connection,
     backend_cpu_seconds,
+    backend_minor_faults,
     checkpoint,
     clustered_unit_vectors,
     connect,
@@ -772,6 +773,7 @@ def search(t: Target, owner: psycopg.Connection[Any], data: Data, res: IngestRes
             for _, fn in runs:
                 fn(q)
         cpu_at_start = {label: backend_cpu_seconds(conn) for label, conn in conns.items()}
+        faults_at_start = {label: backend_minor_faults(conn) for label, conn in conns.items()}
         times: dict[str, list[float]] = defaultdict(list)
         recall: dict[str, list[float]] = defaultdict(list)
         round_p50: dict[str, list[float]] = defaultdict(list)
@@ -795,6 +797,11 @@ def search(t: Target, owner: psycopg.Connection[Any], data: Data, res: IngestRes
             at_end, at_start = backend_cpu_seconds(conn), cpu_at_start[label]
             if at_end is not None and at_start is not None:
                 cpu_ms[label] = 1000 * (at_end - at_start) / len(times[label])
+        faults: dict[str, float] = {}
+        for label, conn in conns.items():
+            f_end, f_start = backend_minor_faults(conn), faults_at_start[label]
+            if f_end is not None and f_start is not None:
+                faults[label] = (f_end - f_start) / len(times[label])
         print(f"\n2. search, k={K}, {len(qvecs)} queries x {args.rounds} rounds, interleaved "
               "(the paths in every order in turn), after a 20-query warm-up; hnsw.ef_search 100 "
               "on all; prepare_threshold=None; recall@10 against exact numpy search")
@@ -823,6 +830,12 @@ def search(t: Target, owner: psycopg.Connection[Any], data: Data, res: IngestRes
                                                                 / cpu_ms["unguarded"])
             print("   ratio of server CPU times pyembed / unguarded: "
                   f"{ratios['search server CPU pyembed / unguarded']:.2f}")
+        if len(faults) == len(conns):
+            # a backend whose heap glibc trims at each transaction's end faults it in again in the
+            # next; which backend does depends on its heap, not its code: say it beside the times
+            print("   minor page faults per search (each path's server process; a few "
+                  "microseconds each here): " + ", ".join(
+                      f"{label} {n:.1f}" for label, n in faults.items()))
         print("   (two HNSW graphs built from the same rows with the same parameters differ; the "
               "unguarded line reads pyembed's own graph)")
         return ratios

@@ -165,20 +165,40 @@ def scalar(conn: psycopg.Connection[Any], query: str | sql.SQL | sql.Composed,
     return row[0]
 
 
+def _local_backend(conn: psycopg.Connection[Any]) -> int | None:
+    """The pid of the connection's server process when it runs on this machine, else None."""
+    host = conn.info.host
+    if not (host.startswith("/") or host in ("localhost", "127.0.0.1", "::1")):
+        return None
+    pid = int(scalar(conn, "SELECT pg_backend_pid()"))
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return pid if b"postgres" in f.read() else None
+    except OSError:
+        return None
+
+
 def backend_cpu_seconds(conn: psycopg.Connection[Any]) -> float | None:
     """The CPU time the connection's server process has run so far (/proc/PID/schedstat), or
     None when that process is not on this machine. The server's work alone: other processes on
     a shared machine lengthen wall times much more than they change it."""
-    host = conn.info.host
-    if not (host.startswith("/") or host in ("localhost", "127.0.0.1", "::1")):
-        return None
-    pid = scalar(conn, "SELECT pg_backend_pid()")
+    pid = _local_backend(conn)
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            if b"postgres" not in f.read():
-                return None
         with open(f"/proc/{pid}/schedstat") as f:
-            return int(f.read().split()[0]) / 1e9
+            return int(f.read().split()[0]) / 1e9 if pid else None
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def backend_minor_faults(conn: psycopg.Connection[Any]) -> int | None:
+    """The minor page faults the connection's server process has taken so far (/proc/PID/stat),
+    or None when that process is not on this machine. A backend whose freed heap glibc's malloc
+    gives back at each transaction's end faults it in again in the next: CPU time that neither
+    its code nor its instruction count explains, and which backend it is depends on its heap."""
+    pid = _local_backend(conn)
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[7]) if pid else None
     except (OSError, ValueError, IndexError):
         return None
 

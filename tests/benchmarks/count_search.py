@@ -32,6 +32,7 @@ import argparse
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -58,16 +59,32 @@ def totals(path: Path) -> int:
     raise RuntimeError(f"no totals in {path}")
 
 
-def wait_ready(dsn: str, seconds: float = 300) -> None:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(dsn: str, server: subprocess.Popen[bytes], own_socket: Path,
+               seconds: float = 300) -> None:
+    """Wait for the server this script started: its socket in its own directory, not the port
+    alone (another worktree's server under callgrind on the same port answered in its place)."""
     deadline = time.monotonic() + seconds
     while True:
-        try:
-            with psycopg.connect(dsn, connect_timeout=5):
-                return
-        except psycopg.OperationalError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(1)
+        if server.poll() is not None:
+            said = (own_socket.parent / "postgres.log").read_text(errors="replace").strip()
+            raise RuntimeError(f"the server under callgrind exited ({server.returncode}) before it "
+                               f"was ready; it said: {said[-600:]}")
+        if own_socket.exists():
+            try:
+                with psycopg.connect(dsn, connect_timeout=5):
+                    return
+            except psycopg.OperationalError:
+                pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the server under callgrind was not ready in {seconds:.0f} s")
+        time.sleep(1)
 
 
 def main() -> None:
@@ -76,7 +93,8 @@ def main() -> None:
     parser.add_argument("--database", default="guard")
     parser.add_argument("--searches", type=int, default=200)
     parser.add_argument("--warm", type=int, default=20)
-    parser.add_argument("--port", type=int, default=54399)
+    parser.add_argument("--port", type=int, default=0,
+                        help="the TCP port of the server under callgrind (default: a free one)")
     parser.add_argument("--paths", default="pyembed,unguarded",
                         help="pyembed, unguarded, hybrid, or fn:SCHEMA.NAME (a variant of "
                              "pyembed.search with its arguments, made in the database by hand)")
@@ -105,26 +123,28 @@ def main() -> None:
         install_schema(owner_dsn)
     cluster.stop()
 
+    port = args.port or free_port()
     out = Path(tempfile.mkdtemp(prefix="count-search-"))
     os.chmod(out, 0o777)
     os_user = st.os_user
     cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}/callgrind.%p",
            "--log-file=" + str(out / "valgrind.%p.log"),
-           f"{st.bindir}/postgres", "-D", str(cluster.data), "-p", str(args.port),
+           f"{st.bindir}/postgres", "-D", str(cluster.data), "-p", str(port),
            "-c", "autovacuum=off", "-c", f"unix_socket_directories={out}",
            "-c", "listen_addresses=127.0.0.1", "-c", "jit=off"]
     if os_user:
         cmd = ["runuser", "-u", os_user, "--", "env", "LANG=C.UTF-8",
                f"PYTHONPATH={cluster.pylib}", *cmd]
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/")
+    log = (out / "postgres.log").open("wb")
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, cwd="/")
 
     def moved(dsn: str) -> str:
-        return re.sub(r":\d+/", f":{args.port}/", dsn, count=1)
+        return re.sub(r":\d+/", f":{port}/", dsn, count=1)
 
     owner_dsn, app_dsn = moved(owner_dsn), moved(app_dsn)
     results: dict[str, float] = {}
     try:
-        wait_ready(owner_dsn)
+        wait_ready(owner_dsn, server, out / f".s.PGSQL.{port}")
         if args.setup:
             with psycopg.connect(owner_dsn, autocommit=True) as owner:
                 owner.execute(Path(args.setup).read_text().encode())
@@ -250,6 +270,7 @@ def main() -> None:
                        [f"{st.bindir}/pg_ctl", "stop", "-w", "-m", "fast", "-D",
                         str(cluster.data)], capture_output=True, cwd="/")
         server.wait(timeout=120)
+        log.close()
         shutil.rmtree(out, ignore_errors=True)
 
 
