@@ -230,7 +230,9 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION pyembed.migration_shift(corpus text, share integer) RETURNS bigint
+-- `share` is numeric, as the counts a SQL client types are: a number past integer reaches the
+-- range check (as integer it failed as "function ... does not exist").
+CREATE OR REPLACE FUNCTION pyembed.migration_shift(corpus text, share numeric) RETURNS bigint
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -239,15 +241,13 @@ DECLARE
 BEGIN
   -- The argument first: a share out of range is refused as such at any step.
   PERFORM pyembed._needs(share IS NULL, 'share', 'migration_shift');
-  IF share < 1 OR share > 100 THEN
-    RAISE EXCEPTION USING ERRCODE = 'PE005', MESSAGE = format('share must be 1..100, got %s', share);
-  END IF;
+  PERFORM pyembed._count_arg(share, 'share', 1, 100);
   r := pyembed._migration(corpus);
   PERFORM pyembed._need(r.m, corpus, ARRAY['validated', 'shifting'], 'shift traffic on');
   UPDATE pyembed.migrations SET state = 'shifting' WHERE migration_id = (r.m).migration_id;
-  UPDATE pyembed.corpora SET migration_step = 'shifting', traffic_share = share
+  UPDATE pyembed.corpora SET migration_step = 'shifting', traffic_share = share::integer
    WHERE corpus_id = (r.c).corpus_id;
-  PERFORM pyembed._migration_step(r.m, 'shift', jsonb_build_object('share', share));
+  PERFORM pyembed._migration_step(r.m, 'shift', jsonb_build_object('share', share::integer));
   RETURN (r.m).migration_id;
 END
 $$;
