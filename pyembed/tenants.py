@@ -60,7 +60,7 @@ def add_member(conn: psycopg.Connection[Any], tenant: str, role: str, *,
             "ON CONFLICT (role_name) DO UPDATE SET tenant_id = EXCLUDED.tenant_id",
             (role, tenant))
         if cur.rowcount == 0:
-            raise InvalidInput(f"unknown tenant {tenant!r}")
+            raise InvalidInput(f"unknown tenant {shown(tenant)}")
 
 
 @dataclass(frozen=True)

@@ -92,6 +92,10 @@ DROP FUNCTION IF EXISTS pyembed._report_window(integer, text);
 DROP FUNCTION IF EXISTS pyembed.measure_recall(text, integer);
 DROP FUNCTION IF EXISTS pyembed.recall_sampled(integer);
 DROP FUNCTION IF EXISTS pyembed.recall_report(integer) CASCADE;  -- recall_health: as cache_health
--- A migration's share is numeric too, as every count (a share past integer was "function ...
--- does not exist").
+-- The counts a DBA types in the owner's functions are numeric too (migration_shift's share,
+-- register_model's dimensions and sizes, hnsw_rule's rows and dims): a number past integer
+-- reached no check, "function ... does not exist".
 DROP FUNCTION IF EXISTS pyembed.migration_shift(text, integer);
+DROP FUNCTION IF EXISTS pyembed.hnsw_rule(bigint, integer, text);
+DROP FUNCTION IF EXISTS pyembed.register_model(text, text, text, integer, text, boolean, boolean,
+                                               integer, integer, integer, numeric, text);

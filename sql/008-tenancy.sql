@@ -12,16 +12,31 @@ LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$ SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname = session_user $$;
 
--- The tenant a superuser's pyembed.act_as_tenant names (NULL: none). A function of its own, for
--- the same reason: as a subquery in pyembed._session_tenant, pyembed.tenants was locked for and
--- set up in every statement that reads the session's tenant (every search), though nearly no
+-- The tenant a superuser's pyembed.act_as_tenant names (NULL: the setting is empty or unset),
+-- or PE005 when it names none: a mistyped name acted for no tenant, so that a DBA's `migrate
+-- start docs` moved the corpus docs of no tenant instead of refusing. A function of its own,
+-- for the same reason: as a subquery in pyembed._session_tenant, pyembed.tenants was locked for
+-- and set up in every statement that reads the session's tenant (every search), though nearly no
 -- session reads it.
 CREATE OR REPLACE FUNCTION pyembed._acting_tenant() RETURNS integer
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
-  SELECT t.tenant_id FROM pyembed.tenants t
-   WHERE t.name = current_setting('pyembed.act_as_tenant', true)
+DECLARE
+  found_id integer;
+  named text := current_setting('pyembed.act_as_tenant', true);
+BEGIN
+  IF coalesce(named, '') = '' THEN
+    RETURN NULL;
+  END IF;
+  SELECT t.tenant_id INTO found_id FROM pyembed.tenants t WHERE t.name = named;
+  IF found_id IS NULL THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = format('pyembed.act_as_tenant names no tenant: %s', pyembed._quoted(named)),
+      HINT = 'SELECT name FROM pyembed.tenants lists them; set it empty to act for none';
+  END IF;
+  RETURN found_id;
+END
 $$;
 
 -- The tenant this session acts for (NULL: none): a superuser's pyembed.act_as_tenant (by name),

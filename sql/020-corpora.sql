@@ -153,14 +153,23 @@ END
 $$;
 
 -- pyembed's rule for HNSW parameters (pyembed._index_plan), without an owner's overrides.
-CREATE OR REPLACE FUNCTION pyembed.hnsw_rule(rows bigint, dims integer,
+-- numeric, as the counts a SQL client types are: a number past integer (dims) or bigint (rows)
+-- reaches its check, where it failed as "function ... does not exist".
+CREATE OR REPLACE FUNCTION pyembed.hnsw_rule(rows numeric, dims numeric,
   storage text DEFAULT 'vector',
   OUT m integer, OUT ef_construction integer, OUT ef_search integer, OUT oversample integer)
 LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
 AS $$
 DECLARE
-  p record := pyembed._index_plan(dims, NULL, storage, NULL, rows);
+  p record;
 BEGIN
+  IF NOT (rows >= 0 AND rows = trunc(rows) AND rows <= 9223372036854775807) THEN  -- NaN: above
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = format('rows must be 0..9223372036854775807, got %s', rows);
+  END IF;
+  PERFORM pyembed._check_setting('dimensions', dims);
+  PERFORM pyembed._check_storage(storage);
+  p := pyembed._index_plan(dims::integer, NULL, storage, NULL, rows::bigint);
   m := p.m; ef_construction := p.ef_construction; ef_search := p.ef_search;
   oversample := p.oversample;
 END
@@ -243,12 +252,14 @@ AS $$
 DECLARE
   c pyembed.corpora;
   m pyembed.models;
+  t record;
   s record;
   p record;
   n bigint;
 BEGIN
-  SELECT * INTO STRICT c FROM pyembed.corpora WHERE corpus_id = p_corpus_id;
-  SELECT * INTO STRICT m FROM pyembed.models WHERE model_key = p_model_key;
+  t := pyembed._build_target(p_corpus_id, p_model_key);
+  c := t.c;
+  m := t.m;
   s := pyembed._index_spec(m.dimensions, m.distance,
                            coalesce(p_storage, pyembed._key_storage(c, p_model_key)));
   IF s.expr IS NULL THEN
@@ -285,14 +296,16 @@ AS $$
 DECLARE
   c pyembed.corpora;
   mo pyembed.models;
+  t record;
   n bigint;
   p record;
   storage text;
   value_bytes bigint;
   kb bigint;
 BEGIN
-  SELECT * INTO STRICT c FROM pyembed.corpora WHERE corpus_id = p_corpus_id;
-  SELECT * INTO STRICT mo FROM pyembed.models WHERE model_key = p_model_key;
+  t := pyembed._build_target(p_corpus_id, p_model_key);
+  c := t.c;
+  mo := t.m;
   storage := coalesce(p_storage, pyembed._key_storage(c, p_model_key));
   n := pyembed._key_rows(p_corpus_id, p_model_key);
   p := pyembed._index_params(c.index_settings, n, mo.dimensions, storage);
@@ -353,6 +366,30 @@ BEGIN
 END
 $$;
 
+-- The corpus of id `p_corpus_id` and the model of key `p_model_key` (NULL: none asked for) that
+-- the index and partition builders work on, or PE002 / PE006 naming what is not there: a DBA
+-- calling a builder by hand with a wrong id or key got "query returned no rows" or a syntax
+-- error of the DDL built for no corpus.
+CREATE OR REPLACE FUNCTION pyembed._build_target(p_corpus_id integer, p_model_key text,
+                                                 OUT c pyembed.corpora, OUT m pyembed.models)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+  SELECT * INTO c FROM pyembed.corpora co WHERE co.corpus_id = p_corpus_id;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE002', MESSAGE = format('no corpus has id %s', p_corpus_id);
+  END IF;
+  IF p_model_key IS NOT NULL THEN
+    SELECT * INTO m FROM pyembed.models mo WHERE mo.model_key = p_model_key;
+    IF NOT FOUND THEN
+      RAISE EXCEPTION USING ERRCODE = 'PE006',
+        MESSAGE = format('unknown model key %s', pyembed._quoted(p_model_key));
+    END IF;
+  END IF;
+END
+$$;
+
 -- Make a corpus's partition, or bring an existing one up to date: owner, privileges, triggers,
 -- and the CHECK constraint for the corpus's current keys. The table is made on its own and then
 -- attached, which locks the parent SHARE UPDATE EXCLUSIVE (searches and writes go on) where
@@ -372,6 +409,7 @@ DECLARE
   old text;
   caller_timeout text := current_setting('lock_timeout');
 BEGIN
+  PERFORM pyembed._build_target(p_corpus_id, NULL);
   IF to_regclass(format('pyembed.%I', part)) IS NULL THEN
     EXECUTE format('CREATE TABLE pyembed.%I (LIKE pyembed.vectors INCLUDING DEFAULTS '
                    'INCLUDING CONSTRAINTS)', part);  -- the table's own (its bounds): ATTACH needs them
@@ -698,10 +736,10 @@ $$;
 
 -- Register a model of your own; a key already registered must come with the same settings.
 CREATE OR REPLACE FUNCTION pyembed.register_model(
-  provider text, model_id text, model_version text, dimensions integer,
+  provider text, model_id text, model_version text, dimensions numeric,
   distance text DEFAULT 'cosine', normalized boolean DEFAULT true,
-  input_types boolean DEFAULT false, max_batch integer DEFAULT 128,
-  max_tokens integer DEFAULT 8192, request_dimensions integer DEFAULT NULL,
+  input_types boolean DEFAULT false, max_batch numeric DEFAULT 128,
+  max_tokens numeric DEFAULT 8192, request_dimensions numeric DEFAULT NULL,
   price_per_mtok numeric DEFAULT NULL, description text DEFAULT '')
 RETURNS text
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
@@ -710,7 +748,12 @@ AS $$
 DECLARE
   key text;
   old pyembed.models;
+  msg text;
+  con text;
 BEGIN
+  -- The counts are numeric, as a SQL client types them: each reaches its table's range
+  -- (integer failed as "function ... does not exist" past integer).
+  PERFORM pyembed._check_setting('dimensions', dimensions);
   PERFORM pyembed._check_setting('max_batch', max_batch);
   PERFORM pyembed._check_setting('max_tokens', max_tokens);
   IF request_dimensions IS NOT NULL THEN  -- (NULL: the model's own)
@@ -724,7 +767,7 @@ BEGIN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
       MESSAGE = 'provider, model id and version must be non-empty, without "/", "@", ":" or blanks';
   END IF;
-  key := provider || '/' || model_id || '@' || model_version || ':' || dimensions;
+  key := provider || '/' || model_id || '@' || model_version || ':' || dimensions::integer;
   SELECT * INTO old FROM pyembed.models m WHERE m.model_key = key;
   IF FOUND THEN
     IF (old.distance, old.normalized, old.input_types, old.request_dimensions)
@@ -734,10 +777,20 @@ BEGIN
     END IF;
     RETURN key;
   END IF;
-  INSERT INTO pyembed.models (model_key, provider, model_id, model_version, dimensions, distance,
-    normalized, input_types, max_batch, max_tokens, request_dimensions, price_per_mtok, description)
-  VALUES (key, provider, model_id, model_version, dimensions, distance, normalized, input_types,
-    max_batch, max_tokens, request_dimensions, price_per_mtok, coalesce(description, ''));
+  BEGIN
+    INSERT INTO pyembed.models (model_key, provider, model_id, model_version, dimensions,
+      distance, normalized, input_types, max_batch, max_tokens, request_dimensions,
+      price_per_mtok, description)
+    VALUES (key, provider, model_id, model_version, dimensions, distance, normalized,
+      input_types, max_batch, max_tokens, request_dimensions, price_per_mtok,
+      coalesce(description, ''));
+  EXCEPTION WHEN check_violation THEN
+    -- The table's error with the key quoted (pyembed._quoted) where PostgreSQL's DETAIL shows
+    -- the whole row raw: a control character or a right-to-left mark a DBA typed, as typed.
+    GET STACKED DIAGNOSTICS msg = MESSAGE_TEXT, con = CONSTRAINT_NAME;
+    RAISE EXCEPTION USING ERRCODE = 'check_violation', MESSAGE = msg, CONSTRAINT = con,
+      TABLE = 'models', SCHEMA = 'pyembed', DETAIL = format('model key %s', pyembed._quoted(key));
+  END;
   RETURN key;
 END
 $$;

@@ -178,11 +178,23 @@ $$;
 
 -- API keys for the functions above; only the owner can set or read them.
 CREATE OR REPLACE FUNCTION pyembed.set_secret(name text, value text) RETURNS void
-LANGUAGE sql VOLATILE SECURITY INVOKER
+LANGUAGE plpgsql VOLATILE SECURITY INVOKER
 SET search_path = pg_catalog, pg_temp
 AS $$
-  INSERT INTO pyembed.secrets (name, value) VALUES (name, value)
-  ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value, updated_at = now()
+DECLARE
+  msg text;
+  con text;
+BEGIN
+  INSERT INTO pyembed.secrets AS s (name, value) VALUES (set_secret.name, set_secret.value)
+  ON CONFLICT ON CONSTRAINT secrets_pkey
+  DO UPDATE SET value = EXCLUDED.value, updated_at = now();
+EXCEPTION WHEN check_violation THEN
+  -- The table's error without PostgreSQL's DETAIL, which shows the whole row: the secret itself
+  -- (in the error the client gets and the server logs) beside a name the table refused.
+  GET STACKED DIAGNOSTICS msg = MESSAGE_TEXT, con = CONSTRAINT_NAME;
+  RAISE EXCEPTION USING ERRCODE = 'check_violation', MESSAGE = msg, CONSTRAINT = con,
+    TABLE = 'secrets', SCHEMA = 'pyembed', DETAIL = format('secret %s', pyembed._quoted(name));
+END
 $$;
 
 -- The pyembed the server's PL/Python imports (`pyembed doctor` compares it with the client's),

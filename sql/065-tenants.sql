@@ -223,19 +223,19 @@ BEGIN
   IF NEW.role_oid IS NULL THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
       MESSAGE = format('no role %s: create the login first (pyembed tenant add-member TENANT ROLE '
-                       '--password ...)', NEW.role_name);
+                       '--password ...)', pyembed._quoted(NEW.role_name));
   END IF;
   IF NOT can_login THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
       MESSAGE = format('role %s cannot log in: a session acts for the tenant of its login role, '
                        'not of a group it is in; add each login that acts for the tenant',
-                       NEW.role_name);
+                       pyembed._quoted(NEW.role_name));
   END IF;
   IF NEW.role_oid = (SELECT n.nspowner FROM pg_catalog.pg_namespace n
                       WHERE n.nspname = 'pyembed') THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
       MESSAGE = format('role %s owns the pyembed schema: it manages every tenant and acts for '
-                       'none', NEW.role_name);
+                       'none', pyembed._quoted(NEW.role_name));
   END IF;
   RETURN NEW;
 END

@@ -230,7 +230,8 @@ BEGIN
 END
 $$;
 
--- share numeric, as every count (pyembed._count_arg says why).
+-- `share` is numeric, as the counts a SQL client types are: a number past integer reaches the
+-- range check (as integer it failed as "function ... does not exist").
 CREATE OR REPLACE FUNCTION pyembed.migration_shift(corpus text, share numeric) RETURNS bigint
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp

@@ -138,7 +138,7 @@ GRANT EXECUTE ON FUNCTION pyembed.count_provider_error(text, text) TO pyembed_wo
 -- The model registry is the operator's, like the tenants: every tenant's corpora use a key's row
 -- (its vector space, price and batch bounds), so a tenant that registered a key first would set
 -- them for all. Revoked by name: a database upgraded from when it was granted keeps the grant.
-REVOKE EXECUTE ON FUNCTION pyembed.register_model(text, text, text, integer, text, boolean,
-  boolean, integer, integer, integer, numeric, text) FROM pyembed_app;
+REVOKE EXECUTE ON FUNCTION pyembed.register_model(text, text, text, numeric, text, boolean,
+  boolean, numeric, numeric, numeric, numeric, text) FROM pyembed_app;
 -- Model migrations are the DBA's: granted to nobody, run as the owner.
 -- pyembed.secrets and pyembed.set_secret stay the owner's: REVOKE above, no GRANT.

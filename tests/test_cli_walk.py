@@ -131,8 +131,8 @@ def invocation(command: Any, values: dict[str, list[str]]) -> list[str]:
     return [*args, "--", *positional] if positional else args
 
 
-NAME_PARAMS = {"corpus", "name", "tenant"}
-TEXT_PARAMS = {"query", "question", "query_id", "description", "role", "password", "relevant"}
+NAME_PARAMS = {"corpus", "name", "tenant", "role"}
+TEXT_PARAMS = {"query", "question", "query_id", "description", "password", "relevant"}
 FREE_TEXT = {"description", "password"}
 """Texts any value of which is good, but a NUL (PostgreSQL's texts cannot hold one)."""
 

@@ -3,8 +3,11 @@ pyembed that the application role (and so a tenant's login) or the worker role m
 called as a tenant's login, as the application role itself and (the worker's own functions) as a
 worker's login, with hostile values in each argument in turn, chosen by the argument's type
 (text, vectors, integers, counts, floats, jsonb, bytea, arrays), plus an unknown corpus and
-another tenant's corpus where an argument names or numbers one. NULL in each argument is
-test_sql_errors' walk; the owner's migration steps have theirs there too.
+another tenant's corpus where an argument names or numbers one; and every function only the
+owner may execute (a DBA's in psql: migrations, the model registry, index settings and rebuilds,
+secrets, and the helpers pyembed's functions call), as the owner, with the same values, where a
+row type's value is a row naming nothing. NULL in each argument is test_sql_errors' walk; the
+owner's migration steps have theirs there too.
 
 For each call: an error has a pyembed SQLSTATE (PExxx) or a standard one listed in STANDARD with
 why, a message with no Python, internal name or NULL-as-None in it, never one of LEAKS, and a
@@ -41,7 +44,7 @@ from pyembed.search import check_k
 from tests.conftest import Database
 from tests.helpers import login_role, run_cli, sql_error
 from tests.test_cli import db_env
-from tests.test_sql_errors import APP_FUNCTIONS, CALLS_THAT_WORK, FAKE, RAISES
+from tests.test_sql_errors import APP_FUNCTIONS, CALLS_THAT_WORK, FAKE, RAISES, Q
 
 DIMS = 384
 
@@ -144,8 +147,19 @@ def values_for(name: str, arg: str, kind: str, work: str) -> list[Value]:
         return _arrays(work, kind) + extra
     if kind == "boolean":
         return []  # NULL only: test_sql_errors
+    if kind in ROWS:
+        return [Value(f"{kind} row of nothing", f"jsonb_populate_record(({work})::{kind}, %s)",
+                      json.dumps(ROWS[kind]))]
     raise AssertionError(f"{name}.{arg}: a new type {kind}: add its hostile values")
 
+
+ROWS = {
+    # A row type an owner-only function takes (a row of a table, or the index rules): the
+    # working row with the fields that name it changed to name nothing (or out of range).
+    "pyembed.corpora": {"corpus_id": 987654, "name": "nope"},
+    "pyembed.migrations": {"migration_id": 987654, "corpus_id": 987654},
+    "pyembed._index_rules": {"m": -1, "ef_construction": 0, "ef_search": -1, "oversample": 0},
+}
 
 FROM_PYEMBED = {
     # A function whose integer arguments pyembed's client fills with a number it read from the
@@ -188,6 +202,13 @@ PL_TAKES_NOTHING = {
     # value reaches it; it fails only when the server cannot import pyembed (doctor's report).
     "version": "the server's pyembed version, doctor's probe",
     "code_digest": "the server's pyembed code digest, doctor's check",
+}
+PL_BODIES = {
+    # The owner's: a wrapper's PL/Python body, which only the owner may execute (the owner may
+    # execute every function); PL/Python puts the exception's class before every error's
+    # message ("plpy.Error: "), which the wrapper takes off.
+    "_add_document": "add_document's body", "_embed": "embed's body",
+    "_embed_batch": "embed_batch's body",
 }
 LONGEST = 1000
 """An error's message, detail or hint shows a caller's value cut (a 1 MB value is not read back
@@ -255,6 +276,8 @@ class Walk:
         state = err.sqlstate or ""
         message = err.diag.message_primary or ""
         said = f"{label}: {state} {message[:200]}"
+        if name in PL_BODIES and message.startswith("plpy.Error: "):
+            message = message.removeprefix("plpy.Error: ")
         check = CHECK.match(message)
         if state == "23514" and not (check and pyembed_db.check_message(*check.groups())):
             self.wrong.append(f"{said} (a CHECK README does not describe)")
@@ -306,15 +329,23 @@ def logins(db: Database, owner: psycopg.Connection[Any]) -> Iterator[dict[str, s
 
 
 def _walk(conn: psycopg.Connection[Any], functions: list[tuple[Any, ...]],
-          calls: dict[str, list[str]]) -> Walk:
+          calls: dict[str, list[str]], given: dict[str, str] | None = None) -> Walk:
+    """`given`: "function.argument" (or "function.*", or "function.argument=value") that the walk
+    leaves out, as what pyembed's own functions give."""
     walk = Walk(conn, [])
+    given = given or {}
     for name, argnames, types, _defaults in functions:
         if name in RAISES:
             continue
         works = calls[name]
         arrays = [t.endswith("[]") and w != "NULL" for w, t in zip(works, types, strict=True)]
         for i, (arg, kind) in enumerate(zip(argnames or [], types, strict=False)):
+            if f"{name}.*" in given or f"{name}.{arg}" in given:
+                continue
             for value in values_for(name, arg, kind, works[i]):
+                if f"{name}.{arg}={value.name}" in given or (
+                        name in given and kind == "integer" and not value.cast):
+                    continue
                 args = [f"({a})::{t}" for a, t in zip(works, types, strict=True)]
                 args[i] = f"({value.sql})::{kind}" if value.cast else value.sql
                 params = [value.param] if "%s" in value.sql else []
@@ -429,3 +460,262 @@ def test_no_role_but_the_owner_executes_a_pl_python_function_that_takes_a_value(
         err = sql_error(app, "SELECT pyembed.add_document('docs', 'd1', 'text', '[1]')")
         assert (err.sqlstate, err.diag.message_primary) == (
             "PE005", "metadata must be a JSON object")
+
+
+# -- the owner's and DBA's functions ----------------------------------------------------------
+
+OWNER_ONLY = APP_FUNCTIONS.replace(
+    "has_function_privilege(%s, p.oid, 'EXECUTE')",
+    "NOT has_function_privilege('pyembed_app', p.oid, 'EXECUTE') "
+    "AND NOT has_function_privilege('pyembed_worker', p.oid, 'EXECUTE') "
+    "AND p.prorettype <> 'trigger'::regtype")
+"""Every function of schema pyembed only its owner may execute (a trigger's function is called by
+its trigger alone: PostgreSQL refuses any other call)."""
+
+TO = "fake/fake-hash@2:1024"
+DOCS_ID = "(SELECT c.corpus_id FROM pyembed.corpora c WHERE c.name = 'docs' AND c.tenant_id IS NULL)"
+DOCS = "(SELECT c FROM pyembed.corpora c WHERE c.name = 'docs' AND c.tenant_id IS NULL)"
+CALM = "(SELECT c FROM pyembed.corpora c WHERE c.name = 'calm')"
+MIGRATION = "pyembed._migration_of(" + DOCS + ")"
+RULES = "pyembed._nearest_rules(384, 'cosine', 'vector', '{}', 10)"
+POSTING = "'\\x0000000000010000000a'::bytea"  # one posting: place 0, tf 1, a 10-token chunk
+GIVEN_BY_PYEMBED = {
+    # An argument of an owner-only helper whose values only pyembed's own functions give, with
+    # what gives them: the walk leaves out its hostile values (checking them in the helper would
+    # check them twice, on a search's path for some). A helper named alone ("name"): its integer
+    # arguments, which pyembed passes as integers (never a bigint), as FROM_PYEMBED's.
+    **{f"{h}.*": "page arithmetic on a model's dimensions (the models table's CHECK) and the m "
+                 "and ef the rule or index_settings (corpora_index_settings_known) give; "
+                 "inlined into every search's index rules" for h in (
+                     "_halfvec_ef", "_halfvec_m", "_hnsw_fitting_m", "_hnsw_per_page")},
+    "_bm25_top.*": "the postings pyembed._bm25 packs from posting_blocks, its arrays made together",
+    "_bm25.n": "keyword_ranking's k or candidates, checked (pyembed._count_arg)",
+    "_nearest.k": "as _bm25.n", "_nearest_in.k": "as _bm25.n",
+    "_nearest_in.counted": "the planner's row estimate _nearest reads",
+    "_vector_ranking.chunks": "search_hybrid's candidates, checked",
+    "_packed_block.block": "a block number read from posting_blocks",
+    "_document_terms.*": "a trigger's transition rows: a corpus id and document id each",
+    "_one_each.*": "the calling function's name and its arrays' names, literals in pyembed's "
+                   "functions; it raises by design",
+    "_need.allowed": "the steps a migration step allows, a literal in it",
+    "_need.action": "as _need.allowed",
+    "_claim_backfill.p_corpus_id": "the corpus migration.backfill looked up; the backfillers' "
+                                   "foreign key refuses any other",
+    "_record_recall.*": "recall's measurement of the corpus and key it just searched; the "
+                        "table's keys and checks refuse any other",
+    "_migration_step.*": "a migration row a step locked, and the step's name, a literal",
+    **{f"{h}.*": f"{h[1:]}'s body, given {h[1:]}'s arguments as they are: the application "
+                 "role's walk gives them" for h in ("_search_text", "_search_reranked")},
+    "_embed_batch.inputs=100000 elements": "embed_batch refuses more than 1,000 texts first (a "
+                                           "PL/Python call cannot be cancelled)",
+    **{h: "its integer arguments" for h in (
+        "_advisory_held", "_bm25", "_build_target", "_bulk_loading", "_claim_backfill", "_count_arg",
+        "_create_vector_index", "_dropped_meanwhile", "_heal_vector_index", "_packed_block",
+        "_random_advisory_lock", "_rebuild_name", "_recall_at_10", "_record_recall",
+        "_release_backfill", "_sample_recall", "_search_arrays", "_search_mode",
+        "_search_reranked", "_search_text", "_index_build_settings", "_index_name",
+        "_index_params", "_index_plan", "_index_spec", "_index_type", "_job_bounds", "_key_rows",
+        "_keyword_ranking", "_lock_corpus", "_nearest", "_nearest_candidates", "_nearest_in",
+        "_nearest_rules", "_nearest_scans", "_nearest_settings", "_nearest_source",
+        "_nearest_sql", "_norm_ok", "_swap_vector_index", "_vector_guard_expr",
+        "_vector_index_sql", "_vector_indexes", "_vector_partition", "_vector_partition_name",
+        "_vector_ranking")},
+}
+
+OWNER_RAISES = {
+    # An owner-only function whose work is to raise an error, called only for it.
+    "_one_each": "arrays given together of different lengths (pyembed's queue functions)",
+}
+OWNER_CALLS = {
+    # A call of each function only the owner may execute, which works, on the walk's corpora:
+    # docs (the application role's, its migration to TO serving 10%), calm (no migration), and
+    # two without documents: begun (its migration started) and full (serving 100% from TO).
+    "_acting_tenant": [],
+    "_advisory_held": ["1", "2", "pg_backend_pid()", "'ExclusiveLock'"],
+    "_analyze_grown": [],
+    "_backfill_lock": [],
+    "_bm25": [DOCS, "'refunds'", "10", "'{}'", "false"],
+    "_bm25_top": [POSTING, "ARRAY[0]::bigint[]", "ARRAY[1]", "ARRAY[10]", "ARRAY[1.0]::float8[]",
+                  "10", "5"],
+    "_build_target": [DOCS_ID, f"'{FAKE}'"],
+    "_bulk_load_lock": [],
+    "_bulk_loading": [DOCS_ID, "false"],
+    "_check_corpus_name": ["'c2'"],
+    "_check_storage": ["'vector'"],
+    "_claim_backfill": [DOCS_ID],
+    "_corpus_named": ["'docs'"],
+    "_count_arg": ["5", "'k'", "1", "1000"],
+    "_create_vector_index": [DOCS_ID, f"'{FAKE}'"],
+    "_document_terms": [f"ARRAY[{DOCS_ID}]", "ARRAY['d1']"],
+    "_dropped_meanwhile": [DOCS_ID],
+    "_embed": ["'a text'", f"'{FAKE}'", "'query'"],
+    "_embed_batch": ["ARRAY['a text']", f"'{FAKE}'", "'query'"],
+    "_ensure_error_counters": ["'voyage'"],
+    "_expiry": ["60"],
+    "_failure_reason": ["'refused'", "'fail_job'"],
+    "_halfvec_ef": ["384", "'halfvec'", "16", "64"],
+    "_halfvec_m": ["384", "'halfvec'", "16"],
+    "_heal_vector_index": [DOCS_ID],
+    "_hnsw_fitting_m": ["384", "10"],
+    "_hnsw_per_page": ["384", "16"],
+    "_index_build_settings": [DOCS_ID, f"'{FAKE}'", "false", "'vector'"],
+    "_index_name": [DOCS_ID, f"'{FAKE}'"],
+    "_index_params": ["'{}'", "1000", "384", "'vector'"],
+    "_index_plan": ["384", "'cosine'", "'vector'", "'{}'", "1000"],
+    "_index_settings_problem": ["'{}'"],
+    "_index_settings_valid": ["'{}'"],
+    "_index_spec": ["384", "'cosine'", "'vector'"],
+    "_index_type": ["384", "'vector'"],
+    "_indexable": [DOCS],
+    "_job_bounds": ["10", "30"],
+    "_key_rows": [DOCS_ID, f"'{FAKE}'"],
+    "_key_storage": [DOCS, f"'{FAKE}'"],
+    "_keyword_passages": [DOCS, "'refunds'", "ARRAY[1]::bigint[]"],
+    "_keyword_ranking": [DOCS, "'refunds'", "10", "'{}'", "'document'", "true"],
+    "_lock_corpus": [DOCS_ID],
+    "_migration": ["'docs'"],
+    "_migration_of": [DOCS],
+    "_migration_step": [MIGRATION, "'a note'", "'{}'"],
+    "_nearest": [DOCS_ID, f"'{FAKE}'", Q, "5", "'{}'", "false"],
+    "_nearest_candidates": ["5", RULES],
+    "_nearest_in": [DOCS_ID, f"'{FAKE}'", Q, "5", "'{}'", "false", "'vector'", "'{}'", "384",
+                    "'cosine'", "1"],
+    "_nearest_rules": ["384", "'cosine'", "'vector'", "'{}'", "1000"],
+    "_nearest_scans": ["5", "false", RULES, "1"],
+    "_nearest_settings": ["5", "false", "false", RULES, "1"],
+    "_nearest_source": [DOCS_ID, f"'{FAKE}'", "false"],
+    "_nearest_sql": [DOCS_ID, f"'{FAKE}'", "5", "false", "false", RULES, "'cosine'", "1"],
+    "_need": [MIGRATION, "'docs'", "ARRAY['shifting']", "'shift traffic on'"],
+    "_need_target": [CALM, f"pyembed._migration_of({CALM})", f"'{TO}'"],
+    "_needs": ["false", "'share'", "'migration_shift'"],
+    "_norm_ok": ["1", "true"],
+    "_one_each": ["'release_jobs'", "'ids, keys'", "ARRAY[1, 1]"],
+    "_packed_block": [DOCS_ID, "'refund'", "0"],
+    "_quoted": ["'a value'"],
+    "_random_advisory_lock": ["1", "false"],
+    "_rebuild_name": [DOCS_ID, f"'{FAKE}'"],
+    "_recall_at_10": ["'docs'", DOCS_ID, f"'{FAKE}'", Q, "'{}'"],
+    "_record_recall": [DOCS_ID, f"'{FAKE}'", "'sampled'", "1", "0.9"],
+    "_release_backfill": [DOCS_ID],
+    "_report_window": ["30", "'days'"],
+    "_sample_recall": [DOCS_ID, f"'{FAKE}'", Q, "'{}'"],
+    "_search_arrays": ["'docs'", "'vector'", "'refunds'", Q, f"'{FAKE}'", "5", "'{}'", "'{}'",
+                       "NULL", "NULL", "NULL"],
+    "_search_mode": ["'docs'", "'vector'", "'refunds'", Q, f"'{FAKE}'", "5", "'{}'", "'{}'",
+                     "NULL", "NULL", "NULL"],
+    "_search_reranked": ["'docs'", "'refunds'", "'fake/overlap'", "5", "'{}'", "'hybrid'", "10",
+                         "'document'", "'relative'", "0.5"],
+    "_search_text": ["'docs'", "'refunds'", "5", "'{}'", "'hybrid'", "'document'", "'relative'",
+                     "0.5"],
+    "_session_is_superuser": [],
+    "_session_tenant": [],
+    "_swap_vector_index": [DOCS_ID, f"'{FAKE}'",
+                           f"pyembed._index_name({DOCS_ID}, '{FAKE}')", "'vector'"],
+    "_vector_guard_expr": [DOCS_ID],
+    "_vector_index_sql": [DOCS_ID, f"'{FAKE}'", "false", "'vector'", "NULL"],
+    "_vector_indexes": [DOCS_ID, f"'{FAKE}'"],
+    "_vector_partition": [DOCS_ID],
+    "_vector_partition_name": [DOCS_ID],
+    "_vector_ranking": [DOCS, Q, f"'{FAKE}'", "5", "'{}'", "'document'", "10"],
+    "hnsw_rule": ["1000", "384", "'vector'"],
+    "index_status": ["'docs'"],
+    "migration_backfilled": ["'begun'"],
+    "migration_cleanup": ["'calm'", "false"],
+    "migration_complete": ["'full'"],
+    "migration_enqueue_backfill": ["'begun'"],
+    "migration_rollback": ["'docs'"],
+    "migration_shift": ["'docs'", "50"],
+    "migration_start": ["'calm'", f"'{TO}'", "'halfvec'"],
+    "migration_validated": ["'docs'", "'{}'", "true", "true"],
+    "rebuild_index": ["'calm'", "'halfvec'"],
+    "register_model": ["'openai'", "'a-model'", "'1'", "8", "'cosine'", "true", "false", "128",
+                       "8192", "NULL", "0.02", "'a model of our own'"],
+    "rerankers": [],
+    "set_index_settings": ["'calm'", "'{\"m\": 24}'"],
+    "set_secret": ["'VOYAGE_API_KEY'", "'a key'"],
+}
+
+
+@pytest.fixture
+def migrating(db: Database, owner: psycopg.Connection[Any], logins: dict[str, str]) -> None:
+    """The walk's corpora as the owner finds them (OWNER_CALLS)."""
+    owner.execute("SELECT pyembed.create_corpus('calm', %s)", (FAKE,))
+    owner.execute("SELECT pyembed.add_document('calm', 'd1', 'refunds take five days')")
+    for corpus, steps in (("begun", ""), ("full", "SELECT pyembed.migration_backfilled('full'); "
+                          "SELECT pyembed.migration_validated('full', '{}', true, true); "
+                          "SELECT pyembed.migration_shift('full', 100);")):
+        owner.execute(f"SELECT pyembed.create_corpus('{corpus}', '{FAKE}'); "
+                      f"SELECT pyembed.migration_start('{corpus}', '{TO}'); {steps}")
+    import pyembed
+    from pyembed import migration
+
+    with pyembed.connect(db.owner_dsn) as client:
+        migration.start(client, "docs", TO)
+        migration.backfill(client, "docs")
+        owner.execute("SELECT pyembed.migration_validated('docs', '{}', true, forced => true)")
+        migration.shift(client, "docs", 10)
+
+
+def test_hostile_values_in_every_argument_of_the_owners_functions(
+        db: Database, owner: psycopg.Connection[Any], migrating: None) -> None:
+    """Every function only the owner may execute (migrations, the model registry, index rebuilds
+    and settings, secrets, and the helpers pyembed's functions call, which a DBA may call too),
+    each argument in turn given each hostile value of its type, as the owner in psql: the same
+    checks as the application role's walk. Before, these had only the NULL walk."""
+    before = _snapshot(owner)
+    began = time.monotonic()
+    with psycopg.connect(db.owner_dsn, autocommit=True) as conn:
+        conn.execute("SET statement_timeout = '10s'")
+        functions = conn.execute(OWNER_ONLY).fetchall()
+        assert {f[0] for f in functions} == set(OWNER_CALLS), \
+            "a new function only the owner may execute: add its call to OWNER_CALLS"
+        broken = []
+        for name, _argnames, types, _defaults in functions:
+            args = [f"({a})::{t}" for a, t in zip(OWNER_CALLS[name], types, strict=True)]
+            try:
+                with conn.transaction(force_rollback=True):
+                    conn.execute(f"SELECT * FROM pyembed.{name}({', '.join(args)})").fetchall()
+            except psycopg.Error as err:
+                if name not in OWNER_RAISES:
+                    broken.append(f"{name}: {err.sqlstate} {err.diag.message_primary}")
+        assert broken == [], "the working calls:\n" + "\n".join(broken)
+        walk = _walk(conn, functions, OWNER_CALLS, GIVEN_BY_PYEMBED)
+    print(f"{walk.calls} calls in {time.monotonic() - began:.1f} s; slowest "
+          f"{walk.slowest[0]:.2f} s: {walk.slowest[1]}")
+    assert walk.calls > 1000
+    assert walk.wrong == [], "\n".join(walk.wrong)
+    assert _snapshot(owner) == before
+
+
+
+@pytest.mark.parametrize("name", ["voyage_api_key", "VOYAGE API KEY", "A\u202eB"])
+def test_a_secret_under_a_name_the_table_refuses_is_not_shown_in_the_error(
+        owner: psycopg.Connection[Any], name: str) -> None:
+    """Before, the secrets table's CHECK refused the name with PostgreSQL's DETAIL "Failing row
+    contains (voyage_api_key, sk-live-..., ...)": the secret in the error the client got and the
+    server logged. Now the table's error, its detail naming the secret by its name, quoted."""
+    err = sql_error(owner, "SELECT pyembed.set_secret(%s, %s)", (name, "sk-live-0123456789"))
+    assert err.sqlstate == "23514" and err.diag.constraint_name == "secrets_name_check", err
+    assert "0123456789" not in str(err) and "0123456789" not in (err.diag.message_detail or "")
+    quoted = owner.execute("SELECT pyembed._quoted(%s)", (name,)).fetchone()
+    assert quoted is not None and err.diag.message_detail == f"secret {quoted[0]}"
+
+
+@pytest.mark.parametrize(("call", "said"), [
+    ("SELECT pyembed.migration_shift('docs', 3000000000)", "share must be 1..100, got 3000000000"),
+    ("SELECT pyembed.migration_shift('docs', 2.5)", "share must be 1..100, got 2.5"),
+    ("SELECT pyembed.register_model('openai', 'm', '1', 3000000000)",
+     "dimensions must be 1..16000, got 3000000000"),
+    ("SELECT pyembed.register_model('openai', 'm', '1', 384, max_batch => 1e30)",
+     "max_batch must be 1..100000, got 1000000000000000000000000000000"),
+    ("SELECT * FROM pyembed.hnsw_rule(1e20, 384)", "rows must be 0..9223372036854775807, got "
+     "100000000000000000000"),
+    ("SELECT * FROM pyembed.hnsw_rule(1000, 384.5)", "dimensions must be 1..16000, got 384.5"),
+])
+def test_a_count_a_dba_types_past_integer_reaches_its_check(
+        owner: psycopg.Connection[Any], call: str, said: str) -> None:
+    """The owner's counts as psql types them: a number past integer is a bigint, past bigint a
+    numeric. Before, each failed as "function pyembed.migration_shift(unknown, bigint) does not
+    exist" (the parameters were integer), as 2.5 (a numeric) did."""
+    err = sql_error(owner, call)
+    assert (err.sqlstate, err.diag.message_primary) == ("PE005", said)

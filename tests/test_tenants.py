@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import unicodedata
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -21,7 +22,8 @@ from pyembed.errors import InvalidInput
 from pyembed.vectors import copy_vectors
 from pyembed.worker import Worker
 from tests.conftest import Database
-from tests.helpers import count, sql_error, unit
+from tests.helpers import count, run_cli, sql_error, unit
+from tests.test_cli import db_env
 
 A_KEY = "fake/fake-hash@1:384"
 B_KEY = "fake/fake-hash@2:1024"
@@ -319,10 +321,34 @@ def test_a_tenant_member_is_a_role_that_exists(owner: psycopg.Connection[Any]) -
     the tenant: the real login then acted for no tenant (the untenanted corpora, not its
     tenant's), and a role made later under that name joined the tenant unseen."""
     tenants.create_tenant(owner, "acme")
-    with pytest.raises(InvalidInput, match="no role acme_ap"):
+    with pytest.raises(InvalidInput, match="no role 'acme_ap'"):
         tenants.add_member(owner, "acme", "acme_ap")
     assert sql_error(owner, "INSERT INTO pyembed.tenant_members SELECT 'acme_ap', tenant_id "
                             "FROM pyembed.tenants").sqlstate == "PE005"
+    assert owner.execute("SELECT count(*) FROM pyembed.tenant_members").fetchone() == (0,)
+
+
+@pytest.mark.parametrize(("tenant", "role", "said"), [
+    ("n" * 1_000_000, "someone", "unknown tenant 'nnnnnnnnnn"),
+    ("acme", "\u202eabc", "no role '\\u202eabc': create the login first"),
+    ("acme", "a\x01b\x1b[31m", "no role 'a\\u0001b\\u001b[31m': create the login first"),
+    ("acme", "", "no role '': create the login first"),
+])
+def test_a_member_or_tenant_named_wrong_is_quoted(
+        db: Database, owner: psycopg.Connection[Any], tenant: str, role: str, said: str) -> None:
+    """A DBA's add-member with a tenant no one has or a role no one is, from Python and the CLI:
+    the name quoted, cut and escaped (pyembed._quoted, errors.shown). Before, a 1 MB tenant name
+    came back whole (1,000,017 characters) and a role's right-to-left mark or terminal escape as
+    typed ("no role \u202eabc" reordering the line)."""
+    tenants.create_tenant(owner, "acme")
+    with pytest.raises(InvalidInput) as err:
+        tenants.add_member(owner, tenant, role)
+    message = str(err.value)
+    assert message.startswith(said) and len(message) < 200, message[:300]
+    assert not any(unicodedata.category(ch) in ("Cc", "Cf") for ch in message), message
+    if len(tenant) < 100:  # (a process's arguments: not 1 MB)
+        out = run_cli("tenant", "add-member", tenant, role, env=db_env(db))
+        assert (out.returncode, out.stderr.strip()) == (1, f"error: {message}"), out
     assert owner.execute("SELECT count(*) FROM pyembed.tenant_members").fetchone() == (0,)
 
 
@@ -337,7 +363,7 @@ def test_a_tenant_member_is_a_login_and_not_the_owner(owner: psycopg.Connection[
         sql.Identifier(group)))
     try:
         for role in (group, "pyembed_app"):
-            with pytest.raises(InvalidInput, match=f"role {role} cannot log in"):
+            with pytest.raises(InvalidInput, match=f"role '{role}' cannot log in"):
                 tenants.add_member(owner, "acme", role)
         [schema_owner] = owner.execute("SELECT nspowner::regrole::text FROM pg_namespace "
                                        "WHERE nspname = 'pyembed'").fetchone() or [None]
