@@ -989,9 +989,11 @@ def migrate_backfill(
                                     progress=lambda done, total: bar(done, total, "backfill"))
     skipped = (f", skipped {report.skipped} (changed or deleted meanwhile; a changed one is "
                "queued for both keys)" if report.skipped else "")
+    resumed = (f"; resumed: {report.resumed} chunks had their vector already"
+               if report.resumed else "")
     console.print(f"backfilled {report.written} chunks{skipped} in {report.seconds:.1f} s "
-                  f"({report.rate:.1f} chunks/s); shadow index built; next: pyembed migrate "
-                  f"validate {corpus}")
+                  f"({report.rate:.1f} chunks/s){resumed}; shadow index built; next: pyembed "
+                  f"migrate validate {corpus}")
 
 
 @migrate_app.command("validate")
