@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+import psycopg
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -27,9 +28,9 @@ from rich.progress import (
 )
 
 from .corpora import CorpusInfo, corpus_info, model_spec
-from .db import connect
+from .db import connect, connection_lost
 from .dbcall import translated
-from .errors import InvalidInput, InvalidVector
+from .errors import DatabaseNotReady, InvalidInput, InvalidVector
 from .index import bulk_load
 from .models import ModelSpec
 from .vectors import as_unit_vectors, copy_vectors, float_array
@@ -66,6 +67,23 @@ def load_vectors(corpus: str, chunk_ids: Sequence[int], model_key: str, vectors:
     how many rows the other batches wrote. Loading again is safe: a chunk's vector for the key
     is replaced, not doubled.
     """
+    try:
+        return _checked_load(corpus, chunk_ids, model_key, vectors, content_hashes, dsn,
+                             batch_rows, connections, progress)
+    except psycopg.OperationalError as exc:
+        if not connection_lost(exc):
+            raise
+        # As a Client's call says it (DatabaseNotReady), with what the batches wrote.
+        lost = DatabaseNotReady("the connection to the database was lost during load_vectors ("
+                                + " ".join(str(exc).split())[:200] + ")")
+        for note in getattr(exc, "__notes__", ()):
+            lost.add_note(note)
+        raise lost from exc
+
+
+def _checked_load(corpus: str, chunk_ids: Sequence[int], model_key: str, vectors: np.ndarray,
+                  content_hashes: Sequence[bytes | None], dsn: str | None, batch_rows: int,
+                  connections: int, progress: bool) -> LoadReport:
     n = len(chunk_ids)
     if not len(content_hashes) == len(vectors) == n:
         raise InvalidInput(f"{n} chunk ids, {len(vectors)} vectors and {len(content_hashes)} "
