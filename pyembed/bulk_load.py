@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import psycopg
@@ -81,6 +82,15 @@ def load_vectors(corpus: str, chunk_ids: Sequence[int], model_key: str, vectors:
         raise lost from exc
 
 
+def _open(dsn: str | None) -> psycopg.Connection[Any]:
+    """A connection for the load, or DatabaseNotReady as pyembed.connect says it."""
+    try:
+        return connect(dsn, autocommit=True)
+    except psycopg.OperationalError as exc:
+        raise DatabaseNotReady("cannot reach the database: "
+                               + " ".join(str(exc).split())[:300]) from exc
+
+
 def _checked_load(corpus: str, chunk_ids: Sequence[int], model_key: str, vectors: np.ndarray,
                   content_hashes: Sequence[bytes | None], dsn: str | None, batch_rows: int,
                   connections: int, progress: bool) -> LoadReport:
@@ -91,7 +101,7 @@ def _checked_load(corpus: str, chunk_ids: Sequence[int], model_key: str, vectors
     if batch_rows < 1 or connections < 1:
         raise InvalidInput(f"batch_rows and connections must be at least 1, got {batch_rows} "
                            f"and {connections}")
-    with connect(dsn, autocommit=True) as conn:
+    with _open(dsn) as conn:
         with translated():
             info = corpus_info(conn, corpus)
             spec = model_spec(conn, model_key)
@@ -129,7 +139,7 @@ def _load(info: CorpusInfo, spec: ModelSpec, chunk_ids: Sequence[int], model_key
     def run(bar: Progress, task: TaskID) -> None:
         nonlocal written
         try:
-            conn = connect(dsn, autocommit=True)
+            conn = _open(dsn)
         except Exception as exc:
             fail(-1, exc)
             return
