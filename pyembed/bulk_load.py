@@ -15,8 +15,10 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import psycopg
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -27,9 +29,9 @@ from rich.progress import (
 )
 
 from .corpora import CorpusInfo, corpus_info, model_spec
-from .db import connect
+from .db import connect, connection_lost
 from .dbcall import translated
-from .errors import InvalidInput, InvalidVector
+from .errors import DatabaseNotReady, InvalidInput, InvalidVector
 from .index import bulk_load
 from .models import ModelSpec
 from .vectors import as_unit_vectors, copy_vectors, float_array
@@ -66,6 +68,32 @@ def load_vectors(corpus: str, chunk_ids: Sequence[int], model_key: str, vectors:
     how many rows the other batches wrote. Loading again is safe: a chunk's vector for the key
     is replaced, not doubled.
     """
+    try:
+        return _checked_load(corpus, chunk_ids, model_key, vectors, content_hashes, dsn,
+                             batch_rows, connections, progress)
+    except psycopg.OperationalError as exc:
+        if not connection_lost(exc):
+            raise
+        # As a Client's call says it (DatabaseNotReady), with what the batches wrote.
+        lost = DatabaseNotReady("the connection to the database was lost during load_vectors ("
+                                + " ".join(str(exc).split())[:200] + ")")
+        for note in getattr(exc, "__notes__", ()):
+            lost.add_note(note)
+        raise lost from exc
+
+
+def _open(dsn: str | None) -> psycopg.Connection[Any]:
+    """A connection for the load, or DatabaseNotReady as pyembed.connect says it."""
+    try:
+        return connect(dsn, autocommit=True)
+    except psycopg.OperationalError as exc:
+        raise DatabaseNotReady("cannot reach the database: "
+                               + " ".join(str(exc).split())[:300]) from exc
+
+
+def _checked_load(corpus: str, chunk_ids: Sequence[int], model_key: str, vectors: np.ndarray,
+                  content_hashes: Sequence[bytes | None], dsn: str | None, batch_rows: int,
+                  connections: int, progress: bool) -> LoadReport:
     n = len(chunk_ids)
     if not len(content_hashes) == len(vectors) == n:
         raise InvalidInput(f"{n} chunk ids, {len(vectors)} vectors and {len(content_hashes)} "
@@ -73,7 +101,7 @@ def load_vectors(corpus: str, chunk_ids: Sequence[int], model_key: str, vectors:
     if batch_rows < 1 or connections < 1:
         raise InvalidInput(f"batch_rows and connections must be at least 1, got {batch_rows} "
                            f"and {connections}")
-    with connect(dsn, autocommit=True) as conn:
+    with _open(dsn) as conn:
         with translated():
             info = corpus_info(conn, corpus)
             spec = model_spec(conn, model_key)
@@ -111,7 +139,7 @@ def _load(info: CorpusInfo, spec: ModelSpec, chunk_ids: Sequence[int], model_key
     def run(bar: Progress, task: TaskID) -> None:
         nonlocal written
         try:
-            conn = connect(dsn, autocommit=True)
+            conn = _open(dsn)
         except Exception as exc:
             fail(-1, exc)
             return

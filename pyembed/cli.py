@@ -127,14 +127,14 @@ def _dsn(dsn: str | None, *, owner: bool = False) -> str:
 
 
 @contextmanager
-def _pyembed_errors(conn: psycopg.Connection[Any]) -> Iterator[None]:
+def _pyembed_errors(conn: Callable[[], psycopg.Connection[Any]]) -> Iterator[None]:
     """Database errors with a pyembed SQLSTATE as pyembed errors, and a database without the
-    pyembed schema as DatabaseNotReady: `main` prints either as one line."""
+    pyembed schema (asked on `conn()`) as DatabaseNotReady: `main` prints either as one line."""
     try:
         with translated():
             yield
     except (psycopg.errors.UndefinedTable, psycopg.errors.InvalidSchemaName):
-        if _schema_missing(conn):
+        if _schema_missing(conn()):
             raise DatabaseNotReady("this database has no pyembed schema: run `pyembed install`"
                                    ) from None
         raise
@@ -151,14 +151,18 @@ def _schema_missing(conn: psycopg.Connection[Any]) -> bool:
 @contextmanager
 def _connect(dsn: str | None, *, owner: bool = False) -> Iterator[psycopg.Connection[Any]]:
     """An autocommit psycopg connection (pgvector registered) to the command's database."""
-    with connect(_dsn(dsn, owner=owner), autocommit=True) as conn, _pyembed_errors(conn):
+    with connect(_dsn(dsn, owner=owner), autocommit=True) as conn, \
+            _pyembed_errors(lambda: conn):
         yield conn
 
 
 @contextmanager
 def _client(dsn: str | None, *, owner: bool = False) -> Iterator[Client]:
-    """A pyembed Client on the command's database."""
-    with connect_client(_dsn(dsn, owner=owner)) as client, _pyembed_errors(client.conn):
+    """A pyembed Client on the command's database. Its connection stays the client's (not
+    `client.conn`, which marks it handed to other code): one the server closes between two
+    calls (a restart) is opened again, as for any program's client."""
+    with connect_client(_dsn(dsn, owner=owner)) as client, \
+            _pyembed_errors(lambda: client._conn):
         yield client
 
 
@@ -985,9 +989,11 @@ def migrate_backfill(
                                     progress=lambda done, total: bar(done, total, "backfill"))
     skipped = (f", skipped {report.skipped} (changed or deleted meanwhile; a changed one is "
                "queued for both keys)" if report.skipped else "")
+    resumed = (f"; resumed: {report.resumed} chunks had their vector already"
+               if report.resumed else "")
     console.print(f"backfilled {report.written} chunks{skipped} in {report.seconds:.1f} s "
-                  f"({report.rate:.1f} chunks/s); shadow index built; next: pyembed migrate "
-                  f"validate {corpus}")
+                  f"({report.rate:.1f} chunks/s){resumed}; shadow index built; next: pyembed "
+                  f"migrate validate {corpus}")
 
 
 @migrate_app.command("validate")

@@ -107,8 +107,9 @@ def build_index_online(conn: psycopg.Connection[Any], corpus_id: int, key: str,
     try:
         conn.execute(ddl[0])
     finally:
-        conn.execute("SELECT set_config('maintenance_work_mem', %s, false), "
-                     "set_config('max_parallel_maintenance_workers', %s, false)", before)
+        if not conn.closed:  # (a lost session's settings went with it; the loss is the error)
+            conn.execute("SELECT set_config('maintenance_work_mem', %s, false), "
+                         "set_config('max_parallel_maintenance_workers', %s, false)", before)
     return name
 
 
@@ -172,7 +173,9 @@ def bulk_load(conn: psycopg.Connection[Any], corpus: str,
     try:
         yield deferred
     finally:
-        if deferred:
+        # A lost connection's session is gone, and its loader record with it: the index is
+        # the corpus's next write's (else the error would be this call's, not the loss).
+        if deferred and not conn.closed:
             end_bulk_load(conn, corpus, turn)
 
 

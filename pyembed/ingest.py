@@ -571,8 +571,9 @@ class _Loader:
         try:
             if self.writing is not None and exc is not None:
                 failed = self.writing[0].exception()
-                if failed is not None:
-                    exc.add_note(f"the batch being written then failed too: {failed}")
+                if failed is not None:  # (its first line: the error's is one line too)
+                    said = str(failed).strip().splitlines() or [type(failed).__name__]
+                    exc.add_note(f"the batch being written then failed too: {said[0]}")
                 else:
                     _count(self.totals, self.writing[0].result())
         finally:

@@ -117,14 +117,17 @@ def start(client: Client, corpus: str, to_key: str, storage: str | None = None) 
 @dataclass
 class BackfillReport:
     """What a backfill did: texts `embedded` (what the provider was asked for), vectors
-    `written`, and `skipped`: embedded, but not written, their chunk changed or deleted since
-    it was read (its new text is queued for both keys, the worker's to embed)."""
+    `written`, `skipped`: embedded, but not written, their chunk changed or deleted since
+    it was read (its new text is queued for both keys, the worker's to embed), and `resumed`."""
 
     embedded: int
     seconds: float
     remaining: int
     written: int = 0
     skipped: int = 0
+    resumed: int = 0
+    """Chunks that had their vector for the target key when it began: an earlier run's, stopped
+    (this one resumed after them), or a write's since the migration started."""
 
     @property
     def rate(self) -> float:
@@ -160,11 +163,12 @@ def backfill(client: Client, corpus: str, *, batch_size: int | None = None,
     key = info.target_model_key
     embedder = client.embedder(key, truncate=truncate)
     size = batch_size or embedder.spec.max_batch
-    total = client._conn.execute(
-        "SELECT count(*) FROM pyembed.chunks ch WHERE corpus_id = %(c)s AND NOT EXISTS "
-        "(SELECT FROM pyembed.vectors v WHERE v.corpus_id = ch.corpus_id "
-        "AND v.chunk_id = ch.chunk_id AND v.model_key = %(k)s)",
-        {"c": info.corpus_id, "k": key}).fetchone()[0]  # type: ignore[index]
+    total, resumed = client._conn.execute(
+        "SELECT count(*) FILTER (WHERE NOT EXISTS (SELECT FROM pyembed.vectors v "
+        "WHERE v.corpus_id = ch.corpus_id AND v.chunk_id = ch.chunk_id "
+        "AND v.model_key = %(k)s)), count(*) FROM pyembed.chunks ch WHERE corpus_id = %(c)s",
+        {"c": info.corpus_id, "k": key}).fetchone()  # type: ignore[misc]
+    resumed -= total
     # Recorded by the owner's function (pyembed._claim_backfill), not a lock key any role can
     # hold: another role's lock kept every backfill of the corpus from starting.
     with translated(), client._conn.transaction():
@@ -192,10 +196,19 @@ def backfill(client: Client, corpus: str, *, batch_size: int | None = None,
                     time.sleep(ahead)
         _build_index(client, info.corpus_id, key)
         _call(client, "migration_backfilled", corpus)
+    except BaseException as exc:  # the database gone, a provider's error, Ctrl-C
+        exc.add_note(f"backfill stopped with {resumed + written} of {resumed + total} chunks "
+                     f"backfilled ({written} by this run); running it again resumes: the "
+                     "chunks backfilled are skipped")
+        raise
     finally:
-        with translated(), client._conn.transaction():
-            client._conn.execute("SELECT pyembed._release_backfill(%s)", (info.corpus_id,))
-    return BackfillReport(done, time.perf_counter() - started, 0, written, done - written)
+        # A lost connection's session is gone, and its claim with it (else the error would
+        # be this release's, not what stopped the backfill).
+        if not client._conn.closed:
+            with translated(), client._conn.transaction():
+                client._conn.execute("SELECT pyembed._release_backfill(%s)", (info.corpus_id,))
+    return BackfillReport(done, time.perf_counter() - started, 0, written, done - written,
+                          resumed)
 
 
 def _build_index(client: Client, corpus_id: int, key: str) -> None:

@@ -13,7 +13,13 @@ from psycopg import sql
 
 from pyembed.bulk_load import load_vectors
 from pyembed.corpora import create_corpus
-from pyembed.errors import InvalidInput, InvalidVector, ModelMismatch, UnknownCorpus
+from pyembed.errors import (
+    DatabaseNotReady,
+    InvalidInput,
+    InvalidVector,
+    ModelMismatch,
+    UnknownCorpus,
+)
 from tests.conftest import Database
 from tests.helpers import chunk_hashes, count, login_role, stored_chunks, unit
 
@@ -100,7 +106,8 @@ def one_connection(db: Database, owner: psycopg.Connection[Any]) -> Iterator[str
 def test_a_connection_that_does_not_open_stops_the_load_with_a_note(
         owner: psycopg.Connection[Any], chunks: list[int], one_connection: str) -> None:
     vectors, hashes = _inputs()
-    with pytest.raises(psycopg.OperationalError, match="too many connections") as err:
+    with pytest.raises(DatabaseNotReady, match=r"cannot reach the database: .*too many "
+                       r"connections") as err:
         load_vectors("docs", chunks, KEY, vectors, hashes, dsn=one_connection, batch_rows=1,
                      connections=2)
     stored = count(owner, "vectors")
