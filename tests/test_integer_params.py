@@ -15,7 +15,7 @@ import psycopg
 import pytest
 
 import pyembed
-from pyembed import cache, migration, orm, rag, recall, tenants
+from pyembed import cache, migration, models, orm, rag, recall, tenants
 from pyembed.errors import InvalidInput
 from pyembed.models import ModelSpec
 from tests.conftest import Database
@@ -269,6 +269,12 @@ def test_every_count_reads_the_same_from_sql_and_python(db: Database) -> None:
             "max_samples": lambda n: recall.measure_sampled(app.conn, n),
             "hours": lambda n: recall.report(app.conn, n),
             "share": lambda n: migration.shift(owner, "docs", n),
+            "max_batch": lambda n: models.register(owner.conn, ModelSpec("fake", "m", "9", 8,
+                                                                         max_batch=n)),
+            "max_tokens": lambda n: models.register(owner.conn, ModelSpec("fake", "m", "9", 8,
+                                                                          max_tokens=n)),
+            "request_dimensions": lambda n: models.register(
+                owner.conn, ModelSpec("fake", "m", "9", 8, request_dimensions=n)),
             "rerank candidates": lambda n: docs.search("alpha", k=1, rerank="fake/overlap",
                                                        rerank_candidates=n),
         }
@@ -303,6 +309,17 @@ def test_every_count_reads_the_same_from_sql_and_python(db: Database) -> None:
             ("recall_sampled", "max_samples"): ("recall_sampled(%(n)s)", "max_samples", False),
             ("recall_report", "hours"): ("recall_report(%(n)s)", "hours", False),
             ("migration_shift", "share"): ("migration_shift('docs', %(n)s)", "share", True),
+            ("register_model", "dimensions"): ("register_model('fake', 'm', '9', %(n)s)", None,
+                                               True),
+            ("register_model", "max_batch"): (
+                "register_model('fake', 'm', '9', 8, max_batch => %(n)s)", "max_batch", True),
+            ("register_model", "max_tokens"): (
+                "register_model('fake', 'm', '9', 8, max_tokens => %(n)s)", "max_tokens", True),
+            ("register_model", "request_dimensions"): (
+                "register_model('fake', 'm', '9', 8, request_dimensions => %(n)s)",
+                "request_dimensions", True),
+            ("hnsw_rule", "rows"): ("hnsw_rule(%(n)s, 384)", None, True),
+            ("hnsw_rule", "dims"): ("hnsw_rule(1000, %(n)s)", None, True),
         }
         walked = owner.conn.execute(
             "SELECT p.proname, a.name FROM pg_proc p, unnest(p.proargnames, p.proargtypes::oid[])"

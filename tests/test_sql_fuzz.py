@@ -525,12 +525,14 @@ GIVEN_BY_PYEMBED = {
 OWNER_RAISES = {
     # An owner-only function whose work is to raise an error, called only for it.
     "_one_each": "arrays given together of different lengths (pyembed's queue functions)",
+    "_raise_again": "a PL/Python wrapper's error, raised again without PL/Python's prefix",
 }
 OWNER_CALLS = {
     # A call of each function only the owner may execute, which works, on the walk's corpora:
     # docs (the application role's, its migration to TO serving 10%), calm (no migration), and
     # two without documents: begun (its migration started) and full (serving 100% from TO).
     "_acting_tenant": [],
+    "_add_document": ["'docs'", "'d9'", "'a text'", "'{}'"],
     "_advisory_held": ["1", "2", "pg_backend_pid()", "'ExclusiveLock'"],
     "_analyze_grown": [],
     "_backfill_lock": [],
@@ -593,6 +595,7 @@ OWNER_CALLS = {
     "_packed_block": [DOCS_ID, "'refund'", "0"],
     "_quoted": ["'a value'"],
     "_random_advisory_lock": ["1", "false"],
+    "_raise_again": ["'PE005'", "'a message'", "''", "''"],
     "_rebuild_name": [DOCS_ID, f"'{FAKE}'"],
     "_recall_at_10": ["'docs'", DOCS_ID, f"'{FAKE}'", Q, "'{}'"],
     "_record_recall": [DOCS_ID, f"'{FAKE}'", "'sampled'", "1", "0.9"],
