@@ -434,6 +434,8 @@ CREATE OR REPLACE FUNCTION pyembed._keyword_ranking(c pyembed.corpora, query tex
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+  b record;
 BEGIN
   IF k IS NULL OR k < 1 OR k > 1000 THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
@@ -459,14 +461,12 @@ BEGIN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
       MESSAGE = format('group_by must be document or chunk, not %s', pyembed._quoted(group_by));
   END IF;
-  IF group_by = 'chunk' THEN
-    SELECT b.ids, b.scores, b.ids::text[] INTO ids, scores, keys
-      FROM pyembed._bm25(c, query, k, filter) b;
-    RETURN;
-  END IF;
-  SELECT b.ids, b.scores, b.ids::text[] INTO ids, scores, keys
-    FROM pyembed._bm25(c, query, k, filter, by_document => true) b;
-  IF keys IS NOT NULL THEN
+  -- (assignments, not statements: no plan to make or executor to start)
+  b := pyembed._bm25(c, query, k, filter, by_document => group_by = 'document');
+  ids := b.ids;
+  scores := b.scores;
+  keys := b.ids::text[];
+  IF group_by = 'document' AND keys IS NOT NULL THEN
     ids := CASE WHEN passages THEN pyembed._keyword_passages(c, query, ids)
                 ELSE array_fill(NULL::bigint, ARRAY[cardinality(keys)]) END;
   END IF;
@@ -548,11 +548,14 @@ $$;
 -- fewer than n pass.
 -- A term's parts are added rarest term first (as the one statement that scored postings row by
 -- row added them), in float8: the same scores to the last bit.
+-- Its statements keep generic plans (plan_cache_mode): PL/pgSQL chose a custom plan for each of
+-- these small statements at every search, and made it again each time.
 CREATE OR REPLACE FUNCTION pyembed._bm25(c pyembed.corpora, query text, n integer, filter jsonb,
                                          by_document boolean DEFAULT false,
                                          OUT ids bigint[], OUT scores float8[])
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
+SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
   total float8;
@@ -566,6 +569,7 @@ DECLARE
   m integer;
   cids bigint[];
   cps float8[];
+  top record;
 BEGIN
   SELECT CASE WHEN by_document THEN s.documents ELSE s.chunks END::float8,
          CASE WHEN by_document THEN s.document_len::float8 / greatest(s.documents, 1)
@@ -585,13 +589,19 @@ BEGIN
   IF NOT EXISTS (SELECT FROM pyembed.keyword_pending p
                   WHERE p.xact = pg_current_xact_id_if_assigned() AND p.corpus_id = c.corpus_id)
   THEN
-    SELECT string_agg(b.postings, ''::bytea),
-           array_agg(CASE WHEN by_document THEN -1 - b.block ELSE b.block END),
-           array_agg(array_position(lx, b.lexeme)), array_agg(length(b.postings))
-      INTO packed, blocks, terms, sizes
-      FROM pyembed.posting_blocks b
-     WHERE b.corpus_id = c.corpus_id AND b.lexeme = ANY (lx)
-       AND CASE WHEN by_document THEN b.block < 0 ELSE b.block >= 0 END;
+    IF by_document THEN  -- (a statement each: the generic plan's index condition has the bound)
+      SELECT string_agg(b.postings, ''::bytea), array_agg(-1 - b.block),
+             array_agg(array_position(lx, b.lexeme)), array_agg(length(b.postings))
+        INTO packed, blocks, terms, sizes
+        FROM pyembed.posting_blocks b
+       WHERE b.corpus_id = c.corpus_id AND b.lexeme = ANY (lx) AND b.block < 0;
+    ELSE
+      SELECT string_agg(b.postings, ''::bytea), array_agg(b.block),
+             array_agg(array_position(lx, b.lexeme)), array_agg(length(b.postings))
+        INTO packed, blocks, terms, sizes
+        FROM pyembed.posting_blocks b
+       WHERE b.corpus_id = c.corpus_id AND b.lexeme = ANY (lx) AND b.block >= 0;
+    END IF;
   ELSE
     WITH touched AS (
       SELECT DISTINCT u.lexeme, u.block
@@ -620,8 +630,9 @@ BEGIN
   END IF;
   m := CASE WHEN filter IS NULL THEN n ELSE 4 * n END;
   LOOP
-    SELECT t.ids, t.scores INTO cids, cps
-      FROM pyembed._bm25_top(packed, blocks, terms, sizes, w, avgdl, m) t;
+    top := pyembed._bm25_top(packed, blocks, terms, sizes, w, avgdl, m);
+    cids := top.ids;
+    cps := top.scores;
     IF filter IS NULL THEN
       ids := cids;
       scores := cps;
@@ -657,9 +668,13 @@ BEGIN
   IF candidates IS NULL THEN
     PERFORM pyembed._needs(candidates IS NULL, 'candidates', 'keyword_ranking');
   END IF;
+  -- _count_arg (a call with a SET clause) only for its error, as in pyembed.search
   r := pyembed._keyword_ranking(pyembed.lookup_corpus(corpus), query,
-                                pyembed._count_arg(candidates, 'candidates', 1, 1000), filter,
-                                group_by, passages => false);
+                                CASE WHEN candidates BETWEEN 1 AND 1000
+                                          AND candidates = trunc(candidates)
+                                     THEN candidates::integer
+                                     ELSE pyembed._count_arg(candidates, 'candidates', 1, 1000)
+                                END, filter, group_by, passages => false);
   ids := coalesce(r.ids, '{}');
   scores := coalesce(r.scores, '{}');
   keys := coalesce(r.keys, '{}');
@@ -676,7 +691,7 @@ LANGUAGE plpython3u IMMUTABLE STRICT PARALLEL SAFE SECURITY INVOKER
 SET search_path = pg_catalog, pg_temp
 AS $$
 from pyembed import bm25
-return bm25.top(packed, blocks, terms, sizes, idfs, avgdl, n)
+return bm25.top_for_sql(packed, blocks, terms, sizes, idfs, avgdl, n)
 $$;
 
 -- Hybrid: the guarded vector ranking (PE001 on a mismatched key) and the BM25 ranking, fused in

@@ -385,6 +385,27 @@ def _ranked_chunks(owner: psycopg.Connection[Any], corpus_id: int,
     return sorted(expected.items(), key=lambda kv: (-kv[1], kv[0]))
 
 
+def test_bm25_top_hands_the_database_the_scores_python_computed_to_the_last_bit(
+        owner: psycopg.Connection[Any]) -> None:
+    """pyembed._bm25_top's scores, which PL/Python hands over as text (hexadecimal floats), are
+    pyembed.bm25.top's floats exactly, for scores of every magnitude and their ties."""
+    import random
+
+    from pyembed import bm25
+
+    rng = random.Random(39)
+    postings = sorted({(rng.randrange(0, 512), rng.randint(1, 300), rng.randint(1, 4000))
+                       for _ in range(400)})
+    packed = bm25.pack(postings)
+    for idf, avgdl in ((0.0123, 55.5), (7.77, 1.0), (1e-300, 3e5), (3.1e250, 0.7)):
+        want = bm25.top(packed, [5], [1], [len(packed)], [idf], avgdl, 50)
+        got = owner.execute("SELECT ids, scores FROM pyembed._bm25_top(%s, %s, %s, %s, %s, %s, %s)",
+                            (packed, [5], [1], [len(packed)], [idf], avgdl, 50)).fetchone()
+        assert got is not None
+        assert got[0] == want[0]
+        assert [s.hex() for s in got[1]] == [s.hex() for s in want[1]], (idf, avgdl)
+
+
 def test_bm25_from_posting_blocks_gives_the_from_scratch_scores_after_writes(
         client: Any, owner: psycopg.Connection[Any]) -> None:
     """pyembed._bm25 scores the packed postings of pyembed.posting_blocks: its n best are those
