@@ -475,7 +475,11 @@ $$;
 
 -- The passage of each of some documents (by doc_no) for a query: its chunk that BM25 over the
 -- chunks scores best (the first of equals; a document's only chunk without scoring it), in their
--- order. (PL/pgSQL: its plan is kept, where a SQL function with SET is planned at every call.)
+-- order. The chunks to score are read as runs of consecutive chunk ids (a document's chunks,
+-- written together, are one run): an index range scan of a run per query term, where a probe per
+-- chunk and term descended the index several times as often. A chunk's parts are added in the
+-- order of the query's terms (q's rows), the same for every chunk.
+-- (PL/pgSQL: its plan is kept, where a SQL function with SET is planned at every call.)
 CREATE OR REPLACE FUNCTION pyembed._keyword_passages(c pyembed.corpora, query text,
                                                      doc_nos bigint[])
 RETURNS bigint[]
@@ -486,27 +490,37 @@ AS $$
 BEGIN
   RETURN (WITH q AS MATERIALIZED (
     SELECT l.lexeme, ln(1 + (s.chunks - l.df + 0.5) / (l.df + 0.5::float8)) AS idf,
-           s.total_len::float8 / greatest(s.chunks, 1) AS avgdl
+           s.total_len::float8 / greatest(s.chunks, 1) AS avgdl, row_number() OVER () AS t
       FROM (SELECT DISTINCT u.lexeme FROM unnest(to_tsvector(c.text_config, query)) u) x
       JOIN pyembed.lexeme_stats l ON l.corpus_id = c.corpus_id AND l.lexeme = x.lexeme
       JOIN pyembed.keyword_stats s ON s.corpus_id = c.corpus_id
      WHERE l.df > 0
-  ), chunks AS (
+  ), chunks AS MATERIALIZED (
     SELECT h.i, ch.chunk_id, ch.chunk_index, count(*) OVER (PARTITION BY h.i) AS n
       FROM unnest(doc_nos) WITH ORDINALITY AS h(doc_no, i)
       JOIN pyembed.documents d ON d.corpus_id = c.corpus_id AND d.doc_no = h.doc_no
       JOIN pyembed.chunks ch ON ch.corpus_id = c.corpus_id AND ch.document_id = d.document_id
+  ), runs AS (  -- the ids of the chunks to score, as runs of consecutive ids
+    SELECT min(r.chunk_id) AS lo, max(r.chunk_id) AS hi
+      FROM (SELECT u.chunk_id, u.chunk_id - row_number() OVER (ORDER BY u.chunk_id) AS g
+              FROM (SELECT DISTINCT ch.chunk_id FROM chunks ch WHERE ch.n > 1) u) r
+     GROUP BY r.g
+  ), scored AS (
+    SELECT p.chunk_id,
+           sum(q.idf * p.tf * 2.2 / (p.tf + 1.2 * (0.25 + 0.75::float8 * p.doc_len / q.avgdl))
+               ORDER BY q.t) AS s
+      FROM runs r CROSS JOIN q
+      CROSS JOIN LATERAL (  -- (OFFSET 0: a range scan for each run and term, not a join)
+        SELECT p.chunk_id, p.tf, p.doc_len FROM pyembed.postings p
+         WHERE p.corpus_id = c.corpus_id AND p.lexeme = q.lexeme
+           AND p.chunk_id BETWEEN r.lo AND r.hi OFFSET 0) p
+     GROUP BY p.chunk_id
   )
   SELECT array_agg(b.chunk_id ORDER BY b.i)
     FROM (SELECT DISTINCT ON (x.i) x.i, x.chunk_id
             FROM (SELECT ch.i, ch.chunk_id, ch.chunk_index,
-                         CASE WHEN ch.n > 1 THEN (  -- an index probe per query term
-                           SELECT sum(q.idf * p.tf * 2.2 / (p.tf + 1.2 * (0.25 + 0.75::float8
-                                                            * p.doc_len / q.avgdl)))
-                             FROM q JOIN pyembed.postings p ON p.corpus_id = c.corpus_id
-                                     AND p.lexeme = q.lexeme AND p.chunk_id = ch.chunk_id)
-                         END AS s
-                    FROM chunks ch) x
+                         CASE WHEN ch.n > 1 THEN sc.s END AS s
+                    FROM chunks ch LEFT JOIN scored sc ON sc.chunk_id = ch.chunk_id) x
            ORDER BY x.i, x.s DESC NULLS LAST, x.chunk_index) b);
 END
 $$;

@@ -385,6 +385,39 @@ def _ranked_chunks(owner: psycopg.Connection[Any], corpus_id: int,
     return sorted(expected.items(), key=lambda kv: (-kv[1], kv[0]))
 
 
+def test_a_documents_passage_is_its_best_chunk_when_its_chunk_ids_are_not_consecutive(
+        client: Any, owner: psycopg.Connection[Any]) -> None:
+    """The passage of each document (keyword search by document; hybrid search's keyword-only
+    hits get theirs the same way) is its chunk that BM25 over the chunks scores best, also for
+    documents whose chunk ids are several runs apart (rewritten longer after other documents
+    were written): pyembed._keyword_passages reads the chunks' postings run by run."""
+    import random
+
+    rng = random.Random(7)
+    words = ["zebra", "quagga", "okapi", "tapir", "ibex", "gnu", "kudu", "eland", "oryx", "dik"]
+
+    def text(n: int) -> str:
+        return " ".join(rng.choice(words) + rng.choice("abc") for _ in range(n))
+
+    kb = client.create_corpus("runs", FAKE, chunk_tokens=12, chunk_overlap=0)
+    kb.add([pyembed.Document(f"d{i}", text(30)) for i in range(8)])
+    kb.add([pyembed.Document(f"e{i}", text(30)) for i in range(4)])
+    kb.add([pyembed.Document(f"d{i}", text(30) + " " + text(40)) for i in range(0, 8, 2)])
+    runs = owner.execute(
+        "SELECT count(DISTINCT (document_id, g)) FROM (SELECT document_id, chunk_id - "
+        "row_number() OVER (PARTITION BY document_id ORDER BY chunk_id) AS g "
+        "FROM pyembed.chunks WHERE corpus_id = %s) r", (kb.info.corpus_id,)).fetchone()
+    assert runs is not None and runs[0] > 12  # some documents' chunk ids are not one run
+    for query in ("zebrab okapic", "gnua kudub elandc oryxa", "tapira", "ibexb dikc zebraa"):
+        chunks = kb.search(query, k=1000, mode="keyword", group="chunk")
+        best: dict[str, int] = {}
+        for h in chunks:  # best first (ties: smaller chunk id, written first)
+            best.setdefault(h.document_id, h.chunk_id)
+        docs = kb.search(query, k=20, mode="keyword")
+        assert docs and {h.document_id: h.chunk_id for h in docs} == {
+            h.document_id: best[h.document_id] for h in docs}, query
+
+
 def test_bm25_top_hands_the_database_the_scores_python_computed_to_the_last_bit(
         owner: psycopg.Connection[Any]) -> None:
     """pyembed._bm25_top's scores, which PL/Python hands over as text (hexadecimal floats), are
