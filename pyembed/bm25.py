@@ -71,6 +71,17 @@ def top(packed: bytes, blocks: Sequence[int], terms: Sequence[int], sizes: Seque
     return ids[top_ids].tolist(), top_scores
 
 
+def top_for_sql(packed: bytes, blocks: Sequence[int], terms: Sequence[int],
+                sizes: Sequence[int], idfs: Sequence[float], avgdl: float, n: int
+                ) -> tuple[list[int], list[str]]:
+    """top()'s ranking as pyembed._bm25_top returns it: each score as its exact hexadecimal
+    form (float.hex). PL/Python hands a float to PostgreSQL as text, which float8in reads with
+    strtod (C99: hexadecimal floats too, to the last bit), where repr's shortest decimal cost
+    about as much as the scoring itself."""
+    ids, scores = top(packed, blocks, terms, sizes, idfs, avgdl, n)
+    return ids, list(map(float.hex, scores))
+
+
 def _best(score: npt.NDArray[np.float64], lo: int, n: int) -> tuple[list[int], list[float]]:
     """The n best of `score` (index + lo: the chunk id; 0: no posting), best first, ties by
     chunk id."""

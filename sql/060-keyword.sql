@@ -436,6 +436,8 @@ CREATE OR REPLACE FUNCTION pyembed._keyword_ranking(c pyembed.corpora, query tex
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+  b record;
 BEGIN
   IF k IS NULL OR k < 1 OR k > 1000 THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
@@ -461,14 +463,12 @@ BEGIN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
       MESSAGE = format('group_by must be document or chunk, not %s', pyembed._quoted(group_by));
   END IF;
-  IF group_by = 'chunk' THEN
-    SELECT b.ids, b.scores, b.ids::text[] INTO ids, scores, keys
-      FROM pyembed._bm25(c, query, k, filter) b;
-    RETURN;
-  END IF;
-  SELECT b.ids, b.scores, b.ids::text[] INTO ids, scores, keys
-    FROM pyembed._bm25(c, query, k, filter, by_document => true) b;
-  IF keys IS NOT NULL THEN
+  -- (assignments, not statements: no plan to make or executor to start)
+  b := pyembed._bm25(c, query, k, filter, by_document => group_by = 'document');
+  ids := b.ids;
+  scores := b.scores;
+  keys := b.ids::text[];
+  IF group_by = 'document' AND keys IS NOT NULL THEN
     ids := CASE WHEN passages THEN pyembed._keyword_passages(c, query, ids)
                 ELSE array_fill(NULL::bigint, ARRAY[cardinality(keys)]) END;
   END IF;
@@ -477,7 +477,11 @@ $$;
 
 -- The passage of each of some documents (by doc_no) for a query: its chunk that BM25 over the
 -- chunks scores best (the first of equals; a document's only chunk without scoring it), in their
--- order. (PL/pgSQL: its plan is kept, where a SQL function with SET is planned at every call.)
+-- order. The chunks to score are read as runs of consecutive chunk ids (a document's chunks,
+-- written together, are one run): an index range scan of a run per query term, where a probe per
+-- chunk and term descended the index several times as often. A chunk's parts are added in the
+-- order of the query's terms (q's rows), the same for every chunk.
+-- (PL/pgSQL: its plan is kept, where a SQL function with SET is planned at every call.)
 CREATE OR REPLACE FUNCTION pyembed._keyword_passages(c pyembed.corpora, query text,
                                                      doc_nos bigint[])
 RETURNS bigint[]
@@ -488,27 +492,37 @@ AS $$
 BEGIN
   RETURN (WITH q AS MATERIALIZED (
     SELECT l.lexeme, ln(1 + (s.chunks - l.df + 0.5) / (l.df + 0.5::float8)) AS idf,
-           s.total_len::float8 / greatest(s.chunks, 1) AS avgdl
+           s.total_len::float8 / greatest(s.chunks, 1) AS avgdl, row_number() OVER () AS t
       FROM (SELECT DISTINCT u.lexeme FROM unnest(to_tsvector(c.text_config, query)) u) x
       JOIN pyembed.lexeme_stats l ON l.corpus_id = c.corpus_id AND l.lexeme = x.lexeme
       JOIN pyembed.keyword_stats s ON s.corpus_id = c.corpus_id
      WHERE l.df > 0
-  ), chunks AS (
+  ), chunks AS MATERIALIZED (
     SELECT h.i, ch.chunk_id, ch.chunk_index, count(*) OVER (PARTITION BY h.i) AS n
       FROM unnest(doc_nos) WITH ORDINALITY AS h(doc_no, i)
       JOIN pyembed.documents d ON d.corpus_id = c.corpus_id AND d.doc_no = h.doc_no
       JOIN pyembed.chunks ch ON ch.corpus_id = c.corpus_id AND ch.document_id = d.document_id
+  ), runs AS (  -- the ids of the chunks to score, as runs of consecutive ids
+    SELECT min(r.chunk_id) AS lo, max(r.chunk_id) AS hi
+      FROM (SELECT u.chunk_id, u.chunk_id - row_number() OVER (ORDER BY u.chunk_id) AS g
+              FROM (SELECT DISTINCT ch.chunk_id FROM chunks ch WHERE ch.n > 1) u) r
+     GROUP BY r.g
+  ), scored AS (
+    SELECT p.chunk_id,
+           sum(q.idf * p.tf * 2.2 / (p.tf + 1.2 * (0.25 + 0.75::float8 * p.doc_len / q.avgdl))
+               ORDER BY q.t) AS s
+      FROM runs r CROSS JOIN q
+      CROSS JOIN LATERAL (  -- (OFFSET 0: a range scan for each run and term, not a join)
+        SELECT p.chunk_id, p.tf, p.doc_len FROM pyembed.postings p
+         WHERE p.corpus_id = c.corpus_id AND p.lexeme = q.lexeme
+           AND p.chunk_id BETWEEN r.lo AND r.hi OFFSET 0) p
+     GROUP BY p.chunk_id
   )
   SELECT array_agg(b.chunk_id ORDER BY b.i)
     FROM (SELECT DISTINCT ON (x.i) x.i, x.chunk_id
             FROM (SELECT ch.i, ch.chunk_id, ch.chunk_index,
-                         CASE WHEN ch.n > 1 THEN (  -- an index probe per query term
-                           SELECT sum(q.idf * p.tf * 2.2 / (p.tf + 1.2 * (0.25 + 0.75::float8
-                                                            * p.doc_len / q.avgdl)))
-                             FROM q JOIN pyembed.postings p ON p.corpus_id = c.corpus_id
-                                     AND p.lexeme = q.lexeme AND p.chunk_id = ch.chunk_id)
-                         END AS s
-                    FROM chunks ch) x
+                         CASE WHEN ch.n > 1 THEN sc.s END AS s
+                    FROM chunks ch LEFT JOIN scored sc ON sc.chunk_id = ch.chunk_id) x
            ORDER BY x.i, x.s DESC NULLS LAST, x.chunk_index) b);
 END
 $$;
@@ -550,11 +564,14 @@ $$;
 -- fewer than n pass.
 -- A term's parts are added rarest term first (as the one statement that scored postings row by
 -- row added them), in float8: the same scores to the last bit.
+-- Its statements keep generic plans (plan_cache_mode): PL/pgSQL chose a custom plan for each of
+-- these small statements at every search, and made it again each time.
 CREATE OR REPLACE FUNCTION pyembed._bm25(c pyembed.corpora, query text, n integer, filter jsonb,
                                          by_document boolean DEFAULT false,
                                          OUT ids bigint[], OUT scores float8[])
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
+SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
   total float8;
@@ -568,6 +585,7 @@ DECLARE
   m integer;
   cids bigint[];
   cps float8[];
+  top record;
 BEGIN
   SELECT CASE WHEN by_document THEN s.documents ELSE s.chunks END::float8,
          CASE WHEN by_document THEN s.document_len::float8 / greatest(s.documents, 1)
@@ -587,13 +605,19 @@ BEGIN
   IF NOT EXISTS (SELECT FROM pyembed.keyword_pending p
                   WHERE p.xact = pg_current_xact_id_if_assigned() AND p.corpus_id = c.corpus_id)
   THEN
-    SELECT string_agg(b.postings, ''::bytea),
-           array_agg(CASE WHEN by_document THEN -1 - b.block ELSE b.block END),
-           array_agg(array_position(lx, b.lexeme)), array_agg(length(b.postings))
-      INTO packed, blocks, terms, sizes
-      FROM pyembed.posting_blocks b
-     WHERE b.corpus_id = c.corpus_id AND b.lexeme = ANY (lx)
-       AND CASE WHEN by_document THEN b.block < 0 ELSE b.block >= 0 END;
+    IF by_document THEN  -- (a statement each: the generic plan's index condition has the bound)
+      SELECT string_agg(b.postings, ''::bytea), array_agg(-1 - b.block),
+             array_agg(array_position(lx, b.lexeme)), array_agg(length(b.postings))
+        INTO packed, blocks, terms, sizes
+        FROM pyembed.posting_blocks b
+       WHERE b.corpus_id = c.corpus_id AND b.lexeme = ANY (lx) AND b.block < 0;
+    ELSE
+      SELECT string_agg(b.postings, ''::bytea), array_agg(b.block),
+             array_agg(array_position(lx, b.lexeme)), array_agg(length(b.postings))
+        INTO packed, blocks, terms, sizes
+        FROM pyembed.posting_blocks b
+       WHERE b.corpus_id = c.corpus_id AND b.lexeme = ANY (lx) AND b.block >= 0;
+    END IF;
   ELSE
     WITH touched AS (
       SELECT DISTINCT u.lexeme, u.block
@@ -622,8 +646,9 @@ BEGIN
   END IF;
   m := CASE WHEN filter IS NULL THEN n ELSE 4 * n END;
   LOOP
-    SELECT t.ids, t.scores INTO cids, cps
-      FROM pyembed._bm25_top(packed, blocks, terms, sizes, w, avgdl, m) t;
+    top := pyembed._bm25_top(packed, blocks, terms, sizes, w, avgdl, m);
+    cids := top.ids;
+    cps := top.scores;
     IF filter IS NULL THEN
       ids := cids;
       scores := cps;
@@ -659,9 +684,13 @@ BEGIN
   IF candidates IS NULL THEN
     PERFORM pyembed._needs(candidates IS NULL, 'candidates', 'keyword_ranking');
   END IF;
+  -- _count_arg (a call with a SET clause) only for its error, as in pyembed.search
   r := pyembed._keyword_ranking(pyembed.lookup_corpus(corpus), query,
-                                pyembed._count_arg(candidates, 'candidates', 1, 1000), filter,
-                                group_by, passages => false);
+                                CASE WHEN candidates BETWEEN 1 AND 1000
+                                          AND candidates = trunc(candidates)
+                                     THEN candidates::integer
+                                     ELSE pyembed._count_arg(candidates, 'candidates', 1, 1000)
+                                END, filter, group_by, passages => false);
   ids := coalesce(r.ids, '{}');
   scores := coalesce(r.scores, '{}');
   keys := coalesce(r.keys, '{}');
@@ -678,7 +707,7 @@ LANGUAGE plpython3u IMMUTABLE STRICT PARALLEL SAFE SECURITY INVOKER
 SET search_path = pg_catalog, pg_temp
 AS $$
 from pyembed import bm25
-return bm25.top(packed, blocks, terms, sizes, idfs, avgdl, n)
+return bm25.top_for_sql(packed, blocks, terms, sizes, idfs, avgdl, n)
 $$;
 
 -- Hybrid: the guarded vector ranking (PE001 on a mismatched key) and the BM25 ranking, fused in

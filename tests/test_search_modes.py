@@ -385,6 +385,60 @@ def _ranked_chunks(owner: psycopg.Connection[Any], corpus_id: int,
     return sorted(expected.items(), key=lambda kv: (-kv[1], kv[0]))
 
 
+def test_a_documents_passage_is_its_best_chunk_when_its_chunk_ids_are_not_consecutive(
+        client: Any, owner: psycopg.Connection[Any]) -> None:
+    """The passage of each document (keyword search by document; hybrid search's keyword-only
+    hits get theirs the same way) is its chunk that BM25 over the chunks scores best, also for
+    documents whose chunk ids are several runs apart (rewritten longer after other documents
+    were written): pyembed._keyword_passages reads the chunks' postings run by run."""
+    import random
+
+    rng = random.Random(7)
+    words = ["zebra", "quagga", "okapi", "tapir", "ibex", "gnu", "kudu", "eland", "oryx", "dik"]
+
+    def text(n: int) -> str:
+        return " ".join(rng.choice(words) + rng.choice("abc") for _ in range(n))
+
+    kb = client.create_corpus("runs", FAKE, chunk_tokens=12, chunk_overlap=0)
+    kb.add([pyembed.Document(f"d{i}", text(30)) for i in range(8)])
+    kb.add([pyembed.Document(f"e{i}", text(30)) for i in range(4)])
+    kb.add([pyembed.Document(f"d{i}", text(30) + " " + text(40)) for i in range(0, 8, 2)])
+    runs = owner.execute(
+        "SELECT count(DISTINCT (document_id, g)) FROM (SELECT document_id, chunk_id - "
+        "row_number() OVER (PARTITION BY document_id ORDER BY chunk_id) AS g "
+        "FROM pyembed.chunks WHERE corpus_id = %s) r", (kb.info.corpus_id,)).fetchone()
+    assert runs is not None and runs[0] > 12  # some documents' chunk ids are not one run
+    for query in ("zebrab okapic", "gnua kudub elandc oryxa", "tapira", "ibexb dikc zebraa"):
+        chunks = kb.search(query, k=1000, mode="keyword", group="chunk")
+        best: dict[str, int] = {}
+        for h in chunks:  # best first (ties: smaller chunk id, written first)
+            best.setdefault(h.document_id, h.chunk_id)
+        docs = kb.search(query, k=20, mode="keyword")
+        assert docs and {h.document_id: h.chunk_id for h in docs} == {
+            h.document_id: best[h.document_id] for h in docs}, query
+
+
+def test_bm25_top_hands_the_database_the_scores_python_computed_to_the_last_bit(
+        owner: psycopg.Connection[Any]) -> None:
+    """pyembed._bm25_top's scores, which PL/Python hands over as text (hexadecimal floats), are
+    pyembed.bm25.top's floats exactly, for scores of every magnitude and their ties."""
+    import random
+
+    from pyembed import bm25
+
+    rng = random.Random(39)
+    postings = sorted({(rng.randrange(0, 512), rng.randint(1, 300), rng.randint(1, 4000))
+                       for _ in range(400)})
+    packed = bm25.pack(postings)
+    for idf, avgdl in ((0.0123, 55.5), (7.77, 1.0), (1e-300, 3e5), (3.1e250, 0.7)):
+        want = bm25.top(packed, [5], [1], [len(packed)], [idf], avgdl, 50)
+        got = owner.execute("SELECT ids, scores FROM pyembed._bm25_top(%s, %s, %s, %s, %s, %s, %s)",
+                            (packed, [5], [1], [len(packed)], [idf], avgdl, 50)).fetchone()
+        assert got is not None
+        assert got[0] == want[0]
+        assert [s.hex() for s in got[1]] == [s.hex() for s in want[1]], (idf, avgdl)
+
+
 def test_bm25_from_posting_blocks_gives_the_from_scratch_scores_after_writes(
         client: Any, owner: psycopg.Connection[Any]) -> None:
     """pyembed._bm25 scores the packed postings of pyembed.posting_blocks: its n best are those
