@@ -245,8 +245,9 @@ def test_a_backend_that_loaded_other_code_than_the_installed_is_named_with_the_f
     not see it. Each backend now takes a shared advisory lock keyed by the stamp of the code it
     imported (pyembed.loaded), and doctor names the backends whose stamp is not its own probe's,
     with their pids and the fix. The install is changed here as an upgrade changes it: the
-    server's path to the package (this worker's cluster's pylib link) is pointed at a copy whose
-    text.py differs, then back. Before, the check did not exist: doctor passed."""
+    server's package (this worker's cluster's pylib/pyembed: a link to this checkout, or a copy
+    where the server's OS user cannot read it) is set aside for a link to a copy whose text.py
+    differs, then put back. Before, the check did not exist: doctor passed."""
     from pyembed.config import code_stamp
     from pyembed.loaded import LOCK_CLASS
 
@@ -266,8 +267,9 @@ def test_a_backend_that_loaded_other_code_than_the_installed_is_named_with_the_f
         assert held == [(code_stamp() % 2**32,)]  # the stamp of the code this process runs
         code, lines, text = _doctor(db)
         assert code == 0 and lines[check].startswith(f"ok   {check}: yes"), text
+        kept = cluster.pylib / f"kept-{uuid.uuid4().hex[:8]}"
+        link.rename(kept)
         try:
-            link.unlink()
             link.symlink_to(copy / "pyembed", target_is_directory=True)
             code, lines, text = _doctor(db)
             assert code == 1, text
@@ -283,5 +285,5 @@ def test_a_backend_that_loaded_other_code_than_the_installed_is_named_with_the_f
             assert f"pid {pid} " not in lines[check], lines[check]
         finally:
             link.unlink()
-            link.symlink_to(source, target_is_directory=True)
+            kept.rename(link)
             shutil.rmtree(copy)
