@@ -177,6 +177,21 @@ def _backfilled(n: int) -> Callable[[psycopg.Connection[Any]], None]:
 INGEST_STOPPED = r"ingest stopped with \d+ documents? kept .*running it again resumes"
 BACKFILL_STOPPED = r"backfill stopped with \d+ of 12 chunks backfilled .*running it again resumes"
 
+LOAD_VECTORS = (
+    "from pyembed.bulk_load import load_vectors\n"
+    "from pyembed.providers.fake import fake_vectors\n"
+    "from pyembed.text import sha256\n"
+    "import psycopg\n"
+    "with psycopg.connect(os.environ['DSN']) as conn:\n"
+    "    rows = conn.execute('SELECT chunk_id, content FROM pyembed.chunks '\n"
+    "                        'ORDER BY chunk_id').fetchall()\n"
+    "print(load_vectors('c', [r[0] for r in rows], KEY,\n"
+    "                   fake_vectors([r[1] for r in rows], space='fake-hash@1',\n"
+    "                                dimensions=384),\n"
+    "                   [sha256(r[1]) for r in rows], dsn=os.environ['DSN'],\n"
+    "                   batch_rows=3, connections=2))\n")
+"""bulk_load.load_vectors of the corpus's 12 chunks, 3 rows a batch over 2 connections."""
+
 WRITERS = [
     Writer("ingest", lambda app, owner, tmp: (_corpus(app), _jsonl(tmp, 12)),
            ["ingest", "c", "{tmp}/docs.jsonl", "--batch-size", "2", "-q"], ("call", 3),
@@ -215,32 +230,10 @@ WRITERS = [
            _backfilled(12), r"backfilled 0 chunks in .*; resumed: 12 chunks", BACKFILL_STOPPED,
            owner=True),
     Writer("load-vectors", lambda app, owner, tmp: _queued(app, 12),
-           "from pyembed.bulk_load import load_vectors\n"
-           "from pyembed.providers.fake import fake_vectors\n"
-           "from pyembed.text import sha256\n"
-           "import psycopg\n"
-           "with psycopg.connect(os.environ['DSN']) as conn:\n"
-           "    rows = conn.execute('SELECT chunk_id, content FROM pyembed.chunks '\n"
-           "                        'ORDER BY chunk_id').fetchall()\n"
-           "print(load_vectors('c', [r[0] for r in rows], KEY,\n"
-           "                   fake_vectors([r[1] for r in rows], space='fake-hash@1',\n"
-           "                                dimensions=384),\n"
-           "                   [sha256(r[1]) for r in rows], dsn=os.environ['DSN'],\n"
-           "                   batch_rows=3, connections=2))\n",
+           LOAD_VECTORS,
            ("lock", "vectors"), _all_embedded(12), r"LoadReport\(rows=12"),
     Writer("load-vectors-batch", lambda app, owner, tmp: _queued(app, 12),
-           "from pyembed.bulk_load import load_vectors\n"
-           "from pyembed.providers.fake import fake_vectors\n"
-           "from pyembed.text import sha256\n"
-           "import psycopg\n"
-           "with psycopg.connect(os.environ['DSN']) as conn:\n"
-           "    rows = conn.execute('SELECT chunk_id, content FROM pyembed.chunks '\n"
-           "                        'ORDER BY chunk_id').fetchall()\n"
-           "print(load_vectors('c', [r[0] for r in rows], KEY,\n"
-           "                   fake_vectors([r[1] for r in rows], space='fake-hash@1',\n"
-           "                                dimensions=384),\n"
-           "                   [sha256(r[1]) for r in rows], dsn=os.environ['DSN'],\n"
-           "                   batch_rows=3, connections=2))\n",
+           LOAD_VECTORS,
            ("enter", "pyembed.bulk_load.copy_vectors#3"), _all_embedded(12), r"LoadReport\(rows=12"),
     Writer("cache-store", lambda app, owner, tmp: _corpus(app),
            "import pyembed\n"
