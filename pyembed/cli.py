@@ -1240,6 +1240,23 @@ def tenant_create(
     console.print(f"created tenant {name}")
 
 
+@tenant_app.command("list")
+def tenant_list(dsn: OwnerDsnOption = None, as_json: JsonOption = False) -> None:
+    """List the tenants with their limits and members (as the owner).  Example: pyembed tenant list"""
+    with _connect(dsn, owner=True) as conn:
+        rows = tenants.list_tenants(conn)
+    if as_json:
+        _print_json({"tenants": [dataclasses.asdict(r) for r in rows]})
+        return
+    table = _table("tenant", "requests/min", "tokens/min", "members", "created",
+                   numbers=("requests/min", "tokens/min"))
+    for r in rows:
+        table.add_row(r.name, *("unlimited" if limit is None else f"{limit:,}"
+                                for limit in (r.requests_per_minute, r.tokens_per_minute)),
+                      ", ".join(r.members) or "none", f"{r.created_at:%Y-%m-%d %H:%M}")
+    console.print(table)
+
+
 @tenant_app.command("add-member")
 def tenant_add_member(
     tenant: str, role: str,

@@ -6,6 +6,7 @@ acts for the tenant its login role belongs to. Creating tenants and members is t
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -61,6 +62,29 @@ def add_member(conn: psycopg.Connection[Any], tenant: str, role: str, *,
             (role, tenant))
         if cur.rowcount == 0:
             raise InvalidInput(f"unknown tenant {shown(tenant)}")
+
+
+@dataclass(frozen=True)
+class TenantRow:
+    """A tenant, its limits (None: unlimited) and the login roles that act for it."""
+
+    name: str
+    requests_per_minute: int | None
+    tokens_per_minute: int | None
+    members: list[str]
+    created_at: datetime.datetime
+
+
+def list_tenants(conn: psycopg.Connection[Any]) -> list[TenantRow]:
+    """Every tenant by name, with its limits and members (owner only, as the tenants are)."""
+    with translated():
+        rows = conn.execute(
+            "SELECT t.name, t.requests_per_minute, t.tokens_per_minute, "
+            "coalesce(array_agg(m.role_name::text ORDER BY m.role_name) "
+            "FILTER (WHERE m.role_name IS NOT NULL), '{}'), t.created_at "
+            "FROM pyembed.tenants t LEFT JOIN pyembed.tenant_members m USING (tenant_id) "
+            "GROUP BY t.tenant_id ORDER BY t.name").fetchall()
+    return [TenantRow(*r) for r in rows]
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ BEGIN
   IF found_id IS NULL THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
       MESSAGE = format('pyembed.act_as_tenant names no tenant: %s', pyembed._quoted(named)),
-      HINT = 'SELECT name FROM pyembed.tenants lists them; set it empty to act for none';
+      HINT = '`pyembed tenant list` lists them; set it empty to act for none';
   END IF;
   RETURN found_id;
 END

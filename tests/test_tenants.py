@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import unicodedata
 import uuid
@@ -592,3 +593,33 @@ def test_the_owner_acts_for_a_tenant_to_migrate_and_index_its_corpus(
         assert {i.model_key for i in dba.index_status("docs")} == {A_KEY, B_KEY}
     with pyembed.connect(two["b"]) as b, pytest.raises(pyembed.UnknownCorpus):
         b.corpus("docs")  # b has no "docs": the setting is not its to use
+
+
+def test_tenant_list_shows_each_tenant_its_limits_and_members(
+        db: Database, owner: psycopg.Connection[Any]) -> None:
+    """`pyembed tenant list` (and tenants.list_tenants): the tenants by name with their limits
+    and member roles, as a table and as JSON. Before, the CLI could create tenants and add
+    members but not show them (the mistyped-tenant error's hint named a SQL query)."""
+    suffix = uuid.uuid4().hex[:6]
+    role = f"acme_{suffix}"
+    tenants.create_tenant(owner, "zeta")
+    tenants.create_tenant(owner, "acme", requests_per_minute=300, tokens_per_minute=100_000)
+    tenants.add_member(owner, "acme", role, create_login="pw")
+    try:
+        rows = tenants.list_tenants(owner)
+        assert [(r.name, r.requests_per_minute, r.tokens_per_minute, r.members) for r in rows] \
+            == [("acme", 300, 100_000, [role]), ("zeta", None, None, [])]
+        out = run_cli("tenant", "list", "--json", env=db_env(db))
+        assert out.returncode == 0, out.stderr
+        listed = json.loads(out.stdout)["tenants"]
+        assert [(t["name"], t["requests_per_minute"], t["members"]) for t in listed] == [
+            ("acme", 300, [role]), ("zeta", None, [])]
+        out = run_cli("tenant", "list", env={**db_env(db), "COLUMNS": "200"})
+        assert out.returncode == 0, out.stderr
+        acme = next(line for line in out.stdout.splitlines() if " acme " in f" {line} ")
+        assert "300" in acme and "100,000" in acme and role in acme, out.stdout
+        zeta = next(line for line in out.stdout.splitlines() if " zeta " in f" {line} ")
+        assert zeta.count("unlimited") == 2 and "none" in zeta, out.stdout
+    finally:
+        owner.execute(sql.SQL("DROP OWNED BY {} CASCADE").format(sql.Identifier(role)))
+        owner.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
