@@ -242,6 +242,7 @@ CLI_READS = {
     ("migrate", "plan"): ["docs", "--to", "fake/fake-hash@2:384"],
     ("migrate", "status"): ["docs"],
     ("cache", "stats"): [],
+    ("tenant", "list"): [],
 }
 CLI_OTHERS = {
     # Every other command, and why it is not run here.
