@@ -52,19 +52,17 @@ def integer(value: object, what: str, conn: psycopg.Connection[Any] | None = Non
     setting stored in a row (chunk_tokens, max_batch, a tenant's limits) is checked by
     pyembed._check_setting, against the range its table's CHECK holds and in SQL's words (a
     number past bigint goes as numeric)."""
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        check_whole_number(int(value), what)  # the driver and the messages need its digits
-        if conn is not None:
-            with translated(), conn.transaction():
-                row = conn.execute("SELECT pyembed._check_setting(%s, %s::numeric)",
-                                   (what, int(value))).fetchone()
-            if row and row[0]:
-                return int(value)
-        low, high = INTEGER_RANGE
-        if low <= int(value) <= high:
-            return int(value)
-        raise errors.InvalidInput(f"{what} must be a whole number from {low} to {high}, not {value}")
-    raise errors.InvalidInput(f"{what} must be a whole number, not {errors.shown(value)}")
+    number = count(value, what)  # a whole number, or InvalidInput in count's words
+    if conn is not None:
+        with translated(), conn.transaction():
+            row = conn.execute("SELECT pyembed._check_setting(%s, %s::numeric)",
+                               (what, number)).fetchone()
+        if row and row[0]:
+            return number
+    low, high = INTEGER_RANGE
+    if low <= number <= high:
+        return number
+    raise errors.InvalidInput(f"{what} must be a whole number from {low} to {high}, not {number}")
 
 
 def count(value: object, what: str) -> int:
