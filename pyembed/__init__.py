@@ -5,7 +5,13 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from . import loaded
+
 __version__ = "0.1.0"
+
+# Inside PostgreSQL, whichever module a PL/Python body imports (pyembed.indb, pyembed.bm25 for
+# a keyword search, pyembed.config for doctor's probe): which code this backend runs, for doctor.
+loaded.announce()
 
 # Names are imported on first use (PEP 562): PL/Python imports small modules of this package
 # (pyembed.bm25 for every session's first keyword search) without the client, SQLAlchemy and

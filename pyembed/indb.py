@@ -16,7 +16,7 @@ import typing
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from . import loaded, search, tenants
+from . import search, tenants
 from .cache import PostgresCache
 from .cachekey import HitCounter
 from .chunking import chunk_text, fit_chunks
@@ -26,8 +26,6 @@ from .models import InputType, ModelSpec
 from .sqlexec import PlpyExecutor, unpack_sqlstate, vector_text
 
 T = TypeVar("T")
-
-loaded.announce()  # which code this backend runs, for doctor (pyembed.loaded)
 
 
 def _cache(plpy: Any, GD: dict[str, Any]) -> PostgresCache:

@@ -1,9 +1,10 @@
 """Which pyembed code a server backend loaded, for `pyembed doctor`: a backend keeps the modules
 it imported until it ends, so one that imported pyembed before another install runs the older
 code, which a fresh backend's probe (pyembed.version(), code_digest()) cannot see. At its first
-import of pyembed.indb (every PL/Python wrapper's body, and doctor's probe) a backend takes a
-shared advisory lock (LOCK_CLASS, config.code_stamp()), which nobody waits for and which ends
-with the session; pg_locks then shows each backend's stamp beside its pid."""
+import of pyembed (the package's __init__, whichever module a PL/Python body imports) a backend
+takes a shared advisory lock (LOCK_CLASS, config.code_stamp()), which nobody waits for and which
+ends with the session; pg_locks then shows each backend's stamp beside its pid. The lock is
+taken through SPI, which a parallel operation refuses: no PL/Python function is parallel safe."""
 
 from __future__ import annotations
 

@@ -699,11 +699,13 @@ $$;
 
 -- The n best of packed postings (as pyembed.posting_blocks holds them), block after block,
 -- each block numbered as in `blocks`, of the term at its place in `terms` (their idf: `idfs`)
--- and `sizes` bytes long: (chunk ids, BM25 scores), best first, ties by chunk id.
+-- and `sizes` bytes long: (chunk ids, BM25 scores), best first, ties by chunk id. Parallel
+-- unsafe, as every PL/Python function here: a backend's first import of pyembed takes its stamp
+-- lock through SPI (pyembed.loaded), which a parallel operation refuses.
 CREATE OR REPLACE FUNCTION pyembed._bm25_top(packed bytea, blocks bigint[], terms integer[],
                                              sizes integer[], idfs float8[], avgdl float8,
                                              n integer, OUT ids bigint[], OUT scores float8[])
-LANGUAGE plpython3u IMMUTABLE STRICT PARALLEL SAFE SECURITY INVOKER
+LANGUAGE plpython3u IMMUTABLE STRICT PARALLEL UNSAFE SECURITY INVOKER
 SET search_path = pg_catalog, pg_temp
 AS $$
 from pyembed import bm25

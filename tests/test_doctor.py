@@ -287,3 +287,36 @@ def test_a_backend_that_loaded_other_code_than_the_installed_is_named_with_the_f
             link.unlink()
             kept.rename(link)
             shutil.rmtree(copy)
+
+
+@pytest.mark.parametrize("statement", [
+    "SELECT * FROM pyembed.search_keyword('docs', 'alpha')",  # imports pyembed.bm25 alone
+    "SELECT pyembed.code_digest()",  # imports pyembed.config alone
+    "SELECT pyembed.embed('alpha', 'fake/fake-hash@1:384')",  # pyembed.indb
+])
+def test_every_import_path_of_the_in_database_code_takes_the_stamp_lock(
+        db: Database, owner: psycopg.Connection[Any], statement: str) -> None:
+    """Whichever pyembed module a backend's first PL/Python call imports, the backend takes its
+    stamp lock once, so doctor sees it. Before, only pyembed.indb's import took it: a backend
+    that ran only keyword searches (pyembed._bm25_top imports pyembed.bm25) held none, and
+    doctor could not name it when it ran old code."""
+    from pyembed.config import code_stamp
+    from pyembed.loaded import LOCK_CLASS
+
+    with pyembed_api.connect(db.app_dsn) as client:
+        client.create_corpus("docs", "fake/fake-hash@1:384").add([("a", "alpha text")])
+    with psycopg.connect(db.app_dsn, autocommit=True) as fresh:
+        fresh.execute(statement).fetchall()
+        held = owner.execute("SELECT objid FROM pg_locks WHERE locktype = 'advisory' "
+                             "AND classid = %s::oid AND objsubid = 2 AND pid = %s",
+                             (LOCK_CLASS, fresh.info.backend_pid)).fetchall()
+        assert held == [(code_stamp() % 2**32,)], statement
+    # A parallel operation cannot run the lock's SPI call ("cannot start subtransactions during
+    # a parallel operation"): no PL/Python function may run in one (_bm25_top was PARALLEL SAFE).
+    assert owner.execute("SELECT array_agg(proname) FROM pg_proc WHERE proparallel <> 'u' AND "
+                         "prolang = (SELECT oid FROM pg_language WHERE lanname = 'plpython3u')"
+                         ).fetchone() == (None,)
+    with psycopg.connect(db.owner_dsn, autocommit=True) as fresh:
+        fresh.execute("SET force_parallel_mode = on")
+        assert fresh.execute("SELECT pyembed._bm25_top('', '{}', '{}', '{}', '{}', 1, 5)"
+                             ).fetchone() == (("{}", "{}"),)
