@@ -65,11 +65,16 @@ def integer(value: object, what: str, conn: psycopg.Connection[Any] | None = Non
     raise errors.InvalidInput(f"{what} must be a whole number from {low} to {high}, not {number}")
 
 
-def count(value: object, what: str) -> int:
-    """`value` as an int for a count that pyembed's SQL takes as `numeric` (days, hours,
-    queries, max_samples, share): its range is the SQL function's check alone, which a number
-    of any size reaches (the driver sends one past bigint as numeric), so no bound is written
-    here; InvalidInput naming `what` for a value that is not a whole number."""
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        return check_whole_number(int(value), what)  # the driver needs its digits
-    raise errors.InvalidInput(f"{what} must be a whole number, not {errors.shown(value)}")
+def count(value: object, what: str, bounds: tuple[int, int] | None = None) -> int:
+    """`value` as an int for a count: InvalidInput naming `what` for a value that is not a
+    whole number. One that pyembed's SQL takes as `numeric` (days, hours, queries, max_samples,
+    share) has its range in the SQL function's check alone, which a number of any size reaches
+    (the driver sends one past bigint as numeric): no `bounds` here. A count only Python takes
+    (rag.answer's max_tokens) gives its `bounds`, said in the SQL check's words
+    (pyembed._count_arg: `what must be low..high, got value`)."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise errors.InvalidInput(f"{what} must be a whole number, not {errors.shown(value)}")
+    number = check_whole_number(int(value), what)  # the driver needs its digits
+    if bounds is not None and not bounds[0] <= number <= bounds[1]:
+        raise errors.InvalidInput(f"{what} must be {bounds[0]}..{bounds[1]}, got {number}")
+    return number

@@ -23,6 +23,7 @@ from .chunking import chunk_text, fit_chunks
 from .corpora import model_spec
 from .errors import InvalidInput, MissingAPIKey, PyembedError, redact, shown
 from .models import InputType, ModelSpec
+from .retry import MAX_RETRIES, MAX_TIMEOUT
 from .sqlexec import PlpyExecutor, unpack_sqlstate, vector_text
 
 T = TypeVar("T")
@@ -33,11 +34,10 @@ def _cache(plpy: Any, GD: dict[str, Any]) -> PostgresCache:
     return PostgresCache(PlpyExecutor(plpy, GD), counter=GD.setdefault("pyembed.hits", HitCounter()))
 
 
-HTTP_TIMEOUT_MAX = 3600.0
-"""The most seconds pyembed.http_timeout may give a request: PL/Python cannot be cancelled
-while Python runs, so each bound is the longest a statement may hang."""
-HTTP_RETRIES_MAX = 10
-"""The most retries pyembed.http_retries may ask for a request, for the same reason."""
+HTTP_TIMEOUT_MAX = MAX_TIMEOUT
+"""The most seconds pyembed.http_timeout may give a request (pyembed.retry's bound)."""
+HTTP_RETRIES_MAX = MAX_RETRIES
+"""The most retries pyembed.http_retries may ask for a request (pyembed.retry's bound)."""
 
 
 def _setting(plpy: Any, name: str, default: float, fits: Callable[[float], bool],

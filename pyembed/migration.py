@@ -21,7 +21,7 @@ import numpy.typing as npt
 
 from .client import Client, in_client_turn
 from .corpora import model_spec
-from .dbcall import count, integer, translated
+from .dbcall import count, translated
 from .errors import InvalidInput, MigrationError, shown
 from .evaluation import HITS_PER_DOCUMENT, EvalQuery, KeyScore, eval_queries, evaluate, overlap
 from .index import build_index_online, drop_index_online
@@ -148,11 +148,14 @@ def backfill(client: Client, corpus: str, *, batch_size: int | None = None,
              progress: Callable[[int, int], None] | None = None) -> BackfillReport:
     """Embed every chunk that has no vector for the target key yet, a committed batch at a
     time (a crash loses at most one batch; a rerun resumes), at most `rate` texts/s; then
-    build the shadow index and mark the step done. A batch_size below 1, or a rate that is not
-    a number above 0, is InvalidInput (None: the model's batch, no limit). `progress` is told
-    the chunks handled (written or skipped) of the total missing at the start."""
-    if batch_size is not None and count(batch_size, "batch_size") < 1:
-        raise InvalidInput(f"batch_size must be at least 1, got {batch_size}")
+    build the shadow index and mark the step done. A batch_size outside the range of a model's
+    batch (it stands for max_batch), or a rate that is not a number above 0, is InvalidInput
+    (None: the model's batch, no limit). `progress` is told the chunks handled (written or
+    skipped) of the total missing at the start."""
+    if batch_size is not None:
+        row = client._conn.execute("SELECT pyembed._setting_range('max_batch')").fetchone()
+        low, high = (int(bound) for bound in str(row[0] if row else "").split(".."))
+        count(batch_size, "batch_size", (low, high))
     if rate is not None and not (isinstance(rate, int | float) and not isinstance(rate, bool)
                                  and math.isfinite(rate) and rate > 0):
         raise InvalidInput(f"rate must be a number of texts per second above 0, got {rate}")
@@ -270,9 +273,7 @@ def validate(client: Client, corpus: str, *, k: int = 10, max_drop: float = 0.02
     gate and takes back the traffic already shifted, which a typo must not do. A corpus with
     fewer evaluation queries than `pyembed.min_eval_queries()` is refused before anything runs
     too, unless `force` (the report records it)."""
-    k = integer(k, "k")
-    if not 1 <= k <= MAX_K:
-        raise InvalidInput(f"k must be 1..{MAX_K}, got {k}")
+    k = count(k, "k", (1, MAX_K))
     max_drop = number(max_drop, "max_drop", 0.0, 1.0)
     if not isinstance(force, bool):
         raise InvalidInput(f"force must be True or False, got {force!r}")

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-from .dbcall import integer, translated
+from .dbcall import count, integer, translated
 from .errors import DatabaseNotReady, InvalidInput, UnknownModel
 
 if TYPE_CHECKING:
@@ -168,9 +168,10 @@ def register(conn: psycopg.Connection[Any], spec: ModelSpec) -> str:
     checks apply); returns its key. The same key again with other settings is refused."""
     with translated():
         row = conn.execute(
-            "SELECT pyembed.register_model(%s, %s, %s, %s::int, %s, %s, %s, %s::int, %s::int, "
+            "SELECT pyembed.register_model(%s, %s, %s, %s::numeric, %s, %s, %s, %s::int, %s::int, "
             "%s::int, %s::numeric, %s)",
-            (spec.provider, spec.model_id, spec.version, integer(spec.dimensions, "dimensions"),
+            # dimensions: SQL's check (numeric, as any number reaches it) says its range
+            (spec.provider, spec.model_id, spec.version, count(spec.dimensions, "dimensions"),
              spec.distance, spec.normalized, spec.input_types,
              integer(spec.max_batch, "max_batch", conn), integer(spec.max_tokens, "max_tokens", conn),
              None if spec.request_dimensions is None

@@ -21,10 +21,10 @@ from psycopg.pq import TransactionStatus
 from .cachekey import cache_key
 from .corpora import corpus_info
 from .db import PsycopgExecutor
-from .dbcall import integer, translated
+from .dbcall import translated
 from .errors import ModelMismatch
 from .models import InputType
-from .search import DEFAULT, Hit, Options, as_hits, bucket, filter_json, run
+from .search import DEFAULT, Hit, Options, as_hits, bucket, check_k, filter_json, run
 from .text import check_text, estimate_tokens
 
 if TYPE_CHECKING:
@@ -87,7 +87,7 @@ def search_text(corpus: Corpus, query: str, k: int, filter: Mapping[str, Any] | 
     again, once."""
     check_text(query, "query")
     options.check(mode)
-    k = integer(k, "k")
+    k = check_k(k)
     flt = filter_json(filter)
     # alpha as text: JSON has no NaN, which the database refuses with its own message
     opts = json.dumps({"group_by": options.group, "fusion": options.fusion,

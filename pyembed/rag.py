@@ -16,7 +16,7 @@ from typing import Any
 import anthropic
 
 from .client import Corpus, _ms
-from .dbcall import integer
+from .dbcall import count
 from .errors import InvalidInput, ProviderError, redact, shown, status_kind
 from .providers.base import (
     TRANSIENT_STATUSES,
@@ -26,9 +26,9 @@ from .providers.base import (
     parse_retry_after,
     unreadable,
 )
-from .retry import Retrier
+from .retry import MAX_RETRIES, MAX_TIMEOUT, Retrier
 from .search import MODES, Hit, check_k
-from .text import check_text, has_text
+from .text import check_text, has_text, number
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,9 @@ MODEL_ENV = "PYEMBED_CLAUDE_MODEL"
 API_KEY_ENV = "ANTHROPIC_API_KEY"
 DEFAULT_MODEL = "claude-sonnet-5-5"
 """The Claude model `answer` uses when given none and $PYEMBED_CLAUDE_MODEL is not set."""
+MAX_TOKENS = (1, 128_000)
+"""The answer's length cap a Claude model takes (max_tokens): from 1 to the most output tokens
+of any model (each model refuses more than its own, with the service's 400)."""
 DEFAULT_MAX_RETRIES = 2
 """Retries of a Claude call for transient failures (429, 5xx, timeouts, lost connections), by
 pyembed.retry.Retrier as for the embedding and rerank services (the SDK's own are off)."""
@@ -168,18 +171,15 @@ def answer(corpus: Corpus, question: str, *, k: int = 5, model: str | None = Non
     """
     check_text(question, "question")
     check_k(k)
-    if integer(max_tokens, "max_tokens") < 1:
-        raise InvalidInput(f"max_tokens must be at least 1, got {max_tokens}")
+    count(max_tokens, "max_tokens", MAX_TOKENS)
     if mode not in MODES:
         raise InvalidInput(f"mode must be one of {', '.join(MODES)}, not {shown(mode)}")
     # NaN compares false with every score (every passage dropped) and reaches the socket as a
     # timeout; a finite number is what either can mean.
     if min_score is not None and not _finite(min_score):
         raise InvalidInput(f"min_score must be a finite number, got {min_score!r}")
-    if not (_finite(timeout) and timeout > 0):
-        raise InvalidInput(f"timeout must be a number of seconds above 0, got {timeout!r}")
-    if integer(max_retries, "max_retries") < 0:
-        raise InvalidInput(f"max_retries must be 0 or more, got {max_retries}")
+    number(timeout, "timeout", 0.0, MAX_TIMEOUT, above=True, unit="seconds")
+    count(max_retries, "max_retries", (0, MAX_RETRIES))
     model = model or os.environ.get(MODEL_ENV) or DEFAULT_MODEL
     if not isinstance(model, str):  # (the SDK sends it as it is, and the service says 400)
         raise InvalidInput(f"model is a Claude model id, a text, not {type(model).__name__} "

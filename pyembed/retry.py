@@ -24,6 +24,14 @@ from .text import number
 
 T = TypeVar("T")
 
+MAX_RETRIES = 10
+"""The most retries a caller may ask for one request (rag.answer's max_retries, the session's
+pyembed.http_retries in the database): each is a wait on a service that keeps failing."""
+MAX_TIMEOUT = 3600.0
+"""The most seconds a caller may give one request (rag.answer's timeout, pyembed.http_timeout):
+PL/Python cannot be cancelled while Python runs, so the bound is the longest a statement may
+hang, and a socket takes no timeout past what its C type holds (1e300 was OverflowError)."""
+
 _log = logging.getLogger(__name__)
 
 

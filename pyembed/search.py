@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .dbcall import integer
+from .dbcall import count
 from .errors import InvalidInput, InvalidVector, ModelMismatch, shown
 from .sqlexec import Executor, executor
-from .text import check_depth, check_json, check_whole_number, read_json
+from .text import check_depth, check_json, read_json
 from .vectors import float_array
 
 if TYPE_CHECKING:
@@ -180,13 +180,7 @@ def check_k(k: object) -> int:
     """`k` if it is in K_RANGE, else InvalidInput in the words of the SQL functions' check, for
     every entry point alike: a k past PostgreSQL's integer, which cannot reach that check, named
     Python's or PostgreSQL's integer range instead of k's."""
-    low, high = K_RANGE
-    if isinstance(k, int) and not isinstance(k, bool):
-        check_whole_number(k, "k")  # (its digits go in the message)
-        if low <= k <= high:
-            return k
-        raise InvalidInput(f"k must be {low}..{high}, got {k}")
-    return integer(k, "k")  # not a whole number: refused, as every integer parameter is
+    return count(k, "k", K_RANGE)
 
 
 def run(db: Executor, corpus: str | None, mode: str | None, text: str | None, vector: Any,

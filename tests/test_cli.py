@@ -465,8 +465,8 @@ OPTIONS_OUT_OF_RANGE = [
     (["worker", "--lease", "1e9"], "lease must be above 0 and at most 86400 seconds"),
     (["worker", "--batch-size", "100000"], "batch must be 1..10000 jobs, got 100000"),
     (["worker", "--batch-size", "0"], "batch size and max attempts must be positive"),
-    (["migrate", "backfill", "docs", "--batch-size", "0"], "batch_size must be at least 1"),
-    (["migrate", "backfill", "docs", "--batch-size", "-5"], "batch_size must be at least 1"),
+    (["migrate", "backfill", "docs", "--batch-size", "0"], "batch_size must be 1..100000, got 0"),
+    (["migrate", "backfill", "docs", "--batch-size", "-5"], "batch_size must be 1..100000"),
     (["migrate", "backfill", "docs", "--rate", "-1"], "rate must be a number of texts per "
                                                       "second above 0, got -1.0"),
     (["migrate", "backfill", "docs", "--rate", "0"], "rate must be a number"),

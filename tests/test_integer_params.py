@@ -344,3 +344,96 @@ def test_every_count_reads_the_same_from_sql_and_python(db: Database) -> None:
                     with pytest.raises(InvalidInput) as py_err:
                         python[entry](n)
                     assert str(py_err.value) == said, (function, parameter, n)
+
+
+PYTHON_ONLY_EDGES = [HUGE, -HUGE - 1, 10**20, 0]
+"""Past PostgreSQL's integer either way, and one below every count's bound here."""
+REACHES_SQL = {"chunk_tokens", "chunk_overlap", "k", "rerank_candidates", "share", "days",
+               "queries", "max_samples", "hours", "requests_per_minute", "tokens_per_minute"}
+"""Numbers pyembed's SQL checks, walked above (their words are SQL's own)."""
+NOT_WALKED = {
+    ("Corpus.log_query", "k"): "a search's own record of itself (never raises, test_api_walk)",
+    ("pyembed.rag.citations", "count"): "a pure helper of answer() on the texts it made",
+    ("Client.set_index_settings", "settings"): "a JSON object SQL checks key by key "
+                                               "(test_index_settings)",
+    ("pyembed.tenants.meter", "corpus_id"): "the in-database code's own (GD's corpus id)",
+    ("pyembed.migration.backfill", "progress"): "a callback, not a number",
+    ("pyembed.migration.storage_bytes", "vectors"): "arithmetic: any count has its size",
+    ("pyembed.migration.storage_bytes", "dims"): "arithmetic: any width has its size",
+    ("pyembed.rag.answer", "min_score"): "any finite score (its words: 'a finite number')",
+    ("Corpus.search", "alpha"): "a weight 0..1, a float (test_api_walk, test_search_modes)",
+    ("Corpus.retrieve", "alpha"): "as Corpus.search's",
+    ("pyembed.migration.validate", "max_drop"): "0..1, a float (text.number's words)",
+    ("pyembed.migration.backfill", "rate"): "any rate above 0: 1e300 texts/s is no limit",
+}
+"""Numeric parameters of the Python entry points left out here, with why."""
+
+
+def python_numbers() -> set[tuple[str, str]]:
+    """(entry point, parameter) of every int- or float-annotated parameter of the public Python
+    API (test_api_walk's entry points and the recall, cache and models functions)."""
+    import inspect
+
+    from tests.test_api_walk import entry_points
+
+    found = set()
+    walked = list(entry_points())
+    for module in (recall, cache, models):
+        walked += [(f"{module.__name__}.{name}", member, inspect.signature(member))
+                   for name, member in vars(module).items()
+                   if not name.startswith("_") and inspect.isfunction(member)
+                   and member.__module__ == module.__name__]
+    for label, _, signature in walked:
+        for p in signature.parameters.values():
+            if str(p.annotation).split(" ")[0] in ("int", "float", "int | None", "float | None") \
+                    or str(p.annotation).startswith(("int", "float")):
+                found.add((label, p.name))
+    return found
+
+
+def test_every_python_only_number_says_its_own_bound(db: Database, fake_api: Any,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Walks every numeric parameter of the public Python API (a new one fails here until it is
+    listed): each that only Python checks refuses a number past PostgreSQL's integer, and one
+    below its bound, with its own bound in SQL's words (`name must be low..high, got n`, as
+    pyembed._count_arg says it), never the integer's range. Before, rag.answer's max_tokens and
+    max_retries and migration.validate's k past integer said 'must be a whole number from
+    -2147483648 to 2147483647', models.register's dimensions too (SQL's check, numeric since
+    revision 0033, was not reached), backfill's batch_size took any number above 0, and
+    rag.answer's timeout=1e300 reached the socket (OverflowError)."""
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")
+    with pyembed.connect(db.app_dsn) as app, pyembed.connect(db.owner_dsn) as owner:
+        docs = app.create_corpus("docs", FAKE)
+        docs.add([("a", "alpha text")])
+        migration.start(owner, "docs", "fake/fake-hash@2:1024")
+        # (entry point, parameter) -> (its call, the words for n)
+        own: dict[tuple[str, str], tuple[Callable[[Any], Any], str]] = {
+            ("pyembed.rag.answer", "max_tokens"): (
+                lambda n: rag.answer(docs, "alpha?", max_tokens=n),
+                "max_tokens must be 1..128000, got {n}"),
+            ("pyembed.rag.answer", "max_retries"): (
+                lambda n: rag.answer(docs, "alpha?", max_retries=n),
+                "max_retries must be 0..10, got {n}"),
+            ("pyembed.rag.answer", "timeout"): (
+                lambda n: rag.answer(docs, "alpha?", timeout=float(n)),
+                "timeout must be above 0 and at most 3600 seconds, got {n!r}"),
+            ("pyembed.migration.validate", "k"): (
+                lambda n: migration.validate(owner, "docs", k=n), "k must be 1..333, got {n}"),
+            ("pyembed.migration.backfill", "batch_size"): (
+                lambda n: migration.backfill(owner, "docs", batch_size=n),
+                "batch_size must be 1..100000, got {n}"),
+            ("pyembed.models.register", "dimensions"): (
+                lambda n: models.register(owner.conn, ModelSpec("fake", "m", "9", n)),
+                "dimensions must be 1..16000, got {n}"),
+        }
+        found = python_numbers()
+        listed = set(own) | set(NOT_WALKED)
+        assert {f for f in found if f[1] not in REACHES_SQL} - listed == set(), "not listed"
+        for (label, parameter), (call, words) in own.items():
+            for n in PYTHON_ONLY_EDGES:
+                value = float(n) if parameter == "timeout" else n
+                if parameter == "max_retries" and n == 0:
+                    continue  # in its bounds: no retry
+                with pytest.raises(InvalidInput) as err:
+                    call(value)
+                assert str(err.value) == words.format(n=value), (label, parameter, n)
