@@ -272,6 +272,9 @@ def translate(exc: psycopg.Error) -> Exception:
         return errors.InvalidInput(f"{_PARTITION_OF.sub('', table)}.{diag.column_name} "
                                    "needs a value")
     message = diag.message_primary or str(exc)
+    # (PL/Python's prefix on an error a body raised that no PL/pgSQL wrapper raised again:
+    # pyembed._cannot_import's, from pyembed._bm25_top under a keyword search)
+    message = message.removeprefix("plpy.SPIError: ")
     if isinstance(exc, psycopg.errors.UntranslatableCharacter) or (
             type(exc) is psycopg.DataError and "NUL" in message) or (
             isinstance(exc, psycopg.errors.InvalidTextRepresentation)

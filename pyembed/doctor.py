@@ -132,11 +132,8 @@ def check_plpython(conn: Conn) -> Check:
             row = conn.execute("SELECT pyembed.version(), pyembed.code_digest()").fetchone()
     except (psycopg.errors.UndefinedFunction, psycopg.errors.InvalidSchemaName) as exc:
         return Check(name, "fail", _first(exc), "pyembed install")
-    except psycopg.Error as exc:
-        return Check(name, "fail", _first(exc),
-                     "make pyembed importable by the server's Python (the local cluster links "
-                     "it into its pylib folder at `pyembed db start`; elsewhere install it "
-                     "for the server's python3), then pyembed install")
+    except psycopg.Error as exc:  # the server cannot import pyembed: PE013 with the fix as hint
+        return Check(name, "fail", _first(exc), exc.diag.message_hint or "pyembed install")
     server, code = (str(row[0]), str(row[1])) if row else ("?", "?")
     fix = ("install the same pyembed for the server's python3 (docker/install-host.sh; a "
            "local cluster runs the pyembed of the `pyembed db start` that started it), then "

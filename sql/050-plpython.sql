@@ -14,16 +14,18 @@
 -- line).
 -- The bodies are SECURITY INVOKER: they run as their wrapper, which has the security mode.
 
--- The wrappers' error, raised again: without "plpy.Error: ", with DETAIL and HINT only when
--- they have text.
+-- The wrappers' error, raised again: without PL/Python's "plpy.Error: " (or "plpy.SPIError: ",
+-- pyembed._cannot_import's), with DETAIL and HINT only when they have text. Immutable, as
+-- pyembed._needs: it only raises (the stable version() and code_digest() call it).
 CREATE OR REPLACE FUNCTION pyembed._raise_again(e_state text, e_message text, e_detail text,
                                                e_hint text)
 RETURNS void
-LANGUAGE plpgsql VOLATILE
+LANGUAGE plpgsql IMMUTABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
   e_message := CASE WHEN starts_with(e_message, 'plpy.Error: ') THEN substr(e_message, 13)
+                    WHEN starts_with(e_message, 'plpy.SPIError: ') THEN substr(e_message, 16)
                     ELSE e_message END;
   IF e_detail = '' AND e_hint = '' THEN
     RAISE EXCEPTION USING ERRCODE = e_state, MESSAGE = e_message;
@@ -38,12 +40,32 @@ BEGIN
 END
 $$;
 
+-- PE013 for a PL/Python body whose server cannot import pyembed (`error`: what the import
+-- raised), with the fix: every body calls it from its import's except clause, where PL/Python
+-- said SQLSTATE 38000 and Python's exception class ("ModuleNotFoundError: No module named
+-- 'pyembed'"). The one place its words are written; `pyembed doctor` shows the hint as its fix.
+CREATE OR REPLACE FUNCTION pyembed._cannot_import(error text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+  RAISE EXCEPTION USING ERRCODE = 'PE013',
+    MESSAGE = format('the server''s Python cannot import pyembed: %s', error),
+    HINT = 'make pyembed importable by the server''s python3 (a local cluster links it into '
+           'its pylib folder at `pyembed db start`; elsewhere install it for the server''s '
+           'python3: docker/install-host.sh), then call again';
+END
+$$;
+
 CREATE OR REPLACE FUNCTION pyembed._embed(input text, model_key text, input_type text)
 RETURNS vector
 LANGUAGE plpython3u VOLATILE SECURITY INVOKER
 SET search_path = pg_catalog, pg_temp
 AS $$
-from pyembed import indb
+try:
+    from pyembed import indb
+except Exception as exc:  # pyembed._cannot_import: PE013 with the fix, not 38000 and a class
+    plpy.execute(plpy.prepare("SELECT pyembed._cannot_import($1)", ["text"]), [repr(exc)])
 return indb.call(plpy, indb.embed, GD, input, model_key, input_type)
 $$;
 
@@ -69,7 +91,10 @@ RETURNS vector[]
 LANGUAGE plpython3u VOLATILE SECURITY INVOKER
 SET search_path = pg_catalog, pg_temp
 AS $$
-from pyembed import indb
+try:
+    from pyembed import indb
+except Exception as exc:  # pyembed._cannot_import: PE013 with the fix, not 38000 and a class
+    plpy.execute(plpy.prepare("SELECT pyembed._cannot_import($1)", ["text"]), [repr(exc)])
 return indb.call(plpy, indb.embed_batch, GD, inputs, model_key, input_type)
 $$;
 
@@ -108,7 +133,10 @@ RETURNS TABLE (document_id text, chunk_id bigint, chunk_index integer, content t
 LANGUAGE plpython3u VOLATILE SECURITY INVOKER
 SET search_path = pg_catalog, pg_temp
 AS $$
-from pyembed import indb
+try:
+    from pyembed import indb
+except Exception as exc:  # pyembed._cannot_import: PE013 with the fix, not 38000 and a class
+    plpy.execute(plpy.prepare("SELECT pyembed._cannot_import($1)", ["text"]), [repr(exc)])
 return indb.call(plpy, indb.search_text, GD, corpus, query, k, filter, mode, group_by, fusion,
                  alpha)
 $$;
@@ -147,7 +175,10 @@ RETURNS integer
 LANGUAGE plpython3u VOLATILE SECURITY INVOKER
 SET search_path = pg_catalog, pg_temp
 AS $$
-from pyembed import indb
+try:
+    from pyembed import indb
+except Exception as exc:  # pyembed._cannot_import: PE013 with the fix, not 38000 and a class
+    plpy.execute(plpy.prepare("SELECT pyembed._cannot_import($1)", ["text"]), [repr(exc)])
 return indb.call(plpy, indb.add_document, GD, corpus, document_id, content, metadata)
 $$;
 -- Revoked by name: a database upgraded from when add_document ran as its caller keeps the grant.
@@ -200,22 +231,58 @@ $$;
 -- The pyembed the server's PL/Python imports (`pyembed doctor` compares it with the client's),
 -- with pyembed.indb, what the other PL/Python functions run: importing it is doctor's probe,
 -- which writes nothing, so that it answers on a replica and in a read-only transaction too.
-CREATE OR REPLACE FUNCTION pyembed.version() RETURNS text
+CREATE OR REPLACE FUNCTION pyembed._version() RETURNS text
 LANGUAGE plpython3u STABLE SECURITY INVOKER
 SET search_path = pg_catalog, pg_temp
 AS $$
-import pyembed
-import pyembed.indb
+try:
+    import pyembed
+    import pyembed.indb
+except Exception as exc:  # pyembed._cannot_import: PE013 with the fix, not 38000 and a class
+    plpy.execute(plpy.prepare("SELECT pyembed._cannot_import($1)", ["text"]), [repr(exc)])
 return pyembed.__version__
+$$;
+
+CREATE OR REPLACE FUNCTION pyembed.version() RETURNS text
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  e_state text; e_message text; e_detail text; e_hint text;
+BEGIN
+  RETURN pyembed._version();
+EXCEPTION WHEN OTHERS OR query_canceled THEN
+  GET STACKED DIAGNOSTICS e_state = RETURNED_SQLSTATE, e_message = MESSAGE_TEXT,
+                          e_detail = PG_EXCEPTION_DETAIL, e_hint = PG_EXCEPTION_HINT;
+  PERFORM pyembed._raise_again(e_state, e_message, e_detail, e_hint);
+END
 $$;
 
 -- A digest of the package (its Python code and the data it reads) of the pyembed the server's
 -- PL/Python imports (pyembed.config.code_digest): `pyembed doctor` compares it with the client's, since a
 -- checkout whose code changed keeps its version string. Writes nothing, as version() above.
-CREATE OR REPLACE FUNCTION pyembed.code_digest() RETURNS text
+CREATE OR REPLACE FUNCTION pyembed._code_digest() RETURNS text
 LANGUAGE plpython3u STABLE SECURITY INVOKER
 SET search_path = pg_catalog, pg_temp
 AS $$
-import pyembed.config
-return pyembed.config.code_digest()
+try:
+    from pyembed import config
+except Exception as exc:  # pyembed._cannot_import: PE013 with the fix, not 38000 and a class
+    plpy.execute(plpy.prepare("SELECT pyembed._cannot_import($1)", ["text"]), [repr(exc)])
+return config.code_digest()
+$$;
+
+CREATE OR REPLACE FUNCTION pyembed.code_digest() RETURNS text
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  e_state text; e_message text; e_detail text; e_hint text;
+BEGIN
+  RETURN pyembed._code_digest();
+EXCEPTION WHEN OTHERS OR query_canceled THEN
+  GET STACKED DIAGNOSTICS e_state = RETURNED_SQLSTATE, e_message = MESSAGE_TEXT,
+                          e_detail = PG_EXCEPTION_DETAIL, e_hint = PG_EXCEPTION_HINT;
+  PERFORM pyembed._raise_again(e_state, e_message, e_detail, e_hint);
+END
 $$;

@@ -146,7 +146,10 @@ RETURNS TABLE (document_id text, chunk_id bigint, chunk_index integer, content t
 LANGUAGE plpython3u VOLATILE SECURITY INVOKER
 SET search_path = pg_catalog, pg_temp
 AS $$
-from pyembed import indb
+try:
+    from pyembed import indb
+except Exception as exc:  # pyembed._cannot_import: PE013 with the fix, not 38000 and a class
+    plpy.execute(plpy.prepare("SELECT pyembed._cannot_import($1)", ["text"]), [repr(exc)])
 return indb.call(plpy, indb.search_reranked, GD, corpus, query, rerank, k, filter, mode,
                  candidates, group_by, fusion, alpha)
 $$;

@@ -708,7 +708,10 @@ CREATE OR REPLACE FUNCTION pyembed._bm25_top(packed bytea, blocks bigint[], term
 LANGUAGE plpython3u IMMUTABLE STRICT PARALLEL UNSAFE SECURITY INVOKER
 SET search_path = pg_catalog, pg_temp
 AS $$
-from pyembed import bm25
+try:
+    from pyembed import bm25
+except Exception as exc:  # pyembed._cannot_import: PE013 with the fix, not 38000 and a class
+    plpy.execute(plpy.prepare("SELECT pyembed._cannot_import($1)", ["text"]), [repr(exc)])
 return bm25.top_for_sql(packed, blocks, terms, sizes, idfs, avgdl, n)
 $$;
 

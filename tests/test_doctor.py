@@ -320,3 +320,67 @@ def test_every_import_path_of_the_in_database_code_takes_the_stamp_lock(
         fresh.execute("SET force_parallel_mode = on")
         assert fresh.execute("SELECT pyembed._bm25_top('', '{}', '{}', '{}', '{}', 1, 5)"
                              ).fetchone() == (("{}", "{}"),)
+
+
+CANNOT_IMPORT = "the server's Python cannot import pyembed: "
+PLPYTHON_ENTRY = {
+    "_version": "SELECT pyembed.version()",
+    "_code_digest": "SELECT pyembed.code_digest()",
+    "_embed": "SELECT pyembed.embed('alpha', 'fake/fake-hash@1:384')",
+    "_embed_batch": "SELECT pyembed.embed_batch(ARRAY['alpha'], 'fake/fake-hash@1:384')",
+    "_search_text": "SELECT * FROM pyembed.search_text('docs', 'alpha')",
+    "_add_document": "SELECT pyembed.add_document('docs', 'b', 'beta text')",
+    "_search_reranked": "SELECT * FROM pyembed.search_reranked('docs', 'alpha', 'fake/overlap')",
+    "_bm25_top": "SELECT * FROM pyembed.search_keyword('docs', 'alpha')",
+}
+"""Each PL/Python function of the schema, by a statement of the application role that runs it."""
+
+
+def test_every_plpython_function_says_the_server_cannot_import_pyembed_with_the_fix(
+        db: Database, cluster: Any, owner: psycopg.Connection[Any]) -> None:
+    """Walks every PL/Python function of the catalogue (a new one fails here until it is listed)
+    through the entry point that runs it, in a fresh backend whose server cannot import pyembed
+    (the server's package set aside for one whose import fails on a dependency the server's
+    Python lacks, then put back; without it the server would import another install's, from
+    its site-packages): PE013 naming it, with the fix as HINT, and
+    so from the Python client (ConfigError) and doctor (its fix). Before, PL/Python's own error:
+    SQLSTATE 38000, "ModuleNotFoundError: No module named 'pyembed'", no fix."""
+    bodies = owner.execute(
+        "SELECT array_agg(proname::text ORDER BY proname) FROM pg_proc WHERE prolang = "
+        "(SELECT oid FROM pg_language WHERE lanname = 'plpython3u')").fetchone()
+    assert bodies is not None and set(bodies[0]) == set(PLPYTHON_ENTRY)
+    with pyembed_api.connect(db.app_dsn) as client:
+        client.create_corpus("docs", "fake/fake-hash@1:384").add([("a", "alpha text")])
+    link = cluster.pylib / "pyembed"
+    kept = cluster.pylib / f"kept-{uuid.uuid4().hex[:8]}"
+    broken = cluster.pylib.parent / f"broken-pyembed-{uuid.uuid4().hex[:8]}"
+    (broken / "pyembed").mkdir(parents=True)
+    (broken / "pyembed" / "__init__.py").write_text("import pyembed_lacks_this_module\n")
+    link.rename(kept)
+    try:
+        link.symlink_to(broken / "pyembed", target_is_directory=True)
+        for body, statement in PLPYTHON_ENTRY.items():
+            with psycopg.connect(db.app_dsn, autocommit=True) as fresh, \
+                    pytest.raises(psycopg.Error) as err:
+                fresh.execute(statement)
+            said = err.value.diag.message_primary or ""
+            assert err.value.sqlstate == "PE013", (body, err.value.sqlstate, said)
+            # (a body no PL/pgSQL wrapper raises again keeps PL/Python's prefix in psql)
+            assert said.removeprefix("plpy.SPIError: ").startswith(
+                CANNOT_IMPORT + "ModuleNotFoundError"), (body, said)
+            assert (err.value.diag.message_hint or "").startswith(
+                "make pyembed importable by the server's python3"), body
+        with pyembed_api.connect(db.app_dsn) as client, \
+                pytest.raises(pyembed_api.ConfigError, match=f"^{CANNOT_IMPORT}.*hint: make"):
+            client.corpus("docs").search("alpha", mode="keyword")
+        with psycopg.connect(db.app_dsn, autocommit=True) as fresh:
+            check = doctor.check_plpython(fresh)
+        assert check.status == "fail" and check.detail.startswith(CANNOT_IMPORT), check
+        assert check.fix.startswith("make pyembed importable by the server's python3"), check
+        assert owner.execute("SELECT count(*) FROM pyembed.documents").fetchone() == (1,)
+    finally:
+        link.unlink(missing_ok=True)
+        kept.rename(link)
+        shutil.rmtree(broken)
+    with psycopg.connect(db.app_dsn, autocommit=True) as fresh:
+        assert fresh.execute(PLPYTHON_ENTRY["_version"]).fetchone() == (pyembed_api.__version__,)

@@ -195,20 +195,20 @@ STANDARD = {
              "pyembed is called: the caller's own literal",
 }
 CHECK = re.compile(r'^new row for relation "(\w+)" violates check constraint "(\w+)"')
-PL_TAKES_NOTHING = {
+PL_TAKES_NOTHING: dict[str, str] = {
     # A PL/Python function a caller may execute itself, and why its errors need no PL/pgSQL
     # wrapper (PL/Python puts the exception's class before every message it raises, PG 15:
-    # "plpy.Error: ", which only a wrapper takes off): it takes no argument, so no caller's
-    # value reaches it; it fails only when the server cannot import pyembed (doctor's report).
-    "version": "the server's pyembed version, doctor's probe",
-    "code_digest": "the server's pyembed code digest, doctor's check",
+    # "plpy.Error: ", which only a wrapper takes off). None: version() and code_digest(), which
+    # take no value, fail when the server cannot import pyembed, with PE013 and the fix
+    # (pyembed._cannot_import), which only a wrapper shows without the prefix.
 }
 PL_BODIES = {
     # The owner's: a wrapper's PL/Python body, which only the owner may execute (the owner may
     # execute every function); PL/Python puts the exception's class before every error's
     # message ("plpy.Error: "), which the wrapper takes off.
     "_add_document": "add_document's body", "_embed": "embed's body",
-    "_embed_batch": "embed_batch's body",
+    "_embed_batch": "embed_batch's body", "_version": "version's body",
+    "_code_digest": "code_digest's body",
 }
 LONGEST = 1000
 """An error's message, detail or hint shows a caller's value cut (a 1 MB value is not read back
@@ -489,6 +489,8 @@ GIVEN_BY_PYEMBED = {
                  "inlined into every search's index rules" for h in (
                      "_halfvec_ef", "_halfvec_m", "_hnsw_fitting_m", "_hnsw_per_page")},
     "_bm25_top.*": "the postings pyembed._bm25 packs from posting_blocks, its arrays made together",
+    "_cannot_import.error": "repr() of what a PL/Python body's import raised, shown whole (a "
+                            "path in it is the fix's clue)",
     "_bm25.n": "keyword_ranking's k or candidates, checked (pyembed._count_arg)",
     "_nearest.k": "as _bm25.n", "_nearest_in.k": "as _bm25.n",
     "_nearest_in.counted": "the planner's row estimate _nearest reads",
@@ -526,6 +528,7 @@ OWNER_RAISES = {
     # An owner-only function whose work is to raise an error, called only for it.
     "_one_each": "arrays given together of different lengths (pyembed's queue functions)",
     "_raise_again": "a PL/Python wrapper's error, raised again without PL/Python's prefix",
+    "_cannot_import": "a PL/Python body's server that cannot import pyembed (PE013, the fix)",
 }
 OWNER_CALLS = {
     # A call of each function only the owner may execute, which works, on the walk's corpora:
@@ -533,6 +536,9 @@ OWNER_CALLS = {
     # two without documents: begun (its migration started) and full (serving 100% from TO).
     "_acting_tenant": [],
     "_add_document": ["'docs'", "'d9'", "'a text'", "'{}'"],
+    "_code_digest": [],
+    "_version": [],
+    "_cannot_import": ["'ModuleNotFoundError(\"No module named ''numpy''\")'"],
     "_advisory_held": ["1", "2", "pg_backend_pid()", "'ExclusiveLock'"],
     "_analyze_grown": [],
     "_backfill_lock": [],
