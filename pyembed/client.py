@@ -26,6 +26,7 @@ from .corpora import (
     CorpusInfo,
     DocumentChunks,
     Spans,
+    chunks_refused,
     corpus_info,
     create_corpus,
     document_hashes,
@@ -575,20 +576,45 @@ class Corpus:
             check_text(d.text, f"document {d.id!r}")
             check_metadata(d.metadata, f"document {d.id!r}: metadata")
         hashes = {i: document_hash(d.text, d.metadata) for i, d in docs.items()}
-        old = document_hashes(self.client._conn, self.info.corpus_id,
-                              {i: json.dumps(d.metadata, default=str) for i, d in docs.items()})
+        metadata = {i: json.dumps(d.metadata, default=str) for i, d in docs.items()}
+        old, most_bytes = document_hashes(self.client._conn, self.info.corpus_id, metadata)
         todo = [d for i, d in docs.items() if old.get(i) != hashes[i]]
         embedder = self.client.embedder(self.model_key, truncate=truncate)
         target = self.info.target_model_key
-        changed = [DocumentChunks(d.id, hashes[d.id], d.metadata, Spans(d.text)) for d in todo]
+        changed = [DocumentChunks(d.id, hashes[d.id], d.metadata, Spans(d.text),
+                                  metadata_json=metadata[d.id]) for d in todo]
         vectors: list[np.ndarray] = []
         also: dict[str, list[np.ndarray]] | None = {target: []} if target else None
 
-        def embed(group: list[Span]) -> None:
-            if group and not truncate:
-                group = fit_spans(group, embedder.spec.max_tokens, embedder.provider.count_tokens)
-            if not group:
-                return
+        # The chunks of every changed document, in order, in groups of EMBED_CHUNKS (a group may
+        # hold several documents' chunks, or part of one's), cut to the model's tokens; all of
+        # them before any is embedded: a chunk the chunks table refuses for its bytes refuses
+        # its document before a provider is paid (chunks_refused).
+        groups: list[list[Span]] = []
+        group: list[Span] = []
+        characters = 0
+        for n, d in enumerate(todo):
+            for start, end in iter_spans(d.text, self.info.chunk_tokens, self.info.chunk_overlap):
+                if group and (len(group) >= EMBED_CHUNKS
+                              or characters + end - start > EMBED_CHARACTERS):
+                    groups.append(group)
+                    group, characters = [], 0
+                group.append((n, d.text, start, end))
+                characters += end - start
+        groups.append(group)
+        if not truncate:
+            groups = [fit_spans(g, embedder.spec.max_tokens, embedder.provider.count_tokens)
+                      for g in groups if g]
+        longest: dict[str, int] = {}
+        for n, text, start, end in (span for g in groups for span in g):
+            # (at most 4 bytes a character: only a chunk that long is encoded to count them)
+            if 4 * (end - start) > most_bytes and (
+                    size := len(text[start:end].encode("utf-8", "surrogatepass"))) > most_bytes:
+                longest[todo[n].id] = max(size, longest.get(todo[n].id, 0))
+        if longest:
+            chunks_refused(self.client._conn, longest)
+
+        for group in (g for g in groups if g):
             texts = [text[start:end] for _, text, start, end in group]
             for n, _, start, end in group:
                 cast(Spans, changed[n].chunks).append(start, end)
@@ -597,20 +623,6 @@ class Corpus:
             vectors.append(embedder.embed(texts, InputType.DOCUMENT))
             if target and also is not None:
                 also[target].append(self.client.embedder(target, truncate=True).embed(texts))
-
-        # The chunks of every changed document, in order, embedded EMBED_CHUNKS at a time (a
-        # group may hold several documents' chunks, or part of one's).
-        group: list[Span] = []
-        characters = 0
-        for n, d in enumerate(todo):
-            for start, end in iter_spans(d.text, self.info.chunk_tokens, self.info.chunk_overlap):
-                if group and (len(group) >= EMBED_CHUNKS
-                              or characters + end - start > EMBED_CHARACTERS):
-                    embed(group)
-                    group, characters = [], 0
-                group.append((n, d.text, start, end))
-                characters += end - start
-        embed(group)
         updated = sum(1 for d in todo if d.id in old)
         return PreparedAdd(self.info, changed, vectors, also, len(todo) - updated, updated,
                            len(docs) - len(todo))

@@ -96,6 +96,13 @@ class DocumentChunks:
     metadata: dict[str, Any]
     chunks: Sequence[str]
     indexes: Sequence[int] | None = None
+    metadata_json: str = ""
+    """`metadata` as the JSON text its write sends: made once, here unless the caller made it
+    for its lookup (Corpus.prepare)."""
+
+    def __post_init__(self) -> None:
+        if not self.metadata_json:
+            object.__setattr__(self, "metadata_json", json.dumps(self.metadata, default=str))
 
 
 _INFO = """c.corpus_id, c.name, c.model_key, m.dimensions, c.target_model_key, c.migration_step,
@@ -153,10 +160,10 @@ def drop_corpus(conn: psycopg.Connection[Any], name: str) -> None:
 
 
 class RefusedDocuments(InvalidInput):
-    """Documents a write would refuse by the database's rules (pyembed._document_problem: the
+    """Documents a write would refuse by the database's rules (pyembed._document_problems: the
     rule for ids, which the documents table's trigger asks at every write, and the tables'
-    bounds on metadata): `problems` holds each one's, by id, in the database's words; the
-    message is the first one's."""
+    bounds on metadata and a chunk's text): `problems` holds each one's, by id, in the
+    database's words; the message is the first one's."""
 
     def __init__(self, problems: Mapping[str, str]) -> None:
         super().__init__(next(iter(problems.values())))
@@ -164,22 +171,36 @@ class RefusedDocuments(InvalidInput):
 
 
 def document_hashes(conn: psycopg.Connection[Any], corpus_id: int,
-                    documents: Mapping[str, str | None]) -> dict[str, bytes]:
-    """The stored documents' content hashes, by id; RefusedDocuments if the database's rules
-    refuse one of `documents` (id: its metadata as JSON text, or None). Asked in the one
-    statement a write makes before its documents are embedded, so that no provider is paid for
-    a document the write would refuse, and the rules are the database's alone."""
+                    documents: Mapping[str, str | None]) -> tuple[dict[str, bytes], int]:
+    """The stored documents' content hashes, by id, and the most bytes a chunk's text may have
+    (the chunks table's bound: `chunks_refused` once the changed documents are cut);
+    RefusedDocuments if the database's rules refuse one of `documents` (id: its metadata as
+    JSON text, or None). Asked in the one statement a write makes before its documents are
+    embedded, so that no provider is paid for a document the write would refuse, and the rules
+    are the database's alone."""
     # A lookup by primary key for each id, whatever the planner makes of the array's length.
     rows = conn.execute(
         "SELECT i.id, (SELECT d.content_hash FROM pyembed.documents d "
-        "WHERE d.corpus_id = %s AND d.document_id = i.id), "
-        "pyembed._document_problem(i.id, i.metadata::jsonb) "
-        "FROM unnest(%s::text[], %s::text[]) AS i(id, metadata)",
-        (corpus_id, list(documents), list(documents.values()))).fetchall()
-    problems = {i: p for i, _, p in rows if p is not None}
+        "WHERE d.corpus_id = %(c)s AND d.document_id = i.id), p.problem, "
+        "(b.bounds ->> 'chunks_content_bound')::bigint "
+        "FROM unnest(%(ids)s::text[]) WITH ORDINALITY AS i(id, n) "
+        "LEFT JOIN pyembed._document_problems(%(ids)s::text[], %(meta)s::text[]::jsonb[], "
+        "NULL) p ON p.id = i.id CROSS JOIN pyembed._write_bounds() AS b(bounds) ORDER BY i.n",
+        {"c": corpus_id, "ids": list(documents), "meta": list(documents.values())}).fetchall()
+    problems = {i: p for i, _, p, _ in rows if p is not None}
     if problems:
-        raise RefusedDocuments({i: problems[i] for i in documents if i in problems})
-    return {i: bytes(h) for i, h, _ in rows if h is not None}
+        raise RefusedDocuments(problems)
+    return {i: bytes(h) for i, h, _, _ in rows if h is not None}, rows[0][3] if rows else 0
+
+
+def chunks_refused(conn: psycopg.Connection[Any], longest: Mapping[str, int]) -> None:
+    """RefusedDocuments for the documents whose longest chunk (`longest`: its bytes as UTF-8,
+    by id) the chunks table refuses, in the database's words (pyembed._document_problems)."""
+    rows = conn.execute("SELECT p.id, p.problem FROM pyembed._document_problems("
+                        "%s::text[], NULL, %s::bigint[]) p",
+                        (list(longest), list(longest.values()))).fetchall()
+    if rows:
+        raise RefusedDocuments(dict(rows))
 
 
 @dataclass(frozen=True)
@@ -290,7 +311,7 @@ def _write(conn: psycopg.Connection[Any], corpus: CorpusInfo,
                RETURNING document_id, xmax = 0 AS inserted""",
             (corpus.corpus_id, [d.document_id for d in documents],
              [d.content_hash for d in documents],
-             [json.dumps(d.metadata, default=str) for d in documents], only_changed))
+             [d.metadata_json for d in documents], only_changed))
         stored = dict(cur.fetchall())
         # (The row of a document left alone is not returned: the one stored is the same.)
         unchanged = len(documents) - len(stored)
@@ -350,7 +371,7 @@ def _write_chunks(cur: psycopg.Cursor[Any], corpus: CorpusInfo,
                 blob += chunk.encode("utf-8")
                 lengths.append(len(blob) + 1 - starts[-1])
     numbers = [n for n, d in enumerate(documents, start=1) for _ in range(len(d.chunks))]
-    metadata = [json.dumps(d.metadata, default=str) for d in documents]
+    metadata = [d.metadata_json for d in documents]
     extra = [len(d.document_id.encode()) + len(m) + ROW_OVERHEAD
              for d, m in zip(documents, metadata, strict=True)]
     ids = np.empty(len(starts), dtype=np.int64)

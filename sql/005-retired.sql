@@ -99,3 +99,6 @@ DROP FUNCTION IF EXISTS pyembed.migration_shift(text, integer);
 DROP FUNCTION IF EXISTS pyembed.hnsw_rule(bigint, integer, text);
 DROP FUNCTION IF EXISTS pyembed.register_model(text, text, text, integer, text, boolean, boolean,
                                                integer, integer, integer, numeric, text);
+-- The write's pre-check takes a lookup's documents at once (its bounds read once, not a
+-- document at a time) and their longest chunks' bytes: pyembed._document_problems.
+DROP FUNCTION IF EXISTS pyembed._document_problem(text, jsonb);

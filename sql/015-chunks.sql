@@ -154,37 +154,76 @@ BEGIN
 END
 $$;
 
--- What a write of the document `id` with `metadata` would be refused for, by the documents and
--- chunks tables' own rules, or NULL: the id rule above, then the bounds of its metadata (their
--- CHECKs <table>_metadata_bound, revision 0022, read from the catalogue: the one place each
--- bound is held). A client asks it in its lookup of the stored documents
--- (pyembed.corpora.document_hashes), before a provider is paid for their chunks: a document
--- refused at its write had been embedded, its batch's provider calls lost.
-CREATE OR REPLACE FUNCTION pyembed._document_problem(id text, metadata jsonb) RETURNS text
-LANGUAGE plpgsql STABLE
+-- The bounds a write of documents must keep that the client can ask before its embedding, by
+-- constraint name: the documents' and chunks' metadata (pg_column_size) and a chunk's text
+-- (octet_length), from their CHECKs <table>_<column>_bound (revision 0022), read from the
+-- catalogue: the one place each bound is held. One read for a whole lookup
+-- (pyembed.corpora.document_hashes): a tightened CHECK is obeyed.
+CREATE OR REPLACE FUNCTION pyembed._write_bounds() RETURNS jsonb
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+  SELECT coalesce(jsonb_object_agg(c.conname, (regexp_match(pg_catalog.pg_get_constraintdef(c.oid),
+                                                             '<= (\d+)\)'))[1]::bigint), '{}')
+    FROM pg_catalog.pg_constraint c
+   WHERE c.connamespace = 'pyembed'::regnamespace AND c.contype = 'c'
+     AND c.conname IN ('documents_metadata_bound', 'chunks_metadata_bound', 'chunks_content_bound')
+$$;
+
+-- What a write of each document `ids`[i] with `metadata`[i] and its longest chunk of
+-- `chunk_bytes`[i] bytes (UTF-8) would be refused for, by the documents and chunks tables' own
+-- rules: (id, problem) for each refused one, in the order given. The id rule above, then the
+-- bounds of pyembed._write_bounds (read once a call). A client asks it in its lookup of the
+-- stored documents (pyembed.corpora.document_hashes), and for its chunks' lengths once it has
+-- cut them, before a provider is paid for their chunks: a document refused at its write had
+-- been embedded, its batch's provider calls lost. NULL metadata or chunk_bytes (or an element
+-- of either): none given.
+CREATE OR REPLACE FUNCTION pyembed._document_problems(ids text[], metadata jsonb[],
+                                                      chunk_bytes bigint[])
+RETURNS TABLE (id text, problem text)
+LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-  problem text := pyembed._document_id_problem(id);
-  b record;
+  bounds jsonb;
+  most bigint;
+  name text;
+  i integer;
 BEGIN
-  IF problem IS NOT NULL OR metadata IS NULL THEN
-    RETURN problem;  -- (NULL metadata: none, '{}', as every writer stores it)
+  IF ids IS NULL THEN
+    PERFORM pyembed._needs(true, 'ids', '_document_problems');
   END IF;
-  FOR b IN SELECT c.conname, (regexp_match(pg_catalog.pg_get_constraintdef(c.oid),
-                                           '<= (\d+)\)'))[1]::bigint AS most
-             FROM pg_catalog.pg_constraint c
-            WHERE c.connamespace = 'pyembed'::regnamespace AND c.contype = 'c'
-              AND c.conname IN ('documents_metadata_bound', 'chunks_metadata_bound')
-            ORDER BY c.conname DESC LOOP
-    IF pg_column_size(metadata) > b.most THEN
-      -- (the id as JSON, as the id rule shows one: it has passed that rule)
-      RETURN format('document %s: metadata is at most %s bytes as jsonb, got %s (the table''s '
-                    'check %s)', to_jsonb(id)::text, b.most, pg_column_size(metadata),
-                    b.conname);
+  IF cardinality(metadata) <> cardinality(ids) OR cardinality(chunk_bytes) <> cardinality(ids) THEN
+    PERFORM pyembed._one_each('_document_problems', 'ids, metadata and chunk_bytes',
+                              ARRAY[cardinality(ids), cardinality(metadata),
+                                    cardinality(chunk_bytes)]);
+  END IF;
+  bounds := pyembed._write_bounds();
+  FOR i IN 1 .. coalesce(cardinality(ids), 0) LOOP
+    id := ids[i];
+    problem := pyembed._document_id_problem(id);
+    IF problem IS NULL THEN
+      FOREACH name IN ARRAY ARRAY['documents_metadata_bound', 'chunks_metadata_bound'] LOOP
+        most := (bounds ->> name)::bigint;
+        IF pg_column_size(metadata[i]) > most THEN
+          -- (the id as JSON, as the id rule shows one: it has passed that rule)
+          problem := format('document %s: metadata is at most %s bytes as jsonb, got %s (the '
+                            'table''s check %s)', to_jsonb(id)::text, most,
+                            pg_column_size(metadata[i]), name);
+          EXIT;
+        END IF;
+      END LOOP;
+    END IF;
+    most := (bounds ->> 'chunks_content_bound')::bigint;
+    IF problem IS NULL AND chunk_bytes[i] > most THEN
+      problem := format('document %s: a chunk is at most %s bytes as UTF-8, got %s (the '
+                        'table''s check chunks_content_bound): give it a smaller chunk_tokens',
+                        to_jsonb(id)::text, most, chunk_bytes[i]);
+    END IF;
+    IF problem IS NOT NULL THEN
+      RETURN NEXT;
     END IF;
   END LOOP;
-  RETURN NULL;
 END
 $$;
 

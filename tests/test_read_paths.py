@@ -166,7 +166,8 @@ READ_SQL = [
     "chunk_id) FROM pyembed.chunks), 'fake/fake-hash@1:384', pyembed.embed('a late refund', "
     "'fake/fake-hash@1:384', 'query'))",
     "SELECT count(*) FROM pyembed.provider_errors()",
-    "SELECT pyembed._document_id_problem('doc'), pyembed._document_problem('doc', '{}'), "
+    "SELECT pyembed._document_id_problem('doc'), pyembed._write_bounds(), (SELECT count(*) "
+    "FROM pyembed._document_problems(ARRAY['doc'], ARRAY['{}'::jsonb], ARRAY[1::bigint])), "
     "pyembed.min_eval_queries(), "
     "pyembed._eval_queries_enough((pyembed.lookup_corpus('docs')).corpus_id, true)",
     "SELECT pyembed.code_digest(), pyembed.sql_digest()",

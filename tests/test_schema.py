@@ -78,7 +78,8 @@ APP_EXECUTE = {
     "hold_jobs(integer, text, bigint[], bytea[], integer[])",
     "_document_id_problem(text)",  # the documents' id rule, which their write trigger asks
     # what a write of a document would be refused for, asked before its embedding
-    "_document_problem(text, jsonb)",
+    "_write_bounds()",
+    "_document_problems(text[], jsonb[], bigint[])",
     "reserve_usage(text, integer, integer, bigint)",  # accounting and rate limits
     "usage_report(numeric)",
     "provider_errors()",

@@ -294,7 +294,8 @@ CALLS_THAT_WORK = {
     "_setting_range": ["'chunk_tokens'"],
     "_check_setting": ["'chunk_tokens'", "200"],
     "_document_id_problem": ["'doc'"],
-    "_document_problem": ["'doc'", "'{}'"],
+    "_write_bounds": [],
+    "_document_problems": ["ARRAY['doc']", "ARRAY['{}'::jsonb]", "ARRAY[1::bigint]"],
     "_vector_check": [CORPUS_ID, JOB.format("chunk_id"), f"'{FAKE}'", Q],
     "add_document": ["'docs'", "'d2'", "'a text about refunds'", "'{}'"],
     "cache_count": [f"ARRAY['{FAKE}']", "ARRAY[1]::bigint[]", "ARRAY[0]::bigint[]"],
@@ -375,7 +376,8 @@ NULL_MEANS = {
     # An argument whose NULL is a result, not an error, besides those whose DEFAULT is NULL
     # (the signature documents those): what it means, and why it is one.
     "add_document.metadata": "no metadata, as '{}' (sql/050-plpython.sql)",
-    "_document_problem.metadata": "no metadata, as add_document's NULL (its id is asked)",
+    "_document_problems.metadata": "no metadata given (its ids are asked, and chunk_bytes)",
+    "_document_problems.chunk_bytes": "no chunks' bytes given (the lookup before chunking)",
     "_clear_vectors.ids": "every vector of the key between lo and hi (vectors.copy_vectors)",
     "_setting_range.setting": "NULL: no such setting, as for an unknown name",
     "_check_setting.setting": "false: no such setting, as for an unknown name",

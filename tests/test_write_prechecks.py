@@ -1,5 +1,5 @@
 """A document the write would refuse is refused before any provider call, by the database's own
-rules asked in the lookup that comes before the embedding (pyembed._document_problem): its id
+rules asked in the lookup that comes before the embedding (pyembed._document_problems): its id
 (pyembed._document_id_problem) and its metadata's bound (the CHECKs documents_metadata_bound and
 chunks_metadata_bound, read from the catalogue). Before, metadata past 64 kB as jsonb was
 refused at the write, after its batch had been embedded: the provider was paid for chunks that
@@ -73,8 +73,37 @@ def test_the_bound_asked_is_the_tables_own(db: Database, owner: psycopg.Connecti
 
 def test_the_rules_answers(app: psycopg.Connection[Any]) -> None:
     rows = app.execute(
-        "SELECT pyembed._document_problem(i, m::jsonb) FROM (VALUES ('ok', '{}'), ('ok', NULL), "
-        "(' x', '{}'), ('ok', %s)) AS t(i, m)", (json.dumps(BIG),)).fetchall()
-    assert [r[0] for r in rows[:3]] == [None, None,
-                                        'document id " x" starts with whitespace (U+0020)']
-    assert rows[3][0].startswith('document "ok": metadata is at most 65536 bytes as jsonb')
+        "SELECT * FROM pyembed._document_problems(ARRAY['ok', 'ok', ' x', 'ok'], "
+        "ARRAY['{}', NULL, '{}', %s]::jsonb[], NULL)", (json.dumps(BIG),)).fetchall()
+    assert rows[0] == (" x", 'document id " x" starts with whitespace (U+0020)')
+    assert rows[1][0] == "ok" and rows[1][1].startswith(
+        'document "ok": metadata is at most 65536 bytes as jsonb')
+    assert len(rows) == 2
+
+
+def test_a_chunk_past_the_tables_bound_is_refused_before_any_provider_call(
+        db: Database, app: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chunk's text is at most 1 MB as UTF-8 (the CHECK chunks_content_bound): a corpus of long
+    chunks cut from a text of 4-byte characters, embedded with truncate=True (the model reads
+    its first tokens, the chunk is stored whole), makes chunks past it. Refused before any
+    provider call, in the database's words, with the other documents of the call; before, the
+    chunks were embedded (the provider paid) and the write refused them (23514)."""
+    text = " ".join(["\U0001f600" * 8] * 40_000)  # 320,000 characters, 1,319,999 bytes
+    with pyembed.connect(db.app_dsn) as client:
+        kb = client.create_corpus("kb", KEY, chunk_tokens=100_000, chunk_overlap=0)
+        calls = _provider_calls(monkeypatch, client)
+        with pytest.raises(pyembed.InvalidInput) as err:
+            kb.add([pyembed.Document("fine", "a good text"), pyembed.Document("long", text)],
+                   truncate=True)
+        said = str(err.value)
+        assert said.startswith('document "long": a chunk is at most 1048576 bytes as UTF-8, '
+                               "got "), said
+        assert said.endswith("(the table's check chunks_content_bound): give it a smaller "
+                             "chunk_tokens"), said
+        assert calls == []
+        kb.add([pyembed.Document("fine", "a good text")])
+        assert len(calls) == 1
+    assert [r[0] for r in app.execute("SELECT document_id FROM pyembed.documents")] == ["fine"]
+    rows = app.execute("SELECT * FROM pyembed._document_problems(ARRAY['a', ' b', 'c'], "
+                       "NULL, ARRAY[1048576, 5, 1048577])").fetchall()
+    assert [r[0] for r in rows] == [" b", "c"]  # (the id rule first: ' b' is not asked for bytes)
