@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from .dbcall import count, integer, translated
 from .errors import InvalidInput, ProviderError, shown
 from .sqlexec import Executor, executor
+from .text import check_text
 
 if TYPE_CHECKING:
     import psycopg
@@ -25,6 +26,7 @@ def create_tenant(conn: psycopg.Connection[Any], name: str, *,
     """A new tenant (owner only); limits None mean unlimited."""
     import psycopg  # the owner's client: PL/Python imports this module only to meter calls
 
+    _name(name, "a tenant name")
     with translated():
         try:
             row = conn.execute(
@@ -49,12 +51,21 @@ def add_member(conn: psycopg.Connection[Any], tenant: str, role: str, *,
                create_login: str | None = None) -> None:
     """Let the login role `role` act for `tenant` (owner only). With `create_login` (a
     password), the role is created as a member of pyembed_app first."""
-    from psycopg import sql  # the owner's client, as create_tenant
+    import psycopg  # the owner's client, as create_tenant
+    from psycopg import sql
 
+    _name(tenant, "a tenant name")
+    _name(role, "a role name")
+    if create_login is not None:  # (an int went into the statement as PASSWORD 5)
+        check_text(create_login, "create_login (the new login's password)")
     with translated(), conn.transaction():
         if create_login is not None:
-            conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {} IN ROLE pyembed_app").format(
-                sql.Identifier(role), sql.Literal(create_login)))
+            try:
+                conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {} IN ROLE pyembed_app")
+                             .format(sql.Identifier(role), sql.Literal(create_login)))
+            except psycopg.errors.DuplicateObject:
+                raise InvalidInput(f"role {shown(role)} already exists: add it without "
+                                   "create_login") from None
         cur = conn.execute(
             "INSERT INTO pyembed.tenant_members (role_name, tenant_id) "
             "SELECT %s, tenant_id FROM pyembed.tenants WHERE name = %s "
@@ -62,6 +73,13 @@ def add_member(conn: psycopg.Connection[Any], tenant: str, role: str, *,
             (role, tenant))
         if cur.rowcount == 0:
             raise InvalidInput(f"unknown tenant {shown(tenant)}")
+
+
+def _name(value: object, what: str) -> None:
+    """InvalidInput for a name that is not a text (psycopg sent an int as a number: no such
+    operator, or a tenant named "5")."""
+    if not isinstance(value, str):
+        raise InvalidInput(f"{what} is a text, not {type(value).__name__} {shown(value)}")
 
 
 @dataclass(frozen=True)

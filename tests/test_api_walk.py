@@ -1,5 +1,6 @@
 """The Python API's public entry points, read by introspection (the public methods of Client and
-Corpus, rag.answer, the migration functions, orm.search: a new one or a new parameter included),
+Corpus, rag.answer, the migration functions, orm.search, the tenants functions: a new one or a
+new parameter included),
 each called with bad values for each parameter by its annotation: a pyembed error (or TypeError
 for a value of the wrong type, Python's own contract) whose message names the problem, never a
 raw psycopg, SDK, numpy or KeyError exception, and the database as it was."""
@@ -16,7 +17,7 @@ import psycopg
 import pytest
 
 import pyembed
-from pyembed import migration, orm, rag
+from pyembed import migration, orm, rag, tenants
 from tests.conftest import Database
 from tests.test_cli_walk import DOCS, KEY, digest
 
@@ -29,6 +30,9 @@ SKIPPED = {
     "Corpus.serving_key": "routing: any text has a serving key (a hash of it); it reads nothing",
     **{f"pyembed.rag.{name}": "a pure helper of answer() on the texts it made"
        for name in ("build_prompt", "citations", "is_insufficient")},
+    **{f"pyembed.tenants.{name}": "the in-database code's own: a callable that meters or counts "
+       "a provider call, made for each embedder (test_tenants)"
+       for name in ("meter", "error_counter")},
 }
 """Public callables the walk leaves out, with why."""
 
@@ -43,7 +47,7 @@ DOCUMENTS: list[Any] = [[("", "x")], [("c", "")], [("c", "x\x00y")], [("c", 5)],
                         [{"id": "c"}], [None], [("c", "x", "y")]]
 KEYS: list[Any] = ["acme/none@1:3", "fake/fake-hash@1:3", "not a key", "", None, 5]
 
-NAME_PARAMS = {"name", "corpus"}
+NAME_PARAMS = {"name", "corpus", "tenant"}
 KEY_PARAMS = {"model_key", "to_key"}
 
 
@@ -74,7 +78,7 @@ def entry_points() -> Iterator[tuple[str, Callable[..., Any], inspect.Signature]
                     inspect.getattr_static(cls, name), property):
                 continue
             yield label, member, inspect.signature(member)
-    for module in (rag, migration, orm):
+    for module in (rag, migration, orm, tenants):
         for name in (n for n in dir(module) if not n.startswith("_")):
             member = getattr(module, name)
             if inspect.isfunction(member) and member.__module__ == module.__name__ and \
@@ -90,6 +94,9 @@ ACCEPTED: dict[tuple[str, str, str], str] = {
        "fake server answers any)" for value in ("'bogus'", "' \\u200b\\t'", "'a\\x00b'")},
     ("pyembed.rag.answer", "model", "''"): "empty is no model: $PYEMBED_CLAUDE_MODEL or the default",
     ("pyembed.migration.storage_bytes", "vectors", "0"): "no vectors take no bytes",
+    ("pyembed.tenants.create_tenant", "name", "'nope'"): "a new name: it makes the tenant",
+    ("pyembed.tenants.add_member", "create_login", "'bogus'"): "a new role's name: it makes the "
+                                                               "login",
     **{("pyembed.migration.storage_bytes", name, str(2**63)): "arithmetic: any count has its size"
        for name in ("vectors", "dims")},
 }
@@ -125,6 +132,7 @@ def walked(db: Database, fake_api: Any, monkeypatch: pytest.MonkeyPatch) -> Iter
     monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")
     with pyembed.connect(db.app_dsn) as client, pyembed.connect(db.owner_dsn) as as_owner:
         client.create_corpus("docs", KEY).add(DOCS)
+        tenants.create_tenant(as_owner.conn, "acme")  # (add_member's good tenant)
         yield client, as_owner
 
 
@@ -139,6 +147,7 @@ def test_every_public_entry_point_refuses_bad_values_with_a_pyembed_error(
         "query": "refund", "question": "refund?", "documents": [("c", "a new text")],
         "kind": "vector", "k": 10, "timings": {}, "share": 50, "vectors": 10, "dims": 384,
         "text": "a text [1]", "count": 1, "sources": [], "query_embedding": [0.5] * 384,
+        "tenant": "acme", "role": "pyembed_app",
     }
     engine = sa.create_engine(pyembed.schema.sqlalchemy_url(db.app_dsn),
                               poolclass=sa.pool.NullPool)
@@ -152,6 +161,8 @@ def test_every_public_entry_point_refuses_bad_values_with_a_pyembed_error(
             for p in params:
                 if p.name == "client" and label.startswith("pyembed.migration"):
                     base["client"] = as_owner
+                elif p.name == "conn" and label.startswith("pyembed.tenants"):
+                    base["conn"] = as_owner.conn
                 elif p.name == "corpus" and p.annotation == "Corpus":
                     base["corpus"] = corpus
                 elif p.default is p.empty:
@@ -163,7 +174,8 @@ def test_every_public_entry_point_refuses_bad_values_with_a_pyembed_error(
                             corpus if label.startswith("Corpus.") else None)
                 call = getattr(owner_of, fn.__name__) if owner_of is not None else fn
                 for p in params:
-                    if p.name == "client" or (p.name == "corpus" and p.annotation == "Corpus"):
+                    if p.name in ("client", "conn") or (p.name == "corpus"
+                                                        and p.annotation == "Corpus"):
                         continue
                     for value in bad_values(p.name, str(p.annotation)):
                         if value is None and p.default is None:
