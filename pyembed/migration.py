@@ -18,11 +18,12 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import psycopg
 
 from .client import Client, in_client_turn
 from .corpora import model_spec
 from .dbcall import count, translated
-from .errors import InvalidInput, MigrationError, shown
+from .errors import DatabaseNotReady, InvalidInput, MigrationError, shown
 from .evaluation import HITS_PER_DOCUMENT, EvalQuery, KeyScore, eval_queries, evaluate, overlap
 from .index import build_index_online, drop_index_online
 from .models import InputType
@@ -325,13 +326,21 @@ def rollback(client: Client, corpus: str) -> int:
 @in_client_turn
 def cleanup(client: Client, corpus: str) -> int:
     """Delete the vectors and indexes of keys the corpus no longer serves; returns rows removed.
-    Indexes are dropped CONCURRENTLY, so searches never queue behind the drop."""
-    removed = int(_call(client, "migration_cleanup", corpus, True))
-    info = client.corpus(corpus).info
-    stale = client._conn.execute("SELECT pyembed._vector_indexes(%s, %s)",
-                                (info.corpus_id, info.model_key)).fetchall()
-    for (name,) in stale:
-        drop_index_online(client._conn, name)
+    Indexes are dropped CONCURRENTLY, so searches never queue behind the drop. Stopped (the
+    database gone, Ctrl-C), the error says what was done and that running it again resumes."""
+    kept = "cleanup stopped with no vector deleted (one transaction deletes them)"
+    try:
+        removed = int(_call(client, "migration_cleanup", corpus, True))
+        info = client.corpus(corpus).info
+        stale = client._conn.execute("SELECT pyembed._vector_indexes(%s, %s)",
+                                    (info.corpus_id, info.model_key)).fetchall()
+        for n, (name,) in enumerate(stale):
+            kept = (f"cleanup stopped with the retired keys' vectors deleted ({removed} rows) and "
+                    f"{n} of their {len(stale)} indexes dropped")
+            drop_index_online(client._conn, name)
+    except (psycopg.OperationalError, DatabaseNotReady, KeyboardInterrupt) as exc:
+        exc.add_note(f"{kept}; running it again resumes: what is gone is not looked for again")
+        raise
     return removed
 
 

@@ -40,10 +40,17 @@ class RecallRow:
 
 def measure(conn: psycopg.Connection[Any], corpus: str, queries: int = 50) -> list[Measurement]:
     """recall@10 now, for each key serving `corpus`, over `queries` of its stored vectors taken
-    as queries (recorded as a measurement on a primary; a replica measures only)."""
-    with translated():
-        rows = conn.execute("SELECT * FROM pyembed.measure_recall(%s, %s)",
-                            (corpus, count(queries, "queries"))).fetchall()
+    as queries (recorded as a measurement on a primary; a replica measures only). Stopped (the
+    connection lost, Ctrl-C), the error says that nothing was recorded and a rerun measures."""
+    queries = count(queries, "queries")
+    try:
+        with translated():
+            rows = conn.execute("SELECT * FROM pyembed.measure_recall(%s, %s)",
+                                (corpus, queries)).fetchall()
+    except (psycopg.OperationalError, KeyboardInterrupt) as exc:
+        exc.add_note("recall stopped with no measurement recorded (one statement records it "
+                     "whole); running it again measures again")
+        raise
     return [Measurement(corpus, key, int(n), float(r)) for key, n, r in rows]
 
 

@@ -35,6 +35,7 @@ from .db import lost as gone
 from .embedder import Embedder
 from .errors import (
     ConfigError,
+    DatabaseNotReady,
     InvalidInput,
     MissingAPIKey,
     ModelMismatch,
@@ -88,6 +89,9 @@ RETRY = ("SELECT pyembed.retry_jobs(%(reason)s::text, %(corpus_ids)s::integer[],
 
 DEFAULT_LEASE = 30.0
 """Seconds a claimed batch stays hidden from other workers; renewed while it is in flight."""
+RECALL_RETRY = 5.0
+"""Seconds before a failed recall measurement is tried again, doubled at each failure in a row
+up to the period (Worker.recall_every): one failure waited a whole period."""
 MAX_RETRY_DELAY = 86400.0
 """The longest wait before a job is tried again that pyembed.retry_jobs takes (a day): a
 service's Retry-After beyond it is cut to it."""
@@ -252,6 +256,7 @@ class Worker:
         self.recall_samples = recall_samples
         """Sampled searches re-run at most each time: the rate limit of the exact scans."""
         self._recall_due = 0.0
+        self._recall_failures = 0
         self._draining = False
         self.cannot_embed: dict[str, PyembedError] = {}
         """Keys this worker cannot embed for (no API key, an unknown model or provider), with
@@ -529,7 +534,7 @@ class Worker:
                 try:
                     self._reopen_lost()
                     self.run_once(stats)
-                    self.measure_recall()
+                    self._measure_recall()
                     troubles = 0
                 except psycopg.OperationalError as exc:
                     troubles += 1
@@ -562,19 +567,44 @@ class Worker:
 
     def measure_recall(self, *, now: bool = False) -> list[recall.Measurement]:
         """Re-run sampled searches when `recall_every` seconds have passed (or `now`); a
-        failure is logged, never stops the worker."""
+        failure is logged, and tried again sooner than a period (RECALL_RETRY). A connection
+        lost, or a database not reached, is DatabaseNotReady, as from a client's call: nothing
+        of the measurement was recorded, and the next call opens a new connection."""
+        try:
+            return self._measure_recall(now=now)
+        except psycopg.Error as exc:  # (only a lost connection's leaves it)
+            self.close()
+            raise DatabaseNotReady(
+                "the connection to the database was lost while measuring recall ("
+                + " ".join(str(exc).split())[:200] + "): nothing of this measurement was "
+                "recorded; the next call opens a new connection") from exc
+
+    def _measure_recall(self, *, now: bool = False) -> list[recall.Measurement]:
+        """measure_recall, raising a lost connection's error for the run loop, which
+        reconnects."""
         if not now and (self.recall_every <= 0 or time.monotonic() < self._recall_due):
             return []
         self._recall_due = time.monotonic() + self.recall_every
         try:
             with self._db().transaction():
-                return recall.measure_sampled(self._db(), self.recall_samples)
+                measured = recall.measure_sampled(self._db(), self.recall_samples)
         except (psycopg.Error, PyembedError) as exc:
+            self._recall_failures += 1
+            self._recall_due = time.monotonic() + self._recall_retry()
             if isinstance(exc, psycopg.Error) and connection_lost(exc):
                 raise  # the run loop reconnects
-            _log.warning("recall measurement failed: %s", exc if isinstance(exc, PyembedError)
-                         else server_error(exc))
+            _log.warning("recall measurement failed (tried again in %.0f s): %s",
+                         self._recall_due - time.monotonic(),
+                         exc if isinstance(exc, PyembedError) else server_error(exc))
             return []
+        self._recall_failures = 0
+        return measured
+
+    def _recall_retry(self) -> float:
+        """Seconds to the next try after the `_recall_failures`th failure in a row: RECALL_RETRY
+        doubled at each, at most a period (a measurement that keeps failing is tried once a
+        period, as one that works)."""
+        return min(RECALL_RETRY * 2.0 ** (self._recall_failures - 1), self.recall_every)
 
     def _nothing_due(self, within: float) -> bool:
         with self._db().transaction():

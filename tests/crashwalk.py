@@ -176,6 +176,9 @@ def _backfilled(n: int) -> Callable[[psycopg.Connection[Any]], None]:
 
 INGEST_STOPPED = r"ingest stopped with \d+ documents? kept .*running it again resumes"
 BACKFILL_STOPPED = r"backfill stopped with \d+ of 12 chunks backfilled .*running it again resumes"
+RECALL_STOPPED = r"recall stopped with no measurement recorded .*running it again measures again"
+CLEANUP_STOPPED = (r"cleanup stopped with the retired keys' vectors deleted \(\d+ rows\) and 0 "
+                   r"of their 1 indexes dropped; running it again resumes")
 
 LOAD_VECTORS = (
     "from pyembed.bulk_load import load_vectors\n"
@@ -243,9 +246,10 @@ WRITERS = [
            ("lock", "embedding_cache"), lambda owner: _cached(owner, 12), r"embedded 12"),
     Writer("recall", lambda app, owner, tmp: _embedded(app, 12),
            ["recall", "c"], ("lock", "recall_measurements"), lambda owner: _measured(owner),
-           r"recall"),
+           r"recall", RECALL_STOPPED),
     Writer("cleanup", lambda app, owner, tmp: _completed(app, owner),
            ["migrate", "cleanup", "c"], ("open", ""), lambda owner: _cleaned(owner), r"",
+           CLEANUP_STOPPED,
            owner=True),
     Writer("recall-sampled", lambda app, owner, tmp: _sampled(app, owner),
            ["worker", "--recall-every", "60"], ("lock", "recall_measurements"),

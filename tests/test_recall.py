@@ -138,3 +138,54 @@ def test_a_search_on_a_replica_is_sampled_on_the_primary_and_measured_on_the_rep
         assert recall.measure(client.read_conn, "docs", 5)[0].recall_at_10 == 1.0
         assert recall.measure_sampled(client.read_conn) == []
     assert owner.execute("SELECT count(*) FROM pyembed.recall_measurements").fetchone() == (0,)
+
+
+def test_a_direct_measure_recall_on_a_lost_connection_is_database_not_ready(
+        db: Database, owner: psycopg.Connection[Any]) -> None:
+    """Worker.measure_recall called directly, its backend gone: DatabaseNotReady saying nothing
+    was recorded (as a client's call says a lost connection), and the next call opens a new
+    connection. Before, psycopg's OperationalError (the run loop's signal to reconnect)."""
+    with pyembed.connect(db.app_dsn) as client:
+        client.create_corpus("docs", KEY).add(DOCS[:3])
+    worker = Worker(db.app_dsn)
+    try:
+        assert worker.measure_recall(now=True) == []  # (no samples yet: connected)
+        owner.execute("SELECT pg_terminate_backend(%s, 5000)", (worker.conn.info.backend_pid,))
+        worker._handed_out = None  # (worker.conn above was for the pid: not the user's)
+        with pytest.raises(pyembed.DatabaseNotReady, match=r"^the connection to the database was "
+                           r"lost while measuring recall \(.*\): nothing of this measurement "
+                           r"was recorded; the next call opens a new connection$"):
+            worker.measure_recall(now=True)
+        assert worker.measure_recall(now=True) == []
+    finally:
+        worker.close()
+
+
+def test_a_failed_recall_measurement_is_tried_again_before_the_next_period(
+        db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A measurement that failed (here refused, InvalidInput) is tried again RECALL_RETRY
+    seconds later, doubled at each failure in a row up to the
+    period, and once a period after one works. Before, a failure waited a whole period
+    (recall_every, 60 s by default) before the next try. The worker's clock is the test's."""
+    import pyembed.worker as worker_module
+
+    clock = [1000.0]
+    monkeypatch.setattr(worker_module.time, "monotonic", lambda: clock[0])
+    tries: list[float] = []
+
+    def failing(conn: Any, max_samples: int = 20) -> list[recall.Measurement]:
+        tries.append(clock[0])
+        if len(tries) <= 2:
+            raise pyembed.InvalidInput("refused")
+        return []
+
+    monkeypatch.setattr(worker_module.recall, "measure_sampled", failing)
+    worker = Worker(db.app_dsn, recall_every=3600.0)
+    try:
+        for at in (1000.0, 1004.0, 1005.0, 1014.0, 1015.0, 1016.0, 4614.0, 4615.0):
+            clock[0] = at
+            worker.measure_recall()
+        # failed at 1000 (again in 5 s), at 1005 (in 10 s), worked at 1015, then a period later
+        assert tries == [1000.0, 1005.0, 1015.0, 4615.0]
+    finally:
+        worker.close()
