@@ -30,8 +30,9 @@ import psycopg
 from . import recall
 from .cache import PostgresCache
 from .corpora import model_spec
-from .db import connection_lost, reopen, resolve_dsn, server_error
+from .db import connection_lost, reopen, resolve_dsn, server_error, translate
 from .db import lost as gone
+from .dbcall import count
 from .embedder import Embedder
 from .errors import (
     ConfigError,
@@ -55,7 +56,7 @@ _log = logging.getLogger(__name__)
 # retry_jobs and release_jobs (sql/040-queue.sql), on the caller's corpora: the attempts decide
 # when a job expires, and its last error is the failure recorded then.
 CLAIM = ("SELECT corpus_id, chunk_id, model_key, content_hash, attempts, content, name, active, "
-         "target FROM pyembed.claim_jobs(%(max_attempts)s::integer, %(limit)s::integer, "
+         "target FROM pyembed.claim_jobs(%(max_attempts)s::numeric, %(limit)s::numeric, "
          "%(lease)s::float8, %(skip)s::text[])")
 
 RENEW = ("SELECT pyembed.renew_jobs(%(lease)s::float8, %(corpus_ids)s::integer[], "
@@ -67,7 +68,7 @@ RELEASE = ("SELECT pyembed.release_jobs(%(corpus_ids)s::integer[], %(chunk_ids)s
 # Jobs out of attempts, and a job given up, are moved to pyembed.queue_failed by the database's
 # pyembed.expire_jobs and pyembed.fail_job (sql/040-queue.sql): a failure row is only ever a
 # queued job of the caller's corpora, moved; the application role cannot write one itself.
-EXPIRE = "SELECT pyembed.expire_jobs(%(max_attempts)s::integer)"
+EXPIRE = "SELECT pyembed.expire_jobs(%(max_attempts)s::numeric)"
 
 FAIL = ("SELECT pyembed.fail_job(%(corpus_id)s::integer, %(chunk_id)s::bigint, %(model)s::text, "
         "%(hash)s::bytea, %(attempts)s::integer, %(reason)s::text)")
@@ -228,8 +229,11 @@ class Worker:
                  retry_max: float = 300.0,
                  embedder_for: Callable[[ModelSpec, PostgresCache], Embedder] | None = None,
                  recall_every: float = 60.0, recall_samples: int = 20) -> None:
-        if batch_size < 1 or max_attempts < 1:
-            raise InvalidInput("batch size and max attempts must be positive")
+        # The batch size's range is pyembed.claim_jobs's, said by its check at the first claim.
+        batch_size = count(batch_size, "batch_size")
+        max_attempts = count(max_attempts, "max_attempts")
+        if max_attempts < 1:
+            raise InvalidInput(f"max_attempts must be at least 1, got {max_attempts}")
         lease_seconds = number(lease_seconds, "lease_seconds", 0.0, above=True, unit="seconds")
         retry_base = number(retry_base, "retry_base", 0.0, unit="seconds")
         retry_max = number(retry_max, "retry_max", 0.0, unit="seconds")
@@ -335,10 +339,17 @@ class Worker:
         stats = stats or WorkerStats()
         with self._db().transaction():
             self._db().execute(EXPIRE, {"max_attempts": self.max_attempts})
-            rows = self._db().execute(CLAIM, {"limit": self.batch_size,
-                                              "lease": self.lease_seconds,
-                                              "max_attempts": self.max_attempts,
-                                              "skip": list(self.cannot_embed)}).fetchall()
+            try:
+                rows = self._db().execute(CLAIM, {"limit": self.batch_size,
+                                                  "lease": self.lease_seconds,
+                                                  "max_attempts": self.max_attempts,
+                                                  "skip": list(self.cannot_embed)}).fetchall()
+            except psycopg.Error as exc:
+                # the claim's own checks (batch size, lease) in pyembed's words; the run loop
+                # handles the server's other errors as they are
+                if (exc.sqlstate or "").startswith("PE"):
+                    raise translate(exc) from exc
+                raise
             items = []
             for *fields, corpus, active, target in rows:
                 item = Item(*fields)

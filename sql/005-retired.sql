@@ -102,3 +102,8 @@ DROP FUNCTION IF EXISTS pyembed.register_model(text, text, text, integer, text, 
 -- The write's pre-check takes a lookup's documents at once (its bounds read once, not a
 -- document at a time) and their longest chunks' bytes: pyembed._document_problems.
 DROP FUNCTION IF EXISTS pyembed._document_problem(text, jsonb);
+-- The worker's counts too (its batch size and attempts): `pyembed worker --batch-size
+-- 2147483648` said only "integer out of range".
+DROP FUNCTION IF EXISTS pyembed.claim_jobs(integer, integer, double precision, text[]);
+DROP FUNCTION IF EXISTS pyembed.expire_jobs(integer);
+DROP FUNCTION IF EXISTS pyembed._job_bounds(integer, double precision);

@@ -59,8 +59,8 @@ CREATE OR REPLACE TRIGGER chunks_queue_update
 
 -- Jobs that used up their attempts without a recorded verdict (e.g. the worker died each time);
 -- the number moved. A job no claim has tried (attempts 0) has used none, whatever max_attempts
--- a caller gives.
-CREATE OR REPLACE FUNCTION pyembed.expire_jobs(max_attempts integer) RETURNS integer
+-- a caller gives (numeric, compared as given: any count a client sends is taken).
+CREATE OR REPLACE FUNCTION pyembed.expire_jobs(max_attempts numeric) RETURNS integer
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -242,21 +242,20 @@ CREATE OR REPLACE TRIGGER queue_keys_accepted_update
 -- Each runs as its owner on the caller's corpora only (visible_corpora, as fail_job), and a
 -- renewal, retry or release changes only a job as this worker's claim left it (its attempts): a
 -- job re-queued with a new text (attempts 0) or claimed again by another worker is not its own.
--- A bound outside its range is PE005: batch 1..10000 jobs, lease above 0 and at most a day.
-CREATE OR REPLACE FUNCTION pyembed._job_bounds(batch integer, lease float8) RETURNS void
+-- A bound outside its range is PE005: batch_size 1..10000 jobs (pyembed._count_arg's words: numeric,
+-- so that any count a client sends reaches the check), lease above 0 and at most a day. The batch
+-- size as an integer, for LIMIT.
+CREATE OR REPLACE FUNCTION pyembed._job_bounds(batch numeric, lease float8) RETURNS integer
 LANGUAGE plpgsql IMMUTABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-  IF batch IS NULL OR batch NOT BETWEEN 1 AND 10000 THEN
-    RAISE EXCEPTION USING ERRCODE = 'PE005',
-      MESSAGE = format('batch must be 1..10000 jobs, got %s', coalesce(batch::text, 'NULL'));
-  END IF;
   IF lease IS NULL OR NOT (lease > 0 AND lease <= 86400) THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
       MESSAGE = format('lease must be above 0 and at most 86400 seconds, got %s',
                        coalesce(lease::text, 'NULL'));
   END IF;
+  RETURN pyembed._count_arg(batch, 'batch_size', 1, 10000);
 END
 $$;
 
@@ -266,7 +265,7 @@ $$;
 -- The text and its hash come from the same row version: a vector is never stored under the hash
 -- of a text it was not made from. FOR NO KEY UPDATE, as for every row a statement updates
 -- without changing its key.
-CREATE OR REPLACE FUNCTION pyembed.claim_jobs(max_attempts integer, batch integer,
+CREATE OR REPLACE FUNCTION pyembed.claim_jobs(max_attempts numeric, batch numeric,
                                               lease float8, skip text[] DEFAULT '{}')
 RETURNS TABLE (corpus_id integer, chunk_id bigint, model_key text, content_hash bytea,
                attempts integer, content text, name text, active text, target text)
@@ -274,6 +273,8 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
+DECLARE
+  most integer;
 BEGIN
   IF num_nulls(max_attempts, batch, lease, skip) > 0 THEN
     PERFORM pyembed._needs(max_attempts IS NULL, 'max_attempts', 'claim_jobs');
@@ -281,7 +282,7 @@ BEGIN
     PERFORM pyembed._needs(lease IS NULL, 'lease', 'claim_jobs');
     PERFORM pyembed._needs(skip IS NULL, 'skip', 'claim_jobs');
   END IF;
-  PERFORM pyembed._job_bounds(batch, lease);
+  most := pyembed._job_bounds(batch, lease);
   RETURN QUERY
   WITH picked AS (
     SELECT q.corpus_id, q.chunk_id, q.model_key, q.content_hash, q.attempts,
@@ -293,7 +294,7 @@ BEGIN
        AND q.model_key <> ALL (coalesce(skip, '{}'))
        AND q.corpus_id = ANY (pyembed.visible_corpora())
      ORDER BY q.not_before, q.enqueued_at
-     LIMIT batch FOR NO KEY UPDATE OF q SKIP LOCKED
+     LIMIT most FOR NO KEY UPDATE OF q SKIP LOCKED
   ), claimed AS (
     UPDATE pyembed.queue q
        SET attempts = q.attempts + 1, not_before = now() + make_interval(secs => lease)

@@ -463,8 +463,9 @@ def test_bad_input_exits_1_whoever_finds_it(db: Database) -> None:
 # -- options checked before any display; counts that agree --------------------------------------
 OPTIONS_OUT_OF_RANGE = [
     (["worker", "--lease", "1e9"], "lease must be above 0 and at most 86400 seconds"),
-    (["worker", "--batch-size", "100000"], "batch must be 1..10000 jobs, got 100000"),
-    (["worker", "--batch-size", "0"], "batch size and max attempts must be positive"),
+    (["worker", "--batch-size", "100000"], "batch_size must be 1..10000, got 100000"),
+    (["worker", "--batch-size", "0"], "batch_size must be 1..10000, got 0"),
+    (["worker", "--max-attempts", "0"], "max_attempts must be at least 1, got 0"),
     (["migrate", "backfill", "docs", "--batch-size", "0"], "batch_size must be 1..100000, got 0"),
     (["migrate", "backfill", "docs", "--batch-size", "-5"], "batch_size must be 1..100000"),
     (["migrate", "backfill", "docs", "--rate", "-1"], "rate must be a number of texts per "

@@ -45,6 +45,7 @@ ACCEPTED: dict[tuple[str, str, str], str] = {
     ("plan-storage", "vectors", "0"): "a plan for no vectors is zero bytes",
     ("plan-storage", "vectors", str(2**63)): "arithmetic: any count has its sizes",
     ("ingest", "batch_size", str(2**63)): "a batch as large as the input",
+    ("worker", "max_attempts", str(2**63)): "a job is tried that many times: in effect, always",
     ("eval compare", "sample", "0"): "only the chunks of the documents the queries name",
     ("eval compare", "sample", str(2**63)): "every chunk of the corpus",
 }
@@ -160,10 +161,10 @@ def bad_values(p: Any, files: dict[str, Path]) -> list[tuple[str, str, bool]]:
     return [(repr(v), v, False) for v in BAD_WORDS]
 
 
-@pytest.mark.usefixtures("own_clusters")  # `db replica add` calls LocalCluster.add_replica
-def test_every_command_refuses_bad_values_with_one_line(
-        db: Database, files: dict[str, Path], tmp_path: Path, fake_api: Any,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+def corpus_to_walk(db: Database, tmp_path: Path,
+                   monkeypatch: pytest.MonkeyPatch) -> tuple[dict[str, str], dict[str, str]]:
+    """Corpus `docs` with DOCS, document a ingested as an ingest stores it (another ingest of it
+    changes nothing): the CLI's environment and a good value of each required parameter."""
     with psycopg.connect(db.owner_dsn, autocommit=True) as owner:
         owner.execute("SELECT pyembed.register_model('fake', 'fake-hash', '2', 384)")
     with pyembed.connect(db.app_dsn) as client:
@@ -178,6 +179,14 @@ def test_every_command_refuses_bad_values_with_one_line(
     good = {"corpus": "docs", "name": "docs", "query": "refund", "question": "refund?",
             "paths": str(unchanged), "share": "50", "query_id": "q1", "model_keys": KEY,
             "tenant": "acme", "role": "acme_user", "to": KEY, "relevant": "a"}
+    return env, good
+
+
+@pytest.mark.usefixtures("own_clusters")  # `db replica add` calls LocalCluster.add_replica
+def test_every_command_refuses_bad_values_with_one_line(
+        db: Database, files: dict[str, Path], tmp_path: Path, fake_api: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    env, good = corpus_to_walk(db, tmp_path, monkeypatch)
     wrong: list[str] = []
     seen = turn = 0
     with psycopg.connect(db.owner_dsn, autocommit=True) as owner:
@@ -207,6 +216,51 @@ def test_every_command_refuses_bad_values_with_one_line(
     assert seen > 200  # (the walk found the parameters it walks)
     assert not wrong, "\n".join(wrong)
 
+
+
+PAST_INTEGER = str(2**31)
+"""One past PostgreSQL's integer: a count the option parser takes and the database cannot."""
+NAMED_AS = {("tenant create", "rpm"): "requests_per_minute",
+            ("tenant create", "tpm"): "tokens_per_minute"}
+"""Options whose error names the setting they stand for (the option is its short form)."""
+
+
+def test_every_whole_number_past_integer_is_refused_by_its_own_bound(
+        db: Database, tmp_path: Path, fake_api: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every whole-number option, given one past PostgreSQL's integer: refused in one line that
+    names the option (its bound, not "integer out of range"), or taken where ACCEPTED says why.
+    The walk above tries a few values an option in turn; this one tries the one value on all."""
+    env, good = corpus_to_walk(db, tmp_path, monkeypatch)
+    wrong: list[str] = []
+    seen = 0
+    with psycopg.connect(db.owner_dsn, autocommit=True) as owner:
+        for path, command in commands():
+            if path in SKIPPED:
+                continue
+            for p in command.params:
+                if p.type_descriptor.annotation not in (int, int | None) or (
+                        " ".join(path), p.name, str(2**63)) in ACCEPTED:  # so this one too
+                    continue
+                args = invocation(command, {**base_args(command, good), p.name: [PAST_INTEGER]})
+                before = digest(owner)
+                out = run_cli(*path, *args, env=env)
+                seen += 1
+                usage = p.max is not None and int(PAST_INTEGER) > p.max
+                problem = judge(out, usage, ingest=path == ("ingest",))
+                line = out.stderr.strip().splitlines()[-1:] or [""]
+                named = {p.name, p.name.replace("_", " "), *(o.lstrip("-") for o in p.opts),
+                         NAMED_AS.get((" ".join(path), p.name), p.name)}
+                if not problem and not any(n in line[0] for n in named):
+                    problem = f"the error does not name {p.name}"
+                if not problem and "out of range" in line[0]:
+                    problem = "the database's range, not the option's bound"
+                if not problem and digest(owner) != before:
+                    problem = "the database changed"
+                if problem:
+                    wrong.append(f"pyembed {' '.join(path)} {p.name}={PAST_INTEGER}: {problem}: "
+                                 f"exit {out.returncode}, stderr {out.stderr[-300:]!r}")
+    assert seen > 15  # (the walk found the options it walks)
+    assert not wrong, "\n".join(wrong)
 
 def judge(out: Any, usage: bool, *, ingest: bool = False) -> str | None:
     """What is wrong with a refusal: None if it is one line, `error: ...`, exit 1, nothing on

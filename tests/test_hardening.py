@@ -137,7 +137,7 @@ def test_a_job_is_only_a_chunk_write_queued(app: psycopg.Connection[Any],
     assert app.execute("SELECT attempts, last_error FROM pyembed.queue").fetchall() \
         == [(1, "try again")]
     err = sql_error(app, "SELECT * FROM pyembed.claim_jobs(5, 0, 30)")
-    assert err.sqlstate == "PE005" and "batch must be 1..10000 jobs, got 0" in str(err), err
+    assert err.sqlstate == "PE005" and "batch_size must be 1..10000, got 0" in str(err), err
     assert isinstance(sql_error(app, "DELETE FROM pyembed.queue"),  # a vector's write dequeues
                       psycopg.errors.InsufficientPrivilege)
     err = sql_error(app, "INSERT INTO pyembed.queue (corpus_id, chunk_id, model_key, "

@@ -18,6 +18,7 @@ import pyembed
 from pyembed import cache, migration, models, orm, rag, recall, tenants
 from pyembed.errors import InvalidInput
 from pyembed.models import ModelSpec
+from pyembed.worker import Worker
 from tests.conftest import Database
 from tests.helpers import run_cli as cli
 from tests.test_cli import db_env
@@ -242,6 +243,8 @@ NOT_COUNTS = {
     ("_check_setting", "value"): "the settings' check itself",
     ("_report_window", "amount"): "the reports' window check, walked through days and hours",
     ("register_model", "price_per_mtok"): "a price, not a count (models_price_in_range)",
+    ("claim_jobs", "max_attempts"): "compared with a job's attempts as given: any count is taken",
+    ("expire_jobs", "max_attempts"): "as claim_jobs's",
 }
 
 
@@ -277,6 +280,7 @@ def test_every_count_reads_the_same_from_sql_and_python(db: Database) -> None:
                 owner.conn, ModelSpec("fake", "m", "9", 8, request_dimensions=n)),
             "rerank candidates": lambda n: docs.search("alpha", k=1, rerank="fake/overlap",
                                                        rerank_candidates=n),
+            "worker batch_size": lambda n: Worker(db.app_dsn, batch_size=n).claim(),
         }
         # (function, parameter) -> (its call with %(n)s, the Python entry point's name or None
         # for a count only SQL takes, whether the owner calls it)
@@ -320,6 +324,8 @@ def test_every_count_reads_the_same_from_sql_and_python(db: Database) -> None:
                 "request_dimensions", True),
             ("hnsw_rule", "rows"): ("hnsw_rule(%(n)s, 384)", None, True),
             ("hnsw_rule", "dims"): ("hnsw_rule(1000, %(n)s)", None, True),
+            ("claim_jobs", "batch"): ("claim_jobs(5, %(n)s, 30)", "worker batch_size", False),
+            ("_job_bounds", "batch"): ("_job_bounds(%(n)s, 30)", None, True),
         }
         walked = owner.conn.execute(
             "SELECT p.proname, a.name FROM pg_proc p, unnest(p.proargnames, p.proargtypes::oid[])"

@@ -67,10 +67,10 @@ APP_EXECUTE = {
     "_clear_vectors(integer, text, bigint, bigint, bigint[])",  # before vectors.copy_vectors's COPY
     "_dequeue_written(integer, text, bigint, bigint, bytea[])",  # by the vector write trigger
     # the worker's moves to queue_failed, the one way a failure row is written
-    "expire_jobs(integer)",
+    "expire_jobs(numeric)",
     "fail_job(integer, bigint, text, bytea, integer, text)",
     # the worker's claim, renewal, retry and release: no UPDATE on the queue itself
-    "claim_jobs(integer, integer, double precision, text[])",
+    "claim_jobs(numeric, numeric, double precision, text[])",
     "renew_jobs(double precision, integer[], bigint[], text[], integer[])",
     "retry_jobs(text, integer[], bigint[], text[], bytea[], integer[], double precision[])",
     "release_jobs(integer[], bigint[], text[], integer[])",

@@ -168,7 +168,6 @@ FROM_PYEMBED = {
     # numeric instead (pyembed._count_arg).
     "_clear_vectors": "vectors.copy_vectors: the corpus id", "_dequeue_written": "as _clear_vectors",
     "_eval_queries_enough": "migration: the corpus id", "_vector_check": "the corpus id",
-    "claim_jobs": "the worker's settings, checked (dbcall.integer)", "expire_jobs": "as claim_jobs",
     "fail_job": "the worker: a claimed job's corpus id and attempts", "hold_jobs": "as fail_job",
     "record_search": "query.py: the corpus id and k, checked", "reserve_query": "as record_search",
     "reserve_usage": "the corpus id and the counted requests", "search_query": "as record_search",
