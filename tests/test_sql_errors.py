@@ -323,6 +323,7 @@ CALLS_THAT_WORK = {
     "measure_recall": ["'docs'", "1"],
     "provider_errors": [],
     "recall_report": ["24"],
+    "replica_lag": [],
     "recall_sampled": ["20"],
     "record_search": [CORPUS_ID, f"'{FAKE}'", "'vector'", "5", "false", "1", "2", "0", "3",
                       "sha256('q')", "'query'", Q, "60", "'{}'", f"ARRAY['{FAKE}']",
