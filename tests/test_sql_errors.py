@@ -501,7 +501,7 @@ def test_local_threads_the_server_cannot_use_are_a_configuration_error(
     err = sql_error(owner, "SELECT pyembed.embed('a text', %s)", (LOCAL_DEFAULT.key,))
     assert err.sqlstate == "PE013", err
     assert isinstance(translate(err), ConfigError)
-    assert "PYEMBED_LOCAL_THREADS must be a positive integer, got 'none'" in str(err)
+    assert "PYEMBED_LOCAL_THREADS must be a whole number 1..256, got 'none'" in str(err)
 
 
 MIGRATION_STEPS = """
