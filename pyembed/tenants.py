@@ -45,12 +45,22 @@ def create_tenant(conn: psycopg.Connection[Any], name: str, *,
     return int(row[0])
 
 
+ROLE_NAME_BYTES = 63
+"""The longest name PostgreSQL keeps whole (NAMEDATALEN - 1)."""
+
+
 def add_member(conn: psycopg.Connection[Any], tenant: str, role: str, *,
                create_login: str | None = None) -> None:
     """Let the login role `role` act for `tenant` (owner only). With `create_login` (a
     password), the role is created as a member of pyembed_app first."""
     from psycopg import sql  # the owner's client, as create_tenant
 
+    size = len(role.encode("utf-8", "surrogatepass"))
+    if size > ROLE_NAME_BYTES:
+        # PostgreSQL cuts a longer name, with a notice no client shows: the login made, or the
+        # member stored, would be another name than the one given and said.
+        raise InvalidInput(f"role name {shown(role)} is {size} bytes: PostgreSQL's names are at "
+                           f"most {ROLE_NAME_BYTES} bytes of UTF-8")
     with translated(), conn.transaction():
         if create_login is not None:
             conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {} IN ROLE pyembed_app").format(
