@@ -9,6 +9,7 @@ first, then each group's commands together, in the order `pyembed --help` lists 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import inspect
 import json
 import math
@@ -176,7 +177,15 @@ def _print_json(data: Any) -> None:
     """Write `data` as one line of JSON on stdout: the only place --json output is written
     (a command prints one such document; `search --json` one per hit, JSON Lines). A number
     JSON cannot hold (NaN, infinity) is written as null."""
-    print(json.dumps(_json_safe(data), default=str, allow_nan=False), flush=True)
+    print(json.dumps(_json_safe(data), default=_json_default, allow_nan=False), flush=True)
+
+
+def _json_default(value: Any) -> str:
+    """A value JSON has no type for: a time in ISO 8601 (README: the --json field names), any
+    other as its text."""
+    if isinstance(value, datetime.date | datetime.time):
+        return value.isoformat()
+    return str(value)
 
 
 def _json_safe(data: Any) -> Any:

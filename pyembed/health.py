@@ -164,18 +164,14 @@ REPLICA_WARN_BYTES = 64 << 20
 
 
 def replicas(conn: psycopg.Connection[Any]) -> list[Finding]:
-    """Each streaming replica of this server and how far behind it is (the lag needs a role
-    with pg_monitor; without it the replica is listed without figures)."""
+    """Each streaming replica of this server and how far behind it is (pyembed.replica_lag();
+    a replica that has replayed nothing yet is listed without figures)."""
     out = []
-    for r in conn.execute(
-            "SELECT application_name, state, "
-            "pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::bigint, "
-            "extract(epoch FROM replay_lag)::float8 FROM pg_catalog.pg_stat_replication "
-            "ORDER BY application_name").fetchall():
+    for r in conn.execute("SELECT * FROM pyembed.replica_lag()").fetchall():
         name, state, behind, lag = r
         if behind is None:
             out.append(Finding("replica", name or "?", state or "connected", "ok",
-                               "lag needs a role with pg_monitor"))
+                               "no WAL replayed yet"))
             continue
         level: Level = "warn" if state != "streaming" or behind > REPLICA_WARN_BYTES else "ok"
         out.append(Finding("replica", name or "?",

@@ -434,12 +434,6 @@ class LocalCluster:
         replica.state_file.write_text(json.dumps(asdict(rst)))
         replica.state_file.chmod(0o600)
         replica.start()
-        import psycopg
-        from psycopg import sql
-
-        # `pyembed status` shows each replica's lag (pg_stat_replication's figures need it).
-        with psycopg.connect(self.dsn(owner=True), autocommit=True) as conn:
-            conn.execute(sql.SQL("GRANT pg_monitor TO {}").format(sql.Identifier(APP_GROUP)))
         return replica
 
     def remove_replica(self, name: str) -> bool:

@@ -8,6 +8,7 @@ The steps run as the owner (a DBA); each is recorded in pyembed.migration_events
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import numbers
@@ -355,7 +356,7 @@ class Status:
     target_vectors: int
     queued: int
     failed: int
-    events: list[tuple[str, str, dict[str, Any]]]
+    events: list[tuple[datetime.datetime, str, dict[str, Any]]]
 
     @property
     def coverage(self) -> float | None:
@@ -376,7 +377,7 @@ def status(client: Client, corpus: str) -> Status:
                       AND model_key = %(k)s)""", {"c": info.corpus_id, "k": key}).fetchone()
     assert one is not None
     events = client._conn.execute(
-        """SELECT e.at::text, e.step, e.detail FROM pyembed.migration_events e
+        """SELECT e.at, e.step, e.detail FROM pyembed.migration_events e
              JOIN pyembed.migrations m USING (migration_id)
             WHERE m.corpus_id = %s ORDER BY e.event_id DESC LIMIT 20""",
         (info.corpus_id,)).fetchall()

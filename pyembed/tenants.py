@@ -47,6 +47,10 @@ def create_tenant(conn: psycopg.Connection[Any], name: str, *,
     return int(row[0])
 
 
+ROLE_NAME_BYTES = 63
+"""The longest name PostgreSQL keeps whole (NAMEDATALEN - 1)."""
+
+
 def add_member(conn: psycopg.Connection[Any], tenant: str, role: str, *,
                create_login: str | None = None) -> None:
     """Let the login role `role` act for `tenant` (owner only). With `create_login` (a
@@ -58,6 +62,12 @@ def add_member(conn: psycopg.Connection[Any], tenant: str, role: str, *,
     _name(role, "a role name")
     if create_login is not None:  # (an int went into the statement as PASSWORD 5)
         check_text(create_login, "create_login (the new login's password)")
+    size = len(role.encode("utf-8", "surrogatepass"))
+    if size > ROLE_NAME_BYTES:
+        # PostgreSQL cuts a longer name, with a notice no client shows: the login made, or the
+        # member stored, would be another name than the one given and said.
+        raise InvalidInput(f"role name {shown(role)} is {size} bytes: PostgreSQL's names are at "
+                           f"most {ROLE_NAME_BYTES} bytes of UTF-8")
     with translated(), conn.transaction():
         if create_login is not None:
             try:

@@ -64,3 +64,17 @@ SELECT l.kind, p.phase, count(*) AS queries,
 CREATE OR REPLACE VIEW pyembed.recall_health WITH (security_invoker = true) AS
 SELECT r.corpus, r.model_key, r.recall_at_10, r.queries, r.measured_at
   FROM pyembed.recall_report(24) r;
+
+-- Each streaming replica of this server and how far behind it is, for `pyembed status`. As its
+-- owner: pg_stat_replication shows the lag only to pg_read_all_stats, which the application
+-- role must not hold (it also shows every session's statement, other tenants' texts included).
+CREATE OR REPLACE FUNCTION pyembed.replica_lag()
+RETURNS TABLE (replica text, state text, bytes_behind bigint, seconds_behind float8)
+LANGUAGE sql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+  SELECT r.application_name::text, r.state::text,
+         pg_wal_lsn_diff(pg_current_wal_lsn(), r.replay_lsn)::bigint,
+         extract(epoch FROM r.replay_lag)::float8
+    FROM pg_catalog.pg_stat_replication r ORDER BY 1
+$$;

@@ -9,6 +9,25 @@ GRANT USAGE ON SCHEMA pyembed TO pyembed_app, pyembed_owner;
 GRANT EXECUTE ON FUNCTION pyembed.current_tenant(), pyembed.visible_corpora() TO pyembed_owner;
 -- Sequences of the tables the application role inserts into itself.
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA pyembed FROM pyembed_app;
+-- The application and worker groups hold no predefined role that reads past the tenant policies:
+-- pg_read_all_stats (and pg_monitor, which holds it) shows every session's statement, other
+-- tenants' texts and queries included, and pg_read_all_data every table's rows, vectors and
+-- secrets included. `pyembed db replica add` granted pg_monitor to pyembed_app for the replicas'
+-- lag, which pyembed.replica_lag() now gives: revoked from a database where it was granted.
+DO $revoke$
+DECLARE
+  m record;
+BEGIN
+  FOR m IN SELECT r.rolname AS granted, g.rolname AS grp
+             FROM pg_catalog.pg_auth_members a
+             JOIN pg_catalog.pg_roles r ON r.oid = a.roleid
+             JOIN pg_catalog.pg_roles g ON g.oid = a.member
+            WHERE r.rolname IN ('pg_monitor', 'pg_read_all_stats', 'pg_read_all_data')
+              AND g.rolname IN ('pyembed_app', 'pyembed_worker')
+  LOOP
+    EXECUTE format('REVOKE %I FROM %I', m.granted, m.grp);
+  END LOOP;
+END $revoke$;
 GRANT USAGE ON SEQUENCE pyembed.chunks_chunk_id_seq TO pyembed_app;
 
 -- Each grant is what a documented operation of the application role needs; row-level security
@@ -127,6 +146,7 @@ GRANT EXECUTE ON FUNCTION
   pyembed.measure_recall(text, numeric),
   pyembed.recall_sampled(numeric),
   pyembed.recall_report(numeric),
+  pyembed.replica_lag(),
   pyembed.record_search(integer, text, text, integer, boolean, real, real, real, real, bytea,
                         text, vector, float8, jsonb, text[], bigint[], bigint[])
   TO pyembed_app;

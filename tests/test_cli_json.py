@@ -5,6 +5,7 @@ The CLI runs as a subprocess (piped, like `pyembed ... | less`) against a real d
 
 from __future__ import annotations
 
+import datetime
 import json
 import re
 from collections.abc import Iterator
@@ -93,7 +94,28 @@ def documented(command: str, *objects: dict[str, Any]) -> None:
 def as_json(db: Database, *args: str) -> Any:
     out = cli(db, *args, "--json")
     assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)  # the whole of stdout is one document
+    document = json.loads(out.stdout)  # the whole of stdout is one document
+    assert_iso_times(document)
+    return document
+
+
+TIME = re.compile(r"\d{4}-\d\d-\d\d[ T]\d\d:\d\d")
+
+
+def assert_iso_times(document: Any) -> None:
+    """Every time in a --json document is ISO 8601, as the README says (a date, then T, then
+    the time and its offset): Python's and PostgreSQL's text of a timestamp, with a space and
+    PostgreSQL's `+00`, is refused by strict readers (jq's fromdateiso8601 among them)."""
+    if isinstance(document, dict):
+        for value in document.values():
+            assert_iso_times(value)
+    elif isinstance(document, list):
+        for value in document:
+            assert_iso_times(value)
+    elif isinstance(document, str) and TIME.match(document):
+        assert document[10] == "T", document
+        parsed = datetime.datetime.fromisoformat(document)
+        assert parsed.isoformat() == document and parsed.tzinfo is not None, document
 
 
 def test_corpus_list_and_show(long_db: Database) -> None:
@@ -257,6 +279,17 @@ def test_migrate_plan_and_status(long_db: Database) -> None:
     documented("migrate status", status, status["events"][0])
     text = cli(long_db, "migrate", "status", "kb", width="250").stdout
     assert f"{LONG} -> {FAKE}, step {status['step']}" in text
+
+
+def test_tenant_list(long_db: Database) -> None:
+    from pyembed import tenants
+
+    with pyembed.connect(long_db.owner_dsn) as owner:
+        tenants.create_tenant(owner.conn, "acme", requests_per_minute=300)
+    (acme,) = as_json(long_db, "tenant", "list")["tenants"]
+    assert (acme["name"], acme["requests_per_minute"], acme["members"]) == ("acme", 300, [])
+    assert acme["created_at"][:10] in cli(long_db, "tenant", "list", width="250").stdout
+    documented("tenant list", acme)
 
 
 def test_eval_compare(long_db: Database) -> None:

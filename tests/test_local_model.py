@@ -288,9 +288,13 @@ def test_session_options_bound_memory_and_threads(monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setenv(LOCAL_THREADS_ENV, "3")
     assert local_threads() == 3
-    monkeypatch.setenv(LOCAL_THREADS_ENV, "0")
-    with pytest.raises(ConfigError, match="PYEMBED_LOCAL_THREADS must be a positive integer"):
-        local_threads()
+    monkeypatch.setenv(LOCAL_THREADS_ENV, "256")
+    assert local_threads() == 256
+    for bad in ("100000", "257", "0", "-1", "abc"):
+        monkeypatch.setenv(LOCAL_THREADS_ENV, bad)
+        with pytest.raises(ConfigError, match=r"PYEMBED_LOCAL_THREADS must be a whole number "
+                           rf"1\.\.256, got '{bad}'"):
+            local_threads()
     monkeypatch.delenv(LOCAL_THREADS_ENV)
     assert local_threads() == min(len(os.sched_getaffinity(0)), 4)
     monkeypatch.setitem(sys.modules, "plpy", types.ModuleType("plpy"))

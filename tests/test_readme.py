@@ -37,6 +37,21 @@ def test_python_example_runs_and_runs_again(db: Database, monkeypatch: pytest.Mo
         assert len(client.corpus("docs").search("error", k=5, mode="keyword")) == 2
 
 
+def test_the_demos_refusal_is_the_one_the_readme_shows(db: Database) -> None:
+    """The README's output of `make demo`'s step 5 is the guard's words as the demo prints them
+    (they had gained quotes and a hint since it was written)."""
+    from pyembed.demo import OTHER_MODEL, QUESTION
+
+    shown = README.split("```\nrefused by the database: ", 1)[1].split("```", 1)[0]
+    with pyembed.connect(db.app_dsn) as client:
+        corpus = client.create_corpus("demo")
+        corpus.add([("d", "Error E4012 means the monthly quota is used up.")])
+        other = client.embedder(OTHER_MODEL).embed_query(QUESTION)
+        with pytest.raises(pyembed.ModelMismatch) as refused:
+            corpus.search(other, k=3, model_key=OTHER_MODEL)
+    assert " ".join(str(refused.value).split()) == " ".join(shown.split())
+
+
 def test_sql_example_behaves_as_documented(app: psycopg.Connection[Any]) -> None:
     sql = re.sub(r"--.*", "", blocks("sql")[0])
     statements = [s.strip() for s in sql.split(";") if s.strip()]
@@ -256,11 +271,15 @@ def test_every_python_name_the_docs_give_exists() -> None:
 
 
 def test_every_environment_variable_the_package_reads_is_in_the_readme() -> None:
-    """Each `PYEMBED_*` name in pyembed's source (an option's envvar, a setting it reads) is
-    named in README, so a user can find what changes its behaviour."""
+    """Each `PYEMBED_*` name in pyembed's source (an option's envvar, a setting it reads), and
+    each service's API key and base URL variable, is named in README, so a user can find what
+    changes its behaviour (ANTHROPIC_BASE_URL, which `ask` reads and checks, was not)."""
     source = "\n".join(p.read_text() for p in (REPO / "pyembed").rglob("*.py"))
     names = set(re.findall(r"\bPYEMBED_[A-Z_]+[A-Z]\b", source))
     assert len(names) > 10
+    services = set(re.findall(r"\b[A-Z][A-Z0-9]*_(?:API_KEY|BASE_URL)\b", source))
+    assert "VOYAGE_API_KEY" in services and "ANTHROPIC_BASE_URL" in services
+    names |= services
     assert sorted(n for n in names if n not in README) == []
 
 

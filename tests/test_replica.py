@@ -13,11 +13,14 @@ from typing import Any
 import psycopg
 import pytest
 from prometheus_client import generate_latest
+from psycopg import sql
 
 import pyembed
+from pyembed import health, schema
 from pyembed.localdb import LocalCluster
 from tests.conftest import Database, _dsn
 from tests.helpers import run_cli
+from tests.test_tenants import two  # noqa: F401  (the fixture: two tenants' DSNs)
 
 pytestmark = pytest.mark.usefixtures("own_clusters")  # it makes clusters (conftest)
 
@@ -280,3 +283,51 @@ def test_every_read_command_answers_on_the_standby(
 
     text = generate_latest(metrics.registry(read_dsn)).decode()
     assert "pyembed_up 1.0" in text, text
+
+
+SECRET = "the merger plan of tenant a: acquire Initech in March"
+
+
+def test_a_replica_shows_no_tenant_another_tenants_statements(
+        standby: LocalCluster, db: Database, owner: psycopg.Connection[Any],
+        two: dict[str, str]) -> None:  # noqa: F811
+    """`pyembed db replica add` granted pg_monitor to pyembed_app, the group of every tenant's
+    login, for `pyembed status`'s replica lag: every tenant then read every session's statement
+    in pg_stat_activity, another tenant's documents and queries included. The lag comes from
+    pyembed.replica_lag() now, and status still shows it."""
+    wait_for(standby, db, "the database")
+    with psycopg.connect(two["a"], autocommit=True) as a, \
+            psycopg.connect(two["b"], autocommit=True) as b:
+        a.execute("SELECT pyembed.create_corpus('docs', %s)", (KEY,))
+        # The text in the statement, as psql and drivers that bind on the client send it.
+        a.execute(sql.SQL("SELECT pyembed.add_document('docs', 'plan', {})").format(
+            sql.Literal(SECRET)))
+        seen = b.execute("SELECT pid, query FROM pg_stat_activity WHERE query LIKE %s",
+                         (f"%{SECRET[:20]}%",)).fetchall()
+        assert [q for _, q in seen if SECRET[:20] in q and "pg_stat_activity" not in q] == [], seen
+        assert b.execute("SELECT pg_has_role('pyembed_app', 'pg_read_all_stats', 'USAGE')"
+                         ).fetchone() == (False,)
+        lag = [f for f in health.replicas(b) if f.subject == standby.home.name]
+        assert lag and "bytes behind" in lag[0].value, lag
+
+
+def test_an_install_takes_back_what_reads_past_the_tenant_policies(
+        db: Database, owner: psycopg.Connection[Any]) -> None:
+    """A database where pyembed_app was given pg_monitor (by `pyembed db replica add` before,
+    or by hand) loses it at its next install: it showed every tenant every session's
+    statement."""
+    member = ("SELECT pg_has_role('pyembed_app', 'pg_read_all_stats', 'USAGE'), "
+              "pg_has_role('pyembed_worker', 'pg_read_all_data', 'USAGE')")
+    owner.execute("GRANT pg_monitor TO pyembed_app")
+    owner.execute("GRANT pg_read_all_data TO pyembed_worker")
+    try:
+        assert owner.execute(member).fetchone() == (True, True)
+        schema.install(db.owner_dsn)
+        assert owner.execute(member).fetchone() == (False, False)
+    finally:
+        for granted, group in (("pg_monitor", "pyembed_app"), ("pg_read_all_data",
+                                                                "pyembed_worker")):
+            if owner.execute("SELECT pg_has_role(%s, %s, 'MEMBER')", (group, granted)
+                             ).fetchone() == (True,):
+                owner.execute(sql.SQL("REVOKE {} FROM {}").format(
+                    sql.Identifier(granted), sql.Identifier(group)))

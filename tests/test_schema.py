@@ -105,6 +105,7 @@ APP_EXECUTE = {
     "measure_recall(text, numeric)",  # recall you can see (sql/072-recall.sql)
     "recall_sampled(numeric)",
     "recall_report(numeric)",
+    "replica_lag()",
     "record_search(integer, text, text, integer, boolean, real, real, real, real, bytea, text, "
     "vector, double precision, jsonb, text[], bigint[], bigint[])",
     "search_reranked(text, text, text, numeric, jsonb, text, numeric, text, text, "

@@ -324,6 +324,7 @@ CALLS_THAT_WORK = {
     "measure_recall": ["'docs'", "1"],
     "provider_errors": [],
     "recall_report": ["24"],
+    "replica_lag": [],
     "recall_sampled": ["20"],
     "record_search": [CORPUS_ID, f"'{FAKE}'", "'vector'", "5", "false", "1", "2", "0", "3",
                       "sha256('q')", "'query'", Q, "60", "'{}'", f"ARRAY['{FAKE}']",
@@ -502,7 +503,7 @@ def test_local_threads_the_server_cannot_use_are_a_configuration_error(
     err = sql_error(owner, "SELECT pyembed.embed('a text', %s)", (LOCAL_DEFAULT.key,))
     assert err.sqlstate == "PE013", err
     assert isinstance(translate(err), ConfigError)
-    assert "PYEMBED_LOCAL_THREADS must be a positive integer, got 'none'" in str(err)
+    assert "PYEMBED_LOCAL_THREADS must be a whole number 1..256, got 'none'" in str(err)
 
 
 MIGRATION_STEPS = """

@@ -353,6 +353,33 @@ def test_a_member_or_tenant_named_wrong_is_quoted(
     assert owner.execute("SELECT count(*) FROM pyembed.tenant_members").fetchone() == (0,)
 
 
+@pytest.mark.parametrize("login", [True, False])
+def test_a_member_name_postgresql_would_cut_is_refused(
+        db: Database, owner: psycopg.Connection[Any], login: bool) -> None:
+    """A role name over 63 bytes: PostgreSQL cuts it (a notice no client showed), so `tenant
+    add-member acme <70 r's> --password ...` made and stored the 63-byte role while it said the
+    70-byte one now acts for acme. Refused now, naming the limit, with nothing made."""
+    tenants.create_tenant(owner, "acme")
+    stem = f"m{uuid.uuid4().hex[:8]}"
+    role = stem + "é" * 28  # 9 + 56 bytes: 37 characters
+    cut = role.encode()[:63].decode("utf-8", "ignore")
+    try:
+        with pytest.raises(InvalidInput, match=r"is 65 bytes: PostgreSQL's names are at most 63"):
+            tenants.add_member(owner, "acme", role, create_login="pw" if login else None)
+        args = ("tenant", "add-member", "acme", role, *(("--password", "pw") if login else ()))
+        out = run_cli(*args, env=db_env(db))
+        assert out.returncode == 1 and "is 65 bytes" in out.stderr, out
+        assert owner.execute("SELECT count(*) FROM pg_roles WHERE rolname LIKE %s",
+                             (f"{stem}%",)).fetchone() == (0,)
+        assert owner.execute("SELECT count(*) FROM pyembed.tenant_members").fetchone() == (0,)
+        tenants.add_member(owner, "acme", cut, create_login="pw")  # 63 bytes: whole
+        assert owner.execute("SELECT role_name::text FROM pyembed.tenant_members"
+                             ).fetchone() == (cut,)
+    finally:
+        owner.execute("DELETE FROM pyembed.tenant_members")
+        owner.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(cut)))
+
+
 def test_a_tenant_member_is_a_login_and_not_the_owner(owner: psycopg.Connection[Any]) -> None:
     """A group (pyembed_app, or a NOLOGIN role of the tenant's logins) was stored as a member
     and `tenant add-member` said it acts for the tenant, but a session acts for its login's

@@ -27,6 +27,11 @@ LOCAL_THREADS_ENV = "PYEMBED_LOCAL_THREADS"
 MAX_LOCAL_THREADS = 4
 """The default's cap: beyond about four threads a model this small gains little."""
 
+MOST_LOCAL_THREADS = 256
+"""The most threads PYEMBED_LOCAL_THREADS may ask for: a count past any machine's CPUs is a
+typo, and the engine makes every thread at once (a count in the tens of thousands had the
+process killed, with no error of its own)."""
+
 TRANSIENT_STATUSES = frozenset({408, 409, 429})
 """HTTP statuses worth retrying, besides every 5xx."""
 
@@ -242,8 +247,9 @@ def local_threads() -> int:
         threads = int(raw)
     except ValueError:
         threads = 0
-    if threads < 1:
-        raise ConfigError(f"{LOCAL_THREADS_ENV} must be a positive integer, got {raw!r}")
+    if not 1 <= threads <= MOST_LOCAL_THREADS:
+        raise ConfigError(f"{LOCAL_THREADS_ENV} must be a whole number 1..{MOST_LOCAL_THREADS}, "
+                          f"got {raw!r}")
     return threads
 
 
