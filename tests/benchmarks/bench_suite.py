@@ -735,6 +735,8 @@ def search(t: Target, owner: psycopg.Connection[Any], data: Data, res: IngestRes
     corpus = res.corpus
     app = app_connection(t)  # prepare_threshold=None, ef_search 100 (pyembed.search sets it too)
     unguarded_conn = connect(t.owner_dsn)  # a server process per path: its CPU time is the path's
+    if args.unguarded_prepared:  # the server keeps its plan (generic once no dearer than custom)
+        unguarded_conn.prepare_threshold = 0
     plain_conn = connect(t.owner_dsn)
     try:
         row_of_chunk = {c: i for i, c in enumerate(res.chunk_ids)}
@@ -804,7 +806,9 @@ def search(t: Target, owner: psycopg.Connection[Any], data: Data, res: IngestRes
                 faults[label] = (f_end - f_start) / len(times[label])
         print(f"\n2. search, k={K}, {len(qvecs)} queries x {args.rounds} rounds, interleaved "
               "(the paths in every order in turn), after a 20-query warm-up; hnsw.ef_search 100 "
-              "on all; prepare_threshold=None; recall@10 against exact numpy search")
+              "on all; prepare_threshold=None"
+              f"{' (the unguarded statement: 0, its plan kept)' if args.unguarded_prepared else ''}"
+              "; recall@10 against exact numpy search")
         print(f"   plans: unguarded (the statement inside pyembed.search): {plans['unguarded']}")
         print(f"          plain: {plans['plain']}")
         p50s: dict[str, float] = {}
@@ -1011,6 +1015,10 @@ def main() -> None:
                         help="section 5 alone: search by storage")
     parser.add_argument("--search-only", action="store_true",
                         help="section 2 alone: guarded search vs the unguarded statement")
+    parser.add_argument("--unguarded-prepared", action="store_true",
+                        help="section 2's unguarded statement prepared, its plan kept by the "
+                             "server (default: planned at every call, as pyembed.search plans "
+                             "its vector leg)")
     parser.add_argument("--database", default=None,
                         help="with --search-only: a database of this name, kept and reused")
     parser.add_argument("--dims", type=int, default=DIMS, choices=(DIMS, 1024),
