@@ -754,8 +754,9 @@ def search(t: Target, owner: psycopg.Connection[Any], data: Data, res: IngestRes
         plans = {label: plan_nodes([r[0] for r in owner.execute(
             sql.SQL("EXPLAIN (COSTS OFF) ") + query, {"q": q0})])
             for label, query in (("unguarded", unguarded_sql), ("plain", plain_sql))}
-        guarded_sql = ("SELECT chunk_id, content, score FROM pyembed.search(%s, %s, %s, 10, "
-                       "group_by => 'chunk')")  # the nearest chunks, as plain returns
+        guarded_sql = sql.SQL("SELECT chunk_id, content, score FROM {}(%s, %s, %s, 10, "
+                              "group_by => 'chunk')").format(  # the nearest chunks, as plain's
+            sql.Identifier(*args.pyembed_function.split(".")))
 
         def guarded(q: Vector) -> list[int]:
             return [row_of_chunk[r[0]] for r in app.execute(guarded_sql, (corpus.name, q, KEY))]
@@ -809,6 +810,8 @@ def search(t: Target, owner: psycopg.Connection[Any], data: Data, res: IngestRes
               "on all; prepare_threshold=None"
               f"{' (the unguarded statement: 0, its plan kept)' if args.unguarded_prepared else ''}"
               "; recall@10 against exact numpy search")
+        if args.pyembed_function != "pyembed.search":
+            print(f"   the pyembed path calls {args.pyembed_function} (a variant made by hand)")
         print(f"   plans: unguarded (the statement inside pyembed.search): {plans['unguarded']}")
         print(f"          plain: {plans['plain']}")
         p50s: dict[str, float] = {}
@@ -1019,6 +1022,10 @@ def main() -> None:
                         help="section 2's unguarded statement prepared, its plan kept by the "
                              "server (default: planned at every call, as pyembed.search plans "
                              "its vector leg)")
+    parser.add_argument("--pyembed-function", default="pyembed.search",
+                        help="section 2's guarded path: pyembed.search or a variant of it with "
+                             "its arguments, made in the database by hand (count_search.py's "
+                             "fn:SCHEMA.NAME), timed in its place")
     parser.add_argument("--database", default=None,
                         help="with --search-only: a database of this name, kept and reused")
     parser.add_argument("--dims", type=int, default=DIMS, choices=(DIMS, 1024),
