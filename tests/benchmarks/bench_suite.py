@@ -735,6 +735,8 @@ def search(t: Target, owner: psycopg.Connection[Any], data: Data, res: IngestRes
     corpus = res.corpus
     app = app_connection(t)  # prepare_threshold=None, ef_search 100 (pyembed.search sets it too)
     unguarded_conn = connect(t.owner_dsn)  # a server process per path: its CPU time is the path's
+    if args.unguarded_prepared:  # the server keeps its plan (generic once no dearer than custom)
+        unguarded_conn.prepare_threshold = 0
     plain_conn = connect(t.owner_dsn)
     try:
         row_of_chunk = {c: i for i, c in enumerate(res.chunk_ids)}
@@ -752,8 +754,9 @@ def search(t: Target, owner: psycopg.Connection[Any], data: Data, res: IngestRes
         plans = {label: plan_nodes([r[0] for r in owner.execute(
             sql.SQL("EXPLAIN (COSTS OFF) ") + query, {"q": q0})])
             for label, query in (("unguarded", unguarded_sql), ("plain", plain_sql))}
-        guarded_sql = ("SELECT chunk_id, content, score FROM pyembed.search(%s, %s, %s, 10, "
-                       "group_by => 'chunk')")  # the nearest chunks, as plain returns
+        guarded_sql = sql.SQL("SELECT chunk_id, content, score FROM {}(%s, %s, %s, 10, "
+                              "group_by => 'chunk')").format(  # the nearest chunks, as plain's
+            sql.Identifier(*args.pyembed_function.split(".")))
 
         def guarded(q: Vector) -> list[int]:
             return [row_of_chunk[r[0]] for r in app.execute(guarded_sql, (corpus.name, q, KEY))]
@@ -804,7 +807,11 @@ def search(t: Target, owner: psycopg.Connection[Any], data: Data, res: IngestRes
                 faults[label] = (f_end - f_start) / len(times[label])
         print(f"\n2. search, k={K}, {len(qvecs)} queries x {args.rounds} rounds, interleaved "
               "(the paths in every order in turn), after a 20-query warm-up; hnsw.ef_search 100 "
-              "on all; prepare_threshold=None; recall@10 against exact numpy search")
+              "on all; prepare_threshold=None"
+              f"{' (the unguarded statement: 0, its plan kept)' if args.unguarded_prepared else ''}"
+              "; recall@10 against exact numpy search")
+        if args.pyembed_function != "pyembed.search":
+            print(f"   the pyembed path calls {args.pyembed_function} (a variant made by hand)")
         print(f"   plans: unguarded (the statement inside pyembed.search): {plans['unguarded']}")
         print(f"          plain: {plans['plain']}")
         p50s: dict[str, float] = {}
@@ -1011,6 +1018,14 @@ def main() -> None:
                         help="section 5 alone: search by storage")
     parser.add_argument("--search-only", action="store_true",
                         help="section 2 alone: guarded search vs the unguarded statement")
+    parser.add_argument("--unguarded-prepared", action="store_true",
+                        help="section 2's unguarded statement prepared, its plan kept by the "
+                             "server (default: planned at every call, as pyembed.search plans "
+                             "its vector leg)")
+    parser.add_argument("--pyembed-function", default="pyembed.search",
+                        help="section 2's guarded path: pyembed.search or a variant of it with "
+                             "its arguments, made in the database by hand (count_search.py's "
+                             "fn:SCHEMA.NAME), timed in its place")
     parser.add_argument("--database", default=None,
                         help="with --search-only: a database of this name, kept and reused")
     parser.add_argument("--dims", type=int, default=DIMS, choices=(DIMS, 1024),

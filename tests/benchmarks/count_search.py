@@ -14,6 +14,9 @@ search (connection set-up, warm-up and exit cancel out). The queries are the fir
 vectors of the corpus's partition, the same every run; the paths are bench_suite.py section 2's:
   pyembed     pyembed.search(corpus, q, key, 10, group_by => 'chunk') as the application role;
   unguarded   the same search as one plain statement on the partition, as the owner;
+  unguarded:prepared   the same statement prepared (psycopg's prepare_threshold 0: the server
+              keeps its plan, generic once it is no dearer than a custom one), what a kept plan
+              of the vector leg is measured against;
   hybrid      (--hybrid) pyembed.search_hybrid of a fixed keyword query with a keyword ranking
               handed in (the new query's second call), as the application role;
   first       a new hybrid query's first round trip as pyembed/query.py sends it (a client
@@ -184,7 +187,9 @@ def main() -> None:
 
         def run(path: str, n: int) -> int:
             """A fresh backend running n searches of the path; returns its pid."""
-            conn = connect(owner_dsn if path == "unguarded" else app_dsn)
+            conn = connect(owner_dsn if path.startswith("unguarded") else app_dsn)
+            if path == "unguarded:prepared":
+                conn.prepare_threshold = 0
             if path.startswith(("first", "second")):
                 conn.prepare_threshold = 5  # as the client's connection: prepared statements
             try:
@@ -200,7 +205,7 @@ def main() -> None:
                     if n > args.warm:
                         print(f"hybrid: a keyword ranking of {len(ranking[0])} hits handed in")
                 step: Callable[[Vector], object]
-                if path == "unguarded":
+                if path.startswith("unguarded"):
                     def step(q: Vector) -> object:
                         return conn.execute(unguarded_sql, {"q": q}).fetchall()
                 elif path == "pyembed":
