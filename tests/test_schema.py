@@ -459,6 +459,24 @@ def test_sql_files_are_named_and_ordered() -> None:
     assert on_disk == names
 
 
+def test_every_lexeme_column_compares_bytes(db: Database) -> None:
+    """The keyword tables' lexemes are COLLATE "C" (revision 0036): under the database's own
+    collation (C.UTF-8 here, which PostgreSQL 15 compares through strcoll) every posting scan,
+    join and grouping of lexemes paid for a locale's comparison that byte order does alike."""
+    with psycopg.connect(db.owner_dsn) as conn:
+        found = conn.execute("""
+        SELECT c.relname || '.' || a.attname, coalesce(l.collname, '?')
+          FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+          JOIN pg_namespace n ON n.oid = c.relnamespace
+          LEFT JOIN pg_collation l ON l.oid = a.attcollation
+         WHERE n.nspname = 'pyembed' AND c.relkind IN ('r', 'p') AND a.attnum > 0
+           AND NOT a.attisdropped AND a.attname IN ('lexeme', 'lexemes')
+         ORDER BY 1""").fetchall()
+    assert found == [("document_postings.lexeme", "C"), ("keyword_pending.lexemes", "C"),
+                     ("lexeme_stats.lexeme", "C"), ("posting_blocks.lexeme", "C"),
+                     ("postings.lexeme", "C")]
+
+
 def test_replaceable_sql_and_install_are_idempotent(db: Database) -> None:
     before = schema_dump(db.owner_dsn)
     with psycopg.connect(db.owner_dsn) as conn, conn.transaction():
