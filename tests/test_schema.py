@@ -460,7 +460,7 @@ def test_sql_files_are_named_and_ordered() -> None:
 
 
 def test_every_lexeme_column_compares_bytes(db: Database) -> None:
-    """The keyword tables' lexemes are COLLATE "C" (revision 0036): under the database's own
+    """The keyword tables' lexemes are COLLATE "C" (revision 0034): under the database's own
     collation (C.UTF-8 here, which PostgreSQL 15 compares through strcoll) every posting scan,
     join and grouping of lexemes paid for a locale's comparison that byte order does alike."""
     with psycopg.connect(db.owner_dsn) as conn:

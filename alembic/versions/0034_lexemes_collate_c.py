@@ -1,6 +1,6 @@
 """The keyword tables' lexemes compare byte by byte (COLLATE "C").
 
-Revision ID: 0036
+Revision ID: 0034
 Revises: 0033
 Create Date: 2026-12-06
 
@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 from pyembed.schema import run_sql
 
-revision: str = "0036"
+revision: str = "0034"
 down_revision: str | Sequence[str] | None = "0033"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
