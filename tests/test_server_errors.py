@@ -98,7 +98,7 @@ def test_a_recall_measurement_the_server_cancels_is_logged_not_a_lost_connection
         with caplog.at_level(logging.WARNING, logger="pyembed.worker"):
             assert worker.measure_recall(now=True) == []
         holder.join()
-        assert "recall measurement failed: QueryCanceled, SQLSTATE 57014" in caplog.text
+        assert "recall measurement failed (tried again in 5 s): QueryCanceled, SQLSTATE 57014" in caplog.text
         assert worker._db().info.backend_pid == pid
     finally:
         worker.close()

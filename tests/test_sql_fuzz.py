@@ -504,6 +504,8 @@ GIVEN_BY_PYEMBED = {
                                    "foreign key refuses any other",
     "_record_recall.*": "recall's measurement of the corpus and key it just searched; the "
                         "table's keys and checks refuse any other",
+    "_sample_recall.*": "a search's query, sampled (a random share) for the corpus and key it "
+                        "just searched; the table's keys refuse any other",
     "_migration_step.*": "a migration row a step locked, and the step's name, a literal",
     **{f"{h}.*": f"{h[1:]}'s body, given {h[1:]}'s arguments as they are: the application "
                  "role's walk gives them" for h in ("_search_text", "_search_reranked")},
