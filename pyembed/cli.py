@@ -923,6 +923,9 @@ def corpus_drop(name: str,
     with _connect(dsn) as conn:
         if not yes:  # asked of a corpus that exists (UnknownCorpus first), on stderr: not a result
             corpus_info(conn, name)
+            if not sys.stdin.isatty():  # no one to answer: the prompt ran into "error: aborted"
+                raise InvalidInput(f"corpus drop asks before it drops {name}, and no one can "
+                                   "answer (stdin is not a terminal): pass --yes")
             typer.confirm(f"drop corpus {name} and all its documents and vectors?", abort=True,
                           err=True)
         drop_corpus(conn, name)

@@ -172,15 +172,22 @@ def serve(dsn: str | None, *, port: int, address: str = "127.0.0.1",
           ready: Callable[[], None] | None = None,
           stopped: Callable[[], bool] | None = None) -> None:
     """Serve /metrics until interrupted, or until `stopped()` says a stop came (asked between
-    requests); `ready` is called once the port is bound (OSError when it cannot be)."""
+    requests); `ready` is called once the port is bound (ConfigError naming the address and port
+    when it cannot be: one in use, an address this host does not have or cannot resolve)."""
     import socket
     from wsgiref.simple_server import WSGIRequestHandler, make_server
 
     from prometheus_client.exposition import ThreadingWSGIServer
 
-    class Server(ThreadingWSGIServer):
+    where = f"{address}:{port}"
+    try:
         # An IPv6 address (--address ::) binds as one, as prometheus_client's server does.
-        address_family = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)[0][0]
+        family = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)[0][0]
+    except OSError as exc:
+        raise errors.ConfigError(f"cannot serve on {where}: {exc.strerror or exc}") from None
+
+    class Server(ThreadingWSGIServer):
+        address_family = family
 
         def service_actions(self) -> None:
             # A signal handler's exception raised inside a __del__ or a weakref callback is
@@ -192,7 +199,10 @@ def serve(dsn: str | None, *, port: int, address: str = "127.0.0.1",
         def log_message(self, format: str, *args: Any) -> None:
             pass  # a scrape every few seconds is not news
 
-    server = make_server(address, port, wsgi_app(registry(dsn)), Server, handler_class=Quiet)
+    try:
+        server = make_server(address, port, wsgi_app(registry(dsn)), Server, handler_class=Quiet)
+    except OSError as exc:  # the port taken, or an address this host does not have
+        raise errors.ConfigError(f"cannot serve on {where}: {exc.strerror or exc}") from None
     if ready is not None:
         ready()
     try:

@@ -113,6 +113,20 @@ def test_errors_are_one_line_and_non_zero(db: Database) -> None:
         assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], out.stderr
 
 
+
+def test_corpus_drop_without_yes_where_no_one_answers(db: Database) -> None:
+    """Without --yes and with no terminal to answer on, the question ran into the refusal
+    ("drop corpus docs and all its documents and vectors? [y/N]: error: aborted", one line):
+    now the refusal alone says to pass --yes, and the corpus is kept."""
+    with pyembed_api.connect(db.app_dsn) as client:
+        client.create_corpus("docs", "fake/fake-hash@1:384").add([("a", "kept")])
+    out = run_cli("corpus", "drop", "docs", env={"PYEMBED_DSN": db.app_dsn})
+    assert out.returncode == 1 and out.stderr == (
+        "error: corpus drop asks before it drops docs, and no one can answer (stdin is not a "
+        "terminal): pass --yes\n"), out.stderr
+    with pyembed_api.connect(db.app_dsn) as client:
+        assert [c.name for c in client.corpora()] == ["docs"]
+
 @pytest.mark.parametrize("group", [("corpus",), ("db",), ("db", "replica"), ("migrate",),
                                    ("eval",), ("cache",), ("metrics",), ("tenant",)])
 def test_a_group_named_alone_shows_its_help_without_an_empty_error(group: tuple[str, ...]) -> None:

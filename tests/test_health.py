@@ -106,6 +106,27 @@ def test_metrics_serve_answers_http(db: Database) -> None:
         proc.wait(timeout=10)
 
 
+
+def test_metrics_serve_names_the_address_it_cannot_serve_on(db: Database) -> None:
+    """A port another program holds, an address this host does not have, a name it cannot
+    resolve: one line naming the address and port, exit 1. Before, "error: [Errno 98] Address
+    already in use" (which port?) and "[Errno -2] Name or service not known"."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cases = [("127.0.0.1", "Address already in use"),
+                 ("192.0.2.1", "Cannot assign requested address"),
+                 ("no-such-host.invalid", "")]
+        for address, why in cases:
+            out = run_cli("metrics", "serve", "--port", str(port), "--address", address,
+                          "--dsn", db.app_dsn, env={"PYEMBED_DSN": db.app_dsn})
+            lines = out.stderr.strip().splitlines()
+            assert out.returncode == 1 and lines[-1].startswith(
+                f"error: cannot serve on {address}:{port}: ") and why in lines[-1], out.stderr
+
 def test_metrics_serve_ends_on_a_stop_whose_exception_python_dropped(db: Database) -> None:
     """CI saw `metrics serve` keep serving after SIGTERM (a second SIGTERM ended it): a signal
     handler's exception raised inside a __del__ or a weakref callback is printed and dropped by
