@@ -183,7 +183,8 @@ class _Reader:
                          record=False)
             return
         try:
-            bad = _utf8_problem(path)
+            # (a JSONL file's lines are records of their own: each is decoded as it is read)
+            bad = None if suffix in JSONL_SUFFIXES else _utf8_problem(path)
         except OSError as exc:
             self.problem(path, None, f"cannot read: {exc.strerror or exc}", record=False)
             return
@@ -237,8 +238,16 @@ class _Reader:
 
     def _jsonl(self, path: Path) -> Iterator[_Record]:
         empty = True
-        with path.open(encoding="utf-8-sig") as f:
-            for number, line in enumerate(f, start=1):
+        with path.open("rb") as f:
+            for number, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+                except UnicodeDecodeError as exc:
+                    empty = False
+                    self.problem(path, number, f"not UTF-8: byte 0x{raw[exc.start]:02x} at offset "
+                                 f"{exc.start} of the line (convert the file to UTF-8)",
+                                 record=True)
+                    continue
                 if not line.strip():
                     continue
                 empty = False
@@ -376,9 +385,9 @@ def read_documents(path: Path, *, text_field: str = "text", id_field: str = "id"
     `.jsonl`: one JSON object per line, id from `id_field` (or BEIR's `_id`), text from
     `text_field` (a "title" is put before it), other keys as metadata. `.csv`: a header row
     naming `id_field` and `text_field` columns, other columns as metadata. Files are UTF-8
-    (a BOM is fine).
+    (a BOM is fine); a JSONL line that is not is a bad record, any other such file a bad file.
 
-    A bad record (invalid JSON, missing or empty id or text, NUL byte, id already read) or
+    A bad record (invalid JSON or UTF-8, missing or empty id or text, NUL byte, id already read) or
     file (missing, unsupported, not UTF-8, a FIFO or device) is appended to `problems` and skipped; without
     a `problems` list it raises IngestError.
     """

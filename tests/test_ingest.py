@@ -274,16 +274,31 @@ def test_a_directory_is_walked_recursively(tmp_path: Path, corpus: Corpus,
 
 def test_a_file_that_is_not_utf8_is_one_problem(tmp_path: Path, corpus: Corpus) -> None:
     _write(tmp_path / "good.txt", "fine")
-    latin = _write(tmp_path / "latin1.jsonl",
-                   '{"id": "a", "text": "ok"}\n{"id": "b", "text": "caf\u00e9"}\n'
-                   .encode("latin-1"))
+    latin = _write(tmp_path / "latin1.txt", "caf\u00e9 au lait".encode("latin-1"))
 
     report = ingest(corpus, tmp_path, progress=False)
 
     assert report.added == 1 and report.failed == 0
     [problem] = report.problems
-    assert (problem.path, problem.line) == (latin, 2)
+    assert (problem.path, problem.line) == (latin, 1)
     assert problem.message.startswith("not UTF-8: byte 0xe9")
+
+
+def test_a_jsonl_line_that_is_not_utf8_is_one_bad_record(tmp_path: Path, corpus: Corpus) -> None:
+    """A JSONL file's lines are records of their own, as an invalid JSON line is skipped alone:
+    one line in Latin-1 skipped the whole file, its good lines with it."""
+    latin = _write(tmp_path / "mixed.jsonl",
+                   '\ufeff{"id": "a", "text": "ok"}\n'.encode() + '{"id": "b", "text": "caf\u00e9"}'
+                   '\n'.encode("latin-1") + '{"id": "c", "text": "caf\u00e9"}\n'.encode())
+
+    report = ingest(corpus, tmp_path, progress=False)
+
+    assert report.added == 2 and report.failed == 1, report
+    [problem] = report.problems
+    assert (problem.path, problem.line) == (latin, 2)
+    assert problem.message == ("not UTF-8: byte 0xe9 at offset 24 of the line (convert the file "
+                               "to UTF-8)")
+    assert sorted(d.id for d in read_documents(latin, problems=[])) == ["a", "c"]
 
 
 def test_empty_files_missing_columns_and_unsupported_paths(tmp_path: Path,
