@@ -29,9 +29,9 @@ from rich.progress import (
 )
 
 from .corpora import CorpusInfo, corpus_info, model_spec
-from .db import connect, connection_lost
+from .db import connect, connection_lost, lost_during, unreachable
 from .dbcall import translated
-from .errors import DatabaseNotReady, InvalidInput, InvalidVector
+from .errors import InvalidInput, InvalidVector
 from .index import bulk_load
 from .models import ModelSpec
 from .vectors import as_unit_vectors, copy_vectors, float_array
@@ -75,8 +75,7 @@ def load_vectors(corpus: str, chunk_ids: Sequence[int], model_key: str, vectors:
         if not connection_lost(exc):
             raise
         # As a Client's call says it (DatabaseNotReady), with what the batches wrote.
-        lost = DatabaseNotReady("the connection to the database was lost during load_vectors ("
-                                + " ".join(str(exc).split())[:200] + ")")
+        lost = lost_during("during load_vectors", exc)
         for note in getattr(exc, "__notes__", ()):
             lost.add_note(note)
         raise lost from exc
@@ -87,8 +86,7 @@ def _open(dsn: str | None) -> psycopg.Connection[Any]:
     try:
         return connect(dsn, autocommit=True)
     except psycopg.OperationalError as exc:
-        raise DatabaseNotReady("cannot reach the database: "
-                               + " ".join(str(exc).split())[:300]) from exc
+        raise unreachable(exc) from exc
 
 
 def _checked_load(corpus: str, chunk_ids: Sequence[int], model_key: str, vectors: np.ndarray,

@@ -35,7 +35,7 @@ from .corpora import (
     model_spec,
     write_prepared,
 )
-from .db import PsycopgExecutor, conninfo, lost, reopen
+from .db import PsycopgExecutor, conninfo, lost, lost_during, reopen, unreachable
 from .db import connect as db_connect
 from .db import identity as _identity
 from .embedder import Embedder
@@ -228,10 +228,8 @@ class Client:
                 yield
             except psycopg.OperationalError as exc:
                 if self._calls == 1 and (self._conn.closed or self._read_conn.closed):
-                    raise DatabaseNotReady(
-                        "the connection to the database was lost during the call ("
-                        + " ".join(str(exc).split())[:200] + "): what it wrote may or may not "
-                        "be stored; the next call opens a new connection") from exc
+                    raise lost_during("during the call", exc, ": what it wrote may or may not "
+                                      "be stored; the next call opens a new connection") from exc
                 raise
             finally:
                 self._calls -= 1
@@ -842,8 +840,7 @@ def connect(dsn: str | None = None, *, read_dsn: str | None = None, use_cache: b
     try:
         conn = db_connect(dsn, autocommit=True)
     except psycopg.OperationalError as exc:
-        raise DatabaseNotReady("cannot reach the database: "
-                               + " ".join(str(exc).split())[:300]) from None
+        raise unreachable(exc) from None
     try:
         read_conn = db_connect(read_dsn, autocommit=True) if read_dsn else None
     except psycopg.OperationalError as exc:

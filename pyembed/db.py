@@ -117,6 +117,20 @@ def connection_lost(exc: psycopg.Error) -> bool:
     return not state or state == "53300" or state.startswith(("08", "57P"))
 
 
+def unreachable(exc: psycopg.Error) -> errors.DatabaseNotReady:
+    """DatabaseNotReady for a connection that did not open, in the words of every entry point
+    that opens one (pyembed.connect, load_vectors)."""
+    return errors.DatabaseNotReady("cannot reach the database: "
+                                   + " ".join(str(exc).split())[:300])
+
+
+def lost_during(what: str, exc: BaseException, then: str = "") -> errors.DatabaseNotReady:
+    """DatabaseNotReady for a connection lost `what` (during the call, while measuring recall):
+    the server's words in one line, then `then` (what was kept, what the next call does)."""
+    return errors.DatabaseNotReady(f"the connection to the database was lost {what} ("
+                                   + " ".join(str(exc).split())[:200] + ")" + then)
+
+
 def server_error(exc: psycopg.Error) -> str:
     """What the server said, in one line: its class, SQLSTATE and message."""
     text = " ".join(str(exc).split())[:300]

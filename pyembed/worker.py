@@ -30,13 +30,12 @@ import psycopg
 from . import recall
 from .cache import PostgresCache
 from .corpora import model_spec
-from .db import connection_lost, reopen, resolve_dsn, server_error, translate
+from .db import connection_lost, lost_during, reopen, resolve_dsn, server_error, translate
 from .db import lost as gone
 from .dbcall import count
 from .embedder import Embedder
 from .errors import (
     ConfigError,
-    DatabaseNotReady,
     InvalidInput,
     MissingAPIKey,
     ModelMismatch,
@@ -585,10 +584,8 @@ class Worker:
             return self._measure_recall(now=now)
         except psycopg.Error as exc:  # (only a lost connection's leaves it)
             self.close()
-            raise DatabaseNotReady(
-                "the connection to the database was lost while measuring recall ("
-                + " ".join(str(exc).split())[:200] + "): nothing of this measurement was "
-                "recorded; the next call opens a new connection") from exc
+            raise lost_during("while measuring recall", exc, ": nothing of this measurement was "
+                              "recorded; the next call opens a new connection") from exc
 
     def _measure_recall(self, *, now: bool = False) -> list[recall.Measurement]:
         """measure_recall, raising a lost connection's error for the run loop, which
