@@ -76,8 +76,8 @@ def top_for_sql(packed: bytes, blocks: Sequence[int], terms: Sequence[int],
                 ) -> tuple[list[int], list[str]]:
     """top()'s ranking as pyembed._bm25_top returns it: each score as its exact hexadecimal
     form (float.hex). PL/Python hands a float to PostgreSQL as text, which float8in reads with
-    strtod (C99: hexadecimal floats too, to the last bit), where repr's shortest decimal cost
-    about as much as the scoring itself."""
+    strtod (C99: hexadecimal floats too, to the last bit); the hexadecimal form is written and
+    read without the search for a shortest decimal that repr makes."""
     ids, scores = top(packed, blocks, terms, sizes, idfs, avgdl, n)
     return ids, list(map(float.hex, scores))
 

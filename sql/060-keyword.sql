@@ -478,8 +478,8 @@ $$;
 -- The passage of each of some documents (by doc_no) for a query: its chunk that BM25 over the
 -- chunks scores best (the first of equals; a document's only chunk without scoring it), in their
 -- order. The chunks to score are read as runs of consecutive chunk ids (a document's chunks,
--- written together, are one run): an index range scan of a run per query term, where a probe per
--- chunk and term descended the index several times as often. A chunk's parts are added in the
+-- written together, are one run): an index range scan of a run per query term, not a probe per
+-- chunk and term, each its own descent of the index. A chunk's parts are added in the
 -- order of the query's terms (q's rows), the same for every chunk.
 -- (PL/pgSQL: its plan is kept, where a SQL function with SET is planned at every call.)
 CREATE OR REPLACE FUNCTION pyembed._keyword_passages(c pyembed.corpora, query text,
