@@ -38,6 +38,20 @@ def resolve_dsn(*, owner: bool = False, worker: bool = False) -> str:
     return LocalCluster().dsn(owner=owner, worker=worker)
 
 
+def dsn_parts(dsn: object) -> dict[str, Any]:
+    """A libpq DSN or URL's parameters; ConfigError "not a DSN: ..." (the password redacted, as
+    libpq quotes what it cannot parse) for one it cannot parse, InvalidInput for a non-string."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    if not isinstance(dsn, str):
+        raise errors.InvalidInput(f"a DSN is a string, not {errors.shown(dsn)}")
+    try:
+        return conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError as exc:
+        raise errors.ConfigError(
+            f"not a DSN: {errors.redact(' '.join(str(exc).split()))[:300]}") from None
+
+
 class VectorArray(list[Vector]):
     """Vectors for a `::vector[]` parameter, sent in pgvector's binary form on a connection
     from `connect` (psycopg sends a plain list as text: every float printed and parsed)."""

@@ -31,6 +31,7 @@ from rich.progress import (
 from .client import AddReport, Corpus, Document, PreparedAdd
 from .corpora import RefusedDocuments
 from .db import twin
+from .dbcall import count
 from .errors import ConfigError, InvalidInput, ModelMismatch, shown
 from .text import has_text, number, read_json
 
@@ -139,6 +140,11 @@ class _Reader:
     problems: list[FileProblem] | None = None
     bad_records: int = 0
     seen: dict[str, tuple[Path, int | None]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for what, name in (("text_field", self.text_field), ("id_field", self.id_field)):
+            if not isinstance(name, str) or not name:
+                raise InvalidInput(f"{what} must be a field's name, got {shown(name)}")
 
     def problem(self, path: Path, line: int | None, message: str, *, record: bool) -> None:
         found = FileProblem(path, line, message)
@@ -391,9 +397,8 @@ def read_documents(path: Path, *, text_field: str = "text", id_field: str = "id"
     file (missing, unsupported, not UTF-8, a FIFO or device) is appended to `problems` and skipped; without
     a `problems` list it raises IngestError.
     """
-    reader = _Reader(text_field, id_field, problems)
-    for record in reader.read(Path(path)):
-        yield record.document
+    reader = _Reader(text_field, id_field, problems)  # its arguments checked at the call
+    return (record.document for record in reader.read(Path(path)))
 
 
 def ingest(corpus: Corpus, paths: Path | str | Iterable[Path | str], *, batch_size: int = 64,
@@ -418,8 +423,8 @@ def ingest(corpus: Corpus, paths: Path | str | Iterable[Path | str], *, batch_si
     `progress` shows on `console` a progress bar if it is a terminal, else a line every
     `progress_every` seconds (documents and chunks so far, both rates, ETA).
     """
-    if batch_size < 1:
-        raise InvalidInput(f"batch_size must be at least 1, got {batch_size}")
+    # A batch is held in memory and written in one transaction: bounded as the worker's claim.
+    batch_size = count(batch_size, "batch_size", (1, 10000))
     progress_every = number(progress_every, "progress_every", 0.0, unit="seconds")
     if isinstance(paths, str | Path):
         paths = [paths]

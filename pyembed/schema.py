@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .config import resource_dir
-from .db import resolve_dsn
-from .errors import ConfigError, InstallError, InvalidInput, redact
+from .db import dsn_parts, resolve_dsn
+from .errors import InstallError, InvalidInput
 from .models import BUILTIN, ModelSpec
 
 if TYPE_CHECKING:
@@ -50,14 +50,7 @@ def sqlalchemy_url(dsn: str | None = None) -> str:
 def _kv_to_query(dsn: str) -> str:
     from urllib.parse import urlencode
 
-    import psycopg
-    from psycopg.conninfo import conninfo_to_dict
-
-    try:
-        parsed = conninfo_to_dict(dsn)
-    except psycopg.ProgrammingError as exc:  # as db.connect says it, the password redacted
-        raise ConfigError(f"not a DSN: {redact(' '.join(str(exc).split()))[:300]}") from None
-    return urlencode({k: str(v) for k, v in parsed.items()})
+    return urlencode({k: str(v) for k, v in dsn_parts(dsn).items()})
 
 
 def sql_files() -> list[Path]:

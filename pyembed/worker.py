@@ -30,7 +30,7 @@ import psycopg
 from . import recall
 from .cache import PostgresCache
 from .corpora import model_spec
-from .db import connection_lost, lost_during, reopen, resolve_dsn, server_error, translate
+from .db import connection_lost, dsn_parts, lost_during, reopen, resolve_dsn, server_error, translate
 from .db import lost as gone
 from .dbcall import count
 from .embedder import Embedder
@@ -233,13 +233,20 @@ class Worker:
         max_attempts = count(max_attempts, "max_attempts")
         if max_attempts < 1:
             raise InvalidInput(f"max_attempts must be at least 1, got {max_attempts}")
+        # Its upper bound is pyembed.recall_sampled's; a negative count would fail every run of
+        # the background recall, where only the log would say so.
+        recall_samples = count(recall_samples, "recall_samples")
+        if recall_samples < 0:
+            raise InvalidInput(f"recall_samples must be 0 or more, got {recall_samples}")
         lease_seconds = number(lease_seconds, "lease_seconds", 0.0, above=True, unit="seconds")
         retry_base = number(retry_base, "retry_base", 0.0, unit="seconds")
         retry_max = number(retry_max, "retry_max", 0.0, unit="seconds")
         recall_every = number(recall_every, "recall_every", 0.0, unit="seconds")
         # The worker's login by default ($PYEMBED_WORKER_DSN, the local cluster's), which
-        # counts failed provider calls.
+        # counts failed provider calls. Parsed here, so that a DSN given wrong is said where it is
+        # given, not at the first claim.
         self.dsn = dsn or resolve_dsn(worker=True)
+        dsn_parts(self.dsn)
         self.batch_size = batch_size
         self.max_attempts = max_attempts
         self.lease_seconds = lease_seconds

@@ -1,6 +1,6 @@
 """The Python API's public entry points, read by introspection (the public methods of Client and
-Corpus, rag.answer, the migration functions, orm.search, the tenants functions: a new one or a
-new parameter included),
+Corpus, rag.answer, the migration functions, orm.search, the tenants functions, ingest, the
+Worker's constructor: a new one or a new parameter included),
 each called with bad values for each parameter by its annotation: a pyembed error (or TypeError
 for a value of the wrong type, Python's own contract) whose message names the problem, never a
 raw psycopg, SDK, numpy or KeyError exception, and the database as it was."""
@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,7 +18,8 @@ import psycopg
 import pytest
 
 import pyembed
-from pyembed import migration, orm, rag, tenants
+from pyembed import ingest, migration, orm, rag, tenants
+from pyembed.worker import Worker
 from tests.conftest import Database
 from tests.test_cli_walk import DOCS, KEY, digest
 
@@ -30,6 +32,8 @@ SKIPPED = {
     "Corpus.serving_key": "routing: any text has a serving key (a hash of it); it reads nothing",
     **{f"pyembed.rag.{name}": "a pure helper of answer() on the texts it made"
        for name in ("build_prompt", "citations", "is_insufficient")},
+    **{f"pyembed.ingest.{name}": "a pure helper of ingest() on the counts and texts it read"
+       for name in ("stopped_line", "progress_line", "markdown_title")},
     **{f"pyembed.tenants.{name}": "the in-database code's own: a callable that meters or counts "
        "a provider call, made for each embedder (test_tenants)"
        for name in ("meter", "error_counter")},
@@ -78,7 +82,8 @@ def entry_points() -> Iterator[tuple[str, Callable[..., Any], inspect.Signature]
                     inspect.getattr_static(cls, name), property):
                 continue
             yield label, member, inspect.signature(member)
-    for module in (rag, migration, orm, tenants):
+    yield "Worker", Worker, inspect.signature(Worker.__init__)
+    for module in (rag, migration, orm, tenants, ingest):
         for name in (n for n in dir(module) if not n.startswith("_")):
             member = getattr(module, name)
             if inspect.isfunction(member) and member.__module__ == module.__name__ and \
@@ -97,6 +102,10 @@ ACCEPTED: dict[tuple[str, str, str], str] = {
     ("pyembed.tenants.create_tenant", "name", "'nope'"): "a new name: it makes the tenant",
     ("pyembed.tenants.add_member", "create_login", "'bogus'"): "a new role's name: it makes the "
                                                                "login",
+    **{(f"pyembed.ingest.{fn}", name, value): "a field's name is the file's to have: records "
+       "without it are bad records, reported, and the run goes on"
+       for fn in ("ingest", "read_documents") for name in ("text_field", "id_field")
+       for value in ("'bogus'", "'a\\x00b'", "' \\u200b\\t'")},
     **{("pyembed.migration.storage_bytes", name, str(2**63)): "arithmetic: any count has its size"
        for name in ("vectors", "dims")},
 }
@@ -137,17 +146,19 @@ def walked(db: Database, fake_api: Any, monkeypatch: pytest.MonkeyPatch) -> Iter
 
 
 def test_every_public_entry_point_refuses_bad_values_with_a_pyembed_error(
-        db: Database, walked: Any) -> None:
+        db: Database, walked: Any, tmp_path: Path) -> None:
     import sqlalchemy as sa
 
     client, as_owner = walked
     corpus = client.corpus("docs")
+    source = tmp_path / "docs.jsonl"
+    source.write_text('{"id": "c", "text": "a new text"}\n')
     good: dict[str, Any] = {
         "corpus": "docs", "name": "docs", "model_key": KEY, "to_key": "fake/fake-hash@2:384",
         "query": "refund", "question": "refund?", "documents": [("c", "a new text")],
         "kind": "vector", "k": 10, "timings": {}, "share": 50, "vectors": 10, "dims": 384,
         "text": "a text [1]", "count": 1, "sources": [], "query_embedding": [0.5] * 384,
-        "tenant": "acme", "role": "pyembed_app",
+        "tenant": "acme", "role": "pyembed_app", "paths": source, "path": source,
     }
     engine = sa.create_engine(pyembed.schema.sqlalchemy_url(db.app_dsn),
                               poolclass=sa.pool.NullPool)
@@ -231,7 +242,7 @@ def test_a_closed_client_says_so_from_every_entry_point(db: Database, walked: An
         "share": 50, "query_embedding": [0.5] * 384}
     wrong = []
     for label, fn, signature in entry_points():
-        if label.startswith(("pyembed.orm", "pyembed.migration.storage_bytes")):
+        if label.startswith(("pyembed.orm", "pyembed.migration.storage_bytes", "Worker")):
             continue  # (no client)
         kwargs: dict[str, Any] = {}
         for p in signature.parameters.values():
