@@ -80,11 +80,9 @@ class PsycopgExecutor:
 def connect(dsn: str | None = None, *, owner: bool = False, **kwargs: Any) -> psycopg.Connection[Any]:
     """A psycopg connection with the vector types registered (if the extension exists), and
     VectorArray sent in binary."""
-    try:
-        conn = psycopg.connect(dsn or resolve_dsn(owner=owner), **kwargs)
-    except psycopg.ProgrammingError as exc:  # libpq quotes a URI it cannot parse, password too
-        raise errors.ConfigError(
-            f"not a DSN: {errors.redact(' '.join(str(exc).split()))[:300]}") from None
+    target = dsn or resolve_dsn(owner=owner)
+    dsn_parts(target)  # one that libpq cannot parse: ConfigError, not psycopg's error
+    conn = psycopg.connect(target, **kwargs)
     try:
         register_vector(conn)
     except psycopg.ProgrammingError:

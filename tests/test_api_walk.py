@@ -83,6 +83,8 @@ def entry_points() -> Iterator[tuple[str, Callable[..., Any], inspect.Signature]
                 continue
             yield label, member, inspect.signature(member)
     yield "Worker", Worker, inspect.signature(Worker.__init__)
+    for fn in (pyembed.connect, pyembed.install):
+        yield f"pyembed.{fn.__name__}", fn, inspect.signature(fn)
     for module in (rag, migration, orm, tenants, ingest):
         for name in (n for n in dir(module) if not n.startswith("_")):
             member = getattr(module, name)
@@ -242,7 +244,8 @@ def test_a_closed_client_says_so_from_every_entry_point(db: Database, walked: An
         "share": 50, "query_embedding": [0.5] * 384}
     wrong = []
     for label, fn, signature in entry_points():
-        if label.startswith(("pyembed.orm", "pyembed.migration.storage_bytes", "Worker")):
+        if label.startswith(("pyembed.orm", "pyembed.migration.storage_bytes", "Worker",
+                             "pyembed.connect", "pyembed.install")):
             continue  # (no client)
         kwargs: dict[str, Any] = {}
         for p in signature.parameters.values():
