@@ -189,7 +189,8 @@ def backfill(client: Client, corpus: str, *, batch_size: int | None = None,
                                                  "key": key, "limit": size}).fetchall()
             if not rows:
                 break
-            vectors = embedder.embed([r[1] for r in rows], InputType.DOCUMENT)
+            with client.billed_to(info.corpus_id):
+                vectors = embedder.embed([r[1] for r in rows], InputType.DOCUMENT)
             written += len(_write(client, info.corpus_id, key, rows, vectors))
             done += len(rows)
             after = rows[-1][0]
@@ -295,8 +296,9 @@ def validate(client: Client, corpus: str, *, k: int = 10, max_drop: float = 0.02
     if not evals:
         raise MigrationError(f"corpus {corpus} has no evaluation queries: add some with "
                              "`pyembed eval add` first")
-    old, old_rank = _score(client, corpus, info.model_key, evals, k)
-    new, new_rank = _score(client, corpus, info.target_model_key, evals, k)
+    with client.billed_to(info.corpus_id):  # the evaluation queries' embeddings
+        old, old_rank = _score(client, corpus, info.model_key, evals, k)
+        new, new_rank = _score(client, corpus, info.target_model_key, evals, k)
     passed = new.ndcg >= old.ndcg - max_drop and new.recall >= old.recall - max_drop
     min_queries = int(floor[1])
     result = Validation(len(evals), old, new, overlap(old_rank, new_rank, k), max_drop, passed,

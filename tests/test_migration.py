@@ -1224,3 +1224,29 @@ def test_no_other_roles_advisory_lock_keeps_a_backfill_from_starting(
         assert report.embedded == 20
         assert step_of(owner.conn)[0] == "backfilled"
         assert one(owner.conn, "SELECT count(*) FROM pyembed.backfillers") == 0
+
+
+def test_a_migrations_provider_calls_are_accounted_to_its_corpus(db: Database) -> None:
+    """Every provider call of a migration's backfill and validation, and of `eval compare`, is
+    reserved in pyembed.usage under the corpus it was made for, whatever the client did before.
+    Before, the client kept the corpus of its last search or add and billed every later call to
+    it: after a search of corpus `other`, the backfill of `docs` (20 texts), its validation and a
+    comparison were all in `other`'s usage, for keys `other` does not serve."""
+    from pyembed.compare import compare
+
+    with clients(db, n=20) as (_app, owner, _texts):
+        register(owner.conn, "fake/fake-hash@4:1024")
+        other = owner.create_corpus("other", OLD)
+        other.add([Document("o1", "a passage of another corpus")])
+        other.search("a query never asked before", k=1)  # a provider call for `other`
+        migration.start(owner, CORPUS, NEW)
+        migration.backfill(owner, CORPUS)
+        migration.validate(owner, CORPUS, max_drop=1.0)
+        compare(owner, CORPUS, ["fake/fake-hash@4:1024"])
+        billed = owner.conn.execute(
+            "SELECT c.name, u.model_key, sum(u.requests)::int FROM pyembed.usage u "
+            "LEFT JOIN pyembed.corpora c USING (corpus_id) GROUP BY 1, 2 ORDER BY 1, 2"
+        ).fetchall()
+    assert [(name, key) for name, key, _ in billed if name != CORPUS] == [("other", OLD)], billed
+    assert {key for name, key, _ in billed if name == CORPUS} == {
+        OLD, NEW, "fake/fake-hash@4:1024"}, billed
