@@ -24,7 +24,7 @@ import psycopg
 from .client import Client, in_client_turn
 from .corpora import model_spec
 from .dbcall import count, translated
-from .errors import DatabaseNotReady, InvalidInput, MigrationError, shown
+from .errors import DatabaseNotReady, InvalidInput, MigrationError, PyembedError, shown
 from .evaluation import HITS_PER_DOCUMENT, EvalQuery, KeyScore, eval_queries, evaluate, overlap
 from .index import build_index_online, drop_index_online
 from .models import InputType
@@ -203,6 +203,11 @@ def backfill(client: Client, corpus: str, *, batch_size: int | None = None,
         _build_index(client, info.corpus_id, key)
         _call(client, "migration_backfilled", corpus)
     except BaseException as exc:  # the database gone, a provider's error, Ctrl-C
+        ended = _ended(client, corpus, key) if isinstance(exc, PyembedError) else None
+        if ended:  # a rerun could not resume: the step is another session's now
+            raise MigrationError(f"{ended} while this backfill ran: it stopped, having written "
+                                 f"{written} vectors for {key} (pyembed migrate status "
+                                 f"{corpus} shows the step)") from None
         exc.add_note(f"backfill stopped with {resumed + written} of {resumed + total} chunks "
                      f"backfilled ({written} by this run); running it again resumes: the "
                      "chunks backfilled are skipped")
@@ -215,6 +220,24 @@ def backfill(client: Client, corpus: str, *, batch_size: int | None = None,
                 client._conn.execute("SELECT pyembed._release_backfill(%s)", (info.corpus_id,))
     return BackfillReport(done, time.perf_counter() - started, 0, written, done - written,
                           resumed)
+
+
+def _ended(client: Client, corpus: str, key: str) -> str | None:
+    """How the migration of `corpus` to `key` ended, if it no longer targets `key`: another
+    session rolled it back or completed it (the write of a rolled-back key's vectors is a key
+    mismatch, the step's end 'no migration in progress'), or started another; else None."""
+    try:
+        info = client.corpus(corpus).info
+    except (PyembedError, psycopg.Error):  # (the corpus dropped, the connection lost)
+        return None
+    if info.target_model_key == key:
+        return None
+    if info.model_key == key:
+        return f"the migration of corpus {corpus} to {key} was completed by another session"
+    if info.target_model_key is None:
+        return f"the migration of corpus {corpus} to {key} was rolled back by another session"
+    return (f"the migration of corpus {corpus} to {key} was rolled back and another, to "
+            f"{info.target_model_key}, started by another session")
 
 
 def _build_index(client: Client, corpus_id: int, key: str) -> None:

@@ -1250,3 +1250,33 @@ def test_a_migrations_provider_calls_are_accounted_to_its_corpus(db: Database) -
     assert [(name, key) for name, key, _ in billed if name != CORPUS] == [("other", OLD)], billed
     assert {key for name, key, _ in billed if name == CORPUS} == {
         OLD, NEW, "fake/fake-hash@4:1024"}, billed
+
+
+@pytest.mark.parametrize("when", ["first batch", "last batch"])
+def test_a_backfill_whose_migration_another_dba_rolls_back_says_so(db: Database,
+                                                                    when: str) -> None:
+    """Two DBAs: one runs `migrate backfill`, the other `migrate rollback` meanwhile. The
+    backfill stops with MigrationError saying the migration was rolled back by another session,
+    and how many vectors it wrote. Before, it stopped with the next batch's ModelMismatch ('the
+    vector for chunk N was made by fake/fake-hash@2:1024') or, after its last batch, 'has no
+    migration in progress', each followed by 'running it again resumes', which it could not."""
+    with clients(db, n=20) as (_app, owner, _texts):
+        migration.start(owner, CORPUS, NEW)
+        other = pyembed.connect(db.owner_dsn)
+
+        def progress(done: int, total: int) -> None:
+            if done == (5 if when == "first batch" else total):
+                migration.rollback(other, CORPUS)
+
+        try:
+            with pytest.raises(MigrationError) as err:
+                migration.backfill(owner, CORPUS, batch_size=5, progress=progress)
+        finally:
+            other.close()
+        written = 5 if when == "first batch" else 20
+        assert str(err.value) == (
+            f"the migration of corpus {CORPUS} to {NEW} was rolled back by another session "
+            f"while this backfill ran: it stopped, having written {written} vectors for {NEW} "
+            f"(pyembed migrate status {CORPUS} shows the step)")
+        assert not getattr(err.value, "__notes__", None)
+        assert step_of(owner.conn) == ("none", None, 0)
