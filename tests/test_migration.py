@@ -1280,3 +1280,27 @@ def test_a_backfill_whose_migration_another_dba_rolls_back_says_so(db: Database,
             f"(pyembed migrate status {CORPUS} shows the step)")
         assert not getattr(err.value, "__notes__", None)
         assert step_of(owner.conn) == ("none", None, 0)
+
+
+def test_the_way_back_after_complete_reuses_the_old_keys_vectors(db: Database) -> None:
+    """Completed to NEW, the DBA goes back (before cleanup): `migrate start --to OLD` keeps
+    OLD's vectors whose chunk text is unchanged, so the backfill embeds only what changed since.
+    Before, start deleted every OLD vector and the backfill embedded the whole corpus again
+    (a paid provider's full price for the way back), though complete keeps the old vectors
+    until cleanup."""
+    with clients(db, n=20) as (app, owner, texts):
+        to_shift(owner, 100)
+        migration.complete(owner, CORPUS)
+        changed = "item3 changed after the migration completed"
+        app.corpus(CORPUS).add([Document(doc_id(3), changed)])  # embedded for NEW alone
+        migration.start(owner, CORPUS, OLD)
+        report = migration.backfill(owner, CORPUS)
+        assert (report.embedded, report.resumed) == (1, 19), report
+        assert vector_counts(owner.conn) == {OLD: 20, NEW: 20}
+        assert_no_vector_crosses_keys(owner.conn)  # each kept vector is its text's, in OLD
+        assert migration.validate(owner, CORPUS, max_drop=1.0).passed
+        for share in (10, 100):
+            migration.shift(owner, CORPUS, share)
+        migration.complete(owner, CORPUS)
+        assert_search_answers(app, [changed if i == 3 else t for i, t in enumerate(texts)],
+                              {OLD}, range(0, 20, 3))
