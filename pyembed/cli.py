@@ -95,7 +95,8 @@ console = _Console(markup=False, soft_wrap=True)
 err_console = _Console(stderr=True, soft_wrap=True, markup=False)
 
 OwnerDsnOption = Annotated[str | None, typer.Option(
-    "--dsn", envvar="PYEMBED_OWNER_DSN", help="owner DSN; default: the local cluster's owner")]
+    "--dsn", envvar="PYEMBED_OWNER_DSN",
+    help="owner DSN; default: $PYEMBED_DSN, else the local cluster's owner")]
 DsnOption = Annotated[str | None, typer.Option("--dsn", envvar=DSN_ENV,
                                                help="libpq DSN; default: the local cluster")]
 WorkerDsnOption = Annotated[str | None, typer.Option(
@@ -239,7 +240,8 @@ def _progress(*columns: Any) -> Iterator[Callable[[int, int | None, str], None]]
 @app.command("install")
 def install_cmd(
     dsn: Annotated[str | None, typer.Option("--dsn", envvar="PYEMBED_OWNER_DSN",
-                                            help="owner DSN; default: the local cluster")] = None,
+                                            help="owner DSN; default: $PYEMBED_DSN, else the "
+                                                 "local cluster's owner")] = None,
     sql: Annotated[bool, typer.Option("--sql", help="print the SQL script instead")] = False,
     start: Annotated[str | None, typer.Option(
         "--from", help="with --sql: the database's revision (pyembed doctor shows it); "

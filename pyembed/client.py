@@ -204,8 +204,7 @@ class Client:
                              if self.cache is not None else None)
         self._rerankers: dict[str, Reranker] = {}
         self.log_queries = log_queries
-        self.current_corpus_id: int | None = None
-        """The corpus that provider calls are accounted to (set by Corpus around its calls)."""
+        self._billed = threading.local()  # (billed_to)
         self._embedders: dict[tuple[str, bool], Embedder] = {}
 
     @contextmanager
@@ -367,6 +366,24 @@ class Client:
                                                  on_error=error_counter(self._in_turn),
                                                  around_call=self.outside_turn)
         return self._rerankers[spec.key]
+
+    @property
+    def current_corpus_id(self) -> int | None:
+        """The corpus that this thread's provider calls are accounted to now (`billed_to`)."""
+        return getattr(self._billed, "corpus_id", None)
+
+    @contextmanager
+    def billed_to(self, corpus_id: int | None) -> Iterator[None]:
+        """Account the provider calls this thread makes inside to corpus `corpus_id`, and
+        after it to what they were before. Scoped and per thread: a value left set after a
+        call billed the next call for another corpus (a migration's backfill after a search)
+        to the corpus searched, and one thread's to another thread's corpus."""
+        before = self.current_corpus_id
+        self._billed.corpus_id = corpus_id
+        try:
+            yield
+        finally:
+            self._billed.corpus_id = before
 
     def _meter(self, spec: Keyed, tokens: int) -> None:
         """Reserve a provider call for this session's tenant (refused over its limits)."""
@@ -563,7 +580,6 @@ class Corpus:
         chunks and their vectors for the keys the corpus serves now. `write` stores them (on
         this connection or another of the same role), while the next batch is prepared."""
         self.info = corpus_info(self.client._conn, self.name)  # a migration may have begun
-        self.client.current_corpus_id = self.info.corpus_id
         docs: dict[str, Document] = {}
         for d in map(_as_document, documents):
             check_document_id(d.id)
@@ -612,15 +628,16 @@ class Corpus:
         if longest:
             chunks_refused(self.client._conn, longest)
 
-        for group in (g for g in groups if g):
-            texts = [text[start:end] for _, text, start, end in group]
-            for n, _, start, end in group:
-                cast(Spans, changed[n].chunks).append(start, end)
-            if translate:
-                texts = [translate(t) for t in texts]
-            vectors.append(embedder.embed(texts, InputType.DOCUMENT))
-            if target and also is not None:
-                also[target].append(self.client.embedder(target, truncate=True).embed(texts))
+        with self.client.billed_to(self.info.corpus_id):
+            for group in (g for g in groups if g):
+                texts = [text[start:end] for _, text, start, end in group]
+                for n, _, start, end in group:
+                    cast(Spans, changed[n].chunks).append(start, end)
+                if translate:
+                    texts = [translate(t) for t in texts]
+                vectors.append(embedder.embed(texts, InputType.DOCUMENT))
+                if target and also is not None:
+                    also[target].append(self.client.embedder(target, truncate=True).embed(texts))
         updated = sum(1 for d in todo if d.id in old)
         return PreparedAdd(self.info, changed, vectors, also, len(todo) - updated, updated,
                            len(docs) - len(todo))
@@ -722,8 +739,8 @@ class Corpus:
         found = self._retrieved(query, depth, filter, model_key,
                                 mode=mode, translate=translate, options=options, log=False)
         started = time.perf_counter()
-        self.client.current_corpus_id = self.info.corpus_id  # the rerank call is billed to it
-        hits = reranker.rerank(query, found.hits, k)
+        with self.client.billed_to(self.info.corpus_id):
+            hits = reranker.rerank(query, found.hits, k)
         took = _ms(started, time.perf_counter())
         total = found.timings.get("total_ms")
         return dataclasses.replace(found, hits=hits, timings={

@@ -74,10 +74,11 @@ def compare(client: Client, corpus: str, model_keys: Sequence[str], *, sample: i
     for key in model_keys:
         spec = specs[key]
         embedder = client.embedder(key, truncate=True)
-        started = time.perf_counter()
-        docs = embedder.embed([c for _, c in rows], InputType.DOCUMENT)
-        embed_s = time.perf_counter() - started
-        score, _ = evaluate(embedder, evals, _exact(doc_ids, docs), k)
+        with client.billed_to(info.corpus_id):  # its sample's and queries' embeddings
+            started = time.perf_counter()
+            docs = embedder.embed([c for _, c in rows], InputType.DOCUMENT)
+            embed_s = time.perf_counter() - started
+            score, _ = evaluate(embedder, evals, _exact(doc_ids, docs), k)
         cost = (n_chunks * tokens_per_chunk / 1e6 * spec.price_per_mtok
                 if spec.price_per_mtok is not None else None)
         out.append(Candidate(**asdict(score),

@@ -89,28 +89,57 @@ def build_index_online(conn: psycopg.Connection[Any], corpus_id: int, key: str,
         row = conn.execute("SELECT pyembed._index_name(%s, %s)", (corpus_id, key)).fetchone()
         assert row is not None
         name = str(row[0])
-    valid = conn.execute(
-        "SELECT i.indisvalid FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class c "
-        "ON c.oid = i.indexrelid WHERE c.relnamespace = 'pyembed'::regnamespace "
-        "AND c.relname = %s", (name,)).fetchone()
-    if valid is not None and not valid[0]:
-        conn.execute(sql.SQL("DROP INDEX CONCURRENTLY {}").format(sql.Identifier("pyembed", name)))
+    _drop_if_left_invalid(conn, name)
     ddl = conn.execute("SELECT pyembed._vector_index_sql(%s, %s, true, %s, %s)",
                        (corpus_id, key, storage, name)).fetchone()
     if ddl is None or ddl[0] is None:
         return None
     before = conn.execute("SELECT current_setting('maintenance_work_mem'), "
-                          "current_setting('max_parallel_maintenance_workers')").fetchone()
+                          "current_setting('max_parallel_maintenance_workers'), "
+                          "current_setting('lock_timeout')").fetchone()
     assert before is not None
+    lock_wait = before[2]
     conn.execute("SELECT pyembed._index_build_settings(%s, %s, false, %s)",
                  (corpus_id, key, storage))
     try:
         conn.execute(ddl[0])
+    except BaseException:
+        # A build stopped (Ctrl-C, SIGTERM, a cancel, a deadlock) leaves its index invalid, and
+        # every write to the corpus still inserts into it: dropped now, not at the next build.
+        if not conn.closed and conn.info.transaction_status == TransactionStatus.IDLE:
+            try:
+                # At most DROP_WAIT for the sessions the drop waits on: a stopped command
+                # stops, and a drop it gave up on is the next build's.
+                conn.execute("SELECT set_config('lock_timeout', %s, false)", (DROP_WAIT,))
+                _drop_if_left_invalid(conn, name)
+            except psycopg.Error:
+                pass  # (the build's error is the one to tell; the next build drops it)
+            finally:
+                if not conn.closed:
+                    conn.execute("SELECT set_config('lock_timeout', %s, false)", (lock_wait,))
+        raise
     finally:
         if not conn.closed:  # (a lost session's settings went with it; the loss is the error)
             conn.execute("SELECT set_config('maintenance_work_mem', %s, false), "
-                         "set_config('max_parallel_maintenance_workers', %s, false)", before)
+                         "set_config('max_parallel_maintenance_workers', %s, false)", before[:2])
     return name
+
+
+DROP_WAIT = "3s"
+
+
+LEFT_INVALID = """SELECT FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid
+ WHERE c.relnamespace = 'pyembed'::regnamespace AND c.relname = %s AND NOT i.indisvalid
+   AND NOT EXISTS (SELECT FROM pg_catalog.pg_stat_progress_create_index p
+                    WHERE p.index_relid = c.oid AND p.pid <> pg_backend_pid())"""
+"""pyembed's index `name` if it is invalid and no other session is building it: what a build
+that stopped left (one at work is invalid until it ends)."""
+
+
+def _drop_if_left_invalid(conn: psycopg.Connection[Any], name: str) -> None:
+    if conn.execute(LEFT_INVALID, (name,)).fetchone() is not None:
+        conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(
+            sql.Identifier("pyembed", name)))
 
 
 def drop_index_online(conn: psycopg.Connection[Any], name: str) -> None:

@@ -24,7 +24,7 @@ import psycopg
 from .client import Client, in_client_turn
 from .corpora import model_spec
 from .dbcall import count, translated
-from .errors import DatabaseNotReady, InvalidInput, MigrationError, shown
+from .errors import DatabaseNotReady, InvalidInput, MigrationError, PyembedError, shown
 from .evaluation import HITS_PER_DOCUMENT, EvalQuery, KeyScore, eval_queries, evaluate, overlap
 from .index import build_index_online, drop_index_online
 from .models import InputType
@@ -189,7 +189,8 @@ def backfill(client: Client, corpus: str, *, batch_size: int | None = None,
                                                  "key": key, "limit": size}).fetchall()
             if not rows:
                 break
-            vectors = embedder.embed([r[1] for r in rows], InputType.DOCUMENT)
+            with client.billed_to(info.corpus_id):
+                vectors = embedder.embed([r[1] for r in rows], InputType.DOCUMENT)
             written += len(_write(client, info.corpus_id, key, rows, vectors))
             done += len(rows)
             after = rows[-1][0]
@@ -202,6 +203,11 @@ def backfill(client: Client, corpus: str, *, batch_size: int | None = None,
         _build_index(client, info.corpus_id, key)
         _call(client, "migration_backfilled", corpus)
     except BaseException as exc:  # the database gone, a provider's error, Ctrl-C
+        ended = _ended(client, corpus, key) if isinstance(exc, PyembedError) else None
+        if ended:  # a rerun could not resume: the step is another session's now
+            raise MigrationError(f"{ended} while this backfill ran: it stopped, having written "
+                                 f"{written} vectors for {key} (pyembed migrate status "
+                                 f"{corpus} shows the step)") from None
         exc.add_note(f"backfill stopped with {resumed + written} of {resumed + total} chunks "
                      f"backfilled ({written} by this run); running it again resumes: the "
                      "chunks backfilled are skipped")
@@ -214,6 +220,24 @@ def backfill(client: Client, corpus: str, *, batch_size: int | None = None,
                 client._conn.execute("SELECT pyembed._release_backfill(%s)", (info.corpus_id,))
     return BackfillReport(done, time.perf_counter() - started, 0, written, done - written,
                           resumed)
+
+
+def _ended(client: Client, corpus: str, key: str) -> str | None:
+    """How the migration of `corpus` to `key` ended, if it no longer targets `key`: another
+    session rolled it back or completed it (the write of a rolled-back key's vectors is a key
+    mismatch, the step's end 'no migration in progress'), or started another; else None."""
+    try:
+        info = client.corpus(corpus).info
+    except (PyembedError, psycopg.Error):  # (the corpus dropped, the connection lost)
+        return None
+    if info.target_model_key == key:
+        return None
+    if info.model_key == key:
+        return f"the migration of corpus {corpus} to {key} was completed by another session"
+    if info.target_model_key is None:
+        return f"the migration of corpus {corpus} to {key} was rolled back by another session"
+    return (f"the migration of corpus {corpus} to {key} was rolled back and another, to "
+            f"{info.target_model_key}, started by another session")
 
 
 def _build_index(client: Client, corpus_id: int, key: str) -> None:
@@ -295,8 +319,9 @@ def validate(client: Client, corpus: str, *, k: int = 10, max_drop: float = 0.02
     if not evals:
         raise MigrationError(f"corpus {corpus} has no evaluation queries: add some with "
                              "`pyembed eval add` first")
-    old, old_rank = _score(client, corpus, info.model_key, evals, k)
-    new, new_rank = _score(client, corpus, info.target_model_key, evals, k)
+    with client.billed_to(info.corpus_id):  # the evaluation queries' embeddings
+        old, old_rank = _score(client, corpus, info.model_key, evals, k)
+        new, new_rank = _score(client, corpus, info.target_model_key, evals, k)
     passed = new.ndcg >= old.ndcg - max_drop and new.recall >= old.recall - max_drop
     min_queries = int(floor[1])
     result = Validation(len(evals), old, new, overlap(old_rank, new_rank, k), max_drop, passed,

@@ -151,7 +151,6 @@ def _search(corpus: Corpus, query: str, k: int, flt: str | None, mode: str, opts
                               "total_ms": _ms(started, done)})
     assert served is not None
     embedder = client.embedder(key)
-    client.current_corpus_id = corpus_id  # the provider call is accounted to it
     if not reserved:  # a replica's miss: the primary may have the entry, else reserves the call
         cached = _rows(primary, RESERVE, [corpus_id, key, served.cache_key,
                                           estimate_tokens(served.text)])[0][0]
@@ -172,7 +171,8 @@ def _search(corpus: Corpus, query: str, k: int, flt: str | None, mode: str, opts
         keyword = (_BACKGROUND.submit(_rows, primary, KEYWORD_RANKING, ranking_params)
                    if one and mode == "hybrid" else None)
         try:
-            with client._keep_turn() if keyword is not None else nullcontext():
+            with client._keep_turn() if keyword is not None else nullcontext(), \
+                    client.billed_to(corpus_id):
                 vector = embedder.embed_prepared(served.text, served.input_type, reserved=True)
         except BaseException:
             if keyword is not None:
@@ -236,9 +236,10 @@ def _early(corpus: Corpus, read: psycopg.Connection[Any], params: list[Any], key
         return row, miss, (found[1] if miss and ranking_params is not None else None)
 
     trip = _BACKGROUND.submit(first)
-    client.current_corpus_id = corpus.info.corpus_id  # a retry's call is accounted to it
     try:
-        with client._keep_turn():  # (the first round trip is on the connection meanwhile)
+        # (the first round trip is on the connection meanwhile; a retry's call is accounted
+        # to the corpus)
+        with client._keep_turn(), client.billed_to(corpus.info.corpus_id):
             vector = client.embedder(key).embed_prepared(prepared.text, prepared.input_type,
                                                          reserved=True)
     except BaseException:

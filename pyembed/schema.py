@@ -414,15 +414,14 @@ def offline_sql(start: str | None = None) -> str:
     at another revision it stops before changing anything (expected_revision_sql)."""
     from alembic import command
     from alembic.script import ScriptDirectory
-    from alembic.util import CommandError
 
     out = io.StringIO()
     cfg = alembic_config(output_buffer=out)
-    if start is not None:
-        try:
-            ScriptDirectory.from_config(cfg).get_revision(start)
-        except CommandError:
-            raise InvalidInput(f"--from {start!r} is not a pyembed schema revision: "
-                               f"one of 0001..{head_revision()}") from None
+    # Exactly a revision's id: alembic's lookup also takes symbols and prefixes ('head', 'base',
+    # '0034@head'), and fails on '' and 'heads' with an assertion, not a CommandError.
+    if start is not None and start not in {
+            script.revision for script in ScriptDirectory.from_config(cfg).walk_revisions()}:
+        raise InvalidInput(f"--from {start!r} is not a pyembed schema revision: "
+                           f"one of 0001..{head_revision()}")
     command.upgrade(cfg, "head" if start is None else f"{start}:head", sql=True)
     return out.getvalue()

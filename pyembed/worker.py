@@ -321,7 +321,15 @@ class Worker:
             self._embedders[key] = self._embedder_for(spec, PostgresCache(self._cache_conn))
         return self._embedders[key]
 
+    def __enter__(self) -> Worker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
+        """Write the cache counts, stop renewing leases and close the connections (a later
+        batch opens new ones)."""
         self._leases.close()
         for embedder in self._embedders.values():
             if isinstance(embedder.cache, PostgresCache):

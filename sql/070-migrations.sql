@@ -104,8 +104,12 @@ BEGIN
    WHERE corpus_id = (r.c).corpus_id;
   INSERT INTO pyembed.migrations (corpus_id, from_key, to_key, state)
   VALUES ((r.c).corpus_id, (r.c).model_key, to_key, 'started') RETURNING migration_id INTO new_id;
-  -- Vectors of an earlier, rolled-back attempt at this key are stale: start clean.
-  DELETE FROM pyembed.vectors WHERE corpus_id = (r.c).corpus_id AND model_key = to_key;
+  -- This key's vectors left by an earlier attempt (rolled back) or an earlier pin (completed
+  -- away from, before cleanup) are kept where their chunk's text is still the one they embed,
+  -- so that a way back costs no provider call for them; the others are stale.
+  DELETE FROM pyembed.vectors v WHERE v.corpus_id = (r.c).corpus_id AND v.model_key = to_key
+     AND NOT EXISTS (SELECT FROM pyembed.chunks ch WHERE ch.corpus_id = v.corpus_id
+                       AND ch.chunk_id = v.chunk_id AND ch.content_hash = v.content_hash);
   INSERT INTO pyembed.migration_events (migration_id, step, detail)
   VALUES (new_id, 'start', jsonb_build_object('from', (r.c).model_key, 'to', to_key));
   RETURN new_id;

@@ -638,3 +638,21 @@ def test_every_commands_help_is_wrapped_at_the_terminals_width(width: int) -> No
                               f"{following!r}")
     assert len(_every_command()) > 40
     assert ragged == [], "\n".join(ragged)
+
+
+def test_owner_commands_read_pyembed_dsn_when_no_owner_dsn_is_set(db: Database,
+                                                                  tmp_path: Path) -> None:
+    """The owner's commands read $PYEMBED_OWNER_DSN, else $PYEMBED_DSN, as their --help and the
+    README say; the local cluster's owner only without either. Before, the help said 'default:
+    the local cluster's owner' and the README 'without them they use the local cluster', while
+    with $PYEMBED_DSN set the commands used it (found from outside, outside19: `pyembed migrate`
+    with the local cluster's application DSN exported was OwnerOnly)."""
+    env = {"PYEMBED_DSN": db.app_dsn, "PYEMBED_HOME": str(tmp_path / "none")}
+    out = run_cli("tenant", "list", env=env)
+    assert out.returncode == 1
+    assert out.stderr.startswith("error: table pyembed.tenants is pyembed's owner role's"), out
+    assert run_cli("tenant", "list", "--json",
+                   env={**env, "PYEMBED_OWNER_DSN": db.owner_dsn}).returncode == 0
+    for command in (["install"], ["migrate", "status"], ["tenant", "list"]):
+        helped = run_cli(*command, "--help", env={**env, "COLUMNS": "300"}).stdout
+        assert "owner DSN; default: $PYEMBED_DSN, else the local cluster's owner" in helped

@@ -1224,3 +1224,83 @@ def test_no_other_roles_advisory_lock_keeps_a_backfill_from_starting(
         assert report.embedded == 20
         assert step_of(owner.conn)[0] == "backfilled"
         assert one(owner.conn, "SELECT count(*) FROM pyembed.backfillers") == 0
+
+
+def test_a_migrations_provider_calls_are_accounted_to_its_corpus(db: Database) -> None:
+    """Every provider call of a migration's backfill and validation, and of `eval compare`, is
+    reserved in pyembed.usage under the corpus it was made for, whatever the client did before.
+    Before, the client kept the corpus of its last search or add and billed every later call to
+    it: after a search of corpus `other`, the backfill of `docs` (20 texts), its validation and a
+    comparison were all in `other`'s usage, for keys `other` does not serve."""
+    from pyembed.compare import compare
+
+    with clients(db, n=20) as (_app, owner, _texts):
+        register(owner.conn, "fake/fake-hash@4:1024")
+        other = owner.create_corpus("other", OLD)
+        other.add([Document("o1", "a passage of another corpus")])
+        other.search("a query never asked before", k=1)  # a provider call for `other`
+        migration.start(owner, CORPUS, NEW)
+        migration.backfill(owner, CORPUS)
+        migration.validate(owner, CORPUS, max_drop=1.0)
+        compare(owner, CORPUS, ["fake/fake-hash@4:1024"])
+        billed = owner.conn.execute(
+            "SELECT c.name, u.model_key, sum(u.requests)::int FROM pyembed.usage u "
+            "LEFT JOIN pyembed.corpora c USING (corpus_id) GROUP BY 1, 2 ORDER BY 1, 2"
+        ).fetchall()
+    assert [(name, key) for name, key, _ in billed if name != CORPUS] == [("other", OLD)], billed
+    assert {key for name, key, _ in billed if name == CORPUS} == {
+        OLD, NEW, "fake/fake-hash@4:1024"}, billed
+
+
+@pytest.mark.parametrize("when", ["first batch", "last batch"])
+def test_a_backfill_whose_migration_another_dba_rolls_back_says_so(db: Database,
+                                                                    when: str) -> None:
+    """Two DBAs: one runs `migrate backfill`, the other `migrate rollback` meanwhile. The
+    backfill stops with MigrationError saying the migration was rolled back by another session,
+    and how many vectors it wrote. Before, it stopped with the next batch's ModelMismatch ('the
+    vector for chunk N was made by fake/fake-hash@2:1024') or, after its last batch, 'has no
+    migration in progress', each followed by 'running it again resumes', which it could not."""
+    with clients(db, n=20) as (_app, owner, _texts):
+        migration.start(owner, CORPUS, NEW)
+        other = pyembed.connect(db.owner_dsn)
+
+        def progress(done: int, total: int) -> None:
+            if done == (5 if when == "first batch" else total):
+                migration.rollback(other, CORPUS)
+
+        try:
+            with pytest.raises(MigrationError) as err:
+                migration.backfill(owner, CORPUS, batch_size=5, progress=progress)
+        finally:
+            other.close()
+        written = 5 if when == "first batch" else 20
+        assert str(err.value) == (
+            f"the migration of corpus {CORPUS} to {NEW} was rolled back by another session "
+            f"while this backfill ran: it stopped, having written {written} vectors for {NEW} "
+            f"(pyembed migrate status {CORPUS} shows the step)")
+        assert not getattr(err.value, "__notes__", None)
+        assert step_of(owner.conn) == ("none", None, 0)
+
+
+def test_the_way_back_after_complete_reuses_the_old_keys_vectors(db: Database) -> None:
+    """Completed to NEW, the DBA goes back (before cleanup): `migrate start --to OLD` keeps
+    OLD's vectors whose chunk text is unchanged, so the backfill embeds only what changed since.
+    Before, start deleted every OLD vector and the backfill embedded the whole corpus again
+    (a paid provider's full price for the way back), though complete keeps the old vectors
+    until cleanup."""
+    with clients(db, n=20) as (app, owner, texts):
+        to_shift(owner, 100)
+        migration.complete(owner, CORPUS)
+        changed = "item3 changed after the migration completed"
+        app.corpus(CORPUS).add([Document(doc_id(3), changed)])  # embedded for NEW alone
+        migration.start(owner, CORPUS, OLD)
+        report = migration.backfill(owner, CORPUS)
+        assert (report.embedded, report.resumed) == (1, 19), report
+        assert vector_counts(owner.conn) == {OLD: 20, NEW: 20}
+        assert_no_vector_crosses_keys(owner.conn)  # each kept vector is its text's, in OLD
+        assert migration.validate(owner, CORPUS, max_drop=1.0).passed
+        for share in (10, 100):
+            migration.shift(owner, CORPUS, share)
+        migration.complete(owner, CORPUS)
+        assert_search_answers(app, [changed if i == 3 else t for i, t in enumerate(texts)],
+                              {OLD}, range(0, 20, 3))

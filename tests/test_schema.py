@@ -32,7 +32,7 @@ from pyembed.errors import InstallError, InvalidInput, PyembedError
 from pyembed.localdb import APP_GROUP, APP_USER, LocalCluster, find_bindir
 from pyembed.search import search
 from tests.conftest import REPO, Database, create_database, drop_database
-from tests.helpers import rows, sql_error, unit
+from tests.helpers import rows, run_cli, sql_error, unit
 
 KEY = "fake/fake-hash@1:384"
 
@@ -339,6 +339,18 @@ def test_offline_script_applied_with_psql_equals_online_install(
     _assert_same(schema_dump(empty_db.owner_dsn), fresh_dump)
     assert _version_rows(empty_db.owner_dsn) == [schema.head_revision()]
     assert schema.current_revision(empty_db.owner_dsn) == schema.head_revision()
+
+
+@pytest.mark.parametrize("start", ["", "heads", "head", "base", "0034@head", "003", "0030 "])
+def test_from_is_exactly_a_revision_id_in_one_line(start: str) -> None:
+    """`pyembed install --sql --from VALUE` with anything but a revision id: one line naming
+    --from and the revisions, exit 1, nothing on stdout. Before, '' and 'heads' reached
+    alembic's lookup, which failed with a traceback (AssertionError, AttributeError), and
+    'head', 'base' and '0034@head' printed a script though the error says 0001..head."""
+    out = run_cli("install", "--sql", "--from", start)
+    assert (out.returncode, out.stdout) == (1, "")
+    assert out.stderr == (f"error: --from {start!r} is not a pyembed schema revision: one of "
+                          f"0001..{schema.head_revision()}\n")
 
 
 def _psql_file(dsn: str, script: str, tmp_path: Path,

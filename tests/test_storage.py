@@ -281,6 +281,51 @@ def test_online_rebuild_keeps_searches_answering(db: Database,
     assert OPCLASS["halfvec"] in index_defs(owner, cid)[0]
 
 
+def test_a_rebuild_stopped_mid_build_leaves_no_invalid_index(
+        db: Database, owner: psycopg.Connection[Any]) -> None:
+    """`pyembed corpus reindex` stopped while it builds (Ctrl-C, SIGTERM: psycopg cancels the
+    statement; here the owner cancels it) drops the invalid index its CREATE INDEX CONCURRENTLY
+    left, which every write to the corpus would still have inserted into until the next
+    rebuild. Before, SIGTERM at 1.6 s into `pyembed corpus reindex docs --storage halfvec`
+    left vectors_hnsw_c2_..._new (indisvalid false) and `pyembed doctor` said the indexes
+    were fine."""
+    with pyembed.connect(db.app_dsn) as app:
+        corpus = fill(app, "docs", "vector", 60)
+    cid = corpus.info.corpus_id
+    before = index_defs(owner, cid)
+    invalid = ("SELECT count(*) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+               "WHERE c.relname LIKE %s AND NOT i.indisvalid")
+    errors: list[BaseException] = []
+    with connect(db.owner_dsn, autocommit=True) as conn, \
+            psycopg.connect(db.owner_dsn) as writer:
+        # An open writer: the build waits for it, its invalid index already in the catalogue.
+        writer.execute(sql.SQL("LOCK TABLE {} IN ROW EXCLUSIVE MODE").format(
+            sql.Identifier("pyembed", f"vectors_c{cid}")))
+
+        def rebuild() -> None:
+            try:
+                index.rebuild_index(conn, "docs", "halfvec")
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=rebuild)
+        thread.start()
+        pid = conn.info.backend_pid
+        while not one(owner, "SELECT count(*) FROM pg_stat_progress_create_index "
+                             "WHERE pid = %s AND phase LIKE 'waiting for writers%%'", (pid,)):
+            assert thread.is_alive() and not errors, errors
+            threading.Event().wait(0.05)
+        assert one(owner, invalid, (f"vectors\\_hnsw\\_c{cid}\\_%",)) == 1
+        owner.execute("SELECT pg_cancel_backend(%s)", (pid,))
+        writer.commit()  # (the drop waits for it too, at most index.DROP_WAIT)
+        thread.join(timeout=60)
+    assert [type(e).__name__ for e in errors] == ["QueryCanceled"], errors
+    assert one(owner, invalid, (f"vectors\\_hnsw\\_c{cid}\\_%",)) == 0
+    assert index_defs(owner, cid) == before  # the old index serves on
+    with pyembed.connect(db.app_dsn) as app:
+        assert app.corpus("docs").search(texts(60)[7], k=1)[0].document_id == "d7"
+
+
 def test_a_migration_changes_the_storage_with_the_model(db: Database) -> None:
     with clients(db, n=40) as (app, owner, doc_texts):
         assert app.corpus(CORPUS).info.storage == "vector"

@@ -222,6 +222,21 @@ def test_worker_drains_the_queue_and_a_second_run_does_nothing(
         worker.close()
 
 
+def test_a_worker_is_a_context_manager_that_closes_its_connections(
+        db: Database, app: psycopg.Connection[Any]) -> None:
+    """`with Worker(...) as worker:`, as `with pyembed.connect() as client:`, closes what the
+    worker opened (its connection, its cache's, its lease renewal's) at the block's end.
+    Before, Worker had close() but no __enter__: the with statement was a TypeError."""
+    make_corpus(app, "managed", FAKE)
+    add_docs(app, "managed", texts_for(3))
+    with Worker(db.app_dsn, embedder_for=fake_embedder([])) as worker:
+        assert run(worker).embedded == 3
+        opened = [c for c in (worker._conn, worker._cache_conn) if c is not None]
+        assert opened and not any(c.closed for c in opened)
+    assert all(c.closed for c in opened)
+    assert worker._leases._conn is None
+
+
 def test_a_poison_text_is_failed_and_the_others_are_stored(
         db: Database, app: psycopg.Connection[Any]) -> None:
     corpus_id = make_corpus(app, "poison", FAKE)
