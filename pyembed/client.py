@@ -509,6 +509,13 @@ class Corpus:
         self.client = client
         self.info = info
 
+    def _reserve(self, spec: Keyed, tokens: int) -> None:
+        """Reserve one provider call made for this corpus outside an Embedder or Reranker
+        (rag.answer's Claude call): accounted in pyembed.usage, RateLimited over the tenant's
+        limits."""
+        with self.client.billed_to(self.info.corpus_id):
+            self.client._meter(spec, tokens)
+
     @property
     def name(self) -> str:
         return self.info.name

@@ -28,7 +28,7 @@ from .providers.base import (
 )
 from .retry import MAX_RETRIES, MAX_TIMEOUT, Retrier
 from .search import MODES, Hit, check_k
-from .text import check_text, has_text, number
+from .text import check_text, estimate_tokens, has_text, number
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,24 @@ beyond these documents, and do not cite documents that do not support the statem
 If the documents do not contain enough information to answer the question, reply with
 exactly this sentence and nothing else:
 {INSUFFICIENT}"""
+
+
+
+@dataclass(frozen=True)
+class _Claude:
+    """A Claude model as pyembed.usage accounts its calls (tenants.Keyed): the key
+    'anthropic/<model>', as a reranker's is its provider and model."""
+
+    model: str
+
+    @property
+    def key(self) -> str:
+        return f"anthropic/{self.model}"
+
+    @property
+    def provider(self) -> str:
+        return "anthropic"
+
 
 _CITATION = re.compile(r"\[(\d+(?:\s*,\s*\d+)*)\]")
 
@@ -213,9 +231,13 @@ def answer(corpus: Corpus, question: str, *, k: int = 5, model: str | None = Non
         else:
             # One retry policy for every service (pyembed.retry): a client's own retries off.
             client = client.with_options(max_retries=0)
-            _generate(client, result, build_prompt(question, sources), model=model,
-                      max_tokens=max_tokens, on_text=on_text, timeout=timeout,
-                      max_retries=max_retries)
+            prompt = build_prompt(question, sources)
+            # Each attempt is reserved first, as every provider call is: the prompt's tokens
+            # and the answer's cap, refused over the tenant's limits before Claude is called.
+            tokens = estimate_tokens(SYSTEM_PROMPT + prompt) + max_tokens
+            _generate(client, result, prompt, model=model, max_tokens=max_tokens,
+                      on_text=on_text, timeout=timeout, max_retries=max_retries,
+                      before=lambda: corpus._reserve(_Claude(model), tokens))
     done = time.perf_counter()
     result.timings = {"embed_ms": found.timings["embed_ms"] or 0.0,
                       "search_ms": found.timings["search_ms"] or 0.0,
@@ -234,10 +256,11 @@ def _finite(value: object) -> bool:
 
 def _generate(client: anthropic.Anthropic, result: Answer, prompt: str, *, model: str,
               max_tokens: int, on_text: Callable[[str], None] | None, timeout: float,
-              max_retries: int = DEFAULT_MAX_RETRIES) -> None:
+              max_retries: int = DEFAULT_MAX_RETRIES,
+              before: Callable[[], None] | None = None) -> None:
     """Fill `result` with Claude's answer to `prompt`, a transient failure retried by
     pyembed.retry.Retrier until a piece of a streamed answer was shown (a retry would show it
-    again)."""
+    again); `before` runs before each attempt (the usage meter)."""
     shown: list[str] = []
 
     def show(piece: str) -> None:
@@ -254,7 +277,7 @@ def _generate(client: anthropic.Anthropic, result: Answer, prompt: str, *, model
                 raise ProviderError(str(exc), kind=exc.kind) from None
             raise
 
-    text, message = Retrier(f"claude ({model})", max_retries=max_retries)(once)
+    text, message = Retrier(f"claude ({model})", max_retries=max_retries)(once, before=before)
     result.text = text
     result.generated = True
     result.generation_model = str(message.model or model)

@@ -61,7 +61,7 @@ $$;
 -- A ledger's row (usage, cache counts and entries, the query log) is for a model the registry
 -- has or a reranker pyembed knows (PE006), whichever function wrote it: a key nobody registered
 -- was a row for nothing in the tenant's reports and the metrics. The query log's '-' is a
--- search that embedded nothing (keyword).
+-- search that embedded nothing (keyword); usage's 'anthropic/<model>' an answer's Claude call.
 CREATE OR REPLACE FUNCTION pyembed._ledger_key_known() RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -69,7 +69,9 @@ AS $$
 BEGIN
   IF EXISTS (SELECT FROM pyembed.models m WHERE m.model_key = NEW.model_key)
      OR NEW.model_key = ANY (pyembed.rerankers())
-     OR (TG_TABLE_NAME = 'query_log' AND NEW.model_key = '-') THEN
+     OR (TG_TABLE_NAME = 'query_log' AND NEW.model_key = '-')
+     -- a call of an answer service (pyembed.rag's Claude model: its ids are the service's)
+     OR (TG_TABLE_NAME = 'usage' AND NEW.model_key LIKE 'anthropic/_%') THEN
     RETURN NEW;
   END IF;
   RAISE EXCEPTION USING ERRCODE = 'PE006',

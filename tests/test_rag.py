@@ -347,3 +347,39 @@ def test_the_cli_says_one_line_of_an_empty_answer(db: Database, kb: Corpus,
         assert out.returncode == 1, out
         assert out.stderr == (f"error: claude ({rag.DEFAULT_MODEL}): the answer is empty (stop "
                               "reason end_turn)\n"), out.stderr
+
+
+def test_a_claude_call_is_reserved_in_usage_and_refused_over_the_tenants_limits(
+        db: Database, claude: FakeAPI) -> None:
+    """Claude's call is a provider call as an embedding's is: reserved in pyembed.usage for the
+    corpus and the tenant (key 'anthropic/<model>'), and refused before the call when the
+    tenant is over its requests per minute."""
+    import uuid
+
+    from psycopg import sql
+
+    from pyembed import tenants
+
+    role = f"ta_{uuid.uuid4().hex[:6]}"
+    with psycopg.connect(db.owner_dsn, autocommit=True) as owner:
+        tenants.create_tenant(owner, "asking", requests_per_minute=3)
+        tenants.add_member(owner, "asking", role, create_login="pw")
+        dsn = db.app_dsn.replace("pyembed_user:", f"{role}:").split("@")[0].rsplit(":", 1)[0] \
+            + ":pw@" + db.app_dsn.split("@", 1)[1]
+        try:
+            with pyembed.connect(dsn, use_cache=False) as c:
+                kb = c.create_corpus("kb", KEY)
+                kb.add(DOCS)  # one embedding call
+                result = rag.answer(kb, "What does E4012 mean?", model="claude-test")
+                assert result.generated  # the question's embedding and Claude: 3 calls
+                assert [(r.tenant, r.corpus, r.model_key, r.requests)
+                        for r in tenants.usage(c.conn)
+                        if r.model_key.startswith("anthropic/")] == [
+                    ("asking", "kb", "anthropic/claude-test", 1)]
+                before = len(claude.requests_to("anthropic"))
+                with pytest.raises(pyembed.RateLimited, match="tenant asking is over its rate"):
+                    rag.answer(kb, "What are refunds?", model="claude-test")
+                assert len(claude.requests_to("anthropic")) == before  # not called
+        finally:
+            owner.execute(sql.SQL("DROP OWNED BY {} CASCADE").format(sql.Identifier(role)))
+            owner.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))

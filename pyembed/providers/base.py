@@ -201,7 +201,9 @@ class Provider(ServiceClient[ModelSpec], ABC):
     (pyembed.query), which still decides whether the search goes on."""
 
     def missing_key_hint(self) -> str:
-        return f"export it, or use the local model {LOCAL_DEFAULT.key}"
+        # The corpus's model is pinned: the local model is advice for a new corpus only.
+        return (f"export it where the call runs; a new corpus can use the local model "
+                f"{LOCAL_DEFAULT.key}, which needs no key")
 
     @abstractmethod
     def embed_batch(self, texts: list[str], input_type: InputType) -> Vectors:
