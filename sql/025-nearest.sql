@@ -374,6 +374,26 @@ BEGIN
 END
 $$;
 
+-- Each key of a corpus whose function (above) is missing or not as pyembed._nearest_functions
+-- makes it (changed by hand): `pyembed doctor` names them, `pyembed install` makes them again.
+CREATE OR REPLACE FUNCTION pyembed._nearest_functions_problems()
+RETURNS TABLE (corpus text, model_key text, problem text)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+SELECT c.name, k,
+       CASE WHEN NOT EXISTS (SELECT FROM pg_catalog.pg_proc p
+                              WHERE p.pronamespace = 'pyembed'::regnamespace
+                                AND p.proname = pyembed._nearest_function_name(c.corpus_id, k))
+            THEN 'missing' ELSE 'changed by hand' END
+  FROM pyembed.corpora c, unnest(ARRAY[c.model_key, c.target_model_key]) k
+ WHERE k IS NOT NULL
+   AND NOT pyembed._nearest_function_ok(
+         pyembed._nearest_function_name(c.corpus_id, k),
+         pyembed._nearest_function_body(c.corpus_id, k, pyembed._key_storage(c, k)))
+ ORDER BY 1, 2
+$$;
+
 -- The corpus's functions (above) follow its row: made with it, changed with its keys and
 -- storages (a migration's start, completion and rollback, a storage change), dropped with it.
 CREATE OR REPLACE FUNCTION pyembed._corpus_nearest_changed() RETURNS trigger

@@ -240,9 +240,4 @@ def nearest_functions_expected(owner: psycopg.Connection[Any]) -> set[str]:
 def assert_nearest_functions_in_line(owner: psycopg.Connection[Any]) -> None:
     """Each corpus's functions are the ones its row asks for, each as its template makes it."""
     assert nearest_functions(owner) == nearest_functions_expected(owner)
-    bad = owner.execute(
-        "SELECT c.name, k FROM pyembed.corpora c, "
-        "unnest(ARRAY[c.model_key, c.target_model_key]) k WHERE k IS NOT NULL "
-        "AND NOT pyembed._nearest_function_ok(pyembed._nearest_function_name(c.corpus_id, k), "
-        "pyembed._nearest_function_body(c.corpus_id, k, pyembed._key_storage(c, k)))").fetchall()
-    assert bad == []
+    assert owner.execute("SELECT * FROM pyembed._nearest_functions_problems()").fetchall() == []

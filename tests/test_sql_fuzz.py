@@ -604,6 +604,7 @@ OWNER_CALLS = {
     "_nearest_function_name": [DOCS_ID, f"'{FAKE}'"],
     "_nearest_function_ok": ["'_nearest_c1_0'", "'BEGIN END'"],
     "_nearest_functions": [DOCS_ID],
+    "_nearest_functions_problems": [],
     "_drop_nearest_function": ["'_nearest_c0_none'"],
     "_need": [MIGRATION, "'docs'", "ARRAY['shifting']", "'shift traffic on'"],
     "_need_target": [CALM, f"pyembed._migration_of({CALM})", f"'{TO}'"],
