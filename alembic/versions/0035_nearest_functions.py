@@ -45,6 +45,7 @@ BEGIN
   END LOOP;
 END
 $drop$;
+DROP FUNCTION IF EXISTS pyembed._nearest_functions_problems();
 DROP FUNCTION IF EXISTS pyembed._nearest_functions(integer);
 DROP FUNCTION IF EXISTS pyembed._nearest_function_ok(text, text);
 DROP FUNCTION IF EXISTS pyembed._nearest_function_body(integer, text, text);
