@@ -229,6 +229,28 @@ def check_indexes(conn: Conn) -> Check:
                  "scan every vector", missing[0].note)
 
 
+def check_vector_legs(conn: Conn, owner_dsn: str | None = None) -> Check:
+    """Each corpus's own vector leg for each of its keys (sql/025-nearest.sql): present and as
+    made. Only the owner may read them: as the owner (PYEMBED_OWNER_DSN, or the local cluster's
+    owner) when that DSN is known."""
+    name = "corpora's vector legs"
+    if not owner_dsn:
+        return Check(name, "skip", "only the owner may read them",
+                     "set PYEMBED_OWNER_DSN (the owner may read them)")
+    try:
+        with psycopg.connect(owner_dsn, autocommit=True, connect_timeout=5) as owner:
+            found = owner.execute(
+                "SELECT corpus, model_key, problem FROM pyembed._nearest_functions_problems()"
+            ).fetchall()
+    except psycopg.OperationalError as exc:
+        return Check(name, "skip", f"the owner cannot log in from here ({_first(exc)})")
+    if not found:
+        return Check(name, "ok", "each corpus's key has its own, as made")
+    return Check(name, "warn", ", ".join(f"{c} ({k}): {p}" for c, k, p in found)
+                 + " (a missing one's searches plan their statement every time; one changed by "
+                 "hand runs as changed)", "pyembed install")
+
+
 def check_replicas(conn: Conn) -> Check:
     name = "replicas' lag"
     findings = health.replicas(conn)
@@ -250,6 +272,7 @@ CHECKS: list[tuple[str, Callable[[Conn], Check]]] = [
     ("API keys for the corpora's providers", check_api_keys),
     ("worker alive", check_worker),
     ("vector indexes", check_indexes),
+    ("corpora's vector legs", check_vector_legs),
     ("replicas' lag", check_replicas),
 ]
 
@@ -280,7 +303,8 @@ def run(dsn: str, owner_dsn: str | None = None) -> list[Check]:
         for name, check in CHECKS:
             try:
                 results.append(check_schema(conn, owner_dsn) if check is check_schema
-                               else check(conn))
+                               else check_vector_legs(conn, owner_dsn)
+                               if check is check_vector_legs else check(conn))
             except psycopg.Error as exc:
                 fix = "pyembed install" if isinstance(
                     exc, psycopg.errors.UndefinedTable | psycopg.errors.UndefinedFunction

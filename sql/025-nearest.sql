@@ -138,12 +138,8 @@ $$;
 
 -- The vector leg's statement (above) for k nearest by the rules `s`: parameters $1 the query
 -- vector, $2 the metadata filter (when `filtered`); one row of (ids, distances, scores, docs).
--- The hits subquery returns (hit.chunk_id, hit.doc_no, hit.distance) of the k nearest in any
--- order; the statement sorts them once, and the four arrays aggregate that order (a plain
--- aggregate over a sorted subquery, with no join or grouping between them, reads its rows in that
--- order: one sort where an ORDER BY in each aggregate made four). One format() over one template
--- per way of reading (arguments: 1 the exact distance operator, 2 the rows, 3 the indexed type,
--- 4 its operator, 5 the candidates, 6 k, 7 the score).
+-- pyembed._nearest_text's template with the corpus's rows of the key, the way of reading and
+-- the LIMITs as literals.
 CREATE OR REPLACE FUNCTION pyembed._nearest_sql(p_corpus_id integer, p_model_key text,
                                                 k integer, filtered boolean, exact boolean,
                                                 s pyembed._index_rules, p_distance text,
@@ -151,19 +147,44 @@ CREATE OR REPLACE FUNCTION pyembed._nearest_sql(p_corpus_id integer, p_model_key
 RETURNS text
 LANGUAGE sql STABLE
 AS $$
+SELECT pyembed._nearest_text(pyembed._nearest_source(p_corpus_id, p_model_key, filtered),
+                             pyembed._nearest_scans(k, exact, s, counted), s.exact, s.castto,
+                             s.op, pyembed._nearest_candidates(k, s)::text, k::text, p_distance)
+$$;
+
+-- The template of the vector leg's statement, its one home: `source` the rows
+-- (pyembed._nearest_source), `scans` the way of reading (pyembed._nearest_scans), `exact`,
+-- `castto` and `op` the index rules' (pyembed._index_rules' fields: not the type, which revision
+-- 0020's downgrade drops under the functions of sql/ that are newer than it), `candidates`
+-- and `k` the two LIMITs' text (literals in pyembed._nearest_sql's dynamic statement, parameters
+-- in a corpus's own function: pyembed._nearest_functions). The hits subquery returns
+-- (hit.chunk_id, hit.doc_no, hit.distance) of the k nearest in any order; the statement sorts
+-- them once, and the four arrays aggregate that order (a plain aggregate over a sorted subquery,
+-- with no join or grouping between them, reads its rows in that order: one sort where an ORDER
+-- BY in each aggregate made four). One format() over one template per way of reading
+-- (arguments: 1 the exact distance operator, 2 the rows, 3 the indexed type, 4 its operator, 5
+-- the candidates, 6 k, 7 the score). Each argument but the rules' fields is read once: the
+-- planner inlines it into pyembed._nearest_sql, and so into the search's EXECUTE, which it does
+-- not for an argument read twice unless it is as cheap as a field of a variable.
+CREATE OR REPLACE FUNCTION pyembed._nearest_text(source text, scans boolean, exact text,
+                                                 castto text, op text, candidates text,
+                                                 k text, p_distance text)
+RETURNS text
+LANGUAGE sql STABLE
+AS $$
 SELECT format(
   'SELECT array_agg(chunk_id), array_agg(distance), array_agg(%7$s), array_agg(doc_no) '
   'FROM (SELECT * FROM ('
   || CASE
-       WHEN pyembed._nearest_scans(k, exact, s, counted) THEN
+       WHEN scans THEN
          'SELECT v.chunk_id, v.doc_no, v.%1$s $1 AS distance FROM %2$s ORDER BY 3, 1 LIMIT %6$s'
        -- By the index (asked for a few percent of a small partition's rows, the planner chose a
        -- bitmap scan of all of them and a sort, slower than the index: enable_bitmapscan off).
-       WHEN s.op = '<~>' THEN
+       WHEN op = '<~>' THEN
          'SELECT c.chunk_id, c.doc_no, c.%1$s $1 AS distance FROM (SELECT v.chunk_id, '
          'v.doc_no, v.embedding FROM %2$s ORDER BY binary_quantize(v.embedding)::%3$s <~> '
          'binary_quantize($1)::%3$s LIMIT %5$s) c ORDER BY 3, 1 LIMIT %6$s'
-       WHEN s.castto LIKE 'vector(%' THEN
+       WHEN castto LIKE 'vector(%' THEN
          'SELECT v.chunk_id, v.doc_no, (v.embedding::%3$s) %4$s $1::%3$s AS distance '
          'FROM %2$s ORDER BY 3 LIMIT %6$s'
        ELSE
@@ -171,8 +192,7 @@ SELECT format(
          '(v.embedding::%3$s) %4$s $1::%3$s LIMIT %6$s'
      END
   || ') hit ORDER BY distance, chunk_id) hit',
-  s.exact, pyembed._nearest_source(p_corpus_id, p_model_key, filtered), s.castto, s.op,
-  pyembed._nearest_candidates(k, s), k,
+  exact, source, castto, op, candidates, k,
   CASE p_distance WHEN 'cosine' THEN '1 - distance' ELSE '-distance' END)
 $$;
 
@@ -206,3 +226,194 @@ EXCEPTION WHEN undefined_table THEN  -- the corpus was dropped since its caller 
   RAISE;
 END
 $$;
+
+-- A corpus's own vector leg for a key: the search's (pyembed._vector_ranking) nearest chunks by
+-- pyembed._nearest_text's template, its rows (partition and key), index expression and score as
+-- literals, and the query vector ($1), filter ($2), k ($3), candidates ($4) and way of reading
+-- ($5, pyembed._nearest_scans) as parameters, so that PL/pgSQL keeps each statement's generic
+-- plan for the session where the dynamic statement was planned at every search (with the vector
+-- leg's settings, the generic plan with a parameter LIMIT reads the HNSW index). One static
+-- statement per way of reading: the index or a scan, with or without a filter; a session keeps
+-- the plans of those it ran. What the statement depends on (partition, key, storage, the model's
+-- dimensions and distance) changes only with the corpus's row: the trigger below makes, replaces
+-- and drops these functions with it, and every install and upgrade makes them again
+-- (095-vector-partitions.sql). Named by ids alone: the corpus's id and the md5 of the key.
+-- Owned by the schema's owner, no role but it may execute them (080-grants.sql revokes PUBLIC's
+-- and they are made after it): they run inside the SECURITY DEFINER search. No SET clause (its
+-- save and restore would cost every search): they run with the search's pinned search_path.
+CREATE OR REPLACE FUNCTION pyembed._nearest_function_name(p_corpus_id integer, p_model_key text)
+RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+SELECT '_nearest_c' OPERATOR(pg_catalog.||) p_corpus_id::text OPERATOR(pg_catalog.||) '_'
+       OPERATOR(pg_catalog.||) pg_catalog.md5(p_model_key)
+$$;
+
+-- The body of a corpus's function for a key (above) whose storage is `storage`.
+CREATE OR REPLACE FUNCTION pyembed._nearest_function_body(p_corpus_id integer,
+                                                          p_model_key text, storage text)
+RETURNS text
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  m pyembed.models;
+  s pyembed._index_rules;
+  into_ text := E'\n        INTO ids, distances, scores, docs;';
+  legs text[];
+BEGIN
+  SELECT * INTO m FROM pyembed.models WHERE model_key = p_model_key;
+  -- the rules' expression, operator and type: the index settings and rows set only ef_search and
+  -- oversample, which reach the statement as settings and parameters
+  s := pyembed._nearest_rules(m.dimensions, m.distance, storage, NULL, 0);
+  -- scan, scan filtered, index, index filtered
+  SELECT array_agg(pyembed._nearest_text(pyembed._nearest_source(p_corpus_id, p_model_key, f),
+                                         w, s.exact, s.castto, s.op, '$4', '$3', m.distance)
+                || into_ ORDER BY o)
+    INTO legs
+    FROM (VALUES (1, true, false), (2, true, true), (3, false, false), (4, false, true))
+         AS l(o, w, f);
+  IF s.expr IS NULL THEN  -- no index: every search scans (pyembed._nearest_scans)
+    RETURN format(E'BEGIN\n  IF $2 IS NULL THEN\n    %s\n  ELSE\n    %s\n  END IF;\nEND',
+                  legs[1], legs[2]);
+  END IF;
+  RETURN format(E'BEGIN\n  IF $5 THEN\n    IF $2 IS NULL THEN\n      %s\n    ELSE\n      %s\n'
+                || E'    END IF;\n  ELSIF $2 IS NULL THEN\n    %s\n  ELSE\n    %s\n  END IF;\nEND',
+                legs[1], legs[2], legs[3], legs[4]);
+END
+$$;
+
+-- Whether the function `name` is as pyembed._nearest_functions makes it with `body`: that text,
+-- its signature, STABLE, invoker's rights, no SET clause, executable by its owner alone.
+CREATE OR REPLACE FUNCTION pyembed._nearest_function_ok(name text, body text)
+RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+SELECT coalesce((SELECT count(*) = 1
+                        AND bool_and(p.prosrc = body AND p.proconfig IS NULL AND NOT p.prosecdef
+                        AND p.provolatile = 's' AND p.proretset IS FALSE
+                        AND p.pronargs = 5 AND p.proargtypes[0] = 'vector'::regtype
+                        AND p.proargtypes[1] = 'jsonb'::regtype
+                        AND p.proargtypes[2] = 'integer'::regtype
+                        AND p.proargtypes[3] = 'integer'::regtype
+                        AND p.proargtypes[4] = 'boolean'::regtype
+                        AND p.proacl IS NOT NULL
+                        AND NOT EXISTS (SELECT FROM aclexplode(p.proacl) a
+                                         WHERE a.grantee <> p.proowner))
+                   FROM pg_proc p
+                  WHERE p.pronamespace = 'pyembed'::regnamespace AND p.proname = name
+                    AND p.prokind = 'f'), false)
+$$;
+
+-- Drops every function of schema pyembed named `name` (whatever its arguments), a name of a
+-- corpus's vector leg (above) only.
+CREATE OR REPLACE FUNCTION pyembed._drop_nearest_function(name text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  f regprocedure;
+BEGIN
+  FOR f IN SELECT p.oid FROM pg_catalog.pg_proc p
+            WHERE p.pronamespace = 'pyembed'::regnamespace AND p.proname = name
+              AND p.proname ~ '^_nearest_c[0-9]+_[0-9a-f]{32}$' LOOP
+    EXECUTE format('DROP FUNCTION %s', f);
+  END LOOP;
+END
+$$;
+
+-- Brings a corpus's functions (above) in line with its row: one for each key it serves (its own,
+-- a migration's target) made or replaced where its text differs, every other one of the corpus's
+-- dropped (all of them once the corpus is). Returns the names of the functions it made or
+-- dropped.
+CREATE OR REPLACE FUNCTION pyembed._nearest_functions(p_corpus_id integer)
+RETURNS text[]
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  c pyembed.corpora;
+  key text;
+  name text;
+  body text;
+  kept text[] := '{}';
+  changed text[] := '{}';
+BEGIN
+  SELECT * INTO c FROM pyembed.corpora WHERE corpus_id = p_corpus_id;
+  FOREACH key IN ARRAY ARRAY_REMOVE(ARRAY[c.model_key, c.target_model_key], NULL) LOOP
+    name := pyembed._nearest_function_name(p_corpus_id, key);
+    body := pyembed._nearest_function_body(p_corpus_id, key, pyembed._key_storage(c, key));
+    kept := kept || name;
+    IF NOT pyembed._nearest_function_ok(name, body) THEN
+      -- Replaced where all but its text is as made (its text: its own), so that it keeps its
+      -- oid: a search that has resolved the name runs it still (a dropped function's oid is
+      -- "cache lookup failed" to it). Else dropped first: a replaced function keeps its grants
+      -- (one given by hand would stay) and another signature under the name would stay beside it.
+      IF NOT pyembed._nearest_function_ok(name, (SELECT p.prosrc FROM pg_catalog.pg_proc p
+                                                   WHERE p.pronamespace = 'pyembed'::regnamespace
+                                                     AND p.proname = name LIMIT 1)) THEN
+        PERFORM pyembed._drop_nearest_function(name);
+      END IF;
+      EXECUTE format('CREATE OR REPLACE FUNCTION pyembed.%I(vector, jsonb, integer, integer, '
+                     'boolean, OUT ids bigint[], OUT distances float8[], OUT scores float8[], '
+                     'OUT docs bigint[]) LANGUAGE plpgsql STABLE AS %L', name, body);
+      EXECUTE format('REVOKE ALL ON FUNCTION pyembed.%I FROM PUBLIC', name);
+      changed := changed || name;
+    END IF;
+  END LOOP;
+  FOR name IN SELECT p.proname FROM pg_catalog.pg_proc p
+               WHERE p.pronamespace = 'pyembed'::regnamespace
+                 AND p.proname ~ ('^_nearest_c' || p_corpus_id || '_[0-9a-f]{32}$')
+                 AND NOT p.proname = ANY (kept) LOOP
+    PERFORM pyembed._drop_nearest_function(name);
+    changed := changed || name;
+  END LOOP;
+  RETURN changed;
+END
+$$;
+
+-- Each key of a corpus whose function (above) is missing or not as pyembed._nearest_functions
+-- makes it (changed by hand): `pyembed doctor` names them, `pyembed install` makes them again.
+CREATE OR REPLACE FUNCTION pyembed._nearest_functions_problems()
+RETURNS TABLE (corpus text, model_key text, problem text)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+SELECT c.name, k,
+       CASE WHEN NOT EXISTS (SELECT FROM pg_catalog.pg_proc p
+                              WHERE p.pronamespace = 'pyembed'::regnamespace
+                                AND p.proname = pyembed._nearest_function_name(c.corpus_id, k))
+            THEN 'missing' ELSE 'changed by hand' END
+  FROM pyembed.corpora c, unnest(ARRAY[c.model_key, c.target_model_key]) k
+ WHERE k IS NOT NULL
+   AND NOT pyembed._nearest_function_ok(
+         pyembed._nearest_function_name(c.corpus_id, k),
+         pyembed._nearest_function_body(c.corpus_id, k, pyembed._key_storage(c, k)))
+ ORDER BY 1, 2
+$$;
+
+-- The corpus's functions (above) follow its row: made with it, changed with its keys and
+-- storages (a migration's start, completion and rollback, a storage change), dropped with it.
+CREATE OR REPLACE FUNCTION pyembed._corpus_nearest_changed() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+  IF TG_OP = 'DELETE' THEN
+    PERFORM pyembed._nearest_functions(OLD.corpus_id);
+  ELSIF TG_OP = 'INSERT' OR (NEW.model_key, NEW.target_model_key, NEW.storage, NEW.target_storage)
+                            IS DISTINCT FROM
+                            (OLD.model_key, OLD.target_model_key, OLD.storage, OLD.target_storage)
+  THEN
+    PERFORM pyembed._nearest_functions(NEW.corpus_id);
+  END IF;
+  RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER corpora_nearest_functions
+  AFTER INSERT OR DELETE OR UPDATE OF model_key, target_model_key, storage, target_storage
+  ON pyembed.corpora
+  FOR EACH ROW EXECUTE FUNCTION pyembed._corpus_nearest_changed();

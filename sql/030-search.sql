@@ -20,9 +20,14 @@
 -- chunks. Given `chunks` (hybrid search's vector leg), it ranks the documents among that many
 -- nearest chunks, at most k, from one scan: fewer than k where those chunks repeat documents.
 
--- The nearest chunks come from the vector leg's statement and settings (pyembed._nearest_sql and
--- _nearest_settings, 025-nearest.sql), inlined here as in pyembed._nearest_in: no call. The
--- SET clause keeps the settings local to this function: they end as it returns.
+-- The nearest chunks come from the vector leg's settings (pyembed._nearest_settings, inlined: no
+-- call) and statement: the corpus's own function for the key (pyembed._nearest_functions,
+-- 025-nearest.sql), whose plans PL/pgSQL keeps for the session, called by name through a small
+-- dynamic statement; where it is missing (the corpus dropped or the key migrated away since the
+-- caller looked it up, or a function dropped by hand), the search starts again by the dynamic
+-- statement (pyembed._nearest_sql, inlined, planned at each search), which meets a dropped
+-- corpus as every search did (undefined_table: PE002) and a migrated key's rows as they are.
+-- The SET clause keeps the settings local to this function: they end as it returns.
 CREATE OR REPLACE FUNCTION pyembed._vector_ranking(
   c pyembed.corpora, query_embedding vector, query_model_key text, k integer, filter jsonb,
   group_by text, chunks integer, OUT ids bigint[], OUT scores float8[], OUT keys text[])
@@ -39,6 +44,7 @@ DECLARE
   hit_distances float8[];
   hit_scores float8[];
   hit_docs bigint[];
+  leg text;
 BEGIN
   -- the partition's counted rows and the corpus's counts as scalar subqueries (each at most one
   -- row by its unique index), not outer joins: the kept plan runs less
@@ -107,43 +113,67 @@ BEGIN
                   THEN coalesce(c.target_storage, c.storage) ELSE c.storage END;
   s := pyembed._nearest_rules(md.dimensions, md.distance, storage, c.index_settings,
                               greatest(md.counted, 0)::bigint);
-  -- k chunks are k documents where every document has one chunk (as the committed counts say);
-  -- `chunks` given: the documents among that many nearest chunks, at most k, from one scan
-  n := CASE WHEN chunks IS NOT NULL THEN chunks
-            WHEN group_by = 'chunk' OR md.one_chunk_each THEN k ELSE 2 * k END;
-  BEGIN
-    LOOP
-      -- The nearest chunks: ids, distances, scores, docs, n of them at most, nearest first.
-      setting := pyembed._nearest_settings(n, filter IS NOT NULL, false, s, md.counted);
-      EXECUTE pyembed._nearest_sql(c.corpus_id, query_model_key, n, filter IS NOT NULL, false, s,
-                                   md.distance, md.counted)
-        INTO hit_ids, hit_distances, hit_scores, hit_docs USING query_embedding, filter;
-      IF group_by = 'chunk' THEN  -- each chunk its own key: ranked as they came
-        ids := hit_ids;
-        scores := hit_scores;
-        keys := hit_ids::text[];
-        RETURN;
-      END IF;
-      -- Each document's nearest chunk, the k nearest documents, by the document numbers the
-      -- vectors carry (no table read).
-      SELECT array_agg(b.chunk_id ORDER BY b.distance, b.chunk_id),
-             array_agg(b.score ORDER BY b.distance, b.chunk_id),
-             array_agg(b.doc_no::text ORDER BY b.distance, b.chunk_id) INTO ids, scores, keys
-        FROM (SELECT b.* FROM (
-                SELECT DISTINCT ON (h.doc_no) h.doc_no, h.chunk_id, h.distance, h.score
-                  FROM unnest(hit_ids, hit_distances, hit_scores, hit_docs)
-                         AS h(chunk_id, distance, score, doc_no)
-                 ORDER BY h.doc_no, h.distance, h.chunk_id) b
-               ORDER BY b.distance, b.chunk_id LIMIT k) b;
-      -- k documents, or all the corpus has (fewer chunks than asked for), or enough looking
-      EXIT WHEN coalesce(cardinality(ids), 0) >= k OR coalesce(cardinality(hit_ids), 0) < n
-                OR n >= 16 * k OR chunks IS NOT NULL;
-      n := 2 * n;
-    END LOOP;
-  EXCEPTION WHEN undefined_table THEN  -- the corpus was dropped since its caller looked it up
-    PERFORM pyembed._dropped_meanwhile(c.corpus_id);
-    RAISE;
-  END;
+  -- The corpus's own statement for the key (pyembed._nearest_functions), called by name.
+  leg := format('SELECT * FROM pyembed.%I($1, $2, $3, $4, $5)',
+                pyembed._nearest_function_name(c.corpus_id, query_model_key));
+  LOOP
+    BEGIN
+      -- k chunks are k documents where every document has one chunk (as the committed counts
+      -- say); `chunks` given: the documents among that many nearest chunks, at most k, from one
+      -- scan
+      n := CASE WHEN chunks IS NOT NULL THEN chunks
+                WHEN group_by = 'chunk' OR md.one_chunk_each THEN k ELSE 2 * k END;
+      LOOP
+        -- The nearest chunks: ids, distances, scores, docs, n of them at most, nearest first.
+        setting := pyembed._nearest_settings(n, filter IS NOT NULL, false, s, md.counted);
+        IF leg IS NULL THEN
+          EXECUTE pyembed._nearest_sql(c.corpus_id, query_model_key, n, filter IS NOT NULL, false,
+                                       s, md.distance, md.counted)
+            INTO hit_ids, hit_distances, hit_scores, hit_docs USING query_embedding, filter;
+        ELSE
+          EXECUTE leg INTO hit_ids, hit_distances, hit_scores, hit_docs
+            USING query_embedding, filter, n, pyembed._nearest_candidates(n, s),
+                  pyembed._nearest_scans(n, false, s, md.counted);
+        END IF;
+        IF group_by = 'chunk' THEN  -- each chunk its own key: ranked as they came
+          ids := hit_ids;
+          scores := hit_scores;
+          keys := hit_ids::text[];
+          RETURN;
+        END IF;
+        -- Each document's nearest chunk, the k nearest documents, by the document numbers the
+        -- vectors carry (no table read).
+        SELECT array_agg(b.chunk_id ORDER BY b.distance, b.chunk_id),
+               array_agg(b.score ORDER BY b.distance, b.chunk_id),
+               array_agg(b.doc_no::text ORDER BY b.distance, b.chunk_id) INTO ids, scores, keys
+          FROM (SELECT b.* FROM (
+                  SELECT DISTINCT ON (h.doc_no) h.doc_no, h.chunk_id, h.distance, h.score
+                    FROM unnest(hit_ids, hit_distances, hit_scores, hit_docs)
+                           AS h(chunk_id, distance, score, doc_no)
+                   ORDER BY h.doc_no, h.distance, h.chunk_id) b
+                 ORDER BY b.distance, b.chunk_id LIMIT k) b;
+        -- k documents, or all the corpus has (fewer chunks than asked for), or enough looking
+        EXIT WHEN coalesce(cardinality(ids), 0) >= k OR coalesce(cardinality(hit_ids), 0) < n
+                  OR n >= 16 * k OR chunks IS NOT NULL;
+        n := 2 * n;
+      END LOOP;
+      RETURN;
+    EXCEPTION
+      WHEN undefined_table THEN  -- the corpus was dropped since its caller looked it up
+        PERFORM pyembed._dropped_meanwhile(c.corpus_id);
+        RAISE;
+      -- No function for the key (a corpus dropped, or the key migrated away, since the caller
+      -- looked it up; or dropped by hand), or dropped between the leg's parse and its run (its
+      -- oid then "cache lookup failed"): the search again by the dynamic statement, which meets
+      -- such a corpus as it meets every other.
+      WHEN undefined_function OR internal_error THEN
+        IF leg IS NULL OR (SQLSTATE = 'XX000'
+                           AND SQLERRM NOT LIKE 'cache lookup failed for function %') THEN
+          RAISE;
+        END IF;
+        leg := NULL;
+    END;
+  END LOOP;
 END
 $$;
 

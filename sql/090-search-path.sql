@@ -15,7 +15,8 @@ DECLARE
                        WHERE extname = 'vector');
   unpinned text[] := ARRAY['_session_tenant', '_corpus_named', '_vector_ranking', '_nearest_in',
                            '_nearest_source', '_nearest_candidates', '_nearest_scans',
-                           '_nearest_rules', '_nearest_settings', '_nearest_sql', '_index_plan',
+                           '_nearest_rules', '_nearest_settings', '_nearest_sql', '_nearest_text',
+                           '_nearest_function_name', '_index_plan',
                            '_index_type', '_hnsw_per_page', '_hnsw_fitting_m', '_halfvec_m', '_halfvec_ef',
                            '_index_spec', '_index_params', 'hnsw_rule', '_vector_partition_name'];
   f regprocedure;
@@ -23,6 +24,8 @@ BEGIN
   FOR f IN SELECT p.oid::regprocedure FROM pg_catalog.pg_proc p
             WHERE p.pronamespace = 'pyembed'::regnamespace AND p.prokind = 'f'
               AND NOT (p.proname = ANY (unpinned) AND NOT p.prosecdef)
+              -- a corpus's own vector leg (025-nearest.sql): made after this, unpinned
+              AND p.proname !~ '^_nearest_c[0-9]+_[0-9a-f]{32}$'
               AND NOT EXISTS (SELECT FROM pg_catalog.pg_depend d
                                WHERE d.classid = 'pg_catalog.pg_proc'::regclass
                                  AND d.objid = p.oid AND d.deptype = 'e') LOOP

@@ -218,3 +218,26 @@ def assert_ingest_resumes(command: list[str], env: dict[str, str], fake_api: Any
     assert "added 6, updated 0, unchanged 4" in again.stdout, again.stdout
     embedded = [t for r in fake_api.requests_to("voyage") for t in r.body["input"]]
     assert sorted(embedded) == sorted(f"text number {i}" for i in range(4, 10))
+
+
+NEAREST_FUNCTION = r"^_nearest_c[0-9]+_[0-9a-f]{32}$"
+
+
+def nearest_functions(owner: psycopg.Connection[Any]) -> set[str]:
+    """The corpora's own vector legs in the catalogue (pyembed._nearest_functions' names)."""
+    return {r[0] for r in owner.execute(
+        "SELECT proname FROM pg_proc WHERE pronamespace = 'pyembed'::regnamespace "
+        "AND proname ~ %s", (NEAREST_FUNCTION,))}
+
+
+def nearest_functions_expected(owner: psycopg.Connection[Any]) -> set[str]:
+    """One function for each key each corpus serves (its own, a migration's target)."""
+    return {r[0] for r in owner.execute(
+        "SELECT pyembed._nearest_function_name(c.corpus_id, k) FROM pyembed.corpora c, "
+        "unnest(ARRAY[c.model_key, c.target_model_key]) k WHERE k IS NOT NULL")}
+
+
+def assert_nearest_functions_in_line(owner: psycopg.Connection[Any]) -> None:
+    """Each corpus's functions are the ones its row asks for, each as its template makes it."""
+    assert nearest_functions(owner) == nearest_functions_expected(owner)
+    assert owner.execute("SELECT * FROM pyembed._nearest_functions_problems()").fetchall() == []

@@ -384,3 +384,29 @@ def test_every_plpython_function_says_the_server_cannot_import_pyembed_with_the_
         shutil.rmtree(broken)
     with psycopg.connect(db.app_dsn, autocommit=True) as fresh:
         assert fresh.execute(PLPYTHON_ENTRY["_version"]).fetchone() == (pyembed_api.__version__,)
+
+
+def test_a_corpus_vector_leg_missing_or_changed_by_hand_is_named_with_the_fix(
+        db: Database) -> None:
+    """A corpus's own vector leg (sql/025-nearest.sql) dropped or changed by hand: the search
+    falls back or runs it as changed, which nothing said before; doctor names each corpus and
+    key with `pyembed install` as the fix, which makes them again."""
+    with psycopg.connect(db.owner_dsn, autocommit=True) as owner:
+        for name in ("legs_a", "legs_b"):
+            owner.execute("SELECT pyembed.create_corpus(%s, 'fake/fake-hash@1:384')", (name,))
+        a, b = (owner.execute("SELECT pyembed._nearest_function_name(corpus_id, model_key) "
+                              "FROM pyembed.corpora WHERE name = %s", (n,)).fetchone()[0]
+                for n in ("legs_a", "legs_b"))
+        owner.execute(sql.SQL("DROP FUNCTION pyembed.{}").format(sql.Identifier(a)))
+        owner.execute(sql.SQL("ALTER FUNCTION pyembed.{} SET work_mem = '1MB'").format(
+            sql.Identifier(b)))
+    code, lines, text = _doctor(db)
+    assert code == 0, text
+    assert lines["corpora's vector legs"] == (
+        "WARN corpora's vector legs: legs_a (fake/fake-hash@1:384): missing, legs_b "
+        "(fake/fake-hash@1:384): changed by hand (a missing one's searches plan their statement "
+        "every time; one changed by hand runs as changed) — fix: pyembed install"), text
+    schema.install(db.owner_dsn)
+    code, lines, text = _doctor(db)
+    assert lines["corpora's vector legs"].startswith("ok   "), text
+

@@ -458,7 +458,8 @@ def test_function_inventory_matches_the_golden_file(owner: psycopg.Connection[An
     unpinned = {line.split("(")[0] for line in lines if "search_path not set" in line}
     assert unpinned == {f"pyembed.{name}" for name in (
         "_vector_ranking", "_nearest_in", "_nearest_source", "_nearest_candidates",
-        "_nearest_scans", "_nearest_rules", "_nearest_settings", "_nearest_sql", "_index_plan",
+        "_nearest_scans", "_nearest_rules", "_nearest_settings", "_nearest_sql", "_nearest_text",
+        "_nearest_function_name", "_index_plan",
         "_index_type", "_hnsw_per_page", "_hnsw_fitting_m", "_halfvec_m", "_halfvec_ef",
         "_index_spec", "_index_params",
         "hnsw_rule", "_vector_partition_name", "_session_tenant",

@@ -44,7 +44,7 @@ from pyembed.search import bucket
 from pyembed.search import search as store_search
 from pyembed.worker import Worker
 from tests.conftest import REPO, Database
-from tests.helpers import run_cli
+from tests.helpers import assert_nearest_functions_in_line, run_cli
 
 OLD = "fake/fake-hash@1:1024"
 NEW = "fake/fake-hash@2:1024"
@@ -222,6 +222,7 @@ def check_step(app: Client, owner: Client, texts: list[str], *, accepted: set[st
                target_searchable: bool, serving: set[str]) -> tuple[Counter[str], Counter[str]]:
     """The invariants of one step; returns (vectors per key, searches served per key)."""
     counts = assert_no_vector_crosses_keys(owner.conn)
+    assert_nearest_functions_in_line(owner.conn)
     assert_wrong_keys_refused(app.conn, accepted)
     assert_query_key(app, OLD, OLD in accepted, texts)
     assert_query_key(app, NEW, target_searchable, texts)

@@ -467,9 +467,12 @@ OWNER_ONLY = APP_FUNCTIONS.replace(
     "has_function_privilege(%s, p.oid, 'EXECUTE')",
     "NOT has_function_privilege('pyembed_app', p.oid, 'EXECUTE') "
     "AND NOT has_function_privilege('pyembed_worker', p.oid, 'EXECUTE') "
-    "AND p.prorettype <> 'trigger'::regtype")
+    "AND p.prorettype <> 'trigger'::regtype "
+    "AND p.proname !~ '^_nearest_c[0-9]+_[0-9a-f]{32}$'")
 """Every function of schema pyembed only its owner may execute (a trigger's function is called by
-its trigger alone: PostgreSQL refuses any other call)."""
+its trigger alone: PostgreSQL refuses any other call), but a corpus's own vector leg
+(pyembed._nearest_c<id>_<md5 of key>, made per corpus and key by pyembed._nearest_functions): the
+search gives each of its arguments, checked, and its name is not one the walk can list."""
 
 TO = "fake/fake-hash@2:1024"
 DOCS_ID = "(SELECT c.corpus_id FROM pyembed.corpora c WHERE c.name = 'docs' AND c.tenant_id IS NULL)"
@@ -518,7 +521,8 @@ GIVEN_BY_PYEMBED = {
         "_release_backfill", "_sample_recall", "_search_arrays", "_search_mode",
         "_search_reranked", "_search_text", "_index_build_settings", "_index_name",
         "_index_params", "_index_plan", "_index_spec", "_index_type", "_job_bounds", "_key_rows",
-        "_keyword_ranking", "_lock_corpus", "_nearest", "_nearest_candidates", "_nearest_in",
+        "_keyword_ranking", "_lock_corpus", "_nearest", "_nearest_candidates",
+        "_nearest_function_body", "_nearest_function_name", "_nearest_functions", "_nearest_in",
         "_nearest_rules", "_nearest_scans", "_nearest_settings", "_nearest_source",
         "_nearest_sql", "_norm_ok", "_swap_vector_index", "_vector_guard_expr",
         "_vector_index_sql", "_vector_indexes", "_vector_partition", "_vector_partition_name",
@@ -594,6 +598,14 @@ OWNER_CALLS = {
     "_nearest_settings": ["5", "false", "false", RULES, "1"],
     "_nearest_source": [DOCS_ID, f"'{FAKE}'", "false"],
     "_nearest_sql": [DOCS_ID, f"'{FAKE}'", "5", "false", "false", RULES, "'cosine'", "1"],
+    "_nearest_text": ["'pyembed.vectors_c1 v WHERE true'", "false", "'embedding <=>'",
+                      "'vector(384)'", "'<=>'", "5", "5", "'cosine'"],
+    "_nearest_function_body": [DOCS_ID, f"'{FAKE}'", "'vector'"],
+    "_nearest_function_name": [DOCS_ID, f"'{FAKE}'"],
+    "_nearest_function_ok": ["'_nearest_c1_0'", "'BEGIN END'"],
+    "_nearest_functions": [DOCS_ID],
+    "_nearest_functions_problems": [],
+    "_drop_nearest_function": ["'_nearest_c0_none'"],
     "_need": [MIGRATION, "'docs'", "ARRAY['shifting']", "'shift traffic on'"],
     "_need_target": [CALM, f"pyembed._migration_of({CALM})", f"'{TO}'"],
     "_needs": ["false", "'share'", "'migration_shift'"],

@@ -3,8 +3,9 @@
 (bench_suite.py --search-only --database guard --pyembed-function pyembed.search_g2) beside it.
 
 Each is made from this checkout's sql/030-search.sql (pyembed._vector_ranking and pyembed.search,
-renamed with a suffix), with the vector leg's dynamic EXECUTE replaced; nothing else changes, so
-that a count's difference is the variant's alone. Written for bench_suite's corpus (its id, key
+renamed with a suffix), with the vector leg (the call of the corpus's own function, built from g2:
+pyembed._nearest_functions, or the dynamic statement without it) replaced; nothing else changes,
+so that a count's difference is the variant's alone. Written for bench_suite's corpus (its id, key
 and dimensions given): the variants are measurements, not code to ship (docs/index-tuning.md, "The
 guard's cost", says what each lacks).
   pu  the statement PREPAREd once per session under the md5 of its text and run by a utility
@@ -25,9 +26,17 @@ from common import REPO
 
 KEY = "fake/fake-hash@1:384"
 
-EXECUTE = """      EXECUTE pyembed._nearest_sql(c.corpus_id, query_model_key, n, filter IS NOT NULL, false, s,
-                                   md.distance, md.counted)
-        INTO hit_ids, hit_distances, hit_scores, hit_docs USING query_embedding, filter;
+# The vector leg in the ranking: the corpus's own function (pyembed._nearest_functions), or the
+# dynamic statement when it is missing; each variant replaces both.
+EXECUTE = """        IF leg IS NULL THEN
+          EXECUTE pyembed._nearest_sql(c.corpus_id, query_model_key, n, filter IS NOT NULL, false,
+                                       s, md.distance, md.counted)
+            INTO hit_ids, hit_distances, hit_scores, hit_docs USING query_embedding, filter;
+        ELSE
+          EXECUTE leg INTO hit_ids, hit_distances, hit_scores, hit_docs
+            USING query_embedding, filter, n, pyembed._nearest_candidates(n, s),
+                  pyembed._nearest_scans(n, false, s, md.counted);
+        END IF;
 """
 
 NAMED = """      stmt := pyembed._nearest_sql(c.corpus_id, query_model_key, n, filter IS NOT NULL, false, s,
@@ -69,7 +78,8 @@ def variants(corpus_id: int, key: str, dims: int) -> str:
               "pg_catalog.pg_prepared_statements p WHERE p.name = pname) THEN\n          EXECUTE "
               "format('DEALLOCATE %I', pname);\n        END IF;\n        " + PREPARE
               + "      END IF;\n" + RUN,
-        "pl": EXECUTE.replace("USING query_embedding,", "USING query_embedding::text::vector,"),
+        "pl": EXECUTE.split("        ELSE\n")[0].replace("        IF leg IS NULL THEN\n", "").replace(
+            "USING query_embedding,", "USING query_embedding::text::vector,"),
         "g1": "      " + static("hit_ids, hit_distances, hit_scores, hit_docs", "query_embedding",
                                 corpus_id, key, dims),
         "g2": f"      EXECUTE 'SELECT * FROM pyembed._nearest_c{corpus_id}($1, $2)'\n        INTO "
