@@ -311,13 +311,17 @@ def test_an_answer_and_the_metrics_write_nothing_in_a_read_only_session(
         db: Database, fake_api: Any, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
     """Client.ask's path (rag.answer, Claude at the fake API) and the metrics endpoint's
-    collector answer with read-only DSNs, record nothing and warn of nothing (the answer's log
-    line is skipped, as a search's)."""
+    collector with read-only DSNs record nothing and warn of nothing: Claude's call is a
+    provider call, which a read-only session cannot account (ReadOnlyReplica, PE011, before any
+    request, as an embedding's), and with the primary beside the read DSN the answer's search
+    runs on the read DSN and its call is accounted on the primary (the answer's log line is
+    skipped, as a search's)."""
     from prometheus_client import generate_latest
 
     from pyembed import metrics, rag
 
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-read-only-1")
+    monkeypatch.delenv("PYEMBED_CLAUDE_MODEL", raising=False)
     with pyembed.connect(db.app_dsn) as client:
         docs = client.create_corpus("docs", KEY)
         docs.add(DOCS)
@@ -329,11 +333,17 @@ def test_an_answer_and_the_metrics_write_nothing_in_a_read_only_session(
         before = _writes(owner)
         caplog.set_level(logging.INFO, logger="pyembed")
         with pyembed.connect(dsn) as client:
-            result = rag.answer(client.corpus("docs"), "a late refund", k=2)
-            assert result.generated and result.sources
+            with pytest.raises(pyembed.ReadOnlyReplica, match="read-only"):
+                rag.answer(client.corpus("docs"), "a late refund", k=2)
+        assert fake_api.requests_to("anthropic") == []
         text = generate_latest(metrics.registry(dsn)).decode()
         assert "pyembed_up 1.0" in text, text
         _sessions_ended(owner)
         time.sleep(0.5)
         assert _writes(owner) == before
+        with pyembed.connect(db.app_dsn, read_dsn=dsn) as client:
+            result = rag.answer(client.corpus("docs"), "a late refund", k=2)
+            assert result.generated and result.sources
+        assert [r.model_key for r in tenants.usage(owner)
+                if r.model_key.startswith("anthropic/")] == [f"anthropic/{rag.DEFAULT_MODEL}"]
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
