@@ -70,7 +70,7 @@ def test_privileges_match_the_golden_file(owner: psycopg.Connection[Any]) -> Non
         assert f"table {table} | pyembed_app | -" in lines, table
     assert not [line for line in lines if line.startswith("column vectors.embedding | pyembed_app")
                 and "SELECT" in line]
-    assert "table vectors | pyembed_app | DELETE, INSERT" in lines  # and no SELECT of embeddings
+    assert "table vectors | pyembed_app | INSERT" in lines  # and no SELECT of embeddings
     assert_matches_golden("privileges.txt", lines, "tests/test_privileges.py")
 
 
@@ -150,7 +150,6 @@ APP_COLUMN_WRITES = {
     "chunks.metadata INSERT": "the caller's metadata",
     "chunks.metadata UPDATE": "as INSERT",
     "eval_queries.corpus_id INSERT": "checked by the tenant's policy (its own corpora)",
-    "eval_queries.corpus_id UPDATE": "as INSERT",
     "eval_queries.query_id INSERT": "the caller's own evaluation queries, read only by its "
                                     "evaluations",
     "eval_queries.query_id UPDATE": "as INSERT",
@@ -173,14 +172,12 @@ failure recorded); documents.updated_at (pyembed._document_stamped); any UPDATE 
 text hash and time came apart from its embedding); identity columns
 (test_the_app_role_writes_no_identity_column)."""
 
-APP_DELETES = {
-    # Every table the application role may DELETE from, and why.
-    "documents": "the caller's documents; their chunks, vectors and postings follow (triggers)",
-    "chunks": "the caller's chunks; their vectors, postings and jobs follow",
-    "eval_queries": "the caller's evaluation queries",
-    "queue_failed": "failures read and cleared (done with them)",
-    "vectors": "the caller's vectors (a vector is replaced by delete and insert); the chunk's "
-               "text stays queued or embedded by the next write",
+APP_DELETES: dict[str, str] = {
+    # Every table the application role may DELETE from, and why: none. A table-level DELETE (as
+    # UPDATE or TRUNCATE) lets a role LOCK the table in any mode, and every table is every
+    # tenant's (test_tenants' test_a_tenant_can_lock_no_table_more_than_its_own_rows_...): rows
+    # are deleted through pyembed.delete_documents, delete_chunks, delete_failures,
+    # delete_eval_queries and _clear_vectors (APP_WRITERS).
 }
 """Not here, on purpose: queue (a job ends with its vector's write or its chunk's deletion, as
 pyembed's own functions run them: a job the caller deleted was work dropped)."""
@@ -288,6 +285,13 @@ APP_WRITERS = {
     "begin_bulk_load": "the index of a corpus of the caller's tenant with no vectors for its "
                        "key, dropped (built again by the load's end or the next write)",
     "end_bulk_load": "the missing index of a corpus of the caller's tenant, built",
+    "_clear_vectors": "the vectors of a corpus of the caller's tenant that copy_vectors writes "
+                      "again (the application role holds no DELETE: it would LOCK the table)",
+    "delete_documents": "documents of a corpus of the caller's tenant (pyembed.lookup_corpus), "
+                        "their chunks, vectors, postings and jobs with them",
+    "delete_chunks": "as delete_documents, chunks from an index on",
+    "delete_failures": "failures of a corpus of the caller's tenant",
+    "delete_eval_queries": "evaluation queries of a corpus of the caller's tenant",
 }
 """Not here: pyembed.count_provider_error, whose counters every tenant and the metrics endpoint
 read (any tenant could add any count): pyembed's own functions and pyembed_worker call it. Nor
@@ -662,8 +666,7 @@ WRITES_INTO_A_CORPUS = {
         "INSERT INTO pyembed.eval_queries (corpus_id, query_id, query, relevant) "
         "VALUES (%s, 'q1', ' ', '{d1}')",
         "INSERT INTO pyembed.eval_queries (corpus_id, query_id, query, relevant) "
-        "VALUES (%s, 'q1', 'a query', '{}')",
-        "UPDATE pyembed.eval_queries SET corpus_id = %s WHERE query_id = 'mine'"],
+        "VALUES (%s, 'q1', 'a query', '{}')"],
     "vectors": ["INSERT INTO pyembed.vectors (corpus_id, chunk_id, model_key, embedding, "
                 "content_hash) SELECT %s, 1, model_key, (array_fill(0::real, "
                 "ARRAY[dimensions - 1]) || 1::real)::vector, '\\x00' FROM pyembed.models "
