@@ -7,7 +7,9 @@ REVOKE USAGE ON SCHEMA pyembed FROM pyembed_app, pyembed_owner, pyembed_worker;
 GRANT USAGE ON SCHEMA pyembed TO pyembed_app, pyembed_owner;
 -- The tables' owner role runs the foreign-key checks and is bound by the tenant policies.
 GRANT EXECUTE ON FUNCTION pyembed.current_tenant(), pyembed.visible_corpora() TO pyembed_owner;
--- Sequences of the tables the application role inserts into itself.
+-- No sequence: an identity column's insert takes its number without USAGE on the sequence (as
+-- documents.doc_no always did), and with USAGE a tenant could nextval chunks_chunk_id_seq, every
+-- tenant's, to count their chunk writes. Revoked where an older install granted it.
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA pyembed FROM pyembed_app;
 -- The application and worker groups hold no predefined role that reads past the tenant policies:
 -- pg_read_all_stats (and pg_monitor, which holds it) shows every session's statement, other
@@ -28,7 +30,6 @@ BEGIN
     EXECUTE format('REVOKE %I FROM %I', m.granted, m.grp);
   END LOOP;
 END $revoke$;
-GRANT USAGE ON SEQUENCE pyembed.chunks_chunk_id_seq TO pyembed_app;
 
 -- Each grant is what a documented operation of the application role needs; row-level security
 -- keeps it to its tenant's rows. The cache, its counts and usage are ledgers it must not write
