@@ -14,8 +14,10 @@ REVOKE ALL ON ALL SEQUENCES IN SCHEMA pyembed FROM pyembed_app;
 -- The application and worker groups hold no predefined role that reads past the tenant policies:
 -- pg_read_all_stats (and pg_monitor, which holds it) shows every session's statement, other
 -- tenants' texts and queries included, and pg_read_all_data every table's rows, vectors and
--- secrets included. `pyembed db replica add` granted pg_monitor to pyembed_app for the replicas'
--- lag, which pyembed.replica_lag() now gives: revoked from a database where it was granted.
+-- secrets included; nor pg_write_all_data, whose table-level UPDATE and DELETE on every table let
+-- a tenant LOCK any of them in any mode (below). `pyembed db replica add` granted pg_monitor to
+-- pyembed_app for the replicas' lag, which pyembed.replica_lag() now gives: revoked from a
+-- database where it was granted.
 DO $revoke$
 DECLARE
   m record;
@@ -24,7 +26,8 @@ BEGIN
              FROM pg_catalog.pg_auth_members a
              JOIN pg_catalog.pg_roles r ON r.oid = a.roleid
              JOIN pg_catalog.pg_roles g ON g.oid = a.member
-            WHERE r.rolname IN ('pg_monitor', 'pg_read_all_stats', 'pg_read_all_data')
+            WHERE r.rolname IN ('pg_monitor', 'pg_read_all_stats', 'pg_read_all_data',
+                                'pg_write_all_data')
               AND g.rolname IN ('pyembed_app', 'pyembed_worker')
   LOOP
     EXECUTE format('REVOKE %I FROM %I', m.granted, m.grp);

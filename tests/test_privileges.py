@@ -74,6 +74,28 @@ def test_privileges_match_the_golden_file(owner: psycopg.Connection[Any]) -> Non
     assert_matches_golden("privileges.txt", lines, "tests/test_privileges.py")
 
 
+def test_no_role_but_the_tables_owner_may_lock_a_table_in_every_mode(
+        owner: psycopg.Connection[Any]) -> None:
+    """Walks every relation of the schema (partitions included) and every role but superusers,
+    the tables' owner role and the predefined roles (whose members are walked: the application
+    and worker groups, every tenant's and worker's login, PUBLIC, a new one included): none
+    holds a table-level UPDATE, DELETE or TRUNCATE, with which PostgreSQL lets a role LOCK the
+    table in any mode, and every table is every tenant's. Before, pyembed_app held DELETE on
+    documents, chunks, vectors and queue_failed and UPDATE and DELETE on eval_queries
+    (test_tenants' lock test shows what that did)."""
+    rows = owner.execute(
+        "SELECT r.rolname, c.relname, p FROM pg_roles r CROSS JOIN pg_class c "
+        "CROSS JOIN unnest(ARRAY['UPDATE', 'DELETE', 'TRUNCATE']) p "
+        "WHERE c.relnamespace = 'pyembed'::regnamespace AND c.relkind IN ('r', 'p', 'v', 'm', 'f') "
+        "AND NOT r.rolsuper AND r.rolname <> 'pyembed_owner' AND r.rolname !~ '^pg_' "
+        "AND has_table_privilege(r.oid, c.oid, p) "
+        "UNION ALL SELECT 'public', c.relname, p FROM pg_class c "
+        "CROSS JOIN unnest(ARRAY['UPDATE', 'DELETE', 'TRUNCATE']) p "
+        "WHERE c.relnamespace = 'pyembed'::regnamespace AND c.relkind IN ('r', 'p', 'v', 'm', 'f') "
+        "AND has_table_privilege('public', c.oid, p) ORDER BY 1, 2, 3").fetchall()
+    assert rows == []
+
+
 def test_the_app_role_writes_no_identity_column(owner: psycopg.Connection[Any]) -> None:
     """Numbers the database gives (identity columns) are never the writer's: with INSERT ...
     OVERRIDING SYSTEM VALUE or UPDATE ... SET col = DEFAULT the application role could take
