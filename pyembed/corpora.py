@@ -320,11 +320,9 @@ def _write(conn: psycopg.Connection[Any], corpus: CorpusInfo,
         # A stored document that now has fewer chunks loses the rest (new ones have none).
         replaced = [d for d in documents if d.document_id in stored and not stored[d.document_id]]
         if replaced:
-            cur.execute(
-                """DELETE FROM pyembed.chunks c USING unnest(%s::text[], %s::int[]) AS t(d, n)
-                    WHERE c.corpus_id = %s AND c.document_id = t.d AND c.chunk_index >= t.n""",
-                ([d.document_id for d in replaced], [len(d.chunks) for d in replaced],
-                 corpus.corpus_id))
+            cur.execute("SELECT pyembed.delete_chunks(%s, %s::text[], %s::integer[])",
+                        (corpus.name, [d.document_id for d in replaced],
+                         [len(d.chunks) for d in replaced]))
         kept = [d.document_id in stored for d in documents]
         ids, replace = _write_chunks(cur, corpus,
                                      [d for d, k in zip(documents, kept, strict=True) if k])

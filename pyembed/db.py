@@ -383,7 +383,9 @@ def _owner_only(exc: psycopg.Error, message: str) -> errors.NotAllowed | None:
             f"this role may not do this to {kind} {name}: the application role's grants "
             "(sql/080-grants.sql) allow some commands and columns of it, not this one; the rest "
             "is written by pyembed's functions and triggers (a document through "
-            "pyembed.add_document or Corpus.add, a corpus through create_corpus)")
+            "pyembed.add_document or Corpus.add, a corpus through create_corpus; rows are "
+            "deleted through pyembed.delete_documents, delete_chunks, delete_failures and "
+            "delete_eval_queries)")
     role = GRANTED_TO.get(name)
     if role:
         return errors.OwnerOnly(f"{kind} {name} is for the owner and members of {role}: "

@@ -313,7 +313,6 @@ def add_document(plpy: Any, GD: dict[str, Any], corpus: str, document_id: str, c
                ON CONFLICT (corpus_id, document_id, chunk_index) DO UPDATE
                  SET content = EXCLUDED.content, metadata = EXCLUDED.metadata""",
             [corpus_id, document_id, chunks, meta_text], ["integer", "text", "text[]", "text"])
-    db.rows("""DELETE FROM pyembed.chunks
-                WHERE corpus_id = $1 AND document_id = $2 AND chunk_index >= $3""",
-            [corpus_id, document_id, len(chunks)], ["integer", "text", "integer"])
+    db.rows("SELECT pyembed.delete_chunks($1, ARRAY[$2], ARRAY[$3])",
+            [corpus, document_id, len(chunks)], ["text", "text", "integer"])
     return len(chunks)

@@ -251,3 +251,68 @@ $$;
 CREATE OR REPLACE TRIGGER documents_id_checked
   BEFORE INSERT OR UPDATE OF document_id ON pyembed.documents
   FOR EACH ROW EXECUTE FUNCTION pyembed._document_id_checked();
+
+-- Deleting documents and chunks: the application role holds no DELETE on pyembed's tables,
+-- because a table-level DELETE (or UPDATE, TRUNCATE) lets a role LOCK the table in any mode, and
+-- these tables are every tenant's: one tenant's ACCESS EXCLUSIVE lock stalled every other's
+-- searches and writes. These functions delete the caller's tenant's rows as their owner, the
+-- corpus looked up as every call by name does (PE002 for a name the tenant has no corpus of).
+
+-- Deletes these documents of the corpus (their chunks, vectors, keyword postings and queued
+-- work with them); returns how many. An id the corpus has no document of is skipped.
+CREATE OR REPLACE FUNCTION pyembed.delete_documents(corpus text, document_ids text[])
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  c pyembed.corpora;
+  n bigint;
+BEGIN
+  IF num_nulls(corpus, document_ids) > 0 THEN
+    PERFORM pyembed._needs(corpus IS NULL, 'corpus', 'delete_documents');
+    PERFORM pyembed._needs(document_ids IS NULL, 'document_ids', 'delete_documents');
+  END IF;
+  c := pyembed.lookup_corpus(corpus);
+  DELETE FROM pyembed.documents d
+   WHERE d.corpus_id = c.corpus_id AND d.document_id = ANY (document_ids);
+  GET DIAGNOSTICS n = ROW_COUNT;
+  RETURN n;
+END
+$$;
+
+-- Deletes each of these documents' chunks from index from_index[i] on (0: all of them; their
+-- vectors, postings and queued work with them), the documents kept: what a document rewritten
+-- with fewer chunks loses (pyembed.corpora.write_chunks, pyembed.add_document). Returns how many.
+CREATE OR REPLACE FUNCTION pyembed.delete_chunks(corpus text, document_ids text[],
+                                                 from_index integer[])
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  c pyembed.corpora;
+  n bigint;
+BEGIN
+  IF num_nulls(corpus, document_ids, from_index) > 0 THEN
+    PERFORM pyembed._needs(corpus IS NULL, 'corpus', 'delete_chunks');
+    PERFORM pyembed._needs(document_ids IS NULL, 'document_ids', 'delete_chunks');
+    PERFORM pyembed._needs(from_index IS NULL, 'from_index', 'delete_chunks');
+  END IF;
+  IF cardinality(document_ids) <> cardinality(from_index) THEN
+    PERFORM pyembed._one_each('delete_chunks', 'document_ids and from_index',
+                              ARRAY[cardinality(document_ids), cardinality(from_index)]);
+  END IF;
+  IF EXISTS (SELECT FROM unnest(from_index) AS i WHERE i IS NULL OR i < 0) THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = 'from_index must hold chunk indexes (0 or more): pyembed.delete_chunks() got '
+                || coalesce((SELECT i::text FROM unnest(from_index) AS i
+                              WHERE i IS NULL OR i < 0 LIMIT 1), 'NULL');
+  END IF;
+  c := pyembed.lookup_corpus(corpus);
+  DELETE FROM pyembed.chunks ch USING unnest(document_ids, from_index) AS t(d, i)
+   WHERE ch.corpus_id = c.corpus_id AND ch.document_id = t.d AND ch.chunk_index >= t.i;
+  GET DIAGNOSTICS n = ROW_COUNT;
+  RETURN n;
+END
+$$;

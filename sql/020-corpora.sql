@@ -452,14 +452,16 @@ END
 $$;
 
 -- Delete a corpus's vectors for a key of these chunk ids (NULL: every id lo..hi), which
--- store.copy_vectors then writes again (COPY cannot update); returns how many. As the caller
--- (row-level security applies), by index range scans: as statements of the client's, planned
--- with the statistics of a fuller partition (analyzed, then emptied), both the check and the
--- DELETE were seen to read the whole partition, every batch of a load.
+-- store.copy_vectors then writes again (COPY cannot update); returns how many. As its owner, on
+-- the caller's corpora only (PE002 otherwise): a table-level DELETE would let the application
+-- role LOCK pyembed.vectors, the parent of every tenant's partition, in any mode
+-- (015-chunks.sql). By index range scans: as statements of the client's, planned with the
+-- statistics of a fuller partition (analyzed, then emptied), both the check and the DELETE were
+-- seen to read the whole partition, every batch of a load.
 CREATE OR REPLACE FUNCTION pyembed._clear_vectors(p_corpus_id integer, p_model_key text,
                                                   lo bigint, hi bigint, ids bigint[])
 RETURNS bigint
-LANGUAGE plpgsql
+LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 SET plan_cache_mode = force_custom_plan
 SET enable_seqscan = off
@@ -467,11 +469,14 @@ AS $$
 DECLARE
   n bigint;
 BEGIN
-  IF num_nulls(p_corpus_id, p_model_key, lo, hi) > 0 THEN  -- (as the caller: no _needs)
-    RAISE EXCEPTION USING ERRCODE = 'PE005', MESSAGE = format(
-      '%s is NULL: pyembed._clear_vectors() needs a value for it',
-      CASE WHEN p_corpus_id IS NULL THEN 'p_corpus_id' WHEN p_model_key IS NULL THEN 'p_model_key'
-           WHEN lo IS NULL THEN 'lo' ELSE 'hi' END);
+  IF num_nulls(p_corpus_id, p_model_key, lo, hi) > 0 THEN
+    PERFORM pyembed._needs(p_corpus_id IS NULL, 'p_corpus_id', '_clear_vectors');
+    PERFORM pyembed._needs(p_model_key IS NULL, 'p_model_key', '_clear_vectors');
+    PERFORM pyembed._needs(lo IS NULL, 'lo', '_clear_vectors');
+    PERFORM pyembed._needs(hi IS NULL, 'hi', '_clear_vectors');
+  END IF;
+  IF NOT (p_corpus_id = ANY (pyembed.visible_corpora())) THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE002', MESSAGE = format('unknown corpus id %s', p_corpus_id);
   END IF;
   -- Most batches have nothing to replace, and planning `= ANY(ids)` costs per id.
   IF NOT EXISTS (SELECT FROM pyembed.vectors WHERE corpus_id = p_corpus_id

@@ -486,3 +486,27 @@ BEGIN
   RETURN n;
 END
 $$;
+
+-- Clears the corpus's failed jobs once the caller is done with them (these chunks' only; NULL:
+-- all of them); returns how many. As its owner, the corpus looked up by name (PE002 for one the
+-- caller's tenant does not have): a table-level DELETE would let the application role LOCK
+-- pyembed.queue_failed, every tenant's, in any mode (015-chunks.sql says why).
+CREATE OR REPLACE FUNCTION pyembed.delete_failures(corpus text, chunk_ids bigint[] DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  c pyembed.corpora;
+  n bigint;
+BEGIN
+  IF corpus IS NULL THEN
+    PERFORM pyembed._needs(true, 'corpus', 'delete_failures');
+  END IF;
+  c := pyembed.lookup_corpus(corpus);
+  DELETE FROM pyembed.queue_failed f
+   WHERE f.corpus_id = c.corpus_id AND (chunk_ids IS NULL OR f.chunk_id = ANY (chunk_ids));
+  GET DIAGNOSTICS n = ROW_COUNT;
+  RETURN n;
+END
+$$;

@@ -486,3 +486,28 @@ BEGIN
   END LOOP;
 END
 $$;
+
+-- Deletes these evaluation queries of the corpus; returns how many. As its owner, the corpus
+-- looked up by name (PE002 for one the caller's tenant does not have): a table-level DELETE or
+-- UPDATE would let the application role LOCK pyembed.eval_queries, every tenant's, in any mode
+-- (015-chunks.sql says why). A query is changed by storing it again under its id.
+CREATE OR REPLACE FUNCTION pyembed.delete_eval_queries(corpus text, query_ids text[])
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  c pyembed.corpora;
+  n bigint;
+BEGIN
+  IF num_nulls(corpus, query_ids) > 0 THEN
+    PERFORM pyembed._needs(corpus IS NULL, 'corpus', 'delete_eval_queries');
+    PERFORM pyembed._needs(query_ids IS NULL, 'query_ids', 'delete_eval_queries');
+  END IF;
+  c := pyembed.lookup_corpus(corpus);
+  DELETE FROM pyembed.eval_queries e
+   WHERE e.corpus_id = c.corpus_id AND e.query_id = ANY (query_ids);
+  GET DIAGNOSTICS n = ROW_COUNT;
+  RETURN n;
+END
+$$;

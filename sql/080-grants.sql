@@ -7,13 +7,17 @@ REVOKE USAGE ON SCHEMA pyembed FROM pyembed_app, pyembed_owner, pyembed_worker;
 GRANT USAGE ON SCHEMA pyembed TO pyembed_app, pyembed_owner;
 -- The tables' owner role runs the foreign-key checks and is bound by the tenant policies.
 GRANT EXECUTE ON FUNCTION pyembed.current_tenant(), pyembed.visible_corpora() TO pyembed_owner;
--- Sequences of the tables the application role inserts into itself.
+-- No sequence: an identity column's insert takes its number without USAGE on the sequence (as
+-- documents.doc_no always did), and with USAGE a tenant could nextval chunks_chunk_id_seq, every
+-- tenant's, to count their chunk writes. Revoked where an older install granted it.
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA pyembed FROM pyembed_app;
 -- The application and worker groups hold no predefined role that reads past the tenant policies:
 -- pg_read_all_stats (and pg_monitor, which holds it) shows every session's statement, other
 -- tenants' texts and queries included, and pg_read_all_data every table's rows, vectors and
--- secrets included. `pyembed db replica add` granted pg_monitor to pyembed_app for the replicas'
--- lag, which pyembed.replica_lag() now gives: revoked from a database where it was granted.
+-- secrets included; nor pg_write_all_data, whose table-level UPDATE and DELETE on every table let
+-- a tenant LOCK any of them in any mode (below). `pyembed db replica add` granted pg_monitor to
+-- pyembed_app for the replicas' lag, which pyembed.replica_lag() now gives: revoked from a
+-- database where it was granted.
 DO $revoke$
 DECLARE
   m record;
@@ -22,13 +26,13 @@ BEGIN
              FROM pg_catalog.pg_auth_members a
              JOIN pg_catalog.pg_roles r ON r.oid = a.roleid
              JOIN pg_catalog.pg_roles g ON g.oid = a.member
-            WHERE r.rolname IN ('pg_monitor', 'pg_read_all_stats', 'pg_read_all_data')
+            WHERE r.rolname IN ('pg_monitor', 'pg_read_all_stats', 'pg_read_all_data',
+                                'pg_write_all_data')
               AND g.rolname IN ('pyembed_app', 'pyembed_worker')
   LOOP
     EXECUTE format('REVOKE %I FROM %I', m.granted, m.grp);
   END LOOP;
 END $revoke$;
-GRANT USAGE ON SEQUENCE pyembed.chunks_chunk_id_seq TO pyembed_app;
 
 -- Each grant is what a documented operation of the application role needs; row-level security
 -- keeps it to its tenant's rows. The cache, its counts and usage are ledgers it must not write
@@ -36,14 +40,22 @@ GRANT USAGE ON SEQUENCE pyembed.chunks_chunk_id_seq TO pyembed_app;
 -- tests/golden/privileges.txt records the result.
 GRANT SELECT ON pyembed.models, pyembed.corpora, pyembed.migrations, pyembed.migration_events
   TO pyembed_app;
-GRANT SELECT, INSERT, UPDATE, DELETE ON pyembed.eval_queries TO pyembed_app;
+-- No table-level UPDATE, DELETE or TRUNCATE on any table: any of them lets a role LOCK the table
+-- in every mode, and the tables are every tenant's (one tenant's `LOCK pyembed.documents IN
+-- ACCESS EXCLUSIVE MODE` stalled every other's searches and writes until it ended). SELECT
+-- allows ACCESS SHARE, INSERT ROW EXCLUSIVE, a column's UPDATE no LOCK at all; rows are deleted
+-- through pyembed.delete_documents, delete_chunks, delete_failures, delete_eval_queries and
+-- _clear_vectors, which apply the caller's tenant themselves. REVOKE ALL first: see below.
+REVOKE ALL ON pyembed.eval_queries FROM pyembed_app;
+GRANT SELECT, INSERT, UPDATE (query_id, query, relevant)
+  ON pyembed.eval_queries TO pyembed_app;
 -- Documents and chunks: written, but not what the database numbers them by (doc_no, chunk_id:
 -- identities, positive; the keyword index's blocks, the vectors' doc_no, postings and queued
 -- work hang on them) nor the corpus a row belongs to. (A chunk's content_hash is computed again
 -- by pyembed._chunk_hash whatever the writer gives.) REVOKE first: a table grant covers every
 -- column, and revoking it revokes the column grants too, so this re-applies the same.
-REVOKE INSERT, UPDATE ON pyembed.documents, pyembed.chunks FROM pyembed_app;
-GRANT SELECT, DELETE ON pyembed.documents, pyembed.chunks TO pyembed_app;
+REVOKE INSERT, UPDATE, DELETE ON pyembed.documents, pyembed.chunks FROM pyembed_app;
+GRANT SELECT ON pyembed.documents, pyembed.chunks TO pyembed_app;
 -- A document's updated_at is set by pyembed._document_stamped (015-chunks.sql): not granted.
 GRANT INSERT (corpus_id, document_id, content_hash, title, metadata),
       UPDATE (document_id, content_hash, title, metadata)
@@ -56,7 +68,7 @@ GRANT INSERT (corpus_id, document_id, chunk_index, content, content_hash, metada
 -- and release_jobs, and writes only those its claim still holds (hold_jobs) (a job's attempts decide when it expires, its last error is the failure
 -- expire_jobs records: no UPDATE of them by the caller), and moves failed jobs aside through
 -- pyembed.fail_job and expire_jobs, the one way a failure row is written (it is a queued job,
--- moved); failures are read and cleared (DELETE: done with them). A queued key is checked by
+-- moved); failures are read, and cleared through pyembed.delete_failures. A queued key is checked by
 -- pyembed._queue_keys_accepted (PE001). A job is made by the chunk write
 -- (pyembed._enqueue_chunks, as its owner) and ends with its vector's write (_dequeue_written, as
 -- its owner) or its chunk's deletion: the application role reads jobs, never deletes one (work
@@ -64,7 +76,7 @@ GRANT INSERT (corpus_id, document_id, chunk_index, content, content_hash, metada
 REVOKE ALL ON pyembed.queue FROM pyembed_app;
 GRANT SELECT ON pyembed.queue TO pyembed_app;
 REVOKE ALL ON pyembed.queue_failed FROM pyembed_app;
-GRANT SELECT, DELETE ON pyembed.queue_failed TO pyembed_app;
+GRANT SELECT ON pyembed.queue_failed TO pyembed_app;
 -- The query log is read, and written only by pyembed.record_search (a search's own record, with
 -- the corpus it checks is the caller's): a line the caller wrote itself was another figure of
 -- pyembed.latency and another number of the one sequence every tenant's searches share.
@@ -83,7 +95,7 @@ GRANT SELECT ON pyembed.coverage, pyembed.throughput, pyembed.cache_health, pyem
 REVOKE ALL ON pyembed.vectors FROM pyembed_app;
 GRANT SELECT (corpus_id, chunk_id, model_key, content_hash, created_at) ON pyembed.vectors
   TO pyembed_app;
-GRANT INSERT, DELETE ON pyembed.vectors TO pyembed_app;
+GRANT INSERT ON pyembed.vectors TO pyembed_app;
 
 GRANT EXECUTE ON FUNCTION
   pyembed.search(text, vector, text, numeric, jsonb, text),
@@ -113,6 +125,10 @@ GRANT EXECUTE ON FUNCTION
   pyembed.rerank_cache_put(bytea[], text, float8[], float8),
   pyembed.rerank_cache_purge(text, boolean),
   pyembed._clear_vectors(integer, text, bigint, bigint, bigint[]),
+  pyembed.delete_documents(text, text[]),
+  pyembed.delete_chunks(text, text[], integer[]),
+  pyembed.delete_failures(text, bigint[]),
+  pyembed.delete_eval_queries(text, text[]),
   pyembed._dequeue_written(integer, text, bigint, bigint, bytea[]),
   pyembed.expire_jobs(numeric),
   pyembed.fail_job(integer, bigint, text, bytea, integer, text),

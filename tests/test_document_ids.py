@@ -217,4 +217,4 @@ def test_a_row_stored_before_the_rule_stays_writable(
     assert err.value.sqlstate == "PE005"
     app.execute("UPDATE pyembed.documents SET document_id = 'old' WHERE document_id = 'old '")
     assert [r[0] for r in app.execute("SELECT document_id FROM pyembed.documents")] == ["old"]
-    app.execute("DELETE FROM pyembed.documents")
+    assert app.execute("SELECT pyembed.delete_documents('c', '{old}')").fetchone() == (1,)

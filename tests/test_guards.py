@@ -303,7 +303,7 @@ def test_copy_into_the_partition_is_guarded_row_by_row(
 def test_a_missing_chunk_among_consecutive_ids_is_named(
         app: psycopg.Connection[Any], corpus: CorpusInfo) -> None:
     ids = stored_chunks(app, corpus, 4)
-    app.execute("DELETE FROM pyembed.chunks WHERE chunk_id = %s", (ids[1],))
+    app.execute("SELECT pyembed.delete_chunks(%s, '{d2}', '{0}')", (corpus.name,))  # ids[1]
     vectors = np.stack([unit(1024, i) for i in range(3)])
     # Consecutive ids are checked by counting their range: a gap inside it, or past its end.
     for batch, missing in (([ids[0], ids[1], ids[2]], ids[1]),
@@ -335,8 +335,7 @@ def test_deleted_chunks_take_their_vectors_and_postings(
     other = create_corpus(app, "other", KEY_A)
     write_chunks(app, corpus, rows(4, 1024), KEY_A)
     write_chunks(app, other, rows(2, 1024), KEY_A)
-    app.execute("DELETE FROM pyembed.chunks WHERE corpus_id = %s AND document_id IN "
-                "('doc1', 'doc2')", (corpus.corpus_id,))
+    app.execute("SELECT pyembed.delete_chunks(%s, '{doc1, doc2}', '{0, 0}')", (corpus.name,))
     for table in ("vectors", "postings"):
         left = owner.execute(sql.SQL(
             "SELECT corpus_id, count(DISTINCT chunk_id) FROM {} GROUP BY 1 ORDER BY 1").format(
@@ -360,7 +359,8 @@ def test_vectors_carry_their_chunks_document_number(
     chunk = app.execute("SELECT chunk_id FROM pyembed.chunks WHERE document_id = 'doc1'"
                         ).fetchone()
     assert chunk is not None
-    app.execute("DELETE FROM pyembed.vectors WHERE chunk_id = %s", chunk)
+    app.execute("SELECT pyembed._clear_vectors(%s, %s, %s, %s, NULL)",
+                (corpus.corpus_id, KEY_A, chunk[0], chunk[0]))
     app.execute("INSERT INTO pyembed.vectors (corpus_id, chunk_id, model_key, embedding, doc_no) "
                 "VALUES (%s, %s, %s, %s::vector, -5)",
                 (corpus.corpus_id, chunk[0], KEY_A, str(unit(1024, 1).tolist())))
@@ -386,7 +386,8 @@ def test_a_vector_written_while_its_chunk_moves_carries_the_new_document(
     chunk = app.execute("SELECT chunk_id FROM pyembed.chunks WHERE document_id = 'doc0'"
                         ).fetchone()
     assert chunk is not None
-    app.execute("DELETE FROM pyembed.vectors WHERE chunk_id = %s", chunk)
+    app.execute("SELECT pyembed._clear_vectors(%s, %s, %s, %s, NULL)",
+                (corpus.corpus_id, KEY_A, chunk[0], chunk[0]))
     with connect(db.app_dsn) as writer, connect(db.app_dsn, autocommit=True) as mover:
         writer.execute("INSERT INTO pyembed.vectors (corpus_id, chunk_id, model_key, embedding) "
                        "VALUES (%s, %s, %s, %s::vector)",

@@ -154,11 +154,12 @@ def test_two_writers_adding_chunks_to_one_document_at_once(
     assert [p.split(":")[0] for p in index_problems(owner)] == ["lexeme_stats"]
 
 
-DELETE_CHUNK = ("DELETE FROM pyembed.chunks WHERE corpus_id = %s AND document_id = %s "
-                "AND chunk_index = %s")
+# Deletes go through pyembed's functions (the application role holds no DELETE), by name.
+_NAME = "(SELECT name FROM pyembed.corpora WHERE corpus_id = %s)"
+DELETE_CHUNK = f"SELECT pyembed.delete_chunks({_NAME}, ARRAY[%s], ARRAY[%s])"  # and later ones
 UPDATE_CHUNK = ("UPDATE pyembed.chunks SET content = %s WHERE corpus_id = %s "
                 "AND document_id = %s AND chunk_index = %s")
-DELETE_DOCUMENT = "DELETE FROM pyembed.documents WHERE corpus_id = %s AND document_id = %s"
+DELETE_DOCUMENT = f"SELECT pyembed.delete_documents({_NAME}, ARRAY[%s])"
 
 
 @pytest.mark.parametrize(("first", "second", "refused"), [

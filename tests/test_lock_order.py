@@ -464,7 +464,8 @@ def test_the_worker_moving_a_job_to_failed_never_deadlocks_with_its_chunks_delet
             waited = waits_for_lock(watcher, worker.conn.info.backend_pid, thread)
             try:
                 writer.execute("SELECT set_config('lock_timeout', %s, false)", (LOCK_WAIT,))
-                writer.execute("DELETE FROM pyembed.chunks WHERE chunk_id = %s", (chunk,))
+                writer.execute("SELECT pyembed.delete_chunks(%s, '{d}', '{0}')",  # chunk
+                               (CORPUS,))
                 writer.commit()
             except psycopg.Error as e:
                 errors.append(e)

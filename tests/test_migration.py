@@ -175,8 +175,9 @@ def assert_wrong_keys_refused(app: psycopg.Connection[Any], allowed: set[str]) -
     chunk_id, content = int(row[0]), str(row[1])
     for key in sorted({OLD, NEW, OTHER} - allowed):
         with pytest.raises(psycopg.Error) as err, app.transaction():
-            app.execute("DELETE FROM pyembed.vectors WHERE chunk_id = %s AND model_key = %s",
-                        (chunk_id, key))
+            app.execute("SELECT pyembed._clear_vectors(corpus_id, %s, %s, %s, NULL) "
+                        "FROM pyembed.chunks WHERE chunk_id = %s",
+                        (key, chunk_id, chunk_id, chunk_id))
             app.execute("INSERT INTO pyembed.vectors (corpus_id, chunk_id, model_key, embedding) "
                         "SELECT corpus_id, chunk_id, %s, %s FROM pyembed.chunks "
                         "WHERE chunk_id = %s", (key, Vector(fake(key, [content])[0]), chunk_id))
@@ -851,7 +852,7 @@ def test_a_validation_passes_on_ten_evaluation_queries_or_when_forced(db: Databa
     and a forced pass says in its report, the event log and the printed figure that it was."""
     floor = "has 9 evaluation queries: a validation passes on at least 10"
     with clients(db, n=20) as (app, owner, texts):
-        app.conn.execute("DELETE FROM pyembed.eval_queries WHERE query_id = 'q18'")
+        app.conn.execute("SELECT pyembed.delete_eval_queries(%s, '{q18}')", (CORPUS,))
         assert one(owner.conn, "SELECT count(*) FROM pyembed.eval_queries") == 9
         migration.start(owner, CORPUS, NEW)
         migration.backfill(owner, CORPUS)

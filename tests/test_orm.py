@@ -44,6 +44,34 @@ def test_map_read_and_search_through_sqlalchemy(db: Database) -> None:
         engine.dispose()
 
 
+def test_a_mapped_document_is_deleted_through_pyembeds_function(db: Database) -> None:
+    """The application role holds no DELETE (a table's DELETE would let a tenant LOCK it, every
+    tenant's): session.delete is refused, and README's statement deletes the document."""
+    from pyembed.db import translate
+
+    with pyembed.connect(db.app_dsn) as client:
+        client.create_corpus("docs", KEY).add([pyembed.Document("e4012", "error E4012 quota"),
+                                               pyembed.Document("sso", "single sign on")])
+    engine = sa.create_engine(sqlalchemy_url(db.app_dsn))
+    try:
+        with Session(engine) as session:
+            doc = session.scalars(sa.select(orm.Document).where(
+                orm.Document.document_id == "sso")).one()
+            session.delete(doc)
+            with pytest.raises(sa.exc.ProgrammingError) as err:
+                session.commit()
+            assert isinstance(err.value.orig, psycopg.Error)
+            assert isinstance(translate(err.value.orig), pyembed.NotAllowed)
+            assert "pyembed.delete_documents" in str(translate(err.value.orig))
+            session.rollback()
+            assert session.scalar(sa.select(sa.func.pyembed.delete_documents(
+                "docs", ["e4012"]))) == 1
+            session.commit()
+            assert list(session.scalars(sa.select(orm.Document.document_id))) == ["sso"]
+    finally:
+        engine.dispose()
+
+
 BAD_FILTERS = {"NUL in a key": {"a\x00b": 1}, "NUL in a value": {"x": ["a\x00b"]},
                "lone surrogate": {"x": "\ud800"}, "NaN": {"x": float("nan")},
                "NUL as JSON text": '{"x": "a\\u0000b"}',

@@ -70,8 +70,30 @@ def test_privileges_match_the_golden_file(owner: psycopg.Connection[Any]) -> Non
         assert f"table {table} | pyembed_app | -" in lines, table
     assert not [line for line in lines if line.startswith("column vectors.embedding | pyembed_app")
                 and "SELECT" in line]
-    assert "table vectors | pyembed_app | DELETE, INSERT" in lines  # and no SELECT of embeddings
+    assert "table vectors | pyembed_app | INSERT" in lines  # and no SELECT of embeddings
     assert_matches_golden("privileges.txt", lines, "tests/test_privileges.py")
+
+
+def test_no_role_but_the_tables_owner_may_lock_a_table_in_every_mode(
+        owner: psycopg.Connection[Any]) -> None:
+    """Walks every relation of the schema (partitions included) and every role but superusers,
+    the tables' owner role and the predefined roles (whose members are walked: the application
+    and worker groups, every tenant's and worker's login, PUBLIC, a new one included): none
+    holds a table-level UPDATE, DELETE or TRUNCATE, with which PostgreSQL lets a role LOCK the
+    table in any mode, and every table is every tenant's. Before, pyembed_app held DELETE on
+    documents, chunks, vectors and queue_failed and UPDATE and DELETE on eval_queries
+    (test_tenants' lock test shows what that did)."""
+    rows = owner.execute(
+        "SELECT r.rolname, c.relname, p FROM pg_roles r CROSS JOIN pg_class c "
+        "CROSS JOIN unnest(ARRAY['UPDATE', 'DELETE', 'TRUNCATE']) p "
+        "WHERE c.relnamespace = 'pyembed'::regnamespace AND c.relkind IN ('r', 'p', 'v', 'm', 'f') "
+        "AND NOT r.rolsuper AND r.rolname <> 'pyembed_owner' AND r.rolname !~ '^pg_' "
+        "AND has_table_privilege(r.oid, c.oid, p) "
+        "UNION ALL SELECT 'public', c.relname, p FROM pg_class c "
+        "CROSS JOIN unnest(ARRAY['UPDATE', 'DELETE', 'TRUNCATE']) p "
+        "WHERE c.relnamespace = 'pyembed'::regnamespace AND c.relkind IN ('r', 'p', 'v', 'm', 'f') "
+        "AND has_table_privilege('public', c.oid, p) ORDER BY 1, 2, 3").fetchall()
+    assert rows == []
 
 
 def test_the_app_role_writes_no_identity_column(owner: psycopg.Connection[Any]) -> None:
@@ -120,7 +142,7 @@ def test_no_other_table_is_writable_by_the_app_role(owner: psycopg.Connection[An
         "SELECT c.relname FROM pg_class c WHERE c.relnamespace = 'pyembed'::regnamespace "
         "AND c.relkind = 'S' AND (has_sequence_privilege('pyembed_app', c.oid, 'USAGE') "
         "OR has_sequence_privilege('pyembed_app', c.oid, 'UPDATE')) ORDER BY 1").fetchall()
-    assert [r[0] for r in sequences] == ["chunks_chunk_id_seq"]
+    assert [r[0] for r in sequences] == []  # identities need no USAGE to insert
 
 
 APP_COLUMN_WRITES = {
@@ -150,7 +172,6 @@ APP_COLUMN_WRITES = {
     "chunks.metadata INSERT": "the caller's metadata",
     "chunks.metadata UPDATE": "as INSERT",
     "eval_queries.corpus_id INSERT": "checked by the tenant's policy (its own corpora)",
-    "eval_queries.corpus_id UPDATE": "as INSERT",
     "eval_queries.query_id INSERT": "the caller's own evaluation queries, read only by its "
                                     "evaluations",
     "eval_queries.query_id UPDATE": "as INSERT",
@@ -173,14 +194,12 @@ failure recorded); documents.updated_at (pyembed._document_stamped); any UPDATE 
 text hash and time came apart from its embedding); identity columns
 (test_the_app_role_writes_no_identity_column)."""
 
-APP_DELETES = {
-    # Every table the application role may DELETE from, and why.
-    "documents": "the caller's documents; their chunks, vectors and postings follow (triggers)",
-    "chunks": "the caller's chunks; their vectors, postings and jobs follow",
-    "eval_queries": "the caller's evaluation queries",
-    "queue_failed": "failures read and cleared (done with them)",
-    "vectors": "the caller's vectors (a vector is replaced by delete and insert); the chunk's "
-               "text stays queued or embedded by the next write",
+APP_DELETES: dict[str, str] = {
+    # Every table the application role may DELETE from, and why: none. A table-level DELETE (as
+    # UPDATE or TRUNCATE) lets a role LOCK the table in any mode, and every table is every
+    # tenant's (test_tenants' test_a_tenant_can_lock_no_table_more_than_its_own_rows_...): rows
+    # are deleted through pyembed.delete_documents, delete_chunks, delete_failures,
+    # delete_eval_queries and _clear_vectors (APP_WRITERS).
 }
 """Not here, on purpose: queue (a job ends with its vector's write or its chunk's deletion, as
 pyembed's own functions run them: a job the caller deleted was work dropped)."""
@@ -288,6 +307,13 @@ APP_WRITERS = {
     "begin_bulk_load": "the index of a corpus of the caller's tenant with no vectors for its "
                        "key, dropped (built again by the load's end or the next write)",
     "end_bulk_load": "the missing index of a corpus of the caller's tenant, built",
+    "_clear_vectors": "the vectors of a corpus of the caller's tenant that copy_vectors writes "
+                      "again (the application role holds no DELETE: it would LOCK the table)",
+    "delete_documents": "documents of a corpus of the caller's tenant (pyembed.lookup_corpus), "
+                        "their chunks, vectors, postings and jobs with them",
+    "delete_chunks": "as delete_documents, chunks from an index on",
+    "delete_failures": "failures of a corpus of the caller's tenant",
+    "delete_eval_queries": "evaluation queries of a corpus of the caller's tenant",
 }
 """Not here: pyembed.count_provider_error, whose counters every tenant and the metrics endpoint
 read (any tenant could add any count): pyembed's own functions and pyembed_worker call it. Nor
@@ -662,8 +688,7 @@ WRITES_INTO_A_CORPUS = {
         "INSERT INTO pyembed.eval_queries (corpus_id, query_id, query, relevant) "
         "VALUES (%s, 'q1', ' ', '{d1}')",
         "INSERT INTO pyembed.eval_queries (corpus_id, query_id, query, relevant) "
-        "VALUES (%s, 'q1', 'a query', '{}')",
-        "UPDATE pyembed.eval_queries SET corpus_id = %s WHERE query_id = 'mine'"],
+        "VALUES (%s, 'q1', 'a query', '{}')"],
     "vectors": ["INSERT INTO pyembed.vectors (corpus_id, chunk_id, model_key, embedding, "
                 "content_hash) SELECT %s, 1, model_key, (array_fill(0::real, "
                 "ARRAY[dimensions - 1]) || 1::real)::vector, '\\x00' FROM pyembed.models "

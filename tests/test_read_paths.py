@@ -71,6 +71,8 @@ WRITERS = {
     "add_document": "a document",
     "begin_bulk_load": "a corpus's index dropped", "end_bulk_load": "an index built",
     "_clear_vectors": "a vector write's old vectors deleted",
+    "delete_documents": "documents deleted", "delete_chunks": "chunks deleted",
+    "delete_failures": "failures cleared", "delete_eval_queries": "evaluation queries deleted",
     "_dequeue_written": "a vector write's jobs dequeued",
     "claim_jobs": "the worker's jobs", "renew_jobs": "as claim_jobs",
     "hold_jobs": "as claim_jobs: locks the jobs a worker's write still holds", "retry_jobs": "as claim_jobs",

@@ -65,6 +65,9 @@ APP_EXECUTE = {
     "rerank_cache_put(bytea[], text, double precision[], double precision)",
     "rerank_cache_purge(text, boolean)",  # the partition a SQL client COPYs a corpus's vectors into
     "_clear_vectors(integer, text, bigint, bigint, bigint[])",  # before vectors.copy_vectors's COPY
+    # Deletes of the caller's rows (no table-level DELETE: it would let a tenant LOCK the table)
+    "delete_documents(text, text[])", "delete_chunks(text, text[], integer[])",
+    "delete_failures(text, bigint[])", "delete_eval_queries(text, text[])",
     "_dequeue_written(integer, text, bigint, bigint, bytea[])",  # by the vector write trigger
     # the worker's moves to queue_failed, the one way a failure row is written
     "expire_jobs(numeric)",
@@ -269,7 +272,7 @@ def test_the_document_postings_revision_indexes_stored_documents_as_the_triggers
                                                               unit(384, 9), {})], KEY)
         hits = search(app, "docs", None, None, 3, mode="keyword", text="word1 term1")
         assert hits[0].document_id == "d6"
-        app.execute("DELETE FROM pyembed.documents WHERE document_id = 'd6'")
+        app.execute("SELECT pyembed.delete_documents('docs', '{d6}')")
     schema.install(empty_db.owner_dsn)
     with psycopg.connect(empty_db.owner_dsn) as conn:
         assert conn.execute(index).fetchone() == written
@@ -861,7 +864,11 @@ def test_install_ddl_waits_a_bounded_time_for_a_tables_lock(
     monkeypatch.setattr(schema, "DDL_PAUSE", 0.5)
     with psycopg.connect(db.app_dsn) as hostile, psycopg.connect(db.app_dsn) as traffic:
         hostile.execute("SET application_name = 'idle writer'")
-        hostile.execute("LOCK TABLE pyembed.documents IN ROW EXCLUSIVE MODE")
+        hostile.execute("SELECT pyembed.create_corpus('idle', %s)", (KEY,))
+        hostile.commit()
+        write = ("INSERT INTO pyembed.documents (corpus_id, document_id, content_hash) "
+                 "SELECT corpus_id, %s, '\\x00' FROM pyembed.corpora WHERE name = 'idle'")
+        hostile.execute(write, ("held",))  # (a write's ROW EXCLUSIVE lock, left open)
         (pid,) = hostile.execute("SELECT pg_backend_pid()").fetchone()  # type: ignore[misc]
         traffic.execute("SET lock_timeout = '10s'")  # a write stuck behind the install fails
         traffic.commit()
@@ -872,7 +879,7 @@ def test_install_ddl_waits_a_bounded_time_for_a_tables_lock(
         while installer.is_alive() and time.monotonic() - started < 15:
             began = time.monotonic()
             try:
-                traffic.execute("LOCK TABLE pyembed.documents IN ROW EXCLUSIVE MODE")
+                traffic.execute(write, ("passing",))
             except psycopg.errors.LockNotAvailable:
                 waits.append(float("inf"))
                 break

@@ -61,7 +61,8 @@ def test_bm25_matches_a_from_scratch_computation_after_updates_and_deletes(
             kb.add([pyembed.Document("billing", "quota quota quota invoices")])  # update
         else:
             kb.add([pyembed.Document("gpu", "compute hours on GPUs")])
-            client.conn.execute("DELETE FROM pyembed.documents WHERE document_id = 'backups'")
+            client.conn.execute("SELECT pyembed.delete_documents(%s, '{backups}')",
+                                (kb.info.name,))
     consistent = owner.execute(
         """SELECT bool_and(l.df = (SELECT count(*) FROM pyembed.postings p
                                     WHERE p.corpus_id = l.corpus_id AND p.lexeme = l.lexeme))
@@ -133,7 +134,7 @@ def test_keyword_scores_a_chunked_document_by_its_whole_text(
     kb.add([pyembed.Document("split", texts["split"])])
     assert {h.document_id: h.score for h in kb.search(query, k=5, mode="keyword")} == (
         pytest.approx(bm25_of_texts(owner, texts, query), rel=1e-9))
-    client.conn.execute("DELETE FROM pyembed.documents WHERE document_id = 'zebra'")
+    client.conn.execute("SELECT pyembed.delete_documents(%s, '{zebra}')", (kb.info.name,))
     del texts["zebra"]
     assert {h.document_id: h.score for h in kb.search(query, k=5, mode="keyword")} == (
         pytest.approx(bm25_of_texts(owner, texts, query), rel=1e-9))
@@ -474,14 +475,14 @@ def test_bm25_from_posting_blocks_gives_the_from_scratch_scores_after_writes(
             kb.add([pyembed.Document(f"d{i}", text()) for i in range(0, 600, 7)]
                    + [pyembed.Document(f"n{i}", text()) for i in range(50)])
         elif step == 1:  # some gone
-            client.conn.execute("DELETE FROM pyembed.documents WHERE document_id = ANY (%s)",
-                                ([f"d{i}" for i in range(0, 600, 3)],))
+            client.conn.execute("SELECT pyembed.delete_documents(%s, %s)",
+                                (kb.info.name, [f"d{i}" for i in range(0, 600, 3)]))
         elif step == 2:  # every chunk of the last block gone: its rows too
             before = owner.execute(blocks).fetchone()
             client.conn.execute(
-                "DELETE FROM pyembed.documents d WHERE EXISTS (SELECT FROM pyembed.chunks ch "
-                "WHERE ch.document_id = d.document_id AND ch.corpus_id = d.corpus_id "
-                "AND ch.chunk_id >> 9 = (SELECT max(chunk_id) >> 9 FROM pyembed.chunks))")
+                "SELECT pyembed.delete_documents(%s, ARRAY(SELECT DISTINCT ch.document_id "
+                "FROM pyembed.chunks ch WHERE ch.chunk_id >> 9 = (SELECT max(chunk_id) >> 9 "
+                "FROM pyembed.chunks)))", (kb.info.name,))
             assert owner.execute(blocks).fetchone() < before
     # Only the postings the blocks hold are read: a block emptied outside the triggers shows.
     owner.execute("UPDATE pyembed.posting_blocks SET postings = substr(postings, 11) "

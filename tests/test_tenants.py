@@ -132,9 +132,9 @@ def test_a_tenant_cannot_enqueue_retry_delete_or_fail_another_tenants_jobs(
         two: dict[str, str]) -> None:
     """The application role writes pyembed.queue (a chunk's write queues its work as the writer;
     the worker, which runs as a tenant's login, claims, retries and dequeues jobs), deletes
-    failures and moves its jobs to queue_failed through pyembed.fail_job: row-level security
-    keeps every statement of it to the tenant's corpora, new rows included, and a tenant's worker
-    claims its own jobs only."""
+    failures (pyembed.delete_failures) and moves its jobs to queue_failed through
+    pyembed.fail_job: row-level security keeps every statement of it to the tenant's corpora,
+    new rows included, and a tenant's worker claims its own jobs only."""
     a, b = fill(two["a"], A_KEY, 2), fill(two["b"], A_KEY, 2)
     for client in (a, b):  # queued again: the texts changed
         client.conn.execute("UPDATE pyembed.chunks SET content = content || ' changed'")
@@ -170,11 +170,12 @@ def test_a_tenant_cannot_enqueue_retry_delete_or_fail_another_tenants_jobs(
             assert err.sqlstate == "42501" and "permission denied" in str(err), err
             delete = sql.SQL("DELETE FROM pyembed.{} WHERE corpus_id = %s").format(
                 sql.Identifier(table))
-            if table == "queue":  # no tenant deletes a job (test_hardening)
-                err = sql_error(conn, delete, (b_id,))
-                assert err.sqlstate == "42501" and "permission denied" in str(err), err
-            else:
-                assert conn.execute(delete, (b_id,)).rowcount == 0, table
+            # no tenant deletes a job (test_hardening), nor a failure but through
+            # pyembed.delete_failures (a table's DELETE would let it LOCK the table)
+            err = sql_error(conn, delete, (b_id,))
+            assert err.sqlstate == "42501" and "permission denied" in str(err), err
+        assert conn.execute("SELECT pyembed.delete_failures('docs', %s)",
+                            ([b_chunk],)).fetchone() == (0,)
         # no column of a job is the caller's to write: the claim's go through the functions
         for column in ("corpus_id", "attempts", "not_before", "last_error"):
             err = sql_error(conn, sql.SQL("UPDATE pyembed.queue SET {} = {}").format(
@@ -230,10 +231,10 @@ def test_a_tenant_can_neither_see_nor_change_what_anothers_writes_counted(
     keyword statistics are what its own postings say."""
     a, b = fill(two["a"], A_KEY, 6), fill(two["b"], A_KEY, 6)
     b.corpus("docs").add([pyembed.Document("b-new", "shared words about topic 3 again")])
-    b.conn.execute("DELETE FROM pyembed.documents WHERE document_id = 'docs-1'")
+    b.conn.execute("SELECT pyembed.delete_documents('docs', '{docs-1}')")
     assert owner.execute("SELECT count(*) FROM pyembed.keyword_pending").fetchone() == (0,)
     with b.conn.transaction():
-        b.conn.execute("DELETE FROM pyembed.documents WHERE document_id = 'docs-2'")
+        b.conn.execute("SELECT pyembed.delete_documents('docs', '{docs-2}')")
         b.conn.execute("SELECT pyembed.add_document('docs', 'b-open', 'shared words topic 4')")
         with psycopg.connect(two["a"], autocommit=True) as conn:
             for statement in ("SELECT * FROM pyembed.keyword_pending",
@@ -247,7 +248,7 @@ def test_a_tenant_can_neither_see_nor_change_what_anothers_writes_counted(
                 assert err.sqlstate == "42501", (statement, err)
             with conn.transaction():
                 conn.execute("SELECT pyembed.add_document('docs', 'a-new', 'shared words 5')")
-                conn.execute("DELETE FROM pyembed.documents WHERE document_id = 'docs-3'")
+                conn.execute("SELECT pyembed.delete_documents('docs', '{docs-3}')")
                 found = conn.execute("SELECT document_id FROM pyembed.search_keyword('docs', "
                                      "'shared words', 20)").fetchall()
                 assert {d for (d,) in found} == {f"docs-{i}" for i in (0, 1, 2, 4, 5)} | {"a-new"}
@@ -650,3 +651,80 @@ def test_tenant_list_shows_each_tenant_its_limits_and_members(
     finally:
         owner.execute(sql.SQL("DROP OWNED BY {} CASCADE").format(sql.Identifier(role)))
         owner.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+LOCK_MODES = ["ACCESS SHARE", "ROW SHARE", "ROW EXCLUSIVE", "SHARE UPDATE EXCLUSIVE", "SHARE",
+              "SHARE ROW EXCLUSIVE", "EXCLUSIVE", "ACCESS EXCLUSIVE"]
+# A table's reader may take ACCESS SHARE (SELECT) and its writer ROW EXCLUSIVE (INSERT): each
+# conflicts only with modes that pyembed's own maintenance of a corpus takes, never with
+# another tenant's search or write.
+OWN_ROWS_MODES = {"ACCESS SHARE", "ROW EXCLUSIVE"}
+
+
+def test_a_tenant_can_lock_no_table_more_than_its_own_rows_and_stalls_no_other_tenant(
+        two: dict[str, str], owner: psycopg.Connection[Any]) -> None:
+    """PostgreSQL lets a role with a table's UPDATE, DELETE or TRUNCATE LOCK it in any mode:
+    with the application role's DELETE on documents (chunks, vectors, queue_failed, and
+    UPDATE/DELETE on eval_queries), `LOCK pyembed.documents IN ACCESS EXCLUSIVE MODE` as one
+    tenant stalled every other tenant's searches and writes until it ended. Walks every
+    relation of the schema (every tenant's partitions included) in every mode: a tenant takes
+    none stronger than its reads' and inserts'; then, while it holds every lock it can take and
+    every row it can lock, another tenant searches (each mode), writes and deletes."""
+    fill(two["a"], A_KEY, 3).close()
+    b_client = fill(two["b"], A_KEY, 3)
+    relations = [r[0] for r in owner.execute(
+        "SELECT c.relname FROM pg_class c WHERE c.relnamespace = 'pyembed'::regnamespace "
+        "AND c.relkind IN ('r', 'p', 'v', 'm', 'f') ORDER BY 1")]
+    assert "vectors" in relations and sum(r.startswith("vectors_c") for r in relations) == 2
+    taken: dict[str, list[str]] = {}
+    wrong = []
+    with psycopg.connect(two["a"], autocommit=True) as a:
+        for relation in relations:
+            for mode in LOCK_MODES:
+                statement = sql.SQL("LOCK TABLE {} IN {} MODE NOWAIT").format(
+                    sql.Identifier("pyembed", relation), sql.SQL(mode))
+                try:
+                    with a.transaction():
+                        a.execute(statement)
+                except psycopg.errors.InsufficientPrivilege:
+                    continue
+                except psycopg.Error as exc:
+                    wrong.append(f"{relation} {mode}: {exc.sqlstate} {exc}")
+                    continue
+                taken.setdefault(relation, []).append(mode)
+                if mode not in OWN_ROWS_MODES:
+                    wrong.append(f"{relation} {mode}: taken")
+        assert wrong == [], "\n".join(wrong)
+        assert set(taken["documents"]) == {"ACCESS SHARE"}, taken
+        # Holding all it can: the strongest lock of each relation, and every row it may lock
+        # (FOR UPDATE needs an UPDATE of a column: only tables whose rows are the tenant's own,
+        # row-level security keeping it to them; not the registry, corpora or migrations).
+        row_locked = set()
+        with a.transaction():
+            for relation in relations:
+                if relation in taken:
+                    a.execute(sql.SQL("LOCK TABLE {} IN {} MODE NOWAIT").format(
+                        sql.Identifier("pyembed", relation), sql.SQL(taken[relation][-1])))
+                try:
+                    with a.transaction():
+                        a.execute(sql.SQL("SELECT FROM {} FOR UPDATE").format(
+                            sql.Identifier("pyembed", relation))).fetchall()
+                    row_locked.add(relation)
+                except (psycopg.errors.InsufficientPrivilege, psycopg.errors.FeatureNotSupported):
+                    pass  # (no UPDATE of any column; a view that cannot be locked by row)
+            assert row_locked == {"documents", "chunks", "eval_queries"}, row_locked
+            with pyembed.connect(two["b"]) as b:
+                b_conn = b.conn
+                b_conn.execute("SET lock_timeout = '3s'")
+                docs = b.corpus("docs")
+                for mode in ("vector", "keyword", "hybrid"):
+                    assert docs.search("shared words about topic 1", k=3, mode=mode), mode
+                docs.add([pyembed.Document("docs-new", "a new text written meanwhile", {})])
+                b_conn.execute("INSERT INTO pyembed.eval_queries (corpus_id, query_id, query, "
+                               "relevant) SELECT corpus_id, 'q', 'a query', '{docs-new}' "
+                               "FROM pyembed.corpora WHERE name = 'docs'")
+                assert b_conn.execute("SELECT pyembed.delete_eval_queries('docs', '{q}'), "
+                                      "pyembed.delete_documents('docs', '{docs-0}'), "
+                                      "pyembed.delete_failures('docs')").fetchone() == (1, 1, 0)
+    assert b_client.conn.execute("SELECT count(*) FROM pyembed.documents").fetchone() == (3,)
+    b_client.close()
