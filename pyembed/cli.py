@@ -32,7 +32,7 @@ from . import cache, evaluation, health, index, migration, models, recall, schem
 from .client import Client
 from .client import connect as connect_client
 from .config import DSN_ENV, WORKER_DSN_ENV
-from .corpora import corpus_info, create_corpus, drop_corpus, list_corpora
+from .corpora import corpus_info, create_corpus, delete_documents, drop_corpus, list_corpora
 from .db import connect, connection_lost, resolve_dsn, translate
 from .dbcall import translated
 from .doctor import doctor_cmd
@@ -45,7 +45,8 @@ from .text import read_json
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="The embedding model as an enforced part of your PostgreSQL schema.")
 db_app = typer.Typer(no_args_is_help=True, help="The embedded local PostgreSQL cluster.")
-corpus_app = typer.Typer(no_args_is_help=True, help="Create, list, show and drop corpora.")
+corpus_app = typer.Typer(no_args_is_help=True,
+                         help="Create, list, show and drop corpora; delete documents.")
 migrate_app = typer.Typer(no_args_is_help=True, help=(
     "Change a corpus's model without downtime: plan, start, backfill, validate, shift, "
     "complete (or rollback), cleanup. Runs as the owner (PYEMBED_OWNER_DSN)."))
@@ -932,6 +933,22 @@ def corpus_drop(name: str,
                           err=True)
         drop_corpus(conn, name)
     console.print(f"dropped {name}")
+
+
+@corpus_app.command("delete-documents")
+def corpus_delete_documents(
+        name: str,
+        document_ids: Annotated[list[str], typer.Argument(help="the documents' ids")],
+        dsn: DsnOption = None) -> None:
+    """Delete documents of a corpus with their chunks and vectors.
+
+    Example: pyembed corpus delete-documents docs e4012 sso
+    """
+    with _connect(dsn) as conn:
+        deleted = delete_documents(conn, name, document_ids)
+    asked = len(set(document_ids))
+    console.print(f"deleted {deleted} of {asked} document{'s' if asked != 1 else ''} from "
+                  f"{name}" + (" (the others are not in it)" if deleted < asked else ""))
 
 
 # -- pyembed migrate (as the owner) --------------------------------------------------------

@@ -29,6 +29,7 @@ from .corpora import (
     chunks_refused,
     corpus_info,
     create_corpus,
+    delete_documents,
     document_hashes,
     drop_corpus,
     list_corpora,
@@ -570,6 +571,17 @@ class Corpus:
         if report.chunks:
             self.client.wrote()
         return report
+
+    @_in_turn
+    def delete(self, document_ids: Sequence[str]) -> int:
+        """Delete these documents (their chunks, vectors, keyword postings and queued work with
+        them); returns how many were deleted (an id the corpus has no document of is skipped).
+        The one way to delete (pyembed.delete_documents from SQL): the application role holds no
+        DELETE on pyembed's tables."""
+        deleted = delete_documents(self.client._conn, self.name, document_ids)
+        if deleted:
+            self.client.wrote()
+        return deleted
 
     def bulk_load(self) -> AbstractContextManager[bool]:
         """Around a load of many documents (several `add` calls, `pyembed ingest`): if the

@@ -259,7 +259,8 @@ CREATE OR REPLACE TRIGGER documents_id_checked
 -- corpus looked up as every call by name does (PE002 for a name the tenant has no corpus of).
 
 -- Deletes these documents of the corpus (their chunks, vectors, keyword postings and queued
--- work with them); returns how many. An id the corpus has no document of is skipped.
+-- work with them); returns how many. An id the corpus has no document of is skipped; one that
+-- no document can have (pyembed._document_id_problem) is PE005.
 CREATE OR REPLACE FUNCTION pyembed.delete_documents(corpus text, document_ids text[])
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
@@ -268,12 +269,22 @@ AS $$
 DECLARE
   c pyembed.corpora;
   n bigint;
+  bad text;
 BEGIN
   IF num_nulls(corpus, document_ids) > 0 THEN
     PERFORM pyembed._needs(corpus IS NULL, 'corpus', 'delete_documents');
     PERFORM pyembed._needs(document_ids IS NULL, 'document_ids', 'delete_documents');
   END IF;
   c := pyembed.lookup_corpus(corpus);
+  -- an id no document can have is a mistake to say, not one more id to skip
+  IF array_position(document_ids, NULL) IS NOT NULL THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE005', MESSAGE = 'document_ids holds a NULL';
+  END IF;
+  SELECT p INTO bad FROM unnest(document_ids) i, pyembed._document_id_problem(i) p
+   WHERE p IS NOT NULL LIMIT 1;
+  IF bad IS NOT NULL THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE005', MESSAGE = bad;
+  END IF;
   DELETE FROM pyembed.documents d
    WHERE d.corpus_id = c.corpus_id AND d.document_id = ANY (document_ids);
   GET DIAGNOSTICS n = ROW_COUNT;

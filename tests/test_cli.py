@@ -127,6 +127,32 @@ def test_corpus_drop_without_yes_where_no_one_answers(db: Database) -> None:
     with pyembed_api.connect(db.app_dsn) as client:
         assert [c.name for c in client.corpora()] == ["docs"]
 
+
+def test_documents_are_deleted_from_python_and_the_command_line(db: Database) -> None:
+    """The application role deletes through pyembed.delete_documents only (it holds no DELETE):
+    Corpus.delete and `pyembed corpus delete-documents` are that function's, with its count;
+    an id the corpus lacks is skipped, a bad id or another tenant's corpus refused."""
+    env = {"PYEMBED_DSN": db.app_dsn}
+    with pyembed_api.connect(db.app_dsn) as client:
+        docs = client.create_corpus("docs", "fake/fake-hash@1:384")
+        docs.add([("a", "first"), ("b", "second"), ("c", "third")])
+        assert docs.delete(["a", "nope"]) == 1
+        assert [h.document_id for h in docs.search("third", k=5, mode="keyword")] == ["c"]
+        with pytest.raises(pyembed_api.InvalidInput):
+            docs.delete("b")  # a string is not a list of ids
+        with pytest.raises(pyembed_api.InvalidInput):
+            docs.delete(["b\x00"])
+        with pytest.raises(pyembed_api.InvalidInput, match=r"a document id is 1\.\.512 characters"):
+            docs.delete(["b", ""])  # an id no document can have: said, not skipped
+    out = run_cli("corpus", "delete-documents", "docs", "b", "c", "zz", env=env)
+    assert out.returncode == 0 and out.stdout.split() == (
+        "deleted 2 of 3 documents from docs (the others are not in it)".split()), out
+    out = run_cli("corpus", "delete-documents", "nope", "b", env=env)
+    assert out.returncode == 1 and out.stderr.startswith("error: unknown corpus"), out.stderr
+    with pyembed_api.connect(db.app_dsn) as client:
+        assert client.corpus("docs").search("first second third", k=5, mode="keyword") == []
+
+
 @pytest.mark.parametrize("group", [("corpus",), ("db",), ("db", "replica"), ("migrate",),
                                    ("eval",), ("cache",), ("metrics",), ("tenant",)])
 def test_a_group_named_alone_shows_its_help_without_an_empty_error(group: tuple[str, ...]) -> None:
@@ -485,7 +511,7 @@ OPTIONS_OUT_OF_RANGE = [
     (["migrate", "backfill", "docs", "--rate", "-1"], "rate must be a number of texts per "
                                                       "second above 0, got -1.0"),
     (["migrate", "backfill", "docs", "--rate", "0"], "rate must be a number"),
-    (["ingest", "docs", "README.md", "--batch-size", "0"], "batch_size must be at least 1"),
+    (["ingest", "docs", "README.md", "--batch-size", "0"], "batch_size must be 1..10000, got 0"),
     (["ingest", "docs", "README.md", "--progress-every", "-1"], "progress_every must be 0"),
 ]
 """Each command that shows progress, with an option out of the range its check holds."""

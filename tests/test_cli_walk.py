@@ -34,6 +34,8 @@ BAD_TEXTS = ["", "a\x00b", " \t "]
 """For free text (a query, a question, an id): empty, a NUL, blank."""
 
 ACCEPTED: dict[tuple[str, str, str], str] = {
+    ("corpus delete-documents", "document_ids", "'bogus'"): "an id the corpus has no document "
+    "of is skipped, and the line says so (deleted 0 of 1)",
     **{(command, "name", "'nope'"): "a new name: the command makes it" for command in (
         "corpus create", "tenant create", "db replica add")},
     ("db replica remove", "name", "'nope'"): "idempotent: it says `no replica nope`",
@@ -178,7 +180,8 @@ def corpus_to_walk(db: Database, tmp_path: Path,
     assert run_cli("ingest", "docs", str(unchanged), env=env).returncode == 0
     good = {"corpus": "docs", "name": "docs", "query": "refund", "question": "refund?",
             "paths": str(unchanged), "share": "50", "query_id": "q1", "model_keys": KEY,
-            "tenant": "acme", "role": "acme_user", "to": KEY, "relevant": "a"}
+            "tenant": "acme", "role": "acme_user", "to": KEY, "relevant": "a",
+            "document_ids": "zz"}
     return env, good
 
 
@@ -320,7 +323,8 @@ def test_every_command_with_a_database_says_when_it_cannot_reach_it(
     monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")
     good = {"corpus": "docs", "name": "docs", "query": "refund", "question": "refund?",
             "paths": str(tmp_path), "share": "50", "query_id": "q1", "model_keys": KEY,
-            "tenant": "acme", "role": "acme_user", "to": KEY, "relevant": "a"}
+            "tenant": "acme", "role": "acme_user", "to": KEY, "relevant": "a",
+            "document_ids": "zz"}
     wrong = []
     turn = 0
     for path, command in commands():

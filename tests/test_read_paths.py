@@ -256,6 +256,7 @@ CLI_OTHERS = {
     "(its registry answers on a standby: test_replica)", ("plan-storage",): "no database",
     ("corpus", "create"): "writes", ("corpus", "index"): "builds an index",
     ("corpus", "reindex"): "builds an index", ("corpus", "drop"): "writes",
+    ("corpus", "delete-documents"): "writes",
     ("tenant", "create"): "writes", ("tenant", "add-member"): "writes",
     **{("migrate", step): "a migration's step writes" for step in (
         "start", "backfill", "validate", "shift", "complete", "rollback", "cleanup")},
