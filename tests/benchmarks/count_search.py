@@ -20,7 +20,8 @@ vectors of the corpus's partition, the same every run; the paths are bench_suite
   hybrid      (--hybrid) pyembed.search_hybrid of a fixed keyword query with a keyword ranking
               handed in (the new query's second call), as the application role;
   first       a new hybrid query's first round trip as pyembed/query.py sends it (a client
-              without a cache): search_query (route, reservation) and keyword_ranking, pipelined;
+              without a cache): search_query (route, reservation) and keyword_ranking (with the
+              passages of its best 10 documents), pipelined;
   second      its second call: search_embedded with the keyword ranking handed back as text,
               which searches and records the query-log line;
   first:route, first:keywords, second:unlogged   the parts: search_query alone, keyword_ranking
