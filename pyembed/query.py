@@ -43,10 +43,12 @@ SEARCH_EMBEDDED = """SELECT recorded, search_ms, document_ids, chunk_ids, chunk_
                                $12::real, $13::boolean, $14::text[], $15::bigint[],
                                $16::bigint[], $17::bigint[], $18::float8[], $19::text[])"""
 KEYWORD_RANKING = """SELECT ids::text, scores::text, keys::text
-  FROM pyembed.keyword_ranking($1::text, $2::text, filter => $3::jsonb, group_by => $4::text)"""
-"""Hybrid search's keyword ranking as its arrays' text, which the client hands back to
-search_embedded as it came: the server reads it again, where turning it into Python lists and
-back cost the search's critical path (the client's thread embeds the query meanwhile)."""
+  FROM pyembed.keyword_ranking($1::text, $2::text, filter => $3::jsonb, group_by => $4::text,
+                               passages => $5::integer)"""
+"""Hybrid search's keyword ranking, with the passages of its best k documents, as its arrays'
+text, which the client hands back to search_embedded as it came: the server reads it again,
+where turning it into Python lists and back cost the search's critical path (the client's thread
+embeds the query meanwhile)."""
 RECORD = """SELECT pyembed.record_search($1::integer, $2::text, $3::text, $4::integer,
   $5::boolean, $6::real, $7::real, NULL, $8::real, $9::bytea, $10::text, $11::vector,
   $12::float8, $13::jsonb, $14::text[], $15::bigint[], $16::bigint[])"""
@@ -123,7 +125,7 @@ def _search(corpus: Corpus, query: str, k: int, flt: str | None, mode: str, opts
         opts = json.dumps({**json.loads(opts), "quick_commit": True})
     params = [corpus.name, query, bucket(query), keys, [prepared[key].cache_key for key in keys],
               k, flt, mode, opts, tokens if one else None, log and one, *counts]
-    ranking_params = [corpus.name, query, flt, options.group]
+    ranking_params = [corpus.name, query, flt, options.group, k]
     early: tuple[np.ndarray, list[tuple[Any, ...]] | None] | None = None
     try:
         if _embeds_early(corpus, keys):

@@ -107,3 +107,11 @@ DROP FUNCTION IF EXISTS pyembed._document_problem(text, jsonb);
 DROP FUNCTION IF EXISTS pyembed.claim_jobs(integer, integer, double precision, text[]);
 DROP FUNCTION IF EXISTS pyembed.expire_jobs(integer);
 DROP FUNCTION IF EXISTS pyembed._job_bounds(integer, double precision);
+-- A search's hits as arrays from its corpus row, its ranking called directly (no search function,
+-- no second lookup): pyembed._ranked_hits.
+DROP FUNCTION IF EXISTS pyembed._search_arrays(text, text, text, vector, text, integer, jsonb,
+                                               jsonb, bigint[], float8[], text[]);
+DROP FUNCTION IF EXISTS pyembed._search_mode(text, text, text, vector, text, integer, jsonb,
+                                             jsonb, bigint[], float8[], text[]);
+-- keyword_ranking finds the passages of its best documents (`passages`), beside the embedding.
+DROP FUNCTION IF EXISTS pyembed.keyword_ranking(text, text, numeric, jsonb, text);

@@ -671,21 +671,33 @@ $$;
 
 -- The keyword ranking of hybrid search (pyembed._keyword_ranking, `candidates` as search_hybrid's
 -- default) for a client to hand back to search_hybrid with the query vector: (ids, scores, keys),
--- empty arrays when nothing matches.
+-- empty arrays when nothing matches. Grouped by document, the best `passages` documents come
+-- with their passages (their best chunks by BM25, pyembed._keyword_passages) and the others'
+-- ids are NULL: search_hybrid looks up only the passages of the fused hits that lack one. The
+-- Python client asks for k, its search's own (the keyword hits a fusion can keep without the
+-- vector leg's support are among the keyword ranking's best k), while it embeds the query, so
+-- that the call after the embedding (pyembed.search_embedded) seldom looks one up.
 CREATE OR REPLACE FUNCTION pyembed.keyword_ranking(
   corpus text, query text, candidates numeric DEFAULT 100, filter jsonb DEFAULT NULL,
-  group_by text DEFAULT 'document', OUT ids bigint[], OUT scores float8[], OUT keys text[])
+  group_by text DEFAULT 'document', passages numeric DEFAULT 0, OUT ids bigint[],
+  OUT scores float8[], OUT keys text[])
 LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
+  c pyembed.corpora;
   r record;
+  n integer;
 BEGIN
-  IF candidates IS NULL THEN
+  IF num_nulls(candidates, passages) > 0 THEN
     PERFORM pyembed._needs(candidates IS NULL, 'candidates', 'keyword_ranking');
+    PERFORM pyembed._needs(passages IS NULL, 'passages', 'keyword_ranking');
   END IF;
   -- _count_arg (a call with a SET clause) only for its error, as in pyembed.search
-  r := pyembed._keyword_ranking(pyembed.lookup_corpus(corpus), query,
+  n := CASE WHEN passages BETWEEN 0 AND 1000 AND passages = trunc(passages) THEN passages::integer
+            ELSE pyembed._count_arg(passages, 'passages', 0, 1000) END;
+  c := pyembed.lookup_corpus(corpus);
+  r := pyembed._keyword_ranking(c, query,
                                 CASE WHEN candidates BETWEEN 1 AND 1000
                                           AND candidates = trunc(candidates)
                                      THEN candidates::integer
@@ -694,6 +706,10 @@ BEGIN
   ids := coalesce(r.ids, '{}');
   scores := coalesce(r.scores, '{}');
   keys := coalesce(r.keys, '{}');
+  n := least(n, cardinality(keys));
+  IF group_by = 'document' AND n > 0 THEN
+    ids := pyembed._keyword_passages(c, query, keys[1:n]::bigint[]) || ids[n + 1:];
+  END IF;
 END
 $$;
 
@@ -715,46 +731,24 @@ except Exception as exc:  # pyembed._cannot_import: PE013 with the fix, not 3800
 return bm25.top_for_sql(packed, blocks, terms, sizes, idfs, avgdl, n)
 $$;
 
--- Hybrid: the guarded vector ranking (PE001 on a mismatched key) and the BM25 ranking, fused in
--- one statement. The BM25 ranking has `candidates` results (documents or chunks, as group_by
--- says); the vector ranking has the documents among the `candidates` nearest chunks (fewer where
--- a document has several of them; grouped by chunk, the chunks themselves), read by one scan:
--- `candidates` distinct documents took a scan twice as deep, or two, for the same quality. The
--- fusions:
--- - 'rrf': reciprocal rank fusion, 1 / (rrf_k + rank) summed over both rankings;
--- - 'relative' (NULL: the default, chosen on SciFact's test split): relative-score fusion,
---   each ranking's scores min-max normalised to 0..1 over its candidates (its worst scores 0,
---   its best 1; one candidate scores 1), then alpha * vector + (1 - alpha) * keyword (alpha
---   0.4 unless given, the best weight on SciFact's test split; README.md has the figures).
--- A result missing from one ranking gets nothing from it.
--- keyword_ids/_scores/_keys: the keyword ranking, made before by pyembed.keyword_ranking with the
--- same query, candidates, filter and group_by (the Python client ranks by keywords while it
--- embeds the query, then fuses here); NULL: ranked here. Given ids are read from this corpus
--- only, like any ranking's.
-CREATE OR REPLACE FUNCTION pyembed.search_hybrid(
-  corpus text, query text, query_embedding vector, query_model_key text,
-  k numeric DEFAULT 10, filter jsonb DEFAULT NULL, candidates numeric DEFAULT 100,
-  rrf_k numeric DEFAULT 60, group_by text DEFAULT 'document', fusion text DEFAULT NULL,
-  alpha double precision DEFAULT NULL, keyword_ids bigint[] DEFAULT NULL,
-  keyword_scores float8[] DEFAULT NULL, keyword_keys text[] DEFAULT NULL)
-RETURNS TABLE (document_id text, chunk_id bigint, chunk_index integer, content text,
-               metadata jsonb, score double precision, model_key text)
-LANGUAGE plpgsql STABLE SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
+-- Hybrid search's ranking of corpus `c` (looked up by its caller): its arguments checked, then
+-- the two legs fused, best first, as (chunk ids, scores): each hit's passage, the vector leg's
+-- nearest chunk or, for a document only the keyword ranking found, its best chunk by BM25. Its
+-- callers read the texts: pyembed.search_hybrid as rows, search_embedded (a new query's second
+-- call) as arrays, without a layer between.
+CREATE OR REPLACE FUNCTION pyembed._hybrid_ranking(
+  c pyembed.corpora, query text, query_embedding vector, query_model_key text, k numeric,
+  filter jsonb, candidates numeric, rrf_k numeric, group_by text, fusion text,
+  alpha double precision, keyword_ids bigint[], keyword_scores float8[], keyword_keys text[],
+  OUT ids bigint[], OUT scores float8[])
+LANGUAGE plpgsql STABLE
 AS $$
 DECLARE
-  c pyembed.corpora;
   d record;
   s record;
-  ids bigint[];
-  scores float8[];
   keys text[];
   missing bigint[];
 BEGIN
-  IF num_nulls(query_embedding, query_model_key) > 0 THEN
-    PERFORM pyembed._needs(query_embedding IS NULL, 'query_embedding', 'search_hybrid');
-    PERFORM pyembed._needs(query_model_key IS NULL, 'query_model_key', 'search_hybrid');
-  END IF;
   fusion := coalesce(fusion, 'relative');  -- the default
   IF fusion NOT IN ('rrf', 'relative') THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
@@ -820,11 +814,6 @@ BEGIN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
       MESSAGE = 'keyword_keys must be the keys pyembed.keyword_ranking returned (whole numbers)';
   END IF;
-  -- the corpus by lookup_corpus's rule, inlined as in pyembed.search (no call), and its error
-  SELECT * INTO c FROM pyembed._corpus_named(corpus);
-  IF NOT FOUND THEN
-    c := pyembed.lookup_corpus(corpus);
-  END IF;
   -- the vector leg: the documents among the `candidates` nearest chunks (one index scan)
   d := pyembed._vector_ranking(c, query_embedding, query_model_key, candidates::integer, filter,
                                group_by, chunks => candidates::integer);
@@ -841,7 +830,10 @@ BEGIN
     SELECT h.*, min(h.score) OVER () AS lo, max(h.score) OVER () AS hi
       FROM unnest(s.ids, s.scores, s.keys) WITH ORDINALITY AS h(chunk_id, score, key, r)
   ), fused AS (
+    -- ties in the order of the vector leg's chunk ids, then the keys: a keyword passage found
+    -- before (keyword_ranking's `passages`) does not move its document among equals
     SELECT coalesce(x.chunk_id, y.chunk_id) AS chunk_id, coalesce(x.key, y.key) AS key,
+           coalesce(x.chunk_id, CASE WHEN group_by = 'chunk' THEN y.chunk_id END) AS tie,
            CASE fusion
              WHEN 'rrf' THEN coalesce(1.0 / (rrf_k + x.r), 0) + coalesce(1.0 / (rrf_k + y.r), 0)
              ELSE alpha * CASE WHEN x.r IS NULL THEN 0 WHEN x.hi > x.lo
@@ -851,10 +843,10 @@ BEGIN
            END::float8 AS score
       FROM dense x FULL JOIN sparse y ON y.key = x.key
   )
-  SELECT array_agg(f.chunk_id ORDER BY f.score DESC, f.chunk_id, f.key),
-         array_agg(f.score ORDER BY f.score DESC, f.chunk_id, f.key),
-         array_agg(f.key ORDER BY f.score DESC, f.chunk_id, f.key) INTO ids, scores, keys
-    FROM (SELECT fu.* FROM fused fu ORDER BY fu.score DESC, fu.chunk_id, fu.key LIMIT k::integer) f;
+  SELECT array_agg(f.chunk_id ORDER BY f.score DESC, f.tie, f.key),
+         array_agg(f.score ORDER BY f.score DESC, f.tie, f.key),
+         array_agg(f.key ORDER BY f.score DESC, f.tie, f.key) INTO ids, scores, keys
+    FROM (SELECT fu.* FROM fused fu ORDER BY fu.score DESC, fu.tie, fu.key LIMIT k::integer) f;
   -- The documents only the keyword ranking found have no passage yet (NULL chunk id).
   IF array_position(ids, NULL) IS NOT NULL THEN
     missing := array(SELECT h.key::bigint FROM unnest(ids, keys) AS h(chunk_id, key)
@@ -864,12 +856,58 @@ BEGIN
       LEFT JOIN unnest(missing, pyembed._keyword_passages(c, query, missing))
              AS m(doc_no, chunk_id) ON m.doc_no::text = h.key;
   END IF;
+END
+$$;
+
+-- Hybrid: the guarded vector ranking (PE001 on a mismatched key) and the BM25 ranking, fused in
+-- one statement. The BM25 ranking has `candidates` results (documents or chunks, as group_by
+-- says); the vector ranking has the documents among the `candidates` nearest chunks (fewer where
+-- a document has several of them; grouped by chunk, the chunks themselves), read by one scan:
+-- `candidates` distinct documents took a scan twice as deep, or two, for the same quality. The
+-- fusions:
+-- - 'rrf': reciprocal rank fusion, 1 / (rrf_k + rank) summed over both rankings;
+-- - 'relative' (NULL: the default, chosen on SciFact's test split): relative-score fusion,
+--   each ranking's scores min-max normalised to 0..1 over its candidates (its worst scores 0,
+--   its best 1; one candidate scores 1), then alpha * vector + (1 - alpha) * keyword (alpha
+--   0.4 unless given, the best weight on SciFact's test split; README.md has the figures).
+-- A result missing from one ranking gets nothing from it.
+-- keyword_ids/_scores/_keys: the keyword ranking, made before by pyembed.keyword_ranking with the
+-- same query, candidates, filter and group_by (the Python client ranks by keywords while it
+-- embeds the query, then fuses here); NULL: ranked here. A given id is a document's passage
+-- (keyword_ranking's `passages`), NULL one to look up if the document is kept. Given ids are
+-- read from this corpus only, like any ranking's.
+CREATE OR REPLACE FUNCTION pyembed.search_hybrid(
+  corpus text, query text, query_embedding vector, query_model_key text,
+  k numeric DEFAULT 10, filter jsonb DEFAULT NULL, candidates numeric DEFAULT 100,
+  rrf_k numeric DEFAULT 60, group_by text DEFAULT 'document', fusion text DEFAULT NULL,
+  alpha double precision DEFAULT NULL, keyword_ids bigint[] DEFAULT NULL,
+  keyword_scores float8[] DEFAULT NULL, keyword_keys text[] DEFAULT NULL)
+RETURNS TABLE (document_id text, chunk_id bigint, chunk_index integer, content text,
+               metadata jsonb, score double precision, model_key text)
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  c pyembed.corpora;
+  r record;
+BEGIN
+  IF num_nulls(query_embedding, query_model_key) > 0 THEN
+    PERFORM pyembed._needs(query_embedding IS NULL, 'query_embedding', 'search_hybrid');
+    PERFORM pyembed._needs(query_model_key IS NULL, 'query_model_key', 'search_hybrid');
+  END IF;
+  -- the corpus by lookup_corpus's rule, inlined as in pyembed.search (no call), and its error
+  SELECT * INTO c FROM pyembed._corpus_named(corpus);
+  IF NOT FOUND THEN
+    c := pyembed.lookup_corpus(corpus);
+  END IF;
+  r := pyembed._hybrid_ranking(c, query, query_embedding, query_model_key, k, filter, candidates,
+                               rrf_k, group_by, fusion, alpha, keyword_ids, keyword_scores,
+                               keyword_keys);
   RETURN QUERY
-  SELECT ch.document_id, ch.chunk_id, ch.chunk_index, ch.content, ch.metadata, h.score,
+  SELECT ch.document_id, ch.chunk_id, ch.chunk_index, ch.content, ch.metadata, r.scores[h.n],
          query_model_key
-    FROM unnest(ids, scores) WITH ORDINALITY AS h(chunk_id, score, n)
-    JOIN pyembed.chunks ch ON ch.chunk_id = h.chunk_id
-   WHERE ch.corpus_id = c.corpus_id AND ch.chunk_id = ANY (ids)
+    FROM unnest(r.ids) WITH ORDINALITY AS h(chunk_id, n)
+    JOIN pyembed.chunks ch ON ch.corpus_id = c.corpus_id AND ch.chunk_id = h.chunk_id
    ORDER BY h.n;
 END
 $$;

@@ -1,74 +1,76 @@
 -- A search by text in as few round trips as its work allows (pyembed/query.py): one call routes
 -- the query, looks up its embedding in the cache and, on a hit, searches and records the query;
 -- on a miss it reserves the provider call and returns what the client needs to embed; then one
--- call stores the embedding, searches and records. The searches themselves are the guarded
--- functions (pyembed.search, search_keyword, search_hybrid), called here as they are by clients.
+-- call stores the embedding, searches and records. The searches are the rankings of the guarded
+-- functions (pyembed.search's, search_keyword's, search_hybrid's, which make their checks and the
+-- model-key guard), called here directly on the corpus looked up once (pyembed._ranked_hits).
 -- Writes (usage, cache entries and counts, the query log, recall samples) happen only in a
 -- read-write transaction: on a hot standby these functions search and write nothing, and the
 -- client records on the primary with pyembed.record_search.
 
--- The hits of one search by mode, with its options (group_by, fusion, alpha: a JSON object, so
--- that an option added to the search functions adds no parameter here): one branch each (a union would run every function, and
--- pyembed.search refuses a keyword query's NULL vector).
-CREATE OR REPLACE FUNCTION pyembed._search_mode(
-  corpus text, mode text, query text, query_embedding vector, query_model_key text, k integer,
-  filter jsonb, options jsonb, keyword_ids bigint[] DEFAULT NULL,
-  keyword_scores float8[] DEFAULT NULL, keyword_keys text[] DEFAULT NULL)
-RETURNS TABLE (document_id text, chunk_id bigint, chunk_index integer, content text,
-               metadata jsonb, score double precision, model_key text)
-LANGUAGE plpgsql STABLE SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
+-- The texts of ranked hits (chunk ids of corpus `corpus_id`, best first, with their scores) as
+-- arrays, one element per hit in rank order. A SQL function without a SET clause, so that it is
+-- inlined into its caller's statement (no call).
+CREATE OR REPLACE FUNCTION pyembed._hit_arrays(
+  corpus_id integer, ids bigint[], ranked_scores float8[], query_model_key text,
+  OUT document_ids text[], OUT chunk_ids bigint[], OUT chunk_indexes integer[],
+  OUT contents text[], OUT metadatas jsonb[], OUT scores float8[], OUT model_keys text[])
+RETURNS SETOF record
+LANGUAGE sql STABLE
 AS $$
+  SELECT coalesce(array_agg(ch.document_id ORDER BY h.n), '{}'),
+         coalesce(array_agg(ch.chunk_id ORDER BY h.n), '{}'),
+         coalesce(array_agg(ch.chunk_index ORDER BY h.n), '{}'),
+         coalesce(array_agg(ch.content ORDER BY h.n), '{}'),
+         coalesce(array_agg(ch.metadata ORDER BY h.n), '{}'),
+         coalesce(array_agg(ranked_scores[h.n] ORDER BY h.n), '{}'),
+         coalesce(array_agg(query_model_key ORDER BY h.n), '{}')
+    FROM unnest(ids) WITH ORDINALITY AS h(chunk_id, n)
+    JOIN pyembed.chunks ch ON ch.corpus_id = _hit_arrays.corpus_id AND ch.chunk_id = h.chunk_id
+$$;
+
+-- The hits of one search of corpus `c` (its caller looked it up) by mode, with its options
+-- (group_by, fusion, alpha: a JSON object, so that an option added to the search functions adds
+-- no parameter here), as arrays: the ranking the mode's search function makes (pyembed.search's
+-- _vector_ranking, search_keyword's _keyword_ranking, search_hybrid's _hybrid_ranking, which
+-- check their arguments), then the texts. The rankings are called here directly, not through
+-- the search functions: each of those is a SECURITY DEFINER call with a SET clause, and looks
+-- the corpus up again (search_query and search_embedded call this once a search).
+CREATE OR REPLACE FUNCTION pyembed._ranked_hits(
+  c pyembed.corpora, mode text, query text, query_embedding vector, query_model_key text,
+  k integer, filter jsonb, options jsonb, keyword_ids bigint[], keyword_scores float8[],
+  keyword_keys text[],
+  OUT document_ids text[], OUT chunk_ids bigint[], OUT chunk_indexes integer[],
+  OUT contents text[], OUT metadatas jsonb[], OUT scores float8[], OUT model_keys text[])
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+  g text := coalesce(options->>'group_by', 'document');
+  r record;
 BEGIN
   IF mode = 'vector' THEN
-    RETURN QUERY SELECT * FROM pyembed.search(corpus, query_embedding, query_model_key, k, filter,
-                                              coalesce(options->>'group_by', 'document'));
+    r := pyembed._vector_ranking(c, query_embedding, query_model_key, k, filter, g, NULL);
   ELSIF mode = 'keyword' THEN
-    RETURN QUERY SELECT * FROM pyembed.search_keyword(corpus, query, k, filter,
-                                                      coalesce(options->>'group_by', 'document'));
+    r := pyembed._keyword_ranking(c, query, k, filter, g);
+    query_model_key := NULL;  -- (a keyword hit has no model key)
   ELSIF mode = 'hybrid' THEN
-    RETURN QUERY SELECT * FROM pyembed.search_hybrid(
-      corpus, query, query_embedding, query_model_key, k, filter,
-      group_by => coalesce(options->>'group_by', 'document'), fusion => options->>'fusion',
-      alpha => (options->>'alpha')::float8, keyword_ids => keyword_ids,
-      keyword_scores => keyword_scores, keyword_keys => keyword_keys);
+    r := pyembed._hybrid_ranking(c, query, query_embedding, query_model_key, k, filter, 100, 60, g,
+                                 options->>'fusion', (options->>'alpha')::float8, keyword_ids,
+                                 keyword_scores, keyword_keys);
   ELSE
     RAISE EXCEPTION USING ERRCODE = 'PE005',
       MESSAGE = format('mode must be one of vector, keyword, hybrid, not %s',
                        pyembed._quoted(mode));
   END IF;
-END
-$$;
-
--- The same hits as arrays, one element per hit in rank order (WITH ORDINALITY keeps it).
--- PL/pgSQL: it keeps the plan of its query, which a SQL function planned again at every search.
-CREATE OR REPLACE FUNCTION pyembed._search_arrays(
-  corpus text, mode text, query text, query_embedding vector, query_model_key text, k integer,
-  filter jsonb, options jsonb, keyword_ids bigint[], keyword_scores float8[], keyword_keys text[],
-  OUT document_ids text[], OUT chunk_ids bigint[], OUT chunk_indexes integer[],
-  OUT contents text[], OUT metadatas jsonb[], OUT scores float8[], OUT model_keys text[])
-LANGUAGE plpgsql STABLE SECURITY DEFINER
-SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-  SELECT coalesce(array_agg(s.document_id ORDER BY s.n), '{}'),
-         coalesce(array_agg(s.chunk_id ORDER BY s.n), '{}'),
-         coalesce(array_agg(s.chunk_index ORDER BY s.n), '{}'),
-         coalesce(array_agg(s.content ORDER BY s.n), '{}'),
-         coalesce(array_agg(s.metadata ORDER BY s.n), '{}'),
-         coalesce(array_agg(s.score ORDER BY s.n), '{}'),
-         coalesce(array_agg(s.model_key ORDER BY s.n), '{}')
-    INTO document_ids, chunk_ids, chunk_indexes, contents, metadatas, scores, model_keys
-    FROM pyembed._search_mode(corpus, mode, query, query_embedding, query_model_key, k, filter,
-                              options, keyword_ids, keyword_scores, keyword_keys)
-         WITH ORDINALITY AS s(document_id, chunk_id, chunk_index, content, metadata, score,
-                              model_key, n);
+  SELECT * INTO document_ids, chunk_ids, chunk_indexes, contents, metadatas, scores, model_keys
+    FROM pyembed._hit_arrays(c.corpus_id, r.ids, r.scores, query_model_key);
 END
 $$;
 
 -- Records one search on a read-write server: its query-log line (kind NULL: none), a cache
 -- entry for its embedding (cache_key NULL: none), cache hit and miss counts, and a recall
--- sample (sql/072-recall.sql) of its query vector; returns whether it wrote (false in a read-only transaction, which writes nothing).
+-- sample (sql/072-recall.sql) of its query vector; returns whether it wrote (false in a
+-- read-only transaction, which writes nothing). The corpus must be one of the caller's tenant's.
 CREATE OR REPLACE FUNCTION pyembed.record_search(
   p_corpus_id integer, p_model_key text, kind text, k integer, cache_hit boolean,
   embed_ms real, search_ms real, generate_ms real, total_ms real,
@@ -79,6 +81,31 @@ CREATE OR REPLACE FUNCTION pyembed.record_search(
 RETURNS boolean
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+  IF current_setting('transaction_read_only') = 'off'
+     AND NOT (p_corpus_id = ANY (pyembed.visible_corpora())) THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE002', MESSAGE = format('unknown corpus id %s', p_corpus_id);
+  END IF;
+  RETURN pyembed._record_search(p_corpus_id, p_model_key, kind, k, cache_hit, embed_ms,
+                                search_ms, generate_ms, total_ms, cache_key, input_type,
+                                embedding, ttl_seconds, filter, count_models, count_hits,
+                                count_misses, false);
+END
+$$;
+
+-- pyembed.record_search's checks and writes, without its tenant check: search_query and
+-- search_embedded call it for a corpus they looked up by lookup_corpus's rule (no SECURITY
+-- DEFINER call, no second lookup). `quick`: the caller's transaction is its statement alone, so
+-- that one whose first write is this record may commit without waiting for its WAL to be
+-- flushed (search_query's options' quick_commit says why).
+CREATE OR REPLACE FUNCTION pyembed._record_search(
+  p_corpus_id integer, p_model_key text, kind text, k integer, cache_hit boolean,
+  embed_ms real, search_ms real, generate_ms real, total_ms real, cache_key bytea,
+  input_type text, embedding vector, ttl_seconds float8, filter jsonb, count_models text[],
+  count_hits bigint[], count_misses bigint[], quick boolean)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
   v vector := embedding;
@@ -111,8 +138,8 @@ BEGIN
   IF current_setting('transaction_read_only') = 'on' THEN
     RETURN false;
   END IF;
-  IF NOT (p_corpus_id = ANY (pyembed.visible_corpora())) THEN
-    RAISE EXCEPTION USING ERRCODE = 'PE002', MESSAGE = format('unknown corpus id %s', p_corpus_id);
+  IF quick AND pg_current_xact_id_if_assigned() IS NULL THEN
+    PERFORM set_config('synchronous_commit', 'off', true);
   END IF;
   IF cache_key IS NOT NULL AND embedding IS NOT NULL THEN
     PERFORM pyembed.cache_put(ARRAY[cache_key], p_model_key, input_type, ARRAY[embedding],
@@ -176,7 +203,11 @@ BEGIN
     PERFORM pyembed._one_each('search_query', 'keys and cache_keys',
                               ARRAY[cardinality(keys), cardinality(cache_keys)]);
   END IF;
-  c := pyembed.lookup_corpus(corpus);
+  -- the corpus by lookup_corpus's rule, inlined as in pyembed.search (no call), and its error
+  SELECT * INTO c FROM pyembed._corpus_named(corpus);
+  IF NOT FOUND THEN
+    c := pyembed.lookup_corpus(corpus);
+  END IF;
   corpus_id := c.corpus_id;
   active_key := c.model_key;
   model_key := CASE WHEN c.migration_step = 'shifting' AND c.target_model_key IS NOT NULL
@@ -206,17 +237,17 @@ BEGIN
         reserved := true;
       END IF;
       IF count_models IS NOT NULL AND writable THEN
-        recorded := pyembed.record_search(corpus_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-                                          NULL, count_models => count_models,
-                                          count_hits => count_hits, count_misses => count_misses);
+        recorded := pyembed._record_search(corpus_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+                                           NULL, NULL, NULL, NULL, NULL, NULL, count_models,
+                                           count_hits, count_misses, false);
       END IF;
       RETURN;
     END IF;
   END IF;
   looked := clock_timestamp();
   SELECT * INTO document_ids, chunk_ids, chunk_indexes, contents, metadatas, scores, model_keys
-    FROM pyembed._search_arrays(corpus, mode, query, v, model_key, k, filter, options, NULL,
-                                NULL, NULL);
+    FROM pyembed._ranked_hits(c, mode, query, v, model_key, k, filter, options, NULL, NULL,
+                              NULL);
   embed_ms := CASE WHEN mode <> 'keyword'
                    THEN extract(epoch FROM looked - started) * 1000 END;
   search_ms := extract(epoch FROM clock_timestamp() - looked) * 1000;
@@ -227,15 +258,11 @@ BEGIN
     -- a keyword search's time): a crash may lose the last log lines and counts, never half of
     -- one. Without it the caller's own later writes would commit that way too, so SQL callers
     -- keep their setting unless they ask; a transaction that wrote before keeps it always.
-    IF (options->>'quick_commit') = 'true' AND pg_current_xact_id_if_assigned() IS NULL THEN
-      PERFORM set_config('synchronous_commit', 'off', true);
-    END IF;
-    recorded := pyembed.record_search(
+    recorded := pyembed._record_search(
       corpus_id, CASE WHEN mode <> 'keyword' THEN model_key END,
       CASE WHEN log THEN mode END, k, cache_hit, embed_ms, search_ms, NULL,
-      (extract(epoch FROM clock_timestamp() - started) * 1000)::real, embedding => v,
-      filter => filter, count_models => count_models, count_hits => count_hits,
-      count_misses => count_misses);
+      (extract(epoch FROM clock_timestamp() - started) * 1000)::real, NULL, NULL, v, NULL,
+      filter, count_models, count_hits, count_misses, (options->>'quick_commit') = 'true');
   END IF;
 END
 $$;
@@ -267,6 +294,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
   started timestamptz := clock_timestamp();
+  c pyembed.corpora;
 BEGIN
   IF num_nulls(query, query_embedding, query_model_key, input_type, mode, log) > 0 THEN
     PERFORM pyembed._needs(query IS NULL, 'query', 'search_embedded');
@@ -276,19 +304,20 @@ BEGIN
     PERFORM pyembed._needs(mode IS NULL, 'mode', 'search_embedded');
     PERFORM pyembed._needs(log IS NULL, 'log', 'search_embedded');
   END IF;
-  corpus_id := (pyembed.lookup_corpus(corpus)).corpus_id;
-  SELECT * INTO document_ids, chunk_ids, chunk_indexes, contents, metadatas, scores, model_keys
-    FROM pyembed._search_arrays(corpus, mode, query, query_embedding, query_model_key, k, filter,
-                                options, keyword_ids, keyword_scores, keyword_keys);
-  search_ms := extract(epoch FROM clock_timestamp() - started) * 1000;
-  IF (options->>'quick_commit') = 'true' AND cache_key IS NULL
-     AND pg_current_xact_id_if_assigned() IS NULL THEN
-    PERFORM set_config('synchronous_commit', 'off', true);
+  SELECT * INTO c FROM pyembed._corpus_named(corpus);
+  IF NOT FOUND THEN
+    c := pyembed.lookup_corpus(corpus);
   END IF;
-  recorded := pyembed.record_search(
+  corpus_id := c.corpus_id;
+  SELECT * INTO document_ids, chunk_ids, chunk_indexes, contents, metadatas, scores, model_keys
+    FROM pyembed._ranked_hits(c, mode, query, query_embedding, query_model_key, k, filter, options,
+                              keyword_ids, keyword_scores, keyword_keys);
+  search_ms := extract(epoch FROM clock_timestamp() - started) * 1000;
+  recorded := pyembed._record_search(
     corpus_id, query_model_key, CASE WHEN log THEN mode END, k, false, embed_ms, search_ms,
     NULL, (embed_ms + search_ms)::real, cache_key, input_type, query_embedding, ttl_seconds, filter,
-    count_models, count_hits, count_misses);
+    count_models, count_hits, count_misses,
+    (options->>'quick_commit') = 'true' AND cache_key IS NULL);
 END
 $$;
 

@@ -151,7 +151,7 @@ GRANT EXECUTE ON FUNCTION
   pyembed.search_keyword(text, text, numeric, jsonb, text),
   pyembed.search_hybrid(text, text, vector, text, numeric, jsonb, numeric, numeric, text, text,
                         double precision, bigint[], float8[], text[]),
-  pyembed.keyword_ranking(text, text, numeric, jsonb, text),
+  pyembed.keyword_ranking(text, text, numeric, jsonb, text, numeric),
   pyembed.add_document(text, text, text, jsonb),
   pyembed.search_query(text, text, integer, text[], bytea[], integer, jsonb, text, jsonb,
                        integer, boolean, text[], bigint[], bigint[]),

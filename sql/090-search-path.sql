@@ -3,8 +3,9 @@
 --
 -- Except the invoker-rights helpers below, which every search calls and which neither the
 -- application role nor PUBLIC may execute (tests/test_indb.py checks both): they run only inside
--- pyembed's own pinned functions (pyembed.search and lookup_corpus, search_hybrid, recall, the
--- index functions; or an owner's session), whose search_path they inherit. A SET clause costs
+-- pyembed's own pinned functions (pyembed.search and lookup_corpus, search_hybrid,
+-- search_embedded, recall, the index functions; or an owner's session), whose search_path they
+-- inherit. A SET clause costs
 -- each call a save and restore of the setting and, after it, a fresh resolution of the path for
 -- the caller's kept plans and expressions, every search; and a SQL function with one is never
 -- inlined. (Their files create them without one, so that re-applying the files unpins them in
@@ -13,7 +14,9 @@ DO $pin$
 DECLARE
   vec_schema text := (SELECT extnamespace::regnamespace::text FROM pg_catalog.pg_extension
                        WHERE extname = 'vector');
-  unpinned text[] := ARRAY['_session_tenant', '_corpus_named', '_vector_ranking', '_nearest_in',
+  unpinned text[] := ARRAY['_session_tenant', '_corpus_named', '_vector_ranking',
+                           '_hybrid_ranking', '_ranked_hits', '_hit_arrays', '_record_search',
+                           '_nearest_in',
                            '_nearest_source', '_nearest_candidates', '_nearest_scans',
                            '_nearest_rules', '_nearest_settings', '_nearest_sql', '_nearest_text',
                            '_nearest_function_name', '_index_plan',

@@ -245,6 +245,8 @@ NOT_COUNTS = {
     ("register_model", "price_per_mtok"): "a price, not a count (models_price_in_range)",
     ("claim_jobs", "max_attempts"): "compared with a job's attempts as given: any count is taken",
     ("expire_jobs", "max_attempts"): "as claim_jobs's",
+    **{("_hybrid_ranking", p): "search_hybrid's, walked there (the checks are this helper's)"
+       for p in ("k", "candidates", "rrf_k")},
 }
 
 
@@ -298,6 +300,8 @@ def test_every_count_reads_the_same_from_sql_and_python(db: Database) -> None:
                 "fusion => 'rrf')", None, False),
             ("keyword_ranking", "candidates"): ("keyword_ranking('docs', 'alpha', %(n)s)", None,
                                                 False),
+            ("keyword_ranking", "passages"): (
+                "keyword_ranking('docs', 'alpha', passages => %(n)s)", None, False),
             ("search_reranked", "k"): ("search_reranked('docs', 'alpha', 'fake/overlap', %(n)s)",
                                        "k", False),
             ("search_reranked", "candidates"): (

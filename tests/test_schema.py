@@ -95,7 +95,7 @@ APP_EXECUTE = {
     "search_hybrid(text, text, vector, text, numeric, jsonb, numeric, numeric, text, text, "
     "double precision, bigint[], double precision[], text[])",
     # hybrid search's keyword ranking, made while the client embeds the query
-    "keyword_ranking(text, text, numeric, jsonb, text)",
+    "keyword_ranking(text, text, numeric, jsonb, text, numeric)",
     "search_keyword(text, text, numeric, jsonb, text)",
     "search_text(text, text, numeric, jsonb, text, text, text, double precision)",
     # a search by text in one or two round trips (pyembed/query.py), and its record

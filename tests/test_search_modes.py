@@ -642,6 +642,59 @@ def test_hybrid_fuses_a_keyword_ranking_made_before_as_it_would_its_own(
     assert err.sqlstate == "PE002"
 
 
+def test_the_keyword_ranking_brings_its_best_documents_passages_and_fuses_as_before(
+        app: psycopg.Connection[Any], client: Any) -> None:
+    """keyword_ranking(passages => n) gives the passages of its n best documents (the chunks
+    search_keyword shows for them), the others' ids NULL; a ranking handed in with them fuses to
+    the same hits, in the same order among equal scores (RRF gives many), as one without: a
+    passage known before does not move its document, and search_hybrid looks up the rest."""
+    crowded_corpus(client, "passages")
+    query = "quota limit reached for team"
+    keyword = app.execute("SELECT document_id, chunk_id FROM pyembed.search_keyword("
+                          "'passages', %s, 3)", (query,)).fetchall()
+    ids, scores, keys = app.execute(
+        "SELECT ids, scores, keys FROM pyembed.keyword_ranking('passages', %s, passages => 3)",
+        (query,)).fetchone()
+    assert ids[:3] == [chunk for _, chunk in keyword] and ids[3:] == [None] * (len(ids) - 3)
+    bare = app.execute("SELECT ids, scores, keys FROM pyembed.keyword_ranking('passages', %s)",
+                       (query,)).fetchone()
+    assert bare[0] == [None] * len(ids) and (bare[1], bare[2]) == (scores, keys)
+    client.create_corpus("passages_kb", FAKE).add(sample_documents())
+    for corpus, text in [("passages", query), ("passages", "team number 3"),
+                         *(("passages_kb", q) for q in ("quota limit", "refund an invoice",
+                                                        "reset my password", "api rate limit",
+                                                        "compute hours billing"))]:
+        vec = str(client.embedder(FAKE).embed_query(text).tolist())
+        handed = app.execute("SELECT ids, scores, keys FROM pyembed.keyword_ranking(%s, %s, "
+                             "passages => 5)", (corpus, text)).fetchone()
+        for fusion in ("rrf", "relative"):
+            hits = app.execute(
+                "SELECT document_id, chunk_id, score FROM pyembed.search_hybrid(%s, %s, "
+                "%s::vector, %s, 5, fusion => %s, keyword_ids => %s, keyword_scores => %s, "
+                "keyword_keys => %s)", (corpus, text, vec, FAKE, fusion, *handed)).fetchall()
+            own = app.execute("SELECT document_id, chunk_id, score FROM pyembed.search_hybrid("
+                              "%s, %s, %s::vector, %s, 5, fusion => %s)",
+                              (corpus, text, vec, FAKE, fusion)).fetchall()
+            assert hits == own and own, (corpus, text, fusion)
+    # A tie: one candidate a leg, two documents (the keyword leg's written first: its chunk id is
+    # the lower), each 1 / 61 by RRF; the vector leg's comes first, as without a passage.
+    tie = client.create_corpus("passages_tie", FAKE)
+    tie.add([("kw", "alpha alpha alpha")])
+    tie.add([("vec", "alpha and the of")])
+    vec = str(client.embedder(FAKE).embed_query("alpha and the of").tolist())
+    handed = app.execute("SELECT ids, scores, keys FROM pyembed.keyword_ranking('passages_tie', "
+                         "'alpha and the of', 1, passages => 1)").fetchone()
+    order = [app.execute("SELECT document_id FROM pyembed.search_hybrid('passages_tie', "
+                         "'alpha and the of', %s::vector, %s, 2, candidates => 1, "
+                         "fusion => 'rrf', keyword_ids => %s, keyword_scores => %s, "
+                         "keyword_keys => %s)", (vec, FAKE, *ranking)).fetchall()
+             for ranking in (handed, (None, None, None))]
+    assert order == [[("vec",), ("kw",)]] * 2
+    err = sql_error(app, "SELECT * FROM pyembed.keyword_ranking('passages', 'quota', "
+                         "passages => 1001)")
+    assert err.sqlstate == "PE005" and "passages must be 0..1000, got 1001" in str(err)
+
+
 def test_hybrid_ranks_the_documents_of_its_candidates_nearest_chunks_in_one_scan(
         app: psycopg.Connection[Any], client: Any) -> None:
     """Hybrid search's vector leg is the documents among its `candidates` nearest chunks, read
@@ -700,8 +753,8 @@ def test_a_new_hybrid_query_ranks_by_keywords_while_it_is_embedded(
                               "pyembed.search_embedded"]
         # the ranking goes back as the arrays' text the server gave, not parsed into lists
         ranking = fresh.conn.execute(
-            "SELECT ids::text, scores::text, keys::text FROM pyembed.keyword_ranking(%s, %s)",
-            ("whileembedding", query)).fetchone()
+            "SELECT ids::text, scores::text, keys::text FROM pyembed.keyword_ranking(%s, %s, "
+            "passages => 5)", ("whileembedding", query)).fetchone()
         assert handed == [list(ranking)] and all(isinstance(a, str) for a in handed[0])
         # the same hits and scores as the one statement that ranks both legs itself, from the
         # cache

@@ -323,7 +323,7 @@ CALLS_THAT_WORK = {
     "expire_jobs": ["5"],
     "fail_job": [CORPUS_ID, JOB.format("chunk_id"), f"'{FAKE}'", JOB.format("content_hash"),
                  JOB.format("attempts"), "'refused'"],
-    "keyword_ranking": ["'docs'", "'refunds'", "100", "'{}'", "'document'"],
+    "keyword_ranking": ["'docs'", "'refunds'", "100", "'{}'", "'document'", "10"],
     "lookup_corpus": ["'docs'"],
     "measure_recall": ["'docs'", "1"],
     "provider_errors": [],

@@ -512,13 +512,23 @@ GIVEN_BY_PYEMBED = {
     "_migration_step.*": "a migration row a step locked, and the step's name, a literal",
     **{f"{h}.*": f"{h[1:]}'s body, given {h[1:]}'s arguments as they are: the application "
                  "role's walk gives them" for h in ("_search_text", "_search_reranked")},
+    "_hybrid_ranking.*": "search_hybrid's body, given its arguments as they are (search_embedded "
+                         "gives the same): the application role's walk gives them",
+    "_ranked_hits.*": "search_query's and search_embedded's arguments as they are, the corpus "
+                      "they looked up: the application role's walk gives them",
+    "_hit_arrays.*": "a ranking's chunk ids and scores, made by pyembed's rankings for the "
+                     "corpus its caller looked up",
+    "_record_search.*": "record_search's body, given its arguments as they are (search_query "
+                        "and search_embedded give theirs): the application role's walk gives "
+                        "them",
     "_embed_batch.inputs=100000 elements": "embed_batch refuses more than 1,000 texts first (a "
                                            "PL/Python call cannot be cancelled)",
     **{h: "its integer arguments" for h in (
         "_advisory_held", "_bm25", "_build_target", "_bulk_loading", "_claim_backfill", "_count_arg",
         "_create_vector_index", "_dropped_meanwhile", "_heal_vector_index", "_packed_block",
         "_random_advisory_lock", "_rebuild_name", "_recall_at_10", "_record_recall",
-        "_release_backfill", "_sample_recall", "_search_arrays", "_search_mode",
+        "_release_backfill", "_sample_recall", "_ranked_hits", "_hit_arrays", "_hybrid_ranking",
+        "_record_search",
         "_search_reranked", "_search_text", "_index_build_settings", "_index_name",
         "_index_params", "_index_plan", "_index_spec", "_index_type", "_job_bounds", "_key_rows",
         "_keyword_ranking", "_lock_corpus", "_nearest", "_nearest_candidates",
@@ -569,8 +579,11 @@ OWNER_CALLS = {
     "_halfvec_ef": ["384", "'halfvec'", "16", "64"],
     "_halfvec_m": ["384", "'halfvec'", "16"],
     "_heal_vector_index": [DOCS_ID],
+    "_hit_arrays": [DOCS_ID, "ARRAY[1]::bigint[]", "ARRAY[0.5]::float8[]", f"'{FAKE}'"],
     "_hnsw_fitting_m": ["384", "10"],
     "_hnsw_per_page": ["384", "16"],
+    "_hybrid_ranking": [DOCS, "'refunds'", Q, f"'{FAKE}'", "5", "'{}'", "100", "60", "'document'",
+                        "'relative'", "0.5", "NULL", "NULL", "NULL"],
     "_index_build_settings": [DOCS_ID, f"'{FAKE}'", "false", "'vector'"],
     "_index_name": [DOCS_ID, f"'{FAKE}'"],
     "_index_params": ["'{}'", "1000", "384", "'vector'"],
@@ -621,10 +634,10 @@ OWNER_CALLS = {
     "_release_backfill": [DOCS_ID],
     "_report_window": ["30", "'days'"],
     "_sample_recall": [DOCS_ID, f"'{FAKE}'", Q, "'{}'"],
-    "_search_arrays": ["'docs'", "'vector'", "'refunds'", Q, f"'{FAKE}'", "5", "'{}'", "'{}'",
-                       "NULL", "NULL", "NULL"],
-    "_search_mode": ["'docs'", "'vector'", "'refunds'", Q, f"'{FAKE}'", "5", "'{}'", "'{}'",
-                     "NULL", "NULL", "NULL"],
+    "_ranked_hits": [DOCS, "'vector'", "'refunds'", Q, f"'{FAKE}'", "5", "'{}'", "'{}'", "NULL",
+                     "NULL", "NULL"],
+    "_record_search": [DOCS_ID, f"'{FAKE}'", "'vector'", "5", "false", "1", "1", "NULL", "2",
+                       "NULL", "NULL", "NULL", "NULL", "NULL", "NULL", "NULL", "NULL", "false"],
     "_search_reranked": ["'docs'", "'refunds'", "'fake/overlap'", "5", "'{}'", "'hybrid'", "10",
                          "'document'", "'relative'", "0.5"],
     "_search_text": ["'docs'", "'refunds'", "5", "'{}'", "'hybrid'", "'document'", "'relative'",

@@ -70,10 +70,12 @@ DROP TABLE pyembed.recall_measurements, pyembed.recall_samples;
 """)
     # head's record_search samples recall through a function dropped above: the same function
     # without that statement keeps searches working until an older pyembed reinstalls its own.
+    # (pyembed._record_search holds record_search's writes now; record_search itself did before.)
     run_sql(r"""
 DO $unsample$
 DECLARE
-  def text := pg_catalog.pg_get_functiondef('pyembed.record_search'::regproc);
+  def text := pg_catalog.pg_get_functiondef(coalesce(
+    pg_catalog.to_regproc('pyembed._record_search'), 'pyembed.record_search'::regproc));
   sample text := '\n\s*IF v IS NOT NULL AND p_model_key IS NOT NULL THEN\s*'
                  'PERFORM pyembed._sample_recall\([^;]*\);\s*END IF;';
 BEGIN

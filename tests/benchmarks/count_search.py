@@ -20,13 +20,17 @@ vectors of the corpus's partition, the same every run; the paths are bench_suite
   hybrid      (--hybrid) pyembed.search_hybrid of a fixed keyword query with a keyword ranking
               handed in (the new query's second call), as the application role;
   first       a new hybrid query's first round trip as pyembed/query.py sends it (a client
-              without a cache): search_query (route, reservation) and keyword_ranking, pipelined;
+              without a cache): search_query (route, reservation) and keyword_ranking (with the
+              passages of its best 10 documents), pipelined;
   second      its second call: search_embedded with the keyword ranking handed back as text,
               which searches and records the query-log line;
   first:route, first:keywords, second:unlogged   the parts: search_query alone, keyword_ranking
               alone, the second call without its query-log line.
 With --corpus NAME (e.g. --home .pyembed-bench-scifact --database scifact --corpus scifact_cli
 --hybrid-query "..."), that corpus and its model key instead of bench_suite's fake-model one.
+With --embed-query the first and second paths search with the hybrid query's own embedding (the
+corpus's model, made here), as a real new query does: the stored chunk vectors, unrelated to the
+query's words, make nearly every fused hit a keyword-only one that needs its passage looked up.
 The difference pyembed - unguarded is what the guard costs a search. The cluster is left stopped.
 """
 from __future__ import annotations
@@ -104,6 +108,10 @@ def main() -> None:
     parser.add_argument("--setup", default=None,
                         help="an SQL file run as the owner before counting (variants to count)")
     parser.add_argument("--hybrid-query", default="invoice latency")  # bench_suite's words
+    parser.add_argument("--embed-query", action="store_true",
+                        help="the first and second paths search with the hybrid query's own "
+                             "embedding (its corpus's model, in this process), as a real new "
+                             "query does, instead of stored chunk vectors unrelated to its words")
     parser.add_argument("--corpus", default=None,
                         help="the corpus to search (default: bench_suite's first search-* one)")
     parser.add_argument("--no-install", action="store_true",
@@ -164,6 +172,11 @@ def main() -> None:
             queries = [r[0] if isinstance(r[0], Vector) else Vector(r[0]) for r in owner.execute(
                 sql.SQL("SELECT embedding FROM {} ORDER BY chunk_id LIMIT %s").format(part),
                 (args.warm + args.searches,))]
+            own: Vector | None = None
+            if args.embed_query:
+                from pyembed.corpora import model_spec
+                from pyembed.embedder import Embedder
+                own = Vector(Embedder(model_spec(owner, key)).embed_query(args.hybrid_query))
         unguarded_sql = sql.SQL(
             "SELECT hit.chunk_id, ch.content, 1 - hit.distance FROM (SELECT v.chunk_id, "
             "(v.embedding::vector(384)) <=> %(q)s::vector(384) AS distance FROM {} v "
@@ -183,7 +196,7 @@ def main() -> None:
         first_calls = [
             (new_query.SEARCH_QUERY, [name, text, bucket(text), [key], [None], 10, None,
                                       "hybrid", options, 20, True, None, None, None]),
-            (new_query.KEYWORD_RANKING, [name, text, None, "document"])]
+            (new_query.KEYWORD_RANKING, [name, text, None, "document", 10])]
 
         def run(path: str, n: int) -> int:
             """A fresh backend running n searches of the path; returns its pid."""
@@ -237,7 +250,7 @@ def main() -> None:
                             "c": name, "q": q, "k": key, "t": args.hybrid_query,
                             "ki": ranking[0], "ks": ranking[1], "kk": ranking[2]}).fetchall()
                 for q in queries[:n]:
-                    step(q)
+                    step(own if own is not None and path.startswith(("first", "second")) else q)
                 return int(pid)
             finally:
                 conn.close()
