@@ -32,7 +32,7 @@ from .cache import PostgresCache
 from .corpora import model_spec
 from .db import connection_lost, dsn_parts, lost_during, reopen, resolve_dsn, server_error, translate
 from .db import lost as gone
-from .dbcall import count
+from .dbcall import INTEGER_RANGE, count
 from .embedder import Embedder
 from .errors import (
     ConfigError,
@@ -233,11 +233,9 @@ class Worker:
         max_attempts = count(max_attempts, "max_attempts")
         if max_attempts < 1:
             raise InvalidInput(f"max_attempts must be at least 1, got {max_attempts}")
-        # Its upper bound is pyembed.recall_sampled's; a negative count would fail every run of
-        # the background recall, where only the log would say so.
-        recall_samples = count(recall_samples, "recall_samples")
-        if recall_samples < 0:
-            raise InvalidInput(f"recall_samples must be 0 or more, got {recall_samples}")
+        # pyembed.recall_sampled's bounds, said here: out of them, every run of the background
+        # recall would fail where only the log would say so.
+        recall_samples = count(recall_samples, "recall_samples", (0, INTEGER_RANGE[1]))
         lease_seconds = number(lease_seconds, "lease_seconds", 0.0, above=True, unit="seconds")
         retry_base = number(retry_base, "retry_base", 0.0, unit="seconds")
         retry_max = number(retry_max, "retry_max", 0.0, unit="seconds")

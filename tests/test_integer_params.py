@@ -15,7 +15,7 @@ import psycopg
 import pytest
 
 import pyembed
-from pyembed import cache, migration, models, orm, rag, recall, tenants
+from pyembed import cache, ingest, migration, models, orm, rag, recall, tenants
 from pyembed.errors import InvalidInput
 from pyembed.models import ModelSpec
 from pyembed.worker import Worker
@@ -375,6 +375,13 @@ NOT_WALKED = {
     ("Corpus.retrieve", "alpha"): "as Corpus.search's",
     ("pyembed.migration.validate", "max_drop"): "0..1, a float (text.number's words)",
     ("pyembed.migration.backfill", "rate"): "any rate above 0: 1e300 texts/s is no limit",
+    ("pyembed.ingest.ingest", "progress_every"): "seconds, a float (text.number's words)",
+    **{("Worker", name): "seconds, a float (text.number's words)"
+       for name in ("lease_seconds", "retry_base", "retry_max", "recall_every")},
+    ("Worker", "batch_size"): "pyembed.claim_jobs' bound, said by its check at the first claim "
+                              "(test_cli_walk walks `pyembed worker --batch-size`)",
+    ("Worker", "max_attempts"): "at least 1, any count above: compared with a job's attempts",
+    ("Client.billed_to", "corpus_id"): "a corpus's id the client read, not a count",
 }
 """Numeric parameters of the Python entry points left out here, with why."""
 
@@ -432,6 +439,12 @@ def test_every_python_only_number_says_its_own_bound(db: Database, fake_api: Any
             ("pyembed.migration.backfill", "batch_size"): (
                 lambda n: migration.backfill(owner, "docs", batch_size=n),
                 "batch_size must be 1..100000, got {n}"),
+            ("pyembed.ingest.ingest", "batch_size"): (
+                lambda n: ingest.ingest(docs, "README.md", batch_size=n),
+                "batch_size must be 1..10000, got {n}"),
+            ("Worker", "recall_samples"): (
+                lambda n: Worker(db.app_dsn, recall_samples=n),
+                "recall_samples must be 0..2147483647, got {n}"),
             ("pyembed.models.register", "dimensions"): (
                 lambda n: models.register(owner.conn, ModelSpec("fake", "m", "9", n)),
                 "dimensions must be 1..16000, got {n}"),
@@ -442,8 +455,8 @@ def test_every_python_only_number_says_its_own_bound(db: Database, fake_api: Any
         for (label, parameter), (call, words) in own.items():
             for n in PYTHON_ONLY_EDGES:
                 value = float(n) if parameter == "timeout" else n
-                if parameter == "max_retries" and n == 0:
-                    continue  # in its bounds: no retry
+                if parameter in ("max_retries", "recall_samples") and n == 0:
+                    continue  # in its bounds: no retry, no recall run
                 with pytest.raises(InvalidInput) as err:
                     call(value)
                 assert str(err.value) == words.format(n=value), (label, parameter, n)
