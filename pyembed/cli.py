@@ -954,14 +954,17 @@ def corpus_delete_documents(
 # -- pyembed migrate (as the owner) --------------------------------------------------------
 
 @migrate_app.command("plan")
-def migrate_plan(corpus: str, to: TargetKeyOption, dsn: OwnerDsnOption = None,
-                 as_json: JsonOption = False) -> None:
+def migrate_plan(corpus: str, to: TargetKeyOption,
+                 storage: Annotated[str | None, typer.Option(
+                     "--storage", help="the target key's storage (vector, halfvec, binary; "
+                                       "default: the corpus's), as migrate start takes it")] = None,
+                 dsn: OwnerDsnOption = None, as_json: JsonOption = False) -> None:
     """What moving CORPUS to another model costs: calls, hours, dollars, storage.
 
-    Example: pyembed migrate plan docs --to voyage/voyage-3@1:1024
+    Example: pyembed migrate plan docs --to voyage/voyage-3@1:1024 --storage halfvec
     """
     with _client(dsn, owner=True) as client:
-        p = migration.plan(client, corpus, to)
+        p = migration.plan(client, corpus, to, storage)
     if as_json:
         _print_json({"corpus": p.corpus, "from_key": p.from_key, "to_key": p.to_key,
                      "documents": p.documents, "chunks": p.chunks, "tokens": p.tokens,

@@ -92,6 +92,11 @@ def find_bindir() -> str:
                       "or set PYEMBED_PG_BINDIR")
 
 
+def _quoted_setting(value: str) -> str:
+    """`value` as a string in postgresql.conf's syntax (a quote doubled)."""
+    return "'" + value.replace("'", "''") + "'"
+
+
 def _port_free(port: int) -> bool:
     """Whether the server could listen on 127.0.0.1:port: only a listener holds it."""
     with socket.socket() as s:
@@ -257,7 +262,7 @@ class LocalCluster:
         if out.returncode != 0:
             raise ConfigError(f"initdb failed: {out.stderr.strip() or out.stdout.strip()}")
         settings = {**SERVER_SETTINGS, "port": str(st.port),
-                    "unix_socket_directories": f"'{self.socket_dir}'"}
+                    "unix_socket_directories": _quoted_setting(str(self.socket_dir))}
         with open(self.data / "postgresql.auto.conf", "a") as f:
             f.writelines(f"{k} = {v}\n" for k, v in settings.items())
         self.state_file.write_text(json.dumps(asdict(st)))
@@ -346,6 +351,10 @@ class LocalCluster:
             _log.warning("%s", self.port_move)
         self.socket_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._chown(self.socket_dir, st.os_user)
+        # A project folder moved or copied keeps its server's settings: the socket goes where
+        # the folder is now (the old path failed the start on its lock file, or took the old
+        # folder's socket while it still ran).
+        self._set_conf({"unix_socket_directories": _quoted_setting(str(self.socket_dir))})
         self._link_package(st)
         env = {"PYTHONPATH": str(self.pylib), "OMP_NUM_THREADS": "1"}
         out = self._as_server_user(
@@ -430,7 +439,7 @@ class LocalCluster:
                               "server_dir": str(replica.server_dir) if replica.relocated
                               else None})
         replica._set_conf({"port": str(rst.port),
-                           "unix_socket_directories": f"'{replica.socket_dir}'"})
+                           "unix_socket_directories": _quoted_setting(str(replica.socket_dir))})
         replica.state_file.write_text(json.dumps(asdict(rst)))
         replica.state_file.chmod(0o600)
         replica.start()

@@ -26,7 +26,7 @@ from .corpora import model_spec
 from .dbcall import count, translated
 from .errors import DatabaseNotReady, InvalidInput, MigrationError, PyembedError, shown
 from .evaluation import HITS_PER_DOCUMENT, EvalQuery, KeyScore, eval_queries, evaluate, overlap
-from .index import build_index_online, drop_index_online
+from .index import build_index_online, check_storage, drop_index_online
 from .models import InputType
 from .text import estimate_tokens, number
 from .vectors import copy_vectors
@@ -37,15 +37,20 @@ TOKENS_PER_MINUTE = {"voyage": 1_000_000, "openai": 1_000_000, "cohere": 1_000_0
 HNSW_M = 16
 
 
-def storage_bytes(vectors: int, dims: int) -> tuple[int, int]:
-    """(raw, with HNSW) bytes for float32 vectors: 4 bytes a dimension plus an 8-byte header;
-    the HNSW graph adds ~32 bytes per neighbour slot (m = 16), about 0.5 kB per vector
-    (100k x 384 measured here: 195 MiB for the index)."""
+def storage_bytes(vectors: int, dims: int, storage: str = "vector") -> tuple[int, int]:
+    """(raw, with HNSW) bytes for `vectors` of `dims` dimensions in `storage`: every storage
+    keeps the float32 vectors (4 bytes a dimension plus an 8-byte header), and the HNSW index
+    holds each as its storage's value (float32, float16 past pgvector's 2,000-dimension limit
+    or for halfvec, sign bits for binary: pyembed._index_build_settings' rule) plus ~32 bytes per
+    neighbour slot (m = 16), about 0.5 kB per vector."""
     for value, what, low in ((vectors, "vectors", 0), (dims, "dims", 1)):
         if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
             raise InvalidInput(f"{what} must be a whole number of at least {low}, not {shown(value)}")
+    check_storage(storage)
     raw = vectors * (4 * dims + 8)
-    return raw, raw + vectors * (4 * dims + 8 + 32 * HNSW_M)
+    indexed = ((dims + 7) // 8 + 8 if storage == "binary"
+               else 2 * dims + 8 if storage == "halfvec" or dims > 2000 else 4 * dims + 8)
+    return raw, raw + vectors * (indexed + 32 * HNSW_M)
 
 
 @dataclass(frozen=True)
@@ -64,9 +69,13 @@ class Plan:
 
 
 @in_client_turn
-def plan(client: Client, corpus: str, to_key: str) -> Plan:
-    """What a migration of `corpus` to `to_key` will take: calls, time, cost, storage. Refuses
-    (MigrationError, UnknownModel, UnknownCorpus) a migration that `start` would refuse."""
+def plan(client: Client, corpus: str, to_key: str, storage: str | None = None) -> Plan:
+    """What a migration of `corpus` to `to_key` will take: calls, time, cost, storage (the
+    target key's in `storage`, default the corpus's, beside the active key's during it).
+    Refuses (MigrationError, UnknownModel, UnknownCorpus) a migration that `start` would
+    refuse."""
+    if storage is not None:
+        check_storage(storage)
     with translated():  # read without locking the corpus (a plan writes nothing): a replica
         client._conn.execute("SELECT pyembed._need_target(c, pyembed._migration_of(c), %s) "
                              "FROM pyembed.lookup_corpus(%s) c", (to_key, corpus))
@@ -97,9 +106,10 @@ def plan(client: Client, corpus: str, to_key: str) -> Plan:
             sample, InputType.DOCUMENT)
         minutes = chunks / (len(sample) / max(time.perf_counter() - t0, 1e-6)) / 60
     cost = tokens / 1e6 * new.price_per_mtok if new.price_per_mtok is not None else None
+    before = storage_bytes(chunks, old.dimensions, info.storage)
+    target = storage_bytes(chunks, new.dimensions, storage or info.storage)
     return Plan(corpus, old.key, new.key, int(documents), chunks, tokens, calls, minutes / 60, cost,
-                storage_bytes(chunks, old.dimensions),
-                storage_bytes(chunks, old.dimensions + new.dimensions))
+                before, (before[0] + target[0], before[1] + target[1]))
 
 
 def _call(client: Client, fn: str, *args: Any) -> Any:

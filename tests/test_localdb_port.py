@@ -221,3 +221,25 @@ def test_an_init_that_fails_part_way_leaves_nothing_and_the_next_makes_it_whole(
     assert not c.initialised and not c.running()
     assert c.init()  # before: "already exists", with no database and no roles
     assert made_whole(c)
+
+
+def test_a_project_folder_copied_elsewhere_starts_with_its_socket_there(
+        cluster: LocalCluster) -> None:
+    """The socket's folder is written into the server's settings at initdb: a project folder
+    moved or copied started with the old folder's socket (where that folder was gone, the start
+    failed: 'could not create lock file ...'). Each start now puts it in the folder's own."""
+    cluster.stop()
+    copy = Path(tempfile.mkdtemp(prefix="pyembed-moved-", dir="/tmp")) / "project"
+    subprocess.run(["cp", "-a", str(cluster.home), str(copy)], check=True)
+    moved = LocalCluster(copy)
+    try:
+        shutil.rmtree(cluster.socket_dir)  # the old folder's socket folder gone, as after a move
+        assert moved.start()
+        with psycopg.connect(moved.dsn(owner=True), autocommit=True) as conn:
+            row = conn.execute("SHOW unix_socket_directories").fetchone()
+        assert row == (str(moved.socket_dir),)
+        assert (moved.socket_dir / f".s.PGSQL.{moved.state().port}").exists()
+    finally:
+        moved.stop()
+        shutil.rmtree(copy.parent)
+    assert cluster.start() and answers(cluster)

@@ -460,7 +460,16 @@ def test_plan_refuses_what_start_refuses(db: Database) -> None:
             migration.plan(owner, CORPUS, "fake/nope@1:1024")
         with pytest.raises(pyembed.UnknownCorpus):
             migration.plan(owner, "nope", NEW)
-        assert migration.plan(owner, CORPUS, NEW).chunks == 5
+        p = migration.plan(owner, CORPUS, NEW)
+        assert p.chunks == 5
+        # during the migration both keys' vectors and indexes, the target's in its storage
+        assert p.storage_after == tuple(2 * b for b in p.storage_before)
+        binary = migration.plan(owner, CORPUS, NEW, "binary")
+        assert binary.storage_after == (2 * p.storage_before[0],
+                                        p.storage_before[1] + migration.storage_bytes(
+                                            5, 1024, "binary")[1])
+        with pytest.raises(pyembed.InvalidInput, match="unknown storage"):
+            migration.plan(owner, CORPUS, NEW, "bits")
         migration.start(owner, CORPUS, NEW)
         for to in (NEW, OTHER):
             with pytest.raises(MigrationError, match="one at a time"):
@@ -1074,7 +1083,13 @@ def test_eval_queries_name_documents_the_corpus_has_and_have_text(db: Database) 
 def test_storage_estimate_matches_the_formula() -> None:
     raw, with_index = migration.storage_bytes(1000, 1024)
     assert raw == 1000 * (4 * 1024 + 8)
-    assert with_index > raw
+    assert with_index == raw + 1000 * (4 * 1024 + 8 + 32 * 16)
+    # every storage keeps the float32 vectors; its index holds float16 or sign bits
+    assert migration.storage_bytes(1000, 1024, "halfvec") == (raw, raw + 1000 * (2056 + 512))
+    assert migration.storage_bytes(1000, 1024, "binary") == (raw, raw + 1000 * (136 + 512))
+    assert migration.storage_bytes(1000, 3072)[1] == 1000 * (12296 + 6152 + 512)  # > 2,000
+    with pytest.raises(pyembed.InvalidInput, match="unknown storage 'bits'"):
+        migration.storage_bytes(1000, 1024, "bits")
     assert evaluation.metrics(["a", "b", "a", "c"], {"a", "c"}, k=10) == pytest.approx(
         (1.0, (1 + 1 / np.log2(4)) / (1 + 1 / np.log2(3))))
 
