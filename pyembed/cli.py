@@ -1156,6 +1156,42 @@ def eval_add(
     console.print(f"stored evaluation query {query_id} for {corpus}")
 
 
+@eval_app.command("list")
+def eval_list(corpus: str, dsn: DsnOption = None, as_json: JsonOption = False) -> None:
+    """List a corpus's evaluation queries and the documents that answer them.
+
+    Example: pyembed eval list docs
+    """
+    with _client(dsn) as client:
+        queries = evaluation.stored_eval_queries(client, corpus)
+    if as_json:
+        _print_json({"corpus": corpus, "queries": [
+            {"query_id": q.query_id, "query": q.query, "relevant": q.relevant}
+            for q in queries]})
+        return
+    table = _table("query id", "query", "relevant",
+                   title=f"{corpus}: {len(queries)} evaluation quer"
+                         f"{'y' if len(queries) == 1 else 'ies'}")
+    for q in queries:
+        table.add_row(q.query_id, q.query, ", ".join(q.relevant))
+    console.print(table)
+
+
+@eval_app.command("remove")
+def eval_remove(corpus: str,
+                query_ids: Annotated[list[str], typer.Argument(help="the queries' ids")],
+                dsn: DsnOption = None) -> None:
+    """Delete evaluation queries of a corpus.
+
+    Example: pyembed eval remove docs q1 q2
+    """
+    with _client(dsn) as client:
+        removed = evaluation.remove_eval_queries(client, corpus, query_ids)
+    asked = len(set(query_ids))
+    console.print(f"removed {removed} of {asked} evaluation quer{'y' if asked == 1 else 'ies'} "
+                  f"from {corpus}" + (" (the others are not in it)" if removed < asked else ""))
+
+
 @eval_app.command("compare")
 def eval_compare(
     corpus: str,

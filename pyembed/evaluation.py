@@ -15,8 +15,9 @@ import numpy.typing as npt
 
 from .client import Client, in_client_turn
 from .dbcall import translated
-from .errors import InvalidInput
+from .errors import InvalidInput, shown
 from .models import InputType
+from .text import check_text
 
 if TYPE_CHECKING:
     import psycopg
@@ -56,8 +57,12 @@ def add_eval_query(client: Client, corpus: str, query_id: str, query: str,
     """Store an evaluation query with the ids of the documents that answer it (replacing the
     one stored under the same id). InvalidInput, from the table's trigger, for an empty query,
     no relevant id, or an id that names no document of the corpus."""
-    if isinstance(relevant, str):  # a str is a Sequence of its characters
-        raise InvalidInput("relevant is a list of document ids, not one string")
+    if isinstance(relevant, str) or not isinstance(relevant, Sequence):
+        # (a str is a Sequence of its characters)
+        raise InvalidInput(f"relevant is a list of document ids, not {shown(relevant)}")
+    check_text(query_id, "query_id")
+    check_text(query, "query")
+    relevant = [check_text(d, "a relevant document id") for d in relevant]
     info = client.corpus(corpus).info
     with translated():
         client._conn.execute(
@@ -65,6 +70,42 @@ def add_eval_query(client: Client, corpus: str, query_id: str, query: str,
                VALUES (%s, %s, %s, %s) ON CONFLICT (corpus_id, query_id) DO UPDATE
                SET query = EXCLUDED.query, relevant = EXCLUDED.relevant""",
             (info.corpus_id, query_id, query, list(relevant)))
+
+
+@dataclass(frozen=True)
+class StoredEvalQuery:
+    """An evaluation query as stored: its id, its text and the ids of the documents that
+    answer it."""
+
+    query_id: str
+    query: str
+    relevant: list[str]
+
+
+@in_client_turn
+def stored_eval_queries(client: Client, corpus: str) -> list[StoredEvalQuery]:
+    """The corpus's evaluation queries, in query id order (UnknownCorpus as every call by
+    name)."""
+    info = client.corpus(corpus).info
+    with translated():
+        rows = client._conn.execute(
+            "SELECT query_id, query, relevant FROM pyembed.eval_queries WHERE corpus_id = %s "
+            "ORDER BY query_id", (info.corpus_id,)).fetchall()
+    return [StoredEvalQuery(i, q, list(rel)) for i, q, rel in rows]
+
+
+@in_client_turn
+def remove_eval_queries(client: Client, corpus: str, query_ids: Sequence[str]) -> int:
+    """Delete these evaluation queries of the corpus (pyembed.delete_eval_queries, the
+    application role's one way: it holds no DELETE); returns how many (an id it has no query
+    of is skipped)."""
+    if isinstance(query_ids, str) or not isinstance(query_ids, Sequence):
+        raise InvalidInput(f"query_ids is a list of query ids, not {shown(query_ids)}")
+    with translated():
+        row = client._conn.execute("SELECT pyembed.delete_eval_queries(%s, %s::text[])",
+                                   (corpus, [check_text(q, "a query id") for q in query_ids]
+                                    )).fetchone()
+    return int(row[0]) if row else 0
 
 
 def eval_queries(conn: psycopg.Connection[Any], corpus_id: int) -> list[EvalQuery]:

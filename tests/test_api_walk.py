@@ -18,7 +18,7 @@ import psycopg
 import pytest
 
 import pyembed
-from pyembed import ingest, migration, orm, rag, tenants
+from pyembed import evaluation, ingest, migration, orm, rag, tenants
 from pyembed.worker import Worker
 from tests.conftest import Database
 from tests.test_cli_walk import DOCS, KEY, digest
@@ -85,7 +85,7 @@ def entry_points() -> Iterator[tuple[str, Callable[..., Any], inspect.Signature]
     yield "Worker", Worker, inspect.signature(Worker.__init__)
     for fn in (pyembed.connect, pyembed.install):
         yield f"pyembed.{fn.__name__}", fn, inspect.signature(fn)
-    for module in (rag, migration, orm, tenants, ingest):
+    for module in (rag, migration, orm, tenants, ingest, evaluation):
         for name in (n for n in dir(module) if not n.startswith("_")):
             member = getattr(module, name)
             if inspect.isfunction(member) and member.__module__ == module.__name__ and \
@@ -161,6 +161,7 @@ def test_every_public_entry_point_refuses_bad_values_with_a_pyembed_error(
         "kind": "vector", "k": 10, "timings": {}, "share": 50, "vectors": 10, "dims": 384,
         "text": "a text [1]", "count": 1, "sources": [], "query_embedding": [0.5] * 384,
         "tenant": "acme", "role": "pyembed_app", "paths": source, "path": source,
+        "query_id": "q1", "relevant": ["c"], "query_ids": ["zz"],
     }
     engine = sa.create_engine(pyembed.schema.sqlalchemy_url(db.app_dsn),
                               poolclass=sa.pool.NullPool)
@@ -174,6 +175,8 @@ def test_every_public_entry_point_refuses_bad_values_with_a_pyembed_error(
             for p in params:
                 if p.name == "client" and label.startswith("pyembed.migration"):
                     base["client"] = as_owner
+                elif p.name == "client" and label.startswith("pyembed.evaluation"):
+                    base["client"] = client
                 elif p.name == "conn" and label.startswith("pyembed.tenants"):
                     base["conn"] = as_owner.conn
                 elif p.name == "corpus" and p.annotation == "Corpus":

@@ -292,6 +292,20 @@ def test_tenant_list(long_db: Database) -> None:
     documented("tenant list", acme)
 
 
+def test_eval_list_and_remove(long_db: Database) -> None:
+    """The evaluation queries a corpus holds, listed and removed from the command line (the
+    application role deletes through pyembed.delete_eval_queries: it holds no DELETE)."""
+    got = as_json(long_db, "eval", "list", "kb")
+    assert got == {"corpus": "kb", "queries": [
+        {"query_id": "q1", "query": "error E4012 quota", "relevant": ["error-e4012"]}]}
+    documented("eval list", got, *got["queries"])
+    assert "error E4012 quota" in cli(long_db, "eval", "list", "kb", width="120").stdout
+    out = cli(long_db, "eval", "remove", "kb", "q1", "q9")
+    assert out.returncode == 0 and " ".join(out.stdout.split()) == (
+        "removed 1 of 2 evaluation queries from kb (the others are not in it)"), out
+    assert as_json(long_db, "eval", "list", "kb")["queries"] == []
+
+
 def test_eval_compare(long_db: Database) -> None:
     got = as_json(long_db, "eval", "compare", "kb", FAKE, LONG)
     assert (got["corpus"], got["queries"], got["sampled_chunks"]) == ("kb", 1, 10)

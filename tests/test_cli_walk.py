@@ -36,6 +36,8 @@ BAD_TEXTS = ["", "a\x00b", " \t "]
 ACCEPTED: dict[tuple[str, str, str], str] = {
     ("corpus delete-documents", "document_ids", "'bogus'"): "an id the corpus has no document "
     "of is skipped, and the line says so (deleted 0 of 1)",
+    **{("eval remove", "query_ids", value): "an id the corpus has no query of is skipped, and "
+       "the line says so (removed 0 of 1)" for value in ("'bogus'", '"a\'; DROP TABLE x; --"')},
     **{(command, "name", "'nope'"): "a new name: the command makes it" for command in (
         "corpus create", "tenant create", "db replica add")},
     ("db replica remove", "name", "'nope'"): "idempotent: it says `no replica nope`",
@@ -181,7 +183,7 @@ def corpus_to_walk(db: Database, tmp_path: Path,
     good = {"corpus": "docs", "name": "docs", "query": "refund", "question": "refund?",
             "paths": str(unchanged), "share": "50", "query_id": "q1", "model_keys": KEY,
             "tenant": "acme", "role": "acme_user", "to": KEY, "relevant": "a",
-            "document_ids": "zz"}
+            "document_ids": "zz", "query_ids": "zz"}
     return env, good
 
 
@@ -324,7 +326,7 @@ def test_every_command_with_a_database_says_when_it_cannot_reach_it(
     good = {"corpus": "docs", "name": "docs", "query": "refund", "question": "refund?",
             "paths": str(tmp_path), "share": "50", "query_id": "q1", "model_keys": KEY,
             "tenant": "acme", "role": "acme_user", "to": KEY, "relevant": "a",
-            "document_ids": "zz"}
+            "document_ids": "zz", "query_ids": "zz"}
     wrong = []
     turn = 0
     for path, command in commands():

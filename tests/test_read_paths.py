@@ -246,6 +246,7 @@ CLI_READS = {
     ("migrate", "status"): ["docs"],
     ("cache", "stats"): [],
     ("tenant", "list"): [],
+    ("eval", "list"): ["docs"],
 }
 CLI_OTHERS = {
     # Every other command, and why it is not run here.
@@ -256,7 +257,7 @@ CLI_OTHERS = {
     "(its registry answers on a standby: test_replica)", ("plan-storage",): "no database",
     ("corpus", "create"): "writes", ("corpus", "index"): "builds an index",
     ("corpus", "reindex"): "builds an index", ("corpus", "drop"): "writes",
-    ("corpus", "delete-documents"): "writes",
+    ("corpus", "delete-documents"): "writes", ("eval", "remove"): "writes",
     ("tenant", "create"): "writes", ("tenant", "add-member"): "writes",
     **{("migrate", step): "a migration's step writes" for step in (
         "start", "backfill", "validate", "shift", "complete", "rollback", "cleanup")},
