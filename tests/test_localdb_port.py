@@ -230,6 +230,7 @@ def test_a_project_folder_copied_elsewhere_starts_with_its_socket_there(
     failed: 'could not create lock file ...'). Each start now puts it in the folder's own."""
     cluster.stop()
     copy = Path(tempfile.mkdtemp(prefix="pyembed-moved-", dir="/tmp")) / "project"
+    copy.parent.chmod(0o755)  # the server's OS user must traverse it
     subprocess.run(["cp", "-a", str(cluster.home), str(copy)], check=True)
     moved = LocalCluster(copy)
     try:
