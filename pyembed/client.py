@@ -494,6 +494,11 @@ class Client:
                     pass  # counts only: lost with the connection
             self._conn.close()
             self._read_conn.close()
+            # the SDKs' HTTP connections, else kept until the client is collected
+            for embedder in self._embedders.values():
+                embedder.provider.close()
+            for reranker in self._rerankers.values():
+                reranker.provider.close()
             self._closed = True
 
     def __enter__(self) -> Client:

@@ -559,3 +559,22 @@ def test_in_database_a_configuration_error_is_pe013_and_config_error(db: Databas
             assert "gw-pass" not in str(info.value) + (info.value.diag.context or ""), shown
             mapped = translate(info.value)
             assert type(mapped) is ConfigError and str(mapped).startswith(message), mapped
+
+
+def test_closing_the_client_closes_the_sdks_connections(db: Database, fake_api: FakeAPI) -> None:
+    """Client.close closed its database connections only: the OpenAI and Cohere SDK clients of
+    its embedders and rerankers kept their HTTP connections until the garbage collector came.
+    Now each provider closes its SDK's (Voyage's per-thread session is shared: not closed)."""
+    import pyembed
+
+    client = pyembed.connect(db.app_dsn)
+    openai_, cohere_ = client.embedder(OPENAI.key), client.embedder(COHERE.key)
+    rerank = client.reranker("cohere/rerank-v3.5")
+    for embedder in (openai_, cohere_):
+        embedder.embed(["a text"], InputType.DOCUMENT)  # a connection opened
+    sdk_clients = [openai_.provider._client._client,  # type: ignore[attr-defined]
+                   *(p._client._client_wrapper.httpx_client.httpx_client  # type: ignore[attr-defined]
+                     for p in (cohere_.provider, rerank.provider))]
+    assert not any(c.is_closed for c in sdk_clients)
+    client.close()
+    assert all(c.is_closed for c in sdk_clients)

@@ -111,6 +111,10 @@ class ServiceClient(Generic[S]):
     def model_id(self) -> str:
         return self.spec.model_id
 
+    def close(self) -> None:
+        """Close the connections this client's SDK keeps (Client.close calls it): none by
+        default (a model in this process; Voyage's per-thread session, shared)."""
+
     def _key_from_env(self) -> str | None:
         env = self.spec.api_key_env
         if env is None:

@@ -40,6 +40,11 @@ def _detail(body: object) -> str:
     return str(body)
 
 
+
+def _close(client: cohere.ClientV2) -> None:
+    """Close the SDK client's connections: its context manager's exit is its only way."""
+    client.__exit__(None, None, None)  # type: ignore[no-untyped-call]
+
 class CohereProvider(Provider):
     """Cohere models (`cohere/...`); key from COHERE_API_KEY, base URL from
     PYEMBED_COHERE_BASE_URL (e.g. http://127.0.0.1:8080, without /v2)."""
@@ -52,6 +57,9 @@ class CohereProvider(Provider):
         super().__init__(spec, api_key=api_key, base_url=base_url, timeout=timeout)
         self._client = cohere.ClientV2(api_key=self.api_key, base_url=self.base_url,
                                        timeout=self.timeout, max_retries=0)
+
+    def close(self) -> None:
+        _close(self._client)
 
     def embed_batch(self, texts: list[str], input_type: InputType) -> Vectors:
         """One request to the v2 embed endpoint for float embeddings, without truncation."""
@@ -80,6 +88,9 @@ class CohereReranker(RerankProvider):
         super().__init__(spec, api_key=api_key, base_url=base_url, timeout=timeout)
         self._client = cohere.ClientV2(api_key=self.api_key, base_url=self.base_url,
                                        timeout=self.timeout, max_retries=0)
+
+    def close(self) -> None:
+        _close(self._client)
 
     def score_batch(self, query: str, texts: list[str]) -> list[object]:
         """One request to the v2 rerank endpoint for every text's score."""

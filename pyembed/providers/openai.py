@@ -30,6 +30,9 @@ class OpenAIProvider(Provider):
         self._client = openai.OpenAI(api_key=self.api_key, base_url=self.base_url,
                                      timeout=self.timeout, max_retries=0)
 
+    def close(self) -> None:
+        self._client.close()
+
     def embed_batch(self, texts: list[str], input_type: InputType) -> Vectors:
         """One request to the embeddings endpoint, asking for the spec's output dimensions
         when it sets them."""
