@@ -17,7 +17,7 @@ from .client import Client, in_client_turn
 from .dbcall import translated
 from .errors import InvalidInput, shown
 from .models import InputType
-from .text import check_text
+from .text import check_storable, check_text
 
 if TYPE_CHECKING:
     import psycopg
@@ -57,12 +57,17 @@ def add_eval_query(client: Client, corpus: str, query_id: str, query: str,
     """Store an evaluation query with the ids of the documents that answer it (replacing the
     one stored under the same id). InvalidInput, from the table's trigger, for an empty query,
     no relevant id, or an id that names no document of the corpus."""
-    if isinstance(relevant, str) or not isinstance(relevant, Sequence):
-        # (a str is a Sequence of its characters)
+    if isinstance(relevant, str):  # a str is a Sequence of its characters
+        raise InvalidInput("relevant is a list of document ids, not one string")
+    if not isinstance(relevant, Sequence):
         raise InvalidInput(f"relevant is a list of document ids, not {shown(relevant)}")
-    check_text(query_id, "query_id")
-    check_text(query, "query")
-    relevant = [check_text(d, "a relevant document id") for d in relevant]
+    # Texts the driver can send; what they may hold (empty, unknown ids) is the table's
+    # trigger's to say, in its words.
+    for value, what in ((query_id, "query_id"), (query, "query"),
+                        *((d, "a relevant document id") for d in relevant)):
+        if not isinstance(value, str):
+            raise InvalidInput(f"{what} must be a string, not {shown(value)}")
+        check_storable(value, what)
     info = client.corpus(corpus).info
     with translated():
         client._conn.execute(

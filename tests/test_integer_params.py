@@ -382,6 +382,7 @@ NOT_WALKED = {
                               "(test_cli_walk walks `pyembed worker --batch-size`)",
     ("Worker", "max_attempts"): "at least 1, any count above: compared with a job's attempts",
     ("Client.billed_to", "corpus_id"): "a corpus's id the client read, not a count",
+    ("pyembed.evaluation.eval_queries", "corpus_id"): "a corpus's id its caller read",
 }
 """Numeric parameters of the Python entry points left out here, with why."""
 
