@@ -17,7 +17,7 @@ from .dbcall import integer, translated
 from .errors import InvalidInput, UnknownModel, shown
 from .models import MODEL_COLUMNS, MODEL_FIELDS, ModelSpec, spec_from_row
 from .sqlexec import Executor, executor
-from .text import check_document_id, check_text, document_hash, sha256
+from .text import check_document_id, check_text, document_hash, sha256, text_list
 from .vectors import ROW_OVERHEAD, as_unit_vectors, copy_vectors, transition_tables_in_memory
 
 if TYPE_CHECKING:
@@ -165,9 +165,7 @@ def delete_documents(conn: psycopg.Connection[Any], name: str,
     work with them) through pyembed.delete_documents, the application role's one way to delete
     (it holds no DELETE: 080-grants.sql says why); returns how many it deleted (an id the corpus
     has none of is skipped). UnknownCorpus as every call by name."""
-    if isinstance(document_ids, str) or not isinstance(document_ids, Sequence):
-        raise InvalidInput(f"document_ids is a list of document ids, not {shown(document_ids)}")
-    ids = [check_document_id(d) for d in document_ids]
+    ids = [check_document_id(d) for d in text_list(document_ids, "document_ids")]
     with translated(), conn.transaction():
         row = conn.execute("SELECT pyembed.delete_documents(%s, %s::text[])",
                            (name, ids)).fetchone()

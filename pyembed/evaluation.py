@@ -17,7 +17,7 @@ from .client import Client, in_client_turn
 from .dbcall import translated
 from .errors import InvalidInput, shown
 from .models import InputType
-from .text import check_storable, check_text
+from .text import check_storable, check_text, text_list
 
 if TYPE_CHECKING:
     import psycopg
@@ -59,8 +59,7 @@ def add_eval_query(client: Client, corpus: str, query_id: str, query: str,
     no relevant id, or an id that names no document of the corpus."""
     if isinstance(relevant, str):  # a str is a Sequence of its characters
         raise InvalidInput("relevant is a list of document ids, not one string")
-    if not isinstance(relevant, Sequence):
-        raise InvalidInput(f"relevant is a list of document ids, not {shown(relevant)}")
+    relevant = text_list(relevant, "relevant")
     # Texts the driver can send; what they may hold (empty, unknown ids) is the table's
     # trigger's to say, in its words.
     for value, what in ((query_id, "query_id"), (query, "query"),
@@ -104,12 +103,10 @@ def remove_eval_queries(client: Client, corpus: str, query_ids: Sequence[str]) -
     """Delete these evaluation queries of the corpus (pyembed.delete_eval_queries, the
     application role's one way: it holds no DELETE); returns how many (an id it has no query
     of is skipped)."""
-    if isinstance(query_ids, str) or not isinstance(query_ids, Sequence):
-        raise InvalidInput(f"query_ids is a list of query ids, not {shown(query_ids)}")
+    ids = [check_text(q, "a query id") for q in text_list(query_ids, "query_ids")]
     with translated():
         row = client._conn.execute("SELECT pyembed.delete_eval_queries(%s, %s::text[])",
-                                   (corpus, [check_text(q, "a query id") for q in query_ids]
-                                    )).fetchone()
+                                   (corpus, ids)).fetchone()
     return int(row[0]) if row else 0
 
 

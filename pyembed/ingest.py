@@ -250,8 +250,8 @@ class _Reader:
                     line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
                 except UnicodeDecodeError as exc:
                     empty = False
-                    self.problem(path, number, f"not UTF-8: byte 0x{raw[exc.start]:02x} at offset "
-                                 f"{exc.start} of the line (convert the file to UTF-8)",
+                    self.problem(path, number,
+                                 _not_utf8(raw[exc.start], f"{exc.start} of the line"),
                                  record=True)
                     continue
                 if not line.strip():
@@ -701,6 +701,11 @@ def _walk(root: Path) -> Iterator[Path]:
                 yield Path(folder) / name
 
 
+def _not_utf8(byte: int, offset: str) -> str:
+    """The problem of a byte that is not UTF-8, at `offset` (in the file, or of a line)."""
+    return f"not UTF-8: byte 0x{byte:02x} at offset {offset} (convert the file to UTF-8)"
+
+
 def _utf8_problem(path: Path) -> tuple[int, str] | None:
     """(line, message) for the first byte that is not UTF-8, or None if the file is."""
     decoder = codecs.getincrementaldecoder("utf-8")()
@@ -712,9 +717,7 @@ def _utf8_problem(path: Path) -> tuple[int, str] | None:
             except UnicodeDecodeError as exc:
                 data, at = exc.object, exc.start  # data: bytes held over + this block
                 line += data[:at].count(b"\n")
-                return line, (f"not UTF-8: byte 0x{data[at]:02x} at offset "
-                              f"{offset - (len(data) - len(block)) + at} "
-                              "(convert the file to UTF-8)")
+                return line, _not_utf8(data[at], str(offset - (len(data) - len(block)) + at))
             line += block.count(b"\n")
             offset += len(block)
         try:
