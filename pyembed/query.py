@@ -24,7 +24,6 @@ from .db import PsycopgExecutor
 from .dbcall import translated
 from .errors import ModelMismatch
 from .models import InputType
-from .providers.base import server_beside
 from .search import DEFAULT, Hit, Options, as_hits, bucket, check_k, filter_json, run
 from .text import check_text, estimate_tokens
 
@@ -175,7 +174,6 @@ def _search(corpus: Corpus, query: str, k: int, flt: str | None, mode: str, opts
                    if one and mode == "hybrid" else None)
         try:
             with client._keep_turn() if keyword is not None else nullcontext(), \
-                    server_beside() if keyword is not None else nullcontext(), \
                     client.billed_to(corpus_id):
                 vector = embedder.embed_prepared(served.text, served.input_type, reserved=True)
         except BaseException:
@@ -243,8 +241,7 @@ def _early(corpus: Corpus, read: psycopg.Connection[Any], params: list[Any], key
     try:
         # (the first round trip is on the connection meanwhile; a retry's call is accounted
         # to the corpus)
-        with client._keep_turn(), client.billed_to(corpus.info.corpus_id), \
-                server_beside() if ranking_params is not None else nullcontext():
+        with client._keep_turn(), client.billed_to(corpus.info.corpus_id):
             vector = client.embedder(key).embed_prepared(prepared.text, prepared.input_type,
                                                          reserved=True)
     except BaseException:

@@ -19,12 +19,7 @@ from pyembed.embedder import Embedder
 from pyembed.errors import ConfigError, InvalidInput
 from pyembed.models import LOCAL_DEFAULT, InputType, ModelSpec
 from pyembed.providers import provider_for
-from pyembed.providers.base import (
-    LOCAL_THREADS_ENV,
-    local_threads,
-    server_beside,
-    server_works_beside,
-)
+from pyembed.providers.base import LOCAL_THREADS_ENV, local_threads
 from pyembed.providers.local import (
     LocalProvider,
     MiniLM,
@@ -281,33 +276,6 @@ def test_a_lone_text_runs_on_every_thread(two_threads: MiniLM,
     assert threads_of_runs == [1] and one_thread._lone is None
     # the same bits as on one thread: a new query's search finds what a cached one finds
     np.testing.assert_array_equal(lone, alone)
-
-
-def test_a_lone_text_leaves_a_core_to_the_server_working_beside_it(
-        two_threads: MiniLM, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Inside `server_beside` (the database server ranks by keywords for the same search), a
-    lone text runs on one thread when the model's threads would take every CPU, and on all of
-    them when a CPU is left over; the same bits either way."""
-    from pyembed.providers import local
-
-    threads_of_runs: list[int] = []
-    run = MiniLM._run
-
-    def recording(self: MiniLM, ids: list[np.ndarray], session: Any = None) -> np.ndarray:
-        threads_of_runs.append(session.get_session_options().intra_op_num_threads)
-        return run(self, ids, session)
-
-    monkeypatch.setattr(MiniLM, "_run", recording)
-    text = "What does p53 do after DNA damage?"
-    for cpus, threads in ((2, 1), (1, 1), (3, 2)):
-        monkeypatch.setattr(local, "usable_cpus", lambda cpus=cpus: cpus)
-        with server_beside():
-            beside = two_threads.embed([text])
-        assert threads_of_runs == [threads], cpus
-        threads_of_runs.clear()
-    assert not server_works_beside()  # left as it was
-    np.testing.assert_array_equal(beside, two_threads.embed([text]))
-    assert threads_of_runs == [2]
 
 
 def test_session_options_bound_memory_and_threads(monkeypatch: pytest.MonkeyPatch) -> None:

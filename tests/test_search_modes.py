@@ -763,34 +763,6 @@ def test_a_new_hybrid_query_ranks_by_keywords_while_it_is_embedded(
         assert [(h.chunk_id, h.score) for h in new] == [(h.chunk_id, h.score) for h in cached]
 
 
-def test_a_query_embedded_beside_a_keyword_ranking_leaves_the_server_a_core(
-        db: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """While the server ranks a hybrid query by keywords, its embedding here runs inside
-    `server_beside` (a local model whose threads would take every CPU then runs it on one), in
-    both ways a new query goes: a client without a cache (beside the first round trip) and a
-    cache's miss; a vector query's embedding, with nothing beside it, does not."""
-    from pyembed.providers.base import server_works_beside
-    from pyembed.providers.local import MiniLM
-
-    beside: list[tuple[int, bool]] = []
-    embed = MiniLM.embed
-
-    def recording(self: MiniLM, texts: list[str]) -> Any:
-        beside.append((len(texts), server_works_beside()))
-        return embed(self, texts)
-
-    with pyembed.connect(db.app_dsn, use_cache=False) as fresh, pyembed.connect(db.app_dsn) as warm:
-        kb = fresh.create_corpus("besideserver", pyembed.LOCAL_DEFAULT.key)
-        kb.add(sample_documents())
-        monkeypatch.setattr(MiniLM, "embed", recording)
-        kb.search("how do I raise the quota limit", k=3, mode="hybrid")
-        kb.search("how do I raise the quota limit for gpus", k=3, mode="vector")
-        warm.corpus("besideserver").search("which quota limits compute hours", k=3,
-                                           mode="hybrid")
-        warm.corpus("besideserver").search("which quota limits gpu hours", k=3, mode="vector")
-    assert beside == [(1, True), (1, False), (1, True), (1, False)]
-
-
 def test_a_new_query_to_a_local_model_is_embedded_during_the_first_round_trip(
         db: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without a cache a query is sure to miss, and the local model costs nothing: its

@@ -6,7 +6,6 @@ import email.utils
 import math
 import os
 import sys
-import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -247,7 +246,9 @@ def local_threads() -> int:
     if raw is None:
         if "plpy" in sys.modules:
             return 1
-        return max(1, min(usable_cpus(), MAX_LOCAL_THREADS))
+        usable = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                  else os.cpu_count() or 1)
+        return max(1, min(usable, MAX_LOCAL_THREADS))
     try:
         threads = int(raw)
     except ValueError:
@@ -256,32 +257,6 @@ def local_threads() -> int:
         raise ConfigError(f"{LOCAL_THREADS_ENV} must be a whole number 1..{MOST_LOCAL_THREADS}, "
                           f"got {raw!r}")
     return threads
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-_beside = threading.local()  # (server_beside)
-
-
-@contextmanager
-def server_beside() -> Iterator[None]:
-    """Mark this thread's provider calls as running while the database server works for the
-    same caller (a hybrid search's keyword ranking beside its query's embedding), so that a
-    model in this process leaves the server a core (`server_works_beside`)."""
-    before = getattr(_beside, "on", False)
-    _beside.on = True
-    try:
-        yield
-    finally:
-        _beside.on = before
-
-
-def server_works_beside() -> bool:
-    """Whether this thread is inside `server_beside`."""
-    return bool(getattr(_beside, "on", False))
 
 
 def parse_retry_after(headers: Mapping[str, str] | None) -> float | None:

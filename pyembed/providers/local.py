@@ -5,10 +5,9 @@ run in sub-batches of at most `BATCH_TOKENS` padded tokens, sorted by length so 
 a sub-batch is padding, spread over `local_threads()` threads (PYEMBED_LOCAL_THREADS; by default
 1 in a PostgreSQL backend, the usable CPUs elsewhere), each running whole sub-batches on one
 onnxruntime thread, the longest first (the threads end together, on short ones); a call of one
-text (a query) has one run, which runs on all of them instead (on one, while the database server
-works for the same search beside it and the threads would take every CPU: `server_beside`).
-The embedder hands it up to MAX_BATCH texts a call. A text is tokenised once: the ids
-`count_tokens` makes (the token limit's check, chunking) are kept for `embed` to take.
+text (a query) has one run, which runs on all of them instead. The embedder hands it up to
+MAX_BATCH texts a call. A text is tokenised once: the ids `count_tokens` makes
+(the token limit's check, chunking) are kept for `embed` to take.
 
 Memory is bounded per process: a sub-batch's buffers are a few MB, so onnxruntime's CPU arena,
 which keeps the buffers of the largest run for the life of the process (a PostgreSQL backend),
@@ -31,7 +30,7 @@ import numpy.typing as npt
 
 from ..errors import ConfigError
 from ..models import InputType, ModelSpec
-from .base import Provider, local_threads, server_works_beside, usable_cpus
+from .base import Provider, local_threads
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -169,12 +168,8 @@ class MiniLM:
         ids = [truncated(i) for i in self.token_ids(texts)]
         out = np.empty((len(texts), DIMENSIONS), dtype=np.float32)
         groups = length_batches([len(i) for i in ids], BATCH_TOKENS)
-        # loaded (with its threads) before any run; one text's run takes every thread itself,
-        # unless the database server works beside it and they would take every CPU: a thread
-        # descheduled for the server's makes each operator of the run wait for it
-        lone = len(ids) == 1 and self._threads > 1 and not (
-            server_works_beside() and self._threads >= usable_cpus())
-        session = self._lone_session if lone else self._session
+        # loaded (with its threads) before any run; one text's run takes every thread itself
+        session = self._lone_session if len(ids) == 1 and self._threads > 1 else self._session
 
         def run(rows: list[int]) -> npt.NDArray[np.float32]:
             return self._run([ids[i] for i in rows], session)

@@ -13,12 +13,11 @@ bench_scifact.py's round robin runs them), then a new hybrid and a new vector qu
 without a cache). Printed per variant: medians over the runs of each p50, of the CPU time of
 the process per call, and the means of its minor page faults and context switches per call
 (getrusage). Variants (what a process changes before the model loads): base (the code as it
-is), all-threads-beside (a new hybrid query's embedding on all the model's threads while the
-server ranks by keywords, as before 1e0fd4c-era code did), one-thread (PYEMBED_LOCAL_THREADS=1:
-every query on one thread), spinning (the query session's threads spin between operations),
-spin-stop (they spin during a run and stop when it returns: session.force_spinning_stop),
-dynamic-block (an operator's work cut in shrinking blocks that either thread takes:
-session.dynamic_block_base 4), no-mmap (no mallopt: glibc's own mmap threshold).
+is), one-thread (PYEMBED_LOCAL_THREADS=1: a query on one thread), spinning (the query session's
+threads spin between operations), spin-stop (they spin during a run and stop when it returns:
+session.force_spinning_stop), dynamic-block (an operator's work cut in shrinking blocks that
+either thread takes: session.dynamic_block_base 4), no-mmap (no mallopt: glibc's own mmap
+threshold).
 """
 
 from __future__ import annotations
@@ -38,7 +37,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-VARIANTS = ("base", "all-threads-beside", "one-thread", "spinning", "spin-stop", "dynamic-block", "no-mmap")
+VARIANTS = ("base", "one-thread", "spinning", "spin-stop", "dynamic-block", "no-mmap")
 
 
 def apply_variant(variant: str) -> None:
@@ -69,8 +68,6 @@ def apply_variant(variant: str) -> None:
             return options
 
         local.session_options = dynamic  # type: ignore[assignment]
-    elif variant == "all-threads-beside":
-        local.server_works_beside = lambda: False  # type: ignore[assignment]
     elif variant == "no-mmap":
         local.map_large_allocations = lambda: None  # type: ignore[assignment]
     elif variant != "base":
