@@ -465,8 +465,12 @@ def ask_cmd(
                          "score": s.score, "cited": s.number in result.cited,
                          **({"rerank_score": s.hit.rerank_score, "reranker": s.hit.reranker}
                             if rerank else {}),
-                         "content": s.content, "metadata": s.hit.metadata}
+                         "content": s.content, "trimmed": s.trimmed,
+                         "metadata": s.hit.metadata}
                         for s in result.sources],
+            "left_out": [{"document_id": h.document_id, "chunk_id": h.chunk_id,
+                          "chunk_index": h.chunk_index, "score": h.score}
+                         for h in result.left_out],
             "model_key": result.model_key, "generation_model": result.generation_model,
             "timings": result.timings, "usage": result.usage})
         return
