@@ -1129,6 +1129,8 @@ def migrate_status(corpus: str, dsn: OwnerDsnOption = None, as_json: JsonOption 
                      "traffic_share": st.traffic_share, "coverage": st.coverage,
                      "chunks": st.chunks, "target_vectors": st.target_vectors,
                      "queued": st.queued, "failed": st.failed,
+                     "retired": [{"model_key": k, "vectors": n} for k, n in st.retired],
+                     "next": st.next,
                      "events": [{"at": at, "step": step, "detail": detail}
                                 for at, step, detail in st.events]})
         return
@@ -1136,7 +1138,12 @@ def migrate_status(corpus: str, dsn: OwnerDsnOption = None, as_json: JsonOption 
     console.print(f"{st.corpus}: {st.model_key}" + (
         f" -> {st.target_model_key}, step {st.step}, traffic {st.traffic_share}%, "
         f"coverage {cov} ({st.target_vectors}/{st.chunks}), queued {st.queued}, "
-        f"failed {st.failed}" if st.target_model_key else ", no migration in progress"))
+        f"failed {st.failed}" if st.target_model_key else ", no migration in progress"),
+        highlight=False)
+    for key, vectors in st.retired:
+        console.print(f"  {vectors} vectors of {key}, a key it no longer serves", highlight=False)
+    if st.next:
+        console.print(f"  next: {st.next}", highlight=False)
     for at, step, detail in st.events[:10]:
         console.print(f"  {at}  {step}" + (f"  {json.dumps(detail)}" if detail else ""),
                       highlight=False)
