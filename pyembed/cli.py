@@ -465,8 +465,12 @@ def ask_cmd(
                          "score": s.score, "cited": s.number in result.cited,
                          **({"rerank_score": s.hit.rerank_score, "reranker": s.hit.reranker}
                             if rerank else {}),
-                         "content": s.content, "metadata": s.hit.metadata}
+                         "content": s.content, "trimmed": s.trimmed,
+                         "metadata": s.hit.metadata}
                         for s in result.sources],
+            "left_out": [{"document_id": h.document_id, "chunk_id": h.chunk_id,
+                          "chunk_index": h.chunk_index, "score": h.score}
+                         for h in result.left_out],
             "model_key": result.model_key, "generation_model": result.generation_model,
             "timings": result.timings, "usage": result.usage})
         return
@@ -1125,6 +1129,8 @@ def migrate_status(corpus: str, dsn: OwnerDsnOption = None, as_json: JsonOption 
                      "traffic_share": st.traffic_share, "coverage": st.coverage,
                      "chunks": st.chunks, "target_vectors": st.target_vectors,
                      "queued": st.queued, "failed": st.failed,
+                     "retired": [{"model_key": k, "vectors": n} for k, n in st.retired],
+                     "next": st.next,
                      "events": [{"at": at, "step": step, "detail": detail}
                                 for at, step, detail in st.events]})
         return
@@ -1132,7 +1138,12 @@ def migrate_status(corpus: str, dsn: OwnerDsnOption = None, as_json: JsonOption 
     console.print(f"{st.corpus}: {st.model_key}" + (
         f" -> {st.target_model_key}, step {st.step}, traffic {st.traffic_share}%, "
         f"coverage {cov} ({st.target_vectors}/{st.chunks}), queued {st.queued}, "
-        f"failed {st.failed}" if st.target_model_key else ", no migration in progress"))
+        f"failed {st.failed}" if st.target_model_key else ", no migration in progress"),
+        highlight=False)
+    for key, vectors in st.retired:
+        console.print(f"  {vectors} vectors of {key}, a key it no longer serves", highlight=False)
+    if st.next:
+        console.print(f"  next: {st.next}", highlight=False)
     for at, step, detail in st.events[:10]:
         console.print(f"  {at}  {step}" + (f"  {json.dumps(detail)}" if detail else ""),
                       highlight=False)

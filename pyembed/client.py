@@ -641,7 +641,7 @@ class Corpus:
                 characters += end - start
         groups.append(group)
         if not truncate:
-            groups = [fit_spans(g, embedder.spec.max_tokens, embedder.provider.count_tokens)
+            groups = [fit_spans(g, embedder.max_text_tokens, embedder.provider.count_tokens)
                       for g in groups if g]
         longest: dict[str, int] = {}
         for n, text, start, end in (span for g in groups for span in g):

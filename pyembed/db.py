@@ -359,7 +359,8 @@ _OWNERS = re.compile(r"(?:permission denied for|must be owner of) "
 
 APP_RELATIONS = frozenset({
     "cache_health", "chunks", "corpora", "coverage", "documents", "eval_queries", "latency",
-    "migration_events", "migrations", "models", "query_log", "queue", "queue_failed",
+    "migration_events", "migration_report", "migrations", "models", "query_log", "queue",
+    "queue_failed",
     "recall_health", "throughput", "vectors"})
 """The tables and views the application role holds a privilege on (sql/080-grants.sql): it reads
 or writes some of what they hold, the rest is written by pyembed's functions and triggers.

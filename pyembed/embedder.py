@@ -12,14 +12,15 @@ import numpy as np
 import numpy.typing as npt
 
 from .errors import ConfigError, InvalidInput, InvalidVector, ModelMismatch, ProviderError, shown
+from .limits import limits_for, smallest, text_tokens
 from .models import InputType, ModelSpec
 from .providers import Provider, Vectors, provider_for
-from .retry import Retrier
+from .retry import DEFAULT_MAX_RETRY_AFTER, DEFAULT_RETRIES, Retrier
 from .text import check_text, estimate_tokens, text_list, truncate_to_tokens
 from .vectors import float_array
 
 DEFAULT_MAX_BATCH_TOKENS = 100_000
-"""Estimated tokens per request; under every supported service's per-request limit."""
+"""Estimated tokens per request, unless the service's limit (pyembed.limits) is lower."""
 
 
 class EmbeddingCache(Protocol):
@@ -64,9 +65,9 @@ class Embedder:
     """
 
     def __init__(self, spec: ModelSpec, provider: Provider | None = None, *,
-                 cache: EmbeddingCache | None = None, max_retries: int = 6,
-                 max_retry_after: float = 60.0, truncate: bool = False,
-                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+                 cache: EmbeddingCache | None = None, max_retries: int = DEFAULT_RETRIES,
+                 max_retry_after: float = DEFAULT_MAX_RETRY_AFTER, truncate: bool = False,
+                 max_batch_tokens: int | None = None,
                  sleep: Callable[[float], None] = time.sleep,
                  meter: Callable[[ModelSpec, int], None] | None = None,
                  on_error: Callable[[ModelSpec, ProviderError], None] | None = None,
@@ -80,9 +81,21 @@ class Embedder:
         elif provider.spec.key != spec.key:
             raise ModelMismatch(f"the provider embeds with {provider.spec.key}, "
                                 f"but the embedder is for {spec.key}")
-        if max_batch_tokens < spec.max_tokens:
+        # The service's limits bound the model's own (a model registered in the database may
+        # state more than its service takes).
+        limits = limits_for(spec.provider, spec.model_id)
+        self.max_text_tokens = text_tokens(spec)
+        """The most tokens of one text sent (the model's and its service's limit)."""
+        self.max_batch: int = smallest(provider.max_batch or spec.max_batch, limits.texts) or 1
+        """The most texts in one call."""
+        if max_batch_tokens is None:
+            max_batch_tokens = smallest(DEFAULT_MAX_BATCH_TOKENS, limits.request_tokens) or 0
+        elif limits.request_tokens is not None and max_batch_tokens > limits.request_tokens:
+            raise ConfigError(f"max_batch_tokens ({max_batch_tokens}) is over {spec.provider}'s "
+                              f"{limits.request_tokens}-token limit per request")
+        if max_batch_tokens < self.max_text_tokens:
             raise ConfigError(f"max_batch_tokens ({max_batch_tokens}) is below the model's "
-                              f"{spec.max_tokens}-token limit per text")
+                              f"{self.max_text_tokens}-token limit per text")
         self.spec = spec
         self.provider = provider
         self.cache = cache
@@ -168,7 +181,7 @@ class Embedder:
             return stripped
         exact = self.provider.count_tokens(stripped)
         counts = exact or [estimate_tokens(text) for text in stripped]
-        limit = self.spec.max_tokens
+        limit = self.max_text_tokens
         for index, count in enumerate(counts):
             if count <= limit:
                 continue
@@ -201,8 +214,7 @@ class Embedder:
             order.sort(key=tokens.__getitem__)
         ordered = [texts[i] for i in order]
         try:
-            max_batch = self.provider.max_batch or self.spec.max_batch
-            for batch in plan_batches([tokens[i] for i in order], max_batch,
+            for batch in plan_batches([tokens[i] for i in order], self.max_batch,
                                       self.max_batch_tokens):
                 done.append(self._embed_batch(ordered[batch.start:batch.stop], input_type))
         finally:

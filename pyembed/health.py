@@ -10,6 +10,7 @@ from typing import Any, Literal
 import psycopg
 from psycopg.rows import dict_row
 
+from .migration import next_command, storage_bytes
 from .recall import RECALL_ALERT
 from .text import number
 
@@ -181,8 +182,51 @@ def replicas(conn: psycopg.Connection[Any]) -> list[Finding]:
     return out
 
 
+def migrations(conn: psycopg.Connection[Any]) -> list[Finding]:
+    """Each corpus's model change where it stands (pyembed.migration_report), with the command
+    that takes it on (migration.next_command): a migration at any step, and the vectors of keys
+    a corpus no longer serves (a completed migration's old key, a rolled-back target), which
+    `pyembed migrate cleanup` deletes, with their count and estimated size."""
+    out: list[Finding] = []
+    rows = _rows(conn, "migration_report")
+    for r in rows:
+        corpus, target, step, share = (r["corpus"], r["target_model_key"], r["migration_step"],
+                                       r["traffic_share"])
+        retired = any(o["corpus"] == corpus and o["retired_key"] for o in rows)
+        then = next_command(corpus, step, share, target, retired)
+        if target is not None and not any(f.subject == f"{corpus} -> {target}" for f in out):
+            value = step + (f", {share}% of searches on the new key" if step == "shifting"
+                            else "")
+            out.append(Finding("migration", f"{corpus} -> {target}", value, "ok",
+                               f"next: `{then}` (or `pyembed migrate rollback {corpus}` back to "
+                               f"{r['model_key']})"))
+        if r["retired_key"] is not None:
+            key, vectors = r["retired_key"], int(r["retired_vectors"])
+            _, size = storage_bytes(vectors, int(key.rsplit(":", 1)[1]))
+            out.append(Finding(
+                "migration", f"{corpus} {key}",
+                f"{vectors} vectors of a key not served, about {_size(size)}", "warn",
+                "left by a completed or rolled-back migration: "
+                + (f"`pyembed migrate cleanup {corpus}` deletes them" if target is None else
+                   f"`pyembed migrate cleanup {corpus}` deletes them once the migration ends"),
+                float(vectors)))
+    return out
+
+
+def _size(size: int) -> str:
+    """Bytes as people read them (bytes, kB, MB, GB)."""
+    if size < 1024:
+        return f"{size} bytes"
+    scaled = float(size)
+    for unit in ("kB", "MB", "GB"):
+        scaled /= 1024
+        if scaled < 1024 or unit == "GB":
+            break
+    return f"{scaled:.1f} {unit}"
+
+
 def report(conn: psycopg.Connection[Any], *, recall_alert: float = RECALL_ALERT) -> list[Finding]:
     """Every finding, area by area; `recall_alert` is a recall@10, 0..1."""
     recall_alert = number(recall_alert, "recall_alert", 0.0, 1.0)
     return (coverage(conn) + throughput(conn) + cache(conn) + latency(conn)
-            + recall(conn, recall_alert) + indexes(conn) + replicas(conn))
+            + recall(conn, recall_alert) + indexes(conn) + migrations(conn) + replicas(conn))

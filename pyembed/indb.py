@@ -22,8 +22,9 @@ from .cachekey import HitCounter
 from .chunking import chunk_text, fit_chunks
 from .corpora import model_spec
 from .errors import InvalidInput, MissingAPIKey, PyembedError, redact, shown
+from .limits import text_tokens
 from .models import InputType, ModelSpec
-from .retry import MAX_RETRIES, MAX_TIMEOUT
+from .retry import IN_STATEMENT_RETRIES, MAX_RETRIES, MAX_TIMEOUT
 from .sqlexec import PlpyExecutor, unpack_sqlstate, vector_text
 
 T = TypeVar("T")
@@ -68,7 +69,7 @@ def _service_settings(plpy: Any, db: PlpyExecutor, spec: Any
     owner's settings and secrets (MissingAPIKey when the model needs a key that is unset)."""
     timeout = _setting(plpy, "http_timeout", 10.0, lambda v: 0 < v <= HTTP_TIMEOUT_MAX,
                        f"a number of seconds above 0 and at most {HTTP_TIMEOUT_MAX:g}")
-    retries = int(_setting(plpy, "http_retries", 2,
+    retries = int(_setting(plpy, "http_retries", IN_STATEMENT_RETRIES,
                            lambda v: v.is_integer() and 0 <= v <= HTTP_RETRIES_MAX,
                            f"a whole number 0..{HTTP_RETRIES_MAX}"))
     api_key = _secret(db, spec.api_key_env) if spec.api_key_env else None
@@ -298,7 +299,7 @@ def add_document(plpy: Any, GD: dict[str, Any], corpus: str, document_id: str, c
     if not isinstance(meta, dict):
         raise InvalidInput("metadata must be a JSON object")
     spec = model_spec(db, model_key)
-    chunks = fit_chunks(chunk_text(content or "", chunk_tokens, chunk_overlap), spec.max_tokens,
+    chunks = fit_chunks(chunk_text(content or "", chunk_tokens, chunk_overlap), text_tokens(spec),
                         _token_counter(GD, spec))
     meta_text = json.dumps(meta)
     db.rows("""INSERT INTO pyembed.documents (corpus_id, document_id, content_hash, metadata)

@@ -8,6 +8,7 @@ The steps run as the owner (a DBA); each is recorded in pyembed.migration_events
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import math
@@ -380,6 +381,34 @@ def cleanup(client: Client, corpus: str) -> int:
     return removed
 
 
+_NEXT_SHARE = {0: 10, 10: 50, 50: 100}
+
+
+def next_command(corpus: str, step: str, share: int, target: str | None,
+                 retired: bool) -> str | None:
+    """The command that takes a corpus's model change on from where it stands: the next step
+    of a migration, or the cleanup of the vectors of keys it no longer serves (`retired`);
+    None with neither."""
+    if target is None:
+        return f"pyembed migrate cleanup {corpus}" if retired else None
+    if step == "started":
+        return f"pyembed migrate backfill {corpus}"
+    if step == "backfilled":
+        return f"pyembed migrate validate {corpus}"
+    if step == "validated" or share < 100:
+        return f"pyembed migrate shift {corpus} {_NEXT_SHARE.get(share, 100)}"
+    return f"pyembed migrate complete {corpus}"
+
+
+def retired_keys(conn: psycopg.Connection[Any], corpus: str) -> list[tuple[str, int]]:
+    """The keys `corpus` no longer serves that still have vectors, with their counts (what
+    `cleanup` deletes), from pyembed.migration_report."""
+    return [(k, int(n)) for k, n in conn.execute(
+        "SELECT retired_key, retired_vectors FROM pyembed.migration_report "
+        "WHERE corpus = %s AND retired_key IS NOT NULL ORDER BY retired_key",
+        (corpus,)).fetchall()]
+
+
 @dataclass(frozen=True)
 class Status:
     corpus: str
@@ -392,6 +421,14 @@ class Status:
     queued: int
     failed: int
     events: list[tuple[datetime.datetime, str, dict[str, Any]]]
+    retired: list[tuple[str, int]] = dataclasses.field(default_factory=list)
+    """Keys the corpus no longer serves that still have vectors, with their counts."""
+
+    @property
+    def next(self) -> str | None:
+        """The command that takes the change on (`next_command`)."""
+        return next_command(self.corpus, self.step, self.traffic_share,
+                            self.target_model_key, bool(self.retired))
 
     @property
     def coverage(self) -> float | None:
@@ -418,4 +455,4 @@ def status(client: Client, corpus: str) -> Status:
         (info.corpus_id,)).fetchall()
     return Status(corpus, info.model_key, key, info.migration_step, info.traffic_share,
                   int(one[0]), int(one[1]), int(one[2]), int(one[3]),
-                  [(a, s, d) for a, s, d in events])
+                  [(a, s, d) for a, s, d in events], retired_keys(client._conn, corpus))

@@ -3,6 +3,7 @@ numbered citations, a latency breakdown and a row in pyembed.query_log."""
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import logging
 import math
@@ -18,6 +19,7 @@ import anthropic
 from .client import Corpus, _ms
 from .dbcall import count
 from .errors import InvalidInput, ProviderError, redact, shown, status_kind
+from .limits import limits_for
 from .providers.base import (
     TRANSIENT_STATUSES,
     UNREADABLE,
@@ -26,9 +28,9 @@ from .providers.base import (
     parse_retry_after,
     unreadable,
 )
-from .retry import MAX_RETRIES, MAX_TIMEOUT, Retrier
+from .retry import DEFAULT_RETRIES, MAX_RETRIES, MAX_TIMEOUT, Retrier
 from .search import MODES, Hit, check_k
-from .text import check_text, estimate_tokens, has_text, number
+from .text import check_text, estimate_tokens, has_text, number, truncate_to_tokens
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +42,6 @@ DEFAULT_MODEL = "claude-sonnet-5-5"
 MAX_TOKENS = (1, 128_000)
 """The answer's length cap a Claude model takes (max_tokens): from 1 to the most output tokens
 of any model (each model refuses more than its own, with the service's 400)."""
-DEFAULT_MAX_RETRIES = 2
-"""Retries of a Claude call for transient failures (429, 5xx, timeouts, lost connections), by
-pyembed.retry.Retrier as for the embedding and rerank services (the SDK's own are off)."""
 
 INSUFFICIENT = "The documents do not contain enough information to answer this."
 """The sentence Claude is told to answer with when the passages do not hold the answer (and
@@ -86,6 +85,14 @@ class Source:
 
     number: int
     hit: Hit
+    shown: str | None = None
+    """The part of the passage Claude was given when it was cut to fit the prompt (its first
+    part); None when it was given whole."""
+
+    @property
+    def trimmed(self) -> bool:
+        """Whether the passage was cut to fit Claude's context (see `shown`)."""
+        return self.shown is not None
 
     @property
     def document_id(self) -> str:
@@ -122,6 +129,10 @@ class Answer:
     generated: bool = False
     note: str | None = None
     stop_reason: str | None = None
+    left_out: list[Hit] = field(default_factory=list)
+    """Passages retrieved but not given to Claude: past what its context holds beside the
+    question and max_tokens (`note` says so; the first that did not fit whole is a source,
+    cut: `Source.trimmed`)."""
 
     @property
     def cited_sources(self) -> list[Source]:
@@ -132,18 +143,59 @@ class Answer:
 
 def build_prompt(question: str, sources: Sequence[Source]) -> str:
     """The user message: the numbered passages inside <documents>, then the question."""
-    parts = ["<documents>"]
-    for s in sources:
-        attrs = f'index="{s.number}" id="{html.escape(s.document_id, quote=True)}"'
-        title = s.hit.metadata.get("title")
-        if isinstance(title, str) and title.strip():
-            attrs += f' title="{html.escape(title.strip(), quote=True)}"'
-        # A passage must not be able to close its own tag and pose as another document.
-        body = s.content.replace("</document", "&lt;/document")
-        parts.append(f"<document {attrs}>\n{body}\n</document>")
-    parts.append("</documents>")
-    parts.append(f"\nQuestion: {question}")
-    return "\n".join(parts)
+    return "\n".join(["<documents>", *(_document(s) for s in sources), "</documents>",
+                      f"\nQuestion: {question}"])
+
+
+def _document(source: Source, body: str | None = None) -> str:
+    """One passage as the prompt gives it (`body` instead of the text shown, if given)."""
+    attrs = f'index="{source.number}" id="{html.escape(source.document_id, quote=True)}"'
+    title = source.hit.metadata.get("title")
+    if isinstance(title, str) and title.strip():
+        attrs += f' title="{html.escape(title.strip(), quote=True)}"'
+    body = (source.shown if source.shown is not None else source.content) if body is None \
+        else body
+    # A passage must not be able to close its own tag and pose as another document.
+    body = body.replace("</document", "&lt;/document")
+    return f"<document {attrs}>\n{body}\n</document>"
+
+
+MIN_PASSAGE_TOKENS = 100
+"""The fewest tokens of a passage worth giving Claude when the rest of it does not fit."""
+
+
+def _room(question: str, max_tokens: int, model: str) -> int:
+    """The tokens Claude's context leaves for passages beside the system prompt, the question
+    and the answer's `max_tokens` (pyembed.limits); InvalidInput when too few are left for
+    one passage."""
+    context = limits_for("anthropic", model).request_tokens or 0
+    fixed = estimate_tokens(SYSTEM_PROMPT) + estimate_tokens(build_prompt(question, []))
+    room = context - max_tokens - fixed
+    if room < MIN_PASSAGE_TOKENS:
+        raise InvalidInput(f"the question is about {fixed} tokens with the prompt around it: "
+                           f"with max_tokens {max_tokens} that leaves no room for a passage in "
+                           f"claude's {context}-token context; shorten the question or lower "
+                           f"max_tokens")
+    return room
+
+
+def _fit_prompt(sources: Sequence[Source], room: int) -> tuple[list[Source], list[Hit]]:
+    """The sources, in order, whose passages fit in `room` tokens of the prompt, the first
+    that does not fit whole cut to the rest (if at least MIN_PASSAGE_TOKENS are left); and
+    the passages left out."""
+    kept: list[Source] = []
+    for source in sources:
+        tokens = estimate_tokens(_document(source)) + 1  # (and its line break)
+        if tokens <= room:
+            kept.append(source)
+            room -= tokens
+            continue
+        around = estimate_tokens(_document(source, "")) + 1
+        if room - around >= MIN_PASSAGE_TOKENS:
+            kept.append(dataclasses.replace(
+                source, shown=truncate_to_tokens(source.content, room - around)))
+        return kept, [s.hit for s in sources[len(kept):]]
+    return kept, []
 
 
 def citations(text: str, count: int) -> list[int]:
@@ -167,7 +219,7 @@ def answer(corpus: Corpus, question: str, *, k: int = 5, model: str | None = Non
            rerank: str | None = None, rerank_candidates: int | None = None,
            on_text: Callable[[str], None] | None = None,
            client: anthropic.Anthropic | None = None, timeout: float = 60.0,
-           max_retries: int = DEFAULT_MAX_RETRIES) -> Answer:
+           max_retries: int = DEFAULT_RETRIES) -> Answer:
     """Answer `question` from the `k` passages of `corpus` nearest to it (those scoring at
     least `min_score`), citing them as [1], [2], ... with Claude `model` (default:
     $PYEMBED_CLAUDE_MODEL, else DEFAULT_MODEL).
@@ -202,6 +254,8 @@ def answer(corpus: Corpus, question: str, *, k: int = 5, model: str | None = Non
     if not isinstance(model, str):  # (the SDK sends it as it is, and the service says 400)
         raise InvalidInput(f"model is a Claude model id, a text, not {type(model).__name__} "
                            f"{model!r}")
+    # A question Claude's context cannot take beside max_tokens and a passage: before any call.
+    room = _room(question, max_tokens, model)
     start = time.perf_counter()
 
     found = corpus.retrieve(question, k, filter, mode=mode, rerank=rerank,
@@ -231,7 +285,13 @@ def answer(corpus: Corpus, question: str, *, k: int = 5, model: str | None = Non
         else:
             # One retry policy for every service (pyembed.retry): a client's own retries off.
             client = client.with_options(max_retries=0)
-            prompt = build_prompt(question, sources)
+            # Only what Claude's context holds is sent (the service refuses a longer prompt
+            # with a 400, after the reservation counted it): the best passages whole, the
+            # first that does not fit cut, the rest left out and said so.
+            result.sources, result.left_out = _fit_prompt(sources, room)
+            if result.left_out or any(s.trimmed for s in result.sources):
+                result.note = _fitted_note(result, max_tokens, model)
+            prompt = build_prompt(question, result.sources)
             # Each attempt is reserved first, as every provider call is: the prompt's tokens
             # and the answer's cap, refused over the tenant's limits before Claude is called.
             tokens = estimate_tokens(SYSTEM_PROMPT + prompt) + max_tokens
@@ -248,6 +308,17 @@ def answer(corpus: Corpus, question: str, *, k: int = 5, model: str | None = Non
     return result
 
 
+def _fitted_note(result: Answer, max_tokens: int, model: str) -> str:
+    """What `note` says of passages cut or left out to fit Claude's context."""
+    cut = [s.number for s in result.sources if s.trimmed]
+    parts = ([f"passage [{cut[0]}] was cut"] if cut else []) + (
+        [f"{len(result.left_out)} passage{'s' if len(result.left_out) != 1 else ''} "
+         f"{'were' if len(result.left_out) != 1 else 'was'} left out"] if result.left_out else [])
+    context = limits_for("anthropic", model).request_tokens
+    return (f"{' and '.join(parts)} to fit claude's {context}-token context beside the question "
+            f"and max_tokens ({max_tokens})")
+
+
 def _finite(value: object) -> bool:
     """Whether `value` is a real number (not a bool, text or NaN/inf)."""
     return (isinstance(value, int | float) and not isinstance(value, bool)
@@ -256,7 +327,7 @@ def _finite(value: object) -> bool:
 
 def _generate(client: anthropic.Anthropic, result: Answer, prompt: str, *, model: str,
               max_tokens: int, on_text: Callable[[str], None] | None, timeout: float,
-              max_retries: int = DEFAULT_MAX_RETRIES,
+              max_retries: int = DEFAULT_RETRIES,
               before: Callable[[], None] | None = None) -> None:
     """Fill `result` with Claude's answer to `prompt`, a transient failure retried by
     pyembed.retry.Retrier until a piece of a streamed answer was shown (a retry would show it

@@ -33,10 +33,10 @@ from .providers.rerank import (
     reranker_for,
     reranker_spec,
 )
-from .retry import Retrier
+from .retry import DEFAULT_MAX_RETRY_AFTER, DEFAULT_RETRIES, Retrier
 from .search import Hit
 from .sqlexec import Executor, executor
-from .text import check_text, estimate_tokens, text_list
+from .text import check_text, estimate_tokens, text_list, truncate_to_tokens
 
 DEFAULT_CANDIDATES = 50
 """How many hits of the search a reranker reorders, unless told otherwise."""
@@ -103,8 +103,9 @@ class Reranker:
     requests as the reranker's limits allow for the rest, each metered and retried."""
 
     def __init__(self, spec: RerankerSpec, provider: RerankProvider | None = None, *,
-                 cache: RerankCache | None = None, max_retries: int = 6,
-                 max_retry_after: float = 60.0, sleep: Callable[[float], None] = time.sleep,
+                 cache: RerankCache | None = None, max_retries: int = DEFAULT_RETRIES,
+                 max_retry_after: float = DEFAULT_MAX_RETRY_AFTER,
+                 sleep: Callable[[float], None] = time.sleep,
                  meter: Callable[[RerankerSpec, int], None] | None = None,
                  on_error: Callable[[RerankerSpec, ProviderError], None] | None = None,
                  around_call: Callable[[], AbstractContextManager[None]] = nullcontext) -> None:
@@ -123,6 +124,10 @@ class Reranker:
     def scores(self, query: str, texts: Sequence[str]) -> list[float]:
         """One relevance score per text, in input order (higher is more relevant)."""
         query = check_text(query, "query").strip()
+        most = self.spec.limits.query_tokens
+        if most is not None and (tokens := estimate_tokens(query)) > most:
+            raise InvalidInput(f"the query is about {tokens} tokens, over {self.spec.key}'s "
+                               f"{most}-token limit for a rerank query: shorten it")
         prepared = [check_text(t, f"candidate {i}").strip()
                     for i, t in enumerate(text_list(texts, "candidates"))]
         out: dict[int, float] = {}
@@ -142,15 +147,24 @@ class Reranker:
 
     def _score_unique(self, query: str, texts: list[str]) -> dict[str, float]:
         """Scores of distinct texts; whatever was scored is cached even if a later request
-        fails."""
+        fails. Each request keeps to the reranker's limits (pyembed.limits): a candidate longer
+        than the service reads beside the query is sent cut to what it reads, so the tokens
+        counted are those sent."""
         done: dict[str, float] = {}
-        per_text = [estimate_tokens(query) + estimate_tokens(t) for t in texts]
+        limits = self.spec.limits
+        query_tokens = estimate_tokens(query)
+        if limits.text_tokens is not None:
+            sent = [truncate_to_tokens(t, limits.text_tokens - query_tokens) for t in texts]
+        else:
+            sent = texts
+        per_text = [query_tokens + estimate_tokens(t) for t in sent]
         try:
-            for batch in plan_batches(per_text, self.spec.max_documents,
-                                      self.spec.max_request_tokens):
-                part = texts[batch.start:batch.stop]
+            for batch in plan_batches(per_text, limits.texts or MAX_CANDIDATES,
+                                      limits.request_tokens or sum(per_text)):
                 tokens = sum(per_text[batch.start:batch.stop])
-                done.update(zip(part, self._request(query, part, tokens), strict=True))
+                done.update(zip(texts[batch.start:batch.stop],
+                                self._request(query, sent[batch.start:batch.stop], tokens),
+                                strict=True))
         finally:
             if self.cache is not None and done:
                 self.cache.put_many(query, list(done), list(done.values()), self.spec)

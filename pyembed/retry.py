@@ -24,6 +24,16 @@ from .text import number
 
 T = TypeVar("T")
 
+DEFAULT_RETRIES = 6
+"""Retries of one provider request unless the caller asks for another count: the same for
+every service and call (embeddings, reranks, Claude's answers), in Python and the CLI."""
+IN_STATEMENT_RETRIES = 2
+"""The default of pyembed.http_retries, for every provider request a statement makes in the
+database (embeddings and reranks alike): fewer, since PL/Python cannot be cancelled while it
+waits."""
+DEFAULT_MAX_RETRY_AFTER = 60.0
+"""The longest wait a service may ask for before a retry (Retry-After) unless the caller
+says otherwise; past it the request is RateLimited at once."""
 MAX_RETRIES = 10
 """The most retries a caller may ask for one request (rag.answer's max_retries, the session's
 pyembed.http_retries in the database): each is a wait on a service that keeps failing."""
@@ -40,11 +50,12 @@ class Retrier:
     messages and logs, `on_error` hears of every failed attempt (pyembed counts them) and of
     every answer the caller finds wrong (`report`)."""
 
-    def __init__(self, what: str, *, max_retries: int = 6, max_retry_after: float = 60.0,
+    def __init__(self, what: str, *, max_retries: int = DEFAULT_RETRIES,
+                 max_retry_after: float = DEFAULT_MAX_RETRY_AFTER,
                  sleep: Callable[[float], None] = time.sleep,
                  on_error: Callable[[ProviderError], None] | None = None) -> None:
-        if max_retries < 0:
-            raise ConfigError(f"max_retries must be 0 or more, got {max_retries}")
+        if not 0 <= max_retries <= MAX_RETRIES:
+            raise ConfigError(f"max_retries must be 0..{MAX_RETRIES}, got {max_retries}")
         # NaN would never be exceeded: every wait the service asked for would be taken.
         max_retry_after = number(max_retry_after, "max_retry_after", 0.0, unit="seconds",
                                  error=ConfigError)

@@ -214,6 +214,14 @@ DECLARE
   s pyembed._index_rules;
   setting text;
 BEGIN
+  -- A DBA's k and row count, in pyembed's words (LIMIT's and bigint's were raw).
+  IF k < 1 THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE005', MESSAGE = format('k must be 1 or more, got %s', k);
+  END IF;
+  IF NOT counted BETWEEN -1 AND 9.2e18 THEN  -- (NaN is above every number)
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = format('counted is a row count (pg_class.reltuples), not %s', counted);
+  END IF;
   -- the index expression and ef_search's rule (pyembed._nearest_rules, inlined here: no call)
   s := pyembed._nearest_rules(p_dims, p_distance, p_storage, p_settings,
                               greatest(counted, 0)::bigint);

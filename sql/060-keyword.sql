@@ -191,6 +191,10 @@ LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
+  IF NOT block BETWEEN -(1::bigint << 54) AND (1::bigint << 54) THEN  -- (block << 9 fits bigint)
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = format('no posting block has number %s', block);
+  END IF;
   IF block >= 0 THEN
     RETURN (SELECT string_agg(int2send((p.chunk_id & 511)::smallint) || int4send(p.tf)
                               || int4send(p.doc_len), ''::bytea ORDER BY p.chunk_id)

@@ -27,13 +27,22 @@ BEGIN
 END
 $$;
 
+-- (A DBA giving it a row of no migration: PE007 naming it, where the events' foreign key was
+-- raw.)
 CREATE OR REPLACE FUNCTION pyembed._migration_step(m pyembed.migrations, step text,
                                                    detail jsonb DEFAULT '{}')
 RETURNS void
-LANGUAGE sql VOLATILE
+LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
-  INSERT INTO pyembed.migration_events (migration_id, step, detail) VALUES (m.migration_id, step, detail)
+BEGIN
+  IF NOT EXISTS (SELECT FROM pyembed.migrations x WHERE x.migration_id = m.migration_id) THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE007',
+      MESSAGE = format('no migration has id %s', coalesce(m.migration_id::text, 'NULL'));
+  END IF;
+  INSERT INTO pyembed.migration_events (migration_id, step, detail)
+  VALUES (m.migration_id, step, detail);
+END
 $$;
 
 CREATE OR REPLACE FUNCTION pyembed._need(m pyembed.migrations, corpus text, allowed text[],
@@ -455,6 +464,7 @@ AS $$
 DECLARE
   lock_id integer;
 BEGIN
+  PERFORM pyembed._build_target(p_corpus_id, NULL);  -- PE002 for an id no corpus has
   DELETE FROM pyembed.backfillers b
    WHERE b.corpus_id = p_corpus_id
      AND NOT pyembed._advisory_held(pyembed._backfill_lock(), b.lock_id, b.pid, 'ExclusiveLock');

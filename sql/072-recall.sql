@@ -69,6 +69,18 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
+  -- What the table's keys and checks would refuse, said in pyembed's words first (a DBA
+  -- recording one by hand got the foreign key's or CHECK's raw error).
+  PERFORM pyembed._build_target(p_corpus_id, p_model_key);
+  IF p_source IS DISTINCT FROM 'sampled' AND p_source IS DISTINCT FROM 'on demand' THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = format('a recall measurement''s source is sampled or on demand, not %s',
+                       pyembed._quoted(p_source));
+  END IF;
+  IF NOT p_recall BETWEEN 0 AND 1 OR p_recall IS NULL THEN  -- (NaN is above 1)
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = format('recall_at_10 must be 0..1, got %s', coalesce(p_recall::text, 'NULL'));
+  END IF;
   IF current_setting('transaction_read_only') = 'off' AND p_queries > 0 THEN
     INSERT INTO pyembed.recall_measurements (corpus_id, model_key, source, queries, recall_at_10)
     VALUES (p_corpus_id, p_model_key, p_source, p_queries, p_recall);

@@ -24,6 +24,19 @@ SELECT c.name AS corpus, k.model_key, k.role,
                    AND q.not_before > now() AND q.last_error IS NULL) AS l
  WHERE k.model_key IS NOT NULL;
 
+-- Where each corpus's model change stands: its migration's step and share, and the vectors of
+-- keys it no longer serves (a completed migration's old key, a rolled-back target), which
+-- pyembed.migration_cleanup would delete. One row a retired key, or one for a migration alone.
+CREATE OR REPLACE VIEW pyembed.migration_report WITH (security_invoker = true) AS
+SELECT c.name AS corpus, c.model_key, c.target_model_key, c.migration_step, c.traffic_share,
+       r.model_key AS retired_key, r.vectors AS retired_vectors
+  FROM pyembed.corpora c
+  LEFT JOIN LATERAL (SELECT v.model_key, count(*) AS vectors FROM pyembed.vectors v
+                      WHERE v.corpus_id = c.corpus_id AND v.model_key <> c.model_key
+                        AND v.model_key IS DISTINCT FROM c.target_model_key
+                      GROUP BY v.model_key) r ON true
+ WHERE c.target_model_key IS NOT NULL OR r.model_key IS NOT NULL;
+
 CREATE OR REPLACE VIEW pyembed.throughput WITH (security_invoker = true) AS
 SELECT v.model_key,
        count(*) FILTER (WHERE v.created_at > now() - interval '5 minutes') / 300.0 AS per_s_5m,

@@ -86,7 +86,7 @@ GRANT SELECT ON pyembed.query_log TO pyembed_app;
 REVOKE ALL ON pyembed.embedding_cache, pyembed.cache_stats, pyembed.usage, pyembed.rerank_cache
   FROM pyembed_app;
 GRANT SELECT ON pyembed.coverage, pyembed.throughput, pyembed.cache_health, pyembed.latency,
-  pyembed.recall_health TO pyembed_app;
+  pyembed.recall_health, pyembed.migration_report TO pyembed_app;
 -- Vectors: write (guarded), see which chunks have one, never read the embedding. Each corpus's
 -- partition grants INSERT alone, for COPY (pyembed._vector_partition). No UPDATE: a vector is
 -- replaced by delete and insert (pyembed.vectors.copy_vectors does), so its text hash is always

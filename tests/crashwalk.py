@@ -195,6 +195,13 @@ LOAD_VECTORS = (
     "                   batch_rows=3, connections=2))\n")
 """bulk_load.load_vectors of the corpus's 12 chunks, 3 rows a batch over 2 connections."""
 
+RERANK = ("import pyembed\n"
+          "client = pyembed.connect(os.environ['DSN'])\n"
+          "hits = client.corpus('c').search('river 3 stone 5', k=5, rerank='fake',\n"
+          "                                 rerank_candidates=12)\n"
+          "print('reranked', len(hits))\n")
+"""A search of the corpus's 12 chunks reranked by the offline reranker, its scores cached."""
+
 WRITERS = [
     Writer("ingest", lambda app, owner, tmp: (_corpus(app), _jsonl(tmp, 12)),
            ["ingest", "c", "{tmp}/docs.jsonl", "--batch-size", "2", "-q"], ("call", 3),
@@ -244,6 +251,11 @@ WRITERS = [
            "e = client.embedder(KEY)\n"
            "print('embedded', len(e.embed(TEXTS)))\n",
            ("lock", "embedding_cache"), lambda owner: _cached(owner, 12), r"embedded 12"),
+    Writer("rerank-cache-store", lambda app, owner, tmp: _embedded(app, 12), RERANK,
+           ("lock", "rerank_cache"), lambda owner: _rerank_cached(owner, 12), r"reranked 5"),
+    Writer("rerank-cache-stored", lambda app, owner, tmp: _embedded(app, 12),
+           RERANK, ("enter", "pyembed.rerank.flush_counts"),
+           lambda owner: _rerank_cached(owner, 12), r"reranked 5"),
     Writer("recall", lambda app, owner, tmp: _embedded(app, 12),
            ["recall", "c"], ("lock", "recall_measurements"), lambda owner: _measured(owner),
            r"recall", RECALL_STOPPED),
@@ -287,6 +299,13 @@ def _cleaned(owner: psycopg.Connection[Any]) -> None:
 
 def _cached(owner: psycopg.Connection[Any], n: int) -> None:
     assert _scalar(owner, "SELECT count(*) FROM pyembed.embedding_cache") == n
+
+
+def _rerank_cached(owner: psycopg.Connection[Any], n: int) -> None:
+    """The rerank's `n` candidates' scores cached, each once (the table has no unique key: a
+    store the stopped run half made and the rerun's would both show)."""
+    assert _scalar(owner, "SELECT count(*) FROM pyembed.rerank_cache") == n
+    assert _scalar(owner, "SELECT count(DISTINCT cache_key) FROM pyembed.rerank_cache") == n
 
 
 def _sampled(app: psycopg.Connection[Any], owner: psycopg.Connection[Any]) -> None:

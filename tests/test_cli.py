@@ -616,9 +616,10 @@ def test_a_message_is_one_line_at_any_width(db: Database) -> None:
     assert len(started) == 1 and started[0].endswith(f"next: pyembed migrate backfill {name}")
     backfilled = lines("migrate", "backfill", name)
     assert backfilled[-1].endswith(f"next: pyembed migrate validate {name}"), backfilled
-    summary, *events = lines("migrate", "status", name)
+    summary, then, *events = lines("migrate", "status", name)
     assert summary == (f"{name}: fake/fake-hash@1:384 -> fake/fake-hash@2:1024, step "
                        "backfilled, traffic 0%, coverage 100.0% (1/1), queued 0, failed 0")
+    assert then == f"  next: pyembed migrate validate {name}"
     assert [line.split()[2] for line in events] == ["backfilled", "start"], events
     assert json.loads(events[1].split("  ")[-1]) == {"from": "fake/fake-hash@1:384",
                                                      "to": "fake/fake-hash@2:1024"}

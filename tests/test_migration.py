@@ -1321,3 +1321,65 @@ def test_the_way_back_after_complete_reuses_the_old_keys_vectors(db: Database) -
         migration.complete(owner, CORPUS)
         assert_search_answers(app, [changed if i == 3 else t for i, t in enumerate(texts)],
                               {OLD}, range(0, 20, 3))
+
+
+def test_status_says_where_every_migration_state_stands_and_the_next_command(
+        db: Database) -> None:
+    """`pyembed status` (and --json) and `migrate status` at every state a migration can be
+    left in: started, backfilled, validated, shifted 10/50/100, completed, rolled back. Each
+    names what is there and the command that takes it on; after a completion or a rollback,
+    the vectors of the key no longer served (what cleanup deletes, with their count and size)
+    until cleanup. Before, `pyembed status` said nothing of a migration, and nothing of the
+    rolled-back key's vectors until `migrate cleanup`."""
+    from pyembed import health
+
+    def seen(app: Client, owner: Client) -> tuple[list[tuple[str, str, str]], str | None]:
+        found = [(f.subject, f.value, f.note) for f in health.report(app.conn)
+                 if f.area == "migration"]
+        return found, migration.status(owner, CORPUS).next
+
+    with clients(db, n=20) as (app, owner, _texts):
+        assert seen(app, owner) == ([], None)
+        migration.start(owner, CORPUS, NEW)
+        steps = [("started", f"pyembed migrate backfill {CORPUS}")]
+        found, then = seen(app, owner)
+        assert [v for _, v, _ in found] == ["started"] and then == steps[0][1]
+        assert found[0][0] == f"{CORPUS} -> {NEW}" and f"next: `{then}`" in found[0][2]
+        migration.backfill(owner, CORPUS)
+        assert seen(app, owner)[1] == f"pyembed migrate validate {CORPUS}"
+        assert migration.validate(owner, CORPUS, max_drop=0.5).passed
+        assert seen(app, owner)[1] == f"pyembed migrate shift {CORPUS} 10"
+        for share, following in ((10, f"shift {CORPUS} 50"), (50, f"shift {CORPUS} 100"),
+                                 (100, f"complete {CORPUS}")):
+            migration.shift(owner, CORPUS, share)
+            found, then = seen(app, owner)
+            assert then == f"pyembed migrate {following}"
+            assert found[0][1] == f"shifting, {share}% of searches on the new key"
+        migration.complete(owner, CORPUS)
+        found, then = seen(app, owner)
+        assert then == f"pyembed migrate cleanup {CORPUS}"
+        [(subject, value, note)] = found
+        assert subject == f"{CORPUS} {OLD}" and value.startswith("20 vectors of a key not "
+                                                                 "served, about ")
+        assert f"`pyembed migrate cleanup {CORPUS}` deletes them" in note
+        assert migration.status(owner, CORPUS).retired == [(OLD, 20)]
+        migration.cleanup(owner, CORPUS)
+        assert seen(app, owner) == ([], None)
+
+        # Rolled back: the target's vectors, until cleanup; the CLI's JSON says the same.
+        migration.start(owner, CORPUS, OLD)
+        migration.backfill(owner, CORPUS)
+        migration.rollback(owner, CORPUS)
+        found, then = seen(app, owner)
+        assert [s for s, _, _ in found] == [f"{CORPUS} {OLD}"]
+        assert then == f"pyembed migrate cleanup {CORPUS}"
+        out = cli(db, "status", "--json")
+        assert out.returncode == 0, out.stderr
+        [finding] = [f for f in json.loads(out.stdout)["findings"] if f["area"] == "migration"]
+        assert finding["subject"] == f"{CORPUS} {OLD}" and finding["level"] == "warn"
+        assert finding["number"] == 20.0
+        got = json.loads(cli(db, "migrate", "status", CORPUS, "--json").stdout)
+        assert got["retired"] == [{"model_key": OLD, "vectors": 20}]
+        assert got["next"] == f"pyembed migrate cleanup {CORPUS}"
+        text = cli(db, "migrate", "status", CORPUS).stdout
+        assert f"next: pyembed migrate cleanup {CORPUS}" in text and f"20 vectors of {OLD}" in text

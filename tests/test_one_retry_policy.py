@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import ast
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SDK_CLIENTS = {"OpenAI", "ClientV2", "Anthropic", "AsyncOpenAI", "AsyncAnthropic"}
@@ -77,3 +80,78 @@ def test_each_service_is_called_from_one_module() -> None:
                 if top:
                     found.setdefault(str(path.relative_to(REPO)), set()).add(top)
     assert found == ONE_CLIENT_EACH
+
+
+RETRY_WORDS = ("max_retries", "max_retry_after", "retries")
+
+
+def _literal_number(node: ast.AST | None) -> bool:
+    return (isinstance(node, ast.Constant) and isinstance(node.value, int | float)
+            and not isinstance(node.value, bool))
+
+
+def test_no_call_site_has_its_own_retry_count_or_wait() -> None:
+    """One count and one longest wait for every provider call, in pyembed/retry.py: no other
+    module of pyembed/ gives a number as a retry count or a Retry-After cap (a parameter's
+    default, an argument, the in-database setting's default), but the SDKs' own retries
+    turned off (max_retries=0). Before, Claude's answers had their own count (2, where the
+    embedder's and reranker's was 6)."""
+    own = []
+    for path in _files():
+        if path.name == "retry.py" and path.parent.name == "pyembed":
+            continue
+        where = path.relative_to(REPO)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                args = node.args
+                positional = [*args.posonlyargs, *args.args]
+                pairs = [*zip(positional[len(positional) - len(args.defaults):], args.defaults,
+                              strict=True),
+                         *zip(args.kwonlyargs, args.kw_defaults, strict=True)]
+                own += [f"{where}:{node.lineno} {node.name}({a.arg}={ast.unparse(d)})"
+                        for a, d in pairs if a.arg in RETRY_WORDS and _literal_number(d)]
+            elif isinstance(node, ast.Call):
+                own += [f"{where}:{node.lineno} {k.arg}={ast.unparse(k.value)}"
+                        for k in node.keywords
+                        if k.arg in RETRY_WORDS and _literal_number(k.value)
+                        and not (k.arg == "max_retries" and k.value.value == 0)]  # type: ignore[attr-defined]
+                # The session's setting read with its default (indb._setting).
+                if (len(node.args) >= 3 and isinstance(node.args[1], ast.Constant)
+                        and node.args[1].value in ("http_retries",)
+                        and _literal_number(node.args[2])):
+                    own.append(f"{where}:{node.lineno} http_retries default "
+                               f"{ast.unparse(node.args[2])}")
+    assert own == []
+
+
+def test_every_provider_call_makes_as_many_attempts_by_default(
+        client: Any, fake_api: Any, monkeypatch: Any) -> None:
+    """An embedding, a rerank and a Claude answer, each with its defaults, against a service
+    that keeps answering 429 (retry at once): each makes the same number of attempts, the
+    policy's count plus one. Before, Claude gave up after 3 and the others after 7."""
+    import pyembed
+    from pyembed import rag
+    from pyembed.embedder import Embedder
+    from pyembed.models import registry
+    from pyembed.providers import provider_for
+    from pyembed.rerank import Reranker, reranker_spec
+    from pyembed.retry import DEFAULT_RETRIES
+
+    for name in ("OPENAI_API_KEY", "COHERE_API_KEY", "ANTHROPIC_API_KEY"):
+        monkeypatch.setenv(name, "key-for-the-fake")
+    corpus = client.create_corpus("retried", "fake/fake-hash@1:384")
+    corpus.add([("a", "the quota of compute hours")])
+    spec = registry.get("openai/text-embedding-3-small@1:1536")
+    calls = {
+        "openai": lambda: Embedder(spec, provider_for(spec)).embed(["a text"]),
+        "cohere": lambda: Reranker(reranker_spec("cohere/rerank-v3.5")).scores("q", ["a"]),
+        "anthropic": lambda: rag.answer(corpus, "What is the quota?", k=1),
+    }
+    attempts = {}
+    for service, call in calls.items():
+        fake_api.reset()
+        fake_api.script(["429:retry-after=0"] * 20)
+        with pytest.raises(pyembed.RateLimited, match="gave up after"):
+            call()
+        attempts[service] = len(fake_api.requests_to(service))
+    assert attempts == dict.fromkeys(calls, DEFAULT_RETRIES + 1)

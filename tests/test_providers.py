@@ -20,7 +20,14 @@ from psycopg import sql
 
 from pyembed.db import connect
 from pyembed.embedder import Embedder
-from pyembed.errors import MissingAPIKey, ProviderError, RateLimited, redact
+from pyembed.errors import (
+    ConfigError,
+    InvalidInput,
+    MissingAPIKey,
+    ProviderError,
+    RateLimited,
+    redact,
+)
 from pyembed.localdb import APP_USER
 from pyembed.models import LOCAL_DEFAULT, InputType, ModelSpec, registry
 from pyembed.providers import TransientProviderError, provider_for
@@ -578,3 +585,47 @@ def test_closing_the_client_closes_the_sdks_connections(db: Database, fake_api: 
     assert not any(c.is_closed for c in sdk_clients)
     client.close()
     assert all(c.is_closed for c in sdk_clients)
+
+
+# -- each service's documented limits, kept before the call (pyembed.limits) -----------------
+
+WIDE = {  # a model registered with more than its service takes: per text, per request
+    "voyage": ModelSpec("voyage", "voyage-code-3", "1", 1024, max_batch=2000,
+                        max_tokens=64_000, input_types=True, api_key_env="VOYAGE_API_KEY"),
+    "openai": ModelSpec("openai", "text-embedding-3-small", "1", 1536, max_batch=5000,
+                        max_tokens=100_000, api_key_env="OPENAI_API_KEY"),
+    "cohere": ModelSpec("cohere", "embed-english-v3.0", "3", 1024, max_batch=500,
+                        max_tokens=4096, input_types=True, api_key_env="COHERE_API_KEY"),
+}
+
+
+@pytest.mark.parametrize("service", list(WIDE))
+def test_each_request_keeps_to_the_services_limits_whatever_the_model_states(
+        service: str, fake_api: FakeAPI) -> None:
+    """A model registered with a larger batch or text limit than its service documents is
+    held to the service's: the texts split into requests the service takes (the fake server
+    refuses a request past them with a 400, as the service does), a text past the service's
+    per-text limit refused before any call, a token budget past the per-request limit refused
+    at construction. Before, every one of them reached the service and came back a 400."""
+    from pyembed.limits import limits_for
+
+    spec = WIDE[service]
+    limits = limits_for(spec.provider, spec.model_id)
+    assert limits.texts is not None and limits.text_tokens is not None
+    embedder = Embedder(spec, provider_for(spec), sleep=lambda s: None)
+    texts = [f"text number {i}" for i in range(limits.texts + 5)]
+    assert len(embedder.embed(texts)) == len(texts)
+    sizes = [len(r.body.get("texts") or r.body.get("input")) for r in fake_api.requests]
+    assert max(sizes) <= limits.texts and sum(sizes) == len(texts)
+
+    fake_api.reset()
+    long = "word " * (limits.text_tokens * 4 // 5 + 10)  # about text_tokens + 13 tokens
+    with pytest.raises(InvalidInput, match=f"over the {limits.text_tokens}-token limit"):
+        embedder.embed([long])
+    assert fake_api.requests == []
+    if limits.request_tokens is not None:
+        with pytest.raises(ConfigError, match=f"over {service}'s {limits.request_tokens}-token "
+                                              "limit per request"):
+            Embedder(spec, provider_for(spec), max_batch_tokens=limits.request_tokens + 1)
+        # The default budget takes the service's limit when it is the lower one.
+        assert Embedder(spec, provider_for(spec)).max_batch_tokens <= limits.request_tokens

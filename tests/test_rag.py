@@ -103,7 +103,7 @@ def test_a_transient_error_is_retried(kb: Corpus, claude: FakeAPI) -> None:
 def test_api_errors_are_one_line_without_the_key(kb: Corpus, claude: FakeAPI, script: list[str],
                                                   error: type[Exception], expected: str) -> None:
     claude.script(script)
-    retries = 0 if script[0].startswith("429") else rag.DEFAULT_MAX_RETRIES
+    retries = 0 if script[0].startswith("429") else len(script) - 1
     with pytest.raises(error) as raised:
         rag.answer(kb, "What does error E4012 mean?", max_retries=retries)
     message = str(raised.value)
@@ -383,3 +383,37 @@ def test_a_claude_call_is_reserved_in_usage_and_refused_over_the_tenants_limits(
         finally:
             owner.execute(sql.SQL("DROP OWNED BY {} CASCADE").format(sql.Identifier(role)))
             owner.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def test_the_prompt_keeps_to_claudes_context_and_says_what_it_left_out(
+        client: Client, claude: FakeAPI) -> None:
+    """Passages longer in all than Claude's context (pyembed.limits) beside the question and
+    max_tokens: the best go whole, the first that does not fit goes cut (`Source.trimmed`),
+    the rest are left out (`Answer.left_out`), and the note says so; the request the service
+    gets fits (the fake server refuses a longer one with the service's 400 'prompt is too
+    long'), and the reservation counts what was sent. Before, every passage went whole and
+    the answer was that 400."""
+    from pyembed.limits import limits_for
+
+    long = client.create_corpus("long", KEY, chunk_tokens=70_000)
+    # About 60,000 tokens each (words too long for the keyword index, which skips them).
+    docs = [(f"d{i}", f"E4012 quota {i} " + " ".join(["q" * 3999] * 60)) for i in range(5)]
+    long.add(docs, truncate=True)
+    result = rag.answer(long, "What does E4012 mean?", k=5, max_tokens=1000)
+    assert result.generated
+    assert [s.trimmed for s in result.sources] == [False, False, False, True]
+    assert len(result.left_out) == 1
+    assert result.sources[3].shown and result.sources[3].content.startswith(
+        result.sources[3].shown)
+    assert result.note == ("passage [4] was cut and 1 passage was left out to fit claude's "
+                           f"{limits_for('anthropic').request_tokens}-token context beside "
+                           "the question and max_tokens (1000)")
+    [request] = claude.requests_to("anthropic")
+    prompt = request.body["messages"][0]["content"]
+    assert result.sources[3].shown in prompt and 'index="5"' not in prompt
+    # A question that leaves no room is refused before any call (keyword: no embedding).
+    claude.reset()
+    question = "What does E4012 mean? " + " ".join(["q" * 3999] * 75)
+    with pytest.raises(pyembed.InvalidInput, match="leaves no room for a passage"):
+        rag.answer(long, question, k=5, max_tokens=128_000, mode="keyword")
+    assert claude.requests_to("anthropic") == []

@@ -453,3 +453,34 @@ def test_a_rerank_depth_without_a_reranker_is_refused(client: pyembed.Client) ->
     for call in (corpus.search, corpus.retrieve):
         with pytest.raises(InvalidInput, match=r"rerank_candidates \(-1\) needs rerank"):
             call("q", rerank_candidates=-1)
+
+
+@pytest.mark.parametrize("service", ["voyage", "cohere"])
+def test_each_request_keeps_to_the_rerankers_limits(service: str, keys: FakeAPI) -> None:
+    """The reranker's documented limits (pyembed.limits) hold before the call, in the one
+    class every entry point uses: a query past the query limit is InvalidInput with no
+    request (the fake server refuses it with a 400, as the service does); a candidate longer
+    than the service reads beside the query is sent cut to what it reads, and metered as
+    sent, its score cached under the whole text. Before, the query went out and came back a
+    400, and a 40,000-token candidate was sent and metered whole."""
+    from pyembed.limits import limits_for
+    from pyembed.text import estimate_tokens
+
+    spec = reranker_spec(MODELS[service])
+    limits = limits_for(spec.provider, spec.model_id)
+    assert limits.query_tokens is not None and limits.text_tokens is not None
+    metered: list[int] = []
+    reranker = Reranker(spec, sleep=lambda s: None, meter=lambda _, tokens: metered.append(tokens))
+    with pytest.raises(InvalidInput, match=f"over {spec.key}'s {limits.query_tokens}-token "
+                                           "limit for a rerank query"):
+        reranker.scores("refund " * limits.query_tokens, ["a text"])
+    assert rerank_requests(keys) == [] and metered == []
+
+    long = "refund delivery " * (limits.text_tokens + 5000)
+    scores = reranker.scores(QUERY, [long, "passwords"])
+    [request] = rerank_requests(keys)
+    sent = request.body["documents"]
+    assert long.startswith(sent[0]) and len(sent[0]) < len(long)
+    assert estimate_tokens(QUERY) + estimate_tokens(sent[0]) <= limits.text_tokens
+    assert metered == [sum(estimate_tokens(QUERY) + estimate_tokens(d) for d in sent)]
+    assert scores == pytest.approx(fake_scores(QUERY, sent))

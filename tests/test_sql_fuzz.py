@@ -494,22 +494,15 @@ GIVEN_BY_PYEMBED = {
     "_cannot_import.error": "repr() of what a PL/Python body's import raised, shown whole (a "
                             "path in it is the fix's clue)",
     "_bm25.n": "keyword_ranking's k or candidates, checked (pyembed._count_arg)",
-    "_nearest.k": "as _bm25.n", "_nearest_in.k": "as _bm25.n",
-    "_nearest_in.counted": "the planner's row estimate _nearest reads",
+    "_nearest.k": "as _bm25.n",
     "_vector_ranking.chunks": "search_hybrid's candidates, checked",
-    "_packed_block.block": "a block number read from posting_blocks",
     "_document_terms.*": "a trigger's transition rows: a corpus id and document id each",
     "_one_each.*": "the calling function's name and its arrays' names, literals in pyembed's "
                    "functions; it raises by design",
     "_need.allowed": "the steps a migration step allows, a literal in it",
     "_need.action": "as _need.allowed",
-    "_claim_backfill.p_corpus_id": "the corpus migration.backfill looked up; the backfillers' "
-                                   "foreign key refuses any other",
-    "_record_recall.*": "recall's measurement of the corpus and key it just searched; the "
-                        "table's keys and checks refuse any other",
     "_sample_recall.*": "a search's query, sampled (a random share) for the corpus and key it "
                         "just searched; the table's keys refuse any other",
-    "_migration_step.*": "a migration row a step locked, and the step's name, a literal",
     **{f"{h}.*": f"{h[1:]}'s body, given {h[1:]}'s arguments as they are: the application "
                  "role's walk gives them" for h in ("_search_text", "_search_reranked")},
     "_hybrid_ranking.*": "search_hybrid's body, given its arguments as they are (search_embedded "

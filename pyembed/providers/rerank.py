@@ -16,22 +16,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..errors import UnknownModel, shown
+from ..limits import RequestLimits, limits_for
 from ..models import API_KEY_ENV
 from .base import ServiceClient
 
 
 @dataclass(frozen=True)
 class RerankerSpec:
-    """One reranking model: its provider, model id, key variable and request limits."""
+    """One reranking model: its provider, model id and key variable."""
 
     provider: str
     model_id: str
     api_key_env: str | None
-    max_documents: int = 1000
-    """Candidates one request may carry."""
-    max_request_tokens: int = 600_000
-    """Tokens one request may carry, counted as the service does: the query once per
-    candidate, plus each candidate."""
     description: str = ""
 
     @property
@@ -39,13 +35,18 @@ class RerankerSpec:
         """The reranker's identity, `provider/model_id`."""
         return f"{self.provider}/{self.model_id}"
 
+    @property
+    def limits(self) -> RequestLimits:
+        """What the service takes in one request (pyembed.limits)."""
+        return limits_for(self.provider, self.model_id)
+
 
 RERANKERS: dict[str, RerankerSpec] = {s.key: s for s in (
     RerankerSpec("voyage", "rerank-2.5", API_KEY_ENV["voyage"],
                  description="Voyage's reranker, 32k tokens of context"),
     RerankerSpec("voyage", "rerank-2.5-lite", API_KEY_ENV["voyage"],
                  description="Voyage's faster, cheaper reranker"),
-    RerankerSpec("cohere", "rerank-v3.5", API_KEY_ENV["cohere"], max_request_tokens=10**9,
+    RerankerSpec("cohere", "rerank-v3.5", API_KEY_ENV["cohere"],
                  description="Cohere Rerank 3.5 (each candidate cut to 4,096 tokens)"),
     RerankerSpec("fake", "overlap", None,
                  description="offline and deterministic, for tests: shared words (fake_scores)"),

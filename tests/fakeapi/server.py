@@ -29,6 +29,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
+from pyembed.limits import limits_for
 from pyembed.models import registry
 from pyembed.providers.fake import fake_vectors
 from pyembed.providers.rerank import fake_scores
@@ -337,6 +338,12 @@ class _Handler(BaseHTTPRequestHandler):
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise _BadRequest("messages: at least one message is required")
+        # The service's own check: the prompt and max_tokens within the context window.
+        prompt = estimate_tokens(json.dumps(messages)) + estimate_tokens(str(body.get("system")))
+        context = limits_for("anthropic").request_tokens or 0
+        if prompt + body["max_tokens"] > context:
+            raise _BadRequest(f"prompt is too long: {prompt} tokens > "
+                              f"{context - body['max_tokens']} maximum")
         words = self.fake.reply_text.split(" ")
         cut = behaviour.kind == "short"
         if cut:
@@ -419,6 +426,26 @@ def _dimensions(service: Service, model: str, requested: object) -> int:
     raise _BadRequest(f"model {model!r} not found")
 
 
+def _within_limits(service: Service, model: str, texts: list[str], query: str | None = None,
+                   truncation: bool = False) -> None:
+    """A 400 for a request past the service's documented limits (pyembed.limits), as the
+    service refuses it: too many texts, a text too long (unless the service may cut it), too
+    many tokens in the request, a rerank query too long."""
+    limits = limits_for(service, model)
+    if limits.texts is not None and len(texts) > limits.texts:
+        raise _BadRequest(f"too many inputs: {len(texts)} > {limits.texts}")
+    extra = estimate_tokens(query) if query is not None else 0
+    if query is not None and limits.query_tokens is not None and extra > limits.query_tokens:
+        raise _BadRequest(f"the query is {extra} tokens, over the limit of {limits.query_tokens}")
+    each = [extra + estimate_tokens(t) for t in texts]
+    if not truncation and limits.text_tokens is not None and max(each) > limits.text_tokens:
+        raise _BadRequest(f"input {max(range(len(each)), key=each.__getitem__)} is "
+                          f"{max(each)} tokens, over the limit of {limits.text_tokens}")
+    if limits.request_tokens is not None and sum(each) > limits.request_tokens:
+        raise _BadRequest(f"the request has {sum(each)} tokens, over the limit of "
+                          f"{limits.request_tokens}")
+
+
 def _embeddings(service: Service, body: Any, behaviour: Behaviour) -> dict[str, Any]:
     if not isinstance(body, dict) or not isinstance(body.get("model"), str):
         raise _BadRequest("model: Field required")
@@ -439,6 +466,7 @@ def _embeddings(service: Service, body: Any, behaviour: Behaviour) -> dict[str, 
             raise _BadRequest(f"invalid input_type {body.get('input_type')!r}")
         if "float" not in (body.get("embedding_types") or ["float"]):
             raise _BadRequest("this fake serves float embeddings only")
+    _within_limits(service, model, texts)
     if behaviour.kind == "wrongdims":
         dimensions //= 2
     vectors = server_vectors(service, model, texts, dimensions)
@@ -487,6 +515,9 @@ def _rerank(service: Service, body: Any, behaviour: Behaviour) -> dict[str, Any]
         raise _BadRequest("documents must be a non-empty list of strings")
     if len(documents) > 1000:
         raise _BadRequest("too many documents: at most 1000")
+    # Voyage cuts a long query or document with truncation on; Cohere cuts a document.
+    _within_limits(service, body["model"], documents, query,
+                   truncation=service == "cohere" or body.get("truncation") is not False)
     scores: list[float] = fake_scores(query, documents)
     indexes = sorted(range(len(documents)), key=lambda i: -scores[i])
     if behaviour.kind == "short":
