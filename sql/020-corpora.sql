@@ -390,6 +390,77 @@ BEGIN
 END
 $$;
 
+-- Who may write a corpus's partition (INSERT, for COPY: its writers' one path, pyembed.vectors
+-- .copy_vectors): the login roles of the corpus's tenant (tenant_members, each the role its OID
+-- names), or pyembed_app for a corpus of no tenant; every other grant on it is revoked. INSERT
+-- lets a role LOCK the table in ROW EXCLUSIVE mode, which the corpus's index build, reindex,
+-- migration step and drop wait for: held by pyembed_app, whose members every tenant's logins
+-- are, one tenant could hold off another's. Called again when a tenant's members change or a
+-- corpus changes tenant, and by every install. Granting locks no table.
+CREATE OR REPLACE FUNCTION pyembed._partition_writers(p_corpus_id integer) RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  part regclass := to_regclass(format('pyembed.%I', pyembed._vector_partition_name(p_corpus_id)));
+  r name;
+BEGIN
+  IF part IS NULL THEN
+    RETURN;  -- (a corpus whose partition is not made yet, or dropped)
+  END IF;
+  FOR r IN SELECT DISTINCT g.rolname
+             FROM pg_catalog.pg_class c, aclexplode(c.relacl) a
+             JOIN pg_catalog.pg_roles g ON g.oid = a.grantee
+            WHERE c.oid = part AND a.grantee <> c.relowner LOOP
+    EXECUTE format('REVOKE ALL ON %s FROM %I', part, r);
+  END LOOP;
+  EXECUTE format('REVOKE ALL ON %s FROM PUBLIC', part);
+  FOR r IN SELECT g.rolname
+             FROM pyembed.corpora co
+             JOIN pyembed.tenant_members m ON m.tenant_id = co.tenant_id
+             JOIN pg_catalog.pg_roles g ON g.oid = m.role_oid AND g.rolname = m.role_name
+            WHERE co.corpus_id = p_corpus_id
+           UNION ALL
+           SELECT 'pyembed_app' FROM pyembed.corpora co
+            WHERE co.corpus_id = p_corpus_id AND co.tenant_id IS NULL
+           ORDER BY 1 LOOP
+    EXECUTE format('GRANT INSERT ON %s TO %I', part, r);
+  END LOOP;
+END
+$$;
+
+-- A tenant's members changed (a login added, moved or removed), or a corpus's tenant: the
+-- writers of each corpus concerned granted again. As the caller (the owner's login, which reads
+-- every tenant's corpora), since writing tenant_members or a corpus's tenant is the owner's.
+CREATE OR REPLACE FUNCTION pyembed._writers_changed() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  c integer;
+BEGIN
+  IF TG_TABLE_NAME = 'corpora' THEN
+    PERFORM pyembed._partition_writers(NEW.corpus_id);
+    RETURN NULL;
+  END IF;
+  FOR c IN SELECT co.corpus_id FROM pyembed.corpora co
+            WHERE co.tenant_id IN (CASE WHEN TG_OP <> 'INSERT' THEN OLD.tenant_id END,
+                                   CASE WHEN TG_OP <> 'DELETE' THEN NEW.tenant_id END)
+            ORDER BY 1 LOOP
+    PERFORM pyembed._partition_writers(c);
+  END LOOP;
+  RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER tenant_members_writers
+  AFTER INSERT OR UPDATE OR DELETE ON pyembed.tenant_members
+  FOR EACH ROW EXECUTE FUNCTION pyembed._writers_changed();
+CREATE OR REPLACE TRIGGER corpora_tenant_writers
+  AFTER UPDATE OF tenant_id ON pyembed.corpora
+  FOR EACH ROW WHEN (NEW.tenant_id IS DISTINCT FROM OLD.tenant_id)
+  EXECUTE FUNCTION pyembed._writers_changed();
+
 -- Make a corpus's partition, or bring an existing one up to date: owner, privileges, triggers,
 -- and the CHECK constraint for the corpus's current keys. The table is made on its own and then
 -- attached, which locks the parent SHARE UPDATE EXCLUSIVE (searches and writes go on) where
@@ -417,8 +488,7 @@ BEGIN
     EXECUTE format('ALTER TABLE pyembed.vectors ATTACH PARTITION pyembed.%I FOR VALUES IN (%s)',
                    part, p_corpus_id);
   END IF;
-  EXECUTE format('REVOKE ALL ON pyembed.%I FROM PUBLIC, pyembed_app', part);
-  EXECUTE format('GRANT INSERT ON pyembed.%I TO pyembed_app', part);
+  PERFORM pyembed._partition_writers(p_corpus_id);
   EXECUTE format('CREATE OR REPLACE TRIGGER vectors_tenant BEFORE INSERT ON pyembed.%I '
                  'FOR EACH STATEMENT EXECUTE FUNCTION pyembed._vectors_tenant(%L)', part, p_corpus_id);
   EXECUTE format('CREATE OR REPLACE TRIGGER vectors_written AFTER INSERT ON pyembed.%I '
