@@ -1232,7 +1232,7 @@ def test_no_other_roles_advisory_lock_keeps_a_backfill_from_starting(
             # A backfill running in another owner's session is still refused, until it ends.
             with psycopg.connect(db.owner_dsn, autocommit=True) as running:
                 assert one(running, "SELECT pyembed._claim_backfill(%s)", (cid,)) is True
-                with pytest.raises(MigrationError, match="already running"):
+                with pytest.raises(pyembed.Busy, match="already running"):
                     migration.backfill(owner, CORPUS)
                 pid = running.info.backend_pid
             # Its claim ends with its backend, which ends after the client has closed: wait.
