@@ -337,7 +337,8 @@ LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-  IF to_regclass(format('pyembed.%I', pyembed._vector_partition_name(p_corpus_id))) IS NULL THEN
+  IF to_regclass(format('pyembed.%I', pyembed._vector_partition_name(p_corpus_id))) IS NULL
+     OR NOT EXISTS (SELECT FROM pyembed.corpora co WHERE co.corpus_id = p_corpus_id) THEN
     RAISE EXCEPTION USING ERRCODE = 'PE002',
       MESSAGE = format('unknown corpus %s', coalesce(
         pyembed._quoted((SELECT co.name FROM pyembed.corpora co WHERE co.corpus_id = p_corpus_id)),
@@ -732,17 +733,17 @@ BEGIN
 END
 $$;
 
--- Dropping a corpus deletes its row, every row written for it and its vectors partition, which
--- clients take in both orders: a writer holds the corpus row (FOR KEY SHARE, its documents'
+-- Dropping a corpus deletes its row and every row written for it (its vectors partition is
+-- emptied and left to the next install, below), which clients take in both orders: a writer holds the corpus row (FOR KEY SHARE, its documents'
 -- foreign key) or its chunks, then writes the partition; a search holds pyembed.vectors and the
 -- partition, then records (the recording tables hold no foreign key to the corpus, so it takes
 -- no row lock). No single order suits both, so the drop never waits holding what a client may
 -- wait for (a waiting client looks for a cycle once, deadlock_timeout after it began to wait,
 -- and a drop waiting for it then was one): each attempt takes, in a subtransaction, the corpus
 -- row (waiting at most the function's lock_timeout, holding nothing yet), then without waiting
--- its documents, chunks and queued work (the rows the deletes' cascade locks), pyembed.vectors
--- and the partition (in the order a search takes them: dropping a partition locks its parent),
--- deletes them, and last the corpus's recording rows (no search of it is left running); a lock
+-- its documents, chunks and queued work (the rows the deletes' cascade locks) and the partition
+-- (a search of the corpus holds it: not pyembed.vectors, which a COPY into any tenant's
+-- partition locks too), deletes them, and last the corpus's recording rows (no search of it is left running); a lock
 -- the deletes' triggers take waits only the shorter lock_timeout the attempt sets. An attempt
 -- that cannot have a lock is rolled back, which releases all it took, and the drop retries after
 -- a pause until its deadline, then fails with PE012 (retry later). A name the caller's tenant
@@ -777,20 +778,25 @@ BEGIN
       END IF;
       -- Holding the row, the attempt waits for nothing more: a client waiting for the row
       -- checks for a deadlock once, and found one if this attempt was then waiting for it.
-      -- The rows the deletes lock (a writer's or the worker's) and the relations are taken
+      -- The rows the deletes lock (a writer's or the worker's) and the partition are taken
       -- NOWAIT; whatever else they lock (their triggers' rows) waits the lock_timeout set here.
       PERFORM set_config('lock_timeout', '1ms', true);
       PERFORM FROM pyembed.documents WHERE corpus_id = c.corpus_id FOR UPDATE NOWAIT;
       PERFORM FROM pyembed.chunks WHERE corpus_id = c.corpus_id FOR UPDATE NOWAIT;
       PERFORM FROM pyembed.queue WHERE corpus_id = c.corpus_id FOR UPDATE NOWAIT;
       IF to_regclass(format('pyembed.%I', part)) IS NOT NULL THEN
-        LOCK TABLE ONLY pyembed.vectors IN ACCESS EXCLUSIVE MODE NOWAIT;
         EXECUTE format('LOCK TABLE pyembed.%I IN ACCESS EXCLUSIVE MODE NOWAIT', part);
       END IF;
       DELETE FROM pyembed.documents WHERE corpus_id = c.corpus_id;
       DELETE FROM pyembed.corpora WHERE corpus_id = c.corpus_id;
+      -- The partition, emptied by the deletes (its chunks' vectors go with them), stays until
+      -- the next install drops it (095-vector-partitions.sql), writable by nobody: dropping
+      -- (or detaching) it here locks pyembed.vectors ACCESS EXCLUSIVE, which waited for every
+      -- tenant's open write (a COPY into a partition locks its parent). Renamed (a lock on it
+      -- alone), so that a call that waited for it finds the corpus's partition gone (PE002).
+      PERFORM pyembed._partition_writers(c.corpus_id);
       IF to_regclass(format('pyembed.%I', part)) IS NOT NULL THEN
-        EXECUTE format('DROP TABLE pyembed.%I', part);
+        EXECUTE format('ALTER TABLE pyembed.%I RENAME TO %I', part, 'dropped_' || part);
       END IF;
       DELETE FROM pyembed.recall_samples WHERE corpus_id = c.corpus_id;
       DELETE FROM pyembed.recall_measurements WHERE corpus_id = c.corpus_id;

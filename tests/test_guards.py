@@ -425,16 +425,26 @@ def test_app_role_may_only_copy_into_a_partition(
 
 
 def test_a_dropped_corpus_takes_its_partition_and_indexes(
-        app: psycopg.Connection[Any], owner: psycopg.Connection[Any],
+        db: Database, app: psycopg.Connection[Any], owner: psycopg.Connection[Any],
         corpus: CorpusInfo) -> None:
+    """A drop empties the corpus's partition and takes every grant on it; the next install
+    drops it with its indexes (dropping it in the drop locked the parent, every tenant's)."""
+    from pyembed import schema
+
     write_chunks(app, corpus, rows(2, 1024), KEY_A)
     part = f"pyembed.vectors_c{corpus.corpus_id}"
     assert owner.execute("SELECT count(*) FROM pg_indexes WHERE schemaname = 'pyembed' "
                          "AND tablename = %s AND indexname LIKE 'vectors_hnsw_%%'",
                          (part.split(".")[1],)).fetchone() == (1,)
     drop_corpus(app, "docs")
-    assert owner.execute("SELECT to_regclass(%s)", (part,)).fetchone() == (None,)
     assert owner.execute("SELECT count(*) FROM pyembed.vectors").fetchone() == (0,)
+    left = part.replace("vectors_c", "dropped_vectors_c")
+    assert owner.execute("SELECT to_regclass(%s)", (part,)).fetchone() == (None,)
+    assert owner.execute("SELECT relacl::text[] <@ ARRAY[format('pyembed_owner=arwdDxt/%%s', "
+                         "'pyembed_owner')] FROM pg_class WHERE oid = %s::regclass",
+                         (left,)).fetchone() == (True,)
+    schema.install(db.owner_dsn)
+    assert owner.execute("SELECT to_regclass(%s)", (left,)).fetchone() == (None,)
 
 
 def test_the_partition_guard_follows_the_corpus_keys_through_a_migration(

@@ -837,3 +837,31 @@ def test_a_partitions_writers_follow_its_tenants_members(
     finally:
         owner.execute(sql.SQL("DROP OWNED BY {} CASCADE").format(sql.Identifier(role)))
         owner.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+@pytest.mark.parametrize("open_work", ["vector search", "hybrid search", "write"])
+def test_another_tenants_open_work_holds_off_no_corpus_drop(
+        two: dict[str, str], open_work: str) -> None:
+    """pyembed.drop_corpus dropped the corpus's partition, which locks pyembed.vectors (the
+    parent of every tenant's) ACCESS EXCLUSIVE: tenant a's transaction left open after a write
+    (a COPY into its own partition locks the parent) made tenant b's drop fail busy after 5 s
+    (PE012). Now the drop locks b's partition only, empties it and leaves it to the next
+    install: a's open work holds off nothing. (A read of pyembed.vectors itself locks every
+    partition, b's too, and still holds off b's drop while its transaction is open.)"""
+    fill(two["a"], A_KEY, 3).close()
+    b = fill(two["b"], A_KEY, 3)
+    b.create_corpus("gone", A_KEY).add([("g", "a text to drop")])
+    with pyembed.connect(two["a"]) as a:
+        a.conn.autocommit = False
+        if open_work.endswith("search"):
+            a.corpus("docs").search("shared words", k=3, mode=open_work.split()[0])
+        else:
+            with a.conn.cursor() as cur:
+                copy_vectors(cur, corpus_info(a.conn, "docs").corpus_id, [], A_KEY,
+                             np.zeros((0, 384), dtype=np.float32), [])
+            a.corpus("docs").add([("new", "a text written in a's open transaction")])
+            a.conn.execute("SELECT 1")
+        assert a.conn.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+        b.drop_corpus("gone")
+        assert [c.name for c in b.corpora()] == ["docs"]
+    b.close()
