@@ -10,8 +10,10 @@ EXCLUSIVE mode, which that tenant's index builds, reindexes, migration steps and
 sql/ now grants no INSERT on the parent and each partition's to the logins of its corpus's tenant
 (pyembed._partition_writers, kept by triggers on tenant_members and corpora). Nothing here to
 upgrade: sql/ grants. The downgrade drops the triggers and functions (the corpora trigger
-depends on the tenant_id column that revision 0005's downgrade drops) and gives the grants back
-as they were: INSERT on the parent and on every partition to pyembed_app, none to a login.
+depends on the tenant_id column that revision 0005's downgrade drops), drops the emptied
+partitions of dropped corpora (drop_corpus renames them dropped_vectors_c<id> for the next
+install to drop) and gives the grants back as they were: INSERT on the parent and on every
+partition to pyembed_app, none to a login.
 """
 
 from __future__ import annotations
@@ -41,6 +43,14 @@ DECLARE
   part regclass;
   r name;
 BEGIN
+  -- The emptied partitions of dropped corpora, which this revision's drop_corpus leaves to
+  -- the next install: an earlier revision's drop removes its partition itself.
+  FOR part IN SELECT i.inhrelid::regclass FROM pg_catalog.pg_inherits i
+                JOIN pg_catalog.pg_class c ON c.oid = i.inhrelid
+               WHERE i.inhparent = 'pyembed.vectors'::regclass
+                 AND c.relname ~ '^dropped_vectors_c[0-9]+$' LOOP
+    EXECUTE format('DROP TABLE %s', part);
+  END LOOP;
   FOR part IN SELECT i.inhrelid::regclass FROM pg_catalog.pg_inherits i
                WHERE i.inhparent = 'pyembed.vectors'::regclass LOOP
     FOR r IN SELECT DISTINCT g.rolname
