@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from alembic import context
+from alembic.util import CommandError
 from sqlalchemy import create_engine, pool
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
 
 from pyembed.schema import (
     SCHEMA,
@@ -15,6 +17,7 @@ from pyembed.schema import (
     install_lock_sql,
     raw_text,
     replaceable_sql,
+    said,
     sqlalchemy_url,
 )
 
@@ -77,8 +80,14 @@ def run_online() -> None:
     url = (config.file_config.get(ini, "sqlalchemy.url")
            if config.file_config.has_option(ini, "sqlalchemy.url") else None)
     engine = create_engine(sqlalchemy_url(url), poolclass=pool.NullPool)
-    with engine.begin() as conn:
-        _run_on(conn)
+    try:
+        with engine.begin() as conn:
+            _run_on(conn)
+    except DBAPIError as exc:
+        # Alembic's command line prints a CommandError as one FAILED line, anything else as a
+        # traceback; the transaction has rolled back.
+        raise CommandError(f"{_destination() or 'the command'}: failed, nothing was changed: "
+                           f"{said(exc)}") from None
 
 
 if context.is_offline_mode():

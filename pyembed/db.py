@@ -458,6 +458,7 @@ _PARTITION_IN = re.compile(r"_c\d+(?=_|$)")
 
 
 _PARTITION = re.compile(r'relation "(?:pyembed\.)?vectors_c(\d+)" does not exist')
+_OTHERS_PARTITION = re.compile(r"permission denied for table vectors_c(\d+)")
 
 
 def _dropped_corpus(exc: psycopg.Error, message: str) -> errors.UnknownCorpus | None:
@@ -469,6 +470,13 @@ def _dropped_corpus(exc: psycopg.Error, message: str) -> errors.UnknownCorpus | 
         if found:
             return errors.UnknownCorpus(f"unknown corpus id {found.group(1)}: it was dropped "
                                         "while this call was using it")
+    if isinstance(exc, psycopg.errors.InsufficientPrivilege):
+        # Another tenant's partition: only its tenant's logins may write it
+        # (pyembed._partition_writers), and its corpus is out of this role's sight.
+        found = _OTHERS_PARTITION.fullmatch(message)
+        if found:
+            return errors.UnknownCorpus(f"unknown corpus id {found.group(1)}: it is not one "
+                                        "this role's tenant has")
     if (isinstance(exc, psycopg.errors.ForeignKeyViolation)
             and 'table "corpora"' in (exc.diag.message_detail or "")
             and not message.startswith("update or delete")):

@@ -152,28 +152,42 @@ def check_loaded_code(conn: Conn) -> Check:
     """Backends whose pyembed code, loaded when they first ran a PL/Python function, is not
     what the server has installed now (pyembed.loaded: each one's stamp in pg_locks): this
     session's, which check_plpython's probe has just made import the installed code, is the
-    reference. A fresh backend's probe alone does not see them."""
+    reference. A fresh backend's probe alone does not see them. The key is one any role may
+    take: a session holding one of them exclusively (a backend's is always shared) keeps every
+    backend that loads that code from showing it, and is named."""
     name = "backends run the installed pyembed"
-    rows = conn.execute(
+    held = conn.execute(
         "SELECT l.pid, l.objid, l.pid = pg_backend_pid(), a.usename, a.datname, "
-        "a.application_name, a.backend_start FROM pg_locks l "
+        "a.application_name, a.backend_start, l.mode = 'ShareLock' FROM pg_locks l "
         "LEFT JOIN pg_stat_activity a ON a.pid = l.pid "
         "WHERE l.locktype = 'advisory' AND l.classid = %s::oid AND l.objsubid = 2 "
         "AND l.granted ORDER BY a.backend_start, l.pid", (LOCK_CLASS,)).fetchall()
+    rows = [r[:7] for r in held if r[7]]
+    blocking = [r[:7] for r in held if not r[7]]
+    if blocking:
+        return Check(name, "fail", f"{len(blocking)} session(s) hold pyembed's code-stamp key "
+                     f"exclusively, which no pyembed backend does: backends that load that code "
+                     f"cannot show it while they do: {_sessions(blocking)}",
+                     "end them: SELECT pg_terminate_backend(pid) for each pid listed")
     installed = {stamp for _, stamp, mine, *_ in rows if mine}
     if not installed:
         return Check(name, "skip", "this session did not import pyembed in PL/Python")
     stale = [r for r in rows if r[1] not in installed]
     if not stale:
         return Check(name, "ok", f"yes, the {len(rows)} that loaded it")
-    listed = "; ".join(
-        f"pid {pid} ({user or '?'} on {db or '?'}, {app or 'no application_name'}, since "
-        f"{f'{start:%Y-%m-%d %H:%M:%S %Z}' if start else '?'})"
-        for pid, _, _, user, db, app, start in stale)
     return Check(name, "fail", f"{len(stale)} backend(s) run pyembed code loaded before the "
-                 f"installed one: {listed}",
+                 f"installed one: {_sessions(stale)}",
                  "reconnect those sessions (a new session imports the installed code), or end "
                  "them: SELECT pg_terminate_backend(pid) for each pid listed")
+
+
+def _sessions(rows: list[Any]) -> str:
+    """Sessions of pg_locks joined to pg_stat_activity (pid, stamp, mine, user, database,
+    application, start), one clause each."""
+    return "; ".join(
+        f"pid {pid} ({user or '?'} on {db or '?'}, {app or 'no application_name'}, since "
+        f"{f'{start:%Y-%m-%d %H:%M:%S %Z}' if start else '?'})"
+        for pid, _, _, user, db, app, start in rows)
 
 
 def check_api_keys(conn: Conn) -> Check:

@@ -17,7 +17,7 @@ from psycopg import sql
 from psycopg.pq import TransactionStatus
 
 from .dbcall import translated
-from .errors import InvalidInput, shown
+from .errors import Busy, InvalidInput, shown
 
 STORAGES = ("vector", "halfvec", "binary")
 BULK_LOAD_ROWS = 1_000
@@ -151,6 +151,28 @@ def drop_index_online(conn: psycopg.Connection[Any], name: str) -> None:
             sql.Identifier("pyembed", name)))
 
 
+@contextmanager
+def one_build(conn: psycopg.Connection[Any], corpus_id: int, corpus: str) -> Iterator[None]:
+    """Around a `corpus reindex` and a migration's backfill (which builds the target's index):
+    one at a time per corpus, claimed for this session by the owner's function
+    (pyembed._claim_backfill: a key no other role can hold beforehand), else Busy. Two
+    CONCURRENTLY builds of one corpus deadlocked (the second dropped the first's half-built
+    index, which waited for the second's snapshot)."""
+    with translated(), conn.transaction():
+        claimed = conn.execute("SELECT pyembed._claim_backfill(%s)", (corpus_id,)).fetchone()
+    if not claimed or not claimed[0]:
+        raise Busy(f"another index build of corpus {shown(corpus)} is already running (a "
+                   "reindex, or a migration's backfill, which builds the target's index): retry "
+                   "when it ends")
+    try:
+        yield
+    finally:
+        # A lost session's claim went with it (and the error to tell is the loss).
+        if not conn.closed:
+            with translated(), conn.transaction():
+                conn.execute("SELECT pyembed._release_backfill(%s)", (corpus_id,))
+
+
 def rebuild_index(conn: psycopg.Connection[Any], corpus: str,
                   storage: str | None = None) -> list[IndexStatus]:
     """Rebuild a corpus's index online with the parameters in force (the rule's for its rows
@@ -167,6 +189,7 @@ def rebuild_index(conn: psycopg.Connection[Any], corpus: str,
                          (corpus,)).fetchone()
         assert c is not None
         corpus_id, active, target, active_storage, target_storage = c
+    with one_build(conn, corpus_id, corpus), translated():
         for key, st in ((active, storage or active_storage), (target, target_storage)):
             if key is None:
                 continue

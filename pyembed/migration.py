@@ -27,7 +27,7 @@ from .corpora import model_spec
 from .dbcall import count, translated
 from .errors import DatabaseNotReady, InvalidInput, MigrationError, PyembedError, shown
 from .evaluation import HITS_PER_DOCUMENT, EvalQuery, KeyScore, eval_queries, evaluate, overlap
-from .index import build_index_online, check_storage, drop_index_online
+from .index import build_index_online, check_storage, drop_index_online, one_build
 from .models import InputType
 from .text import estimate_tokens, number
 from .vectors import copy_vectors
@@ -185,50 +185,39 @@ def backfill(client: Client, corpus: str, *, batch_size: int | None = None,
         "AND v.model_key = %(k)s)), count(*) FROM pyembed.chunks ch WHERE corpus_id = %(c)s",
         {"c": info.corpus_id, "k": key}).fetchone()  # type: ignore[misc]
     resumed -= total
-    # Recorded by the owner's function (pyembed._claim_backfill), not a lock key any role can
-    # hold: another role's lock kept every backfill of the corpus from starting.
-    with translated(), client._conn.transaction():
-        locked = client._conn.execute("SELECT pyembed._claim_backfill(%s)",
-                                      (info.corpus_id,)).fetchone()
-    if not locked or not locked[0]:
-        raise MigrationError(f"a backfill of corpus {corpus} is already running")
+    # One index build of the corpus at a time (the target's, at the end): index.one_build.
     started = time.perf_counter()
     done, written, after = 0, 0, 0
-    try:
-        while True:
-            rows = client._conn.execute(MISSING, {"corpus_id": info.corpus_id, "after": after,
-                                                 "key": key, "limit": size}).fetchall()
-            if not rows:
-                break
-            with client.billed_to(info.corpus_id):
-                vectors = embedder.embed([r[1] for r in rows], InputType.DOCUMENT)
-            written += len(_write(client, info.corpus_id, key, rows, vectors))
-            done += len(rows)
-            after = rows[-1][0]
-            if progress:
-                progress(done, total)
-            if rate:
-                ahead = done / rate - (time.perf_counter() - started)
-                if ahead > 0:
-                    time.sleep(ahead)
-        _build_index(client, info.corpus_id, key)
-        _call(client, "migration_backfilled", corpus)
-    except BaseException as exc:  # the database gone, a provider's error, Ctrl-C
-        ended = _ended(client, corpus, key) if isinstance(exc, PyembedError) else None
-        if ended:  # a rerun could not resume: the step is another session's now
-            raise MigrationError(f"{ended} while this backfill ran: it stopped, having written "
-                                 f"{written} vectors for {key} (pyembed migrate status "
-                                 f"{corpus} shows the step)") from None
-        exc.add_note(f"backfill stopped with {resumed + written} of {resumed + total} chunks "
-                     f"backfilled ({written} by this run); running it again resumes: the "
-                     "chunks backfilled are skipped")
-        raise
-    finally:
-        # A lost connection's session is gone, and its claim with it (else the error would
-        # be this release's, not what stopped the backfill).
-        if not client._conn.closed:
-            with translated(), client._conn.transaction():
-                client._conn.execute("SELECT pyembed._release_backfill(%s)", (info.corpus_id,))
+    with one_build(client._conn, info.corpus_id, corpus):
+        try:
+            while True:
+                rows = client._conn.execute(MISSING, {"corpus_id": info.corpus_id, "after": after,
+                                                     "key": key, "limit": size}).fetchall()
+                if not rows:
+                    break
+                with client.billed_to(info.corpus_id):
+                    vectors = embedder.embed([r[1] for r in rows], InputType.DOCUMENT)
+                written += len(_write(client, info.corpus_id, key, rows, vectors))
+                done += len(rows)
+                after = rows[-1][0]
+                if progress:
+                    progress(done, total)
+                if rate:
+                    ahead = done / rate - (time.perf_counter() - started)
+                    if ahead > 0:
+                        time.sleep(ahead)
+            _build_index(client, info.corpus_id, key)
+            _call(client, "migration_backfilled", corpus)
+        except BaseException as exc:  # the database gone, a provider's error, Ctrl-C
+            ended = _ended(client, corpus, key) if isinstance(exc, PyembedError) else None
+            if ended:  # a rerun could not resume: the step is another session's now
+                raise MigrationError(f"{ended} while this backfill ran: it stopped, having "
+                                     f"written {written} vectors for {key} (pyembed migrate "
+                                     f"status {corpus} shows the step)") from None
+            exc.add_note(f"backfill stopped with {resumed + written} of {resumed + total} "
+                         f"chunks backfilled ({written} by this run); running it again "
+                         "resumes: the chunks backfilled are skipped")
+            raise
     return BackfillReport(done, time.perf_counter() - started, 0, written, done - written,
                           resumed)
 

@@ -326,7 +326,7 @@ _ALEMBIC = threading.Lock()
 """Alembic's migration context is one object per process: one command at a time."""
 
 
-def _run(dsn: str | None, step: Callable[[Config], None]) -> None:
+def _run(dsn: str | None, step: Callable[[Config], None], what: str = "install") -> None:
     """Run an Alembic command in one transaction; a failure rolls back and names the cause.
     A lock its DDL waited DDL_LOCK_WAIT for: tried again, DDL_TRIES in all, then a failure that
     names the sessions holding the locks."""
@@ -354,11 +354,11 @@ def _run(dsn: str | None, step: Callable[[Config], None]) -> None:
                     watcher.stop()
                     holders = watcher.holders or holders  # the last try's, if it saw them
                 if not _lock_timed_out(exc):
-                    raise InstallError(f"install failed, nothing was changed: {_said(exc)}") \
+                    raise InstallError(f"{what} failed, nothing was changed: {said(exc)}") \
                         from exc.orig
                 if attempt == DDL_TRIES:
                     raise InstallError(
-                        f"install failed, nothing was changed: {DDL_TRIES} tries each waited "
+                        f"{what} failed, nothing was changed: {DDL_TRIES} tries each waited "
                         f"{DDL_LOCK_WAIT:g} s for a lock on a table it alters, held by "
                         f"{'; '.join(holders.values()) or 'sessions gone since'}; end them "
                         "(pg_terminate_backend) or install again when they are done") from exc.orig
@@ -370,7 +370,7 @@ def _run(dsn: str | None, step: Callable[[Config], None]) -> None:
         engine.dispose()
 
 
-def _said(exc: BaseException) -> str:
+def said(exc: BaseException) -> str:
     """What the server said of a failed statement, in one line, without its CONTEXT (the
     revision's DO block)."""
     orig = getattr(exc, "orig", exc)
@@ -391,7 +391,7 @@ def install(dsn: str | None = None) -> str:
 def downgrade(dsn: str | None, revision: str = "base") -> None:
     from alembic import command
 
-    _run(dsn, lambda cfg: command.downgrade(cfg, revision))
+    _run(dsn, lambda cfg: command.downgrade(cfg, revision), "downgrade")
 
 
 def current_revision(dsn: str | None = None) -> str | None:

@@ -337,7 +337,8 @@ LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-  IF to_regclass(format('pyembed.%I', pyembed._vector_partition_name(p_corpus_id))) IS NULL THEN
+  IF to_regclass(format('pyembed.%I', pyembed._vector_partition_name(p_corpus_id))) IS NULL
+     OR NOT EXISTS (SELECT FROM pyembed.corpora co WHERE co.corpus_id = p_corpus_id) THEN
     RAISE EXCEPTION USING ERRCODE = 'PE002',
       MESSAGE = format('unknown corpus %s', coalesce(
         pyembed._quoted((SELECT co.name FROM pyembed.corpora co WHERE co.corpus_id = p_corpus_id)),
@@ -390,6 +391,77 @@ BEGIN
 END
 $$;
 
+-- Who may write a corpus's partition (INSERT, for COPY: its writers' one path, pyembed.vectors
+-- .copy_vectors): the login roles of the corpus's tenant (tenant_members, each the role its OID
+-- names), or pyembed_app for a corpus of no tenant; every other grant on it is revoked. INSERT
+-- lets a role LOCK the table in ROW EXCLUSIVE mode, which the corpus's index build, reindex,
+-- migration step and drop wait for: held by pyembed_app, whose members every tenant's logins
+-- are, one tenant could hold off another's. Called again when a tenant's members change or a
+-- corpus changes tenant, and by every install. Granting locks no table.
+CREATE OR REPLACE FUNCTION pyembed._partition_writers(p_corpus_id integer) RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  part regclass := to_regclass(format('pyembed.%I', pyembed._vector_partition_name(p_corpus_id)));
+  r name;
+BEGIN
+  IF part IS NULL THEN
+    RETURN;  -- (a corpus whose partition is not made yet, or dropped)
+  END IF;
+  FOR r IN SELECT DISTINCT g.rolname
+             FROM pg_catalog.pg_class c, aclexplode(c.relacl) a
+             JOIN pg_catalog.pg_roles g ON g.oid = a.grantee
+            WHERE c.oid = part AND a.grantee <> c.relowner LOOP
+    EXECUTE format('REVOKE ALL ON %s FROM %I', part, r);
+  END LOOP;
+  EXECUTE format('REVOKE ALL ON %s FROM PUBLIC', part);
+  FOR r IN SELECT g.rolname
+             FROM pyembed.corpora co
+             JOIN pyembed.tenant_members m ON m.tenant_id = co.tenant_id
+             JOIN pg_catalog.pg_roles g ON g.oid = m.role_oid AND g.rolname = m.role_name
+            WHERE co.corpus_id = p_corpus_id
+           UNION ALL
+           SELECT 'pyembed_app' FROM pyembed.corpora co
+            WHERE co.corpus_id = p_corpus_id AND co.tenant_id IS NULL
+           ORDER BY 1 LOOP
+    EXECUTE format('GRANT INSERT ON %s TO %I', part, r);
+  END LOOP;
+END
+$$;
+
+-- A tenant's members changed (a login added, moved or removed), or a corpus's tenant: the
+-- writers of each corpus concerned granted again. As the caller (the owner's login, which reads
+-- every tenant's corpora), since writing tenant_members or a corpus's tenant is the owner's.
+CREATE OR REPLACE FUNCTION pyembed._writers_changed() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  c integer;
+BEGIN
+  IF TG_TABLE_NAME = 'corpora' THEN
+    PERFORM pyembed._partition_writers(NEW.corpus_id);
+    RETURN NULL;
+  END IF;
+  FOR c IN SELECT co.corpus_id FROM pyembed.corpora co
+            WHERE co.tenant_id IN (CASE WHEN TG_OP <> 'INSERT' THEN OLD.tenant_id END,
+                                   CASE WHEN TG_OP <> 'DELETE' THEN NEW.tenant_id END)
+            ORDER BY 1 LOOP
+    PERFORM pyembed._partition_writers(c);
+  END LOOP;
+  RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER tenant_members_writers
+  AFTER INSERT OR UPDATE OR DELETE ON pyembed.tenant_members
+  FOR EACH ROW EXECUTE FUNCTION pyembed._writers_changed();
+CREATE OR REPLACE TRIGGER corpora_tenant_writers
+  AFTER UPDATE OF tenant_id ON pyembed.corpora
+  FOR EACH ROW WHEN (NEW.tenant_id IS DISTINCT FROM OLD.tenant_id)
+  EXECUTE FUNCTION pyembed._writers_changed();
+
 -- Make a corpus's partition, or bring an existing one up to date: owner, privileges, triggers,
 -- and the CHECK constraint for the corpus's current keys. The table is made on its own and then
 -- attached, which locks the parent SHARE UPDATE EXCLUSIVE (searches and writes go on) where
@@ -417,8 +489,7 @@ BEGIN
     EXECUTE format('ALTER TABLE pyembed.vectors ATTACH PARTITION pyembed.%I FOR VALUES IN (%s)',
                    part, p_corpus_id);
   END IF;
-  EXECUTE format('REVOKE ALL ON pyembed.%I FROM PUBLIC, pyembed_app', part);
-  EXECUTE format('GRANT INSERT ON pyembed.%I TO pyembed_app', part);
+  PERFORM pyembed._partition_writers(p_corpus_id);
   EXECUTE format('CREATE OR REPLACE TRIGGER vectors_tenant BEFORE INSERT ON pyembed.%I '
                  'FOR EACH STATEMENT EXECUTE FUNCTION pyembed._vectors_tenant(%L)', part, p_corpus_id);
   EXECUTE format('CREATE OR REPLACE TRIGGER vectors_written AFTER INSERT ON pyembed.%I '
@@ -662,17 +733,17 @@ BEGIN
 END
 $$;
 
--- Dropping a corpus deletes its row, every row written for it and its vectors partition, which
--- clients take in both orders: a writer holds the corpus row (FOR KEY SHARE, its documents'
+-- Dropping a corpus deletes its row and every row written for it (its vectors partition is
+-- emptied and left to the next install, below), which clients take in both orders: a writer holds the corpus row (FOR KEY SHARE, its documents'
 -- foreign key) or its chunks, then writes the partition; a search holds pyembed.vectors and the
 -- partition, then records (the recording tables hold no foreign key to the corpus, so it takes
 -- no row lock). No single order suits both, so the drop never waits holding what a client may
 -- wait for (a waiting client looks for a cycle once, deadlock_timeout after it began to wait,
 -- and a drop waiting for it then was one): each attempt takes, in a subtransaction, the corpus
 -- row (waiting at most the function's lock_timeout, holding nothing yet), then without waiting
--- its documents, chunks and queued work (the rows the deletes' cascade locks), pyembed.vectors
--- and the partition (in the order a search takes them: dropping a partition locks its parent),
--- deletes them, and last the corpus's recording rows (no search of it is left running); a lock
+-- its documents, chunks and queued work (the rows the deletes' cascade locks) and the partition
+-- (a search of the corpus holds it: not pyembed.vectors, which a COPY into any tenant's
+-- partition locks too), deletes them, and last the corpus's recording rows (no search of it is left running); a lock
 -- the deletes' triggers take waits only the shorter lock_timeout the attempt sets. An attempt
 -- that cannot have a lock is rolled back, which releases all it took, and the drop retries after
 -- a pause until its deadline, then fails with PE012 (retry later). A name the caller's tenant
@@ -707,20 +778,25 @@ BEGIN
       END IF;
       -- Holding the row, the attempt waits for nothing more: a client waiting for the row
       -- checks for a deadlock once, and found one if this attempt was then waiting for it.
-      -- The rows the deletes lock (a writer's or the worker's) and the relations are taken
+      -- The rows the deletes lock (a writer's or the worker's) and the partition are taken
       -- NOWAIT; whatever else they lock (their triggers' rows) waits the lock_timeout set here.
       PERFORM set_config('lock_timeout', '1ms', true);
       PERFORM FROM pyembed.documents WHERE corpus_id = c.corpus_id FOR UPDATE NOWAIT;
       PERFORM FROM pyembed.chunks WHERE corpus_id = c.corpus_id FOR UPDATE NOWAIT;
       PERFORM FROM pyembed.queue WHERE corpus_id = c.corpus_id FOR UPDATE NOWAIT;
       IF to_regclass(format('pyembed.%I', part)) IS NOT NULL THEN
-        LOCK TABLE ONLY pyembed.vectors IN ACCESS EXCLUSIVE MODE NOWAIT;
         EXECUTE format('LOCK TABLE pyembed.%I IN ACCESS EXCLUSIVE MODE NOWAIT', part);
       END IF;
       DELETE FROM pyembed.documents WHERE corpus_id = c.corpus_id;
       DELETE FROM pyembed.corpora WHERE corpus_id = c.corpus_id;
+      -- The partition, emptied by the deletes (its chunks' vectors go with them), stays until
+      -- the next install drops it (095-vector-partitions.sql), writable by nobody: dropping
+      -- (or detaching) it here locks pyembed.vectors ACCESS EXCLUSIVE, which waited for every
+      -- tenant's open write (a COPY into a partition locks its parent). Renamed (a lock on it
+      -- alone), so that a call that waited for it finds the corpus's partition gone (PE002).
+      PERFORM pyembed._partition_writers(c.corpus_id);
       IF to_regclass(format('pyembed.%I', part)) IS NOT NULL THEN
-        EXECUTE format('DROP TABLE pyembed.%I', part);
+        EXECUTE format('ALTER TABLE pyembed.%I RENAME TO %I', part, 'dropped_' || part);
       END IF;
       DELETE FROM pyembed.recall_samples WHERE corpus_id = c.corpus_id;
       DELETE FROM pyembed.recall_measurements WHERE corpus_id = c.corpus_id;

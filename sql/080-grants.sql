@@ -87,15 +87,16 @@ REVOKE ALL ON pyembed.embedding_cache, pyembed.cache_stats, pyembed.usage, pyemb
   FROM pyembed_app;
 GRANT SELECT ON pyembed.coverage, pyembed.throughput, pyembed.cache_health, pyembed.latency,
   pyembed.recall_health, pyembed.migration_report TO pyembed_app;
--- Vectors: write (guarded), see which chunks have one, never read the embedding. Each corpus's
--- partition grants INSERT alone, for COPY (pyembed._vector_partition). No UPDATE: a vector is
+-- Vectors: write (guarded) into the corpus's own partition, see which chunks have one, never
+-- read the embedding. Each corpus's partition grants INSERT alone, for COPY, to its tenant's
+-- logins (pyembed._partition_writers); the parent none: its INSERT let any tenant LOCK it in ROW
+-- EXCLUSIVE mode, which locks every tenant's partition. No UPDATE: a vector is
 -- replaced by delete and insert (pyembed.vectors.copy_vectors does), so its text hash is always
 -- written with its embedding, and its created_at is the server's (pyembed._vector_document).
 -- REVOKE ALL first: it also revokes the column grants of a database upgraded from before.
 REVOKE ALL ON pyembed.vectors FROM pyembed_app;
 GRANT SELECT (corpus_id, chunk_id, model_key, content_hash, created_at) ON pyembed.vectors
   TO pyembed_app;
-GRANT INSERT ON pyembed.vectors TO pyembed_app;
 
 GRANT EXECUTE ON FUNCTION
   pyembed.search(text, vector, text, numeric, jsonb, text),

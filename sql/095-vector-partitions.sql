@@ -6,9 +6,19 @@
 DO $partitions$
 DECLARE
   c integer;
+  part name;
 BEGIN
   FOR c IN SELECT corpus_id FROM pyembed.corpora ORDER BY corpus_id LOOP
     PERFORM pyembed._vector_partition(c);
+  END LOOP;
+  -- The partitions of corpora dropped since the last install (pyembed.drop_corpus empties them
+  -- and leaves them: a drop's lock on the parent waited for every tenant's writes and reads).
+  FOR part IN SELECT cl.relname
+                FROM pg_catalog.pg_inherits i JOIN pg_catalog.pg_class cl ON cl.oid = i.inhrelid
+               WHERE i.inhparent = 'pyembed.vectors'::regclass
+                 AND cl.relname ~ '^dropped_vectors_c[0-9]+$'
+               ORDER BY 1 LOOP
+    EXECUTE format('DROP TABLE pyembed.%I', part);
   END LOOP;
   FOR c IN SELECT corpus_id FROM pyembed.corpora
            UNION

@@ -76,6 +76,8 @@ def login_role(owner: psycopg.Connection[Any], dsn: str, prefix: str,
     finally:
         owner.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                       "WHERE usename = %s", (name,))
+        # (A tenant's login holds its corpora's partitions' INSERT: README's DROP OWNED.)
+        owner.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(name)))
         owner.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))
 
 

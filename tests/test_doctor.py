@@ -410,3 +410,26 @@ def test_a_corpus_vector_leg_missing_or_changed_by_hand_is_named_with_the_fix(
     code, lines, text = _doctor(db)
     assert lines["corpora's vector legs"].startswith("ok   "), text
 
+
+
+def test_a_session_holding_the_stamp_key_exclusively_is_named(
+        db: Database, plain: str) -> None:
+    """Any role may take any advisory key: a login holding (LOCK_CLASS, the installed code's
+    stamp) exclusively kept every backend that loads that code from taking its shared stamp
+    lock, doctor's own probe included, so the check skipped ("this session did not import
+    pyembed") and a backend running older code went unnamed. Doctor counts shared stamp locks
+    only (a backend's), and names a session holding the key exclusively, with the fix."""
+    from pyembed.config import code_stamp
+    from pyembed.loaded import LOCK_CLASS
+
+    check = "backends run the installed pyembed"
+    stamp = code_stamp() % 2**32
+    with psycopg.connect(plain, autocommit=True) as spoof:
+        spoof.execute("SELECT pg_advisory_lock(%s, (%s::bigint - "
+                      "CASE WHEN %s::bigint >= 2147483648 THEN 4294967296 ELSE 0 END)::integer)",
+                      (LOCK_CLASS, stamp, stamp))
+        code, lines, text = _doctor(db)
+        assert code != 0 and lines[check].startswith(f"FAIL {check}: 1 session(s) hold"), text
+        assert f"pid {spoof.info.backend_pid} " in lines[check], text
+    code, lines, text = _doctor(db)
+    assert lines[check].startswith(f"ok   {check}: yes"), text

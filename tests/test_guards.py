@@ -17,7 +17,7 @@ from pyembed.dbcall import translated
 from pyembed.errors import InvalidInput, InvalidVector, ModelMismatch, UnknownCorpus
 from pyembed.search import search
 from pyembed.text import sha256
-from pyembed.vectors import as_unit_vectors, copy_data, copy_vectors
+from pyembed.vectors import as_unit_vectors, copy_data, copy_vectors, vector_partition
 from tests.conftest import Database
 from tests.helpers import (
     chunk_hashes,
@@ -46,8 +46,9 @@ def _insert_raw(conn: psycopg.Connection[Any], corpus_id: int, key: str, vec: st
                          "chunk_index) DO UPDATE SET content = 'raw text' RETURNING chunk_id",
                          (corpus_id,)).fetchone()
     assert chunk is not None
-    conn.execute("INSERT INTO pyembed.vectors (corpus_id, chunk_id, model_key, embedding) "
-                 "VALUES (%s, %s, %s, %s::vector)", (corpus_id, chunk[0], key, vec))
+    conn.execute(sql.SQL("INSERT INTO {} (corpus_id, chunk_id, model_key, embedding) "
+                         "VALUES (%s, %s, %s, %s::vector)").format(vector_partition(corpus_id)),
+                 (corpus_id, chunk[0], key, vec))
 
 
 def test_two_am_same_width_other_model_is_refused_for_write_and_search(
@@ -361,8 +362,9 @@ def test_vectors_carry_their_chunks_document_number(
     assert chunk is not None
     app.execute("SELECT pyembed._clear_vectors(%s, %s, %s, %s, NULL)",
                 (corpus.corpus_id, KEY_A, chunk[0], chunk[0]))
-    app.execute("INSERT INTO pyembed.vectors (corpus_id, chunk_id, model_key, embedding, doc_no) "
-                "VALUES (%s, %s, %s, %s::vector, -5)",
+    app.execute(sql.SQL("INSERT INTO {} (corpus_id, chunk_id, model_key, embedding, doc_no) "
+                        "VALUES (%s, %s, %s, %s::vector, -5)").format(
+                            vector_partition(corpus.corpus_id)),
                 (corpus.corpus_id, chunk[0], KEY_A, str(unit(1024, 1).tolist())))
     app.execute("UPDATE pyembed.chunks SET document_id = 'doc2', chunk_index = 1 "
                 "WHERE chunk_id = %s", chunk)
@@ -389,8 +391,9 @@ def test_a_vector_written_while_its_chunk_moves_carries_the_new_document(
     app.execute("SELECT pyembed._clear_vectors(%s, %s, %s, %s, NULL)",
                 (corpus.corpus_id, KEY_A, chunk[0], chunk[0]))
     with connect(db.app_dsn) as writer, connect(db.app_dsn, autocommit=True) as mover:
-        writer.execute("INSERT INTO pyembed.vectors (corpus_id, chunk_id, model_key, embedding) "
-                       "VALUES (%s, %s, %s, %s::vector)",
+        writer.execute(sql.SQL("INSERT INTO {} (corpus_id, chunk_id, model_key, embedding) "
+                               "VALUES (%s, %s, %s, %s::vector)").format(
+                                   vector_partition(corpus.corpus_id)),
                        (corpus.corpus_id, chunk[0], KEY_A, str(unit(1024, 0).tolist())))
         mover.execute("SET lock_timeout = '20s'")
         thread, errors = in_background(lambda: mover.execute(
@@ -422,16 +425,26 @@ def test_app_role_may_only_copy_into_a_partition(
 
 
 def test_a_dropped_corpus_takes_its_partition_and_indexes(
-        app: psycopg.Connection[Any], owner: psycopg.Connection[Any],
+        db: Database, app: psycopg.Connection[Any], owner: psycopg.Connection[Any],
         corpus: CorpusInfo) -> None:
+    """A drop empties the corpus's partition and takes every grant on it; the next install
+    drops it with its indexes (dropping it in the drop locked the parent, every tenant's)."""
+    from pyembed import schema
+
     write_chunks(app, corpus, rows(2, 1024), KEY_A)
     part = f"pyembed.vectors_c{corpus.corpus_id}"
     assert owner.execute("SELECT count(*) FROM pg_indexes WHERE schemaname = 'pyembed' "
                          "AND tablename = %s AND indexname LIKE 'vectors_hnsw_%%'",
                          (part.split(".")[1],)).fetchone() == (1,)
     drop_corpus(app, "docs")
-    assert owner.execute("SELECT to_regclass(%s)", (part,)).fetchone() == (None,)
     assert owner.execute("SELECT count(*) FROM pyembed.vectors").fetchone() == (0,)
+    left = part.replace("vectors_c", "dropped_vectors_c")
+    assert owner.execute("SELECT to_regclass(%s)", (part,)).fetchone() == (None,)
+    assert owner.execute("SELECT relacl::text[] <@ ARRAY[format('pyembed_owner=arwdDxt/%%s', "
+                         "'pyembed_owner')] FROM pg_class WHERE oid = %s::regclass",
+                         (left,)).fetchone() == (True,)
+    schema.install(db.owner_dsn)
+    assert owner.execute("SELECT to_regclass(%s)", (left,)).fetchone() == (None,)
 
 
 def test_the_partition_guard_follows_the_corpus_keys_through_a_migration(

@@ -21,6 +21,7 @@ from pyembed.cachekey import cache_key
 from pyembed.corpora import ChunkRow, CorpusInfo, corpus_info, write_chunks
 from pyembed.db import connect, translate
 from pyembed.errors import InvalidInput
+from pyembed.vectors import vector_partition
 from tests.conftest import Database
 from tests.helpers import login_role, run_cli, sql_error, stored_chunks, unit
 
@@ -314,17 +315,17 @@ def test_a_column_the_server_owns_keeps_the_servers_value(
     for ever, and a stale vector could be marked as made from its chunk's new text. It could
     also DELETE queued jobs, dropping work and leaving a chunk without a vector. Now each such
     write is refused or its value is the server's, through every path that writes the row (the
-    parent, the partition a COPY writes, an update)."""
+    partition a COPY writes, an update; the parent takes no INSERT)."""
     for i in range(3):
         app.execute("SELECT pyembed.add_document('docs', %s, %s)", (f"d{i}", f"refund text {i}"))
     chunks = [r[0] for r in app.execute("SELECT chunk_id FROM pyembed.chunks "
                                         "ORDER BY chunk_id").fetchall()]
     (partition,) = app.execute("SELECT pyembed.vector_table('docs')").fetchone()
-    for table, chunk in (("pyembed.vectors", chunks[0]), (partition, chunks[1])):
-        app.execute(sql.SQL("INSERT INTO {} (corpus_id, chunk_id, model_key, embedding, "
-                            "created_at, doc_no) VALUES (%s, %s, %s, %s, 'infinity', 999)")
-                    .format(sql.SQL(table)), (docs.corpus_id, chunk, KEY, vec(unit(384, 0))))
-    refused = ["UPDATE pyembed.vectors SET created_at = 'infinity'",
+    forged = sql.SQL("INSERT INTO {} (corpus_id, chunk_id, model_key, embedding, created_at, "
+                     "doc_no) VALUES (%(corpus)s, %(chunk)s, %(key)s, %(vector)s, 'infinity', 999)")
+    app.execute(forged.format(sql.SQL(partition)), {
+        "corpus": docs.corpus_id, "chunk": chunks[1], "key": KEY, "vector": vec(unit(384, 0))})
+    refused = [forged.format(sql.SQL("pyembed.vectors")),"UPDATE pyembed.vectors SET created_at = 'infinity'",
                "UPDATE pyembed.vectors SET content_hash = '\\x00'",
                "UPDATE pyembed.vectors SET embedding = embedding",
                "UPDATE pyembed.documents SET updated_at = 'infinity'",
@@ -332,7 +333,9 @@ def test_a_column_the_server_owns_keeps_the_servers_value(
                "VALUES (%(corpus)s, 'forged', '\\x00', 'infinity')",
                "DELETE FROM pyembed.queue"]
     for statement in refused:
-        err = sql_error(app, statement, {"corpus": docs.corpus_id} if "%(" in statement else ())
+        err = sql_error(app, statement, {"corpus": docs.corpus_id, "chunk": chunks[0], "key": KEY,
+                                         "vector": vec(unit(384, 0))}
+                        if "%(" in str(statement) else ())
         assert isinstance(err, psycopg.errors.InsufficientPrivilege), (statement, err)
     assert owner.execute("SELECT count(*) FROM pyembed.vectors WHERE created_at > now() "
                          "OR created_at < now() - interval '1 hour'").fetchone() == (0,)
@@ -404,8 +407,8 @@ def test_a_model_that_keeps_lengths_refuses_vectors_whose_scores_overflow_or_van
     app.execute("SELECT pyembed.create_corpus('raw', %s)", (RAW,))
     raw = corpus_info(app, "raw")
     (chunk,) = stored_chunks(app, raw, 1)
-    insert = ("INSERT INTO pyembed.vectors (corpus_id, chunk_id, model_key, embedding) "
-              "VALUES (%s, %s, %s, %s::vector)")
+    insert = sql.SQL("INSERT INTO {} (corpus_id, chunk_id, model_key, embedding) "
+                     "VALUES (%s, %s, %s, %s::vector)").format(vector_partition(raw.corpus_id))
     for bad in ([3e38, 3e38, 1, 1], [1e-45, 0, 0, 0], [1e-30, 1e-30, 0, 0]):
         err = sql_error(app, insert, (raw.corpus_id, chunk, RAW, vec(bad)))
         assert err.sqlstate == "PE003", bad

@@ -673,3 +673,46 @@ def test_a_drop_never_waits_while_holding_what_a_waiting_client_needs(
             assert result == [True] and count(owner.conn, "corpora") == 0
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("second", ["reindex", "backfill"])
+def test_a_second_index_build_of_a_corpus_says_another_is_running(
+        db: Database, corpus: tuple[Client, Client, list[str]], second: str) -> None:
+    """Two DBAs' `pyembed corpus reindex` of one corpus at once (or a reindex and a migration's
+    backfill, which builds the target's index): each builds CONCURRENTLY, and the second dropped
+    the first's half-built index (DROP INDEX CONCURRENTLY, waiting for the first, which waited
+    for the second's snapshot): a deadlock, exit 1. Now one index build of a corpus runs at a
+    time (pyembed._claim_backfill, the claim a backfill takes): the second is Busy (PE012) at
+    once, naming the other, and the first completes. The first is held mid-build by a
+    transaction whose snapshot its build waits for."""
+    _app, owner, _texts = corpus
+    if second == "backfill":
+        migration.start(owner, CORPUS, NEW)
+    holder = psycopg.connect(db.owner_dsn)
+    first = pyembed.connect(db.owner_dsn)
+    watcher = psycopg.connect(db.owner_dsn, autocommit=True)
+    other = pyembed.connect(db.owner_dsn)
+    try:
+        holder.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        holder.execute("SELECT count(*) FROM pyembed.models").fetchone()  # a snapshot held
+        other.conn.execute("SET statement_timeout = '10s'")  # (before: it waited for ever)
+        thread, errors = in_background(lambda: first.rebuild_index(CORPUS))
+        thread.start()
+        assert waits_for_lock(watcher, first.conn.info.backend_pid, thread)
+        with pytest.raises(pyembed.Busy,
+                           match="another index build of corpus 'docs' is already running"):
+            if second == "reindex":
+                other.rebuild_index(CORPUS)
+            else:
+                migration.backfill(other, CORPUS)
+        holder.rollback()
+        thread.join(60)
+        assert not thread.is_alive() and errors == []
+    finally:
+        holder.close()
+        first.close()
+        watcher.close()
+        other.close()
+    # The first rebuild swapped its index in; nothing half-built is left.
+    assert one(owner.conn, "SELECT count(*) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+               "WHERE c.relnamespace = 'pyembed'::regnamespace AND NOT i.indisvalid") == 0

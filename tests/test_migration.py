@@ -31,6 +31,7 @@ import psycopg
 import pytest
 from pgvector import Vector
 from pgvector.psycopg import register_vector
+from psycopg import sql
 
 import pyembed
 from pyembed import evaluation, migration, rag
@@ -42,6 +43,7 @@ from pyembed.models import InputType
 from pyembed.providers.fake import FakeProvider, fake_vectors
 from pyembed.search import bucket
 from pyembed.search import search as store_search
+from pyembed.vectors import vector_partition
 from pyembed.worker import Worker
 from tests.conftest import REPO, Database
 from tests.helpers import assert_nearest_functions_in_line, run_cli
@@ -169,18 +171,19 @@ def assert_no_vector_crosses_keys(owner: psycopg.Connection[Any]) -> Counter[str
 def assert_wrong_keys_refused(app: psycopg.Connection[Any], allowed: set[str]) -> None:
     """A raw vector write (as the application role) under any key the corpus does not accept
     now is refused with PE001, even for a chunk that already has one under that key."""
-    row = app.execute("SELECT chunk_id, content FROM pyembed.chunks ORDER BY chunk_id LIMIT 1"
-                      ).fetchone()
+    row = app.execute("SELECT chunk_id, content, corpus_id FROM pyembed.chunks ORDER BY chunk_id "
+                      "LIMIT 1").fetchone()
     assert row is not None
-    chunk_id, content = int(row[0]), str(row[1])
+    chunk_id, content, corpus_id = int(row[0]), str(row[1]), int(row[2])
     for key in sorted({OLD, NEW, OTHER} - allowed):
         with pytest.raises(psycopg.Error) as err, app.transaction():
             app.execute("SELECT pyembed._clear_vectors(corpus_id, %s, %s, %s, NULL) "
                         "FROM pyembed.chunks WHERE chunk_id = %s",
                         (key, chunk_id, chunk_id, chunk_id))
-            app.execute("INSERT INTO pyembed.vectors (corpus_id, chunk_id, model_key, embedding) "
-                        "SELECT corpus_id, chunk_id, %s, %s FROM pyembed.chunks "
-                        "WHERE chunk_id = %s", (key, Vector(fake(key, [content])[0]), chunk_id))
+            app.execute(sql.SQL("INSERT INTO {} (corpus_id, chunk_id, model_key, embedding) "
+                                "SELECT corpus_id, chunk_id, %s, %s FROM pyembed.chunks "
+                                "WHERE chunk_id = %s").format(vector_partition(corpus_id)),
+                        (key, Vector(fake(key, [content])[0]), chunk_id))
         assert err.value.sqlstate == "PE001", (key, err.value)
         assert key in str(err.value)
 
@@ -1229,7 +1232,7 @@ def test_no_other_roles_advisory_lock_keeps_a_backfill_from_starting(
             # A backfill running in another owner's session is still refused, until it ends.
             with psycopg.connect(db.owner_dsn, autocommit=True) as running:
                 assert one(running, "SELECT pyembed._claim_backfill(%s)", (cid,)) is True
-                with pytest.raises(MigrationError, match="already running"):
+                with pytest.raises(pyembed.Busy, match="already running"):
                     migration.backfill(owner, CORPUS)
                 pid = running.info.backend_pid
             # Its claim ends with its backend, which ends after the client has closed: wait.

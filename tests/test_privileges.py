@@ -70,7 +70,9 @@ def test_privileges_match_the_golden_file(owner: psycopg.Connection[Any]) -> Non
         assert f"table {table} | pyembed_app | -" in lines, table
     assert not [line for line in lines if line.startswith("column vectors.embedding | pyembed_app")
                 and "SELECT" in line]
-    assert "table vectors | pyembed_app | INSERT" in lines  # and no SELECT of embeddings
+    # Vectors are written into each corpus's partition (pyembed._partition_writers), the
+    # parent takes none: its INSERT let a tenant LOCK every partition ROW EXCLUSIVE.
+    assert "table vectors | pyembed_app | -" in lines
     assert_matches_golden("privileges.txt", lines, "tests/test_privileges.py")
 
 
@@ -647,13 +649,6 @@ def test_a_row_a_table_refuses_is_one_clear_error_of_its_class(
                 "pyembed.chunks: that document_id, chunk_index are taken in that corpus (a row "
                 "with the same corpus_id, document_id, chunk_index exists: unique index "
                 "chunks_corpus_id_document_id_chunk_index_key)",
-            "INSERT INTO pyembed.vectors (corpus_id, chunk_id, model_key, embedding, "
-            "content_hash) SELECT corpus_id, chunk_id, model_key, (array_fill(0::real, "
-            "ARRAY[dimensions - 1]) || 1::real)::vector, content_hash FROM pyembed.vectors "
-            "JOIN pyembed.models USING (model_key) WHERE corpus_id = %s":
-                "pyembed.vectors: that chunk_id, model_key are taken in that corpus (a row "
-                "with the same corpus_id, chunk_id, model_key exists: unique index "
-                "vectors_c",
         }
         for query_id in ("q1", "q2"):
             a.execute("INSERT INTO pyembed.eval_queries (corpus_id, query_id, query, relevant) "
@@ -664,8 +659,9 @@ def test_a_row_a_table_refuses_is_one_clear_error_of_its_class(
         cases[f"INSERT INTO {partition} (corpus_id, chunk_id, model_key, embedding, "
               "content_hash) SELECT corpus_id, chunk_id, model_key, (array_fill(0::real, "
               "ARRAY[dimensions - 1]) || 1::real)::vector, content_hash FROM pyembed.vectors "
-              "JOIN pyembed.models USING (model_key) WHERE corpus_id = %s"] = cases[next(
-                  c for c in cases if c.startswith("INSERT INTO pyembed.vectors"))]
+              "JOIN pyembed.models USING (model_key) WHERE corpus_id = %s"] = (
+                  "pyembed.vectors: that chunk_id, model_key are taken in that corpus (a row "
+                  "with the same corpus_id, chunk_id, model_key exists: unique index vectors_c")
         for statement, message in cases.items():
             error = translate(sql_error(a, statement, (mine,)))
             assert isinstance(error, pyembed.InvalidInput), (statement, error)
@@ -689,13 +685,11 @@ WRITES_INTO_A_CORPUS = {
         "VALUES (%s, 'q1', ' ', '{d1}')",
         "INSERT INTO pyembed.eval_queries (corpus_id, query_id, query, relevant) "
         "VALUES (%s, 'q1', 'a query', '{}')"],
-    "vectors": ["INSERT INTO pyembed.vectors (corpus_id, chunk_id, model_key, embedding, "
-                "content_hash) SELECT %s, 1, model_key, (array_fill(0::real, "
-                "ARRAY[dimensions - 1]) || 1::real)::vector, '\\x00' FROM pyembed.models "
-                f"WHERE model_key = '{OLD}'"],
 }
 """A row for a corpus, written directly, per table the application role may write rows of a
-corpus into: each statement trips a check of the table's triggers, if it has any."""
+corpus into: each statement trips a check of the table's triggers, if it has any. (Vectors are
+written into the corpus's own partition, which only its tenant's logins may write: another
+tenant's is UnknownCorpus too, test_tenants.py.)"""
 
 TABLES_THE_APP_ROLE_WRITES_CORPUS_ROWS_INTO = """
 SELECT c.relname::text FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid
@@ -874,20 +868,38 @@ def test_every_grant_in_the_schema_is_to_a_role_accounted_for(
 def test_a_tenants_login_may_do_what_the_app_role_may_and_nothing_more(
         owner: psycopg.Connection[Any], two: dict[str, str]) -> None:  # noqa: F811
     """Every privilege of a tenant's login on every object of the schema (partitions, columns,
-    sequences, functions and types included) is the application role's: a tenant's login is a
-    member of pyembed_app and holds nothing of its own. PUBLIC holds nothing but the types'
+    sequences, functions and types included) is the application role's, but the INSERT on its
+    own tenant's corpora's partitions (pyembed._partition_writers): a tenant's login is a member
+    of pyembed_app and holds nothing else of its own. PUBLIC holds nothing but the types'
     USAGE (PUBLIC_TYPES)."""
     with pyembed.connect(two["a"]) as client:
         client.create_corpus("docs", "fake/fake-hash@1:384")
+    with pyembed.connect(two["b"]) as client:
+        client.create_corpus("docs", "fake/fake-hash@1:384")
+    owner.execute("SELECT pyembed.create_corpus('nobodys', 'fake/fake-hash@1:384')")
+    partitions = dict(owner.execute(
+        "SELECT coalesce(m.role_name::text, 'pyembed_app'), pyembed._vector_partition_name("
+        "c.corpus_id) FROM pyembed.corpora c "
+        "LEFT JOIN pyembed.tenant_members m USING (tenant_id)").fetchall())
+    assert len(partitions) == 3
+
+    def own(lines: set[str], role: str) -> set[str]:
+        """The lines of the role's own corpora's partition: its INSERT and its columns'."""
+        mine = {line for line in lines if line.split()[1].split(".")[0] == partitions.get(role)}
+        assert role not in partitions or f"r {partitions[role]} INSERT" in mine, (role, mine)
+        assert {line.split()[-1] for line in mine} <= {"INSERT"}, mine
+        return mine
     logins = [r[0] for r in owner.execute(
         "SELECT m.member::regrole::text FROM pg_auth_members m JOIN pg_roles r "
         "ON r.oid = m.member WHERE m.roleid = 'pyembed_app'::regrole AND r.rolcanlogin "
         "AND NOT pg_has_role(m.member, 'pyembed_worker', 'MEMBER')").fetchall()]
     assert len(logins) >= 3  # the application's login and the two tenants'
     app_held = held(owner, "pyembed_app")
-    assert any(line.startswith("r vectors_") for line in app_held)
+    assert {line for line in app_held if line.split()[1].startswith("vectors_c")} == own(
+        app_held, "pyembed_app")  # of a corpus of no tenant only
     for login in logins:
-        assert held(owner, login) == app_held, login
+        login_held = held(owner, login)
+        assert login_held - own(login_held, login) == app_held, login
     with owner.transaction(force_rollback=True):  # the walk sees a login's own grant
         owner.execute(sql.SQL("GRANT SELECT (tokens) ON pyembed.usage TO {}").format(
             sql.Identifier(logins[0])))

@@ -849,6 +849,8 @@ def test_a_database_the_last_release_installed_upgrades_to_install(
             assert [h.document_id for h in docs.search("quota error E402", mode=mode, k=1)] \
                 == ["d2"], mode
         client.drop_corpus("docs")  # its partition is no part of a fresh install's dump
+    # (a drop leaves the emptied partition to the next install, which drops it)
+    assert schema.install(empty_db.owner_dsn) == schema.head_revision()
     _assert_same(schema_dump(empty_db.owner_dsn), fresh_dump)
 
 
@@ -902,3 +904,54 @@ def test_install_ddl_waits_a_bounded_time_for_a_tables_lock(
     assert "2 tries" in message and 2.5 <= took < 10, (took, message)
     assert max(waits) < 2, f"writes queued behind the install: {waits}"
     assert schema.install(db.owner_dsn) == schema.head_revision()
+
+
+@pytest.mark.parametrize("names", ["same", "distinct"])
+def test_a_downgrade_with_two_tenants_data_works_or_says_why_in_one_line(
+        empty_db: Database, names: str) -> None:
+    """`alembic downgrade base` with two tenants' corpora failed in revision 0005 with a raw
+    traceback (its UNIQUE (name) of the corpora, which tenants share names under). Below 0005
+    a corpus name is the database's: two tenants' corpora of one name stop the downgrade
+    before it changes anything, naming them and the fix; with distinct names it goes through
+    every revision. From the repo's `alembic` command a database error is one FAILED line."""
+    from pyembed import tenants
+
+    assert schema.install(empty_db.owner_dsn) == schema.head_revision()
+    roles = []
+    with psycopg.connect(empty_db.owner_dsn, autocommit=True) as owner:
+        for name in ("a", "b"):
+            role = f"down_{name}_{uuid.uuid4().hex[:6]}"
+            tenants.create_tenant(owner, name)
+            tenants.add_member(owner, name, role, create_login="pw")
+            roles.append(role)
+            dsn = psycopg.conninfo.make_conninfo(empty_db.app_dsn, user=role, password="pw")
+            with connect(dsn, autocommit=True) as app:
+                corpus = create_corpus(app, "docs" if names == "same" else f"docs-{name}", KEY)
+                write_chunks(app, corpus, rows(3, 384), KEY)
+    try:
+        if names == "same":
+            out = subprocess.run([str(Path(sys.executable).parent / "alembic"), "downgrade",
+                                  "base"], cwd=REPO, capture_output=True, text=True,
+                                 env={**os.environ, "PYEMBED_OWNER_DSN": empty_db.owner_dsn},
+                                 timeout=120)
+            printed = out.stdout + out.stderr
+            assert out.returncode != 0 and "Traceback" not in printed, printed
+            said = [line for line in printed.splitlines() if line.startswith("FAILED:")]
+            assert len(said) == 1 and "revision 0005" in said[0] and "'docs'" in said[0], \
+                printed
+            with pytest.raises(InstallError, match="revision 0005"):
+                schema.downgrade(empty_db.owner_dsn, "base")
+            assert schema.current_revision(empty_db.owner_dsn) == schema.head_revision()
+        else:
+            # (b's corpus dropped: its emptied partition, left for the next install, goes with
+            # revision 0036's downgrade)
+            dsn = psycopg.conninfo.make_conninfo(empty_db.app_dsn, user=roles[1], password="pw")
+            with pyembed.connect(dsn) as b:
+                b.drop_corpus("docs-b")
+            schema.downgrade(empty_db.owner_dsn, "base")
+            assert schema.current_revision(empty_db.owner_dsn) is None
+    finally:
+        with psycopg.connect(empty_db.owner_dsn, autocommit=True) as owner:
+            for role in roles:
+                owner.execute(f'DROP OWNED BY "{role}"')
+                owner.execute(f'DROP ROLE "{role}"')

@@ -529,7 +529,7 @@ GIVEN_BY_PYEMBED = {
         "_nearest_rules", "_nearest_scans", "_nearest_settings", "_nearest_source",
         "_nearest_sql", "_norm_ok", "_swap_vector_index", "_vector_guard_expr",
         "_vector_index_sql", "_vector_indexes", "_vector_partition", "_vector_partition_name",
-        "_vector_ranking")},
+        "_vector_ranking", "_partition_writers")},
 }
 
 OWNER_RAISES = {
@@ -643,6 +643,7 @@ OWNER_CALLS = {
     "_vector_index_sql": [DOCS_ID, f"'{FAKE}'", "false", "'vector'", "NULL"],
     "_vector_indexes": [DOCS_ID, f"'{FAKE}'"],
     "_vector_partition": [DOCS_ID],
+    "_partition_writers": [DOCS_ID],
     "_vector_partition_name": [DOCS_ID],
     "_vector_ranking": [DOCS, Q, f"'{FAKE}'", "5", "'{}'", "'document'", "10"],
     "hnsw_rule": ["1000", "384", "'vector'"],

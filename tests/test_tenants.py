@@ -13,6 +13,7 @@ import numpy as np
 import psycopg
 import pytest
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 import pyembed
 from pyembed import tenants
@@ -114,8 +115,8 @@ def test_a_tenant_cannot_copy_into_another_tenants_partition(two: dict[str, str]
     b = fill(two["b"], A_KEY, 2)
     b_id = corpus_info(b.conn, "docs").corpus_id
     b_chunks = [r[0] for r in b.conn.execute("SELECT chunk_id FROM pyembed.chunks")]
-    # Every tenant's login role is in pyembed_app, which may INSERT into every partition: the
-    # partition's statement trigger refuses another tenant's before a row is written.
+    # Only the corpus's tenant's logins may INSERT into its partition (pyembed._partition_writers;
+    # the partition's statement trigger refuses another tenant's too).
     with pytest.raises(pyembed.UnknownCorpus, match=f"unknown corpus id {b_id}"), translated(), \
             a.conn.transaction(), a.conn.cursor() as cur:
         copy_vectors(cur, b_id, b_chunks, A_KEY, np.stack([unit(384, 1), unit(384, 2)]),
@@ -574,7 +575,8 @@ def test_a_vector_for_another_tenants_chunk_waits_for_nothing_of_it(
     the write: tenant b writing a vector for tenant a's chunk through the parent table waited
     for a's open transaction on that chunk (and learned it exists and is being changed). Now
     the corpus is checked first, as the caller: the policy's error at once, the same as for an
-    id nobody has; and _dequeue_written reads no other tenant's jobs."""
+    id nobody has; and _dequeue_written reads no other tenant's jobs. (Since the parent takes no
+    INSERT, b writes into a's partition: refused by its privileges, before any trigger.)"""
     key = "fake/fake-hash@1:384"
     with psycopg.connect(two["a"], autocommit=True) as a:
         (corpus_id,) = a.execute("SELECT pyembed.create_corpus('mine', %s)", (key,)).fetchone()
@@ -583,19 +585,20 @@ def test_a_vector_for_another_tenants_chunk_waits_for_nothing_of_it(
         with a.transaction(), psycopg.connect(two["b"], autocommit=True) as b:
             a.execute("SELECT FROM pyembed.chunks WHERE chunk_id = %s FOR UPDATE", (chunk,))
             b.execute("SET lock_timeout = '2s'")
-            insert = ("INSERT INTO pyembed.vectors (corpus_id, chunk_id, model_key, embedding) "
-                      "VALUES (%s, %s, %s, %s)")
+            insert = ("INSERT INTO pyembed.vectors_c{} (corpus_id, chunk_id, model_key, "
+                      "embedding) VALUES (%s, %s, %s, %s)")
             started = time.monotonic()
-            err = sql_error(b, insert, (corpus_id, chunk, key, str(unit(384, 0).tolist())))
+            err = sql_error(b, insert.format(corpus_id),
+                            (corpus_id, chunk, key, str(unit(384, 0).tolist())))
             took = time.monotonic() - started
-            nobody = sql_error(b, insert, (corpus_id + 1000, chunk, key,
-                                           str(unit(384, 0).tolist())))
+            nobody = sql_error(b, insert.format(corpus_id + 1000),
+                               (corpus_id + 1000, chunk, key, str(unit(384, 0).tolist())))
             b.execute("SELECT pyembed._dequeue_written(%s, %s, %s, %s, %s)",
                       (corpus_id, key, chunk, chunk, [b"x"]))
         assert err.sqlstate == "42501" and took < 1.5, (err, took)
         # (An id nobody has has no partition: refused before any trigger, said the same.)
         assert type(translate(nobody)) is type(translate(err)) is pyembed.UnknownCorpus
-        assert str(translate(nobody)) == str(translate(err))
+        assert str(translate(err)).startswith(f"unknown corpus id {corpus_id}:"), translate(err)
         assert a.execute("SELECT count(*) FROM pyembed.queue").fetchone() == (1,)
 
 
@@ -728,3 +731,137 @@ def test_a_tenant_can_lock_no_table_more_than_its_own_rows_and_stalls_no_other_t
                                       "pyembed.delete_failures('docs')").fetchone() == (1, 1, 0)
     assert b_client.conn.execute("SELECT count(*) FROM pyembed.documents").fetchone() == (3,)
     b_client.close()
+
+
+def _lockable(owner: psycopg.Connection[Any], a_dsn: str) -> tuple[list[str], dict[str, list[str]]]:
+    """Every relation of the schema (every tenant's partitions included), and the lock modes
+    tenant `a_dsn` may take on each (LOCK ... NOWAIT, one mode at a time)."""
+    relations = [r[0] for r in owner.execute(
+        "SELECT c.relname FROM pg_class c WHERE c.relnamespace = 'pyembed'::regnamespace "
+        "AND c.relkind IN ('r', 'p', 'v', 'm', 'f') ORDER BY 1")]
+    taken: dict[str, list[str]] = {}
+    with psycopg.connect(a_dsn, autocommit=True) as a:
+        for relation in relations:
+            for mode in LOCK_MODES:
+                try:
+                    with a.transaction():
+                        a.execute(sql.SQL("LOCK TABLE {} IN {} MODE NOWAIT").format(
+                            sql.Identifier("pyembed", relation), sql.SQL(mode)))
+                except psycopg.errors.InsufficientPrivilege:
+                    continue
+                taken.setdefault(relation, []).append(mode)
+    return relations, taken
+
+
+def test_a_tenant_can_lock_nothing_another_tenants_dba_work_waits_for(
+        db: Database, two: dict[str, str], owner: psycopg.Connection[Any],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The application role's INSERT on pyembed.vectors (the parent) and on every corpus's
+    partition let any tenant `LOCK ... IN ROW EXCLUSIVE MODE` the parent (which locks every
+    partition) or another tenant's partition: that tenant's index build at a bulk load's end,
+    `corpus reindex`, migration step (the partition's constraint) and corpus drop then waited
+    and failed busy. Now a tenant may take ROW EXCLUSIVE on its own corpora's partitions only
+    (its writes COPY there) and ACCESS SHARE on what it reads; holding every lock it can take,
+    and every row it can lock, tenant b's DBA work on its own corpora goes through."""
+    from pyembed import migration
+
+    fill(two["a"], A_KEY, 3).close()
+    b_client = fill(two["b"], A_KEY, 3)
+    b_client.create_corpus("gone", A_KEY)
+    b_client.create_corpus("loaded", A_KEY)
+    a_part = owner.execute("SELECT pyembed._vector_partition_name(c.corpus_id) FROM "
+                           "pyembed.corpora c JOIN pyembed.tenants t USING (tenant_id) "
+                           "WHERE t.name = 'a'").fetchone()
+    assert a_part is not None
+    relations, taken = _lockable(owner, two["a"])
+    assert sum(r.startswith("vectors_c") for r in relations) == 4
+    # (ROW EXCLUSIVE on a table of every tenant's rows, its inserts' lock, conflicts with no
+    # corpus's maintenance; on a partition it does, and the parent's locks every partition.)
+    wrong = {r: m for r, m in taken.items()
+             if set(m) - ({"ROW EXCLUSIVE"} if r == a_part[0] else {"ACCESS SHARE"}
+                          if r.startswith("vectors") else OWN_ROWS_MODES)}
+    assert wrong == {}, wrong
+    assert taken[a_part[0]] == ["ROW EXCLUSIVE"], taken
+    monkeypatch.setenv("PGOPTIONS", "-c lock_timeout=3s")
+    with psycopg.connect(two["a"], autocommit=True) as a, a.transaction():
+        for relation, modes in taken.items():
+            a.execute(sql.SQL("LOCK TABLE {} IN {} MODE NOWAIT").format(
+                sql.Identifier("pyembed", relation), sql.SQL(modes[-1])))
+        for relation in ("documents", "chunks", "eval_queries"):
+            a.execute(sql.SQL("SELECT FROM {} FOR UPDATE").format(
+                sql.Identifier("pyembed", relation))).fetchall()
+        a.execute("SELECT pyembed.add_document('docs', 'held', 'a write left open')")
+        with pyembed.connect(two["b"]) as b:
+            loaded = b.corpus("loaded")
+            with loaded.bulk_load() as deferred:
+                assert deferred
+                loaded.add([("l1", "a bulk load's text")])
+            assert b.conn.execute("SELECT * FROM pyembed.unindexed_corpora()").fetchall() == []
+            b.drop_corpus("gone")
+        monkeypatch.setenv("PGOPTIONS", "-c lock_timeout=3s -c pyembed.act_as_tenant=b")
+        with pyembed.connect(db.owner_dsn) as dba:
+            dba.rebuild_index("docs")
+            migration.start(dba, "docs", B_KEY)
+            migration.backfill(dba, "docs")
+            migration.rollback(dba, "docs")
+            migration.cleanup(dba, "docs")
+    assert [c.name for c in b_client.corpora()] == ["docs", "loaded"]
+    b_client.close()
+
+
+def test_a_partitions_writers_follow_its_tenants_members(
+        db: Database, two: dict[str, str], owner: psycopg.Connection[Any]) -> None:
+    """A corpus's partition takes INSERT from its tenant's logins only: a login added to the
+    tenant after the corpus was made writes its vectors; moved to another tenant, or the corpus
+    moved, it holds no privilege on it any more (granted again by pyembed._partition_writers,
+    as every install does)."""
+    fill(two["a"], A_KEY, 1).close()
+    part = owner.execute("SELECT pyembed._vector_partition_name(corpus_id) FROM pyembed.corpora "
+                         "WHERE name = 'docs'").fetchone()[0]  # type: ignore[index]
+    role = f"late_{uuid.uuid4().hex[:6]}"
+    may = "SELECT has_table_privilege(%s, format('pyembed.%%I', %s::text), 'INSERT')"
+    try:
+        tenants.add_member(owner, "a", role, create_login="pw")
+        assert owner.execute(may, (role, part)).fetchone() == (True,)
+        late = make_conninfo(two["a"], user=role)
+        with pyembed.connect(late) as client:
+            client.corpus("docs").add([("late", "a text its late login writes")])
+        tenants.add_member(owner, "b", role)
+        assert owner.execute(may, (role, part)).fetchone() == (False,)
+        tenants.add_member(owner, "a", role)
+        owner.execute("UPDATE pyembed.corpora SET tenant_id = (SELECT tenant_id FROM "
+                      "pyembed.tenants WHERE name = 'b') WHERE name = 'docs'")
+        assert owner.execute(may, (role, part)).fetchone() == (False,)
+        b_login = conninfo_to_dict(two["b"])["user"]
+        assert owner.execute(may, (b_login, part)).fetchone() == (True,)
+    finally:
+        owner.execute(sql.SQL("DROP OWNED BY {} CASCADE").format(sql.Identifier(role)))
+        owner.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+@pytest.mark.parametrize("open_work", ["vector search", "hybrid search", "write"])
+def test_another_tenants_open_work_holds_off_no_corpus_drop(
+        two: dict[str, str], open_work: str) -> None:
+    """pyembed.drop_corpus dropped the corpus's partition, which locks pyembed.vectors (the
+    parent of every tenant's) ACCESS EXCLUSIVE: tenant a's transaction left open after a write
+    (a COPY into its own partition locks the parent) made tenant b's drop fail busy after 5 s
+    (PE012). Now the drop locks b's partition only, empties it and leaves it to the next
+    install: a's open work holds off nothing. (A read of pyembed.vectors itself locks every
+    partition, b's too, and still holds off b's drop while its transaction is open.)"""
+    fill(two["a"], A_KEY, 3).close()
+    b = fill(two["b"], A_KEY, 3)
+    b.create_corpus("gone", A_KEY).add([("g", "a text to drop")])
+    with pyembed.connect(two["a"]) as a:
+        a.conn.autocommit = False
+        if open_work.endswith("search"):
+            a.corpus("docs").search("shared words", k=3, mode=open_work.split()[0])
+        else:
+            with a.conn.cursor() as cur:
+                copy_vectors(cur, corpus_info(a.conn, "docs").corpus_id, [], A_KEY,
+                             np.zeros((0, 384), dtype=np.float32), [])
+            a.corpus("docs").add([("new", "a text written in a's open transaction")])
+            a.conn.execute("SELECT 1")
+        assert a.conn.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+        b.drop_corpus("gone")
+        assert [c.name for c in b.corpora()] == ["docs"]
+    b.close()

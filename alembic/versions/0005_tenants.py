@@ -121,6 +121,26 @@ $$;
 
 
 def downgrade() -> None:
+    # Below this revision a corpus name is the database's (UNIQUE (name)): corpora of several
+    # tenants under one name stop the downgrade before it changes anything, named, with the fix
+    # (the unique index's raw error reached the DBA as a traceback). The superuser running it
+    # sees every tenant's corpora.
+    run_sql("""DO $shared_names$
+DECLARE
+  clash text;
+BEGIN
+  SELECT string_agg(format('%s (%s corpora)', quote_literal(name), n), ', ' ORDER BY name)
+    INTO clash
+    FROM (SELECT name, count(*) AS n FROM pyembed.corpora GROUP BY name HAVING count(*) > 1) c;
+  IF clash IS NOT NULL THEN
+    RAISE EXCEPTION USING ERRCODE = 'unique_violation',
+      MESSAGE = format('revision 0005''s downgrade stopped: below it a corpus name is the '
+                       'database''s, and tenants hold corpora of one name: %s. Drop or rename '
+                       'all but one of each (pyembed.drop_corpus, acting for its tenant), '
+                       'then downgrade again', clash);
+  END IF;
+END
+$shared_names$;""")
     for table in OWNED:
         run_sql(f"ALTER TABLE pyembed.{table} OWNER TO CURRENT_USER;")
     for table in ALL:
