@@ -13,7 +13,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import BYTEA, JSONB
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from .models import ModelSpec
 
@@ -75,6 +75,11 @@ class Document(Base):
 
 class Chunk(Base):
     __tablename__ = "chunks"
+    # The schema's foreign key and a relationship on it, so that a flush inserts a document
+    # before its chunks (the unit of work orders mappers by their relationships).
+    __table_args__ = (sa.ForeignKeyConstraint(
+        ["corpus_id", "document_id"],
+        [f"{SCHEMA}.documents.corpus_id", f"{SCHEMA}.documents.document_id"]),)
     corpus_id: Mapped[int] = mapped_column(primary_key=True)
     chunk_id: Mapped[int] = mapped_column(sa.Identity(always=True), primary_key=True)
     document_id: Mapped[str]
@@ -82,6 +87,7 @@ class Chunk(Base):
     content: Mapped[str]
     content_hash: Mapped[bytes] = mapped_column(BYTEA, server_default=_SERVER)
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSONB, server_default=_SERVER)
+    document: Mapped[Document] = relationship(Document)
 
 
 def search(corpus: str, query_embedding: Any, model_key: str | ModelSpec | None = None,

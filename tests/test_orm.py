@@ -143,7 +143,9 @@ def test_a_document_and_its_chunk_are_written_through_the_orm(db: Database) -> N
     mapped column, the ones the server fills as NULL: `permission denied for table documents`
     (updated_at, the server's) and the chunk's identity chunk_id likewise. Now they are left to
     the server: the document gets the server's time, the chunk its id and its text's hash,
-    and its embedding is queued, while keyword search finds it at once."""
+    and its embedding is queued, while keyword search finds it at once. Both are added in one
+    flush, which inserts the document first (the mapping has the schema's foreign key: without
+    it the chunk came first, a ForeignKeyViolation)."""
     from pyembed.text import sha256
 
     with pyembed.connect(db.app_dsn) as client:
@@ -154,7 +156,6 @@ def test_a_document_and_its_chunk_are_written_through_the_orm(db: Database) -> N
         with Session(engine) as session:
             doc = orm.Document(corpus_id=corpus_id, document_id="e4012", content_hash=b"h")
             session.add(doc)
-            session.flush()
             chunk = orm.Chunk(corpus_id=corpus_id, document_id="e4012", chunk_index=0,
                               content="error E4012 quota exceeded")
             session.add(chunk)
