@@ -106,6 +106,18 @@ def shown(value: object) -> str:
     return repr(value[:SHOWN_CHARACTERS]) + more
 
 
+def stopped_note(exc: BaseException, corpus: str, what: str, kept: str) -> str:
+    """The note a long run over one corpus (`what`: an ingest, a backfill, a vector load) adds to
+    the error that stopped it: `kept`, what it kept and how a rerun resumes, unless the error is
+    UnknownCorpus. Each run looks its corpus up before it starts, so that error means a drop
+    took the corpus meanwhile, and what the run wrote went with it: a rerun has nothing to
+    resume (it finds no corpus)."""
+    if isinstance(exc, UnknownCorpus):
+        return (f"{what} stopped: corpus {shown(corpus)} was dropped while it ran, and what it "
+                "had written went with it (nothing to resume)")
+    return kept
+
+
 def status_kind(status: int | None) -> str:
     """The kind (ERROR_KINDS) of a failed HTTP call with this status, for every service: no
     status (no answer at all) no_response, 429 rate_limited, 408, 409 and 5xx server_error,

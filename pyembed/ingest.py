@@ -32,7 +32,7 @@ from .client import AddReport, Corpus, Document, PreparedAdd
 from .corpora import RefusedDocuments
 from .db import twin
 from .dbcall import count
-from .errors import ConfigError, InvalidInput, ModelMismatch, shown
+from .errors import ConfigError, InvalidInput, ModelMismatch, shown, stopped_note
 from .text import has_text, number, read_json
 
 MARKDOWN_SUFFIXES = frozenset({".md", ".markdown"})
@@ -458,7 +458,7 @@ def ingest(corpus: Corpus, paths: Path | str | Iterable[Path | str], *, batch_si
             totals["failed"] += reader.bad_records
             meter.done(_handled(totals), totals["chunks"])
     except BaseException as exc:  # a provider's rate limit, the database gone, Ctrl-C
-        exc.add_note(stopped_line(totals))
+        exc.add_note(stopped_note(exc, corpus.name, "ingest", stopped_line(totals)))
         raise
 
     seconds = time.perf_counter() - start

@@ -25,7 +25,14 @@ import psycopg
 from .client import Client, in_client_turn
 from .corpora import model_spec
 from .dbcall import count, translated
-from .errors import DatabaseNotReady, InvalidInput, MigrationError, PyembedError, shown
+from .errors import (
+    DatabaseNotReady,
+    InvalidInput,
+    MigrationError,
+    PyembedError,
+    shown,
+    stopped_note,
+)
 from .evaluation import HITS_PER_DOCUMENT, EvalQuery, KeyScore, eval_queries, evaluate, overlap
 from .index import build_index_online, check_storage, drop_index_online, one_build
 from .models import InputType
@@ -214,9 +221,11 @@ def backfill(client: Client, corpus: str, *, batch_size: int | None = None,
                 raise MigrationError(f"{ended} while this backfill ran: it stopped, having "
                                      f"written {written} vectors for {key} (pyembed migrate "
                                      f"status {corpus} shows the step)") from None
-            exc.add_note(f"backfill stopped with {resumed + written} of {resumed + total} "
-                         f"chunks backfilled ({written} by this run); running it again "
-                         "resumes: the chunks backfilled are skipped")
+            exc.add_note(stopped_note(
+                exc, corpus, "backfill",
+                f"backfill stopped with {resumed + written} of {resumed + total} chunks "
+                f"backfilled ({written} by this run); running it again resumes: the chunks "
+                "backfilled are skipped"))
             raise
     return BackfillReport(done, time.perf_counter() - started, 0, written, done - written,
                           resumed)
@@ -242,8 +251,10 @@ def _ended(client: Client, corpus: str, key: str) -> str | None:
 
 def _build_index(client: Client, corpus_id: int, key: str) -> None:
     """Build the shadow index CONCURRENTLY (writes to other corpora go on); an invalid one
-    left by an interrupted build is dropped and built again."""
-    build_index_online(client._conn, corpus_id, key)
+    left by an interrupted build is dropped and built again. Its errors are pyembed's classes
+    (UnknownCorpus for a corpus dropped meanwhile), as the batches' are."""
+    with translated():
+        build_index_online(client._conn, corpus_id, key)
 
 
 def _write(client: Client, corpus_id: int, key: str, rows: Sequence[Any],

@@ -13,7 +13,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import BYTEA, JSONB
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from .models import ModelSpec
 
@@ -28,6 +28,12 @@ class ModelKey(sa.types.TypeDecorator[str]):
 
     def process_bind_param(self, value: Any, dialect: sa.Dialect) -> str | None:
         return value.key if isinstance(value, ModelSpec) else value
+
+
+# A column the database fills (a default, the server's time, a hash its trigger computes): an
+# INSERT leaves it out unless the object sets it. Sent as NULL, the server's columns were refused
+# (the application role may not write them) and the others broke their NOT NULL.
+_SERVER = sa.FetchedValue()
 
 
 class Base(DeclarativeBase):
@@ -63,19 +69,25 @@ class Document(Base):
     document_id: Mapped[str] = mapped_column(primary_key=True)
     content_hash: Mapped[bytes] = mapped_column(BYTEA)
     title: Mapped[str | None]
-    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSONB)
-    updated_at: Mapped[datetime]
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSONB, server_default=_SERVER)
+    updated_at: Mapped[datetime] = mapped_column(sa.DateTime(timezone=True), server_default=_SERVER)
 
 
 class Chunk(Base):
     __tablename__ = "chunks"
+    # The schema's foreign key and a relationship on it, so that a flush inserts a document
+    # before its chunks (the unit of work orders mappers by their relationships).
+    __table_args__ = (sa.ForeignKeyConstraint(
+        ["corpus_id", "document_id"],
+        [f"{SCHEMA}.documents.corpus_id", f"{SCHEMA}.documents.document_id"]),)
     corpus_id: Mapped[int] = mapped_column(primary_key=True)
-    chunk_id: Mapped[int] = mapped_column(primary_key=True)
+    chunk_id: Mapped[int] = mapped_column(sa.Identity(always=True), primary_key=True)
     document_id: Mapped[str]
     chunk_index: Mapped[int]
     content: Mapped[str]
-    content_hash: Mapped[bytes] = mapped_column(BYTEA)
-    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSONB)
+    content_hash: Mapped[bytes] = mapped_column(BYTEA, server_default=_SERVER)
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSONB, server_default=_SERVER)
+    document: Mapped[Document] = relationship(Document)
 
 
 def search(corpus: str, query_embedding: Any, model_key: str | ModelSpec | None = None,

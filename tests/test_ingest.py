@@ -762,3 +762,33 @@ def test_a_run_a_rate_limit_stops_says_what_it_kept_and_a_rerun_resumes(
     assert count(app, "documents") == 4
     assert_ingest_resumes(command, env, fake_api)
     assert count(app, "documents") == 10
+
+
+def test_a_run_whose_corpus_is_dropped_meanwhile_says_nothing_is_kept(
+        tmp_path: Path, db: Database, corpus: Corpus) -> None:
+    """Someone drops the corpus (`pyembed corpus drop`) while `pyembed ingest` loads it: the run
+    stops with UnknownCorpus and a note saying the corpus was dropped while it ran, with
+    nothing to resume. Before (found from outside by outside20), the note said 'ingest stopped
+    with 20 documents kept ...; running it again resumes: the documents kept are skipped as
+    unchanged', of documents gone with their corpus. The drop is made from the progress line
+    that follows the first stored batch, so that it falls between two batches."""
+    path = _write(tmp_path / "docs.jsonl",
+                  _jsonl(*({"id": f"d{i}", "text": f"text {i}"} for i in range(6))))
+    dropped: list[int] = []
+
+    class DropAfterFirstBatch(io.StringIO):
+        def write(self, text: str) -> int:
+            if not dropped and count(watch, "documents") >= 2:
+                dropped.append(count(watch, "documents"))
+                with pyembed.connect(db.app_dsn) as other:
+                    other.drop_corpus("files")
+            return super().write(text)
+
+    with psycopg.connect(db.app_dsn, autocommit=True) as watch:
+        console = Console(file=DropAfterFirstBatch(), force_terminal=False)
+        with pytest.raises(pyembed.UnknownCorpus) as err:
+            ingest(corpus, [path], batch_size=2, console=console, progress_every=0)
+    assert dropped == [2], dropped
+    assert err.value.__notes__ == [
+        "ingest stopped: corpus 'files' was dropped while it ran, and what it had written "
+        "went with it (nothing to resume)"], err.value.__notes__

@@ -1386,3 +1386,27 @@ def test_status_says_where_every_migration_state_stands_and_the_next_command(
         assert got["next"] == f"pyembed migrate cleanup {CORPUS}"
         text = cli(db, "migrate", "status", CORPUS).stdout
         assert f"next: pyembed migrate cleanup {CORPUS}" in text and f"20 vectors of {OLD}" in text
+
+
+@pytest.mark.parametrize("when", ["first batch", "last batch"])
+def test_a_backfill_whose_corpus_is_dropped_meanwhile_says_nothing_is_kept(db: Database,
+                                                                            when: str) -> None:
+    """A DBA runs `migrate backfill` while someone drops the corpus (`corpus drop`). The
+    backfill stops with UnknownCorpus and a note saying the corpus was dropped while it ran, and
+    nothing is left to resume. Before (found from outside by outside20), the note said 'backfill
+    stopped with 5 of 20 chunks backfilled (5 by this run); running it again resumes: the chunks
+    backfilled are skipped', of a corpus that is gone, and the error after the last batch was
+    'no corpus has id N'."""
+    with clients(db, n=20) as (app, owner, _texts):
+        migration.start(owner, CORPUS, NEW)
+
+        def progress(done: int, total: int) -> None:
+            if done == (5 if when == "first batch" else total):
+                app.drop_corpus(CORPUS)
+
+        with pytest.raises(pyembed.UnknownCorpus) as err:
+            migration.backfill(owner, CORPUS, batch_size=5, progress=progress)
+        assert err.value.__notes__ == [
+            f"backfill stopped: corpus {CORPUS!r} was dropped while it ran, and what it had "
+            "written went with it (nothing to resume)"], err.value.__notes__
+        assert not owner.conn.execute("SELECT FROM pyembed.corpora").fetchall()

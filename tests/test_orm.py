@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import psycopg
 import pytest
 import sqlalchemy as sa
@@ -133,3 +135,62 @@ def test_a_documents_metadata_written_through_the_orm_is_what_every_search_reads
             assert [h.metadata for h in kb.search("quota exceeded", k=1)] == [{"team": "ops"}]
     finally:
         engine.dispose()
+
+
+def test_a_document_and_its_chunk_are_written_through_the_orm(db: Database) -> None:
+    """An application adds a document and its chunk as mapped objects (README: the ORM is one of
+    the documents' writers). Before (found from outside by outside20), the INSERT named every
+    mapped column, the ones the server fills as NULL: `permission denied for table documents`
+    (updated_at, the server's) and the chunk's identity chunk_id likewise. Now they are left to
+    the server: the document gets the server's time, the chunk its id and its text's hash,
+    and its embedding is queued, while keyword search finds it at once. Both are added in one
+    flush, which inserts the document first (the mapping has the schema's foreign key: without
+    it the chunk came first, a ForeignKeyViolation)."""
+    from pyembed.text import sha256
+
+    with pyembed.connect(db.app_dsn) as client:
+        kb = client.create_corpus("kb", KEY)
+        corpus_id = kb.info.corpus_id
+    engine = sa.create_engine(sqlalchemy_url(db.app_dsn))
+    try:
+        with Session(engine) as session:
+            doc = orm.Document(corpus_id=corpus_id, document_id="e4012", content_hash=b"h")
+            session.add(doc)
+            chunk = orm.Chunk(corpus_id=corpus_id, document_id="e4012", chunk_index=0,
+                              content="error E4012 quota exceeded")
+            session.add(chunk)
+            session.commit()
+            assert doc.updated_at is not None and doc.metadata_ == {}
+            assert chunk.chunk_id > 0 and chunk.metadata_ == {}
+            assert chunk.content_hash == sha256("error E4012 quota exceeded")
+            queued = session.scalar(sa.text("SELECT count(*) FROM pyembed.queue"))
+            assert queued == 1
+    finally:
+        engine.dispose()
+    with pyembed.connect(db.app_dsn) as client:
+        hits = client.corpus("kb").search("E4012", mode="keyword")
+        assert [h.document_id for h in hits] == ["e4012"]
+
+
+def test_every_mapped_column_the_application_role_may_not_insert_is_left_to_the_server(
+        db: Database, owner: psycopg.Connection[Any]) -> None:
+    """The class of the test above, from the catalogue: on each mapped table the application
+    role inserts into, a mapped column it holds no INSERT on is one the mapping leaves to the
+    server (a server default or an identity), so that an INSERT of a mapped object never names
+    it."""
+    granted = {(t, c) for t, c in owner.execute(
+        "SELECT table_name, column_name FROM information_schema.column_privileges "
+        "WHERE grantee = 'pyembed_app' AND table_schema = 'pyembed' "
+        "AND privilege_type = 'INSERT'").fetchall()}
+    written = {t for t, _ in granted}
+    sent = []
+    for mapper in orm.Base.registry.mappers:
+        table = mapper.local_table
+        if table.name not in written:
+            continue
+        for column in table.columns:
+            if (table.name, column.name) not in granted and column.server_default is None \
+                    and column.identity is None:
+                sent.append(f"{table.name}.{column.name}")
+    assert not sent, sent
+    assert written >= {"documents", "chunks"}, written
