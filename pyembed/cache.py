@@ -100,23 +100,28 @@ def stats(conn: psycopg.Connection[Any], days: int = 30) -> list[CacheStatsRow]:
 
 
 def purge(conn: psycopg.Connection[Any], model_key: str | None = None,
-          expired_only: bool = False) -> int:
-    """Delete cache entries (of one model, or only expired ones); returns how many.
-    UnknownModel for a key no model has (the database's check)."""
+          expired_only: bool = False, older_than_days: int | None = None) -> int:
+    """Delete cache entries (of one model, only expired ones, only those made more than
+    `older_than_days` days ago: 0..36500); returns how many. UnknownModel for a key no model
+    has (the database's check)."""
+    days = None if older_than_days is None else count(older_than_days, "older_than_days")
     with translated():
-        row = conn.execute("SELECT pyembed.cache_purge(%s, %s)",
-                           (model_key, expired_only)).fetchone()
+        row = conn.execute("SELECT pyembed.cache_purge(%s, %s, %s)",
+                           (model_key, expired_only, days)).fetchone()
     return int(row[0]) if row else 0
 
 
 def purge_rerank_scores(conn: psycopg.Connection[Any], reranker: str | None = None,
-                        expired_only: bool = False) -> int:
-    """Delete cached rerank scores (of one reranker, or only expired ones); returns how many.
-    UnknownModel for a name no reranker has (rerankers are pyembed's, not the database's)."""
+                        expired_only: bool = False, older_than_days: int | None = None) -> int:
+    """Delete cached rerank scores (of one reranker, only expired ones, only those made more
+    than `older_than_days` days ago); returns how many. UnknownModel for a name no reranker has
+    (rerankers are pyembed's, not the database's)."""
+    days = None if older_than_days is None else count(older_than_days, "older_than_days")
     if reranker is not None:
         from .providers.rerank import reranker_spec
 
         reranker = reranker_spec(reranker).key
-    row = conn.execute("SELECT pyembed.rerank_cache_purge(%s, %s)",
-                       (reranker, expired_only)).fetchone()
+    with translated():
+        row = conn.execute("SELECT pyembed.rerank_cache_purge(%s, %s, %s)",
+                           (reranker, expired_only, days)).fetchone()
     return int(row[0]) if row else 0

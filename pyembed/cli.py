@@ -1260,6 +1260,10 @@ def cache_purge(
     model: Annotated[str | None, typer.Option(
         "--model", help="only this model key or reranker (e.g. voyage/rerank-2.5)")] = None,
     expired: Annotated[bool, typer.Option("--expired", help="only expired entries")] = False,
+    older_than: Annotated[int | None, typer.Option(
+        "--older-than", metavar="DAYS", min=0, max=36500,
+        help="only entries made more than DAYS days ago (the caches have no size bound: a "
+             "scheduled purge keeps them to an age)")] = None,
     dsn: DsnOption = None,
 ) -> None:
     """Delete cached embeddings and rerank scores.
@@ -1274,8 +1278,9 @@ def cache_purge(
             pass  # not a reranker: a model key, which the database checks (UnknownModel)
     with _connect(dsn) as conn:
         # a model key never names a reranker, so --model selects from one cache only
-        n = cache.purge(conn, model, expired) if reranker is None else 0
-        r = cache.purge_rerank_scores(conn, reranker, expired) if model is None or reranker else 0
+        n = cache.purge(conn, model, expired, older_than) if reranker is None else 0
+        r = (cache.purge_rerank_scores(conn, reranker, expired, older_than)
+             if model is None or reranker else 0)
     console.print(f"deleted {n} cache entries" + (f" and {r} rerank scores" if r else ""))
 
 

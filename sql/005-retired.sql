@@ -115,3 +115,6 @@ DROP FUNCTION IF EXISTS pyembed._search_mode(text, text, text, vector, text, int
                                              jsonb, bigint[], float8[], text[]);
 -- keyword_ranking finds the passages of its best documents (`passages`), beside the embedding.
 DROP FUNCTION IF EXISTS pyembed.keyword_ranking(text, text, numeric, jsonb, text);
+-- The cache purges gained older_than_days (an age bound a scheduled purge keeps the caches to).
+DROP FUNCTION IF EXISTS pyembed.cache_purge(text, boolean);
+DROP FUNCTION IF EXISTS pyembed.rerank_cache_purge(text, boolean);

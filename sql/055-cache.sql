@@ -165,15 +165,23 @@ END
 $$;
 
 -- Deletes the caller's tenant's entries (of one model, or only expired ones); returns how many.
+-- older_than_days: only entries made more than that many days ago (the cache has no size bound
+-- of its own: this is the rule a scheduled purge keeps it to).
 CREATE OR REPLACE FUNCTION pyembed.cache_purge(p_model_key text DEFAULT NULL,
-                                               expired_only boolean DEFAULT false)
+                                               expired_only boolean DEFAULT false,
+                                               older_than_days numeric DEFAULT NULL)
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
   gone bigint;
+  made_before timestamptz;
 BEGIN
+  IF older_than_days IS NOT NULL THEN  -- checked once, before any row
+    made_before := now() - make_interval(
+      days => pyembed._count_arg(older_than_days, 'older_than_days', 0, 36500));
+  END IF;
   IF expired_only IS NULL THEN
     PERFORM pyembed._needs(true, 'expired_only', 'cache_purge');
   END IF;
@@ -187,7 +195,8 @@ BEGIN
   DELETE FROM pyembed.embedding_cache e
    WHERE e.tenant_id = coalesce(pyembed.current_tenant(), 0)
      AND (p_model_key IS NULL OR e.model_key = p_model_key)
-     AND (NOT expired_only OR e.expires_at <= now());
+     AND (NOT expired_only OR e.expires_at <= now())
+     AND (made_before IS NULL OR e.created_at < made_before);
   GET DIAGNOSTICS gone = ROW_COUNT;
   RETURN gone;
 END

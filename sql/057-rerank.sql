@@ -109,21 +109,28 @@ $$;
 
 -- Deletes the caller's tenant's rerank scores (of one reranker, or only expired ones).
 CREATE OR REPLACE FUNCTION pyembed.rerank_cache_purge(p_reranker text DEFAULT NULL,
-                                                      expired_only boolean DEFAULT false)
+                                                      expired_only boolean DEFAULT false,
+                                                      older_than_days numeric DEFAULT NULL)
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
   gone bigint;
+  made_before timestamptz;
 BEGIN
+  IF older_than_days IS NOT NULL THEN  -- checked once, before any row
+    made_before := now() - make_interval(
+      days => pyembed._count_arg(older_than_days, 'older_than_days', 0, 36500));
+  END IF;
   IF expired_only IS NULL THEN
     PERFORM pyembed._needs(true, 'expired_only', 'rerank_cache_purge');
   END IF;
   DELETE FROM pyembed.rerank_cache e
    WHERE e.tenant_id = coalesce(pyembed.current_tenant(), 0)
      AND (p_reranker IS NULL OR e.reranker = p_reranker)
-     AND (NOT expired_only OR e.expires_at <= now());
+     AND (NOT expired_only OR e.expires_at <= now())
+     AND (made_before IS NULL OR e.created_at < made_before);
   GET DIAGNOSTICS gone = ROW_COUNT;
   RETURN gone;
 END

@@ -68,6 +68,37 @@ def test_expired_entries_miss_and_purge_removes_them(app: psycopg.Connection[Any
     assert cache.purge(app, model_key=SPEC.key) == 1
 
 
+def test_purge_by_age_keeps_both_caches_to_an_age(app: psycopg.Connection[Any],
+                                                  owner: psycopg.Connection[Any]) -> None:
+    """The caches have no size bound: `older_than_days` (`cache purge --older-than DAYS`)
+    deletes the entries made more than that many days ago, of the embedding cache and the
+    rerank cache alike, and a bad age is refused before anything is deleted."""
+    import pytest
+
+    from pyembed.errors import InvalidInput
+
+    embedder(app).embed(["kept for a while", "made long ago", "made long ago too"])
+    for i in range(3):
+        app.execute("SELECT pyembed.rerank_cache_put(ARRAY[%s], 'fake/overlap', ARRAY[0.5])",
+                    (bytes([i]) * 32,))
+    # made 40 days ago: two embeddings and one rerank score (the owner sets the clock back)
+    owner.execute("UPDATE pyembed.embedding_cache SET created_at = now() - interval '40 days' "
+                  "WHERE cache_key = ANY(%s)", ([cache.cache_key(t, SPEC.key, InputType.DOCUMENT)
+                                                 for t in ("made long ago", "made long ago too")],))
+    owner.execute("UPDATE pyembed.rerank_cache SET created_at = now() - interval '40 days' "
+                  "WHERE cache_key = %s", (bytes([0]) * 32,))
+    for bad in (-1, 36501, 1.5):
+        with pytest.raises(InvalidInput, match="older_than_days"):
+            cache.purge(app, older_than_days=bad)  # type: ignore[arg-type]
+        with pytest.raises(InvalidInput, match="older_than_days"):
+            cache.purge_rerank_scores(app, older_than_days=bad)  # type: ignore[arg-type]
+    assert cache.purge(app, older_than_days=41) == 0
+    assert cache.purge(app, older_than_days=30) == 2
+    assert cache.purge_rerank_scores(app, older_than_days=30) == 1
+    assert cache.purge(app, older_than_days=0) == 1 and cache.purge_rerank_scores(
+        app, older_than_days=0) == 2
+
+
 def test_cache_hit_returns_the_stored_vector_not_a_new_one(app: psycopg.Connection[Any]) -> None:
     e = embedder(app)
     v1 = e.embed_query("a question")

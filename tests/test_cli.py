@@ -276,6 +276,14 @@ def test_cache_stats_and_purge(db: Database) -> None:
     purged = pyembed("cache", "purge", "--model", "local/all-minilm-l6-v2-int8@1:384", env=env)
     assert purged.returncode == 0
     assert purged.stdout.strip() == "deleted 11 cache entries"  # 10 documents + 1 query
+    assert pyembed("search", "demo", "quota", env=env).returncode == 0  # one entry, made now
+    aged = pyembed("cache", "purge", "--older-than", "1", env=env)
+    assert (aged.returncode, aged.stdout.strip()) == (0, "deleted 0 cache entries")
+    assert re.fullmatch(r"deleted [1-9]\d* cache entries",  # the search's query embeddings
+                        pyembed("cache", "purge", "--older-than", "0", env=env).stdout.strip())
+    assert "deleted 0" in pyembed("cache", "purge", "--older-than", "0", env=env).stdout
+    bad = pyembed("cache", "purge", "--older-than", "-1", env=env)
+    assert bad.returncode == 1 and "Invalid value for '--older-than'" in bad.stderr
 
 
 def test_search_command_all_modes(db: Database) -> None:

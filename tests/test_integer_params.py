@@ -270,6 +270,9 @@ def test_every_count_reads_the_same_from_sql_and_python(db: Database) -> None:
             "chunk_overlap": lambda n: app.create_corpus("other", FAKE, chunk_overlap=n),
             "days": lambda n: tenants.usage(app.conn, n),
             "cache days": lambda n: cache.stats(app.conn, n),
+            "cache older_than_days": lambda n: cache.purge(app.conn, older_than_days=n),
+            "rerank older_than_days": lambda n: cache.purge_rerank_scores(app.conn,
+                                                                          older_than_days=n),
             "queries": lambda n: recall.measure(app.conn, "docs", n),
             "max_samples": lambda n: recall.measure_sampled(app.conn, n),
             "hours": lambda n: recall.report(app.conn, n),
@@ -313,6 +316,10 @@ def test_every_count_reads_the_same_from_sql_and_python(db: Database) -> None:
                 f"create_corpus('other', '{FAKE}', '', 200, %(n)s)", "chunk_overlap", False),
             ("usage_report", "days"): ("usage_report(%(n)s)", "days", False),
             ("cache_report", "days"): ("cache_report(%(n)s)", "cache days", False),
+            ("cache_purge", "older_than_days"): ("cache_purge(NULL, false, %(n)s)",
+                                                 "cache older_than_days", False),
+            ("rerank_cache_purge", "older_than_days"): (
+                "rerank_cache_purge(NULL, false, %(n)s)", "rerank older_than_days", False),
             ("measure_recall", "queries"): ("measure_recall('docs', %(n)s)", "queries", False),
             ("recall_sampled", "max_samples"): ("recall_sampled(%(n)s)", "max_samples", False),
             ("recall_report", "hours"): ("recall_report(%(n)s)", "hours", False),
@@ -359,7 +366,8 @@ def test_every_count_reads_the_same_from_sql_and_python(db: Database) -> None:
 PYTHON_ONLY_EDGES = [HUGE, -HUGE - 1, 10**20, 0]
 """Past PostgreSQL's integer either way, and one below every count's bound here."""
 REACHES_SQL = {"chunk_tokens", "chunk_overlap", "k", "rerank_candidates", "share", "days",
-               "queries", "max_samples", "hours", "requests_per_minute", "tokens_per_minute"}
+               "queries", "max_samples", "hours", "requests_per_minute", "tokens_per_minute",
+               "older_than_days"}
 """Numbers pyembed's SQL checks, walked above (their words are SQL's own)."""
 NOT_WALKED = {
     ("Corpus.log_query", "k"): "a search's own record of itself (never raises, test_api_walk)",

@@ -60,10 +60,10 @@ APP_EXECUTE = {
     "cache_put(bytea[], text, text, vector[], double precision)",
     "cache_count(text[], bigint[], bigint[])",
     "cache_report(numeric)",
-    "cache_purge(text, boolean)",
+    "cache_purge(text, boolean, numeric)",
     "rerank_cache_get(bytea[])",  # the rerank cache: through these functions only
     "rerank_cache_put(bytea[], text, double precision[], double precision)",
-    "rerank_cache_purge(text, boolean)",  # the partition a SQL client COPYs a corpus's vectors into
+    "rerank_cache_purge(text, boolean, numeric)",  # the partition a SQL client COPYs a corpus's vectors into
     "_clear_vectors(integer, text, bigint, bigint, bigint[])",  # before vectors.copy_vectors's COPY
     # Deletes of the caller's rows (no table-level DELETE: it would let a tenant LOCK the table)
     "delete_documents(text, text[])", "delete_chunks(text, text[], integer[])",
