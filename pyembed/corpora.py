@@ -7,6 +7,7 @@ import dataclasses
 import json
 from array import array
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import TYPE_CHECKING, Any, overload
@@ -277,6 +278,10 @@ def write_documents(conn: psycopg.Connection[Any], corpus: CorpusInfo, rows: Seq
 
 _PIECE = 1 << 20
 """Characters of a document's text encoded at a time."""
+WRITE_LOCK_WAIT = "60s"
+"""How long a write waits for a document another session holds (an application's transaction
+left open on it) before it is Busy, unless the session has a lock_timeout of its own: far more
+than another pyembed writer's transaction holds one."""
 WRITE_ROWS = 1_000
 """Vectors a write COPYs at a time: its vectors are taken from the caller's blocks this many
 rows at a time."""
@@ -314,7 +319,10 @@ def _write(conn: psycopg.Connection[Any], corpus: CorpusInfo,
     vectors = [as_unit_vectors(b, dims, normalize=normalized) for b in vectors]
     also = {k: [as_unit_vectors(b, len(b[0]), normalize=normalized) for b in blocks]
             for k, blocks in (also or {}).items()}
-    with translated(), conn.transaction(), conn.cursor() as cur:
+    from psycopg.pq import TransactionStatus  # (psycopg: not in the server's PL/Python)
+
+    nested = conn.info.transaction_status != TransactionStatus.IDLE
+    with translated(), conn.transaction(), conn.cursor() as cur, _lock_wait_bounded(cur, nested):
         cur.execute(
             """INSERT INTO pyembed.documents (corpus_id, document_id, content_hash, metadata)
                SELECT %s, d, h, m::jsonb FROM unnest(%s::text[], %s::bytea[], %s::text[]) AS t(d, h, m)
@@ -351,6 +359,19 @@ def _write(conn: psycopg.Connection[Any], corpus: CorpusInfo,
                 at += len(part)
     added = sum(1 for inserted in stored.values() if inserted)
     return Written(added, len(stored) - added, unchanged, ids.tolist()), set(stored)
+
+
+@contextmanager
+def _lock_wait_bounded(cur: psycopg.Cursor[Any], nested: bool) -> Iterator[None]:
+    """Inside a write's transaction: its lock waits bounded by WRITE_LOCK_WAIT where the session
+    sets none (a document another session holds made it wait, silently, for ever), and the
+    caller's own transaction, if the write is nested in one, given its setting back after."""
+    row = cur.execute("SELECT current_setting('lock_timeout'), set_config('lock_timeout', %s, "
+                      "true) WHERE current_setting('lock_timeout') = '0'",
+                      (WRITE_LOCK_WAIT,)).fetchone()
+    yield  # (an error rolls the setting back with the write's savepoint)
+    if row is not None and nested:
+        cur.execute("SELECT set_config('lock_timeout', %s, true)", (row[0],))
 
 
 def _index(document: DocumentChunks, n: int) -> int:

@@ -792,3 +792,39 @@ def test_a_run_whose_corpus_is_dropped_meanwhile_says_nothing_is_kept(
     assert err.value.__notes__ == [
         "ingest stopped: corpus 'files' was dropped while it ran, and what it had written "
         "went with it (nothing to resume)"], err.value.__notes__
+
+
+def test_a_write_of_a_document_held_open_elsewhere_waits_only_so_long(
+        db: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A document another session holds (an application's transaction left open on its row)
+    made `Corpus.add` and `pyembed ingest` of it wait for ever, saying nothing (found from
+    outside by outside20). A write now waits corpora.WRITE_LOCK_WAIT, unless the session has a
+    lock_timeout of its own, then is Busy, having changed nothing; a write inside the caller's
+    own transaction gives that transaction its setting back."""
+    import psycopg
+
+    from pyembed import corpora
+
+    monkeypatch.setattr(corpora, "WRITE_LOCK_WAIT", "300ms")
+    with pyembed.connect(db.app_dsn) as client, psycopg.connect(db.app_dsn) as holder:
+        kb = client.create_corpus("held", "fake/fake-hash@1:384")
+        kb.add([("d1", "the first text")])
+        # holder's transaction stays open on d1's row
+        holder.execute("UPDATE pyembed.documents SET title = title WHERE document_id = 'd1'")
+        with pytest.raises(pyembed.Busy, match="lock timeout"):
+            kb.add([("d1", "the second text")])
+        with pytest.raises(pyembed.Busy):  # the session's own bound, not pyembed's
+            client.conn.execute("SET lock_timeout = '200ms'")
+            try:
+                kb.add([("d1", "the second text")])
+            finally:
+                client.conn.execute("SET lock_timeout = 0")
+        holder.rollback()
+        assert client.conn.execute("SELECT content FROM pyembed.chunks WHERE document_id = 'd1'"
+                                   ).fetchall() == [("the first text",)]
+        with client.conn.transaction():
+            kb.add([("d1", "the second text")])
+            assert client.conn.execute("SELECT current_setting('lock_timeout')"
+                                       ).fetchone() == ("0",)
+        assert client.conn.execute("SELECT content FROM pyembed.chunks WHERE document_id = 'd1'"
+                                   ).fetchall() == [("the second text",)]
