@@ -584,18 +584,17 @@ def test_a_vector_for_another_tenants_chunk_waits_for_nothing_of_it(
         (chunk,) = a.execute("SELECT chunk_id FROM pyembed.chunks").fetchone()
         with a.transaction(), psycopg.connect(two["b"], autocommit=True) as b:
             a.execute("SELECT FROM pyembed.chunks WHERE chunk_id = %s FOR UPDATE", (chunk,))
+            # a wait for a's lock would end in 55P03 (lock not available), not the refusal
             b.execute("SET lock_timeout = '2s'")
             insert = ("INSERT INTO pyembed.vectors_c{} (corpus_id, chunk_id, model_key, "
                       "embedding) VALUES (%s, %s, %s, %s)")
-            started = time.monotonic()
             err = sql_error(b, insert.format(corpus_id),
                             (corpus_id, chunk, key, str(unit(384, 0).tolist())))
-            took = time.monotonic() - started
             nobody = sql_error(b, insert.format(corpus_id + 1000),
                                (corpus_id + 1000, chunk, key, str(unit(384, 0).tolist())))
             b.execute("SELECT pyembed._dequeue_written(%s, %s, %s, %s, %s)",
                       (corpus_id, key, chunk, chunk, [b"x"]))
-        assert err.sqlstate == "42501" and took < 1.5, (err, took)
+        assert err.sqlstate == "42501", err
         # (An id nobody has has no partition: refused before any trigger, said the same.)
         assert type(translate(nobody)) is type(translate(err)) is pyembed.UnknownCorpus
         assert str(translate(err)).startswith(f"unknown corpus id {corpus_id}:"), translate(err)
