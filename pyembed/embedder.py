@@ -12,15 +12,12 @@ import numpy as np
 import numpy.typing as npt
 
 from .errors import ConfigError, InvalidInput, InvalidVector, ModelMismatch, ProviderError, shown
-from .limits import limits_for, smallest, text_tokens
+from .limits import embedding_batch, limits_for, text_tokens
 from .models import InputType, ModelSpec
 from .providers import Provider, Vectors, provider_for
 from .retry import DEFAULT_MAX_RETRY_AFTER, DEFAULT_RETRIES, Retrier
 from .text import check_text, estimate_tokens, text_list, truncate_to_tokens
 from .vectors import float_array
-
-DEFAULT_MAX_BATCH_TOKENS = 100_000
-"""Estimated tokens per request, unless the service's limit (pyembed.limits) is lower."""
 
 
 class EmbeddingCache(Protocol):
@@ -86,10 +83,11 @@ class Embedder:
         limits = limits_for(spec.provider, spec.model_id)
         self.max_text_tokens = text_tokens(spec)
         """The most tokens of one text sent (the model's and its service's limit)."""
-        self.max_batch: int = smallest(provider.max_batch or spec.max_batch, limits.texts) or 1
+        self.max_batch: int
         """The most texts in one call."""
+        self.max_batch, default_tokens = embedding_batch(spec, provider.max_batch)
         if max_batch_tokens is None:
-            max_batch_tokens = smallest(DEFAULT_MAX_BATCH_TOKENS, limits.request_tokens) or 0
+            max_batch_tokens = default_tokens
         elif limits.request_tokens is not None and max_batch_tokens > limits.request_tokens:
             raise ConfigError(f"max_batch_tokens ({max_batch_tokens}) is over {spec.provider}'s "
                               f"{limits.request_tokens}-token limit per request")

@@ -59,6 +59,19 @@ def limits_for(provider: str, model_id: str | None = None) -> RequestLimits:
     return LIMITS.get(f"{provider}/{model_id}") or LIMITS.get(provider) or RequestLimits()
 
 
+DEFAULT_MAX_BATCH_TOKENS = 100_000
+"""Estimated tokens per embedding request, unless the service's limit is lower."""
+
+
+def embedding_batch(spec: ModelSpec, texts: int | None = None) -> tuple[int, int]:
+    """(texts, estimated tokens) of one embedding request for `spec`'s model by default:
+    `texts` (a provider's own batch) or the spec's max_batch, and DEFAULT_MAX_BATCH_TOKENS, each
+    bounded by the service's limits: what the embedder sends and a migration's plan counts."""
+    limits = limits_for(spec.provider, spec.model_id)
+    return (smallest(texts or spec.max_batch, limits.texts) or 1,
+            smallest(DEFAULT_MAX_BATCH_TOKENS, limits.request_tokens) or 0)
+
+
 def smallest(*bounds: int | None) -> int | None:
     """The smallest of the bounds that are set, or None."""
     given = [b for b in bounds if b is not None]
@@ -72,4 +85,5 @@ def text_tokens(spec: ModelSpec) -> int:
                or spec.max_tokens)
 
 
-__all__ = ["LIMITS", "RequestLimits", "limits_for", "smallest", "text_tokens"]
+__all__ = ["DEFAULT_MAX_BATCH_TOKENS", "LIMITS", "RequestLimits", "embedding_batch", "limits_for",
+           "smallest", "text_tokens"]

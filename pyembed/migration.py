@@ -35,6 +35,7 @@ from .errors import (
 )
 from .evaluation import HITS_PER_DOCUMENT, EvalQuery, KeyScore, eval_queries, evaluate, overlap
 from .index import build_index_online, check_storage, drop_index_online, one_build
+from .limits import embedding_batch, text_tokens
 from .models import InputType
 from .text import estimate_tokens, number
 from .vectors import copy_vectors
@@ -92,13 +93,15 @@ def plan(client: Client, corpus: str, to_key: str, storage: str | None = None) -
     documents = client._conn.execute("SELECT count(*) FROM pyembed.documents WHERE corpus_id = %s",
                                     (info.corpus_id,)).fetchone()[0]  # type: ignore[index]
     tokens = chunks = 0
+    # the embedder's bounds (pyembed.limits): what a backfill's requests will carry
+    per_text, (batch_texts, batch_tokens) = text_tokens(new), embedding_batch(new)
     with client._conn.cursor(name="pyembed_plan") if not client._conn.autocommit else \
             client._conn.cursor() as cur:
         cur.execute("SELECT content FROM pyembed.chunks WHERE corpus_id = %s", (info.corpus_id,))
         for (content,) in cur:
             chunks += 1
-            tokens += min(estimate_tokens(content), new.max_tokens)
-    calls = max(math.ceil(chunks / new.max_batch), math.ceil(tokens / 100_000)) if chunks else 0
+            tokens += min(estimate_tokens(content), per_text)
+    calls = max(math.ceil(chunks / batch_texts), math.ceil(tokens / batch_tokens)) if chunks else 0
     rpm = REQUESTS_PER_MINUTE.get(new.provider)
     tpm = TOKENS_PER_MINUTE.get(new.provider)
     minutes = max(calls / rpm if rpm else 0, tokens / tpm if tpm else 0)
