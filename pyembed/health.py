@@ -188,13 +188,15 @@ def migrations(conn: psycopg.Connection[Any]) -> list[Finding]:
     a corpus no longer serves (a completed migration's old key, a rolled-back target), which
     `pyembed migrate cleanup` deletes, with their count and estimated size."""
     out: list[Finding] = []
-    rows = _rows(conn, "migration_report")
+    rows = _rows(conn, "migration_report")  # a row per retired key: a corpus may have several
+    retiring = {r["corpus"] for r in rows if r["retired_key"] is not None}
+    shown: set[str] = set()
     for r in rows:
         corpus, target, step, share = (r["corpus"], r["target_model_key"], r["migration_step"],
                                        r["traffic_share"])
-        retired = any(o["corpus"] == corpus and o["retired_key"] for o in rows)
-        then = next_command(corpus, step, share, target, retired)
-        if target is not None and not any(f.subject == f"{corpus} -> {target}" for f in out):
+        then = next_command(corpus, step, share, target, corpus in retiring)
+        if target is not None and corpus not in shown:
+            shown.add(corpus)
             value = step + (f", {share}% of searches on the new key" if step == "shifting"
                             else "")
             out.append(Finding("migration", f"{corpus} -> {target}", value, "ok",
