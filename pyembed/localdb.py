@@ -289,6 +289,8 @@ class LocalCluster:
         import psycopg
         from psycopg import sql
 
+        from .passwords import password_clause
+
         admin = f"postgresql://{OWNER}:{quote(st.owner_password)}@127.0.0.1:{st.port}/postgres"
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(
@@ -297,8 +299,9 @@ class LocalCluster:
             conn.execute(sql.SQL("ALTER ROLE {} SET search_path = public").format(
                 sql.Identifier(OWNER)))
             conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(APP_GROUP)))
-            conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {} IN ROLE {}").format(
-                sql.Identifier(APP_USER), sql.Literal(st.app_password), sql.Identifier(APP_GROUP)))
+            conn.execute(sql.SQL("CREATE ROLE {} LOGIN {} IN ROLE {}").format(
+                sql.Identifier(APP_USER), password_clause(conn, APP_USER, st.app_password),
+                sql.Identifier(APP_GROUP)))
         self._add_worker_login(st)
 
     def _add_worker_login(self, st: ClusterState) -> str:
@@ -307,6 +310,8 @@ class LocalCluster:
         pyembed_worker: any of its sessions could then count."""
         import psycopg
         from psycopg import sql
+
+        from .passwords import password_clause
 
         if not self.running():
             raise DatabaseNotReady("the local cluster is not running: `pyembed db start` first")
@@ -321,9 +326,9 @@ class LocalCluster:
                     sql.Identifier(WORKER_GROUP)))
             exists = conn.execute("SELECT FROM pg_catalog.pg_roles WHERE rolname = %s",
                                   (WORKER_USER,)).fetchone() is not None
-            conn.execute(sql.SQL("{} ROLE {} LOGIN PASSWORD {}").format(
+            conn.execute(sql.SQL("{} ROLE {} LOGIN {}").format(
                 sql.SQL("ALTER" if exists else "CREATE"), sql.Identifier(WORKER_USER),
-                sql.Literal(password)))
+                password_clause(conn, WORKER_USER, password)))
             conn.execute(sql.SQL("GRANT {}, {} TO {}").format(
                 sql.Identifier(APP_GROUP), sql.Identifier(WORKER_GROUP),
                 sql.Identifier(WORKER_USER)))

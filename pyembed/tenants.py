@@ -58,6 +58,8 @@ def add_member(conn: psycopg.Connection[Any], tenant: str, role: str, *,
     import psycopg  # the owner's client, as create_tenant
     from psycopg import sql
 
+    from .passwords import password_clause
+
     _name(tenant, "a tenant name")
     _name(role, "a role name")
     if create_login is not None:  # (an int went into the statement as PASSWORD 5)
@@ -71,8 +73,8 @@ def add_member(conn: psycopg.Connection[Any], tenant: str, role: str, *,
     with translated(), conn.transaction():
         if create_login is not None:
             try:
-                conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {} IN ROLE pyembed_app")
-                             .format(sql.Identifier(role), sql.Literal(create_login)))
+                conn.execute(sql.SQL("CREATE ROLE {} LOGIN {} IN ROLE pyembed_app").format(
+                    sql.Identifier(role), password_clause(conn, role, create_login)))
             except psycopg.errors.DuplicateObject:
                 raise InvalidInput(f"role {shown(role)} already exists: add it without "
                                    "create_login") from None

@@ -207,10 +207,15 @@ EXCEPTION WHEN OTHERS OR query_canceled THEN
 END
 $$;
 
--- API keys for the functions above; only the owner can set or read them.
+-- API keys for the functions above; only the owner can set or read them. An error raised in
+-- the call is reported while the call's settings hold: log_min_error_statement then keeps the
+-- calling statement, the secret typed in it, out of the server log (and the parameters of a
+-- call that bound them, log_parameter_max_length_on_error).
 CREATE OR REPLACE FUNCTION pyembed.set_secret(name text, value text) RETURNS void
 LANGUAGE plpgsql VOLATILE SECURITY INVOKER
 SET search_path = pg_catalog, pg_temp
+SET log_min_error_statement = panic
+SET log_parameter_max_length_on_error = 0
 AS $$
 DECLARE
   msg text;

@@ -1,0 +1,111 @@
+"""No secret reaches the server's log: a failing call of a function that stores an API key, and a
+login made with a password (`tenant add-member --password`, the local cluster's logins)."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from pyembed import tenants
+from pyembed.errors import InvalidInput
+from pyembed.localdb import LocalCluster
+from tests.conftest import Database
+
+REPO = Path(__file__).resolve().parent.parent
+
+FAILING_CALLS = {
+    "set_secret": [
+        # a name the table refuses: the error is raised inside the call
+        ("", "SELECT pyembed.set_secret('not a name', '{secret}')"),
+        # a valid one in a read-only transaction: the INSERT inside the call fails
+        ("SET TRANSACTION READ ONLY", "SELECT pyembed.set_secret('VOYAGE_API_KEY', '{secret}')"),
+    ],
+}
+"""For each function that stores a secret it is given, calls that fail inside it, the secret
+typed as a literal as a psql user types it (what runs first in the transaction, the call)."""
+
+
+def _secret() -> str:
+    return f"sekret-{uuid.uuid4().hex}"
+
+
+def _log(cluster: LocalCluster) -> str:
+    return cluster.log_file.read_text(errors="replace")
+
+
+def test_every_function_that_stores_a_secret_is_called_here(owner: psycopg.Connection[Any]) -> None:
+    """From the catalogue: the functions whose body writes pyembed.secrets, so that a new one
+    needs its failing calls above."""
+    rows = owner.execute(
+        "SELECT p.proname FROM pg_catalog.pg_proc p WHERE p.pronamespace = 'pyembed'::regnamespace "
+        "AND p.prosrc ~* 'insert\\s+into\\s+pyembed\\.secrets' ORDER BY 1").fetchall()
+    assert {r[0] for r in rows} == set(FAILING_CALLS)
+
+
+@pytest.mark.parametrize("function", sorted(FAILING_CALLS))
+def test_a_failing_call_logs_no_secret(cluster: LocalCluster, owner: psycopg.Connection[Any],
+                                       function: str) -> None:
+    """The failing call is logged (its ERROR line), but not its statement, the secret in it;
+    the error the caller gets does not hold it either. Before: the server log's STATEMENT line
+    held the call with the secret."""
+    assert owner.execute("SHOW log_min_error_statement").fetchone() == ("error",)
+    for first, call in FAILING_CALLS[function]:
+        secret = _secret()
+        with pytest.raises(psycopg.Error) as caught:
+            with owner.transaction():
+                if first:
+                    owner.execute(first)
+                owner.execute(call.format(secret=secret))
+        assert secret not in str(caught.value) and secret not in repr(caught.value.diag.__dict__)
+        log = _log(cluster)
+        assert caught.value.diag.message_primary in log  # (the failure itself is logged)
+        assert secret not in log, call
+
+
+def test_a_login_password_never_reaches_the_server(cluster: LocalCluster, db: Database,
+                                                   owner: psycopg.Connection[Any]) -> None:
+    """`tenant add-member --password`: the server gets the password's SCRAM verifier, never the
+    password, even with every statement logged and when the role statement fails; the login
+    works with the password. Before: `CREATE ROLE ... PASSWORD 'the password'` in the log (the
+    failing one's STATEMENT line; every one under log_statement = 'ddl' or 'all')."""
+    role, password = f"login_{uuid.uuid4().hex[:8]}", _secret()
+    tenants.create_tenant(owner, "acme")
+    owner.execute("SET log_statement = 'all'")
+    try:
+        tenants.add_member(owner, "acme", role, create_login=password)
+        with pytest.raises(InvalidInput, match="already exists") as caught:
+            tenants.add_member(owner, "acme", role, create_login=password)
+        assert password not in str(caught.value)
+    finally:
+        owner.execute("RESET log_statement")
+    assert password not in _log(cluster)
+    stored = owner.execute("SELECT rolpassword FROM pg_catalog.pg_authid WHERE rolname = %s",
+                           (role,)).fetchone()
+    assert stored is not None and str(stored[0]).startswith("SCRAM-SHA-256$")
+    dsn = make_conninfo(db.app_dsn, user=role, password=password)
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT current_user").fetchone() == (role,)
+    assert conninfo_to_dict(dsn)["user"] == role
+    owner.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+    owner.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def test_every_role_password_pyembed_sets_is_a_verifier() -> None:
+    """Read from pyembed's code: a PASSWORD clause appears only in pyembed.passwords, which
+    sends libpq's verifier; every CREATE or ALTER ROLE that sets one takes it from there (the
+    tenants' logins and the local cluster's). Before: tenants.py and localdb.py formatted
+    the password itself into the statement."""
+    found = [f"{p.relative_to(REPO)}:{n}" for p in sorted(REPO.glob("pyembed/**/*.py"))
+             if p.name != "passwords.py"
+             for n, line in enumerate(p.read_text().splitlines(), 1)
+             if re.search(r"PASSWORD\s*[{%']", line)]
+    assert found == []
+    users = {p.name for p in REPO.glob("pyembed/**/*.py") if "password_clause(" in p.read_text()}
+    assert users == {"passwords.py", "tenants.py", "localdb.py"}
