@@ -6,7 +6,7 @@ import re
 from collections import deque
 from collections.abc import Callable, Iterator
 
-from .text import SPACES, estimate_tokens, has_text, most_chars, over_tokens
+from .text import SPACES, chars_within, estimate_tokens, has_text, over_tokens
 
 _WORD = re.compile(f"[^{SPACES}]+[{SPACES}]*")
 _SPACE = re.compile(f"[{SPACES}]*$")
@@ -17,7 +17,6 @@ def _words(text: str, max_tokens: int, start: int, end: int) -> Iterator[tuple[i
     estimated tokens, in order, one at a time (each word starts where the one before ended); a
     word longer than `max_tokens` (a URL, base64, a run without spaces) in pieces of that many
     tokens, so that no chunk outgrows the limit the model is given."""
-    size = most_chars(max_tokens)
     for match in _WORD.finditer(text, start, end):
         word = match.group()
         cost = estimate_tokens(word)
@@ -25,11 +24,11 @@ def _words(text: str, max_tokens: int, start: int, end: int) -> Iterator[tuple[i
             yield match.end(), cost
             continue
         space = _SPACE.search(word)
-        core = len(word) - (len(space.group()) if space else 0)
-        at = match.start()
-        cuts = [*range(at + size, at + core, size), match.end()]
-        for before, cut in zip([at, *cuts[:-1]], cuts, strict=True):
-            yield cut, estimate_tokens(text[before:cut])
+        at, core = match.start(), match.end() - (len(space.group()) if space else 0)
+        while (cut := at + max(1, chars_within(text, max_tokens, at, core))) < core:
+            yield cut, estimate_tokens(text[at:cut])
+            at = cut
+        yield match.end(), estimate_tokens(text[at:match.end()])
 
 
 def _stripped(text: str, start: int, end: int) -> tuple[int, int]:

@@ -223,18 +223,40 @@ def document_hash(text: str, metadata: Mapping[str, Any]) -> bytes:
 
 
 CHARS_PER_TOKEN = 4
-"""estimate_tokens' character term: a token per this many characters, rounded up."""
+"""estimate_tokens' rate for ASCII characters, the cheapest: a token per this many."""
+
+_SIXTHS_OF_A_TOKEN = (4, 9, 18)
+"""estimate_tokens' rate for a character of 2, 3 and 4 bytes of UTF-8, in sixths of a token:
+2/3 (Cyrillic, Greek, Arabic, Hebrew), 3/2 (CJK, kana, Hangul, Thai, Devanagari), 3 (emoji and
+the other characters past the BMP). A service's byte-level tokenizer reads those scripts in
+fewer bytes a token than English, and a rarer character in several tokens: rates at the top
+of what the services count, so that a limit checked here holds there."""
+
+_ONLY_LEADS = tuple(bytes(b for b in range(256) if not low <= b <= high)
+                    for low, high in ((0xE0, 0xEF), (0xF0, 0xF7)))
+"""For bytes.translate: everything but the first bytes of 3- and of 4-byte characters."""
 
 
 def estimate_tokens(text: str) -> int:
     """A cheap token estimate for any model: the larger of 1.3 per whitespace-separated
-    word and 1 per CHARS_PER_TOKEN characters, rounded up. It leans high for English prose."""
-    return max((len(text.split()) * 13 + 9) // 10, -(-len(text) // CHARS_PER_TOKEN))
+    word and its characters' rates (1/CHARS_PER_TOKEN for ASCII, more for other scripts:
+    _SIXTHS_OF_A_TOKEN), rounded up. It leans high for English prose and for other scripts."""
+    words = (len(text.split()) * 13 + 9) // 10
+    if text.isascii():
+        return max(words, -(-len(text) // CHARS_PER_TOKEN))
+    encoded = text.encode("utf-8", "surrogatepass")
+    three, four = (len(encoded.translate(None, leads)) for leads in _ONLY_LEADS)
+    two = len(encoded) - len(text) - 2 * three - 3 * four
+    one = len(text) - two - three - four
+    two_rate, three_rate, four_rate = _SIXTHS_OF_A_TOKEN
+    sixths = 6 * one + CHARS_PER_TOKEN * (two_rate * two + three_rate * three + four_rate * four)
+    return max(words, -(-sixths // (6 * CHARS_PER_TOKEN)))
 
 
 def most_chars(tokens: int) -> int:
     """The most characters a text can have and be estimated at most `tokens` (the estimate's
-    character term; its words may count more)."""
+    character term at the ASCII rate, the lowest; its words and other scripts may count
+    more)."""
     return tokens * CHARS_PER_TOKEN
 
 
@@ -250,6 +272,23 @@ def over_tokens(text: str, limit: int, start: int = 0, end: int | None = None) -
     return end - start > most_chars(limit) or estimate_tokens(text[start:end]) > limit
 
 
+def chars_within(text: str, limit: int, start: int = 0, end: int | None = None) -> int:
+    """The length of the longest prefix of `text[start:end]` estimated at most `limit`
+    tokens (the estimate grows with the prefix): `most_chars(limit)` for ASCII without
+    spaces, fewer for other scripts."""
+    end = len(text) if end is None else end
+    low, high = 0, min(end - start, most_chars(limit))
+    if not over_tokens(text, limit, start, start + high):
+        return high
+    while low + 1 < high:  # the prefix of `low` characters fits, that of `high` does not
+        middle = (low + high) // 2
+        if over_tokens(text, limit, start, start + middle):
+            high = middle
+        else:
+            low = middle
+    return low
+
+
 def truncate_to_tokens(text: str, limit: int) -> str:
     """The longest prefix of `text`, ending at a word where possible, whose
     `estimate_tokens` is at most `limit`."""
@@ -258,8 +297,8 @@ def truncate_to_tokens(text: str, limit: int) -> str:
     max_words = _most_words(limit)
     words = text.split(maxsplit=max_words)
     cut = text if len(words) <= max_words else text[:_end_of_words(text, max_words)]
-    if len(cut) > most_chars(limit):
-        cut = cut[:most_chars(limit)]
+    if estimate_tokens(cut) > limit:
+        cut = cut[:chars_within(cut, limit)]
         if not text[len(cut)].isspace():
             match = _LAST_WORD.search(cut)
             if match and match.start() > 0:

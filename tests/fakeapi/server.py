@@ -33,7 +33,8 @@ from pyembed.limits import limits_for
 from pyembed.models import registry
 from pyembed.providers.fake import fake_vectors
 from pyembed.providers.rerank import fake_scores
-from pyembed.text import estimate_tokens
+
+from .tokens import service_tokens
 
 Service = Literal["voyage", "openai", "cohere", "anthropic"]
 Kind = Literal["ok", "status", "hang", "slow", "short", "wrongdims", "indexes", "nan", "notjson",
@@ -339,7 +340,8 @@ class _Handler(BaseHTTPRequestHandler):
         if not isinstance(messages, list) or not messages:
             raise _BadRequest("messages: at least one message is required")
         # The service's own check: the prompt and max_tokens within the context window.
-        prompt = estimate_tokens(json.dumps(messages)) + estimate_tokens(str(body.get("system")))
+        sent = json.dumps(messages, ensure_ascii=False)  # (the text, not its \u escapes)
+        prompt = service_tokens(sent) + service_tokens(str(body.get("system")))
         context = limits_for("anthropic").request_tokens or 0
         if prompt + body["max_tokens"] > context:
             raise _BadRequest(f"prompt is too long: {prompt} tokens > "
@@ -352,7 +354,7 @@ class _Handler(BaseHTTPRequestHandler):
             "id": f"msg_{uuid.uuid4().hex[:24]}", "type": "message", "role": "assistant",
             "model": body.get("model", "claude"), "content": [], "stop_reason": None,
             "stop_sequence": None,
-            "usage": {"input_tokens": estimate_tokens(json.dumps(messages)),
+            "usage": {"input_tokens": service_tokens(sent),
                       "output_tokens": len(words)},
         }
         if not body.get("stream"):
@@ -434,10 +436,10 @@ def _within_limits(service: Service, model: str, texts: list[str], query: str | 
     limits = limits_for(service, model)
     if limits.texts is not None and len(texts) > limits.texts:
         raise _BadRequest(f"too many inputs: {len(texts)} > {limits.texts}")
-    extra = estimate_tokens(query) if query is not None else 0
+    extra = service_tokens(query) if query is not None else 0
     if query is not None and limits.query_tokens is not None and extra > limits.query_tokens:
         raise _BadRequest(f"the query is {extra} tokens, over the limit of {limits.query_tokens}")
-    each = [extra + estimate_tokens(t) for t in texts]
+    each = [extra + service_tokens(t) for t in texts]
     if not truncation and limits.text_tokens is not None and max(each) > limits.text_tokens:
         raise _BadRequest(f"input {max(range(len(each)), key=each.__getitem__)} is "
                           f"{max(each)} tokens, over the limit of {limits.text_tokens}")
@@ -479,7 +481,7 @@ def _embeddings(service: Service, body: Any, behaviour: Behaviour) -> dict[str, 
     if behaviour.kind == "nan":
         vectors = vectors.copy()
         vectors[0, 0] = np.nan
-    tokens = sum(estimate_tokens(t) for t in texts)
+    tokens = sum(service_tokens(t) for t in texts)
     values: list[list[Any]] = vectors.tolist()
     if behaviour.kind == "strings":
         values = [[str(x) for x in row] for row in values]
@@ -527,7 +529,7 @@ def _rerank(service: Service, body: Any, behaviour: Behaviour) -> dict[str, Any]
     if behaviour.kind == "nan":
         scores[0] = math.nan
     results = [{"index": i, "relevance_score": scores[i % len(documents)]} for i in indexes]
-    tokens = sum(estimate_tokens(query) + estimate_tokens(d) for d in documents)
+    tokens = sum(service_tokens(query) + service_tokens(d) for d in documents)
     if service == "cohere":
         return {"id": str(uuid.uuid4()), "results": results,
                 "meta": {"api_version": {"version": "2"}, "billed_units": {"search_units": 1}}}
