@@ -31,7 +31,7 @@ from rich.progress import (
 from .corpora import CorpusInfo, corpus_info, model_spec
 from .db import connect, connection_lost, lost_during, unreachable
 from .dbcall import translated
-from .errors import InvalidInput, InvalidVector, stopped_note
+from .errors import InvalidInput, InvalidVector, stopped
 from .index import bulk_load
 from .models import ModelSpec
 from .vectors import as_unit_vectors, copy_vectors, float_array
@@ -180,10 +180,9 @@ def _load(info: CorpusInfo, spec: ModelSpec, chunk_ids: Sequence[int], model_key
         what = ("a connection did not open" if first < 0 else
                 f"the batch of chunk ids {chunk_ids[first]}.."
                 f"{chunk_ids[min(first + batch_rows, n) - 1]} wrote nothing")
-        exc.add_note(stopped_note(
+        raise stopped(
             exc, info.name, "load_vectors",
             f"load_vectors: {what}; {written:,} of {n:,} rows were written in other batches, "
             "and no new batch started once it failed. Loading again is safe: vectors are "
-            "replaced, not doubled."))
-        raise exc
+            "replaced, not doubled.")
     return LoadReport(n, len(starts), time.perf_counter() - started)

@@ -106,16 +106,28 @@ def shown(value: object) -> str:
     return repr(value[:SHOWN_CHARACTERS]) + more
 
 
-def stopped_note(exc: BaseException, corpus: str, what: str, kept: str) -> str:
-    """The note a long run over one corpus (`what`: an ingest, a backfill, a vector load) adds to
-    the error that stopped it: `kept`, what it kept and how a rerun resumes, unless the error is
-    UnknownCorpus. Each run looks its corpus up before it starts, so that error means a drop
-    took the corpus meanwhile, and what the run wrote went with it: a rerun has nothing to
-    resume (it finds no corpus)."""
-    if isinstance(exc, UnknownCorpus):
-        return (f"{what} stopped: corpus {shown(corpus)} was dropped while it ran, and what it "
-                "had written went with it (nothing to resume)")
-    return kept
+def stopped(exc: BaseException, corpus: str, what: str, kept: str) -> BaseException:
+    """The error a long run over one corpus (`what`: an ingest, a backfill, a vector load)
+    raises when `exc` stopped it: `exc` with the note `kept` (what it kept and how a rerun
+    resumes), unless `exc` is UnknownCorpus. Each run looks its corpus up before it starts, so
+    that error means a drop took the corpus meanwhile, and what the run wrote went with it: a
+    rerun has nothing to resume (it finds no corpus). Whichever statement found it gone (SQL's
+    'unknown corpus id N', a partition gone), the run says so in one wording, its corpus's
+    name, as a lookup by name does."""
+    if not isinstance(exc, UnknownCorpus):
+        exc.add_note(kept)
+        return exc
+    said = f"unknown corpus {shown(corpus)}"
+    dropped = exc if str(exc).startswith(f"{said} ") else UnknownCorpus(f"{said} {_LOOKUP_HINT}")
+    dropped.add_note(f"{what} stopped: corpus {shown(corpus)} was dropped while it ran, and what "
+                     "it had written went with it (nothing to resume)")
+    dropped.__suppress_context__ = True  # (raised in place of exc, as `from None` would)
+    return dropped
+
+
+_LOOKUP_HINT = "(hint: `pyembed corpus list` shows the corpora)"
+"""What pyembed.lookup_corpus's PE002 adds after its message (its HINT, as db.translate shows
+one)."""
 
 
 def status_kind(status: int | None) -> str:

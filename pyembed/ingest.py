@@ -32,7 +32,7 @@ from .client import AddReport, Corpus, Document, PreparedAdd
 from .corpora import RefusedDocuments
 from .db import twin
 from .dbcall import count
-from .errors import ConfigError, InvalidInput, ModelMismatch, shown, stopped_note
+from .errors import ConfigError, InvalidInput, ModelMismatch, shown, stopped
 from .text import has_text, number, read_json
 
 MARKDOWN_SUFFIXES = frozenset({".md", ".markdown"})
@@ -458,8 +458,7 @@ def ingest(corpus: Corpus, paths: Path | str | Iterable[Path | str], *, batch_si
             totals["failed"] += reader.bad_records
             meter.done(_handled(totals), totals["chunks"])
     except BaseException as exc:  # a provider's rate limit, the database gone, Ctrl-C
-        exc.add_note(stopped_note(exc, corpus.name, "ingest", stopped_line(totals)))
-        raise
+        raise stopped(exc, corpus.name, "ingest", stopped_line(totals))  # noqa: B904
 
     seconds = time.perf_counter() - start
     problems.sort(key=lambda p: (str(p.path), p.line or 0))

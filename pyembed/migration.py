@@ -31,7 +31,7 @@ from .errors import (
     MigrationError,
     PyembedError,
     shown,
-    stopped_note,
+    stopped,
 )
 from .evaluation import HITS_PER_DOCUMENT, EvalQuery, KeyScore, eval_queries, evaluate, overlap
 from .index import build_index_online, check_storage, drop_index_online, one_build
@@ -224,12 +224,11 @@ def backfill(client: Client, corpus: str, *, batch_size: int | None = None,
                 raise MigrationError(f"{ended} while this backfill ran: it stopped, having "
                                      f"written {written} vectors for {key} (pyembed migrate "
                                      f"status {corpus} shows the step)") from None
-            exc.add_note(stopped_note(
+            raise stopped(  # noqa: B904
                 exc, corpus, "backfill",
                 f"backfill stopped with {resumed + written} of {resumed + total} chunks "
                 f"backfilled ({written} by this run); running it again resumes: the chunks "
-                "backfilled are skipped"))
-            raise
+                "backfilled are skipped")
     return BackfillReport(done, time.perf_counter() - started, 0, written, done - written,
                           resumed)
 

@@ -789,6 +789,8 @@ def test_a_run_whose_corpus_is_dropped_meanwhile_says_nothing_is_kept(
         with pytest.raises(pyembed.UnknownCorpus) as err:
             ingest(corpus, [path], batch_size=2, console=console, progress_every=0)
     assert dropped == [2], dropped
+    assert str(err.value) == ("unknown corpus 'files' (hint: `pyembed corpus list` shows the "
+                              "corpora)")  # (as migrate backfill's: one wording)
     assert err.value.__notes__ == [
         "ingest stopped: corpus 'files' was dropped while it ran, and what it had written "
         "went with it (nothing to resume)"], err.value.__notes__

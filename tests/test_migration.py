@@ -1396,7 +1396,8 @@ def test_a_backfill_whose_corpus_is_dropped_meanwhile_says_nothing_is_kept(db: D
     nothing is left to resume. Before (found from outside by outside20), the note said 'backfill
     stopped with 5 of 20 chunks backfilled (5 by this run); running it again resumes: the chunks
     backfilled are skipped', of a corpus that is gone, and the error after the last batch was
-    'no corpus has id N'."""
+    'no corpus has id N'. The error is ingest's, by the corpus's name: before (7021ad5), SQL's
+    'no corpus has id 1' (after either batch)."""
     with clients(db, n=20) as (app, owner, _texts):
         migration.start(owner, CORPUS, NEW)
 
@@ -1406,6 +1407,9 @@ def test_a_backfill_whose_corpus_is_dropped_meanwhile_says_nothing_is_kept(db: D
 
         with pytest.raises(pyembed.UnknownCorpus) as err:
             migration.backfill(owner, CORPUS, batch_size=5, progress=progress)
+        assert str(err.value) == (f"unknown corpus {CORPUS!r} (hint: `pyembed corpus list` "
+                                  "shows the corpora)")  # (as ingest's)
+        assert err.value.__suppress_context__
         assert err.value.__notes__ == [
             f"backfill stopped: corpus {CORPUS!r} was dropped while it ran, and what it had "
             "written went with it (nothing to resume)"], err.value.__notes__
