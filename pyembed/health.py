@@ -204,7 +204,10 @@ def migrations(conn: psycopg.Connection[Any]) -> list[Finding]:
                                f"{r['model_key']})"))
         if r["retired_key"] is not None:
             key, vectors = r["retired_key"], int(r["retired_vectors"])
-            _, size = storage_bytes(vectors, int(key.rsplit(":", 1)[1]))
+            # The table keeps every key's vectors as float32; the key's index, until cleanup
+            # drops it, is as large as the catalogue says (its storage's type, its pages).
+            raw, _ = storage_bytes(vectors, int(key.rsplit(":", 1)[1]))
+            size = raw + int(r["retired_index_bytes"] or 0)
             out.append(Finding(
                 "migration", f"{corpus} {key}",
                 f"{vectors} vectors of a key not served, about {_size(size)}", "warn",

@@ -44,22 +44,51 @@ from .vectors import copy_vectors
 REQUESTS_PER_MINUTE = {"voyage": 300, "openai": 3000, "cohere": 2000}
 TOKENS_PER_MINUTE = {"voyage": 1_000_000, "openai": 1_000_000, "cohere": 1_000_000}
 HNSW_M = 16
+PAGE = 8192
+_HNSW_PAGE_SPACE = PAGE - 24 - 8  # a page's header and pgvector's HnswPageOpaqueData
+_HNSW_ELEMENT_HEADER = 72  # HnswElementTupleData before its value: heap tids, neighbour tid
+_LINE_POINTER, _ITEM_POINTER = 4, 6
+
+
+def _maxalign(n: int) -> int:
+    return (n + 7) & ~7
+
+
+def hnsw_index_bytes(vectors: int, dims: int, index_type: str, m: int = HNSW_M) -> int:
+    """Bytes of an HNSW index of `vectors`, from the pages pgvector's build fills: its metapage,
+    and each vector's element tuple (header and value) beside its neighbour tuple (2m slots on
+    layer 0, m on each upper layer, m/(m-1) of them on average) on one 8 kB page while both fit,
+    so that a page holds whole pairs and the rest of it stays empty; a pair that fits no page
+    takes two. `index_type`: vector (float32), halfvec (float16) or bit (the sign bits)."""
+    value = {"vector": 4 * dims + 8, "halfvec": 2 * dims + 8, "bit": (dims + 7) // 8 + 8}[
+        index_type]
+    element = _maxalign(_HNSW_ELEMENT_HEADER + value)
+    neighbours = _maxalign(4 + (2 * m + -(-m // (m - 1))) * _ITEM_POINTER)
+    pair = element + neighbours + 2 * _LINE_POINTER
+    room = _HNSW_PAGE_SPACE - _LINE_POINTER  # (a page keeps room for one more line pointer)
+    pages = -(-vectors // (room // pair)) if pair <= room else 2 * vectors
+    return PAGE * (1 + pages) if vectors else 0
+
+
+def index_type(dims: int, storage: str = "vector") -> str:
+    """The type an HNSW index of `storage` holds its values as (pyembed._index_build_settings'
+    rule): bit for binary, halfvec for halfvec and past pgvector's 2,000-dimension limit of
+    vector, else vector."""
+    return "bit" if storage == "binary" else (
+        "halfvec" if storage == "halfvec" or dims > 2000 else "vector")
 
 
 def storage_bytes(vectors: int, dims: int, storage: str = "vector") -> tuple[int, int]:
     """(raw, with HNSW) bytes for `vectors` of `dims` dimensions in `storage`: every storage
     keeps the float32 vectors (4 bytes a dimension plus an 8-byte header), and the HNSW index
-    holds each as its storage's value (float32, float16 past pgvector's 2,000-dimension limit
-    or for halfvec, sign bits for binary: pyembed._index_build_settings' rule) plus ~32 bytes per
-    neighbour slot (m = 16), about 0.5 kB per vector."""
+    holds each as its storage's value (`index_type`) in the pages `hnsw_index_bytes` counts
+    (m = 16)."""
     for value, what, low in ((vectors, "vectors", 0), (dims, "dims", 1)):
         if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
             raise InvalidInput(f"{what} must be a whole number of at least {low}, not {shown(value)}")
     check_storage(storage)
     raw = vectors * (4 * dims + 8)
-    indexed = ((dims + 7) // 8 + 8 if storage == "binary"
-               else 2 * dims + 8 if storage == "halfvec" or dims > 2000 else 4 * dims + 8)
-    return raw, raw + vectors * (indexed + 32 * HNSW_M)
+    return raw, raw + hnsw_index_bytes(vectors, dims, index_type(dims, storage))
 
 
 @dataclass(frozen=True)

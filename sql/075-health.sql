@@ -26,10 +26,14 @@ SELECT c.name AS corpus, k.model_key, k.role,
 
 -- Where each corpus's model change stands: its migration's step and share, and the vectors of
 -- keys it no longer serves (a completed migration's old key, a rolled-back target), which
--- pyembed.migration_cleanup would delete. One row a retired key, or one for a migration alone.
+-- pyembed.migration_cleanup would delete, with the size of the HNSW index each keeps (from the
+-- catalogue: whatever type it holds its values as; NULL without one). One row a retired key, or
+-- one for a migration alone.
 CREATE OR REPLACE VIEW pyembed.migration_report WITH (security_invoker = true) AS
 SELECT c.name AS corpus, c.model_key, c.target_model_key, c.migration_step, c.traffic_share,
-       r.model_key AS retired_key, r.vectors AS retired_vectors
+       r.model_key AS retired_key, r.vectors AS retired_vectors,
+       pg_catalog.pg_relation_size(pg_catalog.to_regclass(pg_catalog.format(
+         'pyembed.%I', pyembed._index_name(c.corpus_id, r.model_key)))) AS retired_index_bytes
   FROM pyembed.corpora c
   LEFT JOIN LATERAL (SELECT v.model_key, count(*) AS vectors FROM pyembed.vectors v
                       WHERE v.corpus_id = c.corpus_id AND v.model_key <> c.model_key

@@ -107,6 +107,7 @@ GRANT EXECUTE ON FUNCTION
   pyembed.visible_corpora(),
   pyembed.lookup_corpus(text),
   pyembed._setting_range(text),
+  pyembed._index_name(integer, text),
   pyembed._check_setting(text, numeric),
   pyembed.version(),
   pyembed.code_digest(),

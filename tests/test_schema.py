@@ -46,6 +46,7 @@ APP_EXECUTE = {
     "visible_corpora()",
     "lookup_corpus(text)",  # the one lookup of a corpus by name (PE002)
     "_setting_range(text)",  # a stored setting's range, its CHECK's
+    "_index_name(integer, text)",  # a key's index, which migration_report sizes for `status`
     "_check_setting(text, numeric)",  # its check, in the words SQL, Python and the CLI give
     "version()",  # the server's pyembed, for `pyembed doctor`
     "code_digest()",  # its code, for `pyembed doctor`

@@ -172,6 +172,7 @@ FROM_PYEMBED = {
     "record_search": "query.py: the corpus id and k, checked", "reserve_query": "as record_search",
     "reserve_usage": "the corpus id and the counted requests", "search_query": "as record_search",
     "search_embedded": "as record_search",
+    "_index_name": "migration_report (pyembed status): each corpus's own id",
 }
 
 LEAKS = {
@@ -522,7 +523,7 @@ GIVEN_BY_PYEMBED = {
         "_random_advisory_lock", "_rebuild_name", "_recall_at_10", "_record_recall",
         "_release_backfill", "_sample_recall", "_ranked_hits", "_hit_arrays", "_hybrid_ranking",
         "_record_search",
-        "_search_reranked", "_search_text", "_index_build_settings", "_index_name",
+        "_search_reranked", "_search_text", "_index_build_settings",
         "_index_params", "_index_plan", "_index_spec", "_index_type", "_job_bounds", "_key_rows",
         "_keyword_ranking", "_lock_corpus", "_nearest", "_nearest_candidates",
         "_nearest_function_body", "_nearest_function_name", "_nearest_functions", "_nearest_in",
@@ -578,7 +579,6 @@ OWNER_CALLS = {
     "_hybrid_ranking": [DOCS, "'refunds'", Q, f"'{FAKE}'", "5", "'{}'", "100", "60", "'document'",
                         "'relative'", "0.5", "NULL", "NULL", "NULL"],
     "_index_build_settings": [DOCS_ID, f"'{FAKE}'", "false", "'vector'"],
-    "_index_name": [DOCS_ID, f"'{FAKE}'"],
     "_index_params": ["'{}'", "1000", "384", "'vector'"],
     "_index_plan": ["384", "'cosine'", "'vector'", "'{}'", "1000"],
     "_index_settings_problem": ["'{}'"],
