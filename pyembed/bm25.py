@@ -10,7 +10,9 @@ the same order of operations, and a chunk's parts are added rarest term first (t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 import numpy.typing as npt
@@ -71,13 +73,46 @@ def top(packed: bytes, blocks: Sequence[int], terms: Sequence[int], sizes: Seque
     return ids[top_ids].tolist(), top_scores
 
 
+def problem(packed: bytes, blocks: Sequence[int | None], terms: Sequence[int | None],
+            sizes: Sequence[int | None], idfs: Sequence[float | None], avgdl: float,
+            n: int) -> str | None:
+    """What makes postings unlike those pyembed._bm25 packs (a DBA's direct call of
+    pyembed._bm25_top), said as its PE005; None for postings top() can rank. Built-ins on the
+    lists as given: cheaper than arrays for a query's few blocks, on every keyword search."""
+    if not len(blocks) == len(terms) == len(sizes):
+        return (f"blocks, terms and sizes must have one element each: got {len(blocks)}, "
+                f"{len(terms)} and {len(sizes)}")
+    if None in blocks or None in terms or None in sizes or None in idfs:
+        return "blocks, terms, sizes and idfs must have no NULL element"
+    whole, size = cast(Sequence[int], sizes), POSTING.itemsize
+    if whole and (min(whole) < 0 or any(s % size for s in whole)):
+        return f"each of sizes must be a whole number of {size}-byte postings"
+    if sum(whole) != len(packed):
+        return f"sizes must add up to the {len(packed)} bytes of packed, not {sum(whole)}"
+    places, ids = cast(Sequence[int], terms), cast(Sequence[int], blocks)
+    if places and (min(places) < 1 or max(places) > len(idfs)):
+        return f"each of terms must be 1..{len(idfs)}, a place in idfs"
+    if ids and (min(ids) < -(1 << 53) or max(ids) >= 1 << 53):
+        return "each of blocks must be within -2^53..2^53 (a chunk id's block)"
+    if not (all(map(math.isfinite, cast(Sequence[float], idfs))) and math.isfinite(avgdl)
+            and avgdl > 0):
+        return "idfs must be finite and avgdl a finite number above 0"
+    if n < 0:
+        return f"n must be at least 0, got {n}"
+    return None
+
+
 def top_for_sql(packed: bytes, blocks: Sequence[int], terms: Sequence[int],
                 sizes: Sequence[int], idfs: Sequence[float], avgdl: float, n: int
                 ) -> tuple[list[int], list[str]]:
     """top()'s ranking as pyembed._bm25_top returns it: each score as its exact hexadecimal
     form (float.hex). PL/Python hands a float to PostgreSQL as text, which float8in reads with
     strtod (C99: hexadecimal floats too, to the last bit); the hexadecimal form is written and
-    read without the search for a shortest decimal that repr makes."""
+    read without the search for a shortest decimal that repr makes. ValueError (`problem`) for
+    postings unlike pyembed._bm25's."""
+    said = problem(packed, blocks, terms, sizes, idfs, avgdl, n)
+    if said is not None:
+        raise ValueError(said)
     ids, scores = top(packed, blocks, terms, sizes, idfs, avgdl, n)
     return ids, list(map(float.hex, scores))
 

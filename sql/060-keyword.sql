@@ -591,6 +591,9 @@ DECLARE
   cps float8[];
   top record;
 BEGIN
+  IF n < 0 OR n > 1000 THEN  -- (its callers give keyword_ranking's k or candidates, checked)
+    PERFORM pyembed._count_arg(n, 'n', 0, 1000);
+  END IF;
   SELECT CASE WHEN by_document THEN s.documents ELSE s.chunks END::float8,
          CASE WHEN by_document THEN s.document_len::float8 / greatest(s.documents, 1)
               ELSE s.total_len::float8 / greatest(s.chunks, 1) END INTO total, avgdl
@@ -732,7 +735,10 @@ try:
     from pyembed import bm25
 except Exception as exc:  # pyembed._cannot_import: PE013 with the fix, not 38000 and a class
     plpy.execute(plpy.prepare("SELECT pyembed._cannot_import($1)", ["text"]), [repr(exc)])
-return bm25.top_for_sql(packed, blocks, terms, sizes, idfs, avgdl, n)
+try:
+    return bm25.top_for_sql(packed, blocks, terms, sizes, idfs, avgdl, n)
+except ValueError as exc:  # (postings unlike pyembed._bm25's: a DBA's direct call)
+    plpy.error(str(exc), sqlstate="PE005")
 $$;
 
 -- Hybrid search's ranking of corpus `c` (looked up by its caller): its arguments checked, then

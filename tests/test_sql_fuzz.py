@@ -209,6 +209,8 @@ PL_BODIES = {
     "_add_document": "add_document's body", "_embed": "embed's body",
     "_embed_batch": "embed_batch's body", "_version": "version's body",
     "_code_digest": "code_digest's body",
+    "_bm25_top": "_bm25's scoring of the postings it packed (checked there; only a DBA's direct "
+                 "call meets its PE005s, prefix and all: no wrapper on the keyword path)",
 }
 LONGEST = 1000
 """An error's message, detail or hint shows a caller's value cut (a 1 MB value is not read back
@@ -491,11 +493,8 @@ GIVEN_BY_PYEMBED = {
                  "and ef the rule or index_settings (corpora_index_settings_known) give; "
                  "inlined into every search's index rules" for h in (
                      "_halfvec_ef", "_halfvec_m", "_hnsw_fitting_m", "_hnsw_per_page")},
-    "_bm25_top.*": "the postings pyembed._bm25 packs from posting_blocks, its arrays made together",
     "_cannot_import.error": "repr() of what a PL/Python body's import raised, shown whole (a "
                             "path in it is the fix's clue)",
-    "_bm25.n": "keyword_ranking's k or candidates, checked (pyembed._count_arg)",
-    "_nearest.k": "as _bm25.n",
     "_vector_ranking.chunks": "search_hybrid's candidates, checked",
     "_document_terms.*": "a trigger's transition rows: a corpus id and document id each",
     "_one_each.*": "the calling function's name and its arrays' names, literals in pyembed's "
@@ -518,7 +517,8 @@ GIVEN_BY_PYEMBED = {
     "_embed_batch.inputs=100000 elements": "embed_batch refuses more than 1,000 texts first (a "
                                            "PL/Python call cannot be cancelled)",
     **{h: "its integer arguments" for h in (
-        "_advisory_held", "_bm25", "_build_target", "_bulk_loading", "_claim_backfill", "_count_arg",
+        "_advisory_held", "_bm25", "_bm25_top", "_build_target", "_bulk_loading",
+        "_claim_backfill", "_count_arg",
         "_create_vector_index", "_dropped_meanwhile", "_heal_vector_index", "_packed_block",
         "_random_advisory_lock", "_rebuild_name", "_recall_at_10", "_record_recall",
         "_release_backfill", "_sample_recall", "_ranked_hits", "_hit_arrays", "_hybrid_ranking",
