@@ -54,7 +54,7 @@ def _maxalign(n: int) -> int:
     return (n + 7) & ~7
 
 
-def hnsw_index_bytes(vectors: int, dims: int, index_type: str, m: int = HNSW_M) -> int:
+def _hnsw_index_bytes(vectors: int, dims: int, index_type: str, m: int = HNSW_M) -> int:
     """Bytes of an HNSW index of `vectors`, from the pages pgvector's build fills: its metapage,
     and each vector's element tuple (header and value) beside its neighbour tuple (2m slots on
     layer 0, m on each upper layer, m/(m-1) of them on average) on one 8 kB page while both fit,
@@ -70,7 +70,7 @@ def hnsw_index_bytes(vectors: int, dims: int, index_type: str, m: int = HNSW_M) 
     return PAGE * (1 + pages) if vectors else 0
 
 
-def index_type(dims: int, storage: str = "vector") -> str:
+def _index_type(dims: int, storage: str = "vector") -> str:
     """The type an HNSW index of `storage` holds its values as (pyembed._index_build_settings'
     rule): bit for binary, halfvec for halfvec and past pgvector's 2,000-dimension limit of
     vector, else vector."""
@@ -81,14 +81,14 @@ def index_type(dims: int, storage: str = "vector") -> str:
 def storage_bytes(vectors: int, dims: int, storage: str = "vector") -> tuple[int, int]:
     """(raw, with HNSW) bytes for `vectors` of `dims` dimensions in `storage`: every storage
     keeps the float32 vectors (4 bytes a dimension plus an 8-byte header), and the HNSW index
-    holds each as its storage's value (`index_type`) in the pages `hnsw_index_bytes` counts
+    holds each as its storage's value (`_index_type`) in the pages `_hnsw_index_bytes` counts
     (m = 16)."""
     for value, what, low in ((vectors, "vectors", 0), (dims, "dims", 1)):
         if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
             raise InvalidInput(f"{what} must be a whole number of at least {low}, not {shown(value)}")
     check_storage(storage)
     raw = vectors * (4 * dims + 8)
-    return raw, raw + hnsw_index_bytes(vectors, dims, index_type(dims, storage))
+    return raw, raw + _hnsw_index_bytes(vectors, dims, _index_type(dims, storage))
 
 
 @dataclass(frozen=True)

@@ -87,7 +87,13 @@ def test_a_chunk_past_the_tables_bound_is_refused_before_any_provider_call(
     chunks cut from a text of 4-byte characters, embedded with truncate=True (the model reads
     its first tokens, the chunk is stored whole), makes chunks past it. Refused before any
     provider call, in the database's words, with the other documents of the call; before, the
-    chunks were embedded (the provider paid) and the write refused them (23514)."""
+    chunks were embedded (the provider paid) and the write refused them (23514). The token
+    estimate counts a 4-byte character at 3 tokens now, so that a chunk of at most 100,000
+    tokens is at most about 400 kB: the test gives it an estimate that reads them at 1/6 of a
+    token (as one at 4 characters a token did, 79b59f5), which makes such chunks again."""
+    import pyembed.text
+
+    monkeypatch.setattr(pyembed.text, "_SIXTHS_OF_A_TOKEN", (1, 1, 1))
     text = " ".join(["\U0001f600" * 8] * 40_000)  # 320,000 characters, 1,319,999 bytes
     with pyembed.connect(db.app_dsn) as client:
         kb = client.create_corpus("kb", KEY, chunk_tokens=100_000, chunk_overlap=0)
