@@ -427,7 +427,7 @@ BEGIN
            SELECT 'pyembed_app' FROM pyembed.corpora co
             WHERE co.corpus_id = p_corpus_id AND co.tenant_id IS NULL
            UNION ALL
-           SELECT 'pyembed_operator'
+           SELECT 'pyembed_operator' FROM pyembed.corpora co WHERE co.corpus_id = p_corpus_id
            ORDER BY 1 LOOP
     EXECUTE format('GRANT INSERT ON %s TO %I', part, r);
   END LOOP;
