@@ -5,6 +5,8 @@ tenant only, and no application login gains that reach."""
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -23,6 +25,7 @@ from pyembed.metrics import registry
 from pyembed.worker import Worker
 from tests.conftest import Database
 from tests.helpers import login_role, run_cli
+from tests.test_worker import RecordingProvider, fake_embedder, wait_for
 
 KEY = "fake/fake-hash@1:384"
 
@@ -254,3 +257,34 @@ def test_the_local_clusters_worker_login_works_and_reports_every_tenant(
     out = run_cli("worker", env={"PYEMBED_WORKER_DSN": worker_dsn, "PYEMBED_DSN": db.app_dsn})
     assert out.returncode == 0 and "embedded 2," in out.stdout, out.stdout + out.stderr
     assert vectors(acme, "docs") == 2
+
+
+def test_the_operators_lease_on_a_tenants_batch_is_renewed_acting_for_that_tenant(
+        db: Database, owner: psycopg.Connection[Any], operator: str) -> None:
+    """The lease renewal runs on a connection of its own: renewing a tenant's jobs as the
+    operator's login itself (no tenant) renewed none, and the tenant's own worker took over a
+    batch still in flight. Renewed acting for the batch's tenant, the batch stays the operator
+    worker's while its slow call lasts several leases."""
+    acme = member(db, owner, "acme")
+    add(acme, "docs", 3)
+    providers: list[RecordingProvider] = []
+    worker = Worker(operator, lease_seconds=0.6, recall_every=0,
+                    embedder_for=fake_embedder(providers, lambda p, batch: time.sleep(2.0)))
+    others: list[RecordingProvider] = []
+    other = Worker(acme, lease_seconds=0.6, recall_every=0, embedder_for=fake_embedder(others))
+    result: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: result.update(stats=worker.run_once()))
+    thread.start()
+    try:
+        wait_for(lambda: bool(providers) and providers[0].calls == 1, 10, "the slow call")
+        tries = []
+        while thread.is_alive():
+            tries.append(other.run_once().batches)
+            time.sleep(0.1)
+        assert len(tries) > 5 and not any(tries), "the tenant's worker took a batch in flight"
+    finally:
+        thread.join(timeout=10)
+        other.close()
+        worker.close()
+    assert result["stats"].embedded == 3 and not others
+    assert vectors(acme, "docs") == 3
