@@ -1,8 +1,11 @@
 -- Runs once when the container's cluster is created: the database, the application role and
 -- `pyembed worker`'s login: an application role in pyembed_worker too (revision 0026), which
--- counts failed provider calls; the application login is not in it, so no app session counts.
+-- counts failed provider calls, and in pyembed_operator (revision 0037), which acts for every
+-- tenant: the one worker embeds every tenant's jobs and `metrics` (which logs in as it) reports
+-- every tenant. The application login is in neither.
 CREATE DATABASE pyembed;
 CREATE ROLE pyembed_app NOLOGIN;
 CREATE ROLE pyembed_user LOGIN PASSWORD 'pyembed' IN ROLE pyembed_app;
 CREATE ROLE pyembed_worker NOLOGIN;
-CREATE ROLE pyembed_worker_user LOGIN PASSWORD 'pyembed' IN ROLE pyembed_app, pyembed_worker;
+CREATE ROLE pyembed_operator NOLOGIN;
+CREATE ROLE pyembed_worker_user LOGIN PASSWORD 'pyembed' IN ROLE pyembed_app, pyembed_worker, pyembed_operator;

@@ -102,7 +102,8 @@ DsnOption = Annotated[str | None, typer.Option("--dsn", envvar=DSN_ENV,
                                                help="libpq DSN; default: the local cluster")]
 WorkerDsnOption = Annotated[str | None, typer.Option(
     "--dsn", envvar=[WORKER_DSN_ENV, DSN_ENV],
-    help="libpq DSN; default: the local cluster's worker login (in pyembed_worker)")]
+    help="libpq DSN; default: the local cluster's worker login (in pyembed_worker and "
+         "pyembed_operator: every tenant's)")]
 NUMBERS = {"ignore_unknown_options": True}
 """context_settings of a command with a numeric argument: a negative number (-1) is the
 argument, refused by its own range check, not an unknown option."""
@@ -609,14 +610,17 @@ def status_cmd(dsn: DsnOption = None, as_json: JsonOption = False,
                      "alerts": len(alerts)})
     else:
         style = {"ok": "green", "warn": "yellow", "alert": "bold red"}
-        table = _table("area", "subject", "value", "", "note", numbers=("",))
+        by_tenant = any(f.tenant for f in findings)  # (the operator's: a column of its own)
+        table = _table(*(("tenant",) if by_tenant else ()), "area", "subject", "value", "",
+                       "note", numbers=("",))
         for f in findings:
-            table.add_row(f.area, f.subject, f.value,
+            table.add_row(*((f.tenant,) if by_tenant else ()), f.area, f.subject, f.value,
                           Text(f.level, style=style[f.level]), f.note)
         console.print(table if findings else "nothing to report yet: no corpus")
     if alerts:
         raise PyembedError(f"{len(alerts)} alert(s): " + "; ".join(
-            f"{f.area} {f.subject}: {f.note}" for f in alerts[:3]))
+            (f"tenant {f.tenant}: " if f.tenant else "") + f"{f.area} {f.subject}: {f.note}"
+            for f in alerts[:3]))
 
 
 @app.command("recall")
@@ -1290,15 +1294,18 @@ def cache_purge(
 def metrics_serve(
     port: Annotated[int, typer.Option(help="port to listen on", min=1, max=65535)] = 9187,
     address: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
-    dsn: DsnOption = None,
+    dsn: WorkerDsnOption = None,
 ) -> None:
     """Serve /metrics for Prometheus (figures read from the database at each scrape).
+
+    Logs in as the worker does ($PYEMBED_WORKER_DSN first): the operator's login reports every
+    tenant, each figure labelled with its tenant; a tenant's login, its own tenant.
 
     Example: pyembed metrics serve --port 9187
     """
     from .metrics import serve
 
-    target = _dsn(dsn)
+    target = dsn or resolve_dsn(worker=True)
     try:  # the database at the start: a DSN that is not one stops here; one down is said once
         connect(target, connect_timeout=5).close()
     except psycopg.OperationalError as exc:

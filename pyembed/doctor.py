@@ -18,7 +18,7 @@ import typer
 
 import pyembed
 
-from . import health, schema
+from . import health, schema, tenants
 from .config import DSN_ENV, OWNER_DSN_ENV, code_digest
 from .db import resolve_dsn
 from .loaded import LOCK_CLASS
@@ -211,26 +211,40 @@ def check_api_keys(conn: Conn) -> Check:
 
 
 def check_worker(conn: Conn) -> Check:
+    """The queue of the login's tenant, or of each tenant for a login that acts for tenants (the
+    operator's worker login), each read acting for it: the first that waits with nothing
+    written warns, naming its tenant."""
     name = "worker alive"
-    row = conn.execute(
-        "SELECT count(*), "
-        "count(*) FILTER (WHERE not_before > now() AND last_error IS NULL), "
-        "extract(epoch FROM now() - min(enqueued_at))::float8 FROM pyembed.queue").fetchone()
-    assert row is not None
-    queued, leased, age = int(row[0]), int(row[1]), float(row[2] or 0.0)
+    queued = leased = 0
+    oldest, written = 0.0, 0
+    stale: str | None = None  # (whose queue waits: "" for the login's own)
+    for tenant, label in tenants.acting_tenants(conn):
+        with tenants.acting_for(conn, tenant):
+            row = conn.execute(
+                "SELECT count(*), "
+                "count(*) FILTER (WHERE not_before > now() AND last_error IS NULL), "
+                "extract(epoch FROM now() - min(enqueued_at))::float8 FROM pyembed.queue"
+            ).fetchone()
+            assert row is not None
+            if not row[0]:
+                continue
+            recent = conn.execute("SELECT coalesce(sum(per_s_5m), 0) * 300 "
+                                  "FROM pyembed.throughput").fetchone()
+        n, held, age = int(row[0]), int(row[1]), float(row[2] or 0.0)
+        done = round(float(recent[0])) if recent else 0
+        queued, leased, oldest, written = queued + n, leased + held, max(oldest, age), written + done
+        if not held and age > WORKER_STALE_MINUTES * 60 and not done and stale is None:
+            stale = "" if tenant is None else f" (tenant {label}'s)"
     if not queued:
         return Check(name, "ok", "nothing queued")
-    if leased:
+    if leased and stale is None:
         return Check(name, "ok", f"{queued} queued, {leased} leased by a worker")
-    written = conn.execute("SELECT coalesce(sum(per_s_5m), 0) * 300 "
-                           "FROM pyembed.throughput").fetchone()
-    recent = round(float(written[0])) if written else 0
-    detail = f"{queued} queued, the oldest {_ago(age)} ago"
-    if age > WORKER_STALE_MINUTES * 60 and not recent:
-        return Check(name, "warn", detail + ", nothing written in the last 5 minutes",
+    detail = f"{queued} queued, the oldest {_ago(oldest)} ago"
+    if stale is not None:
+        return Check(name, "warn", detail + f", nothing written in the last 5 minutes{stale}",
                      "run `pyembed worker` (it embeds what SQL queued)")
-    return Check(name, "ok", detail + (f", {recent} vectors written in 5 minutes"
-                                       if recent else ""))
+    return Check(name, "ok", detail + (f", {written} vectors written in 5 minutes"
+                                       if written else ""))
 
 
 def check_indexes(conn: Conn) -> Check:

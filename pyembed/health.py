@@ -3,7 +3,7 @@ latency and recall, each with the alert it raises (from the health views in sql/
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Literal
 
@@ -12,6 +12,7 @@ from psycopg.rows import dict_row
 
 from .migration import next_command, storage_bytes
 from .recall import RECALL_ALERT
+from .tenants import acting_for, acting_tenants
 from .text import number
 
 Level = Literal["ok", "warn", "alert"]
@@ -36,6 +37,9 @@ class Finding:
     level: Level
     note: str = ""
     number: float | None = None
+    tenant: str = ""
+    """The tenant the figure is of, when the login acts for several (the operator's: '-' for
+    none); empty for a tenant's own login, whose figures are all its tenant's."""
 
 
 def _rows(conn: psycopg.Connection[Any], view: str) -> list[dict[str, Any]]:
@@ -231,7 +235,14 @@ def _size(size: int) -> str:
 
 
 def report(conn: psycopg.Connection[Any], *, recall_alert: float = RECALL_ALERT) -> list[Finding]:
-    """Every finding, area by area; `recall_alert` is a recall@10, 0..1."""
+    """Every finding, area by area; `recall_alert` is a recall@10, 0..1. The login's tenant's,
+    or, for a login that acts for tenants (the operator's, a superuser), each tenant's in turn,
+    read acting for it (pyembed.acting_tenants), each finding naming its tenant."""
     recall_alert = number(recall_alert, "recall_alert", 0.0, 1.0)
-    return (coverage(conn) + throughput(conn) + cache(conn) + latency(conn)
-            + recall(conn, recall_alert) + indexes(conn) + migrations(conn) + replicas(conn))
+    out: list[Finding] = []
+    for tenant, label in acting_tenants(conn):
+        with acting_for(conn, tenant):
+            found = (coverage(conn) + throughput(conn) + cache(conn) + latency(conn)
+                     + recall(conn, recall_alert) + indexes(conn) + migrations(conn))
+        out += found if tenant is None else [replace(f, tenant=label) for f in found]
+    return out + replicas(conn)

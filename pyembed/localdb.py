@@ -36,6 +36,10 @@ APP_USER = "pyembed_user"
 APP_GROUP = "pyembed_app"
 WORKER_USER = "pyembed_worker_user"
 WORKER_GROUP = "pyembed_worker"
+OPERATOR_GROUP = "pyembed_operator"
+"""The operator's reach (revision 0037): WORKER_USER is in it, so that the one worker embeds every
+tenant's queued documents, acting for each job's tenant, and `pyembed metrics serve` reports
+every tenant."""
 """`pyembed worker`'s login: an application role that is in pyembed_worker too, so that it counts
 failed provider calls (revision 0026), which the application login may not."""
 SERVER_SETTINGS = {
@@ -305,9 +309,9 @@ class LocalCluster:
         self._add_worker_login(st)
 
     def _add_worker_login(self, st: ClusterState) -> str:
-        """Make WORKER_USER (in the application role and pyembed_worker) with a new password,
-        recorded in cluster.json; returns the password. The application login stays out of
-        pyembed_worker: any of its sessions could then count."""
+        """Make WORKER_USER (in the application role, pyembed_worker and pyembed_operator) with a
+        new password, recorded in cluster.json; returns the password. The application login
+        stays out of both: any of its sessions could then count, and act for any tenant."""
         import psycopg
         from psycopg import sql
 
@@ -320,18 +324,18 @@ class LocalCluster:
         with psycopg.connect(admin, autocommit=True) as conn, conn.transaction():
             # Revision 0026 makes pyembed_worker too (in a database `pyembed install` reaches):
             # roles are the cluster's, so whichever comes first makes it.
-            if conn.execute("SELECT FROM pg_catalog.pg_roles WHERE rolname = %s",
-                            (WORKER_GROUP,)).fetchone() is None:
-                conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(
-                    sql.Identifier(WORKER_GROUP)))
+            for group in (WORKER_GROUP, OPERATOR_GROUP):  # (0037 makes pyembed_operator)
+                if conn.execute("SELECT FROM pg_catalog.pg_roles WHERE rolname = %s",
+                                (group,)).fetchone() is None:
+                    conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(group)))
             exists = conn.execute("SELECT FROM pg_catalog.pg_roles WHERE rolname = %s",
                                   (WORKER_USER,)).fetchone() is not None
             conn.execute(sql.SQL("{} ROLE {} LOGIN {}").format(
                 sql.SQL("ALTER" if exists else "CREATE"), sql.Identifier(WORKER_USER),
                 password_clause(conn, WORKER_USER, password)))
-            conn.execute(sql.SQL("GRANT {}, {} TO {}").format(
+            conn.execute(sql.SQL("GRANT {}, {}, {} TO {}").format(
                 sql.Identifier(APP_GROUP), sql.Identifier(WORKER_GROUP),
-                sql.Identifier(WORKER_USER)))
+                sql.Identifier(OPERATOR_GROUP), sql.Identifier(WORKER_USER)))
         st.worker_password = password
         self.state_file.write_text(json.dumps(asdict(st)))
         return password

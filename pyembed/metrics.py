@@ -14,6 +14,7 @@ from psycopg.rows import dict_row
 
 from . import errors
 from .db import connection_lost, lost, reopen, server_error
+from .tenants import acting_for, acting_tenants
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +36,15 @@ class PyembedCollector(Collector):
                 self._conn.close()
             self._conn, self._acted_as = None, None
 
-    def _rows(self, sql: str) -> list[dict[str, Any]]:
+    def _db(self) -> psycopg.Connection[Any]:
         if self._conn is None or lost(self._conn):  # (closed by a restart: open it again)
             self._conn, self._acted_as = reopen(self.dsn, self._acted_as, "metrics collector",
                                                 autocommit=True,
                                                 application_name="pyembed metrics")
-        with self._conn.cursor(row_factory=dict_row) as cur:
+        return self._conn
+
+    def _rows(self, sql: str) -> list[dict[str, Any]]:
+        with self._db().cursor(row_factory=dict_row) as cur:
             return cur.execute(sql).fetchall()
 
     def collect(self) -> Iterator[Any]:
@@ -61,10 +65,17 @@ class PyembedCollector(Collector):
                 up.add_metric([], 0)
                 yield up
 
+    def _acting(self, tenant: str | None, views: list[str]) -> list[list[dict[str, Any]]]:
+        """Each view's rows, read in one transaction acting for `tenant` (None: the login's own
+        tenant): row-level security decides what each tenant's figures hold."""
+        with acting_for(self._db(), tenant) as conn, conn.cursor(row_factory=dict_row) as cur:
+            return [cur.execute(view).fetchall() for view in views]
+
     def _collect(self) -> Iterator[Any]:
-        cov = self._rows("SELECT * FROM pyembed.coverage")
-        labels = ["corpus", "model_key", "role"]
-        chunks = GaugeMetricFamily("pyembed_chunks", "Chunks stored", labels=["corpus"])
+        # Every tenant the login may act for (the operator's: each tenant and none; a tenant's
+        # login: its own), each figure labelled with its tenant's name ('-': none).
+        labels = ["tenant", "corpus", "model_key", "role"]
+        chunks = GaugeMetricFamily("pyembed_chunks", "Chunks stored", labels=["tenant", "corpus"])
         vectors = GaugeMetricFamily("pyembed_vectors", "Chunks with a vector for the key",
                                     labels=labels)
         ratio = GaugeMetricFamily("pyembed_coverage_ratio", "vectors / chunks", labels=labels)
@@ -72,50 +83,67 @@ class PyembedCollector(Collector):
                                    labels=labels)
         failed = GaugeMetricFamily("pyembed_queue_failed", "Chunks that failed embedding",
                                    labels=labels)
-        seen: set[str] = set()
-        for r in cov:
-            key = [r["corpus"], r["model_key"], r["role"]]
-            if r["corpus"] not in seen:
-                chunks.add_metric([r["corpus"]], r["chunks"])
-                seen.add(r["corpus"])
-            vectors.add_metric(key, r["vectors"])
-            if r["chunks"]:  # no chunks: no coverage figure (pyembed.health's rule)
-                ratio.add_metric(key, r["vectors"] / r["chunks"])
-            queued.add_metric(key, r["queued"])
-            failed.add_metric(key, r["failed"])
-        yield from (chunks, vectors, ratio, queued, failed)
-
         rate = GaugeMetricFamily("pyembed_embeddings_per_second",
                                  "Vectors written per second over a window",
-                                 labels=["model_key", "window"])
-        for r in self._rows("SELECT * FROM pyembed.throughput"):
-            for window, col in (("5m", "per_s_5m"), ("1h", "per_s_1h"), ("24h", "per_s_24h")):
-                rate.add_metric([r["model_key"], window], float(r[col]))
-        yield rate
-
+                                 labels=["tenant", "model_key", "window"])
         hits = CounterMetricFamily("pyembed_cache_hits", "Cache hits (last 7 days)",
-                                   labels=["model_key"])
+                                   labels=["tenant", "model_key"])
         misses = CounterMetricFamily("pyembed_cache_misses", "Cache misses (last 7 days)",
-                                     labels=["model_key"])
+                                     labels=["tenant", "model_key"])
         entries = GaugeMetricFamily("pyembed_cache_entries", "Cached embeddings",
-                                    labels=["model_key"])
-        for r in self._rows("SELECT * FROM pyembed.cache_health"):
-            hits.add_metric([r["model_key"]], float(r["hits_7d"] or 0))
-            misses.add_metric([r["model_key"]], float(r["misses_7d"] or 0))
-            entries.add_metric([r["model_key"]], r["entries"])
-        yield from (hits, misses, entries)
-
-        labels = ["tenant", "corpus", "model_key"]
+                                    labels=["tenant", "model_key"])
+        usage_labels = ["tenant", "corpus", "model_key"]
         calls = GaugeMetricFamily("pyembed_provider_calls_30d",
-                                  "Provider calls reserved over the last 30 days", labels=labels)
+                                  "Provider calls reserved over the last 30 days",
+                                  labels=usage_labels)
         cost = GaugeMetricFamily("pyembed_cost_usd_30d",
                                  "Estimated provider cost over the last 30 days (USD)",
-                                 labels=labels)
-        for r in self._rows("SELECT * FROM pyembed.usage_report(30)"):
-            key = [r["tenant"], r["corpus"], r["model_key"]]
-            calls.add_metric(key, r["requests"])
-            cost.add_metric(key, r["cost_usd"] or 0.0)
-        yield from (calls, cost)
+                                 labels=usage_labels)
+        lat = GaugeMetricFamily("pyembed_latency_seconds", "Query latency over the last hour",
+                                labels=["tenant", "kind", "phase", "quantile"])
+        recall = GaugeMetricFamily("pyembed_recall_at_10",
+                                   "recall@10 of the guarded search against exact search "
+                                   "(last 24 hours of measurements)",
+                                   labels=["tenant", "corpus", "model_key"])
+        used: set[tuple[str, str, str]] = set()
+        for acting, tenant in acting_tenants(self._db()):
+            cov, thr, cache, usage, latency, rec = self._acting(acting, [
+                "SELECT * FROM pyembed.coverage", "SELECT * FROM pyembed.throughput",
+                "SELECT * FROM pyembed.cache_health", "SELECT * FROM pyembed.usage_report(30)",
+                "SELECT * FROM pyembed.latency", "SELECT * FROM pyembed.recall_health"])
+            seen: set[str] = set()
+            for r in cov:
+                key = [tenant, r["corpus"], r["model_key"], r["role"]]
+                if r["corpus"] not in seen:
+                    chunks.add_metric([tenant, r["corpus"]], r["chunks"])
+                    seen.add(r["corpus"])
+                vectors.add_metric(key, r["vectors"])
+                if r["chunks"]:  # no chunks: no coverage figure (pyembed.health's rule)
+                    ratio.add_metric(key, r["vectors"] / r["chunks"])
+                queued.add_metric(key, r["queued"])
+                failed.add_metric(key, r["failed"])
+            for r in thr:
+                for window, col in (("5m", "per_s_5m"), ("1h", "per_s_1h"),
+                                    ("24h", "per_s_24h")):
+                    rate.add_metric([tenant, r["model_key"], window], float(r[col]))
+            for r in cache:
+                hits.add_metric([tenant, r["model_key"]], float(r["hits_7d"] or 0))
+                misses.add_metric([tenant, r["model_key"]], float(r["misses_7d"] or 0))
+                entries.add_metric([tenant, r["model_key"]], r["entries"])
+            for r in usage:  # (labelled by the report: a superuser's names every tenant)
+                ukey = (r["tenant"], r["corpus"], r["model_key"])
+                if ukey not in used:
+                    used.add(ukey)
+                    calls.add_metric(list(ukey), r["requests"])
+                    cost.add_metric(list(ukey), r["cost_usd"] or 0.0)
+            for r in latency:
+                lat.add_metric([tenant, r["kind"], r["phase"], "0.5"], r["p50_ms"] / 1000)
+                lat.add_metric([tenant, r["kind"], r["phase"], "0.95"], r["p95_ms"] / 1000)
+            for r in rec:
+                recall.add_metric([tenant, r["corpus"], r["model_key"]],
+                                  float(r["recall_at_10"]))
+        yield from (chunks, vectors, ratio, queued, failed, rate, hits, misses, entries,
+                    calls, cost)
 
         errors = CounterMetricFamily("pyembed_provider_errors",
                                      "Failed provider calls, retried or not, by kind",
@@ -123,20 +151,7 @@ class PyembedCollector(Collector):
         for r in self._rows("SELECT * FROM pyembed.provider_errors()"):
             errors.add_metric([r["provider"], r["kind"]], r["errors"])
         yield errors
-
-        lat = GaugeMetricFamily("pyembed_latency_seconds", "Query latency over the last hour",
-                                labels=["kind", "phase", "quantile"])
-        for r in self._rows("SELECT * FROM pyembed.latency"):
-            lat.add_metric([r["kind"], r["phase"], "0.5"], r["p50_ms"] / 1000)
-            lat.add_metric([r["kind"], r["phase"], "0.95"], r["p95_ms"] / 1000)
-        yield lat
-        recall = GaugeMetricFamily("pyembed_recall_at_10",
-                                   "recall@10 of the guarded search against exact search "
-                                   "(last 24 hours of measurements)",
-                                   labels=["corpus", "model_key"])
-        for r in self._rows("SELECT * FROM pyembed.recall_health"):
-            recall.add_metric([r["corpus"], r["model_key"]], float(r["recall_at_10"]))
-        yield recall
+        yield from (lat, recall)
         up = GaugeMetricFamily("pyembed_up", "1 if the database answered the scrape")
         up.add_metric([], 1)
         yield up

@@ -7,7 +7,8 @@ acts for the tenant its login role belongs to. Creating tenants and members is t
 from __future__ import annotations
 
 import datetime
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -18,6 +19,40 @@ from .text import check_text
 
 if TYPE_CHECKING:
     import psycopg
+
+ACT_AS = "SELECT set_config('pyembed.act_as_tenant', %s, %s)"
+"""Act for a tenant (by name; '': none), for the transaction (true) or the session: honoured for
+a superuser and an operator's login (pyembed_operator, no tenant's member) only."""
+
+
+def acting_tenants(conn: psycopg.Connection[Any]) -> list[tuple[str | None, str]]:
+    """The tenants `conn`'s login may act for, each (name to act as, label): every tenant and
+    none ('', labelled '-') for the operator's login or a superuser; its own tenant alone
+    (None: its login's, labelled with the tenant's name) for any other (pyembed.acting_tenants)."""
+    with translated():
+        return [(r[0], r[1]) for r in conn.execute(
+            "SELECT tenant, label FROM pyembed.acting_tenants()").fetchall()]
+
+
+@contextmanager
+def acting_for(conn: psycopg.Connection[Any], tenant: str | None
+               ) -> Iterator[psycopg.Connection[Any]]:
+    """A transaction of `conn` acting for `tenant` (None: as its login); the caller's setting is
+    set back after one nested in the caller's own transaction (a savepoint keeps it)."""
+    from psycopg.pq import TransactionStatus
+
+    nested = conn.info.transaction_status != TransactionStatus.IDLE
+    with conn.transaction():
+        before = None
+        if tenant is not None:
+            if nested:
+                row = conn.execute("SELECT coalesce(current_setting('pyembed.act_as_tenant', "
+                                   "true), '')").fetchone()
+                before = row[0] if row else ""
+            conn.execute(ACT_AS, (tenant, True))
+        yield conn
+        if before is not None:
+            conn.execute(ACT_AS, (before, True))
 
 
 def create_tenant(conn: psycopg.Connection[Any], name: str, *,

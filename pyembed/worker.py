@@ -9,6 +9,12 @@ changed meanwhile is discarded (the new text is queued already); a job for a key
 does not accept is moved to pyembed.queue_failed with the reason, before any provider call
 when the claim can tell. Each corpus's texts are embedded in calls of their own, so that each
 corpus is billed for its own.
+
+A login that may act for tenants (the operator's, in pyembed_operator) works every tenant's
+queue: each batch is one tenant's jobs, claimed, embedded (its cache entries, its usage and rate
+limits) and written acting for that tenant (pyembed.act_as_tenant, set in each transaction), and
+the tenants with due jobs take turns, one batch each (pyembed.queue_by_tenant lists them). Any
+other login works its own tenant's queue, as before.
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ from .errors import (
     UnknownModel,
 )
 from .models import InputType, ModelSpec
-from .tenants import error_counter, meter
+from .tenants import ACT_AS, acting_for, acting_tenants, error_counter, meter
 from .text import number
 from .vectors import copy_vectors
 
@@ -71,6 +77,10 @@ EXPIRE = "SELECT pyembed.expire_jobs(%(max_attempts)s::numeric)"
 
 FAIL = ("SELECT pyembed.fail_job(%(corpus_id)s::integer, %(chunk_id)s::bigint, %(model)s::text, "
         "%(hash)s::bytea, %(attempts)s::integer, %(reason)s::text)")
+
+# The queues this worker may work, one row per tenant with jobs (sql/040-queue.sql).
+QUEUES = ("SELECT tenant, label, queued, due, soon, oldest FROM pyembed.queue_by_tenant("
+          "%(max_attempts)s::numeric, %(skip)s::text[], %(within)s::float8)")
 
 # What a drain leaves behind: jobs held by other workers' leases (or dead workers'), and jobs
 # waiting out a retry delay after an error.
@@ -105,6 +115,8 @@ class Item:
     content_hash: bytes
     attempts: int
     content: str | None
+    tenant: str | None = None
+    """The tenant the worker acted for when it claimed the job (None: its login's own)."""
 
     @property
     def job(self) -> tuple[int, int, str]:
@@ -148,7 +160,7 @@ class Leases:
     def __init__(self, dsn: str | None, seconds: float) -> None:
         self.dsn = dsn
         self.seconds = seconds
-        self._held: dict[tuple[int, int, str], int] = {}
+        self._held: dict[tuple[int, int, str], tuple[int, str | None]] = {}
         self._lock = threading.Lock()  # held while renewing: a dropped job is never renewed
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -158,7 +170,7 @@ class Leases:
 
     def hold(self, items: list[Item]) -> None:
         with self._lock:
-            self._held.update((i.job, i.attempts) for i in items)
+            self._held.update((i.job, (i.attempts, i.tenant)) for i in items)
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="pyembed lease renewal",
                                             daemon=True)
@@ -213,11 +225,15 @@ class Leases:
         with self._lock:
             if not self._held or self._conn is None:
                 return
-            jobs = list(self._held.items())
-            self._conn.execute(RENEW, {
-                "lease": self.seconds, "corpus_ids": [j[0] for j, _ in jobs],
-                "chunk_ids": [j[1] for j, _ in jobs], "keys": [j[2] for j, _ in jobs],
-                "attempts": [a for _, a in jobs]})
+            by_tenant: dict[str | None, list[tuple[tuple[int, int, str], int]]] = defaultdict(list)
+            for job, (attempts, tenant) in self._held.items():
+                by_tenant[tenant].append((job, attempts))
+            for tenant, jobs in by_tenant.items():
+                with acting_for(self._conn, tenant):
+                    self._conn.execute(RENEW, {
+                        "lease": self.seconds, "corpus_ids": [j[0] for j, _ in jobs],
+                        "chunk_ids": [j[1] for j, _ in jobs], "keys": [j[2] for j, _ in jobs],
+                        "attempts": [a for _, a in jobs]})
 
 
 class Worker:
@@ -258,6 +274,12 @@ class Worker:
         self._conn: psycopg.Connection[Any] | None = None
         self._handed_out: str | None = None  # worker.conn, once your code had it
         self._cache_conn: psycopg.Connection[Any] | None = None
+        self._cache_tenant: str | None = None  # what the cache connection acts for
+        self._tenant: str | None = None
+        """The tenant the batch in hand is worked for (None: the login's own)."""
+        self._turns = 0
+        self._claimed = False
+        self._served: dict[str | None, int] = {}  # each tenant's last turn
         self._leases = Leases(self.dsn, lease_seconds)
         self.recall_every = recall_every
         """Seconds between two re-runs of sampled searches (pyembed.recall_sampled); 0: never."""
@@ -297,6 +319,15 @@ class Worker:
         self._handed_out = None
         self._leases.acted_as = None
 
+    @contextmanager
+    def _tx(self, tenant: str | None = None, *, acting: bool = True
+            ) -> Iterator[psycopg.Connection[Any]]:
+        """A transaction of the worker's connection acting for `tenant` (default: the batch's,
+        when `acting`; None: the login's own)."""
+        with acting_for(self._db(), tenant if tenant is not None or not acting
+                        else self._tenant) as conn:
+            yield conn
+
     def _reopen_lost(self) -> None:
         """Between batches, close the connections their server closed (a restart), so that
         the next batch opens new ones instead of failing once and waiting to retry."""
@@ -305,6 +336,7 @@ class Worker:
         if self._cache_conn is not None and gone(self._cache_conn):
             self._cache_conn.close()
             self._cache_conn = None
+            self._cache_tenant = None
             self._embedders.clear()  # their caches hold the closed connection
 
     def _embedder(self, key: str) -> Embedder:
@@ -314,10 +346,23 @@ class Worker:
                 self._cache_conn, self._leases.acted_as = reopen(
                     self.dsn, self._leases.acted_as, "worker", autocommit=True,
                     application_name="pyembed worker cache")
+                self._cache_tenant = None
             spec = model_spec(self._db(), key)
             self._db().rollback()
             self._embedders[key] = self._embedder_for(spec, PostgresCache(self._cache_conn))
+        self._cache_acts_for(self._tenant)
         return self._embedders[key]
+
+    def _cache_acts_for(self, tenant: str | None) -> None:
+        """The cache connection (cache, usage and rate limits) acts for the batch's tenant, for
+        the session (it is autocommit); the counts of the tenant it acted for written first."""
+        if tenant == self._cache_tenant or self._cache_conn is None:
+            return
+        for embedder in self._embedders.values():
+            if isinstance(embedder.cache, PostgresCache):
+                embedder.cache.flush()
+        self._cache_conn.execute(ACT_AS, (tenant or "", False))
+        self._cache_tenant = tenant
 
     def __enter__(self) -> Worker:
         return self
@@ -339,17 +384,47 @@ class Worker:
         for c in (self._conn, self._cache_conn):
             if c is not None:
                 c.close()
+        self._cache_tenant = None
 
     # -- one batch -------------------------------------------------------------------------
     def pending(self) -> int:
-        with self._db().transaction():
-            row = self._db().execute("SELECT count(*) FROM pyembed.queue").fetchone()
-        return int(row[0]) if row else 0
+        return sum(q[2] for q in self._queues())
+
+    def _queues(self, within: float = 0.0) -> list[tuple[Any, ...]]:
+        """QUEUES: the queues this worker may work, each tenant's that has jobs."""
+        try:
+            with self._tx(acting=False) as conn:
+                return conn.execute(QUEUES, {"max_attempts": self.max_attempts,
+                                             "skip": list(self.cannot_embed),
+                                             "within": within}).fetchall()
+        except psycopg.Error as exc:
+            # pyembed's own refusals in its words (a session naming no tenant: PE005); the run
+            # loop handles the server's other errors as they are
+            if (exc.sqlstate or "").startswith("PE"):
+                raise translate(exc) from exc
+            raise
+
+    def _next_tenant(self) -> bool:
+        """Choose the tenant of the next batch: of those with due jobs, the one whose turn came
+        longest ago (never: first; then the oldest due job), so that every tenant with due jobs
+        gets a batch before any gets a second. False when no job is due."""
+        due = [q for q in self._queues() if q[3] > 0]
+        if not due:
+            return False
+        tenant = min(due, key=lambda q: (self._served.get(q[0], -1), q[5]))[0]
+        self._turns += 1
+        self._served[tenant] = self._turns
+        self._tenant = tenant
+        return True
 
     def claim(self, stats: WorkerStats | None = None) -> list[Item]:
-        """Lease a batch; jobs for a key their corpus does not accept are failed instead."""
+        """Lease a batch, of one tenant's jobs (the next tenant's turn); jobs for a key their
+        corpus does not accept are failed instead."""
         stats = stats or WorkerStats()
-        with self._db().transaction():
+        if not self._next_tenant() and self._claimed:
+            return []
+        self._claimed = True  # (the first claim runs whatever is due: its bounds' check)
+        with self._tx():
             self._db().execute(EXPIRE, {"max_attempts": self.max_attempts})
             try:
                 rows = self._db().execute(CLAIM, {"limit": self.batch_size,
@@ -365,6 +440,7 @@ class Worker:
             items = []
             for *fields, corpus, active, target in rows:
                 item = Item(*fields)
+                item.tenant = self._tenant
                 if active is None:
                     items.append(item)
                 else:
@@ -466,7 +542,7 @@ class Worker:
         corpus_id = items[0].corpus_id
         self._leases.drop(items)
         try:
-            with self._db().transaction(), self._db().cursor() as cur:
+            with self._tx(), self._db().cursor() as cur:
                 written = copy_vectors(cur, corpus_id, [i.chunk_id for i in items], key, vectors,
                                        [i.content_hash for i in items],
                                        claimed=[i.attempts for i in items])
@@ -483,7 +559,7 @@ class Worker:
     def _refused(self, key: str, corpus_id: int, items: list[Item], stats: WorkerStats) -> None:
         """The corpus stopped accepting the key while the batch was embedded: its jobs can never
         be stored (those a migration step withdrew are gone from the queue already)."""
-        with self._db().transaction():
+        with self._tx():
             row = self._db().execute("SELECT name, model_key, target_model_key "
                                      "FROM pyembed.corpora WHERE corpus_id = %s",
                                      (corpus_id,)).fetchone()
@@ -496,7 +572,7 @@ class Worker:
 
     def _release(self, items: list[Item]) -> None:
         self._leases.drop(items)
-        with self._db().transaction():
+        with self._tx():
             self._db().execute(RELEASE, {
                 "corpus_ids": [i.corpus_id for i in items],
                 "chunk_ids": [i.chunk_id for i in items], "keys": [i.model_key for i in items],
@@ -506,7 +582,7 @@ class Worker:
         """Move the job to pyembed.queue_failed; one re-queued or re-claimed meanwhile is
         counted stale and left alone."""
         self._leases.drop([item])
-        with self._db().transaction():
+        with self._tx():
             row = self._db().execute(FAIL, {
                 "corpus_id": item.corpus_id, "chunk_id": item.chunk_id, "model": item.model_key,
                 "hash": item.content_hash, "attempts": item.attempts,
@@ -529,7 +605,7 @@ class Worker:
         if due:
             delays = [min(max(min(self.retry_base * 2 ** (item.attempts - 1), self.retry_max),
                               retry_after or 0.0), MAX_RETRY_DELAY) for item in due]
-            with self._db().transaction():
+            with self._tx():
                 self._db().execute(RETRY, {
                     "reason": reason, "delays": delays,
                     "corpus_ids": [i.corpus_id for i in due],
@@ -607,8 +683,12 @@ class Worker:
             return []
         self._recall_due = time.monotonic() + self.recall_every
         try:
-            with self._db().transaction():
-                measured = recall.measure_sampled(self._db(), self.recall_samples)
+            measured = []
+            with self._tx(acting=False) as conn:
+                tenants = [t for t, _ in acting_tenants(conn)]
+            for tenant in tenants:  # each tenant's sampled searches, acting for it
+                with self._tx(tenant, acting=False) as conn:
+                    measured += recall.measure_sampled(conn, self.recall_samples)
         except (psycopg.Error, PyembedError) as exc:
             self._recall_failures += 1
             self._recall_due = time.monotonic() + self._recall_retry()
@@ -628,19 +708,22 @@ class Worker:
         return min(RECALL_RETRY * 2.0 ** (self._recall_failures - 1), self.recall_every)
 
     def _nothing_due(self, within: float) -> bool:
-        with self._db().transaction():
-            row = self._db().execute(
-                "SELECT count(*) FROM pyembed.queue WHERE attempts < %s "
-                "AND not_before <= now() + make_interval(secs => %s) "
-                "AND model_key <> ALL (%s::text[])",
-                (self.max_attempts, within, list(self.cannot_embed))).fetchone()
-        return not row or row[0] == 0
+        return not any(q[4] for q in self._queues(within))
 
     def _count_left(self, stats: WorkerStats) -> None:
-        with self._db().transaction():
-            row = self._db().execute(NOT_DUE).fetchone()
-        if row:
-            stats.leased, stats.leased_until, stats.waiting, stats.waiting_until = row
+        stats.leased, stats.leased_until, stats.waiting, stats.waiting_until = 0, None, 0, None
+        for tenant, *_ in self._queues():
+            with self._tx(tenant, acting=False) as conn:
+                row = conn.execute(NOT_DUE).fetchone()
+            if row:
+                stats.leased += row[0]
+                stats.waiting += row[2]
+                stats.leased_until = _latest(stats.leased_until, row[1])
+                stats.waiting_until = _latest(stats.waiting_until, row[3])
+
+
+def _latest(a: datetime | None, b: datetime | None) -> datetime | None:
+    return b if a is None else a if b is None else max(a, b)
 
 
 def _refusal(key: str, corpus: str, active: str, target: str | None) -> str:

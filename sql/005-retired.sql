@@ -118,3 +118,6 @@ DROP FUNCTION IF EXISTS pyembed.keyword_ranking(text, text, numeric, jsonb, text
 -- The cache purges gained older_than_days (an age bound a scheduled purge keeps the caches to).
 DROP FUNCTION IF EXISTS pyembed.cache_purge(text, boolean);
 DROP FUNCTION IF EXISTS pyembed.rerank_cache_purge(text, boolean);
+-- Who may act for a tenant it names: superusers, and now the operator's logins
+-- (pyembed._session_acts_for_tenants).
+DROP FUNCTION IF EXISTS pyembed._session_is_superuser();

@@ -3,16 +3,26 @@
 -- does not have, another tenant's included).
 
 -- Whether the session's login role (session_user, not the owner a SECURITY DEFINER function runs
--- as) is a superuser. A function of its own, which pyembed._session_tenant calls only when
--- pyembed.act_as_tenant is set: as a subquery there, pg_roles' shared catalogs were planned into,
--- locked for and set up in every statement that reads the session's tenant (every search), in the
--- shared lock table (a shared catalog's lock never takes the fast path).
-CREATE OR REPLACE FUNCTION pyembed._session_is_superuser() RETURNS boolean
+-- as) may act for the tenant its pyembed.act_as_tenant names: a superuser, or a login in
+-- pyembed_operator (revision 0037: the operator's worker and exporter) that is no tenant's member
+-- (a tenant's login keeps acting for its tenant whatever roles it is granted: membership is
+-- checked here, where a grant made after `tenant add-member` cannot slip past it). A function of
+-- its own, which pyembed._session_tenant calls only when pyembed.act_as_tenant is set: as a
+-- subquery there, pg_roles' shared catalogs were planned into, locked for and set up in every
+-- statement that reads the session's tenant (every search), in the shared lock table (a shared
+-- catalog's lock never takes the fast path).
+CREATE OR REPLACE FUNCTION pyembed._session_acts_for_tenants() RETURNS boolean
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
-AS $$ SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname = session_user $$;
+AS $$
+  SELECT r.rolsuper
+         OR (pg_catalog.pg_has_role(r.oid, 'pyembed_operator', 'MEMBER')
+             AND NOT EXISTS (SELECT FROM pyembed.tenant_members m
+                              WHERE m.role_oid = r.oid AND m.role_name = r.rolname))
+    FROM pg_catalog.pg_roles r WHERE r.rolname = session_user
+$$;
 
--- The tenant a superuser's pyembed.act_as_tenant names (NULL: the setting is empty or unset),
+-- The tenant the pyembed.act_as_tenant of a superuser or an operator's login names (NULL: the setting is empty or unset),
 -- or PE005 when it names none: a mistyped name acted for no tenant, so that a DBA's `migrate
 -- start docs` moved the corpus docs of no tenant instead of refusing. A function of its own,
 -- for the same reason: as a subquery in pyembed._session_tenant, pyembed.tenants was locked for
@@ -39,7 +49,8 @@ BEGIN
 END
 $$;
 
--- The tenant this session acts for (NULL: none): a superuser's pyembed.act_as_tenant (by name),
+-- The tenant this session acts for (NULL: none): the pyembed.act_as_tenant (by name) of a
+-- superuser or an operator's login (pyembed._session_acts_for_tenants),
 -- else the tenant its login role is a member of: the role itself, by name and OID (the OID from
 -- the backend's cache of roles, no catalog in the statement), so that a member role dropped and
 -- a role created again under its name is no member. A SQL function the planner inlines into the
@@ -50,7 +61,7 @@ CREATE OR REPLACE FUNCTION pyembed._session_tenant() RETURNS TABLE (tenant_id in
 LANGUAGE sql STABLE
 AS $$
   SELECT CASE WHEN coalesce(current_setting('pyembed.act_as_tenant', true), '') <> ''
-               AND pyembed._session_is_superuser()
+               AND pyembed._session_acts_for_tenants()
               THEN pyembed._acting_tenant()
               ELSE (SELECT m.tenant_id FROM pyembed.tenant_members m
                      WHERE m.role_name = session_user
@@ -67,6 +78,36 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
   RETURN (SELECT s.tenant_id FROM pyembed._session_tenant() s);
+END
+$$;
+
+-- The tenants this session may act for, each with the name a report labels it by: for a
+-- superuser or an operator's login (pyembed._session_acts_for_tenants) every tenant, by the name
+-- its pyembed.act_as_tenant takes, and '' (none) first, labelled '-' (one that names a tenant in
+-- its own setting: that tenant alone, PE005 for a name no tenant has); for any other login one
+-- row, its own tenant (tenant NULL: its setting would change nothing), so that a tenant's worker
+-- or exporter asking is told of its own tenant only. The one list the worker, `pyembed metrics
+-- serve` and `pyembed status` go through, each acting for a tenant at a time.
+CREATE OR REPLACE FUNCTION pyembed.acting_tenants()
+RETURNS TABLE (tenant text, label text)
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+  IF coalesce(pyembed._session_acts_for_tenants(), false)
+     AND coalesce(current_setting('pyembed.act_as_tenant', true), '') <> '' THEN
+    RETURN QUERY SELECT t.name, t.name FROM pyembed.tenants t
+                  WHERE t.tenant_id = pyembed._acting_tenant();
+  ELSIF coalesce(pyembed._session_acts_for_tenants(), false) THEN
+    RETURN QUERY SELECT ''::text, '-'::text
+                 UNION ALL
+                 SELECT * FROM (SELECT t.name, t.name FROM pyembed.tenants t
+                                 ORDER BY t.tenant_id) o;
+  ELSE
+    RETURN QUERY SELECT NULL::text,
+                        coalesce((SELECT t.name FROM pyembed.tenants t
+                                   WHERE t.tenant_id = pyembed.current_tenant()), '-');
+  END IF;
 END
 $$;
 

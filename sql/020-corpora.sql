@@ -393,7 +393,9 @@ $$;
 
 -- Who may write a corpus's partition (INSERT, for COPY: its writers' one path, pyembed.vectors
 -- .copy_vectors): the login roles of the corpus's tenant (tenant_members, each the role its OID
--- names), or pyembed_app for a corpus of no tenant; every other grant on it is revoked. INSERT
+-- names), or pyembed_app for a corpus of no tenant, and pyembed_operator (whose logins are no
+-- tenant's: the operator's worker, acting for the tenant of the jobs it writes, which row-level
+-- security and pyembed._vectors_tenant hold it to); every other grant on it is revoked. INSERT
 -- lets a role LOCK the table in ROW EXCLUSIVE mode, which the corpus's index build, reindex,
 -- migration step and drop wait for: held by pyembed_app, whose members every tenant's logins
 -- are, one tenant could hold off another's. Called again when a tenant's members change or a
@@ -424,6 +426,8 @@ BEGIN
            UNION ALL
            SELECT 'pyembed_app' FROM pyembed.corpora co
             WHERE co.corpus_id = p_corpus_id AND co.tenant_id IS NULL
+           UNION ALL
+           SELECT 'pyembed_operator' FROM pyembed.corpora co WHERE co.corpus_id = p_corpus_id
            ORDER BY 1 LOOP
     EXECUTE format('GRANT INSERT ON %s TO %I', part, r);
   END LOOP;

@@ -453,6 +453,60 @@ BEGIN
 END
 $$;
 
+-- Each queue the session may work, one row per tenant that has jobs (pyembed.acting_tenants: for
+-- a superuser or an operator's login every tenant's and none's, each read acting for that tenant,
+-- so that row-level security decides what each count sees; for any other login its own tenant's,
+-- tenant NULL): jobs queued, jobs a claim or expire_jobs acts on now (due, past their lease or
+-- delay; keys in `skip` left out but for jobs out of attempts) and the oldest of those, and jobs due within `within` seconds
+-- that a claim would take (attempts below max_attempts). The worker picks the next tenant to
+-- claim for from it. Restores the caller's pyembed.act_as_tenant before it returns.
+CREATE OR REPLACE FUNCTION pyembed.queue_by_tenant(max_attempts numeric, skip text[] DEFAULT '{}',
+                                                   within float8 DEFAULT 0)
+RETURNS TABLE (tenant text, label text, queued bigint, due bigint, soon bigint,
+               oldest timestamptz)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+  t record;
+  saved text := coalesce(current_setting('pyembed.act_as_tenant', true), '');
+BEGIN
+  IF num_nulls(max_attempts, skip, within) > 0 THEN
+    PERFORM pyembed._needs(max_attempts IS NULL, 'max_attempts', 'queue_by_tenant');
+    PERFORM pyembed._needs(skip IS NULL, 'skip', 'queue_by_tenant');
+    PERFORM pyembed._needs(within IS NULL, 'within', 'queue_by_tenant');
+  END IF;
+  IF NOT (within >= 0 AND within <= 86400) THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = format('within must be 0 to 86400 seconds, got %s', within);
+  END IF;
+  FOR t IN SELECT a.tenant, a.label FROM pyembed.acting_tenants() a LOOP
+    IF t.tenant IS NOT NULL THEN
+      PERFORM set_config('pyembed.act_as_tenant', t.tenant, true);
+    END IF;
+    tenant := t.tenant;
+    label := t.label;
+    SELECT count(*),
+           count(*) FILTER (WHERE q.not_before <= now()
+                              AND (q.model_key <> ALL (skip)
+                                   OR q.attempts >= queue_by_tenant.max_attempts)),
+           count(*) FILTER (WHERE q.attempts < queue_by_tenant.max_attempts
+                              AND q.not_before <= now() + make_interval(secs => within)
+                              AND q.model_key <> ALL (skip)),
+           min(q.not_before) FILTER (WHERE q.not_before <= now()
+                                       AND (q.model_key <> ALL (skip)
+                                            OR q.attempts >= queue_by_tenant.max_attempts))
+      INTO queued, due, soon, oldest
+      FROM pyembed.queue q WHERE q.corpus_id = ANY (pyembed.visible_corpora());
+    IF queued > 0 THEN
+      RETURN NEXT;
+    END IF;
+  END LOOP;
+  PERFORM set_config('pyembed.act_as_tenant', saved, true);
+END
+$$;
+
 -- Give claimed jobs back untouched (their claim's attempt undone, due now): a worker that
 -- cannot embed their key leaves them to one that can. The number released.
 CREATE OR REPLACE FUNCTION pyembed.release_jobs(corpus_ids integer[], chunk_ids bigint[],

@@ -209,7 +209,8 @@ $$;
 -- and a session matches on both. A member role that is dropped leaves its tenant with it (its
 -- row matches no session; a role created again under the name is added again, on purpose,
 -- which replaces the row).
--- It is a login role, and not the schema's owner: a session acts for its login's tenant, so a
+-- It is a login role, not in pyembed_operator (whose logins act for any tenant they name), and
+-- not the schema's owner: a session acts for its login's tenant, so a
 -- group (pyembed_app, a NOLOGIN role of the tenant's logins) was stored as a member that no
 -- session matches, and its logins went on acting for no tenant, in the untenanted corpora; the
 -- owner made a member would see one tenant's corpora only, in every migration and install.
@@ -219,8 +220,9 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
   can_login boolean;
+  superuser boolean;
 BEGIN
-  SELECT r.oid, r.rolcanlogin INTO NEW.role_oid, can_login
+  SELECT r.oid, r.rolcanlogin, r.rolsuper INTO NEW.role_oid, can_login, superuser
     FROM pg_catalog.pg_roles r WHERE r.rolname = NEW.role_name;
   IF NEW.role_oid IS NULL THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
@@ -238,6 +240,14 @@ BEGIN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
       MESSAGE = format('role %s owns the pyembed schema: it manages every tenant and acts for '
                        'none', pyembed._quoted(NEW.role_name));
+  END IF;
+  -- (A login granted pyembed_operator after joining acts for its tenant all the same:
+  -- pyembed._session_acts_for_tenants.)
+  IF NOT superuser AND pg_catalog.pg_has_role(NEW.role_oid, 'pyembed_operator', 'MEMBER') THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = format('role %s is in pyembed_operator, which acts for every tenant: a tenant''s '
+                       'login must not be (revoke pyembed_operator from it, or add another login)',
+                       pyembed._quoted(NEW.role_name));
   END IF;
   RETURN NEW;
 END

@@ -11,7 +11,8 @@ GRANT EXECUTE ON FUNCTION pyembed.current_tenant(), pyembed.visible_corpora() TO
 -- documents.doc_no always did), and with USAGE a tenant could nextval chunks_chunk_id_seq, every
 -- tenant's, to count their chunk writes. Revoked where an older install granted it.
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA pyembed FROM pyembed_app;
--- The application and worker groups hold no predefined role that reads past the tenant policies:
+-- The application, worker and operator groups hold no predefined role that reads past the tenant
+-- policies:
 -- pg_read_all_stats (and pg_monitor, which holds it) shows every session's statement, other
 -- tenants' texts and queries included, and pg_read_all_data every table's rows, vectors and
 -- secrets included; nor pg_write_all_data, whose table-level UPDATE and DELETE on every table let
@@ -28,7 +29,7 @@ BEGIN
              JOIN pg_catalog.pg_roles g ON g.oid = a.member
             WHERE r.rolname IN ('pg_monitor', 'pg_read_all_stats', 'pg_read_all_data',
                                 'pg_write_all_data')
-              AND g.rolname IN ('pyembed_app', 'pyembed_worker')
+              AND g.rolname IN ('pyembed_app', 'pyembed_worker', 'pyembed_operator')
   LOOP
     EXECUTE format('REVOKE %I FROM %I', m.granted, m.grp);
   END LOOP;
@@ -138,6 +139,8 @@ GRANT EXECUTE ON FUNCTION
   pyembed.renew_jobs(float8, integer[], bigint[], text[], integer[]),
   pyembed.retry_jobs(text, integer[], bigint[], text[], bytea[], integer[], float8[]),
   pyembed.release_jobs(integer[], bigint[], text[], integer[]),
+  pyembed.queue_by_tenant(numeric, text[], float8),
+  pyembed.acting_tenants(),
   pyembed.hold_jobs(integer, text, bigint[], bytea[], integer[]),
   pyembed._document_id_problem(text),
   pyembed._write_bounds(),

@@ -220,7 +220,8 @@ def test_status_keeps_its_exit_code(long_db: Database) -> None:
     assert report["alerts"] == 0
     documented("status", report, *report["findings"])
     for f in report["findings"]:
-        assert set(f) == {"area", "subject", "value", "level", "note", "number"}
+        assert set(f) == {"area", "subject", "value", "level", "note", "number", "tenant"}
+        assert f["tenant"] == ""  # (the application login's own: no tenant named)
     assert {f["subject"] for f in report["findings"] if f["area"] == "coverage"} == {
         f"kb [active] {LONG}"}
     table = cli(long_db, "status", width="250").stdout

@@ -268,6 +268,9 @@ def test_the_stacks_worker_logs_in_as_a_member_of_pyembed_worker(tmp_path: Path)
     assert worker and app
     assert "pyembed_worker" in roles[worker.group(1)] and "pyembed_app" in roles[worker.group(1)]
     assert "pyembed_worker" not in roles[app.group(1)]
+    # The one worker and exporter act for every tenant (revision 0037); no app session may.
+    assert "pyembed_operator" in roles[worker.group(1)]
+    assert "pyembed_operator" not in roles[app.group(1)]
     assert f"ALTER ROLE {worker.group(1)} PASSWORD" in (DOCKER / "initdb-docker.sh").read_text()
     assert "PYEMBED_WORKER_PASSWORD" in example
     secret = tmp_path / "worker_dsn"

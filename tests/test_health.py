@@ -58,8 +58,10 @@ def test_prometheus_names_and_labels(db: Database) -> None:
     with pyembed.connect(db.app_dsn) as client:
         client.create_corpus("kb", FAKE).add([("a", "alpha")])
     text = generate_latest(registry(db.app_dsn)).decode()
-    assert f'pyembed_coverage_ratio{{corpus="kb",model_key="{FAKE}",role="active"}} 1.0' in text
-    assert 'pyembed_chunks{corpus="kb"} 1.0' in text
+    # (labelled with the tenant: '-' for none; an operator's exporter reports every tenant)
+    assert (f'pyembed_coverage_ratio{{corpus="kb",model_key="{FAKE}",role="active",tenant="-"}} '
+            '1.0') in text
+    assert 'pyembed_chunks{corpus="kb",tenant="-"} 1.0' in text
     assert "pyembed_cache_misses_total" in text  # counters end in _total
     assert "pyembed_up 1.0" in text
 
@@ -78,7 +80,8 @@ def test_an_empty_corpus_has_no_coverage_figure_anywhere(db: Database) -> None:
     for f in found.values():
         assert (f.value, f.level, f.number) == ("- (0/0)", "ok", None), f
     text = generate_latest(registry(db.app_dsn)).decode()
-    assert "pyembed_coverage_ratio{" not in text and 'pyembed_chunks{corpus="empty"} 0.0' in text
+    assert "pyembed_coverage_ratio{" not in text
+    assert 'pyembed_chunks{corpus="empty",tenant="-"} 0.0' in text
     out = run_cli("status", env=env)
     assert out.returncode == 0 and "100" not in out.stdout and "- (0/0)" in out.stdout, out.stdout
     out = run_cli("migrate", "status", "empty", env=env)

@@ -16,8 +16,15 @@ import pyembed
 from pyembed import index, migration, tenants
 from pyembed.client import Client
 from pyembed.db import GRANTED_TO, translate
+from pyembed.localdb import WORKER_USER
 from tests.conftest import Database
-from tests.helpers import assert_matches_golden, called_functions, function_bodies, sql_error
+from tests.helpers import (
+    assert_matches_golden,
+    called_functions,
+    function_bodies,
+    login_role,
+    sql_error,
+)
 from tests.test_cli import pyembed as pyembed_cli
 from tests.test_hardening import SERVER_OWNED
 from tests.test_migration import NEW, OLD
@@ -301,6 +308,9 @@ APP_WRITERS = {
     "retry_jobs": "the lease and last error of the caller's corpora's jobs as its claim left "
                   "them (the reason expire_jobs records)",
     "release_jobs": "the caller's corpora's jobs as its claim left them, that claim undone",
+    "queue_by_tenant": "no row: reads the queue of each tenant acting_tenants() lets the caller "
+                       "act for (its own but for an operator's login), acting for it, and sets "
+                       "back the caller's pyembed.act_as_tenant",
     "hold_jobs": "no write: locks the caller's corpora's jobs as its claim left them, until "
                  "its vectors' write commits",
     "record_search": "the query log, for a corpus of the caller's tenant",
@@ -450,6 +460,38 @@ def test_the_worker_role_may_count_failed_calls_and_nothing_more(
         "AND c.relkind IN ('r', 'p', 'v', 'S') AND has_table_privilege('pyembed_worker', c.oid, p) "
         "AND NOT has_table_privilege('pyembed_app', c.oid, p)").fetchall()
     assert tables == []
+
+
+def test_the_operator_role_writes_every_partition_and_nothing_more(
+        owner: psycopg.Connection[Any], app: psycopg.Connection[Any]) -> None:
+    """pyembed_operator (revision 0037) holds INSERT on each corpus's partition, every tenant's,
+    where its worker writes acting for the job's tenant, and no other privilege; no login of
+    the application's or a tenant's is in it (the local cluster's worker login alone)."""
+    tenants.create_tenant(owner, "acme")
+    with login_role(owner, app.info.dsn, "acme", sql.SQL("IN ROLE pyembed_app")) as dsn:
+        tenants.add_member(owner, "acme", str(psycopg.conninfo.conninfo_to_dict(dsn)["user"]))
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("SELECT pyembed.create_corpus('docs', 'fake/fake-hash@1:384')")
+        row = app.execute("SELECT pyembed.create_corpus('docs', 'fake/fake-hash@1:384')"
+                          ).fetchone()
+        assert row is not None
+        app_corpus = row[0]
+        partitions = {f"r {r[0]} INSERT" for r in owner.execute(
+            "SELECT pyembed._vector_partition_name(corpus_id) FROM pyembed.corpora").fetchall()}
+        assert len(partitions) == 2
+        ops = {line for line in held(owner, "pyembed_operator") if not line.startswith("type ")}
+        assert partitions <= ops  # (the types' USAGE is PUBLIC's; columns follow the table's)
+        assert {(line.split()[1].split(".")[0], line.split()[-1]) for line in ops} == {
+            (p.split()[1], "INSERT") for p in partitions}
+        # A dropped corpus's emptied partition (left to the next install) is nobody's to write.
+        app.execute("SELECT pyembed.drop_corpus('docs')")
+        ops = {line for line in held(owner, "pyembed_operator") if not line.startswith("type ")}
+        assert {line.split()[1].split(".")[0] for line in ops} == {
+            p.split()[1] for p in partitions} - {f"vectors_c{app_corpus}"}
+    members = owner.execute(
+        "SELECT m.member::regrole::text FROM pg_auth_members m "
+        "WHERE m.roleid = 'pyembed_operator'::regrole ORDER BY 1").fetchall()
+    assert members == [(WORKER_USER,)]
 
 
 # -- what the application role may not run: one clear error ------------------------------------
@@ -811,6 +853,9 @@ GROUP_ROLES = {
                       "(test_the_worker_role_may_count_failed_calls_and_nothing_more)",
     "pyembed_owner": "owns the tables; runs the foreign-key checks and the tenant policies' "
                      "functions (current_tenant, visible_corpora)",
+    "pyembed_operator": "the operator's worker and exporter logins (no tenant's): INSERT on "
+                        "every corpus's partition, for the worker acting for each job's tenant "
+                        "(test_the_operator_role_writes_every_partition_and_nothing_more)",
 }
 
 

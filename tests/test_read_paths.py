@@ -148,6 +148,8 @@ READ_SQL = [
     "SELECT pyembed.current_tenant(), pyembed.visible_corpora()",
     "SELECT (pyembed.lookup_corpus('docs')).corpus_id, pyembed.vector_table('docs')",
     "SELECT * FROM pyembed.unindexed_corpora()",
+    # (volatile for its set_config: what the worker, status and doctor read the queues by)
+    "SELECT * FROM pyembed.queue_by_tenant(5, '{}', 0)",
     "SELECT pyembed._setting_range('ef_search'), pyembed._check_setting('ef_search', 40)",
     "SELECT count(*) FROM pyembed.search('docs', pyembed.embed('a late refund', "
     "'fake/fake-hash@1:384', 'query'), 'fake/fake-hash@1:384', 2)",

@@ -319,18 +319,21 @@ def test_an_install_takes_back_what_reads_past_the_tenant_policies(
     table of pyembed in any mode."""
     member = ("SELECT pg_has_role('pyembed_app', 'pg_read_all_stats', 'USAGE'), "
               "pg_has_role('pyembed_worker', 'pg_read_all_data', 'USAGE'), "
-              "pg_has_role('pyembed_app', 'pg_write_all_data', 'USAGE')")
+              "pg_has_role('pyembed_app', 'pg_write_all_data', 'USAGE'), "
+              "pg_has_role('pyembed_operator', 'pg_read_all_stats', 'USAGE')")
     owner.execute("GRANT pg_monitor TO pyembed_app")
+    owner.execute("GRANT pg_read_all_stats TO pyembed_operator")
     owner.execute("GRANT pg_read_all_data TO pyembed_worker")
     owner.execute("GRANT pg_write_all_data TO pyembed_app")
     try:
-        assert owner.execute(member).fetchone() == (True, True, True)
+        assert owner.execute(member).fetchone() == (True, True, True, True)
         schema.install(db.owner_dsn)
-        assert owner.execute(member).fetchone() == (False, False, False)
+        assert owner.execute(member).fetchone() == (False, False, False, False)
     finally:
         for granted, group in (("pg_monitor", "pyembed_app"), ("pg_read_all_data",
                                                                 "pyembed_worker"),
-                               ("pg_write_all_data", "pyembed_app")):
+                               ("pg_write_all_data", "pyembed_app"),
+                               ("pg_read_all_stats", "pyembed_operator")):
             if owner.execute("SELECT pg_has_role(%s, %s, 'MEMBER')", (group, granted)
                              ).fetchone() == (True,):
                 owner.execute(sql.SQL("REVOKE {} FROM {}").format(

@@ -78,6 +78,8 @@ APP_EXECUTE = {
     "renew_jobs(double precision, integer[], bigint[], text[], integer[])",
     "retry_jobs(text, integer[], bigint[], text[], bytea[], integer[], double precision[])",
     "release_jobs(integer[], bigint[], text[], integer[])",
+    "queue_by_tenant(numeric, text[], double precision)",  # the queues by tenant (the worker)
+    "acting_tenants()",  # the tenants a session may act for (worker, status, metrics)
     # the worker's write: the jobs its claim still holds, locked until the write commits
     "hold_jobs(integer, text, bigint[], bytea[], integer[])",
     "_document_id_problem(text)",  # the documents' id rule, which their write trigger asks

@@ -313,6 +313,8 @@ CALLS_THAT_WORK = {
     "min_eval_queries": [],
     "_eval_queries_enough": [CORPUS_ID, "true"],
     "claim_jobs": ["5", "10", "30", "'{}'"],
+    "queue_by_tenant": ["5", "'{}'", "0"],
+    "acting_tenants": [],
     "create_corpus": ["'c2'", f"'{FAKE}'", "''", "200", "40", "'vector'", "false"],
     "current_tenant": [],
     "drop_corpus": ["'docs'"],

@@ -635,7 +635,7 @@ OWNER_CALLS = {
                          "'document'", "'relative'", "0.5"],
     "_search_text": ["'docs'", "'refunds'", "5", "'{}'", "'hybrid'", "'document'", "'relative'",
                      "0.5"],
-    "_session_is_superuser": [],
+    "_session_acts_for_tenants": [],
     "_session_tenant": [],
     "_swap_vector_index": [DOCS_ID, f"'{FAKE}'",
                            f"pyembed._index_name({DOCS_ID}, '{FAKE}')", "'vector'"],

@@ -864,3 +864,25 @@ def test_another_tenants_open_work_holds_off_no_corpus_drop(
         b.drop_corpus("gone")
         assert [c.name for c in b.corpora()] == ["docs"]
     b.close()
+
+
+def test_a_read_of_the_parent_naming_its_corpus_holds_off_no_other_tenants_drop(
+        two: dict[str, str]) -> None:
+    """README: a read of pyembed.vectors itself locks every tenant's partition, unless it names
+    its corpus (a literal corpus_id, or a parameter planned for its value): the planner prunes
+    the other partitions before it locks them, and b's drop waits for nothing of a's read."""
+    fill(two["a"], A_KEY, 2).close()
+    b = fill(two["b"], A_KEY, 2)
+    b.create_corpus("gone", A_KEY).add([("g", "a text to drop")])
+    with psycopg.connect(two["a"]) as a:
+        docs = a.execute("SELECT corpus_id FROM pyembed.corpora WHERE name = 'docs'").fetchone()
+        assert docs is not None
+        a.execute("SELECT count(*) FROM pyembed.vectors WHERE corpus_id = %s", docs)
+        locked = a.execute("SELECT relation::regclass::text FROM pg_locks "
+                           "WHERE pid = pg_backend_pid() AND relation::regclass::text "
+                           "~ '^pyembed.vectors_c[0-9]+$'").fetchall()
+        assert locked == [(f"pyembed.vectors_c{docs[0]}",)]
+        b.drop_corpus("gone")  # (a's transaction is still open)
+        assert a.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+    assert [c.name for c in b.corpora()] == ["docs"]
+    b.close()
