@@ -36,7 +36,17 @@ from .corpora import (
     model_spec,
     write_prepared,
 )
-from .db import PsycopgExecutor, conninfo, lost, lost_during, reopen, unreachable
+from .db import (
+    PsycopgExecutor,
+    conninfo,
+    inherited,
+    lost,
+    lost_during,
+    opened_here,
+    release,
+    reopen,
+    unreachable,
+)
 from .db import connect as db_connect
 from .db import identity as _identity
 from .embedder import Embedder
@@ -182,6 +192,8 @@ class Client:
                  max_replica_wait: float = 5.0) -> None:
         self._conn = conn
         self._read_conn = read_conn or conn
+        for given in (self._conn, self._read_conn):
+            opened_here(given)  # (a fork after this: the child's calls open their own, db.inherited)
         # Who each session acts as, which a new connection must act as too; and whether your
         # code holds a connection (it may SET ROLE on it, which no new one would carry): the
         # connections given here are yours, `connect` makes its own.
@@ -255,7 +267,7 @@ class Client:
         DatabaseNotReady for a connection that could not be opened again silently."""
         with self.turn:
             for conn in {id(c): c for c in (self._conn, self._read_conn)}.values():
-                conn.close()
+                release(conn)
             shared = self._read_conn is self._conn
             self._conn = self._open(self._conninfo)
             self._identity = _identity(self._conn)
@@ -304,28 +316,36 @@ class Client:
     def _reopen_lost(self) -> None:
         shared = self._read_conn is self._conn
         if self._closed_by_server(self._conn):
-            self._conn = self._reopen(self._conninfo, self._identity)
+            self._conn = self._reopen(self._conn, self._conninfo, self._identity)
             if shared:
                 self._read_conn = self._conn
         if not shared and self._read_conninfo and self._closed_by_server(self._read_conn):
-            self._read_conn = self._reopen(self._read_conninfo, self._read_identity)
+            self._read_conn = self._reopen(self._read_conn, self._read_conninfo,
+                                           self._read_identity)
 
-    def _reopen(self, info: str, identity: tuple[str, ...] | None) -> psycopg.Connection[Any]:
-        """A new connection for one the server closed, if it acts as the old one did: never
-        silently as another role or tenant (DatabaseNotReady saying why, db.reopen)."""
+    def _reopen(self, old: psycopg.Connection[Any], info: str,
+                identity: tuple[str, ...] | None) -> psycopg.Connection[Any]:
+        """A new connection for one the server closed (or a parent process's, db.inherited), if
+        it acts as the old one did: never silently as another role or tenant (DatabaseNotReady
+        saying why, db.reopen)."""
         try:
-            conn, _ = reopen(info, identity, "client", handed_out=self._handed_out,
+            conn, _ = reopen(info, identity, "client", handed_out=self._handed_out, old=old,
                              autocommit=self._autocommit)
         except psycopg.OperationalError as exc:
             raise DatabaseNotReady("the database closed the connection and could not be "
                                    "reached again: " + " ".join(str(exc).split())[:300]
                                    ) from None
-        _log.info("opened a new connection to the database: the server closed the last one")
+        _log.info("opened a new connection to the database: %s",
+                  "the last one is the process's this one forked from" if inherited(old)
+                  else "the server closed the last one")
         return conn
 
     @staticmethod
     def _closed_by_server(conn: psycopg.Connection[Any]) -> bool:
-        """Whether `conn` is gone; DatabaseNotReady if a transaction was open on it."""
+        """Whether `conn` is gone; DatabaseNotReady if a transaction was open on it (in this
+        process: one a parent process opened is that process's, db.inherited)."""
+        if inherited(conn) is not None:
+            return True
         opened = not conn.closed and conn.info.transaction_status in (
             TransactionStatus.INTRANS, TransactionStatus.INERROR)
         if not lost(conn):
@@ -492,8 +512,8 @@ class Client:
                     self.cache.flush()
                 except psycopg.OperationalError:
                     pass  # counts only: lost with the connection
-            self._conn.close()
-            self._read_conn.close()
+            release(self._conn)
+            release(self._read_conn)
             # the SDKs' HTTP connections, else kept until the client is collected
             for embedder in self._embedders.values():
                 embedder.provider.close()
