@@ -18,7 +18,7 @@ import typer
 
 import pyembed
 
-from . import health, schema
+from . import health, schema, tenants
 from .config import DSN_ENV, OWNER_DSN_ENV, code_digest
 from .db import resolve_dsn
 from .loaded import LOCK_CLASS
@@ -265,6 +265,38 @@ def check_vector_legs(conn: Conn, owner_dsn: str | None = None) -> Check:
                  "hand runs as changed)", "pyembed install")
 
 
+def check_tenant_members(conn: Conn, owner_dsn: str | None = None) -> Check:
+    """Each tenant's members are the login roles added (tenants.stale_members). Only the owner
+    may read them: as the owner (PYEMBED_OWNER_DSN, or the local cluster's owner) when that DSN
+    is known."""
+    name = "tenants' members"
+    if not owner_dsn:
+        return Check(name, "skip", "only the owner may read them",
+                     "set PYEMBED_OWNER_DSN (the owner may read them)")
+    try:
+        with psycopg.connect(owner_dsn, autocommit=True, connect_timeout=5) as owner:
+            stale = tenants.stale_members(owner)
+    except psycopg.OperationalError as exc:
+        return Check(name, "skip", f"the owner cannot log in from here ({_first(exc)})")
+    if not stale:
+        return Check(name, "ok", "each is the login role added")
+    again = [m for m in stale if not m.dropped]
+    dropped = [m for m in stale if m.dropped]
+    parts = []
+    if again:
+        parts.append(", ".join(f"{m.tenant}'s {m.role}" for m in again)
+                     + " another role than the one added (made again under its name, or the "
+                     "database restored into another cluster, whose roles have new OIDs): its "
+                     "login acts for no tenant, with the corpora of none")
+    if dropped:
+        parts.append(", ".join(f"{m.tenant}'s {m.role}" for m in dropped) + " no longer a role")
+    fix = "as the owner, add each again: " + "; ".join(
+        f"pyembed tenant add-member {m.tenant} {m.role}" for m in (again or dropped))
+    if not again:
+        fix += " (once its login exists again)"
+    return Check(name, "fail" if again else "warn", "; ".join(parts), fix)
+
+
 def check_replicas(conn: Conn) -> Check:
     name = "replicas' lag"
     findings = health.replicas(conn)
@@ -287,6 +319,7 @@ CHECKS: list[tuple[str, Callable[[Conn], Check]]] = [
     ("worker alive", check_worker),
     ("vector indexes", check_indexes),
     ("corpora's vector legs", check_vector_legs),
+    ("tenants' members", check_tenant_members),
     ("replicas' lag", check_replicas),
 ]
 
@@ -318,7 +351,9 @@ def run(dsn: str, owner_dsn: str | None = None) -> list[Check]:
             try:
                 results.append(check_schema(conn, owner_dsn) if check is check_schema
                                else check_vector_legs(conn, owner_dsn)
-                               if check is check_vector_legs else check(conn))
+                               if check is check_vector_legs
+                               else check_tenant_members(conn, owner_dsn)
+                               if check is check_tenant_members else check(conn))
             except psycopg.Error as exc:
                 fix = "pyembed install" if isinstance(
                     exc, psycopg.errors.UndefinedTable | psycopg.errors.UndefinedFunction
