@@ -363,16 +363,18 @@ class Worker:
         """Lease a batch; jobs for a key their corpus does not accept are failed instead."""
         stats = stats or WorkerStats()
         with self._db().transaction():
-            self._db().execute(EXPIRE, {"max_attempts": self.max_attempts})
             try:
+                self._db().execute(EXPIRE, {"max_attempts": self.max_attempts})
                 rows = self._db().execute(CLAIM, {"limit": self.batch_size,
                                                   "lease": self.lease_seconds,
                                                   "max_attempts": self.max_attempts,
                                                   "skip": list(self.cannot_embed)}).fetchall()
             except psycopg.Error as exc:
-                # the claim's own checks (batch size, lease) in pyembed's words; the run loop
-                # handles the server's other errors as they are
-                if (exc.sqlstate or "").startswith("PE"):
+                # the claim's own checks (batch size, lease), and a standby or read-only
+                # session (ReadOnlyReplica), in pyembed's words; the run loop handles the
+                # server's other errors as they are
+                if (exc.sqlstate or "").startswith("PE") or isinstance(
+                        exc, psycopg.errors.ReadOnlySqlTransaction):
                     raise translate(exc) from exc
                 raise
             items = []

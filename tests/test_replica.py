@@ -335,3 +335,30 @@ def test_an_install_takes_back_what_reads_past_the_tenant_policies(
                              ).fetchone() == (True,):
                 owner.execute(sql.SQL("REVOKE {} FROM {}").format(
                     sql.Identifier(granted), sql.Identifier(group)))
+
+
+def test_every_python_write_on_the_standby_is_read_only_replica_naming_the_primary(
+        db: Database, standby: LocalCluster, read_dsn: str) -> None:
+    """A client or a worker whose DSN is a standby's: each write is ReadOnlyReplica (PE011)
+    saying to write on the primary. Before, a Worker's batch raised psycopg's own
+    ReadOnlySqlTransaction with its SQL CONTEXT, and Corpus.add's refusal gave a query's advice
+    only (embed on the primary and search here)."""
+    from pyembed.worker import Worker
+
+    with pyembed.connect(db.app_dsn) as client:
+        client.create_corpus("docs", KEY).add(DOCS[:3])
+        client.conn.execute("SELECT pyembed.add_document('docs', 'queued', 'for a worker')")
+    wait_for(standby, db, "the corpus")
+    with pyembed.connect(read_dsn) as on_standby:
+        docs = on_standby.corpus("docs")
+        with pytest.raises(pyembed.ReadOnlyReplica, match="documents are added on the primary"):
+            docs.add([("new", "a document written on a standby")])
+        for write in (lambda: docs.delete(["d0"]),
+                      lambda: on_standby.create_corpus("other", KEY),
+                      lambda: on_standby.drop_corpus("docs")):
+            with pytest.raises(pyembed.ReadOnlyReplica, match="run it on the primary"):
+                write()
+    with Worker(read_dsn) as worker:
+        assert worker.pending() == 1  # reading the queue is no write
+        with pytest.raises(pyembed.ReadOnlyReplica, match="run it on the primary"):
+            worker.run_once()
