@@ -62,7 +62,14 @@ def check_server(dsn: str) -> tuple[Check, Conn | None]:
     row = conn.execute("SHOW server_version").fetchone()
     version = str(row[0]).split()[0] if row else "?"
     where = f"{conn.info.host}:{conn.info.port}"
-    return Check("server reachable", "ok", f"PostgreSQL {version} at {where}"), conn
+    role = " (a standby: read-only, it serves searches)" if _standby(conn) else ""
+    return Check("server reachable", "ok", f"PostgreSQL {version} at {where}{role}"), conn
+
+
+def _standby(conn: Conn) -> bool:
+    """Whether `conn`'s server is a hot standby (in recovery): it writes nothing."""
+    row = conn.execute("SELECT pg_catalog.pg_is_in_recovery()").fetchone()
+    return bool(row and row[0])
 
 
 def check_schema(conn: Conn, owner_dsn: str | None = None) -> Check:
@@ -218,6 +225,9 @@ def check_worker(conn: Conn) -> Check:
         "extract(epoch FROM now() - min(enqueued_at))::float8 FROM pyembed.queue").fetchone()
     assert row is not None
     queued, leased, age = int(row[0]), int(row[1]), float(row[2] or 0.0)
+    if _standby(conn):  # no worker runs here: the queue is its primary's, as replayed
+        return Check(name, "skip", f"a standby ({queued} queued on its primary, as replayed "
+                     "here): run doctor on the primary, where the worker writes")
     if not queued:
         return Check(name, "ok", "nothing queued")
     if leased:
@@ -299,6 +309,17 @@ def check_tenant_members(conn: Conn, owner_dsn: str | None = None) -> Check:
 
 def check_replicas(conn: Conn) -> Check:
     name = "replicas' lag"
+    if _standby(conn):
+        row = conn.execute(
+            "SELECT extract(epoch FROM now() - pg_catalog.pg_last_xact_replay_timestamp())::float8"
+            ", pg_catalog.pg_is_wal_replay_paused()").fetchone()
+        behind, paused = (row[0], row[1]) if row else (None, False)
+        detail = ("this server is a standby: its replicas are its primary's (run doctor there)"
+                  + ("" if behind is None else
+                     f"; its last replayed transaction committed {_ago(max(behind, 0.0))} ago")
+                  + ("; replay is paused" if paused else ""))
+        return Check(name, "warn" if paused else "ok", detail,
+                     "SELECT pg_wal_replay_resume() on the standby, as a superuser")
     findings = health.replicas(conn)
     if not findings:
         return Check(name, "ok", "no streaming replicas")
