@@ -619,10 +619,13 @@ class Corpus:
     @_in_turn
     def prepare(self, documents: Iterable[Document | tuple[str, str] | Mapping[str, Any]], *,
                 truncate: bool = False,
-                translate: Callable[[str], str] | None = None) -> PreparedAdd:
+                translate: Callable[[str], str] | None = None,
+                embedded: Callable[[int], None] | None = None) -> PreparedAdd:
         """The first half of `add`, on the client's connection: which documents changed, their
         chunks and their vectors for the keys the corpus serves now. `write` stores them (on
-        this connection or another of the same role), while the next batch is prepared."""
+        this connection or another of the same role), while the next batch is prepared.
+        `embedded`, if given, is told the number of chunks embedded so far after each group of
+        them but the last (a long document's progress, before its write)."""
         self.info = corpus_info(self.client._conn, self.name)  # a migration may have begun
         docs: dict[str, Document] = {}
         for d in map(_as_document, documents):
@@ -672,8 +675,10 @@ class Corpus:
         if longest:
             chunks_refused(self.client._conn, longest)
 
+        done = 0
+        groups = [g for g in groups if g]
         with self.client.billed_to(self.info.corpus_id):
-            for group in (g for g in groups if g):
+            for number, group in enumerate(groups, 1):
                 texts = [text[start:end] for _, text, start, end in group]
                 for n, _, start, end in group:
                     cast(Spans, changed[n].chunks).append(start, end)
@@ -682,6 +687,9 @@ class Corpus:
                 vectors.append(embedder.embed(texts, InputType.DOCUMENT))
                 if target and also is not None:
                     also[target].append(self.client.embedder(target, truncate=True).embed(texts))
+                done += len(texts)
+                if embedded is not None and number < len(groups):
+                    embedded(done)
         updated = sum(1 for d in todo if d.id in old)
         return PreparedAdd(self.info, changed, vectors, also, len(todo) - updated, updated,
                            len(docs) - len(todo))
