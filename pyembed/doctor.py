@@ -29,6 +29,8 @@ Status = Literal["ok", "warn", "fail", "skip"]
 EXTENSIONS = ("vector", "plpython3u")
 WORKER_STALE_MINUTES = 10
 """Queued work older than this, with nothing written in the last 5 minutes: no worker runs."""
+GROUP_ROLES = ("pyembed_app", "pyembed_owner", "pyembed_worker")
+"""The roles the schema's owners and grants name (sql/001-roles.sql makes them)."""
 PROBE_KEY = "fake/fake-hash@1:384"
 """A built-in model that needs no network: embedding with it runs pyembed inside PL/Python."""
 
@@ -106,6 +108,18 @@ def check_schema(conn: Conn, owner_dsn: str | None = None) -> Check:
         return Check(name, "fail", f"at {head}, but its functions are not this client's sql/ "
                      f"files (installed {theirs[:12] if theirs else 'before digests'}, "
                      f"here {ours[:12]})", "pyembed install")
+    # Roles are the cluster's: a dump restored into another cluster comes without them, and
+    # its grants to them are lost with them (the application then reaches nothing).
+    missing = [r for (r,) in conn.execute(
+        "SELECT r FROM unnest(%s::text[]) r WHERE pg_catalog.to_regrole(r) IS NULL",
+        (list(GROUP_ROLES),)).fetchall()]
+    if missing or conn.execute("SELECT pg_catalog.has_schema_privilege('pyembed_app', "
+                               "'pyembed', 'USAGE')").fetchone() != (True,):
+        return Check(name, "fail", f"at {head}, but "
+                     + (f"the cluster has no role {', '.join(missing)} (a dump restored into "
+                        "another cluster comes without its roles), and " if missing else "")
+                     + "the application role pyembed_app may not use the schema",
+                     "pyembed install")
     return Check(name, "ok", f"at {head}")
 
 

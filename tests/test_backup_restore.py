@@ -1,8 +1,9 @@
 """A database dumped with pg_dump and restored into another cluster, as a DBA moves or recovers
 one: roles are the cluster's, so the dump comes without them. `pyembed install` then makes the
-schema's group roles and applies its functions and grants, after which the application searches
-with its guards as before; a tenant's member, made again in the new cluster, is named by doctor
-until it is added again. Two private clusters: the restore disturbs no other test."""
+schema's group roles and applies its functions and grants (until then doctor's schema check
+names what is missing), after which the application searches with its guards as before; a
+tenant's member, made again in the new cluster, is named by doctor until it is added again.
+Two private clusters: the restore disturbs no other test."""
 
 from __future__ import annotations
 
@@ -85,7 +86,13 @@ def test_a_dump_restored_into_another_cluster_installs_and_searches_as_before(
     # restores the rest: its exit status is 1.
     subprocess.run([f"{target.state().bindir}/pg_restore", "-d", target.dsn(owner=True),
                     str(dump)], capture_output=True, text=True)
+    with psycopg.connect(target.dsn(owner=True), autocommit=True) as owner:
+        check = doctor.check_schema(owner)  # (before: ok, while the application reached nothing)
+    assert check.status == "fail" and check.fix == "pyembed install", check
+    assert "no role pyembed_owner" in check.detail and "pyembed_app may not use" in check.detail
     schema.install(target.dsn(owner=True))  # (before: "role pyembed_owner does not exist")
+    with psycopg.connect(target.dsn(owner=True), autocommit=True) as owner:
+        assert doctor.check_schema(owner).status == "ok"
     with pyembed.connect(target.dsn()) as client:
         assert [c.name for c in client.corpora()] == ["docs"]
         docs = client.corpus("docs")
