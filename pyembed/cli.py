@@ -1346,7 +1346,9 @@ def tenant_list(dsn: OwnerDsnOption = None, as_json: JsonOption = False) -> None
     for r in rows:
         table.add_row(r.name, *("unlimited" if limit is None else f"{limit:,}"
                                 for limit in (r.requests_per_minute, r.tokens_per_minute)),
-                      ", ".join(r.members) or "none", f"{r.created_at:%Y-%m-%d %H:%M}")
+                      ", ".join(m + (" (not the role added: add it again)"
+                                     if m in r.stale_members else "")
+                                for m in r.members) or "none", f"{r.created_at:%Y-%m-%d %H:%M}")
     console.print(table)
 
 

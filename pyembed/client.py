@@ -36,7 +36,17 @@ from .corpora import (
     model_spec,
     write_prepared,
 )
-from .db import PsycopgExecutor, conninfo, lost, lost_during, reopen, unreachable
+from .db import (
+    PsycopgExecutor,
+    conninfo,
+    inherited,
+    lost,
+    lost_during,
+    opened_here,
+    release,
+    reopen,
+    unreachable,
+)
 from .db import connect as db_connect
 from .db import identity as _identity
 from .embedder import Embedder
@@ -182,6 +192,8 @@ class Client:
                  max_replica_wait: float = 5.0) -> None:
         self._conn = conn
         self._read_conn = read_conn or conn
+        for given in (self._conn, self._read_conn):
+            opened_here(given)  # (a fork after this: the child's calls open their own, db.inherited)
         # Who each session acts as, which a new connection must act as too; and whether your
         # code holds a connection (it may SET ROLE on it, which no new one would carry): the
         # connections given here are yours, `connect` makes its own.
@@ -255,7 +267,7 @@ class Client:
         DatabaseNotReady for a connection that could not be opened again silently."""
         with self.turn:
             for conn in {id(c): c for c in (self._conn, self._read_conn)}.values():
-                conn.close()
+                release(conn)
             shared = self._read_conn is self._conn
             self._conn = self._open(self._conninfo)
             self._identity = _identity(self._conn)
@@ -304,28 +316,36 @@ class Client:
     def _reopen_lost(self) -> None:
         shared = self._read_conn is self._conn
         if self._closed_by_server(self._conn):
-            self._conn = self._reopen(self._conninfo, self._identity)
+            self._conn = self._reopen(self._conn, self._conninfo, self._identity)
             if shared:
                 self._read_conn = self._conn
         if not shared and self._read_conninfo and self._closed_by_server(self._read_conn):
-            self._read_conn = self._reopen(self._read_conninfo, self._read_identity)
+            self._read_conn = self._reopen(self._read_conn, self._read_conninfo,
+                                           self._read_identity)
 
-    def _reopen(self, info: str, identity: tuple[str, ...] | None) -> psycopg.Connection[Any]:
-        """A new connection for one the server closed, if it acts as the old one did: never
-        silently as another role or tenant (DatabaseNotReady saying why, db.reopen)."""
+    def _reopen(self, old: psycopg.Connection[Any], info: str,
+                identity: tuple[str, ...] | None) -> psycopg.Connection[Any]:
+        """A new connection for one the server closed (or a parent process's, db.inherited), if
+        it acts as the old one did: never silently as another role or tenant (DatabaseNotReady
+        saying why, db.reopen)."""
         try:
-            conn, _ = reopen(info, identity, "client", handed_out=self._handed_out,
+            conn, _ = reopen(info, identity, "client", handed_out=self._handed_out, old=old,
                              autocommit=self._autocommit)
         except psycopg.OperationalError as exc:
             raise DatabaseNotReady("the database closed the connection and could not be "
                                    "reached again: " + " ".join(str(exc).split())[:300]
                                    ) from None
-        _log.info("opened a new connection to the database: the server closed the last one")
+        _log.info("opened a new connection to the database: %s",
+                  "the last one is the process's this one forked from" if inherited(old)
+                  else "the server closed the last one")
         return conn
 
     @staticmethod
     def _closed_by_server(conn: psycopg.Connection[Any]) -> bool:
-        """Whether `conn` is gone; DatabaseNotReady if a transaction was open on it."""
+        """Whether `conn` is gone; DatabaseNotReady if a transaction was open on it (in this
+        process: one a parent process opened is that process's, db.inherited)."""
+        if inherited(conn) is not None:
+            return True
         opened = not conn.closed and conn.info.transaction_status in (
             TransactionStatus.INTRANS, TransactionStatus.INERROR)
         if not lost(conn):
@@ -492,8 +512,8 @@ class Client:
                     self.cache.flush()
                 except psycopg.OperationalError:
                     pass  # counts only: lost with the connection
-            self._conn.close()
-            self._read_conn.close()
+            release(self._conn)
+            release(self._read_conn)
             # the SDKs' HTTP connections, else kept until the client is collected
             for embedder in self._embedders.values():
                 embedder.provider.close()
@@ -599,10 +619,13 @@ class Corpus:
     @_in_turn
     def prepare(self, documents: Iterable[Document | tuple[str, str] | Mapping[str, Any]], *,
                 truncate: bool = False,
-                translate: Callable[[str], str] | None = None) -> PreparedAdd:
+                translate: Callable[[str], str] | None = None,
+                embedded: Callable[[int], None] | None = None) -> PreparedAdd:
         """The first half of `add`, on the client's connection: which documents changed, their
         chunks and their vectors for the keys the corpus serves now. `write` stores them (on
-        this connection or another of the same role), while the next batch is prepared."""
+        this connection or another of the same role), while the next batch is prepared.
+        `embedded`, if given, is told the number of chunks embedded so far after each group of
+        them but the last (a long document's progress, before its write)."""
         self.info = corpus_info(self.client._conn, self.name)  # a migration may have begun
         docs: dict[str, Document] = {}
         for d in map(_as_document, documents):
@@ -652,8 +675,10 @@ class Corpus:
         if longest:
             chunks_refused(self.client._conn, longest)
 
+        done = 0
+        groups = [g for g in groups if g]
         with self.client.billed_to(self.info.corpus_id):
-            for group in (g for g in groups if g):
+            for number, group in enumerate(groups, 1):
                 texts = [text[start:end] for _, text, start, end in group]
                 for n, _, start, end in group:
                     cast(Spans, changed[n].chunks).append(start, end)
@@ -662,6 +687,9 @@ class Corpus:
                 vectors.append(embedder.embed(texts, InputType.DOCUMENT))
                 if target and also is not None:
                     also[target].append(self.client.embedder(target, truncate=True).embed(texts))
+                done += len(texts)
+                if embedded is not None and number < len(groups):
+                    embedded(done)
         updated = sum(1 for d in todo if d.id in old)
         return PreparedAdd(self.info, changed, vectors, also, len(todo) - updated, updated,
                            len(docs) - len(todo))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import select
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -83,6 +84,7 @@ def connect(dsn: str | None = None, *, owner: bool = False, **kwargs: Any) -> ps
     target = dsn or resolve_dsn(owner=owner)
     dsn_parts(target)  # one that libpq cannot parse: ConfigError, not psycopg's error
     conn = psycopg.connect(target, **kwargs)
+    opened_here(conn)
     try:
         register_vector(conn)
     except psycopg.ProgrammingError:
@@ -101,11 +103,48 @@ def conninfo(conn: psycopg.Connection[Any]) -> str:
     return make_conninfo("", **params)
 
 
+_OPENED_IN: weakref.WeakKeyDictionary[psycopg.Connection[Any], int] = weakref.WeakKeyDictionary()
+"""The process each long-lived connection belongs to (inherited)."""
+
+
+def opened_here(conn: psycopg.Connection[Any]) -> None:
+    """Record that `conn` belongs to this process: `connect`'s connections, and those given to a
+    Client, which may be used or closed only in the process that opened them (inherited)."""
+    _OPENED_IN.setdefault(conn, os.getpid())
+
+
+def inherited(conn: psycopg.Connection[Any]) -> int | None:
+    """The process that opened `conn`, when this one is a child it forked after (a preloading
+    application server): the socket is that process's session, in which a statement from here
+    would mix the two processes' messages and results, and which a close from here would end
+    (libpq's close tells the server so). Such a connection is released here, without a word to
+    the server: this process's copy of the socket is pointed at the null device, then closed.
+    None for a connection of this process."""
+    pid = _OPENED_IN.get(conn)
+    if pid is None or pid == os.getpid():
+        return None
+    if not conn.closed:
+        null = os.open(os.devnull, os.O_RDWR)
+        try:
+            os.dup2(null, conn.pgconn.socket)
+        finally:
+            os.close(null)
+        conn.close()
+    return pid
+
+
+def release(conn: psycopg.Connection[Any]) -> None:
+    """Close `conn`; one inherited from a parent process is only released (inherited)."""
+    if inherited(conn) is None:
+        conn.close()
+
+
 def lost(conn: psycopg.Connection[Any]) -> bool:
-    """Whether `conn` is gone: closed, or, between statements, closed by its server (a restart,
-    a terminated backend). Seen without a round trip: the server's last message and the end of
+    """Whether `conn` is gone: closed, inherited from the process this one forked from (and
+    released, see inherited), or, between statements, closed by its server (a restart, a
+    terminated backend). Seen without a round trip: the server's last message and the end of
     its socket are read if they are there."""
-    if conn.closed:
+    if inherited(conn) is not None or conn.closed:
         return True
     with conn.lock:
         if conn.info.transaction_status == TransactionStatus.ACTIVE:
@@ -166,16 +205,20 @@ def identity(conn: psycopg.Connection[Any]) -> tuple[str, ...]:
 
 
 def reopen(dsn: str | None, acted_as: tuple[str, ...] | None, what: str, *,
-           handed_out: str | None = None, **kwargs: Any
-           ) -> tuple[psycopg.Connection[Any], tuple[str, ...]]:
-    """A new connection for the `what`'s (a client's, a worker's), which the server closed, and
-    who it acts as; never silently as another role or tenant than `acted_as` (the first
-    connection's): DatabaseNotReady saying why, as when the old one was `handed_out` to your
-    code (which may have SET ROLE on it). The rule of every object in pyembed that owns a
-    connection and opens it again."""
+           handed_out: str | None = None, old: psycopg.Connection[Any] | None = None,
+           **kwargs: Any) -> tuple[psycopg.Connection[Any], tuple[str, ...]]:
+    """A new connection for the `what`'s (a client's, a worker's), which the server closed (or,
+    `old` inherited, this process forked from its owner), and who it acts as; never silently
+    as another role or tenant than `acted_as` (the first connection's): DatabaseNotReady saying
+    why, as when the old one was `handed_out` to your code (which may have SET ROLE on it). The
+    rule of every object in pyembed that owns a connection and opens it again."""
+    parent = inherited(old) if old is not None else None
+    gone = (f"the {what}'s connection belongs to process {parent}, which this process forked "
+            "from after connecting (the two would share one session)"
+            if parent is not None else f"the server closed the {what}'s connection")
     if handed_out:
         raise errors.DatabaseNotReady(
-            f"the server closed the {what}'s connection, and {handed_out} was handed to your "
+            f"{gone}, and {handed_out} was handed to your "
             "code, "
             "which may have changed its role (SET ROLE) or tenant: a new connection would act as "
             f"the login instead. Nothing was sent; call {what}.reconnect() to go on as the "
@@ -185,7 +228,7 @@ def reopen(dsn: str | None, acted_as: tuple[str, ...] | None, what: str, *,
     if acted_as is not None and now != acted_as:
         conn.close()
         raise errors.DatabaseNotReady(
-            f"the server closed the {what}'s connection, which acted as role {acted_as[1]!r} "
+            f"{gone}, which acted as role {acted_as[1]!r} "
             f"(tenant {acted_as[2] or 'of the login'}); a new one acts as {now[1]!r} (tenant "
             f"{now[2] or 'of the login'}). Nothing was sent; call {what}.reconnect() to go on "
             "as the login, or make a new one")

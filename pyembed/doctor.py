@@ -29,6 +29,8 @@ Status = Literal["ok", "warn", "fail", "skip"]
 EXTENSIONS = ("vector", "plpython3u")
 WORKER_STALE_MINUTES = 10
 """Queued work older than this, with nothing written in the last 5 minutes: no worker runs."""
+GROUP_ROLES = ("pyembed_app", "pyembed_owner", "pyembed_worker")
+"""The roles the schema's owners and grants name (sql/001-roles.sql makes them)."""
 PROBE_KEY = "fake/fake-hash@1:384"
 """A built-in model that needs no network: embedding with it runs pyembed inside PL/Python."""
 
@@ -62,7 +64,14 @@ def check_server(dsn: str) -> tuple[Check, Conn | None]:
     row = conn.execute("SHOW server_version").fetchone()
     version = str(row[0]).split()[0] if row else "?"
     where = f"{conn.info.host}:{conn.info.port}"
-    return Check("server reachable", "ok", f"PostgreSQL {version} at {where}"), conn
+    role = " (a standby: read-only, it serves searches)" if _standby(conn) else ""
+    return Check("server reachable", "ok", f"PostgreSQL {version} at {where}{role}"), conn
+
+
+def _standby(conn: Conn) -> bool:
+    """Whether `conn`'s server is a hot standby (in recovery): it writes nothing."""
+    row = conn.execute("SELECT pg_catalog.pg_is_in_recovery()").fetchone()
+    return bool(row and row[0])
 
 
 def check_schema(conn: Conn, owner_dsn: str | None = None) -> Check:
@@ -99,6 +108,18 @@ def check_schema(conn: Conn, owner_dsn: str | None = None) -> Check:
         return Check(name, "fail", f"at {head}, but its functions are not this client's sql/ "
                      f"files (installed {theirs[:12] if theirs else 'before digests'}, "
                      f"here {ours[:12]})", "pyembed install")
+    # Roles are the cluster's: a dump restored into another cluster comes without them, and
+    # its grants to them are lost with them (the application then reaches nothing).
+    missing = [r for (r,) in conn.execute(
+        "SELECT r FROM unnest(%s::text[]) r WHERE pg_catalog.to_regrole(r) IS NULL",
+        (list(GROUP_ROLES),)).fetchall()]
+    if missing or conn.execute("SELECT pg_catalog.has_schema_privilege('pyembed_app', "
+                               "'pyembed', 'USAGE')").fetchone() != (True,):
+        return Check(name, "fail", f"at {head}, but "
+                     + (f"the cluster has no role {', '.join(missing)} (a dump restored into "
+                        "another cluster comes without its roles), and " if missing else "")
+                     + "the application role pyembed_app may not use the schema",
+                     "pyembed install")
     return Check(name, "ok", f"at {head}")
 
 
@@ -215,6 +236,10 @@ def check_worker(conn: Conn) -> Check:
     operator's worker login), each read acting for it: the first that waits with nothing
     written warns, naming its tenant."""
     name = "worker alive"
+    if _standby(conn):  # no worker runs here: the queue is its primary's, as replayed
+        row = conn.execute("SELECT count(*) FROM pyembed.queue").fetchone()
+        return Check(name, "skip", f"a standby ({row[0] if row else 0} queued on its primary, as "
+                     "replayed here): run doctor on the primary, where the worker writes")
     queued = leased = 0
     oldest, written = 0.0, 0
     stale: str | None = None  # (whose queue waits: "" for the login's own)
@@ -279,8 +304,51 @@ def check_vector_legs(conn: Conn, owner_dsn: str | None = None) -> Check:
                  "hand runs as changed)", "pyembed install")
 
 
+def check_tenant_members(conn: Conn, owner_dsn: str | None = None) -> Check:
+    """Each tenant's members are the login roles added (tenants.stale_members). Only the owner
+    may read them: as the owner (PYEMBED_OWNER_DSN, or the local cluster's owner) when that DSN
+    is known."""
+    name = "tenants' members"
+    if not owner_dsn:
+        return Check(name, "skip", "only the owner may read them",
+                     "set PYEMBED_OWNER_DSN (the owner may read them)")
+    try:
+        with psycopg.connect(owner_dsn, autocommit=True, connect_timeout=5) as owner:
+            stale = tenants.stale_members(owner)
+    except psycopg.OperationalError as exc:
+        return Check(name, "skip", f"the owner cannot log in from here ({_first(exc)})")
+    if not stale:
+        return Check(name, "ok", "each is the login role added")
+    again = [m for m in stale if not m.dropped]
+    dropped = [m for m in stale if m.dropped]
+    parts = []
+    if again:
+        parts.append(", ".join(f"{m.tenant}'s {m.role}" for m in again)
+                     + " another role than the one added (made again under its name, or the "
+                     "database restored into another cluster, whose roles have new OIDs): its "
+                     "login acts for no tenant, with the corpora of none")
+    if dropped:
+        parts.append(", ".join(f"{m.tenant}'s {m.role}" for m in dropped) + " no longer a role")
+    fix = "as the owner, add each again: " + "; ".join(
+        f"pyembed tenant add-member {m.tenant} {m.role}" for m in (again or dropped))
+    if not again:
+        fix += " (once its login exists again)"
+    return Check(name, "fail" if again else "warn", "; ".join(parts), fix)
+
+
 def check_replicas(conn: Conn) -> Check:
     name = "replicas' lag"
+    if _standby(conn):
+        row = conn.execute(
+            "SELECT extract(epoch FROM now() - pg_catalog.pg_last_xact_replay_timestamp())::float8"
+            ", pg_catalog.pg_is_wal_replay_paused()").fetchone()
+        behind, paused = (row[0], row[1]) if row else (None, False)
+        detail = ("this server is a standby: its replicas are its primary's (run doctor there)"
+                  + ("" if behind is None else
+                     f"; its last replayed transaction committed {_ago(max(behind, 0.0))} ago")
+                  + ("; replay is paused" if paused else ""))
+        return Check(name, "warn" if paused else "ok", detail,
+                     "SELECT pg_wal_replay_resume() on the standby, as a superuser")
     findings = health.replicas(conn)
     if not findings:
         return Check(name, "ok", "no streaming replicas")
@@ -301,6 +369,7 @@ CHECKS: list[tuple[str, Callable[[Conn], Check]]] = [
     ("worker alive", check_worker),
     ("vector indexes", check_indexes),
     ("corpora's vector legs", check_vector_legs),
+    ("tenants' members", check_tenant_members),
     ("replicas' lag", check_replicas),
 ]
 
@@ -332,7 +401,9 @@ def run(dsn: str, owner_dsn: str | None = None) -> list[Check]:
             try:
                 results.append(check_schema(conn, owner_dsn) if check is check_schema
                                else check_vector_legs(conn, owner_dsn)
-                               if check is check_vector_legs else check(conn))
+                               if check is check_vector_legs
+                               else check_tenant_members(conn, owner_dsn)
+                               if check is check_tenant_members else check(conn))
             except psycopg.Error as exc:
                 fix = "pyembed install" if isinstance(
                     exc, psycopg.errors.UndefinedTable | psycopg.errors.UndefinedFunction

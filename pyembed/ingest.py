@@ -442,9 +442,12 @@ def ingest(corpus: Corpus, paths: Path | str | Iterable[Path | str], *, batch_si
     def advance(n: int) -> None:
         meter.show(_handled(totals), totals["chunks"])
 
+    def embedding(chunks: int) -> None:  # a batch's chunks embedded so far, before its write
+        meter.show(_handled(totals), totals["chunks"] + chunks)
+
     try:
         with meter, corpus.bulk_load(), \
-                _Loader(corpus, truncate, totals, problems, advance) as loader:
+                _Loader(corpus, truncate, totals, problems, advance, embedding) as loader:
             batch: list[_Record] = []
             for root in roots:
                 for record in reader.read(root):
@@ -563,12 +566,14 @@ class _Loader:
     counted when the next is handed over (`add`) or at the end (`settle`)."""
 
     def __init__(self, corpus: Corpus, truncate: bool, totals: dict[str, int],
-                 problems: list[FileProblem], advance: Callable[[int], None]) -> None:
+                 problems: list[FileProblem], advance: Callable[[int], None],
+                 embedding: Callable[[int], None]) -> None:
         self.corpus = corpus
         self.truncate = truncate
         self.totals = totals
         self.problems = problems
         self.advance = advance
+        self.embedding = embedding
         self.conn = twin(corpus.client._conn)
         self.pool = (ThreadPoolExecutor(1, thread_name_prefix="pyembed-ingest-writer")
                      if self.conn is not None else None)
@@ -599,7 +604,8 @@ class _Loader:
         """Embed `batch` (here), then write it (on the second connection, once the batch
         before is written)."""
         try:
-            prepared = self.corpus.prepare([r.document for r in batch], truncate=self.truncate)
+            prepared = self.corpus.prepare([r.document for r in batch], truncate=self.truncate,
+                                           embedded=self.embedding)
         except RefusedDocuments as exc:  # the database's rules, asked before any embedding
             rest = [r for r in batch if r.document.id not in exc.problems]
             for record in batch:

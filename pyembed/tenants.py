@@ -138,6 +138,8 @@ class TenantRow:
     tokens_per_minute: int | None
     members: list[str]
     created_at: datetime.datetime
+    stale_members: list[str]
+    """Members whose role is not the one added (stale_members): they act for no tenant."""
 
 
 def list_tenants(conn: psycopg.Connection[Any]) -> list[TenantRow]:
@@ -149,7 +151,34 @@ def list_tenants(conn: psycopg.Connection[Any]) -> list[TenantRow]:
             "FILTER (WHERE m.role_name IS NOT NULL), '{}'), t.created_at "
             "FROM pyembed.tenants t LEFT JOIN pyembed.tenant_members m USING (tenant_id) "
             "GROUP BY t.tenant_id ORDER BY t.name").fetchall()
-    return [TenantRow(*r) for r in rows]
+    stale = stale_members(conn)
+    return [TenantRow(name, rpm, tpm, members, created,
+                      [m.role for m in stale if m.tenant == name])
+            for name, rpm, tpm, members, created in rows]
+
+
+@dataclass(frozen=True)
+class StaleMember:
+    """A tenant's member whose login role is not the role added: `dropped` (no role of that
+    name), or another role made under its name."""
+
+    tenant: str
+    role: str
+    dropped: bool
+
+
+def stale_members(conn: psycopg.Connection[Any]) -> list[StaleMember]:
+    """The tenants' members whose role is not the one added (owner only, as the tenants are).
+    Membership is the role's own, by OID: a role of the name made again, by hand or by restoring
+    a dump into another cluster (whose roles are made anew, with new OIDs), acts for no tenant,
+    seeing the corpora of none, until `add_member` adds it again."""
+    with translated():
+        rows = conn.execute(
+            "SELECT t.name, m.role_name::text, r.oid IS NULL "
+            "FROM pyembed.tenant_members m JOIN pyembed.tenants t USING (tenant_id) "
+            "LEFT JOIN pg_catalog.pg_roles r ON r.rolname = m.role_name "
+            "WHERE r.oid IS DISTINCT FROM m.role_oid ORDER BY 1, 2").fetchall()
+    return [StaleMember(*r) for r in rows]
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,17 @@ import psycopg
 from . import recall
 from .cache import PostgresCache
 from .corpora import model_spec
-from .db import connection_lost, dsn_parts, lost_during, reopen, resolve_dsn, server_error, translate
+from .db import (
+    connection_lost,
+    dsn_parts,
+    inherited,
+    lost_during,
+    release,
+    reopen,
+    resolve_dsn,
+    server_error,
+    translate,
+)
 from .db import lost as gone
 from .dbcall import INTEGER_RANGE, count
 from .embedder import Embedder
@@ -191,7 +201,7 @@ class Leases:
         with self._lock:
             self._held.clear()
             if self._conn is not None:
-                self._conn.close()
+                release(self._conn)
                 self._conn = None
 
     def _run(self) -> None:
@@ -208,7 +218,7 @@ class Leases:
                 _log.warning("could not renew the leases of the batch in flight (%s)", exc)
                 with self._lock:
                     if self._conn is not None:
-                        self._conn.close()
+                        release(self._conn)
                         self._conn = None
 
     def _renew(self) -> None:
@@ -220,7 +230,7 @@ class Leases:
                                          application_name="pyembed worker leases")
             with self._lock:
                 if self._conn is not None:
-                    self._conn.close()
+                    release(self._conn)
                 self._conn = conn
         with self._lock:
             if not self._held or self._conn is None:
@@ -304,11 +314,11 @@ class Worker:
     def _db(self) -> psycopg.Connection[Any]:
         """The worker's own connection, opened again after a loss as the first one acted (its
         login role, current role and tenant: db.reopen), unless it was handed out."""
-        if self._conn is None or self._conn.closed:
+        if self._conn is None or self._conn.closed or inherited(self._conn):
             handed_out = self._handed_out if self._conn is not None else None
             self._conn, self._leases.acted_as = reopen(
                 self.dsn, self._leases.acted_as, "worker", handed_out=handed_out,
-                application_name="pyembed worker")
+                old=self._conn, application_name="pyembed worker")
         return self._conn
 
     def reconnect(self) -> None:
@@ -332,14 +342,17 @@ class Worker:
         """Between batches, close the connections their server closed (a restart), so that
         the next batch opens new ones instead of failing once and waiting to retry."""
         if self._conn is not None and gone(self._conn):
-            self._conn.close()
+            release(self._conn)
         if self._cache_conn is not None and gone(self._cache_conn):
-            self._cache_conn.close()
+            release(self._cache_conn)
             self._cache_conn = None
             self._cache_tenant = None
             self._embedders.clear()  # their caches hold the closed connection
 
     def _embedder(self, key: str) -> Embedder:
+        if self._cache_conn is not None and inherited(self._cache_conn):
+            self._cache_conn = None
+            self._embedders.clear()  # their caches hold the parent process's connection
         if key not in self._embedders:
             if self._cache_conn is None or self._cache_conn.closed:
                 # Its own autocommit connection: what was embedded survives a failed batch.
@@ -383,7 +396,7 @@ class Worker:
         self._embedders.clear()
         for c in (self._conn, self._cache_conn):
             if c is not None:
-                c.close()
+                release(c)
         self._cache_tenant = None
 
     # -- one batch -------------------------------------------------------------------------
@@ -425,16 +438,18 @@ class Worker:
             return []
         self._claimed = True  # (the first claim runs whatever is due: its bounds' check)
         with self._tx():
-            self._db().execute(EXPIRE, {"max_attempts": self.max_attempts})
             try:
+                self._db().execute(EXPIRE, {"max_attempts": self.max_attempts})
                 rows = self._db().execute(CLAIM, {"limit": self.batch_size,
                                                   "lease": self.lease_seconds,
                                                   "max_attempts": self.max_attempts,
                                                   "skip": list(self.cannot_embed)}).fetchall()
             except psycopg.Error as exc:
-                # the claim's own checks (batch size, lease) in pyembed's words; the run loop
-                # handles the server's other errors as they are
-                if (exc.sqlstate or "").startswith("PE"):
+                # the claim's own checks (batch size, lease), and a standby or read-only
+                # session (ReadOnlyReplica), in pyembed's words; the run loop handles the
+                # server's other errors as they are
+                if (exc.sqlstate or "").startswith("PE") or isinstance(
+                        exc, psycopg.errors.ReadOnlySqlTransaction):
                     raise translate(exc) from exc
                 raise
             items = []

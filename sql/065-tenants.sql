@@ -26,8 +26,9 @@ BEGIN
   IF current_setting('transaction_read_only') = 'on' THEN
     RAISE EXCEPTION USING ERRCODE = 'PE011',
       MESSAGE = 'a provider call cannot be accounted in a read-only transaction (a replica)',
-      HINT = 'embed on the primary (SELECT pyembed.embed(query, model_key, ''query'')) and search '
-             'here with pyembed.search(corpus, vector, model_key, k); cached queries need no call';
+      HINT = 'for a query, embed on the primary (SELECT pyembed.embed(query, model_key, ''query'')) '
+             'and search here with pyembed.search(corpus, vector, model_key, k); cached queries '
+             'need no call; documents are added on the primary';
   END IF;
   -- What one call may count is the table's rule (usage_counts_not_negative, usage_tokens_in_range:
   -- the reports add the rows up; NOT NULL), checked by its insert below.

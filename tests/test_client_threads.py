@@ -149,3 +149,19 @@ def test_a_provider_call_holds_no_turn_of_the_client(
         thread.join()
         assert errors == []
         assert took < DELAY / 2, f"the search waited {took:.2f} s on another thread's call"
+
+
+def test_async_code_calls_a_shared_client_through_threads(client: Client) -> None:
+    """README's advice for async code (no async API): asyncio.to_thread, each call taking its
+    turn on the shared client, every answer its own query's."""
+    import asyncio
+
+    docs = client.create_corpus("aio", KEY)
+    docs.add([(f"d{i}", f"error E40{i:02d} means quota {i} is used up") for i in range(8)])
+
+    async def main() -> list[str]:
+        found = await asyncio.gather(*(asyncio.to_thread(docs.search, f"E40{i:02d}", k=1,
+                                                         mode="keyword") for i in range(8)))
+        return [hits[0].document_id for hits in found]
+
+    assert asyncio.run(main()) == [f"d{i}" for i in range(8)]

@@ -433,3 +433,47 @@ def test_a_session_holding_the_stamp_key_exclusively_is_named(
         assert f"pid {spoof.info.backend_pid} " in lines[check], text
     code, lines, text = _doctor(db)
     assert lines[check].startswith(f"ok   {check}: yes"), text
+
+
+def test_a_tenant_member_whose_role_was_made_again_is_named_with_the_fix(
+        db: Database, owner: psycopg.Connection[Any]) -> None:
+    """A member's role made again under its name, as restoring a dump into another cluster
+    makes every role anew (pg_dump leaves roles out): its login acts for no tenant, seeing the
+    corpora of none, while doctor said every check was ok and `tenant list` showed it a member.
+    Doctor fails naming it with `pyembed tenant add-member`, which mends it as printed; `tenant
+    list` marks it. A dropped member's role is a warning."""
+    again, gone = (f"tm_{uuid.uuid4().hex[:6]}" for _ in range(2))
+    tenants.create_tenant(owner, "acme", requests_per_minute=None)
+    owner.execute("SELECT pyembed.create_corpus('nobodys', 'fake/fake-hash@1:384')")
+    try:
+        for role in (again, gone):
+            tenants.add_member(owner, "acme", role, create_login="pw")
+        for role in (again, gone):
+            owner.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+        owner.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'pw' IN ROLE pyembed_app")
+                      .format(sql.Identifier(again)))
+        dsn = psycopg.conninfo.make_conninfo(db.app_dsn, user=again, password="pw")
+        with pyembed_api.connect(dsn) as client:  # what went unsaid: another party's corpora
+            assert [c.name for c in client.corpora()] == ["nobodys"]
+        code, lines, text = _doctor(db)
+        assert code == 1, text
+        line = lines["tenants' members"]
+        assert line.startswith(f"FAIL tenants' members: acme's {again} another role than the "
+                               "one added"), text
+        assert f"acme's {gone} no longer a role" in line, text
+        fix = f"pyembed tenant add-member acme {again}"
+        assert line.endswith("fix: as the owner, add each again: " + fix), text
+        out = pyembed("tenant", "list", "--json", env={"PYEMBED_OWNER_DSN": db.owner_dsn})
+        (acme,) = json.loads(out.stdout)["tenants"]
+        assert acme["stale_members"] == sorted([again, gone]), out.stdout
+        out = pyembed(*fix.split()[1:], env={"PYEMBED_OWNER_DSN": db.owner_dsn})
+        assert out.returncode == 0, out.stdout + out.stderr
+        with pyembed_api.connect(dsn) as client:
+            assert client.corpora() == []
+        owner.execute("DELETE FROM pyembed.tenant_members WHERE role_name = %s", (gone,))
+        code, lines, text = _doctor(db)
+        assert code == 0 and lines["tenants' members"] == (
+            "ok   tenants' members: each is the login role added"), text
+    finally:  # roles are the cluster's, not the test database's
+        owner.execute(sql.SQL("DROP OWNED BY {} CASCADE").format(sql.Identifier(again)))
+        owner.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(again)))

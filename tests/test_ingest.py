@@ -830,3 +830,26 @@ def test_a_write_of_a_document_held_open_elsewhere_waits_only_so_long(
                                        ).fetchone() == ("0",)
         assert client.conn.execute("SELECT content FROM pyembed.chunks WHERE document_id = 'd1'"
                                    ).fetchall() == [("the second text",)]
+
+
+def test_progress_lines_while_one_long_document_is_embedded(
+        tmp_path: Path, corpus: Corpus, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A single long file (a 50 MB text is about 100,000 chunks) printed no progress line until
+    it was written, however long its embedding took (found from outside: 5 minutes, nothing):
+    the lines counted written documents only. Now its chunks embedded so far are shown after
+    each request's group of them."""
+    from pyembed import client
+
+    monkeypatch.setattr(client, "EMBED_CHUNKS", 8)  # a group per 8 chunks, as per 1,024
+    long = " ".join(f"word{i}" for i in range(3000))
+    path = _write(tmp_path / "long.txt", long)
+    out = io.StringIO()
+    report = ingest(corpus, path, console=Console(file=out, force_terminal=False),
+                    progress_every=0)
+    lines = out.getvalue().splitlines()
+    assert report.chunks > 24, report
+    embedding = [line for line in lines if line.startswith("ingest: 0/1 documents")]
+    assert [line.split(" chunks;")[0].rsplit(" ", 1)[1] for line in embedding][:3] == [
+        "8", "16", "24"], lines
+    assert lines[-1].startswith("ingest: 1/1 documents") and (
+        f"{report.chunks} chunks;" in lines[-1]), lines

@@ -338,3 +338,57 @@ def test_an_install_takes_back_what_reads_past_the_tenant_policies(
                              ).fetchone() == (True,):
                 owner.execute(sql.SQL("REVOKE {} FROM {}").format(
                     sql.Identifier(granted), sql.Identifier(group)))
+
+
+def test_every_python_write_on_the_standby_is_read_only_replica_naming_the_primary(
+        db: Database, standby: LocalCluster, read_dsn: str) -> None:
+    """A client or a worker whose DSN is a standby's: each write is ReadOnlyReplica (PE011)
+    saying to write on the primary. Before, a Worker's batch raised psycopg's own
+    ReadOnlySqlTransaction with its SQL CONTEXT, and Corpus.add's refusal gave a query's advice
+    only (embed on the primary and search here)."""
+    from pyembed.worker import Worker
+
+    with pyembed.connect(db.app_dsn) as client:
+        client.create_corpus("docs", KEY).add(DOCS[:3])
+        client.conn.execute("SELECT pyembed.add_document('docs', 'queued', 'for a worker')")
+    wait_for(standby, db, "the corpus")
+    with pyembed.connect(read_dsn) as on_standby:
+        docs = on_standby.corpus("docs")
+        with pytest.raises(pyembed.ReadOnlyReplica, match="documents are added on the primary"):
+            docs.add([("new", "a document written on a standby")])
+        for write in (lambda: docs.delete(["d0"]),
+                      lambda: on_standby.create_corpus("other", KEY),
+                      lambda: on_standby.drop_corpus("docs")):
+            with pytest.raises(pyembed.ReadOnlyReplica, match="run it on the primary"):
+                write()
+    with Worker(read_dsn) as worker:
+        assert worker.pending() == 1  # reading the queue is no write
+        with pytest.raises(pyembed.ReadOnlyReplica, match="run it on the primary"):
+            worker.run_once()
+
+
+def test_doctor_on_the_standby_says_it_is_one_and_asks_no_worker_there(
+        db: Database, standby: LocalCluster, read_dsn: str) -> None:
+    """Before, doctor on a standby said nothing of it: "replicas' lag: no streaming replicas",
+    and with old queued work "worker alive: ... — fix: run `pyembed worker`", which cannot write
+    there. Now the server line names a standby, the worker check is skipped for the primary, and
+    the replicas' line says where its replicas are and how old its last replayed commit is."""
+    with pyembed.connect(db.app_dsn) as client:
+        client.create_corpus("docs", KEY)
+        client.conn.execute("SELECT pyembed.add_document('docs', 'queued', 'for a worker')")
+    wait_for(standby, db, "the queued document")
+    out = run_cli("doctor", "--json", env={"PYEMBED_DSN": read_dsn})
+    assert out.returncode == 0, out.stdout + out.stderr
+    checks = {c["name"]: c for c in json.loads(out.stdout)["checks"]}
+    assert checks["server reachable"]["detail"].endswith("(a standby: read-only, it serves "
+                                                         "searches)"), checks
+    worker = checks["worker alive"]
+    assert worker["status"] == "skip" and worker["detail"].startswith(
+        "a standby (1 queued on its primary"), worker
+    lag = checks["replicas' lag"]
+    assert lag["status"] == "ok" and lag["detail"].startswith(
+        "this server is a standby: its replicas are its primary's"), lag
+    out = run_cli("doctor", "--json", env={"PYEMBED_DSN": db.app_dsn})
+    checks = {c["name"]: c for c in json.loads(out.stdout)["checks"]}
+    assert "standby" not in checks["server reachable"]["detail"]
+    assert checks["worker alive"]["status"] == "ok", checks
