@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import psycopg
 import typer
@@ -282,21 +282,32 @@ def check_indexes(conn: Conn) -> Check:
                  "scan every vector", missing[0].note)
 
 
-def check_vector_legs(conn: Conn, owner_dsn: str | None = None) -> Check:
-    """Each corpus's own vector leg for each of its keys (sql/025-nearest.sql): present and as
-    made. Only the owner may read them: as the owner (PYEMBED_OWNER_DSN, or the local cluster's
-    owner) when that DSN is known."""
-    name = "corpora's vector legs"
+T = TypeVar("T")
+
+
+def _as_owner(name: str, owner_dsn: str | None, read: Callable[[Conn], T]) -> T | Check:
+    """What `read` finds on a connection as the owner (`owner_dsn`), or check `name`'s skip
+    where there is none: the owner-only checks' one way in."""
     if not owner_dsn:
         return Check(name, "skip", "only the owner may read them",
                      "set PYEMBED_OWNER_DSN (the owner may read them)")
     try:
         with psycopg.connect(owner_dsn, autocommit=True, connect_timeout=5) as owner:
-            found = owner.execute(
-                "SELECT corpus, model_key, problem FROM pyembed._nearest_functions_problems()"
-            ).fetchall()
+            return read(owner)
     except psycopg.OperationalError as exc:
         return Check(name, "skip", f"the owner cannot log in from here ({_first(exc)})")
+
+
+def check_vector_legs(conn: Conn, owner_dsn: str | None = None) -> Check:
+    """Each corpus's own vector leg for each of its keys (sql/025-nearest.sql): present and as
+    made. Only the owner may read them: as the owner (PYEMBED_OWNER_DSN, or the local cluster's
+    owner) when that DSN is known."""
+    name = "corpora's vector legs"
+    found = _as_owner(name, owner_dsn, lambda owner: owner.execute(
+        "SELECT corpus, model_key, problem FROM pyembed._nearest_functions_problems()"
+    ).fetchall())
+    if isinstance(found, Check):
+        return found
     if not found:
         return Check(name, "ok", "each corpus's key has its own, as made")
     return Check(name, "warn", ", ".join(f"{c} ({k}): {p}" for c, k, p in found)
@@ -309,14 +320,9 @@ def check_tenant_members(conn: Conn, owner_dsn: str | None = None) -> Check:
     may read them: as the owner (PYEMBED_OWNER_DSN, or the local cluster's owner) when that DSN
     is known."""
     name = "tenants' members"
-    if not owner_dsn:
-        return Check(name, "skip", "only the owner may read them",
-                     "set PYEMBED_OWNER_DSN (the owner may read them)")
-    try:
-        with psycopg.connect(owner_dsn, autocommit=True, connect_timeout=5) as owner:
-            stale = tenants.stale_members(owner)
-    except psycopg.OperationalError as exc:
-        return Check(name, "skip", f"the owner cannot log in from here ({_first(exc)})")
+    stale = _as_owner(name, owner_dsn, tenants.stale_members)
+    if isinstance(stale, Check):
+        return stale
     if not stale:
         return Check(name, "ok", "each is the login role added")
     again = [m for m in stale if not m.dropped]
