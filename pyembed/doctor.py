@@ -332,7 +332,7 @@ def check_tenant_members(conn: Conn, owner_dsn: str | None = None) -> Check:
         parts.append(", ".join(f"{m.tenant}'s {m.role}" for m in again)
                      + " another role than the one added (made again under its name, or the "
                      "database restored into another cluster, whose roles have new OIDs): its "
-                     "login acts for no tenant, with the corpora of none")
+                     "login is refused (PE014)")
     if dropped:
         parts.append(", ".join(f"{m.tenant}'s {m.role}" for m in dropped) + " no longer a role")
     fix = "as the owner, add each again: " + "; ".join(

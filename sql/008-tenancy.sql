@@ -53,7 +53,10 @@ $$;
 -- superuser or an operator's login (pyembed._session_acts_for_tenants),
 -- else the tenant its login role is a member of: the role itself, by name and OID (the OID from
 -- the backend's cache of roles, no catalog in the statement), so that a member role dropped and
--- a role created again under its name is no member. A SQL function the planner inlines into the
+-- a role created again under its name is no member: -1, a tenant of nothing, which
+-- pyembed.current_tenant refuses (the login is the tenant's by name, and must not see the corpora
+-- of no tenant, as a restore into another cluster, whose roles have new OIDs, made every member
+-- do). A SQL function the planner inlines into the
 -- statements that read it (no function call: pyembed.lookup_corpus's is part of every search's
 -- cost), so without a pinned search_path (090-search-path.sql) and executable by no other role.
 -- CASE evaluates its branches only when reached: nearly every session reads tenant_members.
@@ -63,9 +66,10 @@ AS $$
   SELECT CASE WHEN coalesce(current_setting('pyembed.act_as_tenant', true), '') <> ''
                AND pyembed._session_acts_for_tenants()
               THEN pyembed._acting_tenant()
-              ELSE (SELECT m.tenant_id FROM pyembed.tenant_members m
-                     WHERE m.role_name = session_user
-                       AND m.role_oid = pg_catalog.to_regrole(pg_catalog.quote_ident(session_user)))
+              ELSE (SELECT CASE WHEN m.role_oid
+                                     = pg_catalog.to_regrole(pg_catalog.quote_ident(session_user))
+                                THEN m.tenant_id ELSE -1 END
+                      FROM pyembed.tenant_members m WHERE m.role_name = session_user)
           END
 $$;
 
@@ -76,8 +80,37 @@ CREATE OR REPLACE FUNCTION pyembed.current_tenant() RETURNS integer
 LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+  t integer := (SELECT s.tenant_id FROM pyembed._session_tenant() s);
 BEGIN
-  RETURN (SELECT s.tenant_id FROM pyembed._session_tenant() s);
+  IF t = -1 THEN
+    PERFORM pyembed._stale_member();
+  END IF;
+  RETURN t;
+END
+$$;
+
+-- PE014 for a login whose name is a tenant's member but which is another role than the one
+-- added (pyembed._session_tenant's -1): from every statement that reads the session's tenant.
+-- Nothing for any other session.
+CREATE OR REPLACE FUNCTION pyembed._stale_member() RETURNS void
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  tenant text;
+BEGIN
+  SELECT t.name INTO tenant FROM pyembed.tenant_members m JOIN pyembed.tenants t USING (tenant_id)
+   WHERE m.role_name = session_user
+     AND m.role_oid IS DISTINCT FROM pg_catalog.to_regrole(pg_catalog.quote_ident(session_user));
+  IF FOUND THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE014',
+      MESSAGE = format('login %s is not the role added to tenant %s: a role made again under its '
+                       'name, or restored into another cluster (where roles get new OIDs), is '
+                       'refused until it is added again', pyembed._quoted(session_user),
+                       pyembed._quoted(tenant)),
+      HINT = format('as the owner: pyembed tenant add-member %s %s', tenant, session_user);
+  END IF;
 END
 $$;
 
@@ -146,6 +179,7 @@ DECLARE
 BEGIN
   SELECT * INTO c FROM pyembed._corpus_named(corpus);
   IF NOT FOUND THEN
+    PERFORM pyembed.current_tenant();  -- (a stale member's PE014, not "unknown corpus")
     IF corpus IS NULL THEN
       -- PE005 naming the function the caller called (the outermost of pyembed's in the call
       -- stack), as every NULL argument is; looked up only here, off the path of a found corpus.

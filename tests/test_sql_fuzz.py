@@ -544,6 +544,7 @@ OWNER_CALLS = {
     # docs (the application role's, its migration to TO serving 10%), calm (no migration), and
     # two without documents: begun (its migration started) and full (serving 100% from TO).
     "_acting_tenant": [],
+    "_stale_member": [],
     "_add_document": ["'docs'", "'d9'", "'a text'", "'{}'"],
     "_code_digest": [],
     "_version": [],

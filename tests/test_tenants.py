@@ -453,11 +453,12 @@ def test_a_refused_reservation_stops_a_search_whose_query_was_embedded_beside_it
         owner.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
 
 
-def test_a_role_made_again_under_a_dropped_members_name_is_no_member(
+def test_a_role_made_again_under_a_dropped_members_name_is_refused(
         db: Database, owner: psycopg.Connection[Any]) -> None:
     """Membership belongs to the role, not to its name: a member role that is dropped leaves
-    the tenant, and a role created later under the same name (by anyone who may create roles)
-    acts for no tenant until it is added itself."""
+    the tenant, and a role created later under the same name (by anyone who may create roles,
+    or a restore into another cluster) is refused, naming the tenant, until it is added itself:
+    it neither acts for the tenant nor sees the corpora of no tenant."""
     role = f"gone_{uuid.uuid4().hex[:6]}"
     tenants.create_tenant(owner, "acme")
     tenants.add_member(owner, "acme", role, create_login="pw")
@@ -468,9 +469,13 @@ def test_a_role_made_again_under_a_dropped_members_name_is_no_member(
     owner.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'pw' IN ROLE pyembed_app").format(
         sql.Identifier(role)))
     try:
-        with psycopg.connect(dsn) as newcomer:
-            assert newcomer.execute("SELECT pyembed.current_tenant()").fetchone() == (None,)
-            assert newcomer.execute("SELECT pyembed.visible_corpora()").fetchone() == ([],)
+        for statement in ("SELECT pyembed.current_tenant()", "SELECT pyembed.visible_corpora()",
+                          "SELECT count(*) FROM pyembed.corpora",
+                          "SELECT * FROM pyembed.search_keyword('docs', 'words')"):
+            with psycopg.connect(dsn) as newcomer, pytest.raises(psycopg.Error) as refused:
+                newcomer.execute(statement)
+            assert refused.value.sqlstate == "PE014", statement
+            assert "tenant 'acme'" in str(refused.value), statement
         tenants.add_member(owner, "acme", role)  # on purpose: now it is one
         with psycopg.connect(dsn) as member:
             assert member.execute("SELECT pyembed.current_tenant()").fetchone() != (None,)
