@@ -245,6 +245,7 @@ NOT_COUNTS = {
     ("register_model", "price_per_mtok"): "a price, not a count (models_price_in_range)",
     ("claim_jobs", "max_attempts"): "compared with a job's attempts as given: any count is taken",
     ("expire_jobs", "max_attempts"): "as claim_jobs's",
+    ("queue_by_tenant", "max_attempts"): "as claim_jobs's",
     **{("_hybrid_ranking", p): "search_hybrid's, walked there (the checks are this helper's)"
        for p in ("k", "candidates", "rrf_k")},
 }

@@ -106,7 +106,7 @@ def test_low_recall_alerts_in_status_and_is_exported(
     from prometheus_client import generate_latest
 
     text = generate_latest(registry(db.app_dsn)).decode()
-    assert f'pyembed_recall_at_10{{corpus="docs",model_key="{KEY}"}} 0.8' in text
+    assert f'pyembed_recall_at_10{{corpus="docs",model_key="{KEY}",tenant="-"}} 0.8' in text
 
 
 def test_the_application_role_reads_recall_only_through_its_functions(
