@@ -10,14 +10,16 @@ the variants taking turns, `--runs` times each. In each process, over the SciFac
 in a loop of embeddings alone, after 50 ms asleep (nothing else of this process running), and
 between searches as a user calls them (hybrid and keyword, the embedding from the cache, as
 bench_scifact.py's round robin runs them), then a new hybrid and a new vector query (a client
-without a cache). Printed per variant: medians over the runs of each p50, of the CPU time of
-the process per call, and the means of its minor page faults and context switches per call
-(getrusage). Variants (what a process changes before the model loads): base (the code as it
-is), one-thread (PYEMBED_LOCAL_THREADS=1: a query on one thread), spinning (the query session's
-threads spin between operations), spin-stop (they spin during a run and stop when it returns:
-session.force_spinning_stop), dynamic-block (an operator's work cut in shrinking blocks that
-either thread takes: session.dynamic_block_base 4), no-mmap (no mallopt: glibc's own mmap
-threshold).
+without a cache), and a new hybrid query made the other way round ("one call": the embedding
+alone first, then the reservation, both legs, the fusion and the record in one round trip, as
+pyembed/query.py's statements run them). Printed per variant: medians over the runs of each
+p50, of the CPU time of the process per call, and the means of its minor page faults and
+context switches per call (getrusage). Variants (what a process changes before the model
+loads): base (the code as it is), one-thread (PYEMBED_LOCAL_THREADS=1: a query on one thread),
+spinning (the query session's threads spin between operations), spin-stop (they spin during a
+run and stop when it returns: session.force_spinning_stop), dynamic-block (an operator's work
+cut in shrinking blocks that either thread takes: session.dynamic_block_base 4), no-mmap (no
+mallopt: glibc's own mmap threshold).
 """
 
 from __future__ import annotations
@@ -105,8 +107,12 @@ class Meter:
 
 def one_process(variant: str, queries: int) -> dict[str, dict[str, float]]:
     apply_variant(variant)
+    from pgvector import Vector
+
     import pyembed
     from pyembed.embedder import Embedder
+    from pyembed.query import SEARCH_EMBEDDED, _pipelined
+    from pyembed.text import estimate_tokens
     from tests.benchmarks.bench_local_model import load_queries
     from tests.benchmarks.scifact_data import CORPORA, DATA, persistent_database
 
@@ -117,14 +123,29 @@ def one_process(variant: str, queries: int) -> dict[str, dict[str, float]]:
     ordered = [texts[i] for i in ids][:queries]
     embedder = Embedder(pyembed.LOCAL_DEFAULT)
     meters = {name: Meter() for name in ("loop", "idle 50 ms", "between", "new hybrid",
-                                          "new vector")}
+                                          "new vector", "one call")}
     with pyembed.connect(app_dsn) as user, pyembed.connect(app_dsn, use_cache=False) as new:
         user.log_queries = False
         corpus, new_corpus = user.corpus(CORPORA["cli"]), new.corpus(CORPORA["cli"])
+        info = new_corpus.info
+        opts = json.dumps({"group_by": "document", "fusion": None, "alpha": None,
+                           "quick_commit": True})
+
+        def one_call(text: str) -> None:
+            """A new hybrid query the other way round: the embedding alone first, then the
+            reservation, both legs, the fusion and the record in one round trip."""
+            vector = embedder.embed_query(text)
+            _pipelined(new._conn, [
+                ("SELECT pyembed.reserve_usage($1::text, $2::integer, 1, $3::integer)",
+                 [info.model_key, info.corpus_id, estimate_tokens(text)]),
+                (SEARCH_EMBEDDED, [info.name, text, Vector(vector), info.model_key, None, "query",
+                                   None, 10, None, "hybrid", opts, 1.0, True, None, None, None,
+                                   None, None, None])])
         for text in ordered[:20]:  # warm: the model, the cache's entries, the backends
             embedder.embed_query(text)
             corpus.search(text, 10, mode="hybrid")
             new_corpus.search(text, 10, mode="hybrid")
+            one_call(text)
         for text in ordered:
             with meters["loop"]:
                 embedder.embed_query(text)
@@ -141,6 +162,8 @@ def one_process(variant: str, queries: int) -> dict[str, dict[str, float]]:
                 new_corpus.search(text, 10, mode="hybrid")
             with meters["new vector"]:
                 new_corpus.search(text, 10, mode="vector")
+            with meters["one call"]:
+                one_call(text)
     return {name: m.summary() for name, m in meters.items()}
 
 
