@@ -28,7 +28,18 @@ from rich.segment import Segment
 from rich.table import Table
 from rich.text import Text
 
-from . import cache, evaluation, health, index, migration, models, recall, schema, tenants
+from . import (
+    cache,
+    evaluation,
+    health,
+    index,
+    migration,
+    models,
+    provider_secrets,
+    recall,
+    schema,
+    tenants,
+)
 from .client import Client
 from .client import connect as connect_client
 from .config import DSN_ENV, WORKER_DSN_ENV
@@ -54,6 +65,8 @@ eval_app = typer.Typer(no_args_is_help=True, help="Evaluation queries used to va
 cache_app = typer.Typer(no_args_is_help=True, help="The embedding cache in PostgreSQL.")
 metrics_app = typer.Typer(no_args_is_help=True, help="Prometheus metrics.")
 tenant_app = typer.Typer(no_args_is_help=True, help="Tenants: isolated corpora, limits, members.")
+secret_app = typer.Typer(no_args_is_help=True,
+                         help="Provider keys and base URLs for the in-database functions.")
 replica_app = typer.Typer(no_args_is_help=True, help=(
     "Streaming replicas of the local cluster on loopback, to serve searches "
     "(PYEMBED_READ_DSN): made with PostgreSQL's pg_basebackup -R."))
@@ -65,6 +78,7 @@ app.add_typer(eval_app, name="eval")
 app.add_typer(cache_app, name="cache")
 app.add_typer(metrics_app, name="metrics")
 app.add_typer(tenant_app, name="tenant")
+app.add_typer(secret_app, name="secret")
 _PICTURES = {**{c: 0x2400 + c for c in range(0x20) if c not in (0x09, 0x0A)}, 0x7F: 0x2421,
              **{c: 0xFFFD for c in range(0x80, 0xA0)}}
 """Control characters as one visible character each (Unicode's control pictures, ␛ for ESC; C1
@@ -1363,6 +1377,36 @@ def tenant_add_member(
     with _connect(dsn, owner=True) as conn:
         tenants.add_member(conn, tenant, role, create_login=password)
     console.print(f"{role} now acts for tenant {tenant}")
+
+
+# -- pyembed secret ------------------------------------------------------------------------
+
+@secret_app.command("set")
+def secret_set(name: str, dsn: OwnerDsnOption = None) -> None:
+    """Store a provider's API key or base URL for the in-database functions (as the owner).
+
+    The value is read from a prompt that does not echo it, or from standard input's first line
+    when that is not a terminal: never from the command line (ps, shell history); it is sent so
+    that no server log holds it.
+
+    Example: pyembed secret set VOYAGE_API_KEY     (or: printf %s "$KEY" | pyembed secret set ...)
+    """
+    import getpass
+
+    with _connect(dsn, owner=True) as conn:  # (an unreachable database before the prompt)
+        if sys.stdin is not None and sys.stdin.isatty():
+            value = getpass.getpass(f"{name}: ")
+        else:
+            value = (sys.stdin.readline() if sys.stdin is not None else "").rstrip("\r\n")
+        if not value:
+            raise InvalidInput(f"no value for {name} on standard input: nothing stored")
+        unset = provider_secrets.set_secret(conn, name, value)
+    console.print(f"{name} stored (readable by the owner's functions only)")
+    if unset:
+        err_console.print(Text.assemble(
+            ("warning:", "yellow"), f" this login may not set {', '.join(unset)}: the server's "
+            "own settings decide whether the statement is logged (its value is a bind "
+            "parameter, never in its text)"), highlight=False)
 
 
 # -- entry point ---------------------------------------------------------------------------

@@ -3,7 +3,10 @@ login made with a password (`tenant add-member --password`, the local cluster's 
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -109,3 +112,40 @@ def test_every_role_password_pyembed_sets_is_a_verifier() -> None:
     assert found == []
     users = {p.name for p in REPO.glob("pyembed/**/*.py") if "password_clause(" in p.read_text()}
     assert users == {"passwords.py", "tenants.py", "localdb.py"}
+
+
+def _cli(args: list[str], stdin: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("PYEMBED_")} | env
+    return subprocess.run([sys.executable, "-m", "pyembed", *args], input=stdin, text=True,
+                          capture_output=True, env=full, cwd=REPO, timeout=120)
+
+
+def test_secret_set_takes_the_value_from_stdin_and_no_log_holds_it(
+        cluster: LocalCluster, db: Database, owner: psycopg.Connection[Any]) -> None:
+    """`pyembed secret set NAME` reads the value from standard input (a prompt that does not
+    echo on a terminal), never from argv, and stores it with every statement of the database
+    logged: the log has the session's statements but not the value, stored or refused. Before:
+    no such command; a key typed into SQL under log_statement = 'all' was in the log."""
+    name, refused_name = f"TEST_{uuid.uuid4().hex[:8].upper()}", "not a name"
+    secret, other = _secret(), _secret()
+    env = {"PYEMBED_OWNER_DSN": db.owner_dsn}
+    database = sql.Identifier(owner.info.dbname)
+    owner.execute(sql.SQL("ALTER DATABASE {} SET log_statement = 'all'").format(database))
+    try:
+        stored = _cli(["secret", "set", name], secret + "\n", env)
+        refused = _cli(["secret", "set", refused_name], other + "\n", env)
+        empty = _cli(["secret", "set", name], "", env)
+    finally:
+        owner.execute(sql.SQL("ALTER DATABASE {} RESET log_statement").format(database))
+    assert stored.returncode == 0 and f"{name} stored" in stored.stdout, stored.stderr
+    assert owner.execute("SELECT value FROM pyembed.secrets WHERE name = %s",
+                         (name,)).fetchone() == (secret,)
+    owner.execute("DELETE FROM pyembed.secrets WHERE name = %s", (name,))
+    for failed in (refused, empty):
+        assert failed.returncode == 1 and failed.stdout == "", failed
+        assert len(failed.stderr.strip().splitlines()) == 1, failed.stderr
+    assert "nothing stored" in empty.stderr
+    log = _log(cluster)
+    assert "has_parameter_privilege" in log  # (the command's session was logged)
+    assert secret not in log and other not in log
+    assert other not in refused.stderr
