@@ -227,8 +227,7 @@ def check_api_keys(conn: Conn) -> Check:
     return Check(name, "warn", f"{', '.join(missing)} not set (needed by "
                  f"{', '.join(p for p, v in needed.items() if v in missing)} corpora)",
                  f"export {missing[0]}=... for client-side embedding (and "
-                 f"SELECT pyembed.set_secret('{missing[0]}', '...') as the owner for "
-                 "in-database embedding)")
+                 f"`pyembed secret set {missing[0]}` as the owner for in-database embedding)")
 
 
 def check_worker(conn: Conn) -> Check:

@@ -75,7 +75,8 @@ def _service_settings(plpy: Any, db: PlpyExecutor, spec: Any
     api_key = _secret(db, spec.api_key_env) if spec.api_key_env else None
     if spec.api_key_env and not api_key:
         raise MissingAPIKey(f"{spec.api_key_env} is not set for the database: as the owner, run "
-                            f"SELECT pyembed.set_secret('{spec.api_key_env}', '...')")
+                            f"`pyembed secret set {spec.api_key_env}` (or SELECT "
+                            f"pyembed.set_secret('{spec.api_key_env}', '...'))")
     # A proxy or gateway for the provider: owner-only like the key (a session setting would
     # let any role send the owner's key elsewhere).
     base_url = _secret(db, f"PYEMBED_{spec.provider.upper()}_BASE_URL")
