@@ -260,7 +260,7 @@ CLI_OTHERS = {
     ("corpus", "create"): "writes", ("corpus", "index"): "builds an index",
     ("corpus", "reindex"): "builds an index", ("corpus", "drop"): "writes",
     ("corpus", "delete-documents"): "writes", ("eval", "remove"): "writes",
-    ("tenant", "create"): "writes", ("tenant", "add-member"): "writes",
+    ("tenant", "create"): "writes", ("tenant", "add-member"): "writes", ("secret", "set"): "writes",
     **{("migrate", step): "a migration's step writes" for step in (
         "start", "backfill", "validate", "shift", "complete", "rollback", "cleanup")},
     **{("db", *sub): "the local cluster's files and processes, not a database session" for sub in (
