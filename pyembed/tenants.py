@@ -139,7 +139,8 @@ class TenantRow:
     members: list[str]
     created_at: datetime.datetime
     stale_members: list[str]
-    """Members whose role is not the one added (stale_members): they act for no tenant."""
+    """Members whose role is not the one added (stale_members): the database refuses their logins
+    (PE014)."""
 
 
 def list_tenants(conn: psycopg.Connection[Any]) -> list[TenantRow]:
@@ -170,8 +171,8 @@ class StaleMember:
 def stale_members(conn: psycopg.Connection[Any]) -> list[StaleMember]:
     """The tenants' members whose role is not the one added (owner only, as the tenants are).
     Membership is the role's own, by OID: a role of the name made again, by hand or by restoring
-    a dump into another cluster (whose roles are made anew, with new OIDs), acts for no tenant,
-    seeing the corpora of none, until `add_member` adds it again."""
+    a dump into another cluster (whose roles are made anew, with new OIDs), is refused (PE014,
+    pyembed._stale_member) until `add_member` adds it again."""
     with translated():
         rows = conn.execute(
             "SELECT t.name, m.role_name::text, r.oid IS NULL "
