@@ -5,7 +5,6 @@ tenant only, and no application login gains that reach."""
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -25,7 +24,7 @@ from pyembed.metrics import registry
 from pyembed.worker import Worker
 from tests.conftest import Database
 from tests.helpers import login_role, run_cli
-from tests.test_worker import RecordingProvider, fake_embedder, wait_for
+from tests.test_worker import RecordingProvider, fake_embedder, held_beside
 
 KEY = "fake/fake-hash@1:384"
 
@@ -272,19 +271,6 @@ def test_the_operators_lease_on_a_tenants_batch_is_renewed_acting_for_that_tenan
                     embedder_for=fake_embedder(providers, lambda p, batch: time.sleep(2.0)))
     others: list[RecordingProvider] = []
     other = Worker(acme, lease_seconds=0.6, recall_every=0, embedder_for=fake_embedder(others))
-    result: dict[str, Any] = {}
-    thread = threading.Thread(target=lambda: result.update(stats=worker.run_once()))
-    thread.start()
-    try:
-        wait_for(lambda: bool(providers) and providers[0].calls == 1, 10, "the slow call")
-        tries = []
-        while thread.is_alive():
-            tries.append(other.run_once().batches)
-            time.sleep(0.1)
-        assert len(tries) > 5 and not any(tries), "the tenant's worker took a batch in flight"
-    finally:
-        thread.join(timeout=10)
-        other.close()
-        worker.close()
-    assert result["stats"].embedded == 3 and not others
+    stats = held_beside(worker, other, providers, "the tenant's worker")
+    assert stats.embedded == 3 and not others
     assert vectors(acme, "docs") == 3

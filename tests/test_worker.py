@@ -108,6 +108,28 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str,
         time.sleep(interval)
 
 
+def held_beside(worker: Worker, other: Worker, providers: list[RecordingProvider],
+                who: str) -> WorkerStats:
+    """`worker.run_once()` on a thread of its own, whose batch's slow provider call (in
+    `providers`) lasts several leases, while `other` (`who`) tries to claim every 0.1 s: it
+    takes no batch in flight. Both workers are closed; returns `worker`'s stats."""
+    result: dict[str, WorkerStats] = {}
+    thread = threading.Thread(target=lambda: result.update(stats=worker.run_once()))
+    thread.start()
+    try:
+        wait_for(lambda: bool(providers) and providers[0].calls == 1, 10, "the slow call")
+        tries = []
+        while thread.is_alive():
+            tries.append(other.run_once().batches)
+            time.sleep(0.1)
+        assert len(tries) > 5 and not any(tries), f"{who} took a batch in flight"
+    finally:
+        thread.join(timeout=10)
+        other.close()
+        worker.close()
+    return result["stats"]
+
+
 class RecordingProvider(FakeProvider):
     """The fake model; `hook(self, texts)` runs inside each call, before the vectors return."""
 

@@ -44,6 +44,7 @@ from tests.test_worker import (
     count,
     fake_embedder,
     fresh_vectors,
+    held_beside,
     make_corpus,
     one,
     texts_for,
@@ -176,21 +177,7 @@ def test_a_lease_is_renewed_while_its_batch_is_in_flight_and_only_then(
     worker = Worker(db.app_dsn, lease_seconds=0.6, embedder_for=fake_embedder(providers, slow))
     other_providers: list[RecordingProvider] = []
     other = Worker(db.app_dsn, lease_seconds=0.6, embedder_for=fake_embedder(other_providers))
-    result: dict[str, Any] = {}
-    thread = threading.Thread(target=lambda: result.update(stats=worker.run_once()))
-    thread.start()
-    try:
-        wait_for(lambda: bool(providers) and providers[0].calls == 1, 10, "the slow call")
-        tries = []
-        while thread.is_alive():
-            tries.append(other.run_once().batches)
-            time.sleep(0.1)
-        assert len(tries) > 5 and not any(tries), "another worker took a batch in flight"
-    finally:
-        thread.join(timeout=10)
-        other.close()
-        worker.close()
-    stats: WorkerStats = result["stats"]
+    stats = held_beside(worker, other, providers, "another worker")
     assert stats.embedded == 5 and not other_providers
     assert count(app, "queue") == 0
 
