@@ -57,7 +57,7 @@ def _maxalign(n: int) -> int:
 def _hnsw_index_bytes(vectors: int, dims: int, index_type: str, m: int = HNSW_M) -> int:
     """Bytes of an HNSW index of `vectors`, from the pages pgvector's build fills: its metapage,
     and each vector's element tuple (header and value) beside its neighbour tuple (2m slots on
-    layer 0, m on each upper layer, m/(m-1) of them on average) on one 8 kB page while both fit,
+    layer 0, m on each upper layer, m/(m-1) of them on average) on one page of PAGE bytes while both fit,
     so that a page holds whole pairs and the rest of it stays empty; a pair that fits no page
     takes two. `index_type`: vector (float32), halfvec (float16) or bit (the sign bits)."""
     value = {"vector": 4 * dims + 8, "halfvec": 2 * dims + 8, "bit": (dims + 7) // 8 + 8}[
