@@ -476,6 +476,14 @@ def test_a_role_made_again_under_a_dropped_members_name_is_refused(
                 newcomer.execute(statement)
             assert refused.value.sqlstate == "PE014", statement
             assert "tenant 'acme'" in str(refused.value), statement
+        # every entry point says so in pyembed's words: Python, the worker, the CLI
+        with pyembed.connect(dsn) as client, pytest.raises(pyembed.NotAllowed, match="'acme'"):
+            client.corpora()
+        with Worker(dsn, recall_every=0) as worker, pytest.raises(pyembed.NotAllowed,
+                                                                  match="'acme'"):
+            worker.run_once()
+        out = run_cli("search", "docs", "words", env={"PYEMBED_DSN": dsn})
+        assert out.returncode == 1 and "'acme'" in out.stderr and "Traceback" not in out.stderr
         tenants.add_member(owner, "acme", role)  # on purpose: now it is one
         with psycopg.connect(dsn) as member:
             assert member.execute("SELECT pyembed.current_tenant()").fetchone() != (None,)
