@@ -51,6 +51,7 @@ from .errors import DatabaseNotReady, InvalidInput, MigrationError, PyembedError
 from .localdb import LocalCluster
 from .models import BUILTIN, LOCAL_DEFAULT
 from .recall import RECALL_ALERT
+from .secret_input import read_secret
 from .text import read_json
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
@@ -1369,13 +1370,28 @@ def tenant_list(dsn: OwnerDsnOption = None, as_json: JsonOption = False) -> None
 @tenant_app.command("add-member")
 def tenant_add_member(
     tenant: str, role: str,
-    password: Annotated[str | None, typer.Option(help="create ROLE as a login in pyembed_app")]
-    = None,
+    login: Annotated[bool, typer.Option(
+        "--login", help="create ROLE as a login in pyembed_app, its password read from a prompt "
+                        "that does not echo it, or from standard input")] = False,
+    password: Annotated[str | None, typer.Option(
+        hidden=True, help="refused: a password on the command line is seen by ps and kept in "
+                          "shell history (use --login)")] = None,
     dsn: OwnerDsnOption = None,
 ) -> None:
-    """Let a login role act for a tenant.  Example: pyembed tenant add-member acme acme_app"""
-    with _connect(dsn, owner=True) as conn:
-        tenants.add_member(conn, tenant, role, create_login=password)
+    """Let a login role act for a tenant.
+
+    Example: pyembed tenant add-member acme acme_app     (or, making the login: pyembed tenant
+    add-member acme acme_app --login, then type its password; or printf %s "$PW" | pyembed
+    tenant add-member acme acme_app --login)
+    """
+    if password is not None:
+        raise InvalidInput("--password takes no value on the command line any more (ps shows "
+                           "it to every user of the machine, and the shell's history keeps it): "
+                           "use --login, which reads the password from a prompt that does not "
+                           "echo it, or from standard input; nothing was made")
+    with _connect(dsn, owner=True) as conn:  # (an unreachable database before the prompt)
+        secret = read_secret(f"{role}'s password") if login else None
+        tenants.add_member(conn, tenant, role, create_login=secret)
     console.print(f"{role} now acts for tenant {tenant}")
 
 
@@ -1391,16 +1407,8 @@ def secret_set(name: str, dsn: OwnerDsnOption = None) -> None:
 
     Example: pyembed secret set VOYAGE_API_KEY     (or: printf %s "$KEY" | pyembed secret set ...)
     """
-    import getpass
-
     with _connect(dsn, owner=True) as conn:  # (an unreachable database before the prompt)
-        if sys.stdin is not None and sys.stdin.isatty():
-            value = getpass.getpass(f"{name}: ")
-        else:
-            value = (sys.stdin.readline() if sys.stdin is not None else "").rstrip("\r\n")
-        if not value:
-            raise InvalidInput(f"no value for {name} on standard input: nothing stored")
-        unset = provider_secrets.set_secret(conn, name, value)
+        unset = provider_secrets.set_secret(conn, name, read_secret(name))
     console.print(f"{name} stored (readable by the owner's functions only)")
     if unset:
         err_console.print(Text.assemble(

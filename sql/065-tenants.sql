@@ -228,7 +228,7 @@ BEGIN
   IF NEW.role_oid IS NULL THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
       MESSAGE = format('no role %s: create the login first (pyembed tenant add-member TENANT ROLE '
-                       '--password ...)', pyembed._quoted(NEW.role_name));
+                       '--login)', pyembed._quoted(NEW.role_name));
   END IF;
   IF NOT can_login THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',

@@ -161,7 +161,8 @@ def waits_for_lock(watcher: Any, pid: int, thread: threading.Thread, tries: int 
     raise AssertionError(f"session {pid} neither waited nor finished")
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(*args: str, env: dict[str, str] | None = None,
+            stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     """`pyembed *args` run in this process, as tests.test_cli.pyembed runs it in a new one (the
     same entry point, pyembed.cli.main, with no PYEMBED_ variable but those of `env`), for
     tests that check what a command does and prints rather than how a process starts: each new
@@ -170,7 +171,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 
     full: dict[str, str | None] = {k: None for k in os.environ if k.startswith("PYEMBED_")}
     full.update(env or {})
-    with click.testing.CliRunner().isolation(env=full) as (out, err, _):
+    with click.testing.CliRunner().isolation(input=stdin, env=full) as (out, err, _):
         # Made anew, as at a process's start: its consoles read COLUMNS when they are made.
         importlib.reload(cli)
         try:

@@ -259,7 +259,7 @@ def test_the_stacks_worker_logs_in_as_a_member_of_pyembed_worker(tmp_path: Path)
     application login, which every app session uses, does not. Before, the worker ran as the
     application login and counted nothing."""
     roles = {m.group(1): {r.strip() for r in (m.group(2) or "").split(",")}
-             for m in re.finditer(r"CREATE ROLE (\w+) LOGIN PASSWORD '[^']*'(?: IN ROLE ([\w, ]+))?;",
+             for m in re.finditer(r"CREATE ROLE (\w+) LOGIN(?: IN ROLE ([\w, ]+))?;",
                                   (DOCKER / "initdb.sql").read_text())}
     example = dict(line.split("=", 1) for line in (DOCKER / "env.example").read_text().splitlines()
                    if line and not line.startswith("#"))
@@ -271,7 +271,7 @@ def test_the_stacks_worker_logs_in_as_a_member_of_pyembed_worker(tmp_path: Path)
     # The one worker and exporter act for every tenant (revision 0037); no app session may.
     assert "pyembed_operator" in roles[worker.group(1)]
     assert "pyembed_operator" not in roles[app.group(1)]
-    assert f"ALTER ROLE {worker.group(1)} PASSWORD" in (DOCKER / "initdb-docker.sh").read_text()
+    assert f"-m pyembed.passwords {worker.group(1)}" in (DOCKER / "initdb-docker.sh").read_text()
     assert "PYEMBED_WORKER_PASSWORD" in example
     secret = tmp_path / "worker_dsn"
     secret.write_text("postgresql://w:s3cret@db/pyembed\n")
@@ -281,20 +281,23 @@ def test_the_stacks_worker_logs_in_as_a_member_of_pyembed_worker(tmp_path: Path)
 
 
 def test_the_first_start_stops_without_the_logins_passwords(tmp_path: Path) -> None:
-    """initdb.sql creates the application and worker logins with a placeholder password, which
-    initdb-docker.sh replaces from the env file; an env file without PYEMBED_APP_PASSWORD or
-    PYEMBED_WORKER_PASSWORD kept the placeholder, known to anyone reading this repository, on
-    the published port. Now the first start stops in one line naming the variable, before any
-    psql (a `psql` here that records its calls stays uncalled); with both set, each login's
-    password is set."""
+    """initdb.sql creates the application and worker logins without a password (it had a
+    placeholder, known to anyone reading this repository, which an env file without
+    PYEMBED_APP_PASSWORD or PYEMBED_WORKER_PASSWORD kept on the published port), and
+    initdb-docker.sh sets each from the env file. The first start stops in one line naming a
+    missing variable, before anything runs (a `psql` and a `python` here that record their calls
+    stay uncalled); with both set, each login's password is set through pyembed.passwords, the
+    password on its standard input (test_secrets_in_logs runs the script against a server)."""
     calls = tmp_path / "calls"
     fake = tmp_path / "bin"
     fake.mkdir()
-    (fake / "psql").write_text(f'#!/bin/sh\necho "$*" >> {calls}\ncat >> {calls}\n')
-    (fake / "psql").chmod(0o755)
-    both = {"PYEMBED_APP_PASSWORD": "a", "PYEMBED_WORKER_PASSWORD": "w"}
+    for name in ("psql", "python"):
+        (fake / name).write_text(f'#!/bin/sh\necho "{name} $*" >> {calls}\ncat >> {calls}\n')
+        (fake / name).chmod(0o755)
+    both = {"PYEMBED_APP_PASSWORD": "a-pw", "PYEMBED_WORKER_PASSWORD": "w-pw",
+            "PYEMBED_PYTHON": str(fake / "python")}
     script = str(DOCKER / "initdb-docker.sh")
-    for unset in both:
+    for unset in ("PYEMBED_APP_PASSWORD", "PYEMBED_WORKER_PASSWORD"):
         env = _env({**{k: v for k, v in both.items() if k != unset}, "POSTGRES_USER": "postgres",
                     "PGDATA": str(tmp_path), "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}"})
         env.pop(unset, None)
@@ -305,10 +308,9 @@ def test_the_first_start_stops_without_the_logins_passwords(tmp_path: Path) -> N
                 "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}"})
     out = subprocess.run(["bash", script], capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 0, out.stderr
-    recorded = calls.read_text()
-    assert "pw=a" in recorded and "pw=w" in recorded
-    assert "ALTER ROLE pyembed_user PASSWORD" in recorded
-    assert "ALTER ROLE pyembed_worker_user PASSWORD" in recorded
+    assert calls.read_text() == ("python -m pyembed.passwords pyembed_user\na-pw\n"
+                                 "python -m pyembed.passwords pyembed_worker_user\nw-pw\n")
+    assert "PASSWORD" not in (DOCKER / "initdb.sql").read_text()
 
 
 # -- the dashboard against `pyembed metrics serve` -----------------------------------------

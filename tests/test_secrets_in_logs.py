@@ -1,5 +1,6 @@
 """No secret reaches the server's log: a failing call of a function that stores an API key, and a
-login made with a password (`tenant add-member --password`, the local cluster's logins)."""
+login made with a password (`tenant add-member --login`, the local cluster's and the Docker
+stack's logins), whose password is on no command line either."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pyembed import tenants
 from pyembed.errors import InvalidInput
-from pyembed.localdb import LocalCluster
+from pyembed.localdb import LocalCluster, find_bindir
 from tests.conftest import Database
 
 REPO = Path(__file__).resolve().parent.parent
@@ -149,3 +150,90 @@ def test_secret_set_takes_the_value_from_stdin_and_no_log_holds_it(
     assert "has_parameter_privilege" in log  # (the command's session was logged)
     assert secret not in log and other not in log
     assert other not in refused.stderr
+
+
+def test_add_member_takes_the_password_from_stdin_never_argv(
+        cluster: LocalCluster, db: Database, owner: psycopg.Connection[Any]) -> None:
+    """`pyembed tenant add-member acme ROLE --login` reads the new login's password from
+    standard input (a prompt that does not echo on a terminal), as `secret set` does; the old
+    `--password VALUE`, which ps and the shell's history showed, is refused in one line with
+    nothing made. Before: --password was the only way, and --login no option."""
+    tenants.create_tenant(owner, "acme")
+    role, password = f"login_{uuid.uuid4().hex[:8]}", _secret()
+    env = {"PYEMBED_OWNER_DSN": db.owner_dsn}
+    try:
+        old = _cli(["tenant", "add-member", "acme", role, "--password", password], "", env)
+        assert old.returncode == 1 and old.stdout == "", old
+        assert "use --login" in old.stderr and len(old.stderr.strip().splitlines()) == 1, old
+        assert password not in old.stderr
+        assert owner.execute("SELECT count(*) FROM pg_roles WHERE rolname = %s",
+                             (role,)).fetchone() == (0,)
+        empty = _cli(["tenant", "add-member", "acme", role, "--login"], "", env)
+        assert empty.returncode == 1 and "nothing stored" in empty.stderr, empty
+        made = _cli(["tenant", "add-member", "acme", role, "--login"], password + "\n", env)
+        assert made.returncode == 0 and f"{role} now acts for tenant acme" in made.stdout, made
+        with psycopg.connect(make_conninfo(db.app_dsn, user=role, password=password)) as conn:
+            assert conn.execute("SELECT current_user").fetchone() == (role,)
+        assert password not in _log(cluster)
+    finally:
+        owner.execute("DELETE FROM pyembed.tenant_members")
+        owner.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role))) if owner.execute(
+            "SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone() else None
+        owner.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+
+
+def test_the_docker_logins_passwords_are_verifiers_off_every_command_line(
+        cluster: LocalCluster, db: Database, owner: psycopg.Connection[Any],
+        tmp_path: Path) -> None:
+    """docker/initdb-docker.sh, run against a real server with every statement logged and
+    every command it starts recorded: each login (the app's, the worker's, the replication
+    role) logs in with its password, stored as a SCRAM verifier; no command's arguments and no
+    log line hold a password. Before: `psql -v pw=<password>` (in ps) ran `ALTER ROLE ...
+    PASSWORD '<password>'` (in the log under log_statement = 'all' or 'ddl')."""
+    passwords = {"PYEMBED_APP_PASSWORD": _secret(), "PYEMBED_WORKER_PASSWORD": _secret(),
+                 "PYEMBED_REPLICATION_PASSWORD": _secret()}
+    logins = {"pyembed_user": "PYEMBED_APP_PASSWORD",
+              "pyembed_worker_user": "PYEMBED_WORKER_PASSWORD",
+              "replicator": "PYEMBED_REPLICATION_PASSWORD"}
+    saved = dict(owner.execute(  # the test cluster's own logins, given back as they were
+        "SELECT rolname, rolpassword FROM pg_authid WHERE rolname = ANY(%s)",
+        (list(logins),)).fetchall())
+    assert "replicator" not in saved
+    made = [r for r in logins if r not in saved and r != "replicator"]
+    for role in made:  # (the worker's login is made when a test first asks for its DSN)
+        owner.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+    calls, bin_dir = tmp_path / "calls", tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, real in (("psql", f"{find_bindir()}/psql"), ("python", sys.executable)):
+        (bin_dir / name).write_text(f'#!/bin/sh\necho "{name} $*" >> {calls}\nexec {real} "$@"\n')
+        (bin_dir / name).chmod(0o755)
+    info = conninfo_to_dict(db.owner_dsn)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("PYEMBED_", "PG"))},
+           **passwords, "POSTGRES_USER": str(info["user"]), "PGHOST": str(info["host"]),
+           "PGPORT": str(info["port"]), "PGPASSWORD": str(info["password"]),
+           "PGDATA": str(tmp_path), "PYEMBED_PYTHON": str(bin_dir / "python"),
+           "PGOPTIONS": "-c log_statement=all", "PYTHONPATH": str(REPO),
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    try:
+        out = subprocess.run(["bash", str(REPO / "docker" / "initdb-docker.sh")], env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        for role, var in logins.items():
+            stored = owner.execute("SELECT rolpassword FROM pg_authid WHERE rolname = %s",
+                                   (role,)).fetchone()
+            assert stored is not None and str(stored[0]).startswith("SCRAM-SHA-256$"), role
+            with psycopg.connect(make_conninfo(db.app_dsn, user=role, password=passwords[var],
+                                               dbname="postgres")) as conn:
+                assert conn.execute("SELECT session_user").fetchone() == (role,)
+        recorded, log = calls.read_text(), _log(cluster)
+        for password in passwords.values():
+            assert password not in recorded and password not in log
+        assert "replicator" in recorded  # (the commands were recorded)
+        assert "ALTER ROLE" in log and "replicator" in log  # (the statements were logged)
+        assert (tmp_path / "pg_hba.conf").read_text().startswith("host replication replicator")
+    finally:
+        for role, verifier in saved.items():
+            owner.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(
+                sql.Identifier(role), sql.Literal(verifier)))
+        for role in ["replicator", *made]:
+            owner.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))

@@ -359,7 +359,7 @@ def test_a_member_or_tenant_named_wrong_is_quoted(
 def test_a_member_name_postgresql_would_cut_is_refused(
         db: Database, owner: psycopg.Connection[Any], login: bool) -> None:
     """A role name over 63 bytes: PostgreSQL cuts it (a notice no client showed), so `tenant
-    add-member acme <70 r's> --password ...` made and stored the 63-byte role while it said the
+    add-member acme <70 r's> --password ...` (now --login) made and stored the 63-byte role while it said the
     70-byte one now acts for acme. Refused now, naming the limit, with nothing made."""
     tenants.create_tenant(owner, "acme")
     stem = f"m{uuid.uuid4().hex[:8]}"
@@ -368,8 +368,8 @@ def test_a_member_name_postgresql_would_cut_is_refused(
     try:
         with pytest.raises(InvalidInput, match=r"is 65 bytes: PostgreSQL's names are at most 63"):
             tenants.add_member(owner, "acme", role, create_login="pw" if login else None)
-        args = ("tenant", "add-member", "acme", role, *(("--password", "pw") if login else ()))
-        out = run_cli(*args, env=db_env(db))
+        args = ("tenant", "add-member", "acme", role, *(("--login",) if login else ()))
+        out = run_cli(*args, env=db_env(db), stdin="pw\n")
         assert out.returncode == 1 and "is 65 bytes" in out.stderr, out
         assert owner.execute("SELECT count(*) FROM pg_roles WHERE rolname LIKE %s",
                              (f"{stem}%",)).fetchone() == (0,)
