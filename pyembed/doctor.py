@@ -45,7 +45,7 @@ class Check:
     def line(self) -> str:
         label = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL", "skip": "skip"}[self.status]
         text = f"{label} {self.name}: {self.detail}"
-        if self.fix and self.status in ("warn", "fail"):
+        if self.fix and self.status != "ok":  # (a skip's: how to run the check)
             text += f" — fix: {self.fix}"
         return text
 
@@ -90,8 +90,7 @@ def check_schema(conn: Conn, owner_dsn: str | None = None) -> Check:
             return Check(name, "fail", f"no pyembed schema, head is {head}", "pyembed install")
         row = conn.execute("SELECT version_num FROM pyembed.alembic_version").fetchone()
     except psycopg.Error as exc:
-        return Check(name, "warn", f"cannot read the schema revision ({_first(exc)})",
-                     "set PYEMBED_OWNER_DSN (the owner may read it), or pass its DSN as --dsn")
+        return Check(name, "warn", f"cannot read the schema revision ({_first(exc)})", OWNER_FIX)
     current = row[0] if row else None
     if current != head:
         return Check(name, "fail", f"at {current or 'nothing'}, head is {head}", "pyembed install")
@@ -284,12 +283,17 @@ def check_indexes(conn: Conn) -> Check:
 T = TypeVar("T")
 
 
+OWNER_SKIPPED = ("only the owner may read them, and this login is not the schema's owner nor "
+                 "a member of it")
+OWNER_FIX = ("run doctor as the owner: `pyembed doctor --dsn <the owner's DSN>`, or with "
+             "PYEMBED_OWNER_DSN set beside this DSN")
+
+
 def _as_owner(name: str, owner_dsn: str | None, read: Callable[[Conn], T]) -> T | Check:
-    """What `read` finds on a connection as the owner (`owner_dsn`), or check `name`'s skip
-    where there is none: the owner-only checks' one way in."""
+    """What `read` finds on a connection as the owner (`owner_dsn`), or check `name`'s skip,
+    saying how to run it, where there is none: the owner-only checks' one way in."""
     if not owner_dsn:
-        return Check(name, "skip", "only the owner may read them",
-                     "set PYEMBED_OWNER_DSN (the owner may read them)")
+        return Check(name, "skip", OWNER_SKIPPED, OWNER_FIX)
     try:
         with psycopg.connect(owner_dsn, autocommit=True, connect_timeout=5) as owner:
             return read(owner)
@@ -379,6 +383,16 @@ CHECKS: list[tuple[str, Callable[[Conn], Check]]] = [
 ]
 
 
+def _owner_reach(conn: Conn, dsn: str) -> str | None:
+    """`dsn` when its login may act as the pyembed schema's owner (is it, a superuser, or a
+    member inheriting its privileges), so that `doctor --dsn <the owner's DSN>` runs the
+    owner-only checks without PYEMBED_OWNER_DSN; else None."""
+    row = conn.execute(
+        "SELECT pg_catalog.pg_has_role(session_user, n.nspowner, 'USAGE') "
+        "FROM pg_catalog.pg_namespace n WHERE n.nspname = 'pyembed'").fetchone()
+    return dsn if row and row[0] else None
+
+
 def owner_dsn_for(dsn: str) -> str | None:
     """The owner's DSN for the same database: $PYEMBED_OWNER_DSN, or the local cluster's
     owner when `dsn` is the local cluster's."""
@@ -402,6 +416,7 @@ def run(dsn: str, owner_dsn: str | None = None) -> list[Check]:
         return results + [Check(name, "skip", "the server is not reachable")
                           for name, _ in CHECKS]
     with conn:
+        owner_dsn = owner_dsn or _owner_reach(conn, dsn)
         for name, check in CHECKS:
             try:
                 results.append(check_schema(conn, owner_dsn) if check is check_schema

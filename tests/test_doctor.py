@@ -479,3 +479,24 @@ def test_a_tenant_member_whose_role_was_made_again_is_named_with_the_fix(
     finally:  # roles are the cluster's, not the test database's
         owner.execute(sql.SQL("DROP OWNED BY {} CASCADE").format(sql.Identifier(again)))
         owner.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(again)))
+
+
+OWNER_ONLY = ("corpora's vector legs", "tenants' members")
+
+
+def test_doctor_with_the_owners_dsn_runs_the_owner_checks(db: Database) -> None:
+    """`pyembed doctor --dsn <the owner's DSN>` skipped the owner-only checks unless
+    PYEMBED_OWNER_DSN was set too ("only the owner may read them"). Now the given login, the
+    owner, runs them; an application login's doctor skips them saying why and how to run them."""
+    as_owner = pyembed("doctor", "--dsn", db.owner_dsn, env={})
+    lines = _lines(as_owner.stdout)
+    assert as_owner.returncode == 0, as_owner.stdout + as_owner.stderr
+    for name in OWNER_ONLY:
+        assert lines[name].startswith("ok   "), lines[name]
+    as_app = pyembed("doctor", "--dsn", db.app_dsn, env={})
+    lines = _lines(as_app.stdout)
+    for name in OWNER_ONLY:
+        assert lines[name] == (
+            f"skip {name}: only the owner may read them, and this login is not the schema's "
+            "owner nor a member of it — fix: run doctor as the owner: `pyembed doctor --dsn "
+            "<the owner's DSN>`, or with PYEMBED_OWNER_DSN set beside this DSN"), lines[name]
