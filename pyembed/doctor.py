@@ -29,7 +29,7 @@ Status = Literal["ok", "warn", "fail", "skip"]
 EXTENSIONS = ("vector", "plpython3u")
 WORKER_STALE_MINUTES = 10
 """Queued work older than this, with nothing written in the last 5 minutes: no worker runs."""
-GROUP_ROLES = ("pyembed_app", "pyembed_owner", "pyembed_worker")
+GROUP_ROLES = ("pyembed_app", "pyembed_owner", "pyembed_worker", "pyembed_operator")
 """The roles the schema's owners and grants name (sql/001-roles.sql makes them)."""
 PROBE_KEY = "fake/fake-hash@1:384"
 """A built-in model that needs no network: embedding with it runs pyembed inside PL/Python."""
@@ -345,6 +345,21 @@ def check_tenant_members(conn: Conn, owner_dsn: str | None = None) -> Check:
     return Check(name, "fail" if again else "warn", "; ".join(parts), fix)
 
 
+def check_logins(conn: Conn, owner_dsn: str | None = None) -> Check:
+    """No login's roles reach past its place (tenants.crossed_logins): a tenant's login in
+    pyembed_operator or the owner's role, or one holding privileges on another tenant's
+    partitions. Only the owner may read the members: as the owner, as check_tenant_members."""
+    name = "logins' roles"
+    crossed = _as_owner(name, owner_dsn, tenants.crossed_logins)
+    if isinstance(crossed, Check):
+        return crossed
+    if not crossed:
+        return Check(name, "ok", "no tenant's login reaches another tenant's or the operator's")
+    return Check(name, "fail" if any(c.fatal for c in crossed) else "warn",
+                 "; ".join(c.problem for c in crossed),
+                 "as the owner: " + "; ".join(dict.fromkeys(c.fix for c in crossed)))
+
+
 def check_replicas(conn: Conn) -> Check:
     name = "replicas' lag"
     if _standby(conn):
@@ -379,6 +394,7 @@ CHECKS: list[tuple[str, Callable[[Conn], Check]]] = [
     ("vector indexes", check_indexes),
     ("corpora's vector legs", check_vector_legs),
     ("tenants' members", check_tenant_members),
+    ("logins' roles", check_logins),
     ("replicas' lag", check_replicas),
 ]
 
@@ -423,7 +439,9 @@ def run(dsn: str, owner_dsn: str | None = None) -> list[Check]:
                                else check_vector_legs(conn, owner_dsn)
                                if check is check_vector_legs
                                else check_tenant_members(conn, owner_dsn)
-                               if check is check_tenant_members else check(conn))
+                               if check is check_tenant_members
+                               else check_logins(conn, owner_dsn)
+                               if check is check_logins else check(conn))
             except psycopg.Error as exc:
                 fix = "pyembed install" if isinstance(
                     exc, psycopg.errors.UndefinedTable | psycopg.errors.UndefinedFunction

@@ -336,6 +336,12 @@ class LocalCluster:
             conn.execute(sql.SQL("GRANT {}, {}, {} TO {}").format(
                 sql.Identifier(APP_GROUP), sql.Identifier(WORKER_GROUP),
                 sql.Identifier(OPERATOR_GROUP), sql.Identifier(WORKER_USER)))
+        # Each corpus's partition grants its INSERT to each operator's login by name
+        # (pyembed._partition_writers): a login made after the install is granted here.
+        with psycopg.connect(admin.rsplit("/", 1)[0] + f"/{DATABASE}", autocommit=True) as conn:
+            if conn.execute("SELECT to_regprocedure('pyembed._partition_writers(integer)')"
+                            ).fetchone() not in (None, (None,)):
+                conn.execute("SELECT pyembed._partition_writers(corpus_id) FROM pyembed.corpora")
         st.worker_password = password
         self.state_file.write_text(json.dumps(asdict(st)))
         return password

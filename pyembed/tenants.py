@@ -183,6 +183,101 @@ def stale_members(conn: psycopg.Connection[Any]) -> list[StaleMember]:
 
 
 @dataclass(frozen=True)
+class CrossedLogin:
+    """A login whose roles reach past its place (crossed_logins): `role`, the tenant it is a
+    member of (None: none), what is wrong, and the statement or command that mends it. `fatal`
+    False: an operator's login that may not yet write every partition (it writes nothing of
+    another party's meanwhile)."""
+
+    role: str
+    tenant: str | None
+    problem: str
+    fix: str
+    fatal: bool = True
+
+
+_CROSSED = """
+WITH owner AS (SELECT n.nspowner AS oid FROM pg_catalog.pg_namespace n
+                WHERE n.nspname = 'pyembed'),
+members AS (SELECT r.oid, t.tenant_id, t.name FROM pyembed.tenant_members m
+              JOIN pyembed.tenants t USING (tenant_id)
+              JOIN pg_catalog.pg_roles r ON r.oid = m.role_oid AND r.rolname = m.role_name),
+parts AS (SELECT co.tenant_id, t.name, pg_catalog.to_regclass(pg_catalog.format(
+                   'pyembed.%I', pyembed._vector_partition_name(co.corpus_id))) AS part
+            FROM pyembed.corpora co LEFT JOIN pyembed.tenants t USING (tenant_id)),
+logins AS (SELECT r.oid, r.rolname, mem.tenant_id, mem.name AS tenant,
+                  pg_catalog.pg_has_role(r.oid, 'pyembed_operator', 'MEMBER') AS operator,
+                  pg_catalog.pg_has_role(r.oid, (SELECT oid FROM owner), 'MEMBER') AS owner
+             FROM pg_catalog.pg_roles r LEFT JOIN members mem ON mem.oid = r.oid
+            WHERE r.rolcanlogin AND NOT r.rolsuper)
+SELECT l.rolname::text, l.tenant, 'operator', NULL, NULL FROM logins l
+ WHERE l.tenant IS NOT NULL AND l.operator
+UNION ALL
+SELECT l.rolname::text, l.tenant, 'owner', (SELECT oid FROM owner)::regrole::text, NULL
+  FROM logins l WHERE l.tenant IS NOT NULL AND l.owner
+UNION ALL
+SELECT l.rolname::text, l.tenant, 'partitions',
+       pg_catalog.string_agg(DISTINCT g.rolname::text, ', ' ORDER BY g.rolname::text),
+       pg_catalog.string_agg(DISTINCT p.name, ', ' ORDER BY p.name)
+  FROM logins l
+  JOIN parts p ON p.part IS NOT NULL AND p.tenant_id IS NOT NULL
+              AND p.tenant_id IS DISTINCT FROM l.tenant_id
+  JOIN pg_catalog.pg_class c ON c.oid = p.part
+  CROSS JOIN LATERAL pg_catalog.aclexplode(c.relacl) a
+  JOIN pg_catalog.pg_roles g ON g.oid = a.grantee
+ WHERE NOT l.owner AND NOT (l.tenant IS NULL AND l.operator) AND a.grantee <> c.relowner
+   AND pg_catalog.pg_has_role(l.oid, a.grantee, 'MEMBER')
+ GROUP BY l.rolname, l.tenant
+UNION ALL
+SELECT l.rolname::text, NULL, 'unwritten', NULL, pg_catalog.count(*)::text
+  FROM logins l JOIN parts p ON p.part IS NOT NULL
+ WHERE l.tenant IS NULL AND l.operator AND NOT l.owner
+   AND NOT pg_catalog.has_table_privilege(l.oid, p.part, 'INSERT')
+ GROUP BY l.rolname
+ORDER BY 1, 3
+"""
+
+
+def crossed_logins(conn: psycopg.Connection[Any]) -> list[CrossedLogin]:
+    """Logins (but superusers) whose roles meet where pyembed's must not (owner only, as the
+    tenants are): a tenant's member in pyembed_operator (granted after it joined) or in the
+    schema's owner role; any login but an operator's or the owner's that holds a privilege on a
+    partition of another tenant's corpus through a role it is in (another tenant's login, a
+    group granted one), with which it could LOCK that partition and hold off that tenant's
+    drop, reindex or load. And, not fatal, an operator's login (in pyembed_operator, no
+    tenant's member) made after the last install, which may not yet write every partition."""
+    with translated():
+        rows = conn.execute(_CROSSED).fetchall()
+    found = []
+    for role, tenant, kind, via, what in rows:
+        whose = f"{role} (tenant {tenant}'s login)" if tenant else f"{role} (no tenant's login)"
+        if kind == "operator":
+            found.append(CrossedLogin(role, tenant, f"{whose} is in pyembed_operator: it acts for "
+                                      "its own tenant only, and writes no other tenant's "
+                                      "partition, but an operator's login must be no tenant's",
+                                      f"REVOKE pyembed_operator FROM {role}"))
+        elif kind == "owner":
+            found.append(CrossedLogin(role, tenant, f"{whose} may act as the schema's owner "
+                                      f"{via}, who sees and may change every tenant's rows",
+                                      f"REVOKE {via} FROM {role}"))
+        elif kind == "partitions":
+            names = via.split(", ")
+            fix = "; ".join(f"REVOKE {v} FROM {role}" for v in names if v != role)
+            if role in names:  # (a grant of its own: _partition_writers takes it back)
+                fix = "; ".join(f for f in (fix, "pyembed install") if f)
+            found.append(CrossedLogin(role, tenant, f"{whose} holds privileges on tenant "
+                                      f"{what}'s vector partitions through {via}, with which it "
+                                      "could LOCK them and hold off that tenant's drops, "
+                                      "reindexes and loads", fix))
+        else:
+            found.append(CrossedLogin(role, tenant, f"{role} (an operator's login) may not yet write "
+                                      f"{what} of the corpora's partitions: it was granted "
+                                      "pyembed_operator after the last install",
+                                      "pyembed install", fatal=False))
+    return found
+
+
+@dataclass(frozen=True)
 class UsageRow:
     tenant: str
     corpus: str

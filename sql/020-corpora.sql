@@ -393,9 +393,13 @@ $$;
 
 -- Who may write a corpus's partition (INSERT, for COPY: its writers' one path, pyembed.vectors
 -- .copy_vectors): the login roles of the corpus's tenant (tenant_members, each the role its OID
--- names), or pyembed_app for a corpus of no tenant, and pyembed_operator (whose logins are no
--- tenant's: the operator's worker, acting for the tenant of the jobs it writes, which row-level
--- security and pyembed._vectors_tenant hold it to); every other grant on it is revoked. INSERT
+-- names), or pyembed_app for a corpus of no tenant, and each operator's login: a login in
+-- pyembed_operator that is no tenant's member (the operator's worker, acting for the tenant of
+-- the jobs it writes, which row-level security and pyembed._vectors_tenant hold it to). Each
+-- such login, not the group: granted to pyembed_operator, the INSERT reached a tenant's login
+-- granted pyembed_operator after it joined (which acts for its own tenant only, but could LOCK
+-- every other tenant's partitions); a login granted pyembed_operator later writes once this runs
+-- again (an install). Every other grant on it is revoked. INSERT
 -- lets a role LOCK the table in ROW EXCLUSIVE mode, which the corpus's index build, reindex,
 -- migration step and drop wait for: held by pyembed_app, whose members every tenant's logins
 -- are, one tenant could hold off another's. Called again when a tenant's members change or a
@@ -427,7 +431,12 @@ BEGIN
            SELECT 'pyembed_app' FROM pyembed.corpora co
             WHERE co.corpus_id = p_corpus_id AND co.tenant_id IS NULL
            UNION ALL
-           SELECT 'pyembed_operator' FROM pyembed.corpora co WHERE co.corpus_id = p_corpus_id
+           SELECT g.rolname FROM pg_catalog.pg_roles g
+            WHERE g.rolcanlogin AND NOT g.rolsuper
+              AND pg_catalog.pg_has_role(g.oid, 'pyembed_operator', 'MEMBER')
+              AND NOT EXISTS (SELECT FROM pyembed.tenant_members m
+                               WHERE m.role_oid = g.oid AND m.role_name = g.rolname)
+              AND EXISTS (SELECT FROM pyembed.corpora co WHERE co.corpus_id = p_corpus_id)
            ORDER BY 1 LOOP
     EXECUTE format('GRANT INSERT ON %s TO %I', part, r);
   END LOOP;

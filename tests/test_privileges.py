@@ -13,7 +13,7 @@ import pytest
 from psycopg import sql
 
 import pyembed
-from pyembed import index, migration, tenants
+from pyembed import doctor, index, migration, tenants
 from pyembed.client import Client
 from pyembed.db import GRANTED_TO, translate
 from pyembed.localdb import WORKER_USER
@@ -462,11 +462,14 @@ def test_the_worker_role_may_count_failed_calls_and_nothing_more(
     assert tables == []
 
 
-def test_the_operator_role_writes_every_partition_and_nothing_more(
-        owner: psycopg.Connection[Any], app: psycopg.Connection[Any]) -> None:
-    """pyembed_operator (revision 0037) holds INSERT on each corpus's partition, every tenant's,
-    where its worker writes acting for the job's tenant, and no other privilege; no login of
-    the application's or a tenant's is in it (the local cluster's worker login alone)."""
+def test_the_operators_logins_write_every_partition_and_nothing_more(
+        owner: psycopg.Connection[Any], app: psycopg.Connection[Any], db: Database) -> None:
+    """Each operator's login (a login in pyembed_operator, revision 0037, of no tenant) holds
+    INSERT on each corpus's partition, every tenant's, where its worker writes acting for the
+    job's tenant, and no other privilege; the group itself holds none (granted to the group, it
+    reached a tenant's login granted pyembed_operator later); no login of the application's or
+    a tenant's is in it (the local cluster's worker login alone). One made after the install
+    writes once `pyembed install` runs again."""
     tenants.create_tenant(owner, "acme")
     with login_role(owner, app.info.dsn, "acme", sql.SQL("IN ROLE pyembed_app")) as dsn:
         tenants.add_member(owner, "acme", str(psycopg.conninfo.conninfo_to_dict(dsn)["user"]))
@@ -479,19 +482,122 @@ def test_the_operator_role_writes_every_partition_and_nothing_more(
         partitions = {f"r {r[0]} INSERT" for r in owner.execute(
             "SELECT pyembed._vector_partition_name(corpus_id) FROM pyembed.corpora").fetchall()}
         assert len(partitions) == 2
-        ops = {line for line in held(owner, "pyembed_operator") if not line.startswith("type ")}
+        assert {line for line in held(owner, "pyembed_operator")
+                if not line.startswith("type ")} == set()
+        def own(role: str) -> set[str]:  # (the partitions', and beside the groups' others)
+            groups = held(owner, "pyembed_app") | held(owner, "pyembed_worker")
+            return {line for line in held(owner, role) if not line.startswith("type ") and (
+                line not in groups or line.split()[1].split(".")[0].startswith("vectors_c"))}
+
+        ops = own(WORKER_USER)
         assert partitions <= ops  # (the types' USAGE is PUBLIC's; columns follow the table's)
         assert {(line.split()[1].split(".")[0], line.split()[-1]) for line in ops} == {
             (p.split()[1], "INSERT") for p in partitions}
+        with login_role(owner, app.info.dsn, "late", sql.SQL(
+                "IN ROLE pyembed_app, pyembed_operator")) as late:
+            name = str(psycopg.conninfo.conninfo_to_dict(late)["user"])
+            assert own(name) < ops  # (no tenant's partition: a corpus of none is pyembed_app's)
+            assert tenants.crossed_logins(owner) == [tenants.CrossedLogin(
+                name, None, f"{name} (an operator's login) may not yet write 1 of the corpora's "
+                "partitions: it was granted pyembed_operator after the last install", "pyembed install",
+                fatal=False)]
+            pyembed_schema_install(db)
+            assert own(name) == ops and tenants.crossed_logins(owner) == []
         # A dropped corpus's emptied partition (left to the next install) is nobody's to write.
         app.execute("SELECT pyembed.drop_corpus('docs')")
-        ops = {line for line in held(owner, "pyembed_operator") if not line.startswith("type ")}
+        ops = own(WORKER_USER)
         assert {line.split()[1].split(".")[0] for line in ops} == {
             p.split()[1] for p in partitions} - {f"vectors_c{app_corpus}"}
     members = owner.execute(
         "SELECT m.member::regrole::text FROM pg_auth_members m "
         "WHERE m.roleid = 'pyembed_operator'::regrole ORDER BY 1").fetchall()
     assert members == [(WORKER_USER,)]
+
+
+def pyembed_schema_install(db: Database) -> None:
+    from pyembed import schema
+
+    schema.install(db.owner_dsn)
+
+
+def test_a_tenants_login_granted_the_operator_role_later_may_lock_no_other_partition(
+        owner: psycopg.Connection[Any], db: Database,
+        two: dict[str, str]) -> None:  # noqa: F811
+    """Tenant a's login granted pyembed_operator after it joined acts for a alone (membership
+    wins: test_operator_worker), but held INSERT on every tenant's partition through the
+    group's grant, with which it could LOCK tenant b's partition ROW EXCLUSIVE and hold off b's
+    drop, reindex and bulk load. Now the partitions grant each operator's login, never the
+    group: a's login holds nothing on b's partition and its LOCK is refused; doctor FAILs naming
+    it with the REVOKE that mends it."""
+    with psycopg.connect(two["b"], autocommit=True) as b:
+        b.execute("SELECT pyembed.create_corpus('docs', 'fake/fake-hash@1:384')")
+        part = b.execute("SELECT pyembed.vector_table('docs')").fetchone()[0]  # type: ignore[index]
+    role_a = str(psycopg.conninfo.conninfo_to_dict(two["a"])["user"])
+    owner.execute(sql.SQL("GRANT pyembed_operator TO {}").format(sql.Identifier(role_a)))
+    try:
+        assert owner.execute("SELECT has_table_privilege(%s, %s::regclass, 'INSERT')",
+                             (role_a, part)).fetchone() == (False,)
+        with psycopg.connect(two["a"]) as a, pytest.raises(
+                psycopg.errors.InsufficientPrivilege):
+            a.execute(f"LOCK TABLE {part} IN ROW EXCLUSIVE MODE")
+        line = next(c for c in doctor.run(two["a"], db.owner_dsn) if c.name == "logins' roles")
+        assert line.status == "fail", line
+        assert line.detail.startswith(f"{role_a} (tenant a's login) is in pyembed_operator"), line
+        assert line.fix == f"as the owner: REVOKE pyembed_operator FROM {role_a}", line
+    finally:
+        owner.execute(sql.SQL("REVOKE pyembed_operator FROM {}").format(sql.Identifier(role_a)))
+    assert tenants.crossed_logins(owner) == []
+
+
+def test_every_pair_of_roles_that_must_not_meet_on_a_login_is_named(
+        owner: psycopg.Connection[Any], app: psycopg.Connection[Any],
+        two: dict[str, str]) -> None:  # noqa: F811
+    """pyembed's roles on one login, each pair in turn: a tenant's login with pyembed_operator,
+    with the schema's owner role, or with another tenant's login (GRANT b TO a: a then holds
+    b's partitions' INSERT); a login of no tenant granted a tenant's login; and the reverse, an
+    operator's login made a tenant's member by hand (refused by the table) or granted a
+    tenant's login (it reaches every tenant already). Each that must not meet is named with its
+    fix; the pairs that may (an operator's login in pyembed_app and pyembed_worker, a tenant's
+    login in pyembed_worker) are not."""
+    with psycopg.connect(two["b"], autocommit=True) as b:
+        b.execute("SELECT pyembed.create_corpus('docs', 'fake/fake-hash@1:384')")
+    role_a, role_b = (str(psycopg.conninfo.conninfo_to_dict(two[t])["user"]) for t in "ab")
+    schema_owner = owner.execute("SELECT nspowner::regrole::text FROM pg_namespace "
+                                 "WHERE nspname = 'pyembed'").fetchone()[0]  # type: ignore[index]
+    ident = sql.Identifier
+
+    def crossed() -> list[tuple[str, str | None, str]]:
+        return [(c.role, c.tenant, c.fix) for c in tenants.crossed_logins(owner) if c.fatal]
+
+    with login_role(owner, app.info.dsn, "plain", sql.SQL("IN ROLE pyembed_app")) as plain, \
+            login_role(owner, app.info.dsn, "op", sql.SQL(
+                "IN ROLE pyembed_app, pyembed_worker, pyembed_operator")) as op:
+        role_p, role_op = (str(psycopg.conninfo.conninfo_to_dict(d)["user"]) for d in (plain, op))
+        allowed = [f"GRANT pyembed_worker TO {role_a}", f"GRANT {role_a} TO {role_op}"]
+        for statement in allowed:
+            owner.execute(statement)
+        assert crossed() == []
+        with pytest.raises(pyembed.InvalidInput, match="is in pyembed_operator"):
+            tenants.add_member(owner, "a", role_op)
+        cases = [
+            (sql.SQL("GRANT pyembed_operator TO {}").format(ident(role_a)),
+             (role_a, "a", f"REVOKE pyembed_operator FROM {role_a}")),
+            (sql.SQL("GRANT {} TO {}").format(ident(schema_owner), ident(role_a)),
+             (role_a, "a", f"REVOKE {schema_owner} FROM {role_a}")),
+            (sql.SQL("GRANT {} TO {}").format(ident(role_b), ident(role_a)),
+             (role_a, "a", f"REVOKE {role_b} FROM {role_a}")),
+            (sql.SQL("GRANT {} TO {}").format(ident(role_b), ident(role_p)),
+             (role_p, None, f"REVOKE {role_b} FROM {role_p}")),
+        ]
+        for grant, expected in cases:
+            owner.execute(grant)
+            try:
+                assert crossed() == [expected], grant.as_string(owner)
+            finally:
+                owner.execute(grant.as_string(owner).replace("GRANT", "REVOKE", 1)
+                              .replace(" TO ", " FROM ", 1))
+        assert crossed() == []
+        owner.execute(f"REVOKE {role_a} FROM {role_op}")
 
 
 # -- what the application role may not run: one clear error ------------------------------------
@@ -853,9 +959,10 @@ GROUP_ROLES = {
                       "(test_the_worker_role_may_count_failed_calls_and_nothing_more)",
     "pyembed_owner": "owns the tables; runs the foreign-key checks and the tenant policies' "
                      "functions (current_tenant, visible_corpora)",
-    "pyembed_operator": "the operator's worker and exporter logins (no tenant's): INSERT on "
-                        "every corpus's partition, for the worker acting for each job's tenant "
-                        "(test_the_operator_role_writes_every_partition_and_nothing_more)",
+    "pyembed_operator": "the operator's worker and exporter logins (no tenant's), each of which "
+                        "holds INSERT on every corpus's partition, for the worker acting for "
+                        "each job's tenant; the group itself holds none "
+                        "(test_the_operators_logins_write_every_partition_and_nothing_more)",
 }
 
 
@@ -899,12 +1006,15 @@ def test_every_grant_in_the_schema_is_to_a_role_accounted_for(
         owner: psycopg.Connection[Any], app: psycopg.Connection[Any]) -> None:
     """Walks every ACL of the schema (a corpus's vector partition and the default privileges
     included): each grantee is a group role of GROUP_ROLES, never a tenant's login, PUBLIC or
-    another role, whose privileges no list here would account for."""
+    another role, whose privileges no list here would account for; but an operator's login
+    (WORKER_USER here), which each vector partition grants INSERT by name."""
     owner.execute("SELECT pyembed.register_model('fake', 'fake-hash', '2', 384)")
     app.execute("SELECT pyembed.create_corpus('docs', 'fake/fake-hash@1:384')")
     grants = _grants(owner)
     assert any(name.startswith("vectors_") for name, _, _ in grants)  # the partition is walked
-    assert {(name, grantee) for name, grantee, _ in grants if grantee not in GROUP_ROLES} == set()
+    assert {(name, grantee) for name, grantee, privilege in grants if grantee not in GROUP_ROLES
+            and not (grantee == WORKER_USER and re.fullmatch(r"vectors_c\d+(\.\w+)?", name)
+                     and privilege == "INSERT")} == set()
     with owner.transaction(force_rollback=True):  # the walk sees a grant to a login
         owner.execute("GRANT SELECT (title) ON pyembed.documents TO pyembed_user")
         assert ("documents.title", "pyembed_user", "SELECT") in _grants(owner)
