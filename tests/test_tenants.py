@@ -899,3 +899,32 @@ def test_a_read_of_the_parent_naming_its_corpus_holds_off_no_other_tenants_drop(
         assert a.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
     assert [c.name for c in b.corpora()] == ["docs"]
     b.close()
+
+
+@pytest.mark.parametrize("read", ["no corpus condition", "a sub-query's corpus_id",
+                                  "a generic plan"])
+def test_the_reads_of_the_parent_the_readme_warns_of_lock_every_tenants_partition(
+        two: dict[str, str], read: str) -> None:
+    """README ("Reading pyembed.vectors yourself"): a read of pyembed.vectors that does not name
+    its corpus by a constant (none, a sub-query, a prepared statement's generic plan) locks
+    every tenant's partition, b's included, until a's transaction ends, and b's drop then fails
+    busy (PE012) after its 5 s (the README's two-session figures); the query it gives instead
+    (the test above) locks a's alone. Checked in pg_locks, not by a drop's wait."""
+    fill(two["a"], A_KEY, 2).close()
+    b = fill(two["b"], A_KEY, 2)
+    b.create_corpus("gone", A_KEY).add([("g", "a text to drop")])
+    gone = b.conn.execute("SELECT corpus_id FROM pyembed.corpora WHERE name = 'gone'").fetchone()
+    assert gone is not None
+    with psycopg.connect(two["a"]) as a:
+        if read == "a generic plan":
+            a.execute("SET plan_cache_mode = force_generic_plan")
+            a.execute("SELECT count(*) FROM pyembed.vectors WHERE corpus_id = %s", (1,),
+                      prepare=True)
+        else:
+            a.execute("SELECT count(*) FROM pyembed.vectors" + (
+                "" if read == "no corpus condition" else " WHERE corpus_id = (SELECT corpus_id "
+                "FROM pyembed.corpora WHERE name = 'docs')"))
+        assert a.execute("SELECT count(*) FROM pg_locks WHERE pid = pg_backend_pid() "
+                         "AND relation = %s::regclass", (f"pyembed.vectors_c{gone[0]}",)
+                         ).fetchone() == (1,)
+    b.close()
