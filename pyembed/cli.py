@@ -51,7 +51,7 @@ from .errors import DatabaseNotReady, InvalidInput, MigrationError, PyembedError
 from .localdb import LocalCluster
 from .models import BUILTIN, LOCAL_DEFAULT
 from .recall import RECALL_ALERT
-from .secret_input import read_secret
+from .secret_input import read_secret, warn_of_password_in_argv
 from .text import read_json
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
@@ -111,12 +111,13 @@ console = _Console(markup=False, soft_wrap=True)
 err_console = _Console(stderr=True, soft_wrap=True, markup=False)
 
 OwnerDsnOption = Annotated[str | None, typer.Option(
-    "--dsn", envvar="PYEMBED_OWNER_DSN",
+    "--dsn", envvar="PYEMBED_OWNER_DSN", callback=warn_of_password_in_argv,
     help="owner DSN; default: $PYEMBED_DSN, else the local cluster's owner")]
 DsnOption = Annotated[str | None, typer.Option("--dsn", envvar=DSN_ENV,
+                                               callback=warn_of_password_in_argv,
                                                help="libpq DSN; default: the local cluster")]
 WorkerDsnOption = Annotated[str | None, typer.Option(
-    "--dsn", envvar=[WORKER_DSN_ENV, DSN_ENV],
+    "--dsn", envvar=[WORKER_DSN_ENV, DSN_ENV], callback=warn_of_password_in_argv,
     help="libpq DSN; default: the local cluster's worker login (in pyembed_worker and "
          "pyembed_operator: every tenant's)")]
 NUMBERS = {"ignore_unknown_options": True}
@@ -257,6 +258,7 @@ def _progress(*columns: Any) -> Iterator[Callable[[int, int | None, str], None]]
 @app.command("install")
 def install_cmd(
     dsn: Annotated[str | None, typer.Option("--dsn", envvar="PYEMBED_OWNER_DSN",
+                                            callback=warn_of_password_in_argv,
                                             help="owner DSN; default: $PYEMBED_DSN, else the "
                                                  "local cluster's owner")] = None,
     sql: Annotated[bool, typer.Option("--sql", help="print the SQL script instead")] = False,

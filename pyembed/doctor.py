@@ -23,6 +23,7 @@ from .config import DSN_ENV, OWNER_DSN_ENV, code_digest
 from .db import resolve_dsn
 from .loaded import LOCK_CLASS
 from .models import API_KEY_ENV
+from .secret_input import warn_of_password_in_argv
 
 Status = Literal["ok", "warn", "fail", "skip"]
 
@@ -465,7 +466,8 @@ def _ago(seconds: float) -> str:
 
 def doctor_cmd(
     dsn: Annotated[str | None, typer.Option(
-        "--dsn", envvar=DSN_ENV, help="libpq DSN; default: the local cluster")] = None,
+        "--dsn", envvar=DSN_ENV, callback=warn_of_password_in_argv,
+        help="libpq DSN; default: the local cluster")] = None,
     as_json: Annotated[bool, typer.Option(
         "--json", help="print one JSON document instead of lines (README: Command line)")]
     = False,

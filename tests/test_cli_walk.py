@@ -363,7 +363,7 @@ def test_metrics_serve_says_its_database_does_not_answer(tmp_path: Path) -> None
     a DSN that is not one stops it with one line. Before, both served in silence."""
     from tests.test_cli import pyembed as subprocess_cli
 
-    closed = f"postgresql://u:x@127.0.0.1:{closed_port()}/db"
+    closed = f"postgresql://u@127.0.0.1:{closed_port()}/db"  # (no password: none is warned of)
     with pytest.raises(subprocess.TimeoutExpired) as served:
         subprocess_cli("metrics", "serve", "--port", str(closed_port()), "--dsn", closed,
                        timeout=8)

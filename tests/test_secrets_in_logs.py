@@ -21,6 +21,7 @@ from pyembed import tenants
 from pyembed.errors import InvalidInput
 from pyembed.localdb import LocalCluster, find_bindir
 from tests.conftest import Database
+from tests.helpers import run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -237,3 +238,24 @@ def test_the_docker_logins_passwords_are_verifiers_off_every_command_line(
                 sql.Identifier(role), sql.Literal(verifier)))
         for role in ["replicator", *made]:
             owner.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+
+
+def test_a_dsn_with_a_password_on_the_command_line_is_warned_of(db: Database) -> None:
+    """Every kind of --dsn option (the application's, the owner's, the worker's, doctor's) given
+    a DSN holding a password on the command line, which ps shows every user of the machine,
+    warns in one line naming the variable to set instead; the same DSN from that variable, or
+    one without a password, does not. Before: nothing said so."""
+    warning = "the --dsn given holds a password"
+    cases = [(["status"], "PYEMBED_DSN", db.app_dsn),
+             (["tenant", "list"], "PYEMBED_OWNER_DSN", db.owner_dsn),
+             (["worker"], "PYEMBED_WORKER_DSN or PYEMBED_DSN", db.app_dsn),
+             (["doctor"], "PYEMBED_DSN", db.app_dsn)]
+    for args, variable, dsn in cases:
+        given = run_cli(*args, "--dsn", dsn)
+        lines = [line for line in given.stderr.splitlines() if warning in line]
+        assert len(lines) == 1 and f"set {variable} instead" in lines[0], given
+        assert str(conninfo_to_dict(dsn)["password"]) not in given.stderr
+        from_env = run_cli(*args, env={variable.split(" or ")[-1]: dsn})
+        assert warning not in from_env.stderr, from_env
+    plain = run_cli("status", "--dsn", make_conninfo(db.app_dsn, password=""))
+    assert warning not in plain.stderr, plain
