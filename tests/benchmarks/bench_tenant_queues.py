@@ -43,6 +43,11 @@ def median_ms(fn: Any, runs: int) -> float:
 def setup(owner: psycopg.Connection[Any], app_dsn: str, n: int, jobs: int) -> tuple[str, list[str]]:
     """`n` tenants, each with one member login and a corpus of `jobs` queued documents; and an
     operator login. Their DSNs."""
+    # The operator login first: each corpus's partition then grants it INSERT as it is made
+    # (pyembed._partition_writers grants operators' logins by name; a later one needs an install).
+    op = f"op_{uuid.uuid4().hex[:6]}"
+    owner.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'pw' IN ROLE pyembed_app, "
+                          "pyembed_worker, pyembed_operator").format(sql.Identifier(op)))
     members = []
     for i in range(n):
         name, role = f"t{i}", f"m{i}_{uuid.uuid4().hex[:6]}"
@@ -55,9 +60,6 @@ def setup(owner: psycopg.Connection[Any], app_dsn: str, n: int, jobs: int) -> tu
                 cur.executemany("SELECT pyembed.add_document('docs', %s, %s)",
                                 [(f"d{j}", f"text {j} of tenant {i}") for j in range(jobs)])
         members.append(dsn)
-    op = f"op_{uuid.uuid4().hex[:6]}"
-    owner.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'pw' IN ROLE pyembed_app, "
-                          "pyembed_worker, pyembed_operator").format(sql.Identifier(op)))
     return make_conninfo(app_dsn, user=op, password="pw"), members
 
 
