@@ -515,11 +515,14 @@ def _dropped_corpus(exc: psycopg.Error, message: str) -> errors.UnknownCorpus | 
                                         "while this call was using it")
     if isinstance(exc, psycopg.errors.InsufficientPrivilege):
         # Another tenant's partition: only its tenant's logins may write it
-        # (pyembed._partition_writers), and its corpus is out of this role's sight.
+        # (pyembed._partition_writers), and its corpus is out of this role's sight. Or an
+        # operator's login made since the last install, which grants it each partition by name.
         found = _OTHERS_PARTITION.fullmatch(message)
         if found:
             return errors.UnknownCorpus(f"unknown corpus id {found.group(1)}: it is not one "
-                                        "this role's tenant has")
+                                        "this role's tenant has (an operator's login granted "
+                                        "pyembed_operator since the last `pyembed install` "
+                                        "writes no partition until the owner runs it again)")
     if (isinstance(exc, psycopg.errors.ForeignKeyViolation)
             and 'table "corpora"' in (exc.diag.message_detail or "")
             and not message.startswith("update or delete")):

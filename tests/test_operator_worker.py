@@ -274,3 +274,26 @@ def test_the_operators_lease_on_a_tenants_batch_is_renewed_acting_for_that_tenan
     stats = held_beside(worker, other, providers, "the tenant's worker")
     assert stats.embedded == 3 and not others
     assert vectors(acme, "docs") == 3
+
+
+def test_an_operator_login_made_after_the_install_writes_once_it_runs_again(
+        db: Database, owner: psycopg.Connection[Any]) -> None:
+    """Each partition grants its INSERT to each operator's login by name (never to the group,
+    which reached a tenant's login granted pyembed_operator later): a login granted
+    pyembed_operator after the tenant's corpus was made writes nothing of it, and says so in one
+    line that names the fix, `pyembed install` (doctor warns of it too, test_privileges); once
+    the owner has run it, the same worker embeds the tenant's queue."""
+    from pyembed import schema
+
+    acme = member(db, owner, "acme")
+    add(acme, "docs", 2)
+    with login_role(owner, db.app_dsn, "late", sql.SQL(
+            "IN ROLE pyembed_app, pyembed_worker, pyembed_operator")) as late:
+        out = run_cli("worker", env={"PYEMBED_WORKER_DSN": late})
+        assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1, out
+        assert "since the last `pyembed install`" in out.stderr, out
+        assert vectors(acme, "docs") == 0
+        schema.install(db.owner_dsn)
+        out = run_cli("worker", env={"PYEMBED_WORKER_DSN": late})
+        assert out.returncode == 0, out
+        assert vectors(acme, "docs") == 2 and queued(acme) == 0
