@@ -210,10 +210,19 @@ logins AS (SELECT r.oid, r.rolname, mem.tenant_id, mem.name AS tenant,
                   pg_catalog.pg_has_role(r.oid, (SELECT oid FROM owner), 'MEMBER') AS owner
              FROM pg_catalog.pg_roles r LEFT JOIN members mem ON mem.oid = r.oid
             WHERE r.rolcanlogin AND NOT r.rolsuper)
-SELECT l.rolname::text, l.tenant, 'operator', NULL, NULL FROM logins l
+SELECT l.rolname::text, l.tenant, 'operator', (
+         SELECT pg_catalog.string_agg(g.rolname::text, ', ' ORDER BY g.rolname::text)
+           FROM pg_catalog.pg_auth_members a JOIN pg_catalog.pg_roles g ON g.oid = a.roleid
+          WHERE a.member = l.oid AND pg_catalog.pg_has_role(g.oid, 'pyembed_operator', 'MEMBER')),
+       NULL FROM logins l
  WHERE l.tenant IS NOT NULL AND l.operator
 UNION ALL
-SELECT l.rolname::text, l.tenant, 'owner', (SELECT oid FROM owner)::regrole::text, NULL
+SELECT l.rolname::text, l.tenant, 'owner', (
+         SELECT pg_catalog.string_agg(g.rolname::text, ', ' ORDER BY g.rolname::text)
+           FROM pg_catalog.pg_auth_members a JOIN pg_catalog.pg_roles g ON g.oid = a.roleid
+          WHERE a.member = l.oid AND pg_catalog.pg_has_role(g.oid, (SELECT oid FROM owner),
+                                                            'MEMBER')),
+       (SELECT oid FROM owner)::regrole::text
   FROM logins l WHERE l.tenant IS NOT NULL AND l.owner
 UNION ALL
 SELECT l.rolname::text, l.tenant, 'partitions',
@@ -251,19 +260,20 @@ def crossed_logins(conn: psycopg.Connection[Any]) -> list[CrossedLogin]:
     found = []
     for role, tenant, kind, via, what in rows:
         whose = f"{role} (tenant {tenant}'s login)" if tenant else f"{role} (no tenant's login)"
+        revoke = "; ".join(f"REVOKE {v} FROM {role}" for v in (via or "").split(", ")
+                           if v and v != role)
         if kind == "operator":
-            found.append(CrossedLogin(role, tenant, f"{whose} is in pyembed_operator: it acts for "
-                                      "its own tenant only, and writes no other tenant's "
-                                      "partition, but an operator's login must be no tenant's",
-                                      f"REVOKE pyembed_operator FROM {role}"))
+            found.append(CrossedLogin(role, tenant, f"{whose} is in pyembed_operator"
+                                      + ("" if via == "pyembed_operator" else f" through {via}")
+                                      + ": it acts for its own tenant only, but an operator's "
+                                      "login must be no tenant's", revoke))
         elif kind == "owner":
             found.append(CrossedLogin(role, tenant, f"{whose} may act as the schema's owner "
-                                      f"{via}, who sees and may change every tenant's rows",
-                                      f"REVOKE {via} FROM {role}"))
+                                      f"{what} through {via}, who sees and may change every "
+                                      "tenant's rows", revoke))
         elif kind == "partitions":
-            names = via.split(", ")
-            fix = "; ".join(f"REVOKE {v} FROM {role}" for v in names if v != role)
-            if role in names:  # (a grant of its own: _partition_writers takes it back)
+            fix = revoke
+            if role in via.split(", "):  # (a grant of its own: _partition_writers takes it back)
                 fix = "; ".join(f for f in (fix, "pyembed install") if f)
             found.append(CrossedLogin(role, tenant, f"{whose} holds privileges on tenant "
                                       f"{what}'s vector partitions through {via}, with which it "
