@@ -401,13 +401,25 @@ CHECKS: list[tuple[str, Callable[[Conn], Check]]] = [
 
 
 def _owner_reach(conn: Conn, dsn: str) -> str | None:
-    """`dsn` when its login may act as the pyembed schema's owner (is it, a superuser, or a
-    member inheriting its privileges), so that `doctor --dsn <the owner's DSN>` runs the
-    owner-only checks without PYEMBED_OWNER_DSN; else None."""
+    """A DSN as the pyembed schema's owner when `dsn`'s login may act as it, so that `doctor
+    --dsn <the owner's DSN>` runs the owner-only checks without PYEMBED_OWNER_DSN: `dsn` itself
+    for the owner, a superuser or a member inheriting its privileges; for a member that does not
+    inherit them (NOINHERIT), `dsn` with the session's role set to the owner (SET ROLE, as
+    libpq's options give it). Else None."""
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
     row = conn.execute(
-        "SELECT pg_catalog.pg_has_role(session_user, n.nspowner, 'USAGE') "
+        "SELECT pg_catalog.pg_has_role(session_user, n.nspowner, 'USAGE'), "
+        "pg_catalog.pg_has_role(session_user, n.nspowner, 'MEMBER'), "
+        "pg_catalog.pg_get_userbyid(n.nspowner) "
         "FROM pg_catalog.pg_namespace n WHERE n.nspname = 'pyembed'").fetchone()
-    return dsn if row and row[0] else None
+    if not row or not row[1]:
+        return None
+    if row[0]:
+        return dsn
+    role = str(row[2]).replace("\\", "\\\\").replace(" ", "\\ ")  # (options' escapes)
+    options = str(conninfo_to_dict(dsn).get("options") or "")
+    return make_conninfo(dsn, options=f"{options} -c role={role}".strip())
 
 
 def owner_dsn_for(dsn: str) -> str | None:

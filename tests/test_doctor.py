@@ -500,3 +500,19 @@ def test_doctor_with_the_owners_dsn_runs_the_owner_checks(db: Database) -> None:
             f"skip {name}: only the owner may read them, and this login is not the schema's "
             "owner nor a member of it — fix: run doctor as the owner: `pyembed doctor --dsn "
             "<the owner's DSN>`, or with PYEMBED_OWNER_DSN set beside this DSN"), lines[name]
+
+
+def test_doctor_as_a_member_of_the_owner_that_does_not_inherit_runs_the_owner_checks(
+        db: Database, owner: psycopg.Connection[Any]) -> None:
+    """A login that may act as the schema's owner only by SET ROLE (a NOINHERIT member of it):
+    doctor runs the owner-only checks as the owner's role, where they were skipped."""
+    from tests.helpers import login_role
+
+    schema_owner = owner.execute("SELECT pg_get_userbyid(nspowner) FROM pg_namespace "
+                                 "WHERE nspname = 'pyembed'").fetchone()[0]  # type: ignore[index]
+    with login_role(owner, db.app_dsn, "dba", sql.SQL("NOINHERIT IN ROLE {}").format(
+            sql.Identifier(schema_owner))) as dba:
+        out = pyembed("doctor", env={"PYEMBED_DSN": dba})
+        lines = _lines(out.stdout)
+        for name in OWNER_ONLY:
+            assert lines[name].startswith("ok   "), out.stdout + out.stderr
