@@ -173,6 +173,7 @@ FROM_PYEMBED = {
     "reserve_usage": "the corpus id and the counted requests", "search_query": "as record_search",
     "search_embedded": "as record_search",
     "_index_name": "migration_report (pyembed status): each corpus's own id",
+    "_document_size_problem": "corpora.too_big: the corpus's own id, and counted sizes",
 }
 
 LEAKS = {
