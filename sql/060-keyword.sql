@@ -442,6 +442,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
   b record;
+  most integer;
 BEGIN
   IF k IS NULL OR k < 1 OR k > 1000 THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
@@ -451,6 +452,21 @@ BEGIN
   IF query IS NULL OR query !~ '[^\x01-\x20\x7f-\xa0\xad\u0600-\u0605\u061c\u06dd\u070f\u0890-\u0891\u08e2\u1680\u180e\u2000-\u200f\u2028-\u202f\u205f-\u2064\u2066-\u206f\u3000\ufeff\ufff9-\ufffb\U000110bd\U000110cd\U00013430-\U00013438\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f]' THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
       MESSAGE = 'the query is empty or only whitespace and control characters';
+  END IF;
+  -- At most as long as an evaluation query may be (its table's CHECK eval_queries_query_bound,
+  -- read from the catalogue for a long query alone): a 1 MB query failed on PostgreSQL's limit
+  -- of a tsvector (54000), and each of its terms is a posting list BM25 reads.
+  IF length(query) > 1000 THEN
+    most := (SELECT (regexp_match(pg_catalog.pg_get_constraintdef(o.oid), '<= (\d+)\)'))[1]::integer
+               FROM pg_catalog.pg_constraint o
+              WHERE o.connamespace = 'pyembed'::regnamespace
+                AND o.conname = 'eval_queries_query_bound');
+    IF length(query) > most THEN
+      RAISE EXCEPTION USING ERRCODE = 'PE005',
+        MESSAGE = format('a keyword query is at most %s characters, got %s', most,
+                         length(query)),
+        HINT = 'shorten it to its key words (an evaluation query has the same bound)';
+    END IF;
   END IF;
   IF filter IS NOT NULL AND jsonb_typeof(filter) <> 'object' THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',

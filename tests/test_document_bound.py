@@ -97,3 +97,26 @@ def test_add_and_ingest_refuse_the_one_too_big_before_any_provider_call(
         assert calls and not any("word" in t for c in calls for t in c)
     assert sorted(r[0] for r in app.execute("SELECT document_id FROM pyembed.documents")) == [
         "one", "three"]
+
+
+def test_a_keyword_query_past_the_bound_is_refused_in_words(
+        db: Database, app: psycopg.Connection[Any]) -> None:
+    """A keyword query is at most as long as an evaluation query (eval_queries_query_bound,
+    10,000 characters). Before, a 1 MB query failed on PostgreSQL's tsvector limit (SQLSTATE
+    54000, "string is too long for tsvector"), and a shorter long one read a posting list for
+    each of its thousands of terms."""
+    words = " ".join(f"term{n}" for n in range(200_000))[:1_000_000]
+    with pyembed.connect(db.app_dsn) as client:
+        kb = client.create_corpus("kb", KEY)
+        kb.add([pyembed.Document("d", "term1 and term2")])
+        for query in (words, words[:10_001]):
+            with pytest.raises(pyembed.InvalidInput, match=(
+                    rf"^a keyword query is at most 10000 characters, got {len(query)} "
+                    r"\(hint: shorten it")):
+                kb.search(query, mode="keyword")
+        assert [h.document_id for h in kb.search(words[:10_000].rsplit(" ", 1)[0],
+                                                  mode="keyword")] == ["d"]
+    with pytest.raises(psycopg.Error) as err:
+        app.execute("SELECT * FROM pyembed.search_keyword('kb', %s)", (words,))
+    assert (err.value.sqlstate, err.value.diag.message_primary) == (
+        "PE005", "a keyword query is at most 10000 characters, got 1000000")
