@@ -82,6 +82,16 @@ class MissingAPIKey(PyembedError):
     sqlstate = "PE008"
 
 
+class NotEmbeddedYet(UserWarning):
+    """A vector or hybrid search found fewer hits than asked for while chunks of its corpus wait
+    in the queue for the worker (`pyembed worker`): no vector search finds them until they are
+    embedded. From the NOTICE pyembed's SQL sends then (SQLSTATE NOT_EMBEDDED_YET)."""
+
+
+NOT_EMBEDDED_YET = "01PE1"
+"""The SQLSTATE of that NOTICE (pyembed._queued_notice, sql/030-search.sql)."""
+
+
 ERROR_KINDS = ("rate_limited", "server_error", "no_response", "rejected", "bad_answer")
 """How a provider call can fail, as pyembed counts it (pyembed.provider_errors())."""
 
