@@ -648,6 +648,7 @@ OWNER_CALLS = {
     "_partition_writers": [DOCS_ID],
     "_vector_partition_name": [DOCS_ID],
     "_vector_ranking": [DOCS, Q, f"'{FAKE}'", "5", "'{}'", "'document'", "10"],
+    "_queued_notice": [DOCS, f"'{FAKE}'"],
     "hnsw_rule": ["1000", "384", "'vector'"],
     "index_status": ["'docs'"],
     "migration_backfilled": ["'begun'"],
