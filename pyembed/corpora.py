@@ -118,7 +118,8 @@ def model_spec(db: psycopg.Connection[Any] | Executor, key: str) -> ModelSpec:
     rows = executor(db).rows(f"SELECT {MODEL_COLUMNS} FROM pyembed.models WHERE model_key = $1",
                              [key], ["text"])
     if not rows:
-        raise UnknownModel(f"unknown model key {shown(key)}: `pyembed models` lists the known keys")
+        raise UnknownModel(f"unknown model key {shown(key)}",
+                           hint="`pyembed models` lists the known keys")
     return spec_from_row(dict(zip(MODEL_FIELDS, rows[0], strict=True)))
 
 

@@ -10,9 +10,23 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 
 class PyembedError(Exception):
-    """Base of every error pyembed raises on purpose."""
+    """Base of every error pyembed raises on purpose. `hint`, when given, is what to do about it:
+    shown after the message as "(hint: ...)", as an error from SQL shows its HINT
+    (pyembed.db.translate), and raised in SQL as the HINT (pyembed.indb.sql_error)."""
 
     sqlstate: ClassVar[str | None] = None
+
+    def __init__(self, *args: object, hint: str | None = None) -> None:
+        super().__init__(*args)
+        self.hint = hint
+
+    @property
+    def said(self) -> str:
+        """The message without its hint."""
+        return super().__str__()
+
+    def __str__(self) -> str:
+        return f"{self.said} (hint: {self.hint})" if self.hint else self.said
 
 
 class ConfigError(PyembedError):

@@ -304,7 +304,10 @@ BEGIN
   END IF;
   problem := pyembed._document_id_problem(NEW.document_id);
   IF problem IS NOT NULL THEN
-    RAISE EXCEPTION USING ERRCODE = 'PE005', MESSAGE = problem;
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = problem,
+      HINT = 'give an id as its writer will look it up again: NFC, no whitespace at its ends, no '
+             'control characters (README: document ids)';
   END IF;
   RETURN NEW;
 END
@@ -340,12 +343,15 @@ BEGIN
   c := pyembed.lookup_corpus(corpus);
   -- an id no document can have is a mistake to say, not one more id to skip
   IF array_position(document_ids, NULL) IS NOT NULL THEN
-    RAISE EXCEPTION USING ERRCODE = 'PE005', MESSAGE = 'document_ids holds a NULL';
+    RAISE EXCEPTION USING ERRCODE = 'PE005', MESSAGE = 'document_ids holds a NULL',
+      HINT = 'leave the NULL out: each element is the id of a document to delete';
   END IF;
   SELECT p INTO bad FROM unnest(document_ids) i, pyembed._document_id_problem(i) p
    WHERE p IS NOT NULL LIMIT 1;
   IF bad IS NOT NULL THEN
-    RAISE EXCEPTION USING ERRCODE = 'PE005', MESSAGE = bad;
+    RAISE EXCEPTION USING ERRCODE = 'PE005', MESSAGE = bad,
+      HINT = 'give an id as its writer will look it up again: NFC, no whitespace at its ends, no '
+             'control characters (README: document ids)';
   END IF;
   DELETE FROM pyembed.documents d
    WHERE d.corpus_id = c.corpus_id AND d.document_id = ANY (document_ids);

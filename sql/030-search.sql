@@ -114,10 +114,13 @@ BEGIN
   IF vector_dims(query_embedding) <> md.dimensions THEN
     RAISE EXCEPTION USING ERRCODE = 'PE003',
       MESSAGE = format('wrong dimensions: %s has %s dimensions, the query vector has %s',
-                       query_model_key, md.dimensions, vector_dims(query_embedding));
+                       query_model_key, md.dimensions, vector_dims(query_embedding)),
+      HINT = 'embed the query with the corpus''s model (pyembed.embed(text, key, ''query'')), or '
+             'let pyembed.search_text embed it';
   END IF;
   IF vector_norm(query_embedding) = 0 THEN
-    RAISE EXCEPTION USING ERRCODE = 'PE003', MESSAGE = 'zero query vector';
+    RAISE EXCEPTION USING ERRCODE = 'PE003', MESSAGE = 'zero query vector',
+      HINT = 'embed the query text again: a zero vector has no direction to compare';
   END IF;
   -- pgvector sums distances in single precision: a cosine or normalised model's query is scaled
   -- to unit length here (its norm is taken in double precision), which changes no ranking and
@@ -128,7 +131,9 @@ BEGIN
   ELSIF NOT pyembed._norm_ok(vector_norm(query_embedding), false) THEN
     RAISE EXCEPTION USING ERRCODE = 'PE003',
       MESSAGE = format('query vector norm %s is outside 1e-10..1e10: its scores would overflow '
-                       'or vanish', vector_norm(query_embedding));
+                       'or vanish', vector_norm(query_embedding)),
+      HINT = 'give the vector the model made for the query: one this far from norm 1 is not an '
+             'embedding';
   END IF;
   -- the key's storage (a migration's target key may have its own) and its index rules
   -- (pyembed._nearest_rules, inlined: no call)

@@ -193,7 +193,8 @@ AS $$
 BEGIN
   IF NOT block BETWEEN -(1::bigint << 54) AND (1::bigint << 54) THEN  -- (block << 9 fits bigint)
     RAISE EXCEPTION USING ERRCODE = 'PE005',
-      MESSAGE = format('no posting block has number %s', block);
+      MESSAGE = format('no posting block has number %s', block),
+      HINT = 'give a block number of the corpus''s pyembed.posting_blocks';
   END IF;
   IF block >= 0 THEN
     RETURN (SELECT string_agg(int2send((p.chunk_id & 511)::smallint) || int4send(p.tf)
@@ -451,7 +452,8 @@ BEGIN
   -- Only whitespace, control and format characters is empty too (pyembed.text.INVISIBLE).
   IF query IS NULL OR query !~ '[^\x01-\x20\x7f-\xa0\xad\u0600-\u0605\u061c\u06dd\u070f\u0890-\u0891\u08e2\u1680\u180e\u2000-\u200f\u2028-\u202f\u205f-\u2064\u2066-\u206f\u3000\ufeff\ufff9-\ufffb\U000110bd\U000110cd\U00013430-\U00013438\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f]' THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
-      MESSAGE = 'the query is empty or only whitespace and control characters';
+      MESSAGE = 'the query is empty or only whitespace and control characters',
+      HINT = 'give a query with a word in it';
   END IF;
   -- At most as long as an evaluation query may be (its table's CHECK eval_queries_query_bound,
   -- read from the catalogue for a long query alone): a 1 MB query failed on PostgreSQL's limit
