@@ -1,6 +1,9 @@
 -- Keyword search: BM25 (k1 1.2, b 0.75) over the tsvector lexemes of each chunk and of each
 -- document's whole text, with term and document frequencies kept in tables by triggers, and
 -- hybrid search (the keyword and vector rankings fused).
+-- Texts are tokenised in Unicode normal form NFC, chunks and queries alike (normalize(.., NFC)
+-- before every to_tsvector): "é" typed composed finds it written decomposed (NFD, as some macOS
+-- and PDF tools write it), and the reverse. The stored text stays as it was given.
 -- (PL/pgSQL plans a statement when it first runs it, so each branch may name only the
 -- transition tables its trigger event has.)
 
@@ -19,7 +22,7 @@ BEGIN
       JOIN pyembed.corpora c ON c.corpus_id = n.corpus_id
       CROSS JOIN LATERAL (
         SELECT u.lexeme, coalesce(array_length(u.positions, 1), 1) AS tf
-          FROM unnest(to_tsvector(c.text_config, n.content)) u) t;
+          FROM unnest(to_tsvector(c.text_config, normalize(n.content, NFC))) u) t;
   ELSE
     -- Created once a session; IF NOT EXISTS would send the client a NOTICE on every later call.
     IF to_regclass('pg_temp.pyembed_changed') IS NULL THEN
@@ -38,7 +41,7 @@ BEGIN
       JOIN pyembed.corpora c ON c.corpus_id = x.corpus_id
       CROSS JOIN LATERAL (
         SELECT u.lexeme, coalesce(array_length(u.positions, 1), 1) AS tf
-          FROM unnest(to_tsvector(c.text_config, x.content)) u) t;
+          FROM unnest(to_tsvector(c.text_config, normalize(x.content, NFC))) u) t;
     DELETE FROM pyembed_changed;
   END IF;
   RETURN NULL;
@@ -92,7 +95,8 @@ AS $$
     SELECT s.corpus_id, s.doc_no, u.lexeme,
            sum(coalesce(array_length(u.positions, 1), 1))::integer AS tf
       FROM segments s
-      CROSS JOIN LATERAL unnest(to_tsvector(s.text_config, array_to_string(s.w, ' '))) u
+      CROSS JOIN LATERAL unnest(to_tsvector(s.text_config,
+                                          normalize(array_to_string(s.w, ' '), NFC))) u
      GROUP BY s.corpus_id, s.doc_no, u.lexeme
   )
   SELECT t.corpus_id, t.doc_no, t.lexeme, t.tf,
@@ -515,7 +519,8 @@ BEGIN
   RETURN (WITH q AS MATERIALIZED (
     SELECT l.lexeme, ln(1 + (s.chunks - l.df + 0.5) / (l.df + 0.5::float8)) AS idf,
            s.total_len::float8 / greatest(s.chunks, 1) AS avgdl, row_number() OVER () AS t
-      FROM (SELECT DISTINCT u.lexeme FROM unnest(to_tsvector(c.text_config, query)) u) x
+      FROM (SELECT DISTINCT u.lexeme
+              FROM unnest(to_tsvector(c.text_config, normalize(query, NFC))) u) x
       JOIN pyembed.lexeme_stats l ON l.corpus_id = c.corpus_id AND l.lexeme = x.lexeme
       JOIN pyembed.keyword_stats s ON s.corpus_id = c.corpus_id
      WHERE l.df > 0
@@ -619,7 +624,8 @@ BEGIN
   SELECT array_agg(t.lexeme ORDER BY t.df, t.lexeme), array_agg(t.idf ORDER BY t.df, t.lexeme)
     INTO lx, w
     FROM (SELECT l.lexeme, l.df, ln(1 + (total - l.df + 0.5) / (l.df + 0.5::float8)) AS idf
-            FROM (SELECT DISTINCT u.lexeme FROM unnest(to_tsvector(c.text_config, query)) u) q
+            FROM (SELECT DISTINCT u.lexeme
+                    FROM unnest(to_tsvector(c.text_config, normalize(query, NFC))) u) q
             JOIN (SELECT ls.lexeme, CASE WHEN by_document THEN ls.document_df ELSE ls.df END AS df
                     FROM pyembed.lexeme_stats ls WHERE ls.corpus_id = c.corpus_id) l
               ON l.lexeme = q.lexeme
