@@ -115,8 +115,8 @@ BEGIN
     RAISE EXCEPTION USING ERRCODE = 'PE003',
       MESSAGE = format('wrong dimensions: %s has %s dimensions, the query vector has %s',
                        query_model_key, md.dimensions, vector_dims(query_embedding)),
-      HINT = 'embed the query with the corpus''s model (pyembed.embed(text, key, ''query'')), or '
-             'let pyembed.search_text embed it';
+      HINT = 'embed the query with the corpus''s model (pyembed.embed, input type query), or let '
+             'pyembed.search_text embed it';
   END IF;
   IF vector_norm(query_embedding) = 0 THEN
     RAISE EXCEPTION USING ERRCODE = 'PE003', MESSAGE = 'zero query vector',
