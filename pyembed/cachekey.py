@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import hashlib
 import time
+import unicodedata
+
+
+def nfc(text: str) -> str:
+    """`text` in Unicode normal form NFC: the form pyembed keys and embeds a text in, as the
+    database tokenises it for keyword search (sql/060-keyword.sql)."""
+    return unicodedata.normalize("NFC", text)
 
 
 def cache_key(text: str, model_key: str, input_type: str) -> bytes:
-    """sha256 of the stripped text, the model key and the input type, NUL-separated.
+    """sha256 of the stripped text in Unicode normal form NFC, the model key and the input
+    type, NUL-separated.
 
-    Surrounding whitespace does not change the key; the model key and input type do.
-    Texts containing NUL are rejected before they reach the cache, so the fields
-    cannot run into each other.
+    Surrounding whitespace and the text's normal form (NFC or NFD: "é" composed or
+    decomposed) do not change the key; the model key and input type do. Texts containing NUL
+    are rejected before they reach the cache, so the fields cannot run into each other.
     """
-    payload = "\x00".join((text.strip(), model_key, str(input_type)))
+    payload = "\x00".join((nfc(text.strip()), model_key, str(input_type)))
     return hashlib.sha256(payload.encode("utf-8")).digest()
 
 
@@ -49,7 +57,8 @@ class HitCounter:
 
 
 def rerank_cache_key(query: str, text: str, reranker: str) -> bytes:
-    """sha256 of "rerank", the stripped query, the stripped candidate text and the reranker's
-    identity, NUL-separated (texts with NUL never reach a reranker)."""
-    payload = "\x00".join(("rerank", query.strip(), text.strip(), reranker))
+    """sha256 of "rerank", the stripped query, the stripped candidate text (both in NFC, as
+    cache_key's) and the reranker's identity, NUL-separated (texts with NUL never reach a
+    reranker)."""
+    payload = "\x00".join(("rerank", nfc(query.strip()), nfc(text.strip()), reranker))
     return hashlib.sha256(payload.encode("utf-8")).digest()

@@ -16,6 +16,7 @@ import math
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -47,7 +48,7 @@ from .corpora import corpus_info, create_corpus, delete_documents, drop_corpus, 
 from .db import connect, connection_lost, resolve_dsn, translate
 from .dbcall import translated
 from .doctor import doctor_cmd
-from .errors import DatabaseNotReady, InvalidInput, MigrationError, PyembedError
+from .errors import DatabaseNotReady, InvalidInput, MigrationError, NotEmbeddedYet, PyembedError
 from .localdb import LocalCluster
 from .models import BUILTIN, LOCAL_DEFAULT
 from .recall import RECALL_ALERT
@@ -1486,6 +1487,28 @@ def _interruption(exc: BaseException) -> KeyboardInterrupt | None:
     return None
 
 
+@contextmanager
+def _warnings_as_lines() -> Iterator[None]:
+    """pyembed's warnings (NotEmbeddedYet: a search short of k while chunks wait for the worker)
+    as one `warning:` line each on stderr, the first time each is said, not Python's
+    file:line form; any other warning as Python shows it."""
+    shown = warnings.showwarning
+    said: set[str] = set()
+
+    def show(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        if not issubclass(category, NotEmbeddedYet):
+            shown(message, category, *args, **kwargs)
+        elif str(message) not in said:
+            said.add(str(message))
+            err_console.print(Text.assemble(("warning:", "yellow"), f" {message}"),
+                              highlight=False)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", NotEmbeddedYet)
+        warnings.showwarning = show
+        yield
+
+
 def main(argv: list[str] | None = None) -> Any:
     """Entry point: run the CLI, turning pyembed and connection errors into one line."""
     def fail(message: str, code: int = 1, exc: BaseException | None = None) -> None:
@@ -1500,7 +1523,8 @@ def main(argv: list[str] | None = None) -> Any:
     previous = ({s: signal.signal(s, _stop) for s in signals}
                 if threading.current_thread() is threading.main_thread() else {})
     try:
-        code = app(argv, standalone_mode=False)
+        with _warnings_as_lines():
+            code = app(argv, standalone_mode=False)
         if _stops:
             raise _stops[-1]
         if isinstance(code, int) and code:  # typer.Exit(code): `python -m pyembed` exited 0

@@ -9,6 +9,7 @@ import logging
 import os
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from .corpora import (
     drop_corpus,
     list_corpora,
     model_spec,
+    too_big,
     write_prepared,
 )
 from .db import (
@@ -638,7 +640,8 @@ class Corpus:
             check_metadata(d.metadata, f"document {d.id!r}: metadata")
         hashes = {i: document_hash(d.text, d.metadata) for i, d in docs.items()}
         metadata = {i: json.dumps(d.metadata, default=str) for i, d in docs.items()}
-        old, most_bytes = document_hashes(self.client._conn, self.info.corpus_id, metadata)
+        old, most_bytes, most_chunks = document_hashes(self.client._conn, self.info.corpus_id,
+                                                       metadata)
         todo = [d for i, d in docs.items() if old.get(i) != hashes[i]]
         embedder = self.client.embedder(self.model_key, truncate=truncate)
         target = self.info.target_model_key
@@ -674,6 +677,12 @@ class Corpus:
                 longest[todo[n].id] = max(size, longest.get(todo[n].id, 0))
         if longest:
             chunks_refused(self.client._conn, longest)
+        # One document's bound (its corpus's max_document_chunks), asked before any embedding.
+        counts = Counter(span[0] for g in groups for span in g)
+        if any(c > most_chunks for c in counts.values()):
+            too_big(self.client._conn, self.info.corpus_id,
+                    {todo[n].id: (c, len(todo[n].text.encode("utf-8", "surrogatepass")))
+                     for n, c in counts.items() if c > most_chunks})
 
         done = 0
         groups = [g for g in groups if g]

@@ -118,7 +118,8 @@ def model_spec(db: psycopg.Connection[Any] | Executor, key: str) -> ModelSpec:
     rows = executor(db).rows(f"SELECT {MODEL_COLUMNS} FROM pyembed.models WHERE model_key = $1",
                              [key], ["text"])
     if not rows:
-        raise UnknownModel(f"unknown model key {shown(key)}: `pyembed models` lists the known keys")
+        raise UnknownModel(f"unknown model key {shown(key)}",
+                           hint="`pyembed models` lists the known keys")
     return spec_from_row(dict(zip(MODEL_FIELDS, rows[0], strict=True)))
 
 
@@ -186,9 +187,10 @@ class RefusedDocuments(InvalidInput):
 
 
 def document_hashes(conn: psycopg.Connection[Any], corpus_id: int,
-                    documents: Mapping[str, str | None]) -> tuple[dict[str, bytes], int]:
-    """The stored documents' content hashes, by id, and the most bytes a chunk's text may have
-    (the chunks table's bound: `chunks_refused` once the changed documents are cut);
+                    documents: Mapping[str, str | None]) -> tuple[dict[str, bytes], int, int]:
+    """The stored documents' content hashes, by id, the most bytes a chunk's text may have
+    (the chunks table's bound: `chunks_refused` once the changed documents are cut) and the
+    most chunks one document may have (the corpus's max_document_chunks: `too_big`);
     RefusedDocuments if the database's rules refuse one of `documents` (id: its metadata as
     JSON text, or None). Asked in the one statement a write makes before its documents are
     embedded, so that no provider is paid for a document the write would refuse, and the rules
@@ -197,15 +199,33 @@ def document_hashes(conn: psycopg.Connection[Any], corpus_id: int,
     rows = conn.execute(
         "SELECT i.id, (SELECT d.content_hash FROM pyembed.documents d "
         "WHERE d.corpus_id = %(c)s AND d.document_id = i.id), p.problem, "
-        "(b.bounds ->> 'chunks_content_bound')::bigint "
+        "(b.bounds ->> 'chunks_content_bound')::bigint, "
+        "(SELECT c.max_document_chunks FROM pyembed.corpora c WHERE c.corpus_id = %(c)s) "
         "FROM unnest(%(ids)s::text[]) WITH ORDINALITY AS i(id, n) "
         "LEFT JOIN pyembed._document_problems(%(ids)s::text[], %(meta)s::text[]::jsonb[], "
         "NULL) p ON p.id = i.id CROSS JOIN pyembed._write_bounds() AS b(bounds) ORDER BY i.n",
         {"c": corpus_id, "ids": list(documents), "meta": list(documents.values())}).fetchall()
-    problems = {i: p for i, _, p, _ in rows if p is not None}
+    problems = {i: p for i, _, p, _, _ in rows if p is not None}
     if problems:
         raise RefusedDocuments(problems)
-    return {i: bytes(h) for i, h, _, _ in rows if h is not None}, rows[0][3] if rows else 0
+    return ({i: bytes(h) for i, h, _, _, _ in rows if h is not None},
+            rows[0][3] if rows else 0, rows[0][4] if rows else 0)
+
+
+def too_big(conn: psycopg.Connection[Any], corpus_id: int,
+            sizes: Mapping[str, tuple[int, int]]) -> None:
+    """RefusedDocuments for the documents of `sizes` (id: its chunks and its text's bytes as
+    UTF-8) past the corpus's bound on one document, in the database's words and with its fix
+    (pyembed._document_size_problem, which the chunks table's trigger asks at the write)."""
+    rows = conn.execute(
+        "SELECT s.id, p.problem || ' (hint: ' || p.hint || ')' "
+        "FROM unnest(%s::text[], %s::bigint[], %s::bigint[]) AS s(id, chunks, bytes) "
+        "CROSS JOIN LATERAL pyembed._document_size_problem(%s, s.id, s.chunks, s.bytes) p "
+        "WHERE p.problem IS NOT NULL",
+        (list(sizes), [c for c, _ in sizes.values()], [b for _, b in sizes.values()],
+         corpus_id)).fetchall()
+    if rows:
+        raise RefusedDocuments(dict(rows))
 
 
 def chunks_refused(conn: psycopg.Connection[Any], longest: Mapping[str, int]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import select
+import warnings
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -85,6 +86,7 @@ def connect(dsn: str | None = None, *, owner: bool = False, **kwargs: Any) -> ps
     dsn_parts(target)  # one that libpq cannot parse: ConfigError, not psycopg's error
     conn = psycopg.connect(target, **kwargs)
     opened_here(conn)
+    conn.add_notice_handler(_warned)
     try:
         register_vector(conn)
     except psycopg.ProgrammingError:
@@ -92,6 +94,14 @@ def connect(dsn: str | None = None, *, owner: bool = False, **kwargs: Any) -> ps
     else:
         conn.adapters.register_dumper(VectorArray, ListBinaryDumper)
     return conn
+
+
+def _warned(diag: psycopg.errors.Diagnostic) -> None:
+    """pyembed's NOTICE that a search found fewer hits than asked for while chunks wait for the
+    worker, as the Python warning NotEmbeddedYet (with its hint, as an error shows one)."""
+    if diag.sqlstate == errors.NOT_EMBEDDED_YET:
+        hint = f" (hint: {diag.message_hint})" if diag.message_hint else ""
+        warnings.warn(errors.NotEmbeddedYet(f"{diag.message_primary}{hint}"), stacklevel=2)
 
 
 def conninfo(conn: psycopg.Connection[Any]) -> str:

@@ -11,6 +11,7 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
+from .cachekey import nfc
 from .errors import ConfigError, InvalidInput, InvalidVector, ModelMismatch, ProviderError, shown
 from .limits import embedding_batch, limits_for, text_tokens
 from .models import InputType, ModelSpec
@@ -153,7 +154,7 @@ class Embedder:
                                           InputType.QUERY).reshape(self.spec.dimensions)
 
     def prepare_query(self, text: str) -> tuple[str, InputType]:
-        """The query as the cache keys it and the provider receives it (stripped, checked, cut
+        """The query as the cache keys it and the provider receives it (stripped, NFC, checked, cut
         if `truncate`), and the input type it is embedded as."""
         return (self._prepare([text], query=True)[0],
                 InputType.QUERY if self.spec.input_types else InputType.DOCUMENT)
@@ -170,11 +171,14 @@ class Embedder:
         self._prepare(texts)
 
     def _prepare(self, texts: Sequence[str], *, query: bool = False) -> list[str]:
-        """The texts stripped, checked against the token limit and, if `truncate`, cut. A
+        """The texts stripped, in NFC, checked against the token limit and, if `truncate`, cut. A
         `query` (one text, from a search) is named so: a search has no truncate option."""
         texts = text_list(texts)
         names = ["the query"] if query else [f"text {index}" for index in range(len(texts))]
-        stripped = [check_text(text, name).strip() for name, text in zip(names, texts, strict=True)]
+        # NFC: the form the cache keys a text by (cachekey.nfc), so the provider embeds what
+        # the key names whichever form came first.
+        stripped = [nfc(check_text(text, name).strip())
+                    for name, text in zip(names, texts, strict=True)]
         if not stripped:
             return stripped
         exact = self.provider.count_tokens(stripped)

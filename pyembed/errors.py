@@ -10,9 +10,23 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 
 class PyembedError(Exception):
-    """Base of every error pyembed raises on purpose."""
+    """Base of every error pyembed raises on purpose. `hint`, when given, is what to do about it:
+    shown after the message as "(hint: ...)", as an error from SQL shows its HINT
+    (pyembed.db.translate), and raised in SQL as the HINT (pyembed.indb.sql_error)."""
 
     sqlstate: ClassVar[str | None] = None
+
+    def __init__(self, *args: object, hint: str | None = None) -> None:
+        super().__init__(*args)
+        self.hint = hint
+
+    @property
+    def said(self) -> str:
+        """The message without its hint."""
+        return super().__str__()
+
+    def __str__(self) -> str:
+        return f"{self.said} (hint: {self.hint})" if self.hint else self.said
 
 
 class ConfigError(PyembedError):
@@ -80,6 +94,16 @@ class MissingAPIKey(PyembedError):
     """The provider's API key environment variable is not set."""
 
     sqlstate = "PE008"
+
+
+class NotEmbeddedYet(UserWarning):
+    """A vector or hybrid search found fewer hits than asked for while chunks of its corpus wait
+    in the queue for the worker (`pyembed worker`): no vector search finds them until they are
+    embedded. From the NOTICE pyembed's SQL sends then (SQLSTATE NOT_EMBEDDED_YET)."""
+
+
+NOT_EMBEDDED_YET = "01PE1"
+"""The SQLSTATE of that NOTICE (pyembed._queued_notice, sql/030-search.sql)."""
 
 
 ERROR_KINDS = ("rate_limited", "server_error", "no_response", "rejected", "bad_answer")

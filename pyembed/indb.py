@@ -74,9 +74,9 @@ def _service_settings(plpy: Any, db: PlpyExecutor, spec: Any
                            f"a whole number 0..{HTTP_RETRIES_MAX}"))
     api_key = _secret(db, spec.api_key_env) if spec.api_key_env else None
     if spec.api_key_env and not api_key:
-        raise MissingAPIKey(f"{spec.api_key_env} is not set for the database: as the owner, run "
-                            f"`pyembed secret set {spec.api_key_env}` (or SELECT "
-                            f"pyembed.set_secret('{spec.api_key_env}', '...'))")
+        raise MissingAPIKey(f"{spec.api_key_env} is not set for the database",
+                            hint=f"as the owner, run `pyembed secret set {spec.api_key_env}` (or "
+                                 f"SELECT pyembed.set_secret('{spec.api_key_env}', '...'))")
     # A proxy or gateway for the provider: owner-only like the key (a session setting would
     # let any role send the owner's key elsewhere).
     base_url = _secret(db, f"PYEMBED_{spec.provider.upper()}_BASE_URL")
@@ -200,7 +200,9 @@ def sql_error(plpy: Any, exc: Exception, where: str) -> tuple[str, dict[str, Any
         fields = _spi_fields(origin) if isinstance(origin, plpy.SPIError) else {}
         if fields.get("sqlstate") != sqlstate:  # not the database error it stands for
             fields = {}
-        message, fields["sqlstate"] = str(exc), sqlstate
+        message, fields["sqlstate"] = exc.said, sqlstate
+        if exc.hint:
+            fields["hint"] = exc.hint
     else:
         plpy.log(f"pyembed: internal error in {where}:\n" + "".join(
             traceback.format_exception(type(exc), exc, exc.__traceback__)))

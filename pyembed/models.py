@@ -195,8 +195,8 @@ class SeedModels:
         try:
             return self._specs[key]
         except KeyError:
-            raise UnknownModel(f"{key!r} is not a built-in model; `pyembed models` lists a "
-                               "database's models") from None
+            raise UnknownModel(f"{key!r} is not a built-in model",
+                               hint="`pyembed models` lists a database's models") from None
 
     def __iter__(self) -> Iterator[ModelSpec]:
         return iter(self._specs.values())

@@ -52,7 +52,9 @@ BEGIN
           OR (SELECT rolsuper OR rolbypassrls FROM pg_catalog.pg_roles
                WHERE rolname = session_user));
   IF NOT FOUND THEN
-    RAISE EXCEPTION USING ERRCODE = 'PE002', MESSAGE = format('unknown corpus id %s', p_corpus_id);
+    RAISE EXCEPTION USING ERRCODE = 'PE002', MESSAGE = format('unknown corpus id %s', p_corpus_id),
+      HINT = 'the corpus was dropped meanwhile, or is not one of your tenant''s: `pyembed corpus '
+             'list` shows yours';
   END IF;
   IF p_model_key IS DISTINCT FROM c.model_key AND p_model_key IS DISTINCT FROM c.target_model_key THEN
     RAISE EXCEPTION USING ERRCODE = 'PE001',
@@ -66,13 +68,19 @@ BEGIN
   IF vector_dims(p_embedding) <> m.dimensions THEN
     RAISE EXCEPTION USING ERRCODE = 'PE003',
       MESSAGE = format('wrong dimensions: %s has %s dimensions, the vector has %s',
-                       p_model_key, m.dimensions, vector_dims(p_embedding));
+                       p_model_key, m.dimensions, vector_dims(p_embedding)),
+      HINT = 'embed the chunk with the model of that key: a key ends with the dimensions its '
+             'model makes';
   ELSIF norm = 0 THEN
-    RAISE EXCEPTION USING ERRCODE = 'PE003', MESSAGE = format('zero vector for chunk %s', p_chunk_id);
+    RAISE EXCEPTION USING ERRCODE = 'PE003',
+      MESSAGE = format('zero vector for chunk %s', p_chunk_id),
+      HINT = 'embed the chunk''s text again: a zero vector has no direction to compare';
   ELSIF NOT m.normalized AND NOT pyembed._norm_ok(norm, false) THEN
     RAISE EXCEPTION USING ERRCODE = 'PE003',
       MESSAGE = format('vector for chunk %s has norm %s, outside 1e-10..1e10: its scores would '
-                       'overflow or vanish', p_chunk_id, norm);
+                       'overflow or vanish', p_chunk_id, norm),
+      HINT = 'write the vector the model made for the chunk: one this far from norm 1 is not an '
+             'embedding';
   ELSIF m.normalized AND abs(norm - 1) > 1e-3 THEN
     RAISE EXCEPTION USING ERRCODE = 'PE003',
       MESSAGE = format('vector for chunk %s is not unit-normalised (norm %s) but %s is a normalised '
@@ -108,7 +116,9 @@ AS $$
 BEGIN
   IF NOT (TG_ARGV[0]::integer = ANY (pyembed.visible_corpora()))
      AND NOT (SELECT rolsuper OR rolbypassrls FROM pg_catalog.pg_roles WHERE rolname = current_user) THEN
-    RAISE EXCEPTION USING ERRCODE = 'PE002', MESSAGE = format('unknown corpus id %s', TG_ARGV[0]);
+    RAISE EXCEPTION USING ERRCODE = 'PE002', MESSAGE = format('unknown corpus id %s', TG_ARGV[0]),
+      HINT = 'the corpus was dropped meanwhile, or is not one of your tenant''s: `pyembed corpus '
+             'list` shows yours';
   END IF;
   RETURN NULL;
 END
@@ -285,8 +295,9 @@ BEGIN
      IS DISTINCT FROM
      (OLD.model_key, OLD.distance, OLD.normalized, OLD.request_dimensions, OLD.input_types) THEN
     RAISE EXCEPTION USING ERRCODE = 'PE004',
-      MESSAGE = format('model %s is registered and its vector space cannot change; '
-                       'register a new model version instead', OLD.model_key);
+      MESSAGE = format('model %s is registered and its vector space cannot change', OLD.model_key),
+      HINT = 'register a new model version (pyembed.register_model) and migrate the corpora to it '
+             '(`pyembed migrate start`)';
   END IF;
   RETURN NEW;
 END

@@ -16,6 +16,68 @@ CREATE OR REPLACE TRIGGER chunks_hash
   BEFORE INSERT OR UPDATE ON pyembed.chunks
   FOR EACH ROW EXECUTE FUNCTION pyembed._chunk_hash();
 
+-- One document's size: at most its corpus's max_document_chunks chunks (revision 0038: a setting
+-- with a range, as chunk_tokens; 10,000 unless the owner sets another). A document of 99k chunks
+-- was written by one statement that held its locks for ~99 s. The problem with document `id` of
+-- corpus p_corpus_id having `chunks` chunks (`bytes`: its text's bytes as UTF-8, when the caller
+-- knows them) and the fix, or NULL when it fits. The one copy of the rule: the chunks table's
+-- statement triggers ask it at every write (every writer: your SQL, the client, `pyembed
+-- ingest`, pyembed.add_document), a client before it embeds (pyembed.corpora.document_hashes).
+CREATE OR REPLACE FUNCTION pyembed._document_size_problem(p_corpus_id integer, id text,
+                                                          chunks bigint, bytes bigint,
+                                                          OUT problem text, OUT hint text)
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  c pyembed.corpora;
+BEGIN
+  SELECT * INTO c FROM pyembed.corpora WHERE corpus_id = p_corpus_id;
+  IF NOT FOUND OR chunks IS NULL OR chunks <= c.max_document_chunks THEN
+    RETURN;
+  END IF;
+  problem := format('document %s is too big for corpus %s: %s chunks%s, more than its '
+                    'max_document_chunks %s', to_jsonb(id)::text, c.name, chunks,
+                    CASE WHEN bytes IS NOT NULL THEN format(' (%s bytes of text)', bytes) END,
+                    c.max_document_chunks);
+  hint := format('split the document, give the corpus a larger chunk_tokens, or raise its bound '
+                 'as the owner: set pyembed.corpora.max_document_chunks to %s for corpus_id %s '
+                 '(at most %s)', chunks, c.corpus_id,
+                 split_part(pyembed._setting_range('max_document_chunks'), '..', 2));
+END
+$$;
+
+-- PE005 for a write of chunks past its document's bound (above), before the keyword index and
+-- the queue see them (AFTER triggers of one event run in the order of their names). A writer
+-- numbers a document's chunks from 0: its highest chunk_index + 1 is its number of chunks.
+CREATE OR REPLACE FUNCTION pyembed._chunks_bounded() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  r record;
+  p record;
+BEGIN
+  SELECT n.corpus_id, n.document_id, max(n.chunk_index)::bigint + 1 AS chunks INTO r
+    FROM new_rows n JOIN pyembed.corpora c ON c.corpus_id = n.corpus_id
+   WHERE n.chunk_index >= c.max_document_chunks
+   GROUP BY n.corpus_id, n.document_id
+   ORDER BY n.document_id LIMIT 1;
+  IF r.corpus_id IS NOT NULL THEN
+    p := pyembed._document_size_problem(r.corpus_id, r.document_id, r.chunks, NULL);
+    RAISE EXCEPTION USING ERRCODE = 'PE005', MESSAGE = p.problem, HINT = p.hint;
+  END IF;
+  RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER chunks_bound_insert
+  AFTER INSERT ON pyembed.chunks REFERENCING NEW TABLE AS new_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION pyembed._chunks_bounded();
+CREATE OR REPLACE TRIGGER chunks_bound_update
+  AFTER UPDATE ON pyembed.chunks REFERENCING NEW TABLE AS new_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION pyembed._chunks_bounded();
+
 -- Deleting chunks deletes their vectors and keyword postings (one statement per corpus,
 -- instead of row-level foreign keys; a dropped corpus has dropped its partition already),
 -- planned as pyembed._vectors_written is (010-guards.sql).
@@ -242,7 +304,10 @@ BEGIN
   END IF;
   problem := pyembed._document_id_problem(NEW.document_id);
   IF problem IS NOT NULL THEN
-    RAISE EXCEPTION USING ERRCODE = 'PE005', MESSAGE = problem;
+    RAISE EXCEPTION USING ERRCODE = 'PE005',
+      MESSAGE = problem,
+      HINT = 'give an id as its writer will look it up again: NFC, no whitespace at its ends, no '
+             'control characters (README: document ids)';
   END IF;
   RETURN NEW;
 END
@@ -278,12 +343,15 @@ BEGIN
   c := pyembed.lookup_corpus(corpus);
   -- an id no document can have is a mistake to say, not one more id to skip
   IF array_position(document_ids, NULL) IS NOT NULL THEN
-    RAISE EXCEPTION USING ERRCODE = 'PE005', MESSAGE = 'document_ids holds a NULL';
+    RAISE EXCEPTION USING ERRCODE = 'PE005', MESSAGE = 'document_ids holds a NULL',
+      HINT = 'leave the NULL out: each element is the id of a document to delete';
   END IF;
   SELECT p INTO bad FROM unnest(document_ids) i, pyembed._document_id_problem(i) p
    WHERE p IS NOT NULL LIMIT 1;
   IF bad IS NOT NULL THEN
-    RAISE EXCEPTION USING ERRCODE = 'PE005', MESSAGE = bad;
+    RAISE EXCEPTION USING ERRCODE = 'PE005', MESSAGE = bad,
+      HINT = 'give an id as its writer will look it up again: NFC, no whitespace at its ends, no '
+             'control characters (README: document ids)';
   END IF;
   DELETE FROM pyembed.documents d
    WHERE d.corpus_id = c.corpus_id AND d.document_id = ANY (document_ids);

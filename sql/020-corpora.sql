@@ -361,7 +361,9 @@ BEGIN
   SELECT * INTO c FROM pyembed.corpora co WHERE co.corpus_id = p_corpus_id FOR NO KEY UPDATE;
   IF NOT FOUND THEN
     PERFORM pyembed._dropped_meanwhile(p_corpus_id);
-    RAISE EXCEPTION USING ERRCODE = 'PE002', MESSAGE = format('unknown corpus id %s', p_corpus_id);
+    RAISE EXCEPTION USING ERRCODE = 'PE002', MESSAGE = format('unknown corpus id %s', p_corpus_id),
+      HINT = 'the corpus was dropped meanwhile, or is not one of your tenant''s: `pyembed corpus '
+             'list` shows yours';
   END IF;
   RETURN c;
 END
@@ -379,13 +381,16 @@ AS $$
 BEGIN
   SELECT * INTO c FROM pyembed.corpora co WHERE co.corpus_id = p_corpus_id;
   IF NOT FOUND THEN
-    RAISE EXCEPTION USING ERRCODE = 'PE002', MESSAGE = format('no corpus has id %s', p_corpus_id);
+    RAISE EXCEPTION USING ERRCODE = 'PE002', MESSAGE = format('no corpus has id %s', p_corpus_id),
+      HINT = 'the corpus was dropped meanwhile, or is not one of your tenant''s: `pyembed corpus '
+             'list` shows yours';
   END IF;
   IF p_model_key IS NOT NULL THEN
     SELECT * INTO m FROM pyembed.models mo WHERE mo.model_key = p_model_key;
     IF NOT FOUND THEN
       RAISE EXCEPTION USING ERRCODE = 'PE006',
-        MESSAGE = format('unknown model key %s', pyembed._quoted(p_model_key));
+        MESSAGE = format('unknown model key %s', pyembed._quoted(p_model_key)),
+        HINT = '`pyembed models` lists the registered keys';
     END IF;
   END IF;
 END
@@ -560,7 +565,9 @@ BEGIN
     PERFORM pyembed._needs(hi IS NULL, 'hi', '_clear_vectors');
   END IF;
   IF NOT (p_corpus_id = ANY (pyembed.visible_corpora())) THEN
-    RAISE EXCEPTION USING ERRCODE = 'PE002', MESSAGE = format('unknown corpus id %s', p_corpus_id);
+    RAISE EXCEPTION USING ERRCODE = 'PE002', MESSAGE = format('unknown corpus id %s', p_corpus_id),
+      HINT = 'the corpus was dropped meanwhile, or is not one of your tenant''s: `pyembed corpus '
+             'list` shows yours';
   END IF;
   -- Most batches have nothing to replace, and planning `= ANY(ids)` costs per id.
   IF NOT EXISTS (SELECT FROM pyembed.vectors WHERE corpus_id = p_corpus_id
@@ -615,8 +622,8 @@ AS $$
 BEGIN
   IF name IS NULL OR name !~ '^[a-z0-9][a-z0-9_-]{0,62}$' THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
-      MESSAGE = format('invalid corpus name %s: use 1-63 lowercase letters, digits, _ or -, '
-                       'starting with a letter or digit', pyembed._quoted(name));
+      MESSAGE = format('invalid corpus name %s', pyembed._quoted(name)),
+      HINT = 'use 1-63 lowercase letters, digits, _ or -, starting with a letter or digit';
   END IF;
 END
 $$;
@@ -629,8 +636,9 @@ AS $$
 BEGIN
   IF storage IS NULL OR storage NOT IN ('vector', 'halfvec', 'binary') THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
-      MESSAGE = format('unknown storage %s: use vector, halfvec or binary',
-                       pyembed._quoted(storage));
+      MESSAGE = format('unknown storage %s',
+                       pyembed._quoted(storage)),
+      HINT = 'use vector, halfvec or binary (docs/index-tuning.md)';
   END IF;
 END
 $$;
@@ -867,7 +875,9 @@ BEGIN
     IF (old.distance, old.normalized, old.input_types, old.request_dimensions)
        IS DISTINCT FROM (distance, normalized, input_types, request_dimensions) THEN
       RAISE EXCEPTION USING ERRCODE = 'PE005',
-        MESSAGE = format('model %s is already registered with other settings', key);
+        MESSAGE = format('model %s is already registered with other settings', key),
+        HINT = 'call it with the settings it was registered with (`pyembed models`), or register '
+               'the new ones under another model_version';
     END IF;
     RETURN key;
   END IF;

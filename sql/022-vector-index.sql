@@ -75,7 +75,9 @@ BEGIN
     UPDATE pyembed.corpora SET target_storage = p_storage WHERE corpus_id = p_corpus_id;
   ELSE
     RAISE EXCEPTION USING ERRCODE = 'PE005',
-      MESSAGE = format('corpus %s does not serve %s', c.name, pyembed._quoted(p_model_key));
+      MESSAGE = format('corpus %s does not serve %s', c.name, pyembed._quoted(p_model_key)),
+      HINT = 'name the key the corpus serves (its model_key, or during a migration its target): '
+             '`pyembed migrate status CORPUS`';
   END IF;
   -- Not DROP INDEX IF EXISTS: that sends the client a NOTICE when there is none.
   IF to_regclass(format('pyembed.%I', name)) IS NOT NULL THEN

@@ -28,6 +28,29 @@
 -- statement (pyembed._nearest_sql, inlined, planned at each search), which meets a dropped
 -- corpus as every search did (undefined_table: PE002) and a migrated key's rows as they are.
 -- The SET clause keeps the settings local to this function: they end as it returns.
+-- A search short of k hits says why when chunks of the corpus wait in the queue for the key:
+-- no vector search finds them until the worker embeds them (`pyembed add_document` and a
+-- write's trigger queue them; a corpus no worker ever ran for returned nothing, silently). A
+-- NOTICE, SQLSTATE 01PE1 (Python: the warning pyembed.NotEmbeddedYet; the command line: a
+-- warning line), that writes nothing (a replica answers it); asked only by a search short of
+-- k, so a search that fills k pays nothing for it.
+CREATE OR REPLACE FUNCTION pyembed._queued_notice(c pyembed.corpora, key text) RETURNS void
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  waiting bigint := (SELECT count(*) FROM pyembed.queue q
+                      WHERE q.corpus_id = c.corpus_id AND q.model_key = key);
+BEGIN
+  IF waiting > 0 THEN
+    RAISE NOTICE USING ERRCODE = '01PE1',
+      MESSAGE = format('corpus %s has %s chunks queued for embedding with %s, which vector '
+                       'search finds only once they are embedded', c.name, waiting, key),
+      HINT = 'run `pyembed worker` (it embeds queued chunks; `pyembed status` shows the queue)';
+  END IF;
+END
+$$;
+
 CREATE OR REPLACE FUNCTION pyembed._vector_ranking(
   c pyembed.corpora, query_embedding vector, query_model_key text, k integer, filter jsonb,
   group_by text, chunks integer, OUT ids bigint[], OUT scores float8[], OUT keys text[])
@@ -91,10 +114,13 @@ BEGIN
   IF vector_dims(query_embedding) <> md.dimensions THEN
     RAISE EXCEPTION USING ERRCODE = 'PE003',
       MESSAGE = format('wrong dimensions: %s has %s dimensions, the query vector has %s',
-                       query_model_key, md.dimensions, vector_dims(query_embedding));
+                       query_model_key, md.dimensions, vector_dims(query_embedding)),
+      HINT = 'embed the query with the corpus''s model (pyembed.embed, input type query), or let '
+             'pyembed.search_text embed it';
   END IF;
   IF vector_norm(query_embedding) = 0 THEN
-    RAISE EXCEPTION USING ERRCODE = 'PE003', MESSAGE = 'zero query vector';
+    RAISE EXCEPTION USING ERRCODE = 'PE003', MESSAGE = 'zero query vector',
+      HINT = 'embed the query text again: a zero vector has no direction to compare';
   END IF;
   -- pgvector sums distances in single precision: a cosine or normalised model's query is scaled
   -- to unit length here (its norm is taken in double precision), which changes no ranking and
@@ -105,7 +131,9 @@ BEGIN
   ELSIF NOT pyembed._norm_ok(vector_norm(query_embedding), false) THEN
     RAISE EXCEPTION USING ERRCODE = 'PE003',
       MESSAGE = format('query vector norm %s is outside 1e-10..1e10: its scores would overflow '
-                       'or vanish', vector_norm(query_embedding));
+                       'or vanish', vector_norm(query_embedding)),
+      HINT = 'give the vector the model made for the query: one this far from norm 1 is not an '
+             'embedding';
   END IF;
   -- the key's storage (a migration's target key may have its own) and its index rules
   -- (pyembed._nearest_rules, inlined: no call)
@@ -139,6 +167,9 @@ BEGIN
           ids := hit_ids;
           scores := hit_scores;
           keys := hit_ids::text[];
+          IF coalesce(cardinality(ids), 0) < k THEN
+            PERFORM pyembed._queued_notice(c, query_model_key);
+          END IF;
           RETURN;
         END IF;
         -- Each document's nearest chunk, the k nearest documents, by the document numbers the
@@ -157,6 +188,9 @@ BEGIN
                   OR n >= 16 * k OR chunks IS NOT NULL;
         n := 2 * n;
       END LOOP;
+      IF coalesce(cardinality(ids), 0) < k THEN
+        PERFORM pyembed._queued_notice(c, query_model_key);
+      END IF;
       RETURN;
     EXCEPTION
       WHEN undefined_table THEN  -- the corpus was dropped since its caller looked it up

@@ -223,7 +223,9 @@ BEGIN
                        'for %s', coalesce(bad.name, 'unknown'), coalesce(bad.active, 'nothing'),
                        bad.chunk_id, bad.model_key),
       DETAIL = CASE WHEN bad.target IS NULL THEN 'no model migration is in progress'
-                    ELSE format('the migration target is %s', bad.target) END;
+                    ELSE format('the migration target is %s', bad.target) END,
+      HINT = 'queue a chunk for the key its corpus serves (or its migration''s target): a '
+             'chunk''s write queues it itself';
   END IF;
   RETURN NULL;
 END

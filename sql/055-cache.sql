@@ -77,7 +77,8 @@ BEGIN
   SELECT * INTO m FROM pyembed.models WHERE model_key = p_model_key;
   IF NOT FOUND THEN
     RAISE EXCEPTION USING ERRCODE = 'PE006',
-      MESSAGE = format('unknown model key %s', pyembed._quoted(p_model_key));
+      MESSAGE = format('unknown model key %s', pyembed._quoted(p_model_key)),
+      HINT = '`pyembed models` lists the registered keys';
   END IF;
   SELECT t.i, t.k, t.e INTO bad FROM unnest(keys, embeddings) WITH ORDINALITY AS t(k, e, i)
    WHERE t.k IS NULL OR length(t.k) <> 32 OR t.e IS NULL OR vector_dims(t.e) <> m.dimensions
@@ -189,8 +190,9 @@ BEGIN
   IF p_model_key IS NOT NULL
      AND NOT EXISTS (SELECT FROM pyembed.models m WHERE m.model_key = p_model_key) THEN
     RAISE EXCEPTION USING ERRCODE = 'PE006',
-      MESSAGE = format('unknown model key %s (pyembed models lists them)',
-                       pyembed._quoted(p_model_key));
+      MESSAGE = format('unknown model key %s',
+                       pyembed._quoted(p_model_key)),
+      HINT = '`pyembed models` lists the registered keys';
   END IF;
   DELETE FROM pyembed.embedding_cache e
    WHERE e.tenant_id = coalesce(pyembed.current_tenant(), 0)

@@ -25,8 +25,8 @@ BEGIN
     RETURN NEW;
   END IF;
   RAISE EXCEPTION USING ERRCODE = 'PE006',
-    MESSAGE = format('unknown reranker %s; known: %s', pyembed._quoted(NEW.reranker),
-                     array_to_string(pyembed.rerankers(), ', '));
+    MESSAGE = format('unknown reranker %s', pyembed._quoted(NEW.reranker)),
+    HINT = format('known: %s', array_to_string(pyembed.rerankers(), ', '));
 END
 $$;
 

@@ -1,6 +1,9 @@
 -- Keyword search: BM25 (k1 1.2, b 0.75) over the tsvector lexemes of each chunk and of each
 -- document's whole text, with term and document frequencies kept in tables by triggers, and
 -- hybrid search (the keyword and vector rankings fused).
+-- Texts are tokenised in Unicode normal form NFC, chunks and queries alike (normalize(.., NFC)
+-- before every to_tsvector): "é" typed composed finds it written decomposed (NFD, as some macOS
+-- and PDF tools write it), and the reverse. The stored text stays as it was given.
 -- (PL/pgSQL plans a statement when it first runs it, so each branch may name only the
 -- transition tables its trigger event has.)
 
@@ -19,7 +22,7 @@ BEGIN
       JOIN pyembed.corpora c ON c.corpus_id = n.corpus_id
       CROSS JOIN LATERAL (
         SELECT u.lexeme, coalesce(array_length(u.positions, 1), 1) AS tf
-          FROM unnest(to_tsvector(c.text_config, n.content)) u) t;
+          FROM unnest(to_tsvector(c.text_config, normalize(n.content, NFC))) u) t;
   ELSE
     -- Created once a session; IF NOT EXISTS would send the client a NOTICE on every later call.
     IF to_regclass('pg_temp.pyembed_changed') IS NULL THEN
@@ -38,7 +41,7 @@ BEGIN
       JOIN pyembed.corpora c ON c.corpus_id = x.corpus_id
       CROSS JOIN LATERAL (
         SELECT u.lexeme, coalesce(array_length(u.positions, 1), 1) AS tf
-          FROM unnest(to_tsvector(c.text_config, x.content)) u) t;
+          FROM unnest(to_tsvector(c.text_config, normalize(x.content, NFC))) u) t;
     DELETE FROM pyembed_changed;
   END IF;
   RETURN NULL;
@@ -92,7 +95,8 @@ AS $$
     SELECT s.corpus_id, s.doc_no, u.lexeme,
            sum(coalesce(array_length(u.positions, 1), 1))::integer AS tf
       FROM segments s
-      CROSS JOIN LATERAL unnest(to_tsvector(s.text_config, array_to_string(s.w, ' '))) u
+      CROSS JOIN LATERAL unnest(to_tsvector(s.text_config,
+                                          normalize(array_to_string(s.w, ' '), NFC))) u
      GROUP BY s.corpus_id, s.doc_no, u.lexeme
   )
   SELECT t.corpus_id, t.doc_no, t.lexeme, t.tf,
@@ -193,7 +197,8 @@ AS $$
 BEGIN
   IF NOT block BETWEEN -(1::bigint << 54) AND (1::bigint << 54) THEN  -- (block << 9 fits bigint)
     RAISE EXCEPTION USING ERRCODE = 'PE005',
-      MESSAGE = format('no posting block has number %s', block);
+      MESSAGE = format('no posting block has number %s', block),
+      HINT = 'give a block number of the corpus''s pyembed.posting_blocks';
   END IF;
   IF block >= 0 THEN
     RETURN (SELECT string_agg(int2send((p.chunk_id & 511)::smallint) || int4send(p.tf)
@@ -442,6 +447,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
   b record;
+  most integer;
 BEGIN
   IF k IS NULL OR k < 1 OR k > 1000 THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
@@ -450,7 +456,23 @@ BEGIN
   -- Only whitespace, control and format characters is empty too (pyembed.text.INVISIBLE).
   IF query IS NULL OR query !~ '[^\x01-\x20\x7f-\xa0\xad\u0600-\u0605\u061c\u06dd\u070f\u0890-\u0891\u08e2\u1680\u180e\u2000-\u200f\u2028-\u202f\u205f-\u2064\u2066-\u206f\u3000\ufeff\ufff9-\ufffb\U000110bd\U000110cd\U00013430-\U00013438\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f]' THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
-      MESSAGE = 'the query is empty or only whitespace and control characters';
+      MESSAGE = 'the query is empty or only whitespace and control characters',
+      HINT = 'give a query with a word in it';
+  END IF;
+  -- At most as long as an evaluation query may be (its table's CHECK eval_queries_query_bound,
+  -- read from the catalogue for a long query alone): a 1 MB query failed on PostgreSQL's limit
+  -- of a tsvector (54000), and each of its terms is a posting list BM25 reads.
+  IF length(query) > 1000 THEN
+    most := (SELECT (regexp_match(pg_catalog.pg_get_constraintdef(o.oid), '<= (\d+)\)'))[1]::integer
+               FROM pg_catalog.pg_constraint o
+              WHERE o.connamespace = 'pyembed'::regnamespace
+                AND o.conname = 'eval_queries_query_bound');
+    IF length(query) > most THEN
+      RAISE EXCEPTION USING ERRCODE = 'PE005',
+        MESSAGE = format('a keyword query is at most %s characters, got %s', most,
+                         length(query)),
+        HINT = 'shorten it to its key words (an evaluation query has the same bound)';
+    END IF;
   END IF;
   IF filter IS NOT NULL AND jsonb_typeof(filter) <> 'object' THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
@@ -497,7 +519,8 @@ BEGIN
   RETURN (WITH q AS MATERIALIZED (
     SELECT l.lexeme, ln(1 + (s.chunks - l.df + 0.5) / (l.df + 0.5::float8)) AS idf,
            s.total_len::float8 / greatest(s.chunks, 1) AS avgdl, row_number() OVER () AS t
-      FROM (SELECT DISTINCT u.lexeme FROM unnest(to_tsvector(c.text_config, query)) u) x
+      FROM (SELECT DISTINCT u.lexeme
+              FROM unnest(to_tsvector(c.text_config, normalize(query, NFC))) u) x
       JOIN pyembed.lexeme_stats l ON l.corpus_id = c.corpus_id AND l.lexeme = x.lexeme
       JOIN pyembed.keyword_stats s ON s.corpus_id = c.corpus_id
      WHERE l.df > 0
@@ -601,7 +624,8 @@ BEGIN
   SELECT array_agg(t.lexeme ORDER BY t.df, t.lexeme), array_agg(t.idf ORDER BY t.df, t.lexeme)
     INTO lx, w
     FROM (SELECT l.lexeme, l.df, ln(1 + (total - l.df + 0.5) / (l.df + 0.5::float8)) AS idf
-            FROM (SELECT DISTINCT u.lexeme FROM unnest(to_tsvector(c.text_config, query)) u) q
+            FROM (SELECT DISTINCT u.lexeme
+                    FROM unnest(to_tsvector(c.text_config, normalize(query, NFC))) u) q
             JOIN (SELECT ls.lexeme, CASE WHEN by_document THEN ls.document_df ELSE ls.df END AS df
                     FROM pyembed.lexeme_stats ls WHERE ls.corpus_id = c.corpus_id) l
               ON l.lexeme = q.lexeme

@@ -34,7 +34,9 @@ BEGIN
   -- the reports add the rows up; NOT NULL), checked by its insert below.
   price := (SELECT m.price_per_mtok FROM pyembed.models m WHERE m.model_key = p_model_key);
   IF p_corpus_id IS NOT NULL AND NOT (p_corpus_id = ANY (pyembed.visible_corpora())) THEN
-    RAISE EXCEPTION USING ERRCODE = 'PE002', MESSAGE = format('unknown corpus id %s', p_corpus_id);
+    RAISE EXCEPTION USING ERRCODE = 'PE002', MESSAGE = format('unknown corpus id %s', p_corpus_id),
+      HINT = 'the corpus was dropped meanwhile, or is not one of your tenant''s: `pyembed corpus '
+             'list` shows yours';
   END IF;
   IF tid <> 0 THEN
     SELECT * INTO t FROM pyembed.tenants WHERE tenant_id = tid;
@@ -49,7 +51,9 @@ BEGIN
                            '%s s', t.name, coalesce(t.requests_per_minute::text, 'unlimited'),
                            coalesce(t.tokens_per_minute::text, 'unlimited'), used.requests,
                            used.tokens, p_requests, p_tokens,
-                           ceil(extract(epoch FROM bucket + interval '1 minute' - now())));
+                           ceil(extract(epoch FROM bucket + interval '1 minute' - now()))),
+          HINT = 'retry then; or, as the owner, raise the tenant''s requests_per_minute or '
+                 'tokens_per_minute (`pyembed tenant --help`)';
       END IF;
     END IF;
   END IF;
@@ -76,8 +80,9 @@ BEGIN
     RETURN NEW;
   END IF;
   RAISE EXCEPTION USING ERRCODE = 'PE006',
-    MESSAGE = format('unknown model key %s: not in the registry (`pyembed models`) nor a '
-                     'reranker', pyembed._quoted(NEW.model_key));
+    MESSAGE = format('unknown model key %s: not in the registry nor a reranker',
+                     pyembed._quoted(NEW.model_key)),
+    HINT = '`pyembed models` lists the registered keys, pyembed.rerankers() the rerankers';
 END
 $$;
 
@@ -227,20 +232,22 @@ BEGIN
     FROM pg_catalog.pg_roles r WHERE r.rolname = NEW.role_name;
   IF NEW.role_oid IS NULL THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
-      MESSAGE = format('no role %s: create the login first (pyembed tenant add-member TENANT ROLE '
-                       '--login)', pyembed._quoted(NEW.role_name));
+      MESSAGE = format('no role %s', pyembed._quoted(NEW.role_name)),
+      HINT = 'create the login first (pyembed tenant add-member TENANT ROLE --login)';
   END IF;
   IF NOT can_login THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
       MESSAGE = format('role %s cannot log in: a session acts for the tenant of its login role, '
-                       'not of a group it is in; add each login that acts for the tenant',
-                       pyembed._quoted(NEW.role_name));
+                       'not of a group it is in', pyembed._quoted(NEW.role_name)),
+      HINT = 'add each login that acts for the tenant';
   END IF;
   IF NEW.role_oid = (SELECT n.nspowner FROM pg_catalog.pg_namespace n
                       WHERE n.nspname = 'pyembed') THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
       MESSAGE = format('role %s owns the pyembed schema: it manages every tenant and acts for '
-                       'none', pyembed._quoted(NEW.role_name));
+                       'none', pyembed._quoted(NEW.role_name)),
+      HINT = 'add a login of its own for the tenant (pyembed tenant add-member TENANT ROLE '
+             '--login)';
   END IF;
   -- (A login granted pyembed_operator after joining acts for its tenant all the same:
   -- pyembed._session_acts_for_tenants.)

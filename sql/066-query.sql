@@ -85,7 +85,9 @@ AS $$
 BEGIN
   IF current_setting('transaction_read_only') = 'off'
      AND NOT (p_corpus_id = ANY (pyembed.visible_corpora())) THEN
-    RAISE EXCEPTION USING ERRCODE = 'PE002', MESSAGE = format('unknown corpus id %s', p_corpus_id);
+    RAISE EXCEPTION USING ERRCODE = 'PE002', MESSAGE = format('unknown corpus id %s', p_corpus_id),
+      HINT = 'the corpus was dropped meanwhile, or is not one of your tenant''s: `pyembed corpus '
+             'list` shows yours';
   END IF;
   RETURN pyembed._record_search(p_corpus_id, p_model_key, kind, k, cache_hit, embed_ms,
                                 search_ms, generate_ms, total_ms, cache_key, input_type,

@@ -38,7 +38,8 @@ AS $$
 BEGIN
   IF NOT EXISTS (SELECT FROM pyembed.migrations x WHERE x.migration_id = m.migration_id) THEN
     RAISE EXCEPTION USING ERRCODE = 'PE007',
-      MESSAGE = format('no migration has id %s', coalesce(m.migration_id::text, 'NULL'));
+      MESSAGE = format('no migration has id %s', coalesce(m.migration_id::text, 'NULL')),
+      HINT = '`pyembed migrate status CORPUS` shows the corpus''s migration';
   END IF;
   INSERT INTO pyembed.migration_events (migration_id, step, detail)
   VALUES (m.migration_id, step, detail);
@@ -81,11 +82,15 @@ BEGIN
       HINT = 'finish it (pyembed migrate complete) or roll it back (pyembed migrate rollback)';
   END IF;
   IF NOT EXISTS (SELECT FROM pyembed.models WHERE model_key = to_key) THEN
-    RAISE EXCEPTION USING ERRCODE = 'PE006', MESSAGE = format('unknown model key %s', pyembed._quoted(to_key));
+    RAISE EXCEPTION USING ERRCODE = 'PE006',
+      MESSAGE = format('unknown model key %s', pyembed._quoted(to_key)),
+      HINT = '`pyembed models` lists the registered keys; register one of your own with '
+             'pyembed.register_model';
   END IF;
   IF to_key = c.model_key THEN
     RAISE EXCEPTION USING ERRCODE = 'PE007',
-      MESSAGE = format('corpus %s is already on %s', c.name, to_key);
+      MESSAGE = format('corpus %s is already on %s', c.name, to_key),
+      HINT = 'nothing to migrate: name another key (`pyembed models`)';
   END IF;
 END
 $$;
@@ -277,8 +282,9 @@ BEGIN
   PERFORM pyembed._need(r.m, corpus, ARRAY['shifting'], 'complete');
   IF (r.c).traffic_share < 100 THEN
     RAISE EXCEPTION USING ERRCODE = 'PE007',
-      MESSAGE = format('corpus %s serves only %s%% of searches from %s: shift 100 first',
-                       corpus, (r.c).traffic_share, (r.m).to_key);
+      MESSAGE = format('corpus %s serves only %s%% of searches from %s',
+                       corpus, (r.c).traffic_share, (r.m).to_key),
+      HINT = 'shift 100 first (`pyembed migrate shift CORPUS 100`)';
   END IF;
   -- Chunks queued for the old key are no longer needed. Removed before the key changes, which
   -- locks the partition (the partition's constraint follows the keys): a writer holds the queue
@@ -336,8 +342,9 @@ BEGIN
   r := pyembed._migration(corpus);
   IF (r.m).migration_id IS NOT NULL THEN
     RAISE EXCEPTION USING ERRCODE = 'PE007',
-      MESSAGE = format('corpus %s has a migration in progress (step %s): complete or roll it '
-                       'back before cleanup', corpus, (r.m).state);
+      MESSAGE = format('corpus %s has a migration in progress (step %s)', corpus, (r.m).state),
+      HINT = 'complete it or roll it back before cleanup (`pyembed migrate complete CORPUS` or '
+             '`pyembed migrate rollback CORPUS`)';
   END IF;
   DELETE FROM pyembed.vectors WHERE corpus_id = (r.c).corpus_id AND model_key <> (r.c).model_key;
   GET DIAGNOSTICS removed = ROW_COUNT;
@@ -407,14 +414,17 @@ BEGIN
     IF problem IS NOT NULL THEN
       RAISE EXCEPTION USING ERRCODE = 'PE005',
         MESSAGE = replace(replace(problem, 'a document id', 'an evaluation query id'),
-                          'document id', 'evaluation query id');
+                          'document id', 'evaluation query id'),
+        HINT = 'give the evaluation query an id the rule for document ids accepts (README: '
+               'document ids)';
     END IF;
   END IF;
   -- Only whitespace, control and format characters is empty too (pyembed.text.INVISIBLE).
   IF NEW.query IS NULL OR NEW.query !~ '[^\x01-\x20\x7f-\xa0\xad\u0600-\u0605\u061c\u06dd\u070f\u0890-\u0891\u08e2\u1680\u180e\u2000-\u200f\u2028-\u202f\u205f-\u2064\u2066-\u206f\u3000\ufeff\ufff9-\ufffb\U000110bd\U000110cd\U00013430-\U00013438\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f]' THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
-      MESSAGE = format('evaluation query %s is empty: give the text of a question',
-                       NEW.query_id);
+      MESSAGE = format('evaluation query %s is empty',
+                       NEW.query_id),
+      HINT = 'give the text of a question';
   END IF;
   IF coalesce(cardinality(NEW.relevant), 0) = 0 OR array_position(NEW.relevant, NULL) IS NOT NULL THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',

@@ -145,6 +145,7 @@ GRANT EXECUTE ON FUNCTION
   pyembed._document_id_problem(text),
   pyembed._write_bounds(),
   pyembed._document_problems(text[], jsonb[], bigint[]),
+  pyembed._document_size_problem(integer, text, bigint, bigint),
   pyembed.reserve_usage(text, integer, integer, bigint),
   pyembed.usage_report(numeric),
   pyembed.provider_errors(),

@@ -26,7 +26,8 @@ from tests.test_cli import db_env
 FAKE = "fake/fake-hash@1:384"
 SETTINGS = {"chunk_tokens": "1..100000", "chunk_overlap": "0..99999", "max_batch": "1..100000",
             "max_tokens": "1..10000000", "request_dimensions": "1..16000",
-            "requests_per_minute": "1..100000000", "tokens_per_minute": "1..2000000000"}
+            "requests_per_minute": "1..100000000", "tokens_per_minute": "1..2000000000",
+            "max_document_chunks": "1..10000000"}
 """Every integer setting stored in a row, with its range (revision 0028's CHECKs)."""
 OWN_RANGE = SETTINGS | {"k": "1..1000"}
 """Parameters named with their own range however far past it a number is (k: pyembed.search's)."""

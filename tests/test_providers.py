@@ -202,9 +202,9 @@ def test_missing_key_names_the_variable(spec: ModelSpec, monkeypatch: pytest.Mon
     monkeypatch.delenv(spec.api_key_env or "")
     with pytest.raises(MissingAPIKey) as info:
         provider_for(spec)
-    assert str(info.value) == (f"{spec.api_key_env} is not set: export it where the call "
+    assert str(info.value) == (f"{spec.api_key_env} is not set (hint: export it where the call "
                                f"runs; a new corpus can use the local model "
-                               f"{LOCAL_DEFAULT.key}, which needs no key")
+                               f"{LOCAL_DEFAULT.key}, which needs no key)")
     assert fake_api.requests == []
 
 

@@ -172,6 +172,7 @@ READ_SQL = [
     "SELECT count(*) FROM pyembed.provider_errors()",
     "SELECT pyembed._document_id_problem('doc'), pyembed._write_bounds(), (SELECT count(*) "
     "FROM pyembed._document_problems(ARRAY['doc'], ARRAY['{}'::jsonb], ARRAY[1::bigint])), "
+    "(pyembed._document_size_problem((pyembed.lookup_corpus('docs')).corpus_id, 'doc', 1, 1)).problem, "
     "pyembed.min_eval_queries(), "
     "pyembed._eval_queries_enough((pyembed.lookup_corpus('docs')).corpus_id, true)",
     "SELECT pyembed.code_digest(), pyembed.sql_digest()",

@@ -97,8 +97,9 @@ def test_fake_scores_are_deterministic_and_favour_shared_words() -> None:
 def test_a_missing_key_is_one_clear_error(service: str, monkeypatch: pytest.MonkeyPatch) -> None:
     env = KEYS[service][0]
     monkeypatch.delenv(env, raising=False)
-    with pytest.raises(MissingAPIKey, match=f"^{env} is not set: export it to rerank with "
-                                            f"{MODELS[service]}, or search without rerank$"):
+    with pytest.raises(MissingAPIKey, match=rf"^{env} is not set \(hint: export it to rerank "
+                                            rf"with {MODELS[service]}, or search without "
+                                            r"rerank\)$"):
         reranker_for(reranker_spec(MODELS[service]))
 
 
@@ -377,8 +378,8 @@ def test_cli_search_and_ask_rerank(db: Database, fake_api: FakeAPI,
     missing = run_cli("search", "shop", QUERY, "--rerank", "voyage/rerank-2.5", env=env)
     assert missing.returncode == 1
     assert missing.stderr.strip().splitlines() == [
-        "error: VOYAGE_API_KEY is not set: export it to rerank with voyage/rerank-2.5, or "
-        "search without rerank"]
+        "error: VOYAGE_API_KEY is not set (hint: export it to rerank with voyage/rerank-2.5, or "
+        "search without rerank)"]
     env["VOYAGE_API_KEY"] = KEYS["voyage"][1]
     out = run_cli("search", "shop", QUERY, "-k", "2", "--mode", "keyword", "--rerank",
                   "rerank-2.5", env=env)

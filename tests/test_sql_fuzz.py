@@ -173,6 +173,7 @@ FROM_PYEMBED = {
     "reserve_usage": "the corpus id and the counted requests", "search_query": "as record_search",
     "search_embedded": "as record_search",
     "_index_name": "migration_report (pyembed status): each corpus's own id",
+    "_document_size_problem": "corpora.too_big: the corpus's own id, and counted sizes",
 }
 
 LEAKS = {
@@ -647,6 +648,7 @@ OWNER_CALLS = {
     "_partition_writers": [DOCS_ID],
     "_vector_partition_name": [DOCS_ID],
     "_vector_ranking": [DOCS, Q, f"'{FAKE}'", "5", "'{}'", "'document'", "10"],
+    "_queued_notice": [DOCS, f"'{FAKE}'"],
     "hnsw_rule": ["1000", "384", "'vector'"],
     "index_status": ["'docs'"],
     "migration_backfilled": ["'begun'"],

@@ -333,9 +333,9 @@ def test_a_tenant_member_is_a_role_that_exists(owner: psycopg.Connection[Any]) -
 
 @pytest.mark.parametrize(("tenant", "role", "said"), [
     ("n" * 1_000_000, "someone", "unknown tenant 'nnnnnnnnnn"),
-    ("acme", "\u202eabc", "no role '\\u202eabc': create the login first"),
-    ("acme", "a\x01b\x1b[31m", "no role 'a\\u0001b\\u001b[31m': create the login first"),
-    ("acme", "", "no role '': create the login first"),
+    ("acme", "\u202eabc", "no role '\\u202eabc' (hint: create the login first"),
+    ("acme", "a\x01b\x1b[31m", "no role 'a\\u0001b\\u001b[31m' (hint: create the login first"),
+    ("acme", "", "no role '' (hint: create the login first"),
 ])
 def test_a_member_or_tenant_named_wrong_is_quoted(
         db: Database, owner: psycopg.Connection[Any], tenant: str, role: str, said: str) -> None:

@@ -121,11 +121,11 @@ class ServiceClient(Generic[S]):
             return None
         key = os.environ.get(env, "").strip()
         if not key:
-            raise MissingAPIKey(f"{env} is not set: {self.missing_key_hint()}")
+            raise MissingAPIKey(f"{env} is not set", hint=self.missing_key_hint())
         return key
 
     def missing_key_hint(self) -> str:
-        """What to do without the key, after "VAR is not set: "."""
+        """What to do without the key: the hint of "VAR is not set"."""
         return "export it"
 
     def failure(self, status: int | None, detail: str, *,

@@ -65,8 +65,8 @@ def reranker_spec(name: str) -> RerankerSpec:
     try:
         return RERANKERS[key]
     except (KeyError, TypeError):
-        raise UnknownModel(f"no reranker named {shown(name)}; known: "
-                           f"{', '.join([*RERANKERS, *ALIASES])}") from None
+        raise UnknownModel(f"no reranker named {shown(name)}",
+                           hint=f"known: {', '.join([*RERANKERS, *ALIASES])}") from None
 
 
 class RerankProvider(ServiceClient[RerankerSpec], ABC):
