@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import select
+import sys
 import warnings
 import weakref
 from collections.abc import Sequence
@@ -101,7 +102,19 @@ def _warned(diag: psycopg.errors.Diagnostic) -> None:
     worker, as the Python warning NotEmbeddedYet (with its hint, as an error shows one)."""
     if diag.sqlstate == errors.NOT_EMBEDDED_YET:
         hint = f" (hint: {diag.message_hint})" if diag.message_hint else ""
-        warnings.warn(errors.NotEmbeddedYet(f"{diag.message_primary}{hint}"), stacklevel=2)
+        warnings.warn(errors.NotEmbeddedYet(f"{diag.message_primary}{hint}"),
+                      stacklevel=_callers_level())
+
+
+def _callers_level() -> int:
+    """warnings.warn's stacklevel, called from _warned, of the first frame outside psycopg and
+    pyembed: the warning names the line of your code that searched, not psycopg's notice
+    callback (Python 3.11 has no skip_file_prefixes)."""
+    level, frame = 2, sys._getframe(2)
+    while frame.f_back is not None and \
+            str(frame.f_globals.get("__name__")).partition(".")[0] in ("psycopg", "pyembed"):
+        level, frame = level + 1, frame.f_back
+    return level
 
 
 def conninfo(conn: psycopg.Connection[Any]) -> str:

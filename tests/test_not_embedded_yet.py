@@ -44,9 +44,11 @@ def test_a_search_short_of_k_names_the_queued_chunks_until_the_worker_runs(
     with pyembed.connect(db.app_dsn) as client:
         docs = client.corpus("docs")
         with pytest.warns(pyembed.NotEmbeddedYet, match=r"^corpus docs has 2 chunks queued .* "
-                          r"\(hint: run `pyembed worker`"):
+                          r"\(hint: run `pyembed worker`") as heard_here:
             assert docs.search("refund", k=5, mode="vector") == []
-    out = run_cli("search", "docs", "refund", "--mode", "vector", "--dsn", db.app_dsn)
+    # the warning names the line that searched, not psycopg's notice callback
+    assert heard_here[0].filename == __file__
+    out = run_cli("search", "docs", "refund", "--mode", "vector", env={"PYEMBED_DSN": db.app_dsn})
     assert out.returncode == 0, out.stderr
     assert out.stderr.splitlines()[0] == "warning: " + SAID[6:] + (
         " (hint: run `pyembed worker` (it embeds queued chunks; `pyembed status` shows the "
