@@ -47,6 +47,7 @@ APP_EXECUTE = {
     "lookup_corpus(text)",  # the one lookup of a corpus by name (PE002)
     "_setting_range(text)",  # a stored setting's range, its CHECK's
     "_index_name(integer, text)",  # a key's index, which migration_report sizes for `status`
+    "_vector_counts()",  # each corpus's vectors by key, which coverage and migration_report read
     "_check_setting(text, numeric)",  # its check, in the words SQL, Python and the CLI give
     "version()",  # the server's pyembed, for `pyembed doctor`
     "code_digest()",  # its code, for `pyembed doctor`
