@@ -85,6 +85,12 @@ def connect(dsn: str | None = None, *, owner: bool = False, **kwargs: Any) -> ps
     dsn_parts(target)  # one that libpq cannot parse: ConfigError, not psycopg's error
     conn = psycopg.connect(target, **kwargs)
     opened_here(conn)
+    if conn.pgconn.parameter_status(b"standard_conforming_strings") != b"on":
+        # (A role's or database's setting for older applications.) psycopg escapes a bytea in an
+        # array parameter by it, doubling its backslashes, and the server then reads 66 bytes
+        # of text for a 32-byte cache key: pyembed's SQL reads alike either way.
+        with conn.transaction():
+            conn.execute("SET standard_conforming_strings = on")
     try:
         register_vector(conn)
     except psycopg.ProgrammingError:

@@ -218,6 +218,26 @@ END
 $install_lock$"""
 
 
+UTF8_DATABASE_SQL = """DO $utf8_database$
+BEGIN
+  IF current_setting('server_encoding') <> 'UTF8' THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE013',
+      MESSAGE = format('pyembed needs a database whose encoding is UTF8, not %s: every write '
+                       'checks its document ids in Unicode (NFC, which PostgreSQL computes in '
+                       'UTF8 alone), and texts hold any language',
+                       current_setting('server_encoding')),
+      HINT = format('make one with CREATE DATABASE ... ENCODING ''UTF8'' TEMPLATE template0 '
+                    '(its locale one of UTF-8 or C) and install there; database %s is left '
+                    'as it was', current_database());
+  END IF;
+END
+$utf8_database$"""
+"""The statement an install or upgrade runs after its lock: it stops, changing nothing, in a
+database whose encoding is not UTF8 (LATIN1, SQL_ASCII, ...). An install there succeeded, then
+every document's write failed ("Unicode normalization can only be performed if server encoding
+is UTF8")."""
+
+
 def expected_revision_sql(start: str | None) -> str:
     """The statement an offline script runs after the install lock: it stops, changing nothing,
     unless the database is at `start`, the revision the script was printed from (None: no
@@ -375,7 +395,8 @@ def said(exc: BaseException) -> str:
     revision's DO block)."""
     orig = getattr(exc, "orig", exc)
     diag = getattr(orig, "diag", None)
-    said = [diag.message_primary, diag.message_detail, diag.message_hint] if diag else []
+    said = [diag.message_primary, diag.message_detail,
+            diag.message_hint and f"(hint: {diag.message_hint})"] if diag else []
     return " ".join(" ".join(filter(None, said)).split()) if said and said[0] \
         else " ".join(str(orig).split())
 

@@ -457,8 +457,11 @@ def test_offline_script_is_the_source_sql_verbatim_under_the_install_lock() -> N
     lock = schema.install_lock_sql() + ";"
     statements = [s.strip() for s in script.split("\n\n") if s.strip() and not s.startswith("--")]
     assert statements[:2] == ["BEGIN;", lock], statements[:3]
-    # The revision check first, then the bound on every later lock wait, said to the DBA.
-    assert script.split("\n\n")[2:4] == [schema.expected_revision_sql(None) + ";",
+    # Standard strings whatever the DBA's session says, the database's encoding checked (UTF8),
+    # then the revision check, then the bound on every later lock wait, said to the DBA.
+    assert script.split("\n\n")[2:6] == ["SET LOCAL standard_conforming_strings = on;",
+                                         schema.UTF8_DATABASE_SQL + ";",
+                                         schema.expected_revision_sql(None) + ";",
                                          schema.ddl_lock_wait_sql(offline=True) + ";"]
     assert statements[-1] == "COMMIT;"
     assert script.count("COMMIT;") == 1  # one transaction: a failure leaves nothing behind
