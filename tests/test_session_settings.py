@@ -170,3 +170,35 @@ def test_an_install_in_a_database_not_in_utf8_stops_and_says_why(cluster: Any) -
                                      "a database whose encoding is UTF8, not LATIN1"), out.stderr
     finally:
         drop_database(cluster, name)
+
+
+def _timing_out(dsn: str) -> str:
+    return make_conninfo(dsn, options="-c statement_timeout=300")
+
+
+def test_a_statement_timeout_is_busy_in_pyembeds_words_not_an_unreachable_database(
+        db: Database, owner: psycopg.Connection[Any]) -> None:
+    """A login whose statement_timeout cancels a statement pyembed waits on (here a table another
+    session locked): Busy (PE012's class) naming the setting, from the connection's own first
+    statements as from a call, and one line from the command line. It was `cannot reach the
+    database: canceling statement due to statement timeout` (DatabaseNotReady) when the timeout
+    hit the statements pyembed.connect runs, and psycopg's QueryCanceled from a call."""
+    with pyembed.connect(db.app_dsn) as client:
+        client.create_corpus("kb", FAKE).add([("a", "alpha text")])
+    said = r"^canceling statement due to statement timeout: the statement took longer than this"
+    with owner.transaction():  # the catalogue pyembed.connect reads the vector type from
+        owner.execute("LOCK TABLE pg_catalog.pg_type IN ACCESS EXCLUSIVE MODE")
+        with pytest.raises(pyembed.Busy, match=said):
+            pyembed.connect(_timing_out(db.app_dsn))
+    with pyembed.connect(_timing_out(db.app_dsn)) as client:
+        kb = client.corpus("kb")
+        with owner.transaction():
+            owner.execute("LOCK TABLE pyembed.chunks IN ACCESS EXCLUSIVE MODE")
+            with pytest.raises(pyembed.Busy, match=said):
+                kb.search("alpha", k=1, mode="keyword")
+            out = run_cli("search", "kb", "alpha", "--mode", "keyword",
+                          env={"PYEMBED_DSN": _timing_out(db.app_dsn)})
+        assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+        assert out.stderr.startswith("error: canceling statement due to statement timeout: "
+                                     "the statement took longer"), out.stderr
+        assert kb.search("alpha", k=1, mode="keyword")[0].document_id == "a"  # and it goes on
