@@ -23,7 +23,7 @@ from typing import Annotated, Any
 
 import psycopg
 import typer
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from rich.segment import Segment
 from rich.table import Table
 from rich.text import Text
@@ -85,11 +85,26 @@ _PICTURES = {**{c: 0x2400 + c for c in range(0x20) if c not in (0x09, 0x0A)}, 0x
 controls as �): the same length, so a rich Text's styles keep their places."""
 
 
+MIN_WIDTH = 60
+"""The narrowest a table is laid out: below it rich gave some columns no width at all (a search's
+document ids, texts and model keys were gone at 30 columns, where 60 folds them whole); a
+narrower terminal wraps the lines, losing nothing."""
+
+
 class _Console(Console):
     """A console that writes no control character of the text it is given: stored texts are
     anyone's, and an escape sequence in one would set the terminal's title, hide or recolour
     lines, or move the cursor over what pyembed printed. Its own styles are escape sequences it
-    makes later, from the Text's spans, and stay."""
+    makes later, from the Text's spans, and stay. It lays out at least MIN_WIDTH columns."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = Console.size.fget(self)  # type: ignore[attr-defined]
+        return ConsoleDimensions(max(size.width, MIN_WIDTH), size.height)
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        Console.size.fset(self, new_size)  # type: ignore[attr-defined]
 
     def render_str(self, text: str, **options: Any) -> Text:
         return super().render_str(text.translate(_PICTURES), **options)
