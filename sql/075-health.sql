@@ -76,8 +76,8 @@ SELECT v.model_key,
 
 CREATE OR REPLACE VIEW pyembed.cache_health WITH (security_invoker = true) AS
 SELECT s.model_key,
-       sum(s.hits) FILTER (WHERE s.day = current_date) AS hits_today,
-       sum(s.misses) FILTER (WHERE s.day = current_date) AS misses_today,
+       sum(s.hits) FILTER (WHERE s.day = (now() AT TIME ZONE 'UTC')::date) AS hits_today,
+       sum(s.misses) FILTER (WHERE s.day = (now() AT TIME ZONE 'UTC')::date) AS misses_today,
        sum(s.hits) AS hits_7d, sum(s.misses) AS misses_7d,
        sum(s.hits)::float8 / nullif(sum(s.hits) + sum(s.misses), 0) AS hit_rate_7d,
        max(s.entries) AS entries

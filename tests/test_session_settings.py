@@ -202,3 +202,21 @@ def test_a_statement_timeout_is_busy_in_pyembeds_words_not_an_unreachable_databa
         assert out.stderr.startswith("error: canceling statement due to statement timeout: "
                                      "the statement took longer"), out.stderr
         assert kb.search("alpha", k=1, mode="keyword")[0].document_id == "a"  # and it goes on
+
+
+def test_cache_days_are_utcs_whatever_the_sessions_time_zone(db: Database) -> None:
+    """A session whose TimeZone puts it on another date than UTC's (UTC+14 from 10:00 UTC,
+    else UTC-12) counts its cache hits into UTC's day, and the reports read that day as today:
+    cache_stats.day was the session's current_date, so `pyembed cache stats` listed tomorrow's
+    row, and each reader's "today" (cache_health) was its own."""
+    with psycopg.connect(db.app_dsn, autocommit=True) as conn:
+        utc = conn.execute("SELECT (now() AT TIME ZONE 'UTC')").fetchone()[0]  # type: ignore[index]
+        zone = "Etc/GMT-14" if utc.hour >= 10 else "Etc/GMT+12"  # (POSIX signs: GMT-14 is +14)
+        conn.execute("SELECT set_config('TimeZone', %s, false)", (zone,))
+        assert conn.execute("SELECT current_date").fetchone() != (utc.date(),)
+        conn.execute("SELECT pyembed.cache_count(ARRAY[%s], ARRAY[3]::bigint[], "
+                     "ARRAY[1]::bigint[])", (FAKE,))
+        assert conn.execute("SELECT day, hits, misses FROM pyembed.cache_report(1)"
+                            ).fetchall() == [(utc.date(), 3, 1)]
+        assert conn.execute("SELECT hits_today, misses_today FROM pyembed.cache_health"
+                            ).fetchall() == [(3, 1)]
