@@ -378,6 +378,11 @@ def translate(exc: psycopg.Error) -> Exception:
         return errors.Busy(f"{message}: another session holds what this needs (a transaction "
                            "left open, a load or an index build on the corpus); the statement "
                            "changed nothing: retry when it is done")
+    if isinstance(exc, psycopg.errors.SerializationFailure):
+        # (A session whose default_transaction_isolation is serializable or repeatable read.)
+        return errors.Busy(f"{message}: another session's transaction changed what this one "
+                           "read or writes (this session's isolation is serializable or "
+                           "repeatable read), and this one changed nothing: retry")
     if isinstance(exc, psycopg.errors.QueryCanceled):
         # The server cancelled the statement: it ran past the session's statement_timeout (a
         # role's or database's setting, or your own), or someone cancelled it.

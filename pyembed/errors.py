@@ -177,7 +177,8 @@ class Busy(PyembedError):
     corpus's drop: its row and vectors; a lock timeout, such as a bulk load's or an index swap's
     5 s, or your own lock_timeout; a deadlock), or the statement ran past the session's
     statement_timeout: it changed nothing. Retry later. Mapped from PE012, and from SQLSTATE
-    55P03 (lock not available), 40P01 (deadlock) and 57014 (statement timeout, a cancel)."""
+    55P03 (lock not available), 40P01 (deadlock), 40001 (a serializable or repeatable read
+    transaction's conflict) and 57014 (statement timeout, a cancel)."""
 
     sqlstate = "PE012"
 

@@ -13,6 +13,7 @@ from psycopg.conninfo import make_conninfo
 
 import pyembed
 from pyembed import schema
+from pyembed.dbcall import translated
 from pyembed.errors import InstallError
 from pyembed.schema import sql_files
 from tests.conftest import Database, drop_database
@@ -220,3 +221,25 @@ def test_cache_days_are_utcs_whatever_the_sessions_time_zone(db: Database) -> No
                             ).fetchall() == [(utc.date(), 3, 1)]
         assert conn.execute("SELECT hits_today, misses_today FROM pyembed.cache_health"
                             ).fetchall() == [(3, 1)]
+
+
+def test_a_serialization_failure_is_busy_in_pyembeds_words(
+        db: Database, app: psycopg.Connection[Any]) -> None:
+    """Under default_transaction_isolation serializable or repeatable read (a DBA's setting), a
+    write that another session's committed write conflicts with fails with SQLSTATE 40001:
+    Busy (retry; nothing changed), from db.translate as from the command line, where two
+    `pyembed ingest` runs into one corpus under serializable gave psycopg's SerializationFailure
+    (from Python) and its bare message (from the command line)."""
+    app.execute("SELECT pyembed.create_corpus('kb', %s)", (FAKE,))
+    app.execute("SELECT pyembed.add_document('kb', 'a', 'alpha text')")
+    dsn = make_conninfo(db.app_dsn, options="-c default_transaction_isolation=repeatable\\ read")
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM pyembed.documents").fetchone() == (1,)
+        app.execute("SELECT pyembed.add_document('kb', 'a', 'alpha text, changed')")
+        with pytest.raises(pyembed.Busy, match=(
+                r"^could not serialize access due to concurrent update: another session's "
+                r"transaction changed what this one read or writes .* changed nothing: retry$")):
+            with translated():
+                conn.execute("SELECT pyembed.add_document('kb', 'a', 'alpha text, mine')")
+    assert app.execute("SELECT content FROM pyembed.chunks").fetchall() == [
+        ("alpha text, changed",)]
