@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from .config import resource_dir
 from .db import dsn_parts, resolve_dsn
-from .errors import InstallError, InvalidInput
+from .errors import InstallError, InvalidInput, PyembedError
 from .models import BUILTIN, ModelSpec
 
 if TYPE_CHECKING:
@@ -350,6 +350,7 @@ def _run(dsn: str | None, step: Callable[[Config], None], what: str = "install")
     """Run an Alembic command in one transaction; a failure rolls back and names the cause.
     A lock its DDL waited DDL_LOCK_WAIT for: tried again, DDL_TRIES in all, then a failure that
     names the sessions holding the locks."""
+    import psycopg
     import sqlalchemy as sa
 
     from .db import conninfo
@@ -369,6 +370,14 @@ def _run(dsn: str | None, step: Callable[[Config], None], what: str = "install")
                     cfg.attributes["connection"] = conn
                     step(cfg)
                 return
+            except PyembedError as exc:
+                # A PExxx of the install's own SQL (this database's encoding, PE013), raised as
+                # its pyembed class by pyembed.orm's handler once an application imported it:
+                # the same one line as without it.
+                if not isinstance(exc.__cause__, psycopg.Error):
+                    raise
+                raise InstallError(f"{what} failed, nothing was changed: "
+                                   f"{said(exc.__cause__)}") from exc.__cause__
             except sa.exc.DBAPIError as exc:
                 if watcher is not None:
                     watcher.stop()

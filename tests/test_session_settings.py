@@ -146,11 +146,17 @@ def test_an_install_works_where_the_database_turns_standard_conforming_strings_o
     assert schema.install(empty_db.owner_dsn) == schema.head_revision()  # and again (sql/ only)
 
 
-def test_an_install_in_a_database_not_in_utf8_stops_and_says_why(cluster: Any) -> None:
+@pytest.mark.parametrize("orm", [False, True])
+def test_an_install_in_a_database_not_in_utf8_stops_and_says_why(cluster: Any,
+                                                                   orm: bool) -> None:
     """A LATIN1 (or SQL_ASCII) database took the install, then refused every document's write
     (`Unicode normalization can only be performed if server encoding is UTF8`, from `pyembed
     ingest`, Corpus.add and add_document alike). Now the install stops first, changing nothing,
-    and names the fix; so does `pyembed install` (one line, exit 1)."""
+    and names the fix; so does `pyembed install` (one line, exit 1). The same InstallError in a
+    process that imported pyembed.orm, whose SQLAlchemy handler raised the PE013 as ConfigError
+    past the install's own words."""
+    if orm:
+        import pyembed.orm  # noqa: F401  (its handle_error listener, for every engine)
     name = f"t_latin1_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(cluster.dsn(owner=True), autocommit=True) as admin:
         admin.execute(psycopg.sql.SQL(
