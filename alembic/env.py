@@ -10,6 +10,7 @@ from sqlalchemy.exc import DBAPIError
 
 from pyembed.schema import (
     SCHEMA,
+    UTF8_DATABASE_SQL,
     VERSION_TABLE,
     ddl_lock_wait_sql,
     expected_revision_sql,
@@ -37,6 +38,10 @@ def _migrate() -> None:
         # One installer at a time: a second concurrent run waits, then finds the schema at head;
         # no lock another role can take makes it wait for ever (pyembed.schema.install_lock_sql).
         context.execute(raw_text(install_lock_sql()))
+        # The revisions and sql/ write backslashes as standard SQL reads them; a role's or a
+        # database's standard_conforming_strings off made '\u00a0' an invalid byte here.
+        context.execute(raw_text("SET LOCAL standard_conforming_strings = on"))
+        context.execute(raw_text(UTF8_DATABASE_SQL))
         offline = context.is_offline_mode()
         if offline:
             # A script printed for one revision, applied to a database at another, stops here.

@@ -24,7 +24,7 @@ from typing import Annotated, Any
 
 import psycopg
 import typer
-from rich.console import Console
+from rich.console import Console, ConsoleOptions, RenderResult
 from rich.segment import Segment
 from rich.table import Table
 from rich.text import Text
@@ -218,12 +218,29 @@ def _json_safe(data: Any) -> Any:
     return data
 
 
+class _Table(Table):
+    """A table laid out as wide as it must be for each column to show a character of each cell
+    a line: at the console's width when that is enough, else wider (a narrower terminal wraps
+    its lines). Below that, rich gave some columns no width at all: a search's document ids,
+    texts and model keys were gone at 30 columns, and a usage report's tenants at 40."""
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        width = options.max_width
+        # (as rich lays it out: the columns share the width less the borders; a column's width
+        # counts its padding, one space each side)
+        while min(self._calculate_column_widths(
+                console, options.update_width(width - self._extra_width)), default=3) < 3 \
+                and width < 10_000:
+            width += 1
+        yield from super().__rich_console__(console, options.update_width(width))
+
+
 def _table(*titles: str, numbers: tuple[str, ...] = (), **options: Any) -> Table:
     """A table whose every column folds a long cell onto more lines, at any width and in a
     pipe: never elided, because users copy model keys and ids out of them. Columns named in
     `numbers` stay unwrapped while the others can give way (a number split over two lines
     misreads)."""
-    table = Table(**options)
+    table = _Table(**options)
     for title in titles:
         table.add_column(title, overflow="fold", no_wrap=title in numbers)
     return table

@@ -89,12 +89,31 @@ def connect(dsn: str | None = None, *, owner: bool = False, **kwargs: Any) -> ps
     opened_here(conn)
     conn.add_notice_handler(_warned)
     try:
+        _prepare(conn)
+    except psycopg.Error as exc:
+        # The connection opened: a statement of its own the server refused (a statement_timeout
+        # hit while a catalogue it reads was locked), not a database out of reach, which is what
+        # its callers took a psycopg.OperationalError here for.
+        conn.close()
+        if connection_lost(exc):
+            raise
+        raise translate(exc) from exc
+    return conn
+
+
+def _prepare(conn: psycopg.Connection[Any]) -> None:
+    if conn.pgconn.parameter_status(b"standard_conforming_strings") != b"on":
+        # (A role's or database's setting for older applications.) psycopg escapes a bytea in an
+        # array parameter by it, doubling its backslashes, and the server then reads 66 bytes
+        # of text for a 32-byte cache key: pyembed's SQL reads alike either way.
+        with conn.transaction():
+            conn.execute("SET standard_conforming_strings = on")
+    try:
         register_vector(conn)
     except psycopg.ProgrammingError:
         pass  # extension not installed yet: `pyembed install` creates it
     else:
         conn.adapters.register_dumper(VectorArray, ListBinaryDumper)
-    return conn
 
 
 def _warned(diag: psycopg.errors.Diagnostic) -> None:
@@ -382,6 +401,18 @@ def translate(exc: psycopg.Error) -> Exception:
         return errors.Busy(f"{message}: another session holds what this needs (a transaction "
                            "left open, a load or an index build on the corpus); the statement "
                            "changed nothing: retry when it is done")
+    if isinstance(exc, psycopg.errors.SerializationFailure):
+        # (A session whose default_transaction_isolation is serializable or repeatable read.)
+        return errors.Busy(f"{message}: another session's transaction changed what this one "
+                           "read or writes (this session's isolation is serializable or "
+                           "repeatable read), and this one changed nothing: retry")
+    if isinstance(exc, psycopg.errors.QueryCanceled):
+        # The server cancelled the statement: it ran past the session's statement_timeout (a
+        # role's or database's setting, or your own), or someone cancelled it.
+        return errors.Busy(f"{message}: the statement took longer than this session allows "
+                           "(statement_timeout) or was cancelled, and changed nothing: retry, or "
+                           "raise the timeout for this login (ALTER ROLE ... SET "
+                           "statement_timeout)")
     if isinstance(exc, psycopg.errors.ReadOnlySqlTransaction):
         # A write on a hot standby, or in a transaction or session that is read-only.
         return errors.ReadOnlyReplica(f"{message}: this session cannot write (a replica, or a "

@@ -199,8 +199,10 @@ class ReadOnlyReplica(PyembedError):
 class Busy(PyembedError):
     """What a call needed was held by another session for longer than the call waits (a
     corpus's drop: its row and vectors; a lock timeout, such as a bulk load's or an index swap's
-    5 s, or your own lock_timeout; a deadlock): the statement changed nothing. Retry later.
-    Mapped from PE012, and from SQLSTATE 55P03 (lock not available) and 40P01 (deadlock)."""
+    5 s, or your own lock_timeout; a deadlock), or the statement ran past the session's
+    statement_timeout: it changed nothing. Retry later. Mapped from PE012, and from SQLSTATE
+    55P03 (lock not available), 40P01 (deadlock), 40001 (a serializable or repeatable read
+    transaction's conflict) and 57014 (statement timeout, a cancel)."""
 
     sqlstate = "PE012"
 

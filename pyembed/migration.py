@@ -361,15 +361,21 @@ def validate(client: Client, corpus: str, *, k: int = 10, max_drop: float = 0.02
     if not evals:
         raise MigrationError(f"corpus {corpus} has no evaluation queries: add some with "
                              "`pyembed eval add` first")
-    with client.billed_to(info.corpus_id):  # the evaluation queries' embeddings
-        old, old_rank = _score(client, corpus, info.model_key, evals, k)
-        new, new_rank = _score(client, corpus, info.target_model_key, evals, k)
-    passed = new.ndcg >= old.ndcg - max_drop and new.recall >= old.recall - max_drop
-    min_queries = int(floor[1])
-    result = Validation(len(evals), old, new, overlap(old_rank, new_rank, k), max_drop, passed,
-                        min_queries, force and len(evals) < min_queries)
-    _call(client, "migration_validated", corpus, json.dumps(result.as_json()), passed,
-          result.forced)
+    try:
+        with client.billed_to(info.corpus_id):  # the evaluation queries' embeddings
+            old, old_rank = _score(client, corpus, info.model_key, evals, k)
+            new, new_rank = _score(client, corpus, info.target_model_key, evals, k)
+        passed = new.ndcg >= old.ndcg - max_drop and new.recall >= old.recall - max_drop
+        min_queries = int(floor[1])
+        result = Validation(len(evals), old, new, overlap(old_rank, new_rank, k), max_drop,
+                            passed, min_queries, force and len(evals) < min_queries)
+        _call(client, "migration_validated", corpus, json.dumps(result.as_json()), passed,
+              result.forced)
+    except (KeyboardInterrupt, psycopg.OperationalError, DatabaseNotReady) as exc:
+        # (One statement records the report: stopped before it, or in it, nothing is kept.)
+        exc.add_note(f"validate stopped with no report recorded: corpus {corpus} is still at "
+                     f"step {info.migration_step}; running it again validates from the start")
+        raise
     return result
 
 

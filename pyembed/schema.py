@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from .config import resource_dir
 from .db import dsn_parts, resolve_dsn
-from .errors import InstallError, InvalidInput
+from .errors import InstallError, InvalidInput, PyembedError
 from .models import BUILTIN, ModelSpec
 
 if TYPE_CHECKING:
@@ -218,6 +218,26 @@ END
 $install_lock$"""
 
 
+UTF8_DATABASE_SQL = """DO $utf8_database$
+BEGIN
+  IF current_setting('server_encoding') <> 'UTF8' THEN
+    RAISE EXCEPTION USING ERRCODE = 'PE013',
+      MESSAGE = format('pyembed needs a database whose encoding is UTF8, not %s: every write '
+                       'checks its document ids in Unicode (NFC, which PostgreSQL computes in '
+                       'UTF8 alone), and texts hold any language',
+                       current_setting('server_encoding')),
+      HINT = format('make one with CREATE DATABASE ... ENCODING ''UTF8'' TEMPLATE template0 '
+                    '(its locale one of UTF-8 or C) and install there; database %s is left '
+                    'as it was', current_database());
+  END IF;
+END
+$utf8_database$"""
+"""The statement an install or upgrade runs after its lock: it stops, changing nothing, in a
+database whose encoding is not UTF8 (LATIN1, SQL_ASCII, ...). An install there succeeded, then
+every document's write failed ("Unicode normalization can only be performed if server encoding
+is UTF8")."""
+
+
 def expected_revision_sql(start: str | None) -> str:
     """The statement an offline script runs after the install lock: it stops, changing nothing,
     unless the database is at `start`, the revision the script was printed from (None: no
@@ -330,6 +350,7 @@ def _run(dsn: str | None, step: Callable[[Config], None], what: str = "install")
     """Run an Alembic command in one transaction; a failure rolls back and names the cause.
     A lock its DDL waited DDL_LOCK_WAIT for: tried again, DDL_TRIES in all, then a failure that
     names the sessions holding the locks."""
+    import psycopg
     import sqlalchemy as sa
 
     from .db import conninfo
@@ -349,6 +370,14 @@ def _run(dsn: str | None, step: Callable[[Config], None], what: str = "install")
                     cfg.attributes["connection"] = conn
                     step(cfg)
                 return
+            except PyembedError as exc:
+                # A PExxx of the install's own SQL (this database's encoding, PE013), raised as
+                # its pyembed class by pyembed.orm's handler once an application imported it:
+                # the same one line as without it.
+                if not isinstance(exc.__cause__, psycopg.Error):
+                    raise
+                raise InstallError(f"{what} failed, nothing was changed: "
+                                   f"{said(exc.__cause__)}") from exc.__cause__
             except sa.exc.DBAPIError as exc:
                 if watcher is not None:
                     watcher.stop()
@@ -375,7 +404,8 @@ def said(exc: BaseException) -> str:
     revision's DO block)."""
     orig = getattr(exc, "orig", exc)
     diag = getattr(orig, "diag", None)
-    said = [diag.message_primary, diag.message_detail, diag.message_hint] if diag else []
+    said = [diag.message_primary, diag.message_detail,
+            diag.message_hint and f"(hint: {diag.message_hint})"] if diag else []
     return " ".join(" ".join(filter(None, said)).split()) if said and said[0] \
         else " ".join(str(orig).split())
 

@@ -117,6 +117,13 @@ MAX_RETRY_DELAY = 86400.0
 service's Retry-After beyond it is cut to it."""
 
 
+SESSION_CORPORA = 256
+"""The corpora a worker's session writes to before the worker opens a new one, between two
+batches: a backend keeps what each corpus's write made it compile (PL/pgSQL compiles a trigger
+function again for each partition it fires on, with its plans) until its session ends, which
+DISCARD ALL does not hasten (docs/scale-out.md, Many corpora)."""
+
+
 @dataclass
 class Item:
     corpus_id: int
@@ -283,6 +290,7 @@ class Worker:
         self.stop_requested = threading.Event()
         self._conn: psycopg.Connection[Any] | None = None
         self._handed_out: str | None = None  # worker.conn, once your code had it
+        self._written_in: set[int] = set()  # the corpora the session of _conn wrote to
         self._cache_conn: psycopg.Connection[Any] | None = None
         self._cache_tenant: str | None = None  # what the cache connection acts for
         self._tenant: str | None = None
@@ -315,6 +323,7 @@ class Worker:
         """The worker's own connection, opened again after a loss as the first one acted (its
         login role, current role and tenant: db.reopen), unless it was handed out."""
         if self._conn is None or self._conn.closed or inherited(self._conn):
+            self._written_in.clear()
             handed_out = self._handed_out if self._conn is not None else None
             self._conn, self._leases.acted_as = reopen(
                 self.dsn, self._leases.acted_as, "worker", handed_out=handed_out,
@@ -340,8 +349,10 @@ class Worker:
 
     def _reopen_lost(self) -> None:
         """Between batches, close the connections their server closed (a restart), so that
-        the next batch opens new ones instead of failing once and waiting to retry."""
-        if self._conn is not None and gone(self._conn):
+        the next batch opens new ones instead of failing once and waiting to retry; and the
+        worker's own connection once its session wrote to SESSION_CORPORA corpora."""
+        if self._conn is not None and (gone(self._conn) or (
+                len(self._written_in) >= SESSION_CORPORA and self._handed_out is None)):
             release(self._conn)
         if self._cache_conn is not None and gone(self._cache_conn):
             release(self._cache_conn)
@@ -566,6 +577,7 @@ class Worker:
                 raise
             self._refused(key, corpus_id, items, stats)
             return
+        self._written_in.add(corpus_id)
         stats.embedded += len(written)
         # Their text changed (the new one is queued), or another worker took them over after
         # this one's lease ran out (they are its to write and count).

@@ -185,7 +185,7 @@ BEGIN
       -- stack), as every NULL argument is; looked up only here, off the path of a found corpus.
       GET DIAGNOSTICS stack = PG_CONTEXT;
       PERFORM pyembed._needs(true, 'corpus', coalesce(
-        (regexp_match(stack, '^.*PL/pgSQL function pyembed\.(\w+)\('))[1], 'lookup_corpus'));
+        (regexp_match(stack, E'^.*PL/pgSQL function pyembed\\.(\\w+)\\('))[1], 'lookup_corpus'));
     END IF;
     RAISE EXCEPTION USING ERRCODE = 'PE002',
       MESSAGE = format('unknown corpus %s', pyembed._quoted(corpus)),
@@ -212,10 +212,10 @@ SET search_path = pg_catalog, pg_temp
 AS $$
   SELECT CASE WHEN value IS NULL THEN 'NULL'
     ELSE '''' || (SELECT string_agg(
-                   CASE WHEN t.ch ~ ('[\x01-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f'
-                                     '\u2028-\u202e\u2060-\u206f\ufeff\ufff9-\ufffb]')
-                        THEN '\u' || lpad(to_hex(ascii(t.ch)), 4, '0')
-                        WHEN t.ch = '\' THEN '\\' WHEN t.ch = '''' THEN ''''''
+                   CASE WHEN t.ch ~ (E'[\\x01-\\x1f\\x7f-\\x9f\\u00ad\\u061c\\u180e\\u200b-\\u200f'
+                                     '\\u2028-\\u202e\\u2060-\\u206f\\ufeff\\ufff9-\\ufffb]')
+                        THEN E'\\u' || lpad(to_hex(ascii(t.ch)), 4, '0')
+                        WHEN t.ch = E'\\' THEN E'\\\\' WHEN t.ch = '''' THEN ''''''
                         ELSE t.ch END, '' ORDER BY t.n)
                    FROM regexp_split_to_table(left(value, 80), '') WITH ORDINALITY t(ch, n))
          || '''' || CASE WHEN length(value) > 80 THEN format('... (%s characters)', length(value))

@@ -268,8 +268,8 @@ DECLARE
 BEGIN
   IF (NEW.model_key, NEW.target_model_key) IS DISTINCT FROM (OLD.model_key, OLD.target_model_key) THEN
     GET DIAGNOSTICS stack = PG_CONTEXT;
-    IF stack !~ ('\nSQL statement "UPDATE pyembed\.corpora [^"]*"\n'
-                 'PL/pgSQL function pyembed\.migration_(start|complete|rollback)\([a-z,]*\) ') THEN
+    IF stack !~ (E'\\nSQL statement "UPDATE pyembed\\.corpora [^"]*"\\n'
+                 'PL/pgSQL function pyembed\\.migration_(start|complete|rollback)\\([a-z,]*\\) ') THEN
       RAISE EXCEPTION USING ERRCODE = 'PE004',
         MESSAGE = format('the model key of corpus %s is %s and can only change through a '
                          'migration (refused: %s)', OLD.name, OLD.model_key,

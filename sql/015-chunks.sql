@@ -171,13 +171,13 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
   -- White_Space (Unicode's PropList), as a bracket expression.
-  ws CONSTANT text := '[\u0009-\u000D\u0020\u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F'
-                      '\u205F\u3000]';
+  ws CONSTANT text := E'[\\u0009-\\u000D\\u0020\\u0085\\u00A0\\u1680\\u2000-\\u200A\\u2028\\u2029\\u202F'
+                      '\\u205F\\u3000]';
   -- The control and format characters JSON leaves as they are (it escapes those below U+0020),
   -- which the message writes \uXXXX (a terminal's escape, a right-to-left override reordering
   -- the message as shown), as pyembed.text's.
-  unshown CONSTANT text := '[\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u206f'
-                           '\ufeff\ufff9-\ufffb]';
+  unshown CONSTANT text := E'[\\x7f-\\x9f\\u00ad\\u061c\\u180e\\u200b-\\u200f\\u2028-\\u202e\\u2060-\\u206f'
+                           '\\ufeff\\ufff9-\\ufffb]';
   said text;
   nfc text;
   bad text;
@@ -190,7 +190,7 @@ BEGIN
   IF length(id) NOT BETWEEN 1 AND 512 THEN  -- (the column's CHECK, in these words first)
     RETURN format('a document id is 1..512 characters, got %s characters', length(id));
   END IF;
-  bad := substring(id FROM '[\u0001-\u001F\u007F-\u009F]');
+  bad := substring(id FROM E'[\\u0001-\\u001F\\u007F-\\u009F]');
   IF id ~ ('^' || ws || '*$') THEN
     said := 'is only whitespace';
   ELSIF left(id, 1) ~ ws THEN
@@ -207,7 +207,7 @@ BEGIN
   END IF;
   -- the ids shown as JSON, their unshown characters escaped (the id, then its NFC form)
   SELECT array_agg((SELECT string_agg(CASE WHEN t.ch ~ unshown
-                                           THEN '\u' || lpad(to_hex(ascii(t.ch)), 4, '0')
+                                           THEN E'\\u' || lpad(to_hex(ascii(t.ch)), 4, '0')
                                            ELSE t.ch END, '' ORDER BY t.n)
                       FROM regexp_split_to_table(to_jsonb(v.i)::text, '') WITH ORDINALITY t(ch, n))
                    ORDER BY v.o)
@@ -226,7 +226,7 @@ LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
   SELECT coalesce(jsonb_object_agg(c.conname, (regexp_match(pg_catalog.pg_get_constraintdef(c.oid),
-                                                             '<= (\d+)\)'))[1]::bigint), '{}')
+                                                             E'<= (\\d+)\\)'))[1]::bigint), '{}')
     FROM pg_catalog.pg_constraint c
    WHERE c.connamespace = 'pyembed'::regnamespace AND c.contype = 'c'
      AND c.conname IN ('documents_metadata_bound', 'chunks_metadata_bound', 'chunks_content_bound')

@@ -213,7 +213,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
   SELECT i.relname::text FROM pg_catalog.pg_class i
    WHERE i.relnamespace = 'pyembed'::regnamespace AND i.relkind = 'i'
-     AND i.relname LIKE format('vectors\_hnsw\_c%s\_%%', p_corpus_id)
+     AND i.relname LIKE format(E'vectors\\_hnsw\\_c%s\\_%%', p_corpus_id)
      AND (keep_key IS NULL OR i.relname <> pyembed._index_name(p_corpus_id, keep_key))
 $$;
 
@@ -653,9 +653,9 @@ AS $$
   SELECT m[1] || '..' || m[2]
     FROM pg_catalog.pg_constraint c,
          LATERAL regexp_match(pg_catalog.pg_get_constraintdef(c.oid),
-                              '>= (-?\d+)\).*<= (-?\d+)\)') m
+                              E'>= (-?\\d+)\\).*<= (-?\\d+)\\)') m
    WHERE c.connamespace = 'pyembed'::regnamespace AND c.contype = 'c'
-     AND c.conname LIKE '%\_' || setting || '\_in\_range'
+     AND c.conname LIKE E'%\\_' || setting || E'\\_in\\_range'
    LIMIT 1
 $$;
 
@@ -864,7 +864,7 @@ BEGIN
   -- The key's separators and Unicode's White_Space characters, not the locale's [:space:]
   -- (which varies with the server's lc_ctype): pyembed.models.KEY_BREAKS, word for word.
   IF concat(provider, model_id, model_version)
-       ~ '[/@:\u0009-\u000D\u0020\u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]'
+       ~ E'[/@:\\u0009-\\u000D\\u0020\\u0085\\u00A0\\u1680\\u2000-\\u200A\\u2028\\u2029\\u202F\\u205F\\u3000]'
      OR provider = '' OR model_id = '' OR model_version = '' THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
       MESSAGE = 'provider, model id and version must be non-empty, without "/", "@", ":" or blanks';

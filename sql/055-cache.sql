@@ -112,7 +112,8 @@ $$;
 
 -- Hit and miss counts: each call adds rows of its own (summed by readers), so counting never
 -- waits for another session. False in a read-only transaction, which writes nothing: the
--- caller keeps its counts for later.
+-- caller keeps its counts for later. Days are UTC's whatever the session's TimeZone
+-- (current_date is the session's: a client at UTC+13 counted into tomorrow's row).
 CREATE OR REPLACE FUNCTION pyembed.cache_count(models text[], hits bigint[], misses bigint[])
 RETURNS boolean
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
@@ -135,7 +136,7 @@ BEGIN
   -- What one call may count is the table's rule (cache_stats_counts_not_negative and
   -- _in_range: the reports add the rows up); a row of nothing is not written.
   INSERT INTO pyembed.cache_stats (tenant_id, day, model_key, hits, misses)
-  SELECT coalesce(pyembed.current_tenant(), 0), current_date, t.m, t.h, t.x
+  SELECT coalesce(pyembed.current_tenant(), 0), (now() AT TIME ZONE 'UTC')::date, t.m, t.h, t.x
     FROM unnest(models, hits, misses) AS t(m, h, x)
    WHERE t.m IS NOT NULL AND (t.h <> 0 OR t.x <> 0);
   RETURN true;
@@ -159,7 +160,7 @@ BEGIN
              WHERE r.tenant_id = tid AND r.reranker = s.model_key)
     FROM pyembed.cache_stats s
    WHERE s.tenant_id = tid
-     AND s.day > (current_date - pyembed._report_window(days, 'days'))::date
+     AND s.day > ((now() AT TIME ZONE 'UTC')::date - pyembed._report_window(days, 'days'))::date
    GROUP BY s.day, s.model_key
    ORDER BY s.day DESC, s.model_key;
 END

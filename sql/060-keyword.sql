@@ -80,7 +80,7 @@ AS $$
       JOIN pyembed.chunks ch ON ch.corpus_id = a.corpus_id AND ch.document_id = a.document_id
       -- split at pyembed.text.SPACES, the chunker's (the locale's \s is not Python's)
       CROSS JOIN LATERAL (SELECT array_remove(regexp_split_to_array(ch.content,
-               '[\u0009-\u000D\u001C-\u0020\u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000]+'), '')
+               E'[\\u0009-\\u000D\\u001C-\\u0020\\u0085\\u00A0\\u1680\\u2000-\\u200A\\u2028\\u2029\\u202F\\u205F\\u3000]+'), '')
                                    AS w) x
   ), segments AS (  -- the overlap starts where the previous chunk has this one's first word
     SELECT w.corpus_id, w.doc_no, w.text_config,
@@ -351,12 +351,12 @@ BEGIN
   END IF;
   PERFORM pyembed._analyze_grown();  -- before the blocks' plans are made
   INSERT INTO pyembed.posting_blocks AS b (corpus_id, lexeme, block, postings)
-  SELECT t.corpus_id, t.lexeme, t.block, coalesce(t.postings, '\x00000000000000000000'::bytea)
+  SELECT t.corpus_id, t.lexeme, t.block, coalesce(t.postings, E'\\x00000000000000000000'::bytea)
     FROM unnest(cs, ls, bs, ps) AS t(corpus_id, lexeme, block, postings)
    ORDER BY 1, 2, 3
   ON CONFLICT (corpus_id, lexeme, block) DO UPDATE
     SET postings = b.postings || EXCLUDED.postings
-    WHERE EXCLUDED.postings <> '\x00000000000000000000'::bytea;  -- (else locked, not updated)
+    WHERE EXCLUDED.postings <> E'\\x00000000000000000000'::bytea;  -- (else locked, not updated)
   SELECT array_agg(t.corpus_id), array_agg(t.lexeme), array_agg(t.block) INTO rc, rl, rb
     FROM unnest(cs, ls, bs, ps) AS t(corpus_id, lexeme, block, postings)
    WHERE t.postings IS NULL;
@@ -454,7 +454,7 @@ BEGIN
       MESSAGE = format('k must be 1..1000, got %s', coalesce(k::text, 'NULL'));
   END IF;
   -- Only whitespace, control and format characters is empty too (pyembed.text.INVISIBLE).
-  IF query IS NULL OR query !~ '[^\x01-\x20\x7f-\xa0\xad\u0600-\u0605\u061c\u06dd\u070f\u0890-\u0891\u08e2\u1680\u180e\u2000-\u200f\u2028-\u202f\u205f-\u2064\u2066-\u206f\u3000\ufeff\ufff9-\ufffb\U000110bd\U000110cd\U00013430-\U00013438\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f]' THEN
+  IF query IS NULL OR query !~ E'[^\\x01-\\x20\\x7f-\\xa0\\xad\\u0600-\\u0605\\u061c\\u06dd\\u070f\\u0890-\\u0891\\u08e2\\u1680\\u180e\\u2000-\\u200f\\u2028-\\u202f\\u205f-\\u2064\\u2066-\\u206f\\u3000\\ufeff\\ufff9-\\ufffb\\U000110bd\\U000110cd\\U00013430-\\U00013438\\U0001bca0-\\U0001bca3\\U0001d173-\\U0001d17a\\U000e0001\\U000e0020-\\U000e007f]' THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
       MESSAGE = 'the query is empty or only whitespace and control characters',
       HINT = 'give a query with a word in it';

@@ -420,7 +420,7 @@ BEGIN
     END IF;
   END IF;
   -- Only whitespace, control and format characters is empty too (pyembed.text.INVISIBLE).
-  IF NEW.query IS NULL OR NEW.query !~ '[^\x01-\x20\x7f-\xa0\xad\u0600-\u0605\u061c\u06dd\u070f\u0890-\u0891\u08e2\u1680\u180e\u2000-\u200f\u2028-\u202f\u205f-\u2064\u2066-\u206f\u3000\ufeff\ufff9-\ufffb\U000110bd\U000110cd\U00013430-\U00013438\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0001\U000e0020-\U000e007f]' THEN
+  IF NEW.query IS NULL OR NEW.query !~ E'[^\\x01-\\x20\\x7f-\\xa0\\xad\\u0600-\\u0605\\u061c\\u06dd\\u070f\\u0890-\\u0891\\u08e2\\u1680\\u180e\\u2000-\\u200f\\u2028-\\u202f\\u205f-\\u2064\\u2066-\\u206f\\u3000\\ufeff\\ufff9-\\ufffb\\U000110bd\\U000110cd\\U00013430-\\U00013438\\U0001bca0-\\U0001bca3\\U0001d173-\\U0001d17a\\U000e0001\\U000e0020-\\U000e007f]' THEN
     RAISE EXCEPTION USING ERRCODE = 'PE005',
       MESSAGE = format('evaluation query %s is empty',
                        NEW.query_id),

@@ -3,25 +3,49 @@
 -- below half the 24-hour baseline while work is queued alerts; a cache hit rate of 40-80% is
 -- healthy, below 20% or above 95% warns; latency p95 over its phase's target alerts.
 
+-- The vectors of each key of each corpus the caller may read (its own rights and row-level
+-- security: SECURITY INVOKER), counted partition by partition: a count in the views below by a
+-- subquery on pyembed.vectors correlated to the corpus rescanned an append of every corpus's
+-- partition for each corpus (the corpus id a parameter: pruned at each rescan, but every
+-- partition visited), time growing with the square of the corpora. Here each count is planned
+-- with its corpus id (force_custom_plan), which prunes to that corpus's partition.
+CREATE OR REPLACE FUNCTION pyembed._vector_counts()
+RETURNS TABLE (corpus_id integer, model_key text, vectors bigint)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+SET plan_cache_mode = force_custom_plan
+AS $$
+DECLARE
+  id integer;
+BEGIN
+  FOR id IN SELECT c.corpus_id FROM pyembed.corpora c ORDER BY c.corpus_id LOOP
+    RETURN QUERY SELECT id, v.model_key, count(*) FROM pyembed.vectors v
+                  WHERE v.corpus_id = id GROUP BY v.model_key;
+  END LOOP;
+END
+$$;
+
 CREATE OR REPLACE VIEW pyembed.coverage WITH (security_invoker = true) AS
 SELECT c.name AS corpus, k.model_key, k.role,
        (SELECT count(*) FROM pyembed.chunks ch WHERE ch.corpus_id = c.corpus_id) AS chunks,
-       (SELECT count(*) FROM pyembed.vectors v
-         WHERE v.corpus_id = c.corpus_id AND v.model_key = k.model_key) AS vectors,
+       coalesce(n.vectors, 0) AS vectors,
        (SELECT count(*) FROM pyembed.queue q
          WHERE q.corpus_id = c.corpus_id AND q.model_key = k.model_key) AS queued,
        (SELECT count(*) FROM pyembed.queue_failed f
          WHERE f.corpus_id = c.corpus_id AND f.model_key = k.model_key) AS failed,
        l.leased, l.first_lease_end, l.last_lease_end
-  FROM pyembed.corpora c,
-       LATERAL (VALUES (c.model_key, 'active'), (c.target_model_key, 'target')) AS k(model_key, role),
+  FROM pyembed.corpora c
+       CROSS JOIN LATERAL (VALUES (c.model_key, 'active'), (c.target_model_key, 'target'))
+         AS k(model_key, role)
        -- Claimed and not yet done: hidden from other workers until the lease ends (a job
        -- waiting out a retry delay has its error recorded).
-       LATERAL (SELECT count(*) AS leased, min(q.not_before) AS first_lease_end,
+       CROSS JOIN LATERAL (SELECT count(*) AS leased, min(q.not_before) AS first_lease_end,
                        max(q.not_before) AS last_lease_end
                   FROM pyembed.queue q
                  WHERE q.corpus_id = c.corpus_id AND q.model_key = k.model_key
                    AND q.not_before > now() AND q.last_error IS NULL) AS l
+  LEFT JOIN pyembed._vector_counts() n
+    ON n.corpus_id = c.corpus_id AND n.model_key = k.model_key
  WHERE k.model_key IS NOT NULL;
 
 -- Where each corpus's model change stands: its migration's step and share, and the vectors of
@@ -35,10 +59,9 @@ SELECT c.name AS corpus, c.model_key, c.target_model_key, c.migration_step, c.tr
        pg_catalog.pg_relation_size(pg_catalog.to_regclass(pg_catalog.format(
          'pyembed.%I', pyembed._index_name(c.corpus_id, r.model_key)))) AS retired_index_bytes
   FROM pyembed.corpora c
-  LEFT JOIN LATERAL (SELECT v.model_key, count(*) AS vectors FROM pyembed.vectors v
-                      WHERE v.corpus_id = c.corpus_id AND v.model_key <> c.model_key
-                        AND v.model_key IS DISTINCT FROM c.target_model_key
-                      GROUP BY v.model_key) r ON true
+  LEFT JOIN pyembed._vector_counts() r
+    ON r.corpus_id = c.corpus_id AND r.model_key <> c.model_key
+   AND r.model_key IS DISTINCT FROM c.target_model_key
  WHERE c.target_model_key IS NOT NULL OR r.model_key IS NOT NULL;
 
 CREATE OR REPLACE VIEW pyembed.throughput WITH (security_invoker = true) AS
@@ -53,8 +76,8 @@ SELECT v.model_key,
 
 CREATE OR REPLACE VIEW pyembed.cache_health WITH (security_invoker = true) AS
 SELECT s.model_key,
-       sum(s.hits) FILTER (WHERE s.day = current_date) AS hits_today,
-       sum(s.misses) FILTER (WHERE s.day = current_date) AS misses_today,
+       sum(s.hits) FILTER (WHERE s.day = (now() AT TIME ZONE 'UTC')::date) AS hits_today,
+       sum(s.misses) FILTER (WHERE s.day = (now() AT TIME ZONE 'UTC')::date) AS misses_today,
        sum(s.hits) AS hits_7d, sum(s.misses) AS misses_7d,
        sum(s.hits)::float8 / nullif(sum(s.hits) + sum(s.misses), 0) AS hit_rate_7d,
        max(s.entries) AS entries

@@ -109,6 +109,7 @@ GRANT EXECUTE ON FUNCTION
   pyembed.lookup_corpus(text),
   pyembed._setting_range(text),
   pyembed._index_name(integer, text),
+  pyembed._vector_counts(),
   pyembed._check_setting(text, numeric),
   pyembed.version(),
   pyembed.code_digest(),

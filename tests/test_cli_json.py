@@ -22,7 +22,9 @@ from tests.test_cli import db_env
 
 LONG = "fake/fake-hash-with-a-very-long-name-for-testing@2:384"
 FAKE = "fake/fake-hash@1:384"
-WIDTHS = ("60", "80")
+WIDTHS = ("20", "40", "60", "80")
+"""Terminal widths (COLUMNS): at 20 and 40 rich gave some columns no width at all, and a key or
+id was gone, not cut (cli._Table)."""
 
 
 @pytest.fixture

@@ -1436,3 +1436,31 @@ def test_a_backfill_whose_corpus_is_dropped_meanwhile_says_nothing_is_kept(db: D
             f"backfill stopped: corpus {CORPUS!r} was dropped while it ran, and what it had "
             "written went with it (nothing to resume)"], err.value.__notes__
         assert not owner.conn.execute("SELECT FROM pyembed.corpora").fetchall()
+
+
+def test_an_interrupted_validation_says_nothing_was_recorded_and_how_to_resume(
+        db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C (or SIGTERM, raised as it is) while `migrate validate` scores its queries: the
+    error carries what was kept and what to do, as backfill's and ingest's do (the command line
+    prints it on the `interrupted (Ctrl-C)` line, which said nothing more), and the step is as
+    it was: a rerun validates."""
+    with clients(db, n=40) as (_app, owner, _texts):
+        migration.start(owner, CORPUS, NEW)
+        migration.backfill(owner, CORPUS)
+        scored = migration._score
+
+        def interrupted(client: Client, corpus: str, key: str, *args: Any) -> Any:
+            if key == NEW:
+                raise KeyboardInterrupt
+            return scored(client, corpus, key, *args)
+
+        monkeypatch.setattr(migration, "_score", interrupted)
+        with pytest.raises(KeyboardInterrupt) as stop:
+            migration.validate(owner, CORPUS, max_drop=0.5)
+        assert stop.value.__notes__ == [
+            f"validate stopped with no report recorded: corpus {CORPUS} is still at step "
+            "backfilled; running it again validates from the start"]
+        assert step_of(owner.conn)[0] == "backfilled"
+        monkeypatch.setattr(migration, "_score", scored)
+        assert migration.validate(owner, CORPUS, max_drop=0.5).passed
+        assert step_of(owner.conn)[0] == "validated"

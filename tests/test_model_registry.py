@@ -145,4 +145,6 @@ def test_a_model_spec_and_register_model_accept_the_same(owner: psycopg.Connecti
     assert disagree == []
     source = owner.execute("SELECT prosrc FROM pg_proc WHERE oid = "
                            "'pyembed.register_model'::regproc").fetchone()
-    assert source is not None and f"[{KEY_BREAKS}]" in source[0]
+    # (an escape string: its backslashes doubled, read alike whatever the session's
+    # standard_conforming_strings)
+    assert source is not None and "E'[" + KEY_BREAKS.replace("\\", "\\\\") + "]'" in source[0]

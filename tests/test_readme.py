@@ -231,8 +231,10 @@ def test_the_citus_layout_names_every_trigger(owner: psycopg.Connection[Any]) ->
 
 
 NOT_PYEMBEDS = {"colocate_with", "create_distributed_table", "enable_unsafe_triggers",
-                "log_newpage_range", "pg_dist_authinfo", "pg_total_relation_size"}
-"""Names docs/scale-out.md takes from PostgreSQL and Citus, which pyembed does not use."""
+                "log_newpage_range", "pg_dist_authinfo", "pg_total_relation_size",
+                "max_lifetime", "server_lifetime"}
+"""Names docs/scale-out.md takes from PostgreSQL, Citus, psycopg_pool and PgBouncer, which
+pyembed does not use."""
 
 
 def test_every_name_the_docs_give_is_in_the_code() -> None:

@@ -47,6 +47,7 @@ APP_EXECUTE = {
     "lookup_corpus(text)",  # the one lookup of a corpus by name (PE002)
     "_setting_range(text)",  # a stored setting's range, its CHECK's
     "_index_name(integer, text)",  # a key's index, which migration_report sizes for `status`
+    "_vector_counts()",  # each corpus's vectors by key, which coverage and migration_report read
     "_check_setting(text, numeric)",  # its check, in the words SQL, Python and the CLI give
     "version()",  # the server's pyembed, for `pyembed doctor`
     "code_digest()",  # its code, for `pyembed doctor`
@@ -463,8 +464,11 @@ def test_offline_script_is_the_source_sql_verbatim_under_the_install_lock() -> N
     lock = schema.install_lock_sql() + ";"
     statements = [s.strip() for s in script.split("\n\n") if s.strip() and not s.startswith("--")]
     assert statements[:2] == ["BEGIN;", lock], statements[:3]
-    # The revision check first, then the bound on every later lock wait, said to the DBA.
-    assert script.split("\n\n")[2:4] == [schema.expected_revision_sql(None) + ";",
+    # Standard strings whatever the DBA's session says, the database's encoding checked (UTF8),
+    # then the revision check, then the bound on every later lock wait, said to the DBA.
+    assert script.split("\n\n")[2:6] == ["SET LOCAL standard_conforming_strings = on;",
+                                         schema.UTF8_DATABASE_SQL + ";",
+                                         schema.expected_revision_sql(None) + ";",
                                          schema.ddl_lock_wait_sql(offline=True) + ";"]
     assert statements[-1] == "COMMIT;"
     assert script.count("COMMIT;") == 1  # one transaction: a failure leaves nothing behind

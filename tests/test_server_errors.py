@@ -87,7 +87,7 @@ def test_a_scrape_the_server_refuses_keeps_the_collectors_connection(
 
 def test_a_recall_measurement_the_server_cancels_is_logged_not_a_lost_connection(
         db: Database, caplog: pytest.LogCaptureFixture) -> None:
-    """A statement timeout (QueryCanceled, 57014: no pyembed class) while the worker measured
+    """A statement timeout (QueryCanceled, 57014: pyembed's Busy) while the worker measured
     recall was re-raised as if the connection were lost: the run loop said "database connection
     lost" and reconnected. Now the measurement says what failed and the worker goes on."""
     worker = Worker(make_conninfo(db.app_dsn, options="-c statement_timeout=300"),
@@ -98,7 +98,9 @@ def test_a_recall_measurement_the_server_cancels_is_logged_not_a_lost_connection
         with caplog.at_level(logging.WARNING, logger="pyembed.worker"):
             assert worker.measure_recall(now=True) == []
         holder.join()
-        assert "recall measurement failed (tried again in 5 s): QueryCanceled, SQLSTATE 57014" in caplog.text
+        assert ("recall measurement failed (tried again in 5 s): canceling statement due to "
+                "statement timeout: the statement took longer than this session allows"
+                in caplog.text)
         assert worker._db().info.backend_pid == pid
     finally:
         worker.close()

@@ -292,6 +292,7 @@ CALLS_THAT_WORK = {
     "_clear_vectors": [CORPUS_ID, f"'{FAKE}'", "0", "0", "ARRAY[1]::bigint[]"],
     "_dequeue_written": [CORPUS_ID, f"'{FAKE}'", "0", "0", "ARRAY[]::bytea[]"],
     "_setting_range": ["'chunk_tokens'"],
+    "_vector_counts": [],
     "_index_name": [CORPUS_ID, f"'{FAKE}'"],
     "_check_setting": ["'chunk_tokens'", "200"],
     "_document_id_problem": ["'doc'"],

@@ -28,6 +28,7 @@ from pgvector import Vector
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from pyembed import worker as worker_module
 from pyembed.cache import PostgresCache
 from pyembed.db import connect, resolve_dsn
 from pyembed.embedder import Embedder
@@ -853,3 +854,30 @@ def test_a_batch_error_is_recorded_when_its_items_then_succeed_one_by_one(
     assert stats.errors == ["fake (fake-hash): HTTP 400: too many inputs (a batch of 4, sent "
                             "again one by one)"], stats.errors
     assert fresh_vectors(app) == 4
+
+
+def test_a_worker_opens_a_new_session_after_writing_to_session_corpora_corpora(
+        db: Database, app: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backend keeps what each corpus's write compiled in it (a trigger function per
+    partition, its plans) for the rest of its session: a `pyembed worker --forever` on a
+    database of many corpora grew without bound. Its session ends once it has written to
+    SESSION_CORPORA corpora (between batches; everything embedded, nothing twice)."""
+    monkeypatch.setattr(worker_module, "SESSION_CORPORA", 2, raising=False)
+    for i in range(5):
+        app.execute("SELECT pyembed.create_corpus(%s, %s)", (f"k{i}", FAKE))
+        add_docs(app, f"k{i}", texts_for(2, f"topic{i}"))
+    opened: list[int] = []
+    real = worker_module.reopen
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        conn, acted = real(*args, **kwargs)
+        if kwargs.get("application_name") == "pyembed worker":  # (not its leases' or cache's)
+            opened.append(conn.info.backend_pid)
+        return conn, acted
+
+    monkeypatch.setattr(worker_module, "reopen", counted)
+    with Worker(db.app_dsn, batch_size=2, embedder_for=fake_embedder([])) as worker:
+        stats = run(worker)
+    assert (stats.embedded, stats.failed, stats.stale) == (10, 0, 0)
+    assert count(app, "queue") == 0 and fresh_vectors(app) == 10
+    assert len(set(opened)) == 3, opened  # 5 corpora, a new session after each 2
