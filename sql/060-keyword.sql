@@ -463,7 +463,7 @@ BEGIN
   -- read from the catalogue for a long query alone): a 1 MB query failed on PostgreSQL's limit
   -- of a tsvector (54000), and each of its terms is a posting list BM25 reads.
   IF length(query) > 1000 THEN
-    most := (SELECT (regexp_match(pg_catalog.pg_get_constraintdef(o.oid), '<= (\d+)\)'))[1]::integer
+    most := (SELECT (regexp_match(pg_catalog.pg_get_constraintdef(o.oid), '<= ([0-9]+)[)]'))[1]::integer
                FROM pg_catalog.pg_constraint o
               WHERE o.connamespace = 'pyembed'::regnamespace
                 AND o.conname = 'eval_queries_query_bound');
