@@ -17,8 +17,8 @@ CREATE OR REPLACE TRIGGER chunks_hash
   FOR EACH ROW EXECUTE FUNCTION pyembed._chunk_hash();
 
 -- One document's size: at most its corpus's max_document_chunks chunks (revision 0038: a setting
--- with a range, as chunk_tokens; 10,000 unless the owner sets another). A document of 99k chunks
--- was written by one statement that held its locks for ~99 s. The problem with document `id` of
+-- with a range, as chunk_tokens; 10,000 unless the owner sets another): one statement writes a
+-- document, holding its locks until the last chunk. The problem with document `id` of
 -- corpus p_corpus_id having `chunks` chunks (`bytes`: its text's bytes as UTF-8, when the caller
 -- knows them) and the fix, or NULL when it fits. The one copy of the rule: the chunks table's
 -- statement triggers ask it at every write (every writer: your SQL, the client, `pyembed
