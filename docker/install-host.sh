@@ -27,6 +27,13 @@ case " ${ID:-} ${ID_LIKE:-} " in
 esac
 command -v apt-get >/dev/null || die "unsupported system: apt-get not found"
 
+# One run at a time on this machine: two checkouts set up at once (CI beside `make demo`) wrote
+# the same PL/Python venv together, and pip failed on the other's files.
+lock=${TMPDIR:-/tmp}/pyembed-install-host.lock
+[ -e "$lock" ] || { : > "$lock" && chmod 666 "$lock"; } 2>/dev/null || true
+exec 9<"$lock"
+if command -v flock >/dev/null; then flock 9; fi
+
 export DEBIAN_FRONTEND=noninteractive
 apt_updated=0
 apt_update() { if [ "$apt_updated" = 0 ]; then $SUDO apt-get update -qq; apt_updated=1; fi; }
