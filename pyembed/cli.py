@@ -398,7 +398,8 @@ def search_cmd(
 def ingest_cmd(
     corpus: Annotated[str, typer.Argument(help="the corpus to add to")],
     paths: Annotated[list[Path], typer.Argument(
-        help="files or folders: .txt/.md (one document each), .jsonl, .csv")],
+        help="files or folders: .txt/.md (one document each), .jsonl, .csv; - reads JSON "
+             "Lines from standard input")],
     batch_size: Annotated[int, typer.Option("--batch-size", help="documents per batch")] = 64,
     truncate: Annotated[bool, typer.Option(
         "--truncate", help="embed only the first tokens the model reads of each chunk instead "
@@ -421,6 +422,8 @@ def ingest_cmd(
     lines are reported with their line numbers and the rest still loads.
 
     Example: pyembed ingest docs ./handbook faq.csv beir/scifact/corpus.jsonl
+
+    From a pipe: export-docs | pyembed ingest docs -
     """
     from .ingest import ingest
 

@@ -14,9 +14,10 @@ import time
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from rich.console import Console
 from rich.progress import (
@@ -39,6 +40,10 @@ MARKDOWN_SUFFIXES = frozenset({".md", ".markdown"})
 TEXT_SUFFIXES = frozenset({".txt"}) | MARKDOWN_SUFFIXES
 """One document per file (Markdown: its first heading is the "title")."""
 JSONL_SUFFIXES = frozenset({".jsonl", ".ndjson"})
+STDIN = Path("-")
+"""The path that reads JSON Lines from standard input (`pyembed ingest docs -`)."""
+STDIN_NAME = Path("<stdin>")
+"""How problems and duplicate ids name standard input."""
 """One JSON object per line."""
 CSV_SUFFIXES = frozenset({".csv"})
 """A header row, then one document per record."""
@@ -156,7 +161,9 @@ class _Reader:
     def read(self, path: Path) -> Iterator[_Record]:
         """The records of a file, or of every supported file under a folder (sorted,
         hidden entries skipped)."""
-        if path.is_dir():
+        if path == STDIN:  # (a pipe: read as it comes, never whole)
+            yield from self._unique(STDIN_NAME, self._jsonl(STDIN_NAME, sys.stdin.buffer))
+        elif path.is_dir():
             found = False
             for file in _walk(path):
                 found = True
@@ -197,8 +204,13 @@ class _Reader:
         if bad is not None:
             self.problem(path, bad[0], bad[1], record=False)
             return
-        records = (self._text(path, name) if suffix in TEXT_SUFFIXES
-                   else self._jsonl(path) if suffix in JSONL_SUFFIXES else self._csv(path))
+        yield from self._unique(path, self._text(path, name) if suffix in TEXT_SUFFIXES
+                                else self._jsonl(path) if suffix in JSONL_SUFFIXES
+                                else self._csv(path))
+
+    def _unique(self, path: Path, records: Iterator[_Record]) -> Iterator[_Record]:
+        """`records` of `path` whose ids no earlier record of the run had (a repeat is a
+        problem naming where the id was first)."""
         try:
             for record in records:
                 first = self.seen.get(record.document.id)
@@ -242,9 +254,9 @@ class _Reader:
         if record is not None:
             yield record
 
-    def _jsonl(self, path: Path) -> Iterator[_Record]:
+    def _jsonl(self, path: Path, stream: BinaryIO | None = None) -> Iterator[_Record]:
         empty = True
-        with path.open("rb") as f:
+        with path.open("rb") if stream is None else nullcontext(stream) as f:
             for number, raw in enumerate(f, start=1):
                 try:
                     line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
@@ -390,7 +402,8 @@ def read_documents(path: Path, *, text_field: str = "text", id_field: str = "id"
     suffix, metadata "source" (that path) and, for Markdown, "title" (the first heading).
     `.jsonl`: one JSON object per line, id from `id_field` (or BEIR's `_id`), text from
     `text_field` (a "title" is put before it), other keys as metadata. `.csv`: a header row
-    naming `id_field` and `text_field` columns, other columns as metadata. Files are UTF-8
+    naming `id_field` and `text_field` columns, other columns as metadata. The path `-`:
+    JSON Lines read from standard input (its problems name `<stdin>`). Files are UTF-8
     (a BOM is fine); a JSONL line that is not is a bad record, any other such file a bad file.
 
     A bad record (invalid JSON or UTF-8, missing or empty id or text, NUL byte, id already read) or
@@ -734,6 +747,8 @@ def _utf8_problem(path: Path) -> tuple[int, str] | None:
 
 def _estimate(path: Path) -> int:
     """A quick count of the records under `path`, for the progress bar."""
+    if path == STDIN:
+        return 0  # (unknown: the bar counts without a total)
     files = _walk(path) if path.is_dir() else [path] if path.is_file() else []
     total = 0
     for file in files:

@@ -853,3 +853,19 @@ def test_progress_lines_while_one_long_document_is_embedded(
         "8", "16", "24"], lines
     assert lines[-1].startswith("ingest: 1/1 documents") and (
         f"{report.chunks} chunks;" in lines[-1]), lines
+
+
+def test_a_dash_reads_json_lines_from_standard_input(corpus: Corpus, client: Client,
+                                                     db: Database) -> None:
+    """`pyembed ingest docs -` loads JSON Lines from a pipe, its bad lines named `<stdin>:N`,
+    and a rerun of the same input skips what is loaded. Before: `-` was "no such file or
+    folder" and nothing loaded."""
+    lines = _jsonl({"id": "a", "text": "alpha text"}, {"id": "b", "text": ""},
+                   {"id": "c", "text": "gamma text"})
+    for run, loaded in ((1, b"added 2, updated 0, unchanged 0"), (2, b"added 0, updated 0, unchanged 2")):
+        proc = _cli(["ingest", "files", "-", "--quiet"], db, stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = proc.communicate(lines.encode(), timeout=120)
+        assert proc.returncode == 0, (run, out, err)
+        assert loaded in out + err and b"<stdin>:2" in out + err, (run, out, err)
+    assert sorted(_documents(client.conn)) == ["a", "c"]
