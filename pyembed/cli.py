@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -432,18 +432,21 @@ def ingest_cmd(
         report = ingest(target, paths, batch_size=batch_size, truncate=truncate,
                         progress=not quiet, console=err_console, text_field=text_field,
                         id_field=id_field, progress_every=progress_every)
-    shown = 20
-    for problem in report.problems[:shown]:
-        err_console.print(Text.assemble(("skipped", "yellow"), f" {problem}"), highlight=False)
-    if len(report.problems) > shown:
-        err_console.print(Text(f"... and {len(report.problems) - shown} more problems",
-                               style="yellow"))
+    _skipped(report.problems)
     console.print(f"{target.name} ({target.model_key}): {report.summary()}", highlight=False,
                   soft_wrap=True)
     if report.problems and (strict or report.processed == report.failed):
         raise PyembedError(f"{len(report.problems)} problem(s) while ingesting"
                            + ("; nothing was loaded" if report.processed == report.failed
                               else ""))
+
+
+def _skipped(problems: Sequence[Any], shown: int = 20) -> None:
+    """The first `shown` lines or files a command read and skipped, each with why."""
+    for problem in problems[:shown]:
+        err_console.print(Text.assemble(("skipped", "yellow"), f" {problem}"), highlight=False)
+    if len(problems) > shown:
+        err_console.print(Text(f"... and {len(problems) - shown} more problems", style="yellow"))
 
 
 @app.command("ask")
@@ -1207,6 +1210,31 @@ def eval_add(
     with _client(dsn) as client:
         evaluation.add_eval_query(client, corpus, query_id, query, relevant)
     console.print(f"stored evaluation query {query_id} for {corpus}")
+
+
+@eval_app.command("import")
+def eval_import(
+    corpus: str,
+    queries: Annotated[Path, typer.Argument(
+        help="JSON Lines, a line {\"id\", \"query\", \"relevant\": a list of document ids}; "
+             "with --qrels, BEIR's queries.jsonl ({\"_id\", \"text\"})")],
+    qrels: Annotated[Path | None, typer.Option(
+        "--qrels", help="BEIR qrels TSV: query-id, corpus-id, score (above 0: relevant)")] = None,
+    dsn: DsnOption = None,
+) -> None:
+    """Store many evaluation queries from a file; bad lines are reported with their line
+    numbers and the rest are stored (a query stored under the same id is replaced).
+
+    Example: pyembed eval import scifact queries.jsonl --qrels qrels/test.tsv
+    """
+    with _client(dsn) as client:
+        stored, problems = evaluation.import_eval_queries(client, corpus, queries, qrels)
+    _skipped(problems)
+    console.print(f"stored {stored} evaluation queries for {corpus}"
+                  + (f"; {len(problems)} line(s) skipped" if problems else ""),
+                  markup=False, highlight=False)
+    if not stored:
+        raise PyembedError(f"{len(problems)} problem(s) while importing; nothing was stored")
 
 
 @eval_app.command("list")

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -17,12 +18,13 @@ from .client import Client, in_client_turn
 from .dbcall import translated
 from .errors import InvalidInput, shown
 from .models import InputType
-from .text import check_storable, check_text, text_list
+from .text import check_storable, check_text, read_json, text_list
 
 if TYPE_CHECKING:
     import psycopg
 
     from .embedder import Embedder
+    from .ingest import FileProblem
 
 HITS_PER_DOCUMENT = 3
 """Chunk hits fetched per document a ranking should hold: a document can match with several
@@ -149,3 +151,66 @@ def evaluate(embedder: Embedder, evals: Sequence[EvalQuery], rank: Ranker,
     return KeyScore(embedder.spec.key, float(np.mean([s[0] for s in scores])),
                     float(np.mean([s[1] for s in scores])),
                     1000 * seconds / len(evals)), rankings
+
+
+def import_eval_queries(client: Client, corpus: str, queries: Path,
+                        qrels: Path | None = None) -> tuple[int, list[FileProblem]]:
+    """Store the evaluation queries of a JSON Lines file, each through add_eval_query (a
+    query stored under the same id is replaced): (how many were stored, the problems of the
+    lines that were not, with their line numbers). Without `qrels`, a line is
+    {"id", "query", "relevant": [document ids]}; with `qrels`, a BEIR layout: the lines are
+    {"_id" (or "id"), "text" (or "query")} and the relevant documents are the TSV's rows
+    (query-id, corpus-id, score; a header row and scores of 0 skipped). A query with no
+    relevant document is a problem, as an id that names no document of the corpus is."""
+    from .ingest import FileProblem
+
+    client.corpus(corpus)  # UnknownCorpus before any line, not once a line
+    problems: list[FileProblem] = []
+    judged: dict[str, list[str]] | None = None
+    if qrels is not None:
+        judged = {}
+        for number, row in enumerate(_lines(qrels, problems), start=1):
+            cells = row.split("\t")
+            if len(cells) < 3 or not cells[2].strip().lstrip("-").isdigit():
+                if number > 1:  # (the first may be the header row)
+                    problems.append(FileProblem(qrels, number, "expected query-id, corpus-id "
+                                                               "and a whole-number score"))
+                continue
+            if int(cells[2]) > 0:
+                judged.setdefault(cells[0], []).append(cells[1])
+    stored = 0
+    for number, line in enumerate(_lines(queries, problems), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = read_json(line, "the line")
+            if not isinstance(obj, dict):
+                raise InvalidInput(f"expected a JSON object, got {type(obj).__name__}")
+            query_id = obj.get("id", obj.get("_id"))
+            text = obj.get("query", obj.get("text"))
+            if not isinstance(query_id, str) or not isinstance(text, str):
+                raise InvalidInput("expected string fields id (or _id) and query (or text)")
+            relevant = (judged.get(query_id, []) if judged is not None
+                        else obj.get("relevant"))
+            if not relevant:
+                raise InvalidInput(f"query {query_id!r} has no relevant document"
+                                   + (" in the qrels" if judged is not None else ""))
+            add_eval_query(client, corpus, query_id, text, relevant)
+        except (ValueError, InvalidInput) as exc:  # (json's errors are ValueErrors)
+            problems.append(FileProblem(queries, number, str(exc)))
+            continue
+        stored += 1
+    return stored, problems
+
+
+def _lines(path: Path, problems: list[FileProblem]) -> Iterator[str]:
+    """The UTF-8 lines of `path` (a BOM is fine), or none and a problem if it cannot be
+    read."""
+    from .ingest import FileProblem
+
+    try:
+        with path.open(encoding="utf-8-sig") as f:
+            yield from (line.rstrip("\r\n") for line in f)
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        problems.append(FileProblem(path, None, f"cannot read: {why}"))

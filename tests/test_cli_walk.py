@@ -137,6 +137,9 @@ def invocation(command: Any, values: dict[str, list[str]]) -> list[str]:
 
 
 NAME_PARAMS = {"corpus", "name", "tenant", "role"}
+FILE_PARAMS = {"paths", "queries", "qrels"}
+KEPT = {("ingest",): "added 0, updated 0", ("eval", "import"): "stored 0 evaluation queries"}
+"""What a command that reads files says on stdout it kept when it stops for their problems."""
 TEXT_PARAMS = {"query", "question", "query_id", "description", "password", "relevant"}
 FREE_TEXT = {"description", "password"}
 """Texts any value of which is good, but a NUL (PostgreSQL's texts cannot hold one)."""
@@ -148,7 +151,7 @@ def bad_values(p: Any, files: dict[str, Path]) -> list[tuple[str, str, bool]]:
     lo, hi = p.min, p.max
     if p.name == "dsn" or getattr(kind, "__name__", "") == "bool" or kind is bool:
         return []
-    if p.name == "paths":
+    if p.name in FILE_PARAMS:
         return [(what, str(path), False) for what, path in files.items()]
     if kind is int:
         return [(v, v, v == "abc" or (lo is not None and int(v) < lo)
@@ -180,8 +183,11 @@ def corpus_to_walk(db: Database, tmp_path: Path,
     unchanged = tmp_path / "a.jsonl"
     unchanged.write_text(json.dumps({"id": "a", "text": DOCS[0][1]}) + "\n")
     assert run_cli("ingest", "docs", str(unchanged), env=env).returncode == 0
+    queries = tmp_path / "eval.jsonl"
+    queries.write_text(json.dumps({"id": "q1", "query": "refund", "relevant": ["a"]}) + "\n")
     good = {"corpus": "docs", "name": "docs", "query": "refund", "question": "refund?",
-            "paths": str(unchanged), "share": "50", "query_id": "q1", "model_keys": KEY,
+            "paths": str(unchanged), "queries": str(queries), "share": "50", "query_id": "q1",
+            "model_keys": KEY,
             "tenant": "acme", "role": "acme_user", "to": KEY, "relevant": "a",
             "document_ids": "zz", "query_ids": "zz"}
     return env, good
@@ -210,7 +216,7 @@ def test_every_command_refuses_bad_values_with_one_line(
                     before = digest(owner)
                     out = run_cli(*path, *args, env=env)
                     seen += 1
-                    problem = judge(out, usage, ingest=path == ("ingest",))
+                    problem = judge(out, usage, kept=KEPT.get(path))
                     if not problem and (after := digest(owner)) != before:
                         problem = "the database changed: " + ", ".join(
                             t for t in after if after[t] != before.get(t))
@@ -251,7 +257,7 @@ def test_every_whole_number_past_integer_is_refused_by_its_own_bound(
                 out = run_cli(*path, *args, env=env)
                 seen += 1
                 usage = p.max is not None and int(PAST_INTEGER) > p.max
-                problem = judge(out, usage, ingest=path == ("ingest",))
+                problem = judge(out, usage, kept=KEPT.get(path))
                 line = out.stderr.strip().splitlines()[-1:] or [""]
                 named = {p.name, p.name.replace("_", " "), *(o.lstrip("-") for o in p.opts),
                          NAMED_AS.get((" ".join(path), p.name), p.name)}
@@ -267,11 +273,11 @@ def test_every_whole_number_past_integer_is_refused_by_its_own_bound(
     assert seen > 15  # (the walk found the options it walks)
     assert not wrong, "\n".join(wrong)
 
-def judge(out: Any, usage: bool, *, ingest: bool = False) -> str | None:
+def judge(out: Any, usage: bool, *, kept: str | None = None) -> str | None:
     """What is wrong with a refusal: None if it is one line, `error: ...`, exit 1, nothing on
     stdout; a refusal by the option parser (`usage`) names the option and says `(see --help)`.
-    An ingest that read its files says, before its error line, each file or line it skipped and
-    why (`skipped ...`), and on stdout what it kept (`added 0, ...`)."""
+    A command that read files (`kept`: KEPT's) says, before its error line, each file or line it
+    skipped and why (`skipped ...`), and on stdout what it kept (`kept`)."""
     lines = out.stderr.strip().splitlines()
     if "Traceback" in out.stderr:
         return "a traceback"
@@ -282,9 +288,9 @@ def judge(out: Any, usage: bool, *, ingest: bool = False) -> str | None:
     if usage and not (lines and lines[-1].startswith("error: Invalid value for '")
                       and lines[-1].endswith("(see --help)")):
         return "not the option parser's line"
-    if ingest and out.stdout.strip() and lines:
+    if kept and out.stdout.strip() and lines:
         if not all(line.startswith("skipped ") for line in lines[:-1]) or not lines[-1].startswith(
-                "error: ") or "added 0, updated 0" not in out.stdout:
+                "error: ") or kept not in out.stdout:
             return "not what it skipped, kept and why it stopped"
         return None
     if len(lines) != 1 or not lines[0].startswith("error: "):
@@ -324,7 +330,8 @@ def test_every_command_with_a_database_says_when_it_cannot_reach_it(
     """Every command with a --dsn, with each bad database: one line naming what is wrong."""
     monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")
     good = {"corpus": "docs", "name": "docs", "query": "refund", "question": "refund?",
-            "paths": str(tmp_path), "share": "50", "query_id": "q1", "model_keys": KEY,
+            "paths": str(tmp_path), "queries": str(tmp_path), "share": "50", "query_id": "q1",
+            "model_keys": KEY,
             "tenant": "acme", "role": "acme_user", "to": KEY, "relevant": "a",
             "document_ids": "zz", "query_ids": "zz"}
     wrong = []
@@ -406,7 +413,7 @@ def test_a_command_that_needs_a_providers_key_names_it_and_changes_nothing(
             if variable is None:  # a step that needs no key: it goes on (and changes its rows)
                 assert out.returncode == 0, out
                 continue
-            problem = judge(out, False, ingest=args[0] == "ingest")
+            problem = judge(out, False, kept=KEPT.get(args[:1]))
             if not problem and variable not in out.stderr:
                 problem = f"the error does not name {variable}"
             if not problem and (after := digest(owner)) != before:

@@ -255,6 +255,7 @@ CLI_OTHERS = {
     # Every other command, and why it is not run here.
     ("install",): "writes the schema", ("ingest",): "writes documents", ("worker",): "writes "
     "vectors", ("demo",): "makes a cluster and a corpus", ("eval", "add"): "writes a query",
+    ("eval", "import"): "writes queries",
     ("eval", "compare"): "embeds samples with other keys: provider calls, accounted on the "
     "primary", ("cache", "purge"): "deletes cache entries", ("metrics", "serve"): "a server "
     "(its registry answers on a standby: test_replica)", ("plan-storage",): "no database",
