@@ -409,10 +409,12 @@ def translate(exc: psycopg.Error) -> Exception:
     if isinstance(exc, psycopg.errors.QueryCanceled):
         # The server cancelled the statement: it ran past the session's statement_timeout (a
         # role's or database's setting, or your own), or someone cancelled it.
-        return errors.Busy(f"{message}: the statement took longer than this session allows "
-                           "(statement_timeout) or was cancelled, and changed nothing: retry, or "
-                           "raise the timeout for this login (ALTER ROLE ... SET "
-                           "statement_timeout)")
+        if "statement timeout" in message:
+            return errors.Busy(f"{message}: the statement took longer than this session allows "
+                               "(statement_timeout), and changed nothing: retry, or raise the "
+                               "timeout for this login (ALTER ROLE ... SET statement_timeout)")
+        return errors.Busy(f"{message}: another session cancelled the statement "
+                           "(pg_cancel_backend), and it changed nothing: retry")
     if isinstance(exc, psycopg.errors.ReadOnlySqlTransaction):
         # A write on a hot standby, or in a transaction or session that is read-only.
         return errors.ReadOnlyReplica(f"{message}: this session cannot write (a replica, or a "
