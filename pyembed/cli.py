@@ -417,6 +417,7 @@ def ingest_cmd(
         "--progress-every", help="seconds between progress lines when stderr is not a "
         "terminal (a terminal gets a progress bar)")] = 10.0,
     dsn: DsnOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Add documents from files and folders to a corpus; unchanged ones are skipped, bad
     lines are reported with their line numbers and the rest still loads.
@@ -432,13 +433,25 @@ def ingest_cmd(
         report = ingest(target, paths, batch_size=batch_size, truncate=truncate,
                         progress=not quiet, console=err_console, text_field=text_field,
                         id_field=id_field, progress_every=progress_every)
-    _skipped(report.problems)
-    console.print(f"{target.name} ({target.model_key}): {report.summary()}", highlight=False,
-                  soft_wrap=True)
+    if as_json:
+        _print_json({"corpus": target.name, "model_key": target.model_key,
+                     "added": report.added, "updated": report.updated,
+                     "unchanged": report.skipped, "failed": report.failed,
+                     "chunks": report.chunks, "seconds": round(report.seconds, 3),
+                     "problems": _problems_json(report.problems)})
+    else:
+        _skipped(report.problems)
+        console.print(f"{target.name} ({target.model_key}): {report.summary()}",
+                      highlight=False, soft_wrap=True)
     if report.problems and (strict or report.processed == report.failed):
         raise PyembedError(f"{len(report.problems)} problem(s) while ingesting"
                            + ("; nothing was loaded" if report.processed == report.failed
                               else ""))
+
+
+def _problems_json(problems: Sequence[Any]) -> list[dict[str, Any]]:
+    """Each skipped file or line (ingest.FileProblem) as --json gives it."""
+    return [{"path": str(p.path), "line": p.line, "message": p.message} for p in problems]
 
 
 def _skipped(problems: Sequence[Any], shown: int = 20) -> None:
@@ -1221,6 +1234,7 @@ def eval_import(
     qrels: Annotated[Path | None, typer.Option(
         "--qrels", help="BEIR qrels TSV: query-id, corpus-id, score (above 0: relevant)")] = None,
     dsn: DsnOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Store many evaluation queries from a file; bad lines are reported with their line
     numbers and the rest are stored (a query stored under the same id is replaced).
@@ -1229,10 +1243,13 @@ def eval_import(
     """
     with _client(dsn) as client:
         stored, problems = evaluation.import_eval_queries(client, corpus, queries, qrels)
-    _skipped(problems)
-    console.print(f"stored {stored} evaluation queries for {corpus}"
-                  + (f"; {len(problems)} line(s) skipped" if problems else ""),
-                  markup=False, highlight=False)
+    if as_json:
+        _print_json({"corpus": corpus, "stored": stored, "problems": _problems_json(problems)})
+    else:
+        _skipped(problems)
+        console.print(f"stored {stored} evaluation queries for {corpus}"
+                      + (f"; {len(problems)} line(s) skipped" if problems else ""),
+                      markup=False, highlight=False)
     if not stored:
         raise PyembedError(f"{len(problems)} problem(s) while importing; nothing was stored")
 

@@ -356,3 +356,22 @@ def test_json_output_holds_no_number_json_cannot(capsys: pytest.CaptureFixture[s
     line = capsys.readouterr().out
     assert json.loads(line, parse_constant=lambda c: pytest.fail(c)) == {
         "cost_usd": None, "rows": [None, 1.5, {"x": None}]}
+
+
+def test_ingest_and_eval_import(long_db: Database, tmp_path: Any) -> None:
+    """What a script reads of a load: counts and each skipped line, one JSON document (before:
+    a sentence on stdout and the skipped lines on stderr, outside22)."""
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text(json.dumps({"id": "n1", "text": "a new text"}) + "\nnot json\n")
+    got = as_json(long_db, "ingest", "kb", str(docs), "--quiet")
+    assert got == {"corpus": "kb", "model_key": LONG, "added": 1, "updated": 0, "unchanged": 0,
+                   "failed": 1, "chunks": 1, "seconds": got["seconds"], "problems": [
+                       {"path": str(docs), "line": 2, "message": got["problems"][0]["message"]}]}
+    assert got["problems"][0]["message"].startswith("invalid JSON")
+    documented("ingest", got, *got["problems"])
+    queries = tmp_path / "eval.jsonl"
+    queries.write_text(json.dumps({"id": "q2", "query": "new", "relevant": ["n1"]}) + "\n"
+                       + json.dumps({"id": "q3", "query": "gone", "relevant": ["zz"]}) + "\n")
+    got = as_json(long_db, "eval", "import", "kb", str(queries))
+    assert got["stored"] == 1 and [p["line"] for p in got["problems"]] == [2], got
+    documented("eval import", got, *got["problems"])

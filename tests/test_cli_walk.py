@@ -34,8 +34,10 @@ BAD_TEXTS = ["", "a\x00b", " \t "]
 """For free text (a query, a question, an id): empty, a NUL, blank."""
 
 ACCEPTED: dict[tuple[str, str, str], str] = {
-    ("corpus delete-documents", "document_ids", "'bogus'"): "an id the corpus has no document "
-    "of is skipped, and the line says so (deleted 0 of 1)",
+    **{("corpus delete-documents", "document_ids", value): "an id the corpus has no document "
+       "of is skipped, and the line says so (deleted 0 of 1)"
+       for value in ("'bogus'", '"a\'; DROP TABLE x; --"')},
+    ("cache purge", "older_than", "0"): "entries older than 0 days: every entry (its minimum)",
     **{("eval remove", "query_ids", value): "an id the corpus has no query of is skipped, and "
        "the line says so (removed 0 of 1)" for value in ("'bogus'", '"a\'; DROP TABLE x; --"')},
     **{(command, "name", "'nope'"): "a new name: the command makes it" for command in (
