@@ -160,8 +160,10 @@ def import_eval_queries(client: Client, corpus: str, queries: Path,
     lines that were not, with their line numbers). Without `qrels`, a line is
     {"id", "query", "relevant": [document ids]}; with `qrels`, a BEIR layout: the lines are
     {"_id" (or "id"), "text" (or "query")} and the relevant documents are the TSV's rows
-    (query-id, corpus-id, score; a header row and scores of 0 skipped). A query with no
-    relevant document is a problem, as an id that names no document of the corpus is."""
+    (query-id, corpus-id, score; a header row and scores of 0 skipped), and a query the TSV
+    judges no document relevant for is not of its split: passed over, not a problem. Without
+    `qrels`, a query with no relevant document is a problem, as an id that names no document
+    of the corpus is."""
     from .ingest import FileProblem
 
     client.corpus(corpus)  # UnknownCorpus before any line, not once a line
@@ -190,11 +192,11 @@ def import_eval_queries(client: Client, corpus: str, queries: Path,
             text = obj.get("query", obj.get("text"))
             if not isinstance(query_id, str) or not isinstance(text, str):
                 raise InvalidInput("expected string fields id (or _id) and query (or text)")
-            relevant = (judged.get(query_id, []) if judged is not None
-                        else obj.get("relevant"))
+            if judged is not None and query_id not in judged:
+                continue  # (BEIR's queries.jsonl holds every split's queries)
+            relevant = judged[query_id] if judged is not None else obj.get("relevant")
             if not relevant:
-                raise InvalidInput(f"query {query_id!r} has no relevant document"
-                                   + (" in the qrels" if judged is not None else ""))
+                raise InvalidInput(f"query {query_id!r} has no relevant document")
             add_eval_query(client, corpus, query_id, text, relevant)
         except (ValueError, InvalidInput) as exc:  # (json's errors are ValueErrors)
             problems.append(FileProblem(queries, number, str(exc)))

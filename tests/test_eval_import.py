@@ -45,8 +45,7 @@ def test_a_file_of_queries_is_stored_and_its_bad_lines_named(
     qrels = tmp_path / "test.tsv"
     qrels.write_text("query-id\tcorpus-id\tscore\n1\td2\t1\n1\td1\t0\n", encoding="utf-8")
     count, problems = evaluation.import_eval_queries(client, "kb", queries, qrels)
-    assert count == 1 and [(p.line, "no relevant document" in p.message)
-                           for p in problems] == [(2, True)]
+    assert (count, problems) == (1, [])  # (query 2 is of no split the TSV judges)
     stored = {q.query_id: q.relevant for q in evaluation.stored_eval_queries(client, "kb")}
     assert stored["1"] == ["d2"]
 
