@@ -385,7 +385,7 @@ def check_replicas(conn: Conn) -> Check:
     return Check(name, "ok", detail)
 
 
-CHECKS: list[tuple[str, Callable[[Conn], Check]]] = [
+CHECKS: list[tuple[str, Callable[..., Check]]] = [
     ("schema at head", check_schema),
     ("extensions vector and plpython3u", check_extensions),
     ("PL/Python imports pyembed", check_plpython),
@@ -398,6 +398,8 @@ CHECKS: list[tuple[str, Callable[[Conn], Check]]] = [
     ("logins' roles", check_logins),
     ("replicas' lag", check_replicas),
 ]
+OWNER_CHECKS = {check_schema, check_vector_legs, check_tenant_members, check_logins}
+"""The checks that read what only the owner may: each is given the owner's DSN (or None)."""
 
 
 def _owner_reach(conn: Conn, dsn: str) -> str | None:
@@ -448,13 +450,8 @@ def run(dsn: str, owner_dsn: str | None = None) -> list[Check]:
         owner_dsn = owner_dsn or _owner_reach(conn, dsn)
         for name, check in CHECKS:
             try:
-                results.append(check_schema(conn, owner_dsn) if check is check_schema
-                               else check_vector_legs(conn, owner_dsn)
-                               if check is check_vector_legs
-                               else check_tenant_members(conn, owner_dsn)
-                               if check is check_tenant_members
-                               else check_logins(conn, owner_dsn)
-                               if check is check_logins else check(conn))
+                results.append(check(conn, owner_dsn) if check in OWNER_CHECKS
+                               else check(conn))
             except psycopg.Error as exc:
                 fix = "pyembed install" if isinstance(
                     exc, psycopg.errors.UndefinedTable | psycopg.errors.UndefinedFunction
