@@ -59,9 +59,20 @@ def add_eval_query(client: Client, corpus: str, query_id: str, query: str,
     """Store an evaluation query with the ids of the documents that answer it (replacing the
     one stored under the same id). InvalidInput, from the table's trigger, for an empty query,
     no relevant id, or an id that names no document of the corpus."""
-    if isinstance(relevant, str):  # a str is a Sequence of its characters
+    relevant = _relevant(relevant)
+    _store(client, client.corpus(corpus).info.corpus_id, query_id, query, relevant)
+
+
+def _relevant(relevant: Any) -> list[str]:
+    """The relevant document ids as a list (a str is a Sequence of its characters)."""
+    if isinstance(relevant, str):
         raise InvalidInput("relevant is a list of document ids, not one string")
-    relevant = text_list(relevant, "relevant")
+    return text_list(relevant, "relevant")
+
+
+def _store(client: Client, corpus_id: int, query_id: str, query: str,
+           relevant: list[str]) -> None:
+    """add_eval_query's checks and write, for a corpus already looked up."""
     # Texts the driver can send; what they may hold (empty, unknown ids) is the table's
     # trigger's to say, in its words.
     for value, what in ((query_id, "query_id"), (query, "query"),
@@ -69,13 +80,12 @@ def add_eval_query(client: Client, corpus: str, query_id: str, query: str,
         if not isinstance(value, str):
             raise InvalidInput(f"{what} must be a string, not {shown(value)}")
         check_storable(value, what)
-    info = client.corpus(corpus).info
     with translated():
         client._conn.execute(
             """INSERT INTO pyembed.eval_queries (corpus_id, query_id, query, relevant)
                VALUES (%s, %s, %s, %s) ON CONFLICT (corpus_id, query_id) DO UPDATE
                SET query = EXCLUDED.query, relevant = EXCLUDED.relevant""",
-            (info.corpus_id, query_id, query, list(relevant)))
+            (corpus_id, query_id, query, list(relevant)))
 
 
 @dataclass(frozen=True)
@@ -166,7 +176,7 @@ def import_eval_queries(client: Client, corpus: str, queries: Path,
     of the corpus is."""
     from .ingest import FileProblem
 
-    client.corpus(corpus)  # UnknownCorpus before any line, not once a line
+    corpus_id = client.corpus(corpus).info.corpus_id  # UnknownCorpus before any line
     problems: list[FileProblem] = []
     judged: dict[str, list[str]] | None = None
     if qrels is not None:
@@ -197,7 +207,7 @@ def import_eval_queries(client: Client, corpus: str, queries: Path,
             relevant = judged[query_id] if judged is not None else obj.get("relevant")
             if not relevant:
                 raise InvalidInput(f"query {query_id!r} has no relevant document")
-            add_eval_query(client, corpus, query_id, text, relevant)
+            _store(client, corpus_id, query_id, text, _relevant(relevant))
         except (ValueError, InvalidInput) as exc:  # (json's errors are ValueErrors)
             problems.append(FileProblem(queries, number, str(exc)))
             continue
